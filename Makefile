@@ -1,0 +1,35 @@
+# twistmail: the two commands that matter are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= etc/twistmail.toml
+
+.PHONY: install run test bench lint clean
+
+$(STAMP): pyproject.toml setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --config-settings editable_mode=compat -e '.[test]'
+	# Write Twisted's plugin cache now, as the installing user, so an
+	# unprivileged daemon never tries to.
+	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	mkdir -p var/run
+	$(VENV)/bin/twistd -n --pidfile var/run/twistd.pid twistmail --config $(CONFIG)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/handoff
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

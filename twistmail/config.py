@@ -1,0 +1,343 @@
+"""The appliance's settings: attrs classes loaded and checked from TOML.
+
+Reads the TOML file named by ``--config`` (default ``etc/twistmail.toml``).
+Every section of INTERFACE.md is a frozen attrs class; every field carries its
+value type (``twistmail.settingtypes``), so the loader, the CLI and the writer
+(``twistmail.configedit``) agree on what is allowed.  Relative paths in the
+file are relative to the directory that holds the file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from twistmail.settingtypes import (
+    Choice,
+    HostPort,
+    Int,
+    IntPair,
+    Listen,
+    SettingError,
+    Text,
+    TextList,
+    parse_value,
+    setting,
+)
+
+YESNO = Choice(("*YES", "*NO"))
+NOMAX = (("*NOMAX", None),)
+DEFAULT_CONFIG = "etc/twistmail.toml"
+
+#: The prestart programs, their job names and the services they serve.
+PROGRAMS = {
+    "QTMSSRCP": {"job": "QTSMTPSRVP", "daemon": "QTSMTPSRVD", "server": "*SMTP"},
+    "QTPOPSRVP": {"job": "QTPOPSRVP", "daemon": "QTPOPSRVD", "server": "*POP"},
+    "QTMSCCLCP": {"job": "QTSMTPCLTP", "daemon": "QTSMTPBRSR", "server": "*SMTP"},
+}
+
+#: Which prestart program serves each listener.
+LISTENER_PROGRAM = {
+    "smtp": "QTMSSRCP",
+    "submission": "QTMSSRCP",
+    "smtps": "QTMSSRCP",
+    "pop3": "QTPOPSRVP",
+    "pop3s": "QTPOPSRVP",
+}
+
+
+@attrs.frozen
+class SystemSettings:
+    hostname: str = setting(
+        Text("a host name"), "", "name in greetings; empty: this machine's name"
+    )
+    datadir: str = setting(Text("a directory path", empty_ok=False), "var", "state directory")
+    local_domains: tuple[str, ...] = setting(
+        TextList("a list of domains"), ("example.test",), "domains delivered here; first is default"
+    )
+
+
+@attrs.frozen
+class ListenSettings:
+    smtp: Any = setting(Listen(), Listen().parse("127.0.0.1:2525"), "SMTP (port 25)")
+    submission: Any = setting(Listen(), Listen().parse("127.0.0.1:2587"), "submission (587)")
+    smtps: Any = setting(Listen(), Listen().parse("127.0.0.1:2465"), "SMTP, implicit TLS (465)")
+    pop3: Any = setting(Listen(), Listen().parse("127.0.0.1:2110"), "POP3 (110)")
+    pop3s: Any = setting(Listen(), Listen().parse("127.0.0.1:2995"), "POP3, implicit TLS (995)")
+
+
+@attrs.frozen
+class TLSSettings:
+    certificate: str = setting(Text("a PEM file path"), "", "empty: self-signed pair in var/tls/")
+    key: str = setting(Text("a PEM file path"), "", "private key of the certificate")
+
+
+@attrs.frozen
+class PrestartEntry:
+    """The CHGPJE values of one prestart job entry."""
+
+    strjobs: str = setting(YESNO, "*YES", "start jobs when the server starts")
+    inljobs: int = setting(Int(1, 9999), 4, "jobs started at first")
+    threshold: int = setting(Int(1, 9999), 2, "start more when available jobs fall below this")
+    adljobs: int = setting(Int(0, 999), 2, "how many more to start each time")
+    maxjobs: int | None = setting(Int(1, 32000, NOMAX), 20, "most jobs at once")
+    maxuse: int | None = setting(Int(1, 1000, NOMAX), 200, "sessions a job serves before ending")
+    wait: str = setting(YESNO, "*YES", "*YES: a request waits for a free job; *NO: rejected")
+
+    def check(self, pgm: str) -> None:
+        """Cross-field rules of CHGPJE; raises SettingError on the offending key."""
+        prefix = f"prestart.{pgm}."
+        cap = self.maxjobs
+        if cap is not None:
+            if self.inljobs > cap:
+                raise SettingError(prefix + "inljobs", self.inljobs, f"1-{cap} (at most MAXJOBS)")
+            if self.threshold > cap:
+                raise SettingError(
+                    prefix + "threshold", self.threshold, f"1-{cap} (at most MAXJOBS)"
+                )
+            if self.adljobs > cap:
+                raise SettingError(prefix + "adljobs", self.adljobs, f"0-{cap} (at most MAXJOBS)")
+        if self.threshold > self.inljobs:
+            raise SettingError(
+                prefix + "threshold", self.threshold, f"1-{self.inljobs} (at most INLJOBS)"
+            )
+
+
+def _pop_entry() -> PrestartEntry:
+    return PrestartEntry(inljobs=3)
+
+
+@attrs.frozen
+class PrestartSettings:
+    trim_interval: int = setting(
+        Int(1, 3600), 30, "seconds between checks for surplus idle jobs to end"
+    )
+    wait_limit: int = setting(
+        Int(1, 3600), 30, "seconds a request may wait for a free job (WAIT *YES) before 421"
+    )
+    end_delay: int = setting(
+        Int(0, 3600), 10, "seconds busy jobs may finish their sessions at shutdown"
+    )
+    QTMSSRCP: PrestartEntry = attrs.field(factory=PrestartEntry)
+    QTPOPSRVP: PrestartEntry = attrs.field(factory=_pop_entry)
+    QTMSCCLCP: PrestartEntry = attrs.field(factory=PrestartEntry)
+
+    def entry(self, pgm: str) -> PrestartEntry:
+        return getattr(self, pgm)
+
+
+RTYMIN = IntPair(Int(0, 99), Int(0, 99))
+
+
+@attrs.frozen
+class SmtpSettings:
+    autostart: str = setting(YESNO, "*YES", "start SMTP with the daemon")
+    rtymin: tuple[int, int] = setting(RTYMIN, (3, 30), "first-level retries: count, minutes")
+    rtyday: tuple[int, int] = setting(
+        IntPair(Int(0, 9), Int(0, 9)), (0, 0), "second-level retries: count, days"
+    )
+    rtyhour: tuple[int, int] = setting(RTYMIN, (0, 0), "second-level retries: count, hours")
+    mailrouter: str | None = setting(HostPort(), None, "mail router for non-local mail")
+    firewall: str = setting(YESNO, "*NO", "all non-local mail through the mail router")
+    fwdhubsvr: str | None = setting(HostPort(), None, "forward all non-local mail to this hub")
+    nameservers: tuple[str, ...] = setting(TextList("host[:port] list"), (), "DNS servers")
+    hosttable: str = setting(Text("a hosts file path"), "", "hosts file consulted before DNS")
+    pctrtgchr: str = setting(YESNO, "*NO", "% in a local part is a routing character")
+    journal: str = setting(YESNO, "*YES", "write the QZMF journal")
+    alwrly: str = setting(
+        Choice(("*ALL", "*NONE", "*NEAR", "*LIST", "*BOTH", "*POPWDW")), "*NONE", "relay policy"
+    )
+    popwdw: int = setting(Int(0, 65535), 0, "POP-before-SMTP window, minutes (0 or 15-65535)")
+    alwauth: str = setting(Choice(("*NONE", "*LCLRLY", "*RELAY")), "*RELAY", "when AUTH needed")
+    authmech: tuple[str, ...] = setting(
+        TextList("*PLAIN, *LOGIN"), ("*PLAIN", "*LOGIN"), "AUTH mechanisms offered"
+    )
+    alwplainauth: str = setting(YESNO, "*NO", "offer AUTH before STARTTLS")
+    vfyfromusr: str = setting(Choice(("*NO", "*YES", "*NOTACCEPT")), "*NO", "check MAIL FROM")
+    vfymsfmsg: str = setting(YESNO, "*NO", "check the originator of API mail")
+    ovrrjtcnnl: str = setting(YESNO, "*NO", "POP-before-SMTP clients pass *REJECT")
+    rblsvr: tuple[str, ...] = setting(TextList("a list of DNS zones"), (), "DNS block lists")
+    etrnsvr: str = setting(YESNO, "*NO", "accept ETRN")
+    etrnclt: str = setting(YESNO, "*NO", "issue ETRN when connecting")
+    mailxfrint: int = setting(Int(0, 65535), 0, "scheduled delivery interval, minutes")
+    nfydlvry: str | None = setting(
+        HostPort('an address "user@domain"'), None, "DSN responsible person (*NONE: off)"
+    )
+    alwbarelf: str = setting(YESNO, "*NO", "accept a bare LF as a line end in DATA")
+    mime8bit: str = setting(YESNO, "*YES", "offer 8BITMIME")
+    ftracn: str = setting(Choice(("*KEEP", "*DISCARD")), "*KEEP", "what a matching filter does")
+    tlsoutbound: str = setting(
+        Choice(("*OPPORTUNISTIC", "*REQUIRED", "*VERIFY")), "*OPPORTUNISTIC", "client STARTTLS"
+    )
+    maxmsgsize: int = setting(Int(1024, 2**31 - 1), 52428800, "SIZE limit, bytes")
+    maxrcpt: int = setting(Int(1, 100000), 100, "recipients per message")
+    inacttimo: int = setting(Int(10, 65535), 300, "idle session timeout, seconds")
+
+    def check(self) -> None:
+        if self.popwdw and self.popwdw < 15:
+            raise SettingError("smtp.popwdw", self.popwdw, "0 or 15-65535")
+        if self.rtyday[0] and self.rtyhour[0]:
+            raise SettingError(
+                "smtp.rtyhour", list(self.rtyhour), "[0, 0] while rtyday is set (only one of them)"
+            )
+        for mech in self.authmech:
+            if mech not in ("*PLAIN", "*LOGIN"):
+                raise SettingError("smtp.authmech", list(self.authmech), "*PLAIN, *LOGIN")
+
+
+@attrs.frozen
+class PopSettings:
+    autostart: str = setting(YESNO, "*YES", "start POP with the daemon")
+    nbrsvr: int = setting(Int(1, 20), 3, "initial POP server jobs")
+    inacttimo: int = setting(Int(10, 65535), 600, "idle session timeout, seconds")
+    msgsplit: int | None = setting(Int(32, 2048, NOMAX), None, "split size, KB")
+    alwssl: str = setting(Choice(("*YES", "*NO", "*ONLY")), "*YES", "TLS for POP")
+
+
+@attrs.frozen
+class StorageSettings:
+    threshold: int = setting(Int(50, 99), 90, "percent of the filesystem in use that parks mail")
+
+
+@attrs.frozen
+class JournalSettings:
+    receiver_size: int = setting(
+        Int(4096, 2**40), 16 * 1024 * 1024, "bytes after which a new receiver starts"
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "system": SystemSettings,
+    "listen": ListenSettings,
+    "tls": TLSSettings,
+    "prestart": PrestartSettings,
+    "smtp": SmtpSettings,
+    "pop": PopSettings,
+    "storage": StorageSettings,
+    "journal": JournalSettings,
+}
+
+
+@attrs.frozen
+class Settings:
+    """Everything the appliance reads from its TOML file."""
+
+    path: Path
+    system: SystemSettings = attrs.field(factory=SystemSettings)
+    listen: ListenSettings = attrs.field(factory=ListenSettings)
+    tls: TLSSettings = attrs.field(factory=TLSSettings)
+    prestart: PrestartSettings = attrs.field(factory=PrestartSettings)
+    smtp: SmtpSettings = attrs.field(factory=SmtpSettings)
+    pop: PopSettings = attrs.field(factory=PopSettings)
+    storage: StorageSettings = attrs.field(factory=StorageSettings)
+    journal: JournalSettings = attrs.field(factory=JournalSettings)
+
+    @property
+    def datadir(self) -> Path:
+        return self.resolve(self.system.datadir)
+
+    @property
+    def hostname(self) -> str:
+        return self.system.hostname or socket.getfqdn()
+
+    @property
+    def control_socket(self) -> Path:
+        return self.datadir / "run" / "control.sock"
+
+    def resolve(self, p: str) -> Path:
+        """A path from the file, relative to the file's own directory."""
+        path = Path(os.path.expanduser(p))
+        return path if path.is_absolute() else (self.path.parent / path).resolve()
+
+
+def field_type(cls: type, name: str) -> Any:
+    return attrs.fields_dict(cls)[name].metadata["type"]
+
+
+def _nested_default(f: Any) -> Any:
+    """The default of a field that holds a whole table, such as one prestart entry."""
+    default = f.default
+    return default.factory() if isinstance(default, attrs.Factory) else default
+
+
+def _load_section(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
+    """Parse one table; keys it leaves out keep the values of ``base``.
+
+    ``base`` matters where a table's defaults differ from its class's, as the
+    POP prestart entry's INLJOBS does.
+    """
+    if not isinstance(data, dict):
+        raise SettingError(prefix.rstrip("."), data, "a table of settings")
+    fields = attrs.fields_dict(cls)
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        f = fields.get(key)
+        if f is None:
+            known = ", ".join(n for n in fields)
+            raise SettingError(prefix + key, raw, f"one of the settings {known}")
+        if "type" in f.metadata:
+            values[key] = parse_value(prefix + key, f.metadata["type"], raw)
+        else:
+            default = _nested_default(f)
+            values[key] = _load_section(type(default), raw, f"{prefix}{key}.", default)
+    return attrs.evolve(base, **values) if base is not None else cls(**values)
+
+
+def from_mapping(data: dict[str, Any], path: Path) -> Settings:
+    """Settings from an already parsed TOML document (checked)."""
+    sections: dict[str, Any] = {}
+    for name, raw in data.items():
+        cls = SECTIONS.get(name)
+        if cls is None:
+            raise SettingError(name, "[" + name + "]", "sections " + ", ".join(SECTIONS))
+        sections[name] = _load_section(cls, raw, name + ".")
+    settings = Settings(path=path, **sections)
+    for pgm in PROGRAMS:
+        settings.prestart.entry(pgm).check(pgm)
+    settings.smtp.check()
+    if not settings.system.local_domains:
+        raise SettingError("system.local_domains", [], "at least one domain")
+    return settings
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read and check the configuration file; raises SettingError or OSError."""
+    p = Path(path or os.environ.get("TWISTMAIL_CONFIG") or DEFAULT_CONFIG).absolute()
+    with p.open("rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise SettingError(str(p), "(file)", f"valid TOML ({e})") from None
+        except UnicodeDecodeError as e:
+            raise SettingError(
+                str(p), "(file)", f"UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
+    return from_mapping(data, p)
+
+
+def iter_settings(obj: Any, defaults: Any = None, prefix: str = "") -> Any:
+    """Yield (dotted key, value type, value, default) for every setting."""
+    if defaults is None:
+        defaults = Settings(path=Path("."))
+    for f in attrs.fields(type(obj)):
+        if f.name == "path":
+            continue
+        value, default = getattr(obj, f.name), getattr(defaults, f.name)
+        if "type" in f.metadata:
+            yield prefix + f.name, f.metadata["type"], value, default
+        else:
+            yield from iter_settings(value, default, prefix + f.name + ".")
+
+
+def differences(settings: Settings) -> list[tuple[str, str, str]]:
+    """(key, value, default) for each setting that differs from its default."""
+    out = []
+    for key, vtype, value, default in iter_settings(settings):
+        if value != default:
+            out.append((key, vtype.show(value), vtype.show(default)))
+    return out

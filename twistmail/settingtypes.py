@@ -1,0 +1,275 @@
+"""Value types of settings: parse, check and render one setting's value.
+
+One type object serves three readers: the TOML loader, the CLI options (which
+arrive as strings) and the TOML writer.  Keeping them in one place is what
+makes a CLI mistake and a bad config value produce the same one-line message.
+Special values are spelled as IBM i spells them ("*YES", "*NOMAX").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import attrs
+
+
+class SettingError(ValueError):
+    """A value that a setting does not allow.
+
+    ``str()`` is the one line shown to the administrator: the key, the
+    value and what is allowed.
+    """
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key = key
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{key}: {value!r} is not allowed; allowed: {allowed}")
+
+
+class _Invalid(Exception):
+    """Raised by a type's ``parse``; turned into SettingError with the key."""
+
+
+@attrs.frozen
+class Choice:
+    """One of a fixed set of special values, compared case-insensitively."""
+
+    values: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:
+        return ", ".join(self.values)
+
+    def parse(self, raw: Any) -> str:
+        if isinstance(raw, str):
+            for v in self.values:
+                if raw.strip().upper() == v.upper():
+                    return v
+        raise _Invalid
+
+    def dump(self, value: str) -> str:
+        return value
+
+    def show(self, value: str) -> str:
+        return value
+
+
+@attrs.frozen
+class Int:
+    """A whole number in a range, or one of a few special words.
+
+    A special word maps to a Python value (``*NOMAX`` to ``None``).
+    """
+
+    lo: int
+    hi: int
+    specials: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def allowed(self) -> str:
+        words = [w for w, _ in self.specials]
+        return ", ".join([f"{self.lo}-{self.hi}", *words])
+
+    def parse(self, raw: Any) -> Any:
+        if isinstance(raw, str):
+            for word, value in self.specials:
+                if raw.strip().upper() == word:
+                    return value
+            try:
+                raw = int(raw.strip(), 10)
+            except ValueError:
+                raise _Invalid from None
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise _Invalid
+        if not self.lo <= raw <= self.hi:
+            raise _Invalid
+        return raw
+
+    def dump(self, value: Any) -> Any:
+        for word, special in self.specials:
+            if value == special and (value is not None or special is None):
+                return word
+        return value
+
+    def show(self, value: Any) -> str:
+        return str(self.dump(value))
+
+
+@attrs.frozen
+class IntPair:
+    """Two whole numbers, such as RTYMIN's (count, minutes)."""
+
+    first: Int
+    second: Int
+
+    @property
+    def allowed(self) -> str:
+        return f"[{self.first.allowed}, {self.second.allowed}]"
+
+    def parse(self, raw: Any) -> tuple[int, int]:
+        if isinstance(raw, str):
+            raw = raw.replace(",", " ").split()
+        if not isinstance(raw, list | tuple) or len(raw) != 2:
+            raise _Invalid
+        return (self.first.parse(raw[0]), self.second.parse(raw[1]))
+
+    def dump(self, value: tuple[int, int]) -> list[int]:
+        return [value[0], value[1]]
+
+    def show(self, value: tuple[int, int]) -> str:
+        return f"{value[0]} {value[1]}"
+
+
+@attrs.frozen
+class Text:
+    """Free text; ``empty_ok`` says whether "" is allowed."""
+
+    what: str = "text"
+    empty_ok: bool = True
+
+    @property
+    def allowed(self) -> str:
+        return self.what if self.empty_ok else f"non-empty {self.what}"
+
+    def parse(self, raw: Any) -> str:
+        if not isinstance(raw, str) or (not self.empty_ok and not raw.strip()):
+            raise _Invalid
+        return raw.strip()
+
+    def dump(self, value: str) -> str:
+        return value
+
+    def show(self, value: str) -> str:
+        return value
+
+
+@attrs.frozen
+class TextList:
+    """A list of words (domains, zones).  From the CLI: comma or space separated."""
+
+    what: str = "a list of names"
+
+    @property
+    def allowed(self) -> str:
+        return self.what
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        if isinstance(raw, str):
+            raw = raw.replace(",", " ").split()
+        if not isinstance(raw, list | tuple) or not all(isinstance(x, str) for x in raw):
+            raise _Invalid
+        return tuple(x.strip() for x in raw if x.strip())
+
+    def dump(self, value: tuple[str, ...]) -> list[str]:
+        return list(value)
+
+    def show(self, value: tuple[str, ...]) -> str:
+        return " ".join(value) if value else "(none)"
+
+
+@attrs.frozen(order=True)
+class Endpoint:
+    """A listening address; ``port`` 0 asks the kernel for a free port."""
+
+    host: str
+    port: int
+
+    @property
+    def family(self) -> str:
+        return "inet6" if ":" in self.host else "inet"
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class Listen:
+    """``host:port`` or ``[v6]:port``; "" disables the listener (None)."""
+
+    @property
+    def allowed(self) -> str:
+        return '"host:port", "[ipv6]:port" (port 0-65535) or "" to disable'
+
+    def parse(self, raw: Any) -> Endpoint | None:
+        if not isinstance(raw, str):
+            raise _Invalid
+        raw = raw.strip()
+        if not raw:
+            return None
+        if raw.startswith("["):
+            host, sep, port = raw[1:].partition("]:")
+            if not sep:
+                raise _Invalid
+        else:
+            host, sep, port = raw.rpartition(":")
+            if not sep or ":" in host:
+                raise _Invalid
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise _Invalid from None
+            host = "127.0.0.1"
+        if not _is_port(port, 0):
+            raise _Invalid
+        return Endpoint(host, int(port))
+
+    def dump(self, value: Endpoint | None) -> str:
+        return "" if value is None else str(value)
+
+    def show(self, value: Endpoint | None) -> str:
+        return "(disabled)" if value is None else str(value)
+
+
+@attrs.frozen
+class HostPort:
+    """``*NONE`` or ``host[:port]`` for the mail router and hub.
+
+    ``what`` names the non-special form in messages, so a setting that holds
+    an address rather than a host says so.
+    """
+
+    what: str = '"host[:port]"'
+
+    @property
+    def allowed(self) -> str:
+        return f"*NONE or {self.what}"
+
+    def parse(self, raw: Any) -> str | None:
+        if not isinstance(raw, str) or not raw.strip():
+            raise _Invalid
+        raw = raw.strip()
+        if raw.upper() == "*NONE":
+            return None
+        host, _, port = raw.rpartition(":") if raw.count(":") == 1 else (raw, "", "")
+        if port and not _is_port(port, 1):
+            raise _Invalid
+        if " " in raw:
+            raise _Invalid
+        return raw
+
+    def dump(self, value: str | None) -> str:
+        return "*NONE" if value is None else value
+
+    def show(self, value: str | None) -> str:
+        return self.dump(value)
+
+
+def _is_port(text: str, lo: int) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts "¹", which ``int`` refuses."""
+    return text.isascii() and text.isdigit() and lo <= int(text) <= 65535
+
+
+def parse_value(key: str, vtype: Any, raw: Any) -> Any:
+    """Parse ``raw`` for setting ``key``, raising SettingError with the key."""
+    try:
+        return vtype.parse(raw)
+    except _Invalid:
+        raise SettingError(key, raw, vtype.allowed) from None
+
+
+def setting(vtype: Any, default: Any, doc: str) -> Any:
+    """An attrs field that carries its value type and one-line meaning."""
+    return attrs.field(default=default, metadata={"type": vtype, "doc": doc})
