@@ -1,0 +1,124 @@
+"""The ``twistmail`` command group and what every subcommand shares.
+
+Subcommands live in small modules next to this one and register themselves
+on :data:`cli`; ``twistmail.cli.main`` imports them all.  Mistakes are one
+line on stderr and exit status 2; a command that needs the daemon while it is
+down says so in one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from twistmail import config as configmod
+from twistmail.settingtypes import SettingError, parse_value
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class Failure(click.ClickException):
+    """A command that could not do its work (not a usage mistake): exit 1."""
+
+    exit_code = EXIT_FAILED
+
+
+class AppContext:
+    """Per-invocation state: the config path, loaded settings on demand."""
+
+    def __init__(self, config_path: str) -> None:
+        self.config_path = Path(config_path)
+        self._settings: configmod.Settings | None = None
+
+    @property
+    def settings(self) -> configmod.Settings:
+        if self._settings is None:
+            try:
+                self._settings = configmod.load(self.config_path)
+            except FileNotFoundError:
+                raise click.UsageError(
+                    f"--config: {str(self.config_path)!r} does not exist; "
+                    "allowed: the path of a twistmail TOML file"
+                ) from None
+            except SettingError as e:
+                raise click.UsageError(f"{self.config_path}: {e}") from None
+            except OSError as e:
+                raise click.UsageError(
+                    f"--config: {str(self.config_path)!r} cannot be read ({e.strerror}); "
+                    "allowed: the path of a readable twistmail TOML file"
+                ) from None
+        return self._settings
+
+    def reload(self) -> configmod.Settings:
+        self._settings = None
+        return self.settings
+
+    def control(self) -> Any:
+        from twistmail.control import ControlClient
+
+        return ControlClient(self.settings.control_socket)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    envvar="TWISTMAIL_CONFIG",
+    default=configmod.DEFAULT_CONFIG,
+    show_default=True,
+    help="The appliance's TOML configuration file.",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_path: str) -> None:
+    """Administer the twistmail appliance with IBM i CL command names."""
+    ctx.obj = AppContext(config_path)
+
+
+def app(ctx: click.Context | None = None) -> AppContext:
+    ctx = ctx or click.get_current_context()
+    return ctx.find_object(AppContext)
+
+
+def value_of(option: str, vtype: Any, raw: Any) -> Any:
+    """Parse a CLI option with a setting's type; a bad value is a usage error."""
+    try:
+        return parse_value(option, vtype, raw)
+    except SettingError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def usage_error(message: str) -> NoReturn:
+    raise click.UsageError(message)
+
+
+def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
+    """Run the CLI; returns the exit status instead of raising SystemExit."""
+    try:
+        rv = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.UsageError as e:
+        name = e.ctx.command_path if e.ctx is not None else prog_name
+        click.echo(f"{name}: {_one_line(e.format_message())}", err=True)
+        return EXIT_USAGE
+    except click.ClickException as e:
+        click.echo(f"{prog_name}: {_one_line(e.format_message())}", err=True)
+        return e.exit_code
+    except click.Abort:
+        click.echo(f"{prog_name}: aborted", err=True)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        return 0
+    return rv if isinstance(rv, int) else 0
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,55 @@
+"""How listings are printed: an aligned table for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import click
+
+
+def emit_table(
+    rows: Iterable[dict[str, Any]],
+    columns: Sequence[tuple[str, str]],
+    as_json: bool,
+    empty: str = "(none)",
+) -> None:
+    """Print ``rows``: with ``as_json`` a JSON array of the row dicts, else a table.
+
+    ``columns`` pairs a row key with its heading.
+    """
+    rows = list(rows)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo(empty)
+        return
+    cells = [[_cell(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [
+        max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)
+    ]
+    click.echo("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True)).rstrip())
+    for c in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
+
+
+def emit_record(record: dict[str, Any], labels: Sequence[tuple[str, str]], as_json: bool) -> None:
+    """Print one record as ``label . . : value`` lines (DSPxxx style) or JSON."""
+    if as_json:
+        click.echo(json.dumps(record, indent=2, default=str))
+        return
+    width = max(len(label) for _, label in labels) + 2
+    for key, label in labels:
+        click.echo(f"{(label + ' ').ljust(width, '.')} : {_cell(record.get(key))}")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, list | tuple):
+        return " ".join(str(x) for x in v)
+    return str(v)

@@ -1,0 +1,221 @@
+"""Persisting changed settings in the TOML file, comments and layout kept.
+
+The commands that change attributes (chgsmtpa, chgpopa, chgpje ...) write
+through here, so the file the administrator documented by hand stays theirs:
+only the changed lines differ.  A change is written only when the whole
+resulting file still loads (``config.from_mapping``), so the daemon can never
+be left with a configuration it refuses at its next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import stat
+import tempfile
+import tomllib
+from collections.abc import Iterator, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+import tomlkit.exceptions
+from tomlkit.items import AoT, Table
+
+from twistmail import config
+from twistmail.settingtypes import SettingError, parse_value
+
+__all__ = ["SettingError", "UnknownSetting", "set_values", "setting_type"]
+
+
+class UnknownSetting(SettingError, KeyError):
+    """A dotted key that names no setting.
+
+    It is a KeyError too, so a lookup-style ``except KeyError`` catches it,
+    while ``str()`` stays the one-line SettingError message.
+    """
+
+    def __str__(self) -> str:
+        return ValueError.__str__(self)
+
+
+@functools.cache
+def _setting_types() -> dict[str, Any]:
+    defaults = config.Settings(path=Path("."))
+    return {key: vtype for key, vtype, _, _ in config.iter_settings(defaults)}
+
+
+def setting_type(dotted_key: str) -> Any:
+    """The value type of a setting, e.g. ``"prestart.QTMSSRCP.maxjobs"``.
+
+    Raises UnknownSetting naming the settings that are near the bad key, so
+    a typo shows the right spellings.
+    """
+    try:
+        return _setting_types()[dotted_key]
+    except KeyError:
+        raise UnknownSetting(dotted_key, dotted_key, _keys_near(dotted_key)) from None
+
+
+def _keys_near(dotted_key: str) -> str:
+    keys = list(_setting_types())
+    parts = dotted_key.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:n]) + "."
+        near = [k for k in keys if k.startswith(prefix)]
+        if near:
+            return "one of the settings " + ", ".join(near)
+    return "a setting in one of the sections " + ", ".join(config.SECTIONS)
+
+
+def set_values(path: Path | str, changes: Mapping[str, Any]) -> None:
+    """Write parsed values (``None`` for *NOMAX, tuples for pairs) into the file.
+
+    All changes are checked together, against the whole file, before
+    anything is written; on SettingError the file is untouched.  Writers are
+    serialised so two commands changing different keys both persist.
+    """
+    if not changes:
+        return
+    target = Path(path).resolve()
+    dumped = {key: _dumped(key, value) for key, value in changes.items()}
+    with _locked(target.parent):
+        text = target.read_bytes().decode("utf-8")
+        doc = _parse(text, target)
+        for key, value in dumped.items():
+            _assign(doc, key, value)
+        new_text = doc.as_string()
+        _validate(new_text, target)
+        if new_text != text:
+            _write_atomically(target, new_text)
+
+
+def _dumped(key: str, value: Any) -> Any:
+    """The TOML form of ``value``, normalised through a parse so it is canonical."""
+    vtype = setting_type(key)
+    try:
+        raw = vtype.dump(value)
+    except (TypeError, ValueError, IndexError, AttributeError):
+        raise SettingError(key, value, vtype.allowed) from None
+    return vtype.dump(parse_value(key, vtype, raw))
+
+
+def _parse(text: str, path: Path) -> tomlkit.TOMLDocument:
+    try:
+        return tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as e:
+        raise SettingError(str(path), "(file)", f"valid TOML ({_one_line(str(e))})") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _assign(doc: tomlkit.TOMLDocument, key: str, value: Any) -> None:
+    *tables, leaf = key.split(".")
+    node: Any = doc
+    for depth, name in enumerate(tables):
+        where = ".".join(tables[: depth + 1])
+        node = _child_table(node, name, where, is_last=depth == len(tables) - 1)
+    if leaf in node:
+        node[leaf] = value
+    else:
+        _add_key(node, leaf, value)
+
+
+def _child_table(node: Any, name: str, where: str, is_last: bool) -> Any:
+    """The sub-table ``name`` of ``node``, created when missing.
+
+    A created intermediate table (``prestart`` for ``prestart.QTMSSRCP``)
+    is a super table, so no empty ``[prestart]`` header is written.
+    """
+    if name not in node:
+        node[name] = tomlkit.table(is_super_table=not is_last)
+    child = node[name]
+    if not isinstance(child, MutableMapping):
+        raise SettingError(where, child, "a table of settings")
+    return child
+
+
+def _add_key(table: Any, key: str, value: Any) -> None:
+    """Add a key after the table's last key, not after its trailing comments.
+
+    Comments just before the next table header describe that table; a key
+    appended after them would look as if it belonged there.
+    """
+    container = getattr(table, "value", None)
+    insert_after = getattr(container, "_insert_after", None)
+    last = None
+    for k, item in getattr(container, "body", ()):
+        if k is not None and not isinstance(item, Table | AoT):
+            last = k
+    if last is None or insert_after is None:
+        table[key] = value
+    else:
+        insert_after(last.key, key, value)
+
+
+def _validate(text: str, path: Path) -> None:
+    """Refuse a document the loader would refuse; this is what the daemon reads."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SettingError(str(path), "(file)", f"valid TOML ({e})") from None
+    config.from_mapping(data, path)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the file's directory.
+
+    The file itself is replaced by rename, so a lock on it would be lost with
+    the old inode; the directory survives the rename.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    """Replace ``target`` so a reader sees the old file or the new, never half.
+
+    The temporary file lives in the same directory so the rename stays on one
+    filesystem; mode and owner are copied so the daemon can still read it.
+    """
+    st = target.stat()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+            _copy_owner(f.fileno(), st)
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(target.parent)
+
+
+def _copy_owner(fd: int, st: os.stat_result) -> None:
+    """Keep the owner when allowed (root editing another user's file)."""
+    own = os.fstat(fd)
+    if (own.st_uid, own.st_gid) != (st.st_uid, st.st_gid):
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, st.st_uid, st.st_gid)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable, not only the new file's contents."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
