@@ -1,0 +1,11 @@
+"""Entry point of the ``twistmail`` command: imports every command module."""
+
+from twistmail.cli import (
+    base,
+    clcmd,  # noqa: F401
+    configcmd,  # noqa: F401
+    poolcmds,  # noqa: F401
+)
+from twistmail.cli.base import cli, main  # noqa: F401
+
+__all__ = ["base", "cli", "main"]

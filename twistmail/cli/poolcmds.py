@@ -1,0 +1,206 @@
+"""Work management commands: CHGPJE, DSPACTPJ, WRKACTJOB, STRPJ/ENDPJ,
+STRTCPSVR/ENDTCPSVR and STRMSF/ENDMSF.
+
+CHGPJE writes the TOML file (comments kept) and then asks a running daemon
+to re-read it, so the change applies at once without a restart; the other
+commands act on the running daemon through the control socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from twistmail import config as configmod
+from twistmail.cli.base import Failure, app, cli, usage_error, value_of
+from twistmail.cli.output import emit_record, emit_table
+from twistmail.control import ControlError, NotRunning
+from twistmail.settingtypes import Choice, Int, SettingError
+
+PGM_CHOICES = ", ".join(configmod.PROGRAMS)
+OPTION_TYPE = Choice(("*CNTRLD", "*IMMED"))
+DELAY_TYPE = Int(1, 999999)
+SERVER_TYPE = Choice(("*SMTP", "*POP", "*ALL"))
+
+
+def _pgm(value: str) -> str:
+    name = value.strip().upper().rsplit("/", 1)[-1]
+    if name not in configmod.PROGRAMS:
+        usage_error(f"--pgm: {value!r} is not a prestart program; allowed: {PGM_CHOICES}")
+    return name
+
+
+def call(cmd: str, **args: Any) -> Any:
+    """One control request; maps refusals to one-line errors."""
+    try:
+        return app().control().call(cmd, **args)
+    except NotRunning as e:
+        raise Failure(str(e)) from None
+    except ControlError as e:
+        if e.usage:
+            usage_error(str(e))
+        raise Failure(str(e)) from None
+
+
+def apply_live(what: str) -> None:
+    """Ask a running daemon to re-read the file; say what happened."""
+    try:
+        result = app().control().call("reload")
+    except NotRunning:
+        click.echo(f"{what} saved; the daemon is not running, it applies at the next start")
+        return
+    except ControlError as e:
+        raise Failure(f"{what} saved, but the daemon did not apply it: {e}") from None
+    click.echo(f"{what} changed and applied to the running daemon")
+    if result.get("restart_needed"):
+        click.echo("restart needed for: " + ", ".join(result["restart_needed"]))
+
+
+ENTRY_KEYS = ("strjobs", "inljobs", "threshold", "adljobs", "maxjobs", "maxuse", "wait")
+
+
+@cli.command()
+@click.option("--pgm", required=True, help="Prestart program: " + PGM_CHOICES)
+@click.option("--strjobs", help="*YES or *NO")
+@click.option("--inljobs", help="1-9999")
+@click.option("--threshold", help="1-9999")
+@click.option("--adljobs", help="0-999")
+@click.option("--maxjobs", help="1-32000 or *NOMAX")
+@click.option("--maxuse", help="1-1000 or *NOMAX")
+@click.option("--wait", help="*YES or *NO")
+def chgpje(pgm: str, **values: str | None) -> None:
+    """Change a prestart job entry (CHGPJE); applies live."""
+    from twistmail import configedit
+
+    pgm = _pgm(pgm)
+    changes: dict[str, Any] = {}
+    for key in ENTRY_KEYS:
+        raw = values.get(key)
+        if raw is None or raw.strip().upper() == "*SAME":
+            continue
+        vtype = configmod.field_type(configmod.PrestartEntry, key)
+        changes[f"prestart.{pgm}.{key}"] = value_of(f"--{key}", vtype, raw)
+    if not changes:
+        usage_error("chgpje: give at least one of " + ", ".join("--" + k for k in ENTRY_KEYS))
+    settings = app().settings
+    try:
+        configedit.set_values(settings.path, changes)
+    except SettingError as e:
+        key = e.key.rsplit(".", 1)[-1]
+        usage_error(f"--{key}: {e.value!r} is not allowed; allowed: {e.allowed}")
+    apply_live(f"prestart entry {pgm}")
+
+
+DSPACTPJ_LABELS = [
+    ("pgm", "Program"),
+    ("status", "Entry status"),
+    ("elapsed", "Elapsed time (seconds)"),
+    ("jobs_current", "Prestart jobs: current number"),
+    ("jobs_average", "Prestart jobs: average number"),
+    ("jobs_peak", "Prestart jobs: peak number"),
+    ("in_use_current", "Prestart jobs in use: current number"),
+    ("in_use_average", "Prestart jobs in use: average number"),
+    ("in_use_peak", "Prestart jobs in use: peak number"),
+    ("waiting_current", "Program start requests: current number waiting"),
+    ("waiting_average", "Program start requests: average number waiting"),
+    ("waiting_peak", "Program start requests: peak number waiting"),
+    ("average_wait", "Program start requests: average wait time (seconds)"),
+    ("accepted", "Program start requests: number accepted"),
+    ("rejected", "Program start requests: number rejected"),
+]
+
+
+@cli.command()
+@click.option("--pgm", required=True, help="Prestart program: " + PGM_CHOICES)
+@click.option("--reset", is_flag=True, help="Start the statistics afresh after showing them.")
+@click.option("--json", "as_json", is_flag=True)
+def dspactpj(pgm: str, reset: bool, as_json: bool) -> None:
+    """Display active prestart job statistics (DSPACTPJ)."""
+    emit_record(call("dspactpj", pgm=_pgm(pgm), reset=reset), DSPACTPJ_LABELS, as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def wrkactjob(as_json: bool) -> None:
+    """Work with the appliance's active jobs (WRKACTJOB)."""
+    columns = [("job", "Job"), ("pid", "PID"), ("status", "Status"), ("pgm", "Program"),
+               ("uses", "Uses"), ("peer", "Client")]
+    emit_table(call("wrkactjob"), columns, as_json)
+
+
+@cli.command()
+@click.option("--pgm", required=True, help="Prestart program: " + PGM_CHOICES)
+def strpj(pgm: str) -> None:
+    """Start prestart jobs (STRPJ): INLJOBS jobs of an entry that has none."""
+    click.echo(call("strpj", pgm=_pgm(pgm)))
+
+
+@cli.command()
+@click.option("--pgm", required=True, help="Prestart program: " + PGM_CHOICES)
+@click.option("--option", "option", default="*CNTRLD", show_default=True, help="*CNTRLD or *IMMED")
+@click.option("--delay", default="30", show_default=True, help="seconds, 1-999999 (*CNTRLD)")
+def endpj(pgm: str, option: str, delay: str) -> None:
+    """End prestart jobs (ENDPJ)."""
+    opt = value_of("--option", OPTION_TYPE, option)
+    secs = value_of("--delay", DELAY_TYPE, delay)
+    click.echo(call("endpj", pgm=_pgm(pgm), option=opt, delay=secs))
+
+
+@cli.command()
+@click.option("--server", default="*ALL", show_default=True, help="*SMTP, *POP or *ALL")
+def strtcpsvr(server: str) -> None:
+    """Start TCP/IP servers in the running daemon (STRTCPSVR)."""
+    for line in call("strtcpsvr", server=value_of("--server", SERVER_TYPE, server)):
+        click.echo(line)
+
+
+@cli.command()
+@click.option("--server", default="*ALL", show_default=True, help="*SMTP, *POP or *ALL")
+def endtcpsvr(server: str) -> None:
+    """End TCP/IP servers in the running daemon (ENDTCPSVR): connections drop at once."""
+    for line in call("endtcpsvr", server=value_of("--server", SERVER_TYPE, server)):
+        click.echo(line)
+
+
+@cli.command()
+def strmsf() -> None:
+    """Start the mail server framework, the bridge (STRMSF)."""
+    click.echo(call("strmsf"))
+
+
+@cli.command()
+@click.option("--option", "option", default="*CNTRLD", show_default=True, help="*CNTRLD or *IMMED")
+@click.option("--delay", default="30", show_default=True, help="seconds, 1-999999")
+def endmsf(option: str, delay: str) -> None:
+    """End the mail server framework, the bridge (ENDMSF)."""
+    opt = value_of("--option", OPTION_TYPE, option)
+    secs = value_of("--delay", DELAY_TYPE, delay)
+    click.echo(call("endmsf", option=opt, delay=secs))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def status(as_json: bool) -> None:
+    """Show whether the daemon runs, its servers, listeners and bridge."""
+    try:
+        result = app().control().call("status")
+    except NotRunning as e:
+        if as_json:
+            click.echo('{"running": false}')
+        else:
+            click.echo(str(e))
+        raise SystemExit(3) from None
+    result["running"] = True
+    if as_json:
+        emit_record(result, [], True)
+        return
+    click.echo(f"twistmail daemon running, pid {result['pid']}")
+    for srv, on in result["servers"].items():
+        click.echo(f"  {srv:6} {'started' if on else 'ended'}")
+    for name, addr in result["listeners"].items():
+        click.echo(f"  listen {name:10} {addr}")
+    for pgm, st in result["pools"].items():
+        click.echo(f"  prestart {pgm:9} {st}")
+    bridge = result.get("bridge") or {}
+    click.echo(f"  bridge  {bridge.get('status')} pid {bridge.get('pid')}")

@@ -1,0 +1,122 @@
+"""Supervision of the bridge process (the mail server framework).
+
+The controller keeps one bridge running while MSF is started (STRMSF): it is
+restarted when it dies, at once if it had run for a while, with a doubling
+delay if it keeps dying right after start (procmon's rule).  ENDMSF stops it
+with SIGTERM, then SIGKILL after the delay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ProcessExitedAlready
+from twisted.logger import Logger
+
+from twistmail.prestart import launch
+
+MIN_DELAY = 1.0
+MAX_DELAY = 60.0
+HEALTHY_AFTER = 5.0  # a bridge that lived this long restarts without delay
+JOB_NAME = "QTSMTPBRSR"
+
+
+class BridgeSlot:
+    log = Logger()
+
+    def __init__(self, reactor: Any, config_path: str, journal: Any) -> None:
+        self.reactor = reactor
+        self.config_path = config_path
+        self.journal = journal
+        self.wanted = False
+        self.process: Any = None
+        self.pid: int | None = None
+        self.started_at = 0.0
+        self.delay = MIN_DELAY
+        self.restarts = 0
+        self._restart_call: Any = None
+        self._ended: defer.Deferred | None = None
+
+    @property
+    def status(self) -> str:
+        if self.process is not None:
+            return "RUN" if self.wanted else "END"
+        return "RESTARTING" if self.wanted else "ENDED"
+
+    def start(self) -> None:
+        """STRMSF."""
+        self.wanted = True
+        self.delay = MIN_DELAY
+        if self.process is None and self._restart_call is None:
+            self._spawn()
+
+    def stop(self, option: str = "*CNTRLD", delay: float = 30.0) -> defer.Deferred:
+        """ENDMSF: returns a Deferred that fires when the bridge is gone."""
+        self.wanted = False
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        self._restart_call = None
+        if self.process is None:
+            return defer.succeed(None)
+        ended = self._ended
+        self._signal("TERM")
+        kill = self.reactor.callLater(
+            0.0 if option == "*IMMED" else delay, self._signal, "KILL"
+        )
+        ended.addBoth(lambda r: kill.cancel() if kill.active() else None)
+        waiter: defer.Deferred = defer.Deferred()
+        ended.addBoth(lambda r: waiter.callback(None))
+        return waiter
+
+    def _spawn(self) -> None:
+        self._restart_call = None
+        self._ended = defer.Deferred()
+        output = launch.ChildOutput(JOB_NAME, self._exited)
+        self.started_at = self.reactor.seconds()
+        try:
+            self.process = launch.spawn(
+                self.reactor, JOB_NAME, "twistmail.bridge.main",
+                ["--config", self.config_path], output,
+            )
+        except OSError as e:
+            self.log.error("cannot start the bridge: {e!r}", e=e)
+            self.process = None
+            self._schedule_restart()
+            return
+        self.pid = self.process.pid
+
+    def _exited(self, reason: Any) -> None:
+        self.process = None
+        pid, self.pid = self.pid, None
+        ended, self._ended = self._ended, None
+        if self.wanted:
+            self.restarts += 1
+            self._journal("JK", f"JK CRASH {JOB_NAME}/{pid}", pid=pid, exit=str(reason.value))
+            self._schedule_restart()
+        else:
+            self._journal("JN", f"JN END {JOB_NAME}/{pid}", pid=pid)
+        if ended is not None:
+            ended.callback(None)
+
+    def _schedule_restart(self) -> None:
+        lived = self.reactor.seconds() - self.started_at
+        if lived >= HEALTHY_AFTER:
+            self.delay = MIN_DELAY
+            wait = 0.0
+        else:
+            wait = self.delay
+            self.delay = min(MAX_DELAY, self.delay * 2)
+        self.log.warn("bridge ended; restarting in {wait:.1f}s", wait=wait)
+        self._restart_call = self.reactor.callLater(wait, self._spawn)
+
+    def _signal(self, sig: str) -> None:
+        if self.process is not None:
+            try:
+                self.process.signalProcess(sig)
+            except (ProcessExitedAlready, OSError):
+                pass
+
+    def _journal(self, code: str, esd: str, **fields: Any) -> None:
+        if self.journal is not None:
+            self.journal.write(code, esd, **fields)

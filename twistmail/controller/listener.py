@@ -1,0 +1,105 @@
+"""A listening socket that the controller accepts on by itself.
+
+The controller never lets Twisted read or shut down a client socket: it calls
+``accept()`` itself and passes the descriptor on, so early talkers' bytes stay
+in the socket for the job, and closing the controller's copy never tears down
+the session the job now owns (TWISTED.md §1.4).  While its pool can take no
+more, the listener stops reading and new clients wait in the kernel backlog.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twistmail.settingtypes import Endpoint
+
+ACCEPTS_PER_WAKEUP = 64
+BACKLOG = 511
+
+
+def bind(endpoint: Endpoint) -> socket.socket:
+    """Create, bind and listen; done before privileges are dropped."""
+    family = socket.AF_INET6 if endpoint.family == "inet6" else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@implementer(IReadDescriptor)
+class Listener:
+    """Accepts connections for one ``[listen]`` entry and passes them on."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        name: str,
+        sock: socket.socket,
+        on_accept: Callable[[socket.socket, str, str], None],
+    ) -> None:
+        self.reactor = reactor
+        self.name = name
+        self.sock = sock
+        self.on_accept = on_accept
+        self.reading = False
+
+    @property
+    def address(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def resume(self) -> None:
+        if not self.reading and self.sock.fileno() >= 0:
+            self.reading = True
+            self.reactor.addReader(self)
+
+    def pause(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.reactor.removeReader(self)
+
+    def close(self) -> None:
+        self.pause()
+        self.sock.close()
+
+    # IReadDescriptor
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return f"Listener({self.name})"
+
+    def connectionLost(self, reason: object) -> None:
+        self.reading = False
+
+    def doRead(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            if not self.reading:
+                return
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: back off, keep serving
+                self.log.warn("accept on {name} failed: {e}", name=self.name, e=e)
+                self.pause()
+                self.reactor.callLater(0.1, self.resume)
+                return
+            conn.setblocking(False)
+            self.on_accept(conn, self.name, addr[0])

@@ -1,0 +1,339 @@
+"""The controller: the twistd service that owns listeners, pools and the bridge.
+
+It binds the ``[listen]`` sockets (before twistd drops privileges), accepts on
+them itself, hands every connection to its prestart pool, serves the control
+socket for the CLI, and supervises the bridge.  It does no protocol work and
+no per-message disk I/O.  Settings changed with the CLI are re-read from the
+TOML file on the ``reload`` control command and applied live.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twistmail import config as configmod
+from twistmail.control import ControlError, ControlFactory, socket_in_use
+from twistmail.controller import listener as listenermod
+from twistmail.controller.bridgeslot import BridgeSlot
+from twistmail.journal import Journal
+from twistmail.prestart.policy import Limits
+from twistmail.prestart.pool import Pool
+from twistmail.settingtypes import Endpoint
+
+SERVERS = {"*SMTP": "QTMSSRCP", "*POP": "QTPOPSRVP"}
+SERVER_LISTENERS = {
+    "*SMTP": ("smtp", "submission", "smtps"),
+    "*POP": ("pop3", "pop3s"),
+}
+POOL_PROGRAMS = ("QTMSSRCP", "QTPOPSRVP")
+
+
+def limits_of(settings: configmod.Settings) -> Limits:
+    p = settings.prestart
+    return Limits(trim_interval=float(p.trim_interval), wait_limit=float(p.wait_limit))
+
+
+def _reject_reply(pgm: str, hostname: str) -> bytes:
+    if pgm == "QTPOPSRVP":
+        return b"-ERR [SYS/TEMP] no POP server job is free; try again later\r\n"
+    return (
+        f"421 4.3.2 {hostname} Service not available: no SMTP server job is free; "
+        "try again later\r\n"
+    ).encode()
+
+
+class Controller(service.Service):
+    log = Logger()
+
+    def __init__(self, settings: configmod.Settings, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.settings = settings
+        self.config_path = str(settings.path)
+        self.pid = os.getpid()
+        self.sockets: dict[str, socket.socket] = {}
+        self.listeners: dict[str, listenermod.Listener] = {}
+        self.servers: dict[str, bool] = {"*SMTP": False, "*POP": False}
+        self.pools: dict[str, Pool] = {}
+        self.journal: Journal | None = None
+        self.bridge: BridgeSlot | None = None
+        self.control_port: Any = None
+
+    # -- start ---------------------------------------------------------
+
+    def _autostart(self) -> list[str]:
+        out = []
+        if self.settings.smtp.autostart == "*YES":
+            out.append("*SMTP")
+        if self.settings.pop.autostart == "*YES":
+            out.append("*POP")
+        return out
+
+    def privilegedStartService(self) -> None:
+        """Bind listening sockets while still privileged (ports 25, 110...)."""
+        self._prepare_datadir()
+        try:
+            for server in self._autostart():
+                self._bind_server(server)
+        except ControlError as e:
+            raise SystemExit(f"twistmail: {e}") from None
+        super().privilegedStartService()
+
+    def _prepare_datadir(self) -> None:
+        d = self.settings.datadir
+        for sub in ("run", "journal"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(d / "run", 0o700)
+        path = self.settings.control_socket
+        if socket_in_use(path):
+            raise SystemExit(f"twistmail: another daemon is running (it answers on {path})")
+        if path.exists() or path.is_symlink():
+            path.unlink()
+
+    def _bind_server(self, server: str) -> None:
+        for name in SERVER_LISTENERS[server]:
+            endpoint: Endpoint | None = getattr(self.settings.listen, name)
+            if endpoint is None or name in self.sockets:
+                continue
+            try:
+                self.sockets[name] = listenermod.bind(endpoint)
+            except OSError as e:
+                raise ControlError(
+                    f"cannot listen for {name} on {endpoint}: {e.strerror}"
+                ) from None
+
+    def startService(self) -> None:
+        super().startService()
+        s = self.settings
+        from twistmail import tlsconfig
+
+        tlsconfig.ensure_pair(s)
+        self.journal = self._journal(f"QSYSWRK/{self.pid}")
+        self.journal.write("JG", "JG STR twistmail", pid=self.pid, config=self.config_path)
+        for pgm in POOL_PROGRAMS:
+            daemon = configmod.PROGRAMS[pgm]["daemon"]
+            pool = Pool(
+                self.reactor, pgm, s.prestart.entry(pgm), limits_of(s), self.config_path,
+                self._journal(f"{daemon}/{self.pid}"), _reject_reply(pgm, s.hostname),
+            )
+            pool.accepting_changed.append(lambda on, pgm=pgm: self._pool_accepting(pgm, on))
+            self.pools[pgm] = pool
+        self.control_port = self.reactor.listenUNIX(
+            str(s.control_socket), ControlFactory(self), mode=0o600
+        )
+        for server in self._autostart():
+            self._start_server(server)
+        self.bridge = BridgeSlot(self.reactor, self.config_path, self.journal)
+        self.bridge.start()
+        self.log.info(
+            "twistmail controller {pid} started; listening on {where}",
+            pid=self.pid,
+            where=", ".join(f"{n}={lst.address}" for n, lst in self.listeners.items()) or "-",
+        )
+
+    def _journal(self, job: str) -> Journal:
+        s = self.settings
+        return Journal(
+            s.datadir / "journal", job, enabled=s.smtp.journal == "*YES",
+            receiver_size=s.journal.receiver_size,
+        )
+
+    def _start_server(self, server: str) -> None:
+        self._bind_server(server)
+        pool = self.pools[SERVERS[server]]
+        for name in SERVER_LISTENERS[server]:
+            sock = self.sockets.get(name)
+            if sock is None or name in self.listeners:
+                continue
+            lst = listenermod.Listener(self.reactor, name, sock, self._accepted)
+            self.listeners[name] = lst
+            if pool.is_accepting:
+                lst.resume()
+        self.servers[server] = True
+        if self.settings.prestart.entry(pool.pgm).strjobs == "*YES" or not pool.active:
+            pool.start()
+
+    def _stop_server(self, server: str, option: str, delay: float) -> Any:
+        for name in SERVER_LISTENERS[server]:
+            lst = self.listeners.pop(name, None)
+            if lst is not None:
+                lst.close()
+            self.sockets.pop(name, None)
+        self.servers[server] = False
+        return self.pools[SERVERS[server]].end(option, delay, reason="endtcpsvr")
+
+    def _accepted(self, sock: socket.socket, listener: str, peer: str) -> None:
+        pgm = configmod.LISTENER_PROGRAM[listener]
+        self.pools[pgm].submit(sock, listener, peer)
+
+    def _pool_accepting(self, pgm: str, on: bool) -> None:
+        for name, lst in self.listeners.items():
+            if configmod.LISTENER_PROGRAM[name] == pgm:
+                lst.resume() if on else lst.pause()
+
+    # -- stop ----------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        delay = float(self.settings.prestart.end_delay)
+        waits = []
+        for server in list(self.servers):
+            if self.servers[server]:
+                waits.append(self._stop_server(server, "*CNTRLD", delay))
+        for pool in self.pools.values():
+            if pool.jobs:
+                waits.append(pool.end("*CNTRLD", delay, reason="shutdown"))
+        if self.bridge is not None:
+            waits.append(self.bridge.stop("*CNTRLD", delay))
+        d = defer.DeferredList(waits)
+        d.addBoth(self._stopped)
+        return d
+
+    def _stopped(self, _: Any) -> None:
+        if self.control_port is not None:
+            self.control_port.stopListening()
+        try:
+            self.settings.control_socket.unlink()
+        except FileNotFoundError:
+            pass
+        if self.journal is not None:
+            self.journal.write("JH", "JH END twistmail", pid=self.pid)
+
+    # -- control commands ---------------------------------------------
+
+    def _pool(self, pgm: str) -> Pool:
+        pgm = (pgm or "").upper()
+        if pgm not in self.pools:
+            if pgm in configmod.PROGRAMS:
+                raise ControlError(f"prestart entry {pgm} is not active in this release")
+            raise ControlError(
+                f"--pgm: {pgm!r} is not a prestart entry; allowed: {', '.join(self.pools)}",
+                usage=True,
+            )
+        return self.pools[pgm]
+
+    def _servers(self, server: str) -> list[str]:
+        server = (server or "").upper()
+        if server == "*ALL":
+            return list(SERVERS)
+        if server not in SERVERS:
+            raise ControlError(
+                f"--server: {server!r} is not allowed; allowed: *SMTP, *POP, *ALL", usage=True
+            )
+        return [server]
+
+    def cmd_status(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "config": self.config_path,
+            "servers": dict(self.servers),
+            "listeners": {n: lst.address for n, lst in self.listeners.items()},
+            "pools": {p: pool.status for p, pool in self.pools.items()},
+            "bridge": {"status": self.bridge.status, "pid": self.bridge.pid}
+            if self.bridge
+            else None,
+        }
+
+    def cmd_dspactpj(self, pgm: str, reset: bool = False) -> dict[str, Any]:
+        return self._pool(pgm).report(reset=reset)
+
+    def cmd_wrkactjob(self) -> list[dict[str, Any]]:
+        rows = []
+        for server, pgm in SERVERS.items():
+            if self.servers[server]:
+                rows.append({
+                    "job": configmod.PROGRAMS[pgm]["daemon"], "pgm": "", "pid": self.pid,
+                    "status": "SELW", "uses": "", "peer": "",
+                })
+        if self.bridge is not None and self.bridge.pid is not None:
+            rows.append({
+                "job": "QTSMTPBRSR", "pgm": "", "pid": self.bridge.pid,
+                "status": self.bridge.status, "uses": "", "peer": "",
+            })
+        for pool in self.pools.values():
+            rows.extend(pool.listing())
+        return rows
+
+    def cmd_reload(self) -> dict[str, Any]:
+        try:
+            new = configmod.load(self.config_path)
+        except (configmod.SettingError, OSError) as e:
+            raise ControlError(f"configuration not applied: {e}") from None
+        old, self.settings = self.settings, new
+        applied = []
+        for pgm, pool in self.pools.items():
+            entry, limits = new.prestart.entry(pgm), limits_of(new)
+            if entry != pool.entry or limits != pool.limits:
+                pool.reconfigure(entry, limits)
+                applied.append(f"prestart.{pgm}")
+        if new.smtp.journal != old.smtp.journal or new.journal != old.journal:
+            for j in self._journals():
+                j.enabled = new.smtp.journal == "*YES"
+                j.receiver_size = new.journal.receiver_size
+            applied.append("journal")
+        restart = [
+            sec for sec in ("listen", "tls", "system") if getattr(new, sec) != getattr(old, sec)
+        ]
+        return {"applied": applied, "restart_needed": restart}
+
+    def _journals(self) -> list[Journal]:
+        out = [self.journal] if self.journal else []
+        return out + [p.journal for p in self.pools.values() if p.journal is not None]
+
+    def cmd_strpj(self, pgm: str) -> str:
+        pool = self._pool(pgm)
+        if pool.active or pool.jobs:
+            raise ControlError(
+                f"STRPJ: {pool.pgm} still has active jobs; end them with ENDPJ first"
+            )
+        pool.start()
+        return f"prestart jobs for {pool.pgm} started"
+
+    def cmd_endpj(self, pgm: str, option: str = "*CNTRLD", delay: float = 30) -> str:
+        pool = self._pool(pgm)
+        if not pool.active and not pool.jobs:
+            raise ControlError(f"ENDPJ: {pool.pgm} has no active jobs")
+        pool.end(option, float(delay))
+        return f"prestart jobs for {pool.pgm} ending ({option})"
+
+    def cmd_strtcpsvr(self, server: str) -> list[str]:
+        done = []
+        for srv in self._servers(server):
+            if self.servers[srv]:
+                done.append(f"{srv} already started")
+                continue
+            self._start_server(srv)
+            done.append(f"{srv} started")
+        return done
+
+    def cmd_endtcpsvr(self, server: str) -> list[str]:
+        done = []
+        for srv in self._servers(server):
+            if not self.servers[srv]:
+                done.append(f"{srv} not started")
+                continue
+            self._stop_server(srv, "*IMMED", 0)
+            done.append(f"{srv} ended")
+        return done
+
+    def cmd_strmsf(self) -> str:
+        if self.bridge.wanted:
+            raise ControlError("STRMSF: the mail server framework is already active (CPFAFAD)")
+        self.bridge.start()
+        return "mail server framework started"
+
+    def cmd_endmsf(self, option: str = "*CNTRLD", delay: float = 30) -> Any:
+        if not self.bridge.wanted:
+            raise ControlError("ENDMSF: the mail server framework is not active")
+        d = self.bridge.stop(option, float(delay))
+        d.addCallback(lambda _: "mail server framework ended")
+        return d

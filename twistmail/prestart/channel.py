@@ -1,0 +1,34 @@
+"""The line protocol on the UNIX socketpair between the controller and a job.
+
+Controller to job::
+
+    FD <token> <listener> <family>     (with one socket passed by SCM_RIGHTS)
+    END                                (end when idle; a busy job ends after its session)
+
+Job to controller::
+
+    READY                              (booted, waiting for work)
+    ACK <token>                        (took the socket: the controller closes its copy)
+    FREE                               (session over, waiting for work)
+
+Every passed descriptor travels with the bytes of its FD line, written in the
+same reactor turn (TWISTED.md §1.4: a descriptor without a data byte makes
+Twisted drop the channel).
+"""
+
+from __future__ import annotations
+
+DELIMITER = b"\n"
+MAX_LINE = 1024
+
+
+def fd_line(token: int, listener: str, family: int) -> bytes:
+    return b"FD %d %s %d" % (token, listener.encode("ascii"), family)
+
+
+def parse(line: bytes) -> tuple[str, list[str]]:
+    """Split a channel line into its verb and arguments."""
+    parts = line.decode("ascii", "replace").split()
+    if not parts:
+        return "", []
+    return parts[0], parts[1:]

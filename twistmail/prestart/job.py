@@ -1,0 +1,166 @@
+"""A prestart job: one long-lived process that serves one session at a time.
+
+Started by the controller with the job end of a UNIX socketpair as fd 3.  It
+adopts each socket passed over that channel, serves the session on it (TLS
+first for the implicit-TLS listeners), and says FREE when the session ends.
+It exits when told END while idle, after its session when told END while
+busy, at SIGTERM, and by itself when the channel closes (the controller is
+gone) - with PR_SET_PDEATHSIG as a second line of defence.
+
+Run as ``python -m twistmail.prestart.job --pgm QTMSSRCP --config PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from typing import Any
+
+from twisted.internet.interfaces import IFileDescriptorReceiver
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineOnlyReceiver
+from zope.interface import implementer
+
+from twistmail import config as configmod
+from twistmail.lifeline import die_with_parent
+from twistmail.prestart import channel
+
+CHANNEL_FD = 3
+IMPLICIT_TLS = {"smtps", "pop3s"}
+
+
+@implementer(IFileDescriptorReceiver)
+class JobChannel(LineOnlyReceiver):
+    """The job's end of the control channel."""
+
+    delimiter = channel.DELIMITER
+    MAX_LENGTH = channel.MAX_LINE
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.fds: list[int] = []
+
+    def connectionMade(self) -> None:
+        self.sendLine(b"READY")
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        self.fds.append(descriptor)
+
+    def lineReceived(self, line: bytes) -> None:
+        verb, args = channel.parse(line)
+        if verb == "FD" and self.fds:
+            token, listener, family = args[0], args[1], int(args[2])
+            served = self.job.serve(self.fds.pop(0), listener, family)
+            self.sendLine(b"ACK " + token.encode("ascii"))
+            if not served:
+                self.job.done()
+        elif verb == "END":
+            self.job.end_requested()
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.job.channel_lost()
+
+
+class Job:
+    def __init__(self, reactor: Any, pgm: str, settings: configmod.Settings) -> None:
+        self.reactor = reactor
+        self.pgm = pgm
+        self.settings = settings
+        self.sessions = 0
+        self.ending = False
+        self.stopping = False
+        self.channel: JobChannel | None = None
+        self.factories = self._factories()
+
+    def _factories(self) -> dict[str, Factory]:
+        from twistmail.protocols import stub
+
+        s = self.settings
+        if self.pgm == "QTPOPSRVP":
+            plain = stub.SessionFactory(stub.StubPOP3, s.hostname, s.pop.inacttimo, self.done)
+            names = ("pop3", "pop3s")
+        else:
+            plain = stub.SessionFactory(stub.StubSMTP, s.hostname, s.smtp.inacttimo, self.done)
+            names = ("smtp", "submission", "smtps")
+        out: dict[str, Factory] = {}
+        for name in names:
+            out[name] = self._tls(plain) if name in IMPLICIT_TLS else plain
+        return out
+
+    def _tls(self, inner: Factory) -> Factory:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from twistmail import tlsconfig
+
+        return TLSMemoryBIOFactory(tlsconfig.server_options(self.settings), False, inner)
+
+    def serve(self, fd: int, listener: str, family: int) -> bool:
+        """Adopt the passed socket; False when it could not be served."""
+        self.sessions += 1
+        try:
+            os.set_blocking(fd, False)
+            self.reactor.adoptStreamConnection(fd, family, self.factories[listener])
+        except Exception as e:
+            print(f"cannot adopt connection: {e!r}", file=sys.stderr)
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+    def done(self) -> None:
+        self.sessions -= 1
+        if self.ending and self.sessions <= 0:
+            self.stop()
+        elif self.channel is not None:
+            self.channel.sendLine(b"FREE")
+
+    def end_requested(self) -> None:
+        self.ending = True
+        if self.sessions <= 0:
+            self.stop()
+
+    def channel_lost(self) -> None:
+        self.channel = None
+        self.stop()
+
+    def stop(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.reactor.stop()
+
+    def shutting_down(self) -> None:
+        self.stopping = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="twistmail-job")
+    parser.add_argument("--pgm", required=True, choices=sorted(configmod.PROGRAMS))
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    die_with_parent()
+    settings = configmod.load(args.config)
+
+    from twisted.internet import reactor
+
+    job = Job(reactor, args.pgm, settings)
+    reactor.addSystemEventTrigger("before", "shutdown", job.shutting_down)
+    chan = JobChannel(job)
+    job.channel = chan
+    reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, _OneProtocol(chan))
+    os.close(CHANNEL_FD)
+    reactor.run()
+    return 0
+
+
+class _OneProtocol(Factory):
+    def __init__(self, proto: JobChannel) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: object) -> JobChannel:
+        return self.proto
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The prestart job rules of CHGPJE, as pure functions.
+
+Everything the pool decides (start more jobs, end idle ones, reject or queue
+a program start request, stop an entry that cannot boot) is decided here from
+a snapshot, the entry's CHGPJE values and the time.  The Twisted runtime in
+``twistmail.prestart.pool`` only carries the actions out, so every rule can
+be tested exhaustively without processes or a reactor.
+
+The rules (DESIGN.md §3):
+
+* Start: INLJOBS jobs; the pool never holds fewer live jobs than INLJOBS
+  while it is active, which is also how crashed and used-up jobs are replaced.
+* Grow: when the available jobs (idle or starting) less the waiting requests
+  fall below THRESHOLD, ADLJOBS more start; never above MAXJOBS.
+* Reuse: an idle job that has served MAXUSE sessions is ended.
+* Shrink: once per trim interval, idle jobs that have been idle a whole
+  interval are ended, half the surplus at a time, never below INLJOBS and
+  never so far that growth would start again at once.
+* Lowered MAXJOBS: idle jobs above it are ended; busy jobs never are.
+* Boot failures: a job that dies before it is ready delays the next start
+  (doubling back-off); after ``boot_failure_limit`` in a row the entry stops.
+* Waiting: with WAIT *YES a request without a free job waits in a bounded
+  FIFO and is rejected after ``wait_limit`` seconds; with WAIT *NO it is
+  rejected at once.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import attrs
+
+from twistmail.config import PrestartEntry
+
+
+class JobState(enum.Enum):
+    STARTING = "STARTING"  # spawned, not yet ready
+    IDLE = "IDLE"  # waiting for work (IBM's PSRW)
+    BUSY = "BUSY"  # serving a session (RUN)
+    ENDING = "ENDING"  # told to end (END)
+
+
+class Admission(enum.Enum):
+    HANDOFF = "handoff"
+    QUEUE = "queue"
+    REJECT = "reject"
+
+
+@attrs.frozen
+class Limits:
+    """Pool timings that are not CHGPJE values (``[prestart]`` settings)."""
+
+    trim_interval: float = 30.0
+    wait_limit: float = 30.0
+    queue_limit: int = 128
+    boot_failure_limit: int = 5
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+
+    def backoff(self, failures: int) -> float:
+        if failures <= 0:
+            return 0.0
+        return min(self.backoff_max, self.backoff_base * 2 ** (failures - 1))
+
+
+@attrs.frozen
+class JobView:
+    id: int
+    state: JobState
+    uses: int = 0
+    since: float = 0.0  # when the job entered its current state
+
+
+@attrs.frozen
+class EntryView:
+    """What the pool looks like at one moment."""
+
+    active: bool = True
+    jobs: tuple[JobView, ...] = ()
+    waiting: tuple[float, ...] = ()  # enqueue times, oldest first
+    boot_failures: int = 0  # in a row
+    last_boot_failure: float = 0.0
+    last_trim: float = 0.0
+
+
+@attrs.frozen
+class Actions:
+    start: int = 0
+    end: tuple[int, ...] = ()  # ids of idle jobs to end
+    end_reasons: tuple[str, ...] = ()  # one reason per id in ``end``
+    reject: int = 0  # how many of the oldest waiting requests to reject
+    fail: bool = False  # stop the entry: it cannot boot jobs
+    trimmed: bool = False  # a trim check ran (the runtime records the time)
+    wake_at: float | None = None  # when to decide again even if nothing happens
+
+
+def _usable_idle(job: JobView, entry: PrestartEntry) -> bool:
+    return job.state is JobState.IDLE and (entry.maxuse is None or job.uses < entry.maxuse)
+
+
+def admit(view: EntryView, entry: PrestartEntry, limits: Limits) -> Admission:
+    """What to do with a program start request (an accepted connection)."""
+    if not view.active:
+        return Admission.REJECT
+    if any(_usable_idle(j, entry) for j in view.jobs) and not view.waiting:
+        return Admission.HANDOFF
+    if entry.wait == "*NO" or len(view.waiting) >= limits.queue_limit:
+        return Admission.REJECT
+    return Admission.QUEUE
+
+
+def accepting(view: EntryView, entry: PrestartEntry, limits: Limits) -> bool:
+    """Whether the listeners should accept: False leaves clients in the kernel backlog."""
+    if not view.active or entry.wait == "*NO":
+        return True  # a refusal from the controller beats a silent wait
+    return len(view.waiting) < limits.queue_limit
+
+
+def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) -> Actions:
+    """The actions that bring the pool in line with its rules at ``now``."""
+    if not view.active:
+        return Actions()
+    if view.boot_failures >= limits.boot_failure_limit:
+        return Actions(fail=True, reject=len(view.waiting))
+
+    cap = math.inf if entry.maxjobs is None else entry.maxjobs
+    live = [j for j in view.jobs if j.state is not JobState.ENDING]
+    ending: dict[int, str] = {}
+
+    # Used-up jobs end as soon as they are idle.
+    for j in live:
+        if j.state is JobState.IDLE and entry.maxuse is not None and j.uses >= entry.maxuse:
+            ending[j.id] = "maxuse"
+
+    # Above a lowered MAXJOBS: end idle jobs, most recently idle first.
+    idle = sorted(
+        (j for j in live if j.state is JobState.IDLE and j.id not in ending),
+        key=lambda j: -j.since,
+    )
+    excess = len(live) - len(ending) - cap
+    for j in idle:
+        if excess <= 0:
+            break
+        ending[j.id] = "maxjobs"
+        excess -= 1
+
+    # Gradual trimming of idle surplus.
+    trimmed = False
+    wake: list[float] = []
+    if now - view.last_trim >= limits.trim_interval:
+        trimmed = True
+        remaining = len(live) - len(ending)
+        available = _available(live, ending) - len(view.waiting)
+        surplus = min(remaining - entry.inljobs, available - entry.threshold)
+        if surplus > 0:
+            quota = max(1, surplus // 2)
+            old_idle = sorted(
+                (
+                    j
+                    for j in live
+                    if j.state is JobState.IDLE
+                    and j.id not in ending
+                    and now - j.since >= limits.trim_interval
+                ),
+                key=lambda j: j.since,
+            )
+            for j in old_idle[:quota]:
+                ending[j.id] = "trim"
+        if len(live) - len(ending) > entry.inljobs:
+            wake.append(now + limits.trim_interval)
+    else:
+        wake.append(view.last_trim + limits.trim_interval)
+
+    # Starting jobs: keep INLJOBS, grow past THRESHOLD, stay under MAXJOBS.
+    remaining = len(live) - len(ending)
+    start = max(0, entry.inljobs - remaining)
+    if _available(live, ending) + start - len(view.waiting) < entry.threshold:
+        start += entry.adljobs
+    start = int(max(0, min(start, cap - remaining)))
+    if start and view.boot_failures:
+        resume = view.last_boot_failure + limits.backoff(view.boot_failures)
+        if now < resume:
+            start = 0
+            wake.append(resume)
+
+    # Requests that waited too long.
+    reject = sum(1 for t in view.waiting if now - t >= limits.wait_limit)
+    if len(view.waiting) > reject:
+        wake.append(view.waiting[reject] + limits.wait_limit)
+
+    ids = tuple(ending)
+    return Actions(
+        start=start,
+        end=ids,
+        end_reasons=tuple(ending[i] for i in ids),
+        reject=reject,
+        trimmed=trimmed,
+        wake_at=min(wake) if wake else None,
+    )
+
+
+def _available(live: list[JobView], ending: dict[int, str]) -> int:
+    return sum(
+        1
+        for j in live
+        if j.id not in ending and j.state in (JobState.IDLE, JobState.STARTING)
+    )

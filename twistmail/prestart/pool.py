@@ -1,0 +1,480 @@
+"""The prestart pool at run time: real job processes driven by the pure rules.
+
+One :class:`Pool` per prestart entry (QTMSSRCP, QTPOPSRVP).  It hands each
+accepted socket (a "program start request") to an idle job over the job's
+socketpair, keeps its own copy until the job has acknowledged it, queues or
+rejects requests when no job is free, and after every event asks
+``twistmail.prestart.policy.decide`` what to start and end.  It journals job
+starts, ends, crashes and rejections (function letter J).
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+
+from twistmail.config import PROGRAMS, PrestartEntry
+from twistmail.prestart import channel, launch
+from twistmail.prestart.policy import (
+    Admission,
+    EntryView,
+    JobState,
+    JobView,
+    Limits,
+    accepting,
+    admit,
+    decide,
+)
+from twistmail.prestart.stats import PoolStats
+
+KILL_AFTER = 5.0  # seconds between SIGTERM and SIGKILL
+
+
+@attrs.define(eq=False)
+class Request:
+    """An accepted connection waiting for, or being handed to, a job."""
+
+    sock: socket.socket
+    listener: str
+    peer: str
+    accepted_at: float
+    queued_at: float | None = None
+
+
+@attrs.define(eq=False)
+class Job:
+    id: int
+    state: JobState
+    since: float
+    started_at: float
+    uses: int = 0
+    pid: int | None = None
+    process: Any = None
+    chan: ControllerChannel | None = None
+    peer: str | None = None
+    ready: bool = False
+    pending: dict[int, Request] = attrs.field(factory=dict)
+    end_reason: str | None = None
+    ended: defer.Deferred = attrs.field(factory=defer.Deferred)
+
+    def view(self) -> JobView:
+        return JobView(self.id, self.state, self.uses, self.since)
+
+
+class ControllerChannel(LineOnlyReceiver):
+    """The controller's end of one job's socketpair."""
+
+    delimiter = channel.DELIMITER
+    MAX_LENGTH = channel.MAX_LINE
+
+    def __init__(self, pool: Pool, job: Job) -> None:
+        self.pool = pool
+        self.job = job
+
+    def lineReceived(self, line: bytes) -> None:
+        verb, args = channel.parse(line)
+        if verb == "READY":
+            self.pool._job_ready(self.job)
+        elif verb == "ACK" and args:
+            self.pool._job_ack(self.job, int(args[0]))
+        elif verb == "FREE":
+            self.pool._job_free(self.job)
+
+    def hand(self, token: int, request: Request) -> None:
+        # The descriptor and its carrier line must go out in the same turn.
+        self.transport.sendFileDescriptor(request.sock.fileno())
+        family = request.sock.family
+        self.sendLine(channel.fd_line(token, request.listener, int(family)))
+
+    def send_end(self) -> None:
+        if self.transport is not None and self.connected:
+            self.sendLine(b"END")
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.pool._channel_lost(self.job)
+
+
+class Pool:
+    """The jobs of one prestart entry."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        pgm: str,
+        entry: PrestartEntry,
+        limits: Limits,
+        config_path: str,
+        journal: Any,
+        reject_reply: bytes,
+    ) -> None:
+        self.reactor = reactor
+        self.pgm = pgm
+        self.entry = entry
+        self.limits = limits
+        self.config_path = config_path
+        self.journal = journal
+        self.reject_reply = reject_reply
+        self.job_name = PROGRAMS[pgm]["job"]
+        self.active = False
+        self.status = "ENDED"  # ACTIVE, ENDED, FAILED
+        self.jobs: dict[int, Job] = {}
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.boot_failures = 0
+        self.last_boot_failure = 0.0
+        self.last_trim = 0.0
+        self.stats = PoolStats(started=reactor.seconds())
+        self.accepting_changed: list[Callable[[bool], None]] = []
+        self._accepting = True
+        self._next_id = 1
+        self._next_token = 1
+        self._timer: Any = None
+        self._evaluating = False
+
+    # -- control -------------------------------------------------------
+
+    def start(self) -> None:
+        """STRPJ: start the entry's INLJOBS jobs."""
+        if self.active:
+            return
+        now = self.reactor.seconds()
+        self.active = True
+        self.status = "ACTIVE"
+        self.boot_failures = 0
+        self.last_trim = now
+        self.stats = PoolStats(started=now)
+        self._journal("JP", f"JP STR {self.pgm}", pgm=self.pgm)
+        self.evaluate()
+
+    def end(self, option: str = "*CNTRLD", delay: float = 30.0, reason: str = "endpj") -> Any:
+        """ENDPJ: end every job; returns a Deferred that fires when all are gone."""
+        was_active = self.active
+        self.active = False
+        if self.status == "ACTIVE":
+            self.status = "ENDED"
+        self._cancel_timer()
+        while self.waiting:
+            self._reject(self.waiting.popleft(), "ended")
+        if was_active:
+            self._journal("JQ", f"JQ END {self.pgm} {option}", pgm=self.pgm, option=option)
+        for job in list(self.jobs.values()):
+            self._end_job(job, reason)
+        ends = [j.ended for j in self.jobs.values()]
+        if option == "*IMMED":
+            self._terminate_all()
+        elif ends:
+            call = self.reactor.callLater(delay, self._terminate_all)
+            done = defer.DeferredList(ends)
+            done.addBoth(lambda r: call.cancel() if call.active() else None)
+        self._update_accepting()
+        return defer.DeferredList(ends)
+
+    def reconfigure(self, entry: PrestartEntry, limits: Limits) -> None:
+        """CHGPJE on a running entry: new values apply at once."""
+        self.entry = entry
+        self.limits = limits
+        if self.active:
+            self._journal("JA", f"JA CHG {self.pgm}", pgm=self.pgm, **attrs.asdict(entry))
+        self.evaluate()
+
+    # -- requests ------------------------------------------------------
+
+    def submit(self, sock: socket.socket, listener: str, peer: str) -> None:
+        """A new connection for this entry (a program start request)."""
+        now = self.reactor.seconds()
+        request = Request(sock, listener, peer, now)
+        decision = admit(self._view(), self.entry, self.limits)
+        if decision is Admission.HANDOFF:
+            job = self._pick_idle()
+            self.stats.record_accept()
+            self._hand(job, request)
+        elif decision is Admission.QUEUE:
+            request.queued_at = now
+            self.waiting.append(request)
+            self._journal("JW", f"JW WAIT {peer}", ip=peer, pgm=self.pgm)
+        else:
+            reason = "ended" if not self.active else "wait"
+            self._reject(request, reason)
+        self.evaluate()
+
+    def _pick_idle(self) -> Job:
+        # The most recently freed job: it is warm, and the others stay idle
+        # long enough to be trimmed.
+        idle = [
+            j for j in self.jobs.values()
+            if j.state is JobState.IDLE
+            and (self.entry.maxuse is None or j.uses < self.entry.maxuse)
+        ]
+        return max(idle, key=lambda j: j.since)
+
+    def _hand(self, job: Job, request: Request) -> None:
+        token = self._next_token
+        self._next_token += 1
+        job.state = JobState.BUSY
+        job.since = self.reactor.seconds()
+        job.uses += 1
+        job.peer = request.peer
+        job.pending[token] = request
+        try:
+            job.chan.hand(token, request)
+        except Exception as e:  # the channel is gone; the job's end cleans up
+            self.log.warn("handoff to job {pid} failed: {e!r}", pid=job.pid, e=e)
+
+    def _reject(self, request: Request, reason: str) -> None:
+        self.stats.record_reject()
+        try:
+            request.sock.send(self.reject_reply)
+        except OSError:
+            pass
+        request.sock.close()
+        self._journal(
+            "JR", f"JR REJ {request.peer}", ip=request.peer, pgm=self.pgm, reason=reason
+        )
+
+    def _dispatch(self) -> None:
+        while self.waiting and self.active:
+            if not any(
+                j.state is JobState.IDLE
+                and (self.entry.maxuse is None or j.uses < self.entry.maxuse)
+                for j in self.jobs.values()
+            ):
+                return
+            request = self.waiting.popleft()
+            now = self.reactor.seconds()
+            self.stats.record_accept(waited=now - (request.queued_at or now))
+            self._hand(self._pick_idle(), request)
+
+    # -- job events ----------------------------------------------------
+
+    def _start_job(self) -> None:
+        now = self.reactor.seconds()
+        job = Job(id=self._next_id, state=JobState.STARTING, since=now, started_at=now)
+        self._next_id += 1
+        job.chan = ControllerChannel(self, job)
+        output = launch.ChildOutput(self.job_name, lambda reason: self._job_ended(job, reason))
+        try:
+            job.process = launch.spawn(
+                self.reactor,
+                self.job_name,
+                "twistmail.prestart.job",
+                ["--pgm", self.pgm, "--config", self.config_path],
+                output,
+                channel=job.chan,
+            )
+        except OSError as e:
+            self.log.error("cannot start a {name} job: {e!r}", name=self.job_name, e=e)
+            self.boot_failures += 1
+            self.last_boot_failure = now
+            return
+        job.pid = job.process.pid
+        self.jobs[job.id] = job
+        self._journal("JS", f"JS STR {self.job_name}/{job.pid}", pid=job.pid, pgm=self.pgm)
+
+    def _job_ready(self, job: Job) -> None:
+        job.ready = True
+        job.state = JobState.IDLE
+        job.since = self.reactor.seconds()
+        self.boot_failures = 0
+        if job.end_reason is not None:
+            job.state = JobState.ENDING
+            job.chan.send_end()
+        self._dispatch()
+        self.evaluate()
+
+    def _job_ack(self, job: Job, token: int) -> None:
+        request = job.pending.pop(token, None)
+        if request is not None:
+            request.sock.close()
+
+    def _job_free(self, job: Job) -> None:
+        if job.state is JobState.ENDING:
+            return
+        job.state = JobState.IDLE
+        job.since = self.reactor.seconds()
+        job.peer = None
+        self._dispatch()
+        self.evaluate()
+
+    def _channel_lost(self, job: Job) -> None:
+        for request in job.pending.values():
+            request.sock.close()
+        job.pending.clear()
+
+    def _job_ended(self, job: Job, reason: Any) -> None:
+        self.jobs.pop(job.id, None)
+        self._channel_lost(job)
+        now = self.reactor.seconds()
+        pid = job.pid
+        status = _exit_text(reason)
+        name = f"{self.job_name}/{pid}"
+        if job.end_reason is not None:
+            self._journal("JE", f"JE END {name}", pid=pid, reason=job.end_reason, uses=job.uses,
+                          pgm=self.pgm)
+        elif not job.ready:
+            self.boot_failures += 1
+            self.last_boot_failure = now
+            self._journal("JB", f"JB BOOT {name}", pid=pid, exit=status, pgm=self.pgm,
+                          failures=self.boot_failures)
+        else:
+            self._journal("JC", f"JC CRASH {name}", pid=pid, exit=status, uses=job.uses,
+                          pgm=self.pgm)
+        job.ended.callback(None)
+        self.evaluate()
+
+    # -- rules ---------------------------------------------------------
+
+    def _view(self) -> EntryView:
+        return EntryView(
+            active=self.active,
+            jobs=tuple(j.view() for j in self.jobs.values()),
+            waiting=tuple(r.queued_at or 0.0 for r in self.waiting),
+            boot_failures=self.boot_failures,
+            last_boot_failure=self.last_boot_failure,
+            last_trim=self.last_trim,
+        )
+
+    def evaluate(self) -> None:
+        """Apply the rules now; called after every event."""
+        if self._evaluating:
+            return
+        self._evaluating = True
+        try:
+            self._evaluate()
+        finally:
+            self._evaluating = False
+        self._observe()
+        self._update_accepting()
+
+    def _evaluate(self) -> None:
+        now = self.reactor.seconds()
+        actions = decide(self._view(), self.entry, self.limits, now)
+        if actions.trimmed:
+            self.last_trim = now
+        for _ in range(actions.reject):
+            self._reject(self.waiting.popleft(), "waitlimit")
+        if actions.fail:
+            self.active = False
+            self.status = "FAILED"
+            self._journal(
+                "JF", f"JF FAIL {self.pgm}", pgm=self.pgm, failures=self.boot_failures,
+                text=f"{self.pgm} stopped: {self.boot_failures} jobs in a row died before "
+                "they were ready; see the log, then STRPJ",
+            )
+            self.log.error("prestart entry {pgm} stopped after {n} boot failures",
+                           pgm=self.pgm, n=self.boot_failures)
+            return
+        for job_id, why in zip(actions.end, actions.end_reasons, strict=True):
+            job = self.jobs.get(job_id)
+            if job is not None:
+                self._end_job(job, why)
+        for _ in range(actions.start):
+            self._start_job()
+        self._schedule(actions.wake_at, now)
+
+    def _end_job(self, job: Job, reason: str) -> None:
+        if job.end_reason is None:
+            job.end_reason = reason
+        if job.state is JobState.STARTING:
+            return  # told at its READY
+        if job.state is not JobState.BUSY:
+            job.state = JobState.ENDING
+        # A busy job finishes its session first: it is never killed by a rule.
+        if job.chan is not None:
+            job.chan.send_end()
+
+    def _schedule(self, wake_at: float | None, now: float) -> None:
+        self._cancel_timer()
+        if wake_at is not None and self.active:
+            self._timer = self.reactor.callLater(max(0.0, wake_at - now) + 0.001, self.evaluate)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _observe(self) -> None:
+        busy = sum(1 for j in self.jobs.values() if j.state is JobState.BUSY)
+        self.stats.observe(self.reactor.seconds(), len(self.jobs), busy, len(self.waiting))
+
+    def _update_accepting(self) -> None:
+        now_accepting = accepting(self._view(), self.entry, self.limits)
+        if now_accepting != self._accepting:
+            self._accepting = now_accepting
+            for cb in self.accepting_changed:
+                cb(now_accepting)
+
+    @property
+    def is_accepting(self) -> bool:
+        return self._accepting
+
+    # -- shutdown ------------------------------------------------------
+
+    def _terminate_all(self) -> None:
+        for job in list(self.jobs.values()):
+            self._signal(job, "TERM")
+        if self.jobs:
+            self.reactor.callLater(KILL_AFTER, self._kill_all)
+
+    def _kill_all(self) -> None:
+        for job in list(self.jobs.values()):
+            self._signal(job, "KILL")
+
+    def _signal(self, job: Job, sig: str) -> None:
+        if job.end_reason is None:
+            job.end_reason = "endpj"
+        try:
+            job.process.signalProcess(sig)
+        except (ProcessExitedAlready, OSError, AttributeError):
+            pass
+
+    # -- reports -------------------------------------------------------
+
+    def report(self, reset: bool = False) -> dict[str, Any]:
+        now = self.reactor.seconds()
+        out: dict[str, Any] = {"pgm": self.pgm, "status": self.status}
+        out.update(self.stats.report(now))
+        if reset:
+            self.stats.reset(now)
+        return out
+
+    def listing(self) -> list[dict[str, Any]]:
+        status = {
+            JobState.STARTING: "START",
+            JobState.IDLE: "PSRW",
+            JobState.BUSY: "RUN",
+            JobState.ENDING: "END",
+        }
+        return [
+            {
+                "job": self.job_name,
+                "pgm": self.pgm,
+                "pid": j.pid,
+                "status": status[j.state],
+                "uses": j.uses,
+                "peer": j.peer or "",
+            }
+            for j in sorted(self.jobs.values(), key=lambda j: j.id)
+        ]
+
+    def _journal(self, code: str, esd: str, **fields: Any) -> None:
+        if self.journal is not None:
+            self.journal.write(code, esd, **fields)
+
+
+def _exit_text(reason: Any) -> str:
+    value = getattr(reason, "value", None)
+    if isinstance(value, ProcessDone):
+        return "exit 0"
+    sig = getattr(value, "signal", None)
+    if sig:
+        return f"signal {sig}"
+    return f"exit {getattr(value, 'exitCode', '?')}"
