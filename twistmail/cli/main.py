@@ -4,6 +4,7 @@ from twistmail.cli import (
     base,
     clcmd,  # noqa: F401
     configcmd,  # noqa: F401
+    journalcmds,  # noqa: F401
     poolcmds,  # noqa: F401
 )
 from twistmail.cli.base import cli, main  # noqa: F401

@@ -1,0 +1,376 @@
+"""The QZMF journal: entry format, seq across processes, rotation, reading, dspjrn/chgjrn."""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from twistmail import journal
+from twistmail.cli import journalcmds  # noqa: F401
+from twistmail.cli.base import run
+from twistmail.journal import (
+    CODES,
+    Journal,
+    follow,
+    parse_time,
+    read_entries,
+    receiver_name,
+    receivers,
+)
+
+
+def lines_of(directory: Path) -> list[str]:
+    out: list[str] = []
+    for _, path in receivers(directory):
+        out.extend(path.read_text().splitlines())
+    return out
+
+
+def test_codes_table() -> None:
+    for code in ("7A", "7L", "8C", "88", "82", "9S", "9V", "B8", "AP", "EH", "JS", "JK", "JH"):
+        assert code in CODES
+    assert all(len(c) == 2 for c in CODES)
+    assert all(meaning for meaning in CODES.values())
+
+
+def test_entry_format_and_key_order(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "QTSMTPSRVP/4711")
+    seq = j.write("88", "88 DLV 127.0.0.1", "Q0001", ip="127.0.0.1", recipient="sam@example.test")
+    assert seq == 1
+    assert j.write("JS", "JS QTSMTPSRVP started") == 2
+    first, second = lines_of(tmp_path)
+    assert " " not in first.split('"esd"')[0]  # compact separators
+    entry = json.loads(first)
+    assert list(entry) == ["seq", "ts", "code", "job", "msgid", "esd", "ip", "recipient"]
+    assert entry["code"] == "88" and entry["job"] == "QTSMTPSRVP/4711"
+    assert entry["msgid"] == "Q0001" and entry["esd"] == "88 DLV 127.0.0.1"
+    assert entry["ts"].endswith("Z") and len(entry["ts"].split(".")[1]) == 7
+    ts = datetime.fromisoformat(entry["ts"])
+    assert abs(ts - datetime.now(UTC)) < timedelta(seconds=5)
+    assert json.loads(second)["msgid"] is None
+    with pytest.raises(ValueError):
+        j.write("888", "bad")
+    with pytest.raises(ValueError):
+        j.write("88", "bad", seq=4)
+
+
+def _writer(directory: str, n: int, worker: int, size: int) -> None:
+    j = Journal(Path(directory), f"QTSMTPSRVP/{os.getpid()}", receiver_size=size)
+    for i in range(n):
+        assert j.write("92", f"92 R u{i}@example.test", f"Q{worker}-{i}", n=i) is not None
+        if worker == 0 and i == n // 2:
+            j.new_receiver()
+
+
+def test_seq_strictly_increasing_across_processes(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    n, size = 2000, 32 * 1024
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), n, w, size)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    entries = [json.loads(line) for line in lines_of(tmp_path)]
+    seqs = [e["seq"] for e in entries]
+    assert seqs == list(range(1, 4 * n + 1))  # file order is seq order, none lost
+    assert len({e["job"] for e in entries}) == 4
+    found = receivers(tmp_path)
+    assert len(found) > 10
+    biggest_line = max(len(line) + 1 for line in lines_of(tmp_path))
+    for _, path in found[:-1]:
+        assert path.stat().st_size < size + biggest_line
+
+
+def test_journal_inherited_through_fork(tmp_path: Path) -> None:
+    """A forked child must not share the parent's lock: it reopens the files."""
+    j = Journal(tmp_path, "QTSMTPSRVD/1", receiver_size=8192)
+    j.write("JG", "JG controller started")
+
+    def child() -> None:
+        for i in range(300):
+            j.write("JS", f"JS job {i}")
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=child) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for i in range(300):
+        j.write("JW", f"JW {i}")
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert [json.loads(line)["seq"] for line in lines_of(tmp_path)] == list(range(1, 902))
+
+
+def test_rotation_by_size_and_new_receiver(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "QTSMTPBRSR/1", receiver_size=4096)
+    for i in range(100):
+        j.write("7A", "7A QTMSINQ TO QTSMTPBRSR", f"Q{i}")
+    names = [p.name for _, p in receivers(tmp_path)]
+    assert names[0] == "QZMF.000001.jsonl" and len(names) > 2
+    j.receiver_size = 1 << 20
+    name = j.new_receiver()
+    assert name == receiver_name(len(names) + 1)
+    seq = j.write("7M", "7M QTMSBSSQ TO QTSMTPBRSR")
+    assert seq == 101
+    assert json.loads((tmp_path / name).read_text())["seq"] == 101
+    other = Journal(tmp_path, "QTSMTPSRVP/2")
+    assert other.write("94", "94 LIN 10.0.0.1") == 102
+    assert len((tmp_path / name).read_text().splitlines()) == 2
+
+
+def test_disabled_journal_writes_nothing(tmp_path: Path) -> None:
+    d = tmp_path / "journal"
+    j = Journal(d, "QTSMTPSRVP/1", enabled=False)
+    assert j.write("94", "94 LIN 10.0.0.1") is None
+    assert not d.exists()
+    j.enabled = True
+    assert j.write("94", "94 LIN 10.0.0.1") == 1
+    j.enabled = False
+    assert j.write("94", "94 LIN 10.0.0.1") is None
+    assert len(lines_of(d)) == 1
+
+
+def test_lost_state_and_torn_line_recovered(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "QTSMTPSRVP/1")
+    for _ in range(5):
+        j.write("91", "91 O a@example.test")
+    j.close()
+    (tmp_path / journal.STATE_FILE).unlink()
+    current = receivers(tmp_path)[-1][1]
+    with open(current, "ab") as f:
+        f.write(b'{"seq":6,"ts":"2024-')  # a writer killed mid-line
+    again = Journal(tmp_path, "QTSMTPSRVP/2")
+    assert again.write("92", "92 R b@example.test") == 6
+    assert [e["seq"] for e in read_entries(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_stale_state_after_killed_writer(tmp_path: Path) -> None:
+    """A writer killed between appending and updating the state must not cause a duplicate."""
+    j = Journal(tmp_path, "QTSMTPSRVP/1")
+    j.write("91", "91 O a@example.test")
+    current = receivers(tmp_path)[-1][1]
+    with open(current, "a") as f:
+        f.write('{"seq":2,"ts":"2024-05-01T10:00:00.000000Z","code":"92"}\n')
+    assert Journal(tmp_path, "QTSMTPSRVP/2").write("92", "92 R b@example.test") == 3
+    assert j.write("99", "99 <id@example.test>") == 4
+
+
+def test_write_speed(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "QTSMTPSRVP/4711", receiver_size=1 << 20)
+    n = 20000
+    start = time.perf_counter()
+    for i in range(n):
+        j.write("82", "82 R sam@example.test", f"Q{i}", recipient="sam@example.test")
+    rate = n / (time.perf_counter() - start)
+    print(f"\njournal: {rate:,.0f} writes/s from one process")
+    assert sum(1 for _ in read_entries(tmp_path)) == n
+
+
+def _filled(directory: Path) -> None:
+    j = Journal(directory, "QTSMTPSRVP/7", receiver_size=4096)
+    for i in range(30):
+        j.write("94", "94 LIN 10.0.0.1", f"Q{i}")
+        j.write("92", "92 R sam@example.test", f"Q{i}", recipient="sam@example.test")
+        j.write("88", "88 DLV 10.0.0.2", f"Q{i}", ip="10.0.0.2")
+    j.write("9S", "9S 192.0.2.7", ip="192.0.2.7")
+
+
+def test_read_filters(tmp_path: Path) -> None:
+    _filled(tmp_path)
+    assert len(receivers(tmp_path)) > 1
+    assert [e["seq"] for e in read_entries(tmp_path)] == list(range(1, 92))
+    assert {e["code"] for e in read_entries(tmp_path, codes=["9*"])} == {"94", "92", "9S"}
+    assert [e["code"] for e in read_entries(tmp_path, codes=["9S", "8*"])].count("88") == 30
+    assert [e["code"] for e in read_entries(tmp_path, codes=["*S"])] == ["9S"]
+    assert [e["code"] for e in read_entries(tmp_path, msgid="Q7")] == ["94", "92", "88"]
+    all_entries = list(read_entries(tmp_path))
+    t10 = datetime.fromisoformat(all_entries[9]["ts"])
+    t20 = datetime.fromisoformat(all_entries[19]["ts"])
+    window = [e["seq"] for e in read_entries(tmp_path, since=t10, until=t20)]
+    assert window[0] <= 10 and window[-1] >= 20 and 11 in window
+    assert list(read_entries(tmp_path, since=datetime.now(UTC) + timedelta(hours=1))) == []
+    with pytest.raises(ValueError):
+        list(read_entries(tmp_path, codes=["9SX"]))
+    assert list(read_entries(tmp_path / "nothing")) == []
+
+
+def test_partial_line_not_yielded(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "QTSMTPSRVP/1")
+    j.write("94", "94 LIN 10.0.0.1", "Q1")
+    path = receivers(tmp_path)[0][1]
+    whole = json.dumps({"seq": 2, "ts": "2024-05-01T10:00:00.000000Z", "code": "97"}) + "\n"
+    with open(path, "a") as f:
+        f.write(whole[:20])
+    assert [e["seq"] for e in read_entries(tmp_path)] == [1]
+
+    got: list[dict] = []
+    deadline = time.monotonic() + 5
+    it = follow(tmp_path, poll_interval=0.01, stop=lambda: time.monotonic() > deadline)
+    got.append(next(it))
+    with open(path, "a") as f:
+        f.write(whole[20:])
+    got.append(next(it))
+    it.close()
+    assert [e["seq"] for e in got] == [1, 2]
+
+
+def test_follow_across_rotation(tmp_path: Path) -> None:
+    total = 300
+    j = Journal(tmp_path, "QTSMTPCLTP/9", receiver_size=2048)
+    for i in range(10):
+        j.write("8B", "8B QTMSOUTQ TO QTSMTPCLTP", f"Q{i}")
+
+    def produce() -> None:
+        for i in range(10, total):
+            j.write("88" if i % 2 else "8B", "8x", f"Q{i}")
+            if i % 50 == 0:
+                time.sleep(0.02)
+
+    writer = threading.Thread(target=produce)
+    deadline = time.monotonic() + 8
+    seen: list[int] = []
+    writer.start()
+    for entry in follow(tmp_path, poll_interval=0.01, stop=lambda: time.monotonic() > deadline):
+        seen.append(entry["seq"])
+        if len(seen) == total:
+            break
+    writer.join()
+    assert seen == list(range(1, total + 1))
+    assert len(receivers(tmp_path)) > 5
+
+    codes_only = follow(
+        tmp_path, codes=["88"], poll_interval=0.01, stop=lambda: time.monotonic() > deadline
+    )
+    assert all(next(codes_only)["code"] == "88" for _ in range(5))
+    codes_only.close()
+
+
+def test_follow_ends_past_until(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "QTSMTPSRVP/1")
+    j.write("94", "94 LIN 10.0.0.1")
+    until = datetime.now(UTC)
+    time.sleep(0.002)
+    j.write("97", "97 QTSMTPSRVP TO QTMSINQ")
+    assert [e["seq"] for e in follow(tmp_path, until=until, poll_interval=0.01)] == [1]
+
+
+def test_parse_time() -> None:
+    now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert parse_time("-10m", now) == now - timedelta(minutes=10)
+    assert parse_time("-2h", now) == now - timedelta(hours=2)
+    assert parse_time("-1d", now) == now - timedelta(days=1)
+    assert parse_time("2024-05-01T10:30:00", now) == datetime(2024, 5, 1, 10, 30, tzinfo=UTC)
+    assert parse_time("2024-05-01T12:30:00+02:00") == datetime(2024, 5, 1, 10, 30, tzinfo=UTC)
+    assert parse_time("2024-05-01T10:30:00Z") == datetime(2024, 5, 1, 10, 30, tzinfo=UTC)
+    assert parse_time("2024-04-30") == datetime(2024, 4, 30, tzinfo=UTC)
+    end = parse_time("2024-04-30", end_of_day=True)
+    assert end == datetime(2024, 4, 30, 23, 59, 59, 999999, tzinfo=UTC)
+    assert parse_time("08:15", now) == datetime(2024, 5, 1, 8, 15, tzinfo=UTC)
+    for bad in ("yesterday", "", "-10x", "10m", "2024-13-01"):
+        with pytest.raises(ValueError, match="not a time"):
+            parse_time(bad, now)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "twistmail.toml"
+    cfg.write_text('[system]\ndatadir = "var"\n')
+    _filled(tmp_path / "var" / "journal")
+    return cfg
+
+
+def test_dspjrn_table(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--config", str(config), "dspjrn", "--code", "9S,8*"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["seq", "time", "(UTC)", "code", "job", "msgid", "esd"]
+    assert len(out) == 1 + 31
+    assert out[1].split()[3:6] == ["88", "QTSMTPSRVP/7", "Q0"]
+    assert out[-1].split()[3:] == ["9S", "QTSMTPSRVP/7", "9S", "192.0.2.7"]
+
+
+def test_dspjrn_json_and_msgid(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--config", str(config), "dspjrn", "--msgid", "Q3", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert [e["code"] for e in entries] == ["94", "92", "88"]
+    assert entries[1]["recipient"] == "sam@example.test"
+    assert run(["--config", str(config), "dspjrn", "--from", "-1m", "--to", "now"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 92
+    assert run(["--config", str(config), "dspjrn", "--from", "2999-01-01"]) == 0
+    assert capsys.readouterr().out.strip() == "(no journal entries)"
+
+
+def test_dspjrn_follow_json(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    until = (datetime.now(UTC) + timedelta(milliseconds=1)).isoformat()
+    time.sleep(0.005)
+    Journal(config.parent / "var" / "journal", "QTSMTPSRVP/8").write("JE", "JE maxuse")
+    args = ["--config", str(config), "dspjrn", "--follow", "--json", "--code", "9S", "--to", until]
+    assert run(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["code"] for line in lines] == ["9S"]
+
+
+def test_dspjrn_outfile(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "out.csv"
+    assert run(["--config", str(config), "dspjrn", "--code", "88", "--outfile", str(target)]) == 0
+    assert "30 entries" in capsys.readouterr().out
+    with open(target, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["seq", "ts", "code", "job", "msgid", "esd", "fields"]
+    assert len(rows) == 30 and rows[0]["code"] == "88"
+    assert json.loads(rows[0]["fields"]) == {"ip": "10.0.0.2"}
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--code", "9S,,8*"], "--code"),
+        (["--code", "9SX"], "--code"),
+        (["--code", "ZZ"], "--code"),
+        (["--from", "yesterday"], "--from"),
+        (["--to", "-5q"], "--to"),
+        (["--jrn", "QAUDJRN"], "--jrn"),
+    ],
+)
+def test_dspjrn_usage_errors(
+    config: Path, capsys: pytest.CaptureFixture[str], args: list[str], option: str
+) -> None:
+    assert run(["--config", str(config), "dspjrn", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
+    assert option in captured.err
+
+
+def test_chgjrn(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = config.parent / "var" / "journal"
+    before = receivers(directory)[-1][0]
+    assert run(["--config", str(config), "chgjrn"]) == 0
+    name = capsys.readouterr().out.strip()
+    assert name == receiver_name(before + 1)
+    assert (directory / name).exists()
+    Journal(directory, "QTSMTPSRVP/1").write("94", "94 LIN 10.0.0.1")
+    assert json.loads((directory / name).read_text())["seq"] == 92
+
+
+def test_chgjrn_without_journal_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[system]\ndatadir = "var"\n')
+    assert run(["--config", str(cfg), "dspjrn"]) == 0
+    assert capsys.readouterr().out.strip() == "(no journal entries)"
+    assert run(["--config", str(cfg), "chgjrn"]) == 0
+    assert capsys.readouterr().out.strip() == receiver_name(1)
+    assert run(["--config", str(cfg), "chgjrn"]) == 0
+    assert capsys.readouterr().out.strip() == receiver_name(2)

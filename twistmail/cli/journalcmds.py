@@ -1,0 +1,176 @@
+"""DSPJRN and CHGJRN for the QZMF journal.
+
+Both work on the files under ``<datadir>/journal`` and never talk to the
+daemon, so an administrator can trace a message while the appliance is down.
+``dspjrn --outfile`` writes CSV as IBM's DSPJRN OUTPUT(*OUTFILE) writes a
+database file: one row per entry, ready for a spreadsheet or SQL.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from twistmail import journal
+from twistmail.cli.base import Failure, app, cli, usage_error
+from twistmail.cli.output import emit_table
+
+COLUMNS = (
+    ("seq", "seq"),
+    ("time", "time (UTC)"),
+    ("code", "code"),
+    ("job", "job"),
+    ("msgid", "msgid"),
+    ("esd", "esd"),
+)
+CSV_COLUMNS = ("seq", "ts", "code", "job", "msgid", "esd")
+
+
+def _journal_option(f: Any) -> Any:
+    return click.option(
+        "--jrn",
+        default=journal.JOURNAL,
+        show_default=True,
+        metavar="QZMF",
+        help="The journal (only QZMF, the mail server framework's journal).",
+    )(f)
+
+
+def _check_jrn(value: str) -> None:
+    name = value.strip().upper()
+    if name not in (journal.JOURNAL, f"QUSRSYS/{journal.JOURNAL}"):
+        usage_error(f"--jrn: {value!r} is not allowed; allowed: {journal.JOURNAL}")
+
+
+def _directory() -> Path:
+    return journal.journal_directory(app().settings)
+
+
+def _codes(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    try:
+        return journal.check_code_patterns(text.split(","), known=journal.CODES)
+    except ValueError as e:
+        usage_error(f"--code: {e}")
+
+
+def _time(option: str, text: str | None, end_of_day: bool = False) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return journal.parse_time(text, end_of_day=end_of_day)
+    except ValueError as e:
+        usage_error(f"{option}: {e}")
+
+
+def _short_time(entry: dict[str, Any]) -> str:
+    """``2024-05-01 10:30:00.123``: milliseconds are enough next to the seq."""
+    ts = str(entry.get("ts", ""))
+    return ts.replace("T", " ")[:23]
+
+
+def _table_row(entry: dict[str, Any]) -> dict[str, Any]:
+    row = {k: entry.get(k) for k, _ in COLUMNS}
+    row["time"] = _short_time(entry)
+    return row
+
+
+def _follow_line(entry: dict[str, Any]) -> str:
+    return (
+        f"{entry.get('seq', ''):>8}  {_short_time(entry)}  {entry.get('code', '')}  "
+        f"{entry.get('job', ''):<18}  {entry.get('msgid') or '-':<16}  {entry.get('esd', '')}"
+    ).rstrip()
+
+
+def _write_csv(path: str, entries: Iterable[dict[str, Any]]) -> int:
+    """The OUTFILE: fixed columns, then the structured fields as one JSON column."""
+    count = 0
+    try:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            out = csv.writer(f)
+            out.writerow([*CSV_COLUMNS, "fields"])
+            for entry in entries:
+                rest = {k: v for k, v in entry.items() if k not in CSV_COLUMNS}
+                row = [entry.get(k) for k in CSV_COLUMNS]
+                out.writerow([*row, json.dumps(rest, ensure_ascii=False) if rest else ""])
+                count += 1
+    except OSError as e:
+        raise Failure(f"--outfile: cannot write {path!r}: {e.strerror or e}") from None
+    return count
+
+
+def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
+    try:
+        for entry in entries:
+            if as_json:
+                click.echo(json.dumps(entry, ensure_ascii=False))
+            else:
+                click.echo(_follow_line(entry))
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command("dspjrn")
+@_journal_option
+@click.option("--follow", is_flag=True, help="Keep printing new entries as they are written.")
+@click.option("--code", "code_text", metavar="PATTERNS", help="Entry codes, e.g. 9S,8*,J*.")
+@click.option("--msgid", metavar="ID", help="Only the entries of this queue id.")
+@click.option("--from", "from_text", metavar="T", help="From this time (ISO 8601 or -10m, -2h).")
+@click.option("--to", "to_text", metavar="T", help="Up to this time (ISO 8601 or -10m, -2h).")
+@click.option("--json", "as_json", is_flag=True, help="JSON (JSON lines with --follow).")
+@click.option("--outfile", metavar="F.csv", help="Write the entries to a CSV file.")
+def dspjrn(
+    jrn: str,
+    follow: bool,
+    code_text: str | None,
+    msgid: str | None,
+    from_text: str | None,
+    to_text: str | None,
+    as_json: bool,
+    outfile: str | None,
+) -> None:
+    """Display the QZMF journal (DSPJRN JRN(QZMF)); works with the daemon down."""
+    _check_jrn(jrn)
+    codes = _codes(code_text)
+    since = _time("--from", from_text)
+    until = _time("--to", to_text, end_of_day=True)
+    if outfile is not None and (follow or as_json):
+        usage_error("--outfile: not allowed with --follow or --json; allowed: one output")
+    if since is not None and until is not None and until < since:
+        usage_error(f"--to: {to_text!r} is before --from; allowed: a time after --from")
+    selection = {"codes": codes, "msgid": msgid, "since": since, "until": until}
+    directory = _directory()
+    if follow:
+        _follow(journal.follow(directory, **selection), as_json)
+        return
+    entries = journal.read_entries(directory, **selection)
+    if outfile is not None:
+        count = _write_csv(outfile, entries)
+        click.echo(f"{count} entries written to {os.path.abspath(outfile)}")
+        return
+    rows = list(entries) if as_json else [_table_row(e) for e in entries]
+    emit_table(rows, COLUMNS, as_json, empty="(no journal entries)")
+
+
+@cli.command("chgjrn")
+@_journal_option
+def chgjrn(jrn: str) -> None:
+    """Attach a new journal receiver (CHGJRN JRNRCV(*GEN)) and print its name."""
+    _check_jrn(jrn)
+    directory = _directory()
+    jr = journal.Journal(directory, f"CHGJRN/{os.getpid()}")
+    try:
+        name = jr.new_receiver()
+    except OSError as e:
+        raise Failure(f"cannot attach a new receiver in {directory}: {e.strerror or e}") from None
+    finally:
+        jr.close()
+    click.echo(name)

@@ -1,0 +1,760 @@
+"""The QZMF journal: the administrator's record of what happened to each message.
+
+IBM i deposits one entry per step of a message's life in QUSRSYS/QZMF so that a
+lost message can be traced after the fact; twistmail keeps the same codes and
+adds its own (function letter J) for the processes that serve mail.
+
+Files, all under ``<datadir>/journal/``:
+
+- ``QZMF.000001.jsonl``, ``QZMF.000002.jsonl`` ... the receivers, one compact JSON
+  object per line; the highest number is the one being written (CHGJRN adds one).
+- ``QZMF.state`` both the lock every writer takes (``flock``) and the small
+  record of the last sequence number, the current receiver and its expected end.
+  It exists so a write never has to scan receivers; when it is lost or stale
+  (a writer killed mid-write) it is rebuilt from the receivers themselves.
+
+Many processes write at once (controller, every prestart job, the bridge), and
+the sequence number must still be strictly increasing across all of them, hence
+the lock.  There is no fsync: the journal is diagnostics, not mail.
+
+Settings honoured: ``smtp.journal`` (``*YES``/``*NO``, may change at run time,
+as IBM's QTMSJRNL switch can) and ``journal.receiver_size`` (bytes after which a
+new receiver starts).  The reader side (``read_entries``, ``follow``) takes no
+lock, so ``dspjrn`` works while the daemon is down or busy.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from datetime import time as dtime
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+JOURNAL = "QZMF"
+STATE_FILE = f"{JOURNAL}.state"
+DEFAULT_RECEIVER_SIZE = 16 * 1024 * 1024
+
+#: Every journal code (function letter + action letter) and what it records.
+CODES: dict[str, str] = {
+    # 6: bridge client (V4R4 only)
+    "66": "bridge client: mail put on the output queue for a remote system",
+    "67": "bridge client: bad mail sent back to SNADS",
+    # 7: bridge server (QTSMTPBRSR)
+    "7A": "bridge: taken from QTMSINQ for processing",
+    "7O": "bridge: passed to SNADS",
+    "7L": "bridge: parked on QTMSBSSQ, storage use over the threshold",
+    "7M": "bridge: taken off QTMSBSSQ, storage reclaimed",
+    "7H": "bridge: note inserted into MSF",
+    "71": "bridge: originator of the note inserted into MSF",
+    "72": "bridge: recipient of the note inserted into MSF",
+    "7R": "bridge: confirmation of delivery (COD) created",
+    "7G": "bridge: COD inserted into MSF, with its MSF message id",
+    "7P": "bridge: undeliverable (nondelivery) notice being created",
+    "7U": "bridge: undeliverable notice deleted, its return address is bad",
+    # 8: SMTP client (QTSMTPCLTP)
+    "8B": "SMTP client: taken from QTMSOUTQ for delivery",
+    "88": "SMTP client: delivered (DLV), with the receiving host's IP address",
+    "82": "SMTP client: recipient delivered (one entry per recipient)",
+    "83": "SMTP client: recipient undeliverable",
+    "8C": "SMTP client: put on the first-level retry queue QTMSRTQ1",
+    "8D": "SMTP client: put on the second-level retry queue QTMSRTQ2",
+    "8E": "SMTP client: retry due, from QTMSRTQ1 back to QTMSOUTQ",
+    "8F": "SMTP client: retry due, from QTMSRTQ2 back to QTMSOUTQ",
+    "87": "SMTP client: to QTMSINQ for a nondelivery notice, or COD queued for the bridge",
+    "86": "SMTP client: back on QTMSOUTQ (connection matrix full or a recipient changed)",
+    "8K": "SMTP client: resolver error (MX or address lookup failed)",
+    # 9: SMTP server (QTSMTPSRVP)
+    "94": "SMTP server: received for local delivery (LIN), with the sender's IP address",
+    "95": "SMTP server: received for relay (RIN), with the sender's IP address",
+    "91": "SMTP server: originator (O)",
+    "92": "SMTP server: recipient (R)",
+    "9T": "SMTP server: message size",
+    "99": "SMTP server: RFC 822 Message-ID",
+    "97": "SMTP server: placed on QTMSINQ",
+    "96": "SMTP server: placed on QTMSOUTQ",
+    "9S": "SMTP server: connection rejected",
+    "9V": "SMTP server: relay rejected",
+    # A: MSF nondelivery
+    "AP": "MSF nondelivery: nondelivery message created",
+    "A1": "MSF nondelivery: originator of the nondelivery message",
+    "A2": "MSF nondelivery: recipient of the nondelivery message",
+    # B: MSF local delivery
+    "B8": "MSF local delivery: delivered into a POP mailbox (mailbox directory logged)",
+    "B2": "MSF local delivery: recipient (POP mailbox delivery or COD insertion)",
+    "BR": "MSF local delivery: COD message inserted into MSF",
+    "B1": "MSF local delivery: originator of the COD message",
+    # C: MSF message forwarding
+    "CN": "MSF forwarding: back on the MSF queue, SMTP not started",
+    "C6": "MSF forwarding: put on QTMSOUTQ",
+    "C1": "MSF forwarding: originator of the forwarded note",
+    "C2": "MSF forwarding: recipient of the forwarded note",
+    # D: POP create message (MAPI XTND XDESCRIPT)
+    "DH": "POP create message: note from a POP client inserted into MSF",
+    "D1": "POP create message: originator",
+    "D2": "POP create message: recipient",
+    "DT": "POP create message: message size",
+    "D9": "POP create message: RFC 822 Message-ID",
+    # E: Send Mail API (QtmmSendMail, QtmsCreateSendEmail)
+    "EH": "send mail API: message created and inserted into MSF",
+    "E1": "send mail API: originator",
+    "E2": "send mail API: recipient",
+    "ET": "send mail API: message size (all attachments)",
+    # G: tunneling snap-in
+    "G8": "tunneling: message tunneled to a SNADS-bridged system",
+    "GQ": "tunneling: tunneled message received for local delivery",
+    "G2": "tunneling: recipient",
+    # H: SNADS switcher
+    "H1": "SNADS switcher: originator of a message switched into MSF, with its size",
+    "H2": "SNADS switcher: recipient of a message switched into MSF",
+    # I: MIME parser (local delivery snap-in)
+    "IH": "MIME parser: parsed note reinserted into MSF, with its size",
+    "I1": "MIME parser: originator of the reinserted note",
+    "I2": "MIME parser: recipient of the reinserted note",
+    "IG": "MIME parser: RFC 822 Message-ID mapped to the MSF message id",
+    # O: filtering (5.4+); action letters as in IBM's action table
+    "O1": "filtering: originator of a message that matched a filter",
+    "O2": "filtering: recipient of a message that matched a filter",
+    "O3": "filtering: recipient not delivered, message discarded by a filter",
+    # P: MSF SMTP exit for address resolution (5.4+)
+    "P2": "address resolution: recipient resolved (RRSL)",
+    "P3": "address resolution: recipient could not be resolved",
+    # J: twistmail's own function letter (prestart jobs and the subsystem);
+    # IBM's table does not use J, so these never collide with an IBM code.
+    "JS": "job started",
+    "JE": "job ended (maxuse, trim, endpj, shutdown, chgpje)",
+    "JC": "job crashed (exit status or signal)",
+    "JB": "job failed to boot (died before it was ready)",
+    "JF": "prestart entry stopped after repeated boot failures",
+    "JR": "program start request rejected (no job free)",
+    "JW": "program start request waited for a job",
+    "JP": "prestart entry started (strpj, strtcpsvr)",
+    "JQ": "prestart entry ended (endpj, endtcpsvr)",
+    "JA": "prestart entry changed (chgpje)",
+    "JM": "mail server framework (bridge) started",
+    "JN": "mail server framework (bridge) ended",
+    "JK": "mail server framework (bridge) crashed",
+    "JG": "controller started",
+    "JH": "controller ended",
+}
+
+_RESERVED = frozenset(("seq", "ts", "code", "job", "msgid", "esd"))
+_RECEIVER_RE = re.compile(rf"^{JOURNAL}\.(\d+)\.jsonl$")
+_STATE_LEN = 64
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+_TAIL_CHUNK = 65536
+
+
+def receiver_name(number: int) -> str:
+    return f"{JOURNAL}.{number:06d}.jsonl"
+
+
+def receivers(directory: Path) -> list[tuple[int, Path]]:
+    """The receivers in ``directory``, oldest first (by number, not by name)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        m = _RECEIVER_RE.match(name)
+        if m:
+            found.append((int(m.group(1)), Path(directory) / name))
+    found.sort()
+    return found
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def _now_text() -> str:
+    """UTC now as ``2024-05-01T10:30:00.123456Z``; the date part is formatted once a second."""
+    global _second
+    sec, us = divmod(time.time_ns() // 1000, 1_000_000)
+    cached = _second
+    if cached[0] != sec:
+        cached = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{cached[1]}.{us:06d}Z"
+
+
+# --------------------------------------------------------------------------- writer
+
+_forks = 0
+
+
+def _after_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+@attrs.define
+class _State:
+    """What the state file holds: last seq, current receiver, its expected size."""
+
+    seq: int
+    receiver: int
+    end: int
+
+    def pack(self) -> bytes:
+        """Fixed width, so one pwrite at offset 0 always replaces the whole record."""
+        text = b"%020d %010d %020d" % (self.seq, self.receiver, self.end)
+        return text.ljust(_STATE_LEN - 1) + b"\n"
+
+    @classmethod
+    def unpack(cls, data: bytes) -> _State | None:
+        parts = data.split()
+        if len(parts) != 3:
+            return None
+        try:
+            seq, receiver, end = int(parts[0]), int(parts[1]), int(parts[2])
+        except ValueError:
+            return None
+        if seq < 0 or receiver < 1 or end < 0:
+            return None
+        return cls(seq, receiver, end)
+
+
+class Journal:
+    """Appends entries to the journal in ``directory`` on behalf of one job.
+
+    ``enabled`` and ``receiver_size`` are plain attributes so a settings change
+    (CHGSMTPA JOURNAL, a new receiver size) applies to the next write.  Files are
+    opened on the first write, so a disabled journal creates nothing.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        job: str,
+        enabled: bool = True,
+        receiver_size: int = DEFAULT_RECEIVER_SIZE,
+    ) -> None:
+        self.directory = Path(directory)
+        self.job = job
+        self.enabled = enabled
+        self.receiver_size = receiver_size
+        self.failures = 0
+        self.last_error: OSError | None = None
+        self._mutex = threading.Lock()
+        self._forks = _forks
+        self._state_fd: int | None = None
+        self._rfd: int | None = None
+        self._rnum = 0
+
+    @classmethod
+    def from_settings(cls, settings: Any, job: str) -> Journal:
+        """A journal configured from the appliance's settings."""
+        return cls(
+            journal_directory(settings),
+            job,
+            enabled=settings.smtp.journal == "*YES",
+            receiver_size=settings.journal.receiver_size,
+        )
+
+    def write(self, code: str, esd: str, msgid: str | None = None, **fields: Any) -> int | None:
+        """Append one entry; its seq, or None when disabled or the disk refused.
+
+        A failed write never raises: losing a diagnostic entry must not cost a
+        mail session.  ``failures`` counts them for the controller to report.
+        """
+        if not self.enabled:
+            return None
+        if len(code) != 2:
+            raise ValueError(f"journal code {code!r} is not two characters")
+        if fields and not _RESERVED.isdisjoint(fields):
+            raise ValueError(f"journal fields may not be named {sorted(_RESERVED & set(fields))}")
+        with self._mutex:
+            try:
+                return self._locked(lambda state: self._append(state, code, esd, msgid, fields))
+            except OSError as e:
+                self.failures += 1
+                self.last_error = e
+                self._close()
+                return None
+
+    def new_receiver(self) -> str:
+        """CHGJRN: attach a new receiver and return its file name."""
+        with self._mutex:
+            return self._locked(self._attach)
+
+    def close(self) -> None:
+        with self._mutex:
+            self._close()
+
+    # -- under the lock
+
+    def _locked(self, action: Callable[[_State], tuple[Any, _State]]) -> Any:
+        """Run ``action`` with the state file locked; it returns (result, new state)."""
+        fd = self._lock()
+        try:
+            state = _State.unpack(os.pread(fd, _STATE_LEN, 0)) or self._recover()
+            result, new_state = action(state)
+            os.pwrite(fd, new_state.pack(), 0)
+            return result
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _lock(self) -> int:
+        """Lock the state file, reopening it when it was replaced under us."""
+        if self._forks != _forks:
+            # flock is shared with the parent through an inherited descriptor
+            self._close()
+            self._forks = _forks
+        while True:
+            if self._state_fd is None:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._state_fd = os.open(
+                    self.directory / STATE_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640
+                )
+            fd = self._state_fd
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                return fd
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            self._state_fd = None
+
+    def _append(
+        self, state: _State, code: str, esd: str, msgid: str | None, fields: dict[str, Any]
+    ) -> tuple[int, _State]:
+        state = self._writable(state)
+        seq = state.seq + 1
+        entry = {
+            "seq": seq,
+            "ts": _now_text(),
+            "code": code,
+            "job": self.job,
+            "msgid": msgid,
+            "esd": esd,
+        }
+        if fields:
+            entry.update(fields)
+        line = (_encode(entry) + "\n").encode()
+        assert self._rfd is not None
+        if os.write(self._rfd, line) != len(line):
+            raise OSError(errno.ENOSPC, "short write to the journal")
+        state = _State(seq, state.receiver, state.end + len(line))
+        if state.end >= self.receiver_size:
+            state = self._rotate(state)
+        return seq, state
+
+    def _attach(self, state: _State) -> tuple[str, _State]:
+        """CHGJRN; on a journal with no receiver yet, the first one is the new one."""
+        if (self.directory / receiver_name(state.receiver)).exists():
+            state = self._rotate(state)
+        else:
+            self._open_receiver(state.receiver)
+            state = _State(state.seq, state.receiver, 0)
+        return receiver_name(state.receiver), state
+
+    def _writable(self, state: _State) -> _State:
+        """Open the current receiver and make sure the state matches the file."""
+        if self._rfd is None or self._rnum != state.receiver:
+            self._open_receiver(state.receiver)
+        assert self._rfd is not None
+        st = os.fstat(self._rfd)
+        if st.st_nlink == 0:
+            self._open_receiver(state.receiver)
+            st = os.fstat(self._rfd)
+        if st.st_size != state.end:
+            return self._repair(state, st.st_size)
+        return state
+
+    def _repair(self, state: _State, size: int) -> _State:
+        """The file is not where the state says: a writer died mid-write or state was lost.
+
+        Terminate a torn last line so the next entry starts on its own line, and
+        take the seq from the file if it is ahead of the state.
+        """
+        assert self._rfd is not None
+        path = self.directory / receiver_name(state.receiver)
+        if size and _last_byte(path) != b"\n":
+            os.write(self._rfd, b"\n")
+            size += 1
+        seq = max(state.seq, last_seq(self.directory, state.receiver))
+        return _State(seq, state.receiver, size)
+
+    def _rotate(self, state: _State) -> _State:
+        number = state.receiver + 1
+        self._open_receiver(number)
+        assert self._rfd is not None
+        return _State(state.seq, number, os.fstat(self._rfd).st_size)
+
+    def _recover(self) -> _State:
+        """Rebuild a lost state file from the newest receiver."""
+        found = receivers(self.directory)
+        if not found:
+            return _State(0, 1, 0)
+        number = found[-1][0]
+        # end=-1 forces _writable to check the file's last line.
+        return _State(last_seq(self.directory, number), number, -1)
+
+    def _open_receiver(self, number: int) -> None:
+        if self._rfd is not None:
+            os.close(self._rfd)
+            self._rfd = None
+        path = self.directory / receiver_name(number)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._rfd = os.open(path, flags, 0o640)
+        self._rnum = number
+
+    def _close(self) -> None:
+        for fd in (self._rfd, self._state_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._rfd = self._state_fd = None
+        self._rnum = 0
+
+
+def journal_directory(settings: Any) -> Path:
+    return Path(settings.datadir) / "journal"
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+def last_seq(directory: Path, upto: int | None = None) -> int:
+    """The seq of the last complete entry in the receivers numbered ``upto`` or lower."""
+    for number, path in reversed(receivers(directory)):
+        if upto is not None and number > upto:
+            continue
+        seq = _last_seq_in(path)
+        if seq is not None:
+            return seq
+    return 0
+
+
+def _last_seq_in(path: Path) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            pos = end
+            tail = b""
+            while pos > 0:
+                pos = max(0, pos - _TAIL_CHUNK)
+                f.seek(pos)
+                tail = f.read(end - pos)
+                lines = tail.split(b"\n")
+                # the first piece may be cut unless we reached the file start
+                candidates = lines if pos == 0 else lines[1:]
+                for line in reversed(candidates):
+                    entry = _parse(line)
+                    if entry is not None:
+                        return int(entry["seq"])
+                if pos == 0:
+                    break
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    """One entry, or None for a torn or foreign line."""
+    if not line.strip():
+        return None
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("seq"), int):
+        return None
+    return entry
+
+
+# --------------------------------------------------------------------------- reader
+
+_CODE_PATTERN_RE = re.compile(r"^[0-9A-Z*]+$")
+
+
+def check_code_patterns(patterns: Iterable[str], known: Iterable[str] | None = None) -> list[str]:
+    """Normalise code patterns (upper case); ValueError names the first bad one.
+
+    A pattern is a two-character code or one with ``*`` wildcards (``8*``,
+    ``*S``, ``*``).  With ``known``, a pattern must match at least one of them,
+    so a typo is reported instead of showing an empty journal.
+    """
+    out = []
+    known_codes = list(known) if known is not None else None
+    for raw in patterns:
+        p = raw.strip().upper()
+        literal = p.replace("*", "")
+        if (
+            not p
+            or not _CODE_PATTERN_RE.match(p)
+            or len(literal) > 2
+            or ("*" not in p and len(p) != 2)
+        ):
+            raise ValueError(
+                f"{raw!r} is not a journal code; allowed: two characters (88, 9S) "
+                "or a pattern with * (8*, J*)"
+            )
+        if known_codes is not None:
+            rx = _pattern_regex([p])
+            if not any(rx.match(c) for c in known_codes):
+                raise ValueError(
+                    f"{raw!r} matches no journal code; allowed: a code such as 88, 9S, JS "
+                    "or a pattern such as 8*, J*"
+                )
+        out.append(p)
+    return out
+
+
+def _pattern_regex(patterns: list[str]) -> re.Pattern[str]:
+    alternatives = "|".join(".*".join(re.escape(part) for part in p.split("*")) for p in patterns)
+    return re.compile(rf"^(?:{alternatives})$")
+
+
+@attrs.frozen
+class _Filter:
+    """The selection of ``dspjrn``: codes, message id, time range."""
+
+    codes: re.Pattern[str] | None
+    msgid: str | None
+    since: datetime | None
+    until: datetime | None
+    needle: bytes | None
+
+    @classmethod
+    def build(
+        cls,
+        codes: Iterable[str] | None,
+        msgid: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> _Filter:
+        rx = _pattern_regex(check_code_patterns(codes)) if codes is not None else None
+        needle = None
+        if msgid is not None:
+            needle = json.dumps(msgid, ensure_ascii=False).encode()
+        return cls(rx, msgid, _aware(since), _aware(until), needle)
+
+    def wants_line(self, line: bytes) -> bool:
+        """Cheap pre-check on the raw line, so most lines are never decoded."""
+        return self.needle is None or self.needle in line
+
+    def wants(self, entry: dict[str, Any]) -> bool:
+        if self.codes is not None and not self.codes.match(str(entry.get("code", "")).upper()):
+            return False
+        if self.msgid is not None and entry.get("msgid") != self.msgid:
+            return False
+        if self.since is not None or self.until is not None:
+            ts = entry_time(entry)
+            if ts is None:
+                return False
+            if self.since is not None and ts < self.since:
+                return False
+            if self.until is not None and ts > self.until:
+                return False
+        return True
+
+    def past(self, entry: dict[str, Any]) -> bool:
+        """Whether ``entry`` is after ``until``: nothing later can match."""
+        if self.until is None:
+            return False
+        ts = entry_time(entry)
+        return ts is not None and ts > self.until
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    if t is not None and t.tzinfo is None:
+        return t.replace(tzinfo=UTC)
+    return t
+
+
+def entry_time(entry: dict[str, Any]) -> datetime | None:
+    try:
+        return _aware(datetime.fromisoformat(entry["ts"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def read_entries(
+    directory: Path,
+    codes: Iterable[str] | None = None,
+    msgid: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The matching entries of every receiver, oldest first.
+
+    Takes no lock: a line a writer has not finished is left out, as are lines
+    that are not journal entries.  ValueError for a malformed code pattern.
+    """
+    flt = _Filter.build(codes, msgid, since, until)
+    for _, path in receivers(directory):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        complete, _ = _split(data)
+        yield from _matching(complete, flt)
+
+
+def _split(data: bytes) -> tuple[list[bytes], bytes]:
+    """Complete lines and the unfinished rest (without a newline yet)."""
+    lines = data.split(b"\n")
+    return lines[:-1], lines[-1]
+
+
+def _matching(lines: list[bytes], flt: _Filter) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if not flt.wants_line(line):
+            continue
+        entry = _parse(line)
+        if entry is not None and flt.wants(entry):
+            yield entry
+
+
+def follow(
+    directory: Path,
+    codes: Iterable[str] | None = None,
+    msgid: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    poll_interval: float = 0.2,
+    stop: Callable[[], bool] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The matching entries already written, then new ones as they arrive.
+
+    Moves to a newer receiver only once one exists and the current one has been
+    read to its end, so rotation loses nothing.  Ends when ``stop()`` is true or,
+    with ``until``, at the first entry after it.
+    """
+    flt = _Filter.build(codes, msgid, since, until)
+    tail = _Tail(Path(directory))
+    try:
+        while not (stop is not None and stop()):
+            lines = tail.read()
+            if lines is None:
+                time.sleep(poll_interval)
+                continue
+            for line in lines:
+                if not flt.wants_line(line):
+                    continue
+                entry = _parse(line)
+                if entry is None:
+                    continue
+                if flt.past(entry):
+                    return
+                if flt.wants(entry):
+                    yield entry
+    finally:
+        tail.close()
+
+
+class _Tail:
+    """Reads the receivers in order, one complete line at a time, across rotation."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.number = 0
+        self.file: Any = None
+        self.pending = b""
+
+    def read(self) -> list[bytes] | None:
+        """New complete lines, or None when there is nothing new anywhere."""
+        if self.file is None and not self._next():
+            return None
+        data = self.file.read()
+        if data:
+            lines, self.pending = _split(self.pending + data)
+            return lines
+        newer = self._newer()
+        if newer is None:
+            return None
+        # A newer receiver exists: the current one is finished once read to its end.
+        data = self.file.read()
+        lines, _ = _split(self.pending + data)
+        self._open(*newer)
+        return lines
+
+    def _newer(self) -> tuple[int, Path] | None:
+        for number, path in receivers(self.directory):
+            if number > self.number:
+                return number, path
+        return None
+
+    def _next(self) -> bool:
+        while True:
+            newer = self._newer()
+            if newer is None:
+                return False
+            try:
+                self._open(*newer)
+                return True
+            except FileNotFoundError:
+                self.number = newer[0]
+
+    def _open(self, number: int, path: Path) -> None:
+        self.close()
+        self.number = number
+        self.pending = b""
+        self.file = open(path, "rb")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# --------------------------------------------------------------------------- times
+
+_RELATIVE_RE = re.compile(r"^-(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parse_time(text: str, now: datetime | None = None, *, end_of_day: bool = False) -> datetime:
+    """An aware UTC datetime from ISO 8601 or a relative time like ``-10m``.
+
+    Naive times are UTC, as the journal is.  A bare time of day means today.
+    With ``end_of_day`` a bare date means its last microsecond, so ``--to
+    2024-05-01`` includes that whole day.
+    """
+    s = text.strip()
+    now = now or datetime.now(UTC)
+    if s.lower() == "now":
+        return now
+    m = _RELATIVE_RE.match(s)
+    if m:
+        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        t = _parse_iso(s, now)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time; allowed: ISO 8601 (2024-05-01, 2024-05-01T10:30, "
+            "with Z or an offset, naive is UTC) or relative -30s, -10m, -2h, -1d, -1w"
+        ) from None
+    if end_of_day and _DATE_RE.match(s):
+        t += timedelta(days=1, microseconds=-1)
+    return t
+
+
+def _parse_iso(s: str, now: datetime) -> datetime:
+    if not s:
+        raise ValueError(s)
+    try:
+        t = datetime.fromisoformat(s)
+    except ValueError:
+        tod = dtime.fromisoformat(s)
+        t = datetime.combine(now.astimezone(UTC).date(), tod)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
