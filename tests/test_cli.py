@@ -1,0 +1,95 @@
+"""The administrator's CLI: one-line mistakes, the daemon down, live CHGPJE, CL syntax."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from appliance import Appliance
+
+TWISTMAIL = str(Path(sys.executable).with_name("twistmail"))
+
+
+@pytest.fixture
+def stopped(make_appliance) -> Appliance:
+    """An appliance whose daemon is not running."""
+    return make_appliance()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["chgpje", "--pgm", "QTMSSRCP", "--maxjobs", "lots"], "--maxjobs: 'lots'"),
+        (["chgpje", "--pgm", "QTMSSRCP", "--maxjobs", "0"], "1-32000, *NOMAX"),
+        (["chgpje", "--pgm", "NOSUCH", "--maxjobs", "5"], "--pgm: 'NOSUCH'"),
+        (["chgpje", "--pgm", "QTMSSRCP", "--threshold", "5"], "at most INLJOBS"),
+        (["chgpje", "--pgm", "QTMSSRCP", "--wait", "maybe"], "*YES, *NO"),
+        (["chgpje", "--pgm", "QTMSSRCP"], "give at least one of"),
+        (["endpj", "--pgm", "QTMSSRCP", "--option", "*NOW"], "*CNTRLD, *IMMED"),
+        (["endpj", "--pgm", "QTMSSRCP", "--delay", "0"], "--delay"),
+        (["strtcpsvr", "--server", "*FTP"], "*SMTP, *POP, *ALL"),
+        (["dspactpj"], "--pgm"),
+        (["nosuchcommand"], "nosuchcommand"),
+        (["cl", "CHGPJE PGM(QTCP/QTMSSRCP) MAXJOBS(0)"], "--maxjobs"),
+        (["cl", "CHGPJE SBSD(QSYS/QINTER) PGM(QTCP/QTMSSRCP) MAXJOBS(5)"], "QSYSWRK"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2(stopped, args, needle):
+    before = stopped.config.read_text()
+    rc, out, err = stopped.cli(*args)
+    assert rc == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1, err
+    assert needle in err
+    assert "Traceback" not in err + out
+    assert stopped.config.read_text() == before
+
+
+def test_commands_needing_the_daemon_say_it_is_down(stopped):
+    for args in (["dspactpj", "--pgm", "QTMSSRCP"], ["wrkactjob"], ["strpj", "--pgm",
+                 "QTPOPSRVP"], ["endtcpsvr", "--server", "*ALL"], ["strmsf"]):
+        rc, out, err = stopped.cli(*args)
+        assert rc == 1, args
+        assert "daemon is not running" in err and len(err.strip().splitlines()) == 1
+
+
+def test_chgpje_while_down_is_saved_for_next_start(stopped):
+    rc, out, err = stopped.cli("chgpje", "--pgm", "QTPOPSRVP", "--maxjobs", "*NOMAX",
+                               "--maxuse", "50")
+    assert rc == 0, err
+    assert "applies at the next start" in out
+    text = stopped.config.read_text()
+    assert 'maxjobs = "*NOMAX"' in text and "maxuse = 50" in text
+    rc, out, err = stopped.cli("config", "-n")
+    assert "prestart.QTPOPSRVP.maxjobs" in out
+
+
+def test_cl_syntax_reaches_the_running_daemon(appliance):
+    rc, out, err = appliance.cli(
+        "cl", "CHGPJE SBSD(QSYS/QSYSWRK) PGM(QTCP/QTMSSRCP) MAXJOBS(6) INLJOBS(3)")
+    assert rc == 0, err
+    appliance.wait_for(lambda: appliance.count("QTMSSRCP", "PSRW") == 3, 10)
+    rc, out, err = appliance.cli("cl", "DSPACTPJ SBS(QSYSWRK) PGM(QTCP/QTMSSRCP)")
+    assert rc == 0 and "Prestart jobs: current number" in out
+
+
+def test_listings_take_json(appliance):
+    rc, out, err = appliance.cli("wrkactjob", "--json")
+    rows = json.loads(out)
+    assert {r["job"] for r in rows} >= {"QTSMTPSRVD", "QTPOPSRVD", "QTSMTPSRVP", "QTPOPSRVP"}
+    rc, out, err = appliance.cli("dspactpj", "--pgm", "QTPOPSRVP", "--json")
+    st = json.loads(out)
+    assert st["jobs_current"] == 1 and st["status"] == "ACTIVE"
+    rc, out, err = appliance.cli("dspactpj", "--pgm", "QTPOPSRVP", "--reset", "--json")
+    assert json.loads(out)["accepted"] == 0
+
+
+def test_console_script_runs(stopped):
+    r = subprocess.run([TWISTMAIL, "--config", str(stopped.config), "dspactpj", "--pgm",
+                        "QTMSSRCP"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "not running" in r.stderr
+    r = subprocess.run([TWISTMAIL, "--config", str(stopped.config), "chgpje", "--pgm",
+                        "QTMSSRCP", "--maxuse", "x"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,306 @@
+"""The prestart pools with real job processes, real sockets and real clients."""
+
+from __future__ import annotations
+
+import os
+import poplib
+import signal
+import smtplib
+import socket
+import ssl
+import time
+
+import pytest
+from appliance import alive, read_reply, wait_gone
+
+
+def hold(appliance, n: int, name: str = "smtp") -> list[socket.socket]:
+    """Open n sessions and read their greetings, so n jobs are busy."""
+    socks = []
+    for _ in range(n):
+        s = appliance.connect(name)
+        assert read_reply(s).startswith(b"220" if "smtp" in name or name == "submission"
+                                        else b"+OK")
+        socks.append(s)
+    return socks
+
+
+def quit_all(socks: list[socket.socket]) -> None:
+    for s in socks:
+        s.sendall(b"QUIT\r\n")
+        read_reply(s)
+        s.close()
+
+
+def test_initial_jobs_and_real_clients(appliance):
+    assert appliance.count("QTMSSRCP") == 2
+    assert appliance.count("QTPOPSRVP") == 1
+    host, port = appliance.addr("smtp")
+    with smtplib.SMTP(host, port, timeout=10) as s:
+        code, banner = s.ehlo()
+        assert code == 502  # greeting-only jobs: everything but QUIT is "not implemented"
+        assert s.noop()[0] == 502
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    host, port = appliance.addr("smtps")
+    s = smtplib.SMTP_SSL(host, port, timeout=10, context=ctx)
+    assert s.sock.version() in ("TLSv1.2", "TLSv1.3")
+    assert s.quit()[0] == 221
+    host, port = appliance.addr("pop3")
+    p = poplib.POP3(host, port, timeout=10)
+    assert p.getwelcome().startswith(b"+OK")
+    with pytest.raises(poplib.error_proto, match="not implemented"):
+        p.user("sam")
+    assert p.quit().startswith(b"+OK")
+    host, port = appliance.addr("pop3s")
+    p = poplib.POP3_SSL(host, port, timeout=10, context=ctx)
+    assert p.getwelcome().startswith(b"+OK")
+    p.quit()
+    uses = sum(r["uses"] for r in appliance.jobs("QTMSSRCP"))
+    assert uses == 2
+    appliance.wait_for(lambda: appliance.journal("JM"), 10, "bridge start entry")
+    codes = {e["code"] for e in appliance.journal()}
+    assert {"JG", "JP", "JS", "JM"} <= codes
+
+
+def test_threshold_starts_additional_jobs(make_appliance):
+    # INLJOBS 3, THRESHOLD 2: holding 2 leaves 1 available (< 2), so ADLJOBS 2 start.
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 3, "threshold": 2, "adljobs": 2,
+                                           "maxjobs": 10}).start()
+    socks = hold(a, 1)
+    time.sleep(0.5)
+    assert a.count("QTMSSRCP") == 3  # 2 available: not below THRESHOLD
+    socks += hold(a, 1)
+    a.wait_for(lambda: a.count("QTMSSRCP") == 5, 10, "ADLJOBS more jobs")
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 3, 10, "new jobs ready")
+    quit_all(socks)
+    st = a.control("dspactpj", pgm="QTMSSRCP")
+    assert st["jobs_peak"] == 5 and st["in_use_peak"] == 2 and st["accepted"] == 2
+
+
+def test_wait_yes_queues_until_a_job_frees(make_appliance):
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 2, "threshold": 1, "adljobs": 1,
+                                           "maxjobs": 2, "wait": "*YES"}).start()
+    busy = hold(a, 2)
+    waiter = a.connect()
+    waiter.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        waiter.recv(100)  # no greeting: it waits for a job
+    a.wait_for(lambda: a.control("dspactpj", pgm="QTMSSRCP")["waiting_current"] == 1, 5)
+    quit_all(busy[:1])
+    assert read_reply(waiter, 10).startswith(b"220 ")
+    quit_all([waiter, busy[1]])
+    st = a.control("dspactpj", pgm="QTMSSRCP")
+    assert st["rejected"] == 0 and st["accepted"] == 3 and st["average_wait"] > 0
+    assert st["waiting_peak"] == 1 and st["jobs_peak"] == 2
+
+
+def test_wait_limit_rejects_with_421(make_appliance):
+    a = make_appliance(prestart={"wait_limit": 1},
+                       prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 1,
+                                           "maxjobs": 1}).start()
+    busy = hold(a, 1)
+    waiter = a.connect()
+    assert read_reply(waiter, 10).startswith(b"421 4.3.2 ")
+    quit_all(busy)
+    assert [e["reason"] for e in a.journal("JR")] == ["waitlimit"]
+
+
+def test_wait_no_rejects_at_once(make_appliance):
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 0,
+                                           "maxjobs": 1, "wait": "*NO"},
+                       prestart__QTPOPSRVP={"inljobs": 1, "threshold": 1, "adljobs": 0,
+                                            "maxjobs": 1, "wait": "*NO"}).start()
+    busy = hold(a, 1)
+    t0 = time.monotonic()
+    rejected = a.connect()
+    line = read_reply(rejected)
+    assert line.startswith(b"421 4.3.2 ") and time.monotonic() - t0 < 2
+    assert rejected.recv(10) == b""  # closed by the controller
+    pop_busy = hold(a, 1, "pop3")
+    pop_rejected = a.connect("pop3")
+    assert read_reply(pop_rejected).startswith(b"-ERR [SYS/TEMP]")
+    quit_all(busy + pop_busy)
+    assert a.control("dspactpj", pgm="QTMSSRCP")["rejected"] == 1
+    assert len(a.journal("JR")) == 2
+
+
+def test_maxuse_replaces_used_up_job(make_appliance):
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 1,
+                                           "maxjobs": 4, "maxuse": 2}).start()
+    first = a.jobs("QTMSSRCP")[0]["pid"]
+    for _ in range(2):
+        quit_all(hold(a, 1))
+    a.wait_for(lambda: not alive(first), 10, "used-up job to end")
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 1, 10, "replacement")
+    assert a.jobs("QTMSSRCP")[0]["pid"] != first
+    ends = [e for e in a.journal("JE") if e["pid"] == first]
+    assert ends and ends[0]["reason"] == "maxuse" and ends[0]["uses"] == 2
+
+
+def test_sigkilled_job_is_replaced(appliance):
+    a = appliance
+    victim = a.jobs("QTMSSRCP")[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    a.wait_for(lambda: victim not in [r["pid"] for r in a.jobs("QTMSSRCP")], 10)
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 10, "replacement job")
+    crash = [e for e in a.journal("JC") if e["pid"] == victim]
+    assert crash and crash[0]["exit"] == "signal 9"
+    # A busy job killed mid-session is replaced too, and its client sees the close.
+    s = hold(a, 1)[0]
+    busy = [r["pid"] for r in a.jobs("QTMSSRCP") if r["status"] == "RUN"][0]
+    os.kill(busy, signal.SIGKILL)
+    assert s.recv(10) == b""
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 10, "replacement job")
+    assert a.count("QTMSSRCP") == 2
+
+
+def test_idle_surplus_is_trimmed_to_inljobs(make_appliance):
+    a = make_appliance(prestart={"trim_interval": 1},
+                       prestart__QTMSSRCP={"inljobs": 2, "threshold": 1, "adljobs": 3,
+                                           "maxjobs": 10}).start()
+    socks = hold(a, 2)
+    a.wait_for(lambda: a.count("QTMSSRCP") == 5, 10, "growth")
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 3, 10)
+    quit_all(socks)
+    a.wait_for(lambda: a.count("QTMSSRCP") == 2, 15, "trim back to INLJOBS")
+    time.sleep(1.5)
+    assert a.count("QTMSSRCP") == 2
+    assert {e["reason"] for e in a.journal("JE")} == {"trim"}
+
+
+def test_chgpje_applies_live_and_lowering_maxjobs_spares_busy(make_appliance):
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 4, "threshold": 1, "adljobs": 1,
+                                           "maxjobs": 8}).start()
+    socks = hold(a, 2)
+    busy = {r["pid"] for r in a.jobs("QTMSSRCP") if r["status"] == "RUN"}
+    rc, out, err = a.cli("chgpje", "--pgm", "QTMSSRCP", "--inljobs", "1", "--maxjobs", "2")
+    assert rc == 0, err
+    assert "applied" in out
+    a.wait_for(lambda: a.count("QTMSSRCP") == 2, 10, "idle jobs above MAXJOBS to end")
+    assert {r["pid"] for r in a.jobs("QTMSSRCP")} == busy  # busy jobs were kept
+    text = a.config.read_text()
+    assert "maxjobs = 2" in text and "inljobs = 1" in text
+    # MAXJOBS 2, both busy, WAIT *YES: a third client waits rather than a third job.
+    extra = a.connect()
+    time.sleep(0.5)
+    assert a.count("QTMSSRCP") == 2
+    quit_all(socks[:1])
+    assert read_reply(extra).startswith(b"220")
+    quit_all([extra, socks[1]])
+    assert any(e["code"] == "JA" for e in a.journal())
+
+
+def test_boot_failures_stop_the_entry(make_appliance):
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 1,
+                                           "maxjobs": 2}).start()
+    # The administrator breaks the file; jobs started from now on cannot boot.
+    good = a.config.read_text()
+    a.config.write_text(good + "\n[smtp]\nmaxrcpt = -1\n")
+    os.kill(a.jobs("QTMSSRCP")[0]["pid"], signal.SIGKILL)
+    a.wait_for(lambda: a.control("dspactpj", pgm="QTMSSRCP")["status"] == "FAILED", 60,
+               "entry to stop after boot failures")
+    assert len(a.journal("JB")) == 5
+    assert a.journal("JF")
+    s = a.connect()
+    assert read_reply(s).startswith(b"421 ")
+    rc, out, err = a.cli("wrkactjob")  # the CLI names the bad setting
+    assert rc == 2 and "smtp.maxrcpt" in err and len(err.strip().splitlines()) == 1
+    a.config.write_text(good)
+    rc, out, err = a.cli("strpj", "--pgm", "QTMSSRCP")
+    assert rc == 0, err
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 1, 10, "entry to start again")
+    assert a.control("dspactpj", pgm="QTMSSRCP")["status"] == "ACTIVE"
+
+
+def test_endpj_strpj_endtcpsvr_strtcpsvr(appliance):
+    a = appliance
+    rc, out, err = a.cli("endpj", "--pgm", "QTMSSRCP", "--option", "*IMMED")
+    assert rc == 0, err
+    a.wait_for(lambda: a.count("QTMSSRCP") == 0, 10)
+    s = a.connect()
+    assert read_reply(s).startswith(b"421 ")
+    rc, out, err = a.cli("strpj", "--pgm", "QTMSSRCP")
+    assert rc == 0, err
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 10)
+    rc, out, err = a.cli("strpj", "--pgm", "QTMSSRCP")
+    assert rc == 1 and "ENDPJ" in err and len(err.strip().splitlines()) == 1
+
+    rc, out, err = a.cli("endtcpsvr", "--server", "*POP")
+    assert rc == 0 and "*POP ended" in out
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(a.addr("pop3"), timeout=5)
+    a.wait_for(lambda: a.count("QTPOPSRVP") == 0, 10)
+    rc, out, err = a.cli("strtcpsvr", "--server", "*POP")
+    assert rc == 0 and "*POP started" in out
+    a.wait_for(lambda: a.count("QTPOPSRVP", "PSRW") == 1, 10)
+    a.listeners = a.control("status")["listeners"]  # port 0: the kernel picked a new one
+    p = poplib.POP3(*a.addr("pop3"), timeout=10)
+    assert p.getwelcome().startswith(b"+OK")
+    p.quit()
+
+
+def test_bridge_is_supervised(appliance):
+    a = appliance
+    pid = a.wait_for(lambda: a.control("status")["bridge"]["pid"], 10)
+    a.wait_for(lambda: a.journal("JM"), 10, "bridge start entry")
+    os.kill(pid, signal.SIGKILL)
+    new = a.wait_for(
+        lambda: (a.control("status")["bridge"]["pid"] or pid) != pid
+        and a.control("status")["bridge"]["pid"], 15, "bridge restart")
+    assert alive(new) and a.journal("JK")
+    rc, out, err = a.cli("endmsf", "--option", "*IMMED")
+    assert rc == 0, err
+    assert not alive(new) or wait_gone([new], 5) == []
+    rc, out, err = a.cli("endmsf")
+    assert rc == 1 and "not active" in err
+    rc, out, err = a.cli("strmsf")
+    assert rc == 0
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"], 10)
+
+
+def test_sigterm_lets_sessions_finish_then_leaves_nothing(make_appliance):
+    a = make_appliance(prestart={"end_delay": 2}).start()
+    children = a.children()
+    sock = a.connect()
+    read_reply(sock)
+    t0 = time.monotonic()
+    a.proc.send_signal(signal.SIGTERM)
+    # The session may go on during the delay...
+    time.sleep(0.5)
+    sock.sendall(b"NOOP\r\n")
+    assert read_reply(sock).startswith(b"502")
+    # ...then it is ended.
+    sock.settimeout(10)
+    assert sock.recv(100) == b""
+    # twistd re-raises the signal it stopped on, so its parent sees SIGTERM.
+    assert a.proc.wait(30) in (0, -signal.SIGTERM)
+    assert "Server Shut Down" in a.log_text()
+    assert time.monotonic() - t0 < 15
+    assert wait_gone(children, 10) == []
+    assert not a.control_socket.exists()
+
+
+def test_jobs_exit_when_controller_dies(appliance):
+    a = appliance
+    children = a.children()
+    assert len(children) >= 4
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    assert wait_gone(children, 10) == []
+
+
+def test_second_daemon_refuses_to_start(appliance, make_appliance):
+    a = appliance
+    import subprocess
+
+    from appliance import TWISTD
+
+    r = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(a.config)],
+        capture_output=True, timeout=30, cwd=a.root,
+    )
+    assert r.returncode != 0
+    assert b"another daemon is running" in r.stdout + r.stderr
+    assert a.running()

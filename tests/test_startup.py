@@ -1,0 +1,85 @@
+"""Start-up as an administrator meets it: the plugin, a bad config, privileges."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from appliance import TWISTD, Appliance
+
+import twisted.plugins
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_twistd_lists_the_plugin_without_rewriting_its_cache():
+    caches = [Path(p) / "dropin.cache" for p in twisted.plugins.__path__]
+    caches = [c for c in caches if c.exists()]
+    assert caches, "make install writes the plugin cache"
+    before = {c: c.stat().st_mtime_ns for c in caches}
+    r = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, timeout=60)
+    assert "twistmail" in r.stdout
+    assert "Unable to write to plugin cache" not in r.stdout + r.stderr
+    # An up-to-date cache is not rewritten: an unprivileged daemon never needs to.
+    assert {c: c.stat().st_mtime_ns for c in caches} == before
+
+
+def test_bad_config_stops_startup_with_one_line(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[prestart.QTMSSRCP]\nmaxjobs = "many"\n')
+    r = subprocess.run([TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert lines == [
+        "twistmail: " + str(cfg) + ": prestart.QTMSSRCP.maxjobs: 'many' is not allowed; "
+        "allowed: 1-32000, *NOMAX"
+    ]
+
+
+def test_missing_config_is_one_line(tmp_path):
+    r = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(tmp_path / "none.toml")],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_port_in_use_is_one_line(make_appliance, tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    a = make_appliance(listen={"smtp": f"127.0.0.1:{port}"})
+    r = subprocess.run([TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(a.config)],
+                       capture_output=True, text=True, timeout=60)
+    busy.close()
+    assert r.returncode != 0
+    assert f"cannot listen for smtp on 127.0.0.1:{port}: Address already in use" in (
+        r.stdout + r.stderr)
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_ipv6_listener(make_appliance):
+    a: Appliance = make_appliance(listen={"smtp": "[::1]:0"}).start()
+    host, port = a.addr("smtp")
+    assert host == "::1"
+    import smtplib
+
+    with smtplib.SMTP(host, port, timeout=10) as s:
+        assert s.noop()[0] == 502
+
+
+def test_shipped_config_is_what_make_run_uses():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "twistd -n" in makefile and "twistmail --config $(CONFIG)" in makefile
+    assert "CONFIG ?= etc/twistmail.toml" in makefile
+    sys.path.insert(0, str(ROOT))
+    from twistmail import config
+
+    s = config.load(ROOT / "etc" / "twistmail.toml")
+    assert s.datadir == ROOT / "var"
+    assert str(s.listen.smtp) == "127.0.0.1:2525" and str(s.listen.pop3s) == "127.0.0.1:2995"
