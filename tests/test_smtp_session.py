@@ -1,0 +1,392 @@
+"""The SMTP command layer as a state machine (StringTransport + Clock).
+
+Each defect reproduced in Twisted's stock ESMTP class has a regression test
+here: out-of-order pipelined replies with asynchronous checks, DATA desync on
+long lines, unbounded buffers, and bare CR/LF passed through or taken as the
+end of data (SMTP smuggling).
+"""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from twistmail.smtp.server import Received, SMTPFactory, Verdict
+
+
+@attrs.define
+class FakeSpool:
+    id: str
+    chunks: list[bytes] = attrs.field(factory=list)
+    aborted: bool = False
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class FakeBackend:
+    hostname = "mail.example.test"
+
+    def __init__(self) -> None:
+        self.spools: list[FakeSpool] = []
+        self.queued: list[tuple[FakeSpool, Received]] = []
+        self.pending_rcpt: list[defer.Deferred] = []
+        self.pending_commit: list[defer.Deferred] = []
+        self.async_rcpt = False
+        self.async_commit = False
+        self.full = False
+
+    def storage_full(self) -> bool:
+        return self.full
+
+    def check_recipient(self, address, client_ip):
+        if address.domain_key not in ("example.test", ""):
+            v = Verdict(550, "5.7.1 Relaying denied")
+        elif address.local.startswith("nobody"):
+            v = Verdict(550, "5.1.1 Mailbox unknown")
+        else:
+            v = Verdict(250, "2.1.5 Recipient OK")
+        if self.async_rcpt:
+            d = defer.Deferred()
+            self.pending_rcpt.append((d, v))
+            return d
+        return v
+
+    def new_spool(self):
+        s = FakeSpool(f"q{len(self.spools) + 1}")
+        self.spools.append(s)
+        return s
+
+    def commit(self, spool, received):
+        self.queued.append((spool, received))
+        if self.async_commit:
+            d = defer.Deferred()
+            self.pending_commit.append((d, spool.id))
+            return d
+        return spool.id
+
+    def release(self) -> None:
+        while self.pending_rcpt:
+            d, v = self.pending_rcpt.pop(0)
+            d.callback(v)
+        while self.pending_commit:
+            d, qid = self.pending_commit.pop(0)
+            d.callback(qid)
+
+
+class Session:
+    def __init__(self, **kw) -> None:
+        self.backend = FakeBackend()
+        self.clock = Clock()
+        self.done = 0
+        opts = dict(maxmsgsize=10_000, maxrcpt=3, inacttimo=300, alwbarelf=False,
+                    mime8bit=True)
+        opts.update(kw)
+        self.factory = SMTPFactory(self.backend, self.clock, on_done=self._done, **opts)
+        self.proto = self.factory.buildProtocol(None)
+        self.tr = StringTransport(peerAddress=_Peer("192.0.2.7"))
+        self.proto.makeConnection(self.tr)
+
+    def _done(self) -> None:
+        self.done += 1
+
+    def send(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def replies(self) -> list[str]:
+        out = self.tr.value().decode()
+        self.tr.clear()
+        return [line for line in out.split("\r\n") if line]
+
+    def codes(self) -> list[int]:
+        return [int(r[:3]) for r in self.replies() if r[3] == " "]
+
+    def start(self) -> None:
+        self.replies()
+        self.send(b"EHLO client.example\r\n")
+        self.replies()
+
+
+@attrs.frozen
+class _Peer:
+    host: str
+    port: int = 4242
+
+
+def test_greeting_and_ehlo_extensions():
+    s = Session()
+    assert s.replies() == ["220 mail.example.test ESMTP twistmail service ready"]
+    s.send(b"EHLO client.example\r\n")
+    r = s.replies()
+    assert r[0] == "250-mail.example.test"
+    assert set(r[1:]) >= {"250-PIPELINING", "250-SIZE 10000", "250-8BITMIME",
+                          "250-ENHANCEDSTATUSCODES"}
+    assert r[-1].startswith("250 ")
+
+
+def test_whole_transaction_adds_trace_and_missing_headers():
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<jane@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    assert s.codes() == [250, 250, 354]
+    s.send(b"Subject: hi\r\n\r\nHello\r\n..dot\r\n.\r\n")
+    r = s.replies()
+    assert r == ["250 2.0.0 Ok: queued as q1"]
+    spool, rec = s.backend.queued[0]
+    body = spool.body
+    assert body.startswith(b"Received: from client.example ([192.0.2.7])\r\n\tby "
+                           b"mail.example.test (twistmail) with ESMTP id q1\r\n\tfor "
+                           b"<sam@example.test>;\r\n\t")
+    head, _, text = body.partition(b"\r\n\r\n")
+    assert b"\r\nSubject: hi\r\n" in head + b"\r\n"
+    assert b"\r\nMessage-ID: <q1@mail.example.test>" in head
+    assert b"\r\nDate: " in head
+    assert text == b"Hello\r\n.dot\r\n"
+    assert rec.originator == "jane@example.test"
+    assert rec.recipients == (("sam@example.test", True),)
+    assert rec.message_id == "<q1@mail.example.test>"
+
+
+def test_existing_message_id_and_date_are_kept():
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n"
+           b"Message-ID: <abc@x>\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nb\r\n.\r\n")
+    assert s.codes()[-1] == 250
+    body = s.backend.queued[0][0].body
+    assert body.count(b"Message-ID") == 1 and body.count(b"Date:") == 1
+    assert s.backend.queued[0][1].message_id == "<abc@x>"
+    assert s.backend.queued[0][1].originator == ""
+
+
+def test_pipelined_replies_stay_in_order_with_async_checks():
+    s = Session()
+    s.start()
+    s.backend.async_rcpt = True
+    s.send(b"MAIL FROM:<jane@example.test>\r\nRCPT TO:<sam@example.test>\r\n"
+           b"RCPT TO:<nobody@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
+    assert s.codes() == [250]  # the rest waits behind the first RCPT check
+    s.backend.release()
+    while s.backend.pending_rcpt:
+        s.backend.release()
+    assert s.codes() == [250, 550, 250, 354]
+    s.send(b"x\r\n.\r\nQUIT\r\n")
+    assert s.codes() == [250, 221]
+    assert [a for a, _ in s.backend.queued[0][1].recipients] == ["sam@example.test",
+                                                                 "bob@example.test"]
+
+
+def test_250_only_after_durable_commit_and_pipelined_next_transaction_waits():
+    s = Session()
+    s.start()
+    s.backend.async_commit = True
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.replies()
+    s.send(b"body\r\n.\r\nMAIL FROM:<b@example.test>\r\nRCPT TO:<sam@example.test>\r\n")
+    assert s.replies() == []  # no 250 before the commit
+    s.backend.release()
+    assert s.codes() == [250, 250, 250]
+
+
+def test_commit_failure_is_451_and_spool_aborted():
+    s = Session()
+    s.start()
+
+    def fail(spool, received):
+        raise OSError("disk on fire")
+
+    s.backend.commit = fail
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\nx\r\n.\r\n")
+    assert s.codes() == [250, 250, 354, 451]
+    assert s.backend.spools[0].aborted
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"a\r\n\n.\n\r\nb\r\n",  # <LF>.<LF>
+        b"a\r\n\n.\r\nb\r\n",  # <LF>.<CRLF>
+        b"a\r\n\r.\r\nb\r\n",  # <CR>.<CRLF>
+        b"a\r\n.\rMAIL\r\n",  # <CRLF>.<CR>
+        b"a\n.\nMAIL\r\n",  # bare LFs around a dot
+    ],
+)
+def test_smuggling_bare_cr_lf_never_end_data(payload):
+    """A second message hidden behind a non-standard terminator is not accepted."""
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.replies()
+    s.send(payload + b"MAIL FROM:<evil@example.test>\r\nRCPT TO:<sam@example.test>\r\n"
+           b"DATA\r\nsmuggled\r\n.\r\n")
+    # All of it is one message, rejected for the bare CR/LF; nothing is queued.
+    assert s.codes() == [550]
+    assert s.backend.queued == []
+    assert s.backend.spools[0].aborted
+
+
+def test_bare_lf_accepted_with_alwbarelf_but_never_ends_data():
+    s = Session(alwbarelf=True)
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.replies()
+    s.send(b"Subject: x\n\nline one\n.\nstill data\r\n.\r\n")
+    assert s.codes() == [250]
+    body = s.backend.queued[0][0].body
+    assert body.endswith(b"\r\nline one\r\n.\r\nstill data\r\n")
+    assert b"\n\n" not in body.replace(b"\r\n", b"")
+
+
+def test_bare_cr_rejected_even_with_alwbarelf():
+    s = Session(alwbarelf=True)
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.replies()
+    s.send(b"a\rb\r\n.\r\n")
+    assert s.codes() == [550]
+
+
+def test_long_text_line_does_not_desync_data():
+    """Twisted's ESMTP lost its place after a long line; the tail here is never a command."""
+    s = Session(maxmsgsize=10_000_000)
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.replies()
+    s.send(b"x" * 5000)
+    s.send(b".\r\nQUIT\r\n")  # the tail "x.": not the end of data
+    assert s.replies() == []
+    s.send(b"more\r\n.\r\n")
+    assert s.replies() == ["500 5.5.2 Line too long: text lines are limited to 1000 octets"]
+    assert s.backend.queued == []
+    s.send(b"NOOP\r\n")
+    assert s.codes() == [250]
+
+
+def test_text_line_of_exactly_1000_octets_is_fine():
+    s = Session(maxmsgsize=10_000_000)
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.replies()
+    s.send(b"\r\n" + b"y" * 998 + b"\r\n.\r\n")
+    assert s.codes() == [250]
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.replies()
+    s.send(b"\r\n" + b"y" * 999 + b"\r\n.\r\n")
+    assert s.codes() == [500]
+
+
+def test_long_command_line_is_refused_and_stream_stays_in_sync():
+    s = Session()
+    s.start()
+    s.send(b"NOOP " + b"a" * 600 + b"\r\nNOOP\r\n")
+    assert s.codes() == [500, 250]
+    s.send(b"X" * 100_000)  # no line end at all: bounded, one reply
+    assert s.codes() == [500]
+    assert len(s.proto.buffer) <= 512
+    s.send(b"tail\r\nNOOP\r\n")
+    assert s.codes() == [250]
+
+
+def test_input_is_bounded_while_a_check_is_pending():
+    s = Session()
+    s.start()
+    s.backend.async_rcpt = True
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\n")
+    s.replies()
+    for _ in range(100):
+        s.send(b"NOOP\r\n" * 200)
+    assert s.tr.producerState == "paused"
+    s.backend.release()
+    assert s.tr.producerState == "producing"
+    assert len(s.codes()) == 1 + 20_000
+
+
+def test_size_limits():
+    s = Session(maxmsgsize=1000)
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test> SIZE=5000\r\n")
+    assert s.replies() == ["552 5.3.4 Message size exceeds fixed maximum message size"]
+    s.send(b"MAIL FROM:<a@example.test> SIZE=500\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    assert s.codes() == [250, 250, 354]
+    s.send((b"z" * 100 + b"\r\n") * 20 + b".\r\n")
+    assert s.replies() == ["552 5.3.4 Message size exceeds fixed maximum message size"]
+    assert s.backend.queued == [] and s.backend.spools[0].aborted
+
+
+def test_recipient_limit_and_routing_replies():
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\n")
+    s.send(b"RCPT TO:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\n")
+    assert s.codes() == [250, 550, 550]
+    s.send(b"".join(b"RCPT TO:<u%d@example.test>\r\n" % i for i in range(4)))
+    assert s.codes() == [250, 250, 250, 452]
+
+
+def test_sequence_errors_and_syntax():
+    s = Session()
+    s.replies()
+    s.send(b"MAIL FROM:<a@example.test>\r\n")
+    assert s.codes() == [503]
+    s.send(b"HELO\r\nEHLO x\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    assert s.codes() == [501, 250, 503, 503]
+    s.send(b"MAIL FROM:a@example.test\r\nMAIL FROM:<a@example.test> FOO=1\r\n")
+    assert s.codes() == [501, 555]
+    s.send(b"MAIL FROM:<a@example.test>\r\nMAIL FROM:<b@example.test>\r\nDATA\r\n")
+    assert s.codes() == [250, 503, 554]
+    s.send(b"RSET\r\nVRFY sam\r\nEXPN staff\r\nTURN\r\nBOGUS\r\nHELP\r\nNOOP\r\n")
+    assert s.codes() == [250, 252, 502, 502, 500, 214, 250]
+    s.send(b"RCPT TO:<postmaster>\r\n")
+    assert s.codes() == [503]
+
+
+def test_storage_full_answers_452_at_mail():
+    s = Session()
+    s.start()
+    s.backend.full = True
+    s.send(b"MAIL FROM:<a@example.test>\r\n")
+    assert s.replies() == ["452 4.3.1 Insufficient system storage, try again later"]
+
+
+def test_idle_timeout_421():
+    s = Session(inacttimo=60)
+    s.start()
+    s.clock.advance(59)
+    s.send(b"NOOP\r\n")
+    s.clock.advance(59)
+    assert s.codes() == [250]
+    s.clock.advance(2)
+    assert s.replies()[0].startswith("421 4.4.2 ")
+    assert s.tr.disconnecting
+
+
+def test_quit_and_session_end_reported_once():
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\npartial\r\n")
+    s.proto.connectionLost(None)
+    assert s.backend.spools[0].aborted and s.done == 1
+
+
+def test_dot_stuffing_at_every_position():
+    s = Session(maxmsgsize=10_000_000)
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.replies()
+    lines = [b"", b"..", b"...", b".x", b"x.", b" ."]
+    wire = b"\r\n" + b"\r\n".join(lines) + b"\r\n.\r\n"
+    for i in range(len(wire)):  # byte by byte: chunk boundaries everywhere
+        s.send(wire[i:i + 1])
+    assert s.codes() == [250]
+    body = s.backend.queued[0][0].body.split(b"\r\n\r\n", 1)[1]
+    assert body == b"\r\n".join([b"", b".", b"..", b"x", b"x.", b" ."]) + b"\r\n"

@@ -1,0 +1,80 @@
+"""The seams of the appliance: queue, mailbox store and directory.
+
+Protocol code and the bridge reach state only through these interfaces, so a
+second backend (a shared store for several nodes, PostgreSQL for the
+directory) can be added without touching them.  Implementations are
+synchronous and may block on disk; callers in a reactor run them in a thread
+(``twisted.internet.threads.deferToThread``) — the short-lived CLI calls them
+directly.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+#: Queue names, as IBM i names them, plus twistmail's side directories.
+QTMSINQ = "QTMSINQ"  # inbound: the bridge resolves and delivers
+QTMSOUTQ = "QTMSOUTQ"  # outbound: SMTP client jobs deliver
+QTMSRTQ1 = "QTMSRTQ1"  # first-level retry
+QTMSRTQ2 = "QTMSRTQ2"  # second-level retry
+QTMSBSSQ = "QTMSBSSQ"  # busy storage: parked while the disk is too full
+HOLD = "hold"
+QUARANTINE = "quarantine"
+CORRUPT = "corrupt"
+QUEUES = (QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2, QTMSBSSQ, HOLD, QUARANTINE, CORRUPT)
+
+
+class IQueue(Interface):
+    """Durable message spool: one immutable body plus a small envelope per message.
+
+    Every method that returns has made its effect durable (fsync of files and
+    directories).  A move between queues is one rename of the envelope.
+    """
+
+    def new_spool(envelope):
+        """Return a writable spool for a new message's body (``write``, ``commit``,
+        ``abort``).  ``commit(queue)`` makes body and envelope durable in
+        ``queue`` and returns the queue id; ``abort()`` leaves no debris."""
+
+    def load(queue, queue_id):
+        """The envelope of a message in ``queue``; raises KeyError if absent."""
+
+    def body_path(queue_id):
+        """Filesystem path of the message's immutable body."""
+
+    def list(queue):
+        """Queue ids in ``queue``, oldest first."""
+
+    def update(queue, envelope):
+        """Durably replace the envelope of a message that stays in ``queue``."""
+
+    def move(queue_id, source, target, envelope=None):
+        """Move a message between queues (optionally with a new envelope)."""
+
+    def remove(queue, queue_id):
+        """Delete a message whose next holder has it durably."""
+
+
+class IMailboxStore(Interface):
+    """Local mailboxes (Maildir)."""
+
+    def deliver(user, delivery_id, body_path, prefix):
+        """Deliver ``prefix`` (bytes: added headers) + the body to ``user``'s mailbox.
+
+        ``delivery_id`` names the delivery (queue id and recipient); delivering
+        the same id twice leaves one copy.  Returns the path of the message."""
+
+    def open(user):
+        """A mailbox snapshot for a POP session (listing, reading, deleting)."""
+
+
+class IDirectory(Interface):
+    """User profiles and the system distribution directory."""
+
+    local_domains = Attribute("Domains delivered on this system, lower case.")
+
+    def authenticate(usrprf, password):
+        """The user profile name if the password is right and the profile enabled."""
+
+    def resolve(address):
+        """How to deliver to ``address``: a Resolution, or None when unknown."""

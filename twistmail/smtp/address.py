@@ -1,0 +1,121 @@
+"""Parsing the paths and parameters of MAIL FROM and RCPT TO (RFC 5321 §4.1.2).
+
+Strict where laxness is a risk (no unbracketed paths, no control characters,
+bounded lengths), lenient where real clients differ harmlessly (a space after
+the colon, case of keywords, source routes, which are ignored as §C allows).
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+MAX_PATH = 256  # RFC 5321 §4.5.3.1.3
+MAX_LOCAL = 64
+MAX_DOMAIN = 255
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_DOT_STRING = rf"{_ATOM}(?:\.{_ATOM})*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
+_LITERAL = r"\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]"
+_MAILBOX = re.compile(rf"^(?P<local>{_DOT_STRING}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})$")
+_ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
+_PARAM = re.compile(r"^(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?$")
+
+
+class PathError(ValueError):
+    """A syntactically bad path or parameter: 501 (or 555 for parameters)."""
+
+
+@attrs.frozen
+class Address:
+    local: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}" if self.domain else self.local
+
+    @property
+    def domain_key(self) -> str:
+        return self.domain.lower().rstrip(".")
+
+
+@attrs.frozen
+class Command:
+    """A parsed MAIL or RCPT argument: the path and its ESMTP parameters."""
+
+    address: Address | None  # None is the null reverse-path <>
+    params: tuple[tuple[str, str | None], ...] = ()
+
+    def param(self, key: str) -> str | None:
+        for k, v in self.params:
+            if k == key:
+                return v
+        return None
+
+
+def parse_command(arg: str, keyword: str, allow_null: bool) -> Command:
+    """Parse ``FROM:<path> params`` / ``TO:<path> params``."""
+    head, sep, rest = arg.partition(":")
+    if not sep or head.strip().upper() != keyword:
+        raise PathError(f"Syntax: {keyword}:<address>")
+    rest = rest.lstrip(" ")
+    if not rest.startswith("<"):
+        raise PathError("Path must be enclosed in angle brackets")
+    end = _closing_bracket(rest)
+    path, tail = rest[1:end], rest[end + 1:]
+    if tail and not tail.startswith(" "):
+        raise PathError("Syntax error after the path")
+    params = _params(tail.split())
+    if len(path) > MAX_PATH:
+        raise PathError("Path too long")
+    if path == "":
+        if not allow_null:
+            raise PathError("Null path not allowed here")
+        return Command(None, params)
+    path = _ROUTE.sub("", path)
+    if keyword == "TO" and path.lower() == "postmaster":
+        return Command(Address("postmaster", ""), params)
+    return Command(parse_mailbox(path), params)
+
+
+def parse_mailbox(text: str) -> Address:
+    m = _MAILBOX.match(text)
+    if m is None:
+        raise PathError(f"Bad address syntax: <{_printable(text)}>")
+    local, domain = m.group("local"), m.group("domain")
+    if len(local) > MAX_LOCAL or len(domain) > MAX_DOMAIN:
+        raise PathError("Address too long")
+    return Address(local, domain)
+
+
+def _closing_bracket(text: str) -> int:
+    quoted = False
+    escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            return i
+    raise PathError("Missing closing angle bracket")
+
+
+def _params(words: list[str]) -> tuple[tuple[str, str | None], ...]:
+    out = []
+    for w in words:
+        m = _PARAM.match(w)
+        if m is None:
+            raise PathError(f"Bad parameter: {_printable(w)}")
+        out.append((m.group("key").upper(), m.group("value")))
+    return tuple(out)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:100]

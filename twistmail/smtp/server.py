@@ -1,0 +1,586 @@
+"""The SMTP server session of a QTMSSRCP job: our own RFC 5321 command layer.
+
+Twisted's ESMTP class is not used: it was shown to inject plaintext after
+STARTTLS, desynchronise DATA on long lines, buffer without bound, pass bare
+CR/LF through, and answer pipelined commands out of order.  This layer:
+
+* processes one command at a time from a bounded input queue, so replies go
+  out in command order even when a check (a directory lookup, the durable
+  commit) is asynchronous, and stops reading while the queue is full;
+* limits command lines to 512 octets and text lines to 1000 octets, and
+  recovers from an over-long line without losing its place in the stream;
+* ends DATA only on CRLF.CRLF; a bare CR or LF never ends it, and a bare LF
+  is accepted as a line end inside the message only with ALWBARELF(*YES);
+* streams the message to the queue's spool file (never the whole message in
+  memory) and answers 250 only after the queue's durable commit.
+
+Settings honoured: ``[smtp] maxmsgsize maxrcpt inacttimo alwbarelf mime8bit``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from twistmail.smtp.address import Address, Command, PathError, parse_command
+
+MAX_COMMAND = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
+MAX_TEXT = 1000  # octets, CRLF included (§4.5.3.1.6)
+MAX_HEADER_BLOCK = 1024 * 1024  # header bytes we hold to add missing fields
+MAX_PENDING = 64 * 1024  # pipelined input held while a command waits, before we stop reading
+
+UNIMPLEMENTED = {b"EXPN", b"TURN", b"SAML", b"SEND", b"SOML"}
+
+
+@attrs.frozen
+class Verdict:
+    """Whether a recipient is accepted, and how: the SMTP reply and the route."""
+
+    code: int
+    text: str
+    local: bool = True  # deliver via QTMSINQ (True) or QTMSOUTQ (False)
+
+    @property
+    def accepted(self) -> bool:
+        return self.code < 400
+
+
+@attrs.frozen
+class Received:
+    """What the backend needs to queue a finished message."""
+
+    helo: str
+    client_ip: str
+    originator: str
+    recipients: tuple[tuple[str, bool], ...]  # (address, local?)
+    size: int
+    message_id: str | None
+    body_8bit: bool = False
+
+
+class Backend:
+    """What a session needs from the rest of the appliance (all may be async)."""
+
+    hostname: str
+
+    def storage_full(self) -> bool:
+        raise NotImplementedError
+
+    def check_recipient(self, address: Address, client_ip: str) -> Any:
+        """A Verdict, or a Deferred firing with one."""
+        raise NotImplementedError
+
+    def new_spool(self) -> Any:
+        """A spool with ``id``, ``write(bytes)`` and ``abort()``."""
+        raise NotImplementedError
+
+    def commit(self, spool: Any, received: Received) -> Any:
+        """Make the message durable; a Deferred firing with the queue id."""
+        raise NotImplementedError
+
+
+@attrs.define
+class Transaction:
+    originator: Address | None
+    size_hint: int | None = None
+    body_8bit: bool = False
+    recipients: list[tuple[str, bool]] = attrs.field(factory=list)
+
+
+class _Data:
+    """The DATA phase: unstuffing, limits, header fix-ups, streaming to the spool."""
+
+    def __init__(self, session: SMTPSession, spool: Any) -> None:
+        self.session = session
+        self.spool = spool
+        self.size = 0
+        self.error: tuple[int, str] | None = None
+        self.in_header = True
+        self.header: list[bytes] = []
+        self.header_bytes = 0
+        self.seen: set[bytes] = set()
+        self.message_id: str | None = None
+        self.last_field: bytes | None = None
+
+    def fail(self, code: int, text: str) -> None:
+        if self.error is None:
+            self.error = (code, text)
+
+    def line(self, line: bytes) -> None:
+        """One message line without its CRLF, already unstuffed."""
+        if self.error is not None:
+            return
+        self.size += len(line) + 2
+        if self.size > self.session.factory.maxmsgsize:
+            self.fail(552, "5.3.4 Message size exceeds fixed maximum message size")
+            return
+        if self.in_header:
+            self._header_line(line)
+        else:
+            self.spool.write(line + b"\r\n")
+
+    def _header_line(self, line: bytes) -> None:
+        if line == b"":
+            self._end_header()
+            self.spool.write(b"\r\n")
+            return
+        if line[:1] in (b" ", b"\t") and self.last_field is not None:
+            if self.last_field == b"message-id" and self.message_id is not None:
+                self.message_id += line.decode("latin-1").strip()
+        else:
+            name, colon, value = line.partition(b":")
+            if colon and name and b" " not in name:
+                field = name.lower()
+                self.seen.add(field)
+                self.last_field = field
+                if field == b"message-id":
+                    self.message_id = value.decode("latin-1").strip()
+            else:
+                # Not a header field: the header has ended without a blank line.
+                self._end_header()
+                self.spool.write(line + b"\r\n")
+                return
+        self.header.append(line)
+        self.header_bytes += len(line) + 2
+        if self.header_bytes > MAX_HEADER_BLOCK:
+            self._end_header()
+
+    def _end_header(self) -> None:
+        if not self.in_header:
+            return
+        self.in_header = False
+        out = [h + b"\r\n" for h in self.header]
+        host = self.session.factory.backend.hostname
+        if b"message-id" not in self.seen:
+            self.message_id = f"<{self.spool.id}@{host}>"
+            out.append(f"Message-ID: {self.message_id}\r\n".encode())
+        if b"date" not in self.seen:
+            out.append(f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode())
+        self.spool.write(b"".join(out))
+        self.header = []
+
+    def finish(self) -> None:
+        if self.in_header:
+            self._end_header()
+
+
+class SMTPSession(Protocol):
+    log = Logger()
+
+    def __init__(self, factory: SMTPFactory, on_done: Callable[[], None]) -> None:
+        self.factory = factory
+        self.on_done = on_done
+        self.buffer = b""
+        self.busy = False  # a command is being processed (maybe asynchronously)
+        self.paused = False
+        self.processing = False
+        self.after_crlf = True  # the last DATA line ended with CRLF
+        self.last_command_crlf = True
+        self.discarding = False  # skipping the rest of an over-long line
+        self.closing = False
+        self.helo: str | None = None
+        self.esmtp = False
+        self.txn: Transaction | None = None
+        self.data: _Data | None = None
+        self.peer_ip = "unknown"
+        self.timeout_call: Any = None
+
+    # -- connection ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer_ip = getattr(peer, "host", "unknown")
+        self._reset_timeout()
+        self.reply(220, f"{self.factory.backend.hostname} ESMTP twistmail service ready")
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closing = True
+        if self.timeout_call is not None and self.timeout_call.active():
+            self.timeout_call.cancel()
+        if self.data is not None:
+            self.data.spool.abort()
+            self.data = None
+        self.on_done()
+
+    def _reset_timeout(self) -> None:
+        if self.timeout_call is not None and self.timeout_call.active():
+            self.timeout_call.reset(self.factory.inacttimo)
+        else:
+            self.timeout_call = self.factory.reactor.callLater(
+                self.factory.inacttimo, self._timed_out
+            )
+
+    def _timed_out(self) -> None:
+        self.reply(421, f"4.4.2 {self.factory.backend.hostname} Idle too long, closing connection")
+        self.close()
+
+    def reply(self, code: int, text: str, more: list[str] | None = None) -> None:
+        if self.transport is None or self.closing and code != 421 and code != 221:
+            return
+        lines = [text, *(more or [])]
+        out = [f"{code}-{t}\r\n" for t in lines[:-1]] + [f"{code} {lines[-1]}\r\n"]
+        self.transport.write("".join(out).encode("utf-8", "replace"))
+
+    def close(self) -> None:
+        self.closing = True
+        self.buffer = b""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- input -------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self._reset_timeout()
+        self.buffer += data
+        self._process()
+        if self.busy and len(self.buffer) > MAX_PENDING and not self.paused:
+            # Pipelined input piles up behind a slow check: stop reading.
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def _process(self) -> None:
+        """Handle buffered input, one line at a time, until it runs out or we wait."""
+        self.processing = True
+        try:
+            while not self.busy and not self.closing:
+                if self.data is not None:
+                    if not self._data_chunk():
+                        break
+                elif not self._command_step():
+                    break
+        finally:
+            self.processing = False
+
+    def _done(self, _: Any = None) -> None:
+        """An asynchronous step finished: go on with what was pipelined meanwhile."""
+        self.busy = False
+        if self.processing:
+            return  # it finished at once; the loop in _process goes on
+        self._process()
+        if self.paused and not self.closing and len(self.buffer) <= MAX_PENDING:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def _command_step(self) -> bool:
+        lf = self.buffer.find(b"\n")
+        if lf < 0:
+            if len(self.buffer) > MAX_COMMAND:
+                self.buffer = b""
+                if not self.discarding:
+                    self.discarding = True
+                    self.reply(500, "5.5.2 Line too long: command lines are limited to "
+                               "512 octets")
+            return False
+        line, self.buffer = self.buffer[: lf + 1], self.buffer[lf + 1:]
+        if self.discarding:  # the tail of an over-long line
+            self.discarding = False
+            return True
+        self._command(line)
+        return True
+
+    # -- DATA input ----------------------------------------------------------
+
+    def _data_chunk(self) -> bool:
+        """Consume the complete message lines in the buffer; False when none is left."""
+        buf = self.buffer
+        pos = 0
+        progressed = False
+        while self.data is not None and not self.busy:
+            lf = buf.find(b"\n", pos)
+            if lf < 0:
+                break
+            crlf = lf > pos and buf[lf - 1] == 13
+            line = buf[pos: lf - 1 if crlf else lf]
+            pos = lf + 1
+            progressed = True
+            # "." ends the message only between two CRLFs: <CRLF>.<CRLF>.
+            may_end = crlf and self.after_crlf
+            self.after_crlf = crlf
+            if self.discarding:
+                self.discarding = False
+            elif crlf:
+                self._text_line(line, may_end)
+            else:
+                self._bare_lf(line)
+        rest = buf[pos:]
+        if self.data is not None and len(rest) > MAX_TEXT:
+            # Over-long: the rest of this line is text, never a terminator.
+            self.data.fail(500, "5.5.2 Line too long: text lines are limited to 1000 octets")
+            self.discarding = True
+            rest = rest[-1:] if rest.endswith(b"\r") else b""
+            progressed = True
+        self.buffer = rest
+        return progressed and (self.data is None or bool(rest))
+
+    def _bare_lf(self, line: bytes) -> None:
+        # A bare LF never ends DATA, so "." here is plain text.
+        if self.factory.alwbarelf:
+            self._text_line(line, may_end=False)
+        else:
+            self.data.fail(550, "5.6.0 Message contains a bare LF; lines must end with "
+                           "CRLF (ALWBARELF is *NO)")
+
+    def _text_line(self, line: bytes, may_end: bool = True) -> None:
+        data = self.data
+        if line == b".":
+            if may_end:
+                self._end_of_data()
+            else:
+                data.line(line)  # a lone dot that is not a terminator stays text
+            return
+        if b"\r" in line:
+            data.fail(550, "5.6.0 Message contains a bare CR")
+            return
+        if len(line) + 2 > MAX_TEXT:
+            data.fail(500, "5.5.2 Line too long: text lines are limited to 1000 octets")
+            return
+        if line.startswith(b"."):
+            line = line[1:]
+        data.line(line)
+
+    def _end_of_data(self) -> None:
+        data, self.data = self.data, None
+        txn, self.txn = self.txn, None
+        data.finish()
+        if data.error is not None:
+            data.spool.abort()
+            self.reply(*data.error)
+            return
+        self.busy = True
+        received = Received(
+            helo=self.helo or "", client_ip=self.peer_ip,
+            originator=str(txn.originator) if txn.originator else "",
+            recipients=tuple(txn.recipients), size=data.size,
+            message_id=data.message_id, body_8bit=txn.body_8bit,
+        )
+        d = defer.maybeDeferred(self.factory.backend.commit, data.spool, received)
+        d.addCallbacks(self._queued, self._not_queued, errbackArgs=(data.spool,))
+        d.addBoth(self._done)
+
+    def _queued(self, queue_id: str) -> None:
+        self.reply(250, f"2.0.0 Ok: queued as {queue_id}")
+
+    def _not_queued(self, failure: Any, spool: Any) -> None:
+        self.log.failure("could not queue a message", failure)
+        try:
+            spool.abort()
+        except Exception:
+            pass
+        self.reply(451, "4.3.0 Local error in processing: message not queued, try again")
+
+    # -- commands ------------------------------------------------------------
+
+    def _command(self, raw: bytes) -> None:
+        if len(raw) > MAX_COMMAND:
+            self.reply(500, "5.5.2 Line too long: command lines are limited to 512 octets")
+            return
+        self.last_command_crlf = raw.endswith(b"\r\n")
+        line = raw.rstrip(b"\r\n")
+        if b"\r" in line or b"\x00" in line:
+            self.reply(500, "5.5.2 Syntax error: control characters in command")
+            return
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            self.reply(500, "5.5.2 Syntax error: non-ASCII characters in command")
+            return
+        verb, _, arg = text.partition(" ")
+        verb_b = verb.upper().encode()
+        handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
+        if handler is None:
+            if verb_b in UNIMPLEMENTED:
+                self.reply(502, "5.5.1 Command not implemented")
+            else:
+                self.reply(500, "5.5.2 Command not recognized")
+            return
+        result = handler(arg.strip())
+        if isinstance(result, defer.Deferred):
+            self.busy = True
+            result.addErrback(self._command_failed)
+            result.addBoth(self._done)
+
+    def _command_failed(self, failure: Any) -> None:
+        self.log.failure("command failed", failure)
+        self.reply(451, "4.3.0 Local error in processing, try again")
+
+    def _greeted(self) -> bool:
+        if self.helo is None:
+            self.reply(503, "5.5.1 Error: send HELO or EHLO first")
+            return False
+        return True
+
+    def smtp_HELO(self, arg: str) -> None:
+        if not arg or " " in arg:
+            self.reply(501, "5.5.4 Syntax: HELO hostname")
+            return
+        self.helo, self.esmtp, self.txn = arg, False, None
+        self.reply(250, self.factory.backend.hostname)
+
+    def smtp_EHLO(self, arg: str) -> None:
+        if not arg or " " in arg:
+            self.reply(501, "5.5.4 Syntax: EHLO hostname")
+            return
+        self.helo, self.esmtp, self.txn = arg, True, None
+        self.reply(250, self.factory.backend.hostname, self.extensions())
+
+    def extensions(self) -> list[str]:
+        ext = ["PIPELINING", f"SIZE {self.factory.maxmsgsize}"]
+        if self.factory.mime8bit:
+            ext.append("8BITMIME")
+        ext += ["ENHANCEDSTATUSCODES", "HELP"]
+        return ext
+
+    def smtp_MAIL(self, arg: str) -> Any:
+        if not self._greeted():
+            return None
+        if self.txn is not None:
+            self.reply(503, "5.5.1 Error: nested MAIL command")
+            return None
+        try:
+            cmd = parse_command(arg, "FROM", allow_null=True)
+        except PathError as e:
+            self.reply(501, f"5.5.4 {e}")
+            return None
+        size_hint: int | None = None
+        body_8bit = False
+        for key, value in cmd.params:
+            if key == "SIZE" and value is not None and value.isdigit():
+                size_hint = int(value)
+                if size_hint > self.factory.maxmsgsize:
+                    self.reply(552, "5.3.4 Message size exceeds fixed maximum message size")
+                    return None
+            elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
+                body_8bit = value.upper() == "8BITMIME"
+                if body_8bit and not self.factory.mime8bit:
+                    self.reply(555, "5.5.4 BODY=8BITMIME is not offered (MIME8BIT is *NO)")
+                    return None
+            else:
+                self.reply(555, f"5.5.4 Unsupported parameter {key}")
+                return None
+        if self.factory.backend.storage_full():
+            self.reply(452, "4.3.1 Insufficient system storage, try again later")
+            return None
+        self.txn = Transaction(cmd.address, size_hint, body_8bit)
+        self.reply(250, f"2.1.0 Sender <{cmd.address or ''}> OK")
+        return None
+
+    def smtp_RCPT(self, arg: str) -> Any:
+        if not self._greeted():
+            return None
+        if self.txn is None:
+            self.reply(503, "5.5.1 Error: need MAIL command")
+            return None
+        try:
+            cmd: Command = parse_command(arg, "TO", allow_null=False)
+        except PathError as e:
+            self.reply(501, f"5.5.4 {e}")
+            return None
+        for key, _ in cmd.params:
+            self.reply(555, f"5.5.4 Unsupported parameter {key}")
+            return None
+        if len(self.txn.recipients) >= self.factory.maxrcpt:
+            self.reply(452, "4.5.3 Too many recipients")
+            return None
+        address = cmd.address
+        txn = self.txn
+        d = defer.maybeDeferred(self.factory.backend.check_recipient, address, self.peer_ip)
+
+        def decided(verdict: Verdict) -> None:
+            if verdict.accepted and self.txn is txn:
+                txn.recipients.append((str(address), verdict.local))
+            self.reply(verdict.code, verdict.text)
+
+        d.addCallback(decided)
+        return d
+
+    def smtp_DATA(self, arg: str) -> None:
+        if not self._greeted():
+            return
+        if arg:
+            self.reply(501, "5.5.4 Syntax: DATA takes no arguments")
+            return
+        if self.txn is None:
+            self.reply(503, "5.5.1 Error: need MAIL command")
+            return
+        if not self.txn.recipients:
+            self.reply(554, "5.5.1 Error: no valid recipients")
+            return
+        spool = self.factory.backend.new_spool()
+        self.data = _Data(self, spool)
+        self.after_crlf = self.last_command_crlf
+        self.reply(354, "End data with <CR><LF>.<CR><LF>")
+        spool.write(self._received_header(spool.id))
+
+    def _received_header(self, queue_id: str) -> bytes:
+        txn = self.txn
+        proto = "ESMTP" if self.esmtp else "SMTP"
+        rcpt = f"\r\n\tfor <{txn.recipients[0][0]}>" if len(txn.recipients) == 1 else ""
+        date = email.utils.formatdate(time.time(), localtime=True)
+        host = self.factory.backend.hostname
+        return (
+            f"Received: from {self.helo} ([{self.peer_ip}])\r\n"
+            f"\tby {host} (twistmail) with {proto} id {queue_id}{rcpt};\r\n"
+            f"\t{date}\r\n"
+        ).encode("utf-8", "replace")
+
+    def smtp_RSET(self, arg: str) -> None:
+        if arg:
+            self.reply(501, "5.5.4 Syntax: RSET takes no arguments")
+            return
+        self.txn = None
+        self.reply(250, "2.0.0 Ok")
+
+    def smtp_NOOP(self, arg: str) -> None:
+        self.reply(250, "2.0.0 Ok")
+
+    def smtp_QUIT(self, arg: str) -> None:
+        self.reply(221, f"2.0.0 {self.factory.backend.hostname} closing connection")
+        self.close()
+
+    def smtp_HELP(self, arg: str) -> None:
+        self.reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY")
+
+    def smtp_VRFY(self, arg: str) -> None:
+        if not arg:
+            self.reply(501, "5.5.4 Syntax: VRFY address")
+            return
+        # Confirming addresses would hand out the user list (RFC 5321 §3.5.3).
+        self.reply(252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+
+
+class SMTPFactory(Factory):
+    """Builds sessions with the job's settings and backend."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        reactor: Any,
+        maxmsgsize: int,
+        maxrcpt: int,
+        inacttimo: int,
+        alwbarelf: bool,
+        mime8bit: bool,
+        on_done: Callable[[], None],
+    ) -> None:
+        self.backend = backend
+        self.reactor = reactor
+        self.maxmsgsize = maxmsgsize
+        self.maxrcpt = maxrcpt
+        self.inacttimo = inacttimo
+        self.alwbarelf = alwbarelf
+        self.mime8bit = mime8bit
+        self.on_done = on_done
+
+    def buildProtocol(self, addr: object) -> SMTPSession:
+        p = SMTPSession(self, self.on_done)
+        p.factory = self
+        return p
