@@ -11,7 +11,8 @@ The rules (DESIGN.md §3):
 * Start: INLJOBS jobs; the pool never holds fewer live jobs than INLJOBS
   while it is active, which is also how crashed and used-up jobs are replaced.
 * Grow: when the available jobs (idle or starting) less the waiting requests
-  fall below THRESHOLD, ADLJOBS more start; never above MAXJOBS.
+  fall below THRESHOLD, ADLJOBS more start - as many batches as it takes to
+  reach THRESHOLD again, so the rules reach a fixed point; never above MAXJOBS.
 * Reuse: an idle job that has served MAXUSE sessions is ended.
 * Shrink: once per trim interval, idle jobs that have been idle a whole
   interval are ended, half the surplus at a time, never below INLJOBS and
@@ -148,7 +149,7 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
     # Gradual trimming of idle surplus.
     trimmed = False
     wake: list[float] = []
-    if now - view.last_trim >= limits.trim_interval:
+    if now >= view.last_trim + limits.trim_interval:
         trimmed = True
         remaining = len(live) - len(ending)
         available = _available(live, ending) - len(view.waiting)
@@ -161,7 +162,7 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
                     for j in live
                     if j.state is JobState.IDLE
                     and j.id not in ending
-                    and now - j.since >= limits.trim_interval
+                    and now >= j.since + limits.trim_interval
                 ),
                 key=lambda j: j.since,
             )
@@ -174,10 +175,12 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
 
     # Starting jobs: keep INLJOBS, grow past THRESHOLD, stay under MAXJOBS.
     remaining = len(live) - len(ending)
-    start = max(0, entry.inljobs - remaining)
-    if _available(live, ending) + start - len(view.waiting) < entry.threshold:
-        start += entry.adljobs
-    start = int(max(0, min(start, cap - remaining)))
+    room = max(0, cap - remaining)
+    start = min(max(0, entry.inljobs - remaining), room)
+    available = _available(live, ending) - len(view.waiting)
+    while entry.adljobs and available + start < entry.threshold and start < room:
+        start = min(start + entry.adljobs, room)
+    start = int(start)
     if start and view.boot_failures:
         resume = view.last_boot_failure + limits.backoff(view.boot_failures)
         if now < resume:
@@ -185,7 +188,7 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
             wake.append(resume)
 
     # Requests that waited too long.
-    reject = sum(1 for t in view.waiting if now - t >= limits.wait_limit)
+    reject = sum(1 for t in view.waiting if now >= t + limits.wait_limit)
     if len(view.waiting) > reject:
         wake.append(view.waiting[reject] + limits.wait_limit)
 
