@@ -1,0 +1,557 @@
+"""The Maildir store (``twistmail.maildir``): delivery durability and POP session semantics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zope.interface.verify import verifyObject
+
+from twistmail.interfaces import IMailboxStore
+from twistmail.maildir import (
+    EXPUNGE_FILE,
+    InvalidName,
+    MailboxInUse,
+    MaildirStore,
+    MessageVanished,
+    NoSuchMessage,
+    SessionClosed,
+    base_name,
+    uidl_for,
+)
+
+HOST = "mail.example.test"
+USER = "SAM"
+PREFIX = b"Return-Path: <jane@example.test>\r\nDelivered-To: sam@example.test\r\n"
+BODY = b"Subject: hello\r\n\r\nline one\r\n.line two\r\n"
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "mailboxes"
+
+
+@pytest.fixture
+def store(root: Path) -> MaildirStore:
+    return MaildirStore(root, HOST)
+
+
+@pytest.fixture
+def body(tmp_path: Path) -> Path:
+    path = tmp_path / "body"
+    path.write_bytes(BODY)
+    return path
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def deliver_ids(store: MaildirStore, tmp_path: Path, *ids: str) -> dict[str, bytes]:
+    """Deliver one distinct small message per id; returns id → expected content."""
+    sent = {}
+    for delivery_id in ids:
+        path = tmp_path / f"body-{delivery_id}"
+        path.write_bytes(b"Subject: " + delivery_id.encode() + b"\r\n\r\nbody\r\n")
+        store.deliver(USER, delivery_id, path, PREFIX)
+        sent[delivery_id] = PREFIX + path.read_bytes()
+    return sent
+
+
+def run_python(
+    script: str, *, wait: bool = True, **kwargs
+) -> subprocess.Popen | subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(PROJECT))
+    argv = [sys.executable, "-c", textwrap.dedent(script)]
+    if not wait:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+# -- layout and names ----------------------------------------------------------
+
+
+def test_implements_the_interface(store: MaildirStore) -> None:
+    assert verifyObject(IMailboxStore, store)
+
+
+def test_layout_and_modes(store: MaildirStore, root: Path, body: Path) -> None:
+    maildir = store.ensure("sam")
+    assert maildir == root / "SAM" / "Maildir" == store.path("Sam")
+    for directory in (root / "SAM", maildir, maildir / "tmp", maildir / "new", maildir / "cur"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    delivered = store.deliver(USER, "Q1.R1", body, PREFIX)
+    assert stat.S_IMODE(delivered.stat().st_mode) == 0o600
+
+
+def test_deliver_creates_the_mailbox_on_first_use(store: MaildirStore, body: Path) -> None:
+    delivered = store.deliver("jane", "Q1.R1", body, PREFIX)
+    assert delivered.parent == store.path("JANE") / "new"
+
+
+@pytest.mark.parametrize(
+    "user", ["", "../SAM", "A/B", "..", ".", "TOOLONGNAME", "JANE.DOE", "A B", "SAM\n", "ıAN", 7]
+)
+def test_bad_user_is_refused(store: MaildirStore, root: Path, body: Path, user: object) -> None:
+    with pytest.raises(InvalidName):
+        store.path(user)  # type: ignore[arg-type]
+    with pytest.raises(InvalidName):
+        store.deliver(user, "Q1.R1", body, PREFIX)  # type: ignore[arg-type]
+    with pytest.raises(InvalidName):
+        store.open(user)  # type: ignore[arg-type]
+    assert not root.exists() or not any(root.iterdir())
+
+
+@pytest.mark.parametrize("delivery_id", ["", ".hidden", "../x", "a/b", "a:2,", "a,S=1", "x" * 101])
+def test_bad_delivery_id_is_refused(store: MaildirStore, body: Path, delivery_id: str) -> None:
+    with pytest.raises(InvalidName):
+        store.deliver(USER, delivery_id, body, PREFIX)
+
+
+def test_name_is_delivery_id_host_and_size(store: MaildirStore, body: Path) -> None:
+    delivered = store.deliver(USER, "0a1b2c.R3", body, PREFIX)
+    size = len(PREFIX) + len(BODY)
+    assert delivered.name == f"0a1b2c.R3.{HOST},S={size}"
+    assert delivered.read_bytes() == PREFIX + BODY
+
+
+def test_host_name_is_made_safe(root: Path, body: Path) -> None:
+    store = MaildirStore(root, "odd/host:name,x y")
+    delivered = store.deliver(USER, "Q1", body, PREFIX)
+    assert delivered.name.startswith("Q1.odd\\057host\\072name\\054x\\040y,S=")
+    with store.open(USER) as session:
+        (msg,) = session.messages()
+    assert msg.uidl == "Q1.odd\\057host\\072name\\054x\\040y"
+
+
+# -- delivery ------------------------------------------------------------------
+
+
+def test_deliver_twice_leaves_one_copy(store: MaildirStore, body: Path) -> None:
+    first = store.deliver(USER, "Q1.R1", body, PREFIX)
+    second = store.deliver(USER, "Q1.R1", body, PREFIX)
+    maildir = store.path(USER)
+    assert first == second
+    assert files(maildir / "new") == [first.name]
+    assert files(maildir / "tmp") == files(maildir / "cur") == []
+
+
+@pytest.mark.parametrize("info", [":2,", ":2,S"])
+def test_deliver_again_after_the_message_moved_to_cur(
+    store: MaildirStore, body: Path, info: str
+) -> None:
+    first = store.deliver(USER, "Q1.R1", body, PREFIX)
+    store.open(USER).close()
+    maildir = store.path(USER)
+    assert files(maildir / "cur") == [first.name + ":2,"]
+    os.rename(maildir / "cur" / (first.name + ":2,"), maildir / "cur" / (first.name + info))
+    again = store.deliver(USER, "Q1.R1", body, PREFIX)
+    assert again == maildir / "cur" / (first.name + info)
+    assert files(maildir / "new") == [] and files(maildir / "tmp") == []
+    assert len(files(maildir / "cur")) == 1
+
+
+def test_recipients_of_one_message_get_one_copy_each(store: MaildirStore, body: Path) -> None:
+    store.deliver(USER, "Q1.R1", body, PREFIX)
+    store.deliver(USER, "Q1.R2", body, PREFIX)
+    assert len(files(store.path(USER) / "new")) == 2
+
+
+def write_big_body(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    block = (b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.\r\n" * 1024)[:65536]
+    with open(path, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("sendfile", [True, False], ids=["sendfile", "chunked"])
+def test_big_body_is_streamed_not_loaded(
+    store: MaildirStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sendfile: bool
+) -> None:
+    if not sendfile:
+
+        def no_sendfile(*args: object) -> int:
+            raise OSError(22, "Invalid argument")
+
+        monkeypatch.setattr(os, "sendfile", no_sendfile)
+    big = tmp_path / "big"
+    body_digest = write_big_body(big, 30 * 1024 * 1024)
+    store.ensure(USER)
+    tracemalloc.start()
+    try:
+        delivered = store.deliver(USER, "Q1.R1", big, PREFIX)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * 1024 * 1024
+    assert delivered.stat().st_size == len(PREFIX) + big.stat().st_size
+    with open(delivered, "rb") as f:
+        assert f.read(len(PREFIX)) == PREFIX
+    copy = tmp_path / "copy"
+    with open(delivered, "rb") as src, open(copy, "wb") as dst:
+        src.seek(len(PREFIX))
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    assert file_digest(copy) == body_digest
+
+
+def test_fsync_of_file_then_link_then_fsync_of_new(
+    store: MaildirStore, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.ensure(USER)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def link(src: object, dst: object) -> None:
+        events.append(("link", str(dst)))
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    delivered = store.deliver(USER, "Q1.R1", body, PREFIX)
+    maildir = store.path(USER)
+    in_tmp = str(maildir / "tmp") + "/"
+    tmp_file = next(i for i, (op, p) in enumerate(events) if op == "fsync" and p.startswith(in_tmp))
+    linked = events.index(("link", str(delivered)))
+    new_dir = events.index(("fsync", str(maildir / "new")))
+    assert tmp_file < linked < new_dir
+
+
+def test_names_sort_by_queue_id(store: MaildirStore, tmp_path: Path) -> None:
+    deliver_ids(store, tmp_path, "0003.R1", "0001.R2", "0002.R1", "0001.R1")
+    with store.open(USER) as session:
+        order = [m.uidl for m in session.messages()]
+    assert order == [f"{q}.{HOST}" for q in ("0001.R1", "0001.R2", "0002.R1", "0003.R1")]
+
+
+def test_sigkill_during_delivery_leaves_only_tmp_and_retry_succeeds(
+    store: MaildirStore, root: Path, body: Path
+) -> None:
+    result = run_python(f"""
+        import os, signal
+        from twistmail.maildir import MaildirStore
+        os.link = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+        MaildirStore({str(root)!r}, {HOST!r}).deliver("SAM", "Q1.R1", {str(body)!r}, {PREFIX!r})
+    """)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    maildir = store.path(USER)
+    assert len(files(maildir / "tmp")) == 1
+    assert files(maildir / "new") == files(maildir / "cur") == []
+    delivered = store.deliver(USER, "Q1.R1", body, PREFIX)
+    assert delivered.read_bytes() == PREFIX + BODY
+    with store.open(USER) as session:
+        assert session.stat() == (1, len(PREFIX + BODY))
+
+
+def test_stale_tmp_files_are_removed_by_a_session(store: MaildirStore) -> None:
+    tmp = store.ensure(USER) / "tmp"
+    (tmp / "stale").write_bytes(b"x")
+    (tmp / "fresh").write_bytes(b"x")
+    old = time.time() - 37 * 3600
+    os.utime(tmp / "stale", (old, old))
+    store.open(USER).close()
+    assert files(tmp) == ["fresh"]
+
+
+# -- sessions: locking -----------------------------------------------------------
+
+
+def test_second_open_is_refused_until_close(store: MaildirStore) -> None:
+    session = store.open(USER)
+    with pytest.raises(MailboxInUse):
+        store.open("sam")
+    session.close()
+    store.open(USER).close()
+
+
+def test_lock_is_released_by_commit(store: MaildirStore) -> None:
+    session = store.open(USER)
+    session.commit()
+    store.open(USER).commit()
+
+
+def test_other_mailboxes_are_not_locked(store: MaildirStore) -> None:
+    with store.open(USER), store.open("JANE"):
+        pass
+
+
+def test_lock_is_released_when_the_holder_dies(store: MaildirStore, root: Path) -> None:
+    holder = run_python(
+        f"""
+        import sys, time
+        from twistmail.maildir import MaildirStore
+        session = MaildirStore({str(root)!r}, {HOST!r}).open("SAM")
+        print("locked", flush=True)
+        time.sleep(60)
+        """,
+        wait=False,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(MailboxInUse):
+            store.open(USER)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    store.open(USER).close()
+
+
+def test_closed_session_refuses_use(store: MaildirStore) -> None:
+    session = store.open(USER)
+    session.close()
+    session.close()
+    assert session.closed
+    for call in (session.messages, session.stat, session.commit, session.undelete_all):
+        with pytest.raises(SessionClosed):
+            call()
+    with pytest.raises(SessionClosed):
+        session.read(1)
+
+
+# -- sessions: snapshot, sizes, uidl -----------------------------------------------
+
+
+def test_new_mail_is_moved_to_cur_with_info(store: MaildirStore, body: Path) -> None:
+    delivered = store.deliver(USER, "Q1.R1", body, PREFIX)
+    with store.open(USER) as session:
+        (msg,) = session.messages()
+    maildir = store.path(USER)
+    assert files(maildir / "new") == []
+    assert msg.path == maildir / "cur" / (delivered.name + ":2,")
+
+
+def test_snapshot_is_stable_during_the_session(store: MaildirStore, tmp_path: Path) -> None:
+    deliver_ids(store, tmp_path, "0001.R1")
+    session = store.open(USER)
+    deliver_ids(store, tmp_path, "0002.R1")
+    assert [m.uidl for m in session.messages()] == [f"0001.R1.{HOST}"]
+    assert session.stat()[0] == 1
+    with pytest.raises(NoSuchMessage):
+        session.read(2)
+    session.commit()
+    with store.open(USER) as session:
+        assert [m.uidl for m in session.messages()] == [f"0001.R1.{HOST}", f"0002.R1.{HOST}"]
+
+
+def test_stat_and_sizes_are_exact_octets(store: MaildirStore, tmp_path: Path) -> None:
+    sent = deliver_ids(store, tmp_path, "0001.R1", "0002.R1", "0003.R1")
+    with store.open(USER) as session:
+        assert session.stat() == (3, sum(len(v) for v in sent.values()))
+        for msg, content in zip(session.messages(), sent.values(), strict=True):
+            assert msg.size == len(content) == msg.path.stat().st_size
+            with session.read(msg.index) as f:
+                assert f.read() == content
+
+
+def test_uidl_is_stable_across_sessions_and_processes(
+    store: MaildirStore, root: Path, tmp_path: Path
+) -> None:
+    deliver_ids(store, tmp_path, "0001.R1", "0002.R1")
+    with store.open(USER) as session:
+        first = [m.uidl for m in session.messages()]
+    with store.open(USER) as session:
+        assert [m.uidl for m in session.messages()] == first
+    result = run_python(f"""
+        import json
+        from twistmail.maildir import MaildirStore
+        with MaildirStore({str(root)!r}, {HOST!r}).open("SAM") as session:
+            print(json.dumps([m.uidl for m in session.messages()]))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == first
+    assert len(set(first)) == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=120), st.text(min_size=1, max_size=120))
+def test_uidl_is_valid_and_distinct(a: str, b: str) -> None:
+    for name in (a, b):
+        uidl = uidl_for(name)
+        assert 1 <= len(uidl) <= 70
+        assert all(0x21 <= ord(c) <= 0x7E for c in uidl)
+    if a != b:
+        assert uidl_for(a) != uidl_for(b)
+
+
+def test_base_name_ignores_info_and_fields() -> None:
+    assert base_name("Q1.R1.host,S=12:2,S") == base_name("Q1.R1.host,S=12,W=13") == "Q1.R1.host"
+    assert base_name("1700000000.M1P2.host") == "1700000000.M1P2.host"
+
+
+# -- sessions: deletion -------------------------------------------------------------
+
+
+def test_dele_marks_rset_unmarks_and_close_deletes_nothing(
+    store: MaildirStore, tmp_path: Path
+) -> None:
+    sent = deliver_ids(store, tmp_path, "0001.R1", "0002.R1", "0003.R1")
+    sizes = [len(v) for v in sent.values()]
+    session = store.open(USER)
+    paths = [m.path for m in session.messages()]
+    session.mark_deleted(2)
+    assert [m.index for m in session.messages()] == [1, 3]
+    assert session.stat() == (2, sizes[0] + sizes[2])
+    for call in (session.read, session.mark_deleted, session.message):
+        with pytest.raises(NoSuchMessage):
+            call(2)
+    assert all(p.exists() for p in paths)
+    session.undelete_all()
+    assert session.stat() == (3, sum(sizes))
+    session.mark_deleted(1)
+    session.mark_deleted(3)
+    session.close()
+    assert all(p.exists() for p in paths)
+    with store.open(USER) as again:
+        assert again.stat() == (3, sum(sizes))
+
+
+def test_commit_deletes_the_marked_messages(store: MaildirStore, tmp_path: Path) -> None:
+    deliver_ids(store, tmp_path, "0001.R1", "0002.R1", "0003.R1")
+    session = store.open(USER)
+    paths = [m.path for m in session.messages()]
+    session.mark_deleted(1)
+    session.mark_deleted(3)
+    assert all(p.exists() for p in paths)
+    session.commit()
+    assert [p.exists() for p in paths] == [False, True, False]
+    assert not (store.path(USER) / EXPUNGE_FILE).exists()
+    with store.open(USER) as again:
+        (msg,) = again.messages()
+        assert (msg.index, msg.uidl) == (1, f"0002.R1.{HOST}")
+
+
+@pytest.mark.parametrize("index", [0, 4, -1])
+def test_out_of_range_numbers(store: MaildirStore, tmp_path: Path, index: int) -> None:
+    deliver_ids(store, tmp_path, "0001.R1", "0002.R1", "0003.R1")
+    with store.open(USER) as session:
+        for call in (session.read, session.mark_deleted, session.message):
+            with pytest.raises(NoSuchMessage):
+                call(index)
+
+
+def test_commit_is_all_or_nothing_across_a_crash(
+    store: MaildirStore, root: Path, tmp_path: Path
+) -> None:
+    deliver_ids(store, tmp_path, "0001.R1", "0002.R1", "0003.R1", "0004.R1")
+    result = run_python(f"""
+        import os, signal
+        from twistmail.maildir import MaildirStore
+        session = MaildirStore({str(root)!r}, {HOST!r}).open("SAM")
+        for index in (1, 2, 4):
+            session.mark_deleted(index)
+        real_unlink, seen = os.unlink, []
+        def unlink(path, *args, **kwargs):
+            if "/cur/" in str(path):
+                seen.append(path)
+                if len(seen) == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            real_unlink(path, *args, **kwargs)
+        os.unlink = unlink
+        session.commit()
+    """)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    maildir = store.path(USER)
+    assert (maildir / EXPUNGE_FILE).exists()
+    assert len(files(maildir / "cur")) == 3
+    with store.open(USER) as session:
+        assert [m.uidl for m in session.messages()] == [f"0003.R1.{HOST}"]
+    assert len(files(maildir / "cur")) == 1
+    assert not (maildir / EXPUNGE_FILE).exists()
+
+
+def test_read_of_a_vanished_message_is_a_clear_error(store: MaildirStore, tmp_path: Path) -> None:
+    deliver_ids(store, tmp_path, "0001.R1", "0002.R1")
+    session = store.open(USER)
+    gone = session.message(1)
+    os.unlink(gone.path)
+    with pytest.raises(MessageVanished, match=gone.uidl):
+        session.read(1)
+    session.mark_deleted(1)
+    session.mark_deleted(2)
+    session.commit()
+    assert files(store.path(USER) / "cur") == []
+
+
+def test_message_renamed_by_another_reader_is_followed(store: MaildirStore, tmp_path: Path) -> None:
+    sent = deliver_ids(store, tmp_path, "0001.R1")
+    session = store.open(USER)
+    msg = session.message(1)
+    flagged = msg.path.with_name(msg.path.name + "RS")
+    os.rename(msg.path, flagged)
+    with session.read(1) as f:
+        assert f.read() == sent["0001.R1"]
+    session.mark_deleted(1)
+    session.commit()
+    assert not flagged.exists()
+
+
+# -- coexistence with other Maildir writers and readers ---------------------------
+
+
+def test_foreign_message_is_listed_and_read(store: MaildirStore, tmp_path: Path) -> None:
+    sent = deliver_ids(store, tmp_path, "0001.R1")
+    foreign = b"From: a@b\nSubject: imported\n\nplain LF body\n"
+    path = store.path(USER) / "new" / "1700000000.M12P34.otherhost"
+    path.write_bytes(foreign)
+    with store.open(USER) as session:
+        first, second = session.messages()
+        assert (first.uidl, first.size) == ("1700000000.M12P34.otherhost", len(foreign))
+        with session.read(first.index) as f:
+            assert f.read() == foreign
+        assert second.size == len(sent["0001.R1"])
+        assert session.stat() == (2, len(foreign) + second.size)
+
+
+def test_foreign_messages_are_ordered_by_mtime(store: MaildirStore) -> None:
+    cur = store.ensure(USER) / "cur"
+    for name, age in (("b", 100), ("a", 50), ("c", 200)):
+        (cur / f"{name}:2,S").write_bytes(b"x\n")
+        os.utime(cur / f"{name}:2,S", (time.time() - age, time.time() - age))
+    with store.open(USER) as session:
+        assert [m.uidl for m in session.messages()] == ["c", "b", "a"]
+
+
+def test_copies_with_one_base_name_are_listed_once(
+    store: MaildirStore, tmp_path: Path, body: Path
+) -> None:
+    store.deliver(USER, "Q1.R1", body, PREFIX)
+    store.deliver(USER, "Q1.R1", body, PREFIX + b"X-Retry: 1\r\n")
+    cur = store.path(USER) / "cur"
+    assert len(files(store.path(USER) / "new")) == 2
+    with store.open(USER) as session:
+        assert len(session.messages()) == 1
+    assert len(files(cur)) == 2
+    session = store.open(USER)
+    session.commit()
+    assert len(files(cur)) == 1
+    with store.open(USER) as session:
+        assert [m.uidl for m in session.messages()] == [f"Q1.R1.{HOST}"]

@@ -1,0 +1,596 @@
+"""The Maildir mailbox store: local delivery for the bridge, snapshots for POP3.
+
+Role: implements :class:`~twistmail.interfaces.IMailboxStore` on standard
+Maildir, so any Maildir reader (Dovecot, mutt) can read the same mailboxes.
+Twisted's ``MaildirMailbox`` is not used (TWISTED.md §2.4).  Every method is
+synchronous and may block on disk; reactor code calls it through
+``deferToThread``.  All I/O is binary.
+
+Files, under the store root (``<datadir>/mailboxes``):
+
+- ``<USRPRF>/Maildir/{tmp,new,cur}/`` the messages (directories 0700, files 0600);
+- ``<USRPRF>/Maildir/.twistmail.lock`` the POP session lock (``flock``);
+- ``<USRPRF>/Maildir/.twistmail.expunge`` the deletions of a QUIT in progress.
+
+Messages are kept in wire form: CRLF line ends, the received bytes plus the
+trace headers the bridge adds, so a file's size is its RFC 1939 size and the
+POP server only has to dot-stuff.
+
+Naming.  A delivery is stored as ``<delivery_id>.<host>,S=<size>`` in ``new/``;
+a POP session that sees it moves it to ``cur/`` as ``<name>:2,``.  The *base
+name* ``<delivery_id>.<host>`` never changes and the UIDL is derived from it.
+``<host>`` is the configured host name with every byte outside
+``[A-Za-z0-9._-]`` written as ``\\ooo`` (octal, the Maildir convention for
+``/`` and ``:``).  ``<size>`` (Maildir++) is the prefix plus the body, so a
+listing needs no ``stat``.  Our POP server writes no flag (deletion unlinks),
+so a delivered message can only be at ``new/<name>``, ``cur/<name>:2,`` or,
+when another reader marked it seen, ``cur/<name>:2,S``; the idempotency check
+probes exactly those three names and never lists a directory.
+
+Idempotency contract: the delivery id names one (queue id, recipient) pair,
+and the bridge passes the same prefix on every attempt (trace headers are
+built from the envelope, not from the clock), so a retry computes the same
+name.  Should two copies with one base name still exist (a retry with another
+prefix, a copy made by another tool), a POP session lists one of them and
+removes the others at QUIT.
+
+Durability: :meth:`MaildirStore.deliver` returns only when the message is
+durable: written to ``tmp/``, fsynced, hard-linked into ``new/`` (the link
+fails rather than replace an existing delivery), ``new/`` fsynced.  A crash
+leaves at most a file in ``tmp/``, removed by a POP session after 36 hours
+(the Maildir rule).  QUIT is all-or-nothing across crashes: the names to
+remove are written to ``.twistmail.expunge`` (fsynced, renamed into place)
+before the first unlink, and the next session finishes a log left behind.
+
+Locking: a POP session holds an exclusive, non-blocking ``flock`` on
+``.twistmail.lock`` from open to QUIT or close (a second session gets
+:class:`MailboxInUse`, which the POP server answers ``-ERR [IN-USE]``); the
+kernel drops it when the holding process dies.  Delivery takes no lock: it
+only adds to ``new/``, and a session works on the snapshot it took at open,
+so mail delivered meanwhile appears in the next session.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterable
+from contextlib import suppress
+from pathlib import Path
+from typing import BinaryIO
+
+import attrs
+from zope.interface import implementer
+
+from twistmail.interfaces import IMailboxStore
+
+#: The info a POP session gives a message when it moves it from new/ to cur/.
+SEEN_BY_POP = ":2,"
+#: Every cur/ info the idempotency check probes (see the module docstring).
+CUR_INFOS = (SEEN_BY_POP, ":2,S")
+LOCK_FILE = ".twistmail.lock"
+EXPUNGE_FILE = ".twistmail.expunge"
+#: Files in tmp/ older than this are debris of a killed delivery.
+TMP_MAX_AGE = 36 * 3600
+UIDL_MAX = 70
+
+_USER = re.compile(r"[A-Z0-9$#@_]{1,10}")
+_DELIVERY_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+_SIZE_FIELD = re.compile(r"S=([0-9]{1,19})")
+_HOST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_HOST_MAX = 100
+_CHUNK = 1 << 20
+_NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+
+class MaildirError(Exception):
+    """Base of the store's errors, each of which the POP server maps to ``-ERR``."""
+
+
+class InvalidName(MaildirError, ValueError):
+    """A user or delivery id that could escape its directory or break the naming."""
+
+
+class MailboxInUse(MaildirError):
+    """Another session holds the mailbox (POP: ``-ERR [IN-USE]``)."""
+
+
+class NoSuchMessage(MaildirError, LookupError):
+    """No message with that number in this session, or it is marked deleted."""
+
+
+class MessageVanished(MaildirError):
+    """The message was in the snapshot but something outside twistmail removed it."""
+
+
+class SessionClosed(MaildirError):
+    """The session has already been committed or closed."""
+
+
+class DeletionFailed(MaildirError):
+    """QUIT could not remove some marked messages (POP: ``-ERR`` in UPDATE)."""
+
+
+def check_user(user: str) -> str:
+    """The profile name as stored on disk; refuses anything that is not one.
+
+    IBM profile names cannot contain ``/``, ``.`` or anything else a path
+    trick needs, so validating is the whole defence."""
+    if isinstance(user, str) and user.isascii() and _USER.fullmatch(user.upper()):
+        return user.upper()
+    raise InvalidName(f"not a user profile name: {user!r}")
+
+
+def check_delivery_id(delivery_id: str) -> str:
+    """Refuse ids that could leave the directory, hide as a dot file or break parsing."""
+    if isinstance(delivery_id, str) and _DELIVERY_ID.fullmatch(delivery_id):
+        return delivery_id
+    raise InvalidName(f"not a delivery id: {delivery_id!r}")
+
+
+def safe_host(hostname: str) -> str:
+    """The host name as it may appear in a Maildir name (no ``/ : ,`` or spaces)."""
+    raw = hostname.encode("utf-8")
+    safe = "".join(chr(b) if b in _HOST_BYTES else f"\\{b:03o}" for b in raw)
+    if not safe or len(safe) > _HOST_MAX:
+        raise InvalidName(f"host name unusable in Maildir names: {hostname!r}")
+    return safe
+
+
+def base_name(name: str) -> str:
+    """The part of a Maildir name that no reader changes: before the info and fields."""
+    return name.split(":", 1)[0].split(",", 1)[0]
+
+
+def size_field(name: str) -> int | None:
+    """The Maildir++ ``S=`` size, when the writer recorded one."""
+    for field in name.split(":", 1)[0].split(",")[1:]:
+        match = _SIZE_FIELD.fullmatch(field)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def uidl_for(base: str) -> str:
+    """A UIDL (RFC 1939: 1-70 chars in 0x21-0x7E) that depends only on the base name.
+
+    Readable base names are used as they are; others become ``#`` plus a hash.
+    No usable base name starts with ``#``, so the two forms cannot collide."""
+    if 0 < len(base) <= UIDL_MAX and base[0] != "#" and all("!" <= c <= "~" for c in base):
+        return base
+    return "#" + hashlib.sha256(os.fsencode(base)).hexdigest()[:40]
+
+
+@attrs.frozen
+class MaildirMessage:
+    """One message of a session's snapshot; ``size`` is in octets as sent."""
+
+    index: int
+    size: int
+    uidl: str
+    path: Path
+
+
+@attrs.frozen
+class _Entry:
+    """A cur/ file found at open; ``key`` orders the listing."""
+
+    name: str
+    base: str
+    size: int
+    key: tuple
+
+
+@implementer(IMailboxStore)
+class MaildirStore:
+    """Maildir mailboxes under ``root``, one per user profile."""
+
+    def __init__(self, root: Path, hostname: str) -> None:
+        self.root = Path(root)
+        self.hostname = hostname
+        self._host = safe_host(hostname)
+
+    def path(self, user: str) -> Path:
+        """The user's Maildir directory (which may not exist yet)."""
+        return self.root / check_user(user) / "Maildir"
+
+    def ensure(self, user: str) -> Path:
+        """Create the mailbox if needed, private to the appliance's user."""
+        maildir = self.path(user)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for directory in (maildir.parent, maildir, *(maildir / d for d in ("tmp", "new", "cur"))):
+            _make_private_dir(directory)
+        return maildir
+
+    def message_name(self, delivery_id: str, size: int) -> str:
+        """The new/ name of a delivery: sortable by queue id, unique per recipient."""
+        return f"{check_delivery_id(delivery_id)}.{self._host},S={size}"
+
+    def deliver(self, user: str, delivery_id: str, body_path: Path | str, prefix: bytes) -> Path:
+        """Store ``prefix`` + body durably; a repeated delivery writes nothing.
+
+        Returns the message's path (in new/, or in cur/ if a session saw it)."""
+        maildir = self.path(user)
+        if not isinstance(prefix, bytes):
+            raise TypeError("prefix must be bytes")
+        check_delivery_id(delivery_id)
+        with open(body_path, "rb") as body:
+            body_size = os.fstat(body.fileno()).st_size
+            name = self.message_name(delivery_id, len(prefix) + body_size)
+            delivered = _find_delivered(maildir, name)
+            if delivered is not None:
+                return delivered
+            tmp = self._write_tmp(user, maildir, name, prefix, body, body_size)
+        return _link_new(maildir, tmp, name)
+
+    def _write_tmp(
+        self, user: str, maildir: Path, name: str, prefix: bytes, body: BinaryIO, size: int
+    ) -> Path:
+        """Write and fsync the message under a name no other delivery uses."""
+        tmp = maildir / "tmp" / f"{name}.{os.getpid()}.{secrets.token_hex(6)}"
+        try:
+            fd = _create(tmp)
+        except FileNotFoundError:
+            self.ensure(user)
+            fd = _create(tmp)
+        try:
+            _write_all(fd, prefix)
+            _copy_body(body, fd, size)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def open(self, user: str) -> MailboxSession:
+        """Lock the mailbox and take the snapshot a POP session works on.
+
+        Raises :class:`MailboxInUse` when another session holds it."""
+        maildir = self.ensure(user)
+        lock = _take_lock(maildir / LOCK_FILE, check_user(user))
+        try:
+            _finish_expunge(maildir)
+            _clean_tmp(maildir / "tmp", time.time() - TMP_MAX_AGE)
+            _move_new(maildir)
+            entries, redundant = self._scan(maildir / "cur")
+        except BaseException:
+            lock.close()
+            raise
+        return MailboxSession(maildir, lock, entries, redundant)
+
+    def _scan(self, cur: Path) -> tuple[list[_Entry], list[str]]:
+        """The listing in arrival order, one entry per base name, and the extra copies."""
+        kept: dict[str, _Entry] = {}
+        redundant: list[str] = []
+        for entry in _message_files(cur):
+            found = self._entry(entry)
+            if found is None:
+                continue
+            other = kept.get(found.base)
+            if other is not None:
+                keep, drop = (other, found) if other.key <= found.key else (found, other)
+                kept[found.base] = keep
+                redundant.append(drop.name)
+            else:
+                kept[found.base] = found
+        return sorted(kept.values(), key=lambda e: e.key), redundant
+
+    def _entry(self, entry: os.DirEntry) -> _Entry | None:
+        """Order ours by queue id without a stat; others (imported) first, by mtime."""
+        name = entry.name
+        base = base_name(name)
+        size = size_field(name)
+        queue_order = self._delivery_id_of(base)
+        if size is not None and queue_order is not None:
+            return _Entry(name, base, size, (1, queue_order, name))
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return _Entry(name, base, st.st_size if size is None else size, (0, st.st_mtime_ns, name))
+
+    def _delivery_id_of(self, base: str) -> str | None:
+        """The delivery id if this store (same host) made the name, else None."""
+        suffix = "." + self._host
+        if base.endswith(suffix) and _DELIVERY_ID.fullmatch(base[: -len(suffix)]):
+            return base[: -len(suffix)]
+        return None
+
+
+class MailboxSession:
+    """One POP session's view of a mailbox: a fixed snapshot plus pending deletions.
+
+    Nothing on disk changes before :meth:`commit` (the UPDATE state); a session
+    that ends any other way, :meth:`close` or a dead process, deletes nothing."""
+
+    def __init__(
+        self, maildir: Path, lock: BinaryIO, entries: list[_Entry], redundant: list[str]
+    ) -> None:
+        self.maildir = maildir
+        self._cur = maildir / "cur"
+        self._lock: BinaryIO | None = lock
+        self._messages = [
+            MaildirMessage(i, e.size, uidl_for(e.base), self._cur / e.name)
+            for i, e in enumerate(entries, 1)
+        ]
+        self._redundant = redundant
+        self._deleted: set[int] = set()
+
+    def __enter__(self) -> MailboxSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._lock is None
+
+    def messages(self) -> list[MaildirMessage]:
+        """The messages not marked deleted, in arrival order (numbers keep their gaps)."""
+        self._check_open()
+        return [m for m in self._messages if m.index not in self._deleted]
+
+    def message(self, index: int) -> MaildirMessage:
+        """A message by its session number; deleted ones may not be accessed (RFC 1939)."""
+        self._check_open()
+        if not 1 <= index <= len(self._messages) or index in self._deleted:
+            raise NoSuchMessage(f"no such message: {index}")
+        return self._messages[index - 1]
+
+    def stat(self) -> tuple[int, int]:
+        """STAT: count and total octets of the messages not marked deleted."""
+        listed = self.messages()
+        return len(listed), sum(m.size for m in listed)
+
+    def read(self, index: int) -> BinaryIO:
+        """The message file, binary, positioned at the start; the caller closes it.
+
+        Once opened the content stays readable even if the file is unlinked."""
+        msg = self.message(index)
+        try:
+            return open(msg.path, "rb")
+        except FileNotFoundError:
+            pass
+        moved = self._relocate([msg]).get(index)
+        if moved is None:
+            raise MessageVanished(f"message {index} ({msg.uidl}) was removed from the mailbox")
+        return open(moved.path, "rb")
+
+    def mark_deleted(self, index: int) -> None:
+        """DELE: only marks; the file goes at commit."""
+        self.message(index)
+        self._deleted.add(index)
+
+    def undelete_all(self) -> None:
+        """RSET: forget every mark."""
+        self._check_open()
+        self._deleted.clear()
+
+    def commit(self) -> None:
+        """QUIT: remove the marked messages all-or-nothing, then release the lock.
+
+        Raises :class:`DeletionFailed` (after releasing) if some could not be removed."""
+        self._check_open()
+        try:
+            names = self._names_to_remove()
+            failed = _expunge(self.maildir, names) if names else []
+        except OSError as e:
+            self.close()
+            raise DeletionFailed(f"deletions not completed: {e}") from e
+        self.close()
+        if failed:
+            raise DeletionFailed(f"{len(failed)} deleted messages not removed")
+
+    def close(self) -> None:
+        """End the session without deleting anything; safe to call twice."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()
+
+    def _check_open(self) -> None:
+        if self._lock is None:
+            raise SessionClosed("the mailbox session has ended")
+
+    def _names_to_remove(self) -> list[str]:
+        """cur/ names of the marked messages (followed if renamed) and the extra copies."""
+        marked = [self._messages[i - 1] for i in sorted(self._deleted)]
+        present: list[MaildirMessage] = []
+        missing: list[MaildirMessage] = []
+        for m in marked:
+            (present if os.path.lexists(m.path) else missing).append(m)
+        names = [m.path.name for m in present]
+        names += [m.path.name for m in self._relocate(missing).values()]
+        return list(dict.fromkeys(names + self._redundant))
+
+    def _relocate(self, lost: Iterable[MaildirMessage]) -> dict[int, MaildirMessage]:
+        """Find messages another reader renamed (new flags) by their base name.
+
+        Lists cur/ once, and only when a file has gone, which is rare."""
+        wanted = {base_name(m.path.name): m for m in lost}
+        if not wanted:
+            return {}
+        found: dict[int, MaildirMessage] = {}
+        for entry in _message_files(self._cur):
+            msg = wanted.get(base_name(entry.name))
+            if msg is not None and msg.index not in found:
+                moved = attrs.evolve(msg, path=self._cur / entry.name)
+                self._messages[msg.index - 1] = moved
+                found[msg.index] = moved
+        return found
+
+
+def _make_private_dir(path: Path) -> None:
+    """mkdir 0700 regardless of umask, and make the new entry durable."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    os.chmod(path, 0o700)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames, links and unlinks in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy_body(body: BinaryIO, out_fd: int, size: int) -> None:
+    """Copy ``size`` bytes in the kernel (sendfile), in 1 MiB chunks where it cannot."""
+    in_fd = body.fileno()
+    offset = 0
+    try:
+        while offset < size:
+            sent = os.sendfile(out_fd, in_fd, offset, size - offset)
+            if sent == 0:
+                raise MaildirError("the body file is shorter than it was")
+            offset += sent
+    except OSError as e:
+        if e.errno not in _NO_SENDFILE:
+            raise
+        _copy_chunks(body, out_fd, offset, size)
+
+
+def _copy_chunks(body: BinaryIO, out_fd: int, offset: int, size: int) -> None:
+    body.seek(offset)
+    while offset < size:
+        chunk = body.read(min(_CHUNK, size - offset))
+        if not chunk:
+            raise MaildirError("the body file is shorter than it was")
+        _write_all(out_fd, chunk)
+        offset += len(chunk)
+
+
+def _find_delivered(maildir: Path, name: str) -> Path | None:
+    """The existing copy of a delivery, probing exact names only.
+
+    new/ is probed before cur/: a session moves new/ → cur/ by one rename, so
+    in this order a message being moved is seen in one place or the other."""
+    for candidate in (maildir / "new" / name, *(maildir / "cur" / (name + i) for i in CUR_INFOS)):
+        if os.path.lexists(candidate):
+            return candidate
+    return None
+
+
+def _link_new(maildir: Path, tmp: Path, name: str) -> Path:
+    """Publish a written message; an existing name means it is already delivered."""
+    target = maildir / "new" / name
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(target.parent)
+    return target
+
+
+def _take_lock(path: Path, user: str) -> BinaryIO:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    lock = os.fdopen(fd, "r+b", buffering=0)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise MailboxInUse(f"mailbox of {user} is in use by another session") from None
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _message_files(directory: Path) -> list[os.DirEntry]:
+    """Message files: regular, neither symlinks nor dot files (our lock and log)."""
+    with os.scandir(directory) as it:
+        return [e for e in it if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
+
+
+def _clean_tmp(tmp: Path, older_than: float) -> None:
+    for entry in _message_files(tmp):
+        with suppress(FileNotFoundError):
+            if entry.stat(follow_symlinks=False).st_mtime < older_than:
+                os.unlink(entry.path)
+
+
+def _move_new(maildir: Path) -> None:
+    """Give messages in new/ to cur/ with the info POP sessions write."""
+    cur = maildir / "cur"
+    moved = False
+    for entry in _message_files(maildir / "new"):
+        with suppress(FileNotFoundError):
+            os.rename(entry.path, cur / (entry.name.split(":", 1)[0] + SEEN_BY_POP))
+            moved = True
+    if moved:
+        _fsync_dir(cur)
+        _fsync_dir(maildir / "new")
+
+
+def _expunge(maildir: Path, names: list[str]) -> list[str]:
+    """Unlink cur/ names under a durable intent log; returns those that failed."""
+    _write_intent(maildir, names)
+    failed = _unlink_all(maildir / "cur", names)
+    os.unlink(maildir / EXPUNGE_FILE)
+    _fsync_dir(maildir)
+    return failed
+
+
+def _write_intent(maildir: Path, names: list[str]) -> None:
+    tmp = maildir / (EXPUNGE_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, b"\0".join(os.fsencode(n) for n in names))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, maildir / EXPUNGE_FILE)
+    _fsync_dir(maildir)
+
+
+def _unlink_all(cur: Path, names: Iterable[str]) -> list[str]:
+    failed = []
+    for name in names:
+        try:
+            os.unlink(cur / name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            failed.append(name)
+    _fsync_dir(cur)
+    return failed
+
+
+def _finish_expunge(maildir: Path) -> None:
+    """Complete the QUIT of a session that died while removing its messages."""
+    log = maildir / EXPUNGE_FILE
+    with suppress(FileNotFoundError):
+        os.unlink(maildir / (EXPUNGE_FILE + ".tmp"))
+    try:
+        raw = log.read_bytes()
+    except FileNotFoundError:
+        return
+    names = [os.fsdecode(n) for n in raw.split(b"\0") if n and b"/" not in n]
+    _unlink_all(maildir / "cur", [n for n in names if not n.startswith(".")])
+    os.unlink(log)
+    _fsync_dir(maildir)
