@@ -1,0 +1,757 @@
+"""User profiles, the system distribution directory, resolution and their commands."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from twistmail import directory as dirmod
+from twistmail.cli.base import run
+from twistmail.directory import (
+    DirectoryEntry,
+    DirectoryError,
+    Resolution,
+    SqliteDirectory,
+    UserProfile,
+)
+from twistmail.interfaces import IDirectory
+
+DOMAINS = ("example.test", "Other.Test")
+CONFIG = """[system]
+datadir = "var"
+local_domains = ["example.test", "other.test"]
+hostname = "mail.example.test"
+"""
+
+
+@pytest.fixture
+def cheap_scrypt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashing at full cost makes each profile take a tenth of a second."""
+    monkeypatch.setattr(dirmod, "SCRYPT_N", 2**4)
+
+
+@pytest.fixture
+def d(tmp_path: Path, cheap_scrypt: None) -> SqliteDirectory:
+    directory = SqliteDirectory(tmp_path / "var" / "directory.sqlite", DOMAINS, "mail")
+    yield directory
+    directory.close()
+
+
+def _db_bytes(path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+
+
+# -- construction -------------------------------------------------------------
+
+
+def test_provides_the_interface_and_normalizes_domains(d):
+    assert IDirectory.providedBy(d)
+    assert d.local_domains == ("example.test", "other.test")
+    assert d.system_address == "MAIL"
+
+
+@pytest.mark.parametrize(
+    ("hostname", "address"),
+    [
+        ("mail.example.test", "MAIL"),
+        ("mx-01.example.test", "MX01"),
+        ("averyverylongname.example", "AVERYVER"),
+        ("", "LOCAL"),
+        ("---.example", "LOCAL"),
+    ],
+)
+def test_system_address_from_hostname(hostname, address):
+    assert dirmod.system_address_from_hostname(hostname) == address
+
+
+def test_from_settings(tmp_path):
+    from twistmail import config
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(CONFIG)
+    with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        assert d.path == tmp_path / "var" / "directory.sqlite"
+        assert d.local_domains == ("example.test", "other.test")
+        assert d.system_address == "MAIL"
+
+
+def test_database_is_wal_versioned_and_private(d):
+    d.profiles()
+    conn = sqlite3.connect(d.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == dirmod.SCHEMA_VERSION
+    conn.close()
+    assert d.path.stat().st_mode & 0o077 == 0
+
+
+# -- profiles and passwords ---------------------------------------------------
+
+
+def test_password_is_stored_only_as_a_scrypt_hash(tmp_path):
+    d = SqliteDirectory(tmp_path / "directory.sqlite", DOMAINS, "MAIL")
+    d.create_profile("sam", "Correct Horse 42", text="Sam")
+    stored = d._conn().execute("SELECT pwhash FROM profiles").fetchone()[0]
+    scheme, n, r, p, salt, digest = stored.split("$")
+    assert (scheme, n, r, p) == ("scrypt", "16384", "8", "1")
+    assert len(dirmod.base64.b64decode(salt)) == 16
+    assert b"Correct Horse 42" not in _db_bytes(d.path)
+    d.close()
+    assert b"Correct Horse 42" not in _db_bytes(d.path)
+
+
+def test_authenticate(d):
+    d.create_profile("Sam", "s3cret")
+    assert d.authenticate("sam", "s3cret") == "SAM"
+    assert d.authenticate("SAM", "s3cret") == "SAM"
+    assert d.authenticate(" sAm ", "s3cret") == "SAM"
+    assert d.authenticate("sam", "S3CRET") is None
+    assert d.authenticate("sam", "s3cret ") is None
+    assert d.authenticate("sam", "") is None
+    assert d.authenticate("nobody", "s3cret") is None
+    assert d.authenticate("not a name!", "s3cret") is None
+
+
+def test_disabled_profile_is_refused_and_re_enabled(d):
+    d.create_profile("sam", "pw", status="*disabled")
+    assert d.get_profile("sam").status == "*DISABLED"
+    assert d.authenticate("sam", "pw") is None
+    d.change_profile("sam", status="*ENABLED")
+    assert d.authenticate("sam", "pw") == "SAM"
+
+
+def test_every_authentication_costs_one_scrypt(d, monkeypatch):
+    d.create_profile("sam", "pw")
+    d.create_profile("off", "pw", status="*DISABLED")
+    calls = []
+    real = dirmod._scrypt
+    monkeypatch.setattr(dirmod, "_scrypt", lambda *a: calls.append(1) or real(*a))
+    for user, password in [
+        ("sam", "pw"),
+        ("sam", "no"),
+        ("ghost", "pw"),
+        ("off", "pw"),
+        ("bad name", "pw"),
+        ("x" * 40, "pw"),
+    ]:
+        calls.clear()
+        d.authenticate(user, password)
+        assert len(calls) == 1, user
+
+
+def test_change_password_and_text(d):
+    d.create_profile("sam", "old")
+    p = d.change_profile("SAM", password="new", text="Sam Smith")
+    assert p.text == "Sam Smith"
+    assert d.authenticate("sam", "old") is None
+    assert d.authenticate("sam", "new") == "SAM"
+
+
+def test_profile_listing(d):
+    d.create_profile("zed", "pw")
+    d.create_profile("amy", "pw", text="Amy")
+    profiles = d.profiles()
+    assert [p.usrprf for p in profiles] == ["AMY", "ZED"]
+    assert isinstance(profiles[0], UserProfile) and profiles[0].text == "Amy"
+    assert d.get_profile("nobody") is None
+    assert d.get_profile("not valid!") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("sam", "SAM"),
+        ("$SYS_1", "$SYS_1"),
+        ("#A@B", "#A@B"),
+        ("#A$B", "#A$B"),
+        ("ABCDEFGHIJ", "ABCDEFGHIJ"),
+        ("ABCDEFGHIJK", None),
+        ("1SAM", None),
+        ("_SAM", None),
+        ("", None),
+        ("SAM SMITH", None),
+        ("SAM-1", None),
+        ("straße", None),
+    ],
+)
+def test_profile_name_rules(d, name, ok):
+    if ok:
+        assert d.create_profile(name, "pw").usrprf == ok
+    else:
+        with pytest.raises(DirectoryError) as e:
+            d.create_profile(name, "pw")
+        assert str(e.value).startswith("usrprf: ")
+        assert "allowed: 1-10 characters" in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_duplicate_profile_refused_case_insensitively(d):
+    d.create_profile("sam", "pw")
+    with pytest.raises(DirectoryError, match="usrprf: 'SAM' already exists"):
+        d.create_profile("Sam", "other")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"password": ""}, "password: '(0 characters)'"),
+        ({"password": "x" * 129}, "1-128 characters"),
+        ({"password": "pw", "status": "*LOCKED"}, "status: '*LOCKED' is not allowed"),
+        ({"password": "pw", "text": "x" * 51}, "text: "),
+    ],
+)
+def test_profile_value_errors(d, kwargs, needle):
+    with pytest.raises(DirectoryError) as e:
+        d.create_profile("sam", **kwargs)
+    assert needle in str(e.value)
+    assert d.get_profile("sam") is None
+    assert d.entries() == []
+
+
+def test_change_or_delete_unknown_profile(d):
+    with pytest.raises(DirectoryError, match="usrprf: 'NOBODY' does not exist"):
+        d.change_profile("nobody", text="x")
+    with pytest.raises(DirectoryError, match="does not exist"):
+        d.delete_profile("nobody")
+
+
+# -- enrolment ----------------------------------------------------------------
+
+
+def test_creating_a_profile_enrolls_a_pop_user(d):
+    d.create_profile("sam", "pw", text="Sam Smith")
+    d.create_profile("jane", "pw")
+    assert d.get_entry("sam", "mail") == DirectoryEntry(
+        userid="SAM",
+        address="MAIL",
+        usrd="Sam Smith",
+        user="SAM",
+        msfsrvlvl="*SYSMS",
+        prefadr="*SMTP",
+        smtpuser="sam",
+        smtpdomain="example.test",
+    )
+    assert d.get_entry("JANE", "MAIL").usrd == "JANE"
+    assert d.smtp_address("sam") == "sam@example.test"
+    assert d.resolve("sam@example.test") == Resolution("pop", "sam@example.test", usrprf="SAM")
+
+
+def test_enrolment_picks_a_free_user_id(d):
+    d.create_profile("ABCDEFGHIJ", "pw")
+    d.create_profile("ABCDEFGHXY", "pw")
+    d.add_entry(DirectoryEntry("ABCDEFG2", "MAIL", "taken"))
+    d.create_profile("ABCDEFGHZZ", "pw")
+    d.create_profile("ABC", "pw")
+    d.add_entry(DirectoryEntry("BOB", "MAIL", "SNADS Bob"))
+    d.create_profile("BOB", "pw")
+    ids = {e.user: e.userid for e in d.entries() if e.user}
+    assert ids == {
+        "ABCDEFGHIJ": "ABCDEFGH",
+        "ABCDEFGHXY": "ABCDEFG1",
+        "ABCDEFGHZZ": "ABCDEFG3",
+        "ABC": "ABC",
+        "BOB": "BOB1",
+    }
+    assert d.resolve("abcdefghzz@example.test").usrprf == "ABCDEFGHZZ"
+
+
+def test_a_profile_name_with_at_sign_is_enrolled_without_smtp_name(d):
+    d.create_profile("#A@B", "pw")
+    e = d.get_entry("#A@B", "MAIL")
+    assert (e.msfsrvlvl, e.prefadr, e.smtp_name) == ("*SYSMS", "*USRID", None)
+    assert d.smtp_address("#A@B") is None
+
+
+def test_enrolment_refused_when_the_smtp_name_is_taken(d):
+    d.add_entry(DirectoryEntry("OLDSAM", "MAIL", "old", smtpuser="sam"))
+    with pytest.raises(DirectoryError) as e:
+        d.create_profile("sam", "pw")
+    assert str(e.value).startswith("usrprf: 'SAM' cannot be enrolled")
+    assert "OLDSAM MAIL" in str(e.value)
+    assert d.get_profile("sam") is None
+
+
+def test_delete_profile_removes_its_entries_but_not_its_mailbox(d):
+    d.create_profile("sam", "pw")
+    d.add_entry(DirectoryEntry("*any", "*any", "catch", user="sam", msfsrvlvl="*SYSMS"))
+    d.add_entry(DirectoryEntry("SAMX", "MAIL", "alias", user="sam", smtpuser="s.smith"))
+    mailbox = d.mailbox("SAM")
+    mailbox.mkdir(parents=True)
+    note = d.delete_profile("Sam")
+    assert str(mailbox) in note and "3 directory entries" in note
+    assert mailbox.is_dir()
+    assert d.get_profile("sam") is None
+    assert d.entries() == []
+    assert d.resolve("sam@example.test") is None
+
+
+# -- directory entries --------------------------------------------------------
+
+
+def test_add_entry_normalizes(d):
+    d.create_profile("sam", "pw")
+    e = d.add_entry(
+        DirectoryEntry(
+            " joe ",
+            "hq",
+            "Joe",
+            user="sam",
+            msfsrvlvl="*usridx",
+            prefadr="*smtp",
+            smtpuser="Joe.Bloggs",
+            smtpdomain="Other.TEST.",
+        )
+    )
+    assert e == DirectoryEntry(
+        "JOE", "HQ", "Joe", "SAM", "*USRIDX", "*SMTP", "Joe.Bloggs", "other.test"
+    )
+    assert d.get_entry("joe", "hq") == e
+
+
+def test_smtp_domain_defaults_to_the_first_local_domain(d):
+    e = d.add_entry(DirectoryEntry("JOE", "HQ", "Joe", smtpuser="joe"))
+    assert e.smtpdomain == "example.test"
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        (DirectoryEntry("TOOLONGID", "MAIL", "x"), "usrid: 'TOOLONGID' is not allowed"),
+        (DirectoryEntry("SAM", "", "x"), "usrid: '' is not allowed; allowed: 1-8"),
+        (DirectoryEntry("SA M", "MAIL", "x"), "usrid: 'SA M'"),
+        (DirectoryEntry("*ANY", "MAIL", "x"), "only allowed as *ANY *ANY"),
+        (DirectoryEntry("JOE", "MAIL", ""), "usrd: '' is not allowed"),
+        (DirectoryEntry("JOE", "MAIL", "x", user="ghost"), "user: 'GHOST' does not exist"),
+        (DirectoryEntry("JOE", "MAIL", "x", msfsrvlvl="*DOMINO"), "*SYSMS, *USRIDX"),
+        (DirectoryEntry("JOE", "MAIL", "x", prefadr="*ORNAME"), "*SMTP, *USRID"),
+        (DirectoryEntry("JOE", "MAIL", "x", msfsrvlvl="*SYSMS"), "user: '*NONE'"),
+        (DirectoryEntry("JOE", "MAIL", "x", prefadr="*SMTP"), "smtpuser: '*NONE'"),
+        (DirectoryEntry("JOE", "MAIL", "x", smtpuser="a b"), "smtpuser: 'a b'"),
+        (DirectoryEntry("JOE", "MAIL", "x", smtpuser=".joe"), "smtpuser: '.joe'"),
+        (DirectoryEntry("JOE", "MAIL", "x", smtpuser="j@e"), "smtpuser: 'j@e'"),
+        (
+            DirectoryEntry("JOE", "MAIL", "x", smtpuser="j", smtpdomain="ex ample"),
+            "smtpdomain: 'ex ample'",
+        ),
+        (DirectoryEntry("JOE", "MAIL", "x", smtpuser="j", smtpdomain="-bad.test"), "smtpdomain"),
+        (DirectoryEntry("*ANY", "*ANY", "catch", msfsrvlvl="*SYSMS"), "user: '*NONE'"),
+        (DirectoryEntry("*ANY", "*ANY", "catch", user="sam"), "msfsrvlvl: '*USRIDX'"),
+    ],
+)
+def test_entry_rules(d, entry, needle):
+    d.create_profile("sam", "pw")
+    before = d.entries()
+    with pytest.raises(DirectoryError) as e:
+        d.add_entry(entry)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+    assert d.entries() == before
+
+
+def test_duplicate_entry_refused(d):
+    d.add_entry(DirectoryEntry("JOE", "MAIL", "Joe"))
+    with pytest.raises(DirectoryError, match="usrid: 'JOE MAIL' already exists"):
+        d.add_entry(DirectoryEntry("joe", "mail", "Joe again"))
+
+
+def test_smtp_names_are_unique_with_the_domain_case_insensitive(d):
+    d.add_entry(DirectoryEntry("JOE", "MAIL", "Joe", smtpuser="joe", smtpdomain="example.test"))
+    with pytest.raises(DirectoryError, match="already the SMTP name of directory entry JOE MAIL"):
+        d.add_entry(DirectoryEntry("JOE2", "MAIL", "x", smtpuser="joe", smtpdomain="EXAMPLE.Test"))
+    d.add_entry(DirectoryEntry("JOE3", "MAIL", "x", smtpuser="joe", smtpdomain="other.test"))
+    d.add_entry(DirectoryEntry("JOE4", "MAIL", "x", smtpuser="Joe", smtpdomain="example.test"))
+    with pytest.raises(DirectoryError, match="smtpuser: 'joe@example.test'"):
+        d.change_entry("JOE4", "MAIL", smtpuser="joe")
+
+
+def test_change_entry(d):
+    d.create_profile("sam", "pw")
+    d.add_entry(DirectoryEntry("JOE", "HQ", "Joe", smtpuser="joe"))
+    assert d.resolve("joe@example.test").kind == "snads"
+    e = d.change_entry("joe", "hq", user="sam", msfsrvlvl="*sysms", prefadr="*SMTP")
+    assert (e.user, e.msfsrvlvl, e.prefadr, e.smtp_name) == (
+        "SAM",
+        "*SYSMS",
+        "*SMTP",
+        "joe@example.test",
+    )
+    assert d.resolve("joe@example.test") == Resolution("pop", "joe@example.test", usrprf="SAM")
+    with pytest.raises(DirectoryError, match="user: '\\*NONE' is not allowed with \\*SYSMS"):
+        d.change_entry("JOE", "HQ", user="*NONE")
+    e = d.change_entry(
+        "JOE",
+        "HQ",
+        msfsrvlvl="*USRIDX",
+        prefadr="*USRID",
+        user=None,
+        smtpuser="*NONE",
+        smtpdomain=None,
+    )
+    assert (e.user, e.smtp_name) == (None, None)
+    assert d.resolve("joe@example.test") is None
+    with pytest.raises(DirectoryError, match="is not in the directory"):
+        d.change_entry("NOBODY", "HQ", usrd="x")
+    with pytest.raises(TypeError):
+        d.change_entry("JOE", "HQ", userid="X")
+
+
+def test_remove_entry(d):
+    d.create_profile("sam", "pw")
+    d.remove_entry("sam", "MAIL")
+    assert d.get_entry("SAM", "MAIL") is None
+    assert d.resolve("sam@example.test") is None
+    assert d.get_profile("sam") is not None
+    assert d.smtp_address("sam") is None
+    with pytest.raises(DirectoryError, match="usrid: 'SAM MAIL' is not in the directory"):
+        d.remove_entry("SAM", "MAIL")
+
+
+def test_smtp_address_prefers_the_smtp_entry(d):
+    d.create_profile("sam", "pw")
+    d.add_entry(DirectoryEntry("AAA", "MAIL", "alias", user="sam", smtpuser="aaa"))
+    assert d.smtp_address("SAM") == "sam@example.test"
+    assert d.smtp_address("nobody") is None
+
+
+# -- resolution ---------------------------------------------------------------
+
+
+@pytest.fixture
+def populated(d: SqliteDirectory) -> SqliteDirectory:
+    d.create_profile("sam", "pw")
+    d.create_profile("jane", "pw")
+    d.create_profile("catch", "pw")
+    d.add_entry(
+        DirectoryEntry(
+            "JSMITH",
+            "MAIL",
+            "J Smith",
+            user="jane",
+            msfsrvlvl="*SYSMS",
+            smtpuser="J.Smith",
+            smtpdomain="other.test",
+        )
+    )
+    d.add_entry(
+        DirectoryEntry("CASE1", "MAIL", "a", user="sam", msfsrvlvl="*SYSMS", smtpuser="Twin")
+    )
+    d.add_entry(
+        DirectoryEntry("CASE2", "MAIL", "b", user="jane", msfsrvlvl="*SYSMS", smtpuser="TWIN")
+    )
+    d.add_entry(DirectoryEntry("BOB", "ROCHSTR", "SNADS Bob", smtpuser="bob"))
+    return d
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("sam@example.test", Resolution("pop", "sam@example.test", usrprf="SAM")),
+        ("sam@EXAMPLE.TEST", Resolution("pop", "sam@EXAMPLE.TEST", usrprf="SAM")),
+        ("SAM@example.test", Resolution("pop", "SAM@example.test", usrprf="SAM")),
+        ("sam@example.test.", Resolution("pop", "sam@example.test.", usrprf="SAM")),
+        ("jane@example.test", Resolution("pop", "jane@example.test", usrprf="JANE")),
+        ("J.Smith@Other.Test", Resolution("pop", "J.Smith@Other.Test", usrprf="JANE")),
+        ("j.smith@other.test", Resolution("pop", "j.smith@other.test", usrprf="JANE")),
+        ("Twin@example.test", Resolution("pop", "Twin@example.test", usrprf="SAM")),
+        ("TWIN@example.test", Resolution("pop", "TWIN@example.test", usrprf="JANE")),
+        ("twin@example.test", None),
+        ("j.smith@example.test", None),
+        ("sam@other.test", None),
+        ("postmaster@example.test", None),
+        (
+            "bob@example.test",
+            Resolution("snads", "bob@example.test", userid="BOB", sysaddress="ROCHSTR"),
+        ),
+        ("sam@elsewhere.test", Resolution("remote", "sam@elsewhere.test")),
+        ("sam@sub.example.test", Resolution("remote", "sam@sub.example.test")),
+        ("a@b@example.test", None),
+        ("sam", None),
+        ("@example.test", None),
+        ("sam@", None),
+        ("", None),
+    ],
+)
+def test_resolution(populated, address, expected):
+    assert populated.resolve(address) == expected
+
+
+def test_catch_all_takes_unknown_local_users_only(populated):
+    populated.add_entry(
+        DirectoryEntry("*ANY", "*ANY", "catch-all", user="catch", msfsrvlvl="*SYSMS")
+    )
+    assert populated.resolve("nobody@example.test") == Resolution(
+        "pop", "nobody@example.test", usrprf="CATCH", catchall=True
+    )
+    assert populated.resolve("postmaster@other.test").catchall
+    assert populated.resolve("twin@example.test").usrprf == "CATCH"
+    assert populated.resolve("sam@example.test") == Resolution(
+        "pop", "sam@example.test", usrprf="SAM"
+    )
+    assert populated.resolve("nobody@elsewhere.test").kind == "remote"
+    assert populated.resolve("no-at-sign") is None
+    populated.remove_entry("*any", "*ANY")
+    assert populated.resolve("nobody@example.test") is None
+
+
+# -- several processes --------------------------------------------------------
+
+
+def _create_many(path: str, worker: int, start: float) -> None:
+    dirmod.SCRYPT_N = 2**4
+    d = SqliteDirectory(Path(path), DOMAINS, "MAIL")
+    time.sleep(max(0.0, start - time.time()))
+    for i in range(25):
+        d.create_profile(f"U{worker}X{i}", "pw")
+    d.close()
+
+
+def test_four_processes_create_profiles_at_once(tmp_path):
+    path = tmp_path / "new" / "directory.sqlite"
+    ctx = multiprocessing.get_context("spawn")
+    start = time.time() + 1.5
+    procs = [ctx.Process(target=_create_many, args=(str(path), w, start)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    with SqliteDirectory(path, DOMAINS, "MAIL") as d:
+        assert len(d.profiles()) == 100
+        assert len(d.entries()) == 100
+        assert d.resolve("u3x24@example.test").usrprf == "U3X24"
+
+
+def _use_inherited(d: SqliteDirectory) -> None:
+    d.create_profile("child", "pw")
+
+
+def test_a_forked_child_opens_its_own_connection(d):
+    d.create_profile("parent", "pw")
+    p = multiprocessing.get_context("fork").Process(target=_use_inherited, args=(d,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert d.authenticate("parent", "pw") == "PARENT"
+    assert d.get_profile("child") is not None
+
+
+def test_threads_get_their_own_connections(d):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: d.create_profile(f"T{i}", "pw"), range(12)))
+    assert len(d.profiles()) == 12
+
+
+# -- the commands -------------------------------------------------------------
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, cheap_scrypt: None) -> str:
+    path = tmp_path / "twistmail.toml"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def tm(capsys: pytest.CaptureFixture, cfg: str, *args: str) -> tuple[int, str, str]:
+    rc = run(["--config", cfg, *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_crtusrprf_enrolls_and_dspusrprf_hides_the_hash(cfg, capsys, tmp_path):
+    rc, out, err = tm(
+        capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw", "--text", "Sam Smith"
+    )
+    assert (rc, err) == (0, "")
+    assert "SAM" in out and "sam@example.test" in out and "SAM MAIL" in out
+    assert (tmp_path / "var" / "directory.sqlite").exists()
+    rc, out, err = tm(capsys, cfg, "dspusrprf", "--usrprf", "Sam", "--json")
+    assert rc == 0
+    record = json.loads(out)
+    assert record["usrprf"] == "SAM" and record["status"] == "*ENABLED"
+    assert record["text"] == "Sam Smith" and record["smtp"] == "sam@example.test"
+    assert record["entries"] == ["SAM MAIL"]
+    assert record["mailbox"].endswith("var/mailboxes/SAM/Maildir")
+    assert "scrypt" not in out
+    rc, out, err = tm(capsys, cfg, "dspusrprf", "--usrprf", "sam")
+    assert rc == 0 and "sam@example.test" in out and "scrypt" not in out
+
+
+def test_chgusrprf_and_dltusrprf(cfg, capsys):
+    from twistmail import config
+
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    rc, out, err = tm(
+        capsys, cfg, "chgusrprf", "--usrprf", "sam", "--status", "*disabled", "--password", "new"
+    )
+    assert rc == 0, err
+    with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        assert d.get_profile("sam").status == "*DISABLED"
+        assert d.authenticate("sam", "new") is None
+        d.change_profile("sam", status="*ENABLED")
+        assert d.authenticate("sam", "new") == "SAM"
+    rc, out, err = tm(capsys, cfg, "dltusrprf", "--usrprf", "SAM")
+    assert rc == 0 and "mailboxes/SAM/Maildir" in out
+    rc, out, err = tm(capsys, cfg, "dspusrprf", "--usrprf", "SAM")
+    assert rc == 2 and "--usrprf: 'SAM' does not exist" in err
+
+
+def test_password_from_stdin(cfg, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\n"))
+    rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "-")
+    assert rc == 0, err
+    from twistmail import config
+
+    with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        assert d.authenticate("sam", "from stdin") == "SAM"
+
+
+def test_directory_commands(cfg, capsys):
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    rc, out, err = tm(
+        capsys,
+        cfg,
+        "adddire",
+        "--usrid",
+        "*ANY",
+        "*ANY",
+        "--usrd",
+        "catch",
+        "--user",
+        "sam",
+        "--msfsrvlvl",
+        "*SYSMS",
+    )
+    assert rc == 0, err
+    rc, out, err = tm(
+        capsys,
+        cfg,
+        "adddire",
+        "--usrid",
+        "bob",
+        "rochstr",
+        "--usrd",
+        "Bob",
+        "--smtpuser",
+        "Bob",
+        "--smtpdomain",
+        "other.test",
+    )
+    assert rc == 0, err
+    rc, out, err = tm(capsys, cfg, "chgdire", "--usrid", "BOB", "ROCHSTR", "--prefadr", "*smtp")
+    assert rc == 0, err
+    rc, out, err = tm(capsys, cfg, "wrkdire", "--json")
+    rows = json.loads(out)
+    assert [(r["userid"], r["address"]) for r in rows] == [
+        ("*ANY", "*ANY"),
+        ("BOB", "ROCHSTR"),
+        ("SAM", "MAIL"),
+    ]
+    bob = rows[1]
+    assert bob["smtp"] == "Bob@other.test" and bob["prefadr"] == "*SMTP"
+    assert bob["msfsrvlvl"] == "*USRIDX" and bob["user"] is None
+    rc, out, err = tm(capsys, cfg, "wrkdire")
+    lines = out.splitlines()
+    for heading in (
+        "User ID",
+        "Address",
+        "Description",
+        "User profile",
+        "Mail service level",
+        "Preferred address",
+        "SMTP name",
+    ):
+        assert heading in lines[0]
+    assert len(lines) == 4 and "Bob@other.test" in out
+    rc, out, err = tm(capsys, cfg, "rmvdire", "--usrid", "bob", "rochstr")
+    assert rc == 0, err
+    rc, out, err = tm(capsys, cfg, "wrkdire", "--json")
+    assert len(json.loads(out)) == 2
+
+
+def test_cl_syntax_reaches_the_directory(cfg, capsys):
+    tm(capsys, cfg, "cl", "CRTUSRPRF USRPRF(SAM) PASSWORD(pw)")
+    rc, out, err = tm(capsys, cfg, "cl", "ADDDIRE USRID(JOE HQ) USRD('Joe') SMTPUSER(joe)")
+    assert rc == 0, err
+    rc, out, err = tm(capsys, cfg, "wrkdire", "--json")
+    assert {r["userid"] for r in json.loads(out)} == {"SAM", "JOE"}
+
+
+def test_empty_listing(cfg, capsys):
+    rc, out, err = tm(capsys, cfg, "wrkdire")
+    assert rc == 0 and out.strip() == "(no directory entries)"
+    rc, out, err = tm(capsys, cfg, "wrkdire", "--json")
+    assert json.loads(out) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["crtusrprf", "--usrprf", "1BAD", "--password", "pw"], "--usrprf: '1BAD'"),
+        (["crtusrprf", "--usrprf", "SAM", "--password", "pw"], "--usrprf: 'SAM' already exists"),
+        (["crtusrprf", "--usrprf", "NEW"], "--password"),
+        (
+            ["crtusrprf", "--usrprf", "NEW", "--password", "pw", "--status", "*ON"],
+            "--status: '*ON' is not allowed; allowed: *ENABLED, *DISABLED",
+        ),
+        (["crtusrprf", "--usrprf", "NEW", "--password", ""], "--password: '(0 characters)'"),
+        (["chgusrprf", "--usrprf", "SAM"], "give at least one of"),
+        (["chgusrprf", "--usrprf", "GHOST", "--text", "x"], "--usrprf: 'GHOST' does not exist"),
+        (["dltusrprf", "--usrprf", "GHOST"], "--usrprf: 'GHOST' does not exist"),
+        (["dspusrprf", "--usrprf", "BAD NAME"], "--usrprf: 'BAD NAME' is not allowed"),
+        (["adddire", "--usrid", "JOE", "HQ"], "--usrd: required"),
+        (["adddire", "--usrid", "JOE"], "--usrid"),
+        (["adddire", "--usrid", "TOOLONGID", "HQ", "--usrd", "x"], "--usrid: 'TOOLONGID'"),
+        (
+            ["adddire", "--usrid", "JOE", "HQ", "--usrd", "x", "--msfsrvlvl", "*DOMINO"],
+            "--msfsrvlvl: '*DOMINO' is not allowed; allowed: *SYSMS, *USRIDX",
+        ),
+        (
+            ["adddire", "--usrid", "JOE", "HQ", "--usrd", "x", "--prefadr", "*SMTP"],
+            "--smtpuser: '*NONE'",
+        ),
+        (
+            ["adddire", "--usrid", "JOE", "HQ", "--usrd", "x", "--user", "GHOST"],
+            "--user: 'GHOST' does not exist",
+        ),
+        (
+            ["adddire", "--usrid", "JOE", "HQ", "--usrd", "x", "--msfsrvlvl", "*SYSMS"],
+            "--user: '*NONE'",
+        ),
+        (
+            ["adddire", "--usrid", "JOE", "HQ", "--usrd", "x", "--smtpuser", "sam"],
+            "--smtpuser: 'sam@example.test' is already the SMTP name of directory entry SAM MAIL",
+        ),
+        (["adddire", "--usrid", "*ANY", "*ANY", "--usrd", "x"], "--user: '*NONE'"),
+        (["adddire", "--usrid", "SAM", "MAIL", "--usrd", "x"], "--usrid: 'SAM MAIL' already"),
+        (["chgdire", "--usrid", "SAM", "MAIL"], "give at least one of"),
+        (["chgdire", "--usrid", "NO", "ONE", "--usrd", "x"], "--usrid: 'NO ONE' is not in"),
+        (
+            ["chgdire", "--usrid", "SAM", "MAIL", "--smtpdomain", "bad domain"],
+            "--smtpdomain: 'bad domain'",
+        ),
+        (["rmvdire", "--usrid", "NO", "ONE"], "--usrid: 'NO ONE' is not in the directory"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2(cfg, capsys, args, needle):
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    rc, out, err = tm(capsys, cfg, *args)
+    assert rc == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1, err
+    assert needle in err
+    assert "Traceback" not in out + err
+
+
+def test_an_unusable_database_fails_with_exit_1(cfg, capsys, tmp_path):
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "directory.sqlite").write_bytes(b"this is not a database" * 100)
+    rc, out, err = tm(capsys, cfg, "wrkdire")
+    assert rc == 1
+    assert len(err.strip().splitlines()) == 1 and "directory.sqlite" in err

@@ -1,0 +1,255 @@
+"""User profiles and the system distribution directory from the shell.
+
+CRTUSRPRF, CHGUSRPRF, DLTUSRPRF, DSPUSRPRF and ADDDIRE, CHGDIRE, RMVDIRE,
+WRKDIRE work directly on ``<datadir>/directory.sqlite`` (see
+``twistmail.directory``), so they need no running daemon and take effect for
+the next SMTP or POP session at once.  Honours ``system.datadir``,
+``system.local_domains`` and ``system.hostname`` through
+``SqliteDirectory.from_settings``.  A refused value is one line naming the
+option, exit 2; a database that cannot be used is one line, exit 1.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from twistmail import directory as dirmod
+from twistmail.cli.base import Failure, app, cli, usage_error, value_of
+from twistmail.cli.output import emit_record, emit_table
+from twistmail.directory import DirectoryEntry, DirectoryError, SqliteDirectory
+from twistmail.settingtypes import Choice
+
+STATUS = Choice(dirmod.STATUSES)
+MSFSRVLVL = Choice(dirmod.SERVICE_LEVELS)
+PREFADR = Choice(dirmod.PREFERRED_ADDRESSES)
+
+#: Directory fields whose option has another name.
+OPTION_OF_FIELD = {"userid": "usrid", "address": "usrid", "system_address": "usrid"}
+
+PROFILE_LABELS = (
+    ("usrprf", "User profile"),
+    ("status", "Status"),
+    ("text", "Text description"),
+    ("created", "Created (UTC)"),
+    ("entries", "Directory entries"),
+    ("smtp", "SMTP address"),
+    ("mailbox", "Mailbox"),
+)
+DIRE_COLUMNS = (
+    ("userid", "User ID"),
+    ("address", "Address"),
+    ("usrd", "Description"),
+    ("user", "User profile"),
+    ("msfsrvlvl", "Mail service level"),
+    ("prefadr", "Preferred address"),
+    ("smtp", "SMTP name"),
+)
+
+
+@contextmanager
+def _directory() -> Iterator[SqliteDirectory]:
+    """The directory of this configuration, its refusals turned into usage errors."""
+    settings = app().settings
+    try:
+        with SqliteDirectory.from_settings(settings) as d:
+            yield d
+    except DirectoryError as e:
+        usage_error(f"--{OPTION_OF_FIELD.get(e.field, e.field)}: {e.value!r} {e.problem}")
+    except (sqlite3.Error, OSError) as e:
+        raise Failure(
+            f"{settings.datadir / dirmod.FILENAME}: the directory cannot be used ({e})"
+        ) from None
+
+
+def _password(raw: str | None) -> str | None:
+    """``-`` reads the password from standard input, keeping it out of ``ps``."""
+    if raw != "-":
+        return raw
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _usrprf_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--usrprf", required=True, help="User profile name (1-10 characters).")(f)
+
+
+def _usrid_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--usrid",
+        nargs=2,
+        required=True,
+        metavar="USERID ADDRESS",
+        help="User ID and address, 1-8 characters each; *ANY *ANY is the catch-all.",
+    )(f)
+
+
+def _entry_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = (
+        click.option("--usrd", help="Description of the entry (up to 50 characters)."),
+        click.option("--user", help="User profile of the entry, or *NONE."),
+        click.option(
+            "--msfsrvlvl",
+            help="Mail service level: *SYSMS (POP mailbox) or *USRIDX (SNADS). "
+            "Default for a new entry: *USRIDX.",
+        ),
+        click.option(
+            "--prefadr",
+            help="Preferred address: *SMTP or *USRID. Default for a new entry: *USRID.",
+        ),
+        click.option("--smtpuser", help="SMTP user name (the part before @), or *NONE."),
+        click.option(
+            "--smtpdomain", help="SMTP domain; default: the first local domain, or *NONE."
+        ),
+    )
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _entry_fields(**given: str | None) -> dict[str, Any]:
+    """The options given, with the choice values checked as settings are."""
+    fields = {k: v for k, v in given.items() if v is not None}
+    if "msfsrvlvl" in fields:
+        fields["msfsrvlvl"] = value_of("--msfsrvlvl", MSFSRVLVL, fields["msfsrvlvl"])
+    if "prefadr" in fields:
+        fields["prefadr"] = value_of("--prefadr", PREFADR, fields["prefadr"])
+    return fields
+
+
+def _entry_row(entry: DirectoryEntry) -> dict[str, Any]:
+    return {
+        "userid": entry.userid,
+        "address": entry.address,
+        "usrd": entry.usrd,
+        "user": entry.user,
+        "msfsrvlvl": entry.msfsrvlvl,
+        "prefadr": entry.prefadr,
+        "smtpuser": entry.smtpuser,
+        "smtpdomain": entry.smtpdomain,
+        "smtp": entry.smtp_name,
+    }
+
+
+def _profile_record(d: SqliteDirectory, profile: dirmod.UserProfile) -> dict[str, Any]:
+    entries = [e for e in d.entries() if e.user == profile.usrprf]
+    return {
+        "usrprf": profile.usrprf,
+        "status": profile.status,
+        "text": profile.text,
+        "created": profile.created,
+        "entries": [f"{e.userid} {e.address}" for e in entries],
+        "smtp": d.smtp_address(profile.usrprf),
+        "mailbox": str(d.mailbox(profile.usrprf)),
+    }
+
+
+# -- user profiles ------------------------------------------------------------
+
+
+@cli.command("crtusrprf")
+@_usrprf_option
+@click.option("--password", required=True, help="Password for POP sign-on; - reads stdin.")
+@click.option("--text", default="", help="Text description (up to 50 characters).")
+@click.option("--status", default=dirmod.ENABLED, show_default=True, help="*ENABLED or *DISABLED.")
+def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
+    """Create a user profile and enroll it as a POP mail user."""
+    status = value_of("--status", STATUS, status)
+    with _directory() as d:
+        profile = d.create_profile(usrprf, _password(password) or "", text=text, status=status)
+        record = _profile_record(d, profile)
+    record["entries"] = ", ".join(record["entries"])
+    emit_record(record, PROFILE_LABELS, as_json=False)
+
+
+@cli.command("chgusrprf")
+@_usrprf_option
+@click.option("--password", help="New password; - reads stdin.")
+@click.option("--status", help="*ENABLED or *DISABLED.")
+@click.option("--text", help="Text description (up to 50 characters).")
+def chgusrprf(usrprf: str, password: str | None, status: str | None, text: str | None) -> None:
+    """Change a user profile's password, status or text."""
+    if password is None and status is None and text is None:
+        usage_error("give at least one of --password, --status, --text")
+    if status is not None:
+        status = value_of("--status", STATUS, status)
+    with _directory() as d:
+        profile = d.change_profile(usrprf, password=_password(password), status=status, text=text)
+        click.echo(f"User profile {profile.usrprf} changed.")
+
+
+@cli.command("dltusrprf")
+@_usrprf_option
+def dltusrprf(usrprf: str) -> None:
+    """Delete a user profile and its directory entries (its mailbox is kept)."""
+    with _directory() as d:
+        click.echo(d.delete_profile(usrprf) + ".")
+
+
+@cli.command("dspusrprf")
+@_usrprf_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def dspusrprf(usrprf: str, as_json: bool) -> None:
+    """Display a user profile with its directory entries and SMTP address."""
+    with _directory() as d:
+        name = dirmod.profile_name(usrprf)
+        profile = d.get_profile(name)
+        if profile is None:
+            raise DirectoryError("usrprf", name, "does not exist")
+        record = _profile_record(d, profile)
+    if not as_json:
+        record["entries"] = ", ".join(record["entries"])
+    emit_record(record, PROFILE_LABELS, as_json)
+
+
+# -- directory entries --------------------------------------------------------
+
+
+@cli.command("adddire")
+@_usrid_option
+@_entry_options
+def adddire(usrid: tuple[str, str], **options: str | None) -> None:
+    """Add an entry to the system distribution directory."""
+    fields = _entry_fields(**options)
+    if "usrd" not in fields:
+        usage_error("--usrd: required; allowed: a description of up to 50 characters")
+    with _directory() as d:
+        entry = d.add_entry(DirectoryEntry(userid=usrid[0], address=usrid[1], **fields))
+        click.echo(f"Directory entry {entry.userid} {entry.address} added.")
+
+
+@cli.command("chgdire")
+@_usrid_option
+@_entry_options
+def chgdire(usrid: tuple[str, str], **options: str | None) -> None:
+    """Change an entry of the system distribution directory."""
+    fields = _entry_fields(**options)
+    if not fields:
+        usage_error(
+            "give at least one of --usrd, --user, --msfsrvlvl, --prefadr, --smtpuser, --smtpdomain"
+        )
+    with _directory() as d:
+        entry = d.change_entry(usrid[0], usrid[1], **fields)
+        click.echo(f"Directory entry {entry.userid} {entry.address} changed.")
+
+
+@cli.command("rmvdire")
+@_usrid_option
+def rmvdire(usrid: tuple[str, str]) -> None:
+    """Remove an entry: no more mail is delivered for it."""
+    with _directory() as d:
+        d.remove_entry(usrid[0], usrid[1])
+        click.echo(f"Directory entry {usrid[0].upper()} {usrid[1].upper()} removed.")
+
+
+@cli.command("wrkdire")
+@click.option("--json", "as_json", is_flag=True, help="JSON array of entries.")
+def wrkdire(as_json: bool) -> None:
+    """List the system distribution directory."""
+    with _directory() as d:
+        rows = [_entry_row(e) for e in d.entries()]
+    emit_table(rows, DIRE_COLUMNS, as_json, empty="(no directory entries)")

@@ -1,0 +1,875 @@
+"""User profiles and the system distribution directory, kept in SQLite.
+
+This is the embedded backend of :class:`twistmail.interfaces.IDirectory`: the
+CLI (CRTUSRPRF, ADDDIRE, WRKDIRE ...) edits it, SMTP and POP jobs read it to
+authenticate users, and the bridge reads it to resolve recipients (the SMTP
+address resolution exit of the mail server framework).
+
+Reads and writes ``<datadir>/directory.sqlite`` (plus SQLite's ``-wal`` and
+``-shm`` files beside it), created mode 0600 because it holds password hashes.
+Many processes open it at once, so it runs in WAL mode with a 5 second busy
+timeout, every write is one ``BEGIN IMMEDIATE`` transaction, and each thread
+(and each forked process) gets its own connection.  The schema version is
+``PRAGMA user_version``; migrations are additive, so later tables (SMTP list
+entries, POP-before-SMTP records) are one more step in :data:`MIGRATIONS`.
+
+Honours ``system.datadir``, ``system.local_domains`` (the first is the SMTP
+domain of newly enrolled users) and ``system.hostname`` (its first label is
+the directory's system address, as IBM i uses the system name).
+
+The API is synchronous and blocks on disk; code running in a reactor calls it
+through ``twisted.internet.threads.deferToThread``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+from zope.interface import implementer
+
+from twistmail.interfaces import IDirectory
+
+FILENAME = "directory.sqlite"
+BUSY_TIMEOUT_MS = 5000
+
+ENABLED = "*ENABLED"
+DISABLED = "*DISABLED"
+STATUSES = (ENABLED, DISABLED)
+SYSMS = "*SYSMS"
+USRIDX = "*USRIDX"
+SERVICE_LEVELS = (SYSMS, USRIDX)
+PREF_SMTP = "*SMTP"
+PREF_USRID = "*USRID"
+PREFERRED_ADDRESSES = (PREF_SMTP, PREF_USRID)
+ANY = "*ANY"
+NONE = "*NONE"
+
+#: Resolution kinds.
+POP = "pop"
+SNADS = "snads"
+REMOTE = "remote"
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SCRYPT_DKLEN = 32
+SALT_BYTES = 16
+MAX_PASSWORD = 128
+MAX_TEXT = 50
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 253
+
+_PROFILE_RE = re.compile(r"[A-Z$#@][A-Z0-9$#@_]{0,9}")
+_DIR_NAME_RE = re.compile(r"[A-Z0-9$#@_]{1,8}")
+_ATOM_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
+_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+PROFILE_ALLOWED = "1-10 characters, the first A-Z $ # @, the rest A-Z 0-9 $ # @ _"
+DIR_NAME_ALLOWED = "1-8 characters A-Z 0-9 $ # @ _ (or *ANY *ANY, the catch-all)"
+
+#: Schema steps; ``PRAGMA user_version`` is the number of steps applied.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE profiles (
+            usrprf   TEXT PRIMARY KEY,
+            pwhash   TEXT NOT NULL,
+            status   TEXT NOT NULL,
+            text     TEXT NOT NULL,
+            created  TEXT NOT NULL
+        )""",
+        """CREATE TABLE entries (
+            userid     TEXT NOT NULL,
+            address    TEXT NOT NULL,
+            usrd       TEXT NOT NULL,
+            usrprf     TEXT REFERENCES profiles(usrprf),
+            msfsrvlvl  TEXT NOT NULL,
+            prefadr    TEXT NOT NULL,
+            smtpuser   TEXT,
+            smtpdomain TEXT,
+            smtpfold   TEXT,
+            PRIMARY KEY (userid, address)
+        )""",
+        "CREATE UNIQUE INDEX entries_smtp ON entries (smtpdomain, smtpuser)"
+        " WHERE smtpuser IS NOT NULL",
+        "CREATE INDEX entries_smtpfold ON entries (smtpdomain, smtpfold)"
+        " WHERE smtpuser IS NOT NULL",
+        "CREATE INDEX entries_usrprf ON entries (usrprf)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class DirectoryError(ValueError):
+    """A request the directory refuses.
+
+    ``str()`` is the one line an administrator sees: the field, the value and
+    what is allowed or why not.  ``field`` lets the CLI name its own option.
+    """
+
+    def __init__(self, field: str, value: Any, problem: str) -> None:
+        self.field = field
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{field}: {value!r} {problem}")
+
+
+@attrs.frozen
+class UserProfile:
+    usrprf: str
+    status: str
+    text: str
+    created: str
+
+
+@attrs.frozen
+class DirectoryEntry:
+    """One entry of the system distribution directory (ADDDIRE's keywords).
+
+    The defaults are IBM's: a *USRIDX (SNADS) user addressed by user ID.
+    """
+
+    userid: str
+    address: str
+    usrd: str
+    user: str | None = None
+    msfsrvlvl: str = USRIDX
+    prefadr: str = PREF_USRID
+    smtpuser: str | None = None
+    smtpdomain: str | None = None
+
+    @property
+    def is_catchall(self) -> bool:
+        return self.userid == ANY and self.address == ANY
+
+    @property
+    def smtp_name(self) -> str | None:
+        if self.smtpuser is None or self.smtpdomain is None:
+            return None
+        return f"{self.smtpuser}@{self.smtpdomain}"
+
+
+@attrs.frozen
+class Resolution:
+    """Where mail for one address goes.
+
+    ``kind`` is "pop" (the POP mailbox of ``usrprf``), "snads" (a *USRIDX
+    user: ``userid`` at ``sysaddress``) or "remote" (the domain is not ours).
+    """
+
+    kind: str
+    address: str
+    usrprf: str | None = None
+    userid: str | None = None
+    sysaddress: str | None = None
+    catchall: bool = False
+
+
+# -- names and values ---------------------------------------------------------
+
+
+def profile_name(raw: str, field: str = "usrprf") -> str:
+    """The IBM i form of a profile name: upper case, checked."""
+    name = raw.strip().upper() if isinstance(raw, str) and raw.isascii() else None
+    if not name or not _PROFILE_RE.fullmatch(name):
+        raise DirectoryError(field, raw, f"is not allowed; allowed: {PROFILE_ALLOWED}")
+    return name
+
+
+def system_address_from_hostname(hostname: str) -> str:
+    """IBM i addresses local users by system name; the host's first label stands in."""
+    label = hostname.strip().split(".", 1)[0].upper()
+    name = "".join(c for c in label if c.isascii() and c.isalnum())[:8]
+    return name or "LOCAL"
+
+
+def _check_password(password: Any) -> str:
+    if not isinstance(password, str) or not 1 <= len(password) <= MAX_PASSWORD:
+        shown = f"({len(password)} characters)" if isinstance(password, str) else password
+        raise DirectoryError(
+            "password", shown, f"is not allowed; allowed: 1-{MAX_PASSWORD} characters"
+        )
+    return password
+
+
+def _check_text(field: str, raw: Any, required: bool = False) -> str:
+    if not isinstance(raw, str):
+        raise DirectoryError(field, raw, "is not allowed; allowed: text")
+    text = raw.strip()
+    if required and not text:
+        raise DirectoryError(field, raw, f"is not allowed; allowed: 1-{MAX_TEXT} characters")
+    if len(text) > MAX_TEXT or not text.isprintable():
+        raise DirectoryError(
+            field, raw, f"is not allowed; allowed: up to {MAX_TEXT} printable characters"
+        )
+    return text
+
+
+def _check_choice(field: str, raw: Any, values: Sequence[str]) -> str:
+    if isinstance(raw, str) and raw.strip().upper() in values:
+        return raw.strip().upper()
+    raise DirectoryError(field, raw, "is not allowed; allowed: " + ", ".join(values))
+
+
+def _check_dir_name(field: str, raw: Any) -> str:
+    name = raw.strip().upper() if isinstance(raw, str) and raw.isascii() else None
+    if name == ANY:
+        return name
+    if not name or not _DIR_NAME_RE.fullmatch(name):
+        raise DirectoryError(field, raw, f"is not allowed; allowed: {DIR_NAME_ALLOWED}")
+    return name
+
+
+def _check_local_part(raw: str) -> str:
+    """A dot-atom (RFC 5321 without quoted strings), kept in its case."""
+    local = raw.strip()
+    if (
+        not local
+        or len(local) > MAX_LOCAL_PART
+        or not all(_ATOM_RE.fullmatch(atom) for atom in local.split("."))
+    ):
+        raise DirectoryError(
+            "smtpuser",
+            raw,
+            f"is not allowed; allowed: up to {MAX_LOCAL_PART} characters A-Z a-z 0-9 "
+            "!#$%&'*+/=?^_`{|}~- and single dots inside",
+        )
+    return local
+
+
+def _check_domain(raw: str) -> str:
+    domain = raw.strip().lower().removesuffix(".")
+    if (
+        not domain
+        or len(domain) > MAX_DOMAIN
+        or not domain.isascii()
+        or not all(_LABEL_RE.fullmatch(label) for label in domain.split("."))
+    ):
+        raise DirectoryError(
+            "smtpdomain", raw, "is not allowed; allowed: a domain name such as example.test"
+        )
+    return domain
+
+
+def _optional(raw: str | None) -> str | None:
+    """``None``, "" and "*NONE" all mean the field is empty."""
+    if raw is None or not raw.strip() or raw.strip().upper() == NONE:
+        return None
+    return raw
+
+
+def _fold(local: str) -> str:
+    return local.casefold()
+
+
+def _now() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+# -- password hashes ----------------------------------------------------------
+
+
+def hash_password(password: str) -> str:
+    """An scrypt hash with its parameters, so stronger ones can come later."""
+    salt = secrets.token_bytes(SALT_BYTES)
+    digest = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_DKLEN)
+    b64 = base64.b64encode
+    return (
+        f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}$"
+        f"{b64(salt).decode('ascii')}${b64(digest).decode('ascii')}"
+    )
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Constant-time check; an unreadable hash is simply a wrong password."""
+    try:
+        scheme, n, r, p, salt64, digest64 = stored.split("$")
+        n_i, r_i, p_i = int(n), int(r), int(p)
+        salt = base64.b64decode(salt64, validate=True)
+        digest = base64.b64decode(digest64, validate=True)
+    except ValueError:
+        return False
+    if scheme != "scrypt" or not _sane_cost(n_i, r_i, p_i) or not salt or not digest:
+        return False
+    candidate = _scrypt(password, salt, n_i, r_i, p_i, len(digest))
+    return hmac.compare_digest(candidate, digest)
+
+
+def _sane_cost(n: int, r: int, p: int) -> bool:
+    """Bounds a damaged or hostile hash cannot push memory or time past."""
+    return (
+        2 <= n <= 2**20
+        and n & (n - 1) == 0
+        and 1 <= r <= 32
+        and 1 <= p <= 16
+        and (128 * r * n <= 64 * 2**20)
+    )
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
+    return hashlib.scrypt(
+        password.encode("utf-8"),
+        salt=salt,
+        n=n,
+        r=r,
+        p=p,
+        dklen=dklen,
+        maxmem=256 * r * n + 2**20,
+    )
+
+
+_DUMMY_HASH: str | None = None
+
+
+def _dummy_hash() -> str:
+    """A hash no password matches, so unknown users cost the same as known ones."""
+    global _DUMMY_HASH
+    if _DUMMY_HASH is None:
+        _DUMMY_HASH = hash_password(secrets.token_urlsafe(32))
+    return _DUMMY_HASH
+
+
+# -- the directory ------------------------------------------------------------
+
+_ENTRY_COLUMNS = "userid, address, usrd, usrprf, msfsrvlvl, prefadr, smtpuser, smtpdomain"
+_CHANGEABLE = ("usrd", "user", "msfsrvlvl", "prefadr", "smtpuser", "smtpdomain")
+
+
+@implementer(IDirectory)
+class SqliteDirectory:
+    """User profiles and directory entries in one SQLite file."""
+
+    def __init__(self, path: Path, local_domains: Sequence[str], system_address: str) -> None:
+        self.path = Path(path)
+        self.local_domains: tuple[str, ...] = tuple(
+            d.strip().lower().removesuffix(".") for d in local_domains if d.strip()
+        )
+        self.system_address = _check_dir_name("system_address", system_address)
+        self._local = threading.local()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> SqliteDirectory:
+        return cls(
+            settings.datadir / FILENAME,
+            settings.system.local_domains,
+            system_address_from_hostname(settings.hostname),
+        )
+
+    # connections
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection; a forked child never reuses its parent's."""
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = self._open()
+            local.conn, local.pid = conn, os.getpid()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        _enable_wal(conn)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")
+        _migrate(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads end)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        self._local.conn = None
+
+    def __enter__(self) -> SqliteDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taking the write lock up front.
+
+        A deferred transaction that reads and then writes can fail at once
+        with "database is locked" instead of waiting; IMMEDIATE waits.
+        """
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    # user profiles
+
+    def create_profile(
+        self, usrprf: str, password: str, text: str = "", status: str = ENABLED
+    ) -> UserProfile:
+        """Create a profile and enroll it as a POP user, as the seed describes."""
+        name = profile_name(usrprf)
+        text = _check_text("text", text)
+        status = _check_choice("status", status, STATUSES)
+        pwhash = hash_password(_check_password(password))
+        profile = UserProfile(name, status, text, _now())
+        with self._write() as conn:
+            if _profile_row(conn, name) is not None:
+                raise DirectoryError("usrprf", name, "already exists")
+            conn.execute(
+                "INSERT INTO profiles (usrprf, pwhash, status, text, created)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (name, pwhash, status, text, profile.created),
+            )
+            try:
+                enrolment = self._enrolment(conn, profile)
+            except DirectoryError as e:
+                raise DirectoryError(
+                    "usrprf", name, f"cannot be enrolled in the directory: {e}"
+                ) from None
+            self._insert_entry(conn, enrolment)
+        return profile
+
+    def _enrolment(self, conn: sqlite3.Connection, profile: UserProfile) -> DirectoryEntry:
+        """A POP user's entry: system message store, addressed by SMTP name.
+
+        Without a local domain, or for a profile name with "@" (which cannot
+        be a local part), there is no SMTP name to give, so the entry is
+        addressed by user ID until an administrator adds one (CHGDIRE).
+        """
+        smtp = bool(self.local_domains) and "@" not in profile.usrprf
+        entry = DirectoryEntry(
+            userid=_free_userid(conn, profile.usrprf[:8], self.system_address),
+            address=self.system_address,
+            usrd=profile.text or profile.usrprf,
+            user=profile.usrprf,
+            msfsrvlvl=SYSMS,
+            prefadr=PREF_SMTP if smtp else PREF_USRID,
+            smtpuser=profile.usrprf.lower() if smtp else None,
+            smtpdomain=self.local_domains[0] if smtp else None,
+        )
+        return self._checked(conn, _normalized(entry, self.local_domains), new=True)
+
+    def change_profile(
+        self,
+        usrprf: str,
+        password: str | None = None,
+        status: str | None = None,
+        text: str | None = None,
+    ) -> UserProfile:
+        name = profile_name(usrprf)
+        updates: dict[str, str] = {}
+        if status is not None:
+            updates["status"] = _check_choice("status", status, STATUSES)
+        if text is not None:
+            updates["text"] = _check_text("text", text)
+        if password is not None:
+            updates["pwhash"] = hash_password(_check_password(password))
+        with self._write() as conn:
+            if _profile_row(conn, name) is None:
+                raise _no_profile("usrprf", name)
+            for column, value in updates.items():
+                conn.execute(f"UPDATE profiles SET {column} = ? WHERE usrprf = ?", (value, name))
+            row = _profile_row(conn, name)
+        return _profile(row)
+
+    def delete_profile(self, usrprf: str) -> str:
+        """Delete a profile and its directory entries; its mail stays on disk.
+
+        Returns a note naming the mailbox left behind, because removing mail
+        is the administrator's decision (the seed has the user collect it).
+        """
+        name = profile_name(usrprf)
+        with self._write() as conn:
+            if _profile_row(conn, name) is None:
+                raise _no_profile("usrprf", name)
+            removed = conn.execute("DELETE FROM entries WHERE usrprf = ?", (name,)).rowcount
+            conn.execute("DELETE FROM profiles WHERE usrprf = ?", (name,))
+        return (
+            f"User profile {name} deleted with {removed} directory "
+            f"entr{'y' if removed == 1 else 'ies'}; its mailbox stays in {self.mailbox(name)}"
+        )
+
+    def mailbox(self, usrprf: str) -> Path:
+        """Where the Maildir of a profile lives (DESIGN.md §2)."""
+        return self.path.parent / "mailboxes" / usrprf / "Maildir"
+
+    def get_profile(self, usrprf: str) -> UserProfile | None:
+        try:
+            name = profile_name(usrprf)
+        except DirectoryError:
+            return None
+        row = _profile_row(self._conn(), name)
+        return None if row is None else _profile(row)
+
+    def profiles(self) -> list[UserProfile]:
+        rows = self._conn().execute(
+            "SELECT usrprf, status, text, created FROM profiles ORDER BY usrprf"
+        )
+        return [_profile(row) for row in rows]
+
+    def authenticate(self, usrprf: str, password: str) -> str | None:
+        """The profile name if the password is right and the profile enabled.
+
+        Every call costs exactly one scrypt, so neither an unknown name nor a
+        disabled profile is revealed by the time the answer takes.
+        """
+        try:
+            name: str | None = profile_name(usrprf)
+        except DirectoryError:
+            name = None
+        row = None
+        if name is not None:
+            row = (
+                self._conn()
+                .execute("SELECT pwhash, status FROM profiles WHERE usrprf = ?", (name,))
+                .fetchone()
+            )
+        stored = row["pwhash"] if row is not None else _dummy_hash()
+        secret = password if isinstance(password, str) else ""
+        good = verify_password(secret, stored)
+        if row is None or not good or row["status"] != ENABLED:
+            return None
+        return name
+
+    # directory entries
+
+    def add_entry(self, entry: DirectoryEntry) -> DirectoryEntry:
+        """Add an entry (ADDDIRE); returns it as stored (upper-cased names ...)."""
+        with self._write() as conn:
+            entry = self._checked(conn, _normalized(entry, self.local_domains), new=True)
+            self._insert_entry(conn, entry)
+        return entry
+
+    def change_entry(self, userid: str, address: str, **fields: Any) -> DirectoryEntry:
+        """Change some fields of an entry (CHGDIRE); None or "*NONE" empties one."""
+        unknown = set(fields) - set(_CHANGEABLE)
+        if unknown:
+            raise TypeError(f"change_entry() got unknown fields {sorted(unknown)}")
+        key = _entry_key(userid, address)
+        with self._write() as conn:
+            current = _entry_row(conn, *key)
+            if current is None:
+                raise _no_entry(*key)
+            changed = attrs.evolve(_entry(current), **fields)
+            changed = self._checked(conn, _normalized(changed, self.local_domains), new=False)
+            conn.execute("DELETE FROM entries WHERE userid = ? AND address = ?", key)
+            self._insert_entry(conn, changed)
+        return changed
+
+    def remove_entry(self, userid: str, address: str) -> None:
+        """Remove an entry (RMVDIRE): no more mail is delivered for it."""
+        key = _entry_key(userid, address)
+        with self._write() as conn:
+            if (
+                conn.execute("DELETE FROM entries WHERE userid = ? AND address = ?", key).rowcount
+                == 0
+            ):
+                raise _no_entry(*key)
+
+    def entries(self) -> list[DirectoryEntry]:
+        rows = self._conn().execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries ORDER BY userid, address"
+        )
+        return [_entry(row) for row in rows]
+
+    def get_entry(self, userid: str, address: str) -> DirectoryEntry | None:
+        try:
+            key = _entry_key(userid, address)
+        except DirectoryError:
+            return None
+        row = _entry_row(self._conn(), *key)
+        return None if row is None else _entry(row)
+
+    def _checked(
+        self, conn: sqlite3.Connection, entry: DirectoryEntry, new: bool
+    ) -> DirectoryEntry:
+        """The rules that involve other rows; ``entry`` is already normalized."""
+        key = (entry.userid, entry.address)
+        if new and _entry_row(conn, *key) is not None:
+            raise DirectoryError("usrid", " ".join(key), "already exists")
+        if entry.user is not None and _profile_row(conn, entry.user) is None:
+            raise _no_profile("user", entry.user, "; allowed: *NONE or an existing user profile")
+        if entry.smtpuser is not None:
+            _check_smtp_name_free(conn, entry)
+        return entry
+
+    def _insert_entry(self, conn: sqlite3.Connection, entry: DirectoryEntry) -> None:
+        conn.execute(
+            f"INSERT INTO entries ({_ENTRY_COLUMNS}, smtpfold) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.userid,
+                entry.address,
+                entry.usrd,
+                entry.user,
+                entry.msfsrvlvl,
+                entry.prefadr,
+                entry.smtpuser,
+                entry.smtpdomain,
+                None if entry.smtpuser is None else _fold(entry.smtpuser),
+            ),
+        )
+
+    # resolution
+
+    def resolve(self, address: str) -> Resolution | None:
+        """How to deliver to ``address``, or None when no entry takes it.
+
+        The domain is matched without regard to case (RFC 5321); the local
+        part exactly first, then without regard to case when that names one
+        entry only.  Unknown local users go to the ``*ANY *ANY`` entry when
+        there is one.  ``postmaster`` gets no special treatment here: without
+        an entry it resolves to None and the caller decides what postmaster
+        mail does.  A disabled profile still receives mail (disabling stops
+        sign-on, as on IBM i).
+        """
+        if not isinstance(address, str):
+            return None
+        local, at, domain = address.strip().rpartition("@")
+        domain = domain.lower().removesuffix(".")
+        if not at or not local or not domain:
+            return None
+        if domain not in self.local_domains:
+            return Resolution(REMOTE, address)
+        conn = self._conn()
+        entry = _smtp_match(conn, local, domain)
+        if entry is not None:
+            return _resolution(entry, address)
+        row = _entry_row(conn, ANY, ANY)
+        if row is None:
+            return None
+        return Resolution(POP, address, usrprf=row["usrprf"], catchall=True)
+
+    def smtp_address(self, usrprf: str) -> str | None:
+        """The SMTP name mail from ``usrprf`` carries (its *SMTP entry first)."""
+        try:
+            name = profile_name(usrprf)
+        except DirectoryError:
+            return None
+        row = (
+            self._conn()
+            .execute(
+                "SELECT smtpuser, smtpdomain FROM entries"
+                " WHERE usrprf = ? AND smtpuser IS NOT NULL AND userid != ?"
+                " ORDER BY prefadr != ?, msfsrvlvl != ?, userid, address LIMIT 1",
+                (name, ANY, PREF_SMTP, SYSMS),
+            )
+            .fetchone()
+        )
+        return None if row is None else f"{row['smtpuser']}@{row['smtpdomain']}"
+
+
+# -- helpers on a connection --------------------------------------------------
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, retrying: the switch needs a moment alone with the file.
+
+    SQLite may answer "database is locked" here without consulting the busy
+    timeout when several processes open a new file at once.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"cannot use WAL mode (journal_mode is {mode})")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Apply the schema steps this file lacks, once, whoever opens it first."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for step in MIGRATIONS[version:]:
+            for statement in step:
+                conn.execute(statement)
+        if version < SCHEMA_VERSION:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back unless SQLite already has, so the first error is the one reported."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _profile_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:
+    return conn.execute(
+        "SELECT usrprf, status, text, created FROM profiles WHERE usrprf = ?", (name,)
+    ).fetchone()
+
+
+def _profile(row: sqlite3.Row) -> UserProfile:
+    return UserProfile(row["usrprf"], row["status"], row["text"], row["created"])
+
+
+def _entry_row(conn: sqlite3.Connection, userid: str, address: str) -> sqlite3.Row | None:
+    return conn.execute(
+        f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE userid = ? AND address = ?",
+        (userid, address),
+    ).fetchone()
+
+
+def _entry(row: sqlite3.Row) -> DirectoryEntry:
+    return DirectoryEntry(
+        userid=row["userid"],
+        address=row["address"],
+        usrd=row["usrd"],
+        user=row["usrprf"],
+        msfsrvlvl=row["msfsrvlvl"],
+        prefadr=row["prefadr"],
+        smtpuser=row["smtpuser"],
+        smtpdomain=row["smtpdomain"],
+    )
+
+
+def _entry_key(userid: str, address: str) -> tuple[str, str]:
+    key = (_check_dir_name("usrid", userid), _check_dir_name("usrid", address))
+    if (key[0] == ANY) != (key[1] == ANY):
+        raise DirectoryError(
+            "usrid", f"{key[0]} {key[1]}", "is not allowed; *ANY is only allowed as *ANY *ANY"
+        )
+    return key
+
+
+def _normalized(entry: DirectoryEntry, local_domains: Sequence[str]) -> DirectoryEntry:
+    """The entry's own rules: names, choices, required combinations.
+
+    An SMTP user without a domain gets the first local domain, the default
+    SMTP domain of this system.
+    """
+    userid, address = _entry_key(entry.userid, entry.address)
+    user = _optional(entry.user)
+    smtpuser = _optional(entry.smtpuser)
+    smtpdomain = _optional(entry.smtpdomain)
+    if smtpuser is not None and smtpdomain is None and local_domains:
+        smtpdomain = local_domains[0]
+    normal = DirectoryEntry(
+        userid=userid,
+        address=address,
+        usrd=_check_text("usrd", entry.usrd, required=True),
+        user=None if user is None else profile_name(user, "user"),
+        msfsrvlvl=_check_choice("msfsrvlvl", entry.msfsrvlvl, SERVICE_LEVELS),
+        prefadr=_check_choice("prefadr", entry.prefadr, PREFERRED_ADDRESSES),
+        smtpuser=None if smtpuser is None else _check_local_part(smtpuser),
+        smtpdomain=None if smtpdomain is None else _check_domain(smtpdomain),
+    )
+    _check_combination(normal)
+    return normal
+
+
+def _check_combination(entry: DirectoryEntry) -> None:
+    if entry.is_catchall and entry.user is None:
+        raise DirectoryError(
+            "user",
+            NONE,
+            "is not allowed for *ANY *ANY; allowed: the user profile "
+            "whose mailbox receives mail for unknown local users",
+        )
+    if entry.is_catchall and entry.msfsrvlvl != SYSMS:
+        raise DirectoryError(
+            "msfsrvlvl",
+            entry.msfsrvlvl,
+            "is not allowed for *ANY *ANY; allowed: *SYSMS "
+            "(the catch-all delivers to its user profile's mailbox)",
+        )
+    if entry.msfsrvlvl == SYSMS and entry.user is None:
+        raise DirectoryError(
+            "user",
+            NONE,
+            "is not allowed with *SYSMS; allowed: the user profile that owns the mailbox",
+        )
+    if (entry.smtpuser is None) != (entry.smtpdomain is None):
+        raise DirectoryError(
+            "smtpuser", entry.smtpuser or NONE, "needs an SMTP domain too (--smtpdomain)"
+        )
+    if entry.prefadr == PREF_SMTP and entry.smtpuser is None:
+        raise DirectoryError(
+            "smtpuser",
+            NONE,
+            "is not allowed with preferred address *SMTP; allowed: "
+            "an SMTP user name (with --smtpdomain)",
+        )
+
+
+def _check_smtp_name_free(conn: sqlite3.Connection, entry: DirectoryEntry) -> None:
+    row = conn.execute(
+        "SELECT userid, address FROM entries WHERE smtpdomain = ? AND smtpuser = ?"
+        " AND NOT (userid = ? AND address = ?)",
+        (entry.smtpdomain, entry.smtpuser, entry.userid, entry.address),
+    ).fetchone()
+    if row is not None:
+        raise DirectoryError(
+            "smtpuser",
+            entry.smtp_name,
+            f"is already the SMTP name of directory entry {row['userid']} {row['address']}",
+        )
+
+
+def _free_userid(conn: sqlite3.Connection, userid: str, address: str) -> str:
+    """``userid`` or, when taken at ``address``, its end replaced by digits."""
+    candidate, n = userid, 0
+    while _entry_row(conn, candidate, address) is not None:
+        n += 1
+        suffix = str(n)
+        candidate = userid[: 8 - len(suffix)] + suffix
+    return candidate
+
+
+def _smtp_match(conn: sqlite3.Connection, local: str, domain: str) -> sqlite3.Row | None:
+    exact = conn.execute(
+        f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE smtpdomain = ? AND smtpuser = ?",
+        (domain, local),
+    ).fetchone()
+    if exact is not None:
+        return exact
+    folded = conn.execute(
+        f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE smtpdomain = ? AND smtpfold = ? LIMIT 2",
+        (domain, _fold(local)),
+    ).fetchall()
+    return folded[0] if len(folded) == 1 else None
+
+
+def _resolution(row: sqlite3.Row, address: str) -> Resolution:
+    if row["msfsrvlvl"] == SYSMS:
+        return Resolution(POP, address, usrprf=row["usrprf"])
+    return Resolution(
+        SNADS, address, usrprf=row["usrprf"], userid=row["userid"], sysaddress=row["address"]
+    )
+
+
+def _no_profile(field: str, name: str, allowed: str = "") -> DirectoryError:
+    return DirectoryError(field, name, f"does not exist{allowed}")
+
+
+def _no_entry(userid: str, address: str) -> DirectoryError:
+    return DirectoryError("usrid", f"{userid} {address}", "is not in the directory")
