@@ -6,6 +6,8 @@ from twistmail.cli import (
     configcmd,  # noqa: F401
     journalcmds,  # noqa: F401
     poolcmds,  # noqa: F401
+    queuecmds,  # noqa: F401
+    usercmds,  # noqa: F401
 )
 from twistmail.cli.base import cli, main  # noqa: F401
 

@@ -1,0 +1,724 @@
+"""The durable spool (DESIGN.md §2 queue rules 1, 2 and 4) and WRKQ.
+
+Crashes are simulated the way they happen: a writer process SIGKILLed in the
+middle of a body, a move interrupted between its rename and its unlink, files
+left behind with old timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from zope.interface.verify import verifyObject
+
+import twistmail.cli.queuecmds as queuecmds
+import twistmail.queue as queuemod
+from twistmail.cli.base import run
+from twistmail.interfaces import (
+    CORRUPT,
+    HOLD,
+    QTMSINQ,
+    QTMSOUTQ,
+    QTMSRTQ1,
+    QUEUES,
+    IQueue,
+)
+from twistmail.queue import (
+    DELIVERED,
+    FAILED,
+    STATES,
+    CorruptEnvelope,
+    Envelope,
+    FileQueue,
+    Recipient,
+    id_time,
+    is_queue_id,
+    new_queue_id,
+)
+
+ID_RE = re.compile(r"[0-9a-f]{22}")
+
+
+@pytest.fixture
+def fq(tmp_path: Path) -> FileQueue:
+    return FileQueue(tmp_path / "queue")
+
+
+def enqueue(
+    fq: FileQueue,
+    body: bytes = b"Subject: hi\r\n\r\nhello\r\n",
+    queue: str = QTMSINQ,
+    originator: str = "jane@example.test",
+    recipients: tuple = ("sam@example.test",),
+    **fields,
+) -> str:
+    env = Envelope.new(originator, recipients, **fields)
+    with fq.new_spool(env) as spool:
+        spool.write(body)
+        return spool.commit(queue)
+
+
+def all_files(fq: FileQueue) -> list[str]:
+    return sorted(str(p.relative_to(fq.root)) for p in fq.root.rglob("*") if p.is_file())
+
+
+def age_file(path: Path, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+# -- queue ids -------------------------------------------------------------------
+
+
+def test_ids_are_fixed_width_hex_and_sort_by_creation_time():
+    before = time.time()
+    ids = [new_queue_id() for _ in range(2000)]
+    assert all(ID_RE.fullmatch(i) for i in ids)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert before - 1 <= id_time(ids[0]) <= id_time(ids[-1]) <= time.time() + 1
+    assert not is_queue_id("../../etc/passwd") and not is_queue_id(ids[0].upper())
+
+
+def test_ids_are_unique_across_processes_without_coordination():
+    script = (
+        "from twistmail.queue import new_queue_id\n"
+        "print('\\n'.join(new_queue_id() for _ in range(20000)))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    per_process = [p.communicate(timeout=60)[0].split() for p in procs]
+    everything = [i for ids in per_process for i in ids]
+    assert len(everything) == 80000
+    assert len(set(everything)) == len(everything)
+    assert all(ids == sorted(ids) for ids in per_process)
+
+
+def test_paths_refuse_anything_but_a_queue_id_and_a_queue_name(fq):
+    with pytest.raises(ValueError):
+        fq.body_path("../../etc/passwd")
+    with pytest.raises(ValueError):
+        fq.load(QTMSINQ, "x" * 22)
+    with pytest.raises(ValueError, match="allowed"):
+        fq.list("QTMSNOQ")
+
+
+def test_filequeue_provides_iqueue_and_creates_the_layout(fq):
+    verifyObject(IQueue, fq)
+    assert sorted(p.name for p in fq.root.iterdir()) == sorted(["tmp", "data", *QUEUES])
+    assert FileQueue(fq.root.parent / "absent", create=False).list(QTMSINQ) == []
+    assert not (fq.root.parent / "absent").exists()
+
+
+# -- enqueue ---------------------------------------------------------------------
+
+
+def test_commit_puts_body_and_envelope_in_place_and_nothing_in_tmp(fq):
+    body = b"x" * 10000
+    qid = enqueue(fq, body)
+    assert fq.list(QTMSINQ) == [qid]
+    assert fq.body_path(qid).read_bytes() == body
+    env = fq.load(QTMSINQ, qid)
+    assert env.size == len(body)
+    assert env.recipients == (Recipient("sam@example.test"),)
+    assert os.listdir(fq.tmp) == []
+    assert fq.find(qid) == QTMSINQ
+    assert oct(fq.body_path(qid).stat().st_mode & 0o777) == "0o600"
+
+
+def test_commit_may_replace_the_initial_envelope_but_not_its_id(fq):
+    env = Envelope.new("jane@example.test", ["sam@example.test"])
+    with fq.new_spool(env) as spool:
+        spool.write(b"abc")
+        with pytest.raises(ValueError, match="not the spool's id"):
+            spool.commit(QTMSINQ, Envelope.new("x@y", ["z@w"]))
+        spool.commit(QTMSOUTQ, env.evolve(message_id="<m@x>", size=999))
+    final = fq.load(QTMSOUTQ, env.id)
+    assert final.message_id == "<m@x>" and final.size == 3
+
+
+def test_an_id_in_use_cannot_be_spooled_again(fq):
+    qid = enqueue(fq)
+    with pytest.raises(ValueError, match="already in use"):
+        fq.new_spool(fq.load(QTMSINQ, qid))
+
+
+def test_a_concurrent_reader_never_sees_an_envelope_without_its_body(fq):
+    writers, per_writer = 4, 40
+    done = threading.Event()
+    seen: set[str] = set()
+    problems: list[str] = []
+
+    def reader() -> None:
+        while not done.is_set() or len(seen) < writers * per_writer:
+            for qid in fq.list(QTMSINQ):
+                env = fq.load(QTMSINQ, qid)
+                try:
+                    size = fq.body_path(qid).stat().st_size
+                except FileNotFoundError:
+                    problems.append(f"{qid}: envelope without body")
+                    continue
+                if size != env.size:
+                    problems.append(f"{qid}: body {size} bytes, envelope says {env.size}")
+                seen.add(qid)
+            if done.is_set() and len(seen) >= writers * per_writer:
+                return
+
+    def writer(n: int) -> None:
+        for i in range(per_writer):
+            enqueue(fq, os.urandom(100 + 997 * ((n + i) % 7)))
+
+    r = threading.Thread(target=reader)
+    r.start()
+    ws = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
+    for w in ws:
+        w.start()
+    for w in ws:
+        w.join()
+    done.set()
+    r.join(timeout=60)
+    assert not r.is_alive()
+    assert problems == []
+    assert len(seen) == writers * per_writer
+
+
+def _count_fsyncs(monkeypatch) -> list[str]:
+    """Replace os.fsync by a recorder of what each call synced (path, dirs with /)."""
+    calls: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_fsyncs_per_operation(fq, monkeypatch):
+    """commit: 4 (body, data/, envelope, queue dir); update: 2; move: 2 (3 with a new
+    envelope); remove: 2 (envelope's directory, then data/)."""
+    env = Envelope.new("jane@example.test", ["sam@example.test"])
+    spool = fq.new_spool(env)
+    spool.write(b"body")
+    calls = _count_fsyncs(monkeypatch)
+    qid = spool.commit(QTMSINQ)
+    root = str(fq.root)
+    assert calls == [
+        f"{root}/tmp/{qid}.{os.getpid()}.body",
+        f"{root}/data",
+        f"{root}/tmp/{qid}.{os.getpid()}.json",
+        f"{root}/{QTMSINQ}",
+    ]
+    calls.clear()
+    fq.update(QTMSINQ, env.evolve(attempts=1))
+    assert len(calls) == 2 and calls[-1] == f"{root}/{QTMSINQ}"
+    calls.clear()
+    fq.move(qid, QTMSINQ, QTMSOUTQ)
+    assert calls == [f"{root}/{QTMSOUTQ}", f"{root}/{QTMSINQ}"]
+    calls.clear()
+    fq.move(qid, QTMSOUTQ, QTMSRTQ1, env.evolve(attempts=2))
+    assert len(calls) == 3 and calls[1:] == [f"{root}/{QTMSRTQ1}", f"{root}/{QTMSOUTQ}"]
+    calls.clear()
+    fq.remove(QTMSRTQ1, qid)
+    assert calls == [f"{root}/{QTMSRTQ1}", f"{root}/data"]
+
+
+# -- abort -----------------------------------------------------------------------
+
+
+def test_abort_leaves_nothing(fq):
+    spool = fq.new_spool(Envelope.new("a@example.test", ["b@example.test"]))
+    spool.write(b"partial")
+    assert len(os.listdir(fq.tmp)) == 1
+    spool.abort()
+    spool.abort()
+    assert all_files(fq) == []
+    with pytest.raises(ValueError):
+        spool.write(b"more")
+
+
+def test_an_exception_inside_the_with_block_aborts(fq):
+    with pytest.raises(RuntimeError), fq.new_spool(Envelope.new("", ["b@x.test"])) as spool:
+        spool.write(b"partial")
+        raise RuntimeError("client went away")
+    assert all_files(fq) == []
+
+
+def test_abort_after_commit_keeps_the_message(fq):
+    env = Envelope.new("a@example.test", ["b@example.test"])
+    spool = fq.new_spool(env)
+    spool.write(b"kept")
+    spool.commit(QTMSINQ)
+    spool.abort()
+    assert fq.body_path(env.id).read_bytes() == b"kept"
+    assert fq.list(QTMSINQ) == [env.id]
+
+
+def test_a_commit_that_fails_at_its_last_step_leaves_nothing(fq, monkeypatch):
+    """SMTP answers 451 then, so the message must not stay queued (no duplicate later)."""
+    spool = fq.new_spool(Envelope.new("a@example.test", ["b@example.test"]))
+    spool.write(b"body")
+    real, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 4:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError):
+        spool.commit(QTMSINQ)
+    monkeypatch.undo()
+    assert all_files(fq) == []
+
+
+# -- crash recovery --------------------------------------------------------------
+
+WRITER = """
+import sys, time
+from twistmail.queue import Envelope, FileQueue
+spool = FileQueue(sys.argv[1]).new_spool(Envelope.new("a@example.test", ["b@example.test"]))
+spool.write(b"x" * 100000)
+print(spool.id, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_writer_killed_mid_body_leaves_a_tmp_file_that_recover_removes(fq):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(fq.root)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        qid = proc.stdout.readline().strip()
+        name = f"{qid}.{proc.pid}.body"
+        assert os.listdir(fq.tmp) == [name]
+        assert fq.recover().clean, "a live writer's file must be left alone"
+        assert os.listdir(fq.tmp) == [name]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    report = fq.recover()
+    assert report.tmp_removed == (name,)
+    assert report.counts() == {
+        "tmp_removed": 1,
+        "corrupt": 0,
+        "duplicates": 0,
+        "orphans_removed": 0,
+    }
+    assert all_files(fq) == []
+    assert fq.find(qid) is None
+
+
+def test_tmp_files_older_than_a_day_go_even_if_the_pid_is_alive(fq):
+    old = fq.tmp / f"{new_queue_id()}.{os.getpid()}.json"
+    young = fq.tmp / f"{new_queue_id()}.{os.getpid()}.body"
+    stray = fq.tmp / "editor-backup~"
+    for p in (old, young, stray):
+        p.write_bytes(b"x")
+    age_file(old, 2 * 86400)
+    report = fq.recover()
+    assert report.tmp_removed == (old.name,)
+    assert sorted(os.listdir(fq.tmp)) == sorted([young.name, stray.name])
+    age_file(stray, 2 * 86400)
+    assert fq.recover().tmp_removed == (stray.name,)
+
+
+def test_a_body_without_envelope_is_removed_only_once_old(fq):
+    """A crash between the body's rename and the envelope's; also what another process's
+    commit looks like for a few milliseconds, which is why young ones stay."""
+    orphan = fq.body_path(new_queue_id())
+    orphan.write_bytes(b"half-enqueued")
+    assert fq.recover().clean
+    assert orphan.exists()
+    age_file(orphan, 30 * 60)
+    assert fq.recover().clean
+    age_file(orphan, 2 * 3600)
+    report = fq.recover()
+    assert report.orphans_removed == (orphan.name,)
+    assert not orphan.exists()
+
+
+def test_an_old_body_with_an_envelope_is_never_an_orphan(fq):
+    qid = enqueue(fq)
+    age_file(fq.body_path(qid), 10 * 86400)
+    assert fq.recover(now=time.time() + 86400).clean
+    assert fq.body_path(qid).exists()
+
+
+def test_a_corrupt_envelope_goes_to_corrupt_with_its_body(fq):
+    good = enqueue(fq)
+    bad = enqueue(fq, queue=QTMSOUTQ)
+    fq.envelope_path(QTMSOUTQ, bad).write_bytes(b'{"id": "trunc')
+    with pytest.raises(CorruptEnvelope):
+        fq.load(QTMSOUTQ, bad)
+    entry = next(e for e in fq.entries(QTMSOUTQ))
+    assert entry.id == bad and entry.error and entry.size > 0
+    report = fq.recover()
+    assert [(c.id, c.queue) for c in report.corrupt] == [(bad, QTMSOUTQ)]
+    assert "unreadable" in report.corrupt[0].reason
+    assert fq.list(QTMSOUTQ) == [] and fq.list(CORRUPT) == [bad]
+    assert fq.body_path(bad).exists()
+    assert fq.list(QTMSINQ) == [good]
+    age_file(fq.body_path(bad), 2 * 3600)
+    assert fq.recover().clean
+    assert fq.body_path(bad).exists()
+
+
+def test_an_envelope_whose_body_is_missing_or_whose_id_differs_is_corrupt(fq):
+    a, b = enqueue(fq), enqueue(fq)
+    fq.body_path(a).unlink()
+    other = json.loads(fq.envelope_path(QTMSINQ, b).read_bytes())
+    other["id"] = new_queue_id()
+    fq.envelope_path(QTMSINQ, b).write_text(json.dumps(other))
+    report = fq.recover()
+    reasons = {c.id: c.reason for c in report.corrupt}
+    assert reasons[a] == "body missing"
+    assert "holds the envelope of" in reasons[b]
+    assert sorted(fq.list(CORRUPT)) == sorted([a, b])
+
+
+def test_a_second_corrupt_copy_of_an_id_does_not_overwrite_the_first(fq):
+    qid = enqueue(fq)
+    (fq.root / CORRUPT / f"{qid}.json").write_bytes(b"first")
+    fq.envelope_path(QTMSINQ, qid).write_bytes(b"second")
+    fq.recover()
+    kept = sorted(p.read_bytes() for p in (fq.root / CORRUPT).iterdir())
+    assert kept == [b"first", b"second"]
+
+
+# -- move, update, remove --------------------------------------------------------
+
+
+def test_move_is_a_rename_of_the_envelope(fq):
+    qid = enqueue(fq)
+    env = fq.load(QTMSINQ, qid)
+    fq.move(qid, QTMSINQ, QTMSOUTQ)
+    assert fq.list(QTMSINQ) == [] and fq.list(QTMSOUTQ) == [qid]
+    assert fq.load(QTMSOUTQ, qid) == env
+    assert fq.find(qid) == QTMSOUTQ
+    with pytest.raises(KeyError):
+        fq.load(QTMSINQ, qid)
+    with pytest.raises(KeyError):
+        fq.move(qid, QTMSINQ, HOLD)
+    later = env.evolve(attempts=1, next_try=time.time() + 60).with_recipient(
+        "sam@example.test", state="retry", last_error="451 4.4.1 no answer"
+    )
+    fq.move(qid, QTMSOUTQ, QTMSRTQ1, later)
+    assert fq.load(QTMSRTQ1, qid) == later
+    assert fq.find(qid) == QTMSRTQ1
+    assert os.listdir(fq.tmp) == []
+    with pytest.raises(ValueError):
+        fq.move(qid, QTMSRTQ1, QTMSOUTQ, Envelope.new("x@y", ["z@w"]))
+
+
+def test_update_replaces_the_envelope_in_place(fq):
+    qid = enqueue(fq, recipients=("a@x.test", "b@x.test"))
+    env = fq.load(QTMSINQ, qid)
+    done = env.with_recipient("a@x.test", state=DELIVERED, delivered_at=time.time())
+    fq.update(QTMSINQ, done)
+    assert fq.load(QTMSINQ, qid) == done
+    assert [r.address for r in done.pending] == ["b@x.test"]
+    assert not done.done and done.with_recipient("b@x.test", state=FAILED).done
+    assert os.listdir(fq.tmp) == []
+    with pytest.raises(KeyError):
+        fq.update(QTMSOUTQ, done)
+    with pytest.raises(KeyError):
+        env.with_recipient("nobody@x.test", state=DELIVERED)
+
+
+def test_remove_deletes_envelope_and_body(fq):
+    keep, gone = enqueue(fq), enqueue(fq)
+    fq.remove(QTMSINQ, gone)
+    assert fq.list(QTMSINQ) == [keep]
+    assert not fq.body_path(gone).exists()
+    assert fq.find(gone) is None
+    with pytest.raises(KeyError):
+        fq.remove(QTMSINQ, gone)
+
+
+def test_list_is_oldest_first(fq):
+    ids = [enqueue(fq) for _ in range(5)]
+    fq.move(ids[2], QTMSINQ, HOLD)
+    fq.move(ids[2], HOLD, QTMSINQ)
+    assert fq.list(QTMSINQ) == ids
+    assert [e.id for e in fq.entries(QTMSINQ)] == ids
+
+
+class Crash(BaseException):
+    """The process dies here."""
+
+
+def _crash_before_unlink(monkeypatch) -> None:
+    def crash(path: Path) -> bool:
+        raise Crash
+
+    monkeypatch.setattr(queuemod, "_unlink", crash)
+
+
+def test_a_move_interrupted_before_the_source_is_removed_is_settled_for_the_target(fq, monkeypatch):
+    qid = enqueue(fq, queue=QTMSOUTQ)
+    env = fq.load(QTMSOUTQ, qid)
+    _crash_before_unlink(monkeypatch)
+    with pytest.raises(Crash):
+        fq.move(qid, QTMSOUTQ, QTMSRTQ1, env.evolve(attempts=1))
+    monkeypatch.undo()
+    assert fq.list(QTMSOUTQ) == [qid] and fq.list(QTMSRTQ1) == [qid]
+    report = fq.recover()
+    assert [(d.id, d.kept, d.removed) for d in report.duplicates] == [(qid, QTMSRTQ1, (QTMSOUTQ,))]
+    assert fq.list(QTMSOUTQ) == [] and fq.load(QTMSRTQ1, qid).attempts == 1
+    assert fq.body_path(qid).exists()
+    assert fq.recover().clean
+
+
+def test_the_target_wins_even_moving_back_with_the_clock_stepped_back(fq, monkeypatch):
+    qid = enqueue(fq, queue=QTMSOUTQ)
+    env = fq.load(QTMSOUTQ, qid)
+    fq.move(qid, QTMSOUTQ, QTMSRTQ1, env.evolve(attempts=1))
+    back = time.time_ns() - 3600 * 10**9
+    monkeypatch.setattr(queuemod.time, "time_ns", lambda: back)
+    _crash_before_unlink(monkeypatch)
+    with pytest.raises(Crash):
+        fq.move(qid, QTMSRTQ1, QTMSOUTQ, env.evolve(attempts=2))
+    monkeypatch.undo()
+    report = fq.recover()
+    assert report.duplicates[0].kept == QTMSOUTQ
+    assert fq.find(qid) == QTMSOUTQ and fq.load(QTMSOUTQ, qid).attempts == 2
+    assert fq.list(QTMSRTQ1) == []
+
+
+def test_removing_one_copy_of_a_duplicate_keeps_the_body(fq, monkeypatch):
+    qid = enqueue(fq)
+    _crash_before_unlink(monkeypatch)
+    with pytest.raises(Crash):
+        fq.move(qid, QTMSINQ, HOLD, fq.load(QTMSINQ, qid))
+    monkeypatch.undo()
+    fq.remove(QTMSINQ, qid)
+    assert fq.body_path(qid).exists() and fq.find(qid) == HOLD
+
+
+# -- envelope JSON ---------------------------------------------------------------
+
+_text = st.text(max_size=30)
+_opt_text = st.none() | _text
+_finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+_json_scalar = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _text
+
+recipients = st.builds(
+    Recipient,
+    address=_text,
+    state=st.sampled_from(STATES),
+    orcpt=_opt_text,
+    notify=st.none() | st.lists(st.sampled_from(["SUCCESS", "FAILURE", "DELAY", "NEVER"])),
+    kind=st.sampled_from(["to", "cc", "bcc"]),
+    attempts=st.integers(0, 10**9),
+    last_error=_opt_text,
+    resolved=_opt_text,
+    delivered_at=st.none() | _finite,
+)
+envelopes = st.builds(
+    Envelope,
+    id=st.from_regex(r"[0-9a-f]{22}", fullmatch=True),
+    originator=_text,
+    recipients=st.lists(recipients, max_size=4),
+    received=_finite,
+    client_ip=_opt_text,
+    helo=_opt_text,
+    size=st.integers(0, 2**40),
+    source=st.sampled_from(["smtp", "api", "bridge"]),
+    attempts=st.integers(0, 1000),
+    next_try=st.none() | _finite,
+    ret=st.none() | st.sampled_from(["FULL", "HDRS"]),
+    envid=_opt_text,
+    auth=_opt_text,
+    message_id=_opt_text,
+    history=st.lists(st.dictionaries(_text, _json_scalar, max_size=3), max_size=3),
+)
+
+
+@given(envelopes)
+def test_envelope_json_round_trip(env):
+    data = env.to_json()
+    assert data.isascii()
+    assert Envelope.from_json(data) == env
+
+
+def test_unknown_keys_are_ignored_for_forward_compatibility():
+    env = Envelope.new("", ["postmaster@example.test"])
+    d = json.loads(env.to_json())
+    d["v"] = 7
+    d["priority"] = "high"
+    d["recipients"][0]["ldap_dn"] = "cn=postmaster"
+    assert Envelope.from_json(json.dumps(d).encode()) == env
+
+
+def test_surrogate_escaped_eight_bit_addresses_survive():
+    address = b"j\xf6rg@example.test".decode("ascii", "surrogateescape")
+    env = Envelope.new(address, [address])
+    assert Envelope.from_json(env.to_json()).originator == address
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{",
+        b"[]",
+        b"\xff\xfe",
+        b'{"id": "0123456789abcdef012345"}',
+        b'{"id": "../x", "originator": "", "recipients": [], "received": 1}',
+        b'{"id": "0123456789abcdef012345", "originator": "", "recipients": [1], "received": 1}',
+        b'{"id": "0123456789abcdef012345", "originator": "", "recipients": [], '
+        b'"received": "yesterday"}',
+        b'{"id": "0123456789abcdef012345", "originator": "", "recipients": [], "received": NaN}',
+        b'{"id": "0123456789abcdef012345", "originator": "", "recipients": '
+        b'[{"address": "a@b", "state": "lost"}], "received": 1}',
+        b'{"id": "0123456789abcdef012345", "originator": "", "recipients": [], '
+        b'"received": 1, "attempts": -1}',
+    ],
+)
+def test_broken_envelopes_raise_corrupt_envelope(data):
+    with pytest.raises(CorruptEnvelope):
+        Envelope.from_json(data)
+
+
+# -- wrkq ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> str:
+    path = tmp_path / "twistmail.toml"
+    path.write_text('[system]\ndatadir = "var"\n')
+    return str(path)
+
+
+@pytest.fixture
+def cli_queue(tmp_path: Path) -> FileQueue:
+    return FileQueue(tmp_path / "var" / "queue")
+
+
+def test_wrkq_is_registered_on_the_twistmail_command():
+    from twistmail.cli.main import cli
+
+    assert "wrkq" in cli.commands
+
+
+def test_wrkq_table(cfg, cli_queue, capsys):
+    now = time.time()
+    inbound = enqueue(cli_queue, b"a" * 120, recipients=("sam@example.test", "joe@example.test"))
+    env = cli_queue.load(QTMSINQ, inbound)
+    cli_queue.update(QTMSINQ, env.with_recipient("sam@example.test", state=DELIVERED))
+    bounce = enqueue(
+        cli_queue, b"b" * 30, QTMSOUTQ, "", ("jane@remote.test",),
+        received=now - 2 * 3600 - 5, attempts=2, next_try=now + 600,
+    )  # fmt: skip
+    assert run(["--config", cfg, "wrkq"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == [
+        "id", "queue", "age", "size", "from", "to", "attempts", "next", "try",
+    ]  # fmt: skip
+    row_in = next(line for line in out if line.startswith(inbound))
+    row_out = next(line for line in out if line.startswith(bounce))
+    assert "QTMSINQ" in row_in and "jane@example.test" in row_in
+    assert "sam@example.test (delivered), joe@example.test" in row_in
+    assert row_in.split()[2] in ("0s", "1s", "2s") and row_in.split()[3] == "120"
+    assert "<>" in row_out and " 2h " in row_out and re.search(r"\b2\s+in (9|10)m$", row_out)
+    assert out[-1] == "-- 2 messages, 150 bytes: QTMSINQ 1, QTMSOUTQ 1"
+
+
+def test_wrkq_one_queue_by_any_case(cfg, cli_queue, capsys):
+    enqueue(cli_queue)
+    held = enqueue(cli_queue, queue=HOLD)
+    assert run(["--config", cfg, "wrkq", "--queue", "HOLD"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[1].startswith(held)
+    assert out[-1].endswith(": hold 1")
+    assert run(["--config", cfg, "wrkq", "--queue", "qtmsoutq"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "(no messages)",
+        "-- 0 messages, 0 bytes: QTMSOUTQ 0",
+    ]
+
+
+def test_wrkq_json(cfg, cli_queue, capsys):
+    qid = enqueue(cli_queue, b"xyz", QTMSOUTQ, "", ("a@remote.test",), next_try=123.5)
+    assert run(["--config", cfg, "wrkq", "--json", "--queue", "qtmsoutq"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["id"], row["queue"], row["size"], row["originator"]) == (qid, QTMSOUTQ, 3, "")
+    assert row["recipients"][0]["address"] == "a@remote.test"
+    assert row["recipients"][0]["state"] == "pending"
+    assert row["next_try"] == 123.5 and row["attempts"] == 0 and row["age"] >= 0
+
+
+def test_wrkq_without_any_queue_yet(cfg, tmp_path, capsys):
+    assert run(["--config", cfg, "wrkq"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["(no messages)", "-- 0 messages, 0 bytes"]
+    assert not (tmp_path / "var").exists()
+
+
+def test_wrkq_bad_queue_is_one_line_exit_2(cfg, capsys):
+    assert run(["--config", cfg, "wrkq", "--queue", "QTMSNOQ"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert "--queue: 'QTMSNOQ'" in lines[0]
+    assert "QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2, QTMSBSSQ, hold, quarantine, corrupt" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(-3, "0s"), (0, "0s"), (5, "5s"), (59.9, "59s"), (60, "1m"), (3599, "59m"),
+     (3600, "1h"), (86399, "23h"), (86400, "1d"), (10 * 86400, "10d")],
+)  # fmt: skip
+def test_human_age(seconds, text):
+    assert queuecmds.human_age(seconds) == text
+
+
+# -- throughput (printed with -s; no assertion on timing) -------------------------
+
+
+def _commit_rate(fq: FileQueue, threads: int, seconds: float = 1.0) -> float:
+    body = os.urandom(4096)
+    stop = time.monotonic() + seconds
+    counts = [0] * threads
+
+    def work(n: int) -> None:
+        while time.monotonic() < stop:
+            enqueue(fq, body)
+            counts[n] += 1
+
+    start = time.monotonic()
+    ts = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(counts) / (time.monotonic() - start)
+
+
+def test_commit_rate_of_4k_messages(tmp_path):
+    rates = {n: _commit_rate(FileQueue(tmp_path / f"q{n}"), n) for n in (1, 8)}
+    print(
+        f"\nqueue commits/s, 4 KiB bodies, 4 fsyncs each: "
+        f"1 thread {rates[1]:.0f}, 8 threads {rates[8]:.0f}"
+    )
+    assert all(r > 0 for r in rates.values())

@@ -1,0 +1,114 @@
+"""WRKQ: what is in the mail queues, like Postfix's ``mailq``.
+
+Reads the envelope files under ``<datadir>/queue`` (setting
+``system.datadir``) and never talks to the daemon nor writes anything, so an
+administrator can look at the queues while the appliance is down or busy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import click
+
+from twistmail.cli.base import app, cli, usage_error
+from twistmail.cli.output import emit_table
+from twistmail.interfaces import QUEUES
+from twistmail.queue import PENDING, FileQueue, QueueEntry, Recipient
+
+COLUMNS = (
+    ("id", "id"),
+    ("queue", "queue"),
+    ("age", "age"),
+    ("size", "size"),
+    ("originator", "from"),
+    ("recipients", "to"),
+    ("attempts", "attempts"),
+    ("next_try", "next try"),
+)
+_BY_LOWER = {q.lower(): q for q in QUEUES}
+
+
+def queue_name(value: str) -> str:
+    """The queue's canonical name; administrators type QTMSINQ, qtmsinq or HOLD alike."""
+    name = _BY_LOWER.get(value.strip().lower())
+    if name is None:
+        usage_error(f"--queue: {value!r} is not a queue; allowed: {', '.join(QUEUES)}")
+    return name
+
+
+def human_age(seconds: float) -> str:
+    """The largest whole unit, as mailq users read it at a glance: 5s, 3m, 2h, 1d."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _recipient(r: Recipient) -> str:
+    return r.address if r.state == PENDING else f"{r.address} ({r.state})"
+
+
+def _next_try(when: float | None, now: float) -> str:
+    if when is None:
+        return ""
+    return "due" if when <= now else f"in {human_age(when - now)}"
+
+
+def table_row(entry: QueueEntry, now: float) -> dict[str, Any]:
+    if entry.error is not None:
+        originator = f"(unreadable: {entry.error})"
+    else:
+        originator = entry.originator or "<>"
+    return {
+        "id": entry.id,
+        "queue": entry.queue,
+        "age": human_age(entry.age),
+        "size": entry.size,
+        "originator": originator,
+        "recipients": ", ".join(_recipient(r) for r in entry.recipients),
+        "attempts": entry.attempts,
+        "next_try": _next_try(entry.next_try, now),
+    }
+
+
+def totals_line(entries: Iterable[QueueEntry], only: str | None = None) -> str:
+    """``-- 3 messages, 12345 bytes: QTMSINQ 2, QTMSOUTQ 1`` (Postfix's mailq footer).
+
+    With ``only`` that queue is named even when empty, so "0" is an answer.
+    """
+    count: Counter[str] = Counter()
+    size = 0
+    for e in entries:
+        count[e.queue] += 1
+        size += e.size
+    queues = [only] if only is not None else [q for q in QUEUES if count[q]]
+    per_queue = ", ".join(f"{q} {count[q]}" for q in queues)
+    total = sum(count.values())
+    head = f"-- {total} message{'' if total == 1 else 's'}, {size} bytes"
+    return f"{head}: {per_queue}" if per_queue else head
+
+
+@cli.command("wrkq")
+@click.option(
+    "--queue",
+    "queue",
+    metavar="Q",
+    help=f"Only this queue (any case): {', '.join(QUEUES)}.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def wrkq(queue: str | None, as_json: bool) -> None:
+    """List queued messages: id, queue, age, size, originator, recipients, attempts, next try."""
+    name = queue_name(queue) if queue is not None else None
+    spool = FileQueue.for_settings(app().settings, create=False)
+    now = time.time()
+    entries = list(spool.entries(name, now=now))
+    if as_json:
+        emit_table((e.to_dict() for e in entries), COLUMNS, as_json=True)
+        return
+    emit_table((table_row(e, now) for e in entries), COLUMNS, as_json=False, empty="(no messages)")
+    click.echo(totals_line(entries, name))

@@ -1,0 +1,801 @@
+"""The durable message spool: Postfix's queue discipline on plain files.
+
+Role: every message the appliance has accepted lives here until its next
+holder (a mailbox, a remote MX, a nondelivery notice) has it durably.  SMTP
+server jobs and the API enqueue through :meth:`FileQueue.new_spool`; the
+bridge moves, updates and removes; ``wrkq`` only reads.
+
+Files, all under ``<datadir>/queue/`` (mode 0700 directories, 0600 files):
+
+- ``tmp/<id>.<pid>.body`` and ``tmp/<id>.<pid>.json``: files being written.
+  The writer's pid is in the name so :meth:`FileQueue.recover` can tell an
+  abandoned file (its writer is dead) from one still being written.
+- ``data/<id>``: the message body, immutable once committed.
+- ``<QUEUE>/<id>.json``, one directory per name in
+  :data:`twistmail.interfaces.QUEUES`: the envelope that puts the message in
+  that queue.  A message is "in" a queue exactly when its envelope is there.
+
+Durability contract (DESIGN.md §2, queue rules 1, 2 and 4):
+
+- :meth:`Spool.commit` fsyncs the body, renames it into ``data/``, fsyncs
+  ``data/``, writes and fsyncs the envelope in ``tmp/``, renames it into the
+  queue and fsyncs the queue directory: 4 fsyncs.  The body is visible before
+  the envelope, so no reader ever finds an envelope without its body; only
+  after ``commit`` returns may SMTP answer 250.
+- :meth:`FileQueue.move` without a new envelope is one ``rename``: after a
+  crash the message is in exactly one of the two queues.  With a new envelope
+  the new one is written to ``tmp/``, renamed into the target, and only then
+  is the source removed; a crash in between leaves the same id in both
+  queues, and :meth:`FileQueue.recover` keeps the target.  It knows which
+  copy is the target because every envelope file carries a write ``stamp``
+  (nanoseconds) and a move writes one strictly greater than the source's, so
+  "the higher stamp wins" is "the target wins" even if the clock steps back.
+- :meth:`FileQueue.update` replaces an envelope atomically (tmp, rename,
+  directory fsync); :meth:`FileQueue.remove` deletes the envelope first, then
+  the body, so a crash never leaves an envelope whose body is gone.
+- :meth:`FileQueue.recover` removes what crashed writers left (dead pid or
+  older than a day in ``tmp/``; bodies no envelope names, once older than an
+  hour, because a commit in another process has a body without envelope for
+  a few milliseconds), moves unreadable envelopes (or envelopes whose body
+  is missing) to ``corrupt/`` keeping the body, and resolves a message found
+  in two queues.  It must not run concurrently with moves made by another
+  thread of the same owner (the bridge runs it from its queue manager).
+
+Everything here is synchronous and may block on disk: code in a reactor calls
+it through ``deferToThread``.  Settings honoured: ``system.datadir`` (through
+:meth:`FileQueue.for_settings`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+from attrs import validators as v
+from zope.interface import implementer
+
+from twistmail.interfaces import CORRUPT, QUEUES, IQueue
+
+#: Recipient states.  ``pending`` and ``retry`` still need work; the others are final.
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+RETRY = "retry"
+RELAYED = "relayed"
+STATES = (PENDING, DELIVERED, FAILED, RETRY, RELAYED)
+FINAL_STATES = frozenset((DELIVERED, FAILED, RELAYED))
+
+#: Version of the envelope JSON; readers ignore keys they do not know.
+FORMAT = 1
+
+TMP_MAX_AGE = 24 * 3600.0
+ORPHAN_MIN_AGE = 3600.0
+
+_ID_RE = re.compile(r"[0-9a-f]{22}")
+_ID_LEN = 22
+_id_lock = threading.Lock()
+_last_ns = 0
+
+
+class CorruptEnvelope(ValueError):
+    """An envelope file that cannot be read as an envelope."""
+
+
+# -- queue ids -------------------------------------------------------------------
+
+
+def new_queue_id() -> str:
+    """A fresh queue id: 16 hex digits of nanoseconds since the epoch, 6 random.
+
+    Sorting ids sorts messages by creation time, so a directory listing gives
+    the oldest first without reading any file.  Within a process the time part
+    strictly increases; between processes the random part keeps ids apart
+    without any coordination.  Only ``[0-9a-f]``, so an id is safe in file
+    names and in Maildir names.
+    """
+    global _last_ns
+    with _id_lock:
+        ns = max(time.time_ns(), _last_ns + 1)
+        _last_ns = ns
+    return f"{ns:016x}{secrets.token_hex(3)}"
+
+
+def is_queue_id(text: str) -> bool:
+    return _ID_RE.fullmatch(text) is not None
+
+
+def id_time(queue_id: str) -> float:
+    """When the id was made (seconds since the epoch)."""
+    return int(_check_id(queue_id)[:16], 16) / 1e9
+
+
+def _check_id(queue_id: str) -> str:
+    """Ids become file names: anything else could point outside the queue."""
+    if not isinstance(queue_id, str) or not is_queue_id(queue_id):
+        raise ValueError(f"not a queue id: {queue_id!r}")
+    return queue_id
+
+
+# -- envelopes -------------------------------------------------------------------
+
+
+def _number(value: Any) -> float:
+    """A finite JSON number as float; strings, booleans, NaN are damage, not times."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _optional_number(value: Any) -> float | None:
+    return None if value is None else _number(value)
+
+
+def _optional_tuple(value: Any) -> tuple[Any, ...] | None:
+    return None if value is None else tuple(value)
+
+
+def _count(_inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name}: expected a count, got {value!r}")
+
+
+def _valid_id(_inst: Any, _attribute: attrs.Attribute, value: Any) -> None:
+    _check_id(value)
+
+
+_str = v.instance_of(str)
+_opt_str = v.optional(v.instance_of(str))
+
+
+@attrs.frozen
+class Recipient:
+    """One recipient and how far its delivery has gone."""
+
+    address: str = attrs.field(validator=_str)
+    state: str = attrs.field(default=PENDING, validator=v.in_(STATES))
+    orcpt: str | None = attrs.field(default=None, validator=_opt_str)
+    notify: tuple[str, ...] | None = attrs.field(
+        default=None,
+        converter=_optional_tuple,
+        validator=v.optional(v.deep_iterable(_str, v.instance_of(tuple))),
+    )
+    kind: str = attrs.field(default="to", validator=_str)
+    attempts: int = attrs.field(default=0, validator=_count)
+    last_error: str | None = attrs.field(default=None, validator=_opt_str)
+    resolved: str | None = attrs.field(default=None, validator=_opt_str)
+    delivered_at: float | None = attrs.field(default=None, converter=_optional_number)
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def evolve(self, **changes: Any) -> Recipient:
+        return attrs.evolve(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipient:
+        if not isinstance(data, dict):
+            raise TypeError(f"a recipient must be an object, got {data!r}")
+        return cls(**_known(cls, data))
+
+
+@attrs.frozen
+class Envelope:
+    """What the queue knows about a message besides its body.
+
+    ``originator`` ``""`` is the null reverse-path (``MAIL FROM:<>``).
+    ``history`` holds JSON objects (journal references, moves) in order.
+    """
+
+    id: str = attrs.field(validator=_valid_id)
+    originator: str = attrs.field(validator=_str)
+    recipients: tuple[Recipient, ...] = attrs.field(
+        converter=tuple, validator=v.deep_iterable(v.instance_of(Recipient))
+    )
+    received: float = attrs.field(converter=_number)
+    client_ip: str | None = attrs.field(default=None, validator=_opt_str)
+    helo: str | None = attrs.field(default=None, validator=_opt_str)
+    size: int = attrs.field(default=0, validator=_count)
+    source: str = attrs.field(default="smtp", validator=_str)
+    attempts: int = attrs.field(default=0, validator=_count)
+    next_try: float | None = attrs.field(default=None, converter=_optional_number)
+    ret: str | None = attrs.field(default=None, validator=_opt_str)
+    envid: str | None = attrs.field(default=None, validator=_opt_str)
+    auth: str | None = attrs.field(default=None, validator=_opt_str)
+    message_id: str | None = attrs.field(default=None, validator=_opt_str)
+    history: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
+
+    @classmethod
+    def new(
+        cls, originator: str, recipients: Any, received: float | None = None, **fields: Any
+    ) -> Envelope:
+        """An envelope with a fresh id; recipients may be plain addresses."""
+        rcpts = tuple(r if isinstance(r, Recipient) else Recipient(r) for r in recipients)
+        when = time.time() if received is None else received
+        return cls(new_queue_id(), originator, rcpts, when, **fields)
+
+    @property
+    def pending(self) -> tuple[Recipient, ...]:
+        """Recipients that still need a delivery attempt."""
+        return tuple(r for r in self.recipients if not r.done)
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.recipients)
+
+    def evolve(self, **changes: Any) -> Envelope:
+        return attrs.evolve(self, **changes)
+
+    def with_recipients(self, recipients: Any) -> Envelope:
+        return attrs.evolve(self, recipients=tuple(recipients))
+
+    def with_recipient(self, address: str, **changes: Any) -> Envelope:
+        """Change the recipient(s) with this address; KeyError if there is none."""
+        if not any(r.address == address for r in self.recipients):
+            raise KeyError(address)
+        return self.with_recipients(
+            r.evolve(**changes) if r.address == address else r for r in self.recipients
+        )
+
+    def note(self, event: dict[str, Any]) -> Envelope:
+        return attrs.evolve(self, history=(*self.history, event))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": FORMAT, **attrs.asdict(self)}
+
+    def to_json(self) -> bytes:
+        return _dump(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Envelope:
+        if not isinstance(data, dict):
+            raise TypeError("an envelope must be a JSON object")
+        fields = _known(cls, data)
+        fields["recipients"] = tuple(Recipient.from_dict(r) for r in data["recipients"])
+        return cls(**fields)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Envelope:
+        """Parse an envelope file; any damage is a :class:`CorruptEnvelope`."""
+        try:
+            return cls.from_dict(json.loads(data))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CorruptEnvelope(f"{type(e).__name__}: {e}") from None
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Only the keys this version knows: newer writers may add fields."""
+    names = attrs.fields_dict(cls)
+    return {k: val for k, val in data.items() if k in names}
+
+
+def _dump(data: dict[str, Any]) -> bytes:
+    """ASCII JSON: strings decoded with surrogateescape (8-bit SMTP) still round-trip."""
+    return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+# -- listings and recovery reports -----------------------------------------------
+
+
+@attrs.frozen
+class QueueEntry:
+    """One line of a queue listing (``wrkq``)."""
+
+    queue: str
+    id: str
+    age: float
+    size: int
+    originator: str | None
+    recipients: tuple[Recipient, ...]
+    attempts: int
+    next_try: float | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class CorruptItem:
+    id: str
+    queue: str
+    reason: str
+
+
+@attrs.frozen
+class DuplicateItem:
+    id: str
+    kept: str
+    removed: tuple[str, ...]
+
+
+@attrs.frozen
+class RecoveryReport:
+    """What :meth:`FileQueue.recover` did, for the caller to journal."""
+
+    tmp_removed: tuple[str, ...] = ()
+    corrupt: tuple[CorruptItem, ...] = ()
+    duplicates: tuple[DuplicateItem, ...] = ()
+    orphans_removed: tuple[str, ...] = ()
+
+    @property
+    def clean(self) -> bool:
+        return not (self.tmp_removed or self.corrupt or self.duplicates or self.orphans_removed)
+
+    def counts(self) -> dict[str, int]:
+        """How many of each kind, for a one-line journal entry."""
+        return {
+            "tmp_removed": len(self.tmp_removed),
+            "corrupt": len(self.corrupt),
+            "duplicates": len(self.duplicates),
+            "orphans_removed": len(self.orphans_removed),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+# -- file helpers ----------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    """A rename or unlink is durable only once its directory is fsynced."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _writer_pid(name: str) -> int | None:
+    """The pid in ``<id>.<pid>.<ext>``, or None for a name we did not make."""
+    parts = name.split(".")
+    if len(parts) != 3 or not is_queue_id(parts[0]) or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
+# -- the spool -------------------------------------------------------------------
+
+
+class Spool:
+    """The body writer of one new message, from the first byte to ``commit``.
+
+    Use as a context manager so that any exception before ``commit`` aborts.
+    """
+
+    def __init__(self, queue: FileQueue, envelope: Envelope) -> None:
+        self._queue = queue
+        self.envelope = envelope
+        self.id = envelope.id
+        self.size = 0
+        self._body_tmp = queue.tmp / f"{self.id}.{os.getpid()}.body"
+        self._env_tmp = queue.tmp / f"{self.id}.{os.getpid()}.json"
+        self._body = queue.data / self.id
+        self._env_final: Path | None = None
+        self._committed = False
+        self._aborted = False
+        fd = os.open(self._body_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file = open(fd, "wb")
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+    @property
+    def active(self) -> bool:
+        """Neither committed nor aborted yet."""
+        return not (self._committed or self._aborted)
+
+    def write(self, data: bytes) -> None:
+        if not self.active:
+            raise ValueError(f"spool {self.id} is closed")
+        self._file.write(data)
+        self.size += len(data)
+
+    def commit(self, queue: str, envelope: Envelope | None = None) -> str:
+        """Make body and envelope durable in ``queue``; return the queue id.
+
+        The envelope's ``size`` is set to the bytes written.  If anything
+        fails, everything written is removed again and the error raised: the
+        client must then get a temporary failure and retry.
+        """
+        if not self.active:
+            raise ValueError(f"spool {self.id} is closed")
+        env = attrs.evolve(envelope or self.envelope, size=self.size)
+        if env.id != self.id:
+            raise ValueError(f"envelope id {env.id} is not the spool's id {self.id}")
+        target = self._queue.envelope_path(queue, self.id)
+        try:
+            self._commit(env, target)
+        except BaseException:
+            self.abort()
+            raise
+        self._committed = True
+        return self.id
+
+    def _commit(self, env: Envelope, target: Path) -> None:
+        q = self._queue
+        self._file.flush()
+        fd = self._file.fileno()
+        os.utime(fd)  # the orphan age in recover() counts from the commit
+        os.fsync(fd)
+        self._file.close()
+        os.rename(self._body_tmp, self._body)
+        _fsync_dir(q.data)
+        _write_synced(self._env_tmp, q.envelope_bytes(env))
+        os.rename(self._env_tmp, target)
+        self._env_final = target
+        _fsync_dir(target.parent)
+
+    def abort(self) -> None:
+        """Remove everything this spool wrote; a no-op after a successful commit."""
+        if not self.active:
+            return
+        self._aborted = True
+        self._file.close()
+        if self._env_final is not None and _unlink(self._env_final):
+            _fsync_dir(self._env_final.parent)
+        _unlink(self._env_tmp)
+        _unlink(self._body_tmp)
+        _unlink(self._body)
+
+
+# -- the queue -------------------------------------------------------------------
+
+
+@implementer(IQueue)
+class FileQueue:
+    """The spool under one directory (normally ``<datadir>/queue``).
+
+    One owner per message at a time: the spool until commit, then the bridge.
+    """
+
+    def __init__(self, root: Path | str, *, create: bool = True) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / "tmp"
+        self.data = self.root / "data"
+        if create:
+            self._make_dirs()
+
+    @classmethod
+    def for_settings(cls, settings: Any, *, create: bool = True) -> FileQueue:
+        return cls(Path(settings.datadir) / "queue", create=create)
+
+    def _make_dirs(self) -> None:
+        """Create the layout; fsync parents once so the first commit cannot vanish."""
+        made = not self.root.is_dir()
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for d in (self.tmp, self.data, *(self.root / q for q in QUEUES)):
+            if not d.is_dir():
+                d.mkdir(mode=0o700, exist_ok=True)
+                made = True
+        if made:
+            _fsync_dir(self.root)
+            _fsync_dir(self.root.parent)
+
+    # paths
+
+    def queue_dir(self, queue: str) -> Path:
+        if queue not in QUEUES:
+            raise ValueError(f"not a queue: {queue!r}; allowed: {', '.join(QUEUES)}")
+        return self.root / queue
+
+    def envelope_path(self, queue: str, queue_id: str) -> Path:
+        return self.queue_dir(queue) / f"{_check_id(queue_id)}.json"
+
+    def body_path(self, queue_id: str) -> Path:
+        return self.data / _check_id(queue_id)
+
+    def envelope_bytes(self, envelope: Envelope, stamp: int | None = None) -> bytes:
+        """The envelope file: the envelope plus the write stamp duplicates are settled by."""
+        stamp = time.time_ns() if stamp is None else stamp
+        return _dump({**envelope.to_dict(), "stamp": stamp})
+
+    def _tmp_envelope(self, envelope: Envelope, stamp: int | None = None) -> Path:
+        path = self.tmp / f"{envelope.id}.{os.getpid()}.json"
+        _write_synced(path, self.envelope_bytes(envelope, stamp))
+        return path
+
+    # IQueue
+
+    def new_spool(self, envelope: Envelope) -> Spool:
+        if self.body_path(envelope.id).exists():
+            raise ValueError(f"queue id {envelope.id} is already in use")
+        return Spool(self, envelope)
+
+    def load(self, queue: str, queue_id: str) -> Envelope:
+        path = self.envelope_path(queue, queue_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        env = Envelope.from_json(data)
+        if env.id != queue_id:
+            raise CorruptEnvelope(f"file {path.name} holds the envelope of {env.id}")
+        return env
+
+    def list(self, queue: str) -> list[str]:
+        try:
+            names = os.listdir(self.queue_dir(queue))
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and is_queue_id(n[:-5]))
+
+    def update(self, queue: str, envelope: Envelope) -> None:
+        """Replace the envelope of a message that stays in ``queue`` (2 fsyncs)."""
+        path = self.envelope_path(queue, envelope.id)
+        if not path.exists():
+            raise KeyError(envelope.id)
+        os.replace(self._tmp_envelope(envelope), path)
+        _fsync_dir(path.parent)
+
+    def move(
+        self, queue_id: str, source: str, target: str, envelope: Envelope | None = None
+    ) -> None:
+        """Move a message between queues: one rename (2 fsyncs; 3 with an envelope)."""
+        src = self.envelope_path(source, queue_id)
+        dst = self.envelope_path(target, queue_id)
+        if envelope is not None and envelope.id != queue_id:
+            raise ValueError(f"envelope id {envelope.id} is not {queue_id}")
+        if source == target:
+            if envelope is not None:
+                self.update(source, envelope)
+            elif not src.exists():
+                raise KeyError(queue_id)
+            return
+        if envelope is None:
+            try:
+                os.rename(src, dst)
+            except FileNotFoundError:
+                raise KeyError(queue_id) from None
+        else:
+            stamp = max(time.time_ns(), self._stamp(src) + 1)
+            os.rename(self._tmp_envelope(envelope, stamp), dst)
+        _fsync_dir(dst.parent)
+        if envelope is not None:
+            _unlink(src)  # recover() may already have settled the duplicate
+        _fsync_dir(src.parent)
+
+    def remove(self, queue: str, queue_id: str) -> None:
+        """Delete envelope then body (2 fsyncs); the body stays while another queue holds it."""
+        if not _unlink(self.envelope_path(queue, queue_id)):
+            raise KeyError(queue_id)
+        _fsync_dir(self.queue_dir(queue))
+        if not self._held(queue_id) and _unlink(self.body_path(queue_id)):
+            _fsync_dir(self.data)
+
+    def find(self, queue_id: str) -> str | None:
+        """The first queue (in QUEUES order) that holds the message."""
+        for queue in QUEUES:
+            if self.envelope_path(queue, queue_id).exists():
+                return queue
+        return None
+
+    def _stamp(self, path: Path) -> int:
+        """The write stamp of an envelope file; KeyError if it is gone, 0 if unreadable."""
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise KeyError(path.stem) from None
+        except ValueError:
+            return 0
+        stamp = data.get("stamp", 0) if isinstance(data, dict) else 0
+        return stamp if isinstance(stamp, int) and not isinstance(stamp, bool) else 0
+
+    # listings
+
+    def entries(self, queue: str | None = None, now: float | None = None) -> Iterator[QueueEntry]:
+        """The messages of one queue or of all, oldest first within each queue."""
+        now = time.time() if now is None else now
+        for q in QUEUES if queue is None else (queue,):
+            for queue_id in self.list(q):
+                entry = self._entry(q, queue_id, now)
+                if entry is not None:
+                    yield entry
+
+    def _entry(self, queue: str, queue_id: str, now: float) -> QueueEntry | None:
+        try:
+            env = self.load(queue, queue_id)
+        except KeyError:
+            return None
+        except CorruptEnvelope as e:
+            age = max(0.0, now - id_time(queue_id))
+            size = self._body_size(queue_id)
+            return QueueEntry(queue, queue_id, age, size, None, (), 0, None, error=str(e))
+        age = max(0.0, now - env.received)
+        return QueueEntry(
+            queue=queue,
+            id=queue_id,
+            age=age,
+            size=env.size,
+            originator=env.originator,
+            recipients=env.recipients,
+            attempts=env.attempts,
+            next_try=env.next_try,
+        )
+
+    def _body_size(self, queue_id: str) -> int:
+        try:
+            return self.body_path(queue_id).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    # recovery
+
+    def recover(self, now: float | None = None) -> RecoveryReport:
+        """Finish or undo what crashed writers left; see the module docstring."""
+        now = time.time() if now is None else now
+        tmp_removed = self._clean_tmp(now)
+        corrupt = self._quarantine_corrupt()
+        duplicates = self._settle_duplicates()
+        orphans = self._remove_orphans(now)
+        return RecoveryReport(tmp_removed, corrupt, duplicates, orphans)
+
+    def _clean_tmp(self, now: float) -> tuple[str, ...]:
+        removed = []
+        for name in sorted(_listdir(self.tmp)):
+            path = self.tmp / name
+            try:
+                mtime = path.lstat().st_mtime
+            except FileNotFoundError:
+                continue  # its writer just renamed it into place
+            pid = _writer_pid(name)
+            abandoned = pid is not None and not _pid_alive(pid)
+            if (abandoned or now - mtime > TMP_MAX_AGE) and _unlink(path):
+                removed.append(name)
+        return tuple(removed)
+
+    def _quarantine_corrupt(self) -> tuple[CorruptItem, ...]:
+        found = []
+        for queue in QUEUES:
+            if queue == CORRUPT:
+                continue
+            for queue_id in self.list(queue):
+                reason = self._damage(queue, queue_id)
+                if reason is not None and self._to_corrupt(queue, queue_id):
+                    found.append(CorruptItem(queue_id, queue, reason))
+        return tuple(found)
+
+    def _damage(self, queue: str, queue_id: str) -> str | None:
+        try:
+            self.load(queue, queue_id)
+        except KeyError:
+            return None
+        except CorruptEnvelope as e:
+            return f"unreadable envelope: {e}"
+        if not self.body_path(queue_id).exists():
+            return "body missing"
+        return None
+
+    def _to_corrupt(self, queue: str, queue_id: str) -> bool:
+        """Keep the damaged envelope (and its body) for the administrator."""
+        target = self.envelope_path(CORRUPT, queue_id)
+        if target.exists():
+            target = target.with_name(f"{queue_id}.{time.time_ns()}.json")
+        try:
+            os.rename(self.envelope_path(queue, queue_id), target)
+        except FileNotFoundError:
+            return False
+        _fsync_dir(target.parent)
+        _fsync_dir(self.queue_dir(queue))
+        return True
+
+    def _settle_duplicates(self) -> tuple[DuplicateItem, ...]:
+        holders: dict[str, list[str]] = {}
+        for queue in QUEUES:
+            if queue != CORRUPT:
+                for queue_id in self.list(queue):
+                    holders.setdefault(queue_id, []).append(queue)
+        settled = []
+        for queue_id, queues in sorted(holders.items()):
+            if len(queues) > 1:
+                item = self._settle(queue_id, queues)
+                if item is not None:
+                    settled.append(item)
+        return tuple(settled)
+
+    def _settle(self, queue_id: str, queues: list[str]) -> DuplicateItem | None:
+        """Keep the copy with the highest write stamp: the target of the interrupted move."""
+        ranked = []
+        for queue in queues:
+            path = self.envelope_path(queue, queue_id)
+            try:
+                ranked.append((self._stamp(path), path.stat().st_mtime_ns, queue))
+            except (KeyError, FileNotFoundError):
+                continue
+        if len(ranked) < 2:
+            return None
+        ranked.sort()
+        kept = ranked[-1][2]
+        removed = tuple(q for _, _, q in ranked[:-1])
+        for queue in removed:
+            if _unlink(self.envelope_path(queue, queue_id)):
+                _fsync_dir(self.queue_dir(queue))
+        return DuplicateItem(queue_id, kept, removed)
+
+    def _referenced(self) -> set[str]:
+        """Every id some envelope names, damaged ones in ``corrupt/`` included."""
+        ids: set[str] = set()
+        for queue in QUEUES:
+            for name in _listdir(self.root / queue):
+                if name.endswith(".json") and is_queue_id(name[:_ID_LEN]):
+                    ids.add(name[:_ID_LEN])
+        return ids
+
+    def _held(self, queue_id: str) -> bool:
+        if self.find(queue_id) is not None:
+            return True
+        return any(n.startswith(queue_id) for n in _listdir(self.queue_dir(CORRUPT)))
+
+    def _remove_orphans(self, now: float) -> tuple[str, ...]:
+        referenced = self._referenced()
+        removed = []
+        for name in sorted(_listdir(self.data)):
+            if not is_queue_id(name) or name in referenced:
+                continue
+            try:
+                young = now - (self.data / name).stat().st_mtime < ORPHAN_MIN_AGE
+            except FileNotFoundError:
+                continue
+            # Look again, twice: a move running meanwhile may have hidden it from the scan.
+            if young or self._held(name) or self._held(name):
+                continue
+            if _unlink(self.data / name):
+                removed.append(name)
+        if removed:
+            _fsync_dir(self.data)
+        return tuple(removed)
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
