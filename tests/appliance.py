@@ -51,6 +51,7 @@ def base_sections(datadir: Path) -> dict[str, dict[str, Any]]:
         "listen": {"smtp": "127.0.0.1:0", "submission": "127.0.0.1:0", "smtps": "127.0.0.1:0",
                    "pop3": "127.0.0.1:0", "pop3s": "127.0.0.1:0"},
         "prestart": {"trim_interval": 30, "wait_limit": 30, "end_delay": 3},
+        "storage": {"threshold": 99},
         "prestart.QTMSSRCP": {"inljobs": 2, "threshold": 1, "adljobs": 2, "maxjobs": 8},
         "prestart.QTPOPSRVP": {"inljobs": 1, "threshold": 1, "adljobs": 1, "maxjobs": 4},
     }
@@ -169,6 +170,23 @@ class Appliance:
                     if code is None or e["code"] == code:
                         out.append(e)
         return out
+
+    def mailbox(self, user: str) -> list[Path]:
+        """The message files of a user's Maildir (new and cur), sorted by name."""
+        root = self.datadir / "mailboxes" / user.upper() / "Maildir"
+        return sorted(p for d in ("new", "cur") for p in (root / d).glob("*") if p.is_file())
+
+    def wait_mailbox(self, user: str, count: int, timeout: float = 30) -> list[Path]:
+        self.wait_for(lambda: len(self.mailbox(user)) >= count, timeout,
+                      f"{count} messages for {user}")
+        return self.mailbox(user)
+
+    def queue_files(self, queue: str) -> list[Path]:
+        return sorted((self.datadir / "queue" / queue).glob("*.json"))
+
+    def user(self, name: str, password: str = "secret") -> None:
+        rc, out, err = self.cli("crtusrprf", "--usrprf", name, "--password", password)
+        assert rc == 0, err
 
     def wait_for(self, pred: Callable[[], Any], timeout: float = 10, what: str = "") -> Any:
         deadline = time.monotonic() + timeout

@@ -61,6 +61,8 @@ CODES: dict[str, str] = {
     "7G": "bridge: COD inserted into MSF, with its MSF message id",
     "7P": "bridge: undeliverable (nondelivery) notice being created",
     "7U": "bridge: undeliverable notice deleted, its return address is bad",
+    "7X": "bridge: queue recovery removed debris of crashed writers (twistmail)",
+    "7Y": "bridge: unreadable envelope moved to the corrupt/ queue (twistmail)",
     # 8: SMTP client (QTSMTPCLTP)
     "8B": "SMTP client: taken from QTMSOUTQ for delivery",
     "88": "SMTP client: delivered (DLV), with the receiving host's IP address",
@@ -88,6 +90,7 @@ CODES: dict[str, str] = {
     "AP": "MSF nondelivery: nondelivery message created",
     "A1": "MSF nondelivery: originator of the nondelivery message",
     "A2": "MSF nondelivery: recipient of the nondelivery message",
+    "A3": "MSF nondelivery: recipient undeliverable (U), with the reason",
     # B: MSF local delivery
     "B8": "MSF local delivery: delivered into a POP mailbox (mailbox directory logged)",
     "B2": "MSF local delivery: recipient (POP mailbox delivery or COD insertion)",

@@ -82,12 +82,35 @@ class Job:
             plain = stub.SessionFactory(stub.StubPOP3, s.hostname, s.pop.inacttimo, self.done)
             names = ("pop3", "pop3s")
         else:
-            plain = stub.SessionFactory(stub.StubSMTP, s.hostname, s.smtp.inacttimo, self.done)
+            plain = self._smtp_factory()
             names = ("smtp", "submission", "smtps")
         out: dict[str, Factory] = {}
         for name in names:
             out[name] = self._tls(plain) if name in IMPLICIT_TLS else plain
         return out
+
+    def _smtp_factory(self) -> Factory:
+        from twistmail.directory import SqliteDirectory
+        from twistmail.journal import Journal
+        from twistmail.queue import FileQueue
+        from twistmail.smtp.backend import QueueBackend
+        from twistmail.smtp.server import SMTPFactory
+
+        s = self.settings
+        journal = Journal.from_settings(s, f"{configmod.PROGRAMS[self.pgm]['job']}/{os.getpid()}")
+        backend = QueueBackend(
+            self.reactor, s, SqliteDirectory.from_settings(s), FileQueue.for_settings(s), journal
+        )
+        return SMTPFactory(
+            backend,
+            self.reactor,
+            maxmsgsize=s.smtp.maxmsgsize,
+            maxrcpt=s.smtp.maxrcpt,
+            inacttimo=s.smtp.inacttimo,
+            alwbarelf=s.smtp.alwbarelf == "*YES",
+            mime8bit=s.smtp.mime8bit == "*YES",
+            on_done=self.done,
+        )
 
     def _tls(self, inner: Factory) -> Factory:
         from twisted.protocols.tls import TLSMemoryBIOFactory

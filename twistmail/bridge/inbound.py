@@ -1,0 +1,156 @@
+"""The mail server framework's work on one message from QTMSINQ.
+
+The steps, as IBM i's MSF runs its exit programs: take the message (7A),
+park it on QTMSBSSQ when storage is short (7L), filter (nothing yet),
+resolve each recipient against the system distribution directory (P2), then
+deliver into the POP mailbox (B8, B2) or the SNADS store (7O), forward the
+remote recipients to QTMSOUTQ (C6), and write one nondelivery notice for the
+recipients that cannot be delivered (7P, AP, A1, A2).
+
+Synchronous: the bridge runs it in a worker thread.  Every step can be
+repeated after a crash without a second copy: Maildir names derive from the
+queue id and the recipient's position, and a notice's queue id derives from
+the original's, so a repeated notice is the same message.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+
+from twistmail.bridge.nondelivery import Failure, build_notice, notice_id, original_headers
+from twistmail.interfaces import QTMSBSSQ, QTMSINQ, QTMSOUTQ
+from twistmail.queue import DELIVERED, FAILED, Envelope, Recipient
+
+NONDELIVERY_USER = "NONDELIVERY"
+UNKNOWN = ("5.1.1", "550 5.1.1 user unknown: no entry in the system distribution directory")
+
+
+@attrs.frozen
+class Outcome:
+    queue_id: str
+    delivered: int = 0
+    failed: int = 0
+    forwarded: int = 0
+    parked: bool = False
+    notice: str | None = None
+
+
+class InboundProcessor:
+    """Resolution and local delivery for messages taken from QTMSINQ."""
+
+    def __init__(self, *, hostname: str, queue: Any, directory: Any, mailboxes: Any,
+                 snads: Any, journal: Any, storage_full: Any) -> None:
+        self.hostname = hostname
+        self.queue = queue
+        self.directory = directory
+        self.mailboxes = mailboxes
+        self.snads = snads
+        self.journal = journal
+        self.storage_full = storage_full
+
+    def process(self, queue_id: str) -> Outcome:
+        env = self.queue.load(QTMSINQ, queue_id)
+        j = self.journal
+        j.write("7A", f"7A FIQ {QTMSINQ}", queue_id, queue=QTMSINQ)
+        if self.storage_full():
+            self.queue.move(queue_id, QTMSINQ, QTMSBSSQ)
+            j.write("7L", f"7L TSSQ {QTMSBSSQ}", queue_id, queue=QTMSBSSQ)
+            return Outcome(queue_id, parked=True)
+        body = self.queue.body_path(queue_id)
+        recipients: list[Recipient] = []
+        failures: list[Failure] = []
+        forwarded = delivered = 0
+        for index, rcpt in enumerate(env.recipients):
+            if rcpt.done or rcpt.state == "relayed":
+                recipients.append(rcpt)
+                continue
+            new = self._one(env, index, rcpt, body)
+            recipients.append(new)
+            if new.state == DELIVERED:
+                delivered += 1
+            elif new.state == FAILED:
+                status, text = (new.last_error or "5.0.0 failed").split(" ", 1)
+                failures.append(Failure(new.address, status, text))
+            else:
+                forwarded += 1
+        env = env.with_recipients(recipients)
+        notice = self._notice(env, failures, body) if failures else None
+        if forwarded:
+            self.queue.move(queue_id, QTMSINQ, QTMSOUTQ, env)
+            j.write("C6", f"C6 TOQ {QTMSOUTQ}", queue_id, queue=QTMSOUTQ, recipients=forwarded)
+        else:
+            self.queue.remove(QTMSINQ, queue_id)
+        return Outcome(queue_id, delivered, len(failures), forwarded, notice=notice)
+
+    def _one(self, env: Envelope, index: int, rcpt: Recipient, body: Any) -> Recipient:
+        j = self.journal
+        qid = env.id
+        res = self.directory.resolve(rcpt.address)
+        kind = res.kind if res is not None else "unknown"
+        j.write("P2", f"P2 R {rcpt.address}", qid, recipient=rcpt.address, resolved=kind)
+        if res is None:
+            j.write("A3", f"A3 U {rcpt.address}", qid, recipient=rcpt.address,
+                    reason=UNKNOWN[1])
+            return rcpt.evolve(state=FAILED, last_error=f"{UNKNOWN[0]} {UNKNOWN[1]}",
+                               attempts=rcpt.attempts + 1)
+        if res.kind == "remote":
+            return rcpt.evolve(resolved="remote")
+        prefix = trace_prefix(env.originator, rcpt.address)
+        delivery_id = f"{qid}.R{index}"
+        now = time.time()
+        if res.kind == "pop":
+            path = self.mailboxes.deliver(res.usrprf, delivery_id, body, prefix)
+            j.write("B8", f"B8 DLV {path.parent.parent}", qid, recipient=rcpt.address,
+                    usrprf=res.usrprf, mailbox=str(path.parent.parent))
+            j.write("B2", f"B2 R {rcpt.address}", qid, recipient=rcpt.address)
+            resolved = f"pop:{res.usrprf}"
+        else:
+            self.snads.deliver(res.userid, delivery_id, body, prefix)
+            j.write("7O", f"7O TSDS {res.userid} {res.sysaddress}", qid,
+                    recipient=rcpt.address, userid=res.userid, address=res.sysaddress)
+            resolved = f"snads:{res.userid}"
+        return rcpt.evolve(state=DELIVERED, resolved=resolved, delivered_at=now,
+                           attempts=rcpt.attempts + 1)
+
+    def _notice(self, env: Envelope, failures: list[Failure], body: Any) -> str | None:
+        j = self.journal
+        if not env.originator:
+            # Never a notice about a notice (null reverse-path).
+            j.write("7U", f"7U DEL {env.id}", env.id, reason="null reverse-path",
+                    recipients=[f.address for f in failures])
+            return None
+        j.write("7P", f"7P UNDL {env.originator}", env.id, originator=env.originator)
+        recipients = [env.originator]
+        copy = self.directory.smtp_address(NONDELIVERY_USER)
+        if copy and copy.lower() != env.originator.lower():
+            recipients.append(copy)
+        nid = notice_id(env.id)
+        data = build_notice(
+            hostname=self.hostname, queue_id=env.id, originator=env.originator,
+            arrival=env.received, failures=failures, headers=original_headers(body),
+            message_id=env.message_id,
+        )
+        notice_env = Envelope(id=nid, originator="", recipients=tuple(
+            Recipient(r) for r in recipients), received=time.time(), source="ndn",
+            message_id=f"<{nid}.ndn@{self.hostname}>")
+        try:
+            spool = self.queue.new_spool(notice_env)
+        except ValueError:
+            return nid  # made by an earlier attempt and still queued
+        with spool:
+            spool.write(data)
+            spool.commit(QTMSINQ, notice_env)
+        j.write("AP", f"AP UNDL {nid}", nid, original=env.id)
+        j.write("A1", "A1 O <>", nid, originator="")
+        for r in recipients:
+            j.write("A2", f"A2 R {r}", nid, recipient=r)
+        return nid
+
+
+def trace_prefix(originator: str, recipient: str) -> bytes:
+    """Headers local delivery adds (RFC 5321 §4.4 Return-Path; Delivered-To)."""
+    return (f"Return-Path: <{originator}>\r\nDelivered-To: {recipient}\r\n").encode(
+        "utf-8", "replace")

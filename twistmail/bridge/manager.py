@@ -1,0 +1,157 @@
+"""The bridge's queue manager: drains QTMSINQ and minds QTMSBSSQ.
+
+Woken by inotify when an envelope is renamed into QTMSINQ, and by a periodic
+rescan as well, because inotify can lose events without telling (TWISTED.md
+§6): a lost wake-up only delays.  At start, and at every rescan, it runs the
+queue's recovery (abandoned spool files, orphan bodies, unreadable
+envelopes).  Messages are processed oldest first by a few worker threads
+(IBM's NBRMSFJOB), each message by one worker at a time.  Mail parked on
+QTMSBSSQ goes back to QTMSINQ, oldest first, once storage use is under the
+threshold again (7M).
+
+Settings honoured: ``[storage] threshold`` (through the storage probe).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import task, threads
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+
+from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ
+
+MSF_JOBS = 3  # IBM's STRMSF NBRMSFJOB default
+RESCAN_EVERY = 5.0  # seconds
+
+
+class QueueManager:
+    log = Logger()
+
+    def __init__(self, reactor: Any, queue: Any, processor: Any, journal: Any,
+                 storage_full: Callable[[], bool], workers: int = MSF_JOBS) -> None:
+        self.reactor = reactor
+        self.queue = queue
+        self.processor = processor
+        self.journal = journal
+        self.storage_full = storage_full
+        self.workers = workers
+        self.todo: collections.deque[str] = collections.deque()
+        self.known: set[str] = set()  # queued or in progress
+        self.running = 0
+        self.scanning = False
+        self.recovering = False
+        self.rescan_loop: task.LoopingCall | None = None
+        self.notifier: Any = None
+        self.processed = 0
+
+    def start(self) -> None:
+        self._watch()
+        self.rescan_loop = task.LoopingCall(self.rescan)
+        self.rescan_loop.clock = self.reactor
+        self.rescan_loop.start(RESCAN_EVERY, now=True)
+
+    def stop(self) -> None:
+        if self.rescan_loop is not None and self.rescan_loop.running:
+            self.rescan_loop.stop()
+        if self.notifier is not None:
+            self.notifier.loseConnection()
+
+    def _watch(self) -> None:
+        try:
+            from twisted.internet import inotify
+        except ImportError:  # not Linux: the rescan alone drives the queue
+            return
+        notifier = inotify.INotify(self.reactor)
+        notifier.startReading()
+        notifier.watch(
+            FilePath(str(self.queue.queue_dir(QTMSINQ))),
+            mask=inotify.IN_MOVED_TO,
+            callbacks=[self._notified],
+        )
+        self.notifier = notifier
+
+    def _notified(self, _watch: Any, path: FilePath, _mask: int) -> None:
+        name = path.basename()
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        if name.endswith(".json"):
+            self._add(name[: -len(".json")])
+            self._pump()
+
+    def rescan(self) -> Any:
+        """Recover debris, release parked mail, pick up anything a wake-up missed."""
+        if self.scanning:
+            return None
+        self.scanning = True
+        # Recovery must not race a worker's moves, so it runs only while none
+        # is busy, and no worker starts until it is done.
+        self.recovering = self.running == 0
+        d = threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self._scan, self.recovering
+        )
+        d.addCallback(self._scanned)
+        d.addErrback(lambda f: self.log.failure("queue rescan failed", f))
+        d.addBoth(self._scan_done)
+        return d
+
+    def _scan(self, recover: bool) -> list[str]:
+        report = self.queue.recover() if recover else None
+        if report is not None and not report.clean:
+            self.journal.write("7X", "7X RCV queue recovery", **report.counts())
+            for item in report.corrupt:
+                self.journal.write("7Y", f"7Y CRP {item.id}", item.id, queue=CORRUPT,
+                                   reason=item.reason)
+        self._release_parked()
+        return self.queue.list(QTMSINQ)
+
+    def _release_parked(self) -> None:
+        parked = self.queue.list(QTMSBSSQ)
+        for qid in parked:
+            if self.storage_full():
+                return
+            self.queue.move(qid, QTMSBSSQ, QTMSINQ)
+            self.journal.write("7M", f"7M FSSQ {QTMSBSSQ}", qid, queue=QTMSBSSQ)
+
+    def _scanned(self, ids: list[str]) -> None:
+        for qid in ids:
+            self._add(qid)
+        self._pump()
+
+    def _scan_done(self, _: Any) -> None:
+        self.scanning = False
+        self.recovering = False
+        self._pump()
+
+    def _add(self, qid: str) -> None:
+        if qid not in self.known:
+            self.known.add(qid)
+            self.todo.append(qid)
+
+    def _pump(self) -> None:
+        while self.todo and self.running < self.workers and not self.recovering:
+            qid = self.todo.popleft()
+            self.running += 1
+            d = threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), self._process, qid
+            )
+            d.addErrback(self._failed, qid)
+            d.addBoth(self._finished, qid)
+
+    def _process(self, qid: str) -> Any:
+        try:
+            return self.processor.process(qid)
+        except KeyError:
+            return None  # gone already (another pass took it, or it was moved)
+
+    def _failed(self, failure: Any, qid: str) -> None:
+        self.log.failure("processing {qid} failed; it stays queued", failure, qid=qid)
+
+    def _finished(self, result: Any, qid: str) -> None:
+        self.running -= 1
+        self.known.discard(qid)
+        self.processed += 1
+        self._pump()

@@ -1,0 +1,116 @@
+"""What an SMTP server job's sessions use: the directory, the queue, the journal.
+
+Every call that touches the disk or SQLite runs in the reactor's thread pool,
+so a slow fsync or lookup never stalls the other work of the job.  A message
+goes to QTMSINQ when it has a local recipient (the bridge forwards any remote
+ones) and to QTMSOUTQ when all its recipients are remote; the journal gets
+94/95, 91, 92, 9T, 99 and 97/96 as IBM's SMTP server writes them.
+
+Settings honoured: ``[system] local_domains``, ``[storage] threshold``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import threads
+
+from twistmail.interfaces import QTMSINQ, QTMSOUTQ
+from twistmail.queue import Envelope, Recipient
+from twistmail.smtp.address import Address
+from twistmail.smtp.server import Backend, Received, Verdict
+
+STORAGE_CHECK_EVERY = 1.0  # seconds
+
+
+def storage_used_percent(path: Path) -> float:
+    st = os.statvfs(path)
+    if not st.f_blocks:
+        return 0.0
+    return 100.0 * (1.0 - st.f_bavail / st.f_blocks)
+
+
+class QueueBackend(Backend):
+    def __init__(self, reactor: Any, settings: Any, directory: Any, queue: Any,
+                 journal: Any) -> None:
+        self.reactor = reactor
+        self.hostname = settings.hostname
+        self.local_domains = tuple(d.lower() for d in settings.system.local_domains)
+        self.threshold = settings.storage.threshold
+        self.datadir = settings.datadir
+        self.directory = directory
+        self.queue = queue
+        self.journal = journal
+        self._storage_checked = 0.0
+        self._storage_full = False
+
+    def storage_full(self) -> bool:
+        now = time.monotonic()
+        if now - self._storage_checked >= STORAGE_CHECK_EVERY:
+            self._storage_checked = now
+            self._storage_full = storage_used_percent(self.datadir) > self.threshold
+        return self._storage_full
+
+    def check_recipient(self, address: Address, client_ip: str) -> Any:
+        if not address.domain:  # <postmaster>, which RFC 5321 says must be accepted
+            address = Address("postmaster", self.local_domains[0])
+        return threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self._verdict, address, client_ip
+        )
+
+    def _verdict(self, address: Address, client_ip: str) -> Verdict:
+        resolution = self.directory.resolve(str(address))
+        if resolution is None:
+            if address.local.lower() == "postmaster":
+                return Verdict(250, "2.1.5 Recipient OK")
+            return Verdict(550, f"5.1.1 <{address}>: Recipient address rejected: "
+                           "user unknown in the system distribution directory")
+        if resolution.kind == "remote":
+            self.journal.write("9V", f"9V RLY {client_ip}", ip=client_ip,
+                               recipient=str(address))
+            return Verdict(550, f"5.7.1 <{address}>: Relay access denied")
+        return Verdict(250, "2.1.5 Recipient OK")
+
+    def new_spool(self) -> Any:
+        return self.queue.new_spool(Envelope.new("", ()))
+
+    def commit(self, spool: Any, received: Received) -> Any:
+        return threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self._commit, spool, received
+        )
+
+    def _commit(self, spool: Any, received: Received) -> str:
+        local = any(is_local for _, is_local in received.recipients)
+        target = QTMSINQ if local else QTMSOUTQ
+        envelope = Envelope(
+            id=spool.id,
+            originator=received.originator,
+            recipients=tuple(Recipient(addr) for addr, _ in received.recipients),
+            received=time.time(),
+            client_ip=received.client_ip,
+            helo=received.helo,
+            message_id=received.message_id,
+        )
+        qid = spool.commit(target, envelope)
+        self._journal_received(qid, received, spool.size, target)
+        return qid
+
+    def _journal_received(self, qid: str, r: Received, size: int, target: str) -> None:
+        j = self.journal
+        if target == QTMSINQ:
+            j.write("94", f"94 LIN {r.client_ip}", qid, ip=r.client_ip, helo=r.helo)
+        else:
+            j.write("95", f"95 RIN {r.client_ip}", qid, ip=r.client_ip, helo=r.helo)
+        j.write("91", f"91 O {r.originator or '<>'}", qid, originator=r.originator)
+        for addr, _ in r.recipients:
+            j.write("92", f"92 R {addr}", qid, recipient=addr)
+        j.write("9T", f"9T SIZE {size}", qid, size=size)
+        if r.message_id:
+            j.write("99", f"99 MID {r.message_id}", qid, message_id=r.message_id)
+        if target == QTMSINQ:
+            j.write("97", f"97 TIQ {QTMSINQ}", qid, queue=QTMSINQ)
+        else:
+            j.write("96", f"96 TOQ {QTMSOUTQ}", qid, queue=QTMSOUTQ)
