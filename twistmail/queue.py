@@ -55,7 +55,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -439,12 +439,20 @@ class Spool:
         self._file.write(data)
         self.size += len(data)
 
-    def commit(self, queue: str, envelope: Envelope | None = None) -> str:
+    def commit(
+        self,
+        queue: str,
+        envelope: Envelope | None = None,
+        before_publish: Callable[[], None] | None = None,
+    ) -> str:
         """Make body and envelope durable in ``queue``; return the queue id.
 
         The envelope's ``size`` is set to the bytes written.  If anything
         fails, everything written is removed again and the error raised: the
         client must then get a temporary failure and retry.
+        ``before_publish`` runs once everything is durable except the rename
+        that makes the message visible, so what it records (journal entries)
+        precedes anything a reader of the queue does with the message.
         """
         if not self.active:
             raise ValueError(f"spool {self.id} is closed")
@@ -453,14 +461,16 @@ class Spool:
             raise ValueError(f"envelope id {env.id} is not the spool's id {self.id}")
         target = self._queue.envelope_path(queue, self.id)
         try:
-            self._commit(env, target)
+            self._commit(env, target, before_publish)
         except BaseException:
             self.abort()
             raise
         self._committed = True
         return self.id
 
-    def _commit(self, env: Envelope, target: Path) -> None:
+    def _commit(
+        self, env: Envelope, target: Path, before_publish: Callable[[], None] | None
+    ) -> None:
         q = self._queue
         self._file.flush()
         fd = self._file.fileno()
@@ -470,6 +480,8 @@ class Spool:
         os.rename(self._body_tmp, self._body)
         _fsync_dir(q.data)
         _write_synced(self._env_tmp, q.envelope_bytes(env))
+        if before_publish is not None:
+            before_publish()
         os.rename(self._env_tmp, target)
         self._env_final = target
         _fsync_dir(target.parent)

@@ -115,6 +115,15 @@ class InboundProcessor:
         return rcpt.evolve(state=DELIVERED, resolved=resolved, delivered_at=now,
                            attempts=rcpt.attempts + 1)
 
+    def _nondelivery_address(self) -> str | None:
+        """The seed's generic NONDELIVERY@<local domain> SMTP name, if enrolled."""
+        for domain in self.directory.local_domains:
+            address = f"{NONDELIVERY_USER}@{domain}"
+            res = self.directory.resolve(address)
+            if res is not None and res.kind in ("pop", "snads") and not res.catchall:
+                return address
+        return None
+
     def _notice(self, env: Envelope, failures: list[Failure], body: Any) -> str | None:
         j = self.journal
         if not env.originator:
@@ -124,7 +133,7 @@ class InboundProcessor:
             return None
         j.write("7P", f"7P UNDL {env.originator}", env.id, originator=env.originator)
         recipients = [env.originator]
-        copy = self.directory.smtp_address(NONDELIVERY_USER)
+        copy = self._nondelivery_address()
         if copy and copy.lower() != env.originator.lower():
             recipients.append(copy)
         nid = notice_id(env.id)

@@ -91,24 +91,30 @@ def build_notice(
 
 def _status_part(hostname: str, queue_id: str, arrival: float,
                  failures: list[Failure]) -> Message:
-    fields = [
-        f"Reporting-MTA: dns; {hostname}",
-        f"X-Twistmail-Queue-ID: {queue_id}",
-        f"Arrival-Date: {email.utils.formatdate(arrival, localtime=True)}",
-    ]
-    blocks = ["\r\n".join(fields)]
-    for f in failures:
-        blocks.append("\r\n".join([
-            f"Final-Recipient: rfc822; {f.address}",
-            "Action: failed",
-            f"Status: {f.status}",
-            f"Diagnostic-Code: smtp; {_one_line(f.diagnostic)}",
-        ]))
+    per_message = _fields([
+        ("Reporting-MTA", f"dns; {hostname}"),
+        ("X-Twistmail-Queue-ID", queue_id),
+        ("Arrival-Date", email.utils.formatdate(arrival, localtime=True)),
+    ])
     part = Message()
     part["Content-Type"] = "message/delivery-status"
     part["Content-Description"] = "Delivery report"
-    part.set_payload("\r\n\r\n".join(blocks) + "\r\n")
+    part.attach(per_message)
+    for f in failures:
+        part.attach(_fields([
+            ("Final-Recipient", f"rfc822; {f.address}"),
+            ("Action", "failed"),
+            ("Status", f.status),
+            ("Diagnostic-Code", f"smtp; {_one_line(f.diagnostic)}"),
+        ]))
     return part
+
+
+def _fields(pairs: list[tuple[str, str]]) -> Message:
+    block = Message()
+    for name, value in pairs:
+        block[name] = value
+    return block
 
 
 def _headers_part(headers: bytes) -> Message:

@@ -94,9 +94,11 @@ class QueueBackend(Backend):
             helo=received.helo,
             message_id=received.message_id,
         )
-        qid = spool.commit(target, envelope)
-        self._journal_received(qid, received, spool.size, target)
-        return qid
+        size = spool.size
+        return spool.commit(
+            target, envelope,
+            before_publish=lambda: self._journal_received(spool.id, received, size, target),
+        )
 
     def _journal_received(self, qid: str, r: Received, size: int, target: str) -> None:
         j = self.journal

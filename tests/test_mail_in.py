@@ -1,0 +1,337 @@
+"""Mail flows in: real clients send, the bridge delivers into Maildir, nothing is lost."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import os
+import signal
+import smtplib
+import subprocess
+import time
+from email.message import EmailMessage
+
+import pytest
+from appliance import alive, read_reply
+
+
+@pytest.fixture
+def post(make_appliance):
+    a = make_appliance().start()
+    a.user("SAM")
+    a.user("JANE")
+    return a
+
+
+def seed_message() -> bytes:
+    """Jane's note to Sam: an 8-bit body and a base64 attachment."""
+    msg = EmailMessage()
+    msg["From"] = "Jane Smith <jane@example.test>"
+    msg["To"] = "Sam Jones <sam@example.test>"
+    msg["Subject"] = "Contract review"
+    msg["Date"] = "Sat, 28 Nov 2026 09:00:00 +0000"
+    msg["Message-ID"] = "<contract-1@example.test>"
+    msg.set_content("Grüße, Sam — the contract is attached.\n", cte="8bit")
+    msg.add_attachment(bytes(range(256)) * 40, maintype="application",
+                       subtype="octet-stream", filename="contract.bin")
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+def test_seed_scenario_jane_to_sam(post):
+    a = post
+    original = seed_message()
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo("janes-pc.example.test")
+        assert s.has_extn("8bitmime")
+        refused = s.sendmail("jane@example.test", ["sam@example.test"], original,
+                             mail_options=["BODY=8BITMIME"])
+    assert refused == {}
+    [path] = a.wait_mailbox("SAM", 1)
+    stored = path.read_bytes()
+    # Byte-identical except for the headers the appliance adds in front.
+    assert stored.endswith(original)
+    added = stored[: -len(original)].decode()
+    assert added.startswith("Return-Path: <jane@example.test>\r\nDelivered-To: "
+                            "sam@example.test\r\nReceived: from janes-pc.example.test "
+                            "([127.0.0.1])\r\n\tby mail.example.test (twistmail) with ESMTP id ")
+    parsed = email.message_from_bytes(stored, policy=email.policy.default)
+    att = next(p for p in parsed.iter_attachments())
+    assert att.get_content() == bytes(range(256)) * 40
+    assert "Grüße" in parsed.get_body().get_content()
+    a.wait_for(lambda: not a.queue_files("QTMSINQ"), 10)
+    codes = [e["code"] for e in a.journal() if e.get("msgid") and e["code"][0] in "9B7P"]
+    assert codes[:6] == ["94", "91", "92", "9T", "99", "97"]
+    assert {"7A", "P2", "B8", "B2"} <= set(codes)
+
+
+def test_swaks_and_curl_deliver(post, tmp_path):
+    a = post
+    host, port = a.addr("smtp")
+    r = subprocess.run(
+        ["swaks", "--server", f"{host}:{port}", "--from", "jane@example.test",
+         "--to", "sam@example.test", "--header", "Subject: via swaks", "--body", "hello"],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "250 2.0.0 Ok: queued as" in r.stdout
+    msg = tmp_path / "msg.txt"
+    msg.write_bytes(b"From: jane@example.test\r\nTo: sam@example.test\r\nSubject: via curl\r\n"
+                    b"\r\n.leading dot\r\nbye\r\n")
+    r = subprocess.run(
+        ["curl", "-sS", f"smtp://{host}:{port}", "--mail-from", "jane@example.test",
+         "--mail-rcpt", "sam@example.test", "--upload-file", str(msg)],
+        capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    files = a.wait_mailbox("SAM", 2)
+    bodies = [p.read_bytes() for p in files]
+    assert any(b"Subject: via swaks" in b for b in bodies)
+    curl = next(b for b in bodies if b"Subject: via curl" in b)
+    assert curl.endswith(b"\r\n.leading dot\r\nbye\r\n")
+    # curl gives no Message-ID or Date: the appliance adds them.
+    assert b"\r\nMessage-ID: <" in curl and b"\r\nDate: " in curl
+
+
+def test_unknown_recipient_refused_and_catchall_routes(post):
+    a = post
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        s.mail("jane@example.test")
+        code, text = s.rcpt("nobody@example.test")
+        assert code == 550 and b"5.1.1" in text
+        code, text = s.rcpt("someone@remote.test")
+        assert code == 550 and b"5.7.1" in text
+        s.rset()
+    rc, out, err = a.cli("adddire", "--usrid", "*ANY", "*ANY", "--usrd", "catch-all",
+                         "--user", "SAM", "--msfsrvlvl", "*SYSMS")
+    assert rc == 0, err
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        assert s.sendmail("jane@example.test", ["Whoever@EXAMPLE.TEST"], b"Subject: x\r\n\r\n"
+                          b"y\r\n") == {}
+    [path] = a.wait_mailbox("SAM", 1)
+    assert b"Delivered-To: Whoever@EXAMPLE.TEST\r\n" in path.read_bytes()
+
+
+def test_domain_matches_without_regard_to_case(post):
+    a = post
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        assert s.sendmail("jane@example.test", ["sam@Example.TEST"], b"Subject: c\r\n\r\nx\r\n") \
+            == {}
+    a.wait_mailbox("SAM", 1)
+
+
+def test_nondelivery_notice_to_originator_with_copy(post):
+    a = post
+    # The seed's way: a POP user whose directory entry has the SMTP name NONDELIVERY.
+    a.user("MAILADM")
+    rc, out, err = a.cli("adddire", "--usrid", "NONDLV", "MAIL", "--usrd", "nondelivery copies",
+                         "--user", "MAILADM", "--msfsrvlvl", "*SYSMS", "--prefadr", "*SMTP",
+                         "--smtpuser", "NONDELIVERY", "--smtpdomain", "example.test")
+    assert rc == 0, err
+    a.user("TEMP")
+    assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["temp@example.test", "sam@example.test"],
+                   b"Subject: to a leaver\r\nMessage-ID: <leaver@example.test>\r\n\r\nhi\r\n")
+    # The user leaves before the bridge gets to the message.
+    assert a.cli("dltusrprf", "--usrprf", "TEMP")[0] == 0
+    assert a.cli("strmsf")[0] == 0
+    [ndn] = a.wait_mailbox("JANE", 1)
+    a.wait_mailbox("SAM", 1)
+    [copy] = a.wait_mailbox("MAILADM", 1)
+    notice = email.message_from_bytes(ndn.read_bytes(), policy=email.policy.default)
+    assert notice.get_content_type() == "multipart/report"
+    assert notice.get_param("report-type") == "delivery-status"
+    assert notice["Return-Path"] == "<>"
+    status = [p for p in notice.walk() if p.get_content_type() == "message/delivery-status"]
+    assert status and b"Final-Recipient: rfc822; temp@example.test" in ndn.read_bytes()
+    assert b"Status: 5.1.1" in ndn.read_bytes()
+    assert b"Subject: to a leaver" in ndn.read_bytes()  # the original headers
+    copied = email.message_from_bytes(copy.read_bytes(), policy=email.policy.default)
+    assert copied["Message-ID"] == notice["Message-ID"]  # one notice, two recipients
+    codes = {e["code"] for e in a.journal()}
+    assert {"A3", "7P", "AP", "A1", "A2"} <= codes
+    # A notice that cannot be delivered makes no notice of its own.
+    time.sleep(1)
+    assert len(a.mailbox("JANE")) == 1
+
+
+def test_bare_lf_rejected_and_nothing_stored(post):
+    a = post
+    s = a.connect()
+    read_reply(s)
+    s.sendall(b"EHLO x\r\n")
+    while not read_reply(s).startswith(b"250 "):
+        pass
+    s.sendall(b"MAIL FROM:<jane@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    assert [read_reply(s)[:3] for _ in range(3)] == [b"250", b"250", b"354"]
+    s.sendall(b"Subject: lf\n\nbody\n.\nMAIL FROM:<evil@example.test>\r\n.\r\n")
+    assert read_reply(s).startswith(b"550 5.6.0 ")
+    s.sendall(b"QUIT\r\n")
+    s.close()
+    time.sleep(1)
+    assert a.mailbox("SAM") == []
+    assert list((a.datadir / "queue" / "data").iterdir()) == []
+
+
+def test_bare_lf_accepted_when_allowed(make_appliance):
+    a = make_appliance(smtp={"alwbarelf": "*YES"}).start()
+    a.user("SAM")
+    s = a.connect()
+    read_reply(s)
+    s.sendall(b"HELO x\r\nMAIL FROM:<>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    assert [read_reply(s)[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+    s.sendall(b"Subject: lf\n\nbody\n.\nstill\r\n.\r\n")
+    assert read_reply(s).startswith(b"250 ")
+    [path] = a.wait_mailbox("SAM", 1)
+    assert path.read_bytes().endswith(b"\r\nbody\r\n.\r\nstill\r\n")
+
+
+def test_storage_over_threshold(make_appliance):
+    st = os.statvfs("/tmp")
+    used = 100 * (1 - st.f_bavail / st.f_blocks)
+    if used < 51:
+        pytest.skip(f"the filesystem is only {used:.0f}% full; the threshold floor is 50%")
+    a = make_appliance(storage={"threshold": 50}).start()
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        code, text = s.mail("jane@example.test")
+        assert code == 452 and b"4.3.1" in text
+
+
+def test_bridge_parks_mail_while_storage_is_short(post):
+    a = post
+    st = os.statvfs(a.datadir)
+    used = 100 * (1 - st.f_bavail / st.f_blocks)
+    if used < 51:
+        pytest.skip(f"the filesystem is only {used:.0f}% full; the threshold floor is 50%")
+    a.cli("endmsf", "--option", "*IMMED")
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["sam@example.test"], b"Subject: p\r\n\r\nx\r\n")
+    good = a.config.read_text()
+    a.config.write_text(good.replace("threshold = 99", "threshold = 50"))
+    a.cli("strmsf")
+    a.wait_for(lambda: a.queue_files("QTMSBSSQ"), 15, "message parked on QTMSBSSQ")
+    rc, out, err = a.cli("wrkq", "--queue", "QTMSBSSQ")
+    assert "sam@example.test" in out
+    assert a.mailbox("SAM") == []
+    a.cli("endmsf", "--option", "*IMMED")
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
+    a.config.write_text(good)
+    a.cli("strmsf")
+    a.wait_mailbox("SAM", 1)
+    assert {"7L", "7M"} <= {e["code"] for e in a.journal()}
+
+
+def _busy_job(a) -> int:
+    return a.wait_for(
+        lambda: next((r["pid"] for r in a.jobs("QTMSSRCP") if r["status"] == "RUN"), None), 10)
+
+
+def test_sigkill_of_smtp_job_mid_data_leaves_nothing(post):
+    a = post
+    s = a.connect()
+    read_reply(s)
+    s.sendall(b"HELO x\r\nMAIL FROM:<jane@example.test>\r\nRCPT TO:<sam@example.test>\r\n"
+              b"DATA\r\n")
+    assert [read_reply(s)[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+    s.sendall(b"Subject: half\r\n\r\n" + b"partial line\r\n" * 1000)
+    time.sleep(0.3)
+    pid = _busy_job(a)
+    os.kill(pid, signal.SIGKILL)
+    assert s.recv(100) == b""
+    # The bridge's periodic recovery removes the dead writer's spool file.
+    a.wait_for(lambda: not list((a.datadir / "queue" / "tmp").iterdir()), 20, "tmp/ to empty")
+    assert list((a.datadir / "queue" / "data").iterdir()) == []
+    assert a.mailbox("SAM") == []
+    for q in ("QTMSINQ", "QTMSOUTQ"):
+        assert a.queue_files(q) == []
+
+
+def test_sigkill_right_after_250_still_delivers_once(post):
+    a = post
+    s = a.connect()
+    read_reply(s)
+    s.sendall(b"HELO x\r\nMAIL FROM:<jane@example.test>\r\nRCPT TO:<sam@example.test>\r\n"
+              b"DATA\r\n")
+    assert [read_reply(s)[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+    pid = _busy_job(a)
+    s.sendall(b"Subject: acked\r\n\r\nkept\r\n.\r\n")
+    assert read_reply(s).startswith(b"250 2.0.0 Ok: queued as ")
+    os.kill(pid, signal.SIGKILL)
+    [path] = a.wait_mailbox("SAM", 1)
+    assert path.read_bytes().endswith(b"kept\r\n")
+    time.sleep(1)
+    assert len(a.mailbox("SAM")) == 1
+
+
+def test_sigkill_of_bridge_mid_drain_delivers_all_exactly_once(make_appliance):
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 4, "threshold": 1, "adljobs": 2,
+                                           "maxjobs": 8}).start()
+    a.user("SAM")
+    assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
+    total = 500
+    sent = set()
+    with smtplib.SMTP(*a.addr("smtp"), timeout=60) as s:
+        for i in range(total):
+            mid = f"<drain-{i}@example.test>"
+            s.sendmail("jane@example.test", ["sam@example.test"],
+                       f"Message-ID: {mid}\r\nSubject: {i}\r\n\r\nbody {i}\r\n".encode())
+            sent.add(mid)
+    assert len(a.queue_files("QTMSINQ")) == total
+    assert a.cli("strmsf")[0] == 0
+    a.wait_for(lambda: len(a.mailbox("SAM")) >= 50, 60, "bridge to start delivering")
+    bridge = a.control("status")["bridge"]["pid"]
+    os.kill(bridge, signal.SIGKILL)
+    killed_at = len(a.mailbox("SAM"))
+    assert killed_at < total, "the bridge finished before it could be killed"
+    a.wait_for(lambda: (a.control("status")["bridge"]["pid"] or bridge) != bridge, 20,
+               "bridge restart")
+    a.wait_for(lambda: not a.queue_files("QTMSINQ"), 120, "queue to drain")
+    files = a.mailbox("SAM")
+    ids = []
+    for p in files:
+        head = p.read_bytes().split(b"\r\n\r\n", 1)[0]
+        ids.append(next(line for line in head.split(b"\r\n")
+                        if line.startswith(b"Message-ID: ")).split(b" ", 1)[1].decode())
+    assert len(files) == total
+    assert set(ids) == sent
+    assert not alive(bridge)
+
+
+def test_wrkq_lists_messages_as_mailq(post):
+    a = post
+    a.cli("endmsf", "--option", "*IMMED")
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["sam@example.test", "jane@example.test"],
+                   b"Subject: q\r\n\r\nx\r\n")
+    rc, out, err = a.cli("wrkq")
+    assert rc == 0 and "QTMSINQ" in out and "sam@example.test" in out
+    import json
+
+    rc, out, err = a.cli("wrkq", "--json")
+    [entry] = json.loads(out)
+    assert entry["queue"] == "QTMSINQ" and entry["originator"] == "jane@example.test"
+    rc, out, err = a.cli("wrkq", "--queue", "NOSUCHQ")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_base64_attachment_survives_large_message(post):
+    a = post
+    blob = os.urandom(3 * 1024 * 1024)
+    msg = EmailMessage()
+    msg["Subject"] = "big"
+    msg.set_content("see attachment")
+    msg.add_attachment(blob, maintype="application", subtype="octet-stream",
+                       filename="big.bin")
+    raw = msg.as_bytes(policy=email.policy.SMTP)
+    with smtplib.SMTP(*a.addr("smtp"), timeout=60) as s:
+        s.sendmail("jane@example.test", ["sam@example.test"], raw)
+    [path] = a.wait_mailbox("SAM", 1)
+    parsed = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    att = next(parsed.iter_attachments())
+    assert att.get_content() == blob
+    assert base64.b64encode(blob)[:76] in path.read_bytes()

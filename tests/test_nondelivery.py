@@ -1,0 +1,41 @@
+"""The nondelivery notice on its own: RFC 3464 structure, parsed back with ``email``."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+from twistmail.bridge.nondelivery import Failure, build_notice, notice_id, original_headers
+
+
+def test_notice_structure(tmp_path):
+    body = tmp_path / "m"
+    body.write_bytes(b"Subject: hello\r\nFrom: jane@example.test\r\n\r\n" + b"x" * 100_000)
+    assert original_headers(body) == b"Subject: hello\r\nFrom: jane@example.test\r\n"
+    raw = build_notice(
+        hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
+        originator="jane@example.test", arrival=1_700_000_000.0,
+        failures=[Failure("a@example.test", "5.1.1", "550 5.1.1 user unknown"),
+                  Failure("b@example.test", "5.2.2", "mailbox full")],
+        headers=original_headers(body), message_id="<m1@example.test>",
+    )
+    assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["To"] == "jane@example.test" and msg["In-Reply-To"] == "<m1@example.test>"
+    kinds = [p.get_content_type() for p in msg.iter_parts()]
+    assert kinds == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    status = list(msg.iter_parts())[1]
+    blocks = status.get_payload()
+    assert blocks[0]["Reporting-MTA"] == "dns; mail.example.test"
+    assert [b["Final-Recipient"] for b in blocks[1:]] == ["rfc822; a@example.test",
+                                                           "rfc822; b@example.test"]
+    assert [b["Status"] for b in blocks[1:]] == ["5.1.1", "5.2.2"]
+    assert b"x" * 100 not in raw  # the body of the original is never reflected
+
+
+def test_notice_id_is_stable_and_a_queue_id():
+    a = notice_id("18ec2f06c368ee480e6dfc")
+    assert a == notice_id("18ec2f06c368ee480e6dfc") != "18ec2f06c368ee480e6dfc"
+    assert len(a) == 22 and all(c in "0123456789abcdef" for c in a)
