@@ -53,7 +53,8 @@ def base_sections(datadir: Path) -> dict[str, dict[str, Any]]:
         "prestart": {"trim_interval": 30, "wait_limit": 30, "end_delay": 3},
         "storage": {"threshold": 99},
         "prestart.QTMSSRCP": {"inljobs": 2, "threshold": 1, "adljobs": 2, "maxjobs": 8},
-        "prestart.QTPOPSRVP": {"inljobs": 1, "threshold": 1, "adljobs": 1, "maxjobs": 4},
+        "prestart.QTPOPSRVP": {"threshold": 1, "adljobs": 1, "maxjobs": 4},
+        "pop": {"nbrsvr": 1},
     }
 
 
@@ -103,6 +104,8 @@ class Appliance:
         return True
 
     def inljobs(self, pgm: str) -> int:
+        if pgm == "QTPOPSRVP":
+            return self.sections["pop"]["nbrsvr"]
         return self.sections[f"prestart.{pgm}"]["inljobs"]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:

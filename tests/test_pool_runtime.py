@@ -50,8 +50,7 @@ def test_initial_jobs_and_real_clients(appliance):
     host, port = appliance.addr("pop3")
     p = poplib.POP3(host, port, timeout=10)
     assert p.getwelcome().startswith(b"+OK")
-    with pytest.raises(poplib.error_proto, match="not implemented"):
-        p.user("sam")
+    assert "UIDL" in p.capa()
     assert p.quit().startswith(b"+OK")
     host, port = appliance.addr("pop3s")
     p = poplib.POP3_SSL(host, port, timeout=10, context=ctx)
@@ -110,7 +109,8 @@ def test_wait_limit_rejects_with_421(make_appliance):
 def test_wait_no_rejects_at_once(make_appliance):
     a = make_appliance(prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 0,
                                            "maxjobs": 1, "wait": "*NO"},
-                       prestart__QTPOPSRVP={"inljobs": 1, "threshold": 1, "adljobs": 0,
+                       pop={"nbrsvr": 1},
+                       prestart__QTPOPSRVP={"threshold": 1, "adljobs": 0,
                                             "maxjobs": 1, "wait": "*NO"}).start()
     busy = hold(a, 1)
     t0 = time.monotonic()

@@ -297,6 +297,17 @@ def from_mapping(data: dict[str, Any], path: Path) -> Settings:
             raise SettingError(name, "[" + name + "]", "sections " + ", ".join(SECTIONS))
         sections[name] = _load_section(cls, raw, name + ".")
     settings = Settings(path=path, **sections)
+    pop_entry = data.get("prestart", {}).get("QTPOPSRVP", {})
+    if isinstance(pop_entry, dict) and "inljobs" in pop_entry:
+        raise SettingError(
+            "prestart.QTPOPSRVP.inljobs", pop_entry["inljobs"],
+            "nothing here: the POP entry's initial jobs are "
+            f"{DERIVED['prestart.QTPOPSRVP.inljobs']} (CHGPOPA NBRSVR)",
+        )
+    settings = attrs.evolve(settings, prestart=attrs.evolve(
+        settings.prestart,
+        QTPOPSRVP=attrs.evolve(settings.prestart.QTPOPSRVP, inljobs=settings.pop.nbrsvr),
+    ))
     for pgm in PROGRAMS:
         settings.prestart.entry(pgm).check(pgm)
     settings.smtp.check()
@@ -320,6 +331,10 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
     return from_mapping(data, p)
 
 
+#: Settings whose value comes from another key, and are never written themselves.
+DERIVED = {"prestart.QTPOPSRVP.inljobs": "pop.nbrsvr"}
+
+
 def iter_settings(obj: Any, defaults: Any = None, prefix: str = "") -> Any:
     """Yield (dotted key, value type, value, default) for every setting."""
     if defaults is None:
@@ -329,7 +344,8 @@ def iter_settings(obj: Any, defaults: Any = None, prefix: str = "") -> Any:
             continue
         value, default = getattr(obj, f.name), getattr(defaults, f.name)
         if "type" in f.metadata:
-            yield prefix + f.name, f.metadata["type"], value, default
+            if prefix + f.name not in DERIVED:
+                yield prefix + f.name, f.metadata["type"], value, default
         else:
             yield from iter_settings(value, default, prefix + f.name + ".")
 

@@ -107,6 +107,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         " WHERE smtpuser IS NOT NULL",
         "CREATE INDEX entries_usrprf ON entries (usrprf)",
     ),
+    (
+        # POP-before-SMTP: the last successful POP login of each client address.
+        """CREATE TABLE pop_logins (
+            ip     TEXT PRIMARY KEY,
+            usrprf TEXT NOT NULL,
+            at     REAL NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -656,6 +664,25 @@ class SqliteDirectory:
         if row is None:
             return None
         return Resolution(POP, address, usrprf=row["usrprf"], catchall=True)
+
+    # POP-before-SMTP records
+
+    def record_pop_login(self, ip: str, usrprf: str, at: float | None = None) -> None:
+        """Remember that ``ip`` signed on to POP (for the relay window, POPWDW)."""
+        when = time.time() if at is None else at
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO pop_logins (ip, usrprf, at) VALUES (?, ?, ?)"
+                " ON CONFLICT(ip) DO UPDATE SET usrprf = excluded.usrprf, at = excluded.at",
+                (ip, usrprf, when),
+            )
+
+    def pop_login_since(self, ip: str, since: float) -> str | None:
+        """The profile that signed on to POP from ``ip`` at or after ``since``."""
+        row = self._conn().execute(
+            "SELECT usrprf FROM pop_logins WHERE ip = ? AND at >= ?", (ip, since)
+        ).fetchone()
+        return None if row is None else row["usrprf"]
 
     def smtp_address(self, usrprf: str) -> str | None:
         """The SMTP name mail from ``usrprf`` carries (its *SMTP entry first)."""

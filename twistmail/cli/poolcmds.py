@@ -79,6 +79,11 @@ def chgpje(pgm: str, **values: str | None) -> None:
         raw = values.get(key)
         if raw is None or raw.strip().upper() == "*SAME":
             continue
+        if pgm == "QTPOPSRVP" and key == "inljobs":
+            # The POP entry's INLJOBS is CHGPOPA NBRSVR, kept in [pop].
+            vtype = configmod.field_type(configmod.PopSettings, "nbrsvr")
+            changes["pop.nbrsvr"] = value_of("--inljobs", vtype, raw)
+            continue
         vtype = configmod.field_type(configmod.PrestartEntry, key)
         changes[f"prestart.{pgm}.{key}"] = value_of(f"--{key}", vtype, raw)
     if not changes:

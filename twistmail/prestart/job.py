@@ -75,18 +75,38 @@ class Job:
         self.factories = self._factories()
 
     def _factories(self) -> dict[str, Factory]:
-        from twistmail.protocols import stub
-
-        s = self.settings
         if self.pgm == "QTPOPSRVP":
-            plain = stub.SessionFactory(stub.StubPOP3, s.hostname, s.pop.inacttimo, self.done)
-            names = ("pop3", "pop3s")
-        else:
-            plain = self._smtp_factory()
-            names = ("smtp", "submission", "smtps")
+            return self._pop_factories()
+        plain = self._smtp_factory()
+        names = ("smtp", "submission", "smtps")
         out: dict[str, Factory] = {}
         for name in names:
             out[name] = self._tls(plain) if name in IMPLICIT_TLS else plain
+        return out
+
+    def _pop_factories(self) -> dict[str, Factory]:
+        from twistmail import tlsconfig
+        from twistmail.auth import mailbox_portal
+        from twistmail.directory import SqliteDirectory
+        from twistmail.journal import Journal
+        from twistmail.maildir import MaildirStore
+        from twistmail.pop3.server import POP3Factory
+
+        s = self.settings
+        journal = Journal.from_settings(s, f"QTPOPSRVP/{os.getpid()}")
+        directory = SqliteDirectory.from_settings(s)
+        store = MaildirStore(s.datadir / "mailboxes", s.hostname)
+        portal = mailbox_portal(self.reactor, directory, store)
+        options = tlsconfig.server_options(s)
+        out: dict[str, Factory] = {}
+        for name in ("pop3", "pop3s"):
+            factory = POP3Factory(
+                reactor=self.reactor, hostname=s.hostname, portal=portal,
+                directory=directory, journal=journal, inacttimo=s.pop.inacttimo,
+                msgsplit_kb=s.pop.msgsplit, alwssl=s.pop.alwssl, tls_options=options,
+                implicit_tls=name in IMPLICIT_TLS, on_done=self.done,
+            )
+            out[name] = self._tls(factory) if name in IMPLICIT_TLS else factory
         return out
 
     def _smtp_factory(self) -> Factory:

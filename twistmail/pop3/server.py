@@ -1,0 +1,677 @@
+"""The POP3 server session of a QTPOPSRVP job (RFC 1939, 2449, 2595).
+
+Twisted's POP3 class is not used: it has no STLS, and its RETR and TOP break
+dot-stuffing at chunk boundaries, which lets message content inject POP
+responses.  Here:
+
+* commands run one at a time from a bounded buffer, so pipelined replies stay
+  in order while a login is checked in a worker thread;
+* STLS discards whatever the client sent after the command before the
+  handshake starts (no CVE-2011-0411-class injection), and resets the
+  session to a fresh AUTHORIZATION state;
+* messages stream from the Maildir snapshot through :class:`DotStuffer`,
+  which tracks the start of line across every read, so no byte position can
+  produce a line that is a lone dot;
+* a failed login is answered after a growing delay, and the session ends
+  after three;
+* with MSGSPLIT a message larger than the split size is offered as RFC 2046
+  message/partial pieces, in order, each its own POP message.
+
+Settings honoured: ``[pop] inacttimo msgsplit alwssl``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+from typing import Any, BinaryIO
+
+import attrs
+from twisted.cred import credentials
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, interfaces
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twistmail.auth import IMailboxAccess
+
+MAX_LINE = 255  # RFC 2449: commands up to 255 octets with CRLF
+MAX_PENDING = 16 * 1024
+CHUNK = 64 * 1024
+MAX_FAILURES = 3
+CAPS = ["USER", "TOP", "UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE"]
+
+
+@attrs.frozen
+class Item:
+    """One POP message: a whole Maildir message, or one piece of a split one."""
+
+    number: int
+    index: int  # the mailbox snapshot's index
+    size: int
+    uidl: str
+    start: int = 0  # byte range of the file this item carries
+    end: int | None = None
+    part: int = 0  # 1..total for message/partial pieces
+    total: int = 0
+    header: bytes = b""  # the piece's own header block (message/partial)
+
+
+class DotStuffer:
+    """Stuffs dots and normalises line ends across arbitrary chunk boundaries."""
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+        self.pending_cr = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self.pending_cr:
+            data = b"\r" + data
+            self.pending_cr = False
+        if data.endswith(b"\r"):
+            self.pending_cr = True
+            data = data[:-1]
+        if not data:
+            return b""
+        # Bare LFs (files from other Maildir writers) become CRLF.
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if self.at_line_start and data.startswith(b"."):
+            data = b"." + data
+        data = data.replace(b"\n.", b"\n..")
+        self.at_line_start = data.endswith(b"\n")
+        return data
+
+    def end(self) -> bytes:
+        """The terminator, after a final CRLF if the message lacked one."""
+        out = b""
+        if self.pending_cr:
+            self.pending_cr = False
+            out += b"\r\n"
+            self.at_line_start = True
+        if not self.at_line_start:
+            out += b"\r\n"
+        return out + b".\r\n"
+
+
+@implementer(interfaces.IPullProducer)
+class _Sender:
+    """Streams one file range through a DotStuffer with the transport's pace."""
+
+    def __init__(self, session: POP3Session, f: BinaryIO, prefix: bytes, limit: int | None,
+                 lines: int | None) -> None:
+        self.session = session
+        self.f = f
+        self.stuffer = DotStuffer()
+        self.left = limit
+        self.prefix = prefix
+        self.lines = lines  # TOP: body lines still to send (None: everything)
+        self.in_body = bool(prefix)  # a piece's own header block comes first
+
+    def start(self) -> None:
+        self.session.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        out = b""
+        if self.prefix:
+            out, self.prefix = self.stuffer.feed(self.prefix), b""
+        chunk = self._read()
+        if chunk:
+            out += self.stuffer.feed(chunk)
+        if out:
+            self.session.transport.write(out)
+        if not chunk:
+            self._finish()
+
+    def _read(self) -> bytes:
+        if self.lines is not None:
+            return self._read_top()
+        n = CHUNK if self.left is None else min(CHUNK, self.left)
+        if n <= 0:
+            return b""
+        data = self.f.read(n)
+        if self.left is not None:
+            self.left -= len(data)
+        return data
+
+    def _read_top(self) -> bytes:
+        out = []
+        for _ in range(256):
+            if self.in_body and self.lines <= 0:
+                break
+            size = CHUNK if self.left is None else min(CHUNK, self.left)
+            line = self.f.readline(size) if size > 0 else b""
+            if not line:
+                break
+            if self.left is not None:
+                self.left -= len(line)
+            out.append(line)
+            if not self.in_body:
+                if line in (b"\r\n", b"\n"):
+                    self.in_body = True
+            elif line.endswith(b"\n"):
+                self.lines -= 1
+        return b"".join(out)
+
+    def _finish(self) -> None:
+        self.session.transport.write(self.stuffer.end())
+        self.session.transport.unregisterProducer()
+        self.f.close()
+        self.session.sent()
+
+    def stopProducing(self) -> None:
+        self.f.close()
+
+
+class POP3Session(Protocol):
+    log = Logger()
+
+    def __init__(self, factory: POP3Factory, implicit_tls: bool) -> None:
+        self.factory = factory
+        self.tls = implicit_tls
+        self.buffer = b""
+        self.busy = False
+        self.processing = False
+        self.paused = False
+        self.closing = False
+        self.discarding = False
+        self.state = "AUTHORIZATION"
+        self.user: str | None = None
+        self.usrprf: str | None = None
+        self.box: Any = None
+        self.logout: Any = None
+        self.items: list[Item] = []
+        self.deleted: set[int] = set()
+        self.failures = 0
+        self.peer_ip = "unknown"
+        self.timeout_call: Any = None
+
+    # -- connection -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer_ip = getattr(self.transport.getPeer(), "host", "unknown")
+        if self.tls and self.factory.alwssl == "*NO":
+            self.err("[SYS/PERM] TLS is disabled on this server (ALWSSL *NO); use port 110")
+            self.close()
+            return
+        self._reset_timeout()
+        self.ok(f"{self.factory.hostname} twistmail POP3 server ready")
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.closing = True
+        if self.timeout_call is not None and self.timeout_call.active():
+            self.timeout_call.cancel()
+        self._release(commit=False)
+        self.factory.on_done()
+
+    def _release(self, commit: bool) -> None:
+        box, self.box = self.box, None
+        if box is None:
+            return
+        if commit:
+            return  # committed by QUIT already
+        try:
+            box.close()  # a session that ends without QUIT deletes nothing
+        except Exception:
+            self.log.failure("closing a mailbox failed")
+
+    def _reset_timeout(self) -> None:
+        if self.timeout_call is not None and self.timeout_call.active():
+            self.timeout_call.reset(self.factory.inacttimo)
+        else:
+            self.timeout_call = self.factory.reactor.callLater(
+                self.factory.inacttimo, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.err("Idle too long, closing connection")
+        self.close()
+
+    def ok(self, text: str = "") -> None:
+        self._line("+OK" + (" " + text if text else ""))
+
+    def err(self, text: str) -> None:
+        self._line("-ERR " + text)
+
+    def _line(self, text: str) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(text.encode("utf-8", "replace") + b"\r\n")
+
+    def close(self) -> None:
+        self.closing = True
+        self.buffer = b""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- input --------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self._reset_timeout()
+        self.buffer += data
+        self._process()
+        if self.busy and len(self.buffer) > MAX_PENDING and not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def _process(self) -> None:
+        self.processing = True
+        try:
+            while not self.busy and not self.closing:
+                lf = self.buffer.find(b"\n")
+                if lf < 0:
+                    if len(self.buffer) > MAX_LINE:
+                        self.buffer = b""
+                        if not self.discarding:
+                            self.discarding = True
+                            self.err("Line too long: commands are limited to 255 octets")
+                    break
+                line, self.buffer = self.buffer[:lf + 1], self.buffer[lf + 1:]
+                if self.discarding:
+                    self.discarding = False
+                    continue
+                self._command(line)
+        finally:
+            self.processing = False
+
+    def _done(self, _: Any = None) -> None:
+        self.busy = False
+        if self.processing:
+            return
+        self._process()
+        if self.paused and not self.closing and len(self.buffer) <= MAX_PENDING:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def sent(self) -> None:
+        """A streamed reply has gone out."""
+        self._done()
+
+    def _command(self, raw: bytes) -> None:
+        if len(raw) > MAX_LINE:
+            self.err("Line too long: commands are limited to 255 octets")
+            return
+        line = raw.rstrip(b"\r\n")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.err("Syntax error: not UTF-8")
+            return
+        verb, _, arg = text.partition(" ")
+        handler = getattr(self, f"pop_{verb.upper()}", None) if verb.isalpha() else None
+        if handler is None:
+            self.err("Command not recognized")
+            return
+        allowed = getattr(handler, "states", ("AUTHORIZATION", "TRANSACTION"))
+        if self.state not in allowed:
+            self.err(f"{verb.upper()} is not allowed in the {self.state} state")
+            return
+        result = handler(arg)
+        if isinstance(result, defer.Deferred):
+            self.busy = True
+            result.addErrback(self._failed)
+            result.addBoth(self._done)
+        elif result == "streaming":
+            self.busy = True
+
+    def _failed(self, failure: Any) -> None:
+        self.log.failure("POP3 command failed", failure)
+        self.err("[SYS/TEMP] Internal error, try again later")
+
+    # -- AUTHORIZATION ------------------------------------------------------
+
+    def pop_CAPA(self, arg: str) -> None:
+        caps = list(CAPS)
+        if self._stls_offered():
+            caps.append("STLS")
+        caps.append("IMPLEMENTATION twistmail")
+        self.ok("Capability list follows")
+        for c in caps:
+            self._line(c)
+        self._line(".")
+
+    pop_CAPA.states = ("AUTHORIZATION", "TRANSACTION")  # type: ignore[attr-defined]
+
+    def _stls_offered(self) -> bool:
+        return (not self.tls and self.factory.tls_options is not None
+                and self.factory.alwssl != "*NO" and self.state == "AUTHORIZATION")
+
+    def pop_STLS(self, arg: str) -> None:
+        if not self._stls_offered():
+            self.err("STLS is not available now")
+            return
+        self.ok("Begin TLS negotiation")
+        # Anything the client sent after STLS was sent in the clear: drop it.
+        self.buffer = b""
+        self.user = None
+        self.tls = True
+        self.transport.startTLS(self.factory.tls_options)
+
+    pop_STLS.states = ("AUTHORIZATION",)  # type: ignore[attr-defined]
+
+    def _plaintext_refused(self) -> bool:
+        if self.factory.alwssl == "*ONLY" and not self.tls:
+            self.err("[AUTH] Plaintext login is not allowed here: use STLS first, or port 995")
+            return True
+        return False
+
+    def pop_USER(self, arg: str) -> None:
+        if self._plaintext_refused():
+            return
+        if not arg or " " in arg.strip():
+            self.err("Syntax: USER name")
+            return
+        self.user = arg.strip()
+        self.ok("Send your password")
+
+    pop_USER.states = ("AUTHORIZATION",)  # type: ignore[attr-defined]
+
+    def pop_PASS(self, arg: str) -> Any:
+        if self._plaintext_refused():
+            return None
+        if self.user is None:
+            self.err("USER first")
+            return None
+        user, self.user = self.user, None
+        creds = credentials.UsernamePassword(user.encode("utf-8"), arg.encode("utf-8"))
+        d = self.factory.portal.login(creds, None, IMailboxAccess)
+        d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(user,))
+        return d
+
+    pop_PASS.states = ("AUTHORIZATION",)  # type: ignore[attr-defined]
+
+    def _logged_in(self, result: tuple[Any, Any, Any]) -> Any:
+        _iface, box, logout = result
+        if self.closing:
+            box.close()
+            return None
+        self.box, self.logout = box, logout
+        self.usrprf = box.maildir.parent.name
+        self.state = "TRANSACTION"
+        self.items = self._items(box)
+        count, octets = self._stat()
+        j = self.factory.journal
+        j.write("QL", f"QL LOGIN {self.peer_ip}", ip=self.peer_ip, usrprf=self.usrprf,
+                messages=count, octets=octets, tls=self.tls)
+        self.ok(f"{self.usrprf} has {count} messages ({octets} octets)")
+        return self.factory.record_login(self.peer_ip, self.usrprf)
+
+    def _login_failed(self, failure: Any, user: str) -> Any:
+        from twistmail.maildir import MailboxInUse
+
+        if failure.check(MailboxInUse):
+            self.factory.journal.write("QU", f"QU INUSE {self.peer_ip}", ip=self.peer_ip,
+                                       user=user)
+            self.err("[IN-USE] Mailbox is in use by another POP session")
+            return None
+        if not failure.check(UnauthorizedLogin):
+            return failure
+        self.failures += 1
+        self.factory.journal.write("QF", f"QF FAIL {self.peer_ip}", ip=self.peer_ip,
+                                   user=user, failures=self.failures)
+        delay = self.factory.fail_delay * 2 ** (self.failures - 1)
+        d: defer.Deferred = defer.Deferred()
+
+        def answer() -> None:
+            self.err("[AUTH] Invalid user name or password")
+            if self.failures >= MAX_FAILURES:
+                self.close()
+            d.callback(None)
+
+        self.factory.reactor.callLater(delay, answer)
+        return d
+
+    # -- TRANSACTION --------------------------------------------------------
+
+    def _items(self, box: Any) -> list[Item]:
+        items: list[Item] = []
+        limit = self.factory.msgsplit
+        for m in box.messages():
+            if limit is None or m.size <= limit:
+                items.append(Item(len(items) + 1, m.index, m.size, m.uidl))
+                continue
+            items.extend(self._pieces(box, m, limit, len(items)))
+        return items
+
+    def _pieces(self, box: Any, m: Any, limit: int, before: int) -> list[Item]:
+        """RFC 2046 §5.2.2 pieces of one message, cut at line ends."""
+        with box.read(m.index) as f:
+            data = f.read()
+        headers = _header_fields(data)
+        cuts = _cut(data, max(1024, limit - 1024))
+        total = len(cuts)
+        pid = f"{m.uidl}@{self.factory.hostname}"
+        out = []
+        for n, (start, end) in enumerate(cuts, 1):
+            head = _partial_header(headers, pid, n, total, self.factory.hostname)
+            uidl = _piece_uidl(m.uidl, n, total)
+            out.append(Item(before + n, m.index, len(head) + (end - start), uidl,
+                            start, end, n, total, head))
+        return out
+
+    def _item(self, arg: str) -> Item | None:
+        arg = arg.strip()
+        if not arg.isdigit():
+            self.err("Syntax: a message number is required")
+            return None
+        n = int(arg)
+        if not 1 <= n <= len(self.items) or n in self.deleted:
+            self.err(f"No such message: {n}")
+            return None
+        return self.items[n - 1]
+
+    def _live(self) -> list[Item]:
+        return [i for i in self.items if i.number not in self.deleted]
+
+    def _stat(self) -> tuple[int, int]:
+        live = self._live()
+        return len(live), sum(i.size for i in live)
+
+    def pop_STAT(self, arg: str) -> None:
+        count, octets = self._stat()
+        self.ok(f"{count} {octets}")
+
+    pop_STAT.states = ("TRANSACTION",)  # type: ignore[attr-defined]
+
+    def pop_LIST(self, arg: str) -> None:
+        if arg.strip():
+            item = self._item(arg)
+            if item is not None:
+                self.ok(f"{item.number} {item.size}")
+            return
+        count, octets = self._stat()
+        self.ok(f"{count} messages ({octets} octets)")
+        self.transport.write(b"".join(b"%d %d\r\n" % (i.number, i.size) for i in self._live())
+                             + b".\r\n")
+
+    pop_LIST.states = ("TRANSACTION",)  # type: ignore[attr-defined]
+
+    def pop_UIDL(self, arg: str) -> None:
+        if arg.strip():
+            item = self._item(arg)
+            if item is not None:
+                self.ok(f"{item.number} {item.uidl}")
+            return
+        self.ok("Unique-ID listing follows")
+        self.transport.write(b"".join(f"{i.number} {i.uidl}\r\n".encode() for i in self._live())
+                             + b".\r\n")
+
+    pop_UIDL.states = ("TRANSACTION",)  # type: ignore[attr-defined]
+
+    def pop_RETR(self, arg: str) -> Any:
+        item = self._item(arg)
+        if item is None:
+            return None
+        return self._send(item, f"{item.size} octets", lines=None, journal=True)
+
+    pop_RETR.states = ("TRANSACTION",)  # type: ignore[attr-defined]
+
+    def pop_TOP(self, arg: str) -> Any:
+        parts = arg.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            self.err("Syntax: TOP message lines")
+            return None
+        item = self._item(parts[0])
+        if item is None:
+            return None
+        return self._send(item, "Top of message follows", lines=int(parts[1]), journal=False)
+
+    pop_TOP.states = ("TRANSACTION",)  # type: ignore[attr-defined]
+
+    def _send(self, item: Item, text: str, lines: int | None, journal: bool) -> Any:
+        from twistmail.maildir import MaildirError
+
+        try:
+            f = self.box.read(item.index)
+        except MaildirError as e:
+            self.err(f"[SYS/TEMP] Message {item.number} is no longer available: {e}")
+            return None
+        if item.start:
+            f.seek(item.start)
+        limit = None if item.end is None else item.end - item.start
+        if journal:
+            self.factory.journal.write("QR", f"QR RETR {self.usrprf} {item.uidl}",
+                                       usrprf=self.usrprf, uidl=item.uidl, size=item.size,
+                                       ip=self.peer_ip)
+        self.ok(text)
+        _Sender(self, f, item.header, limit, lines).start()
+        return "streaming"
+
+    def pop_DELE(self, arg: str) -> None:
+        item = self._item(arg)
+        if item is not None:
+            self.deleted.add(item.number)
+            self.ok(f"Message {item.number} marked for deletion")
+
+    pop_DELE.states = ("TRANSACTION",)  # type: ignore[attr-defined]
+
+    def pop_RSET(self, arg: str) -> None:
+        self.deleted.clear()
+        count, octets = self._stat()
+        self.ok(f"{count} messages ({octets} octets)")
+
+    pop_RSET.states = ("TRANSACTION",)  # type: ignore[attr-defined]
+
+    def pop_NOOP(self, arg: str) -> None:
+        self.ok()
+
+    pop_NOOP.states = ("TRANSACTION",)  # type: ignore[attr-defined]
+
+    def pop_QUIT(self, arg: str) -> Any:
+        if self.state != "TRANSACTION":
+            self.ok(f"{self.factory.hostname} signing off")
+            self.close()
+            return None
+        self.state = "UPDATE"
+        box = self.box
+        gone = self._files_to_delete()
+        for index in gone:
+            box.mark_deleted(index)
+        d = self.factory.in_thread(box.commit)
+
+        def committed(_: Any) -> None:
+            self.box = None
+            self.factory.journal.write("QD", f"QD DEL {self.usrprf} {len(gone)}",
+                                       usrprf=self.usrprf, deleted=len(gone), ip=self.peer_ip)
+            self.ok(f"{self.factory.hostname} signing off ({len(gone)} messages deleted)")
+            self.close()
+
+        def failed(failure: Any) -> None:
+            self.box = None
+            self.log.failure("QUIT could not remove messages", failure)
+            self.err("[SYS/TEMP] Some deleted messages were not removed")
+            self.close()
+
+        return d.addCallbacks(committed, failed)
+
+    pop_QUIT.states = ("AUTHORIZATION", "TRANSACTION")  # type: ignore[attr-defined]
+
+    def _files_to_delete(self) -> list[int]:
+        """Snapshot indexes whose every item is marked deleted."""
+        wanted: dict[int, bool] = {}
+        for i in self.items:
+            marked = i.number in self.deleted
+            wanted[i.index] = wanted.get(i.index, True) and marked
+        return [index for index, all_marked in wanted.items() if all_marked]
+
+
+def _header_fields(data: bytes) -> dict[bytes, bytes]:
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    out: dict[bytes, bytes] = {}
+    for line in head.splitlines():
+        name, colon, value = line.partition(b":")
+        if colon and name and name[:1] not in (b" ", b"\t"):
+            out.setdefault(name.strip().lower(), value.strip())
+    return out
+
+
+def _cut(data: bytes, size: int) -> list[tuple[int, int]]:
+    cuts = []
+    start = 0
+    while start < len(data):
+        end = min(len(data), start + size)
+        if end < len(data):
+            nl = data.rfind(b"\n", start, end)
+            end = nl + 1 if nl >= start else end
+        cuts.append((start, end))
+        start = end
+    return cuts
+
+
+def _partial_header(fields: dict[bytes, bytes], pid: str, n: int, total: int,
+                    hostname: str) -> bytes:
+    lines = []
+    for name in (b"from", b"to", b"date"):
+        if name in fields:
+            lines.append(name.capitalize() + b": " + fields[name])
+    if b"date" not in fields:
+        lines.append(b"Date: " + email.utils.formatdate(localtime=True).encode())
+    subject = fields.get(b"subject", b"(no subject)")
+    lines.append(b"Subject: " + subject + b" (part %d of %d)" % (n, total))
+    digest = hashlib.sha1(pid.encode()).hexdigest()[:16]
+    lines.append(f"Message-ID: <{digest}.{n}.{total}@{hostname}>".encode())
+    lines.append(b"MIME-Version: 1.0")
+    lines.append(f'Content-Type: message/partial; id="{pid}"; number={n}; total={total}'
+                 .encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _piece_uidl(uidl: str, n: int, total: int) -> str:
+    text = f"{uidl}.{n}of{total}"
+    if len(text) <= 70:
+        return text
+    return "#" + hashlib.sha1(text.encode()).hexdigest()
+
+
+class POP3Factory(Factory):
+    def __init__(self, *, reactor: Any, hostname: str, portal: Any, directory: Any,
+                 journal: Any, inacttimo: int, msgsplit_kb: int | None, alwssl: str,
+                 tls_options: Any, implicit_tls: bool, on_done: Any,
+                 fail_delay: float = 1.0) -> None:
+        self.reactor = reactor
+        self.hostname = hostname
+        self.portal = portal
+        self.directory = directory
+        self.journal = journal
+        self.inacttimo = inacttimo
+        self.msgsplit = None if msgsplit_kb is None else msgsplit_kb * 1024
+        self.alwssl = alwssl
+        self.tls_options = tls_options
+        self.implicit_tls = implicit_tls
+        self.on_done = on_done
+        self.fail_delay = fail_delay
+
+    def buildProtocol(self, addr: object) -> POP3Session:
+        p = POP3Session(self, self.implicit_tls)
+        p.factory = self
+        return p
+
+    def in_thread(self, f: Any, *args: Any) -> defer.Deferred:
+        from twisted.internet import threads
+
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def record_login(self, ip: str, usrprf: str) -> defer.Deferred:
+        d = self.in_thread(self.directory.record_pop_login, ip, usrprf)
+        d.addErrback(lambda f: POP3Session.log.failure("POP-before-SMTP record failed", f))
+        return d
