@@ -157,6 +157,8 @@ class TextList:
 
     def parse(self, raw: Any) -> tuple[str, ...]:
         if isinstance(raw, str):
+            if raw.strip().upper() == "*NONE":
+                return ()
             raw = raw.replace(",", " ").split()
         if not isinstance(raw, list | tuple) or not all(isinstance(x, str) for x in raw):
             raise _Invalid

@@ -1,6 +1,7 @@
 """Entry point of the ``twistmail`` command: imports every command module."""
 
 from twistmail.cli import (
+    attrcmds,  # noqa: F401
     base,
     clcmd,  # noqa: F401
     configcmd,  # noqa: F401

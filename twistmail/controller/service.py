@@ -275,6 +275,11 @@ class Controller(service.Service):
             if entry != pool.entry or limits != pool.limits:
                 pool.reconfigure(entry, limits)
                 applied.append(f"prestart.{pgm}")
+        if (new.smtp, new.pop, new.journal, new.storage) != (
+                old.smtp, old.pop, old.journal, old.storage):
+            for pool in self.pools.values():
+                pool.reload_jobs()
+            applied.append("jobs")
         if new.smtp.journal != old.smtp.journal or new.journal != old.journal:
             for j in self._journals():
                 j.enabled = new.smtp.journal == "*YES"

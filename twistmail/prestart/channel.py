@@ -4,6 +4,7 @@ Controller to job::
 
     FD <token> <listener> <family>     (with one socket passed by SCM_RIGHTS)
     END                                (end when idle; a busy job ends after its session)
+    CFG                                (re-read the settings file for new sessions)
 
 Job to controller::
 

@@ -58,6 +58,8 @@ class JobChannel(LineOnlyReceiver):
                 self.job.done()
         elif verb == "END":
             self.job.end_requested()
+        elif verb == "CFG":
+            self.job.reconfigure()
 
     def connectionLost(self, reason: object = None) -> None:
         self.job.channel_lost()
@@ -138,6 +140,16 @@ class Job:
         from twistmail import tlsconfig
 
         return TLSMemoryBIOFactory(tlsconfig.server_options(self.settings), False, inner)
+
+    def reconfigure(self) -> None:
+        """Re-read the settings file; sessions from now on use the new values."""
+        try:
+            settings = configmod.load(self.settings.path)
+        except (configmod.SettingError, OSError) as e:
+            print(f"settings not reloaded, keeping the old ones: {e}", file=sys.stderr)
+            return
+        self.settings = settings
+        self.factories = self._factories()
 
     def serve(self, fd: int, listener: str, family: int) -> bool:
         """Adopt the passed socket; False when it could not be served."""

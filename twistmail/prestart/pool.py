@@ -94,6 +94,10 @@ class ControllerChannel(LineOnlyReceiver):
         family = request.sock.family
         self.sendLine(channel.fd_line(token, request.listener, int(family)))
 
+    def send(self, line: bytes) -> None:
+        if self.transport is not None and self.connected:
+            self.sendLine(line)
+
     def send_end(self) -> None:
         if self.transport is not None and self.connected:
             self.sendLine(b"END")
@@ -185,6 +189,12 @@ class Pool:
         if self.active:
             self._journal("JA", f"JA CHG {self.pgm}", pgm=self.pgm, **attrs.asdict(entry))
         self.evaluate()
+
+    def reload_jobs(self) -> None:
+        """Tell every job to re-read the settings file (CHGSMTPA, CHGPOPA)."""
+        for job in self.jobs.values():
+            if job.chan is not None:
+                job.chan.send(b"CFG")
 
     # -- requests ------------------------------------------------------
 

@@ -1,0 +1,86 @@
+"""CHGSMTPA/DSPSMTPA and CHGPOPA/DSPPOPA: the attributes of the SMTP and POP servers.
+
+The options are made from the settings classes, so every ``[smtp]`` and
+``[pop]`` key is a keyword of the same name with the same allowed values.
+A change is saved in the TOML file (comments kept) and applied at once: the
+daemon re-reads the file and tells its jobs to, so new sessions see it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import click
+
+from twistmail import config as configmod
+from twistmail.cli.base import Failure, app, cli, usage_error, value_of
+from twistmail.cli.output import emit_record
+from twistmail.cli.poolcmds import apply_live
+from twistmail.settingtypes import IntPair, SettingError
+
+
+def _options(cls: type) -> list[click.Option]:
+    out = []
+    for f in attrs.fields(cls):
+        vtype = f.metadata["type"]
+        nargs = 2 if isinstance(vtype, IntPair) else 1
+        out.append(click.Option([f"--{f.name}"], nargs=nargs, default=None,
+                                help=f"{f.metadata['doc']}; {vtype.allowed}"))
+    return out
+
+
+def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
+    from twistmail import configedit
+
+    changes: dict[str, Any] = {}
+    for name, raw in values.items():
+        if raw is None:
+            continue
+        text = " ".join(raw) if isinstance(raw, tuple) else raw
+        if text.strip().upper() == "*SAME":
+            continue
+        vtype = configmod.field_type(cls, name)
+        changes[f"{section}.{name}"] = value_of(f"--{name}", vtype, text)
+    if not changes:
+        usage_error(f"give at least one attribute to change; see --help for the {what} keywords")
+    try:
+        configedit.set_values(app().settings.path, changes)
+    except SettingError as e:
+        key = e.key.rsplit(".", 1)[-1]
+        usage_error(f"--{key}: {e.value!r} is not allowed; allowed: {e.allowed}")
+    except OSError as e:
+        raise Failure(f"cannot write {app().settings.path}: {e.strerror}") from None
+    apply_live(what)
+
+
+def _display(section_obj: Any, as_json: bool) -> None:
+    record: dict[str, Any] = {}
+    labels = []
+    for f in attrs.fields(type(section_obj)):
+        value = getattr(section_obj, f.name)
+        vtype = f.metadata["type"]
+        record[f.name] = vtype.dump(value) if as_json else vtype.show(value)
+        labels.append((f.name, f"{f.name.upper()} ({f.metadata['doc']})"))
+    emit_record(record, labels, as_json)
+
+
+def _make(chg: str, dsp: str, section: str, cls: type, what: str, ibm: str) -> None:
+    def change(**values: Any) -> None:
+        _change(section, cls, what, values)
+
+    change.__doc__ = f"Change {what} ({ibm}); applies to the running daemon at once."
+    cli.add_command(click.Command(chg, callback=change, params=_options(cls),
+                                  help=change.__doc__))
+
+    def display(as_json: bool) -> None:
+        _display(getattr(app().settings, section), as_json)
+
+    cli.add_command(click.Command(
+        dsp, callback=display, help=f"Display {what} (DSP{ibm[3:]}).",
+        params=[click.Option(["--json", "as_json"], is_flag=True)],
+    ))
+
+
+_make("chgsmtpa", "dspsmtpa", "smtp", configmod.SmtpSettings, "SMTP attributes", "CHGSMTPA")
+_make("chgpopa", "dsppopa", "pop", configmod.PopSettings, "POP server attributes", "CHGPOPA")
