@@ -335,3 +335,20 @@ def test_base64_attachment_survives_large_message(post):
     att = next(parsed.iter_attachments())
     assert att.get_content() == blob
     assert base64.b64encode(blob)[:76] in path.read_bytes()
+
+
+def test_usridx_user_gets_mail_in_the_snads_store(post):
+    a = post
+    rc, out, err = a.cli("adddire", "--usrid", "OVUSER", "HQ", "--usrd", "OfficeVision user",
+                         "--msfsrvlvl", "*USRIDX", "--prefadr", "*SMTP", "--smtpuser", "ov.user",
+                         "--smtpdomain", "example.test")
+    assert rc == 0, err
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        assert s.sendmail("jane@example.test", ["ov.user@example.test"],
+                          b"Subject: snads\r\n\r\nfor the distribution store\r\n") == {}
+    store = a.datadir / "snads" / "OVUSER" / "Maildir" / "new"
+    a.wait_for(lambda: list(store.glob("*")), 15, "SNADS store delivery")
+    [path] = list(store.glob("*"))
+    assert path.read_bytes().endswith(b"for the distribution store\r\n")
+    entry = [e for e in a.journal("7O")][0]
+    assert entry["userid"] == "OVUSER" and entry["address"] == "HQ"

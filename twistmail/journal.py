@@ -148,6 +148,12 @@ CODES: dict[str, str] = {
     "JK": "mail server framework (bridge) crashed",
     "JG": "controller started",
     "JH": "controller ended",
+    # Q: POP server jobs (twistmail's own function letter; IBM's table has no Q)
+    "QL": "POP server: user signed on (client IP, user profile, messages, octets)",
+    "QF": "POP server: sign-on refused (client IP, user name given, failures so far)",
+    "QU": "POP server: mailbox in use by another session, sign-on refused",
+    "QR": "POP server: message retrieved (user profile, UIDL, size)",
+    "QD": "POP server: deletions committed at QUIT (user profile, count)",
 }
 
 _RESERVED = frozenset(("seq", "ts", "code", "job", "msgid", "esd"))
