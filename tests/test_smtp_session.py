@@ -49,7 +49,10 @@ class FakeBackend:
     def storage_full(self) -> bool:
         return self.full
 
-    def check_recipient(self, address, client_ip):
+    def authenticate(self, user, password, client_ip):
+        return "SAM" if (user, password) == ("sam", "secret") else None
+
+    def check_recipient(self, address, client_ip, user=None):
         if address.domain_key not in ("example.test", ""):
             v = Verdict(550, "5.7.1 Relaying denied")
         elif address.local.startswith("nobody"):
@@ -390,3 +393,84 @@ def test_dot_stuffing_at_every_position():
     assert s.codes() == [250]
     body = s.backend.queued[0][0].body.split(b"\r\n\r\n", 1)[1]
     assert body == b"\r\n".join([b"", b".", b"..", b"x", b"x.", b" ."]) + b"\r\n"
+
+
+def _b64(text: bytes) -> bytes:
+    import base64
+
+    return base64.b64encode(text)
+
+
+def test_auth_not_offered_in_the_clear():
+    s = Session()
+    s.start()
+    s.send(b"EHLO x\r\n")
+    assert not any("AUTH" in r for r in s.replies())
+    s.send(b"AUTH PLAIN " + _b64(b"\0sam\0secret") + b"\r\n")
+    assert s.replies() == ["538 5.7.11 Encryption required for requested authentication "
+                           "mechanism: use STARTTLS first"]
+
+
+def test_auth_plain_and_login():
+    s = Session(alwplainauth=True)
+    s.replies()
+    s.send(b"EHLO x\r\n")
+    assert s.replies()[-1] == "250 AUTH PLAIN LOGIN"
+    s.send(b"AUTH PLAIN " + _b64(b"\0sam\0secret") + b"\r\n")
+    assert s.replies() == ["235 2.7.0 Authentication successful"]
+    s.send(b"AUTH PLAIN " + _b64(b"\0sam\0secret") + b"\r\n")
+    assert s.codes() == [503]
+    t = Session(alwplainauth=True)
+    t.start()
+    t.send(b"AUTH LOGIN\r\n")
+    assert t.replies() == ["334 VXNlcm5hbWU6"]
+    t.send(_b64(b"sam") + b"\r\n")
+    assert t.replies() == ["334 UGFzc3dvcmQ6"]
+    t.send(_b64(b"secret") + b"\r\nNOOP\r\n")
+    assert t.codes() == [235, 250]
+    u = Session(alwplainauth=True)
+    u.start()
+    u.send(b"AUTH PLAIN\r\n")
+    assert u.replies() == ["334 "]
+    u.send(b"*\r\n")
+    assert u.codes() == [501]
+    u.send(b"AUTH CRAM-MD5\r\n")
+    assert u.codes() == [504]
+
+
+def test_failed_auth_is_answered_later_and_ends_the_session():
+    s = Session(alwplainauth=True)
+    s.start()
+    delays = []
+    for _ in range(3):
+        s.send(b"AUTH PLAIN " + _b64(b"\0sam\0wrong") + b"\r\nNOOP\r\n")
+        waited = 0.0
+        while not s.tr.value():
+            s.clock.advance(0.25)
+            waited += 0.25
+        delays.append(waited)
+        codes = s.codes()
+        assert codes[0] == 535
+    assert delays == [1.0, 2.0, 4.0]  # growing
+    assert s.tr.disconnecting
+
+
+def test_submission_and_lclrly_require_auth_before_mail():
+    for kw in ({"listener": "submission", "alwplainauth": True}, {"alwauth": "*LCLRLY"}):
+        s = Session(**kw)
+        s.start()
+        s.send(b"MAIL FROM:<a@example.test>\r\n")
+        assert s.replies() == ["530 5.7.0 Authentication required"]
+    s = Session(listener="submission", alwplainauth=True)
+    s.start()
+    s.send(b"AUTH PLAIN " + _b64(b"\0sam\0secret") + b"\r\nMAIL FROM:<a@example.test>\r\n")
+    assert s.codes() == [235, 250]
+
+
+def test_alwauth_none_offers_no_auth():
+    s = Session(alwauth="*NONE", alwplainauth=True)
+    s.replies()
+    s.send(b"EHLO x\r\n")
+    assert not any("AUTH" in r for r in s.replies())
+    s.send(b"AUTH PLAIN " + _b64(b"\0sam\0secret") + b"\r\n")
+    assert s.codes() == [502]

@@ -79,12 +79,13 @@ class Job:
     def _factories(self) -> dict[str, Factory]:
         if self.pgm == "QTPOPSRVP":
             return self._pop_factories()
-        plain = self._smtp_factory()
-        names = ("smtp", "submission", "smtps")
-        out: dict[str, Factory] = {}
-        for name in names:
-            out[name] = self._tls(plain) if name in IMPLICIT_TLS else plain
-        return out
+        return self._smtp_factories()
+
+    @staticmethod
+    def _tls(inner: Factory, options: Any) -> Factory:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        return TLSMemoryBIOFactory(options, False, inner)
 
     def _pop_factories(self) -> dict[str, Factory]:
         from twistmail import tlsconfig
@@ -108,10 +109,11 @@ class Job:
                 msgsplit_kb=s.pop.msgsplit, alwssl=s.pop.alwssl, tls_options=options,
                 implicit_tls=name in IMPLICIT_TLS, on_done=self.done,
             )
-            out[name] = self._tls(factory) if name in IMPLICIT_TLS else factory
+            out[name] = self._tls(factory, options) if name in IMPLICIT_TLS else factory
         return out
 
-    def _smtp_factory(self) -> Factory:
+    def _smtp_factories(self) -> dict[str, Factory]:
+        from twistmail import tlsconfig
         from twistmail.directory import SqliteDirectory
         from twistmail.journal import Journal
         from twistmail.queue import FileQueue
@@ -123,23 +125,27 @@ class Job:
         backend = QueueBackend(
             self.reactor, s, SqliteDirectory.from_settings(s), FileQueue.for_settings(s), journal
         )
-        return SMTPFactory(
-            backend,
-            self.reactor,
-            maxmsgsize=s.smtp.maxmsgsize,
-            maxrcpt=s.smtp.maxrcpt,
-            inacttimo=s.smtp.inacttimo,
-            alwbarelf=s.smtp.alwbarelf == "*YES",
-            mime8bit=s.smtp.mime8bit == "*YES",
-            on_done=self.done,
-        )
-
-    def _tls(self, inner: Factory) -> Factory:
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        from twistmail import tlsconfig
-
-        return TLSMemoryBIOFactory(tlsconfig.server_options(self.settings), False, inner)
+        options = tlsconfig.server_options(s)
+        out: dict[str, Factory] = {}
+        for name in ("smtp", "submission", "smtps"):
+            factory = SMTPFactory(
+                backend,
+                self.reactor,
+                maxmsgsize=s.smtp.maxmsgsize,
+                maxrcpt=s.smtp.maxrcpt,
+                inacttimo=s.smtp.inacttimo,
+                alwbarelf=s.smtp.alwbarelf == "*YES",
+                mime8bit=s.smtp.mime8bit == "*YES",
+                on_done=self.done,
+                listener=name,
+                tls_options=options,
+                implicit_tls=name in IMPLICIT_TLS,
+                alwauth=s.smtp.alwauth,
+                authmech=s.smtp.authmech,
+                alwplainauth=s.smtp.alwplainauth == "*YES",
+            )
+            out[name] = self._tls(factory, options) if name in IMPLICIT_TLS else factory
+        return out
 
     def reconfigure(self) -> None:
         """Re-read the settings file; sessions from now on use the new values."""

@@ -40,6 +40,8 @@ class QueueBackend(Backend):
         self.hostname = settings.hostname
         self.local_domains = tuple(d.lower() for d in settings.system.local_domains)
         self.threshold = settings.storage.threshold
+        self.alwrly = settings.smtp.alwrly
+        self.popwdw = settings.smtp.popwdw
         self.datadir = settings.datadir
         self.directory = directory
         self.queue = queue
@@ -54,14 +56,14 @@ class QueueBackend(Backend):
             self._storage_full = storage_used_percent(self.datadir) > self.threshold
         return self._storage_full
 
-    def check_recipient(self, address: Address, client_ip: str) -> Any:
+    def check_recipient(self, address: Address, client_ip: str, user: str | None) -> Any:
         if not address.domain:  # <postmaster>, which RFC 5321 says must be accepted
             address = Address("postmaster", self.local_domains[0])
         return threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), self._verdict, address, client_ip
+            self.reactor, self.reactor.getThreadPool(), self._verdict, address, client_ip, user
         )
 
-    def _verdict(self, address: Address, client_ip: str) -> Verdict:
+    def _verdict(self, address: Address, client_ip: str, user: str | None) -> Verdict:
         resolution = self.directory.resolve(str(address))
         if resolution is None:
             if address.local.lower() == "postmaster":
@@ -69,10 +71,54 @@ class QueueBackend(Backend):
             return Verdict(550, f"5.1.1 <{address}>: Recipient address rejected: "
                            "user unknown in the system distribution directory")
         if resolution.kind == "remote":
+            why = self._relay_refused(address, client_ip, user)
+            if why is None:
+                return Verdict(250, "2.1.5 Recipient OK (relay)", local=False)
             self.journal.write("9V", f"9V RLY {client_ip}", ip=client_ip,
-                               recipient=str(address))
+                               recipient=str(address), alwrly=self.alwrly, reason=why)
             return Verdict(550, f"5.7.1 <{address}>: Relay access denied")
         return Verdict(250, "2.1.5 Recipient OK")
+
+    def _relay_refused(self, address: Address, client_ip: str, user: str | None) -> str | None:
+        """Why relaying to ``address`` is refused (ALWRLY), or None when it is allowed.
+
+        An authenticated client may always relay.  *BOTH grants relay when
+        either list does: the recipient's domain is near, or the client is on
+        the accept list.
+        """
+        if user is not None:
+            return None
+        rule = self.alwrly
+        if rule == "*ALL":
+            return None
+        near = rule in ("*NEAR", "*BOTH") and self.directory.near_domain(address.domain_key)
+        listed = rule in ("*LIST", "*BOTH") and self.directory.address_listed("*ACCEPT",
+                                                                              client_ip)
+        if near or listed:
+            return None
+        if rule == "*POPWDW" and self.popwdw and self.directory.pop_login_since(
+                client_ip, time.time() - 60 * self.popwdw):
+            return None
+        return f"not allowed by ALWRLY {rule}"
+
+    def authenticate(self, user: str, password: str, client_ip: str) -> Any:
+        return threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self._authenticate, user, password,
+            client_ip,
+        )
+
+    def _authenticate(self, user: str, password: str, client_ip: str) -> str | None:
+        name = user
+        if "@" in user:  # an SMTP address: sign on as the profile it resolves to
+            res = self.directory.resolve(user)
+            name = res.usrprf if res is not None and res.usrprf else ""
+        usrprf = self.directory.authenticate(name, password) if name else None
+        if usrprf is None:
+            self.journal.write("9X", f"9X AUTHFAIL {client_ip}", ip=client_ip, user=user)
+        else:
+            self.journal.write("9W", f"9W AUTH {client_ip} {usrprf}", ip=client_ip,
+                               usrprf=usrprf)
+        return usrprf
 
     def new_spool(self) -> Any:
         return self.queue.new_spool(Envelope.new("", ()))

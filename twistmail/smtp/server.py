@@ -19,6 +19,8 @@ Settings honoured: ``[smtp] maxmsgsize maxrcpt inacttimo alwbarelf mime8bit``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.utils
 import time
 from collections.abc import Callable
@@ -34,7 +36,8 @@ from twistmail.smtp.address import Address, Command, PathError, parse_command
 MAX_COMMAND = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
 MAX_TEXT = 1000  # octets, CRLF included (§4.5.3.1.6)
 MAX_HEADER_BLOCK = 1024 * 1024  # header bytes we hold to add missing fields
-MAX_PENDING = 64 * 1024  # pipelined input held while a command waits, before we stop reading
+MAX_PENDING = 64 * 1024
+MAX_AUTH_FAILURES = 3  # pipelined input held while a command waits, before we stop reading
 
 UNIMPLEMENTED = {b"EXPN", b"TURN", b"SAML", b"SEND", b"SOML"}
 
@@ -73,8 +76,12 @@ class Backend:
     def storage_full(self) -> bool:
         raise NotImplementedError
 
-    def check_recipient(self, address: Address, client_ip: str) -> Any:
-        """A Verdict, or a Deferred firing with one."""
+    def check_recipient(self, address: Address, client_ip: str, user: str | None) -> Any:
+        """A Verdict, or a Deferred firing with one (``user``: the AUTH identity)."""
+        raise NotImplementedError
+
+    def authenticate(self, user: str, password: str, client_ip: str) -> Any:
+        """The user profile, or None; may return a Deferred."""
         raise NotImplementedError
 
     def new_spool(self) -> Any:
@@ -171,6 +178,13 @@ class _Data:
             self._end_header()
 
 
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ValueError("not base64") from None
+
+
 class SMTPSession(Protocol):
     log = Logger()
 
@@ -191,6 +205,10 @@ class SMTPSession(Protocol):
         self.data: _Data | None = None
         self.peer_ip = "unknown"
         self.timeout_call: Any = None
+        self.tls = factory.implicit_tls
+        self.user: str | None = None  # the authenticated user profile
+        self.auth_failures = 0
+        self.auth_step: Callable[[str], Any] | None = None
 
     # -- connection ------------------------------------------------------
 
@@ -283,6 +301,9 @@ class SMTPSession(Protocol):
         line, self.buffer = self.buffer[: lf + 1], self.buffer[lf + 1:]
         if self.discarding:  # the tail of an over-long line
             self.discarding = False
+            return True
+        if self.auth_step is not None:
+            self._auth_response(line)
             return True
         self._command(line)
         return True
@@ -437,10 +458,147 @@ class SMTPSession(Protocol):
         if self.factory.mime8bit:
             ext.append("8BITMIME")
         ext += ["ENHANCEDSTATUSCODES", "HELP"]
+        if self._starttls_offered():
+            ext.append("STARTTLS")
+        if self._auth_offered() and self.user is None:
+            ext.append("AUTH " + " ".join(self.factory.mechanisms))
         return ext
+
+    def _starttls_offered(self) -> bool:
+        return not self.tls and self.factory.tls_options is not None
+
+    def _auth_offered(self) -> bool:
+        f = self.factory
+        if f.alwauth == "*NONE" and not f.submission:
+            return False
+        return bool(f.mechanisms) and (self.tls or f.alwplainauth)
+
+    # -- STARTTLS (RFC 3207) and AUTH (RFC 4954) --------------------------
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        if arg:
+            self.reply(501, "5.5.4 Syntax: STARTTLS takes no arguments")
+            return
+        if self.tls:
+            self.reply(503, "5.5.1 Error: TLS is already active")
+            return
+        if self.factory.tls_options is None:
+            self.reply(454, "4.7.0 TLS not available")
+            return
+        self.reply(220, "2.0.0 Ready to start TLS")
+        # Whatever the client pipelined after STARTTLS came in the clear:
+        # discard it, and forget everything said before (RFC 3207 §4.2).
+        self.buffer = b""
+        self.helo, self.esmtp, self.txn, self.user = None, False, None, None
+        self.tls = True
+        self.transport.startTLS(self.factory.tls_options)
+
+    def smtp_AUTH(self, arg: str) -> Any:
+        if not self._greeted():
+            return None
+        if self.user is not None:
+            self.reply(503, "5.5.1 Error: already authenticated")
+            return None
+        if self.txn is not None:
+            self.reply(503, "5.5.1 Error: AUTH not allowed during a mail transaction")
+            return None
+        if not self._auth_offered():
+            if self.factory.alwauth == "*NONE" and not self.factory.submission:
+                self.reply(502, "5.5.1 Error: authentication is not enabled (ALWAUTH *NONE)")
+            else:
+                self.reply(538, "5.7.11 Encryption required for requested authentication "
+                           "mechanism: use STARTTLS first")
+            return None
+        mech, _, initial = arg.partition(" ")
+        mech = mech.upper()
+        if mech not in self.factory.mechanisms:
+            self.reply(504, f"5.5.4 Unrecognized authentication type; offered: "
+                       f"{' '.join(self.factory.mechanisms)}")
+            return None
+        initial = initial.strip()
+        if mech == "PLAIN":
+            if initial:
+                return self._auth_plain(initial)
+            self.auth_step = self._auth_plain
+            self.reply(334, "")
+            return None
+        # LOGIN: username then password, each base64
+        if initial:
+            return self._auth_login_user(initial)
+        self.auth_step = self._auth_login_user
+        self.reply(334, "VXNlcm5hbWU6")  # "Username:"
+        return None
+
+    def _auth_response(self, raw: bytes) -> None:
+        step, self.auth_step = self.auth_step, None
+        text = raw.rstrip(b"\r\n").decode("ascii", "replace")
+        if text == "*":
+            self.reply(501, "5.0.0 Authentication cancelled")
+            return
+        result = step(text)
+        if isinstance(result, defer.Deferred):
+            self.busy = True
+            result.addErrback(self._command_failed)
+            result.addBoth(self._done)
+
+    def _auth_plain(self, text: str) -> Any:
+        try:
+            fields = _b64(text).split(b"\x00")
+            _authzid, user, password = fields
+        except ValueError:
+            self.reply(501, "5.5.2 Cannot decode the AUTH PLAIN response")
+            return None
+        return self._check(user, password)
+
+    def _auth_login_user(self, text: str) -> None:
+        try:
+            user = _b64(text)
+        except ValueError:
+            self.reply(501, "5.5.2 Cannot decode the AUTH LOGIN response")
+            return
+        self.auth_step = lambda t: self._auth_login_password(user, t)
+        self.reply(334, "UGFzc3dvcmQ6")  # "Password:"
+
+    def _auth_login_password(self, user: bytes, text: str) -> Any:
+        try:
+            password = _b64(text)
+        except ValueError:
+            self.reply(501, "5.5.2 Cannot decode the AUTH LOGIN response")
+            return None
+        return self._check(user, password)
+
+    def _check(self, user: bytes, password: bytes) -> Any:
+        d = defer.maybeDeferred(self.factory.backend.authenticate,
+                                user.decode("utf-8", "replace"),
+                                password.decode("utf-8", "replace"), self.peer_ip)
+
+        def checked(usrprf: str | None) -> Any:
+            if usrprf is not None:
+                self.user = usrprf
+                self.reply(235, "2.7.0 Authentication successful")
+                return None
+            self.auth_failures += 1
+            delay = self.factory.fail_delay * 2 ** (self.auth_failures - 1)
+            answer: defer.Deferred = defer.Deferred()
+
+            def later() -> None:
+                self.reply(535, "5.7.8 Authentication credentials invalid")
+                if self.auth_failures >= MAX_AUTH_FAILURES:
+                    self.reply(421, f"4.7.0 {self.factory.backend.hostname} Too many failed "
+                               "authentication attempts, closing connection")
+                    self.close()
+                answer.callback(None)
+
+            self.factory.reactor.callLater(delay, later)
+            return answer
+
+        return d.addCallback(checked)
 
     def smtp_MAIL(self, arg: str) -> Any:
         if not self._greeted():
+            return None
+        if self.user is None and (self.factory.submission or self.factory.alwauth == "*LCLRLY"):
+            self.reply(530, "5.7.0 Authentication required")
             return None
         if self.txn is not None:
             self.reply(503, "5.5.1 Error: nested MAIL command")
@@ -492,7 +650,8 @@ class SMTPSession(Protocol):
             return None
         address = cmd.address
         txn = self.txn
-        d = defer.maybeDeferred(self.factory.backend.check_recipient, address, self.peer_ip)
+        d = defer.maybeDeferred(self.factory.backend.check_recipient, address, self.peer_ip,
+                                self.user)
 
         def decided(verdict: Verdict) -> None:
             if verdict.accepted and self.txn is txn:
@@ -570,6 +729,13 @@ class SMTPFactory(Factory):
         alwbarelf: bool,
         mime8bit: bool,
         on_done: Callable[[], None],
+        listener: str = "smtp",
+        tls_options: Any = None,
+        implicit_tls: bool = False,
+        alwauth: str = "*RELAY",
+        authmech: tuple[str, ...] = ("*PLAIN", "*LOGIN"),
+        alwplainauth: bool = False,
+        fail_delay: float = 1.0,
     ) -> None:
         self.backend = backend
         self.reactor = reactor
@@ -579,6 +745,17 @@ class SMTPFactory(Factory):
         self.alwbarelf = alwbarelf
         self.mime8bit = mime8bit
         self.on_done = on_done
+        self.listener = listener
+        self.tls_options = tls_options
+        self.implicit_tls = implicit_tls
+        self.alwauth = alwauth
+        self.mechanisms = tuple(m.lstrip("*").upper() for m in authmech)
+        self.alwplainauth = alwplainauth
+        self.fail_delay = fail_delay
+
+    @property
+    def submission(self) -> bool:
+        return self.listener == "submission"
 
     def buildProtocol(self, addr: object) -> SMTPSession:
         p = SMTPSession(self, self.on_done)

@@ -1,0 +1,133 @@
+"""STARTTLS, implicit TLS, AUTH and relay decisions with real clients."""
+
+from __future__ import annotations
+
+import poplib
+import smtplib
+import socket
+import ssl
+import subprocess
+
+import pytest
+from appliance import read_reply
+
+
+def ctx() -> ssl.SSLContext:
+    c = ssl.create_default_context()
+    c.check_hostname = False
+    c.verify_mode = ssl.CERT_NONE
+    return c
+
+
+@pytest.fixture
+def post(make_appliance):
+    a = make_appliance().start()
+    a.user("SAM")
+    return a
+
+
+def test_starttls_then_auth_lets_a_user_relay(post):
+    a = post
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        assert s.has_extn("starttls") and not s.has_extn("auth")
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            s.sendmail("sam@example.test", ["friend@remote.test"], b"Subject: x\r\n\r\ny\r\n")
+        assert refused.value.recipients["friend@remote.test"][0] == 550
+        s.starttls(context=ctx())
+        s.ehlo()
+        assert s.has_extn("auth") and not s.has_extn("starttls")
+        assert s.login("sam", "secret")[0] == 235
+        assert s.sendmail("sam@example.test", ["friend@remote.test"],
+                          b"Subject: out\r\n\r\nto the world\r\n") == {}
+    a.wait_for(lambda: a.queue_files("QTMSOUTQ"), 10, "relayed message on QTMSOUTQ")
+    codes = {e["code"] for e in a.journal()}
+    assert {"9V", "9W", "95", "96"} <= codes
+
+
+def test_auth_with_smtp_address_and_bad_password(post):
+    a = post
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.starttls(context=ctx())
+        s.ehlo()
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login("sam", "nope")
+        assert e.value.smtp_code == 535
+        assert s.login("sam@example.test", "secret")[0] == 235
+
+
+def test_starttls_discards_pipelined_plaintext_cve_2011_0411(post):
+    a = post
+    raw = socket.create_connection(a.addr("smtp"), timeout=10)
+    read_reply(raw)
+    raw.sendall(b"EHLO x\r\n")
+    while not read_reply(raw).startswith(b"250 "):
+        pass
+    # The injected commands ride in the same packet as STARTTLS.
+    raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@example.test>\r\nRCPT TO:<sam@example.test>\r\n")
+    assert read_reply(raw).startswith(b"220 2.0.0")
+    tls = ctx().wrap_socket(raw, server_hostname="mail.example.test")
+    tls.sendall(b"NOOP\r\n")
+    assert read_reply(tls).startswith(b"250 2.0.0 Ok")  # no stray replies queued
+    # The session starts afresh: HELO is needed again, and no transaction exists.
+    tls.sendall(b"RCPT TO:<sam@example.test>\r\n")
+    assert read_reply(tls).startswith(b"503")
+    tls.sendall(b"EHLO x\r\nDATA\r\n")
+    while not read_reply(tls).startswith(b"250 "):
+        pass
+    assert read_reply(tls).startswith(b"503 5.5.1 Error: need MAIL")
+    tls.close()
+
+
+def test_implicit_tls_on_smtps_offers_auth_not_starttls(post):
+    a = post
+    with smtplib.SMTP_SSL(*a.addr("smtps"), timeout=30, context=ctx()) as s:
+        s.ehlo()
+        assert not s.has_extn("starttls") and s.has_extn("auth")
+        assert s.login("sam", "secret")[0] == 235
+
+
+def test_submission_requires_auth(post):
+    a = post
+    with smtplib.SMTP(*a.addr("submission"), timeout=30) as s:
+        s.starttls(context=ctx())
+        s.ehlo()
+        code, text = s.mail("sam@example.test")
+        assert code == 530
+        s.login("sam", "secret")
+        assert s.mail("sam@example.test")[0] == 250
+
+
+def test_openssl_starttls_smtp(post):
+    a = post
+    host, port = a.addr("smtp")
+    r = subprocess.run(
+        ["openssl", "s_client", "-quiet", "-starttls", "smtp", "-connect", f"{host}:{port}"],
+        input=b"EHLO client\r\nQUIT\r\n", capture_output=True, timeout=60)
+    assert b"250-AUTH PLAIN LOGIN" in r.stdout or b"250 AUTH PLAIN LOGIN" in r.stdout
+    assert b"221 2.0.0" in r.stdout
+
+
+def test_pop_before_smtp_window(make_appliance):
+    a = make_appliance(smtp={"alwrly": "*POPWDW", "popwdw": 15, "alwauth": "*NONE"}).start()
+    a.user("SAM")
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        assert not s.has_extn("auth")
+        s.mail("sam@example.test")
+        assert s.rcpt("friend@remote.test")[0] == 550
+    p = poplib.POP3(*a.addr("pop3"), timeout=30)
+    p.user("sam")
+    p.pass_("secret")
+    p.quit()
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        assert s.sendmail("sam@example.test", ["friend@remote.test"], b"Subject: p\r\n\r\nx\r\n"
+                          ) == {}
+
+
+def test_alwrly_all_and_none(make_appliance):
+    a = make_appliance(smtp={"alwrly": "*ALL"}).start()
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        s.mail("x@elsewhere.test")
+        assert s.rcpt("friend@remote.test")[0] == 250
