@@ -6,7 +6,8 @@ authenticate users, and the bridge reads it to resolve recipients (the SMTP
 address resolution exit of the mail server framework).
 
 Reads and writes ``<datadir>/directory.sqlite`` (plus SQLite's ``-wal`` and
-``-shm`` files beside it), created mode 0600 because it holds password hashes.
+``-shm`` files beside it), created mode 0600 because it holds password hashes
+and the *HOSTAUTH passwords the SMTP client must send in clear to remote hosts.
 Many processes open it at once, so it runs in WAL mode with a 5 second busy
 timeout, every write is one ``BEGIN IMMEDIATE`` transaction, and each thread
 (and each forked process) gets its own connection.  The schema version is
@@ -24,15 +25,17 @@ through ``twisted.internet.threads.deferToThread``.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -115,6 +118,36 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             at     REAL NOT NULL
         )""",
     ),
+    (
+        # SMTP list entries (ADDSMTPLE).  ``entrykey`` is an entry's normalized
+        # identity within its type.  The triggers count every list change, so a
+        # process can keep the parsed lists and re-read them only when the
+        # count (or the file's random token) differs from what it parsed.
+        """CREATE TABLE smtp_list (
+            id         INTEGER PRIMARY KEY,
+            type       TEXT NOT NULL,
+            entrykey   TEXT NOT NULL,
+            intnetadr  TEXT,
+            subnetmask TEXT,
+            hostname   TEXT,
+            ftrdata    TEXT,
+            username   TEXT,
+            password   TEXT
+        )""",
+        "CREATE UNIQUE INDEX smtp_list_key ON smtp_list (type, entrykey)",
+        """CREATE TABLE smtp_list_version (
+            id    INTEGER PRIMARY KEY CHECK (id = 1),
+            token TEXT NOT NULL,
+            n     INTEGER NOT NULL
+        )""",
+        "INSERT INTO smtp_list_version (id, token, n) VALUES (1, lower(hex(randomblob(8))), 0)",
+        "CREATE TRIGGER smtp_list_added AFTER INSERT ON smtp_list"
+        " BEGIN UPDATE smtp_list_version SET n = n + 1; END",
+        "CREATE TRIGGER smtp_list_changed AFTER UPDATE ON smtp_list"
+        " BEGIN UPDATE smtp_list_version SET n = n + 1; END",
+        "CREATE TRIGGER smtp_list_removed AFTER DELETE ON smtp_list"
+        " BEGIN UPDATE smtp_list_version SET n = n + 1; END",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -182,6 +215,130 @@ class Resolution:
     userid: str | None = None
     sysaddress: str | None = None
     catchall: bool = False
+
+
+# -- SMTP list entries: types --------------------------------------------------
+
+ACCEPT = "*ACCEPT"
+REJECT = "*REJECT"
+NEAR = "*NEAR"
+DOMAIN = "*DOMAIN"
+SVRBIND = "*SVRBIND"
+CLTBIND = "*CLTBIND"
+ETRNSVR = "*ETRNSVR"
+FTRSUBJECT = "*FTRSUBJECT"
+FTRORIGIN = "*FTRORIGIN"
+FTRFILNAME = "*FTRFILNAME"
+FTRTYPE = "*FTRTYPE"
+HOSTAUTH = "*HOSTAUTH"
+NETWORK_TYPES = (ACCEPT, REJECT)
+FILTER_TYPES = (FTRSUBJECT, FTRORIGIN, FTRFILNAME, FTRTYPE)
+
+#: The ADDSMTPLE keywords after TYPE, in IBM's order.
+LIST_KEYWORDS = ("intnetadr", "subnetmask", "hostname", "ftrdata", "username", "password")
+MAX_FTRDATA = 255
+
+#: What each keyword takes, for messages that say what is allowed.
+LIST_KEYWORD_ALLOWED = {
+    "intnetadr": "an IPv4 or IPv6 address such as 192.0.2.0 or 2001:db8::",
+    "subnetmask": "a contiguous IPv4 mask such as 255.255.255.0 (default 255.255.255.255) "
+    "or a prefix length such as 24 or, for IPv6, 64 (default 128)",
+    "hostname": "a host or domain name such as mail.example.com",
+    "ftrdata": f"1-{MAX_FTRDATA} printable characters, * standing for one or more characters",
+    "username": f"1-{MAX_PASSWORD} printable characters",
+    "password": f"1-{MAX_PASSWORD} characters",
+}
+
+
+@attrs.frozen
+class ListType:
+    """What one ADDSMTPLE TYPE takes.
+
+    ``required`` keywords must be given to add an entry (only one of them
+    when ``alternatives``); ``key`` keywords identify an entry, so they are
+    what RMVSMTPLE needs and what makes two entries duplicates.
+    """
+
+    name: str
+    meaning: str
+    required: tuple[str, ...]
+    key: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    alternatives: bool = False
+
+    @property
+    def keywords(self) -> tuple[str, ...]:
+        return tuple(k for k in LIST_KEYWORDS if k in self.required + self.optional)
+
+
+LIST_TYPES: dict[str, ListType] = {
+    t.name: t
+    for t in (
+        ListType(
+            ACCEPT,
+            "clients allowed to relay",
+            ("intnetadr",),
+            ("intnetadr", "subnetmask"),
+            ("subnetmask",),
+        ),
+        ListType(
+            REJECT,
+            "clients whose connections are rejected",
+            ("intnetadr",),
+            ("intnetadr", "subnetmask"),
+            ("subnetmask",),
+        ),
+        ListType(
+            NEAR,
+            "domains relayed for and not sent through the firewall",
+            ("hostname",),
+            ("hostname",),
+        ),
+        ListType(
+            DOMAIN,
+            "the domain of an interface the SMTP server binds to",
+            ("intnetadr", "hostname"),
+            ("intnetadr",),
+        ),
+        ListType(SVRBIND, "addresses the SMTP server binds to", ("intnetadr",), ("intnetadr",)),
+        ListType(CLTBIND, "addresses the SMTP client binds to", ("intnetadr",), ("intnetadr",)),
+        ListType(
+            ETRNSVR,
+            "hosts allowed to use ETRN",
+            ("hostname", "intnetadr"),
+            ("hostname", "intnetadr"),
+            alternatives=True,
+        ),
+        ListType(FTRSUBJECT, "subjects of mail to filter", ("ftrdata",), ("ftrdata",)),
+        ListType(FTRORIGIN, "originators of mail to filter", ("ftrdata",), ("ftrdata",)),
+        ListType(FTRFILNAME, "attachment file names to filter", ("ftrdata",), ("ftrdata",)),
+        ListType(FTRTYPE, "MIME types to filter", ("ftrdata",), ("ftrdata",)),
+        ListType(
+            HOSTAUTH,
+            "the user and password the SMTP client signs on with at a remote host",
+            ("hostname", "username", "password"),
+            ("hostname",),
+        ),
+    )
+}
+LIST_TYPE_NAMES = tuple(LIST_TYPES)
+
+
+@attrs.frozen
+class ListEntry:
+    """One SMTP list entry (ADDSMTPLE's keywords).
+
+    The password is left out of ``repr`` so that logging an entry cannot
+    leak the credential the SMTP client sends to a remote host.
+    """
+
+    type: str
+    intnetadr: str | None = None
+    subnetmask: str | None = None
+    hostname: str | None = None
+    ftrdata: str | None = None
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
 
 
 # -- names and values ---------------------------------------------------------
@@ -702,6 +859,130 @@ class SqliteDirectory:
         )
         return None if row is None else f"{row['smtpuser']}@{row['smtpdomain']}"
 
+    # SMTP list entries (ADDSMTPLE / RMVSMTPLE / WRKSMTPLE)
+
+    def add_list_entry(self, entry: ListEntry) -> ListEntry:
+        """Add an entry; returns it as stored (normalized addresses, lower-case hosts).
+
+        An *ACCEPT or *REJECT address keeps only its network part, so that
+        192.0.2.5 with mask 255.255.255.0 and 192.0.2.0 with the same mask
+        are recognized as the same entry.
+        """
+        normal, key = _normalized_list_entry(entry)
+        with self._write() as conn:
+            if _list_rows(conn, normal.type, "entrykey", key):
+                field, shown = _list_key_shown(normal)
+                raise DirectoryError(field, shown, f"is already in the {normal.type} list")
+            conn.execute(
+                f"INSERT INTO smtp_list (type, entrykey, {', '.join(LIST_KEYWORDS)})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (normal.type, key, *(getattr(normal, k) for k in LIST_KEYWORDS)),
+            )
+        return normal
+
+    def remove_list_entry(self, type: str, **fields: str | None) -> ListEntry:
+        """Remove exactly one entry (RMVSMTPLE), named by its type and key keywords.
+
+        An *ACCEPT or *REJECT entry may be named by its address alone when
+        only one entry has that address; otherwise the mask must say which.
+        Other keywords given must agree with the entry, so a mistyped
+        command cannot remove something the administrator did not mean.
+        """
+        unknown = set(fields) - set(LIST_KEYWORDS)
+        if unknown:
+            raise TypeError(f"remove_list_entry() got unknown fields {sorted(unknown)}")
+        given = {k: v for k, v in fields.items() if _is_given(v)}
+        rule = check_list_keywords(type, given, removal=True)
+        with self._write() as conn:
+            row = _the_row_to_remove(conn, rule, given)
+            conn.execute("DELETE FROM smtp_list WHERE id = ?", (row["id"],))
+        return _list_entry(row)
+
+    def list_entries(self, type: str | None = None) -> list[ListEntry]:
+        """The entries of one type, or of all types, each type in the order added."""
+        conn = self._conn()
+        if type is None:
+            rows = conn.execute(f"SELECT {_LIST_COLUMNS} FROM smtp_list ORDER BY id")
+        else:
+            name = _check_choice("type", type, LIST_TYPE_NAMES)
+            rows = conn.execute(
+                f"SELECT {_LIST_COLUMNS} FROM smtp_list WHERE type = ? ORDER BY id", (name,)
+            )
+        order = {name: i for i, name in enumerate(LIST_TYPE_NAMES)}
+        entries = [_list_entry(row) for row in rows]
+        return sorted(entries, key=lambda e: order.get(e.type, len(order)))
+
+    # SMTP list checks, made for every connection, recipient and message
+
+    def address_listed(self, type: str, ip: str) -> bool:
+        """Whether client address ``ip`` is in the *ACCEPT or *REJECT list.
+
+        An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, what a dual-stack
+        listener reports for IPv4 clients) matches IPv4 entries.  An address
+        that cannot be read is in no list.
+        """
+        if type not in NETWORK_TYPES:
+            type = _check_choice("type", type, NETWORK_TYPES)
+        v4, v6 = _client_ints(ip) if isinstance(ip, str) else (None, None)
+        nets4, nets6 = self._list_snapshot().networks[type]
+        return _in_networks(v4, nets4) or _in_networks(v6, nets6)
+
+    def near_domain(self, domain: str) -> bool:
+        """Whether ``domain`` is a *NEAR domain or a subdomain of one."""
+        near = self._list_snapshot().near
+        if not near or not isinstance(domain, str):
+            return False
+        labels = domain.strip().lower().removesuffix(".").split(".")
+        return any(".".join(labels[i:]) in near for i in range(len(labels)))
+
+    def etrn_allowed(self, ip_or_host: str) -> bool:
+        """Whether the client, by address or by host name, is in the *ETRNSVR list."""
+        if not isinstance(ip_or_host, str):
+            return False
+        return _host_key(ip_or_host) in self._list_snapshot().etrn
+
+    def hostauth(self, hostname: str) -> tuple[str, str] | None:
+        """The (user name, password) the SMTP client signs on with at ``hostname``."""
+        if not isinstance(hostname, str):
+            return None
+        return self._list_snapshot().hostauth.get(_host_key(hostname))
+
+    def filters(self) -> dict[str, list[str]]:
+        """The filter patterns of each *FTR type (every type present, maybe empty)."""
+        snapshot = self._list_snapshot().filters
+        return {t: [pattern for pattern, _ in snapshot[t]] for t in FILTER_TYPES}
+
+    def filter_match(self, type: str, value: str) -> str | None:
+        """The first pattern of filter list ``type`` that ``value`` matches, if any.
+
+        Matching ignores case and covers the whole value; ``*`` stands for
+        one or more characters, as the seed describes (``*.vbs``, ``image/*``,
+        ``*@us.ibm.com``).
+        """
+        name = _check_choice("type", type, FILTER_TYPES)
+        if not isinstance(value, str):
+            return None
+        for pattern, compiled in self._list_snapshot().filters[name]:
+            if compiled.fullmatch(value.strip()):
+                return pattern
+        return None
+
+    def _list_snapshot(self) -> _ListSnapshot:
+        """The parsed lists, re-read only when the version row says they changed.
+
+        The version is read before the rows: a change landing between the two
+        reads leaves a snapshot older than its rows, which only costs one
+        more re-read at the next check, never a stale answer.
+        """
+        conn = self._conn()
+        token, version = conn.execute("SELECT token, n FROM smtp_list_version").fetchone()
+        snapshot = _LIST_CACHE.get(self.path)
+        if snapshot is None or snapshot.version != version or snapshot.token != token:
+            rows = conn.execute(f"SELECT {_LIST_COLUMNS} FROM smtp_list ORDER BY id").fetchall()
+            snapshot = _ListSnapshot.build(token, version, [_list_entry(r) for r in rows])
+            _LIST_CACHE[self.path] = snapshot
+        return snapshot
+
 
 # -- helpers on a connection --------------------------------------------------
 
@@ -900,3 +1181,408 @@ def _no_profile(field: str, name: str, allowed: str = "") -> DirectoryError:
 
 def _no_entry(userid: str, address: str) -> DirectoryError:
     return DirectoryError("usrid", f"{userid} {address}", "is not in the directory")
+
+
+# -- SMTP list entries: checks and matching -------------------------------------
+
+_LIST_COLUMNS = "id, type, " + ", ".join(LIST_KEYWORDS)
+_MIME_PATTERN_RE = re.compile(r"[A-Za-z0-9!#$&^_.+*-]+/[A-Za-z0-9!#$&^_.+*-]+")
+_FTRDATA_ALLOWED = {
+    FTRSUBJECT: "a subject such as ILOVEYOU",
+    FTRORIGIN: "an originator address such as *@example.com",
+    FTRFILNAME: "a file name such as lovebug.vbs or *.vbs",
+    FTRTYPE: "a MIME type such as image/jpeg or image/*",
+}
+_HOST_ALLOWED = {
+    NEAR: "a domain name such as example.com (its subdomains match too)",
+    DOMAIN: "a domain name such as example.com",
+    ETRNSVR: "a host name such as mail.example.com, or an IP address",
+    HOSTAUTH: "a host name such as mail.example.com, or an IP address",
+}
+
+_Networks = tuple[tuple[int, frozenset[int]], ...]
+
+
+def check_list_keywords(
+    type: str,
+    given: Mapping[str, Any],
+    *,
+    removal: bool = False,
+    spell: Callable[[str], str] = str.upper,
+) -> ListType:
+    """Refuse keywords ``type`` does not take and required ones that are missing.
+
+    Public so that the CLI words the same rules with its option names
+    (``spell``); the directory words them as CL keywords.  For a removal the
+    key keywords are required and the password is not taken.
+    """
+    rule = LIST_TYPES[_check_choice("type", type, LIST_TYPE_NAMES)]
+    allowed = tuple(k for k in rule.keywords if not (removal and k == "password"))
+    needed = tuple(k for k in rule.key if k != "subnetmask") if removal else rule.required
+    for keyword, value in given.items():
+        if keyword not in allowed:
+            shown = "(hidden)" if keyword == "password" else value
+            raise DirectoryError(
+                keyword,
+                shown,
+                f"is not allowed with type {rule.name}; allowed: "
+                + ", ".join(spell(k) for k in allowed),
+            )
+    if rule.alternatives:
+        _check_one_of(rule, needed, given, spell)
+        return rule
+    for keyword in needed:
+        if keyword not in given:
+            raise DirectoryError(
+                keyword,
+                NONE,
+                f"is not allowed with type {rule.name}; allowed: {_keyword_allowed(rule, keyword)}",
+            )
+    return rule
+
+
+def _check_one_of(
+    rule: ListType, needed: Sequence[str], given: Mapping[str, Any], spell: Callable[[str], str]
+) -> None:
+    present = [k for k in needed if k in given]
+    if len(present) > 1:
+        raise DirectoryError(
+            present[1],
+            given[present[1]],
+            f"is not allowed together with {spell(present[0])} for type {rule.name}; "
+            "allowed: one of them",
+        )
+    if not present:
+        first, *others = needed
+        raise DirectoryError(
+            first,
+            NONE,
+            f"is not allowed with type {rule.name} unless "
+            f"{' or '.join(spell(k) for k in others)} is given; "
+            f"allowed: {_keyword_allowed(rule, first)}",
+        )
+
+
+def _keyword_allowed(rule: ListType, keyword: str) -> str:
+    if keyword == "hostname":
+        return _HOST_ALLOWED[rule.name]
+    if keyword == "ftrdata":
+        return _ftrdata_allowed(rule.name)
+    return LIST_KEYWORD_ALLOWED[keyword]
+
+
+def _is_given(value: Any) -> bool:
+    """None and "" mean the keyword was left out."""
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def _normalized_list_entry(entry: ListEntry) -> tuple[ListEntry, str]:
+    """The entry as stored, and its key: what makes two entries the same one."""
+    given = {k: getattr(entry, k) for k in LIST_KEYWORDS if _is_given(getattr(entry, k))}
+    rule = check_list_keywords(entry.type, given)
+    values = _list_values(rule.name, given)
+    if rule.name in NETWORK_TYPES:
+        network = _network(values["intnetadr"], given.get("subnetmask"))
+        values.update(intnetadr=str(network.network_address), subnetmask=_mask_text(network))
+        return ListEntry(rule.name, **values), network.with_prefixlen
+    return ListEntry(rule.name, **values), _list_key(rule, values)
+
+
+def _list_values(list_type: str, given: Mapping[str, Any]) -> dict[str, str]:
+    """Each keyword's value checked and normalized; the mask needs its address, so later."""
+    checks: dict[str, Callable[[Any], str]] = {
+        "intnetadr": lambda raw: str(_check_address("intnetadr", raw)),
+        "hostname": lambda raw: _check_list_host(list_type, raw),
+        "ftrdata": lambda raw: _check_ftrdata(list_type, raw),
+        "username": _check_username,
+        "password": _check_password,
+    }
+    return {k: checks[k](v) for k, v in given.items() if k != "subnetmask"}
+
+
+def _list_key(rule: ListType, values: Mapping[str, str]) -> str:
+    keyword = next(k for k in rule.key if k in values)
+    return values[keyword].casefold() if keyword == "ftrdata" else values[keyword]
+
+
+def _check_address(field: str, raw: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    text = raw.strip() if isinstance(raw, str) else ""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise DirectoryError(
+            field, raw, f"is not allowed; allowed: {LIST_KEYWORD_ALLOWED['intnetadr']}"
+        ) from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        raise DirectoryError(
+            field,
+            raw,
+            f"is not allowed; allowed: the IPv4 address {address.ipv4_mapped} itself "
+            "(it matches IPv4-mapped clients too)",
+        )
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise DirectoryError(field, raw, "is not allowed; allowed: an address without a %zone")
+    return address
+
+
+def _network(address: str, mask: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    parsed = _check_address("intnetadr", address)
+    return ipaddress.ip_network((parsed, _prefix_length(parsed, mask)), strict=False)
+
+
+def _prefix_length(address: ipaddress.IPv4Address | ipaddress.IPv6Address, raw: Any) -> int:
+    """The prefix length of a dotted IPv4 mask or of a length (``24``, ``/64``).
+
+    A dotted mask is checked for contiguity by hand: ``ipaddress`` would
+    quietly read ``0.0.255.255`` as a host mask, the inverse of what an
+    administrator typing a subnet mask means.
+    """
+    if raw is None:
+        return address.max_prefixlen
+    text = raw.strip().removeprefix("/") if isinstance(raw, str) else ""
+    if text.isascii() and text.isdigit():
+        if int(text) <= address.max_prefixlen:
+            return int(text)
+    elif address.version == 4:
+        prefix = _dotted_prefix(text)
+        if prefix is not None:
+            return prefix
+    allowed = (
+        "a contiguous mask such as 255.255.255.0, or a prefix length 0-32"
+        if address.version == 4
+        else "a prefix length 0-128 such as 64"
+    )
+    raise DirectoryError("subnetmask", raw, f"is not allowed for {address}; allowed: {allowed}")
+
+
+def _dotted_prefix(text: str) -> int | None:
+    try:
+        mask = int(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None
+    hostbits = mask ^ 0xFFFFFFFF
+    if hostbits & (hostbits + 1):
+        return None
+    return 32 - hostbits.bit_length()
+
+
+def _mask_text(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    """IBM's dotted mask for IPv4; IPv6 has no such form, so its prefix length."""
+    return str(network.netmask) if network.version == 4 else str(network.prefixlen)
+
+
+def _check_list_host(list_type: str, raw: Any) -> str:
+    """A lower-case host or domain name, or (where a host may be one) an IP address."""
+    text = raw.strip().removesuffix(".") if isinstance(raw, str) else ""
+    literal = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    allowed = _HOST_ALLOWED[list_type]
+    if _is_address(literal):
+        if list_type in (NEAR, DOMAIN):
+            raise DirectoryError("hostname", raw, f"is an address; allowed: {allowed}")
+        return str(_check_address("hostname", literal))
+    name = text.lower()
+    labels = name.split(".")
+    if (
+        not name
+        or len(name) > MAX_DOMAIN
+        or not name.isascii()
+        or not all(_LABEL_RE.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()
+    ):
+        raise DirectoryError("hostname", raw, f"is not allowed; allowed: {allowed}")
+    return name
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _ftrdata_allowed(list_type: str) -> str:
+    return (
+        f"{_FTRDATA_ALLOWED[list_type]}, up to {MAX_FTRDATA} printable characters; "
+        "* stands for one or more characters and cannot be the whole pattern"
+    )
+
+
+def _check_ftrdata(list_type: str, raw: Any) -> str:
+    """A filter pattern; one that is only ``*`` is refused, as it would stop all mail."""
+    text = raw.strip() if isinstance(raw, str) else ""
+    bad = (
+        not text.strip("*")
+        or len(text) > MAX_FTRDATA
+        or not text.isprintable()
+        or (list_type == FTRTYPE and not _MIME_PATTERN_RE.fullmatch(text))
+        or (list_type == FTRORIGIN and any(c.isspace() or c in "<>" for c in text))
+        or (list_type == FTRFILNAME and any(c in "/\\" for c in text))
+    )
+    if bad:
+        raise DirectoryError(
+            "ftrdata",
+            raw,
+            f"is not allowed with type {list_type}; allowed: {_ftrdata_allowed(list_type)}",
+        )
+    return text
+
+
+def _check_username(raw: Any) -> str:
+    text = raw.strip() if isinstance(raw, str) else ""
+    if not text or len(text) > MAX_PASSWORD or not text.isprintable():
+        raise DirectoryError(
+            "username", raw, f"is not allowed; allowed: {LIST_KEYWORD_ALLOWED['username']}"
+        )
+    return text
+
+
+def _list_key_shown(entry: ListEntry) -> tuple[str, str]:
+    """The keyword and value that name ``entry`` in a message."""
+    if entry.type in NETWORK_TYPES:
+        return "intnetadr", f"{entry.intnetadr} {entry.subnetmask}"
+    rule = LIST_TYPES[entry.type]
+    keyword = next(k for k in rule.key if getattr(entry, k) is not None)
+    return keyword, getattr(entry, keyword)
+
+
+def _list_rows(conn: sqlite3.Connection, list_type: str, column: str, value: str) -> list[Any]:
+    return conn.execute(
+        f"SELECT {_LIST_COLUMNS} FROM smtp_list WHERE type = ? AND {column} = ? ORDER BY id",
+        (list_type, value),
+    ).fetchall()
+
+
+def _the_row_to_remove(
+    conn: sqlite3.Connection, rule: ListType, given: Mapping[str, Any]
+) -> sqlite3.Row:
+    """The one row ``given`` names, or the error that says why there is not one."""
+    values = _list_values(rule.name, given)
+    if rule.name not in NETWORK_TYPES:
+        rows = _list_rows(conn, rule.name, "entrykey", _list_key(rule, values))
+    elif "subnetmask" in given:
+        network = _network(values["intnetadr"], given["subnetmask"])
+        rows = _list_rows(conn, rule.name, "entrykey", network.with_prefixlen)
+    else:
+        rows = _list_rows(conn, rule.name, "intnetadr", values["intnetadr"])
+    rows = [r for r in rows if all(r[k] == v for k, v in values.items() if k not in rule.key)]
+    if len(rows) == 1:
+        return rows[0]
+    keyword = next(k for k in (*rule.key, *LIST_KEYWORDS) if k in given)
+    shown = " ".join(str(given[k]) for k in LIST_KEYWORDS if k in given)
+    if not rows:
+        raise DirectoryError(keyword, shown, f"is not in the {rule.name} list")
+    raise DirectoryError(
+        "subnetmask",
+        NONE,
+        f"is not allowed: {shown} is in the {rule.name} list {len(rows)} times; "
+        "allowed: " + ", ".join(r["subnetmask"] for r in rows),
+    )
+
+
+def _list_entry(row: sqlite3.Row) -> ListEntry:
+    return ListEntry(row["type"], **{k: row[k] for k in LIST_KEYWORDS})
+
+
+# The matchers answer from this per-process snapshot, keyed by database path.
+_LIST_CACHE: dict[Path, _ListSnapshot] = {}
+
+
+@attrs.frozen
+class _ListSnapshot:
+    """The lists parsed into what the per-connection checks need.
+
+    Networks are grouped by mask, so a check costs one AND and one set
+    lookup per distinct mask rather than a comparison per entry.
+    """
+
+    token: str
+    version: int
+    networks: dict[str, tuple[_Networks, _Networks]]
+    near: frozenset[str]
+    etrn: frozenset[str]
+    hostauth: dict[str, tuple[str, str]]
+    filters: dict[str, tuple[tuple[str, re.Pattern[str]], ...]]
+
+    @classmethod
+    def build(cls, token: str, version: int, entries: Sequence[ListEntry]) -> _ListSnapshot:
+        def of(list_type: str) -> list[ListEntry]:
+            return [e for e in entries if e.type == list_type]
+
+        return cls(
+            token=token,
+            version=version,
+            networks={t: _network_groups(of(t)) for t in NETWORK_TYPES},
+            near=frozenset(e.hostname for e in of(NEAR) if e.hostname),
+            etrn=frozenset(_host_key(h) for e in of(ETRNSVR) if (h := e.hostname or e.intnetadr)),
+            hostauth={
+                _host_key(e.hostname): (e.username, e.password)
+                for e in of(HOSTAUTH)
+                if e.hostname and e.username is not None and e.password is not None
+            },
+            filters={
+                t: tuple((e.ftrdata, _wildcard(e.ftrdata)) for e in of(t) if e.ftrdata)
+                for t in FILTER_TYPES
+            },
+        )
+
+
+def _network_groups(entries: Sequence[ListEntry]) -> tuple[_Networks, _Networks]:
+    """(IPv4, IPv6) networks as (mask, network numbers) pairs, one per distinct mask."""
+    groups: dict[tuple[int, int], set[int]] = {}
+    for entry in entries:
+        try:
+            network = _network(entry.intnetadr or "", entry.subnetmask)
+        except ValueError:
+            continue
+        key = (network.version, int(network.netmask))
+        groups.setdefault(key, set()).add(int(network.network_address))
+    by_version = [
+        tuple((mask, frozenset(nets)) for (v, mask), nets in groups.items() if v == version)
+        for version in (4, 6)
+    ]
+    return by_version[0], by_version[1]
+
+
+def _in_networks(address: int | None, networks: _Networks) -> bool:
+    return address is not None and any((address & mask) in nets for mask, nets in networks)
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_ints(ip: str) -> tuple[int | None, int | None]:
+    """A client address as (IPv4 number, IPv6 number); a mapped address has both.
+
+    Cached because the same clients come back again and again, and parsing
+    costs more than the whole lookup.
+    """
+    text = ip.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None, None
+    if isinstance(address, ipaddress.IPv4Address):
+        return int(address), None
+    mapped = address.ipv4_mapped
+    return (None if mapped is None else int(mapped)), int(address)
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_key(text: str) -> str:
+    """How a host is compared: a canonical address (mapped ones as IPv4) or a lower-case name."""
+    name = text.strip().removesuffix(".")
+    literal = name[1:-1] if name.startswith("[") and name.endswith("]") else name
+    try:
+        address = ipaddress.ip_address(literal.split("%", 1)[0])
+    except ValueError:
+        return name.lower()
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped or address)
+
+
+def _wildcard(pattern: str) -> re.Pattern[str]:
+    """The seed's filter wildcard: ``*`` is one or more characters; case is ignored."""
+    return re.compile(
+        ".+".join(re.escape(part) for part in pattern.split("*")), re.IGNORECASE | re.DOTALL
+    )
