@@ -103,6 +103,7 @@ def test_wait_limit_rejects_with_421(make_appliance):
     waiter = a.connect()
     assert read_reply(waiter, 10).startswith(b"421 4.3.2 ")
     quit_all(busy)
+    a.wait_for(lambda: a.journal("JR"), 5, "the rejection's journal entry")
     assert [e["reason"] for e in a.journal("JR")] == ["waitlimit"]
 
 
@@ -123,7 +124,7 @@ def test_wait_no_rejects_at_once(make_appliance):
     assert read_reply(pop_rejected).startswith(b"-ERR [SYS/TEMP]")
     quit_all(busy + pop_busy)
     assert a.control("dspactpj", pgm="QTMSSRCP")["rejected"] == 1
-    assert len(a.journal("JR")) == 2
+    a.wait_for(lambda: len(a.journal("JR")) == 2, 5, "two rejection entries")
 
 
 def test_maxuse_replaces_used_up_job(make_appliance):

@@ -105,6 +105,7 @@ class Session:
 
     def send(self, data: bytes) -> None:
         self.proto.dataReceived(data)
+        self.clock.advance(0)  # run what waits zero seconds (error_delay=0)
 
     def replies(self) -> list[str]:
         out = self.tr.value().decode()
@@ -337,7 +338,7 @@ def test_recipient_limit_and_routing_replies():
 
 
 def test_sequence_errors_and_syntax():
-    s = Session()
+    s = Session(error_delay=0, maxerrors=100)
     s.replies()
     s.send(b"MAIL FROM:<a@example.test>\r\n")
     assert s.codes() == [503]
@@ -474,3 +475,19 @@ def test_alwauth_none_offers_no_auth():
     assert not any("AUTH" in r for r in s.replies())
     s.send(b"AUTH PLAIN " + _b64(b"\0sam\0secret") + b"\r\n")
     assert s.codes() == [502]
+
+
+def test_errors_slow_the_client_then_end_the_session():
+    s = Session(maxerrors=5)
+    s.start()
+    s.send(b"BOGUS\r\nBOGUS\r\nBOGUS\r\nNOOP\r\n")
+    assert s.codes() == [500, 500, 500]  # the NOOP waits: three errors so far
+    s.clock.advance(1)
+    assert s.codes() == [250]
+    s.send(b"BOGUS\r\n")
+    s.clock.advance(2)
+    assert s.codes() == [500]
+    s.send(b"BOGUS\r\n")
+    s.clock.advance(3)
+    r = s.replies()
+    assert r[0].startswith("500") and r[1].startswith("421 4.7.0") and s.tr.disconnecting

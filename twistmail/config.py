@@ -205,6 +205,17 @@ class StorageSettings:
 
 
 @attrs.frozen
+class LimitsSettings:
+    """Abuse limits the controller applies before a job is used (Postfix's anvil)."""
+
+    maxconnperip: int = setting(Int(0, 100000), 10, "concurrent sessions per client (0: none)")
+    maxconnrate: int = setting(Int(0, 1000000), 120, "connections per client per interval")
+    maxauthfail: int = setting(Int(0, 100000), 10, "failed sign-ons per client per interval")
+    maxerrors: int = setting(Int(1, 1000), 10, "SMTP errors in one session before it ends")
+    interval: int = setting(Int(10, 86400), 60, "seconds over which rates are counted")
+
+
+@attrs.frozen
 class JournalSettings:
     receiver_size: int = setting(
         Int(4096, 2**40), 16 * 1024 * 1024, "bytes after which a new receiver starts"
@@ -219,6 +230,7 @@ SECTIONS: dict[str, type] = {
     "smtp": SmtpSettings,
     "pop": PopSettings,
     "storage": StorageSettings,
+    "limits": LimitsSettings,
     "journal": JournalSettings,
 }
 
@@ -235,6 +247,7 @@ class Settings:
     smtp: SmtpSettings = attrs.field(factory=SmtpSettings)
     pop: PopSettings = attrs.field(factory=PopSettings)
     storage: StorageSettings = attrs.field(factory=StorageSettings)
+    limits: LimitsSettings = attrs.field(factory=LimitsSettings)
     journal: JournalSettings = attrs.field(factory=JournalSettings)
 
     @property

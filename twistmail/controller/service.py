@@ -32,6 +32,7 @@ SERVER_LISTENERS = {
     "*POP": ("pop3", "pop3s"),
 }
 POOL_PROGRAMS = ("QTMSSRCP", "QTPOPSRVP")
+IMPLICIT_TLS = ("smtps", "pop3s")
 
 
 def limits_of(settings: configmod.Settings) -> Limits:
@@ -67,6 +68,7 @@ class Controller(service.Service):
         self.journal: Journal | None = None
         self.bridge: BridgeSlot | None = None
         self.control_port: Any = None
+        self.policy: Any = None
 
     # -- start ---------------------------------------------------------
 
@@ -127,6 +129,15 @@ class Controller(service.Service):
             )
             pool.accepting_changed.append(lambda on, pgm=pgm: self._pool_accepting(pgm, on))
             self.pools[pgm] = pool
+        from twistmail.directory import SqliteDirectory
+        from twistmail.policy.connection import ConnectionPolicy
+
+        self.policy = ConnectionPolicy(self.reactor, s, SqliteDirectory.from_settings(s),
+                                       self.journal)
+        self.policy.start()
+        for pool in self.pools.values():
+            pool.session_ended = self.policy.closed
+            pool.auth_failed = self.policy.anvil.auth_failed
         self.control_port = self.reactor.listenUNIX(
             str(s.control_socket), ControlFactory(self), mode=0o600
         )
@@ -173,7 +184,41 @@ class Controller(service.Service):
 
     def _accepted(self, sock: socket.socket, listener: str, peer: str) -> None:
         pgm = configmod.LISTENER_PROGRAM[listener]
-        self.pools[pgm].submit(sock, listener, peer)
+        verdict = self.policy.check(peer, smtp=pgm == "QTMSSRCP")
+        if verdict is None:
+            self.pools[pgm].submit(sock, listener, peer)
+        elif isinstance(verdict, defer.Deferred):
+            verdict.addCallback(self._decided, sock, listener, peer)
+            verdict.addErrback(self._check_failed, sock, listener, peer)
+        else:
+            self._refuse(sock, listener, peer, verdict)
+
+    def _decided(self, verdict: Any, sock: socket.socket, listener: str, peer: str) -> None:
+        if verdict is None:
+            self.pools[configmod.LISTENER_PROGRAM[listener]].submit(sock, listener, peer)
+        else:
+            self._refuse(sock, listener, peer, verdict)
+
+    def _check_failed(self, failure: Any, sock: socket.socket, listener: str,
+                      peer: str) -> None:
+        self.log.failure("connection check for {peer} failed; letting it in", failure,
+                         peer=peer)
+        self._decided(None, sock, listener, peer)
+
+    def _refuse(self, sock: socket.socket, listener: str, peer: str, verdict: Any) -> None:
+        if listener not in IMPLICIT_TLS:  # a plaintext line would be noise inside TLS
+            try:
+                sock.send(verdict.reply.encode() + b"\r\n")
+            except OSError:
+                pass
+        sock.close()
+        if verdict.anvil_counted:
+            self.policy.closed(peer)
+        if verdict.journal:
+            esd = f"{verdict.code} REJ {peer}"
+            if verdict.code == "JL":
+                esd = f"JL LIMIT {verdict.fields.get('setting')} {peer}"
+            self.journal.write(verdict.code, esd, listener=listener, **verdict.fields)
 
     def _pool_accepting(self, pgm: str, on: bool) -> None:
         for name, lst in self.listeners.items():
@@ -199,6 +244,8 @@ class Controller(service.Service):
         return d
 
     def _stopped(self, _: Any) -> None:
+        if self.policy is not None:
+            self.policy.stop()
         if self.control_port is not None:
             self.control_port.stopListening()
         try:
@@ -275,8 +322,10 @@ class Controller(service.Service):
             if entry != pool.entry or limits != pool.limits:
                 pool.reconfigure(entry, limits)
                 applied.append(f"prestart.{pgm}")
-        if (new.smtp, new.pop, new.journal, new.storage) != (
-                old.smtp, old.pop, old.journal, old.storage):
+        if (new.smtp, new.limits) != (old.smtp, old.limits):
+            self.policy.configure(new)
+        if (new.smtp, new.pop, new.journal, new.storage, new.limits) != (
+                old.smtp, old.pop, old.journal, old.storage, old.limits):
             for pool in self.pools.values():
                 pool.reload_jobs()
             applied.append("jobs")

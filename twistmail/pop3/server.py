@@ -407,6 +407,7 @@ class POP3Session(Protocol):
         if not failure.check(UnauthorizedLogin):
             return failure
         self.failures += 1
+        self.factory.on_auth_failure(self.peer_ip)
         self.factory.journal.write("QF", f"QF FAIL {self.peer_ip}", ip=self.peer_ip,
                                    user=user, failures=self.failures)
         delay = self.factory.fail_delay * 2 ** (self.failures - 1)
@@ -647,7 +648,7 @@ class POP3Factory(Factory):
     def __init__(self, *, reactor: Any, hostname: str, portal: Any, directory: Any,
                  journal: Any, inacttimo: int, msgsplit_kb: int | None, alwssl: str,
                  tls_options: Any, implicit_tls: bool, on_done: Any,
-                 fail_delay: float = 1.0) -> None:
+                 fail_delay: float = 1.0, on_auth_failure: Any = None) -> None:
         self.reactor = reactor
         self.hostname = hostname
         self.portal = portal
@@ -660,6 +661,7 @@ class POP3Factory(Factory):
         self.implicit_tls = implicit_tls
         self.on_done = on_done
         self.fail_delay = fail_delay
+        self.on_auth_failure = on_auth_failure or (lambda ip: None)
 
     def buildProtocol(self, addr: object) -> POP3Session:
         p = POP3Session(self, self.implicit_tls)

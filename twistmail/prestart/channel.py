@@ -11,6 +11,7 @@ Job to controller::
     READY                              (booted, waiting for work)
     ACK <token>                        (took the socket: the controller closes its copy)
     FREE                               (session over, waiting for work)
+    AUTHFAIL <ip>                      (a sign-on failed; the controller counts per address)
 
 Every passed descriptor travels with the bytes of its FD line, written in the
 same reactor turn (TWISTED.md §1.4: a descriptor without a data byte makes

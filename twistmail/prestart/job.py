@@ -108,6 +108,7 @@ class Job:
                 directory=directory, journal=journal, inacttimo=s.pop.inacttimo,
                 msgsplit_kb=s.pop.msgsplit, alwssl=s.pop.alwssl, tls_options=options,
                 implicit_tls=name in IMPLICIT_TLS, on_done=self.done,
+                on_auth_failure=self.auth_failed,
             )
             out[name] = self._tls(factory, options) if name in IMPLICIT_TLS else factory
         return out
@@ -143,9 +144,16 @@ class Job:
                 alwauth=s.smtp.alwauth,
                 authmech=s.smtp.authmech,
                 alwplainauth=s.smtp.alwplainauth == "*YES",
+                maxerrors=s.limits.maxerrors,
+                on_auth_failure=self.auth_failed,
             )
             out[name] = self._tls(factory, options) if name in IMPLICIT_TLS else factory
         return out
+
+    def auth_failed(self, ip: str) -> None:
+        """Tell the controller, which counts failures per address (MAXAUTHFAIL)."""
+        if self.channel is not None:
+            self.channel.sendLine(b"AUTHFAIL " + ip.encode("ascii", "replace"))
 
     def reconfigure(self) -> None:
         """Re-read the settings file; sessions from now on use the new values."""

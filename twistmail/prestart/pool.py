@@ -87,6 +87,8 @@ class ControllerChannel(LineOnlyReceiver):
             self.pool._job_ack(self.job, int(args[0]))
         elif verb == "FREE":
             self.pool._job_free(self.job)
+        elif verb == "AUTHFAIL" and args:
+            self.pool.auth_failed(args[0])
 
     def hand(self, token: int, request: Request) -> None:
         # The descriptor and its carrier line must go out in the same turn.
@@ -138,6 +140,10 @@ class Pool:
         self.last_trim = 0.0
         self.stats = PoolStats(started=reactor.seconds())
         self.accepting_changed: list[Callable[[bool], None]] = []
+        #: Called with the client address when its session is over (or refused).
+        self.session_ended: Callable[[str], None] = lambda ip: None
+        #: Called with the client address when a job reports a failed sign-on.
+        self.auth_failed: Callable[[str], None] = lambda ip: None
         self._accepting = True
         self._next_id = 1
         self._next_token = 1
@@ -241,10 +247,12 @@ class Pool:
 
     def _reject(self, request: Request, reason: str) -> None:
         self.stats.record_reject()
-        try:
-            request.sock.send(self.reject_reply)
-        except OSError:
-            pass
+        self.session_ended(request.peer)
+        if request.listener not in ("smtps", "pop3s"):  # plaintext is noise inside TLS
+            try:
+                request.sock.send(self.reject_reply)
+            except OSError:
+                pass
         request.sock.close()
         self._journal(
             "JR", f"JR REJ {request.peer}", ip=request.peer, pgm=self.pgm, reason=reason
@@ -306,11 +314,13 @@ class Pool:
             request.sock.close()
 
     def _job_free(self, job: Job) -> None:
+        if job.peer is not None:
+            self.session_ended(job.peer)
+            job.peer = None
         if job.state is JobState.ENDING:
             return
         job.state = JobState.IDLE
         job.since = self.reactor.seconds()
-        job.peer = None
         self._dispatch()
         self.evaluate()
 
@@ -321,6 +331,9 @@ class Pool:
 
     def _job_ended(self, job: Job, reason: Any) -> None:
         self.jobs.pop(job.id, None)
+        if job.peer is not None:  # it died or ended during a session
+            self.session_ended(job.peer)
+            job.peer = None
         self._channel_lost(job)
         now = self.reactor.seconds()
         pid = job.pid

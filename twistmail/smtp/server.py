@@ -36,8 +36,9 @@ from twistmail.smtp.address import Address, Command, PathError, parse_command
 MAX_COMMAND = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
 MAX_TEXT = 1000  # octets, CRLF included (§4.5.3.1.6)
 MAX_HEADER_BLOCK = 1024 * 1024  # header bytes we hold to add missing fields
-MAX_PENDING = 64 * 1024
-MAX_AUTH_FAILURES = 3  # pipelined input held while a command waits, before we stop reading
+MAX_PENDING = 64 * 1024  # pipelined input held while a command waits, before we stop reading
+MAX_AUTH_FAILURES = 3
+SOFT_ERRORS = 3  # errors after which each command waits a little
 
 UNIMPLEMENTED = {b"EXPN", b"TURN", b"SAML", b"SEND", b"SOML"}
 
@@ -208,6 +209,7 @@ class SMTPSession(Protocol):
         self.tls = factory.implicit_tls
         self.user: str | None = None  # the authenticated user profile
         self.auth_failures = 0
+        self.errors = 0
         self.auth_step: Callable[[str], Any] | None = None
 
     # -- connection ------------------------------------------------------
@@ -245,6 +247,12 @@ class SMTPSession(Protocol):
         lines = [text, *(more or [])]
         out = [f"{code}-{t}\r\n" for t in lines[:-1]] + [f"{code} {lines[-1]}\r\n"]
         self.transport.write("".join(out).encode("utf-8", "replace"))
+        if code >= 400 and code != 421:
+            self.errors += 1
+            if self.errors >= self.factory.maxerrors:
+                self.reply(421, f"4.7.0 {self.factory.backend.hostname} Too many errors, "
+                           "closing connection")
+                self.close()
 
     def close(self) -> None:
         self.closing = True
@@ -305,8 +313,26 @@ class SMTPSession(Protocol):
         if self.auth_step is not None:
             self._auth_response(line)
             return True
+        if self.errors >= SOFT_ERRORS:
+            # A client that keeps erring waits a little longer each time.
+            self.busy = True
+            delay = min(self.errors - SOFT_ERRORS + 1, 10) * self.factory.error_delay
+            self.factory.reactor.callLater(delay, self._delayed, line)
+            return True
         self._command(line)
         return True
+
+    def _delayed(self, line: bytes) -> None:
+        self.busy = False
+        if self.closing:
+            return
+        self.processing = True
+        try:
+            self._command(line)
+        finally:
+            self.processing = False
+        if not self.busy:
+            self._done()
 
     # -- DATA input ----------------------------------------------------------
 
@@ -578,6 +604,7 @@ class SMTPSession(Protocol):
                 self.reply(235, "2.7.0 Authentication successful")
                 return None
             self.auth_failures += 1
+            self.factory.on_auth_failure(self.peer_ip)
             delay = self.factory.fail_delay * 2 ** (self.auth_failures - 1)
             answer: defer.Deferred = defer.Deferred()
 
@@ -736,6 +763,9 @@ class SMTPFactory(Factory):
         authmech: tuple[str, ...] = ("*PLAIN", "*LOGIN"),
         alwplainauth: bool = False,
         fail_delay: float = 1.0,
+        maxerrors: int = 10,
+        error_delay: float = 1.0,
+        on_auth_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.backend = backend
         self.reactor = reactor
@@ -752,6 +782,9 @@ class SMTPFactory(Factory):
         self.mechanisms = tuple(m.lstrip("*").upper() for m in authmech)
         self.alwplainauth = alwplainauth
         self.fail_delay = fail_delay
+        self.maxerrors = maxerrors
+        self.error_delay = error_delay
+        self.on_auth_failure = on_auth_failure or (lambda ip: None)
 
     @property
     def submission(self) -> bool:

@@ -1,0 +1,224 @@
+"""Connection restrictions the controller applies before any job is used.
+
+In order: the abuse limits (``twistmail.policy.anvil``, for SMTP and POP),
+then for SMTP the ``*REJECT`` address list and the DNS block lists of
+RBLSVR.  A client on the reject list is let through when OVRRJTCNNL(*YES)
+and it signed on to POP within POPWDW minutes, as the seed describes (the
+POP window is checked first, then the reject list).  Refusals are answered
+by the controller itself and journaled (9S; JL for limits).
+
+The reject list is read from the directory in a worker thread every few
+seconds and matched in memory, so the common connection costs no I/O; the
+DNS lookups are asynchronous with short timeouts (TWISTED.md §2.6).
+
+Settings honoured: ``[smtp] rblsvr ovrrjtcnnl popwdw nameservers``,
+``[limits]``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from typing import Any
+
+import attrs
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from twistmail.policy.anvil import Anvil, LimitSettings, Refusal
+
+REFRESH_EVERY = 2.0  # seconds between reads of the reject list
+DNS_TIMEOUT = (1, 2)  # seconds per try: a slow block list must not stall mail
+
+
+@attrs.frozen
+class Verdict:
+    code: str  # journal code
+    reply: str  # the protocol line, without CRLF
+    journal: bool
+    fields: dict[str, Any] = attrs.field(factory=dict)
+    anvil_counted: bool = True
+
+
+def rbl_query(ip: str, zone: str) -> str | None:
+    """The DNS name to look up for ``ip`` in block list ``zone`` (nibbles for IPv6)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv4Address):
+        reverse = ".".join(reversed(str(addr).split(".")))
+    else:
+        reverse = ".".join(reversed(addr.exploded.replace(":", "")))
+    return f"{reverse}.{zone.strip('.')}"
+
+
+def listed_answer(addresses: list[str]) -> bool:
+    """Whether A answers mean "listed": 127.0.0.0/8, but not 127.255.255.0/24.
+
+    Spamhaus and others answer 127.255.255.x for "query refused" (an open or
+    public resolver), which must never block mail.
+    """
+    for a in addresses:
+        try:
+            ip = ipaddress.ip_address(a)
+        except ValueError:
+            continue
+        if ip in ipaddress.ip_network("127.0.0.0/8") and ip not in ipaddress.ip_network(
+                "127.255.255.0/24"):
+            return True
+    return False
+
+
+def make_resolver(reactor: Any, nameservers: tuple[str, ...]) -> Any:
+    from twisted.names import client
+
+    if not nameservers:
+        return client.createResolver(reactor=reactor)
+    servers = []
+    for ns in nameservers:
+        host, port = ns, 53
+        if ns.startswith("["):
+            host, _, rest = ns[1:].partition("]")
+            port = int(rest.lstrip(":") or 53)
+        elif ns.count(":") == 1:
+            host, p = ns.split(":")
+            port = int(p)
+        servers.append((host, port))
+    return client.Resolver(servers=servers, reactor=reactor, timeout=DNS_TIMEOUT)
+
+
+class ConnectionPolicy:
+    log = Logger()
+
+    def __init__(self, reactor: Any, settings: Any, directory: Any, journal: Any,
+                 resolver: Any = None) -> None:
+        self.reactor = reactor
+        self.directory = directory
+        self.journal = journal
+        self.rejects: list[Any] = []
+        self.resolver = resolver
+        self.loop: task.LoopingCall | None = None
+        self.anvil = Anvil(LimitSettings(), reactor.seconds)
+        self.configure(settings)
+
+    def configure(self, settings: Any) -> None:
+        s = settings.smtp
+        lim = settings.limits
+        self.hostname = settings.hostname
+        self.rblsvr = tuple(s.rblsvr)
+        self.ovrrjtcnnl = s.ovrrjtcnnl == "*YES"
+        self.popwdw = s.popwdw
+        self.anvil.settings = LimitSettings(lim.maxconnperip, lim.maxconnrate,
+                                            lim.maxauthfail, float(lim.interval))
+        if self.rblsvr and self.resolver is None:
+            self.resolver = make_resolver(self.reactor, tuple(s.nameservers))
+
+    def start(self) -> None:
+        self.loop = task.LoopingCall(self.refresh)
+        self.loop.clock = self.reactor
+        self.loop.start(REFRESH_EVERY, now=True)
+
+    def stop(self) -> None:
+        if self.loop is not None and self.loop.running:
+            self.loop.stop()
+
+    def refresh(self) -> Any:
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                      self._read_rejects)
+        d.addCallback(self._set_rejects)
+        d.addErrback(lambda f: self.log.failure("reading the *REJECT list failed", f))
+        self.anvil.sweep()
+        return d
+
+    def _read_rejects(self) -> list[Any]:
+        nets = []
+        for e in self.directory.list_entries("*REJECT"):
+            try:
+                nets.append(ipaddress.ip_network(f"{e.intnetadr}/{e.subnetmask}", strict=False))
+            except ValueError:
+                continue
+        return nets
+
+    def _set_rejects(self, nets: list[Any]) -> None:
+        self.rejects = nets
+
+    # -- the check -----------------------------------------------------------
+
+    def check(self, ip: str, smtp: bool) -> Verdict | None | defer.Deferred:
+        """None to go on; a Verdict to refuse; a Deferred when DNS must be asked."""
+        refusal = self.anvil.admit(ip)
+        if refusal is not None:
+            return self._limit(ip, refusal, smtp)
+        if not smtp:
+            return None
+        if self._rejected(ip):
+            if self.ovrrjtcnnl and self.popwdw:
+                d = threads.deferToThreadPool(
+                    self.reactor, self.reactor.getThreadPool(), self.directory.pop_login_since,
+                    ip, time.time() - 60 * self.popwdw)
+                return d.addCallback(lambda who: self._after_pop_window(ip, who))
+            return self._reject_list(ip)
+        if self.rblsvr:
+            return self._rbl(ip)
+        return None
+
+    def _after_pop_window(self, ip: str, who: str | None) -> Any:
+        if who is None:
+            return self._reject_list(ip)
+        return self._rbl(ip) if self.rblsvr else None
+
+    def closed(self, ip: str) -> None:
+        self.anvil.closed(ip)
+
+    def _rejected(self, ip: str) -> bool:
+        if not self.rejects:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr.version == n.version and addr in n for n in self.rejects)
+
+    def _reject_list(self, ip: str) -> Verdict:
+        return Verdict("9S", f"554 5.7.1 {self.hostname} Connection refused: {ip} is on the "
+                       "reject list", True, {"ip": ip, "reason": "*REJECT"})
+
+    def _limit(self, ip: str, refusal: Refusal, smtp: bool) -> Verdict:
+        text = (f"421 4.7.0 {self.hostname} {refusal.text}" if smtp
+                else f"-ERR [SYS/TEMP] {refusal.text}")
+        return Verdict("JL", text, refusal.journal,
+                       {"ip": ip, "setting": f"limits.{refusal.setting}"}, anvil_counted=False)
+
+    def _rbl(self, ip: str) -> defer.Deferred:
+        lookups = []
+        for zone in self.rblsvr:
+            name = rbl_query(ip, zone)
+            if name is None:
+                continue
+            d = self.resolver.lookupAddress(name)
+            d.addCallbacks(self._answers, lambda f: [])
+            d.addCallback(lambda listed, zone=zone: zone if listed else None)
+            lookups.append(d)
+        done = defer.gatherResults(lookups)
+
+        def decide(zones: list[str | None]) -> Verdict | None:
+            hit = next((z for z in zones if z), None)
+            if hit is None:
+                return None
+            return Verdict("9S", f"554 5.7.1 {self.hostname} Connection refused: {ip} is "
+                           f"listed by {hit}", True, {"ip": ip, "reason": "RBL", "zone": hit})
+
+        return done.addCallback(decide)
+
+    @staticmethod
+    def _answers(result: Any) -> bool:
+        from twisted.names import dns
+
+        answers = result[0] if isinstance(result, tuple) else []
+        addresses = [rr.payload.dottedQuad() for rr in answers if rr.type == dns.A]
+        return listed_answer(addresses)
