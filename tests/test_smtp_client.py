@@ -1,0 +1,715 @@
+"""The outbound SMTP client against a real loopback SMTP sink.
+
+The sink is a plain-socket server in a thread, so what it records is the
+exact byte stream the client sent.  It is deliberately lax about the end of
+DATA (a "." line ended by a bare LF counts too): a lax receiver is where
+smuggled messages show up, so it is the right judge of the client's
+dot-stuffing.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import re
+import shutil
+import socket
+import socketserver
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet import ssl as tssl
+from twisted.trial import unittest
+
+from twistmail.mx import Hop
+from twistmail.smtp.client import (
+    DELIVERED,
+    PERMANENT,
+    TEMPORARY,
+    TLS_OPPORTUNISTIC,
+    TLS_REQUIRED,
+    TLS_VERIFY,
+    Credentials,
+    DeliveryResult,
+    DotStuffer,
+    Envelope,
+    Recipient,
+    deliver,
+    xtext,
+)
+
+_TLS_DIR = tempfile.TemporaryDirectory(prefix="twistmail-client-tls-")  # removed at exit
+SMUGGLE = b"MAIL FROM:<smuggled@evil.test>\r\nRCPT TO:<victim@sink.test>\r\nDATA\r\nowned\r\n"
+
+
+# -- certificates -------------------------------------------------------------------
+
+
+@cache
+def certificate() -> tuple[Path, Path, bytes]:
+    """A self-signed certificate for localhost / 127.0.0.1: (cert file, key file, PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory = Path(_TLS_DIR.name)
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (directory / "cert.pem").write_bytes(pem)
+    (directory / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    return directory / "cert.pem", directory / "key.pem", pem
+
+
+def server_tls_context() -> ssl.SSLContext:
+    cert, key, _ = certificate()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def trust_root() -> Any:
+    return tssl.Certificate.loadPEM(certificate()[2])
+
+
+# -- the sink -------------------------------------------------------------------------
+
+
+def unstuff(raw: bytes) -> bytes:
+    lines = raw.splitlines(keepends=True)
+    return b"".join(line[1:] if line.startswith(b".") else line for line in lines)
+
+
+@attrs.define
+class Message:
+    originator: str
+    recipients: list[str]
+    raw: bytes  # the DATA bytes as sent, terminator excluded
+
+    @property
+    def content(self) -> bytes:
+        return unstuff(self.raw)
+
+
+@attrs.define
+class Behaviour:
+    greeting: str | None = "220 sink.test ESMTP"
+    ehlo: str | None = None  # a failure reply to EHLO, e.g. "502 5.5.1 no"
+    extensions: tuple[str, ...] = ("PIPELINING", "SIZE 10000000", "8BITMIME",
+                                   "ENHANCEDSTATUSCODES")
+    tls: bool = False  # offer STARTTLS before TLS
+    tls_extensions: tuple[str, ...] | None = None  # after TLS; default: extensions
+    credentials: tuple[str, str] | None = None
+    mail: str = "250 2.1.0 ok"
+    rcpt: Callable[[str], str] = lambda address: "250 2.1.5 ok"
+    data: str = "354 go ahead"
+    end: str = "250 2.0.0 queued"
+    drop_after: int | None = None  # close after this many DATA bytes
+    stall_data: float | None = None  # stop reading after 354 for this long
+    starttls_reply: str = "220 2.0.0 go ahead"
+
+
+class _Reader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.reads = 0
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError
+            self.reads += 1
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+
+class Sink:
+    """A threaded SMTP receiver that records commands, batches and messages."""
+
+    def __init__(self, behaviour: Behaviour | None = None) -> None:
+        self.behaviour = behaviour or Behaviour()
+        self.commands: list[str] = []
+        self.batches: list[tuple[str, int]] = []  # (verb, receive number)
+        self.messages: list[Message] = []
+        self.auth: list[str] = []
+        self.tls_sessions = 0
+        self.tls_failures = 0
+        self.connections = 0
+        sink = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                sink.connections += 1
+                try:
+                    sink.session(self.request)
+                except (EOFError, OSError, ssl.SSLError):
+                    pass
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,))
+        self.thread.daemon = True
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def hop(self, host: str = "sink.test") -> Hop:
+        return Hop(host, "127.0.0.1", self.port, 10)
+
+    # -- one session ------------------------------------------------------------------
+
+    def session(self, sock: socket.socket) -> None:
+        b = self.behaviour
+        if b.greeting is None:
+            time.sleep(5)
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = _Reader(sock)
+        state: dict[str, Any] = {"tls": False, "mail": None, "rcpts": []}
+
+        def reply(text: str) -> None:
+            sock.sendall(text.encode() + b"\r\n")
+
+        reply(b.greeting)
+        while True:
+            raw = reader.line()
+            command = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+            verb = command.split(" ", 1)[0].upper()
+            self.commands.append(command)
+            self.batches.append((verb, reader.reads))
+            if verb == "EHLO":
+                if b.ehlo:
+                    reply(b.ehlo)
+                    continue
+                extensions = list(b.extensions)
+                if state["tls"] and b.tls_extensions is not None:
+                    extensions = list(b.tls_extensions)
+                if b.tls and not state["tls"]:
+                    extensions.append("STARTTLS")
+                lines = ["sink.test", *extensions]
+                reply("".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}")
+            elif verb == "HELO":
+                reply("250 sink.test")
+            elif verb == "STARTTLS":
+                reply(b.starttls_reply)
+                if not b.starttls_reply.startswith("220 "):
+                    continue
+                assert reader.buffer == b""
+                try:
+                    sock = server_tls_context().wrap_socket(sock, server_side=True)
+                except (ssl.SSLError, OSError):
+                    self.tls_failures += 1
+                    return
+                self.tls_sessions += 1
+                reader.sock = sock
+                state["tls"] = True
+            elif verb == "AUTH":
+                reply(self.authenticate(command, reader, reply))
+            elif verb == "MAIL":
+                state["mail"], state["rcpts"] = command, []
+                reply(b.mail)
+            elif verb == "RCPT":
+                address = re.search(r"<([^>]*)>", command).group(1)
+                answer = b.rcpt(address)
+                if answer.startswith("2"):
+                    state["rcpts"].append(address)
+                reply(answer)
+            elif verb == "DATA":
+                reply(b.data)
+                if not b.data.startswith("354"):
+                    continue
+                if b.stall_data is not None:
+                    time.sleep(b.stall_data)
+                    return
+                raw_data = self.receive_data(reader, sock)
+                if raw_data is None:
+                    return
+                originator = re.search(r"<([^>]*)>", state["mail"]).group(1)
+                self.messages.append(Message(originator, list(state["rcpts"]), raw_data))
+                reply(b.end)
+            elif verb == "QUIT":
+                reply("221 2.0.0 bye")
+                return
+            elif verb in ("RSET", "NOOP"):
+                reply("250 2.0.0 ok")
+            else:
+                reply("500 5.5.2 what?")
+
+    def receive_data(self, reader: _Reader, sock: socket.socket) -> bytes | None:
+        got = bytearray()
+        while True:
+            line = reader.line()
+            if line.rstrip(b"\r\n") == b".":
+                return bytes(got)
+            got += line
+            limit = self.behaviour.drop_after
+            if limit is not None and len(got) >= limit:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+                return None
+
+    def authenticate(self, command: str, reader: _Reader, reply: Callable[[str], None]) -> str:
+        words = command.split()
+        mechanism = words[1].upper()
+        if mechanism == "PLAIN":
+            token = words[2] if len(words) > 2 else None
+            if token is None:
+                reply("334 ")
+                token = reader.line().strip().decode()
+            _, user, password = base64.b64decode(token).decode().split("\0")
+        elif mechanism == "LOGIN":
+            reply("334 VXNlcm5hbWU6")
+            user = base64.b64decode(reader.line().strip()).decode()
+            reply("334 UGFzc3dvcmQ6")
+            password = base64.b64decode(reader.line().strip()).decode()
+        else:
+            return "504 5.5.4 unknown mechanism"
+        self.auth.append(f"{mechanism} {user}")
+        if (user, password) == self.behaviour.credentials:
+            return "235 2.7.0 authenticated"
+        return "535 5.7.8 bad credentials"
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def sent_commands(sink: Sink) -> list[str]:
+    return [c.split(" ", 1)[0].upper() for c in sink.commands]
+
+
+# -- dot-stuffing without a network ------------------------------------------------------
+
+
+def stuff(data: bytes, chunk: int) -> bytes:
+    s = DotStuffer()
+    return b"".join(s.feed(data[i:i + chunk]) for i in range(0, len(data), chunk)) + s.finish()
+
+
+def normalised(data: bytes) -> bytes:
+    out = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    return out if out == b"" or out.endswith(b"\r\n") else out + b"\r\n"
+
+
+def strict_split(stream: bytes) -> tuple[bytes, bytes]:
+    """Body and what follows the first CRLF.CRLF end of data."""
+    assert stream.endswith(b".\r\n")
+    if stream.startswith(b".\r\n"):
+        return b"", stream[3:]
+    end = stream.find(b"\r\n.\r\n")
+    return stream[: end + 2], stream[end + 5:]
+
+
+@given(
+    st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"a", b"..", b".\r\n"]), max_size=40),
+    st.integers(min_value=1, max_value=9),
+)
+@settings(max_examples=400, deadline=None)
+def test_dot_stuffing_is_chunk_independent(parts: list[bytes], chunk: int) -> None:
+    data = b"".join(parts)
+    stream = stuff(data, chunk)
+    assert stream == stuff(data, len(data) or 1)
+    body, after = strict_split(stream)
+    assert after == b""
+    assert unstuff(body) == normalised(data)
+    assert re.search(rb"\r(?!\n)|(?<!\r)\n", stream) is None
+
+
+def test_lone_dot_at_every_chunk_position() -> None:
+    for chunk in (1, 2, 3, 16):
+        for pad in range(0, 40):
+            data = b"x" * pad + b"\r\n.\r\n" + SMUGGLE + b".\r\nend"
+            body, after = strict_split(stuff(data, chunk))
+            assert after == b"" and unstuff(body) == normalised(data)
+
+
+def test_dot_stuffer_edges() -> None:
+    assert stuff(b"", 4) == b".\r\n"
+    assert stuff(b".", 1) == b"..\r\n.\r\n"
+    assert stuff(b"a\r", 1) == b"a\r\n.\r\n"
+    assert stuff(b"a\n.\nb", 2) == b"a\r\n..\r\nb\r\n.\r\n"
+    assert stuff(b"a\r.\rb", 3) == b"a\r\n..\r\nb\r\n.\r\n"
+
+
+def test_xtext() -> None:
+    assert xtext("a+b=c d") == "a+2Bb+3Dc+20d"
+    assert xtext("é") == "+C3+A9"
+
+
+# -- deliveries over the network ---------------------------------------------------------
+
+
+class ClientTests(unittest.TestCase):
+    timeout = 20
+
+    def sink(self, **behaviour: Any) -> Sink:
+        s = Sink(Behaviour(**behaviour))
+        self.addCleanup(s.stop)
+        return s
+
+    def body(self, data: bytes) -> Path:
+        directory = tempfile.mkdtemp(prefix="twistmail-client-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = Path(directory) / "message"
+        path.write_bytes(data)
+        return path
+
+    async def send(
+        self, hops: list[Hop], data: bytes = b"Subject: hi\r\n\r\nhello\r\n",
+        recipients: tuple[Any, ...] = ("a@dest.test",), originator: str = "me@here.test",
+        **options: Any,
+    ) -> DeliveryResult:
+        options.setdefault("timeout_scale", 0.02)
+        envelope = options.pop("envelope", None) or Envelope(originator, recipients)
+        policy = options.pop("tls_policy", TLS_OPPORTUNISTIC)
+        return await deliver(
+            reactor, hops, envelope, self.body(data), "client.test", policy, **options
+        )
+
+    # -- the basics ---------------------------------------------------------------------
+
+    async def test_pipelined_envelope_and_mixed_recipients(self) -> None:
+        answers = {"ok@d.test": "250 2.1.5 ok", "later@d.test": "450 4.2.1 busy",
+                   "gone@d.test": "550 5.1.1 no such user", "ok2@d.test": "250 2.1.5 ok"}
+        sink = self.sink(rcpt=lambda a: answers[a])
+        result = await self.send([sink.hop()], recipients=tuple(answers))
+        statuses = {r.address: (r.status, r.code) for r in result.recipients}
+        self.assertEqual(statuses, {
+            "ok@d.test": (DELIVERED, 250), "later@d.test": (TEMPORARY, 450),
+            "gone@d.test": (PERMANENT, 550), "ok2@d.test": (DELIVERED, 250),
+        })
+        self.assertEqual(sent_commands(sink), ["EHLO", "MAIL", "RCPT", "RCPT", "RCPT", "RCPT",
+                                               "DATA", "QUIT"])
+        batch = {n for verb, n in sink.batches if verb in ("MAIL", "RCPT")}
+        self.assertEqual(len(batch), 1, "MAIL and the RCPTs must go out in one write")
+        self.assertEqual(sink.messages[0].recipients, ["ok@d.test", "ok2@d.test"])
+        self.assertEqual(result.remote_ip, "127.0.0.1")
+        self.assertIn("SIZE=", sink.commands[1])
+        self.assertNotIn("BODY=", sink.commands[1])
+
+    async def test_without_pipelining_commands_wait_for_replies(self) -> None:
+        sink = self.sink(extensions=("SIZE 100000",))
+        result = await self.send([sink.hop()], recipients=("x@d.test", "y@d.test"))
+        self.assertEqual([r.status for r in result.recipients], [DELIVERED, DELIVERED])
+        receives = [n for verb, n in sink.batches if verb in ("MAIL", "RCPT")]
+        self.assertEqual(len(set(receives)), 3)
+
+    async def test_mail_refused_settles_every_recipient(self) -> None:
+        sink = self.sink(mail="553 5.7.1 sender refused")
+        result = await self.send([sink.hop()], recipients=("x@d.test", "y@d.test"))
+        self.assertEqual({r.status for r in result.recipients}, {PERMANENT})
+        self.assertEqual(sink.messages, [])
+        self.assertNotIn("DATA", sent_commands(sink))
+
+    async def test_end_of_data_temporary_failure(self) -> None:
+        sink = self.sink(end="451 4.3.0 try later")
+        result = await self.send([sink.hop()])
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertEqual(result.recipients[0].code, 451)
+
+    async def test_helo_fallback(self) -> None:
+        sink = self.sink(ehlo="502 5.5.1 EHLO not implemented")
+        result = await self.send([sink.hop()], data="8bit é\r\n".encode())
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(sent_commands(sink)[:3], ["EHLO", "HELO", "MAIL"])
+        self.assertEqual(sink.commands[2], "MAIL FROM:<me@here.test>")
+
+    async def test_size_refused_before_mail(self) -> None:
+        sink = self.sink(extensions=("PIPELINING", "SIZE 1000"))
+        result = await self.send([sink.hop()], data=b"x" * 5000 + b"\r\n")
+        self.assertEqual(result.recipients[0].status, PERMANENT)
+        self.assertEqual(result.recipients[0].code, 552)
+        self.assertIn("5.3.4", result.recipients[0].text)
+        self.assertNotIn("MAIL", sent_commands(sink))
+
+    async def test_eightbit_body(self) -> None:
+        sink = self.sink()
+        await self.send([sink.hop()], data="Subject: é\r\n\r\nçà\r\n".encode())
+        self.assertIn("BODY=8BITMIME", sink.commands[1])
+        plain = self.sink(extensions=("PIPELINING",))
+        result = await self.send([plain.hop()], data="Subject: é\r\n\r\nçà\r\n".encode())
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(plain.commands[1], "MAIL FROM:<me@here.test>")
+        self.assertEqual(plain.messages[0].content, "Subject: é\r\n\r\nçà\r\n".encode())
+
+    async def test_dsn_parameters_pass_through_when_offered(self) -> None:
+        envelope = Envelope(
+            "me@here.test",
+            (Recipient("a@d.test", ("SUCCESS", "FAILURE"), "rfc822;A+b@d.test"),),
+            ret="HDRS", envid="id 1",
+        )
+        sink = self.sink(extensions=("PIPELINING", "DSN"))
+        result = await self.send([sink.hop()], envelope=envelope)
+        self.assertTrue(result.dsn)
+        self.assertEqual(sink.commands[1], "MAIL FROM:<me@here.test> RET=HDRS ENVID=id+201")
+        self.assertEqual(sink.commands[2],
+                         "RCPT TO:<a@d.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;A+2Bb@d.test")
+        bare = self.sink(extensions=("PIPELINING",))
+        result = await self.send([bare.hop()], envelope=envelope)
+        self.assertFalse(result.dsn)
+        self.assertEqual(bare.commands[2], "RCPT TO:<a@d.test>")
+
+    async def test_control_characters_never_reach_the_wire(self) -> None:
+        sink = self.sink()
+        result = await self.send([sink.hop()], recipients=("ok@d.test", "x@d.test>\r\nDATA"))
+        self.assertEqual([r.status for r in result.recipients], [DELIVERED, PERMANENT])
+        self.assertEqual(sent_commands(sink).count("RCPT"), 1)
+
+    # -- hops and connection failures -------------------------------------------------------
+
+    async def test_connection_refused_moves_to_next_hop(self) -> None:
+        sink = self.sink()
+        dead = Hop("dead.test", "127.0.0.1", closed_port(), 10)
+        result = await self.send([dead, sink.hop()])
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(result.hop, sink.hop())
+        self.assertEqual(len(result.attempts), 1)
+        self.assertIn("4.4.1", result.attempts[0].error)
+
+    async def test_all_hops_refused_is_temporary(self) -> None:
+        dead = [Hop("dead.test", "127.0.0.1", closed_port()) for _ in range(2)]
+        result = await self.send(dead, recipients=("a@d.test", "b@d.test"))
+        self.assertEqual({r.status for r in result.recipients}, {TEMPORARY})
+        self.assertEqual(len(result.attempts), 2)
+        self.assertFalse(result.recipients[0].remote)
+
+    async def test_greeting_4xx_moves_to_next_hop(self) -> None:
+        busy = self.sink(greeting="421 4.3.2 too busy")
+        good = self.sink()
+        result = await self.send([busy.hop(), good.hop()])
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertIn("421", result.attempts[0].error)
+        self.assertEqual(len(good.messages), 1)
+
+    async def test_greeting_5xx_moves_to_next_hop(self) -> None:
+        refusing = self.sink(greeting="554 5.3.2 no service")
+        good = self.sink()
+        result = await self.send([refusing.hop(), good.hop()])
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(sent_commands(refusing), ["QUIT"])
+
+    async def test_too_many_recipients_552_is_temporary(self) -> None:
+        sink = self.sink(rcpt=lambda a: "552 5.5.3 too many" if a.startswith("b") else "250 ok")
+        result = await self.send([sink.hop()], recipients=("a@d.test", "b@d.test"))
+        self.assertEqual([r.status for r in result.recipients], [DELIVERED, TEMPORARY])
+
+    async def test_silent_server_times_out(self) -> None:
+        silent = self.sink(greeting=None)
+        started = time.monotonic()
+        result = await self.send([silent.hop()], timeout_scale=0.002)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertIn("Timed out", result.attempts[0].error)
+
+    async def test_dropped_mid_data_is_temporary(self) -> None:
+        sink = self.sink(drop_after=30000)
+        data = b"".join(b"line %06d of a long message\r\n" % i for i in range(20000))
+        other = self.sink()
+        result = await self.send([sink.hop(), other.hop()], data=data,
+                                 recipients=("a@d.test", "b@d.test"))
+        self.assertEqual({r.status for r in result.recipients}, {TEMPORARY})
+        self.assertEqual(sink.messages, [])
+        self.assertEqual(other.connections, 0, "a transaction under way is not retried elsewhere")
+
+    async def test_stalled_reader_hits_the_data_block_timeout(self) -> None:
+        sink = self.sink(stall_data=3, extensions=("PIPELINING",))
+        data = (b"z" * 998 + b"\r\n") * 16000
+        started = time.monotonic()
+        result = await self.send([sink.hop()], data=data, timeout_scale=0.005)
+        self.assertLess(time.monotonic() - started, 2.5)
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertIn("sending the message", result.recipients[0].text)
+
+    # -- TLS ------------------------------------------------------------------------------------
+
+    async def test_starttls_opportunistic(self) -> None:
+        sink = self.sink(tls=True)
+        result = await self.send([sink.hop()])
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertTrue(result.tls)
+        self.assertEqual(sink.tls_sessions, 1)
+        self.assertEqual(sent_commands(sink)[:3], ["EHLO", "STARTTLS", "EHLO"])
+
+    async def test_opportunistic_without_starttls_goes_plain(self) -> None:
+        sink = self.sink()
+        result = await self.send([sink.hop()])
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertFalse(result.tls)
+
+    async def test_plaintext_after_starttls_reply_is_refused(self) -> None:
+        """Bytes after the 220 to STARTTLS must not be read as TLS-session replies."""
+        sink = self.sink(tls=True, starttls_reply="220 2.0.0 go ahead\r\n250 injected")
+        other = self.sink()
+        result = await self.send([sink.hop(), other.hop()])
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(result.hop, other.hop())
+        self.assertIn("after the 220", result.attempts[0].error)
+        self.assertEqual(sink.tls_sessions, 0)
+
+    async def test_required_without_starttls_is_temporary(self) -> None:
+        sink = self.sink()
+        result = await self.send([sink.hop()], tls_policy=TLS_REQUIRED)
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertIn("STARTTLS", result.recipients[0].text)
+        self.assertNotIn("MAIL", sent_commands(sink))
+
+    async def test_required_with_starttls(self) -> None:
+        sink = self.sink(tls=True)
+        result = await self.send([sink.hop()], tls_policy=TLS_REQUIRED)
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertTrue(result.tls)
+
+    async def test_verify_with_right_name(self) -> None:
+        sink = self.sink(tls=True)
+        result = await self.send([sink.hop("localhost")], tls_policy=TLS_VERIFY,
+                                 trust_root=trust_root())
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+
+    async def test_verify_with_wrong_name_is_temporary(self) -> None:
+        sink = self.sink(tls=True)
+        result = await self.send([sink.hop("mx.wrong.test")], tls_policy=TLS_VERIFY,
+                                 trust_root=trust_root())
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertIn("4.7.5", result.recipients[0].text)
+        self.assertEqual(sink.messages, [])
+        self.assertNotIn("MAIL", sent_commands(sink))
+
+    async def test_verify_untrusted_certificate_is_temporary(self) -> None:
+        sink = self.sink(tls=True)
+        result = await self.send([sink.hop("localhost")], tls_policy=TLS_VERIFY,
+                                 trust_root=tssl.Certificate.loadPEM(_other_ca_pem()))
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertNotIn("MAIL", sent_commands(sink))
+
+    # -- AUTH -----------------------------------------------------------------------------------
+
+    async def test_auth_plain_after_starttls(self) -> None:
+        sink = self.sink(tls=True, extensions=("PIPELINING",),
+                         tls_extensions=("PIPELINING", "AUTH PLAIN LOGIN"),
+                         credentials=("jane", "s3cret"))
+        result = await self.send([sink.hop()], auth={"sink.test": Credentials("jane", "s3cret")})
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(sink.auth, ["PLAIN jane"])
+
+    async def test_auth_login(self) -> None:
+        sink = self.sink(tls=True, tls_extensions=("AUTH LOGIN",), credentials=("sam", "pw"))
+        result = await self.send([sink.hop()], auth=Credentials("sam", "pw"))
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(sink.auth, ["LOGIN sam"])
+
+    async def test_auth_rejected_is_temporary(self) -> None:
+        sink = self.sink(tls=True, tls_extensions=("AUTH PLAIN",), credentials=("sam", "pw"))
+        result = await self.send([sink.hop()], auth=Credentials("sam", "wrong"))
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertNotIn("MAIL", sent_commands(sink))
+
+    async def test_no_credentials_over_plaintext(self) -> None:
+        sink = self.sink(extensions=("AUTH PLAIN LOGIN",), credentials=("sam", "pw"))
+        result = await self.send([sink.hop()], auth=Credentials("sam", "pw"))
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertEqual(sink.auth, [])
+        self.assertNotIn("AUTH", sent_commands(sink))
+
+    # -- SMTP smuggling regression (TWISTED.md §2.2) -------------------------------------------
+
+    async def test_no_smuggling_at_chunk_boundaries(self) -> None:
+        """Lone-dot lines at and around 16 KiB and 64 KiB never end the message early."""
+        sink = self.sink()
+        payloads = [b"\r\n.\r\n" + SMUGGLE, b"\n.\n" + SMUGGLE, b"\r\n.\n" + SMUGGLE,
+                    b"\n.\r\n" + SMUGGLE, b"\r.\r" + SMUGGLE]
+        cases = []
+        for boundary in (16384, 65536):
+            for delta in range(-4, 5):
+                for payload in payloads:
+                    # The "." of the payload lands exactly on boundary + delta.
+                    dot = payload.index(b".")
+                    pad = boundary + delta - dot
+                    cases.append(b"Subject: x\r\n\r\n" + b"y" * (pad - 14)
+                                 + payload + b".\r\n.\r\ntail")
+        for chunk in (16384, 65536):
+            for data in cases[:: 1 if chunk == 16384 else 2]:
+                start = len(sink.messages)
+                result = await self.send([sink.hop()], data=data, chunk_size=chunk)
+                self.assertEqual(result.recipients[0].status, DELIVERED)
+                self.assertEqual(len(sink.messages), start + 1)
+                self.assertEqual(sink.messages[-1].content, normalised(data))
+                self.assertIsNone(re.search(rb"\r(?!\n)|(?<!\r)\n", sink.messages[-1].raw))
+        self.assertNotIn("smuggled@evil.test", " ".join(sink.commands))
+        self.assertEqual(sent_commands(sink).count("MAIL"), len(sink.messages))
+
+    async def test_exact_bytes_on_the_wire(self) -> None:
+        sink = self.sink()
+        data = b".start\n..two\r\nbare\rcr\r\n.\r\nlast"
+        await self.send([sink.hop()], data=data, chunk_size=3)
+        self.assertEqual(sink.messages[0].raw,
+                         b"..start\r\n...two\r\nbare\r\ncr\r\n..\r\nlast\r\n")
+
+    async def test_large_message_streams(self) -> None:
+        sink = self.sink()
+        line = b"0123456789" * 9 + b"\r\n"
+        data = line * 40000 + b".\r\n" + line
+        result = await self.send([sink.hop()], data=data)
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(sink.messages[0].content, data)
+
+
+@cache
+def _other_ca_pem() -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Other CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)

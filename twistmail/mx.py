@@ -1,0 +1,596 @@
+"""Where outbound mail goes: MX selection and the IBM i routing choices.
+
+The SMTP client jobs (QTMSCCLCP) ask this module for the ordered list of
+addresses to try for one destination domain.  ``route_for`` is the pure
+CHGSMTPA decision (hub, mail router, or the domain's own MX); ``MXResolver``
+turns a decision into hops with ``twisted.names``.
+
+Settings honoured: ``[smtp] nameservers hosttable mailrouter firewall
+fwdhubsvr`` and the ``*NEAR`` list entries (passed in by the caller).
+
+Twisted defects avoided (TWISTED.md §2.5, §2.6):
+
+* ``relaymanager.MXCalculator`` returns a single MX, silently skips the MX
+  lookup when given a bytes domain, and returns a null MX as host ``""``.
+  Here every MX is kept (sorted, shuffled within equal preference), domains
+  are ``str`` only, and a null MX is a permanent failure of its own.
+* ``client.Resolver`` retries for up to a minute by default; every resolver
+  built here gets a short timeout tuple.
+* Answers may carry CNAME records; answers are filtered by record type.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.names import client, dns
+from twisted.names import error as dns_error
+
+DEFAULT_PORT = 25
+DNS_PORT = 53
+MAX_ADDRESSES_PER_HOST = 4
+MAX_HOPS = 20
+DEFAULT_TIMEOUT = (1.0, 3.0)
+SYSTEM_RESOLV_CONF = "/etc/resolv.conf"
+SYSTEM_HOSTS = "/etc/hosts"
+
+#: How a route was found (``Route.via``).
+VIA_MX = "mx"
+VIA_IMPLICIT = "implicit"  # no MX: the domain's own addresses (RFC 5321 §5.1)
+VIA_LITERAL = "literal"  # an address literal such as [192.0.2.1]
+VIA_HOSTTABLE = "hosttable"  # the domain itself is in the host table
+VIA_MAILROUTER = "mailrouter"
+VIA_HUB = "hub"
+
+#: Kinds of routing decision (``RoutingDecision.kind``).
+DIRECT = "mx"
+MAILROUTER = "mailrouter"
+HUB = "hub"
+
+log = Logger()
+
+
+class RouteError(Exception):
+    """No route to a domain; ``code`` and ``status`` are the SMTP reply to report."""
+
+    code = 451
+    status = "4.4.3"
+    permanent = False
+
+    def __init__(self, domain: str, reason: str) -> None:
+        super().__init__(f"{self.status} {domain}: {reason}")
+        self.domain = domain
+        self.reason = reason
+
+
+class TemporaryRouteError(RouteError):
+    """DNS timed out or failed: try again later."""
+
+
+class PermanentRouteError(RouteError):
+    """The domain does not exist or has no address: return the mail."""
+
+    code = 550
+    status = "5.1.2"
+    permanent = True
+
+
+class NullMX(PermanentRouteError):
+    """The domain says it accepts no mail at all (RFC 7505)."""
+
+    code = 556
+    status = "5.1.10"
+
+
+@attrs.frozen
+class Hop:
+    """One address to try: ``host`` names it for TLS and *HOSTAUTH, ``address`` is dialled."""
+
+    host: str
+    address: str
+    port: int = DEFAULT_PORT
+    preference: int = 0
+
+
+@attrs.frozen
+class Route:
+    """The hops for one destination, in the order they must be tried."""
+
+    domain: str
+    hops: tuple[Hop, ...]
+    via: str = VIA_MX
+
+    def __iter__(self) -> Iterator[Hop]:
+        return iter(self.hops)
+
+    def __len__(self) -> int:
+        return len(self.hops)
+
+    def __getitem__(self, index: int) -> Hop:
+        return self.hops[index]
+
+
+@attrs.frozen
+class RoutingDecision:
+    """Where a non-local message for ``domain`` goes, before any DNS is asked.
+
+    ``relay`` is the fixed (host, port) of the hub or mail router when the
+    decision is not the domain's MX; ``fallback`` is the mail router to use
+    when the MX lookup finds nothing.
+    """
+
+    kind: str
+    domain: str
+    relay: tuple[str, int] | None = None
+    fallback: tuple[str, int] | None = None
+
+
+# -- parsing -------------------------------------------------------------------
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty host")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"missing ']' in {text!r}")
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"junk after ']' in {text!r}")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    if not port_text:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port_text)
+
+
+def _nameserver(text: str) -> tuple[str, int]:
+    """Twisted sends queries to an IP address only, so names are refused here."""
+    host, port = parse_hostport(text, DNS_PORT)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"a name server must be an IP address, not {host!r}") from None
+    return host, port
+
+
+def normalise_domain(domain: str) -> str:
+    """Lower case ASCII (A-labels) without the trailing dot; bytes are refused.
+
+    Bytes are refused because Twisted's own MX code keys answers by ``str``
+    and silently fell back to the A record for a bytes domain.
+    """
+    if not isinstance(domain, str):
+        raise TypeError(f"domain must be str, not {type(domain).__name__}")
+    name = domain.strip().rstrip(".").lower()
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise PermanentRouteError(domain, "not a valid domain name") from None
+    if not name or len(name) > 253 or any(not 0 < len(p) <= 63 for p in name.split(".")):
+        raise PermanentRouteError(domain, "not a valid domain name")
+    return name
+
+
+def address_literal(domain: str) -> str | None:
+    """The IP address of ``[192.0.2.1]`` / ``[IPv6:2001:db8::1]``, None for a name."""
+    text = domain.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    inner = text[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return str(ipaddress.IPv6Address(inner[5:]))
+        return str(ipaddress.IPv4Address(inner))
+    except ValueError:
+        raise PermanentRouteError(domain, "not a valid address literal") from None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# -- host table ------------------------------------------------------------------
+
+
+class HostTable:
+    """A hosts-format file: ``IP name [aliases...]`` lines, ``#`` comments.
+
+    It answers A/AAAA questions before DNS, so an administrator can pin a
+    host (or a whole mail domain) to an address, and an appliance with no
+    DNS at all can still deliver to the hosts it knows.
+    """
+
+    def __init__(self, entries: dict[str, tuple[str, ...]] | None = None) -> None:
+        self._entries = dict(entries or {})
+
+    @classmethod
+    def parse(cls, text: str) -> HostTable:
+        entries: dict[str, list[str]] = {}
+        for line in text.splitlines():
+            fields = line.split("#", 1)[0].split()
+            if len(fields) < 2 or not _is_ip(fields[0]):
+                continue
+            address = str(ipaddress.ip_address(fields[0]))
+            for name in fields[1:]:
+                found = entries.setdefault(name.lower().rstrip("."), [])
+                if address not in found:
+                    found.append(address)
+        return cls({k: tuple(v) for k, v in entries.items()})
+
+    @classmethod
+    def load(cls, path: Path) -> HostTable:
+        return cls.parse(Path(path).read_text(encoding="utf-8", errors="replace"))
+
+    def addresses(self, name: str) -> tuple[str, ...]:
+        """All addresses of ``name`` in file order; empty when it is not listed."""
+        return self._entries.get(name.lower().rstrip("."), ())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and bool(self.addresses(name))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class _HostTableFile:
+    """Re-reads the host table when the file changes: CHGSMTPA applies at once."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._table = HostTable()
+
+    def table(self) -> HostTable:
+        if self.path is None:
+            return self._table
+        try:
+            st = self.path.stat()
+        except OSError:
+            if self._stamp != (0, 0):
+                log.warn("host table {path} cannot be read; using none", path=str(self.path))
+                self._stamp, self._table = (0, 0), HostTable()
+            return self._table
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._stamp, self._table = stamp, HostTable.load(self.path)
+        return self._table
+
+
+# -- routing decision (pure) -------------------------------------------------------
+
+
+def _configured(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if not text or text.upper() == "*NONE" else text
+
+
+def _yes(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().upper() in ("*YES", "YES", "TRUE", "1")
+
+
+def is_near(domain: str, near_domains: Iterable[str]) -> bool:
+    """A *NEAR entry covers the domain itself and every subdomain of it."""
+    name = domain.lower().rstrip(".")
+    for entry in near_domains:
+        near = entry.lower().strip().lstrip(".").rstrip(".")
+        if near and (name == near or name.endswith("." + near)):
+            return True
+    return False
+
+
+def route_for(
+    domain: str, settings: Any, near_domains: Iterable[str] | None = None
+) -> RoutingDecision:
+    """The CHGSMTPA routing choice for a non-local message to ``domain``.
+
+    ``settings`` needs ``mailrouter``, ``firewall`` and ``fwdhubsvr`` (as in
+    ``SmtpSettings``); ``near_domains`` defaults to ``settings.near_domains``
+    when that exists.  FWDHUBSVR wins over everything; FIREWALL(*YES) sends
+    all but *NEAR domains to MAILROUTER; otherwise the domain's MX is used,
+    with MAILROUTER as the fallback when the lookup finds nothing.  FIREWALL
+    without a MAILROUTER has nowhere to send mail, so MX is used.
+    """
+    name = domain.strip().lower().rstrip(".")
+    hub = _configured(getattr(settings, "fwdhubsvr", None))
+    router = _configured(getattr(settings, "mailrouter", None))
+    near = near_domains if near_domains is not None else getattr(settings, "near_domains", ())
+    if hub is not None:
+        return RoutingDecision(HUB, name, relay=parse_hostport(hub))
+    router_hp = parse_hostport(router) if router is not None else None
+    firewall = _yes(getattr(settings, "firewall", "*NO"))
+    if firewall and router_hp is not None and not is_near(name, near or ()):
+        return RoutingDecision(MAILROUTER, name, relay=router_hp)
+    return RoutingDecision(DIRECT, name, fallback=router_hp)
+
+
+# -- resolver ------------------------------------------------------------------------
+
+
+def _order_addresses(v4: Sequence[str], v6: Sequence[str], prefer_ipv6: bool) -> list[str]:
+    """Alternate families so a host unreachable over one is tried over the other early."""
+    first, second = (v6, v4) if prefer_ipv6 else (v4, v6)
+    out: list[str] = []
+    for i in range(max(len(first), len(second))):
+        out += [a[i] for a in (first, second) if i < len(a)]
+    return out
+
+
+def _split_families(addresses: Iterable[str]) -> tuple[list[str], list[str]]:
+    v4: list[str] = []
+    v6: list[str] = []
+    for a in addresses:
+        (v6 if ":" in a else v4).append(a)
+    return v4, v6
+
+
+@attrs.frozen
+class _HostAnswer:
+    """The addresses of one host name, or why there are none."""
+
+    addresses: tuple[str, ...] = ()
+    temporary: str | None = None  # a lookup failed in a way worth retrying
+
+
+class MXResolver:
+    """Resolves destination domains to ordered hops with ``twisted.names``.
+
+    With ``nameservers`` (``host[:port]``, IPv6 in brackets) only those
+    servers are asked; without them the servers of ``/etc/resolv.conf``
+    are, as ``client.createResolver()`` does, but with short timeouts.
+    ``hosttable`` None with no nameservers means ``/etc/hosts`` (again as
+    ``createResolver``); an empty string means no host table, which is the
+    ``[smtp] hosttable`` default.  ``rng`` decides the order among MX
+    records of equal preference.  Call ``close()`` when done: the system
+    resolver re-reads resolv.conf on a timer.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        nameservers: Sequence[str] | None = None,
+        hosttable: Path | str | None = None,
+        timeout: Sequence[float] = DEFAULT_TIMEOUT,
+        rng: random.Random | None = None,
+        max_addresses_per_host: int = MAX_ADDRESSES_PER_HOST,
+        max_hops: int = MAX_HOPS,
+        prefer_ipv6: bool = False,
+        resolver: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.timeout = tuple(timeout)
+        self.rng = rng or random.Random()
+        self.max_addresses_per_host = max_addresses_per_host
+        self.max_hops = max_hops
+        self.prefer_ipv6 = prefer_ipv6
+        if hosttable is None and not nameservers:
+            hosttable = SYSTEM_HOSTS
+        self._hosts = _HostTableFile(Path(hosttable) if hosttable else None)
+        self.resolver = resolver or self._make_resolver(nameservers)
+
+    def _make_resolver(self, nameservers: Sequence[str] | None) -> client.Resolver:
+        if nameservers:
+            servers = [_nameserver(s) for s in nameservers]
+            return client.Resolver(servers=servers, timeout=self.timeout, reactor=self.reactor)
+        return client.Resolver(
+            resolv=SYSTEM_RESOLV_CONF, timeout=self.timeout, reactor=self.reactor
+        )
+
+    def close(self) -> None:
+        """Stop the resolv.conf re-read timer and any TCP query connection."""
+        call = getattr(self.resolver, "_parseCall", None)
+        if call is not None and call.active():
+            call.cancel()
+        for proto in list(getattr(self.resolver, "connections", ())):
+            proto.transport.loseConnection()
+
+    @property
+    def hosttable(self) -> HostTable:
+        return self._hosts.table()
+
+    # -- public API ------------------------------------------------------------------
+
+    def route(self, domain: str) -> defer.Deferred[Route]:
+        """The hops for ``domain``: MX, implicit MX, host table or address literal.
+
+        Fails with NullMX, PermanentRouteError or TemporaryRouteError.
+        """
+        return defer.Deferred.fromCoroutine(self._route(domain))
+
+    def resolve_host(
+        self, host: str, port: int = DEFAULT_PORT, via: str = VIA_IMPLICIT
+    ) -> defer.Deferred[Route]:
+        """The hops for one configured host (mail router, hub); no MX lookup.
+
+        A name that does not resolve is a temporary failure: it is the
+        administrator's setting that is wrong, not the recipient's address.
+        """
+        return defer.Deferred.fromCoroutine(self._relay(host, port, via))
+
+    def route_decision(self, decision: RoutingDecision) -> defer.Deferred[Route]:
+        """Hops for a ``route_for`` decision, using MAILROUTER when the MX finds nothing.
+
+        The mail router exists for domains this system cannot resolve
+        itself, so both "no such domain" and DNS failures fall back to it;
+        a null MX does not, since the domain has said it takes no mail.
+        """
+        return defer.Deferred.fromCoroutine(self._decision(decision))
+
+    # -- implementation -------------------------------------------------------------
+
+    async def _decision(self, decision: RoutingDecision) -> Route:
+        if decision.relay is not None:
+            via = VIA_HUB if decision.kind == HUB else VIA_MAILROUTER
+            return await self._relay(*decision.relay, via=via)
+        try:
+            return await self._route(decision.domain)
+        except NullMX:
+            raise
+        except RouteError as e:
+            if decision.fallback is None:
+                raise
+            log.info("no route for {domain} ({why}); using the mail router",
+                     domain=decision.domain, why=str(e))
+            return await self._relay(*decision.fallback, via=VIA_MAILROUTER)
+
+    async def _relay(self, host: str, port: int, via: str) -> Route:
+        literal = address_literal(host) if host.startswith("[") else None
+        if literal is not None or _is_ip(host):
+            address = literal or str(ipaddress.ip_address(host))
+            return Route(host, (Hop(address, address, port),), via)
+        name = normalise_domain(host)
+        answer = await self._host_addresses(name)
+        if not answer.addresses:
+            raise TemporaryRouteError(name, answer.temporary or "the host has no address")
+        return Route(name, tuple(Hop(name, a, port) for a in answer.addresses), via)
+
+    async def _route(self, domain: str) -> Route:
+        literal = address_literal(domain)
+        if literal is not None:
+            return Route(domain, (Hop(literal, literal, DEFAULT_PORT),), VIA_LITERAL)
+        name = normalise_domain(domain)
+        if name in self.hosttable:
+            answer = await self._host_addresses(name)
+            return Route(name, self._hops_for_host(name, answer.addresses, 0), VIA_HOSTTABLE)
+        exchanges = await self._exchanges(name)
+        if not exchanges:
+            return await self._implicit(name)
+        hops = await self._mx_hops(name, exchanges)
+        return Route(name, hops, VIA_MX)
+
+    async def _exchanges(self, name: str) -> list[tuple[int, str]]:
+        """MX (preference, host) pairs in trying order; raises NullMX for ``0 .``."""
+        try:
+            answers, _, _ = await self.resolver.lookupMailExchange(name)
+        except dns_error.DNSNameError:
+            raise PermanentRouteError(name, "no such domain (NXDOMAIN)") from None
+        except Exception as e:  # timeouts, SERVFAIL, REFUSED, socket errors
+            raise TemporaryRouteError(name, f"MX lookup failed: {_describe(e)}") from None
+        records = [
+            (rr.payload.preference, rr.payload.name.name.decode("ascii", "replace"))
+            for rr in answers
+            if rr.type == dns.MX
+        ]
+        real = [(p, h.lower().rstrip(".")) for p, h in records if h.rstrip(".")]
+        if records and not real:
+            raise NullMX(name, "the domain accepts no mail (null MX)")
+        return self._shuffle_by_preference(real)
+
+    def _shuffle_by_preference(self, records: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        """Sort by preference, shuffling within each preference (RFC 5321 §5.1)."""
+        groups: dict[int, list[str]] = {}
+        for pref, host in records:
+            if host not in groups.setdefault(pref, []):
+                groups[pref].append(host)
+        out: list[tuple[int, str]] = []
+        for pref in sorted(groups):
+            hosts = sorted(groups[pref])
+            self.rng.shuffle(hosts)
+            out += [(pref, h) for h in hosts]
+        return out
+
+    async def _mx_hops(self, name: str, exchanges: list[tuple[int, str]]) -> tuple[Hop, ...]:
+        exchanges = exchanges[: self.max_hops]
+        answers = await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(self._host_addresses(h)) for _, h in exchanges]
+        )
+        hops: list[Hop] = []
+        seen: set[str] = set()
+        temporary: list[str] = []
+        for (pref, host), answer in zip(exchanges, answers, strict=True):
+            if answer.temporary:
+                temporary.append(f"{host}: {answer.temporary}")
+            for hop in self._hops_for_host(host, answer.addresses, pref):
+                if hop.address not in seen and len(hops) < self.max_hops:
+                    seen.add(hop.address)
+                    hops.append(hop)
+        if hops:
+            return tuple(hops)
+        if temporary:
+            raise TemporaryRouteError(name, "no MX host could be resolved: " + "; ".join(temporary))
+        raise PermanentRouteError(name, "no MX host has an address")
+
+    async def _implicit(self, name: str) -> Route:
+        answer = await self._host_addresses(name)
+        if answer.addresses:
+            return Route(name, self._hops_for_host(name, answer.addresses, 0), VIA_IMPLICIT)
+        if answer.temporary:
+            raise TemporaryRouteError(name, answer.temporary)
+        raise PermanentRouteError(name, "no MX and no address for the domain")
+
+    def _hops_for_host(self, host: str, addresses: Sequence[str], pref: int) -> tuple[Hop, ...]:
+        capped = list(addresses)[: self.max_addresses_per_host]
+        return tuple(Hop(host, a, DEFAULT_PORT, pref) for a in capped)
+
+    async def _host_addresses(self, host: str) -> _HostAnswer:
+        """A and AAAA of one host, host table first, preferred family interleaved."""
+        pinned = self.hosttable.addresses(host)
+        if pinned:
+            v4, v6 = _split_families(pinned)
+        else:
+            results = await defer.DeferredList(
+                [self.resolver.lookupAddress(host), self.resolver.lookupIPV6Address(host)],
+                consumeErrors=True,
+            )
+            (ok4, r4), (ok6, r6) = results
+            v4 = _addresses(r4, dns.A) if ok4 else []
+            v6 = _addresses(r6, dns.AAAA) if ok6 else []
+            if not v4 and not v6:
+                failures = [r for ok, r in results if not ok]
+                transient = [f for f in failures if not f.check(dns_error.DNSNameError)]
+                if transient:
+                    return _HostAnswer(temporary=f"{host}: {_describe(transient[0].value)}")
+        ordered = _order_addresses(v4, v6, self.prefer_ipv6)
+        return _HostAnswer(tuple(ordered[: self.max_addresses_per_host]))
+
+
+def _addresses(result: Any, rtype: int) -> list[str]:
+    answers = result[0]
+    out: list[str] = []
+    for rr in answers:
+        if rr.type != rtype:
+            continue
+        if rtype == dns.A:
+            address = rr.payload.dottedQuad()
+        else:
+            address = socket.inet_ntop(socket.AF_INET6, rr.payload.address)
+        if address not in out:
+            out.append(address)
+    return out
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, defer.TimeoutError | dns_error.DNSQueryTimeoutError):
+        return "DNS timeout"
+    if isinstance(error, dns_error.DNSServerError):
+        return "DNS server failure (SERVFAIL)"
+    if isinstance(error, dns_error.DNSQueryRefusedError):
+        return "DNS query refused"
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,1113 @@
+"""Outbound ESMTP delivery of one message to one destination (QTMSCCLCP jobs).
+
+``deliver()`` takes the hops from ``twistmail.mx`` and carries one message,
+for all of that destination's recipients, over one connection: the first
+hop that gives a definitive answer wins, the others are tried only on
+connection failures and on refusals before the MAIL command (RFC 5321
+§5.1).  The result says, per recipient, delivered / temporary / permanent,
+so the bridge can settle each one (journal 88/82, retry queues, NDN).
+
+Settings honoured (passed in by the caller): ``[smtp] tlsoutbound``
+(``*OPPORTUNISTIC`` / ``*REQUIRED`` / ``*VERIFY``), the ``*HOSTAUTH`` list
+entries (credentials per host), ``*CLTBIND`` (source address), and the
+DSN parameters kept in the queue envelope (NOTIFY/ORCPT, RET/ENVID).
+
+Twisted's SMTP client is not used (TWISTED.md §2.2), and its defects are
+avoided here:
+
+* it dot-stuffs each 16 KiB chunk on its own, so a line starting with "."
+  at a chunk boundary went out unstuffed and message content could smuggle
+  a second message.  ``DotStuffer`` keeps the line-start state across
+  chunks, turns every line end (CRLF, bare LF, bare CR) into CRLF, so no
+  bare CR or LF ever leaves, and ends the body with CRLF before ".";
+* it keeps processing buffered replies after the 220 to STARTTLS; here any
+  byte after that reply is a protocol violation and the connection is
+  dropped before TLS starts;
+* its TLS policy is verify-or-nothing; here ``*OPPORTUNISTIC`` encrypts
+  without checking the certificate (most MX certificates do not verify),
+  ``*REQUIRED`` insists on encryption and ``*VERIFY`` checks certificate
+  and host name with service_identity (``optionsForClientTLS``);
+* it offers no SIZE, 8BITMIME, PIPELINING or DSN and does not classify
+  recipients as temporary or permanent.
+
+An 8-bit body sent to a server that does not offer 8BITMIME goes out
+unchanged rather than being converted to 7 bit or returned: converting
+means rewriting MIME parts (and breaking DKIM signatures), and practically
+every server takes 8-bit data; this is also what sendmail and Postfix do
+by default for non-MIME content.
+
+The body is streamed from its spool file through a push producer, so even
+a 50 MB message is never held in memory.  Every wait has the RFC 5321
+§4.5.3.2 timeout, multiplied by ``timeout_scale``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IPushProducer,
+)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twistmail.mx import Hop
+
+TLS_OPPORTUNISTIC = "*OPPORTUNISTIC"
+TLS_REQUIRED = "*REQUIRED"
+TLS_VERIFY = "*VERIFY"
+TLS_POLICIES = (TLS_OPPORTUNISTIC, TLS_REQUIRED, TLS_VERIFY)
+
+DELIVERED = "delivered"
+TEMPORARY = "temporary"
+PERMANENT = "permanent"
+
+CHUNK_SIZE = 64 * 1024  # bytes read from the spool file at a time
+MAX_REPLY_LINE = 4096  # longer reply lines are a protocol violation
+MAX_REPLY_LINES = 200
+MAX_QUEUED_REPLIES = 1000
+MAX_PATH = 256
+NOTIFY_VALUES = ("SUCCESS", "FAILURE", "DELAY", "NEVER")
+
+log = Logger()
+
+
+# -- data ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Timeouts:
+    """Seconds to wait at each stage; the defaults are RFC 5321 §4.5.3.2.
+
+    ``connect``, ``tls`` and ``quit`` are not in the RFC: 30 s is Postfix's
+    connect timeout, and nothing rides on the QUIT reply.
+    """
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    ehlo: float = 300.0
+    tls: float = 300.0
+    auth: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_end: float = 600.0
+    quit: float = 30.0
+    close: float = 10.0
+
+    def scaled(self, factor: float) -> Timeouts:
+        return Timeouts(**{k: v * factor for k, v in attrs.asdict(self).items()})
+
+
+@attrs.frozen
+class Credentials:
+    """A *HOSTAUTH user name and password; the password never shows in a repr."""
+
+    username: str
+    password: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Recipient:
+    """One envelope recipient with its DSN parameters (decoded, not xtext)."""
+
+    address: str
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None  # "rfc822;user@example.com" or just the address
+
+
+def _recipients(items: Iterable[Any]) -> tuple[Recipient, ...]:
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(Recipient(item))
+        else:
+            notify = getattr(item, "notify", None)
+            out.append(Recipient(
+                item.address, tuple(notify) if notify else None, getattr(item, "orcpt", None)
+            ))
+    return tuple(out)
+
+
+@attrs.frozen
+class Envelope:
+    """What goes on MAIL and RCPT; the queue's Envelope converts with ``from_any``."""
+
+    originator: str
+    recipients: tuple[Recipient, ...] = attrs.field(converter=_recipients)
+    ret: str | None = None  # FULL or HDRS
+    envid: str | None = None
+
+    @classmethod
+    def from_any(cls, envelope: Any) -> Envelope:
+        """Anything with ``originator`` and ``recipients`` (strings or objects)."""
+        if isinstance(envelope, Envelope):
+            return envelope
+        return cls(
+            envelope.originator, envelope.recipients,
+            getattr(envelope, "ret", None), getattr(envelope, "envid", None),
+        )
+
+
+@attrs.frozen
+class Reply:
+    """One SMTP reply: its code and its text lines."""
+
+    code: int
+    lines: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return " ".join(line.strip() for line in self.lines if line.strip())
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def outcome(self) -> str:
+        if self.positive:
+            return DELIVERED
+        return PERMANENT if 500 <= self.code < 600 else TEMPORARY
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".rstrip()
+
+
+@attrs.frozen
+class RecipientResult:
+    """How one recipient ended: ``remote`` is False for outcomes made up here."""
+
+    address: str
+    status: str  # DELIVERED, TEMPORARY or PERMANENT
+    code: int
+    text: str
+    remote: bool = True
+
+
+@attrs.frozen
+class HopAttempt:
+    """A hop that was tried without a definitive answer, and why."""
+
+    hop: Hop
+    error: str
+
+
+@attrs.frozen
+class DeliveryResult:
+    """The outcome of ``deliver()`` for one message and one destination."""
+
+    recipients: tuple[RecipientResult, ...]
+    hop: Hop | None = None  # the hop that answered definitively
+    remote_ip: str | None = None
+    tls: bool = False
+    dsn: bool = False  # the server took NOTIFY/ORCPT/RET/ENVID
+    attempts: tuple[HopAttempt, ...] = ()
+
+    def with_status(self, status: str) -> tuple[RecipientResult, ...]:
+        return tuple(r for r in self.recipients if r.status == status)
+
+    @property
+    def delivered(self) -> tuple[RecipientResult, ...]:
+        return self.with_status(DELIVERED)
+
+    @property
+    def temporary(self) -> tuple[RecipientResult, ...]:
+        return self.with_status(TEMPORARY)
+
+    @property
+    def permanent(self) -> tuple[RecipientResult, ...]:
+        return self.with_status(PERMANENT)
+
+
+@attrs.frozen
+class Extensions:
+    """The EHLO keywords (upper case) and their parameters; empty after HELO."""
+
+    keywords: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    esmtp: bool = True
+
+    @classmethod
+    def parse(cls, reply: Reply) -> Extensions:
+        out: dict[str, tuple[str, ...]] = {}
+        for line in reply.lines[1:]:
+            if line.upper().startswith("AUTH="):  # the pre-RFC 4954 form some servers add
+                line = line.replace("=", " ", 1)
+            words = line.split()
+            if words:
+                keyword = words[0].upper()
+                out[keyword] = out.get(keyword, ()) + tuple(words[1:])
+        return cls(out)
+
+    def has(self, keyword: str) -> bool:
+        return keyword in self.keywords
+
+    @property
+    def size_limit(self) -> int | None:
+        """The SIZE the server announced; None when unknown or unlimited (0)."""
+        params = self.keywords.get("SIZE", ())
+        if params and params[0].isascii() and params[0].isdigit() and int(params[0]) > 0:
+            return int(params[0])
+        return None
+
+    @property
+    def auth_mechanisms(self) -> tuple[str, ...]:
+        return tuple(m.upper() for m in self.keywords.get("AUTH", ()))
+
+
+# -- dot-stuffing ------------------------------------------------------------------------
+
+
+class DotStuffer:
+    """Turns message bytes, fed in chunks of any size, into the DATA stream.
+
+    The line-start state and a CR that may be the first half of a CRLF are
+    carried from one chunk to the next, which is exactly what Twisted's
+    per-chunk ``transformChunk`` lost.  Every CRLF, bare LF and bare CR
+    becomes CRLF (a receiver that honours bare line ends could otherwise
+    find an end of data we did not send), every line starting with "."
+    gets a second ".", and ``finish`` closes the last line before ".".
+    """
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+        self.pending_cr = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.pending_cr:
+            chunk = b"\r" + chunk
+            self.pending_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self.pending_cr = True
+        return self._lines(chunk)
+
+    def finish(self) -> bytes:
+        out = self._lines(b"\n") if self.pending_cr else b""
+        self.pending_cr = False
+        if not self.at_line_start:
+            out += b"\r\n"
+            self.at_line_start = True
+        return out + b".\r\n"
+
+    def _lines(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        lf = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lf = lf.replace(b"\n.", b"\n..")
+        if self.at_line_start and lf.startswith(b"."):
+            lf = b"." + lf
+        self.at_line_start = lf.endswith(b"\n")
+        return lf.replace(b"\n", b"\r\n")
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext: "+", "=" and anything outside "!".."~" as +HH."""
+    return "".join(
+        c if "!" <= c <= "~" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+        for c in value
+    )
+
+
+def _orcpt(value: str) -> str:
+    kind, sep, address = value.partition(";")
+    if not sep:
+        kind, address = "rfc822", value
+    return f"{kind.strip()};{xtext(address.strip())}"
+
+
+def _bad_address(address: str) -> str | None:
+    """Why an envelope address cannot go on a command line, or None.
+
+    The queue holds addresses our server checked, but a control character
+    here would inject commands, so it is checked again.
+    """
+    if len(address) > MAX_PATH:
+        return "address too long"
+    if any(ord(c) < 32 or ord(c) == 127 for c in address):
+        return "control character in address"
+    return None
+
+
+def is_8bit(path: Path | str, chunk_size: int = CHUNK_SIZE) -> bool:
+    """Whether the file holds any byte above 127 (read in chunks, never whole)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            if not chunk.isascii():
+                return True
+    return False
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+class SessionError(Exception):
+    """A connection-level failure: every unsettled recipient becomes temporary."""
+
+    code = 451
+
+
+class StageTimeout(SessionError):
+    pass
+
+
+class ConnectionDropped(SessionError):
+    pass
+
+
+class ProtocolViolation(SessionError):
+    pass
+
+
+class TLSFailure(SessionError):
+    pass
+
+
+class LocalError(SessionError):
+    pass
+
+
+class _HopFailed(Exception):
+    """The hop gave no definitive answer before MAIL: try the next one."""
+
+
+# -- the connection ----------------------------------------------------------------------
+
+
+@implementer(IHandshakeListener)
+class _Session(Protocol):
+    """Reply parsing, waits with timeouts, STARTTLS and closing, for one connection."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.buffer = bytearray()
+        self.partial: list[str] = []
+        self.partial_code: int | None = None
+        self.replies: deque[Reply] = deque()
+        self.waiter: defer.Deferred[Reply] | None = None
+        self.handshake: defer.Deferred[None] | None = None
+        self.error: SessionError | None = None
+        self.lost = False
+        self.tls = False
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.body: _BodyWriter | None = None
+        self.peer_ip: str | None = None
+
+    # -- connection events --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer_ip = getattr(self.transport.getPeer(), "host", None)
+        # Writes are whole command groups or large body chunks; Nagle would
+        # only hold back the final "." behind an unacknowledged segment.
+        self.transport.setTcpNoDelay(True)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
+        if self.error is None:
+            if self.handshake is not None:
+                self.error = TLSFailure(f"4.7.5 TLS handshake failed: {_reason(reason)}")
+            else:
+                self.error = ConnectionDropped(f"4.4.2 Connection lost: {_reason(reason)}")
+        if self.handshake is not None:
+            d, self.handshake = self.handshake, None
+            d.errback(self.error)
+        if self.waiter is not None:
+            d2, self.waiter = self.waiter, None
+            d2.errback(self.error)
+        if self.body is not None:
+            self.body.fail(self.error)
+        self.closed.callback(None)
+
+    def handshakeCompleted(self) -> None:
+        self.tls = True
+        if self.handshake is not None:
+            d, self.handshake = self.handshake, None
+            d.callback(None)
+
+    def abort(self, error: SessionError) -> None:
+        if self.error is None:
+            self.error = error
+        if not self.lost:
+            self.transport.abortConnection()
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        self.buffer += data
+        while self.error is None:
+            nl = self.buffer.find(b"\n")
+            if nl < 0:
+                if len(self.buffer) > MAX_REPLY_LINE:
+                    self._violation("reply line too long")
+                return
+            raw = bytes(self.buffer[:nl]).rstrip(b"\r")
+            del self.buffer[: nl + 1]
+            self._line(raw)
+
+    def _line(self, raw: bytes) -> None:
+        sep = raw[3:4]
+        if len(raw) > MAX_REPLY_LINE or not raw[:3].isdigit() or sep not in (b"", b" ", b"-"):
+            self._violation(f"malformed reply line {raw[:60]!r}")
+            return
+        code = int(raw[:3])
+        if self.partial_code is not None and code != self.partial_code:
+            self._violation("reply code changed within a multi-line reply")
+            return
+        self.partial.append(raw[4:].decode("utf-8", "replace"))
+        if len(self.partial) > MAX_REPLY_LINES:
+            self._violation("reply has too many lines")
+            return
+        if sep == b"-":
+            self.partial_code = code
+            return
+        reply = Reply(code, tuple(self.partial))
+        self.partial, self.partial_code = [], None
+        if self.waiter is not None:
+            d, self.waiter = self.waiter, None
+            d.callback(reply)
+        elif len(self.replies) >= MAX_QUEUED_REPLIES:
+            self._violation("too many unsolicited replies")
+        else:
+            self.replies.append(reply)
+
+    def _violation(self, what: str) -> None:
+        self.abort(ProtocolViolation(f"4.4.2 Protocol error from the server: {what}"))
+
+    def read(self, stage: str, seconds: float) -> defer.Deferred[Reply]:
+        """The next reply, failing with a SessionError on loss or after ``seconds``."""
+        if self.replies:
+            return defer.succeed(self.replies.popleft())
+        if self.error is not None:
+            return defer.fail(self.error)
+        d: defer.Deferred[Reply] = defer.Deferred(self._cancel_wait)
+        self.waiter = d
+        return self._within(d, seconds, f"the {stage} reply")
+
+    def _cancel_wait(self, d: defer.Deferred[Reply]) -> None:
+        if self.waiter is d:
+            self.waiter = None
+
+    def _within(self, d: defer.Deferred[Any], seconds: float, what: str) -> defer.Deferred[Any]:
+        d.addTimeout(seconds, self.reactor)
+
+        def timed_out(f: Failure) -> Failure:
+            if f.check(defer.TimeoutError) and not f.check(SessionError):
+                error = StageTimeout(f"4.4.2 Timed out after {seconds:g} s waiting for {what}")
+                self.abort(error)
+                return Failure(error)
+            return f
+
+        return d.addErrback(timed_out)
+
+    # -- output -----------------------------------------------------------------------------
+
+    def send(self, *lines: str, utf8: bool = False) -> None:
+        """Write commands in one segment (a pipelined group is one write)."""
+        encoded = []
+        for line in lines:
+            if "\r" in line or "\n" in line:
+                raise ValueError("line break inside an SMTP command")
+            encoded.append(line.encode("utf-8" if utf8 else "ascii") + b"\r\n")
+        if not self.lost:
+            self.transport.write(b"".join(encoded))
+
+    async def start_tls(self, creator: Any, seconds: float) -> None:
+        """Start TLS right after the 220; anything the server sent past it is refused."""
+        if self.buffer or self.replies or self.partial:
+            self._violation("data after the 220 reply to STARTTLS")
+            raise self.error  # type: ignore[misc]
+        self.handshake = defer.Deferred(self._cancel_handshake)
+        self.transport.startTLS(creator)
+        await self._within(self.handshake, seconds, "the TLS handshake")
+
+    def _cancel_handshake(self, d: defer.Deferred[None]) -> None:
+        if self.handshake is d:
+            self.handshake = None
+
+    async def close(self, seconds: float) -> None:
+        """Close and wait until the socket is gone, so nothing outlives the delivery."""
+        if not self.lost:
+            self.transport.loseConnection()
+            call = self.reactor.callLater(seconds, self._force_close)
+            await self.closed
+            if call.active():
+                call.cancel()
+
+    def _force_close(self) -> None:
+        if not self.lost:
+            self.transport.abortConnection()
+
+
+def _reason(reason: Any) -> str:
+    value = getattr(reason, "value", reason)
+    if isinstance(value, VerificationError):
+        return "the certificate does not match the host name"
+    if isinstance(value, SSL.Error):
+        return f"TLS error {value}"
+    text = str(value) or type(value).__name__
+    return text.strip()
+
+
+@implementer(IPushProducer)
+class _BodyWriter:
+    """Streams the spool file through ``DotStuffer`` as the transport asks for data.
+
+    A push producer: it writes until the transport pauses it (its buffer is
+    full), so memory stays bounded by one chunk plus the socket buffer.  A
+    stall longer than the data-block timeout aborts the connection; a read
+    error aborts it too, since ending the DATA would deliver a truncated
+    message.
+    """
+
+    def __init__(self, session: _Session, path: Path, chunk_size: int, block: float) -> None:
+        self.session = session
+        self.path = path
+        self.chunk_size = chunk_size
+        self.block = block
+        self.stuffer = DotStuffer()
+        self.paused = False
+        self.finished = False
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.timer: Any = None
+        self.file: Any = None
+
+    def run(self) -> defer.Deferred[None]:
+        self.file = open(self.path, "rb")
+        self.session.body = self
+        self._arm()
+        self.session.transport.registerProducer(self, True)
+        self.resumeProducing()
+        return self.done
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._arm()
+        while not self.paused and not self.finished:
+            self._step()
+
+    def stopProducing(self) -> None:
+        self.fail(self.session.error or ConnectionDropped(
+            "4.4.2 Connection lost while sending the message"
+        ))
+
+    def _step(self) -> None:
+        try:
+            chunk = self.file.read(self.chunk_size)
+        except OSError as e:
+            error = LocalError(f"4.3.0 Cannot read the message file: {e}")
+            self.session.abort(error)
+            self.fail(error)
+            return
+        if chunk:
+            out = self.stuffer.feed(chunk)
+            if out:
+                self.session.transport.write(out)
+                self._arm()
+            return
+        self.session.transport.write(self.stuffer.finish())
+        self._end(None)
+
+    def _arm(self) -> None:
+        if self.finished:
+            return
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(self.block)
+        else:
+            self.timer = self.session.reactor.callLater(self.block, self._stalled)
+
+    def _stalled(self) -> None:
+        error = StageTimeout(f"4.4.2 Timed out after {self.block:g} s sending the message")
+        self.session.abort(error)
+        self.fail(error)
+
+    def fail(self, error: SessionError) -> None:
+        self._end(error)
+
+    def _end(self, error: SessionError | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.session.body = None
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.file.close()
+        if not self.session.lost:
+            self.session.transport.unregisterProducer()
+        if error is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(error)
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Unverified:
+    """Encryption without certificate checks, with SNI: *OPPORTUNISTIC and *REQUIRED."""
+
+    _context: SSL.Context | None = None
+
+    def __init__(self, hostname: str) -> None:
+        self.sni = _sni(hostname)
+
+    @classmethod
+    def context(cls) -> SSL.Context:
+        if cls._context is None:
+            cls._context = ssl.CertificateOptions(
+                raiseMinimumTo=ssl.TLSVersion.TLSv1_2
+            ).getContext()
+        return cls._context
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.context(), None)
+        connection.set_app_data(tls_protocol)
+        if self.sni is not None:
+            connection.set_tlsext_host_name(self.sni)
+        return connection
+
+
+def _sni(hostname: str) -> bytes | None:
+    if not hostname or ":" in hostname or re.fullmatch(r"[0-9.]+", hostname):
+        return None
+    try:
+        return hostname.encode("idna")
+    except UnicodeError:
+        return None
+
+
+def tls_creator(policy: str, hostname: str, trust_root: Any = None) -> Any:
+    """The TLS connection creator for a policy and the hop's host name."""
+    if policy == TLS_VERIFY:
+        return ssl.optionsForClientTLS(hostname, trustRoot=trust_root)
+    return _Unverified(hostname)
+
+
+# -- one attempt -------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Options:
+    helo_name: str
+    tls_policy: str
+    timeouts: Timeouts
+    auth: Any
+    trust_root: Any
+    auth_requires_tls: bool
+    chunk_size: int
+    bind_address: str | None
+
+    def credentials(self, hop: Hop) -> Credentials | None:
+        if self.auth is None or isinstance(self.auth, Credentials):
+            return self.auth
+        return self.auth.get(hop.host.lower()) or self.auth.get(hop.address)
+
+
+@attrs.frozen
+class _Job:
+    envelope: Envelope
+    body_path: Path
+    size: int
+    body_8bit: bool
+    presettled: tuple[RecipientResult | None, ...]  # refused before any connection
+
+    @classmethod
+    def build(cls, envelope: Any, path: Path, size: int | None, body_8bit: bool | None) -> _Job:
+        env = Envelope.from_any(envelope)
+        return cls(
+            env,
+            path,
+            size if size is not None else os.stat(path).st_size,
+            body_8bit if body_8bit is not None else is_8bit(path),
+            _presettle(env),
+        )
+
+
+def _presettle(env: Envelope) -> tuple[RecipientResult | None, ...]:
+    """Permanent results for addresses that must not reach a command line."""
+    bad_from = _bad_address(env.originator)
+    out: list[RecipientResult | None] = []
+    for r in env.recipients:
+        why = _bad_address(r.address) or (None if r.address else "empty address")
+        if bad_from is not None:
+            out.append(RecipientResult(
+                r.address, PERMANENT, 550, f"5.1.7 Bad originator address: {bad_from}", False
+            ))
+        elif why is not None:
+            out.append(RecipientResult(
+                r.address, PERMANENT, 553, f"5.1.3 Bad recipient address: {why}", False
+            ))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+@attrs.frozen
+class _Outcome:
+    """A definitive per-recipient answer, or why the hop gave none."""
+
+    results: tuple[RecipientResult, ...] | None = None
+    error: str | None = None
+    tls: bool = False
+    dsn: bool = False
+
+
+class _Conversation:
+    """The SMTP dialogue with one hop, from the greeting to QUIT."""
+
+    def __init__(self, session: _Session, hop: Hop, job: _Job, options: _Options) -> None:
+        self.session = session
+        self.hop = hop
+        self.job = job
+        self.options = options
+        self.t = options.timeouts
+        self.recipients = job.envelope.recipients
+        self.results: list[RecipientResult | None] = list(job.presettled)
+        self.dsn = False
+
+    @property
+    def where(self) -> str:
+        return f"{self.hop.host}[{self.hop.address}]:{self.hop.port}"
+
+    async def run(self) -> _Outcome:
+        try:
+            ext = await self._open()
+        except _HopFailed as e:
+            await self._quit()
+            return _Outcome(error=str(e), tls=self.session.tls)
+        except SessionError as e:
+            return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls)
+        try:
+            await self._transaction(ext)
+        except SessionError as e:
+            self._settle_open(TEMPORARY, e.code, f"{e} ({self.where})", remote=False)
+        self._settle_open(TEMPORARY, 451, f"4.4.2 No reply from {self.where}", remote=False)
+        await self._quit()
+        return _Outcome(tuple(self.results), tls=self.session.tls, dsn=self.dsn)  # type: ignore[arg-type]
+
+    # -- before MAIL -----------------------------------------------------------------------
+
+    async def _open(self) -> Extensions:
+        greeting = await self.session.read("greeting", self.t.greeting)
+        if greeting.code != 220:
+            raise _HopFailed(f"4.4.1 {self.where} greeted with: {greeting}")
+        ext = await self._hello()
+        ext = await self._secure(ext)
+        await self._authenticate(ext)
+        return ext
+
+    async def _hello(self) -> Extensions:
+        self.session.send(f"EHLO {self.options.helo_name}")
+        reply = await self.session.read("EHLO", self.t.ehlo)
+        if reply.positive:
+            return Extensions.parse(reply)
+        if reply.code >= 500:
+            self.session.send(f"HELO {self.options.helo_name}")
+            reply = await self.session.read("HELO", self.t.ehlo)
+            if reply.positive:
+                return Extensions(esmtp=False)
+        raise _HopFailed(f"4.4.1 {self.where} refused EHLO/HELO: {reply}")
+
+    async def _secure(self, ext: Extensions) -> Extensions:
+        policy = self.options.tls_policy
+        if not ext.has("STARTTLS"):
+            if policy == TLS_OPPORTUNISTIC:
+                return ext
+            raise _HopFailed(
+                f"4.7.10 {self.where} does not offer STARTTLS (TLSOUTBOUND {policy})"
+            )
+        self.session.send("STARTTLS")
+        reply = await self.session.read("STARTTLS", self.t.ehlo)
+        if reply.code != 220:
+            raise _HopFailed(f"4.7.5 {self.where} refused STARTTLS: {reply}")
+        creator = tls_creator(policy, self.hop.host, self.options.trust_root)
+        await self.session.start_tls(creator, self.t.tls)
+        return await self._hello()
+
+    async def _authenticate(self, ext: Extensions) -> None:
+        creds = self.options.credentials(self.hop)
+        if creds is None or not ext.auth_mechanisms:
+            return
+        if not self.session.tls and self.options.auth_requires_tls:
+            raise _HopFailed(
+                f"4.7.11 Not sending credentials to {self.where} without TLS"
+            )
+        mechanisms = ext.auth_mechanisms
+        if "PLAIN" in mechanisms:
+            token = f"\0{creds.username}\0{creds.password}".encode()
+            reply = await self._auth_step(f"AUTH PLAIN {_b64(token)}")
+            if reply.code == 334:
+                reply = await self._auth_step(_b64(token))
+        elif "LOGIN" in mechanisms:
+            reply = await self._auth_step("AUTH LOGIN")
+            if reply.code == 334:
+                reply = await self._auth_step(_b64(creds.username.encode()))
+            if reply.code == 334:
+                reply = await self._auth_step(_b64(creds.password.encode()))
+        else:
+            raise _HopFailed(f"4.7.0 {self.where} offers no AUTH mechanism we know: "
+                             + " ".join(mechanisms))
+        if reply.code != 235:
+            raise _HopFailed(f"4.7.0 Authentication to {self.where} failed: {reply}")
+
+    async def _auth_step(self, line: str) -> Reply:
+        self.session.send(line)
+        return await self.session.read("AUTH", self.t.auth)
+
+    # -- the transaction ---------------------------------------------------------------------
+
+    async def _transaction(self, ext: Extensions) -> None:
+        limit = ext.size_limit
+        if limit is not None and self.job.size > limit:
+            self._settle_open(PERMANENT, 552, (
+                f"5.3.4 Message size {self.job.size} exceeds the limit {limit} of {self.where}"
+            ), remote=False)
+            return
+        utf8 = self._check_utf8(ext)
+        if utf8 is None:
+            return
+        wanted = [i for i, r in enumerate(self.results) if r is None]
+        if not wanted:
+            return
+        self.dsn = ext.has("DSN")
+        mail = self._mail_command(ext, utf8)
+        rcpts = [self._rcpt_command(self.recipients[i], ext) for i in wanted]
+        mail_reply, rcpt_replies = await self._envelope(mail, rcpts, ext, utf8)
+        if not mail_reply.positive:
+            self._settle(wanted, mail_reply)
+            return
+        accepted = []
+        for i, reply in zip(wanted, rcpt_replies, strict=True):
+            if reply.positive:
+                accepted.append(i)
+            elif reply.code == 552:
+                # Too many recipients, in the old code: temporary (RFC 5321 §4.5.3.1.10).
+                self._settle([i], Reply(452, reply.lines))
+            else:
+                self._settle([i], reply)
+        if accepted:
+            await self._data(accepted)
+
+    async def _envelope(
+        self, mail: str, rcpts: list[str], ext: Extensions, utf8: bool
+    ) -> tuple[Reply, list[Reply]]:
+        """MAIL and RCPTs: one write with PIPELINING, replies taken in order."""
+        if ext.has("PIPELINING"):
+            self.session.send(mail, *rcpts, utf8=utf8)
+            mail_reply = await self.session.read("MAIL", self.t.mail)
+            replies = [await self.session.read("RCPT", self.t.rcpt) for _ in rcpts]
+            return mail_reply, replies
+        self.session.send(mail, utf8=utf8)
+        mail_reply = await self.session.read("MAIL", self.t.mail)
+        replies = []
+        if mail_reply.positive:
+            for rcpt in rcpts:
+                self.session.send(rcpt, utf8=utf8)
+                replies.append(await self.session.read("RCPT", self.t.rcpt))
+        return mail_reply, replies
+
+    async def _data(self, accepted: list[int]) -> None:
+        self.session.send("DATA")
+        reply = await self.session.read("DATA", self.t.data_init)
+        if reply.code != 354:
+            if reply.positive:
+                reply = Reply(451, (f"4.4.2 Unexpected reply to DATA: {reply}",))
+            self._settle(accepted, reply)
+            return
+        writer = _BodyWriter(
+            self.session, self.job.body_path, self.options.chunk_size, self.t.data_block
+        )
+        await writer.run()
+        self._settle(accepted, await self.session.read("end of data", self.t.data_end))
+
+    def _check_utf8(self, ext: Extensions) -> bool | None:
+        """Whether SMTPUTF8 is used; None when the originator rules delivery out."""
+        originator = self.job.envelope.originator
+        utf8_offered = ext.has("SMTPUTF8")
+        if not originator.isascii():
+            if not utf8_offered:
+                self._settle_open(PERMANENT, 550, (
+                    f"5.6.7 {self.where} does not offer SMTPUTF8 for a non-ASCII originator"
+                ), remote=False)
+                return None
+            return True
+        needed = False
+        for i, r in enumerate(self.recipients):
+            if self.results[i] is None and not r.address.isascii():
+                if not utf8_offered:
+                    self.results[i] = RecipientResult(r.address, PERMANENT, 553, (
+                        f"5.6.7 {self.where} does not offer SMTPUTF8 for a non-ASCII address"
+                    ), remote=False)
+                needed = True
+        return needed and utf8_offered
+
+    def _mail_command(self, ext: Extensions, utf8: bool) -> str:
+        env = self.job.envelope
+        params = []
+        if ext.has("SIZE"):
+            params.append(f"SIZE={self.job.size}")
+        if self.job.body_8bit and ext.has("8BITMIME"):
+            params.append("BODY=8BITMIME")
+        if utf8:
+            params.append("SMTPUTF8")
+        if self.dsn:
+            if env.ret and env.ret.upper() in ("FULL", "HDRS"):
+                params.append(f"RET={env.ret.upper()}")
+            if env.envid:
+                params.append(f"ENVID={xtext(env.envid)}")
+        return " ".join([f"MAIL FROM:<{env.originator}>", *params])
+
+    def _rcpt_command(self, rcpt: Recipient, ext: Extensions) -> str:
+        params = []
+        if self.dsn:
+            notify = [n.upper() for n in rcpt.notify or ()]
+            if notify and set(notify) <= set(NOTIFY_VALUES) and (
+                "NEVER" not in notify or notify == ["NEVER"]
+            ):
+                params.append("NOTIFY=" + ",".join(notify))
+            if rcpt.orcpt:
+                params.append("ORCPT=" + _orcpt(rcpt.orcpt))
+        return " ".join([f"RCPT TO:<{rcpt.address}>", *params])
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _settle(self, indexes: Iterable[int], reply: Reply) -> None:
+        status = reply.outcome
+        for i in indexes:
+            self.results[i] = RecipientResult(
+                self.recipients[i].address, status, reply.code, reply.text
+            )
+
+    def _settle_open(self, status: str, code: int, text: str, remote: bool) -> None:
+        for i, r in enumerate(self.results):
+            if r is None:
+                self.results[i] = RecipientResult(
+                    self.recipients[i].address, status, code, text, remote
+                )
+
+    async def _quit(self) -> None:
+        if self.session.lost or self.session.error is not None:
+            return
+        try:
+            self.session.send("QUIT")
+            await self.session.read("QUIT", self.t.quit)
+        except SessionError:
+            pass
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# -- deliver -----------------------------------------------------------------------------
+
+
+def deliver(
+    reactor: Any,
+    hops: Sequence[Hop],
+    envelope: Any,
+    body_path: Path | str,
+    helo_name: str,
+    tls_policy: str = TLS_OPPORTUNISTIC,
+    *,
+    auth: Credentials | Mapping[str, Credentials] | None = None,
+    size: int | None = None,
+    body_8bit: bool | None = None,
+    trust_root: Any = None,
+    timeouts: Timeouts | None = None,
+    timeout_scale: float = 1.0,
+    bind_address: str | None = None,
+    auth_requires_tls: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> defer.Deferred[DeliveryResult]:
+    """Deliver one message to one destination; fires with a DeliveryResult.
+
+    ``envelope``: anything with ``originator`` and ``recipients`` (see
+    ``Envelope.from_any``).  ``auth``: one Credentials for every hop or a
+    mapping from host name (or address) to Credentials (*HOSTAUTH).
+    ``size`` defaults to the file size, ``body_8bit`` to a scan of the file.
+    ``trust_root`` replaces the platform's CA store for ``*VERIFY``.  The
+    Deferred fails only on local errors (an unreadable body file, a bad
+    policy name); every network outcome is in the result.
+    """
+    options = _Options(
+        helo_name, tls_policy, (timeouts or Timeouts()).scaled(timeout_scale), auth,
+        trust_root, auth_requires_tls, chunk_size, bind_address,
+    )
+
+    async def run() -> DeliveryResult:
+        if tls_policy not in TLS_POLICIES:
+            raise ValueError(f"tls_policy must be one of {', '.join(TLS_POLICIES)}")
+        job = _Job.build(envelope, Path(body_path), size, body_8bit)
+        return await _deliver(reactor, list(hops), job, options)
+
+    return defer.Deferred.fromCoroutine(run())
+
+
+async def _deliver(reactor: Any, hops: list[Hop], job: _Job, options: _Options) -> DeliveryResult:
+    if all(r is not None for r in job.presettled):
+        return DeliveryResult(job.presettled)  # type: ignore[arg-type]
+    attempts: list[HopAttempt] = []
+    for hop in hops:
+        outcome, remote_ip = await _attempt(reactor, hop, job, options)
+        if outcome.results is not None:
+            return DeliveryResult(
+                outcome.results, hop, remote_ip, outcome.tls, outcome.dsn, tuple(attempts)
+            )
+        log.info("delivery via {where} failed: {error}", where=hop.address, error=outcome.error)
+        attempts.append(HopAttempt(hop, outcome.error or "failed"))
+    text = attempts[-1].error if attempts else "4.4.4 No hop to deliver to"
+    results = tuple(
+        done or RecipientResult(r.address, TEMPORARY, 451, text, remote=False)
+        for r, done in zip(job.envelope.recipients, job.presettled, strict=True)
+    )
+    last = attempts[-1].hop if attempts else None
+    return DeliveryResult(results, None, last.address if last else None, attempts=tuple(attempts))
+
+
+async def _attempt(
+    reactor: Any, hop: Hop, job: _Job, options: _Options
+) -> tuple[_Outcome, str | None]:
+    session = _Session(reactor)
+    endpoint = _endpoint(reactor, hop, options)
+    try:
+        await connectProtocol(endpoint, session)
+    except Exception as e:
+        return _Outcome(error=f"4.4.1 Cannot connect to {hop.host}[{hop.address}]:"
+                              f"{hop.port}: {_reason(e)}"), hop.address
+    try:
+        outcome = await _Conversation(session, hop, job, options).run()
+    finally:
+        await session.close(options.timeouts.close)
+    return outcome, session.peer_ip or hop.address
+
+
+def _endpoint(reactor: Any, hop: Hop, options: _Options) -> Any:
+    v6 = ":" in hop.address
+    bind = None
+    if options.bind_address and (":" in options.bind_address) == v6:
+        bind = (options.bind_address, 0)
+    cls = TCP6ClientEndpoint if v6 else TCP4ClientEndpoint
+    return cls(reactor, hop.address, hop.port, timeout=options.timeouts.connect,
+               bindAddress=bind)
