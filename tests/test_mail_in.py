@@ -352,3 +352,48 @@ def test_usridx_user_gets_mail_in_the_snads_store(post):
     assert path.read_bytes().endswith(b"for the distribution store\r\n")
     entry = [e for e in a.journal("7O")][0]
     assert entry["userid"] == "OVUSER" and entry["address"] == "HQ"
+
+
+def _virus() -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "jane@example.test"
+    msg["Subject"] = "Quarterly figures"
+    msg.set_content("see inside")
+    inner = EmailMessage()
+    inner["Subject"] = "inner"
+    inner.set_content("hi")
+    inner.add_attachment(b"MZ...", maintype="application", subtype="octet-stream",
+                         filename="loveletter.vbs")
+    msg.add_attachment(inner)  # the attachment hides one level down
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+def test_filter_keeps_in_quarantine_then_release(post):
+    a = post
+    rc, out, err = a.cli("addsmtple", "--type", "*FTRFILNAME", "--ftrdata", "*.VBS")
+    assert rc == 0, err
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["sam@example.test"], _virus())
+        s.sendmail("jane@example.test", ["sam@example.test"], b"Subject: clean\r\n\r\nok\r\n")
+    a.wait_mailbox("SAM", 1)
+    a.wait_for(lambda: a.queue_files("quarantine"), 15, "quarantine")
+    rc, out, err = a.cli("wrkq", "--queue", "quarantine")
+    assert "jane@example.test" in out
+    [entry] = a.journal("OW")
+    assert entry["filter"] == "*FTRFILNAME" and entry["value"] == "loveletter.vbs"
+    qid = a.queue_files("quarantine")[0].stem
+    rc, out, err = a.cli("wrkq", "--release", qid)
+    assert rc == 0, err
+    a.wait_mailbox("SAM", 2)
+    assert a.queue_files("quarantine") == []
+
+
+def test_filter_discard(make_appliance):
+    a = make_appliance(smtp={"ftracn": "*DISCARD"}).start()
+    a.user("SAM")
+    a.cli("addsmtple", "--type", "*FTRSUBJECT", "--ftrdata", "Quarterly*")
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["sam@example.test"], _virus())
+    a.wait_for(lambda: a.journal("OW"), 15, "the filter entry")
+    assert a.mailbox("SAM") == [] and a.queue_files("quarantine") == []
+    assert a.journal("OW")[0]["action"] == "discarded"

@@ -130,6 +130,8 @@ CODES: dict[str, str] = {
     "O1": "filtering: originator of a message that matched a filter",
     "O2": "filtering: recipient of a message that matched a filter",
     "O3": "filtering: recipient not delivered, message discarded by a filter",
+    "OW": "filtering: a filter matched (kept in quarantine or discarded, FTRACN), "
+    "or the administrator released or deleted a quarantined message",
     # P: MSF SMTP exit for address resolution (5.4+)
     "P2": "address resolution: recipient resolved (RRSL)",
     "P3": "address resolution: recipient could not be resolved",

@@ -21,7 +21,8 @@ from typing import Any
 import attrs
 
 from twistmail.bridge.nondelivery import Failure, build_notice, notice_id, original_headers
-from twistmail.interfaces import QTMSBSSQ, QTMSINQ, QTMSOUTQ
+from twistmail.interfaces import QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
+from twistmail.policy.filters import examine
 from twistmail.queue import DELIVERED, FAILED, Envelope, Recipient
 
 NONDELIVERY_USER = "NONDELIVERY"
@@ -35,6 +36,7 @@ class Outcome:
     failed: int = 0
     forwarded: int = 0
     parked: bool = False
+    filtered: bool = False
     notice: str | None = None
 
 
@@ -42,7 +44,7 @@ class InboundProcessor:
     """Resolution and local delivery for messages taken from QTMSINQ."""
 
     def __init__(self, *, hostname: str, queue: Any, directory: Any, mailboxes: Any,
-                 snads: Any, journal: Any, storage_full: Any) -> None:
+                 snads: Any, journal: Any, storage_full: Any, ftracn: str = "*KEEP") -> None:
         self.hostname = hostname
         self.queue = queue
         self.directory = directory
@@ -50,6 +52,7 @@ class InboundProcessor:
         self.snads = snads
         self.journal = journal
         self.storage_full = storage_full
+        self.ftracn = ftracn
 
     def process(self, queue_id: str) -> Outcome:
         env = self.queue.load(QTMSINQ, queue_id)
@@ -60,6 +63,10 @@ class InboundProcessor:
             j.write("7L", f"7L TSSQ {QTMSBSSQ}", queue_id, queue=QTMSBSSQ)
             return Outcome(queue_id, parked=True)
         body = self.queue.body_path(queue_id)
+        if not released(env):
+            match = examine(body, env.originator, self.directory)
+            if match is not None:
+                return self._filtered(env, match)
         recipients: list[Recipient] = []
         failures: list[Failure] = []
         forwarded = delivered = 0
@@ -84,6 +91,19 @@ class InboundProcessor:
         else:
             self.queue.remove(QTMSINQ, queue_id)
         return Outcome(queue_id, delivered, len(failures), forwarded, notice=notice)
+
+    def _filtered(self, env: Envelope, match: Any) -> Outcome:
+        """FTRACN: keep the message in quarantine, or discard it (journal OW)."""
+        what = {"filter": match.type, "pattern": match.pattern, "value": match.value[:200]}
+        if self.ftracn == "*KEEP":
+            self.queue.move(env.id, QTMSINQ, QUARANTINE, env.note({"quarantined": what}))
+            action = "kept in quarantine"
+        else:
+            self.queue.remove(QTMSINQ, env.id)
+            action = "discarded"
+        self.journal.write("OW", f"OW {match.type} {action}", env.id, action=action,
+                           ftracn=self.ftracn, originator=env.originator, **what)
+        return Outcome(env.id, filtered=True)
 
     def _one(self, env: Envelope, index: int, rcpt: Recipient, body: Any) -> Recipient:
         j = self.journal
@@ -157,6 +177,11 @@ class InboundProcessor:
         for r in recipients:
             j.write("A2", f"A2 R {r}", nid, recipient=r)
         return nid
+
+
+def released(env: Envelope) -> bool:
+    """Whether an administrator released this message from quarantine."""
+    return any(isinstance(h, dict) and "released" in h for h in env.history)
 
 
 def trace_prefix(originator: str, recipient: str) -> bytes:

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         snads=MaildirStore(datadir / "snads", settings.hostname),
         journal=journal,
         storage_full=probe,
+        ftracn=settings.smtp.ftracn,
     )
     manager = QueueManager(reactor, queue, processor, journal, probe)
     reactor.callWhenRunning(manager.start)

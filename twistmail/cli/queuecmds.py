@@ -7,6 +7,7 @@ administrator can look at the queues while the appliance is down or busy.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -14,7 +15,7 @@ from typing import Any
 
 import click
 
-from twistmail.cli.base import app, cli, usage_error
+from twistmail.cli.base import Failure, app, cli, usage_error
 from twistmail.cli.output import emit_table
 from twistmail.interfaces import QUEUES
 from twistmail.queue import PENDING, FileQueue, QueueEntry, Recipient
@@ -101,8 +102,17 @@ def totals_line(entries: Iterable[QueueEntry], only: str | None = None) -> str:
     help=f"Only this queue (any case): {', '.join(QUEUES)}.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def wrkq(queue: str | None, as_json: bool) -> None:
-    """List queued messages: id, queue, age, size, originator, recipients, attempts, next try."""
+@click.option("--release", metavar="ID", help="Release a quarantined message for delivery.")
+@click.option("--delete", metavar="ID", help="Delete a quarantined message.")
+def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | None) -> None:
+    """List queued messages: id, queue, age, size, originator, recipients, attempts, next try.
+
+    With --release or --delete, act on one message in quarantine (kept there by
+    a content filter with FTRACN *KEEP); a released message skips the filters.
+    """
+    if release or delete:
+        _quarantine_action(release, delete)
+        return
     name = queue_name(queue) if queue is not None else None
     spool = FileQueue.for_settings(app().settings, create=False)
     now = time.time()
@@ -112,3 +122,31 @@ def wrkq(queue: str | None, as_json: bool) -> None:
         return
     emit_table((table_row(e, now) for e in entries), COLUMNS, as_json=False, empty="(no messages)")
     click.echo(totals_line(entries, name))
+
+
+def _quarantine_action(release: str | None, delete: str | None) -> None:
+    from twistmail.interfaces import QTMSINQ, QUARANTINE
+    from twistmail.journal import Journal
+    from twistmail.queue import is_queue_id
+
+    if release and delete:
+        usage_error("--release and --delete: give one of them")
+    qid = release or delete
+    option = "--release" if release else "--delete"
+    if not is_queue_id(qid):
+        usage_error(f"{option}: {qid!r} is not a queue id; allowed: the id wrkq shows")
+    settings = app().settings
+    spool = FileQueue.for_settings(settings, create=False)
+    try:
+        env = spool.load(QUARANTINE, qid)
+    except KeyError:
+        raise Failure(f"{option}: message {qid} is not in quarantine") from None
+    journal = Journal.from_settings(settings, f"WRKQ/{os.getpid()}")
+    if release:
+        spool.move(qid, QUARANTINE, QTMSINQ, env.note({"released": time.time()}))
+        journal.write("OW", f"OW REL {qid}", qid, action="released by the administrator")
+        click.echo(f"message {qid} released to {QTMSINQ}")
+    else:
+        spool.remove(QUARANTINE, qid)
+        journal.write("OW", f"OW DLT {qid}", qid, action="deleted by the administrator")
+        click.echo(f"message {qid} deleted from quarantine")
