@@ -131,3 +131,23 @@ def test_alwrly_all_and_none(make_appliance):
         s.ehlo()
         s.mail("x@elsewhere.test")
         assert s.rcpt("friend@remote.test")[0] == 250
+
+
+def test_vfyfromusr_checks_the_sender(make_appliance):
+    a = make_appliance(smtp={"vfyfromusr": "*YES"}).start()
+    a.user("SAM")
+    a.user("JANE")
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        code, text = s.mail("stranger@remote.test")
+        assert code == 553 and b"VFYFROMUSR" in text
+        assert s.mail("jane@example.test")[0] == 250
+        s.rset()
+        assert s.mail("<>")[0] == 250  # notices keep their null sender
+        s.rset()
+        s.starttls(context=ctx())
+        s.ehlo()
+        s.login("sam", "secret")
+        code, text = s.mail("jane@example.test")
+        assert code == 553 and b"another user than SAM" in text
+        assert s.mail("sam@example.test")[0] == 250

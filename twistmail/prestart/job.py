@@ -146,6 +146,7 @@ class Job:
                 alwplainauth=s.smtp.alwplainauth == "*YES",
                 maxerrors=s.limits.maxerrors,
                 on_auth_failure=self.auth_failed,
+                vfyfromusr=s.smtp.vfyfromusr,
             )
             out[name] = self._tls(factory, options) if name in IMPLICIT_TLS else factory
         return out

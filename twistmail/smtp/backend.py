@@ -41,6 +41,7 @@ class QueueBackend(Backend):
         self.local_domains = tuple(d.lower() for d in settings.system.local_domains)
         self.threshold = settings.storage.threshold
         self.alwrly = settings.smtp.alwrly
+        self.vfyfromusr = settings.smtp.vfyfromusr
         self.popwdw = settings.smtp.popwdw
         self.datadir = settings.datadir
         self.directory = directory
@@ -100,6 +101,27 @@ class QueueBackend(Backend):
                 client_ip, time.time() - 60 * self.popwdw):
             return None
         return f"not allowed by ALWRLY {rule}"
+
+    def check_sender(self, address: Address, client_ip: str, user: str | None) -> Any:
+        return threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self._sender_verdict, address,
+            client_ip, user,
+        )
+
+    def _sender_verdict(self, address: Address, client_ip: str,
+                        user: str | None) -> Verdict | None:
+        """VFYFROMUSR: the MAIL FROM must be a directory entry's, and the user's own."""
+        if self.vfyfromusr == "*NOTACCEPT" and self.directory.address_listed("*ACCEPT",
+                                                                             client_ip):
+            return None
+        res = self.directory.resolve(str(address))
+        if res is None or res.kind == "remote":
+            return Verdict(553, f"5.7.1 <{address}>: Sender address rejected: not in the "
+                           "system distribution directory (VFYFROMUSR)")
+        if user is not None and res.usrprf != user:
+            return Verdict(553, f"5.7.1 <{address}>: Sender address rejected: it belongs to "
+                           f"another user than {user} (VFYFROMUSR)")
+        return None
 
     def authenticate(self, user: str, password: str, client_ip: str) -> Any:
         return threads.deferToThreadPool(

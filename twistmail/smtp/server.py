@@ -85,6 +85,10 @@ class Backend:
         """The user profile, or None; may return a Deferred."""
         raise NotImplementedError
 
+    def check_sender(self, address: Address, client_ip: str, user: str | None) -> Any:
+        """VFYFROMUSR: None when the sender may use ``address``, else a refusing Verdict."""
+        raise NotImplementedError
+
     def new_spool(self) -> Any:
         """A spool with ``id``, ``write(bytes)`` and ``abort()``."""
         raise NotImplementedError
@@ -654,9 +658,20 @@ class SMTPSession(Protocol):
         if self.factory.backend.storage_full():
             self.reply(452, "4.3.1 Insufficient system storage, try again later")
             return None
-        self.txn = Transaction(cmd.address, size_hint, body_8bit)
-        self.reply(250, f"2.1.0 Sender <{cmd.address or ''}> OK")
-        return None
+
+        def accept(verdict: Verdict | None = None) -> None:
+            if verdict is not None:
+                self.reply(verdict.code, verdict.text)
+                return
+            self.txn = Transaction(cmd.address, size_hint, body_8bit)
+            self.reply(250, f"2.1.0 Sender <{cmd.address or ''}> OK")
+
+        if self.factory.vfyfromusr == "*NO" or cmd.address is None:
+            accept()
+            return None
+        d = defer.maybeDeferred(self.factory.backend.check_sender, cmd.address, self.peer_ip,
+                                self.user)
+        return d.addCallback(accept)
 
     def smtp_RCPT(self, arg: str) -> Any:
         if not self._greeted():
@@ -766,6 +781,7 @@ class SMTPFactory(Factory):
         maxerrors: int = 10,
         error_delay: float = 1.0,
         on_auth_failure: Callable[[str], None] | None = None,
+        vfyfromusr: str = "*NO",
     ) -> None:
         self.backend = backend
         self.reactor = reactor
@@ -785,6 +801,7 @@ class SMTPFactory(Factory):
         self.maxerrors = maxerrors
         self.error_delay = error_delay
         self.on_auth_failure = on_auth_failure or (lambda ip: None)
+        self.vfyfromusr = vfyfromusr
 
     @property
     def submission(self) -> bool:
