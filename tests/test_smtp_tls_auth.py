@@ -151,3 +151,32 @@ def test_vfyfromusr_checks_the_sender(make_appliance):
         code, text = s.mail("jane@example.test")
         assert code == 553 and b"another user than SAM" in text
         assert s.mail("sam@example.test")[0] == 250
+
+
+def relay_code(a, source: str, rcpt: str) -> int:
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30, source_address=(source, 0)) as s:
+        s.ehlo()
+        s.mail("someone@elsewhere.test")
+        return s.rcpt(rcpt)[0]
+
+
+@pytest.mark.parametrize(
+    ("alwrly", "expected"),
+    [
+        # (near domain from a listed client, far domain from listed, near from unlisted,
+        #  far from unlisted)
+        ("*NEAR", [250, 550, 250, 550]),
+        ("*LIST", [250, 250, 550, 550]),
+        ("*BOTH", [250, 250, 250, 550]),
+        ("*NONE", [550, 550, 550, 550]),
+    ],
+)
+def test_relay_lists(make_appliance, alwrly, expected):
+    a = make_appliance(smtp={"alwrly": alwrly}).start()
+    assert a.cli("addsmtple", "--type", "*NEAR", "--hostname", "partner.test")[0] == 0
+    assert a.cli("addsmtple", "--type", "*ACCEPT", "--intnetadr", "127.0.0.7")[0] == 0
+    got = [relay_code(a, "127.0.0.7", "x@mail.partner.test"),
+           relay_code(a, "127.0.0.7", "x@far.test"),
+           relay_code(a, "127.0.0.8", "x@partner.test"),
+           relay_code(a, "127.0.0.8", "x@far.test")]
+    assert got == expected

@@ -146,7 +146,9 @@ class Job:
                 alwplainauth=s.smtp.alwplainauth == "*YES",
                 maxerrors=s.limits.maxerrors,
                 on_auth_failure=self.auth_failed,
-                vfyfromusr=s.smtp.vfyfromusr,
+                # ALWAUTH(*LCLRLY) also turns on VFYFROMUSR, as the seed says.
+                vfyfromusr="*YES" if s.smtp.alwauth == "*LCLRLY" and s.smtp.vfyfromusr == "*NO"
+                else s.smtp.vfyfromusr,
             )
             out[name] = self._tls(factory, options) if name in IMPLICIT_TLS else factory
         return out
