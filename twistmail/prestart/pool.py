@@ -40,13 +40,18 @@ KILL_AFTER = 5.0  # seconds between SIGTERM and SIGKILL
 
 @attrs.define(eq=False)
 class Request:
-    """An accepted connection waiting for, or being handed to, a job."""
+    """A program start request: an accepted connection, or a task for a job.
 
-    sock: socket.socket
+    Server jobs get sockets (``sock``); SMTP client jobs get tasks (``task``,
+    one JSON line naming a message and a destination).
+    """
+
+    sock: socket.socket | None
     listener: str
     peer: str
     accepted_at: float
     queued_at: float | None = None
+    task: bytes | None = None
 
 
 @attrs.define(eq=False)
@@ -64,9 +69,15 @@ class Job:
     pending: dict[int, Request] = attrs.field(factory=dict)
     end_reason: str | None = None
     ended: defer.Deferred = attrs.field(factory=defer.Deferred)
+    _view: JobView | None = None
+    _view_key: tuple[Any, ...] = ()
 
     def view(self) -> JobView:
-        return JobView(self.id, self.state, self.uses, self.since)
+        key = (self.state, self.uses, self.since)
+        if self._view is None or self._view_key != key:
+            self._view = JobView(self.id, *key)
+            self._view_key = key
+        return self._view
 
 
 class ControllerChannel(LineOnlyReceiver):
@@ -89,8 +100,13 @@ class ControllerChannel(LineOnlyReceiver):
             self.pool._job_free(self.job)
         elif verb == "AUTHFAIL" and args:
             self.pool.auth_failed(args[0])
+        elif verb == "RESULT" and len(args) >= 2:
+            self.pool.task_done(int(args[0]), line.split(b" ", 2)[2])
 
     def hand(self, token: int, request: Request) -> None:
+        if request.sock is None:
+            self.sendLine(b"TASK %d %s" % (token, request.task))
+            return
         # The descriptor and its carrier line must go out in the same turn.
         self.transport.sendFileDescriptor(request.sock.fileno())
         family = request.sock.family
@@ -144,11 +160,16 @@ class Pool:
         self.session_ended: Callable[[str], None] = lambda ip: None
         #: Called with the client address when a job reports a failed sign-on.
         self.auth_failed: Callable[[str], None] = lambda ip: None
+        #: Called with a task's token and the job's result line (client jobs).
+        self.task_done: Callable[[int, bytes], None] = lambda token, result: None
+        #: Called with a task that no job will run (the entry ended, the wait ran out).
+        self.task_refused: Callable[[Request], None] = lambda request: None
         self._accepting = True
         self._next_id = 1
         self._next_token = 1
         self._timer: Any = None
         self._evaluating = False
+        self._evaluation_due = False
 
     # -- control -------------------------------------------------------
 
@@ -206,11 +227,24 @@ class Pool:
 
     def submit(self, sock: socket.socket, listener: str, peer: str) -> None:
         """A new connection for this entry (a program start request)."""
-        now = self.reactor.seconds()
-        request = Request(sock, listener, peer, now)
-        decision = admit(self._view(), self.entry, self.limits)
+        self.submit_request(Request(sock, listener, peer, self.reactor.seconds()))
+
+    def submit_task(self, task: bytes, destination: str) -> int:
+        """A task for a client job; returns the token its result will carry."""
+        request = Request(None, "task", destination, self.reactor.seconds(), task=task)
+        token = self._next_token
+        self.submit_request(request)
+        return token
+
+    def submit_request(self, request: Request) -> None:
+        now = request.accepted_at
+        peer = request.peer
+        idle = self._pick_idle()
+        light = EntryView(active=self.active, jobs=(idle.view(),) if idle else (),
+                          waiting=(0.0,) * len(self.waiting))
+        decision = admit(light, self.entry, self.limits)
         if decision is Admission.HANDOFF:
-            job = self._pick_idle()
+            job = idle
             self.stats.record_accept()
             self._hand(job, request)
         elif decision is Admission.QUEUE:
@@ -222,15 +256,16 @@ class Pool:
             self._reject(request, reason)
         self.evaluate()
 
-    def _pick_idle(self) -> Job:
+    def _pick_idle(self) -> Job | None:
         # The most recently freed job: it is warm, and the others stay idle
         # long enough to be trimmed.
-        idle = [
-            j for j in self.jobs.values()
-            if j.state is JobState.IDLE
-            and (self.entry.maxuse is None or j.uses < self.entry.maxuse)
-        ]
-        return max(idle, key=lambda j: j.since)
+        best = None
+        maxuse = self.entry.maxuse
+        for j in self.jobs.values():
+            if j.state is JobState.IDLE and (maxuse is None or j.uses < maxuse) and (
+                    best is None or j.since > best.since):
+                best = j
+        return best
 
     def _hand(self, job: Job, request: Request) -> None:
         token = self._next_token
@@ -247,6 +282,9 @@ class Pool:
 
     def _reject(self, request: Request, reason: str) -> None:
         self.stats.record_reject()
+        if request.sock is None:
+            self.task_refused(request)
+            return
         self.session_ended(request.peer)
         if request.listener not in ("smtps", "pop3s"):  # plaintext is noise inside TLS
             try:
@@ -260,16 +298,13 @@ class Pool:
 
     def _dispatch(self) -> None:
         while self.waiting and self.active:
-            if not any(
-                j.state is JobState.IDLE
-                and (self.entry.maxuse is None or j.uses < self.entry.maxuse)
-                for j in self.jobs.values()
-            ):
+            job = self._pick_idle()
+            if job is None:
                 return
             request = self.waiting.popleft()
             now = self.reactor.seconds()
             self.stats.record_accept(waited=now - (request.queued_at or now))
-            self._hand(self._pick_idle(), request)
+            self._hand(job, request)
 
     # -- job events ----------------------------------------------------
 
@@ -310,7 +345,7 @@ class Pool:
 
     def _job_ack(self, job: Job, token: int) -> None:
         request = job.pending.pop(token, None)
-        if request is not None:
+        if request is not None and request.sock is not None:
             request.sock.close()
 
     def _job_free(self, job: Job) -> None:
@@ -326,7 +361,8 @@ class Pool:
 
     def _channel_lost(self, job: Job) -> None:
         for request in job.pending.values():
-            request.sock.close()
+            if request.sock is not None:
+                request.sock.close()
         job.pending.clear()
 
     def _job_ended(self, job: Job, reason: Any) -> None:
@@ -366,7 +402,19 @@ class Pool:
         )
 
     def evaluate(self) -> None:
-        """Apply the rules now; called after every event."""
+        """Apply the rules once this reactor turn is over.
+
+        Events come in bursts (a batch of accepts, a run of FREE lines), and
+        the rules only need the state after the burst: deciding once per turn
+        keeps the controller's cost per session flat as the pool grows.
+        """
+        self._update_accepting()
+        if not self._evaluation_due:
+            self._evaluation_due = True
+            self.reactor.callLater(0, self._evaluate_now)
+
+    def _evaluate_now(self) -> None:
+        self._evaluation_due = False
         if self._evaluating:
             return
         self._evaluating = True
@@ -429,7 +477,8 @@ class Pool:
         self.stats.observe(self.reactor.seconds(), len(self.jobs), busy, len(self.waiting))
 
     def _update_accepting(self) -> None:
-        now_accepting = accepting(self._view(), self.entry, self.limits)
+        light = EntryView(active=self.active, waiting=(0.0,) * len(self.waiting))
+        now_accepting = accepting(light, self.entry, self.limits)
         if now_accepting != self._accepting:
             self._accepting = now_accepting
             for cb in self.accepting_changed:
