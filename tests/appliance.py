@@ -54,6 +54,7 @@ def base_sections(datadir: Path) -> dict[str, dict[str, Any]]:
         "storage": {"threshold": 99},
         "prestart.QTMSSRCP": {"inljobs": 2, "threshold": 1, "adljobs": 2, "maxjobs": 8},
         "prestart.QTPOPSRVP": {"threshold": 1, "adljobs": 1, "maxjobs": 4},
+        "prestart.QTMSCCLCP": {"inljobs": 1, "threshold": 1, "adljobs": 1, "maxjobs": 4},
         "pop": {"nbrsvr": 1},
     }
 

@@ -20,12 +20,11 @@ from typing import Any
 
 import attrs
 
-from twistmail.bridge.nondelivery import Failure, build_notice, notice_id, original_headers
+from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.interfaces import QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
 from twistmail.policy.filters import examine
 from twistmail.queue import DELIVERED, FAILED, Envelope, Recipient
 
-NONDELIVERY_USER = "NONDELIVERY"
 UNKNOWN = ("5.1.1", "550 5.1.1 user unknown: no entry in the system distribution directory")
 
 
@@ -135,48 +134,9 @@ class InboundProcessor:
         return rcpt.evolve(state=DELIVERED, resolved=resolved, delivered_at=now,
                            attempts=rcpt.attempts + 1)
 
-    def _nondelivery_address(self) -> str | None:
-        """The seed's generic NONDELIVERY@<local domain> SMTP name, if enrolled."""
-        for domain in self.directory.local_domains:
-            address = f"{NONDELIVERY_USER}@{domain}"
-            res = self.directory.resolve(address)
-            if res is not None and res.kind in ("pop", "snads") and not res.catchall:
-                return address
-        return None
-
     def _notice(self, env: Envelope, failures: list[Failure], body: Any) -> str | None:
-        j = self.journal
-        if not env.originator:
-            # Never a notice about a notice (null reverse-path).
-            j.write("7U", f"7U DEL {env.id}", env.id, reason="null reverse-path",
-                    recipients=[f.address for f in failures])
-            return None
-        j.write("7P", f"7P UNDL {env.originator}", env.id, originator=env.originator)
-        recipients = [env.originator]
-        copy = self._nondelivery_address()
-        if copy and copy.lower() != env.originator.lower():
-            recipients.append(copy)
-        nid = notice_id(env.id)
-        data = build_notice(
-            hostname=self.hostname, queue_id=env.id, originator=env.originator,
-            arrival=env.received, failures=failures, headers=original_headers(body),
-            message_id=env.message_id,
-        )
-        notice_env = Envelope(id=nid, originator="", recipients=tuple(
-            Recipient(r) for r in recipients), received=time.time(), source="ndn",
-            message_id=f"<{nid}.ndn@{self.hostname}>")
-        try:
-            spool = self.queue.new_spool(notice_env)
-        except ValueError:
-            return nid  # made by an earlier attempt and still queued
-        with spool:
-            spool.write(data)
-            spool.commit(QTMSINQ, notice_env)
-        j.write("AP", f"AP UNDL {nid}", nid, original=env.id)
-        j.write("A1", "A1 O <>", nid, originator="")
-        for r in recipients:
-            j.write("A2", f"A2 R {r}", nid, recipient=r)
-        return nid
+        return queue_notice(self.queue, self.directory, self.journal, self.hostname, env,
+                            failures, body)
 
 
 def released(env: Envelope) -> bool:

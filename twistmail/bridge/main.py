@@ -12,9 +12,12 @@ Run as ``python -m twistmail.bridge.main --config PATH``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 from twistmail import config as configmod
 from twistmail.lifeline import die_with_parent
@@ -54,10 +57,83 @@ def main(argv: list[str] | None = None) -> int:
         ftracn=settings.smtp.ftracn,
     )
     manager = QueueManager(reactor, queue, processor, journal, probe)
+    pool, outbound = _outbound(reactor, settings, queue, processor.directory)
     reactor.callWhenRunning(manager.start)
+    reactor.callWhenRunning(pool.start)
+    reactor.callWhenRunning(outbound.start)
     reactor.addSystemEventTrigger("before", "shutdown", manager.stop)
+    reactor.addSystemEventTrigger("before", "shutdown", outbound.stop)
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: pool.end("*CNTRLD", float(settings.prestart.end_delay),
+                                               reason="shutdown"))
+    status = _StatusFile(reactor, settings.datadir / "run" / "QTMSCCLCP.json", pool)
+    reactor.callWhenRunning(status.start)
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
+        _reload, args.config, pool, outbound, processor))
     reactor.run()
     return 0
+
+
+def _outbound(reactor, settings, queue, directory):  # noqa: ANN001, ANN202
+    from twistmail.bridge.outbound import OutboundManager
+    from twistmail.controller.service import limits_of
+    from twistmail.journal import Journal
+    from twistmail.prestart.pool import Pool
+
+    pool = Pool(reactor, "QTMSCCLCP", settings.prestart.QTMSCCLCP, limits_of(settings),
+                str(settings.path), Journal.from_settings(settings, f"QTSMTPBRSR/{os.getpid()}"),
+                b"")
+    outbound = OutboundManager(reactor, settings, queue, directory,
+                               Journal.from_settings(settings, f"QTSMTPBRSR/{os.getpid()}"),
+                               pool)
+    return pool, outbound
+
+
+def _reload(config_path: str, pool, outbound, processor) -> None:  # noqa: ANN001
+    """SIGHUP from the controller: CHGPJE of QTMSCCLCP, CHGSMTPA, applied live."""
+    from twistmail.controller.service import limits_of
+
+    try:
+        settings = configmod.load(config_path)
+    except (configmod.SettingError, OSError) as e:
+        print(f"settings not reloaded, keeping the old ones: {e}", file=sys.stderr)
+        return
+    pool.reconfigure(settings.prestart.QTMSCCLCP, limits_of(settings))
+    pool.reload_jobs()
+    outbound.settings = settings
+    processor.ftracn = settings.smtp.ftracn
+
+
+class _StatusFile:
+    """DSPACTPJ and WRKACTJOB of the client pool, for the controller to read."""
+
+    def __init__(self, reactor, path: Path, pool) -> None:  # noqa: ANN001
+        self.reactor = reactor
+        self.path = path
+        self.pool = pool
+
+    def start(self) -> None:
+        from twisted.internet import task
+
+        self.loop = task.LoopingCall(self.write)
+        self.loop.clock = self.reactor
+        self.loop.start(1.0, now=True)
+        self.reactor.addSystemEventTrigger("after", "shutdown", self.remove)
+
+    def write(self) -> None:
+        data = {"report": self.pool.report(), "jobs": self.pool.listing(), "at": time.time()}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
 
 
 class _Probe:

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import time
 from email.message import EmailMessage, Message
 from email.policy import SMTP
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 MAX_HEADERS = 64 * 1024
+NONDELIVERY_USER = "NONDELIVERY"
 
 
 @attrs.frozen
@@ -128,3 +131,56 @@ def _headers_part(headers: bytes) -> Message:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:900]
+
+
+def nondelivery_address(directory: Any) -> str | None:
+    """The seed's generic NONDELIVERY@<local domain> SMTP name, if enrolled."""
+    for domain in directory.local_domains:
+        address = f"{NONDELIVERY_USER}@{domain}"
+        res = directory.resolve(address)
+        if res is not None and res.kind in ("pop", "snads") and not res.catchall:
+            return address
+    return None
+
+
+def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: Any,
+                 failures: list[Failure], body: Path) -> str | None:
+    """Queue one notice about ``failures`` in QTMSINQ; its queue id, or None.
+
+    None when the message had a null reverse-path: a notice about a notice
+    is never sent (7U).  The notice's id derives from the original's, so a
+    repeated call after a crash makes the same message, not a second one.
+    """
+    from twistmail.interfaces import QTMSINQ
+    from twistmail.queue import Envelope, Recipient
+
+    if not env.originator:
+        journal.write("7U", f"7U DEL {env.id}", env.id, reason="null reverse-path",
+                      recipients=[f.address for f in failures])
+        return None
+    journal.write("7P", f"7P UNDL {env.originator}", env.id, originator=env.originator)
+    recipients = [env.originator]
+    copy = nondelivery_address(directory)
+    if copy and copy.lower() != env.originator.lower():
+        recipients.append(copy)
+    nid = notice_id(env.id)
+    data = build_notice(
+        hostname=hostname, queue_id=env.id, originator=env.originator,
+        arrival=env.received, failures=failures, headers=original_headers(body),
+        message_id=env.message_id,
+    )
+    notice_env = Envelope(id=nid, originator="", recipients=tuple(
+        Recipient(r) for r in recipients), received=time.time(), source="ndn",
+        message_id=f"<{nid}.ndn@{hostname}>")
+    try:
+        spool = queue.new_spool(notice_env)
+    except ValueError:
+        return nid  # made by an earlier attempt and still queued
+    with spool:
+        spool.write(data)
+        spool.commit(QTMSINQ, notice_env)
+    journal.write("AP", f"AP UNDL {nid}", nid, original=env.id)
+    journal.write("A1", "A1 O <>", nid, originator="")
+    for r in recipients:
+        journal.write("A2", f"A2 R {r}", nid, recipient=r)
+    return nid

@@ -11,6 +11,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -150,3 +151,32 @@ def _quarantine_action(release: str | None, delete: str | None) -> None:
         spool.remove(QUARANTINE, qid)
         journal.write("OW", f"OW DLT {qid}", qid, action="deleted by the administrator")
         click.echo(f"message {qid} deleted from quarantine")
+
+
+def _dstq(dstq: str) -> Path:
+    from twistmail.bridge.outbound import hold_flag
+
+    if dstq.strip().upper() != "QSMTPQ":
+        usage_error(f"--dstq: {dstq!r} is not a distribution queue here; allowed: QSMTPQ "
+                    "(the queue SMTP delivers from)")
+    return hold_flag(FileQueue.for_settings(app().settings).root)
+
+
+@cli.command()
+@click.option("--dstq", default="QSMTPQ", show_default=True, help="Distribution queue: QSMTPQ")
+@click.option("--pty", default="*NORMAL", show_default=True, help="*NORMAL or *HIGH")
+def hlddstq(dstq: str, pty: str) -> None:
+    """Hold outbound delivery (HLDDSTQ): mail stays queued and visible in wrkq."""
+    flag = _dstq(dstq)
+    flag.touch()
+    click.echo("QSMTPQ held: outbound mail stays queued until rlsdstq")
+
+
+@cli.command()
+@click.option("--dstq", default="QSMTPQ", show_default=True, help="Distribution queue: QSMTPQ")
+@click.option("--pty", default="*NORMAL", show_default=True, help="*NORMAL or *HIGH")
+def rlsdstq(dstq: str, pty: str) -> None:
+    """Release outbound delivery held with hlddstq (RLSDSTQ)."""
+    flag = _dstq(dstq)
+    flag.unlink(missing_ok=True)
+    click.echo("QSMTPQ released: outbound delivery resumes")

@@ -257,11 +257,23 @@ class Controller(service.Service):
 
     # -- control commands ---------------------------------------------
 
+    def _client_pool_status(self) -> dict[str, Any] | None:
+        """The bridge's QTMSCCLCP pool, as the bridge last wrote it (every second)."""
+        import json
+
+        if self.bridge is None or self.bridge.pid is None:
+            return None
+        try:
+            return json.loads((self.settings.datadir / "run" / "QTMSCCLCP.json").read_text())
+        except (OSError, ValueError):
+            return None
+
     def _pool(self, pgm: str) -> Pool:
         pgm = (pgm or "").upper()
         if pgm not in self.pools:
             if pgm in configmod.PROGRAMS:
-                raise ControlError(f"prestart entry {pgm} is not active in this release")
+                raise ControlError(f"prestart entry {pgm} has no jobs: the bridge that owns "
+                                   "it is not running (STRMSF)")
             raise ControlError(
                 f"--pgm: {pgm!r} is not a prestart entry; allowed: {', '.join(self.pools)}",
                 usage=True,
@@ -291,6 +303,10 @@ class Controller(service.Service):
         }
 
     def cmd_dspactpj(self, pgm: str, reset: bool = False) -> dict[str, Any]:
+        if (pgm or "").upper() == "QTMSCCLCP":
+            status = self._client_pool_status()
+            if status is not None:
+                return status["report"]
         return self._pool(pgm).report(reset=reset)
 
     def cmd_wrkactjob(self) -> list[dict[str, Any]]:
@@ -308,6 +324,9 @@ class Controller(service.Service):
             })
         for pool in self.pools.values():
             rows.extend(pool.listing())
+        status = self._client_pool_status()
+        if status is not None:
+            rows.extend(status["jobs"])
         return rows
 
     def cmd_reload(self) -> dict[str, Any]:
@@ -324,6 +343,10 @@ class Controller(service.Service):
                 applied.append(f"prestart.{pgm}")
         if (new.smtp, new.limits) != (old.smtp, old.limits):
             self.policy.configure(new)
+        if self.bridge is not None and self.bridge.process is not None:
+            # The bridge owns the client pool and the delivery settings.
+            self.bridge.process.signalProcess("HUP")
+            applied.append("bridge")
         if (new.smtp, new.pop, new.journal, new.storage, new.limits) != (
                 old.smtp, old.pop, old.journal, old.storage, old.limits):
             for pool in self.pools.values():

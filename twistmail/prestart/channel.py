@@ -5,6 +5,7 @@ Controller to job::
     FD <token> <listener> <family>     (with one socket passed by SCM_RIGHTS)
     END                                (end when idle; a busy job ends after its session)
     CFG                                (re-read the settings file for new sessions)
+    TASK <token> <json>                (SMTP client jobs: deliver one message to one domain)
 
 Job to controller::
 
@@ -12,6 +13,7 @@ Job to controller::
     ACK <token>                        (took the socket: the controller closes its copy)
     FREE                               (session over, waiting for work)
     AUTHFAIL <ip>                      (a sign-on failed; the controller counts per address)
+    RESULT <token> <json>              (a task's outcome, before FREE)
 
 Every passed descriptor travels with the bytes of its FD line, written in the
 same reactor turn (TWISTED.md §1.4: a descriptor without a data byte makes
@@ -21,7 +23,7 @@ Twisted drop the channel).
 from __future__ import annotations
 
 DELIMITER = b"\n"
-MAX_LINE = 1024
+MAX_LINE = 4 * 1024 * 1024  # task and result lines carry recipient lists
 
 
 def fd_line(token: int, listener: str, family: int) -> bytes:

@@ -60,6 +60,8 @@ class JobChannel(LineOnlyReceiver):
             self.job.end_requested()
         elif verb == "CFG":
             self.job.reconfigure()
+        elif verb == "TASK" and args:
+            self.job.run_task(args[0], line.split(b" ", 2)[2])
 
     def connectionLost(self, reason: object = None) -> None:
         self.job.channel_lost()
@@ -74,12 +76,41 @@ class Job:
         self.ending = False
         self.stopping = False
         self.channel: JobChannel | None = None
+        self.deliverer: Any = None
         self.factories = self._factories()
 
     def _factories(self) -> dict[str, Factory]:
         if self.pgm == "QTPOPSRVP":
             return self._pop_factories()
+        if self.pgm == "QTMSCCLCP":
+            self.deliverer = self._deliverer()
+            return {}
         return self._smtp_factories()
+
+    def _deliverer(self) -> Any:
+        from twistmail.directory import SqliteDirectory
+        from twistmail.journal import Journal
+        from twistmail.queue import FileQueue
+        from twistmail.smtp.delivery import Deliverer
+
+        s = self.settings
+        journal = Journal.from_settings(s, f"QTSMTPCLTP/{os.getpid()}")
+        return Deliverer(self.reactor, s, FileQueue.for_settings(s),
+                         SqliteDirectory.from_settings(s), journal)
+
+    def run_task(self, token: str, payload: bytes) -> None:
+        """An SMTP client job's work: deliver, report RESULT, then FREE."""
+        self.sessions += 1
+        if self.channel is not None:
+            self.channel.sendLine(b"ACK " + token.encode("ascii"))
+        d = self.deliverer.run(payload)
+
+        def report(result: bytes) -> None:
+            if self.channel is not None:
+                self.channel.sendLine(b"RESULT " + token.encode("ascii") + b" " + result)
+            self.done()
+
+        d.addCallback(report)
 
     @staticmethod
     def _tls(inner: Factory, options: Any) -> Factory:

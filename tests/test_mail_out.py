@@ -1,0 +1,120 @@
+"""Mail leaves the box: client jobs deliver through the mail router, retry, and bounce."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import time
+
+import pytest
+from test_smtp_client import Behaviour, Sink
+
+
+@pytest.fixture
+def sink():
+    s = Sink()
+    yield s
+    s.stop()
+
+
+def outbound(make_appliance, sink, **smtp):
+    settings = {"mailrouter": f"127.0.0.1:{sink.port}", "firewall": "*YES", "alwrly": "*ALL",
+                "rtymin": [2, 0], **smtp}
+    a = make_appliance(smtp=settings).start()
+    a.user("SAM")
+    return a
+
+
+def send(a, rcpts, body=b"Subject: out\r\n\r\nto the world\r\n"):
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        return s.sendmail("sam@example.test", rcpts, body)
+
+
+def test_relayed_mail_is_delivered_by_a_client_job(make_appliance, sink):
+    a = outbound(make_appliance, sink)
+    send(a, ["friend@remote.test", "other@remote.test"])
+    a.wait_for(lambda: sink.messages, 20, "delivery to the mail router")
+    [m] = sink.messages  # one connection, one transaction for both recipients
+    assert sorted(m.recipients) == ["friend@remote.test", "other@remote.test"]
+    assert m.content.endswith(b"\r\n\r\nto the world\r\n")
+    a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 10, "QTMSOUTQ to empty")
+    codes = [e["code"] for e in a.journal()]
+    assert {"96", "8B", "88", "82"} <= set(codes)
+    assert codes.count("82") == 2
+    rc, out, err = a.cli("dspactpj", "--pgm", "QTMSCCLCP")
+    assert rc == 0 and "Program start requests: number accepted" in out, err
+    rc, out, err = a.cli("wrkactjob")
+    assert "QTSMTPCLTP" in out
+
+
+def test_permanent_failure_makes_one_notice(make_appliance, sink):
+    sink.behaviour = Behaviour(rcpt=lambda addr: "550 5.1.1 no such user"
+                               if addr.startswith("bad") else "250 2.1.5 ok")
+    a = outbound(make_appliance, sink)
+    send(a, ["bad@remote.test", "good@remote.test"])
+    a.wait_for(lambda: sink.messages, 20, "the good recipient")
+    [notice] = a.wait_mailbox("SAM", 1)
+    msg = email.message_from_bytes(notice.read_bytes(), policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    raw = notice.read_bytes()
+    assert b"Final-Recipient: rfc822; bad@remote.test" in raw and b"good@remote.test" not in \
+        raw.split(b"message/delivery-status")[1].split(b"text/rfc822-headers")[0]
+    assert {"83", "87", "AP"} <= {e["code"] for e in a.journal()}
+    a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 10)
+
+
+def test_temporary_failure_retries_only_the_failed_recipient(make_appliance, sink):
+    tries = {"n": 0}
+
+    def rcpt(addr: str) -> str:
+        if addr.startswith("slow"):
+            tries["n"] += 1
+            return "451 4.2.0 try later" if tries["n"] == 1 else "250 2.1.5 ok"
+        return "250 2.1.5 ok"
+
+    sink.behaviour = Behaviour(rcpt=rcpt)
+    a = outbound(make_appliance, sink)
+    send(a, ["slow@remote.test", "fast@remote.test"])
+    a.wait_for(lambda: len(sink.messages) == 2, 30, "first delivery, then the retry")
+    assert sink.messages[0].recipients == ["fast@remote.test"] or \
+        sorted(sink.messages[0].recipients) == ["fast@remote.test", "slow@remote.test"]
+    assert sink.messages[1].recipients == ["slow@remote.test"]
+    codes = [e["code"] for e in a.journal()]
+    assert "8C" in codes and "8E" in codes
+    a.wait_for(lambda: not a.queue_files("QTMSOUTQ") and not a.queue_files("QTMSRTQ1"), 10)
+    assert a.mailbox("SAM") == []  # no notice: everything was delivered
+
+
+def test_retries_used_up_make_a_notice(make_appliance, sink):
+    sink.behaviour = Behaviour(rcpt=lambda addr: "451 4.2.0 try later")
+    a = outbound(make_appliance, sink, rtymin=[1, 0], rtyhour=[1, 0])
+    send(a, ["never@remote.test"])
+    [notice] = a.wait_mailbox("SAM", 1, timeout=40)
+    assert b"Final-Recipient: rfc822; never@remote.test" in notice.read_bytes()
+    codes = [e["code"] for e in a.journal()]
+    assert codes.count("8B") == 3  # the first try, one from RTQ1, one from RTQ2
+    assert {"8C", "8D", "8E", "8F", "83"} <= set(codes)
+
+
+def test_hold_and_release_outbound(make_appliance, sink):
+    a = outbound(make_appliance, sink)
+    rc, out, err = a.cli("hlddstq", "--dstq", "QSMTPQ")
+    assert rc == 0, err
+    send(a, ["friend@remote.test"])
+    time.sleep(3)
+    assert sink.messages == []
+    rc, out, err = a.cli("wrkq", "--queue", "QTMSOUTQ")
+    assert "friend@remote.test" in out
+    rc, out, err = a.cli("rlsdstq", "--dstq", "QSMTPQ")
+    assert rc == 0
+    a.wait_for(lambda: sink.messages, 20, "delivery after the release")
+    rc, out, err = a.cli("hlddstq", "--dstq", "QXYZ")
+    assert rc == 2 and "QSMTPQ" in err
+
+
+def test_chgpje_of_the_client_pool_applies_live(make_appliance, sink):
+    a = outbound(make_appliance, sink)
+    rc, out, err = a.cli("chgpje", "--pgm", "QTMSCCLCP", "--inljobs", "2", "--maxjobs", "5")
+    assert rc == 0, err
+    a.wait_for(lambda: a.count("QTMSCCLCP", "PSRW") == 2, 20, "two client jobs")

@@ -1,0 +1,304 @@
+"""The bridge's outbound side: QTMSOUTQ, the retry queues and the client jobs.
+
+Messages on QTMSOUTQ are split by destination domain; each (message,
+domain) becomes a task for a QTMSCCLCP client job from the bridge's own
+prestart pool.  At most ``CONNECTIONS_PER_DOMAIN`` tasks run per domain
+(the "connection matrix"); a message whose domain is full waits on QTMSOUTQ
+(86).  When every task of a message has answered, the bridge settles it:
+
+* delivered recipients are done (the job journaled 88/82);
+* permanently failed ones get one nondelivery notice (83, then 87 and the
+  notice through QTMSINQ);
+* temporarily failed ones make the message wait on QTMSRTQ1 for RTYMIN
+  (count, minutes), then on QTMSRTQ2 for RTYDAY or RTYHOUR (8C, 8D); due
+  mail goes back to QTMSOUTQ (8E, 8F); when the retries are used up the
+  remaining recipients fail (83) and get a notice.
+
+State is per recipient, so a partial success retries only the failed ones.
+``hlddstq QSMTPQ`` (a flag file) stops dispatching; mail stays queued.
+
+The bridge alone moves messages between these queues, one message at a
+time, in worker threads.  Settings honoured: ``[smtp] rtymin rtyday
+rtyhour``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import task, threads
+from twisted.logger import Logger
+
+from twistmail.bridge.nondelivery import Failure, queue_notice
+from twistmail.interfaces import QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
+from twistmail.queue import DELIVERED, FAILED, PENDING, Envelope
+
+SCAN_EVERY = 1.0  # seconds
+CONNECTIONS_PER_DOMAIN = 4
+HOLD_FLAG = "QSMTPQ.held"
+
+
+def hold_flag(queue_root: Path) -> Path:
+    return queue_root / HOLD_FLAG
+
+
+class OutboundManager:
+    log = Logger()
+
+    def __init__(self, reactor: Any, settings: Any, queue: Any, directory: Any,
+                 journal: Any, pool: Any) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.queue = queue
+        self.directory = directory
+        self.journal = journal
+        self.pool = pool
+        pool.task_done = self._result
+        pool.task_refused = self._refused
+        self.tasks: dict[int, tuple[str, str]] = {}  # token -> (queue id, domain)
+        self.open: dict[str, set[str]] = {}  # queue id -> domains still running
+        self.per_domain: collections.Counter[str] = collections.Counter()
+        self.full_noted: set[tuple[str, str]] = set()
+        self.busy: set[str] = set()  # messages being settled or scanned
+        self.loop: task.LoopingCall | None = None
+        self.scanning = False
+        self.lock = threading.Lock()  # envelope updates of this manager, one at a time
+
+    def start(self) -> None:
+        self.loop = task.LoopingCall(self.scan)
+        self.loop.clock = self.reactor
+        self.loop.start(SCAN_EVERY, now=True)
+
+    def stop(self) -> None:
+        if self.loop is not None and self.loop.running:
+            self.loop.stop()
+
+    @property
+    def held(self) -> bool:
+        return hold_flag(self.queue.root).exists()
+
+    # -- scanning --------------------------------------------------------------
+
+    def scan(self) -> Any:
+        if self.scanning:
+            return None
+        self.scanning = True
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._due)
+        d.addCallback(self._dispatch)
+        d.addErrback(lambda f: self.log.failure("outbound scan failed", f))
+
+        def done(_: Any) -> None:
+            self.scanning = False
+
+        return d.addBoth(done)
+
+    def _due(self) -> tuple[list[tuple[Envelope, dict[str, list[str]]]], list[str]]:
+        """Return due retries to QTMSOUTQ; the work waiting there, by domain.
+
+        Also the messages on QTMSOUTQ with nothing left to send (a crash
+        between the last result and settling), to be settled now.
+        """
+        now = time.time()
+        for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
+            for qid in self.queue.list(source):
+                try:
+                    env = self.queue.load(source, qid)
+                except (KeyError, ValueError):
+                    continue
+                if env.next_try is None or env.next_try <= now:
+                    self.queue.move(qid, source, QTMSOUTQ)
+                    self.journal.write(code, f"{code} TOQ {QTMSOUTQ}", qid, queue=source)
+        if self.held:
+            return [], []
+        work, settle = [], []
+        for qid in self.queue.list(QTMSOUTQ):
+            if qid in self.open or qid in self.busy:
+                continue
+            try:
+                env = self.queue.load(QTMSOUTQ, qid)
+            except (KeyError, ValueError):
+                continue
+            groups: dict[str, list[str]] = {}
+            for r in env.recipients:
+                if r.state == PENDING:
+                    domain = r.address.rpartition("@")[2].lower().rstrip(".")
+                    groups.setdefault(domain, []).append(r.address)
+            if groups:
+                work.append((env, groups))
+            else:
+                settle.append(qid)
+        return work, settle
+
+    def _dispatch(self, found: tuple[list[Any], list[str]]) -> None:
+        work, settle = found
+        for qid in settle:
+            if qid not in self.open and qid not in self.busy:
+                self._settle(qid)
+        for env, groups in work:
+            if env.id in self.open or env.id in self.busy:
+                continue
+            full = [d for d in groups if self.per_domain[d] >= CONNECTIONS_PER_DOMAIN]
+            if full:
+                # Every destination of a message starts together, so one try
+                # is one try for all of them: this one waits for a free slot.
+                for domain in full:
+                    if (env.id, domain) not in self.full_noted:
+                        self.full_noted.add((env.id, domain))
+                        self.journal.write("86", f"86 TOQ {QTMSOUTQ}", env.id, domain=domain,
+                                           reason="connection matrix full")
+                continue
+            self.open[env.id] = set(groups)
+            for domain, rcpts in groups.items():
+                self.per_domain[domain] += 1
+                line = json.dumps({"id": env.id, "queue": QTMSOUTQ, "domain": domain,
+                                   "recipients": rcpts}).encode()
+                token = self.pool.submit_task(line, domain)
+                self.tasks[token] = (env.id, domain)
+
+    # -- results -----------------------------------------------------------------
+
+    def _refused(self, request: Any) -> None:
+        """No client job ran the task (the entry ended, the wait ran out): later."""
+        for token, (qid, domain) in list(self.tasks.items()):
+            if request.task and json.loads(request.task)["id"] == qid and \
+                    json.loads(request.task)["domain"] == domain:
+                self._forget(token)
+
+    def _forget(self, token: int) -> tuple[str, str] | None:
+        entry = self.tasks.pop(token, None)
+        if entry is None:
+            return None
+        qid, domain = entry
+        self.per_domain[domain] -= 1
+        if self.per_domain[domain] <= 0:
+            del self.per_domain[domain]
+        domains = self.open.get(qid)
+        if domains is not None:
+            domains.discard(domain)
+            if not domains:
+                del self.open[qid]
+        return entry
+
+    def _result(self, token: int, line: bytes) -> None:
+        entry = self.tasks.get(token)
+        if entry is None:
+            return
+        qid, domain = entry
+        try:
+            result = json.loads(line)
+        except ValueError:
+            result = {"results": []}
+        self.busy.add(qid)
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                      self._record, qid, result)
+        d.addErrback(lambda f: self.log.failure("recording a delivery result failed", f))
+
+        def recorded(_: Any) -> None:
+            self._forget(token)
+            self.busy.discard(qid)
+            if qid not in self.open:
+                self._settle(qid)
+
+        d.addBoth(recorded)
+
+    def _record(self, qid: str, result: dict[str, Any]) -> None:
+        """Write one task's per-recipient outcomes into the envelope."""
+        with self.lock:
+            self._record_locked(qid, result)
+
+    def _record_locked(self, qid: str, result: dict[str, Any]) -> None:
+        env = self.queue.load(QTMSOUTQ, qid)
+        outcome = {r["address"]: r for r in result.get("results", [])}
+        now = time.time()
+        recipients = []
+        for r in env.recipients:
+            o = outcome.get(r.address)
+            if o is None or r.state != PENDING:
+                recipients.append(r)
+            elif o["status"] == "delivered":
+                recipients.append(r.evolve(state=DELIVERED, delivered_at=now,
+                                           attempts=r.attempts + 1))
+            elif o["status"] == "permanent":
+                recipients.append(r.evolve(state=FAILED, attempts=r.attempts + 1,
+                                           last_error=f"{o['code']} {o['text']}"))
+            else:
+                recipients.append(r.evolve(attempts=r.attempts + 1,
+                                           last_error=f"{o['code']} {o['text']}"))
+        self.queue.update(QTMSOUTQ, env.with_recipients(recipients))
+
+    def _settle(self, qid: str) -> None:
+        self.busy.add(qid)
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                      self._settle_message, qid)
+        d.addErrback(lambda f: self.log.failure("settling {qid} failed", f, qid=qid))
+        d.addBoth(lambda _: self.busy.discard(qid))
+
+    def _settle_message(self, qid: str) -> None:
+        """All tasks of a message have answered: notice, retry queue, or done."""
+        with self.lock:
+            self._settle_locked(qid)
+
+    def _settle_locked(self, qid: str) -> None:
+        try:
+            env = self.queue.load(QTMSOUTQ, qid)
+        except KeyError:
+            return
+        self.full_noted = {k for k in self.full_noted if k[0] != qid}
+        pending = [r for r in env.recipients if r.state == PENDING]
+        attempts = env.attempts + 1
+        target = self._retry_target(attempts) if pending else None
+        if pending and target is None:
+            # Retries used up: what is left fails now.
+            env = env.with_recipients(
+                r.evolve(state=FAILED, last_error=(r.last_error or "4.4.7 retries exhausted")
+                         + " (retries exhausted)") if r.state == PENDING else r
+                for r in env.recipients)
+            pending = []
+        noticed = {a for h in env.history if isinstance(h, dict) for a in h.get("noticed", ())}
+        failed_now = [r for r in env.recipients if r.state == FAILED
+                      and r.address not in noticed]
+        if failed_now:
+            for r in failed_now:
+                self.journal.write("83", f"83 U {r.address}", qid, recipient=r.address,
+                                   reason=r.last_error)
+            self.journal.write("87", f"87 TIQ notice {qid}", qid)
+            failures = [Failure(r.address, _status(r.last_error), r.last_error or "failed")
+                        for r in failed_now]
+            queue_notice(self.queue, self.directory, self.journal, self.settings.hostname,
+                         env, failures, self.queue.body_path(qid))
+            env = env.note({"noticed": [r.address for r in failed_now]})
+        if pending:
+            queue_name, code, delay = target
+            env = env.evolve(attempts=attempts, next_try=time.time() + delay)
+            self.queue.move(qid, QTMSOUTQ, queue_name, env)
+            self.journal.write(code, f"{code} TRQ {queue_name}", qid, queue=queue_name,
+                               attempts=attempts, next_try=env.next_try,
+                               recipients=[r.address for r in pending])
+        else:
+            self.queue.remove(QTMSOUTQ, qid)
+
+    def _retry_target(self, attempts: int) -> tuple[str, str, float] | None:
+        """Where a message waits after its ``attempts``-th try, or None when used up."""
+        s = self.settings.smtp
+        first_count, first_minutes = s.rtymin
+        if attempts <= first_count:
+            return QTMSRTQ1, "8C", 60.0 * first_minutes
+        second_count, second_unit = (s.rtyday[0], 86400.0 * s.rtyday[1]) if s.rtyday[0] \
+            else (s.rtyhour[0], 3600.0 * s.rtyhour[1])
+        if attempts <= first_count + second_count:
+            return QTMSRTQ2, "8D", second_unit
+        return None
+
+
+def _status(error: str | None) -> str:
+    """The enhanced status code in a recorded reply, for the notice."""
+    for word in (error or "").split():
+        parts = word.split(".")
+        if len(parts) == 3 and all(p.isdigit() for p in parts) and word[0] in "245":
+            return "5" + word[1:] if word[0] == "4" else word
+    return "5.0.0"
