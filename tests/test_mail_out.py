@@ -118,3 +118,74 @@ def test_chgpje_of_the_client_pool_applies_live(make_appliance, sink):
     rc, out, err = a.cli("chgpje", "--pgm", "QTMSCCLCP", "--inljobs", "2", "--maxjobs", "5")
     assert rc == 0, err
     a.wait_for(lambda: a.count("QTMSCCLCP", "PSRW") == 2, 20, "two client jobs")
+
+
+def test_percent_routing(make_appliance, sink):
+    a = outbound(make_appliance, sink, pctrtgchr="*YES")
+    send(a, ["friend%remote.test@example.test"])
+    a.wait_for(lambda: sink.messages, 20, "% routed delivery")
+    assert sink.messages[0].recipients == ["friend@remote.test"]
+    b = outbound(make_appliance, sink)  # *NO, the default: % is part of a local name
+    with smtplib.SMTP(*b.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        s.mail("sam@example.test")
+        assert s.rcpt("friend%remote.test@example.test")[0] == 550
+
+
+def test_mx_routing_through_a_loopback_dns(make_appliance, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.3", 25))
+    except OSError:
+        pytest.skip("cannot listen on 127.0.0.3:25 here")
+    finally:
+        probe.close()
+    mx_sink = Sink(host="127.0.0.3", port=25)
+    zone = tmp_path / "zone.json"
+    zone.write_text(json.dumps({
+        "remote.test": {"MX": [[10, "mx1.remote.test"], [20, "mx2.remote.test"]]},
+        "mx1.remote.test": {"A": ["127.0.0.3"]},
+        "mx2.remote.test": {"A": ["127.0.0.4"]},
+        "nullmx.test": {"MX": [[0, "."]]},
+    }))
+    dns = subprocess.Popen([sys.executable, str(Path(__file__).parent / "dnsserver.py"),
+                            str(zone)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        port = int(dns.stdout.readline())
+        a = make_appliance(smtp={"alwrly": "*ALL", "nameservers": [f"127.0.0.1:{port}"]}
+                           ).start()
+        a.user("SAM")
+        send(a, ["friend@remote.test", "x@nullmx.test"])
+        a.wait_for(lambda: mx_sink.messages, 30, "delivery to the preferred MX")
+        assert mx_sink.messages[0].recipients == ["friend@remote.test"]
+        [notice] = a.wait_mailbox("SAM", 1)  # a null MX is a permanent failure
+        assert b"Final-Recipient: rfc822; x@nullmx.test" in notice.read_bytes()
+    finally:
+        dns.stdin.close()
+        dns.wait(10)
+        mx_sink.stop()
+
+
+def test_etrn_starts_delivery_of_held_back_mail(make_appliance, sink):
+    state = {"up": False}
+    sink.behaviour = Behaviour(rcpt=lambda addr: "250 2.1.5 ok" if state["up"]
+                               else "451 4.4.1 not now")
+    a = outbound(make_appliance, sink, rtymin=[3, 60], etrnsvr="*YES")
+    send(a, ["friend@remote.test"])
+    a.wait_for(lambda: a.queue_files("QTMSRTQ1"), 20, "the message on the retry queue")
+    state["up"] = True
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        assert s.has_extn("etrn")
+        code, text = s.docmd("ETRN", "remote.test")
+        assert code == 459  # not in the *ETRNSVR list
+        assert a.cli("addsmtple", "--type", "*ETRNSVR", "--intnetadr", "127.0.0.1")[0] == 0
+        code, text = s.docmd("ETRN", "remote.test")
+        assert code == 250, text
+    a.wait_for(lambda: sink.messages, 20, "delivery started by ETRN, not after 60 minutes")

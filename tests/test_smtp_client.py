@@ -160,7 +160,8 @@ class _Reader:
 class Sink:
     """A threaded SMTP receiver that records commands, batches and messages."""
 
-    def __init__(self, behaviour: Behaviour | None = None) -> None:
+    def __init__(self, behaviour: Behaviour | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self.behaviour = behaviour or Behaviour()
         self.commands: list[str] = []
         self.batches: list[tuple[str, int]] = []  # (verb, receive number)
@@ -179,7 +180,7 @@ class Sink:
                 except (EOFError, OSError, ssl.SSLError):
                     pass
 
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server = socketserver.ThreadingTCPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,))

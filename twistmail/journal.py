@@ -86,6 +86,7 @@ CODES: dict[str, str] = {
     "96": "SMTP server: placed on QTMSOUTQ",
     "9S": "SMTP server: connection rejected",
     "9V": "SMTP server: relay rejected",
+    "9Y": "SMTP server: ETRN accepted, delivery of the node's queued mail started (twistmail)",
     "9W": "SMTP server: client authenticated (AUTH), with its IP and user profile (twistmail)",
     "9X": "SMTP server: authentication failed, with the client IP (twistmail)",
     # A: MSF nondelivery

@@ -47,6 +47,25 @@ def hold_flag(queue_root: Path) -> Path:
     return queue_root / HOLD_FLAG
 
 
+def request_flush(queue_root: Path, node: str) -> None:
+    """ETRN: ask the bridge to make the mail for ``node`` due now (a request file)."""
+    d = queue_root / "etrn"
+    d.mkdir(exist_ok=True)
+    (d / node.lower().strip(".").replace("/", "_")).touch()
+
+
+def _flush_requests(queue_root: Path) -> set[str]:
+    d = queue_root / "etrn"
+    nodes = set()
+    try:
+        for f in d.iterdir():
+            nodes.add(f.name)
+            f.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    return nodes
+
+
 class OutboundManager:
     log = Logger()
 
@@ -104,13 +123,16 @@ class OutboundManager:
         between the last result and settling), to be settled now.
         """
         now = time.time()
+        flush = _flush_requests(self.queue.root)
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
             for qid in self.queue.list(source):
                 try:
                     env = self.queue.load(source, qid)
                 except (KeyError, ValueError):
                     continue
-                if env.next_try is None or env.next_try <= now:
+                if env.next_try is None or env.next_try <= now or (flush and any(
+                        r.state == PENDING and _in_node(r.address, flush)
+                        for r in env.recipients)):
                     self.queue.move(qid, source, QTMSOUTQ)
                     self.journal.write(code, f"{code} TOQ {QTMSOUTQ}", qid, queue=source)
         if self.held:
@@ -293,6 +315,11 @@ class OutboundManager:
         if attempts <= first_count + second_count:
             return QTMSRTQ2, "8D", second_unit
         return None
+
+
+def _in_node(address: str, nodes: set[str]) -> bool:
+    domain = address.rpartition("@")[2].lower().rstrip(".")
+    return any(domain == n or domain.endswith("." + n) for n in nodes)
 
 
 def _status(error: str | None) -> str:

@@ -180,6 +180,7 @@ class Job:
                 # ALWAUTH(*LCLRLY) also turns on VFYFROMUSR, as the seed says.
                 vfyfromusr="*YES" if s.smtp.alwauth == "*LCLRLY" and s.smtp.vfyfromusr == "*NO"
                 else s.smtp.vfyfromusr,
+                etrnsvr=s.smtp.etrnsvr == "*YES",
             )
             out[name] = self._tls(factory, options) if name in IMPLICIT_TLS else factory
         return out

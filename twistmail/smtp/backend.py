@@ -42,6 +42,7 @@ class QueueBackend(Backend):
         self.threshold = settings.storage.threshold
         self.alwrly = settings.smtp.alwrly
         self.vfyfromusr = settings.smtp.vfyfromusr
+        self.pctrtgchr = settings.smtp.pctrtgchr == "*YES"
         self.popwdw = settings.smtp.popwdw
         self.datadir = settings.datadir
         self.directory = directory
@@ -65,6 +66,16 @@ class QueueBackend(Backend):
         )
 
     def _verdict(self, address: Address, client_ip: str, user: str | None) -> Verdict:
+        routed = self._percent_route(address)
+        if routed is not None:
+            # user%remote@local is mail for user@remote: a relay like any other.
+            why = self._relay_refused(routed, client_ip, user)
+            if why is None:
+                return Verdict(250, "2.1.5 Recipient OK (relay, % routing)", local=False,
+                               route=str(routed))
+            self.journal.write("9V", f"9V RLY {client_ip}", ip=client_ip,
+                               recipient=str(address), alwrly=self.alwrly, reason=why)
+            return Verdict(550, f"5.7.1 <{address}>: Relay access denied")
         resolution = self.directory.resolve(str(address))
         if resolution is None:
             if address.local.lower() == "postmaster":
@@ -79,6 +90,17 @@ class QueueBackend(Backend):
                                recipient=str(address), alwrly=self.alwrly, reason=why)
             return Verdict(550, f"5.7.1 <{address}>: Relay access denied")
         return Verdict(250, "2.1.5 Recipient OK")
+
+    def _percent_route(self, address: Address) -> Address | None:
+        """PCTRTGCHR(*YES): ``user%host@local`` names ``user@host``; off, it is a local part."""
+        if not self.pctrtgchr or "%" not in address.local:
+            return None
+        if address.domain_key not in self.local_domains:
+            return None
+        user, _, host = address.local.rpartition("%")
+        if not user or not host:
+            return None
+        return Address(user, host)
 
     def _relay_refused(self, address: Address, client_ip: str, user: str | None) -> str | None:
         """Why relaying to ``address`` is refused (ALWRLY), or None when it is allowed.
@@ -122,6 +144,19 @@ class QueueBackend(Backend):
             return Verdict(553, f"5.7.1 <{address}>: Sender address rejected: it belongs to "
                            f"another user than {user} (VFYFROMUSR)")
         return None
+
+    def etrn(self, node: str, client_ip: str) -> Any:
+        return threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self._etrn, node, client_ip)
+
+    def _etrn(self, node: str, client_ip: str) -> bool:
+        if not self.directory.etrn_allowed(client_ip):
+            return False
+        from twistmail.bridge.outbound import request_flush
+
+        request_flush(self.queue.root, node)
+        self.journal.write("9Y", f"9Y ETRN {node} {client_ip}", ip=client_ip, node=node)
+        return True
 
     def authenticate(self, user: str, password: str, client_ip: str) -> Any:
         return threads.deferToThreadPool(

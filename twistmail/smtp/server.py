@@ -50,6 +50,7 @@ class Verdict:
     code: int
     text: str
     local: bool = True  # deliver via QTMSINQ (True) or QTMSOUTQ (False)
+    route: str | None = None  # the address to deliver to, when it differs (% routing)
 
     @property
     def accepted(self) -> bool:
@@ -87,6 +88,10 @@ class Backend:
 
     def check_sender(self, address: Address, client_ip: str, user: str | None) -> Any:
         """VFYFROMUSR: None when the sender may use ``address``, else a refusing Verdict."""
+        raise NotImplementedError
+
+    def etrn(self, node: str, client_ip: str) -> Any:
+        """Start delivery of the mail queued for ``node``; False when not allowed."""
         raise NotImplementedError
 
     def new_spool(self) -> Any:
@@ -492,7 +497,34 @@ class SMTPSession(Protocol):
             ext.append("STARTTLS")
         if self._auth_offered() and self.user is None:
             ext.append("AUTH " + " ".join(self.factory.mechanisms))
+        if self.factory.etrnsvr:
+            ext.append("ETRN")
         return ext
+
+    def smtp_ETRN(self, arg: str) -> Any:
+        """RFC 1985: start delivery of the mail queued for a node (ETRNSVR, *ETRNSVR)."""
+        if not self.factory.etrnsvr:
+            self.reply(502, "5.5.1 Command not implemented (ETRNSVR is *NO)")
+            return None
+        if not self._greeted():
+            return None
+        if self.txn is not None:
+            self.reply(503, "5.5.1 Error: ETRN not allowed during a mail transaction")
+            return None
+        node = arg.strip().lstrip("@")
+        if not node or " " in node or node.startswith("#"):
+            self.reply(501, "5.5.4 Syntax: ETRN domain")
+            return None
+        d = defer.maybeDeferred(self.factory.backend.etrn, node, self.peer_ip)
+
+        def answered(allowed: bool) -> None:
+            if allowed:
+                self.reply(250, f"2.0.0 Queuing for node {node} started")
+            else:
+                self.reply(459, f"4.7.1 Node {node} not allowed: this client is not in the "
+                           "*ETRNSVR list")
+
+        return d.addCallback(answered)
 
     def _starttls_offered(self) -> bool:
         return not self.tls and self.factory.tls_options is not None
@@ -697,7 +729,7 @@ class SMTPSession(Protocol):
 
         def decided(verdict: Verdict) -> None:
             if verdict.accepted and self.txn is txn:
-                txn.recipients.append((str(address), verdict.local))
+                txn.recipients.append((verdict.route or str(address), verdict.local))
             self.reply(verdict.code, verdict.text)
 
         d.addCallback(decided)
@@ -782,6 +814,7 @@ class SMTPFactory(Factory):
         error_delay: float = 1.0,
         on_auth_failure: Callable[[str], None] | None = None,
         vfyfromusr: str = "*NO",
+        etrnsvr: bool = False,
     ) -> None:
         self.backend = backend
         self.reactor = reactor
@@ -802,6 +835,7 @@ class SMTPFactory(Factory):
         self.error_delay = error_delay
         self.on_auth_failure = on_auth_failure or (lambda ip: None)
         self.vfyfromusr = vfyfromusr
+        self.etrnsvr = etrnsvr
 
     @property
     def submission(self) -> bool:
