@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml setup.cfg
 	# Write Twisted's plugin cache now, as the installing user, so an
 	# unprivileged daemon never tries to.
 	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	# Byte-compile our own modules: every prestart job imports them at start,
+	# and an environment with PYTHONDONTWRITEBYTECODE would recompile each time.
+	$(PY) -m compileall -q twistmail
 	touch $(STAMP)
 
 install: $(STAMP)
