@@ -30,11 +30,12 @@ import attrs
 from twisted.cred import credentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistmail.auth import IMailboxAccess
+from twistmail.protocols.sequential import SequentialSession
 
 MAX_LINE = 255  # RFC 2449: commands up to 255 octets with CRLF
 MAX_PENDING = 16 * 1024
@@ -163,17 +164,14 @@ class _Sender:
         self.f.close()
 
 
-class POP3Session(Protocol):
+class POP3Session(SequentialSession):
     log = Logger()
+    max_pending = MAX_PENDING
 
     def __init__(self, factory: POP3Factory, implicit_tls: bool) -> None:
+        super().__init__(factory.reactor, factory.inacttimo)
         self.factory = factory
         self.tls = implicit_tls
-        self.buffer = b""
-        self.busy = False
-        self.processing = False
-        self.paused = False
-        self.closing = False
         self.discarding = False
         self.state = "AUTHORIZATION"
         self.user: str | None = None
@@ -184,7 +182,6 @@ class POP3Session(Protocol):
         self.deleted: set[int] = set()
         self.failures = 0
         self.peer_ip = "unknown"
-        self.timeout_call: Any = None
 
     # -- connection -------------------------------------------------------
 
@@ -194,13 +191,12 @@ class POP3Session(Protocol):
             self.err("[SYS/PERM] TLS is disabled on this server (ALWSSL *NO); use port 110")
             self.close()
             return
-        self._reset_timeout()
+        self.reset_timeout()
         self.ok(f"{self.factory.hostname} twistmail POP3 server ready")
 
     def connectionLost(self, reason: object = None) -> None:
         self.closing = True
-        if self.timeout_call is not None and self.timeout_call.active():
-            self.timeout_call.cancel()
+        self.cancel_timeout()
         self._release(commit=False)
         self.factory.on_done()
 
@@ -215,14 +211,7 @@ class POP3Session(Protocol):
         except Exception:
             self.log.failure("closing a mailbox failed")
 
-    def _reset_timeout(self) -> None:
-        if self.timeout_call is not None and self.timeout_call.active():
-            self.timeout_call.reset(self.factory.inacttimo)
-        else:
-            self.timeout_call = self.factory.reactor.callLater(
-                self.factory.inacttimo, self._timed_out)
-
-    def _timed_out(self) -> None:
+    def timed_out(self) -> None:
         self.err("Idle too long, closing connection")
         self.close()
 
@@ -236,56 +225,27 @@ class POP3Session(Protocol):
         if self.transport is not None and not self.closing:
             self.transport.write(text.encode("utf-8", "replace") + b"\r\n")
 
-    def close(self) -> None:
-        self.closing = True
-        self.buffer = b""
-        if self.transport is not None:
-            self.transport.loseConnection()
-
     # -- input --------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.closing:
-            return
-        self._reset_timeout()
-        self.buffer += data
-        self._process()
-        if self.busy and len(self.buffer) > MAX_PENDING and not self.paused:
-            self.paused = True
-            self.transport.pauseProducing()
-
-    def _process(self) -> None:
-        self.processing = True
-        try:
-            while not self.busy and not self.closing:
-                lf = self.buffer.find(b"\n")
-                if lf < 0:
-                    if len(self.buffer) > MAX_LINE:
-                        self.buffer = b""
-                        if not self.discarding:
-                            self.discarding = True
-                            self.err("Line too long: commands are limited to 255 octets")
-                    break
-                line, self.buffer = self.buffer[:lf + 1], self.buffer[lf + 1:]
-                if self.discarding:
-                    self.discarding = False
-                    continue
-                self._command(line)
-        finally:
-            self.processing = False
-
-    def _done(self, _: Any = None) -> None:
-        self.busy = False
-        if self.processing:
-            return
-        self._process()
-        if self.paused and not self.closing and len(self.buffer) <= MAX_PENDING:
-            self.paused = False
-            self.transport.resumeProducing()
+    def step(self) -> bool:
+        lf = self.buffer.find(b"\n")
+        if lf < 0:
+            if len(self.buffer) > MAX_LINE:
+                self.buffer = b""
+                if not self.discarding:
+                    self.discarding = True
+                    self.err("Line too long: commands are limited to 255 octets")
+            return False
+        line, self.buffer = self.buffer[:lf + 1], self.buffer[lf + 1:]
+        if self.discarding:
+            self.discarding = False
+            return True
+        self._command(line)
+        return True
 
     def sent(self) -> None:
         """A streamed reply has gone out."""
-        self._done()
+        self.resume()
 
     def _command(self, raw: bytes) -> None:
         if len(raw) > MAX_LINE:
@@ -308,13 +268,9 @@ class POP3Session(Protocol):
             return
         result = handler(arg)
         if isinstance(result, defer.Deferred):
-            self.busy = True
-            result.addErrback(self._failed)
-            result.addBoth(self._done)
-        elif result == "streaming":
-            self.busy = True
+            self.wait_for(result)
 
-    def _failed(self, failure: Any) -> None:
+    def step_failed(self, failure: Any) -> None:
         self.log.failure("POP3 command failed", failure)
         self.err("[SYS/TEMP] Internal error, try again later")
 
@@ -535,8 +491,9 @@ class POP3Session(Protocol):
                                        usrprf=self.usrprf, uidl=item.uidl, size=item.size,
                                        ip=self.peer_ip)
         self.ok(text)
+        self.busy = True  # until the sender is done (it may finish at once)
         _Sender(self, f, item.header, limit, lines).start()
-        return "streaming"
+        return None
 
     def pop_DELE(self, arg: str) -> None:
         item = self._item(arg)

@@ -28,9 +28,10 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from twistmail.protocols.sequential import SequentialSession
 from twistmail.smtp.address import Address, Command, PathError, parse_command
 
 MAX_COMMAND = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
@@ -195,26 +196,22 @@ def _b64(text: str) -> bytes:
         raise ValueError("not base64") from None
 
 
-class SMTPSession(Protocol):
+class SMTPSession(SequentialSession):
     log = Logger()
+    max_pending = MAX_PENDING
 
     def __init__(self, factory: SMTPFactory, on_done: Callable[[], None]) -> None:
+        super().__init__(factory.reactor, factory.inacttimo)
         self.factory = factory
         self.on_done = on_done
-        self.buffer = b""
-        self.busy = False  # a command is being processed (maybe asynchronously)
-        self.paused = False
-        self.processing = False
         self.after_crlf = True  # the last DATA line ended with CRLF
         self.last_command_crlf = True
         self.discarding = False  # skipping the rest of an over-long line
-        self.closing = False
         self.helo: str | None = None
         self.esmtp = False
         self.txn: Transaction | None = None
         self.data: _Data | None = None
         self.peer_ip = "unknown"
-        self.timeout_call: Any = None
         self.tls = factory.implicit_tls
         self.user: str | None = None  # the authenticated user profile
         self.auth_failures = 0
@@ -226,27 +223,18 @@ class SMTPSession(Protocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "unknown")
-        self._reset_timeout()
+        self.reset_timeout()
         self.reply(220, f"{self.factory.backend.hostname} ESMTP twistmail service ready")
 
     def connectionLost(self, reason: object = None) -> None:
         self.closing = True
-        if self.timeout_call is not None and self.timeout_call.active():
-            self.timeout_call.cancel()
+        self.cancel_timeout()
         if self.data is not None:
             self.data.spool.abort()
             self.data = None
         self.on_done()
 
-    def _reset_timeout(self) -> None:
-        if self.timeout_call is not None and self.timeout_call.active():
-            self.timeout_call.reset(self.factory.inacttimo)
-        else:
-            self.timeout_call = self.factory.reactor.callLater(
-                self.factory.inacttimo, self._timed_out
-            )
-
-    def _timed_out(self) -> None:
+    def timed_out(self) -> None:
         self.reply(421, f"4.4.2 {self.factory.backend.hostname} Idle too long, closing connection")
         self.close()
 
@@ -263,47 +251,12 @@ class SMTPSession(Protocol):
                            "closing connection")
                 self.close()
 
-    def close(self) -> None:
-        self.closing = True
-        self.buffer = b""
-        if self.transport is not None:
-            self.transport.loseConnection()
-
     # -- input -------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.closing:
-            return
-        self._reset_timeout()
-        self.buffer += data
-        self._process()
-        if self.busy and len(self.buffer) > MAX_PENDING and not self.paused:
-            # Pipelined input piles up behind a slow check: stop reading.
-            self.paused = True
-            self.transport.pauseProducing()
-
-    def _process(self) -> None:
-        """Handle buffered input, one line at a time, until it runs out or we wait."""
-        self.processing = True
-        try:
-            while not self.busy and not self.closing:
-                if self.data is not None:
-                    if not self._data_chunk():
-                        break
-                elif not self._command_step():
-                    break
-        finally:
-            self.processing = False
-
-    def _done(self, _: Any = None) -> None:
-        """An asynchronous step finished: go on with what was pipelined meanwhile."""
-        self.busy = False
-        if self.processing:
-            return  # it finished at once; the loop in _process goes on
-        self._process()
-        if self.paused and not self.closing and len(self.buffer) <= MAX_PENDING:
-            self.paused = False
-            self.transport.resumeProducing()
+    def step(self) -> bool:
+        if self.data is not None:
+            return self._data_chunk()
+        return self._command_step()
 
     def _command_step(self) -> bool:
         lf = self.buffer.find(b"\n")
@@ -341,7 +294,7 @@ class SMTPSession(Protocol):
         finally:
             self.processing = False
         if not self.busy:
-            self._done()
+            self.resume()
 
     # -- DATA input ----------------------------------------------------------
 
@@ -420,7 +373,7 @@ class SMTPSession(Protocol):
         )
         d = defer.maybeDeferred(self.factory.backend.commit, data.spool, received)
         d.addCallbacks(self._queued, self._not_queued, errbackArgs=(data.spool,))
-        d.addBoth(self._done)
+        d.addBoth(self.resume)
 
     def _queued(self, queue_id: str) -> None:
         self.reply(250, f"2.0.0 Ok: queued as {queue_id}")
@@ -460,11 +413,9 @@ class SMTPSession(Protocol):
             return
         result = handler(arg.strip())
         if isinstance(result, defer.Deferred):
-            self.busy = True
-            result.addErrback(self._command_failed)
-            result.addBoth(self._done)
+            self.wait_for(result)
 
-    def _command_failed(self, failure: Any) -> None:
+    def step_failed(self, failure: Any) -> None:
         self.log.failure("command failed", failure)
         self.reply(451, "4.3.0 Local error in processing, try again")
 
@@ -599,9 +550,7 @@ class SMTPSession(Protocol):
             return
         result = step(text)
         if isinstance(result, defer.Deferred):
-            self.busy = True
-            result.addErrback(self._command_failed)
-            result.addBoth(self._done)
+            self.wait_for(result)
 
     def _auth_plain(self, text: str) -> Any:
         try:

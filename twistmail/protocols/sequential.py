@@ -1,0 +1,101 @@
+"""The input discipline shared by our SMTP and POP3 sessions.
+
+A session handles one command at a time.  Input that arrives meanwhile
+waits in one bounded buffer: replies therefore go out in command order even
+when a step is asynchronous (a directory lookup, a durable commit, a login),
+and once the buffer holds more than ``max_pending`` bytes the session stops
+reading, so a client cannot make it hold unbounded input.  An idle session
+ends after the inactivity timeout.
+
+Subclasses implement :meth:`step` (consume what they can from
+``self.buffer``; False when more input is needed) and :meth:`timed_out`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+
+
+class SequentialSession(Protocol):
+    max_pending = 64 * 1024
+
+    def __init__(self, reactor: Any, inacttimo: float) -> None:
+        self.reactor = reactor
+        self.inacttimo = inacttimo
+        self.buffer = b""
+        self.busy = False  # a step is in progress, maybe asynchronously
+        self.processing = False  # inside the loop of _process
+        self.paused = False
+        self.closing = False
+        self.timeout_call: Any = None
+
+    # -- subclass hooks ---------------------------------------------------------
+
+    def step(self) -> bool:
+        raise NotImplementedError
+
+    def timed_out(self) -> None:
+        raise NotImplementedError
+
+    def step_failed(self, failure: Any) -> None:
+        raise NotImplementedError
+
+    # -- timeout --------------------------------------------------------------
+
+    def reset_timeout(self) -> None:
+        if self.timeout_call is not None and self.timeout_call.active():
+            self.timeout_call.reset(self.inacttimo)
+        else:
+            self.timeout_call = self.reactor.callLater(self.inacttimo, self.timed_out)
+
+    def cancel_timeout(self) -> None:
+        if self.timeout_call is not None and self.timeout_call.active():
+            self.timeout_call.cancel()
+
+    # -- input ----------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.reset_timeout()
+        self.buffer += data
+        self._process()
+        if self.busy and len(self.buffer) > self.max_pending and not self.paused:
+            # Pipelined input piles up behind a slow step: stop reading.
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def _process(self) -> None:
+        """Run steps until the input runs out or one of them waits."""
+        self.processing = True
+        try:
+            while not self.busy and not self.closing:
+                if not self.step():
+                    break
+        finally:
+            self.processing = False
+
+    def wait_for(self, d: defer.Deferred) -> defer.Deferred:
+        """Hold further input until ``d`` fires (it may have fired already)."""
+        self.busy = True
+        d.addErrback(self.step_failed)
+        return d.addBoth(self.resume)
+
+    def resume(self, _: Any = None) -> None:
+        """An asynchronous step finished: go on with what was pipelined meanwhile."""
+        self.busy = False
+        if self.processing:
+            return  # it finished at once; the loop in _process goes on
+        self._process()
+        if self.paused and not self.closing and len(self.buffer) <= self.max_pending:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def close(self) -> None:
+        self.closing = True
+        self.buffer = b""
+        if self.transport is not None:
+            self.transport.loseConnection()
