@@ -15,6 +15,7 @@ the original's, so a repeated notice is the same message.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -57,6 +58,7 @@ class InboundProcessor:
         env = self.queue.load(QTMSINQ, queue_id)
         j = self.journal
         j.write("7A", f"7A FIQ {QTMSINQ}", queue_id, queue=QTMSINQ)
+        _delete_api_files(env)
         if self.storage_full():
             self.queue.move(queue_id, QTMSINQ, QTMSBSSQ)
             j.write("7L", f"7L TSSQ {QTMSBSSQ}", queue_id, queue=QTMSBSSQ)
@@ -137,6 +139,16 @@ class InboundProcessor:
     def _notice(self, env: Envelope, failures: list[Failure], body: Any) -> str | None:
         return queue_notice(self.queue, self.directory, self.journal, self.hostname, env,
                             failures, body)
+
+
+def _delete_api_files(env: Envelope) -> None:
+    """The Send MIME Mail API's file goes once the framework has the message."""
+    for h in env.history:
+        if isinstance(h, dict) and "api_file" in h:
+            try:
+                os.unlink(h["api_file"])
+            except OSError:
+                pass  # already gone after an earlier attempt, or not ours to remove
 
 
 def released(env: Envelope) -> bool:

@@ -7,6 +7,7 @@ from twistmail.cli import (
     configcmd,  # noqa: F401
     journalcmds,  # noqa: F401
     listcmds,  # noqa: F401
+    mailcmds,  # noqa: F401
     poolcmds,  # noqa: F401
     queuecmds,  # noqa: F401
     usercmds,  # noqa: F401

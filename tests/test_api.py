@@ -1,0 +1,103 @@
+"""The Send MIME Mail API (QtmmSendMail) and SNDMAIL, with VFYMSFMSG."""
+
+from __future__ import annotations
+
+import poplib
+
+import pytest
+
+from twistmail.api import BCC, CC, TO, SendMailError, send_mime_mail
+from twistmail.config import load
+
+NOTE = (b"From: app@example.test\r\nTo: sam@example.test\r\nBcc: secret@example.test\r\n"
+        b"Subject: nightly report\r\nMessage-ID: <report-1@example.test>\r\n"
+        b"Date: Sat, 28 Nov 2026 09:00:00 +0000\r\n\r\nAll jobs ended normally.\r\n")
+
+
+@pytest.fixture
+def post(make_appliance):
+    a = make_appliance().start()
+    for user in ("SAM", "JANE", "APP"):
+        a.user(user)
+    return a
+
+
+def test_send_mime_mail_delivers_and_the_file_goes(post, tmp_path):
+    a = post
+    note = tmp_path / "report.mime"
+    note.write_bytes(NOTE)
+    qid = send_mime_mail(str(note), "app@example.test",
+                         [("sam@example.test", TO), ("jane@example.test", CC),
+                          ("secret@example.test", BCC)], settings=load(a.config))
+    [sam] = a.wait_mailbox("SAM", 1)
+    a.wait_mailbox("JANE", 1)
+    a.wait_for(lambda: not note.exists(), 10, "the MIME file to be deleted")
+    data = sam.read_bytes()
+    assert b"Bcc:" not in data and b"secret@" not in data  # blind copies stay blind
+    assert data.endswith(b"\r\n\r\nAll jobs ended normally.\r\n")
+    codes = [e["code"] for e in a.journal() if e.get("msgid") == qid]
+    assert codes[:5] == ["EH", "E1", "E2", "E2", "E2"] and "ET" in codes
+    p = poplib.POP3(*a.addr("pop3"), timeout=30)
+    p.user("sam")
+    p.pass_("secret")
+    assert b"Subject: nightly report" in b"\r\n".join(p.retr(1)[1])
+    p.quit()
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda d: "relative.mime", "not an absolute path"),
+        (lambda d: str(d / "missing.mime"), "does not exist"),
+        (lambda d: _write(d / "nohead.mime", b"Subject: x\r\nno blank line"),
+         "no end of header"),
+        (lambda d: _write(d / "lf.mime", b"Subject: x\n\nbody\n"), "no end of header"),
+    ],
+)
+def test_file_problems_are_clear_errors(post, tmp_path, make, needle):
+    with pytest.raises(SendMailError, match=needle):
+        send_mime_mail(make(tmp_path), "app@example.test", ["sam@example.test"],
+                       settings=load(post.config))
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_bad_addresses_and_types(post, tmp_path):
+    note = _write(tmp_path / "n.mime", NOTE)
+    s = load(post.config)
+    with pytest.raises(SendMailError, match="originator"):
+        send_mime_mail(note, "not an address", ["sam@example.test"], settings=s)
+    with pytest.raises(SendMailError, match="recipient type"):
+        send_mime_mail(note, "app@example.test", [("sam@example.test", "XX")], settings=s)
+    with pytest.raises(SendMailError, match="at least one recipient"):
+        send_mime_mail(note, "app@example.test", [], settings=s)
+
+
+def test_sndmail_cli(post, tmp_path):
+    a = post
+    note = _write(tmp_path / "cli.mime", NOTE)
+    rc, out, err = a.cli("sndmail", "--file", note, "--from", "app@example.test",
+                         "--to", "sam@example.test")
+    assert rc == 0 and out.startswith("queued as "), err
+    a.wait_mailbox("SAM", 1)
+    rc, out, err = a.cli("sndmail", "--file", "rel.mime", "--from", "app@example.test",
+                         "--to", "sam@example.test")
+    assert rc == 2 and "absolute path" in err and len(err.strip().splitlines()) == 1
+
+
+def test_vfymsfmsg_requires_the_callers_own_address(make_appliance, tmp_path):
+    a = make_appliance(smtp={"vfymsfmsg": "*YES"}).start()
+    a.user("SAM")
+    a.user("APP")
+    s = load(a.config)
+    note = _write(tmp_path / "v.mime", NOTE)
+    with pytest.raises(SendMailError, match="calling user profile must be given"):
+        send_mime_mail(note, "app@example.test", ["sam@example.test"], settings=s)
+    with pytest.raises(SendMailError, match="not the SMTP address of user profile SAM"):
+        send_mime_mail(note, "app@example.test", ["sam@example.test"], settings=s,
+                       usrprf="SAM")
+    send_mime_mail(note, "app@example.test", ["sam@example.test"], settings=s, usrprf="app")
+    a.wait_mailbox("SAM", 1)

@@ -1,0 +1,161 @@
+"""The programming interfaces for sending mail, as IBM i offers them.
+
+``send_mime_mail`` mirrors the Send MIME Mail API (QtmmSendMail): the caller
+writes a complete RFC 5322/MIME message to a file and names it with its
+envelope; the mail server framework takes it from there and deletes the
+file once it has taken it.  The checks are the ones the seed's
+troubleshooting chapter walks through (an absolute path, a readable file, the
+CRLF blank line between header and body, good addresses), each failing with a
+:class:`SendMailError` that says what to fix.
+
+Settings honoured: ``[smtp] vfymsfmsg`` (the originator must be the calling
+user's own SMTP address) and ``journal``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from twistmail import config as configmod
+from twistmail.interfaces import QTMSINQ
+from twistmail.smtp.address import PathError, parse_mailbox
+
+TO, CC, BCC = "TO", "CC", "BCC"
+KINDS = {TO: TO, CC: CC, BCC: BCC, "0": TO, "1": CC, "2": BCC}
+MAX_HEADER = 1024 * 1024
+
+
+class SendMailError(ValueError):
+    """A request the API refuses; ``str()`` says what is wrong and how to fix it."""
+
+
+@attrs.frozen
+class Recipient:
+    address: str
+    kind: str = TO  # TO, CC or BCC (IBM's distribution types 0, 1, 2)
+
+
+def send_mime_mail(
+    path: str | os.PathLike[str],
+    originator: str,
+    recipients: Iterable[Recipient | tuple[str, str] | str],
+    *,
+    settings: Any = None,
+    usrprf: str | None = None,
+) -> str:
+    """Queue the MIME message in ``path`` for delivery; returns its queue id.
+
+    When this returns, the message is durably in QTMSINQ.  The file itself
+    is deleted by the bridge once it has taken the message.
+    """
+    settings = settings or configmod.load()
+    file = _check_file(path)
+    sender = _check_address("originator", originator)
+    rcpts = [_recipient(r) for r in recipients]
+    if not rcpts:
+        raise SendMailError("recipients: at least one recipient is needed")
+    from twistmail.directory import SqliteDirectory
+    from twistmail.journal import Journal
+    from twistmail.queue import Envelope, FileQueue
+    from twistmail.queue import Recipient as QueueRecipient
+
+    directory = SqliteDirectory.from_settings(settings)
+    if settings.smtp.vfymsfmsg == "*YES":
+        _verify_originator(directory, sender, usrprf)
+    data = file.read_bytes()
+    head, body = _split(data, file)
+    queue = FileQueue.for_settings(settings)
+    env = Envelope.new(
+        sender, [QueueRecipient(r.address, kind=r.kind.lower()) for r in rcpts],
+        source="api", auth=usrprf, history=({"api_file": str(file)},),
+    )
+    trace = (f"Received: by {settings.hostname} (twistmail Send MIME Mail API) id {env.id};\r\n"
+             f"\t{email.utils.formatdate(time.time(), localtime=True)}\r\n").encode()
+    with queue.new_spool(env) as spool:
+        spool.write(trace + _without_bcc(head) + b"\r\n" + body)
+        journal = Journal.from_settings(settings, f"QTMMSNDM/{os.getpid()}")
+
+        def record() -> None:
+            journal.write("EH", f"EH TMSF {file}", env.id, file=str(file), usrprf=usrprf)
+            journal.write("E1", f"E1 O {sender}", env.id, originator=sender)
+            for r in rcpts:
+                journal.write("E2", f"E2 R {r.address}", env.id, recipient=r.address,
+                              kind=r.kind)
+            journal.write("ET", f"ET SIZE {spool.size}", env.id, size=spool.size)
+
+        return spool.commit(QTMSINQ, env, before_publish=record)
+
+
+def _check_file(path: str | os.PathLike[str]) -> Path:
+    text = os.fspath(path)
+    if not text.startswith("/"):
+        raise SendMailError(f"file: {text!r} is not an absolute path; the MIME file's name "
+                            "must start with / (for example /home/app/note.mime)")
+    file = Path(text)
+    if not file.is_file():
+        raise SendMailError(f"file: {text} does not exist or is not a regular file")
+    if not os.access(file, os.R_OK):
+        raise SendMailError(f"file: {text} cannot be read by this user")
+    return file
+
+
+def _split(data: bytes, file: Path) -> tuple[bytes, bytes]:
+    """Header block (with its last CRLF) and body; the CRLF blank line is required."""
+    end = data.find(b"\r\n\r\n", 0, MAX_HEADER)
+    if end < 0:
+        raise SendMailError(
+            f"file: {file} has no end of header: put an empty line (CRLF CRLF) between the "
+            "header and the body, as RFC 5322 section 2.1 requires")
+    return data[: end + 2], data[end + 4:]
+
+
+def _without_bcc(head: bytes) -> bytes:
+    """The header block without Bcc fields (and their continuation lines)."""
+    out, skipping = [], False
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                out.append(line)
+            continue
+        skipping = line.split(b":", 1)[0].strip().lower() == b"bcc"
+        if not skipping:
+            out.append(line)
+    return b"\r\n".join(out)
+
+
+def _check_address(what: str, address: str) -> str:
+    try:
+        return str(parse_mailbox(address.strip()))
+    except (PathError, AttributeError):
+        raise SendMailError(f"{what}: {address!r} is not an e-mail address "
+                            "(user@domain)") from None
+
+
+def _recipient(r: Recipient | tuple[str, str] | str) -> Recipient:
+    if isinstance(r, str):
+        r = Recipient(r)
+    elif isinstance(r, tuple):
+        r = Recipient(r[0], r[1])
+    kind = KINDS.get(str(r.kind).upper().lstrip("*"))
+    if kind is None:
+        raise SendMailError(f"recipient type: {r.kind!r} is not allowed; allowed: TO, CC, BCC "
+                            "(0, 1, 2)")
+    return Recipient(_check_address("recipient", r.address), kind)
+
+
+def _verify_originator(directory: Any, sender: str, usrprf: str | None) -> None:
+    """VFYMSFMSG(*YES): the originator must be the calling user's own address."""
+    if usrprf is None:
+        raise SendMailError("usrprf: VFYMSFMSG is *YES, so the calling user profile must be "
+                            "given; its SMTP address must be the originator")
+    own = directory.smtp_address(usrprf)
+    if own is None or own.lower() != sender.lower():
+        raise SendMailError(f"originator: {sender} is not the SMTP address of user profile "
+                            f"{usrprf.upper()} ({own or 'none'}), and VFYMSFMSG is *YES")
