@@ -9,6 +9,8 @@ down says so in one line and exits 1.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -93,6 +95,29 @@ def value_of(option: str, vtype: Any, raw: Any) -> Any:
 
 def usage_error(message: str) -> NoReturn:
     raise click.UsageError(message)
+
+
+@contextmanager
+def open_directory(what: str, option_of_field: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """The directory of this configuration; its refusals become one-line usage errors.
+
+    ``option_of_field`` names the CLI option for a directory field where they differ.
+    """
+    import sqlite3
+
+    from twistmail import directory as dirmod
+
+    settings = app().settings
+    try:
+        with dirmod.SqliteDirectory.from_settings(settings) as d:
+            yield d
+    except dirmod.DirectoryError as e:
+        option = (option_of_field or {}).get(e.field, e.field)
+        usage_error(f"--{option}: {e.value!r} {e.problem}")
+    except (sqlite3.Error, OSError) as e:
+        raise Failure(
+            f"{settings.datadir / dirmod.FILENAME}: {what} cannot be used ({e})"
+        ) from None
 
 
 def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:

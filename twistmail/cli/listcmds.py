@@ -11,18 +11,16 @@ database that cannot be used is one line, exit 1.
 
 from __future__ import annotations
 
-import sqlite3
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from twistmail import directory as dirmod
-from twistmail.cli.base import Failure, app, cli, usage_error, value_of
+from twistmail.cli.base import cli, open_directory, usage_error, value_of
 from twistmail.cli.output import emit_table
-from twistmail.directory import DirectoryError, ListEntry, SqliteDirectory
+from twistmail.directory import DirectoryError, ListEntry
 from twistmail.settingtypes import Choice
 
 LIST_TYPE = Choice(dirmod.LIST_TYPE_NAMES)
@@ -54,21 +52,6 @@ _OPTION_HELP = {
     "username": "User name the SMTP client signs on with (*HOSTAUTH).",
     "password": "Password the SMTP client signs on with (*HOSTAUTH); - reads stdin.",
 }
-
-
-@contextmanager
-def _directory() -> Iterator[SqliteDirectory]:
-    """The directory of this configuration, its refusals turned into usage errors."""
-    settings = app().settings
-    try:
-        with SqliteDirectory.from_settings(settings) as d:
-            yield d
-    except DirectoryError as e:
-        usage_error(f"--{e.field}: {e.value!r} {e.problem}")
-    except (sqlite3.Error, OSError) as e:
-        raise Failure(
-            f"{settings.datadir / dirmod.FILENAME}: the SMTP lists cannot be used ({e})"
-        ) from None
 
 
 def _list_type(raw: str) -> str:
@@ -130,7 +113,7 @@ def addsmtple(list_type: str, **options: str | None) -> None:
     _check_options(list_type, given)
     if "password" in given:
         given["password"] = _password(given["password"]) or ""
-    with _directory() as d:
+    with open_directory("the SMTP lists") as d:
         entry = d.add_list_entry(ListEntry(list_type, **given))
     click.echo(f"SMTP list entry {describe(entry)} added.")
 
@@ -142,7 +125,7 @@ def rmvsmtple(list_type: str, **options: str | None) -> None:
     list_type = _list_type(list_type)
     given = _given(options)
     _check_options(list_type, given, removal=True)
-    with _directory() as d:
+    with open_directory("the SMTP lists") as d:
         entry = d.remove_list_entry(list_type, **given)
     click.echo(f"SMTP list entry {describe(entry)} removed.")
 
@@ -154,7 +137,7 @@ def wrksmtple(list_type: str | None, as_json: bool) -> None:
     """List the SMTP list entries; passwords show as *****."""
     if list_type is not None:
         list_type = _list_type(list_type)
-    with _directory() as d:
+    with open_directory("the SMTP lists") as d:
         rows = [_row(e) for e in d.list_entries(list_type)]
     columns = COLUMNS if as_json else _used_columns(rows)
     emit_table(rows, columns, as_json, empty="(no SMTP list entries)")

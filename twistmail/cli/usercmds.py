@@ -11,16 +11,14 @@ option, exit 2; a database that cannot be used is one line, exit 1.
 
 from __future__ import annotations
 
-import sqlite3
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from twistmail import directory as dirmod
-from twistmail.cli.base import Failure, app, cli, usage_error, value_of
+from twistmail.cli.base import cli, open_directory, usage_error, value_of
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.directory import DirectoryEntry, DirectoryError, SqliteDirectory
 from twistmail.settingtypes import Choice
@@ -50,21 +48,6 @@ DIRE_COLUMNS = (
     ("prefadr", "Preferred address"),
     ("smtp", "SMTP name"),
 )
-
-
-@contextmanager
-def _directory() -> Iterator[SqliteDirectory]:
-    """The directory of this configuration, its refusals turned into usage errors."""
-    settings = app().settings
-    try:
-        with SqliteDirectory.from_settings(settings) as d:
-            yield d
-    except DirectoryError as e:
-        usage_error(f"--{OPTION_OF_FIELD.get(e.field, e.field)}: {e.value!r} {e.problem}")
-    except (sqlite3.Error, OSError) as e:
-        raise Failure(
-            f"{settings.datadir / dirmod.FILENAME}: the directory cannot be used ({e})"
-        ) from None
 
 
 def _password(raw: str | None) -> str | None:
@@ -159,7 +142,7 @@ def _profile_record(d: SqliteDirectory, profile: dirmod.UserProfile) -> dict[str
 def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
     """Create a user profile and enroll it as a POP mail user."""
     status = value_of("--status", STATUS, status)
-    with _directory() as d:
+    with open_directory("the directory", OPTION_OF_FIELD) as d:
         profile = d.create_profile(usrprf, _password(password) or "", text=text, status=status)
         record = _profile_record(d, profile)
     record["entries"] = ", ".join(record["entries"])
@@ -177,7 +160,7 @@ def chgusrprf(usrprf: str, password: str | None, status: str | None, text: str |
         usage_error("give at least one of --password, --status, --text")
     if status is not None:
         status = value_of("--status", STATUS, status)
-    with _directory() as d:
+    with open_directory("the directory", OPTION_OF_FIELD) as d:
         profile = d.change_profile(usrprf, password=_password(password), status=status, text=text)
         click.echo(f"User profile {profile.usrprf} changed.")
 
@@ -186,7 +169,7 @@ def chgusrprf(usrprf: str, password: str | None, status: str | None, text: str |
 @_usrprf_option
 def dltusrprf(usrprf: str) -> None:
     """Delete a user profile and its directory entries (its mailbox is kept)."""
-    with _directory() as d:
+    with open_directory("the directory", OPTION_OF_FIELD) as d:
         click.echo(d.delete_profile(usrprf) + ".")
 
 
@@ -195,7 +178,7 @@ def dltusrprf(usrprf: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def dspusrprf(usrprf: str, as_json: bool) -> None:
     """Display a user profile with its directory entries and SMTP address."""
-    with _directory() as d:
+    with open_directory("the directory", OPTION_OF_FIELD) as d:
         name = dirmod.profile_name(usrprf)
         profile = d.get_profile(name)
         if profile is None:
@@ -217,7 +200,7 @@ def adddire(usrid: tuple[str, str], **options: str | None) -> None:
     fields = _entry_fields(**options)
     if "usrd" not in fields:
         usage_error("--usrd: required; allowed: a description of up to 50 characters")
-    with _directory() as d:
+    with open_directory("the directory", OPTION_OF_FIELD) as d:
         entry = d.add_entry(DirectoryEntry(userid=usrid[0], address=usrid[1], **fields))
         click.echo(f"Directory entry {entry.userid} {entry.address} added.")
 
@@ -232,7 +215,7 @@ def chgdire(usrid: tuple[str, str], **options: str | None) -> None:
         usage_error(
             "give at least one of --usrd, --user, --msfsrvlvl, --prefadr, --smtpuser, --smtpdomain"
         )
-    with _directory() as d:
+    with open_directory("the directory", OPTION_OF_FIELD) as d:
         entry = d.change_entry(usrid[0], usrid[1], **fields)
         click.echo(f"Directory entry {entry.userid} {entry.address} changed.")
 
@@ -241,7 +224,7 @@ def chgdire(usrid: tuple[str, str], **options: str | None) -> None:
 @_usrid_option
 def rmvdire(usrid: tuple[str, str]) -> None:
     """Remove an entry: no more mail is delivered for it."""
-    with _directory() as d:
+    with open_directory("the directory", OPTION_OF_FIELD) as d:
         d.remove_entry(usrid[0], usrid[1])
         click.echo(f"Directory entry {usrid[0].upper()} {usrid[1].upper()} removed.")
 
@@ -250,6 +233,6 @@ def rmvdire(usrid: tuple[str, str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON array of entries.")
 def wrkdire(as_json: bool) -> None:
     """List the system distribution directory."""
-    with _directory() as d:
+    with open_directory("the directory", OPTION_OF_FIELD) as d:
         rows = [_entry_row(e) for e in d.entries()]
     emit_table(rows, DIRE_COLUMNS, as_json, empty="(no directory entries)")
