@@ -30,6 +30,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/handoff
+	$(PY) bench/smtp-accept
+	$(PY) bench/pop-retr
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
