@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twistmail-bridge")
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
+    # A CHGPJE/CHGSMTPA arriving while the bridge starts must not end it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     die_with_parent()
     settings = configmod.load(args.config)
 
