@@ -189,3 +189,27 @@ def test_etrn_starts_delivery_of_held_back_mail(make_appliance, sink):
         code, text = s.docmd("ETRN", "remote.test")
         assert code == 250, text
     a.wait_for(lambda: sink.messages, 20, "delivery started by ETRN, not after 60 minutes")
+
+
+def test_dsn_notify_ret_and_the_responsible_person(make_appliance, sink):
+    sink.behaviour = Behaviour(rcpt=lambda addr: "550 5.1.1 no such user")
+    a = outbound(make_appliance, sink, nfydlvry="postmaster@example.test")
+    a.user("POSTMSTR")
+    assert a.cli("chgdire", "--usrid", "POSTMSTR", "MAIL", "--smtpuser", "postmaster",
+                 "--smtpdomain", "example.test")[0] == 0
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        assert s.has_extn("dsn")
+        s.mail("sam@example.test", ["RET=FULL", "ENVID=batch+2B7"])
+        assert s.rcpt("quiet@remote.test", ["NOTIFY=NEVER"])[0] == 250
+        assert s.rcpt("loud@remote.test", ["NOTIFY=FAILURE,DELAY",
+                                          "ORCPT=rfc822;loud@remote.test"])[0] == 250
+        assert s.rcpt("x@remote.test", ["NOTIFY=NEVER,SUCCESS"])[0] == 501
+        assert s.data(b"Subject: dsn\r\n\r\nthe whole body comes back\r\n")[0] == 250
+    [notice] = a.wait_mailbox("SAM", 1)
+    raw = notice.read_bytes()
+    assert b"Final-Recipient: rfc822; loud@remote.test" in raw
+    assert b"quiet@remote.test" not in raw.split(b"message/delivery-status", 1)[1]
+    assert b"Original-Envelope-Id: batch+7" in raw
+    assert b"the whole body comes back" in raw  # RET=FULL
+    a.wait_mailbox("POSTMSTR", 1)  # the NFYDLVRY responsible person gets a copy

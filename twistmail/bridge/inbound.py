@@ -44,7 +44,8 @@ class InboundProcessor:
     """Resolution and local delivery for messages taken from QTMSINQ."""
 
     def __init__(self, *, hostname: str, queue: Any, directory: Any, mailboxes: Any,
-                 snads: Any, journal: Any, storage_full: Any, ftracn: str = "*KEEP") -> None:
+                 snads: Any, journal: Any, storage_full: Any, ftracn: str = "*KEEP",
+                 responsible: str | None = None) -> None:
         self.hostname = hostname
         self.queue = queue
         self.directory = directory
@@ -53,6 +54,7 @@ class InboundProcessor:
         self.journal = journal
         self.storage_full = storage_full
         self.ftracn = ftracn
+        self.responsible = responsible  # NFYDLVRY: gets a copy of every failure notice
 
     def process(self, queue_id: str) -> Outcome:
         env = self.queue.load(QTMSINQ, queue_id)
@@ -138,7 +140,7 @@ class InboundProcessor:
 
     def _notice(self, env: Envelope, failures: list[Failure], body: Any) -> str | None:
         return queue_notice(self.queue, self.directory, self.journal, self.hostname, env,
-                            failures, body)
+                            failures, body, responsible=self.responsible)
 
 
 def _delete_api_files(env: Envelope) -> None:

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         journal=journal,
         storage_full=probe,
         ftracn=settings.smtp.ftracn,
+        responsible=settings.smtp.nfydlvry,
     )
     manager = QueueManager(reactor, queue, processor, journal, probe)
     pool, outbound = _outbound(reactor, settings, queue, processor.directory)
@@ -104,6 +105,7 @@ def _reload(config_path: str, pool, outbound, processor) -> None:  # noqa: ANN00
     pool.reload_jobs()
     outbound.settings = settings
     processor.ftracn = settings.smtp.ftracn
+    processor.responsible = settings.smtp.nfydlvry
 
 
 class _StatusFile:

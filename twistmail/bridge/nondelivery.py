@@ -10,6 +10,8 @@ the whole original, so a notice cannot be used to reflect large payloads.
 
 from __future__ import annotations
 
+import email
+import email.policy
 import email.utils
 import hashlib
 import time
@@ -62,6 +64,8 @@ def build_notice(
     failures: list[Failure],
     headers: bytes,
     message_id: str | None,
+    full: bytes | None = None,
+    envid: str | None = None,
 ) -> bytes:
     """The notice as wire bytes (CRLF line ends)."""
     msg = EmailMessage()
@@ -87,14 +91,15 @@ def build_notice(
         "Content-Type", 'multipart/report; report-type="delivery-status"'
     )
     msg.set_boundary(f"{queue_id}.ndn")
-    msg.attach(_status_part(hostname, queue_id, arrival, failures))
-    msg.attach(_headers_part(headers))
+    msg.attach(_status_part(hostname, queue_id, arrival, failures, envid))
+    msg.attach(_headers_part(headers) if full is None else _message_part(full))
     return msg.as_bytes(policy=SMTP)
 
 
 def _status_part(hostname: str, queue_id: str, arrival: float,
-                 failures: list[Failure]) -> Message:
+                 failures: list[Failure], envid: str | None = None) -> Message:
     per_message = _fields([
+        *([("Original-Envelope-Id", envid)] if envid else []),
         ("Reporting-MTA", f"dns; {hostname}"),
         ("X-Twistmail-Queue-ID", queue_id),
         ("Arrival-Date", email.utils.formatdate(arrival, localtime=True)),
@@ -129,6 +134,24 @@ def _headers_part(headers: bytes) -> Message:
     return part
 
 
+def _message_part(full: bytes) -> Message:
+    """DSN RET=FULL: the whole original message (RFC 3462 message/rfc822)."""
+    part = Message()
+    part["Content-Type"] = "message/rfc822"
+    part["Content-Description"] = "Undelivered message"
+    part.set_payload([email.message_from_bytes(full, policy=email.policy.compat32)])
+    return part
+
+
+MAX_RETURNED = 10 * 1024 * 1024
+
+
+def _full_original(body: Path) -> bytes | None:
+    if body.stat().st_size > MAX_RETURNED:
+        return None  # too big to send back: the headers will do
+    return body.read_bytes()
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:900]
 
@@ -143,8 +166,17 @@ def nondelivery_address(directory: Any) -> str | None:
     return None
 
 
+def wants_notice(env: Any, address: str, kind: str = "FAILURE") -> bool:
+    """DSN NOTIFY (RFC 3461): without it, failures are reported; NEVER reports nothing."""
+    for r in env.recipients:
+        if r.address == address and r.notify:
+            return kind in r.notify
+    return kind == "FAILURE"
+
+
 def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: Any,
-                 failures: list[Failure], body: Path) -> str | None:
+                 failures: list[Failure], body: Path,
+                 responsible: str | None = None) -> str | None:
     """Queue one notice about ``failures`` in QTMSINQ; its queue id, or None.
 
     None when the message had a null reverse-path: a notice about a notice
@@ -158,16 +190,24 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
         journal.write("7U", f"7U DEL {env.id}", env.id, reason="null reverse-path",
                       recipients=[f.address for f in failures])
         return None
+    unwanted = [f.address for f in failures if not wants_notice(env, f.address)]
+    failures = [f for f in failures if f.address not in unwanted]
+    if unwanted:
+        journal.write("7U", f"7U DEL {env.id}", env.id, reason="DSN NOTIFY excludes FAILURE",
+                      recipients=unwanted)
+    if not failures:
+        return None
     journal.write("7P", f"7P UNDL {env.originator}", env.id, originator=env.originator)
     recipients = [env.originator]
-    copy = nondelivery_address(directory)
-    if copy and copy.lower() != env.originator.lower():
-        recipients.append(copy)
+    for copy in (nondelivery_address(directory), responsible):
+        if copy and copy.lower() not in (r.lower() for r in recipients):
+            recipients.append(copy)  # the seed's NONDELIVERY user; NFYDLVRY's person
     nid = notice_id(env.id)
     data = build_notice(
         hostname=hostname, queue_id=env.id, originator=env.originator,
         arrival=env.received, failures=failures, headers=original_headers(body),
         message_id=env.message_id,
+        full=_full_original(body) if env.ret == "FULL" else None, envid=env.envid,
     )
     notice_env = Envelope(id=nid, originator="", recipients=tuple(
         Recipient(r) for r in recipients), received=time.time(), source="ndn",

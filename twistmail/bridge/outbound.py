@@ -292,7 +292,8 @@ class OutboundManager:
             failures = [Failure(r.address, _status(r.last_error), r.last_error or "failed")
                         for r in failed_now]
             queue_notice(self.queue, self.directory, self.journal, self.settings.hostname,
-                         env, failures, self.queue.body_path(qid))
+                         env, failures, self.queue.body_path(qid),
+                         responsible=self.settings.smtp.nfydlvry)
             env = env.note({"noticed": [r.address for r in failed_now]})
         if pending:
             queue_name, code, delay = target

@@ -181,6 +181,7 @@ class Job:
                 vfyfromusr="*YES" if s.smtp.alwauth == "*LCLRLY" and s.smtp.vfyfromusr == "*NO"
                 else s.smtp.vfyfromusr,
                 etrnsvr=s.smtp.etrnsvr == "*YES",
+                dsn=s.smtp.nfydlvry is not None,
             )
             out[name] = self._tls(factory, options) if name in IMPLICIT_TLS else factory
         return out

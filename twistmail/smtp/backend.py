@@ -188,10 +188,15 @@ class QueueBackend(Backend):
     def _commit(self, spool: Any, received: Received) -> str:
         local = any(is_local for _, is_local in received.recipients)
         target = QTMSINQ if local else QTMSOUTQ
+        dsn = {addr: (notify, orcpt) for addr, notify, orcpt in received.dsn}
         envelope = Envelope(
             id=spool.id,
             originator=received.originator,
-            recipients=tuple(Recipient(addr) for addr, _ in received.recipients),
+            recipients=tuple(Recipient(addr, notify=dsn.get(addr, (None, None))[0],
+                                       orcpt=dsn.get(addr, (None, None))[1])
+                             for addr, _ in received.recipients),
+            ret=received.ret,
+            envid=received.envid,
             received=time.time(),
             client_ip=received.client_ip,
             helo=received.helo,

@@ -69,6 +69,9 @@ class Received:
     size: int
     message_id: str | None
     body_8bit: bool = False
+    ret: str | None = None  # DSN RET (FULL or HDRS)
+    envid: str | None = None  # DSN ENVID, decoded
+    dsn: tuple[tuple[str, tuple[str, ...] | None, str | None], ...] = ()  # address, NOTIFY, ORCPT
 
 
 class Backend:
@@ -110,6 +113,9 @@ class Transaction:
     size_hint: int | None = None
     body_8bit: bool = False
     recipients: list[tuple[str, bool]] = attrs.field(factory=list)
+    ret: str | None = None
+    envid: str | None = None
+    dsn: list[tuple[str, tuple[str, ...] | None, str | None]] = attrs.field(factory=list)
 
 
 class _Data:
@@ -187,6 +193,22 @@ class _Data:
     def finish(self) -> None:
         if self.in_header:
             self._end_header()
+
+
+def _xtext_decode(text: str) -> str:
+    """RFC 3461 xtext: "+XX" stands for the byte with hex value XX."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "+" and i + 3 <= len(text):
+            try:
+                out.append(chr(int(text[i + 1:i + 3], 16)))
+                i += 3
+                continue
+            except ValueError:
+                pass
+        out.append(text[i])
+        i += 1
+    return "".join(out)
 
 
 def _b64(text: str) -> bytes:
@@ -370,6 +392,7 @@ class SMTPSession(SequentialSession):
             originator=str(txn.originator) if txn.originator else "",
             recipients=tuple(txn.recipients), size=data.size,
             message_id=data.message_id, body_8bit=txn.body_8bit,
+            ret=txn.ret, envid=txn.envid, dsn=tuple(txn.dsn),
         )
         d = defer.maybeDeferred(self.factory.backend.commit, data.spool, received)
         d.addCallbacks(self._queued, self._not_queued, errbackArgs=(data.spool,))
@@ -450,6 +473,8 @@ class SMTPSession(SequentialSession):
             ext.append("AUTH " + " ".join(self.factory.mechanisms))
         if self.factory.etrnsvr:
             ext.append("ETRN")
+        if self.factory.dsn:
+            ext.append("DSN")
         return ext
 
     def smtp_ETRN(self, arg: str) -> Any:
@@ -622,6 +647,8 @@ class SMTPSession(SequentialSession):
             return None
         size_hint: int | None = None
         body_8bit = False
+        ret: str | None = None
+        envid: str | None = None
         for key, value in cmd.params:
             if key == "SIZE" and value is not None and value.isdigit():
                 size_hint = int(value)
@@ -633,6 +660,11 @@ class SMTPSession(SequentialSession):
                 if body_8bit and not self.factory.mime8bit:
                     self.reply(555, "5.5.4 BODY=8BITMIME is not offered (MIME8BIT is *NO)")
                     return None
+            elif key == "RET" and self.factory.dsn and value is not None and \
+                    value.upper() in ("FULL", "HDRS"):
+                ret = value.upper()
+            elif key == "ENVID" and self.factory.dsn and value is not None:
+                envid = _xtext_decode(value)
             else:
                 self.reply(555, f"5.5.4 Unsupported parameter {key}")
                 return None
@@ -644,7 +676,7 @@ class SMTPSession(SequentialSession):
             if verdict is not None:
                 self.reply(verdict.code, verdict.text)
                 return
-            self.txn = Transaction(cmd.address, size_hint, body_8bit)
+            self.txn = Transaction(cmd.address, size_hint, body_8bit, ret=ret, envid=envid)
             self.reply(250, f"2.1.0 Sender <{cmd.address or ''}> OK")
 
         if self.factory.vfyfromusr == "*NO" or cmd.address is None:
@@ -665,9 +697,21 @@ class SMTPSession(SequentialSession):
         except PathError as e:
             self.reply(501, f"5.5.4 {e}")
             return None
-        for key, _ in cmd.params:
-            self.reply(555, f"5.5.4 Unsupported parameter {key}")
-            return None
+        notify: tuple[str, ...] | None = None
+        orcpt: str | None = None
+        for key, value in cmd.params:
+            if key == "NOTIFY" and self.factory.dsn and value is not None:
+                words = tuple(w.upper() for w in value.split(","))
+                if not set(words) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
+                        "NEVER" in words and len(words) > 1):
+                    self.reply(501, "5.5.4 NOTIFY takes NEVER, or SUCCESS, FAILURE, DELAY")
+                    return None
+                notify = words
+            elif key == "ORCPT" and self.factory.dsn and value is not None and ";" in value:
+                orcpt = _xtext_decode(value)
+            else:
+                self.reply(555, f"5.5.4 Unsupported parameter {key}")
+                return None
         if len(self.txn.recipients) >= self.factory.maxrcpt:
             self.reply(452, "4.5.3 Too many recipients")
             return None
@@ -679,6 +723,8 @@ class SMTPSession(SequentialSession):
         def decided(verdict: Verdict) -> None:
             if verdict.accepted and self.txn is txn:
                 txn.recipients.append((verdict.route or str(address), verdict.local))
+                if notify is not None or orcpt is not None:
+                    txn.dsn.append((verdict.route or str(address), notify, orcpt))
             self.reply(verdict.code, verdict.text)
 
         d.addCallback(decided)
@@ -764,6 +810,7 @@ class SMTPFactory(Factory):
         on_auth_failure: Callable[[str], None] | None = None,
         vfyfromusr: str = "*NO",
         etrnsvr: bool = False,
+        dsn: bool = False,
     ) -> None:
         self.backend = backend
         self.reactor = reactor
@@ -785,6 +832,7 @@ class SMTPFactory(Factory):
         self.on_auth_failure = on_auth_failure or (lambda ip: None)
         self.vfyfromusr = vfyfromusr
         self.etrnsvr = etrnsvr
+        self.dsn = dsn  # NFYDLVRY names a responsible person: DSN is offered
 
     @property
     def submission(self) -> bool:
