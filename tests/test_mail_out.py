@@ -213,3 +213,23 @@ def test_dsn_notify_ret_and_the_responsible_person(make_appliance, sink):
     assert b"Original-Envelope-Id: batch+7" in raw
     assert b"the whole body comes back" in raw  # RET=FULL
     a.wait_mailbox("POSTMSTR", 1)  # the NFYDLVRY responsible person gets a copy
+
+
+def test_dsn_success_relayed_and_delay_notices(make_appliance, sink):
+    sink.behaviour = Behaviour(rcpt=lambda addr: "451 4.2.0 later" if addr.startswith("slow")
+                               else "250 2.1.5 ok")
+    a = outbound(make_appliance, sink, nfydlvry="postmaster@example.test", rtymin=[1, 0],
+                 rtyhour=[5, 1])
+    a.user("JANE")
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        s.mail("sam@example.test")
+        for rcpt in ("jane@example.test", "far@remote.test", "slow@remote.test"):
+            assert s.rcpt(rcpt, ["NOTIFY=SUCCESS,DELAY"])[0] == 250
+        assert s.data(b"Subject: reports\r\n\r\nx\r\n")[0] == 250
+    reports = a.wait_mailbox("SAM", 3, timeout=40)
+    actions = sorted(
+        line.split(b":", 1)[1].strip().decode()
+        for p in reports for line in p.read_bytes().split(b"\r\n")
+        if line.startswith(b"Action:"))
+    assert actions == ["delayed", "delivered", "relayed"]

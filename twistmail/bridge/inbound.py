@@ -88,6 +88,11 @@ class InboundProcessor:
                 forwarded += 1
         env = env.with_recipients(recipients)
         notice = self._notice(env, failures, body) if failures else None
+        successes = [Failure(r.address, "2.0.0", "delivered to the local mailbox", "delivered")
+                     for r in recipients if r.state == DELIVERED and r.notify
+                     and "SUCCESS" in r.notify and r.delivered_at is not None]
+        if successes:
+            self._notice(env, successes, body)
         if forwarded:
             self.queue.move(queue_id, QTMSINQ, QTMSOUTQ, env)
             j.write("C6", f"C6 TOQ {QTMSOUTQ}", queue_id, queue=QTMSOUTQ, recipients=forwarded)

@@ -31,16 +31,34 @@ class Failure:
     address: str
     status: str  # enhanced status code, e.g. "5.1.1"
     diagnostic: str  # the reply or reason, one line
+    action: str = "failed"  # RFC 3464 Action: failed, delayed, delivered, relayed
 
 
-def notice_id(queue_id: str) -> str:
+#: What each kind of report says, and which NOTIFY keyword asks for it.
+REPORTS = {
+    "failed": ("Undelivered Mail Returned to Sender",
+               "Your message could not be delivered to one or more recipients.", "FAILURE"),
+    "delayed": ("Delayed Mail (still being retried)",
+                "Your message has not been delivered yet to one or more recipients;\n"
+                "the mail system keeps trying.", "DELAY"),
+    "delivered": ("Successful Mail Delivery Report",
+                  "Your message was delivered to the mailbox of the recipients below.",
+                  "SUCCESS"),
+    "relayed": ("Successful Mail Delivery Report",
+                "Your message was passed to a mail system that does not report\n"
+                "delivery status; no further notice will come from there.", "SUCCESS"),
+}
+
+
+def notice_id(queue_id: str, kind: str = "failed") -> str:
     """The queue id of the notice for ``queue_id``: the same on every attempt.
 
     A bridge that crashed after queueing a notice and before removing the
     original makes the notice again under the same id, and local delivery's
     idempotency (Maildir names derive from the queue id) keeps one copy.
     """
-    digest = hashlib.sha256(b"ndn:" + queue_id.encode()).hexdigest()
+    tag = b"ndn" if kind == "failed" else kind.encode()
+    digest = hashlib.sha256(tag + b":" + queue_id.encode()).hexdigest()
     return queue_id[:16] + digest[:6]
 
 
@@ -68,12 +86,14 @@ def build_notice(
     envid: str | None = None,
 ) -> bytes:
     """The notice as wire bytes (CRLF line ends)."""
+    kind = failures[0].action if failures else "failed"
+    subject, intro, _ = REPORTS[kind]
     msg = EmailMessage()
     msg["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     msg["To"] = originator
-    msg["Subject"] = "Undelivered Mail Returned to Sender"
+    msg["Subject"] = subject
     msg["Date"] = email.utils.formatdate(localtime=True)
-    msg["Message-ID"] = f"<{notice_id(queue_id)}.ndn@{hostname}>"
+    msg["Message-ID"] = f"<{notice_id(queue_id, kind)}.ndn@{hostname}>"
     msg["Auto-Submitted"] = "auto-replied"
     if message_id:
         msg["In-Reply-To"] = message_id
@@ -81,7 +101,7 @@ def build_notice(
     listing = "\n".join(f"  <{f.address}>: {f.diagnostic}" for f in failures)
     msg.set_content(
         f"This is the mail system at host {hostname}.\n\n"
-        "Your message could not be delivered to one or more recipients.\n"
+        f"{intro}\n"
         "The administrator can trace it in the QZMF journal with\n"
         f"  twistmail dspjrn --msgid {queue_id}\n\n"
         f"{listing}\n"
@@ -111,7 +131,7 @@ def _status_part(hostname: str, queue_id: str, arrival: float,
     for f in failures:
         part.attach(_fields([
             ("Final-Recipient", f"rfc822; {f.address}"),
-            ("Action", "failed"),
+            ("Action", f.action),
             ("Status", f.status),
             ("Diagnostic-Code", f"smtp; {_one_line(f.diagnostic)}"),
         ]))
@@ -166,12 +186,12 @@ def nondelivery_address(directory: Any) -> str | None:
     return None
 
 
-def wants_notice(env: Any, address: str, kind: str = "FAILURE") -> bool:
+def wants_notice(env: Any, address: str, keyword: str = "FAILURE") -> bool:
     """DSN NOTIFY (RFC 3461): without it, failures are reported; NEVER reports nothing."""
     for r in env.recipients:
         if r.address == address and r.notify:
-            return kind in r.notify
-    return kind == "FAILURE"
+            return keyword in r.notify
+    return keyword == "FAILURE"
 
 
 def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: Any,
@@ -190,19 +210,26 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
         journal.write("7U", f"7U DEL {env.id}", env.id, reason="null reverse-path",
                       recipients=[f.address for f in failures])
         return None
-    unwanted = [f.address for f in failures if not wants_notice(env, f.address)]
+    kind = failures[0].action if failures else "failed"
+    keyword = REPORTS[kind][2]
+    unwanted = [f.address for f in failures if not wants_notice(env, f.address, keyword)]
     failures = [f for f in failures if f.address not in unwanted]
-    if unwanted:
+    if unwanted and kind == "failed":
         journal.write("7U", f"7U DEL {env.id}", env.id, reason="DSN NOTIFY excludes FAILURE",
                       recipients=unwanted)
     if not failures:
         return None
-    journal.write("7P", f"7P UNDL {env.originator}", env.id, originator=env.originator)
     recipients = [env.originator]
-    for copy in (nondelivery_address(directory), responsible):
-        if copy and copy.lower() not in (r.lower() for r in recipients):
-            recipients.append(copy)  # the seed's NONDELIVERY user; NFYDLVRY's person
-    nid = notice_id(env.id)
+    if kind == "failed":
+        journal.write("7P", f"7P UNDL {env.originator}", env.id, originator=env.originator)
+        for copy in (nondelivery_address(directory), responsible):
+            if copy and copy.lower() not in (r.lower() for r in recipients):
+                recipients.append(copy)  # the seed's NONDELIVERY user; NFYDLVRY's person
+    else:
+        code = "7W" if kind == "delayed" else "7R"
+        journal.write(code, f"{code} DSN {kind} {env.originator}", env.id, action=kind,
+                      recipients=[f.address for f in failures])
+    nid = notice_id(env.id, kind)
     data = build_notice(
         hostname=hostname, queue_id=env.id, originator=env.originator,
         arrival=env.received, failures=failures, headers=original_headers(body),

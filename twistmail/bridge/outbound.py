@@ -251,7 +251,14 @@ class OutboundManager:
             else:
                 recipients.append(r.evolve(attempts=r.attempts + 1,
                                            last_error=f"{o['code']} {o['text']}"))
-        self.queue.update(QTMSOUTQ, env.with_recipients(recipients))
+        env = env.with_recipients(recipients)
+        self.queue.update(QTMSOUTQ, env)
+        if result.get("dsn") is False:
+            # The next hop takes no DSN: SUCCESS requests end here, as "relayed".
+            relayed = [Failure(a, "2.0.0", f"{o['code']} {o['text']}", "relayed")
+                       for a, o in outcome.items() if o["status"] == "delivered"]
+            queue_notice(self.queue, self.directory, self.journal, self.settings.hostname,
+                         env, relayed, self.queue.body_path(qid))
 
     def _settle(self, qid: str) -> None:
         self.busy.add(qid)
@@ -298,6 +305,12 @@ class OutboundManager:
         if pending:
             queue_name, code, delay = target
             env = env.evolve(attempts=attempts, next_try=time.time() + delay)
+            if queue_name == QTMSRTQ2:
+                delayed = [Failure(r.address, _status(r.last_error).replace("5.", "4.", 1),
+                                   r.last_error or "still being retried", "delayed")
+                           for r in pending]
+                queue_notice(self.queue, self.directory, self.journal,
+                             self.settings.hostname, env, delayed, self.queue.body_path(qid))
             self.queue.move(qid, QTMSOUTQ, queue_name, env)
             self.journal.write(code, f"{code} TRQ {queue_name}", qid, queue=queue_name,
                                attempts=attempts, next_try=env.next_try,

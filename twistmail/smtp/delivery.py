@@ -74,7 +74,7 @@ class Deliverer:
             out.append({"address": r.address, "status": r.status, "code": r.code,
                         "text": r.text})
         return {"id": qid, "domain": domain, "remote_ip": result.remote_ip,
-                "tls": result.tls, "results": out}
+                "tls": result.tls, "dsn": result.dsn, "results": out}
 
     def _read(self, task: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         env = self.queue.load(task["queue"], task["id"])
