@@ -54,10 +54,11 @@ def test_send_mime_mail_delivers_and_the_file_goes(post, tmp_path):
         (lambda d: _write(d / "lf.mime", b"Subject: x\n\nbody\n"), "no end of header"),
     ],
 )
-def test_file_problems_are_clear_errors(post, tmp_path, make, needle):
+def test_file_problems_are_clear_errors(make_appliance, tmp_path, make, needle):
+    stopped = make_appliance()  # the checks come before anything is queued
     with pytest.raises(SendMailError, match=needle):
         send_mime_mail(make(tmp_path), "app@example.test", ["sam@example.test"],
-                       settings=load(post.config))
+                       settings=load(stopped.config))
 
 
 def _write(path, data):
@@ -65,9 +66,9 @@ def _write(path, data):
     return str(path)
 
 
-def test_bad_addresses_and_types(post, tmp_path):
+def test_bad_addresses_and_types(make_appliance, tmp_path):
     note = _write(tmp_path / "n.mime", NOTE)
-    s = load(post.config)
+    s = load(make_appliance().config)
     with pytest.raises(SendMailError, match="originator"):
         send_mime_mail(note, "not an address", ["sam@example.test"], settings=s)
     with pytest.raises(SendMailError, match="recipient type"):

@@ -180,6 +180,7 @@ class Sink:
                 except (EOFError, OSError, ssl.SSLError):
                     pass
 
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
         self.server = socketserver.ThreadingTCPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]

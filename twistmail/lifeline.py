@@ -20,3 +20,11 @@ def die_with_parent() -> None:
         pass
     if os.getppid() != parent or parent == 1:
         sys.exit(0)
+
+
+def log_to_stderr() -> None:
+    """Send this child's Twisted log to stderr, which the controller logs with its name."""
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+                                     redirectStandardIO=False)

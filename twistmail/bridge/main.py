@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from twistmail import config as configmod
-from twistmail.lifeline import die_with_parent
+from twistmail.lifeline import die_with_parent, log_to_stderr
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     # A CHGPJE/CHGSMTPA arriving while the bridge starts must not end it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     die_with_parent()
+    log_to_stderr()
     settings = configmod.load(args.config)
 
     from twisted.internet import reactor

@@ -24,7 +24,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from twistmail import config as configmod
-from twistmail.lifeline import die_with_parent
+from twistmail.lifeline import die_with_parent, log_to_stderr
 from twistmail.prestart import channel
 
 CHANNEL_FD = 3
@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     die_with_parent()
+    log_to_stderr()
     settings = configmod.load(args.config)
 
     from twisted.internet import reactor
