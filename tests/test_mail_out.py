@@ -164,9 +164,11 @@ def test_mx_routing_through_a_loopback_dns(make_appliance, tmp_path):
         a = make_appliance(smtp={"alwrly": "*ALL", "nameservers": [f"127.0.0.1:{port}"],
                                  "rtymin": [5, 0]}).start()
         a.user("SAM")
-        send(a, ["friend@remote.test"])
+        send(a, ["friend@remote.test", "x@nullmx.test"])
         a.wait_for(lambda: mx_sink.messages, 30, "delivery to the preferred MX")
         assert mx_sink.messages[0].recipients == ["friend@remote.test"]
+        [notice] = a.wait_mailbox("SAM", 1, timeout=60)  # a null MX is a permanent failure
+        assert b"Final-Recipient: rfc822; x@nullmx.test" in notice.read_bytes()
     finally:
         dns.stdin.close()
         dns.wait(10)
@@ -235,3 +237,15 @@ def test_dsn_success_relayed_and_delay_notices(make_appliance, sink):
         if line.startswith(b"Action:"))
     assert actions == ["delayed", "delivered", "relayed"]
 
+
+
+def test_one_message_to_several_domains(make_appliance, sink):
+    """Tasks queued for one client job keep their own result tokens."""
+    sink.behaviour = Behaviour(rcpt=lambda addr: "550 5.1.1 no such user"
+                               if addr.startswith("bad") else "250 2.1.5 ok")
+    a = outbound(make_appliance, sink)
+    send(a, ["one@first.test", "two@second.test", "bad@third.test", "ok@third.test"])
+    a.wait_for(lambda: len(sink.messages) == 3, 30, "one delivery per domain")
+    [notice] = a.wait_mailbox("SAM", 1, timeout=30)
+    assert b"Final-Recipient: rfc822; bad@third.test" in notice.read_bytes()
+    a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 10, "the message settled")

@@ -52,6 +52,7 @@ class Request:
     accepted_at: float
     queued_at: float | None = None
     task: bytes | None = None
+    token: int = 0  # set when the pool takes the request; a task's result carries it
 
 
 @attrs.define(eq=False)
@@ -232,11 +233,12 @@ class Pool:
     def submit_task(self, task: bytes, destination: str) -> int:
         """A task for a client job; returns the token its result will carry."""
         request = Request(None, "task", destination, self.reactor.seconds(), task=task)
-        token = self._next_token
         self.submit_request(request)
-        return token
+        return request.token
 
     def submit_request(self, request: Request) -> None:
+        request.token = self._next_token
+        self._next_token += 1
         now = request.accepted_at
         peer = request.peer
         idle = self._pick_idle()
@@ -268,8 +270,7 @@ class Pool:
         return best
 
     def _hand(self, job: Job, request: Request) -> None:
-        token = self._next_token
-        self._next_token += 1
+        token = request.token
         job.state = JobState.BUSY
         job.since = self.reactor.seconds()
         job.uses += 1
