@@ -102,4 +102,7 @@ class Listener:
                 self.reactor.callLater(0.1, self.resume)
                 return
             conn.setblocking(False)
+            # Replies are small and end a command; Nagle would hold the last
+            # segment (a POP terminator, an SMTP reply) for the peer's delayed ACK.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.on_accept(conn, self.name, addr[0])
