@@ -126,13 +126,14 @@ class _StatusFile:
         self.reactor.addSystemEventTrigger("after", "shutdown", self.remove)
 
     def write(self) -> None:
-        data = {"report": self.pool.report(), "jobs": self.pool.listing(), "at": time.time()}
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(data))
+            data = {"report": self.pool.report(), "jobs": self.pool.listing(),
+                    "at": time.time()}
+            tmp.write_text(json.dumps(data, default=str))
             os.replace(tmp, self.path)
-        except OSError:
-            pass
+        except Exception as e:  # the loop must go on: it is the only status there is
+            print(f"cannot write {self.path}: {e!r}", file=sys.stderr)
 
     def remove(self) -> None:
         try:
