@@ -224,6 +224,16 @@ def test_bridge_parks_mail_while_storage_is_short(post):
     assert {"7L", "7M"} <= {e["code"] for e in a.journal()}
 
 
+def open_data(a):
+    """A raw session from Jane to Sam, answered 354 and ready for the message."""
+    s = a.connect()
+    read_reply(s)
+    s.sendall(b"HELO x\r\nMAIL FROM:<jane@example.test>\r\nRCPT TO:<sam@example.test>\r\n"
+              b"DATA\r\n")
+    assert [read_reply(s)[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+    return s
+
+
 def _busy_job(a) -> int:
     return a.wait_for(
         lambda: next((r["pid"] for r in a.jobs("QTMSSRCP") if r["status"] == "RUN"), None), 10)
@@ -231,11 +241,7 @@ def _busy_job(a) -> int:
 
 def test_sigkill_of_smtp_job_mid_data_leaves_nothing(post):
     a = post
-    s = a.connect()
-    read_reply(s)
-    s.sendall(b"HELO x\r\nMAIL FROM:<jane@example.test>\r\nRCPT TO:<sam@example.test>\r\n"
-              b"DATA\r\n")
-    assert [read_reply(s)[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+    s = open_data(a)
     s.sendall(b"Subject: half\r\n\r\n" + b"partial line\r\n" * 1000)
     time.sleep(0.3)
     pid = _busy_job(a)
@@ -251,11 +257,7 @@ def test_sigkill_of_smtp_job_mid_data_leaves_nothing(post):
 
 def test_sigkill_right_after_250_still_delivers_once(post):
     a = post
-    s = a.connect()
-    read_reply(s)
-    s.sendall(b"HELO x\r\nMAIL FROM:<jane@example.test>\r\nRCPT TO:<sam@example.test>\r\n"
-              b"DATA\r\n")
-    assert [read_reply(s)[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+    s = open_data(a)
     pid = _busy_job(a)
     s.sendall(b"Subject: acked\r\n\r\nkept\r\n.\r\n")
     assert read_reply(s).startswith(b"250 2.0.0 Ok: queued as ")
