@@ -62,28 +62,43 @@ def send_mime_mail(
     if not rcpts:
         raise SendMailError("recipients: at least one recipient is needed")
     from twistmail.directory import SqliteDirectory
-    from twistmail.journal import Journal
-    from twistmail.queue import Envelope, FileQueue
-    from twistmail.queue import Recipient as QueueRecipient
 
     directory = SqliteDirectory.from_settings(settings)
     if settings.smtp.vfymsfmsg == "*YES":
         _verify_originator(directory, sender, usrprf)
     data = file.read_bytes()
     head, body = _split(data, file)
+    return queue_message(settings, sender, rcpts, _without_bcc(head) + b"\r\n" + body,
+                         program="QTMMSNDM", via="Send MIME Mail API", usrprf=usrprf,
+                         origin=str(file), history=({"api_file": str(file)},))
+
+
+def queue_message(settings: Any, sender: str, rcpts: list[Recipient], message: bytes, *,
+                  program: str, via: str, usrprf: str | None, origin: str,
+                  history: tuple[dict[str, str], ...] = ()) -> str:
+    """Put a finished message durably on QTMSINQ with the EH, E1, E2, ET entries.
+
+    The one way programs hand mail to the framework, so every API journals the
+    same steps and adds the same trace header.  ``message`` must not carry Bcc
+    fields any more.
+    """
+    from twistmail.journal import Journal
+    from twistmail.queue import Envelope, FileQueue
+    from twistmail.queue import Recipient as QueueRecipient
+
     queue = FileQueue.for_settings(settings)
     env = Envelope.new(
         sender, [QueueRecipient(r.address, kind=r.kind.lower()) for r in rcpts],
-        source="api", auth=usrprf, history=({"api_file": str(file)},),
+        source="api", auth=usrprf, history=history,
     )
-    trace = (f"Received: by {settings.hostname} (twistmail Send MIME Mail API) id {env.id};\r\n"
+    trace = (f"Received: by {settings.hostname} (twistmail {via}) id {env.id};\r\n"
              f"\t{email.utils.formatdate(time.time(), localtime=True)}\r\n").encode()
     with queue.new_spool(env) as spool:
-        spool.write(trace + _without_bcc(head) + b"\r\n" + body)
-        journal = Journal.from_settings(settings, f"QTMMSNDM/{os.getpid()}")
+        spool.write(trace + message)
+        journal = Journal.from_settings(settings, f"{program}/{os.getpid()}")
 
         def record() -> None:
-            journal.write("EH", f"EH TMSF {file}", env.id, file=str(file), usrprf=usrprf)
+            journal.write("EH", f"EH TMSF {origin}", env.id, file=origin, usrprf=usrprf)
             journal.write("E1", f"E1 O {sender}", env.id, originator=sender)
             for r in rcpts:
                 journal.write("E2", f"E2 R {r.address}", env.id, recipient=r.address,
