@@ -10,6 +10,7 @@ from twistmail.cli import (
     mailcmds,  # noqa: F401
     poolcmds,  # noqa: F401
     queuecmds,  # noqa: F401
+    smimecmds,  # noqa: F401
     usercmds,  # noqa: F401
 )
 from twistmail.cli.base import cli, main  # noqa: F401

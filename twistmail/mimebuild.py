@@ -1,0 +1,128 @@
+"""The MIME message the Create and Send MIME E-mail API builds.
+
+The message is built in two pieces so S/MIME can wrap one of them: the
+content entity (the text body, and with attachments a ``multipart/mixed``
+around it and them) and the header block (From, To, Cc, Subject, Date,
+Message-ID, MIME-Version).  The final message is ``header_block + entity``,
+where the entity is the content as built, or signed, encrypted, or both.
+
+Everything is 7-bit (quoted-printable or base64 where needed) with CRLF line
+ends, because a signed entity must reach the reader byte for byte and no
+relay may re-encode it (RFC 8551 section 3.1.2).  Bcc recipients never
+appear in the header block.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import mimetypes
+import os
+from collections.abc import Iterable, Sequence
+from email.message import EmailMessage, MIMEPart
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from twistmail.api import CC, TO, Recipient, SendMailError
+
+POLICY = email.policy.SMTP.clone(cte_type="7bit", max_line_length=78)
+MAX_ATTACHMENT = 64 * 1024 * 1024
+SIGN, ENCRYPT = 1, 2
+
+
+@attrs.frozen
+class Attachment:
+    filename: str
+    data: bytes
+    content_type: str
+
+
+def attachment_parts(
+    attachments: Iterable[str | os.PathLike[str] | tuple[str | os.PathLike[str], str]],
+) -> list[Attachment]:
+    """Read each attachment file, with its content type given or guessed from its name."""
+    out = []
+    for item in attachments:
+        path, ctype = item if isinstance(item, tuple) else (item, None)
+        file = Path(path)
+        if ctype is None:
+            guessed, wrapper = mimetypes.guess_type(file.name, strict=False)
+            # a .gz or .bz2 file is sent as it is, not as what it unpacks to
+            ctype = guessed if guessed and not wrapper else "application/octet-stream"
+        if ctype.count("/") != 1 or ctype.startswith("multipart/") or any(
+                c.isspace() for c in ctype):
+            raise SendMailError(f"attachment: content type {ctype!r} of {file} is not allowed; "
+                                "allowed: type/subtype such as application/pdf")
+        try:
+            if file.stat().st_size > MAX_ATTACHMENT:
+                raise SendMailError(f"attachment: {file} is larger than "
+                                    f"{MAX_ATTACHMENT // (1024 * 1024)} MB")
+            data = file.read_bytes()
+        except FileNotFoundError:
+            raise SendMailError(f"attachment: {file} does not exist") from None
+        except IsADirectoryError:
+            raise SendMailError(f"attachment: {file} is a directory, not a file") from None
+        except OSError as e:
+            raise SendMailError(f"attachment: {file} cannot be read ({e.strerror})") from None
+        out.append(Attachment(file.name, data, ctype.lower()))
+    return out
+
+
+def content_entity(body: str, attachments: Sequence[Attachment]) -> bytes:
+    """The text body, with attachments a multipart/mixed entity; CRLF, 7-bit."""
+    if not isinstance(body, str):
+        raise SendMailError(f"body: must be text (str), not {type(body).__name__}")
+    part = MIMEPart(policy=POLICY)
+    part.set_content(body, subtype="plain")
+    for a in attachments:
+        maintype, subtype = a.content_type.split("/")
+        part.add_attachment(a.data, maintype=maintype, subtype=subtype, cte="base64",
+                            filename=a.filename)
+    return part.as_bytes(policy=POLICY)
+
+
+def header_block(sender: str, rcpts: Sequence[Recipient], subject: str, hostname: str) -> bytes:
+    """The top-level header fields, each folded and ending CRLF; no Bcc."""
+    if not isinstance(subject, str) or "\r" in subject or "\n" in subject:
+        raise SendMailError("subject: must be one line of text")
+    head = EmailMessage(policy=POLICY)
+    head["From"] = sender
+    for kind, field in ((TO, "To"), (CC, "Cc")):
+        addresses = [r.address for r in rcpts if r.kind == kind]
+        if addresses:
+            head[field] = ", ".join(addresses)
+    if not any(r.kind in (TO, CC) for r in rcpts):
+        head["To"] = "undisclosed-recipients:;"
+    head["Subject"] = subject
+    head["Date"] = email.utils.formatdate(localtime=True)
+    head["Message-ID"] = email.utils.make_msgid(domain=hostname)
+    head["MIME-Version"] = "1.0"
+    return b"".join(POLICY.fold_binary(name, value) for name, value in head.items())
+
+
+def secure(content: bytes, level: int, settings: Any, usrprf: str, password: str | None,
+           addresses: Sequence[str]) -> bytes:
+    """Sign (level 1), encrypt (2) or sign then encrypt (3) ``content`` with S/MIME.
+
+    The certificates come from ``usrprf``'s store; encryption is also for the
+    sender's own certificate, so the sender can read what it sent.  Every
+    certificate is looked up before any cryptography, so a missing one fails
+    alone.
+    """
+    from twistmail import smime
+    from twistmail.certstore import CertStore
+
+    store = CertStore.for_user(settings, usrprf)
+    store.check_password(password)
+    signer = store.signer(password) if level & SIGN else None
+    readers = []
+    if level & ENCRYPT:
+        readers = [*store.recipients(list(dict.fromkeys(a.lower() for a in addresses))),
+                   store.own_certificates()[0]]
+    if signer is not None:
+        content = smime.sign(content, signer)
+    if readers:
+        content = smime.encrypt(content, readers)
+    return content
