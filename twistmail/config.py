@@ -216,6 +216,15 @@ class LimitsSettings:
 
 
 @attrs.frozen
+class SnadsSettings:
+    """The distribution attributes (CHGDSTA) that SNDDST honours."""
+
+    keeprcp: str = setting(
+        Choice(("*BCC", "*ALL", "*NONE")), "*BCC", "recipients kept in SNDDST's MIME headers"
+    )
+
+
+@attrs.frozen
 class JournalSettings:
     receiver_size: int = setting(
         Int(4096, 2**40), 16 * 1024 * 1024, "bytes after which a new receiver starts"
@@ -232,6 +241,7 @@ SECTIONS: dict[str, type] = {
     "storage": StorageSettings,
     "limits": LimitsSettings,
     "journal": JournalSettings,
+    "snads": SnadsSettings,
 }
 
 
@@ -249,6 +259,7 @@ class Settings:
     storage: StorageSettings = attrs.field(factory=StorageSettings)
     limits: LimitsSettings = attrs.field(factory=LimitsSettings)
     journal: JournalSettings = attrs.field(factory=JournalSettings)
+    snads: SnadsSettings = attrs.field(factory=SnadsSettings)
 
     @property
     def datadir(self) -> Path:

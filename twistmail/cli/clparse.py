@@ -45,6 +45,9 @@ POSITIONAL: dict[str, tuple[str, ...]] = {
     "HLDDSTQ": ("DSTQ", "PTY"),
     "RLSDSTQ": ("DSTQ", "PTY"),
     "SNDDST": ("TYPE", "TOUSRID", "DSTD"),
+    "QRYDST": ("USRID", "OPTION"),
+    "RCVDST": ("DSTID",),
+    "CHGDSTA": ("KEEPRCP",),
     "ADDSMTPLE": ("TYPE",),
     "RMVSMTPLE": ("TYPE",),
     "STRMSF": ("MSGOPT",),
@@ -58,6 +61,13 @@ QUALIFIED_LIBS: dict[str, tuple[str, ...]] = {
     "SBS": ("QSYS", "*LIBL"),
 }
 """Keywords that name IBM i objects, with the libraries where twistmail has them."""
+
+JOINED = frozenset({"TOUSRID", "TOINTNET", "DSTID"})
+"""List keywords whose elements the click option takes as one blank-separated string.
+
+``TOUSRID((SAM SYSTEM *CC))`` is ``--tousrid 'SAM SYSTEM *CC'``, one option
+per list entry; a DSTID typed without quotes is its three words.
+"""
 
 SUBSYSTEM = "QSYSWRK"
 """The only subsystem: all of twistmail's jobs run in it, as on IBM i."""
@@ -405,6 +415,8 @@ def _option_args(
     args: list[str] = []
     for group in groups:
         strings = _strings(keyword, group)
+        if keyword in JOINED and nargs == 1 and len(strings) > 1:
+            strings = [" ".join(strings)]
         if nargs is not None and len(strings) != nargs:
             raise ClError(
                 f"{keyword} takes {_count(nargs)}, got {len(strings)}: ({_render_items(group)})"
@@ -417,7 +429,8 @@ def _groups(keyword: str, value: Value, nargs: int | None, repeatable: bool) -> 
     """The value split into one tuple per option occurrence."""
     lists = tuple(e for e in value if isinstance(e, tuple))
     if not lists:
-        return tuple((e,) for e in value) if repeatable and nargs == 1 else (value,)
+        single = repeatable and nargs == 1 and keyword not in JOINED
+        return tuple((e,) for e in value) if single else (value,)
     if len(lists) != len(value):
         raise ClError(
             f"{keyword}({_render_items(value)}) mixes single values and lists; "

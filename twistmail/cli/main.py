@@ -11,6 +11,7 @@ from twistmail.cli import (
     poolcmds,  # noqa: F401
     queuecmds,  # noqa: F401
     smimecmds,  # noqa: F401
+    snadscmds,  # noqa: F401
     usercmds,  # noqa: F401
 )
 from twistmail.cli.base import cli, main  # noqa: F401

@@ -1,0 +1,242 @@
+"""SNADS users: SNDDST into the mail queues, QRYDST/RCVDST on the distribution store, CHGDSTA."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import poplib
+import smtplib
+
+import pytest
+from test_smtp_client import Sink
+
+from twistmail.config import load
+from twistmail.snads import DistributionError, send_distribution
+
+
+@pytest.fixture
+def sink():
+    s = Sink()
+    yield s
+    s.stop()
+
+
+def enroll(a) -> None:
+    """POP users SAM, JANE, APP; SNADS users OVUSER HQ (SMTP name ov.user) and BOB HQ (none)."""
+    for user in ("SAM", "JANE", "APP"):
+        a.user(user)
+    for args in (["--usrid", "OVUSER", "HQ", "--usrd", "OfficeVision user", "--msfsrvlvl",
+                  "*USRIDX", "--prefadr", "*SMTP", "--smtpuser", "ov.user"],
+                 ["--usrid", "BOB", "HQ", "--usrd", "Bob in accounts"]):
+        rc, out, err = a.cli("adddire", *args)
+        assert rc == 0, err
+
+
+@pytest.fixture
+def post(make_appliance, sink):
+    a = make_appliance(smtp={"mailrouter": f"127.0.0.1:{sink.port}", "firewall": "*YES"})
+    a.start()
+    enroll(a)
+    return a
+
+
+def pop_messages(a, user: str) -> list[email.message.EmailMessage]:
+    p = poplib.POP3(*a.addr("pop3"), timeout=30)
+    p.user(user.lower())
+    p.pass_("secret")
+    count = len(p.list()[1])
+    out = [email.message_from_bytes(b"".join(line + b"\n" for line in p.retr(i)[1]),
+                                    policy=email.policy.default) for i in range(1, count + 1)]
+    p.quit()
+    return out
+
+
+def qrydst(a, *user: str) -> list[dict]:
+    rc, out, err = a.cli("qrydst", *user, "--json")
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def one_line_error(result, *needles: str) -> None:
+    rc, out, err = result
+    assert rc == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for needle in needles:
+        assert needle in err
+
+
+def test_snddst_reaches_pop_users_and_the_internet(post, sink):
+    a = post
+    rc, out, err = a.cli(
+        "snddst", "--type", "*LMSG", "--usrid", "OVUSER", "HQ",
+        "--tousrid", "SAM MAIL", "--tousrid", "JANE MAIL *CC", "--tousrid", "APP MAIL *BCC",
+        "--tointnet", "friend@remote.test", "--tointnet", "hidden@remote.test *BCC",
+        "--dstd", "Budget meeting", "--longmsg", "Room 4B at ten.\nBring the figures.",
+        "--importance", "*HIGH")
+    assert rc == 0 and "queued as" in out, err
+    a.wait_mailbox("JANE", 1)
+    a.wait_mailbox("APP", 1)
+    a.wait_for(lambda: sink.messages, 30, "delivery to the Internet recipients")
+    [sam] = pop_messages(a, "SAM")
+    assert sam["Subject"] == "Budget meeting"
+    assert sam["From"].addresses[0].addr_spec == "ov.user@example.test"
+    assert sam["From"].addresses[0].display_name == "OfficeVision user"
+    assert {x.addr_spec for x in sam["To"].addresses} == {"sam@example.test",
+                                                          "friend@remote.test"}
+    assert sam["Cc"] is None  # KEEPRCP *BCC, the shipped value: no Cc header
+    assert sam["Importance"] == "high"
+    assert sam.get_content_type() == "text/plain" and sam.get_content_charset() == "utf-8"
+    assert sam.get_content() == "Room 4B at ten.\nBring the figures.\n"
+    [out_msg] = sink.messages
+    assert sorted(out_msg.recipients) == ["friend@remote.test", "hidden@remote.test"]
+    for raw in (out_msg.content, a.mailbox("SAM")[0].read_bytes()):
+        assert b"hidden@" not in raw and b"app@" not in raw and b"Bcc" not in raw
+    codes = [e["code"] for e in a.journal() if e.get("job", "").startswith("SNDDST/")]
+    assert codes[:2] == ["EH", "E1"] and codes.count("E2") == 5 and "ET" in codes
+    assert "H1" in codes and codes.count("H2") == 5
+
+
+def test_keeprcp_all_keeps_cc_and_never_bcc(make_appliance):
+    a = make_appliance().start()
+    enroll(a)
+    rc, out, err = a.cli("dspdsta", "--json")
+    assert rc == 0 and json.loads(out) == {"keeprcp": "*BCC"}
+    rc, out, err = a.cli("chgdsta", "--keeprcp", "*all")
+    assert rc == 0 and "*ALL" in out, err
+    assert 'keeprcp = "*ALL"' in a.config.read_text()
+    rc, out, err = a.cli("dspdsta")
+    assert rc == 0 and "*ALL" in out
+    rc, out, err = a.cli("snddst", "--type", "*LMSG", "--usrid", "OVUSER", "HQ",
+                         "--tousrid", "SAM MAIL *PRI", "--tousrid", "JANE MAIL *CC",
+                         "--tousrid", "APP MAIL *BCC", "--dstd", "Minutes",
+                         "--longmsg", "attached below")
+    assert rc == 0, err
+    a.wait_mailbox("APP", 1)
+    for user in ("SAM", "JANE", "APP"):
+        [msg] = pop_messages(a, user)
+        assert [x.addr_spec for x in msg["To"].addresses] == ["sam@example.test"]
+        assert [x.addr_spec for x in msg["Cc"].addresses] == ["jane@example.test"]
+        assert msg["Bcc"] is None and "app@" not in str(msg["To"]) + str(msg["Cc"])
+        assert user == "APP" or "app@" not in msg.as_string()  # APP's own: Delivered-To
+
+
+def test_internet_mail_to_a_snads_user_is_queried_and_received(post, tmp_path):
+    a = post
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["ov.user@example.test"],
+                   b"From: Jane <jane@example.test>\r\nSubject: Lunch on Friday?\r\n"
+                   b"Date: Fri, 27 Nov 2026 09:30:00 +0000\r\n\r\nAt noon.\r\n")
+        s.sendmail("friend@remote.test", ["ov.user@example.test"],
+                   b"From: friend@remote.test\r\nSubject: hello from outside\r\n\r\nHi.\r\n")
+    a.wait_for(lambda: len(qrydst(a, "--usrid", "OVUSER", "HQ")) == 2, 20, "two distributions")
+    assert [e["code"] for e in a.journal("7O")] == ["7O", "7O"]
+    first, second = qrydst(a, "--usrid", "ovuser", "hq")
+    assert first["dstid"] == "MAIL    JANE    0001"  # Jane's directory entry: JANE MAIL
+    assert first["sender"] == "jane@example.test"
+    assert first["description"] == "Lunch on Friday?"
+    assert first["date"].startswith("2026-11-27T09:30:00")
+    assert second["dstid"] == "REMOTE  FRIEND  0002"
+    assert {first["status"], second["status"]} == {"*OLD"}  # listed once already
+
+    rc, out, err = a.cli("rcvdst", "--usrid", "OVUSER", "HQ", "--dstid", first["dstid"],
+                         "--keep", "*YES")
+    assert rc == 0 and "Subject: Lunch on Friday?" in out and out.endswith("At noon.\r\n"), err
+    assert [d["status"] for d in qrydst(a, "--usrid", "OVUSER", "HQ")] == ["*OPENED", "*OLD"]
+
+    target = tmp_path / "lunch.eml"
+    rc, out, err = a.cli("cl", f"RCVDST DSTID(MAIL JANE 1) USRID(OVUSER HQ) OUTFILE('{target}')")
+    assert rc == 0 and "written to" in out, err
+    assert target.read_bytes().endswith(b"\r\n\r\nAt noon.\r\n")
+    assert [d["dstid"] for d in qrydst(a, "--usrid", "OVUSER", "HQ")] == ["REMOTE  FRIEND  0002"]
+    one_line_error(a.cli("rcvdst", "--usrid", "OVUSER", "HQ", "--dstid", first["dstid"]),
+                   "--dstid", "not a distribution of OVUSER HQ")
+
+    rc, out, err = a.cli("rcvdst", "--usrid", "OVUSER", "HQ", "--dstid", second["dstid"])
+    assert rc == 0 and "hello from outside" in out
+    rc, out, err = a.cli("qrydst", "--usrid", "OVUSER", "HQ")
+    assert rc == 0 and "no distributions" in out
+
+
+def test_snddst_to_snads_users_by_smtp_name_and_by_store(post):
+    a = post
+    sent = send_distribution(load(a.config), usrprf="sam", tousrid=["OVUSER HQ"],
+                             dstd="Inventory", longmsg="Counts are in.",
+                             tointnet=[], msg="Short note", type="*LMSG")
+    assert sent.queue_id is not None and sent.queued == ("ov.user@example.test",)
+    assert sent.stored == ()
+    rc, out, err = a.cli("snddst", "--type", "*MSG", "--usrprf", "SAM",
+                         "--tousrid", "BOB HQ", "--dstd", "Quick one", "--msg", "See me")
+    assert rc == 0 and "stored for BOB HQ" in out, err
+    [bob] = qrydst(a, "--usrid", "BOB", "HQ")  # no SMTP name: routed straight to the store
+    assert bob["dstid"] == "MAIL    SAM     0001" and bob["description"] == "Quick one"
+    a.wait_for(lambda: qrydst(a, "--usrid", "OVUSER", "HQ"), 20, "delivery via the bridge")
+    rc, out, err = a.cli("rcvdst", "--usrid", "OVUSER", "HQ", "--dstid", "MAIL SAM 1")
+    assert rc == 0 and "Short note\n\nCounts are in." in out.replace("\r\n", "\n"), err
+    rc, out, err = a.cli("rcvdst", "--usrid", "BOB", "HQ", "--dstid", "MAIL SAM 1")
+    assert rc == 0 and "To: BOB HQ:;" in out and "See me" in out
+    one_line_error(a.cli("qrydst", "--usrprf", "SAM"), "--usrprf", "*SYSMS", "*USRIDX")
+
+
+@pytest.fixture
+def stopped(make_appliance):
+    """The checks come before anything is queued, so no daemon is needed."""
+    a = make_appliance()
+    enroll(a)
+    return a
+
+
+SEND = ("snddst", "--type", "*LMSG", "--usrid", "OVUSER", "HQ", "--tousrid", "SAM MAIL",
+        "--dstd", "x")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("snddst", "--type", "*LMSG", "--usrid", "NOBODY", "HQ", "--tousrid", "SAM MAIL",
+          "--dstd", "x", "--longmsg", "y"), ("--usrid", "NOBODY HQ", "not in the system")),
+        (("snddst", "--type", "*LMSG", "--usrid", "BOB", "HQ", "--tousrid", "SAM MAIL",
+          "--dstd", "x", "--longmsg", "y"), ("--usrid", "no SMTP name", "chgdire")),
+        (("snddst", "--type", "*LMSG", "--usrprf", "NOSUCH", "--tousrid", "SAM MAIL",
+          "--dstd", "x", "--longmsg", "y"), ("--usrprf", "NOSUCH")),
+        ((*SEND, "--longmsg", "z" * 5001), ("--longmsg", "5001 characters", "up to 5000")),
+        ((*SEND[:2], "*DOC", *SEND[3:], "--longmsg", "y"), ("--type", "*DOC", "*LMSG, *MSG")),
+        ((*SEND[:2], "*BOGUS", *SEND[3:], "--longmsg", "y"), ("--type", "not allowed")),
+        (SEND[:1] + SEND[3:] + ("--longmsg", "y"), ("--type", "required")),
+        (SEND, ("--longmsg", "*LMSG")),
+        ((*SEND, "--longmsg", "y", "--tousrid", "GHOST HQ"), ("--tousrid", "GHOST HQ")),
+        ((*SEND, "--longmsg", "y", "--tousrid", "JANE MAIL *XX"), ("--tousrid", "*PRI")),
+        ((*SEND, "--longmsg", "y", "--tointnet", "not-an-address"), ("--tointnet",)),
+        ((*SEND, "--longmsg", "y", *(w for i in range(301) for w in
+                                     ("--tointnet", f"u{i}@remote.test"))),
+         ("--tointnet", "301 recipients", "up to 300")),
+        ((*SEND[:-1], "d" * 45, "--longmsg", "y"), ("--dstd", "up to 44")),
+        (("chgdsta", "--keeprcp", "*SOME"), ("--keeprcp", "*BCC", "*ALL", "*NONE")),
+        (("qrydst",), ("--usrid", "--usrprf")),
+        (("qrydst", "--usrid", "OVUSER", "HQ", "--option", "*OUT"), ("--option", "*IN")),
+        (("rcvdst", "--usrid", "OVUSER", "HQ", "--dstid", "nonsense"), ("--dstid", "20")),
+        (("rcvdst", "--usrid", "OVUSER", "HQ", "--dstid", "MAIL JANE 7"),
+         ("--dstid", "not a distribution")),
+        (("rcvdst", "--usrid", "OVUSER", "HQ", "--dstid", "MAIL JANE 7", "--keep", "*MAYBE"),
+         ("--keep", "*NO, *YES")),
+    ],
+)
+def test_mistakes_are_one_line_exit_2(stopped, args, needles):
+    one_line_error(stopped.cli(*args), *needles)
+    assert not stopped.queue_files("QTMSINQ")
+
+
+def test_the_longest_longmsg_and_cl_syntax(stopped):
+    a = stopped
+    rc, out, err = a.cli(*SEND, "--longmsg", "z" * 5000)
+    assert rc == 0, err
+    rc, out, err = a.cli("cl", "SNDDST TYPE(*LMSG) TOUSRID((SAM MAIL) (JANE MAIL *CC)) "
+                         "DSTD('Typed as CL') LONGMSG('From a CL program') USRID(OVUSER HQ) "
+                         "TOINTNET(('friend@remote.test' *BCC))")
+    assert rc == 0 and "queued as" in out and "3 recipients" in out, err
+    assert len(a.queue_files("QTMSINQ")) == 2
+    rc, out, err = a.cli("cl", "CHGDSTA *NONE")
+    assert rc == 0, err
+    assert load(a.config).snads.keeprcp == "*NONE"
+    with pytest.raises(DistributionError, match="--tousrid"):
+        send_distribution(load(a.config), usrid=("OVUSER", "HQ"), dstd="x", longmsg="y")
