@@ -133,8 +133,9 @@ class Appliance:
                 os.kill(pid, signal.SIGKILL)
 
     def children(self) -> list[int]:
+        """Every process below the daemon: the bridge, the launcher and the jobs."""
         assert self.proc is not None
-        return children_of(self.proc.pid)
+        return descendants_of(self.proc.pid)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -218,6 +219,15 @@ def children_of(pid: int) -> list[int]:
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if ppid == pid:
             out.append(int(d.name))
+    return out
+
+
+def descendants_of(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        out.extend(kids)
+        todo.extend(kids)
     return out
 
 

@@ -8,6 +8,7 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 def die_with_parent() -> None:
@@ -20,6 +21,15 @@ def die_with_parent() -> None:
         pass
     if os.getppid() != parent or parent == 1:
         sys.exit(0)
+
+
+def name_process(name: str) -> None:
+    """Show ``name`` in ps and top: a forked job would otherwise look like its launcher."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, name.encode("ascii", "replace")[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def log_to_stderr() -> None:

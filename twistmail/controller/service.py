@@ -240,6 +240,7 @@ class Controller(service.Service):
         if self.bridge is not None:
             waits.append(self.bridge.stop("*CNTRLD", delay))
         d = defer.DeferredList(waits)
+        d.addBoth(lambda _: defer.DeferredList([p.launcher.stop() for p in self.pools.values()]))
         d.addBoth(self._stopped)
         return d
 

@@ -141,6 +141,8 @@ class Pool:
         reject_reply: bytes,
     ) -> None:
         self.reactor = reactor
+        #: Starts the jobs, preloaded with this program's modules only.
+        self.launcher = launch.ForkServer(reactor, (pgm,))
         self.pgm = pgm
         self.entry = entry
         self.limits = limits
@@ -314,24 +316,22 @@ class Pool:
         job = Job(id=self._next_id, state=JobState.STARTING, since=now, started_at=now)
         self._next_id += 1
         job.chan = ControllerChannel(self, job)
-        output = launch.ChildOutput(self.job_name, lambda reason: self._job_ended(job, reason))
         try:
-            job.process = launch.spawn(
-                self.reactor,
-                self.job_name,
-                "twistmail.prestart.job",
-                ["--pgm", self.pgm, "--config", self.config_path],
-                output,
-                channel=job.chan,
+            job.process = self.launcher.spawn_job(
+                self.pgm, self.config_path, job.chan,
+                on_started=lambda pid: self._job_started(job, pid),
+                on_ended=lambda reason: self._job_ended(job, reason),
             )
         except OSError as e:
             self.log.error("cannot start a {name} job: {e!r}", name=self.job_name, e=e)
             self.boot_failures += 1
             self.last_boot_failure = now
             return
-        job.pid = job.process.pid
         self.jobs[job.id] = job
-        self._journal("JS", f"JS STR {self.job_name}/{job.pid}", pid=job.pid, pgm=self.pgm)
+
+    def _job_started(self, job: Job, pid: int) -> None:
+        job.pid = pid
+        self._journal("JS", f"JS STR {self.job_name}/{pid}", pid=pid, pgm=self.pgm)
 
     def _job_ready(self, job: Job) -> None:
         job.ready = True

@@ -1,0 +1,190 @@
+"""The launcher: a preloaded process that forks prestart jobs on request.
+
+Starting a job with exec costs about half a second of CPU, nearly all of it
+importing Twisted, OpenSSL and our protocol modules.  A pool that replaces
+jobs at MAXUSE, or grows under a burst, would spend its cores on imports.
+The launcher does the imports once; each job is then a fork of it, which
+takes a few milliseconds and shares the imported code with its siblings.
+
+The launcher never installs a reactor, opens a database or starts a thread:
+everything a job owns is made after the fork, in the job.
+
+Protocol on fd 3 (a UNIX socket to the controller), one line each way:
+
+* in: ``SPAWN <pgm> <config path>`` with the job's channel descriptor
+  attached (SCM_RIGHTS);
+* out: ``PID <pid>`` once the job is forked, in request order;
+* out: ``EXIT <pid> <wait status>`` when a job has ended.
+
+When the controller goes, the launcher goes, and its jobs with it
+(PR_SET_PDEATHSIG on both).
+
+Run as ``python -m twistmail.prestart.forkserver PGM...`` (the programs to preload).
+"""
+
+from __future__ import annotations
+
+import array
+import gc
+import os
+import select
+import signal
+import socket
+import sys
+
+from twistmail.lifeline import die_with_parent, name_process
+
+CONTROL_FD = 3
+JOB_CHANNEL_FD = 3
+MAX_FDS = 16
+
+COMMON = (
+    "twisted.internet.epollreactor",
+    "twisted.internet.ssl",
+    "twisted.protocols.tls",
+    "twisted.logger",
+    "sqlite3",
+    "twistmail.prestart.job",
+    "twistmail.tlsconfig",
+    "twistmail.directory",
+    "twistmail.journal",
+    "twistmail.queue",
+)
+#: What each program imports beyond COMMON.  Only what a launcher's jobs use
+#: is preloaded: every preloaded page is in each job's resident set.
+PRELOAD = {
+    "QTMSSRCP": ("twistmail.smtp.server", "twistmail.smtp.backend"),
+    "QTPOPSRVP": ("twistmail.pop3.server", "twistmail.auth", "twistmail.maildir"),
+    "QTMSCCLCP": ("twistmail.smtp.delivery",),
+}
+
+
+def preload(programs: list[str]) -> None:
+    """Import what the jobs need; the reactor itself is chosen after the fork."""
+    import importlib
+
+    for name in COMMON + tuple(m for p in programs for m in PRELOAD.get(p, ())):
+        importlib.import_module(name)
+    # Keep the collector away from the shared objects, so the jobs' pages
+    # stay shared (copy-on-write) instead of being copied by a GC pass.
+    gc.collect()
+    gc.freeze()
+
+
+class Launcher:
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.buffer = b""
+        self.fds: list[int] = []
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+
+    def run(self) -> None:
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(self.wake_w)
+        poller = select.poll()
+        poller.register(self.control.fileno(), select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
+        while True:
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                events = []
+            for fd, _ in events:
+                if fd == self.wake_r:
+                    os.read(self.wake_r, 4096)
+            self.reap()
+            if any(fd == self.control.fileno() for fd, _ in events):
+                if not self.receive():
+                    return
+
+    def receive(self) -> bool:
+        """Read requests; False when the controller has gone."""
+        try:
+            data, ancdata, _, _ = self.control.recvmsg(
+                65536, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self.fds.extend(fds)
+        if not data:
+            return False
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            self.request(line.rstrip(b"\r"))
+        return True
+
+    def request(self, line: bytes) -> None:
+        parts = line.decode("utf-8", "replace").split(" ", 2)
+        if parts[0] != "SPAWN" or len(parts) != 3 or not self.fds:
+            print(f"launcher: bad request {line[:200]!r}", file=sys.stderr, flush=True)
+            return
+        fd = self.fds.pop(0)
+        pid = os.fork()
+        if pid == 0:
+            self.become_job(fd, parts[1], parts[2])
+        os.close(fd)
+        self.send(f"PID {pid}")
+
+    def become_job(self, fd: int, pgm: str, config_path: str) -> None:
+        """In the child: take the job's channel as fd 3 and run the job."""
+        code = 70
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            for other in self.fds:
+                os.close(other)
+            self.control.detach()
+            os.dup2(fd, JOB_CHANNEL_FD)  # takes the place of the control socket
+            os.close(fd)
+            name_process(pgm)
+            from twistmail.prestart import job
+
+            code = job.main(["--pgm", pgm, "--config", config_path])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.send(f"EXIT {pid} {status}")
+
+    def send(self, line: str) -> None:
+        try:
+            self.control.sendall(line.encode("ascii") + b"\n")
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
+    name_process("QZMFLNCH")
+    preload(sys.argv[1:] if argv is None else argv)
+    control = socket.socket(fileno=CONTROL_FD)
+    Launcher(control).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
