@@ -159,6 +159,31 @@ def test_sigkilled_job_is_replaced(appliance):
     assert a.count("QTMSSRCP") == 2
 
 
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_jobs_are_forked_by_a_launcher_that_is_replaced_when_it_dies(appliance):
+    a = appliance
+    jobs = [r["pid"] for r in a.jobs("QTMSSRCP")]
+    with open(f"/proc/{jobs[0]}/comm") as f:
+        assert f.read().strip() == "QTMSSRCP"  # what ps and top show
+    launcher = _parent_of(jobs[0])
+    with open(f"/proc/{launcher}/comm") as f:
+        assert f.read().strip() == "QZMFLNCH"
+    assert _parent_of(launcher) == a.proc.pid
+    os.kill(launcher, signal.SIGKILL)
+    # Its jobs die with it; the pool starts a new launcher and new jobs.
+    assert wait_gone(jobs, 10) == []
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 15, "replacement jobs")
+    fresh = a.jobs("QTMSSRCP")[0]["pid"]
+    assert _parent_of(fresh) not in (launcher, a.proc.pid)
+    s = smtplib.SMTP(*a.addr("smtp"), timeout=30)
+    assert s.noop()[0] == 250
+    s.quit()
+
+
 def test_idle_surplus_is_trimmed_to_inljobs(make_appliance):
     a = make_appliance(prestart={"trim_interval": 1},
                        prestart__QTMSSRCP={"inljobs": 2, "threshold": 1, "adljobs": 3,
