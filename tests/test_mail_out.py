@@ -249,3 +249,53 @@ def test_one_message_to_several_domains(make_appliance, sink):
     [notice] = a.wait_mailbox("SAM", 1, timeout=30)
     assert b"Final-Recipient: rfc822; bad@third.test" in notice.read_bytes()
     a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 10, "the message settled")
+
+
+def test_dspactpj_reset_reaches_the_client_pool(make_appliance, sink):
+    import json
+
+    a = outbound(make_appliance, sink)
+    send(a, ["friend@remote.test"])
+    a.wait_for(lambda: sink.messages, 20, "delivery by a client job")
+
+    def accepted() -> int:
+        rc, out, err = a.cli("dspactpj", "--pgm", "QTMSCCLCP", "--json")
+        assert rc == 0, err
+        return json.loads(out)["accepted"]
+
+    a.wait_for(lambda: accepted() >= 1, 5, "the delivery counted")
+    rc, out, err = a.cli("dspactpj", "--pgm", "QTMSCCLCP", "--reset", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["accepted"] >= 1  # what was counted until the reset
+    assert accepted() == 0
+
+
+def test_mail_that_would_loop_back_to_this_host_is_returned(make_appliance, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    zone = tmp_path / "zone.json"
+    zone.write_text(json.dumps({  # this host (mail.example.test) is the best MX
+        "loop.test": {"MX": [[10, "mail.example.test"], [20, "backup.loop.test"]]},
+        "mail.example.test": {"A": ["192.0.2.10"]},
+        "backup.loop.test": {"A": ["192.0.2.20"]},
+    }))
+    dns = subprocess.Popen([sys.executable, str(Path(__file__).parent / "dnsserver.py"),
+                            str(zone)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        port = int(dns.stdout.readline())
+        a = make_appliance(smtp={"alwrly": "*ALL", "nameservers": [f"127.0.0.1:{port}"],
+                                 "rtymin": [5, 0]}).start()
+        a.user("SAM")
+        send(a, ["friend@loop.test"])
+        [notice] = a.wait_mailbox("SAM", 1, timeout=30)
+        raw = notice.read_bytes()
+        assert b"Final-Recipient: rfc822; friend@loop.test" in raw
+        assert b"5.4.6" in raw and b"loops back to myself" in raw
+        assert [e["reason"].split()[:2] for e in a.journal("83")] == [["554", "5.4.6"]]
+        assert not a.journal("8C")  # permanent: no retry
+    finally:
+        dns.stdin.close()
+        dns.wait(10)

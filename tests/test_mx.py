@@ -32,6 +32,8 @@ from twistmail.mx import (
     VIA_MX,
     Hop,
     HostTable,
+    LocalHost,
+    MailLoop,
     MXResolver,
     NullMX,
     PermanentRouteError,
@@ -75,6 +77,16 @@ def zone() -> dict[str, dict[int, Any]]:
         "allnx.test": {MX: [(10, "nx.allnx.test")]},
         "hang.test": {MX: [(10, "slow.hang.test")]},
         "pinned.test": {MX: [(10, "mx.pinned.test")]},
+        "loop.test": {MX: [(10, "self.example.test"), (20, "backup.loop.test")]},
+        "self.example.test": {A: ["192.0.2.90"]},
+        "backup.loop.test": {A: ["192.0.2.91"]},
+        "secondary.test": {MX: [(10, "primary.secondary.test"), (20, "self.example.test"),
+                                (20, "peer.secondary.test"), (30, "worse.secondary.test")]},
+        "primary.secondary.test": {A: ["192.0.2.92"]},
+        "peer.secondary.test": {A: ["192.0.2.93"]},
+        "worse.secondary.test": {A: ["192.0.2.94"]},
+        "addrloop.test": {MX: [(10, "mx.addrloop.test")]},
+        "mx.addrloop.test": {A: ["127.0.0.1"]},
         "mx.pinned.test": {A: ["192.0.2.70"]},
     }
     for i in range(10):
@@ -313,6 +325,41 @@ class DNSTests(unittest.TestCase):
         with self.assertRaises(TemporaryRouteError):
             await self.resolver().route_decision(route_for("multi.test", settings))
 
+    # -- mail that would loop back to this host (RFC 5321 §5.1) --------------------------------
+
+    def local(self, **kw: Any) -> MXResolver:
+        return self.resolver(local=LocalHost(**kw))
+
+    async def test_best_mx_named_as_this_host_is_a_loop(self) -> None:
+        r = self.local(names=["Self.Example.Test."])
+        with self.assertRaises(MailLoop) as caught:
+            await r.route("loop.test")  # the backup, preference 20, is worse than us: out
+        self.assertEqual((caught.exception.code, caught.exception.status), (554, "5.4.6"))
+        self.assertIn("loops back to myself", str(caught.exception))
+        # Not even the mail router takes it: the loop is this host's own setup.
+        with self.assertRaises(MailLoop):
+            await r.route_decision(route_for("loop.test", Settings(mailrouter="192.0.2.99")))
+
+    async def test_as_a_backup_mx_only_better_ones_are_kept(self) -> None:
+        route = await self.local(names=["self.example.test"]).route("secondary.test")
+        self.assertEqual([h.host for h in route], ["primary.secondary.test"])
+        everyone = await self.resolver().route("secondary.test")
+        self.assertEqual(len(everyone), 4)
+
+    async def test_an_mx_address_this_host_listens_on_is_a_loop(self) -> None:
+        with self.assertRaises(MailLoop):
+            await self.local(endpoints=[("127.0.0.1", 25)]).route("addrloop.test")
+        with self.assertRaises(MailLoop):  # a wildcard listener takes every local address
+            await self.local(endpoints=[("0.0.0.0", 25)]).route("addrloop.test")
+        other_port = await self.local(endpoints=[("127.0.0.1", 2525)]).route("addrloop.test")
+        self.assertEqual(other_port[0].address, "127.0.0.1")
+
+    async def test_a_domain_without_mx_that_is_this_host_is_a_loop(self) -> None:
+        with self.assertRaises(MailLoop):
+            await self.local(names=["implicit.test"]).route("implicit.test")
+        with self.assertRaises(MailLoop):
+            await self.local(endpoints=[("127.0.0.1", 25)]).route("[127.0.0.1]")
+
 
 @attrs.frozen
 class Settings:
@@ -368,6 +415,17 @@ class PureTests(unittest.SynchronousTestCase):
         for bad in ("", "a..b", "x" * 64 + ".test"):
             with self.assertRaises(PermanentRouteError):
                 normalise_domain(bad)
+
+    def test_local_host_addresses(self) -> None:
+        wildcard = LocalHost(endpoints=[("0.0.0.0", 25)])
+        self.assertTrue(wildcard.listens_on("127.0.0.7"))
+        self.assertFalse(wildcard.listens_on("192.0.2.1"))  # no interface has it
+        self.assertFalse(wildcard.listens_on("::1"))  # 0.0.0.0 is IPv4 only
+        self.assertFalse(wildcard.listens_on("127.0.0.7", 587))
+        self.assertTrue(LocalHost(endpoints=[("::", 25)]).listens_on("::1"))
+        self.assertTrue(LocalHost(endpoints=[("localhost", 25)]).listens_on("127.0.0.1"))
+        self.assertFalse(LocalHost(endpoints=[("127.0.0.1", 25)]).listens_on("127.0.0.2"))
+        self.assertFalse(LocalHost(names=["mail.test"]).is_host("mx.test", ["192.0.2.1"]))
 
     def test_nameservers_must_be_addresses(self) -> None:
         with self.assertRaises(ValueError):

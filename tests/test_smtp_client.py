@@ -138,6 +138,7 @@ class Behaviour:
     drop_after: int | None = None  # close after this many DATA bytes
     stall_data: float | None = None  # stop reading after 354 for this long
     starttls_reply: str = "220 2.0.0 go ahead"
+    etrn: str = "250 2.0.0 queuing started"  # the reply to ETRN (offer it in extensions)
 
 
 class _Reader:
@@ -271,6 +272,8 @@ class Sink:
                 return
             elif verb in ("RSET", "NOOP"):
                 reply("250 2.0.0 ok")
+            elif verb == "ETRN" and "ETRN" in b.extensions:
+                reply(b.etrn)
             else:
                 reply("500 5.5.2 what?")
 

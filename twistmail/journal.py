@@ -76,6 +76,12 @@ CODES: dict[str, str] = {
     "87": "SMTP client: to QTMSINQ for a nondelivery notice, or COD queued for the bridge",
     "86": "SMTP client: back on QTMSOUTQ (connection matrix full or a recipient changed)",
     "8K": "SMTP client: resolver error (MX or address lookup failed)",
+    "8W": "SMTP client: waiting on QTMSOUTQ for the next scheduled mail transfer "
+    "(MAILXFRINT), with its time (twistmail)",
+    "8X": "SMTP client: scheduled mail transfer started (MAILXFRINT interval or RLSDSTQ), "
+    "with the number of messages sent (twistmail)",
+    "8Y": "SMTP client: ETRN issued to the mail router for a local domain (ETRNCLT), with "
+    "the reply, or why it was not issued (twistmail)",
     # 9: SMTP server (QTSMTPSRVP)
     "94": "SMTP server: received for local delivery (LIN), with the sender's IP address",
     "95": "SMTP server: received for relay (RIN), with the sender's IP address",

@@ -6,7 +6,9 @@ CHGSMTPA decision (hub, mail router, or the domain's own MX); ``MXResolver``
 turns a decision into hops with ``twisted.names``.
 
 Settings honoured: ``[smtp] nameservers hosttable mailrouter firewall
-fwdhubsvr`` and the ``*NEAR`` list entries (passed in by the caller).
+fwdhubsvr`` and the ``*NEAR`` list entries (passed in by the caller);
+``[system] hostname`` and ``[listen] smtp`` say which MX is this host
+itself (``LocalHost``): mail is never sent to it (RFC 5321 §5.1).
 
 Twisted defects avoided (TWISTED.md §2.5, §2.6):
 
@@ -90,6 +92,13 @@ class NullMX(PermanentRouteError):
     status = "5.1.10"
 
 
+class MailLoop(PermanentRouteError):
+    """The best MX of the domain is this host: sending would loop (RFC 5321 §5.1)."""
+
+    code = 554
+    status = "5.4.6"
+
+
 @attrs.frozen
 class Hop:
     """One address to try: ``host`` names it for TLS and *HOSTAUTH, ``address`` is dialled."""
@@ -131,6 +140,61 @@ class RoutingDecision:
     domain: str
     relay: tuple[str, int] | None = None
     fallback: tuple[str, int] | None = None
+
+
+@attrs.frozen
+class LocalHost:
+    """This host as an MX record can name it: its names and its SMTP listeners.
+
+    An MX host that is one of ``names``, or that has an address one of
+    ``endpoints`` (``(address, port)`` as configured; ``0.0.0.0`` and ``::``
+    mean every local address) accepts on the MX port, is this host.  Mail
+    handed to it would come straight back, so it must not be sent there.
+    """
+
+    names: frozenset[str] = attrs.field(
+        default=frozenset(),
+        converter=lambda names: frozenset(n.lower().rstrip(".") for n in names if n))
+    endpoints: frozenset[tuple[str, int]] = attrs.field(default=frozenset(),
+                                                        converter=frozenset)
+
+    def named(self, host: str) -> bool:
+        return host.lower().rstrip(".") in self.names
+
+    def listens_on(self, address: str, port: int = DEFAULT_PORT) -> bool:
+        """Whether a listener of this host accepts connections to ``address:port``."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        for host, listen_port in self.endpoints:
+            if listen_port != port:
+                continue
+            if host in ("0.0.0.0", "::", ""):
+                if (host != "0.0.0.0" or ip.version == 4) and _is_local_address(str(ip)):
+                    return True
+            elif host == "localhost":
+                if ip.is_loopback:
+                    return True
+            elif _is_ip(host) and ipaddress.ip_address(host) == ip:
+                return True
+        return False
+
+    def is_host(self, name: str, addresses: Iterable[str]) -> bool:
+        return self.named(name) or any(self.listens_on(a) for a in addresses)
+
+
+def _is_local_address(address: str) -> bool:
+    """Whether an interface of this machine has the address (bind() succeeds only then)."""
+    if ipaddress.ip_address(address).is_loopback:
+        return True
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((address, 0))
+    except OSError:
+        return False
+    return True
 
 
 # -- parsing -------------------------------------------------------------------
@@ -368,8 +432,10 @@ class MXResolver:
     ``hosttable`` None with no nameservers means ``/etc/hosts`` (again as
     ``createResolver``); an empty string means no host table, which is the
     ``[smtp] hosttable`` default.  ``rng`` decides the order among MX
-    records of equal preference.  Call ``close()`` when done: the system
-    resolver re-reads resolv.conf on a timer.
+    records of equal preference.  ``local`` names this host: an MX that is this
+    host, and every MX of the same or a worse preference, is dropped, and a
+    domain left with none fails with ``MailLoop``.  Call ``close()`` when
+    done: the system resolver re-reads resolv.conf on a timer.
     """
 
     def __init__(
@@ -383,8 +449,10 @@ class MXResolver:
         max_hops: int = MAX_HOPS,
         prefer_ipv6: bool = False,
         resolver: Any = None,
+        local: LocalHost | None = None,
     ) -> None:
         self.reactor = reactor
+        self.local = local or LocalHost()
         self.timeout = tuple(timeout)
         self.rng = rng or random.Random()
         self.max_addresses_per_host = max_addresses_per_host
@@ -439,7 +507,8 @@ class MXResolver:
 
         The mail router exists for domains this system cannot resolve
         itself, so both "no such domain" and DNS failures fall back to it;
-        a null MX does not, since the domain has said it takes no mail.
+        a null MX does not, since the domain has said it takes no mail, and
+        neither does a mail loop, since that is this host's own setup.
         """
         return defer.Deferred.fromCoroutine(self._decision(decision))
 
@@ -451,7 +520,7 @@ class MXResolver:
             return await self._relay(*decision.relay, via=via)
         try:
             return await self._route(decision.domain)
-        except NullMX:
+        except (NullMX, MailLoop):
             raise
         except RouteError as e:
             if decision.fallback is None:
@@ -474,10 +543,12 @@ class MXResolver:
     async def _route(self, domain: str) -> Route:
         literal = address_literal(domain)
         if literal is not None:
+            self._not_us(domain, domain, (literal,))
             return Route(domain, (Hop(literal, literal, DEFAULT_PORT),), VIA_LITERAL)
         name = normalise_domain(domain)
         if name in self.hosttable:
             answer = await self._host_addresses(name)
+            self._not_us(name, name, answer.addresses)
             return Route(name, self._hops_for_host(name, answer.addresses, 0), VIA_HOSTTABLE)
         exchanges = await self._exchanges(name)
         if not exchanges:
@@ -521,6 +592,15 @@ class MXResolver:
         answers = await defer.gatherResults(
             [defer.Deferred.fromCoroutine(self._host_addresses(h)) for _, h in exchanges]
         )
+        ours = [pref for (pref, host), answer in zip(exchanges, answers, strict=True)
+                if self.local.is_host(host, answer.addresses)]
+        if ours:
+            # RFC 5321 §5.1: this host and every MX no better than it are out.
+            kept = [(e, a) for e, a in zip(exchanges, answers, strict=True) if e[0] < min(ours)]
+            if not kept:
+                raise MailLoop(name, "mail loops back to myself (this host is the best MX, "
+                               f"preference {min(ours)})")
+            exchanges, answers = [e for e, _ in kept], [a for _, a in kept]
         hops: list[Hop] = []
         seen: set[str] = set()
         temporary: list[str] = []
@@ -540,10 +620,17 @@ class MXResolver:
     async def _implicit(self, name: str) -> Route:
         answer = await self._host_addresses(name)
         if answer.addresses:
+            self._not_us(name, name, answer.addresses)
             return Route(name, self._hops_for_host(name, answer.addresses, 0), VIA_IMPLICIT)
         if answer.temporary:
             raise TemporaryRouteError(name, answer.temporary)
         raise PermanentRouteError(name, "no MX and no address for the domain")
+
+    def _not_us(self, domain: str, host: str, addresses: Iterable[str]) -> None:
+        """A domain routed to its own address (no MX) must not be this host either."""
+        if self.local.is_host(host, addresses):
+            raise MailLoop(domain, "mail loops back to myself (the domain's address is "
+                           "this host)")
 
     def _hops_for_host(self, host: str, addresses: Sequence[str], pref: int) -> tuple[Hop, ...]:
         capped = list(addresses)[: self.max_addresses_per_host]

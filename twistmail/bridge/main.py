@@ -104,18 +104,22 @@ def _reload(config_path: str, pool, outbound, processor) -> None:  # noqa: ANN00
         return
     pool.reconfigure(settings.prestart.QTMSCCLCP, limits_of(settings))
     pool.reload_jobs()
-    outbound.settings = settings
+    outbound.configure(settings)
     processor.ftracn = settings.smtp.ftracn
     processor.responsible = settings.smtp.nfydlvry
 
 
 class _StatusFile:
-    """DSPACTPJ and WRKACTJOB of the client pool, for the controller to read."""
+    """DSPACTPJ and WRKACTJOB of the client pool, for the controller to read.
+
+    It also carries out DSPACTPJ RESET requests (``bridge.status``).
+    """
 
     def __init__(self, reactor, path: Path, pool) -> None:  # noqa: ANN001
         self.reactor = reactor
         self.path = path
         self.pool = pool
+        self.last_reset: dict | None = None
 
     def start(self) -> None:
         from twisted.internet import task
@@ -126,10 +130,15 @@ class _StatusFile:
         self.reactor.addSystemEventTrigger("after", "shutdown", self.remove)
 
     def write(self) -> None:
+        from twistmail.bridge.status import take_reset_request
+
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
+            token = take_reset_request(self.path.parent)
+            if token is not None:
+                self.last_reset = {"token": token, "report": self.pool.report(reset=True)}
             data = {"report": self.pool.report(), "jobs": self.pool.listing(),
-                    "at": time.time()}
+                    "at": time.time(), "reset": self.last_reset}
             tmp.write_text(json.dumps(data, default=str))
             os.replace(tmp, self.path)
         except Exception as e:  # the loop must go on: it is the only status there is

@@ -17,9 +17,17 @@ prestart pool.  At most ``CONNECTIONS_PER_DOMAIN`` tasks run per domain
 State is per recipient, so a partial success retries only the failed ones.
 ``hlddstq QSMTPQ`` (a flag file) stops dispatching; mail stays queued.
 
+With a mail transfer interval (MAILXFRINT, the seed's dial-up scheduler,
+kept by ``schedule.TransferSchedule``) mail on QTMSOUTQ waits for the next
+scheduled transfer (8W; its envelope's next try says when, for ``wrkq``);
+at each transfer (8X) everything waiting goes, and with ETRNCLT a client
+job asks the mail router to send what it holds for each local domain
+(8Y).  ``rlsdstq QSMTPQ`` makes a transfer happen at once (a request
+file), and an ETRN from a *ETRNSVR host sends that node's mail at once.
+
 The bridge alone moves messages between these queues, one message at a
 time, in worker threads.  Settings honoured: ``[smtp] rtymin rtyday
-rtyhour``.
+rtyhour mailxfrint etrnclt mailrouter`` and ``[system] local_domains``.
 """
 
 from __future__ import annotations
@@ -31,20 +39,45 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.internet import task, threads
 from twisted.logger import Logger
 
 from twistmail.bridge.nondelivery import Failure, queue_notice
+from twistmail.bridge.schedule import TransferSchedule
 from twistmail.interfaces import QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
 from twistmail.queue import DELIVERED, FAILED, PENDING, Envelope
 
 SCAN_EVERY = 1.0  # seconds
 CONNECTIONS_PER_DOMAIN = 4
 HOLD_FLAG = "QSMTPQ.held"
+TRANSFER_REQUEST = "QSMTPQ.transfer"
 
 
 def hold_flag(queue_root: Path) -> Path:
     return queue_root / HOLD_FLAG
+
+
+def request_transfer(queue_root: Path) -> None:
+    """RLSDSTQ: ask the bridge for a mail transfer now, not at the next scheduled one."""
+    (queue_root / TRANSFER_REQUEST).touch()
+
+
+def _transfer_requested(queue_root: Path) -> bool:
+    try:
+        (queue_root / TRANSFER_REQUEST).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@attrs.frozen
+class _Found:
+    """What one scan of QTMSOUTQ found: work to dispatch, messages to settle."""
+
+    work: list[tuple[Envelope, dict[str, list[str]]]] = attrs.Factory(list)
+    settle: list[str] = attrs.Factory(list)
+    transfer: bool = False  # a mail transfer (MAILXFRINT) happened in this scan
 
 
 def request_flush(queue_root: Path, node: str) -> None:
@@ -87,15 +120,33 @@ class OutboundManager:
         self.loop: task.LoopingCall | None = None
         self.scanning = False
         self.lock = threading.Lock()  # envelope updates of this manager, one at a time
+        self.refused_early: set[int] = set()  # tokens refused before submit_task returned
+        self.etrn_tasks: set[int] = set()  # tokens of ETRN tasks (ETRNCLT) not answered yet
+        self.schedule = TransferSchedule(reactor, settings.smtp.mailxfrint, self._scheduled)
+        self.transfer_due = False  # a scheduled transfer waits for the next scan
+        self.released: set[str] = set()  # messages a transfer let go, not yet dispatched
 
     def start(self) -> None:
+        self._drop_stale_request()
+        self.schedule.start()
         self.loop = task.LoopingCall(self.scan)
         self.loop.clock = self.reactor
         self.loop.start(SCAN_EVERY, now=True)
 
     def stop(self) -> None:
+        self.schedule.stop()
         if self.loop is not None and self.loop.running:
             self.loop.stop()
+
+    def configure(self, settings: Any) -> None:
+        """New settings (SIGHUP after CHGSMTPA): the interval applies at once."""
+        self.settings = settings
+        self.schedule.configure(settings.smtp.mailxfrint)
+        self._drop_stale_request()
+
+    def _drop_stale_request(self) -> None:
+        if not self.schedule.active:  # everything goes at once: nothing left to ask for
+            (self.queue.root / TRANSFER_REQUEST).unlink(missing_ok=True)
 
     @property
     def held(self) -> bool:
@@ -103,11 +154,21 @@ class OutboundManager:
 
     # -- scanning --------------------------------------------------------------
 
+    def _scheduled(self) -> None:
+        """The mail transfer interval is up: the next scan sends what waits."""
+        self.transfer_due = True
+        self.scan()
+
     def scan(self) -> Any:
         if self.scanning:
             return None
         self.scanning = True
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._due)
+        transfer, self.transfer_due = self.transfer_due, False
+        next_at = self.schedule.next_at if self.schedule.active else None
+        if next_at is None:
+            self.released.clear()
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._due,
+                                      transfer, next_at, frozenset(self.released))
         d.addCallback(self._dispatch)
         d.addErrback(lambda f: self.log.failure("outbound scan failed", f))
 
@@ -116,14 +177,21 @@ class OutboundManager:
 
         return d.addBoth(done)
 
-    def _due(self) -> tuple[list[tuple[Envelope, dict[str, list[str]]]], list[str]]:
+    def _due(self, transfer: bool, next_at: float | None,
+             released: frozenset[str]) -> _Found:
         """Return due retries to QTMSOUTQ; the work waiting there, by domain.
 
         Also the messages on QTMSOUTQ with nothing left to send (a crash
-        between the last result and settling), to be settled now.
+        between the last result and settling), to be settled now.  With a
+        schedule (``next_at``), only a transfer (``transfer``, or one asked
+        for with RLSDSTQ), an earlier transfer (``released``) or an ETRN for
+        its node lets a message go; the others wait for ``next_at``.
         """
         now = time.time()
         flush = _flush_requests(self.queue.root)
+        # A transfer asked for while there is no schedule stays asked for: the
+        # bridge may not have read the interval the asker saw yet.
+        transfer = next_at is not None and (_transfer_requested(self.queue.root) or transfer)
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
             for qid in self.queue.list(source):
                 try:
@@ -136,7 +204,7 @@ class OutboundManager:
                     self.queue.move(qid, source, QTMSOUTQ)
                     self.journal.write(code, f"{code} TOQ {QTMSOUTQ}", qid, queue=source)
         if self.held:
-            return [], []
+            return _Found(transfer=transfer)
         work, settle = [], []
         for qid in self.queue.list(QTMSOUTQ):
             if qid in self.open or qid in self.busy:
@@ -150,14 +218,34 @@ class OutboundManager:
                 if r.state == PENDING:
                     domain = r.address.rpartition("@")[2].lower().rstrip(".")
                     groups.setdefault(domain, []).append(r.address)
-            if groups:
+            if not groups:
+                settle.append(qid)
+            elif next_at is None or transfer or qid in released or (flush and any(
+                    _in_node(a, flush) for rcpts in groups.values() for a in rcpts)):
                 work.append((env, groups))
             else:
-                settle.append(qid)
-        return work, settle
+                self._wait_for_transfer(env, next_at)
+        if transfer:
+            self.journal.write("8X", f"8X XFR {len(work)}", messages=len(work))
+        return _Found(work, settle, transfer)
 
-    def _dispatch(self, found: tuple[list[Any], list[str]]) -> None:
-        work, settle = found
+    def _wait_for_transfer(self, env: Envelope, next_at: float) -> None:
+        """MAILXFRINT: the message waits on QTMSOUTQ; its next try is the transfer."""
+        if env.next_try == next_at:
+            return
+        with self.lock:
+            try:
+                env = self.queue.load(QTMSOUTQ, env.id)
+            except (KeyError, ValueError):
+                return
+            self.queue.update(QTMSOUTQ, env.evolve(next_try=next_at))
+        self.journal.write("8W", f"8W WAIT {QTMSOUTQ}", env.id, queue=QTMSOUTQ,
+                           next_try=next_at, mailxfrint=self.settings.smtp.mailxfrint)
+
+    def _dispatch(self, found: _Found) -> None:
+        work, settle = found.work, found.settle
+        if found.transfer:
+            self._issue_etrn()
         for qid in settle:
             if qid not in self.open and qid not in self.busy:
                 self._settle(qid)
@@ -173,7 +261,10 @@ class OutboundManager:
                         self.full_noted.add((env.id, domain))
                         self.journal.write("86", f"86 TOQ {QTMSOUTQ}", env.id, domain=domain,
                                            reason="connection matrix full")
+                if self.schedule.active:
+                    self.released.add(env.id)  # it goes as soon as a slot is free
                 continue
+            self.released.discard(env.id)
             self.open[env.id] = set(groups)
             for domain, rcpts in groups.items():
                 self.per_domain[domain] += 1
@@ -181,15 +272,48 @@ class OutboundManager:
                                    "recipients": rcpts}).encode()
                 token = self.pool.submit_task(line, domain)
                 self.tasks[token] = (env.id, domain)
+                if token in self.refused_early:
+                    self.refused_early.discard(token)
+                    self._forget(token)
+
+    def _issue_etrn(self) -> None:
+        """ETRNCLT: on each mail transfer, ask the mail router for our domains' mail."""
+        s = self.settings.smtp
+        if s.etrnclt != "*YES":
+            return
+        nodes = list(self.settings.system.local_domains)
+        router = (s.mailrouter or "").strip()
+        if not router or router.upper() == "*NONE":
+            self.journal.write("8Y", "8Y ETRN skipped: no MAILROUTER", nodes=nodes,
+                               reason="ETRNCLT *YES but no mail router to send ETRN to")
+            return
+        line = json.dumps({"kind": "etrn", "router": router, "nodes": nodes}).encode()
+        token = self.pool.submit_task(line, router)  # the job journals the replies (8Y)
+        if token in self.refused_early:
+            self.refused_early.discard(token)
+            self._etrn_refused(nodes)
+        else:
+            self.etrn_tasks.add(token)
+
+    def _etrn_refused(self, nodes: list[str]) -> None:
+        self.journal.write("8Y", "8Y ETRN not issued: no client job", nodes=nodes,
+                           reason="no QTMSCCLCP job took the ETRN task")
 
     # -- results -----------------------------------------------------------------
 
     def _refused(self, request: Any) -> None:
-        """No client job ran the task (the entry ended, the wait ran out): later."""
-        for token, (qid, domain) in list(self.tasks.items()):
-            if request.task and json.loads(request.task)["id"] == qid and \
-                    json.loads(request.task)["domain"] == domain:
-                self._forget(token)
+        """No client job ran the task (the entry ended, the wait ran out): later.
+
+        A task can be refused while ``submit_task`` is still running, before
+        its token is known here; that token is remembered and let go then.
+        """
+        if request.token in self.tasks:
+            self._forget(request.token)
+        elif request.token in self.etrn_tasks:
+            self.etrn_tasks.discard(request.token)
+            self._etrn_refused(json.loads(request.task)["nodes"])
+        else:
+            self.refused_early.add(request.token)
 
     def _forget(self, token: int) -> tuple[str, str] | None:
         entry = self.tasks.pop(token, None)
@@ -207,6 +331,7 @@ class OutboundManager:
         return entry
 
     def _result(self, token: int, line: bytes) -> None:
+        self.etrn_tasks.discard(token)
         entry = self.tasks.get(token)
         if entry is None:
             return

@@ -176,7 +176,17 @@ def hlddstq(dstq: str, pty: str) -> None:
 @click.option("--dstq", default="QSMTPQ", show_default=True, help="Distribution queue: QSMTPQ")
 @click.option("--pty", default="*NORMAL", show_default=True, help="*NORMAL or *HIGH")
 def rlsdstq(dstq: str, pty: str) -> None:
-    """Release outbound delivery held with hlddstq (RLSDSTQ)."""
+    """Release outbound delivery held with hlddstq (RLSDSTQ).
+
+    With a mail transfer interval (MAILXFRINT) it also sends the mail waiting
+    for the next scheduled transfer now, with ETRN when ETRNCLT is *YES.
+    """
+    from twistmail.bridge.outbound import request_transfer
+
     flag = _dstq(dstq)
     flag.unlink(missing_ok=True)
-    click.echo("QSMTPQ released: outbound delivery resumes")
+    if app().settings.smtp.mailxfrint:
+        request_transfer(flag.parent)
+        click.echo("QSMTPQ released: a mail transfer starts now")
+    else:
+        click.echo("QSMTPQ released: outbound delivery resumes")

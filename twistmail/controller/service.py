@@ -303,12 +303,25 @@ class Controller(service.Service):
             else None,
         }
 
-    def cmd_dspactpj(self, pgm: str, reset: bool = False) -> dict[str, Any]:
+    def cmd_dspactpj(self, pgm: str, reset: bool = False) -> Any:
         if (pgm or "").upper() == "QTMSCCLCP":
             status = self._client_pool_status()
             if status is not None:
-                return status["report"]
+                return self._client_pool_reset() if reset else status["report"]
         return self._pool(pgm).report(reset=reset)
+
+    def _client_pool_reset(self) -> defer.Deferred:
+        """DSPACTPJ RESET of the bridge's pool: the bridge resets, we show what was."""
+        from twistmail.bridge import status
+
+        def answered(report: dict[str, Any] | None) -> dict[str, Any]:
+            if report is None:
+                raise ControlError("DSPACTPJ RESET: the bridge did not answer; the QTMSCCLCP "
+                                   "statistics were not reset")
+            return report
+
+        d = status.reset(self.reactor, self.settings.datadir / "run")
+        return d.addCallback(answered)
 
     def cmd_wrkactjob(self) -> list[dict[str, Any]]:
         rows = []

@@ -6,6 +6,8 @@ hop that gives a definitive answer wins, the others are tried only on
 connection failures and on refusals before the MAIL command (RFC 5321
 §5.1).  The result says, per recipient, delivered / temporary / permanent,
 so the bridge can settle each one (journal 88/82, retry queues, NDN).
+``etrn()`` opens a session the same way and asks the mail router to start
+sending the mail it holds for our domains (RFC 1985, ETRNCLT).
 
 Settings honoured (passed in by the caller): ``[smtp] tlsoutbound``
 (``*OPPORTUNISTIC`` / ``*REQUIRED`` / ``*VERIFY``), the ``*HOSTAUTH`` list
@@ -773,38 +775,18 @@ class _Outcome:
     dsn: bool = False
 
 
-class _Conversation:
-    """The SMTP dialogue with one hop, from the greeting to QUIT."""
+class _Opening:
+    """Greeting, EHLO, STARTTLS, AUTH and QUIT with one hop: every session's frame."""
 
-    def __init__(self, session: _Session, hop: Hop, job: _Job, options: _Options) -> None:
+    def __init__(self, session: _Session, hop: Hop, options: _Options) -> None:
         self.session = session
         self.hop = hop
-        self.job = job
         self.options = options
         self.t = options.timeouts
-        self.recipients = job.envelope.recipients
-        self.results: list[RecipientResult | None] = list(job.presettled)
-        self.dsn = False
 
     @property
     def where(self) -> str:
         return f"{self.hop.host}[{self.hop.address}]:{self.hop.port}"
-
-    async def run(self) -> _Outcome:
-        try:
-            ext = await self._open()
-        except _HopFailed as e:
-            await self._quit()
-            return _Outcome(error=str(e), tls=self.session.tls)
-        except SessionError as e:
-            return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls)
-        try:
-            await self._transaction(ext)
-        except SessionError as e:
-            self._settle_open(TEMPORARY, e.code, f"{e} ({self.where})", remote=False)
-        self._settle_open(TEMPORARY, 451, f"4.4.2 No reply from {self.where}", remote=False)
-        await self._quit()
-        return _Outcome(tuple(self.results), tls=self.session.tls, dsn=self.dsn)  # type: ignore[arg-type]
 
     # -- before MAIL -----------------------------------------------------------------------
 
@@ -874,6 +856,42 @@ class _Conversation:
     async def _auth_step(self, line: str) -> Reply:
         self.session.send(line)
         return await self.session.read("AUTH", self.t.auth)
+
+    async def _quit(self) -> None:
+        if self.session.lost or self.session.error is not None:
+            return
+        try:
+            self.session.send("QUIT")
+            await self.session.read("QUIT", self.t.quit)
+        except SessionError:
+            pass
+
+
+class _Conversation(_Opening):
+    """The SMTP dialogue with one hop, from the greeting to QUIT."""
+
+    def __init__(self, session: _Session, hop: Hop, job: _Job, options: _Options) -> None:
+        super().__init__(session, hop, options)
+        self.job = job
+        self.recipients = job.envelope.recipients
+        self.results: list[RecipientResult | None] = list(job.presettled)
+        self.dsn = False
+
+    async def run(self) -> _Outcome:
+        try:
+            ext = await self._open()
+        except _HopFailed as e:
+            await self._quit()
+            return _Outcome(error=str(e), tls=self.session.tls)
+        except SessionError as e:
+            return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls)
+        try:
+            await self._transaction(ext)
+        except SessionError as e:
+            self._settle_open(TEMPORARY, e.code, f"{e} ({self.where})", remote=False)
+        self._settle_open(TEMPORARY, 451, f"4.4.2 No reply from {self.where}", remote=False)
+        await self._quit()
+        return _Outcome(tuple(self.results), tls=self.session.tls, dsn=self.dsn)  # type: ignore[arg-type]
 
     # -- the transaction ---------------------------------------------------------------------
 
@@ -1006,14 +1024,6 @@ class _Conversation:
                     self.recipients[i].address, status, code, text, remote
                 )
 
-    async def _quit(self) -> None:
-        if self.session.lost or self.session.error is not None:
-            return
-        try:
-            self.session.send("QUIT")
-            await self.session.read("QUIT", self.t.quit)
-        except SessionError:
-            pass
 
 
 def _b64(data: bytes) -> str:
@@ -1111,3 +1121,99 @@ def _endpoint(reactor: Any, hop: Hop, options: _Options) -> Any:
     cls = TCP6ClientEndpoint if v6 else TCP4ClientEndpoint
     return cls(reactor, hop.address, hop.port, timeout=options.timeouts.connect,
                bindAddress=bind)
+
+
+# -- ETRN (RFC 1985) ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class EtrnResult:
+    """The reply to ``ETRN node`` for each node, and the hop that gave them.
+
+    When no hop could be reached, every node carries the same locally made
+    4xx reply saying why, and ``hop`` is None.
+    """
+
+    replies: tuple[tuple[str, Reply], ...]
+    hop: Hop | None = None
+    remote_ip: str | None = None
+
+
+class _Etrn(_Opening):
+    """Asks one hop, over one session, to start delivering the mail it holds for us."""
+
+    async def run(self, nodes: Sequence[str]) -> tuple[Reply, ...] | str:
+        """A reply per node, or why this hop gave none (then the next is tried)."""
+        try:
+            ext = await self._open()
+        except _HopFailed as e:
+            await self._quit()
+            return str(e)
+        except SessionError as e:
+            return f"{e} ({self.where})"
+        replies: list[Reply] = []
+        for node in nodes:
+            if not ext.has("ETRN"):
+                replies.append(Reply(502, (f"5.5.1 {self.where} does not offer ETRN",)))
+            elif not node or any(c.isspace() or ord(c) < 32 for c in node):
+                replies.append(Reply(501, (f"5.5.4 Not a node name: {node!r}",)))
+            else:
+                try:
+                    self.session.send(f"ETRN {node}")
+                    replies.append(await self.session.read("ETRN", self.t.mail))
+                except SessionError as e:
+                    replies.append(Reply(e.code, (f"{e} ({self.where})",)))
+        await self._quit()
+        return tuple(replies)
+
+
+def etrn(
+    reactor: Any,
+    hops: Sequence[Hop],
+    nodes: Sequence[str],
+    helo_name: str,
+    tls_policy: str = TLS_OPPORTUNISTIC,
+    *,
+    auth: Credentials | Mapping[str, Credentials] | None = None,
+    trust_root: Any = None,
+    timeouts: Timeouts | None = None,
+    timeout_scale: float = 1.0,
+    bind_address: str | None = None,
+    auth_requires_tls: bool = True,
+) -> defer.Deferred[EtrnResult]:
+    """Issue ``ETRN node`` for each node to the first hop that answers (ETRNCLT).
+
+    The session starts as a delivery does (EHLO, STARTTLS by ``tls_policy``,
+    AUTH for a *HOSTAUTH host), so a mail router that wants TLS or a sign-on
+    before it takes mail gets the same before ETRN.  A server that does not
+    offer ETRN after EHLO is not sent the command (RFC 1985 §3).  Fires with
+    an EtrnResult; network failures are in it, never raised.
+    """
+    options = _Options(
+        helo_name, tls_policy, (timeouts or Timeouts()).scaled(timeout_scale), auth,
+        trust_root, auth_requires_tls, CHUNK_SIZE, bind_address,
+    )
+
+    async def run() -> EtrnResult:
+        if tls_policy not in TLS_POLICIES:
+            raise ValueError(f"tls_policy must be one of {', '.join(TLS_POLICIES)}")
+        error = "4.4.4 No hop to send ETRN to"
+        for hop in hops:
+            session = _Session(reactor)
+            try:
+                await connectProtocol(_endpoint(reactor, hop, options), session)
+            except Exception as e:
+                error = f"4.4.1 Cannot connect to {hop.host}[{hop.address}]:{hop.port}: " \
+                        f"{_reason(e)}"
+                continue
+            try:
+                outcome = await _Etrn(session, hop, options).run(nodes)
+            finally:
+                await session.close(options.timeouts.close)
+            if not isinstance(outcome, str):
+                return EtrnResult(tuple(zip(nodes, outcome, strict=True)), hop,
+                                  session.peer_ip or hop.address)
+            error = outcome
+        return EtrnResult(tuple((n, Reply(451, (error,))) for n in nodes))
+
+    return defer.Deferred.fromCoroutine(run())

@@ -6,9 +6,15 @@ bridge alone moves messages between queues), routes the domain by the
 CHGSMTPA choices (FWDHUBSVR, FIREWALL with MAILROUTER, MX with MAILROUTER
 as fallback), delivers over one connection with our own client, journals
 8B, 88 and 82, and returns one outcome per recipient for the bridge.
+An MX that is this host itself is never used (``mx.LocalHost``).
+
+An ``etrn`` task (the scheduled mail transfer with ETRNCLT) names the mail
+router and our domains instead: the job connects to the router, issues
+``ETRN domain`` for each (RFC 1985) and journals each reply (8Y).
 
 Settings honoured: ``[smtp] nameservers hosttable mailrouter firewall
-fwdhubsvr tlsoutbound``, and the *NEAR, *HOSTAUTH and *CLTBIND list entries.
+fwdhubsvr tlsoutbound``, ``[system] hostname``, ``[listen] smtp``, and the
+*NEAR, *HOSTAUTH and *CLTBIND list entries.
 """
 
 from __future__ import annotations
@@ -33,11 +39,15 @@ class Deliverer:
         s = settings.smtp
         hosttable = settings.resolve(s.hosttable) if s.hosttable else None
         self.resolver = mx.MXResolver(reactor, nameservers=list(s.nameservers) or None,
-                                      hosttable=hosttable)
+                                      hosttable=hosttable, local=local_host(settings))
 
     def run(self, payload: bytes) -> defer.Deferred:
         """Deliver one task; fires with the JSON result line (never fails)."""
         task = json.loads(payload)
+        if task.get("kind") == "etrn":
+            d = defer.Deferred.fromCoroutine(self._etrn(task))
+            d.addErrback(lambda f: {"kind": "etrn", "error": f.getErrorMessage()})
+            return d.addCallback(lambda result: json.dumps(result).encode())
         d = defer.Deferred.fromCoroutine(self._run(task))
         d.addErrback(lambda f: self._all(task, "temporary", 451,
                                          f"4.3.0 local error: {f.getErrorMessage()}"))
@@ -76,17 +86,52 @@ class Deliverer:
         return {"id": qid, "domain": domain, "remote_ip": result.remote_ip,
                 "tls": result.tls, "dsn": result.dsn, "results": out}
 
+    async def _etrn(self, task: dict[str, Any]) -> dict[str, Any]:
+        """ETRN for each node to the mail router; one 8Y per node with the reply."""
+        nodes, router = task["nodes"], task["router"]
+        host, port = mx.parse_hostport(router)
+        try:
+            route = await self.resolver.resolve_host(host, port, via=mx.VIA_MAILROUTER)
+        except mx.RouteError as e:
+            self.journal.write("8K", f"8K RERR {host}", domain=host, error=str(e))
+            result = client.EtrnResult(tuple((n, client.Reply(e.code, (str(e),)))
+                                             for n in nodes))
+        else:
+            lists = await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), self._lists)
+            result = await client.etrn(
+                self.reactor, list(route), nodes, helo_name=self.settings.hostname,
+                tls_policy=self.settings.smtp.tlsoutbound, auth=lists["auth"] or None,
+                bind_address=lists["bind"])
+        out = []
+        for node, reply in result.replies:
+            self.journal.write("8Y", f"8Y ETRN {node} {reply.code}", node=node, router=router,
+                               ip=result.remote_ip, reply=str(reply))
+            out.append({"node": node, "code": reply.code, "text": reply.text})
+        return {"kind": "etrn", "router": router, "remote_ip": result.remote_ip,
+                "replies": out}
+
     def _read(self, task: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         env = self.queue.load(task["queue"], task["id"])
+        return env, self._lists()
+
+    def _lists(self) -> dict[str, Any]:
         entries = self.directory.list_entries()
         near = [e.hostname for e in entries if e.type == "*NEAR" and e.hostname]
         auth = {e.hostname: client.Credentials(e.username, e.password)
                 for e in entries if e.type == "*HOSTAUTH" and e.hostname}
         bind = next((e.intnetadr for e in entries if e.type == "*CLTBIND"), None)
-        return env, {"near": near, "auth": auth, "bind": bind}
+        return {"near": near, "auth": auth, "bind": bind}
 
     @staticmethod
     def _all(task: dict[str, Any], status: str, code: int, text: str) -> dict[str, Any]:
         return {"id": task["id"], "domain": task["domain"], "remote_ip": None,
                 "results": [{"address": a, "status": status, "code": code, "text": text}
                             for a in task["recipients"]]}
+
+
+def local_host(settings: Any) -> mx.LocalHost:
+    """This host as MX records name it: ``[system] hostname`` and the SMTP listener."""
+    endpoint = settings.listen.smtp
+    endpoints = [(endpoint.host, endpoint.port)] if endpoint is not None else []
+    return mx.LocalHost([settings.hostname], endpoints)
