@@ -112,6 +112,7 @@ class OutboundManager:
         self.pool = pool
         pool.task_done = self._result
         pool.task_refused = self._refused
+        pool.task_lost = self._lost
         self.tasks: dict[int, tuple[str, str]] = {}  # token -> (queue id, domain)
         self.open: dict[str, set[str]] = {}  # queue id -> domains still running
         self.per_domain: collections.Counter[str] = collections.Counter()
@@ -314,6 +315,23 @@ class OutboundManager:
             self._etrn_refused(json.loads(request.task)["nodes"])
         else:
             self.refused_early.add(request.token)
+
+    def _lost(self, request: Any) -> None:
+        """The client job ended in the middle of the task (it crashed, it was killed).
+
+        Whether the next hop took the message is unknown, so every recipient
+        of the task counts as a temporary failure and is tried again later:
+        at least once, never lost.
+        """
+        task = json.loads(request.task)
+        if request.token in self.etrn_tasks:
+            self.etrn_tasks.discard(request.token)
+            self._etrn_refused(task.get("nodes", []))
+            return
+        text = "4.3.0 the SMTP client job ended during delivery"
+        results = [{"address": a, "status": "temporary", "code": 451, "text": text}
+                   for a in task.get("recipients", [])]
+        self._result(request.token, json.dumps({"results": results}).encode())
 
     def _forget(self, token: int) -> tuple[str, str] | None:
         entry = self.tasks.pop(token, None)

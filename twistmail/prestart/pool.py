@@ -68,6 +68,7 @@ class Job:
     peer: str | None = None
     ready: bool = False
     pending: dict[int, Request] = attrs.field(factory=dict)
+    task: Request | None = None  # the task a client job is running, until its RESULT
     end_reason: str | None = None
     ended: defer.Deferred = attrs.field(factory=defer.Deferred)
     _view: JobView | None = None
@@ -102,6 +103,7 @@ class ControllerChannel(LineOnlyReceiver):
         elif verb == "AUTHFAIL" and args:
             self.pool.auth_failed(args[0])
         elif verb == "RESULT" and len(args) >= 2:
+            self.job.task = None
             self.pool.task_done(int(args[0]), line.split(b" ", 2)[2])
 
     def hand(self, token: int, request: Request) -> None:
@@ -167,6 +169,8 @@ class Pool:
         self.task_done: Callable[[int, bytes], None] = lambda token, result: None
         #: Called with a task that no job will run (the entry ended, the wait ran out).
         self.task_refused: Callable[[Request], None] = lambda request: None
+        #: Called with a task whose job ended before it gave a result.
+        self.task_lost: Callable[[Request], None] = lambda request: None
         self._accepting = True
         self._next_id = 1
         self._next_token = 1
@@ -278,6 +282,8 @@ class Pool:
         job.uses += 1
         job.peer = request.peer
         job.pending[token] = request
+        if request.sock is None:
+            job.task = request
         try:
             job.chan.hand(token, request)
         except Exception as e:  # the channel is gone; the job's end cleans up
@@ -372,6 +378,9 @@ class Pool:
             self.session_ended(job.peer)
             job.peer = None
         self._channel_lost(job)
+        if job.task is not None:
+            lost, job.task = job.task, None
+            self.task_lost(lost)
         now = self.reactor.seconds()
         pid = job.pid
         status = _exit_text(reason)
