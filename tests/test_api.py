@@ -102,3 +102,24 @@ def test_vfymsfmsg_requires_the_callers_own_address(make_appliance, tmp_path):
                        usrprf="SAM")
     send_mime_mail(note, "app@example.test", ["sam@example.test"], settings=s, usrprf="app")
     a.wait_mailbox("SAM", 1)
+
+
+def test_send_mime_mail_to_a_remote_recipient_goes_out(make_appliance, tmp_path):
+    from test_smtp_client import Sink
+
+    sink = Sink()
+    try:
+        a = make_appliance(smtp={"mailrouter": f"127.0.0.1:{sink.port}",
+                                 "firewall": "*YES"}).start()
+        a.user("SAM")
+        note = _write(tmp_path / "far.mime", NOTE)
+        send_mime_mail(note, "app@example.test",
+                       [("friend@remote.test", TO), ("hidden@remote.test", BCC)],
+                       settings=load(a.config))
+        a.wait_for(lambda: sink.messages, 30, "delivery to the remote sink")
+        [m] = sink.messages
+        assert sorted(m.recipients) == ["friend@remote.test", "hidden@remote.test"]
+        assert b"Bcc:" not in m.content and b"secret@" not in m.content
+        assert m.content.endswith(b"\r\n\r\nAll jobs ended normally.\r\n")
+    finally:
+        sink.stop()
