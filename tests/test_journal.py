@@ -374,3 +374,28 @@ def test_chgjrn_without_journal_yet(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert capsys.readouterr().out.strip() == receiver_name(1)
     assert run(["--config", str(cfg), "chgjrn"]) == 0
     assert capsys.readouterr().out.strip() == receiver_name(2)
+
+
+def test_a_batch_goes_out_in_one_write_with_consecutive_seqs(tmp_path):
+    j = journal.Journal(tmp_path, "QTSMTPSRVR/1")
+    other = journal.Journal(tmp_path, "QTSMTPSRVR/2")
+    j.write("94", "94 LIN 127.0.0.1", "Q1")
+    with j.batch():
+        assert j.write("91", "91 O a@b", "Q2") is None
+        with j.batch():  # nested: the outer block writes
+            j.write("92", "92 R c@d", "Q2")
+        other.write("JS", "JS STR")  # another writer takes the lock meanwhile
+        assert [e["code"] for e in journal.read_entries(tmp_path)] == ["94", "JS"]
+        j.write("97", "97 TIQ QTMSINQ", "Q2")
+    entries = list(journal.read_entries(tmp_path))
+    assert [e["code"] for e in entries] == ["94", "JS", "91", "92", "97"]
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
+    assert len({e["ts"] for e in entries[2:]}) == 1
+
+
+def test_an_exception_in_a_batch_still_writes_what_came_before(tmp_path):
+    j = journal.Journal(tmp_path, "QTSMTPBRSR/1")
+    with pytest.raises(RuntimeError), j.batch():
+        j.write("7A", "7A FIQ QTMSINQ", "Q1")
+        raise RuntimeError("delivery failed")
+    assert [e["code"] for e in journal.read_entries(tmp_path)] == ["7A"]

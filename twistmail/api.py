@@ -98,6 +98,10 @@ def queue_message(settings: Any, sender: str, rcpts: list[Recipient], message: b
         journal = Journal.from_settings(settings, f"{program}/{os.getpid()}")
 
         def record() -> None:
+            with journal.batch():
+                entries()
+
+        def entries() -> None:
             journal.write("EH", f"EH TMSF {origin}", env.id, file=origin, usrprf=usrprf)
             journal.write("E1", f"E1 O {sender}", env.id, originator=sender)
             for r in rcpts:

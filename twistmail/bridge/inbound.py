@@ -57,6 +57,10 @@ class InboundProcessor:
         self.responsible = responsible  # NFYDLVRY: gets a copy of every failure notice
 
     def process(self, queue_id: str) -> Outcome:
+        with self.journal.batch():  # one journal write for the message's steps
+            return self._process(queue_id)
+
+    def _process(self, queue_id: str) -> Outcome:
         env = self.queue.load(QTMSINQ, queue_id)
         j = self.journal
         j.write("7A", f"7A FIQ {QTMSINQ}", queue_id, queue=QTMSINQ)

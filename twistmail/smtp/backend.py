@@ -209,6 +209,10 @@ class QueueBackend(Backend):
         )
 
     def _journal_received(self, qid: str, r: Received, size: int, target: str) -> None:
+        with self.journal.batch():
+            self._journal_entries(qid, r, size, target)
+
+    def _journal_entries(self, qid: str, r: Received, size: int, target: str) -> None:
         j = self.journal
         if target == QTMSINQ:
             j.write("94", f"94 LIN {r.client_ip}", qid, ip=r.client_ip, helo=r.helo)
