@@ -616,12 +616,17 @@ class FileQueue:
         _fsync_dir(src.parent)
 
     def remove(self, queue: str, queue_id: str) -> None:
-        """Delete envelope then body (2 fsyncs); the body stays while another queue holds it."""
+        """Delete envelope then body; the body stays while another queue holds it.
+
+        The envelope's removal is made durable (a message that came back
+        after a crash would be handled twice); the body's is not: a body a
+        crash brings back has no envelope, and recovery removes such orphans.
+        """
         if not _unlink(self.envelope_path(queue, queue_id)):
             raise KeyError(queue_id)
         _fsync_dir(self.queue_dir(queue))
-        if not self._held(queue_id) and _unlink(self.body_path(queue_id)):
-            _fsync_dir(self.data)
+        if not self._held(queue_id):
+            _unlink(self.body_path(queue_id))
 
     def find(self, queue_id: str) -> str | None:
         """The first queue (in QUEUES order) that holds the message."""
