@@ -45,6 +45,7 @@ from twistmail.smtp.client import (
     DotStuffer,
     Envelope,
     Recipient,
+    Timeouts,
     deliver,
     xtext,
 )
@@ -380,6 +381,14 @@ def test_dot_stuffer_edges() -> None:
 def test_xtext() -> None:
     assert xtext("a+b=c d") == "a+2Bb+3Dc+20d"
     assert xtext("é") == "+C3+A9"
+
+
+def test_clienttimeout_keeps_the_rfc_proportions() -> None:
+    assert Timeouts.for_reply(300) == Timeouts()
+    short = Timeouts.for_reply(30)
+    assert (short.greeting, short.rcpt, short.data_init, short.data_block, short.data_end) == \
+        (30, 30, 12, 18, 60)
+    assert (short.connect, short.quit, short.close) == (30, 30, 10)  # not RFC 5321 waits
 
 
 # -- deliveries over the network ---------------------------------------------------------

@@ -174,6 +174,9 @@ class SmtpSettings:
     tlsoutbound: str = setting(
         Choice(("*OPPORTUNISTIC", "*REQUIRED", "*VERIFY")), "*OPPORTUNISTIC", "client STARTTLS"
     )
+    clienttimeout: int = setting(
+        Int(5, 65535), 300, "seconds the SMTP client waits for a reply (RFC 5321 proportions)"
+    )
     maxmsgsize: int = setting(Int(1024, 2**31 - 1), 52428800, "SIZE limit, bytes")
     maxrcpt: int = setting(Int(1, 100000), 100, "recipients per message")
     inacttimo: int = setting(Int(10, 65535), 300, "idle session timeout, seconds")

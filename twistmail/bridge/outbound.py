@@ -455,9 +455,11 @@ class OutboundManager:
                 queue_notice(self.queue, self.directory, self.journal,
                              self.settings.hostname, env, delayed, self.queue.body_path(qid))
             self.queue.move(qid, QTMSOUTQ, queue_name, env)
+            # The reply or local error of each recipient says why it waits.
             self.journal.write(code, f"{code} TRQ {queue_name}", qid, queue=queue_name,
                                attempts=attempts, next_try=env.next_try,
-                               recipients=[r.address for r in pending])
+                               recipients=[r.address for r in pending],
+                               errors={r.address: r.last_error for r in pending})
         else:
             self.queue.remove(QTMSOUTQ, qid)
 

@@ -116,6 +116,23 @@ class Timeouts:
     def scaled(self, factor: float) -> Timeouts:
         return Timeouts(**{k: v * factor for k, v in attrs.asdict(self).items()})
 
+    @classmethod
+    def for_reply(cls, seconds: float) -> Timeouts:
+        """The waits for ``[smtp] clienttimeout``: ``seconds`` for each command reply.
+
+        The DATA, data-block and end-of-data waits keep their RFC 5321
+        proportions to the 5-minute command wait, so one number tunes a
+        client for slow or impatient peers; connect, QUIT and close, which
+        the RFC does not set, stay as they are.
+        """
+        base = cls()
+        factor = seconds / base.mail
+        return attrs.evolve(base, **{k: getattr(base, k) * factor for k in _RFC_WAITS})
+
+
+_RFC_WAITS = ("greeting", "ehlo", "tls", "auth", "mail", "rcpt", "data_init", "data_block",
+              "data_end")
+
 
 @attrs.frozen
 class Credentials:

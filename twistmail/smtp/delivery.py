@@ -13,8 +13,8 @@ router and our domains instead: the job connects to the router, issues
 ``ETRN domain`` for each (RFC 1985) and journals each reply (8Y).
 
 Settings honoured: ``[smtp] nameservers hosttable mailrouter firewall
-fwdhubsvr tlsoutbound``, ``[system] hostname``, ``[listen] smtp``, and the
-*NEAR, *HOSTAUTH and *CLTBIND list entries.
+fwdhubsvr tlsoutbound clienttimeout``, ``[system] hostname``, ``[listen]
+smtp``, and the *NEAR, *HOSTAUTH and *CLTBIND list entries.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Deliverer:
         result = await client.deliver(
             self.reactor, list(route), envelope, self.queue.body_path(qid),
             helo_name=self.settings.hostname, tls_policy=self.settings.smtp.tlsoutbound,
-            auth=lists["auth"] or None, bind_address=lists["bind"])
+            auth=lists["auth"] or None, bind_address=lists["bind"], timeouts=self._timeouts())
         out = []
         for r in result.recipients:
             if r.status == client.DELIVERED:
@@ -102,7 +102,7 @@ class Deliverer:
             result = await client.etrn(
                 self.reactor, list(route), nodes, helo_name=self.settings.hostname,
                 tls_policy=self.settings.smtp.tlsoutbound, auth=lists["auth"] or None,
-                bind_address=lists["bind"])
+                bind_address=lists["bind"], timeouts=self._timeouts())
         out = []
         for node, reply in result.replies:
             self.journal.write("8Y", f"8Y ETRN {node} {reply.code}", node=node, router=router,
@@ -110,6 +110,9 @@ class Deliverer:
             out.append({"node": node, "code": reply.code, "text": reply.text})
         return {"kind": "etrn", "router": router, "remote_ip": result.remote_ip,
                 "replies": out}
+
+    def _timeouts(self) -> client.Timeouts:
+        return client.Timeouts.for_reply(self.settings.smtp.clienttimeout)
 
     def _read(self, task: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         env = self.queue.load(task["queue"], task["id"])
