@@ -126,6 +126,8 @@ class OutboundManager:
         self.schedule = TransferSchedule(reactor, settings.smtp.mailxfrint, self._scheduled)
         self.transfer_due = False  # a scheduled transfer waits for the next scan
         self.released: set[str] = set()  # messages a transfer let go, not yet dispatched
+        #: Messages the last scan found ready, oldest first, waiting for connections.
+        self.backlog: dict[str, dict[str, list[str]]] = {}
 
     def start(self) -> None:
         self._drop_stale_request()
@@ -250,29 +252,44 @@ class OutboundManager:
         for qid in settle:
             if qid not in self.open and qid not in self.busy:
                 self._settle(qid)
-        for env, groups in work:
-            if env.id in self.open or env.id in self.busy:
+        # The scan's list replaces the backlog: what left QTMSOUTQ meanwhile
+        # (deleted, held) is gone from it.
+        self.backlog = {env.id: groups for env, groups in work}
+        self._start_ready()
+
+    def _start_ready(self) -> None:
+        """Start every backlog message whose destinations all have a free connection.
+
+        Runs after each scan and whenever a task ends, so a destination's
+        connections are used again at once instead of at the next scan.
+        """
+        if self.held:
+            return
+        for qid, groups in list(self.backlog.items()):
+            if qid in self.open or qid in self.busy:
+                del self.backlog[qid]
                 continue
             full = [d for d in groups if self.per_domain[d] >= CONNECTIONS_PER_DOMAIN]
             if full:
                 # Every destination of a message starts together, so one try
                 # is one try for all of them: this one waits for a free slot.
                 for domain in full:
-                    if (env.id, domain) not in self.full_noted:
-                        self.full_noted.add((env.id, domain))
-                        self.journal.write("86", f"86 TOQ {QTMSOUTQ}", env.id, domain=domain,
+                    if (qid, domain) not in self.full_noted:
+                        self.full_noted.add((qid, domain))
+                        self.journal.write("86", f"86 TOQ {QTMSOUTQ}", qid, domain=domain,
                                            reason="connection matrix full")
                 if self.schedule.active:
-                    self.released.add(env.id)  # it goes as soon as a slot is free
+                    self.released.add(qid)  # it goes as soon as a slot is free
                 continue
-            self.released.discard(env.id)
-            self.open[env.id] = set(groups)
+            del self.backlog[qid]
+            self.released.discard(qid)
+            self.open[qid] = set(groups)
             for domain, rcpts in groups.items():
                 self.per_domain[domain] += 1
-                line = json.dumps({"id": env.id, "queue": QTMSOUTQ, "domain": domain,
+                line = json.dumps({"id": qid, "queue": QTMSOUTQ, "domain": domain,
                                    "recipients": rcpts}).encode()
                 token = self.pool.submit_task(line, domain)
-                self.tasks[token] = (env.id, domain)
+                self.tasks[token] = (qid, domain)
                 if token in self.refused_early:
                     self.refused_early.discard(token)
                     self._forget(token)
@@ -368,6 +385,7 @@ class OutboundManager:
             self.busy.discard(qid)
             if qid not in self.open:
                 self._settle(qid)
+            self._start_ready()
 
         d.addBoth(recorded)
 
