@@ -119,10 +119,14 @@ class _Sender:
         chunk = self._read()
         if chunk:
             out += self.stuffer.feed(chunk)
-        if out:
+        if not chunk or self.at_end:
+            # The end goes with the last data: one write, one segment, and no
+            # extra turn of the reactor for a message that fits in a chunk.
+            self._finish(out)
+        elif out:
             self.session.transport.write(out)
-        if not chunk:
-            self._finish()
+
+    at_end = False  # the last read reached the end of the range
 
     def _read(self) -> bytes:
         if self.lines is not None:
@@ -133,6 +137,8 @@ class _Sender:
         data = self.f.read(n)
         if self.left is not None:
             self.left -= len(data)
+        # A regular file returns less than asked only at its end.
+        self.at_end = len(data) < n or self.left == 0
         return data
 
     def _read_top(self) -> bytes:
@@ -154,8 +160,8 @@ class _Sender:
                 self.lines -= 1
         return b"".join(out)
 
-    def _finish(self) -> None:
-        self.session.transport.write(self.stuffer.end())
+    def _finish(self, out: bytes = b"") -> None:
+        self.session.transport.write(out + self.stuffer.end())
         self.session.transport.unregisterProducer()
         self.f.close()
         self.session.sent()
