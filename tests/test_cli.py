@@ -78,7 +78,8 @@ def test_cl_syntax_reaches_the_running_daemon(appliance):
 def test_listings_take_json(appliance):
     rc, out, err = appliance.cli("wrkactjob", "--json")
     rows = json.loads(out)
-    assert {r["job"] for r in rows} >= {"QTSMTPSRVD", "QTPOPSRVD", "QTSMTPSRVP", "QTPOPSRVP"}
+    assert {r["job"] for r in rows} >= {"QTSMTPSRVD", "QTPOPSRVD", "QTSMTPSRVP", "QTPOPSRVP",
+                                        "QZMFLNCH"}
     rc, out, err = appliance.cli("dspactpj", "--pgm", "QTPOPSRVP", "--json")
     st = json.loads(out)
     assert st["jobs_current"] == 1 and st["status"] == "ACTIVE"

@@ -195,6 +195,11 @@ class ForkServer:
             collections.deque())
         self._live: dict[int, ForkedProcess] = {}
 
+    @property
+    def pid(self) -> int | None:
+        """The launcher's pid while it runs (WRKACTJOB lists it)."""
+        return None if self._process is None else self._process.pid
+
     def spawn_job(self, pgm: str, config_path: str, channel: Protocol,
                   on_started: Callable[[int], None],
                   on_ended: Callable[[Failure], None]) -> ForkedProcess:

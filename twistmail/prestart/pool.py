@@ -535,7 +535,12 @@ class Pool:
             JobState.BUSY: "RUN",
             JobState.ENDING: "END",
         }
-        return [
+        rows = []
+        if self.launcher.pid is not None:
+            # Listed before the jobs it forks; no program, as it serves no request.
+            rows.append({"job": launch.ForkServer.NAME, "pgm": "", "pid": self.launcher.pid,
+                         "status": "SELW", "uses": "", "peer": ""})
+        rows.extend(
             {
                 "job": self.job_name,
                 "pgm": self.pgm,
@@ -545,7 +550,8 @@ class Pool:
                 "peer": j.peer or "",
             }
             for j in sorted(self.jobs.values(), key=lambda j: j.id)
-        ]
+        )
+        return rows
 
     def _journal(self, code: str, esd: str, **fields: Any) -> None:
         if self.journal is not None:
