@@ -25,6 +25,7 @@ import tomlkit.exceptions
 from tomlkit.items import AoT, Table
 
 from twistmail import config
+from twistmail.durable import fsync_dir
 from twistmail.settingtypes import SettingError, parse_value
 
 __all__ = ["SettingError", "UnknownSetting", "set_values", "setting_type"]
@@ -201,7 +202,7 @@ def _write_atomically(target: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_directory(target.parent)
+    fsync_dir(target.parent)
 
 
 def _copy_owner(fd: int, st: os.stat_result) -> None:
@@ -210,12 +211,3 @@ def _copy_owner(fd: int, st: os.stat_result) -> None:
     if (own.st_uid, own.st_gid) != (st.st_uid, st.st_gid):
         with contextlib.suppress(PermissionError):
             os.fchown(fd, st.st_uid, st.st_gid)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable, not only the new file's contents."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -46,6 +46,7 @@ from typing import Any
 
 import attrs
 
+from twistmail.durable import fsync_dir
 from twistmail.maildir import base_name, check_user
 
 INDEX = "dstids.json"
@@ -144,7 +145,7 @@ class DistributionStore:
                 _mark_opened(found.path)
             else:
                 found.path.unlink(missing_ok=True)
-                _fsync_dir(found.path.parent)
+                fsync_dir(found.path.parent)
                 index["ids"] = {b: i for b, i in index["ids"].items() if i != wanted}
                 self._save(userid, index)
 
@@ -186,7 +187,7 @@ class DistributionStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, home / INDEX)
-        _fsync_dir(home)
+        fsync_dir(home)
 
     def _scan(self, userid: str, index: dict[str, Any]) -> list[Distribution]:
         """Every message with its DSTID; new ones get the next sequence numbers."""
@@ -284,8 +285,8 @@ def _mark_listed(maildir: Path) -> None:
                 os.rename(path, maildir / "cur" / (path.name + ":2,"))
                 moved = True
     if moved:
-        _fsync_dir(maildir / "cur")
-        _fsync_dir(maildir / "new")
+        fsync_dir(maildir / "cur")
+        fsync_dir(maildir / "new")
 
 
 def _mark_opened(path: Path) -> None:
@@ -296,12 +297,4 @@ def _mark_opened(path: Path) -> None:
     target = maildir / "cur" / f"{name}:2,{''.join(sorted(set(flags + 'S')))}"
     if target != path:
         os.rename(path, target)
-        _fsync_dir(target.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(target.parent)

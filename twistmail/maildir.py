@@ -67,6 +67,7 @@ from typing import BinaryIO
 import attrs
 from zope.interface import implementer
 
+from twistmail.durable import fsync_dir
 from twistmail.interfaces import IMailboxStore
 
 #: The info a POP session gives a message when it moves it from new/ to cur/.
@@ -435,16 +436,7 @@ def _make_private_dir(path: Path) -> None:
     except FileExistsError:
         return
     os.chmod(path, 0o700)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames, links and unlinks in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _create(path: Path) -> int:
@@ -503,7 +495,7 @@ def _link_new(maildir: Path, tmp: Path, name: str) -> Path:
         pass
     finally:
         os.unlink(tmp)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
 
 
@@ -543,8 +535,8 @@ def _move_new(maildir: Path) -> None:
             os.rename(entry.path, cur / (entry.name.split(":", 1)[0] + SEEN_BY_POP))
             moved = True
     if moved:
-        _fsync_dir(cur)
-        _fsync_dir(maildir / "new")
+        fsync_dir(cur)
+        fsync_dir(maildir / "new")
 
 
 def _expunge(maildir: Path, names: list[str]) -> list[str]:
@@ -552,7 +544,7 @@ def _expunge(maildir: Path, names: list[str]) -> list[str]:
     _write_intent(maildir, names)
     failed = _unlink_all(maildir / "cur", names)
     os.unlink(maildir / EXPUNGE_FILE)
-    _fsync_dir(maildir)
+    fsync_dir(maildir)
     return failed
 
 
@@ -565,7 +557,7 @@ def _write_intent(maildir: Path, names: list[str]) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, maildir / EXPUNGE_FILE)
-    _fsync_dir(maildir)
+    fsync_dir(maildir)
 
 
 def _unlink_all(cur: Path, names: Iterable[str]) -> list[str]:
@@ -577,7 +569,7 @@ def _unlink_all(cur: Path, names: Iterable[str]) -> list[str]:
             pass
         except OSError:
             failed.append(name)
-    _fsync_dir(cur)
+    fsync_dir(cur)
     return failed
 
 
@@ -593,4 +585,4 @@ def _finish_expunge(maildir: Path) -> None:
     names = [os.fsdecode(n) for n in raw.split(b"\0") if n and b"/" not in n]
     _unlink_all(maildir / "cur", [n for n in names if not n.startswith(".")])
     os.unlink(log)
-    _fsync_dir(maildir)
+    fsync_dir(maildir)

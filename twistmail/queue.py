@@ -63,6 +63,7 @@ import attrs
 from attrs import validators as v
 from zope.interface import implementer
 
+from twistmail.durable import fsync_dir
 from twistmail.interfaces import CORRUPT, QUEUES, IQueue
 
 #: Recipient states.  ``pending`` and ``retry`` still need work; the others are final.
@@ -349,15 +350,6 @@ class RecoveryReport:
 # -- file helpers ----------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    """A rename or unlink is durable only once its directory is fsynced."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_synced(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -478,13 +470,13 @@ class Spool:
         os.fsync(fd)
         self._file.close()
         os.rename(self._body_tmp, self._body)
-        _fsync_dir(q.data)
+        fsync_dir(q.data)
         _write_synced(self._env_tmp, q.envelope_bytes(env))
         if before_publish is not None:
             before_publish()
         os.rename(self._env_tmp, target)
         self._env_final = target
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def abort(self) -> None:
         """Remove everything this spool wrote; a no-op after a successful commit."""
@@ -493,7 +485,7 @@ class Spool:
         self._aborted = True
         self._file.close()
         if self._env_final is not None and _unlink(self._env_final):
-            _fsync_dir(self._env_final.parent)
+            fsync_dir(self._env_final.parent)
         _unlink(self._env_tmp)
         _unlink(self._body_tmp)
         _unlink(self._body)
@@ -529,8 +521,8 @@ class FileQueue:
                 d.mkdir(mode=0o700, exist_ok=True)
                 made = True
         if made:
-            _fsync_dir(self.root)
-            _fsync_dir(self.root.parent)
+            fsync_dir(self.root)
+            fsync_dir(self.root.parent)
 
     # paths
 
@@ -586,7 +578,7 @@ class FileQueue:
         if not path.exists():
             raise KeyError(envelope.id)
         os.replace(self._tmp_envelope(envelope), path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def move(
         self, queue_id: str, source: str, target: str, envelope: Envelope | None = None
@@ -610,10 +602,10 @@ class FileQueue:
         else:
             stamp = max(time.time_ns(), self._stamp(src) + 1)
             os.rename(self._tmp_envelope(envelope, stamp), dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
         if envelope is not None:
             _unlink(src)  # recover() may already have settled the duplicate
-        _fsync_dir(src.parent)
+        fsync_dir(src.parent)
 
     def remove(self, queue: str, queue_id: str) -> None:
         """Delete envelope then body; the body stays while another queue holds it.
@@ -624,7 +616,7 @@ class FileQueue:
         """
         if not _unlink(self.envelope_path(queue, queue_id)):
             raise KeyError(queue_id)
-        _fsync_dir(self.queue_dir(queue))
+        fsync_dir(self.queue_dir(queue))
         if not self._held(queue_id):
             _unlink(self.body_path(queue_id))
 
@@ -740,8 +732,8 @@ class FileQueue:
             os.rename(self.envelope_path(queue, queue_id), target)
         except FileNotFoundError:
             return False
-        _fsync_dir(target.parent)
-        _fsync_dir(self.queue_dir(queue))
+        fsync_dir(target.parent)
+        fsync_dir(self.queue_dir(queue))
         return True
 
     def _settle_duplicates(self) -> tuple[DuplicateItem, ...]:
@@ -774,7 +766,7 @@ class FileQueue:
         removed = tuple(q for _, _, q in ranked[:-1])
         for queue in removed:
             if _unlink(self.envelope_path(queue, queue_id)):
-                _fsync_dir(self.queue_dir(queue))
+                fsync_dir(self.queue_dir(queue))
         return DuplicateItem(queue_id, kept, removed)
 
     def _referenced(self) -> set[str]:
@@ -807,7 +799,7 @@ class FileQueue:
             if _unlink(self.data / name):
                 removed.append(name)
         if removed:
-            _fsync_dir(self.data)
+            fsync_dir(self.data)
         return tuple(removed)
 
 
