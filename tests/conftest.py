@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
 
 from appliance import Appliance  # noqa: E402
 
@@ -33,3 +36,22 @@ def make_appliance(tmp_path: Path) -> Iterator[Callable[..., Appliance]]:
 @pytest.fixture
 def appliance(make_appliance: Callable[..., Appliance]) -> Appliance:
     return make_appliance().start()
+
+
+@pytest.fixture
+def dns(tmp_path):
+    """A loopback DNS server; yields a function that starts it with a zone."""
+    procs = []
+
+    def start(zone: dict) -> int:
+        f = tmp_path / f"zone{len(procs)}.json"
+        f.write_text(json.dumps(zone))
+        p = subprocess.Popen([sys.executable, str(HERE / "dnsserver.py"), str(f)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        procs.append(p)
+        return int(p.stdout.readline())
+
+    yield start
+    for p in procs:
+        p.stdin.close()
+        p.wait(10)

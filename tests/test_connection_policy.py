@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import poplib
 import smtplib
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,25 +20,6 @@ def connect_from(a, source: str, name: str = "smtp") -> socket.socket:
     s.bind((source, 0))
     s.connect(a.addr(name))
     return s
-
-
-@pytest.fixture
-def dns(tmp_path):
-    """A loopback DNS server; yields a function that starts it with a zone."""
-    procs = []
-
-    def start(zone: dict) -> int:
-        f = tmp_path / f"zone{len(procs)}.json"
-        f.write_text(json.dumps(zone))
-        p = subprocess.Popen([sys.executable, str(HERE / "dnsserver.py"), str(f)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        procs.append(p)
-        return int(p.stdout.readline())
-
-    yield start
-    for p in procs:
-        p.stdin.close()
-        p.wait(10)
 
 
 def test_reject_list_refuses_before_any_job(appliance):

@@ -132,12 +132,8 @@ def test_percent_routing(make_appliance, sink):
         assert s.rcpt("friend%remote.test@example.test")[0] == 550
 
 
-def test_mx_routing_through_a_loopback_dns(make_appliance, tmp_path):
-    import json
+def test_mx_routing_through_a_loopback_dns(make_appliance, dns):
     import socket
-    import subprocess
-    import sys
-    from pathlib import Path
 
     probe = socket.socket()
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -148,31 +144,29 @@ def test_mx_routing_through_a_loopback_dns(make_appliance, tmp_path):
     finally:
         probe.close()
     mx_sink = Sink(host="127.0.0.3", port=25)
-    zone = tmp_path / "zone.json"
-    zone.write_text(json.dumps({
+    try:
+        _mx_routing(make_appliance, dns, mx_sink)
+    finally:
+        mx_sink.stop()
+
+
+def _mx_routing(make_appliance, dns, mx_sink) -> None:
+    port = dns({
         "remote.test": {"MX": [[10, "mx1.remote.test"], [20, "mx2.remote.test"]]},
         "mx1.remote.test": {"A": ["127.0.0.3"]},
         "mx2.remote.test": {"A": ["127.0.0.4"]},
         "nullmx.test": {"MX": [[0, "."]]},
-    }))
-    dns = subprocess.Popen([sys.executable, str(Path(__file__).parent / "dnsserver.py"),
-                            str(zone)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        port = int(dns.stdout.readline())
-        # Quick first-level retries: a DNS answer slowed by a busy machine is a
-        # temporary failure, and must not wait the default 30 minutes.
-        a = make_appliance(smtp={"alwrly": "*ALL", "nameservers": [f"127.0.0.1:{port}"],
-                                 "rtymin": [5, 0]}).start()
-        a.user("SAM")
-        send(a, ["friend@remote.test", "x@nullmx.test"])
-        a.wait_for(lambda: mx_sink.messages, 30, "delivery to the preferred MX")
-        assert mx_sink.messages[0].recipients == ["friend@remote.test"]
-        [notice] = a.wait_mailbox("SAM", 1, timeout=60)  # a null MX is a permanent failure
-        assert b"Final-Recipient: rfc822; x@nullmx.test" in notice.read_bytes()
-    finally:
-        dns.stdin.close()
-        dns.wait(10)
-        mx_sink.stop()
+    })
+    # Quick first-level retries: a DNS answer slowed by a busy machine is a
+    # temporary failure, and must not wait the default 30 minutes.
+    a = make_appliance(smtp={"alwrly": "*ALL", "nameservers": [f"127.0.0.1:{port}"],
+                             "rtymin": [5, 0]}).start()
+    a.user("SAM")
+    send(a, ["friend@remote.test", "x@nullmx.test"])
+    a.wait_for(lambda: mx_sink.messages, 30, "delivery to the preferred MX")
+    assert mx_sink.messages[0].recipients == ["friend@remote.test"]
+    [notice] = a.wait_mailbox("SAM", 1, timeout=60)  # a null MX is a permanent failure
+    assert b"Final-Recipient: rfc822; x@nullmx.test" in notice.read_bytes()
 
 
 def test_etrn_starts_delivery_of_held_back_mail(make_appliance, sink):
@@ -270,32 +264,19 @@ def test_dspactpj_reset_reaches_the_client_pool(make_appliance, sink):
     assert accepted() == 0
 
 
-def test_mail_that_would_loop_back_to_this_host_is_returned(make_appliance, tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    zone = tmp_path / "zone.json"
-    zone.write_text(json.dumps({  # this host (mail.example.test) is the best MX
+def test_mail_that_would_loop_back_to_this_host_is_returned(make_appliance, dns):
+    port = dns({  # this host (mail.example.test) is the best MX
         "loop.test": {"MX": [[10, "mail.example.test"], [20, "backup.loop.test"]]},
         "mail.example.test": {"A": ["192.0.2.10"]},
         "backup.loop.test": {"A": ["192.0.2.20"]},
-    }))
-    dns = subprocess.Popen([sys.executable, str(Path(__file__).parent / "dnsserver.py"),
-                            str(zone)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        port = int(dns.stdout.readline())
-        a = make_appliance(smtp={"alwrly": "*ALL", "nameservers": [f"127.0.0.1:{port}"],
-                                 "rtymin": [5, 0]}).start()
-        a.user("SAM")
-        send(a, ["friend@loop.test"])
-        [notice] = a.wait_mailbox("SAM", 1, timeout=30)
-        raw = notice.read_bytes()
-        assert b"Final-Recipient: rfc822; friend@loop.test" in raw
-        assert b"5.4.6" in raw and b"loops back to myself" in raw
-        assert [e["reason"].split()[:2] for e in a.journal("83")] == [["554", "5.4.6"]]
-        assert not a.journal("8C")  # permanent: no retry
-    finally:
-        dns.stdin.close()
-        dns.wait(10)
+    })
+    a = make_appliance(smtp={"alwrly": "*ALL", "nameservers": [f"127.0.0.1:{port}"],
+                             "rtymin": [5, 0]}).start()
+    a.user("SAM")
+    send(a, ["friend@loop.test"])
+    [notice] = a.wait_mailbox("SAM", 1, timeout=30)
+    raw = notice.read_bytes()
+    assert b"Final-Recipient: rfc822; friend@loop.test" in raw
+    assert b"5.4.6" in raw and b"loops back to myself" in raw
+    assert [e["reason"].split()[:2] for e in a.journal("83")] == [["554", "5.4.6"]]
+    assert not a.journal("8C")  # permanent: no retry

@@ -23,7 +23,6 @@ import signal
 import smtplib
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -222,7 +221,7 @@ def test_a_second_twistmail_instance_is_the_remote_host(make_appliance):
     assert {"7A", "B8", "B2"} <= set(codes(remote))  # the remote side took it in
 
 
-def test_mx_records_lead_to_a_second_instance(make_appliance, tmp_path):
+def test_mx_records_lead_to_a_second_instance(make_appliance, dns):
     """The better MX refuses connections; the next one, a real appliance, takes the mail."""
     dead, live = "127.0.0.6", "127.0.0.7"
     probe = socket.socket()
@@ -236,29 +235,21 @@ def test_mx_records_lead_to_a_second_instance(make_appliance, tmp_path):
                                     "local_domains": ["remote.test"]},
                             listen={"smtp": f"{live}:25"}).start()
     remote.user("FRIEND")
-    zone = tmp_path / "zone.json"
-    zone.write_text(json.dumps({
+    port = dns({
         "remote.test": {"MX": [[10, "mx1.remote.test"], [20, "mx2.remote.test"]]},
         "mx1.remote.test": {"A": [dead]},
         "mx2.remote.test": {"A": [live]},
-    }))
-    dns = subprocess.Popen([sys.executable, str(Path(__file__).parent / "dnsserver.py"),
-                            str(zone)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        port = int(dns.stdout.readline())
-        a = make_appliance(smtp={"alwrly": "*ALL", "nameservers": [f"127.0.0.1:{port}"],
-                                 "rtymin": [5, 0]}).start()
-        a.user("SAM")
-        send(a, ["friend@remote.test"], note("by-mx@example.test", "found by its MX"))
-        [got] = remote.wait_mailbox("FRIEND", 1, timeout=30)
-        assert got.read_bytes().endswith(b"\r\n\r\nfound by its MX\r\n")
-        a.wait_for(lambda: settled(a), 10, "the outbound queues to empty")
-        [delivered] = a.journal("88")
-        assert delivered["ip"] == live
-        assert "8C" not in codes(a)  # the dead MX is skipped within the one try
-    finally:
-        dns.stdin.close()
-        dns.wait(10)
+    })
+    a = make_appliance(smtp={"alwrly": "*ALL", "nameservers": [f"127.0.0.1:{port}"],
+                             "rtymin": [5, 0]}).start()
+    a.user("SAM")
+    send(a, ["friend@remote.test"], note("by-mx@example.test", "found by its MX"))
+    [got] = remote.wait_mailbox("FRIEND", 1, timeout=30)
+    assert got.read_bytes().endswith(b"\r\n\r\nfound by its MX\r\n")
+    a.wait_for(lambda: settled(a), 10, "the outbound queues to empty")
+    [delivered] = a.journal("88")
+    assert delivered["ip"] == live
+    assert "8C" not in codes(a)  # the dead MX is skipped within the one try
 
 
 def test_aiosmtpd_is_the_remote_host(make_appliance, aiosmtpd):
