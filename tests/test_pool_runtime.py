@@ -159,6 +159,10 @@ def test_sigkilled_job_is_replaced(appliance):
     assert a.count("QTMSSRCP") == 2
 
 
+def launchers(a) -> list[int]:
+    return [r["pid"] for r in a.control("wrkactjob") if r["job"] == "QZMFLNCH"]
+
+
 def _parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
@@ -248,6 +252,8 @@ def test_endpj_strpj_endtcpsvr_strtcpsvr(appliance):
     rc, out, err = a.cli("endpj", "--pgm", "QTMSSRCP", "--option", "*IMMED")
     assert rc == 0, err
     a.wait_for(lambda: a.count("QTMSSRCP") == 0, 10)
+    # The entry's launcher ends with its jobs; the POP entry's stays.
+    a.wait_for(lambda: len(launchers(a)) == 1, 10, "the SMTP launcher to end")
     s = a.connect()
     assert read_reply(s).startswith(b"421 ")
     rc, out, err = a.cli("strpj", "--pgm", "QTMSSRCP")

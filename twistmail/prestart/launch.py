@@ -161,111 +161,65 @@ class ForkedProcess:
             self._on_ended(reason)
 
 
-class _LauncherChannel(LineOnlyReceiver):
+class _Launcher(LineOnlyReceiver):
+    """One launcher process: its channel, and the jobs it has forked."""
+
     delimiter = b"\n"
-
-    def __init__(self, server: ForkServer) -> None:
-        self.server = server
-
-    def lineReceived(self, line: bytes) -> None:
-        parts = line.split()
-        if parts[:1] == [b"PID"] and len(parts) == 2:
-            self.server._forked(int(parts[1]))
-        elif parts[:1] == [b"EXIT"] and len(parts) == 3:
-            self.server._exited(int(parts[1]), int(parts[2]))
-
-
-class ForkServer:
-    """Starts prestart jobs as forks of the preloaded launcher process.
-
-    The launcher is started on the first request and again after it dies;
-    jobs it had forked are then reported ended (they die with it).
-    """
-
     log = Logger()
-    NAME = "QZMFLNCH"
 
     def __init__(self, reactor: Any, programs: tuple[str, ...]) -> None:
         self.reactor = reactor
-        self.programs = programs
-        self._chan: _LauncherChannel | None = None
-        self._process: Any = None
-        self._ended: defer.Deferred | None = None
-        self._pending: collections.deque[tuple[ForkedProcess, socket.socket]] = (
+        self.pending: collections.deque[tuple[ForkedProcess, socket.socket]] = (
             collections.deque())
-        self._live: dict[int, ForkedProcess] = {}
+        self.live: dict[int, ForkedProcess] = {}
+        self.ended: defer.Deferred = defer.Deferred()
+        output = ChildOutput(ForkServer.NAME, self._process_ended)
+        self.process: Any = spawn(reactor, ForkServer.NAME, "twistmail.prestart.forkserver",
+                                  list(programs), output, channel=self)
 
-    @property
-    def pid(self) -> int | None:
-        """The launcher's pid while it runs (WRKACTJOB lists it)."""
-        return None if self._process is None else self._process.pid
-
-    def spawn_job(self, pgm: str, config_path: str, channel: Protocol,
-                  on_started: Callable[[int], None],
-                  on_ended: Callable[[Failure], None]) -> ForkedProcess:
-        """Ask for a job running ``pgm``; its channel is connected to ``channel``."""
-        if self._chan is None:
-            self._start()
-        assert self._chan is not None and self._chan.transport is not None
+    def fork(self, pgm: str, config_path: str, job: ForkedProcess, channel: Protocol) -> None:
         child_end = _socketpair_for(self.reactor, channel)
-        job = ForkedProcess(on_started, on_ended)
         # The descriptor and its request line go out in the same turn; our
         # copy is closed when the launcher answers, so it has it by then.
-        self._chan.transport.sendFileDescriptor(child_end.fileno())
-        self._chan.sendLine(f"SPAWN {pgm} {config_path}".encode())
-        self._pending.append((job, child_end))
-        return job
+        self.transport.sendFileDescriptor(child_end.fileno())
+        self.sendLine(f"SPAWN {pgm} {config_path}".encode())
+        self.pending.append((job, child_end))
+
+    def lineReceived(self, line: bytes) -> None:
+        parts = line.split()
+        if parts[:1] == [b"PID"] and len(parts) == 2 and self.pending:
+            job, child_end = self.pending.popleft()
+            child_end.close()
+            pid = int(parts[1])
+            self.live[pid] = job
+            job.started(pid)
+        elif parts[:1] == [b"EXIT"] and len(parts) == 3:
+            job = self.live.pop(int(parts[1]), None)
+            if job is not None:
+                job.exited(exit_reason(int(parts[2])))
 
     def stop(self) -> defer.Deferred:
-        """End the launcher (after the pools have ended their jobs)."""
-        if self._process is None or self._ended is None:
-            return defer.succeed(None)
-        ended = self._ended
-        if self._chan is not None and self._chan.transport is not None:
-            self._chan.transport.loseConnection()
+        """Close the channel (the launcher exits), then KILL if it lingers."""
+        if self.transport is not None:
+            self.transport.loseConnection()
         kill = self.reactor.callLater(5.0, self._kill)
-        ended.addBoth(lambda r: kill.cancel() if kill.active() else None)
+        self.ended.addBoth(lambda r: kill.cancel() if kill.active() else None)
         waiter: defer.Deferred = defer.Deferred()
-        ended.addBoth(lambda r: waiter.callback(None))
+        self.ended.addBoth(lambda r: waiter.callback(None))
         return waiter
 
     def _kill(self) -> None:
-        if self._process is not None:
-            try:
-                self._process.signalProcess("KILL")
-            except (ProcessExitedAlready, OSError):
-                pass
+        try:
+            self.process.signalProcess("KILL")
+        except (ProcessExitedAlready, OSError):
+            pass
 
-    def _start(self) -> None:
-        self._chan = _LauncherChannel(self)
-        self._ended = defer.Deferred()
-        output = ChildOutput(self.NAME, self._launcher_ended)
-        self._process = spawn(self.reactor, self.NAME, "twistmail.prestart.forkserver",
-                              list(self.programs),
-                              output, channel=self._chan)
-
-    def _forked(self, pid: int) -> None:
-        if not self._pending:
-            return
-        job, child_end = self._pending.popleft()
-        child_end.close()
-        self._live[pid] = job
-        job.started(pid)
-
-    def _exited(self, pid: int, status: int) -> None:
-        job = self._live.pop(pid, None)
-        if job is not None:
-            job.exited(exit_reason(status))
-
-    def _launcher_ended(self, reason: Any) -> None:
-        if self._chan is not None and self._chan.transport is not None:
-            self._chan.transport.loseConnection()
-        self._chan = None
-        self._process = None
-        ended, self._ended = self._ended, None
+    def _process_ended(self, reason: Any) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
         gone = Failure(ProcessTerminated(None, signal.SIGTERM, None))
-        pending, self._pending = self._pending, collections.deque()
-        live, self._live = self._live, {}
+        pending, self.pending = self.pending, collections.deque()
+        live, self.live = self.live, {}
         if pending or live:
             self.log.warn("the job launcher ended ({reason}); its {n} jobs end with it",
                           reason=reason.value, n=len(pending) + len(live))
@@ -274,5 +228,45 @@ class ForkServer:
             job.exited(gone)
         for job in live.values():
             job.exited(gone)
-        if ended is not None:
-            ended.callback(None)
+        self.ended.callback(None)
+
+
+class ForkServer:
+    """Starts prestart jobs as forks of a preloaded launcher process.
+
+    The launcher is started on the first request, and again after it died or
+    was stopped; jobs it had forked are then reported ended (they die with it).
+    """
+
+    NAME = "QZMFLNCH"
+
+    def __init__(self, reactor: Any, programs: tuple[str, ...]) -> None:
+        self.reactor = reactor
+        self.programs = programs
+        self._current: _Launcher | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The launcher's pid while it runs (WRKACTJOB lists it)."""
+        return None if self._current is None else self._current.process.pid
+
+    def spawn_job(self, pgm: str, config_path: str, channel: Protocol,
+                  on_started: Callable[[int], None],
+                  on_ended: Callable[[Failure], None]) -> ForkedProcess:
+        """Ask for a job running ``pgm``; its channel is connected to ``channel``."""
+        if self._current is None:
+            launcher = _Launcher(self.reactor, self.programs)
+            launcher.ended.addCallback(lambda _: self._gone(launcher))
+            self._current = launcher
+        job = ForkedProcess(on_started, on_ended)
+        self._current.fork(pgm, config_path, job, channel)
+        return job
+
+    def stop(self) -> defer.Deferred:
+        """End the launcher once the pool's jobs are gone; a later request starts a new one."""
+        launcher, self._current = self._current, None
+        return defer.succeed(None) if launcher is None else launcher.stop()
+
+    def _gone(self, launcher: _Launcher) -> None:
+        if self._current is launcher:
+            self._current = None

@@ -214,7 +214,10 @@ class Pool:
             done = defer.DeferredList(ends)
             done.addBoth(lambda r: call.cancel() if call.active() else None)
         self._update_accepting()
-        return defer.DeferredList(ends)
+        # With its jobs gone the launcher goes too; STRPJ starts a new one.
+        done = defer.DeferredList(ends)
+        done.addCallback(lambda _: None if self.active else self.launcher.stop())
+        return done
 
     def reconfigure(self, entry: PrestartEntry, limits: Limits) -> None:
         """CHGPJE on a running entry: new values apply at once."""
