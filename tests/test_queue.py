@@ -395,6 +395,23 @@ def test_an_envelope_whose_body_is_missing_or_whose_id_differs_is_corrupt(fq):
     assert sorted(fq.list(CORRUPT)) == sorted([a, b])
 
 
+def test_recovery_reads_an_unchanged_envelope_once(fq, monkeypatch):
+    good, later = enqueue(fq), enqueue(fq, queue=QTMSOUTQ)
+    loads = []
+    real = FileQueue.load
+    monkeypatch.setattr(FileQueue, "load",
+                        lambda self, q, i: loads.append(i) or real(self, q, i))
+    assert fq.recover().clean and sorted(loads) == sorted([good, later])
+    loads.clear()
+    assert fq.recover().clean and loads == []  # nothing changed, nothing read
+    # A file written since is read again, and a damaged one still found.
+    path = fq.envelope_path(QTMSOUTQ, later)
+    path.write_bytes(b'{"id": "trunc')
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    report = fq.recover()
+    assert loads == [later] and [c.id for c in report.corrupt] == [later]
+
+
 def test_a_second_corrupt_copy_of_an_id_does_not_overwrite_the_first(fq):
     qid = enqueue(fq)
     (fq.root / CORRUPT / f"{qid}.json").write_bytes(b"first")

@@ -505,6 +505,9 @@ class FileQueue:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.data = self.root / "data"
+        #: Envelope files recovery found sound, by path, with the mtime it saw:
+        #: an unchanged file is not read again at the next recovery.
+        self._sound: dict[str, int] = {}
         if create:
             self._make_dirs()
 
@@ -702,14 +705,31 @@ class FileQueue:
         return tuple(removed)
 
     def _quarantine_corrupt(self) -> tuple[CorruptItem, ...]:
+        """Move unreadable envelopes aside; each file is read once while it is unchanged.
+
+        Recovery runs at every rescan of an idle bridge; reading every
+        envelope of a large retry queue each time would cost a core.
+        """
         found = []
+        sound: dict[str, int] = {}
         for queue in QUEUES:
             if queue == CORRUPT:
                 continue
             for queue_id in self.list(queue):
+                path = str(self.envelope_path(queue, queue_id))
+                try:
+                    mtime = os.stat(path).st_mtime_ns
+                except FileNotFoundError:
+                    continue
+                if self._sound.get(path) == mtime:
+                    sound[path] = mtime
+                    continue
                 reason = self._damage(queue, queue_id)
-                if reason is not None and self._to_corrupt(queue, queue_id):
+                if reason is None:
+                    sound[path] = mtime
+                elif self._to_corrupt(queue, queue_id):
                     found.append(CorruptItem(queue_id, queue, reason))
+        self._sound = sound
         return tuple(found)
 
     def _damage(self, queue: str, queue_id: str) -> str | None:
