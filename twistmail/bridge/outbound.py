@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -128,6 +129,8 @@ class OutboundManager:
         self.released: set[str] = set()  # messages a transfer let go, not yet dispatched
         #: Messages the last scan found ready, oldest first, waiting for connections.
         self.backlog: dict[str, dict[str, list[str]]] = {}
+        #: Envelopes the scans have read, by path, with the file identity they had.
+        self._seen: dict[str, tuple[tuple[int, int], Envelope]] = {}
 
     def start(self) -> None:
         self._drop_stale_request()
@@ -195,11 +198,11 @@ class OutboundManager:
         # A transfer asked for while there is no schedule stays asked for: the
         # bridge may not have read the interval the asker saw yet.
         transfer = next_at is not None and (_transfer_requested(self.queue.root) or transfer)
+        seen: dict[str, tuple[tuple[int, int], Envelope]] = {}
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
             for qid in self.queue.list(source):
-                try:
-                    env = self.queue.load(source, qid)
-                except (KeyError, ValueError):
+                env = self._load(source, qid, seen)
+                if env is None:
                     continue
                 if env.next_try is None or env.next_try <= now or (flush and any(
                         r.state == PENDING and _in_node(r.address, flush)
@@ -207,14 +210,14 @@ class OutboundManager:
                     self.queue.move(qid, source, QTMSOUTQ)
                     self.journal.write(code, f"{code} TOQ {QTMSOUTQ}", qid, queue=source)
         if self.held:
+            self._seen = seen
             return _Found(transfer=transfer)
         work, settle = [], []
         for qid in self.queue.list(QTMSOUTQ):
             if qid in self.open or qid in self.busy:
                 continue
-            try:
-                env = self.queue.load(QTMSOUTQ, qid)
-            except (KeyError, ValueError):
+            env = self._load(QTMSOUTQ, qid, seen)
+            if env is None:
                 continue
             groups: dict[str, list[str]] = {}
             for r in env.recipients:
@@ -230,7 +233,33 @@ class OutboundManager:
                 self._wait_for_transfer(env, next_at)
         if transfer:
             self.journal.write("8X", f"8X XFR {len(work)}", messages=len(work))
+        self._seen = seen
         return _Found(work, settle, transfer)
+
+    def _load(self, queue: str, qid: str,
+              seen: dict[str, tuple[tuple[int, int], Envelope]]) -> Envelope | None:
+        """The envelope, read again only if its file changed since the last scan.
+
+        Scans run every second; a queue of thousands of waiting messages
+        must not be parsed every second.  Every change to an envelope
+        replaces its file, so inode and mtime tell a changed one.
+        """
+        path = str(self.queue.envelope_path(queue, qid))
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns)
+        known = self._seen.get(path)
+        if known is not None and known[0] == key:
+            env = known[1]
+        else:
+            try:
+                env = self.queue.load(queue, qid)
+            except (KeyError, ValueError):
+                return None
+        seen[path] = (key, env)
+        return env
 
     def _wait_for_transfer(self, env: Envelope, next_at: float) -> None:
         """MAILXFRINT: the message waits on QTMSOUTQ; its next try is the transfer."""
