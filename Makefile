@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/handoff
 	$(PY) bench/smtp-accept
 	$(PY) bench/pop-retr
+	$(PY) bench/relay
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -679,10 +679,14 @@ class Profiler:
 
 
 def _role(cmdline: str) -> str:
-    if "--pgm QTMSSRCP" in cmdline:
+    # Jobs are forks of their pool's launcher and keep its command line
+    # (``-m twistmail.prestart.forkserver PGM``); older ones were exec'd with --pgm.
+    if "--pgm QTMSSRCP" in cmdline or "forkserver QTMSSRCP" in cmdline:
         return "smtp-jobs"
-    if "--pgm QTPOPSRVP" in cmdline:
+    if "--pgm QTPOPSRVP" in cmdline or "forkserver QTPOPSRVP" in cmdline:
         return "pop-jobs"
+    if "--pgm QTMSCCLCP" in cmdline or "forkserver QTMSCCLCP" in cmdline:
+        return "client-jobs"
     if "bridge.main" in cmdline:
         return "bridge"
     if "twistd" in cmdline:
