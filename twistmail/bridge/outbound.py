@@ -117,18 +117,25 @@ class OutboundManager:
         self.tasks: dict[int, tuple[str, str]] = {}  # token -> (queue id, domain)
         self.open: dict[str, set[str]] = {}  # queue id -> domains still running
         self.per_domain: collections.Counter[str] = collections.Counter()
-        self.full_noted: set[tuple[str, str]] = set()
+        self.full_noted: dict[str, set[str]] = {}  # queue id -> domains journaled full (86)
         self.busy: set[str] = set()  # messages being settled or scanned
         self.loop: task.LoopingCall | None = None
         self.scanning = False
-        self.lock = threading.Lock()  # envelope updates of this manager, one at a time
+        # Envelope updates of one message, one at a time; messages in parallel.
+        self._locks = [threading.Lock() for _ in range(64)]
         self.refused_early: set[int] = set()  # tokens refused before submit_task returned
         self.etrn_tasks: set[int] = set()  # tokens of ETRN tasks (ETRNCLT) not answered yet
         self.schedule = TransferSchedule(reactor, settings.smtp.mailxfrint, self._scheduled)
         self.transfer_due = False  # a scheduled transfer waits for the next scan
         self.released: set[str] = set()  # messages a transfer let go, not yet dispatched
-        #: Messages the last scan found ready, oldest first, waiting for connections.
+        #: Messages the last scan found ready, oldest first, waiting for connections,
+        #: and the same by destination, so a freed connection finds its next message
+        #: without walking the whole backlog.
         self.backlog: dict[str, dict[str, list[str]]] = {}
+        self.by_domain: dict[str, collections.deque[str]] = {}
+        #: Messages started or settled since the running scan began: its view of
+        #: them is out of date.
+        self.touched: set[str] = set()
         #: Envelopes the scans have read, by path, with the file identity they had.
         self._seen: dict[str, tuple[tuple[int, int], Envelope]] = {}
 
@@ -169,6 +176,7 @@ class OutboundManager:
         if self.scanning:
             return None
         self.scanning = True
+        self.touched = set()
         transfer, self.transfer_due = self.transfer_due, False
         next_at = self.schedule.next_at if self.schedule.active else None
         if next_at is None:
@@ -265,7 +273,7 @@ class OutboundManager:
         """MAILXFRINT: the message waits on QTMSOUTQ; its next try is the transfer."""
         if env.next_try == next_at:
             return
-        with self.lock:
+        with self._lock(env.id):
             try:
                 env = self.queue.load(QTMSOUTQ, env.id)
             except (KeyError, ValueError):
@@ -278,50 +286,83 @@ class OutboundManager:
         work, settle = found.work, found.settle
         if found.transfer:
             self._issue_etrn()
+        stale = self.touched
         for qid in settle:
-            if qid not in self.open and qid not in self.busy:
+            if qid not in self.open and qid not in self.busy and qid not in stale:
                 self._settle(qid)
         # The scan's list replaces the backlog: what left QTMSOUTQ meanwhile
-        # (deleted, held) is gone from it.
-        self.backlog = {env.id: groups for env, groups in work}
-        self._start_ready()
+        # (deleted, held) is gone from it, and what was started or settled
+        # while it ran is not taken from its out-of-date view.
+        self.backlog = {env.id: groups for env, groups in work if env.id not in stale}
+        self.by_domain = {}
+        for qid, groups in self.backlog.items():
+            for domain in groups:
+                self.by_domain.setdefault(domain, collections.deque()).append(qid)
+        self._start_ready(self.by_domain, note_waiting=True)
 
-    def _start_ready(self) -> None:
-        """Start every backlog message whose destinations all have a free connection.
+    def _start_ready(self, domains: Any, note_waiting: bool = False) -> None:
+        """Start the backlog messages of ``domains`` that have free connections, oldest first.
 
-        Runs after each scan and whenever a task ends, so a destination's
-        connections are used again at once instead of at the next scan.
+        Runs after each scan for every destination, and whenever a task ends
+        for its destination, so a connection is used again at once instead of
+        at the next scan.  A message starts only when all its destinations
+        have a free connection.  ``note_waiting`` (after a scan) journals the
+        messages left waiting; the per-task calls do not walk them again.
         """
         if self.held:
             return
-        for qid, groups in list(self.backlog.items()):
-            if qid in self.open or qid in self.busy:
-                del self.backlog[qid]
-                continue
-            full = [d for d in groups if self.per_domain[d] >= CONNECTIONS_PER_DOMAIN]
-            if full:
-                # Every destination of a message starts together, so one try
-                # is one try for all of them: this one waits for a free slot.
-                for domain in full:
-                    if (qid, domain) not in self.full_noted:
-                        self.full_noted.add((qid, domain))
-                        self.journal.write("86", f"86 TOQ {QTMSOUTQ}", qid, domain=domain,
-                                           reason="connection matrix full")
-                if self.schedule.active:
-                    self.released.add(qid)  # it goes as soon as a slot is free
-                continue
-            del self.backlog[qid]
-            self.released.discard(qid)
-            self.open[qid] = set(groups)
-            for domain, rcpts in groups.items():
-                self.per_domain[domain] += 1
-                line = json.dumps({"id": qid, "queue": QTMSOUTQ, "domain": domain,
-                                   "recipients": rcpts}).encode()
-                token = self.pool.submit_task(line, domain)
-                self.tasks[token] = (qid, domain)
-                if token in self.refused_early:
-                    self.refused_early.discard(token)
-                    self._forget(token)
+        for domain in list(domains):
+            waiting = self.by_domain.get(domain)
+            skipped: list[str] = []
+            while waiting and self.per_domain[domain] < CONNECTIONS_PER_DOMAIN:
+                qid = waiting.popleft()
+                groups = self.backlog.get(qid)
+                if groups is None:
+                    continue  # started by another destination, or gone
+                if qid in self.open or qid in self.busy:
+                    del self.backlog[qid]
+                    continue
+                full = [d for d in groups if self.per_domain[d] >= CONNECTIONS_PER_DOMAIN]
+                if full:
+                    self._note_full(qid, full)
+                    skipped.append(qid)  # it waits for its other destination
+                    continue
+                self._start(qid, groups)
+            if waiting and note_waiting:
+                for qid in waiting:
+                    groups = self.backlog.get(qid)
+                    if groups is not None:
+                        self._note_full(qid, [domain])
+            if skipped and waiting is not None:
+                waiting.extendleft(reversed(skipped))
+            if not waiting:
+                self.by_domain.pop(domain, None)
+
+    def _note_full(self, qid: str, domains: list[str]) -> None:
+        """Journal 86 once per message and destination while it waits for a connection."""
+        noted = self.full_noted.setdefault(qid, set())
+        for domain in domains:
+            if domain not in noted:
+                noted.add(domain)
+                self.journal.write("86", f"86 TOQ {QTMSOUTQ}", qid, domain=domain,
+                                   reason="connection matrix full")
+        if self.schedule.active:
+            self.released.add(qid)  # it goes as soon as a slot is free
+
+    def _start(self, qid: str, groups: dict[str, list[str]]) -> None:
+        del self.backlog[qid]
+        self.touched.add(qid)
+        self.released.discard(qid)
+        self.open[qid] = set(groups)
+        for domain, rcpts in groups.items():
+            self.per_domain[domain] += 1
+            line = json.dumps({"id": qid, "queue": QTMSOUTQ, "domain": domain,
+                               "recipients": rcpts}).encode()
+            token = self.pool.submit_task(line, domain)
+            self.tasks[token] = (qid, domain)
+            if token in self.refused_early:
+                self.refused_early.discard(token)
+                self._forget(token)
 
     def _issue_etrn(self) -> None:
         """ETRNCLT: on each mail transfer, ask the mail router for our domains' mail."""
@@ -412,15 +453,16 @@ class OutboundManager:
         def recorded(_: Any) -> None:
             self._forget(token)
             self.busy.discard(qid)
+            self.touched.add(qid)
             if qid not in self.open:
                 self._settle(qid)
-            self._start_ready()
+            self._start_ready((domain,))
 
         d.addBoth(recorded)
 
     def _record(self, qid: str, result: dict[str, Any]) -> None:
         """Write one task's per-recipient outcomes into the envelope."""
-        with self.lock:
+        with self._lock(qid):
             self._record_locked(qid, result)
 
     def _record_locked(self, qid: str, result: dict[str, Any]) -> None:
@@ -452,22 +494,30 @@ class OutboundManager:
 
     def _settle(self, qid: str) -> None:
         self.busy.add(qid)
+        self.full_noted.pop(qid, None)
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                       self._settle_message, qid)
         d.addErrback(lambda f: self.log.failure("settling {qid} failed", f, qid=qid))
-        d.addBoth(lambda _: self.busy.discard(qid))
+
+        def settled(_: Any) -> None:
+            self.busy.discard(qid)
+            self.touched.add(qid)
+
+        d.addBoth(settled)
 
     def _settle_message(self, qid: str) -> None:
         """All tasks of a message have answered: notice, retry queue, or done."""
-        with self.lock:
+        with self._lock(qid):
             self._settle_locked(qid)
+
+    def _lock(self, qid: str) -> threading.Lock:
+        return self._locks[hash(qid) % len(self._locks)]
 
     def _settle_locked(self, qid: str) -> None:
         try:
             env = self.queue.load(QTMSOUTQ, qid)
         except KeyError:
             return
-        self.full_noted = {k for k in self.full_noted if k[0] != qid}
         pending = [r for r in env.recipients if r.state == PENDING]
         attempts = env.attempts + 1
         target = self._retry_target(attempts) if pending else None
