@@ -118,6 +118,7 @@ class OutboundManager:
         self.open: dict[str, set[str]] = {}  # queue id -> domains still running
         self.per_domain: collections.Counter[str] = collections.Counter()
         self.full_noted: dict[str, set[str]] = {}  # queue id -> domains journaled full (86)
+        self.recording: collections.Counter[str] = collections.Counter()  # outcomes being written
         self.busy: set[str] = set()  # messages being settled or scanned
         self.loop: task.LoopingCall | None = None
         self.scanning = False
@@ -436,36 +437,56 @@ class OutboundManager:
         return entry
 
     def _result(self, token: int, line: bytes) -> None:
+        """A task's outcome: its connection is free at once, then the envelope is written.
+
+        The next message for the destination starts before this one's
+        outcome is on disk: the connection matrix counts connections, and
+        this one is closed.  When it was the message's last task (and no
+        other outcome of it is still being written), writing the outcome and
+        settling the message are one step: one envelope read, and the
+        envelope is written once, by the move to a retry queue, or not at
+        all when the message is done.
+        """
         self.etrn_tasks.discard(token)
-        entry = self.tasks.get(token)
+        entry = self._forget(token)
         if entry is None:
             return
         qid, domain = entry
+        self._start_ready((domain,))
         try:
             result = json.loads(line)
         except ValueError:
             result = {"results": []}
+        last = qid not in self.open and not self.recording[qid]
+        self.recording[qid] += 1
         self.busy.add(qid)
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                      self._record, qid, result)
+                                      self._record, qid, result, last)
         d.addErrback(lambda f: self.log.failure("recording a delivery result failed", f))
 
         def recorded(_: Any) -> None:
-            self._forget(token)
+            self.recording[qid] -= 1
+            if not self.recording[qid]:
+                del self.recording[qid]
             self.busy.discard(qid)
             self.touched.add(qid)
-            if qid not in self.open:
+            if last:
+                self.full_noted.pop(qid, None)
+            elif qid not in self.open and qid not in self.recording:
                 self._settle(qid)
-            self._start_ready((domain,))
 
         d.addBoth(recorded)
 
-    def _record(self, qid: str, result: dict[str, Any]) -> None:
-        """Write one task's per-recipient outcomes into the envelope."""
+    def _record(self, qid: str, result: dict[str, Any], last: bool) -> None:
+        """Write one task's per-recipient outcomes into the envelope (and settle the last)."""
         with self._lock(qid):
-            self._record_locked(qid, result)
+            env = self._with_outcomes(qid, result)
+            if last:
+                self._settle_locked(qid, env)
+            else:
+                self.queue.update(QTMSOUTQ, env)
 
-    def _record_locked(self, qid: str, result: dict[str, Any]) -> None:
+    def _with_outcomes(self, qid: str, result: dict[str, Any]) -> Envelope:
         env = self.queue.load(QTMSOUTQ, qid)
         outcome = {r["address"]: r for r in result.get("results", [])}
         now = time.time()
@@ -484,13 +505,13 @@ class OutboundManager:
                 recipients.append(r.evolve(attempts=r.attempts + 1,
                                            last_error=f"{o['code']} {o['text']}"))
         env = env.with_recipients(recipients)
-        self.queue.update(QTMSOUTQ, env)
         if result.get("dsn") is False:
             # The next hop takes no DSN: SUCCESS requests end here, as "relayed".
             relayed = [Failure(a, "2.0.0", f"{o['code']} {o['text']}", "relayed")
                        for a, o in outcome.items() if o["status"] == "delivered"]
             queue_notice(self.queue, self.directory, self.journal, self.settings.hostname,
                          env, relayed, self.queue.body_path(qid))
+        return env
 
     def _settle(self, qid: str) -> None:
         self.busy.add(qid)
@@ -513,11 +534,12 @@ class OutboundManager:
     def _lock(self, qid: str) -> threading.Lock:
         return self._locks[hash(qid) % len(self._locks)]
 
-    def _settle_locked(self, qid: str) -> None:
-        try:
-            env = self.queue.load(QTMSOUTQ, qid)
-        except KeyError:
-            return
+    def _settle_locked(self, qid: str, env: Envelope | None = None) -> None:
+        if env is None:
+            try:
+                env = self.queue.load(QTMSOUTQ, qid)
+            except KeyError:
+                return
         pending = [r for r in env.recipients if r.state == PENDING]
         attempts = env.attempts + 1
         target = self._retry_target(attempts) if pending else None
