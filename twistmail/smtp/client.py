@@ -57,13 +57,13 @@ import attrs
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, ssl
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IOpenSSLClientConnectionCreator,
     IPushProducer,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -573,6 +573,18 @@ class _Session(Protocol):
     def _force_close(self) -> None:
         if not self.lost:
             self.transport.abortConnection()
+
+
+class _OneSession(Factory):
+    """Connects one session; quiet, so a connection per message does not log twice."""
+
+    noisy = False
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+
+    def buildProtocol(self, addr: Any) -> _Session:
+        return self.session
 
 
 def _reason(reason: Any) -> str:
@@ -1119,7 +1131,7 @@ async def _attempt(
     session = _Session(reactor)
     endpoint = _endpoint(reactor, hop, options)
     try:
-        await connectProtocol(endpoint, session)
+        await endpoint.connect(_OneSession(session))
     except Exception as e:
         return _Outcome(error=f"4.4.1 Cannot connect to {hop.host}[{hop.address}]:"
                               f"{hop.port}: {_reason(e)}"), hop.address
@@ -1218,7 +1230,7 @@ def etrn(
         for hop in hops:
             session = _Session(reactor)
             try:
-                await connectProtocol(_endpoint(reactor, hop, options), session)
+                await _endpoint(reactor, hop, options).connect(_OneSession(session))
             except Exception as e:
                 error = f"4.4.1 Cannot connect to {hop.host}[{hop.address}]:{hop.port}: " \
                         f"{_reason(e)}"
