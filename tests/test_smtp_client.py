@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet import ssl as tssl
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from twistmail.mx import Hop
@@ -45,6 +46,7 @@ from twistmail.smtp.client import (
     DotStuffer,
     Envelope,
     Recipient,
+    SessionCache,
     Timeouts,
     deliver,
     xtext,
@@ -698,6 +700,48 @@ class ClientTests(unittest.TestCase):
         await self.send([sink.hop()], data=data, chunk_size=3)
         self.assertEqual(sink.messages[0].raw,
                          b"..start\r\n...two\r\nbare\r\ncr\r\n..\r\nlast\r\n")
+
+    # -- connection reuse ------------------------------------------------------------------
+
+    async def test_a_kept_connection_carries_the_next_message(self) -> None:
+        sink = self.sink()
+        cache = SessionCache(reactor, idle=5.0)
+        self.addCleanup(cache.close_all)
+        for n in range(3):
+            result = await self.send([sink.hop()], recipients=(f"r{n}@d.test",), cache=cache)
+            self.assertEqual([r.status for r in result.recipients], [DELIVERED])
+        self.assertEqual(sink.connections, 1)
+        self.assertEqual([m.recipients for m in sink.messages],
+                         [["r0@d.test"], ["r1@d.test"], ["r2@d.test"]])
+        self.assertEqual(sent_commands(sink), ["EHLO", "MAIL", "RCPT", "DATA",
+                                               "RSET", "MAIL", "RCPT", "DATA",
+                                               "RSET", "MAIL", "RCPT", "DATA"])
+
+    async def test_a_connection_the_server_closed_meanwhile_is_replaced(self) -> None:
+        sink = self.sink()
+        cache = SessionCache(reactor, idle=5.0)
+        self.addCleanup(cache.close_all)
+        await self.send([sink.hop()], cache=cache)
+        [(session, _, _)] = cache._kept.values()
+        session.transport.loseConnection()  # as a server's idle timeout would
+        await session.closed
+        result = await self.send([sink.hop()], cache=cache)
+        self.assertEqual([r.status for r in result.recipients], [DELIVERED])
+        self.assertEqual(sink.connections, 2)
+        self.assertEqual(len(sink.messages), 2)
+
+    async def test_a_broken_session_is_not_kept_and_idle_ones_quit(self) -> None:
+        sink = self.sink(drop_after=10)
+        cache = SessionCache(reactor, idle=0.05)
+        result = await self.send([sink.hop()], cache=cache)
+        self.assertEqual([r.status for r in result.recipients], [TEMPORARY])
+        self.assertEqual(cache._kept, {})  # dropped in DATA: nothing to reuse
+        good = self.sink()
+        await self.send([good.hop()], cache=cache)
+        self.assertEqual(len(cache._kept), 1)
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(cache._kept, {})
+        self.assertEqual(sent_commands(good)[-1], "QUIT")  # the idle one said goodbye
 
     async def test_large_message_streams(self) -> None:
         sink = self.sink()

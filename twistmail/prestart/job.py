@@ -233,7 +233,11 @@ class Job:
     def stop(self) -> None:
         if not self.stopping:
             self.stopping = True
-            self.reactor.stop()
+            if self.deliverer is not None:  # kept SMTP connections get their QUIT
+                d = self.deliverer.sessions.close_all()
+                d.addBoth(lambda _: self.reactor.stop())
+            else:
+                self.reactor.stop()
 
     def shutting_down(self) -> None:
         self.stopping = True

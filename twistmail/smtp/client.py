@@ -906,20 +906,34 @@ class _Conversation(_Opening):
         self.results: list[RecipientResult | None] = list(job.presettled)
         self.dsn = False
 
-    async def run(self) -> _Outcome:
-        try:
-            ext = await self._open()
-        except _HopFailed as e:
-            await self._quit()
-            return _Outcome(error=str(e), tls=self.session.tls)
-        except SessionError as e:
-            return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls)
+    async def run(self, ext: Extensions | None = None, keep: bool = False) -> _Outcome:
+        """The dialogue; with ``ext``, on a session already open (a reused connection).
+
+        With ``keep``, a session whose transaction ended cleanly is left open
+        (no QUIT) and its extensions are in ``self.ext`` for the next message.
+        """
+        if ext is None:
+            try:
+                ext = await self._open()
+            except _HopFailed as e:
+                await self._quit()
+                return _Outcome(error=str(e), tls=self.session.tls)
+            except SessionError as e:
+                return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls)
+        self.ext: Extensions | None = None
+        clean = True
         try:
             await self._transaction(ext)
         except SessionError as e:
+            clean = False
             self._settle_open(TEMPORARY, e.code, f"{e} ({self.where})", remote=False)
-        self._settle_open(TEMPORARY, 451, f"4.4.2 No reply from {self.where}", remote=False)
-        await self._quit()
+        if any(r is None for r in self.results):
+            clean = False
+            self._settle_open(TEMPORARY, 451, f"4.4.2 No reply from {self.where}", remote=False)
+        if keep and clean and not self.session.lost and self.session.error is None:
+            self.ext = ext
+        else:
+            await self._quit()
         return _Outcome(tuple(self.results), tls=self.session.tls, dsn=self.dsn)  # type: ignore[arg-type]
 
     # -- the transaction ---------------------------------------------------------------------
@@ -1059,6 +1073,77 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+# -- connection reuse ----------------------------------------------------------------------
+
+
+class SessionCache:
+    """Open sessions kept between messages, one per hop and policy, for a short while.
+
+    A client job delivers message after message, most often to the same
+    destination; a new connection each time (connect, greeting, EHLO,
+    STARTTLS, AUTH) costs more than the transaction.  A session that ended
+    its transaction cleanly waits here ``idle`` seconds for the next
+    message; a reused session is first tested with RSET, and one that fails
+    it is closed and a new connection made, so reuse never costs a try.
+    """
+
+    def __init__(self, reactor: Any, idle: float = 2.0) -> None:
+        self.reactor = reactor
+        self.idle = idle
+        self._kept: dict[tuple[Any, ...], tuple[_Session, Extensions, Any]] = {}
+
+    def take(self, key: tuple[Any, ...]) -> tuple[_Session, Extensions] | None:
+        kept = self._kept.pop(key, None)
+        if kept is None:
+            return None
+        session, ext, call = kept
+        if call.active():
+            call.cancel()
+        if session.lost or session.error is not None:
+            return None
+        return session, ext
+
+    def keep(self, key: tuple[Any, ...], session: _Session, ext: Extensions,
+             quit_seconds: float) -> bool:
+        if self.idle <= 0 or key in self._kept:
+            return False
+        call = self.reactor.callLater(self.idle, self._expire, key, quit_seconds)
+        self._kept[key] = (session, ext, call)
+        return True
+
+    def _expire(self, key: tuple[Any, ...], quit_seconds: float) -> None:
+        kept = self._kept.pop(key, None)
+        if kept is not None:
+            defer.Deferred.fromCoroutine(_goodbye(kept[0], quit_seconds))
+
+    def close_all(self, quit_seconds: float = 1.0) -> defer.Deferred[Any]:
+        """QUIT and close every kept session; fires when all are closed."""
+        goodbyes = []
+        for key in list(self._kept):
+            session, _, call = self._kept.pop(key)
+            if call.active():
+                call.cancel()
+            goodbyes.append(defer.Deferred.fromCoroutine(_goodbye(session, quit_seconds)))
+        return defer.DeferredList(goodbyes)
+
+
+async def _goodbye(session: _Session, seconds: float) -> None:
+    """QUIT and close an idle kept session."""
+    if not session.lost and session.error is None:
+        try:
+            session.send("QUIT")
+            await session.read("QUIT", seconds)
+        except SessionError:
+            pass
+    await session.close(seconds)
+
+
+def _cache_key(hop: Hop, options: _Options) -> tuple[Any, ...]:
+    auth = options.credentials(hop)
+    return (hop.host, hop.address, hop.port, options.tls_policy, options.helo_name,
+            None if auth is None else (auth.username, auth.password), options.bind_address)
+
+
 # -- deliver -----------------------------------------------------------------------------
 
 
@@ -1079,6 +1164,7 @@ def deliver(
     bind_address: str | None = None,
     auth_requires_tls: bool = True,
     chunk_size: int = CHUNK_SIZE,
+    cache: SessionCache | None = None,
 ) -> defer.Deferred[DeliveryResult]:
     """Deliver one message to one destination; fires with a DeliveryResult.
 
@@ -1088,7 +1174,9 @@ def deliver(
     ``size`` defaults to the file size, ``body_8bit`` to a scan of the file.
     ``trust_root`` replaces the platform's CA store for ``*VERIFY``.  The
     Deferred fails only on local errors (an unreadable body file, a bad
-    policy name); every network outcome is in the result.
+    policy name); every network outcome is in the result.  With ``cache``,
+    a connection left open by an earlier delivery to the same hop is used
+    again, and this one is left open for the next.
     """
     options = _Options(
         helo_name, tls_policy, (timeouts or Timeouts()).scaled(timeout_scale), auth,
@@ -1099,17 +1187,18 @@ def deliver(
         if tls_policy not in TLS_POLICIES:
             raise ValueError(f"tls_policy must be one of {', '.join(TLS_POLICIES)}")
         job = _Job.build(envelope, Path(body_path), size, body_8bit)
-        return await _deliver(reactor, list(hops), job, options)
+        return await _deliver(reactor, list(hops), job, options, cache)
 
     return defer.Deferred.fromCoroutine(run())
 
 
-async def _deliver(reactor: Any, hops: list[Hop], job: _Job, options: _Options) -> DeliveryResult:
+async def _deliver(reactor: Any, hops: list[Hop], job: _Job, options: _Options,
+                   cache: SessionCache | None = None) -> DeliveryResult:
     if all(r is not None for r in job.presettled):
         return DeliveryResult(job.presettled)  # type: ignore[arg-type]
     attempts: list[HopAttempt] = []
     for hop in hops:
-        outcome, remote_ip = await _attempt(reactor, hop, job, options)
+        outcome, remote_ip = await _attempt(reactor, hop, job, options, cache)
         if outcome.results is not None:
             return DeliveryResult(
                 outcome.results, hop, remote_ip, outcome.tls, outcome.dsn, tuple(attempts)
@@ -1126,8 +1215,13 @@ async def _deliver(reactor: Any, hops: list[Hop], job: _Job, options: _Options) 
 
 
 async def _attempt(
-    reactor: Any, hop: Hop, job: _Job, options: _Options
+    reactor: Any, hop: Hop, job: _Job, options: _Options, cache: SessionCache | None = None
 ) -> tuple[_Outcome, str | None]:
+    if cache is not None:
+        key = _cache_key(hop, options)
+        reused = await _reuse(cache, key, hop, job, options)
+        if reused is not None:
+            return reused
     session = _Session(reactor)
     endpoint = _endpoint(reactor, hop, options)
     try:
@@ -1135,10 +1229,46 @@ async def _attempt(
     except Exception as e:
         return _Outcome(error=f"4.4.1 Cannot connect to {hop.host}[{hop.address}]:"
                               f"{hop.port}: {_reason(e)}"), hop.address
+    conversation = _Conversation(session, hop, job, options)
+    kept = False
     try:
-        outcome = await _Conversation(session, hop, job, options).run()
+        outcome = await conversation.run(keep=cache is not None)
+        if cache is not None and conversation.ext is not None:
+            kept = cache.keep(key, session, conversation.ext, options.timeouts.quit)
+            if not kept:
+                await conversation._quit()
     finally:
+        if not kept:
+            await session.close(options.timeouts.close)
+    return outcome, session.peer_ip or hop.address
+
+
+async def _reuse(cache: SessionCache, key: tuple[Any, ...], hop: Hop, job: _Job,
+                 options: _Options) -> tuple[_Outcome, str | None] | None:
+    """The delivery over a kept session, or None when there is none that still works."""
+    taken = cache.take(key)
+    if taken is None:
+        return None
+    session, ext = taken
+    try:
+        session.send("RSET")
+        reply = await session.read("RSET", options.timeouts.mail)
+    except SessionError:
+        reply = None
+    if reply is None or reply.code != 250:
         await session.close(options.timeouts.close)
+        return None  # stale: a new connection, and no try is lost
+    conversation = _Conversation(session, hop, job, options)
+    kept = False
+    try:
+        outcome = await conversation.run(ext, keep=True)
+        if conversation.ext is not None:
+            kept = cache.keep(key, session, ext, options.timeouts.quit)
+            if not kept:
+                await conversation._quit()
+    finally:
+        if not kept:
+            await session.close(options.timeouts.close)
     return outcome, session.peer_ip or hop.address
 
 

@@ -40,6 +40,8 @@ class Deliverer:
         hosttable = settings.resolve(s.hosttable) if s.hosttable else None
         self.resolver = mx.MXResolver(reactor, nameservers=list(s.nameservers) or None,
                                       hosttable=hosttable, local=local_host(settings))
+        #: The connection of the last delivery, kept for the next to the same hop.
+        self.sessions = client.SessionCache(reactor)
 
     def run(self, payload: bytes) -> defer.Deferred:
         """Deliver one task; fires with the JSON result line (never fails)."""
@@ -74,7 +76,8 @@ class Deliverer:
         result = await client.deliver(
             self.reactor, list(route), envelope, self.queue.body_path(qid),
             helo_name=self.settings.hostname, tls_policy=self.settings.smtp.tlsoutbound,
-            auth=lists["auth"] or None, bind_address=lists["bind"], timeouts=self._timeouts())
+            auth=lists["auth"] or None, bind_address=lists["bind"], timeouts=self._timeouts(),
+            cache=self.sessions)
         out = []
         for r in result.recipients:
             if r.status == client.DELIVERED:
