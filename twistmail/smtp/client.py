@@ -1217,8 +1217,8 @@ async def _deliver(reactor: Any, hops: list[Hop], job: _Job, options: _Options,
 async def _attempt(
     reactor: Any, hop: Hop, job: _Job, options: _Options, cache: SessionCache | None = None
 ) -> tuple[_Outcome, str | None]:
+    key = _cache_key(hop, options) if cache is not None else ()
     if cache is not None:
-        key = _cache_key(hop, options)
         reused = await _reuse(cache, key, hop, job, options)
         if reused is not None:
             return reused
@@ -1229,18 +1229,7 @@ async def _attempt(
     except Exception as e:
         return _Outcome(error=f"4.4.1 Cannot connect to {hop.host}[{hop.address}]:"
                               f"{hop.port}: {_reason(e)}"), hop.address
-    conversation = _Conversation(session, hop, job, options)
-    kept = False
-    try:
-        outcome = await conversation.run(keep=cache is not None)
-        if cache is not None and conversation.ext is not None:
-            kept = cache.keep(key, session, conversation.ext, options.timeouts.quit)
-            if not kept:
-                await conversation._quit()
-    finally:
-        if not kept:
-            await session.close(options.timeouts.close)
-    return outcome, session.peer_ip or hop.address
+    return await _converse(session, hop, job, options, cache, key, None)
 
 
 async def _reuse(cache: SessionCache, key: tuple[Any, ...], hop: Hop, job: _Job,
@@ -1258,12 +1247,19 @@ async def _reuse(cache: SessionCache, key: tuple[Any, ...], hop: Hop, job: _Job,
     if reply is None or reply.code != 250:
         await session.close(options.timeouts.close)
         return None  # stale: a new connection, and no try is lost
+    return await _converse(session, hop, job, options, cache, key, ext)
+
+
+async def _converse(session: _Session, hop: Hop, job: _Job, options: _Options,
+                    cache: SessionCache | None, key: tuple[Any, ...],
+                    ext: Extensions | None) -> tuple[_Outcome, str | None]:
+    """One transaction on ``session`` (opened first unless ``ext``); then keep or close it."""
     conversation = _Conversation(session, hop, job, options)
     kept = False
     try:
-        outcome = await conversation.run(ext, keep=True)
-        if conversation.ext is not None:
-            kept = cache.keep(key, session, ext, options.timeouts.quit)
+        outcome = await conversation.run(ext, keep=cache is not None)
+        if cache is not None and conversation.ext is not None:
+            kept = cache.keep(key, session, conversation.ext, options.timeouts.quit)
             if not kept:
                 await conversation._quit()
     finally:
