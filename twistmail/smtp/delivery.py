@@ -79,13 +79,14 @@ class Deliverer:
             auth=lists["auth"] or None, bind_address=lists["bind"], timeouts=self._timeouts(),
             cache=self.sessions)
         out = []
-        for r in result.recipients:
-            if r.status == client.DELIVERED:
-                self.journal.write("88", f"88 DLV {result.remote_ip}", qid,
-                                   ip=result.remote_ip, recipient=r.address)
-                self.journal.write("82", f"82 R {r.address}", qid, recipient=r.address)
-            out.append({"address": r.address, "status": r.status, "code": r.code,
-                        "text": r.text})
+        with self.journal.batch():
+            for r in result.recipients:
+                if r.status == client.DELIVERED:
+                    self.journal.write("88", f"88 DLV {result.remote_ip}", qid,
+                                       ip=result.remote_ip, recipient=r.address)
+                    self.journal.write("82", f"82 R {r.address}", qid, recipient=r.address)
+                out.append({"address": r.address, "status": r.status, "code": r.code,
+                            "text": r.text})
         return {"id": qid, "domain": domain, "remote_ip": result.remote_ip,
                 "tls": result.tls, "dsn": result.dsn, "results": out}
 
