@@ -13,7 +13,8 @@ Protocol on fd 3 (a UNIX socket to the controller), one line each way:
 
 * in: ``SPAWN <pgm> <config path>`` with the job's channel descriptor
   attached (SCM_RIGHTS);
-* out: ``PID <pid>`` once the job is forked, in request order;
+* out: ``PID <pid>`` once the job is forked, or ``FAIL <why>``, in request
+  order;
 * out: ``EXIT <pid> <wait status>`` when a job has ended.
 
 When the controller goes, the launcher goes, and its jobs with it
@@ -121,12 +122,18 @@ class Launcher:
         return True
 
     def request(self, line: bytes) -> None:
+        """Fork a job; every request is answered in order, ``PID n`` or ``FAIL why``."""
         parts = line.decode("utf-8", "replace").split(" ", 2)
         if parts[0] != "SPAWN" or len(parts) != 3 or not self.fds:
-            print(f"launcher: bad request {line[:200]!r}", file=sys.stderr, flush=True)
+            self.send(f"FAIL bad request {line[:200]!r}")
             return
         fd = self.fds.pop(0)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # out of processes or memory: this job fails, we go on
+            os.close(fd)
+            self.send(f"FAIL fork: {e.strerror}")
+            return
         if pid == 0:
             self.become_job(fd, parts[1], parts[2])
         os.close(fd)

@@ -197,6 +197,12 @@ class _Launcher(LineOnlyReceiver):
             job = self.live.pop(int(parts[1]), None)
             if job is not None:
                 job.exited(exit_reason(int(parts[2])))
+        elif parts[:1] == [b"FAIL"] and self.pending:
+            job, child_end = self.pending.popleft()
+            child_end.close()
+            self.log.error("the job launcher could not start a job: {why}",
+                           why=line[5:].decode("utf-8", "replace"))
+            job.exited(Failure(ProcessTerminated(70, None, None)))  # a boot failure
 
     def stop(self) -> defer.Deferred:
         """Close the channel (the launcher exits), then KILL if it lingers."""

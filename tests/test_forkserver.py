@@ -1,0 +1,77 @@
+"""The job launcher's protocol, spoken to a real launcher process over its socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from appliance import alive
+
+from twistmail import config as configmod
+from twistmail import tlsconfig
+
+
+def launcher(tmp_path):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = subprocess.Popen([sys.executable, "-m", "twistmail.prestart.forkserver", "QTMSSRCP"],
+                            pass_fds=(3,), stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.dup2(theirs.fileno(), 3))
+    theirs.close()
+    ours.settimeout(30)
+    return proc, ours
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        assert chunk, "the launcher closed its socket"
+        data += chunk
+    return data.rstrip(b"\n")
+
+
+def test_requests_are_answered_in_order_and_ends_reported(tmp_path):
+    proc, sock = launcher(tmp_path)
+    try:
+        # A request without its descriptor fails on its own; the launcher goes on.
+        sock.sendall(b"SPAWN QTMSSRCP /nonexistent.toml\n")
+        assert read_line(sock).startswith(b"FAIL bad request")
+        # A job whose settings cannot be read dies at once: PID, then EXIT.
+        job_end, kept = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        socket.send_fds(sock, [b"SPAWN QTMSSRCP /nonexistent.toml\n"], [job_end.fileno()])
+        job_end.close()
+        pid_line = read_line(sock)
+        assert pid_line.startswith(b"PID ")
+        pid = int(pid_line.split()[1])
+        exit_line = read_line(sock).split()
+        assert exit_line[:2] == [b"EXIT", str(pid).encode()]
+        assert os.WIFEXITED(int(exit_line[2])) and os.WEXITSTATUS(int(exit_line[2])) != 0
+        kept.close()
+    finally:
+        sock.close()  # the controller goes: so does the launcher
+        assert proc.wait(10) == 0
+
+
+def test_its_jobs_die_with_it(tmp_path):
+    proc, sock = launcher(tmp_path)
+    job_end, kept = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    config = tmp_path / "twistmail.toml"
+    config.write_text('[system]\ndatadir = "var"\n')
+    tlsconfig.ensure_pair(configmod.load(config))  # the controller makes it before any job
+    socket.send_fds(sock, [f"SPAWN QTMSSRCP {config}\n".encode()], [job_end.fileno()])
+    job_end.close()
+    pid = int(read_line(sock).split()[1])
+    kept.settimeout(30)
+    assert kept.recv(100).startswith(b"READY")  # a real job, forked and ready
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid)
+    sock.close()
+    kept.close()
