@@ -36,6 +36,7 @@ from twistmail.prestart.policy import (
 from twistmail.prestart.stats import PoolStats
 
 KILL_AFTER = 5.0  # seconds between SIGTERM and SIGKILL
+START_LIMIT = 30.0  # seconds a job may take to say READY; then it is killed (a boot failure)
 
 
 @attrs.define(eq=False)
@@ -69,6 +70,7 @@ class Job:
     ready: bool = False
     pending: dict[int, Request] = attrs.field(factory=dict)
     task: Request | None = None  # the task a client job is running, until its RESULT
+    start_timer: Any = None  # kills a job that is not READY within START_LIMIT
     end_reason: str | None = None
     ended: defer.Deferred = attrs.field(factory=defer.Deferred)
     _view: JobView | None = None
@@ -337,12 +339,25 @@ class Pool:
             self.last_boot_failure = now
             return
         self.jobs[job.id] = job
+        job.start_timer = self.reactor.callLater(START_LIMIT, self._start_overdue, job)
+
+    def _start_overdue(self, job: Job) -> None:
+        """A job that hangs before READY would count as available for ever."""
+        job.start_timer = None
+        if not job.ready and job.id in self.jobs:
+            self.log.error("{name} job {pid} not ready after {s:.0f}s; ending it",
+                           name=self.job_name, pid=job.pid, s=START_LIMIT)
+            try:
+                job.process.signalProcess("KILL")
+            except (ProcessExitedAlready, OSError, AttributeError):
+                pass
 
     def _job_started(self, job: Job, pid: int) -> None:
         job.pid = pid
         self._journal("JS", f"JS STR {self.job_name}/{pid}", pid=pid, pgm=self.pgm)
 
     def _job_ready(self, job: Job) -> None:
+        _cancel(job)
         job.ready = True
         job.state = JobState.IDLE
         job.since = self.reactor.seconds()
@@ -376,6 +391,7 @@ class Pool:
         job.pending.clear()
 
     def _job_ended(self, job: Job, reason: Any) -> None:
+        _cancel(job)
         self.jobs.pop(job.id, None)
         if job.peer is not None:  # it died or ended during a session
             self.session_ended(job.peer)
@@ -559,6 +575,12 @@ class Pool:
     def _journal(self, code: str, esd: str, **fields: Any) -> None:
         if self.journal is not None:
             self.journal.write(code, esd, **fields)
+
+
+def _cancel(job: Job) -> None:
+    if job.start_timer is not None and job.start_timer.active():
+        job.start_timer.cancel()
+    job.start_timer = None
 
 
 def _exit_text(reason: Any) -> str:

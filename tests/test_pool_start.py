@@ -1,0 +1,69 @@
+"""A job that never says READY is ended after START_LIMIT and counts as a boot failure.
+
+The pool's state machine on a Clock; the launcher seam is replaced by a
+recorder (what the real launcher does is tested in test_forkserver.py).
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from twistmail.config import PrestartEntry
+from twistmail.prestart import pool as poolmod
+from twistmail.prestart.policy import Limits
+
+
+@attrs.define
+class Started:
+    pid: int
+    on_ended: object
+    signals: list = attrs.field(factory=list)
+
+    def signalProcess(self, sig: str) -> None:
+        self.signals.append(sig)
+        if sig == "KILL":
+            self.on_ended(Failure(ProcessTerminated(None, 9, None)))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.started: list[Started] = []
+
+    def spawn_job(self, pgm, config_path, channel, on_started, on_ended) -> Started:
+        job = Started(1000 + len(self.started), on_ended)
+        self.started.append(job)
+        on_started(job.pid)
+        return job
+
+
+def test_a_job_that_hangs_before_ready_is_killed_and_replaced():
+    clock = Clock()
+    entry = PrestartEntry(inljobs=1, threshold=1, adljobs=1, maxjobs=2)
+    p = poolmod.Pool(clock, "QTMSSRCP", entry, Limits(), "/dev/null", None, b"421\r\n")
+    p.launcher = Recorder()
+    p.start()
+    clock.advance(0)
+    [hung] = p.launcher.started
+    clock.advance(poolmod.START_LIMIT - 1)
+    assert hung.signals == []  # still within the limit
+    clock.advance(1)
+    assert hung.signals == ["KILL"]
+    assert p.boot_failures == 1  # it never got ready
+    clock.advance(Limits().backoff(1) + 0.1)
+    assert len(p.launcher.started) == 2  # a replacement, after the back-off
+
+
+def test_a_ready_job_is_never_killed_by_the_start_limit():
+    clock = Clock()
+    entry = PrestartEntry(inljobs=1, threshold=1, adljobs=1, maxjobs=2)
+    p = poolmod.Pool(clock, "QTMSSRCP", entry, Limits(), "/dev/null", None, b"421\r\n")
+    p.launcher = Recorder()
+    p.start()
+    clock.advance(0)
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    clock.advance(poolmod.START_LIMIT * 3)
+    assert p.launcher.started[0].signals == []
