@@ -39,13 +39,19 @@ class Recorder:
         return job
 
 
-def test_a_job_that_hangs_before_ready_is_killed_and_replaced():
-    clock = Clock()
+def started_pool(clock: Clock) -> poolmod.Pool:
+    """One job wanted (INLJOBS 1), its start asked of the recorder."""
     entry = PrestartEntry(inljobs=1, threshold=1, adljobs=1, maxjobs=2)
     p = poolmod.Pool(clock, "QTMSSRCP", entry, Limits(), "/dev/null", None, b"421\r\n")
     p.launcher = Recorder()
     p.start()
     clock.advance(0)
+    return p
+
+
+def test_a_job_that_hangs_before_ready_is_killed_and_replaced():
+    clock = Clock()
+    p = started_pool(clock)
     [hung] = p.launcher.started
     clock.advance(poolmod.START_LIMIT - 1)
     assert hung.signals == []  # still within the limit
@@ -58,11 +64,7 @@ def test_a_job_that_hangs_before_ready_is_killed_and_replaced():
 
 def test_a_ready_job_is_never_killed_by_the_start_limit():
     clock = Clock()
-    entry = PrestartEntry(inljobs=1, threshold=1, adljobs=1, maxjobs=2)
-    p = poolmod.Pool(clock, "QTMSSRCP", entry, Limits(), "/dev/null", None, b"421\r\n")
-    p.launcher = Recorder()
-    p.start()
-    clock.advance(0)
+    p = started_pool(clock)
     [job] = p.jobs.values()
     p._job_ready(job)
     clock.advance(poolmod.START_LIMIT * 3)
