@@ -69,3 +69,38 @@ def test_a_ready_job_is_never_killed_by_the_start_limit():
     p._job_ready(job)
     clock.advance(poolmod.START_LIMIT * 3)
     assert p.launcher.started[0].signals == []
+
+
+def test_the_kill_after_endpj_spares_the_jobs_of_an_strpj_right_after():
+    clock = Clock()
+    p = started_pool(clock)
+    [old] = p.jobs.values()
+    p._job_ready(old)
+    p.end("*IMMED", 0)
+    [old_process] = p.launcher.started
+    assert old_process.signals == ["TERM"]  # it ignores TERM, say, and lives on
+    p.start()  # STRPJ before the KILL is due
+    clock.advance(0)
+    new_process = p.launcher.started[-1]
+    clock.advance(poolmod.KILL_AFTER)
+    assert old_process.signals == ["TERM", "KILL"]
+    assert new_process.signals == []
+
+
+def test_a_task_is_lost_only_when_the_job_channel_ends_without_its_result():
+    clock = Clock()
+    p = started_pool(clock)
+    lost = []
+    p.task_lost = lost.append
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    job.task = poolmod.Request(None, "task", "remote.test", 0.0, task=b"{}")
+    # The launcher's EXIT may be read before the RESULT waiting on the channel.
+    p._job_ended(job, Failure(ProcessTerminated(0, None, None)))
+    assert lost == []
+    job.chan.lineReceived(b"RESULT 1 {}")  # the RESULT is still taken
+    job.chan.connectionLost()
+    assert lost == []
+    job.task = poolmod.Request(None, "task", "remote.test", 0.0, task=b"{}")
+    job.chan.connectionLost()  # the channel ended with no RESULT: lost
+    assert len(lost) == 1

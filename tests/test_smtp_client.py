@@ -730,6 +730,18 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(sink.connections, 2)
         self.assertEqual(len(sink.messages), 2)
 
+    async def test_a_peer_that_spoke_while_idle_gets_a_new_connection(self) -> None:
+        sink = self.sink()
+        cache = SessionCache(reactor, idle=5.0)
+        self.addCleanup(cache.close_all)
+        await self.send([sink.hop()], cache=cache)
+        [(session, _, _)] = cache._kept.values()
+        session.dataReceived(b"250 2.0.0 nobody asked\r\n")  # would shift every reply
+        result = await self.send([sink.hop()], recipients=("b@d.test",), cache=cache)
+        self.assertEqual([r.status for r in result.recipients], [DELIVERED])
+        self.assertEqual(sink.connections, 2)
+        self.assertEqual(sink.messages[-1].recipients, ["b@d.test"])
+
     async def test_a_broken_session_is_not_kept_and_idle_ones_quit(self) -> None:
         sink = self.sink(drop_after=10)
         cache = SessionCache(reactor, idle=0.05)

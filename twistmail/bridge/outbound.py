@@ -466,10 +466,11 @@ class OutboundManager:
 
         def recorded(_: Any) -> None:
             self.recording[qid] -= 1
-            if not self.recording[qid]:
-                del self.recording[qid]
-            self.busy.discard(qid)
             self.touched.add(qid)
+            if self.recording[qid]:
+                return  # another outcome of it is still being written
+            del self.recording[qid]
+            self.busy.discard(qid)
             if last:
                 self.full_noted.pop(qid, None)
             elif qid not in self.open and qid not in self.recording:

@@ -127,6 +127,7 @@ class ControllerChannel(LineOnlyReceiver):
 
     def connectionLost(self, reason: object = None) -> None:
         self.pool._channel_lost(self.job)
+        self.pool._task_unanswered(self.job)
 
 
 class Pool:
@@ -206,13 +207,14 @@ class Pool:
             self._reject(self.waiting.popleft(), "ended")
         if was_active:
             self._journal("JQ", f"JQ END {self.pgm} {option}", pgm=self.pgm, option=option)
-        for job in list(self.jobs.values()):
+        targets = list(self.jobs.values())
+        for job in targets:
             self._end_job(job, reason)
-        ends = [j.ended for j in self.jobs.values()]
+        ends = [j.ended for j in targets]
         if option == "*IMMED":
-            self._terminate_all()
+            self._terminate_all(targets)
         elif ends:
-            call = self.reactor.callLater(delay, self._terminate_all)
+            call = self.reactor.callLater(delay, self._terminate_all, targets)
             done = defer.DeferredList(ends)
             done.addBoth(lambda r: call.cancel() if call.active() else None)
         self._update_accepting()
@@ -390,6 +392,17 @@ class Pool:
                 request.sock.close()
         job.pending.clear()
 
+    def _task_unanswered(self, job: Job) -> None:
+        """The job's channel is closed with a task and no RESULT: the task is lost.
+
+        Decided at the channel's end, not at the process's: the launcher's
+        EXIT line travels on another socket and may be read before a RESULT
+        still waiting on this one; nothing can follow the channel's end.
+        """
+        if job.task is not None:
+            lost, job.task = job.task, None
+            self.task_lost(lost)
+
     def _job_ended(self, job: Job, reason: Any) -> None:
         _cancel(job)
         self.jobs.pop(job.id, None)
@@ -397,9 +410,6 @@ class Pool:
             self.session_ended(job.peer)
             job.peer = None
         self._channel_lost(job)
-        if job.task is not None:
-            lost, job.task = job.task, None
-            self.task_lost(lost)
         now = self.reactor.seconds()
         pid = job.pid
         status = _exit_text(reason)
@@ -519,15 +529,19 @@ class Pool:
 
     # -- shutdown ------------------------------------------------------
 
-    def _terminate_all(self) -> None:
-        for job in list(self.jobs.values()):
+    def _terminate_all(self, targets: list[Job]) -> None:
+        """TERM, then KILL, the jobs an ENDPJ ended: only those, so the jobs an
+        STRPJ starts right after are spared."""
+        targets = [j for j in targets if self.jobs.get(j.id) is j]
+        for job in targets:
             self._signal(job, "TERM")
-        if self.jobs:
-            self.reactor.callLater(KILL_AFTER, self._kill_all)
+        if targets:
+            self.reactor.callLater(KILL_AFTER, self._kill, targets)
 
-    def _kill_all(self) -> None:
-        for job in list(self.jobs.values()):
-            self._signal(job, "KILL")
+    def _kill(self, targets: list[Job]) -> None:
+        for job in targets:
+            if self.jobs.get(job.id) is job:
+                self._signal(job, "KILL")
 
     def _signal(self, job: Job, sig: str) -> None:
         if job.end_reason is None:

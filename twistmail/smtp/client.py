@@ -1099,14 +1099,24 @@ class SessionCache:
         session, ext, call = kept
         if call.active():
             call.cancel()
-        if session.lost or session.error is not None:
+        if session.lost or session.error is not None or session.replies or session.buffer \
+                or session.partial:
+            # Gone, or the peer spoke while idle: its replies would no longer
+            # match our commands.  A new connection is the safe way on.
+            defer.Deferred.fromCoroutine(_goodbye(session, 1.0))
             return None
         return session, ext
 
     def keep(self, key: tuple[Any, ...], session: _Session, ext: Extensions,
              quit_seconds: float) -> bool:
-        if self.idle <= 0 or key in self._kept:
+        """Keep ``session`` for the next message to its hop; the one kept before goes.
+
+        At most one session is kept, so a job holds at most one idle
+        connection besides the one it works on.
+        """
+        if self.idle <= 0:
             return False
+        self.close_all(quit_seconds)
         call = self.reactor.callLater(self.idle, self._expire, key, quit_seconds)
         self._kept[key] = (session, ext, call)
         return True
