@@ -188,6 +188,21 @@ def test_jobs_are_forked_by_a_launcher_that_is_replaced_when_it_dies(appliance):
     s.quit()
 
 
+def test_launcher_deaths_in_a_row_do_not_stop_the_entry(make_appliance):
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 6, "threshold": 1, "adljobs": 1,
+                                           "maxjobs": 8}).start()
+    killed: set[int] = set()
+    for _ in range(3):  # each new launcher is killed as soon as it shows, jobs half-started
+        a.wait_for(lambda: set(launchers(a)) - killed, 15, "a new launcher")
+        for pid in set(launchers(a)) - killed:
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 6, 20, "the jobs to be replaced")
+    assert a.control("dspactpj", pgm="QTMSSRCP")["status"] == "ACTIVE"
+    # At most one boot failure for each launcher killed before it forked anything.
+    assert len([e for e in a.journal("JB") if e["pgm"] == "QTMSSRCP"]) <= 3
+
+
 def test_idle_surplus_is_trimmed_to_inljobs(make_appliance):
     a = make_appliance(prestart={"trim_interval": 1},
                        prestart__QTMSSRCP={"inljobs": 2, "threshold": 1, "adljobs": 3,

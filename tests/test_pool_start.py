@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from twistmail.config import PrestartEntry
+from twistmail.prestart import launch
 from twistmail.prestart import pool as poolmod
 from twistmail.prestart.policy import Limits
 
@@ -104,3 +105,46 @@ def test_a_task_is_lost_only_when_the_job_channel_ends_without_its_result():
     job.task = poolmod.Request(None, "task", "remote.test", 0.0, task=b"{}")
     job.chan.connectionLost()  # the channel ended with no RESULT: lost
     assert len(lost) == 1
+
+
+def test_jobs_that_end_with_their_launcher_are_not_boot_failures():
+    clock = Clock()
+    entry = PrestartEntry(inljobs=6, threshold=1, adljobs=1, maxjobs=8)
+    p = poolmod.Pool(clock, "QTMSSRCP", entry, Limits(), "/dev/null", None, b"421\r\n")
+    p.launcher = Recorder()
+    p.start()
+    clock.advance(0)
+    assert len(p.jobs) == 6
+    for started in list(p.launcher.started):  # the launcher dies before any is READY
+        started.on_ended(Failure(launch.LauncherGone()))
+    assert p.boot_failures == 0
+    clock.advance(0)
+    assert p.status == "ACTIVE" and len(p.jobs) == 6  # replaced at once, no back-off
+
+
+class Silent(Recorder):
+    """A launcher that takes requests and never answers with a pid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.killed = 0
+
+    def spawn_job(self, pgm, config_path, channel, on_started, on_ended) -> Started:
+        job = Started(0, on_ended)
+        self.started.append(job)
+        return job
+
+    def kill(self) -> None:
+        self.killed += 1
+
+
+def test_a_start_the_launcher_never_answered_kills_the_launcher():
+    clock = Clock()
+    entry = PrestartEntry(inljobs=1, threshold=1, adljobs=1, maxjobs=2)
+    p = poolmod.Pool(clock, "QTMSSRCP", entry, Limits(), "/dev/null", None, b"421\r\n")
+    p.launcher = Silent()
+    p.start()
+    clock.advance(0)
+    clock.advance(poolmod.START_LIMIT)
+    assert p.launcher.killed == 1
+    assert p.launcher.started[0].signals == []  # no pid to signal: the launcher goes instead

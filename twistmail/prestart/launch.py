@@ -111,6 +111,20 @@ def spawn(
             child_end.close()
 
 
+class LauncherGone(ProcessTerminated):
+    """The job ended because its launcher did, or never started: not a fault of its own.
+
+    The pool does not count such a job as a boot failure: one launcher's death
+    takes every job it was forking, and that must not stop the entry.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(None, signal.SIGTERM, None)
+
+    def __str__(self) -> str:
+        return "the job launcher ended"
+
+
 def exit_reason(status: int) -> Failure:
     """A wait status as the Failure Twisted gives ``processEnded``."""
     if os.WIFSIGNALED(status):
@@ -172,6 +186,9 @@ class _Launcher(LineOnlyReceiver):
         self.pending: collections.deque[tuple[ForkedProcess, socket.socket]] = (
             collections.deque())
         self.live: dict[int, ForkedProcess] = {}
+        self.closed = False  # the channel has ended: no more answers will come
+        self.answered = False  # it has forked a job: it can start
+        self.on_closed: Callable[[], None] = lambda: None
         self.ended: defer.Deferred = defer.Deferred()
         output = ChildOutput(ForkServer.NAME, self._process_ended)
         self.process: Any = spawn(reactor, ForkServer.NAME, "twistmail.prestart.forkserver",
@@ -190,6 +207,7 @@ class _Launcher(LineOnlyReceiver):
         if parts[:1] == [b"PID"] and len(parts) == 2 and self.pending:
             job, child_end = self.pending.popleft()
             child_end.close()
+            self.answered = True
             pid = int(parts[1])
             self.live[pid] = job
             job.started(pid)
@@ -203,6 +221,29 @@ class _Launcher(LineOnlyReceiver):
             self.log.error("the job launcher could not start a job: {why}",
                            why=line[5:].decode("utf-8", "replace"))
             job.exited(Failure(ProcessTerminated(70, None, None)))  # a boot failure
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        """The launcher has gone (or is going): no PID will answer what is pending.
+
+        This is known at once, while the end of the process is reported only
+        when its output pipes close, which its jobs share until they are gone.
+        """
+        super().connectionLost(reason)
+        if self.closed:
+            return
+        self.closed = True
+        # A launcher that never forked a job may have failed to start: that
+        # is one boot failure (the first request's), so a broken installation
+        # still stops the entry after a few launchers, while a launcher
+        # killed under a burst of starts does not count once per request.
+        failed_start = not self.answered
+        pending, self.pending = self.pending, collections.deque()
+        for job, child_end in pending:
+            child_end.close()
+            why = ProcessTerminated(70, None, None) if failed_start else LauncherGone()
+            failed_start = False
+            job.exited(Failure(why))
+        self.on_closed()
 
     def stop(self) -> defer.Deferred:
         """Close the channel (the launcher exits), then KILL if it lingers."""
@@ -221,19 +262,16 @@ class _Launcher(LineOnlyReceiver):
             pass
 
     def _process_ended(self, reason: Any) -> None:
+        """The launcher and every job it forked are gone (their pipes are closed)."""
         if self.transport is not None:
             self.transport.loseConnection()
-        gone = Failure(ProcessTerminated(None, signal.SIGTERM, None))
-        pending, self.pending = self.pending, collections.deque()
+        self.connectionLost(reason)  # in case the channel's end was not seen yet
         live, self.live = self.live, {}
-        if pending or live:
-            self.log.warn("the job launcher ended ({reason}); its {n} jobs end with it",
-                          reason=reason.value, n=len(pending) + len(live))
-        for job, child_end in pending:
-            child_end.close()
-            job.exited(gone)
+        if live:
+            self.log.warn("the job launcher ended ({reason}); its {n} jobs ended with it",
+                          reason=reason.value, n=len(live))
         for job in live.values():
-            job.exited(gone)
+            job.exited(Failure(LauncherGone()))
         self.ended.callback(None)
 
 
@@ -262,7 +300,7 @@ class ForkServer:
         """Ask for a job running ``pgm``; its channel is connected to ``channel``."""
         if self._current is None:
             launcher = _Launcher(self.reactor, self.programs)
-            launcher.ended.addCallback(lambda _: self._gone(launcher))
+            launcher.on_closed = lambda: self._gone(launcher)
             self._current = launcher
         job = ForkedProcess(on_started, on_ended)
         self._current.fork(pgm, config_path, job, channel)
@@ -272,6 +310,11 @@ class ForkServer:
         """End the launcher once the pool's jobs are gone; a later request starts a new one."""
         launcher, self._current = self._current, None
         return defer.succeed(None) if launcher is None else launcher.stop()
+
+    def kill(self) -> None:
+        """KILL a launcher that stopped answering; the next request starts a new one."""
+        if self._current is not None:
+            self._current._kill()
 
     def _gone(self, launcher: _Launcher) -> None:
         if self._current is launcher:

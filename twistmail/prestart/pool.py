@@ -349,6 +349,9 @@ class Pool:
         if not job.ready and job.id in self.jobs:
             self.log.error("{name} job {pid} not ready after {s:.0f}s; ending it",
                            name=self.job_name, pid=job.pid, s=START_LIMIT)
+            if job.pid is None:  # the launcher never answered: it is hung
+                self.launcher.kill()
+                return
             try:
                 job.process.signalProcess("KILL")
             except (ProcessExitedAlready, OSError, AttributeError):
@@ -417,7 +420,7 @@ class Pool:
         if job.end_reason is not None:
             self._journal("JE", f"JE END {name}", pid=pid, reason=job.end_reason, uses=job.uses,
                           pgm=self.pgm)
-        elif not job.ready:
+        elif not job.ready and not reason.check(launch.LauncherGone):
             self.boot_failures += 1
             self.last_boot_failure = now
             self._journal("JB", f"JB BOOT {name}", pid=pid, exit=status, pgm=self.pgm,
