@@ -138,7 +138,7 @@ class OutboundManager:
         #: them is out of date.
         self.touched: set[str] = set()
         #: Envelopes the scans have read, by path, with the file identity they had.
-        self._seen: dict[str, tuple[tuple[int, int], Envelope]] = {}
+        self._seen: dict[str, tuple[tuple[int, ...], Envelope]] = {}
 
     def start(self) -> None:
         self._drop_stale_request()
@@ -178,7 +178,11 @@ class OutboundManager:
             return None
         self.scanning = True
         self.touched = set()
-        transfer, self.transfer_due = self.transfer_due, False
+        # A transfer that falls due while HLDDSTQ holds the queue waits for
+        # the release: holding delays the batch, it does not drop it.
+        transfer = self.transfer_due and not self.held
+        if transfer:
+            self.transfer_due = False
         next_at = self.schedule.next_at if self.schedule.active else None
         if next_at is None:
             self.released.clear()
@@ -204,10 +208,7 @@ class OutboundManager:
         """
         now = time.time()
         flush = _flush_requests(self.queue.root)
-        # A transfer asked for while there is no schedule stays asked for: the
-        # bridge may not have read the interval the asker saw yet.
-        transfer = next_at is not None and (_transfer_requested(self.queue.root) or transfer)
-        seen: dict[str, tuple[tuple[int, int], Envelope]] = {}
+        seen: dict[str, tuple[tuple[int, ...], Envelope]] = {}
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
             for qid in self.queue.list(source):
                 env = self._load(source, qid, seen)
@@ -220,7 +221,10 @@ class OutboundManager:
                     self.journal.write(code, f"{code} TOQ {QTMSOUTQ}", qid, queue=source)
         if self.held:
             self._seen = seen
-            return _Found(transfer=transfer)
+            return _Found()
+        # A transfer asked for while there is no schedule stays asked for: the
+        # bridge may not have read the interval the asker saw yet.
+        transfer = next_at is not None and (_transfer_requested(self.queue.root) or transfer)
         work, settle = [], []
         for qid in self.queue.list(QTMSOUTQ):
             if qid in self.open or qid in self.busy:
@@ -246,19 +250,20 @@ class OutboundManager:
         return _Found(work, settle, transfer)
 
     def _load(self, queue: str, qid: str,
-              seen: dict[str, tuple[tuple[int, int], Envelope]]) -> Envelope | None:
+              seen: dict[str, tuple[tuple[int, ...], Envelope]]) -> Envelope | None:
         """The envelope, read again only if its file changed since the last scan.
 
         Scans run every second; a queue of thousands of waiting messages
         must not be parsed every second.  Every change to an envelope
-        replaces its file, so inode and mtime tell a changed one.
+        replaces its file (a new inode), and its times and size tell a
+        changed one even where a file system reuses an inode at once.
         """
         path = str(self.queue.envelope_path(queue, qid))
         try:
             st = os.stat(path)
         except FileNotFoundError:
             return None
-        key = (st.st_ino, st.st_mtime_ns)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
         known = self._seen.get(path)
         if known is not None and known[0] == key:
             env = known[1]
