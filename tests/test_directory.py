@@ -31,7 +31,9 @@ hostname = "mail.example.test"
 
 @pytest.fixture
 def cheap_scrypt(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hashing at full cost makes each profile take a tenth of a second."""
+    """Hashing at full cost makes each profile take a few hundredths of a second."""
+    monkeypatch.setattr(dirmod, "ARGON2_M", 64)
+    monkeypatch.setattr(dirmod, "ARGON2_T", 1)
     monkeypatch.setattr(dirmod, "SCRYPT_N", 2**4)
 
 
@@ -92,16 +94,40 @@ def test_database_is_wal_versioned_and_private(d):
 # -- profiles and passwords ---------------------------------------------------
 
 
-def test_password_is_stored_only_as_a_scrypt_hash(tmp_path):
+def test_password_is_stored_only_as_an_argon2id_hash(tmp_path):
     d = SqliteDirectory(tmp_path / "directory.sqlite", DOMAINS, "MAIL")
     d.create_profile("sam", "Correct Horse 42", text="Sam")
     stored = d._conn().execute("SELECT pwhash FROM profiles").fetchone()[0]
-    scheme, n, r, p, salt, digest = stored.split("$")
-    assert (scheme, n, r, p) == ("scrypt", "16384", "8", "1")
-    assert len(dirmod.base64.b64decode(salt)) == 16
+    _, scheme, version, costs, salt, digest = stored.split("$")
+    assert (scheme, version, costs) == ("argon2id", "v=19", "m=19456,t=2,p=1")
+    assert len(dirmod.base64.b64decode(salt + "==")) == 16
     assert b"Correct Horse 42" not in _db_bytes(d.path)
     d.close()
     assert b"Correct Horse 42" not in _db_bytes(d.path)
+
+
+def test_a_hash_of_the_earlier_scheme_verifies_and_is_replaced_at_login(d):
+    d.create_profile("sam", "pw")
+    salt = b"0123456789abcdef"
+    digest = dirmod._scrypt("pw", salt, 2**4, 8, 1, 32)
+    old = "$".join(["scrypt", "16", "8", "1", dirmod.base64.b64encode(salt).decode(),
+                    dirmod.base64.b64encode(digest).decode()])
+    with d._write() as conn:
+        conn.execute("UPDATE profiles SET pwhash = ?", (old,))
+    assert d.authenticate("sam", "no") is None
+    assert d._conn().execute("SELECT pwhash FROM profiles").fetchone()[0] == old
+    assert d.authenticate("sam", "pw") == "SAM"
+    assert d._conn().execute("SELECT pwhash FROM profiles").fetchone()[0].startswith(
+        "$argon2id$")
+    assert d.authenticate("sam", "pw") == "SAM"
+
+
+@pytest.mark.parametrize("costs", ["m=999999,t=2,p=1", "m=19456,t=99,p=1", "m=4,t=2,p=1",
+                                   "m=19456,t=2,p=0"])
+def test_a_hostile_hash_costs_nothing_and_matches_nothing(costs):
+    stored = (f"$argon2id$v=19${costs}$MDEyMzQ1Njc4OWFiY2RlZg"
+              "$qhGYb1MyPEE+aES/CN6NCQDLQrWvmzyI+WAxnX2ZLmI")
+    assert dirmod.verify_password("pw", stored) is False
 
 
 def test_authenticate(d):
@@ -124,12 +150,14 @@ def test_disabled_profile_is_refused_and_re_enabled(d):
     assert d.authenticate("sam", "pw") == "SAM"
 
 
-def test_every_authentication_costs_one_scrypt(d, monkeypatch):
+def test_every_authentication_costs_one_hash(d, monkeypatch):
     d.create_profile("sam", "pw")
     d.create_profile("off", "pw", status="*DISABLED")
+    dirmod._dummy_hash()
     calls = []
-    real = dirmod._scrypt
-    monkeypatch.setattr(dirmod, "_scrypt", lambda *a: calls.append(1) or real(*a))
+    real = dirmod.Argon2id.verify_phc_encoded
+    monkeypatch.setattr(dirmod.Argon2id, "verify_phc_encoded",
+                        lambda *a: calls.append(1) or real(*a))
     for user, password in [
         ("sam", "pw"),
         ("sam", "no"),
@@ -501,7 +529,7 @@ def test_catch_all_takes_unknown_local_users_only(populated):
 
 
 def _create_many(path: str, worker: int, start: float) -> None:
-    dirmod.SCRYPT_N = 2**4
+    dirmod.ARGON2_M, dirmod.ARGON2_T = 64, 1
     d = SqliteDirectory(Path(path), DOMAINS, "MAIL")
     time.sleep(max(0.0, start - time.time()))
     for i in range(25):

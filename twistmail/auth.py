@@ -1,6 +1,6 @@
 """Authentication against user profiles, through ``twisted.cred``.
 
-The checker asks the directory (scrypt, in a worker thread, so the reactor
+The checker asks the directory (Argon2id, in a worker thread, so the reactor
 never waits on the hash); the realm opens the user's mailbox for a POP
 session.  SMTP AUTH uses the same checker with its own realm.
 """

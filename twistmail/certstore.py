@@ -5,7 +5,7 @@ encrypts with in a Digital Certificate Manager store per user profile
 (``/qibm/userdata/icss/cert/download/client/<user>/<user>.kdb``), opened with
 a password.  This is that store:
 
-- ``store.json`` holds an scrypt hash of the store password (so a wrong
+- ``store.json`` holds an Argon2id hash of the store password (so a wrong
   password is refused before any key is touched) and the own certificate's
   label;
 - ``own.pem`` is the user's own certificate followed by the chain that came
