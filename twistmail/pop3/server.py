@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 import attrs
@@ -36,6 +37,7 @@ from zope.interface import implementer
 
 from twistmail.auth import IMailboxAccess
 from twistmail.protocols.sequential import SequentialSession
+from twistmail.protocols.writenow import write_now
 
 MAX_LINE = 255  # RFC 2449: commands up to 255 octets with CRLF
 MAX_PENDING = 16 * 1024
@@ -108,14 +110,38 @@ class _Sender:
         self.prefix = prefix
         self.lines = lines  # TOP: body lines still to send (None: everything)
         self.in_body = bool(prefix)  # a piece's own header block comes first
+        self.first = b""  # stuffed data read by send_at_once, not yet sent
+
+    def send_at_once(self, status: bytes) -> bool:
+        """Send a reply that fits in one chunk with its status line, in one write.
+
+        Most messages are small: one write is one segment and no turn of the
+        reactor between the status line and the message.  False (nothing
+        sent yet) when the reply must be streamed.
+        """
+        if self.lines is not None:
+            return False
+        out = b""
+        if self.prefix:
+            out, self.prefix = self.stuffer.feed(self.prefix), b""
+        chunk = self._read()
+        if chunk:
+            out += self.stuffer.feed(chunk)
+        if chunk and not self.at_end:
+            self.first = out
+            return False
+        self.f.close()
+        write_now(self.session.transport, status + out + self.stuffer.end())
+        return True
 
     def start(self) -> None:
         self.session.transport.registerProducer(self, False)
 
     def resumeProducing(self) -> None:
-        out = b""
+        out, self.first = self.first, b""
         if self.prefix:
-            out, self.prefix = self.stuffer.feed(self.prefix), b""
+            out += self.stuffer.feed(self.prefix)
+            self.prefix = b""
         chunk = self._read()
         if chunk:
             out += self.stuffer.feed(chunk)
@@ -227,9 +253,14 @@ class POP3Session(SequentialSession):
     def err(self, text: str) -> None:
         self._line("-ERR " + text)
 
+    def _listing(self, text: str, lines: Iterable[bytes]) -> None:
+        """A multi-line reply, status line to terminator in one write."""
+        if self.transport is not None and not self.closing:
+            write_now(self.transport, f"+OK {text}\r\n".encode() + b"".join(lines) + b".\r\n")
+
     def _line(self, text: str) -> None:
         if self.transport is not None and not self.closing:
-            self.transport.write(text.encode("utf-8", "replace") + b"\r\n")
+            write_now(self.transport, text.encode("utf-8", "replace") + b"\r\n")
 
     # -- input --------------------------------------------------------------
 
@@ -443,9 +474,8 @@ class POP3Session(SequentialSession):
                 self.ok(f"{item.number} {item.size}")
             return
         count, octets = self._stat()
-        self.ok(f"{count} messages ({octets} octets)")
-        self.transport.write(b"".join(b"%d %d\r\n" % (i.number, i.size) for i in self._live())
-                             + b".\r\n")
+        self._listing(f"{count} messages ({octets} octets)",
+                      (b"%d %d\r\n" % (i.number, i.size) for i in self._live()))
 
     pop_LIST.states = ("TRANSACTION",)  # type: ignore[attr-defined]
 
@@ -455,9 +485,8 @@ class POP3Session(SequentialSession):
             if item is not None:
                 self.ok(f"{item.number} {item.uidl}")
             return
-        self.ok("Unique-ID listing follows")
-        self.transport.write(b"".join(f"{i.number} {i.uidl}\r\n".encode() for i in self._live())
-                             + b".\r\n")
+        self._listing("Unique-ID listing follows",
+                      (f"{i.number} {i.uidl}\r\n".encode() for i in self._live()))
 
     pop_UIDL.states = ("TRANSACTION",)  # type: ignore[attr-defined]
 
@@ -496,9 +525,12 @@ class POP3Session(SequentialSession):
             self.factory.journal.write("QR", f"QR RETR {self.usrprf} {item.uidl}",
                                        usrprf=self.usrprf, uidl=item.uidl, size=item.size,
                                        ip=self.peer_ip)
+        sender = _Sender(self, f, item.header, limit, lines)
+        if sender.send_at_once(f"+OK {text}\r\n".encode()):
+            return None
         self.ok(text)
         self.busy = True  # until the sender is done (it may finish at once)
-        _Sender(self, f, item.header, limit, lines).start()
+        sender.start()
         return None
 
     def pop_DELE(self, arg: str) -> None:

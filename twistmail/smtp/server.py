@@ -32,6 +32,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from twistmail.protocols.sequential import SequentialSession
+from twistmail.protocols.writenow import write_now
 from twistmail.smtp.address import Address, Command, PathError, parse_command
 
 MAX_COMMAND = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
@@ -265,7 +266,7 @@ class SMTPSession(SequentialSession):
             return
         lines = [text, *(more or [])]
         out = [f"{code}-{t}\r\n" for t in lines[:-1]] + [f"{code} {lines[-1]}\r\n"]
-        self.transport.write("".join(out).encode("utf-8", "replace"))
+        write_now(self.transport, "".join(out).encode("utf-8", "replace"))
         if code >= 400 and code != 421:
             self.errors += 1
             if self.errors >= self.factory.maxerrors:

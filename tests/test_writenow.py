@@ -1,0 +1,80 @@
+"""write_now sends at once on an idle plain connection, keeps order, and never bypasses TLS.
+
+Real TCP connections on loopback, in this process's reactor.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer, protocol, reactor, ssl
+from twisted.trial import unittest
+
+from twistmail import config as configmod
+from twistmail import tlsconfig
+from twistmail.protocols.writenow import write_now
+
+
+class Collect(protocol.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(self.data)
+
+
+class Speaker(protocol.Protocol):
+    """Writes through write_now and transport.write in turn, noting what was queued."""
+
+    def __init__(self, tls: ssl.CertificateOptions | None = None) -> None:
+        self.tls = tls
+        self.queued_after_first: list[bytes] | None = None
+
+    def connectionMade(self) -> None:
+        if self.tls is not None:
+            self.transport.startTLS(self.tls)
+        write_now(self.transport, b"one ")
+        self.queued_after_first = list(self.transport._tempDataBuffer)
+        self.transport.write(b"two ")
+        write_now(self.transport, b"three ")  # the buffer is not empty: it queues behind
+        write_now(self.transport, b"x" * 300_000)  # more than the socket takes at once
+        self.transport.loseConnection()
+
+
+class WriteNowTests(unittest.TestCase):
+    timeout = 20
+
+    async def exchange(self, speaker: Speaker, client_tls: bool = False) -> bytes:
+        factory = protocol.Factory.forProtocol(lambda: speaker)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        collect = Collect()
+        creator = protocol.ClientCreator(reactor, lambda: collect)
+        if client_tls:
+            await creator.connectSSL("127.0.0.1", port.getHost().port,
+                                     ssl.CertificateOptions(verify=False))
+        else:
+            await creator.connectTCP("127.0.0.1", port.getHost().port)
+        return await collect.done
+
+    async def test_plain_tcp_sends_at_once_and_keeps_order(self) -> None:
+        speaker = Speaker()
+        data = await self.exchange(speaker)
+        self.assertEqual(data, b"one two three " + b"x" * 300_000)
+        self.assertEqual(speaker.queued_after_first, [])  # "one" left without the reactor
+
+    async def test_tls_bytes_go_through_tls(self) -> None:
+        home = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, home)
+        config = home / "twistmail.toml"
+        config.write_text('[system]\ndatadir = "var"\n')
+        settings = configmod.load(config)
+        tlsconfig.ensure_pair(settings)
+        data = await self.exchange(Speaker(tlsconfig.server_options(settings)), client_tls=True)
+        self.assertEqual(data, b"one two three " + b"x" * 300_000)
