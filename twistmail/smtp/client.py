@@ -69,6 +69,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twistmail.mx import Hop
+from twistmail.protocols.writenow import write_now
 
 TLS_OPPORTUNISTIC = "*OPPORTUNISTIC"
 TLS_REQUIRED = "*REQUIRED"
@@ -546,7 +547,7 @@ class _Session(Protocol):
                 raise ValueError("line break inside an SMTP command")
             encoded.append(line.encode("utf-8" if utf8 else "ascii") + b"\r\n")
         if not self.lost:
-            self.transport.write(b"".join(encoded))
+            write_now(self.transport, b"".join(encoded))
 
     async def start_tls(self, creator: Any, seconds: float) -> None:
         """Start TLS right after the 220; anything the server sent past it is refused."""
