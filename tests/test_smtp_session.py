@@ -327,6 +327,20 @@ def test_size_limits():
     assert s.backend.queued == [] and s.backend.spools[0].aborted
 
 
+def test_a_message_in_a_mail_loop_is_refused_554_5_4_6():
+    s = Session()
+    s.start()
+    trace = b"".join(b"Received: from hop%d.example.test by mail\r\n" % i for i in range(99))
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.send(trace + b"Subject: 99 hops\r\n\r\nstill fine\r\n.\r\n")
+    assert s.codes() == [250, 250, 354, 250]  # RFC 5321 §6.3: at least 100
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.send(b"Received: from hop.example.test by mail\r\n" + trace
+           + b"Subject: 100 hops\r\n\r\nlooping\r\n.\r\n")
+    assert s.replies()[-1].startswith("554 5.4.6 Too many hops: 100 Received:")
+    assert len(s.backend.queued) == 1 and s.backend.spools[-1].aborted
+
+
 def test_recipient_limit_and_routing_replies():
     s = Session()
     s.start()

@@ -38,6 +38,9 @@ from twistmail.smtp.address import Address, Command, PathError, parse_command
 MAX_COMMAND = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
 MAX_TEXT = 1000  # octets, CRLF included (§4.5.3.1.6)
 MAX_HEADER_BLOCK = 1024 * 1024  # header bytes we hold to add missing fields
+#: RFC 5321 §6.3: a message that has passed this many hosts is in a loop
+#: (two servers routing a domain to each other, a MAILROUTER pointing back).
+MAX_RECEIVED = 100
 MAX_PENDING = 64 * 1024  # pipelined input held while a command waits, before we stop reading
 MAX_AUTH_FAILURES = 3
 SOFT_ERRORS = 3  # errors after which each command waits a little
@@ -133,6 +136,7 @@ class _Data:
         self.seen: set[bytes] = set()
         self.message_id: str | None = None
         self.last_field: bytes | None = None
+        self.hops = 0  # Received: fields already in the header
 
     def fail(self, code: int, text: str) -> None:
         if self.error is None:
@@ -167,6 +171,12 @@ class _Data:
                 self.last_field = field
                 if field == b"message-id":
                     self.message_id = value.decode("latin-1").strip()
+                elif field == b"received":
+                    self.hops += 1
+                    if self.hops >= MAX_RECEIVED:
+                        self.fail(554, f"5.4.6 Too many hops: {self.hops} Received: header "
+                                  "fields, the message is in a mail loop")
+                        return
             else:
                 # Not a header field: the header has ended without a blank line.
                 self._end_header()
