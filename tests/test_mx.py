@@ -354,6 +354,18 @@ class DNSTests(unittest.TestCase):
         other_port = await self.local(endpoints=[("127.0.0.1", 2525)]).route("addrloop.test")
         self.assertEqual(other_port[0].address, "127.0.0.1")
 
+    async def test_a_router_or_hub_that_is_our_own_listener_is_temporary(self) -> None:
+        r = self.local(endpoints=[("127.0.0.1", 2525)])
+        for settings in (Settings(mailrouter="127.0.0.1:2525", firewall="*YES"),
+                         Settings(fwdhubsvr="[127.0.0.1]:2525")):
+            with self.assertRaises(TemporaryRouteError) as caught:
+                await r.route_decision(route_for("multi.test", settings))
+            self.assertIn("this host's own SMTP listener", str(caught.exception))
+        # The same host on another port (a content filter) is a fine router.
+        route = await r.route_decision(route_for(
+            "multi.test", Settings(mailrouter="127.0.0.1:10025", firewall="*YES")))
+        self.assertEqual([(h.address, h.port) for h in route], [("127.0.0.1", 10025)])
+
     async def test_a_domain_without_mx_that_is_this_host_is_a_loop(self) -> None:
         with self.assertRaises(MailLoop):
             await self.local(names=["implicit.test"]).route("implicit.test")

@@ -51,6 +51,7 @@ VIA_LITERAL = "literal"  # an address literal such as [192.0.2.1]
 VIA_HOSTTABLE = "hosttable"  # the domain itself is in the host table
 VIA_MAILROUTER = "mailrouter"
 VIA_HUB = "hub"
+SETTING_OF_VIA = {VIA_MAILROUTER: "MAILROUTER", VIA_HUB: "FWDHUBSVR"}
 
 #: Kinds of routing decision (``RoutingDecision.kind``).
 DIRECT = "mx"
@@ -533,12 +534,28 @@ class MXResolver:
         literal = address_literal(host) if host.startswith("[") else None
         if literal is not None or _is_ip(host):
             address = literal or str(ipaddress.ip_address(host))
-            return Route(host, (Hop(address, address, port),), via)
+            return self._not_our_listener(Route(host, (Hop(address, address, port),), via))
         name = normalise_domain(host)
         answer = await self._host_addresses(name)
         if not answer.addresses:
             raise TemporaryRouteError(name, answer.temporary or "the host has no address")
-        return Route(name, tuple(Hop(name, a, port) for a in answer.addresses), via)
+        return self._not_our_listener(
+            Route(name, tuple(Hop(name, a, port) for a in answer.addresses), via))
+
+    def _not_our_listener(self, route: Route) -> Route:
+        """A mail router or hub that is this host's own SMTP listener would loop.
+
+        The same host on another port (a content filter, say) is fine.  The
+        setting is wrong, not the mail: a temporary failure keeps the mail
+        queued until the administrator changes it.
+        """
+        for hop in route:
+            if self.local.listens_on(hop.address, hop.port):
+                raise TemporaryRouteError(
+                    route.domain, f"{SETTING_OF_VIA.get(route.via, route.via)} names "
+                    f"{hop.address}:{hop.port}, this host's own SMTP listener: mail would "
+                    "loop back to myself")
+        return route
 
     async def _route(self, domain: str) -> Route:
         literal = address_literal(domain)
