@@ -48,6 +48,31 @@ def test_transfers_every_interval_from_the_start() -> None:
     assert s.next_at == 3600
 
 
+def test_the_last_transfer_outlives_a_restart(tmp_path) -> None:
+    state = tmp_path / "QSMTPQ.lastxfr"
+    clock = Clock()
+    ticks: list[float] = []
+    first = TransferSchedule(clock, 10, lambda: ticks.append(clock.seconds()), state=state)
+    first.start()
+    clock.advance(600)
+    assert ticks == [600]
+    first.stop()  # the bridge ends 2 minutes later and starts again
+    clock.advance(120)
+    again = TransferSchedule(clock, 10, lambda: ticks.append(clock.seconds()), state=state)
+    again.start()
+    assert again.next_at == 1200  # the rhythm goes on, not 10 minutes from the restart
+    again.stop()
+    clock.advance(3000)  # down when a transfer fell due: it happens at once
+    late = TransferSchedule(clock, 10, lambda: ticks.append(clock.seconds()), state=state)
+    late.start()
+    clock.advance(0)
+    assert ticks == [600, 3720]
+    state.write_text("not a time")  # a damaged file: counted from the start, as without one
+    broken = TransferSchedule(clock, 10, lambda: None, state=state)
+    broken.start()
+    assert broken.next_at == 3720 + 600
+
+
 def test_zero_means_no_schedule() -> None:
     clock, s, ticks = schedule(0)
     assert not s.active and s.next_at is None

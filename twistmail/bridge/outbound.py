@@ -53,6 +53,7 @@ SCAN_EVERY = 1.0  # seconds
 CONNECTIONS_PER_DOMAIN = 4
 HOLD_FLAG = "QSMTPQ.held"
 TRANSFER_REQUEST = "QSMTPQ.transfer"
+TRANSFER_STATE = "QSMTPQ.lastxfr"  # when the last MAILXFRINT transfer was
 
 
 def hold_flag(queue_root: Path) -> Path:
@@ -126,7 +127,8 @@ class OutboundManager:
         self._locks = [threading.Lock() for _ in range(64)]
         self.refused_early: set[int] = set()  # tokens refused before submit_task returned
         self.etrn_tasks: set[int] = set()  # tokens of ETRN tasks (ETRNCLT) not answered yet
-        self.schedule = TransferSchedule(reactor, settings.smtp.mailxfrint, self._scheduled)
+        self.schedule = TransferSchedule(reactor, settings.smtp.mailxfrint, self._scheduled,
+                                         state=queue.root / TRANSFER_STATE)
         self.transfer_due = False  # a scheduled transfer waits for the next scan
         self.released: set[str] = set()  # messages a transfer let go, not yet dispatched
         #: Messages the last scan found ready, oldest first, waiting for connections,

@@ -13,21 +13,30 @@ A live change (CHGSMTPA MAILXFRINT) keeps the last transfer as the origin,
 so lowering the interval can make the next transfer due at once, and
 raising it postpones the next one.  ``clock`` is any ``IReactorTime``, so
 tests drive it with ``twisted.internet.task.Clock``.
+
+With ``state`` (a file), the time of the last transfer outlives the bridge:
+a bridge restarted between two transfers keeps the rhythm instead of
+counting a whole interval from its own start, and one that was down when a
+transfer fell due makes it at once.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 MINUTE = 60.0
 
 
 class TransferSchedule:
-    def __init__(self, clock: Any, minutes: int, transfer: Callable[[], None]) -> None:
+    def __init__(self, clock: Any, minutes: int, transfer: Callable[[], None],
+                 state: Path | None = None) -> None:
         self.clock = clock
         self.minutes = minutes
         self.transfer = transfer
+        self.state = state
         self.origin: float | None = None  # start, or the last transfer
         self.call: Any = None
 
@@ -43,7 +52,9 @@ class TransferSchedule:
         return self.call.getTime()
 
     def start(self) -> None:
-        self.origin = self.clock.seconds()
+        now = self.clock.seconds()
+        last = self._last_transfer()
+        self.origin = last if last is not None and last <= now else now
         self._arm()
 
     def stop(self) -> None:
@@ -73,5 +84,25 @@ class TransferSchedule:
     def _fire(self) -> None:
         self.call = None
         self.origin = self.clock.seconds()
+        self._remember(self.origin)
         self._arm()
         self.transfer()
+
+    def _last_transfer(self) -> float | None:
+        if self.state is None:
+            return None
+        try:
+            return float(self.state.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _remember(self, when: float) -> None:
+        """Best effort: a lost time only shifts the rhythm, it loses no mail."""
+        if self.state is None:
+            return
+        tmp = self.state.with_name(self.state.name + ".tmp")
+        try:
+            tmp.write_text(f"{when:.3f}\n")
+            os.replace(tmp, self.state)
+        except OSError:
+            pass
