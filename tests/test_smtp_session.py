@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from twistmail.smtp.server import Received, SMTPFactory, Verdict
+from twistmail.smtp.server import Received, SMTPFactory, SMTPSession, Verdict
 
 
 @attrs.define
@@ -408,6 +410,49 @@ def test_dot_stuffing_at_every_position():
     assert s.codes() == [250]
     body = s.backend.queued[0][0].body.split(b"\r\n\r\n", 1)[1]
     assert body == b"\r\n".join([b"", b".", b"..", b"x", b"x.", b" ."]) + b"\r\n"
+
+
+_PIECES = [b"x", b"text", b".", b"..", b"\r\n", b"\r\n", b"\r\n", b"\r", b"\n", b" ",
+           b"\r\n.\r\n", b"y" * 990, b"y" * 996, b"y" * 997]
+
+
+def _outcome(payload: bytes, cuts: list[int], block_path: bool, alwbarelf: bool,
+             monkeypatch) -> tuple[list[str], bytes | None]:
+    """Replies and stored body for one DATA, sent in pieces cut at ``cuts``."""
+    if not block_path:
+        monkeypatch.setattr(SMTPSession, "_body_lines", lambda self, buf, pos: 0)
+    try:
+        s = Session(maxmsgsize=6000, alwbarelf=alwbarelf)
+        s.start()
+        s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+        s.replies()
+        wire = b"Subject: t\r\n\r\n" + payload + b"\r\n.\r\nNOOP\r\n"
+        edges = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+        for a, b in zip(edges, edges[1:], strict=False):
+            s.send(wire[a:b])
+        queued = s.backend.queued[0][0].body if s.backend.queued else None
+        return s.replies(), queued
+    finally:
+        monkeypatch.undo()
+
+
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.sampled_from(_PIECES), max_size=40),
+       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=6),
+       alwbarelf=st.booleans())
+def test_whole_body_blocks_read_exactly_as_line_by_line(pieces, cuts, alwbarelf, monkeypatch):
+    payload = b"".join(pieces)
+    assert (_outcome(payload, cuts, True, alwbarelf, monkeypatch)
+            == _outcome(payload, cuts, False, alwbarelf, monkeypatch))
+
+
+@pytest.mark.parametrize("length", [997, 998, 999, 1000])
+def test_the_text_line_limit_is_the_same_on_both_paths(length, monkeypatch):
+    payload = b"first\r\n" + b"z" * length + b"\r\nlast"
+    fast = _outcome(payload, [], True, False, monkeypatch)
+    assert fast == _outcome(payload, [], False, False, monkeypatch)
+    assert fast[0][-2].startswith("250" if length <= 998 else "500 5.5.2")
 
 
 def _b64(text: bytes) -> bytes:

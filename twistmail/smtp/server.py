@@ -155,6 +155,16 @@ class _Data:
         else:
             self.spool.write(line + b"\r\n")
 
+    def body_block(self, block: bytes) -> None:
+        """Whole body lines, each ending in CRLF, already unstuffed and checked."""
+        if self.error is not None:
+            return
+        self.size += len(block)
+        if self.size > self.session.factory.maxmsgsize:
+            self.fail(552, "5.3.4 Message size exceeds fixed maximum message size")
+            return
+        self.spool.write(block)
+
     def _header_line(self, line: bytes) -> None:
         if line == b"":
             self._end_header()
@@ -337,6 +347,11 @@ class SMTPSession(SequentialSession):
         pos = 0
         progressed = False
         while self.data is not None and not self.busy:
+            taken = self._body_lines(buf, pos)
+            if taken:
+                pos += taken
+                progressed = True
+                continue
             lf = buf.find(b"\n", pos)
             if lf < 0:
                 break
@@ -362,6 +377,38 @@ class SMTPSession(SequentialSession):
             progressed = True
         self.buffer = rest
         return progressed and (self.data is None or bool(rest))
+
+    def _body_lines(self, buf: bytes, pos: int) -> int:
+        """Take the plain body lines at ``pos`` as one block; how many bytes were taken.
+
+        The body of most messages is ordinary text: CRLF line ends, no bare
+        CR or LF, short lines, a few dot-stuffed lines.  Such a run of lines
+        is checked and unstuffed with a few scans of the whole run instead of
+        line by line.  Anything unusual (the header, a bare CR or LF, a long
+        line, an error already found) returns 0 and the line-by-line path,
+        which gives the exact reply, takes over.  The terminator is never
+        part of a block.
+        """
+        data = self.data
+        if (data is None or data.in_header or data.error is not None or self.discarding
+                or not self.after_crlf):
+            return 0
+        text = buf[pos:] if pos else buf
+        end = (b"\r\n" + text).find(b"\r\n.\r\n")  # where "." CRLF starts in text
+        if end < 0:
+            end = text.rfind(b"\r\n") + 2  # complete lines only; 1 when there is none
+        block = text[:end] if end > 1 else b""
+        if not block:
+            return 0
+        crlfs = block.count(b"\r\n")
+        if block.count(b"\n") != crlfs or block.count(b"\r") != crlfs:
+            return 0  # a bare LF or CR: the exact reply comes from the line path
+        lines = block.split(b"\r\n")
+        if max(map(len, lines)) + 2 > MAX_TEXT:
+            return 0
+        unstuffed = (b"\r\n" + block).replace(b"\r\n.", b"\r\n")[2:]
+        data.body_block(unstuffed)
+        return len(block)
 
     def _bare_lf(self, line: bytes) -> None:
         # A bare LF never ends DATA, so "." here is plain text.
