@@ -148,3 +148,24 @@ def test_a_start_the_launcher_never_answered_kills_the_launcher():
     clock.advance(poolmod.START_LIMIT)
     assert p.launcher.killed == 1
     assert p.launcher.started[0].signals == []  # no pid to signal: the launcher goes instead
+
+
+def test_a_job_whose_channel_closed_is_never_handed_work():
+    clock = Clock()
+    p = started_pool(clock)
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    refused, lost = [], []
+    p.task_refused, p.task_lost = refused.append, lost.append
+    # Its channel ends (its launcher died, say) long before its end is reported.
+    job.chan.connectionLost()
+    clock.advance(0)
+    token = p.submit_task(b"{}", "remote.test")
+    assert job.task is None and job.uses == 0  # not handed to the closed channel
+    assert [r.token for r in p.waiting] == [token] or refused
+    replacement = [j for j in p.jobs.values() if j is not job]
+    assert replacement  # the pool counts it gone and starts another
+    p._job_ready(replacement[0])
+    assert replacement[0].task is not None and replacement[0].task.token == token
+    p._job_ended(job, Failure(launch.LauncherGone()))
+    assert lost == [] and refused == []

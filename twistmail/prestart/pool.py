@@ -118,16 +118,18 @@ class ControllerChannel(LineOnlyReceiver):
         self.sendLine(channel.fd_line(token, request.listener, int(family)))
 
     def send(self, line: bytes) -> None:
-        if self.transport is not None and self.connected:
+        if self.transport is not None and not self.lost:
             self.sendLine(line)
 
     def send_end(self) -> None:
-        if self.transport is not None and self.connected:
+        if self.transport is not None and not self.lost:
             self.sendLine(b"END")
 
+    lost = False
+
     def connectionLost(self, reason: object = None) -> None:
-        self.pool._channel_lost(self.job)
-        self.pool._task_unanswered(self.job)
+        self.lost = True
+        self.pool._channel_closed(self.job)
 
 
 class Pool:
@@ -395,6 +397,19 @@ class Pool:
                 request.sock.close()
         job.pending.clear()
 
+    def _channel_closed(self, job: Job) -> None:
+        """The job can take nothing more; it must not be picked while its end is awaited.
+
+        The process's end may be reported much later (a dead launcher reports
+        its jobs only when all of them are gone), and a request handed to a
+        closed channel would be lost without a word.
+        """
+        self._channel_lost(job)
+        self._task_unanswered(job)
+        if job.state is JobState.IDLE:
+            job.state = JobState.ENDING
+            self.evaluate()
+
     def _task_unanswered(self, job: Job) -> None:
         """The job's channel is closed with a task and no RESULT: the task is lost.
 
@@ -417,7 +432,12 @@ class Pool:
         pid = job.pid
         status = _exit_text(reason)
         name = f"{self.job_name}/{pid}"
-        if job.end_reason is not None:
+        if pid is None and reason.check(launch.LauncherGone):
+            # Its launcher went before it said which process it was: if one
+            # was forked, the closed channel tells it to exit.
+            if job.chan is not None and job.chan.transport is not None:
+                job.chan.transport.loseConnection()
+        elif job.end_reason is not None:
             self._journal("JE", f"JE END {name}", pid=pid, reason=job.end_reason, uses=job.uses,
                           pgm=self.pgm)
         elif not job.ready and not reason.check(launch.LauncherGone):
