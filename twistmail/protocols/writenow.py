@@ -28,6 +28,7 @@ def write_now(transport: Any, data: bytes) -> None:
         and transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnected
+        and not getattr(transport, "_aborting", False)
         and transport.producer is None
         and transport.offset == len(transport.dataBuffer)
         and not transport._tempDataBuffer
