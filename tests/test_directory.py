@@ -123,8 +123,10 @@ def test_a_hash_of_the_earlier_scheme_verifies_and_is_replaced_at_login(d):
 
 
 @pytest.mark.parametrize("costs", ["m=999999,t=2,p=1", "m=19456,t=99,p=1", "m=4,t=2,p=1",
-                                   "m=19456,t=2,p=0"])
+                                   "m=19456,t=2,p=0", "m=65536,t=8,p=1"])
 def test_a_hostile_hash_costs_nothing_and_matches_nothing(costs):
+    damaged_scrypt = "scrypt$65536$1$1$MDEyMzQ1Njc4OWFiY2RlZg==$AAAA"
+    assert dirmod.verify_password("pw", damaged_scrypt) is False  # OpenSSL refuses it
     stored = (f"$argon2id$v=19${costs}$MDEyMzQ1Njc4OWFiY2RlZg"
               "$qhGYb1MyPEE+aES/CN6NCQDLQrWvmzyI+WAxnX2ZLmI")
     assert dirmod.verify_password("pw", stored) is False

@@ -474,8 +474,10 @@ def _verify_argon2id(password: str, stored: str) -> bool:
     if costs is None:
         return False
     m, t, p = (int(x) for x in costs.groups())
-    # A damaged or hostile hash must not push memory or time past these.
-    if not (8 * p <= m <= 256 * 1024 and 1 <= t <= 16 and 1 <= p <= 16):
+    # A damaged or hostile hash must not push memory or time past these
+    # (at most 64 MiB, and about four times the work of today's hashes).
+    if not (8 * p <= m <= 64 * 1024 and 1 <= t <= 10 and 1 <= p <= 8
+            and m * t <= 160 * 1024):
         return False
     try:
         Argon2id.verify_phc_encoded(password.encode("utf-8"), stored)
@@ -494,7 +496,10 @@ def _verify_scrypt(password: str, stored: str) -> bool:
         return False
     if scheme != "scrypt" or not _sane_cost(n_i, r_i, p_i) or not salt or not digest:
         return False
-    candidate = _scrypt(password, salt, n_i, r_i, p_i, len(digest))
+    try:
+        candidate = _scrypt(password, salt, n_i, r_i, p_i, len(digest))
+    except ValueError:  # parameters OpenSSL refuses: a damaged hash
+        return False
     return hmac.compare_digest(candidate, digest)
 
 
@@ -741,9 +746,13 @@ class SqliteDirectory:
         if row is None or not good or row["status"] != ENABLED:
             return None
         if not stored.startswith("$argon2id$"):
-            with self._write() as conn:
-                conn.execute("UPDATE profiles SET pwhash = ? WHERE usrprf = ? AND pwhash = ?",
-                             (hash_password(secret), name, stored))
+            upgraded = hash_password(secret)  # before the write lock, not under it
+            try:
+                with self._write() as conn:
+                    conn.execute("UPDATE profiles SET pwhash = ? WHERE usrprf = ? AND pwhash = ?",
+                                 (upgraded, name, stored))
+            except sqlite3.Error:
+                pass  # the next login tries again; this one has succeeded
         return name
 
     # directory entries
