@@ -361,6 +361,10 @@ class DNSTests(unittest.TestCase):
             with self.assertRaises(TemporaryRouteError) as caught:
                 await r.route_decision(route_for("multi.test", settings))
             self.assertIn("this host's own SMTP listener", str(caught.exception))
+        # A name with several addresses, one of them ours: the others serve.
+        hub = await self.local(endpoints=[("192.0.2.3", 587)]).route_decision(
+            route_for("any.example", Settings(fwdhubsvr="mx3.multi.test:587")))
+        self.assertEqual([(h.address, h.port) for h in hub], [("2001:db8::3", 587)])
         # The same host on another port (a content filter) is a fine router.
         route = await r.route_decision(route_for(
             "multi.test", Settings(mailrouter="127.0.0.1:10025", firewall="*YES")))

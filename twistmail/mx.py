@@ -545,17 +545,21 @@ class MXResolver:
     def _not_our_listener(self, route: Route) -> Route:
         """A mail router or hub that is this host's own SMTP listener would loop.
 
-        The same host on another port (a content filter, say) is fine.  The
+        Its addresses that are ours are dropped; with none left the route
+        fails.  The same host on another port (a content filter, say) is fine.  The
         setting is wrong, not the mail: a temporary failure keeps the mail
         queued until the administrator changes it.
         """
-        for hop in route:
-            if self.local.listens_on(hop.address, hop.port):
-                raise TemporaryRouteError(
-                    route.domain, f"{SETTING_OF_VIA.get(route.via, route.via)} names "
-                    f"{hop.address}:{hop.port}, this host's own SMTP listener: mail would "
-                    "loop back to myself")
-        return route
+        ours = [h for h in route if self.local.listens_on(h.address, h.port)]
+        if not ours:
+            return route
+        others = tuple(h for h in route if h not in ours)
+        if others:  # a name with several addresses, one of them ours: the others serve
+            return attrs.evolve(route, hops=others)
+        raise TemporaryRouteError(
+            route.domain, f"{SETTING_OF_VIA.get(route.via, route.via)} names "
+            f"{ours[0].address}:{ours[0].port}, this host's own SMTP listener: mail would "
+            "loop back to myself")
 
     async def _route(self, domain: str) -> Route:
         literal = address_literal(domain)
