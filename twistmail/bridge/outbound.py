@@ -80,6 +80,7 @@ class _Found:
     work: list[tuple[Envelope, dict[str, list[str]]]] = attrs.Factory(list)
     settle: list[str] = attrs.Factory(list)
     transfer: bool = False  # a mail transfer (MAILXFRINT) happened in this scan
+    held: bool = False  # HLDDSTQ held the queue: nothing was looked at
 
 
 def request_flush(queue_root: Path, node: str) -> None:
@@ -190,7 +191,7 @@ class OutboundManager:
             self.released.clear()
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._due,
                                       transfer, next_at, frozenset(self.released))
-        d.addCallback(self._dispatch)
+        d.addCallback(self._dispatch, transfer)
         d.addErrback(lambda f: self.log.failure("outbound scan failed", f))
 
         def done(_: Any) -> None:
@@ -223,7 +224,7 @@ class OutboundManager:
                     self.journal.write(code, f"{code} TOQ {QTMSOUTQ}", qid, queue=source)
         if self.held:
             self._seen = seen
-            return _Found()
+            return _Found(held=True)
         # A transfer asked for while there is no schedule stays asked for: the
         # bridge may not have read the interval the asker saw yet.
         transfer = next_at is not None and (_transfer_requested(self.queue.root) or transfer)
@@ -290,10 +291,15 @@ class OutboundManager:
         self.journal.write("8W", f"8W WAIT {QTMSOUTQ}", env.id, queue=QTMSOUTQ,
                            next_try=next_at, mailxfrint=self.settings.smtp.mailxfrint)
 
-    def _dispatch(self, found: _Found) -> None:
+    def _dispatch(self, found: _Found, asked: bool = False) -> None:
         work, settle = found.work, found.settle
+        if asked and found.held:
+            self.transfer_due = True  # held since the scan began: the transfer waits
         if found.transfer:
             self._issue_etrn()
+            # What this transfer lets go stays let go until it is started,
+            # even if the queue is held before it can be.
+            self.released.update(env.id for env, _ in work)
         stale = self.touched
         for qid in settle:
             if qid not in self.open and qid not in self.busy and qid not in stale:
@@ -302,6 +308,8 @@ class OutboundManager:
         # (deleted, held) is gone from it, and what was started or settled
         # while it ran is not taken from its out-of-date view.
         self.backlog = {env.id: groups for env, groups in work if env.id not in stale}
+        if not found.held:  # forget what has left QTMSOUTQ (deleted, settled)
+            self.released &= self.backlog.keys() | self.open.keys() | self.busy | stale
         self.by_domain = {}
         for qid, groups in self.backlog.items():
             for domain in groups:
