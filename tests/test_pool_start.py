@@ -40,11 +40,12 @@ class Recorder:
         return job
 
 
-def started_pool(clock: Clock) -> poolmod.Pool:
-    """One job wanted (INLJOBS 1), its start asked of the recorder."""
-    entry = PrestartEntry(inljobs=1, threshold=1, adljobs=1, maxjobs=2)
+def started_pool(clock: Clock, inljobs: int = 1, launcher: Recorder | None = None
+                 ) -> poolmod.Pool:
+    """INLJOBS jobs wanted (one by default), their starts asked of the launcher."""
+    entry = PrestartEntry(inljobs=inljobs, threshold=1, adljobs=1, maxjobs=inljobs + 2)
     p = poolmod.Pool(clock, "QTMSSRCP", entry, Limits(), "/dev/null", None, b"421\r\n")
-    p.launcher = Recorder()
+    p.launcher = launcher or Recorder()
     p.start()
     clock.advance(0)
     return p
@@ -109,11 +110,7 @@ def test_a_task_is_lost_only_when_the_job_channel_ends_without_its_result():
 
 def test_jobs_that_end_with_their_launcher_are_not_boot_failures():
     clock = Clock()
-    entry = PrestartEntry(inljobs=6, threshold=1, adljobs=1, maxjobs=8)
-    p = poolmod.Pool(clock, "QTMSSRCP", entry, Limits(), "/dev/null", None, b"421\r\n")
-    p.launcher = Recorder()
-    p.start()
-    clock.advance(0)
+    p = started_pool(clock, inljobs=6)
     assert len(p.jobs) == 6
     for started in list(p.launcher.started):  # the launcher dies before any is READY
         started.on_ended(Failure(launch.LauncherGone()))
@@ -140,11 +137,7 @@ class Silent(Recorder):
 
 def test_a_start_the_launcher_never_answered_kills_the_launcher():
     clock = Clock()
-    entry = PrestartEntry(inljobs=1, threshold=1, adljobs=1, maxjobs=2)
-    p = poolmod.Pool(clock, "QTMSSRCP", entry, Limits(), "/dev/null", None, b"421\r\n")
-    p.launcher = Silent()
-    p.start()
-    clock.advance(0)
+    p = started_pool(clock, launcher=Silent())
     clock.advance(poolmod.START_LIMIT)
     assert p.launcher.killed == 1
     assert p.launcher.started[0].signals == []  # no pid to signal: the launcher goes instead
