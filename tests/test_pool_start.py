@@ -162,3 +162,22 @@ def test_a_job_whose_channel_closed_is_never_handed_work():
     assert replacement[0].task is not None and replacement[0].task.token == token
     p._job_ended(job, Failure(launch.LauncherGone()))
     assert lost == [] and refused == []
+
+
+def test_a_task_goes_to_the_job_that_last_served_its_destination():
+    clock = Clock()
+    p = started_pool(clock, inljobs=3)
+    first, second, third = p.jobs.values()
+    for job in (first, second, third):
+        p._job_ready(job)
+    p.task_done = lambda token, line: None
+    p.submit_task(b"{}", "a.test")
+    p.submit_task(b"{}", "b.test")
+    by_destination = {j.last_destination: j for j in p.jobs.values() if j.task}
+    for job in by_destination.values():  # both finish; b.test's job is freed last
+        job.chan.lineReceived(b"RESULT %d {}" % job.task.token)
+        p._job_free(job)
+        clock.advance(1)
+    p.submit_task(b"{}", "a.test")  # not the most recently freed job, but a.test's
+    assert by_destination["a.test"].task is not None
+    assert by_destination["b.test"].task is None

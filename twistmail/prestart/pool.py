@@ -70,6 +70,7 @@ class Job:
     ready: bool = False
     pending: dict[int, Request] = attrs.field(factory=dict)
     task: Request | None = None  # the task a client job is running, until its RESULT
+    last_destination: str | None = None  # of its last task: it may keep a connection there
     start_timer: Any = None  # kills a job that is not READY within START_LIMIT
     end_reason: str | None = None
     ended: defer.Deferred = attrs.field(factory=defer.Deferred)
@@ -256,7 +257,7 @@ class Pool:
         self._next_token += 1
         now = request.accepted_at
         peer = request.peer
-        idle = self._pick_idle()
+        idle = self._pick_idle(request.peer if request.sock is None else None)
         light = EntryView(active=self.active, jobs=(idle.view(),) if idle else (),
                           waiting=(0.0,) * len(self.waiting))
         decision = admit(light, self.entry, self.limits)
@@ -273,14 +274,19 @@ class Pool:
             self._reject(request, reason)
         self.evaluate()
 
-    def _pick_idle(self) -> Job | None:
-        # The most recently freed job: it is warm, and the others stay idle
-        # long enough to be trimmed.
+    def _pick_idle(self, destination: str | None = None) -> Job | None:
+        """The most recently freed job: it is warm, and the others stay idle
+        long enough to be trimmed.  For a task, a job whose last task went to
+        the same destination comes first: it may still hold the connection.
+        """
         best = None
         maxuse = self.entry.maxuse
         for j in self.jobs.values():
-            if j.state is JobState.IDLE and (maxuse is None or j.uses < maxuse) and (
-                    best is None or j.since > best.since):
+            if j.state is not JobState.IDLE or (maxuse is not None and j.uses >= maxuse):
+                continue
+            if best is None or (
+                    (j.last_destination == destination, j.since)
+                    > (best.last_destination == destination, best.since)):
                 best = j
         return best
 
@@ -293,6 +299,7 @@ class Pool:
         job.pending[token] = request
         if request.sock is None:
             job.task = request
+            job.last_destination = request.peer
         try:
             job.chan.hand(token, request)
         except Exception as e:  # the channel is gone; the job's end cleans up
@@ -316,7 +323,8 @@ class Pool:
 
     def _dispatch(self) -> None:
         while self.waiting and self.active:
-            job = self._pick_idle()
+            first = self.waiting[0]
+            job = self._pick_idle(first.peer if first.sock is None else None)
             if job is None:
                 return
             request = self.waiting.popleft()
