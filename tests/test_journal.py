@@ -393,6 +393,19 @@ def test_a_batch_goes_out_in_one_write_with_consecutive_seqs(tmp_path):
     assert len({e["ts"] for e in entries[2:]}) == 1
 
 
+def test_flush_writes_a_batch_so_far_and_the_batch_goes_on(tmp_path):
+    j = journal.Journal(tmp_path, "QTSMTPBRSR/1")
+    with j.batch():
+        j.write("7A", "7A FIQ QTMSINQ", "Q1")
+        j.write("B8", "B8 DLV SAM", "Q1")
+        j.flush()  # before the message leaves QTMSINQ
+        assert [e["code"] for e in journal.read_entries(tmp_path)] == ["7A", "B8"]
+        j.write("7P", "7P UNDL a@b", "Q1")
+        assert len(list(journal.read_entries(tmp_path))) == 2
+    assert [e["code"] for e in journal.read_entries(tmp_path)] == ["7A", "B8", "7P"]
+    j.flush()  # outside a batch: nothing to do
+
+
 def test_an_exception_in_a_batch_still_writes_what_came_before(tmp_path):
     j = journal.Journal(tmp_path, "QTSMTPBRSR/1")
     with pytest.raises(RuntimeError), j.batch():

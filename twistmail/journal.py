@@ -325,6 +325,19 @@ class Journal:
             if entries and self.enabled:
                 self._write_entries(entries)
 
+    def flush(self) -> None:
+        """Write what this thread's batch holds now; the batch goes on.
+
+        For the moment before a step publishes its result (moves or removes
+        the message): its entries then precede whatever a reader of the
+        queue does next, as the entries of a received message do.
+        """
+        entries = getattr(self._batches, "entries", None)
+        if entries:
+            self._batches.entries = []
+            if self.enabled:
+                self._write_entries(entries)
+
     def _write_entries(self, entries: list[tuple[str, str, str | None, dict[str, Any]]]
                        ) -> int | None:
         with self._mutex:

@@ -66,8 +66,9 @@ class InboundProcessor:
         j.write("7A", f"7A FIQ {QTMSINQ}", queue_id, queue=QTMSINQ)
         _delete_api_files(env)
         if self.storage_full():
-            self.queue.move(queue_id, QTMSINQ, QTMSBSSQ)
             j.write("7L", f"7L TSSQ {QTMSBSSQ}", queue_id, queue=QTMSBSSQ)
+            j.flush()
+            self.queue.move(queue_id, QTMSINQ, QTMSBSSQ)
             return Outcome(queue_id, parked=True)
         body = self.queue.body_path(queue_id)
         if not released(env):
@@ -97,24 +98,28 @@ class InboundProcessor:
                      and "SUCCESS" in r.notify and r.delivered_at is not None]
         if successes:
             self._notice(env, successes, body)
+        # The step's entries are written before the message moves on or goes.
         if forwarded:
-            self.queue.move(queue_id, QTMSINQ, QTMSOUTQ, env)
             j.write("C6", f"C6 TOQ {QTMSOUTQ}", queue_id, queue=QTMSOUTQ, recipients=forwarded)
+            j.flush()
+            self.queue.move(queue_id, QTMSINQ, QTMSOUTQ, env)
         else:
+            j.flush()
             self.queue.remove(QTMSINQ, queue_id)
         return Outcome(queue_id, delivered, len(failures), forwarded, notice=notice)
 
     def _filtered(self, env: Envelope, match: Any) -> Outcome:
         """FTRACN: keep the message in quarantine, or discard it (journal OW)."""
         what = {"filter": match.type, "pattern": match.pattern, "value": match.value[:200]}
-        if self.ftracn == "*KEEP":
-            self.queue.move(env.id, QTMSINQ, QUARANTINE, env.note({"quarantined": what}))
-            action = "kept in quarantine"
-        else:
-            self.queue.remove(QTMSINQ, env.id)
-            action = "discarded"
+        keep = self.ftracn == "*KEEP"
+        action = "kept in quarantine" if keep else "discarded"
         self.journal.write("OW", f"OW {match.type} {action}", env.id, action=action,
                            ftracn=self.ftracn, originator=env.originator, **what)
+        self.journal.flush()
+        if keep:
+            self.queue.move(env.id, QTMSINQ, QUARANTINE, env.note({"quarantined": what}))
+        else:
+            self.queue.remove(QTMSINQ, env.id)
         return Outcome(env.id, filtered=True)
 
     def _one(self, env: Envelope, index: int, rcpt: Recipient, body: Any) -> Recipient:

@@ -243,11 +243,16 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
         spool = queue.new_spool(notice_env)
     except ValueError:
         return nid  # made by an earlier attempt and still queued
+
+    def record() -> None:
+        """Before the notice shows on QTMSINQ: its entries precede its delivery's."""
+        journal.write("AP", f"AP UNDL {nid}", nid, original=env.id)
+        journal.write("A1", "A1 O <>", nid, originator="")
+        for r in recipients:
+            journal.write("A2", f"A2 R {r}", nid, recipient=r)
+        journal.flush()
+
     with spool:
         spool.write(data)
-        spool.commit(QTMSINQ, notice_env)
-    journal.write("AP", f"AP UNDL {nid}", nid, original=env.id)
-    journal.write("A1", "A1 O <>", nid, originator="")
-    for r in recipients:
-        journal.write("A2", f"A2 R {r}", nid, recipient=r)
+        spool.commit(QTMSINQ, notice_env, before_publish=record)
     return nid
