@@ -8,6 +8,8 @@ end of data (SMTP smuggling).
 
 from __future__ import annotations
 
+import re
+
 import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -412,6 +414,7 @@ def test_dot_stuffing_at_every_position():
     assert body == b"\r\n".join([b"", b".", b"..", b"x", b"x.", b" ."]) + b"\r\n"
 
 
+_DATE = re.compile(rb"\w{3}, \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}")
 _PIECES = [b"x", b"text", b".", b"..", b"\r\n", b"\r\n", b"\r\n", b"\r", b"\n", b" ",
            b"\r\n.\r\n", b"y" * 990, b"y" * 996, b"y" * 997]
 
@@ -431,6 +434,8 @@ def _outcome(payload: bytes, cuts: list[int], block_path: bool, alwbarelf: bool,
         for a, b in zip(edges, edges[1:], strict=False):
             s.send(wire[a:b])
         queued = s.backend.queued[0][0].body if s.backend.queued else None
+        if queued is not None:  # the two runs may straddle a second: dates aside
+            queued = _DATE.sub(b"<date>", queued)
         return s.replies(), queued
     finally:
         monkeypatch.undo()
