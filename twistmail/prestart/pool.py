@@ -279,16 +279,12 @@ class Pool:
         long enough to be trimmed.  For a task, a job whose last task went to
         the same destination comes first: it may still hold the connection.
         """
-        best = None
         maxuse = self.entry.maxuse
-        for j in self.jobs.values():
-            if j.state is not JobState.IDLE or (maxuse is not None and j.uses >= maxuse):
-                continue
-            if best is None or (
-                    (j.last_destination == destination, j.since)
-                    > (best.last_destination == destination, best.since)):
-                best = j
-        return best
+        idle = [j for j in self.jobs.values()
+                if j.state is JobState.IDLE and (maxuse is None or j.uses < maxuse)]
+        if destination is not None:
+            idle = [j for j in idle if j.last_destination == destination] or idle
+        return max(idle, key=lambda j: j.since, default=None)
 
     def _hand(self, job: Job, request: Request) -> None:
         token = request.token
