@@ -144,11 +144,7 @@ class _Data:
 
     def line(self, line: bytes) -> None:
         """One message line without its CRLF, already unstuffed."""
-        if self.error is not None:
-            return
-        self.size += len(line) + 2
-        if self.size > self.session.factory.maxmsgsize:
-            self.fail(552, "5.3.4 Message size exceeds fixed maximum message size")
+        if not self._fits(len(line) + 2):
             return
         if self.in_header:
             self._header_line(line)
@@ -157,13 +153,18 @@ class _Data:
 
     def body_block(self, block: bytes) -> None:
         """Whole body lines, each ending in CRLF, already unstuffed and checked."""
+        if self._fits(len(block)):
+            self.spool.write(block)
+
+    def _fits(self, octets: int) -> bool:
+        """Count ``octets`` more; False once the message has failed or is too big."""
         if self.error is not None:
-            return
-        self.size += len(block)
+            return False
+        self.size += octets
         if self.size > self.session.factory.maxmsgsize:
             self.fail(552, "5.3.4 Message size exceeds fixed maximum message size")
-            return
-        self.spool.write(block)
+            return False
+        return True
 
     def _header_line(self, line: bytes) -> None:
         if line == b"":
