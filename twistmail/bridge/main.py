@@ -27,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twistmail-bridge")
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
-    # A CHGPJE/CHGSMTPA arriving while the bridge starts must not end it.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A CHGPJE/CHGSMTPA arriving while the bridge starts must neither end it
+    # nor be lost: it is noted, and the settings are read again once running.
+    reload_asked: list[int] = []
+    signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(1))
     die_with_parent()
     log_to_stderr()
     settings = configmod.load(args.config)
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     reactor.callWhenRunning(status.start)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
         _reload, args.config, pool, outbound, processor))
+    if reload_asked:
+        reactor.callWhenRunning(_reload, args.config, pool, outbound, processor)
     reactor.run()
     return 0
 
