@@ -347,12 +347,17 @@ class SMTPSession(SequentialSession):
         buf = self.buffer
         pos = 0
         progressed = False
+        blocks = True  # until a block is refused in the body: then lines, for this buffer
         while self.data is not None and not self.busy:
-            taken = self._body_lines(buf, pos)
-            if taken:
-                pos += taken
-                progressed = True
-                continue
+            if blocks:
+                taken = self._body_lines(buf, pos)
+                if taken:
+                    pos += taken
+                    progressed = True
+                    continue
+                # Each try scans the rest of the buffer: one refusal in the
+                # body means lines to its end, never a scan per line.
+                blocks = self.data.in_header
             lf = buf.find(b"\n", pos)
             if lf < 0:
                 break
