@@ -717,12 +717,17 @@ class ClientTests(unittest.TestCase):
                                                "RSET", "MAIL", "RCPT", "DATA",
                                                "RSET", "MAIL", "RCPT", "DATA"])
 
-    async def test_a_connection_the_server_closed_meanwhile_is_replaced(self) -> None:
-        sink = self.sink()
+    async def kept_session(self, sink: Any) -> tuple[SessionCache, Any]:
+        """A cache holding the session of one delivery to ``sink``, and that session."""
         cache = SessionCache(reactor, idle=5.0)
         self.addCleanup(cache.close_all)
         await self.send([sink.hop()], cache=cache)
         [(session, _, _)] = cache._kept.values()
+        return cache, session
+
+    async def test_a_connection_the_server_closed_meanwhile_is_replaced(self) -> None:
+        sink = self.sink()
+        cache, session = await self.kept_session(sink)
         session.transport.loseConnection()  # as a server's idle timeout would
         await session.closed
         result = await self.send([sink.hop()], cache=cache)
@@ -732,10 +737,7 @@ class ClientTests(unittest.TestCase):
 
     async def test_a_peer_that_spoke_while_idle_gets_a_new_connection(self) -> None:
         sink = self.sink()
-        cache = SessionCache(reactor, idle=5.0)
-        self.addCleanup(cache.close_all)
-        await self.send([sink.hop()], cache=cache)
-        [(session, _, _)] = cache._kept.values()
+        cache, session = await self.kept_session(sink)
         session.dataReceived(b"250 2.0.0 nobody asked\r\n")  # would shift every reply
         result = await self.send([sink.hop()], recipients=("b@d.test",), cache=cache)
         self.assertEqual([r.status for r in result.recipients], [DELIVERED])
