@@ -99,7 +99,7 @@ def test_password_is_stored_only_as_an_argon2id_hash(tmp_path):
     d.create_profile("sam", "Correct Horse 42", text="Sam")
     stored = d._conn().execute("SELECT pwhash FROM profiles").fetchone()[0]
     _, scheme, version, costs, salt, digest = stored.split("$")
-    assert (scheme, version, costs) == ("argon2id", "v=19", "m=19456,t=2,p=1")
+    assert (scheme, version, costs) == ("argon2id", "v=19", "m=12288,t=3,p=1")
     assert len(dirmod.base64.b64decode(salt + "==")) == 16
     assert b"Correct Horse 42" not in _db_bytes(d.path)
     d.close()
@@ -119,6 +119,19 @@ def test_a_hash_of_the_earlier_scheme_verifies_and_is_replaced_at_login(d):
     assert d.authenticate("sam", "pw") == "SAM"
     assert d._conn().execute("SELECT pwhash FROM profiles").fetchone()[0].startswith(
         "$argon2id$")
+    assert d.authenticate("sam", "pw") == "SAM"
+
+
+def test_a_hash_with_other_argon2id_costs_is_replaced_at_login(d, monkeypatch):
+    monkeypatch.setattr(dirmod, "ARGON2_T", 2)
+    d.create_profile("sam", "pw")
+    old = d._conn().execute("SELECT pwhash FROM profiles").fetchone()[0]
+    monkeypatch.setattr(dirmod, "ARGON2_T", 1)
+    assert d.authenticate("sam", "no") is None
+    assert d._conn().execute("SELECT pwhash FROM profiles").fetchone()[0] == old
+    assert d.authenticate("sam", "pw") == "SAM"
+    new = d._conn().execute("SELECT pwhash FROM profiles").fetchone()[0]
+    assert new != old and dirmod.current_scheme(new)
     assert d.authenticate("sam", "pw") == "SAM"
 
 
