@@ -299,11 +299,17 @@ class Journal:
             raise ValueError(f"journal code {code!r} is not two characters")
         if fields and not _RESERVED.isdisjoint(fields):
             raise ValueError(f"journal fields may not be named {sorted(_RESERVED & set(fields))}")
+        entry = {"code": code, "job": self.job, "msgid": msgid, "esd": esd}
+        if fields:
+            entry.update(fields)
+        # Encoded now, outside the lock every job's writes wait for; seq and
+        # ts go in front of it under the lock.
+        rest = _encode(entry)[1:]
         pending = getattr(self._batches, "entries", None)
         if pending is not None:
-            pending.append((code, esd, msgid, fields))
+            pending.append(rest)
             return None
-        return self._write_entries([(code, esd, msgid, fields)])
+        return self._write_entries([rest])
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -338,8 +344,7 @@ class Journal:
             if self.enabled:
                 self._write_entries(entries)
 
-    def _write_entries(self, entries: list[tuple[str, str, str | None, dict[str, Any]]]
-                       ) -> int | None:
+    def _write_entries(self, entries: list[str]) -> int | None:
         with self._mutex:
             try:
                 return self._locked(lambda state: self._append(state, entries))
@@ -391,20 +396,15 @@ class Journal:
             os.close(fd)
             self._state_fd = None
 
-    def _append(
-        self, state: _State, entries: list[tuple[str, str, str | None, dict[str, Any]]]
-    ) -> tuple[int, _State]:
+    def _append(self, state: _State, entries: list[str]) -> tuple[int, _State]:
+        """Write entries (JSON objects without their first brace) after seq and ts."""
         state = self._writable(state)
         seq = state.seq
         ts = _now_text()
         lines = []
-        for code, esd, msgid, fields in entries:
+        for rest in entries:
             seq += 1
-            entry = {"seq": seq, "ts": ts, "code": code, "job": self.job, "msgid": msgid,
-                     "esd": esd}
-            if fields:
-                entry.update(fields)
-            lines.append(_encode(entry) + "\n")
+            lines.append(f'{{"seq":{seq},"ts":"{ts}",{rest}\n')
         data = "".join(lines).encode()
         assert self._rfd is not None
         if os.write(self._rfd, data) != len(data):
