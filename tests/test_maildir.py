@@ -372,6 +372,21 @@ def test_stat_and_sizes_are_exact_octets(store: MaildirStore, tmp_path: Path) ->
                 assert f.read() == content
 
 
+def test_read_small_gives_a_range_or_none_when_over_the_limit(
+    store: MaildirStore, tmp_path: Path
+) -> None:
+    sent = deliver_ids(store, tmp_path, "0001.R1")["0001.R1"]
+    with store.open(USER) as session:
+        size = len(sent)
+        assert session.read_small(1, 0, None, size) == sent
+        assert session.read_small(1, 0, None, size - 1) is None
+        assert session.read_small(1, 3, 10, 7) == sent[3:10]
+        assert session.read_small(1, 3, 10, 6) is None
+        msg = session.message(1)
+        os.rename(msg.path, msg.path.with_name(msg.path.name + "S"))  # another reader's flag
+        assert session.read_small(1, 0, None, size) == sent
+
+
 def test_uidl_is_stable_across_sessions_and_processes(
     store: MaildirStore, root: Path, tmp_path: Path
 ) -> None:

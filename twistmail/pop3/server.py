@@ -77,11 +77,14 @@ class DotStuffer:
             data = data[:-1]
         if not data:
             return b""
-        # Bare LFs (files from other Maildir writers) become CRLF.
-        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        # Bare LFs (files from other Maildir writers) become CRLF.  Counting
+        # first spares the two copies for the usual message, which has none.
+        if data.count(b"\n") != data.count(b"\r\n"):
+            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if self.at_line_start and data.startswith(b"."):
             data = b"." + data
-        data = data.replace(b"\n.", b"\n..")
+        if b"\n." in data:
+            data = data.replace(b"\n.", b"\n..")
         self.at_line_start = data.endswith(b"\n")
         return data
 
@@ -110,37 +113,14 @@ class _Sender:
         self.prefix = prefix
         self.lines = lines  # TOP: body lines still to send (None: everything)
         self.in_body = bool(prefix)  # a piece's own header block comes first
-        self.first = b""  # stuffed data read by send_at_once, not yet sent
-
-    def send_at_once(self, status: bytes) -> bool:
-        """Send a reply that fits in one chunk with its status line, in one write.
-
-        Most messages are small: one write is one segment and no turn of the
-        reactor between the status line and the message.  False (nothing
-        sent yet) when the reply must be streamed.
-        """
-        if self.lines is not None:
-            return False
-        out = b""
-        if self.prefix:
-            out, self.prefix = self.stuffer.feed(self.prefix), b""
-        chunk = self._read()
-        if chunk:
-            out += self.stuffer.feed(chunk)
-        if chunk and not self.at_end:
-            self.first = out
-            return False
-        self.f.close()
-        write_now(self.session.transport, status + out + self.stuffer.end())
-        return True
 
     def start(self) -> None:
         self.session.transport.registerProducer(self, False)
 
     def resumeProducing(self) -> None:
-        out, self.first = self.first, b""
+        out = b""
         if self.prefix:
-            out += self.stuffer.feed(self.prefix)
+            out = self.stuffer.feed(self.prefix)
             self.prefix = b""
         chunk = self._read()
         if chunk:
@@ -514,23 +494,30 @@ class POP3Session(SequentialSession):
         from twistmail.maildir import MaildirError
 
         try:
-            f = self.box.read(item.index)
+            # Most replies fit in one chunk: status line and message then
+            # go out in one write, one segment, with no reactor turn between.
+            small = None if lines is not None else self.box.read_small(
+                item.index, item.start, item.end, CHUNK)
+            f = None if small is not None else self.box.read(item.index)
         except MaildirError as e:
             self.err(f"[SYS/TEMP] Message {item.number} is no longer available: {e}")
             return None
-        if item.start:
-            f.seek(item.start)
-        limit = None if item.end is None else item.end - item.start
+        if f is None:
+            stuffer = DotStuffer()
+            write_now(self.transport, b"+OK %s\r\n%s%s%s" % (
+                text.encode(), stuffer.feed(item.header), stuffer.feed(small), stuffer.end()))
+        else:
+            if item.start:
+                f.seek(item.start)
+            limit = None if item.end is None else item.end - item.start
+            self.ok(text)
+            self.busy = True  # until the sender is done (it may finish at once)
+            _Sender(self, f, item.header, limit, lines).start()
         if journal:
+            # After the reply: the client's next command is on its way meanwhile.
             self.factory.journal.write("QR", f"QR RETR {self.usrprf} {item.uidl}",
                                        usrprf=self.usrprf, uidl=item.uidl, size=item.size,
                                        ip=self.peer_ip)
-        sender = _Sender(self, f, item.header, limit, lines)
-        if sender.send_at_once(f"+OK {text}\r\n".encode()):
-            return None
-        self.ok(text)
-        self.busy = True  # until the sender is done (it may finish at once)
-        sender.start()
         return None
 
     def pop_DELE(self, arg: str) -> None:
