@@ -15,6 +15,7 @@ Settings honoured: ``[limits] maxconnperip maxconnrate maxauthfail interval``.
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 from collections.abc import Callable
 
@@ -36,8 +37,12 @@ class Refusal:
     journal: bool  # first refusal for this address and setting in this interval
 
 
+@functools.lru_cache(maxsize=4096)
 def client_key(ip: str) -> str:
-    """IPv6 clients are counted per /64: one host usually owns the whole prefix."""
+    """IPv6 clients are counted per /64: one host usually owns the whole prefix.
+
+    Cached: the controller asks twice per connection, mostly for the same
+    few addresses, and parsing one costs more than the rest of the check."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
