@@ -529,9 +529,18 @@ class Pool:
             job.chan.send_end()
 
     def _schedule(self, wake_at: float | None, now: float) -> None:
-        self._cancel_timer()
-        if wake_at is not None and self.active:
-            self._timer = self.reactor.callLater(max(0.0, wake_at - now) + 0.001, self.evaluate)
+        if wake_at is None or not self.active:
+            self._cancel_timer()
+            return
+        when = max(now, wake_at) + 0.001
+        timer = self._timer
+        if timer is not None and timer.active():
+            # Most evaluations ask for the same moment (the next trim): keep
+            # the call rather than cancel it and make another each session.
+            if timer.getTime() != when:
+                timer.reset(when - now)
+            return
+        self._timer = self.reactor.callLater(when - now, self.evaluate)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
