@@ -496,7 +496,7 @@ class POP3Session(SequentialSession):
         try:
             # Most replies fit in one chunk: status line and message then
             # go out in one write, one segment, with no reactor turn between.
-            small = None if lines is not None else self.box.read_small(
+            small = None if lines is not None or item.size > CHUNK else self.box.read_small(
                 item.index, item.start, item.end, CHUNK)
             f = None if small is not None else self.box.read(item.index)
         except MaildirError as e:
