@@ -498,15 +498,15 @@ class POP3Session(SequentialSession):
             # go out in one write, one segment, with no reactor turn between.
             small = None if lines is not None or item.size > CHUNK else self.box.read_small(
                 item.index, item.start, item.end, CHUNK)
-            f = None if small is not None else self.box.read(item.index)
+            f = self.box.read(item.index) if small is None else None
         except MaildirError as e:
             self.err(f"[SYS/TEMP] Message {item.number} is no longer available: {e}")
             return None
-        if f is None:
+        if small is not None:
             stuffer = DotStuffer()
             write_now(self.transport, b"+OK %s\r\n%s%s%s" % (
                 text.encode(), stuffer.feed(item.header), stuffer.feed(small), stuffer.end()))
-        else:
+        elif f is not None:
             if item.start:
                 f.seek(item.start)
             limit = None if item.end is None else item.end - item.start
