@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistmail.auth import IMailboxAccess
+from twistmail.maildir import MailboxInUse, MaildirError
 from twistmail.protocols.sequential import SequentialSession
 from twistmail.protocols.writenow import write_now
 
@@ -370,8 +371,6 @@ class POP3Session(SequentialSession):
         return self.factory.record_login(self.peer_ip, self.usrprf)
 
     def _login_failed(self, failure: Any, user: str) -> Any:
-        from twistmail.maildir import MailboxInUse
-
         if failure.check(MailboxInUse):
             self.factory.journal.write("QU", f"QU INUSE {self.peer_ip}", ip=self.peer_ip,
                                        user=user)
@@ -491,8 +490,6 @@ class POP3Session(SequentialSession):
     pop_TOP.states = ("TRANSACTION",)  # type: ignore[attr-defined]
 
     def _send(self, item: Item, text: str, lines: int | None, journal: bool) -> Any:
-        from twistmail.maildir import MaildirError
-
         try:
             # Most replies fit in one chunk: status line and message then
             # go out in one write, one segment, with no reactor turn between.
