@@ -464,6 +464,52 @@ def test_commit_deletes_the_marked_messages(store: MaildirStore, tmp_path: Path)
         assert (msg.index, msg.uidl) == (1, f"0002.R1.{HOST}")
 
 
+def test_decide_is_the_point_of_no_return(store: MaildirStore, tmp_path: Path) -> None:
+    """After decide, the deletions happen even if the session never expunges."""
+    deliver_ids(store, tmp_path, "0001.R1", "0002.R1", "0003.R1")
+    session = store.open(USER)
+    paths = [m.path for m in session.messages()]
+    session.mark_deleted(2)
+    assert session.decide() == 1
+    with pytest.raises(SessionClosed):
+        session.mark_deleted(1)
+    assert all(p.exists() for p in paths)  # nothing unlinked yet
+    session.close()  # the job ends (or dies) before its expunge
+    with store.open(USER) as again:
+        assert [m.uidl for m in again.messages()] == [f"0001.R1.{HOST}", f"0003.R1.{HOST}"]
+    assert [p.exists() for p in paths] == [True, False, True]
+    assert not (store.path(USER) / EXPUNGE_FILE).exists()
+
+
+def test_an_open_waits_for_a_quit_that_is_unlinking(
+    store: MaildirStore, root: Path, tmp_path: Path
+) -> None:
+    """A client that logs in again right after QUIT gets the box as QUIT left it."""
+    deliver_ids(store, tmp_path, "0001.R1", "0002.R1")
+    holder = run_python(
+        f"""
+        import time
+        from twistmail.maildir import MaildirStore
+        session = MaildirStore({str(root)!r}, {HOST!r}).open("SAM")
+        session.mark_deleted(1)
+        session.decide()
+        print("decided", flush=True)
+        time.sleep(0.5)
+        session.expunge()
+        """,
+        wait=False,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "decided"
+        with store.open(USER) as session:
+            assert [m.uidl for m in session.messages()] == [f"0002.R1.{HOST}"]
+        assert holder.wait(10) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
 @pytest.mark.parametrize("index", [0, 4, -1])
 def test_out_of_range_numbers(store: MaildirStore, tmp_path: Path, index: int) -> None:
     deliver_ids(store, tmp_path, "0001.R1", "0002.R1", "0003.R1")

@@ -65,9 +65,10 @@ def test_seed_scenario_send_retrieve_delete(post):
     assert b"\r\n".join(lines).endswith(note.rstrip(b"\r\n"))
     p.dele(1)
     assert p.quit().startswith(b"+OK")
-    assert a.mailbox("SAM") == []
+    # A login right after QUIT waits for its unlinking, so it sees the box empty.
     p = pop(a)
     assert p.stat() == (0, 0)
+    assert a.mailbox("SAM") == []
     p.quit()
     codes = [e["code"] for e in a.journal() if e["code"].startswith("Q")]
     assert codes.count("QL") == 2 and "QR" in codes and "QD" in codes
@@ -116,7 +117,7 @@ def test_fetchmail_retrieves_into_a_file(post, tmp_path):
     data = out.read_bytes()
     assert data.count(b"Subject: fetch me") == 3
     assert b"\n.dot first\n" in data.replace(b"\r\n", b"\n")
-    assert a.mailbox("SAM") == []
+    a.wait_for(lambda: a.mailbox("SAM") == [], 10, "the messages fetchmail deleted to go")
 
 
 def test_openssl_starttls_pop3(post):
@@ -207,10 +208,10 @@ def test_maildir_semantics(post):
     assert again[:3] == uidls  # stable across sessions
     p.dele(1)
     p.quit()
+    # Stable across a restart of the whole appliance.
+    before = pop(a)  # waits for the QUIT above to finish unlinking
     assert len(a.mailbox("SAM")) == 3
     assert files[0] not in a.mailbox("SAM")
-    # Stable across a restart of the whole appliance.
-    before = pop(a)
     listing = before.uidl()[1]
     before.quit()
     a.stop()
@@ -313,7 +314,7 @@ def test_msgsplit_offers_message_partial_pieces(make_appliance):
     for n in range(1, count):
         p.dele(n)
     p.quit()
-    assert len(a.mailbox("SAM")) == 1
+    a.wait_for(lambda: len(a.mailbox("SAM")) == 1, 10, "the pieces' message to go")
 
 
 def test_pipelined_commands_answered_in_order(post):

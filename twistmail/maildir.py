@@ -41,11 +41,16 @@ leaves at most a file in ``tmp/``, removed by a POP session after 36 hours
 (the Maildir rule).  QUIT is all-or-nothing across crashes: the names to
 remove are written to ``.twistmail.expunge`` (fsynced, renamed into place)
 before the first unlink, and the next session finishes a log left behind.
+That log is the commit point: the POP server answers QUIT once it is written
+(:meth:`MailboxSession.decide`) and unlinks afterwards
+(:meth:`MailboxSession.expunge`), still holding the lock.
 
 Locking: a POP session holds an exclusive, non-blocking ``flock`` on
 ``.twistmail.lock`` from open to QUIT or close (a second session gets
 :class:`MailboxInUse`, which the POP server answers ``-ERR [IN-USE]``); the
-kernel drops it when the holding process dies.  Delivery takes no lock: it
+kernel drops it when the holding process dies.  An open that finds the lock
+held while an expunge log exists waits (up to ``EXPUNGE_WAIT``) for that
+QUIT to finish instead.  Delivery takes no lock: it
 only adds to ``new/``, and a session works on the snapshot it took at open,
 so mail delivered meanwhile appears in the next session.
 """
@@ -76,6 +81,9 @@ SEEN_BY_POP = ":2,"
 CUR_INFOS = (SEEN_BY_POP, ":2,S")
 LOCK_FILE = ".twistmail.lock"
 EXPUNGE_FILE = ".twistmail.expunge"
+#: How long an open waits for a session that has answered QUIT and is still
+#: removing its messages (seconds).
+EXPUNGE_WAIT = 10.0
 #: Files in tmp/ older than this are debris of a killed delivery.
 TMP_MAX_AGE = 36 * 3600
 UIDL_MAX = 70
@@ -256,7 +264,7 @@ class MaildirStore:
 
         Raises :class:`MailboxInUse` when another session holds it."""
         maildir = self.ensure(user)
-        lock = _take_lock(maildir / LOCK_FILE, check_user(user))
+        lock = _take_lock(maildir, check_user(user))
         try:
             _finish_expunge(maildir)
             _clean_tmp(maildir / "tmp", time.time() - TMP_MAX_AGE)
@@ -324,6 +332,8 @@ class MailboxSession:
         ]
         self._redundant = redundant
         self._deleted: set[int] = set()
+        #: The cur/ names :meth:`decide` committed to removing; None before.
+        self._doomed: list[str] | None = None
 
     def __enter__(self) -> MailboxSession:
         return self
@@ -387,6 +397,8 @@ class MailboxSession:
     def mark_deleted(self, index: int) -> None:
         """DELE: only marks; the file goes at commit."""
         self.message(index)
+        if self._doomed is not None:
+            raise SessionClosed("the deletions of this session are already decided")
         self._deleted.add(index)
 
     def undelete_all(self) -> None:
@@ -395,17 +407,50 @@ class MailboxSession:
         self._deleted.clear()
 
     def commit(self) -> None:
-        """QUIT: remove the marked messages all-or-nothing, then release the lock.
+        """QUIT, all of it: :meth:`decide`, then :meth:`expunge`."""
+        self.decide()
+        self.expunge()
 
-        Raises :class:`DeletionFailed` (after releasing) if some could not be removed."""
+    def decide(self) -> int:
+        """The UPDATE state's point of no return; returns how many files will go.
+
+        The names to remove are made durable in ``.twistmail.expunge``.  From
+        then on they are removed even if this process dies (the next open
+        finishes the log), so the POP server answers QUIT as soon as this
+        returns and leaves the unlinking to :meth:`expunge`: a client no longer
+        waits for one unlink per message.  Raises :class:`DeletionFailed`
+        (after releasing; nothing removed) when the log cannot be written."""
         self._check_open()
+        if self._doomed is not None:
+            raise SessionClosed("the deletions of this session are already decided")
         try:
             names = self._names_to_remove()
-            failed = _expunge(self.maildir, names) if names else []
+            if names:
+                _write_intent(self.maildir, names)
         except OSError as e:
             self.close()
+            raise DeletionFailed(f"deletions not started: {e}") from e
+        self._doomed = names
+        return len(names)
+
+    def expunge(self) -> None:
+        """Remove what :meth:`decide` recorded, then release the lock.
+
+        Raises :class:`DeletionFailed` (after releasing) if some could not be
+        removed; the log then stays, and the next open tries them again."""
+        self._check_open()
+        names = self._doomed
+        if names is None:
+            raise SessionClosed("expunge before the deletions were decided")
+        try:
+            failed = _unlink_all(self._cur, names) if names else []
+            if names and not failed:
+                os.unlink(self.maildir / EXPUNGE_FILE)
+                fsync_dir(self.maildir)
+        except OSError as e:
             raise DeletionFailed(f"deletions not completed: {e}") from e
-        self.close()
+        finally:
+            self.close()
         if failed:
             raise DeletionFailed(f"{len(failed)} deleted messages not removed")
 
@@ -517,18 +562,32 @@ def _link_new(maildir: Path, tmp: Path, name: str) -> Path:
     return target
 
 
-def _take_lock(path: Path, user: str) -> BinaryIO:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _take_lock(maildir: Path, user: str) -> BinaryIO:
+    """The session lock; waits only for a holder that is past QUIT, unlinking.
+
+    Such a holder has answered its client already, and the client (or another
+    one) may well log in again at once: it should find the mailbox as that
+    QUIT left it, not ``[IN-USE]``.  The expunge log tells that holder from
+    a live session, which is refused at once."""
+    fd = os.open(maildir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     lock = os.fdopen(fd, "r+b", buffering=0)
+    deadline: float | None = None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise MailboxInUse(f"mailbox of {user} is in use by another session") from None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lock
+            except BlockingIOError:
+                now = time.monotonic()
+                deadline = now + EXPUNGE_WAIT if deadline is None else deadline
+                if now >= deadline or not os.path.exists(maildir / EXPUNGE_FILE):
+                    raise MailboxInUse(
+                        f"mailbox of {user} is in use by another session"
+                    ) from None
+                time.sleep(0.002)
     except BaseException:
         lock.close()
         raise
-    return lock
 
 
 def _message_files(directory: Path) -> list[os.DirEntry]:
@@ -555,15 +614,6 @@ def _move_new(maildir: Path) -> None:
     if moved:
         fsync_dir(cur)
         fsync_dir(maildir / "new")
-
-
-def _expunge(maildir: Path, names: list[str]) -> list[str]:
-    """Unlink cur/ names under a durable intent log; returns those that failed."""
-    _write_intent(maildir, names)
-    failed = _unlink_all(maildir / "cur", names)
-    os.unlink(maildir / EXPUNGE_FILE)
-    fsync_dir(maildir)
-    return failed
 
 
 def _write_intent(maildir: Path, names: list[str]) -> None:

@@ -547,14 +547,21 @@ class POP3Session(SequentialSession):
         gone = self._files_to_delete()
         for index in gone:
             box.mark_deleted(index)
-        d = self.factory.in_thread(box.commit)
+        # The reply waits only for the durable list of what goes (decide);
+        # the unlinking (expunge) follows with the connection already closed.
+        d = self.factory.in_thread(box.decide)
 
-        def committed(_: Any) -> None:
+        def decided(_: Any) -> None:
             self.box = None
             self.factory.journal.write("QD", f"QD DEL {self.usrprf} {len(gone)}",
                                        usrprf=self.usrprf, deleted=len(gone), ip=self.peer_ip)
             self.ok(f"{self.factory.hostname} signing off ({len(gone)} messages deleted)")
             self.close()
+            self.factory.in_thread(box.expunge).addErrback(
+                lambda f: self.log.failure(
+                    "removing the messages deleted at QUIT failed; the next session retries", f
+                )
+            )
 
         def failed(failure: Any) -> None:
             self.box = None
@@ -562,7 +569,7 @@ class POP3Session(SequentialSession):
             self.err("[SYS/TEMP] Some deleted messages were not removed")
             self.close()
 
-        return d.addCallbacks(committed, failed)
+        return d.addCallbacks(decided, failed)
 
     pop_QUIT.states = ("AUTHORIZATION", "TRANSACTION")  # type: ignore[attr-defined]
 
