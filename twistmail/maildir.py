@@ -543,9 +543,10 @@ def _find_delivered(maildir: Path, name: str) -> Path | None:
 
     new/ is probed before cur/: a session moves new/ → cur/ by one rename, so
     in this order a message being moved is seen in one place or the other."""
-    for candidate in (maildir / "new" / name, *(maildir / "cur" / (name + i) for i in CUR_INFOS)):
+    base = os.fspath(maildir)  # plain strings: this runs once per delivery
+    for candidate in (f"{base}/new/{name}", *(f"{base}/cur/{name}{i}" for i in CUR_INFOS)):
         if os.path.lexists(candidate):
-            return candidate
+            return Path(candidate)
     return None
 
 

@@ -350,7 +350,7 @@ class RecoveryReport:
 # -- file helpers ----------------------------------------------------------------
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path | str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
@@ -361,7 +361,7 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _unlink(path: Path) -> bool:
+def _unlink(path: Path | str) -> bool:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -405,14 +405,16 @@ class Spool:
         self.envelope = envelope
         self.id = envelope.id
         self.size = 0
-        self._body_tmp = queue.tmp / f"{self.id}.{os.getpid()}.body"
-        self._env_tmp = queue.tmp / f"{self.id}.{os.getpid()}.json"
-        self._body = queue.data / self.id
-        self._env_final: Path | None = None
+        pid = os.getpid()
+        self._body_tmp = f"{queue._tmp}/{self.id}.{pid}.body"
+        self._env_tmp = f"{queue._tmp}/{self.id}.{pid}.json"
+        self._body = queue._body(self.id)
+        self._env_final: str | None = None
+        self._env_dir: str | None = None
         self._committed = False
         self._aborted = False
         fd = os.open(self._body_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = open(fd, "wb")
+        self._file = open(fd, "wb", buffering=1 << 16)  # sized: no isatty probe
 
     def __enter__(self) -> Spool:
         return self
@@ -451,9 +453,9 @@ class Spool:
         env = attrs.evolve(envelope or self.envelope, size=self.size)
         if env.id != self.id:
             raise ValueError(f"envelope id {env.id} is not the spool's id {self.id}")
-        target = self._queue.envelope_path(queue, self.id)
+        target = self._queue._envelope(queue, self.id)
         try:
-            self._commit(env, target, before_publish)
+            self._commit(env, target, self._queue._dirs[queue], before_publish)
         except BaseException:
             self.abort()
             raise
@@ -461,7 +463,8 @@ class Spool:
         return self.id
 
     def _commit(
-        self, env: Envelope, target: Path, before_publish: Callable[[], None] | None
+        self, env: Envelope, target: str, directory: str,
+        before_publish: Callable[[], None] | None,
     ) -> None:
         q = self._queue
         self._file.flush()
@@ -470,13 +473,13 @@ class Spool:
         os.fsync(fd)
         self._file.close()
         os.rename(self._body_tmp, self._body)
-        fsync_dir(q.data)
+        fsync_dir(q._data)
         _write_synced(self._env_tmp, q.envelope_bytes(env))
         if before_publish is not None:
             before_publish()
         os.rename(self._env_tmp, target)
-        self._env_final = target
-        fsync_dir(target.parent)
+        self._env_final, self._env_dir = target, directory
+        fsync_dir(directory)
 
     def abort(self) -> None:
         """Remove everything this spool wrote; a no-op after a successful commit."""
@@ -485,7 +488,7 @@ class Spool:
         self._aborted = True
         self._file.close()
         if self._env_final is not None and _unlink(self._env_final):
-            fsync_dir(self._env_final.parent)
+            fsync_dir(self._env_dir or os.path.dirname(self._env_final))
         _unlink(self._env_tmp)
         _unlink(self._body_tmp)
         _unlink(self._body)
@@ -505,6 +508,11 @@ class FileQueue:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.data = self.root / "data"
+        # Plain strings for the paths every message goes through: building
+        # them with pathlib was a tenth of the bridge's time per message.
+        self._dirs = {q: str(self.root / q) for q in QUEUES}
+        self._data = str(self.data)
+        self._tmp = str(self.tmp)
         #: Envelope files recovery found sound, by path, with the mtime it saw:
         #: an unchanged file is not read again at the next recovery.
         self._sound: dict[str, int] = {}
@@ -535,10 +543,19 @@ class FileQueue:
         return self.root / queue
 
     def envelope_path(self, queue: str, queue_id: str) -> Path:
-        return self.queue_dir(queue) / f"{_check_id(queue_id)}.json"
+        return Path(self._envelope(queue, queue_id))
 
     def body_path(self, queue_id: str) -> Path:
         return self.data / _check_id(queue_id)
+
+    def _envelope(self, queue: str, queue_id: str) -> str:
+        directory = self._dirs.get(queue)
+        if directory is None:
+            self.queue_dir(queue)  # raises the error that names the queues
+        return f"{directory}/{_check_id(queue_id)}.json"
+
+    def _body(self, queue_id: str) -> str:
+        return f"{self._data}/{_check_id(queue_id)}"
 
     def envelope_bytes(self, envelope: Envelope, stamp: int | None = None) -> bytes:
         """The envelope file: the envelope plus the write stamp duplicates are settled by."""
@@ -553,19 +570,20 @@ class FileQueue:
     # IQueue
 
     def new_spool(self, envelope: Envelope) -> Spool:
-        if self.body_path(envelope.id).exists():
+        if os.path.exists(self._body(envelope.id)):
             raise ValueError(f"queue id {envelope.id} is already in use")
         return Spool(self, envelope)
 
     def load(self, queue: str, queue_id: str) -> Envelope:
-        path = self.envelope_path(queue, queue_id)
+        path = self._envelope(queue, queue_id)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
         except FileNotFoundError:
             raise KeyError(queue_id) from None
         env = Envelope.from_json(data)
         if env.id != queue_id:
-            raise CorruptEnvelope(f"file {path.name} holds the envelope of {env.id}")
+            raise CorruptEnvelope(f"file {queue_id}.json holds the envelope of {env.id}")
         return env
 
     def list(self, queue: str) -> list[str]:
@@ -577,24 +595,24 @@ class FileQueue:
 
     def update(self, queue: str, envelope: Envelope) -> None:
         """Replace the envelope of a message that stays in ``queue`` (2 fsyncs)."""
-        path = self.envelope_path(queue, envelope.id)
-        if not path.exists():
+        path = self._envelope(queue, envelope.id)
+        if not os.path.exists(path):
             raise KeyError(envelope.id)
         os.replace(self._tmp_envelope(envelope), path)
-        fsync_dir(path.parent)
+        fsync_dir(self._dirs[queue])
 
     def move(
         self, queue_id: str, source: str, target: str, envelope: Envelope | None = None
     ) -> None:
         """Move a message between queues: one rename (2 fsyncs; 3 with an envelope)."""
-        src = self.envelope_path(source, queue_id)
-        dst = self.envelope_path(target, queue_id)
+        src = self._envelope(source, queue_id)
+        dst = self._envelope(target, queue_id)
         if envelope is not None and envelope.id != queue_id:
             raise ValueError(f"envelope id {envelope.id} is not {queue_id}")
         if source == target:
             if envelope is not None:
                 self.update(source, envelope)
-            elif not src.exists():
+            elif not os.path.exists(src):
                 raise KeyError(queue_id)
             return
         if envelope is None:
@@ -605,10 +623,10 @@ class FileQueue:
         else:
             stamp = max(time.time_ns(), self._stamp(src) + 1)
             os.rename(self._tmp_envelope(envelope, stamp), dst)
-        fsync_dir(dst.parent)
+        fsync_dir(self._dirs[target])
         if envelope is not None:
             _unlink(src)  # recover() may already have settled the duplicate
-        fsync_dir(src.parent)
+        fsync_dir(self._dirs[source])
 
     def remove(self, queue: str, queue_id: str) -> None:
         """Delete envelope then body; the body stays while another queue holds it.
@@ -617,25 +635,26 @@ class FileQueue:
         after a crash would be handled twice); the body's is not: a body a
         crash brings back has no envelope, and recovery removes such orphans.
         """
-        if not _unlink(self.envelope_path(queue, queue_id)):
+        if not _unlink(self._envelope(queue, queue_id)):
             raise KeyError(queue_id)
-        fsync_dir(self.queue_dir(queue))
+        fsync_dir(self._dirs[queue])
         if not self._held(queue_id):
-            _unlink(self.body_path(queue_id))
+            _unlink(self._body(queue_id))
 
     def find(self, queue_id: str) -> str | None:
         """The first queue (in QUEUES order) that holds the message."""
         for queue in QUEUES:
-            if self.envelope_path(queue, queue_id).exists():
+            if os.path.exists(self._envelope(queue, queue_id)):
                 return queue
         return None
 
-    def _stamp(self, path: Path) -> int:
+    def _stamp(self, path: Path | str) -> int:
         """The write stamp of an envelope file; KeyError if it is gone, 0 if unreadable."""
         try:
-            data = json.loads(path.read_bytes())
+            with open(path, "rb") as f:
+                data = json.loads(f.read())
         except FileNotFoundError:
-            raise KeyError(path.stem) from None
+            raise KeyError(Path(path).stem) from None
         except ValueError:
             return 0
         stamp = data.get("stamp", 0) if isinstance(data, dict) else 0
@@ -801,7 +820,7 @@ class FileQueue:
     def _held(self, queue_id: str) -> bool:
         if self.find(queue_id) is not None:
             return True
-        return any(n.startswith(queue_id) for n in _listdir(self.queue_dir(CORRUPT)))
+        return any(n.startswith(queue_id) for n in _listdir(self._dirs[CORRUPT]))
 
     def _remove_orphans(self, now: float) -> tuple[str, ...]:
         referenced = self._referenced()
@@ -823,7 +842,7 @@ class FileQueue:
         return tuple(removed)
 
 
-def _listdir(path: Path) -> list[str]:
+def _listdir(path: Path | str) -> list[str]:
     try:
         return os.listdir(path)
     except FileNotFoundError:
