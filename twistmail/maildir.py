@@ -84,6 +84,8 @@ EXPUNGE_FILE = ".twistmail.expunge"
 #: How long an open waits for a session that has answered QUIT and is still
 #: removing its messages (seconds).
 EXPUNGE_WAIT = 10.0
+#: How long it waits for any other holder before answering it is in use.
+HOLDER_WAIT = 0.05
 #: Files in tmp/ older than this are debris of a killed delivery.
 TMP_MAX_AGE = 36 * 3600
 UIDL_MAX = 70
@@ -442,15 +444,21 @@ class MailboxSession:
         names = self._doomed
         if names is None:
             raise SessionClosed("expunge before the deletions were decided")
+        done = False
         try:
             failed = _unlink_all(self._cur, names) if names else []
             if names and not failed:
                 os.unlink(self.maildir / EXPUNGE_FILE)
-                fsync_dir(self.maildir)
+                done = True
         except OSError as e:
             raise DeletionFailed(f"deletions not completed: {e}") from e
         finally:
             self.close()
+        if done:
+            # After the release: an open waiting for this QUIT (see _take_lock)
+            # gets the lock right after the log goes, not one fsync later.  A
+            # log a crash brings back names files that are gone already.
+            fsync_dir(self.maildir)
         if failed:
             raise DeletionFailed(f"{len(failed)} deleted messages not removed")
 
@@ -572,7 +580,7 @@ def _take_lock(maildir: Path, user: str) -> BinaryIO:
     a live session, which is refused at once."""
     fd = os.open(maildir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     lock = os.fdopen(fd, "r+b", buffering=0)
-    deadline: float | None = None
+    start = since = time.monotonic()
     try:
         while True:
             try:
@@ -580,8 +588,11 @@ def _take_lock(maildir: Path, user: str) -> BinaryIO:
                 return lock
             except BlockingIOError:
                 now = time.monotonic()
-                deadline = now + EXPUNGE_WAIT if deadline is None else deadline
-                if now >= deadline or not os.path.exists(maildir / EXPUNGE_FILE):
+                if os.path.exists(maildir / EXPUNGE_FILE):
+                    since = now  # a QUIT is unlinking: wait for it, up to a limit
+                # A live session is refused after a moment: the holder may be
+                # a QUIT between dropping its log and releasing the lock.
+                if now - since >= HOLDER_WAIT or now - start >= EXPUNGE_WAIT:
                     raise MailboxInUse(
                         f"mailbox of {user} is in use by another session"
                     ) from None
