@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,18 @@ MAX_AUTH_FAILURES = 3
 SOFT_ERRORS = 3  # errors after which each command waits a little
 
 UNIMPLEMENTED = {b"EXPN", b"TURN", b"SAML", b"SEND", b"SOML"}
+
+
+def date_now() -> str:
+    """Now as an RFC 5322 date in local time, for the Received: and Date: headers."""
+    return _date_of_second(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _date_of_second(second: int) -> str:
+    # Formatting a date costs more than the rest of the Received: header; a
+    # busy job stamps many messages within one second.
+    return email.utils.formatdate(second, localtime=True)
 
 
 @attrs.frozen
@@ -208,7 +221,7 @@ class _Data:
             self.message_id = f"<{self.spool.id}@{host}>"
             out.append(f"Message-ID: {self.message_id}\r\n".encode())
         if b"date" not in self.seen:
-            out.append(f"Date: {email.utils.formatdate(localtime=True)}\r\n".encode())
+            out.append(f"Date: {date_now()}\r\n".encode())
         self.spool.write(b"".join(out))
         self.header = []
 
@@ -816,7 +829,7 @@ class SMTPSession(SequentialSession):
         txn = self.txn
         proto = "ESMTP" if self.esmtp else "SMTP"
         rcpt = f"\r\n\tfor <{txn.recipients[0][0]}>" if len(txn.recipients) == 1 else ""
-        date = email.utils.formatdate(time.time(), localtime=True)
+        date = date_now()
         host = self.factory.backend.hostname
         return (
             f"Received: from {self.helo} ([{self.peer_ip}])\r\n"
