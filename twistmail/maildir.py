@@ -50,7 +50,7 @@ Locking: a POP session holds an exclusive, non-blocking ``flock`` on
 :class:`MailboxInUse`, which the POP server answers ``-ERR [IN-USE]``); the
 kernel drops it when the holding process dies.  An open that finds the lock
 held while an expunge log exists waits (up to ``EXPUNGE_WAIT``) for that
-QUIT to finish instead.  Delivery takes no lock: it
+QUIT to finish instead of refusing.  Delivery takes no lock: it
 only adds to ``new/``, and a session works on the snapshot it took at open,
 so mail delivered meanwhile appears in the next session.
 """
@@ -577,7 +577,7 @@ def _take_lock(maildir: Path, user: str) -> BinaryIO:
     Such a holder has answered its client already, and the client (or another
     one) may well log in again at once: it should find the mailbox as that
     QUIT left it, not ``[IN-USE]``.  The expunge log tells that holder from
-    a live session, which is refused at once."""
+    a live session, which is refused after ``HOLDER_WAIT``."""
     fd = os.open(maildir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     lock = os.fdopen(fd, "r+b", buffering=0)
     start = since = time.monotonic()
