@@ -187,7 +187,8 @@ class Appliance:
         return self.mailbox(user)
 
     def queue_files(self, queue: str) -> list[Path]:
-        return sorted((self.datadir / "queue" / queue).glob("*.json"))
+        directory = self.datadir / "queue" / queue
+        return sorted(p for p in directory.glob("*") if p.suffix in (".json", ".msg"))
 
     def user(self, name: str, password: str = "secret") -> None:
         rc, out, err = self.cli("crtusrprf", "--usrprf", name, "--password", password)

@@ -209,10 +209,47 @@ def _count_fsyncs(monkeypatch) -> list[str]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_fsyncs_of_a_packed_message(fq, monkeypatch):
+    """QTMSINQ: the commit is 2 (the one file, the queue dir), the removal 1."""
+    env = Envelope.new("jane@example.test", ["sam@example.test"])
+    spool = fq.new_spool(env)
+    spool.write(b"body")
+    calls = _count_fsyncs(monkeypatch)
+    qid = spool.commit(QTMSINQ)
+    root = str(fq.root)
+    assert calls == [f"{root}/tmp/{qid}.{os.getpid()}.body", f"{root}/{QTMSINQ}"]
+    assert sorted(os.listdir(fq.root / QTMSINQ)) == [f"{qid}.msg"]
+    assert os.listdir(fq.data) == []
+    calls.clear()
+    fq.remove(QTMSINQ, qid)
+    assert calls == [f"{root}/{QTMSINQ}"]
+    assert all_files(fq) == []
+
+
+def test_a_new_envelope_unpacks_the_message_first(fq, monkeypatch):
+    """The body is linked into data/ before the envelope file is written: 4 fsyncs."""
+    env = Envelope.new("jane@example.test", ["sam@example.test"])
+    with fq.new_spool(env) as spool:
+        spool.write(b"the body\r\n")
+        qid = spool.commit(QTMSINQ)
+    packed_inode = os.stat(fq.root / QTMSINQ / f"{qid}.msg").st_ino
+    calls = _count_fsyncs(monkeypatch)
+    fq.move(qid, QTMSINQ, QTMSOUTQ, fq.load(QTMSINQ, qid).evolve(attempts=1))
+    root = str(fq.root)
+    assert calls[:4] == [f"{root}/data", f"{root}/tmp/{qid}.{os.getpid()}.json",
+                         f"{root}/{QTMSINQ}", f"{root}/{QTMSINQ}"]
+    assert os.listdir(fq.root / QTMSINQ) == []
+    assert os.stat(fq.body_path(qid)).st_ino == packed_inode  # linked, not copied
+    assert fq.body_path(qid).read_bytes() == b"the body\r\n"
+    assert fq.load(QTMSOUTQ, qid).attempts == 1
+
+
 def test_fsyncs_per_operation(fq, monkeypatch):
-    """commit: 4 (body, data/, envelope, queue dir); update: 2; move: 2 (3 with a new
+    """Two files (a file system without extended attributes, or another queue):
+    commit: 4 (body, data/, envelope, queue dir); update: 2; move: 2 (3 with a new
     envelope); remove: 1 (the envelope's directory; a body brought back by a crash
     is an orphan that recovery removes)."""
+    fq.packing = False
     env = Envelope.new("jane@example.test", ["sam@example.test"])
     spool = fq.new_spool(env)
     spool.write(b"body")
@@ -270,15 +307,17 @@ def test_abort_after_commit_keeps_the_message(fq):
     assert fq.list(QTMSINQ) == [env.id]
 
 
-def test_a_commit_that_fails_at_its_last_step_leaves_nothing(fq, monkeypatch):
+@pytest.mark.parametrize("packing, last", [(True, 2), (False, 4)])
+def test_a_commit_that_fails_at_its_last_step_leaves_nothing(fq, monkeypatch, packing, last):
     """SMTP answers 451 then, so the message must not stay queued (no duplicate later)."""
+    fq.packing = packing
     spool = fq.new_spool(Envelope.new("a@example.test", ["b@example.test"]))
     spool.write(b"body")
     real, calls = os.fsync, []
 
     def fsync(fd: int) -> None:
         calls.append(fd)
-        if len(calls) == 4:
+        if len(calls) == last:
             raise OSError(5, "Input/output error")
         real(fd)
 
@@ -383,6 +422,7 @@ def test_a_corrupt_envelope_goes_to_corrupt_with_its_body(fq):
 
 
 def test_an_envelope_whose_body_is_missing_or_whose_id_differs_is_corrupt(fq):
+    fq.packing = False
     a, b = enqueue(fq), enqueue(fq)
     fq.body_path(a).unlink()
     other = json.loads(fq.envelope_path(QTMSINQ, b).read_bytes())
@@ -521,7 +561,56 @@ def test_the_target_wins_even_moving_back_with_the_clock_stepped_back(fq, monkey
     assert fq.list(QTMSRTQ1) == []
 
 
+def test_a_packed_message_that_lost_its_envelope_goes_to_corrupt_whole(fq):
+    """A copy of the queue made without extended attributes, for instance."""
+    qid = enqueue(fq, body=b"Subject: kept\r\n\r\nbody\r\n")
+    os.removexattr(fq.root / QTMSINQ / f"{qid}.msg", queuemod.ENVELOPE_ATTR)
+    report = fq.recover()
+    assert [(c.id, c.queue) for c in report.corrupt] == [(qid, QTMSINQ)]
+    assert "envelope attribute" in report.corrupt[0].reason
+    assert fq.list(QTMSINQ) == [] and fq.list(CORRUPT) == [qid]
+    assert (fq.root / CORRUPT / f"{qid}.msg").read_bytes() == b"Subject: kept\r\n\r\nbody\r\n"
+    (entry,) = fq.entries(CORRUPT)
+    assert entry.error is not None and entry.size > 0
+    assert fq.recover().clean  # and it stays there, body and all
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_an_unpacking_cut_short_is_finished_by_recovery(fq, monkeypatch, step):
+    """Cut after the body is linked (1) or after the envelope file is written (2)."""
+    qid = enqueue(fq, body=b"the body\r\n")
+    real_rename, real_unlink = os.rename, queuemod._unlink
+
+    def rename(src, dst):
+        if step == 1 and str(dst).endswith(f"{QTMSINQ}/{qid}.json"):
+            raise Crash
+        real_rename(src, dst)
+
+    def unlink(path):
+        if step == 2 and str(path).endswith(".msg"):
+            raise Crash
+        return real_unlink(path)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(queuemod, "_unlink", unlink)
+    with pytest.raises(Crash):
+        fq.move(qid, QTMSINQ, QTMSOUTQ, fq.load(QTMSINQ, qid))
+    monkeypatch.undo()
+    assert fq.find(qid) == QTMSINQ and fq.load(QTMSINQ, qid).id == qid
+    report = fq.recover()
+    assert report.corrupt == () and report.duplicates == ()
+    assert fq.list(QTMSINQ) == [qid] and fq.body_path(qid).read_bytes() == b"the body\r\n"
+    names = sorted(os.listdir(fq.root / QTMSINQ))
+    assert names == ([f"{qid}.msg"] if step == 1 else [f"{qid}.json"])
+    fq.move(qid, QTMSINQ, QTMSOUTQ, fq.load(QTMSINQ, qid))
+    assert os.listdir(fq.root / QTMSINQ) == [] and fq.list(QTMSOUTQ) == [qid]
+    assert fq.body_path(qid).read_bytes() == b"the body\r\n"
+    fq.remove(QTMSOUTQ, qid)
+    assert all_files(fq) == []
+
+
 def test_removing_one_copy_of_a_duplicate_keeps_the_body(fq, monkeypatch):
+    fq.packing = False
     qid = enqueue(fq)
     _crash_before_unlink(monkeypatch)
     with pytest.raises(Crash):

@@ -48,6 +48,7 @@ it through ``deferToThread``.  Settings honoured: ``system.datadir`` (through
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -56,6 +57,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,7 @@ from attrs import validators as v
 from zope.interface import implementer
 
 from twistmail.durable import fsync_dir
-from twistmail.interfaces import CORRUPT, QUEUES, IQueue
+from twistmail.interfaces import CORRUPT, QTMSINQ, QUEUES, IQueue
 
 #: Recipient states.  ``pending`` and ``retry`` still need work; the others are final.
 PENDING = "pending"
@@ -77,6 +79,15 @@ FINAL_STATES = frozenset((DELIVERED, FAILED, RELAYED))
 
 #: Version of the envelope JSON; readers ignore keys they do not know.
 FORMAT = 1
+
+#: The extended attribute that holds the envelope of a packed message.
+ENVELOPE_ATTR = "user.twistmail.envelope"
+#: A larger envelope (many recipients) goes to an envelope file: ext4 holds
+#: an attribute's value in one block.
+PACKED_MAX = 3072
+#: Where packed files may be: QTMSINQ, and corrupt/ for damaged ones.
+_PACKED_IN = frozenset((QTMSINQ, CORRUPT))
+_NO_ATTRS = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS))
 
 TMP_MAX_AGE = 24 * 3600.0
 ORPHAN_MIN_AGE = 3600.0
@@ -454,7 +465,8 @@ class Spool:
             raise ValueError(f"envelope id {env.id} is not the spool's id {self.id}")
         target = self._queue._envelope(queue, self.id)
         try:
-            self._commit(env, target, self._queue._dirs[queue], before_publish)
+            if not self._commit_packed(env, queue, before_publish):
+                self._commit(env, target, self._queue._dirs[queue], before_publish)
         except BaseException:
             self.abort()
             raise
@@ -479,6 +491,40 @@ class Spool:
         os.rename(self._env_tmp, target)
         self._env_final = target
         fsync_dir(directory)
+
+    def _commit_packed(
+        self, env: Envelope, queue: str, before_publish: Callable[[], None] | None
+    ) -> bool:
+        """QTMSINQ: one file, the envelope in an attribute of the body (2 fsyncs).
+
+        False, with nothing published, for another queue, a large envelope or
+        a file system without extended attributes: the caller writes two files.
+        """
+        q = self._queue
+        data = q.envelope_bytes(env)
+        if queue != QTMSINQ or not q.packing or len(data) > PACKED_MAX:
+            return False
+        self._file.flush()
+        fd = self._file.fileno()
+        try:
+            os.setxattr(fd, ENVELOPE_ATTR, data)
+        except OSError as e:
+            if e.errno in _NO_ATTRS:
+                q.packing = False
+                return False
+            if e.errno in (errno.E2BIG, errno.ERANGE, errno.ENOSPC):
+                return False
+            raise
+        os.utime(fd)  # the orphan age in recover() counts from the commit
+        os.fsync(fd)
+        self._file.close()
+        if before_publish is not None:
+            before_publish()
+        target = q._packed(queue, self.id)
+        os.rename(self._body_tmp, target)
+        self._env_final = target
+        fsync_dir(q._dirs[queue])
+        return True
 
     def abort(self) -> None:
         """Remove everything this spool wrote; a no-op after a successful commit."""
@@ -512,6 +558,9 @@ class FileQueue:
         self._dirs = {q: str(self.root / q) for q in QUEUES}
         self._data = str(self.data)
         self._tmp = str(self.tmp)
+        #: Whether messages for QTMSINQ are committed packed; off for good once
+        #: the file system refuses extended attributes.
+        self.packing = True
         #: Envelope files recovery found sound, by path, with the mtime it saw:
         #: an unchanged file is not read again at the next recovery.
         self._sound: dict[str, int] = {}
@@ -545,7 +594,13 @@ class FileQueue:
         return Path(self._envelope(queue, queue_id))
 
     def body_path(self, queue_id: str) -> Path:
-        return self.data / _check_id(queue_id)
+        """The body: in data/, or the packed file in QTMSINQ (body and nothing else)."""
+        path = self._body(queue_id)
+        if not os.path.exists(path):
+            packed = self._packed(QTMSINQ, queue_id)
+            if os.path.exists(packed):
+                return Path(packed)
+        return Path(path)
 
     def _envelope(self, queue: str, queue_id: str) -> str:
         directory = self._dirs.get(queue)
@@ -555,6 +610,62 @@ class FileQueue:
 
     def _body(self, queue_id: str) -> str:
         return f"{self._data}/{_check_id(queue_id)}"
+
+    def _packed(self, queue: str, queue_id: str) -> str:
+        return f"{self._dirs[queue]}/{_check_id(queue_id)}.msg"
+
+    def _entry_file(self, queue: str, queue_id: str) -> str | None:
+        """The file that puts the message in ``queue``, envelope file first; None if none."""
+        path = self._envelope(queue, queue_id)
+        if os.path.exists(path):
+            return path
+        if queue in _PACKED_IN:
+            packed = self._packed(queue, queue_id)
+            if os.path.exists(packed):
+                return packed
+        return None
+
+    def _packed_envelope(self, queue: str, queue_id: str) -> bytes:
+        """The envelope of a packed message; KeyError when there is none."""
+        if queue not in _PACKED_IN:
+            raise KeyError(queue_id)
+        try:
+            return os.getxattr(self._packed(queue, queue_id), ENVELOPE_ATTR)
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        except OSError as e:
+            raise CorruptEnvelope(
+                f"packed message without its envelope attribute: {e.strerror}"
+            ) from None
+
+    def _unpack(self, queue: str, queue_id: str) -> bool:
+        """Give a packed message a body in data/ and an envelope file; False if not packed.
+
+        Every new envelope and every move starts here.  The body is linked
+        (not copied) into data/ before the envelope file is written, and the
+        packed file goes last, so a crash at any step leaves a message that
+        reads the same; recover() removes a packed file that has an envelope
+        file beside it.
+        """
+        if queue != QTMSINQ:
+            return False
+        try:
+            data = self._packed_envelope(queue, queue_id)
+        except KeyError:
+            return False
+        packed = self._packed(queue, queue_id)
+        try:
+            os.link(packed, self._body(queue_id))
+        except FileExistsError:
+            pass  # an unpacking a crash interrupted got this far
+        fsync_dir(self._data)
+        tmp = f"{self._tmp}/{queue_id}.{os.getpid()}.json"
+        _write_synced(tmp, data)
+        os.rename(tmp, self._envelope(queue, queue_id))
+        fsync_dir(self._dirs[queue])
+        _unlink(packed)
+        fsync_dir(self._dirs[queue])
+        return True
 
     def envelope_bytes(self, envelope: Envelope, stamp: int | None = None) -> bytes:
         """The envelope file: the envelope plus the write stamp duplicates are settled by."""
@@ -569,7 +680,8 @@ class FileQueue:
     # IQueue
 
     def new_spool(self, envelope: Envelope) -> Spool:
-        if os.path.exists(self._body(envelope.id)):
+        if os.path.exists(self._body(envelope.id)) or os.path.exists(
+                self._packed(QTMSINQ, envelope.id)):
             raise ValueError(f"queue id {envelope.id} is already in use")
         return Spool(self, envelope)
 
@@ -579,7 +691,7 @@ class FileQueue:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            raise KeyError(queue_id) from None
+            data = self._packed_envelope(queue, queue_id)
         env = Envelope.from_json(data)
         if env.id != queue_id:
             raise CorruptEnvelope(f"file {queue_id}.json holds the envelope of {env.id}")
@@ -590,12 +702,15 @@ class FileQueue:
             names = os.listdir(self.queue_dir(queue))
         except FileNotFoundError:
             return []
-        return sorted(n[:-5] for n in names if n.endswith(".json") and is_queue_id(n[:-5]))
+        ids = {n[:-5] for n in names if n.endswith(".json") and is_queue_id(n[:-5])}
+        if queue in _PACKED_IN:
+            ids.update(n[:-4] for n in names if n.endswith(".msg") and is_queue_id(n[:-4]))
+        return sorted(ids)
 
     def update(self, queue: str, envelope: Envelope) -> None:
         """Replace the envelope of a message that stays in ``queue`` (2 fsyncs)."""
         path = self._envelope(queue, envelope.id)
-        if not os.path.exists(path):
+        if not os.path.exists(path) and not self._unpack(queue, envelope.id):
             raise KeyError(envelope.id)
         os.replace(self._tmp_envelope(envelope), path)
         fsync_dir(self._dirs[queue])
@@ -611,9 +726,11 @@ class FileQueue:
         if source == target:
             if envelope is not None:
                 self.update(source, envelope)
-            elif not os.path.exists(src):
+            elif self._entry_file(source, queue_id) is None:
                 raise KeyError(queue_id)
             return
+        if not os.path.exists(src):
+            self._unpack(source, queue_id)  # packed messages only ever wait in QTMSINQ
         if envelope is None:
             try:
                 os.rename(src, dst)
@@ -625,6 +742,8 @@ class FileQueue:
         fsync_dir(self._dirs[target])
         if envelope is not None:
             _unlink(src)  # recover() may already have settled the duplicate
+        if source in _PACKED_IN:
+            _unlink(self._packed(source, queue_id))  # left by an interrupted unpacking
         fsync_dir(self._dirs[source])
 
     def remove(self, queue: str, queue_id: str) -> None:
@@ -634,7 +753,10 @@ class FileQueue:
         after a crash would be handled twice); the body's is not: a body a
         crash brings back has no envelope, and recovery removes such orphans.
         """
-        if not _unlink(self._envelope(queue, queue_id)):
+        removed = _unlink(self._envelope(queue, queue_id))
+        if queue in _PACKED_IN and _unlink(self._packed(queue, queue_id)):
+            removed = True  # a packed message is one file, envelope and body
+        if not removed:
             raise KeyError(queue_id)
         fsync_dir(self._dirs[queue])
         if not self._held(queue_id):
@@ -643,18 +765,21 @@ class FileQueue:
     def find(self, queue_id: str) -> str | None:
         """The first queue (in QUEUES order) that holds the message."""
         for queue in QUEUES:
-            if os.path.exists(self._envelope(queue, queue_id)):
+            if self._entry_file(queue, queue_id) is not None:
                 return queue
         return None
 
     def _stamp(self, path: Path | str) -> int:
         """The write stamp of an envelope file; KeyError if it is gone, 0 if unreadable."""
         try:
-            with open(path, "rb") as f:
-                data = json.loads(f.read())
+            if str(path).endswith(".msg"):
+                data = json.loads(os.getxattr(path, ENVELOPE_ATTR))
+            else:
+                with open(path, "rb") as f:
+                    data = json.loads(f.read())
         except FileNotFoundError:
             raise KeyError(Path(path).stem) from None
-        except ValueError:
+        except (ValueError, OSError):
             return 0
         stamp = data.get("stamp", 0) if isinstance(data, dict) else 0
         return stamp if isinstance(stamp, int) and not isinstance(stamp, bool) else 0
@@ -677,7 +802,11 @@ class FileQueue:
             return None
         except CorruptEnvelope as e:
             age = max(0.0, now - id_time(queue_id))
-            size = self._body_size(queue_id)
+            path = self._entry_file(queue, queue_id)
+            if path is not None and path.endswith(".msg"):  # the body itself
+                size = _size(path)
+            else:
+                size = self._body_size(queue_id)
             return QueueEntry(queue, queue_id, age, size, None, (), 0, None, error=str(e))
         age = max(0.0, now - env.received)
         return QueueEntry(
@@ -703,6 +832,7 @@ class FileQueue:
         """Finish or undo what crashed writers left; see the module docstring."""
         now = time.time() if now is None else now
         tmp_removed = self._clean_tmp(now)
+        self._finish_unpacking()
         corrupt = self._quarantine_corrupt()
         duplicates = self._settle_duplicates()
         orphans = self._remove_orphans(now)
@@ -722,6 +852,26 @@ class FileQueue:
                 removed.append(name)
         return tuple(removed)
 
+    def _finish_unpacking(self) -> None:
+        """A packed file beside an envelope file of its id: an unpacking a crash cut short."""
+        names = set(_listdir(self._dirs[QTMSINQ]))
+        for name in sorted(names):
+            queue_id = name[:-4]
+            if not (name.endswith(".msg") and is_queue_id(queue_id)):
+                continue
+            if f"{queue_id}.json" not in names:
+                continue
+            packed = self._packed(QTMSINQ, queue_id)
+            try:
+                os.link(packed, self._body(queue_id))
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                continue
+            fsync_dir(self._data)
+            _unlink(packed)
+            fsync_dir(self._dirs[QTMSINQ])
+
     def _quarantine_corrupt(self) -> tuple[CorruptItem, ...]:
         """Move unreadable envelopes aside; each file is read once while it is unchanged.
 
@@ -734,10 +884,12 @@ class FileQueue:
             if queue == CORRUPT:
                 continue
             for queue_id in self.list(queue):
-                path = str(self.envelope_path(queue, queue_id))
+                path = self._entry_file(queue, queue_id)
                 try:
-                    mtime = os.stat(path).st_mtime_ns
+                    mtime = os.stat(path).st_mtime_ns if path is not None else None
                 except FileNotFoundError:
+                    mtime = None
+                if path is None or mtime is None:
                     continue
                 if self._sound.get(path) == mtime:
                     sound[path] = mtime
@@ -762,12 +914,18 @@ class FileQueue:
         return None
 
     def _to_corrupt(self, queue: str, queue_id: str) -> bool:
-        """Keep the damaged envelope (and its body) for the administrator."""
-        target = self.envelope_path(CORRUPT, queue_id)
+        """Keep the damaged envelope (and its body) for the administrator.
+
+        A packed file goes to corrupt/ whole: it is the body."""
+        source = self._entry_file(queue, queue_id)
+        if source is None:
+            return False
+        ext = ".msg" if source.endswith(".msg") else ".json"
+        target = self.root / CORRUPT / f"{queue_id}{ext}"
         if target.exists():
-            target = target.with_name(f"{queue_id}.{time.time_ns()}.json")
+            target = target.with_name(f"{queue_id}.{time.time_ns()}{ext}")
         try:
-            os.rename(self.envelope_path(queue, queue_id), target)
+            os.rename(source, target)
         except FileNotFoundError:
             return False
         fsync_dir(target.parent)
@@ -792,9 +950,11 @@ class FileQueue:
         """Keep the copy with the highest write stamp: the target of the interrupted move."""
         ranked = []
         for queue in queues:
-            path = self.envelope_path(queue, queue_id)
+            path = self._entry_file(queue, queue_id)
+            if path is None:
+                continue
             try:
-                ranked.append((self._stamp(path), path.stat().st_mtime_ns, queue))
+                ranked.append((self._stamp(path), os.stat(path).st_mtime_ns, queue))
             except (KeyError, FileNotFoundError):
                 continue
         if len(ranked) < 2:
@@ -803,7 +963,16 @@ class FileQueue:
         kept = ranked[-1][2]
         removed = tuple(q for _, _, q in ranked[:-1])
         for queue in removed:
-            if _unlink(self.envelope_path(queue, queue_id)):
+            gone = _unlink(self.envelope_path(queue, queue_id))
+            if queue in _PACKED_IN:
+                packed = self._packed(queue, queue_id)
+                if os.path.exists(packed):
+                    # The copy that goes still holds the body the kept one needs.
+                    with suppress(FileExistsError):
+                        os.link(packed, self._body(queue_id))
+                    fsync_dir(self._data)
+                    gone = _unlink(packed) or gone
+            if gone:
                 fsync_dir(self.queue_dir(queue))
         return DuplicateItem(queue_id, kept, removed)
 
@@ -812,7 +981,7 @@ class FileQueue:
         ids: set[str] = set()
         for queue in QUEUES:
             for name in _listdir(self.root / queue):
-                if name.endswith(".json") and is_queue_id(name[:_ID_LEN]):
+                if name.endswith((".json", ".msg")) and is_queue_id(name[:_ID_LEN]):
                     ids.add(name[:_ID_LEN])
         return ids
 
@@ -839,6 +1008,13 @@ class FileQueue:
         if removed:
             fsync_dir(self.data)
         return tuple(removed)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _listdir(path: Path | str) -> list[str]:

@@ -78,8 +78,8 @@ class QueueManager:
         name = path.basename()
         if isinstance(name, bytes):
             name = name.decode("ascii", "replace")
-        if name.endswith(".json"):
-            self._add(name[: -len(".json")])
+        if name.endswith((".json", ".msg")):  # an envelope file, or a packed message
+            self._add(name.rsplit(".", 1)[0])
             self._pump()
 
     def rescan(self) -> Any:
