@@ -7,6 +7,7 @@ left behind with old timestamps.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -224,6 +225,23 @@ def test_fsyncs_of_a_packed_message(fq, monkeypatch):
     fq.remove(QTMSINQ, qid)
     assert calls == [f"{root}/{QTMSINQ}"]
     assert all_files(fq) == []
+
+
+def test_without_extended_attributes_or_with_a_large_envelope_two_files(fq, monkeypatch):
+    many = tuple(f"user{i:03d}@example.test" for i in range(60))  # over 3 KiB as JSON
+    big = enqueue(fq, recipients=many)
+    assert fq.envelope_path(QTMSINQ, big).exists() and (fq.data / big).exists()
+    assert fq.packing  # the next small one is packed again
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", refused)
+    qid = enqueue(fq, body=b"plain\r\n")
+    assert not fq.packing
+    assert fq.envelope_path(QTMSINQ, qid).exists()
+    assert (fq.data / qid).read_bytes() == b"plain\r\n"
+    assert fq.load(QTMSINQ, qid).id == qid
 
 
 def test_a_new_envelope_unpacks_the_message_first(fq, monkeypatch):

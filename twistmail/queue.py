@@ -14,14 +14,28 @@ Files, all under ``<datadir>/queue/`` (mode 0700 directories, 0600 files):
 - ``<QUEUE>/<id>.json``, one directory per name in
   :data:`twistmail.interfaces.QUEUES`: the envelope that puts the message in
   that queue.  A message is "in" a queue exactly when its envelope is there.
+- ``QTMSINQ/<id>.msg``: a *packed* message, as SMTP and the API commit mail
+  for local delivery: the body, with the envelope in the extended attribute
+  ``user.twistmail.envelope``.  One file instead of two: the commit costs 2
+  fsyncs and one inode, and removing a delivered message one unlink.  The
+  first new envelope or move unpacks it (:meth:`FileQueue._unpack`), so no
+  other queue holds packed files (``corrupt/`` aside).  Copies of a queue
+  must keep extended attributes (``cp -a``, ``rsync -X``, ``tar --xattrs``);
+  a packed file found without its attribute goes to ``corrupt/`` whole.
 
 Durability contract (DESIGN.md §2, queue rules 1, 2 and 4):
 
-- :meth:`Spool.commit` fsyncs the body, renames it into ``data/``, fsyncs
-  ``data/``, writes and fsyncs the envelope in ``tmp/``, renames it into the
-  queue and fsyncs the queue directory: 4 fsyncs.  The body is visible before
-  the envelope, so no reader ever finds an envelope without its body; only
-  after ``commit`` returns may SMTP answer 250.
+- :meth:`Spool.commit` into QTMSINQ sets the envelope attribute on the body
+  file, fsyncs it, renames it into the queue and fsyncs the queue directory:
+  2 fsyncs.  Elsewhere (or without extended attributes) it fsyncs the body,
+  renames it into ``data/``, fsyncs ``data/``, writes and fsyncs the
+  envelope in ``tmp/``, renames it into the queue and fsyncs the queue
+  directory: 4 fsyncs.  The body is visible before the envelope, so no
+  reader ever finds an envelope without its body; only after ``commit``
+  returns may SMTP answer 250.
+- Unpacking links the packed file into ``data/`` (fsync), writes the
+  envelope file beside it (fsync), then removes the packed file (fsync);
+  recovery removes a packed file that has an envelope file beside it.
 - :meth:`FileQueue.move` without a new envelope is one ``rename``: after a
   crash the message is in exactly one of the two queues.  With a new envelope
   the new one is written to ``tmp/``, renamed into the target, and only then
