@@ -773,8 +773,10 @@ class FileQueue:
         if not removed:
             raise KeyError(queue_id)
         fsync_dir(self._dirs[queue])
-        if not self._held(queue_id):
-            _unlink(self._body(queue_id))
+        body = self._body(queue_id)
+        # A packed message has no body in data/: nothing to look for then.
+        if os.path.exists(body) and not self._held(queue_id):
+            _unlink(body)
 
     def find(self, queue_id: str) -> str | None:
         """The first queue (in QUEUES order) that holds the message."""
