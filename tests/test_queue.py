@@ -210,21 +210,25 @@ def _count_fsyncs(monkeypatch) -> list[str]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-def test_fsyncs_of_a_packed_message(fq, monkeypatch):
-    """QTMSINQ: the commit is 2 (the one file, the queue dir), the removal 1."""
+@pytest.mark.parametrize("queue", [QTMSINQ, QTMSOUTQ])
+def test_fsyncs_of_a_packed_message(fq, monkeypatch, queue):
+    """The commit is 2 (the one file, the queue dir), the removal 1."""
     env = Envelope.new("jane@example.test", ["sam@example.test"])
     spool = fq.new_spool(env)
     spool.write(b"body")
     calls = _count_fsyncs(monkeypatch)
-    qid = spool.commit(QTMSINQ)
+    qid = spool.commit(queue)
     root = str(fq.root)
-    assert calls == [f"{root}/tmp/{qid}.{os.getpid()}.body", f"{root}/{QTMSINQ}"]
-    assert sorted(os.listdir(fq.root / QTMSINQ)) == [f"{qid}.msg"]
+    assert calls == [f"{root}/tmp/{qid}.{os.getpid()}.body", f"{root}/{queue}"]
+    assert sorted(os.listdir(fq.root / queue)) == [f"{qid}.msg"]
     assert os.listdir(fq.data) == []
+    assert fq.list(queue) == [qid] and fq.find(qid) == queue
+    assert fq.load(queue, qid).size == 4 and fq.body_path(qid).read_bytes() == b"body"
+    assert fq.entry_path(queue, qid) == fq.root / queue / f"{qid}.msg"
     calls.clear()
-    fq.remove(QTMSINQ, qid)
-    assert calls == [f"{root}/{QTMSINQ}"]
-    assert all_files(fq) == []
+    fq.remove(queue, qid)
+    assert calls == [f"{root}/{queue}"]
+    assert all_files(fq) == [] and fq.entry_path(queue, qid) is None
 
 
 def test_without_extended_attributes_or_with_a_large_envelope_two_files(fq, monkeypatch):
@@ -260,6 +264,16 @@ def test_a_new_envelope_unpacks_the_message_first(fq, monkeypatch):
     assert os.stat(fq.body_path(qid)).st_ino == packed_inode  # linked, not copied
     assert fq.body_path(qid).read_bytes() == b"the body\r\n"
     assert fq.load(QTMSOUTQ, qid).attempts == 1
+
+
+def test_an_update_in_qtmsoutq_unpacks_in_place(fq):
+    qid = enqueue(fq, body=b"out\r\n", queue=QTMSOUTQ)
+    fq.update(QTMSOUTQ, fq.load(QTMSOUTQ, qid).evolve(attempts=3))
+    assert sorted(os.listdir(fq.root / QTMSOUTQ)) == [f"{qid}.json"]
+    assert fq.load(QTMSOUTQ, qid).attempts == 3
+    assert fq.body_path(qid) == fq.data / qid and fq.body_path(qid).read_bytes() == b"out\r\n"
+    fq.remove(QTMSOUTQ, qid)
+    assert all_files(fq) == []
 
 
 def test_fsyncs_per_operation(fq, monkeypatch):
@@ -549,6 +563,7 @@ def _crash_before_unlink(monkeypatch) -> None:
 
 
 def test_a_move_interrupted_before_the_source_is_removed_is_settled_for_the_target(fq, monkeypatch):
+    fq.packing = False  # a packed source is unpacked first: see the unpacking tests
     qid = enqueue(fq, queue=QTMSOUTQ)
     env = fq.load(QTMSOUTQ, qid)
     _crash_before_unlink(monkeypatch)

@@ -45,6 +45,10 @@ class IQueue(Interface):
     def list(queue):
         """Queue ids in ``queue``, oldest first."""
 
+    def entry_path(queue, queue_id):
+        """The file whose presence puts the message in ``queue``, or None; a
+        change of envelope replaces it (readers cache envelopes by its stat)."""
+
     def update(queue, envelope):
         """Durably replace the envelope of a message that stays in ``queue``."""
 

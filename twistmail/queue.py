@@ -14,18 +14,19 @@ Files, all under ``<datadir>/queue/`` (mode 0700 directories, 0600 files):
 - ``<QUEUE>/<id>.json``, one directory per name in
   :data:`twistmail.interfaces.QUEUES`: the envelope that puts the message in
   that queue.  A message is "in" a queue exactly when its envelope is there.
-- ``QTMSINQ/<id>.msg``: a *packed* message, as SMTP and the API commit mail
-  for local delivery: the body, with the envelope in the extended attribute
-  ``user.twistmail.envelope``.  One file instead of two: the commit costs 2
-  fsyncs and one inode, and removing a delivered message one unlink.  The
-  first new envelope or move unpacks it (:meth:`FileQueue._unpack`), so no
-  other queue holds packed files (``corrupt/`` aside).  Copies of a queue
-  must keep extended attributes (``cp -a``, ``rsync -X``, ``tar --xattrs``);
-  a packed file found without its attribute goes to ``corrupt/`` whole.
+- ``QTMSINQ/<id>.msg`` and ``QTMSOUTQ/<id>.msg``: a *packed* message, as
+  SMTP and the API commit mail: the body, with the envelope in the extended
+  attribute ``user.twistmail.envelope``.  One file instead of two: the
+  commit costs 2 fsyncs and one inode, and removing a delivered message one
+  unlink.  The first new envelope or move unpacks it
+  (:meth:`FileQueue._unpack`), so no other queue holds packed files
+  (``corrupt/`` aside).  Copies of a queue must keep extended attributes
+  (``cp -a``, ``rsync -X``, ``tar --xattrs``); a packed file found without
+  its attribute goes to ``corrupt/`` whole.
 
 Durability contract (DESIGN.md §2, queue rules 1, 2 and 4):
 
-- :meth:`Spool.commit` into QTMSINQ sets the envelope attribute on the body
+- :meth:`Spool.commit` into QTMSINQ or QTMSOUTQ sets the envelope attribute on the body
   file, fsyncs it, renames it into the queue and fsyncs the queue directory:
   2 fsyncs.  Elsewhere (or without extended attributes) it fsyncs the body,
   renames it into ``data/``, fsyncs ``data/``, writes and fsyncs the
@@ -80,7 +81,7 @@ from attrs import validators as v
 from zope.interface import implementer
 
 from twistmail.durable import fsync_dir
-from twistmail.interfaces import CORRUPT, QTMSINQ, QUEUES, IQueue
+from twistmail.interfaces import CORRUPT, QTMSINQ, QTMSOUTQ, QUEUES, IQueue
 
 #: Recipient states.  ``pending`` and ``retry`` still need work; the others are final.
 PENDING = "pending"
@@ -99,8 +100,11 @@ ENVELOPE_ATTR = "user.twistmail.envelope"
 #: A larger envelope (many recipients) goes to an envelope file: ext4 holds
 #: an attribute's value in one block.
 PACKED_MAX = 3072
-#: Where packed files may be: QTMSINQ, and corrupt/ for damaged ones.
-_PACKED_IN = frozenset((QTMSINQ, CORRUPT))
+#: The queues new messages are committed to packed: where SMTP and the API
+#: put them, and where most leave from without a change of envelope.
+PACKABLE = (QTMSINQ, QTMSOUTQ)
+#: Where packed files may be: those, and corrupt/ for damaged ones.
+_PACKED_IN = frozenset((*PACKABLE, CORRUPT))
 _NO_ATTRS = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS))
 
 TMP_MAX_AGE = 24 * 3600.0
@@ -509,14 +513,14 @@ class Spool:
     def _commit_packed(
         self, env: Envelope, queue: str, before_publish: Callable[[], None] | None
     ) -> bool:
-        """QTMSINQ: one file, the envelope in an attribute of the body (2 fsyncs).
+        """QTMSINQ, QTMSOUTQ: one file, the envelope in an attribute of the body (2 fsyncs).
 
         False, with nothing published, for another queue, a large envelope or
         a file system without extended attributes: the caller writes two files.
         """
         q = self._queue
         data = q.envelope_bytes(env)
-        if queue != QTMSINQ or not q.packing or len(data) > PACKED_MAX:
+        if queue not in PACKABLE or not q.packing or len(data) > PACKED_MAX:
             return False
         self._file.flush()
         fd = self._file.fileno()
@@ -572,7 +576,7 @@ class FileQueue:
         self._dirs = {q: str(self.root / q) for q in QUEUES}
         self._data = str(self.data)
         self._tmp = str(self.tmp)
-        #: Whether messages for QTMSINQ are committed packed; off for good once
+        #: Whether new messages for PACKABLE queues are packed; off for good once
         #: the file system refuses extended attributes.
         self.packing = True
         #: Envelope files recovery found sound, by path, with the mtime it saw:
@@ -608,13 +612,22 @@ class FileQueue:
         return Path(self._envelope(queue, queue_id))
 
     def body_path(self, queue_id: str) -> Path:
-        """The body: in data/, or the packed file in QTMSINQ (body and nothing else)."""
+        """The body: in data/, or the packed file itself (the body and nothing else)."""
         path = self._body(queue_id)
         if not os.path.exists(path):
-            packed = self._packed(QTMSINQ, queue_id)
-            if os.path.exists(packed):
-                return Path(packed)
+            for queue in PACKABLE:
+                packed = self._packed(queue, queue_id)
+                if os.path.exists(packed):
+                    return Path(packed)
         return Path(path)
+
+    def entry_path(self, queue: str, queue_id: str) -> Path | None:
+        """The file that puts a message in ``queue`` (envelope or packed), or None.
+
+        Every change of envelope replaces it, so its inode and times tell a
+        reader that caches envelopes whether to read again."""
+        path = self._entry_file(queue, queue_id)
+        return None if path is None else Path(path)
 
     def _envelope(self, queue: str, queue_id: str) -> str:
         directory = self._dirs.get(queue)
@@ -661,7 +674,7 @@ class FileQueue:
         reads the same; recover() removes a packed file that has an envelope
         file beside it.
         """
-        if queue != QTMSINQ:
+        if queue not in PACKABLE:
             return False
         try:
             data = self._packed_envelope(queue, queue_id)
@@ -694,8 +707,8 @@ class FileQueue:
     # IQueue
 
     def new_spool(self, envelope: Envelope) -> Spool:
-        if os.path.exists(self._body(envelope.id)) or os.path.exists(
-                self._packed(QTMSINQ, envelope.id)):
+        if os.path.exists(self._body(envelope.id)) or any(
+                os.path.exists(self._packed(q, envelope.id)) for q in PACKABLE):
             raise ValueError(f"queue id {envelope.id} is already in use")
         return Spool(self, envelope)
 
@@ -744,7 +757,7 @@ class FileQueue:
                 raise KeyError(queue_id)
             return
         if not os.path.exists(src):
-            self._unpack(source, queue_id)  # packed messages only ever wait in QTMSINQ
+            self._unpack(source, queue_id)  # only PACKABLE queues hold packed messages
         if envelope is None:
             try:
                 os.rename(src, dst)
@@ -870,23 +883,24 @@ class FileQueue:
 
     def _finish_unpacking(self) -> None:
         """A packed file beside an envelope file of its id: an unpacking a crash cut short."""
-        names = set(_listdir(self._dirs[QTMSINQ]))
-        for name in sorted(names):
-            queue_id = name[:-4]
-            if not (name.endswith(".msg") and is_queue_id(queue_id)):
-                continue
-            if f"{queue_id}.json" not in names:
-                continue
-            packed = self._packed(QTMSINQ, queue_id)
-            try:
-                os.link(packed, self._body(queue_id))
-            except FileExistsError:
-                pass
-            except FileNotFoundError:
-                continue
-            fsync_dir(self._data)
-            _unlink(packed)
-            fsync_dir(self._dirs[QTMSINQ])
+        for queue in PACKABLE:
+            names = set(_listdir(self._dirs[queue]))
+            for name in sorted(names):
+                queue_id = name[:-4]
+                if not (name.endswith(".msg") and is_queue_id(queue_id)):
+                    continue
+                if f"{queue_id}.json" not in names:
+                    continue
+                packed = self._packed(queue, queue_id)
+                try:
+                    os.link(packed, self._body(queue_id))
+                except FileExistsError:
+                    pass
+                except FileNotFoundError:
+                    continue
+                fsync_dir(self._data)
+                _unlink(packed)
+                fsync_dir(self._dirs[queue])
 
     def _quarantine_corrupt(self) -> tuple[CorruptItem, ...]:
         """Move unreadable envelopes aside; each file is read once while it is unchanged.

@@ -261,7 +261,10 @@ class OutboundManager:
         replaces its file (a new inode), and its times and size tell a
         changed one even where a file system reuses an inode at once.
         """
-        path = str(self.queue.envelope_path(queue, qid))
+        entry = self.queue.entry_path(queue, qid)  # envelope file, or packed message
+        if entry is None:
+            return None
+        path = str(entry)
         try:
             st = os.stat(path)
         except FileNotFoundError:
