@@ -209,15 +209,20 @@ def _count_fsyncs(monkeypatch) -> list[str]:
     return calls
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-@pytest.mark.parametrize("queue", [QTMSINQ, QTMSOUTQ])
-def test_fsyncs_of_a_packed_message(fq, monkeypatch, queue):
-    """The commit is 2 (the one file, the queue dir), the removal 1."""
+def _commit_counting_fsyncs(fq, monkeypatch, queue):
+    """Commit a 4-byte message to ``queue``; its envelope, id and the fsyncs so far."""
     env = Envelope.new("jane@example.test", ["sam@example.test"])
     spool = fq.new_spool(env)
     spool.write(b"body")
     calls = _count_fsyncs(monkeypatch)
-    qid = spool.commit(queue)
+    return env, spool.commit(queue), calls
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize("queue", [QTMSINQ, QTMSOUTQ])
+def test_fsyncs_of_a_packed_message(fq, monkeypatch, queue):
+    """The commit is 2 (the one file, the queue dir), the removal 1."""
+    _, qid, calls = _commit_counting_fsyncs(fq, monkeypatch, queue)
     root = str(fq.root)
     assert calls == [f"{root}/tmp/{qid}.{os.getpid()}.body", f"{root}/{queue}"]
     assert sorted(os.listdir(fq.root / queue)) == [f"{qid}.msg"]
@@ -282,11 +287,7 @@ def test_fsyncs_per_operation(fq, monkeypatch):
     envelope); remove: 1 (the envelope's directory; a body brought back by a crash
     is an orphan that recovery removes)."""
     fq.packing = False
-    env = Envelope.new("jane@example.test", ["sam@example.test"])
-    spool = fq.new_spool(env)
-    spool.write(b"body")
-    calls = _count_fsyncs(monkeypatch)
-    qid = spool.commit(QTMSINQ)
+    env, qid, calls = _commit_counting_fsyncs(fq, monkeypatch, QTMSINQ)
     root = str(fq.root)
     assert calls == [
         f"{root}/tmp/{qid}.{os.getpid()}.body",
