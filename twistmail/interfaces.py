@@ -45,6 +45,10 @@ class IQueue(Interface):
     def list(queue):
         """Queue ids in ``queue``, oldest first."""
 
+    def unpack(queue, queue_id):
+        """Store a message as envelope file plus body file if it is one file;
+        afterwards ``body_path`` stays valid until the message is removed."""
+
     def entry_path(queue, queue_id):
         """The file whose presence puts the message in ``queue``, or None; a
         change of envelope replaces it (readers cache envelopes by its stat)."""

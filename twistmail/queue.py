@@ -665,6 +665,14 @@ class FileQueue:
                 f"packed message without its envelope attribute: {e.strerror}"
             ) from None
 
+    def unpack(self, queue: str, queue_id: str) -> bool:
+        """Give a packed message its envelope file and its body in data/.
+
+        For a reader that keeps the body's path while the envelope changes:
+        the path of a packed message goes with its first new envelope.
+        False when it was not packed (nothing to do)."""
+        return self._unpack(queue, queue_id)
+
     def _unpack(self, queue: str, queue_id: str) -> bool:
         """Give a packed message a body in data/ and an envelope file; False if not packed.
 

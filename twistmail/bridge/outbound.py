@@ -244,6 +244,12 @@ class OutboundManager:
                 settle.append(qid)
             elif next_at is None or transfer or qid in released or (flush and any(
                     _in_node(a, flush) for rcpts in groups.values() for a in rcpts)):
+                if len(groups) > 1:
+                    # Its tasks run side by side and each result rewrites the
+                    # envelope, which unpacks a packed message: unpack it now,
+                    # so every task reads the body where it stays, in data/.
+                    with self._lock(qid):
+                        self.queue.unpack(QTMSOUTQ, qid)
                 work.append((env, groups))
             else:
                 self._wait_for_transfer(env, next_at)
