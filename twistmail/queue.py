@@ -19,7 +19,7 @@ Files, all under ``<datadir>/queue/`` (mode 0700 directories, 0600 files):
   attribute ``user.twistmail.envelope``.  One file instead of two: the
   commit costs 2 fsyncs and one inode, and removing a delivered message one
   unlink.  The first new envelope or move unpacks it
-  (:meth:`FileQueue._unpack`), so no other queue holds packed files
+  (:meth:`FileQueue.unpack`), so no other queue holds packed files
   (``corrupt/`` aside).  Copies of a queue must keep extended attributes
   (``cp -a``, ``rsync -X``, ``tar --xattrs``); a packed file found without
   its attribute goes to ``corrupt/`` whole.
@@ -72,7 +72,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -666,17 +665,11 @@ class FileQueue:
             ) from None
 
     def unpack(self, queue: str, queue_id: str) -> bool:
-        """Give a packed message its envelope file and its body in data/.
-
-        For a reader that keeps the body's path while the envelope changes:
-        the path of a packed message goes with its first new envelope.
-        False when it was not packed (nothing to do)."""
-        return self._unpack(queue, queue_id)
-
-    def _unpack(self, queue: str, queue_id: str) -> bool:
         """Give a packed message a body in data/ and an envelope file; False if not packed.
 
-        Every new envelope and every move starts here.  The body is linked
+        Every new envelope and every move starts here, and so does a reader
+        that keeps the body's path while the envelope may change (the path
+        of a packed message goes with its first new envelope).  The body is linked
         (not copied) into data/ before the envelope file is written, and the
         packed file goes last, so a crash at any step leaves a message that
         reads the same; recover() removes a packed file that has an envelope
@@ -745,7 +738,7 @@ class FileQueue:
     def update(self, queue: str, envelope: Envelope) -> None:
         """Replace the envelope of a message that stays in ``queue`` (2 fsyncs)."""
         path = self._envelope(queue, envelope.id)
-        if not os.path.exists(path) and not self._unpack(queue, envelope.id):
+        if not os.path.exists(path) and not self.unpack(queue, envelope.id):
             raise KeyError(envelope.id)
         os.replace(self._tmp_envelope(envelope), path)
         fsync_dir(self._dirs[queue])
@@ -765,7 +758,7 @@ class FileQueue:
                 raise KeyError(queue_id)
             return
         if not os.path.exists(src):
-            self._unpack(source, queue_id)  # only PACKABLE queues hold packed messages
+            self.unpack(source, queue_id)  # only PACKABLE queues hold packed messages
         if envelope is None:
             try:
                 os.rename(src, dst)
@@ -897,18 +890,23 @@ class FileQueue:
                 queue_id = name[:-4]
                 if not (name.endswith(".msg") and is_queue_id(queue_id)):
                     continue
-                if f"{queue_id}.json" not in names:
-                    continue
-                packed = self._packed(queue, queue_id)
-                try:
-                    os.link(packed, self._body(queue_id))
-                except FileExistsError:
-                    pass
-                except FileNotFoundError:
-                    continue
-                fsync_dir(self._data)
-                _unlink(packed)
-                fsync_dir(self._dirs[queue])
+                if f"{queue_id}.json" in names and self._drop_packed(queue, queue_id):
+                    fsync_dir(self._dirs[queue])
+
+    def _drop_packed(self, queue: str, queue_id: str) -> bool:
+        """Remove a packed file whose message goes on as envelope file and data/ body.
+
+        The body is linked into data/ first (an unpacking may have been cut
+        short before it): the file is the body.  False when it was not there."""
+        packed = self._packed(queue, queue_id)
+        try:
+            os.link(packed, self._body(queue_id))
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            return False
+        fsync_dir(self._data)
+        return _unlink(packed)
 
     def _quarantine_corrupt(self) -> tuple[CorruptItem, ...]:
         """Move unreadable envelopes aside; each file is read once while it is unchanged.
@@ -923,11 +921,11 @@ class FileQueue:
                 continue
             for queue_id in self.list(queue):
                 path = self._entry_file(queue, queue_id)
+                if path is None:
+                    continue
                 try:
-                    mtime = os.stat(path).st_mtime_ns if path is not None else None
+                    mtime = os.stat(path).st_mtime_ns
                 except FileNotFoundError:
-                    mtime = None
-                if path is None or mtime is None:
                     continue
                 if self._sound.get(path) == mtime:
                     sound[path] = mtime
@@ -1002,14 +1000,9 @@ class FileQueue:
         removed = tuple(q for _, _, q in ranked[:-1])
         for queue in removed:
             gone = _unlink(self.envelope_path(queue, queue_id))
-            if queue in _PACKED_IN:
-                packed = self._packed(queue, queue_id)
-                if os.path.exists(packed):
-                    # The copy that goes still holds the body the kept one needs.
-                    with suppress(FileExistsError):
-                        os.link(packed, self._body(queue_id))
-                    fsync_dir(self._data)
-                    gone = _unlink(packed) or gone
+            # A packed copy that goes still holds the body the kept one needs.
+            if queue in _PACKED_IN and self._drop_packed(queue, queue_id):
+                gone = True
             if gone:
                 fsync_dir(self.queue_dir(queue))
         return DuplicateItem(queue_id, kept, removed)
