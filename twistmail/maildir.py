@@ -399,8 +399,7 @@ class MailboxSession:
     def mark_deleted(self, index: int) -> None:
         """DELE: only marks; the file goes at commit."""
         self.message(index)
-        if self._doomed is not None:
-            raise SessionClosed("the deletions of this session are already decided")
+        self._check_undecided()
         self._deleted.add(index)
 
     def undelete_all(self) -> None:
@@ -423,8 +422,7 @@ class MailboxSession:
         waits for one unlink per message.  Raises :class:`DeletionFailed`
         (after releasing; nothing removed) when the log cannot be written."""
         self._check_open()
-        if self._doomed is not None:
-            raise SessionClosed("the deletions of this session are already decided")
+        self._check_undecided()
         try:
             names = self._names_to_remove()
             if names:
@@ -457,7 +455,7 @@ class MailboxSession:
         if done:
             # After the release: an open waiting for this QUIT (see _take_lock)
             # gets the lock right after the log goes, not one fsync later.  A
-            # log a crash brings back names files that are gone already.
+            # log that a crash brings back names only files already gone.
             fsync_dir(self.maildir)
         if failed:
             raise DeletionFailed(f"{len(failed)} deleted messages not removed")
@@ -471,6 +469,10 @@ class MailboxSession:
     def _check_open(self) -> None:
         if self._lock is None:
             raise SessionClosed("the mailbox session has ended")
+
+    def _check_undecided(self) -> None:
+        if self._doomed is not None:
+            raise SessionClosed("the deletions of this session are already decided")
 
     def _names_to_remove(self) -> list[str]:
         """cur/ names of the marked messages (followed if renamed) and the extra copies."""

@@ -851,10 +851,7 @@ class FileQueue:
         )
 
     def _body_size(self, queue_id: str) -> int:
-        try:
-            return self.body_path(queue_id).stat().st_size
-        except FileNotFoundError:
-            return 0
+        return _size(self.body_path(queue_id))
 
     # recovery
 
@@ -1041,7 +1038,7 @@ class FileQueue:
         return tuple(removed)
 
 
-def _size(path: str) -> int:
+def _size(path: Path | str) -> int:
     try:
         return os.stat(path).st_size
     except FileNotFoundError:
