@@ -13,7 +13,7 @@ import time
 from email.message import EmailMessage
 
 import pytest
-from appliance import alive, read_reply
+from appliance import alive, children_of, read_reply, wait_gone
 
 
 @pytest.fixture
@@ -268,13 +268,25 @@ def test_sigkill_right_after_250_still_delivers_once(post):
     assert len(a.mailbox("SAM")) == 1
 
 
-def test_sigkill_of_bridge_mid_drain_delivers_all_exactly_once(make_appliance):
+def qmsf_jobs(bridge: int) -> list[int]:
+    """The bridge's QMSF job processes (STRMSF NBRMSFJOB)."""
+    out = []
+    for pid in children_of(bridge):
+        try:
+            if open(f"/proc/{pid}/comm").read().strip() == "QMSF":
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def _queue_while_msf_ended(make_appliance, total: int):
+    """An appliance whose QTMSINQ holds ``total`` messages for SAM; MSF ended."""
     a = make_appliance(prestart__QTMSSRCP={"inljobs": 4, "threshold": 1, "adljobs": 2,
                                            "maxjobs": 8}).start()
     a.user("SAM")
     assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
     a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
-    total = 500
     sent = set()
     with smtplib.SMTP(*a.addr("smtp"), timeout=60) as s:
         for i in range(total):
@@ -283,14 +295,10 @@ def test_sigkill_of_bridge_mid_drain_delivers_all_exactly_once(make_appliance):
                        f"Message-ID: {mid}\r\nSubject: {i}\r\n\r\nbody {i}\r\n".encode())
             sent.add(mid)
     assert len(a.queue_files("QTMSINQ")) == total
-    assert a.cli("strmsf")[0] == 0
-    a.wait_for(lambda: len(a.mailbox("SAM")) >= 50, 60, "bridge to start delivering")
-    bridge = a.control("status")["bridge"]["pid"]
-    os.kill(bridge, signal.SIGKILL)
-    killed_at = len(a.mailbox("SAM"))
-    assert killed_at < total, "the bridge finished before it could be killed"
-    a.wait_for(lambda: (a.control("status")["bridge"]["pid"] or bridge) != bridge, 20,
-               "bridge restart")
+    return a, sent
+
+
+def _assert_each_once(a, sent: set[str]) -> None:
     a.wait_for(lambda: not a.queue_files("QTMSINQ"), 120, "queue to drain")
     files = a.mailbox("SAM")
     ids = []
@@ -298,9 +306,93 @@ def test_sigkill_of_bridge_mid_drain_delivers_all_exactly_once(make_appliance):
         head = p.read_bytes().split(b"\r\n\r\n", 1)[0]
         ids.append(next(line for line in head.split(b"\r\n")
                         if line.startswith(b"Message-ID: ")).split(b" ", 1)[1].decode())
-    assert len(files) == total
+    assert len(files) == len(sent)
     assert set(ids) == sent
+
+
+def test_sigkill_of_bridge_mid_drain_delivers_all_exactly_once(make_appliance):
+    total = 500
+    a, sent = _queue_while_msf_ended(make_appliance, total)
+    assert a.cli("strmsf")[0] == 0
+    a.wait_for(lambda: len(a.mailbox("SAM")) >= 50, 60, "bridge to start delivering")
+    bridge = a.control("status")["bridge"]["pid"]
+    jobs = qmsf_jobs(bridge)
+    assert len(jobs) == 3
+    os.kill(bridge, signal.SIGKILL)
+    killed_at = len(a.mailbox("SAM"))
+    assert killed_at < total, "the bridge finished before it could be killed"
+    a.wait_for(lambda: (a.control("status")["bridge"]["pid"] or bridge) != bridge, 20,
+               "bridge restart")
+    _assert_each_once(a, sent)
     assert not alive(bridge)
+    assert wait_gone(jobs, 10) == [], "QMSF jobs outlived their bridge"
+
+
+def test_sigkill_of_a_qmsf_job_mid_drain_delivers_all_exactly_once(make_appliance):
+    total = 300
+    a, sent = _queue_while_msf_ended(make_appliance, total)
+    assert a.cli("strmsf")[0] == 0
+    a.wait_for(lambda: len(a.mailbox("SAM")) >= 30, 60, "the QMSF jobs to start delivering")
+    bridge = a.control("status")["bridge"]["pid"]
+    victim = qmsf_jobs(bridge)[0]
+    os.kill(victim, signal.SIGKILL)
+    assert len(a.mailbox("SAM")) < total, "the jobs finished before one could be killed"
+    _assert_each_once(a, sent)
+    [crash] = a.wait_for(lambda: a.journal("JK"), 10, "the crash entry")
+    assert crash["pid"] == victim and crash["esd"] == f"JK CRASH QMSF/{victim}"
+    jobs = a.wait_for(lambda: len(qmsf_jobs(bridge)) == 3 and qmsf_jobs(bridge), 10,
+                      "a replacement job")
+    assert victim not in jobs and a.control("status")["bridge"]["pid"] == bridge
+
+
+def test_qmsf_jobs_start_with_mail_take_changes_and_end_with_endmsf(post):
+    """No mail, no QMSF job; CHGSMTPA FTRACN reaches a running one; ENDMSF ends it."""
+    a = post
+    bridge = a.wait_for(lambda: a.control("status")["bridge"]["pid"], 10)
+    time.sleep(0.5)
+    assert qmsf_jobs(bridge) == []
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["sam@example.test"], b"Subject: first\r\n\r\nhi\r\n")
+    a.wait_mailbox("SAM", 1)
+    [job] = qmsf_jobs(bridge)
+    a.wait_for(lambda: [(r["pid"], r["status"], r["uses"]) for r in a.control("wrkactjob")
+                        if r["job"] == "QMSF"] == [(job, "DEQW", 1)], 5,
+               "WRKACTJOB: the QMSF job waiting, one message done")
+    assert a.cli("addsmtple", "--type", "*FTRSUBJECT", "--ftrdata", "Quarterly*")[0] == 0
+    assert a.cli("chgsmtpa", "--ftracn", "*DISCARD")[0] == 0
+    time.sleep(0.5)  # the SIGHUP reaches the bridge, and from it the job
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["sam@example.test"], _virus())
+    [entry] = a.wait_for(lambda: a.journal("OW"), 15, "the filter entry")
+    assert entry["action"] == "discarded" and a.queue_files("quarantine") == []
+    assert entry["job"] == f"QMSF/{job}" and qmsf_jobs(bridge) == [job]
+    rc, out, err = a.cli("endmsf")
+    assert rc == 0, err
+    assert wait_gone([bridge, job], 10) == []
+    assert [e["pid"] for e in a.journal("JN") if e["esd"].startswith("JN END QMSF")] == [job]
+
+
+def test_a_message_that_cannot_be_read_is_set_aside_when_taken(post):
+    a = post
+    assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        for subject in ("damaged", "sound"):
+            s.sendmail("jane@example.test", ["sam@example.test"],
+                       f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+    damaged, sound = a.queue_files("QTMSINQ")
+    assert damaged.suffix == ".msg"  # one file, the envelope in an extended attribute
+    os.removexattr(damaged, "user.twistmail.envelope")
+    assert a.cli("strmsf")[0] == 0
+    [path] = a.wait_mailbox("SAM", 1)
+    assert b"Subject: sound" in path.read_bytes()
+    [entry] = a.wait_for(lambda: a.journal("7Y"), 15, "the 7Y entry")
+    assert entry["msgid"] == damaged.stem and "envelope" in entry["reason"]
+    assert entry["job"].startswith("QMSF/")
+    assert a.queue_files("QTMSINQ") == [] and [p.stem for p in a.queue_files("corrupt")] == [
+        damaged.stem]
+    rc, out, err = a.cli("wrkq", "--queue", "corrupt")
+    assert rc == 0 and damaged.stem in out
 
 
 def test_wrkq_lists_messages_as_mailq(post):

@@ -456,11 +456,11 @@ def test_a_corrupt_envelope_goes_to_corrupt_with_its_body(fq):
 
 def test_an_envelope_whose_body_is_missing_or_whose_id_differs_is_corrupt(fq):
     fq.packing = False
-    a, b = enqueue(fq), enqueue(fq)
+    a, b = enqueue(fq, queue=QTMSOUTQ), enqueue(fq, queue=QTMSOUTQ)
     fq.body_path(a).unlink()
-    other = json.loads(fq.envelope_path(QTMSINQ, b).read_bytes())
+    other = json.loads(fq.envelope_path(QTMSOUTQ, b).read_bytes())
     other["id"] = new_queue_id()
-    fq.envelope_path(QTMSINQ, b).write_text(json.dumps(other))
+    fq.envelope_path(QTMSOUTQ, b).write_text(json.dumps(other))
     report = fq.recover()
     reasons = {c.id: c.reason for c in report.corrupt}
     assert reasons[a] == "body missing"
@@ -474,7 +474,8 @@ def test_recovery_reads_an_unchanged_envelope_once(fq, monkeypatch):
     real = FileQueue.load
     monkeypatch.setattr(FileQueue, "load",
                         lambda self, q, i: loads.append(i) or real(self, q, i))
-    assert fq.recover().clean and sorted(loads) == sorted([good, later])
+    assert fq.recover().clean and loads == [later]  # QTMSINQ's: checked when taken
+    assert fq.list(QTMSINQ) == [good]
     loads.clear()
     assert fq.recover().clean and loads == []  # nothing changed, nothing read
     # A file written since is read again, and a damaged one still found.
@@ -486,12 +487,32 @@ def test_recovery_reads_an_unchanged_envelope_once(fq, monkeypatch):
 
 
 def test_a_second_corrupt_copy_of_an_id_does_not_overwrite_the_first(fq):
-    qid = enqueue(fq)
+    qid = enqueue(fq, queue=QTMSOUTQ)
     (fq.root / CORRUPT / f"{qid}.json").write_bytes(b"first")
-    fq.envelope_path(QTMSINQ, qid).write_bytes(b"second")
+    fq.envelope_path(QTMSOUTQ, qid).write_bytes(b"second")
     fq.recover()
     kept = sorted(p.read_bytes() for p in (fq.root / CORRUPT).iterdir())
     assert kept == [b"first", b"second"]
+
+
+def test_recovery_leaves_the_checking_of_qtmsinq_to_whoever_takes_a_message(fq):
+    """A bridge starting with a long backlog must not read every envelope first."""
+    fq.packing = False
+    bad, fine = enqueue(fq), enqueue(fq)
+    fq.envelope_path(QTMSINQ, bad).write_bytes(b'{"id": "trunc')
+    fq.packing = True
+    packed = enqueue(fq)
+    os.removexattr(fq.root / QTMSINQ / f"{packed}.msg", queuemod.ENVELOPE_ATTR)
+    assert fq.recover().clean
+    assert sorted(fq.list(QTMSINQ)) == sorted([bad, packed, fine])
+    with pytest.raises(CorruptEnvelope):
+        fq.load(QTMSINQ, bad)
+    item = fq.set_aside(QTMSINQ, bad, "unreadable envelope")
+    assert (item.id, item.queue, item.reason) == (bad, QTMSINQ, "unreadable envelope")
+    assert fq.set_aside(QTMSINQ, packed, "no envelope attribute").id == packed
+    assert fq.set_aside(QTMSINQ, packed, "again") is None  # gone already
+    assert fq.list(QTMSINQ) == [fine] and sorted(fq.list(CORRUPT)) == sorted([bad, packed])
+    assert fq.body_path(bad).exists() and (fq.root / CORRUPT / f"{packed}.msg").exists()
 
 
 # -- move, update, remove --------------------------------------------------------
@@ -597,12 +618,12 @@ def test_the_target_wins_even_moving_back_with_the_clock_stepped_back(fq, monkey
 
 def test_a_packed_message_that_lost_its_envelope_goes_to_corrupt_whole(fq):
     """A copy of the queue made without extended attributes, for instance."""
-    qid = enqueue(fq, body=b"Subject: kept\r\n\r\nbody\r\n")
-    os.removexattr(fq.root / QTMSINQ / f"{qid}.msg", queuemod.ENVELOPE_ATTR)
+    qid = enqueue(fq, body=b"Subject: kept\r\n\r\nbody\r\n", queue=QTMSOUTQ)
+    os.removexattr(fq.root / QTMSOUTQ / f"{qid}.msg", queuemod.ENVELOPE_ATTR)
     report = fq.recover()
-    assert [(c.id, c.queue) for c in report.corrupt] == [(qid, QTMSINQ)]
+    assert [(c.id, c.queue) for c in report.corrupt] == [(qid, QTMSOUTQ)]
     assert "envelope attribute" in report.corrupt[0].reason
-    assert fq.list(QTMSINQ) == [] and fq.list(CORRUPT) == [qid]
+    assert fq.list(QTMSOUTQ) == [] and fq.list(CORRUPT) == [qid]
     assert (fq.root / CORRUPT / f"{qid}.msg").read_bytes() == b"Subject: kept\r\n\r\nbody\r\n"
     (entry,) = fq.entries(CORRUPT)
     assert entry.error is not None and entry.size > 0

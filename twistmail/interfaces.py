@@ -62,6 +62,10 @@ class IQueue(Interface):
     def remove(queue, queue_id):
         """Delete a message whose next holder has it durably."""
 
+    def set_aside(queue, queue_id, reason):
+        """Move a message that cannot be read to ``corrupt/`` for the
+        administrator; the item moved, or None if it was gone."""
+
 
 class IMailboxStore(Interface):
     """Local mailboxes (Maildir)."""

@@ -53,8 +53,11 @@ Durability contract (DESIGN.md §2, queue rules 1, 2 and 4):
   hour, because a commit in another process has a body without envelope for
   a few milliseconds), moves unreadable envelopes (or envelopes whose body
   is missing) to ``corrupt/`` keeping the body, and resolves a message found
-  in two queues.  It must not run concurrently with moves made by another
-  thread of the same owner (the bridge runs it from its queue manager).
+  in two queues.  In QTMSINQ, which is drained as it fills, the check is
+  left to whoever takes a message (:meth:`FileQueue.set_aside`): a restart
+  with a long backlog does not read every envelope before the first
+  delivery.  It must not run concurrently with moves made by another thread
+  of the same owner (the bridge runs it from its queue manager).
 
 Everything here is synchronous and may block on disk: code in a reactor calls
 it through ``deferToThread``.  Settings honoured: ``system.datadir`` (through
@@ -914,7 +917,7 @@ class FileQueue:
         found = []
         sound: dict[str, int] = {}
         for queue in QUEUES:
-            if queue == CORRUPT:
+            if queue in (CORRUPT, QTMSINQ):
                 continue
             for queue_id in self.list(queue):
                 path = self._entry_file(queue, queue_id)
@@ -945,6 +948,10 @@ class FileQueue:
         if not self.body_path(queue_id).exists():
             return "body missing"
         return None
+
+    def set_aside(self, queue: str, queue_id: str, reason: str) -> CorruptItem | None:
+        """Move a message found damaged to ``corrupt/``; None if it is gone already."""
+        return CorruptItem(queue_id, queue, reason) if self._to_corrupt(queue, queue_id) else None
 
     def _to_corrupt(self, queue: str, queue_id: str) -> bool:
         """Keep the damaged envelope (and its body) for the administrator.

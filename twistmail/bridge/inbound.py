@@ -5,9 +5,11 @@ park it on QTMSBSSQ when storage is short (7L), filter (nothing yet),
 resolve each recipient against the system distribution directory (P2), then
 deliver into the POP mailbox (B8, B2) or the SNADS store (7O), forward the
 remote recipients to QTMSOUTQ (C6), and write one nondelivery notice for the
-recipients that cannot be delivered (7P, AP, A1, A2).
+recipients that cannot be delivered (7P, AP, A1, A2).  A message that
+cannot be read (a damaged envelope, a missing body) is set aside in
+``corrupt/`` (7Y) when it is taken.
 
-Synchronous: the bridge runs it in a worker thread.  Every step can be
+Synchronous: a QMSF job (:mod:`twistmail.bridge.msf`) runs it.  Every step can be
 repeated after a crash without a second copy: Maildir names derive from the
 queue id and the recipient's position, and a notice's queue id derives from
 the original's, so a repeated notice is the same message.
@@ -22,9 +24,9 @@ from typing import Any
 import attrs
 
 from twistmail.bridge.nondelivery import Failure, queue_notice
-from twistmail.interfaces import QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
+from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
 from twistmail.policy.filters import examine
-from twistmail.queue import DELIVERED, FAILED, Envelope, Recipient
+from twistmail.queue import DELIVERED, FAILED, CorruptEnvelope, Envelope, Recipient
 
 UNKNOWN = ("5.1.1", "550 5.1.1 user unknown: no entry in the system distribution directory")
 
@@ -37,6 +39,7 @@ class Outcome:
     forwarded: int = 0
     parked: bool = False
     filtered: bool = False
+    corrupt: bool = False
     notice: str | None = None
 
 
@@ -61,7 +64,13 @@ class InboundProcessor:
             return self._process(queue_id)
 
     def _process(self, queue_id: str) -> Outcome:
-        env = self.queue.load(QTMSINQ, queue_id)
+        try:
+            env = self.queue.load(QTMSINQ, queue_id)
+        except CorruptEnvelope as e:
+            return self._set_aside(queue_id, f"unreadable envelope: {e}")
+        body = self.queue.body_path(queue_id)
+        if not os.path.exists(body):
+            return self._set_aside(queue_id, "body missing")
         j = self.journal
         j.write("7A", f"7A FIQ {QTMSINQ}", queue_id, queue=QTMSINQ)
         _delete_api_files(env)
@@ -70,7 +79,6 @@ class InboundProcessor:
             j.flush()
             self.queue.move(queue_id, QTMSINQ, QTMSBSSQ)
             return Outcome(queue_id, parked=True)
-        body = self.queue.body_path(queue_id)
         if not released(env):
             match = examine(body, env.originator, self.directory)
             if match is not None:
@@ -107,6 +115,13 @@ class InboundProcessor:
             j.flush()
             self.queue.remove(QTMSINQ, queue_id)
         return Outcome(queue_id, delivered, len(failures), forwarded, notice=notice)
+
+    def _set_aside(self, queue_id: str, reason: str) -> Outcome:
+        """A message that cannot be read goes to corrupt/ (7Y), kept for the administrator."""
+        if self.queue.set_aside(QTMSINQ, queue_id, reason) is None:
+            raise KeyError(queue_id)  # gone meanwhile
+        self.journal.write("7Y", f"7Y CRP {queue_id}", queue_id, queue=CORRUPT, reason=reason)
+        return Outcome(queue_id, corrupt=True)
 
     def _filtered(self, env: Envelope, match: Any) -> Outcome:
         """FTRACN: keep the message in quarantine, or discard it (journal OW)."""

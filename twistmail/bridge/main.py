@@ -2,7 +2,10 @@
 
 Started and supervised by the controller.  It drains QTMSINQ into the local
 mailboxes, forwards remote recipients to QTMSOUTQ, writes nondelivery
-notices, and parks mail on QTMSBSSQ while storage is short.  It ends at
+notices, and parks mail on QTMSBSSQ while storage is short: the queue
+manager here hands each message to one of its QMSF job processes
+(:mod:`twistmail.bridge.msf`), which do that work.  It also runs outbound
+delivery with its QTMSCCLCP client jobs.  It ends at
 SIGTERM (work in progress is resumed at the next start), and by itself if the
 controller dies.
 
@@ -22,6 +25,8 @@ from pathlib import Path
 from twistmail import config as configmod
 from twistmail.lifeline import die_with_parent, log_to_stderr
 
+MSF_JOBS = 3  # IBM's STRMSF NBRMSFJOB default: QMSF jobs, one message each at a time
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twistmail-bridge")
@@ -37,47 +42,34 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
-    from twistmail.bridge.inbound import InboundProcessor
     from twistmail.bridge.manager import QueueManager
+    from twistmail.bridge.msf import storage_probe
+    from twistmail.bridge.msfjobs import MsfJobs
     from twistmail.directory import SqliteDirectory
     from twistmail.journal import Journal
-    from twistmail.maildir import MaildirStore
     from twistmail.queue import FileQueue
-    from twistmail.smtp.backend import storage_used_percent
 
     journal = Journal.from_settings(settings, f"QTSMTPBRSR/{os.getpid()}")
     journal.write("JM", "JM STR QTSMTPBRSR", pid=os.getpid())
-    datadir = settings.datadir
-    threshold = settings.storage.threshold
-    probe = _Probe(lambda: storage_used_percent(datadir) > threshold)
     queue = FileQueue.for_settings(settings)
-    processor = InboundProcessor(
-        hostname=settings.hostname,
-        queue=queue,
-        directory=SqliteDirectory.from_settings(settings),
-        mailboxes=MaildirStore(datadir / "mailboxes", settings.hostname),
-        snads=MaildirStore(datadir / "snads", settings.hostname),
-        journal=journal,
-        storage_full=probe,
-        ftracn=settings.smtp.ftracn,
-        responsible=settings.smtp.nfydlvry,
-    )
-    manager = QueueManager(reactor, queue, processor, journal, probe)
-    pool, outbound = _outbound(reactor, settings, queue, processor.directory)
+    jobs = MsfJobs(reactor, args.config, MSF_JOBS, journal)
+    manager = QueueManager(reactor, queue, jobs, journal, storage_probe(settings))
+    pool, outbound = _outbound(reactor, settings, queue, SqliteDirectory.from_settings(settings))
     reactor.callWhenRunning(manager.start)
     reactor.callWhenRunning(pool.start)
     reactor.callWhenRunning(outbound.start)
     reactor.addSystemEventTrigger("before", "shutdown", manager.stop)
+    reactor.addSystemEventTrigger("before", "shutdown", jobs.stop)
     reactor.addSystemEventTrigger("before", "shutdown", outbound.stop)
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: pool.end("*CNTRLD", float(settings.prestart.end_delay),
                                                reason="shutdown"))
-    status = _StatusFile(reactor, settings.datadir / "run" / "QTMSCCLCP.json", pool)
+    status = _StatusFile(reactor, settings.datadir / "run" / "QTMSCCLCP.json", pool, jobs)
     reactor.callWhenRunning(status.start)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
-        _reload, args.config, pool, outbound, processor))
+        _reload, args.config, pool, outbound, jobs))
     if reload_asked:
-        reactor.callWhenRunning(_reload, args.config, pool, outbound, processor)
+        reactor.callWhenRunning(_reload, args.config, pool, outbound, jobs)
     reactor.run()
     return 0
 
@@ -97,7 +89,7 @@ def _outbound(reactor, settings, queue, directory):  # noqa: ANN001, ANN202
     return pool, outbound
 
 
-def _reload(config_path: str, pool, outbound, processor) -> None:  # noqa: ANN001
+def _reload(config_path: str, pool, outbound, jobs) -> None:  # noqa: ANN001
     """SIGHUP from the controller: CHGPJE of QTMSCCLCP, CHGSMTPA, applied live."""
     from twistmail.controller.service import limits_of
 
@@ -109,20 +101,20 @@ def _reload(config_path: str, pool, outbound, processor) -> None:  # noqa: ANN00
     pool.reconfigure(settings.prestart.QTMSCCLCP, limits_of(settings))
     pool.reload_jobs()
     outbound.configure(settings)
-    processor.ftracn = settings.smtp.ftracn
-    processor.responsible = settings.smtp.nfydlvry
+    jobs.reload()
 
 
 class _StatusFile:
-    """DSPACTPJ and WRKACTJOB of the client pool, for the controller to read.
+    """DSPACTPJ and WRKACTJOB of the client pool and the QMSF jobs, for the controller.
 
     It also carries out DSPACTPJ RESET requests (``bridge.status``).
     """
 
-    def __init__(self, reactor, path: Path, pool) -> None:  # noqa: ANN001
+    def __init__(self, reactor, path: Path, pool, msf) -> None:  # noqa: ANN001
         self.reactor = reactor
         self.path = path
         self.pool = pool
+        self.msf = msf
         self.last_reset: dict | None = None
 
     def start(self) -> None:
@@ -141,7 +133,8 @@ class _StatusFile:
             token = take_reset_request(self.path.parent)
             if token is not None:
                 self.last_reset = {"token": token, "report": self.pool.report(reset=True)}
-            data = {"report": self.pool.report(), "jobs": self.pool.listing(),
+            data = {"report": self.pool.report(),
+                    "jobs": self.pool.listing() + self.msf.listing(),
                     "at": time.time(), "reset": self.last_reset}
             tmp.write_text(json.dumps(data, default=str))
             os.replace(tmp, self.path)
@@ -153,22 +146,6 @@ class _StatusFile:
             self.path.unlink()
         except OSError:
             pass
-
-
-class _Probe:
-    """Storage use, checked at most once a second (it is asked per message)."""
-
-    def __init__(self, check) -> None:  # noqa: ANN001
-        self.check = check
-        self.at = 0.0
-        self.full = False
-
-    def __call__(self) -> bool:
-        now = time.monotonic()
-        if now - self.at >= 1.0:
-            self.at = now
-            self.full = self.check()
-        return self.full
 
 
 if __name__ == "__main__":

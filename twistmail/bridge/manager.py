@@ -4,8 +4,9 @@ Woken by inotify when an envelope is renamed into QTMSINQ, and by a periodic
 rescan as well, because inotify can lose events without telling (TWISTED.md
 §6): a lost wake-up only delays.  At start, and at every rescan, it runs the
 queue's recovery (abandoned spool files, orphan bodies, unreadable
-envelopes).  Messages are processed oldest first by a few worker threads
-(IBM's NBRMSFJOB), each message by one worker at a time.  Mail parked on
+envelopes).  Messages are processed oldest first by the QMSF jobs (IBM's
+NBRMSFJOB, :mod:`twistmail.bridge.msfjobs`), each message by one job at a
+time; one a job could not finish stays queued for the next rescan.  Mail parked on
 QTMSBSSQ goes back to QTMSINQ, oldest first, once storage use is under the
 threshold again (7M).
 
@@ -24,21 +25,20 @@ from twisted.python.filepath import FilePath
 
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ
 
-MSF_JOBS = 3  # IBM's STRMSF NBRMSFJOB default
 RESCAN_EVERY = 5.0  # seconds
 
 
 class QueueManager:
     log = Logger()
 
-    def __init__(self, reactor: Any, queue: Any, processor: Any, journal: Any,
-                 storage_full: Callable[[], bool], workers: int = MSF_JOBS) -> None:
+    def __init__(self, reactor: Any, queue: Any, jobs: Any, journal: Any,
+                 storage_full: Callable[[], bool]) -> None:
         self.reactor = reactor
         self.queue = queue
-        self.processor = processor
+        self.jobs = jobs
+        jobs.on_free = self._pump
         self.journal = journal
         self.storage_full = storage_full
-        self.workers = workers
         self.todo: collections.deque[str] = collections.deque()
         self.known: set[str] = set()  # queued or in progress
         self.running = 0
@@ -87,8 +87,8 @@ class QueueManager:
         if self.scanning:
             return None
         self.scanning = True
-        # Recovery must not race a worker's moves, so it runs only while none
-        # is busy, and no worker starts until it is done.
+        # Recovery must not race a job's moves, so it runs only while none
+        # is busy, and no job gets a message until it is done.
         self.recovering = self.running == 0
         d = threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), self._scan, self.recovering
@@ -132,23 +132,16 @@ class QueueManager:
             self.todo.append(qid)
 
     def _pump(self) -> None:
-        while self.todo and self.running < self.workers and not self.recovering:
+        while self.todo and not self.recovering and self.jobs.free():
             qid = self.todo.popleft()
             self.running += 1
-            d = threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), self._process, qid
-            )
+            d = self.jobs.process(qid)
             d.addErrback(self._failed, qid)
             d.addBoth(self._finished, qid)
 
-    def _process(self, qid: str) -> Any:
-        try:
-            return self.processor.process(qid)
-        except KeyError:
-            return None  # gone already (another pass took it, or it was moved)
-
     def _failed(self, failure: Any, qid: str) -> None:
-        self.log.failure("processing {qid} failed; it stays queued", failure, qid=qid)
+        self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
+                       why=failure.getErrorMessage())
 
     def _finished(self, result: Any, qid: str) -> None:
         self.running -= 1
