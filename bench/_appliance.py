@@ -687,6 +687,8 @@ def _role(cmdline: str) -> str:
         return "pop-jobs"
     if "--pgm QTMSCCLCP" in cmdline or "forkserver QTMSCCLCP" in cmdline:
         return "client-jobs"
+    if "bridge.msf" in cmdline:
+        return "qmsf-jobs"
     if "bridge.main" in cmdline:
         return "bridge"
     if "twistd" in cmdline:
