@@ -141,6 +141,7 @@ class Behaviour:
     drop_after: int | None = None  # close after this many DATA bytes
     stall_data: float | None = None  # stop reading after 354 for this long
     starttls_reply: str = "220 2.0.0 go ahead"
+    rset: str = "250 2.0.0 ok"
     etrn: str = "250 2.0.0 queuing started"  # the reply to ETRN (offer it in extensions)
 
 
@@ -273,7 +274,9 @@ class Sink:
             elif verb == "QUIT":
                 reply("221 2.0.0 bye")
                 return
-            elif verb in ("RSET", "NOOP"):
+            elif verb == "RSET":
+                reply(b.rset)
+            elif verb == "NOOP":
                 reply("250 2.0.0 ok")
             elif verb == "ETRN" and "ETRN" in b.extensions:
                 reply(b.etrn)
@@ -437,8 +440,8 @@ class ClientTests(unittest.TestCase):
         })
         self.assertEqual(sent_commands(sink), ["EHLO", "MAIL", "RCPT", "RCPT", "RCPT", "RCPT",
                                                "DATA", "QUIT"])
-        batch = {n for verb, n in sink.batches if verb in ("MAIL", "RCPT")}
-        self.assertEqual(len(batch), 1, "MAIL and the RCPTs must go out in one write")
+        batch = {n for verb, n in sink.batches if verb in ("MAIL", "RCPT", "DATA")}
+        self.assertEqual(len(batch), 1, "MAIL, the RCPTs and DATA must go out in one write")
         self.assertEqual(sink.messages[0].recipients, ["ok@d.test", "ok2@d.test"])
         self.assertEqual(result.remote_ip, "127.0.0.1")
         self.assertIn("SIZE=", sink.commands[1])
@@ -456,7 +459,9 @@ class ClientTests(unittest.TestCase):
         result = await self.send([sink.hop()], recipients=("x@d.test", "y@d.test"))
         self.assertEqual({r.status for r in result.recipients}, {PERMANENT})
         self.assertEqual(sink.messages, [])
-        self.assertNotIn("DATA", sent_commands(sink))
+        # This sink answers DATA with 354 even then: it gets no text, and no
+        # message is made (the connection is dropped).
+        self.assertEqual(sent_commands(sink)[-1], "DATA")
 
     async def test_end_of_data_temporary_failure(self) -> None:
         sink = self.sink(end="451 4.3.0 try later")
@@ -716,6 +721,20 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(sent_commands(sink), ["EHLO", "MAIL", "RCPT", "DATA",
                                                "RSET", "MAIL", "RCPT", "DATA",
                                                "RSET", "MAIL", "RCPT", "DATA"])
+        # The RSET that tests the kept connection goes with the next envelope
+        # (RFC 2920): one write, one round trip, per message after the first.
+        groups = [n for verb, n in sink.batches if verb in ("RSET", "MAIL", "RCPT", "DATA")]
+        self.assertEqual(len(set(groups)), 3)
+
+    async def test_a_kept_connection_whose_rset_fails_is_replaced_without_a_try(self) -> None:
+        sink = self.sink()
+        cache, session = await self.kept_session(sink)
+        sink.behaviour.rset = "421 4.3.2 shutting down"
+        result = await self.send([sink.hop()], recipients=("b@d.test",), cache=cache)
+        self.assertEqual([r.status for r in result.recipients], [DELIVERED])
+        self.assertEqual(sink.connections, 2)
+        self.assertEqual([m.recipients for m in sink.messages], [["a@dest.test"], ["b@d.test"]])
+        self.assertTrue(session.lost)
 
     async def kept_session(self, sink: Any) -> tuple[SessionCache, Any]:
         """A cache holding the session of one delivery to ``sink``, and that session."""

@@ -403,6 +403,10 @@ class LocalError(SessionError):
     pass
 
 
+class _Stale(Exception):
+    """A kept session failed its RSET: the delivery goes over a new connection."""
+
+
 class _HopFailed(Exception):
     """The hop gave no definitive answer before MAIL: try the next one."""
 
@@ -906,13 +910,20 @@ class _Conversation(_Opening):
         self.recipients = job.envelope.recipients
         self.results: list[RecipientResult | None] = list(job.presettled)
         self.dsn = False
+        self.rset = False  # a kept session: RSET goes first, and must succeed
+        self.clean = True  # the session is in step with the server for another message
 
-    async def run(self, ext: Extensions | None = None, keep: bool = False) -> _Outcome:
+    async def run(self, ext: Extensions | None = None, keep: bool = False,
+                  rset: bool = False) -> _Outcome:
         """The dialogue; with ``ext``, on a session already open (a reused connection).
 
         With ``keep``, a session whose transaction ended cleanly is left open
         (no QUIT) and its extensions are in ``self.ext`` for the next message.
+        With ``rset`` (a kept session), the transaction begins with RSET, in
+        the same pipelined group as MAIL; :class:`_Stale` when it fails,
+        before any recipient has a result.
         """
+        self.rset = rset
         if ext is None:
             try:
                 ext = await self._open()
@@ -922,16 +933,15 @@ class _Conversation(_Opening):
             except SessionError as e:
                 return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls)
         self.ext: Extensions | None = None
-        clean = True
         try:
             await self._transaction(ext)
         except SessionError as e:
-            clean = False
+            self.clean = False
             self._settle_open(TEMPORARY, e.code, f"{e} ({self.where})", remote=False)
         if any(r is None for r in self.results):
-            clean = False
+            self.clean = False
             self._settle_open(TEMPORARY, 451, f"4.4.2 No reply from {self.where}", remote=False)
-        if keep and clean and not self.session.lost and self.session.error is None:
+        if keep and self.clean and not self.session.lost and self.session.error is None:
             self.ext = ext
         else:
             await self._quit()
@@ -955,31 +965,51 @@ class _Conversation(_Opening):
         self.dsn = ext.has("DSN")
         mail = self._mail_command(ext, utf8)
         rcpts = [self._rcpt_command(self.recipients[i], ext) for i in wanted]
-        mail_reply, rcpt_replies = await self._envelope(mail, rcpts, ext, utf8)
+        pipelined = ext.has("PIPELINING")
+        mail_reply, rcpt_replies, data_reply = await self._envelope(mail, rcpts, utf8,
+                                                                    pipelined)
+        accepted = []
         if not mail_reply.positive:
             self._settle(wanted, mail_reply)
+        else:
+            for i, reply in zip(wanted, rcpt_replies, strict=True):
+                if reply.positive:
+                    accepted.append(i)
+                elif reply.code == 552:
+                    # Too many recipients, in the old code: temporary (RFC 5321 §4.5.3.1.10).
+                    self._settle([i], Reply(452, reply.lines))
+                else:
+                    self._settle([i], reply)
+        if data_reply is not None and not accepted:
+            # DATA went with the group and nobody is left to take it.  A
+            # server that should have refused it but waits for the text
+            # gets none: the connection is dropped, so no message is made.
+            if data_reply.code == 354:
+                self.clean = False
+                self.session.abort(ProtocolViolation(
+                    "4.4.2 354 to DATA with no recipient accepted; connection dropped"))
             return
-        accepted = []
-        for i, reply in zip(wanted, rcpt_replies, strict=True):
-            if reply.positive:
-                accepted.append(i)
-            elif reply.code == 552:
-                # Too many recipients, in the old code: temporary (RFC 5321 §4.5.3.1.10).
-                self._settle([i], Reply(452, reply.lines))
-            else:
-                self._settle([i], reply)
         if accepted:
-            await self._data(accepted)
+            await self._data(accepted, data_reply)
 
     async def _envelope(
-        self, mail: str, rcpts: list[str], ext: Extensions, utf8: bool
-    ) -> tuple[Reply, list[Reply]]:
-        """MAIL and RCPTs: one write with PIPELINING, replies taken in order."""
-        if ext.has("PIPELINING"):
-            self.session.send(mail, *rcpts, utf8=utf8)
+        self, mail: str, rcpts: list[str], utf8: bool, pipelined: bool
+    ) -> tuple[Reply, list[Reply], Reply | None]:
+        """[RSET], MAIL, RCPTs and DATA: one write with PIPELINING (RFC 2920), replies in order.
+
+        Without PIPELINING each command waits for its reply, and DATA is
+        left to :meth:`_data` (the third item is None).
+        """
+        if pipelined:
+            group = ["RSET"] if self.rset else []
+            self.session.send(*group, mail, *rcpts, "DATA", utf8=utf8)
+            await self._rset_reply()
             mail_reply = await self.session.read("MAIL", self.t.mail)
             replies = [await self.session.read("RCPT", self.t.rcpt) for _ in rcpts]
-            return mail_reply, replies
+            return mail_reply, replies, await self.session.read("DATA", self.t.data_init)
+        if self.rset:
+            self.session.send("RSET")
+            await self._rset_reply()
         self.session.send(mail, utf8=utf8)
         mail_reply = await self.session.read("MAIL", self.t.mail)
         replies = []
@@ -987,11 +1017,25 @@ class _Conversation(_Opening):
             for rcpt in rcpts:
                 self.session.send(rcpt, utf8=utf8)
                 replies.append(await self.session.read("RCPT", self.t.rcpt))
-        return mail_reply, replies
+        return mail_reply, replies, None
 
-    async def _data(self, accepted: list[int]) -> None:
-        self.session.send("DATA")
-        reply = await self.session.read("DATA", self.t.data_init)
+    async def _rset_reply(self) -> None:
+        """The reply to the RSET that tests a kept session; _Stale unless it is 250."""
+        if not self.rset:
+            return
+        self.rset = False
+        try:
+            reply = await self.session.read("RSET", self.t.mail)
+        except SessionError:
+            raise _Stale() from None
+        if reply.code != 250:
+            raise _Stale()
+
+    async def _data(self, accepted: list[int], reply: Reply | None = None) -> None:
+        """DATA (unless its reply came with the group), the body, and the final reply."""
+        if reply is None:
+            self.session.send("DATA")
+            reply = await self.session.read("DATA", self.t.data_init)
         if reply.code != 354:
             if reply.positive:
                 reply = Reply(451, (f"4.4.2 Unexpected reply to DATA: {reply}",))
@@ -1251,14 +1295,9 @@ async def _reuse(cache: SessionCache, key: tuple[Any, ...], hop: Hop, job: _Job,
         return None
     session, ext = taken
     try:
-        session.send("RSET")
-        reply = await session.read("RSET", options.timeouts.mail)
-    except SessionError:
-        reply = None
-    if reply is None or reply.code != 250:
-        await session.close(options.timeouts.close)
-        return None  # stale: a new connection, and no try is lost
-    return await _converse(session, hop, job, options, cache, key, ext)
+        return await _converse(session, hop, job, options, cache, key, ext)
+    except _Stale:
+        return None  # its RSET failed: a new connection, and no try is lost
 
 
 async def _converse(session: _Session, hop: Hop, job: _Job, options: _Options,
@@ -1268,7 +1307,7 @@ async def _converse(session: _Session, hop: Hop, job: _Job, options: _Options,
     conversation = _Conversation(session, hop, job, options)
     kept = False
     try:
-        outcome = await conversation.run(ext, keep=cache is not None)
+        outcome = await conversation.run(ext, keep=cache is not None, rset=ext is not None)
         if cache is not None and conversation.ext is not None:
             kept = cache.keep(key, session, conversation.ext, options.timeouts.quit)
             if not kept:
