@@ -25,6 +25,11 @@ job asks the mail router to send what it holds for each local domain
 (8Y).  ``rlsdstq QSMTPQ`` makes a transfer happen at once (a request
 file), and an ETRN from a *ETRNSVR host sends that node's mail at once.
 
+QTMSOUTQ is scanned every second, and within ``KICK_DELAY`` of a change
+inotify reports: a message renamed into it, the queue released (the hold
+flag removed), a transfer or an ETRN flush asked for.  A lost event only
+delays a message to the next scan.
+
 The bridge alone moves messages between these queues, one message at a
 time, in worker threads.  Settings honoured: ``[smtp] rtymin rtyday
 rtyhour mailxfrint etrnclt mailrouter`` and ``[system] local_domains``.
@@ -50,6 +55,7 @@ from twistmail.interfaces import QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
 from twistmail.queue import DELIVERED, FAILED, PENDING, Envelope
 
 SCAN_EVERY = 1.0  # seconds
+KICK_DELAY = 0.05  # seconds from a change inotify reports to the scan it asks for
 CONNECTIONS_PER_DOMAIN = 4
 HOLD_FLAG = "QSMTPQ.held"
 TRANSFER_REQUEST = "QSMTPQ.transfer"
@@ -142,10 +148,14 @@ class OutboundManager:
         self.touched: set[str] = set()
         #: Envelopes the scans have read, by path, with the file identity they had.
         self._seen: dict[str, tuple[tuple[int, ...], Envelope]] = {}
+        self._kick: Any = None  # the scan a change asked for, pending
+        self.scan_again = False  # a change arrived while a scan ran
+        self.notifier: Any = None
 
     def start(self) -> None:
         self._drop_stale_request()
         self.schedule.start()
+        self._watch()
         self.loop = task.LoopingCall(self.scan)
         self.loop.clock = self.reactor
         self.loop.start(SCAN_EVERY, now=True)
@@ -154,6 +164,49 @@ class OutboundManager:
         self.schedule.stop()
         if self.loop is not None and self.loop.running:
             self.loop.stop()
+        if self._kick is not None and self._kick.active():
+            self._kick.cancel()
+        if self.notifier is not None:
+            self.notifier.loseConnection()
+            self.notifier = None
+
+    def _watch(self) -> None:
+        try:
+            from twisted.internet import inotify
+        except ImportError:  # not Linux: the scans every second alone find the work
+            return
+        from twisted.python.filepath import FilePath
+
+        notifier = inotify.INotify(self.reactor)
+        notifier.startReading()
+        root = self.queue.root
+        notifier.watch(FilePath(str(self.queue.queue_dir(QTMSOUTQ))), mask=inotify.IN_MOVED_TO,
+                       callbacks=[self._changed])
+        notifier.watch(FilePath(str(root)), callbacks=[self._changed],
+                       mask=inotify.IN_DELETE | inotify.IN_CREATE | inotify.IN_ATTRIB)
+        (root / "etrn").mkdir(exist_ok=True)
+        notifier.watch(FilePath(str(root / "etrn")), mask=inotify.IN_CREATE | inotify.IN_ATTRIB,
+                       callbacks=[self._changed])
+        self.notifier = notifier
+
+    def _changed(self, _watch: Any, path: Any, _mask: int) -> None:
+        name = path.basename()
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        if path.dirname() == str(self.queue.root) and name not in (HOLD_FLAG, TRANSFER_REQUEST):
+            return  # a queue directory or a state file: not ours to act on
+        self.kick()
+
+    def kick(self) -> None:
+        """Something on the outbound side changed: scan within KICK_DELAY."""
+        if self._kick is None or not self._kick.active():
+            self._kick = self.reactor.callLater(KICK_DELAY, self._kicked)
+
+    def _kicked(self) -> None:
+        if self.scanning:
+            self.scan_again = True
+        else:
+            self.scan()
 
     def configure(self, settings: Any) -> None:
         """New settings (SIGHUP after CHGSMTPA): the interval applies at once."""
@@ -196,6 +249,9 @@ class OutboundManager:
 
         def done(_: Any) -> None:
             self.scanning = False
+            if self.scan_again:
+                self.scan_again = False
+                self.kick()
 
         return d.addBoth(done)
 
