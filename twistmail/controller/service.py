@@ -18,9 +18,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistmail import config as configmod
-from twistmail.control import ControlError, ControlFactory, socket_in_use
+from twistmail.control import ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
 from twistmail.controller.bridgeslot import BridgeSlot
+from twistmail.controller.controlsocket import ControlFactory
 from twistmail.journal import Journal
 from twistmail.prestart.policy import Limits
 from twistmail.prestart.pool import Pool
