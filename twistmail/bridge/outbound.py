@@ -279,6 +279,11 @@ class OutboundManager:
                     self.queue.move(qid, source, QTMSOUTQ)
                     self.journal.write(code, f"{code} TOQ {QTMSOUTQ}", qid, queue=source)
         if self.held:
+            # Nothing goes, but the envelopes are read now, while there is
+            # time: the release then dispatches at once, not after reading
+            # the whole backlog (a file unchanged since is not read again).
+            for qid in self.queue.list(QTMSOUTQ):
+                self._load(QTMSOUTQ, qid, seen)
             self._seen = seen
             return _Found(held=True)
         # A transfer asked for while there is no schedule stays asked for: the
