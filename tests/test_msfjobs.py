@@ -1,0 +1,106 @@
+"""The bridge's QMSF job set: answers, deaths and the delay before a new job."""
+
+from __future__ import annotations
+
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.testing import Clock, StringTransport
+from twisted.python.failure import Failure
+
+from twistmail.bridge.msfjobs import JobEnded, JobFailed, MsfJobs, _Job
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str]] = []
+
+    def write(self, code: str, esd: str, *args: object, **fields: object) -> None:
+        self.entries.append((code, esd))
+
+
+def make(count: int = 3) -> tuple[Clock, MsfJobs, list[_Job]]:
+    """A job set whose new jobs are in-memory channels, not processes."""
+    clock = Clock()
+    jobs = MsfJobs(clock, "twistmail.toml", count, Recorder())
+    started: list[_Job] = []
+
+    def spawn() -> _Job:
+        job = _Job(jobs)
+        job.pid = 1000 + len(started)
+        job.channel.makeConnection(StringTransport())
+        jobs.jobs.append(job)
+        started.append(job)
+        return job
+
+    jobs._spawn = spawn  # type: ignore[method-assign]
+    return clock, jobs, started
+
+
+def died(job: _Job) -> None:
+    job.exited(Failure(ProcessTerminated(exitCode=1)))
+
+
+def test_jobs_start_with_the_messages_and_answers_reach_their_deferreds():
+    clock, jobs, started = make()
+    assert jobs.free() == 3 and started == []  # nothing runs before there is mail
+    freed = []
+    jobs.on_free = lambda: freed.append(1)
+    results = []
+    jobs.process("Q1").addCallback(results.append)
+    jobs.process("Q2").addCallback(results.append)
+    assert len(started) == 2 and jobs.free() == 1
+    assert started[0].channel.transport.value() == b"Q1\n"
+    started[0].channel.dataReceived(b"DONE Q1\n")
+    started[1].channel.dataReceived(b"GONE Q2\n")
+    assert results == [True, None] and freed == [1, 1] and jobs.free() == 3
+    jobs.process("Q3")  # an idle job takes it; no new one starts
+    assert len(started) == 2
+    failures = []
+    jobs.process("Q4").addErrback(failures.append)
+    started[1].channel.dataReceived(b"FAIL Q4 OSError: disk full\n")
+    assert failures[0].check(JobFailed) and "disk full" in str(failures[0].value)
+
+
+def test_a_job_that_dies_right_after_its_start_is_replaced_after_a_growing_delay():
+    clock, jobs, started = make(count=1)
+    lost = []
+    jobs.process("Q1").addErrback(lost.append)
+    died(started[0])
+    assert lost[0].check(JobEnded)  # the message stays queued for the next rescan
+    assert jobs.journal.entries == [("JK", "JK CRASH QMSF/1000")]
+    assert jobs.free() == 0
+    clock.advance(0.99)
+    assert jobs.free() == 0
+    clock.advance(0.01)
+    assert jobs.free() == 1
+    jobs.process("Q1").addErrback(lambda f: None)
+    died(started[1])
+    clock.advance(1.99)
+    assert jobs.free() == 0  # twice as long the second time
+    clock.advance(0.01)
+    assert jobs.free() == 1
+
+
+def test_a_job_that_had_worked_is_replaced_at_once():
+    clock, jobs, started = make(count=1)
+    woken = []
+    jobs.on_free = lambda: woken.append(1)
+    jobs.process("Q1")
+    started[0].channel.dataReceived(b"DONE Q1\n")
+    jobs.process("Q2").addErrback(lambda f: None)
+    died(started[0])
+    assert jobs.free() == 1
+    clock.advance(0)
+    assert len(woken) == 2  # the answer, then the place that came free
+
+
+def test_ending_closes_the_channels_and_waits_for_the_jobs():
+    clock, jobs, started = make()
+    lost = []
+    jobs.process("Q1").addErrback(lost.append)
+    ended = []
+    jobs.stop().addCallback(ended.append)
+    assert started[0].channel.transport.disconnecting and jobs.free() == 0
+    assert ended == []
+    started[0].exited(Failure(ProcessTerminated(exitCode=0)))
+    assert len(ended) == 1 and lost[0].check(JobEnded)
+    assert ("JN", "JN END QMSF/1000") in jobs.journal.entries
