@@ -1,12 +1,21 @@
-"""The bridge's QMSF job set: answers, deaths and the delay before a new job."""
+"""The bridge's QMSF job set: answers, deaths, the delay before a new job, poison mail."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import deferLater
 from twisted.internet.testing import Clock, StringTransport
 from twisted.python.failure import Failure
+from twisted.trial import unittest
 
+from twistmail.bridge.manager import MAX_JOB_ENDS, QueueManager
 from twistmail.bridge.msfjobs import JobEnded, JobFailed, MsfJobs, _Job
+from twistmail.interfaces import CORRUPT, QTMSINQ
+from twistmail.queue import Envelope, FileQueue
 
 
 class Recorder:
@@ -104,3 +113,43 @@ def test_ending_closes_the_channels_and_waits_for_the_jobs():
     started[0].exited(Failure(ProcessTerminated(exitCode=0)))
     assert len(ended) == 1 and lost[0].check(JobEnded)
     assert ("JN", "JN END QMSF/1000") in jobs.journal.entries
+
+
+class DyingJobs:
+    """Jobs that take one message at a time and die on it when told to."""
+
+    def __init__(self) -> None:
+        self.pending: Deferred | None = None
+        self.on_free = lambda: None
+
+    def free(self) -> int:
+        return 0 if self.pending else 1
+
+    def process(self, queue_id: str) -> Deferred:
+        self.pending = Deferred()
+        return self.pending
+
+    def die(self) -> None:
+        d, self.pending = self.pending, None
+        d.errback(JobEnded("QMSF/1 ended while processing it"))
+
+
+class PoisonMessageTests(unittest.TestCase):
+    async def test_a_message_that_ends_its_job_three_times_is_set_aside(self) -> None:
+        fq = FileQueue(Path(self.mktemp()))
+        with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
+            spool.write(b"Subject: deadly\r\n\r\nbody\r\n")
+            qid = spool.commit(QTMSINQ)
+        jobs, journal = DyingJobs(), Recorder()
+        manager = QueueManager(reactor, fq, jobs, journal, lambda: False)
+        for attempt in range(MAX_JOB_ENDS):
+            self.assertEqual(fq.list(QTMSINQ), [qid], f"still queued before attempt {attempt}")
+            manager._add(qid)
+            manager._pump()
+            jobs.die()
+            while manager.running:
+                await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(fq.list(QTMSINQ), [])
+        self.assertEqual(fq.list(CORRUPT), [qid])
+        self.assertEqual(journal.entries, [("7Y", f"7Y CRP {qid}")])
+        self.assertEqual(dict(manager.job_ends), {})

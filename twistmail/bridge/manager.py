@@ -6,9 +6,10 @@ rescan as well, because inotify can lose events without telling (TWISTED.md
 queue's recovery (abandoned spool files, orphan bodies, unreadable
 envelopes).  Messages are processed oldest first by the QMSF jobs (IBM's
 NBRMSFJOB, :mod:`twistmail.bridge.msfjobs`), each message by one job at a
-time; one a job could not finish stays queued for the next rescan.  Mail parked on
-QTMSBSSQ goes back to QTMSINQ, oldest first, once storage use is under the
-threshold again (7M).
+time; one a job could not finish stays queued for the next rescan, and one
+on which its job died MAX_JOB_ENDS times is set aside in corrupt/ (7Y).
+Mail parked on QTMSBSSQ goes back to QTMSINQ, oldest first, once storage
+use is under the threshold again (7M).
 
 Settings honoured: ``[storage] threshold`` (through the storage probe).
 """
@@ -23,9 +24,11 @@ from twisted.internet import task, threads
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
+from twistmail.bridge.msfjobs import JobEnded
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ
 
 RESCAN_EVERY = 5.0  # seconds
+MAX_JOB_ENDS = 3  # a message its QMSF job died on this many times is set aside
 
 
 class QueueManager:
@@ -47,6 +50,8 @@ class QueueManager:
         self.rescan_loop: task.LoopingCall | None = None
         self.notifier: Any = None
         self.processed = 0
+        #: Messages whose QMSF job died while processing them, and how often.
+        self.job_ends: collections.Counter[str] = collections.Counter()
 
     def start(self) -> None:
         self._watch()
@@ -136,12 +141,35 @@ class QueueManager:
             qid = self.todo.popleft()
             self.running += 1
             d = self.jobs.process(qid)
-            d.addErrback(self._failed, qid)
+            d.addCallbacks(self._done, self._failed, callbackArgs=(qid,), errbackArgs=(qid,))
             d.addBoth(self._finished, qid)
 
-    def _failed(self, failure: Any, qid: str) -> None:
+    def _failed(self, failure: Any, qid: str) -> Any:
         self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
                        why=failure.getErrorMessage())
+        if not failure.check(JobEnded):
+            return None
+        self.job_ends[qid] += 1
+        if self.job_ends[qid] < MAX_JOB_ENDS:
+            return None
+        # A message that kills the job that takes it would do so for ever,
+        # taking a job start each time: it goes to corrupt/ for the
+        # administrator instead (wrkq --queue corrupt).
+        del self.job_ends[qid]
+        reason = f"its QMSF job ended while processing it, {MAX_JOB_ENDS} times"
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                      self.queue.set_aside, QTMSINQ, qid, reason)
+
+        def set_aside(item: Any) -> None:
+            if item is not None:
+                self.journal.write("7Y", f"7Y CRP {qid}", qid, queue=CORRUPT, reason=reason)
+
+        d.addCallback(set_aside)
+        d.addErrback(lambda f: self.log.failure("setting {qid} aside failed", f, qid=qid))
+        return d
+
+    def _done(self, result: Any, qid: str) -> None:
+        self.job_ends.pop(qid, None)  # done, or gone: its count is of no use now
 
     def _finished(self, result: Any, qid: str) -> None:
         self.running -= 1

@@ -38,6 +38,10 @@ class JobEnded(Exception):
     """The job ended before it answered; the message is still queued."""
 
 
+class NoJobFree(Exception):
+    """No job could take the message now; it stays queued."""
+
+
 class JobFailed(Exception):
     """The job could not process the message; it stays queued."""
 
@@ -162,7 +166,7 @@ class MsfJobs:
                 return job.send(queue_id)
         job = self._spawn() if self.free() else None
         if job is None:
-            return defer.fail(JobEnded("no QMSF job can take a message now"))
+            return defer.fail(NoJobFree("no QMSF job can take a message now"))
         return job.send(queue_id)
 
     def listing(self) -> list[dict[str, Any]]:
