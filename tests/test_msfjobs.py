@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from appliance import base_sections, render_toml
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
@@ -12,8 +13,10 @@ from twisted.internet.testing import Clock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from twistmail import config as configmod
 from twistmail.bridge.manager import MAX_JOB_ENDS, QueueManager
 from twistmail.bridge.msfjobs import JobEnded, JobFailed, MsfJobs, _Job
+from twistmail.directory import SqliteDirectory
 from twistmail.interfaces import CORRUPT, QTMSINQ
 from twistmail.queue import Envelope, FileQueue
 
@@ -153,3 +156,31 @@ class PoisonMessageTests(unittest.TestCase):
         self.assertEqual(fq.list(CORRUPT), [qid])
         self.assertEqual(journal.entries, [("7Y", f"7Y CRP {qid}")])
         self.assertEqual(dict(manager.job_ends), {})
+
+
+class RealJobTests(unittest.TestCase):
+    """A QMSF job process, started and ended as the bridge does."""
+
+    async def test_ending_lets_the_job_finish_the_message_in_hand(self) -> None:
+        root = Path(self.mktemp()).resolve()
+        root.mkdir(parents=True)
+        config = root / "twistmail.toml"
+        config.write_text(render_toml(base_sections(root / "var")))
+        settings = configmod.load(config)
+        SqliteDirectory.from_settings(settings).create_profile("SAM", "secret")
+        fq = FileQueue.for_settings(settings)
+        with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
+            spool.write(b"Subject: last one\r\n\r\n" + b"x" * 76 * 4000 + b"\r\n")
+            qid = spool.commit(QTMSINQ)
+        journal = Recorder()
+        jobs = MsfJobs(reactor, str(config), 1, journal)
+        answer = jobs.process(qid)  # the job is still starting: the id waits on its channel
+        ended = jobs.stop()  # ENDMSF right away
+        self.assertTrue(await answer)
+        await ended
+        self.assertEqual(fq.list(QTMSINQ), [])
+        maildir = root / "var" / "mailboxes" / "SAM" / "Maildir" / "new"
+        [delivered] = list(maildir.iterdir())
+        self.assertIn(b"Subject: last one", delivered.read_bytes())
+        [(code, esd)] = journal.entries
+        self.assertTrue(code == "JN" and esd.startswith("JN END QMSF/"), esd)

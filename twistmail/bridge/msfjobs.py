@@ -70,6 +70,7 @@ class _Job:
         self.pending: tuple[str, defer.Deferred] | None = None
         self.processed = 0
         self.usable = True
+        self.closing = False  # its channel is being closed by us: it ends by itself
         self.ended: defer.Deferred = defer.Deferred()
 
     def send(self, queue_id: str) -> defer.Deferred:
@@ -104,7 +105,8 @@ class _Job:
 
     def channel_lost(self) -> None:
         self.usable = False
-        self.kill()  # a job without its channel is of no use; its end is reported below
+        if not self.closing:
+            self.kill()  # a job without its channel is of no use; its end is reported below
 
     def exited(self, reason: Any) -> None:
         self.usable = False
@@ -115,10 +117,17 @@ class _Job:
         self.ended.callback(None)
 
     def close(self) -> None:
-        """No more messages: the job ends after the one in hand."""
+        """No more messages: the job ends after the one in hand, whose answer still comes.
+
+        Only our writing side closes: the job reads the end of its input
+        once it has answered, and exits.
+        """
         self.usable = False
-        if self.channel.transport is not None:
-            self.channel.transport.loseConnection()
+        self.closing = True
+        transport = self.channel.transport
+        if transport is not None:
+            shut = getattr(transport, "loseWriteConnection", transport.loseConnection)
+            shut()
 
     def kill(self) -> None:
         if self.process is not None:
