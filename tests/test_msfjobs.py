@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from appliance import base_sections, render_toml
@@ -118,6 +120,13 @@ def test_ending_closes_the_channels_and_waits_for_the_jobs():
     assert ("JN", "JN END QMSF/1000") in jobs.journal.entries
 
 
+def scratch(case: unittest.TestCase) -> Path:
+    """A temporary directory that goes with the test (trial's mktemp is under the cwd)."""
+    path = Path(tempfile.mkdtemp(prefix="twistmail-test-"))
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
 class DyingJobs:
     """Jobs that take one message at a time and die on it when told to."""
 
@@ -139,7 +148,7 @@ class DyingJobs:
 
 class PoisonMessageTests(unittest.TestCase):
     async def test_a_message_that_ends_its_job_three_times_is_set_aside(self) -> None:
-        fq = FileQueue(Path(self.mktemp()))
+        fq = FileQueue(scratch(self) / "queue")
         with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
             spool.write(b"Subject: deadly\r\n\r\nbody\r\n")
             qid = spool.commit(QTMSINQ)
@@ -162,8 +171,7 @@ class RealJobTests(unittest.TestCase):
     """A QMSF job process, started and ended as the bridge does."""
 
     async def test_ending_lets_the_job_finish_the_message_in_hand(self) -> None:
-        root = Path(self.mktemp()).resolve()
-        root.mkdir(parents=True)
+        root = scratch(self)
         config = root / "twistmail.toml"
         config.write_text(render_toml(base_sections(root / "var")))
         settings = configmod.load(config)
