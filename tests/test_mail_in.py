@@ -376,6 +376,28 @@ def test_qmsf_jobs_start_with_mail_take_changes_and_end_with_endmsf(post):
     assert [e["pid"] for e in a.journal("JN") if e["esd"].startswith("JN END QMSF")] == [job]
 
 
+def test_strmsf_nbrmsfjob_sets_how_many_qmsf_jobs_run(post):
+    a = post
+    assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
+    for bad in ("0", "100", "three"):
+        rc, out, err = a.cli("strmsf", "--nbrmsfjob", bad)
+        assert rc == 2 and "--nbrmsfjob" in err and len(err.strip().splitlines()) == 1, err
+    rc, out, err = a.cli("strmsf", "--msgopt", "*CLEAR")
+    assert rc == 2 and "*RESUME" in err and len(err.strip().splitlines()) == 1, err
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        for i in range(60):
+            s.sendmail("jane@example.test", ["sam@example.test"], f"Subject: {i}\r\n\r\nx\r\n")
+    rc, out, err = a.cli("cl", "STRMSF MSGOPT(*RESUME) NBRMSFJOB(1)")
+    assert rc == 0 and "with 1 QMSF jobs" in out, err
+    bridge = a.wait_for(lambda: a.control("status")["bridge"]["pid"], 10)
+    seen: set[int] = set()
+    while len(a.mailbox("SAM")) < 60:
+        seen.update(qmsf_jobs(bridge))
+        time.sleep(0.01)
+    assert len(seen) == 1
+
+
 def test_a_message_that_cannot_be_read_is_set_aside_when_taken(post):
     a = post
     assert a.cli("endmsf", "--option", "*IMMED")[0] == 0

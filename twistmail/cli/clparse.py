@@ -50,7 +50,7 @@ POSITIONAL: dict[str, tuple[str, ...]] = {
     "CHGDSTA": ("KEEPRCP",),
     "ADDSMTPLE": ("TYPE",),
     "RMVSMTPLE": ("TYPE",),
-    "STRMSF": ("MSGOPT",),
+    "STRMSF": ("MSGOPT", "NBRMSFJOB"),
     "ENDMSF": ("OPTION",),
 }
 """Keyword names of the values a command accepts without a keyword, in order."""

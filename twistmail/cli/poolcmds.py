@@ -21,6 +21,8 @@ from twistmail.settingtypes import Choice, Int, SettingError
 PGM_CHOICES = ", ".join(configmod.PROGRAMS)
 OPTION_TYPE = Choice(("*CNTRLD", "*IMMED"))
 DELAY_TYPE = Int(1, 999999)
+NBRMSFJOB_TYPE = Int(1, 99)
+MSGOPT_TYPE = Choice(("*RESUME",))
 SERVER_TYPE = Choice(("*SMTP", "*POP", "*ALL"))
 
 
@@ -169,9 +171,14 @@ def endtcpsvr(server: str) -> None:
 
 
 @cli.command()
-def strmsf() -> None:
+@click.option("--msgopt", default="*RESUME", show_default=True,
+              help="*RESUME: each message goes on from the step where it stopped")
+@click.option("--nbrmsfjob", default="3", show_default=True,
+              help="QMSF jobs, each processing one message at a time, 1-99")
+def strmsf(msgopt: str, nbrmsfjob: str) -> None:
     """Start the mail server framework, the bridge (STRMSF)."""
-    click.echo(call("strmsf"))
+    value_of("--msgopt", MSGOPT_TYPE, msgopt)
+    click.echo(call("strmsf", nbrmsfjob=value_of("--nbrmsfjob", NBRMSFJOB_TYPE, nbrmsfjob)))
 
 
 @cli.command()

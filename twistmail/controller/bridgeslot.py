@@ -20,6 +20,7 @@ MIN_DELAY = 1.0
 MAX_DELAY = 60.0
 HEALTHY_AFTER = 5.0  # a bridge that lived this long restarts without delay
 JOB_NAME = "QTSMTPBRSR"
+MSF_JOBS = 3  # STRMSF NBRMSFJOB's default: QMSF jobs, each one message at a time
 
 
 class BridgeSlot:
@@ -30,6 +31,7 @@ class BridgeSlot:
         self.config_path = config_path
         self.journal = journal
         self.wanted = False
+        self.nbrmsfjob = MSF_JOBS
         self.process: Any = None
         self.pid: int | None = None
         self.started_at = 0.0
@@ -44,8 +46,9 @@ class BridgeSlot:
             return "RUN" if self.wanted else "END"
         return "RESTARTING" if self.wanted else "ENDED"
 
-    def start(self) -> None:
-        """STRMSF."""
+    def start(self, nbrmsfjob: int = MSF_JOBS) -> None:
+        """STRMSF; NBRMSFJOB holds until the next STRMSF, restarts included."""
+        self.nbrmsfjob = nbrmsfjob
         self.wanted = True
         self.delay = MIN_DELAY
         if self.process is None and self._restart_call is None:
@@ -77,7 +80,7 @@ class BridgeSlot:
         try:
             self.process = launch.spawn(
                 self.reactor, JOB_NAME, "twistmail.bridge.main",
-                ["--config", self.config_path], output,
+                ["--config", self.config_path, "--nbrmsfjob", str(self.nbrmsfjob)], output,
             )
         except OSError as e:
             self.log.error("cannot start the bridge: {e!r}", e=e)

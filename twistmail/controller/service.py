@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twistmail import config as configmod
 from twistmail.control import ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
-from twistmail.controller.bridgeslot import BridgeSlot
+from twistmail.controller.bridgeslot import MSF_JOBS, BridgeSlot
 from twistmail.controller.controlsocket import ControlFactory
 from twistmail.journal import Journal
 from twistmail.prestart.policy import Limits
@@ -417,11 +417,14 @@ class Controller(service.Service):
             done.append(f"{srv} ended")
         return done
 
-    def cmd_strmsf(self) -> str:
+    def cmd_strmsf(self, nbrmsfjob: int = MSF_JOBS) -> str:
         if self.bridge.wanted:
             raise ControlError("STRMSF: the mail server framework is already active (CPFAFAD)")
-        self.bridge.start()
-        return "mail server framework started"
+        if not isinstance(nbrmsfjob, int) or not 1 <= nbrmsfjob <= 99:
+            raise ControlError(f"--nbrmsfjob: {nbrmsfjob!r} is not allowed; allowed: 1-99",
+                               usage=True)
+        self.bridge.start(nbrmsfjob)
+        return f"mail server framework started with {nbrmsfjob} QMSF jobs"
 
     def cmd_endmsf(self, option: str = "*CNTRLD", delay: float = 30) -> Any:
         if not self.bridge.wanted:
