@@ -130,11 +130,7 @@ class _Job:
             shut()
 
     def kill(self) -> None:
-        if self.process is not None:
-            try:
-                self.process.signalProcess("KILL")
-            except (ProcessExitedAlready, OSError):
-                pass
+        self.signal("KILL")
 
     def signal(self, sig: str) -> None:
         if self.process is not None:
