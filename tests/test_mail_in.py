@@ -298,6 +298,13 @@ def _queue_while_msf_ended(make_appliance, total: int):
     return a, sent
 
 
+def _start_msf_until_delivered(a, delivered: int) -> int:
+    """STRMSF, and wait until ``delivered`` messages are in SAM's Maildir; the bridge's pid."""
+    assert a.cli("strmsf")[0] == 0
+    a.wait_for(lambda: len(a.mailbox("SAM")) >= delivered, 60, "the QMSF jobs to deliver")
+    return a.control("status")["bridge"]["pid"]
+
+
 def _assert_each_once(a, sent: set[str]) -> None:
     a.wait_for(lambda: not a.queue_files("QTMSINQ"), 120, "queue to drain")
     files = a.mailbox("SAM")
@@ -313,9 +320,7 @@ def _assert_each_once(a, sent: set[str]) -> None:
 def test_sigkill_of_bridge_mid_drain_delivers_all_exactly_once(make_appliance):
     total = 500
     a, sent = _queue_while_msf_ended(make_appliance, total)
-    assert a.cli("strmsf")[0] == 0
-    a.wait_for(lambda: len(a.mailbox("SAM")) >= 50, 60, "bridge to start delivering")
-    bridge = a.control("status")["bridge"]["pid"]
+    bridge = _start_msf_until_delivered(a, 50)
     jobs = qmsf_jobs(bridge)
     assert len(jobs) == 3
     os.kill(bridge, signal.SIGKILL)
@@ -331,9 +336,7 @@ def test_sigkill_of_bridge_mid_drain_delivers_all_exactly_once(make_appliance):
 def test_sigkill_of_a_qmsf_job_mid_drain_delivers_all_exactly_once(make_appliance):
     total = 300
     a, sent = _queue_while_msf_ended(make_appliance, total)
-    assert a.cli("strmsf")[0] == 0
-    a.wait_for(lambda: len(a.mailbox("SAM")) >= 30, 60, "the QMSF jobs to start delivering")
-    bridge = a.control("status")["bridge"]["pid"]
+    bridge = _start_msf_until_delivered(a, 30)
     # One that has delivered already: its place is taken at once.  (One that
     # dies before its first message is replaced after a delay, in case it
     # cannot start at all.)

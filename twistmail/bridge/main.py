@@ -23,15 +23,14 @@ import time
 from pathlib import Path
 
 from twistmail import config as configmod
+from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.lifeline import die_with_parent, log_to_stderr
-
-MSF_JOBS = 3  # STRMSF NBRMSFJOB's default; the controller passes what STRMSF asked for
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twistmail-bridge")
     parser.add_argument("--config", required=True)
-    parser.add_argument("--nbrmsfjob", type=int, default=MSF_JOBS)
+    parser.add_argument("--nbrmsfjob", type=int, default=NBRMSFJOB)
     args = parser.parse_args(argv)
     # A CHGPJE/CHGSMTPA arriving while the bridge starts must neither end it
     # nor be lost: it is noted, and the settings are read again once running.
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     journal = Journal.from_settings(settings, f"QTSMTPBRSR/{os.getpid()}")
     journal.write("JM", "JM STR QTSMTPBRSR", pid=os.getpid())
     queue = FileQueue.for_settings(settings)
-    jobs = MsfJobs(reactor, args.config, max(1, min(99, args.nbrmsfjob)), journal)
+    jobs = MsfJobs(reactor, args.config, args.nbrmsfjob, journal)
     manager = QueueManager(reactor, queue, jobs, journal, storage_probe(settings))
     pool, outbound = _outbound(reactor, settings, queue, SqliteDirectory.from_settings(settings))
     reactor.callWhenRunning(manager.start)

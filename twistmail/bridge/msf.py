@@ -36,6 +36,7 @@ from twistmail.lifeline import die_with_parent, name_process
 
 CHANNEL_FD = 3
 JOB_NAME = "QMSF"
+NBRMSFJOB = 3  # STRMSF's default: how many QMSF jobs the bridge runs
 
 
 class StorageProbe:

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -133,11 +132,7 @@ class _Job:
         self.signal("KILL")
 
     def signal(self, sig: str) -> None:
-        if self.process is not None:
-            try:
-                self.process.signalProcess(sig)
-            except (ProcessExitedAlready, OSError):
-                pass
+        launch.send_signal(self.process, sig)
 
 
 class MsfJobs:

@@ -11,16 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger
 
+from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.prestart import launch
 
 MIN_DELAY = 1.0
 MAX_DELAY = 60.0
 HEALTHY_AFTER = 5.0  # a bridge that lived this long restarts without delay
 JOB_NAME = "QTSMTPBRSR"
-MSF_JOBS = 3  # STRMSF NBRMSFJOB's default: QMSF jobs, each one message at a time
 
 
 class BridgeSlot:
@@ -31,7 +30,7 @@ class BridgeSlot:
         self.config_path = config_path
         self.journal = journal
         self.wanted = False
-        self.nbrmsfjob = MSF_JOBS
+        self.nbrmsfjob = NBRMSFJOB
         self.process: Any = None
         self.pid: int | None = None
         self.started_at = 0.0
@@ -46,7 +45,7 @@ class BridgeSlot:
             return "RUN" if self.wanted else "END"
         return "RESTARTING" if self.wanted else "ENDED"
 
-    def start(self, nbrmsfjob: int = MSF_JOBS) -> None:
+    def start(self, nbrmsfjob: int = NBRMSFJOB) -> None:
         """STRMSF; NBRMSFJOB holds until the next STRMSF, restarts included."""
         self.nbrmsfjob = nbrmsfjob
         self.wanted = True
@@ -114,11 +113,7 @@ class BridgeSlot:
         self._restart_call = self.reactor.callLater(wait, self._spawn)
 
     def _signal(self, sig: str) -> None:
-        if self.process is not None:
-            try:
-                self.process.signalProcess(sig)
-            except (ProcessExitedAlready, OSError):
-                pass
+        launch.send_signal(self.process, sig)
 
     def _journal(self, code: str, esd: str, **fields: Any) -> None:
         if self.journal is not None:

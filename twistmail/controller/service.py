@@ -18,11 +18,13 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistmail import config as configmod
+from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.control import ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
-from twistmail.controller.bridgeslot import MSF_JOBS, BridgeSlot
+from twistmail.controller.bridgeslot import BridgeSlot
 from twistmail.controller.controlsocket import ControlFactory
 from twistmail.journal import Journal
+from twistmail.prestart import launch
 from twistmail.prestart.policy import Limits
 from twistmail.prestart.pool import Pool
 from twistmail.settingtypes import Endpoint
@@ -360,7 +362,7 @@ class Controller(service.Service):
             self.policy.configure(new)
         if self.bridge is not None and self.bridge.process is not None:
             # The bridge owns the client pool and the delivery settings.
-            self.bridge.process.signalProcess("HUP")
+            launch.send_signal(self.bridge.process, "HUP")
             applied.append("bridge")
         if (new.smtp, new.pop, new.journal, new.storage, new.limits) != (
                 old.smtp, old.pop, old.journal, old.storage, old.limits):
@@ -417,7 +419,7 @@ class Controller(service.Service):
             done.append(f"{srv} ended")
         return done
 
-    def cmd_strmsf(self, nbrmsfjob: int = MSF_JOBS) -> str:
+    def cmd_strmsf(self, nbrmsfjob: int = NBRMSFJOB) -> str:
         if self.bridge.wanted:
             raise ControlError("STRMSF: the mail server framework is already active (CPFAFAD)")
         if not isinstance(nbrmsfjob, int) or not 1 <= nbrmsfjob <= 99:

@@ -125,6 +125,16 @@ class LauncherGone(ProcessTerminated):
         return "the job launcher ended"
 
 
+def send_signal(process: Any, sig: str | int) -> None:
+    """Signal a child unless it has gone already: its end is reported by itself."""
+    if process is None:
+        return
+    try:
+        process.signalProcess(sig)
+    except (ProcessExitedAlready, OSError):
+        pass
+
+
 def exit_reason(status: int) -> Failure:
     """A wait status as the Failure Twisted gives ``processEnded``."""
     if os.WIFSIGNALED(status):
@@ -256,10 +266,7 @@ class _Launcher(LineOnlyReceiver):
         return waiter
 
     def _kill(self) -> None:
-        try:
-            self.process.signalProcess("KILL")
-        except (ProcessExitedAlready, OSError):
-            pass
+        send_signal(self.process, "KILL")
 
     def _process_ended(self, reason: Any) -> None:
         """The launcher and every job it forked are gone (their pipes are closed)."""

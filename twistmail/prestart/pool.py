@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.error import ProcessDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -358,10 +358,7 @@ class Pool:
             if job.pid is None:  # the launcher never answered: it is hung
                 self.launcher.kill()
                 return
-            try:
-                job.process.signalProcess("KILL")
-            except (ProcessExitedAlready, OSError, AttributeError):
-                pass
+            launch.send_signal(job.process, "KILL")
 
     def _job_started(self, job: Job, pid: int) -> None:
         job.pid = pid
@@ -582,10 +579,7 @@ class Pool:
     def _signal(self, job: Job, sig: str) -> None:
         if job.end_reason is None:
             job.end_reason = "endpj"
-        try:
-            job.process.signalProcess(sig)
-        except (ProcessExitedAlready, OSError, AttributeError):
-            pass
+        launch.send_signal(job.process, sig)
 
     # -- reports -------------------------------------------------------
 
