@@ -13,7 +13,7 @@ import time
 from email.message import EmailMessage
 
 import pytest
-from appliance import alive, children_of, read_reply, wait_gone
+from appliance import alive, descendants_of, read_reply, wait_gone
 
 
 @pytest.fixture
@@ -269,9 +269,9 @@ def test_sigkill_right_after_250_still_delivers_once(post):
 
 
 def qmsf_jobs(bridge: int) -> list[int]:
-    """The bridge's QMSF job processes (STRMSF NBRMSFJOB)."""
+    """The bridge's QMSF job processes (STRMSF NBRMSFJOB), forks of its launcher."""
     out = []
-    for pid in children_of(bridge):
+    for pid in descendants_of(bridge):
         try:
             if open(f"/proc/{pid}/comm").read().strip() == "QMSF":
                 out.append(pid)
@@ -323,6 +323,7 @@ def test_sigkill_of_bridge_mid_drain_delivers_all_exactly_once(make_appliance):
     bridge = _start_msf_until_delivered(a, 50)
     jobs = qmsf_jobs(bridge)
     assert len(jobs) == 3
+    family = descendants_of(bridge)  # the jobs, their launchers, the client jobs
     os.kill(bridge, signal.SIGKILL)
     killed_at = len(a.mailbox("SAM"))
     assert killed_at < total, "the bridge finished before it could be killed"
@@ -331,6 +332,30 @@ def test_sigkill_of_bridge_mid_drain_delivers_all_exactly_once(make_appliance):
     _assert_each_once(a, sent)
     assert not alive(bridge)
     assert wait_gone(jobs, 10) == [], "QMSF jobs outlived their bridge"
+    assert wait_gone(family, 10) == [], "processes of the bridge outlived it"
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_qmsf_jobs_are_forks_of_a_launcher_replaced_when_it_dies(make_appliance):
+    """The bridge forks their launcher as it starts; after its death a new one forks them."""
+    total = 300
+    a, sent = _queue_while_msf_ended(make_appliance, total)
+    bridge = _start_msf_until_delivered(a, 30)
+    jobs = qmsf_jobs(bridge)
+    [launcher] = {_parent_of(p) for p in jobs}
+    assert open(f"/proc/{launcher}/comm").read().strip() == "QZMFLNCH"
+    assert _parent_of(launcher) == bridge
+    os.kill(launcher, signal.SIGKILL)  # its jobs die with it, messages in hand and all
+    assert len(a.mailbox("SAM")) < total, "the jobs finished before the launcher was killed"
+    _assert_each_once(a, sent)
+    assert wait_gone(jobs, 10) == []
+    fresh = qmsf_jobs(bridge)
+    assert fresh and {_parent_of(p) for p in fresh} != {launcher}
+    assert a.control("status")["bridge"]["pid"] == bridge
 
 
 def test_sigkill_of_a_qmsf_job_mid_drain_delivers_all_exactly_once(make_appliance):

@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 
 from twistmail import config as configmod
-from twistmail.bridge.msf import NBRMSFJOB
+from twistmail.bridge.msf import JOB_NAME, NBRMSFJOB
 from twistmail.lifeline import die_with_parent, log_to_stderr
 
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     log_to_stderr()
     settings = configmod.load(args.config)
+    launcher = _fork_launcher()
 
     from twisted.internet import reactor
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     journal = Journal.from_settings(settings, f"QTSMTPBRSR/{os.getpid()}")
     journal.write("JM", "JM STR QTSMTPBRSR", pid=os.getpid())
     queue = FileQueue.for_settings(settings)
-    jobs = MsfJobs(reactor, args.config, args.nbrmsfjob, journal)
+    jobs = MsfJobs(reactor, args.config, args.nbrmsfjob, journal, _fork_server(reactor, launcher))
     manager = QueueManager(reactor, queue, jobs, journal, storage_probe(settings))
     pool, outbound = _outbound(reactor, settings, queue, SqliteDirectory.from_settings(settings))
     reactor.callWhenRunning(manager.start)
@@ -72,6 +74,26 @@ def main(argv: list[str] | None = None) -> int:
         reactor.callWhenRunning(_reload, args.config, pool, outbound, jobs)
     reactor.run()
     return 0
+
+
+def _fork_launcher() -> tuple[int, socket.socket] | None:
+    """The QMSF jobs' launcher, forked now: no reactor and no thread exist yet."""
+    from twistmail.prestart.forkserver import fork_launcher
+
+    try:
+        return fork_launcher((JOB_NAME,))
+    except OSError as e:  # the jobs' launcher will be started the usual way
+        print(f"cannot fork the QMSF jobs' launcher: {e}", file=sys.stderr)
+        return None
+
+
+def _fork_server(reactor, launcher):  # noqa: ANN001, ANN202
+    from twistmail.prestart.launch import ForkServer
+
+    server = ForkServer(reactor, (JOB_NAME,))
+    if launcher is not None:
+        server.adopt(*launcher)
+    return server
 
 
 def _outbound(reactor, settings, queue, directory):  # noqa: ANN001, ANN202

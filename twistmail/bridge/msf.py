@@ -1,7 +1,8 @@
 """A QMSF job: one mail server framework job, one message at a time.
 
 IBM's STRMSF starts NBRMSFJOB copies of the QMSF job, and each handles one
-message at a time.  Here too: the bridge starts them as processes, sends each
+message at a time.  Here too: the bridge starts them as processes (forks of
+its launcher, :mod:`twistmail.prestart.forkserver`), sends each
 the id of a message in QTMSINQ on its channel (fd 3), and the job runs the
 framework's steps on it (:class:`InboundProcessor`) and answers with one
 line.  As processes, the jobs use every core; the bridge itself only
@@ -16,7 +17,7 @@ when the bridge dies: every step can be repeated without a second copy, so
 a message cut short is simply processed again.  SIGHUP reads the settings
 again before the next message (CHGSMTPA FTRACN, NFYDLVRY).
 
-Run as ``python -m twistmail.bridge.msf --config PATH``.
+Also runs as ``python -m twistmail.bridge.msf --config PATH``.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def answer(processor: Any, queue_id: str) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twistmail-msf")
     parser.add_argument("--config", required=True)
+    parser.add_argument("--pgm", choices=[JOB_NAME], default=JOB_NAME)  # as a launcher asks
     args = parser.parse_args(argv)
     reload_asked: list[int] = []
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(1))

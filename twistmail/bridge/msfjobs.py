@@ -138,9 +138,11 @@ class _Job:
 class MsfJobs:
     log = Logger()
 
-    def __init__(self, reactor: Any, config_path: str, count: int, journal: Any) -> None:
+    def __init__(self, reactor: Any, config_path: str, count: int, journal: Any,
+                 launcher: launch.ForkServer | None = None) -> None:
         self.reactor = reactor
         self.config_path = config_path
+        self.launcher = launcher or launch.ForkServer(reactor, (JOB_NAME,))
         self.count = count
         self.journal = journal
         self.jobs: list[_Job] = []
@@ -189,25 +191,28 @@ class MsfJobs:
         for job in jobs:
             job.close()
         if not jobs:
-            return defer.succeed(None)
+            return self.launcher.stop()
         kill = self.reactor.callLater(END_WAIT, lambda: [job.kill() for job in jobs])
         done = defer.DeferredList([job.ended for job in jobs])
         done.addBoth(lambda _: kill.cancel() if kill.active() else None)
+        done.addBoth(lambda _: self.launcher.stop())
         return done
 
     # -- the jobs' lives ----------------------------------------------------
 
     def _spawn(self) -> _Job | None:
         job = _Job(self)
-        output = launch.ChildOutput(JOB_NAME, job.exited)
+
+        def started(pid: int) -> None:
+            job.pid = pid
+
         try:
-            job.process = launch.spawn(self.reactor, JOB_NAME, "twistmail.bridge.msf",
-                                       ["--config", self.config_path], output, job.channel)
+            job.process = self.launcher.spawn_job(JOB_NAME, self.config_path, job.channel,
+                                                  started, job.exited)
         except OSError as e:
             self.log.error("cannot start a QMSF job: {e!r}", e=e)
             self._hold_off(job)
             return None
-        job.pid = job.process.pid
         self.jobs.append(job)
         return job
 

@@ -20,6 +20,11 @@ Protocol on fd 3 (a UNIX socket to the controller), one line each way:
 When the controller goes, the launcher goes, and its jobs with it
 (PR_SET_PDEATHSIG on both).
 
+The bridge's QMSF jobs come from a launcher too.  That one is a fork of the
+bridge itself, made before its reactor exists (:func:`fork_launcher`): the
+bridge has imported what the jobs run, so the launcher costs no imports at
+all and the first job starts at once after STRMSF.
+
 Run as ``python -m twistmail.prestart.forkserver PGM...`` (the programs to preload).
 """
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import array
 import gc
+import importlib
 import os
 import select
 import signal
@@ -51,20 +57,24 @@ COMMON = (
     "twistmail.journal",
     "twistmail.queue",
 )
-#: What each program imports beyond COMMON.  Only what a launcher's jobs use
-#: is preloaded: every preloaded page is in each job's resident set.
+#: What each program's jobs import.  Only what a launcher's jobs use is
+#: preloaded: every preloaded page is in each job's resident set.
 PRELOAD = {
-    "QTMSSRCP": ("twistmail.smtp.server", "twistmail.smtp.backend"),
-    "QTPOPSRVP": ("twistmail.pop3.server", "twistmail.auth", "twistmail.maildir"),
-    "QTMSCCLCP": ("twistmail.smtp.delivery",),
+    "QTMSSRCP": (*COMMON, "twistmail.smtp.server", "twistmail.smtp.backend"),
+    "QTPOPSRVP": (*COMMON, "twistmail.pop3.server", "twistmail.auth", "twistmail.maildir"),
+    "QTMSCCLCP": (*COMMON, "twistmail.smtp.delivery"),
+    # No reactor: a QMSF job is a plain loop over its channel.
+    "QMSF": ("twistmail.bridge.msf", "twistmail.bridge.inbound", "twistmail.maildir",
+             "twistmail.smtp.backend"),
 }
+#: The module whose ``main`` a job of the program runs; prestart jobs by default.
+ENTRY = {"QMSF": "twistmail.bridge.msf"}
+NAME = "QZMFLNCH"
 
 
-def preload(programs: list[str]) -> None:
+def preload(programs: list[str] | tuple[str, ...]) -> None:
     """Import what the jobs need; the reactor itself is chosen after the fork."""
-    import importlib
-
-    for name in COMMON + tuple(m for p in programs for m in PRELOAD.get(p, ())):
+    for name in dict.fromkeys(m for p in programs for m in PRELOAD.get(p, ())):
         importlib.import_module(name)
     # Keep the collector away from the shared objects, so the jobs' pages
     # stay shared (copy-on-write) instead of being copied by a GC pass.
@@ -164,9 +174,8 @@ class Launcher:
             os.dup2(fd, JOB_CHANNEL_FD)  # takes the place of the control socket
             os.close(fd)
             name_process(pgm)
-            from twistmail.prestart import job
-
-            code = job.main(["--pgm", pgm, "--config", config_path])
+            entry = importlib.import_module(ENTRY.get(pgm, "twistmail.prestart.job"))
+            code = entry.main(["--pgm", pgm, "--config", config_path])
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:
@@ -195,13 +204,51 @@ class Launcher:
             pass
 
 
+def fork_launcher(programs: tuple[str, ...]) -> tuple[int, socket.socket]:
+    """Fork a launcher from this process; its pid and our end of its channel.
+
+    Call it before the reactor is imported and before any thread starts: the
+    launcher is a copy of this process at that moment, and keeps only its
+    standard streams and the channel.  The caller reaps it.
+    """
+    if "twisted.internet.reactor" in sys.modules:
+        raise RuntimeError("a launcher is forked before the reactor exists")
+    preload(programs)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            ours.detach()  # its descriptor goes with the others below
+            fd = theirs.detach()
+            if fd != CONTROL_FD:
+                os.dup2(fd, CONTROL_FD)
+            os.closerange(CONTROL_FD + 1, os.sysconf("SC_OPEN_MAX"))
+            die_with_parent()
+            name_process(NAME)
+            code = _run_launcher()
+        except SystemExit as e:  # the bridge died meanwhile
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    theirs.close()
+    return pid, ours
+
+
+def _run_launcher() -> int:
+    Launcher(socket.socket(fileno=CONTROL_FD)).run()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
-    name_process("QZMFLNCH")
+    name_process(NAME)
     preload(sys.argv[1:] if argv is None else argv)
-    control = socket.socket(fileno=CONTROL_FD)
-    Launcher(control).run()
-    return 0
+    return _run_launcher()
 
 
 if __name__ == "__main__":

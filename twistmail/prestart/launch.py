@@ -1,10 +1,11 @@
 """How a child process of the appliance is started.
 
 The bridge and the launcher start with :func:`spawn` (exec of a fresh
-interpreter).  Prestart jobs start through a :class:`ForkServer`: the
-launcher process (:mod:`twistmail.prestart.forkserver`) has done the imports
-once and forks each job from itself, which costs milliseconds instead of half
-a second of CPU.  A child gets the other end of a UNIX socketpair as fd 3 when
+interpreter).  Prestart jobs, and the bridge's QMSF jobs, start through a
+:class:`ForkServer`: the launcher process
+(:mod:`twistmail.prestart.forkserver`) has done the imports once and forks
+each job from itself, which costs milliseconds instead of half a second of
+CPU.  A child gets the other end of a UNIX socketpair as fd 3 when
 ``channel`` is given; its stdout and stderr come back to the controller's log.
 """
 
@@ -20,6 +21,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.process import registerReapProcessHandler, unregisterReapProcessHandler
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -185,13 +187,46 @@ class ForkedProcess:
             self._on_ended(reason)
 
 
+class _OwnChild:
+    """A child this process forked without the reactor: reaped by it all the same.
+
+    The reactor's SIGCHLD handling reaps every process registered with
+    ``registerReapProcessHandler``, and then its end is reported like a
+    spawned process's.
+    """
+
+    def __init__(self, pid: int, on_ended: Callable[[Failure], None]) -> None:
+        self.pid: int | None = pid
+        self._on_ended = on_ended
+        registerReapProcessHandler(pid, self)
+
+    def reapProcess(self) -> None:
+        assert self.pid is not None
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by someone else: its status is lost
+            pid, status = self.pid, 0
+        if pid:
+            unregisterReapProcessHandler(self.pid, self)
+            self.processEnded(status)
+
+    def processEnded(self, status: int) -> None:
+        self.pid = None
+        self._on_ended(exit_reason(status))
+
+    def signalProcess(self, sig: str | int) -> None:
+        if self.pid is None:
+            raise ProcessExitedAlready()
+        os.kill(self.pid, sig if isinstance(sig, int) else getattr(signal, f"SIG{sig}"))
+
+
 class _Launcher(LineOnlyReceiver):
     """One launcher process: its channel, and the jobs it has forked."""
 
     delimiter = b"\n"
     log = Logger()
 
-    def __init__(self, reactor: Any, programs: tuple[str, ...]) -> None:
+    def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.pending: collections.deque[tuple[ForkedProcess, socket.socket]] = (
             collections.deque())
@@ -200,9 +235,26 @@ class _Launcher(LineOnlyReceiver):
         self.answered = False  # it has forked a job: it can start
         self.on_closed: Callable[[], None] = lambda: None
         self.ended: defer.Deferred = defer.Deferred()
-        output = ChildOutput(ForkServer.NAME, self._process_ended)
-        self.process: Any = spawn(reactor, ForkServer.NAME, "twistmail.prestart.forkserver",
-                                  list(programs), output, channel=self)
+        self.process: Any = None
+
+    @classmethod
+    def spawned(cls, reactor: Any, programs: tuple[str, ...]) -> _Launcher:
+        """A new launcher process that preloads ``programs``."""
+        launcher = cls(reactor)
+        output = ChildOutput(ForkServer.NAME, launcher._process_ended)
+        launcher.process = spawn(reactor, ForkServer.NAME, "twistmail.prestart.forkserver",
+                                 list(programs), output, channel=launcher)
+        return launcher
+
+    @classmethod
+    def adopted(cls, reactor: Any, pid: int, channel: socket.socket) -> _Launcher:
+        """A launcher this process forked itself (:func:`forkserver.fork_launcher`)."""
+        launcher = cls(reactor)
+        channel.setblocking(False)
+        reactor.adoptStreamConnection(channel.fileno(), socket.AF_UNIX, _Prebuilt(launcher))
+        channel.close()
+        launcher.process = _OwnChild(pid, launcher._process_ended)
+        return launcher
 
     def fork(self, pgm: str, config_path: str, job: ForkedProcess, channel: Protocol) -> None:
         child_end = _socketpair_for(self.reactor, channel)
@@ -296,6 +348,12 @@ class ForkServer:
         self.programs = programs
         self._current: _Launcher | None = None
 
+    def adopt(self, pid: int, channel: socket.socket) -> None:
+        """Use a launcher forked by this process until it ends; then start them as usual."""
+        launcher = _Launcher.adopted(self.reactor, pid, channel)
+        launcher.on_closed = lambda: self._gone(launcher)
+        self._current = launcher
+
     @property
     def pid(self) -> int | None:
         """The launcher's pid while it runs (WRKACTJOB lists it)."""
@@ -306,7 +364,7 @@ class ForkServer:
                   on_ended: Callable[[Failure], None]) -> ForkedProcess:
         """Ask for a job running ``pgm``; its channel is connected to ``channel``."""
         if self._current is None:
-            launcher = _Launcher(self.reactor, self.programs)
+            launcher = _Launcher.spawned(self.reactor, self.programs)
             launcher.on_closed = lambda: self._gone(launcher)
             self._current = launcher
         job = ForkedProcess(on_started, on_ended)
