@@ -234,6 +234,10 @@ def test_fsyncs_of_a_packed_message(fq, monkeypatch, queue):
     fq.remove(queue, qid)
     assert calls == [f"{root}/{queue}"]
     assert all_files(fq) == [] and fq.entry_path(queue, qid) is None
+    _, qid, calls = _commit_counting_fsyncs(fq, monkeypatch, queue)
+    calls.clear()
+    fq.remove(queue, qid, durable=False)  # handling it again would change nothing
+    assert calls == [] and all_files(fq) == []
 
 
 def test_without_extended_attributes_or_with_a_large_envelope_two_files(fq, monkeypatch):

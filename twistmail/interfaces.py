@@ -59,8 +59,12 @@ class IQueue(Interface):
     def move(queue_id, source, target, envelope=None):
         """Move a message between queues (optionally with a new envelope)."""
 
-    def remove(queue, queue_id):
-        """Delete a message whose next holder has it durably."""
+    def remove(queue, queue_id, durable=True):
+        """Delete a message whose next holder has it durably.
+
+        ``durable=False`` when handling the message again would change
+        nothing (its deliveries are idempotent): the removal may then be
+        undone by a crash, and is not worth a disk flush."""
 
     def set_aside(queue, queue_id, reason):
         """Move a message that cannot be read to ``corrupt/`` for the

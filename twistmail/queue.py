@@ -777,19 +777,22 @@ class FileQueue:
             _unlink(self._packed(source, queue_id))  # left by an interrupted unpacking
         fsync_dir(self._dirs[source])
 
-    def remove(self, queue: str, queue_id: str) -> None:
+    def remove(self, queue: str, queue_id: str, durable: bool = True) -> None:
         """Delete envelope then body; the body stays while another queue holds it.
 
         The envelope's removal is made durable (a message that came back
-        after a crash would be handled twice); the body's is not: a body a
-        crash brings back has no envelope, and recovery removes such orphans.
+        after a crash would be handled twice) unless ``durable`` is False:
+        the caller knows handling it twice makes no second copy.  The body's
+        removal never is: a body a crash brings back has no envelope, and
+        recovery removes such orphans.
         """
         removed = _unlink(self._envelope(queue, queue_id))
         if queue in _PACKED_IN and _unlink(self._packed(queue, queue_id)):
             removed = True  # a packed message is one file, envelope and body
         if not removed:
             raise KeyError(queue_id)
-        fsync_dir(self._dirs[queue])
+        if durable:
+            fsync_dir(self._dirs[queue])
         body = self._body(queue_id)
         # A packed message has no body in data/: nothing to look for then.
         if os.path.exists(body) and not self._held(queue_id):

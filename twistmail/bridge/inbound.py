@@ -113,7 +113,10 @@ class InboundProcessor:
             self.queue.move(queue_id, QTMSINQ, QTMSOUTQ, env)
         else:
             j.flush()
-            self.queue.remove(QTMSINQ, queue_id)
+            # Mail that only went into mailboxes may come back after a crash:
+            # delivered again, it finds its copies there and makes none.  A
+            # notice would be sent twice, so its removal must hold.
+            self.queue.remove(QTMSINQ, queue_id, durable=bool(failures or successes))
         return Outcome(queue_id, delivered, len(failures), forwarded, notice=notice)
 
     def _set_aside(self, queue_id: str, reason: str) -> Outcome:

@@ -1,0 +1,75 @@
+"""The framework's steps on one message (what a QMSF job runs), on a real queue and Maildir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from appliance import base_sections, render_toml
+
+from twistmail import config as configmod
+from twistmail.bridge.msf import build_processor
+from twistmail.directory import SqliteDirectory
+from twistmail.interfaces import QTMSINQ
+from twistmail.queue import Envelope, FileQueue
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+
+
+@pytest.fixture
+def settings(tmp_path):
+    config = tmp_path / "twistmail.toml"
+    config.write_text(render_toml(base_sections(tmp_path / "var")))
+    settings = configmod.load(config)
+    SqliteDirectory.from_settings(settings).create_profile("SAM", "secret")
+    return settings
+
+
+def _queued(fq: FileQueue, *recipients: str) -> str:
+    with fq.new_spool(Envelope.new("jane@example.test", recipients)) as spool:
+        spool.write(b"Subject: hi\r\n\r\nhello\r\n")
+        return spool.commit(QTMSINQ)
+
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_mail_only_for_mailboxes_leaves_the_queue_without_a_flush(settings, monkeypatch):
+    """A crash may bring such a message back; handled again, it finds its copy
+    in the Maildir and makes none.  So its removal is not worth an fsync."""
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "sam@example.test")
+    entry = fq.entry_path(QTMSINQ, qid)
+    kept = entry.with_name("kept")
+    shutil.copy2(entry, kept)  # the file as a crash could bring it back, envelope and all
+    synced = _record_fsyncs(monkeypatch)
+    assert processor.process(qid).delivered == 1
+    assert str(entry.parent) not in synced and fq.list(QTMSINQ) == []
+    os.rename(kept, entry)
+    assert processor.process(qid).delivered == 1
+    assert fq.list(QTMSINQ) == []
+    maildir = settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new"
+    assert len(os.listdir(maildir)) == 1
+
+
+def test_a_removal_after_a_notice_is_flushed(settings, monkeypatch):
+    """Handled again, the message would send its nondelivery notice twice."""
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "sam@example.test", "nobody@example.test")
+    synced = _record_fsyncs(monkeypatch)
+    outcome = processor.process(qid)
+    assert outcome.delivered == 1 and outcome.failed == 1 and outcome.notice is not None
+    assert str(fq.root / QTMSINQ) in synced
+    assert fq.find(qid) is None
