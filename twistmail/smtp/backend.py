@@ -24,6 +24,10 @@ from twistmail.smtp.address import Address
 from twistmail.smtp.server import Backend, Received, Verdict
 
 STORAGE_CHECK_EVERY = 1.0  # seconds
+#: How long a local recipient, once found in the directory, is accepted
+#: without asking it again, and how many are remembered.
+KNOWN_FOR = 1.0  # seconds
+KNOWN_MAX = 1024
 
 
 def storage_used_percent(path: Path) -> float:
@@ -31,6 +35,9 @@ def storage_used_percent(path: Path) -> float:
     if not st.f_blocks:
         return 0.0
     return 100.0 * (1.0 - st.f_bavail / st.f_blocks)
+
+
+_LOCAL_OK = Verdict(250, "2.1.5 Recipient OK")
 
 
 class QueueBackend(Backend):
@@ -50,6 +57,8 @@ class QueueBackend(Backend):
         self.journal = journal
         self._storage_checked = 0.0
         self._storage_full = False
+        #: Local recipients found lately, with when that stops counting.
+        self._known: dict[str, float] = {}
 
     def storage_full(self) -> bool:
         now = time.monotonic()
@@ -59,11 +68,34 @@ class QueueBackend(Backend):
         return self._storage_full
 
     def check_recipient(self, address: Address, client_ip: str, user: str | None) -> Any:
+        """The verdict on a RCPT; a local recipient seen in the last second is known.
+
+        Asking the directory means a trip to a thread, which costs a job as
+        much CPU as the rest of the RCPT.  A recipient found local a moment
+        ago is accepted again without asking: the bridge resolves every
+        recipient again when it delivers, so a profile deleted meanwhile
+        gets a nondelivery notice instead of a 550, for that second only.
+        Refusals and relay verdicts (which depend on the client) are never
+        remembered.
+        """
         if not address.domain:  # <postmaster>, which RFC 5321 says must be accepted
             address = Address("postmaster", self.local_domains[0])
-        return threads.deferToThreadPool(
+        key = str(address)
+        now = self.reactor.seconds()
+        if self._known.get(key, 0.0) > now:
+            return _LOCAL_OK
+        d = threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), self._verdict, address, client_ip, user
         )
+        d.addCallback(self._remember, key)
+        return d
+
+    def _remember(self, verdict: Verdict, key: str) -> Verdict:
+        if verdict is _LOCAL_OK:
+            if len(self._known) >= KNOWN_MAX:
+                self._known.clear()
+            self._known[key] = self.reactor.seconds() + KNOWN_FOR
+        return verdict
 
     def _verdict(self, address: Address, client_ip: str, user: str | None) -> Verdict:
         routed = self._percent_route(address)
@@ -79,7 +111,7 @@ class QueueBackend(Backend):
         resolution = self.directory.resolve(str(address))
         if resolution is None:
             if address.local.lower() == "postmaster":
-                return Verdict(250, "2.1.5 Recipient OK")
+                return Verdict(250, "2.1.5 Recipient OK")  # not remembered: no entry
             return Verdict(550, f"5.1.1 <{address}>: Recipient address rejected: "
                            "user unknown in the system distribution directory")
         if resolution.kind == "remote":
@@ -89,7 +121,7 @@ class QueueBackend(Backend):
             self.journal.write("9V", f"9V RLY {client_ip}", ip=client_ip,
                                recipient=str(address), alwrly=self.alwrly, reason=why)
             return Verdict(550, f"5.7.1 <{address}>: Relay access denied")
-        return Verdict(250, "2.1.5 Recipient OK")
+        return _LOCAL_OK
 
     def _percent_route(self, address: Address) -> Address | None:
         """PCTRTGCHR(*YES): ``user%host@local`` names ``user@host``; off, it is a local part."""

@@ -1,0 +1,62 @@
+"""What an SMTP job's sessions ask of the directory, on a real directory and thread pool."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from appliance import base_sections, render_toml
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+
+from twistmail import config as configmod
+from twistmail.directory import SqliteDirectory
+from twistmail.queue import FileQueue
+from twistmail.smtp import backend as backendmod
+from twistmail.smtp.address import Address
+
+
+class Journal:
+    def write(self, *args: object, **fields: object) -> None:
+        pass
+
+
+class KnownRecipientTests(unittest.TestCase):
+    def setUp(self) -> None:
+        root = Path(tempfile.mkdtemp(prefix="twistmail-test-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        config = root / "twistmail.toml"
+        config.write_text(render_toml(base_sections(root / "var")))
+        settings = configmod.load(config)
+        self.directory = SqliteDirectory.from_settings(settings)
+        self.directory.create_profile("SAM", "secret")
+        self.backend = backendmod.QueueBackend(reactor, settings, self.directory,
+                                               FileQueue.for_settings(settings), Journal())
+
+    def check(self, local: str) -> object:
+        return self.backend.check_recipient(Address(local, "example.test"), "192.0.2.7", None)
+
+    async def test_a_local_recipient_found_is_accepted_for_a_second_without_asking(self) -> None:
+        self.patch(backendmod, "KNOWN_FOR", 0.2)
+        first = self.check("sam")
+        self.assertIsInstance(first, Deferred)  # asked in a thread
+        self.assertEqual((await first).code, 250)
+        self.directory.delete_profile("SAM")
+        again = self.check("sam")
+        self.assertNotIsInstance(again, Deferred)  # known: answered at once
+        self.assertEqual(again.code, 250)
+        await deferLater(reactor, 0.3, lambda: None)
+        later = self.check("sam")
+        self.assertIsInstance(later, Deferred)  # asked again: the profile is gone
+        self.assertEqual((await later).code, 550)
+
+    async def test_refusals_are_never_remembered(self) -> None:
+        for _ in range(2):
+            verdict = self.check("joe")
+            self.assertIsInstance(verdict, Deferred)
+            self.assertEqual((await verdict).code, 550)
+        self.directory.create_profile("JOE", "secret")
+        self.assertEqual((await self.check("joe")).code, 250)  # enrolled: accepted at once
