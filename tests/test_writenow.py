@@ -5,16 +5,19 @@ Real TCP connections on loopback, in this process's reactor.
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from twistmail import config as configmod
 from twistmail import tlsconfig
-from twistmail.protocols.writenow import write_now
+from twistmail.protocols.writenow import send_descriptor_now, write_now
 
 
 class Collect(protocol.Protocol):
@@ -78,3 +81,42 @@ class WriteNowTests(unittest.TestCase):
         tlsconfig.ensure_pair(settings)
         data = await self.exchange(Speaker(tlsconfig.server_options(settings)), client_tls=True)
         self.assertEqual(data, b"one two three " + b"x" * 300_000)
+
+
+class DescriptorTests(unittest.TestCase):
+    """A passed descriptor goes at once with its line, or queued with the bytes before it."""
+
+    timeout = 20
+
+    async def test_a_descriptor_goes_with_its_line_at_once_or_behind_queued_bytes(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        proto = protocol.Protocol()
+        reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                      protocol.Factory.forProtocol(lambda: proto))
+        ours.close()
+        self.addCleanup(proto.transport.loseConnection)
+        pipes = [os.pipe(), os.pipe()]
+        for r, w in pipes:
+            self.addCleanup(os.close, r)
+            self.addCleanup(os.close, w)
+        send_descriptor_now(proto.transport, pipes[0][0], b"FIRST\n")
+        self.assertEqual(proto.transport._sendmsgQueue, [])  # gone without the reactor
+        proto.transport.write(b"queued ")
+        send_descriptor_now(proto.transport, pipes[1][0], b"SECOND\n")
+        await deferLater(reactor, 0.05, lambda: None)
+        data, fds = b"", []
+        theirs.settimeout(5)
+        while data.count(b"\n") < 2:
+            chunk, got, _, _ = socket.recv_fds(theirs, 100, 2)
+            self.assertTrue(chunk)
+            data += chunk
+            fds += got
+            # a descriptor is never later than its line
+            self.assertGreaterEqual(len(fds), data.count(b"\n"))
+        self.assertEqual(data, b"FIRST\nqueued SECOND\n")
+        for (_, w), fd in zip(pipes, fds, strict=True):
+            os.write(w, b"!")
+            self.assertEqual(os.read(fd, 1), b"!")
+            os.close(fd)

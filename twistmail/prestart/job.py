@@ -26,6 +26,7 @@ from zope.interface import implementer
 from twistmail import config as configmod
 from twistmail.lifeline import die_with_parent, log_to_stderr
 from twistmail.prestart import channel
+from twistmail.protocols.writenow import write_now
 
 CHANNEL_FD = 3
 IMPLICIT_TLS = {"smtps", "pop3s"}
@@ -44,6 +45,10 @@ class JobChannel(LineOnlyReceiver):
 
     def connectionMade(self) -> None:
         self.sendLine(b"READY")
+
+    def sendLine(self, line: bytes) -> None:
+        """At once when the channel is idle: ACK and FREE then cost no extra turn."""
+        write_now(self.transport, line + self.delimiter)
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
         self.fds.append(descriptor)

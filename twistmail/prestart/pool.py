@@ -34,6 +34,7 @@ from twistmail.prestart.policy import (
     decide,
 )
 from twistmail.prestart.stats import PoolStats
+from twistmail.protocols.writenow import send_descriptor_now
 
 KILL_AFTER = 5.0  # seconds between SIGTERM and SIGKILL
 START_LIMIT = 30.0  # seconds a job may take to say READY; then it is killed (a boot failure)
@@ -113,10 +114,9 @@ class ControllerChannel(LineOnlyReceiver):
         if request.sock is None:
             self.sendLine(b"TASK %d %s" % (token, request.task))
             return
-        # The descriptor and its carrier line must go out in the same turn.
-        self.transport.sendFileDescriptor(request.sock.fileno())
-        family = request.sock.family
-        self.sendLine(channel.fd_line(token, request.listener, int(family)))
+        # The descriptor travels with the bytes of its line (TWISTED.md §1.4).
+        line = channel.fd_line(token, request.listener, int(request.sock.family))
+        send_descriptor_now(self.transport, request.sock.fileno(), line + self.delimiter)
 
     def send(self, line: bytes) -> None:
         if self.transport is not None and not self.lost:

@@ -15,14 +15,16 @@ path: their bytes must pass through the TLS layer.
 
 from __future__ import annotations
 
+import array
+import socket
 from typing import Any
 
 from twisted.internet import tcp
 
 
-def write_now(transport: Any, data: bytes) -> None:
-    """Send ``data`` on ``transport``, without waiting for the next reactor turn when possible."""
-    if (
+def _idle(transport: Any) -> bool:
+    """A plain connection with nothing queued: bytes written now keep their order."""
+    return (
         isinstance(transport, tcp.Connection)
         and not transport.TLS
         and transport.connected
@@ -32,9 +34,39 @@ def write_now(transport: Any, data: bytes) -> None:
         and transport.producer is None
         and transport.offset == len(transport.dataBuffer)
         and not transport._tempDataBuffer
-    ):
+        and not getattr(transport, "_sendmsgQueue", None)
+    )
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Send ``data`` on ``transport``, without waiting for the next reactor turn when possible."""
+    if _idle(transport):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int) and sent > 0:
             data = data[sent:]
     if data:
         transport.write(data)
+
+
+def send_descriptor_now(transport: Any, fd: int, data: bytes) -> None:
+    """Pass ``fd`` on a UNIX connection with ``data`` (at least one byte), at once when idle.
+
+    One ``sendmsg`` carries the descriptor and the bytes.  Otherwise both go
+    the ordinary way (``sendFileDescriptor`` then ``write``) in the next turn,
+    and the descriptor travels with the first byte still queued: never
+    after its line.
+    """
+    if _idle(transport) and hasattr(transport, "sendFileDescriptor"):
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+        try:
+            sent = transport.socket.sendmsg([data], rights)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0  # the ordinary path finds the error and reports the connection lost
+        if sent > 0:  # the descriptor went with the first byte
+            if sent < len(data):
+                transport.write(data[sent:])
+            return
+    transport.sendFileDescriptor(fd)
+    transport.write(data)
