@@ -93,6 +93,9 @@ def test_wait_yes_queues_until_a_job_frees(make_appliance):
     st = a.control("dspactpj", pgm="QTMSSRCP")
     assert st["rejected"] == 0 and st["accepted"] == 3 and st["average_wait"] > 0
     assert st["waiting_peak"] == 1 and st["jobs_peak"] == 2
+    # A wait of a second or more is journaled when a job takes the request.
+    [waited] = a.journal("JW")
+    assert waited["waited"] >= 1.0 and waited["esd"].startswith("JW WAIT 127.0.0.1 ")
 
 
 def test_wait_limit_rejects_with_421(make_appliance):

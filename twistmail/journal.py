@@ -152,7 +152,7 @@ CODES: dict[str, str] = {
     "JB": "job failed to boot (died before it was ready)",
     "JF": "prestart entry stopped after repeated boot failures",
     "JR": "program start request rejected (no job free)",
-    "JW": "program start request waited for a job",
+    "JW": "program start request waited a second or more for a job",
     "JP": "prestart entry started (strpj, strtcpsvr)",
     "JQ": "prestart entry ended (endpj, endtcpsvr)",
     "JA": "prestart entry changed (chgpje)",

@@ -38,6 +38,10 @@ from twistmail.protocols.writenow import send_descriptor_now
 
 KILL_AFTER = 5.0  # seconds between SIGTERM and SIGKILL
 START_LIMIT = 30.0  # seconds a job may take to say READY; then it is killed (a boot failure)
+#: A request that waited this long for a job is journaled (JW).  Shorter
+#: waits are the common case under load (the next connection arrives while
+#: the last session's job is still saying FREE): DSPACTPJ counts them.
+WAIT_NOTED = 1.0
 
 
 @attrs.define(eq=False)
@@ -256,7 +260,6 @@ class Pool:
         request.token = self._next_token
         self._next_token += 1
         now = request.accepted_at
-        peer = request.peer
         idle = self._pick_idle(request.peer if request.sock is None else None)
         light = EntryView(active=self.active, jobs=(idle.view(),) if idle else (),
                           waiting=(0.0,) * len(self.waiting))
@@ -268,7 +271,6 @@ class Pool:
         elif decision is Admission.QUEUE:
             request.queued_at = now
             self.waiting.append(request)
-            self._journal("JW", f"JW WAIT {peer}", ip=peer, pgm=self.pgm)
         else:
             reason = "ended" if not self.active else "wait"
             self._reject(request, reason)
@@ -325,7 +327,11 @@ class Pool:
                 return
             request = self.waiting.popleft()
             now = self.reactor.seconds()
-            self.stats.record_accept(waited=now - (request.queued_at or now))
+            waited = now - (request.queued_at or now)
+            self.stats.record_accept(waited=waited)
+            if waited >= WAIT_NOTED:
+                self._journal("JW", f"JW WAIT {request.peer} {waited:.1f}s", ip=request.peer,
+                              pgm=self.pgm, waited=round(waited, 3))
             self._hand(job, request)
 
     # -- job events ----------------------------------------------------
