@@ -26,6 +26,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 
 from twistmail.bridge.msf import JOB_NAME
 from twistmail.prestart import launch
+from twistmail.protocols.writenow import write_now
 
 MIN_DELAY = 1.0
 MAX_DELAY = 60.0
@@ -75,7 +76,8 @@ class _Job:
     def send(self, queue_id: str) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self.pending = (queue_id, d)
-        self.channel.sendLine(queue_id.encode("ascii"))
+        # At once: the channel is connected from the start, even while the job boots.
+        write_now(self.channel.transport, queue_id.encode("ascii") + b"\n")
         return d
 
     def answered(self, line: bytes) -> None:

@@ -34,7 +34,7 @@ from twistmail.prestart.policy import (
     decide,
 )
 from twistmail.prestart.stats import PoolStats
-from twistmail.protocols.writenow import send_descriptor_now
+from twistmail.protocols.writenow import send_descriptor_now, write_now
 
 KILL_AFTER = 5.0  # seconds between SIGTERM and SIGKILL
 START_LIMIT = 30.0  # seconds a job may take to say READY; then it is killed (a boot failure)
@@ -113,6 +113,10 @@ class ControllerChannel(LineOnlyReceiver):
         elif verb == "RESULT" and len(args) >= 2:
             self.job.task = None
             self.pool.task_done(int(args[0]), line.split(b" ", 2)[2])
+
+    def sendLine(self, line: bytes) -> None:
+        """At once when the channel is idle (a TASK line, END, CFG)."""
+        write_now(self.transport, line + self.delimiter)
 
     def hand(self, token: int, request: Request) -> None:
         if request.sock is None:
