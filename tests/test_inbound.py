@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from appliance import base_sections, render_toml
+from fsyncs import record_fsyncs
 
 from twistmail import config as configmod
 from twistmail.bridge.msf import build_processor
@@ -32,18 +33,6 @@ def _queued(fq: FileQueue, *recipients: str) -> str:
         return spool.commit(QTMSINQ)
 
 
-def _record_fsyncs(monkeypatch) -> list[str]:
-    synced: list[str] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return synced
-
-
 def test_mail_only_for_mailboxes_leaves_the_queue_without_a_flush(settings, monkeypatch):
     """A crash may bring such a message back; handled again, it finds its copy
     in the Maildir and makes none.  So its removal is not worth an fsync."""
@@ -53,7 +42,7 @@ def test_mail_only_for_mailboxes_leaves_the_queue_without_a_flush(settings, monk
     entry = fq.entry_path(QTMSINQ, qid)
     kept = entry.with_name("kept")
     shutil.copy2(entry, kept)  # the file as a crash could bring it back, envelope and all
-    synced = _record_fsyncs(monkeypatch)
+    synced = record_fsyncs(monkeypatch)
     assert processor.process(qid).delivered == 1
     assert str(entry.parent) not in synced and fq.list(QTMSINQ) == []
     os.rename(kept, entry)
@@ -68,7 +57,7 @@ def test_a_removal_after_a_notice_is_flushed(settings, monkeypatch):
     fq = FileQueue.for_settings(settings)
     processor = build_processor(settings, "QMSF/1")
     qid = _queued(fq, "sam@example.test", "nobody@example.test")
-    synced = _record_fsyncs(monkeypatch)
+    synced = record_fsyncs(monkeypatch)
     outcome = processor.process(qid)
     assert outcome.delivered == 1 and outcome.failed == 1 and outcome.notice is not None
     assert str(fq.root / QTMSINQ) in synced

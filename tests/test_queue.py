@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fsyncs import record_fsyncs
 from hypothesis import given
 from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
@@ -196,25 +197,12 @@ def test_a_concurrent_reader_never_sees_an_envelope_without_its_body(fq):
     assert len(seen) == writers * per_writer
 
 
-def _count_fsyncs(monkeypatch) -> list[str]:
-    """Replace os.fsync by a recorder of what each call synced (path, dirs with /)."""
-    calls: list[str] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return calls
-
-
 def _commit_counting_fsyncs(fq, monkeypatch, queue):
     """Commit a 4-byte message to ``queue``; its envelope, id and the fsyncs so far."""
     env = Envelope.new("jane@example.test", ["sam@example.test"])
     spool = fq.new_spool(env)
     spool.write(b"body")
-    calls = _count_fsyncs(monkeypatch)
+    calls = record_fsyncs(monkeypatch)
     return env, spool.commit(queue), calls
 
 
@@ -264,7 +252,7 @@ def test_a_new_envelope_unpacks_the_message_first(fq, monkeypatch):
         spool.write(b"the body\r\n")
         qid = spool.commit(QTMSINQ)
     packed_inode = os.stat(fq.root / QTMSINQ / f"{qid}.msg").st_ino
-    calls = _count_fsyncs(monkeypatch)
+    calls = record_fsyncs(monkeypatch)
     fq.move(qid, QTMSINQ, QTMSOUTQ, fq.load(QTMSINQ, qid).evolve(attempts=1))
     root = str(fq.root)
     assert calls[:4] == [f"{root}/data", f"{root}/tmp/{qid}.{os.getpid()}.json",
