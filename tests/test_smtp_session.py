@@ -555,3 +555,23 @@ def test_errors_slow_the_client_then_end_the_session():
     s.clock.advance(3)
     r = s.replies()
     assert r[0].startswith("500") and r[1].startswith("421 4.7.0") and s.tr.disconnecting
+
+
+def test_the_job_is_free_once_quit_is_answered_and_told_only_once():
+    """The client may connect again as soon as it has the 221: its next
+    connection should find the job free, not wait for the close to go through."""
+    s = Session()
+    s.start()
+    s.send(b"QUIT\r\n")
+    assert s.codes() == [221]
+    assert s.done == 1 and s.tr.disconnecting
+    s.proto.connectionLost(None)
+    assert s.done == 1
+
+
+def test_a_session_that_ends_otherwise_frees_the_job_when_it_is_gone():
+    s = Session()
+    s.start()
+    assert s.done == 0
+    s.proto.connectionLost(None)
+    assert s.done == 1

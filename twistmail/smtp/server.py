@@ -260,7 +260,7 @@ class SMTPSession(SequentialSession):
     def __init__(self, factory: SMTPFactory, on_done: Callable[[], None]) -> None:
         super().__init__(factory.reactor, factory.inacttimo)
         self.factory = factory
-        self.on_done = on_done
+        self._on_done: Callable[[], None] | None = on_done
         self.after_crlf = True  # the last DATA line ended with CRLF
         self.last_command_crlf = True
         self.discarding = False  # skipping the rest of an over-long line
@@ -289,7 +289,13 @@ class SMTPSession(SequentialSession):
         if self.data is not None:
             self.data.spool.abort()
             self.data = None
-        self.on_done()
+        self.session_over()
+
+    def session_over(self) -> None:
+        """Tell the job, once, that it may take its next connection."""
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
 
     def timed_out(self) -> None:
         self.reply(421, f"4.4.2 {self.factory.backend.hostname} Idle too long, closing connection")
@@ -850,6 +856,10 @@ class SMTPSession(SequentialSession):
     def smtp_QUIT(self, arg: str) -> None:
         self.reply(221, f"2.0.0 {self.factory.backend.hostname} closing connection")
         self.close()
+        # The session is over now, not when the close has gone through: the
+        # client may connect again at once, and its new connection should
+        # find this job free rather than wait (or make the pool grow).
+        self.session_over()
 
     def smtp_HELP(self, arg: str) -> None:
         self.reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY")
