@@ -321,7 +321,13 @@ class _Launcher(LineOnlyReceiver):
         send_signal(self.process, "KILL")
 
     def _process_ended(self, reason: Any) -> None:
-        """The launcher and every job it forked are gone (their pipes are closed)."""
+        """The launcher has ended, and its jobs with it.
+
+        A spawned launcher is reported once its output pipes close, which its
+        jobs share: they are gone too.  An adopted one is reported when it is
+        reaped; its jobs end at once by PR_SET_PDEATHSIG, and whatever they
+        had in hand is handled again (every step can be repeated).
+        """
         if self.transport is not None:
             self.transport.loseConnection()
         self.connectionLost(reason)  # in case the channel's end was not seen yet
