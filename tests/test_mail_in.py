@@ -349,6 +349,8 @@ def test_qmsf_jobs_are_forks_of_a_launcher_replaced_when_it_dies(make_appliance)
     [launcher] = {_parent_of(p) for p in jobs}
     assert open(f"/proc/{launcher}/comm").read().strip() == "QZMFLNCH"
     assert _parent_of(launcher) == bridge
+    a.wait_for(lambda: launcher in [r["pid"] for r in a.control("wrkactjob")
+                                    if r["job"] == "QZMFLNCH"], 5, "WRKACTJOB to list it")
     os.kill(launcher, signal.SIGKILL)  # its jobs die with it, messages in hand and all
     assert len(a.mailbox("SAM")) < total, "the jobs finished before the launcher was killed"
     _assert_each_once(a, sent)

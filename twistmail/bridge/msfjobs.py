@@ -174,10 +174,15 @@ class MsfJobs:
         return job.send(queue_id)
 
     def listing(self) -> list[dict[str, Any]]:
-        """WRKACTJOB rows: RUN with a message in hand, DEQW waiting for one."""
-        return [{"job": JOB_NAME, "pgm": "", "pid": job.pid,
-                 "status": "RUN" if job.pending else "DEQW", "uses": job.processed, "peer": ""}
-                for job in self.jobs]
+        """WRKACTJOB rows: the jobs' launcher, then RUN with a message in hand, DEQW waiting."""
+        rows = []
+        if self.launcher.pid is not None:
+            rows.append({"job": launch.ForkServer.NAME, "pgm": "", "pid": self.launcher.pid,
+                         "status": "SELW", "uses": "", "peer": ""})
+        rows.extend({"job": JOB_NAME, "pgm": "", "pid": job.pid,
+                     "status": "RUN" if job.pending else "DEQW", "uses": job.processed,
+                     "peer": ""} for job in self.jobs)
+        return rows
 
     def reload(self) -> None:
         """New settings: each job reads them again before its next message."""
