@@ -163,7 +163,16 @@ def test_sigkilled_job_is_replaced(appliance):
 
 
 def launchers(a) -> list[int]:
-    return [r["pid"] for r in a.control("wrkactjob") if r["job"] == "QZMFLNCH"]
+    """The controller's launchers (the bridge has its own, for QMSF and client jobs)."""
+    out = []
+    for r in a.control("wrkactjob"):
+        if r["job"] == "QZMFLNCH":
+            try:
+                if _parent_of(r["pid"]) == a.proc.pid:
+                    out.append(r["pid"])
+            except FileNotFoundError:
+                pass  # just ended
+    return out
 
 
 def _parent_of(pid: int) -> int:
