@@ -209,7 +209,12 @@ class MaildirStore:
 
     def path(self, user: str) -> Path:
         """The user's Maildir directory (which may not exist yet)."""
-        return self.root / check_user(user) / "Maildir"
+        return Path(self._maildir(user))
+
+    def _maildir(self, user: str) -> str:
+        # A plain string on the way of every message: pathlib cost about a
+        # tenth of a QMSF job's CPU in delivery.
+        return f"{self._root}/{check_user(user)}/Maildir"
 
     def ensure(self, user: str) -> Path:
         """Create the mailbox if needed, private to the appliance's user."""
@@ -227,9 +232,7 @@ class MaildirStore:
         """Store ``prefix`` + body durably; a repeated delivery writes nothing.
 
         Returns the message's path (in new/, or in cur/ if a session saw it)."""
-        # Plain strings on the way of every message: pathlib cost about a
-        # tenth of a QMSF job's CPU here.
-        maildir = f"{self._root}/{check_user(user)}/Maildir"
+        maildir = self._maildir(user)
         if not isinstance(prefix, bytes):
             raise TypeError("prefix must be bytes")
         check_delivery_id(delivery_id)

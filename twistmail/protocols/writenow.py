@@ -60,10 +60,8 @@ def send_descriptor_now(transport: Any, fd: int, data: bytes) -> None:
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
         try:
             sent = transport.socket.sendmsg([data], rights)
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # full, interrupted, or broken: the ordinary path copes (or reports it)
             sent = 0
-        except OSError:
-            sent = 0  # the ordinary path finds the error and reports the connection lost
         if sent > 0:  # the descriptor went with the first byte
             if sent < len(data):
                 transport.write(data[sent:])
