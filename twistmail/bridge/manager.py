@@ -145,13 +145,14 @@ class QueueManager:
             d.addBoth(self._finished, qid)
 
     def _failed(self, failure: Any, qid: str) -> Any:
-        self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
-                       why=failure.getErrorMessage())
-        if not failure.check(JobEnded):
-            return None
-        self.job_ends[qid] += 1
+        if failure.check(JobEnded):
+            self.job_ends[qid] += 1
         if self.job_ends[qid] < MAX_JOB_ENDS:
+            self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
+                           why=failure.getErrorMessage())
             return None
+        self.log.error("processing {qid} failed; it is set aside: {why}", qid=qid,
+                       why=failure.getErrorMessage())
         # A message that kills the job that takes it would do so for ever,
         # taking a job start each time: it goes to corrupt/ for the
         # administrator instead (wrkq --queue corrupt).

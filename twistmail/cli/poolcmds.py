@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from twistmail import config as configmod
+from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.cli.base import Failure, app, cli, usage_error, value_of
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.control import ControlError, NotRunning
@@ -173,7 +174,7 @@ def endtcpsvr(server: str) -> None:
 @cli.command()
 @click.option("--msgopt", default="*RESUME", show_default=True,
               help="*RESUME: each message goes on from the step where it stopped")
-@click.option("--nbrmsfjob", default="3", show_default=True,
+@click.option("--nbrmsfjob", default=str(NBRMSFJOB), show_default=True,
               help="QMSF jobs, each processing one message at a time, 1-99")
 def strmsf(msgopt: str, nbrmsfjob: str) -> None:
     """Start the mail server framework, the bridge (STRMSF)."""
