@@ -62,9 +62,11 @@ class IQueue(Interface):
     def remove(queue, queue_id, durable=True):
         """Delete a message whose next holder has it durably.
 
-        ``durable=False`` when handling the message again would change
-        nothing (its deliveries are idempotent): the removal may then be
-        undone by a crash, and is not worth a disk flush."""
+        ``durable=False`` when handling the message again would make no
+        second copy (its deliveries are idempotent) or only the copy any
+        mail system may relay twice after a crash of the machine: the removal
+        may then be undone by such a crash, and is not worth a disk flush.
+        A process killed at any moment never undoes it."""
 
     def set_aside(queue, queue_id, reason):
         """Move a message that cannot be read to ``corrupt/`` for the

@@ -782,7 +782,7 @@ class FileQueue:
 
         The envelope's removal is made durable (a message that came back
         after a crash would be handled twice) unless ``durable`` is False:
-        the caller knows handling it twice makes no second copy.  The body's
+        the caller knows handling it twice is harmless (see IQueue.remove).  The body's
         removal never is: a body a crash brings back has no envelope, and
         recovery removes such orphans.
         """

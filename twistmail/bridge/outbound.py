@@ -666,7 +666,12 @@ class OutboundManager:
                                recipients=[r.address for r in pending],
                                errors={r.address: r.last_error for r in pending})
         else:
-            self.queue.remove(QTMSOUTQ, qid)
+            # Relayed mail a crash brought back would be relayed again, as
+            # after a crash in any MTA; a notice sent twice is worse, so a
+            # removal after one must hold.
+            notice = bool(failed_now) or any(r.notify and "SUCCESS" in r.notify
+                                             for r in env.recipients)
+            self.queue.remove(QTMSOUTQ, qid, durable=notice)
 
     def _retry_target(self, attempts: int) -> tuple[str, str, float] | None:
         """Where a message waits after its ``attempts``-th try, or None when used up."""

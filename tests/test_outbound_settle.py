@@ -1,0 +1,69 @@
+"""How QTMSOUTQ lets go of a message whose last delivery task has answered."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from appliance import base_sections, render_toml
+from fsyncs import record_fsyncs
+from twisted.internet.task import Clock
+
+from twistmail import config as configmod
+from twistmail.bridge.outbound import OutboundManager
+from twistmail.directory import SqliteDirectory
+from twistmail.interfaces import QTMSOUTQ
+from twistmail.journal import Journal
+from twistmail.queue import Envelope, FileQueue, Recipient
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+
+
+class Pool:
+    """The client job pool's seam: the manager only sets its callbacks here."""
+
+
+@pytest.fixture
+def manager(tmp_path):
+    config = tmp_path / "twistmail.toml"
+    config.write_text(render_toml(base_sections(tmp_path / "var")))
+    settings = configmod.load(config)
+    return OutboundManager(Clock(), settings, FileQueue.for_settings(settings),
+                           SqliteDirectory.from_settings(settings),
+                           Journal.from_settings(settings, "QTSMTPBRCL/1"), Pool())
+
+
+def _queued(fq: FileQueue, *recipients: Recipient) -> str:
+    env = Envelope.new("jane@example.test", ()).with_recipients(recipients)
+    with fq.new_spool(env) as spool:
+        spool.write(b"Subject: hi\r\n\r\nhello\r\n")
+        return spool.commit(QTMSOUTQ)
+
+
+def _relayed(manager: OutboundManager, qid: str, status: str = "delivered") -> None:
+    result = {"results": [{"address": "rcpt@remote.test", "status": status,
+                           "code": 250 if status == "delivered" else 550, "text": "ok"}]}
+    manager._record(qid, result, last=True)
+
+
+def test_relayed_mail_leaves_the_queue_without_a_flush(manager, monkeypatch):
+    """Killing a process never undoes an unlink; only a crash of the machine
+    could bring the message back, to be relayed again as by any MTA."""
+    qid = _queued(manager.queue, Recipient("rcpt@remote.test"))
+    synced = record_fsyncs(monkeypatch)
+    _relayed(manager, qid)
+    assert manager.queue.list(QTMSOUTQ) == []
+    assert str(manager.queue.root / QTMSOUTQ) not in synced
+
+
+@pytest.mark.parametrize("case", ["failed", "success-notify"])
+def test_a_removal_after_a_notice_is_flushed(manager, monkeypatch, case):
+    """Brought back by a crash, the message would send its notice twice."""
+    if case == "failed":
+        qid = _queued(manager.queue, Recipient("rcpt@remote.test"))
+    else:
+        qid = _queued(manager.queue, Recipient("rcpt@remote.test", notify=("SUCCESS",)))
+    synced = record_fsyncs(monkeypatch)
+    _relayed(manager, qid, "permanent" if case == "failed" else "delivered")
+    assert manager.queue.list(QTMSOUTQ) == []
+    assert str(manager.queue.root / QTMSOUTQ) in synced
