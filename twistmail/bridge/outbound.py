@@ -141,7 +141,7 @@ class OutboundManager:
         #: Messages the last scan found ready, oldest first, waiting for connections,
         #: and the same by destination, so a freed connection finds its next message
         #: without walking the whole backlog.
-        self.backlog: dict[str, dict[str, list[str]]] = {}
+        self.backlog: dict[str, tuple[Envelope, dict[str, list[str]]]] = {}
         self.by_domain: dict[str, collections.deque[str]] = {}
         #: Messages started or settled since the running scan began: its view of
         #: them is out of date.
@@ -377,11 +377,11 @@ class OutboundManager:
         # The scan's list replaces the backlog: what left QTMSOUTQ meanwhile
         # (deleted, held) is gone from it, and what was started or settled
         # while it ran is not taken from its out-of-date view.
-        self.backlog = {env.id: groups for env, groups in work if env.id not in stale}
+        self.backlog = {env.id: (env, groups) for env, groups in work if env.id not in stale}
         if not found.held:  # forget what has left QTMSOUTQ (deleted, settled)
             self.released &= self.backlog.keys() | self.open.keys() | self.busy | stale
         self.by_domain = {}
-        for qid, groups in self.backlog.items():
+        for qid, (_, groups) in self.backlog.items():
             for domain in groups:
                 self.by_domain.setdefault(domain, collections.deque()).append(qid)
         self._start_ready(self.by_domain, note_waiting=True)
@@ -402,9 +402,10 @@ class OutboundManager:
             skipped: list[str] = []
             while waiting and self.per_domain[domain] < CONNECTIONS_PER_DOMAIN:
                 qid = waiting.popleft()
-                groups = self.backlog.get(qid)
-                if groups is None:
+                pending = self.backlog.get(qid)
+                if pending is None:
                     continue  # started by another destination, or gone
+                env, groups = pending
                 if qid in self.open or qid in self.busy:
                     del self.backlog[qid]
                     continue
@@ -413,11 +414,10 @@ class OutboundManager:
                     self._note_full(qid, full)
                     skipped.append(qid)  # it waits for its other destination
                     continue
-                self._start(qid, groups)
+                self._start(env, groups)
             if waiting and note_waiting:
                 for qid in waiting:
-                    groups = self.backlog.get(qid)
-                    if groups is not None:
+                    if qid in self.backlog:
                         self._note_full(qid, [domain])
             if skipped and waiting is not None:
                 waiting.extendleft(reversed(skipped))
@@ -435,7 +435,8 @@ class OutboundManager:
         if self.schedule.active:
             self.released.add(qid)  # it goes as soon as a slot is free
 
-    def _start(self, qid: str, groups: dict[str, list[str]]) -> None:
+    def _start(self, env: Envelope, groups: dict[str, list[str]]) -> None:
+        qid = env.id
         del self.backlog[qid]
         self.touched.add(qid)
         self.released.discard(qid)
@@ -443,7 +444,7 @@ class OutboundManager:
         for domain, rcpts in groups.items():
             self.per_domain[domain] += 1
             line = json.dumps({"id": qid, "queue": QTMSOUTQ, "domain": domain,
-                               "recipients": rcpts}).encode()
+                               "recipients": rcpts, "send": _sending(env, rcpts)}).encode()
             token = self.pool.submit_task(line, domain)
             self.tasks[token] = (qid, domain)
             if token in self.refused_early:
@@ -684,6 +685,17 @@ class OutboundManager:
         if attempts <= first_count + second_count:
             return QTMSRTQ2, "8D", second_unit
         return None
+
+
+def _sending(env: Envelope, rcpts: list[str]) -> dict[str, Any]:
+    """What a client job puts on MAIL and RCPT, so it need not read the envelope.
+
+    None of it changes while the message is queued; the scan read it already.
+    """
+    wanted = set(rcpts)
+    return {"originator": env.originator, "ret": env.ret, "envid": env.envid,
+            "recipients": [[r.address, r.notify, r.orcpt] for r in env.recipients
+                           if r.address in wanted]}
 
 
 def _in_node(address: str, nodes: set[str]) -> bool:

@@ -1,7 +1,8 @@
 """What a QTMSCCLCP client job does with one task: route and deliver.
 
 A task names a message in QTMSOUTQ and the recipients of one destination
-domain.  The job reads the envelope and the body (it changes neither: the
+domain, with what goes on MAIL and RCPT for them (the bridge read the
+envelope already).  The job reads the body (it changes nothing: the
 bridge alone moves messages between queues), routes the domain by the
 CHGSMTPA choices (FWDHUBSVR, FIREWALL with MAILROUTER, MX with MAILROUTER
 as fallback), delivers over one connection with our own client, journals
@@ -27,6 +28,20 @@ from twisted.internet import defer, threads
 from twistmail import mx
 from twistmail.smtp import client
 
+LISTS_FOR = 1.0  # seconds a reading of the SMTP list entries is used
+
+
+def _sending(task: dict[str, Any]) -> client.Envelope | None:
+    """MAIL and RCPT as the bridge put them in the task (see outbound._sending)."""
+    send = task.get("send")
+    if send is None:
+        return None
+    return client.Envelope(
+        send["originator"],
+        [client.Recipient(address, tuple(notify) if notify else None, orcpt)
+         for address, notify, orcpt in send["recipients"]],
+        ret=send["ret"], envid=send["envid"])
+
 
 class Deliverer:
     def __init__(self, reactor: Any, settings: Any, queue: Any, directory: Any,
@@ -42,6 +57,7 @@ class Deliverer:
                                       hosttable=hosttable, local=local_host(settings))
         #: The connection of the last delivery, kept for the next to the same hop.
         self.sessions = client.SessionCache(reactor)
+        self._lists_read: tuple[float, dict[str, Any]] | None = None
 
     def run(self, payload: bytes) -> defer.Deferred:
         """Deliver one task; fires with the JSON result line (never fails)."""
@@ -57,8 +73,11 @@ class Deliverer:
 
     async def _run(self, task: dict[str, Any]) -> dict[str, Any]:
         qid, domain = task["id"], task["domain"]
-        env, lists = await threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), self._read, task)
+        envelope = _sending(task)
+        if envelope is None:  # a task that does not carry it: read the envelope
+            envelope = await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), self._read, task)
+        lists = await self._lists()
         self.journal.write("8B", f"8B FOQ {task['queue']}", qid, domain=domain)
         decision = mx.route_for(domain, self.settings.smtp, near_domains=lists["near"])
         try:
@@ -67,12 +86,6 @@ class Deliverer:
             self.journal.write("8K", f"8K RERR {domain}", qid, domain=domain, error=str(e))
             status = "permanent" if e.permanent else "temporary"
             return self._all(task, status, e.code, str(e))
-        wanted = set(task["recipients"])
-        envelope = client.Envelope(
-            env.originator,
-            [client.Recipient(r.address, r.notify, r.orcpt) for r in env.recipients
-             if r.address in wanted],
-            ret=env.ret, envid=env.envid)
         result = await client.deliver(
             self.reactor, list(route), envelope, self.queue.body_path(qid),
             helo_name=self.settings.hostname, tls_policy=self.settings.smtp.tlsoutbound,
@@ -101,8 +114,7 @@ class Deliverer:
             result = client.EtrnResult(tuple((n, client.Reply(e.code, (str(e),)))
                                              for n in nodes))
         else:
-            lists = await threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), self._lists)
+            lists = await self._lists()
             result = await client.etrn(
                 self.reactor, list(route), nodes, helo_name=self.settings.hostname,
                 tls_policy=self.settings.smtp.tlsoutbound, auth=lists["auth"] or None,
@@ -118,11 +130,31 @@ class Deliverer:
     def _timeouts(self) -> client.Timeouts:
         return client.Timeouts.for_reply(self.settings.smtp.clienttimeout)
 
-    def _read(self, task: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def _read(self, task: dict[str, Any]) -> client.Envelope:
         env = self.queue.load(task["queue"], task["id"])
-        return env, self._lists()
+        wanted = set(task["recipients"])
+        return client.Envelope(
+            env.originator,
+            [client.Recipient(r.address, r.notify, r.orcpt) for r in env.recipients
+             if r.address in wanted],
+            ret=env.ret, envid=env.envid)
 
-    def _lists(self) -> dict[str, Any]:
+    async def _lists(self) -> dict[str, Any]:
+        """The *NEAR, *HOSTAUTH and *CLTBIND entries, read at most once a second.
+
+        A kept connection carries a message in a few hundred microseconds;
+        asking the directory in a thread for each one cost about as much.
+        An ADDSMTPLE or RMVSMTPLE reaches the next delivery a second later
+        at most.
+        """
+        now = self.reactor.seconds()
+        if self._lists_read is None or now - self._lists_read[0] >= LISTS_FOR:
+            lists = await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), self._read_lists)
+            self._lists_read = (self.reactor.seconds(), lists)
+        return self._lists_read[1]
+
+    def _read_lists(self) -> dict[str, Any]:
         entries = self.directory.list_entries()
         near = [e.hostname for e in entries if e.type == "*NEAR" and e.hostname]
         auth = {e.hostname: client.Credentials(e.username, e.password)

@@ -1,7 +1,9 @@
-"""How QTMSOUTQ lets go of a message whose last delivery task has answered."""
+"""The outbound side of the bridge: the tasks it gives client jobs, and how
+QTMSOUTQ lets go of a message whose last delivery task has answered."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -10,11 +12,12 @@ from fsyncs import record_fsyncs
 from twisted.internet.task import Clock
 
 from twistmail import config as configmod
-from twistmail.bridge.outbound import OutboundManager
+from twistmail.bridge.outbound import OutboundManager, _sending
 from twistmail.directory import SqliteDirectory
 from twistmail.interfaces import QTMSOUTQ
 from twistmail.journal import Journal
 from twistmail.queue import Envelope, FileQueue, Recipient
+from twistmail.smtp import delivery
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 
@@ -67,3 +70,23 @@ def test_a_removal_after_a_notice_is_flushed(manager, monkeypatch, case):
     _relayed(manager, qid, "permanent" if case == "failed" else "delivered")
     assert manager.queue.list(QTMSOUTQ) == []
     assert str(manager.queue.root / QTMSOUTQ) in synced
+
+
+def test_a_task_carries_what_goes_on_mail_and_rcpt(manager):
+    """The client job then sends from the task what it would read from the envelope."""
+    qid = _queued(manager.queue,
+                  Recipient("a@remote.test", notify=("SUCCESS", "FAILURE"),
+                            orcpt="rfc822;a@example.test"),
+                  Recipient("b@other.test"), Recipient("c@remote.test"))
+    env = manager.queue.load(QTMSOUTQ, qid).evolve(ret="HDRS", envid="xyz")
+    rcpts = ["a@remote.test", "c@remote.test"]
+    task = json.loads(json.dumps({"id": qid, "queue": QTMSOUTQ, "domain": "remote.test",
+                                  "recipients": rcpts, "send": _sending(env, rcpts)}))
+    read = delivery.Deliverer._read(type("D", (), {"queue": manager.queue})(), task)
+    sent = delivery._sending(task)
+    assert [r.address for r in sent.recipients] == rcpts
+    assert sent.recipients[0].notify == ("SUCCESS", "FAILURE")
+    assert sent.recipients[0].orcpt == "rfc822;a@example.test"
+    assert (sent.originator, sent.ret, sent.envid) == ("jane@example.test", "HDRS", "xyz")
+    assert sent.recipients == read.recipients and sent.originator == read.originator
+    assert delivery._sending({"id": qid}) is None  # read from the envelope then
