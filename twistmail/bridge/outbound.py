@@ -397,6 +397,12 @@ class OutboundManager:
         """
         if self.held:
             return
+        # After a scan of a large backlog every message left waiting writes
+        # an 86: one journal write for all of them.
+        with self.journal.batch():
+            self._start_domains(domains, note_waiting)
+
+    def _start_domains(self, domains: Any, note_waiting: bool) -> None:
         for domain in list(domains):
             waiting = self.by_domain.get(domain)
             skipped: list[str] = []

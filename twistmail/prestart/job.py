@@ -50,6 +50,9 @@ class JobChannel(LineOnlyReceiver):
         """At once when the channel is idle: ACK and FREE then cost no extra turn."""
         write_now(self.transport, line + self.delimiter)
 
+    def sendLines(self, lines: list[bytes]) -> None:
+        write_now(self.transport, b"".join(line + self.delimiter for line in lines))
+
     def fileDescriptorReceived(self, descriptor: int) -> None:
         self.fds.append(descriptor)
 
@@ -109,13 +112,7 @@ class Job:
         if self.channel is not None:
             self.channel.sendLine(b"ACK " + token.encode("ascii"))
         d = self.deliverer.run(payload)
-
-        def report(result: bytes) -> None:
-            if self.channel is not None:
-                self.channel.sendLine(b"RESULT " + token.encode("ascii") + b" " + result)
-            self.done()
-
-        d.addCallback(report)
+        d.addCallback(lambda result: self.done(b"RESULT " + token.encode("ascii") + b" " + result))
 
     @staticmethod
     def _tls(inner: Factory, options: Any) -> Factory:
@@ -219,12 +216,17 @@ class Job:
             os.close(fd)
         return True
 
-    def done(self) -> None:
+    def done(self, result: bytes | None = None) -> None:
+        """A session or task is over: a task's RESULT line and FREE go in one write."""
         self.sessions -= 1
-        if self.ending and self.sessions <= 0:
+        lines = [] if result is None else [result]
+        last = self.ending and self.sessions <= 0
+        if not last:
+            lines.append(b"FREE")
+        if lines and self.channel is not None:
+            self.channel.sendLines(lines)
+        if last:
             self.stop()
-        elif self.channel is not None:
-            self.channel.sendLine(b"FREE")
 
     def end_requested(self) -> None:
         self.ending = True

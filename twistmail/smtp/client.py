@@ -46,6 +46,7 @@ a 50 MB message is never held in memory.  Every wait has the RFC 5321
 from __future__ import annotations
 
 import base64
+import io
 import os
 import re
 from collections import deque
@@ -613,9 +614,11 @@ class _BodyWriter:
     message.
     """
 
-    def __init__(self, session: _Session, path: Path, chunk_size: int, block: float) -> None:
+    def __init__(self, session: _Session, path: Path, chunk_size: int, block: float,
+                 body: bytes | None = None) -> None:
         self.session = session
         self.path = path
+        self.body = body
         self.chunk_size = chunk_size
         self.block = block
         self.stuffer = DotStuffer()
@@ -626,7 +629,7 @@ class _BodyWriter:
         self.file: Any = None
 
     def run(self) -> defer.Deferred[None]:
-        self.file = open(self.path, "rb")
+        self.file = io.BytesIO(self.body) if self.body is not None else open(self.path, "rb")
         self.session.body = self
         self._arm()
         self.session.transport.registerProducer(self, True)
@@ -767,17 +770,25 @@ class _Job:
     size: int
     body_8bit: bool
     presettled: tuple[RecipientResult | None, ...]  # refused before any connection
+    #: The whole body when it is one chunk or less: the file is read once,
+    #: for its size, its 8-bit scan and the DATA, instead of once for each.
+    body: bytes | None = None
 
     @classmethod
     def build(cls, envelope: Any, path: Path, size: int | None, body_8bit: bool | None) -> _Job:
         env = Envelope.from_any(envelope)
-        return cls(
-            env,
-            path,
-            size if size is not None else os.stat(path).st_size,
-            body_8bit if body_8bit is not None else is_8bit(path),
-            _presettle(env),
-        )
+        body = None
+        if size is None or body_8bit is None:
+            with open(path, "rb", buffering=0) as f:
+                actual = os.fstat(f.fileno()).st_size
+                if actual <= CHUNK_SIZE:
+                    body = f.readall()
+                    actual = len(body)
+            if size is None:
+                size = actual
+            if body_8bit is None:
+                body_8bit = not body.isascii() if body is not None else is_8bit(path)
+        return cls(env, path, size, body_8bit, _presettle(env), body)
 
 
 def _presettle(env: Envelope) -> tuple[RecipientResult | None, ...]:
@@ -1041,9 +1052,8 @@ class _Conversation(_Opening):
                 reply = Reply(451, (f"4.4.2 Unexpected reply to DATA: {reply}",))
             self._settle(accepted, reply)
             return
-        writer = _BodyWriter(
-            self.session, self.job.body_path, self.options.chunk_size, self.t.data_block
-        )
+        writer = _BodyWriter(self.session, self.job.body_path, self.options.chunk_size,
+                             self.t.data_block, self.job.body)
         await writer.run()
         self._settle(accepted, await self.session.read("end of data", self.t.data_end))
 
