@@ -23,7 +23,14 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="need
 
 
 class Pool:
-    """The client job pool's seam: the manager only sets its callbacks here."""
+    """The client job pool's seam: it records the tasks it is given."""
+
+    def __init__(self) -> None:
+        self.tasks: list[bytes] = []
+
+    def submit_task(self, line: bytes, destination: str) -> int:
+        self.tasks.append(line)
+        return len(self.tasks)
 
 
 @pytest.fixture
@@ -90,3 +97,23 @@ def test_a_task_carries_what_goes_on_mail_and_rcpt(manager):
     assert (sent.originator, sent.ret, sent.envid) == ("jane@example.test", "HDRS", "xyz")
     assert sent.recipients == read.recipients and sent.originator == read.originator
     assert delivery._sending({"id": qid}) is None  # read from the envelope then
+
+
+def test_a_one_destination_message_is_settled_from_the_envelope_it_started_with(
+        manager, monkeypatch):
+    """Its result needs no second read of the envelope file."""
+    qid = _queued(manager.queue, Recipient("rcpt@remote.test"))
+    env = manager.queue.load(QTMSOUTQ, qid)
+    manager.backlog[qid] = (env, {"remote.test": ["rcpt@remote.test"]})
+    manager._start(env, {"remote.test": ["rcpt@remote.test"]})
+    [line] = manager.pool.tasks
+    assert json.loads(line)["send"]["recipients"] == [["rcpt@remote.test", None, None]]
+
+    def no_read(*args):
+        raise AssertionError("the envelope was read again")
+
+    monkeypatch.setattr(manager.queue, "load", no_read)
+    known = manager.started.pop(qid)
+    manager._record(qid, {"results": [{"address": "rcpt@remote.test", "status": "delivered",
+                                       "code": 250, "text": "ok"}]}, True, known)
+    assert manager.queue.list(QTMSOUTQ) == []

@@ -124,6 +124,9 @@ class OutboundManager:
         pool.task_lost = self._lost
         self.tasks: dict[int, tuple[str, str]] = {}  # token -> (queue id, domain)
         self.open: dict[str, set[str]] = {}  # queue id -> domains still running
+        #: The envelope a one-destination message was started with: its result
+        #: is written from it, without reading the file again.
+        self.started: dict[str, Envelope] = {}
         self.per_domain: collections.Counter[str] = collections.Counter()
         self.full_noted: dict[str, set[str]] = {}  # queue id -> domains journaled full (86)
         self.recording: collections.Counter[str] = collections.Counter()  # outcomes being written
@@ -447,6 +450,8 @@ class OutboundManager:
         self.touched.add(qid)
         self.released.discard(qid)
         self.open[qid] = set(groups)
+        if len(groups) == 1:
+            self.started[qid] = env
         for domain, rcpts in groups.items():
             self.per_domain[domain] += 1
             line = json.dumps({"id": qid, "queue": QTMSOUTQ, "domain": domain,
@@ -489,7 +494,9 @@ class OutboundManager:
         its token is known here; that token is remembered and let go then.
         """
         if request.token in self.tasks:
-            self._forget(request.token)
+            qid, _ = self._forget(request.token)
+            if qid not in self.open:
+                self.started.pop(qid, None)
         elif request.token in self.etrn_tasks:
             self.etrn_tasks.discard(request.token)
             self._etrn_refused(json.loads(request.task)["nodes"])
@@ -550,10 +557,11 @@ class OutboundManager:
         except ValueError:
             result = {"results": []}
         last = qid not in self.open and not self.recording[qid]
+        known = self.started.pop(qid, None) if qid not in self.open else None
         self.recording[qid] += 1
         self.busy.add(qid)
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                      self._record, qid, result, last)
+                                      self._record, qid, result, last, known if last else None)
         d.addErrback(lambda f: self.log.failure("recording a delivery result failed", f))
 
         def recorded(_: Any) -> None:
@@ -570,17 +578,20 @@ class OutboundManager:
 
         d.addBoth(recorded)
 
-    def _record(self, qid: str, result: dict[str, Any], last: bool) -> None:
+    def _record(self, qid: str, result: dict[str, Any], last: bool,
+                known: Envelope | None = None) -> None:
         """Write one task's per-recipient outcomes into the envelope (and settle the last)."""
         with self._lock(qid):
-            env = self._with_outcomes(qid, result)
+            env = self._with_outcomes(qid, result, known)
             if last:
                 self._settle_locked(qid, env)
             else:
                 self.queue.update(QTMSOUTQ, env)
 
-    def _with_outcomes(self, qid: str, result: dict[str, Any]) -> Envelope:
-        env = self.queue.load(QTMSOUTQ, qid)
+    def _with_outcomes(self, qid: str, result: dict[str, Any],
+                       env: Envelope | None = None) -> Envelope:
+        if env is None:
+            env = self.queue.load(QTMSOUTQ, qid)
         outcome = {r["address"]: r for r in result.get("results", [])}
         now = time.time()
         recipients = []

@@ -13,7 +13,8 @@ Job to controller::
     ACK <token>                        (took the socket: the controller closes its copy)
     FREE                               (session over, waiting for work)
     AUTHFAIL <ip>                      (a sign-on failed; the controller counts per address)
-    RESULT <token> <json>              (a task's outcome, before FREE)
+    RESULT <token> <json>              (a task's outcome, in the same write as its FREE;
+                                        a task has no ACK: nothing waits for one)
 
 Every passed descriptor travels with the bytes of its FD line, written in the
 same reactor turn (TWISTED.md §1.4: a descriptor without a data byte makes
@@ -31,8 +32,12 @@ def fd_line(token: int, listener: str, family: int) -> bytes:
 
 
 def parse(line: bytes) -> tuple[str, list[str]]:
-    """Split a channel line into its verb and arguments."""
-    parts = line.decode("ascii", "replace").split()
+    """Split a channel line into its verb and (at most three) arguments.
+
+    The JSON of a TASK or RESULT line is left alone: its reader takes it
+    from the line, and decoding and splitting it here was wasted.
+    """
+    parts = [p.decode("ascii", "replace") for p in line.split(None, 4)[:4]]
     if not parts:
         return "", []
     return parts[0], parts[1:]

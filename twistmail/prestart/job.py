@@ -109,8 +109,6 @@ class Job:
     def run_task(self, token: str, payload: bytes) -> None:
         """An SMTP client job's work: deliver, report RESULT, then FREE."""
         self.sessions += 1
-        if self.channel is not None:
-            self.channel.sendLine(b"ACK " + token.encode("ascii"))
         d = self.deliverer.run(payload)
         d.addCallback(lambda result: self.done(b"RESULT " + token.encode("ascii") + b" " + result))
 

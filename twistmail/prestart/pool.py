@@ -298,10 +298,11 @@ class Pool:
         job.since = self.reactor.seconds()
         job.uses += 1
         job.peer = request.peer
-        job.pending[token] = request
-        if request.sock is None:
+        if request.sock is None:  # a task: its RESULT answers it, no ACK
             job.task = request
             job.last_destination = request.peer
+        else:
+            job.pending[token] = request
         try:
             job.chan.hand(token, request)
         except Exception as e:  # the channel is gone; the job's end cleans up
