@@ -463,6 +463,9 @@ class MXResolver:
             hosttable = SYSTEM_HOSTS
         self._hosts = _HostTableFile(Path(hosttable) if hosttable else None)
         self.resolver = resolver or self._make_resolver(nameservers)
+        #: Routes to a mail router or hub named by its address: they need no
+        #: DNS and never change, and a client job asks for one per message.
+        self._address_routes: dict[tuple[str, int, str], Route] = {}
 
     def _make_resolver(self, nameservers: Sequence[str] | None) -> client.Resolver:
         if nameservers:
@@ -531,10 +534,16 @@ class MXResolver:
             return await self._relay(*decision.fallback, via=VIA_MAILROUTER)
 
     async def _relay(self, host: str, port: int, via: str) -> Route:
+        known = self._address_routes.get((host, port, via))
+        if known is not None:
+            return known
         literal = address_literal(host) if host.startswith("[") else None
         if literal is not None or _is_ip(host):
             address = literal or str(ipaddress.ip_address(host))
-            return self._not_our_listener(Route(host, (Hop(address, address, port),), via))
+            route = self._not_our_listener(Route(host, (Hop(address, address, port),), via))
+            if len(self._address_routes) < 64:
+                self._address_routes[(host, port, via)] = route
+            return route
         name = normalise_domain(host)
         answer = await self._host_addresses(name)
         if not answer.addresses:
