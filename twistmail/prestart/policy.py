@@ -125,26 +125,40 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
     if view.boot_failures >= limits.boot_failure_limit:
         return Actions(fail=True, reject=len(view.waiting))
 
+    # The controller decides after nearly every event, over every job: one
+    # pass sorts them out, and the rarer rules look only at what they need.
     cap = math.inf if entry.maxjobs is None else entry.maxjobs
-    live = [j for j in view.jobs if j.state is not JobState.ENDING]
+    maxuse = entry.maxuse
+    live: list[JobView] = []
+    idle: list[JobView] = []  # idle and not used up
+    starting = 0
     ending: dict[int, str] = {}
+    for j in view.jobs:
+        state = j.state
+        if state is JobState.ENDING:
+            continue
+        live.append(j)
+        if state is JobState.IDLE:
+            if maxuse is not None and j.uses >= maxuse:
+                ending[j.id] = "maxuse"  # used-up jobs end as soon as they are idle
+            else:
+                idle.append(j)
+        elif state is JobState.STARTING:
+            starting += 1
+    used_up = len(ending)
 
-    # Used-up jobs end as soon as they are idle.
-    for j in live:
-        if j.state is JobState.IDLE and entry.maxuse is not None and j.uses >= entry.maxuse:
-            ending[j.id] = "maxuse"
+    def available() -> int:
+        # Idle or starting, not ending: every ending but MAXUSE's is an idle job.
+        return len(idle) + starting - (len(ending) - used_up) - len(view.waiting)
 
     # Above a lowered MAXJOBS: end idle jobs, most recently idle first.
-    idle = sorted(
-        (j for j in live if j.state is JobState.IDLE and j.id not in ending),
-        key=lambda j: -j.since,
-    )
     excess = len(live) - len(ending) - cap
-    for j in idle:
-        if excess <= 0:
-            break
-        ending[j.id] = "maxjobs"
-        excess -= 1
+    if excess > 0:
+        for j in sorted(idle, key=lambda j: -j.since):
+            if excess <= 0:
+                break
+            ending[j.id] = "maxjobs"
+            excess -= 1
 
     # Gradual trimming of idle surplus.
     trimmed = False
@@ -152,8 +166,7 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
     if now >= view.last_trim + limits.trim_interval:
         trimmed = True
         remaining = len(live) - len(ending)
-        available = _available(live, ending) - len(view.waiting)
-        surplus = min(remaining - entry.inljobs, available - entry.threshold)
+        surplus = min(remaining - entry.inljobs, available() - entry.threshold)
         if surplus > 0:
             quota = max(1, surplus // 2)
             old_idle = sorted(
@@ -177,8 +190,8 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
     remaining = len(live) - len(ending)
     room = max(0, cap - remaining)
     start = min(max(0, entry.inljobs - remaining), room)
-    available = _available(live, ending) - len(view.waiting)
-    while entry.adljobs and available + start < entry.threshold and start < room:
+    spare = available()
+    while entry.adljobs and spare + start < entry.threshold and start < room:
         start = min(start + entry.adljobs, room)
     start = int(start)
     if start and view.boot_failures:
@@ -202,10 +215,3 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
         wake_at=min(wake) if wake else None,
     )
 
-
-def _available(live: list[JobView], ending: dict[int, str]) -> int:
-    return sum(
-        1
-        for j in live
-        if j.id not in ending and j.state in (JobState.IDLE, JobState.STARTING)
-    )
