@@ -181,3 +181,25 @@ def test_a_task_goes_to_the_job_that_last_served_its_destination():
     p.submit_task(b"{}", "a.test")  # not the most recently freed job, but a.test's
     assert by_destination["a.test"].task is not None
     assert by_destination["b.test"].task is None
+
+
+def test_the_most_recently_freed_usable_job_takes_the_next_request():
+    clock = Clock()
+    p = started_pool(clock, inljobs=3)
+    p.task_done = lambda token, line: None
+    first, second, third = p.jobs.values()
+    for job in (first, second, third):
+        p._job_ready(job)
+        clock.advance(1)
+    assert p._pick_idle() is third  # the last to become idle
+    p.entry = attrs.evolve(p.entry, maxuse=5)
+    third.uses = 5  # used up: it ends, it takes nothing more
+    assert p._pick_idle() is second
+    p._job_ended(second, Failure(ProcessTerminated(0, None, None)))
+    assert p._pick_idle() is first
+    token = p.submit_task(b"{}", "a.test")
+    assert first.task is not None and first.task.token == token
+    assert p._pick_idle() is None  # first is busy, second gone, third used up
+    first.chan.lineReceived(b"RESULT %d {}" % token)
+    first.chan.lineReceived(b"FREE")
+    assert p._pick_idle() is first

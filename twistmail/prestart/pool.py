@@ -191,6 +191,9 @@ class Pool:
         self._timer: Any = None
         self._evaluating = False
         self._evaluation_due = False
+        #: Jobs in the order they became idle, the most recent last.  Entries
+        #: of jobs that are no longer idle are dropped when met.
+        self._idle: dict[int, Job] = {}
 
     # -- control -------------------------------------------------------
 
@@ -284,16 +287,36 @@ class Pool:
         """The most recently freed job: it is warm, and the others stay idle
         long enough to be trimmed.  For a task, a job whose last task went to
         the same destination comes first: it may still hold the connection.
+
+        Asked for every connection: the jobs are looked at from the most
+        recently freed on, and the first usable one is nearly always it.
         """
         maxuse = self.entry.maxuse
-        idle = [j for j in self.jobs.values()
-                if j.state is JobState.IDLE and (maxuse is None or j.uses < maxuse)]
-        if destination is not None:
-            idle = [j for j in idle if j.last_destination == destination] or idle
-        return max(idle, key=lambda j: j.since, default=None)
+        found = fallback = None
+        stale = []
+        for job in reversed(self._idle.values()):
+            if job.state is not JobState.IDLE or self.jobs.get(job.id) is not job:
+                stale.append(job.id)
+            elif maxuse is not None and job.uses >= maxuse:
+                continue
+            elif destination is None or job.last_destination == destination:
+                found = job
+                break
+            elif fallback is None:
+                fallback = job
+        for job_id in stale:
+            del self._idle[job_id]
+        return found or fallback
+
+    def _now_idle(self, job: Job) -> None:
+        job.state = JobState.IDLE
+        job.since = self.reactor.seconds()
+        self._idle.pop(job.id, None)
+        self._idle[job.id] = job
 
     def _hand(self, job: Job, request: Request) -> None:
         token = request.token
+        self._idle.pop(job.id, None)
         job.state = JobState.BUSY
         job.since = self.reactor.seconds()
         job.uses += 1
@@ -378,8 +401,7 @@ class Pool:
     def _job_ready(self, job: Job) -> None:
         _cancel(job)
         job.ready = True
-        job.state = JobState.IDLE
-        job.since = self.reactor.seconds()
+        self._now_idle(job)
         self.boot_failures = 0
         if job.end_reason is not None:
             job.state = JobState.ENDING
@@ -398,8 +420,7 @@ class Pool:
             job.peer = None
         if job.state is JobState.ENDING:
             return
-        job.state = JobState.IDLE
-        job.since = self.reactor.seconds()
+        self._now_idle(job)
         self._dispatch()
         self.evaluate()
 
@@ -436,6 +457,7 @@ class Pool:
     def _job_ended(self, job: Job, reason: Any) -> None:
         _cancel(job)
         self.jobs.pop(job.id, None)
+        self._idle.pop(job.id, None)
         if job.peer is not None:  # it died or ended during a session
             self.session_ended(job.peer)
             job.peer = None
