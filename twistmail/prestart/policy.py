@@ -214,4 +214,3 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
         trimmed=trimmed,
         wake_at=min(wake) if wake else None,
     )
-
