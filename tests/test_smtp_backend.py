@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from twistmail import config as configmod
-from twistmail.directory import SqliteDirectory
+from twistmail.directory import ListEntry, SqliteDirectory
 from twistmail.queue import FileQueue
 from twistmail.smtp import backend as backendmod
 from twistmail.smtp.address import Address
@@ -29,7 +29,9 @@ class KnownRecipientTests(unittest.TestCase):
         root = Path(tempfile.mkdtemp(prefix="twistmail-test-"))
         self.addCleanup(shutil.rmtree, root, True)
         config = root / "twistmail.toml"
-        config.write_text(render_toml(base_sections(root / "var")))
+        sections = base_sections(root / "var")
+        sections["smtp"] = {"alwrly": "*LIST"}  # relay for the *ACCEPT list only
+        config.write_text(render_toml(sections))
         settings = configmod.load(config)
         self.directory = SqliteDirectory.from_settings(settings)
         self.directory.create_profile("SAM", "secret")
@@ -60,3 +62,24 @@ class KnownRecipientTests(unittest.TestCase):
             self.assertEqual((await verdict).code, 550)
         self.directory.create_profile("JOE", "secret")
         self.assertEqual((await self.check("joe")).code, 250)  # enrolled: accepted at once
+
+    async def test_a_relay_recipient_is_remembered_for_its_client_only(self) -> None:
+        self.patch(backendmod, "KNOWN_FOR", 0.2)
+        self.directory.add_list_entry(ListEntry("*ACCEPT", intnetadr="192.0.2.7",
+                                                subnetmask="255.255.255.255"))
+        joe = Address("joe", "remote.test")
+        first = self.backend.check_recipient(joe, "192.0.2.7", None)
+        self.assertIsInstance(first, Deferred)
+        verdict = await first
+        self.assertEqual((verdict.code, verdict.local), (250, False))
+        self.directory.remove_list_entry("*ACCEPT", intnetadr="192.0.2.7")
+        again = self.backend.check_recipient(joe, "192.0.2.7", None)
+        self.assertNotIsInstance(again, Deferred)  # the same client: answered at once
+        self.assertEqual((again.code, again.local), (250, False))
+        other = self.backend.check_recipient(joe, "192.0.2.8", None)
+        self.assertIsInstance(other, Deferred)  # another client is judged on its own
+        self.assertEqual((await other).code, 550)
+        await deferLater(reactor, 0.3, lambda: None)
+        later = self.backend.check_recipient(joe, "192.0.2.7", None)
+        self.assertIsInstance(later, Deferred)  # asked again: no longer on the list
+        self.assertEqual((await later).code, 550)

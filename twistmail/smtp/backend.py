@@ -24,8 +24,8 @@ from twistmail.smtp.address import Address
 from twistmail.smtp.server import Backend, Received, Verdict
 
 STORAGE_CHECK_EVERY = 1.0  # seconds
-#: How long a local recipient, once found in the directory, is accepted
-#: without asking it again, and how many are remembered.
+#: How long a recipient, once accepted, is accepted again without asking the
+#: directory, and how many such verdicts are remembered.
 KNOWN_FOR = 1.0  # seconds
 KNOWN_MAX = 1024
 
@@ -57,8 +57,9 @@ class QueueBackend(Backend):
         self.journal = journal
         self._storage_checked = 0.0
         self._storage_full = False
-        #: Local recipients found lately, with when that stops counting.
-        self._known: dict[str, float] = {}
+        #: Recipients accepted lately, with the verdict and when it stops
+        #: counting: by address when local, by address and client when relayed.
+        self._known: dict[Any, tuple[float, Verdict]] = {}
 
     def storage_full(self) -> bool:
         now = time.monotonic()
@@ -68,33 +69,38 @@ class QueueBackend(Backend):
         return self._storage_full
 
     def check_recipient(self, address: Address, client_ip: str, user: str | None) -> Any:
-        """The verdict on a RCPT; a local recipient seen in the last second is known.
+        """The verdict on a RCPT; a recipient accepted in the last second is known.
 
         Asking the directory means a trip to a thread, which costs a job as
         much CPU as the rest of the RCPT.  A recipient found local a moment
         ago is accepted again without asking: the bridge resolves every
         recipient again when it delivers, so a profile deleted meanwhile
         gets a nondelivery notice instead of a 550, for that second only.
-        Refusals and relay verdicts (which depend on the client) are never
-        remembered.
+        A relay recipient is accepted again for the same client (address
+        and signed-on user) only, since ALWRLY judges the client: an
+        *ACCEPT entry removed meanwhile stops relaying a second later at
+        most.  Refusals are never remembered.
         """
         if not address.domain:  # <postmaster>, which RFC 5321 says must be accepted
             address = Address("postmaster", self.local_domains[0])
         key = str(address)
         now = self.reactor.seconds()
-        if self._known.get(key, 0.0) > now:
-            return _LOCAL_OK
+        for known in (self._known.get(key), self._known.get((key, client_ip, user))):
+            if known is not None and known[0] > now:
+                return known[1]
         d = threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), self._verdict, address, client_ip, user
         )
-        d.addCallback(self._remember, key)
+        d.addCallback(self._remember, key, client_ip, user)
         return d
 
-    def _remember(self, verdict: Verdict, key: str) -> Verdict:
-        if verdict is _LOCAL_OK:
+    def _remember(self, verdict: Verdict, key: str, client_ip: str,
+                  user: str | None) -> Verdict:
+        if verdict.code == 250 and (verdict is _LOCAL_OK or not verdict.local):
             if len(self._known) >= KNOWN_MAX:
                 self._known.clear()
-            self._known[key] = self.reactor.seconds() + KNOWN_FOR
+            until = self.reactor.seconds() + KNOWN_FOR
+            self._known[key if verdict.local else (key, client_ip, user)] = (until, verdict)
         return verdict
 
     def _verdict(self, address: Address, client_ip: str, user: str | None) -> Verdict:
