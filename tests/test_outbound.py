@@ -117,3 +117,27 @@ def test_a_one_destination_message_is_settled_from_the_envelope_it_started_with(
     manager._record(qid, {"results": [{"address": "rcpt@remote.test", "status": "delivered",
                                        "code": 250, "text": "ok"}]}, True, known)
     assert manager.queue.list(QTMSOUTQ) == []
+
+
+def test_arrivals_ask_for_a_scan_only_when_few_messages_wait(manager):
+    """A scan reads every envelope in QTMSOUTQ: with plenty waiting for a
+    connection, a new message waits for the refill instead of asking for one."""
+    from twisted.internet import inotify
+    from twisted.python.filepath import FilePath
+
+    from twistmail.bridge import outbound
+
+    manager._arrival = inotify.IN_MOVED_TO
+    arrived = FilePath(str(manager.queue.queue_dir(QTMSOUTQ))).child("x.msg")
+    manager._changed(None, arrived, inotify.IN_MOVED_TO)
+    assert manager._kick is not None and manager._kick.active()  # few wait: scan soon
+    manager._kick.cancel()
+    qid = _queued(manager.queue, Recipient("rcpt@remote.test"))
+    env = manager.queue.load(QTMSOUTQ, qid)
+    manager.backlog = {f"{i}": (env, {"remote.test": ["rcpt@remote.test"]})
+                       for i in range(outbound.REFILL_AT)}
+    manager._changed(None, arrived, inotify.IN_MOVED_TO)
+    assert not manager._kick.active() and manager.refill  # plenty wait: no scan
+    manager.backlog.popitem()
+    manager._start_ready(())  # a connection took one: now few are left
+    assert manager._kick.active() and not manager.refill

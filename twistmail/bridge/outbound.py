@@ -28,7 +28,9 @@ file), and an ETRN from a *ETRNSVR host sends that node's mail at once.
 QTMSOUTQ is scanned every second, and within ``KICK_DELAY`` of a change
 inotify reports: a message renamed into it, the queue released (the hold
 flag removed), a transfer or an ETRN flush asked for.  A lost event only
-delays a message to the next scan.
+delays a message to the next scan.  While ``REFILL_AT`` or more messages
+already wait for a connection, a new message asks for no scan of its own:
+the scan comes when the waiting ones run low, or at the next second.
 
 The bridge alone moves messages between these queues, one message at a
 time, in worker threads.  Settings honoured: ``[smtp] rtymin rtyday
@@ -56,6 +58,9 @@ from twistmail.queue import DELIVERED, FAILED, PENDING, Envelope
 
 SCAN_EVERY = 1.0  # seconds
 KICK_DELAY = 0.05  # seconds from a change inotify reports to the scan it asks for
+#: Messages waiting for a connection below which a new arrival is scanned for
+#: at once; above it, arrivals wait for the refill (each scan reads the queue).
+REFILL_AT = 64
 CONNECTIONS_PER_DOMAIN = 4
 HOLD_FLAG = "QSMTPQ.held"
 TRANSFER_REQUEST = "QSMTPQ.transfer"
@@ -152,6 +157,8 @@ class OutboundManager:
         #: Envelopes the scans have read, by path, with the file identity they had.
         self._seen: dict[str, tuple[tuple[int, ...], Envelope]] = {}
         self._kick: Any = None  # the scan a change asked for, pending
+        self.refill = False  # messages arrived while enough waited: scan when few are left
+        self._arrival = 0  # inotify's mask for a message renamed into QTMSOUTQ
         self.scan_again = False  # a change arrived while a scan ran
         self.notifier: Any = None
 
@@ -183,6 +190,7 @@ class OutboundManager:
         notifier = inotify.INotify(self.reactor)
         notifier.startReading()
         root = self.queue.root
+        self._arrival = inotify.IN_MOVED_TO
         notifier.watch(FilePath(str(self.queue.queue_dir(QTMSOUTQ))), mask=inotify.IN_MOVED_TO,
                        callbacks=[self._changed])
         notifier.watch(FilePath(str(root)), callbacks=[self._changed],
@@ -192,12 +200,18 @@ class OutboundManager:
                        callbacks=[self._changed])
         self.notifier = notifier
 
-    def _changed(self, _watch: Any, path: Any, _mask: int) -> None:
+    def _changed(self, _watch: Any, path: Any, mask: int) -> None:
         name = path.basename()
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
         if path.dirname() == str(self.queue.root) and name not in (HOLD_FLAG, TRANSFER_REQUEST):
             return  # a queue directory or a state file: not ours to act on
+        if mask & self._arrival and len(self.backlog) >= REFILL_AT:
+            # A scan reads every envelope in the queue: one per arriving
+            # message kept the bridge scanning without a pause under load,
+            # while the connections had work waiting anyway.
+            self.refill = True
+            return
         self.kick()
 
     def kick(self) -> None:
@@ -404,6 +418,9 @@ class OutboundManager:
         # an 86: one journal write for all of them.
         with self.journal.batch():
             self._start_domains(domains, note_waiting)
+        if self.refill and len(self.backlog) < REFILL_AT:
+            self.refill = False
+            self.kick()
 
     def _start_domains(self, domains: Any, note_waiting: bool) -> None:
         for domain in list(domains):
