@@ -574,11 +574,11 @@ class OutboundManager:
         except ValueError:
             result = {"results": []}
         last = qid not in self.open and not self.recording[qid]
-        known = self.started.pop(qid, None) if qid not in self.open else None
+        known = self.started.pop(qid, None) if last else None  # one task: always its last
         self.recording[qid] += 1
         self.busy.add(qid)
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                      self._record, qid, result, last, known if last else None)
+                                      self._record, qid, result, last, known)
         d.addErrback(lambda f: self.log.failure("recording a delivery result failed", f))
 
         def recorded(_: Any) -> None:
