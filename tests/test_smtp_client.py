@@ -726,6 +726,18 @@ class ClientTests(unittest.TestCase):
         groups = [n for verb, n in sink.batches if verb in ("RSET", "MAIL", "RCPT", "DATA")]
         self.assertEqual(len(set(groups)), 3)
 
+    async def test_a_refusing_greeting_moves_to_the_next_hop_with_a_cache_too(self) -> None:
+        """Client jobs always keep connections: a hop that never opened a
+        session was a local error there, and the next hop was not tried."""
+        cache = SessionCache(reactor, idle=5.0)
+        self.addCleanup(cache.close_all)
+        for greeting in ("421 4.3.2 too busy", "554 5.3.2 no service"):
+            refusing, good = self.sink(greeting=greeting), self.sink()
+            result = await self.send([refusing.hop(), good.hop()], cache=cache)
+            self.assertEqual(result.recipients[0].status, DELIVERED)
+            self.assertIn(greeting[:3], result.attempts[0].error)
+            self.assertEqual(len(good.messages), 1)
+
     async def test_a_kept_connection_whose_rset_fails_is_replaced_without_a_try(self) -> None:
         sink = self.sink()
         cache, session = await self.kept_session(sink)

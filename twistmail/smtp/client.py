@@ -923,6 +923,9 @@ class _Conversation(_Opening):
         self.dsn = False
         self.rset = False  # a kept session: RSET goes first, and must succeed
         self.clean = True  # the session is in step with the server for another message
+        #: The extensions of a session left open for the next message (``run``, ``keep``);
+        #: None also when the session never opened.
+        self.ext: Extensions | None = None
 
     async def run(self, ext: Extensions | None = None, keep: bool = False,
                   rset: bool = False) -> _Outcome:
@@ -943,7 +946,6 @@ class _Conversation(_Opening):
                 return _Outcome(error=str(e), tls=self.session.tls)
             except SessionError as e:
                 return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls)
-        self.ext: Extensions | None = None
         try:
             await self._transaction(ext)
         except SessionError as e:
