@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import smtplib
+import threading
 import time
 
 import pytest
@@ -243,6 +244,52 @@ def test_one_message_to_several_domains(make_appliance, sink):
     [notice] = a.wait_mailbox("SAM", 1, timeout=30)
     assert b"Final-Recipient: rfc822; bad@third.test" in notice.read_bytes()
     a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 10, "the message settled")
+
+
+class FirstRefused(Sink):
+    """A sink that greets its first ``refuse`` connections with 421 and closes them."""
+
+    def __init__(self, refuse: int) -> None:
+        self.refuse = refuse
+        self.lock = threading.Lock()
+        super().__init__()
+
+    def session(self, sock) -> None:
+        with self.lock:
+            self.refuse -= 1
+            refused = self.refuse >= 0
+        if refused:
+            sock.sendall(b"421 4.3.2 not now\r\n")
+            return
+        super().session(sock)
+
+
+def test_mail_waiting_for_one_destination_shares_tasks(make_appliance):
+    """Twelve messages for four connections: four tasks of three.  The
+    destination failing the first message of a task, the others wait
+    without being tried, and all go at the next try."""
+    import json
+
+    sink = FirstRefused(4)
+    try:
+        a = outbound(make_appliance, sink)
+        assert a.cli("hlddstq", "--dstq", "QSMTPQ")[0] == 0
+        with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+            for i in range(12):
+                s.sendmail("sam@example.test", [f"r{i}@remote.test"],
+                           b"Subject: out\r\n\r\nhi\r\n")
+        assert a.cli("rlsdstq", "--dstq", "QSMTPQ")[0] == 0
+        a.wait_for(lambda: len(sink.messages) == 12, 30, "every message at the next try")
+        failed = a.journal("8C")
+        assert len(failed) == 12 and sink.connections >= 4
+        assert sum("not tried" in str(e["errors"]) for e in failed) == 8
+        rc, out, err = a.cli("dspactpj", "--pgm", "QTMSCCLCP", "--json")
+        assert rc == 0, err
+        assert json.loads(out)["accepted"] < 24  # fewer tasks than messages
+        a.wait_for(lambda: not a.queue_files("QTMSOUTQ") and not a.queue_files("QTMSRTQ1"),
+                   10)
+    finally:
+        sink.stop()
 
 
 def test_dspactpj_reset_reaches_the_client_pool(make_appliance, sink):

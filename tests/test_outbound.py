@@ -3,6 +3,7 @@ QTMSOUTQ lets go of a message whose last delivery task has answered."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -12,9 +13,10 @@ from fsyncs import record_fsyncs
 from twisted.internet.task import Clock
 
 from twistmail import config as configmod
+from twistmail.bridge import outbound
 from twistmail.bridge.outbound import OutboundManager, _sending
 from twistmail.directory import SqliteDirectory
-from twistmail.interfaces import QTMSOUTQ
+from twistmail.interfaces import QTMSOUTQ, QTMSRTQ1
 from twistmail.journal import Journal
 from twistmail.queue import Envelope, FileQueue, Recipient
 from twistmail.smtp import delivery
@@ -87,36 +89,120 @@ def test_a_task_carries_what_goes_on_mail_and_rcpt(manager):
                   Recipient("b@other.test"), Recipient("c@remote.test"))
     env = manager.queue.load(QTMSOUTQ, qid).evolve(ret="HDRS", envid="xyz")
     rcpts = ["a@remote.test", "c@remote.test"]
-    task = json.loads(json.dumps({"id": qid, "queue": QTMSOUTQ, "domain": "remote.test",
-                                  "recipients": rcpts, "send": _sending(env, rcpts)}))
-    read = delivery.Deliverer._read(type("D", (), {"queue": manager.queue})(), task)
-    sent = delivery._sending(task)
+    message = json.loads(json.dumps({"id": qid, "recipients": rcpts,
+                                     "send": _sending(env, rcpts)}))
+    sent = delivery._sending(message)
     assert [r.address for r in sent.recipients] == rcpts
     assert sent.recipients[0].notify == ("SUCCESS", "FAILURE")
     assert sent.recipients[0].orcpt == "rfc822;a@example.test"
+    assert sent.recipients[1].notify is None and sent.recipients[1].orcpt is None
     assert (sent.originator, sent.ret, sent.envid) == ("jane@example.test", "HDRS", "xyz")
-    assert sent.recipients == read.recipients and sent.originator == read.originator
-    assert delivery._sending({"id": qid}) is None  # read from the envelope then
+
+
+def _waiting(manager: OutboundManager, *domains: str) -> list[str]:
+    """Messages as a scan leaves them waiting, each for its domains."""
+    qids = []
+    for spec in domains:
+        rcpts = [Recipient(f"rcpt@{d}") for d in spec.split(",")]
+        qid = _queued(manager.queue, *rcpts)
+        env = manager.queue.load(QTMSOUTQ, qid)
+        manager.backlog[qid] = (env, {d: [f"rcpt@{d}"] for d in spec.split(",")})
+        manager.by_domain.setdefault(spec.split(",")[0], collections.deque()).append(qid)
+        qids.append(qid)
+    return qids
+
+
+def _task_ids(line: bytes) -> list[str]:
+    return [m["id"] for m in json.loads(line)["messages"]]
+
+
+def test_a_task_carries_one_message_while_connections_are_free(manager):
+    qids = _waiting(manager, *["remote.test"] * outbound.CONNECTIONS_PER_DOMAIN)
+    manager._start_ready(["remote.test"])
+    assert [_task_ids(t) for t in manager.pool.tasks] == [[q] for q in qids]
+
+
+def test_waiting_messages_share_the_free_connections_in_order(manager):
+    """Ten waiting for four connections: tasks of three, three, two and two."""
+    qids = _waiting(manager, *["remote.test"] * 10)
+    manager._start_ready(["remote.test"])
+    assert [_task_ids(t) for t in manager.pool.tasks] == [
+        qids[0:3], qids[3:6], qids[6:8], qids[8:10]]
+    assert manager.per_domain["remote.test"] == outbound.CONNECTIONS_PER_DOMAIN
+    assert not manager.backlog
+
+
+def test_a_task_carries_at_most_a_batch(manager):
+    many = outbound.CONNECTIONS_PER_DOMAIN * outbound.BATCH + 5
+    qids = _waiting(manager, *["remote.test"] * many)
+    manager._start_ready(["remote.test"])
+    assert [len(_task_ids(t)) for t in manager.pool.tasks] == \
+        [outbound.BATCH] * outbound.CONNECTIONS_PER_DOMAIN
+    assert list(manager.backlog) == qids[-5:]  # they wait for a connection (86)
+
+
+def test_a_message_for_two_destinations_goes_alone(manager):
+    """A batch stops before it; it then takes a connection of each destination."""
+    a, two, c, d, e, f = _waiting(manager, "remote.test", "remote.test,other.test",
+                                  *["remote.test"] * 4)
+    manager._start_ready(["remote.test"])
+    tasks = [(json.loads(t)["domain"], _task_ids(t)) for t in manager.pool.tasks]
+    assert tasks == [("remote.test", [a]), ("remote.test", [two]), ("other.test", [two]),
+                     ("remote.test", [c, d]), ("remote.test", [e, f])]
+
+
+def test_each_message_of_a_task_is_settled_by_its_own_outcome(manager):
+    qids = _waiting(manager, *["remote.test"] * 10)
+    manager._start_ready(["remote.test"])
+    token = 1
+    first = _task_ids(manager.pool.tasks[0])
+    assert len(first) == 3
+    outcome = {"domain": "remote.test", "messages": [
+        {"id": first[0], "results": [{"address": "rcpt@remote.test", "status": "delivered",
+                                      "code": 250, "text": "ok"}]},
+        {"id": first[1], "results": [{"address": "rcpt@remote.test", "status": "temporary",
+                                      "code": 451, "text": "later"}]},
+    ]}  # the third has no outcome: it is tried again
+    manager.reactor = _Inline()
+    manager._result(token, json.dumps(outcome).encode())
+    assert first[0] not in manager.queue.list(QTMSOUTQ)
+    assert set(manager.queue.list(QTMSRTQ1)) == {first[1], first[2]}
+    assert manager.queue.load(QTMSRTQ1, first[2]).attempts == 1
+    assert not (set(first) & (manager.open.keys() | manager.busy | manager.started.keys()))
+    assert set(qids[3:]) & set(manager.open)  # the freed connection took the next ones
 
 
 def test_a_one_destination_message_is_settled_from_the_envelope_it_started_with(
         manager, monkeypatch):
     """Its result needs no second read of the envelope file."""
-    qid = _queued(manager.queue, Recipient("rcpt@remote.test"))
-    env = manager.queue.load(QTMSOUTQ, qid)
-    manager.backlog[qid] = (env, {"remote.test": ["rcpt@remote.test"]})
-    manager._start(env, {"remote.test": ["rcpt@remote.test"]})
+    [qid] = _waiting(manager, "remote.test")
+    manager._start_ready(["remote.test"])
     [line] = manager.pool.tasks
-    assert json.loads(line)["send"]["recipients"] == [["rcpt@remote.test", None, None]]
+    assert json.loads(line)["messages"][0]["send"]["recipients"] == \
+        [["rcpt@remote.test", None, None]]
 
     def no_read(*args):
         raise AssertionError("the envelope was read again")
 
     monkeypatch.setattr(manager.queue, "load", no_read)
-    known = manager.started.pop(qid)
-    manager._record(qid, {"results": [{"address": "rcpt@remote.test", "status": "delivered",
-                                       "code": 250, "text": "ok"}]}, True, known)
-    assert manager.queue.list(QTMSOUTQ) == []
+    manager.reactor = _Inline()
+    manager._result(1, json.dumps({"messages": [{"id": qid, "results": [
+        {"address": "rcpt@remote.test", "status": "delivered", "code": 250, "text": "ok"}]}]}
+    ).encode())
+    assert manager.queue.list(QTMSOUTQ) == [] and not manager.busy
+
+
+class _Inline(Clock):
+    """A reactor whose thread pool runs work at once, in the reactor's thread."""
+
+    def getThreadPool(self):
+        return self
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        on_result(True, f(*args, **kwargs))
 
 
 def test_arrivals_ask_for_a_scan_only_when_few_messages_wait(manager):
@@ -124,8 +210,6 @@ def test_arrivals_ask_for_a_scan_only_when_few_messages_wait(manager):
     connection, a new message waits for the refill instead of asking for one."""
     from twisted.internet import inotify
     from twisted.python.filepath import FilePath
-
-    from twistmail.bridge import outbound
 
     manager._arrival = inotify.IN_MOVED_TO
     arrived = FilePath(str(manager.queue.queue_dir(QTMSOUTQ))).child("x.msg")

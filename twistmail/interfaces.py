@@ -39,8 +39,9 @@ class IQueue(Interface):
     def load(queue, queue_id):
         """The envelope of a message in ``queue``; raises KeyError if absent."""
 
-    def body_path(queue_id):
-        """Filesystem path of the message's immutable body."""
+    def body_path(queue_id, queue=None):
+        """Filesystem path of the message's immutable body; ``queue``, where the
+        caller last saw the message, is where it is looked for first."""
 
     def list(queue):
         """Queue ids in ``queue``, oldest first."""

@@ -1,10 +1,14 @@
 """The bridge's outbound side: QTMSOUTQ, the retry queues and the client jobs.
 
 Messages on QTMSOUTQ are split by destination domain; each (message,
-domain) becomes a task for a QTMSCCLCP client job from the bridge's own
-prestart pool.  At most ``CONNECTIONS_PER_DOMAIN`` tasks run per domain
-(the "connection matrix"); a message whose domain is full waits on QTMSOUTQ
-(86).  When every task of a message has answered, the bridge settles it:
+domain) goes to a QTMSCCLCP client job from the bridge's own prestart pool
+in a task.  At most ``CONNECTIONS_PER_DOMAIN`` tasks run per domain (the
+"connection matrix"); a message whose domain is full waits on QTMSOUTQ (86).
+While messages wait for a domain, a task carries up to ``BATCH`` of them
+(one destination each), sent one after the other on one connection, so the
+cost of handing a task to a job and of its answer is shared; with few
+waiting, a task carries one.  When every task of a message has answered,
+the bridge settles it:
 
 * delivered recipients are done (the job journaled 88/82);
 * permanently failed ones get one nondelivery notice (83, then 87 and the
@@ -50,6 +54,7 @@ from typing import Any
 import attrs
 from twisted.internet import task, threads
 from twisted.logger import Logger
+from twisted.python import failure
 
 from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.bridge.schedule import TransferSchedule
@@ -62,6 +67,10 @@ KICK_DELAY = 0.05  # seconds from a change inotify reports to the scan it asks f
 #: at once; above it, arrivals wait for the refill (each scan reads the queue).
 REFILL_AT = 64
 CONNECTIONS_PER_DOMAIN = 4
+#: Most messages one task carries.  A client job killed in the middle of a
+#: task leaves all of them to be tried again, so the ones it had already
+#: delivered are sent twice: the batch stays small.
+BATCH = 8
 HOLD_FLAG = "QSMTPQ.held"
 TRANSFER_REQUEST = "QSMTPQ.transfer"
 TRANSFER_STATE = "QSMTPQ.lastxfr"  # when the last MAILXFRINT transfer was
@@ -127,7 +136,7 @@ class OutboundManager:
         pool.task_done = self._result
         pool.task_refused = self._refused
         pool.task_lost = self._lost
-        self.tasks: dict[int, tuple[str, str]] = {}  # token -> (queue id, domain)
+        self.tasks: dict[int, tuple[str, list[str]]] = {}  # token -> (domain, queue ids)
         self.open: dict[str, set[str]] = {}  # queue id -> domains still running
         #: The envelope a one-destination message was started with: its result
         #: is written from it, without reading the file again.
@@ -427,18 +436,17 @@ class OutboundManager:
             waiting = self.by_domain.get(domain)
             skipped: list[str] = []
             while waiting and self.per_domain[domain] < CONNECTIONS_PER_DOMAIN:
-                qid = waiting.popleft()
-                pending = self.backlog.get(qid)
+                pending = self._next_waiting(waiting)
                 if pending is None:
-                    continue  # started by another destination, or gone
+                    continue
                 env, groups = pending
-                if qid in self.open or qid in self.busy:
-                    del self.backlog[qid]
+                if len(groups) == 1:
+                    self._start_batch(domain, env, waiting)
                     continue
                 full = [d for d in groups if self.per_domain[d] >= CONNECTIONS_PER_DOMAIN]
                 if full:
-                    self._note_full(qid, full)
-                    skipped.append(qid)  # it waits for its other destination
+                    self._note_full(env.id, full)
+                    skipped.append(env.id)  # it waits for its other destination
                     continue
                 self._start(env, groups)
             if waiting and note_waiting:
@@ -449,6 +457,40 @@ class OutboundManager:
                 waiting.extendleft(reversed(skipped))
             if not waiting:
                 self.by_domain.pop(domain, None)
+
+    def _next_waiting(self, waiting: collections.deque[str]) -> Any:
+        """The next backlog entry of a destination's queue, or None if it is stale."""
+        qid = waiting.popleft()
+        pending = self.backlog.get(qid)
+        if pending is None:
+            return None  # started by another destination, or gone
+        if qid in self.open or qid in self.busy:
+            del self.backlog[qid]
+            return None
+        return pending
+
+    def _start_batch(self, domain: str, env: Envelope, waiting: collections.deque[str]) -> None:
+        """Start ``env`` with the next one-destination messages waiting for ``domain``.
+
+        The waiting messages are spread over the free connections, so a
+        short backlog still uses them all: a task carries more than one
+        message only when more wait than connections are free.
+        """
+        free = CONNECTIONS_PER_DOMAIN - self.per_domain[domain]
+        size = min(BATCH, -(-(len(waiting) + 1) // free))
+        batch = [env]
+        while len(batch) < size and waiting:
+            pending = self._next_waiting(waiting)
+            if pending is None:
+                continue
+            if len(pending[1]) > 1:  # it goes alone, when all its destinations are free
+                waiting.appendleft(pending[0].id)
+                break
+            batch.append(pending[0])
+        for e in batch:
+            self._open(e, (domain,))
+            self.started[e.id] = e
+        self._submit(domain, [(e, self.backlog.pop(e.id)[1][domain]) for e in batch])
 
     def _note_full(self, qid: str, domains: list[str]) -> None:
         """Journal 86 once per message and destination while it waits for a connection."""
@@ -462,22 +504,29 @@ class OutboundManager:
             self.released.add(qid)  # it goes as soon as a slot is free
 
     def _start(self, env: Envelope, groups: dict[str, list[str]]) -> None:
+        """A message with several destinations: one task for each, all at once."""
+        del self.backlog[env.id]
+        self._open(env, groups)
+        for domain, rcpts in groups.items():
+            self._submit(domain, [(env, rcpts)])
+
+    def _open(self, env: Envelope, domains: Any) -> None:
         qid = env.id
-        del self.backlog[qid]
         self.touched.add(qid)
         self.released.discard(qid)
-        self.open[qid] = set(groups)
-        if len(groups) == 1:
-            self.started[qid] = env
-        for domain, rcpts in groups.items():
-            self.per_domain[domain] += 1
-            line = json.dumps({"id": qid, "queue": QTMSOUTQ, "domain": domain,
-                               "recipients": rcpts, "send": _sending(env, rcpts)}).encode()
-            token = self.pool.submit_task(line, domain)
-            self.tasks[token] = (qid, domain)
-            if token in self.refused_early:
-                self.refused_early.discard(token)
-                self._forget(token)
+        self.open[qid] = set(domains)
+
+    def _submit(self, domain: str, messages: list[tuple[Envelope, list[str]]]) -> None:
+        """One task: ``messages`` (with their recipients in ``domain``) on one connection."""
+        self.per_domain[domain] += 1
+        line = json.dumps({"queue": QTMSOUTQ, "domain": domain, "messages": [
+            {"id": env.id, "recipients": rcpts, "send": _sending(env, rcpts)}
+            for env, rcpts in messages]}).encode()
+        token = self.pool.submit_task(line, domain)
+        self.tasks[token] = (domain, [env.id for env, _ in messages])
+        if token in self.refused_early:
+            self.refused_early.discard(token)
+            self._not_run(token)
 
     def _issue_etrn(self) -> None:
         """ETRNCLT: on each mail transfer, ask the mail router for our domains' mail."""
@@ -511,14 +560,20 @@ class OutboundManager:
         its token is known here; that token is remembered and let go then.
         """
         if request.token in self.tasks:
-            qid, _ = self._forget(request.token)
-            if qid not in self.open:
-                self.started.pop(qid, None)
+            self._not_run(request.token)
         elif request.token in self.etrn_tasks:
             self.etrn_tasks.discard(request.token)
             self._etrn_refused(json.loads(request.task)["nodes"])
         else:
             self.refused_early.add(request.token)
+
+    def _not_run(self, token: int) -> None:
+        """The task's messages wait on QTMSOUTQ for the next scan, unchanged."""
+        entry = self._forget(token)
+        if entry is not None:
+            for qid in entry[1]:
+                if qid not in self.open:
+                    self.started.pop(qid, None)
 
     def _lost(self, request: Any) -> None:
         """The client job ended in the middle of the task (it crashed, it was killed).
@@ -533,67 +588,87 @@ class OutboundManager:
             self._etrn_refused(task.get("nodes", []))
             return
         text = "4.3.0 the SMTP client job ended during delivery"
-        results = [{"address": a, "status": "temporary", "code": 451, "text": text}
-                   for a in task.get("recipients", [])]
-        self._result(request.token, json.dumps({"results": results}).encode())
+        messages = [{"id": m["id"], "results": [
+            {"address": a, "status": "temporary", "code": 451, "text": text}
+            for a in m["recipients"]]} for m in task.get("messages", [])]
+        self._result(request.token, json.dumps({"messages": messages}).encode())
 
-    def _forget(self, token: int) -> tuple[str, str] | None:
+    def _forget(self, token: int) -> tuple[str, list[str]] | None:
         entry = self.tasks.pop(token, None)
         if entry is None:
             return None
-        qid, domain = entry
+        domain, qids = entry
         self.per_domain[domain] -= 1
         if self.per_domain[domain] <= 0:
             del self.per_domain[domain]
-        domains = self.open.get(qid)
-        if domains is not None:
-            domains.discard(domain)
-            if not domains:
-                del self.open[qid]
+        for qid in qids:
+            domains = self.open.get(qid)
+            if domains is not None:
+                domains.discard(domain)
+                if not domains:
+                    del self.open[qid]
         return entry
 
     def _result(self, token: int, line: bytes) -> None:
-        """A task's outcome: its connection is free at once, then the envelope is written.
+        """A task's outcome: its connection is free at once, then the envelopes are written.
 
-        The next message for the destination starts before this one's
-        outcome is on disk: the connection matrix counts connections, and
-        this one is closed.  When it was the message's last task (and no
-        other outcome of it is still being written), writing the outcome and
-        settling the message are one step: one envelope read, and the
-        envelope is written once, by the move to a retry queue, or not at
-        all when the message is done.
+        The next messages for the destination start before these outcomes
+        are on disk: the connection matrix counts connections, and this one
+        is closed.  When it was a message's last task (and no other outcome
+        of it is still being written), writing the outcome and settling the
+        message are one step: one envelope read, and the envelope is written
+        once, by the move to a retry queue, or not at all when the message
+        is done.  The messages of one task are written in one trip to a
+        worker thread.
         """
         self.etrn_tasks.discard(token)
         entry = self._forget(token)
         if entry is None:
             return
-        qid, domain = entry
+        domain, qids = entry
         self._start_ready((domain,))
         try:
-            result = json.loads(line)
-        except ValueError:
-            result = {"results": []}
-        last = qid not in self.open and not self.recording[qid]
-        known = self.started.pop(qid, None) if last else None  # one task: always its last
-        self.recording[qid] += 1
-        self.busy.add(qid)
+            by_id = {m["id"]: m for m in json.loads(line)["messages"]}
+        except (ValueError, KeyError, TypeError):
+            by_id = {}  # no outcome: every recipient is tried again
+        items = []
+        for qid in qids:
+            last = qid not in self.open and not self.recording[qid]
+            known = self.started.pop(qid, None) if last else None  # one task: always its last
+            self.recording[qid] += 1
+            self.busy.add(qid)
+            items.append((qid, by_id.get(qid, {}), last, known))
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                      self._record, qid, result, last, known)
-        d.addErrback(lambda f: self.log.failure("recording a delivery result failed", f))
+                                      self._record_all, items)
 
-        def recorded(_: Any) -> None:
-            self.recording[qid] -= 1
-            self.touched.add(qid)
-            if self.recording[qid]:
-                return  # another outcome of it is still being written
-            del self.recording[qid]
-            self.busy.discard(qid)
-            if last:
-                self.full_noted.pop(qid, None)
-            elif qid not in self.open and qid not in self.recording:
-                self._settle(qid)
+        def recorded(failures: Any) -> None:
+            for qid, why in failures or ():
+                self.log.failure("recording the delivery result of {qid} failed", why, qid=qid)
+            for qid, _, last, _ in items:
+                self.recording[qid] -= 1
+                self.touched.add(qid)
+                if self.recording[qid]:
+                    continue  # another outcome of it is still being written
+                del self.recording[qid]
+                self.busy.discard(qid)
+                if last:
+                    self.full_noted.pop(qid, None)
+                elif qid not in self.open:
+                    self._settle(qid)
 
-        d.addBoth(recorded)
+        d.addErrback(lambda f: self.log.failure("recording delivery results failed", f))
+        d.addCallback(recorded)
+
+    def _record_all(self, items: list[tuple[str, dict[str, Any], bool, Envelope | None]]
+                    ) -> list[tuple[str, failure.Failure]]:
+        """``_record`` for each message of a task; one's error does not stop the others."""
+        failures = []
+        for qid, result, last, known in items:
+            try:
+                self._record(qid, result, last, known)
+            except Exception:
+                failures.append((qid, failure.Failure()))
+        return failures
 
     def _record(self, qid: str, result: dict[str, Any], last: bool,
                 known: Envelope | None = None) -> None:

@@ -1,13 +1,16 @@
 """What a QTMSCCLCP client job does with one task: route and deliver.
 
-A task names a message in QTMSOUTQ and the recipients of one destination
-domain, with what goes on MAIL and RCPT for them (the bridge read the
-envelope already).  The job reads the body (it changes nothing: the
-bridge alone moves messages between queues), routes the domain by the
+A task names one destination domain and one or more messages in QTMSOUTQ,
+each with its recipients there and what goes on MAIL and RCPT for them (the
+bridge read the envelopes already).  The job routes the domain by the
 CHGSMTPA choices (FWDHUBSVR, FIREWALL with MAILROUTER, MX with MAILROUTER
-as fallback), delivers over one connection with our own client, journals
-8B, 88 and 82, and returns one outcome per recipient for the bridge.
-An MX that is this host itself is never used (``mx.LocalHost``).
+as fallback), then for each message reads the body (it changes nothing: the
+bridge alone moves messages between queues), delivers it with our own
+client on the connection the one before it used, journals 8B, 88 and 82,
+and returns one outcome per recipient for the bridge.  When every recipient
+of a message fails temporarily, the messages after it in the task are not
+tried: the destination is having trouble, and each would wait for the same
+timeouts.  An MX that is this host itself is never used (``mx.LocalHost``).
 
 An ``etrn`` task (the scheduled mail transfer with ETRNCLT) names the mail
 router and our domains instead: the job connects to the router, issues
@@ -31,11 +34,9 @@ from twistmail.smtp import client
 LISTS_FOR = 1.0  # seconds a reading of the SMTP list entries is used
 
 
-def _sending(task: dict[str, Any]) -> client.Envelope | None:
+def _sending(message: dict[str, Any]) -> client.Envelope:
     """MAIL and RCPT as the bridge put them in the task (see outbound._sending)."""
-    send = task.get("send")
-    if send is None:
-        return None
+    send = message["send"]
     return client.Envelope(
         send["originator"],
         [client.Recipient(address, tuple(notify) if notify else None, orcpt)
@@ -67,27 +68,47 @@ class Deliverer:
             d.addErrback(lambda f: {"kind": "etrn", "error": f.getErrorMessage()})
             return d.addCallback(lambda result: json.dumps(result).encode())
         d = defer.Deferred.fromCoroutine(self._run(task))
-        d.addErrback(lambda f: self._all(task, "temporary", 451,
+        d.addErrback(lambda f: self._all(task, task["messages"], "temporary", 451,
                                          f"4.3.0 local error: {f.getErrorMessage()}"))
         return d.addCallback(lambda result: json.dumps(result).encode())
 
     async def _run(self, task: dict[str, Any]) -> dict[str, Any]:
-        qid, domain = task["id"], task["domain"]
-        envelope = _sending(task)
-        if envelope is None:  # a task that does not carry it: read the envelope
-            envelope = await threads.deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), self._read, task)
+        domain, messages = task["domain"], task["messages"]
         lists = await self._lists()
-        self.journal.write("8B", f"8B FOQ {task['queue']}", qid, domain=domain)
         decision = mx.route_for(domain, self.settings.smtp, near_domains=lists["near"])
         try:
-            route = await self.resolver.route_decision(decision)
+            route = list(await self.resolver.route_decision(decision))
         except mx.RouteError as e:
-            self.journal.write("8K", f"8K RERR {domain}", qid, domain=domain, error=str(e))
+            with self.journal.batch():
+                for m in messages:
+                    self.journal.write("8B", f"8B FOQ {task['queue']}", m["id"], domain=domain)
+                    self.journal.write("8K", f"8K RERR {domain}", m["id"], domain=domain,
+                                       error=str(e))
             status = "permanent" if e.permanent else "temporary"
-            return self._all(task, status, e.code, str(e))
+            return self._all(task, messages, status, e.code, str(e))
+        out = []
+        for i, message in enumerate(messages):
+            self.journal.write("8B", f"8B FOQ {task['queue']}", message["id"], domain=domain)
+            try:
+                result = await self._deliver(task, message, route, lists)
+            except Exception as e:
+                out.append(self._message(message, "temporary", 451, f"4.3.0 local error: {e}"))
+                continue
+            out.append(result)
+            first = result["results"][0] if result["results"] else None
+            if first is not None and all(r["status"] == "temporary" for r in result["results"]):
+                text = (f"4.4.0 not tried: the message before it to {domain} failed"
+                        f" temporarily ({first['code']} {first['text']})")
+                out.extend(self._message(m, "temporary", first["code"], text)
+                           for m in messages[i + 1:])
+                break
+        return {"domain": domain, "messages": out}
+
+    async def _deliver(self, task: dict[str, Any], message: dict[str, Any], route: list[Any],
+                       lists: dict[str, Any]) -> dict[str, Any]:
+        qid = message["id"]
         result = await client.deliver(
-            self.reactor, list(route), envelope, self.queue.body_path(qid),
+            self.reactor, route, _sending(message), self.queue.body_path(qid, task["queue"]),
             helo_name=self.settings.hostname, tls_policy=self.settings.smtp.tlsoutbound,
             auth=lists["auth"] or None, bind_address=lists["bind"], timeouts=self._timeouts(),
             cache=self.sessions)
@@ -100,8 +121,8 @@ class Deliverer:
                     self.journal.write("82", f"82 R {r.address}", qid, recipient=r.address)
                 out.append({"address": r.address, "status": r.status, "code": r.code,
                             "text": r.text})
-        return {"id": qid, "domain": domain, "remote_ip": result.remote_ip,
-                "tls": result.tls, "dsn": result.dsn, "results": out}
+        return {"id": qid, "remote_ip": result.remote_ip, "tls": result.tls,
+                "dsn": result.dsn, "results": out}
 
     async def _etrn(self, task: dict[str, Any]) -> dict[str, Any]:
         """ETRN for each node to the mail router; one 8Y per node with the reply."""
@@ -130,15 +151,6 @@ class Deliverer:
     def _timeouts(self) -> client.Timeouts:
         return client.Timeouts.for_reply(self.settings.smtp.clienttimeout)
 
-    def _read(self, task: dict[str, Any]) -> client.Envelope:
-        env = self.queue.load(task["queue"], task["id"])
-        wanted = set(task["recipients"])
-        return client.Envelope(
-            env.originator,
-            [client.Recipient(r.address, r.notify, r.orcpt) for r in env.recipients
-             if r.address in wanted],
-            ret=env.ret, envid=env.envid)
-
     async def _lists(self) -> dict[str, Any]:
         """The *NEAR, *HOSTAUTH and *CLTBIND entries, read at most once a second.
 
@@ -162,11 +174,17 @@ class Deliverer:
         bind = next((e.intnetadr for e in entries if e.type == "*CLTBIND"), None)
         return {"near": near, "auth": auth, "bind": bind}
 
+    @classmethod
+    def _all(cls, task: dict[str, Any], messages: list[dict[str, Any]], status: str,
+             code: int, text: str) -> dict[str, Any]:
+        return {"domain": task["domain"],
+                "messages": [cls._message(m, status, code, text) for m in messages]}
+
     @staticmethod
-    def _all(task: dict[str, Any], status: str, code: int, text: str) -> dict[str, Any]:
-        return {"id": task["id"], "domain": task["domain"], "remote_ip": None,
+    def _message(message: dict[str, Any], status: str, code: int, text: str) -> dict[str, Any]:
+        return {"id": message["id"], "remote_ip": None,
                 "results": [{"address": a, "status": status, "code": code, "text": text}
-                            for a in task["recipients"]]}
+                            for a in message["recipients"]]}
 
 
 def local_host(settings: Any) -> mx.LocalHost:
