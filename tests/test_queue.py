@@ -565,6 +565,23 @@ def test_list_is_oldest_first(fq):
     assert [e.id for e in fq.entries(QTMSINQ)] == ids
 
 
+def test_versions_list_the_queue_and_change_with_each_envelope(fq):
+    """A scan caches envelopes by version: every change must show in it."""
+    ids = [enqueue(fq) for _ in range(3)]  # packed: the .msg file is the entry
+    first = dict(fq.versions(QTMSINQ))
+    assert [qid for qid, _ in fq.versions(QTMSINQ)] == fq.list(QTMSINQ) == ids
+    env = fq.load(QTMSINQ, ids[1])
+    fq.update(QTMSINQ, env.evolve(attempts=1))  # unpacked: the .json file now
+    second = dict(fq.versions(QTMSINQ))
+    assert second[ids[0]] == first[ids[0]] and second[ids[2]] == first[ids[2]]
+    assert second[ids[1]] != first[ids[1]]
+    fq.update(QTMSINQ, env.evolve(attempts=2))
+    assert dict(fq.versions(QTMSINQ))[ids[1]] not in (first[ids[1]], second[ids[1]])
+    fq.remove(QTMSINQ, ids[0])
+    assert [qid for qid, _ in fq.versions(QTMSINQ)] == ids[1:]
+    assert fq.versions(HOLD) == []
+
+
 class Crash(BaseException):
     """The process dies here."""
 

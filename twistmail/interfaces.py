@@ -50,6 +50,10 @@ class IQueue(Interface):
         """Store a message as envelope file plus body file if it is one file;
         afterwards ``body_path`` stays valid until the message is removed."""
 
+    def versions(queue):
+        """Queue ids in ``queue``, oldest first, each with a value that changes
+        whenever its envelope does (readers cache envelopes by it)."""
+
     def entry_path(queue, queue_id):
         """The file whose presence puts the message in ``queue``, or None; a
         change of envelope replaces it (readers cache envelopes by its stat)."""

@@ -745,6 +745,41 @@ class FileQueue:
             ids.update(n[:-4] for n in names if n.endswith(".msg") and is_queue_id(n[:-4]))
         return sorted(ids)
 
+    def versions(self, queue: str) -> list[tuple[str, tuple[int, ...]]]:
+        """The ids in ``queue``, oldest first, each with the identity of its entry file.
+
+        One directory read and one stat per message: a scan of a queue of
+        thousands needs no look for each message's file by name.  Every
+        change of envelope replaces the file (a new inode), and its times
+        and size tell a changed one even where a file system reuses an
+        inode at once.  The envelope file wins over a packed message.
+        """
+        found: dict[str, tuple[int, ...]] = {}
+        packed = queue in _PACKED_IN
+        try:
+            entries = os.scandir(self.queue_dir(queue))
+        except FileNotFoundError:
+            return []
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if name.endswith(".json"):
+                    qid = name[:-5]
+                elif packed and name.endswith(".msg"):
+                    qid = name[:-4]
+                    if qid in found:
+                        continue
+                else:
+                    continue
+                if not is_queue_id(qid):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                found[qid] = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+        return sorted(found.items())
+
     def update(self, queue: str, envelope: Envelope) -> None:
         """Replace the envelope of a message that stays in ``queue`` (2 fsyncs)."""
         path = self._envelope(queue, envelope.id)

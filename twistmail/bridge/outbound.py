@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -163,8 +162,8 @@ class OutboundManager:
         #: Messages started or settled since the running scan began: its view of
         #: them is out of date.
         self.touched: set[str] = set()
-        #: Envelopes the scans have read, by path, with the file identity they had.
-        self._seen: dict[str, tuple[tuple[int, ...], Envelope]] = {}
+        #: Envelopes the scans have read, by queue and id, with the version they had.
+        self._seen: dict[tuple[str, str], tuple[tuple[int, ...], Envelope]] = {}
         self._kick: Any = None  # the scan a change asked for, pending
         self.refill = False  # messages arrived while enough waited: scan when few are left
         self._arrival = 0  # inotify's mask for a message renamed into QTMSOUTQ
@@ -293,10 +292,10 @@ class OutboundManager:
         """
         now = time.time()
         flush = _flush_requests(self.queue.root)
-        seen: dict[str, tuple[tuple[int, ...], Envelope]] = {}
+        seen: dict[tuple[str, str], tuple[tuple[int, ...], Envelope]] = {}
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
-            for qid in self.queue.list(source):
-                env = self._load(source, qid, seen)
+            for qid, version in self.queue.versions(source):
+                env = self._load(source, qid, version, seen)
                 if env is None:
                     continue
                 if env.next_try is None or env.next_try <= now or (flush and any(
@@ -308,18 +307,18 @@ class OutboundManager:
             # Nothing goes, but the envelopes are read now, while there is
             # time: the release then dispatches at once, not after reading
             # the whole backlog (a file unchanged since is not read again).
-            for qid in self.queue.list(QTMSOUTQ):
-                self._load(QTMSOUTQ, qid, seen)
+            for qid, version in self.queue.versions(QTMSOUTQ):
+                self._load(QTMSOUTQ, qid, version, seen)
             self._seen = seen
             return _Found(held=True)
         # A transfer asked for while there is no schedule stays asked for: the
         # bridge may not have read the interval the asker saw yet.
         transfer = next_at is not None and (_transfer_requested(self.queue.root) or transfer)
         work, settle = [], []
-        for qid in self.queue.list(QTMSOUTQ):
+        for qid, version in self.queue.versions(QTMSOUTQ):
             if qid in self.open or qid in self.busy:
                 continue
-            env = self._load(QTMSOUTQ, qid, seen)
+            env = self._load(QTMSOUTQ, qid, version, seen)
             if env is None:
                 continue
             groups: dict[str, list[str]] = {}
@@ -345,33 +344,23 @@ class OutboundManager:
         self._seen = seen
         return _Found(work, settle, transfer)
 
-    def _load(self, queue: str, qid: str,
-              seen: dict[str, tuple[tuple[int, ...], Envelope]]) -> Envelope | None:
+    def _load(self, queue: str, qid: str, version: tuple[int, ...],
+              seen: dict[tuple[str, str], tuple[tuple[int, ...], Envelope]]) -> Envelope | None:
         """The envelope, read again only if its file changed since the last scan.
 
         Scans run every second; a queue of thousands of waiting messages
-        must not be parsed every second.  Every change to an envelope
-        replaces its file (a new inode), and its times and size tell a
-        changed one even where a file system reuses an inode at once.
+        must not be parsed every second.  ``version`` comes from the scan's
+        listing of the queue (``IQueue.versions``).
         """
-        entry = self.queue.entry_path(queue, qid)  # envelope file, or packed message
-        if entry is None:
-            return None
-        path = str(entry)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
-        known = self._seen.get(path)
-        if known is not None and known[0] == key:
+        known = self._seen.get((queue, qid))
+        if known is not None and known[0] == version:
             env = known[1]
         else:
             try:
                 env = self.queue.load(queue, qid)
             except (KeyError, ValueError):
                 return None
-        seen[path] = (key, env)
+        seen[(queue, qid)] = (version, env)
         return env
 
     def _wait_for_transfer(self, env: Envelope, next_at: float) -> None:

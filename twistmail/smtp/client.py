@@ -46,6 +46,7 @@ a 50 MB message is never held in memory.  Every wait has the RFC 5321
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 import re
@@ -116,9 +117,12 @@ class Timeouts:
     close: float = 10.0
 
     def scaled(self, factor: float) -> Timeouts:
+        if factor == 1.0:
+            return self
         return Timeouts(**{k: v * factor for k, v in attrs.asdict(self).items()})
 
     @classmethod
+    @functools.lru_cache(maxsize=8)  # a job asks for each message; the answer is frozen
     def for_reply(cls, seconds: float) -> Timeouts:
         """The waits for ``[smtp] clienttimeout``: ``seconds`` for each command reply.
 

@@ -86,9 +86,16 @@ class Deliverer:
                                        error=str(e))
             status = "permanent" if e.permanent else "temporary"
             return self._all(task, messages, status, e.code, str(e))
+        with self.journal.batch():  # a message's 88 and 82 go with the next one's 8B
+            return await self._each(task, route, lists)
+
+    async def _each(self, task: dict[str, Any], route: list[Any],
+                    lists: dict[str, Any]) -> dict[str, Any]:
+        domain, messages = task["domain"], task["messages"]
         out = []
         for i, message in enumerate(messages):
             self.journal.write("8B", f"8B FOQ {task['queue']}", message["id"], domain=domain)
+            self.journal.flush()
             try:
                 result = await self._deliver(task, message, route, lists)
             except Exception as e:
@@ -113,14 +120,13 @@ class Deliverer:
             auth=lists["auth"] or None, bind_address=lists["bind"], timeouts=self._timeouts(),
             cache=self.sessions)
         out = []
-        with self.journal.batch():
-            for r in result.recipients:
-                if r.status == client.DELIVERED:
-                    self.journal.write("88", f"88 DLV {result.remote_ip}", qid,
-                                       ip=result.remote_ip, recipient=r.address)
-                    self.journal.write("82", f"82 R {r.address}", qid, recipient=r.address)
-                out.append({"address": r.address, "status": r.status, "code": r.code,
-                            "text": r.text})
+        for r in result.recipients:
+            if r.status == client.DELIVERED:
+                self.journal.write("88", f"88 DLV {result.remote_ip}", qid,
+                                   ip=result.remote_ip, recipient=r.address)
+                self.journal.write("82", f"82 R {r.address}", qid, recipient=r.address)
+            out.append({"address": r.address, "status": r.status, "code": r.code,
+                        "text": r.text})
         return {"id": qid, "remote_ip": result.remote_ip, "tls": result.tls,
                 "dsn": result.dsn, "results": out}
 
