@@ -13,11 +13,12 @@ from fsyncs import record_fsyncs
 from twisted.internet.task import Clock
 
 from twistmail import config as configmod
+from twistmail import queue as queuemod
 from twistmail.bridge import outbound
 from twistmail.bridge.outbound import OutboundManager, _sending
 from twistmail.directory import SqliteDirectory
-from twistmail.interfaces import QTMSOUTQ, QTMSRTQ1
-from twistmail.journal import Journal
+from twistmail.interfaces import CORRUPT, QTMSOUTQ, QTMSRTQ1
+from twistmail.journal import Journal, read_entries
 from twistmail.queue import Envelope, FileQueue, Recipient
 from twistmail.smtp import delivery
 
@@ -190,6 +191,29 @@ def test_a_one_destination_message_is_settled_from_the_envelope_it_started_with(
         {"address": "rcpt@remote.test", "status": "delivered", "code": 250, "text": "ok"}]}]}
     ).encode())
     assert manager.queue.list(QTMSOUTQ) == [] and not manager.busy
+
+
+def test_a_scan_sets_aside_what_it_cannot_read(manager):
+    """Recovery leaves QTMSOUTQ and the retry queues to their reader: a
+    damaged envelope or a lost body goes to corrupt/ (7Y) at the scan."""
+    fq = manager.queue
+    fine = _queued(fq, Recipient("rcpt@remote.test"))
+    packed = _queued(fq, Recipient("rcpt@remote.test"))
+    os.removexattr(fq.root / QTMSOUTQ / f"{packed}.msg", queuemod.ENVELOPE_ATTR)
+    fq.packing = False
+    no_body = _queued(fq, Recipient("rcpt@remote.test"))
+    fq.body_path(no_body).unlink()
+    retry = _queued(fq, Recipient("rcpt@remote.test"))
+    fq.move(retry, QTMSOUTQ, QTMSRTQ1)
+    fq.envelope_path(QTMSRTQ1, retry).write_bytes(b'{"id": "trunc')
+    found = manager._due(False, None, frozenset())
+    assert [env.id for env, _ in found.work] == [fine]
+    assert sorted(fq.list(CORRUPT)) == sorted([packed, no_body, retry])
+    reasons = {e["msgid"]: e["reason"]
+               for e in read_entries(manager.journal.directory, ["7Y"])}
+    assert reasons[no_body] == "body missing"
+    assert reasons[packed].startswith("unreadable envelope") and \
+        reasons[retry].startswith("unreadable envelope")
 
 
 class _Inline(Clock):

@@ -53,10 +53,11 @@ Durability contract (DESIGN.md §2, queue rules 1, 2 and 4):
   hour, because a commit in another process has a body without envelope for
   a few milliseconds), moves unreadable envelopes (or envelopes whose body
   is missing) to ``corrupt/`` keeping the body, and resolves a message found
-  in two queues.  In QTMSINQ, which is drained as it fills, the check is
-  left to whoever takes a message (:meth:`FileQueue.set_aside`): a restart
-  with a long backlog does not read every envelope before the first
-  delivery.  It must not run concurrently with moves made by another thread
+  in two queues.  In QTMSINQ, QTMSOUTQ and the retry queues, whose every
+  message the bridge reads anyway, the check is left to whoever reads a
+  message (:meth:`FileQueue.set_aside`): a restart with a long backlog does
+  not read every envelope before the first delivery, and a busy outbound
+  queue is not read twice.  It must not run concurrently with moves made by another thread
   of the same owner (the bridge runs it from its queue manager).
 
 Everything here is synchronous and may block on disk: code in a reactor calls
@@ -83,7 +84,7 @@ from attrs import validators as v
 from zope.interface import implementer
 
 from twistmail.durable import fsync_dir
-from twistmail.interfaces import CORRUPT, QTMSINQ, QTMSOUTQ, QUEUES, IQueue
+from twistmail.interfaces import CORRUPT, QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2, QUEUES, IQueue
 
 #: Recipient states.  ``pending`` and ``retry`` still need work; the others are final.
 PENDING = "pending"
@@ -105,6 +106,9 @@ PACKED_MAX = 3072
 #: The queues new messages are committed to packed: where SMTP and the API
 #: put them, and where most leave from without a change of envelope.
 PACKABLE = (QTMSINQ, QTMSOUTQ)
+#: Queues whose every message the bridge reads (QMSF jobs, the outbound
+#: scan): those readers set aside what they cannot read, not recovery.
+CHECKED_BY_READERS = frozenset((QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2))
 #: Where packed files may be: those, and corrupt/ for damaged ones.
 _PACKED_IN = frozenset((*PACKABLE, CORRUPT))
 _NO_ATTRS = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS))
@@ -962,7 +966,7 @@ class FileQueue:
         found = []
         sound: dict[str, int] = {}
         for queue in QUEUES:
-            if queue in (CORRUPT, QTMSINQ):
+            if queue == CORRUPT or queue in CHECKED_BY_READERS:
                 continue
             for queue_id in self.list(queue):
                 path = self._entry_file(queue, queue_id)

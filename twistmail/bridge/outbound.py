@@ -57,7 +57,7 @@ from twisted.python import failure
 
 from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.bridge.schedule import TransferSchedule
-from twistmail.interfaces import QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
+from twistmail.interfaces import CORRUPT, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
 from twistmail.queue import DELIVERED, FAILED, PENDING, Envelope
 
 SCAN_EVERY = 1.0  # seconds
@@ -350,7 +350,9 @@ class OutboundManager:
 
         Scans run every second; a queue of thousands of waiting messages
         must not be parsed every second.  ``version`` comes from the scan's
-        listing of the queue (``IQueue.versions``).
+        listing of the queue (``IQueue.versions``).  A message that cannot
+        be read (its envelope damaged, its body gone) goes to corrupt/ (7Y):
+        recovery leaves these queues to their reader.
         """
         known = self._seen.get((queue, qid))
         if known is not None and known[0] == version:
@@ -358,10 +360,20 @@ class OutboundManager:
         else:
             try:
                 env = self.queue.load(queue, qid)
-            except (KeyError, ValueError):
+            except KeyError:
+                return None
+            except ValueError as e:
+                self._set_aside(queue, qid, f"unreadable envelope: {e}")
+                return None
+            if not self.queue.body_path(qid, queue).exists():
+                self._set_aside(queue, qid, "body missing")
                 return None
         seen[(queue, qid)] = (version, env)
         return env
+
+    def _set_aside(self, queue: str, qid: str, reason: str) -> None:
+        if self.queue.set_aside(queue, qid, reason) is not None:
+            self.journal.write("7Y", f"7Y CRP {qid}", qid, queue=CORRUPT, reason=reason)
 
     def _wait_for_transfer(self, env: Envelope, next_at: float) -> None:
         """MAILXFRINT: the message waits on QTMSOUTQ; its next try is the transfer."""
