@@ -547,6 +547,20 @@ def test_update_replaces_the_envelope_in_place(fq):
         env.with_recipient("nobody@x.test", state=DELIVERED)
 
 
+def test_an_envelope_as_a_dict_is_what_attrs_makes_of_it():
+    """Built by hand for speed: it must not drift from the fields."""
+    import attrs
+
+    from twistmail.queue import FORMAT
+
+    env = Envelope.new("jane@example.test", [
+        Recipient("a@x.test", notify=("SUCCESS", "DELAY"), orcpt="rfc822;a@x.test"),
+        Recipient("b@x.test", state=DELIVERED, attempts=2, delivered_at=5.5),
+    ], client_ip="192.0.2.1", ret="HDRS").note({"noticed": ["a@x.test"], "at": {"n": [1]}})
+    assert env.to_dict() == {"v": FORMAT, **attrs.asdict(env)}
+    assert Envelope.from_dict(env.to_dict()) == env
+
+
 def test_remove_deletes_envelope_and_body(fq):
     keep, gone = enqueue(fq), enqueue(fq)
     fq.remove(QTMSINQ, gone)

@@ -67,7 +67,9 @@ it through ``deferToThread``.  Settings honoured: ``system.datadir`` (through
 
 from __future__ import annotations
 
+import copy
 import errno
+import functools
 import json
 import math
 import os
@@ -219,6 +221,9 @@ class Recipient:
     def evolve(self, **changes: Any) -> Recipient:
         return attrs.evolve(self, **changes)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _field_names(Recipient)}
+
     @classmethod
     def from_dict(cls, data: Any) -> Recipient:
         if not isinstance(data, dict):
@@ -288,7 +293,14 @@ class Envelope:
         return attrs.evolve(self, history=(*self.history, event))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v": FORMAT, **attrs.asdict(self)}
+        """What ``attrs.asdict`` gives, built directly: every message is written once."""
+        data = {"v": FORMAT}
+        for name in _field_names(Envelope):
+            data[name] = getattr(self, name)
+        data["recipients"] = tuple(r.to_dict() for r in self.recipients)
+        data["history"] = tuple(copy.deepcopy(h) if isinstance(h, (dict, list)) else h
+                                for h in self.history)
+        return data
 
     def to_json(self) -> bytes:
         return _dump(self.to_dict())
@@ -312,8 +324,18 @@ class Envelope:
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """Only the keys this version knows: newer writers may add fields."""
-    names = attrs.fields_dict(cls)
+    names = _name_set(cls)
     return {k: val for k, val in data.items() if k in names}
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(a.name for a in attrs.fields(cls))
+
+
+@functools.cache
+def _name_set(cls: type) -> frozenset[str]:
+    return frozenset(_field_names(cls))
 
 
 def _dump(data: dict[str, Any]) -> bytes:
