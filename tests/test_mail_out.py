@@ -292,6 +292,24 @@ def test_mail_waiting_for_one_destination_shares_tasks(make_appliance):
         sink.stop()
 
 
+def test_a_recipient_refused_for_now_holds_back_no_other_message(make_appliance, sink):
+    """A server's 4xx to one recipient (greylisting) is about that message:
+    the others of its task go on the same connection."""
+    sink.behaviour = Behaviour(rcpt=lambda addr: "450 4.2.0 greylisted, try later"
+                               if addr == "r0@remote.test" else "250 2.1.5 ok")
+    a = outbound(make_appliance, sink)
+    assert a.cli("hlddstq", "--dstq", "QSMTPQ")[0] == 0
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        for i in range(12):
+            s.sendmail("sam@example.test", [f"r{i}@remote.test"],
+                       b"Subject: out\r\n\r\nhi\r\n")
+    assert a.cli("rlsdstq", "--dstq", "QSMTPQ")[0] == 0
+    a.wait_for(lambda: len(sink.messages) == 11, 30, "every other message")
+    a.wait_for(lambda: a.journal("8C"), 10, "the greylisted one waits")
+    assert all("not tried" not in str(e["errors"]) for e in a.journal("8C"))
+    assert {tuple(e["recipients"]) for e in a.journal("8C")} == {("r0@remote.test",)}
+
+
 def test_dspactpj_reset_reaches_the_client_pool(make_appliance, sink):
     import json
 

@@ -7,10 +7,12 @@ CHGSMTPA choices (FWDHUBSVR, FIREWALL with MAILROUTER, MX with MAILROUTER
 as fallback), then for each message reads the body (it changes nothing: the
 bridge alone moves messages between queues), delivers it with our own
 client on the connection the one before it used, journals 8B, 88 and 82,
-and returns one outcome per recipient for the bridge.  When every recipient
-of a message fails temporarily, the messages after it in the task are not
-tried: the destination is having trouble, and each would wait for the same
-timeouts.  An MX that is this host itself is never used (``mx.LocalHost``).
+and returns one outcome per recipient for the bridge.  When no server could
+take a message (every hop refused or failed to greet, or the session broke
+or timed out), the messages after it in the task are not tried: the
+destination is in trouble, and each would wait for the same timeouts.  A
+server's own 4xx to a recipient (greylisting) stops nothing.  An MX that
+is this host itself is never used (``mx.LocalHost``).
 
 An ``etrn`` task (the scheduled mail transfer with ETRNCLT) names the mail
 router and our domains instead: the job connects to the router, issues
@@ -97,22 +99,28 @@ class Deliverer:
             self.journal.write("8B", f"8B FOQ {task['queue']}", message["id"], domain=domain)
             self.journal.flush()
             try:
-                result = await self._deliver(task, message, route, lists)
+                result, trouble = await self._deliver(task, message, route, lists)
             except Exception as e:
                 out.append(self._message(message, "temporary", 451, f"4.3.0 local error: {e}"))
                 continue
             out.append(result)
-            first = result["results"][0] if result["results"] else None
-            if first is not None and all(r["status"] == "temporary" for r in result["results"]):
+            if trouble is not None and i + 1 < len(messages):
                 text = (f"4.4.0 not tried: the message before it to {domain} failed"
-                        f" temporarily ({first['code']} {first['text']})")
-                out.extend(self._message(m, "temporary", first["code"], text)
+                        f" temporarily ({trouble.code} {trouble.text})")
+                out.extend(self._message(m, "temporary", trouble.code, text)
                            for m in messages[i + 1:])
                 break
         return {"domain": domain, "messages": out}
 
     async def _deliver(self, task: dict[str, Any], message: dict[str, Any], route: list[Any],
-                       lists: dict[str, Any]) -> dict[str, Any]:
+                       lists: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """One message; with the failure that says the destination is in trouble, if any.
+
+        That is when no server took part in the message's outcome (every
+        hop refused or failed to greet, or the session broke or timed out)
+        and every recipient waits: a server's own 4xx to a recipient
+        (greylisting, a full mailbox) says nothing about the next message.
+        """
         qid = message["id"]
         result = await client.deliver(
             self.reactor, route, _sending(message), self.queue.body_path(qid, task["queue"]),
@@ -127,8 +135,11 @@ class Deliverer:
                 self.journal.write("82", f"82 R {r.address}", qid, recipient=r.address)
             out.append({"address": r.address, "status": r.status, "code": r.code,
                         "text": r.text})
+        rcpts = result.recipients
+        trouble = rcpts[0] if rcpts and all(
+            r.status == client.TEMPORARY and not r.remote for r in rcpts) else None
         return {"id": qid, "remote_ip": result.remote_ip, "tls": result.tls,
-                "dsn": result.dsn, "results": out}
+                "dsn": result.dsn, "results": out}, trouble
 
     async def _etrn(self, task: dict[str, Any]) -> dict[str, Any]:
         """ETRN for each node to the mail router; one 8Y per node with the reply."""
