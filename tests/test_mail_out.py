@@ -246,6 +246,17 @@ def test_one_message_to_several_domains(make_appliance, sink):
     a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 10, "the message settled")
 
 
+def twelve_released_at_once(make_appliance, sink):
+    """Twelve one-recipient messages for remote.test, held, then released together."""
+    a = outbound(make_appliance, sink)
+    assert a.cli("hlddstq", "--dstq", "QSMTPQ")[0] == 0
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        for i in range(12):
+            s.sendmail("sam@example.test", [f"r{i}@remote.test"], b"Subject: out\r\n\r\nhi\r\n")
+    assert a.cli("rlsdstq", "--dstq", "QSMTPQ")[0] == 0
+    return a
+
+
 class FirstRefused(Sink):
     """A sink that greets its first ``refuse`` connections with 421 and closes them."""
 
@@ -272,13 +283,7 @@ def test_mail_waiting_for_one_destination_shares_tasks(make_appliance):
 
     sink = FirstRefused(4)
     try:
-        a = outbound(make_appliance, sink)
-        assert a.cli("hlddstq", "--dstq", "QSMTPQ")[0] == 0
-        with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
-            for i in range(12):
-                s.sendmail("sam@example.test", [f"r{i}@remote.test"],
-                           b"Subject: out\r\n\r\nhi\r\n")
-        assert a.cli("rlsdstq", "--dstq", "QSMTPQ")[0] == 0
+        a = twelve_released_at_once(make_appliance, sink)
         a.wait_for(lambda: len(sink.messages) == 12, 30, "every message at the next try")
         failed = a.journal("8C")
         assert len(failed) == 12 and sink.connections >= 4
@@ -297,13 +302,7 @@ def test_a_recipient_refused_for_now_holds_back_no_other_message(make_appliance,
     the others of its task go on the same connection."""
     sink.behaviour = Behaviour(rcpt=lambda addr: "450 4.2.0 greylisted, try later"
                                if addr == "r0@remote.test" else "250 2.1.5 ok")
-    a = outbound(make_appliance, sink)
-    assert a.cli("hlddstq", "--dstq", "QSMTPQ")[0] == 0
-    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
-        for i in range(12):
-            s.sendmail("sam@example.test", [f"r{i}@remote.test"],
-                       b"Subject: out\r\n\r\nhi\r\n")
-    assert a.cli("rlsdstq", "--dstq", "QSMTPQ")[0] == 0
+    a = twelve_released_at_once(make_appliance, sink)
     a.wait_for(lambda: len(sink.messages) == 11, 30, "every other message")
     a.wait_for(lambda: a.journal("8C"), 10, "the greylisted one waits")
     assert all("not tried" not in str(e["errors"]) for e in a.journal("8C"))
