@@ -83,7 +83,9 @@ def test_wait_yes_queues_until_a_job_frees(make_appliance):
                                            "maxjobs": 2, "wait": "*YES"}).start()
     busy = hold(a, 2)
     waiter = a.connect()
-    waiter.settimeout(1.0)
+    # Well over the second from which a wait is journaled: the controller
+    # may accept the connection a little after the client connected.
+    waiter.settimeout(1.5)
     with pytest.raises(TimeoutError):
         waiter.recv(100)  # no greeting: it waits for a job
     a.wait_for(lambda: a.control("dspactpj", pgm="QTMSSRCP")["waiting_current"] == 1, 5)
