@@ -54,10 +54,6 @@ class IQueue(Interface):
         """Queue ids in ``queue``, oldest first, each with a value that changes
         whenever its envelope does (readers cache envelopes by it)."""
 
-    def entry_path(queue, queue_id):
-        """The file whose presence puts the message in ``queue``, or None; a
-        change of envelope replaces it (readers cache envelopes by its stat)."""
-
     def update(queue, envelope):
         """Durably replace the envelope of a message that stays in ``queue``."""
 

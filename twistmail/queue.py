@@ -57,8 +57,9 @@ Durability contract (DESIGN.md §2, queue rules 1, 2 and 4):
   message the bridge reads anyway, the check is left to whoever reads a
   message (:meth:`FileQueue.set_aside`): a restart with a long backlog does
   not read every envelope before the first delivery, and a busy outbound
-  queue is not read twice.  It must not run concurrently with moves made by another thread
-  of the same owner (the bridge runs it from its queue manager).
+  queue is not read twice.  It must not run concurrently with moves made by
+  another thread of the same owner (the bridge runs it from its queue
+  manager).
 
 Everything here is synchronous and may block on disk: code in a reactor calls
 it through ``deferToThread``.  Settings honoured: ``system.datadir`` (through
@@ -655,14 +656,6 @@ class FileQueue:
                 if other != queue and os.path.exists(packed):
                     return Path(packed)
         return Path(path)
-
-    def entry_path(self, queue: str, queue_id: str) -> Path | None:
-        """The file that puts a message in ``queue`` (envelope or packed), or None.
-
-        Every change of envelope replaces it, so its inode and times tell a
-        reader that caches envelopes whether to read again."""
-        path = self._entry_file(queue, queue_id)
-        return None if path is None else Path(path)
 
     def _envelope(self, queue: str, queue_id: str) -> str:
         directory = self._dirs.get(queue)
