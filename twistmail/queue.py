@@ -810,7 +810,14 @@ class FileQueue:
     def move(
         self, queue_id: str, source: str, target: str, envelope: Envelope | None = None
     ) -> None:
-        """Move a message between queues: one rename (2 fsyncs; 3 with an envelope)."""
+        """Move a message between queues: one rename (2 fsyncs; 3 with an envelope).
+
+        A new envelope replaces the old one in ``source`` first, and the
+        message then moves by one rename: whenever the mover dies, the
+        message is in one queue, never in both.  (Writing the new envelope
+        into ``target`` and then deleting the old one would leave two copies
+        to a mover killed in between, and a reader could act on each.)
+        """
         src = self._envelope(source, queue_id)
         dst = self._envelope(target, queue_id)
         if envelope is not None and envelope.id != queue_id:
@@ -823,17 +830,16 @@ class FileQueue:
             return
         if not os.path.exists(src):
             self.unpack(source, queue_id)  # only PACKABLE queues hold packed messages
-        if envelope is None:
-            try:
-                os.rename(src, dst)
-            except FileNotFoundError:
-                raise KeyError(queue_id) from None
-        else:
-            stamp = max(time.time_ns(), self._stamp(src) + 1)
-            os.rename(self._tmp_envelope(envelope, stamp), dst)
-        fsync_dir(self._dirs[target])
         if envelope is not None:
-            _unlink(src)  # recover() may already have settled the duplicate
+            # Not made durable on its own: should a crash lose this rename
+            # and keep the next, recover() keeps the copy with the newer stamp.
+            stamp = max(time.time_ns(), self._stamp(src) + 1)
+            os.replace(self._tmp_envelope(envelope, stamp), src)
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            raise KeyError(queue_id) from None
+        fsync_dir(self._dirs[target])
         if source in _PACKED_IN:
             _unlink(self._packed(source, queue_id))  # left by an interrupted unpacking
         fsync_dir(self._dirs[source])
