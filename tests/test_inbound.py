@@ -11,9 +11,11 @@ from fsyncs import record_fsyncs
 
 from twistmail import config as configmod
 from twistmail.bridge.msf import build_processor
+from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.directory import SqliteDirectory
-from twistmail.interfaces import QTMSINQ
-from twistmail.queue import Envelope, FileQueue
+from twistmail.interfaces import QTMSINQ, QTMSOUTQ
+from twistmail.maildir import MaildirStore
+from twistmail.queue import FAILED, Envelope, FileQueue
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 
@@ -62,3 +64,30 @@ def test_a_removal_after_a_notice_is_flushed(settings, monkeypatch):
     assert outcome.delivered == 1 and outcome.failed == 1 and outcome.notice is not None
     assert str(fq.root / QTMSINQ) in synced
     assert fq.find(qid) is None
+
+
+def test_each_notice_about_one_message_is_a_message_of_its_own(settings):
+    """A local user unknown at once and a remote one refused later make two
+    notices: the second is neither dropped nor mistaken for the first."""
+    SqliteDirectory.from_settings(settings).create_profile("JANE", "secret")
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "sam@example.test", "nobody@example.test", "bob@remote.test")
+    first = processor.process(qid)
+    assert first.failed == 1 and first.forwarded == 1 and fq.find(qid) == QTMSOUTQ
+    env = fq.load(QTMSOUTQ, qid).with_recipient("bob@remote.test", state=FAILED,
+                                                 last_error="550 5.1.1 no such user")
+    second = queue_notice(fq, SqliteDirectory.from_settings(settings), processor.journal,
+                          settings.hostname, env,
+                          [Failure("bob@remote.test", "5.1.1", "550 5.1.1 no such user")],
+                          fq.body_path(qid, QTMSOUTQ))
+    assert second is not None and second != first.notice
+    assert sorted(fq.list(QTMSINQ)) == sorted([first.notice, second])
+    for nid in (first.notice, second):
+        assert processor.process(nid).delivered == 1
+    store = MaildirStore(settings.datadir / "mailboxes", settings.hostname)
+    with store.open("JANE") as mailbox:
+        texts = [mailbox.read(m.index).read() for m in mailbox.messages()]
+    assert len(texts) == 2
+    assert any(b"nobody@example.test" in t for t in texts)
+    assert any(b"bob@remote.test" in t for t in texts)

@@ -39,3 +39,14 @@ def test_notice_id_is_stable_and_a_queue_id():
     a = notice_id("18ec2f06c368ee480e6dfc")
     assert a == notice_id("18ec2f06c368ee480e6dfc") != "18ec2f06c368ee480e6dfc"
     assert len(a) == 22 and all(c in "0123456789abcdef" for c in a)
+
+
+def test_each_notice_about_a_message_has_its_own_id():
+    """Stable for one notice (a repeat after a crash), distinct between notices."""
+    qid = "18ec2f06c368ee480e6dfc"
+    assert notice_id(qid, "failed", ["a@x.test", "b@x.test"]) == notice_id(
+        qid, "failed", ["b@x.test", "a@x.test"])
+    ids = {notice_id(qid, "failed", ["a@x.test"]), notice_id(qid, "failed", ["b@x.test"]),
+           notice_id(qid, "delayed", ["a@x.test"], 3), notice_id(qid, "delayed", ["a@x.test"], 4),
+           notice_id(qid, "relayed", ["a@x.test"], 3)}
+    assert len(ids) == 5 and all(i[:16] == qid[:16] for i in ids)

@@ -15,6 +15,7 @@ import email.policy
 import email.utils
 import hashlib
 import time
+from collections.abc import Iterable
 from email.message import EmailMessage, Message
 from email.policy import SMTP
 from pathlib import Path
@@ -50,15 +51,20 @@ REPORTS = {
 }
 
 
-def notice_id(queue_id: str, kind: str = "failed") -> str:
-    """The queue id of the notice for ``queue_id``: the same on every attempt.
+def notice_id(queue_id: str, kind: str = "failed", addresses: Iterable[str] = (),
+              attempts: int = 0) -> str:
+    """The queue id of one notice about ``queue_id``: the same on every attempt to make it.
 
-    A bridge that crashed after queueing a notice and before removing the
-    original makes the notice again under the same id, and local delivery's
+    A bridge that crashed after queueing a notice and before recording it
+    makes the notice again under the same id, and local delivery's
     idempotency (Maildir names derive from the queue id) keeps one copy.
+    Different notices about one message (a local user unknown at once, a
+    remote one refused days later, a delay at each second-level retry) name
+    other recipients or another attempt, so each has an id of its own.
     """
     tag = b"ndn" if kind == "failed" else kind.encode()
-    digest = hashlib.sha256(tag + b":" + queue_id.encode()).hexdigest()
+    event = "\n".join(sorted(addresses)) + f"\n{attempts}"
+    digest = hashlib.sha256(tag + b":" + queue_id.encode() + b":" + event.encode()).hexdigest()
     return queue_id[:16] + digest[:6]
 
 
@@ -84,16 +90,18 @@ def build_notice(
     message_id: str | None,
     full: bytes | None = None,
     envid: str | None = None,
+    nid: str | None = None,
 ) -> bytes:
-    """The notice as wire bytes (CRLF line ends)."""
+    """The notice as wire bytes (CRLF line ends); ``nid`` is its own queue id."""
     kind = failures[0].action if failures else "failed"
+    nid = nid or notice_id(queue_id, kind, (f.address for f in failures))
     subject, intro, _ = REPORTS[kind]
     msg = EmailMessage()
     msg["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     msg["To"] = originator
     msg["Subject"] = subject
     msg["Date"] = email.utils.formatdate(localtime=True)
-    msg["Message-ID"] = f"<{notice_id(queue_id, kind)}.ndn@{hostname}>"
+    msg["Message-ID"] = f"<{nid}.ndn@{hostname}>"
     msg["Auto-Submitted"] = "auto-replied"
     if message_id:
         msg["In-Reply-To"] = message_id
@@ -229,12 +237,12 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
         code = "7W" if kind == "delayed" else "7R"
         journal.write(code, f"{code} DSN {kind} {env.originator}", env.id, action=kind,
                       recipients=[f.address for f in failures])
-    nid = notice_id(env.id, kind)
+    nid = notice_id(env.id, kind, (f.address for f in failures), env.attempts)
     data = build_notice(
         hostname=hostname, queue_id=env.id, originator=env.originator,
         arrival=env.received, failures=failures, headers=original_headers(body),
         message_id=env.message_id,
-        full=_full_original(body) if env.ret == "FULL" else None, envid=env.envid,
+        full=_full_original(body) if env.ret == "FULL" else None, envid=env.envid, nid=nid,
     )
     notice_env = Envelope(id=nid, originator="", recipients=tuple(
         Recipient(r) for r in recipients), received=time.time(), source="ndn",
