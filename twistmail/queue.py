@@ -37,14 +37,15 @@ Durability contract (DESIGN.md §2, queue rules 1, 2 and 4):
 - Unpacking links the packed file into ``data/`` (fsync), writes the
   envelope file beside it (fsync), then removes the packed file (fsync);
   recovery removes a packed file that has an envelope file beside it.
-- :meth:`FileQueue.move` without a new envelope is one ``rename``: after a
-  crash the message is in exactly one of the two queues.  With a new envelope
-  the new one is written to ``tmp/``, renamed into the target, and only then
-  is the source removed; a crash in between leaves the same id in both
-  queues, and :meth:`FileQueue.recover` keeps the target.  It knows which
-  copy is the target because every envelope file carries a write ``stamp``
-  (nanoseconds) and a move writes one strictly greater than the source's, so
-  "the higher stamp wins" is "the target wins" even if the clock steps back.
+- :meth:`FileQueue.move` is one ``rename`` into the target, and a new
+  envelope first replaces the old one in the source (written to ``tmp/``,
+  renamed over it): a process killed at any step leaves the message in
+  exactly one of the two queues.  A crash of the machine may bring back
+  both directory entries of a rename not yet written back; then
+  :meth:`FileQueue.recover` keeps the newer envelope.  It knows which one
+  that is because every envelope file carries a write ``stamp``
+  (nanoseconds) and a new envelope gets one strictly greater than the old
+  one's, even if the clock steps back.
 - :meth:`FileQueue.update` replaces an envelope atomically (tmp, rename,
   directory fsync); :meth:`FileQueue.remove` deletes the envelope first, then
   the body, so a crash never leaves an envelope whose body is gone.
@@ -1057,7 +1058,7 @@ class FileQueue:
         return tuple(settled)
 
     def _settle(self, queue_id: str, queues: list[str]) -> DuplicateItem | None:
-        """Keep the copy with the highest write stamp: the target of the interrupted move."""
+        """Keep the copy with the highest write stamp: the newest envelope of the message."""
         ranked = []
         for queue in queues:
             path = self._entry_file(queue, queue_id)
