@@ -15,6 +15,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from fsyncs import record_fsyncs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
@@ -162,6 +163,17 @@ def test_deliver_again_after_the_message_moved_to_cur(
     assert again == maildir / "cur" / (first.name + info)
     assert files(maildir / "new") == [] and files(maildir / "tmp") == []
     assert len(files(maildir / "cur")) == 1
+
+
+def test_a_repeated_delivery_flushes_the_folder_it_finds_the_copy_in(
+    store: MaildirStore, body: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempt that made the copy may have died before flushing new/, and
+    the caller drops its queue copy once this returns."""
+    first = store.deliver(USER, "Q1.R1", body, PREFIX)
+    synced = record_fsyncs(monkeypatch)
+    assert store.deliver(USER, "Q1.R1", body, PREFIX) == first
+    assert synced == [str(store.path(USER) / "new")]
 
 
 def test_recipients_of_one_message_get_one_copy_each(store: MaildirStore, body: Path) -> None:

@@ -241,6 +241,9 @@ class MaildirStore:
             name = self.message_name(delivery_id, len(prefix) + body_size)
             delivered = _find_delivered(maildir, name)
             if delivered is not None:
+                # The attempt that made it may have died before its flush of
+                # new/: the caller is about to drop its queue copy.
+                fsync_dir(os.path.dirname(delivered))
                 return delivered
             tmp = self._write_tmp(user, maildir, name, prefix, body, body_size)
         return _link_new(maildir, tmp, name)
