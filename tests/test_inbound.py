@@ -91,3 +91,21 @@ def test_each_notice_about_one_message_is_a_message_of_its_own(settings):
     assert len(texts) == 2
     assert any(b"nobody@example.test" in t for t in texts)
     assert any(b"bob@remote.test" in t for t in texts)
+
+
+def test_a_notice_made_again_is_neither_queued_nor_journaled_twice(settings):
+    """As after a crash between queueing the notice and removing the original."""
+    from twistmail.journal import read_entries
+
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "nobody@example.test")
+    env = fq.load(QTMSINQ, qid)
+    failure = [Failure("nobody@example.test", "5.1.1", "550 5.1.1 user unknown")]
+    args = (fq, SqliteDirectory.from_settings(settings), processor.journal, settings.hostname,
+            env, failure, fq.body_path(qid, QTMSINQ))
+    nid = queue_notice(*args)
+    assert queue_notice(*args) == nid and fq.list(QTMSINQ).count(nid) == 1
+    processor.journal.flush()
+    entries = list(read_entries(processor.journal.directory, ["7P", "AP"]))
+    assert [e["code"] for e in entries] == ["7P", "AP"]

@@ -229,14 +229,9 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
         return None
     recipients = [env.originator]
     if kind == "failed":
-        journal.write("7P", f"7P UNDL {env.originator}", env.id, originator=env.originator)
         for copy in (nondelivery_address(directory), responsible):
             if copy and copy.lower() not in (r.lower() for r in recipients):
                 recipients.append(copy)  # the seed's NONDELIVERY user; NFYDLVRY's person
-    else:
-        code = "7W" if kind == "delayed" else "7R"
-        journal.write(code, f"{code} DSN {kind} {env.originator}", env.id, action=kind,
-                      recipients=[f.address for f in failures])
     nid = notice_id(env.id, kind, (f.address for f in failures), env.attempts)
     data = build_notice(
         hostname=hostname, queue_id=env.id, originator=env.originator,
@@ -254,6 +249,12 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
 
     def record() -> None:
         """Before the notice shows on QTMSINQ: its entries precede its delivery's."""
+        if kind == "failed":
+            journal.write("7P", f"7P UNDL {env.originator}", env.id, originator=env.originator)
+        else:
+            code = "7W" if kind == "delayed" else "7R"
+            journal.write(code, f"{code} DSN {kind} {env.originator}", env.id, action=kind,
+                          recipients=[f.address for f in failures])
         journal.write("AP", f"AP UNDL {nid}", nid, original=env.id)
         journal.write("A1", "A1 O <>", nid, originator="")
         for r in recipients:
