@@ -249,3 +249,101 @@ def test_arrivals_ask_for_a_scan_only_when_few_messages_wait(manager):
     manager.backlog.popitem()
     manager._start_ready(())  # a connection took one: now few are left
     assert manager._kick.active() and not manager.refill
+
+
+def _delivered(*qids: str, status: str = "delivered") -> bytes:
+    return json.dumps({"messages": [{"id": q, "results": [
+        {"address": "rcpt@remote.test", "status": status, "code": 250, "text": "ok"}]}
+        for q in qids]}).encode()
+
+
+def test_an_outcome_that_cannot_be_written_is_kept_and_written_later(manager, monkeypatch):
+    """Until it is written the message is not sent again: its envelope on disk
+    still shows pending a recipient the task delivered."""
+    fq = manager.queue
+    qid = _queued(fq, Recipient("ok@remote.test"), Recipient("slow@remote.test"))
+    env = fq.load(QTMSOUTQ, qid)
+    manager.backlog[qid] = (env, {"remote.test": ["ok@remote.test", "slow@remote.test"]})
+    manager.by_domain["remote.test"] = collections.deque([qid])
+    manager._start_ready(["remote.test"])
+    move = fq.move
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fq, "move", full)
+    manager.reactor = _Inline()
+    manager._result(1, json.dumps({"messages": [{"id": qid, "results": [
+        {"address": "ok@remote.test", "status": "delivered", "code": 250, "text": "ok"},
+        {"address": "slow@remote.test", "status": "temporary", "code": 451, "text": "later"},
+    ]}]}).encode())
+    assert fq.list(QTMSOUTQ) == [qid] and qid in manager.busy and qid in manager.record_retries
+    assert manager._due(False, None, frozenset()).work == []  # not sent again meanwhile
+    manager.reactor.advance(outbound.RECORD_RETRY)  # still full: later again
+    assert qid in manager.record_retries and fq.list(QTMSRTQ1) == []
+    monkeypatch.setattr(fq, "move", move)
+    manager.reactor.advance(2 * outbound.RECORD_RETRY)
+    assert fq.list(QTMSRTQ1) == [qid] and not manager.busy and not manager.record_retries
+    states = {r.address: r.state for r in fq.load(QTMSRTQ1, qid).recipients}
+    assert states == {"ok@remote.test": queuemod.DELIVERED, "slow@remote.test": queuemod.PENDING}
+
+
+def test_the_messages_of_a_task_whose_job_ended_go_alone_next_time(manager):
+    """Should one of them be what ends the jobs, it takes no other with it again."""
+    from types import SimpleNamespace
+
+    qids = _waiting(manager, *["remote.test"] * 8)
+    manager._start_ready(["remote.test"])
+    lost = manager.pool.tasks[0]
+    first = _task_ids(lost)
+    assert len(first) == 2
+    manager.reactor = _Inline()
+    manager._lost(SimpleNamespace(token=1, task=lost))
+    assert sorted(manager.queue.list(QTMSRTQ1)) == sorted(first)  # tried again later
+    assert manager.alone == set(first)
+    # Due again, they wait with others for the connections of their destination.
+    for qid in first:
+        env = manager.queue.load(QTMSRTQ1, qid)
+        manager.queue.move(qid, QTMSRTQ1, QTMSOUTQ)
+        manager.backlog[qid] = (env, {"remote.test": ["rcpt@remote.test"]})
+    later = _waiting(manager, *["remote.test"] * 4)
+    manager.by_domain["remote.test"] = collections.deque(first + later)
+    for token in (2, 3, 4):
+        manager._result(token, _delivered(*_task_ids(manager.pool.tasks[token - 1])))
+    after = [_task_ids(t) for t in manager.pool.tasks[4:]]
+    assert [[q] for q in first] == [t for t in after if set(t) & set(first)]
+    assert sorted(q for t in after for q in t) == sorted(first + later)
+    assert not manager.alone and len(qids) == 8
+
+
+def test_a_task_no_job_ran_stays_let_go_by_its_transfer(manager):
+    """With MAILXFRINT, it goes at the next scan, not at the next transfer."""
+    from types import SimpleNamespace
+
+    [qid] = _waiting(manager, "remote.test")
+    manager.schedule = SimpleNamespace(active=True, stop=lambda: None)
+    manager._start_ready(["remote.test"])
+    assert qid not in manager.released
+    manager._refused(SimpleNamespace(token=1, task=manager.pool.tasks[0]))
+    assert qid in manager.released and not manager.open and not manager.per_domain
+
+
+def test_each_entry_of_an_answer_stands_on_its_own():
+    line = json.dumps({"messages": [None, {"id": ["x"]}, {"id": "a", "results": "bad"},
+                                    {"id": "b", "results": []}, {"id": "b", "results": [1]},
+                                    {"id": "c"}]}).encode()
+    assert outbound._outcomes(line) == {"b": {"id": "b", "results": []}, "c": {"id": "c"}}
+    assert outbound._outcomes(b"not json") == outbound._outcomes(b'{"messages": 3}') == {}
+
+
+def test_no_relayed_notice_is_made_when_nothing_was_relayed(manager):
+    """Nor is a 7U journaled for a bounce that went nowhere."""
+    env = Envelope.new("", ()).with_recipients([Recipient("rcpt@remote.test")])
+    with manager.queue.new_spool(env) as spool:
+        spool.write(b"Subject: a notice\r\n\r\nhello\r\n")
+        qid = spool.commit(QTMSOUTQ)
+    manager._record(qid, {"dsn": False, "results": [
+        {"address": "rcpt@remote.test", "status": "temporary", "code": 421, "text": "no"}]},
+        last=True)
+    assert manager.queue.list(QTMSRTQ1) == [qid]
+    assert list(read_entries(manager.journal.directory, ["7U"])) == []

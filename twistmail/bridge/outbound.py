@@ -70,6 +70,11 @@ CONNECTIONS_PER_DOMAIN = 4
 #: task leaves all of them to be tried again, so the ones it had already
 #: delivered are sent twice: the batch stays small.
 BATCH = 8
+#: When writing a task's outcome for a message fails (a full or read-only
+#: disk), the outcome is kept and written again after this delay, doubling
+#: up to RECORD_RETRY_MAX; meanwhile the message is not sent again.
+RECORD_RETRY = 5.0  # seconds
+RECORD_RETRY_MAX = 300.0
 HOLD_FLAG = "QSMTPQ.held"
 TRANSFER_REQUEST = "QSMTPQ.transfer"
 TRANSFER_STATE = "QSMTPQ.lastxfr"  # when the last MAILXFRINT transfer was
@@ -144,6 +149,11 @@ class OutboundManager:
         self.full_noted: dict[str, set[str]] = {}  # queue id -> domains journaled full (86)
         self.recording: collections.Counter[str] = collections.Counter()  # outcomes being written
         self.busy: set[str] = set()  # messages being settled or scanned
+        #: Outcomes whose writing failed, by message: the call that writes them again.
+        self.record_retries: dict[str, Any] = {}
+        #: Messages of a task whose client job ended in the middle: each goes
+        #: alone next time, so a message that kills jobs takes no other with it.
+        self.alone: set[str] = set()
         self.loop: task.LoopingCall | None = None
         self.scanning = False
         # Envelope updates of one message, one at a time; messages in parallel.
@@ -180,6 +190,10 @@ class OutboundManager:
 
     def stop(self) -> None:
         self.schedule.stop()
+        for call in self.record_retries.values():
+            if call.active():
+                call.cancel()  # the message is still on QTMSOUTQ: sent again after the start
+        self.record_retries.clear()
         if self.loop is not None and self.loop.running:
             self.loop.stop()
         if self._kick is not None and self._kick.active():
@@ -478,13 +492,15 @@ class OutboundManager:
         message only when more wait than connections are free.
         """
         free = CONNECTIONS_PER_DOMAIN - self.per_domain[domain]
-        size = min(BATCH, -(-(len(waiting) + 1) // free))
+        size = 1 if env.id in self.alone else min(BATCH, -(-(len(waiting) + 1) // free))
         batch = [env]
         while len(batch) < size and waiting:
             pending = self._next_waiting(waiting)
             if pending is None:
                 continue
-            if len(pending[1]) > 1:  # it goes alone, when all its destinations are free
+            # A message for several destinations goes alone, when all of them
+            # are free; so does one whose last task ended with its job.
+            if len(pending[1]) > 1 or pending[0].id in self.alone:
                 waiting.appendleft(pending[0].id)
                 break
             batch.append(pending[0])
@@ -515,6 +531,7 @@ class OutboundManager:
         qid = env.id
         self.touched.add(qid)
         self.released.discard(qid)
+        self.alone.discard(qid)
         self.open[qid] = set(domains)
 
     def _submit(self, domain: str, messages: list[tuple[Envelope, list[str]]]) -> None:
@@ -569,19 +586,28 @@ class OutboundManager:
             self.refused_early.add(request.token)
 
     def _not_run(self, token: int) -> None:
-        """The task's messages wait on QTMSOUTQ for the next scan, unchanged."""
+        """The task's messages wait on QTMSOUTQ for the next scan, unchanged.
+
+        A mail transfer (MAILXFRINT) let them go: they stay let go, and do
+        not wait for the next transfer.
+        """
         entry = self._forget(token)
         if entry is not None:
             for qid in entry[1]:
                 if qid not in self.open:
                     self.started.pop(qid, None)
+                    if self.schedule.active:
+                        self.released.add(qid)
 
     def _lost(self, request: Any) -> None:
         """The client job ended in the middle of the task (it crashed, it was killed).
 
         Whether the next hop took the message is unknown, so every recipient
         of the task counts as a temporary failure and is tried again later:
-        at least once, never lost.
+        at least once, never lost.  Each message of the task goes alone next
+        time: should one of them be what ends the jobs, it takes no other
+        message with it again (to be sent twice, and bounced once its
+        retries are used up).
         """
         task = json.loads(request.task)
         if request.token in self.etrn_tasks:
@@ -589,6 +615,7 @@ class OutboundManager:
             self._etrn_refused(task.get("nodes", []))
             return
         text = "4.3.0 the SMTP client job ended during delivery"
+        self.alone.update(m["id"] for m in task.get("messages", ()))
         messages = [{"id": m["id"], "results": [
             {"address": a, "status": "temporary", "code": 451, "text": text}
             for a in m["recipients"]]} for m in task.get("messages", [])]
@@ -628,10 +655,7 @@ class OutboundManager:
             return
         domain, qids = entry
         self._start_ready((domain,))
-        try:
-            by_id = {m["id"]: m for m in json.loads(line)["messages"]}
-        except (ValueError, KeyError, TypeError):
-            by_id = {}  # no outcome: every recipient is tried again
+        by_id = _outcomes(line)  # a message without one is tried again
         items = []
         for qid in qids:
             last = qid not in self.open and not self.recording[qid]
@@ -643,30 +667,70 @@ class OutboundManager:
                                       self._record_all, items)
 
         def recorded(failures: Any) -> None:
-            for qid, why in failures or ():
-                self.log.failure("recording the delivery result of {qid} failed", why, qid=qid)
-            for qid, _, last, _ in items:
-                self.recording[qid] -= 1
-                self.touched.add(qid)
-                if self.recording[qid]:
-                    continue  # another outcome of it is still being written
-                del self.recording[qid]
-                self.busy.discard(qid)
-                if last:
-                    self.full_noted.pop(qid, None)
-                elif qid not in self.open:
-                    self._settle(qid)
+            failed = dict(failures or ())
+            for item in items:
+                why = failed.get(item[0])
+                if why is None:
+                    self._recorded(item[0], item[2])
+                else:
+                    self._record_later(item, why, RECORD_RETRY)
 
         d.addErrback(lambda f: self.log.failure("recording delivery results failed", f))
         d.addCallback(recorded)
 
+    def _recorded(self, qid: str, last: bool) -> None:
+        self.recording[qid] -= 1
+        self.touched.add(qid)
+        if self.recording[qid]:
+            return  # another outcome of it is still being written
+        del self.recording[qid]
+        self.busy.discard(qid)
+        if last:
+            self.full_noted.pop(qid, None)
+        elif qid not in self.open:
+            self._settle(qid)
+
+    def _record_later(self, item: tuple[str, dict[str, Any], bool, Envelope | None],
+                      why: failure.Failure, delay: float) -> None:
+        """Writing an outcome failed: keep it and write it again later.
+
+        The message stays busy meanwhile.  Free, the next scan would find
+        its envelope as the task found it and send it again, to recipients
+        already delivered too, every second for as long as the disk refuses.
+        """
+        qid = item[0]
+        self.log.failure("recording the delivery result of {qid} failed; trying again in "
+                         "{delay:.0f}s", why, qid=qid, delay=delay)
+
+        def again() -> None:
+            self.record_retries.pop(qid, None)
+            d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                          self._record_all, [item])
+
+            def done(failures: Any) -> None:
+                if failures:
+                    self._record_later(item, failures[0][1], min(2 * delay, RECORD_RETRY_MAX))
+                else:
+                    self._recorded(qid, item[2])
+
+            d.addCallback(done)
+            d.addErrback(lambda f: self.log.failure("recording {qid} failed", f, qid=qid))
+
+        self.record_retries[qid] = self.reactor.callLater(delay, again)
+
     def _record_all(self, items: list[tuple[str, dict[str, Any], bool, Envelope | None]]
                     ) -> list[tuple[str, failure.Failure]]:
-        """``_record`` for each message of a task; one's error does not stop the others."""
+        """``_record`` for each message of a task; one's error does not stop the others.
+
+        A message removed meanwhile (DLTQ, ``wrkq --delete``) has nothing to write.
+        """
         failures = []
         for qid, result, last, known in items:
             try:
                 self._record(qid, result, last, known)
+            except KeyError:
+                if self.queue.find(qid) is not None:
+                    failures.append((qid, failure.Failure()))
             except Exception:
                 failures.append((qid, failure.Failure()))
         return failures
@@ -706,8 +770,9 @@ class OutboundManager:
             # The next hop takes no DSN: SUCCESS requests end here, as "relayed".
             relayed = [Failure(a, "2.0.0", f"{o['code']} {o['text']}", "relayed")
                        for a, o in outcome.items() if o["status"] == "delivered"]
-            queue_notice(self.queue, self.directory, self.journal, self.settings.hostname,
-                         env, relayed, self.queue.body_path(qid))
+            if relayed:
+                queue_notice(self.queue, self.directory, self.journal,
+                             self.settings.hostname, env, relayed, self.queue.body_path(qid))
         return env
 
     def _settle(self, qid: str) -> None:
@@ -795,6 +860,23 @@ class OutboundManager:
         if attempts <= first_count + second_count:
             return QTMSRTQ2, "8D", second_unit
         return None
+
+
+def _outcomes(line: bytes) -> dict[str, dict[str, Any]]:
+    """A task's answer by message; an entry that makes no sense is left out alone.
+
+    The first entry of a message counts, should a job name it twice.
+    """
+    try:
+        entries = json.loads(line)["messages"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    by_id: dict[str, dict[str, Any]] = {}
+    for m in entries if isinstance(entries, list) else ():
+        if isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(
+                m.get("results", []), list):
+            by_id.setdefault(m["id"], m)
+    return by_id
 
 
 def _sending(env: Envelope, rcpts: list[str]) -> dict[str, Any]:
