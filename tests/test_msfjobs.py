@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from twistmail import config as configmod
-from twistmail.bridge.manager import MAX_JOB_ENDS, QueueManager
+from twistmail.bridge.manager import MAX_JOB_ENDS, RECOVER_EVERY, RESCAN_EVERY, QueueManager
 from twistmail.bridge.msfjobs import JobEnded, JobFailed, MsfJobs, _Job
 from twistmail.directory import SqliteDirectory
 from twistmail.interfaces import CORRUPT, QTMSINQ
@@ -165,6 +165,60 @@ class PoisonMessageTests(unittest.TestCase):
         self.assertEqual(fq.list(CORRUPT), [qid])
         self.assertEqual(journal.entries, [("7Y", f"7Y CRP {qid}")])
         self.assertEqual(dict(manager.job_ends), {})
+
+
+class _Inline(Clock):
+    """A reactor whose thread pool runs work at once, in the reactor's thread."""
+
+    def getThreadPool(self):
+        return self
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        on_result(True, f(*args, **kwargs))
+
+
+class BusyJobs:
+    """Two jobs that hold each message until told to finish it."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+        self.on_free = lambda: None
+
+    def free(self) -> int:
+        return 2 - len(self.pending)
+
+    def process(self, queue_id: str) -> Deferred:
+        self.pending.append(Deferred())
+        return self.pending[-1]
+
+    def finish(self) -> None:
+        self.pending.pop(0).callback(True)
+
+
+def test_recovery_comes_at_least_every_minute_under_steady_load(tmp_path):
+    """It waits for no job to be busy; under steady load the jobs get no new
+    message until the busy ones finish.  The first recovery readies the bridge."""
+    fq = FileQueue(tmp_path / "queue")
+    for _ in range(5):  # never removed by these jobs: the load never ends
+        with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
+            spool.write(b"Subject: hi\r\n\r\nbody\r\n")
+            spool.commit(QTMSINQ)
+    clock, jobs, recoveries = _Inline(), BusyJobs(), []
+    recover = fq.recover
+    fq.recover = lambda: recoveries.append(clock.seconds()) or recover()  # type: ignore[method-assign]
+    manager = QueueManager(clock, fq, jobs, Recorder(), lambda: False)
+    manager._watch = lambda: None  # type: ignore[method-assign]
+    assert manager.start().called and recoveries == [0]
+    while clock.seconds() < RECOVER_EVERY:
+        clock.advance(RESCAN_EVERY)
+        assert len(jobs.pending) == 2  # always busy
+        jobs.finish()
+    assert recoveries == [0] and len(jobs.pending) == 1  # recovery due: nothing new
+    jobs.finish()
+    assert recoveries == [0, RECOVER_EVERY] and len(jobs.pending) == 2
 
 
 class RealJobTests(unittest.TestCase):

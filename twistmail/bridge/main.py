@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = MsfJobs(reactor, args.config, args.nbrmsfjob, journal, _fork_server(reactor, launcher))
     manager = QueueManager(reactor, queue, jobs, journal, storage_probe(settings))
     pool, outbound = _outbound(reactor, settings, queue, SqliteDirectory.from_settings(settings))
-    reactor.callWhenRunning(manager.start)
     reactor.callWhenRunning(pool.start)
-    reactor.callWhenRunning(outbound.start)
+    # The outbound side moves queued mail too: it starts after the first recovery.
+    reactor.callWhenRunning(lambda: manager.start().addBoth(lambda _: outbound.start()))
     reactor.addSystemEventTrigger("before", "shutdown", manager.stop)
     reactor.addSystemEventTrigger("before", "shutdown", jobs.stop)
     reactor.addSystemEventTrigger("before", "shutdown", outbound.stop)

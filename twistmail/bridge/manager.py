@@ -20,7 +20,7 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import task, threads
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
@@ -28,6 +28,10 @@ from twistmail.bridge.msfjobs import JobEnded
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ
 
 RESCAN_EVERY = 5.0  # seconds
+#: The longest time between two recoveries.  Recovery waits for a moment no
+#: QMSF job is busy; under steady load there may be none, and then the jobs
+#: are given nothing new until the busy ones finish (milliseconds).
+RECOVER_EVERY = 60.0  # seconds
 MAX_JOB_ENDS = 3  # a message its QMSF job died on this many times is set aside
 
 
@@ -47,17 +51,27 @@ class QueueManager:
         self.running = 0
         self.scanning = False
         self.recovering = False
+        self.recovery_due = False  # no new work for the jobs: recovery runs once they are done
+        self.recovered_at = float("-inf")
+        #: Fires once the first rescan, with its recovery, is done.
+        self.ready: defer.Deferred = defer.Deferred()
         self.rescan_loop: task.LoopingCall | None = None
         self.notifier: Any = None
         self.processed = 0
         #: Messages whose QMSF job died while processing them, and how often.
         self.job_ends: collections.Counter[str] = collections.Counter()
 
-    def start(self) -> None:
+    def start(self) -> defer.Deferred:
+        """Watch and rescan; the Deferred fires once the first recovery is done.
+
+        Recovery must not race the bridge's other movers of queued mail, so
+        the outbound side starts only then.
+        """
         self._watch()
         self.rescan_loop = task.LoopingCall(self.rescan)
         self.rescan_loop.clock = self.reactor
         self.rescan_loop.start(RESCAN_EVERY, now=True)
+        return self.ready
 
     def stop(self) -> None:
         if self.rescan_loop is not None and self.rescan_loop.running:
@@ -91,10 +105,15 @@ class QueueManager:
         """Recover debris, release parked mail, pick up anything a wake-up missed."""
         if self.scanning:
             return None
+        if self.running and self.reactor.seconds() - self.recovered_at >= RECOVER_EVERY:
+            self.recovery_due = True  # the last job to finish starts it
+            return None
         self.scanning = True
         # Recovery must not race a job's moves, so it runs only while none
         # is busy, and no job gets a message until it is done.
         self.recovering = self.running == 0
+        if self.recovering:
+            self.recovery_due = False
         d = threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), self._scan, self.recovering
         )
@@ -128,7 +147,13 @@ class QueueManager:
 
     def _scan_done(self, _: Any) -> None:
         self.scanning = False
+        if self.recovering:
+            self.recovered_at = self.reactor.seconds()
+            if not self.ready.called:
+                self.ready.callback(None)
         self.recovering = False
+        if self.recovery_due and not self.running:
+            self.rescan()
         self._pump()
 
     def _add(self, qid: str) -> None:
@@ -137,7 +162,7 @@ class QueueManager:
             self.todo.append(qid)
 
     def _pump(self) -> None:
-        while self.todo and not self.recovering and self.jobs.free():
+        while self.todo and not (self.recovering or self.recovery_due) and self.jobs.free():
             qid = self.todo.popleft()
             self.running += 1
             d = self.jobs.process(qid)
@@ -176,4 +201,6 @@ class QueueManager:
         self.running -= 1
         self.known.discard(qid)
         self.processed += 1
+        if self.recovery_due and not self.running:
+            self.rescan()
         self._pump()
