@@ -347,3 +347,21 @@ def test_no_relayed_notice_is_made_when_nothing_was_relayed(manager):
         last=True)
     assert manager.queue.list(QTMSRTQ1) == [qid]
     assert list(read_entries(manager.journal.directory, ["7U"])) == []
+
+
+def test_a_destination_no_job_ran_leaves_its_message_for_the_next_scan(manager):
+    """Not in a retry queue, with an attempt counted, for its other destination's outcome."""
+    from types import SimpleNamespace
+
+    [qid] = _waiting(manager, "remote.test,other.test")
+    manager._start_ready(["remote.test"])
+    tokens = {json.loads(t)["domain"]: i + 1 for i, t in enumerate(manager.pool.tasks)}
+    manager._refused(SimpleNamespace(token=tokens["other.test"], task=b""))
+    manager.reactor = _Inline()
+    manager._result(tokens["remote.test"], _delivered(qid))
+    env = manager.queue.load(QTMSOUTQ, qid)
+    assert manager.queue.list(QTMSRTQ1) == [] and env.attempts == 0
+    assert {r.address: r.state for r in env.recipients} == {
+        "rcpt@remote.test": queuemod.DELIVERED, "rcpt@other.test": queuemod.PENDING}
+    assert not (manager.busy or manager.untried or manager.open)
+    assert [e.id for e, _ in manager._due(False, None, frozenset()).work] == [qid]

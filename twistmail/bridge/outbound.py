@@ -154,6 +154,10 @@ class OutboundManager:
         #: Messages of a task whose client job ended in the middle: each goes
         #: alone next time, so a message that kills jobs takes no other with it.
         self.alone: set[str] = set()
+        #: Messages for several destinations one of whose tasks no job ran:
+        #: once the others answer, they wait on QTMSOUTQ for the next scan,
+        #: not in a retry queue with an attempt counted.
+        self.untried: set[str] = set()
         self.loop: task.LoopingCall | None = None
         self.scanning = False
         # Envelope updates of one message, one at a time; messages in parallel.
@@ -594,7 +598,9 @@ class OutboundManager:
         entry = self._forget(token)
         if entry is not None:
             for qid in entry[1]:
-                if qid not in self.open:
+                if qid in self.open:
+                    self.untried.add(qid)  # its other destinations' outcomes do not settle it
+                else:
                     self.started.pop(qid, None)
                     if self.schedule.active:
                         self.released.add(qid)
@@ -658,7 +664,7 @@ class OutboundManager:
         by_id = _outcomes(line)  # a message without one is tried again
         items = []
         for qid in qids:
-            last = qid not in self.open and not self.recording[qid]
+            last = qid not in self.open and not self.recording[qid] and qid not in self.untried
             known = self.started.pop(qid, None) if last else None  # one task: always its last
             self.recording[qid] += 1
             self.busy.add(qid)
@@ -687,6 +693,9 @@ class OutboundManager:
         self.busy.discard(qid)
         if last:
             self.full_noted.pop(qid, None)
+        elif qid in self.untried:
+            if qid not in self.open:
+                self.untried.discard(qid)  # its outcomes are written: the next scan sends it
         elif qid not in self.open:
             self._settle(qid)
 
