@@ -116,9 +116,11 @@ class _Sender:
         self.in_body = bool(prefix)  # a piece's own header block comes first
 
     def start(self) -> None:
+        self.session.sender = self
         self.session.transport.registerProducer(self, False)
 
     def resumeProducing(self) -> None:
+        self.session.reset_timeout()  # the client is reading: it is not idle
         out = b""
         if self.prefix:
             out = self.stuffer.feed(self.prefix)
@@ -134,6 +136,7 @@ class _Sender:
             self.session.transport.write(out)
 
     at_end = False  # the last read reached the end of the range
+    line_start = True  # the last read ended a line (TOP)
 
     def _read(self) -> bytes:
         if self.lines is not None:
@@ -161,20 +164,25 @@ class _Sender:
                 self.left -= len(line)
             out.append(line)
             if not self.in_body:
-                if line in (b"\r\n", b"\n"):
+                # A header line longer than a read comes in pieces: only a
+                # whole line can be the blank one.
+                if self.line_start and line in (b"\r\n", b"\n"):
                     self.in_body = True
             elif line.endswith(b"\n"):
                 self.lines -= 1
+            self.line_start = line.endswith(b"\n")
         return b"".join(out)
 
     def _finish(self, out: bytes = b"") -> None:
         self.session.transport.write(out + self.stuffer.end())
         self.session.transport.unregisterProducer()
         self.f.close()
+        self.session.sender = None
         self.session.sent()
 
     def stopProducing(self) -> None:
         self.f.close()
+        self.session.sender = None
 
 
 class POP3Session(SequentialSession):
@@ -195,6 +203,7 @@ class POP3Session(SequentialSession):
         self.deleted: set[int] = set()
         self.failures = 0
         self.peer_ip = "unknown"
+        self.sender: _Sender | None = None  # the reply being streamed
 
     # -- connection -------------------------------------------------------
 
@@ -225,6 +234,13 @@ class POP3Session(SequentialSession):
             self.log.failure("closing a mailbox failed")
 
     def timed_out(self) -> None:
+        if self.sender is not None:
+            # The client stopped reading a reply: an -ERR now would land in
+            # the middle of the message, and the client could take the rest
+            # for the message.  The connection is cut instead.
+            self.closing = True
+            self.transport.abortConnection()
+            return
         self.err("Idle too long, closing connection")
         self.close()
 
@@ -276,7 +292,7 @@ class POP3Session(SequentialSession):
             self.err("Syntax error: not UTF-8")
             return
         verb, _, arg = text.partition(" ")
-        handler = getattr(self, f"pop_{verb.upper()}", None) if verb.isalpha() else None
+        handler = getattr(self, f"pop_{verb.upper()}", None) if _word(verb) else None
         if handler is None:
             self.err("Command not recognized")
             return
@@ -296,6 +312,8 @@ class POP3Session(SequentialSession):
 
     def pop_CAPA(self, arg: str) -> None:
         caps = list(CAPS)
+        if self.factory.alwssl == "*ONLY" and not self.tls:
+            caps.remove("USER")  # refused until TLS is up (RFC 2449 §6.4)
         if self._stls_offered():
             caps.append("STLS")
         caps.append("IMPLEMENTATION twistmail")
@@ -361,8 +379,21 @@ class POP3Session(SequentialSession):
             return None
         self.box, self.logout = box, logout
         self.usrprf = box.maildir.parent.name
+        if self.factory.msgsplit is None:
+            return self._ready(self._items(box))
+        # Cutting large messages into pieces (MSGSPLIT) reads them: in a thread.
+        d = self.factory.in_thread(self._items, box)
+        return d.addCallbacks(self._ready, self._not_ready)
+
+    def _not_ready(self, failure: Any) -> Any:
+        self._release(commit=False)  # the client may try again: the lock must not stay
+        return failure
+
+    def _ready(self, items: list[Item]) -> Any:
+        if self.closing:
+            return None  # the connection is gone, and the mailbox with it
+        self.items = items
         self.state = "TRANSACTION"
-        self.items = self._items(box)
         count, octets = self._stat()
         j = self.factory.journal
         j.write("QL", f"QL LOGIN {self.peer_ip}", ip=self.peer_ip, usrprf=self.usrprf,
@@ -407,11 +438,10 @@ class POP3Session(SequentialSession):
         return items
 
     def _pieces(self, box: Any, m: Any, limit: int, before: int) -> list[Item]:
-        """RFC 2046 §5.2.2 pieces of one message, cut at line ends."""
+        """RFC 2046 §5.2.2 pieces of one message, cut at line ends (read a piece at a time)."""
         with box.read(m.index) as f:
-            data = f.read()
-        headers = _header_fields(data)
-        cuts = _cut(data, max(1024, limit - 1024))
+            headers = _header_fields(f.read(MAX_HEADER_BYTES))
+            cuts = _cut(f, max(1024, limit - 1024))
         total = len(cuts)
         pid = f"{m.uidl}@{self.factory.hostname}"
         out = []
@@ -424,7 +454,7 @@ class POP3Session(SequentialSession):
 
     def _item(self, arg: str) -> Item | None:
         arg = arg.strip()
-        if not arg.isdigit():
+        if not _number(arg):
             self.err("Syntax: a message number is required")
             return None
         n = int(arg)
@@ -479,7 +509,7 @@ class POP3Session(SequentialSession):
 
     def pop_TOP(self, arg: str) -> Any:
         parts = arg.split()
-        if len(parts) != 2 or not parts[1].isdigit():
+        if len(parts) != 2 or not _number(parts[1]):
             self.err("Syntax: TOP message lines")
             return None
         item = self._item(parts[0])
@@ -543,7 +573,9 @@ class POP3Session(SequentialSession):
             self.close()
             return None
         self.state = "UPDATE"
-        box = self.box
+        # QUIT owns the mailbox now: a connection lost meanwhile must not
+        # close it (and free its lock) under decide() and expunge().
+        box, self.box = self.box, None
         gone = self._files_to_delete()
         for index in gone:
             box.mark_deleted(index)
@@ -552,7 +584,6 @@ class POP3Session(SequentialSession):
         d = self.factory.in_thread(box.decide)
 
         def decided(_: Any) -> None:
-            self.box = None
             self.factory.journal.write("QD", f"QD DEL {self.usrprf} {len(gone)}",
                                        usrprf=self.usrprf, deleted=len(gone), ip=self.peer_ip)
             self.ok(f"{self.factory.hostname} signing off ({len(gone)} messages deleted)")
@@ -564,7 +595,10 @@ class POP3Session(SequentialSession):
             )
 
         def failed(failure: Any) -> None:
-            self.box = None
+            try:
+                box.close()  # nothing was decided: nothing goes
+            except Exception:
+                self.log.failure("closing a mailbox failed")
             self.log.failure("QUIT could not remove messages", failure)
             self.err("[SYS/TEMP] Some deleted messages were not removed")
             self.close()
@@ -582,6 +616,19 @@ class POP3Session(SequentialSession):
         return [index for index, all_marked in wanted.items() if all_marked]
 
 
+def _word(text: str) -> bool:
+    """A command name: ASCII letters only (``str.isalpha`` takes any script's)."""
+    return text.isascii() and text.isalpha()
+
+
+def _number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` takes superscripts, which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
+MAX_HEADER_BYTES = 64 * 1024  # what MSGSPLIT reads of a message for its pieces' headers
+
+
 def _header_fields(data: bytes) -> dict[bytes, bytes]:
     head = data.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
     out: dict[bytes, bytes] = {}
@@ -592,17 +639,21 @@ def _header_fields(data: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _cut(data: bytes, size: int) -> list[tuple[int, int]]:
+def _cut(f: BinaryIO, size: int) -> list[tuple[int, int]]:
+    """Byte ranges of at most ``size``, each ending with a line where one ends in it."""
     cuts = []
     start = 0
-    while start < len(data):
-        end = min(len(data), start + size)
-        if end < len(data):
-            nl = data.rfind(b"\n", start, end)
-            end = nl + 1 if nl >= start else end
+    while True:
+        f.seek(start)
+        data = f.read(size + 1)  # one more byte: is there more after this piece?
+        if not data:
+            return cuts
+        end = start + len(data)
+        if len(data) > size:
+            nl = data.rfind(b"\n", 0, size)
+            end = start + (nl + 1 if nl >= 0 else size)
         cuts.append((start, end))
         start = end
-    return cuts
 
 
 def _partial_header(fields: dict[bytes, bytes], pid: str, n: int, total: int,

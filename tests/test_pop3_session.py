@@ -1,0 +1,161 @@
+"""One POP3 session in-process (StringTransport, Clock): timing and hostile input.
+
+The protocol itself is tested with real clients against a running daemon in
+test_pop3.py; here are the cases that need a clock or a client that stops
+reading, which a real socket cannot show in reasonable time.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from twistmail.auth import IMailboxAccess
+from twistmail.maildir import MailboxInUse, MaildirStore
+from twistmail.pop3.server import CHUNK, POP3Factory, _cut
+
+INACTTIMO = 600
+
+
+class _Journal:
+    def write(self, *args: object, **fields: object) -> None:
+        pass
+
+
+class _Portal:
+    def __init__(self, store: MaildirStore) -> None:
+        self.store = store
+
+    def login(self, creds, mind, iface):
+        box = self.store.open(creds.username.decode())
+        return defer.succeed((IMailboxAccess, box, box.close))
+
+
+class _Factory(POP3Factory):
+    """Thread work runs at once, unless a test holds it."""
+
+    hold: list | None = None
+
+    def in_thread(self, f, *args):
+        if self.hold is None:
+            return defer.maybeDeferred(f, *args)
+        d: defer.Deferred = defer.Deferred()
+        self.hold.append((d, f, args))
+        return d
+
+    def record_login(self, ip, usrprf):
+        return defer.succeed(None)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return MaildirStore(tmp_path / "mailboxes", "mail.example.test")
+
+
+def _deliver(store: MaildirStore, tmp_path, data: bytes, n: int = 1) -> None:
+    body = tmp_path / f"body{n}"
+    body.write_bytes(data)
+    store.deliver("SAM", f"Q{n}.R1", body, b"")
+
+
+def _session(store, alwssl: str = "*YES", msgsplit_kb: int | None = None):
+    clock = Clock()
+    factory = _Factory(reactor=clock, hostname="mail.example.test", portal=_Portal(store),
+                       directory=None, journal=_Journal(), inacttimo=INACTTIMO,
+                       msgsplit_kb=msgsplit_kb, alwssl=alwssl, tls_options=None,
+                       implicit_tls=False, on_done=lambda: None, fail_delay=0.0)
+    session = factory.buildProtocol(None)
+    transport = StringTransport()
+    session.makeConnection(transport)
+    return clock, factory, session, transport
+
+
+def _login(session, transport) -> None:
+    session.dataReceived(b"USER sam\r\nPASS secret\r\n")
+    assert transport.value().splitlines()[-1].startswith(b"+OK SAM has")
+    transport.clear()
+
+
+def test_a_client_that_stops_reading_a_reply_is_cut_off_not_sent_an_error(store, tmp_path):
+    """Output that moves keeps the session alive; an -ERR in the middle of a
+    message would be taken for part of it."""
+    _deliver(store, tmp_path, b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 20000)
+    clock, _, session, transport = _session(store)
+    _login(session, transport)
+    session.dataReceived(b"RETR 1\r\n")
+    for _ in range(4):  # the client reads slowly, for longer than the timeout in all
+        clock.advance(INACTTIMO * 0.6)
+        session.sender.resumeProducing()
+    assert not transport.disconnecting
+    clock.advance(INACTTIMO)  # it stops reading
+    assert transport.disconnecting and b"-ERR" not in transport.value()
+
+
+@pytest.mark.parametrize("line", [b"LIST \xc2\xb2", b"RETR \xd9\xa1", b"TOP 1 \xc2\xb2",
+                                  b"DELE \xc2\xb2", b"\xc5\xbftat"])
+def test_digits_and_letters_of_other_scripts_get_an_error(store, tmp_path, line):
+    _deliver(store, tmp_path, b"Subject: hi\r\n\r\nbody\r\n")
+    _, _, session, transport = _session(store)
+    _login(session, transport)
+    session.dataReceived(line + b"\r\nNOOP\r\n")
+    replies = transport.value().splitlines()
+    assert replies[0].startswith(b"-ERR") and replies[1] == b"+OK"
+
+
+def test_top_finds_the_blank_line_after_a_header_longer_than_a_read(store, tmp_path):
+    # A read takes CHUNK octets: the line's CRLF comes alone in the next.
+    _deliver(store, tmp_path, b"X-Long: " + b"a" * (CHUNK - 8) + b"\r\nSubject: after\r\n\r\n"
+             b"body\r\n")
+    _, _, session, transport = _session(store)
+    _login(session, transport)
+    session.dataReceived(b"TOP 1 0\r\n")
+    while session.sender is not None:
+        session.sender.resumeProducing()
+    assert b"Subject: after\r\n" in transport.value()
+    assert b"body" not in transport.value()
+
+
+def test_capa_offers_no_user_where_a_plaintext_login_is_refused(store):
+    _, _, session, transport = _session(store, alwssl="*ONLY")
+    session.dataReceived(b"CAPA\r\n")
+    assert b"USER\r\n" not in transport.value() and b"TOP\r\n" in transport.value()
+
+
+def test_a_connection_lost_during_quit_keeps_the_mailbox_locked_until_done(store, tmp_path):
+    _deliver(store, tmp_path, b"Subject: hi\r\n\r\nbody\r\n")
+    _, factory, session, transport = _session(store)
+    _login(session, transport)
+    factory.hold = []
+    session.dataReceived(b"DELE 1\r\nQUIT\r\n")
+    session.connectionLost(None)  # while the list of what goes is being written
+    with pytest.raises(MailboxInUse):
+        store.open("SAM")
+    while factory.hold:
+        d, f, args = factory.hold.pop(0)
+        d.callback(f(*args))  # decide, then expunge, which lets go of the lock
+    with store.open("SAM") as box:
+        assert box.messages() == []
+
+
+@pytest.mark.parametrize("data", [b"", b"a" * 2500, b"line\n" * 1000, b"x" * 999 + b"\n" +
+                                  b"y" * 3000, b"ab\r\n" * 700])
+def test_pieces_are_cut_at_line_ends_reading_a_piece_at_a_time(data):
+    cuts = _cut(io.BytesIO(data), 1024)
+    assert b"".join(data[a:b] for a, b in cuts) == data
+    assert all(0 < b - a <= 1024 for a, b in cuts)
+    for a, b in cuts[:-1]:  # a cut falls after a line end where the piece has one
+        assert data[b - 1:b] == b"\n" or b"\n" not in data[a:b]
+
+
+def test_msgsplit_pieces_are_listed_at_login(store, tmp_path):
+    _deliver(store, tmp_path, b"Subject: big\r\n\r\n" + (b"z" * 60 + b"\r\n") * 3000)
+    _, _, session, transport = _session(store, msgsplit_kb=64)
+    session.dataReceived(b"USER sam\r\nPASS secret\r\nLIST\r\n")
+    replies = transport.value().splitlines()
+    assert replies[2].startswith(b"+OK SAM has 3 messages")
+    assert replies[3:] == [b"+OK 3 messages (186736 octets)", b"1 64736", b"2 64720",
+                           b"3 57280", b"."]
