@@ -8,6 +8,7 @@ import email.policy
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import time
 from email.message import EmailMessage
@@ -548,3 +549,33 @@ def test_filter_discard(make_appliance):
     a.wait_for(lambda: a.journal("OW"), 15, "the filter entry")
     assert a.mailbox("SAM") == [] and a.queue_files("quarantine") == []
     assert a.journal("OW")[0]["action"] == "discarded"
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_client_that_reads_no_replies_stops_being_read(post):
+    """Pipelined commands whose replies the client never reads: the job stops
+    reading once its output is full, so the client's sends stall and the
+    job's memory stays as it was."""
+    a = post
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(a.addr("smtp"))
+    sock.sendall(b"EHLO client.example\r\n")
+    job = _busy_job(a)
+    before = _rss_kb(job)
+    sock.setblocking(False)
+    chunk = b"NOOP\r\n" * 10_000
+    sent, last_progress = 0, time.monotonic()
+    while time.monotonic() - last_progress < 1.5 and sent < 32 * 2**20:
+        try:
+            sent += sock.send(chunk)
+            last_progress = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.05)
+    grown = _rss_kb(job) - before
+    sock.close()
+    assert sent < 32 * 2**20 and grown < 16 * 1024, (sent, grown)

@@ -575,3 +575,28 @@ def test_a_session_that_ends_otherwise_frees_the_job_when_it_is_gone():
     assert s.done == 0
     s.proto.connectionLost(None)
     assert s.done == 1
+
+
+def test_a_client_that_reads_no_replies_is_not_read_either():
+    """Replies pile up in the transport only until its buffer is full: then the
+    transport pauses the session (its producer), which handles no command and
+    reads nothing until the client has read."""
+    s = Session()
+    s.start()
+    assert s.tr.producer is s.proto and s.tr.streaming
+    s.send(b"NOOP\r\n" * 3)
+    assert s.codes() == [250, 250, 250]
+    s.proto.pauseProducing()  # as the transport does once its buffer is full
+    s.send(b"NOOP\r\n" * 1000)
+    assert s.replies() == [] and s.tr.producerState == "producing"
+    s.send(b"NOOP\r\n" * 11_000)  # more than max_pending: reading stops too
+    assert s.replies() == [] and s.tr.producerState == "paused"
+    s.proto.resumeProducing()  # the client read: the transport drained
+    assert s.tr.producerState == "producing" and s.codes() == [250] * 12_000
+
+
+def test_a_session_that_closes_stops_producing_so_the_connection_can_close():
+    s = Session()
+    s.start()
+    s.send(b"QUIT\r\n")
+    assert s.tr.producer is None and s.tr.disconnecting

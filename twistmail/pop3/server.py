@@ -117,6 +117,7 @@ class _Sender:
 
     def start(self) -> None:
         self.session.sender = self
+        self.session.lend_output()
         self.session.transport.registerProducer(self, False)
 
     def resumeProducing(self) -> None:
@@ -178,6 +179,7 @@ class _Sender:
         self.session.transport.unregisterProducer()
         self.f.close()
         self.session.sender = None
+        self.session.watch_output()
         self.session.sent()
 
     def stopProducing(self) -> None:
@@ -213,6 +215,7 @@ class POP3Session(SequentialSession):
             self.err("[SYS/PERM] TLS is disabled on this server (ALWSSL *NO); use port 110")
             self.close()
             return
+        self.watch_output()
         self.reset_timeout()
         self.ok(f"{self.factory.hostname} twistmail POP3 server ready")
 

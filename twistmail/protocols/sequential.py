@@ -4,8 +4,11 @@ A session handles one command at a time.  Input that arrives meanwhile
 waits in one bounded buffer: replies therefore go out in command order even
 when a step is asynchronous (a directory lookup, a durable commit, a login),
 and once the buffer holds more than ``max_pending`` bytes the session stops
-reading, so a client cannot make it hold unbounded input.  An idle session
-ends after the inactivity timeout.
+reading, so a client cannot make it hold unbounded input.  Output is bounded
+the same way: the session is its transport's streaming producer, and while
+the client does not read its replies (the transport's buffer is full) no
+command is handled, so input waits in the same bounded buffer.  An idle
+session ends after the inactivity timeout.
 
 Subclasses implement :meth:`step` (consume what they can from
 ``self.buffer``; False when more input is needed) and :meth:`timed_out`.
@@ -28,7 +31,9 @@ class SequentialSession(Protocol):
         self.buffer = b""
         self.busy = False  # a step is in progress, maybe asynchronously
         self.processing = False  # inside the loop of _process
-        self.paused = False
+        self.paused = False  # reading stopped: too much input waits
+        self.output_full = False  # the client does not read its replies
+        self.watching = False  # registered as the transport's producer
         self.closing = False
         self.timeout_call: Any = None
 
@@ -55,6 +60,38 @@ class SequentialSession(Protocol):
         if self.timeout_call is not None and self.timeout_call.active():
             self.timeout_call.cancel()
 
+    # -- output ---------------------------------------------------------------
+
+    def watch_output(self) -> None:
+        """Be told when the client stops reading: call once connected.
+
+        Something else that produces for the transport (a reply streamed
+        from a file) takes this place with :meth:`lend_output` and gives it
+        back with :meth:`watch_output`.
+        """
+        if not self.closing and not self.watching:
+            self.transport.registerProducer(self, True)
+            self.watching = True
+
+    def lend_output(self) -> None:
+        if self.watching:
+            self.watching = False
+            self.transport.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        # Reading goes on until max_pending bytes wait, as behind a slow step:
+        # a TLS layer pauses its producer during a handshake, which needs reading.
+        self.output_full = True
+
+    def resumeProducing(self) -> None:
+        if self.output_full:
+            self.output_full = False
+            if not self.closing:
+                self.resume_steps()
+
+    def stopProducing(self) -> None:
+        pass
+
     # -- input ----------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -63,8 +100,9 @@ class SequentialSession(Protocol):
         self.reset_timeout()
         self.buffer += data
         self._process()
-        if self.busy and len(self.buffer) > self.max_pending and not self.paused:
-            # Pipelined input piles up behind a slow step: stop reading.
+        if (self.busy or self.output_full) and len(self.buffer) > self.max_pending \
+                and not self.paused:
+            # Pipelined input piles up behind a slow step or unread replies: stop reading.
             self.paused = True
             self.transport.pauseProducing()
 
@@ -72,7 +110,7 @@ class SequentialSession(Protocol):
         """Run steps until the input runs out or one of them waits."""
         self.processing = True
         try:
-            while not self.busy and not self.closing:
+            while not (self.busy or self.closing or self.output_full):
                 if not self.step():
                     break
         finally:
@@ -87,8 +125,11 @@ class SequentialSession(Protocol):
     def resume(self, _: Any = None) -> None:
         """An asynchronous step finished: go on with what was pipelined meanwhile."""
         self.busy = False
+        self.resume_steps()
+
+    def resume_steps(self) -> None:
         if self.processing:
-            return  # it finished at once; the loop in _process goes on
+            return  # the loop in _process goes on
         self._process()
         if self.paused and not self.closing and len(self.buffer) <= self.max_pending:
             self.paused = False
@@ -98,4 +139,5 @@ class SequentialSession(Protocol):
         self.closing = True
         self.buffer = b""
         if self.transport is not None:
+            self.lend_output()  # a paused producer would keep the connection open for ever
             self.transport.loseConnection()

@@ -4,7 +4,7 @@
 turn: per reply, an ``epoll_ctl`` to watch for writability, a turn of the
 loop, the send, and another ``epoll_ctl``.  Our sessions answer one command
 at a time, so nearly every reply finds the connection idle; on a plain TCP
-connection with an empty buffer and no producer the socket can take the
+connection with an empty buffer and no reply streaming from a file the socket can take the
 bytes now.  Whatever it does not take goes through ``transport.write``
 behind them, so the order of the bytes is kept.
 
@@ -31,7 +31,10 @@ def _idle(transport: Any) -> bool:
         and not transport.disconnecting
         and not transport._writeDisconnected
         and not getattr(transport, "_aborting", False)
-        and transport.producer is None
+        # A reply streamed from a file paces itself; a session that only
+        # watches for a full buffer (a streaming producer, not paused) does not.
+        and (transport.producer is None
+             or (transport.streamingProducer and not transport.producerPaused))
         and transport.offset == len(transport.dataBuffer)
         and not transport._tempDataBuffer
         and not getattr(transport, "_sendmsgQueue", None)

@@ -280,6 +280,7 @@ class SMTPSession(SequentialSession):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer_ip = getattr(peer, "host", "unknown")
+        self.watch_output()
         self.reset_timeout()
         self.reply(220, f"{self.factory.backend.hostname} ESMTP twistmail service ready")
 
