@@ -83,3 +83,11 @@ class KnownRecipientTests(unittest.TestCase):
         later = self.backend.check_recipient(joe, "192.0.2.7", None)
         self.assertIsInstance(later, Deferred)  # asked again: no longer on the list
         self.assertEqual((await later).code, 550)
+
+
+class PostmasterTests(KnownRecipientTests):
+    async def test_bare_postmaster_is_the_first_local_domain_s_and_delivered_there(self) -> None:
+        """RFC 5321 §4.5.1: <postmaster> must be accepted, and must reach someone."""
+        verdict = await self.backend.check_recipient(Address("postmaster", ""), "192.0.2.7",
+                                                     None)
+        self.assertEqual((verdict.code, verdict.route), (250, "postmaster@example.test"))

@@ -600,3 +600,102 @@ def test_a_session_that_closes_stops_producing_so_the_connection_can_close():
     s.start()
     s.send(b"QUIT\r\n")
     assert s.tr.producer is None and s.tr.disconnecting
+
+
+def test_mail_from_may_name_who_submitted_it_when_auth_is_offered():
+    """RFC 4954 §5: sendmail and Exim send AUTH= on MAIL once signed on."""
+    s = Session(alwplainauth=True)
+    s.start()
+    s.send(b"AUTH PLAIN " + _b64(b"\0sam\0secret") + b"\r\n")
+    s.send(b"MAIL FROM:<jane@example.test> AUTH=<>\r\nRSET\r\n"
+           b"MAIL FROM:<jane@example.test> SIZE=abc\r\nMAIL FROM:<jane@example.test> SIZE\r\n")
+    assert s.codes() == [235, 250, 250, 501, 501]
+    t = Session()  # no AUTH offered: no AUTH= either
+    t.start()
+    t.send(b"MAIL FROM:<jane@example.test> AUTH=<>\r\nAUTH\r\n")
+    assert t.codes()[0] == 555
+
+
+def test_auth_without_a_mechanism_is_a_syntax_error():
+    s = Session(alwplainauth=True)
+    s.start()
+    s.send(b"AUTH\r\nAUTH \r\n")
+    assert s.codes() == [501, 501]
+
+
+def test_an_over_long_auth_response_ends_the_exchange():
+    """However it is split, and the next command is a command again."""
+    s = Session(alwplainauth=True)
+    s.start()
+    s.send(b"AUTH PLAIN\r\n")
+    assert s.codes() == [334]
+    s.send(b"A" * 8000)
+    s.send(b"A" * 8000)
+    s.send(b"\r\nNOOP\r\n")
+    assert s.codes() == [500, 250]
+    s.send(b"AUTH PLAIN " + _b64(b"x" * 900 + b"\0sam\0secret") + b"\r\n")  # long: allowed
+    assert s.codes() == [235]
+
+
+def test_a_body_without_a_header_block_gets_a_blank_line_after_the_added_fields():
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    s.send(b"hello world\r\n.\r\n")
+    body = s.backend.spools[0].body
+    head, sep, rest = body.partition(b"\r\n\r\n")
+    assert sep and rest == b"hello world\r\n"
+    assert b"\r\nMessage-ID: <q1@mail.example.test>\r\nDate: " in head
+
+
+def test_an_obsolete_space_before_the_colon_still_names_a_field():
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    s.send(b"Date : Sat, 28 Nov 2026 09:00:00 +0000\r\nMessage-ID : <x@y>\r\n\r\nhi\r\n.\r\n")
+    body = s.backend.spools[0].body
+    assert body.count(b"Date") == 1 and b"Message-ID:" not in body
+
+
+def test_a_disk_that_refuses_gets_a_reply_and_the_session_goes_on():
+    s = Session()
+    s.start()
+
+    def full() -> None:
+        raise OSError(24, "Too many open files")
+
+    s.backend.new_spool = full
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nNOOP\r\n")
+    assert s.codes() == [250, 250, 451, 250]
+
+
+@attrs.define
+class _FillingSpool(FakeSpool):
+    full: bool = False
+
+    def write(self, data: bytes) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        super().write(data)
+
+
+def test_a_spool_that_fills_up_fails_the_message_with_452():
+    s = Session()
+    s.start()
+    spool = _FillingSpool("q1")
+    s.backend.new_spool = lambda: spool
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert s.codes() == [250, 250, 354]
+    spool.full = True
+    s.send(b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+    assert s.codes() == [452, 250] and spool.aborted and s.backend.queued == []
+
+
+def test_received_names_an_ipv6_client_and_the_protocol_as_rfc_3848_does():
+    s = Session()
+    s.proto.peer_ip = "2001:db8::7"
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nhi\r\n.\r\n")
+    first = s.backend.spools[0].body.split(b"\r\n")[0:2]
+    assert first[0] == b"Received: from client.example ([IPv6:2001:db8::7])"
+    assert b" with ESMTP id " in first[1]

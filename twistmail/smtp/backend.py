@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import threads
+import attrs
+from twisted.internet import defer, threads
 
 from twistmail.interfaces import QTMSINQ, QTMSOUTQ
 from twistmail.queue import Envelope, Recipient
@@ -81,8 +82,13 @@ class QueueBackend(Backend):
         *ACCEPT entry removed meanwhile stops relaying a second later at
         most.  Refusals are never remembered.
         """
-        if not address.domain:  # <postmaster>, which RFC 5321 says must be accepted
+        if not address.domain:
+            # <postmaster>, which RFC 5321 §4.5.1 says must be accepted: the
+            # first local domain's, and delivered there (the route).
             address = Address("postmaster", self.local_domains[0])
+            d = defer.maybeDeferred(self.check_recipient, address, client_ip, user)
+            return d.addCallback(lambda v: attrs.evolve(v, route=v.route or str(address))
+                                 if v.accepted else v)
         key = str(address)
         now = self.reactor.seconds()
         for known in (self._known.get(key), self._known.get((key, client_ip, user))):

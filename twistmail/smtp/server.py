@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import errno
 import functools
 import time
 from collections.abc import Callable
@@ -31,12 +32,14 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twistmail.protocols.sequential import SequentialSession
 from twistmail.protocols.writenow import write_now
 from twistmail.smtp.address import Address, Command, PathError, parse_command
 
 MAX_COMMAND = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
+MAX_AUTH_LINE = 12288  # an AUTH command or response, CRLF included (RFC 4954 §4)
 MAX_TEXT = 1000  # octets, CRLF included (§4.5.3.1.6)
 MAX_HEADER_BLOCK = 1024 * 1024  # header bytes we hold to add missing fields
 #: RFC 5321 §6.3: a message that has passed this many hosts is in a loop
@@ -155,6 +158,16 @@ class _Data:
         if self.error is None:
             self.error = (code, text)
 
+    def _write(self, data: bytes) -> None:
+        """To the spool; a disk that refuses fails the message, not the session."""
+        try:
+            self.spool.write(data)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.fail(452, "4.3.1 Insufficient system storage, try again later")
+            else:
+                self.fail(451, f"4.3.0 Local error writing the message: {e.strerror}")
+
     def line(self, line: bytes) -> None:
         """One message line without its CRLF, already unstuffed."""
         if not self._fits(len(line) + 2):
@@ -162,12 +175,12 @@ class _Data:
         if self.in_header:
             self._header_line(line)
         else:
-            self.spool.write(line + b"\r\n")
+            self._write(line + b"\r\n")
 
     def body_block(self, block: bytes) -> None:
         """Whole body lines, each ending in CRLF, already unstuffed and checked."""
         if self._fits(len(block)):
-            self.spool.write(block)
+            self._write(block)
 
     def _fits(self, octets: int) -> bool:
         """Count ``octets`` more; False once the message has failed or is too big."""
@@ -182,14 +195,15 @@ class _Data:
     def _header_line(self, line: bytes) -> None:
         if line == b"":
             self._end_header()
-            self.spool.write(b"\r\n")
+            self._write(b"\r\n")
             return
         if line[:1] in (b" ", b"\t") and self.last_field is not None:
             if self.last_field == b"message-id" and self.message_id is not None:
                 self.message_id += line.decode("latin-1").strip()
         else:
             name, colon, value = line.partition(b":")
-            if colon and name and b" " not in name:
+            name = name.rstrip(b" \t")  # RFC 5322 §4.5.3: obsolete space before the colon
+            if colon and name and b" " not in name and b"\t" not in name:
                 field = name.lower()
                 self.seen.add(field)
                 self.last_field = field
@@ -202,9 +216,11 @@ class _Data:
                                   "fields, the message is in a mail loop")
                         return
             else:
-                # Not a header field: the header has ended without a blank line.
+                # Not a header field: the header has ended without a blank
+                # line.  One goes in, or the line would join the header
+                # block, after the fields added to it.
                 self._end_header()
-                self.spool.write(line + b"\r\n")
+                self._write(b"\r\n" + line + b"\r\n")
                 return
         self.header.append(line)
         self.header_bytes += len(line) + 2
@@ -222,7 +238,7 @@ class _Data:
             out.append(f"Message-ID: {self.message_id}\r\n".encode())
         if b"date" not in self.seen:
             out.append(f"Date: {date_now()}\r\n".encode())
-        self.spool.write(b"".join(out))
+        self._write(b"".join(out))
         self.header = []
 
     def finish(self) -> None:
@@ -325,12 +341,13 @@ class SMTPSession(SequentialSession):
     def _command_step(self) -> bool:
         lf = self.buffer.find(b"\n")
         if lf < 0:
-            if len(self.buffer) > MAX_COMMAND:
+            if len(self.buffer) > self._line_limit():
                 self.buffer = b""
                 if not self.discarding:
                     self.discarding = True
+                    self.auth_step = None  # the exchange is over, not its next line
                     self.reply(500, "5.5.2 Line too long: command lines are limited to "
-                               "512 octets")
+                               "512 octets (AUTH 12288)")
             return False
         line, self.buffer = self.buffer[: lf + 1], self.buffer[lf + 1:]
         if self.discarding:  # the tail of an over-long line
@@ -495,8 +512,13 @@ class SMTPSession(SequentialSession):
 
     # -- commands ------------------------------------------------------------
 
+    def _line_limit(self) -> int:
+        if self.auth_step is not None or self.buffer[:5].upper() == b"AUTH ":
+            return MAX_AUTH_LINE
+        return MAX_COMMAND
+
     def _command(self, raw: bytes) -> None:
-        if len(raw) > MAX_COMMAND:
+        if len(raw) > (MAX_AUTH_LINE if raw[:5].upper() == b"AUTH " else MAX_COMMAND):
             self.reply(500, "5.5.2 Line too long: command lines are limited to 512 octets")
             return
         self.last_command_crlf = raw.endswith(b"\r\n")
@@ -518,7 +540,11 @@ class SMTPSession(SequentialSession):
             else:
                 self.reply(500, "5.5.2 Command not recognized")
             return
-        result = handler(arg.strip())
+        try:
+            result = handler(arg.strip())
+        except Exception:  # a full disk, no file descriptor left: the session goes on
+            self.step_failed(Failure())
+            return
         if isinstance(result, defer.Deferred):
             self.wait_for(result)
 
@@ -631,8 +657,11 @@ class SMTPSession(SequentialSession):
                 self.reply(538, "5.7.11 Encryption required for requested authentication "
                            "mechanism: use STARTTLS first")
             return None
-        mech, _, initial = arg.partition(" ")
+        mech, _, initial = arg.strip().partition(" ")
         mech = mech.upper()
+        if not mech:
+            self.reply(501, "5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return None
         if mech not in self.factory.mechanisms:
             self.reply(504, f"5.5.4 Unrecognized authentication type; offered: "
                        f"{' '.join(self.factory.mechanisms)}")
@@ -653,6 +682,9 @@ class SMTPSession(SequentialSession):
 
     def _auth_response(self, raw: bytes) -> None:
         step, self.auth_step = self.auth_step, None
+        if len(raw) > MAX_AUTH_LINE:
+            self.reply(500, "5.5.2 Line too long: AUTH responses are limited to 12288 octets")
+            return
         text = raw.rstrip(b"\r\n").decode("ascii", "replace")
         if text == "*":
             self.reply(501, "5.0.0 Authentication cancelled")
@@ -734,7 +766,10 @@ class SMTPSession(SequentialSession):
         ret: str | None = None
         envid: str | None = None
         for key, value in cmd.params:
-            if key == "SIZE" and value is not None and value.isdigit():
+            if key == "SIZE" and not (value is not None and value.isascii() and value.isdigit()):
+                self.reply(501, "5.5.4 Syntax: SIZE=<octets>")
+                return None
+            if key == "SIZE" and value is not None:
                 size_hint = int(value)
                 if size_hint > self.factory.maxmsgsize:
                     self.reply(552, "5.3.4 Message size exceeds fixed maximum message size")
@@ -749,6 +784,8 @@ class SMTPSession(SequentialSession):
                 ret = value.upper()
             elif key == "ENVID" and self.factory.dsn and value is not None:
                 envid = _xtext_decode(value)
+            elif key == "AUTH" and value is not None and self._auth_offered():
+                pass  # RFC 4954 §5: who submitted it, by the client's word; not trusted here
             else:
                 self.reply(555, f"5.5.4 Unsupported parameter {key}")
                 return None
@@ -827,19 +864,26 @@ class SMTPSession(SequentialSession):
             self.reply(554, "5.5.1 Error: no valid recipients")
             return
         spool = self.factory.backend.new_spool()
+        try:
+            spool.write(self._received_header(spool.id))
+        except BaseException:
+            spool.abort()
+            raise
         self.data = _Data(self, spool)
         self.after_crlf = self.last_command_crlf
         self.reply(354, "End data with <CR><LF>.<CR><LF>")
-        spool.write(self._received_header(spool.id))
 
     def _received_header(self, queue_id: str) -> bytes:
         txn = self.txn
-        proto = "ESMTP" if self.esmtp else "SMTP"
+        # RFC 3848: ESMTPS over TLS, ESMTPA authenticated, ESMTPSA both.
+        proto = ("ESMTP" + ("S" if self.tls else "") + ("A" if self.user else "")
+                 if self.esmtp else "SMTP")
         rcpt = f"\r\n\tfor <{txn.recipients[0][0]}>" if len(txn.recipients) == 1 else ""
         date = date_now()
         host = self.factory.backend.hostname
+        literal = f"IPv6:{self.peer_ip}" if ":" in self.peer_ip else self.peer_ip
         return (
-            f"Received: from {self.helo} ([{self.peer_ip}])\r\n"
+            f"Received: from {self.helo} ([{literal}])\r\n"
             f"\tby {host} (twistmail) with {proto} id {queue_id}{rcpt};\r\n"
             f"\t{date}\r\n"
         ).encode("utf-8", "replace")
