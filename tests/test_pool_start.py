@@ -203,3 +203,61 @@ def test_the_most_recently_freed_usable_job_takes_the_next_request():
     first.chan.lineReceived(b"RESULT %d {}" % token)
     first.chan.lineReceived(b"FREE")
     assert p._pick_idle() is first
+
+
+class Exhausted(Recorder):
+    """A launcher that cannot fork: the system is out of processes or descriptors."""
+
+    def __init__(self, clock: Clock, error: OSError | None = None) -> None:
+        super().__init__()
+        self.clock = clock
+        self.error = error
+        self.asked = 0
+        self.short = True
+
+    def spawn_job(self, pgm, config_path, channel, on_started, on_ended) -> Started:
+        if not self.short:
+            return super().spawn_job(pgm, config_path, channel, on_started, on_ended)
+        self.asked += 1
+        if self.error is not None:
+            raise self.error
+        self.clock.callLater(0, on_ended, Failure(launch.ForkFailed(70, None, None)))  # FAIL
+        return Started(0, on_ended)
+
+
+def test_a_shortage_of_descriptors_or_processes_never_stops_the_entry():
+    """It is likeliest in the very flood that makes the pool grow; a stopped
+    entry would refuse mail long after it, until STRPJ."""
+    import errno
+
+    for error in (OSError(errno.EMFILE, "Too many open files"), None):
+        clock = Clock()
+        launcher = Exhausted(clock, error)
+        p = started_pool(clock, inljobs=6, launcher=launcher)
+        if error is not None:
+            assert launcher.asked == 1  # one failure per decision, not six
+        for _ in range(20):
+            clock.advance(Limits().backoff_max)
+        assert p.status == "ACTIVE" and p.boot_failures < Limits().boot_failure_limit
+        launcher.short = False
+        clock.advance(Limits().backoff_max)
+        assert len(p.jobs) == 6  # the shortage over, the pool fills up
+
+
+def test_a_free_that_crosses_its_end_does_not_make_a_job_idle_again():
+    """A busy job told to end may have sent FREE before it read END: it ends,
+    and no connection is handed to it."""
+    clock = Clock()
+    p = started_pool(clock, inljobs=1)
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    p.task_done = lambda token, line: None
+    p.submit_task(b"{}", "a.test")
+    assert job.state is poolmod.JobState.BUSY
+    p._end_job(job, "endpj")
+    assert job.state is poolmod.JobState.BUSY  # a busy job finishes first
+    job.chan.lineReceived(b"RESULT %d {}" % job.task.token)
+    p._job_free(job)
+    assert job.state is poolmod.JobState.ENDING
+    p.submit_task(b"{}", "b.test")
+    assert job.task is None

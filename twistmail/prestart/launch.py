@@ -113,6 +113,11 @@ def spawn(
             child_end.close()
 
 
+class ForkFailed(ProcessTerminated):
+    """The launcher could not fork the job: the system is short of processes
+    or memory for now.  Nothing is wrong with the job's program."""
+
+
 class LauncherGone(ProcessTerminated):
     """The job ended because its launcher did, or never started: not a fault of its own.
 
@@ -282,7 +287,7 @@ class _Launcher(LineOnlyReceiver):
             child_end.close()
             self.log.error("the job launcher could not start a job: {why}",
                            why=line[5:].decode("utf-8", "replace"))
-            job.exited(Failure(ProcessTerminated(70, None, None)))  # a boot failure
+            job.exited(Failure(ForkFailed(70, None, None)))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         """The launcher has gone (or is going): no PID will answer what is pending.

@@ -11,6 +11,7 @@ starts, ends, crashes and rejections (function letter J).
 from __future__ import annotations
 
 import collections
+import errno
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,8 @@ from twistmail.protocols.writenow import send_descriptor_now, write_now
 
 KILL_AFTER = 5.0  # seconds between SIGTERM and SIGKILL
 START_LIMIT = 30.0  # seconds a job may take to say READY; then it is killed (a boot failure)
+#: Why a start fails when the system is short of descriptors, processes or memory.
+SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 #: A request that waited this long for a job is journaled (JW).  Shorter
 #: waits are the common case under load (the next connection arrives while
 #: the last session's job is still saying FREE): DSPACTPJ counts them.
@@ -364,7 +367,8 @@ class Pool:
 
     # -- job events ----------------------------------------------------
 
-    def _start_job(self) -> None:
+    def _start_job(self) -> bool:
+        """Start one job; False when it could not be started (no more this turn)."""
         now = self.reactor.seconds()
         job = Job(id=self._next_id, state=JobState.STARTING, since=now, started_at=now)
         self._next_id += 1
@@ -377,11 +381,25 @@ class Pool:
             )
         except OSError as e:
             self.log.error("cannot start a {name} job: {e!r}", name=self.job_name, e=e)
-            self.boot_failures += 1
-            self.last_boot_failure = now
-            return
+            if e.errno in SHORTAGES:
+                self._short_of_resources(now)
+            else:
+                self.boot_failures += 1
+                self.last_boot_failure = now
+            return False
         self.jobs[job.id] = job
         job.start_timer = self.reactor.callLater(START_LIMIT, self._start_overdue, job)
+        return True
+
+    def _short_of_resources(self, now: float) -> None:
+        """Starts wait as after a boot failure, but a shortage never stops the entry.
+
+        Out of descriptors or processes is most likely in the very flood
+        that makes the pool grow; a stopped entry would refuse mail long
+        after the flood, until STRPJ.
+        """
+        self.boot_failures = min(self.boot_failures + 1, self.limits.boot_failure_limit - 1)
+        self.last_boot_failure = now
 
     def _start_overdue(self, job: Job) -> None:
         """A job that hangs before READY would count as available for ever."""
@@ -418,6 +436,11 @@ class Pool:
         if job.peer is not None:
             self.session_ended(job.peer)
             job.peer = None
+        if job.end_reason is not None:
+            # Told to end while busy (its FREE may have crossed the END): it
+            # ends now, and must not be handed another connection.
+            job.state = JobState.ENDING
+            return
         if job.state is JobState.ENDING:
             return
         self._now_idle(job)
@@ -474,6 +497,8 @@ class Pool:
         elif job.end_reason is not None:
             self._journal("JE", f"JE END {name}", pid=pid, reason=job.end_reason, uses=job.uses,
                           pgm=self.pgm)
+        elif not job.ready and reason.check(launch.ForkFailed):
+            self._short_of_resources(now)
         elif not job.ready and not reason.check(launch.LauncherGone):
             self.boot_failures += 1
             self.last_boot_failure = now
@@ -543,9 +568,14 @@ class Pool:
             job = self.jobs.get(job_id)
             if job is not None:
                 self._end_job(job, why)
+        wake_at = actions.wake_at
         for _ in range(actions.start):
-            self._start_job()
-        self._schedule(actions.wake_at, now)
+            if not self._start_job():
+                # One failure per decision: the next start waits for the back-off.
+                retry = self.last_boot_failure + self.limits.backoff(self.boot_failures)
+                wake_at = retry if wake_at is None else min(wake_at, retry)
+                break
+        self._schedule(wake_at, now)
 
     def _end_job(self, job: Job, reason: str) -> None:
         if job.end_reason is None:
