@@ -129,3 +129,21 @@ def test_failed_sign_ons_per_address(make_appliance):
     # Other addresses are not affected.
     with smtplib.SMTP(*a.addr("smtp"), timeout=30, source_address=("127.0.0.4", 0)) as c:
         assert c.noop()[0] == 250
+
+
+def test_block_lists_without_name_servers_ask_the_system_s():
+    """An empty [smtp] nameservers means /etc/resolv.conf's servers; the
+    resolver used to be made with an argument Twisted does not take, so
+    setting RBLSVR alone stopped the daemon at its next start."""
+    from twisted.internet.task import Clock
+    from twisted.names import client
+
+    from twistmail.policy.connection import make_resolver
+
+    clock = Clock()
+    resolver = make_resolver(clock, ())
+    assert isinstance(resolver, client.Resolver)
+    for call in clock.getDelayedCalls():  # its re-read of resolv.conf
+        call.cancel()
+    assert make_resolver(clock, ("127.0.0.1:5353", "[::1]")).servers == [
+        ("127.0.0.1", 5353), ("::1", 53)]

@@ -75,8 +75,10 @@ def listed_answer(addresses: list[str]) -> bool:
 def make_resolver(reactor: Any, nameservers: tuple[str, ...]) -> Any:
     from twisted.names import client
 
-    if not nameservers:
-        return client.createResolver(reactor=reactor)
+    if not nameservers:  # the system's servers (createResolver takes no reactor)
+        from twistmail.mx import SYSTEM_RESOLV_CONF
+
+        return client.Resolver(resolv=SYSTEM_RESOLV_CONF, reactor=reactor, timeout=DNS_TIMEOUT)
     servers = []
     for ns in nameservers:
         host, port = ns, 53
