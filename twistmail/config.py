@@ -19,13 +19,16 @@ import attrs
 
 from twistmail.settingtypes import (
     Choice,
+    DomainList,
     HostPort,
     Int,
     IntPair,
     Listen,
+    NameServers,
     SettingError,
     Text,
     TextList,
+    is_domain,
     parse_value,
     setting,
 )
@@ -51,6 +54,12 @@ LISTENER_PROGRAM = {
 }
 
 
+
+def _is_address(text: str) -> bool:
+    local, at, domain = text.rpartition("@")
+    return bool(at and local) and local.isprintable() and not any(
+        c.isspace() or c in '"<>,;()\\' for c in local) and is_domain(domain)
+
 @attrs.frozen
 class SystemSettings:
     hostname: str = setting(
@@ -58,8 +67,13 @@ class SystemSettings:
     )
     datadir: str = setting(Text("a directory path", empty_ok=False), "var", "state directory")
     local_domains: tuple[str, ...] = setting(
-        TextList("a list of domains"), ("example.test",), "domains delivered here; first is default"
+        DomainList(), ("example.test",), "domains delivered here; first is default"
     )
+
+    def check(self) -> None:
+        if self.hostname and not is_domain(self.hostname):
+            raise SettingError("system.hostname", self.hostname, "a host name (letters, digits, "
+                               "hyphens, dots), or empty for this machine's name")
 
 
 @attrs.frozen
@@ -145,7 +159,7 @@ class SmtpSettings:
     mailrouter: str | None = setting(HostPort(), None, "mail router for non-local mail")
     firewall: str = setting(YESNO, "*NO", "all non-local mail through the mail router")
     fwdhubsvr: str | None = setting(HostPort(), None, "forward all non-local mail to this hub")
-    nameservers: tuple[str, ...] = setting(TextList("host[:port] list"), (), "DNS servers")
+    nameservers: tuple[str, ...] = setting(NameServers(), (), "DNS servers")
     hosttable: str = setting(Text("a hosts file path"), "", "hosts file consulted before DNS")
     pctrtgchr: str = setting(YESNO, "*NO", "% in a local part is a routing character")
     journal: str = setting(YESNO, "*YES", "write the QZMF journal")
@@ -161,7 +175,7 @@ class SmtpSettings:
     vfyfromusr: str = setting(Choice(("*NO", "*YES", "*NOTACCEPT")), "*NO", "check MAIL FROM")
     vfymsfmsg: str = setting(YESNO, "*NO", "check the originator of API mail")
     ovrrjtcnnl: str = setting(YESNO, "*NO", "POP-before-SMTP clients pass *REJECT")
-    rblsvr: tuple[str, ...] = setting(TextList("a list of DNS zones"), (), "DNS block lists")
+    rblsvr: tuple[str, ...] = setting(DomainList("a list of DNS zones"), (), "DNS block lists")
     etrnsvr: str = setting(YESNO, "*NO", "accept ETRN")
     etrnclt: str = setting(YESNO, "*NO", "issue ETRN when connecting")
     mailxfrint: int = setting(Int(0, 65535), 0, "scheduled delivery interval, minutes")
@@ -191,6 +205,15 @@ class SmtpSettings:
         for mech in self.authmech:
             if mech not in ("*PLAIN", "*LOGIN"):
                 raise SettingError("smtp.authmech", list(self.authmech), "*PLAIN, *LOGIN")
+        if not self.authmech and self.alwauth != "*NONE":
+            raise SettingError("smtp.authmech", [], "*PLAIN, *LOGIN or both while alwauth "
+                               f"is {self.alwauth} (*NONE offers no AUTH)")
+        if self.nfydlvry is not None and not _is_address(self.nfydlvry):
+            raise SettingError("smtp.nfydlvry", self.nfydlvry, '*NONE or an address "user@domain"')
+        if self.etrnclt == "*YES" and not (self.mailxfrint and self.mailrouter):
+            raise SettingError("smtp.etrnclt", self.etrnclt, "*NO while mailxfrint is 0 or "
+                               "mailrouter is *NONE (ETRN goes to the mail router at each "
+                               "transfer)")
 
 
 @attrs.frozen
@@ -338,6 +361,13 @@ def from_mapping(data: dict[str, Any], path: Path) -> Settings:
     for pgm in PROGRAMS:
         settings.prestart.entry(pgm).check(pgm)
     settings.smtp.check()
+    settings.system.check()
+    for key, value in (("smtp.hosttable", settings.smtp.hosttable),
+                       ("tls.certificate", settings.tls.certificate),
+                       ("tls.key", settings.tls.key)):
+        if value and not settings.resolve(value).is_file():
+            raise SettingError(key, value, "an existing file (relative paths start at "
+                               "the configuration file's directory)")
     if not settings.system.local_domains:
         raise SettingError("system.local_domains", [], "at least one domain")
     return settings

@@ -245,10 +245,10 @@ class HostPort:
         raw = raw.strip()
         if raw.upper() == "*NONE":
             return None
-        host, _, port = raw.rpartition(":") if raw.count(":") == 1 else (raw, "", "")
-        if port and not _is_port(port, 1):
+        host, colon, port = raw.rpartition(":") if raw.count(":") == 1 else (raw, "", "")
+        if colon and not _is_port(port, 1):
             raise _Invalid
-        if " " in raw:
+        if not host or any(c.isspace() or c in "\"'<>,;()\\" for c in raw) or not raw.isprintable():
             raise _Invalid
         return raw
 
@@ -257,6 +257,53 @@ class HostPort:
 
     def show(self, value: str | None) -> str:
         return self.dump(value)
+
+
+@attrs.frozen
+class NameServers(TextList):
+    """DNS servers by address: Twisted sends queries to an IP address only."""
+
+    what: str = "a list of IP[:port] ([IPv6]:port)"
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        servers = super().parse(raw)
+        for text in servers:
+            host, port = text, "53"
+            if text.startswith("["):
+                host, _, rest = text[1:].partition("]")
+                if rest:
+                    if not rest.startswith(":"):
+                        raise _Invalid
+                    port = rest[1:]
+            elif text.count(":") == 1:
+                host, port = text.split(":")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise _Invalid from None
+            if not _is_port(port, 1):
+                raise _Invalid
+        return servers
+
+
+@attrs.frozen
+class DomainList(TextList):
+    """Domain names, as DNS allows them (letters, digits, hyphens; dots between)."""
+
+    what: str = "a list of domain names"
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        domains = super().parse(raw)
+        if not all(is_domain(d) for d in domains):
+            raise _Invalid
+        return domains
+
+
+def is_domain(text: str) -> bool:
+    labels = text.rstrip(".").split(".")
+    return text.isascii() and len(text) <= 253 and all(
+        0 < len(label) <= 63 and not label.startswith("-") and not label.endswith("-")
+        and all(c.isalnum() or c in "-_" for c in label) for label in labels)
 
 
 def _is_port(text: str, lo: int) -> bool:
