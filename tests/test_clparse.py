@@ -478,3 +478,8 @@ def test_real_cl_show_chgpje(capsys: pytest.CaptureFixture[str]) -> None:
         pytest.skip("chgpje is not registered yet")
     assert base.run(["cl", "--show", SEED_EXAMPLE]) == 0
     assert capsys.readouterr().out == "twistmail chgpje --pgm QTMSSRCP --maxjobs 50\n"
+
+
+def test_deep_parentheses_are_a_mistake_not_a_crash() -> None:
+    with pytest.raises(ClError, match="nested more than"):
+        parse("CHGPJE PGM(QTMSSRCP) MAXJOBS(" + "(" * 3000 + "1" + ")" * 3001)

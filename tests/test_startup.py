@@ -46,6 +46,14 @@ def test_missing_config_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_directory_given_as_config_is_one_line(tmp_path):
+    r = subprocess.run([TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert (r.stdout + r.stderr).strip().splitlines() == [
+        f"twistmail: --config: {str(tmp_path)!r} cannot be read: Is a directory"]
+
+
 def test_port_in_use_is_one_line(make_appliance, tmp_path):
     import socket
 

@@ -798,19 +798,20 @@ def parse_time(text: str, now: datetime | None = None, *, end_of_day: bool = Fal
     now = now or datetime.now(UTC)
     if s.lower() == "now":
         return now
-    m = _RELATIVE_RE.match(s)
-    if m:
-        return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
     try:
+        m = _RELATIVE_RE.match(s)
+        if m:
+            return now - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
         t = _parse_iso(s, now)
-    except ValueError:
+        if end_of_day and _DATE_RE.match(s):
+            t += timedelta(days=1, microseconds=-1)
+        return t
+    except (ValueError, OverflowError):  # not a time, or none this calendar holds
         raise ValueError(
             f"{text!r} is not a time; allowed: ISO 8601 (2024-05-01, 2024-05-01T10:30, "
-            "with Z or an offset, naive is UTC) or relative -30s, -10m, -2h, -1d, -1w"
+            "with Z or an offset, naive is UTC) or relative -30s, -10m, -2h, -1d, -1w, "
+            "within the years 1-9999"
         ) from None
-    if end_of_day and _DATE_RE.match(s):
-        t += timedelta(days=1, microseconds=-1)
-    return t
 
 
 def _parse_iso(s: str, now: datetime) -> datetime:

@@ -25,6 +25,8 @@ class Options(usage.Options):
             _fatal(f"--config: {self['config']!r} does not exist")
         except configmod.SettingError as e:
             _fatal(f"{self['config']}: {e}")
+        except OSError as e:  # a directory, unreadable, ...
+            _fatal(f"--config: {self['config']!r} cannot be read: {e.strerror}")
 
 
 def _fatal(message: str) -> None:

@@ -79,6 +79,10 @@ _SPECIAL = ("(", ")", "'")
 _CONTINUATION = ("+", "-")
 
 
+#: CL lists hold values or lists of values; deeper nesting is a mistake.
+MAX_NESTING = 8
+
+
 class ClError(ValueError):
     """CL text that cannot be read or translated.
 
@@ -192,6 +196,7 @@ class _Scanner:
     def __init__(self, text: str) -> None:
         self.text = text
         self.pos = 0
+        self.depth = 0  # parentheses open
 
     def peek(self) -> str:
         return self.text[self.pos] if self.pos < len(self.text) else ""
@@ -255,8 +260,14 @@ class _Scanner:
 
     def element(self, where: str) -> Element:
         if self.peek() == "(":
+            if self.depth >= MAX_NESTING:
+                raise ClError(f"parentheses nested more than {MAX_NESTING} deep in {where}")
             self.pos += 1
-            return self.items(where)
+            self.depth += 1
+            try:
+                return self.items(where)
+            finally:
+                self.depth -= 1
         text = self.quoted(where) if self.peek() == "'" else self.word()
         self.expect_separator(text, where)
         return text

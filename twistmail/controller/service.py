@@ -275,6 +275,10 @@ class Controller(service.Service):
     def _pool(self, pgm: str) -> Pool:
         pgm = (pgm or "").upper()
         if pgm not in self.pools:
+            if pgm in configmod.PROGRAMS and self.bridge is not None and self.bridge.pid:
+                raise ControlError(f"prestart entry {pgm} belongs to the bridge: ENDMSF ends "
+                                   "its jobs and STRMSF starts them again; CHGPJE changes it "
+                                   "live")
             if pgm in configmod.PROGRAMS:
                 raise ControlError(f"prestart entry {pgm} has no jobs: the bridge that owns "
                                    "it is not running (STRMSF)")
