@@ -14,7 +14,7 @@ import attrs
 import click
 
 from twistmail import config as configmod
-from twistmail.cli.base import Failure, app, cli, usage_error, value_of
+from twistmail.cli.base import Failure, app, cli, refused_change, usage_error, value_of
 from twistmail.cli.output import emit_record
 from twistmail.cli.poolcmds import apply_live
 from twistmail.settingtypes import IntPair, SettingError
@@ -47,8 +47,7 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
     try:
         configedit.set_values(app().settings.path, changes)
     except SettingError as e:
-        key = e.key.rsplit(".", 1)[-1]
-        usage_error(f"--{key}: {e.value!r} is not allowed; allowed: {e.allowed}")
+        refused_change(e, {k: "--" + k.rsplit(".", 1)[-1] for k in changes})
     except OSError as e:
         raise Failure(f"cannot write {app().settings.path}: {e.strerror}") from None
     apply_live(what)

@@ -97,6 +97,21 @@ def usage_error(message: str) -> NoReturn:
     raise click.UsageError(message)
 
 
+def refused_change(e: SettingError, options: dict[str, str]) -> NoReturn:
+    """A change the configuration refused, told in the options the user gave.
+
+    ``options`` maps each changed setting key to its option.  When the
+    refused key is another one (CHGPJE MAXJOBS under INLJOBS), the message
+    names the options given and the setting they conflict with.
+    """
+    option = options.get(e.key)
+    if option is not None:
+        usage_error(f"{option}: {e.value!r} is not allowed; allowed: {e.allowed}")
+    setting = e.key.rsplit(".", 1)[-1].upper()
+    usage_error(f"{', '.join(options.values())}: {setting} {e.value!r} is not allowed with "
+                f"the other settings; allowed: {e.allowed}")
+
+
 @contextmanager
 def open_directory(what: str, option_of_field: Mapping[str, str] | None = None) -> Iterator[Any]:
     """The directory of this configuration; its refusals become one-line usage errors.

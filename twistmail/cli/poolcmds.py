@@ -14,7 +14,7 @@ import click
 
 from twistmail import config as configmod
 from twistmail.bridge.msf import NBRMSFJOB
-from twistmail.cli.base import Failure, app, cli, usage_error, value_of
+from twistmail.cli.base import Failure, app, cli, refused_change, usage_error, value_of
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.control import ControlError, NotRunning
 from twistmail.settingtypes import Choice, Int, SettingError
@@ -95,8 +95,8 @@ def chgpje(pgm: str, **values: str | None) -> None:
     try:
         configedit.set_values(settings.path, changes)
     except SettingError as e:
-        key = e.key.rsplit(".", 1)[-1]
-        usage_error(f"--{key}: {e.value!r} is not allowed; allowed: {e.allowed}")
+        refused_change(e, {k: "--inljobs" if k == "pop.nbrsvr" else "--" + k.rsplit(".", 1)[-1]
+                           for k in changes})
     apply_live(f"prestart entry {pgm}")
 
 
