@@ -119,6 +119,9 @@ def test_chgpje_of_the_client_pool_applies_live(make_appliance, sink):
     rc, out, err = a.cli("chgpje", "--pgm", "QTMSCCLCP", "--inljobs", "2", "--maxjobs", "5")
     assert rc == 0, err
     a.wait_for(lambda: a.count("QTMSCCLCP", "PSRW") == 2, 20, "two client jobs")
+    assert a.control("status")["pools"]["QTMSCCLCP"] == "ACTIVE"  # the bridge's, listed too
+    rc, out, err = a.cli("strpj", "--pgm", "QTMSCCLCP")
+    assert rc == 1 and "ENDMSF" in err and "not running" not in err
 
 
 def test_percent_routing(make_appliance, sink):

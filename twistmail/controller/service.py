@@ -304,11 +304,18 @@ class Controller(service.Service):
             "config": self.config_path,
             "servers": dict(self.servers),
             "listeners": {n: lst.address for n, lst in self.listeners.items()},
-            "pools": {p: pool.status for p, pool in self.pools.items()},
+            "pools": self._pool_statuses(),
             "bridge": {"status": self.bridge.status, "pid": self.bridge.pid}
             if self.bridge
             else None,
         }
+
+    def _pool_statuses(self) -> dict[str, str]:
+        statuses = {p: pool.status for p, pool in self.pools.items()}
+        client = self._client_pool_status()  # the bridge's, while it runs
+        if client is not None and isinstance(client.get("report"), dict):
+            statuses["QTMSCCLCP"] = client["report"].get("status", "?")
+        return statuses
 
     def cmd_dspactpj(self, pgm: str, reset: bool = False) -> Any:
         if (pgm or "").upper() == "QTMSCCLCP":
