@@ -210,10 +210,6 @@ class SmtpSettings:
                                f"is {self.alwauth} (*NONE offers no AUTH)")
         if self.nfydlvry is not None and not _is_address(self.nfydlvry):
             raise SettingError("smtp.nfydlvry", self.nfydlvry, '*NONE or an address "user@domain"')
-        if self.etrnclt == "*YES" and not (self.mailxfrint and self.mailrouter):
-            raise SettingError("smtp.etrnclt", self.etrnclt, "*NO while mailxfrint is 0 or "
-                               "mailrouter is *NONE (ETRN goes to the mail router at each "
-                               "transfer)")
 
 
 @attrs.frozen
