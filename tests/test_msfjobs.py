@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from appliance import base_sections, render_toml
+from inline_reactor import Inline as _Inline
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessTerminated
@@ -165,19 +166,6 @@ class PoisonMessageTests(unittest.TestCase):
         self.assertEqual(fq.list(CORRUPT), [qid])
         self.assertEqual(journal.entries, [("7Y", f"7Y CRP {qid}")])
         self.assertEqual(dict(manager.job_ends), {})
-
-
-class _Inline(Clock):
-    """A reactor whose thread pool runs work at once, in the reactor's thread."""
-
-    def getThreadPool(self):
-        return self
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        on_result(True, f(*args, **kwargs))
 
 
 class BusyJobs:

@@ -10,6 +10,7 @@ import os
 import pytest
 from appliance import base_sections, render_toml
 from fsyncs import record_fsyncs
+from inline_reactor import Inline as _Inline
 from twisted.internet.task import Clock
 
 from twistmail import config as configmod
@@ -214,19 +215,6 @@ def test_a_scan_sets_aside_what_it_cannot_read(manager):
     assert reasons[no_body] == "body missing"
     assert reasons[packed].startswith("unreadable envelope") and \
         reasons[retry].startswith("unreadable envelope")
-
-
-class _Inline(Clock):
-    """A reactor whose thread pool runs work at once, in the reactor's thread."""
-
-    def getThreadPool(self):
-        return self
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        on_result(True, f(*args, **kwargs))
 
 
 def test_arrivals_ask_for_a_scan_only_when_few_messages_wait(manager):
