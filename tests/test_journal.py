@@ -413,3 +413,70 @@ def test_an_exception_in_a_batch_still_writes_what_came_before(tmp_path):
         j.write("7A", "7A FIQ QTMSINQ", "Q1")
         raise RuntimeError("delivery failed")
     assert [e["code"] for e in journal.read_entries(tmp_path)] == ["7A"]
+
+
+# -- writers that died at the worst moment ------------------------------------------
+
+
+def _state_bytes(directory: Path) -> bytes:
+    return (directory / journal.STATE_FILE).read_bytes()
+
+
+def test_chgjrn_after_a_writer_killed_between_its_write_and_its_state(tmp_path: Path) -> None:
+    """The state is one entry behind the file: the new receiver must not reuse its seq."""
+    j = Journal(tmp_path, "T/1")
+    j.write("ZZ", "one")
+    behind = _state_bytes(tmp_path)
+    j.write("ZZ", "two")
+    j.close()
+    (tmp_path / journal.STATE_FILE).write_bytes(behind)  # as the killed writer left it
+    other = Journal(tmp_path, "T/2")
+    other.new_receiver()
+    other.write("ZZ", "three")
+    seqs = [e["seq"] for e in read_entries(tmp_path)]
+    assert seqs == [1, 2, 3]
+
+
+def test_a_rotation_whose_writer_died_is_finished_by_the_next_writer(tmp_path: Path) -> None:
+    """Followers move to the new receiver as soon as it exists: later entries must go there."""
+    j = Journal(tmp_path, "T/1")
+    j.write("ZZ", "one")
+    j.close()
+    (tmp_path / receiver_name(2)).touch()  # created; the state still names receiver 1
+    seen: list[int] = []
+    deadline = time.monotonic() + 1.0
+    tail = threading.Thread(target=lambda: seen.extend(
+        e["seq"] for e in follow(tmp_path, poll_interval=0.01,
+                                 stop=lambda: time.monotonic() > deadline)))
+    tail.start()
+    time.sleep(0.1)
+    other = Journal(tmp_path, "T/2")
+    other.write("ZZ", "two")
+    other.write("ZZ", "three")
+    tail.join()
+    assert seen == [1, 2, 3]
+    assert [e["seq"] for e in read_entries(tmp_path)] == [1, 2, 3]
+
+
+def test_a_field_json_cannot_hold_loses_no_other_entry(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "T/1")
+    with j.batch():
+        j.write("ZZ", "before")
+        j.write("ZZ", "file", path="/tmp/n\udcff.mime")  # a name that was not UTF-8
+        j.write("ZZ", "bad", weird={("a", "b"): 1})  # not JSON at all: this one only
+        j.write("ZZ", "after")
+    entries = list(read_entries(tmp_path))
+    assert [e["esd"] for e in entries] == ["before", "file", "after"]
+    assert entries[1]["path"] == "/tmp/n\udcff.mime" and j.failures == 1
+
+
+def test_follow_until_ends_at_any_later_entry_not_only_its_message_s(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "T/1")
+    j.write("ZZ", "mine", "MSG1")
+    until = datetime.now(UTC)
+    time.sleep(0.01)
+    j.write("ZZ", "another's", "MSG2")
+    deadline = time.monotonic() + 5
+    got = list(follow(tmp_path, msgid="MSG1", until=until, poll_interval=0.01,
+                      stop=lambda: time.monotonic() > deadline))
+    assert [e["esd"] for e in got] == ["mine"] and time.monotonic() < deadline

@@ -287,6 +287,11 @@ class Journal:
             receiver_size=settings.journal.receiver_size,
         )
 
+    def configure(self, settings: Any) -> None:
+        """A reload: [smtp] journal and [journal] receiver_size, as from_settings reads them."""
+        self.enabled = settings.smtp.journal == "*YES"
+        self.receiver_size = settings.journal.receiver_size
+
     def write(self, code: str, esd: str, msgid: str | None = None, **fields: Any) -> int | None:
         """Append one entry; its seq, or None when disabled or the disk refused.
 
@@ -304,7 +309,12 @@ class Journal:
             entry.update(fields)
         # Encoded now, outside the lock every job's writes wait for; seq and
         # ts go in front of it under the lock.
-        rest = _encode(entry)[1:]
+        try:
+            rest = _encode(entry)[1:]
+        except (TypeError, ValueError) as e:  # a field JSON cannot hold
+            self.failures += 1
+            self.last_error = e
+            return None
         pending = getattr(self._batches, "entries", None)
         if pending is not None:
             pending.append(rest)
@@ -370,6 +380,10 @@ class Journal:
         fd = self._lock()
         try:
             state = _State.unpack(os.pread(fd, _STATE_LEN, 0)) or self._recover()
+            if os.path.exists(self._receiver_path(state.receiver + 1)):
+                # A rotation whose writer died before it wrote the state: the
+                # new receiver is the current one (followers have moved on).
+                state = _State(state.seq, state.receiver + 1, -1)
             result, new_state = action(state)
             os.pwrite(fd, new_state.pack(), 0)
             return result
@@ -405,7 +419,9 @@ class Journal:
         for rest in entries:
             seq += 1
             lines.append(f'{{"seq":{seq},"ts":"{ts}",{rest}\n')
-        data = "".join(lines).encode()
+        # A lone surrogate (a file name that was not UTF-8) becomes its JSON
+        # escape: the line stays valid, and the batch is not lost.
+        data = "".join(lines).encode("utf-8", "backslashreplace")
         assert self._rfd is not None
         if os.write(self._rfd, data) != len(data):
             raise OSError(errno.ENOSPC, "short write to the journal")
@@ -417,7 +433,9 @@ class Journal:
     def _attach(self, state: _State) -> tuple[str, _State]:
         """CHGJRN; on a journal with no receiver yet, the first one is the new one."""
         if (self.directory / receiver_name(state.receiver)).exists():
-            state = self._rotate(state)
+            # The state first matches the file: a writer killed after its
+            # write left the state one entry behind.
+            state = self._rotate(self._writable(state))
         else:
             self._open_receiver(state.receiver)
             state = _State(state.seq, state.receiver, 0)
@@ -449,6 +467,9 @@ class Journal:
             size += 1
         seq = max(state.seq, last_seq(self.directory, state.receiver))
         return _State(seq, state.receiver, size)
+
+    def _receiver_path(self, number: int) -> str:
+        return f"{self.directory}/{receiver_name(number)}"
 
     def _rotate(self, state: _State) -> _State:
         number = state.receiver + 1
@@ -712,14 +733,12 @@ def follow(
                 time.sleep(poll_interval)
                 continue
             for line in lines:
-                if not flt.wants_line(line):
-                    continue
-                entry = _parse(line)
+                entry = _parse(line) if flt.until is not None or flt.wants_line(line) else None
                 if entry is None:
                     continue
-                if flt.past(entry):
+                if flt.past(entry):  # any entry past ``until`` ends it, wanted or not
                     return
-                if flt.wants(entry):
+                if flt.wants_line(line) and flt.wants(entry):
                     yield entry
     finally:
         tail.close()
