@@ -234,3 +234,26 @@ class RealJobTests(unittest.TestCase):
         self.assertIn(b"Subject: last one", delivered.read_bytes())
         [(code, esd)] = journal.entries
         self.assertTrue(code == "JN" and esd.startswith("JN END QMSF/"), esd)
+
+
+def test_a_reload_switches_the_journals_of_the_bridge_and_its_qmsf_jobs(tmp_path):
+    """CHGSMTPA JOURNAL(*NO) reaches every process that journals."""
+    from types import SimpleNamespace
+
+    from twistmail.bridge import main as bridgemain
+    from twistmail.bridge import msf
+    from twistmail.journal import Journal
+
+    sections = base_sections(tmp_path / "var")
+    sections["smtp"] = {"journal": "*NO"}
+    config = tmp_path / "twistmail.toml"
+    config.write_text(render_toml(sections))
+    journals = [Journal(tmp_path / "journal", f"T/{n}") for n in range(4)]
+    assert all(j.enabled for j in journals)
+    bridgemain._reload(str(config),
+                       SimpleNamespace(reconfigure=lambda *a: None, reload_jobs=lambda: None,
+                                       journal=journals[0]),
+                       SimpleNamespace(configure=lambda s: None, journal=journals[1]),
+                       SimpleNamespace(reload=lambda: None, journal=journals[2]))
+    msf._reload(str(config), SimpleNamespace(journal=journals[3]))
+    assert not any(j.enabled for j in journals)

@@ -124,6 +124,8 @@ def _reload(config_path: str, pool, outbound, jobs) -> None:  # noqa: ANN001
     pool.reload_jobs()
     outbound.configure(settings)
     jobs.reload()
+    for journal in {id(j): j for j in (jobs.journal, pool.journal, outbound.journal)}.values():
+        journal.configure(settings)  # CHGSMTPA JOURNAL, receiver size
 
 
 class _StatusFile:

@@ -382,8 +382,7 @@ class Controller(service.Service):
             applied.append("jobs")
         if new.smtp.journal != old.smtp.journal or new.journal != old.journal:
             for j in self._journals():
-                j.enabled = new.smtp.journal == "*YES"
-                j.receiver_size = new.journal.receiver_size
+                j.configure(new)
             applied.append("journal")
         restart = [
             sec for sec in ("listen", "tls", "system") if getattr(new, sec) != getattr(old, sec)

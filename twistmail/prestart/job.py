@@ -85,7 +85,18 @@ class Job:
         self.stopping = False
         self.channel: JobChannel | None = None
         self.deliverer: Any = None
+        self.journal: Any = None
         self.factories = self._factories()
+
+    def _journal(self, name: str) -> Any:
+        """The job's one journal: a reload reconfigures it rather than opening another."""
+        from twistmail.journal import Journal
+
+        if self.journal is None:
+            self.journal = Journal.from_settings(self.settings, name)
+        else:
+            self.journal.configure(self.settings)
+        return self.journal
 
     def _factories(self) -> dict[str, Factory]:
         if self.pgm == "QTPOPSRVP":
@@ -97,12 +108,11 @@ class Job:
 
     def _deliverer(self) -> Any:
         from twistmail.directory import SqliteDirectory
-        from twistmail.journal import Journal
         from twistmail.queue import FileQueue
         from twistmail.smtp.delivery import Deliverer
 
         s = self.settings
-        journal = Journal.from_settings(s, f"QTSMTPCLTP/{os.getpid()}")
+        journal = self._journal(f"QTSMTPCLTP/{os.getpid()}")
         return Deliverer(self.reactor, s, FileQueue.for_settings(s),
                          SqliteDirectory.from_settings(s), journal)
 
@@ -122,12 +132,11 @@ class Job:
         from twistmail import tlsconfig
         from twistmail.auth import mailbox_portal
         from twistmail.directory import SqliteDirectory
-        from twistmail.journal import Journal
         from twistmail.maildir import MaildirStore
         from twistmail.pop3.server import POP3Factory
 
         s = self.settings
-        journal = Journal.from_settings(s, f"QTPOPSRVP/{os.getpid()}")
+        journal = self._journal(f"QTPOPSRVP/{os.getpid()}")
         directory = SqliteDirectory.from_settings(s)
         store = MaildirStore(s.datadir / "mailboxes", s.hostname)
         portal = mailbox_portal(self.reactor, directory, store)
@@ -147,13 +156,12 @@ class Job:
     def _smtp_factories(self) -> dict[str, Factory]:
         from twistmail import tlsconfig
         from twistmail.directory import SqliteDirectory
-        from twistmail.journal import Journal
         from twistmail.queue import FileQueue
         from twistmail.smtp.backend import QueueBackend
         from twistmail.smtp.server import SMTPFactory
 
         s = self.settings
-        journal = Journal.from_settings(s, f"{configmod.PROGRAMS[self.pgm]['job']}/{os.getpid()}")
+        journal = self._journal(f"{configmod.PROGRAMS[self.pgm]['job']}/{os.getpid()}")
         backend = QueueBackend(
             self.reactor, s, SqliteDirectory.from_settings(s), FileQueue.for_settings(s), journal
         )
