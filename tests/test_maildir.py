@@ -595,13 +595,31 @@ def test_foreign_message_is_listed_and_read(store: MaildirStore, tmp_path: Path)
     foreign = b"From: a@b\nSubject: imported\n\nplain LF body\n"
     path = store.path(USER) / "new" / "1700000000.M12P34.otherhost"
     path.write_bytes(foreign)
+    wire = len(foreign) + foreign.count(b"\n")  # as POP sends it: CRLF line ends
     with store.open(USER) as session:
         first, second = session.messages()
-        assert (first.uidl, first.size) == ("1700000000.M12P34.otherhost", len(foreign))
+        assert (first.uidl, first.size) == ("1700000000.M12P34.otherhost", wire)
         with session.read(first.index) as f:
             assert f.read() == foreign
         assert second.size == len(sent["0001.R1"])
-        assert session.stat() == (2, len(foreign) + second.size)
+        assert session.stat() == (2, wire + second.size)
+    # Worked out once: the size as sent is kept in the name (Maildir++ W=).
+    assert f"1700000000.M12P34.otherhost,W={wire}:2," in files(store.path(USER) / "cur")
+    with store.open(USER) as session:
+        assert [(m.uidl, m.size) for m in session.messages()][0] == (
+            "1700000000.M12P34.otherhost", wire)
+
+
+def test_the_size_of_another_program_s_file_is_what_pop_sends(tmp_path: Path) -> None:
+    from twistmail.maildir import wire_size
+    from twistmail.pop3.server import DotStuffer
+
+    for data in (b"a\nb\r\nc\rd\n", b"\r\n" * 5 + b"x\n", b"no end", b"x" * 70000 + b"\r\n"):
+        path = tmp_path / "m"
+        path.write_bytes(data)
+        stuffer = DotStuffer()
+        sent = stuffer.feed(data[:65536]) + stuffer.feed(data[65536:])
+        assert wire_size(str(path)) == len(sent.replace(b"\r\n..", b"\r\n."))
 
 
 def test_foreign_messages_are_ordered_by_mtime(store: MaildirStore) -> None:

@@ -93,6 +93,7 @@ UIDL_MAX = 70
 _USER = re.compile(r"[A-Z0-9$#@_]{1,10}")
 _DELIVERY_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 _SIZE_FIELD = re.compile(r"S=([0-9]{1,19})")
+_WIRE_FIELD = re.compile(r"W=([0-9]{1,19})")  # Maildir++: the size with CRLF line ends
 _HOST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _HOST_MAX = 100
 _CHUNK = 1 << 20
@@ -158,13 +159,26 @@ def base_name(name: str) -> str:
     return name.split(":", 1)[0].split(",", 1)[0]
 
 
-def size_field(name: str) -> int | None:
-    """The Maildir++ ``S=`` size, when the writer recorded one."""
+def size_field(name: str, pattern: re.Pattern[str] = _SIZE_FIELD) -> int | None:
+    """The Maildir++ ``S=`` size (or another field), when the writer recorded one."""
     for field in name.split(":", 1)[0].split(",")[1:]:
-        match = _SIZE_FIELD.fullmatch(field)
+        match = pattern.fullmatch(field)
         if match:
             return int(match.group(1))
     return None
+
+
+def wire_size(path: str) -> int:
+    """The octets POP sends for a file: a bare LF goes out as CRLF (RFC 1939 sizes)."""
+    size = bare = 0
+    after_cr = False
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            size += len(chunk)
+            crlf = chunk.count(b"\r\n") + (after_cr and chunk.startswith(b"\n"))
+            bare += chunk.count(b"\n") - crlf
+            after_cr = chunk.endswith(b"\r")
+    return size + bare
 
 
 def uidl_for(base: str) -> str:
@@ -315,6 +329,22 @@ class MaildirStore:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             return None
+        if queue_order is None:
+            # Another program's file: its S= (or its size) counts its own line
+            # ends, which may be bare LFs.  The size as sent is worked out once
+            # and kept in the name, as Maildir++ does with W= (the base name,
+            # and so the UIDL, stays).
+            size = size_field(name, _WIRE_FIELD)
+            if size is None:
+                try:
+                    size = wire_size(entry.path)
+                except FileNotFoundError:
+                    return None
+                head, colon, info = name.partition(":")
+                named = f"{head},W={size}{colon}{info}"
+                with suppress(OSError):
+                    os.rename(entry.path, os.path.join(os.path.dirname(entry.path), named))
+                    name = named
         return _Entry(name, base, st.st_size if size is None else size, (0, st.st_mtime_ns, name))
 
     def _delivery_id_of(self, base: str) -> str | None:
