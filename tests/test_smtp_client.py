@@ -141,6 +141,7 @@ class Behaviour:
     drop_after: int | None = None  # close after this many DATA bytes
     stall_data: float | None = None  # stop reading after 354 for this long
     starttls_reply: str = "220 2.0.0 go ahead"
+    tls_broken: bool = False  # the TLS hello answered with plain bytes, then closed
     rset: str = "250 2.0.0 ok"
     etrn: str = "250 2.0.0 queuing started"  # the reply to ETRN (offer it in extensions)
 
@@ -239,6 +240,11 @@ class Sink:
                 if not b.starttls_reply.startswith("220 "):
                     continue
                 assert reader.buffer == b""
+                if b.tls_broken:
+                    sock.recv(65536)  # the client's hello, answered with no TLS
+                    sock.sendall(b"this is no TLS\r\n")
+                    self.tls_failures += 1
+                    return
                 try:
                     sock = server_tls_context().wrap_socket(sock, server_side=True)
                 except (ssl.SSLError, OSError):
@@ -607,6 +613,32 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(result.hop, other.hop())
         self.assertIn("after the 220", result.attempts[0].error)
         self.assertEqual(sink.tls_sessions, 0)
+
+    async def test_opportunistic_goes_on_in_the_clear_after_a_refused_starttls(self) -> None:
+        """RFC 3207 §4: after a 454 the session goes on as before STARTTLS."""
+        sink = self.sink(tls=True, starttls_reply="454 4.7.0 TLS not available")
+        result = await self.send([sink.hop()])
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertFalse(result.tls)
+        self.assertEqual(sent_commands(sink)[:3], ["EHLO", "STARTTLS", "MAIL"])
+        required = self.sink(tls=True, starttls_reply="454 4.7.0 TLS not available")
+        result = await self.send([required.hop()], tls_policy=TLS_REQUIRED)
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertNotIn("MAIL", sent_commands(required))
+
+    async def test_opportunistic_tries_the_hop_again_in_the_clear_after_a_failed_handshake(
+            self) -> None:
+        """Not the next hop, and not never: mail for a domain whose only MX has a
+        broken TLS stack still goes, as opportunistic TLS means."""
+        sink = self.sink(tls=True, tls_broken=True)
+        result = await self.send([sink.hop()])
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertFalse(result.tls)
+        self.assertEqual((sink.tls_failures, len(sink.messages)), (1, 1))
+        required = self.sink(tls=True, tls_broken=True)
+        result = await self.send([required.hop()], tls_policy=TLS_REQUIRED)
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertEqual(required.messages, [])
 
     async def test_required_without_starttls_is_temporary(self) -> None:
         sink = self.sink()

@@ -76,6 +76,9 @@ from twistmail.protocols.writenow import write_now
 TLS_OPPORTUNISTIC = "*OPPORTUNISTIC"
 TLS_REQUIRED = "*REQUIRED"
 TLS_VERIFY = "*VERIFY"
+#: No STARTTLS at all: the second connection to a hop whose TLS failed under
+#: *OPPORTUNISTIC (never a setting).
+_TLS_OFF = "*OFF"
 TLS_POLICIES = (TLS_OPPORTUNISTIC, TLS_REQUIRED, TLS_VERIFY)
 
 DELIVERED = "delivered"
@@ -414,6 +417,10 @@ class _Stale(Exception):
 
 class _HopFailed(Exception):
     """The hop gave no definitive answer before MAIL: try the next one."""
+
+
+class _TLSFailed(_HopFailed):
+    """The TLS handshake failed: with *OPPORTUNISTIC, the hop is tried again without it."""
 
 
 # -- the connection ----------------------------------------------------------------------
@@ -822,6 +829,7 @@ class _Outcome:
     error: str | None = None
     tls: bool = False
     dsn: bool = False
+    plain_retry: bool = False  # TLS failed where it was only opportunistic
 
 
 class _Opening:
@@ -861,7 +869,16 @@ class _Opening:
         raise _HopFailed(f"4.4.1 {self.where} refused EHLO/HELO: {reply}")
 
     async def _secure(self, ext: Extensions) -> Extensions:
+        """STARTTLS as TLSOUTBOUND says.
+
+        *OPPORTUNISTIC delivers without TLS rather than not at all (RFC 3207
+        §4, and what TWISTED.md §2.2 asks of MX delivery): a server that
+        does not offer it, refuses it (454), or fails the handshake (the
+        hop is then tried again on a new connection without STARTTLS).
+        """
         policy = self.options.tls_policy
+        if policy == _TLS_OFF:
+            return ext
         if not ext.has("STARTTLS"):
             if policy == TLS_OPPORTUNISTIC:
                 return ext
@@ -871,9 +888,18 @@ class _Opening:
         self.session.send("STARTTLS")
         reply = await self.session.read("STARTTLS", self.t.ehlo)
         if reply.code != 220:
+            if policy == TLS_OPPORTUNISTIC:
+                return ext  # the session goes on as before STARTTLS
             raise _HopFailed(f"4.7.5 {self.where} refused STARTTLS: {reply}")
         creator = tls_creator(policy, self.hop.host, self.options.trust_root)
-        await self.session.start_tls(creator, self.t.tls)
+        try:
+            await self.session.start_tls(creator, self.t.tls)
+        except ProtocolViolation:
+            raise  # plaintext after the 220 (injected?): this hop is not tried again
+        except SessionError as e:
+            if policy == TLS_OPPORTUNISTIC:
+                raise _TLSFailed(f"4.7.5 TLS with {self.where} failed: {e}") from None
+            raise
         return await self._hello()
 
     async def _authenticate(self, ext: Extensions) -> None:
@@ -947,7 +973,8 @@ class _Conversation(_Opening):
                 ext = await self._open()
             except _HopFailed as e:
                 await self._quit()
-                return _Outcome(error=str(e), tls=self.session.tls)
+                return _Outcome(error=str(e), tls=self.session.tls,
+                                plain_retry=isinstance(e, _TLSFailed))
             except SessionError as e:
                 return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls)
         try:
@@ -1300,7 +1327,13 @@ async def _attempt(
     except Exception as e:
         return _Outcome(error=f"4.4.1 Cannot connect to {hop.host}[{hop.address}]:"
                               f"{hop.port}: {_reason(e)}"), hop.address
-    return await _converse(session, hop, job, options, cache, key, None)
+    outcome, peer = await _converse(session, hop, job, options, cache, key, None)
+    if outcome.plain_retry:
+        log.info("{error}; delivering to it without TLS (TLSOUTBOUND *OPPORTUNISTIC)",
+                 error=outcome.error)
+        return await _attempt(reactor, hop, job, attrs.evolve(options, tls_policy=_TLS_OFF),
+                              cache)
+    return outcome, peer
 
 
 async def _reuse(cache: SessionCache, key: tuple[Any, ...], hop: Hop, job: _Job,
