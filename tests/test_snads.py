@@ -241,3 +241,12 @@ def test_the_longest_longmsg_and_cl_syntax(stopped):
     assert load(a.config).snads.keeprcp == "*NONE"
     with pytest.raises(DistributionError, match="--tousrid"):
         send_distribution(load(a.config), usrid=("OVUSER", "HQ"), dstd="x", longmsg="y")
+
+
+def test_a_description_cannot_add_a_field_nor_end_the_header(stopped):
+    """Python's email package writes a line break an encoded-word holds as is
+    (CVE-2024-6923): the note would carry a Bcc of the description's choosing."""
+    with pytest.raises(DistributionError, match="--dstd.*line break"):
+        send_distribution(load(stopped.config), usrid=("OVUSER", "HQ"), tousrid=["SAM MAIL"],
+                          dstd="=?utf-8?q?x=0D=0ABcc:_spy@evil.test?=", longmsg="y")
+    assert stopped.queue_files("QTMSINQ") == []

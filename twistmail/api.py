@@ -136,17 +136,20 @@ def _split(data: bytes, file: Path) -> tuple[bytes, bytes]:
 
 
 def _without_bcc(head: bytes) -> bytes:
-    """The header block without Bcc fields (and their continuation lines)."""
+    """The header block without Bcc and Resent-Bcc fields (and their continuation lines).
+
+    Lines may end in CRLF or a bare LF (a file written on Unix): either ends a field.
+    """
     out, skipping = [], False
-    for line in head.split(b"\r\n"):
+    for line in head.splitlines(keepends=True):
         if line[:1] in (b" ", b"\t"):
             if not skipping:
                 out.append(line)
             continue
-        skipping = line.split(b":", 1)[0].strip().lower() == b"bcc"
+        skipping = line.split(b":", 1)[0].strip().lower() in (b"bcc", b"resent-bcc")
         if not skipping:
             out.append(line)
-    return b"\r\n".join(out)
+    return b"".join(out)
 
 
 def _check_address(what: str, address: str) -> str:

@@ -70,6 +70,34 @@ def attachment_parts(
     return out
 
 
+def same_fields(built: EmailMessage, data: bytes, what: str) -> bytes:
+    """``data``, generated from ``built``, once it reads back with the same header fields.
+
+    The email package of Python before 3.11.10 writes a line break that an
+    RFC 2047 encoded-word holds as it is (CVE-2024-6923): a subject such as
+    ``=?utf-8?q?x=0D=0ABcc:_spy@evil.test?=`` would add a field, or end the
+    header early.  Whatever the cause, mail that would not say what was
+    built is refused.
+    """
+    back = email.message_from_bytes(data, policy=POLICY)
+    if _shape(back) != _shape(built):
+        raise SendMailError(f"{what}: a line break, also an encoded one (=?...?=), is not "
+                            "allowed in a subject, description, name or file name")
+    return data
+
+
+def _shape(message: Any) -> list[list[str]]:
+    return [[name.lower() for name in part.keys()] for part in message.walk()]
+
+
+def _generated(built: EmailMessage, what: str) -> bytes:
+    try:
+        data = built.as_bytes(policy=POLICY)
+    except ValueError as e:  # a line break the folder refuses (\v, \x85, ...)
+        raise SendMailError(f"{what}: {e}") from None
+    return same_fields(built, data, what)
+
+
 def content_entity(body: str, attachments: Sequence[Attachment]) -> bytes:
     """The text body, with attachments a multipart/mixed entity; CRLF, 7-bit."""
     if not isinstance(body, str):
@@ -78,9 +106,13 @@ def content_entity(body: str, attachments: Sequence[Attachment]) -> bytes:
     part.set_content(body, subtype="plain")
     for a in attachments:
         maintype, subtype = a.content_type.split("/")
-        part.add_attachment(a.data, maintype=maintype, subtype=subtype, cte="base64",
-                            filename=a.filename)
-    return part.as_bytes(policy=POLICY)
+        try:
+            part.add_attachment(a.data, maintype=maintype, subtype=subtype, cte="base64",
+                                filename=a.filename)
+        except ValueError:
+            raise SendMailError(f"attachment: the file name {a.filename!r} is not allowed: "
+                                "it holds a line break") from None
+    return _generated(part, "attachment")
 
 
 def header_block(sender: str, rcpts: Sequence[Recipient], subject: str, hostname: str) -> bytes:
@@ -95,11 +127,16 @@ def header_block(sender: str, rcpts: Sequence[Recipient], subject: str, hostname
             head[field] = ", ".join(addresses)
     if not any(r.kind in (TO, CC) for r in rcpts):
         head["To"] = "undisclosed-recipients:;"
-    head["Subject"] = subject
-    head["Date"] = email.utils.formatdate(localtime=True)
-    head["Message-ID"] = email.utils.make_msgid(domain=hostname)
-    head["MIME-Version"] = "1.0"
-    return b"".join(POLICY.fold_binary(name, value) for name, value in head.items())
+    try:
+        head["Subject"] = subject
+        head["Date"] = email.utils.formatdate(localtime=True)
+        head["Message-ID"] = email.utils.make_msgid(domain=hostname)
+        head["MIME-Version"] = "1.0"
+        block = b"".join(POLICY.fold_binary(name, value) for name, value in head.items())
+    except ValueError:  # a line break the email package refuses (\v, \x85, ...)
+        raise SendMailError("subject: must be one line of text") from None
+    same_fields(head, block + b"\r\n", "subject")
+    return block
 
 
 def secure(content: bytes, level: int, settings: Any, usrprf: str, password: str | None,

@@ -44,6 +44,7 @@ import attrs
 
 from twistmail import directory as dirmod
 from twistmail.api import BCC, CC, TO, Recipient, queue_message
+from twistmail.mimebuild import same_fields
 from twistmail.smtp.address import PathError, parse_mailbox
 
 TYPES = ("*LMSG", "*MSG")
@@ -329,7 +330,12 @@ def _note(sender: dirmod.DirectoryEntry, originator: str, targets: list[Target],
     if SENSITIVITY[sensitiv]:
         note["Sensitivity"] = SENSITIVITY[sensitiv]
     note.set_content(body, charset="utf-8")
-    return note.as_bytes()
+    try:
+        return same_fields(note, note.as_bytes(), "--dstd")
+    except ValueError:  # the folder refused a line break, or same_fields did
+        raise DistributionError("--dstd", description, "is not allowed: a line break, also "
+                                "an encoded one (=?...?=), in it or in a directory "
+                                "entry's description (USRD)") from None
 
 
 def _send(settings: Any, sender: dirmod.DirectoryEntry, originator: str,

@@ -1,0 +1,40 @@
+"""What the mail APIs build: header fields say exactly what was asked, no more."""
+
+from __future__ import annotations
+
+import pytest
+
+from twistmail.api import TO, Recipient, SendMailError, _without_bcc
+from twistmail.mimebuild import Attachment, content_entity, header_block
+
+RCPTS = [Recipient("sam@example.test", TO)]
+
+
+@pytest.mark.parametrize("subject", [
+    "=?utf-8?q?hello=0D=0ABcc:_spy@evil.test=0D=0A=0D=0AFAKE_BODY?=",  # CVE-2024-6923
+    "=?utf-8?b?aGVsbG8NCkJjYzogc3B5QGV2aWwudGVzdA==?=",
+    "a\x0bb", "a\x85b", "a\r\nBcc: spy@evil.test",
+])
+def test_a_subject_cannot_add_a_field_or_end_the_header(subject):
+    with pytest.raises(SendMailError, match="subject"):
+        header_block("jane@example.test", RCPTS, subject, "mail.example.test")
+
+
+def test_ordinary_subjects_pass_and_are_encoded():
+    block = header_block("jane@example.test", RCPTS, "Grüße, =?not an encoded word",
+                         "mail.example.test")
+    assert block.count(b"\r\nSubject: ") == 1 and block.isascii()
+
+
+@pytest.mark.parametrize("name", ["=?utf-8?q?a=0D=0AX-Inj:_y?=.txt", "a\nb.txt"])
+def test_an_attachment_name_cannot_add_a_field(name):
+    with pytest.raises(SendMailError, match="attachment"):
+        content_entity("body", [Attachment(name, b"x", "text/plain")])
+
+
+def test_blind_copies_go_whatever_the_line_ends():
+    head = (b"From: app@example.test\nTo: sam@example.test\nBcc: secret@example.test,\n"
+            b" other@example.test\r\nResent-Bcc: hidden@example.test\r\nSubject: x\r\n")
+    kept = _without_bcc(head)
+    assert b"secret@" not in kept and b"other@" not in kept and b"hidden@" not in kept
+    assert kept == b"From: app@example.test\nTo: sam@example.test\nSubject: x\r\n"
