@@ -798,3 +798,19 @@ def test_an_unusable_database_fails_with_exit_1(cfg, capsys, tmp_path):
     rc, out, err = tm(capsys, cfg, "wrkdire")
     assert rc == 1
     assert len(err.strip().splitlines()) == 1 and "directory.sqlite" in err
+
+
+def test_one_user_id_has_one_snads_store(d: SqliteDirectory) -> None:
+    """The store is named by the user ID: a second *USRIDX address for it would share it."""
+    d.add_entry(DirectoryEntry("JOE", "MAIL", "Joe at mail", msfsrvlvl="*USRIDX", prefadr="*USRID"))
+    with pytest.raises(DirectoryError, match="already has a \\*USRIDX entry at address MAIL"):
+        d.add_entry(DirectoryEntry("JOE", "HQ", "Joe at HQ", msfsrvlvl="*USRIDX",
+                                   prefadr="*USRID"))
+
+
+def test_a_deleted_profile_s_pop_sign_ons_no_longer_open_the_relay(d: SqliteDirectory) -> None:
+    d.create_profile("sam", "pw")
+    d.record_pop_login("192.0.2.7", "SAM")
+    assert d.pop_login_since("192.0.2.7", 0) == "SAM"
+    d.delete_profile("sam")
+    assert d.pop_login_since("192.0.2.7", 0) is None

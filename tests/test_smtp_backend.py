@@ -91,3 +91,30 @@ class PostmasterTests(KnownRecipientTests):
         verdict = await self.backend.check_recipient(Address("postmaster", ""), "192.0.2.7",
                                                      None)
         self.assertEqual((verdict.code, verdict.route), (250, "postmaster@example.test"))
+
+
+class SenderTests(unittest.TestCase):
+    def setUp(self) -> None:
+        root = Path(tempfile.mkdtemp(prefix="twistmail-test-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        config = root / "twistmail.toml"
+        sections = base_sections(root / "var")
+        sections["smtp"] = {"vfyfromusr": "*YES"}
+        config.write_text(render_toml(sections))
+        settings = configmod.load(config)
+        self.directory = SqliteDirectory.from_settings(settings)
+        self.directory.create_profile("SAM", "secret")
+        self.backend = backendmod.QueueBackend(reactor, settings, self.directory,
+                                               FileQueue.for_settings(settings), Journal())
+
+    async def test_vfyfromusr_is_not_fooled_by_the_catch_all(self) -> None:
+        """*ANY *ANY takes mail for any local name; it names no sender."""
+        from twistmail.directory import DirectoryEntry
+
+        self.directory.add_entry(DirectoryEntry("*ANY", "*ANY", "catch-all", user="SAM",
+                                                msfsrvlvl="*SYSMS"))
+        invented = await self.backend.check_sender(Address("invented", "example.test"),
+                                                   "192.0.2.7", None)
+        self.assertEqual(invented.code, 553)
+        self.assertIsNone(await self.backend.check_sender(Address("sam", "example.test"),
+                                                          "192.0.2.7", None))

@@ -705,6 +705,8 @@ class SqliteDirectory:
                 raise _no_profile("usrprf", name)
             removed = conn.execute("DELETE FROM entries WHERE usrprf = ?", (name,)).rowcount
             conn.execute("DELETE FROM profiles WHERE usrprf = ?", (name,))
+            # Its POP sign-ons no longer let its addresses relay (POPWDW).
+            conn.execute("DELETE FROM pop_logins WHERE usrprf = ?", (name,))
         return (
             f"User profile {name} deleted with {removed} directory "
             f"entr{'y' if removed == 1 else 'ies'}; its mailbox stays in {self.mailbox(name)}"
@@ -822,6 +824,16 @@ class SqliteDirectory:
             raise _no_profile("user", entry.user, "; allowed: *NONE or an existing user profile")
         if entry.smtpuser is not None:
             _check_smtp_name_free(conn, entry)
+        if entry.msfsrvlvl == USRIDX and entry.userid != "*ANY":
+            # A SNADS user's store is named by the user ID alone: two *USRIDX
+            # entries with one user ID would read each other's mail.
+            other = conn.execute(
+                "SELECT address FROM entries WHERE userid = ? AND address != ? AND msfsrvlvl = ?",
+                (entry.userid, entry.address, USRIDX)).fetchone()
+            if other is not None:
+                raise DirectoryError("usrid", " ".join(key), "is not allowed: user ID "
+                                     f"{entry.userid} already has a *USRIDX entry at address "
+                                     f"{other[0]}, whose SNADS store it would share")
         return entry
 
     def _insert_entry(self, conn: sqlite3.Connection, entry: DirectoryEntry) -> None:

@@ -181,7 +181,7 @@ class QueueBackend(Backend):
                                                                              client_ip):
             return None
         res = self.directory.resolve(str(address))
-        if res is None or res.kind == "remote":
+        if res is None or res.kind == "remote" or res.catchall:  # *ANY *ANY takes anything
             return Verdict(553, f"5.7.1 <{address}>: Sender address rejected: not in the "
                            "system distribution directory (VFYFROMUSR)")
         if user is not None and res.usrprf != user:
