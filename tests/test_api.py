@@ -123,3 +123,19 @@ def test_send_mime_mail_to_a_remote_recipient_goes_out(make_appliance, tmp_path)
         assert m.content.endswith(b"\r\n\r\nAll jobs ended normally.\r\n")
     finally:
         sink.stop()
+
+
+def test_the_smtp_limits_hold_for_the_api(make_appliance, tmp_path):
+    """MAXMSGSIZE and MAXRCPT, checked before anything is queued."""
+    a = make_appliance(smtp={"maxmsgsize": 1024, "maxrcpt": 2})
+    note = tmp_path / "big.mime"
+    note.write_bytes(NOTE.replace(b"All jobs", b"x" * 2000 + b" All jobs"))
+    with pytest.raises(SendMailError, match="MAXMSGSIZE"):
+        send_mime_mail(str(note), "app@example.test", ["sam@example.test"],
+                       settings=load(a.config))
+    note.write_bytes(NOTE)
+    with pytest.raises(SendMailError, match="MAXRCPT"):
+        send_mime_mail(str(note), "app@example.test",
+                       ["sam@example.test", "jane@example.test", "app@example.test"],
+                       settings=load(a.config))
+    assert a.queue_files("QTMSINQ") == []

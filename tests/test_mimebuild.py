@@ -38,3 +38,11 @@ def test_blind_copies_go_whatever_the_line_ends():
     kept = _without_bcc(head)
     assert b"secret@" not in kept and b"other@" not in kept and b"hidden@" not in kept
     assert kept == b"From: app@example.test\nTo: sam@example.test\nSubject: x\r\n"
+
+
+def test_an_attachment_must_be_a_regular_file():
+    """/dev/zero would be read for ever, a FIFO waited on for ever."""
+    from twistmail.mimebuild import attachment_parts
+
+    with pytest.raises(SendMailError, match="not a regular file"):
+        attachment_parts(["/dev/zero"])

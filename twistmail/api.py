@@ -66,6 +66,7 @@ def send_mime_mail(
     directory = SqliteDirectory.from_settings(settings)
     if settings.smtp.vfymsfmsg == "*YES":
         _verify_originator(directory, sender, usrprf)
+    _check_limits(settings, rcpts, file.stat().st_size)
     data = file.read_bytes()
     head, body = _split(data, file)
     return queue_message(settings, sender, rcpts, _without_bcc(head) + b"\r\n" + body,
@@ -110,6 +111,16 @@ def queue_message(settings: Any, sender: str, rcpts: list[Recipient], message: b
             journal.write("ET", f"ET SIZE {spool.size}", env.id, size=spool.size)
 
         return spool.commit(QTMSINQ, env, before_publish=record)
+
+
+def _check_limits(settings: Any, rcpts: list[Recipient], size: int) -> None:
+    """The limits SMTP clients meet (CHGSMTPA MAXMSGSIZE, MAXRCPT) hold for the APIs too."""
+    if size > settings.smtp.maxmsgsize:
+        raise SendMailError(f"message: {size} bytes is more than the {settings.smtp.maxmsgsize} "
+                            "MAXMSGSIZE allows (CHGSMTPA)")
+    if len(rcpts) > settings.smtp.maxrcpt:
+        raise SendMailError(f"recipients: {len(rcpts)} is more than the "
+                            f"{settings.smtp.maxrcpt} MAXRCPT allows (CHGSMTPA)")
 
 
 def _check_file(path: str | os.PathLike[str]) -> Path:
@@ -222,6 +233,7 @@ def create_send_email(
         content = mimebuild.secure(content, level, settings, name, password,
                                    [r.address for r in rcpts])
     head = mimebuild.header_block(sender, rcpts, subject, settings.hostname)
+    _check_limits(settings, rcpts, len(head) + len(content))
     return queue_message(settings, sender, rcpts, head + content, program="QTMSCRTSNM",
                          via="Create and Send MIME E-mail API", usrprf=name,
                          origin="QtmsCreateSendEmail",

@@ -18,6 +18,7 @@ import email.policy
 import email.utils
 import mimetypes
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from email.message import EmailMessage, MIMEPart
 from pathlib import Path
@@ -56,7 +57,11 @@ def attachment_parts(
             raise SendMailError(f"attachment: content type {ctype!r} of {file} is not allowed; "
                                 "allowed: type/subtype such as application/pdf")
         try:
-            if file.stat().st_size > MAX_ATTACHMENT:
+            st = file.stat()
+            if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                # /dev/zero would be read for ever, a FIFO wait for ever.
+                raise SendMailError(f"attachment: {file} is not a regular file")
+            if st.st_size > MAX_ATTACHMENT:
                 raise SendMailError(f"attachment: {file} is larger than "
                                     f"{MAX_ATTACHMENT // (1024 * 1024)} MB")
             data = file.read_bytes()
