@@ -56,6 +56,11 @@ class FakeBackend:
     def authenticate(self, user, password, client_ip):
         return "SAM" if (user, password) == ("sam", "secret") else None
 
+    dsn_trusted = True
+
+    def dsn_allowed(self, client_ip):
+        return self.dsn_trusted
+
     def check_recipient(self, address, client_ip, user=None):
         if address.domain_key not in ("example.test", ""):
             v = Verdict(550, "5.7.1 Relaying denied")
@@ -699,3 +704,25 @@ def test_received_names_an_ipv6_client_and_the_protocol_as_rfc_3848_does():
     first = s.backend.spools[0].body.split(b"\r\n")[0:2]
     assert first[0] == b"Received: from client.example ([IPv6:2001:db8::7])"
     assert b" with ESMTP id " in first[1]
+
+
+def test_dsn_requests_of_a_client_that_may_not_relay_are_not_honoured():
+    """A success notice, or any notice carrying the whole message, goes to the
+    sender the client names: from anyone, it would send anything to anyone."""
+    def session(trusted: bool, auth: bool = False) -> Received:
+        s = Session(dsn=True, alwplainauth=True)
+        s.backend.dsn_trusted = trusted
+        s.start()
+        if auth:
+            s.send(b"AUTH PLAIN " + _b64(b"\0sam\0secret") + b"\r\n")
+        s.send(b"MAIL FROM:<victim@remote.test> RET=FULL\r\n"
+               b"RCPT TO:<b@example.test> NOTIFY=SUCCESS\r\nDATA\r\nspam\r\n.\r\n")
+        [(_, received)] = s.backend.queued
+        return received
+
+    untrusted = session(False)
+    assert (untrusted.ret, untrusted.dsn) == (None, ())
+    listed = session(True)
+    assert listed.ret == "FULL" and listed.dsn == (("b@example.test", ("SUCCESS",), None),)
+    signed_on = session(False, auth=True)
+    assert signed_on.ret == "FULL" and signed_on.dsn

@@ -202,6 +202,13 @@ class QueueBackend(Backend):
         self.journal.write("9Y", f"9Y ETRN {node} {client_ip}", ip=client_ip, node=node)
         return True
 
+    def dsn_allowed(self, client_ip: str) -> Any:
+        if self.alwrly == "*ALL":
+            return True
+        return threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self.directory.address_listed,
+            "*ACCEPT", client_ip)
+
     def authenticate(self, user: str, password: str, client_ip: str) -> Any:
         return threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), self._authenticate, user, password,

@@ -118,6 +118,10 @@ class Backend:
         """Start delivery of the mail queued for ``node``; False when not allowed."""
         raise NotImplementedError
 
+    def dsn_allowed(self, client_ip: str) -> Any:
+        """Whether an unauthenticated client's DSN requests are honoured (may be a Deferred)."""
+        raise NotImplementedError
+
     def new_spool(self) -> Any:
         """A spool with ``id``, ``write(bytes)`` and ``abort()``."""
         raise NotImplementedError
@@ -495,7 +499,16 @@ class SMTPSession(SequentialSession):
             message_id=data.message_id, body_8bit=txn.body_8bit,
             ret=txn.ret, envid=txn.envid, dsn=tuple(txn.dsn),
         )
-        d = defer.maybeDeferred(self.factory.backend.commit, data.spool, received)
+        if self.user is None and (received.ret or any(n or o for _, n, o in received.dsn)):
+            # A success notice, or any notice with the whole message (RET=FULL),
+            # goes to the sender the client names: from anyone, a way to send
+            # anything to anyone.  Honoured for clients that may relay.
+            d = defer.maybeDeferred(self.factory.backend.dsn_allowed, self.peer_ip)
+            d.addCallback(lambda allowed: received if allowed else attrs.evolve(
+                received, ret=None, dsn=()))
+            d.addCallback(lambda r: self.factory.backend.commit(data.spool, r))
+        else:
+            d = defer.maybeDeferred(self.factory.backend.commit, data.spool, received)
         d.addCallbacks(self._queued, self._not_queued, errbackArgs=(data.spool,))
         d.addBoth(self.resume)
 
