@@ -146,9 +146,20 @@ class DyingJobs:
         d, self.pending = self.pending, None
         d.errback(JobEnded("QMSF/1 ended while processing it"))
 
+    def fail(self) -> None:
+        d, self.pending = self.pending, None
+        d.errback(JobFailed("RecursionError: maximum recursion depth exceeded"))
+
 
 class PoisonMessageTests(unittest.TestCase):
     async def test_a_message_that_ends_its_job_three_times_is_set_aside(self) -> None:
+        await self._set_aside_after(DyingJobs.die)
+
+    async def test_a_message_its_job_fails_on_three_times_is_set_aside(self) -> None:
+        """Retried at every rescan for ever otherwise."""
+        await self._set_aside_after(DyingJobs.fail)
+
+    async def _set_aside_after(self, outcome) -> None:
         fq = FileQueue(scratch(self) / "queue")
         with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
             spool.write(b"Subject: deadly\r\n\r\nbody\r\n")
@@ -159,7 +170,7 @@ class PoisonMessageTests(unittest.TestCase):
             self.assertEqual(fq.list(QTMSINQ), [qid], f"still queued before attempt {attempt}")
             manager._add(qid)
             manager._pump()
-            jobs.die()
+            outcome(jobs)
             while manager.running:
                 await deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(fq.list(QTMSINQ), [])

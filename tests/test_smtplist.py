@@ -6,6 +6,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import sqlite3
 import stat
 from pathlib import Path
@@ -738,3 +739,22 @@ def test_help_says_changes_apply_at_once(cfg, capsys):
     for command in ("addsmtple", "rmvsmtple"):
         rc, out, err = tm(capsys, cfg, command, "--help")
         assert rc == 0 and "Applies at once" in out and "no daemon is needed" in out
+
+
+def test_filter_wildcards_match_in_linear_time(d):
+    """A crafted subject must not hold a QMSF job: these took minutes as regular
+    expressions with several .+ each."""
+    d.add_list_entry(ListEntry("*FTRSUBJECT", ftrdata="*free*money*"))
+    d.add_list_entry(ListEntry("*FTRSUBJECT", ftrdata="*a*a*a*b"))
+    assert d.filter_match("*FTRSUBJECT", "free " * 20_000) is None  # 20 s as a regex
+    assert d.filter_match("*FTRSUBJECT", "a" * 300) is None  # 10 s as a regex
+    assert d.filter_match("*FTRSUBJECT", "xfree money!") == "*free*money*"
+
+
+@given(pattern=st.text(alphabet="ab.*", max_size=6), value=st.text(alphabet="ab.", max_size=8))
+def test_filter_wildcards_mean_one_or_more_characters(pattern, value):
+    from twistmail.directory import _Wildcard
+
+    expected = re.fullmatch(".+".join(re.escape(p) for p in pattern.split("*")), value,
+                            re.IGNORECASE | re.DOTALL) is not None
+    assert _Wildcard(pattern).fullmatch(value) == expected

@@ -24,7 +24,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
-from twistmail.bridge.msfjobs import JobEnded
+from twistmail.bridge.msfjobs import JobEnded, JobFailed
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ
 
 RESCAN_EVERY = 5.0  # seconds
@@ -170,7 +170,7 @@ class QueueManager:
             d.addBoth(self._finished, qid)
 
     def _failed(self, failure: Any, qid: str) -> Any:
-        if failure.check(JobEnded):
+        if failure.check(JobEnded, JobFailed):  # a message that always fails is set aside too
             self.job_ends[qid] += 1
         if self.job_ends[qid] < MAX_JOB_ENDS:
             self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
@@ -182,7 +182,7 @@ class QueueManager:
         # taking a job start each time: it goes to corrupt/ for the
         # administrator instead (wrkq --queue corrupt).
         del self.job_ends[qid]
-        reason = f"its QMSF job ended while processing it, {MAX_JOB_ENDS} times"
+        reason = f"its QMSF job failed or ended on it {MAX_JOB_ENDS} times"
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                       self.queue.set_aside, QTMSINQ, qid, reason)
 

@@ -12,11 +12,15 @@ Synchronous: the bridge runs it in a worker thread with the message body.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email
 import email.errors
 import email.header
+import email.message
 import email.policy
 import email.utils
+import quopri
 from pathlib import Path
 from typing import Any
 
@@ -37,33 +41,91 @@ def examine(body_path: Path, originator: str, directory: Any) -> Match | None:
     lists = directory.filters()
     if not any(lists.values()):
         return None
-    with open(body_path, "rb") as f:
-        msg = email.message_from_binary_file(f, policy=email.policy.compat32)
-    for kind, value in _values(msg, originator, lists):
-        pattern = directory.filter_match(kind, value)
-        if pattern is not None:
-            return Match(kind, pattern, value)
+    try:
+        with open(body_path, "rb") as f:
+            msg = email.message_from_binary_file(f, policy=email.policy.compat32)
+        if lists.get("*FTRORIGIN"):
+            for value in _origins(msg, originator):
+                pattern = directory.filter_match("*FTRORIGIN", value)
+                if pattern is not None:
+                    return Match("*FTRORIGIN", pattern, value)
+        for kind, value in _values(msg, lists, [0]):
+            pattern = directory.filter_match(kind, value)
+            if pattern is not None:
+                return Match(kind, pattern, value)
+    except (_Unexaminable, RecursionError) as e:
+        # Past what is examined, an attachment could hide: kept, not let through.
+        why = str(e) if isinstance(e, _Unexaminable) else "MIME parts nested too deep"
+        return Match("*FTRTYPE", UNEXAMINED, why)
     return None
 
 
-def _values(msg: Any, originator: str, lists: dict[str, list[str]]):
-    if lists.get("*FTRORIGIN"):
-        if originator:
-            yield "*FTRORIGIN", originator
-        for _, addr in email.utils.getaddresses(msg.get_all("From", [])):
-            if addr:
-                yield "*FTRORIGIN", addr
-    for n, part in enumerate(msg.walk()):
-        if n >= MAX_PARTS:
-            break
-        if lists.get("*FTRSUBJECT") and part.get("Subject") is not None:
-            yield "*FTRSUBJECT", _text(part.get("Subject"))
+UNEXAMINED = "(not examined)"
+
+
+class _Unexaminable(Exception):
+    """More parts than are examined."""
+
+
+def _origins(msg: Any, originator: str):
+    if originator:
+        yield originator
+    for _, addr in email.utils.getaddresses(msg.get_all("From", [])):
+        if addr:
+            yield addr
+
+
+def _values(msg: Any, lists: dict[str, list[str]], seen: list[int]):
+    for part in msg.walk():
+        seen[0] += 1
+        if seen[0] > MAX_PARTS:
+            raise _Unexaminable(f"more than {MAX_PARTS} MIME parts")
+        if lists.get("*FTRSUBJECT"):
+            for subject in part.get_all("Subject", []):  # every copy: a first one can hide
+                yield "*FTRSUBJECT", _text(subject)
         if lists.get("*FTRTYPE"):
-            yield "*FTRTYPE", part.get_content_type()
+            for ctype in part.get_all("Content-Type", []) or ["text/plain"]:
+                yield "*FTRTYPE", str(ctype).split(";", 1)[0].strip().lower()
         if lists.get("*FTRFILNAME"):
-            for name in (part.get_filename(), part.get_param("name")):
-                if name:
-                    yield "*FTRFILNAME", _text(name)
+            for name in _file_names(part):
+                yield "*FTRFILNAME", name
+        inner = _encoded_message(part)
+        if inner:
+            yield from _values(email.message_from_bytes(inner, policy=email.policy.compat32),
+                               lists, seen)
+
+
+def _encoded_message(part: Any) -> bytes | None:
+    """An attached message sent base64 or quoted-printable, decoded.
+
+    RFC 2046 forbids encoding message/rfc822, so a parser takes the encoded
+    text for the message and sees nothing of what it carries.
+    """
+    cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    if part.get_content_type() != "message/rfc822" or cte not in ("base64", "quoted-printable"):
+        return None
+    payload = part.get_payload()
+    if isinstance(payload, list):  # what the parser made of the encoded text
+        raw = b"".join(m.as_bytes() for m in payload)
+    else:
+        raw = str(payload).encode("ascii", "replace")
+    try:
+        return base64.b64decode(raw) if cte == "base64" else quopri.decodestring(raw)
+    except (ValueError, binascii.Error):
+        return None
+
+
+def _file_names(part: Any):
+    for header, param in (("Content-Disposition", "filename"), ("Content-Type", "name")):
+        for value in part.get_all(header, []):
+            holder = email.message.Message()
+            holder[header] = value
+            name = holder.get_param(param, header=header)
+            if name:
+                text = _text(name)
+                yield text
+                if text != text.rstrip(". "):
+                    yield text.rstrip(". ")  # Windows drops trailing dots and spaces
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,78 @@
+"""The *FTR* content filters on crafted messages: what hides an attachment is caught."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from twistmail.directory import ListEntry, SqliteDirectory
+from twistmail.policy.filters import UNEXAMINED, examine
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> SqliteDirectory:
+    d = SqliteDirectory(tmp_path / "var" / "directory.sqlite", ("example.test",), "mail")
+    d.add_list_entry(ListEntry("*FTRFILNAME", ftrdata="*.vbs"))
+    d.add_list_entry(ListEntry("*FTRSUBJECT", ftrdata="ILOVEYOU"))
+    yield d
+    d.close()
+
+
+def _examined(tmp_path: Path, directory: SqliteDirectory, message: bytes):
+    path = tmp_path / "m"
+    path.write_bytes(message)
+    return examine(path, "jane@example.test", directory)
+
+
+def _part(name: str) -> bytes:
+    return (b"--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment;"
+            b" filename=\"" + name.encode() + b"\"\r\n\r\nx\r\n")
+
+
+def test_an_attachment_past_a_thousand_parts_is_kept_not_let_through(tmp_path, directory):
+    parts = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(1000))
+    message = (b"Subject: many\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n" + parts
+               + _part("evil.vbs") + b"--b--\r\n")
+    match = _examined(tmp_path, directory, message)
+    assert match is not None and match.pattern == UNEXAMINED
+
+
+def test_a_second_subject_or_disposition_is_examined_too(tmp_path, directory):
+    assert _examined(tmp_path, directory, b"Subject: hello\r\nSubject: ILOVEYOU\r\n\r\nx\r\n")
+    message = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+               b"Content-Type: application/octet-stream\r\nContent-Disposition: attachment;"
+               b" filename=\"report.txt\"\r\nContent-Disposition: attachment;"
+               b" filename=\"evil.vbs\"\r\n\r\nx\r\n--b--\r\n")
+    assert _examined(tmp_path, directory, message).value == "evil.vbs"
+
+
+def test_a_trailing_dot_does_not_hide_an_extension(tmp_path, directory):
+    message = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+               + _part("evil.vbs.") + b"--b--\r\n")
+    assert _examined(tmp_path, directory, message).value == "evil.vbs"
+
+
+def test_an_attached_message_sent_base64_is_examined_decoded(tmp_path, directory):
+    inner = (b"Subject: inner\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+             + _part("evil.vbs") + b"--b--\r\n")
+    message = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=o\r\n\r\n--o\r\n"
+               b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+               + base64.encodebytes(inner) + b"--o--\r\n")
+    assert _examined(tmp_path, directory, message).value == "evil.vbs"
+
+
+def test_parts_nested_too_deep_are_kept(tmp_path, directory):
+    depth = 3000
+    head = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (i, i)
+                    for i in range(depth))
+    tail = b"".join(b"\r\n--b%d--\r\n" % i for i in reversed(range(depth)))
+    match = _examined(tmp_path, directory, b"Subject: deep\r\n" + head + b"x" + tail)
+    assert match is not None and match.pattern == UNEXAMINED
+
+
+def test_an_ordinary_message_passes(tmp_path, directory):
+    message = (b"Subject: minutes\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+               + _part("minutes.pdf") + b"--b--\r\n")
+    assert _examined(tmp_path, directory, message) is None
