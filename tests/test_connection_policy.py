@@ -5,6 +5,7 @@ from __future__ import annotations
 import poplib
 import smtplib
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -81,6 +82,13 @@ def test_block_list_lookup(make_appliance, dns):
         s.close()
     [entry] = a.journal("9S")
     assert entry["zone"] == "bl.test"
+    # The submission ports ask no block list: their clients sign on.
+    for port in ("submission", "smtps"):
+        s = connect_from(a, "127.0.0.2", port)
+        if port == "smtps":
+            s = ssl._create_unverified_context().wrap_socket(s)
+        assert read_reply(s).startswith(b"220 "), port
+        s.close()
 
 
 def test_flood_from_one_address_leaves_others_served(make_appliance):

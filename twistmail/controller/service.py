@@ -52,6 +52,9 @@ def _reject_reply(pgm: str, hostname: str) -> bytes:
     ).encode()
 
 
+#: Ports where every client signs on (RFC 6409, RFC 8314): no block lists there.
+SUBMISSION_LISTENERS = frozenset({"submission", "smtps"})
+
 class Controller(service.Service):
     log = Logger()
 
@@ -187,7 +190,8 @@ class Controller(service.Service):
 
     def _accepted(self, sock: socket.socket, listener: str, peer: str) -> None:
         pgm = configmod.LISTENER_PROGRAM[listener]
-        verdict = self.policy.check(peer, smtp=pgm == "QTMSSRCP")
+        verdict = self.policy.check(peer, smtp=pgm == "QTMSSRCP",
+                                    rbl=listener not in SUBMISSION_LISTENERS)
         if verdict is None:
             self.pools[pgm].submit(sock, listener, peer)
         elif isinstance(verdict, defer.Deferred):

@@ -149,8 +149,13 @@ class ConnectionPolicy:
 
     # -- the check -----------------------------------------------------------
 
-    def check(self, ip: str, smtp: bool) -> Verdict | None | defer.Deferred:
-        """None to go on; a Verdict to refuse; a Deferred when DNS must be asked."""
+    def check(self, ip: str, smtp: bool, rbl: bool = True) -> Verdict | None | defer.Deferred:
+        """None to go on; a Verdict to refuse; a Deferred when DNS must be asked.
+
+        ``rbl`` False skips the block lists: on the submission ports, where
+        every client must sign on anyway and roaming users often come from
+        addresses the lists name (dial-up and residential ranges).
+        """
         refusal = self.anvil.admit(ip)
         if refusal is not None:
             return self._limit(ip, refusal, smtp)
@@ -161,16 +166,16 @@ class ConnectionPolicy:
                 d = threads.deferToThreadPool(
                     self.reactor, self.reactor.getThreadPool(), self.directory.pop_login_since,
                     ip, time.time() - 60 * self.popwdw)
-                return d.addCallback(lambda who: self._after_pop_window(ip, who))
+                return d.addCallback(lambda who: self._after_pop_window(ip, who, rbl))
             return self._reject_list(ip)
-        if self.rblsvr:
+        if self.rblsvr and rbl:
             return self._rbl(ip)
         return None
 
-    def _after_pop_window(self, ip: str, who: str | None) -> Any:
+    def _after_pop_window(self, ip: str, who: str | None, rbl: bool = True) -> Any:
         if who is None:
             return self._reject_list(ip)
-        return self._rbl(ip) if self.rblsvr else None
+        return self._rbl(ip) if self.rblsvr and rbl else None
 
     def closed(self, ip: str) -> None:
         self.anvil.closed(ip)
