@@ -758,3 +758,12 @@ def test_filter_wildcards_mean_one_or_more_characters(pattern, value):
     expected = re.fullmatch(".+".join(re.escape(p) for p in pattern.split("*")), value,
                             re.IGNORECASE | re.DOTALL) is not None
     assert _Wildcard(pattern).fullmatch(value) == expected
+
+
+def test_an_accept_entry_for_every_address_is_warned_of(cfg, capsys):
+    rc, out, err = tm(capsys, cfg, "addsmtple", "--type", "*ACCEPT", "--intnetadr", "0.0.0.0",
+                      "--subnetmask", "0.0.0.0")
+    assert rc == 0 and "added" in out and "anyone on the Internet may relay" in err
+    rc, out, err = tm(capsys, cfg, "addsmtple", "--type", "*ACCEPT", "--intnetadr",
+                      "192.0.2.0", "--subnetmask", "255.255.255.0")
+    assert rc == 0 and err == ""

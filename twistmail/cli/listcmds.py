@@ -116,6 +116,20 @@ def addsmtple(list_type: str, **options: str | None) -> None:
     with open_directory("the SMTP lists") as d:
         entry = d.add_list_entry(ListEntry(list_type, **given))
     click.echo(f"SMTP list entry {describe(entry)} added.")
+    if entry.type == "*ACCEPT" and _everyone(entry):
+        click.echo("Warning: this *ACCEPT entry takes every address: with ALWRLY *LIST or "
+                   "*BOTH, anyone on the Internet may relay through this server.", err=True)
+
+
+def _everyone(entry: ListEntry) -> bool:
+    """An address and mask that together cover every client address."""
+    import ipaddress
+
+    try:
+        network = ipaddress.ip_network(f"{entry.intnetadr}/{entry.subnetmask}", strict=False)
+    except ValueError:
+        return False
+    return network.prefixlen == 0
 
 
 @cli.command("rmvsmtple", epilog=LIVE)
