@@ -24,19 +24,27 @@ class Journal:
         pass
 
 
-class KnownRecipientTests(unittest.TestCase):
+class BackendCase(unittest.TestCase):
+    """A backend on a real directory with profile SAM, and these [smtp] settings."""
+
+    smtp: dict[str, str] = {}
+
     def setUp(self) -> None:
         root = Path(tempfile.mkdtemp(prefix="twistmail-test-"))
         self.addCleanup(shutil.rmtree, root, True)
         config = root / "twistmail.toml"
         sections = base_sections(root / "var")
-        sections["smtp"] = {"alwrly": "*LIST"}  # relay for the *ACCEPT list only
+        sections["smtp"] = dict(self.smtp)
         config.write_text(render_toml(sections))
         settings = configmod.load(config)
         self.directory = SqliteDirectory.from_settings(settings)
         self.directory.create_profile("SAM", "secret")
         self.backend = backendmod.QueueBackend(reactor, settings, self.directory,
                                                FileQueue.for_settings(settings), Journal())
+
+
+class KnownRecipientTests(BackendCase):
+    smtp = {"alwrly": "*LIST"}  # relay for the *ACCEPT list only
 
     def check(self, local: str) -> object:
         return self.backend.check_recipient(Address(local, "example.test"), "192.0.2.7", None)
@@ -85,7 +93,7 @@ class KnownRecipientTests(unittest.TestCase):
         self.assertEqual((await later).code, 550)
 
 
-class PostmasterTests(KnownRecipientTests):
+class PostmasterTests(BackendCase):
     async def test_bare_postmaster_is_the_first_local_domain_s_and_delivered_there(self) -> None:
         """RFC 5321 §4.5.1: <postmaster> must be accepted, and must reach someone."""
         verdict = await self.backend.check_recipient(Address("postmaster", ""), "192.0.2.7",
@@ -93,19 +101,8 @@ class PostmasterTests(KnownRecipientTests):
         self.assertEqual((verdict.code, verdict.route), (250, "postmaster@example.test"))
 
 
-class SenderTests(unittest.TestCase):
-    def setUp(self) -> None:
-        root = Path(tempfile.mkdtemp(prefix="twistmail-test-"))
-        self.addCleanup(shutil.rmtree, root, True)
-        config = root / "twistmail.toml"
-        sections = base_sections(root / "var")
-        sections["smtp"] = {"vfyfromusr": "*YES"}
-        config.write_text(render_toml(sections))
-        settings = configmod.load(config)
-        self.directory = SqliteDirectory.from_settings(settings)
-        self.directory.create_profile("SAM", "secret")
-        self.backend = backendmod.QueueBackend(reactor, settings, self.directory,
-                                               FileQueue.for_settings(settings), Journal())
+class SenderTests(BackendCase):
+    smtp = {"vfyfromusr": "*YES"}
 
     async def test_vfyfromusr_is_not_fooled_by_the_catch_all(self) -> None:
         """*ANY *ANY takes mail for any local name; it names no sender."""
