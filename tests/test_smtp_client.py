@@ -640,6 +640,15 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(result.recipients[0].status, TEMPORARY)
         self.assertEqual(required.messages, [])
 
+    async def test_a_reply_whose_lines_change_their_code_is_taken_at_its_last(self) -> None:
+        """RFC 5321 §4.2.1 wants one code; a sloppy server is not a destination never reached."""
+        sink = self.sink(rcpt=lambda address: "550-5.1.1 this one\r\n551 5.1.1 or that one"
+                         if address.startswith("gone") else "250 2.1.5 ok")
+        result = await self.send([sink.hop()], recipients=("gone@d.test", "here@d.test"))
+        self.assertEqual([(r.status, r.code) for r in result.recipients],
+                         [(PERMANENT, 551), (DELIVERED, 250)])
+        self.assertEqual(len(sink.messages), 1)
+
     async def test_required_without_starttls_is_temporary(self) -> None:
         sink = self.sink()
         result = await self.send([sink.hop()], tls_policy=TLS_REQUIRED)

@@ -434,7 +434,6 @@ class _Session(Protocol):
         self.reactor = reactor
         self.buffer = bytearray()
         self.partial: list[str] = []
-        self.partial_code: int | None = None
         self.replies: deque[Reply] = deque()
         self.waiter: defer.Deferred[Reply] | None = None
         self.handshake: defer.Deferred[None] | None = None
@@ -503,19 +502,17 @@ class _Session(Protocol):
         if len(raw) > MAX_REPLY_LINE or not raw[:3].isdigit() or sep not in (b"", b" ", b"-"):
             self._violation(f"malformed reply line {raw[:60]!r}")
             return
+        # RFC 5321 §4.2.1 wants one code on every line of a reply; a server
+        # that changes it is taken at its last line, rather than dropped.
         code = int(raw[:3])
-        if self.partial_code is not None and code != self.partial_code:
-            self._violation("reply code changed within a multi-line reply")
-            return
         self.partial.append(raw[4:].decode("utf-8", "replace"))
         if len(self.partial) > MAX_REPLY_LINES:
             self._violation("reply has too many lines")
             return
         if sep == b"-":
-            self.partial_code = code
             return
         reply = Reply(code, tuple(self.partial))
-        self.partial, self.partial_code = [], None
+        self.partial = []
         if self.waiter is not None:
             d, self.waiter = self.waiter, None
             d.callback(reply)
