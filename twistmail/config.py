@@ -54,11 +54,11 @@ LISTENER_PROGRAM = {
 }
 
 
-
 def _is_address(text: str) -> bool:
     local, at, domain = text.rpartition("@")
     return bool(at and local) and local.isprintable() and not any(
         c.isspace() or c in '"<>,;()\\' for c in local) and is_domain(domain)
+
 
 @attrs.frozen
 class SystemSettings:

@@ -1651,12 +1651,14 @@ class _Wildcard:
     """
 
     def __init__(self, pattern: str) -> None:
-        self.parts = [part.casefold() for part in pattern.split("*")]
+        parts = [part.casefold() for part in pattern.split("*")]
+        self.literal = len(parts) == 1
+        self.first, self.middle, self.last = parts[0], parts[1:-1], parts[-1]
 
     def fullmatch(self, value: str) -> bool:
         v = value.casefold()
-        first, *middle, last = self.parts if len(self.parts) > 1 else (self.parts[0], None)
-        if last is None:
+        first, middle, last = self.first, self.middle, self.last
+        if self.literal:
             return v == first
         end = len(v) - len(last)  # where the last piece must start
         if not (v.startswith(first) and v.endswith(last)) or end < len(first):

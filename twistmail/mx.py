@@ -36,6 +36,8 @@ from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names import error as dns_error
 
+from twistmail.settingtypes import nameserver_address, parse_hostport
+
 DEFAULT_PORT = 25
 DNS_PORT = 53
 MAX_ADDRESSES_PER_HOST = 4
@@ -199,42 +201,6 @@ def _is_local_address(address: str) -> bool:
 
 
 # -- parsing -------------------------------------------------------------------
-
-
-def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address."""
-    text = text.strip()
-    if not text:
-        raise ValueError("empty host")
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"missing ']' in {text!r}")
-        host, rest = text[1:end], text[end + 1:]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"junk after ']' in {text!r}")
-        port_text = rest[1:] if rest else ""
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host, port_text = text, ""
-    if not host:
-        raise ValueError(f"no host in {text!r}")
-    if not port_text:
-        return host, default_port
-    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
-        raise ValueError(f"bad port in {text!r}")
-    return host, int(port_text)
-
-
-def _nameserver(text: str) -> tuple[str, int]:
-    """Twisted sends queries to an IP address only, so names are refused here."""
-    host, port = parse_hostport(text, DNS_PORT)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"a name server must be an IP address, not {host!r}") from None
-    return host, port
 
 
 def normalise_domain(domain: str) -> str:
@@ -469,7 +435,7 @@ class MXResolver:
 
     def _make_resolver(self, nameservers: Sequence[str] | None) -> client.Resolver:
         if nameservers:
-            servers = [_nameserver(s) for s in nameservers]
+            servers = [nameserver_address(s) for s in nameservers]
             return client.Resolver(servers=servers, timeout=self.timeout, reactor=self.reactor)
         return client.Resolver(
             resolv=SYSTEM_RESOLV_CONF, timeout=self.timeout, reactor=self.reactor

@@ -268,21 +268,10 @@ class NameServers(TextList):
     def parse(self, raw: Any) -> tuple[str, ...]:
         servers = super().parse(raw)
         for text in servers:
-            host, port = text, "53"
-            if text.startswith("["):
-                host, _, rest = text[1:].partition("]")
-                if rest:
-                    if not rest.startswith(":"):
-                        raise _Invalid
-                    port = rest[1:]
-            elif text.count(":") == 1:
-                host, port = text.split(":")
             try:
-                ipaddress.ip_address(host)
+                nameserver_address(text)
             except ValueError:
                 raise _Invalid from None
-            if not _is_port(port, 1):
-                raise _Invalid
         return servers
 
 
@@ -304,6 +293,42 @@ def is_domain(text: str) -> bool:
     return text.isascii() and len(text) <= 253 and all(
         0 < len(label) <= 63 and not label.startswith("-") and not label.endswith("-")
         and all(c.isalnum() or c in "-_" for c in label) for label in labels)
+
+
+def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty host")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"missing ']' in {text!r}")
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"junk after ']' in {text!r}")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    if not port_text:
+        return host, default_port
+    if not _is_port(port_text, 1):
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port_text)
+
+
+def nameserver_address(text: str) -> tuple[str, int]:
+    """A DNS server's address and port: Twisted sends queries to an IP address only."""
+    host, port = parse_hostport(text, 53)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"a name server must be an IP address, not {host!r}") from None
+    return host, port
 
 
 def _is_port(text: str, lo: int) -> bool:

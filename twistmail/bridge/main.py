@@ -124,7 +124,7 @@ def _reload(config_path: str, pool, outbound, jobs) -> None:  # noqa: ANN001
     pool.reload_jobs()
     outbound.configure(settings)
     jobs.reload()
-    for journal in {id(j): j for j in (jobs.journal, pool.journal, outbound.journal)}.values():
+    for journal in (jobs.journal, pool.journal, outbound.journal):
         journal.configure(settings)  # CHGSMTPA JOURNAL, receiver size
 
 

@@ -55,6 +55,7 @@ def _reject_reply(pgm: str, hostname: str) -> bytes:
 #: Ports where every client signs on (RFC 6409, RFC 8314): no block lists there.
 SUBMISSION_LISTENERS = frozenset({"submission", "smtps"})
 
+
 class Controller(service.Service):
     log = Logger()
 

@@ -26,6 +26,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from twistmail.policy.anvil import Anvil, LimitSettings, Refusal
+from twistmail.settingtypes import nameserver_address
 
 REFRESH_EVERY = 2.0  # seconds between reads of the reject list
 DNS_TIMEOUT = (1, 2)  # seconds per try: a slow block list must not stall mail
@@ -79,16 +80,7 @@ def make_resolver(reactor: Any, nameservers: tuple[str, ...]) -> Any:
         from twistmail.mx import SYSTEM_RESOLV_CONF
 
         return client.Resolver(resolv=SYSTEM_RESOLV_CONF, reactor=reactor, timeout=DNS_TIMEOUT)
-    servers = []
-    for ns in nameservers:
-        host, port = ns, 53
-        if ns.startswith("["):
-            host, _, rest = ns[1:].partition("]")
-            port = int(rest.lstrip(":") or 53)
-        elif ns.count(":") == 1:
-            host, p = ns.split(":")
-            port = int(p)
-        servers.append((host, port))
+    servers = [nameserver_address(ns) for ns in nameservers]
     return client.Resolver(servers=servers, reactor=reactor, timeout=DNS_TIMEOUT)
 
 
