@@ -788,6 +788,10 @@ def test_surrogate_escaped_eight_bit_addresses_survive():
         b'[{"address": "a@b", "state": "lost"}], "received": 1}',
         b'{"id": "0123456789abcdef012345", "originator": "", "recipients": [], '
         b'"received": 1, "attempts": -1}',
+        # a number no float holds, and nesting deeper than the parser's recursion
+        b'{"id": "0123456789abcdef012345", "originator": "", "recipients": [], '
+        b'"received": 1' + b"0" * 400 + b"}",
+        b"[" * 100_000 + b"]" * 100_000,
     ],
 )
 def test_broken_envelopes_raise_corrupt_envelope(data):

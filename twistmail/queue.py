@@ -320,7 +320,8 @@ class Envelope:
         """Parse an envelope file; any damage is a :class:`CorruptEnvelope`."""
         try:
             return cls.from_dict(json.loads(data))
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+                RecursionError) as e:  # a huge number, deep nesting: damage too
             raise CorruptEnvelope(f"{type(e).__name__}: {e}") from None
 
 
