@@ -8,6 +8,7 @@ left behind with old timestamps.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from twistmail.interfaces import (
     QTMSINQ,
     QTMSOUTQ,
     QTMSRTQ1,
+    QUARANTINE,
     QUEUES,
     IQueue,
 )
@@ -883,6 +885,71 @@ def test_wrkq_bad_queue_is_one_line_exit_2(cfg, capsys):
     assert len(lines) == 1
     assert "--queue: 'QTMSNOQ'" in lines[0]
     assert "QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2, QTMSBSSQ, hold, quarantine, corrupt" in lines[0]
+
+
+def test_wrkq_says_in_one_line_that_it_cannot_read_the_queues(cfg, cli_queue, capsys):
+    """As for a queue directory of mode 0700 read by another user than the daemon's."""
+    inq = cli_queue.queue_dir(QTMSINQ)
+    inq.rmdir()
+    inq.write_text("not a directory")
+    assert run(["--config", cfg, "wrkq"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the queues cannot be read: Not a directory" in err[0]
+
+
+def test_an_empty_id_is_a_usage_error_not_a_listing(cfg, cli_queue, capsys):
+    for option in ("--delete", "--release"):
+        assert run(["--config", cfg, "wrkq", option, ""]) == 2
+        err = capsys.readouterr().err
+        assert f"{option}: '' is not a queue id" in err
+
+
+def test_quarantine_actions_on_one_message_take_turns(cfg, cli_queue, capsys):
+    """A release and a delete of one id at once: one of them finds it gone."""
+    qid = enqueue(cli_queue, queue=QUARANTINE)
+    lock = os.open(cli_queue.queue_dir(QUARANTINE), os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another command holding quarantine
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(run(["--config", cfg, "wrkq",
+                                                          "--release", qid])))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and cli_queue.list(QUARANTINE) == [qid]  # waiting its turn
+    cli_queue.remove(QUARANTINE, qid)  # what the other command did meanwhile
+    os.close(lock)
+    t.join(10)
+    assert result == [1]
+    assert "is not in quarantine" in capsys.readouterr().err
+    assert cli_queue.find(qid) is None  # no envelope brought back without its body
+
+
+def test_hlddstq_holds_until_every_held_priority_is_released(cfg, cli_queue, capsys):
+    from twistmail.bridge.outbound import held_parts
+
+    root = cli_queue.root
+    assert run(["--config", cfg, "hlddstq", "--pty", "*normal"]) == 0
+    assert run(["--config", cfg, "hlddstq", "--pty", "*HIGH"]) == 0
+    assert held_parts(root) == ["*NORMAL", "*HIGH"]
+    capsys.readouterr()
+    assert run(["--config", cfg, "rlsdstq", "--pty", "*HIGH"]) == 0
+    assert "*NORMAL still held" in capsys.readouterr().out
+    assert held_parts(root) == ["*NORMAL"]
+    assert run(["--config", cfg, "rlsdstq"]) == 0
+    assert "outbound delivery resumes" in capsys.readouterr().out
+    assert held_parts(root) == []
+
+
+@pytest.mark.parametrize("command", ["hlddstq", "rlsdstq"])
+def test_a_bad_priority_is_a_usage_error(cfg, cli_queue, capsys, command):
+    assert run(["--config", cfg, command, "--pty", "BOGUS"]) == 2
+    err = capsys.readouterr().err
+    assert "--pty: 'BOGUS' is not allowed; allowed: *NORMAL, *HIGH" in err
+
+
+def test_hlddstq_makes_no_queues_for_a_wrong_datadir(cfg, tmp_path, capsys):
+    assert run(["--config", cfg, "hlddstq"]) == 1
+    assert "no mail queues in" in capsys.readouterr().err
+    assert not (tmp_path / "var").exists()
 
 
 @pytest.mark.parametrize(

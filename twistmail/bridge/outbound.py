@@ -75,13 +75,22 @@ BATCH = 8
 #: up to RECORD_RETRY_MAX; meanwhile the message is not sent again.
 RECORD_RETRY = 5.0  # seconds
 RECORD_RETRY_MAX = 300.0
-HOLD_FLAG = "QSMTPQ.held"
+#: HLDDSTQ's flag file for each priority part of QSMTPQ.  SMTP mail carries no
+#: SNADS priority, so a hold of either part holds it all: the seed holds both,
+#: and releasing one must not send what the other still holds.
+HOLD_FLAGS = {"*NORMAL": "QSMTPQ.held", "*HIGH": "QSMTPQ.held-high"}
 TRANSFER_REQUEST = "QSMTPQ.transfer"
 TRANSFER_STATE = "QSMTPQ.lastxfr"  # when the last MAILXFRINT transfer was
+_SIGNAL_FILES = (*HOLD_FLAGS.values(), TRANSFER_REQUEST)
 
 
-def hold_flag(queue_root: Path) -> Path:
-    return queue_root / HOLD_FLAG
+def hold_flag(queue_root: Path, pty: str = "*NORMAL") -> Path:
+    return queue_root / HOLD_FLAGS[pty]
+
+
+def held_parts(queue_root: Path) -> list[str]:
+    """The priorities of QSMTPQ that HLDDSTQ holds."""
+    return [pty for pty in HOLD_FLAGS if hold_flag(queue_root, pty).exists()]
 
 
 def request_transfer(queue_root: Path) -> None:
@@ -230,7 +239,7 @@ class OutboundManager:
         name = path.basename()
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
-        if path.dirname() == str(self.queue.root) and name not in (HOLD_FLAG, TRANSFER_REQUEST):
+        if path.dirname() == str(self.queue.root) and name not in _SIGNAL_FILES:
             return  # a queue directory or a state file: not ours to act on
         if mask & self._arrival and len(self.backlog) >= REFILL_AT:
             # A scan reads every envelope in the queue: one per arriving
@@ -263,7 +272,7 @@ class OutboundManager:
 
     @property
     def held(self) -> bool:
-        return hold_flag(self.queue.root).exists()
+        return bool(held_parts(self.queue.root))
 
     # -- scanning --------------------------------------------------------------
 

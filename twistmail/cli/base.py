@@ -153,6 +153,10 @@ def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
         return EXIT_FAILED
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a file the command needed: say which, in one line
+        where = f": {e.filename}" if e.filename else ""
+        click.echo(f"{prog_name}: {e.strerror or e}{where}", err=True)
+        return EXIT_FAILED
     return rv if isinstance(rv, int) else 0
 
 

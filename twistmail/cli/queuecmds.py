@@ -1,16 +1,20 @@
-"""WRKQ: what is in the mail queues, like Postfix's ``mailq``.
+"""WRKQ: what is in the mail queues, like Postfix's ``mailq``; HLDDSTQ, RLSDSTQ.
 
-Reads the envelope files under ``<datadir>/queue`` (setting
-``system.datadir``) and never talks to the daemon nor writes anything, so an
-administrator can look at the queues while the appliance is down or busy.
+Works on the files under ``<datadir>/queue`` (setting ``system.datadir``)
+and never talks to the daemon, so an administrator can look at the queues,
+and hold them, while the appliance is down or busy.  Listing writes
+nothing; the bridge picks up a hold, a release or a released message
+within a second.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ import click
 
 from twistmail.cli.base import Failure, app, cli, usage_error
 from twistmail.cli.output import emit_table
+from twistmail.durable import fsync_dir
 from twistmail.interfaces import QUEUES
 from twistmail.queue import PENDING, FileQueue, QueueEntry, Recipient
 
@@ -95,6 +100,29 @@ def totals_line(entries: Iterable[QueueEntry], only: str | None = None) -> str:
     return f"{head}: {per_queue}" if per_queue else head
 
 
+@contextmanager
+def _readable(what: str) -> Iterator[None]:
+    """File errors as one line: queues are mode 0700, readable only by the daemon's user."""
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise Failure(f"{what}: {e.strerror or e}{where}") from None
+
+
+def _spool(listing: bool = False) -> FileQueue:
+    """The queues of this configuration, never created here: a wrong datadir is said.
+
+    A listing of queues that do not exist yet is simply empty.
+    """
+    settings = app().settings
+    spool = FileQueue.for_settings(settings, create=False)
+    if not listing and not spool.root.is_dir():
+        raise Failure(f"no mail queues in {spool.root}: the appliance has not run with "
+                      f"datadir {settings.datadir}")
+    return spool
+
+
 @cli.command("wrkq")
 @click.option(
     "--queue",
@@ -111,13 +139,13 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
     With --release or --delete, act on one message in quarantine (kept there by
     a content filter with FTRACN *KEEP); a released message skips the filters.
     """
-    if release or delete:
+    if release is not None or delete is not None:
         _quarantine_action(release, delete)
         return
     name = queue_name(queue) if queue is not None else None
-    spool = FileQueue.for_settings(app().settings, create=False)
     now = time.time()
-    entries = list(spool.entries(name, now=now))
+    with _readable("the queues cannot be read"):
+        entries = list(_spool(listing=True).entries(name, now=now))
     if as_json:
         emit_table((e.to_dict() for e in entries), COLUMNS, as_json=True)
         return
@@ -126,23 +154,46 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
 
 
 def _quarantine_action(release: str | None, delete: str | None) -> None:
-    from twistmail.interfaces import QTMSINQ, QUARANTINE
-    from twistmail.journal import Journal
+    from twistmail.interfaces import QUARANTINE
     from twistmail.queue import is_queue_id
 
-    if release and delete:
+    if release is not None and delete is not None:
         usage_error("--release and --delete: give one of them")
-    qid = release or delete
-    option = "--release" if release else "--delete"
+    qid = release if release is not None else delete
+    option = "--release" if release is not None else "--delete"
     if not is_queue_id(qid):
         usage_error(f"{option}: {qid!r} is not a queue id; allowed: the id wrkq shows")
-    settings = app().settings
-    spool = FileQueue.for_settings(settings, create=False)
+    with _readable(f"{option} {qid}"):
+        spool = _spool()
+        with _quarantine_locked(spool.queue_dir(QUARANTINE)):
+            _act_on_quarantined(spool, qid, option, release is not None)
+
+
+@contextmanager
+def _quarantine_locked(directory: Path) -> Iterator[None]:
+    """One administrator's action on quarantine at a time.
+
+    The bridge never touches a quarantined message; two commands at once
+    could (a release and a delete of one id would bring back an envelope
+    whose body the delete removed).
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _act_on_quarantined(spool: FileQueue, qid: str, option: str, release: bool) -> None:
+    from twistmail.interfaces import QTMSINQ, QUARANTINE
+    from twistmail.journal import Journal
+
     try:
         env = spool.load(QUARANTINE, qid)
     except KeyError:
         raise Failure(f"{option}: message {qid} is not in quarantine") from None
-    journal = Journal.from_settings(settings, f"WRKQ/{os.getpid()}")
+    journal = Journal.from_settings(app().settings, f"WRKQ/{os.getpid()}")
     if release:
         spool.move(qid, QUARANTINE, QTMSINQ, env.note({"released": time.time()}))
         journal.write("OW", f"OW REL {qid}", qid, action="released by the administrator")
@@ -153,23 +204,37 @@ def _quarantine_action(release: str | None, delete: str | None) -> None:
         click.echo(f"message {qid} deleted from quarantine")
 
 
-def _dstq(dstq: str) -> Path:
-    from twistmail.bridge.outbound import hold_flag
+def _dstq(dstq: str, pty: str) -> tuple[Path, str]:
+    """The queue root (where the hold flags are) and the canonical priority."""
+    from twistmail.bridge.outbound import HOLD_FLAGS
 
     if dstq.strip().upper() != "QSMTPQ":
         usage_error(f"--dstq: {dstq!r} is not a distribution queue here; allowed: QSMTPQ "
                     "(the queue SMTP delivers from)")
-    return hold_flag(FileQueue.for_settings(app().settings).root)
+    part = pty.strip().upper()
+    if part not in HOLD_FLAGS:
+        usage_error(f"--pty: {pty!r} is not allowed; allowed: {', '.join(HOLD_FLAGS)}")
+    return _spool().root, part
 
 
 @cli.command()
 @click.option("--dstq", default="QSMTPQ", show_default=True, help="Distribution queue: QSMTPQ")
 @click.option("--pty", default="*NORMAL", show_default=True, help="*NORMAL or *HIGH")
 def hlddstq(dstq: str, pty: str) -> None:
-    """Hold outbound delivery (HLDDSTQ): mail stays queued and visible in wrkq."""
-    flag = _dstq(dstq)
-    flag.touch()
-    click.echo("QSMTPQ held: outbound mail stays queued until rlsdstq")
+    """Hold outbound delivery (HLDDSTQ): mail stays queued and visible in wrkq.
+
+    SMTP mail has no SNADS priority: holding either part holds it all, until
+    every held part is released.
+    """
+    from twistmail.bridge.outbound import hold_flag
+
+    root, part = _dstq(dstq, pty)
+    flag = hold_flag(root, part)
+    with _readable(f"QSMTPQ {part} not held"):
+        if not flag.exists():
+            flag.touch()
+            fsync_dir(root)  # a hold that a power loss undoes would send mail
+    click.echo(f"QSMTPQ {part} held: outbound mail stays queued until rlsdstq")
 
 
 @cli.command()
@@ -181,12 +246,20 @@ def rlsdstq(dstq: str, pty: str) -> None:
     With a mail transfer interval (MAILXFRINT) it also sends the mail waiting
     for the next scheduled transfer now, with ETRN when ETRNCLT is *YES.
     """
-    from twistmail.bridge.outbound import request_transfer
+    from twistmail.bridge.outbound import held_parts, hold_flag, request_transfer
 
-    flag = _dstq(dstq)
-    flag.unlink(missing_ok=True)
-    if app().settings.smtp.mailxfrint:
-        request_transfer(flag.parent)
-        click.echo("QSMTPQ released: a mail transfer starts now")
-    else:
-        click.echo("QSMTPQ released: outbound delivery resumes")
+    root, part = _dstq(dstq, pty)
+    with _readable(f"QSMTPQ {part} not released"):
+        hold_flag(root, part).unlink(missing_ok=True)
+        fsync_dir(root)
+        still = held_parts(root)
+        if still:
+            click.echo(f"QSMTPQ {part} released; {' and '.join(still)} still held: "
+                       "outbound mail stays queued until rlsdstq --pty " + still[0])
+            return
+        if app().settings.smtp.mailxfrint:
+            request_transfer(root)
+            click.echo("QSMTPQ released: a mail transfer starts now, or as soon as the "
+                       "appliance runs")
+        else:
+            click.echo("QSMTPQ released: outbound delivery resumes")
