@@ -17,6 +17,7 @@ from twisted.internet.testing import StringTransport
 from twistmail.auth import IMailboxAccess
 from twistmail.maildir import MailboxInUse, MaildirStore
 from twistmail.pop3.server import CHUNK, POP3Factory, _cut
+from twistmail.protocols.sequential import CLOSE_GRACE
 
 INACTTIMO = 600
 
@@ -62,12 +63,13 @@ def _deliver(store: MaildirStore, tmp_path, data: bytes, n: int = 1) -> None:
     store.deliver("SAM", f"Q{n}.R1", body, b"")
 
 
-def _session(store, alwssl: str = "*YES", msgsplit_kb: int | None = None):
+def _session(store, alwssl: str = "*YES", msgsplit_kb: int | None = None,
+             implicit_tls: bool = False):
     clock = Clock()
     factory = _Factory(reactor=clock, hostname="mail.example.test", portal=_Portal(store),
                        directory=None, journal=_Journal(), inacttimo=INACTTIMO,
                        msgsplit_kb=msgsplit_kb, alwssl=alwssl, tls_options=None,
-                       implicit_tls=False, on_done=lambda: None, fail_delay=0.0)
+                       implicit_tls=implicit_tls, on_done=lambda: None, fail_delay=0.0)
     session = factory.buildProtocol(None)
     transport = StringTransport()
     session.makeConnection(transport)
@@ -117,6 +119,15 @@ def test_top_finds_the_blank_line_after_a_header_longer_than_a_read(store, tmp_p
         session.sender.resumeProducing()
     assert b"Subject: after\r\n" in transport.value()
     assert b"body" not in transport.value()
+
+
+def test_a_refusal_on_995_that_cannot_leave_does_not_hold_the_job(store):
+    """ALWSSL *NO: the -ERR on 995 waits for a handshake the client may never make."""
+    clock, _, _, transport = _session(store, alwssl="*NO", implicit_tls=True)
+    assert transport.value().startswith(b"-ERR [SYS/PERM] TLS is disabled")
+    assert transport.disconnecting and not transport.disconnected
+    clock.advance(CLOSE_GRACE)
+    assert transport.disconnected  # cut: StringTransport's mark of abortConnection
 
 
 def test_capa_offers_no_user_where_a_plaintext_login_is_refused(store):

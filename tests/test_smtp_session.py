@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from twistmail.protocols.sequential import CLOSE_GRACE
 from twistmail.smtp.server import Received, SMTPFactory, SMTPSession, Verdict
 
 
@@ -395,6 +396,29 @@ def test_idle_timeout_421():
     s.clock.advance(2)
     assert s.replies()[0].startswith("421 4.4.2 ")
     assert s.tr.disconnecting
+
+
+def test_a_last_reply_that_cannot_leave_does_not_hold_the_job():
+    """A client that reads nothing, or never finishes its handshake on 465 (the 421
+    then waits unencrypted in the TLS layer): loseConnection alone would wait
+    for ever, and the job with it.  The connection is cut after a grace."""
+    s = Session(inacttimo=60)
+    s.start()
+    s.clock.advance(60)
+    assert s.replies()[0].startswith("421 4.4.2 ")
+    assert s.tr.disconnecting and not s.tr.disconnected  # asked to close, not cut
+    s.clock.advance(CLOSE_GRACE - 0.1)
+    assert not s.tr.disconnected
+    s.clock.advance(0.1)
+    assert s.tr.disconnected  # StringTransport's mark of abortConnection
+
+
+def test_a_session_that_closed_leaves_no_timer_behind():
+    s = Session()
+    s.start()
+    s.send(b"QUIT\r\n")
+    s.proto.connectionLost(None)
+    assert s.clock.getDelayedCalls() == []
 
 
 def test_quit_and_session_end_reported_once():

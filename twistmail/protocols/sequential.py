@@ -22,6 +22,10 @@ from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 
 
+#: Seconds a closing session's last reply has to leave before the connection is cut.
+CLOSE_GRACE = 10.0
+
+
 class SequentialSession(Protocol):
     max_pending = 64 * 1024
 
@@ -51,6 +55,8 @@ class SequentialSession(Protocol):
     # -- timeout --------------------------------------------------------------
 
     def reset_timeout(self) -> None:
+        if self.closing:
+            return  # the close's own timer runs
         if self.timeout_call is not None and self.timeout_call.active():
             self.timeout_call.reset(self.inacttimo)
         else:
@@ -140,4 +146,7 @@ class SequentialSession(Protocol):
         self.buffer = b""
         if self.transport is not None:
             self.lend_output()  # a paused producer would keep the connection open for ever
+            self.cancel_timeout()
+            self.timeout_call = self.reactor.callLater(
+                min(CLOSE_GRACE, self.inacttimo), self.transport.abortConnection)
             self.transport.loseConnection()
