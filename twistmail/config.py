@@ -364,6 +364,9 @@ def from_mapping(data: dict[str, Any], path: Path) -> Settings:
         if value and not settings.resolve(value).is_file():
             raise SettingError(key, value, "an existing file (relative paths start at "
                                "the configuration file's directory)")
+    if settings.tls.key and not settings.tls.certificate:
+        raise SettingError("tls.key", settings.tls.key, "empty while tls.certificate is "
+                           "empty (the self-signed pair is used then); or set both")
     if not settings.system.local_domains:
         raise SettingError("system.local_domains", [], "at least one domain")
     return settings

@@ -27,6 +27,13 @@ class Options(usage.Options):
             _fatal(f"{self['config']}: {e}")
         except OSError as e:  # a directory, unreadable, ...
             _fatal(f"--config: {self['config']!r} cannot be read: {e.strerror}")
+        if self.settings.tls.certificate:  # every job loads it: refuse a pair that cannot serve
+            from twistmail import tlsconfig
+
+            try:
+                tlsconfig.server_options(self.settings)
+            except configmod.SettingError as e:
+                _fatal(str(e))
 
 
 def _fatal(message: str) -> None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import ssl
 
 from twistmail.config import Settings
+from twistmail.settingtypes import SettingError
 
 
 def pair_paths(settings: Settings) -> tuple[Path, Path]:
@@ -23,6 +25,19 @@ def pair_paths(settings: Settings) -> tuple[Path, Path]:
         return settings.resolve(settings.tls.certificate), settings.resolve(key)
     d = settings.datadir / "tls"
     return d / "cert.pem", d / "key.pem"
+
+
+def pair_state(settings: Settings) -> tuple[Any, ...]:
+    """What the pair is now: its paths and each file's identity, to notice a renewal."""
+    out: list[Any] = []
+    for path in pair_paths(settings):
+        try:
+            st = path.stat()
+        except OSError:
+            out.append((str(path), None))
+        else:
+            out.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def ensure_pair(settings: Settings) -> tuple[Path, Path]:
@@ -65,14 +80,58 @@ def ensure_pair(settings: Settings) -> tuple[Path, Path]:
 
 
 def server_options(settings: Settings) -> ssl.CertificateOptions:
-    cert, key = pair_paths(settings)
-    pem = cert.read_bytes() + b"\n" + key.read_bytes()
-    private = ssl.PrivateCertificate.loadPEM(pem)
-    return ssl.CertificateOptions(
-        privateKey=private.privateKey.original,
-        certificate=private.original,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
+    """The options every TLS listener's job uses; a pair that cannot serve is a SettingError.
+
+    The certificate file may hold the intermediate certificates after the
+    server's own (a CA's "full chain"): they are sent with it, or clients
+    that verify could not reach a root they trust.  The key must not be
+    encrypted: a job cannot ask for a pass phrase.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from OpenSSL import SSL, crypto
+
+    cert_path, key_path = pair_paths(settings)
+    key_name = "tls.key" if settings.tls.key else "tls.certificate"
+    try:
+        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise _refused("tls.certificate", cert_path, f"it cannot be read: {_why(e)}") from None
+    try:
+        key = load_pem_private_key(key_path.read_bytes(), password=None)
+    except TypeError:  # encrypted, and no pass phrase given
+        raise _refused(key_name, key_path, "its private key is encrypted") from None
+    except (OSError, ValueError) as e:
+        raise _refused(key_name, key_path, f"its private key cannot be read: {_why(e)}") from None
+    if _public(chain[0].public_key()) != _public(key.public_key()):
+        raise _refused(key_name, key_path, f"it is not the key of the certificate in {cert_path}")
+    try:
+        options = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(chain[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        )
+        options.getContext()  # made now: whatever OpenSSL refuses is told at once
+        return options
+    except (crypto.Error, SSL.Error, ValueError, TypeError) as e:
+        raise _refused("tls.certificate", cert_path, f"TLS cannot use it: {_why(e)}") from None
+
+
+def _public(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _refused(key: str, path: Path, problem: str) -> SettingError:
+    return SettingError(key, str(path), "a PEM certificate (intermediates may follow it) "
+                        f"and its unencrypted private key; {problem}")
+
+
+def _why(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

@@ -28,8 +28,13 @@ ALL_DEFAULT = "# every setting has its default value"
     help="Only the settings that differ from their defaults.",
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON array of {key, value, default}.")
-def config_command(non_default: bool, as_json: bool) -> None:
-    """Show the settings read from the configuration file."""
+@click.option("--apply", is_flag=True, help="Apply the file to the running daemon: after "
+              "editing it by hand, or renewing the TLS certificate files in place.")
+def config_command(non_default: bool, as_json: bool, apply: bool) -> None:
+    """Show the settings read from the configuration file (or --apply them)."""
+    if apply:
+        _apply()
+        return
     rows = setting_rows(app().settings, non_default)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -38,6 +43,16 @@ def config_command(non_default: bool, as_json: bool) -> None:
     else:
         for row in rows:
             click.echo(_line(row, with_default=non_default))
+
+
+def _apply() -> None:
+    from twistmail.cli.poolcmds import call
+
+    result = call("reload")  # a file the daemon would refuse is told first, in one line
+    applied = ", ".join(result.get("applied", ())) or "nothing changed"
+    click.echo(f"configuration applied to the running daemon: {applied}")
+    if result.get("restart_needed"):
+        click.echo("restart needed for: " + ", ".join(result["restart_needed"]))
 
 
 def setting_rows(settings: configmod.Settings, non_default: bool) -> list[dict[str, Any]]:

@@ -76,6 +76,7 @@ class Controller(service.Service):
         self.bridge: BridgeSlot | None = None
         self.control_port: Any = None
         self.policy: Any = None
+        self.tls_state: tuple[Any, ...] = ()
 
     # -- start ---------------------------------------------------------
 
@@ -126,6 +127,11 @@ class Controller(service.Service):
         from twistmail import tlsconfig
 
         tlsconfig.ensure_pair(s)
+        try:
+            tlsconfig.server_options(s)  # every job needs it: refuse now, not in each job
+        except configmod.SettingError as e:
+            raise SystemExit(f"twistmail: {e}") from None
+        self.tls_state = tlsconfig.pair_state(s)
         self.journal = self._journal(f"QSYSWRK/{self.pid}")
         self.journal.write("JG", "JG STR twistmail", pid=self.pid, config=self.config_path)
         for pgm in POOL_PROGRAMS:
@@ -367,6 +373,7 @@ class Controller(service.Service):
             new = configmod.load(self.config_path)
         except (configmod.SettingError, OSError) as e:
             raise ControlError(f"configuration not applied: {e}") from None
+        tls_state = self._check_tls(new)
         old, self.settings = self.settings, new
         applied = []
         for pgm, pool in self.pools.items():
@@ -380,19 +387,41 @@ class Controller(service.Service):
             # The bridge owns the client pool and the delivery settings.
             launch.send_signal(self.bridge.process, "HUP")
             applied.append("bridge")
-        if (new.smtp, new.pop, new.journal, new.storage, new.limits) != (
+        tls_changed = tls_state != self.tls_state
+        self.tls_state = tls_state
+        if tls_changed or (new.smtp, new.pop, new.journal, new.storage, new.limits) != (
                 old.smtp, old.pop, old.journal, old.storage, old.limits):
             for pool in self.pools.values():
                 pool.reload_jobs()
             applied.append("jobs")
+        if tls_changed:
+            applied.append("tls")
         if new.smtp.journal != old.smtp.journal or new.journal != old.journal:
             for j in self._journals():
                 j.configure(new)
             applied.append("journal")
         restart = [
-            sec for sec in ("listen", "tls", "system") if getattr(new, sec) != getattr(old, sec)
+            sec for sec in ("listen", "system") if getattr(new, sec) != getattr(old, sec)
         ]
         return {"applied": applied, "restart_needed": restart}
+
+    def _check_tls(self, new: configmod.Settings) -> tuple[Any, ...]:
+        """The pair the jobs will load after this reload, refused before anything applies.
+
+        A certificate renewed in place (same paths, new files) counts as a
+        change: every job then loads it, not only the ones started later.
+        """
+        from twistmail import tlsconfig
+
+        state = tlsconfig.pair_state(new)
+        if state != self.tls_state or new.tls != self.settings.tls:
+            try:
+                tlsconfig.ensure_pair(new)
+                tlsconfig.server_options(new)
+            except (configmod.SettingError, OSError) as e:
+                raise ControlError(f"configuration not applied: {e}") from None
+            state = tlsconfig.pair_state(new)
+        return state
 
     def _journals(self) -> list[Journal]:
         out = [self.journal] if self.journal else []

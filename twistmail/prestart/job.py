@@ -206,8 +206,12 @@ class Job:
         except (configmod.SettingError, OSError) as e:
             print(f"settings not reloaded, keeping the old ones: {e}", file=sys.stderr)
             return
-        self.settings = settings
-        self.factories = self._factories()
+        old, self.settings = self.settings, settings
+        try:
+            self.factories = self._factories()
+        except configmod.SettingError as e:  # a TLS pair changed on disk and unusable
+            self.settings = old
+            print(f"settings not reloaded, keeping the old ones: {e}", file=sys.stderr)
 
     def serve(self, fd: int, listener: str, family: int) -> bool:
         """Adopt the passed socket; False when it could not be served."""

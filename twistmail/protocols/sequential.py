@@ -21,7 +21,6 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 
-
 #: Seconds a closing session's last reply has to leave before the connection is cut.
 CLOSE_GRACE = 10.0
 

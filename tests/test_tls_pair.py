@@ -1,0 +1,145 @@
+"""The appliance's own certificate: a CA's full chain, and pairs that cannot serve.
+
+Real daemons and real TLS clients: a client that verifies must reach the
+root it trusts through the intermediates the server sends; a key that is
+not the certificate's, or is encrypted, stops start-up (and a reload) with
+one line instead of killing every job that loads it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+from appliance import TWISTD
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from twistmail import config as configmod
+from twistmail.control import ControlError
+
+HOST = "mail.example.test"
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject: str, key, issuer: str, issuer_key, ca: bool, san: str | None = None):
+    now = datetime.datetime.now(datetime.UTC)
+    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(days=1))
+         .not_valid_after(now + datetime.timedelta(days=30))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if san:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(cert) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key, password: bytes | None = None) -> bytes:
+    enc = (serialization.BestAvailableEncryption(password) if password
+           else serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+
+
+def make_chain(where: Path, tag: str = "") -> tuple[Path, Path, Path]:
+    """root -> intermediate -> server; returns (root.pem, fullchain.pem, server.key)."""
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]
+    root = _cert(f"Test Root{tag}", keys[0], f"Test Root{tag}", keys[0], ca=True)
+    inter = _cert(f"Test Intermediate{tag}", keys[1], f"Test Root{tag}", keys[0], ca=True)
+    leaf = _cert(HOST, keys[2], f"Test Intermediate{tag}", keys[1], ca=False, san=HOST)
+    (where / "root.pem").write_bytes(_pem(root))
+    (where / "fullchain.pem").write_bytes(_pem(leaf) + _pem(inter))
+    (where / "server.key").write_bytes(_key_pem(keys[2]))
+    return where / "root.pem", where / "fullchain.pem", where / "server.key"
+
+
+def _verifying(root: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(root))
+    ctx.check_hostname = True
+    return ctx
+
+
+def _server_cert(a, root: Path | None = None) -> bytes:
+    """The DER certificate the smtps listener shows, verified against ``root`` if given."""
+    if root is None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx = _verifying(root)
+    with socket.create_connection(a.addr("smtps"), timeout=30) as sock, \
+            ctx.wrap_socket(sock, server_hostname=HOST) as tls:
+        assert tls.recv(100).startswith(b"220 ")
+        return tls.getpeercert(binary_form=True)
+
+
+def test_the_intermediates_in_the_certificate_file_are_sent(make_appliance, tmp_path):
+    """A client that verifies reaches its root through the intermediate sent."""
+    root, chain, key = make_chain(tmp_path)
+    a = make_appliance(tls={"certificate": str(chain), "key": str(key)}).start()
+    _server_cert(a, root)
+
+
+def _twistd(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("problem", ["another key", "encrypted"])
+def test_a_key_that_cannot_serve_stops_startup_with_one_line(make_appliance, tmp_path, problem):
+    root, chain, key = make_chain(tmp_path)
+    if problem == "another key":
+        key.write_bytes(_key_pem(ec.generate_private_key(ec.SECP256R1())))
+        told = "it is not the key of the certificate in"
+    else:
+        key.write_bytes(_key_pem(ec.generate_private_key(ec.SECP256R1()), b"secret"))
+        told = "its private key is encrypted"
+    a = make_appliance(tls={"certificate": str(chain), "key": str(key)})
+    r = _twistd(a.config)
+    out = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stdout + r.stderr
+    assert len(out) == 1 and out[0].startswith(f"twistmail: tls.key: '{key}' is not allowed")
+    assert told in out[0]
+
+
+def test_a_renewed_pair_reaches_every_job_at_reload_and_a_bad_one_is_refused(
+        make_appliance, tmp_path):
+    first, second = tmp_path / "1", tmp_path / "2"
+    first.mkdir()
+    second.mkdir()
+    root1, chain, key = make_chain(first)
+    a = make_appliance(tls={"certificate": str(chain), "key": str(key)}).start()
+    before = _server_cert(a, root1)
+
+    # Half a renewal: the new certificate, the old key.  Refused, nothing applied.
+    root2, chain2, key2 = make_chain(second, tag=" 2")
+    chain.write_bytes(chain2.read_bytes())
+    with pytest.raises(ControlError, match="configuration not applied: tls.key"):
+        a.control("reload")
+    key.write_bytes(key2.read_bytes())
+    rc, out, _ = a.cli("config", "--apply")
+    assert rc == 0 and out.startswith("configuration applied to the running daemon: ")
+    assert "tls" in out and "restart" not in out
+    a.wait_for(lambda: _server_cert(a) != before, 20, "the renewed certificate served")
+    assert hashlib.sha256(_server_cert(a, root2)).digest() != hashlib.sha256(before).digest()
+
+
+def test_a_key_without_its_certificate_is_refused(tmp_path):
+    cfg = tmp_path / "t.toml"
+    (tmp_path / "k.pem").write_text("x")
+    cfg.write_text('[system]\nlocal_domains = ["example.test"]\n[tls]\nkey = "k.pem"\n')
+    with pytest.raises(configmod.SettingError, match="tls.key: 'k.pem' is not allowed"):
+        configmod.load(cfg)
