@@ -161,6 +161,28 @@ def test_certificate_store_from_the_cli(make_appliance, certs):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_a_damaged_store_file_is_told_in_one_line_and_can_be_removed(make_appliance, certs):
+    a = make_appliance()
+    for user in ("APP", "SAM"):
+        a.user(user)
+    make_store(a, certs, **{"sam@example.test": certs.sam_pem})
+    root = a.datadir / "certs" / "APP"
+    (root / "recipients" / "sam@example.test.pem").write_text("junk")
+    rows = json.loads(ok(a, "dcm", "list", "--usrprf", "APP", "--json"))
+    assert [(r["label"], r["subject"].startswith("(damaged")) for r in rows] == [
+        ("app@example.test", False), ("sam@example.test", True)]
+    assert "is damaged; remove it" in refused(
+        a, "crtsndemail", "--usrprf", "APP", "--to", "sam@example.test", "--subject", "s",
+        "--body", "b", "--security", "2", "--password", PW)
+    ok(a, "dcm", "remove", "--usrprf", "APP", "--label", "sam@example.test")
+    (root / "own.pem").write_bytes((root / "own.pem").read_bytes()[:40])
+    assert "own certificate in the certificate store of APP is damaged" in refused(
+        a, "crtsndemail", "--usrprf", "APP", "--to", "app@example.test", "--subject", "s",
+        "--body", "b", "--security", "1", "--password", PW)
+    ok(a, "dcm", "remove", "--usrprf", "APP", "--label", "app@example.test")
+    assert json.loads(ok(a, "dcm", "list", "--usrprf", "APP", "--json")) == []
+
+
 @pytest.fixture
 def post(make_appliance, certs):
     a = make_appliance().start()

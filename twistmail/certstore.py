@@ -69,10 +69,14 @@ class StoredCert:
 
     label: str
     kind: str  # OWN or RECIPIENT
-    certificate: x509.Certificate
+    certificate: x509.Certificate | None  # None: the file is damaged
 
     def row(self) -> dict[str, Any]:
         c = self.certificate
+        if c is None:
+            return {"label": self.label, "kind": self.kind,
+                    "subject": "(damaged: remove it and import it again)", "emails": [],
+                    "not_after": "", "sha256": ""}
         return {
             "label": self.label,
             "kind": self.kind,
@@ -213,11 +217,12 @@ class CertStore:
         meta = self._meta()
         out = []
         if meta.get("own") and (self.root / OWN_CERT).is_file():
-            out.append(StoredCert(meta["own"], OWN, self.own_certificates()[0]))
+            own = _stored(self.root / OWN_CERT)
+            out.append(StoredCert(meta["own"], OWN, own[0] if own else None))
         folder = self.root / RECIPIENTS
         for path in sorted(folder.glob("*.pem")) if folder.is_dir() else ():
-            out.append(StoredCert(unquote(path.stem), RECIPIENT,
-                                  x509.load_pem_x509_certificate(path.read_bytes())))
+            found = _stored(path)
+            out.append(StoredCert(unquote(path.stem), RECIPIENT, found[0] if found else None))
         return out
 
     def own_certificates(self) -> list[x509.Certificate]:
@@ -228,7 +233,11 @@ class CertStore:
             raise CertStoreError("usrprf", f"the certificate store of {self.usrprf} has no own "
                                  "certificate; import one with: twistmail dcm import --usrprf "
                                  f"{self.usrprf} --file F.p12 --password P")
-        return x509.load_pem_x509_certificates(path.read_bytes())
+        found = _stored(path)
+        if not found:
+            raise CertStoreError("usrprf", f"the own certificate in the certificate store of "
+                                 f"{self.usrprf} is damaged; import the PKCS#12 file again")
+        return found
 
     def signer(self, password: str | None) -> Signer:
         """The own certificate with its key, decrypted with the store password."""
@@ -255,7 +264,13 @@ class CertStore:
             raise CertStoreError("recipient", f"no certificate for {name} in the certificate "
                                  f"store of {self.usrprf}; import it with: twistmail dcm import "
                                  f"--usrprf {self.usrprf} --file F.cer --label {name}")
-        return x509.load_pem_x509_certificate(path.read_bytes())
+        found = _stored(path)
+        if not found:
+            raise CertStoreError("recipient", f"the certificate for {name} in the certificate "
+                                 f"store of {self.usrprf} is damaged; remove it (twistmail dcm "
+                                 f"remove --usrprf {self.usrprf} --label {name}) and import it "
+                                 "again")
+        return found[0]
 
     def recipients(self, addresses: Sequence[str]) -> list[x509.Certificate]:
         return [self.recipient(a) for a in addresses]
@@ -267,7 +282,8 @@ class CertStore:
         meta = self._meta()
         name = check_label(label)
         if name == meta.get("own"):
-            entry = StoredCert(name, OWN, self.own_certificates()[0])
+            own = _stored(self.root / OWN_CERT)
+            entry = StoredCert(name, OWN, own[0] if own else None)
             (self.root / OWN_KEY).unlink(missing_ok=True)
             (self.root / OWN_CERT).unlink(missing_ok=True)
             self._write_meta({**meta, "own": None})
@@ -276,7 +292,8 @@ class CertStore:
         if not path.is_file():
             raise CertStoreError("label", f"{name} is not in the certificate store of "
                                  f"{self.usrprf}")
-        entry = StoredCert(name, RECIPIENT, x509.load_pem_x509_certificate(path.read_bytes()))
+        found = _stored(path)
+        entry = StoredCert(name, RECIPIENT, found[0] if found else None)
         path.unlink()
         return entry
 
@@ -311,6 +328,18 @@ class CertStore:
 
     def _write_meta(self, meta: dict[str, Any]) -> None:
         _write(self.root / STORE_FILE, json.dumps(meta, indent=2).encode() + b"\n")
+
+
+def _stored(path: Path) -> list[x509.Certificate]:
+    """The certificates of a store file; none when it is damaged or gone.
+
+    A damaged entry must still be listed and removable: it is how the
+    administrator gets rid of it.
+    """
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError):
+        return []
 
 
 def parse_certificate(data: bytes) -> x509.Certificate:
