@@ -250,3 +250,54 @@ def test_a_description_cannot_add_a_field_nor_end_the_header(stopped):
         send_distribution(load(stopped.config), usrid=("OVUSER", "HQ"), tousrid=["SAM MAIL"],
                           dstd="=?utf-8?q?x=0D=0ABcc:_spy@evil.test?=", longmsg="y")
     assert stopped.queue_files("QTMSINQ") == []
+
+
+# -- the store itself ---------------------------------------------------------------
+
+
+def _store_with(tmp_path, n: int):
+    from twistmail.dststore import DistributionStore
+
+    new = tmp_path / "snads" / "BOB" / "Maildir" / "new"
+    new.mkdir(parents=True)
+    (new.parent / "cur").mkdir()
+    for i in range(n):
+        (new / f"{1000 + i}.M{i}.host").write_bytes(
+            f"From: u{i}@remote.test\r\nSubject: note {i}\r\n\r\nbody\r\n".encode())
+    return DistributionStore(tmp_path / "snads", {}), new
+
+
+def test_a_full_store_lists_what_has_an_identifier_and_the_rest_waits(tmp_path, monkeypatch):
+    """DSTIDs have four digits: past 9999 (3 here) newer mail waits, and the store
+    can still be listed and emptied."""
+    import twistmail.dststore as dststore
+
+    monkeypatch.setattr(dststore, "MAX_SEQUENCE", 3)
+    store, _ = _store_with(tmp_path, 5)
+    listing = store.query("BOB")
+    assert [d.description for d in listing.distributions] == ["note 0", "note 1", "note 2"]
+    assert listing.waiting == 2
+    with store.receive("BOB", listing.distributions[1].dstid):
+        pass
+    listing = store.query("BOB")
+    assert [d.description for d in listing.distributions] == ["note 0", "note 2", "note 3"]
+    assert listing.distributions[2].dstid.endswith("0002") and listing.waiting == 1
+    assert listing.distributions[2].status == "*NEW"  # shown for the first time
+
+
+def test_only_what_a_listing_showed_becomes_old(tmp_path, monkeypatch):
+    """A distribution that arrives while QRYDST lists stays *NEW: nobody has seen it."""
+    import twistmail.dststore as dststore
+
+    store, new = _store_with(tmp_path, 1)
+    real = dststore._mark_listed
+
+    def arriving(maildir, listed):
+        (new / "2000.M9.host").write_bytes(b"From: late@remote.test\r\nSubject: late\r\n\r\nx\r\n")
+        real(maildir, listed)
+
+    monkeypatch.setattr(dststore, "_mark_listed", arriving)
+    assert [d.description for d in store.query("BOB").distributions] == ["note 0"]
+    monkeypatch.setattr(dststore, "_mark_listed", real)
+    statuses = {d.description: d.status for d in store.query("BOB").distributions}
+    assert statuses == {"note 0": "*OLD", "late": "*NEW"}

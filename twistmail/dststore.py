@@ -79,6 +79,14 @@ class Distribution:
         return {k: v for k, v in attrs.asdict(self).items() if k != "path"}
 
 
+@attrs.frozen
+class Listing:
+    """What QRYDST shows, and how many newer distributions wait for a DSTID."""
+
+    distributions: tuple[Distribution, ...]
+    waiting: int
+
+
 def normalize_dstid(raw: str) -> str:
     """A DSTID as stored: the 20-character form, or its three words re-padded.
 
@@ -115,13 +123,13 @@ class DistributionStore:
         self.root = Path(root)
         self.enrolled = {k.lower(): v for k, v in enrolled.items()}
 
-    def query(self, userid: str) -> list[Distribution]:
+    def query(self, userid: str) -> Listing:
         """The user's distributions in arrival order; shown ones become *OLD."""
         with self._locked(userid) as index:
             if index is None:
-                return []
+                return Listing((), 0)
             listing = self._scan(userid, index)
-            _mark_listed(self._maildir(userid))
+            _mark_listed(self._maildir(userid), listing.distributions)
             return listing
 
     @contextlib.contextmanager
@@ -136,7 +144,8 @@ class DistributionStore:
         with self._locked(userid) as index:
             found = None
             if index is not None:
-                found = next((d for d in self._scan(userid, index) if d.dstid == wanted), None)
+                found = next((d for d in self._scan(userid, index).distributions
+                              if d.dstid == wanted), None)
             if found is None:
                 raise UnknownDistribution(wanted)
             data = found.path.read_bytes()
@@ -189,36 +198,41 @@ class DistributionStore:
         os.replace(tmp, home / INDEX)
         fsync_dir(home)
 
-    def _scan(self, userid: str, index: dict[str, Any]) -> list[Distribution]:
-        """Every message with its DSTID; new ones get the next sequence numbers."""
+    def _scan(self, userid: str, index: dict[str, Any]) -> Listing:
+        """Every message with its DSTID; new ones get the next sequence numbers.
+
+        A DSTID has four digits: with every number in use, newer messages
+        wait, unlisted and unread, until receiving older ones frees numbers.
+        """
         files = _message_files(self._maildir(userid))
         ids: dict[str, str] = index["ids"]
         present = {base for base, _ in files}
         changed = any(base not in present for base in ids)
         ids = {b: i for b, i in ids.items() if b in present}
+        used = {i[16:] for i in ids.values()}
         out = []
+        waiting = 0
         for base, path in files:
+            if base not in ids and len(used) >= MAX_SEQUENCE:
+                waiting += 1
+                continue
             head = _head(path)
             sender = _sender(head)
             if base not in ids:
-                ids[base] = self._new_id(index, ids, sender)
+                ids[base] = self._new_id(index, used, sender)
                 changed = True
             out.append(_distribution(ids[base], sender, head, path))
         index["ids"] = ids
         if changed:
             self._save(userid, index)
-        return out
+        return Listing(tuple(out), waiting)
 
-    def _new_id(self, index: dict[str, Any], ids: dict[str, str], sender: str) -> str:
-        used = {i[16:] for i in ids.values()}
+    def _new_id(self, index: dict[str, Any], used: set[str], sender: str) -> str:
+        """The next free sequence number (``used`` gains it); one is free."""
         seq = index["next"]
-        for _ in range(MAX_SEQUENCE):
-            if f"{seq:04d}" not in used:
-                break
+        while f"{seq:04d}" in used:
             seq = seq % MAX_SEQUENCE + 1
-        else:
-            raise OSError(f"the distribution store holds {MAX_SEQUENCE} distributions; "
-                          "receive some before more can be listed")
+        used.add(f"{seq:04d}")
         index["next"] = seq % MAX_SEQUENCE + 1
         address, user = sender_names(sender, self.enrolled)
         return f"{address.ljust(8)}{user.ljust(8)}{seq:04d}"
@@ -276,10 +290,13 @@ def _distribution(dstid: str, sender: str, head: Any, path: Path) -> Distributio
                         status, path)
 
 
-def _mark_listed(maildir: Path) -> None:
-    """Listed distributions leave new/ (Maildir: a reader has seen them), becoming *OLD."""
+def _mark_listed(maildir: Path, listed: tuple[Distribution, ...]) -> None:
+    """Listed distributions leave new/ (Maildir: a reader has seen them), becoming *OLD.
+
+    Only those listed: one that arrived since the scan stays *NEW.
+    """
     moved = False
-    for _, path in _message_files(maildir):
+    for path in (d.path for d in listed):
         if path.parent.name == "new":
             with contextlib.suppress(FileNotFoundError):
                 os.rename(path, maildir / "cur" / (path.name + ":2,"))

@@ -22,6 +22,7 @@ import click
 from twistmail import config as configmod
 from twistmail.cli.base import Failure, app, cli, open_directory, usage_error, value_of
 from twistmail.cli.output import emit_record, emit_table
+from twistmail.durable import fsync_dir
 
 QRYDST_COLUMNS = (
     ("dstid", "Distribution ID"),
@@ -110,17 +111,25 @@ def _store_user(usrid: tuple[str, str] | None, usrprf: str | None) -> tuple[Any,
 def qrydst(usrid: tuple[str, str] | None, usrprf: str | None, option: str,
            as_json: bool) -> None:
     """List a SNADS user's incoming distributions (QRYDST)."""
+    from twistmail.dststore import MAX_SEQUENCE
+
     if option.strip().upper() != "*IN":
         why = "is IBM's but not supported here" if option.strip().upper() == "*OUT" \
             else "is not allowed"
         usage_error(f"--option: {option!r} {why}; allowed: *IN")
     entry, store = _store_user(usrid, usrprf)
     try:
-        rows = [d.record() for d in store.query(entry.userid)]
+        listing = store.query(entry.userid)
     except OSError as e:
         raise Failure(f"the distribution store of {entry.userid} cannot be read: {e}") from None
+    rows = [d.record() for d in listing.distributions]
     emit_table(rows, QRYDST_COLUMNS, as_json,
                empty=f"(no distributions for {entry.userid} {entry.address})")
+    if listing.waiting:
+        n = listing.waiting
+        click.echo(f"{n} newer distribution{'s wait' if n > 1 else ' waits'} for an "
+                   f"identifier: all {MAX_SEQUENCE} are in use; receive some (rcvdst) to list "
+                   f"{'them' if n > 1 else 'it'}", err=True)
 
 
 @cli.command("rcvdst")
@@ -168,6 +177,8 @@ def _deliver(data: bytes, outfile: str | None) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # Its name too, before KEEP *NO removes the distribution from the store.
+        fsync_dir(os.path.dirname(os.path.abspath(outfile)))
         return
     out = sys.stdout
     binary = getattr(out, "buffer", None)
