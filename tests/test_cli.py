@@ -99,3 +99,28 @@ def test_console_script_runs(stopped):
     r = subprocess.run([TWISTMAIL, "--config", str(stopped.config), "chgpje", "--pgm",
                         "QTMSSRCP", "--maxuse", "x"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "needle"),
+    [
+        ([b"crtsndemail", b"--usrprf", b"SAM", b"--to", b"sam@example.test", b"--subject",
+          b"caf\xe9", b"--body", b"x"], b"", "--subject: 'caf\\udce9' is not UTF-8 text"),
+        ([b"crtusrprf", b"--usrprf", b"BOB", b"--password", b"p\xe9"], b"",
+         "--password: the value is not UTF-8 text"),
+        ([b"crtusrprf", b"--usrprf", b"BOB", b"--password", b"-"], b"p\xe9\n",
+         "--password: standard input is not UTF-8 text"),
+        ([b"snddst", b"--type", b"*LMSG", b"--usrprf", b"SAM", b"--tousrid", b"SAM MAIL",
+          b"--dstd", b"d", b"--longmsg", b"-"], b"bad \xff", "--longmsg: standard input"),
+        ([b"cl", b"CRTUSRPRF USRPRF(BOB) PASSWORD(p\xe9)"], b"", "is not UTF-8 text"),
+    ],
+)
+def test_text_that_is_not_utf8_is_named_in_one_line(stopped, args, stdin, needle):
+    """The shell passes any bytes; a traceback while building the mail named nothing."""
+    stopped.user("SAM")
+    r = subprocess.run([TWISTMAIL.encode(), b"--config", bytes(stopped.config), *args],
+                       input=stdin, capture_output=True, timeout=60)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert needle in err and "Traceback" not in err
+    assert "p\\udce9" not in err  # a password is never echoed

@@ -227,6 +227,26 @@ def test_mistakes_are_one_line_exit_2(stopped, args, needles):
     assert not stopped.queue_files("QTMSINQ")
 
 
+def test_a_store_that_fails_does_not_hide_where_the_distribution_went(stopped):
+    """Queued for the Internet and stored for BOB, refused by CAROL's store: the
+    command says exactly that (a retry to all would send the others a copy)."""
+    a = stopped
+    rc, _, err = a.cli("adddire", "--usrid", "CAROL", "HQ", "--usrd", "Carol")
+    assert rc == 0, err
+    (a.datadir / "snads").mkdir(parents=True, exist_ok=True)
+    (a.datadir / "snads" / "CAROL").write_text("not a directory")
+    rc, out, err = a.cli("snddst", "--type", "*MSG", "--usrid", "OVUSER", "HQ",
+                         "--tousrid", "BOB HQ", "--tousrid", "CAROL HQ",
+                         "--tointnet", "friend@remote.test", "--dstd", "third", "--msg", "hi")
+    assert rc == 1 and "queued as" in out and "stored for BOB HQ" in out, (out, err)
+    assert len(err.strip().splitlines()) == 1
+    assert "could not be stored for CAROL HQ: Not a directory" in err
+    assert "send it again only to these" in err
+    assert [d["description"] for d in qrydst(a, "--usrid", "BOB", "HQ")] == ["third"]
+    assert len(a.queue_files("QTMSINQ")) == 1
+    assert sorted(e["recipient"] for e in a.journal("H2")) == ["BOB HQ", "friend@remote.test"]
+
+
 def test_the_longest_longmsg_and_cl_syntax(stopped):
     a = stopped
     rc, out, err = a.cli(*SEND, "--longmsg", "z" * 5000)

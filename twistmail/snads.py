@@ -103,6 +103,8 @@ class Sent:
     queue_id: str | None
     queued: tuple[str, ...]
     stored: tuple[str, ...]  # "USERID ADDRESS" of SNADS users stored into directly
+    #: ("USERID ADDRESS", why) of SNADS users whose store refused it; the rest got it.
+    not_stored: tuple[tuple[str, str], ...] = ()
 
 
 def send_distribution(
@@ -351,14 +353,17 @@ def _send(settings: Any, sender: dirmod.DirectoryEntry, originator: str,
                                  via="SNDDST", usrprf=sender.user, origin=f"SNDDST {who}")
     journal = Journal.from_settings(settings, f"SNDDST/{os.getpid()}")
     dst_id = queue_id or _store_id()
-    if stored:
-        _store(settings, journal, dst_id, originator, stored, note)
+    failed = _store(settings, journal, dst_id, originator, stored, note) if stored else {}
+    if len(failed) == len(targets):
+        raise OSError(next(iter(failed.values())))  # nothing went anywhere
     journal.write("H1", f"H1 O {originator} SIZE {len(note)}", dst_id, originator=originator,
                   userid=sender.userid, address=sender.address, size=len(note))
     for t in targets:
-        journal.write("H2", f"H2 R {t.label}", dst_id, recipient=t.label, kind=t.kind)
+        if t.label not in failed:
+            journal.write("H2", f"H2 R {t.label}", dst_id, recipient=t.label, kind=t.kind)
     return Sent(message_id, originator, queue_id, tuple(r.address for r in queued),
-                tuple(t.label for t in stored))
+                tuple(t.label for t in stored if t.label not in failed),
+                tuple(failed.items()))
 
 
 def _store_id() -> str:
@@ -368,23 +373,37 @@ def _store_id() -> str:
 
 
 def _store(settings: Any, journal: Any, dst_id: str, originator: str, stored: list[Target],
-           note: bytes) -> None:
-    """Route to SNADS users without an SMTP name: straight into their stores (7O)."""
+           note: bytes) -> dict[str, str]:
+    """Route to SNADS users without an SMTP name: straight into their stores (7O).
+
+    Each store on its own: one that fails does not take back what the
+    others (or the queue) already hold; the failures are returned, by label.
+    """
     from twistmail.maildir import MaildirStore
 
     store = MaildirStore(settings.datadir / "snads", settings.hostname)
     trace = (f"Return-Path: <{originator}>\r\n"
              f"Received: by {settings.hostname} (twistmail SNDDST) id {dst_id};\r\n"
              f"\t{email.utils.formatdate(time.time(), localtime=True)}\r\n").encode()
-    store.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=store.root, prefix=".snddst.") as tmp:
+    failed: dict[str, str] = {}
+    try:
+        store.root.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.NamedTemporaryFile(dir=store.root, prefix=".snddst.")
+    except OSError as e:
+        return {t.label: str(e) for t in stored}
+    with tmp:
         tmp.write(note)
         tmp.flush()
         for index, t in enumerate(stored):
             assert t.entry is not None
-            store.deliver(t.entry.userid, f"{dst_id}.S{index}", tmp.name, trace)
+            try:
+                store.deliver(t.entry.userid, f"{dst_id}.S{index}", tmp.name, trace)
+            except OSError as e:
+                failed[t.label] = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+                continue
             journal.write("7O", f"7O TSDS {t.entry.userid} {t.entry.address}", dst_id,
                           recipient=t.label, userid=t.entry.userid, address=t.entry.address)
+    return failed
 
 
 

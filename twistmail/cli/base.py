@@ -93,6 +93,75 @@ def value_of(option: str, vtype: Any, raw: Any) -> Any:
         raise click.UsageError(str(e)) from None
 
 
+def stdin_text(option: str, whole: bool = False) -> str:
+    """What ``OPTION -`` reads: one line (a password) or everything, as UTF-8."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream put in its place
+        text = sys.stdin.read() if whole else sys.stdin.readline()
+        return text if whole else text.rstrip("\r\n")
+    data = stream.read() if whole else stream.readline()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        usage_error(f"{option}: standard input is not UTF-8 text; allowed: UTF-8 text")
+    return text if whole else text.rstrip("\r\n")
+
+
+#: Options that name files: any bytes are a valid file name, UTF-8 or not.
+FILE_OPTIONS = frozenset({"config_path", "path", "outfile", "attach", "body_file"})
+
+
+class TextContext(click.Context):
+    """Every text argument must be UTF-8: mail, the directory and the TOML file hold it.
+
+    The shell hands Python other bytes as surrogates, which fail far from
+    the option that brought them (a traceback while building the mail);
+    here the option is named instead.
+    """
+
+    def invoke(self, callback: Any, /, *args: Any, **kwargs: Any) -> Any:
+        command = self.command
+        if callback is getattr(command, "callback", None):
+            for param in command.params:
+                if param.name in FILE_OPTIONS or isinstance(param.type, click.Path):
+                    continue
+                for value in _strings(kwargs.get(param.name or "")):
+                    if not _is_utf8(value):
+                        name = param.opts[0] if param.opts else param.name
+                        shown = "the value" if "password" in (param.name or "") else repr(value)
+                        usage_error(f"{name}: {shown} is not UTF-8 text; allowed: UTF-8 text")
+        return super().invoke(callback, *args, **kwargs)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, tuple | list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+#: Commands whose text becomes another command, which checks it (and names its option).
+PASSES_THROUGH = frozenset({"cl"})
+
+
+def check_text(group: click.Group) -> None:
+    """Give every command of ``group`` (and of its subgroups) the TextContext."""
+    for name, command in group.commands.items():
+        if name not in PASSES_THROUGH:
+            command.context_class = TextContext
+        if isinstance(command, click.Group):
+            check_text(command)
+
+
 def usage_error(message: str) -> NoReturn:
     raise click.UsageError(message)
 

@@ -11,14 +11,13 @@ database that cannot be used is one line, exit 1.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from twistmail import directory as dirmod
-from twistmail.cli.base import cli, open_directory, usage_error, value_of
+from twistmail.cli.base import cli, open_directory, stdin_text, usage_error, value_of
 from twistmail.cli.output import emit_table
 from twistmail.directory import DirectoryError, ListEntry
 from twistmail.settingtypes import Choice
@@ -75,7 +74,7 @@ def _password(raw: str | None) -> str | None:
     """``-`` reads the password from standard input, keeping it out of ``ps``."""
     if raw != "-":
         return raw
-    return sys.stdin.readline().rstrip("\r\n")
+    return stdin_text("--password")
 
 
 def _options(*names: str, type_help: str = _TYPE_HELP) -> Callable[..., Any]:

@@ -14,6 +14,8 @@ from twistmail.cli import (
     snadscmds,  # noqa: F401
     usercmds,  # noqa: F401
 )
-from twistmail.cli.base import cli, main  # noqa: F401
+from twistmail.cli.base import check_text, cli, main  # noqa: F401
+
+check_text(cli)
 
 __all__ = ["base", "cli", "main"]

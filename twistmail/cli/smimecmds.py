@@ -9,13 +9,12 @@ option, exit 2.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from twistmail.cli.base import app, cli, open_directory, usage_error
+from twistmail.cli.base import app, cli, open_directory, stdin_text, usage_error
 from twistmail.cli.output import emit_table
 
 if TYPE_CHECKING:
@@ -35,7 +34,7 @@ def _secret(raw: str | None) -> str | None:
     """``-`` reads the password from standard input, keeping it out of ``ps``."""
     if raw != "-":
         return raw
-    return sys.stdin.readline().rstrip("\r\n")
+    return stdin_text("--password")
 
 
 @cli.command("crtsndemail")

@@ -20,7 +20,15 @@ from typing import Any
 import click
 
 from twistmail import config as configmod
-from twistmail.cli.base import Failure, app, cli, open_directory, usage_error, value_of
+from twistmail.cli.base import (
+    Failure,
+    app,
+    cli,
+    open_directory,
+    stdin_text,
+    usage_error,
+    value_of,
+)
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.durable import fsync_dir
 
@@ -43,7 +51,7 @@ def _user_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _stdin_or(raw: str | None) -> str | None:
     """``-`` reads the text from standard input, for messages longer than a command line."""
-    return sys.stdin.read() if raw == "-" else raw
+    return stdin_text("--longmsg", whole=True) if raw == "-" else raw
 
 
 @cli.command("snddst")
@@ -87,6 +95,10 @@ def snddst(type_: str | None, tousrid: tuple[str, ...], tointnet: tuple[str, ...
                    f"recipient{'' if n == 1 else 's'}.")
     if sent.stored:
         click.echo("Distribution stored for " + ", ".join(sent.stored) + ".")
+    if sent.not_stored:
+        why = "; ".join(f"{label}: {reason}" for label, reason in sent.not_stored)
+        raise Failure(f"the distribution could not be stored for {why}; the others have it, "
+                      "so send it again only to these")
 
 
 def _store_user(usrid: tuple[str, str] | None, usrprf: str | None) -> tuple[Any, Any]:

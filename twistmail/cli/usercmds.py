@@ -11,14 +11,13 @@ option, exit 2; a database that cannot be used is one line, exit 1.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from twistmail import directory as dirmod
-from twistmail.cli.base import cli, open_directory, usage_error, value_of
+from twistmail.cli.base import cli, open_directory, stdin_text, usage_error, value_of
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.directory import DirectoryEntry, DirectoryError, SqliteDirectory
 from twistmail.settingtypes import Choice
@@ -54,7 +53,7 @@ def _password(raw: str | None) -> str | None:
     """``-`` reads the password from standard input, keeping it out of ``ps``."""
     if raw != "-":
         return raw
-    return sys.stdin.readline().rstrip("\r\n")
+    return stdin_text("--password")
 
 
 def _usrprf_option(f: Callable[..., Any]) -> Callable[..., Any]:
