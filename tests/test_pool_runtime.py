@@ -368,3 +368,35 @@ def test_second_daemon_refuses_to_start(appliance, make_appliance):
     assert r.returncode != 0
     assert b"another daemon is running" in r.stdout + r.stderr
     assert a.running()
+
+
+def test_a_new_daemon_waits_for_the_bridge_of_a_killed_one(appliance):
+    """SIGKILL of the controller: its bridge ends in a controlled way, which may take
+    END_DELAY and more, while the control socket answers no more.  A daemon started
+    then must not run a second bridge on the same queues (a message sent twice)."""
+    import subprocess
+
+    from appliance import TWISTD
+
+    from twistmail.control import ControlClient
+
+    a = appliance
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"], 10, "the bridge")
+    bridge = a.control("status")["bridge"]["pid"]
+    os.kill(bridge, signal.SIGSTOP)  # a bridge still busy ending
+    a.proc.kill()
+    a.proc.wait()
+    second = subprocess.Popen([TWISTD, "-n", "--pidfile=", "twistmail", "--config",
+                               str(a.config)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=a.root)
+    try:
+        time.sleep(2)
+        assert second.poll() is None and alive(bridge)
+        # still waiting for the state directory: nothing answers
+        assert not ControlClient(a.control_socket).running()
+        os.kill(bridge, signal.SIGKILL)
+        a.proc = second  # the fixture stops it
+        a.wait_for(a.running, 20, "the new daemon, once the old bridge is gone")
+    finally:
+        if second.poll() is None and a.proc is not second:
+            second.kill()

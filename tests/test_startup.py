@@ -91,3 +91,15 @@ def test_shipped_config_is_what_make_run_uses():
     s = config.load(ROOT / "etc" / "twistmail.toml")
     assert s.datadir == ROOT / "var"
     assert str(s.listen.smtp) == "127.0.0.1:2525" and str(s.listen.pop3s) == "127.0.0.1:2995"
+
+
+def test_a_bridge_whose_controller_is_gone_before_it_looks_ends(tmp_path):
+    """Under a subreaper (systemd --user, tini -s) an orphan's new parent is not pid 1:
+    the parent the controller named is what counts."""
+    code = ("import os\nfrom twistmail.lifeline import die_with_parent\n"
+            "die_with_parent(os.getppid() + 1)\nprint('still here')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "still here" not in r.stdout
+    code = code.replace("os.getppid() + 1", "os.getppid()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "still here" in r.stdout

@@ -11,15 +11,20 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
 
-def die_with_parent() -> None:
-    """Ask the kernel for SIGTERM when the parent dies; exit if it already has."""
+def die_with_parent(expected: int | None = None) -> None:
+    """Ask the kernel for SIGTERM when the parent dies; exit if it already has.
+
+    ``expected`` is the parent's pid as the parent said it: a parent that
+    died before this runs leaves the process with another one, not always
+    pid 1 (a subreaper: systemd --user, tini -s).
+    """
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
-    if os.getppid() != parent or parent == 1:
+    if os.getppid() != parent or parent == 1 or expected not in (None, parent):
         sys.exit(0)
 
 

@@ -7,7 +7,8 @@ manager here hands each message to one of its QMSF job processes
 (:mod:`twistmail.bridge.msf`), which do that work.  It also runs outbound
 delivery with its QTMSCCLCP client jobs.  It ends at
 SIGTERM (work in progress is resumed at the next start), and by itself if the
-controller dies.
+controller dies.  Its fd 3 is the state directory's lock, which it and its
+QMSF jobs hold while they live (``twistmail.controller.datadirlock``).
 
 Run as ``python -m twistmail.bridge.main --config PATH``.
 """
@@ -32,12 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twistmail-bridge")
     parser.add_argument("--config", required=True)
     parser.add_argument("--nbrmsfjob", type=int, default=NBRMSFJOB)
+    parser.add_argument("--parent", type=int, help="the controller's pid")
     args = parser.parse_args(argv)
     # A CHGPJE/CHGSMTPA arriving while the bridge starts must neither end it
     # nor be lost: it is noted, and the settings are read again once running.
     reload_asked: list[int] = []
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(1))
-    die_with_parent()
+    die_with_parent(args.parent)
     log_to_stderr()
     settings = configmod.load(args.config)
     launcher = _fork_launcher()

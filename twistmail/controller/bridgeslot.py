@@ -8,6 +8,7 @@ with SIGTERM, then SIGKILL after the delay.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import defer
@@ -25,8 +26,10 @@ JOB_NAME = "QTSMTPBRSR"
 class BridgeSlot:
     log = Logger()
 
-    def __init__(self, reactor: Any, config_path: str, journal: Any) -> None:
+    def __init__(self, reactor: Any, config_path: str, journal: Any,
+                 lock_fd: int | None = None) -> None:
         self.reactor = reactor
+        self.lock_fd = lock_fd  # the state directory's lock: the bridge holds it too
         self.config_path = config_path
         self.journal = journal
         self.wanted = False
@@ -79,7 +82,8 @@ class BridgeSlot:
         try:
             self.process = launch.spawn(
                 self.reactor, JOB_NAME, "twistmail.bridge.main",
-                ["--config", self.config_path, "--nbrmsfjob", str(self.nbrmsfjob)], output,
+                ["--config", self.config_path, "--nbrmsfjob", str(self.nbrmsfjob),
+                 "--parent", str(os.getpid())], output, keep_fd=self.lock_fd,
             )
         except OSError as e:
             self.log.error("cannot start the bridge: {e!r}", e=e)

@@ -23,6 +23,7 @@ from twistmail.control import ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
 from twistmail.controller.bridgeslot import BridgeSlot
 from twistmail.controller.controlsocket import ControlFactory
+from twistmail.controller.datadirlock import DatadirBusy, lock_datadir
 from twistmail.journal import Journal
 from twistmail.prestart import launch
 from twistmail.prestart.policy import Limits
@@ -77,6 +78,7 @@ class Controller(service.Service):
         self.control_port: Any = None
         self.policy: Any = None
         self.tls_state: tuple[Any, ...] = ()
+        self.lock_fd: int | None = None
 
     # -- start ---------------------------------------------------------
 
@@ -105,6 +107,12 @@ class Controller(service.Service):
         os.chmod(d / "run", 0o700)
         path = self.settings.control_socket
         if socket_in_use(path):
+            raise SystemExit(f"twistmail: another daemon is running (it answers on {path})")
+        try:
+            self.lock_fd = lock_datadir(d)
+        except DatadirBusy as e:
+            raise SystemExit(f"twistmail: {e}") from None
+        if socket_in_use(path):  # one that started while this one waited
             raise SystemExit(f"twistmail: another daemon is running (it answers on {path})")
         if path.exists() or path.is_symlink():
             path.unlink()
@@ -156,7 +164,7 @@ class Controller(service.Service):
         )
         for server in self._autostart():
             self._start_server(server)
-        self.bridge = BridgeSlot(self.reactor, self.config_path, self.journal)
+        self.bridge = BridgeSlot(self.reactor, self.config_path, self.journal, self.lock_fd)
         self.bridge.start()
         self.log.info(
             "twistmail controller {pid} started; listening on {where}",

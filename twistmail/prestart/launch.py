@@ -91,9 +91,15 @@ def spawn(
     args: list[str],
     output: ChildOutput,
     channel: Protocol | None = None,
+    keep_fd: int | None = None,
 ) -> Any:
-    """Start ``python -m module args``; returns the process transport."""
+    """Start ``python -m module args``; returns the process transport.
+
+    ``keep_fd`` is passed on as the child's fd 3 (when it has no channel).
+    """
     child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+    if keep_fd is not None:
+        child_fds[CHILD_CHANNEL_FD] = keep_fd
     child_end = None
     if channel is not None:
         child_end = _socketpair_for(reactor, channel)

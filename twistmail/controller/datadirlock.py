@@ -1,0 +1,43 @@
+"""One appliance per state directory, for as long as any of its queue owners live.
+
+The controller takes an exclusive ``flock`` on ``<datadir>/twistmail.lock``
+and hands the locked file to the bridge, whose QMSF jobs inherit it: the
+lock is held while any process that moves queued mail is alive.  After a
+SIGKILL of the controller the bridge ends in a controlled way (up to
+END_DELAY and more) while the control socket no longer answers; a new
+daemon started in that window would run a second bridge on the same
+queues and send a message twice.  It waits for the lock instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from pathlib import Path
+
+LOCK_FILE = "twistmail.lock"
+#: How long a new daemon waits for the processes of an ended one to go.
+WAIT = 30.0
+
+
+class DatadirBusy(Exception):
+    """Another appliance, or what is left of one, still uses the state directory."""
+
+
+def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2) -> int:
+    """The locked descriptor (kept open for the daemon's life); DatadirBusy after ``wait``."""
+    path = datadir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise DatadirBusy(
+                    f"processes of an earlier twistmail daemon still use {datadir} (they hold "
+                    f"{path}); wait for them to end, or end them") from None
+            time.sleep(poll)
