@@ -400,3 +400,17 @@ def test_a_new_daemon_waits_for_the_bridge_of_a_killed_one(appliance):
     finally:
         if second.poll() is None and a.proc is not second:
             second.kill()
+
+
+def test_ctrl_c_at_the_terminal_leaves_the_children_to_the_controller(appliance):
+    """Ctrl-C reaches every process of the group: the jobs and the bridge ignore it
+    (the controller ends them in a controlled way), so a session goes on."""
+    a = appliance
+    with socket.create_connection(a.addr("smtp"), timeout=10) as s:
+        assert read_reply(s).startswith(b"220 ")
+        for pid in a.children():
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        s.sendall(b"NOOP\r\n")
+        assert read_reply(s).startswith(b"250 ")
+    assert "KeyboardInterrupt" not in a.log_text()

@@ -19,6 +19,11 @@ def die_with_parent(expected: int | None = None) -> None:
     pid 1 (a subreaper: systemd --user, tini -s).
     """
     parent = os.getppid()
+    # Ctrl-C at the terminal of "make run" reaches the whole process group:
+    # a child then ends when the controller tells it (sessions may finish),
+    # not at once with a KeyboardInterrupt.  Twisted's reactor leaves an
+    # ignored SIGINT alone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
