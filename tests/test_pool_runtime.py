@@ -414,3 +414,16 @@ def test_ctrl_c_at_the_terminal_leaves_the_children_to_the_controller(appliance)
         s.sendall(b"NOOP\r\n")
         assert read_reply(s).startswith(b"250 ")
     assert "KeyboardInterrupt" not in a.log_text()
+
+
+def test_a_stopping_daemon_refuses_changes_but_still_shows_its_state(make_appliance):
+    """A STRTCPSVR during shutdown reopened the listeners of a daemon going away."""
+    a = make_appliance(prestart={"end_delay": 10}).start()
+    with socket.create_connection(a.addr("smtp"), timeout=10) as s:  # keeps the end waiting
+        assert read_reply(s).startswith(b"220 ")
+        a.proc.send_signal(signal.SIGTERM)
+        a.wait_for(lambda: a.cli("strtcpsvr", "--server", "*SMTP")[0] == 1, 5, "refusal")
+        rc, out, err = a.cli("strmsf")
+        assert rc == 1 and "the twistmail daemon is stopping" in err
+        assert a.control("status")["pid"] == a.proc.pid
+        assert "smtp" not in a.control("status")["listeners"]

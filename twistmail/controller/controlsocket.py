@@ -29,9 +29,13 @@ class ControlProtocol(LineOnlyReceiver):
             args = request.get("args") or {}
         except (ValueError, KeyError, TypeError):
             raise ControlError("malformed request", usage=True) from None
-        method = getattr(self.factory.handler, "cmd_" + str(name), None)
+        handler = self.factory.handler
+        method = getattr(handler, "cmd_" + str(name), None)
         if method is None:
             raise ControlError(f"unknown control command {name!r}", usage=True)
+        refusal = handler.refusal(str(name)) if hasattr(handler, "refusal") else None
+        if refusal is not None:
+            raise ControlError(refusal)
         return method(**args)
 
     def _ok(self, result: Any) -> None:

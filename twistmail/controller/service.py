@@ -317,6 +317,20 @@ class Controller(service.Service):
             )
         return [server]
 
+    #: What may still be asked while the daemon stops: looking, not changing.
+    WHILE_STOPPING = frozenset({"status", "dspactpj", "wrkactjob"})
+
+    def refusal(self, command: str) -> str | None:
+        """Why a control command is refused now; None when it may run.
+
+        A STRTCPSVR or STRMSF during shutdown reopened listeners and
+        restarted what was being ended, and the ending bridge was journaled
+        as crashed.
+        """
+        if not self.running and command not in self.WHILE_STOPPING:
+            return "the twistmail daemon is stopping; run the command once it has started again"
+        return None
+
     def cmd_status(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
