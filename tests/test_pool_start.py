@@ -261,3 +261,28 @@ def test_a_free_that_crosses_its_end_does_not_make_a_job_idle_again():
     assert job.state is poolmod.JobState.ENDING
     p.submit_task(b"{}", "b.test")
     assert job.task is None
+
+
+class Hung(Silent):
+    """A launcher that forked its jobs and then stopped answering: no EXIT ever comes."""
+
+    def spawn_job(self, pgm, config_path, channel, on_started, on_ended) -> Started:
+        job = Started(2000 + len(self.started), lambda failure: None)  # its end is not told
+        self.started.append(job)
+        on_started(job.pid)
+        return job
+
+
+def test_an_end_whose_jobs_are_never_reported_gone_kills_their_launcher():
+    """A stopped launcher kept ENDPJ, and the daemon's shutdown, waiting for ever."""
+    clock = Clock()
+    p = started_pool(clock, launcher=Hung())
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    p.end("*CNTRLD", 1)
+    clock.advance(1)
+    assert p.launcher.started[0].signals == ["TERM"]
+    clock.advance(poolmod.KILL_AFTER)
+    assert p.launcher.started[0].signals == ["TERM", "KILL"] and p.launcher.killed == 0
+    clock.advance(poolmod.KILL_AFTER)
+    assert p.launcher.killed == 1

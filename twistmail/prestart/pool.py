@@ -635,9 +635,23 @@ class Pool:
             self.reactor.callLater(KILL_AFTER, self._kill, targets)
 
     def _kill(self, targets: list[Job]) -> None:
-        for job in targets:
-            if self.jobs.get(job.id) is job:
-                self._signal(job, "KILL")
+        left = [j for j in targets if self.jobs.get(j.id) is j]
+        for job in left:
+            self._signal(job, "KILL")
+        if left:
+            self.reactor.callLater(KILL_AFTER, self._unreported, left)
+
+    def _unreported(self, targets: list[Job]) -> None:
+        """Killed jobs whose end nobody reported: their launcher no longer answers.
+
+        A job's end comes as its launcher's EXIT line; a launcher that is
+        stopped or hung would keep ENDPJ, and the daemon's shutdown, waiting
+        for ever.  It is killed: its jobs are then reported ended with it.
+        """
+        if any(self.jobs.get(j.id) is j for j in targets):
+            self.log.error("{name} jobs killed {s:.0f}s ago are not reported ended; "
+                           "killing their launcher", name=self.job_name, s=KILL_AFTER)
+            self.launcher.kill()
 
     def _signal(self, job: Job, sig: str) -> None:
         if job.end_reason is None:
