@@ -427,3 +427,12 @@ def test_a_stopping_daemon_refuses_changes_but_still_shows_its_state(make_applia
         assert rc == 1 and "the twistmail daemon is stopping" in err
         assert a.control("status")["pid"] == a.proc.pid
         assert "smtp" not in a.control("status")["listeners"]
+
+
+def test_shutdown_leaves_no_status_file_of_a_bridge_killed_before_it(appliance):
+    a = appliance
+    status = a.datadir / "run" / "QTMSCCLCP.json"
+    a.wait_for(status.exists, 10, "the bridge's status file")
+    os.kill(a.control("status")["bridge"]["pid"], signal.SIGKILL)
+    a.stop()
+    assert os.listdir(a.datadir / "run") == []

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from twistmail import config as configmod
 from twistmail.bridge.msf import NBRMSFJOB
+from twistmail.bridge.status import RESET_FILE, STATUS_FILE
 from twistmail.control import ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
 from twistmail.controller.bridgeslot import BridgeSlot
@@ -27,7 +28,7 @@ from twistmail.controller.datadirlock import DatadirBusy, lock_datadir
 from twistmail.journal import Journal
 from twistmail.prestart import launch
 from twistmail.prestart.policy import Limits
-from twistmail.prestart.pool import Pool
+from twistmail.prestart.pool import KILL_AFTER, Pool
 from twistmail.settingtypes import Endpoint
 
 SERVERS = {"*SMTP": "QTMSSRCP", "*POP": "QTPOPSRVP"}
@@ -260,7 +261,9 @@ class Controller(service.Service):
             if pool.jobs:
                 waits.append(pool.end("*CNTRLD", delay, reason="shutdown"))
         if self.bridge is not None:
-            waits.append(self.bridge.stop("*CNTRLD", delay))
+            # The bridge ends its own client jobs with the same delay, then
+            # kills them KILL_AFTER later: it is given that long, and more.
+            waits.append(self.bridge.stop("*CNTRLD", delay + 2 * KILL_AFTER))
         d = defer.DeferredList(waits)
         d.addBoth(lambda _: defer.DeferredList([p.launcher.stop() for p in self.pools.values()]))
         d.addBoth(self._stopped)
@@ -271,10 +274,11 @@ class Controller(service.Service):
             self.policy.stop()
         if self.control_port is not None:
             self.control_port.stopListening()
-        try:
-            self.settings.control_socket.unlink()
-        except FileNotFoundError:
-            pass
+        run = self.settings.control_socket.parent
+        for name in (self.settings.control_socket.name, STATUS_FILE, RESET_FILE):
+            # The bridge's status files too: it may have been killed before
+            # it removed them.
+            (run / name).unlink(missing_ok=True)
         if self.journal is not None:
             self.journal.write("JH", "JH END twistmail", pid=self.pid)
 
