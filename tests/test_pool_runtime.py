@@ -436,3 +436,17 @@ def test_shutdown_leaves_no_status_file_of_a_bridge_killed_before_it(appliance):
     os.kill(a.control("status")["bridge"]["pid"], signal.SIGKILL)
     a.stop()
     assert os.listdir(a.datadir / "run") == []
+
+
+def test_a_reload_while_the_bridge_starts_does_not_end_it(appliance):
+    """CHGSMTPA, CHGPJE send SIGHUP to the bridge; one that came before its handler
+    was in place ended it (a crash, a restart, a longer back-off)."""
+    a = appliance
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"], 10, "the bridge")
+    os.kill(a.control("status")["bridge"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        a.control("reload")
+        time.sleep(0.01)
+    crashes = [e.get("exit", "") for e in a.journal("JK")]
+    assert len(crashes) == 1, crashes  # the SIGKILL, and nothing after it

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     # nor be lost: it is noted, and the settings are read again once running.
     reload_asked: list[int] = []
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(1))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # born blocked (bridgeslot)
     die_with_parent(args.parent)
     log_to_stderr()
     settings = configmod.load(args.config)

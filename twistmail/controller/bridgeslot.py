@@ -9,6 +9,7 @@ with SIGTERM, then SIGKILL after the delay.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 from twisted.internet import defer
@@ -79,6 +80,9 @@ class BridgeSlot:
         self._ended = defer.Deferred()
         output = launch.ChildOutput(JOB_NAME, self._exited)
         self.started_at = self.reactor.seconds()
+        # A reload (SIGHUP) before the bridge has its handler would end it:
+        # it is born with SIGHUP blocked, and unblocks it once it listens.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             self.process = launch.spawn(
                 self.reactor, JOB_NAME, "twistmail.bridge.main",
@@ -90,6 +94,8 @@ class BridgeSlot:
             self.process = None
             self._schedule_restart()
             return
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.pid = self.process.pid
 
     def _exited(self, reason: Any) -> None:
