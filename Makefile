@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml setup.cfg
 
 install: $(STAMP)
 
+# No pid file: the appliance locks its state directory itself, and a pid file
+# left by a killed daemon, whose pid another process has since, blocks a start.
 run: $(STAMP)
-	mkdir -p var/run
-	$(VENV)/bin/twistd -n --pidfile var/run/twistd.pid twistmail --config $(CONFIG)
+	$(VENV)/bin/twistd -n --pidfile= twistmail --config $(CONFIG)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
