@@ -814,3 +814,15 @@ def test_a_deleted_profile_s_pop_sign_ons_no_longer_open_the_relay(d: SqliteDire
     assert d.pop_login_since("192.0.2.7", 0) == "SAM"
     d.delete_profile("sam")
     assert d.pop_login_since("192.0.2.7", 0) is None
+
+
+def test_a_disabled_profile_s_pop_sign_ons_no_longer_open_the_relay(d: SqliteDirectory) -> None:
+    d.create_profile("sam", "pw")
+    d.record_pop_login("192.0.2.7", "SAM")
+    d.change_profile("sam", status="*DISABLED")
+    assert d.pop_login_since("192.0.2.7", 0) is None
+    d.change_profile("sam", status="*ENABLED")
+    d.record_pop_login("192.0.2.7", "SAM")
+    with d._write() as conn:  # a sign-on recorded while the profile was being disabled
+        conn.execute("UPDATE profiles SET status = '*DISABLED' WHERE usrprf = 'SAM'")
+    assert d.pop_login_since("192.0.2.7", 0) is None

@@ -57,6 +57,11 @@ class FakeBackend:
     def authenticate(self, user, password, client_ip):
         return "SAM" if (user, password) == ("sam", "secret") else None
 
+    revoked: frozenset = frozenset()
+
+    def signs_on(self, usrprf):
+        return usrprf not in self.revoked
+
     dsn_trusted = True
 
     def dsn_allowed(self, client_ip):
@@ -530,6 +535,34 @@ def test_auth_plain_and_login():
     assert u.codes() == [501]
     u.send(b"AUTH CRAM-MD5\r\n")
     assert u.codes() == [504]
+
+
+def test_auth_plain_acting_for_another_identity_is_refused():
+    """RFC 4616: an authorization identity other than the one signing on needs a
+    right to act for it, which nobody has here."""
+    s = Session(alwplainauth=True)
+    s.start()
+    s.send(b"AUTH PLAIN " + _b64(b"bob\0sam\0secret") + b"\r\n")
+    s.clock.advance(60)  # a failure is answered after a delay
+    assert s.codes() == [535] and s.proto.user is None
+    for authzid in (b"sam", b"SAM", b""):
+        s = Session(alwplainauth=True)
+        s.start()
+        s.send(b"AUTH PLAIN " + _b64(authzid + b"\0sam\0secret") + b"\r\n")
+        assert s.codes() == [235] and s.proto.user == "SAM"
+
+
+def test_a_session_signed_on_with_a_profile_since_deleted_is_signed_on_no_more():
+    """DLTUSRPRF or STATUS(*DISABLED) while the session is open: its next
+    transaction is that of a client that never signed on."""
+    s = Session(alwplainauth=True, listener="submission")
+    s.start()
+    s.send(b"AUTH PLAIN " + _b64(b"\0sam\0secret") + b"\r\n")
+    s.send(b"MAIL FROM:<sam@example.test>\r\nRSET\r\n")
+    assert s.codes() == [235, 250, 250]
+    s.backend.revoked = frozenset({"SAM"})
+    s.send(b"MAIL FROM:<sam@example.test>\r\n")
+    assert s.codes() == [530] and s.proto.user is None
 
 
 def test_failed_auth_is_answered_later_and_ends_the_session():

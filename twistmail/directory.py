@@ -535,6 +535,13 @@ def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> b
 _DUMMY_HASH: str | None = None
 
 
+def prepare_sign_on() -> None:
+    """Make the dummy hash now, before any sign-on: made at the first unknown
+    user, it cost that user a second hash, which told it apart (a prestart
+    job's launcher calls this once, and every job inherits it)."""
+    _dummy_hash()
+
+
 def _dummy_hash() -> str:
     """A hash no password matches, so unknown users cost the same as known ones."""
     global _DUMMY_HASH
@@ -690,6 +697,9 @@ class SqliteDirectory:
                 raise _no_profile("usrprf", name)
             for column, value in updates.items():
                 conn.execute(f"UPDATE profiles SET {column} = ? WHERE usrprf = ?", (value, name))
+            if updates.get("status") == DISABLED:
+                # Its POP sign-ons no longer let its address relay (POPWDW).
+                conn.execute("DELETE FROM pop_logins WHERE usrprf = ?", (name,))
             row = _profile_row(conn, name)
         return _profile(row)
 
@@ -897,9 +907,17 @@ class SqliteDirectory:
     def pop_login_since(self, ip: str, since: float) -> str | None:
         """The profile that signed on to POP from ``ip`` at or after ``since``."""
         row = self._conn().execute(
-            "SELECT usrprf FROM pop_logins WHERE ip = ? AND at >= ?", (ip, since)
+            "SELECT l.usrprf FROM pop_logins l JOIN profiles p ON p.usrprf = l.usrprf"
+            " WHERE l.ip = ? AND l.at >= ? AND p.status = ?", (ip, since, ENABLED)
         ).fetchone()
         return None if row is None else row["usrprf"]
+
+    def signs_on(self, usrprf: str) -> bool:
+        """Whether the profile exists and is enabled: a session signed on with it
+        goes on relaying only while this holds (DLTUSRPRF, STATUS *DISABLED)."""
+        row = self._conn().execute(
+            "SELECT status FROM profiles WHERE usrprf = ?", (usrprf,)).fetchone()
+        return row is not None and row["status"] == ENABLED
 
     def smtp_address(self, usrprf: str) -> str | None:
         """The SMTP name mail from ``usrprf`` carries (its *SMTP entry first)."""

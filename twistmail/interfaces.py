@@ -95,5 +95,8 @@ class IDirectory(Interface):
     def authenticate(usrprf, password):
         """The user profile name if the password is right and the profile enabled."""
 
+    def signs_on(usrprf):
+        """Whether the profile still exists and is enabled."""
+
     def resolve(address):
         """How to deliver to ``address``: a Resolution, or None when unknown."""

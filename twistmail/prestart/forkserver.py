@@ -76,6 +76,10 @@ def preload(programs: list[str] | tuple[str, ...]) -> None:
     """Import what the jobs need; the reactor itself is chosen after the fork."""
     for name in dict.fromkeys(m for p in programs for m in PRELOAD.get(p, ())):
         importlib.import_module(name)
+    if {"QTMSSRCP", "QTPOPSRVP"} & set(programs):
+        from twistmail.directory import prepare_sign_on
+
+        prepare_sign_on()
     # Keep the collector away from the shared objects, so the jobs' pages
     # stay shared (copy-on-write) instead of being copied by a GC pass.
     gc.collect()

@@ -709,11 +709,11 @@ class SMTPSession(SequentialSession):
     def _auth_plain(self, text: str) -> Any:
         try:
             fields = _b64(text).split(b"\x00")
-            _authzid, user, password = fields
+            authzid, user, password = fields
         except ValueError:
             self.reply(501, "5.5.2 Cannot decode the AUTH PLAIN response")
             return None
-        return self._check(user, password)
+        return self._check(user, password, authzid)
 
     def _auth_login_user(self, text: str) -> None:
         try:
@@ -732,12 +732,17 @@ class SMTPSession(SequentialSession):
             return None
         return self._check(user, password)
 
-    def _check(self, user: bytes, password: bytes) -> Any:
-        d = defer.maybeDeferred(self.factory.backend.authenticate,
-                                user.decode("utf-8", "replace"),
+    def _check(self, user: bytes, password: bytes, authzid: bytes = b"") -> Any:
+        name = user.decode("utf-8", "replace")
+        d = defer.maybeDeferred(self.factory.backend.authenticate, name,
                                 password.decode("utf-8", "replace"), self.peer_ip)
+        acting_as = authzid.decode("utf-8", "replace").upper()
 
         def checked(usrprf: str | None) -> Any:
+            if usrprf is not None and acting_as not in ("", name.upper(), usrprf):
+                # RFC 4616: acting for another identity needs a right to it,
+                # and nobody has that right here.
+                usrprf = None
             if usrprf is not None:
                 self.user = usrprf
                 self.reply(235, "2.7.0 Authentication successful")
@@ -763,6 +768,20 @@ class SMTPSession(SequentialSession):
     def smtp_MAIL(self, arg: str) -> Any:
         if not self._greeted():
             return None
+        if self.user is not None and self.txn is None:
+            # Each transaction of a signed-on session asks whether its profile
+            # still signs on: DLTUSRPRF or STATUS(*DISABLED) ends its relaying
+            # at once, not when the client disconnects.
+            d = defer.maybeDeferred(self.factory.backend.signs_on, self.user)
+            return d.addCallback(self._still_signed_on, arg)
+        return self._mail(arg)
+
+    def _still_signed_on(self, signs_on: bool, arg: str) -> Any:
+        if not signs_on:
+            self.user = None
+        return self._mail(arg)
+
+    def _mail(self, arg: str) -> Any:
         if self.user is None and (self.factory.submission or self.factory.alwauth == "*LCLRLY"):
             self.reply(530, "5.7.0 Authentication required")
             return None
