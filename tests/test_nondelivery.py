@@ -50,3 +50,31 @@ def test_each_notice_about_a_message_has_its_own_id():
            notice_id(qid, "delayed", ["a@x.test"], 3), notice_id(qid, "delayed", ["a@x.test"], 4),
            notice_id(qid, "relayed", ["a@x.test"], 3)}
     assert len(ids) == 5 and all(i[:16] == qid[:16] for i in ids)
+
+
+def test_a_notice_is_made_whatever_the_original_and_the_remote_reply_hold():
+    """Raw UTF-8 in the original's header, a reply in German with control
+    characters, a non-ASCII recipient: the notice used to fail to build, which
+    held the message on its queue for good."""
+    headers = ("From: jane@example.test\r\nSubject: Grüße\r\nBcc: hidden@example.test,\r\n"
+               " other@example.test\r\nTo: sam@example.test\r\n").encode()
+    raw = build_notice(
+        hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
+        originator="jane@example.test", arrival=1_700_000_000.0,
+        failures=[Failure("müller@remote.test", "5.1.1",
+                          "550 5.1.1 Benutzer unbekannt: Müller\x00\x1b[2J\r\nX-Forged: 1",
+                          orcpt="rfc822;Mueller@remote.test")],
+        headers=headers, message_id=None, envid="env-1",
+    )
+    assert raw.isascii() and max(len(line) for line in raw.split(b"\r\n")) < 998
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    _, status, original = msg.iter_parts()
+    per_message, block = status.get_payload()
+    assert per_message["Original-Envelope-Id"] == "env-1"
+    assert block["Original-Recipient"] == "rfc822;Mueller@remote.test"  # RFC 3461 §6.3
+    assert block["Final-Recipient"] == "utf-8; m\\x{FC}ller@remote.test"  # RFC 6533
+    assert block["Diagnostic-Code"] == (
+        "smtp; 550 5.1.1 Benutzer unbekannt: M\\x{FC}ller\\x{0}\\x{1B}[2J X-Forged: 1")
+    assert block["X-Forged"] is None and block["Last-Attempt-Date"]
+    assert "Subject: Grüße" in original.get_content()
+    assert b"hidden@example.test" not in raw and b"other@example.test" not in raw  # no Bcc

@@ -353,3 +353,50 @@ def test_a_destination_no_job_ran_leaves_its_message_for_the_next_scan(manager):
         "rcpt@remote.test": queuemod.DELIVERED, "rcpt@other.test": queuemod.PENDING}
     assert not (manager.busy or manager.untried or manager.open)
     assert [e.id for e, _ in manager._due(False, None, frozenset()).work] == [qid]
+
+
+def _notices(fq: FileQueue) -> list[list[str]]:
+    """The Final-Recipients of each notice waiting on QTMSINQ."""
+    import email
+    import email.policy
+
+    from twistmail.interfaces import QTMSINQ
+
+    out = []
+    for nid in fq.list(QTMSINQ):
+        msg = email.message_from_bytes(fq.body_path(nid, QTMSINQ).read_bytes(),
+                                       policy=email.policy.default)
+        [status] = [p for p in msg.walk() if p.get_content_type() == "message/delivery-status"]
+        out.append(sorted(b["Final-Recipient"] for b in status.get_payload()[1:]))
+    return sorted(out)
+
+
+def test_a_local_failure_reported_by_the_bridge_is_not_reported_again(manager):
+    """nobody@ unknown at once, bob@remote refused later: two notices, each naming
+    its own recipient (the second named nobody@ again, and journaled its 83)."""
+    from twistmail.bridge.msf import build_processor
+    from twistmail.interfaces import QTMSINQ
+
+    fq = manager.queue
+    with fq.new_spool(Envelope.new("jane@example.test",
+                                   ("nobody@example.test", "bob@remote.test"))) as spool:
+        spool.write(b"Subject: hi\r\n\r\nhello\r\n")
+        qid = spool.commit(QTMSINQ)
+    build_processor(manager.settings, "QMSF/1").process(qid)
+    assert _notices(fq) == [["rfc822; nobody@example.test"]]
+    manager._record(qid, {"results": [{"address": "bob@remote.test", "status": "permanent",
+                                       "code": 550, "text": "5.1.1 no such user"}]}, last=True)
+    assert _notices(fq) == [["rfc822; bob@remote.test"], ["rfc822; nobody@example.test"]]
+
+
+def test_a_delay_notice_goes_once_not_at_every_second_level_retry(manager, monkeypatch):
+    fq = manager.queue
+    qid = _queued(fq, Recipient("bob@remote.test", notify=("DELAY", "FAILURE")))
+    monkeypatch.setattr(manager, "_retry_target", lambda attempts: (
+        queuemod.QTMSRTQ2, "8D", 60.0))
+    for _ in range(3):
+        manager._record(qid, {"results": [{"address": "bob@remote.test", "status": "temporary",
+                                           "code": 451, "text": "4.3.0 try later"}]},
+                        last=True)
+        fq.move(qid, queuemod.QTMSRTQ2, QTMSOUTQ)  # due again
+    assert _notices(fq) == [["rfc822; bob@remote.test"]]

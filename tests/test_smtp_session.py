@@ -695,8 +695,11 @@ def test_an_over_long_auth_response_ends_the_exchange():
     s.send(b"A" * 8000)
     s.send(b"\r\nNOOP\r\n")
     assert s.codes() == [500, 250]
-    s.send(b"AUTH PLAIN " + _b64(b"x" * 900 + b"\0sam\0secret") + b"\r\n")  # long: allowed
-    assert s.codes() == [235]
+    # Long, and taken as a response (not "line too long"); an authorization
+    # identity that is not the user's is then refused.
+    s.send(b"AUTH PLAIN " + _b64(b"x" * 900 + b"\0sam\0secret") + b"\r\n")
+    s.clock.advance(60)
+    assert s.codes() == [535]
 
 
 def test_a_body_without_a_header_block_gets_a_blank_line_after_the_added_fields():
@@ -783,3 +786,49 @@ def test_dsn_requests_of_a_client_that_may_not_relay_are_not_honoured():
     assert listed.ret == "FULL" and listed.dsn == (("b@example.test", ("SUCCESS",), None),)
     signed_on = session(False, auth=True)
     assert signed_on.ret == "FULL" and signed_on.dsn
+
+
+def test_notify_never_of_a_client_that_may_not_relay_is_kept():
+    """NEVER only means fewer notices to the sender it names: nothing to misuse."""
+    s = Session(dsn=True)
+    s.backend.dsn_trusted = False
+    s.start()
+    s.send(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<b@example.test> NOTIFY=NEVER\r\n"
+           b"RCPT TO:<c@example.test> NOTIFY=SUCCESS\r\nDATA\r\nx\r\n.\r\n")
+    [(_, received)] = s.backend.queued
+    assert received.dsn == (("b@example.test", ("NEVER",), None),)
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [
+        # a line break decoded from xtext: fields of the client's own in a report
+        (b"MAIL FROM:<a@example.test> ENVID=id+0D+0AFinal-Recipient:+20x",
+         "501 5.5.4 Syntax: ENVID"),
+        (b"MAIL FROM:<a@example.test> ENVID=caf+E9", "501 5.5.4 Syntax: ENVID"),
+        (b"MAIL FROM:<a@example.test> ENVID=bad+ZZ", "501 5.5.4 Syntax: ENVID"),
+        (b"MAIL FROM:<a@example.test> ENVID=lower+0a", "501 5.5.4 Syntax: ENVID"),
+        (b"MAIL FROM:<a@example.test> ENVID=" + b"x" * 101, "501 5.5.4 Syntax: ENVID"),
+        (b"RCPT TO:<b@example.test> ORCPT=rfc822;a+0D+0Ab@x", "501 5.5.4 Syntax: ORCPT"),
+        (b"RCPT TO:<b@example.test> ORCPT=no-semicolon", "501 5.5.4 Syntax: ORCPT"),
+    ],
+)
+def test_dsn_xtext_must_be_well_formed_printable_ascii(command, reply):
+    s = Session(dsn=True)
+    s.start()
+    if command.startswith(b"RCPT"):
+        s.send(b"MAIL FROM:<a@example.test>\r\n")
+        s.replies()
+    s.send(command + b"\r\n")
+    assert s.replies()[0].startswith(reply)
+
+
+def test_dsn_xtext_is_decoded():
+    s = Session(dsn=True)
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test> ENVID=QQ+2B1+3D2\r\n"
+           b"RCPT TO:<b@example.test> NOTIFY=FAILURE ORCPT=rfc822;A+2Bb@x.test\r\n"
+           b"DATA\r\nx\r\n.\r\n")
+    [(_, received)] = s.backend.queued
+    assert received.envid == "QQ+1=2"
+    assert received.dsn == (("b@example.test", ("FAILURE",), "rfc822;A+b@x.test"),)

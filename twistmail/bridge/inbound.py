@@ -101,6 +101,8 @@ class InboundProcessor:
                 forwarded += 1
         env = env.with_recipients(recipients)
         notice = self._notice(env, failures, body) if failures else None
+        if failures:  # the client side must not report them again
+            env = env.note({"noticed": [f.address for f in failures]})
         successes = [Failure(r.address, "2.0.0", "delivered to the local mailbox", "delivered")
                      for r in recipients if r.state == DELIVERED and r.notify
                      and "SUCCESS" in r.notify and r.delivered_at is not None]

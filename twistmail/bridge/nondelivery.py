@@ -11,9 +11,12 @@ the whole original, so a notice cannot be used to reflect large payloads.
 from __future__ import annotations
 
 import email
+import email.charset
+import email.errors
 import email.policy
 import email.utils
 import hashlib
+import re
 import time
 from collections.abc import Iterable
 from email.message import EmailMessage, Message
@@ -24,6 +27,9 @@ from typing import Any
 import attrs
 
 MAX_HEADERS = 64 * 1024
+#: Report fields are not folded: the email package breaks a long one right
+#: after its name, and some readers of reports do not unfold.  900 + name < 998.
+_WIRE = SMTP.clone(max_line_length=998)
 NONDELIVERY_USER = "NONDELIVERY"
 
 
@@ -33,6 +39,7 @@ class Failure:
     status: str  # enhanced status code, e.g. "5.1.1"
     diagnostic: str  # the reply or reason, one line
     action: str = "failed"  # RFC 3464 Action: failed, delayed, delivered, relayed
+    orcpt: str | None = None  # the client's ORCPT, "addr-type;address"
 
 
 #: What each kind of report says, and which NOTIFY keyword asks for it.
@@ -106,7 +113,8 @@ def build_notice(
     if message_id:
         msg["In-Reply-To"] = message_id
         msg["References"] = message_id
-    listing = "\n".join(f"  <{f.address}>: {f.diagnostic}" for f in failures)
+    listing = "\n".join(f"  <{_printable(f.address)}>: {_printable(f.diagnostic)}"
+                        for f in failures)
     msg.set_content(
         f"This is the mail system at host {hostname}.\n\n"
         f"{intro}\n"
@@ -121,13 +129,13 @@ def build_notice(
     msg.set_boundary(f"{queue_id}.ndn")
     msg.attach(_status_part(hostname, queue_id, arrival, failures, envid))
     msg.attach(_headers_part(headers) if full is None else _message_part(full))
-    return msg.as_bytes(policy=SMTP)
+    return msg.as_bytes(policy=_WIRE)
 
 
 def _status_part(hostname: str, queue_id: str, arrival: float,
                  failures: list[Failure], envid: str | None = None) -> Message:
     per_message = _fields([
-        *([("Original-Envelope-Id", envid)] if envid else []),
+        *([("Original-Envelope-Id", _ascii_line(envid))] if envid else []),
         ("Reporting-MTA", f"dns; {hostname}"),
         ("X-Twistmail-Queue-ID", queue_id),
         ("Arrival-Date", email.utils.formatdate(arrival, localtime=True)),
@@ -136,12 +144,17 @@ def _status_part(hostname: str, queue_id: str, arrival: float,
     part["Content-Type"] = "message/delivery-status"
     part["Content-Description"] = "Delivery report"
     part.attach(per_message)
+    now = email.utils.formatdate(localtime=True)
     for f in failures:
+        original = [("Original-Recipient", _ascii_line(f.orcpt))] if f.orcpt else []
+        tried = [("Last-Attempt-Date", now)] if f.action in ("failed", "delayed") else []
         part.attach(_fields([
-            ("Final-Recipient", f"rfc822; {f.address}"),
+            *original,
+            ("Final-Recipient", _address_field(f.address)),
             ("Action", f.action),
             ("Status", f.status),
-            ("Diagnostic-Code", f"smtp; {_one_line(f.diagnostic)}"),
+            ("Diagnostic-Code", f"smtp; {_ascii_line(f.diagnostic)}"),
+            *tried,
         ]))
     return part
 
@@ -153,12 +166,22 @@ def _fields(pairs: list[tuple[str, str]]) -> Message:
     return block
 
 
+_BCC = re.compile(rb"^(?:resent-)?bcc:.*(?:\r?\n[ \t].*)*(?:\r?\n|$)", re.I | re.M)
+_QP_UTF8 = email.charset.Charset("utf-8")
+_QP_UTF8.body_encoding = email.charset.QP
+
+
 def _headers_part(headers: bytes) -> Message:
+    """The original's header block, without Bcc: copies go to NONDELIVERY and NFYDLVRY."""
     part = Message()
     part["Content-Type"] = "text/rfc822-headers"
     part["Content-Description"] = "Undelivered message headers"
-    text = headers.decode("ascii", "replace").replace("\r\n", "\n")
-    part.set_payload(text.replace("\n", "\r\n"))
+    headers = _BCC.sub(b"", headers)
+    text = headers.decode("utf-8", "replace").replace("\r\n", "\n").replace("\n", "\r\n")
+    if text.isascii():
+        part.set_payload(text)
+    else:  # 8-bit header fields (a raw UTF-8 Subject): quoted-printable, 7-bit notice
+        part.set_payload(text, _QP_UTF8)
     return part
 
 
@@ -167,6 +190,9 @@ def _message_part(full: bytes) -> Message:
     part = Message()
     part["Content-Type"] = "message/rfc822"
     part["Content-Description"] = "Undelivered message"
+    end = min((i for i in (full.find(b"\r\n\r\n"), full.find(b"\n\n")) if i >= 0),
+              default=len(full))
+    full = _BCC.sub(b"", full[:end + 1]) + full[end + 1:]  # the copies' readers see no Bcc
     part.set_payload([email.message_from_bytes(full, policy=email.policy.compat32)])
     return part
 
@@ -180,8 +206,24 @@ def _full_original(body: Path) -> bytes | None:
     return body.read_bytes()
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:900]
+def _ascii_line(text: str, limit: int = 900) -> str:
+    """One line of printable ASCII for a report field: what is not is written
+    \\x{HEX} (RFC 6533), so a remote reply cannot add a field or a control."""
+    line = " ".join(text.split())[:limit]
+    return "".join(c if " " <= c <= "~" and c != "\\" else f"\\x{{{ord(c):X}}}"
+                   for c in line)
+
+
+def _address_field(address: str) -> str:
+    """Final-Recipient: ``rfc822;`` for an ASCII address, RFC 6533's ``utf-8;`` else."""
+    if address.isascii() and address.isprintable():
+        return f"rfc822; {address}"
+    return f"utf-8; {_ascii_line(address)}"
+
+
+def _printable(text: str) -> str:
+    """Text for the human-readable part: any script, but no control character."""
+    return "".join(c if c.isprintable() else " " for c in text)
 
 
 def nondelivery_address(directory: Any) -> str | None:
@@ -221,7 +263,9 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
     kind = failures[0].action if failures else "failed"
     keyword = REPORTS[kind][2]
     unwanted = [f.address for f in failures if not wants_notice(env, f.address, keyword)]
-    failures = [f for f in failures if f.address not in unwanted]
+    orcpts = {r.address: r.orcpt for r in env.recipients if r.orcpt}
+    failures = [attrs.evolve(f, orcpt=f.orcpt or orcpts.get(f.address))
+                for f in failures if f.address not in unwanted]
     if unwanted and kind == "failed":
         journal.write("7U", f"7U DEL {env.id}", env.id, reason="DSN NOTIFY excludes FAILURE",
                       recipients=unwanted)
@@ -233,12 +277,16 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
             if copy and copy.lower() not in (r.lower() for r in recipients):
                 recipients.append(copy)  # the seed's NONDELIVERY user; NFYDLVRY's person
     nid = notice_id(env.id, kind, (f.address for f in failures), env.attempts)
-    data = build_notice(
-        hostname=hostname, queue_id=env.id, originator=env.originator,
-        arrival=env.received, failures=failures, headers=original_headers(body),
-        message_id=env.message_id,
-        full=_full_original(body) if env.ret == "FULL" else None, envid=env.envid, nid=nid,
-    )
+    fields = dict(hostname=hostname, queue_id=env.id, originator=env.originator,
+                  arrival=env.received, failures=failures, message_id=env.message_id,
+                  envid=env.envid, nid=nid)
+    try:
+        data = build_notice(headers=original_headers(body),
+                            full=_full_original(body) if env.ret == "FULL" else None, **fields)
+    except (ValueError, TypeError, LookupError, email.errors.MessageError):
+        # Whatever of the original the email package cannot carry, the notice
+        # goes without it: a notice that cannot be made would hold the message.
+        data = build_notice(headers=b"", full=None, **fields)
     notice_env = Envelope(id=nid, originator="", recipients=tuple(
         Recipient(r) for r in recipients), received=time.time(), source="ndn",
         message_id=f"<{nid}.ndn@{hostname}>")

@@ -847,12 +847,17 @@ class OutboundManager:
         if pending:
             queue_name, code, delay = target
             env = env.evolve(attempts=attempts, next_try=time.time() + delay)
-            if queue_name == QTMSRTQ2:
+            delay_noticed = any(isinstance(h, dict) and h.get("delay_noticed")
+                                for h in env.history)
+            if queue_name == QTMSRTQ2 and not delay_noticed:
+                # Once, as the message enters the second-level retries; not
+                # at each of them (RTYDAY/RTYHOUR may be many).
                 delayed = [Failure(r.address, _status(r.last_error).replace("5.", "4.", 1),
                                    r.last_error or "still being retried", "delayed")
                            for r in pending]
                 queue_notice(self.queue, self.directory, self.journal,
                              self.settings.hostname, env, delayed, self.queue.body_path(qid))
+                env = env.note({"delay_noticed": True})
             self.queue.move(qid, QTMSOUTQ, queue_name, env)
             # The reply or local error of each recipient says why it waits.
             self.journal.write(code, f"{code} TRQ {queue_name}", qid, queue=queue_name,

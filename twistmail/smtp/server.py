@@ -24,6 +24,7 @@ import binascii
 import email.utils
 import errno
 import functools
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -250,20 +251,31 @@ class _Data:
             self._end_header()
 
 
-def _xtext_decode(text: str) -> str:
-    """RFC 3461 xtext: "+XX" stands for the byte with hex value XX."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "+" and i + 3 <= len(text):
-            try:
-                out.append(chr(int(text[i + 1:i + 3], 16)))
-                i += 3
-                continue
-            except ValueError:
-                pass
-        out.append(text[i])
-        i += 1
-    return "".join(out)
+_XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
+#: RFC 3461 §4.4 and §4.2: the longest ENVID and ORCPT a server must take.
+MAX_ENVID = 100
+MAX_ORCPT = 500
+
+
+def _xtext_decode(text: str, limit: int) -> str | None:
+    """RFC 3461 xtext ("+XX" is the character XX); None unless it is well formed and
+    decodes to at most ``limit`` printable ASCII characters.
+
+    What it decodes to is written into notices: a line break or a control
+    character there would let a client add fields to a delivery report.
+    """
+    if _XTEXT.fullmatch(text) is None:
+        return None
+    out = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), text)
+    if len(out) > limit or not all(" " <= c <= "~" for c in out):
+        return None
+    return out
+
+
+def _only_never(dsn: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What an untrusted client's DSN requests keep: NOTIFY=NEVER, which only
+    means fewer notices to the sender it names."""
+    return tuple((a, n, None) for a, n, _ in dsn if n == ("NEVER",))
 
 
 def _b64(text: str) -> bytes:
@@ -505,7 +517,7 @@ class SMTPSession(SequentialSession):
             # anything to anyone.  Honoured for clients that may relay.
             d = defer.maybeDeferred(self.factory.backend.dsn_allowed, self.peer_ip)
             d.addCallback(lambda allowed: received if allowed else attrs.evolve(
-                received, ret=None, dsn=()))
+                received, ret=None, envid=None, dsn=_only_never(received.dsn)))
             d.addCallback(lambda r: self.factory.backend.commit(data.spool, r))
         else:
             d = defer.maybeDeferred(self.factory.backend.commit, data.spool, received)
@@ -815,7 +827,11 @@ class SMTPSession(SequentialSession):
                     value.upper() in ("FULL", "HDRS"):
                 ret = value.upper()
             elif key == "ENVID" and self.factory.dsn and value is not None:
-                envid = _xtext_decode(value)
+                envid = _xtext_decode(value, MAX_ENVID)
+                if envid is None:
+                    self.reply(501, f"5.5.4 Syntax: ENVID=xtext, at most {MAX_ENVID} "
+                               "printable ASCII characters")
+                    return None
             elif key == "AUTH" and value is not None and self._auth_offered():
                 pass  # RFC 4954 §5: who submitted it, by the client's word; not trusted here
             else:
@@ -860,8 +876,12 @@ class SMTPSession(SequentialSession):
                     self.reply(501, "5.5.4 NOTIFY takes NEVER, or SUCCESS, FAILURE, DELAY")
                     return None
                 notify = words
-            elif key == "ORCPT" and self.factory.dsn and value is not None and ";" in value:
-                orcpt = _xtext_decode(value)
+            elif key == "ORCPT" and self.factory.dsn and value is not None:
+                orcpt = _xtext_decode(value, MAX_ORCPT)
+                if orcpt is None or ";" not in orcpt:
+                    self.reply(501, "5.5.4 Syntax: ORCPT=addr-type;xtext, at most "
+                               f"{MAX_ORCPT} printable ASCII characters")
+                    return None
             else:
                 self.reply(555, f"5.5.4 Unsupported parameter {key}")
                 return None
