@@ -58,6 +58,7 @@ class Listener:
         self.sock = sock
         self.on_accept = on_accept
         self.reading = False
+        self.wanted = False  # the pool takes connections: read once able to
 
     @property
     def address(self) -> str:
@@ -65,11 +66,19 @@ class Listener:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def resume(self) -> None:
-        if not self.reading and self.sock.fileno() >= 0:
+        self.wanted = True
+        self._read()
+
+    def pause(self) -> None:
+        self.wanted = False
+        self._unread()
+
+    def _read(self) -> None:
+        if self.wanted and not self.reading and self.sock.fileno() >= 0:
             self.reading = True
             self.reactor.addReader(self)
 
-    def pause(self) -> None:
+    def _unread(self) -> None:
         if self.reading:
             self.reading = False
             self.reactor.removeReader(self)
@@ -98,11 +107,19 @@ class Listener:
                 return
             except OSError as e:  # EMFILE and friends: back off, keep serving
                 self.log.warn("accept on {name} failed: {e}", name=self.name, e=e)
-                self.pause()
-                self.reactor.callLater(0.1, self.resume)
+                self._unread()
+                # Reading again after the back-off only if the pool still
+                # takes connections: a pause it asked for meanwhile holds.
+                self.reactor.callLater(0.1, self._read)
                 return
             conn.setblocking(False)
             # Replies are small and end a command; Nagle would hold the last
             # segment (a POP terminator, an SMTP reply) for the peer's delayed ACK.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.on_accept(conn, self.name, addr[0])
+            try:
+                self.on_accept(conn, self.name, addr[0])
+            except Exception:
+                # Twisted drops a reader whose doRead raises: one connection
+                # must not stop the listener for good.
+                self.log.failure("a connection on {name} could not be handled", name=self.name)
+                conn.close()

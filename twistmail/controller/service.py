@@ -206,8 +206,12 @@ class Controller(service.Service):
 
     def _accepted(self, sock: socket.socket, listener: str, peer: str) -> None:
         pgm = configmod.LISTENER_PROGRAM[listener]
-        verdict = self.policy.check(peer, smtp=pgm == "QTMSSRCP",
-                                    rbl=listener not in SUBMISSION_LISTENERS)
+        try:
+            verdict = self.policy.check(peer, smtp=pgm == "QTMSSRCP",
+                                        rbl=listener not in SUBMISSION_LISTENERS)
+        except Exception:  # as when a check's answer fails: in, and counted
+            self.log.failure("connection check for {peer} failed; letting it in", peer=peer)
+            verdict = None
         if verdict is None:
             self.pools[pgm].submit(sock, listener, peer)
         elif isinstance(verdict, defer.Deferred):

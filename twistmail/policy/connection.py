@@ -30,6 +30,13 @@ from twistmail.settingtypes import nameserver_address
 
 REFRESH_EVERY = 2.0  # seconds between reads of the reject list
 DNS_TIMEOUT = (1, 2)  # seconds per try: a slow block list must not stall mail
+#: At most this long for one block list's answer, whatever the resolver does
+#: (a truncated answer retried over TCP waits far longer): then not listed.
+RBL_LIMIT = 5.0
+#: Connections at most waiting for block list answers; more get 421 at once.
+#: Each holds its socket and one per list: a flood must not take every
+#: descriptor of the controller.
+MAX_CHECKING = 256
 
 
 @attrs.frozen
@@ -41,10 +48,16 @@ class Verdict:
     anvil_counted: bool = True
 
 
+def _address(ip: str) -> Any:
+    """The address of a peer as accept() gave it; a link-local one has a zone
+    (``fe80::1%eth0``) that ``ipaddress`` of Python 3.11 refuses."""
+    return ipaddress.ip_address(ip.split("%", 1)[0])
+
+
 def rbl_query(ip: str, zone: str) -> str | None:
     """The DNS name to look up for ``ip`` in block list ``zone`` (nibbles for IPv6)."""
     try:
-        addr = ipaddress.ip_address(ip)
+        addr = _address(ip)
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -57,10 +70,12 @@ def rbl_query(ip: str, zone: str) -> str | None:
 
 
 def listed_answer(addresses: list[str]) -> bool:
-    """Whether A answers mean "listed": 127.0.0.0/8, but not 127.255.255.0/24.
+    """Whether A answers mean "listed": 127.0.0.0/8, but not 127.255.255.0/24
+    nor 127.0.0.1.
 
     Spamhaus and others answer 127.255.255.x for "query refused" (an open or
-    public resolver), which must never block mail.
+    public resolver), which must never block mail; a list never holds
+    127.0.0.1 (RFC 5782 §5), so that answer is a broken list or resolver.
     """
     for a in addresses:
         try:
@@ -68,7 +83,7 @@ def listed_answer(addresses: list[str]) -> bool:
         except ValueError:
             continue
         if ip in ipaddress.ip_network("127.0.0.0/8") and ip not in ipaddress.ip_network(
-                "127.255.255.0/24"):
+                "127.255.255.0/24") and str(ip) != "127.0.0.1":
             return True
     return False
 
@@ -94,6 +109,9 @@ class ConnectionPolicy:
         self.journal = journal
         self.rejects: list[Any] = []
         self.resolver = resolver
+        #: The name servers the resolver was made for; None for one given.
+        self._made_for: tuple[str, ...] | None = None
+        self.checking = 0  # connections waiting for block list answers
         self.loop: task.LoopingCall | None = None
         self.anvil = Anvil(LimitSettings(), reactor.seconds)
         self.configure(settings)
@@ -107,8 +125,11 @@ class ConnectionPolicy:
         self.popwdw = s.popwdw
         self.anvil.settings = LimitSettings(lim.maxconnperip, lim.maxconnrate,
                                             lim.maxauthfail, float(lim.interval))
-        if self.rblsvr and self.resolver is None:
-            self.resolver = make_resolver(self.reactor, tuple(s.nameservers))
+        servers = tuple(s.nameservers)
+        made_here = self._made_for is not None
+        if self.rblsvr and (self.resolver is None or made_here and self._made_for != servers):
+            self.resolver = make_resolver(self.reactor, servers)  # CHGSMTPA applies live
+            self._made_for = servers
 
     def start(self) -> None:
         self.loop = task.LoopingCall(self.refresh)
@@ -176,7 +197,7 @@ class ConnectionPolicy:
         if not self.rejects:
             return False
         try:
-            addr = ipaddress.ip_address(ip)
+            addr = _address(ip)
         except ValueError:
             return False
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -193,13 +214,20 @@ class ConnectionPolicy:
         return Verdict("JL", text, refusal.journal,
                        {"ip": ip, "setting": f"limits.{refusal.setting}"}, anvil_counted=False)
 
-    def _rbl(self, ip: str) -> defer.Deferred:
+    def _rbl(self, ip: str) -> defer.Deferred | Verdict:
+        if self.checking >= MAX_CHECKING:
+            return Verdict("JL", f"421 4.3.2 {self.hostname} Too many connections being "
+                           "checked, try again later", False,
+                           {"ip": ip, "setting": "rblsvr"})
         lookups = []
         for zone in self.rblsvr:
             name = rbl_query(ip, zone)
             if name is None:
                 continue
-            d = self.resolver.lookupAddress(name)
+            # Whatever the resolver raises (out of descriptors) or however
+            # long it takes, the answer is "not listed", and in time.
+            d = defer.maybeDeferred(self.resolver.lookupAddress, name)
+            d.addTimeout(RBL_LIMIT, self.reactor)
             d.addCallbacks(self._answers, lambda f: [])
             d.addCallback(lambda listed, zone=zone: zone if listed else None)
             lookups.append(d)
@@ -212,7 +240,13 @@ class ConnectionPolicy:
             return Verdict("9S", f"554 5.7.1 {self.hostname} Connection refused: {ip} is "
                            f"listed by {hit}", True, {"ip": ip, "reason": "RBL", "zone": hit})
 
-        return done.addCallback(decide)
+        self.checking += 1
+
+        def checked(result: Any) -> Any:
+            self.checking -= 1
+            return result
+
+        return done.addCallback(decide).addBoth(checked)
 
     @staticmethod
     def _answers(result: Any) -> bool:
