@@ -639,9 +639,40 @@ def test_chgusrprf_and_dltusrprf(cfg, capsys):
         d.change_profile("sam", status="*ENABLED")
         assert d.authenticate("sam", "new") == "SAM"
     rc, out, err = tm(capsys, cfg, "dltusrprf", "--usrprf", "SAM")
-    assert rc == 0 and "mailboxes/SAM/Maildir" in out
+    assert rc == 0 and out == "User profile SAM deleted.\n"
     rc, out, err = tm(capsys, cfg, "dspusrprf", "--usrprf", "SAM")
     assert rc == 2 and "--usrprf: 'SAM' does not exist" in err
+
+
+def test_a_profile_that_owns_mail_is_deleted_only_with_its_mail(cfg, capsys):
+    """DLTUSRPRF OWNOBJOPT(*NODLT), IBM's default: a profile that owns objects stays.
+    Kept mail went to whoever was created next under the same name."""
+    from twistmail import config
+
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        box = d.mailbox("SAM")
+    (box / "new").mkdir(parents=True)
+    (box / "new" / "1.M1.host").write_bytes(b"Subject: private\r\n\r\nfor sam\r\n")
+    rc, out, err = tm(capsys, cfg, "dltusrprf", "--usrprf", "SAM")
+    assert rc == 2 and "--ownobjopt: SAM owns a mailbox with 1 message" in err
+    assert "allowed: *DLT" in err and box.exists()
+    rc, out, err = tm(capsys, cfg, "dltusrprf", "--usrprf", "SAM", "--ownobjopt", "*CHGOWN")
+    assert rc == 2 and "is IBM's but not supported here" in err
+    rc, out, err = tm(capsys, cfg, "dltusrprf", "--usrprf", "SAM", "--ownobjopt", "*dlt")
+    assert rc == 0 and "deleted with a mailbox with 1 message" in out
+    assert not box.parent.exists()
+
+
+def test_a_new_profile_is_not_handed_mail_left_under_its_name(cfg, capsys):
+    from twistmail import config
+
+    with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        box = d.mailbox("SAM")
+    (box / "cur").mkdir(parents=True)
+    (box / "cur" / "1.M1.host:2,S").write_bytes(b"Subject: old\r\n\r\nx\r\n")
+    rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    assert rc == 2 and "--usrprf: SAM has a mailbox left by an earlier profile" in err
 
 
 def test_password_from_stdin(cfg, capsys, monkeypatch):

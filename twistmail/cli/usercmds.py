@@ -11,13 +11,16 @@ option, exit 2; a database that cannot be used is one line, exit 1.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from twistmail import directory as dirmod
-from twistmail.cli.base import cli, open_directory, stdin_text, usage_error, value_of
+from twistmail.cli.base import app, cli, open_directory, stdin_text, usage_error, value_of
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.directory import DirectoryEntry, DirectoryError, SqliteDirectory
 from twistmail.settingtypes import Choice
@@ -142,6 +145,13 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
     """Create a user profile and enroll it as a POP mail user."""
     status = value_of("--status", STATUS, status)
     with open_directory("the directory", OPTION_OF_FIELD) as d:
+        name = dirmod.profile_name(usrprf)
+        left = _mail_in(d.mailbox(name)) if d.get_profile(name) is None else 0
+        if left:  # a new SAM must not be handed the mail of one deleted before
+            usage_error(f"--usrprf: {name} has a mailbox left by an earlier profile of that "
+                        f"name, with {left} message{'s' if left != 1 else ''} "
+                        f"({d.mailbox(name).parent}); allowed: a name without one (move or "
+                        "remove that mailbox first)")
         profile = d.create_profile(usrprf, _password(password) or "", text=text, status=status)
         record = _profile_record(d, profile)
     record["entries"] = ", ".join(record["entries"])
@@ -164,12 +174,68 @@ def chgusrprf(usrprf: str, password: str | None, status: str | None, text: str |
         click.echo(f"User profile {profile.usrprf} changed.")
 
 
+OWNOBJOPT = ("*NODLT", "*DLT")
+
+
 @cli.command("dltusrprf")
 @_usrprf_option
-def dltusrprf(usrprf: str) -> None:
-    """Delete a user profile and its directory entries (its mailbox is kept)."""
+@click.option("--ownobjopt", default="*NODLT", show_default=True,
+              help="What the profile owns (its mailbox with mail, its certificate store): "
+              "*NODLT keeps the profile while it owns any; *DLT deletes them with it.")
+def dltusrprf(usrprf: str, ownobjopt: str) -> None:
+    """Delete a user profile and its directory entries (DLTUSRPRF).
+
+    As on IBM i, a profile that owns objects is not deleted unless
+    OWNOBJOPT(*DLT) says to delete them too: a profile created later under
+    the same name would otherwise be handed the mail of the one deleted.
+    """
+    option = ownobjopt.strip().upper()
+    if option not in OWNOBJOPT:
+        why = "is IBM's but not supported here" if option.startswith("*CHGOWN") \
+            else "is not allowed"
+        usage_error(f"--ownobjopt: {ownobjopt!r} {why}; allowed: {', '.join(OWNOBJOPT)}")
     with open_directory("the directory", OPTION_OF_FIELD) as d:
-        click.echo(d.delete_profile(usrprf) + ".")
+        name = dirmod.profile_name(usrprf)
+        if d.get_profile(name) is None:
+            raise DirectoryError("usrprf", name, "does not exist")
+        owned = _owned(d, name)
+        if owned and option == "*NODLT":
+            usage_error(f"--ownobjopt: {name} owns {' and '.join(o for o, _ in owned)}, so "
+                        "it is not deleted with *NODLT; allowed: *DLT, which deletes them "
+                        "with the profile")
+        d.delete_profile(name)
+        home = d.mailbox(name).parent
+    for _, path in owned:
+        shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)  # an empty mailbox goes in any case
+    gone = f" with {' and '.join(o for o, _ in owned)}" if owned else ""
+    click.echo(f"User profile {name} deleted{gone}.")
+
+
+def _owned(d: Any, name: str) -> list[tuple[str, Path]]:
+    """What a profile owns that outlives it: its mail, its certificate store;
+    as (what, where)."""
+    out = []
+    box = d.mailbox(name)
+    mail = _mail_in(box)
+    if mail:
+        out.append((f"a mailbox with {mail} message{'s' if mail != 1 else ''} ({box.parent})",
+                    box.parent))
+    certs = app().settings.datadir / "certs" / name
+    if certs.exists():
+        out.append((f"a certificate store ({certs})", certs))
+    return out
+
+
+def _mail_in(maildir: Path) -> int:
+    return sum(len(_files(maildir / sub)) for sub in ("new", "cur"))
+
+
+def _files(folder: Path) -> list[str]:
+    try:
+        return [n for n in os.listdir(folder) if not n.startswith(".")]
+    except FileNotFoundError:
+        return []
 
 
 @cli.command("dspusrprf")
