@@ -857,3 +857,11 @@ def test_a_disabled_profile_s_pop_sign_ons_no_longer_open_the_relay(d: SqliteDir
     with d._write() as conn:  # a sign-on recorded while the profile was being disabled
         conn.execute("UPDATE profiles SET status = '*DISABLED' WHERE usrprf = 'SAM'")
     assert d.pop_login_since("192.0.2.7", 0) is None
+
+
+def test_a_password_must_fit_a_pop_pass_line(d: SqliteDirectory) -> None:
+    """128 letters of two octets each: SMTP AUTH took them, POP's 255-octet line never."""
+    with pytest.raises(DirectoryError, match="at most 248 octets in UTF-8"):
+        d.create_profile("sam", "é" * 128)
+    d.create_profile("sam", "é" * 124)  # 248 octets: "PASS " + it + CRLF is 255
+    assert d.authenticate("sam", "é" * 124) == "SAM"

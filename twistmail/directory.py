@@ -78,6 +78,7 @@ ARGON2_LEN = 32
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 SALT_BYTES = 16
 MAX_PASSWORD = 128
+MAX_PASSWORD_OCTETS = 248  # 'PASS ' + the password + CRLF in a 255-octet POP line
 MAX_TEXT = 50
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 253
@@ -368,10 +369,14 @@ def system_address_from_hostname(hostname: str) -> str:
 
 
 def _check_password(password: Any) -> str:
-    if not isinstance(password, str) or not 1 <= len(password) <= MAX_PASSWORD:
+    """1-128 characters that fit a POP PASS line (255 octets) in UTF-8 too: a
+    password of 128 two-octet letters signed on by SMTP and never by POP."""
+    if not isinstance(password, str) or not 1 <= len(password) <= MAX_PASSWORD or \
+            len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_OCTETS:
         shown = f"({len(password)} characters)" if isinstance(password, str) else password
         raise DirectoryError(
-            "password", shown, f"is not allowed; allowed: 1-{MAX_PASSWORD} characters"
+            "password", shown, f"is not allowed; allowed: 1-{MAX_PASSWORD} characters, "
+            f"at most {MAX_PASSWORD_OCTETS} octets in UTF-8"
         )
     return password
 
