@@ -78,3 +78,15 @@ def test_a_notice_is_made_whatever_the_original_and_the_remote_reply_hold():
     assert block["X-Forged"] is None and block["Last-Attempt-Date"]
     assert "Subject: Grüße" in original.get_content()
     assert b"hidden@example.test" not in raw and b"other@example.test" not in raw  # no Bcc
+
+
+def test_a_long_reply_in_another_script_stays_one_ascii_field():
+    """Cut after escaping, so the field stays within its line (no encoded-word)."""
+    raw = build_notice(
+        hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
+        originator="jane@example.test", arrival=1_700_000_000.0,
+        failures=[Failure("a@remote.test", "5.1.1", "550 " + "漢" * 300)],
+        headers=b"", message_id=None,
+    )
+    [line] = [x for x in raw.split(b"\r\n") if x.startswith(b"Diagnostic-Code:")]
+    assert b"=?" not in line and line.endswith(b"}") and len(line) < 998

@@ -450,3 +450,36 @@ def test_a_reload_while_the_bridge_starts_does_not_end_it(appliance):
         time.sleep(0.01)
     crashes = [e.get("exit", "") for e in a.journal("JK")]
     assert len(crashes) == 1, crashes  # the SIGKILL, and nothing after it
+
+
+def test_the_qmsf_jobs_hold_the_state_directory_lock_too(appliance):
+    """Killed with its bridge, a QMSF job may still be delivering: no new daemon
+    may start beside it."""
+    from pathlib import Path
+
+    a = appliance
+
+    def holders() -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for pid in a.children():
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.endswith("twistmail.lock"):
+                    out.setdefault(comm, []).append(pid)
+        return out
+
+    a.user("SAM")
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:  # work for a QMSF job
+        s.sendmail("jane@example.test", ["sam@example.test"], b"Subject: x\r\n\r\nx\r\n")
+    a.wait_for(lambda: "QMSF" in holders(), 10, "a QMSF job holding the lock")
+    held = holders()
+    assert len(held["QZMFLNCH"]) == 1  # the QMSF jobs' launcher, not the pools'
+    assert not {"QTMSSRCP", "QTPOPSRVP", "QTMSCCLCP"} & set(held), held

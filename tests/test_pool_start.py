@@ -286,3 +286,14 @@ def test_an_end_whose_jobs_are_never_reported_gone_kills_their_launcher():
     assert p.launcher.started[0].signals == ["TERM", "KILL"] and p.launcher.killed == 0
     clock.advance(poolmod.KILL_AFTER)
     assert p.launcher.killed == 1
+
+
+def test_a_launcher_forking_the_jobs_of_an_strpj_since_is_spared():
+    clock = Clock()
+    p = started_pool(clock, launcher=Hung())
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    p.end("*CNTRLD", 1)
+    p.start()  # STRPJ: the same launcher forks the new jobs
+    clock.advance(1 + 2 * poolmod.KILL_AFTER)
+    assert p.launcher.killed == 0

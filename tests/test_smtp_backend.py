@@ -145,3 +145,14 @@ class SignOnTests(BackendCase):
         self.directory.change_profile("SAM", status="*ENABLED")
         self.directory.delete_profile("SAM")
         self.assertFalse(self.directory.signs_on("SAM"))
+
+    def test_an_authorization_identity_must_name_the_user_signing_on(self) -> None:
+        """RFC 4616.  The user's own name or address, in any case, is no other
+        identity: refusing it locked whole addresses out (MAXAUTHFAIL)."""
+        sign_on = self.backend._authenticate
+        for user, authzid in (("SAM", "sam@example.test"), ("sam", "Sam@Example.Test"),
+                              ("sam@example.test", "SAM"), ("sam", "")):
+            self.assertEqual(sign_on(user, "secret", "ip", authzid), "SAM", (user, authzid))
+        self.directory.create_profile("BOB", "other")
+        self.assertIsNone(sign_on("sam", "secret", "ip", "bob"))
+        self.assertIsNone(sign_on("sam", "secret", "ip", "bob@example.test"))

@@ -54,7 +54,9 @@ class FakeBackend:
     def storage_full(self) -> bool:
         return self.full
 
-    def authenticate(self, user, password, client_ip):
+    def authenticate(self, user, password, client_ip, authzid=""):
+        if authzid.lower() not in ("", "sam", "sam@example.test"):
+            return None
         return "SAM" if (user, password) == ("sam", "secret") else None
 
     revoked: frozenset = frozenset()

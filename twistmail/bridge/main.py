@@ -79,12 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _lock_fd() -> int | None:
+    """fd 3, the controller's lock on the state directory, when it passed one."""
+    try:
+        os.fstat(3)
+    except OSError:
+        return None
+    return 3
+
+
 def _fork_launcher() -> tuple[int, socket.socket] | None:
     """The QMSF jobs' launcher, forked now: no reactor and no thread exist yet."""
     from twistmail.prestart.forkserver import fork_launcher
 
     try:
-        return fork_launcher((JOB_NAME,))
+        # The QMSF jobs hold the state directory's lock too (our fd 3): while
+        # one still works, no new daemon starts on the same queues.
+        return fork_launcher((JOB_NAME,), keep_fd=_lock_fd())
     except OSError as e:  # the jobs' launcher will be started the usual way
         print(f"cannot fork the QMSF jobs' launcher: {e}", file=sys.stderr)
         return None

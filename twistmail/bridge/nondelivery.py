@@ -209,9 +209,14 @@ def _full_original(body: Path) -> bytes | None:
 def _ascii_line(text: str, limit: int = 900) -> str:
     """One line of printable ASCII for a report field: what is not is written
     \\x{HEX} (RFC 6533), so a remote reply cannot add a field or a control."""
-    line = " ".join(text.split())[:limit]
-    return "".join(c if " " <= c <= "~" and c != "\\" else f"\\x{{{ord(c):X}}}"
-                   for c in line)
+    line = "".join(c if " " <= c <= "~" and c != "\\" else f"\\x{{{ord(c):X}}}"
+                   for c in " ".join(text.split()))
+    if len(line) > limit:  # cut after escaping: an escape is up to ten characters
+        line = line[:limit]
+        start = line.rfind("\\x{")
+        if start >= 0 and "}" not in line[start:]:
+            line = line[:start]  # not an escape cut in two
+    return line
 
 
 def _address_field(address: str) -> str:

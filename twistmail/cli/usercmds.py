@@ -228,7 +228,8 @@ def _owned(d: Any, name: str) -> list[tuple[str, Path]]:
 
 
 def _mail_in(maildir: Path) -> int:
-    return sum(len(_files(maildir / sub)) for sub in ("new", "cur"))
+    """Messages in a Maildir, counting one being delivered (tmp/)."""
+    return sum(len(_files(maildir / sub)) for sub in ("new", "cur", "tmp"))
 
 
 def _files(folder: Path) -> list[str]:

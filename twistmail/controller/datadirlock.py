@@ -25,10 +25,18 @@ class DatadirBusy(Exception):
     """Another appliance, or what is left of one, still uses the state directory."""
 
 
+class NoLock(Exception):
+    """The state directory cannot be locked here (a file system without flock)."""
+
+
 def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2) -> int:
-    """The locked descriptor (kept open for the daemon's life); DatadirBusy after ``wait``."""
+    """The locked descriptor (kept open for the daemon's life); DatadirBusy after
+    ``wait``; NoLock when the file system takes no lock (the caller goes on)."""
     path = datadir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise NoLock(f"{path}: {e.strerror}") from None
     deadline = time.monotonic() + wait
     while True:
         try:
@@ -41,3 +49,6 @@ def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2) -> int:
                     f"processes of an earlier twistmail daemon still use {datadir} (they hold "
                     f"{path}); wait for them to end, or end them") from None
             time.sleep(poll)
+        except OSError as e:  # ENOLCK (NFS without locks), EOPNOTSUPP, EINVAL
+            os.close(fd)
+            raise NoLock(f"{path}: {e.strerror}") from None

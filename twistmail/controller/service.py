@@ -24,7 +24,7 @@ from twistmail.control import ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
 from twistmail.controller.bridgeslot import BridgeSlot
 from twistmail.controller.controlsocket import ControlFactory
-from twistmail.controller.datadirlock import DatadirBusy, lock_datadir
+from twistmail.controller.datadirlock import DatadirBusy, NoLock, lock_datadir
 from twistmail.journal import Journal
 from twistmail.prestart import launch
 from twistmail.prestart.policy import Limits
@@ -113,6 +113,9 @@ class Controller(service.Service):
             self.lock_fd = lock_datadir(d)
         except DatadirBusy as e:
             raise SystemExit(f"twistmail: {e}") from None
+        except NoLock as e:
+            self.log.warn("the state directory cannot be locked ({e}); make sure no other "
+                          "twistmail uses it", e=e)
         if socket_in_use(path):  # one that started while this one waited
             raise SystemExit(f"twistmail: another daemon is running (it answers on {path})")
         if path.exists() or path.is_symlink():

@@ -43,6 +43,7 @@ from twistmail.lifeline import die_with_parent, name_process
 
 CONTROL_FD = 3
 JOB_CHANNEL_FD = 3
+KEPT_FD = 4  # what fork_launcher keeps for the launcher and its jobs
 MAX_FDS = 16
 
 COMMON = (
@@ -208,12 +209,14 @@ class Launcher:
             pass
 
 
-def fork_launcher(programs: tuple[str, ...]) -> tuple[int, socket.socket]:
+def fork_launcher(programs: tuple[str, ...],
+                  keep_fd: int | None = None) -> tuple[int, socket.socket]:
     """Fork a launcher from this process; its pid and our end of its channel.
 
     Call it before the reactor is imported and before any thread starts: the
     launcher is a copy of this process at that moment, and keeps only its
-    standard streams and the channel.  The caller reaps it.
+    standard streams, the channel and ``keep_fd`` (the state directory's
+    lock, as KEPT_FD, which its jobs inherit).  The caller reaps it.
     """
     if "twisted.internet.reactor" in sys.modules:
         raise RuntimeError("a launcher is forked before the reactor exists")
@@ -224,10 +227,14 @@ def fork_launcher(programs: tuple[str, ...]) -> tuple[int, socket.socket]:
         code = 70
         try:
             ours.detach()  # its descriptor goes with the others below
+            kept = None if keep_fd is None else os.dup(keep_fd)  # before fd 3 is taken
             fd = theirs.detach()
             if fd != CONTROL_FD:
                 os.dup2(fd, CONTROL_FD)
-            os.closerange(CONTROL_FD + 1, os.sysconf("SC_OPEN_MAX"))
+            if kept is not None:
+                os.dup2(kept, KEPT_FD)
+            os.closerange(CONTROL_FD + 1 if kept is None else KEPT_FD + 1,
+                          os.sysconf("SC_OPEN_MAX"))
             die_with_parent()
             name_process(NAME)
             code = _run_launcher()

@@ -648,6 +648,8 @@ class Pool:
         stopped or hung would keep ENDPJ, and the daemon's shutdown, waiting
         for ever.  It is killed: its jobs are then reported ended with it.
         """
+        if self.active:
+            return  # STRPJ since: the launcher now forks the new jobs too; spare them
         if any(self.jobs.get(j.id) is j for j in targets):
             self.log.error("{name} jobs killed {s:.0f}s ago are not reported ended; "
                            "killing their launcher", name=self.job_name, s=KILL_AFTER)

@@ -209,22 +209,34 @@ class QueueBackend(Backend):
             self.reactor, self.reactor.getThreadPool(), self.directory.address_listed,
             "*ACCEPT", client_ip)
 
-    def authenticate(self, user: str, password: str, client_ip: str) -> Any:
+    def authenticate(self, user: str, password: str, client_ip: str,
+                     authzid: str = "") -> Any:
         return threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), self._authenticate, user, password,
-            client_ip,
+            client_ip, authzid,
         )
 
-    def _authenticate(self, user: str, password: str, client_ip: str) -> str | None:
-        name = user
-        if "@" in user:  # an SMTP address: sign on as the profile it resolves to
-            res = self.directory.resolve(user)
-            # Not through the catch-all: any made-up address would sign on as
-            # its owner.  An address that names nobody still costs a hash
-            # (an empty name), so the time taken does not tell it apart.
-            known = res is not None and res.usrprf and not res.catchall
-            name = res.usrprf if known else ""
-        usrprf = self.directory.authenticate(name, password)
+    def _profile_of(self, user: str) -> str:
+        """The profile a sign-on name means: a profile name, or an SMTP address.
+
+        Not through the catch-all: any made-up address would sign on as its
+        owner.  A name that means nobody gives "", which still costs a hash,
+        so the time taken does not tell it apart.
+        """
+        if "@" not in user:
+            return user
+        res = self.directory.resolve(user)
+        known = res is not None and res.usrprf and not res.catchall
+        return res.usrprf if known else ""
+
+    def _authenticate(self, user: str, password: str, client_ip: str,
+                      authzid: str = "") -> str | None:
+        usrprf = self.directory.authenticate(self._profile_of(user), password)
+        if usrprf is not None and authzid and \
+                self._profile_of(authzid).upper() != usrprf:
+            # RFC 4616: acting for another identity needs a right to it, which
+            # nobody has here; the user's own name or address is no other.
+            usrprf = None
         if usrprf is None:
             self.journal.write("9X", f"9X AUTHFAIL {client_ip}", ip=client_ip, user=user)
         else:

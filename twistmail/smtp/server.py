@@ -745,16 +745,12 @@ class SMTPSession(SequentialSession):
         return self._check(user, password)
 
     def _check(self, user: bytes, password: bytes, authzid: bytes = b"") -> Any:
-        name = user.decode("utf-8", "replace")
-        d = defer.maybeDeferred(self.factory.backend.authenticate, name,
-                                password.decode("utf-8", "replace"), self.peer_ip)
-        acting_as = authzid.decode("utf-8", "replace").upper()
+        d = defer.maybeDeferred(self.factory.backend.authenticate,
+                                user.decode("utf-8", "replace"),
+                                password.decode("utf-8", "replace"), self.peer_ip,
+                                authzid.decode("utf-8", "replace"))
 
         def checked(usrprf: str | None) -> Any:
-            if usrprf is not None and acting_as not in ("", name.upper(), usrprf):
-                # RFC 4616: acting for another identity needs a right to it,
-                # and nobody has that right here.
-                usrprf = None
             if usrprf is not None:
                 self.user = usrprf
                 self.reply(235, "2.7.0 Authentication successful")
