@@ -128,6 +128,18 @@ def test_rotation_by_size_and_new_receiver(tmp_path: Path) -> None:
     assert len((tmp_path / name).read_text().splitlines()) == 2
 
 
+def test_old_receivers_go_as_new_ones_start(tmp_path: Path) -> None:
+    """keep_receivers: the journal never fills the disk; seq goes on regardless."""
+    j = Journal(tmp_path, "QTSMTPBRSR/1", receiver_size=4096, keep_receivers=2)
+    for i in range(200):
+        j.write("7A", "7A QTMSINQ TO QTSMTPBRSR", f"Q{i}")
+    numbers = [n for n, _ in receivers(tmp_path)]
+    assert len(numbers) == 2 and numbers[1] == numbers[0] + 1 > 2
+    assert j.write("7M", "7M QTMSBSSQ TO QTSMTPBRSR") == 201
+    assert Journal(tmp_path, "x", keep_receivers=0).new_receiver()  # 0 keeps every one
+    assert len(receivers(tmp_path)) == 3
+
+
 def test_disabled_journal_writes_nothing(tmp_path: Path) -> None:
     d = tmp_path / "journal"
     j = Journal(d, "QTSMTPSRVP/1", enabled=False)
@@ -480,3 +492,22 @@ def test_follow_until_ends_at_any_later_entry_not_only_its_message_s(tmp_path: P
     got = list(follow(tmp_path, msgid="MSG1", until=until, poll_interval=0.01,
                       stop=lambda: time.monotonic() > deadline))
     assert [e["esd"] for e in got] == ["mine"] and time.monotonic() < deadline
+
+
+def test_dltjrnrcv_deletes_detached_receivers_only(
+        config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    directory = config.parent / "var" / "journal"
+    j = Journal(directory, "CHGJRN/1")
+    j.new_receiver()
+    j.new_receiver()
+    names = [p.name for _, p in receivers(directory)]
+    first, second, attached = names[0], names[1], names[-1]
+    assert run(["--config", str(config), "dltjrnrcv", "--jrnrcv", first]) == 0
+    assert capsys.readouterr().out == f"Deleted 1 receiver: {first}; attached: {attached}\n"
+    assert run(["--config", str(config), "dltjrnrcv", "--jrnrcv", attached]) == 2
+    assert "is the attached receiver" in capsys.readouterr().err
+    assert run(["--config", str(config), "dltjrnrcv", "--jrnrcv", "QZMF.999"]) == 2
+    err = capsys.readouterr().err
+    assert f"is not a receiver here; allowed: a receiver's name or number ({second} to " in err
+    assert run(["--config", str(config), "dltjrnrcv", "--jrnrcv", "qzmf*"]) == 0
+    assert [p.name for _, p in receivers(directory)] == [attached]

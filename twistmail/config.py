@@ -251,6 +251,9 @@ class JournalSettings:
     receiver_size: int = setting(
         Int(4096, 2**40), 16 * 1024 * 1024, "bytes after which a new receiver starts"
     )
+    keep_receivers: int = setting(
+        Int(0, 999999), 64, "receivers kept when a new one starts; 0 keeps every one"
+    )
 
 
 SECTIONS: dict[str, type] = {

@@ -196,6 +196,24 @@ def receivers(directory: Path) -> list[tuple[int, Path]]:
     return found
 
 
+def delete_receivers(directory: Path, below: int) -> list[str]:
+    """Delete the receivers numbered below ``below`` (DLTJRNRCV); their names.
+
+    Never the attached one: callers pass at most its number.  A follower
+    reading one keeps reading it (its descriptor stays valid) and moves on.
+    """
+    gone = []
+    for number, path in receivers(directory):
+        if number >= below:
+            break
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        gone.append(path.name)
+    return gone
+
+
 _second: tuple[int, str] = (-1, "")
 
 
@@ -263,11 +281,13 @@ class Journal:
         job: str,
         enabled: bool = True,
         receiver_size: int = DEFAULT_RECEIVER_SIZE,
+        keep_receivers: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.job = job
         self.enabled = enabled
         self.receiver_size = receiver_size
+        self.keep_receivers = keep_receivers  # 0: every receiver is kept
         self.failures = 0
         self.last_error: OSError | None = None
         self._mutex = threading.Lock()
@@ -285,12 +305,14 @@ class Journal:
             job,
             enabled=settings.smtp.journal == "*YES",
             receiver_size=settings.journal.receiver_size,
+            keep_receivers=settings.journal.keep_receivers,
         )
 
     def configure(self, settings: Any) -> None:
-        """A reload: [smtp] journal and [journal] receiver_size, as from_settings reads them."""
+        """A reload: [smtp] journal and [journal], as from_settings reads them."""
         self.enabled = settings.smtp.journal == "*YES"
         self.receiver_size = settings.journal.receiver_size
+        self.keep_receivers = settings.journal.keep_receivers
 
     def write(self, code: str, esd: str, msgid: str | None = None, **fields: Any) -> int | None:
         """Append one entry; its seq, or None when disabled or the disk refused.
@@ -363,6 +385,28 @@ class Journal:
                 self.last_error = e
                 self._close()
                 return None
+
+    def delete_detached(self, numbers: Iterable[int] | None = None) -> tuple[list[str], str]:
+        """DLTJRNRCV: delete detached receivers (``numbers``, or all of them).
+
+        Under the journal's lock, so a rotation cannot attach one meanwhile.
+        Returns the names deleted and the name of the attached receiver.
+        """
+        def action(state: _State) -> tuple[tuple[list[str], str], _State]:
+            wanted = None if numbers is None else set(numbers)
+            gone = []
+            for number, path in receivers(self.directory):
+                if number >= state.receiver or (wanted is not None and number not in wanted):
+                    continue
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                gone.append(path.name)
+            return (gone, receiver_name(state.receiver)), state
+
+        with self._mutex:
+            return self._locked(action)
 
     def new_receiver(self) -> str:
         """CHGJRN: attach a new receiver and return its file name."""
@@ -475,6 +519,8 @@ class Journal:
         number = state.receiver + 1
         self._open_receiver(number)
         assert self._rfd is not None
+        if self.keep_receivers:
+            delete_receivers(self.directory, below=number - self.keep_receivers + 1)
         return _State(state.seq, number, os.fstat(self._rfd).st_size)
 
     def _recover(self) -> _State:

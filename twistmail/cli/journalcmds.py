@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -174,3 +175,43 @@ def chgjrn(jrn: str) -> None:
     finally:
         jr.close()
     click.echo(name)
+
+
+@cli.command("dltjrnrcv")
+@click.option("--jrnrcv", required=True, metavar="NAME",
+              help=f"A detached receiver: its file name ({journal.receiver_name(3)}) or "
+              f"number (3); {journal.JOURNAL}* deletes every detached one.")
+def dltjrnrcv(jrnrcv: str) -> None:
+    """Delete journal receivers no longer attached (DLTJRNRCV).
+
+    The attached receiver stays: CHGJRN first to detach it.  With
+    [journal] keep_receivers the oldest go by themselves.
+    """
+    directory = _directory()
+    present = {n: p.name for n, p in journal.receivers(directory)}
+    wanted = _receiver_numbers(jrnrcv.strip(), present)
+    jr = journal.Journal(directory, f"DLTJRNRCV/{os.getpid()}")
+    try:
+        gone, attached = jr.delete_detached(wanted)
+    except OSError as e:
+        raise Failure(f"cannot delete receivers in {directory}: {e.strerror or e}") from None
+    finally:
+        jr.close()
+    if wanted is not None and not gone:
+        usage_error(f"--jrnrcv: {jrnrcv!r} is the attached receiver; allowed: a detached one "
+                    "(chgjrn attaches a new receiver)")
+    click.echo(f"Deleted {len(gone)} receiver{'s' if len(gone) != 1 else ''}"
+               + (f": {', '.join(gone)}" if gone else "") + f"; attached: {attached}")
+
+
+def _receiver_numbers(text: str, present: dict[int, str]) -> list[int] | None:
+    """The receiver numbers NAME means; None for every detached one (QZMF*)."""
+    if text.upper() == f"{journal.JOURNAL}*":
+        return None
+    m = re.fullmatch(rf"(?:{journal.JOURNAL}\.?)?0*(\d+)(?:\.jsonl)?", text, re.I)
+    if m is None or int(m.group(1)) not in present:
+        names = sorted(present.values())
+        have = f"{names[0]} to {names[-1]}" if len(names) > 1 else ", ".join(names) or "none"
+        usage_error(f"--jrnrcv: {text!r} is not a receiver here; allowed: a receiver's name "
+                    f"or number ({have}), or {journal.JOURNAL}*")
+    return [int(m.group(1))]

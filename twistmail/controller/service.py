@@ -177,11 +177,7 @@ class Controller(service.Service):
         )
 
     def _journal(self, job: str) -> Journal:
-        s = self.settings
-        return Journal(
-            s.datadir / "journal", job, enabled=s.smtp.journal == "*YES",
-            receiver_size=s.journal.receiver_size,
-        )
+        return Journal.from_settings(self.settings, job)
 
     def _start_server(self, server: str) -> None:
         self._bind_server(server)
