@@ -540,6 +540,17 @@ def test_filter_keeps_in_quarantine_then_release(post):
     assert a.queue_files("quarantine") == []
 
 
+def test_relayed_mail_is_filtered_too(make_appliance):
+    """Remote recipients only: while a filter is set, the bridge examines it first."""
+    a = make_appliance(smtp={"alwrly": "*ALL"}).start()
+    rc, out, err = a.cli("addsmtple", "--type", "*FTRFILNAME", "--ftrdata", "*.VBS")
+    assert rc == 0, err
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["friend@remote.test"], _virus())
+    a.wait_for(lambda: a.queue_files("quarantine"), 15, "quarantine")
+    assert a.queue_files("QTMSOUTQ") == [] and a.journal("OW")
+
+
 def test_filter_discard(make_appliance):
     a = make_appliance(smtp={"ftracn": "*DISCARD"}).start()
     a.user("SAM")

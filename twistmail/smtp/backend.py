@@ -258,7 +258,10 @@ class QueueBackend(Backend):
 
     def _commit(self, spool: Any, received: Received) -> str:
         local = any(is_local for _, is_local in received.recipients)
-        target = QTMSINQ if local else QTMSOUTQ
+        # Mail for remote recipients only goes straight to QTMSOUTQ, unless
+        # content filters (*FTR*) are set: the bridge examines it first then,
+        # so relayed mail is filtered as local mail is.
+        target = QTMSINQ if local or self._filtering() else QTMSOUTQ
         dsn = {addr: (notify, orcpt) for addr, notify, orcpt in received.dsn}
         envelope = Envelope(
             id=spool.id,
@@ -278,6 +281,9 @@ class QueueBackend(Backend):
             target, envelope,
             before_publish=lambda: self._journal_received(spool.id, received, size, target),
         )
+
+    def _filtering(self) -> bool:
+        return any(self.directory.filters().values())
 
     def _journal_received(self, qid: str, r: Received, size: int, target: str) -> None:
         with self.journal.batch():
