@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import poplib
 import smtplib
 import socket
@@ -130,13 +131,36 @@ def test_failed_sign_ons_per_address(make_appliance):
         p.user("sam")
         with pytest.raises(poplib.error_proto):
             p.pass_("wrong")
-        p.quit()
+        with contextlib.suppress(poplib.error_proto, OSError):
+            p.quit()  # the second is ended at the limit
     s = socket.create_connection(a.addr("smtp"), timeout=10)
     assert read_reply(s).startswith(b"421 4.7.0 mail.example.test too many failed sign-ons")
     s.close()
     # Other addresses are not affected.
     with smtplib.SMTP(*a.addr("smtp"), timeout=30, source_address=("127.0.0.4", 0)) as c:
         assert c.noop()[0] == 250
+
+
+def test_sessions_open_when_the_limit_is_reached_end_too(make_appliance):
+    """MAXAUTHFAIL counted only at the next connection: each session already open
+    went on guessing.  At the limit, those not signed on are ended."""
+    a = make_appliance(limits={"maxauthfail": 2}).start()
+    a.user("SAM")
+    waiting = connect_from(a, "127.0.0.1")  # a guesser's other session, idle
+    assert read_reply(waiting).startswith(b"220 ")
+    pop = connect_from(a, "127.0.0.1", "pop3")
+    assert read_reply(pop).startswith(b"+OK")
+    for _ in range(2):
+        p = poplib.POP3(*a.addr("pop3"), timeout=30)
+        p.user("sam")
+        with pytest.raises(poplib.error_proto):
+            p.pass_("wrong")
+        with contextlib.suppress(poplib.error_proto, OSError):
+            p.quit()  # the second is ended too: it is not signed on
+    assert read_reply(waiting).startswith(b"421 4.7.0 mail.example.test Too many failed")
+    assert read_reply(pop).startswith(b"-ERR [SYS/TEMP] Too many failed sign-ons")
+    waiting.close()
+    pop.close()
 
 
 def test_block_lists_without_name_servers_ask_the_system_s():

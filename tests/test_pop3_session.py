@@ -170,3 +170,16 @@ def test_msgsplit_pieces_are_listed_at_login(store, tmp_path):
     assert replies[2].startswith(b"+OK SAM has 3 messages")
     assert replies[3:] == [b"+OK 3 messages (186736 octets)", b"1 64736", b"2 64720",
                            b"3 57280", b"."]
+
+
+def test_a_session_not_signed_on_ends_when_its_address_used_up_maxauthfail(store, tmp_path):
+    _, _, session, transport = _session(store)
+    transport.clear()
+    session.cut_off()
+    assert transport.value().startswith(b"-ERR [SYS/TEMP] Too many failed sign-ons")
+    assert transport.disconnecting
+    _deliver(store, tmp_path, b"Subject: x\r\n\r\nx\r\n")
+    _, _, session, transport = _session(store)
+    _login(session, transport)
+    session.cut_off()
+    assert transport.value() == b"" and not transport.disconnecting

@@ -834,3 +834,19 @@ def test_dsn_xtext_is_decoded():
     [(_, received)] = s.backend.queued
     assert received.envid == "QQ+1=2"
     assert received.dsn == (("b@example.test", ("FAILURE",), "rfc822;A+b@x.test"),)
+
+
+def test_a_session_not_signed_on_ends_when_its_address_used_up_maxauthfail():
+    """Parallel sessions each got their own three tries before: the limit counted
+    only at the next connection."""
+    s = Session(alwplainauth=True)
+    s.start()
+    s.proto.cut_off()
+    assert s.replies() == ["421 4.7.0 mail.example.test Too many failed sign-ons from your "
+                           "address, closing connection"] and s.tr.disconnecting
+    signed = Session(alwplainauth=True)
+    signed.start()
+    signed.send(b"AUTH PLAIN " + _b64(b"\0sam\0secret") + b"\r\n")
+    signed.replies()
+    signed.proto.cut_off()  # a user behind the same address goes on
+    assert signed.replies() == [] and not signed.tr.disconnecting

@@ -26,6 +26,7 @@ from twistmail.controller.bridgeslot import BridgeSlot
 from twistmail.controller.controlsocket import ControlFactory
 from twistmail.controller.datadirlock import DatadirBusy, NoLock, lock_datadir
 from twistmail.journal import Journal
+from twistmail.policy.anvil import client_key
 from twistmail.prestart import launch
 from twistmail.prestart.policy import Limits
 from twistmail.prestart.pool import KILL_AFTER, Pool
@@ -162,7 +163,7 @@ class Controller(service.Service):
         self.policy.start()
         for pool in self.pools.values():
             pool.session_ended = self.policy.closed
-            pool.auth_failed = self.policy.anvil.auth_failed
+            pool.auth_failed = self._auth_failed
         self.control_port = self.reactor.listenUNIX(
             str(s.control_socket), ControlFactory(self), mode=0o600
         )
@@ -202,6 +203,14 @@ class Controller(service.Service):
             self.sockets.pop(name, None)
         self.servers[server] = False
         return self.pools[SERVERS[server]].end(option, delay, reason="endtcpsvr")
+
+    def _auth_failed(self, ip: str) -> None:
+        """A job's failed sign-on; at MAXAUTHFAIL the address's other sessions
+        that are not signed on end too (each would go on guessing)."""
+        if self.policy.anvil.auth_failed(ip):
+            key = client_key(ip)
+            for pool in self.pools.values():
+                pool.cut_sessions(client_key, key)
 
     def _accepted(self, sock: socket.socket, listener: str, peer: str) -> None:
         pgm = configmod.LISTENER_PROGRAM[listener]

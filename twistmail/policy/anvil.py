@@ -89,9 +89,13 @@ class Anvil:
         else:
             self.active.pop(key, None)
 
-    def auth_failed(self, ip: str) -> None:
+    def auth_failed(self, ip: str) -> bool:
+        """Count a failed sign-on; True when ``ip`` has now used up MAXAUTHFAIL."""
         key = client_key(ip)
-        self.failures.setdefault(key, collections.deque()).append(self.clock())
+        now = self.clock()
+        self.failures.setdefault(key, collections.deque()).append(now)
+        limit = self.settings.maxauthfail
+        return bool(limit) and self._count(self.failures, key, now) >= limit
 
     def _count(self, table: dict[str, collections.deque[float]], key: str, now: float) -> int:
         q = table.get(key)

@@ -247,6 +247,15 @@ class POP3Session(SequentialSession):
         self.err("Idle too long, closing connection")
         self.close()
 
+    def signed_on(self) -> bool:
+        return self.box is not None
+
+    def cut_off(self) -> None:
+        if self.closing or self.signed_on() or self.sender is not None:
+            return
+        self.err("[SYS/TEMP] Too many failed sign-ons from your address")
+        self.close()
+
     def ok(self, text: str = "") -> None:
         self._line("+OK" + (" " + text if text else ""))
 
@@ -706,6 +715,7 @@ class POP3Factory(Factory):
     def buildProtocol(self, addr: object) -> POP3Session:
         p = POP3Session(self, self.implicit_tls)
         p.factory = self
+        self.current = p  # a job serves one session at a time
         return p
 
     def in_thread(self, f: Any, *args: Any) -> defer.Deferred:

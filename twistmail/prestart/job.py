@@ -68,6 +68,8 @@ class JobChannel(LineOnlyReceiver):
             self.job.end_requested()
         elif verb == "CFG":
             self.job.reconfigure()
+        elif verb == "CUT":
+            self.job.cut_off()
         elif verb == "TASK" and args:
             self.job.run_task(args[0], line.split(b" ", 2)[2])
 
@@ -225,6 +227,13 @@ class Job:
         finally:
             os.close(fd)
         return True
+
+    def cut_off(self) -> None:
+        """The controller says the client's address used up MAXAUTHFAIL."""
+        for factory in self.factories.values():
+            session = getattr(getattr(factory, "wrappedFactory", factory), "current", None)
+            if session is not None and session.transport is not None:
+                session.cut_off()  # one that has ended is closing: nothing happens
 
     def done(self, result: bytes | None = None) -> None:
         """A session or task is over: a task's RESULT line and FREE go in one write."""

@@ -248,6 +248,14 @@ class Pool:
             self._journal("JA", f"JA CHG {self.pgm}", pgm=self.pgm, **attrs.asdict(entry))
         self.evaluate()
 
+    def cut_sessions(self, key: Callable[[str], str], client: str) -> None:
+        """Tell each job serving ``client`` (by ``key``) to end a session not
+        signed on: MAXAUTHFAIL was reached from there (CUT)."""
+        for job in self.jobs.values():
+            if job.state is JobState.BUSY and job.peer is not None and job.chan is not None \
+                    and key(job.peer) == client:
+                job.chan.send(b"CUT")
+
     def reload_jobs(self) -> None:
         """Tell every job to re-read the settings file (CHGSMTPA, CHGPOPA)."""
         for job in self.jobs.values():

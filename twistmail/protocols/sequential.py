@@ -51,6 +51,15 @@ class SequentialSession(Protocol):
     def step_failed(self, failure: Any) -> None:
         raise NotImplementedError
 
+    def signed_on(self) -> bool:
+        raise NotImplementedError
+
+    def cut_off(self) -> None:
+        """MAXAUTHFAIL was reached from this client's address meanwhile: a
+        session not signed on ends, or parallel sessions would each go on
+        guessing.  A signed-on one (a user behind the same address) goes on."""
+        raise NotImplementedError
+
     # -- timeout --------------------------------------------------------------
 
     def reset_timeout(self) -> None:

@@ -334,6 +334,16 @@ class SMTPSession(SequentialSession):
         self.reply(421, f"4.4.2 {self.factory.backend.hostname} Idle too long, closing connection")
         self.close()
 
+    def signed_on(self) -> bool:
+        return self.user is not None
+
+    def cut_off(self) -> None:
+        if self.closing or self.signed_on() or self.data is not None:
+            return  # a message being received is finished first
+        self.reply(421, f"4.7.0 {self.factory.backend.hostname} Too many failed sign-ons "
+                   "from your address, closing connection")
+        self.close()
+
     def reply(self, code: int, text: str, more: list[str] | None = None) -> None:
         if self.transport is None or self.closing and code != 421 and code != 221:
             return
@@ -1021,4 +1031,5 @@ class SMTPFactory(Factory):
     def buildProtocol(self, addr: object) -> SMTPSession:
         p = SMTPSession(self, self.on_done)
         p.factory = self
+        self.current = p  # a job serves one session at a time
         return p
