@@ -31,7 +31,7 @@ class Options(usage.Options):
             from twistmail import tlsconfig
 
             try:
-                tlsconfig.server_options(self.settings)
+                tlsconfig.server_options(self.settings, check=True)
             except configmod.SettingError as e:
                 _fatal(str(e))
 

@@ -13,6 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+# At module level: the prestart launchers import this module once, so every
+# job shares these pages instead of importing them again.
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 
 from twistmail.config import Settings
@@ -45,8 +51,7 @@ def ensure_pair(settings: Settings) -> tuple[Path, Path]:
     cert, key = pair_paths(settings)
     if settings.tls.certificate or (cert.exists() and key.exists()):
         return cert, key
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
 
@@ -79,18 +84,18 @@ def ensure_pair(settings: Settings) -> tuple[Path, Path]:
     return cert, key
 
 
-def server_options(settings: Settings) -> ssl.CertificateOptions:
+def server_options(settings: Settings, check: bool = False) -> ssl.CertificateOptions:
     """The options every TLS listener's job uses; a pair that cannot serve is a SettingError.
 
     The certificate file may hold the intermediate certificates after the
     server's own (a CA's "full chain"): they are sent with it, or clients
     that verify could not reach a root they trust.  The key must not be
     encrypted: a job cannot ask for a pass phrase.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-    from OpenSSL import SSL, crypto
 
+    ``check`` (at start and at each reload) also proves the RSA key sound
+    and makes the OpenSSL context; that costs about 60 ms, which every job
+    started would pay again for a pair already checked.
+    """
     cert_path, key_path = pair_paths(settings)
     key_name = "tls.key" if settings.tls.key else "tls.certificate"
     try:
@@ -98,7 +103,8 @@ def server_options(settings: Settings) -> ssl.CertificateOptions:
     except (OSError, ValueError) as e:
         raise _refused("tls.certificate", cert_path, f"it cannot be read: {_why(e)}") from None
     try:
-        key = load_pem_private_key(key_path.read_bytes(), password=None)
+        key = load_pem_private_key(key_path.read_bytes(), password=None,
+                                   unsafe_skip_rsa_key_validation=not check)
     except TypeError:  # encrypted, and no pass phrase given
         raise _refused(key_name, key_path, "its private key is encrypted") from None
     except (OSError, ValueError) as e:
@@ -112,15 +118,14 @@ def server_options(settings: Settings) -> ssl.CertificateOptions:
             extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
-        options.getContext()  # made now: whatever OpenSSL refuses is told at once
+        if check:
+            options.getContext()  # made now: whatever OpenSSL refuses is told at once
         return options
     except (crypto.Error, SSL.Error, ValueError, TypeError) as e:
         raise _refused("tls.certificate", cert_path, f"TLS cannot use it: {_why(e)}") from None
 
 
 def _public(key: Any) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
     return key.public_bytes(serialization.Encoding.DER,
                             serialization.PublicFormat.SubjectPublicKeyInfo)
 

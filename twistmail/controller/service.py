@@ -141,7 +141,7 @@ class Controller(service.Service):
 
         tlsconfig.ensure_pair(s)
         try:
-            tlsconfig.server_options(s)  # every job needs it: refuse now, not in each job
+            tlsconfig.server_options(s, check=True)  # every job needs it: refuse now
         except configmod.SettingError as e:
             raise SystemExit(f"twistmail: {e}") from None
         self.tls_state = tlsconfig.pair_state(s)
@@ -455,7 +455,7 @@ class Controller(service.Service):
         if state != self.tls_state or new.tls != self.settings.tls:
             try:
                 tlsconfig.ensure_pair(new)
-                tlsconfig.server_options(new)
+                tlsconfig.server_options(new, check=True)
             except (configmod.SettingError, OSError) as e:
                 raise ControlError(f"configuration not applied: {e}") from None
             state = tlsconfig.pair_state(new)
