@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-# At module level: the prestart launchers import this module once, so every
-# job shares these pages instead of importing them again.
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 
@@ -51,7 +47,8 @@ def ensure_pair(settings: Settings) -> tuple[Path, Path]:
     cert, key = pair_paths(settings)
     if settings.tls.certificate or (cert.exists() and key.exists()):
         return cert, key
-    from cryptography.hazmat.primitives import hashes
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
 
@@ -92,19 +89,24 @@ def server_options(settings: Settings, check: bool = False) -> ssl.CertificateOp
     that verify could not reach a root they trust.  The key must not be
     encrypted: a job cannot ask for a pass phrase.
 
-    ``check`` (at start and at each reload) also proves the RSA key sound
-    and makes the OpenSSL context; that costs about 60 ms, which every job
+    ``check`` (at start and at each reload) reads the pair with the
+    cryptography package to say what is wrong with it, proves the RSA key
+    sound and makes the OpenSSL context: about 60 ms, which every job
     started would pay again for a pair already checked.
     """
     cert_path, key_path = pair_paths(settings)
+    if not check:
+        return _job_options(cert_path, key_path)
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     key_name = "tls.key" if settings.tls.key else "tls.certificate"
     try:
         chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
     except (OSError, ValueError) as e:
         raise _refused("tls.certificate", cert_path, f"it cannot be read: {_why(e)}") from None
     try:
-        key = load_pem_private_key(key_path.read_bytes(), password=None,
-                                   unsafe_skip_rsa_key_validation=not check)
+        key = load_pem_private_key(key_path.read_bytes(), password=None)
     except TypeError:  # encrypted, and no pass phrase given
         raise _refused(key_name, key_path, "its private key is encrypted") from None
     except (OSError, ValueError) as e:
@@ -118,16 +120,37 @@ def server_options(settings: Settings, check: bool = False) -> ssl.CertificateOp
             extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
-        if check:
-            options.getContext()  # made now: whatever OpenSSL refuses is told at once
+        options.getContext()  # made now: whatever OpenSSL refuses is told at once
         return options
     except (crypto.Error, SSL.Error, ValueError, TypeError) as e:
         raise _refused("tls.certificate", cert_path, f"TLS cannot use it: {_why(e)}") from None
 
 
 def _public(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.DER,
                             serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def _job_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
+    """A checked pair, loaded with pyOpenSSL alone: the cryptography package's
+    loaders would make each job's resident set a megabyte larger."""
+    try:
+        blocks = _PEM_CERT.findall(cert_path.read_bytes())
+        chain = [crypto.load_certificate(crypto.FILETYPE_PEM, b) for b in blocks]
+        # A pass phrase given, so an encrypted key fails instead of asking.
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_path.read_bytes(), b"")
+        if not chain:
+            raise ValueError("no certificate")
+    except (OSError, ValueError, crypto.Error) as e:
+        raise _refused("tls.certificate", cert_path, f"it cannot be read: {_why(e)}") from None
+    return ssl.CertificateOptions(privateKey=key, certificate=chain[0],
+                                  extraCertChain=chain[1:],
+                                  raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
 
 def _refused(key: str, path: Path, problem: str) -> SettingError:
