@@ -123,16 +123,21 @@ def test_flood_from_one_address_leaves_others_served(make_appliance):
         s.close()
 
 
-def test_failed_sign_ons_per_address(make_appliance):
-    a = make_appliance(limits={"maxauthfail": 2}).start()
-    a.user("SAM")
-    for _ in range(2):
+def fail_pop_sign_ons(a, n: int) -> None:
+    """``n`` POP sessions with a wrong password; the last is ended at the limit."""
+    for _ in range(n):
         p = poplib.POP3(*a.addr("pop3"), timeout=30)
         p.user("sam")
         with pytest.raises(poplib.error_proto):
             p.pass_("wrong")
         with contextlib.suppress(poplib.error_proto, OSError):
-            p.quit()  # the second is ended at the limit
+            p.quit()
+
+
+def test_failed_sign_ons_per_address(make_appliance):
+    a = make_appliance(limits={"maxauthfail": 2}).start()
+    a.user("SAM")
+    fail_pop_sign_ons(a, 2)
     s = socket.create_connection(a.addr("smtp"), timeout=10)
     assert read_reply(s).startswith(b"421 4.7.0 mail.example.test too many failed sign-ons")
     s.close()
@@ -150,13 +155,7 @@ def test_sessions_open_when_the_limit_is_reached_end_too(make_appliance):
     assert read_reply(waiting).startswith(b"220 ")
     pop = connect_from(a, "127.0.0.1", "pop3")
     assert read_reply(pop).startswith(b"+OK")
-    for _ in range(2):
-        p = poplib.POP3(*a.addr("pop3"), timeout=30)
-        p.user("sam")
-        with pytest.raises(poplib.error_proto):
-            p.pass_("wrong")
-        with contextlib.suppress(poplib.error_proto, OSError):
-            p.quit()  # the second is ended too: it is not signed on
+    fail_pop_sign_ons(a, 2)
     assert read_reply(waiting).startswith(b"421 4.7.0 mail.example.test Too many failed")
     assert read_reply(pop).startswith(b"-ERR [SYS/TEMP] Too many failed sign-ons")
     waiting.close()
