@@ -834,14 +834,16 @@ def test_wrkq_table(cfg, cli_queue, capsys):
     assert run(["--config", cfg, "wrkq"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == [
-        "id", "queue", "age", "size", "from", "to", "attempts", "next", "try",
+        "id", "queue", "age", "size", "from", "to", "state", "attempts", "next", "try",
     ]  # fmt: skip
     row_in = next(line for line in out if line.startswith(inbound))
     row_out = next(line for line in out if line.startswith(bounce))
     assert "QTMSINQ" in row_in and "jane@example.test" in row_in
     assert "sam@example.test (delivered), joe@example.test" in row_in
     assert row_in.split()[2] in ("0s", "1s", "2s") and row_in.split()[3] == "120"
-    assert "<>" in row_out and " 2h " in row_out and re.search(r"\b2\s+in (9|10)m$", row_out)
+    assert "<>" in row_out and " 2h " in row_out
+    assert re.search(r"\bwaiting\s+2\s+in (9|10)m$", row_out)  # for the next transfer
+    assert re.search(r"\barrived\s+0\s*$", row_in)
     assert out[-1] == "-- 2 messages, 150 bytes: QTMSINQ 1, QTMSOUTQ 1"
 
 
@@ -869,6 +871,7 @@ def test_wrkq_json(cfg, cli_queue, capsys):
     assert row["recipients"][0]["address"] == "a@remote.test"
     assert row["recipients"][0]["state"] == "pending"
     assert row["next_try"] == 123.5 and row["attempts"] == 0 and row["age"] >= 0
+    assert row["state"] == "sending"  # due long ago
 
 
 def test_wrkq_without_any_queue_yet(cfg, tmp_path, capsys):
@@ -921,6 +924,17 @@ def test_quarantine_actions_on_one_message_take_turns(cfg, cli_queue, capsys):
     assert result == [1]
     assert "is not in quarantine" in capsys.readouterr().err
     assert cli_queue.find(qid) is None  # no envelope brought back without its body
+
+
+def test_wrkq_says_which_mail_hlddstq_holds(cfg, cli_queue, capsys):
+    enqueue(cli_queue, b"x", QTMSOUTQ, "", ("a@remote.test",))
+    enqueue(cli_queue, b"y", QTMSRTQ1, "", ("b@remote.test",))
+    assert run(["--config", cfg, "hlddstq"]) == 0
+    capsys.readouterr()
+    assert run(["--config", cfg, "wrkq", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted((r["queue"], r["state"]) for r in rows) == [
+        (QTMSOUTQ, "held"), (QTMSRTQ1, "retry")]
 
 
 def test_hlddstq_holds_until_every_held_priority_is_released(cfg, cli_queue, capsys):

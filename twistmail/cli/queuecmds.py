@@ -23,7 +23,17 @@ import click
 from twistmail.cli.base import Failure, app, cli, usage_error
 from twistmail.cli.output import emit_table
 from twistmail.durable import fsync_dir
-from twistmail.interfaces import QUEUES
+from twistmail.interfaces import (
+    CORRUPT,
+    HOLD,
+    QTMSBSSQ,
+    QTMSINQ,
+    QTMSOUTQ,
+    QTMSRTQ1,
+    QTMSRTQ2,
+    QUARANTINE,
+    QUEUES,
+)
 from twistmail.queue import PENDING, FileQueue, QueueEntry, Recipient
 
 COLUMNS = (
@@ -33,6 +43,7 @@ COLUMNS = (
     ("size", "size"),
     ("originator", "from"),
     ("recipients", "to"),
+    ("state", "state"),
     ("attempts", "attempts"),
     ("next_try", "next try"),
 )
@@ -66,7 +77,22 @@ def _next_try(when: float | None, now: float) -> str:
     return "due" if when <= now else f"in {human_age(when - now)}"
 
 
-def table_row(entry: QueueEntry, now: float) -> dict[str, Any]:
+def state_of(entry: QueueEntry, now: float, held: bool) -> str:
+    """One word for where a message stands, as mailq's markers say it."""
+    queue = entry.queue
+    if entry.error is not None or queue == CORRUPT:
+        return "damaged"  # set aside for the administrator
+    if queue == QTMSOUTQ:
+        if held:
+            return "held"  # HLDDSTQ
+        if entry.next_try is not None and entry.next_try > now:
+            return "waiting"  # for the next mail transfer (MAILXFRINT)
+        return "sending"
+    return {QTMSINQ: "arrived", QTMSRTQ1: "retry", QTMSRTQ2: "retry",
+            QTMSBSSQ: "parked", QUARANTINE: "quarantined", HOLD: "held"}.get(queue, "")
+
+
+def table_row(entry: QueueEntry, now: float, held: bool = False) -> dict[str, Any]:
     if entry.error is not None:
         originator = f"(unreadable: {entry.error})"
     else:
@@ -78,6 +104,7 @@ def table_row(entry: QueueEntry, now: float) -> dict[str, Any]:
         "size": entry.size,
         "originator": originator,
         "recipients": ", ".join(_recipient(r) for r in entry.recipients),
+        "state": state_of(entry, now, held),
         "attempts": entry.attempts,
         "next_try": _next_try(entry.next_try, now),
     }
@@ -142,19 +169,24 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
     if release is not None or delete is not None:
         _quarantine_action(release, delete)
         return
+    from twistmail.bridge.outbound import held_parts
+
     name = queue_name(queue) if queue is not None else None
     now = time.time()
     with _readable("the queues cannot be read"):
-        entries = list(_spool(listing=True).entries(name, now=now))
+        spool = _spool(listing=True)
+        entries = list(spool.entries(name, now=now))
+        held = bool(held_parts(spool.root))
     if as_json:
-        emit_table((e.to_dict() for e in entries), COLUMNS, as_json=True)
+        emit_table(({**e.to_dict(), "state": state_of(e, now, held)} for e in entries),
+                   COLUMNS, as_json=True)
         return
-    emit_table((table_row(e, now) for e in entries), COLUMNS, as_json=False, empty="(no messages)")
+    emit_table((table_row(e, now, held) for e in entries), COLUMNS, as_json=False,
+               empty="(no messages)")
     click.echo(totals_line(entries, name))
 
 
 def _quarantine_action(release: str | None, delete: str | None) -> None:
-    from twistmail.interfaces import QUARANTINE
     from twistmail.queue import is_queue_id
 
     if release is not None and delete is not None:
@@ -186,7 +218,7 @@ def _quarantine_locked(directory: Path) -> Iterator[None]:
 
 
 def _act_on_quarantined(spool: FileQueue, qid: str, option: str, release: bool) -> None:
-    from twistmail.interfaces import QTMSINQ, QUARANTINE
+
     from twistmail.journal import Journal
 
     try:
