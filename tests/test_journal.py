@@ -511,3 +511,32 @@ def test_dltjrnrcv_deletes_detached_receivers_only(
     assert f"is not a receiver here; allowed: a receiver's name or number ({second} to " in err
     assert run(["--config", str(config), "dltjrnrcv", "--jrnrcv", "qzmf*"]) == 0
     assert [p.name for _, p in receivers(directory)] == [attached]
+
+
+def test_a_follower_skips_a_receiver_deleted_before_it_got_there(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """keep_receivers may delete the receiver a follower is about to open."""
+    j = Journal(tmp_path, "QTSMTPBRSR/1")
+    j.write("7A", "7A one")
+    j.new_receiver()
+    j.write("7A", "7A two")
+    j.new_receiver()
+    j.write("7A", "7A three")
+    listed = receivers(tmp_path)
+    listed[1][1].unlink()  # gone, though a listing made just before still names it
+    monkeypatch.setattr(journal, "receivers", lambda d: listed)
+    tail = journal._Tail(tmp_path)
+    seen = []
+    for _ in range(4):
+        seen.extend(json.loads(line)["esd"] for line in tail.read() or [])
+    assert seen == ["7A one", "7A three"]
+
+
+def test_retention_keeps_the_receiver_that_holds_the_last_seq(tmp_path: Path) -> None:
+    """With only an empty attached receiver left, a lost state file restarted seq at 1."""
+    j = Journal(tmp_path, "x", receiver_size=4096, keep_receivers=1)
+    for i in range(100):
+        j.write("7A", "7A QTMSINQ TO QTSMTPBRSR", f"Q{i}")
+    j.new_receiver()
+    (tmp_path / journal.STATE_FILE).unlink()
+    assert Journal(tmp_path, "y").write("7A", "7A after") == 101

@@ -549,6 +549,7 @@ def test_relayed_mail_is_filtered_too(make_appliance):
         s.sendmail("jane@example.test", ["friend@remote.test"], _virus())
     a.wait_for(lambda: a.queue_files("quarantine"), 15, "quarantine")
     assert a.queue_files("QTMSOUTQ") == [] and a.journal("OW")
+    assert a.journal("95") and not a.journal("94")  # journaled as relayed mail
 
 
 def test_filter_discard(make_appliance):

@@ -850,3 +850,19 @@ def test_a_session_not_signed_on_ends_when_its_address_used_up_maxauthfail():
     signed.replies()
     signed.proto.cut_off()  # a user behind the same address goes on
     assert signed.replies() == [] and not signed.tr.disconnecting
+
+
+def test_a_cut_while_a_message_is_received_or_queued_comes_after_its_250():
+    """A 421 while the message is being queued, then queued: the client sends it
+    again.  The session ends once its reply is out, as it does after DATA."""
+    s = Session()
+    s.start()
+    s.backend.async_commit = True
+    s.send(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n"
+           b"Subject: x\r\n\r\n")
+    s.proto.cut_off()  # during DATA
+    s.send(b"hello\r\n.\r\n")
+    s.proto.cut_off()  # and again while it is queued
+    assert s.codes() == [250, 250, 354] and not s.tr.disconnecting
+    s.backend.release()
+    assert s.codes() == [250, 421] and s.tr.disconnecting

@@ -143,3 +143,36 @@ def test_a_key_without_its_certificate_is_refused(tmp_path):
     cfg.write_text('[system]\nlocal_domains = ["example.test"]\n[tls]\nkey = "k.pem"\n')
     with pytest.raises(configmod.SettingError, match="tls.key: 'k.pem' is not allowed"):
         configmod.load(cfg)
+
+
+def _settings_for(tmp_path: Path, cert: Path, key: Path) -> configmod.Settings:
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'[system]\nlocal_domains = ["example.test"]\ndatadir = "{tmp_path}/var"\n'
+                   f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n')
+    return configmod.load(cfg)
+
+
+@pytest.mark.parametrize("form", ["as made", "X509 label", "indented", "CRLF, key first"])
+def test_what_the_start_accepts_every_job_loads_too(tmp_path, form):
+    """Jobs read the pair with pyOpenSSL alone; a form only the check read
+    started a daemon whose jobs all died."""
+    from twistmail import tlsconfig
+
+    _, chain, key = make_chain(tmp_path)
+    pem = chain.read_bytes()
+    if form == "X509 label":
+        pem = pem.replace(b"BEGIN CERTIFICATE", b"BEGIN X509 CERTIFICATE").replace(
+            b"END CERTIFICATE", b"END X509 CERTIFICATE")
+    elif form == "indented":
+        pem = b"".join(b"    " + line for line in pem.splitlines(keepends=True))
+    elif form == "CRLF, key first":
+        pem = (key.read_bytes() + pem).replace(b"\n", b"\r\n")
+        key = chain
+    chain.write_bytes(pem)
+    settings = _settings_for(tmp_path, chain, key)
+    try:
+        checked = tlsconfig.server_options(settings, check=True)
+    except configmod.SettingError:
+        return  # refused at start: no job would be started with it
+    job = tlsconfig.server_options(settings)
+    assert len(job.extraCertChain) == len(checked.extraCertChain) == 1

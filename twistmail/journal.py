@@ -520,7 +520,9 @@ class Journal:
         self._open_receiver(number)
         assert self._rfd is not None
         if self.keep_receivers:
-            delete_receivers(self.directory, below=number - self.keep_receivers + 1)
+            # The newest detached one always stays: it holds the last seq, which
+            # a lost state file is rebuilt from (the new receiver is empty).
+            delete_receivers(self.directory, below=number - max(self.keep_receivers, 2) + 1)
         return _State(state.seq, number, os.fstat(self._rfd).st_size)
 
     def _recover(self) -> _State:
@@ -813,7 +815,9 @@ class _Tail:
         # A newer receiver exists: the current one is finished once read to its end.
         data = self.file.read()
         lines, _ = _split(self.pending + data)
-        self._open(*newer)
+        self.close()
+        self.number = newer[0] - 1
+        self._next()  # it may be gone already (keep_receivers): the one after it
         return lines
 
     def _newer(self) -> tuple[int, Path] | None:

@@ -113,13 +113,12 @@ def server_options(settings: Settings, check: bool = False) -> ssl.CertificateOp
         raise _refused(key_name, key_path, f"its private key cannot be read: {_why(e)}") from None
     if _public(chain[0].public_key()) != _public(key.public_key()):
         raise _refused(key_name, key_path, f"it is not the key of the certificate in {cert_path}")
+    # What every job will do with the pair, done now: a pair only the check
+    # could read would start a daemon whose jobs all fail.
+    options = _job_options(cert_path, key_path)
+    if len(options.extraCertChain) != len(chain) - 1:
+        raise _refused("tls.certificate", cert_path, "its certificates cannot all be read")
     try:
-        options = ssl.CertificateOptions(
-            privateKey=crypto.PKey.from_cryptography_key(key),
-            certificate=crypto.X509.from_cryptography(chain[0]),
-            extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        )
         options.getContext()  # made now: whatever OpenSSL refuses is told at once
         return options
     except (crypto.Error, SSL.Error, ValueError, TypeError) as e:
@@ -133,14 +132,23 @@ def _public(key: Any) -> bytes:
                             serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+#: A PEM certificate as the cryptography package reads one: the older
+#: "X509 CERTIFICATE" label too, lines indented or not.
+_PEM_CERT = re.compile(rb"-----BEGIN (?:X509 )?CERTIFICATE-----(.+?)-----END (?:X509 )?"
+                       rb"CERTIFICATE-----", re.S)
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    """Each certificate of a PEM file, in the form OpenSSL reads."""
+    return [b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(body.split())
+            + b"\n-----END CERTIFICATE-----\n" for body in _PEM_CERT.findall(data)]
 
 
 def _job_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
     """A checked pair, loaded with pyOpenSSL alone: the cryptography package's
     loaders would make each job's resident set a megabyte larger."""
     try:
-        blocks = _PEM_CERT.findall(cert_path.read_bytes())
+        blocks = _pem_blocks(cert_path.read_bytes())
         chain = [crypto.load_certificate(crypto.FILETYPE_PEM, b) for b in blocks]
         # A pass phrase given, so an encrypted key fails instead of asking.
         key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_path.read_bytes(), b"")

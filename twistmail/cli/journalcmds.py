@@ -167,7 +167,7 @@ def chgjrn(jrn: str) -> None:
     """Attach a new journal receiver (CHGJRN JRNRCV(*GEN)) and print its name."""
     _check_jrn(jrn)
     directory = _directory()
-    jr = journal.Journal(directory, f"CHGJRN/{os.getpid()}")
+    jr = journal.Journal.from_settings(app().settings, f"CHGJRN/{os.getpid()}")
     try:
         name = jr.new_receiver()
     except OSError as e:
@@ -189,6 +189,8 @@ def dltjrnrcv(jrnrcv: str) -> None:
     """
     directory = _directory()
     present = {n: p.name for n, p in journal.receivers(directory)}
+    if not present:
+        raise Failure(f"no journal receivers in {directory}")
     wanted = _receiver_numbers(jrnrcv.strip(), present)
     jr = journal.Journal(directory, f"DLTJRNRCV/{os.getpid()}")
     try:

@@ -291,7 +291,9 @@ class QueueBackend(Backend):
 
     def _journal_entries(self, qid: str, r: Received, size: int, target: str) -> None:
         j = self.journal
-        if target == QTMSINQ:
+        # 94 or 95 by what the mail is (for this system, or relayed); 97 or 96
+        # by where it went (relayed mail goes through QTMSINQ when filtered).
+        if any(is_local for _, is_local in r.recipients):
             j.write("94", f"94 LIN {r.client_ip}", qid, ip=r.client_ip, helo=r.helo)
         else:
             j.write("95", f"95 RIN {r.client_ip}", qid, ip=r.client_ip, helo=r.helo)

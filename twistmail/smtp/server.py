@@ -304,6 +304,7 @@ class SMTPSession(SequentialSession):
         self.tls = factory.implicit_tls
         self.user: str | None = None  # the authenticated user profile
         self.auth_failures = 0
+        self.cut_pending = False  # MAXAUTHFAIL reached while a step was under way
         self.errors = 0
         self.auth_step: Callable[[str], Any] | None = None
 
@@ -338,11 +339,25 @@ class SMTPSession(SequentialSession):
         return self.user is not None
 
     def cut_off(self) -> None:
-        if self.closing or self.signed_on() or self.data is not None:
-            return  # a message being received is finished first
+        if self.closing or self.signed_on():
+            return
+        if self.data is not None or self.busy:
+            # A message being received, or being queued (a 421 now would make
+            # the client send it again), or a check under way: done first.
+            self.cut_pending = True
+            return
         self.reply(421, f"4.7.0 {self.factory.backend.hostname} Too many failed sign-ons "
                    "from your address, closing connection")
         self.close()
+
+    def resume(self, _: Any = None) -> None:
+        super().resume()
+        self._cut_if_pending()
+
+    def _cut_if_pending(self) -> None:
+        if self.cut_pending and not self.busy and self.data is None:
+            self.cut_pending = False
+            self.cut_off()
 
     def reply(self, code: int, text: str, more: list[str] | None = None) -> None:
         if self.transport is None or self.closing and code != 421 and code != 221:
@@ -512,6 +527,7 @@ class SMTPSession(SequentialSession):
         if data.error is not None:
             data.spool.abort()
             self.reply(*data.error)
+            self._cut_if_pending()
             return
         self.busy = True
         received = Received(
