@@ -297,3 +297,26 @@ def test_a_launcher_forking_the_jobs_of_an_strpj_since_is_spared():
     p.start()  # STRPJ: the same launcher forks the new jobs
     clock.advance(1 + 2 * poolmod.KILL_AFTER)
     assert p.launcher.killed == 0
+
+
+def test_connections_waiting_from_an_address_at_maxauthfail_are_refused():
+    """Each would have had one more try once a job took it."""
+    import socket
+
+    clock = Clock()
+    p = started_pool(clock)
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    ours, theirs, others = [], [], []
+    for peer in ("192.0.2.7", "192.0.2.7", "198.51.100.1"):
+        a, b = socket.socketpair()
+        (ours if peer == "192.0.2.7" else others).append(b)
+        theirs.append(a)
+        p.submit(a, "smtp", peer)
+    assert len(p.waiting) == 2  # the first went to the job
+    p.cut_sessions(lambda ip: ip, "192.0.2.7", b"421 4.7.0 too many\r\n")
+    assert [r.peer for r in p.waiting] == ["198.51.100.1"]
+    ours[1].settimeout(5)
+    assert ours[1].recv(100) == b"421 4.7.0 too many\r\n" and ours[1].recv(100) == b""
+    for s in (*ours, *others, *theirs):
+        s.close()

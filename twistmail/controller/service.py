@@ -209,8 +209,11 @@ class Controller(service.Service):
         that are not signed on end too (each would go on guessing)."""
         if self.policy.anvil.auth_failed(ip):
             key = client_key(ip)
-            for pool in self.pools.values():
-                pool.cut_sessions(client_key, key)
+            text = "too many failed sign-ons from your address"
+            for pgm, pool in self.pools.items():
+                refusal = (f"421 4.7.0 {self.settings.hostname} {text}" if pgm == "QTMSSRCP"
+                           else f"-ERR [SYS/TEMP] {text}")
+                pool.cut_sessions(client_key, key, refusal.encode() + b"\r\n")
 
     def _accepted(self, sock: socket.socket, listener: str, peer: str) -> None:
         pgm = configmod.LISTENER_PROGRAM[listener]

@@ -248,13 +248,30 @@ class Pool:
             self._journal("JA", f"JA CHG {self.pgm}", pgm=self.pgm, **attrs.asdict(entry))
         self.evaluate()
 
-    def cut_sessions(self, key: Callable[[str], str], client: str) -> None:
-        """Tell each job serving ``client`` (by ``key``) to end a session not
-        signed on: MAXAUTHFAIL was reached from there (CUT)."""
+    def cut_sessions(self, key: Callable[[str], str], client: str, refusal: bytes) -> None:
+        """MAXAUTHFAIL was reached from ``client`` (by ``key``): each job serving
+        it ends a session not signed on (CUT), and its connections still
+        waiting for a job get ``refusal`` instead of one more try each."""
         for job in self.jobs.values():
             if job.state is JobState.BUSY and job.peer is not None and job.chan is not None \
                     and key(job.peer) == client:
                 job.chan.send(b"CUT")
+        if not self.waiting:
+            return
+        kept: collections.deque[Request] = collections.deque()
+        for request in self.waiting:
+            if request.sock is None or key(request.peer) != client:
+                kept.append(request)
+                continue
+            self.session_ended(request.peer)
+            if request.listener not in ("smtps", "pop3s"):
+                try:
+                    request.sock.send(refusal)
+                except OSError:
+                    pass
+            request.sock.close()
+        self.waiting = kept
+        self._update_accepting()
 
     def reload_jobs(self) -> None:
         """Tell every job to re-read the settings file (CHGSMTPA, CHGPOPA)."""
