@@ -487,6 +487,9 @@ def test_a_second_corrupt_copy_of_an_id_does_not_overwrite_the_first(fq):
     fq.recover()
     kept = sorted(p.read_bytes() for p in (fq.root / CORRUPT).iterdir())
     assert kept == [b"first", b"second"]
+    listed = [(e.id, e.error) for e in fq.entries(CORRUPT)]  # wrkq shows both
+    assert len(listed) == 2 and {i for i, _ in listed} == {qid}
+    assert "another copy set aside" in listed[1][1]
 
 
 def test_recovery_leaves_the_checking_of_qtmsinq_to_whoever_takes_a_message(fq):

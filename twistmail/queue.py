@@ -899,6 +899,20 @@ class FileQueue:
                 entry = self._entry(q, queue_id, now)
                 if entry is not None:
                     yield entry
+            if q == CORRUPT:
+                yield from self._more_copies(now)
+
+    def _more_copies(self, now: float) -> Iterator[QueueEntry]:
+        """Copies set aside after a first one of the same id (``<id>.<ns>.json``):
+        the administrator must see them too."""
+        for name in sorted(_listdir(self.root / CORRUPT)):
+            parts = name.split(".")
+            if len(parts) == 3 and is_queue_id(parts[0]) and parts[1].isdigit() and \
+                    parts[2] in ("json", "msg"):
+                path = self.root / CORRUPT / name
+                yield QueueEntry(CORRUPT, parts[0], max(0.0, now - id_time(parts[0])),
+                                 _size(path), None, (), 0, None,
+                                 error=f"another copy set aside: {name}")
 
     def _entry(self, queue: str, queue_id: str, now: float) -> QueueEntry | None:
         try:
