@@ -867,3 +867,35 @@ def test_a_password_must_fit_a_pop_pass_line(d: SqliteDirectory) -> None:
         d.create_profile("sam", "é" * 128)
     d.create_profile("sam", "é" * 124)  # 248 octets: "PASS " + it + CRLF is 255
     assert d.authenticate("sam", "é" * 124) == "SAM"
+
+
+def test_a_password_is_one_whatever_its_unicode_form(d: SqliteDirectory) -> None:
+    """RFC 8265: "ü" as one character or as u + combining diaeresis."""
+    import unicodedata
+
+    nfc, nfd = "pässwörd", unicodedata.normalize("NFD", "pässwörd")
+    d.create_profile("sam", nfd)  # typed in NFD
+    assert d.authenticate("sam", nfc) == "SAM" and d.authenticate("sam", nfd) == "SAM"
+    assert d.authenticate("sam", "passwort") is None
+
+
+def test_a_hash_made_before_normalisation_still_signs_on_and_is_made_again(
+        d: SqliteDirectory) -> None:
+    import unicodedata
+
+    from twistmail import directory as dirmod
+
+    nfd = unicodedata.normalize("NFD", "pässwörd")
+    d.create_profile("sam", "x")
+    kdf_input = nfd.encode("utf-8")  # as the hash of a release before NFC was made
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+    old = Argon2id(salt=b"0123456789abcdef", length=dirmod.ARGON2_LEN,
+                   iterations=dirmod.ARGON2_T, lanes=dirmod.ARGON2_P,
+                   memory_cost=dirmod.ARGON2_M).derive_phc_encoded(kdf_input)
+    with d._write() as conn:
+        conn.execute("UPDATE profiles SET pwhash = ? WHERE usrprf = 'SAM'", (old,))
+    assert d.authenticate("sam", nfd) == "SAM"
+    with d._write() as conn:
+        now = conn.execute("SELECT pwhash FROM profiles WHERE usrprf = 'SAM'").fetchone()[0]
+    assert now != old and d.authenticate("sam", unicodedata.normalize("NFC", nfd)) == "SAM"

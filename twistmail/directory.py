@@ -35,6 +35,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -459,10 +460,15 @@ def _now() -> str:
 
 
 def hash_password(password: str) -> str:
-    """An Argon2id hash in the PHC string format, which carries its parameters."""
+    """An Argon2id hash in the PHC string format, which carries its parameters.
+
+    Of the password in Unicode NFC (RFC 8265's OpaqueString): "ü" typed as one
+    character or as u + combining diaeresis (what some systems send) is one
+    password.
+    """
     kdf = Argon2id(salt=secrets.token_bytes(SALT_BYTES), length=ARGON2_LEN,
                    iterations=ARGON2_T, lanes=ARGON2_P, memory_cost=ARGON2_M)
-    return kdf.derive_phc_encoded(password.encode("utf-8"))
+    return kdf.derive_phc_encoded(unicodedata.normalize("NFC", password).encode("utf-8"))
 
 
 def current_scheme(stored: str) -> bool:
@@ -766,10 +772,17 @@ class SqliteDirectory:
             )
         stored = row["pwhash"] if row is not None else _dummy_hash()
         secret = password if isinstance(password, str) else ""
-        good = verify_password(secret, stored)
+        nfc = unicodedata.normalize("NFC", secret)
+        good = verify_password(nfc, stored)
+        legacy = False
+        if not good and nfc != secret:
+            # A hash made before passwords were normalised, of a password
+            # not in NFC: it is made again in NFC once it matches.  Asked
+            # for an unknown name too, so the time does not tell it apart.
+            good = legacy = verify_password(secret, stored)
         if row is None or not good or row["status"] != ENABLED:
             return None
-        if not current_scheme(stored):
+        if legacy or not current_scheme(stored):
             upgraded = hash_password(secret)  # before the write lock, not under it
             try:
                 with self._write() as conn:
