@@ -140,10 +140,11 @@ class Controller(service.Service):
         from twistmail import tlsconfig
 
         tlsconfig.ensure_pair(s)
-        try:
-            tlsconfig.server_options(s, check=True)  # every job needs it: refuse now
-        except configmod.SettingError as e:
-            raise SystemExit(f"twistmail: {e}") from None
+        if not s.tls.certificate:  # a configured pair was checked by twistd already (tap)
+            try:
+                tlsconfig.server_options(s, check=True)  # every job needs it: refuse now
+            except configmod.SettingError as e:
+                raise SystemExit(f"twistmail: {e}") from None
         self.tls_state = tlsconfig.pair_state(s)
         self.journal = self._journal(f"QSYSWRK/{self.pid}")
         self.journal.write("JG", "JG STR twistmail", pid=self.pid, config=self.config_path)
@@ -209,10 +210,8 @@ class Controller(service.Service):
         that are not signed on end too (each would go on guessing)."""
         if self.policy.anvil.auth_failed(ip):
             key = client_key(ip)
-            text = "too many failed sign-ons from your address"
             for pgm, pool in self.pools.items():
-                refusal = (f"421 4.7.0 {self.settings.hostname} {text}" if pgm == "QTMSSRCP"
-                           else f"-ERR [SYS/TEMP] {text}")
+                refusal = self.policy.authfail_reply(smtp=pgm == "QTMSSRCP")
                 pool.cut_sessions(client_key, key, refusal.encode() + b"\r\n")
 
     def _accepted(self, sock: socket.socket, listener: str, peer: str) -> None:

@@ -54,6 +54,9 @@ def client_key(ip: str) -> str:
     return ip
 
 
+AUTHFAIL_TEXT = "too many failed sign-ons from your address"
+
+
 class Anvil:
     def __init__(self, settings: LimitSettings, clock: Callable[[], float]) -> None:
         self.settings = settings
@@ -69,8 +72,7 @@ class Anvil:
         s = self.settings
         now = self.clock()
         if s.maxauthfail and self._count(self.failures, key, now) >= s.maxauthfail:
-            return self._refuse(key, "maxauthfail", now,
-                                "too many failed sign-ons from your address")
+            return self._refuse(key, "maxauthfail", now, AUTHFAIL_TEXT)
         if s.maxconnperip and self.active[key] >= s.maxconnperip:
             return self._refuse(key, "maxconnperip", now,
                                 "too many concurrent connections from your address")

@@ -25,7 +25,7 @@ import attrs
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
-from twistmail.policy.anvil import Anvil, LimitSettings, Refusal
+from twistmail.policy.anvil import AUTHFAIL_TEXT, Anvil, LimitSettings, Refusal
 from twistmail.settingtypes import nameserver_address
 
 REFRESH_EVERY = 2.0  # seconds between reads of the reject list
@@ -207,6 +207,10 @@ class ConnectionPolicy:
     def _reject_list(self, ip: str) -> Verdict:
         return Verdict("9S", f"554 5.7.1 {self.hostname} Connection refused: {ip} is on the "
                        "reject list", True, {"ip": ip, "reason": "*REJECT"})
+
+    def authfail_reply(self, smtp: bool) -> str:
+        """The line that refuses an address past MAXAUTHFAIL, as at connect."""
+        return self._limit("", Refusal("maxauthfail", AUTHFAIL_TEXT, False), smtp).reply
 
     def _limit(self, ip: str, refusal: Refusal, smtp: bool) -> Verdict:
         text = (f"421 4.7.0 {self.hostname} {refusal.text}" if smtp

@@ -263,13 +263,7 @@ class Pool:
             if request.sock is None or key(request.peer) != client:
                 kept.append(request)
                 continue
-            self.session_ended(request.peer)
-            if request.listener not in ("smtps", "pop3s"):
-                try:
-                    request.sock.send(refusal)
-                except OSError:
-                    pass
-            request.sock.close()
+            self._refuse(request, refusal)
         self.waiting = kept
         self._update_accepting()
 
@@ -364,16 +358,21 @@ class Pool:
         if request.sock is None:
             self.task_refused(request)
             return
-        self.session_ended(request.peer)
-        if request.listener not in ("smtps", "pop3s"):  # plaintext is noise inside TLS
-            try:
-                request.sock.send(self.reject_reply)
-            except OSError:
-                pass
-        request.sock.close()
+        self._refuse(request, self.reject_reply)
         self._journal(
             "JR", f"JR REJ {request.peer}", ip=request.peer, pgm=self.pgm, reason=reason
         )
+
+    def _refuse(self, request: Request, reply: bytes) -> None:
+        """Answer a connection no job takes, and close it."""
+        assert request.sock is not None
+        self.session_ended(request.peer)
+        if request.listener not in ("smtps", "pop3s"):  # plaintext is noise inside TLS
+            try:
+                request.sock.send(reply)
+            except OSError:
+                pass
+        request.sock.close()
 
     def _dispatch(self) -> None:
         while self.waiting and self.active:
