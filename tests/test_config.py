@@ -539,6 +539,23 @@ def test_symlink_is_followed(tmp_path: Path, etc_copy: Path) -> None:
     assert config.load(etc_copy).smtp.journal == "*NO"
 
 
+def test_relative_paths_through_a_symlink_are_checked_as_the_daemon_reads_them(
+        tmp_path: Path) -> None:
+    """load() takes relative paths from the symlink's directory; the check must too."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "twistmail.toml").write_text('[system]\nlocal_domains = ["example.test"]\n')
+    (real / "hosts").write_text("127.0.0.1 mx.example.test\n")
+    link = tmp_path / "twistmail.toml"
+    link.symlink_to(real / "twistmail.toml")
+    with pytest.raises(SettingError, match="smtp.hosttable"):
+        set_values(link, {"smtp.hosttable": "hosts"})  # no hosts beside the link
+    assert "hosttable" not in (real / "twistmail.toml").read_text()
+    (tmp_path / "hosts").write_text("127.0.0.1 mx.example.test\n")
+    set_values(link, {"smtp.hosttable": "hosts"})
+    assert config.load(link).smtp.hosttable == "hosts"
+
+
 def test_crlf_lines_stay_crlf(tmp_path: Path) -> None:
     p = tmp_path / "twistmail.toml"
     p.write_bytes(b'[smtp]\r\nmaxrcpt = 100\r\njournal = "*YES"\r\n')

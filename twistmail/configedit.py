@@ -80,7 +80,8 @@ def set_values(path: Path | str, changes: Mapping[str, Any]) -> None:
     """
     if not changes:
         return
-    target = Path(path).resolve()
+    given = Path(path).absolute()  # relative paths in it start here, as load() reads it
+    target = given.resolve()  # a symlink is kept: its target is what is rewritten
     dumped = {key: _dumped(key, value) for key, value in changes.items()}
     with _locked(target.parent):
         text = target.read_bytes().decode("utf-8")
@@ -88,7 +89,7 @@ def set_values(path: Path | str, changes: Mapping[str, Any]) -> None:
         for key, value in dumped.items():
             _assign(doc, key, value)
         new_text = doc.as_string()
-        _validate(new_text, target)
+        _validate(new_text, given)
         if new_text != text:
             _write_atomically(target, new_text)
 
