@@ -247,8 +247,9 @@ class RealJobTests(unittest.TestCase):
         self.assertTrue(code == "JN" and esd.startswith("JN END QMSF/"), esd)
 
 
-def test_a_reload_switches_the_journals_of_the_bridge_and_its_qmsf_jobs(tmp_path):
-    """CHGSMTPA JOURNAL(*NO) reaches every process that journals."""
+def test_a_reload_switches_the_journals_of_the_bridge_and_its_qmsf_jobs(tmp_path, monkeypatch):
+    """CHGSMTPA JOURNAL(*NO) reaches every process that journals; so does a new
+    storage threshold, which decides what is parked on QTMSBSSQ and released."""
     from types import SimpleNamespace
 
     from twistmail.bridge import main as bridgemain
@@ -257,14 +258,20 @@ def test_a_reload_switches_the_journals_of_the_bridge_and_its_qmsf_jobs(tmp_path
 
     sections = base_sections(tmp_path / "var")
     sections["smtp"] = {"journal": "*NO"}
+    sections["storage"] = {"threshold": 50}
+    monkeypatch.setattr("twistmail.smtp.backend.storage_used_percent", lambda path: 60.0)
     config = tmp_path / "twistmail.toml"
     config.write_text(render_toml(sections))
     journals = [Journal(tmp_path / "journal", f"T/{n}") for n in range(4)]
     assert all(j.enabled for j in journals)
+    manager = SimpleNamespace(storage_full=lambda: False)
     bridgemain._reload(str(config),
                        SimpleNamespace(reconfigure=lambda *a: None, reload_jobs=lambda: None,
                                        journal=journals[0]),
                        SimpleNamespace(configure=lambda s: None, journal=journals[1]),
-                       SimpleNamespace(reload=lambda: None, journal=journals[2]))
-    msf._reload(str(config), SimpleNamespace(journal=journals[3]))
+                       SimpleNamespace(reload=lambda: None, journal=journals[2]),
+                       manager)
+    processor = SimpleNamespace(journal=journals[3], storage_full=lambda: False)
+    msf._reload(str(config), processor)
     assert not any(j.enabled for j in journals)
+    assert manager.storage_full() and processor.storage_full()

@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     status = _StatusFile(reactor, settings.datadir / "run" / "QTMSCCLCP.json", pool, jobs)
     reactor.callWhenRunning(status.start)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
-        _reload, args.config, pool, outbound, jobs))
+        _reload, args.config, pool, outbound, jobs, manager))
     if reload_asked:
-        reactor.callWhenRunning(_reload, args.config, pool, outbound, jobs)
+        reactor.callWhenRunning(_reload, args.config, pool, outbound, jobs, manager)
     reactor.run()
     return 0
 
@@ -125,8 +125,9 @@ def _outbound(reactor, settings, queue, directory):  # noqa: ANN001, ANN202
     return pool, outbound
 
 
-def _reload(config_path: str, pool, outbound, jobs) -> None:  # noqa: ANN001
+def _reload(config_path: str, pool, outbound, jobs, manager) -> None:  # noqa: ANN001
     """SIGHUP from the controller: CHGPJE of QTMSCCLCP, CHGSMTPA, applied live."""
+    from twistmail.bridge.msf import storage_probe
     from twistmail.controller.service import limits_of
 
     try:
@@ -138,6 +139,7 @@ def _reload(config_path: str, pool, outbound, jobs) -> None:  # noqa: ANN001
     pool.reload_jobs()
     outbound.configure(settings)
     jobs.reload()
+    manager.storage_full = storage_probe(settings)  # [storage] threshold: park, release
     for journal in (jobs.journal, pool.journal, outbound.journal):
         journal.configure(settings)  # CHGSMTPA JOURNAL, receiver size
 

@@ -130,6 +130,7 @@ def _reload(config_path: Any, processor: Any) -> None:
         return
     processor.ftracn = settings.smtp.ftracn
     processor.responsible = settings.smtp.nfydlvry
+    processor.storage_full = storage_probe(settings)  # CHGSMTPA/[storage] threshold
     processor.journal.configure(settings)
 
 
