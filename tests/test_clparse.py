@@ -257,6 +257,17 @@ def test_to_args_checks_value_counts() -> None:
     assert to_args(parse("CHGPJE OPT(A B C)"), CHGPJE_OPTIONS) == ["chgpje", "--opt", "A", "B", "C"]
 
 
+def test_to_args_list_settings_are_one_blank_separated_value() -> None:
+    """CHGSMTPA's list parameters, typed as IBM i lists, are what the click option takes."""
+    options = {"authmech": 1, "rblsvr": 1, "nameservers": 1}
+    assert to_args(parse("CHGSMTPA AUTHMECH(*PLAIN *LOGIN) RBLSVR(a.test b.test) "
+                         "NAMESERVERS('127.0.0.1' '::1')"), options) == [
+        "chgsmtpa", "--authmech", "*PLAIN *LOGIN", "--rblsvr", "a.test b.test",
+        "--nameservers", "127.0.0.1 ::1"]
+    assert to_args(parse("CHGSMTPA AUTHMECH(*PLAIN)"), options) == [
+        "chgsmtpa", "--authmech", "*PLAIN"]
+
+
 def test_to_args_switches() -> None:
     assert to_args(parse("X RESET(*YES)"), CHGPJE_OPTIONS) == ["x", "--reset"]
     assert to_args(parse("X RESET(*no)"), CHGPJE_OPTIONS) == ["x"]

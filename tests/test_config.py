@@ -680,3 +680,21 @@ def test_config_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert (rc, out) == (2, "")
     assert err.count("\n") == 1
     assert "--config" in err and "none.toml" in err
+
+
+def test_the_daemon_s_record_of_its_settings_reads_back_as_the_same_settings(
+        etc_copy: Path) -> None:
+    """Jobs load what the controller accepted (write_applied); nothing may change on the way."""
+    (etc_copy.parent / "hosts").write_text("127.0.0.1 mx.example.test\n")
+    set_values(etc_copy, {
+        "smtp.hosttable": "hosts", "smtp.maxrcpt": 7, "smtp.rtymin": (2, 5),
+        "prestart.QTMSSRCP.maxjobs": None, "pop.nbrsvr": 3,
+        "smtp.nameservers": ("127.0.0.1:5353",), "system.local_domains": ("a.test", "b.test"),
+    })
+    settings = config.load(etc_copy)
+    (settings.datadir / "run").mkdir(parents=True)
+    record = config.write_applied(settings)
+    again = config.load(record)
+    assert again == settings
+    assert again.resolve(again.smtp.hosttable) == etc_copy.parent / "hosts"
+    assert not [p for p in record.parent.iterdir() if p != record]  # no temporary left

@@ -9,6 +9,7 @@ file are relative to the directory that holds the file.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tomllib
@@ -376,8 +377,13 @@ def from_mapping(data: dict[str, Any], path: Path) -> Settings:
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read and check the configuration file; raises SettingError or OSError."""
+    """Read and check the configuration file; raises SettingError or OSError.
+
+    A ``.json`` path is the running daemon's accepted settings (``write_applied``).
+    """
     p = Path(path or os.environ.get("TWISTMAIL_CONFIG") or DEFAULT_CONFIG).absolute()
+    if p.suffix == ".json":
+        return _load_applied(p)
     with p.open("rb") as f:
         try:
             data = tomllib.load(f)
@@ -388,6 +394,46 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
                 str(p), "(file)", f"UTF-8 text ({e.reason} at byte {e.start})"
             ) from None
     return from_mapping(data, p)
+
+
+#: Where the daemon keeps the settings it accepted, in ``<datadir>/run``.
+APPLIED = "settings.json"
+
+
+def applied_path(settings: Settings) -> Path:
+    return settings.datadir / "run" / APPLIED
+
+
+def write_applied(settings: Settings) -> Path:
+    """Record the settings the daemon accepted, for the processes it starts.
+
+    Jobs and the bridge start, and reload, from this record, never from the
+    file itself: a value the daemon refused (a hand edit ``config --apply``
+    turned down), or an edit not applied yet, must not reach a job that
+    happens to start meanwhile, where it would stop the job from booting.
+    Relative paths still start at the configuration file's directory.
+    """
+    tree: dict[str, Any] = {}
+    for key, vtype, value, _ in iter_settings(settings):
+        *tables, leaf = key.split(".")
+        node = tree
+        for name in tables:
+            node = node.setdefault(name, {})
+        node[leaf] = vtype.dump(value)
+    path = applied_path(settings)
+    tmp = path.with_name(f".{APPLIED}.{os.getpid()}")
+    tmp.write_text(json.dumps({"config": str(settings.path), "settings": tree}))
+    os.replace(tmp, path)  # a job starting now reads the old record or the new
+    return path
+
+
+def _load_applied(path: Path) -> Settings:
+    try:
+        record = json.loads(path.read_bytes())
+        config, tree = Path(record["config"]), record["settings"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SettingError(str(path), "(file)", f"the daemon's settings record ({e})") from None
+    return from_mapping(tree, config)
 
 
 #: Settings whose value comes from another key, and are never written themselves.

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     queue = FileQueue.for_settings(settings)
     jobs = MsfJobs(reactor, args.config, args.nbrmsfjob, journal, _fork_server(reactor, launcher))
     manager = QueueManager(reactor, queue, jobs, journal, storage_probe(settings))
-    pool, outbound = _outbound(reactor, settings, queue, SqliteDirectory.from_settings(settings))
+    pool, outbound = _outbound(reactor, settings, args.config, queue,
+                               SqliteDirectory.from_settings(settings))
     reactor.callWhenRunning(pool.start)
     # The outbound side moves queued mail too: it starts after the first recovery.
     reactor.callWhenRunning(lambda: manager.start().addBoth(lambda _: outbound.start()))
@@ -110,14 +111,14 @@ def _fork_server(reactor, launcher):  # noqa: ANN001, ANN202
     return server
 
 
-def _outbound(reactor, settings, queue, directory):  # noqa: ANN001, ANN202
+def _outbound(reactor, settings, config_path, queue, directory):  # noqa: ANN001, ANN202
     from twistmail.bridge.outbound import OutboundManager
     from twistmail.controller.service import limits_of
     from twistmail.journal import Journal
     from twistmail.prestart.pool import Pool
 
     pool = Pool(reactor, "QTMSCCLCP", settings.prestart.QTMSCCLCP, limits_of(settings),
-                str(settings.path), Journal.from_settings(settings, f"QTSMTPBRSR/{os.getpid()}"),
+                config_path, Journal.from_settings(settings, f"QTSMTPBRSR/{os.getpid()}"),
                 b"")
     outbound = OutboundManager(reactor, settings, queue, directory,
                                Journal.from_settings(settings, f"QTSMTPBRSR/{os.getpid()}"),

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if reload_asked:
                 reload_asked.clear()
-                _reload(settings.path, processor)
+                _reload(args.config, processor)
             channel.sendall(answer(processor, queue_id) + b"\n")
     return 0
 

@@ -62,11 +62,12 @@ QUALIFIED_LIBS: dict[str, tuple[str, ...]] = {
 }
 """Keywords that name IBM i objects, with the libraries where twistmail has them."""
 
-JOINED = frozenset({"TOUSRID", "TOINTNET", "DSTID"})
+JOINED = frozenset({"TOUSRID", "TOINTNET", "DSTID", "AUTHMECH", "RBLSVR", "NAMESERVERS"})
 """List keywords whose elements the click option takes as one blank-separated string.
 
 ``TOUSRID((SAM SYSTEM *CC))`` is ``--tousrid 'SAM SYSTEM *CC'``, one option
-per list entry; a DSTID typed without quotes is its three words.
+per list entry; a DSTID typed without quotes is its three words;
+``AUTHMECH(*PLAIN *LOGIN)`` is ``--authmech '*PLAIN *LOGIN'``.
 """
 
 SUBSYSTEM = "QSYSWRK"

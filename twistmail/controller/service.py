@@ -4,7 +4,8 @@ It binds the ``[listen]`` sockets (before twistd drops privileges), accepts on
 them itself, hands every connection to its prestart pool, serves the control
 socket for the CLI, and supervises the bridge.  It does no protocol work and
 no per-message disk I/O.  Settings changed with the CLI are re-read from the
-TOML file on the ``reload`` control command and applied live.
+TOML file on the ``reload`` control command and applied live; the processes it
+starts read only what it accepted (``config.write_applied``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import socket
 from typing import Any
 
+import attrs
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -70,6 +72,8 @@ class Controller(service.Service):
         self.reactor = reactor
         self.settings = settings
         self.config_path = str(settings.path)
+        #: What jobs and the bridge read: the settings this daemon accepted.
+        self.applied_path = str(configmod.applied_path(settings))
         self.pid = os.getpid()
         self.sockets: dict[str, socket.socket] = {}
         self.listeners: dict[str, listenermod.Listener] = {}
@@ -146,12 +150,16 @@ class Controller(service.Service):
             except configmod.SettingError as e:
                 raise SystemExit(f"twistmail: {e}") from None
         self.tls_state = tlsconfig.pair_state(s)
+        try:
+            configmod.write_applied(s)
+        except OSError as e:
+            raise SystemExit(f"twistmail: cannot record the settings for the jobs: {e}") from None
         self.journal = self._journal(f"QSYSWRK/{self.pid}")
         self.journal.write("JG", "JG STR twistmail", pid=self.pid, config=self.config_path)
         for pgm in POOL_PROGRAMS:
             daemon = configmod.PROGRAMS[pgm]["daemon"]
             pool = Pool(
-                self.reactor, pgm, s.prestart.entry(pgm), limits_of(s), self.config_path,
+                self.reactor, pgm, s.prestart.entry(pgm), limits_of(s), self.applied_path,
                 self._journal(f"{daemon}/{self.pid}"), _reject_reply(pgm, s.hostname),
             )
             pool.accepting_changed.append(lambda on, pgm=pgm: self._pool_accepting(pgm, on))
@@ -170,7 +178,7 @@ class Controller(service.Service):
         )
         for server in self._autostart():
             self._start_server(server)
-        self.bridge = BridgeSlot(self.reactor, self.config_path, self.journal, self.lock_fd)
+        self.bridge = BridgeSlot(self.reactor, self.applied_path, self.journal, self.lock_fd)
         self.bridge.start()
         self.log.info(
             "twistmail controller {pid} started; listening on {where}",
@@ -289,7 +297,8 @@ class Controller(service.Service):
         if self.control_port is not None:
             self.control_port.stopListening()
         run = self.settings.control_socket.parent
-        for name in (self.settings.control_socket.name, STATUS_FILE, RESET_FILE):
+        for name in (self.settings.control_socket.name, STATUS_FILE, RESET_FILE,
+                     configmod.APPLIED):
             # The bridge's status files too: it may have been killed before
             # it removed them.
             (run / name).unlink(missing_ok=True)
@@ -410,11 +419,20 @@ class Controller(service.Service):
 
     def cmd_reload(self) -> dict[str, Any]:
         try:
-            new = configmod.load(self.config_path)
+            fresh = configmod.load(self.config_path)
         except (configmod.SettingError, OSError) as e:
             raise ControlError(f"configuration not applied: {e}") from None
+        old = self.settings
+        # Listeners, the state directory and the host's names stay as started
+        # until a restart, in this process and in every job it starts.
+        restart = [sec for sec in ("listen", "system") if getattr(fresh, sec) != getattr(old, sec)]
+        new = attrs.evolve(fresh, listen=old.listen, system=old.system)
         tls_state = self._check_tls(new)
-        old, self.settings = self.settings, new
+        try:
+            configmod.write_applied(new)
+        except OSError as e:
+            raise ControlError(f"configuration not applied: cannot record it: {e}") from None
+        self.settings = new
         applied = []
         for pgm, pool in self.pools.items():
             entry, limits = new.prestart.entry(pgm), limits_of(new)
@@ -440,9 +458,6 @@ class Controller(service.Service):
             for j in self._journals():
                 j.configure(new)
             applied.append("journal")
-        restart = [
-            sec for sec in ("listen", "system") if getattr(new, sec) != getattr(old, sec)
-        ]
         return {"applied": applied, "restart_needed": restart}
 
     def _check_tls(self, new: configmod.Settings) -> tuple[Any, ...]:

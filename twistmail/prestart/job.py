@@ -78,10 +78,12 @@ class JobChannel(LineOnlyReceiver):
 
 
 class Job:
-    def __init__(self, reactor: Any, pgm: str, settings: configmod.Settings) -> None:
+    def __init__(self, reactor: Any, pgm: str, settings: configmod.Settings,
+                 source: str | None = None) -> None:
         self.reactor = reactor
         self.pgm = pgm
         self.settings = settings
+        self.source = source or str(settings.path)  # read again at each CFG
         self.sessions = 0
         self.ending = False
         self.stopping = False
@@ -204,7 +206,7 @@ class Job:
     def reconfigure(self) -> None:
         """Re-read the settings file; sessions from now on use the new values."""
         try:
-            settings = configmod.load(self.settings.path)
+            settings = configmod.load(self.source)
         except (configmod.SettingError, OSError) as e:
             print(f"settings not reloaded, keeping the old ones: {e}", file=sys.stderr)
             return
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
-    job = Job(reactor, args.pgm, settings)
+    job = Job(reactor, args.pgm, settings, args.config)
     reactor.addSystemEventTrigger("before", "shutdown", job.shutting_down)
     chan = JobChannel(job)
     job.channel = chan

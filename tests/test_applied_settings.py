@@ -1,0 +1,76 @@
+"""What the daemon's processes read: the settings it accepted, not the file as it is now."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+
+from appliance import read_reply
+
+
+def _kill_idle_smtp_jobs(a) -> None:
+    pids = [j["pid"] for j in a.jobs("QTMSSRCP") if j["status"] == "PSRW"]
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    a.wait_for(lambda: not ({j["pid"] for j in a.jobs("QTMSSRCP")} & set(pids)), 10,
+               "killed jobs gone")
+
+
+def test_a_refused_hand_edit_never_reaches_a_job_started_later(make_appliance):
+    """config --apply refuses the file and says the old settings stay: so they do.
+
+    New jobs (a crash, MAXUSE, the pool growing) used to read the refused
+    file themselves and die before they were ready, until the entry stopped.
+    """
+    a = make_appliance().start()
+    a.user("SAM")
+    good = a.config.read_text()
+    a.config.write_text(good.replace("[pop]\n", "[pop]\ninacttimo = 5\n"))
+    rc, out, err = a.cli("config", "--apply")
+    assert rc == 2 and "pop.inacttimo" in err
+    _kill_idle_smtp_jobs(a)
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") >= a.inljobs("QTMSSRCP"), 20,
+               "replacement jobs ready")
+    assert a.control("dspactpj", pgm="QTMSSRCP")["status"] == "ACTIVE"
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["sam@example.test"], b"Subject: x\r\n\r\nx\r\n")
+    a.wait_mailbox("SAM", 1)
+    # A valid edit not applied yet does not reach new jobs either ...
+    a.config.write_text(good + "\n[smtp]\nmaxrcpt = 1\n")
+    _kill_idle_smtp_jobs(a)
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") >= a.inljobs("QTMSSRCP"), 20)
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        s.mail("jane@example.test")
+        assert s.rcpt("sam@example.test")[0] == 250
+        assert s.rcpt("sam@example.test")[0] == 250
+    # ... until it is applied.
+    assert a.cli("config", "--apply")[0] == 0
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        s.mail("jane@example.test")
+        assert s.rcpt("sam@example.test")[0] == 250
+        assert s.rcpt("sam@example.test")[0] == 452
+
+
+def test_what_needs_a_restart_waits_for_it_and_is_said_until_then(make_appliance):
+    """A new host name or listener is not half applied by the next change."""
+    a = make_appliance().start()
+    text = a.config.read_text()
+    assert 'hostname = "mail.example.test"' in text
+    a.config.write_text(text.replace('hostname = "mail.example.test"',
+                                     'hostname = "other.example.test"'))
+    for _ in range(2):  # said at every reload, not only the first
+        rc, out, _ = a.cli("config", "--apply")
+        assert rc == 0 and "restart needed for: system" in out
+    rc, out, _ = a.cli("chgsmtpa", "--maxrcpt", "60")
+    assert rc == 0 and "restart needed for: system" in out
+    _kill_idle_smtp_jobs(a)  # even a job started after the change
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") >= a.inljobs("QTMSSRCP"), 20)
+    s = a.connect()
+    try:
+        assert read_reply(s).startswith(b"220 mail.example.test ")
+    finally:
+        s.close()
