@@ -139,3 +139,139 @@ def test_the_smtp_limits_hold_for_the_api(make_appliance, tmp_path):
                        ["sam@example.test", "jane@example.test", "app@example.test"],
                        settings=load(a.config))
     assert a.queue_files("QTMSINQ") == []
+
+
+def _queued(settings, qid):
+    from twistmail.interfaces import QTMSINQ
+    from twistmail.queue import FileQueue
+
+    queue = FileQueue.for_settings(settings)
+    return queue.load(QTMSINQ, qid), queue.body_path(qid, QTMSINQ).read_bytes()
+
+
+def test_the_file_goes_when_queued_but_never_a_new_file_of_its_name(
+        make_appliance, tmp_path, monkeypatch):
+    """The bridge used to delete the file by name when it took the message, later:
+    the caller's next note, written under the same name meanwhile, went unsent."""
+    from twistmail import api
+
+    s = load(make_appliance().config)
+    note = tmp_path / "note.mime"
+    note.write_bytes(NOTE)
+    qid = send_mime_mail(str(note), "app@example.test", ["sam@example.test"], settings=s)
+    assert not note.exists()
+    env, _ = _queued(s, qid)
+    assert not [h for h in env.history if "api_file" in h]
+
+    queue_message = api.queue_message
+
+    def and_the_next_note(*args, **kwargs):
+        qid = queue_message(*args, **kwargs)
+        nxt = tmp_path / "next.tmp"
+        nxt.write_bytes(NOTE.replace(b"nightly report", b"the next one"))
+        nxt.rename(note)
+        return qid
+
+    monkeypatch.setattr(api, "queue_message", and_the_next_note)
+    note.write_bytes(NOTE)
+    send_mime_mail(str(note), "app@example.test", ["sam@example.test"], settings=s)
+    assert b"the next one" in note.read_bytes()
+
+
+def test_a_program_sending_many_notes_keeps_no_descriptor(make_appliance, tmp_path):
+    import os
+
+    s = load(make_appliance().config)
+    note = tmp_path / "n.mime"
+
+    def send():
+        note.write_bytes(NOTE)
+        send_mime_mail(str(note), "app@example.test", ["sam@example.test"], settings=s)
+
+    send()  # the first call may import and open what stays for the process
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        send()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_unix_file_s_line_ends_become_crlf(make_appliance, tmp_path):
+    """POP announces a message's size from its file: bare LFs would make RETR longer."""
+    s = load(make_appliance().config)
+    note = tmp_path / "unix.mime"
+    note.write_bytes(b"From: app@example.test\nSubject: unix\r\n\r\nline one\nline two\rend\n")
+    qid = send_mime_mail(str(note), "app@example.test", ["sam@example.test"], settings=s)
+    _, body = _queued(s, qid)
+    assert body.endswith(b"From: app@example.test\r\nSubject: unix\r\n\r\n"
+                         b"line one\r\nline two\r\nend\r\n")
+    assert b"\n" not in body.replace(b"\r\n", b"") and b"\r" not in body.replace(b"\r\n", b"")
+
+
+def test_an_address_named_twice_gets_the_message_once(make_appliance, tmp_path):
+    s = load(make_appliance().config)
+    note = _write(tmp_path / "n.mime", NOTE)
+    qid = send_mime_mail(note, "app@example.test",
+                         [("sam@example.test", BCC), ("sam@EXAMPLE.test", CC),
+                          ("jane@example.test", TO)], settings=s)
+    env, _ = _queued(s, qid)
+    assert [(r.address, r.kind) for r in env.recipients] == [
+        ("sam@EXAMPLE.test", "cc"), ("jane@example.test", "to")]
+
+
+def test_a_disabled_profile_sends_nothing(make_appliance, tmp_path):
+    """On IBM i a disabled profile runs no job, so it calls no API."""
+    from twistmail.api import create_send_email
+
+    a = make_appliance()
+    a.user("APP")
+    rc, _, err = a.cli("chgusrprf", "--usrprf", "APP", "--status", "*DISABLED")
+    assert rc == 0, err
+    s = load(a.config)
+    with pytest.raises(SendMailError, match=r"APP is \*DISABLED"):
+        create_send_email(["sam@example.test"], "s", "b", usrprf="app", settings=s)
+    note = _write(tmp_path / "n.mime", NOTE)
+    a.cli("chgsmtpa", "--vfymsfmsg", "*YES")
+    with pytest.raises(SendMailError, match=r"APP is \*DISABLED"):
+        send_mime_mail(note, "app@example.test", ["sam@example.test"], usrprf="APP",
+                       settings=load(a.config))
+
+
+def test_attachments_too_big_are_refused_before_they_are_read(make_appliance, tmp_path,
+                                                              monkeypatch):
+    from twistmail import mimebuild
+    from twistmail.api import create_send_email
+
+    a = make_appliance()
+    a.user("APP")
+    a.cli("chgsmtpa", "--maxmsgsize", "1048576")
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        f.truncate(900_000)  # 1.2 MB once in base64
+    monkeypatch.setattr(mimebuild, "attachment_parts", lambda items: pytest.fail("read"))
+    with pytest.raises(SendMailError, match="MAXMSGSIZE"):
+        create_send_email(["sam@example.test"], "s", "b", [big], usrprf="APP",
+                          settings=load(a.config))
+
+
+def test_a_saved_message_goes_as_an_attachment(make_appliance, tmp_path):
+    """.eml is guessed message/rfc822, which must not be base64 (RFC 2046 5.2.1)."""
+    import email
+    import email.policy
+
+    from twistmail.api import create_send_email
+
+    a = make_appliance()
+    a.user("APP")
+    s = load(a.config)
+    saved = tmp_path / "forwarded.eml"
+    saved.write_bytes(NOTE)
+    qid = create_send_email(["sam@example.test"], "fwd", "see attached", [saved],
+                            usrprf="APP", settings=s)
+    _, body = _queued(s, qid)
+    msg = email.message_from_bytes(body, policy=email.policy.default)
+    [part] = list(msg.iter_attachments())
+    assert part.get_content_type() == "application/octet-stream"
+    assert part.get_filename() == "forwarded.eml" and part.get_content() == NOTE
+    with pytest.raises(SendMailError, match="message/"):
+        create_send_email(["sam@example.test"], "fwd", "x", [(saved, "message/rfc822")],
+                          usrprf="APP", settings=s)

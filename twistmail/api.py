@@ -3,7 +3,8 @@
 ``send_mime_mail`` mirrors the Send MIME Mail API (QtmmSendMail): the caller
 writes a complete RFC 5322/MIME message to a file and names it with its
 envelope; the mail server framework takes it from there and deletes the
-file once it has taken it.  The checks are the ones the seed's
+file once it has taken it: here, as soon as the message is durably queued,
+and only if the name still holds the file that was read.  The checks are the ones the seed's
 troubleshooting chapter walks through (an absolute path, a readable file, the
 CRLF blank line between header and body, good addresses), each failing with a
 :class:`SendMailError` that says what to fix.
@@ -52,26 +53,59 @@ def send_mime_mail(
 ) -> str:
     """Queue the MIME message in ``path`` for delivery; returns its queue id.
 
-    When this returns, the message is durably in QTMSINQ.  The file itself
-    is deleted by the bridge once it has taken the message.
+    When this returns, the message is durably in QTMSINQ and the file is
+    deleted (unless another file took its name meanwhile: that one is the
+    caller's next message, not this one).
     """
     settings = settings or configmod.load()
     file = _check_file(path)
     sender = _check_address("originator", originator)
-    rcpts = [_recipient(r) for r in recipients]
+    rcpts = _distinct([_recipient(r) for r in recipients])
     if not rcpts:
         raise SendMailError("recipients: at least one recipient is needed")
-    from twistmail.directory import SqliteDirectory
-
-    directory = SqliteDirectory.from_settings(settings)
     if settings.smtp.vfymsfmsg == "*YES":
-        _verify_originator(directory, sender, usrprf)
-    _check_limits(settings, rcpts, file.stat().st_size)
-    data = file.read_bytes()
+        from twistmail.directory import SqliteDirectory
+
+        with SqliteDirectory.from_settings(settings) as directory:
+            _verify_originator(directory, sender, usrprf)
+    with file.open("rb") as f:
+        st = os.fstat(f.fileno())
+        _check_limits(settings, rcpts, st.st_size)
+        data = f.read()
     head, body = _split(data, file)
-    return queue_message(settings, sender, rcpts, _without_bcc(head) + b"\r\n" + body,
-                         program="QTMMSNDM", via="Send MIME Mail API", usrprf=usrprf,
-                         origin=str(file), history=({"api_file": str(file)},))
+    qid = queue_message(settings, sender, rcpts, _crlf(_without_bcc(head) + b"\r\n" + body),
+                        program="QTMMSNDM", via="Send MIME Mail API", usrprf=usrprf,
+                        origin=str(file))
+    try:
+        now = os.lstat(file)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(file)
+    except OSError:
+        pass  # gone already, or not ours to remove: the message is queued all the same
+    return qid
+
+
+def _crlf(data: bytes) -> bytes:
+    """Every line end CRLF, as SMTP DATA stores a message: a file written on Unix
+    ends its lines in LF, and POP would send more octets than its size says."""
+    if b"\n" not in data.replace(b"\r\n", b"") and b"\r" not in data.replace(b"\r\n", b""):
+        return data
+    return b"\r\n".join(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"))
+
+
+def _distinct(rcpts: list[Recipient]) -> list[Recipient]:
+    """One entry per address (domain compared without case), the most visible kind kept.
+
+    An address named twice (To and Cc, say) gets the message once, as from SMTP.
+    """
+    order = {TO: 0, CC: 1, BCC: 2}
+    best: dict[str, Recipient] = {}
+    for r in rcpts:
+        local, _, domain = r.address.rpartition("@")
+        key = f"{local}@{domain.lower()}"
+        if key not in best or order[r.kind] < order[best[key].kind]:
+            best[key] = r
+    return list(best.values())
 
 
 def queue_message(settings: Any, sender: str, rcpts: list[Recipient], message: bytes, *,
@@ -94,23 +128,26 @@ def queue_message(settings: Any, sender: str, rcpts: list[Recipient], message: b
     )
     trace = (f"Received: by {settings.hostname} (twistmail {via}) id {env.id};\r\n"
              f"\t{email.utils.formatdate(time.time(), localtime=True)}\r\n").encode()
-    with queue.new_spool(env) as spool:
-        spool.write(trace + message)
-        journal = Journal.from_settings(settings, f"{program}/{os.getpid()}")
+    journal = Journal.from_settings(settings, f"{program}/{os.getpid()}")
+    try:
+        with queue.new_spool(env) as spool:
+            spool.write(trace + message)
 
-        def record() -> None:
-            with journal.batch():
-                entries()
+            def record() -> None:
+                with journal.batch():
+                    entries()
 
-        def entries() -> None:
-            journal.write("EH", f"EH TMSF {origin}", env.id, file=origin, usrprf=usrprf)
-            journal.write("E1", f"E1 O {sender}", env.id, originator=sender)
-            for r in rcpts:
-                journal.write("E2", f"E2 R {r.address}", env.id, recipient=r.address,
-                              kind=r.kind)
-            journal.write("ET", f"ET SIZE {spool.size}", env.id, size=spool.size)
+            def entries() -> None:
+                journal.write("EH", f"EH TMSF {origin}", env.id, file=origin, usrprf=usrprf)
+                journal.write("E1", f"E1 O {sender}", env.id, originator=sender)
+                for r in rcpts:
+                    journal.write("E2", f"E2 R {r.address}", env.id, recipient=r.address,
+                                  kind=r.kind)
+                journal.write("ET", f"ET SIZE {spool.size}", env.id, size=spool.size)
 
-        return spool.commit(QTMSINQ, env, before_publish=record)
+            return spool.commit(QTMSINQ, env, before_publish=record)
+    finally:
+        journal.close()  # a program sending thousands of notes keeps no descriptor
 
 
 def _check_limits(settings: Any, rcpts: list[Recipient], size: int) -> None:
@@ -188,10 +225,19 @@ def _verify_originator(directory: Any, sender: str, usrprf: str | None) -> None:
     if usrprf is None:
         raise SendMailError("usrprf: VFYMSFMSG is *YES, so the calling user profile must be "
                             "given; its SMTP address must be the originator")
+    _not_disabled(directory, usrprf)
     own = directory.smtp_address(usrprf)
     if own is None or own.lower() != sender.lower():
         raise SendMailError(f"originator: {sender} is not the SMTP address of user profile "
                             f"{usrprf.upper()} ({own or 'none'}), and VFYMSFMSG is *YES")
+
+
+def _not_disabled(directory: Any, usrprf: str) -> None:
+    """A disabled profile runs no job on IBM i, so it calls no API either."""
+    profile = directory.get_profile(usrprf)
+    if profile is not None and profile.status != "*ENABLED":
+        raise SendMailError(f"usrprf: user profile {profile.usrprf} is {profile.status}; "
+                            "enable it (chgusrprf --status *ENABLED) to send mail as it")
 
 
 # -- Create and Send MIME E-mail (QtmsCreateSendEmail) -------------------------
@@ -224,11 +270,15 @@ def create_send_email(
 
     settings = settings or configmod.load()
     level = _security(security)
-    rcpts = [_recipient(r) for r in recipients]
+    rcpts = _distinct([_recipient(r) for r in recipients])
     if not rcpts:
         raise SendMailError("recipients: at least one recipient is needed")
-    content = mimebuild.content_entity(body, mimebuild.attachment_parts(attachments))
     sender, name = _originator(settings, usrprf)
+    attachments = list(attachments)
+    # Base64 makes 3 bytes 4 (and a line end each 76): refused before anything is read.
+    _check_limits(settings, rcpts, len(body) + sum(
+        mimebuild.attachment_size(a) * 4 // 3 for a in attachments))
+    content = mimebuild.content_entity(body, mimebuild.attachment_parts(attachments))
     if level:
         content = mimebuild.secure(content, level, settings, name, password,
                                    [r.address for r in rcpts])
@@ -258,6 +308,7 @@ def _originator(settings: Any, usrprf: str) -> tuple[str, str]:
     except DirectoryError as e:
         raise SendMailError(f"usrprf: {usrprf!r} {e.problem}") from None
     with SqliteDirectory.from_settings(settings) as directory:
+        _not_disabled(directory, name)
         address = directory.smtp_address(name)
     if address is None:
         raise SendMailError(

@@ -14,6 +14,7 @@ appear in the header block.
 
 from __future__ import annotations
 
+import email.header
 import email.policy
 import email.utils
 import mimetypes
@@ -40,6 +41,17 @@ class Attachment:
     content_type: str
 
 
+def attachment_size(item: str | os.PathLike[str] | tuple[str | os.PathLike[str], str]) -> int:
+    """The size of an attachment file as it is now (0 when it cannot be told: the
+    read that follows says why)."""
+    path = item[0] if isinstance(item, tuple) else item
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
 def attachment_parts(
     attachments: Iterable[str | os.PathLike[str] | tuple[str | os.PathLike[str], str]],
 ) -> list[Attachment]:
@@ -50,12 +62,15 @@ def attachment_parts(
         file = Path(path)
         if ctype is None:
             guessed, wrapper = mimetypes.guess_type(file.name, strict=False)
-            # a .gz or .bz2 file is sent as it is, not as what it unpacks to
-            ctype = guessed if guessed and not wrapper else "application/octet-stream"
-        if ctype.count("/") != 1 or ctype.startswith("multipart/") or any(
+            # a .gz or .bz2 file is sent as it is, not as what it unpacks to; a saved
+            # message (.eml) too: base64 is not allowed for message/* (RFC 2046 5.2.1)
+            ctype = (guessed if guessed and not wrapper and not guessed.startswith("message/")
+                     else "application/octet-stream")
+        if ctype.count("/") != 1 or ctype.lower().startswith(("multipart/", "message/")) or any(
                 c.isspace() for c in ctype):
             raise SendMailError(f"attachment: content type {ctype!r} of {file} is not allowed; "
-                                "allowed: type/subtype such as application/pdf")
+                                "allowed: type/subtype such as application/pdf, not multipart/ "
+                                "or message/")
         try:
             st = file.stat()
             if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
@@ -121,27 +136,60 @@ def content_entity(body: str, attachments: Sequence[Attachment]) -> bytes:
 
 
 def header_block(sender: str, rcpts: Sequence[Recipient], subject: str, hostname: str) -> bytes:
-    """The top-level header fields, each folded and ending CRLF; no Bcc."""
+    """The top-level header fields, each folded and ending CRLF; no Bcc.
+
+    The address fields are written as the envelope has them: they are checked
+    ASCII addr-specs, and the email package would decode an encoded-word in
+    a quoted local part (which RFC 2047 section 5 forbids there) or drop a
+    quoting backslash, naming another address than the one mail goes to.
+    """
     if not isinstance(subject, str) or "\r" in subject or "\n" in subject:
         raise SendMailError("subject: must be one line of text")
-    head = EmailMessage(policy=POLICY)
-    head["From"] = sender
+    fields, names = [_address_field("From", [sender])], ["from"]
     for kind, field in ((TO, "To"), (CC, "Cc")):
         addresses = [r.address for r in rcpts if r.kind == kind]
         if addresses:
-            head[field] = ", ".join(addresses)
+            fields.append(_address_field(field, addresses))
+            names.append(field.lower())
     if not any(r.kind in (TO, CC) for r in rcpts):
-        head["To"] = "undisclosed-recipients:;"
+        fields.append(b"To: undisclosed-recipients:;\r\n")
+        names.append("to")
+    head = EmailMessage(policy=POLICY)
     try:
-        head["Subject"] = subject
+        if "=?" in subject:
+            # Text that looks like an encoded-word is encoded, so readers show it as typed.
+            fields.append(b"Subject: " + email.header.Header(
+                subject, "utf-8", header_name="Subject").encode(
+                    linesep="\r\n", maxlinelen=78).encode("ascii") + b"\r\n")
+            names.append("subject")
+        else:
+            head["Subject"] = subject
         head["Date"] = email.utils.formatdate(localtime=True)
         head["Message-ID"] = email.utils.make_msgid(domain=hostname)
         head["MIME-Version"] = "1.0"
-        block = b"".join(POLICY.fold_binary(name, value) for name, value in head.items())
+        block = b"".join(fields) + b"".join(
+            POLICY.fold_binary(name, value) for name, value in head.items())
     except ValueError:  # a line break the email package refuses (\v, \x85, ...)
         raise SendMailError("subject: must be one line of text") from None
-    same_fields(head, block + b"\r\n", "subject")
+    names += [name.lower() for name in head.keys()]
+    back = email.message_from_bytes(block + b"\r\n", policy=POLICY)
+    if [name.lower() for name in back.keys()] != names:
+        raise SendMailError("subject: a line break, also an encoded one (=?...?=), is not "
+                            "allowed in a subject")
     return block
+
+
+def _address_field(name: str, addresses: Sequence[str]) -> bytes:
+    """``Name: a, b, ...`` folded before an address that would pass 78 columns."""
+    lines, line = [], f"{name}:"
+    for i, address in enumerate(addresses):
+        piece = " " + address + ("," if i < len(addresses) - 1 else "")
+        if len(line) + len(piece) > 78 and line != f"{name}:":
+            lines.append(line)
+            line = ""
+        line += piece
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
 def secure(content: bytes, level: int, settings: Any, usrprf: str, password: str | None,

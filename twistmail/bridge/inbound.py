@@ -73,7 +73,6 @@ class InboundProcessor:
             return self._set_aside(queue_id, "body missing")
         j = self.journal
         j.write("7A", f"7A FIQ {QTMSINQ}", queue_id, queue=QTMSINQ)
-        _delete_api_files(env)
         if self.storage_full():
             j.write("7L", f"7L TSSQ {QTMSBSSQ}", queue_id, queue=QTMSBSSQ)
             j.flush()
@@ -175,16 +174,6 @@ class InboundProcessor:
     def _notice(self, env: Envelope, failures: list[Failure], body: Any) -> str | None:
         return queue_notice(self.queue, self.directory, self.journal, self.hostname, env,
                             failures, body, responsible=self.responsible)
-
-
-def _delete_api_files(env: Envelope) -> None:
-    """The Send MIME Mail API's file goes once the framework has the message."""
-    for h in env.history:
-        if isinstance(h, dict) and "api_file" in h:
-            try:
-                os.unlink(h["api_file"])
-            except OSError:
-                pass  # already gone after an earlier attempt, or not ours to remove
 
 
 def released(env: Envelope) -> bool:
