@@ -212,6 +212,7 @@ def test_bridge_parks_mail_while_storage_is_short(post):
         s.sendmail("jane@example.test", ["sam@example.test"], b"Subject: p\r\n\r\nx\r\n")
     good = a.config.read_text()
     a.config.write_text(good.replace("threshold = 99", "threshold = 50"))
+    assert a.cli("config", "--apply")[0] == 0
     a.cli("strmsf")
     a.wait_for(lambda: a.queue_files("QTMSBSSQ"), 15, "message parked on QTMSBSSQ")
     rc, out, err = a.cli("wrkq", "--queue", "QTMSBSSQ")
@@ -220,6 +221,7 @@ def test_bridge_parks_mail_while_storage_is_short(post):
     a.cli("endmsf", "--option", "*IMMED")
     a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
     a.config.write_text(good)
+    assert a.cli("config", "--apply")[0] == 0
     a.cli("strmsf")
     a.wait_mailbox("SAM", 1)
     assert {"7L", "7M"} <= {e["code"] for e in a.journal()}
