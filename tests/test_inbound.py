@@ -109,3 +109,43 @@ def test_a_notice_made_again_is_neither_queued_nor_journaled_twice(settings):
     processor.journal.flush()
     entries = list(read_entries(processor.journal.directory, ["7P", "AP"]))
     assert [e["code"] for e in entries] == ["7P", "AP"]
+
+
+def _maildir_files(settings, user):
+    box = settings.datadir / "mailboxes" / user / "Maildir"
+    return sorted(p.name for d in ("new", "cur") if (box / d).is_dir()
+                  for p in (box / d).iterdir())
+
+
+def test_a_broken_mailbox_neither_stops_the_others_nor_repeats_their_copies(settings):
+    """JANE's Maildir cannot take mail; SAM fetched and deleted his copy before
+    the retry.  The retry delivers to JANE only: SAM gets no second copy."""
+    SqliteDirectory.from_settings(settings).create_profile("JANE", "secret")
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    jane = settings.datadir / "mailboxes" / "JANE" / "Maildir"
+    MaildirStore(settings.datadir / "mailboxes", "mail.example.test").ensure("JANE")
+    (jane / "tmp").rmdir()
+    (jane / "tmp").write_text("not a directory")
+    qid = _queued(fq, "jane@example.test", "sam@example.test")
+    with pytest.raises(OSError):
+        processor.process(qid)
+    assert len(_maildir_files(settings, "SAM")) == 1  # SAM's copy came all the same
+    assert [r.state for r in fq.load(QTMSINQ, qid).recipients] == ["pending", "delivered"]
+    sam_new = settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new"
+    for p in sam_new.iterdir():
+        p.unlink()  # fetched and deleted over POP
+    (jane / "tmp").unlink()
+    (jane / "tmp").mkdir()
+    assert processor.process(qid).delivered == 1
+    assert _maildir_files(settings, "SAM") == [] and len(_maildir_files(settings, "JANE")) == 1
+    assert fq.find(qid) is None
+
+
+def test_addresses_of_one_mailbox_make_one_copy(settings):
+    """The same address twice, in two spellings, or two caught by *ANY *ANY."""
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "sam@example.test", "SAM@Example.TEST", "sam@example.test")
+    assert processor.process(qid).delivered == 3
+    assert len(_maildir_files(settings, "SAM")) == 1

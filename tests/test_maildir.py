@@ -587,7 +587,40 @@ def test_message_renamed_by_another_reader_is_followed(store: MaildirStore, tmp_
     assert not flagged.exists()
 
 
+def test_a_link_or_fifo_put_in_a_message_s_place_is_not_read(
+        store: MaildirStore, tmp_path: Path) -> None:
+    """Listed as a file, then swapped for a symlink to /etc/passwd (or a FIFO,
+    which would hang the job) by another program with access to the Maildir."""
+    deliver_ids(store, tmp_path, "0001.R1", "0002.R1")
+    session = store.open(USER)
+    first, second = session.message(1), session.message(2)
+    os.unlink(first.path)
+    os.symlink("/etc/passwd", first.path)
+    os.unlink(second.path)
+    os.mkfifo(second.path)
+    for index in (1, 2):
+        with pytest.raises(MessageVanished):
+            session.read(index)
+        with pytest.raises(MessageVanished):
+            session.read_small(index, 0, None, 1000)
+    session.close()
+
+
 # -- coexistence with other Maildir writers and readers ---------------------------
+
+
+def test_names_that_differ_only_in_their_info_both_stay(store: MaildirStore) -> None:
+    """Another program's dup:2,a and dup:2,b both went to cur/dup:2, (one lost)."""
+    new = store.ensure(USER) / "new"
+    (new / "dup:2,a").write_bytes(b"Subject: first\r\n\r\n1\r\n")
+    (new / "dup:2,b").write_bytes(b"Subject: second\r\n\r\n2\r\n")
+    with store.open(USER) as session:
+        texts = set()
+        for m in session.messages():
+            with session.read(m.index) as f:
+                texts.add(f.read())
+    assert texts == {b"Subject: first\r\n\r\n1\r\n", b"Subject: second\r\n\r\n2\r\n"}
+    assert files(new) == []
 
 
 def test_foreign_message_is_listed_and_read(store: MaildirStore, tmp_path: Path) -> None:

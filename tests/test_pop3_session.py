@@ -156,10 +156,29 @@ def test_a_connection_lost_during_quit_keeps_the_mailbox_locked_until_done(store
                                   b"y" * 3000, b"ab\r\n" * 700])
 def test_pieces_are_cut_at_line_ends_reading_a_piece_at_a_time(data):
     cuts = _cut(io.BytesIO(data), 1024)
-    assert b"".join(data[a:b] for a, b in cuts) == data
-    assert all(0 < b - a <= 1024 for a, b in cuts)
-    for a, b in cuts[:-1]:  # a cut falls after a line end where the piece has one
+    assert b"".join(data[a:b] for a, b, *_ in cuts) == data
+    assert all(0 < b - a <= 1024 for a, b, *_ in cuts)
+    for a, b, *_ in cuts[:-1]:  # a cut falls after a line end where the piece has one
         assert data[b - 1:b] == b"\n" or b"\n" not in data[a:b]
+
+
+def test_a_piece_is_listed_at_the_octets_retr_sends(store, tmp_path):
+    """Another program's file with LF line ends: each bare LF goes out as CRLF."""
+    cur = store.ensure("SAM") / "cur"
+    (cur / "imported:2,S").write_bytes(b"Subject: big\n\n" + (b"z" * 60 + b"\n") * 3000)
+    _, _, session, transport = _session(store, msgsplit_kb=64)
+    _login(session, transport)
+    session.dataReceived(b"LIST\r\n")
+    listed = [int(line.split()[1]) for line in transport.value().splitlines()[1:-1]]
+    assert len(listed) == 3
+    for n, size in enumerate(listed, 1):
+        transport.clear()
+        session.dataReceived(b"RETR %d\r\n" % n)
+        while session.sender is not None:
+            session.sender.resumeProducing()
+        sent = transport.value().split(b"\r\n", 1)[1]
+        assert sent.endswith(b"\r\n.\r\n")
+        assert len(sent[:-3].replace(b"\r\n..", b"\r\n.")) == size
 
 
 def test_msgsplit_pieces_are_listed_at_login(store, tmp_path):

@@ -63,6 +63,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterable
 from contextlib import suppress
@@ -427,13 +428,16 @@ class MailboxSession:
     def _open(self, index: int) -> int:
         msg = self.message(index)
         try:
-            return os.open(msg.path, os.O_RDONLY | os.O_CLOEXEC)
+            return _open_message(msg.path)
         except FileNotFoundError:
             pass
+        except MessageVanished:
+            raise MessageVanished(f"message {index} ({msg.uidl}) is no longer a message "
+                                  "file") from None
         moved = self._relocate([msg]).get(index)
         if moved is None:
             raise MessageVanished(f"message {index} ({msg.uidl}) was removed from the mailbox")
-        return os.open(moved.path, os.O_RDONLY | os.O_CLOEXEC)
+        return _open_message(moved.path)
 
     def mark_deleted(self, index: int) -> None:
         """DELE: only marks; the file goes at commit."""
@@ -655,13 +659,43 @@ def _clean_tmp(tmp: Path, older_than: float) -> None:
                 os.unlink(entry.path)
 
 
+def _open_message(path: str | Path) -> int:
+    """A descriptor of the message file at ``path``, which must still be one.
+
+    Another program with write access to the Maildir may have put a symlink
+    (to /etc/passwd, say) or a FIFO in its place since the listing.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MessageVanished(path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MessageVanished(path)
+    return fd
+
+
 def _move_new(maildir: Path) -> None:
-    """Give messages in new/ to cur/ with the info POP sessions write."""
+    """Give messages in new/ to cur/ with the info POP sessions write.
+
+    By link and unlink, not rename: two names of other programs that differ
+    only after the ":" would map to one name in cur/, and a rename would
+    replace the first message with the second.
+    """
     cur = maildir / "cur"
     moved = False
     for entry in _message_files(maildir / "new"):
+        base = entry.name.split(":", 1)[0]
+        target = cur / (base + SEEN_BY_POP)
         with suppress(FileNotFoundError):
-            os.rename(entry.path, cur / (entry.name.split(":", 1)[0] + SEEN_BY_POP))
+            try:
+                os.link(entry.path, target)
+            except FileExistsError:
+                target = cur / f"{base}.{secrets.token_hex(4)}{SEEN_BY_POP}"
+                os.link(entry.path, target)
+            os.unlink(entry.path)
             moved = True
     if moved:
         fsync_dir(cur)

@@ -85,11 +85,21 @@ class InboundProcessor:
         recipients: list[Recipient] = []
         failures: list[Failure] = []
         forwarded = delivered = 0
+        errors: list[Exception] = []
+        # Mailboxes this message is in already: two addresses of one user (or
+        # the same address twice, or two caught by *ANY *ANY) make one copy.
+        boxes = {r.resolved: i for i, r in enumerate(env.recipients)
+                 if r.state == DELIVERED and r.resolved}
         for index, rcpt in enumerate(env.recipients):
             if rcpt.done or rcpt.state == "relayed":
                 recipients.append(rcpt)
                 continue
-            new = self._one(env, index, rcpt, body)
+            try:
+                new = self._one(env, index, rcpt, body, boxes)
+            except Exception as e:  # this mailbox; the others still get their copy
+                errors.append(e)
+                recipients.append(rcpt)
+                continue
             recipients.append(new)
             if new.state == DELIVERED:
                 delivered += 1
@@ -99,6 +109,13 @@ class InboundProcessor:
             else:
                 forwarded += 1
         env = env.with_recipients(recipients)
+        if errors:
+            # What was delivered is recorded before the message is tried again:
+            # a retry must not put a second copy in the mailboxes that worked
+            # (their user may have fetched and deleted the first one by then).
+            j.flush()
+            self.queue.update(QTMSINQ, env)
+            raise errors[0]
         notice = self._notice(env, failures, body) if failures else None
         if failures:  # the client side must not report them again
             env = env.note({"noticed": [f.address for f in failures]})
@@ -141,7 +158,8 @@ class InboundProcessor:
             self.queue.remove(QTMSINQ, env.id)
         return Outcome(env.id, filtered=True)
 
-    def _one(self, env: Envelope, index: int, rcpt: Recipient, body: Any) -> Recipient:
+    def _one(self, env: Envelope, index: int, rcpt: Recipient, body: Any,
+             boxes: dict[str, int]) -> Recipient:
         j = self.journal
         qid = env.id
         res = self.directory.resolve(rcpt.address)
@@ -155,20 +173,26 @@ class InboundProcessor:
         if res.kind == "remote":
             return rcpt.evolve(resolved="remote")
         prefix = trace_prefix(env.originator, rcpt.address)
-        delivery_id = f"{qid}.R{index}"
         now = time.time()
+        box = f"pop:{res.usrprf}" if res.kind == "pop" else f"snads:{res.userid}"
+        first = boxes.get(box)
+        if first is not None and first != index:
+            j.write("B2", f"B2 R {rcpt.address}", qid, recipient=rcpt.address,
+                    same_mailbox_as=env.recipients[first].address)
+            return rcpt.evolve(state=DELIVERED, resolved=box, delivered_at=now,
+                               attempts=rcpt.attempts + 1)
+        delivery_id = f"{qid}.R{index}"
         if res.kind == "pop":
             path = self.mailboxes.deliver(res.usrprf, delivery_id, body, prefix)
             j.write("B8", f"B8 DLV {path.parent.parent}", qid, recipient=rcpt.address,
                     usrprf=res.usrprf, mailbox=str(path.parent.parent))
             j.write("B2", f"B2 R {rcpt.address}", qid, recipient=rcpt.address)
-            resolved = f"pop:{res.usrprf}"
         else:
             self.snads.deliver(res.userid, delivery_id, body, prefix)
             j.write("7O", f"7O TSDS {res.userid} {res.sysaddress}", qid,
                     recipient=rcpt.address, userid=res.userid, address=res.sysaddress)
-            resolved = f"snads:{res.userid}"
-        return rcpt.evolve(state=DELIVERED, resolved=resolved, delivered_at=now,
+        boxes[box] = index
+        return rcpt.evolve(state=DELIVERED, resolved=box, delivered_at=now,
                            attempts=rcpt.attempts + 1)
 
     def _notice(self, env: Envelope, failures: list[Failure], body: Any) -> str | None:

@@ -457,10 +457,10 @@ class POP3Session(SequentialSession):
         total = len(cuts)
         pid = f"{m.uidl}@{self.factory.hostname}"
         out = []
-        for n, (start, end) in enumerate(cuts, 1):
+        for n, (start, end, octets) in enumerate(cuts, 1):
             head = _partial_header(headers, pid, n, total, self.factory.hostname)
             uidl = _piece_uidl(m.uidl, n, total)
-            out.append(Item(before + n, m.index, len(head) + (end - start), uidl,
+            out.append(Item(before + n, m.index, len(head) + octets, uidl,
                             start, end, n, total, head))
         return out
 
@@ -651,8 +651,9 @@ def _header_fields(data: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _cut(f: BinaryIO, size: int) -> list[tuple[int, int]]:
-    """Byte ranges of at most ``size``, each ending with a line where one ends in it."""
+def _cut(f: BinaryIO, size: int) -> list[tuple[int, int, int]]:
+    """Byte ranges of at most ``size``, each ending with a line where one ends in it,
+    with the octets each is sent as (a bare LF goes out as CRLF, as in wire_size)."""
     cuts = []
     start = 0
     while True:
@@ -660,11 +661,11 @@ def _cut(f: BinaryIO, size: int) -> list[tuple[int, int]]:
         data = f.read(size + 1)  # one more byte: is there more after this piece?
         if not data:
             return cuts
-        end = start + len(data)
         if len(data) > size:
             nl = data.rfind(b"\n", 0, size)
-            end = start + (nl + 1 if nl >= 0 else size)
-        cuts.append((start, end))
+            data = data[:nl + 1 if nl >= 0 else size]
+        end = start + len(data)
+        cuts.append((start, end, len(data) + data.count(b"\n") - data.count(b"\r\n")))
         start = end
 
 
