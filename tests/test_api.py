@@ -176,6 +176,11 @@ def test_the_file_goes_when_queued_but_never_a_new_file_of_its_name(
     note.write_bytes(NOTE)
     send_mime_mail(str(note), "app@example.test", ["sam@example.test"], settings=s)
     assert b"the next one" in note.read_bytes()
+    monkeypatch.setattr(api, "queue_message", queue_message)
+    link = tmp_path / "link.mime"
+    link.symlink_to(note)
+    send_mime_mail(str(link), "app@example.test", ["sam@example.test"], settings=s)
+    assert not link.is_symlink() and note.exists()  # the name given goes, as before
 
 
 def test_a_program_sending_many_notes_keeps_no_descriptor(make_appliance, tmp_path):

@@ -149,3 +149,48 @@ def test_addresses_of_one_mailbox_make_one_copy(settings):
     qid = _queued(fq, "sam@example.test", "SAM@Example.TEST", "sam@example.test")
     assert processor.process(qid).delivered == 3
     assert len(_maildir_files(settings, "SAM")) == 1
+
+
+def test_an_unknown_recipient_beside_a_broken_mailbox_still_gets_its_notice(settings):
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    sam = settings.datadir / "mailboxes" / "SAM" / "Maildir"
+    MaildirStore(settings.datadir / "mailboxes", "mail.example.test").ensure("SAM")
+    (sam / "tmp").rmdir()
+    (sam / "tmp").write_text("not a directory")
+    qid = _queued(fq, "sam@example.test", "nobody@example.test")
+    with pytest.raises(OSError):
+        processor.process(qid)
+    (sam / "tmp").unlink()
+    (sam / "tmp").mkdir()
+    outcome = processor.process(qid)
+    assert outcome.delivered == 1 and outcome.failed == 1 and outcome.notice is not None
+
+
+def test_deliveries_are_recorded_when_a_later_step_fails(settings, monkeypatch):
+    """The nondelivery notice cannot be queued (a full disk): the retry makes
+    no second copy for SAM, who fetched and deleted the first meanwhile."""
+    import errno
+
+    from twistmail.bridge import inbound
+
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "sam@example.test", "nobody@example.test")
+    real = inbound.queue_notice
+    calls = []
+
+    def full_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inbound, "queue_notice", full_once)
+    with pytest.raises(OSError):
+        processor.process(qid)
+    for p in (settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new").iterdir():
+        p.unlink()
+    outcome = processor.process(qid)
+    assert outcome.failed == 1 and outcome.notice is not None
+    assert _maildir_files(settings, "SAM") == []

@@ -609,11 +609,13 @@ def test_a_link_or_fifo_put_in_a_message_s_place_is_not_read(
 # -- coexistence with other Maildir writers and readers ---------------------------
 
 
-def test_names_that_differ_only_in_their_info_both_stay(store: MaildirStore) -> None:
-    """Another program's dup:2,a and dup:2,b both went to cur/dup:2, (one lost)."""
+@pytest.mark.parametrize("stem", ["dup", "1700000000.M1P2.other,S=22"])
+def test_names_that_differ_only_in_their_info_both_stay(store: MaildirStore, stem: str) -> None:
+    """Another program's dup:2,a and dup:2,b both went to cur/dup:2, (one lost);
+    with Maildir++ fields, a second name of the same base was taken for a copy."""
     new = store.ensure(USER) / "new"
-    (new / "dup:2,a").write_bytes(b"Subject: first\r\n\r\n1\r\n")
-    (new / "dup:2,b").write_bytes(b"Subject: second\r\n\r\n2\r\n")
+    (new / f"{stem}:2,a").write_bytes(b"Subject: first\r\n\r\n1\r\n")
+    (new / f"{stem}:2,b").write_bytes(b"Subject: second\r\n\r\n2\r\n")
     with store.open(USER) as session:
         texts = set()
         for m in session.messages():
@@ -621,6 +623,10 @@ def test_names_that_differ_only_in_their_info_both_stay(store: MaildirStore) -> 
                 texts.add(f.read())
     assert texts == {b"Subject: first\r\n\r\n1\r\n", b"Subject: second\r\n\r\n2\r\n"}
     assert files(new) == []
+    with store.open(USER) as session:
+        assert len(session.messages()) == 2
+        session.commit()  # nothing marked: nothing goes
+    assert len(files(store.path(USER) / "cur")) == 2
 
 
 def test_foreign_message_is_listed_and_read(store: MaildirStore, tmp_path: Path) -> None:

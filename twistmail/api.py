@@ -77,7 +77,7 @@ def send_mime_mail(
                         program="QTMMSNDM", via="Send MIME Mail API", usrprf=usrprf,
                         origin=str(file))
     try:
-        now = os.lstat(file)
+        now = os.stat(file)  # through a symlink: the name goes if it still leads there
         if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
             os.unlink(file)
     except OSError:

@@ -680,22 +680,22 @@ def _open_message(path: str | Path) -> int:
 def _move_new(maildir: Path) -> None:
     """Give messages in new/ to cur/ with the info POP sessions write.
 
-    By link and unlink, not rename: two names of other programs that differ
-    only after the ":" would map to one name in cur/, and a rename would
-    replace the first message with the second.
+    Two names of other programs that differ only after the ":" would map to
+    one name in cur/, and a rename would replace the first message with the
+    second: the second gets a name of its own, with a base of its own (a
+    copy with the same base would be taken for a redundant one).  Nothing
+    else writes cur/ while the session's lock is held.
     """
     cur = maildir / "cur"
     moved = False
     for entry in _message_files(maildir / "new"):
-        base = entry.name.split(":", 1)[0]
-        target = cur / (base + SEEN_BY_POP)
+        stem = entry.name.split(":", 1)[0]
+        target = cur / (stem + SEEN_BY_POP)
+        if os.path.lexists(target):
+            head, comma, fields = stem.partition(",")
+            target = cur / f"{head}.{secrets.token_hex(4)}{comma}{fields}{SEEN_BY_POP}"
         with suppress(FileNotFoundError):
-            try:
-                os.link(entry.path, target)
-            except FileExistsError:
-                target = cur / f"{base}.{secrets.token_hex(4)}{SEEN_BY_POP}"
-                os.link(entry.path, target)
-            os.unlink(entry.path)
+            os.rename(entry.path, target)
             moved = True
     if moved:
         fsync_dir(cur)

@@ -18,6 +18,7 @@ the original's, so a repeated notice is the same message.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -108,14 +109,24 @@ class InboundProcessor:
                 failures.append(Failure(new.address, status, text))
             else:
                 forwarded += 1
-        env = env.with_recipients(recipients)
-        if errors:
+        before, env = env, env.with_recipients(recipients)
+        try:
+            if errors:
+                raise errors[0]
+            notice = self._settle(env, recipients, failures, forwarded, body)
+        except Exception:
             # What was delivered is recorded before the message is tried again:
             # a retry must not put a second copy in the mailboxes that worked
             # (their user may have fetched and deleted the first one by then).
-            j.flush()
-            self.queue.update(QTMSINQ, env)
-            raise errors[0]
+            # Nothing else is: a failure is reported, with its notice, then.
+            self._keep_deliveries(before, recipients)
+            raise
+        return Outcome(queue_id, delivered, len(failures), forwarded, notice=notice)
+
+    def _settle(self, env: Envelope, recipients: list[Recipient], failures: list[Failure],
+                forwarded: int, body: Any) -> str | None:
+        """Notices, then the message moves on to QTMSOUTQ or goes; the failure notice's id."""
+        j, queue_id = self.journal, env.id
         notice = self._notice(env, failures, body) if failures else None
         if failures:  # the client side must not report them again
             env = env.note({"noticed": [f.address for f in failures]})
@@ -135,7 +146,18 @@ class InboundProcessor:
             # delivered again, it finds its copies there and makes none.  A
             # notice would be sent twice, so its removal must hold.
             self.queue.remove(QTMSINQ, queue_id, durable=bool(failures or successes))
-        return Outcome(queue_id, delivered, len(failures), forwarded, notice=notice)
+        return notice
+
+    def _keep_deliveries(self, before: Envelope, recipients: list[Recipient]) -> None:
+        kept = [new if new.state == DELIVERED else old
+                for old, new in zip(before.recipients, recipients, strict=True)]
+        if kept == list(before.recipients):
+            return
+        self.journal.flush()
+        try:
+            self.queue.update(QTMSINQ, before.with_recipients(kept))
+        except (OSError, KeyError) as e:  # the first error is the one raised
+            print(f"{before.id}: its deliveries could not be recorded: {e}", file=sys.stderr)
 
     def _set_aside(self, queue_id: str, reason: str) -> Outcome:
         """A message that cannot be read goes to corrupt/ (7Y), kept for the administrator."""
