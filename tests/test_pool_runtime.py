@@ -406,6 +406,10 @@ def test_ctrl_c_at_the_terminal_leaves_the_children_to_the_controller(appliance)
     """Ctrl-C reaches every process of the group: the jobs and the bridge ignore it
     (the controller ends them in a controlled way), so a session goes on."""
     a = appliance
+    # Every launcher past its interpreter's start (a Python process starting
+    # takes SIGINT as KeyboardInterrupt until its code ignores it): the
+    # bridge's client jobs are ready.
+    a.wait_for(lambda: a.count("QTMSCCLCP", "PSRW") >= 1, 20, "the client jobs")
     with socket.create_connection(a.addr("smtp"), timeout=10) as s:
         assert read_reply(s).startswith(b"220 ")
         for pid in a.children():
