@@ -58,6 +58,8 @@ def test_a_refused_hand_edit_never_reaches_a_job_started_later(make_appliance):
 def test_what_needs_a_restart_waits_for_it_and_is_said_until_then(make_appliance):
     """A new host name or listener is not half applied by the next change."""
     a = make_appliance().start()
+    rc, out, _ = a.cli("config", "--apply")
+    assert rc == 0 and out.strip() == "configuration applied to the running daemon: nothing changed"
     text = a.config.read_text()
     assert 'hostname = "mail.example.test"' in text
     a.config.write_text(text.replace('hostname = "mail.example.test"',

@@ -428,6 +428,8 @@ class Controller(service.Service):
         restart = [sec for sec in ("listen", "system") if getattr(fresh, sec) != getattr(old, sec)]
         new = attrs.evolve(fresh, listen=old.listen, system=old.system)
         tls_state = self._check_tls(new)
+        if new == old and tls_state == self.tls_state:
+            return {"applied": [], "restart_needed": restart}  # "nothing changed"
         try:
             configmod.write_applied(new)
         except OSError as e:
