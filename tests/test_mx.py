@@ -87,6 +87,8 @@ def zone() -> dict[str, dict[int, Any]]:
         "worse.secondary.test": {A: ["192.0.2.94"]},
         "addrloop.test": {MX: [(10, "mx.addrloop.test")]},
         "mx.addrloop.test": {A: ["127.0.0.1"]},
+        "mappedloop.test": {MX: [(10, "mx.mappedloop.test")]},
+        "mx.mappedloop.test": {AAAA: ["::ffff:127.0.0.1"]},
         "mx.pinned.test": {A: ["192.0.2.70"]},
     }
     for i in range(10):
@@ -351,6 +353,9 @@ class DNSTests(unittest.TestCase):
             await self.local(endpoints=[("127.0.0.1", 25)]).route("addrloop.test")
         with self.assertRaises(MailLoop):  # a wildcard listener takes every local address
             await self.local(endpoints=[("0.0.0.0", 25)]).route("addrloop.test")
+        for listener in ("127.0.0.1", "0.0.0.0"):  # an IPv4-mapped address reaches it too
+            with self.assertRaises(MailLoop):
+                await self.local(endpoints=[(listener, 25)]).route("mappedloop.test")
         other_port = await self.local(endpoints=[("127.0.0.1", 2525)]).route("addrloop.test")
         self.assertEqual(other_port[0].address, "127.0.0.1")
 
@@ -395,8 +400,9 @@ class PureTests(unittest.SynchronousTestCase):
         self.assertEqual(route_for("Far.Example.", s, ["near.test"]),
                          RoutingDecision(MAILROUTER, "far.example", relay=("2001:db8::1", 26)))
         for domain in ("near.test", "sub.near.test"):
+            # Not through the firewall, not even as a fallback when DNS fails.
             self.assertEqual(route_for(domain, s, [".near.test"]),
-                             RoutingDecision(DIRECT, domain, fallback=("2001:db8::1", 26)))
+                             RoutingDecision(DIRECT, domain))
         self.assertEqual(route_for("notnear.test", s, ["near.test"]).kind, MAILROUTER)
 
     def test_mx_with_router_fallback(self) -> None:

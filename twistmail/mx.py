@@ -170,6 +170,8 @@ class LocalHost:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # ::ffff:a.b.c.d reaches a.b.c.d's listener
         for host, listen_port in self.endpoints:
             if listen_port != port:
                 continue
@@ -357,7 +359,11 @@ def route_for(
         return RoutingDecision(HUB, name, relay=parse_hostport(hub))
     router_hp = parse_hostport(router) if router is not None else None
     firewall = _yes(getattr(settings, "firewall", "*NO"))
-    if firewall and router_hp is not None and not is_near(name, near or ()):
+    if firewall and router_hp is not None:
+        if is_near(name, near or ()):
+            # *NEAR mail never goes through the firewall, not even when its
+            # own DNS fails for a while: it waits for it instead.
+            return RoutingDecision(DIRECT, name)
         return RoutingDecision(MAILROUTER, name, relay=router_hp)
     return RoutingDecision(DIRECT, name, fallback=router_hp)
 
