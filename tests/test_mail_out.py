@@ -179,17 +179,26 @@ def test_etrn_starts_delivery_of_held_back_mail(make_appliance, sink):
                                else "451 4.4.1 not now")
     a = outbound(make_appliance, sink, rtymin=[3, 60], etrnsvr="*YES")
     send(a, ["friend@remote.test"])
-    a.wait_for(lambda: a.queue_files("QTMSRTQ1"), 20, "the message on the retry queue")
+    send(a, ["other@branch.remote.test"])
+    a.wait_for(lambda: len(a.queue_files("QTMSRTQ1")) == 2, 20, "the messages on the retry queue")
     state["up"] = True
     with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
         s.ehlo()
         assert s.has_extn("etrn")
         code, text = s.docmd("ETRN", "remote.test")
         assert code == 459  # not in the *ETRNSVR list
-        assert a.cli("addsmtple", "--type", "*ETRNSVR", "--intnetadr", "127.0.0.1")[0] == 0
+        # The manual's way: the ISP's host name (found by its address now).
+        assert a.cli("addsmtple", "--type", "*ETRNSVR", "--hostname", "localhost")[0] == 0
         code, text = s.docmd("ETRN", "remote.test")
         assert code == 250, text
     a.wait_for(lambda: sink.messages, 20, "delivery started by ETRN, not after 60 minutes")
+    time.sleep(2)  # RFC 1985: "remote.test" is that node, not its subdomains
+    assert [m.recipients for m in sink.messages] == [["friend@remote.test"]]
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        assert s.docmd("ETRN", "@remote.test")[0] == 250
+    a.wait_for(lambda: len(sink.messages) == 2, 20, "ETRN @remote.test")
+    assert sink.messages[1].recipients == ["other@branch.remote.test"]
 
 
 def test_dsn_notify_ret_and_the_responsible_person(make_appliance, sink):

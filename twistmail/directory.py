@@ -1037,6 +1037,10 @@ class SqliteDirectory:
             return False
         return _host_key(ip_or_host) in self._list_snapshot().etrn
 
+    def etrn_host_names(self) -> list[str]:
+        """The *ETRNSVR entries given by host name (the manual's "ISP's host"), sorted."""
+        return sorted(h for h in self._list_snapshot().etrn if not _is_address(h))
+
     def hostauth(self, hostname: str) -> tuple[str, str] | None:
         """The (user name, password) the SMTP client signs on with at ``hostname``."""
         if not isinstance(hostname, str):
@@ -1665,6 +1669,14 @@ def _client_ints(ip: str) -> tuple[int | None, int | None]:
 
 
 @functools.lru_cache(maxsize=1024)
+def _is_address(key: str) -> bool:
+    try:
+        ipaddress.ip_address(key)
+    except ValueError:
+        return False
+    return True
+
+
 def _host_key(text: str) -> str:
     """How a host is compared: a canonical address (mapped ones as IPv4) or a lower-case name."""
     name = text.strip().removesuffix(".")

@@ -117,10 +117,15 @@ class _Found:
 
 
 def request_flush(queue_root: Path, node: str) -> None:
-    """ETRN: ask the bridge to make the mail for ``node`` due now (a request file)."""
+    """ETRN: ask the bridge to make the mail for ``node`` due now (a request file).
+
+    ``@domain`` (RFC 1985 section 3) is the domain and every subdomain of it;
+    a plain name is that node alone.
+    """
     d = queue_root / "etrn"
     d.mkdir(exist_ok=True)
-    (d / node.lower().strip(".").replace("/", "_")).touch()
+    at = "@" if node.startswith("@") else ""
+    (d / (at + node.lstrip("@").lower().strip(".").replace("/", "_"))).touch()
 
 
 def _flush_requests(queue_root: Path) -> set[str]:
@@ -914,8 +919,10 @@ def _sending(env: Envelope, rcpts: list[str]) -> dict[str, Any]:
 
 
 def _in_node(address: str, nodes: set[str]) -> bool:
+    """Whether ETRN ``nodes`` cover the address: ``@name`` with its subdomains."""
     domain = address.rpartition("@")[2].lower().rstrip(".")
-    return any(domain == n or domain.endswith("." + n) for n in nodes)
+    return any(domain == n.lstrip("@") or (n.startswith("@") and domain.endswith("." + n[1:]))
+               for n in nodes)
 
 
 def _status(error: str | None) -> str:

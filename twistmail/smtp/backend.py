@@ -11,7 +11,9 @@ Settings honoured: ``[system] local_domains``, ``[storage] threshold``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -194,13 +196,29 @@ class QueueBackend(Backend):
             self.reactor, self.reactor.getThreadPool(), self._etrn, node, client_ip)
 
     def _etrn(self, node: str, client_ip: str) -> bool:
-        if not self.directory.etrn_allowed(client_ip):
+        if not (self.directory.etrn_allowed(client_ip) or self._etrn_host(client_ip)):
             return False
         from twistmail.bridge.outbound import request_flush
 
         request_flush(self.queue.root, node)
         self.journal.write("9Y", f"9Y ETRN {node} {client_ip}", ip=client_ip, node=node)
         return True
+
+    def _etrn_host(self, client_ip: str) -> bool:
+        """Whether an *ETRNSVR entry given by host name has the client's address.
+
+        Looked up now (the system resolver and /etc/hosts, in this thread), so
+        an ISP whose address changes keeps its entry working.
+        """
+        client = _host_address(client_ip)
+        for host in self.directory.etrn_host_names():
+            try:
+                infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                continue
+            if any(_host_address(info[4][0]) == client for info in infos):
+                return True
+        return False
 
     def dsn_allowed(self, client_ip: str) -> Any:
         if self.alwrly == "*ALL":
@@ -307,3 +325,12 @@ class QueueBackend(Backend):
             j.write("97", f"97 TIQ {QTMSINQ}", qid, queue=QTMSINQ)
         else:
             j.write("96", f"96 TOQ {QTMSOUTQ}", qid, queue=QTMSOUTQ)
+
+
+def _host_address(text: str) -> Any:
+    """An address to compare: IPv4-mapped IPv6 as IPv4, the zone dropped."""
+    try:
+        ip = ipaddress.ip_address(str(text).split("%", 1)[0])
+    except ValueError:
+        return None
+    return (ip.ipv4_mapped or ip) if ip.version == 6 else ip

@@ -648,8 +648,9 @@ class SMTPSession(SequentialSession):
         if self.txn is not None:
             self.reply(503, "5.5.1 Error: ETRN not allowed during a mail transaction")
             return None
-        node = arg.strip().lstrip("@")
-        if not node or " " in node or node.startswith("#"):
+        # "@domain" asks for the domain and its subdomains, "domain" for that node only.
+        node = arg.strip()
+        if not node.lstrip("@") or " " in node or node.startswith(("#", "@@")):
             self.reply(501, "5.5.4 Syntax: ETRN domain")
             return None
         d = defer.maybeDeferred(self.factory.backend.etrn, node, self.peer_ip)
