@@ -253,7 +253,9 @@ def test_a_reload_switches_the_journals_of_the_bridge_and_its_qmsf_jobs(tmp_path
     from types import SimpleNamespace
 
     from twistmail.bridge import main as bridgemain
+    from twistmail import config as configmod
     from twistmail.bridge import msf
+    from twistmail.controller.service import limits_of
     from twistmail.journal import Journal
 
     sections = base_sections(tmp_path / "var")
@@ -265,9 +267,12 @@ def test_a_reload_switches_the_journals_of_the_bridge_and_its_qmsf_jobs(tmp_path
     journals = [Journal(tmp_path / "journal", f"T/{n}") for n in range(4)]
     assert all(j.enabled for j in journals)
     manager = SimpleNamespace(storage_full=lambda: False)
-    bridgemain._reload(str(config),
-                       SimpleNamespace(reconfigure=lambda *a: None, reload_jobs=lambda: None,
-                                       journal=journals[0]),
+    changed = []
+    settings = configmod.load(config)
+    pool = SimpleNamespace(reconfigure=lambda *a: changed.append(a), reload_jobs=lambda: None,
+                           journal=journals[0], entry=settings.prestart.QTMSCCLCP,
+                           limits=limits_of(settings))
+    bridgemain._reload(str(config), pool,
                        SimpleNamespace(configure=lambda s: None, journal=journals[1]),
                        SimpleNamespace(reload=lambda: None, journal=journals[2]),
                        manager)
@@ -275,3 +280,4 @@ def test_a_reload_switches_the_journals_of_the_bridge_and_its_qmsf_jobs(tmp_path
     msf._reload(str(config), processor)
     assert not any(j.enabled for j in journals)
     assert manager.storage_full() and processor.storage_full()
+    assert changed == []  # the client pool's entry is as it was: no JA CHG QTMSCCLCP

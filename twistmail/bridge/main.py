@@ -136,7 +136,9 @@ def _reload(config_path: str, pool, outbound, jobs, manager) -> None:  # noqa: A
     except (configmod.SettingError, OSError) as e:
         print(f"settings not reloaded, keeping the old ones: {e}", file=sys.stderr)
         return
-    pool.reconfigure(settings.prestart.QTMSCCLCP, limits_of(settings))
+    entry, limits = settings.prestart.QTMSCCLCP, limits_of(settings)
+    if entry != pool.entry or limits != pool.limits:  # journaled (JA) only when changed
+        pool.reconfigure(entry, limits)
     pool.reload_jobs()
     outbound.configure(settings)
     jobs.reload()
