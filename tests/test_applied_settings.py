@@ -30,6 +30,8 @@ def test_a_refused_hand_edit_never_reaches_a_job_started_later(make_appliance):
     a.config.write_text(good.replace("[pop]\n", "[pop]\ninacttimo = 5\n"))
     rc, out, err = a.cli("config", "--apply")
     assert rc == 2 and "pop.inacttimo" in err
+    rc, out, err = a.cli("status")  # the daemon is still found and shown
+    assert rc == 0 and "QTMSSRCP" in out, err
     _kill_idle_smtp_jobs(a)
     a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") >= a.inljobs("QTMSSRCP"), 20,
                "replacement jobs ready")

@@ -124,3 +124,13 @@ def test_text_that_is_not_utf8_is_named_in_one_line(stopped, args, stdin, needle
     assert r.returncode == 2 and len(err.strip().splitlines()) == 1, err
     assert needle in err and "Traceback" not in err
     assert "p\\udce9" not in err  # a password is never echoed
+
+
+def test_a_file_that_is_not_toml_is_named_once_with_the_place(tmp_path):
+    cfg = tmp_path / "twistmail.toml"
+    cfg.write_text('[smtp]\nmaxrcpt = "unclosed\n')
+    r = subprocess.run([TWISTMAIL, "--config", str(cfg), "dspsmtpa"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    [line] = r.stderr.strip().splitlines()
+    assert line.count("twistmail.toml") == 1 and "not valid TOML" in line and "line 2" in line

@@ -252,8 +252,8 @@ def test_a_reload_switches_the_journals_of_the_bridge_and_its_qmsf_jobs(tmp_path
     storage threshold, which decides what is parked on QTMSBSSQ and released."""
     from types import SimpleNamespace
 
-    from twistmail.bridge import main as bridgemain
     from twistmail import config as configmod
+    from twistmail.bridge import main as bridgemain
     from twistmail.bridge import msf
     from twistmail.controller.service import limits_of
     from twistmail.journal import Journal

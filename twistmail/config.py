@@ -21,6 +21,7 @@ import attrs
 from twistmail.settingtypes import (
     Choice,
     DomainList,
+    FileError,
     HostPort,
     Int,
     IntPair,
@@ -388,12 +389,24 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
         try:
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
-            raise SettingError(str(p), "(file)", f"valid TOML ({e})") from None
+            raise FileError(str(p), f"valid TOML ({e})") from None
         except UnicodeDecodeError as e:
-            raise SettingError(
-                str(p), "(file)", f"UTF-8 text ({e.reason} at byte {e.start})"
-            ) from None
+            raise FileError(str(p), f"UTF-8 text ({e.reason} at byte {e.start})") from None
     return from_mapping(data, p)
+
+
+def control_socket_of(path: str | os.PathLike[str]) -> Path | None:
+    """Where the daemon of the file at ``path`` answers, read leniently: a bad
+    value elsewhere in the file must not hide a running daemon (``status``)."""
+    p = Path(path).absolute()
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+        datadir = data.get("system", {}).get("datadir", SystemSettings().datadir)
+        settings = Settings(path=p, system=SystemSettings(datadir=str(datadir)))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return settings.control_socket
 
 
 #: Where the daemon keeps the settings it accepted, in ``<datadir>/run``.
@@ -432,7 +445,7 @@ def _load_applied(path: Path) -> Settings:
         record = json.loads(path.read_bytes())
         config, tree = Path(record["config"]), record["settings"]
     except (ValueError, KeyError, TypeError) as e:
-        raise SettingError(str(path), "(file)", f"the daemon's settings record ({e})") from None
+        raise FileError(str(path), f"the daemon's settings record ({e})") from None
     return from_mapping(tree, config)
 
 

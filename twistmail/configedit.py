@@ -26,7 +26,7 @@ from tomlkit.items import AoT, Table
 
 from twistmail import config
 from twistmail.durable import fsync_dir
-from twistmail.settingtypes import SettingError, parse_value
+from twistmail.settingtypes import FileError, SettingError, parse_value
 
 __all__ = ["SettingError", "UnknownSetting", "set_values", "setting_type"]
 
@@ -108,7 +108,7 @@ def _parse(text: str, path: Path) -> tomlkit.TOMLDocument:
     try:
         return tomlkit.parse(text)
     except tomlkit.exceptions.ParseError as e:
-        raise SettingError(str(path), "(file)", f"valid TOML ({_one_line(str(e))})") from None
+        raise FileError(str(path), f"valid TOML ({_one_line(str(e))})") from None
 
 
 def _one_line(text: str) -> str:
@@ -164,7 +164,7 @@ def _validate(text: str, path: Path) -> None:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise SettingError(str(path), "(file)", f"valid TOML ({e})") from None
+        raise FileError(str(path), f"valid TOML ({e})") from None
     config.from_mapping(data, path)
 
 

@@ -28,6 +28,15 @@ class SettingError(ValueError):
         super().__init__(f"{key}: {value!r} is not allowed; allowed: {allowed}")
 
 
+class FileError(SettingError):
+    """The file as a whole cannot be read as settings: ``path: not <what>``."""
+
+    def __init__(self, path: str, what: str) -> None:
+        self.problem = f"not {what}"
+        ValueError.__init__(self, f"{path}: {self.problem}")
+        self.key, self.value, self.allowed = path, "(file)", what
+
+
 class _Invalid(Exception):
     """Raised by a type's ``parse``; turned into SettingError with the key."""
 

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from twistmail import config as configmod
-from twistmail.settingtypes import SettingError, parse_value
+from twistmail.settingtypes import FileError, SettingError, parse_value
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -44,8 +44,10 @@ class AppContext:
             except FileNotFoundError:
                 raise click.UsageError(
                     f"--config: {str(self.config_path)!r} does not exist; "
-                    "allowed: the path of a twistmail TOML file"
+                    "allowed: the path of a twistmail TOML file (or set TWISTMAIL_CONFIG)"
                 ) from None
+            except FileError as e:
+                raise click.UsageError(f"{self.config_path}: {e.problem}") from None
             except SettingError as e:
                 raise click.UsageError(f"{self.config_path}: {e}") from None
             except OSError as e:
@@ -62,7 +64,15 @@ class AppContext:
     def control(self) -> Any:
         from twistmail.control import ControlClient
 
-        return ControlClient(self.settings.control_socket)
+        try:
+            return ControlClient(self.settings.control_socket)
+        except click.UsageError:
+            # A bad value in the file: the daemon still runs on what it
+            # accepted, and status, wrkactjob, ... can still reach it.
+            where = configmod.control_socket_of(self.config_path)
+            if where is None:
+                raise
+            return ControlClient(where)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

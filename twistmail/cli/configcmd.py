@@ -48,7 +48,8 @@ def config_command(non_default: bool, as_json: bool, apply: bool) -> None:
 def _apply() -> None:
     from twistmail.cli.poolcmds import call
 
-    result = call("reload")  # a file the daemon would refuse is told first, in one line
+    app().reload()  # a file the daemon would refuse is told first, in one line (exit 2)
+    result = call("reload")
     applied = ", ".join(result.get("applied", ())) or "nothing changed"
     click.echo(f"configuration applied to the running daemon: {applied}")
     if result.get("restart_needed"):

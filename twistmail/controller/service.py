@@ -143,6 +143,11 @@ class Controller(service.Service):
         s = self.settings
         from twistmail import tlsconfig
 
+        if "." not in s.hostname.strip(".") or s.hostname.lower().startswith("localhost"):
+            self.log.warn("this host's name is {name!r}: set [system] hostname to its fully "
+                          "qualified name; the greeting, Received: fields, notices and the "
+                          "system name of new directory entries use it", name=s.hostname)
+
         tlsconfig.ensure_pair(s)
         if not s.tls.certificate:  # a configured pair was checked by twistd already (tap)
             try:
