@@ -186,9 +186,9 @@ def refused_change(e: SettingError, options: dict[str, str]) -> NoReturn:
     option = options.get(e.key)
     if option is not None:
         usage_error(f"{option}: {e.value!r} is not allowed; allowed: {e.allowed}")
-    setting = e.key.rsplit(".", 1)[-1].upper()
-    usage_error(f"{', '.join(options.values())}: {setting} {e.value!r} is not allowed with "
-                f"the other settings; allowed: {e.allowed}")
+    name = e.key.rsplit(".", 1)[-1]
+    usage_error(f"{', '.join(options.values())}: then {name.upper()} {e.value!r} is not "
+                f"allowed; allowed for {name.upper()}: {e.allowed}")
 
 
 @contextmanager

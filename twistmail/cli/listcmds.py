@@ -77,10 +77,16 @@ def _password(raw: str | None) -> str | None:
     return stdin_text("--password")
 
 
-def _options(*names: str, type_help: str = _TYPE_HELP) -> Callable[..., Any]:
+#: RMVSMTPLE names an entry: the mask may be left out when one entry has the address.
+_REMOVAL_HELP = {**_OPTION_HELP, "subnetmask": _OPTION_HELP["subnetmask"].replace(
+    "default a single address", "may be left out when only one entry has the address")}
+
+
+def _options(*names: str, type_help: str = _TYPE_HELP,
+             helps: dict[str, str] = _OPTION_HELP) -> Callable[..., Any]:
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         for name in reversed(names):
-            f = click.option(f"--{name}", help=_OPTION_HELP[name])(f)
+            f = click.option(f"--{name}", help=helps[name])(f)
         return click.option("--type", "list_type", required=True, help=type_help)(f)
 
     return decorate
@@ -132,7 +138,7 @@ def _everyone(entry: ListEntry) -> bool:
 
 
 @cli.command("rmvsmtple", epilog=LIVE)
-@_options("intnetadr", "subnetmask", "hostname", "ftrdata", "username")
+@_options("intnetadr", "subnetmask", "hostname", "ftrdata", "username", helps=_REMOVAL_HELP)
 def rmvsmtple(list_type: str, **options: str | None) -> None:
     """Remove one SMTP list entry, named by its type and the keywords that identify it."""
     list_type = _list_type(list_type)

@@ -90,7 +90,7 @@ def chgpje(pgm: str, **values: str | None) -> None:
         vtype = configmod.field_type(configmod.PrestartEntry, key)
         changes[f"prestart.{pgm}.{key}"] = value_of(f"--{key}", vtype, raw)
     if not changes:
-        usage_error("chgpje: give at least one of " + ", ".join("--" + k for k in ENTRY_KEYS))
+        usage_error("give at least one of " + ", ".join("--" + k for k in ENTRY_KEYS))
     settings = app().settings
     try:
         configedit.set_values(settings.path, changes)
