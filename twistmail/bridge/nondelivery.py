@@ -118,8 +118,8 @@ def build_notice(
     msg.set_content(
         f"This is the mail system at host {hostname}.\n\n"
         f"{intro}\n"
-        "The administrator can trace it in the QZMF journal with\n"
-        f"  twistmail dspjrn --msgid {queue_id}\n\n"
+        f"For help, write to the postmaster of {hostname} and quote the\n"
+        f"queue id {queue_id}.\n\n"
         f"{listing}\n"
     )
     msg.make_mixed()
