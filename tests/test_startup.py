@@ -103,3 +103,15 @@ def test_a_bridge_whose_controller_is_gone_before_it_looks_ends(tmp_path):
     code = code.replace("os.getppid() + 1", "os.getppid()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "still here" in r.stdout
+
+
+def test_a_child_s_log_leaves_out_what_every_new_resolver_says():
+    code = ("from twistmail.lifeline import log_to_stderr\n"
+            "log_to_stderr()\n"
+            "from twisted.names import client\n"
+            "from twisted.python import log\n"
+            "client.createResolver()\n"
+            "log.msg('kept line')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "kept line" in r.stderr
+    assert "reparsing" not in r.stderr and "Resolver added" not in r.stderr

@@ -42,9 +42,25 @@ def name_process(name: str) -> None:
         pass
 
 
+def _routine_text(text: str) -> bool:
+    """What every new DNS resolver says (twisted.names reads /etc/resolv.conf):
+    once per job start, it was half of the daemon's log."""
+    return (text.startswith("Resolver added ")
+            or ("resolv.conf" in text and text.endswith("changed, reparsing")))
+
+
 def log_to_stderr() -> None:
     """Send this child's Twisted log to stderr, which the controller logs with its name."""
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        PredicateResult,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
-                                     redirectStandardIO=False)
+    def routine(event: dict) -> PredicateResult:
+        text = " ".join(str(m) for m in event.get("message", ()))
+        return PredicateResult.no if _routine_text(text) else PredicateResult.maybe
+
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [routine])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
