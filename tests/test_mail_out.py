@@ -173,6 +173,17 @@ def _mx_routing(make_appliance, dns, mx_sink) -> None:
     assert b"Final-Recipient: rfc822; x@nullmx.test" in notice.read_bytes()
 
 
+def test_cltbind_binds_each_family_to_its_own_entry(make_appliance, sink):
+    """An IPv6 entry first must not leave IPv4 mail unbound (the NAT case of the manual)."""
+    a = outbound(make_appliance, sink)
+    for address in ("::1", "127.0.0.2"):
+        assert a.cli("addsmtple", "--type", "*CLTBIND", "--intnetadr", address)[0] == 0
+    time.sleep(1.2)  # client jobs read the lists at most once a second
+    send(a, ["friend@remote.test"])
+    a.wait_for(lambda: sink.messages, 20, "delivery to the mail router")
+    assert sink.peers[-1] == "127.0.0.2"
+
+
 def test_etrn_starts_delivery_of_held_back_mail(make_appliance, sink):
     state = {"up": False}
     sink.behaviour = Behaviour(rcpt=lambda addr: "250 2.1.5 ok" if state["up"]

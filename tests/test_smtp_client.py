@@ -176,11 +176,13 @@ class Sink:
         self.tls_sessions = 0
         self.tls_failures = 0
         self.connections = 0
+        self.peers: list[str] = []  # the client address of each connection
         sink = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 sink.connections += 1
+                sink.peers.append(self.client_address[0])
                 try:
                     sink.session(self.request)
                 except (EOFError, OSError, ssl.SSLError):

@@ -763,7 +763,8 @@ class _Options:
     trust_root: Any
     auth_requires_tls: bool
     chunk_size: int
-    bind_address: str | None
+    #: *CLTBIND: one address, or the first of each family (str or a tuple of them).
+    bind_address: str | tuple[str, ...] | None
 
     def credentials(self, hop: Hop) -> Credentials | None:
         if self.auth is None or isinstance(self.auth, Credentials):
@@ -1256,7 +1257,7 @@ def deliver(
     trust_root: Any = None,
     timeouts: Timeouts | None = None,
     timeout_scale: float = 1.0,
-    bind_address: str | None = None,
+    bind_address: str | tuple[str, ...] | None = None,
     auth_requires_tls: bool = True,
     chunk_size: int = CHUNK_SIZE,
     cache: SessionCache | None = None,
@@ -1366,9 +1367,9 @@ async def _converse(session: _Session, hop: Hop, job: _Job, options: _Options,
 
 def _endpoint(reactor: Any, hop: Hop, options: _Options) -> Any:
     v6 = ":" in hop.address
-    bind = None
-    if options.bind_address and (":" in options.bind_address) == v6:
-        bind = (options.bind_address, 0)
+    given = options.bind_address
+    addresses = (given,) if isinstance(given, str) else (given or ())
+    bind = next(((a, 0) for a in addresses if (":" in a) == v6), None)  # the hop's family
     cls = TCP6ClientEndpoint if v6 else TCP4ClientEndpoint
     return cls(reactor, hop.address, hop.port, timeout=options.timeouts.connect,
                bindAddress=bind)
@@ -1429,7 +1430,7 @@ def etrn(
     trust_root: Any = None,
     timeouts: Timeouts | None = None,
     timeout_scale: float = 1.0,
-    bind_address: str | None = None,
+    bind_address: str | tuple[str, ...] | None = None,
     auth_requires_tls: bool = True,
 ) -> defer.Deferred[EtrnResult]:
     """Issue ``ETRN node`` for each node to the first hop that answers (ETRNCLT).

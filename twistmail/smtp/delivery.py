@@ -188,8 +188,12 @@ class Deliverer:
         near = [e.hostname for e in entries if e.type == "*NEAR" and e.hostname]
         auth = {e.hostname: client.Credentials(e.username, e.password)
                 for e in entries if e.type == "*HOSTAUTH" and e.hostname}
-        bind = next((e.intnetadr for e in entries if e.type == "*CLTBIND"), None)
-        return {"near": near, "auth": auth, "bind": bind}
+        binds = [e.intnetadr for e in entries if e.type == "*CLTBIND" and e.intnetadr]
+        # The first of each family: an IPv4 hop leaves from the IPv4 entry,
+        # not from whatever address the kernel picks.
+        bind = tuple(next((a for a in binds if (":" in a) == v6), None) or ""
+                     for v6 in (False, True))
+        return {"near": near, "auth": auth, "bind": tuple(a for a in bind if a) or None}
 
     @classmethod
     def _all(cls, task: dict[str, Any], messages: list[dict[str, Any]], status: str,
