@@ -71,6 +71,8 @@ def test_what_needs_a_restart_waits_for_it_and_is_said_until_then(make_appliance
         assert rc == 0 and "restart needed for: system" in out
     rc, out, _ = a.cli("chgsmtpa", "--maxrcpt", "60")
     assert rc == 0 and "restart needed for: system" in out
+    rc, out, _ = a.cli("status")
+    assert rc == 0 and "restart needed for: system" in out
     _kill_idle_smtp_jobs(a)  # even a job started after the change
     a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") >= a.inljobs("QTMSSRCP"), 20)
     s = a.connect()

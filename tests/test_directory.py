@@ -625,6 +625,19 @@ def test_crtusrprf_enrolls_and_dspusrprf_hides_the_hash(cfg, capsys, tmp_path):
     assert rc == 0 and "sam@example.test" in out and "scrypt" not in out
 
 
+def test_wrkusrprf_lists_every_profile(cfg, capsys):
+    rc, out, err = tm(capsys, cfg, "wrkusrprf")
+    assert (rc, out.strip()) == (0, "(no user profiles)")
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw", "--text", "Sam Smith")
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "jane", "--password", "pw", "--status", "*DISABLED")
+    rc, out, err = tm(capsys, cfg, "wrkusrprf", "--json")
+    assert rc == 0 and "pw" not in out and "scrypt" not in out
+    assert [(r["usrprf"], r["status"], r["smtp"]) for r in json.loads(out)] == [
+        ("JANE", "*DISABLED", "jane@example.test"), ("SAM", "*ENABLED", "sam@example.test")]
+    rc, out, err = tm(capsys, cfg, "wrkusrprf")
+    assert rc == 0 and "Sam Smith" in out and out.splitlines()[0].startswith("User profile")
+
+
 def test_chgusrprf_and_dltusrprf(cfg, capsys):
     from twistmail import config
 

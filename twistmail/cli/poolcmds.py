@@ -217,3 +217,5 @@ def status(as_json: bool) -> None:
         click.echo(f"  prestart {pgm:9} {st}")
     bridge = result.get("bridge") or {}
     click.echo(f"  bridge  {bridge.get('status')} pid {bridge.get('pid')}")
+    if result.get("restart_needed"):
+        click.echo("  restart needed for: " + ", ".join(result["restart_needed"]))

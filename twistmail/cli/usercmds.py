@@ -255,6 +255,24 @@ def dspusrprf(usrprf: str, as_json: bool) -> None:
     emit_record(record, PROFILE_LABELS, as_json)
 
 
+USRPRF_COLUMNS = (
+    ("usrprf", "User profile"),
+    ("status", "Status"),
+    ("smtp", "SMTP address"),
+    ("text", "Text description"),
+)
+
+
+@cli.command("wrkusrprf")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of profiles.")
+def wrkusrprf(as_json: bool) -> None:
+    """List the user profiles, with their status and SMTP address (WRKUSRPRF)."""
+    with open_directory("the directory", OPTION_OF_FIELD) as d:
+        rows = [{"usrprf": p.usrprf, "status": p.status, "smtp": d.smtp_address(p.usrprf) or "",
+                 "text": p.text, "created": p.created} for p in d.profiles()]
+    emit_table(rows, USRPRF_COLUMNS, as_json, empty="(no user profiles)")
+
+
 # -- directory entries --------------------------------------------------------
 
 

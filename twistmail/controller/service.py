@@ -85,6 +85,8 @@ class Controller(service.Service):
         self.policy: Any = None
         self.tls_state: tuple[Any, ...] = ()
         self.lock_fd: int | None = None
+        #: Sections changed in the file that only a restart applies (the last reload's view).
+        self.restart_needed: list[str] = []
 
     # -- start ---------------------------------------------------------
 
@@ -373,6 +375,7 @@ class Controller(service.Service):
             "bridge": {"status": self.bridge.status, "pid": self.bridge.pid}
             if self.bridge
             else None,
+            "restart_needed": list(self.restart_needed),
         }
 
     def _pool_statuses(self) -> dict[str, str]:
@@ -431,6 +434,7 @@ class Controller(service.Service):
         # Listeners, the state directory and the host's names stay as started
         # until a restart, in this process and in every job it starts.
         restart = [sec for sec in ("listen", "system") if getattr(fresh, sec) != getattr(old, sec)]
+        self.restart_needed = restart
         new = attrs.evolve(fresh, listen=old.listen, system=old.system)
         tls_state = self._check_tls(new)
         if new == old and tls_state == self.tls_state:
