@@ -11,6 +11,7 @@ import pytest
 from appliance import Appliance
 
 TWISTMAIL = str(Path(sys.executable).with_name("twistmail"))
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -134,3 +135,11 @@ def test_a_file_that_is_not_toml_is_named_once_with_the_place(tmp_path):
     assert r.returncode == 2
     [line] = r.stderr.strip().splitlines()
     assert line.count("twistmail.toml") == 1 and "not valid TOML" in line and "line 2" in line
+
+
+def test_a_missing_option_is_named_with_what_it_takes(tmp_path):
+    r = subprocess.run([TWISTMAIL, "--config", str(ROOT / "etc" / "twistmail.toml"), "dspactpj"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("twistmail dspactpj: --pgm: required; allowed:") and "QTMSSRCP" in line

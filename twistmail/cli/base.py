@@ -220,6 +220,15 @@ def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
         rv = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
+    except click.MissingParameter as e:  # as other mistakes: the option, what is allowed
+        name = e.ctx.command_path if e.ctx is not None else prog_name
+        param = e.param
+        if isinstance(param, click.Option) and param.help:
+            message = f"{param.opts[0]}: required; allowed: {param.help}"
+        else:
+            message = e.format_message()
+        click.echo(f"{name}: {_one_line(message)}", err=True)
+        return EXIT_USAGE
     except click.UsageError as e:
         name = e.ctx.command_path if e.ctx is not None else prog_name
         click.echo(f"{name}: {_one_line(e.format_message())}", err=True)
