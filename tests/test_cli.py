@@ -143,3 +143,11 @@ def test_a_missing_option_is_named_with_what_it_takes(tmp_path):
     assert r.returncode == 2
     [line] = r.stderr.strip().splitlines()
     assert line.startswith("twistmail dspactpj: --pgm: required; allowed:") and "QTMSSRCP" in line
+
+
+def test_the_mail_commands_name_their_options_in_a_refusal(tmp_path):
+    cfg = str(ROOT / "etc" / "twistmail.toml")
+    r = subprocess.run([TWISTMAIL, "--config", cfg, "sndmail", "--file", "rel.mime", "--from",
+                        "a@example.test", "--to", "b@example.test"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("twistmail sndmail: --file: 'rel.mime'")

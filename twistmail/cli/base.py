@@ -176,6 +176,19 @@ def usage_error(message: str) -> NoReturn:
     raise click.UsageError(message)
 
 
+#: The parameters the mail APIs name in their refusals, as the CLI's options.
+API_OPTIONS = {"file": "--file", "originator": "--from", "recipient": "--to/--cc/--bcc",
+               "recipients": "--to/--cc/--bcc", "recipient type": "--to/--cc/--bcc",
+               "usrprf": "--usrprf", "attachment": "--attach", "subject": "--subject",
+               "body": "--body", "security": "--security", "message": "the message"}
+
+
+def api_refusal(e: Exception) -> NoReturn:
+    """An API's one-line refusal, its parameter named as the option that gave it."""
+    head, sep, rest = str(e).partition(": ")
+    usage_error(f"{API_OPTIONS[head]}: {rest}" if sep and head in API_OPTIONS else str(e))
+
+
 def refused_change(e: SettingError, options: dict[str, str]) -> NoReturn:
     """A change the configuration refused, told in the options the user gave.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from twistmail.cli.base import app, cli, usage_error
+from twistmail.cli.base import api_refusal, app, cli
 
 
 @cli.command()
@@ -24,5 +24,5 @@ def sndmail(path: str, originator: str, to: tuple[str, ...], cc: tuple[str, ...]
         qid = send_mime_mail(path, originator, recipients, settings=app().settings,
                              usrprf=usrprf)
     except SendMailError as e:
-        usage_error(str(e))
+        api_refusal(e)
     click.echo(f"queued as {qid}")

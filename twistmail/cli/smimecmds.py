@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from twistmail.cli.base import app, cli, open_directory, stdin_text, usage_error
+from twistmail.cli.base import api_refusal, app, cli, open_directory, stdin_text, usage_error
 from twistmail.cli.output import emit_table
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def crtsndemail(usrprf: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tupl
                                 usrprf=usrprf, password=_secret(password),
                                 settings=app().settings)
     except SendMailError as e:
-        usage_error(str(e))
+        api_refusal(e)
     click.echo(f"queued as {qid}")
 
 
