@@ -117,16 +117,27 @@ def _maildir_files(settings, user):
                   for p in (box / d).iterdir())
 
 
+def _break_mailbox(settings, user):
+    """A Maildir that cannot take mail (its tmp/ is a file); the repair to call later."""
+    box = settings.datadir / "mailboxes" / user / "Maildir"
+    MaildirStore(settings.datadir / "mailboxes", "mail.example.test").ensure(user)
+    (box / "tmp").rmdir()
+    (box / "tmp").write_text("not a directory")
+
+    def repair():
+        (box / "tmp").unlink()
+        (box / "tmp").mkdir()
+
+    return repair
+
+
 def test_a_broken_mailbox_neither_stops_the_others_nor_repeats_their_copies(settings):
     """JANE's Maildir cannot take mail; SAM fetched and deleted his copy before
     the retry.  The retry delivers to JANE only: SAM gets no second copy."""
     SqliteDirectory.from_settings(settings).create_profile("JANE", "secret")
     fq = FileQueue.for_settings(settings)
     processor = build_processor(settings, "QMSF/1")
-    jane = settings.datadir / "mailboxes" / "JANE" / "Maildir"
-    MaildirStore(settings.datadir / "mailboxes", "mail.example.test").ensure("JANE")
-    (jane / "tmp").rmdir()
-    (jane / "tmp").write_text("not a directory")
+    repair = _break_mailbox(settings, "JANE")
     qid = _queued(fq, "jane@example.test", "sam@example.test")
     with pytest.raises(OSError):
         processor.process(qid)
@@ -135,8 +146,7 @@ def test_a_broken_mailbox_neither_stops_the_others_nor_repeats_their_copies(sett
     sam_new = settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new"
     for p in sam_new.iterdir():
         p.unlink()  # fetched and deleted over POP
-    (jane / "tmp").unlink()
-    (jane / "tmp").mkdir()
+    repair()
     assert processor.process(qid).delivered == 1
     assert _maildir_files(settings, "SAM") == [] and len(_maildir_files(settings, "JANE")) == 1
     assert fq.find(qid) is None
@@ -154,15 +164,11 @@ def test_addresses_of_one_mailbox_make_one_copy(settings):
 def test_an_unknown_recipient_beside_a_broken_mailbox_still_gets_its_notice(settings):
     fq = FileQueue.for_settings(settings)
     processor = build_processor(settings, "QMSF/1")
-    sam = settings.datadir / "mailboxes" / "SAM" / "Maildir"
-    MaildirStore(settings.datadir / "mailboxes", "mail.example.test").ensure("SAM")
-    (sam / "tmp").rmdir()
-    (sam / "tmp").write_text("not a directory")
+    repair = _break_mailbox(settings, "SAM")
     qid = _queued(fq, "sam@example.test", "nobody@example.test")
     with pytest.raises(OSError):
         processor.process(qid)
-    (sam / "tmp").unlink()
-    (sam / "tmp").mkdir()
+    repair()
     outcome = processor.process(qid)
     assert outcome.delivered == 1 and outcome.failed == 1 and outcome.notice is not None
 
