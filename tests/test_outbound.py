@@ -400,3 +400,19 @@ def test_a_delay_notice_goes_once_not_at_every_second_level_retry(manager, monke
                         last=True)
         fq.move(qid, queuemod.QTMSRTQ2, QTMSOUTQ)  # due again
     assert _notices(fq) == [["rfc822; bob@remote.test"]]
+
+
+def test_a_retry_set_before_the_clock_went_back_is_not_held_for_the_difference(manager):
+    """next_try a day ahead on QTMSRTQ1 (RTYMIN waits 30 minutes at most): the
+    clock was set back, or RTYMIN lowered; the message goes now."""
+    import time
+
+    fq = manager.queue
+    qid = _queued(fq, Recipient("bob@remote.test"))
+    env = fq.load(QTMSOUTQ, qid)
+    fq.move(qid, QTMSOUTQ, QTMSRTQ1, env.evolve(attempts=1, next_try=time.time() + 86400))
+    other = _queued(fq, Recipient("eve@remote.test"))
+    env = fq.load(QTMSOUTQ, other)
+    fq.move(other, QTMSOUTQ, QTMSRTQ1, env.evolve(attempts=1, next_try=time.time() + 600))
+    manager._due(False, None, frozenset())
+    assert fq.find(qid) == QTMSOUTQ and fq.find(other) == QTMSRTQ1

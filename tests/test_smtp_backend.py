@@ -63,6 +63,17 @@ class KnownRecipientTests(BackendCase):
         self.assertIsInstance(later, Deferred)  # asked again: the profile is gone
         self.assertEqual((await later).code, 550)
 
+    async def test_a_clock_set_back_does_not_stretch_the_second(self) -> None:
+        first = self.check("sam")
+        self.assertEqual((await first).code, 250)
+        self.directory.delete_profile("SAM")
+        until, verdict = self.backend._known["sam@example.test"]
+        # As if the clock had been set back an hour after the verdict was kept.
+        self.backend._known["sam@example.test"] = (until + 3600, verdict)
+        later = self.check("sam")
+        self.assertIsInstance(later, Deferred)  # asked again
+        self.assertEqual((await later).code, 550)
+
     async def test_refusals_are_never_remembered(self) -> None:
         for _ in range(2):
             verdict = self.check("joe")

@@ -325,12 +325,16 @@ class OutboundManager:
         now = time.time()
         flush = _flush_requests(self.queue.root)
         seen: dict[tuple[str, str], tuple[tuple[int, ...], Envelope]] = {}
+        longest = self._longest_waits()
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
             for qid, version in self.queue.versions(source):
                 env = self._load(source, qid, version, seen)
                 if env is None:
                     continue
-                if env.next_try is None or env.next_try <= now or (flush and any(
+                # A wait longer than its queue ever gives (the clock was set
+                # back, or RTYMIN lowered) ends now, not after the difference.
+                if env.next_try is None or env.next_try <= now or (
+                        env.next_try - now > longest[source]) or (flush and any(
                         r.state == PENDING and _in_node(r.address, flush)
                         for r in env.recipients)):
                     self.queue.move(qid, source, QTMSOUTQ)
@@ -876,6 +880,12 @@ class OutboundManager:
             notice = bool(failed_now) or any(r.notify and "SUCCESS" in r.notify
                                              for r in env.recipients)
             self.queue.remove(QTMSOUTQ, qid, durable=notice)
+
+    def _longest_waits(self) -> dict[str, float]:
+        """The longest wait each retry queue gives now, with a minute to spare."""
+        s = self.settings.smtp
+        second = max(86400.0 * s.rtyday[1], 3600.0 * s.rtyhour[1])
+        return {QTMSRTQ1: 60.0 * s.rtymin[1] + 60.0, QTMSRTQ2: second + 60.0}
 
     def _retry_target(self, attempts: int) -> tuple[str, str, float] | None:
         """Where a message waits after its ``attempts``-th try, or None when used up."""

@@ -113,7 +113,9 @@ class ConnectionPolicy:
         self._made_for: tuple[str, ...] | None = None
         self.checking = 0  # connections waiting for block list answers
         self.loop: task.LoopingCall | None = None
-        self.anvil = Anvil(LimitSettings(), reactor.seconds)
+        # Elapsed time, not the wall clock: a clock set back an hour would
+        # keep a MAXAUTHFAIL lockout (or a rate window) for that hour more.
+        self.anvil = Anvil(LimitSettings(), time.monotonic)
         self.configure(settings)
 
     def configure(self, settings: Any) -> None:

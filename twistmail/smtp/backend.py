@@ -94,7 +94,8 @@ class QueueBackend(Backend):
         key = str(address)
         now = self.reactor.seconds()
         for known in (self._known.get(key), self._known.get((key, client_ip, user))):
-            if known is not None and known[0] > now:
+            # Within KNOWN_FOR ahead only: a clock set back must not stretch it.
+            if known is not None and 0 < known[0] - now <= KNOWN_FOR:
                 return known[1]
         d = threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), self._verdict, address, client_ip, user
