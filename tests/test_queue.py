@@ -317,6 +317,27 @@ def test_abort_leaves_nothing(fq):
         spool.write(b"more")
 
 
+def test_abort_on_a_full_disk_still_removes_the_partial_body(fq):
+    """The close cannot flush on ENOSPC: abort raised there, and the body stayed
+    in tmp/ for a day (its writer, a prestart job, lives on)."""
+    import errno
+
+    spool = fq.new_spool(Envelope.new("a@example.test", ["b@example.test"]))
+    spool.write(b"partial")
+
+    class FullDisk:
+        def __init__(self, real):
+            self.real = real
+
+        def close(self):
+            self.real.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    spool._file = FullDisk(spool._file)
+    spool.abort()
+    assert all_files(fq) == []
+
+
 def test_an_exception_inside_the_with_block_aborts(fq):
     with pytest.raises(RuntimeError), fq.new_spool(Envelope.new("", ["b@x.test"])) as spool:
         spool.write(b"partial")

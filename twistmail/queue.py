@@ -69,6 +69,7 @@ it through ``deferToThread``.  Settings honoured: ``system.datadir`` (through
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import functools
@@ -580,12 +581,18 @@ class Spool:
         if not self.active:
             return
         self._aborted = True
-        self._file.close()
-        if self._env_final is not None and _unlink(self._env_final):
-            fsync_dir(os.path.dirname(self._env_final))
-        _unlink(self._env_tmp)
-        _unlink(self._body_tmp)
-        _unlink(self._body)
+        # Never raises: on a full disk the close cannot flush what is being
+        # thrown away (it still closes the file), and an abort that stopped
+        # there left the partial body in tmp/ for a day, where the space ran out.
+        with contextlib.suppress(OSError):
+            self._file.close()
+        if self._env_final is not None:
+            with contextlib.suppress(OSError):
+                if _unlink(self._env_final):
+                    fsync_dir(os.path.dirname(self._env_final))
+        for path in (self._env_tmp, self._body_tmp, self._body):
+            with contextlib.suppress(OSError):
+                _unlink(path)
 
 
 # -- the queue -------------------------------------------------------------------

@@ -159,6 +159,7 @@ class _StatusFile:
         self.pool = pool
         self.msf = msf
         self.last_reset: dict | None = None
+        self.failing: str | None = None  # the error told, until writing works again
 
     def start(self) -> None:
         from twisted.internet import task
@@ -182,7 +183,13 @@ class _StatusFile:
             tmp.write_text(json.dumps(data, default=str))
             os.replace(tmp, self.path)
         except Exception as e:  # the loop must go on: it is the only status there is
-            print(f"cannot write {self.path}: {e!r}", file=sys.stderr)
+            if repr(e) != self.failing:  # once, not every second of a full disk
+                self.failing = repr(e)
+                print(f"cannot write {self.path}: {e!r}", file=sys.stderr)
+            return
+        if self.failing is not None:
+            self.failing = None
+            print(f"{self.path} is written again", file=sys.stderr)
 
     def remove(self) -> None:
         try:

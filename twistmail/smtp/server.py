@@ -525,7 +525,7 @@ class SMTPSession(SequentialSession):
         txn, self.txn = self.txn, None
         data.finish()
         if data.error is not None:
-            data.spool.abort()
+            data.spool.abort()  # never raises: the client gets its reply
             self.reply(*data.error)
             self._cut_if_pending()
             return
