@@ -80,3 +80,17 @@ def test_what_needs_a_restart_waits_for_it_and_is_said_until_then(make_appliance
         assert read_reply(s).startswith(b"220 mail.example.test ")
     finally:
         s.close()
+
+
+def test_a_bad_state_directory_is_named_not_taken_for_a_stopped_daemon(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    twistmail = str(Path(sys.executable).with_name("twistmail"))
+    for value in ("5", '""', '["a"]'):
+        cfg = tmp_path / "twistmail.toml"
+        cfg.write_text(f"[system]\ndatadir = {value}\n")
+        r = subprocess.run([twistmail, "--config", str(cfg), "status"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and "system.datadir" in r.stderr, (value, r.stderr)

@@ -402,9 +402,10 @@ def control_socket_of(path: str | os.PathLike[str]) -> Path | None:
     try:
         with p.open("rb") as f:
             data = tomllib.load(f)
-        datadir = data.get("system", {}).get("datadir", SystemSettings().datadir)
-        settings = Settings(path=p, system=SystemSettings(datadir=str(datadir)))
-    except (OSError, ValueError, TypeError, AttributeError):
+        raw = data.get("system", {}).get("datadir", SystemSettings().datadir)
+        datadir = parse_value("system.datadir", field_type(SystemSettings, "datadir"), raw)
+        settings = Settings(path=p, system=SystemSettings(datadir=datadir))
+    except (OSError, ValueError, TypeError, AttributeError):  # SettingError is a ValueError
         return None
     return settings.control_socket
 

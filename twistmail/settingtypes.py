@@ -140,7 +140,7 @@ class Text:
 
     @property
     def allowed(self) -> str:
-        return self.what if self.empty_ok else f"non-empty {self.what}"
+        return self.what if self.empty_ok else f"{self.what}, not empty"
 
     def parse(self, raw: Any) -> str:
         if not isinstance(raw, str) or (not self.empty_ok and not raw.strip()):
