@@ -245,7 +245,7 @@ BAD = [
         "at least one domain",
         id="no-domain",
     ),
-    pytest.param('[system]\ndatadir = ""\n', "system.datadir", "''", "non-empty", id="empty"),
+    pytest.param('[system]\ndatadir = ""\n', "system.datadir", "''", "not empty", id="empty"),
     pytest.param('[smtp]\nnameservers = ["not a host"]\n', "smtp.nameservers",
                  "['not a host']", "IP[:port]", id="nameserver-name"),
     pytest.param('[smtp]\nnameservers = ["1.2.3.4:99999"]\n', "smtp.nameservers",
