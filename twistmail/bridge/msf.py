@@ -34,6 +34,7 @@ from typing import Any
 
 from twistmail import config as configmod
 from twistmail.lifeline import die_with_parent, name_process
+from twistmail.storagefault import storage_fault
 
 CHANNEL_FD = 3
 JOB_NAME = "QMSF"
@@ -92,7 +93,8 @@ def answer(processor: Any, queue_id: str) -> bytes:
     except KeyError:
         return f"GONE {queue_id}".encode()  # taken or moved already
     except Exception as e:
-        traceback.print_exc(file=sys.stderr)
+        if storage_fault(e) is None:  # a full or read-only disk is said in the one line
+            traceback.print_exc(file=sys.stderr)
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:500]
         return f"FAIL {queue_id} {reason}".encode("utf-8", "replace")
     return f"DONE {queue_id}".encode()

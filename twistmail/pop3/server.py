@@ -39,6 +39,7 @@ from twistmail.auth import IMailboxAccess
 from twistmail.maildir import MailboxInUse, MaildirError
 from twistmail.protocols.sequential import SequentialSession
 from twistmail.protocols.writenow import write_now
+from twistmail.storagefault import log_failure
 
 MAX_LINE = 255  # RFC 2449: commands up to 255 octets with CRLF
 MAX_PENDING = 16 * 1024
@@ -317,7 +318,7 @@ class POP3Session(SequentialSession):
             self.wait_for(result)
 
     def step_failed(self, failure: Any) -> None:
-        self.log.failure("POP3 command failed", failure)
+        log_failure(self.log, "POP3 command failed", failure)
         self.err("[SYS/TEMP] Internal error, try again later")
 
     # -- AUTHORIZATION ------------------------------------------------------
@@ -601,9 +602,9 @@ class POP3Session(SequentialSession):
             self.ok(f"{self.factory.hostname} signing off ({len(gone)} messages deleted)")
             self.close()
             self.factory.in_thread(box.expunge).addErrback(
-                lambda f: self.log.failure(
-                    "removing the messages deleted at QUIT failed; the next session retries", f
-                )
+                lambda f: log_failure(
+                    self.log, "removing the messages deleted at QUIT failed; the next session "
+                    "retries", f)
             )
 
         def failed(failure: Any) -> None:
@@ -611,7 +612,7 @@ class POP3Session(SequentialSession):
                 box.close()  # nothing was decided: nothing goes
             except Exception:
                 self.log.failure("closing a mailbox failed")
-            self.log.failure("QUIT could not remove messages", failure)
+            log_failure(self.log, "QUIT could not remove messages", failure)
             self.err("[SYS/TEMP] Some deleted messages were not removed")
             self.close()
 
@@ -726,5 +727,5 @@ class POP3Factory(Factory):
 
     def record_login(self, ip: str, usrprf: str) -> defer.Deferred:
         d = self.in_thread(self.directory.record_pop_login, ip, usrprf)
-        d.addErrback(lambda f: POP3Session.log.failure("POP-before-SMTP record failed", f))
+        d.addErrback(lambda f: log_failure(POP3Session.log, "POP-before-SMTP record failed", f))
         return d

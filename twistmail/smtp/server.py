@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from twistmail.protocols.sequential import SequentialSession
 from twistmail.protocols.writenow import write_now
 from twistmail.smtp.address import Address, Command, PathError, parse_command
+from twistmail.storagefault import log_failure
 
 MAX_COMMAND = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
 MAX_AUTH_LINE = 12288  # an AUTH command or response, CRLF included (RFC 4954 §4)
@@ -554,7 +555,7 @@ class SMTPSession(SequentialSession):
         self.reply(250, f"2.0.0 Ok: queued as {queue_id}")
 
     def _not_queued(self, failure: Any, spool: Any) -> None:
-        self.log.failure("could not queue a message", failure)
+        log_failure(self.log, "could not queue a message", failure)
         try:
             spool.abort()
         except Exception:
@@ -600,7 +601,7 @@ class SMTPSession(SequentialSession):
             self.wait_for(result)
 
     def step_failed(self, failure: Any) -> None:
-        self.log.failure("command failed", failure)
+        log_failure(self.log, "command failed", failure)
         self.reply(451, "4.3.0 Local error in processing, try again")
 
     def _greeted(self) -> bool:
