@@ -81,6 +81,24 @@ def test_ipv6_listener(make_appliance):
         assert s.noop()[0] == 250
 
 
+def test_an_unspecified_ipv6_listener_takes_ipv4_clients_named_as_ipv4(make_appliance):
+    """[::]:25 is every address: one entry serves both families, and an IPv4
+    client is an IPv4 address in the journal, Received: and the SMTP lists."""
+    import smtplib
+
+    a: Appliance = make_appliance(listen={"smtp": "[::]:0"}).start()
+    a.user("SAM")
+    _, port = a.addr("smtp")
+    for host in ("127.0.0.1", "::1"):
+        with smtplib.SMTP(host, port, timeout=10) as s:
+            s.sendmail("jane@example.test", ["sam@example.test"],
+                       f"Subject: from {host}\r\n\r\nx\r\n".encode())
+    received = b"".join(p.read_bytes() for p in a.wait_mailbox("SAM", 2))
+    assert b"[127.0.0.1]" in received and b"ffff" not in received
+    ips = {e.get("ip") for e in a.journal() if e.get("ip")}
+    assert "127.0.0.1" in ips and "::1" in ips and not any("ffff" in ip for ip in ips)
+
+
 def test_shipped_config_is_what_make_run_uses():
     makefile = (ROOT / "Makefile").read_text()
     assert "twistd -n" in makefile and "twistmail --config $(CONFIG)" in makefile

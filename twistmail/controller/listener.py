@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twistmail.protocols.peer import client_address
 from twistmail.settingtypes import Endpoint
 
 ACCEPTS_PER_WAKEUP = 64
@@ -30,7 +31,10 @@ def bind(endpoint: Endpoint) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # "[::]:25" is every address, IPv4 clients included (reported as
+            # ::ffff:a.b.c.d, written as IPv4); any other IPv6 address is itself.
+            v6only = 0 if endpoint.host == "::" else 1
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
         sock.bind((endpoint.host, endpoint.port))
         sock.listen(BACKLOG)
         sock.setblocking(False)
@@ -117,7 +121,7 @@ class Listener:
             # segment (a POP terminator, an SMTP reply) for the peer's delayed ACK.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                self.on_accept(conn, self.name, addr[0])
+                self.on_accept(conn, self.name, client_address(addr[0]))
             except Exception:
                 # Twisted drops a reader whose doRead raises: one connection
                 # must not stop the listener for good.

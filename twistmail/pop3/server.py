@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from twistmail.auth import IMailboxAccess
 from twistmail.maildir import MailboxInUse, MaildirError
+from twistmail.protocols.peer import client_address
 from twistmail.protocols.sequential import SequentialSession
 from twistmail.protocols.writenow import write_now
 from twistmail.storagefault import log_failure
@@ -211,7 +212,7 @@ class POP3Session(SequentialSession):
     # -- connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.peer_ip = getattr(self.transport.getPeer(), "host", "unknown")
+        self.peer_ip = client_address(getattr(self.transport.getPeer(), "host", "unknown"))
         if self.tls and self.factory.alwssl == "*NO":
             self.err("[SYS/PERM] TLS is disabled on this server (ALWSSL *NO); use port 110")
             self.close()

@@ -35,6 +35,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twistmail.protocols.peer import client_address
 from twistmail.protocols.sequential import SequentialSession
 from twistmail.protocols.writenow import write_now
 from twistmail.smtp.address import Address, Command, PathError, parse_command
@@ -313,7 +314,7 @@ class SMTPSession(SequentialSession):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self.peer_ip = getattr(peer, "host", "unknown")
+        self.peer_ip = client_address(getattr(peer, "host", "unknown"))
         self.watch_output()
         self.reset_timeout()
         self.reply(220, f"{self.factory.backend.hostname} ESMTP twistmail service ready")

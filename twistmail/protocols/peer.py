@@ -1,0 +1,21 @@
+"""How a client's address is written: an IPv4 client of a dual-stack listener
+as IPv4.
+
+A ``[::]`` listener takes IPv4 clients too; the kernel reports them as
+``::ffff:a.b.c.d``.  The journal, Received: fields, the abuse limits and the
+SMTP lists all name such a client by its IPv4 address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def client_address(host: str) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return host
