@@ -90,3 +90,39 @@ def test_a_long_reply_in_another_script_stays_one_ascii_field():
     )
     [line] = [x for x in raw.split(b"\r\n") if x.startswith(b"Diagnostic-Code:")]
     assert b"=?" not in line and line.endswith(b"}") and len(line) < 998
+
+
+def test_ret_full_returns_the_original_byte_for_byte_but_its_bcc():
+    """The email package wrote the returned message again ('From:   J' became
+    'From: J'): a DKIM signature with simple canonicalization no longer verified."""
+    original = (b"DKIM-Signature: v=1; a=rsa-sha256; c=simple/simple; d=x.test;\r\n"
+                b"\th=from:to:subject; b=XYZ\r\nFrom:   Jane <jane@x.test>\r\n"
+                b"Bcc: hidden@x.test\r\nTo: bob@remote.test\r\n"
+                b"X-Odd:\tvalue  with  spaces \r\nSubject: hi\r\n\r\n"
+                b"Gr\xc3\xbc\xc3\x9fe\r\n.a dot\r\nFrom the start")
+    raw = build_notice(
+        hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
+        originator="jane@x.test", arrival=1_700_000_000.0,
+        failures=[Failure("bob@remote.test", "5.1.1", "550 5.1.1 user unknown")],
+        headers=b"", message_id=None, full=original,
+    )
+    kept = original.replace(b"Bcc: hidden@x.test\r\n", b"") + b"\r\n"
+    assert kept in raw and b"hidden@" not in raw
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    _, _, returned = msg.iter_parts()
+    assert returned.get_content_type() == "message/rfc822"
+    inner = returned.get_payload()[0]
+    assert inner["Subject"] == "hi" and inner["X-Odd"].strip() == "value  with  spaces"
+
+
+def test_a_returned_original_holding_the_boundary_does_not_end_the_notice():
+    original = (b"Subject: tricky\r\n\r\n--18ec2f06c368ee480e6dfc.ndn--\r\nafter\r\n")
+    raw = build_notice(
+        hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
+        originator="jane@x.test", arrival=1_700_000_000.0,
+        failures=[Failure("bob@remote.test", "5.1.1", "550 5.1.1 user unknown")],
+        headers=b"", message_id=None, full=original,
+    )
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    _, _, returned = msg.iter_parts()
+    assert "after" in returned.get_payload()[0].get_content()  # the whole original, inside

@@ -126,10 +126,23 @@ def build_notice(
     msg.replace_header(
         "Content-Type", 'multipart/report; report-type="delivery-status"'
     )
-    msg.set_boundary(f"{queue_id}.ndn")
+    boundary = f"{queue_id}.ndn"
+    while full is not None and f"--{boundary}".encode() in full:  # the original goes in raw
+        boundary += ".x"
+    msg.set_boundary(boundary)
     msg.attach(_status_part(hostname, queue_id, arrival, failures, envid))
-    msg.attach(_headers_part(headers) if full is None else _message_part(full))
-    return msg.as_bytes(policy=_WIRE)
+    if full is None:
+        msg.attach(_headers_part(headers))
+        return msg.as_bytes(policy=_WIRE)
+    original = _without_bcc(full)
+    if not original.endswith(b"\r\n"):
+        original += b"\r\n"
+    marker = f"X-Twistmail-Returned: {nid}".encode()
+    msg.attach(_message_part(marker + b"\r\n\r\n"))
+    data = msg.as_bytes(policy=_WIRE)
+    # The original goes back byte for byte (its signatures still verify),
+    # not as the email package would write it again.
+    return data.replace(marker + b"\r\n\r\n", original, 1)
 
 
 def _status_part(hostname: str, queue_id: str, arrival: float,
@@ -190,11 +203,15 @@ def _message_part(full: bytes) -> Message:
     part = Message()
     part["Content-Type"] = "message/rfc822"
     part["Content-Description"] = "Undelivered message"
-    end = min((i for i in (full.find(b"\r\n\r\n"), full.find(b"\n\n")) if i >= 0),
-              default=len(full))
-    full = _BCC.sub(b"", full[:end + 1]) + full[end + 1:]  # the copies' readers see no Bcc
     part.set_payload([email.message_from_bytes(full, policy=email.policy.compat32)])
     return part
+
+
+def _without_bcc(full: bytes) -> bytes:
+    """The message without its Bcc fields: copies go to NONDELIVERY and NFYDLVRY."""
+    end = min((i for i in (full.find(b"\r\n\r\n"), full.find(b"\n\n")) if i >= 0),
+              default=len(full))
+    return _BCC.sub(b"", full[:end + 1]) + full[end + 1:]
 
 
 MAX_RETURNED = 10 * 1024 * 1024
