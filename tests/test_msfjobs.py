@@ -17,7 +17,13 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from twistmail import config as configmod
-from twistmail.bridge.manager import MAX_JOB_ENDS, RECOVER_EVERY, RESCAN_EVERY, QueueManager
+from twistmail.bridge.manager import (
+    FAIL_WAITS,
+    MAX_JOB_ENDS,
+    RECOVER_EVERY,
+    RESCAN_EVERY,
+    QueueManager,
+)
 from twistmail.bridge.msfjobs import JobEnded, JobFailed, MsfJobs, _Job
 from twistmail.directory import SqliteDirectory
 from twistmail.interfaces import CORRUPT, QTMSINQ
@@ -153,21 +159,30 @@ class DyingJobs:
 
 class PoisonMessageTests(unittest.TestCase):
     async def test_a_message_that_ends_its_job_three_times_is_set_aside(self) -> None:
-        await self._set_aside_after(DyingJobs.die)
+        await self._set_aside_after(DyingJobs.die, MAX_JOB_ENDS)
 
-    async def test_a_message_its_job_fails_on_three_times_is_set_aside(self) -> None:
-        """Retried at every rescan for ever otherwise."""
-        await self._set_aside_after(DyingJobs.fail)
+    async def test_a_message_its_job_fails_on_is_tried_after_growing_waits_then_set_aside(
+            self) -> None:
+        """Retried at every rescan for ever otherwise; three quick tries set a
+        message aside whose mailbox the administrator could mend in minutes."""
+        await self._set_aside_after(DyingJobs.fail, len(FAIL_WAITS) + 1, waits=True)
 
-    async def _set_aside_after(self, outcome) -> None:
+    async def _set_aside_after(self, outcome, attempts: int, waits: bool = False) -> None:
         fq = FileQueue(scratch(self) / "queue")
         with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
             spool.write(b"Subject: deadly\r\n\r\nbody\r\n")
             qid = spool.commit(QTMSINQ)
         jobs, journal = DyingJobs(), Recorder()
         manager = QueueManager(reactor, fq, jobs, journal, lambda: False)
-        for attempt in range(MAX_JOB_ENDS):
+        for attempt in range(attempts):
             self.assertEqual(fq.list(QTMSINQ), [qid], f"still queued before attempt {attempt}")
+            if waits and attempt:
+                count, not_before = manager.fails[qid]
+                self.assertEqual((count, round(not_before - reactor.seconds())),
+                                 (attempt, FAIL_WAITS[attempt - 1]))
+                manager._add(qid)  # a rescan before the wait is over: not tried
+                self.assertEqual(list(manager.todo), [])
+                manager.fails[qid] = (count, 0.0)  # the wait is over
             manager._add(qid)
             manager._pump()
             outcome(jobs)
@@ -176,7 +191,7 @@ class PoisonMessageTests(unittest.TestCase):
         self.assertEqual(fq.list(QTMSINQ), [])
         self.assertEqual(fq.list(CORRUPT), [qid])
         self.assertEqual(journal.entries, [("7Y", f"7Y CRP {qid}")])
-        self.assertEqual(dict(manager.job_ends), {})
+        self.assertEqual((dict(manager.job_ends), manager.fails), ({}, {}))
 
 
 class BusyJobs:

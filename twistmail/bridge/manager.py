@@ -7,7 +7,9 @@ queue's recovery (abandoned spool files, orphan bodies, unreadable
 envelopes).  Messages are processed oldest first by the QMSF jobs (IBM's
 NBRMSFJOB, :mod:`twistmail.bridge.msfjobs`), each message by one job at a
 time; one a job could not finish stays queued for the next rescan, and one
-on which its job died MAX_JOB_ENDS times is set aside in corrupt/ (7Y).
+on which its job died MAX_JOB_ENDS times is set aside in corrupt/ (7Y).  One
+a job answered FAIL for is tried again after growing waits (FAIL_WAITS), and
+set aside only once they are used up.
 Mail parked on QTMSBSSQ goes back to QTMSINQ, oldest first, once storage
 use is under the threshold again (7M).
 
@@ -33,6 +35,10 @@ RESCAN_EVERY = 5.0  # seconds
 #: are given nothing new until the busy ones finish (milliseconds).
 RECOVER_EVERY = 60.0  # seconds
 MAX_JOB_ENDS = 3  # a message its QMSF job died on this many times is set aside
+#: A message its QMSF job answered FAIL for (a mailbox that cannot take mail,
+#: a file system gone read-only) waits this long before each new try: the
+#: administrator has about an hour and a half to mend it before it is set aside.
+FAIL_WAITS = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
 
 
 class QueueManager:
@@ -60,6 +66,8 @@ class QueueManager:
         self.processed = 0
         #: Messages whose QMSF job died while processing them, and how often.
         self.job_ends: collections.Counter[str] = collections.Counter()
+        #: Messages a job failed on: how often, and no new try before when.
+        self.fails: dict[str, tuple[int, float]] = {}
 
     def start(self) -> defer.Deferred:
         """Watch and rescan; the Deferred fires once the first recovery is done.
@@ -141,6 +149,8 @@ class QueueManager:
             self.journal.write("7M", f"7M FSSQ {QTMSBSSQ}", qid, queue=QTMSBSSQ)
 
     def _scanned(self, ids: list[str]) -> None:
+        for qid in set(self.fails).difference(ids):
+            del self.fails[qid]  # gone from QTMSINQ meanwhile
         for qid in ids:
             self._add(qid)
         self._pump()
@@ -157,6 +167,9 @@ class QueueManager:
         self._pump()
 
     def _add(self, qid: str) -> None:
+        waiting = self.fails.get(qid)
+        if waiting is not None and waiting[1] > self.reactor.seconds():
+            return  # tried again at a rescan once its wait is over
         if qid not in self.known:
             self.known.add(qid)
             self.todo.append(qid)
@@ -170,19 +183,32 @@ class QueueManager:
             d.addBoth(self._finished, qid)
 
     def _failed(self, failure: Any, qid: str) -> Any:
-        if failure.check(JobEnded, JobFailed):  # a message that always fails is set aside too
-            self.job_ends[qid] += 1
-        if self.job_ends[qid] < MAX_JOB_ENDS:
-            self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
-                           why=failure.getErrorMessage())
-            return None
+        if failure.check(JobFailed):
+            count = self.fails.get(qid, (0, 0.0))[0] + 1
+            if count <= len(FAIL_WAITS):
+                wait = FAIL_WAITS[count - 1]
+                self.fails[qid] = (count, self.reactor.seconds() + wait)
+                self.log.error("processing {qid} failed; it stays queued, next try in "
+                               "{wait:.0f}s: {why}", qid=qid, wait=wait,
+                               why=failure.getErrorMessage())
+                return None
+            reason = (f"its QMSF job failed on it {count} times over "
+                      f"{sum(FAIL_WAITS) / 60:.0f} minutes")
+        else:
+            if failure.check(JobEnded):
+                self.job_ends[qid] += 1
+            if self.job_ends[qid] < MAX_JOB_ENDS:
+                self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
+                               why=failure.getErrorMessage())
+                return None
+            reason = f"its QMSF job ended on it {MAX_JOB_ENDS} times"
         self.log.error("processing {qid} failed; it is set aside: {why}", qid=qid,
                        why=failure.getErrorMessage())
         # A message that kills the job that takes it would do so for ever,
         # taking a job start each time: it goes to corrupt/ for the
         # administrator instead (wrkq --queue corrupt).
-        del self.job_ends[qid]
-        reason = f"its QMSF job failed or ended on it {MAX_JOB_ENDS} times"
+        self.job_ends.pop(qid, None)
+        self.fails.pop(qid, None)
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                       self.queue.set_aside, QTMSINQ, qid, reason)
 
@@ -195,7 +221,8 @@ class QueueManager:
         return d
 
     def _done(self, result: Any, qid: str) -> None:
-        self.job_ends.pop(qid, None)  # done, or gone: its count is of no use now
+        self.job_ends.pop(qid, None)  # done, or gone: its counts are of no use now
+        self.fails.pop(qid, None)
 
     def _finished(self, result: Any, qid: str) -> None:
         self.running -= 1
