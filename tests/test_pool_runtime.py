@@ -382,6 +382,9 @@ def test_a_new_daemon_waits_for_the_bridge_of_a_killed_one(appliance):
 
     a = appliance
     a.wait_for(lambda: a.control("status")["bridge"]["pid"], 10, "the bridge")
+    # Running, its signal handlers in place (its status file is written from
+    # its reactor): a bridge still starting dies of the controller's death at once.
+    a.wait_for((a.datadir / "run" / "QTMSCCLCP.json").exists, 10, "the bridge running")
     bridge = a.control("status")["bridge"]["pid"]
     os.kill(bridge, signal.SIGSTOP)  # a bridge still busy ending
     a.proc.kill()

@@ -133,3 +133,23 @@ def test_a_child_s_log_leaves_out_what_every_new_resolver_says():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "kept line" in r.stderr
     assert "reparsing" not in r.stderr and "Resolver added" not in r.stderr
+
+
+def test_sigterm_to_the_whole_process_group_leaves_no_traceback(tmp_path):
+    """kill -TERM -PGID (timeout, a container stop) reaches every child, and so
+    does the controller's own request to end: a second stop of a stopped
+    reactor was a ReactorNotRunning traceback in each job."""
+    import os
+    import signal
+    import time
+
+    a = Appliance(tmp_path).start()
+    try:
+        a.wait_for((a.datadir / "run" / "QTMSCCLCP.json").exists, 10, "the bridge running")
+        for pid in [a.proc.pid, *a.children()]:  # what a signal to the group does
+            os.kill(pid, signal.SIGTERM)
+        a.proc.wait(30)
+        time.sleep(0.5)
+        assert "ReactorNotRunning" not in a.log_text()
+    finally:
+        a.kill_all()

@@ -6,6 +6,7 @@ import ctypes
 import os
 import signal
 import sys
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -64,3 +65,25 @@ def log_to_stderr() -> None:
 
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [routine])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def stop_once_on_sigterm(reactor: Any) -> None:
+    """SIGTERM stops the reactor, and a second one does nothing.
+
+    A whole process group signalled (``kill -TERM -PGID``, ``timeout``, a
+    container stop) reaches a child, and so does its controller's own
+    request to end: Twisted's handler then stopped a stopped reactor and
+    logged a ReactorNotRunning traceback for each.
+    """
+    from twisted.internet.error import ReactorNotRunning
+
+    def stop() -> None:
+        try:
+            reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def install() -> None:  # after reactor.run() has put Twisted's own in place
+        signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(stop))
+
+    reactor.callWhenRunning(install)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from twistmail import config as configmod
 from twistmail.bridge.msf import JOB_NAME, NBRMSFJOB
-from twistmail.lifeline import die_with_parent, log_to_stderr
+from twistmail.lifeline import die_with_parent, log_to_stderr, stop_once_on_sigterm
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         _reload, args.config, pool, outbound, jobs, manager))
     if reload_asked:
         reactor.callWhenRunning(_reload, args.config, pool, outbound, jobs, manager)
+    stop_once_on_sigterm(reactor)
     reactor.run()
     return 0
 

@@ -24,7 +24,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from twistmail import config as configmod
-from twistmail.lifeline import die_with_parent, log_to_stderr
+from twistmail.lifeline import die_with_parent, log_to_stderr, stop_once_on_sigterm
 from twistmail.prestart import channel
 from twistmail.protocols.writenow import write_now
 
@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     job = Job(reactor, args.pgm, settings, args.config)
     reactor.addSystemEventTrigger("before", "shutdown", job.shutting_down)
+    stop_once_on_sigterm(reactor)
     chan = JobChannel(job)
     job.channel = chan
     reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, _OneProtocol(chan))
