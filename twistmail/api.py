@@ -88,7 +88,8 @@ def send_mime_mail(
 def _crlf(data: bytes) -> bytes:
     """Every line end CRLF, as SMTP DATA stores a message: a file written on Unix
     ends its lines in LF, and POP would send more octets than its size says."""
-    if b"\n" not in data.replace(b"\r\n", b"") and b"\r" not in data.replace(b"\r\n", b""):
+    rest = data.replace(b"\r\n", b"")
+    if b"\n" not in rest and b"\r" not in rest:
         return data
     return b"\r\n".join(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"))
 

@@ -1668,14 +1668,6 @@ def _client_ints(ip: str) -> tuple[int | None, int | None]:
     return (None if mapped is None else int(mapped)), int(address)
 
 
-def _is_address(key: str) -> bool:
-    try:
-        ipaddress.ip_address(key)
-    except ValueError:
-        return False
-    return True
-
-
 @functools.lru_cache(maxsize=1024)
 def _host_key(text: str) -> str:
     """How a host is compared: a canonical address (mapped ones as IPv4) or a lower-case name."""

@@ -12,10 +12,12 @@ import ipaddress
 
 
 def client_address(host: str) -> str:
+    # Only a mapped address is parsed: this runs for every connection.
+    if host[:7].lower() != "::ffff:":
+        return host
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return host
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return host if mapped is None else str(mapped)

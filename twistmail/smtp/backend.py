@@ -11,7 +11,6 @@ Settings honoured: ``[system] local_domains``, ``[storage] threshold``.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import time
@@ -22,6 +21,7 @@ import attrs
 from twisted.internet import defer, threads
 
 from twistmail.interfaces import QTMSINQ, QTMSOUTQ
+from twistmail.protocols.peer import client_address
 from twistmail.queue import Envelope, Recipient
 from twistmail.smtp.address import Address
 from twistmail.smtp.server import Backend, Received, Verdict
@@ -211,13 +211,13 @@ class QueueBackend(Backend):
         Looked up now (the system resolver and /etc/hosts, in this thread), so
         an ISP whose address changes keeps its entry working.
         """
-        client = _host_address(client_ip)
+        client = client_address(client_ip)
         for host in self.directory.etrn_host_names():
             try:
                 infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
             except (OSError, UnicodeError):
                 continue
-            if any(_host_address(info[4][0]) == client for info in infos):
+            if any(client_address(info[4][0]) == client for info in infos):
                 return True
         return False
 
@@ -326,12 +326,3 @@ class QueueBackend(Backend):
             j.write("97", f"97 TIQ {QTMSINQ}", qid, queue=QTMSINQ)
         else:
             j.write("96", f"96 TOQ {QTMSOUTQ}", qid, queue=QTMSOUTQ)
-
-
-def _host_address(text: str) -> Any:
-    """An address to compare: IPv4-mapped IPv6 as IPv4, the zone dropped."""
-    try:
-        ip = ipaddress.ip_address(str(text).split("%", 1)[0])
-    except ValueError:
-        return None
-    return (ip.ipv4_mapped or ip) if ip.version == 6 else ip
