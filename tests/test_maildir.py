@@ -283,6 +283,17 @@ def test_sigkill_during_delivery_leaves_only_tmp_and_retry_succeeds(
         assert session.stat() == (1, len(PREFIX + BODY))
 
 
+def test_a_mailbox_whose_new_is_gone_is_mended_by_the_next_delivery(
+    store: MaildirStore, body: Path
+) -> None:
+    """tmp/ left alone, new/ removed by hand: every delivery used to fail on the link."""
+    maildir = store.ensure(USER)
+    (maildir / "new").rmdir()
+    delivered = store.deliver(USER, "Q1.R1", body, PREFIX)
+    assert delivered.parent == maildir / "new" and delivered.read_bytes() == PREFIX + BODY
+    assert files(maildir / "tmp") == []
+
+
 def test_stale_tmp_files_are_removed_by_a_session(store: MaildirStore) -> None:
     tmp = store.ensure(USER) / "tmp"
     (tmp / "stale").write_bytes(b"x")

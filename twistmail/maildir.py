@@ -65,10 +65,10 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import attrs
 from zope.interface import implementer
@@ -261,7 +261,7 @@ class MaildirStore:
                 fsync_dir(os.path.dirname(delivered))
                 return delivered
             tmp = self._write_tmp(user, maildir, name, prefix, body, body_size)
-        return _link_new(maildir, tmp, name)
+        return _link_new(maildir, tmp, name, lambda: self.ensure(user))
 
     def _write_tmp(
         self, user: str, maildir: str, name: str, prefix: bytes, body: BinaryIO, size: int
@@ -602,11 +602,18 @@ def _find_delivered(maildir: str, name: str) -> Path | None:
     return None
 
 
-def _link_new(maildir: str, tmp: str, name: str) -> Path:
-    """Publish a written message; an existing name means it is already delivered."""
+def _link_new(maildir: str, tmp: str, name: str, ensure: Callable[[], Any]) -> Path:
+    """Publish a written message; an existing name means it is already delivered.
+
+    A new/ that is gone (removed by hand, or never made by another tool) is
+    made again, as tmp/ is: otherwise no delivery would ever succeed."""
     target = f"{maildir}/new/{name}"
     try:
-        os.link(tmp, target)
+        try:
+            os.link(tmp, target)
+        except FileNotFoundError:
+            ensure()
+            os.link(tmp, target)
     except FileExistsError:
         pass
     finally:
