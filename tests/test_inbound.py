@@ -131,23 +131,32 @@ def _break_mailbox(settings, user):
     return repair
 
 
-def test_a_broken_mailbox_neither_stops_the_others_nor_repeats_their_copies(settings):
-    """JANE's Maildir cannot take mail; SAM fetched and deleted his copy before
-    the retry.  The retry delivers to JANE only: SAM gets no second copy."""
+def test_a_broken_mailbox_defers_its_recipient_alone(settings):
+    """JANE's Maildir cannot take mail: she waits for the retries (BD), SAM's
+    copy and bob's forwarding go at once.  SAM fetched and deleted his copy
+    before the retry, which delivers to JANE only."""
+    from twistmail.journal import read_entries
+
     SqliteDirectory.from_settings(settings).create_profile("JANE", "secret")
     fq = FileQueue.for_settings(settings)
     processor = build_processor(settings, "QMSF/1")
     repair = _break_mailbox(settings, "JANE")
-    qid = _queued(fq, "jane@example.test", "sam@example.test")
-    with pytest.raises(OSError):
-        processor.process(qid)
-    assert len(_maildir_files(settings, "SAM")) == 1  # SAM's copy came all the same
-    assert [r.state for r in fq.load(QTMSINQ, qid).recipients] == ["pending", "delivered"]
-    sam_new = settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new"
-    for p in sam_new.iterdir():
+    qid = _queued(fq, "jane@example.test", "sam@example.test", "bob@remote.test")
+    outcome = processor.process(qid)
+    assert (outcome.delivered, outcome.deferred, outcome.forwarded) == (1, 1, 1)
+    assert len(_maildir_files(settings, "SAM")) == 1
+    env = fq.load(QTMSOUTQ, qid)  # the outbound side keeps the retries
+    assert [r.state for r in env.recipients] == ["retry", "delivered", "pending"]
+    assert env.recipients[0].last_error.startswith("4.2.0 mailbox cannot take mail now")
+    processor.journal.flush()
+    [bd] = read_entries(processor.journal.directory, ["BD"])
+    assert bd["recipient"] == "jane@example.test" and bd["mailbox"] == "pop:JANE"
+    for p in (settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new").iterdir():
         p.unlink()  # fetched and deleted over POP
     repair()
-    assert processor.process(qid).delivered == 1
+    fq.move(qid, QTMSOUTQ, QTMSINQ, env.with_recipient("bob@remote.test", state="relayed"))
+    outcome = processor.process(qid)  # the retry, as the outbound side brings it back
+    assert (outcome.delivered, outcome.deferred, outcome.forwarded) == (1, 0, 0)
     assert _maildir_files(settings, "SAM") == [] and len(_maildir_files(settings, "JANE")) == 1
     assert fq.find(qid) is None
 
@@ -166,11 +175,14 @@ def test_an_unknown_recipient_beside_a_broken_mailbox_still_gets_its_notice(sett
     processor = build_processor(settings, "QMSF/1")
     repair = _break_mailbox(settings, "SAM")
     qid = _queued(fq, "sam@example.test", "nobody@example.test")
-    with pytest.raises(OSError):
-        processor.process(qid)
+    first = processor.process(qid)
+    assert first.deferred == 1 and first.failed == 1 and first.notice is not None
+    env = fq.load(QTMSOUTQ, qid)
     repair()
-    outcome = processor.process(qid)
-    assert outcome.delivered == 1 and outcome.failed == 1 and outcome.notice is not None
+    fq.move(qid, QTMSOUTQ, QTMSINQ, env)
+    outcome = processor.process(qid)  # no second notice about nobody
+    assert outcome.delivered == 1 and outcome.failed == 0 and outcome.notice is None
+    assert fq.list(QTMSINQ) == [first.notice]
 
 
 def test_deliveries_are_recorded_when_a_later_step_fails(settings, monkeypatch):
@@ -200,3 +212,26 @@ def test_deliveries_are_recorded_when_a_later_step_fails(settings, monkeypatch):
     outcome = processor.process(qid)
     assert outcome.failed == 1 and outcome.notice is not None
     assert _maildir_files(settings, "SAM") == []
+
+
+def test_a_retry_reports_only_its_own_deliveries(settings):
+    """SAM asked for a success report and got his copy at the first try; the
+    retry that delivers JANE's must not report SAM's again."""
+    from twistmail.queue import Recipient
+
+    SqliteDirectory.from_settings(settings).create_profile("JANE", "secret")
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    repair = _break_mailbox(settings, "JANE")
+    qid = _queued(fq, *(Recipient(a, notify=("SUCCESS",))
+                        for a in ("jane@example.test", "sam@example.test")))
+    assert processor.process(qid).deferred == 1
+    [report] = fq.list(QTMSINQ)  # SAM's
+    repair()
+    fq.move(qid, QTMSOUTQ, QTMSINQ)
+    assert processor.process(qid).delivered == 1
+    second = [n for n in fq.list(QTMSINQ) if n != report]
+    assert len(second) == 1
+    text = fq.body_path(second[0], QTMSINQ).read_bytes()
+    assert b"Final-Recipient: rfc822; jane@example.test" in text
+    assert b"Final-Recipient: rfc822; sam@example.test" not in text

@@ -367,3 +367,77 @@ def test_mail_that_would_loop_back_to_this_host_is_returned(make_appliance, dns)
     assert b"5.4.6" in raw and b"loops back to myself" in raw
     assert [e["reason"].split()[:2] for e in a.journal("83")] == [["554", "5.4.6"]]
     assert not a.journal("8C")  # permanent: no retry
+
+
+def _break_maildir(a, user):
+    """The user's Maildir cannot take mail (its tmp/ is a file); the repair to call later."""
+    maildir = a.datadir / "mailboxes" / user / "Maildir"
+    for d in ("tmp", "new", "cur"):
+        (maildir / d).mkdir(parents=True, exist_ok=True)
+    tmp = maildir / "tmp"
+    tmp.rmdir()
+    tmp.write_text("not a directory")
+
+    def repair():
+        tmp.unlink()
+        tmp.mkdir()
+
+    return repair
+
+
+def test_a_mailbox_that_cannot_take_mail_waits_for_the_retries_alone(make_appliance, sink):
+    """JANE's copy waits on the retry queue; SAM's and the remote one go at once.
+    Once her mailbox is mended, a due retry delivers hers, and only hers."""
+    a = outbound(make_appliance, sink, rtymin=[50, 0])
+    a.user("JANE")
+    repair = _break_maildir(a, "JANE")
+    send(a, ["jane@example.test", "sam@example.test", "far@remote.test"])
+    a.wait_for(lambda: sink.messages, 20, "the remote copy")
+    a.wait_mailbox("SAM", 1)
+    a.wait_for(lambda: {"BD", "8C"} <= {e["code"] for e in a.journal()}, 20, "BD, then 8C")
+    [bd] = a.journal("BD")[:1]
+    assert bd["recipient"] == "jane@example.test" and "Not a directory" in bd["reason"]
+    rc, out, _ = a.cli("wrkq")
+    assert rc == 0 and "jane@example.test (retry)" in out, out
+    repair()
+    a.wait_mailbox("JANE", 1)
+    a.wait_for(lambda: not any(a.queue_files(q) for q in ("QTMSINQ", "QTMSOUTQ", "QTMSRTQ1")),
+               10, "the queues to empty")
+    assert len(sink.messages) == 1 and len(a.mailbox("SAM")) == 1
+    assert any(e["code"] == "8E" and e.get("to") == "QTMSINQ" for e in a.journal())
+
+
+def test_a_mailbox_broken_past_the_retries_gets_a_notice(make_appliance, sink):
+    a = outbound(make_appliance, sink, rtymin=[1, 0], rtyhour=[1, 0],
+                 nfydlvry="admin@remote.test")  # DSN is offered with NFYDLVRY
+    a.user("JANE")
+    _break_maildir(a, "JANE")
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        s.mail("sam@example.test")
+        assert s.rcpt("jane@example.test", ["NOTIFY=FAILURE,DELAY"])[0] == 250
+        assert s.data(b"Subject: to jane\r\n\r\nx\r\n")[0] == 250
+    reports = a.wait_mailbox("SAM", 2, timeout=40)  # delayed, then failed
+    texts = [p.read_bytes() for p in reports]
+    assert all(b"Final-Recipient: rfc822; jane@example.test" in t for t in texts)
+    actions = sorted(line.split(b":", 1)[1].strip() for t in texts
+                     for line in t.split(b"\r\n") if line.startswith(b"Action:"))
+    assert actions == [b"delayed", b"failed"]
+    assert any(b"mailbox cannot take mail now" in t for t in texts)
+    codes = [e["code"] for e in a.journal()]
+    assert codes.count("BD") == 3 and {"8C", "8D", "8E", "8F", "83"} <= set(codes)
+
+
+def test_a_hold_of_outbound_mail_does_not_hold_local_retries(make_appliance, sink):
+    a = outbound(make_appliance, sink, rtymin=[50, 0])
+    a.user("JANE")
+    assert a.cli("hlddstq")[0] == 0
+    repair = _break_maildir(a, "JANE")
+    send(a, ["jane@example.test"])
+    send(a, ["far@remote.test"])
+    a.wait_for(lambda: a.journal("8E"), 20, "a retry of the local recipient")
+    repair()
+    a.wait_mailbox("JANE", 1)
+    assert sink.messages == []  # the remote message is still held
+    assert a.cli("rlsdstq")[0] == 0
+    a.wait_for(lambda: sink.messages, 20, "the remote message, once released")

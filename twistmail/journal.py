@@ -72,8 +72,10 @@ CODES: dict[str, str] = {
     "83": "SMTP client: recipient undeliverable",
     "8C": "SMTP client: put on the first-level retry queue QTMSRTQ1",
     "8D": "SMTP client: put on the second-level retry queue QTMSRTQ2",
-    "8E": "SMTP client: retry due, from QTMSRTQ1 back to QTMSOUTQ",
-    "8F": "SMTP client: retry due, from QTMSRTQ2 back to QTMSOUTQ",
+    "8E": "SMTP client: retry due, from QTMSRTQ1 back to QTMSOUTQ (QTMSINQ for a deferred "
+          "local recipient)",
+    "8F": "SMTP client: retry due, from QTMSRTQ2 back to QTMSOUTQ (QTMSINQ for a deferred "
+          "local recipient)",
     "87": "SMTP client: to QTMSINQ for a nondelivery notice, or COD queued for the bridge",
     "86": "SMTP client: back on QTMSOUTQ (connection matrix full or a recipient changed)",
     "8K": "SMTP client: resolver error (MX or address lookup failed)",
@@ -105,6 +107,8 @@ CODES: dict[str, str] = {
     # B: MSF local delivery
     "B8": "MSF local delivery: delivered into a POP mailbox (mailbox directory logged)",
     "B2": "MSF local delivery: recipient (POP mailbox delivery or COD insertion)",
+    "BD": "MSF local delivery: mailbox cannot take mail now, recipient deferred to the "
+          "retries, with the reason (twistmail)",
     "BR": "MSF local delivery: COD message inserted into MSF",
     "B1": "MSF local delivery: originator of the COD message",
     # C: MSF message forwarding

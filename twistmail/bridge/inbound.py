@@ -9,6 +9,14 @@ recipients that cannot be delivered (7P, AP, A1, A2).  A message that
 cannot be read (a damaged envelope, a missing body) is set aside in
 ``corrupt/`` (7Y) when it is taken.
 
+A mailbox that cannot take the message now (its file system full or
+read-only, its directory damaged) defers that recipient alone (BD): the
+message goes on to QTMSOUTQ with it, the outbound side puts it on the retry
+queues with the remote recipients that wait, and a due retry brings it back
+here.  So a broken mailbox holds back no other recipient, and its sender
+hears of it as of any other delivery that waits (the delay notice, then the
+nondelivery notice when RTYMIN and RTYDAY or RTYHOUR are used up).
+
 Synchronous: a QMSF job (:mod:`twistmail.bridge.msf`) runs it.  Every step can be
 repeated after a crash without a second copy: Maildir names derive from the
 queue id and the recipient's position, and a notice's queue id derives from
@@ -17,6 +25,7 @@ the original's, so a repeated notice is the same message.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -27,7 +36,7 @@ import attrs
 from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
 from twistmail.policy.filters import examine
-from twistmail.queue import DELIVERED, FAILED, CorruptEnvelope, Envelope, Recipient
+from twistmail.queue import DELIVERED, FAILED, RETRY, CorruptEnvelope, Envelope, Recipient
 
 UNKNOWN = ("5.1.1", "550 5.1.1 user unknown: no entry in the system distribution directory")
 
@@ -38,6 +47,7 @@ class Outcome:
     delivered: int = 0
     failed: int = 0
     forwarded: int = 0
+    deferred: int = 0
     parked: bool = False
     filtered: bool = False
     corrupt: bool = False
@@ -79,13 +89,13 @@ class InboundProcessor:
             j.flush()
             self.queue.move(queue_id, QTMSINQ, QTMSBSSQ)
             return Outcome(queue_id, parked=True)
-        if not released(env):
+        if env.attempts == 0 and not released(env):  # a retry was filtered the first time
             match = examine(body, env.originator, self.directory)
             if match is not None:
                 return self._filtered(env, match)
         recipients: list[Recipient] = []
         failures: list[Failure] = []
-        forwarded = delivered = 0
+        forwarded = delivered = deferred = 0
         errors: list[Exception] = []
         # Mailboxes this message is in already: two addresses of one user (or
         # the same address twice, or two caught by *ANY *ANY) make one copy.
@@ -104,6 +114,8 @@ class InboundProcessor:
             recipients.append(new)
             if new.state == DELIVERED:
                 delivered += 1
+            elif new.state == RETRY:
+                deferred += 1
             elif new.state == FAILED:
                 status, text = (new.last_error or "5.0.0 failed").split(" ", 1)
                 failures.append(Failure(new.address, status, text))
@@ -113,7 +125,7 @@ class InboundProcessor:
         try:
             if errors:
                 raise errors[0]
-            notice = self._settle(env, recipients, failures, forwarded, body)
+            notice = self._settle(env, before, failures, forwarded, deferred, body)
         except Exception:
             # What was delivered is recorded before the message is tried again:
             # a retry must not put a second copy in the mailboxes that worked
@@ -121,23 +133,27 @@ class InboundProcessor:
             # Nothing else is: a failure is reported, with its notice, then.
             self._keep_deliveries(before, recipients)
             raise
-        return Outcome(queue_id, delivered, len(failures), forwarded, notice=notice)
+        return Outcome(queue_id, delivered, len(failures), forwarded, deferred, notice=notice)
 
-    def _settle(self, env: Envelope, recipients: list[Recipient], failures: list[Failure],
-                forwarded: int, body: Any) -> str | None:
+    def _settle(self, env: Envelope, before: Envelope, failures: list[Failure],
+                forwarded: int, deferred: int, body: Any) -> str | None:
         """Notices, then the message moves on to QTMSOUTQ or goes; the failure notice's id."""
         j, queue_id = self.journal, env.id
         notice = self._notice(env, failures, body) if failures else None
         if failures:  # the client side must not report them again
             env = env.note({"noticed": [f.address for f in failures]})
+        # Only the deliveries of this try: a retry must not report the earlier ones again.
         successes = [Failure(r.address, "2.0.0", "delivered to the local mailbox", "delivered")
-                     for r in recipients if r.state == DELIVERED and r.notify
+                     for old, r in zip(before.recipients, env.recipients, strict=True)
+                     if r.state == DELIVERED and old.state != DELIVERED and r.notify
                      and "SUCCESS" in r.notify and r.delivered_at is not None]
         if successes:
             self._notice(env, successes, body)
         # The step's entries are written before the message moves on or goes.
-        if forwarded:
-            j.write("C6", f"C6 TOQ {QTMSOUTQ}", queue_id, queue=QTMSOUTQ, recipients=forwarded)
+        if forwarded or deferred:
+            # Deferred recipients go along: the outbound side keeps the retries.
+            j.write("C6", f"C6 TOQ {QTMSOUTQ}", queue_id, queue=QTMSOUTQ, recipients=forwarded,
+                    deferred=deferred)
             j.flush()
             self.queue.move(queue_id, QTMSINQ, QTMSOUTQ, env)
         else:
@@ -204,15 +220,22 @@ class InboundProcessor:
             return rcpt.evolve(state=DELIVERED, resolved=box, delivered_at=now,
                                attempts=rcpt.attempts + 1)
         delivery_id = f"{qid}.R{index}"
-        if res.kind == "pop":
-            path = self.mailboxes.deliver(res.usrprf, delivery_id, body, prefix)
-            j.write("B8", f"B8 DLV {path.parent.parent}", qid, recipient=rcpt.address,
-                    usrprf=res.usrprf, mailbox=str(path.parent.parent))
-            j.write("B2", f"B2 R {rcpt.address}", qid, recipient=rcpt.address)
-        else:
-            self.snads.deliver(res.userid, delivery_id, body, prefix)
-            j.write("7O", f"7O TSDS {res.userid} {res.sysaddress}", qid,
-                    recipient=rcpt.address, userid=res.userid, address=res.sysaddress)
+        try:
+            if res.kind == "pop":
+                path = self.mailboxes.deliver(res.usrprf, delivery_id, body, prefix)
+                j.write("B8", f"B8 DLV {path.parent.parent}", qid, recipient=rcpt.address,
+                        usrprf=res.usrprf, mailbox=str(path.parent.parent))
+                j.write("B2", f"B2 R {rcpt.address}", qid, recipient=rcpt.address)
+            else:
+                self.snads.deliver(res.userid, delivery_id, body, prefix)
+                j.write("7O", f"7O TSDS {res.userid} {res.sysaddress}", qid,
+                        recipient=rcpt.address, userid=res.userid, address=res.sysaddress)
+        except OSError as e:  # this mailbox, for now: tried again with the retries
+            error = f"{_deferral_status(e)} mailbox cannot take mail now: {e.strerror or e}"
+            j.write("BD", f"BD DFR {rcpt.address}", qid, recipient=rcpt.address, mailbox=box,
+                    reason=error, file=e.filename)
+            return rcpt.evolve(state=RETRY, resolved=box, last_error=error,
+                               attempts=rcpt.attempts + 1)
         boxes[box] = index
         return rcpt.evolve(state=DELIVERED, resolved=box, delivered_at=now,
                            attempts=rcpt.attempts + 1)
@@ -220,6 +243,15 @@ class InboundProcessor:
     def _notice(self, env: Envelope, failures: list[Failure], body: Any) -> str | None:
         return queue_notice(self.queue, self.directory, self.journal, self.hostname, env,
                             failures, body, responsible=self.responsible)
+
+
+def _deferral_status(error: OSError) -> str:
+    """RFC 3463's word for why a mailbox cannot take mail now."""
+    if error.errno == errno.EDQUOT:
+        return "4.2.2"  # mailbox full
+    if error.errno == errno.ENOSPC:
+        return "4.3.1"  # mail system full
+    return "4.2.0"
 
 
 def released(env: Envelope) -> bool:

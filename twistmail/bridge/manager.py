@@ -35,9 +35,10 @@ RESCAN_EVERY = 5.0  # seconds
 #: are given nothing new until the busy ones finish (milliseconds).
 RECOVER_EVERY = 60.0  # seconds
 MAX_JOB_ENDS = 3  # a message its QMSF job died on this many times is set aside
-#: A message its QMSF job answered FAIL for (a mailbox that cannot take mail,
-#: a file system gone read-only) waits this long before each new try: the
-#: administrator has about an hour and a half to mend it before it is set aside.
+#: A message its QMSF job answered FAIL for (the queue's file system full or
+#: gone read-only; a mailbox that cannot take mail only defers its recipient)
+#: waits this long before each new try: the administrator has about an hour
+#: and a half to mend it before it is set aside.
 FAIL_WAITS = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
 
 

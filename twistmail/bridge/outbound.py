@@ -16,7 +16,9 @@ the bridge settles it:
 * temporarily failed ones make the message wait on QTMSRTQ1 for RTYMIN
   (count, minutes), then on QTMSRTQ2 for RTYDAY or RTYHOUR (8C, 8D); due
   mail goes back to QTMSOUTQ (8E, 8F); when the retries are used up the
-  remaining recipients fail (83) and get a notice.
+  remaining recipients fail (83) and get a notice.  Local recipients whose
+  mailbox could not take the message (RETRY, see ``inbound``) wait with
+  them, and their message goes back to QTMSINQ instead.
 
 State is per recipient, so a partial success retries only the failed ones.
 ``hlddstq QSMTPQ`` (a flag file) stops dispatching; mail stays queued.
@@ -57,8 +59,8 @@ from twisted.python import failure
 
 from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.bridge.schedule import TransferSchedule
-from twistmail.interfaces import CORRUPT, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
-from twistmail.queue import DELIVERED, FAILED, PENDING, Envelope
+from twistmail.interfaces import CORRUPT, QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
+from twistmail.queue import DELIVERED, FAILED, PENDING, RETRY, Envelope
 
 SCAN_EVERY = 1.0  # seconds
 KICK_DELAY = 0.05  # seconds from a change inotify reports to the scan it asks for
@@ -337,16 +339,26 @@ class OutboundManager:
                         env.next_try - now > longest[source]) or (flush and any(
                         r.state == PENDING and _in_node(r.address, flush)
                         for r in env.recipients)):
-                    self.queue.move(qid, source, QTMSOUTQ)
-                    self.journal.write(code, f"{code} TOQ {QTMSOUTQ}", qid, queue=source)
+                    # A deferred local recipient is the bridge's to deliver:
+                    # through QTMSINQ, which forwards the remote ones again.
+                    to = QTMSINQ if any(r.state == RETRY for r in env.recipients) else QTMSOUTQ
+                    self.queue.move(qid, source, to)
+                    self.journal.write(code, f"{code} {'TIQ' if to == QTMSINQ else 'TOQ'} {to}",
+                                       qid, queue=source, to=to)
         if self.held:
             # Nothing goes, but the envelopes are read now, while there is
             # time: the release then dispatches at once, not after reading
             # the whole backlog (a file unchanged since is not read again).
+            # Mail with nothing to send (a local recipient deferred) still
+            # goes on to the retry queues: the hold is of the sending.
+            settle = []
             for qid, version in self.queue.versions(QTMSOUTQ):
-                self._load(QTMSOUTQ, qid, version, seen)
+                env = self._load(QTMSOUTQ, qid, version, seen)
+                if env is not None and qid not in self.open and qid not in self.busy and \
+                        not any(r.state == PENDING for r in env.recipients):
+                    settle.append(qid)
             self._seen = seen
-            return _Found(held=True)
+            return _Found(settle=settle, held=True)
         # A transfer asked for while there is no schedule stays asked for: the
         # bridge may not have read the interval the asker saw yet.
         transfer = next_at is not None and (_transfer_requested(self.queue.root) or transfer)
@@ -829,14 +841,15 @@ class OutboundManager:
                 env = self.queue.load(QTMSOUTQ, qid)
             except KeyError:
                 return
-        pending = [r for r in env.recipients if r.state == PENDING]
+        # Remote recipients that failed for now, and local ones deferred (RETRY).
+        pending = [r for r in env.recipients if r.state in (PENDING, RETRY)]
         attempts = env.attempts + 1
         target = self._retry_target(attempts) if pending else None
         if pending and target is None:
             # Retries used up: what is left fails now.
             env = env.with_recipients(
                 r.evolve(state=FAILED, last_error=(r.last_error or "4.4.7 retries exhausted")
-                         + " (retries exhausted)") if r.state == PENDING else r
+                         + " (retries exhausted)") if r.state in (PENDING, RETRY) else r
                 for r in env.recipients)
             pending = []
         noticed = {a for h in env.history if isinstance(h, dict) for a in h.get("noticed", ())}
