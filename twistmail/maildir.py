@@ -617,7 +617,10 @@ def _link_new(maildir: str, tmp: str, name: str, ensure: Callable[[], Any]) -> P
     except FileExistsError:
         pass
     finally:
-        os.unlink(tmp)
+        # A tmp/ file left behind is removed by a session after 36 hours; an
+        # error here would call a delivery that is in new/ a failure.
+        with suppress(OSError):
+            os.unlink(tmp)
     fsync_dir(f"{maildir}/new")
     return Path(target)
 
