@@ -235,3 +235,44 @@ def test_a_retry_reports_only_its_own_deliveries(settings):
     text = fq.body_path(second[0], QTMSINQ).read_bytes()
     assert b"Final-Recipient: rfc822; jane@example.test" in text
     assert b"Final-Recipient: rfc822; sam@example.test" not in text
+
+
+def test_a_deferred_recipient_whose_domain_is_no_longer_local_is_forwarded(settings):
+    from twistmail.queue import RETRY, Recipient
+
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, Recipient("jane@moved.test", state=RETRY, resolved="pop:JANE",
+                                last_error="4.2.0 mailbox cannot take mail now: x"))
+    assert processor.process(qid).forwarded == 1
+    assert fq.load(QTMSOUTQ, qid).recipients[0].state == "pending"
+
+
+def test_a_success_report_survives_a_step_that_failed_after_the_delivery(settings, monkeypatch):
+    """The failure notice could not be queued (a full disk): the retry, which
+    finds JANE delivered already, still makes her success report."""
+    import errno
+
+    from twistmail.bridge import inbound
+    from twistmail.queue import Recipient
+
+    SqliteDirectory.from_settings(settings).create_profile("JANE", "secret")
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, Recipient("jane@example.test", notify=("SUCCESS",)),
+                  "nobody@example.test")
+    real = inbound.queue_notice
+    calls = []
+
+    def full_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inbound, "queue_notice", full_once)
+    with pytest.raises(OSError):
+        processor.process(qid)
+    processor.process(qid)
+    texts = [fq.body_path(n, QTMSINQ).read_bytes() for n in fq.list(QTMSINQ)]
+    assert any(b"Action: delivered" in t for t in texts)

@@ -416,3 +416,40 @@ def test_a_retry_set_before_the_clock_went_back_is_not_held_for_the_difference(m
     fq.move(other, QTMSOUTQ, QTMSRTQ1, env.evolve(attempts=1, next_try=time.time() + 600))
     manager._due(False, None, frozenset())
     assert fq.find(qid) == QTMSOUTQ and fq.find(other) == QTMSRTQ1
+
+
+def test_an_etrn_sends_the_remote_part_of_a_message_with_a_deferred_local_one(manager):
+    """Under MAILXFRINT the flush lets the remote recipient past the schedule
+    from QTMSOUTQ; by way of QTMSINQ its request would be forgotten."""
+    import time
+
+    from twistmail.queue import RETRY
+
+    fq = manager.queue
+    qid = _queued(fq, Recipient("jane@example.test", state=RETRY, resolved="pop:JANE",
+                                last_error="4.2.0 mailbox cannot take mail now: x"),
+                  Recipient("bob@remote.test"))
+    fq.move(qid, QTMSOUTQ, QTMSRTQ1,
+            fq.load(QTMSOUTQ, qid).evolve(attempts=1, next_try=time.time() + 600))
+    outbound.request_flush(fq.root, "remote.test")
+    found = manager._due(False, time.time() + 3600, frozenset())
+    assert [env.id for env, _ in found.work] == [qid]
+
+
+def test_a_local_recipient_out_of_retries_is_journaled_a3(manager):
+    from twistmail.queue import RETRY
+
+    fq = manager.queue
+    manager.settings = attrs_evolve_smtp(manager.settings, rtymin=(0, 0))
+    qid = _queued(fq, Recipient("jane@example.test", state=RETRY, resolved="pop:JANE",
+                                last_error="4.2.0 mailbox cannot take mail now: x"))
+    manager._settle_message(qid)
+    manager.journal.flush()
+    codes = [e["code"] for e in read_entries(manager.journal.directory)]
+    assert "A3" in codes and "83" not in codes
+
+
+def attrs_evolve_smtp(settings, **changes):
+    import attrs
+
+    return attrs.evolve(settings, smtp=attrs.evolve(settings.smtp, **changes))

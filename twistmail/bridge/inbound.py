@@ -36,7 +36,15 @@ import attrs
 from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
 from twistmail.policy.filters import examine
-from twistmail.queue import DELIVERED, FAILED, RETRY, CorruptEnvelope, Envelope, Recipient
+from twistmail.queue import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    RETRY,
+    CorruptEnvelope,
+    Envelope,
+    Recipient,
+)
 
 UNKNOWN = ("5.1.1", "550 5.1.1 user unknown: no entry in the system distribution directory")
 
@@ -125,7 +133,7 @@ class InboundProcessor:
         try:
             if errors:
                 raise errors[0]
-            notice = self._settle(env, before, failures, forwarded, deferred, body)
+            notice = self._settle(env, failures, forwarded, deferred, body)
         except Exception:
             # What was delivered is recorded before the message is tried again:
             # a retry must not put a second copy in the mailboxes that worked
@@ -135,20 +143,24 @@ class InboundProcessor:
             raise
         return Outcome(queue_id, delivered, len(failures), forwarded, deferred, notice=notice)
 
-    def _settle(self, env: Envelope, before: Envelope, failures: list[Failure],
-                forwarded: int, deferred: int, body: Any) -> str | None:
+    def _settle(self, env: Envelope, failures: list[Failure], forwarded: int, deferred: int,
+                body: Any) -> str | None:
         """Notices, then the message moves on to QTMSOUTQ or goes; the failure notice's id."""
         j, queue_id = self.journal, env.id
         notice = self._notice(env, failures, body) if failures else None
         if failures:  # the client side must not report them again
             env = env.note({"noticed": [f.address for f in failures]})
-        # Only the deliveries of this try: a retry must not report the earlier ones again.
+        # A retry reports only what no try reported: the note goes with the
+        # message only once the report is queued.
+        reported = {a for h in env.history if isinstance(h, dict)
+                    for a in h.get("success_noticed", ())}
         successes = [Failure(r.address, "2.0.0", "delivered to the local mailbox", "delivered")
-                     for old, r in zip(before.recipients, env.recipients, strict=True)
-                     if r.state == DELIVERED and old.state != DELIVERED and r.notify
-                     and "SUCCESS" in r.notify and r.delivered_at is not None]
+                     for r in env.recipients if r.state == DELIVERED and r.notify
+                     and "SUCCESS" in r.notify and r.delivered_at is not None
+                     and r.address not in reported]
         if successes:
             self._notice(env, successes, body)
+            env = env.note({"success_noticed": [f.address for f in successes]})
         # The step's entries are written before the message moves on or goes.
         if forwarded or deferred:
             # Deferred recipients go along: the outbound side keeps the retries.
@@ -208,8 +220,8 @@ class InboundProcessor:
                     reason=UNKNOWN[1])
             return rcpt.evolve(state=FAILED, last_error=f"{UNKNOWN[0]} {UNKNOWN[1]}",
                                attempts=rcpt.attempts + 1)
-        if res.kind == "remote":
-            return rcpt.evolve(resolved="remote")
+        if res.kind == "remote":  # also one deferred while its domain was local
+            return rcpt.evolve(state=PENDING, resolved="remote")
         prefix = trace_prefix(env.originator, rcpt.address)
         now = time.time()
         box = f"pop:{res.usrprf}" if res.kind == "pop" else f"snads:{res.userid}"

@@ -335,13 +335,16 @@ class OutboundManager:
                     continue
                 # A wait longer than its queue ever gives (the clock was set
                 # back, or RTYMIN lowered) ends now, not after the difference.
-                if env.next_try is None or env.next_try <= now or (
-                        env.next_try - now > longest[source]) or (flush and any(
-                        r.state == PENDING and _in_node(r.address, flush)
-                        for r in env.recipients)):
+                due = env.next_try is None or env.next_try <= now or (
+                    env.next_try - now > longest[source])
+                if due or (flush and any(r.state == PENDING and _in_node(r.address, flush)
+                                         for r in env.recipients)):
                     # A deferred local recipient is the bridge's to deliver:
                     # through QTMSINQ, which forwards the remote ones again.
-                    to = QTMSINQ if any(r.state == RETRY for r in env.recipients) else QTMSOUTQ
+                    # An ETRN sends the remote ones now, from QTMSOUTQ, where
+                    # it lets them go past a MAILXFRINT schedule.
+                    to = QTMSINQ if due and any(r.state == RETRY for r in env.recipients) \
+                        else QTMSOUTQ
                     self.queue.move(qid, source, to)
                     self.journal.write(code, f"{code} {'TIQ' if to == QTMSINQ else 'TOQ'} {to}",
                                        qid, queue=source, to=to)
@@ -857,7 +860,9 @@ class OutboundManager:
                       and r.address not in noticed]
         if failed_now:
             for r in failed_now:
-                self.journal.write("83", f"83 U {r.address}", qid, recipient=r.address,
+                # A3 for a local mailbox that never took it (see inbound).
+                code = "83" if r.resolved in (None, "remote") else "A3"
+                self.journal.write(code, f"{code} U {r.address}", qid, recipient=r.address,
                                    reason=r.last_error)
             self.journal.write("87", f"87 TIQ notice {qid}", qid)
             failures = [Failure(r.address, _status(r.last_error), r.last_error or "failed")
