@@ -946,8 +946,43 @@ def test_quarantine_actions_on_one_message_take_turns(cfg, cli_queue, capsys):
     os.close(lock)
     t.join(10)
     assert result == [1]
-    assert "is not in quarantine" in capsys.readouterr().err
+    assert "is neither in quarantine nor in corrupt/" in capsys.readouterr().err
     assert cli_queue.find(qid) is None  # no envelope brought back without its body
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_message_set_aside_is_released_from_corrupt(cfg, cli_queue, capsys, packed):
+    """Set aside after its QMSF job failed on it for an hour and a half (a file
+    system read-only meanwhile): once mended, the administrator sends it on."""
+    from twistmail.journal import read_entries
+
+    qid = enqueue(cli_queue, b"Subject: kept\r\n\r\nsafe\r\n")
+    if not packed:
+        cli_queue.move(qid, QTMSINQ, QTMSOUTQ)  # an envelope file, its body in data/
+        cli_queue.move(qid, QTMSOUTQ, QTMSINQ)
+    assert cli_queue.set_aside(QTMSINQ, qid, "its QMSF job failed on it 7 times") is not None
+    assert run(["--config", cfg, "wrkq", "--release", qid]) == 0
+    assert f"message {qid} released to QTMSINQ" in capsys.readouterr().out
+    assert cli_queue.find(qid) == QTMSINQ and cli_queue.list(CORRUPT) == []
+    assert cli_queue.body_path(qid, QTMSINQ).read_bytes().endswith(b"safe\r\n")
+    assert cli_queue.recover().clean  # nothing left behind for recovery
+    entries = list(read_entries(cli_queue.root.parent / "journal", ["7Z"]))
+    assert [e["action"] for e in entries] == ["released by the administrator"]
+
+
+def test_a_damaged_message_stays_in_corrupt_and_can_be_deleted(cfg, cli_queue, capsys):
+    qid = enqueue(cli_queue)
+    cli_queue.move(qid, QTMSINQ, QTMSOUTQ)
+    (cli_queue.queue_dir(QTMSOUTQ) / f"{qid}.json").write_text("{not json")
+    assert cli_queue.set_aside(QTMSOUTQ, qid, "unreadable envelope") is not None
+    assert run(["--config", cfg, "wrkq", "--release", qid]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its envelope cannot be read" in err[0] and "stays in corrupt/" \
+        in err[0]
+    assert cli_queue.list(CORRUPT) == [qid]
+    assert run(["--config", cfg, "wrkq", "--delete", qid]) == 0
+    assert f"message {qid} deleted from corrupt/" in capsys.readouterr().out
+    assert all_files(cli_queue) == []
 
 
 def test_wrkq_says_which_mail_hlddstq_holds(cfg, cli_queue, capsys):

@@ -64,6 +64,8 @@ CODES: dict[str, str] = {
     "7U": "bridge: undeliverable notice deleted, its return address is bad",
     "7X": "bridge: queue recovery removed debris of crashed writers (twistmail)",
     "7Y": "bridge: unreadable envelope moved to the corrupt/ queue (twistmail)",
+    "7Z": "bridge: message in corrupt/ released to QTMSINQ or deleted by the administrator "
+          "(wrkq; twistmail)",
     "7W": "bridge: DSN delay notice created (twistmail)",
     # 8: SMTP client (QTSMTPCLTP)
     "8B": "SMTP client: taken from QTMSOUTQ for delivery",

@@ -654,7 +654,7 @@ class FileQueue:
 
         A message packed in ``queue`` is found with one look instead of three.
         """
-        if queue in PACKABLE:
+        if queue in _PACKED_IN:
             packed = self._packed(queue, queue_id)
             if os.path.exists(packed):
                 return Path(packed)
@@ -713,7 +713,7 @@ class FileQueue:
         reads the same; recover() removes a packed file that has an envelope
         file beside it.
         """
-        if queue not in PACKABLE:
+        if queue not in _PACKED_IN:  # corrupt/ too: a message released from it
             return False
         try:
             data = self._packed_envelope(queue, queue_id)

@@ -158,16 +158,19 @@ def _spool(listing: bool = False) -> FileQueue:
     help=f"Only this queue (any case): {', '.join(QUEUES)}.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--release", metavar="ID", help="Release a quarantined message for delivery.")
-@click.option("--delete", metavar="ID", help="Delete a quarantined message.")
+@click.option("--release", metavar="ID",
+              help="Release a message in quarantine or corrupt/ for delivery.")
+@click.option("--delete", metavar="ID", help="Delete a message in quarantine or corrupt/.")
 def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | None) -> None:
     """List queued messages: id, queue, age, size, originator, recipients, attempts, next try.
 
-    With --release or --delete, act on one message in quarantine (kept there by
-    a content filter with FTRACN *KEEP); a released message skips the filters.
+    With --release or --delete, act on one message kept for the administrator:
+    in quarantine (kept there by a content filter with FTRACN *KEEP; released,
+    it skips the filters) or in corrupt/ (set aside by the bridge; released,
+    it goes back to QTMSINQ once its envelope and body can be read).
     """
     if release is not None or delete is not None:
-        _quarantine_action(release, delete)
+        _kept_action(release, delete)
         return
     from twistmail.bridge.outbound import held_parts
 
@@ -186,7 +189,7 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
     click.echo(totals_line(entries, name))
 
 
-def _quarantine_action(release: str | None, delete: str | None) -> None:
+def _kept_action(release: str | None, delete: str | None) -> None:
     from twistmail.queue import is_queue_id
 
     if release is not None and delete is not None:
@@ -197,15 +200,19 @@ def _quarantine_action(release: str | None, delete: str | None) -> None:
         usage_error(f"{option}: {qid!r} is not a queue id; allowed: the id wrkq shows")
     with _readable(f"{option} {qid}"):
         spool = _spool()
-        with _quarantine_locked(spool.queue_dir(QUARANTINE)):
-            _act_on_quarantined(spool, qid, option, release is not None)
+        for queue in (QUARANTINE, CORRUPT):
+            with _locked(spool.queue_dir(queue)):
+                if qid in spool.list(queue):
+                    _act_on_kept(spool, queue, qid, option, release is not None)
+                    return
+        raise Failure(f"{option}: message {qid} is neither in quarantine nor in corrupt/")
 
 
 @contextmanager
-def _quarantine_locked(directory: Path) -> Iterator[None]:
-    """One administrator's action on quarantine at a time.
+def _locked(directory: Path) -> Iterator[None]:
+    """One administrator's action on quarantine (or corrupt/) at a time.
 
-    The bridge never touches a quarantined message; two commands at once
+    The bridge never touches a message kept there; two commands at once
     could (a release and a delete of one id would bring back an envelope
     whose body the delete removed).
     """
@@ -217,23 +224,33 @@ def _quarantine_locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _act_on_quarantined(spool: FileQueue, qid: str, option: str, release: bool) -> None:
-
+def _act_on_kept(spool: FileQueue, queue: str, qid: str, option: str, release: bool) -> None:
     from twistmail.journal import Journal
 
-    try:
-        env = spool.load(QUARANTINE, qid)
-    except KeyError:
-        raise Failure(f"{option}: message {qid} is not in quarantine") from None
     journal = Journal.from_settings(app().settings, f"WRKQ/{os.getpid()}")
-    if release:
-        spool.move(qid, QUARANTINE, QTMSINQ, env.note({"released": time.time()}))
-        journal.write("OW", f"OW REL {qid}", qid, action="released by the administrator")
-        click.echo(f"message {qid} released to {QTMSINQ}")
-    else:
-        spool.remove(QUARANTINE, qid)
-        journal.write("OW", f"OW DLT {qid}", qid, action="deleted by the administrator")
-        click.echo(f"message {qid} deleted from quarantine")
+    code, where = ("OW", "quarantine") if queue == QUARANTINE else ("7Z", "corrupt/")
+    if not release:
+        spool.remove(queue, qid)
+        journal.write(code, f"{code} DLT {qid}", qid, action="deleted by the administrator")
+        click.echo(f"message {qid} deleted from {where}")
+        return
+    try:
+        env = spool.load(queue, qid)
+    except ValueError as e:  # the bridge set it aside for this: it stays
+        raise Failure(f"{option}: message {qid} cannot be released, its envelope cannot be "
+                      f"read ({e}); it stays in {where}") from None
+    if not spool.body_path(qid, queue).exists():
+        raise Failure(f"{option}: message {qid} cannot be released, its body is gone; "
+                      f"it stays in {where}")
+    held_by = spool.find(qid)  # the first queue that holds it: QUEUES has these two last
+    if held_by != queue:
+        raise Failure(f"{option}: message {qid} cannot be released, {held_by} holds a "
+                      f"message with that id")
+    # A quarantined message skips the filters that kept it; one from corrupt/ does not.
+    note = {"released": time.time()} if queue == QUARANTINE else {"restored": time.time()}
+    spool.move(qid, queue, QTMSINQ, env.note(note))
+    journal.write(code, f"{code} REL {qid}", qid, action="released by the administrator")
+    click.echo(f"message {qid} released to {QTMSINQ}")
 
 
 def _dstq(dstq: str, pty: str) -> tuple[Path, str]:
