@@ -76,9 +76,9 @@ class Appliance:
 
     # -- life ---------------------------------------------------------
 
-    def start(self, wait_jobs: bool = True) -> Appliance:
+    def start(self, wait_jobs: bool = True, twistd_args: tuple[str, ...] = ()) -> Appliance:
         self.proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(self.config)],
+            [TWISTD, "-n", "--pidfile=", *twistd_args, "twistmail", "--config", str(self.config)],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=self.root,
         )
         self.wait_for(self.running, 20, "control socket")

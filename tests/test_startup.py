@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from appliance import TWISTD, Appliance
 
 import twisted.plugins
@@ -155,3 +157,28 @@ def test_sigterm_to_the_whole_process_group_leaves_no_traceback(tmp_path):
         assert "ReactorNotRunning" not in a.log_text()
     finally:
         a.kill_all()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="twistd switches user only when started as root")
+def test_started_as_root_with_uid_the_state_directory_belongs_to_that_user():
+    """The README's production start: what is made before the switch (the
+    state directory, its lock, run/, journal/) used to stay root's, and the
+    daemon died on its first file after it (a traceback)."""
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    root = Path(tempfile.mkdtemp(prefix="twistmail-uid-"))
+    root.chmod(0o755)  # the daemon's user reads its configuration here
+    a = Appliance(root)
+    a.config.chmod(0o644)
+    try:
+        a.start(wait_jobs=False, twistd_args=("--uid", "nobody", "--gid", str(nobody.pw_gid)))
+        for made in ("", "run", "journal", "twistmail.lock", "run/settings.json", "tls"):
+            assert (a.datadir / made).stat().st_uid == nobody.pw_uid, made
+        assert a.journal("JG")  # written as that user
+        assert "Traceback" not in a.log_text()
+    finally:
+        a.kill_all()
+        shutil.rmtree(root, ignore_errors=True)

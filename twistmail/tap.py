@@ -6,7 +6,9 @@ and what is allowed, and exit status 2: no traceback for a typo.
 
 from __future__ import annotations
 
+import pwd
 import sys
+from typing import Any
 
 from twisted.python import usage
 
@@ -44,4 +46,21 @@ def _fatal(message: str) -> None:
 def makeService(options: Options):  # noqa: ANN201 - twistd's interface
     from twistmail.controller.service import Controller
 
-    return Controller(options.settings)
+    return Controller(options.settings, owner=run_as(getattr(options, "parent", None)))
+
+
+def run_as(twistd: Any) -> tuple[int, int] | None:
+    """The user and group twistd switches to after binding (``--uid``/``--gid``).
+
+    What the daemon makes while still root (the state directory, its lock,
+    run/ and journal/) must belong to them, or the daemon cannot go on.
+    -1 keeps an owner as it is.
+    """
+    if twistd is None:
+        return None
+    uid, gid = twistd.get("uid"), twistd.get("gid")
+    if uid is not None and gid is None:
+        gid = pwd.getpwuid(uid).pw_gid
+    if uid is None and gid is None:
+        return None
+    return (-1 if uid is None else uid, -1 if gid is None else gid)

@@ -10,6 +10,7 @@ starts read only what it accepted (``config.write_applied``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any
@@ -26,7 +27,7 @@ from twistmail.control import ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
 from twistmail.controller.bridgeslot import BridgeSlot
 from twistmail.controller.controlsocket import ControlFactory
-from twistmail.controller.datadirlock import DatadirBusy, NoLock, lock_datadir
+from twistmail.controller.datadirlock import LOCK_FILE, DatadirBusy, NoLock, lock_datadir
 from twistmail.journal import Journal
 from twistmail.policy.anvil import client_key
 from twistmail.prestart import launch
@@ -64,7 +65,8 @@ SUBMISSION_LISTENERS = frozenset({"submission", "smtps"})
 class Controller(service.Service):
     log = Logger()
 
-    def __init__(self, settings: configmod.Settings, reactor: Any = None) -> None:
+    def __init__(self, settings: configmod.Settings, reactor: Any = None,
+                 owner: tuple[int, int] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -85,6 +87,8 @@ class Controller(service.Service):
         self.policy: Any = None
         self.tls_state: tuple[Any, ...] = ()
         self.lock_fd: int | None = None
+        #: Who twistd runs the daemon as after binding (--uid/--gid), if it switches.
+        self.owner = owner
         #: Sections changed in the file that only a restart applies (the last reload's view).
         self.restart_needed: list[str] = []
 
@@ -127,6 +131,11 @@ class Controller(service.Service):
             raise SystemExit(f"twistmail: another daemon is running (it answers on {path})")
         if path.exists() or path.is_symlink():
             path.unlink()
+        if self.owner is not None and os.geteuid() == 0:
+            # Made as root, used by the daemon's user from now on.
+            for made in (d, d / "run", d / "journal", d / LOCK_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(made, *self.owner)
 
     def _bind_server(self, server: str) -> None:
         for name in SERVER_LISTENERS[server]:
@@ -150,7 +159,10 @@ class Controller(service.Service):
                           "qualified name; the greeting, Received: fields, notices and the "
                           "system name of new directory entries use it", name=s.hostname)
 
-        tlsconfig.ensure_pair(s)
+        try:
+            tlsconfig.ensure_pair(s)
+        except OSError as e:  # a state directory another user made, say
+            raise SystemExit(f"twistmail: cannot make the TLS pair: {e}") from None
         if not s.tls.certificate:  # a configured pair was checked by twistd already (tap)
             try:
                 tlsconfig.server_options(s, check=True)  # every job needs it: refuse now
@@ -161,8 +173,11 @@ class Controller(service.Service):
             configmod.write_applied(s)
         except OSError as e:
             raise SystemExit(f"twistmail: cannot record the settings for the jobs: {e}") from None
-        self.journal = self._journal(f"QSYSWRK/{self.pid}")
-        self.journal.write("JG", "JG STR twistmail", pid=self.pid, config=self.config_path)
+        try:
+            self.journal = self._journal(f"QSYSWRK/{self.pid}")
+            self.journal.write("JG", "JG STR twistmail", pid=self.pid, config=self.config_path)
+        except OSError as e:
+            raise SystemExit(f"twistmail: cannot write the journal: {e}") from None
         for pgm in POOL_PROGRAMS:
             daemon = configmod.PROGRAMS[pgm]["daemon"]
             pool = Pool(
