@@ -490,3 +490,47 @@ def test_the_qmsf_jobs_hold_the_state_directory_lock_too(appliance):
     held = holders()
     assert len(held["QZMFLNCH"]) == 1  # the QMSF jobs' launcher, not the pools'
     assert not {"QTMSSRCP", "QTPOPSRVP", "QTMSCCLCP"} & set(held), held
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_server_that_cannot_take_all_its_ports_leaves_none_open(make_appliance):
+    """STRTCPSVR with the submission port taken: the SMTP port it had bound
+    stayed open with nothing accepting, so clients connected and were never
+    greeted; and with *ALL the servers that did start were not said."""
+    smtp, submission = _free_port(), _free_port()
+    a = make_appliance(listen={"smtp": f"127.0.0.1:{smtp}",
+                               "submission": f"127.0.0.1:{submission}"}).start()
+    assert a.cli("endtcpsvr", "--server", "*SMTP")[0] == 0
+    assert a.cli("endtcpsvr", "--server", "*POP")[0] == 0
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", submission))
+        squatter.listen()
+        rc, out, err = a.cli("strtcpsvr", "--server", "*ALL")
+        assert rc == 1 and len(err.strip().splitlines()) == 1, err
+        assert "*SMTP not started: cannot listen for submission" in err and "*POP started" in err
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", smtp), timeout=5)
+    rc, out, err = a.cli("strtcpsvr", "--server", "*SMTP")  # the port is free again
+    assert rc == 0 and "*SMTP started" in out, err
+    with smtplib.SMTP("127.0.0.1", smtp, timeout=10) as client:
+        assert client.noop()[0] == 250
+
+
+def test_endpj_checks_its_option_and_delay_before_ending_anything(appliance):
+    """From a script on the control socket, past the CLI's own checks."""
+    from twistmail.control import ControlError
+
+    with pytest.raises(ControlError, match="--option: '\\*BOGUS' is not allowed"):
+        appliance.control("endpj", pgm="QTPOPSRVP", option="*BOGUS", delay=1)
+    with pytest.raises(ControlError, match="--delay: -1 is not allowed"):
+        appliance.control("endpj", pgm="QTPOPSRVP", option="*CNTRLD", delay=-1)
+    with pytest.raises(ControlError, match="--delay"):
+        appliance.control("endmsf", option="*IMMED", delay="soon")
+    assert appliance.control("dspactpj", pgm="QTPOPSRVP")["status"] == "ACTIVE"
+    assert appliance.control("status")["bridge"]["pid"]

@@ -356,3 +356,8 @@ def parse_value(key: str, vtype: Any, raw: Any) -> Any:
 def setting(vtype: Any, default: Any, doc: str) -> Any:
     """An attrs field that carries its value type and one-line meaning."""
     return attrs.field(default=default, metadata={"type": vtype, "doc": doc})
+
+
+#: OPTION and DELAY (seconds) of ENDPJ and ENDMSF, for the CLI and the daemon alike.
+END_OPTION = Choice(("*CNTRLD", "*IMMED"))
+END_DELAY = Int(1, 999999)

@@ -17,11 +17,9 @@ from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.cli.base import Failure, app, cli, refused_change, usage_error, value_of
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.control import ControlError, NotRunning
-from twistmail.settingtypes import Choice, Int, SettingError
+from twistmail.settingtypes import END_DELAY, END_OPTION, Choice, Int, SettingError
 
 PGM_CHOICES = ", ".join(configmod.PROGRAMS)
-OPTION_TYPE = Choice(("*CNTRLD", "*IMMED"))
-DELAY_TYPE = Int(1, 999999)
 NBRMSFJOB_TYPE = Int(1, 99)
 MSGOPT_TYPE = Choice(("*RESUME",))
 SERVER_TYPE = Choice(("*SMTP", "*POP", "*ALL"))
@@ -150,8 +148,8 @@ def strpj(pgm: str) -> None:
 @click.option("--delay", default="30", show_default=True, help="seconds, 1-999999 (*CNTRLD)")
 def endpj(pgm: str, option: str, delay: str) -> None:
     """End prestart jobs (ENDPJ)."""
-    opt = value_of("--option", OPTION_TYPE, option)
-    secs = value_of("--delay", DELAY_TYPE, delay)
+    opt = value_of("--option", END_OPTION, option)
+    secs = value_of("--delay", END_DELAY, delay)
     click.echo(call("endpj", pgm=_pgm(pgm), option=opt, delay=secs))
 
 
@@ -187,8 +185,8 @@ def strmsf(msgopt: str, nbrmsfjob: str) -> None:
 @click.option("--delay", default="30", show_default=True, help="seconds, 1-999999")
 def endmsf(option: str, delay: str) -> None:
     """End the mail server framework, the bridge (ENDMSF)."""
-    opt = value_of("--option", OPTION_TYPE, option)
-    secs = value_of("--delay", DELAY_TYPE, delay)
+    opt = value_of("--option", END_OPTION, option)
+    secs = value_of("--delay", END_DELAY, delay)
     click.echo(call("endmsf", option=opt, delay=secs))
 
 

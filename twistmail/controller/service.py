@@ -33,7 +33,7 @@ from twistmail.policy.anvil import client_key
 from twistmail.prestart import launch
 from twistmail.prestart.policy import Limits
 from twistmail.prestart.pool import KILL_AFTER, Pool
-from twistmail.settingtypes import Endpoint
+from twistmail.settingtypes import END_DELAY, END_OPTION, Endpoint, parse_value
 
 SERVERS = {"*SMTP": "QTMSSRCP", "*POP": "QTPOPSRVP"}
 SERVER_LISTENERS = {
@@ -138,16 +138,25 @@ class Controller(service.Service):
                     os.chown(made, *self.owner)
 
     def _bind_server(self, server: str) -> None:
-        for name in SERVER_LISTENERS[server]:
-            endpoint: Endpoint | None = getattr(self.settings.listen, name)
-            if endpoint is None or name in self.sockets:
-                continue
-            try:
-                self.sockets[name] = listenermod.bind(endpoint)
-            except OSError as e:
-                raise ControlError(
-                    f"cannot listen for {name} on {endpoint}: {e.strerror}"
-                ) from None
+        """All of a server's listening sockets, or none: a socket left bound
+        with nothing accepting on it would take clients and never greet them."""
+        bound = []
+        try:
+            for name in SERVER_LISTENERS[server]:
+                endpoint: Endpoint | None = getattr(self.settings.listen, name)
+                if endpoint is None or name in self.sockets:
+                    continue
+                try:
+                    self.sockets[name] = listenermod.bind(endpoint)
+                except OSError as e:
+                    raise ControlError(
+                        f"cannot listen for {name} on {endpoint}: {e.strerror}"
+                    ) from None
+                bound.append(name)
+        except ControlError:
+            for name in bound:
+                self.sockets.pop(name).close()
+            raise
 
     def startService(self) -> None:
         super().startService()
@@ -519,19 +528,27 @@ class Controller(service.Service):
 
     def cmd_endpj(self, pgm: str, option: str = "*CNTRLD", delay: float = 30) -> str:
         pool = self._pool(pgm)
+        delay = _end_args(option, delay)
         if not pool.active and not pool.jobs:
             raise ControlError(f"ENDPJ: {pool.pgm} has no active jobs")
-        pool.end(option, float(delay))
+        pool.end(option, delay)
         return f"prestart jobs for {pool.pgm} ending ({option})"
 
     def cmd_strtcpsvr(self, server: str) -> list[str]:
-        done = []
+        done, failed = [], False
         for srv in self._servers(server):
             if self.servers[srv]:
                 done.append(f"{srv} already started")
                 continue
-            self._start_server(srv)
+            try:
+                self._start_server(srv)
+            except ControlError as e:  # *ALL: the others start all the same
+                done.append(f"{srv} not started: {e}")
+                failed = True
+                continue
             done.append(f"{srv} started")
+        if failed:
+            raise ControlError("; ".join(done))
         return done
 
     def cmd_endtcpsvr(self, server: str) -> list[str]:
@@ -554,8 +571,19 @@ class Controller(service.Service):
         return f"mail server framework started with {nbrmsfjob} QMSF jobs"
 
     def cmd_endmsf(self, option: str = "*CNTRLD", delay: float = 30) -> Any:
+        delay = _end_args(option, delay)
         if not self.bridge.wanted:
             raise ControlError("ENDMSF: the mail server framework is not active")
-        d = self.bridge.stop(option, float(delay))
+        d = self.bridge.stop(option, delay)
         d.addCallback(lambda _: "mail server framework ended")
         return d
+
+
+def _end_args(option: Any, delay: Any) -> float:
+    """OPTION and DELAY of ENDPJ and ENDMSF, checked before anything ends: the
+    socket takes requests from scripts too, not only from the CLI's checks."""
+    try:
+        parse_value("--option", END_OPTION, option)
+        return float(parse_value("--delay", END_DELAY, delay))
+    except configmod.SettingError as e:
+        raise ControlError(str(e), usage=True) from None
