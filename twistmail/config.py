@@ -374,7 +374,15 @@ def from_mapping(data: dict[str, Any], path: Path) -> Settings:
                            "empty (the self-signed pair is used then); or set both")
     if not settings.system.local_domains:
         raise SettingError("system.local_domains", [], "at least one domain")
+    if len(os.fsencode(settings.control_socket)) > MAX_SOCKET_PATH:
+        raise SettingError("system.datadir", settings.system.datadir,
+                           f"a directory whose path, with run/control.sock, is at most "
+                           f"{MAX_SOCKET_PATH} bytes (a UNIX socket's limit)")
     return settings
+
+
+#: The longest path a UNIX socket can be bound at on Linux (108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Settings:

@@ -1,4 +1,13 @@
-"""The controller's end of the control socket (see :mod:`twistmail.control`)."""
+"""The controller's end of the control socket (see :mod:`twistmail.control`).
+
+Only the daemon's user can connect (the socket is 0600 in a 0700 directory),
+but a script of that user can still get it wrong, so a connection holds
+little: requests are answered one at a time and in order, no request is
+read while the answer to the last one waits in a full send buffer (a client
+that never reads stops being read), a request line is at most
+``MAX_LENGTH`` bytes, a connection with no request in progress ends after
+``IDLE_TIMEOUT`` seconds, and at most ``MAX_CONNECTIONS`` are open at once.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +15,107 @@ import json
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from twistmail.control import ControlError
 
+MAX_LENGTH = 64 * 1024  # the longest request line (a settings change is a few hundred bytes)
+IDLE_TIMEOUT = 60.0  # seconds: the CLI sends its request at once
+MAX_CONNECTIONS = 64
 
-class ControlProtocol(LineOnlyReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 1024 * 1024
+
+@implementer(IPushProducer)
+class ControlProtocol(Protocol, TimeoutMixin):
     log = Logger()
 
-    def lineReceived(self, line: bytes) -> None:
-        d = defer.maybeDeferred(self._dispatch, line)
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.busy = False  # a request is being answered
+        self.paused = False  # the send buffer is full: the client is not reading
+        self.turn: Any = None  # the next request's turn, later in the reactor
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self.transport.registerProducer(self, True)
+        self.setTimeout(IDLE_TIMEOUT)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.connections -= 1
+        self.setTimeout(None)
+        if self.turn is not None and self.turn.active():
+            self.turn.cancel()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        self._next()
+
+    def _next(self) -> None:
+        self.turn = None
+        if self.busy or self.paused or self.transport is None:
+            return
+        line, found, rest = self.buffer.partition(b"\n")
+        if not found:
+            if len(self.buffer) > MAX_LENGTH:
+                self._send({"ok": False, "error": f"request longer than {MAX_LENGTH} bytes",
+                            "usage": True})
+                self.transport.loseConnection()
+            return
+        if len(line) > MAX_LENGTH:
+            self._send({"ok": False, "error": f"request longer than {MAX_LENGTH} bytes",
+                        "usage": True})
+            self.transport.loseConnection()
+            return
+        self.buffer = rest
+        self.busy = True
+        self.setTimeout(None)  # a command may take a while (ENDMSF with a delay)
+        self.transport.pauseProducing()  # nothing more is read until it is answered
+        d = defer.maybeDeferred(self._dispatch, line.rstrip(b"\r"))
         d.addCallbacks(self._ok, self._error)
+        d.addBoth(self._answered)
+
+    def _answered(self, _: Any) -> None:
+        self.busy = False
+        if self.transport is None or not self.transport.connected:
+            return
+        self.setTimeout(IDLE_TIMEOUT)
+        if not self.paused:
+            self.transport.resumeProducing()
+        # The next buffered request waits for the next reactor turn: one client
+        # sending many at once does not keep the daemon from its other work.
+        if self.buffer and self.turn is None:
+            from twisted.internet import reactor
+
+            self.turn = reactor.callLater(0, self._next)
+
+    # IPushProducer: the transport's send buffer is full, or has room again.
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if not self.busy:
+            self.transport.resumeProducing()
+            self._next()
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    def timeoutConnection(self) -> None:
+        self.transport.loseConnection()
 
     def _dispatch(self, line: bytes) -> Any:
         try:
             request = json.loads(line)
             name = request["cmd"]
             args = request.get("args") or {}
-        except (ValueError, KeyError, TypeError):
+            if not isinstance(args, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ControlError("malformed request", usage=True) from None
         handler = self.factory.handler
         method = getattr(handler, "cmd_" + str(name), None)
@@ -53,7 +141,18 @@ class ControlProtocol(LineOnlyReceiver):
 
     def _send(self, obj: Any) -> None:
         if self.transport is not None:
-            self.sendLine(json.dumps(obj, default=str).encode("utf-8"))
+            self.transport.write(json.dumps(obj, default=str).encode("utf-8") + b"\n")
+
+
+class _Refuse(Protocol):
+    """Says why, then closes: the CLI prints the line."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(json.dumps({
+            "ok": False, "usage": False,
+            "error": f"the daemon has {MAX_CONNECTIONS} control connections open; try again",
+        }).encode("utf-8") + b"\n")
+        self.transport.loseConnection()
 
 
 class ControlFactory(Factory):
@@ -61,3 +160,9 @@ class ControlFactory(Factory):
 
     def __init__(self, handler: Any) -> None:
         self.handler = handler
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        if self.connections >= MAX_CONNECTIONS:
+            return _Refuse()
+        return super().buildProtocol(addr)

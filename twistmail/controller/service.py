@@ -205,7 +205,7 @@ class Controller(service.Service):
             pool.session_ended = self.policy.closed
             pool.auth_failed = self._auth_failed
         self.control_port = self.reactor.listenUNIX(
-            str(s.control_socket), ControlFactory(self), mode=0o600
+            str(s.control_socket), ControlFactory(self), mode=0o600, backlog=511
         )
         for server in self._autostart():
             self._start_server(server)

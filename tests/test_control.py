@@ -1,0 +1,153 @@
+"""The control socket as a careless script or a sick daemon meets it: real sockets."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from twistmail import config as configmod
+from twistmail.control import ControlClient, ControlError, NotRunning
+from twistmail.controller import controlsocket
+
+
+def _raw(appliance) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(appliance.control_socket))
+    return s
+
+
+def test_a_client_that_never_reads_stops_being_read(appliance):
+    """Ten megabytes of requests with no answer read made the daemon hold
+    every answer (hundreds of megabytes); now it stops reading that client."""
+    s = _raw(appliance)
+    s.setblocking(False)
+    request = b'{"cmd": "status"}\n' * 4096
+    sent = 0
+    while sent < 16 * 1024 * 1024:
+        if not select.select([], [s], [], 3)[1]:
+            break  # not read for three seconds: the daemon stopped reading
+        try:
+            sent += s.send(request)
+        except BlockingIOError:
+            continue
+    assert sent < 16 * 1024 * 1024, "the daemon went on reading"
+    assert appliance.control("status")["pid"]  # the others are still answered
+    s.close()
+
+
+def test_an_over_long_request_is_answered_and_the_connection_closed(appliance):
+    s = _raw(appliance)
+    s.sendall(b"x" * (controlsocket.MAX_LENGTH + 10))
+    reply = json.loads(s.makefile("rb").readline())
+    assert reply == {"ok": False, "usage": True,
+                     "error": f"request longer than {controlsocket.MAX_LENGTH} bytes"}
+    s.close()
+
+
+def test_connections_beyond_the_limit_are_told_why(appliance):
+    held = [_raw(appliance) for _ in range(controlsocket.MAX_CONNECTIONS)]
+    try:
+        with pytest.raises(ControlError, match="control connections open; try again"):
+            appliance.control("status")
+    finally:
+        for s in held:
+            s.close()
+    appliance.wait_for(lambda: _answers(appliance), 10, "the daemon to answer again")
+
+
+def _answers(appliance) -> bool:
+    try:
+        return bool(appliance.control("status"))
+    except ControlError:
+        return False
+
+
+class _FakeDaemon:
+    """A socket at the control path that answers ``reply`` (None: never)."""
+
+    def __init__(self, path: Path, reply: bytes | None) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen()
+        self.reply = reply
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.recv(65536)
+        if self.reply is not None:
+            conn.sendall(self.reply)
+            conn.close()
+        else:
+            self.conn = conn  # kept open, silent
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("reply, said", [
+    (b"not json\n", "cannot be read"),
+    (b"[1]\n", "cannot be read"),
+    (b'{"ok": "yes"}\n', "cannot be read"),
+    (b'{"ok": true, "res', "closed the connection without an answer"),
+    (None, "did not answer within 1 s"),
+])
+def test_the_cli_says_in_one_line_what_a_sick_daemon_did(tmp_path, reply, said):
+    path = tmp_path / "control.sock"
+    daemon = _FakeDaemon(path, reply)
+    try:
+        with pytest.raises(ControlError, match=said) as e:
+            ControlClient(path, timeout=1).call("status")
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    finally:
+        daemon.close()
+
+
+def test_a_stale_socket_is_a_daemon_not_running(tmp_path):
+    path = tmp_path / "control.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()  # the file of a daemon killed with SIGKILL
+    with pytest.raises(NotRunning):
+        ControlClient(path, timeout=1).call("status")
+
+
+def test_a_data_directory_too_long_for_a_socket_is_refused_at_load(tmp_path):
+    config = tmp_path / "twistmail.toml"
+    config.write_text(f'[system]\ndatadir = "{"d" * 120}"\n')
+    with pytest.raises(configmod.SettingError, match="system.datadir") as e:
+        configmod.load(config)
+    assert "at most 107 bytes" in str(e.value)
+
+
+def test_a_full_backlog_is_waited_for_then_said(tmp_path):
+    """connect() under a timeout does not wait for room in the backlog: the
+    CLI failed at once with "Resource temporarily unavailable"."""
+    path = tmp_path / "control.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)  # a daemon too busy to accept
+    waiting = []
+    try:
+        for _ in range(4):  # fill the backlog
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(str(path))
+            except BlockingIOError:
+                s.close()
+                break
+            waiting.append(s)
+        with pytest.raises(ControlError, match="took no connection within 1 s"):
+            ControlClient(path, timeout=1).call("status")
+    finally:
+        for s in waiting:
+            s.close()
+        listener.close()
