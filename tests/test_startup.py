@@ -182,3 +182,31 @@ def test_started_as_root_with_uid_the_state_directory_belongs_to_that_user():
     finally:
         a.kill_all()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a start as root can be led astray")
+@pytest.mark.parametrize("planted", ["run", "twistmail.lock"])
+def test_started_as_root_it_follows_no_link_the_daemon_s_user_planted(tmp_path, planted):
+    """After a first start the state directory is the daemon's user's, who
+    could point run/ or the lock at a file of root's, for root to chown."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    victim = tmp_path / "victim"
+    victim.mkdir() if planted == "run" else victim.write_text("root's")
+    victim.chmod(0o755)
+    datadir = tmp_path / "var"
+    datadir.mkdir()
+    os.chown(datadir, nobody.pw_uid, nobody.pw_gid)
+    (datadir / planted).symlink_to(victim)
+    config = tmp_path / "twistmail.toml"
+    config.write_text(f'[system]\ndatadir = "{datadir}"\n[listen]\nsmtp = ""\n'
+                      'submission = ""\nsmtps = ""\npop3 = ""\npop3s = ""\n')
+    proc = subprocess.run([TWISTD, "-n", "--pidfile=", "--uid", "nobody", "--gid",
+                           str(nobody.pw_gid), "twistmail", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "symbolic link" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    st = victim.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o755)

@@ -11,6 +11,7 @@ queues and send a message twice.  It waits for the lock instead.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -34,8 +35,13 @@ def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2) -> int:
     ``wait``; NoLock when the file system takes no lock (the caller goes on)."""
     path = datadir / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a link: a daemon started as root would open (and
+        # give away) whatever file the daemon's user pointed it at.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DatadirBusy(f"{path} is a symbolic link; twistmail takes none there: "
+                              "remove it") from None
         raise NoLock(f"{path}: {e.strerror}") from None
     deadline = time.monotonic() + wait
     while True:

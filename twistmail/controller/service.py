@@ -10,9 +10,9 @@ starts read only what it accepted (``config.write_applied``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -27,7 +27,7 @@ from twistmail.control import ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
 from twistmail.controller.bridgeslot import BridgeSlot
 from twistmail.controller.controlsocket import ControlFactory
-from twistmail.controller.datadirlock import LOCK_FILE, DatadirBusy, NoLock, lock_datadir
+from twistmail.controller.datadirlock import DatadirBusy, NoLock, lock_datadir
 from twistmail.journal import Journal
 from twistmail.policy.anvil import client_key
 from twistmail.prestart import launch
@@ -114,9 +114,16 @@ class Controller(service.Service):
 
     def _prepare_datadir(self) -> None:
         d = self.settings.datadir
-        for sub in ("run", "journal"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(d / "run", 0o700)
+        try:
+            for sub in ("run", "journal"):
+                (d / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"twistmail: cannot make {e.filename}: {e.strerror}") from None
+        root = os.geteuid() == 0
+        if root:
+            self._own_as_root(d)
+        else:
+            os.chmod(d / "run", 0o700)
         path = self.settings.control_socket
         if socket_in_use(path):
             raise SystemExit(f"twistmail: another daemon is running (it answers on {path})")
@@ -131,11 +138,31 @@ class Controller(service.Service):
             raise SystemExit(f"twistmail: another daemon is running (it answers on {path})")
         if path.exists() or path.is_symlink():
             path.unlink()
-        if self.owner is not None and os.geteuid() == 0:
-            # Made as root, used by the daemon's user from now on.
-            for made in (d, d / "run", d / "journal", d / LOCK_FILE):
-                with contextlib.suppress(FileNotFoundError):
-                    os.chown(made, *self.owner)
+        if root and self.owner is not None and self.lock_fd is not None:
+            os.fchown(self.lock_fd, *self.owner)
+
+    def _own_as_root(self, d: Path) -> None:
+        """run/ private, and what root made the daemon's user's (--uid/--gid).
+
+        Through descriptors opened without following links: after the first
+        start the directory is that user's, who could put a link there to
+        have root chmod or chown any file.
+        """
+        if self.owner is not None:
+            os.chown(d, *self.owner)  # the configured path, links and all
+        for sub, mode in (("run", 0o700), ("journal", None)):
+            try:
+                fd = os.open(d / sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as e:
+                raise SystemExit(f"twistmail: {d / sub}: {e.strerror}; started as root, "
+                                 "twistmail takes no symbolic link there") from None
+            try:
+                if mode is not None:
+                    os.fchmod(fd, mode)
+                if self.owner is not None:
+                    os.fchown(fd, *self.owner)
+            finally:
+                os.close(fd)
 
     def _bind_server(self, server: str) -> None:
         """All of a server's listening sockets, or none: a socket left bound
