@@ -151,3 +151,40 @@ def test_a_full_backlog_is_waited_for_then_said(tmp_path):
         for s in waiting:
             s.close()
         listener.close()
+
+
+def _connected(handler):
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    proto = controlsocket.ControlFactory(handler).buildProtocol(None)
+    clock = Clock()
+    proto.callLater = clock.callLater  # the idle timeout's clock
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, clock
+
+
+def test_an_idle_connection_whose_answers_wait_unread_is_ended():
+    """The timeout closed it with the producer still registered and paused:
+    Twisted then resumed it instead of closing, and the connection stayed,
+    one of the 64, for ever."""
+    proto, transport, clock = _connected(object())
+    proto.pauseProducing()  # its send buffer is full: the client reads nothing
+    clock.advance(controlsocket.IDLE_TIMEOUT + 1)
+    assert transport.producer is None and transport.disconnecting
+
+
+def test_a_client_that_shuts_its_side_still_gets_its_answers(appliance):
+    """As ``printf '{"cmd": "status"}\\n' | socat - UNIX-CONNECT:...`` does."""
+    s = _raw(appliance)
+    s.sendall(b'{"cmd": "status"}\n{"cmd": "nosuch"}\n')
+    s.shutdown(socket.SHUT_WR)
+    lines = s.makefile("rb").read().splitlines()
+    assert [json.loads(line)["ok"] for line in lines] == [True, False]
+    s.close()
+
+
+def test_an_option_in_lower_case_is_the_option(appliance):
+    reply = appliance.control("endpj", pgm="QTPOPSRVP", option="*immed", delay=30)
+    assert reply == "prestart jobs for QTPOPSRVP ending (*IMMED)"

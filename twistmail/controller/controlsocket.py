@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -28,7 +28,7 @@ IDLE_TIMEOUT = 60.0  # seconds: the CLI sends its request at once
 MAX_CONNECTIONS = 64
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class ControlProtocol(Protocol, TimeoutMixin):
     log = Logger()
 
@@ -37,6 +37,7 @@ class ControlProtocol(Protocol, TimeoutMixin):
         self.busy = False  # a request is being answered
         self.paused = False  # the send buffer is full: the client is not reading
         self.turn: Any = None  # the next request's turn, later in the reactor
+        self.input_ended = False  # the client shut its side: answer what came, then close
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
@@ -53,21 +54,41 @@ class ControlProtocol(Protocol, TimeoutMixin):
         self.buffer += data
         self._next()
 
+    def readConnectionLost(self) -> None:
+        """``printf '...\\n' | socat - UNIX-CONNECT:...``: the answers still go out."""
+        self.input_ended = True
+        self._next()
+
+    def writeConnectionLost(self) -> None:
+        self._close()
+
+    def _close(self, abort: bool = False) -> None:
+        """End the connection; a paused producer would keep it open for ever."""
+        if self.transport is None or self.transport.disconnecting:
+            return
+        self.transport.unregisterProducer()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
     def _next(self) -> None:
         self.turn = None
-        if self.busy or self.paused or self.transport is None:
+        if self.busy or self.paused or self.transport is None or self.transport.disconnecting:
             return
         line, found, rest = self.buffer.partition(b"\n")
         if not found:
             if len(self.buffer) > MAX_LENGTH:
                 self._send({"ok": False, "error": f"request longer than {MAX_LENGTH} bytes",
                             "usage": True})
-                self.transport.loseConnection()
+                self._close()
+            elif self.input_ended:
+                self._close()
             return
         if len(line) > MAX_LENGTH:
             self._send({"ok": False, "error": f"request longer than {MAX_LENGTH} bytes",
                         "usage": True})
-            self.transport.loseConnection()
+            self._close()
             return
         self.buffer = rest
         self.busy = True
@@ -79,14 +100,15 @@ class ControlProtocol(Protocol, TimeoutMixin):
 
     def _answered(self, _: Any) -> None:
         self.busy = False
-        if self.transport is None or not self.transport.connected:
+        if self.transport is None or not self.transport.connected or \
+                self.transport.disconnecting:
             return
         self.setTimeout(IDLE_TIMEOUT)
-        if not self.paused:
+        if not self.paused and not self.input_ended:
             self.transport.resumeProducing()
         # The next buffered request waits for the next reactor turn: one client
         # sending many at once does not keep the daemon from its other work.
-        if self.buffer and self.turn is None:
+        if (self.buffer or self.input_ended) and self.turn is None:
             from twisted.internet import reactor
 
             self.turn = reactor.callLater(0, self._next)
@@ -98,15 +120,16 @@ class ControlProtocol(Protocol, TimeoutMixin):
 
     def resumeProducing(self) -> None:
         self.paused = False
-        if not self.busy:
-            self.transport.resumeProducing()
+        if not self.busy and not self.transport.disconnecting:
+            if not self.input_ended:
+                self.transport.resumeProducing()
             self._next()
 
     def stopProducing(self) -> None:
         self.paused = True
 
     def timeoutConnection(self) -> None:
-        self.transport.loseConnection()
+        self._close(abort=True)  # answers it did not read are dropped with it
 
     def _dispatch(self, line: bytes) -> Any:
         try:

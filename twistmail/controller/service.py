@@ -555,7 +555,7 @@ class Controller(service.Service):
 
     def cmd_endpj(self, pgm: str, option: str = "*CNTRLD", delay: float = 30) -> str:
         pool = self._pool(pgm)
-        delay = _end_args(option, delay)
+        option, delay = _end_args(option, delay)
         if not pool.active and not pool.jobs:
             raise ControlError(f"ENDPJ: {pool.pgm} has no active jobs")
         pool.end(option, delay)
@@ -598,7 +598,7 @@ class Controller(service.Service):
         return f"mail server framework started with {nbrmsfjob} QMSF jobs"
 
     def cmd_endmsf(self, option: str = "*CNTRLD", delay: float = 30) -> Any:
-        delay = _end_args(option, delay)
+        option, delay = _end_args(option, delay)
         if not self.bridge.wanted:
             raise ControlError("ENDMSF: the mail server framework is not active")
         d = self.bridge.stop(option, delay)
@@ -606,11 +606,11 @@ class Controller(service.Service):
         return d
 
 
-def _end_args(option: Any, delay: Any) -> float:
+def _end_args(option: Any, delay: Any) -> tuple[str, float]:
     """OPTION and DELAY of ENDPJ and ENDMSF, checked before anything ends: the
     socket takes requests from scripts too, not only from the CLI's checks."""
     try:
-        parse_value("--option", END_OPTION, option)
-        return float(parse_value("--delay", END_DELAY, delay))
+        return (parse_value("--option", END_OPTION, option),
+                float(parse_value("--delay", END_DELAY, delay)))
     except configmod.SettingError as e:
         raise ControlError(str(e), usage=True) from None
