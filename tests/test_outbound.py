@@ -453,3 +453,24 @@ def attrs_evolve_smtp(settings, **changes):
     import attrs
 
     return attrs.evolve(settings, smtp=attrs.evolve(settings.smtp, **changes))
+
+
+def test_an_etrn_does_not_use_up_a_retry_of_a_local_recipient_it_did_not_try(manager):
+    """The remote part went early; JANE's mailbox was not tried, so her
+    message goes back with the tries it had and the time it was due."""
+    import time
+
+    from twistmail.queue import RETRY
+
+    fq = manager.queue
+    qid = _queued(fq, Recipient("jane@example.test", state=RETRY, resolved="pop:JANE",
+                                attempts=1, last_error="4.2.0 mailbox cannot take mail now"),
+                  Recipient("rcpt@remote.test"))
+    due = time.time() + 600
+    fq.move(qid, QTMSOUTQ, QTMSRTQ1, fq.load(QTMSOUTQ, qid).evolve(attempts=1, next_try=due))
+    outbound.request_flush(fq.root, "remote.test")
+    assert [env.id for env, _ in manager._due(False, None, frozenset()).work] == [qid]
+    _relayed(manager, qid)
+    env = fq.load(QTMSRTQ1, qid)
+    assert (env.attempts, env.next_try) == (1, due)
+    assert [r.state for r in env.recipients] == ["retry", "delivered"]

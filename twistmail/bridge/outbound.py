@@ -846,7 +846,11 @@ class OutboundManager:
                 return
         # Remote recipients that failed for now, and local ones deferred (RETRY).
         pending = [r for r in env.recipients if r.state in (PENDING, RETRY)]
-        attempts = env.attempts + 1
+        # Local ones this round did not try (an ETRN sent the rest before their
+        # retry was due) keep their place in the retries: no try counted.
+        untried = env.attempts > 0 and bool(pending) and all(
+            r.state == RETRY and r.attempts <= env.attempts for r in pending)
+        attempts = env.attempts if untried else env.attempts + 1
         target = self._retry_target(attempts) if pending else None
         if pending and target is None:
             # Retries used up: what is left fails now.
@@ -873,7 +877,8 @@ class OutboundManager:
             env = env.note({"noticed": [r.address for r in failed_now]})
         if pending:
             queue_name, code, delay = target
-            env = env.evolve(attempts=attempts, next_try=time.time() + delay)
+            if not (untried and env.next_try is not None):
+                env = env.evolve(attempts=attempts, next_try=time.time() + delay)
             delay_noticed = any(isinstance(h, dict) and h.get("delay_noticed")
                                 for h in env.history)
             if queue_name == QTMSRTQ2 and not delay_noticed:
