@@ -122,6 +122,53 @@ def proc_cpu(pid: int, reaped: bool = True) -> float:
     return ticks / CLK_TCK
 
 
+def proc_table() -> dict[int, tuple[int, str, float, float]]:
+    """Every process in one pass over /proc: pid -> (ppid, comm, own CPU s, reaped CPU s).
+
+    One read of each ``stat`` file, so that a snapshot of a whole process
+    tree is taken in a few milliseconds (walking the tree with
+    :func:`children_of` reads /proc once per process of the tree)."""
+    out: dict[int, tuple[int, str, float, float]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        lp, rp = raw.find("("), raw.rfind(")")
+        st = raw[rp + 2:].split()
+        try:
+            out[int(name)] = (int(st[1]), raw[lp + 1:rp],
+                              (int(st[11]) + int(st[12])) / CLK_TCK,
+                              (int(st[13]) + int(st[14])) / CLK_TCK)
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def tree_pids(table: dict[int, tuple[int, str, float, float]], root: int) -> list[int]:
+    """``root`` and its descendants, from a :func:`proc_table`."""
+    kids: dict[int, list[int]] = {}
+    for pid, row in table.items():
+        kids.setdefault(row[0], []).append(pid)
+    out, todo = [], [root] if root in table else []
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, ()))
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
 def children_of(pid: int) -> list[int]:
     out = []
     for name in os.listdir("/proc"):
@@ -343,6 +390,11 @@ def run_peers_setup() -> bool:
 
 class ControlError(Exception):
     pass
+
+
+class CheckFailed(RuntimeError):
+    """A run did not do what it was asked (not N messages delivered, wrong bytes):
+    its figures mean nothing.  The scripts print a FAILED line and exit 1."""
 
 
 BASE_CONFIG: dict[str, dict[str, Any]] = {
@@ -572,7 +624,8 @@ class Appliance:
     def end_bridge(self) -> None:
         """ENDMSF *IMMED; returns once the bridge process is gone."""
         if self.bridge_status() in ("RUN", "RESTARTING", "END"):
-            self.call("endmsf", option="*IMMED", delay=0)
+            # *IMMED kills at once whatever the delay; the daemon takes 1-999999
+            self.call("endmsf", option="*IMMED", delay=1)
         wait_until(lambda: (self.call("status").get("bridge") or {}).get("pid") is None,
                    30, "the bridge to end", poll=0.1)
 
@@ -611,22 +664,35 @@ class Appliance:
 
 
 class CpuMeter:
-    """CPU seconds used by named process groups between ``start`` and ``stop``."""
+    """CPU seconds used by named process groups between ``start`` and ``stop``.
 
-    def __init__(self, groups: dict[str, Callable[[], float]]) -> None:
-        self.groups = groups
+    ``groups`` is either a callable per group, or one callable that returns
+    every group's figure from a single snapshot (consistent parts)."""
+
+    def __init__(self, groups: dict[str, Callable[[], float]]
+                 | Callable[[], dict[str, float]]) -> None:
+        if callable(groups):
+            self.snap = groups
+        else:
+            self.snap = lambda: {k: f() for k, f in groups.items()}
         self.t0: dict[str, float] = {}
         self.sys0: dict[str, float] = {}
 
     def start(self) -> None:
         self.sys0 = system_cpu()
-        self.t0 = {k: f() for k, f in self.groups.items()}
+        self.t0 = self.snap()
 
     def stop(self) -> dict[str, Any]:
+        return self.lap()
+
+    def lap(self) -> dict[str, Any]:
+        """What ``stop`` returns; the meter then counts on from that same snapshot."""
         sys1 = system_cpu()
-        out: dict[str, Any] = {k: f() - self.t0[k] for k, f in self.groups.items()}
+        t1 = self.snap()
+        out: dict[str, Any] = {k: t1.get(k, 0.0) - v for k, v in self.t0.items()}
         out["machine_busy_pct"] = busy_percent(self.sys0, sys1)
         out["softirq"] = sys1["softirq"] - self.sys0["softirq"]
+        self.t0, self.sys0 = t1, sys1
         return out
 
 
