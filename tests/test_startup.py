@@ -210,3 +210,44 @@ def test_started_as_root_it_follows_no_link_the_daemon_s_user_planted(tmp_path, 
     assert "Traceback" not in proc.stdout + proc.stderr
     st = victim.stat()
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o755)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a start as root can be led astray")
+def test_started_as_root_it_removes_no_socket_through_a_link_made_while_it_waited(tmp_path):
+    """The daemon's user holds the lock (root waits for it), makes run/ a link
+    to a directory of root's meanwhile, then lets go: root removed the
+    control.sock it found there."""
+    import fcntl
+    import pwd
+    import time
+
+    nobody = pwd.getpwnam("nobody")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "control.sock").write_text("root's")
+    datadir = tmp_path / "var"
+    (datadir / "run").mkdir(parents=True)
+    (datadir / "journal").mkdir()
+    for d in (datadir, datadir / "run", datadir / "journal"):
+        os.chown(d, nobody.pw_uid, nobody.pw_gid)
+    lock = os.open(datadir / "twistmail.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    config = tmp_path / "twistmail.toml"
+    config.write_text(f'[system]\ndatadir = "{datadir}"\n[listen]\nsmtp = ""\n'
+                      'submission = ""\nsmtps = ""\npop3 = ""\npop3s = ""\n')
+    proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "--uid", "nobody", "--gid",
+                             str(nobody.pw_gid), "twistmail", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        time.sleep(1.5)  # waiting for the lock
+        (datadir / "run").rename(datadir / "run.old")
+        (datadir / "run").symlink_to(victim)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(lock)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (victim / "control.sock").exists()
+    assert proc.returncode != 0 and b"symbolic link" in out

@@ -10,6 +10,7 @@ starts read only what it accepted (``config.write_applied``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -136,8 +137,16 @@ class Controller(service.Service):
                           "twistmail uses it", e=e)
         if socket_in_use(path):  # one that started while this one waited
             raise SystemExit(f"twistmail: another daemon is running (it answers on {path})")
-        if path.exists() or path.is_symlink():
-            path.unlink()
+        if not root:
+            if path.exists() or path.is_symlink():
+                path.unlink()
+        else:  # in run/ itself: the daemon's user may have made run/ a link meanwhile
+            fd = _open_no_link(path.parent)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path.name, dir_fd=fd)
+            finally:
+                os.close(fd)
         if root and self.owner is not None and self.lock_fd is not None:
             os.fchown(self.lock_fd, *self.owner)
 
@@ -151,11 +160,7 @@ class Controller(service.Service):
         if self.owner is not None:
             os.chown(d, *self.owner)  # the configured path, links and all
         for sub, mode in (("run", 0o700), ("journal", None)):
-            try:
-                fd = os.open(d / sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError as e:
-                raise SystemExit(f"twistmail: {d / sub}: {e.strerror}; started as root, "
-                                 "twistmail takes no symbolic link there") from None
+            fd = _open_no_link(d / sub)
             try:
                 if mode is not None:
                     os.fchmod(fd, mode)
@@ -604,6 +609,15 @@ class Controller(service.Service):
         d = self.bridge.stop(option, delay)
         d.addCallback(lambda _: "mail server framework ended")
         return d
+
+
+def _open_no_link(directory: Path) -> int:
+    """A directory of the state directory, as root: never through a link."""
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise SystemExit(f"twistmail: {directory}: {e.strerror}; started as root, "
+                         "twistmail takes no symbolic link there") from None
 
 
 def _end_args(option: Any, delay: Any) -> tuple[str, float]:
