@@ -188,3 +188,15 @@ def test_a_client_that_shuts_its_side_still_gets_its_answers(appliance):
 def test_an_option_in_lower_case_is_the_option(appliance):
     reply = appliance.control("endpj", pgm="QTPOPSRVP", option="*immed", delay=30)
     assert reply == "prestart jobs for QTPOPSRVP ending (*IMMED)"
+
+
+def test_the_idle_timeout_ends_a_connection_already_closing():
+    """A half-closed client that reads none of its answers: the close waits
+    for them for ever, so the timeout must abort it all the same."""
+    proto, transport, clock = _connected(object())
+    aborted = []
+    transport.abortConnection = lambda: aborted.append(True)
+    proto.readConnectionLost()  # no request: the connection closes
+    assert transport.disconnecting
+    clock.advance(controlsocket.IDLE_TIMEOUT + 1)
+    assert aborted == [True]

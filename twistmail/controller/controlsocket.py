@@ -63,13 +63,17 @@ class ControlProtocol(Protocol, TimeoutMixin):
         self._close()
 
     def _close(self, abort: bool = False) -> None:
-        """End the connection; a paused producer would keep it open for ever."""
-        if self.transport is None or self.transport.disconnecting:
+        """End the connection; a paused producer would keep it open for ever.
+
+        An abort also ends one already closing: its answers wait for a
+        client that does not read them."""
+        if self.transport is None:
             return
-        self.transport.unregisterProducer()
+        if not self.transport.disconnecting:
+            self.transport.unregisterProducer()
         if abort:
             self.transport.abortConnection()
-        else:
+        elif not self.transport.disconnecting:
             self.transport.loseConnection()
 
     def _next(self) -> None:
