@@ -474,3 +474,20 @@ def test_an_etrn_does_not_use_up_a_retry_of_a_local_recipient_it_did_not_try(man
     env = fq.load(QTMSRTQ1, qid)
     assert (env.attempts, env.next_try) == (1, due)
     assert [r.state for r in env.recipients] == ["retry", "delivered"]
+
+
+def test_a_local_recipient_tried_this_round_counts_its_try(manager):
+    """Its counter may lag the message's (an earlier ETRN round counted a try
+    for the remote part alone): what tells an untried round is the ETRN's
+    note, not the counters."""
+    import time
+
+    from twistmail.queue import RETRY
+
+    fq = manager.queue
+    qid = _queued(fq, Recipient("jane@example.test", state=RETRY, resolved="pop:JANE",
+                                attempts=2, last_error="4.2.0 mailbox cannot take mail now"))
+    fq.update(QTMSOUTQ, fq.load(QTMSOUTQ, qid).evolve(attempts=2, next_try=time.time() - 1))
+    manager._settle_message(qid)
+    env = fq.load(QTMSRTQ1, qid)
+    assert env.attempts == 3 and env.next_try > time.time()

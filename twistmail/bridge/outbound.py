@@ -76,6 +76,9 @@ BATCH = 8
 #: disk), the outcome is kept and written again after this delay, doubling
 #: up to RECORD_RETRY_MAX; meanwhile the message is not sent again.
 RECORD_RETRY = 5.0  # seconds
+#: The envelope note of a message an ETRN took from the retry queues before
+#: its retry was due (see ``_settle_locked``).
+EARLY = "early_for_etrn"
 RECORD_RETRY_MAX = 300.0
 #: HLDDSTQ's flag file for each priority part of QSMTPQ.  SMTP mail carries no
 #: SNADS priority, so a hold of either part holds it all: the seed holds both,
@@ -343,9 +346,12 @@ class OutboundManager:
                     # through QTMSINQ, which forwards the remote ones again.
                     # An ETRN sends the remote ones now, from QTMSOUTQ, where
                     # it lets them go past a MAILXFRINT schedule.
-                    to = QTMSINQ if due and any(r.state == RETRY for r in env.recipients) \
-                        else QTMSOUTQ
-                    self.queue.move(qid, source, to)
+                    local_waits = any(r.state == RETRY for r in env.recipients)
+                    to = QTMSINQ if due and local_waits else QTMSOUTQ
+                    # Sent early for an ETRN: its local recipients are not
+                    # tried this round, and keep their place in the retries.
+                    self.queue.move(qid, source, to, env.note({EARLY: True})
+                                    if local_waits and not due else None)
                     self.journal.write(code, f"{code} {'TIQ' if to == QTMSINQ else 'TOQ'} {to}",
                                        qid, queue=source, to=to)
         if self.held:
@@ -848,8 +854,10 @@ class OutboundManager:
         pending = [r for r in env.recipients if r.state in (PENDING, RETRY)]
         # Local ones this round did not try (an ETRN sent the rest before their
         # retry was due) keep their place in the retries: no try counted.
-        untried = env.attempts > 0 and bool(pending) and all(
-            r.state == RETRY and r.attempts <= env.attempts for r in pending)
+        early = [h for h in env.history if isinstance(h, dict) and EARLY in h]
+        if early:
+            env = env.evolve(history=tuple(h for h in env.history if h not in early))
+        untried = bool(early) and bool(pending) and all(r.state == RETRY for r in pending)
         attempts = env.attempts if untried else env.attempts + 1
         target = self._retry_target(attempts) if pending else None
         if pending and target is None:
