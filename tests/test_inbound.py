@@ -185,16 +185,12 @@ def test_an_unknown_recipient_beside_a_broken_mailbox_still_gets_its_notice(sett
     assert fq.list(QTMSINQ) == [first.notice]
 
 
-def test_deliveries_are_recorded_when_a_later_step_fails(settings, monkeypatch):
-    """The nondelivery notice cannot be queued (a full disk): the retry makes
-    no second copy for SAM, who fetched and deleted the first meanwhile."""
+def _notices_fail_once(monkeypatch):
+    """The first notice cannot be queued (a full disk); the next ones can."""
     import errno
 
     from twistmail.bridge import inbound
 
-    fq = FileQueue.for_settings(settings)
-    processor = build_processor(settings, "QMSF/1")
-    qid = _queued(fq, "sam@example.test", "nobody@example.test")
     real = inbound.queue_notice
     calls = []
 
@@ -205,6 +201,15 @@ def test_deliveries_are_recorded_when_a_later_step_fails(settings, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inbound, "queue_notice", full_once)
+
+
+def test_deliveries_are_recorded_when_a_later_step_fails(settings, monkeypatch):
+    """The nondelivery notice cannot be queued (a full disk): the retry makes
+    no second copy for SAM, who fetched and deleted the first meanwhile."""
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "sam@example.test", "nobody@example.test")
+    _notices_fail_once(monkeypatch)
     with pytest.raises(OSError):
         processor.process(qid)
     for p in (settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new").iterdir():
@@ -251,9 +256,6 @@ def test_a_deferred_recipient_whose_domain_is_no_longer_local_is_forwarded(setti
 def test_a_success_report_survives_a_step_that_failed_after_the_delivery(settings, monkeypatch):
     """The failure notice could not be queued (a full disk): the retry, which
     finds JANE delivered already, still makes her success report."""
-    import errno
-
-    from twistmail.bridge import inbound
     from twistmail.queue import Recipient
 
     SqliteDirectory.from_settings(settings).create_profile("JANE", "secret")
@@ -261,16 +263,7 @@ def test_a_success_report_survives_a_step_that_failed_after_the_delivery(setting
     processor = build_processor(settings, "QMSF/1")
     qid = _queued(fq, Recipient("jane@example.test", notify=("SUCCESS",)),
                   "nobody@example.test")
-    real = inbound.queue_notice
-    calls = []
-
-    def full_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(inbound, "queue_notice", full_once)
+    _notices_fail_once(monkeypatch)
     with pytest.raises(OSError):
         processor.process(qid)
     processor.process(qid)
