@@ -76,10 +76,10 @@ BATCH = 8
 #: disk), the outcome is kept and written again after this delay, doubling
 #: up to RECORD_RETRY_MAX; meanwhile the message is not sent again.
 RECORD_RETRY = 5.0  # seconds
+RECORD_RETRY_MAX = 300.0
 #: The envelope note of a message an ETRN took from the retry queues before
 #: its retry was due (see ``_settle_locked``).
 EARLY = "early_for_etrn"
-RECORD_RETRY_MAX = 300.0
 #: HLDDSTQ's flag file for each priority part of QSMTPQ.  SMTP mail carries no
 #: SNADS priority, so a hold of either part holds it all: the seed holds both,
 #: and releasing one must not send what the other still holds.

@@ -81,18 +81,14 @@ class ControlProtocol(Protocol, TimeoutMixin):
         if self.busy or self.paused or self.transport is None or self.transport.disconnecting:
             return
         line, found, rest = self.buffer.partition(b"\n")
-        if not found:
-            if len(self.buffer) > MAX_LENGTH:
-                self._send({"ok": False, "error": f"request longer than {MAX_LENGTH} bytes",
-                            "usage": True})
-                self._close()
-            elif self.input_ended:
-                self._close()
-            return
-        if len(line) > MAX_LENGTH:
+        if len(line) > MAX_LENGTH:  # with or without its end yet
             self._send({"ok": False, "error": f"request longer than {MAX_LENGTH} bytes",
                         "usage": True})
             self._close()
+            return
+        if not found:
+            if self.input_ended:
+                self._close()
             return
         self.buffer = rest
         self.busy = True
