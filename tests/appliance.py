@@ -259,3 +259,18 @@ def read_reply(sock: socket.socket, timeout: float = 10) -> bytes:
             break
         buf += chunk
     return buf
+
+
+def break_maildir(datadir: Path, user: str) -> Callable[[], None]:
+    """A user's Maildir that cannot take mail (its tmp/ is a file); the repair to call later."""
+    from twistmail.maildir import MaildirStore
+
+    tmp = MaildirStore(datadir / "mailboxes", "mail.example.test").ensure(user) / "tmp"
+    tmp.rmdir()
+    tmp.write_text("not a directory")
+
+    def repair() -> None:
+        tmp.unlink()
+        tmp.mkdir()
+
+    return repair

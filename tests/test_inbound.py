@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from appliance import base_sections, render_toml
+from appliance import base_sections, break_maildir, render_toml
 from fsyncs import record_fsyncs
 
 from twistmail import config as configmod
@@ -117,20 +117,6 @@ def _maildir_files(settings, user):
                   for p in (box / d).iterdir())
 
 
-def _break_mailbox(settings, user):
-    """A Maildir that cannot take mail (its tmp/ is a file); the repair to call later."""
-    box = settings.datadir / "mailboxes" / user / "Maildir"
-    MaildirStore(settings.datadir / "mailboxes", "mail.example.test").ensure(user)
-    (box / "tmp").rmdir()
-    (box / "tmp").write_text("not a directory")
-
-    def repair():
-        (box / "tmp").unlink()
-        (box / "tmp").mkdir()
-
-    return repair
-
-
 def test_a_broken_mailbox_defers_its_recipient_alone(settings):
     """JANE's Maildir cannot take mail: she waits for the retries (BD), SAM's
     copy and bob's forwarding go at once.  SAM fetched and deleted his copy
@@ -140,7 +126,7 @@ def test_a_broken_mailbox_defers_its_recipient_alone(settings):
     SqliteDirectory.from_settings(settings).create_profile("JANE", "secret")
     fq = FileQueue.for_settings(settings)
     processor = build_processor(settings, "QMSF/1")
-    repair = _break_mailbox(settings, "JANE")
+    repair = break_maildir(settings.datadir, "JANE")
     qid = _queued(fq, "jane@example.test", "sam@example.test", "bob@remote.test")
     outcome = processor.process(qid)
     assert (outcome.delivered, outcome.deferred, outcome.forwarded) == (1, 1, 1)
@@ -173,7 +159,7 @@ def test_addresses_of_one_mailbox_make_one_copy(settings):
 def test_an_unknown_recipient_beside_a_broken_mailbox_still_gets_its_notice(settings):
     fq = FileQueue.for_settings(settings)
     processor = build_processor(settings, "QMSF/1")
-    repair = _break_mailbox(settings, "SAM")
+    repair = break_maildir(settings.datadir, "SAM")
     qid = _queued(fq, "sam@example.test", "nobody@example.test")
     first = processor.process(qid)
     assert first.deferred == 1 and first.failed == 1 and first.notice is not None
@@ -227,7 +213,7 @@ def test_a_retry_reports_only_its_own_deliveries(settings):
     SqliteDirectory.from_settings(settings).create_profile("JANE", "secret")
     fq = FileQueue.for_settings(settings)
     processor = build_processor(settings, "QMSF/1")
-    repair = _break_mailbox(settings, "JANE")
+    repair = break_maildir(settings.datadir, "JANE")
     qid = _queued(fq, *(Recipient(a, notify=("SUCCESS",))
                         for a in ("jane@example.test", "sam@example.test")))
     assert processor.process(qid).deferred == 1

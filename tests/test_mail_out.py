@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from appliance import break_maildir
 from test_smtp_client import Behaviour, Sink
 
 
@@ -369,28 +370,12 @@ def test_mail_that_would_loop_back_to_this_host_is_returned(make_appliance, dns)
     assert not a.journal("8C")  # permanent: no retry
 
 
-def _break_maildir(a, user):
-    """The user's Maildir cannot take mail (its tmp/ is a file); the repair to call later."""
-    maildir = a.datadir / "mailboxes" / user / "Maildir"
-    for d in ("tmp", "new", "cur"):
-        (maildir / d).mkdir(parents=True, exist_ok=True)
-    tmp = maildir / "tmp"
-    tmp.rmdir()
-    tmp.write_text("not a directory")
-
-    def repair():
-        tmp.unlink()
-        tmp.mkdir()
-
-    return repair
-
-
 def test_a_mailbox_that_cannot_take_mail_waits_for_the_retries_alone(make_appliance, sink):
     """JANE's copy waits on the retry queue; SAM's and the remote one go at once.
     Once her mailbox is mended, a due retry delivers hers, and only hers."""
     a = outbound(make_appliance, sink, rtymin=[50, 0])
     a.user("JANE")
-    repair = _break_maildir(a, "JANE")
+    repair = break_maildir(a.datadir, "JANE")
     send(a, ["jane@example.test", "sam@example.test", "far@remote.test"])
     a.wait_for(lambda: sink.messages, 20, "the remote copy")
     a.wait_mailbox("SAM", 1)
@@ -411,7 +396,7 @@ def test_a_mailbox_broken_past_the_retries_gets_a_notice(make_appliance, sink):
     a = outbound(make_appliance, sink, rtymin=[1, 0], rtyhour=[1, 0],
                  nfydlvry="admin@remote.test")  # DSN is offered with NFYDLVRY
     a.user("JANE")
-    _break_maildir(a, "JANE")
+    break_maildir(a.datadir, "JANE")
     with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
         s.ehlo()
         s.mail("sam@example.test")
@@ -432,7 +417,7 @@ def test_a_hold_of_outbound_mail_does_not_hold_local_retries(make_appliance, sin
     a = outbound(make_appliance, sink, rtymin=[50, 0])
     a.user("JANE")
     assert a.cli("hlddstq")[0] == 0
-    repair = _break_maildir(a, "JANE")
+    repair = break_maildir(a.datadir, "JANE")
     send(a, ["jane@example.test"])
     send(a, ["far@remote.test"])
     a.wait_for(lambda: a.journal("8E"), 20, "a retry of the local recipient")
