@@ -491,3 +491,90 @@ def test_a_local_recipient_tried_this_round_counts_its_try(manager):
     manager._settle_message(qid)
     env = fq.load(QTMSRTQ1, qid)
     assert env.attempts == 3 and env.next_try > time.time()
+
+
+def _reads_of(manager, queue):
+    """Count the scans' readings of ``queue``."""
+    reads = []
+    versions = manager.queue.versions
+
+    def counting(name):
+        if name == queue:
+            reads.append(name)
+        return versions(name)
+
+    manager.queue.versions = counting
+    return reads
+
+
+def _temporary(manager, qid):
+    manager._record(qid, {"results": [{"address": "bob@remote.test", "status": "temporary",
+                                       "code": 451, "text": "4.3.0 try later"}]}, last=True)
+
+
+def test_the_retry_queues_are_not_read_while_nothing_there_is_due(manager):
+    """A destination down for hours leaves thousands of messages waiting there:
+    reading them every second took a quarter of a CPU."""
+    import time
+
+    fq = manager.queue
+    qid = _queued(fq, Recipient("bob@remote.test"))
+    _temporary(manager, qid)  # RTYMIN: 30 minutes
+    assert fq.find(qid) == QTMSRTQ1
+    reads = _reads_of(manager, QTMSRTQ1)
+    for _ in range(3):
+        manager._due(False, None, frozenset())
+    assert len(reads) == 1 and fq.find(qid) == QTMSRTQ1
+    # Read again after RETRY_REREAD (a file put there by hand), and when due.
+    manager._retry_read_at[QTMSRTQ1] -= outbound.RETRY_REREAD
+    manager._due(False, None, frozenset())
+    assert len(reads) == 2
+    fq.update(QTMSRTQ1, fq.load(QTMSRTQ1, qid).evolve(next_try=time.time() - 1))
+    manager._due(False, None, frozenset())
+    assert len(reads) == 2  # nothing told the bridge: the reread finds it
+    manager._retry_read_at[QTMSRTQ1] -= outbound.RETRY_REREAD
+    found = manager._due(False, None, frozenset())
+    assert [env.id for env, _ in found.work] == [qid]
+
+
+def test_a_retry_the_bridge_queues_is_due_without_a_reread(manager):
+    """Its move lowers the mark, also while a scan reads the queue."""
+    fq = manager.queue
+    manager.settings = attrs_evolve_smtp(manager.settings, rtymin=(3, 0))
+    manager._due(False, None, frozenset())  # QTMSRTQ1 empty: nothing will be due there
+    first = _queued(fq, Recipient("bob@remote.test"))
+    _temporary(manager, first)
+    found = manager._due(False, None, frozenset())
+    assert [env.id for env, _ in found.work] == [first]
+
+    second = _queued(fq, Recipient("bob@remote.test"))
+    versions = fq.versions
+
+    def settling_meanwhile(name):
+        listing = versions(name)
+        if name == QTMSRTQ1 and fq.find(second) == QTMSOUTQ:
+            _temporary(manager, second)  # after the listing: the next scan's
+        return listing
+
+    fq.versions = settling_meanwhile
+    manager._retry_read_at[QTMSRTQ1] -= outbound.RETRY_REREAD
+    found = manager._due(False, None, frozenset())
+    assert second not in [env.id for env, _ in found.work] and fq.find(second) == QTMSRTQ1
+    fq.versions = versions
+    found = manager._due(False, None, frozenset())
+    assert second in [env.id for env, _ in found.work]
+
+
+def test_new_retry_settings_have_the_retry_queues_read(manager):
+    import time
+
+    fq = manager.queue
+    qid = _queued(fq, Recipient("bob@remote.test"))
+    fq.move(qid, QTMSOUTQ, QTMSRTQ1,
+            fq.load(QTMSOUTQ, qid).evolve(attempts=1, next_try=time.time() + 1500))
+    manager._due(False, None, frozenset())
+    assert fq.find(qid) == QTMSRTQ1
+    # RTYMIN lowered to 10 minutes: a wait of 25 more is longer than it gives.
+    manager.configure(attrs_evolve_smtp(manager.settings, rtymin=(3, 10)))
+    found = manager._due(False, None, frozenset())
+    assert [env.id for env, _ in found.work] == [qid]

@@ -38,6 +38,14 @@ delays a message to the next scan.  While ``REFILL_AT`` or more messages
 already wait for a connection, a new message asks for no scan of its own:
 the scan comes when the waiting ones run low, or at the next second.
 
+The retry queues are read only when something on them can be due: each
+read notes the earliest next try it leaves there, and the bridge lowers
+that mark as it moves a message in, since it alone puts mail there.  With
+thousands of messages waiting out a destination that is down, reading
+them every second took a quarter of a CPU.  An ETRN flush, a change of
+settings and, every ``RETRY_REREAD`` seconds, a plain reread (a file put
+there by hand, a clock set back) read them too.
+
 The bridge alone moves messages between these queues, one message at a
 time, in worker threads.  Settings honoured: ``[smtp] rtymin rtyday
 rtyhour mailxfrint etrnclt mailrouter`` and ``[system] local_domains``.
@@ -47,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -77,6 +86,9 @@ BATCH = 8
 #: up to RECORD_RETRY_MAX; meanwhile the message is not sent again.
 RECORD_RETRY = 5.0  # seconds
 RECORD_RETRY_MAX = 300.0
+#: Seconds after which the retry queues are read even though nothing on
+#: them is due (see the module docstring).
+RETRY_REREAD = 60.0
 #: The envelope note of a message an ETRN took from the retry queues before
 #: its retry was due (see ``_settle_locked``).
 EARLY = "early_for_etrn"
@@ -196,7 +208,14 @@ class OutboundManager:
         #: them is out of date.
         self.touched: set[str] = set()
         #: Envelopes the scans have read, by queue and id, with the version they had.
-        self._seen: dict[tuple[str, str], tuple[tuple[int, ...], Envelope]] = {}
+        self._seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]] = {}
+        #: For each retry queue: the earliest next try its last read left there,
+        #: the earliest one moved in since that read began (0: read it at the
+        #: next scan), and when that read was (``time.monotonic``).
+        self._retry_wake = {QTMSRTQ1: 0.0, QTMSRTQ2: 0.0}
+        self._retry_floor = {QTMSRTQ1: 0.0, QTMSRTQ2: 0.0}
+        self._retry_read_at = {QTMSRTQ1: -math.inf, QTMSRTQ2: -math.inf}
+        self._retry_lock = threading.Lock()
         self._kick: Any = None  # the scan a change asked for, pending
         self.refill = False  # messages arrived while enough waited: scan when few are left
         self._arrival = 0  # inotify's mask for a message renamed into QTMSOUTQ
@@ -275,6 +294,8 @@ class OutboundManager:
         self.settings = settings
         self.schedule.configure(settings.smtp.mailxfrint)
         self._drop_stale_request()
+        self._lower_retry_wake(QTMSRTQ1, 0.0)  # RTYMIN, RTYDAY, RTYHOUR may have changed
+        self._lower_retry_wake(QTMSRTQ2, 0.0)
 
     def _drop_stale_request(self) -> None:
         if not self.schedule.active:  # everything goes at once: nothing left to ask for
@@ -329,31 +350,21 @@ class OutboundManager:
         """
         now = time.time()
         flush = _flush_requests(self.queue.root)
-        seen: dict[tuple[str, str], tuple[tuple[int, ...], Envelope]] = {}
+        seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]] = {}
         longest = self._longest_waits()
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
-            for qid, version in self.queue.versions(source):
-                env = self._load(source, qid, version, seen)
-                if env is None:
-                    continue
-                # A wait longer than its queue ever gives (the clock was set
-                # back, or RTYMIN lowered) ends now, not after the difference.
-                due = env.next_try is None or env.next_try <= now or (
-                    env.next_try - now > longest[source])
-                if due or (flush and any(r.state == PENDING and _in_node(r.address, flush)
-                                         for r in env.recipients)):
-                    # A deferred local recipient is the bridge's to deliver:
-                    # through QTMSINQ, which forwards the remote ones again.
-                    # An ETRN sends the remote ones now, from QTMSOUTQ, where
-                    # it lets them go past a MAILXFRINT schedule.
-                    local_waits = any(r.state == RETRY for r in env.recipients)
-                    to = QTMSINQ if due and local_waits else QTMSOUTQ
-                    # Sent early for an ETRN: its local recipients are not
-                    # tried this round, and keep their place in the retries.
-                    self.queue.move(qid, source, to, env.note({EARLY: True})
-                                    if local_waits and not due else None)
-                    self.journal.write(code, f"{code} {'TIQ' if to == QTMSINQ else 'TOQ'} {to}",
-                                       qid, queue=source, to=to)
+            if not flush and not self._retry_read_due(source, now):
+                seen[source] = self._seen.get(source, {})
+                continue
+            with self._retry_lock:  # what moves in from now on lowers the floor again
+                self._retry_floor[source] = math.inf
+            self._retry_read_at[source] = time.monotonic()
+            try:
+                self._retry_wake[source] = self._move_due(source, code, now, longest[source],
+                                                          flush, seen)
+            except BaseException:
+                self._lower_retry_wake(source, 0.0)  # read again at the next scan
+                raise
         if self.held:
             # Nothing goes, but the envelopes are read now, while there is
             # time: the release then dispatches at once, not after reading
@@ -401,8 +412,49 @@ class OutboundManager:
         self._seen = seen
         return _Found(work, settle, transfer)
 
+    def _move_due(self, source: str, code: str, now: float, longest: float,
+                  flush: set[str], seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]],
+                  ) -> float:
+        """Move what is due on a retry queue on; return the earliest next try left there."""
+        wake = math.inf
+        for qid, version in self.queue.versions(source):
+            env = self._load(source, qid, version, seen)
+            if env is None:
+                continue
+            # A wait longer than its queue ever gives (the clock was set
+            # back, or RTYMIN lowered) ends now, not after the difference.
+            due = env.next_try is None or env.next_try <= now or env.next_try - now > longest
+            if not due and not (flush and any(r.state == PENDING and _in_node(r.address, flush)
+                                              for r in env.recipients)):
+                wake = min(wake, env.next_try)
+                continue
+            # A deferred local recipient is the bridge's to deliver:
+            # through QTMSINQ, which forwards the remote ones again.
+            # An ETRN sends the remote ones now, from QTMSOUTQ, where
+            # it lets them go past a MAILXFRINT schedule.
+            local_waits = any(r.state == RETRY for r in env.recipients)
+            to = QTMSINQ if due and local_waits else QTMSOUTQ
+            # Sent early for an ETRN: its local recipients are not
+            # tried this round, and keep their place in the retries.
+            self.queue.move(qid, source, to, env.note({EARLY: True})
+                            if local_waits and not due else None)
+            self.journal.write(code, f"{code} {'TIQ' if to == QTMSINQ else 'TOQ'} {to}",
+                               qid, queue=source, to=to)
+        return wake
+
+    def _retry_read_due(self, queue: str, now: float) -> bool:
+        """Whether a scan must read ``queue`` (a retry queue): something there may be due."""
+        with self._retry_lock:
+            wake = min(self._retry_wake[queue], self._retry_floor[queue])
+        return now >= wake or time.monotonic() - self._retry_read_at[queue] >= RETRY_REREAD
+
+    def _lower_retry_wake(self, queue: str, next_try: float) -> None:
+        """A message moved into ``queue`` to be tried at ``next_try`` (after the move)."""
+        with self._retry_lock:
+            self._retry_floor[queue] = min(self._retry_floor[queue], next_try)
+
     def _load(self, queue: str, qid: str, version: tuple[int, ...],
-              seen: dict[tuple[str, str], tuple[tuple[int, ...], Envelope]]) -> Envelope | None:
+              seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]]) -> Envelope | None:
         """The envelope, read again only if its file changed since the last scan.
 
         Scans run every second; a queue of thousands of waiting messages
@@ -411,7 +463,7 @@ class OutboundManager:
         be read (its envelope damaged, its body gone) goes to corrupt/ (7Y):
         recovery leaves these queues to their reader.
         """
-        known = self._seen.get((queue, qid))
+        known = self._seen.get(queue, {}).get(qid)
         if known is not None and known[0] == version:
             env = known[1]
         else:
@@ -425,7 +477,7 @@ class OutboundManager:
             if not self.queue.body_path(qid, queue).exists():
                 self._set_aside(queue, qid, "body missing")
                 return None
-        seen[(queue, qid)] = (version, env)
+        seen.setdefault(queue, {})[qid] = (version, env)
         return env
 
     def _set_aside(self, queue: str, qid: str, reason: str) -> None:
@@ -899,6 +951,7 @@ class OutboundManager:
                              self.settings.hostname, env, delayed, self.queue.body_path(qid))
                 env = env.note({"delay_noticed": True})
             self.queue.move(qid, QTMSOUTQ, queue_name, env)
+            self._lower_retry_wake(queue_name, env.next_try if env.next_try is not None else 0.0)
             # The reply or local error of each recipient says why it waits.
             self.journal.write(code, f"{code} TRQ {queue_name}", qid, queue=queue_name,
                                attempts=attempts, next_try=env.next_try,
