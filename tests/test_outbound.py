@@ -525,14 +525,14 @@ def test_the_retry_queues_are_not_read_while_nothing_there_is_due(manager):
     for _ in range(3):
         manager._due(False, None, frozenset())
     assert len(reads) == 1 and fq.find(qid) == QTMSRTQ1
-    # Read again after RETRY_REREAD (a file put there by hand), and when due.
-    manager._retry_read_at[QTMSRTQ1] -= outbound.RETRY_REREAD
+    # Read again after REREAD (a file put there by hand), and when due.
+    manager._retry_read_at[QTMSRTQ1] -= outbound.REREAD
     manager._due(False, None, frozenset())
     assert len(reads) == 2
     fq.update(QTMSRTQ1, fq.load(QTMSRTQ1, qid).evolve(next_try=time.time() - 1))
     manager._due(False, None, frozenset())
     assert len(reads) == 2  # nothing told the bridge: the reread finds it
-    manager._retry_read_at[QTMSRTQ1] -= outbound.RETRY_REREAD
+    manager._retry_read_at[QTMSRTQ1] -= outbound.REREAD
     found = manager._due(False, None, frozenset())
     assert [env.id for env, _ in found.work] == [qid]
 
@@ -557,7 +557,7 @@ def test_a_retry_the_bridge_queues_is_due_without_a_reread(manager):
         return listing
 
     fq.versions = settling_meanwhile
-    manager._retry_read_at[QTMSRTQ1] -= outbound.RETRY_REREAD
+    manager._retry_read_at[QTMSRTQ1] -= outbound.REREAD
     found = manager._due(False, None, frozenset())
     assert second not in [env.id for env, _ in found.work] and fq.find(second) == QTMSRTQ1
     fq.versions = versions
@@ -578,3 +578,28 @@ def test_new_retry_settings_have_the_retry_queues_read(manager):
     manager.configure(attrs_evolve_smtp(manager.settings, rtymin=(3, 10)))
     found = manager._due(False, None, frozenset())
     assert [env.id for env, _ in found.work] == [qid]
+
+
+def test_a_held_queue_is_read_again_only_for_what_arrives(manager, tmp_path):
+    """HLDDSTQ over a backlog of thousands: each scan read all of QTMSOUTQ."""
+    from twisted.internet import inotify
+    from twisted.python.filepath import FilePath
+
+    fq = manager.queue
+    (fq.root / outbound.HOLD_FLAGS["*NORMAL"]).touch()
+    manager.notifier = object()  # inotify reports arrivals
+    manager._arrival = inotify.IN_MOVED_TO
+    _queued(fq, Recipient("bob@remote.test"))
+    reads = _reads_of(manager, QTMSOUTQ)
+    for _ in range(3):
+        assert manager._due(False, None, frozenset()).held
+    assert len(reads) == 1
+    # A local recipient deferred and nothing to send: settled, hold or not.
+    qid = _queued(fq, Recipient("jane@example.test", state=queuemod.RETRY, resolved="pop:JANE",
+                                last_error="4.2.0 mailbox cannot take mail now"))
+    manager._changed(None, FilePath(str(fq.queue_dir(QTMSOUTQ) / f"{qid}.msg")),
+                     inotify.IN_MOVED_TO)
+    assert manager._due(False, None, frozenset()).settle == [qid]
+    assert manager._due(False, None, frozenset()).settle == [] and len(reads) == 2
+    manager._outq_read_at -= outbound.REREAD
+    assert manager._due(False, None, frozenset()).settle == [qid] and len(reads) == 3
