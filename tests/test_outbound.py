@@ -603,3 +603,46 @@ def test_a_held_queue_is_read_again_only_for_what_arrives(manager, tmp_path):
     assert manager._due(False, None, frozenset()).settle == [] and len(reads) == 2
     manager._outq_read_at -= outbound.REREAD
     assert manager._due(False, None, frozenset()).settle == [qid] and len(reads) == 3
+
+
+def test_a_backlog_waiting_for_connections_is_not_read_again_while_it_stands(manager):
+    """A slow destination with thousands waiting: each scan read them all and
+    rebuilt the backlog, half a CPU for 20000.  What arrives, and the messages
+    of a task no job ran, have the queue read again."""
+    from types import SimpleNamespace
+
+    from twisted.internet import inotify
+    from twisted.python.filepath import FilePath
+
+    fq = manager.queue
+    manager.notifier = object()
+    manager._arrival = inotify.IN_MOVED_TO
+    many = outbound.REFILL_AT + outbound.CONNECTIONS_PER_DOMAIN * outbound.BATCH + 10
+    for _ in range(many):
+        _queued(fq, Recipient("bob@slow.test"))
+    reads = _reads_of(manager, QTMSOUTQ)
+
+    def scan():  # what OutboundManager.scan does, in this thread
+        manager.touched = set()
+        found = manager._due(False, None, frozenset())
+        manager._dispatch(found)
+        return found
+
+    assert len(scan().work) == many
+    tasks = len(manager.pool.tasks)
+    assert tasks == outbound.CONNECTIONS_PER_DOMAIN
+    waiting = len(manager.backlog)
+    assert scan().unchanged and len(reads) == 1 and len(manager.backlog) == waiting
+    # Another destination's message arrives: read, and it goes at once.
+    other = _queued(fq, Recipient("eve@fast.test"))
+    manager._changed(None, FilePath(str(fq.queue_dir(QTMSOUTQ) / f"{other}.msg")),
+                     inotify.IN_MOVED_TO)
+    assert not scan().unchanged and len(reads) == 2
+    assert _task_ids(manager.pool.tasks[-1]) == [other]
+    assert scan().unchanged
+    # A task no job ran: its messages are work again.
+    first = _task_ids(manager.pool.tasks[0])
+    manager._refused(SimpleNamespace(token=1, task=manager.pool.tasks[0]))
+    assert not scan().unchanged and set(first) <= set(manager.backlog) | set(manager.open)
+    manager._outq_read_at -= outbound.REREAD
+    assert not scan().unchanged

@@ -133,6 +133,7 @@ class _Found:
     settle: list[str] = attrs.Factory(list)
     transfer: bool = False  # a mail transfer (MAILXFRINT) happened in this scan
     held: bool = False  # HLDDSTQ held the queue: nothing was looked at
+    unchanged: bool = False  # nothing changed since the last scan: the backlog stands
 
 
 def request_flush(queue_root: Path, node: str) -> None:
@@ -223,9 +224,10 @@ class OutboundManager:
         self._arrival = 0  # inotify's mask for a message renamed into QTMSOUTQ
         self.scan_again = False  # a change arrived while a scan ran
         self.notifier: Any = None
-        #: While the queue is held: a message arrived on QTMSOUTQ since the last
-        #: read of it began, and when that read was (``time.monotonic``).
-        self._outq_arrived = True
+        #: Something changed on QTMSOUTQ since the last read of it began (a
+        #: message arrived, a task was not run), and when that read was
+        #: (``time.monotonic``): see ``_due``.
+        self._outq_changed = True
         self._outq_read_at = -math.inf
 
     def start(self) -> None:
@@ -277,7 +279,7 @@ class OutboundManager:
         if path.dirname() == str(self.queue.root) and name not in _SIGNAL_FILES:
             return  # a queue directory or a state file: not ours to act on
         if mask & self._arrival:
-            self._outq_arrived = True
+            self._outq_changed = True
         if mask & self._arrival and len(self.backlog) >= REFILL_AT:
             # A scan reads every envelope in the queue: one per arriving
             # message kept the bridge scanning without a pause under load,
@@ -381,12 +383,11 @@ class OutboundManager:
             # goes on to the retry queues: the hold is of the sending.
             # Each arrival is read once: a held backlog of thousands, read
             # every second, took a quarter of a CPU.
-            if self.notifier is not None and not self._outq_arrived and \
-                    time.monotonic() - self._outq_read_at < REREAD:
+            if self._outq_unchanged():
                 seen[QTMSOUTQ] = self._seen.get(QTMSOUTQ, {})
                 self._seen = seen
                 return _Found(settle=[], held=True)
-            self._outq_arrived = False  # what arrives from now on is read next time
+            self._outq_changed = False  # what arrives from now on is read next time
             self._outq_read_at = time.monotonic()
             settle = []
             for qid, version in self.queue.versions(QTMSOUTQ):
@@ -396,10 +397,19 @@ class OutboundManager:
                     settle.append(qid)
             self._seen = seen
             return _Found(settle=settle, held=True)
-        self._outq_read_at = -math.inf  # a hold to come reads it at its first scan
         # A transfer asked for while there is no schedule stays asked for: the
         # bridge may not have read the interval the asker saw yet.
         transfer = next_at is not None and (_transfer_requested(self.queue.root) or transfer)
+        if next_at is None and not flush and self._outq_unchanged() and \
+                len(self.backlog) >= REFILL_AT:
+            # A backlog waiting for its connections (a slow destination, a
+            # large mailing) stands as the last read left it: reading it
+            # again every second took half a CPU for a backlog of 20000.
+            seen[QTMSOUTQ] = self._seen.get(QTMSOUTQ, {})
+            self._seen = seen
+            return _Found(unchanged=True)
+        self._outq_changed = False  # what changes from now on is read next time
+        self._outq_read_at = time.monotonic()
         work, settle = [], []
         for qid, version in self.queue.versions(QTMSOUTQ):
             if qid in self.open or qid in self.busy:
@@ -456,9 +466,16 @@ class OutboundManager:
             # tried this round, and keep their place in the retries.
             self.queue.move(qid, source, to, env.note({EARLY: True})
                             if local_waits and not due else None)
+            if to == QTMSOUTQ:
+                self._outq_changed = True  # read now, not when inotify tells
             self.journal.write(code, f"{code} {'TIQ' if to == QTMSINQ else 'TOQ'} {to}",
                                qid, queue=source, to=to)
         return wake
+
+    def _outq_unchanged(self) -> bool:
+        """Whether QTMSOUTQ is as its last read found it, as far as inotify tells."""
+        return self.notifier is not None and not self._outq_changed and \
+            time.monotonic() - self._outq_read_at < REREAD
 
     def _retry_read_due(self, queue: str, now: float) -> bool:
         """Whether a scan must read ``queue`` (a retry queue): something there may be due."""
@@ -524,6 +541,9 @@ class OutboundManager:
             # What this transfer lets go stays let go until it is started,
             # even if the queue is held before it can be.
             self.released.update(env.id for env, _ in work)
+        if found.unchanged:
+            self._start_ready(list(self.by_domain))
+            return
         stale = self.touched
         for qid in settle:
             if qid not in self.open and qid not in self.busy and qid not in stale:
@@ -706,6 +726,7 @@ class OutboundManager:
         """
         entry = self._forget(token)
         if entry is not None:
+            self._outq_changed = True  # its messages are work for the next scan again
             for qid in entry[1]:
                 if qid in self.open:
                     self.untried.add(qid)  # its other destinations' outcomes do not settle it
