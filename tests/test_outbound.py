@@ -646,3 +646,72 @@ def test_a_backlog_waiting_for_connections_is_not_read_again_while_it_stands(man
     assert not scan().unchanged and set(first) <= set(manager.backlog) | set(manager.open)
     manager._outq_read_at -= outbound.REREAD
     assert not scan().unchanged
+
+
+def _standing_backlog(manager):
+    """A backlog of more than REFILL_AT for slow.test, as a scan leaves it; inotify on."""
+    from twisted.internet import inotify
+
+    manager.notifier = object()
+    manager._arrival = inotify.IN_MOVED_TO
+    many = outbound.REFILL_AT + outbound.CONNECTIONS_PER_DOMAIN * outbound.BATCH + 10
+    qids = [_queued(manager.queue, Recipient("bob@slow.test")) for _ in range(many)]
+    _scan(manager)
+    return qids
+
+
+def _scan(manager, next_at=None, released=frozenset()):
+    """What OutboundManager.scan does, in this thread."""
+    manager.touched = set()
+    found = manager._due(False, next_at, frozenset(released))
+    manager._dispatch(found)
+    return found
+
+
+def test_a_message_freed_while_a_scan_ran_is_read_at_the_next(manager, monkeypatch):
+    """Started while the scan ran and refused at once: the scan's view of it is
+    stale, so it is left out of the backlog; the next scan must read it."""
+    qids = _standing_backlog(manager)
+    freed = qids[-1]
+    flush_requests = outbound._flush_requests
+
+    def meanwhile(root):  # the reactor thread, while the scan thread starts
+        manager.touched.add(freed)
+        return flush_requests(root)
+
+    monkeypatch.setattr(outbound, "_flush_requests", meanwhile)
+    manager._outq_changed = True  # something arrived: this scan reads the queue
+    _scan(manager)
+    assert freed not in manager.backlog
+    monkeypatch.setattr(outbound, "_flush_requests", flush_requests)
+    assert not _scan(manager).unchanged and freed in manager.backlog
+
+
+def test_mail_waiting_for_a_transfer_goes_when_mailxfrint_is_turned_off(manager):
+    import time
+
+    qids = _standing_backlog(manager)
+    waiting = _queued(manager.queue, Recipient("eve@fast.test"))
+    # MAILXFRINT: a transfer let the others go; the one after it waits (8W).
+    _scan(manager, next_at=time.time() + 3600, released=qids)
+    assert waiting not in manager.backlog and len(manager.backlog) >= outbound.REFILL_AT
+    manager.configure(attrs_evolve_smtp(manager.settings, mailxfrint=0))
+    assert not _scan(manager).unchanged
+    assert any(waiting in _task_ids(t) for t in manager.pool.tasks)
+
+
+def test_a_failed_read_of_the_queue_has_it_read_again(manager):
+    _standing_backlog(manager)
+    manager._outq_changed = True
+    versions = manager.queue.versions
+
+    def failing(name):
+        if name == QTMSOUTQ:
+            raise OSError(24, "Too many open files")
+        return versions(name)
+
+    manager.queue.versions = failing
+    with pytest.raises(OSError):
+        manager._due(False, None, frozenset())
+    manager.queue.versions = versions
+    assert not _scan(manager).unchanged

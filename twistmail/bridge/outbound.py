@@ -34,7 +34,8 @@ file), and an ETRN from a *ETRNSVR host sends that node's mail at once.
 QTMSOUTQ is scanned every second, and within ``KICK_DELAY`` of a change
 inotify reports: a message renamed into it, the queue released (the hold
 flag removed), a transfer or an ETRN flush asked for.  A lost event only
-delays a message to the next scan.  While ``REFILL_AT`` or more messages
+delays a message to the next scan, or to the next read of a queue the
+scans leave alone (see below).  While ``REFILL_AT`` or more messages
 already wait for a connection, a new message asks for no scan of its own:
 the scan comes when the waiting ones run low, or at the next second.
 
@@ -56,10 +57,12 @@ rtyhour mailxfrint etrnclt mailrouter`` and ``[system] local_domains``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +309,7 @@ class OutboundManager:
         self._drop_stale_request()
         self._lower_retry_wake(QTMSRTQ1, 0.0)  # RTYMIN, RTYDAY, RTYHOUR may have changed
         self._lower_retry_wake(QTMSRTQ2, 0.0)
+        self._outq_changed = True  # MAILXFRINT may have let go what waited for a transfer
 
     def _drop_stale_request(self) -> None:
         if not self.schedule.active:  # everything goes at once: nothing left to ask for
@@ -361,7 +365,6 @@ class OutboundManager:
         now = time.time()
         flush = _flush_requests(self.queue.root)
         seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]] = {}
-        longest = self._longest_waits()
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
             if not flush and not self._retry_read_due(source, now):
                 seen[source] = self._seen.get(source, {})
@@ -370,8 +373,9 @@ class OutboundManager:
                 self._retry_floor[source] = math.inf
             self._retry_read_at[source] = time.monotonic()
             try:
-                self._retry_wake[source] = self._move_due(source, code, now, longest[source],
-                                                          flush, seen)
+                # Read after the reset: new settings (``configure``) lower the floor again.
+                longest = self._longest_waits()[source]
+                self._retry_wake[source] = self._move_due(source, code, now, longest, flush, seen)
             except BaseException:
                 self._lower_retry_wake(source, 0.0)  # read again at the next scan
                 raise
@@ -389,12 +393,9 @@ class OutboundManager:
                 return _Found(settle=[], held=True)
             self._outq_changed = False  # what arrives from now on is read next time
             self._outq_read_at = time.monotonic()
-            settle = []
-            for qid, version in self.queue.versions(QTMSOUTQ):
-                env = self._load(QTMSOUTQ, qid, version, seen)
-                if env is not None and qid not in self.open and qid not in self.busy and \
-                        not any(r.state == PENDING for r in env.recipients):
-                    settle.append(qid)
+            with self._outq_read():
+                settle = [qid for qid, version in self.queue.versions(QTMSOUTQ)
+                          if self._nothing_to_send(qid, version, seen)]
             self._seen = seen
             return _Found(settle=settle, held=True)
         # A transfer asked for while there is no schedule stays asked for: the
@@ -410,6 +411,14 @@ class OutboundManager:
             return _Found(unchanged=True)
         self._outq_changed = False  # what changes from now on is read next time
         self._outq_read_at = time.monotonic()
+        with self._outq_read():
+            found = self._read_outq(transfer, next_at, released, flush, seen)
+        self._seen = seen
+        return found
+
+    def _read_outq(self, transfer: bool, next_at: float | None, released: frozenset[str],
+                   flush: set[str], seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]],
+                   ) -> _Found:
         work, settle = [], []
         for qid, version in self.queue.versions(QTMSOUTQ):
             if qid in self.open or qid in self.busy:
@@ -437,8 +446,22 @@ class OutboundManager:
                 self._wait_for_transfer(env, next_at)
         if transfer:
             self.journal.write("8X", f"8X XFR {len(work)}", messages=len(work))
-        self._seen = seen
         return _Found(work, settle, transfer)
+
+    def _nothing_to_send(self, qid: str, version: tuple[int, ...],
+                         seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]]) -> bool:
+        env = self._load(QTMSOUTQ, qid, version, seen)
+        return env is not None and qid not in self.open and qid not in self.busy and \
+            not any(r.state == PENDING for r in env.recipients)
+
+    @contextlib.contextmanager
+    def _outq_read(self) -> Iterator[None]:
+        """A read of QTMSOUTQ that fails leaves it to be read again at the next scan."""
+        try:
+            yield
+        except BaseException:
+            self._outq_changed = True
+            raise
 
     def _move_due(self, source: str, code: str, now: float, longest: float,
                   flush: set[str], seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]],
@@ -552,6 +575,10 @@ class OutboundManager:
         # (deleted, held) is gone from it, and what was started or settled
         # while it ran is not taken from its out-of-date view.
         self.backlog = {env.id: (env, groups) for env, groups in work if env.id not in stale}
+        if any(env.id in stale for env, _ in work):
+            # Freed again meanwhile (a task refused at once), or settled: the
+            # next scan reads the queue, and does not take the backlog as it stands.
+            self._outq_changed = True
         if not found.held:  # forget what has left QTMSOUTQ (deleted, settled)
             self.released &= self.backlog.keys() | self.open.keys() | self.busy | stale
         self.by_domain = {}
