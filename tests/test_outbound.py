@@ -715,3 +715,27 @@ def test_a_failed_read_of_the_queue_has_it_read_again(manager):
         manager._due(False, None, frozenset())
     manager.queue.versions = versions
     assert not _scan(manager).unchanged
+
+
+def test_a_pool_that_refuses_at_once_is_given_one_task_per_round(manager):
+    """WAIT(*NO) with every job busy: each refused task freed its connection
+    again, so one round made refused tasks of the whole backlog."""
+    from types import SimpleNamespace
+
+    qids = _waiting(manager, *["slow.test"] * 30, *["other.test"] * 30)
+    record = manager.pool.submit_task
+
+    def refusing(line, destination):
+        token = record(line, destination)
+        manager._refused(SimpleNamespace(token=token, task=line))
+        return token
+
+    manager.pool.submit_task = refusing
+    manager._start_ready(["slow.test", "other.test"])
+    assert len(manager.pool.tasks) == 1
+    refused = _task_ids(manager.pool.tasks[0])
+    assert not manager.open and not manager.per_domain
+    assert set(manager.backlog) == set(qids) - set(refused)  # the rest waits as it was
+    manager.pool.submit_task = record
+    manager._start_ready(["slow.test", "other.test"])
+    assert len(manager.pool.tasks) == 1 + 2 * outbound.CONNECTIONS_PER_DOMAIN

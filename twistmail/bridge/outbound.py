@@ -607,23 +607,28 @@ class OutboundManager:
             self.kick()
 
     def _start_domains(self, domains: Any, note_waiting: bool) -> None:
+        # A task the pool refuses at once (WAIT *NO, or its queue of waiting
+        # requests full) frees its connection again: without a stop, one call
+        # turned a whole backlog into refused tasks, and left all of it to
+        # the next scan.
+        taken = True
         for domain in list(domains):
             waiting = self.by_domain.get(domain)
             skipped: list[str] = []
-            while waiting and self.per_domain[domain] < CONNECTIONS_PER_DOMAIN:
+            while taken and waiting and self.per_domain[domain] < CONNECTIONS_PER_DOMAIN:
                 pending = self._next_waiting(waiting)
                 if pending is None:
                     continue
                 env, groups = pending
                 if len(groups) == 1:
-                    self._start_batch(domain, env, waiting)
+                    taken = self._start_batch(domain, env, waiting)
                     continue
                 full = [d for d in groups if self.per_domain[d] >= CONNECTIONS_PER_DOMAIN]
                 if full:
                     self._note_full(env.id, full)
                     skipped.append(env.id)  # it waits for its other destination
                     continue
-                self._start(env, groups)
+                taken = self._start(env, groups)
             if waiting and note_waiting:
                 for qid in waiting:
                     if qid in self.backlog:
@@ -644,7 +649,7 @@ class OutboundManager:
             return None
         return pending
 
-    def _start_batch(self, domain: str, env: Envelope, waiting: collections.deque[str]) -> None:
+    def _start_batch(self, domain: str, env: Envelope, waiting: collections.deque[str]) -> bool:
         """Start ``env`` with the next one-destination messages waiting for ``domain``.
 
         The waiting messages are spread over the free connections, so a
@@ -667,7 +672,7 @@ class OutboundManager:
         for e in batch:
             self._open(e, (domain,))
             self.started[e.id] = e
-        self._submit(domain, [(e, self.backlog.pop(e.id)[1][domain]) for e in batch])
+        return self._submit(domain, [(e, self.backlog.pop(e.id)[1][domain]) for e in batch])
 
     def _note_full(self, qid: str, domains: list[str]) -> None:
         """Journal 86 once per message and destination while it waits for a connection."""
@@ -680,12 +685,11 @@ class OutboundManager:
         if self.schedule.active:
             self.released.add(qid)  # it goes as soon as a slot is free
 
-    def _start(self, env: Envelope, groups: dict[str, list[str]]) -> None:
+    def _start(self, env: Envelope, groups: dict[str, list[str]]) -> bool:
         """A message with several destinations: one task for each, all at once."""
         del self.backlog[env.id]
         self._open(env, groups)
-        for domain, rcpts in groups.items():
-            self._submit(domain, [(env, rcpts)])
+        return all([self._submit(domain, [(env, rcpts)]) for domain, rcpts in groups.items()])
 
     def _open(self, env: Envelope, domains: Any) -> None:
         qid = env.id
@@ -694,8 +698,10 @@ class OutboundManager:
         self.alone.discard(qid)
         self.open[qid] = set(domains)
 
-    def _submit(self, domain: str, messages: list[tuple[Envelope, list[str]]]) -> None:
-        """One task: ``messages`` (with their recipients in ``domain``) on one connection."""
+    def _submit(self, domain: str, messages: list[tuple[Envelope, list[str]]]) -> bool:
+        """One task: ``messages`` (with their recipients in ``domain``) on one connection.
+
+        False when the pool refused it at once."""
         self.per_domain[domain] += 1
         line = json.dumps({"queue": QTMSOUTQ, "domain": domain, "messages": [
             {"id": env.id, "recipients": rcpts, "send": _sending(env, rcpts)}
@@ -705,6 +711,8 @@ class OutboundManager:
         if token in self.refused_early:
             self.refused_early.discard(token)
             self._not_run(token)
+            return False
+        return True
 
     def _issue_etrn(self) -> None:
         """ETRNCLT: on each mail transfer, ask the mail router for our domains' mail."""
