@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/smtp-accept
 	$(PY) bench/pop-retr
 	$(PY) bench/relay
+	$(PY) bench/backlog
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
