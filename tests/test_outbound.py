@@ -739,3 +739,57 @@ def test_a_pool_that_refuses_at_once_is_given_one_task_per_round(manager):
     manager.pool.submit_task = record
     manager._start_ready(["slow.test", "other.test"])
     assert len(manager.pool.tasks) == 1 + 2 * outbound.CONNECTIONS_PER_DOMAIN
+
+
+def _all_temporary(line, text, trouble=None):
+    task = json.loads(line)
+    answer = {"domain": task["domain"], "messages": [
+        {"id": m["id"], "results": [{"address": a, "status": "temporary", "code": 451,
+                                     "text": text} for a in m["recipients"]]}
+        for m in task["messages"]]}
+    if trouble is not None:
+        answer["trouble"] = trouble
+    return json.dumps(answer).encode()
+
+
+def test_a_destination_in_trouble_is_held_back_for_a_while(manager):
+    """No server took the first message: the others go to the retry queue at
+    once, not each after the same timeouts on a connection of their own."""
+    fq = manager.queue
+    manager.settings = attrs_evolve_smtp(manager.settings, rtymin=(3, 5))
+    manager.reactor = _Inline()
+    qids = _waiting(manager, *["down.test"] * 60)
+    manager._start_ready(["down.test"])
+    running = [_task_ids(t) for t in manager.pool.tasks]
+    assert len(running) == outbound.CONNECTIONS_PER_DOMAIN
+    why = "451 4.4.1 Cannot connect to down.test[192.0.2.1]:25: Connection timed out"
+    manager._result(1, _all_temporary(manager.pool.tasks[0], why[4:], trouble=why))
+    while manager.reactor.getDelayedCalls():
+        manager.reactor.advance(0)
+    assert len(manager.pool.tasks) == outbound.CONNECTIONS_PER_DOMAIN  # no new connection
+    held_back = set(qids) - {q for ids in running for q in ids}
+    assert held_back and set(fq.list(QTMSRTQ1)) == held_back | set(running[0])
+    for qid in held_back:
+        [r] = fq.load(QTMSRTQ1, qid).recipients
+        assert "delivery to down.test suspended for now" in r.last_error and why in r.last_error
+    # Once the suspension is over, the next task is a probe.
+    manager.suspended["down.test"] = (0.0, why)
+    later = _waiting(manager, "down.test")
+    manager._start_ready(["down.test"])
+    assert _task_ids(manager.pool.tasks[-1]) == later and "down.test" not in manager.suspended
+
+
+def test_no_suspension_when_retries_come_at_once(manager):
+    """RTYMIN with 0 minutes asks for every retry at once: nothing is held back."""
+    manager.settings = attrs_evolve_smtp(manager.settings, rtymin=(3, 0))
+    manager._suspend("down.test", "451 4.4.1 refused")
+    assert not manager.suspended
+
+
+def test_an_etrn_flush_lifts_the_suspensions(manager):
+    manager.settings = attrs_evolve_smtp(manager.settings, rtymin=(3, 5))
+    manager._suspend("down.test", "451 4.4.1 refused")
+    assert manager.suspended
+    outbound.request_flush(manager.queue.root, "down.test")
+    manager._due(False, None, frozenset())
+    assert not manager.suspended
