@@ -426,27 +426,3 @@ def test_a_hold_of_outbound_mail_does_not_hold_local_retries(make_appliance, sin
     assert sink.messages == []  # the remote message is still held
     assert a.cli("rlsdstq")[0] == 0
     a.wait_for(lambda: sink.messages, 20, "the remote message, once released")
-
-
-def test_a_mail_router_that_refuses_connections_is_held_back(make_appliance):
-    """Once a connection to it is refused, the mail waiting for it goes to
-    QTMSRTQ1 at once instead of each message trying again."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there afterwards
-    a = make_appliance(smtp={"mailrouter": f"127.0.0.1:{port}", "firewall": "*YES",
-                             "alwrly": "*ALL", "rtymin": [3, 5]}).start()
-    a.user("SAM")
-    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
-        for i in range(60):
-            s.sendmail("sam@example.test", [f"far{i}@remote.test"], b"Subject: x\r\n\r\ny\r\n")
-    a.wait_for(lambda: len(a.queue_files("QTMSRTQ1")) == 60 and len(a.journal("8C")) == 60,
-               30, "all 60 on QTMSRTQ1, journaled")
-    # The first tasks (four connections, up to eight messages each) fail at
-    # their first message; what waited behind them is held back.
-    taken = len(a.journal("8B"))
-    held_back = [e for e in a.journal("8C")
-                 if any("suspended for now" in t for t in e["errors"].values())]
-    assert taken <= 8 and len(held_back) >= 20, (taken, len(held_back))

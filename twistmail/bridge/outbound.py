@@ -21,15 +21,6 @@ the bridge settles it:
   them, and their message goes back to QTMSINQ instead.
 
 State is per recipient, so a partial success retries only the failed ones.
-
-A destination in trouble (no server could take a message: every hop
-refused or failed to greet, the session broke or timed out, its DNS failed
-for now; the client job's answer says so) is suspended for ``SUSPEND``
-seconds, or RTYMIN's interval if that is shorter: its waiting messages go
-to the retry queues at once, as if tried, instead of each waiting for its
-turn at the same timeouts (a backlog of thousands for a host that drops
-connections took hours to go round once).  The next task after that is
-the probe.  An ETRN flush lifts every suspension.
 ``hlddstq QSMTPQ`` (a flag file) stops dispatching; mail stays queued.
 
 With a mail transfer interval (MAILXFRINT, the seed's dial-up scheduler,
@@ -100,8 +91,6 @@ BATCH = 8
 #: up to RECORD_RETRY_MAX; meanwhile the message is not sent again.
 RECORD_RETRY = 5.0  # seconds
 RECORD_RETRY_MAX = 300.0
-#: Longest suspension of a destination in trouble (see the module docstring).
-SUSPEND = 60.0
 #: Seconds after which a queue the scans leave alone is read all the same:
 #: the retry queues, QTMSOUTQ while held (see the module docstring).
 REREAD = 60.0
@@ -212,9 +201,6 @@ class OutboundManager:
         self._locks = [threading.Lock() for _ in range(64)]
         self.refused_early: set[int] = set()  # tokens refused before submit_task returned
         self.etrn_tasks: set[int] = set()  # tokens of ETRN tasks (ETRNCLT) not answered yet
-        #: Destinations in trouble: until when (``time.monotonic``), and why.
-        self.suspended: dict[str, tuple[float, str]] = {}
-        self._held_back = 0  # tokens of the tasks a suspension answers itself (negative)
         self.schedule = TransferSchedule(reactor, settings.smtp.mailxfrint, self._scheduled,
                                          state=queue.root / TRANSFER_STATE)
         self.transfer_due = False  # a scheduled transfer waits for the next scan
@@ -378,8 +364,6 @@ class OutboundManager:
         """
         now = time.time()
         flush = _flush_requests(self.queue.root)
-        if flush:
-            self.suspended = {}  # the node says it is back: try it now
         seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]] = {}
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
             if not flush and not self._retry_read_due(source, now):
@@ -719,20 +703,6 @@ class OutboundManager:
 
         False when the pool refused it at once."""
         self.per_domain[domain] += 1
-        suspended = self._suspended(domain)
-        if suspended is not None:
-            # Answered here, as a client job would after the same failure; in
-            # the next reactor turn, since an answer starts the next task.
-            self._held_back -= 1
-            token = self._held_back
-            self.tasks[token] = (domain, [env.id for env, _ in messages])
-            answer = {"domain": domain, "messages": [
-                {"id": env.id, "remote_ip": None, "results": [
-                    {"address": a, "status": "temporary", "code": 451,
-                     "text": f"4.4.1 delivery to {domain} suspended for now: {suspended}"}
-                    for a in rcpts]} for env, rcpts in messages]}
-            self.reactor.callLater(0, self._result, token, json.dumps(answer).encode())
-            return True
         line = json.dumps({"queue": QTMSOUTQ, "domain": domain, "messages": [
             {"id": env.id, "recipients": rcpts, "send": _sending(env, rcpts)}
             for env, rcpts in messages]}).encode()
@@ -743,22 +713,6 @@ class OutboundManager:
             self._not_run(token)
             return False
         return True
-
-    def _suspended(self, domain: str) -> str | None:
-        """Why ``domain`` is suspended, or None when it is not (any more)."""
-        entry = self.suspended.get(domain)
-        if entry is None:
-            return None
-        if time.monotonic() >= entry[0]:
-            del self.suspended[domain]  # the next task is the probe
-            return None
-        return entry[1]
-
-    def _suspend(self, domain: str, why: str) -> None:
-        """The client job found ``domain`` in trouble: hold it back for a while."""
-        length = min(SUSPEND, 60.0 * self.settings.smtp.rtymin[1])
-        if length > 0 and domain not in self.suspended:
-            self.suspended[domain] = (time.monotonic() + length, why)
 
     def _issue_etrn(self) -> None:
         """ETRNCLT: on each mail transfer, ask the mail router for our domains' mail."""
@@ -871,9 +825,6 @@ class OutboundManager:
         if entry is None:
             return
         domain, qids = entry
-        why = _trouble(line)
-        if why is not None:
-            self._suspend(domain, why)
         self._start_ready((domain,))
         by_id = _outcomes(line)  # a message without one is tried again
         items = []
@@ -1105,15 +1056,6 @@ class OutboundManager:
         if attempts <= first_count + second_count:
             return QTMSRTQ2, "8D", second_unit
         return None
-
-
-def _trouble(line: bytes) -> str | None:
-    """Why a task's destination is in trouble, if its answer says it is."""
-    try:
-        why = json.loads(line).get("trouble")
-    except (ValueError, AttributeError):
-        return None
-    return why if isinstance(why, str) and why else None
 
 
 def _outcomes(line: bytes) -> dict[str, dict[str, Any]]:

@@ -10,9 +10,7 @@ client on the connection the one before it used, journals 8B, 88 and 82,
 and returns one outcome per recipient for the bridge.  When no server could
 take a message (every hop refused or failed to greet, or the session broke
 or timed out), the messages after it in the task are not tried: the
-destination is in trouble, and each would wait for the same timeouts; the
-answer says so (``trouble``, also for a DNS failure that may pass), and the
-bridge then holds back the destination's other messages for a while.  A
+destination is in trouble, and each would wait for the same timeouts.  A
 server's own 4xx to a recipient (greylisting) stops nothing.  An MX that
 is this host itself is never used (``mx.LocalHost``).
 
@@ -89,10 +87,7 @@ class Deliverer:
                     self.journal.write("8K", f"8K RERR {domain}", m["id"], domain=domain,
                                        error=str(e))
             status = "permanent" if e.permanent else "temporary"
-            result = self._all(task, messages, status, e.code, str(e))
-            if not e.permanent:
-                result["trouble"] = f"{e.code} {e}"
-            return result
+            return self._all(task, messages, status, e.code, str(e))
         with self.journal.batch():  # a message's 88 and 82 go with the next one's 8B
             return await self._each(task, route, lists)
 
@@ -109,15 +104,12 @@ class Deliverer:
                 out.append(self._message(message, "temporary", 451, f"4.3.0 local error: {e}"))
                 continue
             out.append(result)
-            if trouble is not None:
-                # The bridge holds back the destination's other messages for
-                # a while (see ``twistmail.bridge.outbound``).
+            if trouble is not None and i + 1 < len(messages):
                 text = (f"4.4.0 not tried: the message before it to {domain} failed"
                         f" temporarily ({trouble.code} {trouble.text})")
                 out.extend(self._message(m, "temporary", trouble.code, text)
                            for m in messages[i + 1:])
-                return {"domain": domain, "messages": out,
-                        "trouble": f"{trouble.code} {trouble.text}"}
+                break
         return {"domain": domain, "messages": out}
 
     async def _deliver(self, task: dict[str, Any], message: dict[str, Any], route: list[Any],
