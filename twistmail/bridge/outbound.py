@@ -47,7 +47,10 @@ them every second took a quarter of a CPU.  An ETRN flush, a change of
 settings and, every ``REREAD`` seconds, a plain reread (a file put
 there by hand, a clock set back) read them too.  In the same way, while
 ``hlddstq`` holds the queue, QTMSOUTQ is read again only when inotify
-reports an arrival, or after ``REREAD`` seconds.
+reports an arrival, or after ``REREAD`` seconds; and while ``REFILL_AT``
+or more messages wait for their connections, only when something changed
+there (an arrival, a due retry moved there, a task no job ran, a message
+freed while a scan ran, new settings) or after ``REREAD`` seconds.
 
 The bridge alone moves messages between these queues, one message at a
 time, in worker threads.  Settings honoured: ``[smtp] rtymin rtyday
