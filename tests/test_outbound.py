@@ -580,7 +580,7 @@ def test_new_retry_settings_have_the_retry_queues_read(manager):
     assert [env.id for env, _ in found.work] == [qid]
 
 
-def test_a_held_queue_is_read_again_only_for_what_arrives(manager, tmp_path):
+def test_a_held_queue_is_read_again_only_for_what_arrives(manager):
     """HLDDSTQ over a backlog of thousands: each scan read all of QTMSOUTQ."""
     from twisted.internet import inotify
     from twisted.python.filepath import FilePath
@@ -622,30 +622,24 @@ def test_a_backlog_waiting_for_connections_is_not_read_again_while_it_stands(man
         _queued(fq, Recipient("bob@slow.test"))
     reads = _reads_of(manager, QTMSOUTQ)
 
-    def scan():  # what OutboundManager.scan does, in this thread
-        manager.touched = set()
-        found = manager._due(False, None, frozenset())
-        manager._dispatch(found)
-        return found
-
-    assert len(scan().work) == many
+    assert len(_scan(manager).work) == many
     tasks = len(manager.pool.tasks)
     assert tasks == outbound.CONNECTIONS_PER_DOMAIN
     waiting = len(manager.backlog)
-    assert scan().unchanged and len(reads) == 1 and len(manager.backlog) == waiting
+    assert _scan(manager).unchanged and len(reads) == 1 and len(manager.backlog) == waiting
     # Another destination's message arrives: read, and it goes at once.
     other = _queued(fq, Recipient("eve@fast.test"))
     manager._changed(None, FilePath(str(fq.queue_dir(QTMSOUTQ) / f"{other}.msg")),
                      inotify.IN_MOVED_TO)
-    assert not scan().unchanged and len(reads) == 2
+    assert not _scan(manager).unchanged and len(reads) == 2
     assert _task_ids(manager.pool.tasks[-1]) == [other]
-    assert scan().unchanged
+    assert _scan(manager).unchanged
     # A task no job ran: its messages are work again.
     first = _task_ids(manager.pool.tasks[0])
     manager._refused(SimpleNamespace(token=1, task=manager.pool.tasks[0]))
-    assert not scan().unchanged and set(first) <= set(manager.backlog) | set(manager.open)
+    assert not _scan(manager).unchanged and set(first) <= set(manager.backlog) | set(manager.open)
     manager._outq_read_at -= outbound.REREAD
-    assert not scan().unchanged
+    assert not _scan(manager).unchanged
 
 
 def _standing_backlog(manager):
