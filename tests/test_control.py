@@ -200,3 +200,31 @@ def test_the_idle_timeout_ends_a_connection_already_closing():
     assert transport.disconnecting
     clock.advance(controlsocket.IDLE_TIMEOUT + 1)
     assert aborted == [True]
+
+
+def test_a_refusal_written_before_the_request_is_still_read(tmp_path):
+    """A daemon with too many control connections says why and closes at once:
+    a request still being written then failed with EPIPE, and the CLI said
+    "Broken pipe" instead of the daemon's line."""
+    path = tmp_path / "control.sock"
+    refusal = {"ok": False, "usage": False,
+               "error": "the daemon has 64 control connections open; try again"}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen()
+
+    def refuse() -> None:
+        conn, _ = sock.accept()
+        conn.sendall(json.dumps(refusal).encode() + b"\n")
+        conn.close()  # nothing read: the client's write fails
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    try:
+        # Larger than the socket buffers: the write is still going when the
+        # daemon closes.
+        with pytest.raises(ControlError, match="control connections open; try again"):
+            ControlClient(path, timeout=10).call("status", pad="x" * (8 << 20))
+    finally:
+        thread.join(10)
+        sock.close()

@@ -60,11 +60,20 @@ class ControlClient:
     def call(self, cmd: str, **args: Any) -> Any:
         s = self._connect()
         try:
-            s.sendall(json.dumps({"cmd": cmd, "args": args}).encode("utf-8") + b"\n")
+            unsent: OSError | None = None
+            try:
+                s.sendall(json.dumps({"cmd": cmd, "args": args}).encode("utf-8") + b"\n")
+            except (BrokenPipeError, ConnectionResetError) as e:
+                # A daemon that refuses the connection (too many open) says
+                # why and closes, maybe before the request is written: its
+                # line is still there to read.
+                unsent = e
             buf = b""
             while not buf.endswith(b"\n"):
                 chunk = s.recv(65536)
                 if not chunk:
+                    if unsent is not None:
+                        raise unsent
                     raise ControlError(f"the twistmail daemon on {self.path} closed the "
                                        "connection without an answer (is it stopping?)")
                 buf += chunk
