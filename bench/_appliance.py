@@ -363,6 +363,15 @@ def run_quiet(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProces
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    """A loopback port the kernel has just given out, free again."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def parse_addr(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
