@@ -270,12 +270,12 @@ def test_one_message_to_several_domains(make_appliance, sink):
     a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 10, "the message settled")
 
 
-def twelve_released_at_once(make_appliance, sink):
+def twelve_released_at_once(make_appliance, sink, count=12, **smtp):
     """Twelve one-recipient messages for remote.test, held, then released together."""
-    a = outbound(make_appliance, sink)
+    a = outbound(make_appliance, sink, **smtp)
     assert a.cli("hlddstq", "--dstq", "QSMTPQ")[0] == 0
     with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
-        for i in range(12):
+        for i in range(count):
             s.sendmail("sam@example.test", [f"r{i}@remote.test"], b"Subject: out\r\n\r\nhi\r\n")
     assert a.cli("rlsdstq", "--dstq", "QSMTPQ")[0] == 0
     return a
@@ -331,6 +331,29 @@ def test_a_recipient_refused_for_now_holds_back_no_other_message(make_appliance,
     a.wait_for(lambda: a.journal("8C"), 10, "the greylisted one waits")
     assert all("not tried" not in str(e["errors"]) for e in a.journal("8C"))
     assert {tuple(e["recipients"]) for e in a.journal("8C")} == {("r0@remote.test",)}
+
+
+def test_mail_for_a_host_that_never_answers_is_not_tried_one_task_after_another(
+        make_appliance, sink):
+    """Sixty messages, four connections: once four tasks have waited out
+    the greeting, the rest goes to the retries untried (8U), instead of
+    four more tasks waiting out the same timeout."""
+    sink.behaviour = Behaviour(greeting=None)
+    a = twelve_released_at_once(make_appliance, sink, 60, clienttimeout=5, rtymin=[2, 1])
+    a.wait_for(lambda: len(a.queue_files("QTMSRTQ1")) == 60, 40, "every message to retry")
+    assert sink.connections == 4
+    [entry] = a.journal("8U")
+    assert entry["domain"] == "remote.test" and entry["messages"] == 60 - 32
+    assert sum("no server of remote.test could be reached" in str(e["errors"])
+               for e in a.journal("8C")) == 60 - 32
+
+
+def test_a_session_that_breaks_holds_back_nothing(make_appliance, sink):
+    """The server was there: the mail waiting for it is tried as usual."""
+    sink.behaviour = Behaviour(drop_after=0)
+    a = twelve_released_at_once(make_appliance, sink, 40, rtymin=[2, 1])
+    a.wait_for(lambda: len(a.queue_files("QTMSRTQ1")) == 40, 40, "every message to retry")
+    assert not a.journal("8U") and sink.connections == 5
 
 
 def test_dspactpj_reset_reaches_the_client_pool(make_appliance, sink):

@@ -239,9 +239,9 @@ def test_arrivals_ask_for_a_scan_only_when_few_messages_wait(manager):
     assert manager._kick.active() and not manager.refill
 
 
-def _delivered(*qids: str, status: str = "delivered") -> bytes:
+def _delivered(*qids: str, status: str = "delivered", domain: str = "remote.test") -> bytes:
     return json.dumps({"messages": [{"id": q, "results": [
-        {"address": "rcpt@remote.test", "status": status, "code": 250, "text": "ok"}]}
+        {"address": f"rcpt@{domain}", "status": status, "code": 250, "text": "ok"}]}
         for q in qids]}).encode()
 
 
@@ -733,3 +733,74 @@ def test_a_pool_that_refuses_at_once_is_given_one_task_per_round(manager):
     manager.pool.submit_task = record
     manager._start_ready(["slow.test", "other.test"])
     assert len(manager.pool.tasks) == 1 + 2 * outbound.CONNECTIONS_PER_DOMAIN
+
+
+def _unreachable(*qids: str, why: str = "4.4.1 Cannot connect to mx[192.0.2.1]:25",
+                 domain: str = "dead.test") -> bytes:
+    answer = json.loads(_delivered(*qids, status="temporary", domain=domain))
+    return json.dumps({**answer, "unreachable": why}).encode()
+
+
+def test_what_waits_for_a_destination_no_task_could_reach_is_retried_later(manager):
+    """A backlog for a host that never answers went round one task at a
+    time, each waiting out the same timeouts on one of four connections."""
+    manager.reactor = _Inline()
+    many = outbound.CONNECTIONS_PER_DOMAIN * outbound.BATCH + 10
+    qids = _waiting(manager, *["dead.test"] * many)
+    [other] = _waiting(manager, "other.test")
+    manager._start_ready(["dead.test", "other.test"])
+    tasks = [_task_ids(t) for t in manager.pool.tasks[:outbound.CONNECTIONS_PER_DOMAIN]]
+    for token, ids in enumerate(tasks[:-1], start=1):
+        manager._result(token, _unreachable(*ids))
+        # The others may still reach it: meanwhile no new task for it.
+        assert len(manager.pool.tasks) == outbound.CONNECTIONS_PER_DOMAIN + 1
+        assert manager.queue.list(QTMSRTQ1) and len(manager.backlog) == 10
+    manager._result(outbound.CONNECTIONS_PER_DOMAIN, _unreachable(*tasks[-1]))
+    assert len(manager.pool.tasks) == outbound.CONNECTIONS_PER_DOMAIN + 1
+    assert sorted(manager.queue.list(QTMSRTQ1)) == sorted(qids)
+    assert not manager.backlog and "dead.test" not in manager.by_domain
+    assert manager.open == {other: {"other.test"}}  # another destination is not held back
+    held_back = set(qids) - {q for ids in tasks for q in ids}
+    for qid in held_back:
+        env = manager.queue.load(QTMSRTQ1, qid)
+        assert env.attempts == 1
+        assert "not tried: no server of dead.test could be reached just now" in \
+            env.recipients[0].last_error
+    [entry] = [e for e in read_entries(manager.journal.directory) if e["code"] == "8U"]
+    assert entry["domain"] == "dead.test" and entry["messages"] == len(held_back)
+    assert "Cannot connect" in entry["reason"]
+    # A message that arrives later is tried: it is the probe.
+    [later] = _waiting(manager, "dead.test")
+    manager._start_ready(["dead.test"])
+    assert _task_ids(manager.pool.tasks[-1]) == [later]
+
+
+def test_a_task_that_reached_the_destination_clears_the_doubt(manager):
+    """A server that turns away connections beyond its limit is not dead:
+    the task it served answers, and the waiting mail goes on."""
+    manager.reactor = _Inline()
+    many = outbound.CONNECTIONS_PER_DOMAIN * outbound.BATCH + 4
+    qids = _waiting(manager, *["busy.test"] * many)
+    manager._start_ready(["busy.test"])
+    first, second = _task_ids(manager.pool.tasks[0]), _task_ids(manager.pool.tasks[1])
+    manager._result(1, _unreachable(*first, why="4.4.1 busy[127.0.0.1]:25 greeted with: 421",
+                                    domain="busy.test"))
+    manager._result(2, _delivered(*second, domain="busy.test"))
+    assert not manager.failing and "8U" not in {
+        e["code"] for e in read_entries(manager.journal.directory)}
+    assert len(manager.pool.tasks) == outbound.CONNECTIONS_PER_DOMAIN + 2
+    assert sorted(manager.queue.list(QTMSRTQ1)) == sorted(first)  # its own, as before
+    assert not manager.backlog and len(qids) == many
+
+
+def test_a_message_for_several_destinations_is_not_held_back(manager):
+    """Its other destinations are not held back with it: it waits for its connection."""
+    manager.reactor = _Inline()
+    _waiting(manager, *["dead.test"] * outbound.CONNECTIONS_PER_DOMAIN)
+    [both] = _waiting(manager, "dead.test,other.test")
+    manager._start_ready(["dead.test"])
+    for token in range(1, outbound.CONNECTIONS_PER_DOMAIN + 1):
+        manager._result(token, _unreachable(*_task_ids(manager.pool.tasks[token - 1])))
+    assert both not in manager.queue.list(QTMSRTQ1)
+    assert [json.loads(t)["domain"] for t in manager.pool.tasks[-2:]] == \
+        ["dead.test", "other.test"]

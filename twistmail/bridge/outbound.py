@@ -21,6 +21,20 @@ the bridge settles it:
   them, and their message goes back to QTMSINQ instead.
 
 State is per recipient, so a partial success retries only the failed ones.
+
+A destination none of whose servers can be reached (every one refuses the
+connection, never greets, or will not open a session; or its DNS fails
+for now: the client job's answer says so) is not tried by one waiting
+message after another, each waiting out the same timeouts: a backlog of
+thousands for a host that never answers took hours to go round once.
+Once one task finds it so, the destination takes no new task until its
+other tasks have answered; if none of them reached it either, the
+messages still waiting for it alone go to the retry queues at once, as
+tried (8U, then 8C or 8D), as Postfix defers the mail of a dead
+destination.  Messages that arrive later are tried as usual, so each
+arrival probes whether it is back.  One task that reaches a server, even
+one that then breaks off or answers 4xx, clears the doubt: a server that
+turns away connections beyond its limit is not dead.
 ``hlddstq QSMTPQ`` (a flag file) stops dispatching; mail stays queued.
 
 With a mail transfer interval (MAILXFRINT, the seed's dial-up scheduler,
@@ -203,6 +217,9 @@ class OutboundManager:
         # Envelope updates of one message, one at a time; messages in parallel.
         self._locks = [threading.Lock() for _ in range(64)]
         self.refused_early: set[int] = set()  # tokens refused before submit_task returned
+        #: Destinations the last answered task could not reach, with why, while
+        #: their other tasks still run: they take no new task meanwhile.
+        self.failing: dict[str, str] = {}
         self.etrn_tasks: set[int] = set()  # tokens of ETRN tasks (ETRNCLT) not answered yet
         self.schedule = TransferSchedule(reactor, settings.smtp.mailxfrint, self._scheduled,
                                          state=queue.root / TRANSFER_STATE)
@@ -618,7 +635,7 @@ class OutboundManager:
         for domain in list(domains):
             waiting = self.by_domain.get(domain)
             skipped: list[str] = []
-            while taken and waiting and self.per_domain[domain] < CONNECTIONS_PER_DOMAIN:
+            while taken and waiting and self._free(domain):
                 pending = self._next_waiting(waiting)
                 if pending is None:
                     continue
@@ -626,7 +643,7 @@ class OutboundManager:
                 if len(groups) == 1:
                     taken = self._start_batch(domain, env, waiting)
                     continue
-                full = [d for d in groups if self.per_domain[d] >= CONNECTIONS_PER_DOMAIN]
+                full = [d for d in groups if not self._free(d)]
                 if full:
                     self._note_full(env.id, full)
                     skipped.append(env.id)  # it waits for its other destination
@@ -640,6 +657,12 @@ class OutboundManager:
                 waiting.extendleft(reversed(skipped))
             if not waiting:
                 self.by_domain.pop(domain, None)
+
+    def _free(self, domain: str) -> int:
+        """Connections ``domain`` has free; none while its last answer says it is unreachable."""
+        if domain in self.failing:
+            return 0
+        return max(0, CONNECTIONS_PER_DOMAIN - self.per_domain[domain])
 
     def _next_waiting(self, waiting: collections.deque[str]) -> Any:
         """The next backlog entry of a destination's queue, or None if it is stale."""
@@ -659,7 +682,7 @@ class OutboundManager:
         short backlog still uses them all: a task carries more than one
         message only when more wait than connections are free.
         """
-        free = CONNECTIONS_PER_DOMAIN - self.per_domain[domain]
+        free = self._free(domain)
         size = 1 if env.id in self.alone else min(BATCH, -(-(len(waiting) + 1) // free))
         batch = [env]
         while len(batch) < size and waiting:
@@ -765,6 +788,7 @@ class OutboundManager:
         entry = self._forget(token)
         if entry is not None:
             self._outq_changed = True  # its messages are work for the next scan again
+            self._judged(entry[0])
             for qid in entry[1]:
                 if qid in self.open:
                     self.untried.add(qid)  # its other destinations' outcomes do not settle it
@@ -828,15 +852,68 @@ class OutboundManager:
         if entry is None:
             return
         domain, qids = entry
+        why = _unreachable(line)
+        if why is None:
+            self.failing.pop(domain, None)  # a server was there
+        else:
+            self.failing[domain] = why
+            self._judged(domain)
         self._start_ready((domain,))
         by_id = _outcomes(line)  # a message without one is tried again
         items = []
         for qid in qids:
             last = qid not in self.open and not self.recording[qid] and qid not in self.untried
             known = self.started.pop(qid, None) if last else None  # one task: always its last
+            items.append((qid, by_id.get(qid, {}), last, known))
+        self._write_outcomes(items)
+
+    def _judged(self, domain: str) -> None:
+        """When no task of a destination found unreachable runs any more, hold its mail back."""
+        if domain in self.failing and not self.per_domain[domain]:
+            self._hold_back(domain, self.failing.pop(domain))
+
+    def _hold_back(self, domain: str, why: str) -> None:
+        """No server of ``domain`` could be reached: what waits for it alone is retried later.
+
+        Each message goes to the retry queues as a task's temporary failure
+        would send it, with its try counted.  A message for several
+        destinations waits for its connection, as before: its other
+        destinations are not held back with it.
+        """
+        waiting = self.by_domain.get(domain)
+        if not waiting or self.held:
+            return
+        text = f"4.4.1 not tried: no server of {domain} could be reached just now ({why})"
+        kept: collections.deque[str] = collections.deque()
+        items = []
+        for qid in waiting:
+            pending = self.backlog.get(qid)
+            if pending is None or qid in self.open or qid in self.busy:
+                continue  # started by another destination, or gone
+            env, groups = pending
+            if len(groups) > 1:
+                kept.append(qid)
+                continue
+            del self.backlog[qid]
+            self.touched.add(qid)  # the running scan's view of it is out of date
+            results = [{"address": a, "status": "temporary", "code": 451, "text": text}
+                       for a in groups[domain]]
+            items.append((qid, {"id": qid, "results": results}, True, env))
+        if kept:
+            self.by_domain[domain] = kept
+        else:
+            self.by_domain.pop(domain, None)
+        if items:
+            self.journal.write("8U", f"8U UNR {domain}", domain=domain, messages=len(items),
+                               reason=why)
+            self._write_outcomes(items)
+
+    def _write_outcomes(self, items: list[tuple[str, dict[str, Any], bool, Envelope | None]]
+                        ) -> None:
+        """Write outcomes (and settle each message whose last they are) in a worker thread."""
+        for qid, *_ in items:
             self.recording[qid] += 1
             self.busy.add(qid)
-            items.append((qid, by_id.get(qid, {}), last, known))
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                       self._record_all, items)
 
@@ -1059,6 +1136,15 @@ class OutboundManager:
         if attempts <= first_count + second_count:
             return QTMSRTQ2, "8D", second_unit
         return None
+
+
+def _unreachable(line: bytes) -> str | None:
+    """Why no server of the task's destination could be reached, if its answer says so."""
+    try:
+        why = json.loads(line).get("unreachable")
+    except (ValueError, AttributeError):
+        return None
+    return why if isinstance(why, str) and why else None
 
 
 def _outcomes(line: bytes) -> dict[str, dict[str, Any]]:

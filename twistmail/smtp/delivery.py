@@ -11,7 +11,13 @@ and returns one outcome per recipient for the bridge.  When no server could
 take a message (every hop refused or failed to greet, or the session broke
 or timed out), the messages after it in the task are not tried: the
 destination is in trouble, and each would wait for the same timeouts.  A
-server's own 4xx to a recipient (greylisting) stops nothing.  An MX that
+server's own 4xx to a recipient (greylisting) stops nothing.  When no
+server of the destination could be reached at all (every hop refused the
+connection, failed to greet or to open a session, or its DNS failed for
+now), the answer says why in ``unreachable``: the bridge then keeps the
+destination's other waiting messages from the same timeouts (see
+``twistmail.bridge.outbound``).  A session that broke in the middle says
+nothing of the kind: the server was there.  An MX that
 is this host itself is never used (``mx.LocalHost``).
 
 An ``etrn`` task (the scheduled mail transfer with ETRNCLT) names the mail
@@ -87,7 +93,10 @@ class Deliverer:
                     self.journal.write("8K", f"8K RERR {domain}", m["id"], domain=domain,
                                        error=str(e))
             status = "permanent" if e.permanent else "temporary"
-            return self._all(task, messages, status, e.code, str(e))
+            result = self._all(task, messages, status, e.code, str(e))
+            if not e.permanent:
+                result["unreachable"] = str(e)
+            return result
         with self.journal.batch():  # a message's 88 and 82 go with the next one's 8B
             return await self._each(task, route, lists)
 
@@ -95,31 +104,36 @@ class Deliverer:
                     lists: dict[str, Any]) -> dict[str, Any]:
         domain, messages = task["domain"], task["messages"]
         out = []
+        answer: dict[str, Any] = {"domain": domain, "messages": out}
         for i, message in enumerate(messages):
             self.journal.write("8B", f"8B FOQ {task['queue']}", message["id"], domain=domain)
             self.journal.flush()
             try:
-                result, trouble = await self._deliver(task, message, route, lists)
+                result, trouble, unreachable = await self._deliver(task, message, route, lists)
             except Exception as e:
                 out.append(self._message(message, "temporary", 451, f"4.3.0 local error: {e}"))
                 continue
             out.append(result)
+            if unreachable is not None:
+                answer["unreachable"] = unreachable
             if trouble is not None and i + 1 < len(messages):
                 text = (f"4.4.0 not tried: the message before it to {domain} failed"
                         f" temporarily ({trouble.code} {trouble.text})")
                 out.extend(self._message(m, "temporary", trouble.code, text)
                            for m in messages[i + 1:])
                 break
-        return {"domain": domain, "messages": out}
+        return answer
 
     async def _deliver(self, task: dict[str, Any], message: dict[str, Any], route: list[Any],
-                       lists: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+                       lists: dict[str, Any]) -> tuple[dict[str, Any], Any, str | None]:
         """One message; with the failure that says the destination is in trouble, if any.
 
         That is when no server took part in the message's outcome (every
         hop refused or failed to greet, or the session broke or timed out)
         and every recipient waits: a server's own 4xx to a recipient
         (greylisting, a full mailbox) says nothing about the next message.
+        The third item says why no hop could be reached at all, when none
+        opened a session (the destination is down, not just this session).
         """
         qid = message["id"]
         result = await client.deliver(
@@ -138,8 +152,10 @@ class Deliverer:
         rcpts = result.recipients
         trouble = rcpts[0] if rcpts and all(
             r.status == client.TEMPORARY and not r.remote for r in rcpts) else None
+        unreachable = result.attempts[-1].error if result.hop is None and result.attempts \
+            else None
         return {"id": qid, "remote_ip": result.remote_ip, "tls": result.tls,
-                "dsn": result.dsn, "results": out}, trouble
+                "dsn": result.dsn, "results": out}, trouble, unreachable
 
     async def _etrn(self, task: dict[str, Any]) -> dict[str, Any]:
         """ETRN for each node to the mail router; one 8Y per node with the reply."""
