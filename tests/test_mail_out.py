@@ -344,7 +344,7 @@ def test_mail_for_a_host_that_never_answers_is_not_tried_one_task_after_another(
     assert sink.connections == 4
     [entry] = a.journal("8U")
     assert entry["domain"] == "remote.test" and entry["messages"] == 60 - 32
-    assert sum("no server of remote.test could be reached" in str(e["errors"])
+    assert sum("no server of remote.test answered" in str(e["errors"])
                for e in a.journal("8C")) == 60 - 32
 
 
@@ -354,6 +354,41 @@ def test_a_session_that_breaks_holds_back_nothing(make_appliance, sink):
     a = twelve_released_at_once(make_appliance, sink, 40, rtymin=[2, 1])
     a.wait_for(lambda: len(a.queue_files("QTMSRTQ1")) == 40, 40, "every message to retry")
     assert not a.journal("8U") and sink.connections == 5
+
+
+class OneAtATime(Sink):
+    """A server that takes one connection at a time and greets the others with 421."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        super().__init__()
+
+    def session(self, sock) -> None:
+        with self.lock:
+            refused = self.active >= 1
+            self.active += not refused
+        if refused:
+            sock.sendall(b"421 4.7.0 too many connections from your host\r\n")
+            return
+        try:
+            super().session(sock)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_a_server_that_refuses_connections_over_its_limit_is_not_taken_for_dead(
+        make_appliance):
+    """It greets them with 421: it is up, and what waits for it is not held back."""
+    sink = OneAtATime()
+    try:
+        a = twelve_released_at_once(make_appliance, sink, 40, rtymin=[50, 0])
+        a.wait_for(lambda: len(set(m.recipients[0] for m in sink.messages)) == 40, 60,
+                   "every message")
+        assert not a.journal("8U")
+    finally:
+        sink.stop()
 
 
 def test_dspactpj_reset_reaches_the_client_pool(make_appliance, sink):

@@ -764,7 +764,7 @@ def test_what_waits_for_a_destination_no_task_could_reach_is_retried_later(manag
     for qid in held_back:
         env = manager.queue.load(QTMSRTQ1, qid)
         assert env.attempts == 1
-        assert "not tried: no server of dead.test could be reached just now" in \
+        assert "not tried: no server of dead.test answered just now" in \
             env.recipients[0].last_error
     [entry] = [e for e in read_entries(manager.journal.directory) if e["code"] == "8U"]
     assert entry["domain"] == "dead.test" and entry["messages"] == len(held_back)
@@ -793,14 +793,59 @@ def test_a_task_that_reached_the_destination_clears_the_doubt(manager):
     assert not manager.backlog and len(qids) == many
 
 
+def _fill_and_fail(manager, domain="dead.test"):
+    """Fill the connections of ``domain`` with tasks, then have all of them answer unreachable."""
+    manager.reactor = _Inline()
+    _waiting(manager, *[domain] * (outbound.CONNECTIONS_PER_DOMAIN * outbound.BATCH))
+    manager._start_ready([domain])
+    return [_task_ids(t) for t in manager.pool.tasks]
+
+
+def _answer_unreachable(manager, tasks):
+    for token, ids in enumerate(tasks, start=1):
+        manager._result(token, _unreachable(*ids))
+
+
 def test_a_message_for_several_destinations_is_not_held_back(manager):
     """Its other destinations are not held back with it: it waits for its connection."""
-    manager.reactor = _Inline()
-    _waiting(manager, *["dead.test"] * outbound.CONNECTIONS_PER_DOMAIN)
+    tasks = _fill_and_fail(manager)
     [both] = _waiting(manager, "dead.test,other.test")
-    manager._start_ready(["dead.test"])
-    for token in range(1, outbound.CONNECTIONS_PER_DOMAIN + 1):
-        manager._result(token, _unreachable(*_task_ids(manager.pool.tasks[token - 1])))
+    manager.by_domain["other.test"] = collections.deque([both])
+    _answer_unreachable(manager, tasks)
     assert both not in manager.queue.list(QTMSRTQ1)
-    assert [json.loads(t)["domain"] for t in manager.pool.tasks[-2:]] == \
-        ["dead.test", "other.test"]
+    new = [(json.loads(t)["domain"], _task_ids(t)) for t in manager.pool.tasks[len(tasks):]]
+    assert new == [("dead.test", [both]), ("other.test", [both])]
+
+
+def test_a_message_on_its_last_try_is_tried_not_held_back(manager):
+    """With no retries left it would be returned without ever being tried."""
+    manager.settings = attrs_evolve_smtp(manager.settings, rtymin=(0, 0))
+    tasks = _fill_and_fail(manager)
+    [last] = _waiting(manager, "dead.test")
+    _answer_unreachable(manager, tasks)
+    assert last not in manager.queue.list(QTMSRTQ1) and not manager.queue.list(QTMSRTQ1)
+    assert _task_ids(manager.pool.tasks[-1]) == [last]
+
+
+def test_the_verdict_waits_for_a_task_the_pool_did_not_run(manager):
+    """The last running task, refused by the pool, says nothing of the
+    destination: the answers before it decide."""
+    from types import SimpleNamespace
+
+    tasks = _fill_and_fail(manager)
+    waiting = _waiting(manager, *["dead.test"] * 3)
+    _answer_unreachable(manager, tasks[:-1])
+    assert set(waiting).isdisjoint(manager.queue.list(QTMSRTQ1))
+    assert len(manager.pool.tasks) == len(tasks)
+    manager._refused(SimpleNamespace(token=len(tasks), task=manager.pool.tasks[-1]))
+    assert set(waiting) <= set(manager.queue.list(QTMSRTQ1))
+    assert set(tasks[-1]).isdisjoint(manager.queue.list(QTMSRTQ1))  # not run: next scan
+
+
+def test_nothing_is_held_back_while_the_queue_is_held(manager):
+    tasks = _fill_and_fail(manager)
+    waiting = _waiting(manager, *["dead.test"] * 3)
+    outbound.hold_flag(manager.queue.root).touch()
+    _answer_unreachable(manager, tasks)
+    assert set(waiting) <= set(manager.backlog) and not manager.failing
+    assert set(waiting).isdisjoint(manager.queue.list(QTMSRTQ1))

@@ -542,6 +542,7 @@ class ClientTests(unittest.TestCase):
         self.assertEqual({r.status for r in result.recipients}, {TEMPORARY})
         self.assertEqual(len(result.attempts), 2)
         self.assertFalse(result.recipients[0].remote)
+        self.assertFalse(any(a.answered for a in result.attempts), "no server is up")
 
     async def test_greeting_4xx_moves_to_next_hop(self) -> None:
         busy = self.sink(greeting="421 4.3.2 too busy")
@@ -549,6 +550,7 @@ class ClientTests(unittest.TestCase):
         result = await self.send([busy.hop(), good.hop()])
         self.assertEqual(result.recipients[0].status, DELIVERED)
         self.assertIn("421", result.attempts[0].error)
+        self.assertTrue(result.attempts[0].answered, "a server that greets is up")
         self.assertEqual(len(good.messages), 1)
 
     async def test_greeting_5xx_moves_to_next_hop(self) -> None:
@@ -570,6 +572,7 @@ class ClientTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 3)
         self.assertEqual(result.recipients[0].status, TEMPORARY)
         self.assertIn("Timed out", result.attempts[0].error)
+        self.assertFalse(result.attempts[0].answered)
 
     async def test_dropped_mid_data_is_temporary(self) -> None:
         sink = self.sink(drop_after=30000)

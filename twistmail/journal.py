@@ -81,7 +81,7 @@ CODES: dict[str, str] = {
     "87": "SMTP client: to QTMSINQ for a nondelivery notice, or COD queued for the bridge",
     "86": "SMTP client: back on QTMSOUTQ (connection matrix full or a recipient changed)",
     "8K": "SMTP client: resolver error (MX or address lookup failed)",
-    "8U": "SMTP client: no server of a destination could be reached; the messages waiting "
+    "8U": "SMTP client: no server of a destination answered; the messages waiting "
     "for it alone go to the retry queues untried, with the number and the reason (twistmail)",
     "8W": "SMTP client: waiting on QTMSOUTQ for the next scheduled mail transfer "
     "(MAILXFRINT), with its time (twistmail)",

@@ -22,19 +22,20 @@ the bridge settles it:
 
 State is per recipient, so a partial success retries only the failed ones.
 
-A destination none of whose servers can be reached (every one refuses the
-connection, never greets, or will not open a session; or its DNS fails
-for now: the client job's answer says so) is not tried by one waiting
-message after another, each waiting out the same timeouts: a backlog of
-thousands for a host that never answers took hours to go round once.
-Once one task finds it so, the destination takes no new task until its
-other tasks have answered; if none of them reached it either, the
-messages still waiting for it alone go to the retry queues at once, as
-tried (8U, then 8C or 8D), as Postfix defers the mail of a dead
-destination.  Messages that arrive later are tried as usual, so each
-arrival probes whether it is back.  One task that reaches a server, even
-one that then breaks off or answers 4xx, clears the doubt: a server that
-turns away connections beyond its limit is not dead.
+A destination none of whose servers answers (every one refuses the
+connection or never greets, or its DNS fails for now: the client job's
+answer says so) is not tried by one waiting message after another, each
+waiting out the same timeouts: a backlog of thousands for a host that
+never answers took hours to go round once.  Once one task finds it so,
+the destination takes no new task until its other tasks have answered;
+if none of them reached it either, the messages still waiting for it
+alone go to the retry queues at once, as tried (8U, then 8C or 8D), as
+Postfix defers the mail of a dead destination.  A message whose retries
+that try would use up is not held back: no message is returned without
+a real try.  Messages that arrive later are tried as usual, so each
+arrival probes whether it is back.  One task whose server greeted, even
+with 421 (a server that turns away connections beyond its limit), or
+broke off later, clears the doubt: that server is up.
 ``hlddstq QSMTPQ`` (a flag file) stops dispatching; mail stays queued.
 
 With a mail transfer interval (MAILXFRINT, the seed's dial-up scheduler,
@@ -873,25 +874,27 @@ class OutboundManager:
             self._hold_back(domain, self.failing.pop(domain))
 
     def _hold_back(self, domain: str, why: str) -> None:
-        """No server of ``domain`` could be reached: what waits for it alone is retried later.
+        """No server of ``domain`` answered: what waits for it alone is retried later.
 
         Each message goes to the retry queues as a task's temporary failure
-        would send it, with its try counted.  A message for several
-        destinations waits for its connection, as before: its other
-        destinations are not held back with it.
+        would send it, with its try counted.  Two kinds wait for their
+        connection, as before: a message for several destinations (its
+        other destinations are not held back with it), and one whose
+        retries this try would use up (it is returned only after a real try).
         """
         waiting = self.by_domain.get(domain)
         if not waiting or self.held:
             return
-        text = f"4.4.1 not tried: no server of {domain} could be reached just now ({why})"
+        text = f"4.4.1 not tried: no server of {domain} answered just now ({why})"
         kept: collections.deque[str] = collections.deque()
         items = []
         for qid in waiting:
             pending = self.backlog.get(qid)
             if pending is None or qid in self.open or qid in self.busy:
+                self.backlog.pop(qid, None)
                 continue  # started by another destination, or gone
             env, groups = pending
-            if len(groups) > 1:
+            if len(groups) > 1 or self._retry_target(env.attempts + 1) is None:
                 kept.append(qid)
                 continue
             del self.backlog[qid]

@@ -231,10 +231,15 @@ class RecipientResult:
 
 @attrs.frozen
 class HopAttempt:
-    """A hop that was tried without a definitive answer, and why."""
+    """A hop that was tried without a definitive answer, and why.
+
+    ``answered``: the server greeted (even with 4xx or 5xx), so it is up;
+    False when the connection failed, or the server never greeted.
+    """
 
     hop: Hop
     error: str
+    answered: bool = False
 
 
 @attrs.frozen
@@ -828,6 +833,7 @@ class _Outcome:
     tls: bool = False
     dsn: bool = False
     plain_retry: bool = False  # TLS failed where it was only opportunistic
+    answered: bool = False  # the server greeted (see ``HopAttempt``)
 
 
 class _Opening:
@@ -838,6 +844,7 @@ class _Opening:
         self.hop = hop
         self.options = options
         self.t = options.timeouts
+        self.greeted = False  # the server said something: it is up
 
     @property
     def where(self) -> str:
@@ -847,6 +854,7 @@ class _Opening:
 
     async def _open(self) -> Extensions:
         greeting = await self.session.read("greeting", self.t.greeting)
+        self.greeted = True
         if greeting.code != 220:
             raise _HopFailed(f"4.4.1 {self.where} greeted with: {greeting}")
         ext = await self._hello()
@@ -972,9 +980,10 @@ class _Conversation(_Opening):
             except _HopFailed as e:
                 await self._quit()
                 return _Outcome(error=str(e), tls=self.session.tls,
-                                plain_retry=isinstance(e, _TLSFailed))
+                                plain_retry=isinstance(e, _TLSFailed), answered=self.greeted)
             except SessionError as e:
-                return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls)
+                return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls,
+                                answered=self.greeted)
         try:
             await self._transaction(ext)
         except SessionError as e:
@@ -1300,7 +1309,7 @@ async def _deliver(reactor: Any, hops: list[Hop], job: _Job, options: _Options,
                 outcome.results, hop, remote_ip, outcome.tls, outcome.dsn, tuple(attempts)
             )
         log.info("delivery via {where} failed: {error}", where=hop.address, error=outcome.error)
-        attempts.append(HopAttempt(hop, outcome.error or "failed"))
+        attempts.append(HopAttempt(hop, outcome.error or "failed", outcome.answered))
     text = attempts[-1].error if attempts else "4.4.4 No hop to deliver to"
     results = tuple(
         done or RecipientResult(r.address, TEMPORARY, 451, text, remote=False)

@@ -12,12 +12,13 @@ take a message (every hop refused or failed to greet, or the session broke
 or timed out), the messages after it in the task are not tried: the
 destination is in trouble, and each would wait for the same timeouts.  A
 server's own 4xx to a recipient (greylisting) stops nothing.  When no
-server of the destination could be reached at all (every hop refused the
-connection, failed to greet or to open a session, or its DNS failed for
-now), the answer says why in ``unreachable``: the bridge then keeps the
+server of the destination answered at all in the whole task (every hop
+refused the connection or never greeted, or its DNS failed for now), the
+answer says why in ``unreachable``: the bridge then keeps the
 destination's other waiting messages from the same timeouts (see
-``twistmail.bridge.outbound``).  A session that broke in the middle says
-nothing of the kind: the server was there.  An MX that
+``twistmail.bridge.outbound``).  A server that greeted, even with 421,
+or whose session broke in the middle, is up: that says nothing of the
+kind.  An MX that
 is this host itself is never used (``mx.LocalHost``).
 
 An ``etrn`` task (the scheduled mail transfer with ETRNCLT) names the mail
@@ -105,16 +106,21 @@ class Deliverer:
         domain, messages = task["domain"], task["messages"]
         out = []
         answer: dict[str, Any] = {"domain": domain, "messages": out}
+        unreachable, answered = None, False
         for i, message in enumerate(messages):
             self.journal.write("8B", f"8B FOQ {task['queue']}", message["id"], domain=domain)
             self.journal.flush()
             try:
-                result, trouble, unreachable = await self._deliver(task, message, route, lists)
+                result, trouble, contact = await self._deliver(task, message, route, lists)
             except Exception as e:
                 out.append(self._message(message, "temporary", 451, f"4.3.0 local error: {e}"))
                 continue
             out.append(result)
-            if unreachable is not None:
+            if contact is True:
+                answered = True
+            elif contact:
+                unreachable = contact
+            if unreachable is not None and not answered:
                 answer["unreachable"] = unreachable
             if trouble is not None and i + 1 < len(messages):
                 text = (f"4.4.0 not tried: the message before it to {domain} failed"
@@ -125,15 +131,16 @@ class Deliverer:
         return answer
 
     async def _deliver(self, task: dict[str, Any], message: dict[str, Any], route: list[Any],
-                       lists: dict[str, Any]) -> tuple[dict[str, Any], Any, str | None]:
+                       lists: dict[str, Any]) -> tuple[dict[str, Any], Any, bool | str]:
         """One message; with the failure that says the destination is in trouble, if any.
 
         That is when no server took part in the message's outcome (every
         hop refused or failed to greet, or the session broke or timed out)
         and every recipient waits: a server's own 4xx to a recipient
         (greylisting, a full mailbox) says nothing about the next message.
-        The third item says why no hop could be reached at all, when none
-        opened a session (the destination is down, not just this session).
+        The third item is True when a server answered (greeted), why none
+        did when every hop was tried and none greeted, and False when no
+        hop was tried (nothing left to send).
         """
         qid = message["id"]
         result = await client.deliver(
@@ -152,10 +159,12 @@ class Deliverer:
         rcpts = result.recipients
         trouble = rcpts[0] if rcpts and all(
             r.status == client.TEMPORARY and not r.remote for r in rcpts) else None
-        unreachable = result.attempts[-1].error if result.hop is None and result.attempts \
-            else None
+        if result.hop is not None or any(a.answered for a in result.attempts):
+            contact: bool | str = True
+        else:
+            contact = result.attempts[-1].error if result.attempts else False
         return {"id": qid, "remote_ip": result.remote_ip, "tls": result.tls,
-                "dsn": result.dsn, "results": out}, trouble, unreachable
+                "dsn": result.dsn, "results": out}, trouble, contact
 
     async def _etrn(self, task: dict[str, Any]) -> dict[str, Any]:
         """ETRN for each node to the mail router; one 8Y per node with the reply."""

@@ -1,0 +1,88 @@
+"""A client job's answer for a task: whether the destination answered at all.
+
+The bridge holds back the other mail of a destination only when no server
+of it answered (see ``twistmail.bridge.outbound``); a server that greets,
+even with 421, is up.  Real loopback servers, the job's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from appliance import base_sections, render_toml
+from test_smtp_client import Behaviour, Sink
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from twistmail import config as configmod
+from twistmail.bridge.outbound import _sending
+from twistmail.directory import SqliteDirectory
+from twistmail.interfaces import QTMSOUTQ
+from twistmail.journal import Journal
+from twistmail.queue import Envelope, FileQueue, Recipient
+from twistmail.smtp.delivery import Deliverer
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AnswerTests(unittest.TestCase):
+    def deliverer(self, port: int) -> Deliverer:
+        root = Path(tempfile.mkdtemp(prefix="twistmail-delivery-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        sections = base_sections(root / "var")
+        sections["smtp"] = {"mailrouter": f"127.0.0.1:{port}", "firewall": "*YES"}
+        (root / "twistmail.toml").write_text(render_toml(sections))
+        settings = configmod.load(root / "twistmail.toml")
+        self.queue = FileQueue.for_settings(settings)
+        d = Deliverer(reactor, settings, self.queue, SqliteDirectory.from_settings(settings),
+                      Journal.from_settings(settings, "QTSMTPCLTP/1"))
+        self.addCleanup(d.resolver.close)
+        self.addCleanup(d.sessions.close_all)
+        return d
+
+    def task(self, count: int) -> bytes:
+        messages = []
+        for i in range(count):
+            env = Envelope.new("jane@example.test", ()).with_recipients(
+                [Recipient(f"r{i}@remote.test")])
+            with self.queue.new_spool(env) as spool:
+                spool.write(b"Subject: hi\r\n\r\nhello\r\n")
+                qid = spool.commit(QTMSOUTQ)
+            rcpts = [f"r{i}@remote.test"]
+            messages.append({"id": qid, "recipients": rcpts, "send": _sending(env, rcpts)})
+        return json.dumps({"queue": QTMSOUTQ, "domain": "remote.test",
+                           "messages": messages}).encode()
+
+    async def answer(self, port: int, count: int = 2) -> dict[str, Any]:
+        d = self.deliverer(port)
+        return json.loads(await d.run(self.task(count)))
+
+    async def test_a_refused_connection_is_unreachable(self) -> None:
+        answer = await self.answer(closed_port())
+        self.assertIn("Cannot connect", answer["unreachable"])
+        texts = [m["results"][0]["text"] for m in answer["messages"]]
+        self.assertIn("not tried", texts[1])
+
+    async def test_a_server_that_greets_with_421_is_up(self) -> None:
+        sink = Sink(Behaviour(greeting="421 4.7.0 too many connections"))
+        self.addCleanup(sink.stop)
+        answer = await self.answer(sink.port)
+        self.assertNotIn("unreachable", answer)
+        self.assertEqual({m["results"][0]["status"] for m in answer["messages"]},
+                         {"temporary"})
+
+    async def test_a_delivered_task_is_not_unreachable(self) -> None:
+        sink = Sink()
+        self.addCleanup(sink.stop)
+        answer = await self.answer(sink.port)
+        self.assertNotIn("unreachable", answer)
+        self.assertEqual(len(sink.messages), 2)
