@@ -496,11 +496,44 @@ class ClientTests(unittest.TestCase):
         sink = self.sink()
         await self.send([sink.hop()], data="Subject: é\r\n\r\nçà\r\n".encode())
         self.assertIn("BODY=8BITMIME", sink.commands[1])
-        plain = self.sink(extensions=("PIPELINING",))
-        result = await self.send([plain.hop()], data="Subject: é\r\n\r\nçà\r\n".encode())
+
+    async def test_an_eightbit_body_is_made_seven_bit_for_a_server_without_8bitmime(
+            self) -> None:
+        """RFC 6152 §3: converted, not sent as it is; the text reads the same."""
+        import email
+        import email.policy
+
+        data = ("From: Jörg <j@here.test>\r\nSubject: déjà vu\r\nMIME-Version: 1.0\r\n"
+                "Content-Type: multipart/mixed; boundary=b1\r\n\r\n--b1\r\n"
+                "Content-Type: text/plain; charset=utf-8\r\n"
+                "Content-Transfer-Encoding: 8bit\r\n\r\nçà\r\n.point\r\n--b1\r\n"
+                "Content-Type: application/octet-stream\r\n"
+                "Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n--b1--\r\n").encode()
+        plain = self.sink(extensions=("PIPELINING", "SIZE 10000000"))
+        result = await self.send([plain.hop()], data=data)
         self.assertEqual(result.recipients[0].status, DELIVERED)
-        self.assertEqual(plain.commands[1], "MAIL FROM:<me@here.test>")
-        self.assertEqual(plain.messages[0].content, "Subject: é\r\n\r\nçà\r\n".encode())
+        sent = plain.messages[0].content
+        self.assertTrue(sent.isascii())
+        self.assertEqual(plain.commands[1], f"MAIL FROM:<me@here.test> SIZE={len(sent)}")
+        msg = email.message_from_bytes(sent, policy=email.policy.default)
+        self.assertEqual(str(msg["Subject"]), "déjà vu")
+        self.assertEqual(msg["From"].addresses[0].addr_spec, "j@here.test")
+        text, blob = [p.get_payload(decode=True) for p in msg.iter_parts()]
+        self.assertEqual((text, blob), ("çà\r\n.point".encode(), b"\x00\x01\x02"))
+        self.assertIn(b"Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n", sent)
+
+    async def test_an_eightbit_body_without_mime_headers_is_made_mime(self) -> None:
+        import email
+        import email.policy
+
+        plain = self.sink(extensions=("PIPELINING",))
+        await self.send([plain.hop()], data="Subject: é\r\n\r\nçà\r\n".encode())
+        sent = plain.messages[0].content
+        self.assertTrue(sent.isascii())
+        msg = email.message_from_bytes(sent, policy=email.policy.default)
+        self.assertEqual(msg.get_content_type(), "text/plain")
+        self.assertEqual(msg.get_param("charset"), "unknown-8bit")
+        self.assertEqual(msg.get_payload(decode=True), "çà\r\n".encode())
 
     async def test_dsn_parameters_pass_through_when_offered(self) -> None:
         envelope = Envelope(

@@ -32,11 +32,10 @@ avoided here:
 * it offers no SIZE, 8BITMIME, PIPELINING or DSN and does not classify
   recipients as temporary or permanent.
 
-An 8-bit body sent to a server that does not offer 8BITMIME goes out
-unchanged rather than being converted to 7 bit or returned: converting
-means rewriting MIME parts (and breaking DKIM signatures), and practically
-every server takes 8-bit data; this is also what sendmail and Postfix do
-by default for non-MIME content.
+An 8-bit body for a server that does not offer 8BITMIME is converted to
+7 bit first (``downgrade``, RFC 6152 §3), in a worker thread; should the
+conversion fail, it goes out as it is, which practically every server
+takes.
 
 The body is streamed from its spool file through a push producer, so even
 a 50 MB message is never held in memory.  Every wait has the RFC 5321
@@ -58,7 +57,7 @@ from typing import Any
 import attrs
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import defer, ssl
+from twisted.internet import defer, ssl, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -72,6 +71,7 @@ from zope.interface import implementer
 
 from twistmail.mx import Hop
 from twistmail.protocols.writenow import write_now
+from twistmail.smtp import downgrade
 
 TLS_OPPORTUNISTIC = "*OPPORTUNISTIC"
 TLS_REQUIRED = "*REQUIRED"
@@ -1001,6 +1001,8 @@ class _Conversation(_Opening):
     # -- the transaction ---------------------------------------------------------------------
 
     async def _transaction(self, ext: Extensions) -> None:
+        if self.job.body_8bit and not ext.has("8BITMIME"):
+            self.job = await self._downgraded()
         limit = ext.size_limit
         if limit is not None and self.job.size > limit:
             self._settle_open(PERMANENT, 552, (
@@ -1096,6 +1098,23 @@ class _Conversation(_Opening):
                              self.t.data_block, self.job.body)
         await writer.run()
         self._settle(accepted, await self.session.read("end of data", self.t.data_end))
+
+    async def _downgraded(self) -> _Job:
+        """The job with its body made 7-bit; as it was, should that fail."""
+        job = self.job
+        reactor = self.session.reactor
+
+        def convert() -> bytes:
+            data = job.body if job.body is not None else job.body_path.read_bytes()
+            return downgrade.to_7bit(data)
+
+        try:
+            body = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), convert)
+        except Exception as e:
+            log.warn("{where} does not offer 8BITMIME and the message could not be made "
+                     "7-bit ({error}); sending it as it is", where=self.where, error=e)
+            return job
+        return attrs.evolve(job, body=body, size=len(body), body_8bit=False)
 
     def _check_utf8(self, ext: Extensions) -> bool | None:
         """Whether SMTPUTF8 is used; None when the originator rules delivery out."""
