@@ -35,7 +35,7 @@ avoided here:
 An 8-bit body for a server that does not offer 8BITMIME is converted to
 7 bit first (``downgrade``, RFC 6152 §3), in a worker thread; should the
 conversion fail, it goes out as it is, which practically every server
-takes.
+takes.  A converted body is held in memory for its DATA.
 
 The body is streamed from its spool file through a push producer, so even
 a 50 MB message is never held in memory.  Every wait has the RFC 5321
@@ -1001,12 +1001,15 @@ class _Conversation(_Opening):
     # -- the transaction ---------------------------------------------------------------------
 
     async def _transaction(self, ext: Extensions) -> None:
+        converted = ""
         if self.job.body_8bit and not ext.has("8BITMIME"):
             self.job = await self._downgraded()
+            converted = "" if self.job.body_8bit else " (made 7-bit: it offers no 8BITMIME)"
         limit = ext.size_limit
         if limit is not None and self.job.size > limit:
             self._settle_open(PERMANENT, 552, (
-                f"5.3.4 Message size {self.job.size} exceeds the limit {limit} of {self.where}"
+                f"5.3.4 Message size {self.job.size}{converted} exceeds the limit {limit}"
+                f" of {self.where}"
             ), remote=False)
             return
         utf8 = self._check_utf8(ext)
@@ -1110,11 +1113,14 @@ class _Conversation(_Opening):
 
         try:
             body = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), convert)
+        except defer.CancelledError:
+            raise
         except Exception as e:
             log.warn("{where} does not offer 8BITMIME and the message could not be made "
                      "7-bit ({error}); sending it as it is", where=self.where, error=e)
             return job
-        return attrs.evolve(job, body=body, size=len(body), body_8bit=False)
+        # 8-bit header fields, if any, go as they came: body_8bit stays for them.
+        return attrs.evolve(job, body=body, size=len(body), body_8bit=not body.isascii())
 
     def _check_utf8(self, ext: Extensions) -> bool | None:
         """Whether SMTPUTF8 is used; None when the originator rules delivery out."""
