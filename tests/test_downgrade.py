@@ -9,9 +9,11 @@ from __future__ import annotations
 import email
 import email.policy
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from twistmail.smtp import downgrade
 from twistmail.smtp.downgrade import to_7bit
 
 
@@ -120,6 +122,46 @@ def test_a_digest_part_without_header_fields_is_a_message():
                   b"--d\r\n\r\nFrom: a@b.test\r\nSubject: x\r\n\r\ninner caf\xc3\xa9\r\n--d--\r\n")
     assert out.isascii()
     assert leaves(out) == [("text/plain", b"inner caf\xc3\xa9")]
+
+
+def test_a_soft_line_break_makes_no_boundary_line():
+    """Quoted-printable would have broken the line right before "--b",
+    making a delimiter: a text/html part that was not in the message."""
+    line = b"\xc3\xa9" + b"a" * 69 + b"--b"
+    data = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + line + b"\r\n"
+            b"Content-Type: text/html\r\n\r\n<script>hidden</script>\r\n--b--\r\n")
+    assert [t for t, _ in leaves(to_7bit(data))] == ["text/plain"]
+    assert leaves(to_7bit(data)) == leaves(data)
+
+
+def test_text_before_any_header_field_is_body():
+    """As the email package reads it: the MIME fields go before it."""
+    text = "h\u00e9llo\r\nworld\r\n\r\nmore \u00e9\r\n".encode()
+    out = to_7bit(text)
+    assert out.isascii() and out.startswith(b"MIME-Version: 1.0\r\n")
+    assert parsed(out).get_payload(decode=True) == text
+
+
+@pytest.mark.parametrize("data", [
+    b"Subject: a\rContent-Transfer-Encoding: 8bit\r\n\r\nh\xc3\xa9llo\r\n",
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"\xc3\xa9\"\r\n\r\n"
+    b"--\xc3\xa9\r\n\r\nx\xc3\xa9\r\n--\xc3\xa9--\r\n",
+    b"MIME-Version: 1.0\r\n" + b"Content-Type: message/rfc822\r\n\r\n" * 30 + b"\xc3\xa9\r\n",
+])
+def test_what_it_cannot_take_it_says_so_and_the_message_goes_as_it_is(data):
+    """A bare CR in a header block, a boundary that is not ASCII, nesting
+    past MAX_DEPTH: the client then sends the message unchanged."""
+    with pytest.raises(ValueError):
+        to_7bit(data)
+
+
+def test_more_parts_than_it_takes():
+    part = b"--b\r\nContent-Type: text/plain\r\n\r\n\xc3\xa9\r\n"
+    data = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+            + part * downgrade.MAX_PARTS + b"--b--\r\n")
+    with pytest.raises(ValueError):
+        to_7bit(data)
 
 
 @given(st.binary(max_size=3000), st.sampled_from(["text/plain", "application/x-thing"]))

@@ -525,6 +525,16 @@ class ClientTests(unittest.TestCase):
         self.assertEqual((text, blob), ("çà\r\n.point".encode(), b"\x00\x01\x02"))
         self.assertIn(b"Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n", sent)
 
+    async def test_an_eightbit_body_goes_as_it_is_when_only_its_conversion_is_too_big(
+            self) -> None:
+        """Converted, it would be returned (552); as it is, it may well arrive."""
+        data = b"Subject: x\r\n\r\n" + bytes(range(128, 256)) * 20 + b"\r\n"
+        plain = self.sink(extensions=("PIPELINING", f"SIZE {len(data) + 10}"))
+        result = await self.send([plain.hop()], data=data)
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(plain.messages[0].content, data)
+        self.assertEqual(plain.commands[1], f"MAIL FROM:<me@here.test> SIZE={len(data)}")
+
     async def test_an_eightbit_body_without_mime_headers_is_made_mime(self) -> None:
         import email
         import email.policy

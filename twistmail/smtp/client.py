@@ -1001,17 +1001,14 @@ class _Conversation(_Opening):
     # -- the transaction ---------------------------------------------------------------------
 
     async def _transaction(self, ext: Extensions) -> None:
-        converted = ""
-        if self.job.body_8bit and not ext.has("8BITMIME"):
-            self.job = await self._downgraded()
-            converted = "" if self.job.body_8bit else " (made 7-bit: it offers no 8BITMIME)"
         limit = ext.size_limit
         if limit is not None and self.job.size > limit:
             self._settle_open(PERMANENT, 552, (
-                f"5.3.4 Message size {self.job.size}{converted} exceeds the limit {limit}"
-                f" of {self.where}"
+                f"5.3.4 Message size {self.job.size} exceeds the limit {limit} of {self.where}"
             ), remote=False)
             return
+        if self.job.body_8bit and not ext.has("8BITMIME"):
+            self.job = await self._downgraded(limit)
         utf8 = self._check_utf8(ext)
         if utf8 is None:
             return
@@ -1102,14 +1099,20 @@ class _Conversation(_Opening):
         await writer.run()
         self._settle(accepted, await self.session.read("end of data", self.t.data_end))
 
-    async def _downgraded(self) -> _Job:
-        """The job with its body made 7-bit; as it was, should that fail."""
+    async def _downgraded(self, limit: int | None) -> _Job:
+        """The job with its body made 7-bit; as it was, should that fail.
+
+        Also as it was when only the converted copy would exceed the
+        server's SIZE: sent as it is, it may well arrive; converted, it
+        would be returned.
+        """
         job = self.job
         reactor = self.session.reactor
 
-        def convert() -> bytes:
+        def convert() -> bytes | None:
             data = job.body if job.body is not None else job.body_path.read_bytes()
-            return downgrade.to_7bit(data)
+            converted = downgrade.to_7bit(data)
+            return None if converted is data else converted  # 8-bit header fields only
 
         try:
             body = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), convert)
@@ -1118,6 +1121,13 @@ class _Conversation(_Opening):
         except Exception as e:
             log.warn("{where} does not offer 8BITMIME and the message could not be made "
                      "7-bit ({error}); sending it as it is", where=self.where, error=e)
+            return job
+        if body is None:
+            return job
+        if limit is not None and len(body) > limit:
+            log.warn("{where} does not offer 8BITMIME, and the message made 7-bit would "
+                     "exceed its SIZE {limit}; sending it as it is", where=self.where,
+                     limit=limit)
             return job
         # 8-bit header fields, if any, go as they came: body_8bit stays for them.
         return attrs.evolve(job, body=body, size=len(body), body_8bit=not body.isascii())

@@ -23,9 +23,16 @@ fold, reorder and re-encode header fields.
 * An embedded message (message/rfc822, message/global) is converted in
   turn; its label becomes 7bit when nothing 8-bit is left in it.
 * Header fields are never changed: 8-bit header text is SMTPUTF8's
-  business (RFC 6532), not 8BITMIME's, and is sent as it came.  So are
-  8-bit octets in a preamble or epilogue, which no reader shows, after
-  being replaced by "?".
+  business (RFC 6532), not 8BITMIME's, and is sent as it came.  8-bit
+  octets in a preamble or epilogue, which no reader shows, become "?".
+* A header block ends where the email package ends it: at the empty
+  line, or at the first line that is neither a field nor a continuation.
+* Quoted-printable that would start a line with "--" at a soft line
+  break, where a boundary could appear that was not there, gives way to
+  base64.
+* A message the conversion cannot take (more than ``MAX_DEPTH`` levels of
+  nesting or ``MAX_PARTS`` parts, a bare CR in a header block, a boundary
+  that is not ASCII) raises ``ValueError``: the caller sends it as it is.
 
 Signatures over a converted part (DKIM body hashes, S/MIME over an 8-bit
 part) no longer verify, as with any converting relay.
@@ -34,6 +41,7 @@ part) no longer verify, as with any converting relay.
 from __future__ import annotations
 
 import binascii
+import codecs
 import re
 from collections.abc import Iterator
 from email import policy
@@ -45,20 +53,33 @@ CRLF = b"\r\n"
 #: quoted-printable each one takes three, and the message could outgrow the
 #: server's SIZE.
 QP_MAX_8BIT = 0.17
+#: Beyond these, converting costs more than it is worth (each level reads
+#: its whole body again; each part's header is parsed): sent as it is.
+MAX_DEPTH = 20
+MAX_PARTS = 5000
 _HIGH = bytes(range(128, 256))
-_BLANK = re.compile(rb"\r\n|\n")  # a header block's end: the first empty line
-_NOT_ASCII_SAFE = ("utf-16", "utf-32", "ucs-2", "ucs-4")
+_QUESTION_MARKS = bytes(range(128)) + b"?" * 128
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:|[ \t]")  # a header field, or a continuation
 
 
 def to_7bit(data: bytes) -> bytes:
-    """The message ``data`` with the body of every 8-bit leaf part re-encoded."""
-    return _entity(data, "text/plain", top=True)
+    """The message ``data`` with the body of every 8-bit leaf part re-encoded.
+
+    ``data`` itself when its body holds no 8-bit octet; ValueError for a
+    message it cannot take (see the module docstring).
+    """
+    return _entity(data, "text/plain", top=True, depth=0, parts=[0])
 
 
-def _entity(data: bytes, default_type: str, top: bool) -> bytes:
+def _entity(data: bytes, default_type: str, top: bool, depth: int, parts: list[int]) -> bytes:
+    parts[0] += 1
+    if depth > MAX_DEPTH or parts[0] > MAX_PARTS:
+        raise ValueError(f"more than {MAX_DEPTH} levels or {MAX_PARTS} parts")
     head, blank, body = _split(data)
     if body.isascii():
         return data
+    if re.search(rb"\r(?!\n)", head):
+        raise ValueError("a bare CR in a header block")
     info = BytesHeaderParser(policy=policy.compat32).parsebytes(head)
     if default_type != "text/plain":
         info.set_default_type(default_type)
@@ -70,29 +91,45 @@ def _entity(data: bytes, default_type: str, top: bool) -> bytes:
     ctype = info.get_content_type()
     if ctype.startswith("multipart/"):
         boundary = info.get_boundary()
-        converted = _multipart(body, boundary, ctype == "multipart/digest") \
+        converted = _multipart(body, boundary, ctype == "multipart/digest", depth + 1, parts) \
             if boundary else None
         if converted is None:
             return _leaf(head, blank, body, info, add, relabel=True)
         return _labelled(head, blank, converted, info, add)
     if ctype in ("message/rfc822", "message/global"):
-        return _labelled(head, blank, _entity(body, "text/plain", top=True), info, add)
+        inner = _entity(body, "text/plain", True, depth + 1, parts)
+        return _labelled(head, blank, inner, info, add)
+    if ctype in ("message/partial", "message/external-body"):
+        return data  # may not be encoded (RFC 2046 5.2): it goes as it is
     return _leaf(head, blank, body, info, add, relabel=False)
 
 
 def _split(data: bytes) -> tuple[bytes, bytes, bytes]:
-    """Header block (with its last line end), the empty line, and the body."""
-    first = _BLANK.match(data)
-    if first is not None:  # no header fields at all
-        return b"", first.group(), data[first.end():]
-    for m in re.finditer(rb"(\r\n|\n)(\r\n|\n)", data):
-        return data[:m.start(2)], m.group(2), data[m.end():]
+    """Header block (with its last line end), the empty line, and the body.
+
+    As the email package reads it: the block ends at the first empty line,
+    or before the first line that is neither a field nor a continuation
+    (then there is no empty line, and that line begins the body).
+    """
+    at = 0
+    while at < len(data):
+        end = data.find(b"\n", at)
+        end = len(data) if end < 0 else end + 1
+        line = data[at:end]
+        if line in (b"\r\n", b"\n"):
+            return data[:at], line, data[end:]
+        if not _FIELD.match(line) or (at == 0 and line[:1] in (b" ", b"\t")):
+            return data[:at], b"", data[at:]
+        at = end
     return data, b"", b""  # header fields only
 
 
-def _multipart(body: bytes, boundary: str, digest: bool) -> bytes | None:
+def _multipart(body: bytes, boundary: str, digest: bool, depth: int,
+               parts: list[int]) -> bytes | None:
     """Each part converted, every delimiter line kept; None if the boundary never appears."""
-    dash = b"--" + boundary.encode("ascii", "surrogateescape")
+    if not boundary.isascii():
+        raise ValueError("a boundary that is not ASCII")
+    dash = b"--" + boundary.encode("ascii")
     delimiter = re.compile(rb"(?m)^" + re.escape(dash) + rb"(--)?[ \t]*(?:\r\n|\n|\Z)")
     found = list(delimiter.finditer(body))
     if not found:
@@ -110,14 +147,15 @@ def _multipart(body: bytes, boundary: str, digest: bool) -> bytes | None:
         if i + 1 == len(found):
             nl = b""  # no close delimiter: the part runs to the end
         content = part[:len(part) - len(nl)]
-        out.append(_entity(content, "message/rfc822" if digest else "text/plain", top=False))
+        out.append(_entity(content, "message/rfc822" if digest else "text/plain", False,
+                           depth, parts))
         out.append(nl)
     return b"".join(out)
 
 
 def _plain(text: bytes) -> bytes:
     """A preamble or epilogue, shown by no reader: 8-bit octets become "?"."""
-    return text if text.isascii() else bytes(b if b < 128 else 63 for b in text)
+    return text.translate(_QUESTION_MARKS)
 
 
 def _labelled(head: bytes, blank: bytes, body: bytes, info: Message,
@@ -146,13 +184,24 @@ def _leaf(head: bytes, blank: bytes, body: bytes, info: Message, add: list[bytes
     else:
         text, charset = info.get_content_maintype() == "text", info.get_content_charset() or ""
     eight = len(content) - len(content.translate(None, _HIGH))
-    if text and not charset.startswith(_NOT_ASCII_SAFE) and \
-            eight <= QP_MAX_8BIT * max(1, len(content)):
+    encoded = None
+    if text and _ascii_based(charset) and eight <= QP_MAX_8BIT * max(1, len(content)):
         encoded, cte = binascii.b2a_qp(content, istext=True), b"quoted-printable"
-    else:
+        if re.search(rb"=\r?\n--", encoded):
+            encoded = None  # a soft line break could make a boundary line
+    if encoded is None:
         encoded, cte = CRLF.join(_base64_lines(content)), b"base64"
     add = [*add, b"Content-Transfer-Encoding: " + cte]
     return _fields(head, drop, add) + (blank or CRLF) + encoded
+
+
+def _ascii_based(charset: str) -> bool:
+    """Whether the charset keeps ASCII as ASCII (UTF-16 and UTF-32 do not)."""
+    try:
+        name = codecs.lookup(charset).name
+    except (LookupError, ValueError):
+        return not any(w in charset for w in ("16", "32", "ucs", "unicode"))
+    return not name.startswith(("utf-16", "utf-32"))
 
 
 def _encoding(info: Message) -> str:
