@@ -320,8 +320,11 @@ def test_each_entry_of_an_answer_stands_on_its_own():
     line = json.dumps({"messages": [None, {"id": ["x"]}, {"id": "a", "results": "bad"},
                                     {"id": "b", "results": []}, {"id": "b", "results": [1]},
                                     {"id": "c"}]}).encode()
-    assert outbound._outcomes(line) == {"b": {"id": "b", "results": []}, "c": {"id": "c"}}
-    assert outbound._outcomes(b"not json") == outbound._outcomes(b'{"messages": 3}') == {}
+    assert outbound._outcomes(outbound._answer(line)) == {
+        "b": {"id": "b", "results": []}, "c": {"id": "c"}}
+    for bad in (b"not json", b'{"messages": 3}', b"[1]", b'"x"'):
+        assert outbound._outcomes(outbound._answer(bad)) == {}
+        assert outbound._unreachable(outbound._answer(bad)) is None
 
 
 def test_no_relayed_notice_is_made_when_nothing_was_relayed(manager):

@@ -853,14 +853,15 @@ class OutboundManager:
         if entry is None:
             return
         domain, qids = entry
-        why = _unreachable(line)
+        answer = _answer(line)
+        why = _unreachable(answer)
         if why is None:
             self.failing.pop(domain, None)  # a server was there
         else:
             self.failing[domain] = why
             self._judged(domain)
         self._start_ready((domain,))
-        by_id = _outcomes(line)  # a message without one is tried again
+        by_id = _outcomes(answer)  # a message without one is tried again
         items = []
         for qid in qids:
             last = qid not in self.open and not self.recording[qid] and qid not in self.untried
@@ -1141,24 +1142,27 @@ class OutboundManager:
         return None
 
 
-def _unreachable(line: bytes) -> str | None:
-    """Why no server of the task's destination could be reached, if its answer says so."""
+def _answer(line: bytes) -> dict[str, Any]:
+    """A task's answer line, or an empty answer when it is not a JSON object."""
     try:
-        why = json.loads(line).get("unreachable")
-    except (ValueError, AttributeError):
-        return None
+        answer = json.loads(line)
+    except ValueError:
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def _unreachable(answer: dict[str, Any]) -> str | None:
+    """Why no server of the task's destination answered, if its answer says so."""
+    why = answer.get("unreachable")
     return why if isinstance(why, str) and why else None
 
 
-def _outcomes(line: bytes) -> dict[str, dict[str, Any]]:
+def _outcomes(answer: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A task's answer by message; an entry that makes no sense is left out alone.
 
     The first entry of a message counts, should a job name it twice.
     """
-    try:
-        entries = json.loads(line)["messages"]
-    except (ValueError, KeyError, TypeError):
-        return {}
+    entries = answer.get("messages")
     by_id: dict[str, dict[str, Any]] = {}
     for m in entries if isinstance(entries, list) else ():
         if isinstance(m, dict) and isinstance(m.get("id"), str) and isinstance(

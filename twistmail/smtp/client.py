@@ -1007,14 +1007,14 @@ class _Conversation(_Opening):
                 f"5.3.4 Message size {self.job.size} exceeds the limit {limit} of {self.where}"
             ), remote=False)
             return
-        if self.job.body_8bit and not ext.has("8BITMIME"):
-            self.job = await self._downgraded(limit)
         utf8 = self._check_utf8(ext)
         if utf8 is None:
             return
         wanted = [i for i, r in enumerate(self.results) if r is None]
         if not wanted:
             return
+        if self.job.body_8bit and not ext.has("8BITMIME"):
+            self.job = await self._downgraded(limit)
         self.dsn = ext.has("DSN")
         mail = self._mail_command(ext, utf8)
         rcpts = [self._rcpt_command(self.recipients[i], ext) for i in wanted]

@@ -18,8 +18,7 @@ answer says why in ``unreachable``: the bridge then keeps the
 destination's other waiting messages from the same timeouts (see
 ``twistmail.bridge.outbound``).  A server that greeted, even with 421,
 or whose session broke in the middle, is up: that says nothing of the
-kind.  An MX that
-is this host itself is never used (``mx.LocalHost``).
+kind.  An MX that is this host itself is never used (``mx.LocalHost``).
 
 An ``etrn`` task (the scheduled mail transfer with ETRNCLT) names the mail
 router and our domains instead: the job connects to the router, issues
