@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from appliance import base_sections, render_toml
-from test_smtp_client import Behaviour, Sink
+from test_smtp_client import Behaviour, Sink, closed_port
 from twisted.internet import reactor
 from twisted.trial import unittest
 
@@ -26,12 +25,6 @@ from twistmail.interfaces import QTMSOUTQ
 from twistmail.journal import Journal
 from twistmail.queue import Envelope, FileQueue, Recipient
 from twistmail.smtp.delivery import Deliverer
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class AnswerTests(unittest.TestCase):

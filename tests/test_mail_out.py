@@ -287,8 +287,8 @@ def test_one_message_to_several_domains(make_appliance, sink):
     a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 10, "the message settled")
 
 
-def twelve_released_at_once(make_appliance, sink, count=12, **smtp):
-    """Twelve one-recipient messages for remote.test, held, then released together."""
+def released_at_once(make_appliance, sink, count=12, **smtp):
+    """``count`` one-recipient messages for remote.test, held, then released together."""
     a = outbound(make_appliance, sink, **smtp)
     assert a.cli("hlddstq", "--dstq", "QSMTPQ")[0] == 0
     with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
@@ -324,7 +324,7 @@ def test_mail_waiting_for_one_destination_shares_tasks(make_appliance):
 
     sink = FirstRefused(4)
     try:
-        a = twelve_released_at_once(make_appliance, sink)
+        a = released_at_once(make_appliance, sink)
         a.wait_for(lambda: len(sink.messages) == 12, 30, "every message at the next try")
         failed = a.journal("8C")
         assert len(failed) == 12 and sink.connections >= 4
@@ -343,7 +343,7 @@ def test_a_recipient_refused_for_now_holds_back_no_other_message(make_appliance,
     the others of its task go on the same connection."""
     sink.behaviour = Behaviour(rcpt=lambda addr: "450 4.2.0 greylisted, try later"
                                if addr == "r0@remote.test" else "250 2.1.5 ok")
-    a = twelve_released_at_once(make_appliance, sink)
+    a = released_at_once(make_appliance, sink)
     a.wait_for(lambda: len(sink.messages) == 11, 30, "every other message")
     a.wait_for(lambda: a.journal("8C"), 10, "the greylisted one waits")
     assert all("not tried" not in str(e["errors"]) for e in a.journal("8C"))
@@ -356,7 +356,7 @@ def test_mail_for_a_host_that_never_answers_is_not_tried_one_task_after_another(
     the greeting, the rest goes to the retries untried (8U), instead of
     four more tasks waiting out the same timeout."""
     sink.behaviour = Behaviour(greeting=None)
-    a = twelve_released_at_once(make_appliance, sink, 60, clienttimeout=5, rtymin=[2, 1])
+    a = released_at_once(make_appliance, sink, 60, clienttimeout=5, rtymin=[2, 1])
     a.wait_for(lambda: len(a.queue_files("QTMSRTQ1")) == 60, 40, "every message to retry")
     assert sink.connections == 4
     [entry] = a.journal("8U")
@@ -368,7 +368,7 @@ def test_mail_for_a_host_that_never_answers_is_not_tried_one_task_after_another(
 def test_a_session_that_breaks_holds_back_nothing(make_appliance, sink):
     """The server was there: the mail waiting for it is tried as usual."""
     sink.behaviour = Behaviour(drop_after=0)
-    a = twelve_released_at_once(make_appliance, sink, 40, rtymin=[2, 1])
+    a = released_at_once(make_appliance, sink, 40, rtymin=[2, 1])
     a.wait_for(lambda: len(a.queue_files("QTMSRTQ1")) == 40, 40, "every message to retry")
     assert not a.journal("8U") and sink.connections == 5
 
@@ -400,7 +400,7 @@ def test_a_server_that_refuses_connections_over_its_limit_is_not_taken_for_dead(
     """It greets them with 421: it is up, and what waits for it is not held back."""
     sink = OneAtATime()
     try:
-        a = twelve_released_at_once(make_appliance, sink, 40, rtymin=[50, 0])
+        a = released_at_once(make_appliance, sink, 40, rtymin=[50, 0])
         # Its idle kept connection holds the one slot for two seconds, so
         # the mail goes slowly, a task at a time, through 421s.
         a.wait_for(lambda: len(set(m.recipients[0] for m in sink.messages)) >= 16, 60,

@@ -797,7 +797,7 @@ def test_a_task_that_reached_the_destination_clears_the_doubt(manager):
 
 
 def _fill_and_fail(manager, domain="dead.test"):
-    """Fill the connections of ``domain`` with tasks, then have all of them answer unreachable."""
+    """Fill the connections of ``domain`` with tasks; the message ids of each task."""
     manager.reactor = _Inline()
     _waiting(manager, *[domain] * (outbound.CONNECTIONS_PER_DOMAIN * outbound.BATCH))
     manager._start_ready([domain])
