@@ -755,11 +755,15 @@ def test_what_waits_for_a_destination_no_task_could_reach_is_retried_later(manag
     tasks = [_task_ids(t) for t in manager.pool.tasks[:outbound.CONNECTIONS_PER_DOMAIN]]
     for token, ids in enumerate(tasks[:-1], start=1):
         manager._result(token, _unreachable(*ids))
+        manager._start_ready(["dead.test"], note_waiting=True)  # as after a scan
         # The others may still reach it: meanwhile no new task for it.
         assert len(manager.pool.tasks) == outbound.CONNECTIONS_PER_DOMAIN + 1
         assert manager.queue.list(QTMSRTQ1) and len(manager.backlog) == 10
     manager._result(outbound.CONNECTIONS_PER_DOMAIN, _unreachable(*tasks[-1]))
     assert len(manager.pool.tasks) == outbound.CONNECTIONS_PER_DOMAIN + 1
+    # Meanwhile a scan's 86 said why they waited.
+    reasons = {e["reason"] for e in read_entries(manager.journal.directory, ["86"])}
+    assert reasons == {"no server answered the last task; its other tasks decide"}
     assert sorted(manager.queue.list(QTMSRTQ1)) == sorted(qids)
     assert not manager.backlog and "dead.test" not in manager.by_domain
     assert manager.open == {other: {"other.test"}}  # another destination is not held back

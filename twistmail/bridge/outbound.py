@@ -707,8 +707,10 @@ class OutboundManager:
         for domain in domains:
             if domain not in noted:
                 noted.add(domain)
+                reason = "connection matrix full" if domain not in self.failing else \
+                    "no server answered the last task; its other tasks decide"
                 self.journal.write("86", f"86 TOQ {QTMSOUTQ}", qid, domain=domain,
-                                   reason="connection matrix full")
+                                   reason=reason)
         if self.schedule.active:
             self.released.add(qid)  # it goes as soon as a slot is free
 
