@@ -232,9 +232,11 @@ def _base64_lines(data: bytes) -> Iterator[bytes]:
 
 
 def _fields(head: bytes, drop: set[str], add: list[bytes]) -> bytes:
-    """The header block without the fields named in ``drop`` and with ``add`` at its end."""
-    if head and not head.endswith((b"\n", b"\r")):
-        head += CRLF
+    """The header block without the fields named in ``drop`` and with ``add`` at its end.
+
+    ``head`` is empty or ends with a line end (``_split`` cuts it at a line
+    start; a message of header fields only has no 8-bit body to convert).
+    """
     kept = []
     for field in re.split(rb"(?m)^(?![ \t])", head):
         name = field.split(b":", 1)[0].strip().lower().decode("ascii", "replace")
