@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
+import os
 import re
 import shutil
 import socket
@@ -35,6 +36,7 @@ from twisted.trial import unittest
 
 from twistmail.mx import Hop
 from twistmail.smtp.client import (
+    CHUNK_SIZE,
     DELIVERED,
     PERMANENT,
     TEMPORARY,
@@ -534,6 +536,33 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(result.recipients[0].status, DELIVERED)
         self.assertEqual(plain.messages[0].content, data)
         self.assertEqual(plain.commands[1], f"MAIL FROM:<me@here.test> SIZE={len(data)}")
+
+    async def test_a_large_eightbit_body_is_converted_into_a_file_of_its_own(self) -> None:
+        """Larger than a chunk, the 7-bit copy is sent from a file that leaves nothing behind."""
+        from twistmail.smtp.downgrade import to_7bit
+
+        data = (b"MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+                b"Content-Transfer-Encoding: binary\r\n\r\n"
+                + bytes(range(256)) * 1200 + b"\r\n.\r\n")
+        path = self.body(data)
+
+        def open_there() -> list[str]:
+            links = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    links.append(os.readlink(f"/proc/self/fd/{fd}"))
+                except OSError:
+                    pass  # the descriptor of the listing itself
+            return [link for link in links if link.startswith(str(path.parent))]
+
+        plain = self.sink(extensions=("PIPELINING", "SIZE 10000000"))
+        result = await deliver(reactor, [plain.hop()], Envelope("me@here.test", ("a@d.test",)),
+                               path, "client.test", timeout_scale=0.02)
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        # The base64 ends without a line end; DATA gives it one.
+        self.assertEqual(plain.messages[0].content, to_7bit(data) + b"\r\n")
+        self.assertGreater(len(to_7bit(data)), CHUNK_SIZE)
+        self.assertEqual((os.listdir(path.parent), open_there()), (["message"], []))
 
     async def test_an_eightbit_body_without_mime_headers_is_made_mime(self) -> None:
         import email

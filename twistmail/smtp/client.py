@@ -49,6 +49,7 @@ import functools
 import io
 import os
 import re
+import tempfile
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -627,11 +628,9 @@ class _BodyWriter:
     message.
     """
 
-    def __init__(self, session: _Session, path: Path, chunk_size: int, block: float,
-                 body: bytes | None = None) -> None:
+    def __init__(self, session: _Session, job: _Job, chunk_size: int, block: float) -> None:
         self.session = session
-        self.path = path
-        self.body = body
+        self.job = job
         self.chunk_size = chunk_size
         self.block = block
         self.stuffer = DotStuffer()
@@ -642,7 +641,7 @@ class _BodyWriter:
         self.file: Any = None
 
     def run(self) -> defer.Deferred[None]:
-        self.file = io.BytesIO(self.body) if self.body is not None else open(self.path, "rb")
+        self.file = self.job.open_body()
         self.session.body = self
         self._arm()
         self.session.transport.registerProducer(self, True)
@@ -787,6 +786,23 @@ class _Job:
     #: The whole body when it is one chunk or less: the file is read once,
     #: for its size, its 8-bit scan and the DATA, instead of once for each.
     body: bytes | None = None
+    #: A larger body made 7-bit, in a file of its own with no name (it goes
+    #: with the job); None while ``body_path`` (or ``body``) is what is sent.
+    converted: Any = attrs.field(default=None, eq=False)
+
+    def open_body(self) -> Any:
+        """The body to send, from its start, in a file object of its own."""
+        if self.body is not None:
+            return io.BytesIO(self.body)
+        if self.converted is not None:
+            f = os.fdopen(os.dup(self.converted.fileno()), "rb")
+            f.seek(0)
+            return f
+        return open(self.body_path, "rb")
+
+    def read_body(self) -> bytes:
+        with self.open_body() as f:
+            return f.read()
 
     @classmethod
     def build(cls, envelope: Any, path: Path, size: int | None, body_8bit: bool | None) -> _Job:
@@ -1094,8 +1110,7 @@ class _Conversation(_Opening):
                 reply = Reply(451, (f"4.4.2 Unexpected reply to DATA: {reply}",))
             self._settle(accepted, reply)
             return
-        writer = _BodyWriter(self.session, self.job.body_path, self.options.chunk_size,
-                             self.t.data_block, self.job.body)
+        writer = _BodyWriter(self.session, self.job, self.options.chunk_size, self.t.data_block)
         await writer.run()
         self._settle(accepted, await self.session.read("end of data", self.t.data_end))
 
@@ -1104,33 +1119,47 @@ class _Conversation(_Opening):
 
         Also as it was when only the converted copy would exceed the
         server's SIZE: sent as it is, it may well arrive; converted, it
-        would be returned.
+        would be returned.  A converted copy larger than a chunk goes to a
+        file with no name beside the spool file, so a large message is not
+        held in memory while it is sent; it vanishes with the job.
         """
         job = self.job
         reactor = self.session.reactor
 
-        def convert() -> bytes | None:
-            data = job.body if job.body is not None else job.body_path.read_bytes()
-            converted = downgrade.to_7bit(data)
-            return None if converted is data else converted  # 8-bit header fields only
+        def convert() -> _Job | None:
+            pieces = downgrade.to_7bit_pieces(job.read_body())
+            if pieces is None:
+                return None  # 8-bit header fields only
+            size = sum(map(len, pieces))
+            if limit is not None and size > limit:
+                log.warn("{where} does not offer 8BITMIME, and the message made 7-bit would "
+                         "exceed its SIZE {limit}; sending it as it is", where=self.where,
+                         limit=limit)
+                return None
+            # 8-bit header fields, if any, go as they came: body_8bit stays for them.
+            eight = not all(p.isascii() for p in pieces)
+            if size <= CHUNK_SIZE:
+                return attrs.evolve(job, body=b"".join(pieces), converted=None, size=size,
+                                    body_8bit=eight)
+            spill = tempfile.TemporaryFile(dir=job.body_path.parent)
+            try:
+                spill.writelines(pieces)
+                spill.flush()
+            except BaseException:
+                spill.close()
+                raise
+            return attrs.evolve(job, body=None, converted=spill, size=size, body_8bit=eight)
 
         try:
-            body = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), convert)
+            converted = await threads.deferToThreadPool(reactor, reactor.getThreadPool(),
+                                                        convert)
         except defer.CancelledError:
             raise
         except Exception as e:
             log.warn("{where} does not offer 8BITMIME and the message could not be made "
                      "7-bit ({error}); sending it as it is", where=self.where, error=e)
             return job
-        if body is None:
-            return job
-        if limit is not None and len(body) > limit:
-            log.warn("{where} does not offer 8BITMIME, and the message made 7-bit would "
-                     "exceed its SIZE {limit}; sending it as it is", where=self.where,
-                     limit=limit)
-            return job
-        # 8-bit header fields, if any, go as they came: body_8bit stays for them.
-        return attrs.evolve(job, body=body, size=len(body), body_8bit=not body.isascii())
+        return job if converted is None else converted
 
     def _check_utf8(self, ext: Extensions) -> bool | None:
         """Whether SMTPUTF8 is used; None when the originator rules delivery out."""
@@ -1404,6 +1433,8 @@ async def _converse(session: _Session, hop: Hop, job: _Job, options: _Options,
             if not kept:
                 await conversation._quit()
     finally:
+        if conversation.job.converted is not None:
+            conversation.job.converted.close()  # the 7-bit copy made for this server
         if not kept:
             await session.close(options.timeouts.close)
     return outcome, session.peer_ip or hop.address

@@ -43,7 +43,6 @@ from __future__ import annotations
 import binascii
 import codecs
 import re
-from collections.abc import Iterator
 from email import policy
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -68,16 +67,28 @@ def to_7bit(data: bytes) -> bytes:
     ``data`` itself when its body holds no 8-bit octet; ValueError for a
     message it cannot take (see the module docstring).
     """
-    return _entity(data, "text/plain", top=True, depth=0, parts=[0])
+    pieces = to_7bit_pieces(data)
+    return data if pieces is None else b"".join(pieces)
 
 
-def _entity(data: bytes, default_type: str, top: bool, depth: int, parts: list[int]) -> bytes:
+def to_7bit_pieces(data: bytes) -> list[bytes] | None:
+    """The converted message as pieces to write one after the other; None if unchanged.
+
+    Pieces, not one string: a large message is then never copied whole
+    once more to join it, and its base64 lines are not each an object.
+    """
+    pieces = _entity(data, "text/plain", top=True, depth=0, parts=[0])
+    return None if len(pieces) == 1 and pieces[0] is data else pieces
+
+
+def _entity(data: bytes, default_type: str, top: bool, depth: int,
+            parts: list[int]) -> list[bytes]:
     parts[0] += 1
     if depth > MAX_DEPTH or parts[0] > MAX_PARTS:
         raise ValueError(f"more than {MAX_DEPTH} levels or {MAX_PARTS} parts")
     head, blank, body = _split(data)
     if body.isascii():
-        return data
+        return [data]
     if re.search(rb"\r(?!\n)", head):
         raise ValueError("a bare CR in a header block")
     info = BytesHeaderParser(policy=policy.compat32).parsebytes(head)
@@ -100,7 +111,7 @@ def _entity(data: bytes, default_type: str, top: bool, depth: int, parts: list[i
         inner = _entity(body, "text/plain", True, depth + 1, parts)
         return _labelled(head, blank, inner, info, add)
     if ctype in ("message/partial", "message/external-body"):
-        return data  # may not be encoded (RFC 2046 5.2): it goes as it is
+        return [data]  # may not be encoded (RFC 2046 5.2): it goes as it is
     return _leaf(head, blank, body, info, add, relabel=False)
 
 
@@ -125,7 +136,7 @@ def _split(data: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 def _multipart(body: bytes, boundary: str, digest: bool, depth: int,
-               parts: list[int]) -> bytes | None:
+               parts: list[int]) -> list[bytes] | None:
     """Each part converted, every delimiter line kept; None if the boundary never appears."""
     if not boundary.isascii():
         raise ValueError("a boundary that is not ASCII")
@@ -139,7 +150,7 @@ def _multipart(body: bytes, boundary: str, digest: bool, depth: int,
         out.append(body[m.start():m.end()])
         if m.group(1):  # the close delimiter: the epilogue follows
             out.append(_plain(body[m.end():]))
-            return b"".join(out)
+            return out
         end = found[i + 1].start() if i + 1 < len(found) else len(body)
         part = body[m.end():end]
         # The line end before the next delimiter belongs to that delimiter.
@@ -147,10 +158,10 @@ def _multipart(body: bytes, boundary: str, digest: bool, depth: int,
         if i + 1 == len(found):
             nl = b""  # no close delimiter: the part runs to the end
         content = part[:len(part) - len(nl)]
-        out.append(_entity(content, "message/rfc822" if digest else "text/plain", False,
+        out.extend(_entity(content, "message/rfc822" if digest else "text/plain", False,
                            depth, parts))
         out.append(nl)
-    return b"".join(out)
+    return out
 
 
 def _plain(text: bytes) -> bytes:
@@ -158,18 +169,18 @@ def _plain(text: bytes) -> bytes:
     return text.translate(_QUESTION_MARKS)
 
 
-def _labelled(head: bytes, blank: bytes, body: bytes, info: Message,
-              add: list[bytes]) -> bytes:
+def _labelled(head: bytes, blank: bytes, body: list[bytes], info: Message,
+              add: list[bytes]) -> list[bytes]:
     """A composite entity with its converted body; labelled 7bit once nothing 8-bit is left."""
     drop = set()
-    if _encoding(info) in ("8bit", "binary") and body.isascii():
+    if _encoding(info) in ("8bit", "binary") and all(p.isascii() for p in body):
         drop.add("content-transfer-encoding")
         add = [*add, b"Content-Transfer-Encoding: 7bit"]
-    return _fields(head, drop, add) + (blank or CRLF) + body
+    return [_fields(head, drop, add), blank or CRLF, *body]
 
 
 def _leaf(head: bytes, blank: bytes, body: bytes, info: Message, add: list[bytes],
-          relabel: bool) -> bytes:
+          relabel: bool) -> list[bytes]:
     """One part's body, 8-bit, in quoted-printable or base64.
 
     ``relabel``: its type cannot stand (no MIME header fields, or a
@@ -183,16 +194,23 @@ def _leaf(head: bytes, blank: bytes, body: bytes, info: Message, add: list[bytes
         text, charset = True, "unknown-8bit"
     else:
         text, charset = info.get_content_maintype() == "text", info.get_content_charset() or ""
-    eight = len(content) - len(content.translate(None, _HIGH))
     encoded = None
-    if text and _ascii_based(charset) and eight <= QP_MAX_8BIT * max(1, len(content)):
-        encoded, cte = binascii.b2a_qp(content, istext=True), b"quoted-printable"
-        if re.search(rb"=\r?\n--", encoded):
-            encoded = None  # a soft line break could make a boundary line
+    if text and _ascii_based(charset) and _count_8bit(content) <= QP_MAX_8BIT * max(
+            1, len(content)):
+        qp = binascii.b2a_qp(content, istext=True)
+        if not re.search(rb"=\r?\n--", qp):  # a soft line break could make a boundary line
+            encoded, cte = [qp], b"quoted-printable"
     if encoded is None:
-        encoded, cte = CRLF.join(_base64_lines(content)), b"base64"
+        encoded, cte = _base64(content), b"base64"
     add = [*add, b"Content-Transfer-Encoding: " + cte]
-    return _fields(head, drop, add) + (blank or CRLF) + encoded
+    return [_fields(head, drop, add), blank or CRLF, *encoded]
+
+
+def _count_8bit(content: bytes) -> int:
+    """How many octets of ``content`` are 8-bit, a megabyte at a time (no copy of it all)."""
+    step = 1 << 20
+    return sum(len(c) - len(c.translate(None, _HIGH))
+               for c in (content[i:i + step] for i in range(0, len(content), step)))
 
 
 def _ascii_based(charset: str) -> bool:
@@ -226,9 +244,14 @@ def _decoded(body: bytes, encoding: str) -> bytes:
     return body
 
 
-def _base64_lines(data: bytes) -> Iterator[bytes]:
-    for i in range(0, len(data), 57):
-        yield binascii.b2a_base64(data[i:i + 57], newline=False)
+def _base64(data: bytes) -> list[bytes]:
+    """``data`` in base64 lines of 76 characters, CRLF between them, in pieces of 1024 lines."""
+    step = 57 * 1024  # 57 octets make one line
+    out = []
+    for i in range(0, len(data), step):
+        code = binascii.b2a_base64(data[i:i + step], newline=False)
+        out += (CRLF.join(code[j:j + 76] for j in range(0, len(code), 76)), CRLF)
+    return out[:-1]  # no line end after the last line
 
 
 def _fields(head: bytes, drop: set[str], add: list[bytes]) -> bytes:
