@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,16 @@ def stopped(make_appliance) -> Appliance:
         (["nosuchcommand"], "nosuchcommand"),
         (["cl", "CHGPJE PGM(QTCP/QTMSSRCP) MAXJOBS(0)"], "--maxjobs"),
         (["cl", "CHGPJE SBSD(QSYS/QINTER) PGM(QTCP/QTMSSRCP) MAXJOBS(5)"], "QSYSWRK"),
+        # The shape of the arguments: each mistake named with its command.
+        (["chgpje", "--pgm", "QTMSSRCP", "--maxjobs", "30", "--maxjobs", "40"],
+         "twistmail chgpje: --maxjobs: given twice"),
+        (["chgsmtpa", "--rblsvr", "a.test", "--rblsvr", "b.test"], "a list goes in one value"),
+        (["chgsmtpa", "--rtymin", "5"], "twistmail chgsmtpa: --rtymin: takes 2 values; allowed:"),
+        (["chgpje", "--pgm", "QTMSSRCP", "--bogus", "1"],
+         "--bogus: no such option; allowed: --adljobs, --help, --inljobs, --maxjobs,"),
+        (["adddire", "--usrid", "ABC", "--usrd", "x"],
+         "--usrid: takes 2 values, got the option --usrd instead; allowed: User ID"),
+        (["dcm", "list", "--bogus"], "twistmail dcm list: --bogus: no such option"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(stopped, args, needle):
@@ -125,6 +136,25 @@ def test_text_that_is_not_utf8_is_named_in_one_line(stopped, args, stdin, needle
     assert r.returncode == 2 and len(err.strip().splitlines()) == 1, err
     assert needle in err and "Traceback" not in err
     assert "p\\udce9" not in err  # a password is never echoed
+
+
+def test_a_closed_standard_input_is_named_in_one_line(stopped):
+    """Under cron or a service manager descriptor 0 may be closed: '-' cannot read it."""
+    r = subprocess.run([TWISTMAIL, "--config", str(stopped.config), "crtusrprf", "--usrprf",
+                        "BOB", "--password", "-"], stdin=subprocess.DEVNULL, capture_output=True,
+                       text=True, timeout=60, preexec_fn=lambda: os.close(0))
+    assert r.returncode == 2, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("twistmail crtusrprf: --password: '-' reads standard input, which "
+                           "is closed")
+
+
+def test_a_group_alone_shows_its_help(tmp_path):
+    for args in ([], ["dcm"]):
+        r = subprocess.run([TWISTMAIL, *args], capture_output=True, text=True, timeout=60,
+                           cwd=tmp_path)
+        assert r.returncode == 2 and r.stdout.startswith("Usage: twistmail"), args
+        assert "Commands:" in r.stdout and len(r.stdout.splitlines()) > 5 and not r.stderr
 
 
 def test_a_file_that_is_not_toml_is_named_once_with_the_place(tmp_path):

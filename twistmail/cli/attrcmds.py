@@ -14,7 +14,15 @@ import attrs
 import click
 
 from twistmail import config as configmod
-from twistmail.cli.base import Failure, app, cli, refused_change, usage_error, value_of
+from twistmail.cli.base import (
+    Command,
+    Failure,
+    app,
+    cli,
+    refused_change,
+    usage_error,
+    value_of,
+)
 from twistmail.cli.output import emit_record
 from twistmail.cli.poolcmds import apply_live
 from twistmail.settingtypes import IntPair, SettingError
@@ -69,13 +77,13 @@ def _make(chg: str, dsp: str, section: str, cls: type, what: str, ibm: str) -> N
         _change(section, cls, what, values)
 
     change.__doc__ = f"Change {what} ({ibm}); applies to the running daemon at once."
-    cli.add_command(click.Command(chg, callback=change, params=_options(cls),
+    cli.add_command(Command(chg, callback=change, params=_options(cls),
                                   help=change.__doc__))
 
     def display(as_json: bool) -> None:
         _display(getattr(app().settings, section), as_json)
 
-    cli.add_command(click.Command(
+    cli.add_command(Command(
         dsp, callback=display, help=f"Display {what} (DSP{ibm[3:]}).",
         params=[click.Option(["--json", "as_json"], is_flag=True)],
     ))

@@ -75,7 +75,63 @@ class AppContext:
             return ControlClient(where)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: ``Context.meta`` key: the arguments are a translation of CL text.
+FROM_CL = "twistmail.from_cl"
+
+
+class Command(click.Command):
+    """A command whose mistakes in the shape of its arguments are named, too.
+
+    Click's parser leaves its errors without the command they came from,
+    keeps the last of an option given twice, and takes the next option for
+    a missing value; each of those is a one-line mistake here.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            if not ctx.meta.get(FROM_CL):  # CL text is checked in its own terms
+                _check_shape(self.get_params(ctx), args)
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if e.ctx is None:
+                e.ctx = ctx
+            raise
+
+
+class Group(Command, click.Group):
+    command_class = Command
+    group_class = type  # subgroups (dcm) are Groups too
+
+
+def _check_shape(params: list[click.Parameter], args: list[str]) -> None:
+    """An option given twice, or another option where its value should be: a usage error."""
+    options = {name: p for p in params if isinstance(p, click.Option)
+               for name in (*p.opts, *p.secondary_opts)}
+    seen: set[str] = set()
+    at = 0
+    while at < len(args) and args[at] != "--":
+        name, eq, _ = args[at].partition("=") if args[at].startswith("--") else (args[at], "", "")
+        at += 1
+        param = options.get(name)
+        if param is None:
+            continue
+        if not param.is_flag and not param.count and not eq:
+            for value in args[at: at + param.nargs]:
+                if value in options:
+                    many = f"{param.nargs} values" if param.nargs > 1 else "a value"
+                    usage_error(f"{name}: takes {many}, got the option {value} instead; "
+                                f"allowed: {param.help or param.name}")
+            at += param.nargs
+        if param.multiple or param.count:
+            continue
+        if param.name in seen:
+            hint = "; a list goes in one value, e.g. 'a b'" if "list" in (param.help or "") \
+                else ""
+            usage_error(f"{name}: given twice; give it once{hint}")
+        seen.add(param.name or name)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -105,11 +161,18 @@ def value_of(option: str, vtype: Any, raw: Any) -> Any:
 
 def stdin_text(option: str, whole: bool = False) -> str:
     """What ``OPTION -`` reads: one line (a password) or everything, as UTF-8."""
+    if sys.stdin is None:  # descriptor 0 closed, as under some schedulers
+        usage_error(f"{option}: '-' reads standard input, which is closed; "
+                    "allowed: the value itself, or '-' with the value on standard input")
     stream = getattr(sys.stdin, "buffer", None)
-    if stream is None:  # a text stream put in its place
-        text = sys.stdin.read() if whole else sys.stdin.readline()
-        return text if whole else text.rstrip("\r\n")
-    data = stream.read() if whole else stream.readline()
+    try:
+        if stream is None:  # a text stream put in its place
+            text = sys.stdin.read() if whole else sys.stdin.readline()
+            return text if whole else text.rstrip("\r\n")
+        data = stream.read() if whole else stream.readline()
+    except (OSError, ValueError) as e:  # unreadable, or a closed file object
+        usage_error(f"{option}: '-' could not read standard input ({e}); "
+                    "allowed: the value itself, or '-' with the value on standard input")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -233,6 +296,22 @@ def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
         rv = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
+    except click.exceptions.NoArgsIsHelpError as e:  # a group with no command: its help
+        click.echo(e.ctx.get_help())
+        return EXIT_USAGE
+    except click.NoSuchOption as e:
+        name = e.ctx.command_path if e.ctx is not None else prog_name
+        click.echo(f"{name}: {e.option_name}: no such option{_known_options(e)}", err=True)
+        return EXIT_USAGE
+    except click.BadOptionUsage as e:
+        name = e.ctx.command_path if e.ctx is not None else prog_name
+        param = _option(e.ctx, e.option_name)
+        if param is not None and param.nargs > 1:
+            message = f"{e.option_name}: takes {param.nargs} values; allowed: {param.help}"
+        else:
+            message = _one_line(e.format_message())
+        click.echo(f"{name}: {message}", err=True)
+        return EXIT_USAGE
     except click.MissingParameter as e:  # as other mistakes: the option, what is allowed
         name = e.ctx.command_path if e.ctx is not None else prog_name
         param = e.param
@@ -259,6 +338,25 @@ def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
         click.echo(f"{prog_name}: {e.strerror or e}{where}", err=True)
         return EXIT_FAILED
     return rv if isinstance(rv, int) else 0
+
+
+def _option(ctx: click.Context | None, name: str) -> click.Option | None:
+    if ctx is None:
+        return None
+    for param in ctx.command.get_params(ctx):
+        if isinstance(param, click.Option) and name in (*param.opts, *param.secondary_opts):
+            return param
+    return None
+
+
+def _known_options(e: click.NoSuchOption) -> str:
+    """What might have been meant, and what the command takes."""
+    close = f"; did you mean {', '.join(sorted(e.possibilities))}?" if e.possibilities else ""
+    if e.ctx is None:
+        return close
+    names = sorted(max(p.opts, key=len) for p in e.ctx.command.get_params(e.ctx)
+                   if isinstance(p, click.Option))
+    return f"{close}; allowed: {', '.join(names)}"
 
 
 def _one_line(text: str) -> str:

@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from twistmail.cli import clparse
-from twistmail.cli.base import cli
+from twistmail.cli.base import FROM_CL, cli
 
 
 @cli.command("cl")
@@ -104,5 +104,6 @@ def _group_args(group_ctx: click.Context) -> list[str]:
 
 def _invoke(group_ctx: click.Context, sub: click.Command, args: list[str]) -> Any:
     """Run ``sub`` as the group would: same settings object, same exit status."""
+    group_ctx.meta[FROM_CL] = True  # a CL value may be any text, "--text" too
     with sub.make_context(args[0], args[1:], parent=group_ctx) as sub_ctx:
         return sub.invoke(sub_ctx)
