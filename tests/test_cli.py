@@ -36,6 +36,8 @@ def stopped(make_appliance) -> Appliance:
         (["chgsmtpa", "--mailrouter", "host:"], "--mailrouter: 'host:'"),
         (["chgpje", "--pgm", "QTMSSRCP"], "give at least one of"),
         (["endpj", "--pgm", "QTMSSRCP", "--option", "*NOW"], "*CNTRLD, *IMMED"),
+        (["chgpje", "--pgm", "QTMSCCLCP", "--strjobs", "*NO"],
+         "--strjobs: '*NO' is not allowed; allowed: *YES (the SMTP client jobs start with"),
         (["endpj", "--pgm", "QTMSSRCP", "--delay", "0"], "--delay"),
         (["strtcpsvr", "--server", "*FTP"], "*SMTP, *POP, *ALL"),
         (["dspactpj"], "--pgm"),

@@ -130,12 +130,16 @@ def required_words(vtype: Any) -> list[str]:
     return []
 
 
+#: Settings whose cross-field check allows fewer values than their type.
+NARROWED = {"prestart.QTMSCCLCP.strjobs": ['"*YES"']}
+
+
 @pytest.mark.parametrize(("key", "vtype", "default"), [(k, t, d) for k, t, _, d in ALL], ids=KEYS)
 def test_etc_documents_each_setting(key: str, vtype: Any, default: Any) -> None:
     block = comment_of(key)
     assert len(block) >= 4, "meaning, Allowed, Default and IBM i lines"
     allowed = re.findall(r'"[^"]*"|\d+', labelled(block, "Allowed:"))
-    for word in required_words(vtype):
+    for word in NARROWED.get(key, required_words(vtype)):
         assert word in allowed
     assert labelled(block, "Default:").startswith(toml(vtype.dump(default)))
     assert labelled(block, "IBM i:")
