@@ -33,6 +33,9 @@ def stopped(make_appliance) -> Appliance:
          "--maxjobs: then INLJOBS 2 is not allowed; allowed for INLJOBS: 1-1"),
         (["chgpopa", "--nbrsvr", "20"], "--nbrsvr: then INLJOBS 20 is not allowed; allowed for"),
         (["chgsmtpa", "--nameservers", "not a host"], "--nameservers: 'not a host'"),
+        (["chgsmtpa", "--popwdw", "*NONE"], "--popwdw: '*NONE' is not allowed; allowed: 0 or "
+         "15-65535"),
+        (["chgpje", "--pgm", "QTMSSRCP", "--maxjobs", "\uff13\uff10"], "allowed: 1-32000"),
         (["chgsmtpa", "--mailrouter", "host:"], "--mailrouter: 'host:'"),
         (["chgpje", "--pgm", "QTMSSRCP"], "give at least one of"),
         (["endpj", "--pgm", "QTMSSRCP", "--option", "*NOW"], "*CNTRLD, *IMMED"),

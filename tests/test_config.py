@@ -124,7 +124,8 @@ def required_words(vtype: Any) -> list[str]:
     if isinstance(vtype, Choice):
         return [f'"{v}"' for v in vtype.values]
     if isinstance(vtype, Int):
-        return [str(vtype.lo), str(vtype.hi), *(f'"{w}"' for w, _ in vtype.specials)]
+        return [str(vtype.lo), str(vtype.hi), *(f'"{w}"' for w, _ in vtype.specials),
+                *map(str, vtype.also)]
     if isinstance(vtype, IntPair):
         return required_words(vtype.first) + required_words(vtype.second)
     return []

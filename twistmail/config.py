@@ -173,7 +173,7 @@ class SmtpSettings:
     alwrly: str = setting(
         Choice(("*ALL", "*NONE", "*NEAR", "*LIST", "*BOTH", "*POPWDW")), "*NONE", "relay policy"
     )
-    popwdw: int = setting(Int(0, 65535), 0, "POP-before-SMTP window, minutes (0 or 15-65535)")
+    popwdw: int = setting(Int(15, 65535, also=(0,)), 0, "POP-before-SMTP window, minutes")
     alwauth: str = setting(Choice(("*NONE", "*LCLRLY", "*RELAY")), "*RELAY", "when AUTH needed")
     authmech: tuple[str, ...] = setting(
         TextList("*PLAIN, *LOGIN"), ("*PLAIN", "*LOGIN"), "AUTH mechanisms offered"
@@ -203,8 +203,6 @@ class SmtpSettings:
     inacttimo: int = setting(Int(10, 65535), 300, "idle session timeout, seconds")
 
     def check(self) -> None:
-        if self.popwdw and self.popwdw < 15:
-            raise SettingError("smtp.popwdw", self.popwdw, "0 or 15-65535")
         if self.rtyday[0] and self.rtyhour[0]:
             raise SettingError(
                 "smtp.rtyhour", list(self.rtyhour), "[0, 0] while rtyday is set (only one of them)"

@@ -9,6 +9,7 @@ Special values are spelled as IBM i spells them ("*YES", "*NOMAX").
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 import attrs
@@ -65,34 +66,38 @@ class Choice:
         return value
 
 
+_DIGITS = re.compile(r"[+-]?[0-9]+")
+
+
 @attrs.frozen
 class Int:
     """A whole number in a range, or one of a few special words.
 
-    A special word maps to a Python value (``*NOMAX`` to ``None``).
+    A special word maps to a Python value (``*NOMAX`` to ``None``); ``also``
+    are numbers allowed outside the range (POPWDW: 0 or 15-65535).
     """
 
     lo: int
     hi: int
     specials: tuple[tuple[str, Any], ...] = ()
+    also: tuple[int, ...] = ()
 
     @property
     def allowed(self) -> str:
         words = [w for w, _ in self.specials]
-        return ", ".join([f"{self.lo}-{self.hi}", *words])
+        return " or ".join([*map(str, self.also), ", ".join([f"{self.lo}-{self.hi}", *words])])
 
     def parse(self, raw: Any) -> Any:
         if isinstance(raw, str):
             for word, value in self.specials:
                 if raw.strip().upper() == word:
                     return value
-            try:
-                raw = int(raw.strip(), 10)
-            except ValueError:
-                raise _Invalid from None
+            if not _DIGITS.fullmatch(raw.strip()):  # int() also takes "３０" and "1_000"
+                raise _Invalid
+            raw = int(raw.strip(), 10)
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise _Invalid
-        if not self.lo <= raw <= self.hi:
+        if not (self.lo <= raw <= self.hi or raw in self.also):
             raise _Invalid
         return raw
 
