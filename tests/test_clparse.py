@@ -494,3 +494,24 @@ def test_real_cl_show_chgpje(capsys: pytest.CaptureFixture[str]) -> None:
 def test_deep_parentheses_are_a_mistake_not_a_crash() -> None:
     with pytest.raises(ClError, match="nested more than"):
         parse("CHGPJE PGM(QTMSSRCP) MAXJOBS(" + "(" * 3000 + "1" + ")" * 3001)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("RMVDIRE (CLUSR2 HQ)", "rmvdire --usrid CLUSR2 HQ"),
+        ("DLTJRNRCV QZMF.000003", "dltjrnrcv --jrnrcv QZMF.000003"),
+        ("WRKQ QTMSRTQ1", "wrkq --queue QTMSRTQ1"),
+        ("WRKSMTPLE *FTRTYPE", "wrksmtple --type '*FTRTYPE'"),
+        ("STRTCPSVR SERVER(*POP *SMTP)", "strtcpsvr --server '*POP' --server '*SMTP'"),
+        ("DSPJRN JRN(QZMF) CODE(9T B2)", "dspjrn --jrn QZMF --code '9T B2'"),
+        ("CHGJRN JRN(QZMF) JRNRCV(*GEN)", "chgjrn --jrn QZMF --jrnrcv '*GEN'"),
+        ("DSPJRN OUTPUT(*OUTFILE) OUTFILE('/tmp/j.csv')",
+         "dspjrn --output '*OUTFILE' --outfile /tmp/j.csv"),
+    ],
+)
+def test_ibm_forms_of_the_commands(capsys: pytest.CaptureFixture[str], text: str,
+                                   shown: str) -> None:
+    """Positional values, CL lists and keywords as IBM i documents them."""
+    assert base.run(["cl", "--show", text]) == 0
+    assert capsys.readouterr().out == f"twistmail {shown}\n"

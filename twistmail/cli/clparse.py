@@ -38,6 +38,11 @@ POSITIONAL: dict[str, tuple[str, ...]] = {
     "DSPJRN": ("JRN",),
     "CHGJRN": ("JRN",),
     "ADDDIRE": ("USRID", "USRD"),
+    "CHGDIRE": ("USRID",),
+    "RMVDIRE": ("USRID",),
+    "DLTJRNRCV": ("JRNRCV",),
+    "WRKQ": ("QUEUE",),
+    "WRKSMTPLE": ("TYPE",),
     "CRTUSRPRF": ("USRPRF", "PASSWORD"),
     "CHGUSRPRF": ("USRPRF", "PASSWORD"),
     "DLTUSRPRF": ("USRPRF",),
@@ -62,12 +67,14 @@ QUALIFIED_LIBS: dict[str, tuple[str, ...]] = {
 }
 """Keywords that name IBM i objects, with the libraries where twistmail has them."""
 
-JOINED = frozenset({"TOUSRID", "TOINTNET", "DSTID", "AUTHMECH", "RBLSVR", "NAMESERVERS"})
+JOINED = frozenset({"TOUSRID", "TOINTNET", "DSTID", "AUTHMECH", "RBLSVR", "NAMESERVERS",
+                    "CODE"})
 """List keywords whose elements the click option takes as one blank-separated string.
 
 ``TOUSRID((SAM SYSTEM *CC))`` is ``--tousrid 'SAM SYSTEM *CC'``, one option
 per list entry; a DSTID typed without quotes is its three words;
-``AUTHMECH(*PLAIN *LOGIN)`` is ``--authmech '*PLAIN *LOGIN'``.
+``AUTHMECH(*PLAIN *LOGIN)`` is ``--authmech '*PLAIN *LOGIN'``, ``CODE(9T B2)``
+``--code '9T B2'``.
 """
 
 SUBSYSTEM = "QSYSWRK"

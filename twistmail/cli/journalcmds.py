@@ -20,8 +20,9 @@ from typing import Any
 import click
 
 from twistmail import journal
-from twistmail.cli.base import Failure, app, cli, usage_error
+from twistmail.cli.base import Failure, app, cli, usage_error, value_of
 from twistmail.cli.output import emit_table
+from twistmail.settingtypes import Choice
 
 COLUMNS = (
     ("seq", "seq"),
@@ -32,6 +33,8 @@ COLUMNS = (
     ("esd", "esd"),
 )
 CSV_COLUMNS = ("seq", "ts", "code", "job", "msgid", "esd")
+OUTPUT = Choice(("*", "*OUTFILE"))
+GENERATED = Choice(("*GEN",))
 
 
 def _journal_option(f: Any) -> Any:
@@ -58,7 +61,9 @@ def _codes(text: str | None) -> list[str] | None:
     if text is None:
         return None
     try:
-        return journal.check_code_patterns(text.split(","), known=journal.CODES)
+        # Commas, or blanks as in a CL list; an empty item between commas is named.
+        patterns = [p for part in text.split(",") for p in part.split() or [part]]
+        return journal.check_code_patterns(patterns, known=journal.CODES)
     except ValueError as e:
         usage_error(f"--code: {e}")
 
@@ -128,6 +133,8 @@ def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
 @click.option("--to", "to_text", metavar="T", help="Up to this time (ISO 8601 or -10m, -2h).")
 @click.option("--json", "as_json", is_flag=True, help="JSON (JSON lines with --follow).")
 @click.option("--outfile", metavar="F.csv", help="Write the entries to a CSV file.")
+@click.option("--output", default="*", show_default=True,
+              help="* (shown) or *OUTFILE (written to --outfile), as DSPJRN OUTPUT.")
 def dspjrn(
     jrn: str,
     follow: bool,
@@ -137,9 +144,13 @@ def dspjrn(
     to_text: str | None,
     as_json: bool,
     outfile: str | None,
+    output: str,
 ) -> None:
     """Display the QZMF journal (DSPJRN JRN(QZMF)); works with the daemon down."""
     _check_jrn(jrn)
+    output = value_of("--output", OUTPUT, output)
+    if output == "*OUTFILE" and outfile is None:
+        usage_error("--output: *OUTFILE needs --outfile; allowed: *, or *OUTFILE with --outfile")
     codes = _codes(code_text)
     since = _time("--from", from_text)
     until = _time("--to", to_text, end_of_day=True)
@@ -163,9 +174,12 @@ def dspjrn(
 
 @cli.command("chgjrn")
 @_journal_option
-def chgjrn(jrn: str) -> None:
+@click.option("--jrnrcv", default="*GEN", show_default=True,
+              help="*GEN: the next receiver, named by the system.")
+def chgjrn(jrn: str, jrnrcv: str) -> None:
     """Attach a new journal receiver (CHGJRN JRNRCV(*GEN)) and print its name."""
     _check_jrn(jrn)
+    value_of("--jrnrcv", GENERATED, jrnrcv)
     directory = _directory()
     jr = journal.Journal.from_settings(app().settings, f"CHGJRN/{os.getpid()}")
     try:

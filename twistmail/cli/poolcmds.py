@@ -153,20 +153,33 @@ def endpj(pgm: str, option: str, delay: str) -> None:
     click.echo(call("endpj", pgm=_pgm(pgm), option=opt, delay=secs))
 
 
+_server_option = click.option(
+    "--server", "servers", multiple=True,
+    help="*SMTP, *POP or *ALL (the default); repeat it for both servers")
+
+
+def _servers(servers: tuple[str, ...]) -> list[str]:
+    """The servers named (each once, in order), or *ALL."""
+    named = [value_of("--server", SERVER_TYPE, s) for s in servers] or ["*ALL"]
+    return ["*ALL"] if "*ALL" in named else list(dict.fromkeys(named))
+
+
 @cli.command()
-@click.option("--server", default="*ALL", show_default=True, help="*SMTP, *POP or *ALL")
-def strtcpsvr(server: str) -> None:
+@_server_option
+def strtcpsvr(servers: tuple[str, ...]) -> None:
     """Start TCP/IP servers in the running daemon (STRTCPSVR)."""
-    for line in call("strtcpsvr", server=value_of("--server", SERVER_TYPE, server)):
-        click.echo(line)
+    for server in _servers(servers):
+        for line in call("strtcpsvr", server=server):
+            click.echo(line)
 
 
 @cli.command()
-@click.option("--server", default="*ALL", show_default=True, help="*SMTP, *POP or *ALL")
-def endtcpsvr(server: str) -> None:
+@_server_option
+def endtcpsvr(servers: tuple[str, ...]) -> None:
     """End TCP/IP servers in the running daemon (ENDTCPSVR): connections drop at once."""
-    for line in call("endtcpsvr", server=value_of("--server", SERVER_TYPE, server)):
-        click.echo(line)
+    for server in _servers(servers):
+        for line in call("endtcpsvr", server=server):
+            click.echo(line)
 
 
 @cli.command()
