@@ -186,3 +186,25 @@ def test_the_mail_commands_name_their_options_in_a_refusal(tmp_path):
                         "a@example.test", "--to", "b@example.test"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("twistmail sndmail: --file: 'rel.mime'")
+
+
+def test_same_and_dft_as_ibm_i_takes_them(stopped):
+    """*SAME keeps a value (or one element of a pair), *DFT restores the shipped one."""
+    def rtymin() -> str:
+        rc, out, err = stopped.cli("dspsmtpa", "--json")
+        return json.loads(out)["rtymin"]
+
+    assert stopped.cli("cl", "CHGSMTPA RTYMIN(5 10)")[0] == 0 and rtymin() == [5, 10]
+    assert stopped.cli("cl", "CHGSMTPA RTYMIN(*SAME 25)")[0] == 0 and rtymin() == [5, 25]
+    assert stopped.cli("chgsmtpa", "--rtymin", "7", "*DFT")[0] == 0 and rtymin() == [7, 30]
+    assert stopped.cli("cl", "CHGSMTPA RTYMIN(*DFT)")[0] == 0 and rtymin() == [3, 30]
+    assert json.loads(stopped.cli("dsppopa", "--json")[1])["nbrsvr"] == 1
+    assert stopped.cli("cl", "CHGPOPA NBRSVR(*DFT)")[0] == 0
+    assert json.loads(stopped.cli("dsppopa", "--json")[1])["nbrsvr"] == 3
+    # A CL command whose every value is *SAME is complete and does nothing.
+    before = stopped.config.read_text()
+    for text in ("CHGPJE SBSD(QSYSWRK) PGM(QTMSSRCP) MAXJOBS(*SAME) WAIT(*SAME)",
+                 "CHGSMTPA RTYMIN(*SAME)", "CHGDSTA KEEPRCP(*SAME)"):
+        rc, out, err = stopped.cli("cl", text)
+        assert (rc, out, err) == (0, "nothing changed: every value is *SAME\n", ""), text
+    assert stopped.config.read_text() == before

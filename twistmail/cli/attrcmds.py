@@ -19,8 +19,8 @@ from twistmail.cli.base import (
     Failure,
     app,
     cli,
+    nothing_to_change,
     refused_change,
-    usage_error,
     value_of,
 )
 from twistmail.cli.output import emit_record
@@ -33,8 +33,9 @@ def _options(cls: type) -> list[click.Option]:
     for f in attrs.fields(cls):
         vtype = f.metadata["type"]
         nargs = 2 if isinstance(vtype, IntPair) else 1
+        same = " (each may be *SAME or *DFT)" if nargs == 2 else ", *DFT"
         out.append(click.Option([f"--{f.name}"], nargs=nargs, default=None,
-                                help=f"{f.metadata['doc']}; {vtype.allowed}"))
+                                help=f"{f.metadata['doc']}; {vtype.allowed}{same}"))
     return out
 
 
@@ -45,13 +46,24 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
     for name, raw in values.items():
         if raw is None:
             continue
-        text = " ".join(raw) if isinstance(raw, tuple) else raw
-        if text.strip().upper() == "*SAME":
+        words = [w.strip().upper() for w in (raw if isinstance(raw, tuple) else (raw,))]
+        if all(w == "*SAME" for w in words):
             continue
+        default = attrs.fields_dict(cls)[name].default
+        if all(w == "*DFT" for w in words):
+            changes[f"{section}.{name}"] = default
+            continue
+        if isinstance(raw, tuple) and {"*SAME", "*DFT"} & set(words):
+            # An element of a pair (RTYMIN's count or minutes) kept or reset alone.
+            current = getattr(getattr(app().settings, section), name)
+            raw = tuple(str(current[i]) if w == "*SAME" else str(default[i]) if w == "*DFT"
+                        else raw[i] for i, w in enumerate(words))
+        text = " ".join(raw) if isinstance(raw, tuple) else raw
         vtype = configmod.field_type(cls, name)
         changes[f"{section}.{name}"] = value_of(f"--{name}", vtype, text)
     if not changes:
-        usage_error(f"give at least one attribute to change; see --help for the {what} keywords")
+        nothing_to_change(f"give at least one attribute to change; see --help for the {what} "
+                          "keywords")
     try:
         configedit.set_values(app().settings.path, changes)
     except SettingError as e:

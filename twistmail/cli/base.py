@@ -239,6 +239,19 @@ def usage_error(message: str) -> NoReturn:
     raise click.UsageError(message)
 
 
+def nothing_to_change(message: str) -> NoReturn:
+    """A change command given no value to change.
+
+    From the shell, a mistake (``message``).  In CL, where every keyword
+    defaults to *SAME, the command is complete and does nothing, as on IBM i.
+    """
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.meta.get(FROM_CL):
+        click.echo("nothing changed: every value is *SAME")
+        raise click.exceptions.Exit(0)
+    usage_error(message)
+
+
 #: The parameters the mail APIs name in their refusals, as the CLI's options.
 API_OPTIONS = {"file": "--file", "originator": "--from", "recipient": "--to/--cc/--bcc",
                "recipients": "--to/--cc/--bcc", "recipient type": "--to/--cc/--bcc",

@@ -191,6 +191,8 @@ def to_args(
         nargs = _nargs(cmd.name, keyword, command_options)
         if _is_special(value, "*SAME"):
             continue
+        if nargs is not None and nargs > 1 and _is_special(value, "*DFT"):
+            value = ("*DFT",) * nargs  # RTYMIN(*DFT): each element its default
         if keyword in QUALIFIED_LIBS:
             value = (_object_name(keyword, value),)
         option = keyword.lower()

@@ -14,7 +14,15 @@ import click
 
 from twistmail import config as configmod
 from twistmail.bridge.msf import NBRMSFJOB
-from twistmail.cli.base import Failure, app, cli, refused_change, usage_error, value_of
+from twistmail.cli.base import (
+    Failure,
+    app,
+    cli,
+    nothing_to_change,
+    refused_change,
+    usage_error,
+    value_of,
+)
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.control import ControlError, NotRunning
 from twistmail.settingtypes import END_DELAY, END_OPTION, Choice, Int, SettingError
@@ -88,7 +96,7 @@ def chgpje(pgm: str, **values: str | None) -> None:
         vtype = configmod.field_type(configmod.PrestartEntry, key)
         changes[f"prestart.{pgm}.{key}"] = value_of(f"--{key}", vtype, raw)
     if not changes:
-        usage_error("give at least one of " + ", ".join("--" + k for k in ENTRY_KEYS))
+        nothing_to_change("give at least one of " + ", ".join("--" + k for k in ENTRY_KEYS))
     settings = app().settings
     try:
         configedit.set_values(settings.path, changes)

@@ -24,6 +24,7 @@ from twistmail.cli.base import (
     Failure,
     app,
     cli,
+    nothing_to_change,
     open_directory,
     stdin_text,
     usage_error,
@@ -212,7 +213,7 @@ def chgdsta(keeprcp: str | None) -> None:
     from twistmail.settingtypes import SettingError
 
     if keeprcp is None or keeprcp.strip().upper() == "*SAME":
-        usage_error("--keeprcp: give a value to change; allowed: *BCC, *ALL, *NONE")
+        nothing_to_change("--keeprcp: give a value to change; allowed: *BCC, *ALL, *NONE")
     vtype = configmod.field_type(configmod.SnadsSettings, "keeprcp")
     value = value_of("--keeprcp", vtype, keeprcp)
     path = Path(app().settings.path)

@@ -20,7 +20,15 @@ from typing import Any
 import click
 
 from twistmail import directory as dirmod
-from twistmail.cli.base import app, cli, open_directory, stdin_text, usage_error, value_of
+from twistmail.cli.base import (
+    app,
+    cli,
+    nothing_to_change,
+    open_directory,
+    stdin_text,
+    usage_error,
+    value_of,
+)
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.directory import DirectoryEntry, DirectoryError, SqliteDirectory
 from twistmail.settingtypes import Choice
@@ -166,7 +174,7 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
 def chgusrprf(usrprf: str, password: str | None, status: str | None, text: str | None) -> None:
     """Change a user profile's password, status or text."""
     if password is None and status is None and text is None:
-        usage_error("give at least one of --password, --status, --text")
+        nothing_to_change("give at least one of --password, --status, --text")
     if status is not None:
         status = value_of("--status", STATUS, status)
     with open_directory("the directory", OPTION_OF_FIELD) as d:
@@ -296,7 +304,7 @@ def chgdire(usrid: tuple[str, str], **options: str | None) -> None:
     """Change an entry of the system distribution directory."""
     fields = _entry_fields(**options)
     if not fields:
-        usage_error(
+        nothing_to_change(
             "give at least one of --usrd, --user, --msfsrvlvl, --prefadr, --smtpuser, --smtpdomain"
         )
     with open_directory("the directory", OPTION_OF_FIELD) as d:
