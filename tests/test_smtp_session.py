@@ -405,6 +405,41 @@ def test_idle_timeout_421():
     assert s.tr.disconnecting
 
 
+def test_bytes_that_never_make_a_command_do_not_hold_off_the_timeout():
+    """A byte every little while is not activity: only a command (or message text) is."""
+    s = Session(inacttimo=60)
+    s.start()
+    for _ in range(5):
+        s.clock.advance(20)
+        s.send(b"N")
+        if s.tr.disconnecting:
+            break
+    assert s.replies()[0].startswith("421 4.4.2 ")
+    assert s.tr.disconnecting
+
+
+def test_a_slow_message_text_is_activity():
+    s = Session(inacttimo=60)
+    s.start()
+    s.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    for _ in range(5):
+        s.clock.advance(50)
+        s.send(b"a line of text\r\n")
+    s.send(b".\r\n")
+    assert s.codes() == [250, 250, 354, 250] and not s.tr.disconnecting
+
+
+@pytest.mark.parametrize("name", [b"evil\tby\tmx.trusted.example", b"a\x1b[31m", b"x\x7f",
+                                  b"\x0b", b"a" * 256])
+def test_helo_names_with_blanks_or_controls_are_refused(name):
+    """They would go into the Received: field (and the journal) as they came."""
+    for verb in (b"HELO", b"EHLO"):
+        s = Session()
+        s.replies()
+        s.send(verb + b" " + name + b"\r\nMAIL FROM:<a@b.test>\r\n")
+        assert s.codes() == [501, 503], (verb, name)
+
+
 def test_a_last_reply_that_cannot_leave_does_not_hold_the_job():
     """A client that reads nothing, or never finishes its handshake on 465 (the 421
     then waits unencrypted in the TLS layer): loseConnection alone would wait

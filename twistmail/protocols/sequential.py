@@ -8,7 +8,9 @@ reading, so a client cannot make it hold unbounded input.  Output is bounded
 the same way: the session is its transport's streaming producer, and while
 the client does not read its replies (the transport's buffer is full) no
 command is handled, so input waits in the same bounded buffer.  An idle
-session ends after the inactivity timeout.
+session ends after the inactivity timeout, which only input the session can
+act on restarts: a client that sends a byte now and then without ever
+completing a command does not hold its job for ever.
 
 Subclasses implement :meth:`step` (consume what they can from
 ``self.buffer``; False when more input is needed) and :meth:`timed_out`.
@@ -111,7 +113,6 @@ class SequentialSession(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
-        self.reset_timeout()
         self.buffer += data
         self._process()
         if (self.busy or self.output_full) and len(self.buffer) > self.max_pending \
@@ -123,12 +124,16 @@ class SequentialSession(Protocol):
     def _process(self) -> None:
         """Run steps until the input runs out or one of them waits."""
         self.processing = True
+        progressed = False
         try:
             while not (self.busy or self.closing or self.output_full):
                 if not self.step():
                     break
+                progressed = True
         finally:
             self.processing = False
+            if progressed:
+                self.reset_timeout()
 
     def wait_for(self, d: defer.Deferred) -> defer.Deferred:
         """Hold further input until ``d`` fires (it may have fired already)."""
@@ -139,6 +144,7 @@ class SequentialSession(Protocol):
     def resume(self, _: Any = None) -> None:
         """An asynchronous step finished: go on with what was pipelined meanwhile."""
         self.busy = False
+        self.reset_timeout()  # the client waited for us: its idle time starts now
         self.resume_steps()
 
     def resume_steps(self) -> None:

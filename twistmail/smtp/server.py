@@ -253,6 +253,11 @@ class _Data:
             self._end_header()
 
 
+#: What HELO/EHLO may name: printable ASCII, no blanks (RFC 5321 §4.1.1.1: a
+#: domain or an address literal).  Names that are not quite domains (a bare
+#: IP, an underscore) are common and harmless; a tab, a control character or
+#: a blank would go into the Received: field and could forge its "by" part.
+_HELO_NAME = re.compile(r"[\x21-\x7e]{1,255}")
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
 #: RFC 3461 §4.4 and §4.2: the longest ENVID and ORCPT a server must take.
 MAX_ENVID = 100
@@ -462,7 +467,7 @@ class SMTPSession(SequentialSession):
             rest = rest[-1:] if rest.endswith(b"\r") else b""
             progressed = True
         self.buffer = rest
-        return progressed and (self.data is None or bool(rest))
+        return progressed  # the loop asks again, and learns the rest is not a line yet
 
     def _body_lines(self, buf: bytes, pos: int) -> int:
         """Take the plain body lines at ``pos`` as one block; how many bytes were taken.
@@ -612,14 +617,14 @@ class SMTPSession(SequentialSession):
         return True
 
     def smtp_HELO(self, arg: str) -> None:
-        if not arg or " " in arg:
+        if not _HELO_NAME.fullmatch(arg):
             self.reply(501, "5.5.4 Syntax: HELO hostname")
             return
         self.helo, self.esmtp, self.txn = arg, False, None
         self.reply(250, self.factory.backend.hostname)
 
     def smtp_EHLO(self, arg: str) -> None:
-        if not arg or " " in arg:
+        if not _HELO_NAME.fullmatch(arg):
             self.reply(501, "5.5.4 Syntax: EHLO hostname")
             return
         self.helo, self.esmtp, self.txn = arg, True, None
