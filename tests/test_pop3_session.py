@@ -202,3 +202,35 @@ def test_a_session_not_signed_on_ends_when_its_address_used_up_maxauthfail(store
     _login(session, transport)
     session.cut_off()
     assert transport.value() == b"" and not transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    ("peer", "alwssl", "alwplainauth", "allowed"),
+    [
+        ("192.0.2.7", "*YES", False, False),  # a password in clear across the network
+        ("192.0.2.7", "*YES", True, True),
+        ("192.0.2.7", "*NO", False, True),  # no TLS to use instead
+        ("127.0.0.1", "*YES", False, True),  # it never leaves this host
+        ("::1", "*YES", False, True),
+        ("127.0.0.1", "*ONLY", True, False),
+    ],
+)
+def test_plaintext_logins_from_other_hosts_wait_for_tls(store, peer, alwssl, alwplainauth,
+                                                        allowed):
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    factory = _Factory(reactor=Clock(), hostname="mail.example.test", portal=_Portal(store),
+                       directory=None, journal=_Journal(), inacttimo=INACTTIMO,
+                       msgsplit_kb=None, alwssl=alwssl, tls_options=object(),
+                       implicit_tls=False, on_done=lambda: None, fail_delay=0.0,
+                       alwplainauth=alwplainauth)
+    session = factory.buildProtocol(None)
+    address = IPv6Address("TCP", peer, 4242) if ":" in peer else IPv4Address("TCP", peer, 4242)
+    transport = StringTransport(peerAddress=address)
+    session.makeConnection(transport)
+    session.dataReceived(b"CAPA\r\nUSER sam\r\nPASS secret\r\n")
+    out = transport.value()
+    assert (b"\r\nUSER\r\n" in out) is allowed
+    assert (b"+OK SAM has" in out) is allowed
+    if not allowed:
+        assert b"-ERR [AUTH] Plaintext login is not allowed here: use STLS first" in out

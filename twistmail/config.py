@@ -224,6 +224,8 @@ class PopSettings:
     inacttimo: int = setting(Int(10, 65535), 600, "idle session timeout, seconds")
     msgsplit: int | None = setting(Int(32, 2048, NOMAX), None, "split size, KB")
     alwssl: str = setting(Choice(("*YES", "*NO", "*ONLY")), "*YES", "TLS for POP")
+    alwplainauth: str = setting(
+        YESNO, "*NO", "USER/PASS without TLS from other hosts (this host may always)")
 
 
 @attrs.frozen

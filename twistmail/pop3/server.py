@@ -17,13 +17,14 @@ responses.  Here:
 * with MSGSPLIT a message larger than the split size is offered as RFC 2046
   message/partial pieces, in order, each its own POP message.
 
-Settings honoured: ``[pop] inacttimo msgsplit alwssl``.
+Settings honoured: ``[pop] inacttimo msgsplit alwssl alwplainauth``.
 """
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
+import ipaddress
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
@@ -326,7 +327,7 @@ class POP3Session(SequentialSession):
 
     def pop_CAPA(self, arg: str) -> None:
         caps = list(CAPS)
-        if self.factory.alwssl == "*ONLY" and not self.tls:
+        if not self._plaintext_allowed():
             caps.remove("USER")  # refused until TLS is up (RFC 2449 §6.4)
         if self._stls_offered():
             caps.append("STLS")
@@ -355,8 +356,25 @@ class POP3Session(SequentialSession):
 
     pop_STLS.states = ("AUTHORIZATION",)  # type: ignore[attr-defined]
 
+    def _plaintext_allowed(self) -> bool:
+        """Whether USER/PASS may go now: over TLS, from this host, or as configured.
+
+        A password in clear text crosses the network only where the
+        administrator says so (ALWPLAINAUTH *YES) or where there is no TLS
+        to use instead (ALWSSL *NO, or no certificate); from loopback it
+        never leaves the machine.  ALWSSL *ONLY wants TLS even there.
+        """
+        f = self.factory
+        if self.tls:
+            return True
+        if f.alwssl == "*ONLY":
+            return False
+        if f.alwssl == "*NO" or f.tls_options is None:
+            return True
+        return f.alwplainauth or _is_loopback(self.peer_ip)
+
     def _plaintext_refused(self) -> bool:
-        if self.factory.alwssl == "*ONLY" and not self.tls:
+        if not self._plaintext_allowed():
             self.err("[AUTH] Plaintext login is not allowed here: use STLS first, or port 995")
             return True
         return False
@@ -696,11 +714,19 @@ def _piece_uidl(uidl: str, n: int, total: int) -> str:
     return "#" + hashlib.sha1(text.encode()).hexdigest()
 
 
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
 class POP3Factory(Factory):
     def __init__(self, *, reactor: Any, hostname: str, portal: Any, directory: Any,
                  journal: Any, inacttimo: int, msgsplit_kb: int | None, alwssl: str,
                  tls_options: Any, implicit_tls: bool, on_done: Any,
-                 fail_delay: float = 1.0, on_auth_failure: Any = None) -> None:
+                 fail_delay: float = 1.0, on_auth_failure: Any = None,
+                 alwplainauth: bool = False) -> None:
         self.reactor = reactor
         self.hostname = hostname
         self.portal = portal
@@ -709,6 +735,7 @@ class POP3Factory(Factory):
         self.inacttimo = inacttimo
         self.msgsplit = None if msgsplit_kb is None else msgsplit_kb * 1024
         self.alwssl = alwssl
+        self.alwplainauth = alwplainauth
         self.tls_options = tls_options
         self.implicit_tls = implicit_tls
         self.on_done = on_done

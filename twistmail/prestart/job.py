@@ -151,6 +151,7 @@ class Job:
                 reactor=self.reactor, hostname=s.hostname, portal=portal,
                 directory=directory, journal=journal, inacttimo=s.pop.inacttimo,
                 msgsplit_kb=s.pop.msgsplit, alwssl=s.pop.alwssl, tls_options=options,
+                alwplainauth=s.pop.alwplainauth == "*YES",
                 implicit_tls=name in IMPLICIT_TLS, on_done=self.done,
                 on_auth_failure=self.auth_failed,
             )
