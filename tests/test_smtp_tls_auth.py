@@ -80,11 +80,14 @@ def test_starttls_discards_pipelined_plaintext_cve_2011_0411(post):
 
 
 def test_implicit_tls_on_smtps_offers_auth_not_starttls(post):
+    """465 is submission over TLS (RFC 8314 §3.3): as on 587, a client signs on first."""
     a = post
     with smtplib.SMTP_SSL(*a.addr("smtps"), timeout=30, context=ctx()) as s:
         s.ehlo()
         assert not s.has_extn("starttls") and s.has_extn("auth")
+        assert s.mail("sam@example.test")[0] == 530
         assert s.login("sam", "secret")[0] == 235
+        assert s.mail("sam@example.test")[0] == 250
 
 
 def test_submission_requires_auth(post):

@@ -1050,7 +1050,8 @@ class SMTPFactory(Factory):
 
     @property
     def submission(self) -> bool:
-        return self.listener == "submission"
+        """Message submission (RFC 6409): 587, and 465 with implicit TLS (RFC 8314 §3.3)."""
+        return self.listener in ("submission", "smtps")
 
     def buildProtocol(self, addr: object) -> SMTPSession:
         p = SMTPSession(self, self.on_done)
