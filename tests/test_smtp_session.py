@@ -287,7 +287,9 @@ def test_long_text_line_does_not_desync_data():
     s.send(b".\r\nQUIT\r\n")  # the tail "x.": not the end of data
     assert s.replies() == []
     s.send(b"more\r\n.\r\n")
-    assert s.replies() == ["500 5.5.2 Line too long: text lines are limited to 1000 octets"]
+    # After the data, a reply RFC 5321 §4.3.2 allows there (not 500, a command error).
+    assert s.replies() == ["550 5.6.0 Message has a line longer than 1000 octets "
+                           "(RFC 5321 4.5.3.1.6)"]
     assert s.backend.queued == []
     s.send(b"NOOP\r\n")
     assert s.codes() == [250]
@@ -303,7 +305,7 @@ def test_text_line_of_exactly_1000_octets_is_fine():
     s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
     s.replies()
     s.send(b"\r\n" + b"y" * 999 + b"\r\n.\r\n")
-    assert s.codes() == [500]
+    assert s.codes() == [550]
 
 
 def test_long_command_line_is_refused_and_stream_stays_in_sync():
@@ -528,7 +530,7 @@ def test_the_text_line_limit_is_the_same_on_both_paths(length, monkeypatch):
     payload = b"first\r\n" + b"z" * length + b"\r\nlast"
     fast = _outcome(payload, [], True, False, monkeypatch)
     assert fast == _outcome(payload, [], False, False, monkeypatch)
-    assert fast[0][-2].startswith("250" if length <= 998 else "500 5.5.2")
+    assert fast[0][-2].startswith("250" if length <= 998 else "550 5.6.0")
 
 
 def _b64(text: bytes) -> bytes:
@@ -848,6 +850,18 @@ def test_notify_never_of_a_client_that_may_not_relay_is_kept():
         (b"MAIL FROM:<a@example.test> ENVID=" + b"x" * 101, "501 5.5.4 Syntax: ENVID"),
         (b"RCPT TO:<b@example.test> ORCPT=rfc822;a+0D+0Ab@x", "501 5.5.4 Syntax: ORCPT"),
         (b"RCPT TO:<b@example.test> ORCPT=no-semicolon", "501 5.5.4 Syntax: ORCPT"),
+        # addr-type ";" xtext (RFC 3461 §4.2): an atom, a real ";", an address
+        (b"RCPT TO:<b@example.test> ORCPT=;", "501 5.5.4 Syntax: ORCPT"),
+        (b"RCPT TO:<b@example.test> ORCPT=rfc822;", "501 5.5.4 Syntax: ORCPT"),
+        (b"RCPT TO:<b@example.test> ORCPT=rfc822+3Bb@x.test", "501 5.5.4 Syntax: ORCPT"),
+        # an offered parameter with a bad value is a syntax error, not unknown (555)
+        (b"MAIL FROM:<a@example.test> RET=BOGUS", "501 5.5.4 Syntax: RET=FULL or RET=HDRS"),
+        (b"MAIL FROM:<a@example.test> RET", "501 5.5.4 Syntax: RET=FULL or RET=HDRS"),
+        (b"MAIL FROM:<a@example.test> BODY=9BIT", "501 5.5.4 Syntax: BODY=7BIT"),
+        (b"RCPT TO:<b@example.test> NOTIFY", "501 5.5.4 NOTIFY takes"),
+        (b"MAIL FROM:<a@example.test> RET=FULL RET=HDRS", "501 5.5.4 Parameter RET given twice"),
+        (b"RCPT TO:<b@example.test> NOTIFY=NEVER NOTIFY=SUCCESS",
+         "501 5.5.4 Parameter NOTIFY given twice"),
     ],
 )
 def test_dsn_xtext_must_be_well_formed_printable_ascii(command, reply):
@@ -858,6 +872,30 @@ def test_dsn_xtext_must_be_well_formed_printable_ascii(command, reply):
         s.replies()
     s.send(command + b"\r\n")
     assert s.replies()[0].startswith(reply)
+
+
+@pytest.mark.parametrize("literal", [b"[999.999.999.999]", b"[1.2]", b"[IPv6:::::::::::::]",
+                                     b"[IPv6:1.2.3.4]", b"[01.2.3.4]"])
+def test_address_literals_name_real_addresses(literal):
+    """RFC 5321 §4.1.3: four octets or an IPv6 form; a notice to anything else goes nowhere."""
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<jane@" + literal + b">\r\n")
+    assert s.replies()[0].startswith("501 5.1.7 Bad address syntax")
+    s.send(b"MAIL FROM:<jane@[192.0.2.1]>\r\nRCPT TO:<a@" + literal + b">\r\n"
+           b"RCPT TO:<a@[IPv6:2001:db8::1]>\r\n")
+    codes = s.codes()
+    assert codes[:2] == [250, 501] and codes[2] != 501
+
+
+def test_a_quoted_local_part_that_needs_no_quotes_is_the_same_mailbox():
+    s = Session()
+    s.start()
+    s.send(b'MAIL FROM:<"jane"@example.test>\r\nRCPT TO:<"sam"@example.test>\r\n'
+           b'RCPT TO:<"s\\am"@example.test>\r\nRCPT TO:<"s am"@example.test>\r\nDATA\r\nx\r\n.\r\n')
+    [(_, received)] = s.backend.queued
+    assert received.originator == "jane@example.test"
+    assert [a for a, _ in received.recipients][:2] == ["sam@example.test", "sam@example.test"]
 
 
 def test_dsn_xtext_is_decoded():

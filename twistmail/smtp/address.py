@@ -7,6 +7,7 @@ the colon, case of keywords, source routes, which are ignored as §C allows).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 import attrs
@@ -28,6 +29,10 @@ _PARAM = re.compile(r"^(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c
 
 class PathError(ValueError):
     """A syntactically bad path or parameter: 501 (or 555 for parameters)."""
+
+
+class AddressError(PathError):
+    """The mailbox itself is bad: 501 with 5.1.7 (sender) or 5.1.3 (recipient)."""
 
 
 @attrs.frozen
@@ -84,12 +89,31 @@ def parse_command(arg: str, keyword: str, allow_null: bool) -> Command:
 
 def parse_mailbox(text: str) -> Address:
     m = _MAILBOX.match(text)
-    if m is None:
-        raise PathError(f"Bad address syntax: <{_printable(text)}>")
+    if m is None or (m.group("domain").startswith("[") and not _literal_ok(m.group("domain"))):
+        raise AddressError(f"Bad address syntax: <{_printable(text)}>")
     local, domain = m.group("local"), m.group("domain")
     if len(local) > MAX_LOCAL or len(domain) > MAX_DOMAIN:
-        raise PathError("Address too long")
+        raise AddressError("Address too long")
+    if local.startswith('"'):
+        # "sam" and sam are one mailbox (RFC 5321 §4.1.2): a quoted local part
+        # that needs no quotes is taken without them.
+        bare = re.sub(r"\\(.)", r"\1", local[1:-1])
+        if re.fullmatch(_DOT_STRING, bare):
+            local = bare
     return Address(local, domain)
+
+
+def _literal_ok(literal: str) -> bool:
+    """An address literal names a real address: four octets, or an IPv6 form (§4.1.3)."""
+    text = literal[1:-1]
+    try:
+        if text[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(text[5:])
+        else:
+            ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _closing_bracket(text: str) -> int:
@@ -113,7 +137,10 @@ def _params(words: list[str]) -> tuple[tuple[str, str | None], ...]:
         m = _PARAM.match(w)
         if m is None:
             raise PathError(f"Bad parameter: {_printable(w)}")
-        out.append((m.group("key").upper(), m.group("value")))
+        key = m.group("key").upper()
+        if any(k == key for k, _ in out):
+            raise PathError(f"Parameter {key} given twice")
+        out.append((key, m.group("value")))
     return tuple(out)
 
 

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from twistmail.protocols.peer import client_address
 from twistmail.protocols.sequential import SequentialSession
 from twistmail.protocols.writenow import write_now
-from twistmail.smtp.address import Address, Command, PathError, parse_command
+from twistmail.smtp.address import Address, AddressError, Command, PathError, parse_command
 from twistmail.storagefault import log_failure
 
 MAX_COMMAND = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
@@ -253,6 +253,8 @@ class _Data:
             self._end_header()
 
 
+#: After DATA a line over the limit gets a reply allowed there (RFC 5321 §4.3.2), not 500.
+TEXT_LINE_TOO_LONG = "5.6.0 Message has a line longer than 1000 octets (RFC 5321 4.5.3.1.6)"
 #: What HELO/EHLO may name: printable ASCII, no blanks (RFC 5321 §4.1.1.1: a
 #: domain or an address literal).  Names that are not quite domains (a bare
 #: IP, an underscore) are common and harmless; a tab, a control character or
@@ -277,6 +279,18 @@ def _xtext_decode(text: str, limit: int) -> str | None:
     if len(out) > limit or not all(" " <= c <= "~" for c in out):
         return None
     return out
+
+
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+")
+
+
+def _orcpt(value: str | None) -> str | None:
+    """ORCPT's ``addr-type ";" xtext`` (RFC 3461 §4.2), decoded; None if it is not that."""
+    addr_type, semicolon, rest = (value or "").partition(";")
+    if not semicolon or not _ADDR_TYPE.fullmatch(addr_type) or not rest:
+        return None
+    decoded = _xtext_decode(rest, MAX_ORCPT - len(addr_type) - 1)
+    return None if not decoded else f"{addr_type};{decoded}"
 
 
 def _only_never(dsn: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -462,7 +476,7 @@ class SMTPSession(SequentialSession):
         rest = buf[pos:]
         if self.data is not None and len(rest) > MAX_TEXT:
             # Over-long: the rest of this line is text, never a terminator.
-            self.data.fail(500, "5.5.2 Line too long: text lines are limited to 1000 octets")
+            self.data.fail(550, TEXT_LINE_TOO_LONG)
             self.discarding = True
             rest = rest[-1:] if rest.endswith(b"\r") else b""
             progressed = True
@@ -521,7 +535,7 @@ class SMTPSession(SequentialSession):
             data.fail(550, "5.6.0 Message contains a bare CR")
             return
         if len(line) + 2 > MAX_TEXT:
-            data.fail(500, "5.5.2 Line too long: text lines are limited to 1000 octets")
+            data.fail(550, TEXT_LINE_TOO_LONG)
             return
         if line.startswith(b"."):
             line = line[1:]
@@ -833,7 +847,7 @@ class SMTPSession(SequentialSession):
         try:
             cmd = parse_command(arg, "FROM", allow_null=True)
         except PathError as e:
-            self.reply(501, f"5.5.4 {e}")
+            self.reply(501, f"{'5.1.7' if isinstance(e, AddressError) else '5.5.4'} {e}")
             return None
         size_hint: int | None = None
         body_8bit = False
@@ -848,13 +862,18 @@ class SMTPSession(SequentialSession):
                 if size_hint > self.factory.maxmsgsize:
                     self.reply(552, "5.3.4 Message size exceeds fixed maximum message size")
                     return None
-            elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    self.reply(501, "5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME")
+                    return None
                 body_8bit = value.upper() == "8BITMIME"
                 if body_8bit and not self.factory.mime8bit:
                     self.reply(555, "5.5.4 BODY=8BITMIME is not offered (MIME8BIT is *NO)")
                     return None
-            elif key == "RET" and self.factory.dsn and value is not None and \
-                    value.upper() in ("FULL", "HDRS"):
+            elif key == "RET" and self.factory.dsn:
+                if value is None or value.upper() not in ("FULL", "HDRS"):
+                    self.reply(501, "5.5.4 Syntax: RET=FULL or RET=HDRS")
+                    return None
                 ret = value.upper()
             elif key == "ENVID" and self.factory.dsn and value is not None:
                 envid = _xtext_decode(value, MAX_ENVID)
@@ -894,21 +913,21 @@ class SMTPSession(SequentialSession):
         try:
             cmd: Command = parse_command(arg, "TO", allow_null=False)
         except PathError as e:
-            self.reply(501, f"5.5.4 {e}")
+            self.reply(501, f"{'5.1.3' if isinstance(e, AddressError) else '5.5.4'} {e}")
             return None
         notify: tuple[str, ...] | None = None
         orcpt: str | None = None
         for key, value in cmd.params:
-            if key == "NOTIFY" and self.factory.dsn and value is not None:
-                words = tuple(w.upper() for w in value.split(","))
+            if key == "NOTIFY" and self.factory.dsn:
+                words = tuple(w.upper() for w in (value or "").split(","))
                 if not set(words) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
                         "NEVER" in words and len(words) > 1):
                     self.reply(501, "5.5.4 NOTIFY takes NEVER, or SUCCESS, FAILURE, DELAY")
                     return None
                 notify = words
-            elif key == "ORCPT" and self.factory.dsn and value is not None:
-                orcpt = _xtext_decode(value, MAX_ORCPT)
-                if orcpt is None or ";" not in orcpt:
+            elif key == "ORCPT" and self.factory.dsn:
+                orcpt = _orcpt(value)
+                if orcpt is None:
                     self.reply(501, "5.5.4 Syntax: ORCPT=addr-type;xtext, at most "
                                f"{MAX_ORCPT} printable ASCII characters")
                     return None
@@ -996,7 +1015,7 @@ class SMTPSession(SequentialSession):
             self.reply(501, "5.5.4 Syntax: VRFY address")
             return
         # Confirming addresses would hand out the user list (RFC 5321 §3.5.3).
-        self.reply(252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+        self.reply(252, "2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
 
 
 class SMTPFactory(Factory):
