@@ -208,3 +208,12 @@ def test_same_and_dft_as_ibm_i_takes_them(stopped):
         rc, out, err = stopped.cli("cl", text)
         assert (rc, out, err) == (0, "nothing changed: every value is *SAME\n", ""), text
     assert stopped.config.read_text() == before
+
+
+def test_values_that_wait_for_another_are_taken_with_a_note(stopped):
+    rc, out, err = stopped.cli("chgsmtpa", "--alwrly", "*POPWDW")
+    assert rc == 0 and err == "note: ALWRLY *POPWDW lets no one relay while POPWDW is 0\n"
+    rc, out, err = stopped.cli("chgsmtpa", "--popwdw", "30")
+    assert rc == 0 and err == ""
+    rc, out, err = stopped.cli("chgsmtpa", "--firewall", "*YES", "--etrnclt", "*YES")
+    assert rc == 0 and [line.split()[1] for line in err.splitlines()] == ["FIREWALL", "ETRNCLT"]

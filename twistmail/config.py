@@ -216,6 +216,23 @@ class SmtpSettings:
         if self.nfydlvry is not None and not _is_address(self.nfydlvry):
             raise SettingError("smtp.nfydlvry", self.nfydlvry, '*NONE or an address "user@domain"')
 
+    def idle_values(self) -> list[str]:
+        """Values that are allowed but do nothing with the others as they are.
+
+        Not refused: an administrator may set them in either order, but
+        should hear that one is still waiting for the other.
+        """
+        out = []
+        if self.alwrly == "*POPWDW" and not self.popwdw:
+            out.append("ALWRLY *POPWDW lets no one relay while POPWDW is 0")
+        if self.ovrrjtcnnl == "*YES" and not self.popwdw:
+            out.append("OVRRJTCNNL *YES lets no one past *REJECT while POPWDW is 0")
+        if self.firewall == "*YES" and self.mailrouter is None:
+            out.append("FIREWALL *YES sends nothing to a router while MAILROUTER is *NONE")
+        if self.etrnclt == "*YES" and (not self.mailxfrint or self.mailrouter is None):
+            out.append("ETRNCLT *YES issues no ETRN without MAILXFRINT above 0 and a MAILROUTER")
+        return out
+
 
 @attrs.frozen
 class PopSettings:

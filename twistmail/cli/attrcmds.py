@@ -71,6 +71,9 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
     except OSError as e:
         raise Failure(f"cannot write {app().settings.path}: {e.strerror}") from None
     apply_live(what)
+    settings = getattr(app().reload(), section)
+    for line in getattr(settings, "idle_values", list)():
+        click.echo(f"note: {line}", err=True)
 
 
 def _display(section_obj: Any, as_json: bool) -> None:
