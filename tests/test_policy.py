@@ -156,6 +156,7 @@ LIMIT_SETS = st.builds(
     boot_failure_limit=st.integers(1, 6),
     backoff_base=st.sampled_from([0.25, 0.5, 1.0]),
     backoff_max=st.sampled_from([2.0, 30.0]),
+    max_starting=st.integers(1, 40),
 )
 
 
@@ -688,7 +689,7 @@ def check_live_jobs_stay_at_inljobs(
     if in_backoff(view, limits, now):
         return
     after = len(live(view.jobs)) - len(a.end) + a.start
-    assert after >= min(entry.inljobs, cap(entry))
+    assert after >= min(entry.inljobs, cap(entry)) or a.start == starts_allowed(view, limits)
 
 
 def check_growth_below_threshold(
@@ -701,13 +702,20 @@ def check_growth_below_threshold(
     base = max(0, entry.inljobs - len(remaining))
     room = max(0, cap(entry) - len(remaining))
     short = available(remaining) - len(view.waiting)
+    allowed = starts_allowed(view, limits)
     if short + min(room, base) < entry.threshold and entry.adljobs:
         # whole ADLJOBS batches until THRESHOLD is available again, within MAXJOBS
         batches = -(-(entry.threshold - short - base) // entry.adljobs)
-        assert a.start == min(room, base + batches * entry.adljobs)
-        assert a.start == room or short + a.start >= entry.threshold
+        assert a.start == min(room, base + batches * entry.adljobs, allowed)
+        assert a.start in (room, allowed) or short + a.start >= entry.threshold
     else:
-        assert a.start == min(room, base)
+        assert a.start == min(room, base, allowed)
+
+
+def starts_allowed(view: EntryView, limits: Limits) -> int:
+    """How many more may start while the jobs already starting are under way."""
+    starting = sum(1 for j in live(view.jobs) if j.state is JobState.STARTING)
+    return max(0, limits.max_starting - starting)
 
 
 def check_trim(

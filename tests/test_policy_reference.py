@@ -86,7 +86,8 @@ def reference_decide(view: EntryView, entry: PrestartEntry, limits: Limits,
     available = _available(live, ending) - len(view.waiting)
     while entry.adljobs and available + start < entry.threshold and start < room:
         start = min(start + entry.adljobs, room)
-    start = int(start)
+    starting = sum(1 for j in live if j.state is JobState.STARTING)
+    start = int(min(start, max(0, limits.max_starting - starting)))
     if start and view.boot_failures:
         resume = view.last_boot_failure + limits.backoff(view.boot_failures)
         if now < resume:

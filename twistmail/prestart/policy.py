@@ -18,6 +18,7 @@ The rules (DESIGN.md §3):
   interval are ended, half the surplus at a time, never below INLJOBS and
   never so far that growth would start again at once.
 * Lowered MAXJOBS: idle jobs above it are ended; busy jobs never are.
+* At most ``max_starting`` jobs start at once; each one ready lets the next go.
 * Boot failures: a job that dies before it is ready delays the next start
   (doubling back-off); after ``boot_failure_limit`` in a row the entry stops.
 * Waiting: with WAIT *YES a request without a free job waits in a bounded
@@ -58,6 +59,10 @@ class Limits:
     boot_failure_limit: int = 5
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    #: Jobs starting at once.  INLJOBS 9999 asks for thousands of jobs: all
+    #: requested together they would queue at the launcher past the start
+    #: limit, and each job's start is cheap only while a few run at a time.
+    max_starting: int = 32
 
     def backoff(self, failures: int) -> float:
         if failures <= 0:
@@ -193,7 +198,7 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
     spare = available()
     while entry.adljobs and spare + start < entry.threshold and start < room:
         start = min(start + entry.adljobs, room)
-    start = int(start)
+    start = int(min(start, max(0, limits.max_starting - starting)))
     if start and view.boot_failures:
         resume = view.last_boot_failure + limits.backoff(view.boot_failures)
         if now < resume:
