@@ -335,8 +335,9 @@ def test_sigterm_lets_sessions_finish_then_leaves_nothing(make_appliance):
     time.sleep(0.5)
     sock.sendall(b"NOOP\r\n")
     assert read_reply(sock).startswith(b"250")
-    # ...then it is ended.
+    # ...then it is ended, with the 421 of a server shutting down (RFC 5321 §3.8).
     sock.settimeout(10)
+    assert read_reply(sock).startswith(b"421 4.3.2 mail.example.test Service shutting down")
     assert sock.recv(100) == b""
     # twistd re-raises the signal it stopped on, so its parent sees SIGTERM.
     assert a.proc.wait(30) in (0, -signal.SIGTERM)

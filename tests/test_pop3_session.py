@@ -234,3 +234,20 @@ def test_plaintext_logins_from_other_hosts_wait_for_tls(store, peer, alwssl, alw
     assert (b"+OK SAM has" in out) is allowed
     if not allowed:
         assert b"-ERR [AUTH] Plaintext login is not allowed here: use STLS first" in out
+
+
+def test_a_job_ended_while_serving_says_so_unless_a_message_is_streaming(store, tmp_path):
+    _deliver(store, tmp_path, b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 20000)
+    _, _, session, transport = _session(store)
+    _login(session, transport)
+    session.dataReceived(b"RETR 1\r\n")
+    assert session.sender is not None  # the message is streaming
+    sent = transport.value()
+    session.shutdown_notice()  # an -ERR now would be taken for a line of the message
+    assert transport.value() == sent and not transport.disconnecting
+    while session.sender is not None:
+        session.sender.resumeProducing()
+    transport.clear()
+    session.shutdown_notice()
+    assert transport.value() == b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n"
+    assert transport.disconnecting

@@ -442,6 +442,14 @@ def test_helo_names_with_blanks_or_controls_are_refused(name):
         assert s.codes() == [501, 503], (verb, name)
 
 
+def test_a_job_ended_while_serving_says_421_first():
+    s = Session()
+    s.start()
+    s.proto.shutdown_notice()
+    assert s.replies() == ["421 4.3.2 mail.example.test Service shutting down, try again later"]
+    assert s.tr.disconnecting
+
+
 def test_a_last_reply_that_cannot_leave_does_not_hold_the_job():
     """A client that reads nothing, or never finishes its handshake on 465 (the 421
     then waits unencrypted in the TLS layer): loseConnection alone would wait

@@ -250,6 +250,12 @@ class POP3Session(SequentialSession):
         self.err("Idle too long, closing connection")
         self.close()
 
+    def shutdown_notice(self) -> None:
+        if self.closing or self.transport is None or self.sender is not None:
+            return  # a reply streaming: an -ERR would land inside the message
+        self.err("[SYS/TEMP] Server shutting down, try again later")
+        self.close()
+
     def signed_on(self) -> bool:
         return self.box is not None
 

@@ -231,12 +231,19 @@ class Job:
             os.close(fd)
         return True
 
-    def cut_off(self) -> None:
-        """The controller says the client's address used up MAXAUTHFAIL."""
+    def _session(self) -> Any:
+        """The session being served (a job serves one at a time), or None."""
         for factory in self.factories.values():
             session = getattr(getattr(factory, "wrappedFactory", factory), "current", None)
-            if session is not None and session.transport is not None:
-                session.cut_off()  # one that has ended is closing: nothing happens
+            if session is not None and session.transport is not None and not session.closing:
+                return session
+        return None
+
+    def cut_off(self) -> None:
+        """The controller says the client's address used up MAXAUTHFAIL."""
+        session = self._session()
+        if session is not None:
+            session.cut_off()
 
     def done(self, result: bytes | None = None) -> None:
         """A session or task is over: a task's RESULT line and FREE go in one write."""
@@ -270,6 +277,9 @@ class Job:
 
     def shutting_down(self) -> None:
         self.stopping = True
+        session = self._session()
+        if session is not None:  # ended while serving (ENDPJ's delay is over, a shutdown)
+            session.shutdown_notice()
 
 
 def main(argv: list[str] | None = None) -> int:

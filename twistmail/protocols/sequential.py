@@ -56,6 +56,10 @@ class SequentialSession(Protocol):
     def signed_on(self) -> bool:
         raise NotImplementedError
 
+    def shutdown_notice(self) -> None:
+        """The job is being ended (ENDPJ after its delay, a shutdown): say so, then close."""
+        raise NotImplementedError
+
     def cut_off(self) -> None:
         """MAXAUTHFAIL was reached from this client's address meanwhile: a
         session not signed on ends, or parallel sessions would each go on

@@ -356,6 +356,14 @@ class SMTPSession(SequentialSession):
         self.reply(421, f"4.4.2 {self.factory.backend.hostname} Idle too long, closing connection")
         self.close()
 
+    def shutdown_notice(self) -> None:
+        if self.closing or self.transport is None:
+            return
+        # RFC 5321 §3.8: a server that must shut down says 421 first.
+        self.reply(421, f"4.3.2 {self.factory.backend.hostname} Service shutting down, "
+                   "try again later")
+        self.close()
+
     def signed_on(self) -> bool:
         return self.user is not None
 
