@@ -197,6 +197,10 @@ def endtcpsvr(servers: tuple[str, ...]) -> None:
               help="QMSF jobs, each processing one message at a time, 1-99")
 def strmsf(msgopt: str, nbrmsfjob: str) -> None:
     """Start the mail server framework, the bridge (STRMSF)."""
+    if msgopt.strip().upper() in ("*RESET", "*CLEAR"):
+        # *RESET would deliver again what was delivered; *CLEAR would throw
+        # accepted mail away.  Each message goes on from its own step.
+        usage_error(f"--msgopt: {msgopt!r} is IBM's but not supported here; allowed: *RESUME")
     value_of("--msgopt", MSGOPT_TYPE, msgopt)
     click.echo(call("strmsf", nbrmsfjob=value_of("--nbrmsfjob", NBRMSFJOB_TYPE, nbrmsfjob)))
 
@@ -235,6 +239,7 @@ def status(as_json: bool) -> None:
     for pgm, st in result["pools"].items():
         click.echo(f"  prestart {pgm:9} {st}")
     bridge = result.get("bridge") or {}
-    click.echo(f"  bridge  {bridge.get('status')} pid {bridge.get('pid')}")
+    pid = bridge.get("pid")
+    click.echo(f"  bridge  {bridge.get('status')}" + (f" pid {pid}" if pid else ""))
     if result.get("restart_needed"):
         click.echo("  restart needed for: " + ", ".join(result["restart_needed"]))

@@ -168,6 +168,9 @@ def rcvdst(dstid: str | None, usrid: tuple[str, str] | None, usrprf: str | None,
         usage_error(f"--dstid: {e}")
     if outfile is not None and os.path.lexists(outfile):
         usage_error(f"--outfile: {outfile!r} already exists; allowed: the name of a new file")
+    if outfile is not None and not os.path.isdir(os.path.dirname(os.path.abspath(outfile))):
+        usage_error(f"--outfile: {outfile!r} is in no existing directory; allowed: a new file "
+                    "in an existing directory")
     entry, store = _store_user(usrid, usrprf)
     try:
         with store.receive(entry.userid, dstid, keep=keep_it == "*YES") as (dist, data):
@@ -176,7 +179,9 @@ def rcvdst(dstid: str | None, usrid: tuple[str, str] | None, usrprf: str | None,
         usage_error(f"--dstid: '{e.args[0]}' is not a distribution of {entry.userid} "
                     f"{entry.address}; qrydst lists them")
     except OSError as e:
-        raise Failure(f"distribution not received: {e}") from None
+        where = f" ({e.filename})" if e.filename else ""
+        raise Failure(f"distribution not received, it is still queued: {e.strerror or e}"
+                      f"{where}") from None
     if outfile is not None:
         click.echo(f"Distribution {dist.dstid} written to {outfile}"
                    + (" and kept." if keep_it == "*YES" else "."))
