@@ -850,7 +850,9 @@ def test_wrkq_table(cfg, cli_queue, capsys):
     now = time.time()
     inbound = enqueue(cli_queue, b"a" * 120, recipients=("sam@example.test", "joe@example.test"))
     env = cli_queue.load(QTMSINQ, inbound)
-    cli_queue.update(QTMSINQ, env.with_recipient("sam@example.test", state=DELIVERED))
+    env = env.with_recipient("sam@example.test", state=DELIVERED)
+    cli_queue.update(QTMSINQ, env.with_recipient(
+        "joe@example.test", last_error="452 4.2.2 mailbox\r\n full"))
     bounce = enqueue(
         cli_queue, b"b" * 30, QTMSOUTQ, "", ("jane@remote.test",),
         received=now - 2 * 3600 - 5, attempts=2, next_try=now + 600,
@@ -863,7 +865,8 @@ def test_wrkq_table(cfg, cli_queue, capsys):
     row_in = next(line for line in out if line.startswith(inbound))
     row_out = next(line for line in out if line.startswith(bounce))
     assert "QTMSINQ" in row_in and "jane@example.test" in row_in
-    assert "sam@example.test (delivered), joe@example.test" in row_in
+    # Why a recipient waits, as mailq says it, on one line.
+    assert "sam@example.test (delivered), joe@example.test (452 4.2.2 mailbox full)" in row_in
     assert row_in.split()[2] in ("0s", "1s", "2s") and row_in.split()[3] == "120"
     assert "<>" in row_out and " 2h " in row_out
     assert re.search(r"\bwaiting\s+2\s+in (9|10)m$", row_out)  # for the next transfer

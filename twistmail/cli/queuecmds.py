@@ -68,7 +68,13 @@ def human_age(seconds: float) -> str:
 
 
 def _recipient(r: Recipient) -> str:
-    return r.address if r.state == PENDING else f"{r.address} ({r.state})"
+    """The address, with why it waits (mailq's "(reason)") or how it ended."""
+    if r.state != PENDING:
+        return f"{r.address} ({r.state})"
+    if r.last_error:
+        why = " ".join(r.last_error.split())
+        return f"{r.address} ({why[:77] + '...' if len(why) > 80 else why})"
+    return r.address
 
 
 def _next_try(when: float | None, now: float) -> str:
