@@ -40,7 +40,7 @@ def stopped(make_appliance) -> Appliance:
         (["chgpje", "--pgm", "QTMSSRCP"], "give at least one of"),
         (["endpj", "--pgm", "QTMSSRCP", "--option", "*NOW"], "*CNTRLD, *IMMED"),
         (["chgpje", "--pgm", "QTMSCCLCP", "--strjobs", "*NO"],
-         "--strjobs: '*NO' is not allowed; allowed: *YES (the SMTP client jobs start with"),
+         "--strjobs: '*NO' is not allowed for QTMSCCLCP; allowed: *YES (the SMTP client jobs"),
         (["endpj", "--pgm", "QTMSSRCP", "--delay", "0"], "--delay"),
         (["strtcpsvr", "--server", "*FTP"], "*SMTP, *POP, *ALL"),
         (["dspactpj"], "--pgm"),
@@ -141,6 +141,18 @@ def test_text_that_is_not_utf8_is_named_in_one_line(stopped, args, stdin, needle
     assert r.returncode == 2 and len(err.strip().splitlines()) == 1, err
     assert needle in err and "Traceback" not in err
     assert "p\\udce9" not in err  # a password is never echoed
+
+
+def test_a_file_with_strjobs_no_for_the_client_entry_still_loads(stopped):
+    """CHGPJE refuses it now, but a file from before, where it did nothing, must not
+    stop the daemon or the CLI that would mend it."""
+    text = stopped.config.read_text()
+    assert "[prestart.QTMSCCLCP]\n" in text
+    stopped.config.write_text(text.replace("[prestart.QTMSCCLCP]\n",
+                                           '[prestart.QTMSCCLCP]\nstrjobs = "*NO"\n'))
+    rc, out, err = stopped.cli("config", "-n")
+    assert rc == 0 and "strjobs" in out, err
+    assert stopped.cli("chgpje", "--pgm", "QTMSCCLCP", "--strjobs", "*YES")[0] == 0
 
 
 def test_a_closed_standard_input_is_named_in_one_line(stopped):

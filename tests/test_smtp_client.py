@@ -555,6 +555,17 @@ class ClientTests(unittest.TestCase):
                     pass  # the descriptor of the listing itself
             return [link for link in links if link.startswith(str(path.parent))]
 
+        from twistmail.smtp import client
+
+        made = []
+
+        def spill(**kw: Any) -> Any:
+            f = real(**kw)
+            made.append(kw["dir"])
+            return f
+
+        real = client.tempfile.TemporaryFile
+        self.patch(client.tempfile, "TemporaryFile", spill)
         plain = self.sink(extensions=("PIPELINING", "SIZE 10000000"))
         result = await deliver(reactor, [plain.hop()], Envelope("me@here.test", ("a@d.test",)),
                                path, "client.test", timeout_scale=0.02)
@@ -562,7 +573,17 @@ class ClientTests(unittest.TestCase):
         # The base64 ends without a line end; DATA gives it one.
         self.assertEqual(plain.messages[0].content, to_7bit(data) + b"\r\n")
         self.assertGreater(len(to_7bit(data)), CHUNK_SIZE)
+        self.assertEqual(made, [path.parent])  # sent from the file beside the message
         self.assertEqual((os.listdir(path.parent), open_there()), (["message"], []))
+
+        def no_room(**kw: Any) -> Any:
+            raise OSError(28, "No space left on device")
+
+        self.patch(client.tempfile, "TemporaryFile", no_room)  # memory will do then
+        result = await deliver(reactor, [plain.hop()], Envelope("me@here.test", ("a@d.test",)),
+                               path, "client.test", timeout_scale=0.02)
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(plain.messages[1].content, to_7bit(data) + b"\r\n")
 
     async def test_an_eightbit_body_without_mime_headers_is_made_mime(self) -> None:
         import email

@@ -866,6 +866,7 @@ def test_notify_never_of_a_client_that_may_not_relay_is_kept():
         (b"MAIL FROM:<a@example.test> RET=BOGUS", "501 5.5.4 Syntax: RET=FULL or RET=HDRS"),
         (b"MAIL FROM:<a@example.test> RET", "501 5.5.4 Syntax: RET=FULL or RET=HDRS"),
         (b"MAIL FROM:<a@example.test> BODY=9BIT", "501 5.5.4 Syntax: BODY=7BIT"),
+        (b"MAIL FROM:<a@example.test> BODY=BINARYMIME", "555 5.5.4 BODY=BINARYMIME is not"),
         (b"RCPT TO:<b@example.test> NOTIFY", "501 5.5.4 NOTIFY takes"),
         (b"MAIL FROM:<a@example.test> RET=FULL RET=HDRS", "501 5.5.4 Parameter RET given twice"),
         (b"RCPT TO:<b@example.test> NOTIFY=NEVER NOTIFY=SUCCESS",

@@ -108,11 +108,6 @@ class PrestartEntry:
     def check(self, pgm: str) -> None:
         """Cross-field rules of CHGPJE; raises SettingError on the offending key."""
         prefix = f"prestart.{pgm}."
-        if pgm == "QTMSCCLCP" and self.strjobs != "*YES":
-            # The bridge owns this entry: its jobs start and end with it.
-            raise SettingError(prefix + "strjobs", self.strjobs,
-                               "*YES (the SMTP client jobs start with the bridge, STRMSF, "
-                               "and end with it, ENDMSF)")
         cap = self.maxjobs
         if cap is not None:
             if self.inljobs > cap:

@@ -303,13 +303,17 @@ def open_directory(what: str, option_of_field: Mapping[str, str] | None = None) 
         ) from None
 
 
+#: Click 8.2 and later raise this for a group given no command; 8.1 prints the help itself.
+_NO_ARGS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
     """Run the CLI; returns the exit status instead of raising SystemExit."""
     try:
         rv = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as e:
         return e.exit_code
-    except click.exceptions.NoArgsIsHelpError as e:  # a group with no command: its help
+    except _NO_ARGS as e:  # a group with no command: its help
         click.echo(e.ctx.get_help())
         return EXIT_USAGE
     except click.NoSuchOption as e:

@@ -95,6 +95,11 @@ def chgpje(pgm: str, **values: str | None) -> None:
             continue
         vtype = configmod.field_type(configmod.PrestartEntry, key)
         changes[f"prestart.{pgm}.{key}"] = value_of(f"--{key}", vtype, raw)
+        if pgm == "QTMSCCLCP" and key == "strjobs" and changes[f"prestart.{pgm}.{key}"] != "*YES":
+            # The bridge owns this entry: its jobs start with it and end with it.
+            # (A file that says *NO still loads: the value has never done anything.)
+            usage_error(f"--strjobs: {raw!r} is not allowed for QTMSCCLCP; allowed: *YES (the "
+                        "SMTP client jobs start with the bridge, STRMSF, and end with it, ENDMSF)")
     if not changes:
         nothing_to_change("give at least one of " + ", ".join("--" + k for k in ENTRY_KEYS))
     settings = app().settings

@@ -180,8 +180,7 @@ def rcvdst(dstid: str | None, usrid: tuple[str, str] | None, usrprf: str | None,
                     f"{entry.address}; qrydst lists them")
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
-        raise Failure(f"distribution not received, it is still queued: {e.strerror or e}"
-                      f"{where}") from None
+        raise Failure(f"distribution not received: {e.strerror or e}{where}") from None
     if outfile is not None:
         click.echo(f"Distribution {dist.dstid} written to {outfile}"
                    + (" and kept." if keep_it == "*YES" else "."))

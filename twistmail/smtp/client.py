@@ -1141,13 +1141,19 @@ class _Conversation(_Opening):
             if size <= CHUNK_SIZE:
                 return attrs.evolve(job, body=b"".join(pieces), converted=None, size=size,
                                     body_8bit=eight)
-            spill = tempfile.TemporaryFile(dir=job.body_path.parent)
+            spill = None
             try:
+                spill = tempfile.TemporaryFile(dir=job.body_path.parent)
                 spill.writelines(pieces)
                 spill.flush()
-            except BaseException:
-                spill.close()
-                raise
+            except BaseException as e:
+                if spill is not None:
+                    spill.close()
+                if not isinstance(e, OSError):
+                    raise
+                # The spool's disk is full: memory will do for this one.
+                return attrs.evolve(job, body=b"".join(pieces), converted=None, size=size,
+                                    body_8bit=eight)
             return attrs.evolve(job, body=None, converted=spill, size=size, body_8bit=eight)
 
         try:

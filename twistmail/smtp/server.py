@@ -871,6 +871,9 @@ class SMTPSession(SequentialSession):
                     self.reply(552, "5.3.4 Message size exceeds fixed maximum message size")
                     return None
             elif key == "BODY":
+                if value is not None and value.upper() == "BINARYMIME":  # RFC 3030: not offered
+                    self.reply(555, "5.5.4 BODY=BINARYMIME is not offered")
+                    return None
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     self.reply(501, "5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME")
                     return None
