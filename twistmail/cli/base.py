@@ -316,31 +316,9 @@ def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
     except _NO_ARGS as e:  # a group with no command: its help
         click.echo(e.ctx.get_help())
         return EXIT_USAGE
-    except click.NoSuchOption as e:
-        name = e.ctx.command_path if e.ctx is not None else prog_name
-        click.echo(f"{name}: {e.option_name}: no such option{_known_options(e)}", err=True)
-        return EXIT_USAGE
-    except click.BadOptionUsage as e:
-        name = e.ctx.command_path if e.ctx is not None else prog_name
-        param = _option(e.ctx, e.option_name)
-        if param is not None and param.nargs > 1:
-            message = f"{e.option_name}: takes {param.nargs} values; allowed: {param.help}"
-        else:
-            message = _one_line(e.format_message())
-        click.echo(f"{name}: {message}", err=True)
-        return EXIT_USAGE
-    except click.MissingParameter as e:  # as other mistakes: the option, what is allowed
-        name = e.ctx.command_path if e.ctx is not None else prog_name
-        param = e.param
-        if isinstance(param, click.Option) and param.help:
-            message = f"{param.opts[0]}: required; allowed: {param.help}"
-        else:
-            message = e.format_message()
-        click.echo(f"{name}: {_one_line(message)}", err=True)
-        return EXIT_USAGE
     except click.UsageError as e:
         name = e.ctx.command_path if e.ctx is not None else prog_name
-        click.echo(f"{name}: {_one_line(e.format_message())}", err=True)
+        click.echo(f"{name}: {_usage_message(e)}", err=True)
         return EXIT_USAGE
     except click.ClickException as e:
         click.echo(f"{prog_name}: {_one_line(e.format_message())}", err=True)
@@ -355,6 +333,20 @@ def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
         click.echo(f"{prog_name}: {e.strerror or e}{where}", err=True)
         return EXIT_FAILED
     return rv if isinstance(rv, int) else 0
+
+
+def _usage_message(e: click.UsageError) -> str:
+    """One line naming the option and what it takes, where click's own line does not."""
+    if isinstance(e, click.NoSuchOption):
+        return f"{e.option_name}: no such option{_known_options(e)}"
+    if isinstance(e, click.BadOptionUsage):
+        param = _option(e.ctx, e.option_name)
+        if param is not None and param.nargs > 1:
+            return f"{e.option_name}: takes {param.nargs} values; allowed: {param.help}"
+    elif isinstance(e, click.MissingParameter):
+        if isinstance(e.param, click.Option) and e.param.help:
+            return f"{e.param.opts[0]}: required; allowed: {e.param.help}"
+    return _one_line(e.format_message())
 
 
 def _option(ctx: click.Context | None, name: str) -> click.Option | None:
