@@ -37,6 +37,7 @@ from twisted.names import client, dns
 from twisted.names import error as dns_error
 
 from twistmail.settingtypes import nameserver_address, parse_hostport
+from twistmail.smtp.address import literal_address
 
 DEFAULT_PORT = 25
 DNS_PORT = 53
@@ -229,11 +230,8 @@ def address_literal(domain: str) -> str | None:
     text = domain.strip()
     if not (text.startswith("[") and text.endswith("]")):
         return None
-    inner = text[1:-1]
     try:
-        if inner[:5].lower() == "ipv6:":
-            return str(ipaddress.IPv6Address(inner[5:]))
-        return str(ipaddress.IPv4Address(inner))
+        return literal_address(text)
     except ValueError:
         raise PermanentRouteError(domain, "not a valid address literal") from None
 

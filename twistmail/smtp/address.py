@@ -103,14 +103,20 @@ def parse_mailbox(text: str) -> Address:
     return Address(local, domain)
 
 
+def literal_address(literal: str) -> str:
+    """The IP address an address literal names (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``).
+
+    ValueError unless it is four octets or an IPv6 form (RFC 5321 §4.1.3).
+    """
+    text = literal.strip()[1:-1]
+    if text[:5].lower() == "ipv6:":
+        return str(ipaddress.IPv6Address(text[5:]))
+    return str(ipaddress.IPv4Address(text))
+
+
 def _literal_ok(literal: str) -> bool:
-    """An address literal names a real address: four octets, or an IPv6 form (§4.1.3)."""
-    text = literal[1:-1]
     try:
-        if text[:5].lower() == "ipv6:":
-            ipaddress.IPv6Address(text[5:])
-        else:
-            ipaddress.IPv4Address(text)
+        literal_address(literal)
     except ValueError:
         return False
     return True
