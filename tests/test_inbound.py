@@ -255,3 +255,41 @@ def test_a_success_report_survives_a_step_that_failed_after_the_delivery(setting
     processor.process(qid)
     texts = [fq.body_path(n, QTMSINQ).read_bytes() for n in fq.list(QTMSINQ)]
     assert any(b"Action: delivered" in t for t in texts)
+
+
+def test_reports_other_than_failures_return_headers_and_no_7u(settings):
+    """RET=FULL asks for the whole message back on failure only (RFC 3461 §4.3);
+    mail from <> gets no report, and only a failure's is an undeliverable
+    notice deleted (7U)."""
+    import email
+    import email.policy
+
+    from twistmail.journal import read_entries
+
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "sam@example.test")
+    import attrs
+
+    env = fq.load(QTMSINQ, qid)
+    env = env.evolve(ret="FULL", recipients=tuple(
+        attrs.evolve(r, notify=("SUCCESS", "DELAY", "FAILURE")) for r in env.recipients))
+    directory = SqliteDirectory.from_settings(settings)
+    body = fq.body_path(qid, QTMSINQ)
+    kinds = {}
+    for action in ("delivered", "relayed", "delayed", "failed"):
+        report = [Failure("sam@example.test", "2.0.0", "250 2.0.0 ok", action)]
+        nid = queue_notice(fq, directory, processor.journal, settings.hostname, env, report,
+                           body)
+        msg = email.message_from_bytes(fq.body_path(nid, QTMSINQ).read_bytes(),
+                                       policy=email.policy.default)
+        kinds[action] = list(msg.iter_parts())[2].get_content_type()
+    assert kinds == {"delivered": "text/rfc822-headers", "relayed": "text/rfc822-headers",
+                     "delayed": "text/rfc822-headers", "failed": "message/rfc822"}
+    bounce = env.evolve(originator="")
+    for action in ("relayed", "failed"):
+        report = [Failure("sam@example.test", "2.0.0", "250 2.0.0 ok", action)]
+        assert queue_notice(fq, directory, processor.journal, settings.hostname, bounce,
+                            report, body) is None
+    processor.journal.flush()
+    assert len(list(read_entries(processor.journal.directory, ["7U"]))) == 1

@@ -126,3 +126,18 @@ def test_a_returned_original_holding_the_boundary_does_not_end_the_notice():
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     _, _, returned = msg.iter_parts()
     assert "after" in returned.get_payload()[0].get_content()  # the whole original, inside
+
+
+def test_diagnostics_that_are_not_smtp_replies_say_so():
+    """RFC 3464 §2.3.6: type smtp carries an SMTP reply; our own words are X-Twistmail."""
+    raw = build_notice(
+        hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
+        originator="jane@example.test", arrival=1_700_000_000.0,
+        failures=[Failure("a@x.test", "5.1.1", "550 5.1.1 user unknown"),
+                  Failure("b@x.test", "4.4.1", "4.4.1 connection refused by x.test")],
+        headers=b"", message_id=None,
+    )
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    blocks = list(msg.iter_parts())[1].get_payload()[1:]
+    assert [b["Diagnostic-Code"] for b in blocks] == [
+        "smtp; 550 5.1.1 user unknown", "X-Twistmail; 4.4.1 connection refused by x.test"]

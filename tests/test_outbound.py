@@ -856,3 +856,16 @@ def test_nothing_is_held_back_while_the_queue_is_held(manager):
     _answer_unreachable(manager, tasks)
     assert set(waiting) <= set(manager.backlog) and not manager.failing
     assert set(waiting).isdisjoint(manager.queue.list(QTMSRTQ1))
+
+
+def test_the_status_of_a_notice_is_the_one_the_reply_gave():
+    """A temporary code stays temporary when the retries run out (as the delay notice
+    said); only the word where RFC 3463 puts it counts."""
+    from twistmail.bridge.outbound import _status
+
+    assert _status("451 4.3.0 busy (retries exhausted)") == "4.3.0"
+    assert _status("550 5.1.1 user unknown") == "5.1.1"
+    assert _status("4.4.1 connection refused") == "4.4.1"
+    assert _status("550 Server v2.0.1 refuses you") == "5.0.0"
+    assert _status("451 5.1.1 mixed classes") == "5.0.0"
+    assert _status(None) == "5.0.0"

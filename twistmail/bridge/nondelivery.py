@@ -4,8 +4,10 @@ The notice goes to the originator with a null reverse-path, so that a notice
 about a notice can never be sent (RFC 5321 §6.1); a copy goes to the
 NONDELIVERY user profile when one is enrolled, as IBM i does.  It carries a
 human-readable part, the machine-readable ``message/delivery-status`` part,
-and the headers of the original message (``text/rfc822-headers``, RFC 6522), never
-the whole original, so a notice cannot be used to reflect large payloads.
+and the headers of the original message (``text/rfc822-headers``, RFC 6522).
+The whole original comes back only in a failure notice whose sender asked
+for it (DSN RET=FULL, honoured for clients that may relay), so a notice
+cannot be used to reflect large payloads.
 """
 
 from __future__ import annotations
@@ -166,10 +168,18 @@ def _status_part(hostname: str, queue_id: str, arrival: float,
             ("Final-Recipient", _address_field(f.address)),
             ("Action", f.action),
             ("Status", f.status),
-            ("Diagnostic-Code", f"smtp; {_ascii_line(f.diagnostic)}"),
+            ("Diagnostic-Code", _diagnostic(f.diagnostic)),
             *tried,
         ]))
     return part
+
+
+def _diagnostic(text: str) -> str:
+    """An SMTP reply as type ``smtp``; our own words (a refused connection, a local
+    delivery) as ``X-Twistmail``, as Postfix writes ``X-Postfix`` (RFC 3464 §2.3.6)."""
+    line = _ascii_line(text)
+    kind = "smtp" if re.match(r"[2-5]\d\d(?:[ -]|$)", line) else "X-Twistmail"
+    return f"{kind}; {line}"
 
 
 def _fields(pairs: list[tuple[str, str]]) -> Message:
@@ -278,11 +288,12 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
     from twistmail.interfaces import QTMSINQ
     from twistmail.queue import Envelope, Recipient
 
-    if not env.originator:
-        journal.write("7U", f"7U DEL {env.id}", env.id, reason="null reverse-path",
-                      recipients=[f.address for f in failures])
-        return None
     kind = failures[0].action if failures else "failed"
+    if not env.originator:
+        if kind == "failed":  # 7U: an undeliverable notice deleted; other reports just go
+            journal.write("7U", f"7U DEL {env.id}", env.id, reason="null reverse-path",
+                          recipients=[f.address for f in failures])
+        return None
     keyword = REPORTS[kind][2]
     unwanted = [f.address for f in failures if not wants_notice(env, f.address, keyword)]
     orcpts = {r.address: r.orcpt for r in env.recipients if r.orcpt}
@@ -304,7 +315,10 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
                   envid=env.envid, nid=nid)
     try:
         data = build_notice(headers=original_headers(body),
-                            full=_full_original(body) if env.ret == "FULL" else None, **fields)
+                            # RET asks for the whole message back on failure only
+                            # (RFC 3461 §4.3): success and delay reports carry headers.
+                            full=_full_original(body) if env.ret == "FULL" and kind == "failed"
+                            else None, **fields)
     except (ValueError, TypeError, LookupError, email.errors.MessageError):
         # Whatever of the original the email package cannot carry, the notice
         # goes without it: a notice that cannot be made would hold the message.

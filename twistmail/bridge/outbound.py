@@ -1192,9 +1192,21 @@ def _in_node(address: str, nodes: set[str]) -> bool:
 
 
 def _status(error: str | None) -> str:
-    """The enhanced status code in a recorded reply, for the notice."""
-    for word in (error or "").split():
-        parts = word.split(".")
-        if len(parts) == 3 and all(p.isdigit() for p in parts) and word[0] in "245":
-            return "5" + word[1:] if word[0] == "4" else word
+    """The enhanced status code of a recorded reply (``451 4.3.0 ...``) or of our own
+    words (``4.4.1 ...``), for the notice; 5.0.0 when it has none.
+
+    A temporary code stays temporary when the retries run out: the failure
+    reports what the last try said, as the delay notice did (and Postfix).
+    Only the word where RFC 3463 puts it counts, in the class of the reply.
+    """
+    words = (error or "").split()
+    if words and len(words[0]) == 3 and words[0].isdigit():
+        reply, words = words[0], words[1:]
+    else:
+        reply = ""
+    if words:
+        parts = words[0].split(".")
+        if (len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in ("2", "4", "5")
+                and (not reply or reply[0] == parts[0])):
+            return words[0]
     return "5.0.0"
