@@ -867,5 +867,6 @@ def test_the_status_of_a_notice_is_the_one_the_reply_gave():
     assert _status("550 5.1.1 user unknown") == "5.1.1"
     assert _status("4.4.1 connection refused") == "4.4.1"
     assert _status("550 Server v2.0.1 refuses you") == "5.0.0"
-    assert _status("451 5.1.1 mixed classes") == "5.0.0"
+    assert _status("451 5.1.1 mixed classes") == "4.0.0"
+    assert _status("451 Try later") == "4.0.0"
     assert _status(None) == "5.0.0"

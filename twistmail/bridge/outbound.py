@@ -1193,7 +1193,8 @@ def _in_node(address: str, nodes: set[str]) -> bool:
 
 def _status(error: str | None) -> str:
     """The enhanced status code of a recorded reply (``451 4.3.0 ...``) or of our own
-    words (``4.4.1 ...``), for the notice; 5.0.0 when it has none.
+    words (``4.4.1 ...``), for the notice; without one, the reply's class (``451 Try
+    later`` is 4.0.0), else 5.0.0.
 
     A temporary code stays temporary when the retries run out: the failure
     reports what the last try said, as the delay notice did (and Postfix).
@@ -1209,4 +1210,4 @@ def _status(error: str | None) -> str:
         if (len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] in ("2", "4", "5")
                 and (not reply or reply[0] == parts[0])):
             return words[0]
-    return "5.0.0"
+    return f"{reply[0]}.0.0" if reply[:1] in ("2", "4", "5") else "5.0.0"
