@@ -90,7 +90,10 @@ class Command(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
             if not ctx.meta.get(FROM_CL):  # CL text is checked in its own terms
-                _check_shape(self.get_params(ctx), args)
+                # A group's own options come before its command: what follows is
+                # the command's to check.
+                _check_shape(self.get_params(ctx), args, until_argument=isinstance(
+                    self, click.Group))
             return super().parse_args(ctx, args)
         except click.UsageError as e:
             if e.ctx is None:
@@ -103,7 +106,8 @@ class Group(Command, click.Group):
     group_class = type  # subgroups (dcm) are Groups too
 
 
-def _check_shape(params: list[click.Parameter], args: list[str]) -> None:
+def _check_shape(params: list[click.Parameter], args: list[str],
+                 until_argument: bool = False) -> None:
     """An option given twice, or another option where its value should be: a usage error."""
     options = {name: p for p in params if isinstance(p, click.Option)
                for name in (*p.opts, *p.secondary_opts)}
@@ -114,6 +118,8 @@ def _check_shape(params: list[click.Parameter], args: list[str]) -> None:
         at += 1
         param = options.get(name)
         if param is None:
+            if until_argument and not name.startswith("-"):
+                break
             continue
         if not param.is_flag and not param.count and not eq:
             for value in args[at: at + param.nargs]:
