@@ -79,6 +79,7 @@ def test_permanent_failure_makes_one_notice(make_appliance, sink):
     raw = notice.read_bytes()
     assert b"Final-Recipient: rfc822; bad@remote.test" in raw and b"good@remote.test" not in \
         raw.split(b"message/delivery-status")[1].split(b"text/rfc822-headers")[0]
+    assert b"\r\nRemote-MTA: dns; 127.0.0.1\r\n" in raw  # the router that refused it
     assert {"83", "87", "AP"} <= {e["code"] for e in a.journal()}
     a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 10)
 
@@ -272,6 +273,9 @@ def test_dsn_success_relayed_and_delay_notices(make_appliance, sink):
         for p in reports for line in p.read_bytes().split(b"\r\n")
         if line.startswith(b"Action:"))
     assert actions == ["delayed", "delivered", "relayed"]
+    # The server's name goes with what it answered, not with a local delivery.
+    mtas = sorted(b"Remote-MTA: dns; 127.0.0.1" in p.read_bytes() for p in reports)
+    assert mtas == [False, True, True]
 
 
 

@@ -141,3 +141,17 @@ def test_diagnostics_that_are_not_smtp_replies_say_so():
     blocks = list(msg.iter_parts())[1].get_payload()[1:]
     assert [b["Diagnostic-Code"] for b in blocks] == [
         "smtp; 550 5.1.1 user unknown", "X-Twistmail; 4.4.1 connection refused by x.test"]
+
+
+def test_a_reply_from_a_server_names_it_as_remote_mta():
+    """RFC 3464 §2.3.5: a failure reported by the server we relayed to names it."""
+    raw = build_notice(
+        hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
+        originator="jane@example.test", arrival=1_700_000_000.0,
+        failures=[Failure("a@x.test", "5.1.1", "550 5.1.1 user unknown", mta="mx1.x.test"),
+                  Failure("b@x.test", "4.4.1", "4.4.1 connection refused by x.test")],
+        headers=b"", message_id=None,
+    )
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    blocks = list(msg.iter_parts())[1].get_payload()[1:]
+    assert [b["Remote-MTA"] for b in blocks] == ["dns; mx1.x.test", None]

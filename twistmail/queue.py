@@ -214,6 +214,8 @@ class Recipient:
     kind: str = attrs.field(default="to", validator=_str)
     attempts: int = attrs.field(default=0, validator=_count)
     last_error: str | None = attrs.field(default=None, validator=_opt_str)
+    #: The server whose reply ``last_error`` quotes: a notice's Remote-MTA.
+    mta: str | None = attrs.field(default=None, validator=_opt_str)
     resolved: str | None = attrs.field(default=None, validator=_opt_str)
     delivered_at: float | None = attrs.field(default=None, converter=_optional_number)
 

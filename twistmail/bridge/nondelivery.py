@@ -42,6 +42,7 @@ class Failure:
     diagnostic: str  # the reply or reason, one line
     action: str = "failed"  # RFC 3464 Action: failed, delayed, delivered, relayed
     orcpt: str | None = None  # the client's ORCPT, "addr-type;address"
+    mta: str | None = None  # the server whose reply ``diagnostic`` is, if any
 
 
 #: What each kind of report says, and which NOTIFY keyword asks for it.
@@ -168,6 +169,8 @@ def _status_part(hostname: str, queue_id: str, arrival: float,
             ("Final-Recipient", _address_field(f.address)),
             ("Action", f.action),
             ("Status", f.status),
+            # RFC 3464 §2.3.5: an attempt to relay over SMTP names the server.
+            *([("Remote-MTA", f"dns; {_ascii_line(f.mta)}")] if f.mta else []),
             ("Diagnostic-Code", _diagnostic(f.diagnostic)),
             *tried,
         ]))
@@ -296,8 +299,9 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
         return None
     keyword = REPORTS[kind][2]
     unwanted = [f.address for f in failures if not wants_notice(env, f.address, keyword)]
-    orcpts = {r.address: r.orcpt for r in env.recipients if r.orcpt}
-    failures = [attrs.evolve(f, orcpt=f.orcpt or orcpts.get(f.address))
+    known = {r.address: r for r in env.recipients}
+    failures = [attrs.evolve(f, orcpt=f.orcpt or getattr(known.get(f.address), "orcpt", None),
+                             mta=f.mta or getattr(known.get(f.address), "mta", None))
                 for f in failures if f.address not in unwanted]
     if unwanted and kind == "failed":
         journal.write("7U", f"7U DEL {env.id}", env.id, reason="DSN NOTIFY excludes FAILURE",

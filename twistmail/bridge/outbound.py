@@ -1018,13 +1018,13 @@ class OutboundManager:
                 recipients.append(r)
             elif o["status"] == "delivered":
                 recipients.append(r.evolve(state=DELIVERED, delivered_at=now,
-                                           attempts=r.attempts + 1))
+                                           attempts=r.attempts + 1, mta=_mta(o)))
             elif o["status"] == "permanent":
                 recipients.append(r.evolve(state=FAILED, attempts=r.attempts + 1,
-                                           last_error=f"{o['code']} {o['text']}"))
+                                           last_error=f"{o['code']} {o['text']}", mta=_mta(o)))
             else:
                 recipients.append(r.evolve(attempts=r.attempts + 1,
-                                           last_error=f"{o['code']} {o['text']}"))
+                                           last_error=f"{o['code']} {o['text']}", mta=_mta(o)))
         env = env.with_recipients(recipients)
         if result.get("dsn") is False:
             # The next hop takes no DSN: SUCCESS requests end here, as "relayed".
@@ -1142,6 +1142,12 @@ class OutboundManager:
         if attempts <= first_count + second_count:
             return QTMSRTQ2, "8D", second_unit
         return None
+
+
+def _mta(outcome: dict[str, Any]) -> str | None:
+    """The server a recipient's outcome came from; None when it is our own words."""
+    mta = outcome.get("mta")
+    return mta if isinstance(mta, str) and mta else None
 
 
 def _answer(line: bytes) -> dict[str, Any]:

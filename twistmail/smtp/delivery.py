@@ -155,6 +155,8 @@ class Deliverer:
                 self.journal.write("82", f"82 R {r.address}", qid, recipient=r.address)
             out.append({"address": r.address, "status": r.status, "code": r.code,
                         "text": r.text})
+            if r.remote and result.hop is not None:
+                out[-1]["mta"] = result.hop.host
         rcpts = result.recipients
         trouble = rcpts[0] if rcpts and all(
             r.status == client.TEMPORARY and not r.remote for r in rcpts) else None
