@@ -9,6 +9,7 @@ end of data (SMTP smuggling).
 from __future__ import annotations
 
 import re
+import types
 
 import attrs
 import pytest
@@ -448,6 +449,23 @@ def test_a_job_ended_while_serving_says_421_first():
     s.proto.shutdown_notice()
     assert s.replies() == ["421 4.3.2 mail.example.test Service shutting down, try again later"]
     assert s.tr.disconnecting
+
+
+def test_a_job_ended_while_a_message_is_queued_gives_its_250_before_the_421():
+    """A 421 first would make the client send again a message that is queued."""
+    s = Session()
+    s.start()
+    s.backend.async_commit = True
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.replies()
+    s.send(b"body\r\n.\r\nMAIL FROM:<b@example.test>\r\n")
+    waiting = s.proto.shutdown_notice()
+    assert waiting is not None and not waiting.called and s.replies() == []
+    s.backend.release()
+    assert waiting.called
+    assert s.replies() == ["250 2.0.0 Ok: queued as q1",
+                           "421 4.3.2 mail.example.test Service shutting down, try again later"]
+    assert s.tr.disconnecting and len(s.backend.queued) == 1  # the pipelined MAIL not read
 
 
 def test_a_last_reply_that_cannot_leave_does_not_hold_the_job():
@@ -948,3 +966,20 @@ def test_a_cut_while_a_message_is_received_or_queued_comes_after_its_250():
     assert s.codes() == [250, 250, 354] and not s.tr.disconnecting
     s.backend.release()
     assert s.codes() == [250, 421] and s.tr.disconnecting
+
+
+def test_the_job_shutdown_waits_for_the_reply_due_first_but_not_for_ever():
+    from twistmail.prestart import job as jobmod
+
+    s = Session()
+    s.start()
+    clock = Clock()
+    j = types.SimpleNamespace(stopping=False, reactor=clock, _session=lambda: s.proto)
+    s.backend.async_commit = True
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\nx\r\n.\r\n")
+    waiting = jobmod.Job.shutting_down(j)
+    assert waiting is not None and not waiting.called
+    clock.advance(jobmod.SHUTDOWN_WAIT)
+    assert waiting.called  # a commit that never ends does not hold the shutdown
+    s.backend.release()
+    assert s.codes()[-2:] == [250, 421]

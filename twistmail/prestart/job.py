@@ -18,6 +18,7 @@ import socket
 import sys
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IFileDescriptorReceiver
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
@@ -29,6 +30,8 @@ from twistmail.prestart import channel
 from twistmail.protocols.writenow import write_now
 
 CHANNEL_FD = 3
+#: Seconds a shutdown waits for a reply due before the 421 (a message being queued).
+SHUTDOWN_WAIT = 10.0
 IMPLICIT_TLS = {"smtps", "pop3s"}
 
 
@@ -275,11 +278,18 @@ class Job:
             else:
                 self.reactor.stop()
 
-    def shutting_down(self) -> None:
+    def shutting_down(self) -> defer.Deferred | None:
+        """Tell the client; the reactor's shutdown waits (a while) for a reply due first."""
         self.stopping = True
         session = self._session()
-        if session is not None:  # ended while serving (ENDPJ's delay is over, a shutdown)
-            session.shutdown_notice()
+        if session is None:
+            return None
+        # Ended while serving (ENDPJ's delay is over, a shutdown).
+        d = session.shutdown_notice()
+        if d is None:
+            return None
+        d.addTimeout(SHUTDOWN_WAIT, self.reactor)
+        return d.addErrback(lambda _: None)
 
 
 def main(argv: list[str] | None = None) -> int:

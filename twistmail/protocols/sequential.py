@@ -56,8 +56,12 @@ class SequentialSession(Protocol):
     def signed_on(self) -> bool:
         raise NotImplementedError
 
-    def shutdown_notice(self) -> None:
-        """The job is being ended (ENDPJ after its delay, a shutdown): say so, then close."""
+    def shutdown_notice(self) -> defer.Deferred | None:
+        """The job is being ended (ENDPJ after its delay, a shutdown): say so, then close.
+
+        A Deferred when the notice waits for a step under way; the job's
+        shutdown waits for it (a bounded time).
+        """
         raise NotImplementedError
 
     def cut_off(self) -> None:
