@@ -293,3 +293,21 @@ def test_reports_other_than_failures_return_headers_and_no_7u(settings):
                             report, body) is None
     processor.journal.flush()
     assert len(list(read_entries(processor.journal.directory, ["7U"]))) == 1
+
+
+def test_a_message_too_large_to_return_in_full_says_so(settings, monkeypatch):
+    """RET=FULL of a message over the limit: its header, and a line that says why."""
+    from twistmail.bridge import nondelivery
+
+    monkeypatch.setattr(nondelivery, "MAX_RETURNED", 10)
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "nobody@example.test")
+    env = fq.load(QTMSINQ, qid).evolve(ret="FULL")
+    nid = queue_notice(fq, SqliteDirectory.from_settings(settings), processor.journal,
+                       settings.hostname, env,
+                       [Failure("nobody@example.test", "5.1.1", "550 5.1.1 user unknown")],
+                       fq.body_path(qid, QTMSINQ))
+    raw = fq.body_path(nid, QTMSINQ).read_bytes()
+    assert b"text/rfc822-headers" in raw and b"message/rfc822" not in raw
+    assert b"only its header is returned" in raw.replace(b"\r\n", b" ")

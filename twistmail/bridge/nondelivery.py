@@ -101,8 +101,12 @@ def build_notice(
     full: bytes | None = None,
     envid: str | None = None,
     nid: str | None = None,
+    withheld: bool = False,
 ) -> bytes:
-    """The notice as wire bytes (CRLF line ends); ``nid`` is its own queue id."""
+    """The notice as wire bytes (CRLF line ends); ``nid`` is its own queue id.
+
+    ``withheld``: RET=FULL asked for the message, too large to go back.
+    """
     kind = failures[0].action if failures else "failed"
     nid = nid or notice_id(queue_id, kind, (f.address for f in failures))
     subject, intro, _ = REPORTS[kind]
@@ -124,6 +128,8 @@ def build_notice(
         f"For help, write to the postmaster of {hostname} and quote the\n"
         f"queue id {queue_id}.\n\n"
         f"{listing}\n"
+        + (f"\nThe message is larger than {MAX_RETURNED // (1024 * 1024)} MiB: only its"
+           " header is returned.\n" if withheld else "")
     )
     msg.make_mixed()
     msg.replace_header(
@@ -317,12 +323,13 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
     fields = dict(hostname=hostname, queue_id=env.id, originator=env.originator,
                   arrival=env.received, failures=failures, message_id=env.message_id,
                   envid=env.envid, nid=nid)
+    # RET asks for the whole message back on failure only (RFC 3461 §4.3):
+    # success and delay reports carry headers.
+    wanted = env.ret == "FULL" and kind == "failed"
     try:
-        data = build_notice(headers=original_headers(body),
-                            # RET asks for the whole message back on failure only
-                            # (RFC 3461 §4.3): success and delay reports carry headers.
-                            full=_full_original(body) if env.ret == "FULL" and kind == "failed"
-                            else None, **fields)
+        full = _full_original(body) if wanted else None
+        data = build_notice(headers=original_headers(body), full=full,
+                            withheld=wanted and full is None, **fields)
     except (ValueError, TypeError, LookupError, email.errors.MessageError):
         # Whatever of the original the email package cannot carry, the notice
         # goes without it: a notice that cannot be made would hold the message.
