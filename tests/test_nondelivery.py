@@ -111,6 +111,7 @@ def test_ret_full_returns_the_original_byte_for_byte_but_its_bcc():
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     _, _, returned = msg.iter_parts()
     assert returned.get_content_type() == "message/rfc822"
+    assert returned["Content-Transfer-Encoding"] == "8bit"  # the original is 8-bit
     inner = returned.get_payload()[0]
     assert inner["Subject"] == "hi" and inner["X-Odd"].strip() == "value  with  spaces"
 

@@ -147,7 +147,7 @@ def build_notice(
     if not original.endswith(b"\r\n"):
         original += b"\r\n"
     marker = f"X-Twistmail-Returned: {nid}".encode()
-    msg.attach(_message_part(marker + b"\r\n\r\n"))
+    msg.attach(_message_part(marker + b"\r\n\r\n", eightbit=not original.isascii()))
     data = msg.as_bytes(policy=_WIRE)
     # The original goes back byte for byte (its signatures still verify),
     # not as the email package would write it again.
@@ -217,11 +217,17 @@ def _headers_part(headers: bytes) -> Message:
     return part
 
 
-def _message_part(full: bytes) -> Message:
-    """DSN RET=FULL: the whole original message (RFC 3462 message/rfc822)."""
+def _message_part(full: bytes, eightbit: bool = False) -> Message:
+    """DSN RET=FULL: the whole original message (RFC 3462 message/rfc822).
+
+    An 8-bit original is labelled so (RFC 2046 §5.2.1 allows no other
+    encoding for it); a server without 8BITMIME gets its parts converted.
+    """
     part = Message()
     part["Content-Type"] = "message/rfc822"
     part["Content-Description"] = "Undelivered message"
+    if eightbit:
+        part["Content-Transfer-Encoding"] = "8bit"
     part.set_payload([email.message_from_bytes(full, policy=email.policy.compat32)])
     return part
 
