@@ -983,3 +983,14 @@ def test_the_job_shutdown_waits_for_the_reply_due_first_but_not_for_ever():
     assert waiting.called  # a commit that never ends does not hold the shutdown
     s.backend.release()
     assert s.codes()[-2:] == [250, 421]
+
+
+def test_a_shutdown_waiting_for_a_reply_ends_with_the_connection():
+    s = Session()
+    s.start()
+    s.backend.async_commit = True
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\nx\r\n.\r\n")
+    waiting = s.proto.shutdown_notice()
+    s.proto.connectionLost(None)
+    assert waiting.called
+    s.backend.release()  # the commit ends later: nothing to answer, nothing raised

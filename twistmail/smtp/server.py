@@ -343,6 +343,9 @@ class SMTPSession(SequentialSession):
     def connectionLost(self, reason: object = None) -> None:
         self.closing = True
         self.cancel_timeout()
+        pending, self.shutdown_pending = self.shutdown_pending, None
+        if pending is not None:  # nobody is left to tell
+            pending.callback(None)
         if self.data is not None:
             self.data.spool.abort()
             self.data = None
