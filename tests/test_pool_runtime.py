@@ -435,6 +435,8 @@ def test_a_stopping_daemon_refuses_changes_but_still_shows_its_state(make_applia
         assert rc == 1 and "the twistmail daemon is stopping" in err
         assert a.control("status")["pid"] == a.proc.pid
         assert "smtp" not in a.control("status")["listeners"]
+        rc, out, err = a.cli("status")
+        assert rc == 0 and out.startswith(f"twistmail daemon stopping, pid {a.proc.pid}\n")
 
 
 def test_shutdown_leaves_no_status_file_of_a_bridge_killed_before_it(appliance):

@@ -236,7 +236,8 @@ def status(as_json: bool) -> None:
     if as_json:
         emit_record(result, [], True)
         return
-    click.echo(f"twistmail daemon running, pid {result['pid']}")
+    state = "stopping" if result.get("stopping") else "running"
+    click.echo(f"twistmail daemon {state}, pid {result['pid']}")
     for srv, on in result["servers"].items():
         click.echo(f"  {srv:6} {'started' if on else 'ended'}")
     for name, addr in result["listeners"].items():

@@ -424,6 +424,7 @@ class Controller(service.Service):
     def cmd_status(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
+            "stopping": not self.running,
             "config": self.config_path,
             "servers": dict(self.servers),
             "listeners": {n: lst.address for n, lst in self.listeners.items()},
