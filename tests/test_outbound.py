@@ -870,3 +870,11 @@ def test_the_status_of_a_notice_is_the_one_the_reply_gave():
     assert _status("451 5.1.1 mixed classes") == "4.0.0"
     assert _status("451 Try later") == "4.0.0"
     assert _status(None) == "5.0.0"
+
+
+def test_a_delay_notice_keeps_the_reply_status_in_class_4():
+    from twistmail.bridge.outbound import _delayed_status
+
+    assert _delayed_status("452 4.5.3 Too many recipients") == "4.5.3"
+    assert _delayed_status("550 5.5.0 odd") == "4.5.0"  # a permanent code never delays
+    assert _delayed_status("4.4.1 connection refused") == "4.4.1"

@@ -1104,7 +1104,7 @@ class OutboundManager:
             if queue_name == QTMSRTQ2 and not delay_noticed:
                 # Once, as the message enters the second-level retries; not
                 # at each of them (RTYDAY/RTYHOUR may be many).
-                delayed = [Failure(r.address, _status(r.last_error).replace("5.", "4.", 1),
+                delayed = [Failure(r.address, _delayed_status(r.last_error),
                                    r.last_error or "still being retried", "delayed")
                            for r in pending]
                 queue_notice(self.queue, self.directory, self.journal,
@@ -1142,6 +1142,12 @@ class OutboundManager:
         if attempts <= first_count + second_count:
             return QTMSRTQ2, "8D", second_unit
         return None
+
+
+def _delayed_status(error: str | None) -> str:
+    """A delay notice's status: the reply's own, in class 4 (4.5.3 stays 4.5.3)."""
+    status = _status(error)
+    return "4" + status[1:] if status.startswith("5.") else status
 
 
 def _mta(outcome: dict[str, Any]) -> str | None:
