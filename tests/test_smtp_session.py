@@ -994,3 +994,11 @@ def test_a_shutdown_waiting_for_a_reply_ends_with_the_connection():
     s.proto.connectionLost(None)
     assert waiting.called
     s.backend.release()  # the commit ends later: nothing to answer, nothing raised
+
+
+def test_etrn_for_a_queue_name_is_valid_syntax_that_is_not_served():
+    """RFC 1985 §5: "#name" names a queue; this server starts queues by domain only."""
+    s = Session(etrnsvr=True)
+    s.start()
+    s.send(b"ETRN #outbound\r\nETRN #\r\nETRN a b\r\n")
+    assert s.codes() == [458, 501, 501]

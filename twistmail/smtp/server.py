@@ -697,6 +697,11 @@ class SMTPSession(SequentialSession):
             return None
         # "@domain" asks for the domain and its subdomains, "domain" for that node only.
         node = arg.strip()
+        if node.startswith("#") and len(node) > 1 and " " not in node:
+            # RFC 1985 §5: a queue name is valid syntax; this server keeps none.
+            self.reply(458, f"4.5.1 Unable to queue messages for node {node}: "
+                       "queues are started by domain only")
+            return None
         if not node.lstrip("@") or " " in node or node.startswith(("#", "@@")):
             self.reply(501, "5.5.4 Syntax: ETRN domain")
             return None
