@@ -640,6 +640,17 @@ class ClientTests(unittest.TestCase):
         self.assertFalse(result.recipients[0].remote)
         self.assertFalse(any(a.answered for a in result.attempts), "no server is up")
 
+    async def test_all_hops_failing_name_each_in_the_recipient_error(self) -> None:
+        """The journal and WRKQ show one line: the primary MX's error is in it too."""
+        first = Hop("mx10.d.test", "127.0.0.1", closed_port(), 10)
+        busy = self.sink(greeting="421 4.3.2 too busy")
+        result = await self.send([first, busy.hop()])
+        text = result.recipients[0].text
+        self.assertTrue(text.startswith("4.4.1 sink.test[127.0.0.1]:"), text)
+        self.assertIn(" greeted with: 421 4.3.2 too busy; ", text)
+        self.assertIn("; tried before it: 4.4.1 ", text)
+        self.assertIn("mx10.d.test", text)
+
     async def test_greeting_4xx_moves_to_next_hop(self) -> None:
         busy = self.sink(greeting="421 4.3.2 too busy")
         good = self.sink()

@@ -91,6 +91,8 @@ MAX_REPLY_LINE = 4096  # longer reply lines are a protocol violation
 MAX_REPLY_LINES = 200
 MAX_QUEUED_REPLIES = 1000
 MAX_PATH = 256
+#: Longest account of the hops that all failed (a recipient's last error).
+MAX_WHY = 900
 NOTIFY_VALUES = ("SUCCESS", "FAILURE", "DELAY", "NEVER")
 
 log = Logger()
@@ -1380,13 +1382,27 @@ async def _deliver(reactor: Any, hops: list[Hop], job: _Job, options: _Options,
             )
         log.info("delivery via {where} failed: {error}", where=hop.address, error=outcome.error)
         attempts.append(HopAttempt(hop, outcome.error or "failed", outcome.answered))
-    text = attempts[-1].error if attempts else "4.4.4 No hop to deliver to"
+    text = _none_took_it(attempts)
     results = tuple(
         done or RecipientResult(r.address, TEMPORARY, 451, text, remote=False)
         for r, done in zip(job.envelope.recipients, job.presettled, strict=True)
     )
     last = attempts[-1].hop if attempts else None
     return DeliveryResult(results, None, last.address if last else None, attempts=tuple(attempts))
+
+
+def _none_took_it(attempts: list[HopAttempt]) -> str:
+    """Why no hop took the message: the last one's error, then the others' in order.
+
+    The journal and WRKQ show this one line; with only the last backup MX
+    in it, the administrator would not learn why the primary failed.
+    """
+    if not attempts:
+        return "4.4.4 No hop to deliver to"
+    text = attempts[-1].error
+    if len(attempts) > 1:
+        text += "; tried before it: " + "; ".join(a.error for a in attempts[:-1])
+    return text if len(text) <= MAX_WHY else text[:MAX_WHY - 3] + "..."
 
 
 async def _attempt(
