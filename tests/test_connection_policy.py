@@ -178,3 +178,59 @@ def test_block_lists_without_name_servers_ask_the_system_s():
         call.cancel()
     assert make_resolver(clock, ("127.0.0.1:5353", "[::1]")).servers == [
         ("127.0.0.1", 5353), ("::1", 53)]
+
+
+def test_a_client_at_its_session_limit_waits_a_moment_for_one_to_end(tmp_path):
+    """A client that closes and connects again at once was refused while its job
+    had not yet reported the end of the last session: under the limit, refused."""
+    from twisted.internet.task import Clock
+
+    from twistmail import config as configmod
+    from twistmail.policy.connection import PERIP_GRACE, ConnectionPolicy, Verdict
+
+    path = tmp_path / "twistmail.toml"
+    path.write_text(f'[system]\ndatadir = "{tmp_path}"\n[limits]\nmaxconnperip = 2\n')
+    clock = Clock()
+    policy = ConnectionPolicy(clock, configmod.load(path), None, None)
+    assert policy.check("192.0.2.1", smtp=True) is None
+    assert policy.check("192.0.2.1", smtp=True) is None
+    third = policy.check("192.0.2.1", smtp=True)
+    fourth = policy.check("192.0.2.1", smtp=True)
+    flood = policy.check("192.0.2.1", smtp=True)  # as many wait as the limit: refused
+    assert isinstance(flood, Verdict) and flood.reply.startswith("421 4.7.0 ")
+    assert policy.check("192.0.2.2", smtp=True) is None  # other clients are not held
+    got = []
+    third.addCallback(got.append)
+    fourth.addCallback(got.append)
+    policy.closed("192.0.2.1")  # the end of a session reaches the controller
+    assert got == [None]  # in: the third, in its turn
+    clock.advance(PERIP_GRACE)
+    assert len(got) == 2 and isinstance(got[1], Verdict)  # no session ended for it
+    assert not policy.room and not clock.getDelayedCalls()
+
+
+def test_clients_reconnecting_at_once_under_the_limit_are_not_refused(make_appliance):
+    """Six connections at a time, each ended (221) before the next: never ten open."""
+    import collections
+    import threading
+
+    a = make_appliance(limits={"maxconnperip": 10}).start()
+    seen: collections.Counter[bytes] = collections.Counter()
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(15):
+            with socket.create_connection(a.addr("smtp"), timeout=30) as s:
+                greeting = read_reply(s)
+                if greeting.startswith(b"220 "):
+                    s.sendall(b"QUIT\r\n")
+                    read_reply(s)
+            with lock:
+                seen[greeting[:9]] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {b"220 mail.": 90}

@@ -83,6 +83,11 @@ class Anvil:
         self.active[key] += 1
         return None
 
+    def at_session_limit(self, ip: str) -> bool:
+        """Whether ``ip`` has MAXCONNPERIP sessions open now."""
+        limit = self.settings.maxconnperip
+        return bool(limit) and self.active[client_key(ip)] >= limit
+
     def closed(self, ip: str) -> None:
         """A session admitted earlier has ended."""
         key = client_key(ip)

@@ -17,6 +17,7 @@ Settings honoured: ``[smtp] rblsvr ovrrjtcnnl popwdw nameservers``,
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import time
 from typing import Any
@@ -25,7 +26,7 @@ import attrs
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
-from twistmail.policy.anvil import AUTHFAIL_TEXT, Anvil, LimitSettings, Refusal
+from twistmail.policy.anvil import AUTHFAIL_TEXT, Anvil, LimitSettings, Refusal, client_key
 from twistmail.settingtypes import nameserver_address
 
 REFRESH_EVERY = 2.0  # seconds between reads of the reject list
@@ -37,6 +38,8 @@ RBL_LIMIT = 5.0
 #: Each holds its socket and one per list: a flood must not take every
 #: descriptor of the controller.
 MAX_CHECKING = 256
+#: Seconds a client at MAXCONNPERIP waits for one of its sessions to end.
+PERIP_GRACE = 1.0
 
 
 @attrs.frozen
@@ -116,6 +119,8 @@ class ConnectionPolicy:
         # Elapsed time, not the wall clock: a clock set back an hour would
         # keep a MAXAUTHFAIL lockout (or a rate window) for that hour more.
         self.anvil = Anvil(LimitSettings(), time.monotonic)
+        #: Connections of clients at MAXCONNPERIP waiting for one of their sessions to end.
+        self.room: dict[str, collections.deque[tuple[defer.Deferred, Any]]] = {}
         self.configure(settings)
 
     def configure(self, settings: Any) -> None:
@@ -164,13 +169,19 @@ class ConnectionPolicy:
 
     # -- the check -----------------------------------------------------------
 
-    def check(self, ip: str, smtp: bool, rbl: bool = True) -> Verdict | None | defer.Deferred:
-        """None to go on; a Verdict to refuse; a Deferred when DNS must be asked.
+    def check(self, ip: str, smtp: bool, rbl: bool = True,
+              waited: bool = False) -> Verdict | None | defer.Deferred:
+        """None to go on; a Verdict to refuse; a Deferred when DNS must be asked,
+        or when the client is at MAXCONNPERIP (see ``_wait_for_room``).
 
         ``rbl`` False skips the block lists: on the submission ports, where
         every client must sign on anyway and roaming users often come from
         addresses the lists name (dial-up and residential ranges).
         """
+        if not waited and self.anvil.at_session_limit(ip):
+            d = self._wait_for_room(ip)
+            if d is not None:
+                return d.addCallback(lambda _: self.check(ip, smtp, rbl, waited=True))
         refusal = self.anvil.admit(ip)
         if refusal is not None:
             return self._limit(ip, refusal, smtp)
@@ -194,6 +205,42 @@ class ConnectionPolicy:
 
     def closed(self, ip: str) -> None:
         self.anvil.closed(ip)
+        key = client_key(ip)
+        if key in self.room:
+            self._wake(key)
+
+    def _wait_for_room(self, ip: str) -> defer.Deferred | None:
+        """A Deferred that fires when a session of ``ip`` ends, or after PERIP_GRACE.
+
+        A session is counted until its job reports its end.  A client that
+        closes and connects again at once (a submitting application with a
+        few connections) is often faster than that report, and was refused
+        while well under the limit.  None when as many already wait as the
+        limit allows: a flood is refused at once.
+        """
+        key = client_key(ip)
+        waiting = self.room.setdefault(key, collections.deque())
+        if len(waiting) >= self.anvil.settings.maxconnperip:
+            return None
+        d: defer.Deferred = defer.Deferred()
+        waiting.append((d, self.reactor.callLater(PERIP_GRACE, self._wake, key, d)))
+        return d
+
+    def _wake(self, key: str, which: defer.Deferred | None = None) -> None:
+        """Let the first waiting connection of ``key`` (or ``which``) be checked again."""
+        waiting = self.room.get(key, collections.deque())
+        for entry in waiting:
+            if which is None or entry[0] is which:
+                waiting.remove(entry)
+                break
+        else:
+            return
+        if not waiting:
+            del self.room[key]
+        d, call = entry
+        if call.active():
+            call.cancel()
+        d.callback(None)
 
     def _rejected(self, ip: str) -> bool:
         if not self.rejects:
