@@ -276,6 +276,21 @@ def test_boot_failures_stop_the_entry(make_appliance):
     assert a.control("dspactpj", pgm="QTMSSRCP")["status"] == "ACTIVE"
 
 
+def test_strjobs_no_leaves_the_entry_without_jobs_until_strpj(make_appliance):
+    a = make_appliance(prestart__QTMSSRCP={"strjobs": "*NO"}).start()
+    assert a.count("QTPOPSRVP", "PSRW") == a.inljobs("QTPOPSRVP") > 0  # the other entry's
+    assert a.count("QTMSSRCP") == 0
+    s = a.connect()
+    assert read_reply(s).startswith(b"421 4.3.2 ")  # listening, and no job to serve
+    s.close()
+    rc, out, err = a.cli("strpj", "--pgm", "QTMSSRCP")
+    assert rc == 0, err
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 10, "STRPJ to start them")
+    s = a.connect()
+    assert read_reply(s).startswith(b"220 ")
+    s.close()
+
+
 def test_endpj_strpj_endtcpsvr_strtcpsvr(appliance):
     a = appliance
     rc, out, err = a.cli("endpj", "--pgm", "QTMSSRCP", "--option", "*IMMED")

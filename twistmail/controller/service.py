@@ -240,7 +240,7 @@ class Controller(service.Service):
             str(s.control_socket), ControlFactory(self), mode=0o600, backlog=511
         )
         for server in self._autostart():
-            self._start_server(server)
+            self._start_server(server, at_start=True)
         self.bridge = BridgeSlot(self.reactor, self.applied_path, self.journal, self.lock_fd)
         self.bridge.start()
         self.log.info(
@@ -252,7 +252,10 @@ class Controller(service.Service):
     def _journal(self, job: str) -> Journal:
         return Journal.from_settings(self.settings, job)
 
-    def _start_server(self, server: str) -> None:
+    def _start_server(self, server: str, at_start: bool = False) -> None:
+        """Listen for ``server``; its jobs start too, except at the daemon's own
+        start when STRJOBS is *NO (as at a subsystem's start: STRPJ starts them).
+        An administrator's STRTCPSVR starts them whatever STRJOBS says."""
         self._bind_server(server)
         pool = self.pools[SERVERS[server]]
         for name in SERVER_LISTENERS[server]:
@@ -264,7 +267,8 @@ class Controller(service.Service):
             if pool.is_accepting:
                 lst.resume()
         self.servers[server] = True
-        if self.settings.prestart.entry(pool.pgm).strjobs == "*YES" or not pool.active:
+        strjobs = self.settings.prestart.entry(pool.pgm).strjobs == "*YES"
+        if strjobs or not (at_start or pool.active):
             pool.start()
 
     def _stop_server(self, server: str, option: str, delay: float) -> Any:
