@@ -191,10 +191,13 @@ def test_jobs_are_forked_by_a_launcher_that_is_replaced_when_it_dies(appliance):
     with open(f"/proc/{launcher}/comm") as f:
         assert f.read().strip() == "QZMFLNCH"
     assert _parent_of(launcher) == a.proc.pid
+    a.control("dspactpj", pgm="QTMSSRCP", reset=True)
     os.kill(launcher, signal.SIGKILL)
     # Its jobs die with it; the pool starts a new launcher and new jobs.
     assert wait_gone(jobs, 10) == []
     a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 15, "replacement jobs")
+    # The dead and their replacements are never counted together.
+    assert a.control("dspactpj", pgm="QTMSSRCP")["jobs_peak"] == 2
     fresh = a.jobs("QTMSSRCP")[0]["pid"]
     assert _parent_of(fresh) not in (launcher, a.proc.pid)
     s = smtplib.SMTP(*a.addr("smtp"), timeout=30)

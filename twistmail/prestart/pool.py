@@ -632,8 +632,12 @@ class Pool:
         self._timer = None
 
     def _observe(self) -> None:
-        busy = sum(1 for j in self.jobs.values() if j.state is JobState.BUSY)
-        self.stats.observe(self.reactor.seconds(), len(self.jobs), busy, len(self.waiting))
+        # Jobs on their way out (ended, or dead with their end not yet
+        # reported) count no more, as for MAXJOBS: a crash's replacements
+        # made the peak look above MAXJOBS.
+        live = [j for j in self.jobs.values() if j.state is not JobState.ENDING]
+        busy = sum(1 for j in live if j.state is JobState.BUSY)
+        self.stats.observe(self.reactor.seconds(), len(live), busy, len(self.waiting))
 
     def _update_accepting(self) -> None:
         light = EntryView(active=self.active, waiting=(0.0,) * len(self.waiting))
