@@ -100,6 +100,25 @@ def test_wait_yes_queues_until_a_job_frees(make_appliance):
     assert waited["waited"] >= 1.0 and waited["esd"].startswith("JW WAIT 127.0.0.1 ")
 
 
+def test_clients_that_gave_up_waiting_take_no_job(make_appliance):
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 1,
+                                           "maxjobs": 1, "wait": "*YES"}).start()
+    busy = hold(a, 1)
+    a.control("dspactpj", pgm="QTMSSRCP", reset=True)
+    impatient = [a.connect() for _ in range(3)]
+    a.wait_for(lambda: a.control("dspactpj", pgm="QTMSSRCP")["waiting_current"] == 3, 5)
+    for s in impatient:
+        s.close()
+    patient = a.connect()
+    a.wait_for(lambda: a.control("dspactpj", pgm="QTMSSRCP")["waiting_current"] == 4, 5)
+    quit_all(busy)
+    assert read_reply(patient, 10).startswith(b"220 ")
+    quit_all([patient])
+    st = a.control("dspactpj", pgm="QTMSSRCP")
+    assert st["accepted"] == 1 and st["rejected"] == 0  # the gone were handed to no job
+    assert a.count("QTMSSRCP") == 1
+
+
 def test_wait_limit_rejects_with_421(make_appliance):
     a = make_appliance(prestart={"wait_limit": 1},
                        prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 1,

@@ -381,6 +381,11 @@ class Pool:
             if job is None:
                 return
             request = self.waiting.popleft()
+            if request.sock is not None and _hung_up(request.sock):
+                # The client gave up waiting: no job for it, and no count.
+                self.session_ended(request.peer)
+                request.sock.close()
+                continue
             now = self.reactor.seconds()
             waited = now - (request.queued_at or now)
             self.stats.record_accept(waited=waited)
@@ -726,6 +731,20 @@ class Pool:
     def _journal(self, code: str, esd: str, **fields: Any) -> None:
         if self.journal is not None:
             self.journal.write(code, esd, **fields)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the client of a waiting connection has closed it (or reset it).
+
+    Clients say nothing before the greeting; data waiting is an early
+    talker's, and its session goes on.
+    """
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _cancel(job: Job) -> None:
