@@ -355,6 +355,8 @@ def test_dspjrn_outfile(config: Path, tmp_path: Path, capsys: pytest.CaptureFixt
         (["--from", "yesterday"], "--from"),
         (["--to", "-5q"], "--to"),
         (["--jrn", "QAUDJRN"], "--jrn"),
+        (["--output", "*", "--outfile", "j.csv"], "--outfile"),  # shown or written, not both
+        (["--output", "*OUTFILE"], "--output"),
     ],
 )
 def test_dspjrn_usage_errors(

@@ -133,8 +133,9 @@ def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
 @click.option("--to", "to_text", metavar="T", help="Up to this time (ISO 8601 or -10m, -2h).")
 @click.option("--json", "as_json", is_flag=True, help="JSON (JSON lines with --follow).")
 @click.option("--outfile", metavar="F.csv", help="Write the entries to a CSV file.")
-@click.option("--output", default="*", show_default=True,
-              help="* (shown) or *OUTFILE (written to --outfile), as DSPJRN OUTPUT.")
+@click.option("--output", default=None,
+              help="* (shown) or *OUTFILE (written to --outfile), as DSPJRN OUTPUT; "
+                   "*OUTFILE when --outfile is given.")
 def dspjrn(
     jrn: str,
     follow: bool,
@@ -144,13 +145,17 @@ def dspjrn(
     to_text: str | None,
     as_json: bool,
     outfile: str | None,
-    output: str,
+    output: str | None,
 ) -> None:
     """Display the QZMF journal (DSPJRN JRN(QZMF)); works with the daemon down."""
     _check_jrn(jrn)
-    output = value_of("--output", OUTPUT, output)
+    if output is not None:
+        output = value_of("--output", OUTPUT, output)
     if output == "*OUTFILE" and outfile is None:
         usage_error("--output: *OUTFILE needs --outfile; allowed: *, or *OUTFILE with --outfile")
+    if output == "*" and outfile is not None:
+        usage_error("--outfile: only with --output *OUTFILE; allowed: --output * without "
+                    "--outfile, or --outfile with --output *OUTFILE (or no --output)")
     codes = _codes(code_text)
     since = _time("--from", from_text)
     until = _time("--to", to_text, end_of_day=True)
