@@ -240,8 +240,17 @@ def test_to_args_unknown_keyword_lists_the_keywords() -> None:
     with pytest.raises(ClError) as info:
         to_args(parse("CHGPJE PGM(QTMSSRCP) FOO(1)"), CHGPJE_OPTIONS)
     assert str(info.value) == (
-        "CHGPJE has no keyword FOO; keywords: PGM, MAXJOBS, WAIT, RESET, RTYMIN, TO, OPT"
+        "CHGPJE has no keyword FOO; keywords: PGM, MAXJOBS, WAIT, RESET, RTYMIN, TO, OPT, SBSD"
     )
+
+
+def test_the_keywords_listed_in_a_refusal_are_all_that_are_taken() -> None:
+    with pytest.raises(ClError) as info:
+        to_args(parse("CHGPJE PGM(QTMSSRCP) FOO(1)"), CHGPJE_OPTIONS)
+    assert str(info.value).endswith(", OPT, SBSD")
+    with pytest.raises(ClError) as info:
+        to_args(parse("DSPACTPJ PGM(QTMSSRCP) OUTPUT(*PRINT)"), {"pgm": 1})
+    assert str(info.value).startswith("OUTPUT(*PRINT) is not allowed; allowed: * ")
 
 
 def test_to_args_subsystem_needs_no_option() -> None:
@@ -508,6 +517,10 @@ def test_deep_parentheses_are_a_mistake_not_a_crash() -> None:
         ("CHGJRN JRN(QZMF) JRNRCV(*GEN)", "chgjrn --jrn QZMF --jrnrcv '*GEN'"),
         ("DSPJRN OUTPUT(*OUTFILE) OUTFILE('/tmp/j.csv')",
          "dspjrn --output '*OUTFILE' --outfile /tmp/j.csv"),
+        ("DSPJRN JRN(QZMF) ENTTYP(JG JP) FROMTIME('2026-11-30' '10:00')",
+         "dspjrn --jrn QZMF --code 'JG JP' --from '2026-11-30 10:00'"),
+        ("DSPACTPJ SBS(QSYSWRK) PGM(QTCP/QTPOPSRVP) OUTPUT(*)", "dspactpj --pgm QTPOPSRVP"),
+        ("WRKACTJOB OUTPUT(*)", "wrkactjob"),
     ],
 )
 def test_ibm_forms_of_the_commands(capsys: pytest.CaptureFixture[str], text: str,

@@ -67,14 +67,27 @@ QUALIFIED_LIBS: dict[str, tuple[str, ...]] = {
 }
 """Keywords that name IBM i objects, with the libraries where twistmail has them."""
 
-JOINED = frozenset({"TOUSRID", "TOINTNET", "DSTID", "AUTHMECH", "RBLSVR", "NAMESERVERS",
-                    "CODE"})
+SYNONYMS: dict[tuple[str, str], str] = {
+    ("DSPJRN", "ENTTYP"): "CODE",
+    ("DSPJRN", "FROMTIME"): "FROM",
+    ("DSPJRN", "TOTIME"): "TO",
+}
+"""IBM's keywords for what a twistmail option does under another name."""
+
+SHOWN_ONLY: dict[str, str] = {"DSPACTPJ": "OUTPUT", "WRKACTJOB": "OUTPUT", "DSPSMTPA": "OUTPUT",
+                              "DSPPOPA": "OUTPUT", "DSPUSRPRF": "OUTPUT"}
+"""Commands whose IBM OUTPUT keyword twistmail takes with ``*`` only: it shows."""
+
+JOINED: frozenset[str | tuple[str, str]] = frozenset({
+    "TOUSRID", "TOINTNET", "DSTID", "AUTHMECH", "RBLSVR", "NAMESERVERS", "CODE",
+    ("DSPJRN", "FROM"), ("DSPJRN", "TO")})
 """List keywords whose elements the click option takes as one blank-separated string.
 
 ``TOUSRID((SAM SYSTEM *CC))`` is ``--tousrid 'SAM SYSTEM *CC'``, one option
 per list entry; a DSTID typed without quotes is its three words;
 ``AUTHMECH(*PLAIN *LOGIN)`` is ``--authmech '*PLAIN *LOGIN'``, ``CODE(9T B2)``
-``--code '9T B2'``.
+``--code '9T B2'``; DSPJRN's ``FROMTIME('2026-11-30' '10:00')`` is
+``--from '2026-11-30 10:00'`` (a pair names its command: TO is a list elsewhere).
 """
 
 SUBSYSTEM = "QSYSWRK"
@@ -188,6 +201,13 @@ def to_args(
         if keyword in _SUBSYSTEM_KEYWORDS:
             _check_subsystem(keyword, value)
             continue
+        if SHOWN_ONLY.get(cmd.name) == keyword and (command_options is None
+                                                    or "output" not in command_options):
+            if not _is_special(value, "*"):
+                raise ClError(f"{keyword}({_render_items(value)}) is not allowed; allowed: * "
+                              "(twistmail shows the listing; --json for a program)")
+            continue
+        keyword = SYNONYMS.get((cmd.name, keyword), keyword)
         nargs = _nargs(cmd.name, keyword, command_options)
         if _is_special(value, "*SAME"):
             continue
@@ -196,7 +216,8 @@ def to_args(
         if keyword in QUALIFIED_LIBS:
             value = (_object_name(keyword, value),)
         option = keyword.lower()
-        args += _option_args(keyword, option, value, nargs, option in repeatable)
+        joined = keyword in JOINED or (cmd.name, keyword) in JOINED
+        args += _option_args(keyword, option, value, nargs, option in repeatable, joined)
     return args
 
 
@@ -405,8 +426,12 @@ def _nargs(name: str, keyword: str, command_options: Mapping[str, int | None] | 
         return None
     option = keyword.lower()
     if option not in command_options:
-        known = ", ".join(o.upper() for o in command_options)
-        raise ClError(f"{name} has no keyword {keyword}; keywords: {known}")
+        known = [o.upper() for o in command_options]
+        known += [k for k in POSITIONAL.get(name, ()) if k in _SUBSYSTEM_KEYWORDS]
+        known += [k for (n, k) in SYNONYMS if n == name]
+        if name in SHOWN_ONLY:
+            known.append(SHOWN_ONLY[name])
+        raise ClError(f"{name} has no keyword {keyword}; keywords: {', '.join(known)}")
     return command_options[option]
 
 
@@ -428,15 +453,16 @@ def _check_subsystem(keyword: str, value: Value) -> None:
 
 
 def _option_args(
-    keyword: str, option: str, value: Value, nargs: int | None, repeatable: bool
+    keyword: str, option: str, value: Value, nargs: int | None, repeatable: bool,
+    joined: bool = False,
 ) -> list[str]:
     if nargs == 0:
         return _switch(keyword, option, value)
-    groups = _groups(keyword, value, nargs, repeatable)
+    groups = _groups(keyword, value, nargs, repeatable, joined)
     args: list[str] = []
     for group in groups:
         strings = _strings(keyword, group)
-        if keyword in JOINED and nargs == 1 and len(strings) > 1:
+        if joined and nargs == 1 and len(strings) > 1:
             strings = [" ".join(strings)]
         if nargs is not None and len(strings) != nargs:
             raise ClError(
@@ -446,11 +472,12 @@ def _option_args(
     return args
 
 
-def _groups(keyword: str, value: Value, nargs: int | None, repeatable: bool) -> tuple[Value, ...]:
+def _groups(keyword: str, value: Value, nargs: int | None, repeatable: bool,
+            joined: bool = False) -> tuple[Value, ...]:
     """The value split into one tuple per option occurrence."""
     lists = tuple(e for e in value if isinstance(e, tuple))
     if not lists:
-        single = repeatable and nargs == 1 and keyword not in JOINED
+        single = repeatable and nargs == 1 and not joined
         return tuple((e,) for e in value) if single else (value,)
     if len(lists) != len(value):
         raise ClError(
