@@ -309,6 +309,21 @@ def test_text_line_of_exactly_1000_octets_is_fine():
     assert s.codes() == [550]
 
 
+def test_the_dot_doubled_for_transparency_does_not_count_in_the_line_limit():
+    """RFC 5321 §4.5.3.1.6: 1000 octets "not counting the leading dot
+    duplicated for transparency"; such a line was refused 550 5.6.0."""
+    s = Session(maxmsgsize=10_000_000)
+    s.start()
+    for pipelined_after in (b"", b"MAIL FROM:<a@example.test>\r\n"):  # block and line paths
+        s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+        s.replies()
+        s.send(b"\r\n.." + b"y" * 997 + b"\r\n.\r\n" + pipelined_after)
+        assert s.codes()[0] == 250
+        assert s.backend.queued[-1][0].body.endswith(b"\r\n." + b"y" * 997 + b"\r\n")
+        s.send(b"RSET\r\n")
+        s.replies()
+
+
 def test_long_command_line_is_refused_and_stream_stays_in_sync():
     s = Session()
     s.start()

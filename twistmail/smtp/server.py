@@ -560,11 +560,11 @@ class SMTPSession(SequentialSession):
         if b"\r" in line:
             data.fail(550, "5.6.0 Message contains a bare CR")
             return
+        if line.startswith(b"."):
+            line = line[1:]  # the limit counts no dot doubled for transparency
         if len(line) + 2 > MAX_TEXT:
             data.fail(550, TEXT_LINE_TOO_LONG)
             return
-        if line.startswith(b"."):
-            line = line[1:]
         data.line(line)
 
     def _end_of_data(self) -> None:
