@@ -696,3 +696,20 @@ def test_copies_with_one_base_name_are_listed_once(
     assert len(files(cur)) == 1
     with store.open(USER) as session:
         assert [m.uidl for m in session.messages()] == [f"Q1.R1.{HOST}"]
+
+
+def test_a_session_whose_mailbox_was_deleted_meanwhile_is_told_so(
+    store: MaildirStore, body: Path
+) -> None:
+    """DLTUSRPRF OWNOBJOPT(*DLT) while a POP session holds the mailbox: RETR
+    got an unhandled FileNotFoundError and the client a dropped connection."""
+    import shutil
+
+    from twistmail.maildir import MaildirError
+
+    store.deliver(USER, "Q1.R1", body, PREFIX)
+    with store.open(USER) as mailbox:
+        [message] = mailbox.messages()
+        shutil.rmtree(store.path(USER).parent)
+        with pytest.raises(MaildirError):
+            mailbox.read(message.index)

@@ -536,7 +536,11 @@ class MailboxSession:
         if not wanted:
             return {}
         found: dict[int, MaildirMessage] = {}
-        for entry in _message_files(self._cur):
+        try:
+            entries = _message_files(self._cur)
+        except FileNotFoundError:
+            return found  # the mailbox itself is gone (DLTUSRPRF OWNOBJOPT(*DLT))
+        for entry in entries:
             msg = wanted.get(base_name(entry.name))
             if msg is not None and msg.index not in found:
                 moved = attrs.evolve(msg, path=self._cur / entry.name)
