@@ -6,6 +6,7 @@ import base64
 import email
 import email.policy
 import os
+import poplib
 import signal
 import smtplib
 import socket
@@ -593,3 +594,35 @@ def test_a_client_that_reads_no_replies_stops_being_read(post):
     grown = _rss_kb(job) - before
     sock.close()
     assert sent < 32 * 2**20 and grown < 16 * 1024, (sent, grown)
+
+
+def test_a_copy_fetched_and_deleted_before_a_crashed_delivery_is_retried_stays_gone(
+        make_appliance):
+    """A QMSF job killed after D1's copy and before the queue learnt of it: the
+    message is delivered again.  D1 fetched and deleted the first copy
+    meanwhile; the retry must not give D1 a second one."""
+    a = make_appliance(smtp={"maxmsgsize": 100_000_000}).start()
+    users = ["D1", "D2", "D3", "D4"]
+    for user in users:
+        a.user(user)
+    body = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 40_000  # 40 MB
+    with smtplib.SMTP(*a.addr("smtp"), timeout=120) as s:
+        s.sendmail("jane@example.test", [f"{u.lower()}@example.test" for u in users], body)
+    bridge = a.control("status")["bridge"]["pid"]
+    a.wait_for(lambda: a.mailbox("D1"), 60, "D1's copy")
+    for pid in qmsf_jobs(bridge):
+        os.kill(pid, signal.SIGKILL)
+    if all(a.mailbox(u) for u in users[1:]):
+        pytest.skip("the job delivered every copy before it could be killed")
+    p = poplib.POP3(*a.addr("pop3"), timeout=60)
+    p.user("d1")
+    p.pass_("secret")
+    assert len(p.list()[1]) == 1
+    p.retr(1)
+    p.dele(1)
+    p.quit()
+    for user in users[1:]:
+        a.wait_mailbox(user, 1, timeout=60)
+    a.wait_for(lambda: not a.queue_files("QTMSINQ"), 30, "the message settled")
+    assert a.mailbox("D1") == []
+    assert [len(a.mailbox(u)) for u in users[1:]] == [1, 1, 1]

@@ -713,3 +713,39 @@ def test_a_session_whose_mailbox_was_deleted_meanwhile_is_told_so(
         shutil.rmtree(store.path(USER).parent)
         with pytest.raises(MaildirError):
             mailbox.read(message.index)
+
+
+def test_a_copy_fetched_and_deleted_is_not_delivered_again(store: MaildirStore,
+                                                          body: Path) -> None:
+    from twistmail.maildir import GONE_DIR
+
+    first = store.deliver(USER, "Q1.R1", body, PREFIX)
+    with store.open(USER) as mailbox:
+        [message] = mailbox.messages()
+        mailbox.mark_deleted(message.index)
+        mailbox.commit()
+    assert (store.path(USER).parent / GONE_DIR / base_name(first.name)).exists()
+    again = store.deliver(USER, "Q1.R1", body, PREFIX)  # a crashed delivery, tried again
+    assert again == first and files(store.path(USER) / "new") == []
+    store.deliver(USER, "Q2.R1", body, PREFIX)  # other mail still comes in
+    assert len(files(store.path(USER) / "new")) == 1
+
+
+def test_the_names_of_removed_messages_are_forgotten_after_a_while(
+        store: MaildirStore, body: Path) -> None:
+    from twistmail.maildir import GONE_DIR, GONE_MAX_AGE, GONE_PRUNE_EVERY
+
+    store.deliver(USER, "Q1.R1", body, PREFIX)
+    with store.open(USER) as mailbox:
+        mailbox.mark_deleted(1)
+        mailbox.commit()
+    gone = store.path(USER).parent / GONE_DIR
+    [tombstone] = list(gone.iterdir())
+    old = time.time() - GONE_MAX_AGE - 60
+    os.utime(tombstone, (old, old))
+    store.open(USER).close()  # the first open looks, and stamps when it did
+    assert [p.name for p in gone.iterdir()] == [".pruned"]
+    tombstone.touch()
+    os.utime(tombstone, (old, old))
+    store.open(USER).close()  # not again within GONE_PRUNE_EVERY
+    assert tombstone.exists() and GONE_PRUNE_EVERY > 60

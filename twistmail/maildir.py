@@ -10,7 +10,8 @@ Files, under the store root (``<datadir>/mailboxes``):
 
 - ``<USRPRF>/Maildir/{tmp,new,cur}/`` the messages (directories 0700, files 0600);
 - ``<USRPRF>/Maildir/.twistmail.lock`` the POP session lock (``flock``);
-- ``<USRPRF>/Maildir/.twistmail.expunge`` the deletions of a QUIT in progress.
+- ``<USRPRF>/Maildir/.twistmail.expunge`` the deletions of a QUIT in progress;
+- ``<USRPRF>/gone/<base name>`` what QUITs removed in the last 30 days.
 
 Messages are kept in wire form: CRLF line ends, the received bytes plus the
 trace headers the bridge adds, so a file's size is its RFC 1939 size and the
@@ -24,8 +25,9 @@ name* ``<delivery_id>.<host>`` never changes and the UIDL is derived from it.
 ``/`` and ``:``).  ``<size>`` (Maildir++) is the prefix plus the body, so a
 listing needs no ``stat``.  Our POP server writes no flag (deletion unlinks),
 so a delivered message can only be at ``new/<name>``, ``cur/<name>:2,`` or,
-when another reader marked it seen, ``cur/<name>:2,S``; the idempotency check
-probes exactly those three names and never lists a directory.
+when another reader marked it seen, ``cur/<name>:2,S``, or it was fetched
+and deleted; the idempotency check probes exactly those three names and the
+``gone/`` record, and never lists a directory.
 
 Idempotency contract: the delivery id names one (queue id, recipient) pair,
 and the bridge passes the same prefix on every attempt (trace headers are
@@ -89,6 +91,15 @@ EXPUNGE_WAIT = 10.0
 HOLDER_WAIT = 0.05
 #: Files in tmp/ older than this are debris of a killed delivery.
 TMP_MAX_AGE = 36 * 3600
+#: Beside the Maildir (not in it: Maildir++ readers take dot-directories for
+#: folders), a file named by the base name of each message a QUIT removed.
+GONE_DIR = "gone"
+#: How long a removed message's name is kept: far longer than any crashed
+#: delivery takes to be tried again (the bridge retakes it when it restarts).
+GONE_MAX_AGE = 30 * 86400
+#: Names older than GONE_MAX_AGE are looked for at most this often (seconds).
+GONE_PRUNE_EVERY = 86400
+_PRUNED = ".pruned"
 UIDL_MAX = 70
 
 _USER = re.compile(r"[A-Z0-9$#@_]{1,10}")
@@ -294,6 +305,7 @@ class MaildirStore:
         try:
             _finish_expunge(maildir)
             _clean_tmp(maildir / "tmp", time.time() - TMP_MAX_AGE)
+            _prune_gone(maildir.parent / GONE_DIR, time.time())
             _move_new(maildir)
             entries, redundant = self._scan(maildir / "cur")
         except BaseException:
@@ -469,6 +481,7 @@ class MailboxSession:
         try:
             names = self._names_to_remove()
             if names:
+                _bury(self.maildir, names)
                 _write_intent(self.maildir, names)
         except OSError as e:
             self.close()
@@ -599,11 +612,47 @@ def _find_delivered(maildir: str, name: str) -> Path | None:
     """The existing copy of a delivery, probing exact names only.
 
     new/ is probed before cur/: a session moves new/ → cur/ by one rename, so
-    in this order a message being moved is seen in one place or the other."""
+    in this order a message being moved is seen in one place or the other.
+    A copy its user has fetched and deleted (see :func:`_bury`) counts as
+    delivered: its new/ path is returned, though nothing is there."""
     for candidate in (f"{maildir}/new/{name}", *(f"{maildir}/cur/{name}{i}" for i in CUR_INFOS)):
         if os.path.lexists(candidate):
             return Path(candidate)
+    if os.path.lexists(f"{os.path.dirname(maildir)}/{GONE_DIR}/{base_name(name)}"):
+        return Path(f"{maildir}/new/{name}")
     return None
+
+
+def _bury(maildir: Path, names: Iterable[str]) -> None:
+    """Record, durably and before they go, the messages a QUIT removes.
+
+    A delivery killed after its copy was made and before the queue learnt
+    of it is made again; by then its user may have fetched and deleted the
+    copy, and only this record keeps a second one out of the mailbox.
+    """
+    gone = maildir.parent / GONE_DIR
+    _make_private_dir(gone)
+    for base in dict.fromkeys(base_name(n) for n in names):
+        if base and not base.startswith("."):
+            os.close(os.open(gone / base, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    fsync_dir(gone)
+
+
+def _prune_gone(gone: Path, now: float) -> None:
+    """Forget removed messages after GONE_MAX_AGE; looks at most once a GONE_PRUNE_EVERY."""
+    stamp = gone / _PRUNED
+    try:
+        if os.stat(stamp).st_mtime > now - GONE_PRUNE_EVERY:
+            return
+    except FileNotFoundError:
+        if not gone.is_dir():
+            return
+    for entry in _message_files(gone):
+        with suppress(FileNotFoundError):
+            if entry.stat(follow_symlinks=False).st_mtime < now - GONE_MAX_AGE:
+                os.unlink(entry.path)
+    os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    os.utime(stamp, (now, now))
 
 
 def _link_new(maildir: str, tmp: str, name: str, ensure: Callable[[], Any]) -> Path:
