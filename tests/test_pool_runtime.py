@@ -384,6 +384,27 @@ def test_sigterm_lets_sessions_finish_then_leaves_nothing(make_appliance):
     assert not a.control_socket.exists()
 
 
+def test_the_shutdown_notice_reaches_tls_clients_too(make_appliance):
+    """The reactor's end dropped what a TLS transport still held: 421 and -ERR."""
+    a = make_appliance(prestart={"end_delay": 1}).start()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    smtp = smtplib.SMTP_SSL(*a.addr("smtps"), timeout=10, context=ctx)
+    assert smtp.ehlo()[0] == 250
+    pop = poplib.POP3_SSL(*a.addr("pop3s"), timeout=10, context=ctx)
+    t0 = time.monotonic()
+    a.proc.send_signal(signal.SIGTERM)
+    assert smtp.getreply() == (421, b"4.3.2 mail.example.test Service shutting down, try "
+                                    b"again later")
+    assert pop._getline()[0] == b"-ERR [SYS/TEMP] Server shutting down, try again later"
+    print(f"notices after {time.monotonic() - t0:.2f} s")
+    smtp.close()  # the server's TLS close waits for the client's
+    pop.close()
+    assert a.proc.wait(30) in (0, -signal.SIGTERM)
+    print(f"daemon gone after {time.monotonic() - t0:.2f} s")
+
+
 def test_jobs_exit_when_controller_dies(appliance):
     a = appliance
     children = a.children()

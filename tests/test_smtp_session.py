@@ -461,9 +461,11 @@ def test_helo_names_with_blanks_or_controls_are_refused(name):
 def test_a_job_ended_while_serving_says_421_first():
     s = Session()
     s.start()
-    s.proto.shutdown_notice()
+    gone = s.proto.shutdown_notice()
     assert s.replies() == ["421 4.3.2 mail.example.test Service shutting down, try again later"]
-    assert s.tr.disconnecting
+    assert s.tr.disconnecting and not gone.called
+    s.proto.connectionLost(None)
+    assert gone.called
 
 
 def test_a_job_ended_while_a_message_is_queued_gives_its_250_before_the_421():
@@ -477,10 +479,14 @@ def test_a_job_ended_while_a_message_is_queued_gives_its_250_before_the_421():
     waiting = s.proto.shutdown_notice()
     assert waiting is not None and not waiting.called and s.replies() == []
     s.backend.release()
-    assert waiting.called
     assert s.replies() == ["250 2.0.0 Ok: queued as q1",
                            "421 4.3.2 mail.example.test Service shutting down, try again later"]
     assert s.tr.disconnecting and len(s.backend.queued) == 1  # the pipelined MAIL not read
+    # The shutdown goes on once they have left, not when they are written: a
+    # TLS transport still holds them then, and the reactor's end drops them.
+    assert not waiting.called
+    s.proto.connectionLost(None)
+    assert waiting.called
 
 
 def test_a_last_reply_that_cannot_leave_does_not_hold_the_job():

@@ -227,6 +227,7 @@ class POP3Session(SequentialSession):
         self.cancel_timeout()
         self._release(commit=False)
         self.factory.on_done()
+        self.connection_gone()
 
     def _release(self, commit: bool) -> None:
         box, self.box = self.box, None
@@ -250,11 +251,12 @@ class POP3Session(SequentialSession):
         self.err("Idle too long, closing connection")
         self.close()
 
-    def shutdown_notice(self) -> None:
+    def shutdown_notice(self) -> defer.Deferred | None:
         if self.closing or self.transport is None or self.sender is not None:
-            return  # a reply streaming: an -ERR would land inside the message
+            return None  # a reply streaming: an -ERR would land inside the message
         self.err("[SYS/TEMP] Server shutting down, try again later")
         self.close()
+        return self.wait_gone()  # its -ERR flushed (over TLS too) before the reactor ends
 
     def signed_on(self) -> bool:
         return self.box is not None

@@ -30,8 +30,9 @@ from twistmail.prestart import channel
 from twistmail.protocols.writenow import write_now
 
 CHANNEL_FD = 3
-#: Seconds a shutdown waits for a reply due before the 421 (a message being queued).
-SHUTDOWN_WAIT = 10.0
+#: Seconds a shutdown waits for the session's last replies to leave (a message
+#: being queued gets its 250 before the 421); below the controller's KILL_AFTER.
+SHUTDOWN_WAIT = 4.0
 IMPLICIT_TLS = {"smtps", "pop3s"}
 
 

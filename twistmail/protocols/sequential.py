@@ -41,6 +41,25 @@ class SequentialSession(Protocol):
         self.watching = False  # registered as the transport's producer
         self.closing = False
         self.timeout_call: Any = None
+        #: Fires when the connection is gone: a job's shutdown waits for it.
+        self.gone: defer.Deferred | None = None
+
+    def wait_gone(self) -> defer.Deferred:
+        """A Deferred fired once the connection is gone, its last replies flushed.
+
+        The reactor's shutdown drops what a transport still buffers (a TLS
+        transport's replies are not yet in the kernel): a job that ends
+        waits for this before it lets the reactor go on.
+        """
+        if self.gone is None:
+            self.gone = defer.Deferred()
+        return self.gone
+
+    def connection_gone(self) -> None:
+        """For the subclasses' ``connectionLost``."""
+        gone, self.gone = self.gone, None
+        if gone is not None:
+            gone.callback(None)
 
     # -- subclass hooks ---------------------------------------------------------
 
@@ -59,8 +78,9 @@ class SequentialSession(Protocol):
     def shutdown_notice(self) -> defer.Deferred | None:
         """The job is being ended (ENDPJ after its delay, a shutdown): say so, then close.
 
-        A Deferred when the notice waits for a step under way; the job's
-        shutdown waits for it (a bounded time).
+        A Deferred (see :meth:`wait_gone`) when the job's shutdown must wait
+        for the session, a bounded time: for its notice to leave, or for a
+        step under way whose reply goes first.
         """
         raise NotImplementedError
 

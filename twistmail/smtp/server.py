@@ -326,8 +326,6 @@ class SMTPSession(SequentialSession):
         self.user: str | None = None  # the authenticated user profile
         self.auth_failures = 0
         self.cut_pending = False  # MAXAUTHFAIL reached while a step was under way
-        #: Fires once the 421 of a shutdown that came during a step has gone.
-        self.shutdown_pending: defer.Deferred | None = None
         self.errors = 0
         self.auth_step: Callable[[str], Any] | None = None
 
@@ -343,9 +341,7 @@ class SMTPSession(SequentialSession):
     def connectionLost(self, reason: object = None) -> None:
         self.closing = True
         self.cancel_timeout()
-        pending, self.shutdown_pending = self.shutdown_pending, None
-        if pending is not None:  # nobody is left to tell
-            pending.callback(None)
+        self.connection_gone()
         if self.data is not None:
             self.data.spool.abort()
             self.data = None
@@ -364,17 +360,18 @@ class SMTPSession(SequentialSession):
     def shutdown_notice(self) -> defer.Deferred | None:
         if self.closing or self.transport is None:
             return None
-        if self.busy and self.data is None:
-            # A message being queued: a 421 before its 250 would make the
-            # client send again what is queued.  Its reply goes first.
-            if self.shutdown_pending is None:
-                self.shutdown_pending = defer.Deferred()
-            return self.shutdown_pending
+        gone = self.wait_gone()
+        # A message being queued: a 421 before its 250 would make the client
+        # send again what is queued.  Its reply goes first (see resume).
+        if not (self.busy and self.data is None):
+            self._shutting_down()
+        return gone
+
+    def _shutting_down(self) -> None:
         # RFC 5321 §3.8: a server that must shut down says 421 first.
         self.reply(421, f"4.3.2 {self.factory.backend.hostname} Service shutting down, "
                    "try again later")
         self.close()
-        return None
 
     def signed_on(self) -> bool:
         return self.user is not None
@@ -392,11 +389,9 @@ class SMTPSession(SequentialSession):
         self.close()
 
     def resume(self, _: Any = None) -> None:
-        pending, self.shutdown_pending = self.shutdown_pending, None
-        if pending is not None:
+        if self.gone is not None and not self.closing:  # the job is ending
             self.busy = False  # the step is over; nothing pipelined after it is read
-            self.shutdown_notice()
-            pending.callback(None)
+            self._shutting_down()
             return
         super().resume()
         self._cut_if_pending()
