@@ -198,11 +198,18 @@ def test_a_client_at_its_session_limit_waits_a_moment_for_one_to_end(tmp_path):
     fourth = policy.check("192.0.2.1", smtp=True)
     flood = policy.check("192.0.2.1", smtp=True)  # as many wait as the limit: refused
     assert isinstance(flood, Verdict) and flood.reply.startswith("421 4.7.0 ")
+    for _ in range(policy.anvil.settings.maxauthfail):
+        policy.anvil.auth_failed("192.0.2.1")
+    locked = policy.check("192.0.2.1", smtp=True)  # another limit refuses: no wait for it
+    assert isinstance(locked, Verdict) and "failed sign-ons" in locked.reply
+    policy.anvil.failures.clear()
     assert policy.check("192.0.2.2", smtp=True) is None  # other clients are not held
     got = []
     third.addCallback(got.append)
     fourth.addCallback(got.append)
     policy.closed("192.0.2.1")  # the end of a session reaches the controller
+    assert got == []  # not from inside the report of that end
+    clock.advance(0)
     assert got == [None]  # in: the third, in its turn
     clock.advance(PERIP_GRACE)
     assert len(got) == 2 and isinstance(got[1], Verdict)  # no session ended for it
@@ -234,3 +241,47 @@ def test_clients_reconnecting_at_once_under_the_limit_are_not_refused(make_appli
     for t in threads:
         t.join()
     assert seen == {b"220 mail.": 90}
+
+
+def test_a_connection_woken_as_a_pool_fails_is_not_left_in_its_queue(tmp_path):
+    """The wake ran inside the pool's refusal of its waiting requests, before
+    the entry was marked FAILED: the woken connection joined the queue of a
+    pool that would never serve it, and its client lost a session for good."""
+    from test_pool_start import Recorder
+    from twisted.internet.task import Clock
+
+    from twistmail import config as configmod
+    from twistmail.config import PrestartEntry
+    from twistmail.policy.connection import ConnectionPolicy
+    from twistmail.prestart import pool as poolmod
+    from twistmail.prestart.policy import Limits
+
+    path = tmp_path / "twistmail.toml"
+    path.write_text(f'[system]\ndatadir = "{tmp_path}"\n[limits]\nmaxconnperip = 2\n')
+    clock = Clock()
+    policy = ConnectionPolicy(clock, configmod.load(path), None, None)
+    entry = PrestartEntry(inljobs=1, threshold=1, adljobs=1, maxjobs=1, wait="*YES")
+    pool = poolmod.Pool(clock, "QTMSSRCP", entry, Limits(), "/dev/null", None, b"421 x\r\n")
+    pool.launcher = Recorder()
+    pool.session_ended = policy.closed
+    pool.start()
+    clock.advance(0)
+    peers = []
+    for _ in range(3):
+        ours, theirs = socket.socketpair()
+        peers.append(theirs)
+        verdict = policy.check("192.0.2.9", smtp=True, rbl=False)
+        if verdict is None:
+            pool.submit(ours, "smtp", "192.0.2.9")
+        else:
+            verdict.addCallback(lambda v, s=ours: pool.submit(s, "smtp", "192.0.2.9")
+                                if v is None else s.close())
+    clock.advance(0)
+    assert len(pool.waiting) == 2 and len(policy.room["192.0.2.9"]) == 1
+    pool.boot_failures = Limits().boot_failure_limit  # its jobs keep dying before READY
+    pool.evaluate()
+    clock.advance(0)
+    assert pool.status == "FAILED"
+    assert not pool.waiting and not policy.anvil.active and not policy.room
+    for s in peers:
+        s.close()

@@ -83,10 +83,15 @@ class Anvil:
         self.active[key] += 1
         return None
 
-    def at_session_limit(self, ip: str) -> bool:
-        """Whether ``ip`` has MAXCONNPERIP sessions open now."""
-        limit = self.settings.maxconnperip
-        return bool(limit) and self.active[client_key(ip)] >= limit
+    def only_sessions_full(self, ip: str) -> bool:
+        """Whether MAXCONNPERIP, and no other limit, would refuse ``ip`` now."""
+        key = client_key(ip)
+        s = self.settings
+        if not s.maxconnperip or self.active[key] < s.maxconnperip:
+            return False
+        now = self.clock()
+        return not (s.maxauthfail and self._count(self.failures, key, now) >= s.maxauthfail
+                    or s.maxconnrate and self._count(self.connects, key, now) >= s.maxconnrate)
 
     def closed(self, ip: str) -> None:
         """A session admitted earlier has ended."""

@@ -178,7 +178,7 @@ class ConnectionPolicy:
         every client must sign on anyway and roaming users often come from
         addresses the lists name (dial-up and residential ranges).
         """
-        if not waited and self.anvil.at_session_limit(ip):
+        if not waited and self.anvil.only_sessions_full(ip):
             d = self._wait_for_room(ip)
             if d is not None:
                 return d.addCallback(lambda _: self.check(ip, smtp, rbl, waited=True))
@@ -240,7 +240,9 @@ class ConnectionPolicy:
         d, call = entry
         if call.active():
             call.cancel()
-        d.callback(None)
+        # In a later turn: the session's end is reported from inside the
+        # pool (a job freed, a request refused), which must finish first.
+        self.reactor.callLater(0, d.callback, None)
 
     def _rejected(self, ip: str) -> bool:
         if not self.rejects:
