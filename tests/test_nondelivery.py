@@ -112,6 +112,7 @@ def test_ret_full_returns_the_original_byte_for_byte_but_its_bcc():
     _, _, returned = msg.iter_parts()
     assert returned.get_content_type() == "message/rfc822"
     assert returned["Content-Transfer-Encoding"] == "8bit"  # the original is 8-bit
+    assert msg["Content-Transfer-Encoding"] == "8bit"  # and the report that holds it
     inner = returned.get_payload()[0]
     assert inner["Subject"] == "hi" and inner["X-Odd"].strip() == "value  with  spaces"
 

@@ -305,7 +305,8 @@ class MaildirStore:
         try:
             _finish_expunge(maildir)
             _clean_tmp(maildir / "tmp", time.time() - TMP_MAX_AGE)
-            _prune_gone(maildir.parent / GONE_DIR, time.time())
+            with suppress(OSError):  # a full disk must not keep its user from emptying it
+                _prune_gone(maildir.parent / GONE_DIR, time.time())
             _move_new(maildir)
             entries, redundant = self._scan(maildir / "cur")
         except BaseException:

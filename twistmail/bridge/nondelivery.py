@@ -147,7 +147,10 @@ def build_notice(
     if not original.endswith(b"\r\n"):
         original += b"\r\n"
     marker = f"X-Twistmail-Returned: {nid}".encode()
-    msg.attach(_message_part(marker + b"\r\n\r\n", eightbit=not original.isascii()))
+    eightbit = not original.isascii()
+    if eightbit:  # RFC 2045 §6.4: the multipart that holds an 8-bit part says so too
+        msg["Content-Transfer-Encoding"] = "8bit"
+    msg.attach(_message_part(marker + b"\r\n\r\n", eightbit=eightbit))
     data = msg.as_bytes(policy=_WIRE)
     # The original goes back byte for byte (its signatures still verify),
     # not as the email package would write it again.
