@@ -502,6 +502,9 @@ def test_decide_is_the_point_of_no_return(store: MaildirStore, tmp_path: Path) -
         assert [m.uidl for m in again.messages()] == [f"0001.R1.{HOST}", f"0003.R1.{HOST}"]
     assert [p.exists() for p in paths] == [True, False, True]
     assert not (store.path(USER) / EXPUNGE_FILE).exists()
+    # The finishing open recorded the removal too: a retried delivery makes no copy.
+    assert sorted(p.name for p in (store.path(USER).parent / "gone").iterdir()) == [".pruned",
+        base_name(paths[1].name)]
 
 
 def test_an_open_waits_for_a_quit_that_is_unlinking(

@@ -482,7 +482,6 @@ class MailboxSession:
         try:
             names = self._names_to_remove()
             if names:
-                _bury(self.maildir, names)
                 _write_intent(self.maildir, names)
         except OSError as e:
             self.close()
@@ -501,6 +500,8 @@ class MailboxSession:
             raise SessionClosed("expunge before the deletions were decided")
         done = False
         try:
+            if names:
+                _bury(self.maildir, names)
             failed = _unlink_all(self._cur, names) if names else []
             if names and not failed:
                 os.unlink(self.maildir / EXPUNGE_FILE)
@@ -625,7 +626,8 @@ def _find_delivered(maildir: str, name: str) -> Path | None:
 
 
 def _bury(maildir: Path, names: Iterable[str]) -> None:
-    """Record, durably and before they go, the messages a QUIT removes.
+    """Record, durably and before they go, the messages a QUIT removes
+    (after its +OK: until they go, a delivery finds them in cur/).
 
     A delivery killed after its copy was made and before the queue learnt
     of it is made again; by then its user may have fetched and deleted the
@@ -801,6 +803,9 @@ def _finish_expunge(maildir: Path) -> None:
     except FileNotFoundError:
         return
     names = [os.fsdecode(n) for n in raw.split(b"\0") if n and b"/" not in n]
-    _unlink_all(maildir / "cur", [n for n in names if not n.startswith(".")])
+    names = [n for n in names if not n.startswith(".")]
+    if names:
+        _bury(maildir, names)
+    _unlink_all(maildir / "cur", names)
     os.unlink(log)
     fsync_dir(maildir)
