@@ -468,14 +468,20 @@ def test_a_job_ended_while_serving_says_421_first():
     assert gone.called
 
 
-def test_a_job_ended_while_a_message_is_queued_gives_its_250_before_the_421():
-    """A 421 first would make the client send again a message that is queued."""
+def queueing(pipelined: bytes = b"") -> Session:
+    """A session whose message is being queued: its commit waits for ``release()``."""
     s = Session()
     s.start()
     s.backend.async_commit = True
     s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
     s.replies()
-    s.send(b"body\r\n.\r\nMAIL FROM:<b@example.test>\r\n")
+    s.send(b"body\r\n.\r\n" + pipelined)
+    return s
+
+
+def test_a_job_ended_while_a_message_is_queued_gives_its_250_before_the_421():
+    """A 421 first would make the client send again a message that is queued."""
+    s = queueing(pipelined=b"MAIL FROM:<b@example.test>\r\n")
     waiting = s.proto.shutdown_notice()
     assert waiting is not None and not waiting.called and s.replies() == []
     s.backend.release()
@@ -992,12 +998,9 @@ def test_a_cut_while_a_message_is_received_or_queued_comes_after_its_250():
 def test_the_job_shutdown_waits_for_the_reply_due_first_but_not_for_ever():
     from twistmail.prestart import job as jobmod
 
-    s = Session()
-    s.start()
+    s = queueing()
     clock = Clock()
     j = types.SimpleNamespace(stopping=False, reactor=clock, _session=lambda: s.proto)
-    s.backend.async_commit = True
-    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\nx\r\n.\r\n")
     waiting = jobmod.Job.shutting_down(j)
     assert waiting is not None and not waiting.called
     clock.advance(jobmod.SHUTDOWN_WAIT)
@@ -1007,10 +1010,7 @@ def test_the_job_shutdown_waits_for_the_reply_due_first_but_not_for_ever():
 
 
 def test_a_shutdown_waiting_for_a_reply_ends_with_the_connection():
-    s = Session()
-    s.start()
-    s.backend.async_commit = True
-    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\nx\r\n.\r\n")
+    s = queueing()
     waiting = s.proto.shutdown_notice()
     s.proto.connectionLost(None)
     assert waiting.called
