@@ -1007,6 +1007,7 @@ def test_the_job_shutdown_waits_for_the_reply_due_first_but_not_for_ever():
     assert waiting.called  # a commit that never ends does not hold the shutdown
     s.backend.release()
     assert s.codes()[-2:] == [250, 421]
+    s.proto.connectionLost(None)  # given up on already: nothing more to fire
 
 
 def test_a_shutdown_waiting_for_a_reply_ends_with_the_connection():
