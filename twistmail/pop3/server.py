@@ -254,9 +254,10 @@ class POP3Session(SequentialSession):
     def shutdown_notice(self) -> defer.Deferred | None:
         if self.closing or self.transport is None or self.sender is not None:
             return None  # a reply streaming: an -ERR would land inside the message
+        gone = self.wait_gone()  # its -ERR flushed (over TLS too) before the reactor ends
         self.err("[SYS/TEMP] Server shutting down, try again later")
         self.close()
-        return self.wait_gone()  # its -ERR flushed (over TLS too) before the reactor ends
+        return gone
 
     def signed_on(self) -> bool:
         return self.box is not None
