@@ -129,12 +129,40 @@ def test_a_renewed_pair_reaches_every_job_at_reload_and_a_bad_one_is_refused(
     chain.write_bytes(chain2.read_bytes())
     with pytest.raises(ControlError, match="configuration not applied: tls.key"):
         a.control("reload")
+    # Jobs started meanwhile (here all of them, by ENDPJ and STRPJ) still
+    # serve the pair the daemon accepted, not the files as they are.
+    assert a.cli("endpj", "--pgm", "QTMSSRCP", "--option", "*IMMED")[0] == 0
+    a.wait_for(lambda: a.count("QTMSSRCP") == 0, 10, "the SMTP jobs to end")
+    assert a.cli("strpj", "--pgm", "QTMSSRCP")[0] == 0
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == a.inljobs("QTMSSRCP"), 10, "new jobs")
+    assert _server_cert(a, root1) == before
     key.write_bytes(key2.read_bytes())
     rc, out, _ = a.cli("config", "--apply")
     assert rc == 0 and out.startswith("configuration applied to the running daemon: ")
     assert "tls" in out and "restart" not in out
     a.wait_for(lambda: _server_cert(a) != before, 20, "the renewed certificate served")
     assert hashlib.sha256(_server_cert(a, root2)).digest() != hashlib.sha256(before).digest()
+
+
+def test_an_expired_certificate_serves_with_a_warning(make_appliance, tmp_path):
+    """Clients that verify refuse it, the others still get TLS: a warning, not a stop."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    old = (x509.CertificateBuilder().subject_name(_name(HOST)).issuer_name(_name(HOST))
+           .public_key(key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now - datetime.timedelta(days=60))
+           .not_valid_after(now - datetime.timedelta(days=30))
+           .sign(key, hashes.SHA256()))
+    cert, key_file = tmp_path / "old.pem", tmp_path / "old.key"
+    cert.write_bytes(_pem(old))
+    key_file.write_bytes(_key_pem(key))
+    a = make_appliance(tls={"certificate": str(cert), "key": str(key_file)}).start()
+    assert _server_cert(a)
+    assert f"TLS: the certificate in {cert} expired on " in a.log_text()
+    cert.write_bytes(_pem(old))  # renewed in place, by the same expired one
+    rc, out, err = a.cli("config", "--apply")
+    assert rc == 0 and "tls" in out
+    assert err.startswith(f"warning: tls: the certificate in {cert} expired on ")
 
 
 def test_a_key_without_its_certificate_is_refused(tmp_path):

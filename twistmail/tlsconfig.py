@@ -2,8 +2,10 @@
 
 Reads ``[tls] certificate`` and ``key``.  When they are empty a self-signed
 pair is made once in ``<datadir>/tls/`` by the controller at start (so a fresh
-``make run`` speaks TLS with no step by hand); the jobs only load it.
-Connections negotiate TLS 1.2 or newer.
+``make run`` speaks TLS with no step by hand).  The controller checks the
+pair at start and at each ``config --apply`` and keeps what it checked in
+``<datadir>/run/tls.pem``; the jobs load only that copy, so a renewal half
+done on disk reaches none of them.  Connections negotiate TLS 1.2 or newer.
 """
 
 from __future__ import annotations
@@ -81,8 +83,32 @@ def ensure_pair(settings: Settings) -> tuple[Path, Path]:
     return cert, key
 
 
+#: The pair the daemon accepted, key and certificates in one file (one rename
+#: replaces both), in ``<datadir>/run``.
+ACCEPTED = "tls.pem"
+
+
+def accepted_path(settings: Settings) -> Path:
+    return settings.datadir / "run" / ACCEPTED
+
+
+def accept_pair(settings: Settings) -> list[str]:
+    """Check the configured pair and keep what was checked for the jobs.
+
+    Raises SettingError for a pair that cannot serve; returns warnings (an
+    expired certificate still serves clients that do not verify it, and a
+    daemon does not stop for it).
+    """
+    _, pem, warnings = _checked(settings)
+    _write_atomic(accepted_path(settings), pem, 0o600)
+    return warnings
+
+
 def server_options(settings: Settings, check: bool = False) -> ssl.CertificateOptions:
     """The options every TLS listener's job uses; a pair that cannot serve is a SettingError.
+
+    A job loads the pair the daemon accepted (:func:`accept_pair`), or the
+    configured files when there is none (a job started by hand).
 
     The certificate file may hold the intermediate certificates after the
     server's own (a CA's "full chain"): they are sent with it, or clients
@@ -94,35 +120,58 @@ def server_options(settings: Settings, check: bool = False) -> ssl.CertificateOp
     sound and makes the OpenSSL context: about 60 ms, which every job
     started would pay again for a pair already checked.
     """
-    cert_path, key_path = pair_paths(settings)
-    if not check:
-        return _job_options(cert_path, key_path)
+    if check:
+        return _checked(settings)[0]
+    accepted = accepted_path(settings)
+    if accepted.exists():
+        return _job_options(accepted, accepted)
+    return _job_options(*pair_paths(settings))
+
+
+def _checked(settings: Settings) -> tuple[ssl.CertificateOptions, bytes, list[str]]:
+    """The options, the pair as one PEM file, and warnings; each file is read once,
+    so what is kept is what was checked even while a renewal writes them."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+    cert_path, key_path = pair_paths(settings)
     key_name = "tls.key" if settings.tls.key else "tls.certificate"
     try:
-        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+        cert_pem = cert_path.read_bytes()
+        chain = x509.load_pem_x509_certificates(cert_pem)
     except (OSError, ValueError) as e:
         raise _refused("tls.certificate", cert_path, f"it cannot be read: {_why(e)}") from None
     try:
-        key = load_pem_private_key(key_path.read_bytes(), password=None)
+        key_pem = cert_pem if key_path == cert_path else key_path.read_bytes()
+        key = load_pem_private_key(key_pem, password=None)
     except TypeError:  # encrypted, and no pass phrase given
         raise _refused(key_name, key_path, "its private key is encrypted") from None
     except (OSError, ValueError) as e:
         raise _refused(key_name, key_path, f"its private key cannot be read: {_why(e)}") from None
     if _public(chain[0].public_key()) != _public(key.public_key()):
         raise _refused(key_name, key_path, f"it is not the key of the certificate in {cert_path}")
+    pem = cert_pem if key_path == cert_path else key_pem.rstrip(b"\n") + b"\n" + cert_pem
     # What every job will do with the pair, done now: a pair only the check
     # could read would start a daemon whose jobs all fail.
-    options = _job_options(cert_path, key_path)
+    options = _pair_options(pem, pem, cert_path)
     if len(options.extraCertChain) != len(chain) - 1:
         raise _refused("tls.certificate", cert_path, "its certificates cannot all be read")
     try:
         options.getContext()  # made now: whatever OpenSSL refuses is told at once
-        return options
     except (crypto.Error, SSL.Error, ValueError, TypeError) as e:
         raise _refused("tls.certificate", cert_path, f"TLS cannot use it: {_why(e)}") from None
+    return options, pem, _validity(chain[0], cert_path)
+
+
+def _validity(cert: Any, path: Path) -> list[str]:
+    now = datetime.datetime.now(datetime.UTC)
+    if cert.not_valid_after_utc < now:
+        return [f"the certificate in {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}: "
+                "clients that verify it refuse TLS"]
+    if cert.not_valid_before_utc > now:
+        return [f"the certificate in {path} is valid only from "
+                f"{cert.not_valid_before_utc:%Y-%m-%d}: clients that verify it refuse TLS"]
+    return []
 
 
 def _public(key: Any) -> bytes:
@@ -145,17 +194,26 @@ def _pem_blocks(data: bytes) -> list[bytes]:
 
 
 def _job_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
+    try:
+        cert_pem = cert_path.read_bytes()
+        key_pem = cert_pem if key_path == cert_path else key_path.read_bytes()
+    except OSError as e:
+        raise _refused("tls.certificate", cert_path, f"it cannot be read: {_why(e)}") from None
+    return _pair_options(cert_pem, key_pem, cert_path)
+
+
+def _pair_options(cert_pem: bytes, key_pem: bytes, where: Path) -> ssl.CertificateOptions:
     """A checked pair, loaded with pyOpenSSL alone: the cryptography package's
     loaders would make each job's resident set a megabyte larger."""
     try:
-        blocks = _pem_blocks(cert_path.read_bytes())
+        blocks = _pem_blocks(cert_pem)
         chain = [crypto.load_certificate(crypto.FILETYPE_PEM, b) for b in blocks]
         # A pass phrase given, so an encrypted key fails instead of asking.
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_path.read_bytes(), b"")
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem, b"")
         if not chain:
             raise ValueError("no certificate")
-    except (OSError, ValueError, crypto.Error) as e:
-        raise _refused("tls.certificate", cert_path, f"it cannot be read: {_why(e)}") from None
+    except (ValueError, crypto.Error) as e:
+        raise _refused("tls.certificate", where, f"it cannot be read: {_why(e)}") from None
     # pyOpenSSL's own objects, though it deprecates them in an SSL context:
     # converting the key to the cryptography package's proves it sound again
     # (60 ms per job start) and adds a megabyte to each job, as loading it

@@ -54,6 +54,8 @@ def _apply() -> None:
     click.echo(f"configuration applied to the running daemon: {applied}")
     if result.get("restart_needed"):
         click.echo("restart needed for: " + ", ".join(result["restart_needed"]))
+    for warning in result.get("warnings", ()):
+        click.echo(f"warning: {warning}", err=True)
 
 
 def setting_rows(settings: configmod.Settings, non_default: bool) -> list[dict[str, Any]]:

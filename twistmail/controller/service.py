@@ -204,11 +204,14 @@ class Controller(service.Service):
             tlsconfig.ensure_pair(s)
         except OSError as e:  # a state directory another user made, say
             raise SystemExit(f"twistmail: cannot make the TLS pair: {e}") from None
-        if not s.tls.certificate:  # a configured pair was checked by twistd already (tap)
-            try:
-                tlsconfig.server_options(s, check=True)  # every job needs it: refuse now
-            except configmod.SettingError as e:
-                raise SystemExit(f"twistmail: {e}") from None
+        try:
+            # Every job needs it: refused now; what is checked is what they load.
+            for warning in tlsconfig.accept_pair(s):
+                self.log.warn("TLS: {warning}", warning=warning)
+        except configmod.SettingError as e:
+            raise SystemExit(f"twistmail: {e}") from None
+        except OSError as e:
+            raise SystemExit(f"twistmail: cannot keep the TLS pair for the jobs: {e}") from None
         self.tls_state = tlsconfig.pair_state(s)
         try:
             configmod.write_applied(s)
@@ -497,7 +500,7 @@ class Controller(service.Service):
         restart = [sec for sec in ("listen", "system") if getattr(fresh, sec) != getattr(old, sec)]
         self.restart_needed = restart
         new = attrs.evolve(fresh, listen=old.listen, system=old.system)
-        tls_state = self._check_tls(new)
+        tls_state, warnings = self._check_tls(new)
         if new == old and tls_state == self.tls_state:
             return {"applied": [], "restart_needed": restart}  # "nothing changed"
         try:
@@ -530,25 +533,28 @@ class Controller(service.Service):
             for j in self._journals():
                 j.configure(new)
             applied.append("journal")
-        return {"applied": applied, "restart_needed": restart}
+        return {"applied": applied, "restart_needed": restart, "warnings": warnings}
 
-    def _check_tls(self, new: configmod.Settings) -> tuple[Any, ...]:
-        """The pair the jobs will load after this reload, refused before anything applies.
+    def _check_tls(self, new: configmod.Settings) -> tuple[tuple[Any, ...], list[str]]:
+        """The pair the jobs will load after this reload, refused before anything
+        applies, and what is worth a warning about it.
 
         A certificate renewed in place (same paths, new files) counts as a
         change: every job then loads it, not only the ones started later.
         """
         from twistmail import tlsconfig
 
-        state = tlsconfig.pair_state(new)
+        state, warnings = tlsconfig.pair_state(new), []
         if state != self.tls_state or new.tls != self.settings.tls:
             try:
                 tlsconfig.ensure_pair(new)
-                tlsconfig.server_options(new, check=True)
+                warnings = tlsconfig.accept_pair(new)
             except (configmod.SettingError, OSError) as e:
                 raise ControlError(f"configuration not applied: {e}") from None
             state = tlsconfig.pair_state(new)
-        return state
+            for warning in warnings:
+                self.log.warn("TLS: {warning}", warning=warning)
+        return state, [f"tls: {w}" for w in warnings]
 
     def _journals(self) -> list[Journal]:
         out = [self.journal] if self.journal else []
