@@ -169,7 +169,8 @@ class SmtpSettings:
         Choice(("*ALL", "*NONE", "*NEAR", "*LIST", "*BOTH", "*POPWDW")), "*NONE", "relay policy"
     )
     popwdw: int = setting(Int(15, 65535, also=(0,)), 0, "POP-before-SMTP window, minutes")
-    alwauth: str = setting(Choice(("*NONE", "*LCLRLY", "*RELAY")), "*RELAY", "when AUTH needed")
+    alwauth: str = setting(Choice(("*NONE", "*LCLRLY", "*RELAY")), "*RELAY",
+                           "AUTH: not offered, required, or offered for relay")
     authmech: tuple[str, ...] = setting(
         TextList("*PLAIN, *LOGIN"), ("*PLAIN", "*LOGIN"), "AUTH mechanisms offered"
     )

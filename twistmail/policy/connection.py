@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twistmail.policy.anvil import AUTHFAIL_TEXT, Anvil, LimitSettings, Refusal, client_key
 from twistmail.settingtypes import nameserver_address
 
-REFRESH_EVERY = 2.0  # seconds between reads of the reject list
+REFRESH_EVERY = 1.0  # seconds between reads of the reject list (README: within a second)
 DNS_TIMEOUT = (1, 2)  # seconds per try: a slow block list must not stall mail
 #: At most this long for one block list's answer, whatever the resolver does
 #: (a truncated answer retried over TCP waits far longer): then not listed.
