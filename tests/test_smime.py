@@ -56,8 +56,9 @@ def certs(tmp_path_factory) -> Certs:
     d = tmp_path_factory.mktemp("certs")
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", d / "ca.key",
             "-out", d / "ca.pem", "-subj", "/CN=Test Mail CA", "-days", "2")
-    for user in ("app", "sam", "jane"):
-        address = f"{user}@example.test"
+    for user, domain in (("app", "example.test"), ("sam", "example.test"),
+                         ("jane", "example.test"), ("friend", "remote.test")):
+        address = f"{user}@{domain}"
         openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", d / f"{user}.key",
                 "-out", d / f"{user}.pem", "-subj", f"/CN={user}/emailAddress={address}",
                 "-days", "2", "-CA", d / "ca.pem", "-CAkey", d / "ca.key",
@@ -70,7 +71,29 @@ def certs(tmp_path_factory) -> Certs:
     openssl("pkcs12", "-export", "-inkey", d / "app.key", "-in", d / "app.pem",
             "-out", d / "other.p12", "-passout", "pass:file-only")
     openssl("x509", "-in", d / "sam.pem", "-outform", "DER", "-out", d / "sam.cer")
+    (d / "old.pem").write_bytes(_expired("old@example.test"))
     return Certs(d)
+
+
+def _expired(address: str) -> bytes:
+    """A self-signed S/MIME certificate that expired a year ago (openssl 3.0's req
+    cannot back-date one)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.EMAIL_ADDRESS, address)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=730))
+            .not_valid_after(now - datetime.timedelta(days=365))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def ok(a, *args: str) -> str:
@@ -125,6 +148,12 @@ def test_certificate_store_from_the_cli(make_appliance, certs):
     assert "--label: 'not-an-address'" in refused(
         a, "dcm", "import", "--usrprf", "APP", "--file", str(certs.jane_pem),
         "--label", "not-an-address")
+    # Mail to bob would be readable by jane: a certificate goes under its own addresses.
+    assert "--label: 'bob@remote.test' is not an address of the certificate; allowed: " \
+        "jane@example.test" in refused(a, "dcm", "import", "--usrprf", "APP", "--file",
+                                       str(certs.jane_pem), "--label", "bob@remote.test")
+    assert "expired on " in refused(a, "dcm", "import", "--usrprf", "APP", "--file",
+                                    str(certs.old_pem), "--label", "old@example.test")
 
     rows = json.loads(ok(a, "dcm", "list", "--usrprf", "APP", "--json"))
     assert [(r["label"], r["kind"]) for r in rows] == [
@@ -351,15 +380,26 @@ def test_signed_and_encrypted_mail_reaches_a_remote_host(make_appliance, sink, c
     a = make_appliance(smtp={"mailrouter": f"127.0.0.1:{sink.port}", "firewall": "*YES"})
     a.start()
     a.user("APP")
-    # sam's certificate stands in for the remote friend's
-    make_store(a, certs, **{"friend@remote.test": certs.sam_cer})
+    make_store(a, certs, **{"friend@remote.test": certs.friend_pem})
     create_send_email(["friend@remote.test"], "over the wire", BODY, security=3, usrprf="APP",
                       password=PW, settings=load(a.config))
     a.wait_for(lambda: sink.messages, 20, "delivery to the mail router")
     [m] = sink.messages
     assert m.recipients == ["friend@remote.test"]
-    inner = smime(tmp_path, "decrypt", m.content, "-recip", certs.sam_pem,
-                  "-inkey", certs.sam_key)
+    inner = smime(tmp_path, "decrypt", m.content, "-recip", certs.friend_pem,
+                  "-inkey", certs.friend_key)
     content = smime(tmp_path, "verify", inner, "-CAfile", certs.ca_pem)
     msg = email.message_from_bytes(content, policy=email.policy.default)
     assert text(msg) == BODY
+
+
+def test_a_certificate_that_expired_since_its_import_is_refused_before_sending(tmp_path):
+    from twistmail.certstore import CertStore, CertStoreError
+
+    store = CertStore(tmp_path / "store", "APP")
+    store.create(PW)
+    path = store._recipient_path("old@example.test")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_expired("old@example.test"))  # imported while it was valid
+    with pytest.raises(CertStoreError, match="the certificate for old@example.test expired on "):
+        store.recipient("old@example.test")

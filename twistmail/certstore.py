@@ -113,6 +113,27 @@ def certificate_emails(cert: x509.Certificate) -> list[str]:
     return out
 
 
+def check_valid(cert: x509.Certificate, field: str, what: str) -> None:
+    """Refuse a certificate outside its validity period: readers refuse what it signs,
+    and RFC 8550 agents refuse to encrypt to it."""
+    now = datetime.now(UTC)
+    if cert.not_valid_after_utc < now:
+        raise CertStoreError(field, f"{what} expired on {cert.not_valid_after_utc:%Y-%m-%d}; "
+                             "import a valid one")
+    if cert.not_valid_before_utc > now:
+        raise CertStoreError(field, f"{what} is valid only from "
+                             f"{cert.not_valid_before_utc:%Y-%m-%d}")
+
+
+def check_names(cert: x509.Certificate, label: str) -> None:
+    """A certificate that names e-mail addresses is stored only under one of them:
+    mail to the label would otherwise be readable by someone else."""
+    emails = certificate_emails(cert)
+    if emails and label not in emails:
+        raise CertStoreError("label", f"{label!r} is not an address of the certificate; "
+                             f"allowed: {', '.join(emails)}")
+
+
 def check_label(label: str) -> str:
     """A label is an e-mail address, kept in lower case as the seed's scenario asks."""
     try:
@@ -188,6 +209,7 @@ class CertStore:
             raise CertStoreError("file", "holds a private key that does not belong to its "
                                  "certificate")
         name = self._own_label(cert, label)
+        check_valid(cert, "file", "its certificate")
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
         key_pem = key.private_bytes(serialization.Encoding.PEM,
                                     serialization.PrivateFormat.PKCS8,
@@ -202,6 +224,8 @@ class CertStore:
         self._meta()
         name = check_label(label)
         cert = parse_certificate(data)
+        check_names(cert, name)
+        check_valid(cert, "file", "the certificate")
         target = self._recipient_path(name)
         if target.exists() or name == self._meta().get("own"):
             raise CertStoreError("label", f"{name} is already in the certificate store of "
@@ -251,6 +275,7 @@ class CertStore:
             raise CertStoreError("usrprf", f"the private key of {self.usrprf}'s own certificate "
                                  "cannot be read; import the PKCS#12 file again") from None
         assert isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+        check_valid(cert, "usrprf", f"the own certificate of {self.usrprf}")
         return Signer(cert, key, tuple(chain))
 
     def recipient(self, address: str) -> x509.Certificate:
@@ -270,6 +295,7 @@ class CertStore:
                                  f"store of {self.usrprf} is damaged; remove it (twistmail dcm "
                                  f"remove --usrprf {self.usrprf} --label {name}) and import it "
                                  "again")
+        check_valid(found[0], "recipient", f"the certificate for {name}")
         return found[0]
 
     def recipients(self, addresses: Sequence[str]) -> list[x509.Certificate]:
@@ -301,7 +327,9 @@ class CertStore:
 
     def _own_label(self, cert: x509.Certificate, label: str | None) -> str:
         if label is not None:
-            return check_label(label)
+            name = check_label(label)
+            check_names(cert, name)
+            return name
         emails = certificate_emails(cert)
         if not emails:
             raise CertStoreError("label", "the certificate names no e-mail address; give the "
