@@ -171,9 +171,14 @@ class DirectoryError(ValueError):
 
     def __init__(self, field: str, value: Any, problem: str) -> None:
         self.field = field
-        self.value = value
+        self.value = value  # None: not given at all
         self.problem = problem
-        super().__init__(f"{field}: {value!r} {problem}")
+        super().__init__(self.said(field))
+
+    def said(self, name: str) -> str:
+        """The line, naming the field as the caller's user knows it (``--intnetadr``)."""
+        return f"{name}: {self.problem}" if self.value is None else \
+            f"{name}: {self.value!r} {self.problem}"
 
 
 @attrs.frozen
@@ -1335,8 +1340,8 @@ def check_list_keywords(
         if keyword not in given:
             raise DirectoryError(
                 keyword,
-                NONE,
-                f"is not allowed with type {rule.name}; allowed: {_keyword_allowed(rule, keyword)}",
+                None,
+                f"is required with type {rule.name}; allowed: {_keyword_allowed(rule, keyword)}",
             )
     return rule
 
@@ -1356,8 +1361,8 @@ def _check_one_of(
         first, *others = needed
         raise DirectoryError(
             first,
-            NONE,
-            f"is not allowed with type {rule.name} unless "
+            None,
+            f"is required with type {rule.name} unless "
             f"{' or '.join(spell(k) for k in others)} is given; "
             f"allowed: {_keyword_allowed(rule, first)}",
         )

@@ -302,7 +302,7 @@ def open_directory(what: str, option_of_field: Mapping[str, str] | None = None) 
             yield d
     except dirmod.DirectoryError as e:
         option = (option_of_field or {}).get(e.field, e.field)
-        usage_error(f"--{option}: {e.value!r} {e.problem}")
+        usage_error(e.said(f"--{option}"))
     except (sqlite3.Error, OSError) as e:
         raise Failure(
             f"{settings.datadir / dirmod.FILENAME}: {what} cannot be used ({e})"

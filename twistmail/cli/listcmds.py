@@ -67,7 +67,7 @@ def _check_options(list_type: str, given: dict[str, str], removal: bool = False)
     try:
         dirmod.check_list_keywords(list_type, given, removal=removal, spell=lambda k: f"--{k}")
     except DirectoryError as e:
-        usage_error(f"--{e.field}: {e.value!r} {e.problem}")
+        usage_error(e.said(f"--{e.field}"))
 
 
 def _password(raw: str | None) -> str | None:
