@@ -217,6 +217,8 @@ def test_jobs_are_forked_by_a_launcher_that_is_replaced_when_it_dies(appliance):
     a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 15, "replacement jobs")
     # The dead and their replacements are never counted together.
     assert a.control("dspactpj", pgm="QTMSSRCP")["jobs_peak"] == 2
+    crashes = [e for e in a.journal("JC") if e["pid"] in jobs]
+    assert crashes and all(e["cause"] == "its launcher (QZMFLNCH) ended" for e in crashes)
     fresh = a.jobs("QTMSSRCP")[0]["pid"]
     assert _parent_of(fresh) not in (launcher, a.proc.pid)
     s = smtplib.SMTP(*a.addr("smtp"), timeout=30)

@@ -534,8 +534,11 @@ class Pool:
             self._journal("JB", f"JB BOOT {name}", pid=pid, exit=status, pgm=self.pgm,
                           failures=self.boot_failures)
         else:
+            # A job whose launcher died dies with it: say so, or only the log would.
+            cause = {"cause": "its launcher (QZMFLNCH) ended"} if reason.check(
+                launch.LauncherGone) else {}
             self._journal("JC", f"JC CRASH {name}", pid=pid, exit=status, uses=job.uses,
-                          pgm=self.pgm)
+                          pgm=self.pgm, **cause)
         job.ended.callback(None)
         self.evaluate()
 
