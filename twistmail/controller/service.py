@@ -366,9 +366,11 @@ class Controller(service.Service):
             self.policy.stop()
         if self.control_port is not None:
             self.control_port.stopListening()
+        from twistmail import tlsconfig
+
         run = self.settings.control_socket.parent
         for name in (self.settings.control_socket.name, STATUS_FILE, RESET_FILE,
-                     configmod.APPLIED):
+                     configmod.APPLIED, tlsconfig.ACCEPTED):
             # The bridge's status files too: it may have been killed before
             # it removed them.
             (run / name).unlink(missing_ok=True)
