@@ -285,3 +285,26 @@ def test_a_connection_woken_as_a_pool_fails_is_not_left_in_its_queue(tmp_path):
     assert not pool.waiting and not policy.anvil.active and not policy.room
     for s in peers:
         s.close()
+
+
+def test_the_slot_a_session_frees_goes_to_the_connection_waiting_for_it(tmp_path):
+    """A newcomer accepted in the same turn as the end of a session took the slot
+    freed for the waiting connection, which was then refused 421."""
+    from twisted.internet.task import Clock
+
+    from twistmail import config as configmod
+    from twistmail.policy.connection import ConnectionPolicy
+
+    path = tmp_path / "twistmail.toml"
+    path.write_text(f'[system]\ndatadir = "{tmp_path}"\n[limits]\nmaxconnperip = 1\n')
+    clock = Clock()
+    policy = ConnectionPolicy(clock, configmod.load(path), None, None)
+    assert policy.check("192.0.2.1", smtp=True) is None
+    waiting = policy.check("192.0.2.1", smtp=True)
+    policy.closed("192.0.2.1")
+    newcomer = policy.check("192.0.2.1", smtp=True)  # before the waiting one's turn
+    got: dict[str, object] = {}
+    waiting.addCallback(lambda v: got.setdefault("waiting", v))
+    clock.advance(0)
+    assert got == {"waiting": None}  # in
+    assert newcomer is not None  # not in ahead of it: it waits, or is refused

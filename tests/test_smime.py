@@ -403,3 +403,16 @@ def test_a_certificate_that_expired_since_its_import_is_refused_before_sending(t
     path.write_bytes(_expired("old@example.test"))  # imported while it was valid
     with pytest.raises(CertStoreError, match="the certificate for old@example.test expired on "):
         store.recipient("old@example.test")
+
+
+def test_a_certificate_stored_under_another_address_before_labels_were_checked_is_not_used(
+        tmp_path, certs):
+    from twistmail.certstore import CertStore, CertStoreError
+
+    store = CertStore(tmp_path / "store", "APP")
+    store.create(PW)
+    path = store._recipient_path("bob@remote.test")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(certs.jane_pem.read_bytes())  # Jane's, under Bob's name
+    with pytest.raises(CertStoreError, match="names jane@example.test, not bob@remote.test"):
+        store.recipient("bob@remote.test")

@@ -144,6 +144,15 @@ def test_a_renewed_pair_reaches_every_job_at_reload_and_a_bad_one_is_refused(
     assert hashlib.sha256(_server_cert(a, root2)).digest() != hashlib.sha256(before).digest()
 
 
+def test_a_key_file_that_holds_the_certificates_too_still_serves(make_appliance, tmp_path):
+    """A combined file (key, then the full chain) as tls.key beside the chain file."""
+    root, chain, key = make_chain(tmp_path)
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(key.read_bytes() + chain.read_bytes())
+    a = make_appliance(tls={"certificate": str(chain), "key": str(combined)}).start()
+    _server_cert(a, root)
+
+
 def test_an_expired_certificate_serves_with_a_warning(make_appliance, tmp_path):
     """Clients that verify refuse it, the others still get TLS: a warning, not a stop."""
     key = ec.generate_private_key(ec.SECP256R1())

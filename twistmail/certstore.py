@@ -283,7 +283,7 @@ class CertStore:
         meta = self._meta()
         name = address.lower()
         if name == meta.get("own"):
-            return self.own_certificates()[0]
+            return self.own_certificate()
         path = self._recipient_path(name)
         if not path.is_file():
             raise CertStoreError("recipient", f"no certificate for {name} in the certificate "
@@ -295,8 +295,21 @@ class CertStore:
                                  f"store of {self.usrprf} is damaged; remove it (twistmail dcm "
                                  f"remove --usrprf {self.usrprf} --label {name}) and import it "
                                  "again")
+        try:  # stored before labels were checked: not to be used under another's name
+            check_names(found[0], name)
+        except CertStoreError:
+            raise CertStoreError("recipient", f"the certificate stored for {name} names "
+                                 f"{', '.join(certificate_emails(found[0]))}, not {name}; "
+                                 f"remove it (twistmail dcm remove --usrprf {self.usrprf} "
+                                 f"--label {name}) and import {name}'s own") from None
         check_valid(found[0], "recipient", f"the certificate for {name}")
         return found[0]
+
+    def own_certificate(self) -> x509.Certificate:
+        """The own certificate, refused outside its validity period."""
+        cert = self.own_certificates()[0]
+        check_valid(cert, "usrprf", f"the own certificate of {self.usrprf}")
+        return cert
 
     def recipients(self, addresses: Sequence[str]) -> list[x509.Certificate]:
         return [self.recipient(a) for a in addresses]

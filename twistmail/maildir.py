@@ -805,7 +805,10 @@ def _finish_expunge(maildir: Path) -> None:
     names = [os.fsdecode(n) for n in raw.split(b"\0") if n and b"/" not in n]
     names = [n for n in names if not n.startswith(".")]
     if names:
-        _bury(maildir, names)
+        # A full disk must not keep every login, and the deletions that
+        # would free it, from going on: the record is the lesser loss.
+        with suppress(OSError):
+            _bury(maildir, names)
     _unlink_all(maildir / "cur", names)
     os.unlink(log)
     fsync_dir(maildir)

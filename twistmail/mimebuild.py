@@ -210,7 +210,7 @@ def secure(content: bytes, level: int, settings: Any, usrprf: str, password: str
     readers = []
     if level & ENCRYPT:
         readers = [*store.recipients(list(dict.fromkeys(a.lower() for a in addresses))),
-                   store.own_certificates()[0]]
+                   store.own_certificate()]
     if signer is not None:
         content = smime.sign(content, signer)
     if readers:

@@ -10,6 +10,7 @@ done on disk reaches none of them.  Connections negotiate TLS 1.2 or newer.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -92,16 +93,20 @@ def accepted_path(settings: Settings) -> Path:
     return settings.datadir / "run" / ACCEPTED
 
 
-def accept_pair(settings: Settings) -> list[str]:
-    """Check the configured pair and keep what was checked for the jobs.
+def check_pair(settings: Settings) -> tuple[bytes, list[str]]:
+    """The configured pair, checked, as the one file the jobs load, and warnings.
 
-    Raises SettingError for a pair that cannot serve; returns warnings (an
-    expired certificate still serves clients that do not verify it, and a
-    daemon does not stop for it).
+    Raises SettingError for a pair that cannot serve.  An expired
+    certificate is only a warning: it still serves clients that do not
+    verify it, and a daemon does not stop for it.
     """
     _, pem, warnings = _checked(settings)
+    return pem, warnings
+
+
+def keep_pair(settings: Settings, pem: bytes) -> None:
+    """Make ``pem`` (from :func:`check_pair`) the pair every job started from now loads."""
     _write_atomic(accepted_path(settings), pem, 0o600)
-    return warnings
 
 
 def server_options(settings: Settings, check: bool = False) -> ssl.CertificateOptions:
@@ -132,6 +137,7 @@ def _checked(settings: Settings) -> tuple[ssl.CertificateOptions, bytes, list[st
     """The options, the pair as one PEM file, and warnings; each file is read once,
     so what is kept is what was checked even while a renewal writes them."""
     from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     cert_path, key_path = pair_paths(settings)
@@ -150,7 +156,9 @@ def _checked(settings: Settings) -> tuple[ssl.CertificateOptions, bytes, list[st
         raise _refused(key_name, key_path, f"its private key cannot be read: {_why(e)}") from None
     if _public(chain[0].public_key()) != _public(key.public_key()):
         raise _refused(key_name, key_path, f"it is not the key of the certificate in {cert_path}")
-    pem = cert_pem if key_path == cert_path else key_pem.rstrip(b"\n") + b"\n" + cert_pem
+    # The key alone, as the jobs load it: a key file may hold certificates too.
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()) + cert_pem
     # What every job will do with the pair, done now: a pair only the check
     # could read would start a daemon whose jobs all fail.
     options = _pair_options(pem, pem, cert_path)
@@ -166,11 +174,13 @@ def _checked(settings: Settings) -> tuple[ssl.CertificateOptions, bytes, list[st
 def _validity(cert: Any, path: Path) -> list[str]:
     now = datetime.datetime.now(datetime.UTC)
     if cert.not_valid_after_utc < now:
-        return [f"the certificate in {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}: "
-                "clients that verify it refuse TLS"]
+        return [f"the certificate in {path} expired on "
+                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: clients that verify it "
+                "refuse TLS"]
     if cert.not_valid_before_utc > now:
         return [f"the certificate in {path} is valid only from "
-                f"{cert.not_valid_before_utc:%Y-%m-%d}: clients that verify it refuse TLS"]
+                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: clients that verify it "
+                "refuse TLS"]
     return []
 
 
@@ -234,9 +244,13 @@ def _why(e: Exception) -> str:
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a crash, perhaps by another user: made anew
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

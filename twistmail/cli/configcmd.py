@@ -16,6 +16,7 @@ import tomlkit
 
 from twistmail import config as configmod
 from twistmail.cli.base import app, cli
+from twistmail.cli.poolcmds import say_after_reload
 
 ALL_DEFAULT = "# every setting has its default value"
 
@@ -52,10 +53,7 @@ def _apply() -> None:
     result = call("reload")
     applied = ", ".join(result.get("applied", ())) or "nothing changed"
     click.echo(f"configuration applied to the running daemon: {applied}")
-    if result.get("restart_needed"):
-        click.echo("restart needed for: " + ", ".join(result["restart_needed"]))
-    for warning in result.get("warnings", ()):
-        click.echo(f"warning: {warning}", err=True)
+    say_after_reload(result)
 
 
 def setting_rows(settings: configmod.Settings, non_default: bool) -> list[dict[str, Any]]:

@@ -62,8 +62,15 @@ def apply_live(what: str) -> None:
     except ControlError as e:
         raise Failure(f"{what} saved, but the daemon did not apply it: {e}") from None
     click.echo(f"{what} changed and applied to the running daemon")
+    say_after_reload(result)
+
+
+def say_after_reload(result: dict[str, Any]) -> None:
+    """What a reload leaves for the administrator: a restart to come, warnings."""
     if result.get("restart_needed"):
         click.echo("restart needed for: " + ", ".join(result["restart_needed"]))
+    for warning in result.get("warnings", ()):
+        click.echo(f"warning: {warning}", err=True)
 
 
 ENTRY_KEYS = ("strjobs", "inljobs", "threshold", "adljobs", "maxjobs", "maxuse", "wait")

@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistmail import config as configmod
+from twistmail import tlsconfig
 from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.bridge.status import RESET_FILE, STATUS_FILE
 from twistmail.control import ControlError, socket_in_use
@@ -193,8 +194,6 @@ class Controller(service.Service):
     def startService(self) -> None:
         super().startService()
         s = self.settings
-        from twistmail import tlsconfig
-
         if "." not in s.hostname.strip(".") or s.hostname.lower().startswith("localhost"):
             self.log.warn("this host's name is {name!r}: set [system] hostname to its fully "
                           "qualified name; the greeting, Received: fields, notices and the "
@@ -204,15 +203,18 @@ class Controller(service.Service):
             tlsconfig.ensure_pair(s)
         except OSError as e:  # a state directory another user made, say
             raise SystemExit(f"twistmail: cannot make the TLS pair: {e}") from None
+        # Taken before the files are read: a renewal during the check is seen next time.
+        self.tls_state = tlsconfig.pair_state(s)
         try:
             # Every job needs it: refused now; what is checked is what they load.
-            for warning in tlsconfig.accept_pair(s):
-                self.log.warn("TLS: {warning}", warning=warning)
+            pem, warnings = tlsconfig.check_pair(s)
+            tlsconfig.keep_pair(s, pem)
         except configmod.SettingError as e:
             raise SystemExit(f"twistmail: {e}") from None
         except OSError as e:
             raise SystemExit(f"twistmail: cannot keep the TLS pair for the jobs: {e}") from None
-        self.tls_state = tlsconfig.pair_state(s)
+        for warning in warnings:
+            self.log.warn("TLS: {warning}", warning=warning)
         try:
             configmod.write_applied(s)
         except OSError as e:
@@ -366,8 +368,6 @@ class Controller(service.Service):
             self.policy.stop()
         if self.control_port is not None:
             self.control_port.stopListening()
-        from twistmail import tlsconfig
-
         run = self.settings.control_socket.parent
         for name in (self.settings.control_socket.name, STATUS_FILE, RESET_FILE,
                      configmod.APPLIED, tlsconfig.ACCEPTED):
@@ -502,11 +502,13 @@ class Controller(service.Service):
         restart = [sec for sec in ("listen", "system") if getattr(fresh, sec) != getattr(old, sec)]
         self.restart_needed = restart
         new = attrs.evolve(fresh, listen=old.listen, system=old.system)
-        tls_state, warnings = self._check_tls(new)
+        tls_state, pem, warnings = self._check_tls(new)
         if new == old and tls_state == self.tls_state:
             return {"applied": [], "restart_needed": restart}  # "nothing changed"
         try:
             configmod.write_applied(new)
+            if pem is not None:  # only once nothing else can refuse the reload
+                tlsconfig.keep_pair(new, pem)
         except OSError as e:
             raise ControlError(f"configuration not applied: cannot record it: {e}") from None
         self.settings = new
@@ -537,26 +539,28 @@ class Controller(service.Service):
             applied.append("journal")
         return {"applied": applied, "restart_needed": restart, "warnings": warnings}
 
-    def _check_tls(self, new: configmod.Settings) -> tuple[tuple[Any, ...], list[str]]:
-        """The pair the jobs will load after this reload, refused before anything
-        applies, and what is worth a warning about it.
+    def _check_tls(self, new: configmod.Settings
+                   ) -> tuple[tuple[Any, ...], bytes | None, list[str]]:
+        """The state of the pair the jobs will load after this reload, the pair
+        itself when it changed (refused before anything applies), and what is
+        worth a warning about it.
 
         A certificate renewed in place (same paths, new files) counts as a
         change: every job then loads it, not only the ones started later.
         """
-        from twistmail import tlsconfig
-
-        state, warnings = tlsconfig.pair_state(new), []
-        if state != self.tls_state or new.tls != self.settings.tls:
-            try:
-                tlsconfig.ensure_pair(new)
-                warnings = tlsconfig.accept_pair(new)
-            except (configmod.SettingError, OSError) as e:
-                raise ControlError(f"configuration not applied: {e}") from None
+        state = tlsconfig.pair_state(new)
+        if state == self.tls_state and new.tls == self.settings.tls:
+            return state, None, []
+        try:
+            tlsconfig.ensure_pair(new)
+            # Before the files are read: a renewal during the check is seen next time.
             state = tlsconfig.pair_state(new)
-            for warning in warnings:
-                self.log.warn("TLS: {warning}", warning=warning)
-        return state, [f"tls: {w}" for w in warnings]
+            pem, warnings = tlsconfig.check_pair(new)
+        except (configmod.SettingError, OSError) as e:
+            raise ControlError(f"configuration not applied: {e}") from None
+        for warning in warnings:
+            self.log.warn("TLS: {warning}", warning=warning)
+        return state, pem, [f"tls: {w}" for w in warnings]
 
     def _journals(self) -> list[Journal]:
         out = [self.journal] if self.journal else []

@@ -120,7 +120,7 @@ class ConnectionPolicy:
         # keep a MAXAUTHFAIL lockout (or a rate window) for that hour more.
         self.anvil = Anvil(LimitSettings(), time.monotonic)
         #: Connections of clients at MAXCONNPERIP waiting for one of their sessions to end.
-        self.room: dict[str, collections.deque[tuple[defer.Deferred, Any]]] = {}
+        self.room: dict[str, collections.deque[tuple[defer.Deferred, str, Any]]] = {}
         self.configure(settings)
 
     def configure(self, settings: Any) -> None:
@@ -169,8 +169,7 @@ class ConnectionPolicy:
 
     # -- the check -----------------------------------------------------------
 
-    def check(self, ip: str, smtp: bool, rbl: bool = True,
-              waited: bool = False) -> Verdict | None | defer.Deferred:
+    def check(self, ip: str, smtp: bool, rbl: bool = True) -> Verdict | None | defer.Deferred:
         """None to go on; a Verdict to refuse; a Deferred when DNS must be asked,
         or when the client is at MAXCONNPERIP (see ``_wait_for_room``).
 
@@ -178,13 +177,18 @@ class ConnectionPolicy:
         every client must sign on anyway and roaming users often come from
         addresses the lists name (dial-up and residential ranges).
         """
-        if not waited and self.anvil.only_sessions_full(ip):
+        if self.anvil.only_sessions_full(ip) or client_key(ip) in self.room:
             d = self._wait_for_room(ip)
-            if d is not None:
-                return d.addCallback(lambda _: self.check(ip, smtp, rbl, waited=True))
+            if d is not None:  # admitted or refused when woken, in its turn
+                return d.addCallback(lambda refusal: self._limit(ip, refusal, smtp)
+                                     if refusal is not None else self._admitted(ip, smtp, rbl))
         refusal = self.anvil.admit(ip)
         if refusal is not None:
             return self._limit(ip, refusal, smtp)
+        return self._admitted(ip, smtp, rbl)
+
+    def _admitted(self, ip: str, smtp: bool, rbl: bool) -> Verdict | None | defer.Deferred:
+        """The checks after the limits: the reject list and the block lists."""
         if not smtp:
             return None
         if self._rejected(ip):
@@ -215,19 +219,23 @@ class ConnectionPolicy:
         A session is counted until its job reports its end.  A client that
         closes and connects again at once (a submitting application with a
         few connections) is often faster than that report, and was refused
-        while well under the limit.  None when as many already wait as the
-        limit allows: a flood is refused at once.
+        while well under the limit.  The Deferred fires with the limits'
+        refusal, or None once admitted.  None when as many already wait as
+        the limit allows: a flood is refused at once.  A newcomer waits
+        behind those already waiting: the slot a session frees is theirs.
         """
         key = client_key(ip)
         waiting = self.room.setdefault(key, collections.deque())
-        if len(waiting) >= self.anvil.settings.maxconnperip:
+        if len(waiting) >= max(1, self.anvil.settings.maxconnperip):
+            if not waiting:
+                del self.room[key]
             return None
         d: defer.Deferred = defer.Deferred()
-        waiting.append((d, self.reactor.callLater(PERIP_GRACE, self._wake, key, d)))
+        waiting.append((d, ip, self.reactor.callLater(PERIP_GRACE, self._wake, key, d)))
         return d
 
     def _wake(self, key: str, which: defer.Deferred | None = None) -> None:
-        """Let the first waiting connection of ``key`` (or ``which``) be checked again."""
+        """Admit (or refuse) the first waiting connection of ``key``, or ``which``."""
         waiting = self.room.get(key, collections.deque())
         for entry in waiting:
             if which is None or entry[0] is which:
@@ -237,12 +245,13 @@ class ConnectionPolicy:
             return
         if not waiting:
             del self.room[key]
-        d, call = entry
+        d, ip, call = entry
         if call.active():
             call.cancel()
-        # In a later turn: the session's end is reported from inside the
-        # pool (a job freed, a request refused), which must finish first.
-        self.reactor.callLater(0, d.callback, None)
+        # Counted now, so no newcomer takes the slot; handed on in a later
+        # turn: the session's end is reported from inside the pool (a job
+        # freed, a request refused), which must finish first.
+        self.reactor.callLater(0, d.callback, self.anvil.admit(ip))
 
     def _rejected(self, ip: str) -> bool:
         if not self.rejects:
