@@ -295,13 +295,12 @@ class CertStore:
                                  f"store of {self.usrprf} is damaged; remove it (twistmail dcm "
                                  f"remove --usrprf {self.usrprf} --label {name}) and import it "
                                  "again")
-        try:  # stored before labels were checked: not to be used under another's name
-            check_names(found[0], name)
-        except CertStoreError:
+        emails = certificate_emails(found[0])
+        if emails and name not in emails:  # stored before labels were checked
             raise CertStoreError("recipient", f"the certificate stored for {name} names "
-                                 f"{', '.join(certificate_emails(found[0]))}, not {name}; "
-                                 f"remove it (twistmail dcm remove --usrprf {self.usrprf} "
-                                 f"--label {name}) and import {name}'s own") from None
+                                 f"{', '.join(emails)}, not {name}; remove it (twistmail dcm "
+                                 f"remove --usrprf {self.usrprf} --label {name}) and import "
+                                 f"{name}'s own")
         check_valid(found[0], "recipient", f"the certificate for {name}")
         return found[0]
 

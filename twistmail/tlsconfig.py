@@ -112,7 +112,7 @@ def keep_pair(settings: Settings, pem: bytes) -> None:
 def server_options(settings: Settings, check: bool = False) -> ssl.CertificateOptions:
     """The options every TLS listener's job uses; a pair that cannot serve is a SettingError.
 
-    A job loads the pair the daemon accepted (:func:`accept_pair`), or the
+    A job loads the pair the daemon accepted (:func:`keep_pair`), or the
     configured files when there is none (a job started by hand).
 
     The certificate file may hold the intermediate certificates after the
