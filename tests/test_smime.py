@@ -347,6 +347,11 @@ def test_refusals_queue_nothing(make_appliance, certs, tmp_path):
     refuse("no directory entry with an SMTP name", to_sam, "s", "b", usrprf="NOBODY")
     refuse("SAM has no certificate store", ["app@example.test"], "s", "b", (), 1,
            usrprf="SAM")
+    # SAM's store holding APP's certificate and key: mail from sam@ signed as app@.
+    ok(a, "dcm", "create-store", "--usrprf", "SAM", "--password", PW)
+    ok(a, "dcm", "import", "--usrprf", "SAM", "--file", str(certs.app_p12), "--password", PW)
+    refuse("names app@example.test, not sam@example.test, the sender", ["app@example.test"],
+           "s", "b", (), 1, usrprf="SAM")
     refuse("attachment: .*missing.bin does not exist", to_sam, "s", "b",
            [tmp_path / "missing.bin"])
     refuse("subject: must be one line", to_sam, "s\r\nBcc: x@example.test", "b")

@@ -282,7 +282,7 @@ def create_send_email(
     content = mimebuild.content_entity(body, mimebuild.attachment_parts(attachments))
     if level:
         content = mimebuild.secure(content, level, settings, name, password,
-                                   [r.address for r in rcpts])
+                                   [r.address for r in rcpts], sender=sender)
     head = mimebuild.header_block(sender, rcpts, subject, settings.hostname)
     _check_limits(settings, rcpts, len(head) + len(content))
     return queue_message(settings, sender, rcpts, head + content, program="QTMSCRTSNM",

@@ -193,20 +193,28 @@ def _address_field(name: str, addresses: Sequence[str]) -> bytes:
 
 
 def secure(content: bytes, level: int, settings: Any, usrprf: str, password: str | None,
-           addresses: Sequence[str]) -> bytes:
+           addresses: Sequence[str], sender: str | None = None) -> bytes:
     """Sign (level 1), encrypt (2) or sign then encrypt (3) ``content`` with S/MIME.
 
     The certificates come from ``usrprf``'s store; encryption is also for the
     sender's own certificate, so the sender can read what it sent.  Every
     certificate is looked up before any cryptography, so a missing one fails
-    alone.
+    alone.  A signature must be by a certificate that names ``sender``, the
+    From address: RFC 8550 §3 receivers refuse any other.
     """
     from twistmail import smime
-    from twistmail.certstore import CertStore
+    from twistmail.certstore import CertStore, CertStoreError, certificate_emails
 
     store = CertStore.for_user(settings, usrprf)
     store.check_password(password)
     signer = store.signer(password) if level & SIGN else None
+    if signer is not None and sender:
+        names = certificate_emails(signer.certificate)
+        if names and sender.lower() not in names:
+            raise CertStoreError("usrprf", f"the own certificate of {usrprf} names "
+                                 f"{', '.join(names)}, not {sender.lower()}, the sender: "
+                                 "its readers would refuse the signature; import the "
+                                 "sender's own certificate")
     readers = []
     if level & ENCRYPT:
         readers = [*store.recipients(list(dict.fromkeys(a.lower() for a in addresses))),
