@@ -321,3 +321,21 @@ def test_only_what_a_listing_showed_becomes_old(tmp_path, monkeypatch):
     monkeypatch.setattr(dststore, "_mark_listed", real)
     statuses = {d.description: d.status for d in store.query("BOB").distributions}
     assert statuses == {"note 0": "*OLD", "late": "*NEW"}
+
+
+def test_a_received_distribution_delivered_again_after_a_crash_stays_received(tmp_path):
+    """RCVDST removes it; a delivery killed before the queue learnt of it, made
+    again, found no copy and put it back."""
+    from twistmail.dststore import DistributionStore
+    from twistmail.maildir import MaildirStore
+
+    maildirs = MaildirStore(tmp_path / "snads", "mail.example.test")
+    body = tmp_path / "body"
+    body.write_bytes(b"From: jane@remote.test\r\nSubject: once\r\n\r\nbody\r\n")
+    maildirs.deliver("BOB", "Q1.R0", body, b"")
+    store = DistributionStore(tmp_path / "snads", {})
+    [dist] = store.query("BOB").distributions
+    with store.receive("BOB", dist.dstid):
+        pass
+    maildirs.deliver("BOB", "Q1.R0", body, b"")  # the retried delivery
+    assert store.query("BOB").distributions == ()

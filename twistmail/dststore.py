@@ -47,7 +47,7 @@ from typing import Any
 import attrs
 
 from twistmail.durable import fsync_dir
-from twistmail.maildir import base_name, check_user
+from twistmail.maildir import base_name, check_user, record_removed
 
 INDEX = "dstids.json"
 LOCK = ".dstids.lock"
@@ -153,6 +153,9 @@ class DistributionStore:
             if keep:
                 _mark_opened(found.path)
             else:
+                # A delivery killed before the queue learnt of it, made again,
+                # must not bring back what was received.
+                record_removed(self._maildir(userid), [found.path.name])
                 found.path.unlink(missing_ok=True)
                 fsync_dir(found.path.parent)
                 index["ids"] = {b: i for b, i in index["ids"].items() if i != wanted}

@@ -501,7 +501,7 @@ class MailboxSession:
         done = False
         try:
             if names:
-                _bury(self.maildir, names)
+                record_removed(self.maildir, names)
             failed = _unlink_all(self._cur, names) if names else []
             if names and not failed:
                 os.unlink(self.maildir / EXPUNGE_FILE)
@@ -615,7 +615,7 @@ def _find_delivered(maildir: str, name: str) -> Path | None:
 
     new/ is probed before cur/: a session moves new/ → cur/ by one rename, so
     in this order a message being moved is seen in one place or the other.
-    A copy its user has fetched and deleted (see :func:`_bury`) counts as
+    A copy its user has fetched and deleted (see :func:`record_removed`) counts as
     delivered: its new/ path is returned, though nothing is there."""
     for candidate in (f"{maildir}/new/{name}", *(f"{maildir}/cur/{name}{i}" for i in CUR_INFOS)):
         if os.path.lexists(candidate):
@@ -625,8 +625,8 @@ def _find_delivered(maildir: str, name: str) -> Path | None:
     return None
 
 
-def _bury(maildir: Path, names: Iterable[str]) -> None:
-    """Record, durably and before they go, the messages a QUIT removes
+def record_removed(maildir: Path, names: Iterable[str]) -> None:
+    """Record, durably and before they go, the messages a QUIT (or RCVDST) removes
     (after its +OK: until they go, a delivery finds them in cur/).
 
     A delivery killed after its copy was made and before the queue learnt
@@ -808,7 +808,7 @@ def _finish_expunge(maildir: Path) -> None:
         # A full disk must not keep every login, and the deletions that
         # would free it, from going on: the record is the lesser loss.
         with suppress(OSError):
-            _bury(maildir, names)
+            record_removed(maildir, names)
     _unlink_all(maildir / "cur", names)
     os.unlink(log)
     fsync_dir(maildir)
