@@ -212,6 +212,35 @@ def test_started_as_root_it_follows_no_link_the_daemon_s_user_planted(tmp_path, 
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o755)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="twistd switches user only when started as root")
+def test_a_key_only_root_may_read_is_read_at_start_and_kept_for_the_daemons_user():
+    """/etc/letsencrypt's keys are root's alone: the daemon's user could not
+    read them, and no job could start."""
+    import pwd
+    import shutil
+    import tempfile
+
+    from test_tls_pair import make_chain
+
+    nobody = pwd.getpwnam("nobody")
+    root = Path(tempfile.mkdtemp(prefix="twistmail-uid-"))
+    root.chmod(0o755)
+    secret = Path(tempfile.mkdtemp(prefix="twistmail-keys-"))  # 0700, root's
+    _, chain, key = make_chain(secret)
+    key.chmod(0o600)
+    a = Appliance(root, tls={"certificate": str(chain), "key": str(key)})
+    a.config.chmod(0o644)
+    try:
+        a.start(wait_jobs=False, twistd_args=("--uid", "nobody", "--gid", str(nobody.pw_gid)))
+        kept = (a.datadir / "run" / "tls.pem").stat()
+        assert (kept.st_uid, kept.st_mode & 0o777) == (nobody.pw_uid, 0o600)
+        assert "Traceback" not in a.log_text()
+    finally:
+        a.kill_all()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(secret, ignore_errors=True)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a start as root can be led astray")
 def test_started_as_root_it_removes_no_socket_through_a_link_made_while_it_waited(tmp_path):
     """The daemon's user holds the lock (root waits for it), makes run/ a link

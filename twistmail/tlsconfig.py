@@ -104,9 +104,18 @@ def check_pair(settings: Settings) -> tuple[bytes, list[str]]:
     return pem, warnings
 
 
-def keep_pair(settings: Settings, pem: bytes) -> None:
-    """Make ``pem`` (from :func:`check_pair`) the pair every job started from now loads."""
-    _write_atomic(accepted_path(settings), pem, 0o600)
+def keep_pair(settings: Settings, pem: bytes, run_fd: int | None = None,
+              owner: tuple[int, int] | None = None) -> None:
+    """Make ``pem`` (from :func:`check_pair`) the pair every job started from now loads.
+
+    As root, ``run_fd`` is the run directory opened without following links
+    and ``owner`` the daemon's user (twistd --uid/--gid), who gets the file.
+    """
+    path = accepted_path(settings)
+    if run_fd is None:
+        _write_atomic(path, pem, 0o600)
+    else:
+        _write_atomic(Path(path.name), pem, 0o600, dir_fd=run_fd, owner=owner)
 
 
 def server_options(settings: Settings, check: bool = False) -> ssl.CertificateOptions:
@@ -242,16 +251,24 @@ def _why(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int, dir_fd: int | None = None,
+                  owner: tuple[int, int] | None = None) -> None:
+    """``path`` replaced whole by ``data``; relative to ``dir_fd`` when given.
+
+    The temporary file is made anew (O_EXCL: never through a link someone
+    put in its place), so root can write in a directory the daemon's user owns.
+    """
     tmp = path.with_name(path.name + ".tmp")
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # left by a crash, perhaps by another user: made anew
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        os.unlink(tmp, dir_fd=dir_fd)  # left by a crash, perhaps by another user
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

@@ -91,6 +91,8 @@ class Controller(service.Service):
         self.lock_fd: int | None = None
         #: Who twistd runs the daemon as after binding (--uid/--gid), if it switches.
         self.owner = owner
+        #: The TLS pair's warnings when it was checked and kept as root.
+        self.tls_warnings: list[str] | None = None
         #: Sections changed in the file that only a restart applies (the last reload's view).
         self.restart_needed: list[str] = []
 
@@ -112,7 +114,25 @@ class Controller(service.Service):
                 self._bind_server(server)
         except ControlError as e:
             raise SystemExit(f"twistmail: {e}") from None
+        if os.geteuid() == 0 and self.settings.tls.certificate:
+            self._keep_pair_as_root()
         super().privilegedStartService()
+
+    def _keep_pair_as_root(self) -> None:
+        """A key only root may read (/etc/letsencrypt) is read now; the jobs load the
+        checked copy, the daemon's user's.  A renewal of such a key takes a restart."""
+        s = self.settings
+        try:
+            pem, self.tls_warnings = tlsconfig.check_pair(s)
+        except configmod.SettingError as e:
+            raise SystemExit(f"twistmail: {e}") from None
+        fd = _open_no_link(s.datadir / "run")
+        try:
+            tlsconfig.keep_pair(s, pem, run_fd=fd, owner=self.owner)
+        except OSError as e:
+            raise SystemExit(f"twistmail: cannot keep the TLS pair for the jobs: {e}") from None
+        finally:
+            os.close(fd)
 
     def _prepare_datadir(self) -> None:
         d = self.settings.datadir
@@ -203,16 +223,20 @@ class Controller(service.Service):
             tlsconfig.ensure_pair(s)
         except OSError as e:  # a state directory another user made, say
             raise SystemExit(f"twistmail: cannot make the TLS pair: {e}") from None
-        # Taken before the files are read: a renewal during the check is seen next time.
+        # Taken before the files are read: a renewal during the check is seen
+        # next time.  As the daemon's user, as every reload takes it.
         self.tls_state = tlsconfig.pair_state(s)
-        try:
-            # Every job needs it: refused now; what is checked is what they load.
-            pem, warnings = tlsconfig.check_pair(s)
-            tlsconfig.keep_pair(s, pem)
-        except configmod.SettingError as e:
-            raise SystemExit(f"twistmail: {e}") from None
-        except OSError as e:
-            raise SystemExit(f"twistmail: cannot keep the TLS pair for the jobs: {e}") from None
+        warnings = self.tls_warnings
+        if warnings is None:  # not kept as root already
+            try:
+                # Every job needs it: refused now; what is checked is what they load.
+                pem, warnings = tlsconfig.check_pair(s)
+                tlsconfig.keep_pair(s, pem)
+            except configmod.SettingError as e:
+                raise SystemExit(f"twistmail: {e}") from None
+            except OSError as e:
+                raise SystemExit(f"twistmail: cannot keep the TLS pair for the jobs: {e}"
+                                 ) from None
         for warning in warnings:
             self.log.warn("TLS: {warning}", warning=warning)
         try:
