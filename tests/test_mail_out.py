@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import smtplib
 import threading
 import time
@@ -276,6 +277,11 @@ def test_dsn_success_relayed_and_delay_notices(make_appliance, sink):
     # The server's name goes with what it answered, not with a local delivery.
     mtas = sorted(b"Remote-MTA: dns; 127.0.0.1" in p.read_bytes() for p in reports)
     assert mtas == [False, True, True]
+    # The delay report says until when: five more tries an hour apart (RTYHOUR 5 1).
+    [delayed] = [p.read_bytes() for p in reports if b"Action: delayed" in p.read_bytes()]
+    until = email.utils.parsedate_to_datetime(
+        delayed.split(b"Will-Retry-Until: ", 1)[1].split(b"\r\n", 1)[0].decode())
+    assert abs(until.timestamp() - time.time() - 5 * 3600) < 120
 
 
 

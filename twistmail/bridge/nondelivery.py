@@ -43,6 +43,7 @@ class Failure:
     action: str = "failed"  # RFC 3464 Action: failed, delayed, delivered, relayed
     orcpt: str | None = None  # the client's ORCPT, "addr-type;address"
     mta: str | None = None  # the server whose reply ``diagnostic`` is, if any
+    retry_until: float | None = None  # delayed: when the last try is due
 
 
 #: What each kind of report says, and which NOTIFY keyword asks for it.
@@ -173,6 +174,9 @@ def _status_part(hostname: str, queue_id: str, arrival: float,
     for f in failures:
         original = [("Original-Recipient", _ascii_line(f.orcpt))] if f.orcpt else []
         tried = [("Last-Attempt-Date", now)] if f.action in ("failed", "delayed") else []
+        if f.retry_until is not None:  # RFC 3464 §2.3.8
+            tried.append(("Will-Retry-Until", email.utils.formatdate(f.retry_until,
+                                                                     localtime=True)))
         part.attach(_fields([
             *original,
             ("Final-Recipient", _address_field(f.address)),

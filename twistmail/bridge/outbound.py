@@ -1104,8 +1104,11 @@ class OutboundManager:
             if queue_name == QTMSRTQ2 and not delay_noticed:
                 # Once, as the message enters the second-level retries; not
                 # at each of them (RTYDAY/RTYHOUR may be many).
+                count, unit = self._second_level()
+                until = time.time() + count * unit  # its last try; a failure after it
                 delayed = [Failure(r.address, _delayed_status(r.last_error),
-                                   r.last_error or "still being retried", "delayed")
+                                   r.last_error or "still being retried", "delayed",
+                                   retry_until=until)
                            for r in pending]
                 queue_notice(self.queue, self.directory, self.journal,
                              self.settings.hostname, env, delayed, self.queue.body_path(qid))
@@ -1137,11 +1140,16 @@ class OutboundManager:
         first_count, first_minutes = s.rtymin
         if attempts <= first_count:
             return QTMSRTQ1, "8C", 60.0 * first_minutes
-        second_count, second_unit = (s.rtyday[0], 86400.0 * s.rtyday[1]) if s.rtyday[0] \
-            else (s.rtyhour[0], 3600.0 * s.rtyhour[1])
+        second_count, second_unit = self._second_level()
         if attempts <= first_count + second_count:
             return QTMSRTQ2, "8D", second_unit
         return None
+
+    def _second_level(self) -> tuple[int, float]:
+        """The second-level retries: how many, and the seconds between them."""
+        s = self.settings.smtp
+        return (s.rtyday[0], 86400.0 * s.rtyday[1]) if s.rtyday[0] \
+            else (s.rtyhour[0], 3600.0 * s.rtyhour[1])
 
 
 def _delayed_status(error: str | None) -> str:
