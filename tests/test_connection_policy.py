@@ -308,3 +308,32 @@ def test_the_slot_a_session_frees_goes_to_the_connection_waiting_for_it(tmp_path
     clock.advance(0)
     assert got == {"waiting": None}  # in
     assert newcomer is not None  # not in ahead of it: it waits, or is refused
+
+
+def test_a_waiting_client_that_hung_up_gives_up_its_place(tmp_path):
+    """Connections opened and dropped while waiting kept their places for their
+    whole second: the next client was refused at once, or the freed slot lost."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from twistmail import config as configmod
+    from twistmail.policy.connection import ConnectionPolicy, Verdict
+
+    path = tmp_path / "twistmail.toml"
+    path.write_text(f'[system]\ndatadir = "{tmp_path}"\n[limits]\nmaxconnperip = 2\n')
+    clock = Clock()
+    policy = ConnectionPolicy(clock, configmod.load(path), None, None)
+    for _ in range(2):
+        assert policy.check("192.0.2.1", smtp=True) is None
+    dropped = [policy.check("192.0.2.1", smtp=True, gone=lambda: True) for _ in range(2)]
+    live = policy.check("192.0.2.1", smtp=True, gone=lambda: False)
+    assert isinstance(live, defer.Deferred)  # it waits, in the places the others left
+    got: list[object] = []
+    live.addCallback(got.append)
+    for d in dropped:
+        d.addCallback(lambda v: got.append(("dropped", v)))
+    policy.closed("192.0.2.1")
+    clock.advance(0)
+    assert got.count(None) == 1  # the live one has the slot
+    assert [v for v in got if isinstance(v, tuple)] and all(
+        isinstance(v[1], Verdict) for v in got if isinstance(v, tuple))

@@ -129,6 +129,10 @@ def test_a_renewed_pair_reaches_every_job_at_reload_and_a_bad_one_is_refused(
     chain.write_bytes(chain2.read_bytes())
     with pytest.raises(ControlError, match="configuration not applied: tls.key"):
         a.control("reload")
+    # A change of another section still applies meanwhile (and leaves TLS alone).
+    rc, out, err = a.cli("chgpje", "--pgm", "QTMSSRCP", "--maxuse", "150")
+    assert rc == 0 and "applied to the running daemon" in out, err
+    assert b"\"maxuse\": 150" in (a.datadir / "run" / "settings.json").read_bytes()
     # Jobs started meanwhile (here all of them, by ENDPJ and STRPJ) still
     # serve the pair the daemon accepted, not the files as they are.
     assert a.cli("endpj", "--pgm", "QTMSSRCP", "--option", "*IMMED")[0] == 0

@@ -34,7 +34,7 @@ from twistmail.journal import Journal
 from twistmail.policy.anvil import client_key
 from twistmail.prestart import launch
 from twistmail.prestart.policy import Limits
-from twistmail.prestart.pool import KILL_AFTER, Pool
+from twistmail.prestart.pool import KILL_AFTER, Pool, hung_up
 from twistmail.settingtypes import END_DELAY, END_OPTION, Endpoint, parse_value
 
 SERVERS = {"*SMTP": "QTMSSRCP", "*POP": "QTPOPSRVP"}
@@ -322,7 +322,8 @@ class Controller(service.Service):
         pgm = configmod.LISTENER_PROGRAM[listener]
         try:
             verdict = self.policy.check(peer, smtp=pgm == "QTMSSRCP",
-                                        rbl=listener not in SUBMISSION_LISTENERS)
+                                        rbl=listener not in SUBMISSION_LISTENERS,
+                                        gone=lambda: hung_up(sock))
         except Exception:  # as when a check's answer fails: in, and counted
             self.log.failure("connection check for {peer} failed; letting it in", peer=peer)
             verdict = None
@@ -515,7 +516,10 @@ class Controller(service.Service):
             rows.extend(status["jobs"])
         return rows
 
-    def cmd_reload(self) -> dict[str, Any]:
+    def cmd_reload(self, tls: bool = True) -> dict[str, Any]:
+        """Apply the file.  ``tls`` False (a command that changed another section,
+        CHGPJE, CHGSMTPA...) leaves the TLS pair as it is: a renewal half done on
+        disk meanwhile must not refuse that change; ``config --apply`` takes it."""
         try:
             fresh = configmod.load(self.config_path)
         except (configmod.SettingError, OSError) as e:
@@ -526,7 +530,11 @@ class Controller(service.Service):
         restart = [sec for sec in ("listen", "system") if getattr(fresh, sec) != getattr(old, sec)]
         self.restart_needed = restart
         new = attrs.evolve(fresh, listen=old.listen, system=old.system)
-        tls_state, pem, warnings = self._check_tls(new)
+        if tls:
+            tls_state, pem, warnings = self._check_tls(new)
+        else:
+            new = attrs.evolve(new, tls=old.tls)
+            tls_state, pem, warnings = self.tls_state, None, []
         if new == old and tls_state == self.tls_state:
             return {"applied": [], "restart_needed": restart}  # "nothing changed"
         try:

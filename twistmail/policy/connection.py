@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -120,7 +121,7 @@ class ConnectionPolicy:
         # keep a MAXAUTHFAIL lockout (or a rate window) for that hour more.
         self.anvil = Anvil(LimitSettings(), time.monotonic)
         #: Connections of clients at MAXCONNPERIP waiting for one of their sessions to end.
-        self.room: dict[str, collections.deque[tuple[defer.Deferred, str, Any]]] = {}
+        self.room: dict[str, collections.deque[tuple[defer.Deferred, str, Any, Any]]] = {}
         self.configure(settings)
 
     def configure(self, settings: Any) -> None:
@@ -169,16 +170,18 @@ class ConnectionPolicy:
 
     # -- the check -----------------------------------------------------------
 
-    def check(self, ip: str, smtp: bool, rbl: bool = True) -> Verdict | None | defer.Deferred:
+    def check(self, ip: str, smtp: bool, rbl: bool = True,
+              gone: Callable[[], bool] | None = None) -> Verdict | None | defer.Deferred:
         """None to go on; a Verdict to refuse; a Deferred when DNS must be asked,
         or when the client is at MAXCONNPERIP (see ``_wait_for_room``).
 
         ``rbl`` False skips the block lists: on the submission ports, where
         every client must sign on anyway and roaming users often come from
-        addresses the lists name (dial-up and residential ranges).
+        addresses the lists name (dial-up and residential ranges).  ``gone``
+        tells whether the client has hung up (a waiting one gives up its place).
         """
         if self.anvil.only_sessions_full(ip) or client_key(ip) in self.room:
-            d = self._wait_for_room(ip)
+            d = self._wait_for_room(ip, gone)
             if d is not None:  # admitted or refused when woken, in its turn
                 return d.addCallback(lambda refusal: self._limit(ip, refusal, smtp)
                                      if refusal is not None else self._admitted(ip, smtp, rbl))
@@ -213,7 +216,8 @@ class ConnectionPolicy:
         if key in self.room:
             self._wake(key)
 
-    def _wait_for_room(self, ip: str) -> defer.Deferred | None:
+    def _wait_for_room(self, ip: str, gone: Callable[[], bool] | None = None
+                       ) -> defer.Deferred | None:
         """A Deferred that fires when a session of ``ip`` ends, or after PERIP_GRACE.
 
         A session is counted until its job reports its end.  A client that
@@ -226,17 +230,31 @@ class ConnectionPolicy:
         """
         key = client_key(ip)
         waiting = self.room.setdefault(key, collections.deque())
+        self._drop_gone(waiting)
         if len(waiting) >= max(1, self.anvil.settings.maxconnperip):
             if not waiting:
                 del self.room[key]
             return None
         d: defer.Deferred = defer.Deferred()
-        waiting.append((d, ip, self.reactor.callLater(PERIP_GRACE, self._wake, key, d)))
+        waiting.append((d, ip, self.reactor.callLater(PERIP_GRACE, self._wake, key, d), gone))
         return d
+
+    def _drop_gone(self, waiting: collections.deque[Any]) -> None:
+        """Refuse the waiting connections whose client hung up: their places are free."""
+        for entry in [e for e in waiting if e[3] is not None and e[3]()]:
+            waiting.remove(entry)
+            d, ip, call, _ = entry
+            if call.active():
+                call.cancel()
+            refusal = Refusal("maxconnperip", "too many concurrent connections from your "
+                              "address", False)
+            self.reactor.callLater(0, d.callback, refusal)
 
     def _wake(self, key: str, which: defer.Deferred | None = None) -> None:
         """Admit (or refuse) the first waiting connection of ``key``, or ``which``."""
         waiting = self.room.get(key, collections.deque())
+        if which is None:  # a session ended: its slot goes to a client still there
+            self._drop_gone(waiting)
         for entry in waiting:
             if which is None or entry[0] is which:
                 waiting.remove(entry)
@@ -245,7 +263,7 @@ class ConnectionPolicy:
             return
         if not waiting:
             del self.room[key]
-        d, ip, call = entry
+        d, ip, call, _ = entry
         if call.active():
             call.cancel()
         # Counted now, so no newcomer takes the slot; handed on in a later

@@ -381,7 +381,7 @@ class Pool:
             if job is None:
                 return
             request = self.waiting.popleft()
-            if request.sock is not None and _hung_up(request.sock):
+            if request.sock is not None and hung_up(request.sock):
                 # The client gave up waiting: no job for it, and no count.
                 self.session_ended(request.peer)
                 request.sock.close()
@@ -736,7 +736,7 @@ class Pool:
             self.journal.write(code, esd, **fields)
 
 
-def _hung_up(sock: socket.socket) -> bool:
+def hung_up(sock: socket.socket) -> bool:
     """Whether the client of a waiting connection has closed it (or reset it).
 
     Clients say nothing before the greeting; data waiting is an early
