@@ -125,11 +125,19 @@ def check_valid(cert: x509.Certificate, field: str, what: str) -> None:
                              f"{cert.not_valid_before_utc:%Y-%m-%d}")
 
 
+def other_names(cert: x509.Certificate, address: str) -> list[str]:
+    """The addresses ``cert`` names when ``address`` is not one of them, else none.
+
+    A certificate that names no address at all is taken for any.
+    """
+    emails = certificate_emails(cert)
+    return emails if emails and address.lower() not in emails else []
+
+
 def check_names(cert: x509.Certificate, label: str) -> None:
     """A certificate that names e-mail addresses is stored only under one of them:
     mail to the label would otherwise be readable by someone else."""
-    emails = certificate_emails(cert)
-    if emails and label not in emails:
+    if emails := other_names(cert, label):
         raise CertStoreError("label", f"{label!r} is not an address of the certificate; "
                              f"allowed: {', '.join(emails)}")
 
@@ -295,8 +303,7 @@ class CertStore:
                                  f"store of {self.usrprf} is damaged; remove it (twistmail dcm "
                                  f"remove --usrprf {self.usrprf} --label {name}) and import it "
                                  "again")
-        emails = certificate_emails(found[0])
-        if emails and name not in emails:  # stored before labels were checked
+        if emails := other_names(found[0], name):  # stored before labels were checked
             raise CertStoreError("recipient", f"the certificate stored for {name} names "
                                  f"{', '.join(emails)}, not {name}; remove it (twistmail dcm "
                                  f"remove --usrprf {self.usrprf} --label {name}) and import "

@@ -304,7 +304,7 @@ class MaildirStore:
         lock = _take_lock(maildir, check_user(user))
         try:
             _finish_expunge(maildir)
-            _clean_tmp(maildir / "tmp", time.time() - TMP_MAX_AGE)
+            _remove_older(maildir / "tmp", time.time() - TMP_MAX_AGE)
             with suppress(OSError):  # a full disk must not keep its user from emptying it
                 _prune_gone(maildir.parent / GONE_DIR, time.time())
             _move_new(maildir)
@@ -650,10 +650,7 @@ def _prune_gone(gone: Path, now: float) -> None:
     except FileNotFoundError:
         if not gone.is_dir():
             return
-    for entry in _message_files(gone):
-        with suppress(FileNotFoundError):
-            if entry.stat(follow_symlinks=False).st_mtime < now - GONE_MAX_AGE:
-                os.unlink(entry.path)
+    _remove_older(gone, now - GONE_MAX_AGE)
     os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
     os.utime(stamp, (now, now))
 
@@ -718,8 +715,9 @@ def _message_files(directory: Path) -> list[os.DirEntry]:
         return [e for e in it if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
 
 
-def _clean_tmp(tmp: Path, older_than: float) -> None:
-    for entry in _message_files(tmp):
+def _remove_older(directory: Path, older_than: float) -> None:
+    """Remove the files of ``directory`` last changed before ``older_than``."""
+    for entry in _message_files(directory):
         with suppress(FileNotFoundError):
             if entry.stat(follow_symlinks=False).st_mtime < older_than:
                 os.unlink(entry.path)

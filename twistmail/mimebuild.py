@@ -203,14 +203,13 @@ def secure(content: bytes, level: int, settings: Any, usrprf: str, password: str
     From address: RFC 8550 §3 receivers refuse any other.
     """
     from twistmail import smime
-    from twistmail.certstore import CertStore, CertStoreError, certificate_emails
+    from twistmail.certstore import CertStore, CertStoreError, other_names
 
     store = CertStore.for_user(settings, usrprf)
     store.check_password(password)
     signer = store.signer(password) if level & SIGN else None
     if signer is not None and sender:
-        names = certificate_emails(signer.certificate)
-        if names and sender.lower() not in names:
+        if names := other_names(signer.certificate, sender):
             raise CertStoreError("usrprf", f"the own certificate of {usrprf} names "
                                  f"{', '.join(names)}, not {sender.lower()}, the sender: "
                                  "its readers would refuse the signature; import the "
