@@ -506,6 +506,14 @@ def test_all_waiting_requests_expired() -> None:
     assert a.wake_at == 130.0
 
 
+def test_waiting_requests_go_when_wait_becomes_no() -> None:
+    # CHGPJE WAIT(*NO) while clients wait: they are refused, not kept 30 s.
+    a = run(pool(busy=20), ADDPJE, now=10.0, waiting=(9.0, 9.5))
+    assert a.reject == 2
+    a = run(pool(busy=19, idle=1), ADDPJE, now=10.0, waiting=(9.0, 9.5))
+    assert a.reject == 1  # the one the idle job is about to take stays
+
+
 def test_fresh_waiting_request_wakes_at_its_expiry() -> None:
     a = run(pool(busy=20), now=10.0, waiting=(10.0,))
     assert a.reject == 0
@@ -748,8 +756,15 @@ def check_trim(
     assert a.start == 0
 
 
-def check_waiting_requests_expire(view: EntryView, limits: Limits, now: float, a: Actions) -> None:
-    assert a.reject == sum(1 for t in view.waiting if now - t >= limits.wait_limit)
+def check_waiting_requests_expire(
+    view: EntryView, entry: PrestartEntry, limits: Limits, now: float, a: Actions
+) -> None:
+    expired = sum(1 for t in view.waiting if now - t >= limits.wait_limit)
+    if entry.wait == "*NO":
+        idle = sum(1 for j in view.jobs
+                   if j.state is IDLE and not used_up(j, entry) and j.id not in a.end)
+        expired = max(expired, len(view.waiting) - idle)
+    assert a.reject == expired
     if a.reject < len(view.waiting):
         assert a.wake_at is not None
         assert a.wake_at <= view.waiting[a.reject] + limits.wait_limit
@@ -768,7 +783,7 @@ def test_prop_start_end_reject_and_wake(s: Scenario) -> None:
     check_end_names_existing_idle_jobs_once(view, a)
     check_maxuse_ends_the_used_up_idle_jobs(view, entry, a)
     check_lowered_maxjobs_ends_idle_jobs_most_recent_first(view, entry, a)
-    check_waiting_requests_expire(view, limits, now, a)
+    check_waiting_requests_expire(view, entry, limits, now, a)
     check_wake_at_after_now(now, a)
 
 

@@ -119,6 +119,19 @@ def test_clients_that_gave_up_waiting_take_no_job(make_appliance):
     assert a.count("QTMSSRCP") == 1
 
 
+def test_clients_waiting_when_wait_becomes_no_are_refused_at_once(make_appliance):
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 1,
+                                           "maxjobs": 1, "wait": "*YES"}).start()
+    busy = hold(a, 1)
+    waiter = a.connect()
+    a.wait_for(lambda: a.control("dspactpj", pgm="QTMSSRCP")["waiting_current"] == 1, 5)
+    rc, out, err = a.cli("chgpje", "--pgm", "QTMSSRCP", "--wait", "*NO")
+    assert rc == 0, err
+    assert read_reply(waiter, 5).startswith(b"421 4.3.2 ")  # not after wait_limit (30 s)
+    quit_all(busy)
+    assert [e["reason"] for e in a.journal("JR")] == ["wait"]
+
+
 def test_wait_limit_rejects_with_421(make_appliance):
     a = make_appliance(prestart={"wait_limit": 1},
                        prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 1,

@@ -23,7 +23,7 @@ The rules (DESIGN.md §3):
   (doubling back-off); after ``boot_failure_limit`` in a row the entry stops.
 * Waiting: with WAIT *YES a request without a free job waits in a bounded
   FIFO and is rejected after ``wait_limit`` seconds; with WAIT *NO it is
-  rejected at once.
+  rejected at once, and so are those still waiting when WAIT becomes *NO.
 """
 
 from __future__ import annotations
@@ -205,8 +205,12 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
             start = 0
             wake.append(resume)
 
-    # Requests that waited too long.
+    # Requests that waited too long; under WAIT *NO (CHGPJE'd while some
+    # waited) none may wait, so those no idle job is about to take go now.
     reject = sum(1 for t in view.waiting if now >= t + limits.wait_limit)
+    if entry.wait == "*NO":
+        kept_idle = len(idle) - (len(ending) - used_up)
+        reject = max(reject, len(view.waiting) - kept_idle)
     if len(view.waiting) > reject:
         wake.append(view.waiting[reject] + limits.wait_limit)
 

@@ -583,8 +583,9 @@ class Pool:
         actions = decide(self._view(), self.entry, self.limits, now)
         if actions.trimmed:
             self.last_trim = now
+        why = "wait" if self.entry.wait == "*NO" else "waitlimit"
         for _ in range(actions.reject):
-            self._reject(self.waiting.popleft(), "waitlimit")
+            self._reject(self.waiting.popleft(), why)
         if actions.fail:
             self.active = False
             self.status = "FAILED"
