@@ -320,3 +320,27 @@ def test_connections_waiting_from_an_address_at_maxauthfail_are_refused():
     assert ours[1].recv(100) == b"421 4.7.0 too many\r\n" and ours[1].recv(100) == b""
     for s in (*ours, *others, *theirs):
         s.close()
+
+
+def test_a_job_that_takes_no_handoff_is_killed_and_its_client_served_by_another():
+    """A stopped or wedged job would keep the connection handed to it for ever."""
+    import socket
+
+    clock = Clock()
+    p = started_pool(clock, inljobs=2)
+    for job in list(p.jobs.values()):
+        p._job_ready(job)
+    a, b = socket.socketpair()
+    p.submit(a, "smtp", "192.0.2.7")
+    [stuck] = [j for j in p.jobs.values() if j.pending]
+    clock.advance(poolmod.ACK_LIMIT - 1)
+    assert all(s.signals == [] for s in p.launcher.started)  # still within the limit
+    clock.advance(1)
+    assert stuck.process.signals == ["KILL"]
+    [other] = [j for j in p.jobs.values() if j.pending]
+    assert other is not stuck and [r.sock for r in other.pending.values()] == [a]
+    p._job_ack(other, next(iter(other.pending)))
+    clock.advance(poolmod.ACK_LIMIT * 2)
+    assert other.process.signals == []  # it took the connection in time
+    a.close()
+    b.close()

@@ -39,6 +39,9 @@ from twistmail.protocols.writenow import send_descriptor_now, write_now
 
 KILL_AFTER = 5.0  # seconds between SIGTERM and SIGKILL
 START_LIMIT = 30.0  # seconds a job may take to say READY; then it is killed (a boot failure)
+#: Seconds an idle job may take to ACK a connection handed to it; then it is
+#: taken for hung (stopped, wedged): killed, and the client goes to another job.
+ACK_LIMIT = 10.0
 #: Why a start fails when the system is short of descriptors, processes or memory.
 SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 #: A request that waited this long for a job is journaled (JW).  Shorter
@@ -79,7 +82,7 @@ class Job:
     pending: dict[int, Request] = attrs.field(factory=dict)
     task: Request | None = None  # the task a client job is running, until its RESULT
     last_destination: str | None = None  # of its last task: it may keep a connection there
-    start_timer: Any = None  # kills a job that is not READY within START_LIMIT
+    timer: Any = None  # kills a job not READY within START_LIMIT, or not taking a handoff
     end_reason: str | None = None
     ended: defer.Deferred = attrs.field(factory=defer.Deferred)
     _view: JobView | None = None
@@ -348,6 +351,7 @@ class Pool:
             job.last_destination = request.peer
         else:
             job.pending[token] = request
+            job.timer = self.reactor.callLater(ACK_LIMIT, self._ack_overdue, job)
         try:
             job.chan.hand(token, request)
         except Exception as e:  # the channel is gone; the job's end cleans up
@@ -417,7 +421,7 @@ class Pool:
                 self.last_boot_failure = now
             return False
         self.jobs[job.id] = job
-        job.start_timer = self.reactor.callLater(START_LIMIT, self._start_overdue, job)
+        job.timer = self.reactor.callLater(START_LIMIT, self._start_overdue, job)
         return True
 
     def _short_of_resources(self, now: float) -> None:
@@ -432,7 +436,7 @@ class Pool:
 
     def _start_overdue(self, job: Job) -> None:
         """A job that hangs before READY would count as available for ever."""
-        job.start_timer = None
+        job.timer = None
         if not job.ready and job.id in self.jobs:
             self.log.error("{name} job {pid} not ready after {s:.0f}s; ending it",
                            name=self.job_name, pid=job.pid, s=START_LIMIT)
@@ -456,7 +460,28 @@ class Pool:
         self._dispatch()
         self.evaluate()
 
+    def _ack_overdue(self, job: Job) -> None:
+        """A job that takes no handoff would keep its client waiting for ever.
+
+        An idle job answers at once; one that does not is stopped or wedged.
+        It is killed first, so it cannot wake up and serve the connection as
+        well, and its client is handed on: it is not refused for our fault.
+        """
+        job.timer = None
+        if self.jobs.get(job.id) is not job or not job.pending:
+            return
+        taken = list(job.pending.values())
+        job.pending.clear()
+        job.peer = None  # the client's count goes with it to the next job
+        self.log.error("{name} job {pid} took no connection in {s:.0f}s; ending it",
+                       name=self.job_name, pid=job.pid, s=ACK_LIMIT)
+        job.end_reason = "unresponsive"
+        launch.send_signal(job.process, "KILL")
+        for request in taken:
+            self.submit_request(request)
+
     def _job_ack(self, job: Job, token: int) -> None:
+        _cancel(job)
         request = job.pending.pop(token, None)
         if request is not None and request.sock is not None:
             request.sock.close()
@@ -752,9 +777,9 @@ def hung_up(sock: socket.socket) -> bool:
 
 
 def _cancel(job: Job) -> None:
-    if job.start_timer is not None and job.start_timer.active():
-        job.start_timer.cancel()
-    job.start_timer = None
+    if job.timer is not None and job.timer.active():
+        job.timer.cancel()
+    job.timer = None
 
 
 def _exit_text(reason: Any) -> str:
