@@ -155,7 +155,7 @@ CODES: dict[str, str] = {
     # J: twistmail's own function letter (prestart jobs and the subsystem);
     # IBM's table does not use J, so these never collide with an IBM code.
     "JS": "job started",
-    "JE": "job ended (maxuse, trim, endpj, shutdown, chgpje)",
+    "JE": "job ended (maxuse, trim, maxjobs, endpj, endtcpsvr, shutdown, unresponsive)",
     "JC": "job crashed (exit status or signal)",
     "JB": "job failed to boot (died before it was ready)",
     "JF": "prestart entry stopped after repeated boot failures",
