@@ -134,6 +134,26 @@ def test_hold_and_release_outbound(make_appliance, sink):
     assert rc == 2 and "QSMTPQ" in err
 
 
+def test_endtcpsvr_smtp_ends_the_client_jobs_and_keeps_mail_queued(make_appliance, sink):
+    """IBM i: ENDTCPSVR *SMTP ends the server, client and bridge jobs of SMTP."""
+    a = outbound(make_appliance, sink)
+    a.wait_for(lambda: a.count("QTMSCCLCP") > 0, 20, "client jobs")
+    assert a.cli("hlddstq", "--dstq", "QSMTPQ")[0] == 0
+    send(a, ["friend@remote.test"])
+    rc, out, err = a.cli("endtcpsvr", "--server", "*SMTP")
+    assert rc == 0, err
+    a.wait_for(lambda: a.count("QTMSCCLCP") == 0, 20, "the client jobs to end")
+    assert a.cli("rlsdstq", "--dstq", "QSMTPQ")[0] == 0
+    time.sleep(3)
+    assert sink.messages == []  # SMTP is still ended
+    rc, out, err = a.cli("wrkq", "--queue", "QTMSOUTQ", "--json")
+    assert rc == 0 and '"held"' in out, out
+    rc, out, err = a.cli("strtcpsvr", "--server", "*SMTP")
+    assert rc == 0, err
+    a.wait_for(lambda: sink.messages, 30, "delivery once SMTP is started again")
+    assert a.count("QTMSCCLCP") > 0
+
+
 def test_chgpje_of_the_client_pool_applies_live(make_appliance, sink):
     a = outbound(make_appliance, sink)
     rc, out, err = a.cli("chgpje", "--pgm", "QTMSCCLCP", "--inljobs", "2", "--maxjobs", "5")

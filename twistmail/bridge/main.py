@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from twistmail.bridge.manager import QueueManager
     from twistmail.bridge.msf import storage_probe
     from twistmail.bridge.msfjobs import MsfJobs
+    from twistmail.bridge.status import smtp_ended
     from twistmail.directory import SqliteDirectory
     from twistmail.journal import Journal
     from twistmail.queue import FileQueue
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     manager = QueueManager(reactor, queue, jobs, journal, storage_probe(settings))
     pool, outbound = _outbound(reactor, settings, args.config, queue,
                                SqliteDirectory.from_settings(settings))
-    reactor.callWhenRunning(pool.start)
+    run_dir = settings.datadir / "run"
+    reactor.callWhenRunning(lambda: outbound.smtp_server(not smtp_ended(run_dir)))
     # The outbound side moves queued mail too: it starts after the first recovery.
     reactor.callWhenRunning(lambda: manager.start().addBoth(lambda _: outbound.start()))
     reactor.addSystemEventTrigger("before", "shutdown", manager.stop)
@@ -130,6 +132,7 @@ def _outbound(reactor, settings, config_path, queue, directory):  # noqa: ANN001
 def _reload(config_path: str, pool, outbound, jobs, manager) -> None:  # noqa: ANN001
     """SIGHUP from the controller: CHGPJE of QTMSCCLCP, CHGSMTPA, applied live."""
     from twistmail.bridge.msf import storage_probe
+    from twistmail.bridge.status import smtp_ended
     from twistmail.controller.service import limits_of
 
     try:
@@ -142,6 +145,7 @@ def _reload(config_path: str, pool, outbound, jobs, manager) -> None:  # noqa: A
         pool.reconfigure(entry, limits)
     pool.reload_jobs()
     outbound.configure(settings)
+    outbound.smtp_server(not smtp_ended(settings.datadir / "run"))
     jobs.reload()
     manager.storage_full = storage_probe(settings)  # [storage] threshold: park, release
     for journal in (jobs.journal, pool.journal, outbound.journal):

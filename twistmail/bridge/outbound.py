@@ -253,6 +253,7 @@ class OutboundManager:
         #: (``time.monotonic``): see ``_due``.
         self._outq_changed = True
         self._outq_read_at = -math.inf
+        self.smtp_ended = False  # ENDTCPSVR *SMTP: nothing leaves, the client jobs end
 
     def start(self) -> None:
         self._drop_stale_request()
@@ -338,7 +339,21 @@ class OutboundManager:
 
     @property
     def held(self) -> bool:
-        return bool(held_parts(self.queue.root))
+        return self.smtp_ended or bool(held_parts(self.queue.root))
+
+    def smtp_server(self, started: bool) -> None:
+        """STRTCPSVR/ENDTCPSVR *SMTP: the client jobs start or end with the server.
+
+        Mail waits queued meanwhile, as under HLDDSTQ.  Deliveries under way
+        end as ENDPJ *CNTRLD ends them: each finishes, within the end delay.
+        """
+        self.smtp_ended = not started
+        if started and not self.pool.active:
+            self.pool.start()
+            self.kick()
+        elif not started and self.pool.active:
+            self.pool.end("*CNTRLD", float(self.settings.prestart.end_delay),
+                          reason="endtcpsvr")
 
     # -- scanning --------------------------------------------------------------
 

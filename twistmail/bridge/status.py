@@ -24,8 +24,19 @@ from twisted.internet import defer, task
 
 STATUS_FILE = "QTMSCCLCP.json"
 RESET_FILE = "QTMSCCLCP.reset"
+#: Present while the SMTP server is ended (ENDTCPSVR *SMTP, or not started
+#: with the daemon).  SMTP on IBM i is server, client and bridge jobs at once:
+#: with it ended no mail leaves either, and the client jobs end.  The
+#: controller writes it, then signals the bridge (SIGHUP); a bridge that starts
+#: reads it.  In ``run/``: it lasts as long as the daemon.
+SMTP_ENDED = "SMTP.ended"
 RESET_WAIT = 10.0  # seconds the controller waits for the bridge to reset
 POLL = 0.1
+
+
+def smtp_ended(run_dir: Path) -> bool:
+    """Whether the controller has the SMTP server ended (see :data:`SMTP_ENDED`)."""
+    return (run_dir / SMTP_ENDED).exists()
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:

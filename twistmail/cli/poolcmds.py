@@ -196,7 +196,10 @@ def strtcpsvr(servers: tuple[str, ...]) -> None:
 @cli.command()
 @_server_option
 def endtcpsvr(servers: tuple[str, ...]) -> None:
-    """End TCP/IP servers in the running daemon (ENDTCPSVR): connections drop at once."""
+    """End TCP/IP servers in the running daemon (ENDTCPSVR): connections drop at once.
+
+    *SMTP ends the SMTP client jobs too, as on IBM i: deliveries under way
+    finish, and outbound mail then waits queued until STRTCPSVR *SMTP."""
     for server in _servers(servers):
         for line in call("endtcpsvr", server=server):
             click.echo(line)

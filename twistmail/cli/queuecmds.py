@@ -179,13 +179,15 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
         _kept_action(release, delete)
         return
     from twistmail.bridge.outbound import held_parts
+    from twistmail.bridge.status import smtp_ended
 
     name = queue_name(queue) if queue is not None else None
     now = time.time()
     with _readable("the queues cannot be read"):
         spool = _spool(listing=True)
         entries = list(spool.entries(name, now=now))
-        held = bool(held_parts(spool.root))
+        # ENDTCPSVR *SMTP holds outbound mail as HLDDSTQ does.
+        held = bool(held_parts(spool.root)) or smtp_ended(spool.root.parent / "run")
     if as_json:
         emit_table(({**e.to_dict(), "state": state_of(e, now, held)} for e in entries),
                    COLUMNS, as_json=True)

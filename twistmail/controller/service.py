@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twistmail import config as configmod
 from twistmail import tlsconfig
 from twistmail.bridge.msf import NBRMSFJOB
-from twistmail.bridge.status import RESET_FILE, STATUS_FILE
+from twistmail.bridge.status import RESET_FILE, SMTP_ENDED, STATUS_FILE
 from twistmail.control import ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
 from twistmail.controller.bridgeslot import BridgeSlot
@@ -268,8 +268,10 @@ class Controller(service.Service):
         self.control_port = self.reactor.listenUNIX(
             str(s.control_socket), ControlFactory(self), mode=0o600, backlog=511
         )
-        for server in self._autostart():
+        started = self._autostart()
+        for server in started:
             self._start_server(server, at_start=True)
+        self._smtp_ended("*SMTP" not in started)  # read by the bridge as it starts
         self.bridge = BridgeSlot(self.reactor, self.applied_path, self.journal, self.lock_fd)
         self.bridge.start()
         self.log.info(
@@ -299,6 +301,21 @@ class Controller(service.Service):
         strjobs = self.settings.prestart.entry(pool.pgm).strjobs == "*YES"
         if strjobs or not (at_start or pool.active):
             pool.start()
+
+    def _smtp_ended(self, ended: bool) -> None:
+        """Tell the bridge whether the SMTP server runs: its client jobs run with it."""
+        flag = self.settings.control_socket.parent / SMTP_ENDED
+        try:
+            if ended:
+                flag.touch()
+            else:
+                flag.unlink(missing_ok=True)
+        except OSError as e:
+            self.log.error("cannot tell the bridge that SMTP {what}: {e}",
+                           what="ended" if ended else "started", e=e)
+            return
+        if self.bridge is not None and self.bridge.process is not None:
+            launch.send_signal(self.bridge.process, "HUP")
 
     def _stop_server(self, server: str, option: str, delay: float) -> Any:
         for name in SERVER_LISTENERS[server]:
@@ -395,7 +412,7 @@ class Controller(service.Service):
             self.control_port.stopListening()
         run = self.settings.control_socket.parent
         for name in (self.settings.control_socket.name, STATUS_FILE, RESET_FILE,
-                     configmod.APPLIED, tlsconfig.ACCEPTED):
+                     configmod.APPLIED, tlsconfig.ACCEPTED, SMTP_ENDED):
             # The bridge's status files too: it may have been killed before
             # it removed them.
             (run / name).unlink(missing_ok=True)
@@ -627,6 +644,8 @@ class Controller(service.Service):
                 done.append(f"{srv} not started: {e}")
                 failed = True
                 continue
+            if srv == "*SMTP":
+                self._smtp_ended(False)
             done.append(f"{srv} started")
         if failed:
             raise ControlError("; ".join(done))
@@ -639,6 +658,8 @@ class Controller(service.Service):
                 done.append(f"{srv} not started")
                 continue
             self._stop_server(srv, "*IMMED", 0)
+            if srv == "*SMTP":
+                self._smtp_ended(True)
             done.append(f"{srv} ended")
         return done
 
