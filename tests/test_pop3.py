@@ -317,6 +317,35 @@ def test_msgsplit_offers_message_partial_pieces(make_appliance):
     a.wait_for(lambda: len(a.mailbox("SAM")) == 1, 10, "the pieces' message to go")
 
 
+def test_pieces_deleted_a_few_at_a_time_are_not_offered_again(make_appliance):
+    """fetchmail's FETCHLIMIT: DELE of some pieces, QUIT, and the next poll goes on."""
+    a = make_appliance(pop={"msgsplit": 32, "nbrsvr": 1}).start()
+    a.user("SAM")
+    body = b"".join(b"line %05d " % i + b"z" * 60 + b"\r\n" for i in range(1500))
+    send(a, "sam@example.test", b"Subject: big one\r\n\r\n" + body)
+    a.wait_mailbox("SAM", 1)
+    p = pop(a)
+    count, _ = p.stat()
+    uidls = [line.split()[1] for line in p.uidl()[1]]
+    assert count == len(uidls) > 3
+    p.dele(1)
+    p.dele(2)
+    assert p.quit().endswith(b"(2 messages deleted)")
+    p = pop(a)
+    assert p.stat()[0] == count - 2
+    assert [line.split()[1] for line in p.uidl()[1]] == uidls[2:]
+    raw = b"\r\n".join(p.retr(1)[1])
+    assert f"(part 3 of {count})".encode() in raw
+    for n in range(1, count - 1):
+        p.dele(n)
+    p.quit()
+    a.wait_for(lambda: a.mailbox("SAM") == [], 10, "the message to go with its last piece")
+    p = pop(a)
+    assert p.stat() == (0, 0)
+    p.quit()
+    assert not (a.datadir / "mailboxes" / "SAM" / "Maildir" / ".twistmail.pieces").exists()
+
+
 def test_pipelined_commands_answered_in_order(post):
     a = post
     send(a, "sam@example.test", b"Subject: p\r\n\r\nx\r\n")

@@ -251,3 +251,17 @@ def test_a_job_ended_while_serving_says_so_unless_a_message_is_streaming(store, 
     session.shutdown_notice()
     assert transport.value() == b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n"
     assert transport.disconnecting
+
+
+def test_a_piece_carries_folded_header_fields_whole(store, tmp_path):
+    _deliver(store, tmp_path, b"Subject: a long\r\n subject line\r\nTo: a@example.test,\r\n"
+             b"\tb@example.test\r\n\r\n" + (b"z" * 60 + b"\r\n") * 3000)
+    _, _, session, transport = _session(store, msgsplit_kb=64)
+    _login(session, transport)
+    transport.clear()
+    session.dataReceived(b"TOP 1 0\r\n")
+    while session.sender is not None:
+        session.sender.resumeProducing()
+    head = transport.value()
+    assert b"Subject: a long subject line (part 1 of 3)\r\n" in head
+    assert b"To: a@example.test, b@example.test\r\n" in head

@@ -62,6 +62,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -94,6 +95,10 @@ TMP_MAX_AGE = 36 * 3600
 #: Beside the Maildir (not in it: Maildir++ readers take dot-directories for
 #: folders), a file named by the base name of each message a QUIT removed.
 GONE_DIR = "gone"
+#: MSGSPLIT pieces a POP client deleted while others of the same message
+#: stay: ``{"<uidl> <total>": [numbers]}``.  They are not offered again; the
+#: message goes once its last piece is deleted.
+PIECES_FILE = ".twistmail.pieces"
 #: How long a removed message's name is kept: far longer than any crashed
 #: delivery takes to be tried again (the bridge retakes it when it restarts).
 GONE_MAX_AGE = 30 * 86400
@@ -309,10 +314,11 @@ class MaildirStore:
                 _prune_gone(maildir.parent / GONE_DIR, time.time())
             _move_new(maildir)
             entries, redundant = self._scan(maildir / "cur")
+            pieces = _read_pieces(maildir)
         except BaseException:
             lock.close()
             raise
-        return MailboxSession(maildir, lock, entries, redundant)
+        return MailboxSession(maildir, lock, entries, redundant, pieces)
 
     def _scan(self, cur: Path) -> tuple[list[_Entry], list[str]]:
         """The listing in arrival order, one entry per base name, and the extra copies."""
@@ -376,7 +382,8 @@ class MailboxSession:
     that ends any other way, :meth:`close` or a dead process, deletes nothing."""
 
     def __init__(
-        self, maildir: Path, lock: BinaryIO, entries: list[_Entry], redundant: list[str]
+        self, maildir: Path, lock: BinaryIO, entries: list[_Entry], redundant: list[str],
+        pieces: dict[str, frozenset[int]] | None = None,
     ) -> None:
         self.maildir = maildir
         self._cur = maildir / "cur"
@@ -386,6 +393,7 @@ class MailboxSession:
             for i, e in enumerate(entries, 1)
         ]
         self._redundant = redundant
+        self._pieces = pieces or {}
         self._deleted: set[int] = set()
         #: The cur/ names :meth:`decide` committed to removing; None before.
         self._doomed: list[str] | None = None
@@ -463,12 +471,16 @@ class MailboxSession:
         self._check_open()
         self._deleted.clear()
 
+    def pieces_deleted(self, index: int, total: int) -> frozenset[int]:
+        """The pieces of a message cut ``total`` ways that earlier sessions deleted."""
+        return self._pieces.get(_pieces_key(self.message(index).uidl, total), frozenset())
+
     def commit(self) -> None:
         """QUIT, all of it: :meth:`decide`, then :meth:`expunge`."""
         self.decide()
         self.expunge()
 
-    def decide(self) -> int:
+    def decide(self, pieces: dict[int, tuple[int, set[int]]] | None = None) -> int:
         """The UPDATE state's point of no return; returns how many files will go.
 
         The names to remove are made durable in ``.twistmail.expunge``.  From
@@ -476,10 +488,16 @@ class MailboxSession:
         finishes the log), so the POP server answers QUIT as soon as this
         returns and leaves the unlinking to :meth:`expunge`: a client no longer
         waits for one unlink per message.  Raises :class:`DeletionFailed`
-        (after releasing; nothing removed) when the log cannot be written."""
+        (after releasing; nothing removed) when the log cannot be written.
+
+        ``pieces``: by message, the MSGSPLIT cut (total) and the pieces this
+        session deleted of a message that stays; recorded first, durably."""
         self._check_open()
         self._check_undecided()
         try:
+            kept = self._pieces_kept(pieces or {})
+            if kept != self._pieces:
+                _write_pieces(self.maildir, kept)
             names = self._names_to_remove()
             if names:
                 _write_intent(self.maildir, names)
@@ -531,6 +549,18 @@ class MailboxSession:
     def _check_undecided(self) -> None:
         if self._doomed is not None:
             raise SessionClosed("the deletions of this session are already decided")
+
+    def _pieces_kept(self, new: dict[int, tuple[int, set[int]]]) -> dict[str, frozenset[int]]:
+        """The piece records for messages that stay, with this session's added."""
+        staying = {m.uidl for m in self._messages if m.index not in self._deleted}
+        kept = {key: numbers for key, numbers in self._pieces
+                .items() if key.split(" ", 1)[0] in staying}
+        for index, (total, numbers) in new.items():
+            message = self._messages[index - 1]
+            if message.uidl in staying and numbers:
+                key = _pieces_key(message.uidl, total)
+                kept[key] = kept.get(key, frozenset()) | frozenset(numbers)
+        return kept
 
     def _names_to_remove(self) -> list[str]:
         """cur/ names of the marked messages (followed if renamed) and the extra copies."""
@@ -764,6 +794,40 @@ def _move_new(maildir: Path) -> None:
     if moved:
         fsync_dir(cur)
         fsync_dir(maildir / "new")
+
+
+def _pieces_key(uidl: str, total: int) -> str:
+    return f"{uidl} {total}"  # a UIDL has no blank; another cut is another record
+
+
+def _read_pieces(maildir: Path) -> dict[str, frozenset[int]]:
+    """The piece records; an unreadable file offers the pieces again (never loses one)."""
+    try:
+        raw = json.loads((maildir / PIECES_FILE).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: frozenset(n for n in v if isinstance(n, int)) for k, v in raw.items()
+            if isinstance(k, str) and isinstance(v, list)}
+
+
+def _write_pieces(maildir: Path, pieces: dict[str, frozenset[int]]) -> None:
+    if not pieces:
+        with suppress(FileNotFoundError):
+            os.unlink(maildir / PIECES_FILE)
+            fsync_dir(maildir)
+        return
+    data = json.dumps({k: sorted(v) for k, v in sorted(pieces.items())}).encode()
+    tmp = maildir / (PIECES_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, maildir / PIECES_FILE)
+    fsync_dir(maildir)
 
 
 def _write_intent(maildir: Path, names: list[str]) -> None:

@@ -485,11 +485,14 @@ class POP3Session(SequentialSession):
             cuts = _cut(f, max(1024, limit - 1024))
         total = len(cuts)
         pid = f"{m.uidl}@{self.factory.hostname}"
+        taken = box.pieces_deleted(m.index, total)  # by earlier sessions: not offered again
         out = []
         for n, (start, end, octets) in enumerate(cuts, 1):
+            if n in taken:
+                continue
             head = _partial_header(headers, pid, n, total, self.factory.hostname)
             uidl = _piece_uidl(m.uidl, n, total)
-            out.append(Item(before + n, m.index, len(head) + octets, uidl,
+            out.append(Item(before + len(out) + 1, m.index, len(head) + octets, uidl,
                             start, end, n, total, head))
         return out
 
@@ -617,17 +620,18 @@ class POP3Session(SequentialSession):
         # QUIT owns the mailbox now: a connection lost meanwhile must not
         # close it (and free its lock) under decide() and expunge().
         box, self.box = self.box, None
-        gone = self._files_to_delete()
+        gone, pieces = self._files_to_delete()
+        deleted = len(self.deleted)  # as the client counts: a piece is a message
         for index in gone:
             box.mark_deleted(index)
         # The reply waits only for the durable list of what goes (decide);
         # the unlinking (expunge) follows with the connection already closed.
-        d = self.factory.in_thread(box.decide)
+        d = self.factory.in_thread(box.decide, pieces)
 
         def decided(_: Any) -> None:
             self.factory.journal.write("QD", f"QD DEL {self.usrprf} {len(gone)}",
                                        usrprf=self.usrprf, deleted=len(gone), ip=self.peer_ip)
-            self.ok(f"{self.factory.hostname} signing off ({len(gone)} messages deleted)")
+            self.ok(f"{self.factory.hostname} signing off ({deleted} messages deleted)")
             self.close()
             self.factory.in_thread(box.expunge).addErrback(
                 lambda f: log_failure(
@@ -648,13 +652,22 @@ class POP3Session(SequentialSession):
 
     pop_QUIT.states = ("AUTHORIZATION", "TRANSACTION")  # type: ignore[attr-defined]
 
-    def _files_to_delete(self) -> list[int]:
-        """Snapshot indexes whose every item is marked deleted."""
+    def _files_to_delete(self) -> tuple[list[int], dict[int, tuple[int, set[int]]]]:
+        """Snapshot indexes whose every item offered is marked deleted, and, for
+        messages of which only some pieces are, the cut and those pieces.
+
+        Each piece is a message to the client: one it deleted is not offered
+        again, even while the others stay (fetchmail's FETCHLIMIT takes a few
+        at a time)."""
         wanted: dict[int, bool] = {}
+        pieces: dict[int, tuple[int, set[int]]] = {}
         for i in self.items:
             marked = i.number in self.deleted
             wanted[i.index] = wanted.get(i.index, True) and marked
-        return [index for index, all_marked in wanted.items() if all_marked]
+            if marked and i.part:
+                pieces.setdefault(i.index, (i.total, set()))[1].add(i.part)
+        gone = [index for index, all_marked in wanted.items() if all_marked]
+        return gone, {index: cut for index, cut in pieces.items() if index not in gone}
 
 
 def _word(text: str) -> bool:
@@ -673,10 +686,17 @@ MAX_HEADER_BYTES = 64 * 1024  # what MSGSPLIT reads of a message for its pieces'
 def _header_fields(data: bytes) -> dict[bytes, bytes]:
     head = data.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
     out: dict[bytes, bytes] = {}
+    last: bytes | None = None  # the field a continuation line belongs to, if it is kept
     for line in head.splitlines():
+        if line[:1] in (b" ", b"\t"):
+            if last is not None:  # folded (RFC 5322 2.2.3): unfolded into one line
+                out[last] += b" " + line.strip()
+            continue
         name, colon, value = line.partition(b":")
-        if colon and name and name[:1] not in (b" ", b"\t"):
-            out.setdefault(name.strip().lower(), value.strip())
+        key = name.strip().lower()
+        last = key if colon and name and key not in out else None
+        if last is not None:
+            out[key] = value.strip()
     return out
 
 
