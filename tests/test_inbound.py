@@ -311,3 +311,18 @@ def test_a_message_too_large_to_return_in_full_says_so(settings, monkeypatch):
     raw = fq.body_path(nid, QTMSINQ).read_bytes()
     assert b"text/rfc822-headers" in raw and b"message/rfc822" not in raw
     assert b"only its header is returned" in raw.replace(b"\r\n", b" ")
+
+
+def test_postmaster_without_an_entry_reaches_the_responsible_person(settings):
+    """RFC 5321 §4.5.1: SMTP takes postmaster mail; it must not bounce for want of an entry."""
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "Postmaster@example.test")
+    outcome = processor.process(qid)  # no responsible person, no NONDELIVERY user
+    assert outcome.failed == 1 and outcome.notice is not None
+    processor.responsible = "sam@example.test"  # CHGSMTPA NFYDLVRY
+    qid = _queued(fq, "Postmaster@example.test")
+    outcome = processor.process(qid)
+    assert outcome.delivered == 1 and outcome.notice is None
+    [delivered] = (settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new").iterdir()
+    assert b"Delivered-To: Postmaster@example.test" in delivered.read_bytes()

@@ -33,7 +33,7 @@ from typing import Any
 
 import attrs
 
-from twistmail.bridge.nondelivery import Failure, queue_notice
+from twistmail.bridge.nondelivery import Failure, nondelivery_address, queue_notice
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
 from twistmail.policy.filters import examine
 from twistmail.queue import (
@@ -208,13 +208,34 @@ class InboundProcessor:
             self.queue.remove(QTMSINQ, env.id)
         return Outcome(env.id, filtered=True)
 
+    def _postmaster(self, address: str) -> tuple[Any, str | None]:
+        """Where postmaster mail goes when no entry names it.
+
+        RFC 5321 §4.5.1: every domain's postmaster takes mail, so SMTP accepts
+        it; without a POSTMASTER entry it goes to the NFYDLVRY responsible
+        person, else to the NONDELIVERY user, when one is a mailbox here.
+        Returning it to its sender would tell them the postmaster is unknown.
+        """
+        for stand_in in (self.responsible, nondelivery_address(self.directory)):
+            if not stand_in or stand_in.startswith("*"):
+                continue
+            res = self.directory.resolve(stand_in)
+            if res is not None and res.kind in ("pop", "snads"):
+                return res, stand_in
+        return None, None
+
     def _one(self, env: Envelope, index: int, rcpt: Recipient, body: Any,
              boxes: dict[str, int]) -> Recipient:
         j = self.journal
         qid = env.id
         res = self.directory.resolve(rcpt.address)
+        via = {}
+        if res is None and rcpt.address.lower().startswith("postmaster@"):
+            res, stand_in = self._postmaster(rcpt.address)
+            if stand_in is not None:
+                via = {"via": stand_in}
         kind = res.kind if res is not None else "unknown"
-        j.write("P2", f"P2 R {rcpt.address}", qid, recipient=rcpt.address, resolved=kind)
+        j.write("P2", f"P2 R {rcpt.address}", qid, recipient=rcpt.address, resolved=kind, **via)
         if res is None:
             j.write("A3", f"A3 U {rcpt.address}", qid, recipient=rcpt.address,
                     reason=UNKNOWN[1])
