@@ -336,6 +336,26 @@ def test_long_command_line_is_refused_and_stream_stays_in_sync():
     assert s.codes() == [250]
 
 
+def test_dsn_and_auth_parameters_lengthen_mail_and_rcpt_lines():
+    """RFC 3461 §4: +500 for RCPT's NOTIFY and ORCPT; MAIL gets ENVID, RET, SIZE, AUTH=."""
+    s = Session(dsn=True, maxmsgsize=100_000)
+    s.start()
+    local = b"a" * 64
+    s.send(b"MAIL FROM:<" + local + b"@example.test> RET=HDRS ENVID=" + b"e" * 100
+           + b" SIZE=1000\r\n")
+    assert s.codes() == [250]
+    rcpt = local + b"@" + b"d" * 180 + b".example.test"
+    line = (b"RCPT TO:<" + rcpt + b"> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;" + rcpt
+            + b"\r\n")
+    assert 512 < len(line) <= 1012
+    s.send(line)
+    assert s.codes()[0] != 500
+    s.send(b"RCPT TO:<a@example.test> ORCPT=rfc822;" + b"x" * 1000 + b"\r\n")
+    assert s.codes() == [500]
+    s.send(b"NOOP " + b"a" * 600 + b"\r\n")
+    assert s.codes() == [500]
+
+
 def test_input_is_bounded_while_a_check_is_pending():
     s = Session()
     s.start()

@@ -7,8 +7,9 @@ CR/LF through, and answer pipelined commands out of order.  This layer:
 * processes one command at a time from a bounded input queue, so replies go
   out in command order even when a check (a directory lookup, the durable
   commit) is asynchronous, and stops reading while the queue is full;
-* limits command lines to 512 octets and text lines to 1000 octets, and
-  recovers from an over-long line without losing its place in the stream;
+* limits command lines to 512 octets (more for MAIL, RCPT and AUTH, whose
+  extensions add parameters) and text lines to 1000 octets, and recovers
+  from an over-long line without losing its place in the stream;
 * ends DATA only on CRLF.CRLF; a bare CR or LF never ends it, and a bare LF
   is accepted as a line end inside the message only with ALWBARELF(*YES);
 * streams the message to the queue's spool file (never the whole message in
@@ -42,6 +43,11 @@ from twistmail.smtp.address import Address, AddressError, Command, PathError, pa
 from twistmail.storagefault import log_failure
 
 MAX_COMMAND = 512  # octets, CRLF included (RFC 5321 §4.5.3.1.4)
+#: Service extensions lengthen the lines of the commands they add parameters
+#: to (RFC 5321 §4.5.3.1.4): MAIL by 100 for ENVID and RET (RFC 3461 §4), 26
+#: for SIZE (RFC 1870), 500 for AUTH= (RFC 4954 §5); RCPT by 500 for NOTIFY
+#: and ORCPT (RFC 3461 §4).
+MAX_LINE_OF = {b"MAIL ": MAX_COMMAND + 100 + 26 + 500, b"RCPT ": MAX_COMMAND + 500}
 MAX_AUTH_LINE = 12288  # an AUTH command or response, CRLF included (RFC 4954 §4)
 MAX_TEXT = 1000  # octets, CRLF included (§4.5.3.1.6)
 MAX_HEADER_BLOCK = 1024 * 1024  # header bytes we hold to add missing fields
@@ -430,7 +436,7 @@ class SMTPSession(SequentialSession):
                     self.discarding = True
                     self.auth_step = None  # the exchange is over, not its next line
                     self.reply(500, "5.5.2 Line too long: command lines are limited to "
-                               "512 octets (AUTH 12288)")
+                               "512 octets (MAIL 1138, RCPT 1012, AUTH 12288)")
             return False
         line, self.buffer = self.buffer[: lf + 1], self.buffer[lf + 1:]
         if self.discarding:  # the tail of an over-long line
@@ -606,13 +612,15 @@ class SMTPSession(SequentialSession):
     # -- commands ------------------------------------------------------------
 
     def _line_limit(self) -> int:
-        if self.auth_step is not None or self.buffer[:5].upper() == b"AUTH ":
+        if self.auth_step is not None:
             return MAX_AUTH_LINE
-        return MAX_COMMAND
+        return _limit_of(self.buffer)
 
     def _command(self, raw: bytes) -> None:
-        if len(raw) > (MAX_AUTH_LINE if raw[:5].upper() == b"AUTH " else MAX_COMMAND):
-            self.reply(500, "5.5.2 Line too long: command lines are limited to 512 octets")
+        limit = _limit_of(raw)
+        if len(raw) > limit:
+            self.reply(500, f"5.5.2 Line too long: this command's lines are limited to "
+                       f"{limit} octets")
             return
         self.last_command_crlf = raw.endswith(b"\r\n")
         line = raw.rstrip(b"\r\n")
@@ -1106,3 +1114,11 @@ class SMTPFactory(Factory):
         p.factory = self
         self.current = p  # a job serves one session at a time
         return p
+
+
+def _limit_of(line: bytes) -> int:
+    """The longest a command line may be, by its verb (MAIL, RCPT, AUTH take more)."""
+    verb = line[:5].upper()
+    if verb == b"AUTH ":
+        return MAX_AUTH_LINE
+    return MAX_LINE_OF.get(verb, MAX_COMMAND)
