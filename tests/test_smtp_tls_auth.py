@@ -90,6 +90,16 @@ def test_implicit_tls_on_smtps_offers_auth_not_starttls(post):
         assert s.mail("sam@example.test")[0] == 250
 
 
+def test_the_self_signed_certificate_verifies_for_the_loopback_addresses(post):
+    """A client given the made certificate as its trust anchor, pointed at 127.0.0.1."""
+    a = post
+    verifying = ssl.create_default_context(cafile=str(a.datadir / "tls" / "cert.pem"))
+    host, port = a.addr("smtps")
+    assert host == "127.0.0.1"
+    with smtplib.SMTP_SSL(host, port, timeout=30, context=verifying) as s:
+        assert s.ehlo()[0] == 250
+
+
 def test_submission_requires_auth(post):
     a = post
     with smtplib.SMTP(*a.addr("submission"), timeout=30) as s:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -69,7 +70,13 @@ def ensure_pair(settings: Settings) -> tuple[Path, Path]:
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(name), x509.DNSName("localhost")]),
+            # This host's loopback addresses too: clients that verify against
+            # this certificate are most often pointed at 127.0.0.1 first.
+            x509.SubjectAlternativeName([
+                x509.DNSName(name), x509.DNSName("localhost"),
+                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.IPAddress(ipaddress.ip_address("::1")),
+            ]),
             critical=False,
         )
         .sign(private, hashes.SHA256())
