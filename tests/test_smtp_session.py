@@ -356,6 +356,18 @@ def test_dsn_and_auth_parameters_lengthen_mail_and_rcpt_lines():
     assert s.codes() == [500]
 
 
+def test_dsn_is_offered_on_port_25_only_to_clients_whose_requests_are_carried_out():
+    """Offered and then ignored, a NOTIFY=SUCCESS was lost: the client that
+    sees no DSN sends the "relayed" notice itself (RFC 3461 §4.1)."""
+    for trusted, listener, offered in ((True, "smtp", True), (False, "smtp", False),
+                                       (False, "submission", True)):
+        s = Session(dsn=True, listener=listener, alwplainauth=True)
+        s.backend.dsn_trusted = trusted
+        s.replies()
+        s.send(b"EHLO client.example\r\n")
+        assert any(r[4:] == "DSN" for r in s.replies()) is offered, (trusted, listener)
+
+
 def test_input_is_bounded_while_a_check_is_pending():
     s = Session()
     s.start()

@@ -330,6 +330,9 @@ class SMTPSession(SequentialSession):
         self.peer_ip = "unknown"
         self.tls = factory.implicit_tls
         self.user: str | None = None  # the authenticated user profile
+        #: Whether this client's DSN requests are carried out without AUTH
+        #: (it may relay); None until an EHLO asks.
+        self.dsn_heeded: bool | None = None
         self.auth_failures = 0
         self.cut_pending = False  # MAXAUTHFAIL reached while a step was under way
         self.errors = 0
@@ -666,12 +669,28 @@ class SMTPSession(SequentialSession):
         self.helo, self.esmtp, self.txn = arg, False, None
         self.reply(250, self.factory.backend.hostname)
 
-    def smtp_EHLO(self, arg: str) -> None:
+    def smtp_EHLO(self, arg: str) -> Any:
         if not _HELO_NAME.fullmatch(arg):
             self.reply(501, "5.5.4 Syntax: EHLO hostname")
-            return
+            return None
         self.helo, self.esmtp, self.txn = arg, True, None
-        self.reply(250, self.factory.backend.hostname, self.extensions())
+        if not self.factory.dsn or self.factory.submission or self.dsn_heeded is not None:
+            self.reply(250, self.factory.backend.hostname, self.extensions())
+            return None
+        # DSN is offered only where a request is carried out: a client that
+        # sees none sends the "relayed" notice itself (RFC 3461 §4.1), where
+        # one that saw it offered would have the request ignored.
+        d = defer.maybeDeferred(self.factory.backend.dsn_allowed, self.peer_ip)
+
+        def known(allowed: Any) -> None:
+            self.dsn_heeded = bool(allowed)
+            self.reply(250, self.factory.backend.hostname, self.extensions())
+
+        def unknown(failure: Any) -> None:
+            log_failure(self.log, "the relay check for DSN failed; DSN not offered", failure)
+            known(False)
+
+        return d.addCallbacks(known, unknown)
 
     def extensions(self) -> list[str]:
         ext = ["PIPELINING", f"SIZE {self.factory.maxmsgsize}"]
@@ -684,7 +703,8 @@ class SMTPSession(SequentialSession):
             ext.append("AUTH " + " ".join(self.factory.mechanisms))
         if self.factory.etrnsvr:
             ext.append("ETRN")
-        if self.factory.dsn:
+        if self.factory.dsn and (self.factory.submission or self.user is not None
+                                 or self.dsn_heeded):
             ext.append("DSN")
         return ext
 
