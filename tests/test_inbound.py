@@ -283,9 +283,12 @@ def test_reports_other_than_failures_return_headers_and_no_7u(settings):
                            body)
         msg = email.message_from_bytes(fq.body_path(nid, QTMSINQ).read_bytes(),
                                        policy=email.policy.default)
-        kinds[action] = list(msg.iter_parts())[2].get_content_type()
-    assert kinds == {"delivered": "text/rfc822-headers", "relayed": "text/rfc822-headers",
-                     "delayed": "text/rfc822-headers", "failed": "message/rfc822"}
+        part = list(msg.iter_parts())[2]
+        kinds[action] = (part.get_content_type(), part["Content-Description"])
+    assert kinds == {"delivered": ("text/rfc822-headers", "Delivered message headers"),
+                     "relayed": ("text/rfc822-headers", "Relayed message headers"),
+                     "delayed": ("text/rfc822-headers", "Delayed message headers"),
+                     "failed": ("message/rfc822", "Undelivered message")}
     bounce = env.evolve(originator="")
     for action in ("relayed", "failed"):
         report = [Failure("sam@example.test", "2.0.0", "250 2.0.0 ok", action)]

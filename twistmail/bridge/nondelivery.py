@@ -46,6 +46,10 @@ class Failure:
     retry_until: float | None = None  # delayed: when the last try is due
 
 
+#: How a report names the message it is about, by kind.
+ABOUT = {"failed": "Undelivered message", "delayed": "Delayed message",
+         "delivered": "Delivered message", "relayed": "Relayed message"}
+
 #: What each kind of report says, and which NOTIFY keyword asks for it.
 REPORTS = {
     "failed": ("Undelivered Mail Returned to Sender",
@@ -142,7 +146,7 @@ def build_notice(
     msg.set_boundary(boundary)
     msg.attach(_status_part(hostname, queue_id, arrival, failures, envid))
     if full is None:
-        msg.attach(_headers_part(headers))
+        msg.attach(_headers_part(headers, ABOUT[kind]))
         return msg.as_bytes(policy=_WIRE)
     original = _without_bcc(full)
     if not original.endswith(b"\r\n"):
@@ -151,7 +155,7 @@ def build_notice(
     eightbit = not original.isascii()
     if eightbit:  # RFC 2045 §6.4: the multipart that holds an 8-bit part says so too
         msg["Content-Transfer-Encoding"] = "8bit"
-    msg.attach(_message_part(marker + b"\r\n\r\n", eightbit=eightbit))
+    msg.attach(_message_part(marker + b"\r\n\r\n", ABOUT[kind], eightbit=eightbit))
     data = msg.as_bytes(policy=_WIRE)
     # The original goes back byte for byte (its signatures still verify),
     # not as the email package would write it again.
@@ -210,11 +214,11 @@ _QP_UTF8 = email.charset.Charset("utf-8")
 _QP_UTF8.body_encoding = email.charset.QP
 
 
-def _headers_part(headers: bytes) -> Message:
+def _headers_part(headers: bytes, about: str) -> Message:
     """The original's header block, without Bcc: copies go to NONDELIVERY and NFYDLVRY."""
     part = Message()
     part["Content-Type"] = "text/rfc822-headers"
-    part["Content-Description"] = "Undelivered message headers"
+    part["Content-Description"] = f"{about} headers"
     headers = _BCC.sub(b"", headers)
     text = headers.decode("utf-8", "replace").replace("\r\n", "\n").replace("\n", "\r\n")
     if text.isascii():
@@ -224,7 +228,7 @@ def _headers_part(headers: bytes) -> Message:
     return part
 
 
-def _message_part(full: bytes, eightbit: bool = False) -> Message:
+def _message_part(full: bytes, about: str, eightbit: bool = False) -> Message:
     """DSN RET=FULL: the whole original message (RFC 3462 message/rfc822).
 
     An 8-bit original is labelled so (RFC 2046 §5.2.1 allows no other
@@ -232,7 +236,7 @@ def _message_part(full: bytes, eightbit: bool = False) -> Message:
     """
     part = Message()
     part["Content-Type"] = "message/rfc822"
-    part["Content-Description"] = "Undelivered message"
+    part["Content-Description"] = about
     if eightbit:
         part["Content-Transfer-Encoding"] = "8bit"
     part.set_payload([email.message_from_bytes(full, policy=email.policy.compat32)])
