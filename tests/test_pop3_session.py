@@ -265,3 +265,14 @@ def test_a_piece_carries_folded_header_fields_whole(store, tmp_path):
     head = transport.value()
     assert b"Subject: a long subject line (part 1 of 3)\r\n" in head
     assert b"To: a@example.test, b@example.test\r\n" in head
+
+
+def test_an_eight_bit_message_is_offered_whole_not_cut(store, tmp_path):
+    """RFC 2046 §5.2.2: message/partial is 7bit always; 8-bit pieces are not allowed."""
+    data = b"Subject: big\r\n\r\n" + (b"z" * 60 + b"\r\n") * 3000 + "caf\u00e9\r\n".encode()
+    _deliver(store, tmp_path, data)
+    _, _, session, transport = _session(store, msgsplit_kb=64)
+    session.dataReceived(b"USER sam\r\nPASS secret\r\nLIST\r\n")
+    replies = transport.value().splitlines()
+    assert replies[2].startswith(b"+OK SAM has 1 messages")
+    assert replies[4:] == [b"1 %d" % len(data), b"."]

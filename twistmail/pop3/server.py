@@ -483,6 +483,10 @@ class POP3Session(SequentialSession):
         with box.read(m.index) as f:
             headers = _header_fields(f.read(MAX_HEADER_BYTES))
             cuts = _cut(f, max(1024, limit - 1024))
+        if cuts and cuts[-1][2] < 0:
+            # RFC 2046 §5.2.2: a message/partial piece is 7bit, always; an
+            # 8-bit message cannot be cut, so it is offered whole.
+            return [Item(before + 1, m.index, m.size, m.uidl)]
         total = len(cuts)
         pid = f"{m.uidl}@{self.factory.hostname}"
         taken = box.pieces_deleted(m.index, total)  # by earlier sessions: not offered again
@@ -702,13 +706,18 @@ def _header_fields(data: bytes) -> dict[bytes, bytes]:
 
 def _cut(f: BinaryIO, size: int) -> list[tuple[int, int, int]]:
     """Byte ranges of at most ``size``, each ending with a line where one ends in it,
-    with the octets each is sent as (a bare LF goes out as CRLF, as in wire_size)."""
+    with the octets each is sent as (a bare LF goes out as CRLF, as in wire_size).
+
+    The reading stops at the first 8-bit octet, whose range then has -1 octets."""
     cuts = []
     start = 0
     while True:
         f.seek(start)
         data = f.read(size + 1)  # one more byte: is there more after this piece?
         if not data:
+            return cuts
+        if not data.isascii():
+            cuts.append((start, start + len(data), -1))
             return cuts
         if len(data) > size:
             nl = data.rfind(b"\n", 0, size)
