@@ -288,7 +288,8 @@ def test_a_reload_switches_the_journals_of_the_bridge_and_its_qmsf_jobs(tmp_path
                            journal=journals[0], entry=settings.prestart.QTMSCCLCP,
                            limits=limits_of(settings))
     bridgemain._reload(str(config), pool,
-                       SimpleNamespace(configure=lambda s: None, journal=journals[1]),
+                       SimpleNamespace(configure=lambda s: None, smtp_server=lambda on: None,
+                                       journal=journals[1]),
                        SimpleNamespace(reload=lambda: None, journal=journals[2]),
                        manager)
     processor = SimpleNamespace(journal=journals[3], storage_full=lambda: False)

@@ -96,6 +96,9 @@ def reference_decide(view: EntryView, entry: PrestartEntry, limits: Limits,
 
     # Requests that waited too long.
     reject = sum(1 for t in view.waiting if now >= t + limits.wait_limit)
+    if entry.wait == "*NO":  # none may wait: those no idle job that stays takes go
+        staying_idle = sum(1 for j in live if j.state is JobState.IDLE and j.id not in ending)
+        reject = max(reject, len(view.waiting) - staying_idle)
     if len(view.waiting) > reject:
         wake.append(view.waiting[reject] + limits.wait_limit)
 
