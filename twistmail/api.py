@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 
 from twistmail import config as configmod
+from twistmail.identity import as_invoker
 from twistmail.interfaces import QTMSINQ
 from twistmail.smtp.address import PathError, parse_mailbox
 
@@ -58,7 +59,8 @@ def send_mime_mail(
     caller's next message, not this one).
     """
     settings = settings or configmod.load()
-    file = _check_file(path)
+    with as_invoker():  # the caller's file, also when root's command acts as the daemon's user
+        file = _check_file(path)
     sender = _check_address("originator", originator)
     rcpts = _distinct([_recipient(r) for r in recipients])
     if not rcpts:
@@ -68,7 +70,7 @@ def send_mime_mail(
 
         with SqliteDirectory.from_settings(settings) as directory:
             _verify_originator(directory, sender, usrprf)
-    with file.open("rb") as f:
+    with as_invoker(), file.open("rb") as f:
         st = os.fstat(f.fileno())
         _check_limits(settings, rcpts, st.st_size)
         data = f.read()
@@ -77,9 +79,10 @@ def send_mime_mail(
                         program="QTMMSNDM", via="Send MIME Mail API", usrprf=usrprf,
                         origin=str(file))
     try:
-        now = os.stat(file)  # through a symlink: the name goes if it still leads there
-        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-            os.unlink(file)
+        with as_invoker():
+            now = os.stat(file)  # through a symlink: the name goes if it still leads there
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(file)
     except OSError:
         pass  # gone already, or not ours to remove: the message is queued all the same
     return qid

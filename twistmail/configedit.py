@@ -26,6 +26,7 @@ from tomlkit.items import AoT, Table
 
 from twistmail import config
 from twistmail.durable import fsync_dir
+from twistmail.identity import as_invoker
 from twistmail.settingtypes import FileError, SettingError, parse_value
 
 __all__ = ["SettingError", "UnknownSetting", "set_values", "setting_type"]
@@ -83,7 +84,7 @@ def set_values(path: Path | str, changes: Mapping[str, Any]) -> None:
     given = Path(path).absolute()  # relative paths in it start here, as load() reads it
     target = given.resolve()  # a symlink is kept: its target is what is rewritten
     dumped = {key: _dumped(key, value) for key, value in changes.items()}
-    with _locked(target.parent):
+    with as_invoker(), _locked(target.parent):  # the file is root's, where root runs us
         text = target.read_bytes().decode("utf-8")
         doc = _parse(text, target)
         for key, value in dumped.items():

@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 
 from twistmail.api import CC, TO, Recipient, SendMailError
+from twistmail.identity import as_invoker
 
 POLICY = email.policy.SMTP.clone(cte_type="7bit", max_line_length=78)
 MAX_ATTACHMENT = 64 * 1024 * 1024
@@ -72,14 +73,8 @@ def attachment_parts(
                                 "allowed: type/subtype such as application/pdf, not multipart/ "
                                 "or message/")
         try:
-            st = file.stat()
-            if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
-                # /dev/zero would be read for ever, a FIFO wait for ever.
-                raise SendMailError(f"attachment: {file} is not a regular file")
-            if st.st_size > MAX_ATTACHMENT:
-                raise SendMailError(f"attachment: {file} is larger than "
-                                    f"{MAX_ATTACHMENT // (1024 * 1024)} MB")
-            data = file.read_bytes()
+            with as_invoker():  # the caller's file (see twistmail.identity)
+                data = _read_attachment(file)
         except FileNotFoundError:
             raise SendMailError(f"attachment: {file} does not exist") from None
         except IsADirectoryError:
@@ -88,6 +83,17 @@ def attachment_parts(
             raise SendMailError(f"attachment: {file} cannot be read ({e.strerror})") from None
         out.append(Attachment(file.name, data, ctype.lower()))
     return out
+
+
+def _read_attachment(file: Path) -> bytes:
+    st = file.stat()
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        # /dev/zero would be read for ever, a FIFO wait for ever.
+        raise SendMailError(f"attachment: {file} is not a regular file")
+    if st.st_size > MAX_ATTACHMENT:
+        raise SendMailError(f"attachment: {file} is larger than "
+                            f"{MAX_ATTACHMENT // (1024 * 1024)} MB")
+    return file.read_bytes()
 
 
 def same_fields(built: EmailMessage, data: bytes, what: str) -> bytes:

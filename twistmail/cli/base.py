@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from twistmail import config as configmod
+from twistmail.identity import act_as_owner, as_invoker
 from twistmail.settingtypes import FileError, SettingError, parse_value
 
 EXIT_USAGE = 2
@@ -40,7 +41,8 @@ class AppContext:
     def settings(self) -> configmod.Settings:
         if self._settings is None:
             try:
-                self._settings = configmod.load(self.config_path)
+                with as_invoker():  # a settings file only root may read, under sudo
+                    self._settings = configmod.load(self.config_path)
             except FileNotFoundError:
                 raise click.UsageError(
                     f"--config: {str(self.config_path)!r} does not exist; "
@@ -55,6 +57,8 @@ class AppContext:
                     f"--config: {str(self.config_path)!r} cannot be read ({e.strerror}); "
                     "allowed: the path of a readable twistmail TOML file"
                 ) from None
+            # Files made in the state directory must be the daemon's user's.
+            act_as_owner(self._settings.datadir)
         return self._settings
 
     def reload(self) -> configmod.Settings:

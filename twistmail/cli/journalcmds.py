@@ -22,6 +22,7 @@ import click
 from twistmail import journal
 from twistmail.cli.base import Failure, app, cli, usage_error, value_of
 from twistmail.cli.output import emit_table
+from twistmail.identity import as_invoker
 from twistmail.settingtypes import Choice
 
 COLUMNS = (
@@ -100,7 +101,7 @@ def _write_csv(path: str, entries: Iterable[dict[str, Any]]) -> int:
     """The OUTFILE: fixed columns, then the structured fields as one JSON column."""
     count = 0
     try:
-        with open(path, "w", newline="", encoding="utf-8") as f:
+        with as_invoker(), open(path, "w", newline="", encoding="utf-8") as f:
             out = csv.writer(f)
             out.writerow([*CSV_COLUMNS, "fields"])
             for entry in entries:

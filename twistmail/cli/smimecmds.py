@@ -16,6 +16,7 @@ import click
 
 from twistmail.cli.base import api_refusal, app, cli, open_directory, stdin_text, usage_error
 from twistmail.cli.output import emit_table
+from twistmail.identity import as_invoker
 
 if TYPE_CHECKING:
     from twistmail.certstore import CertStore
@@ -71,7 +72,8 @@ def crtsndemail(usrprf: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tupl
 
 def _read_text(option: str, path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with as_invoker():  # the caller's file (see twistmail.identity)
+            return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         usage_error(f"{option}: {path} does not exist")
     except UnicodeDecodeError:
@@ -138,7 +140,8 @@ def import_(usrprf: str, path: str, password: str | None, file_password: str | N
 
     store = _store(usrprf)
     try:
-        data = read_file(path)
+        with as_invoker():
+            data = read_file(path)
         own = Path(path).suffix.lower() in PKCS12_SUFFIXES
         if not own:
             try:

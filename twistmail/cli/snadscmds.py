@@ -32,6 +32,7 @@ from twistmail.cli.base import (
 )
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.durable import fsync_dir
+from twistmail.identity import as_invoker
 
 QRYDST_COLUMNS = (
     ("dstid", "Distribution ID"),
@@ -189,13 +190,14 @@ def rcvdst(dstid: str | None, usrid: tuple[str, str] | None, usrprf: str | None,
 def _deliver(data: bytes, outfile: str | None) -> None:
     """The message as stored (CRLF line ends), to a new file or to standard output."""
     if outfile is not None:
-        fd = os.open(outfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # Its name too, before KEEP *NO removes the distribution from the store.
-        fsync_dir(os.path.dirname(os.path.abspath(outfile)))
+        with as_invoker():  # the caller's file (see twistmail.identity)
+            fd = os.open(outfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            # Its name too, before KEEP *NO removes the distribution from the store.
+            fsync_dir(os.path.dirname(os.path.abspath(outfile)))
         return
     out = sys.stdout
     binary = getattr(out, "buffer", None)

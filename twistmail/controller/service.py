@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,9 @@ class Controller(service.Service):
         have root chmod or chown any file.
         """
         if self.owner is not None:
+            before = os.stat(d)
+            if (before.st_uid, before.st_gid) != self.owner:
+                _give_tree(d, before.st_uid, self.owner)
             os.chown(d, *self.owner)  # the configured path, links and all
         for sub, mode in (("run", 0o700), ("journal", None)):
             fd = _open_no_link(d / sub)
@@ -679,6 +683,30 @@ class Controller(service.Service):
         d = self.bridge.stop(option, delay)
         d.addCallback(lambda _: "mail server framework ended")
         return d
+
+
+def _give_tree(d: Path, previous: int, owner: tuple[int, int]) -> None:
+    """The first start as ``--uid``: the state directory becomes that user's.
+
+    What root made in it before (``sudo twistmail crtusrprf`` ahead of the
+    first start: the directory database, journal receivers) the daemon's user
+    could not open: every recipient got 451.  Entries owned by root or by
+    the directory's previous owner change hands; links are not followed and
+    files with more than one name are left, so nothing outside moves.
+    """
+    for top, dirs, files, fd in os.fwalk(d, follow_symlinks=False):
+        for name in (*dirs, *files):
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if st.st_uid not in (0, previous) or (
+                        not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):
+                    continue
+                os.chown(name, *owner, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise SystemExit(f"twistmail: cannot give {os.path.join(top, name)} to the "
+                                 f"daemon's user: {e.strerror}") from None
 
 
 def _open_no_link(directory: Path) -> int:

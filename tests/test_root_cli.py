@@ -1,0 +1,118 @@
+"""Commands run as root make the state directory's files the daemon's user's.
+
+Started as root with ``--uid``, the daemon runs as that user; what a
+``sudo twistmail …`` made there as root it could not open (a queued message
+set aside as corrupt, a journal receiver never written, every recipient
+answered 451).  The CLI runs in a process of its own here: it changes its
+effective ids.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from appliance import Appliance
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="only root's commands switch")
+NOBODY = pwd.getpwnam("nobody")
+HERE = Path(__file__).resolve().parent.parent
+
+
+def _interpreter() -> list[str] | None:
+    """A Python the daemon's user can run: the test's own, or the system's of its version.
+
+    The commands import modules as they need them, after the switch; an
+    interpreter under a directory only root may enter (pyenv in /root) cannot."""
+    probe = [sys.executable, "-c", "import email.policy, csv, sqlite3"]
+    try:
+        subprocess.run(probe, check=True, timeout=60, user=NOBODY.pw_uid,
+                       capture_output=True)
+        return [sys.executable]
+    except (subprocess.CalledProcessError, PermissionError):
+        pass
+    system = shutil.which("python3", path="/usr/bin")
+    if system is None:
+        return None
+    same = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"],
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+    return [system] if same == str(tuple(sys.version_info[:2])) else None
+
+
+@pytest.fixture
+def shared():
+    """A state directory the daemon's user (nobody) owns, its settings root's."""
+    root = Path(tempfile.mkdtemp(prefix="twistmail-root-cli-"))
+    root.chmod(0o755)
+    a = Appliance(root)
+    a.config.chmod(0o644)
+    a.datadir.mkdir()
+    os.chown(a.datadir, NOBODY.pw_uid, NOBODY.pw_gid)
+    yield a
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _cli(a: Appliance, python: list[str], *args: str) -> subprocess.CompletedProcess:
+    paths = [str(HERE), *(p for p in sys.path if "site-packages" in p)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    main = "import sys; from twistmail.cli.main import base; sys.exit(base.run(sys.argv[1:]))"
+    return subprocess.run([*python, "-c", main, "--config", str(a.config), *args],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=a.root)
+
+
+def test_roots_commands_leave_the_state_directory_to_its_owner(shared):
+    python = _interpreter()
+    if python is None:
+        pytest.skip("no Python here that nobody may run")
+    a = shared
+    r = _cli(a, python, "crtusrprf", "--usrprf", "SAM", "--password", "secret")
+    assert r.returncode == 0, r.stderr
+    # A message file only root may read, in a directory only root may enter.
+    private = Path(tempfile.mkdtemp(prefix="twistmail-root-only-"))
+    note = private / "note.mime"
+    note.write_bytes(b"Subject: from root\r\n\r\nhello\r\n")
+    note.chmod(0o600)
+    try:
+        r = _cli(a, python, "sndmail", "--file", str(note), "--from", "sam@example.test",
+                 "--to", "sam@example.test")
+        assert r.returncode == 0 and r.stdout.startswith("queued as "), r.stderr
+        assert not note.exists()  # taken, and removed as the API says
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    r = _cli(a, python, "chgjrn")
+    assert r.returncode == 0, r.stderr
+    r = _cli(a, python, "chgsmtpa", "--maxrcpt", "50")
+    assert r.returncode == 0, r.stderr
+    assert "maxrcpt = 50" in a.config.read_text() and a.config.stat().st_uid == 0
+    made = [p for p in a.datadir.rglob("*")]
+    assert made and all(p.lstat().st_uid == NOBODY.pw_uid for p in made), \
+        [str(p) for p in made if p.lstat().st_uid != NOBODY.pw_uid]
+
+
+def test_a_state_directory_root_made_becomes_the_daemon_users_at_its_first_start():
+    """crtusrprf as root before the first start: the directory database was root's."""
+    root = Path(tempfile.mkdtemp(prefix="twistmail-first-"))
+    root.chmod(0o755)
+    a = Appliance(root)
+    a.config.chmod(0o644)
+    try:
+        assert a.cli("crtusrprf", "--usrprf", "SAM", "--password", "secret")[0] == 0
+        before = [p for p in a.datadir.rglob("*")]
+        assert any(p.name == "directory.sqlite" for p in before)
+        outside = root / "outside"
+        outside.write_text("root's")
+        os.link(outside, a.datadir / "linked")  # a second name: left alone
+        a.start(wait_jobs=False, twistd_args=("--uid", "nobody", "--gid", str(NOBODY.pw_gid)))
+        for p in before:
+            assert p.lstat().st_uid == NOBODY.pw_uid, p
+        assert outside.stat().st_uid == 0
+        assert "Traceback" not in a.log_text()
+    finally:
+        a.kill_all()
+        shutil.rmtree(root, ignore_errors=True)
