@@ -542,3 +542,20 @@ def test_retention_keeps_the_receiver_that_holds_the_last_seq(tmp_path: Path) ->
     j.new_receiver()
     (tmp_path / journal.STATE_FILE).unlink()
     assert Journal(tmp_path, "y").write("7A", "7A after") == 101
+
+
+def test_a_journal_that_cannot_be_written_says_so_in_the_log(tmp_path: Path, capsys) -> None:
+    """A receiver root made, a full disk: entries were lost without a word."""
+    blocked = tmp_path / "journal"
+    blocked.write_text("not a directory")
+    jr = Journal(blocked, "TEST/1")
+    assert jr.write("JG", "JG STR") is None
+    assert jr.write("JG", "JG STR") is None
+    err = capsys.readouterr().err
+    assert err.count("entries are being lost") == 1 and str(blocked) in err
+    assert jr.failing is not None and "2 entries lost" in jr.failing
+    blocked.unlink()
+    blocked.mkdir()
+    assert jr.write("JG", "JG STR") is not None
+    assert "written again, after 2 entries lost" in capsys.readouterr().err
+    assert jr.failing is None

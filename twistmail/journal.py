@@ -31,6 +31,7 @@ import fcntl
 import json
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +45,8 @@ import attrs
 JOURNAL = "QZMF"
 STATE_FILE = f"{JOURNAL}.state"
 DEFAULT_RECEIVER_SIZE = 16 * 1024 * 1024
+#: Entries lost between two reports of a journal that cannot be written.
+TELL_EVERY = 1000
 
 #: Every journal code (function letter + action letter) and what it records.
 CODES: dict[str, str] = {
@@ -298,6 +301,7 @@ class Journal:
         self.keep_receivers = keep_receivers  # 0: every receiver is kept
         self.failures = 0
         self.last_error: OSError | None = None
+        self._told = 0  # failures when the log was last told of them; 0: writing works
         self._mutex = threading.Lock()
         self._batches = threading.local()
         self._forks = _forks
@@ -387,12 +391,32 @@ class Journal:
     def _write_entries(self, entries: list[str]) -> int | None:
         with self._mutex:
             try:
-                return self._locked(lambda state: self._append(state, entries))
+                seq = self._locked(lambda state: self._append(state, entries))
             except OSError as e:
                 self.failures += 1
                 self.last_error = e
                 self._close()
+                if self.failures - self._told >= TELL_EVERY or self._told == 0:
+                    self._tell(f"entries are being lost: {e.strerror or e} "
+                               f"({self.failures} so far)")
+                    self._told = self.failures
                 return None
+            if self._told:
+                self._tell(f"written again, after {self.failures} entries lost")
+                self._told = 0
+            return seq
+
+    @property
+    def failing(self) -> str | None:
+        """Why entries are being lost now, or None while writes succeed."""
+        if not self._told or self.last_error is None:
+            return None
+        e = self.last_error
+        return f"{getattr(e, 'strerror', None) or e}; {self.failures} entries lost"
+
+    def _tell(self, what: str) -> None:
+        """Into the daemon's log: a journal that stops must not stop in silence."""
+        print(f"journal {self.directory} ({self.job}): {what}", file=sys.stderr, flush=True)
 
     def delete_detached(self, numbers: Iterable[int] | None = None) -> tuple[list[str], str]:
         """DLTJRNRCV: delete detached receivers (``numbers``, or all of them).

@@ -242,6 +242,8 @@ def status(as_json: bool) -> None:
         else:
             click.echo(str(e))
         raise SystemExit(3) from None
+    except ControlError as e:  # the socket is the daemon's user's, say
+        raise Failure(str(e)) from None
     result["running"] = True
     if as_json:
         emit_record(result, [], True)
@@ -259,3 +261,5 @@ def status(as_json: bool) -> None:
     click.echo(f"  bridge  {bridge.get('status')}" + (f" pid {pid}" if pid else ""))
     if result.get("restart_needed"):
         click.echo("  restart needed for: " + ", ".join(result["restart_needed"]))
+    if result.get("journal_failing"):
+        click.echo(f"  journal not written: {result['journal_failing']}")

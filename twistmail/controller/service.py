@@ -488,6 +488,7 @@ class Controller(service.Service):
             if self.bridge
             else None,
             "restart_needed": list(self.restart_needed),
+            "journal_failing": self.journal.failing if self.journal is not None else None,
         }
 
     def _pool_statuses(self) -> dict[str, str]:
