@@ -752,3 +752,55 @@ def test_the_names_of_removed_messages_are_forgotten_after_a_while(
     os.utime(tombstone, (old, old))
     store.open(USER).close()  # not again within GONE_PRUNE_EVERY
     assert tombstone.exists() and GONE_PRUNE_EVERY > 60
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A small file system of its own (tmpfs), to fill up for real."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,nr_inodes=4096", "tmpfs",
+                           str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(directory: Path) -> None:
+    with open(directory / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    n = 0
+    while True:  # the last blocks, and the inodes, one small file at a time
+        try:
+            (directory / f"filler{n}").write_bytes(b"x" * 512)
+        except OSError:
+            break
+        n += 1
+
+
+def test_on_a_full_disk_a_user_can_still_delete_mail(full_disk: Path, tmp_path: Path) -> None:
+    """QUIT's log has no room: the files go before the answer, which frees room."""
+    store = MaildirStore(full_disk / "mailboxes", HOST)
+    deliver_ids(store, tmp_path, "Q1.R0", "Q2.R0", "Q3.R0")
+    fill(full_disk)
+    with pytest.raises(OSError):
+        (full_disk / "probe").write_bytes(b"x" * 4096)
+    box = store.open(USER)
+    assert len(box.messages()) == 3
+    box.mark_deleted(1)
+    box.mark_deleted(2)
+    assert box.decide() == 2
+    box.expunge()
+    cur = full_disk / "mailboxes" / USER / "Maildir" / "cur"
+    assert len(files(cur)) == 1
+    assert not (full_disk / "mailboxes" / USER / "Maildir" / EXPUNGE_FILE).exists()
+    with store.open(USER) as again:
+        assert len(again.messages()) == 1

@@ -95,6 +95,8 @@ TMP_MAX_AGE = 36 * 3600
 #: Beside the Maildir (not in it: Maildir++ readers take dot-directories for
 #: folders), a file named by the base name of each message a QUIT removed.
 GONE_DIR = "gone"
+#: A full disk or quota: what a user who deletes mail must still get past.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: MSGSPLIT pieces a POP client deleted while others of the same message
 #: stay: ``{"<uidl> <total>": [numbers]}``.  They are not offered again; the
 #: message goes once its last piece is deleted.
@@ -491,24 +493,39 @@ class MailboxSession:
         (after releasing; nothing removed) when the log cannot be written.
 
         ``pieces``: by message, the MSGSPLIT cut (total) and the pieces this
-        session deleted of a message that stays; recorded first, durably."""
+        session deleted of a message that stays; recorded first, durably.
+
+        On a full disk, where the log has no room, the files go here and now,
+        before the answer: deleting mail is how its user makes room."""
         self._check_open()
         self._check_undecided()
         try:
             kept = self._pieces_kept(pieces or {})
             if kept != self._pieces:
-                _write_pieces(self.maildir, kept)
+                try:
+                    _write_pieces(self.maildir, kept)
+                except OSError as e:
+                    if e.errno not in NO_ROOM:
+                        raise
+                    # Not recorded: those pieces are offered again (never lost).
             names = self._names_to_remove()
+            count = len(names)
             if names:
-                _write_intent(self.maildir, names)
+                try:
+                    _write_intent(self.maildir, names)
+                except OSError as e:
+                    if e.errno not in NO_ROOM:
+                        raise
+                    _remove_now(self.maildir, self._cur, names)
+                    names = []
         except OSError as e:
             self.close()
             raise DeletionFailed(f"deletions not started: {e}") from e
         self._doomed = names
-        return len(names)
+        return count
 
     def expunge(self) -> None:
-        """Remove what :meth:`decide` recorded, then release the lock.
+        """Remove what :meth:`decide` recorded (or nothing, if it removed them), then release.
 
         Raises :class:`DeletionFailed` (after releasing) if some could not be
         removed; the log then stays, and the next open tries them again."""
@@ -519,7 +536,7 @@ class MailboxSession:
         done = False
         try:
             if names:
-                record_removed(self.maildir, names)
+                _record_if_room(self.maildir, names)
             failed = _unlink_all(self._cur, names) if names else []
             if names and not failed:
                 os.unlink(self.maildir / EXPUNGE_FILE)
@@ -788,12 +805,35 @@ def _move_new(maildir: Path) -> None:
         if os.path.lexists(target):
             head, comma, fields = stem.partition(",")
             target = cur / f"{head}.{secrets.token_hex(4)}{comma}{fields}{SEEN_BY_POP}"
-        with suppress(FileNotFoundError):
+        try:
             os.rename(entry.path, target)
-            moved = True
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno not in NO_ROOM:
+                raise
+            break  # cur/ cannot grow: the rest waits in new/ for a session after some room
+        moved = True
     if moved:
         fsync_dir(cur)
         fsync_dir(maildir / "new")
+
+
+def _record_if_room(maildir: Path, names: list[str]) -> None:
+    """record_removed, unless the disk is full: the deletions that free it come first."""
+    try:
+        record_removed(maildir, names)
+    except OSError as e:
+        if e.errno not in NO_ROOM:
+            raise
+
+
+def _remove_now(maildir: Path, cur: Path, names: list[str]) -> None:
+    """QUIT's removals without their log, for a disk with no room for it."""
+    _record_if_room(maildir, names)
+    failed = _unlink_all(cur, names)
+    if failed:
+        raise OSError(errno.EIO, f"{len(failed)} deleted messages not removed")
 
 
 def _pieces_key(uidl: str, total: int) -> str:
