@@ -368,6 +368,19 @@ def test_dsn_is_offered_on_port_25_only_to_clients_whose_requests_are_carried_ou
         assert any(r[4:] == "DSN" for r in s.replies()) is offered, (trusted, listener)
 
 
+def test_the_systems_own_452_is_not_held_against_the_client():
+    """Storage short for a while: a client trying again is neither slowed down nor cut off."""
+    s = Session(maxerrors=5)
+    s.start()
+    s.backend.full = True
+    for _ in range(12):
+        s.send(b"MAIL FROM:<jane@example.test>\r\nRSET\r\n")
+        assert s.codes() == [452, 250]
+    s.backend.full = False
+    s.send(b"MAIL FROM:<jane@example.test>\r\n")
+    assert s.codes() == [250]
+
+
 def test_input_is_bounded_while_a_check_is_pending():
     s = Session()
     s.start()

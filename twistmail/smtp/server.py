@@ -416,7 +416,9 @@ class SMTPSession(SequentialSession):
         lines = [text, *(more or [])]
         out = [f"{code}-{t}\r\n" for t in lines[:-1]] + [f"{code} {lines[-1]}\r\n"]
         write_now(self.transport, "".join(out).encode("utf-8", "replace"))
-        if code >= 400 and code != 421:
+        # Errors of the client's count towards MAXERRORS; this system's own
+        # state (x.3.x: storage, a local error) is no fault of the client's.
+        if code >= 400 and code != 421 and not text[1:4] == ".3.":
             self.errors += 1
             if self.errors >= self.factory.maxerrors:
                 self.reply(421, f"4.7.0 {self.factory.backend.hostname} Too many errors, "
