@@ -144,7 +144,11 @@ class Controller(service.Service):
             raise SystemExit(f"twistmail: cannot make {e.filename}: {e.strerror}") from None
         root = os.geteuid() == 0
         if root:
-            self._own_as_root(d)
+            try:
+                self._own_as_root(d)
+            except OSError as e:  # a read-only file system, say
+                raise SystemExit(f"twistmail: cannot prepare {e.filename or d} for the "
+                                 f"daemon's user: {e.strerror}") from None
         else:
             os.chmod(d / "run", 0o700)
         path = self.settings.control_socket
