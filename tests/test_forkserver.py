@@ -75,3 +75,20 @@ def test_its_jobs_die_with_it(tmp_path):
     assert not alive(pid)
     sock.close()
     kept.close()
+
+
+def test_a_childs_lines_are_logged_at_the_level_it_logged_them():
+    """A filter by level must see the bridge's and the jobs' errors."""
+    from twisted.logger import Logger, LogLevel
+
+    from twistmail.prestart.launch import ChildOutput
+
+    events: list[dict] = []
+    out = ChildOutput("QMSF", lambda reason: None)
+    out.log = Logger(observer=events.append)
+    out.childDataReceived(2, b"2026-11-30T10:00:00+0000 [twistmail.bridge.x#error] broken\n"
+                             b"\tTraceback (most recent call last):\n"
+                             b"2026-11-30T10:00:01+0000 [twistmail.bridge.x#info] fine\n"
+                             b"journal /var (QMSF/1): entries are being lost\n")
+    assert [e["log_level"] for e in events] == [LogLevel.error, LogLevel.error, LogLevel.info,
+                                                LogLevel.warn]

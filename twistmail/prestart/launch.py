@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import socket
 import sys
@@ -23,11 +24,13 @@ from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.process import registerReapProcessHandler, unregisterReapProcessHandler
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 CHILD_CHANNEL_FD = 3
+#: The level in a line of a child's Twisted log: ``<time> [<namespace>#<level>] ...``.
+_CHILD_LEVEL = re.compile(r"\S+ \[[^\]\s]*#(debug|info|warn|error|critical)\] ")
 
 
 class ChildOutput(ProcessProtocol):
@@ -40,6 +43,7 @@ class ChildOutput(ProcessProtocol):
         self.on_ended = on_ended
         self.pid: int | None = None
         self._partial = {1: b"", 2: b""}
+        self._levels: dict[int, LogLevel] = {}
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -49,20 +53,30 @@ class ChildOutput(ProcessProtocol):
         buf = self._partial.get(fd, b"") + data
         *lines, self._partial[fd] = buf.split(b"\n")
         for line in lines:
-            self._emit(line)
+            self._emit(fd, line)
         if len(self._partial[fd]) > 8192:
-            self._emit(self._partial[fd])
+            self._emit(fd, self._partial[fd])
             self._partial[fd] = b""
 
-    def _emit(self, line: bytes) -> None:
+    def _emit(self, fd: int, line: bytes) -> None:
+        """Logged at the level the child logged it at, so a filter by level sees
+        its errors: a line of its log names it, a continuation (tab) keeps the
+        one before's, and anything else it wrote to stderr is a warning."""
         text = line.decode("utf-8", "replace").rstrip()
-        if text:
-            self.log.info("{name}/{pid}: {text}", name=self.name, pid=self.pid, text=text)
+        if not text:
+            return
+        named = _CHILD_LEVEL.match(text)
+        if named:
+            self._levels[fd] = LogLevel.levelWithName(named.group(1))
+        elif not text.startswith("\t"):
+            self._levels[fd] = LogLevel.warn if fd == 2 else LogLevel.info
+        self.log.emit(self._levels.get(fd, LogLevel.info), "{name}/{pid}: {text}",
+                      name=self.name, pid=self.pid, text=text)
 
     def processEnded(self, reason: Any) -> None:
         for fd, rest in self._partial.items():
             if rest:
-                self._emit(rest)
+                self._emit(fd, rest)
                 self._partial[fd] = b""
         self.on_ended(reason)
 
