@@ -234,6 +234,18 @@ def test_a_key_only_root_may_read_is_read_at_start_and_kept_for_the_daemons_user
         a.start(wait_jobs=False, twistd_args=("--uid", "nobody", "--gid", str(nobody.pw_gid)))
         kept = (a.datadir / "run" / "tls.pem").stat()
         assert (kept.st_uid, kept.st_mode & 0o777) == (nobody.pw_uid, 0o600)
+        # Renewed in place, still root's alone: the daemon's user sees the
+        # change and cannot read it.  The rest of an edit still applies.
+        secret.chmod(0o755)
+        before = kept.st_ino
+        make_chain(secret)
+        key.chmod(0o600)
+        text = a.config.read_text().replace("[smtp]", "[smtp]\nmaxrcpt = 7", 1)
+        a.config.write_text(text if "maxrcpt = 7" in text else text + "\n[smtp]\nmaxrcpt = 7\n")
+        result = a.control("reload")
+        assert "jobs" in result["applied"], result  # MAXRCPT, for every job
+        assert any("restart" in w for w in result["warnings"]), result
+        assert (a.datadir / "run" / "tls.pem").stat().st_ino == before  # still in use
         assert "Traceback" not in a.log_text()
     finally:
         a.kill_all()

@@ -562,7 +562,8 @@ class Controller(service.Service):
             new = attrs.evolve(new, tls=old.tls)
             tls_state, pem, warnings = self.tls_state, None, []
         if new == old and tls_state == self.tls_state:
-            return {"applied": [], "restart_needed": restart}  # "nothing changed"
+            # "nothing changed"
+            return {"applied": [], "restart_needed": restart, "warnings": warnings}
         try:
             configmod.write_applied(new)
             if pem is not None:  # only once nothing else can refuse the reload
@@ -609,6 +610,14 @@ class Controller(service.Service):
         state = tlsconfig.pair_state(new)
         if state == self.tls_state and new.tls == self.settings.tls:
             return state, None, []
+        unreadable = [p for p in tlsconfig.pair_paths(new) if not os.access(p, os.R_OK)]
+        if unreadable and self.tls_warnings is not None and new.tls == self.settings.tls:
+            # Files only root may read, read as root at the start: the rest of
+            # the file applies, and the pair read then stays until a restart.
+            warning = (f"tls: {unreadable[0]} cannot be read by the daemon's user; the pair "
+                       "read at the start stays in use: restart to serve the renewed one")
+            self.log.warn("{warning}", warning=warning)
+            return self.tls_state, None, [warning]
         try:
             tlsconfig.ensure_pair(new)
             # Before the files are read: a renewal during the check is seen next time.
