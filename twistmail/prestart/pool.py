@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import errno
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -413,7 +414,11 @@ class Pool:
                 on_ended=lambda reason: self._job_ended(job, reason),
             )
         except OSError as e:
-            self.log.error("cannot start a {name} job: {e!r}", name=self.job_name, e=e)
+            hint = ""
+            if e.errno in (errno.EACCES, errno.EPERM):  # a Python only root may run, say
+                hint = f" (this user must be allowed to run {sys.executable})"
+            self.log.error("cannot start a {name} job: {e!r}{hint}", name=self.job_name, e=e,
+                           hint=hint)
             if e.errno in SHORTAGES:
                 self._short_of_resources(now)
             else:
