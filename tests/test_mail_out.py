@@ -151,7 +151,7 @@ def test_endtcpsvr_smtp_ends_the_client_jobs_and_keeps_mail_queued(make_applianc
     rc, out, err = a.cli("strtcpsvr", "--server", "*SMTP")
     assert rc == 0, err
     a.wait_for(lambda: sink.messages, 30, "delivery once SMTP is started again")
-    assert a.count("QTMSCCLCP") > 0
+    a.wait_for(lambda: a.count("QTMSCCLCP") > 0, 10, "client jobs listed again")
 
 
 def test_chgpje_of_the_client_pool_applies_live(make_appliance, sink):
