@@ -108,10 +108,14 @@ def test_a_state_directory_root_made_becomes_the_daemon_users_at_its_first_start
         outside = root / "outside"
         outside.write_text("root's")
         os.link(outside, a.datadir / "linked")  # a second name: left alone
+        elsewhere = root / "elsewhere"
+        elsewhere.write_text("root's too")
+        (a.datadir / "journal").mkdir(exist_ok=True)
+        (a.datadir / "journal" / "pointer").symlink_to(elsewhere)  # a link: not followed
         a.start(wait_jobs=False, twistd_args=("--uid", "nobody", "--gid", str(NOBODY.pw_gid)))
         for p in before:
             assert p.lstat().st_uid == NOBODY.pw_uid, p
-        assert outside.stat().st_uid == 0
+        assert outside.stat().st_uid == 0 and elsewhere.stat().st_uid == 0
         assert "Traceback" not in a.log_text()
     finally:
         a.kill_all()

@@ -11,6 +11,7 @@ starts read only what it accepted (``config.write_applied``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -185,8 +186,10 @@ class Controller(service.Service):
         """
         if self.owner is not None:
             before = os.stat(d)
-            if (before.st_uid, before.st_gid) != self.owner:
-                _give_tree(d, before.st_uid, self.owner)
+            # Everything the first time; then all but the mailboxes (the bulk),
+            # for what a root command of an older twistmail left.
+            _give_tree(d, before.st_uid, self.owner,
+                       whole=(before.st_uid, before.st_gid) != self.owner)
             os.chown(d, *self.owner)  # the configured path, links and all
         for sub, mode in (("run", 0o700), ("journal", None)):
             fd = _open_no_link(d / sub)
@@ -699,28 +702,54 @@ class Controller(service.Service):
         return d
 
 
-def _give_tree(d: Path, previous: int, owner: tuple[int, int]) -> None:
-    """The first start as ``--uid``: the state directory becomes that user's.
+#: Where the mail itself lies: walked at a first start as ``--uid`` only.
+BULK_DIRS = frozenset({"mailboxes", "snads"})
+
+
+def _give_tree(d: Path, previous: int, owner: tuple[int, int], whole: bool) -> None:
+    """A start as ``--uid``: the state directory becomes that user's.
 
     What root made in it before (``sudo twistmail crtusrprf`` ahead of the
     first start: the directory database, journal receivers) the daemon's user
-    could not open: every recipient got 451.  Entries owned by root or by
-    the directory's previous owner change hands; links are not followed and
-    files with more than one name are left, so nothing outside moves.
+    could not open: every recipient got 451.  Regular files and directories
+    owned by root or by the directory's previous owner change hands.  The
+    daemon's user may change the tree meanwhile, so each entry is opened
+    without following a link and changed through that descriptor, only
+    after its own check: no link, and no file with a second name, can lead
+    root to give away anything outside.
     """
-    for top, dirs, files, fd in os.fwalk(d, follow_symlinks=False):
+    for top, dirs, files, fd in os.fwalk(os.fspath(d), follow_symlinks=False):
+        if not whole and top == os.fspath(d):
+            dirs[:] = [n for n in dirs if n not in BULK_DIRS]
         for name in (*dirs, *files):
             try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if st.st_uid not in (0, previous) or (
-                        not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1):
-                    continue
-                os.chown(name, *owner, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
+                _give(fd, name, previous, owner)
             except OSError as e:
                 raise SystemExit(f"twistmail: cannot give {os.path.join(top, name)} to the "
                                  f"daemon's user: {e.strerror}") from None
+
+
+def _give(dir_fd: int, name: str, previous: int, owner: tuple[int, int]) -> None:
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return  # a link, a socket, a FIFO: never opened
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                     | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # made a link since
+            return
+        raise
+    try:
+        st = os.fstat(fd)
+        regular = stat.S_ISREG(st.st_mode)
+        if st.st_uid in (0, previous) and (stat.S_ISDIR(st.st_mode) or (
+                regular and st.st_nlink == 1)):
+            os.fchown(fd, *owner)
+    finally:
+        os.close(fd)
 
 
 def _open_no_link(directory: Path) -> int:
