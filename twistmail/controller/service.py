@@ -731,8 +731,10 @@ def _give_tree(d: Path, previous: int, owner: tuple[int, int], whole: bool) -> N
 
 def _give(dir_fd: int, name: str, previous: int, owner: tuple[int, int]) -> None:
     try:
-        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if st.st_uid not in (0, previous) or (st.st_uid, st.st_gid) == owner:
+            return  # the common case: nothing to open
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             return  # a link, a socket, a FIFO: never opened
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
                      | os.O_CLOEXEC, dir_fd=dir_fd)
