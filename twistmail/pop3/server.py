@@ -490,6 +490,8 @@ class POP3Session(SequentialSession):
         total = len(cuts)
         pid = f"{m.uidl}@{self.factory.hostname}"
         taken = box.pieces_deleted(m.index, total)  # by earlier sessions: not offered again
+        if len(taken) >= total:  # a message never goes unseen: its last piece takes it
+            taken = frozenset()
         out = []
         for n, (start, end, octets) in enumerate(cuts, 1):
             if n in taken:
