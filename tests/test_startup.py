@@ -125,16 +125,20 @@ def test_a_bridge_whose_controller_is_gone_before_it_looks_ends(tmp_path):
     assert "still here" in r.stdout
 
 
-def test_a_child_s_log_leaves_out_what_every_new_resolver_says():
+def test_a_child_s_log_leaves_out_what_every_new_resolver_and_every_job_end_says():
     code = ("from twistmail.lifeline import log_to_stderr\n"
             "log_to_stderr()\n"
             "from twisted.names import client\n"
             "from twisted.python import log\n"
+            "from twisted.internet import reactor\n"
             "client.createResolver()\n"
-            "log.msg('kept line')\n")
+            "log.msg('kept line')\n"
+            "reactor.callWhenRunning(reactor.stop)\n"
+            "reactor.run()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "kept line" in r.stderr
     assert "reparsing" not in r.stderr and "Resolver added" not in r.stderr
+    assert "Main loop terminated" not in r.stderr
 
 
 def test_sigterm_to_the_whole_process_group_leaves_no_traceback(tmp_path):

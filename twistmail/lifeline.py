@@ -44,9 +44,10 @@ def name_process(name: str) -> None:
 
 
 def _routine_text(text: str) -> bool:
-    """What every new DNS resolver says (twisted.names reads /etc/resolv.conf):
-    once per job start, it was half of the daemon's log."""
-    return (text.startswith("Resolver added ")
+    """What every new DNS resolver says (twisted.names reads /etc/resolv.conf),
+    and every job's reactor as it ends: once per job, they were nearly all of
+    the daemon's log.  The journal has each job's start and end (JS, JE)."""
+    return (text.startswith("Resolver added ") or text == "Main loop terminated."
             or ("resolv.conf" in text and text.endswith("changed, reparsing")))
 
 
@@ -55,12 +56,15 @@ def log_to_stderr() -> None:
     from twisted.logger import (
         FilteringLogObserver,
         PredicateResult,
+        formatEvent,
         globalLogBeginner,
         textFileLogObserver,
     )
 
     def routine(event: dict) -> PredicateResult:
         text = " ".join(str(m) for m in event.get("message", ()))
+        if not text and "log_format" in event:
+            text = formatEvent(event)
         return PredicateResult.no if _routine_text(text) else PredicateResult.maybe
 
     observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [routine])
