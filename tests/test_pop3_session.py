@@ -276,3 +276,13 @@ def test_an_eight_bit_message_is_offered_whole_not_cut(store, tmp_path):
     replies = transport.value().splitlines()
     assert replies[2].startswith(b"+OK SAM has 1 messages")
     assert replies[4:] == [b"1 %d" % len(data), b"."]
+
+
+def test_an_idle_session_is_closed_without_a_response(store, tmp_path):
+    """RFC 1939 §3: the autologout timer closes the connection and sends nothing."""
+    clock, _, session, transport = _session(store)
+    session.dataReceived(b"USER sam\r\n")
+    transport.clear()
+    clock.advance(INACTTIMO + 1)
+    assert transport.value() == b""
+    assert transport.disconnecting

@@ -248,7 +248,8 @@ class POP3Session(SequentialSession):
             self.closing = True
             self.transport.abortConnection()
             return
-        self.err("Idle too long, closing connection")
+        # RFC 1939 §3: an autologout closes without a response: a client
+        # that has just sent a command would take the text for its reply.
         self.close()
 
     def shutdown_notice(self) -> defer.Deferred | None:
