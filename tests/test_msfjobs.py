@@ -20,11 +20,12 @@ from twistmail import config as configmod
 from twistmail.bridge.manager import (
     FAIL_WAITS,
     MAX_JOB_ENDS,
+    NO_ROOM_WAIT,
     RECOVER_EVERY,
     RESCAN_EVERY,
     QueueManager,
 )
-from twistmail.bridge.msfjobs import JobEnded, JobFailed, MsfJobs, _Job
+from twistmail.bridge.msfjobs import JobEnded, JobFailed, MsfJobs, NoRoom, _Job
 from twistmail.directory import SqliteDirectory
 from twistmail.interfaces import CORRUPT, QTMSINQ
 from twistmail.queue import Envelope, FileQueue
@@ -77,8 +78,28 @@ def test_jobs_start_with_the_messages_and_answers_reach_their_deferreds():
     assert len(started) == 2
     failures = []
     jobs.process("Q4").addErrback(failures.append)
-    started[1].channel.dataReceived(b"FAIL Q4 OSError: disk full\n")
-    assert failures[0].check(JobFailed) and "disk full" in str(failures[0].value)
+    started[1].channel.dataReceived(b"FAIL Q4 ValueError: no\n")
+    assert failures[0].check(JobFailed) and not failures[0].check(NoRoom)
+    jobs.process("Q5").addErrback(failures.append)
+    started[1].channel.dataReceived(b"FULL Q5 OSError: disk full\n")
+    assert failures[1].check(NoRoom) and "disk full" in str(failures[1].value)
+
+
+def test_a_full_disk_is_answered_full_and_a_defect_fail():
+    import errno
+
+    from twistmail.bridge.msf import answer
+
+    class Processor:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def process(self, queue_id: str) -> None:
+            raise self.error
+
+    assert answer(Processor(OSError(errno.ENOSPC, "No space left on device")), "Q1") \
+        .startswith(b"FULL Q1 ")
+    assert answer(Processor(ValueError("bad")), "Q2").startswith(b"FAIL Q2 ")
 
 
 def test_a_job_that_dies_right_after_its_start_is_replaced_after_a_growing_delay():
@@ -156,6 +177,10 @@ class DyingJobs:
         d, self.pending = self.pending, None
         d.errback(JobFailed("RecursionError: maximum recursion depth exceeded"))
 
+    def full(self) -> None:
+        d, self.pending = self.pending, None
+        d.errback(NoRoom("OSError: [Errno 28] No space left on device"))
+
 
 class PoisonMessageTests(unittest.TestCase):
     async def test_a_message_that_ends_its_job_three_times_is_set_aside(self) -> None:
@@ -192,6 +217,31 @@ class PoisonMessageTests(unittest.TestCase):
         self.assertEqual(fq.list(CORRUPT), [qid])
         self.assertEqual(journal.entries, [("7Y", f"7Y CRP {qid}")])
         self.assertEqual((dict(manager.job_ends), manager.fails), ({}, {}))
+
+
+class NoRoomTests(unittest.TestCase):
+    async def test_a_message_the_disk_has_no_room_for_waits_and_is_never_set_aside(
+            self) -> None:
+        """A full disk for hours set every message aside as corrupt, one by one."""
+        fq = FileQueue(scratch(self) / "queue")
+        with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
+            spool.write(b"Subject: waiting\r\n\r\nbody\r\n")
+            qid = spool.commit(QTMSINQ)
+        jobs, journal = DyingJobs(), Recorder()
+        manager = QueueManager(reactor, fq, jobs, journal, lambda: False)
+        for _ in range(len(FAIL_WAITS) + 3):
+            if qid in manager.fails:
+                manager.fails[qid] = (manager.fails[qid][0], 0.0)  # the wait is over
+            manager._add(qid)
+            manager._pump()
+            jobs.full()
+            while manager.running:
+                await deferLater(reactor, 0.01, lambda: None)
+            count, not_before = manager.fails[qid]
+            self.assertEqual((count, round(not_before - reactor.seconds())), (0, NO_ROOM_WAIT))
+        self.assertEqual(fq.list(QTMSINQ), [qid])
+        self.assertEqual((fq.list(CORRUPT), journal.entries), ([], []))
+        self.assertIsNotNone(manager.no_room)
 
 
 class BusyJobs:

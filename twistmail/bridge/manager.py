@@ -26,7 +26,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
-from twistmail.bridge.msfjobs import JobEnded, JobFailed
+from twistmail.bridge.msfjobs import JobEnded, JobFailed, NoRoom
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ
 
 RESCAN_EVERY = 5.0  # seconds
@@ -40,6 +40,8 @@ MAX_JOB_ENDS = 3  # a message its QMSF job died on this many times is set aside
 #: waits this long before each new try: the administrator has about an hour
 #: and a half to mend it before it is set aside.
 FAIL_WAITS = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0)
+#: Seconds between tries of a message the disk had no room for (a FULL answer).
+NO_ROOM_WAIT = 30.0
 
 
 class QueueManager:
@@ -69,6 +71,7 @@ class QueueManager:
         self.job_ends: collections.Counter[str] = collections.Counter()
         #: Messages a job failed on: how often, and no new try before when.
         self.fails: dict[str, tuple[int, float]] = {}
+        self.no_room: str | None = None  # why the disk refused the last try, until one works
 
     def start(self) -> defer.Deferred:
         """Watch and rescan; the Deferred fires once the first recovery is done.
@@ -184,6 +187,17 @@ class QueueManager:
             d.addBoth(self._finished, qid)
 
     def _failed(self, failure: Any, qid: str) -> Any:
+        if failure.check(NoRoom):
+            # The disk, not the message: it waits for room, however long,
+            # and is never set aside for it.  Said once, not per message.
+            count = self.fails.get(qid, (0, 0.0))[0]
+            self.fails[qid] = (count, self.reactor.seconds() + NO_ROOM_WAIT)
+            if self.no_room is None:
+                self.log.warn("delivery waits for disk room: {why}; each message is tried "
+                              "again every {wait:.0f}s", why=failure.getErrorMessage(),
+                              wait=NO_ROOM_WAIT)
+            self.no_room = failure.getErrorMessage()
+            return None
         if failure.check(JobFailed):
             count = self.fails.get(qid, (0, 0.0))[0] + 1
             if count <= len(FAIL_WAITS):
@@ -224,6 +238,9 @@ class QueueManager:
     def _done(self, result: Any, qid: str) -> None:
         self.job_ends.pop(qid, None)  # done, or gone: its counts are of no use now
         self.fails.pop(qid, None)
+        if self.no_room is not None:
+            self.log.info("delivery goes on: the disk has room again")
+            self.no_room = None
 
     def _finished(self, result: Any, qid: str) -> None:
         self.running -= 1

@@ -93,10 +93,13 @@ def answer(processor: Any, queue_id: str) -> bytes:
     except KeyError:
         return f"GONE {queue_id}".encode()  # taken or moved already
     except Exception as e:
-        if storage_fault(e) is None:  # a full or read-only disk is said in the one line
+        fault = storage_fault(e)
+        if fault is None:  # a full or read-only disk is said in the one line
             traceback.print_exc(file=sys.stderr)
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:500]
-        return f"FAIL {queue_id} {reason}".encode("utf-8", "replace")
+        # FULL: the disk, not the message; it waits for room without a count.
+        verb = "FAIL" if fault is None else "FULL"
+        return f"{verb} {queue_id} {reason}".encode("utf-8", "replace")
     return f"DONE {queue_id}".encode()
 
 

@@ -46,6 +46,10 @@ class JobFailed(Exception):
     """The job could not process the message; it stays queued."""
 
 
+class NoRoom(JobFailed):
+    """A full or read-only disk kept the job from processing the message."""
+
+
 class _Channel(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = 4096
@@ -96,6 +100,8 @@ class _Job:
             d.callback(True)
         elif verb == "GONE":
             d.callback(None)
+        elif verb == "FULL":
+            d.errback(NoRoom(reason))
         else:
             d.errback(JobFailed(reason or line.decode("utf-8", "replace")))
         self.owner.job_free()
