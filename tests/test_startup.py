@@ -216,6 +216,32 @@ def test_started_as_root_it_follows_no_link_the_daemon_s_user_planted(tmp_path, 
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o755)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a start as root can be led astray")
+def test_started_as_root_it_gives_away_no_file_hard_linked_as_its_lock(tmp_path):
+    """O_NOFOLLOW stops symbolic links only: a hard link as twistmail.lock made
+    root hand the daemon's user a file of root's."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    victim = tmp_path / "victim"
+    victim.write_text("root's")
+    victim.chmod(0o644)
+    datadir = tmp_path / "var"
+    datadir.mkdir()
+    os.chown(datadir, nobody.pw_uid, nobody.pw_gid)
+    os.link(victim, datadir / "twistmail.lock")
+    config = tmp_path / "twistmail.toml"
+    config.write_text(f'[system]\ndatadir = "{datadir}"\n[listen]\nsmtp = ""\n'
+                      'submission = ""\nsmtps = ""\npop3 = ""\npop3s = ""\n')
+    proc = subprocess.run([TWISTD, "-n", "--pidfile=", "--uid", "nobody", "--gid",
+                           str(nobody.pw_gid), "twistmail", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "no link there" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert victim.stat().st_uid == 0
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="twistd switches user only when started as root")
 def test_a_key_only_root_may_read_is_read_at_start_and_kept_for_the_daemons_user():
     """/etc/letsencrypt's keys are root's alone: the daemon's user could not

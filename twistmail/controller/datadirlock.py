@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2) -> int:
             raise DatadirBusy(f"{path} is a symbolic link; twistmail takes none there: "
                               "remove it") from None
         raise NoLock(f"{path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        # A hard link to a file elsewhere: root would give that file away.
+        os.close(fd)
+        raise DatadirBusy(f"{path} is not a file of its own (it has {st.st_nlink} names); "
+                          "twistmail takes no link there: remove it")
     deadline = time.monotonic() + wait
     while True:
         try:
