@@ -187,8 +187,8 @@ def test_msgsplit_pieces_are_listed_at_login(store, tmp_path):
     session.dataReceived(b"USER sam\r\nPASS secret\r\nLIST\r\n")
     replies = transport.value().splitlines()
     assert replies[2].startswith(b"+OK SAM has 3 messages")
-    assert replies[3:] == [b"+OK 3 messages (186736 octets)", b"1 64736", b"2 64720",
-                           b"3 57280", b"."]
+    assert replies[3:] == [b"+OK 3 messages (186754 octets)", b"1 64742", b"2 64726",
+                           b"3 57286", b"."]
 
 
 def test_a_session_not_signed_on_ends_when_its_address_used_up_maxauthfail(store, tmp_path):
@@ -286,3 +286,28 @@ def test_an_idle_session_is_closed_without_a_response(store, tmp_path):
     clock.advance(INACTTIMO + 1)
     assert transport.value() == b""
     assert transport.disconnecting
+
+
+def _listing(store, msgsplit_kb: int) -> tuple[list[bytes], object, object]:
+    _, _, session, transport = _session(store, msgsplit_kb=msgsplit_kb)
+    _login(session, transport)
+    session.dataReceived(b"UIDL\r\n")
+    lines = transport.value().splitlines()[1:-1]
+    transport.clear()
+    return [line.split()[1] for line in lines], session, transport
+
+
+def test_pieces_deleted_under_one_msgsplit_do_not_hide_pieces_of_another(store, tmp_path):
+    """Two sizes that cut a message into as many pieces, at other lines: the
+    record of one cut hid pieces of the other, and lines were never seen."""
+    _deliver(store, tmp_path, b"Subject: big\r\n\r\n"
+             + b"".join(b"line %05d " % i + b"z" * 60 + b"\r\n" for i in range(1500)))
+    first, session, transport = _listing(store, 32)
+    session.dataReceived(b"DELE 1\r\nDELE 2\r\nQUIT\r\n")
+    second, other, _ = _listing(store, 36)
+    assert len(first) == len(second) == 4
+    assert set(first).isdisjoint(second)  # another cut, other names
+    other.dataReceived(b"QUIT\r\n")
+    again, session, transport = _listing(store, 32)
+    assert again == first[2:]  # the first cut's record still holds for it
+    session.dataReceived(b"QUIT\r\n")

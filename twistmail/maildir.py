@@ -98,7 +98,7 @@ GONE_DIR = "gone"
 #: A full disk or quota: what a user who deletes mail must still get past.
 NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: MSGSPLIT pieces a POP client deleted while others of the same message
-#: stay: ``{"<uidl> <total>": [numbers]}``.  They are not offered again; the
+#: stay: ``{"<uidl> <cut>": [numbers]}``.  They are not offered again; the
 #: message goes once its last piece is deleted.
 PIECES_FILE = ".twistmail.pieces"
 #: How long a removed message's name is kept: far longer than any crashed
@@ -473,16 +473,16 @@ class MailboxSession:
         self._check_open()
         self._deleted.clear()
 
-    def pieces_deleted(self, index: int, total: int) -> frozenset[int]:
-        """The pieces of a message cut ``total`` ways that earlier sessions deleted."""
-        return self._pieces.get(_pieces_key(self.message(index).uidl, total), frozenset())
+    def pieces_deleted(self, index: int, cut: str) -> frozenset[int]:
+        """The pieces of a message, cut as ``cut`` names, that earlier sessions deleted."""
+        return self._pieces.get(_pieces_key(self.message(index).uidl, cut), frozenset())
 
     def commit(self) -> None:
         """QUIT, all of it: :meth:`decide`, then :meth:`expunge`."""
         self.decide()
         self.expunge()
 
-    def decide(self, pieces: dict[int, tuple[int, set[int]]] | None = None) -> int:
+    def decide(self, pieces: dict[int, tuple[str, set[int]]] | None = None) -> int:
         """The UPDATE state's point of no return; returns how many files will go.
 
         The names to remove are made durable in ``.twistmail.expunge``.  From
@@ -492,7 +492,7 @@ class MailboxSession:
         waits for one unlink per message.  Raises :class:`DeletionFailed`
         (after releasing; nothing removed) when the log cannot be written.
 
-        ``pieces``: by message, the MSGSPLIT cut (total) and the pieces this
+        ``pieces``: by message, the MSGSPLIT cut (its name) and the pieces this
         session deleted of a message that stays; recorded first, durably.
 
         On a full disk, where the log has no room, the files go here and now,
@@ -567,15 +567,15 @@ class MailboxSession:
         if self._doomed is not None:
             raise SessionClosed("the deletions of this session are already decided")
 
-    def _pieces_kept(self, new: dict[int, tuple[int, set[int]]]) -> dict[str, frozenset[int]]:
+    def _pieces_kept(self, new: dict[int, tuple[str, set[int]]]) -> dict[str, frozenset[int]]:
         """The piece records for messages that stay, with this session's added."""
         staying = {m.uidl for m in self._messages if m.index not in self._deleted}
         kept = {key: numbers for key, numbers in self._pieces
                 .items() if key.split(" ", 1)[0] in staying}
-        for index, (total, numbers) in new.items():
+        for index, (cut, numbers) in new.items():
             message = self._messages[index - 1]
             if message.uidl in staying and numbers:
-                key = _pieces_key(message.uidl, total)
+                key = _pieces_key(message.uidl, cut)
                 kept[key] = kept.get(key, frozenset()) | frozenset(numbers)
         return kept
 
@@ -836,8 +836,8 @@ def _remove_now(maildir: Path, cur: Path, names: list[str]) -> None:
         raise OSError(errno.EIO, f"{len(failed)} deleted messages not removed")
 
 
-def _pieces_key(uidl: str, total: int) -> str:
-    return f"{uidl} {total}"  # a UIDL has no blank; another cut is another record
+def _pieces_key(uidl: str, cut: str) -> str:
+    return f"{uidl} {cut}"  # a UIDL has no blank; another cut is another record
 
 
 def _read_pieces(maildir: Path) -> dict[str, frozenset[int]]:

@@ -63,6 +63,7 @@ class Item:
     part: int = 0  # 1..total for message/partial pieces
     total: int = 0
     header: bytes = b""  # the piece's own header block (message/partial)
+    cut: str = ""  # which cut the piece is of (MSGSPLIT's piece size)
 
 
 class DotStuffer:
@@ -481,16 +482,21 @@ class POP3Session(SequentialSession):
 
     def _pieces(self, box: Any, m: Any, limit: int, before: int) -> list[Item]:
         """RFC 2046 §5.2.2 pieces of one message, cut at line ends (read a piece at a time)."""
+        size = max(1024, limit - 1024)
         with box.read(m.index) as f:
             headers = _header_fields(f.read(MAX_HEADER_BYTES))
-            cuts = _cut(f, max(1024, limit - 1024))
+            cuts = _cut(f, size)
         if cuts and cuts[-1][2] < 0:
             # RFC 2046 §5.2.2: a message/partial piece is 7bit, always; an
             # 8-bit message cannot be cut, so it is offered whole.
             return [Item(before + 1, m.index, m.size, m.uidl)]
         total = len(cuts)
-        pid = f"{m.uidl}@{self.factory.hostname}"
-        taken = box.pieces_deleted(m.index, total)  # by earlier sessions: not offered again
+        # Another MSGSPLIT cuts elsewhere, often into as many pieces: the size
+        # is in every name of a piece (its UIDL, the partial id, the record of
+        # deleted ones), so a piece of one cut is never taken for another's.
+        cut = f"{size}"
+        pid = f"{m.uidl}.{cut}@{self.factory.hostname}"
+        taken = box.pieces_deleted(m.index, cut)  # by earlier sessions: not offered again
         if len(taken) >= total:  # a message never goes unseen: its last piece takes it
             taken = frozenset()
         out = []
@@ -498,9 +504,9 @@ class POP3Session(SequentialSession):
             if n in taken:
                 continue
             head = _partial_header(headers, pid, n, total, self.factory.hostname)
-            uidl = _piece_uidl(m.uidl, n, total)
+            uidl = _piece_uidl(m.uidl, n, total, cut)
             out.append(Item(before + len(out) + 1, m.index, len(head) + octets, uidl,
-                            start, end, n, total, head))
+                            start, end, n, total, head, cut))
         return out
 
     def _item(self, arg: str) -> Item | None:
@@ -659,7 +665,7 @@ class POP3Session(SequentialSession):
 
     pop_QUIT.states = ("AUTHORIZATION", "TRANSACTION")  # type: ignore[attr-defined]
 
-    def _files_to_delete(self) -> tuple[list[int], dict[int, tuple[int, set[int]]]]:
+    def _files_to_delete(self) -> tuple[list[int], dict[int, tuple[str, set[int]]]]:
         """Snapshot indexes whose every item offered is marked deleted, and, for
         messages of which only some pieces are, the cut and those pieces.
 
@@ -667,12 +673,12 @@ class POP3Session(SequentialSession):
         again, even while the others stay (fetchmail's FETCHLIMIT takes a few
         at a time)."""
         wanted: dict[int, bool] = {}
-        pieces: dict[int, tuple[int, set[int]]] = {}
+        pieces: dict[int, tuple[str, set[int]]] = {}
         for i in self.items:
             marked = i.number in self.deleted
             wanted[i.index] = wanted.get(i.index, True) and marked
             if marked and i.part:
-                pieces.setdefault(i.index, (i.total, set()))[1].add(i.part)
+                pieces.setdefault(i.index, (i.cut, set()))[1].add(i.part)
         gone = [index for index, all_marked in wanted.items() if all_marked]
         return gone, {index: cut for index, cut in pieces.items() if index not in gone}
 
@@ -748,8 +754,8 @@ def _partial_header(fields: dict[bytes, bytes], pid: str, n: int, total: int,
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def _piece_uidl(uidl: str, n: int, total: int) -> str:
-    text = f"{uidl}.{n}of{total}"
+def _piece_uidl(uidl: str, n: int, total: int, cut: str) -> str:
+    text = f"{uidl}.{n}of{total}.{cut}"
     if len(text) <= 70:
         return text
     return "#" + hashlib.sha1(text.encode()).hexdigest()
