@@ -495,7 +495,9 @@ class Controller(service.Service):
             if self.bridge
             else None,
             "restart_needed": list(self.restart_needed),
-            "journal_failing": self.journal.failing if self.journal is not None else None,
+            # Any of the controller's writers (its own, each pool's); the jobs'
+            # and the bridge's say so in the log.
+            "journal_failing": next((j.failing for j in self._journals() if j.failing), None),
         }
 
     def _pool_statuses(self) -> dict[str, str]:
