@@ -55,3 +55,35 @@ def dns(tmp_path):
     for p in procs:
         p.stdin.close()
         p.wait(10)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A small file system of its own (tmpfs), to fill up for real."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,nr_inodes=4096", "tmpfs",
+                           str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(directory: Path) -> None:
+    with open(directory / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    n = 0
+    while True:  # the last blocks, and the inodes, one small file at a time
+        try:
+            (directory / f"filler{n}").write_bytes(b"x" * 512)
+        except OSError:
+            break
+        n += 1

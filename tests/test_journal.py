@@ -559,3 +559,22 @@ def test_a_journal_that_cannot_be_written_says_so_in_the_log(tmp_path: Path, cap
     assert jr.write("JG", "JG STR") is not None
     assert "written again, after 2 entries lost" in capsys.readouterr().err
     assert jr.failing is None
+
+
+def test_a_batch_a_full_disk_cut_short_leaves_no_torn_line(full_disk: Path) -> None:
+    """What the disk took of a refused batch went on being a broken JSON line."""
+    from conftest import fill
+
+    jr = Journal(full_disk / "journal", "TEST/1")
+    assert jr.write("JG", "JG STR") == 1
+    fill(full_disk)
+    with jr.batch():
+        for n in range(200):
+            jr.write("JE", f"JE END {n}", filler="x" * 200)
+    assert jr.failing is not None
+    for filler in full_disk.glob("filler*"):
+        filler.unlink()
+    assert jr.write("JG", "JG STR") == 2
+    [receiver] = (full_disk / "journal").glob("QZMF.*.jsonl")
+    lines = receiver.read_bytes().splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == [1, 2]

@@ -15,6 +15,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from conftest import fill
 from fsyncs import record_fsyncs
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -752,38 +753,6 @@ def test_the_names_of_removed_messages_are_forgotten_after_a_while(
     os.utime(tombstone, (old, old))
     store.open(USER).close()  # not again within GONE_PRUNE_EVERY
     assert tombstone.exists() and GONE_PRUNE_EVERY > 60
-
-
-@pytest.fixture
-def full_disk(tmp_path: Path):
-    """A small file system of its own (tmpfs), to fill up for real."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,nr_inodes=4096", "tmpfs",
-                           str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-def fill(directory: Path) -> None:
-    with open(directory / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    n = 0
-    while True:  # the last blocks, and the inodes, one small file at a time
-        try:
-            (directory / f"filler{n}").write_bytes(b"x" * 512)
-        except OSError:
-            break
-        n += 1
 
 
 def test_on_a_full_disk_a_user_can_still_delete_mail(full_disk: Path, tmp_path: Path) -> None:

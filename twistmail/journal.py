@@ -499,8 +499,15 @@ class Journal:
         # escape: the line stays valid, and the batch is not lost.
         data = "".join(lines).encode("utf-8", "backslashreplace")
         assert self._rfd is not None
-        if os.write(self._rfd, data) != len(data):
-            raise OSError(errno.ENOSPC, "short write to the journal")
+        try:
+            if os.write(self._rfd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write to the journal")
+        except OSError:
+            # A full disk took part of the batch: what it took goes, so no
+            # torn line stays for a reader of the file to trip on.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._rfd, state.end)
+            raise
         state = _State(seq, state.receiver, state.end + len(data))
         if state.end >= self.receiver_size:
             state = self._rotate(state)
