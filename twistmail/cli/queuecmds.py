@@ -304,6 +304,7 @@ def rlsdstq(dstq: str, pty: str) -> None:
     for the next scheduled transfer now, with ETRN when ETRNCLT is *YES.
     """
     from twistmail.bridge.outbound import held_parts, hold_flag, request_transfer
+    from twistmail.bridge.status import smtp_ended
 
     root, part = _dstq(dstq, pty)
     with _readable(f"QSMTPQ {part} not released"):
@@ -313,6 +314,10 @@ def rlsdstq(dstq: str, pty: str) -> None:
         if still:
             click.echo(f"QSMTPQ {part} released; {' and '.join(still)} still held: "
                        "outbound mail stays queued until rlsdstq --pty " + still[0])
+            return
+        if smtp_ended(root.parent / "run"):
+            click.echo("QSMTPQ released; the SMTP server is ended (ENDTCPSVR): outbound mail "
+                       "stays queued until strtcpsvr --server *SMTP")
             return
         if app().settings.smtp.mailxfrint:
             request_transfer(root)
