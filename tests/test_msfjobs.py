@@ -182,6 +182,16 @@ class DyingJobs:
         d.errback(NoRoom("OSError: [Errno 28] No space left on device"))
 
 
+def one_queued(case: unittest.TestCase) -> tuple:
+    """A queue with one message, and a manager over jobs that answer when told."""
+    fq = FileQueue(scratch(case) / "queue")
+    with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
+        spool.write(b"Subject: one\r\n\r\nbody\r\n")
+        qid = spool.commit(QTMSINQ)
+    jobs, journal = DyingJobs(), Recorder()
+    return fq, qid, jobs, journal, QueueManager(reactor, fq, jobs, journal, lambda: False)
+
+
 class PoisonMessageTests(unittest.TestCase):
     async def test_a_message_that_ends_its_job_three_times_is_set_aside(self) -> None:
         await self._set_aside_after(DyingJobs.die, MAX_JOB_ENDS)
@@ -193,12 +203,7 @@ class PoisonMessageTests(unittest.TestCase):
         await self._set_aside_after(DyingJobs.fail, len(FAIL_WAITS) + 1, waits=True)
 
     async def _set_aside_after(self, outcome, attempts: int, waits: bool = False) -> None:
-        fq = FileQueue(scratch(self) / "queue")
-        with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
-            spool.write(b"Subject: deadly\r\n\r\nbody\r\n")
-            qid = spool.commit(QTMSINQ)
-        jobs, journal = DyingJobs(), Recorder()
-        manager = QueueManager(reactor, fq, jobs, journal, lambda: False)
+        fq, qid, jobs, journal, manager = one_queued(self)
         for attempt in range(attempts):
             self.assertEqual(fq.list(QTMSINQ), [qid], f"still queued before attempt {attempt}")
             if waits and attempt:
@@ -223,12 +228,7 @@ class NoRoomTests(unittest.TestCase):
     async def test_a_message_the_disk_has_no_room_for_waits_and_is_never_set_aside(
             self) -> None:
         """A full disk for hours set every message aside as corrupt, one by one."""
-        fq = FileQueue(scratch(self) / "queue")
-        with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
-            spool.write(b"Subject: waiting\r\n\r\nbody\r\n")
-            qid = spool.commit(QTMSINQ)
-        jobs, journal = DyingJobs(), Recorder()
-        manager = QueueManager(reactor, fq, jobs, journal, lambda: False)
+        fq, qid, jobs, journal, manager = one_queued(self)
         for _ in range(len(FAIL_WAITS) + 3):
             if qid in manager.fails:
                 manager.fails[qid] = (manager.fails[qid][0], 0.0)  # the wait is over

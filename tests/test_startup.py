@@ -188,6 +188,19 @@ def test_started_as_root_with_uid_the_state_directory_belongs_to_that_user():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _start_as_nobody(tmp_path: Path, datadir: Path) -> subprocess.CompletedProcess:
+    """twistd as root with --uid nobody, on ``datadir``, no listener: how far it gets."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    config = tmp_path / "twistmail.toml"
+    config.write_text(f'[system]\ndatadir = "{datadir}"\n[listen]\nsmtp = ""\n'
+                      'submission = ""\nsmtps = ""\npop3 = ""\npop3s = ""\n')
+    return subprocess.run([TWISTD, "-n", "--pidfile=", "--uid", "nobody", "--gid",
+                           str(nobody.pw_gid), "twistmail", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a start as root can be led astray")
 @pytest.mark.parametrize("planted", ["run", "twistmail.lock"])
 def test_started_as_root_it_follows_no_link_the_daemon_s_user_planted(tmp_path, planted):
@@ -203,12 +216,7 @@ def test_started_as_root_it_follows_no_link_the_daemon_s_user_planted(tmp_path, 
     datadir.mkdir()
     os.chown(datadir, nobody.pw_uid, nobody.pw_gid)
     (datadir / planted).symlink_to(victim)
-    config = tmp_path / "twistmail.toml"
-    config.write_text(f'[system]\ndatadir = "{datadir}"\n[listen]\nsmtp = ""\n'
-                      'submission = ""\nsmtps = ""\npop3 = ""\npop3s = ""\n')
-    proc = subprocess.run([TWISTD, "-n", "--pidfile=", "--uid", "nobody", "--gid",
-                           str(nobody.pw_gid), "twistmail", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = _start_as_nobody(tmp_path, datadir)
     assert proc.returncode != 0
     assert "symbolic link" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -230,12 +238,7 @@ def test_started_as_root_it_gives_away_no_file_hard_linked_as_its_lock(tmp_path)
     datadir.mkdir()
     os.chown(datadir, nobody.pw_uid, nobody.pw_gid)
     os.link(victim, datadir / "twistmail.lock")
-    config = tmp_path / "twistmail.toml"
-    config.write_text(f'[system]\ndatadir = "{datadir}"\n[listen]\nsmtp = ""\n'
-                      'submission = ""\nsmtps = ""\npop3 = ""\npop3s = ""\n')
-    proc = subprocess.run([TWISTD, "-n", "--pidfile=", "--uid", "nobody", "--gid",
-                           str(nobody.pw_gid), "twistmail", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = _start_as_nobody(tmp_path, datadir)
     assert proc.returncode != 0
     assert "no link there" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
