@@ -858,27 +858,24 @@ def _write_pieces(maildir: Path, pieces: dict[str, frozenset[int]]) -> None:
             os.unlink(maildir / PIECES_FILE)
             fsync_dir(maildir)
         return
-    data = json.dumps({k: sorted(v) for k, v in sorted(pieces.items())}).encode()
-    tmp = maildir / (PIECES_FILE + ".tmp")
+    _replace(maildir, PIECES_FILE,
+             json.dumps({k: sorted(v) for k, v in sorted(pieces.items())}).encode())
+
+
+def _write_intent(maildir: Path, names: list[str]) -> None:
+    _replace(maildir, EXPUNGE_FILE, b"\0".join(os.fsencode(n) for n in names))
+
+
+def _replace(maildir: Path, name: str, data: bytes) -> None:
+    """A state file of the mailbox, whole and durable or not there at all."""
+    tmp = maildir / (name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         _write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, maildir / PIECES_FILE)
-    fsync_dir(maildir)
-
-
-def _write_intent(maildir: Path, names: list[str]) -> None:
-    tmp = maildir / (EXPUNGE_FILE + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        _write_all(fd, b"\0".join(os.fsencode(n) for n in names))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, maildir / EXPUNGE_FILE)
+    os.rename(tmp, maildir / name)
     fsync_dir(maildir)
 
 

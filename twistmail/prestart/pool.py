@@ -481,7 +481,7 @@ class Pool:
         self.log.error("{name} job {pid} took no connection in {s:.0f}s; ending it",
                        name=self.job_name, pid=job.pid, s=ACK_LIMIT)
         job.end_reason = "unresponsive"
-        launch.send_signal(job.process, "KILL")
+        self._signal(job, "KILL")
         for request in taken:
             self.submit_request(request)
 
