@@ -912,3 +912,18 @@ def test_a_hash_made_before_normalisation_still_signs_on_and_is_made_again(
     with d._write() as conn:
         now = conn.execute("SELECT pwhash FROM profiles WHERE usrprf = 'SAM'").fetchone()[0]
     assert now != old and d.authenticate("sam", unicodedata.normalize("NFC", nfd)) == "SAM"
+
+
+def test_entries_routed_to_a_profile_do_not_change_its_own_address(d):
+    """The README's NONDELIVERY and postmaster entries point at SAM's mailbox
+    with the same service level and preferred address as SAM's own entry, and
+    sort before it; SAM still sends as sam@."""
+    d.create_profile("sam", "pw")
+    for userid, smtpuser in (("NONDLV", "NONDELIVERY"), ("POSTMSTR", "postmaster")):
+        d.add_entry(DirectoryEntry(userid, "MAIL", "copies", user="sam", msfsrvlvl="*SYSMS",
+                                   prefadr="*SMTP", smtpuser=smtpuser))
+    assert d.smtp_address("SAM") == "sam@example.test"
+    d.create_profile("ABCDEFGHIJ", "pw")  # enrolled as ABCDEFGH
+    d.add_entry(DirectoryEntry("ABC", "MAIL", "alias", user="ABCDEFGHIJ", msfsrvlvl="*SYSMS",
+                               prefadr="*SMTP", smtpuser="abc"))
+    assert d.smtp_address("ABCDEFGHIJ") == "abcdefghij@example.test"

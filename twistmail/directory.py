@@ -943,7 +943,13 @@ class SqliteDirectory:
         return row is not None and row["status"] == ENABLED
 
     def smtp_address(self, usrprf: str) -> str | None:
-        """The SMTP name mail from ``usrprf`` carries (its *SMTP entry first)."""
+        """The SMTP name mail from ``usrprf`` carries.
+
+        A *SMTP entry of the system message store first; among those, the
+        profile's own (its user ID is the profile name, or it was enrolled
+        first, as CRTUSRPRF does): entries added only to route mail to its
+        mailbox (NONDELIVERY, postmaster) must not change who the user is.
+        """
         try:
             name = profile_name(usrprf)
         except DirectoryError:
@@ -953,8 +959,8 @@ class SqliteDirectory:
             .execute(
                 "SELECT smtpuser, smtpdomain FROM entries"
                 " WHERE usrprf = ? AND smtpuser IS NOT NULL AND userid != ?"
-                " ORDER BY prefadr != ?, msfsrvlvl != ?, userid, address LIMIT 1",
-                (name, ANY, PREF_SMTP, SYSMS),
+                " ORDER BY prefadr != ?, msfsrvlvl != ?, userid != ?, rowid LIMIT 1",
+                (name, ANY, PREF_SMTP, SYSMS, name[:8]),
             )
             .fetchone()
         )
