@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from appliance import TWISTD, Appliance
+from appliance import TWISTD, Appliance, alive, descendants_of
 
 import twisted.plugins
+from twistmail.control import ControlClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -325,3 +326,34 @@ def test_started_as_root_it_removes_no_socket_through_a_link_made_while_it_waite
             proc.wait()
     assert (victim / "control.sock").exists()
     assert proc.returncode != 0 and b"symbolic link" in out
+
+
+def test_a_daemon_in_the_background_tells_its_own_pid(tmp_path):
+    """Without -n twistd forks after the service is made: status, the log and
+    the journal name the process that runs, the one its pid file holds, which
+    is the one an administrator signals to stop it."""
+    import signal
+    import time
+
+    a = Appliance(tmp_path)
+    pidfile = tmp_path / "twistd.pid"
+    r = subprocess.run([TWISTD, f"--pidfile={pidfile}", f"--logfile={a.log}", "twistmail",
+                        "--config", str(a.config)], cwd=tmp_path, timeout=60)
+    assert r.returncode == 0
+    try:
+        a.wait_for(lambda: ControlClient(a.control_socket).running(), 20, "control socket")
+        pid = int(pidfile.read_text())
+        assert a.control("status")["pid"] == pid
+        a.wait_for(lambda: a.journal("JG"), 10, "JG entry")
+        assert a.journal("JG")[0]["pid"] == pid
+        assert f"twistmail controller {pid} started" in a.log_text()
+    finally:
+        pid = int(pidfile.read_text())
+        children = descendants_of(pid)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for child in children:
+            if alive(child):
+                os.kill(child, signal.SIGKILL)

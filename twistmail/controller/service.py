@@ -80,7 +80,6 @@ class Controller(service.Service):
         self.config_path = str(settings.path)
         #: What jobs and the bridge read: the settings this daemon accepted.
         self.applied_path = str(configmod.applied_path(settings))
-        self.pid = os.getpid()
         self.sockets: dict[str, socket.socket] = {}
         self.listeners: dict[str, listenermod.Listener] = {}
         self.servers: dict[str, bool] = {"*SMTP": False, "*POP": False}
@@ -97,6 +96,12 @@ class Controller(service.Service):
         self.tls_warnings: list[str] | None = None
         #: Sections changed in the file that only a restart applies (the last reload's view).
         self.restart_needed: list[str] = []
+
+    @property
+    def pid(self) -> int:
+        """Asked each time: twistd without -n forks to run in the background
+        after the service is made, and the daemon is the last fork."""
+        return os.getpid()
 
     # -- start ---------------------------------------------------------
 
