@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,10 +135,18 @@ def test_a_child_s_log_leaves_out_what_every_new_resolver_and_every_job_end_says
             "from twisted.internet import reactor\n"
             "client.createResolver()\n"
             "log.msg('kept line')\n"
+            "log.msg('DNSDatagramProtocol starting on 53535')\n"
+            "log.msg('(UDP Port 53535 Closed)')\n"
+            "log.err(ValueError('kept error'), 'an old-style error')\n"
             "reactor.callWhenRunning(reactor.stop)\n"
             "reactor.run()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "kept line" in r.stderr
+    # Every line names its level, Twisted's older log calls' too, so the
+    # controller logs each at the level the child did (not as a warning).
+    assert re.search(r"\[-#info\] kept line", r.stderr)
+    assert re.search(r"\[-#critical\] an old-style error", r.stderr)
+    assert "53535" not in r.stderr
     assert "reparsing" not in r.stderr and "Resolver added" not in r.stderr
     assert "Main loop terminated" not in r.stderr
 

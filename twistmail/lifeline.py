@@ -45,10 +45,26 @@ def name_process(name: str) -> None:
 
 def _routine_text(text: str) -> bool:
     """What every new DNS resolver says (twisted.names reads /etc/resolv.conf),
-    and every job's reactor as it ends: once per job, they were nearly all of
-    the daemon's log.  The journal has each job's start and end (JS, JE)."""
-    return (text.startswith("Resolver added ") or text == "Main loop terminated."
+    every DNS query's UDP port as it opens and closes, and every job's reactor
+    as it ends: once per job or lookup, they were nearly all of the daemon's
+    log.  The journal has each job's start and end (JS, JE)."""
+    return (text.startswith(("Resolver added ", "DNSDatagramProtocol starting on ",
+                             "Starting protocol <twisted.names.",
+                             "Stopping protocol <twisted.names."))
+            or text == "Main loop terminated."
+            or (text.startswith("(UDP Port ") and text.endswith(" Closed)"))
             or ("resolv.conf" in text and text.endswith("changed, reparsing")))
+
+
+def _with_level(event: dict) -> dict:
+    """Twisted's older log calls name a "system" (``[-]``, a connection) in
+    place of the level; the controller reads the level from each line, so
+    it is added: ``[-#info]``, ``[SMTPConnection,3,127.0.0.1#critical]``."""
+    system = event.get("log_system")
+    if system is None or "#" in str(system):
+        return event
+    level = event.get("log_level")
+    return {**event, "log_system": f"{system}#{level.name if level else 'info'}"}
 
 
 def log_to_stderr() -> None:
@@ -67,7 +83,8 @@ def log_to_stderr() -> None:
             text = formatEvent(event)
         return PredicateResult.no if _routine_text(text) else PredicateResult.maybe
 
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [routine])
+    text = textFileLogObserver(sys.stderr)
+    observer = FilteringLogObserver(lambda event: text(_with_level(event)), [routine])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
