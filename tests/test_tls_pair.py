@@ -129,6 +129,8 @@ def test_a_renewed_pair_reaches_every_job_at_reload_and_a_bad_one_is_refused(
     chain.write_bytes(chain2.read_bytes())
     with pytest.raises(ControlError, match="configuration not applied: tls.key"):
         a.control("reload")
+    rc, out, err = a.cli("config", "--apply")  # a setting's mistake, as at the start
+    assert rc == 2 and "tls.key" in err and len(err.strip().splitlines()) == 1, (rc, out, err)
     # A change of another section still applies meanwhile (and leaves TLS alone).
     rc, out, err = a.cli("chgpje", "--pgm", "QTMSSRCP", "--maxuse", "150")
     assert rc == 0 and "applied to the running daemon" in out, err

@@ -559,7 +559,7 @@ class Controller(service.Service):
         try:
             fresh = configmod.load(self.config_path)
         except (configmod.SettingError, OSError) as e:
-            raise ControlError(f"configuration not applied: {e}") from None
+            raise ControlError(f"configuration not applied: {e}", usage=True) from None
         old = self.settings
         # Listeners, the state directory and the host's names stay as started
         # until a restart, in this process and in every job it starts.
@@ -634,7 +634,7 @@ class Controller(service.Service):
             state = tlsconfig.pair_state(new)
             pem, warnings = tlsconfig.check_pair(new)
         except (configmod.SettingError, OSError) as e:
-            raise ControlError(f"configuration not applied: {e}") from None
+            raise ControlError(f"configuration not applied: {e}", usage=True) from None
         for warning in warnings:
             self.log.warn("TLS: {warning}", warning=warning)
         return state, pem, [f"tls: {w}" for w in warnings]
