@@ -208,6 +208,8 @@ BAD = [
         id="rtyday+rtyhour",
     ),
     pytest.param("[smtp]\npopwdw = 5\n", "smtp.popwdw", "5", "0 or 15-65535", id="popwdw"),
+    pytest.param("[journal]\nkeep_receivers = 1\n", "journal.keep_receivers", "1",
+                 "0 or 2-999999", id="keep_receivers"),
     pytest.param(
         '[listen]\nsmtp = "mail.example.test:25"\n',
         "listen.smtp",

@@ -272,7 +272,7 @@ class JournalSettings:
         Int(4096, 2**40), 16 * 1024 * 1024, "bytes after which a new receiver starts"
     )
     keep_receivers: int = setting(
-        Int(0, 999999), 64, "receivers kept when a new one starts; 0 keeps every one"
+        Int(2, 999999, also=(0,)), 64, "receivers kept when a new one starts; 0 keeps every one"
     )
 
 
