@@ -51,9 +51,14 @@ class FakeBackend:
         self.async_rcpt = False
         self.async_commit = False
         self.full = False
+        self.refusals: list[tuple[str, str, int]] = []
 
     def storage_full(self) -> bool:
         return self.full
+
+    def rejected(self, client_ip, what, address, verdict):
+        self.refusals.append((what, address, verdict.code))
+        return verdict
 
     def authenticate(self, user, password, client_ip, authzid=""):
         if authzid.lower() not in ("", "sam", "sam@example.test"):

@@ -42,7 +42,7 @@ def test_starttls_then_auth_lets_a_user_relay(post):
                           b"Subject: out\r\n\r\nto the world\r\n") == {}
     a.wait_for(lambda: a.queue_files("QTMSOUTQ"), 10, "relayed message on QTMSOUTQ")
     codes = {e["code"] for e in a.journal()}
-    assert {"9V", "9W", "95", "96"} <= codes
+    assert {"9V", "9Z", "95", "96"} <= codes
 
 
 def test_auth_with_smtp_address_and_bad_password(post):
@@ -193,3 +193,25 @@ def test_relay_lists(make_appliance, alwrly, expected):
            relay_code(a, "127.0.0.8", "x@partner.test"),
            relay_code(a, "127.0.0.8", "x@far.test")]
     assert got == expected
+
+
+def test_what_the_server_refuses_is_journaled_as_9w(post):
+    """9W is the seed's "rejected by the SMTP server": an administrator asked
+    why mail did not arrive finds the refusal, its reply and the client."""
+    a = post
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        assert s.mail("jane@remote.test", ["SIZE=999999999"])[0] == 552
+        assert s.mail("jane@remote.test")[0] == 250
+        assert s.rcpt("nobody@example.test")[0] == 550
+        assert s.rcpt("sam@example.test")[0] == 250
+        assert s.data(b"Subject: x\r\n\r\n" + b"y" * 1200 + b"\r\n")[0] == 550
+    entries = a.wait_for(lambda: [e for e in a.journal("9W")] if len(a.journal("9W")) >= 3
+                         else None, 10, "three 9W entries")
+    size, rcpt, data = entries
+    assert size["originator"] == "jane@remote.test" and size["reply"].startswith("552 5.3.4")
+    assert rcpt["recipient"] == "nobody@example.test" and rcpt["reply"].startswith("550 5.1.1")
+    assert data["originator"] == "jane@remote.test" and data["reply"].startswith("550 5.6.0")
+    assert {e["ip"] for e in entries} == {"127.0.0.1"}
+    assert rcpt["esd"] == "9W RJT 127.0.0.1 nobody@example.test"
+    assert not [e for e in a.journal("9Z")]  # nobody signed on

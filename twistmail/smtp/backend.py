@@ -127,8 +127,9 @@ class QueueBackend(Backend):
         if resolution is None:
             if address.local.lower() == "postmaster":
                 return Verdict(250, "2.1.5 Recipient OK")  # not remembered: no entry
-            return Verdict(550, f"5.1.1 <{address}>: Recipient address rejected: "
-                           "user unknown in the system distribution directory")
+            return self.rejected(client_ip, "recipient", str(address), Verdict(
+                550, f"5.1.1 <{address}>: Recipient address rejected: "
+                "user unknown in the system distribution directory"))
         if resolution.kind == "remote":
             why = self._relay_refused(address, client_ip, user)
             if why is None:
@@ -185,12 +186,22 @@ class QueueBackend(Backend):
             return None
         res = self.directory.resolve(str(address))
         if res is None or res.kind == "remote" or res.catchall:  # *ANY *ANY takes anything
-            return Verdict(553, f"5.7.1 <{address}>: Sender address rejected: not in the "
-                           "system distribution directory (VFYFROMUSR)")
+            return self.rejected(client_ip, "originator", str(address), Verdict(
+                553, f"5.7.1 <{address}>: Sender address rejected: not in the "
+                "system distribution directory (VFYFROMUSR)"))
         if user is not None and res.usrprf != user:
-            return Verdict(553, f"5.7.1 <{address}>: Sender address rejected: it belongs to "
-                           f"another user than {user} (VFYFROMUSR)")
+            return self.rejected(client_ip, "originator", str(address), Verdict(
+                553, f"5.7.1 <{address}>: Sender address rejected: it belongs to "
+                f"another user than {user} (VFYFROMUSR)"))
         return None
+
+    def rejected(self, client_ip: str, what: str, address: str, verdict: Verdict) -> Verdict:
+        """9W, "rejected by the SMTP server": the refusals an administrator
+        looks for when a sender says its mail did not arrive.  Relay (9V) and
+        connection (9S) refusals have their own codes."""
+        self.journal.write("9W", f"9W RJT {client_ip} {address or '<>'}", ip=client_ip,
+                           **{what: address}, reply=f"{verdict.code} {verdict.text}")
+        return verdict
 
     def etrn(self, node: str, client_ip: str) -> Any:
         return threads.deferToThreadPool(
@@ -259,7 +270,7 @@ class QueueBackend(Backend):
         if usrprf is None:
             self.journal.write("9X", f"9X AUTHFAIL {client_ip}", ip=client_ip, user=user)
         else:
-            self.journal.write("9W", f"9W AUTH {client_ip} {usrprf}", ip=client_ip,
+            self.journal.write("9Z", f"9Z AUTH {client_ip} {usrprf}", ip=client_ip,
                                usrprf=usrprf)
         return usrprf
 

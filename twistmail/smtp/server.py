@@ -131,6 +131,11 @@ class Backend:
         """Whether an unauthenticated client's DSN requests are honoured (may be a Deferred)."""
         raise NotImplementedError
 
+    def rejected(self, client_ip: str, what: str, address: str, verdict: Verdict) -> Verdict:
+        """Record that the server refused ``what`` ("originator", "recipient")
+        with a 5xx ``verdict`` (journal 9W); returns the verdict."""
+        raise NotImplementedError
+
     def new_spool(self) -> Any:
         """A spool with ``id``, ``write(bytes)`` and ``abort()``."""
         raise NotImplementedError
@@ -579,6 +584,9 @@ class SMTPSession(SequentialSession):
         data.finish()
         if data.error is not None:
             data.spool.abort()  # never raises: the client gets its reply
+            if data.error[0] >= 500:
+                self.factory.backend.rejected(self.peer_ip, "originator",
+                                              str(txn.originator or ""), Verdict(*data.error))
             self.reply(*data.error)
             self._cut_if_pending()
             return
@@ -916,7 +924,10 @@ class SMTPSession(SequentialSession):
             if key == "SIZE" and value is not None:
                 size_hint = int(value)
                 if size_hint > self.factory.maxmsgsize:
-                    self.reply(552, "5.3.4 Message size exceeds fixed maximum message size")
+                    v = self.factory.backend.rejected(
+                        self.peer_ip, "originator", str(cmd.address or ""),
+                        Verdict(552, "5.3.4 Message size exceeds fixed maximum message size"))
+                    self.reply(v.code, v.text)
                     return None
             elif key == "BODY":
                 if value is not None and value.upper() == "BINARYMIME":  # RFC 3030: not offered
