@@ -927,3 +927,56 @@ def test_entries_routed_to_a_profile_do_not_change_its_own_address(d):
     d.add_entry(DirectoryEntry("ABC", "MAIL", "alias", user="ABCDEFGHIJ", msfsrvlvl="*SYSMS",
                                prefadr="*SMTP", smtpuser="abc"))
     assert d.smtp_address("ABCDEFGHIJ") == "abcdefghij@example.test"
+
+
+def test_password_none_signs_on_nobody_and_same_keeps_what_is_there(cfg, capsys):
+    """IBM's special values: PASSWORD(*NONE) is a profile without a password
+    (mail only); *SAME keeps a value.  Both were stored as passwords, so
+    anyone could read a *NONE profile's mail with PASS *NONE."""
+    from twistmail import config
+
+    rc, out, err = tm(capsys, cfg, "cl", "CRTUSRPRF USRPRF(NOPW) PASSWORD(*NONE) TEXT(*BLANK)")
+    assert rc == 0, err
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw", "--text", "Sam")
+    rc, out, err = tm(capsys, cfg, "chgusrprf", "--usrprf", "sam", "--password", "*SAME",
+                      "--text", "*same")
+    assert (rc, out) == (0, "User profile SAM unchanged (*SAME).\n"), err
+    with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        assert d.authenticate("NOPW", "*NONE") is None and d.authenticate("NOPW", "") is None
+        assert d.get_profile("NOPW").password_none and d.get_profile("NOPW").text == ""
+        assert d.authenticate("sam", "pw") == "SAM" and d.authenticate("sam", "*SAME") is None
+        assert d.get_profile("sam").text == "Sam"
+    rc, out, err = tm(capsys, cfg, "dspusrprf", "--usrprf", "NOPW", "--json")
+    assert json.loads(out)["password_none"] == "*YES"
+    rc, out, err = tm(capsys, cfg, "chgusrprf", "--usrprf", "sam", "--password", "*none")
+    assert rc == 0, err
+    with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        assert d.authenticate("sam", "pw") is None and d.authenticate("sam", "*none") is None
+    rc, out, err = tm(capsys, cfg, "dspusrprf", "--usrprf", "sam")
+    assert "Password is *NONE" in out and "*YES" in out
+    for command in (("crtusrprf", "--usrprf", "joe", "--password", "*SAME"),
+                    ("crtusrprf", "--usrprf", "joe", "--password", "*USRPRF"),
+                    ("chgusrprf", "--usrprf", "sam", "--password", "*USRPRF")):
+        rc, out, err = tm(capsys, cfg, *command)
+        assert rc == 2 and err.startswith("twistmail") and "--password:" in err, err
+        assert "allowed: a password, *NONE" in err and len(err.splitlines()) == 1
+
+
+def test_same_in_a_directory_change_keeps_the_value(cfg, capsys):
+    """chgdire --smtpuser '*SAME' stored the name *SAME, and all of the
+    user's mail was refused as to an unknown user."""
+    from twistmail import config
+
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    rc, out, err = tm(capsys, cfg, "chgdire", "--usrid", "SAM", "MAIL", "--smtpuser", "*SAME",
+                      "--usrd", "*same")
+    assert (rc, out) == (0, "Directory entry SAM MAIL unchanged (*SAME).\n"), err
+    rc, out, err = tm(capsys, cfg, "chgdire", "--usrid", "SAM", "MAIL", "--smtpuser", "*SAME",
+                      "--usrd", "Sam Smith")
+    assert rc == 0 and "changed" in out, err
+    with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        entry = d.get_entry("SAM", "MAIL")
+        assert (entry.smtpuser, entry.usrd) == ("sam", "Sam Smith")
+    rc, out, err = tm(capsys, cfg, "adddire", "--usrid", "ANN", "MAIL", "--usrd", "Ann",
+                      "--smtpuser", "*SAME")
+    assert rc == 2 and "--smtpuser: '*SAME' is not allowed when adding" in err

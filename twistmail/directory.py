@@ -55,6 +55,9 @@ BUSY_TIMEOUT_MS = 5000
 ENABLED = "*ENABLED"
 DISABLED = "*DISABLED"
 STATUSES = (ENABLED, DISABLED)
+#: PASSWORD(*NONE): the profile has no password and cannot sign on (mail-only
+#: profiles such as the one NONDELIVERY copies go to).
+NO_PASSWORD = "*NONE"
 SYSMS = "*SYSMS"
 USRIDX = "*USRIDX"
 SERVICE_LEVELS = (SYSMS, USRIDX)
@@ -187,6 +190,7 @@ class UserProfile:
     status: str
     text: str
     created: str
+    password_none: bool = False  # PASSWORD(*NONE): it cannot sign on
 
 
 @attrs.frozen
@@ -654,8 +658,8 @@ class SqliteDirectory:
         name = profile_name(usrprf)
         text = _check_text("text", text)
         status = _check_choice("status", status, STATUSES)
-        pwhash = hash_password(_check_password(password))
-        profile = UserProfile(name, status, text, _now())
+        pwhash = _password_hash(password)
+        profile = UserProfile(name, status, text, _now(), pwhash == NO_PASSWORD)
         with self._write() as conn:
             if _profile_row(conn, name) is not None:
                 raise DirectoryError("usrprf", name, "already exists")
@@ -707,7 +711,7 @@ class SqliteDirectory:
         if text is not None:
             updates["text"] = _check_text("text", text)
         if password is not None:
-            updates["pwhash"] = hash_password(_check_password(password))
+            updates["pwhash"] = _password_hash(password)
         with self._write() as conn:
             if _profile_row(conn, name) is None:
                 raise _no_profile("usrprf", name)
@@ -752,7 +756,8 @@ class SqliteDirectory:
 
     def profiles(self) -> list[UserProfile]:
         rows = self._conn().execute(
-            "SELECT usrprf, status, text, created FROM profiles ORDER BY usrprf"
+            "SELECT usrprf, status, text, created, pwhash = ? AS password_none FROM profiles"
+            " ORDER BY usrprf", (NO_PASSWORD,)
         )
         return [_profile(row) for row in rows]
 
@@ -775,6 +780,8 @@ class SqliteDirectory:
                 .execute("SELECT pwhash, status FROM profiles WHERE usrprf = ?", (name,))
                 .fetchone()
             )
+        if row is not None and row["pwhash"] == NO_PASSWORD:
+            row = None  # PASSWORD(*NONE): refused as an unknown name is, at the same cost
         stored = row["pwhash"] if row is not None else _dummy_hash()
         secret = password if isinstance(password, str) else ""
         nfc = unicodedata.normalize("NFC", secret)
@@ -1143,12 +1150,20 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 def _profile_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:
     return conn.execute(
-        "SELECT usrprf, status, text, created FROM profiles WHERE usrprf = ?", (name,)
+        "SELECT usrprf, status, text, created, pwhash = ? AS password_none FROM profiles"
+        " WHERE usrprf = ?", (NO_PASSWORD, name)
     ).fetchone()
 
 
 def _profile(row: sqlite3.Row) -> UserProfile:
-    return UserProfile(row["usrprf"], row["status"], row["text"], row["created"])
+    return UserProfile(row["usrprf"], row["status"], row["text"], row["created"],
+                       bool(row["password_none"]))
+
+
+def _password_hash(password: str) -> str:
+    """What is stored for a password: its hash, or NO_PASSWORD as it is,
+    which no hash check matches."""
+    return NO_PASSWORD if password == NO_PASSWORD else hash_password(_check_password(password))
 
 
 def _entry_row(conn: sqlite3.Connection, userid: str, address: str) -> sqlite3.Row | None:

@@ -45,6 +45,7 @@ PROFILE_LABELS = (
     ("status", "Status"),
     ("text", "Text description"),
     ("created", "Created (UTC)"),
+    ("password_none", "Password is *NONE"),
     ("entries", "Directory entries"),
     ("smtp", "SMTP address"),
     ("mailbox", "Mailbox"),
@@ -60,11 +61,40 @@ DIRE_COLUMNS = (
 )
 
 
-def _password(raw: str | None) -> str | None:
-    """``-`` reads the password from standard input, keeping it out of ``ps``."""
-    if raw != "-":
-        return raw
-    return stdin_text("--password")
+def _password(raw: str | None, change: bool = False) -> str | None:
+    """``-`` reads the password from standard input, keeping it out of ``ps``.
+
+    The special values are IBM's: *NONE leaves the profile without a password
+    (it receives mail but cannot sign on), *SAME (CHGUSRPRF) keeps it.
+    *USRPRF, IBM's default (the profile name as its password), is refused:
+    it is the first password anyone tries.
+    """
+    if raw is None:
+        return None
+    if raw == "-":
+        return stdin_text("--password")
+    word = raw.strip().upper()
+    if word == "*NONE":
+        return dirmod.NO_PASSWORD
+    if word == "*SAME" and change:
+        return None
+    if word in ("*SAME", "*USRPRF"):
+        usage_error(f"--password: {raw!r} is not allowed; allowed: a password, *NONE (no "
+                    f"sign-on){', *SAME' if change else ''}, or - to read it from standard "
+                    "input")
+    return raw
+
+
+def _text(raw: str | None, change: bool = False) -> str | None:
+    """TEXT's special values: *BLANK is no text, *SAME (a change) keeps it."""
+    if raw is None:
+        return None
+    word = raw.strip().upper()
+    if word == "*BLANK":
+        return ""
+    if word == "*SAME" and change:
+        return None
+    return raw
 
 
 def _usrprf_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -104,9 +134,16 @@ def _entry_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _entry_fields(**given: str | None) -> dict[str, Any]:
-    """The options given, with the choice values checked as settings are."""
+def _entry_fields(change: bool, **given: str | None) -> dict[str, Any]:
+    """The options given, with the choice values checked as settings are;
+    *SAME, in a change, is an option not given."""
     fields = {k: v for k, v in given.items() if v is not None}
+    for key, value in list(fields.items()):
+        if value.strip().upper() == "*SAME":
+            if not change:
+                usage_error(f"--{key}: '*SAME' is not allowed when adding an entry; allowed: "
+                            "a value, or leave the option out for its default")
+            del fields[key]
     if "msfsrvlvl" in fields:
         fields["msfsrvlvl"] = value_of("--msfsrvlvl", MSFSRVLVL, fields["msfsrvlvl"])
     if "prefadr" in fields:
@@ -135,6 +172,7 @@ def _profile_record(d: SqliteDirectory, profile: dirmod.UserProfile) -> dict[str
         "status": profile.status,
         "text": profile.text,
         "created": profile.created,
+        "password_none": "*YES" if profile.password_none else "*NO",
         "entries": [f"{e.userid} {e.address}" for e in entries],
         "smtp": d.smtp_address(profile.usrprf),
         "mailbox": str(d.mailbox(profile.usrprf)),
@@ -146,8 +184,9 @@ def _profile_record(d: SqliteDirectory, profile: dirmod.UserProfile) -> dict[str
 
 @cli.command("crtusrprf")
 @_usrprf_option
-@click.option("--password", required=True, help="Password for POP sign-on; - reads stdin.")
-@click.option("--text", default="", help="Text description (up to 50 characters).")
+@click.option("--password", required=True,
+              help="Password for POP and SMTP sign-on; - reads stdin; *NONE: no sign-on.")
+@click.option("--text", default="", help="Text description (up to 50 characters), or *BLANK.")
 @click.option("--status", default=dirmod.ENABLED, show_default=True, help="*ENABLED or *DISABLED.")
 def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
     """Create a user profile and enroll it as a POP mail user."""
@@ -160,7 +199,8 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
                         f"name, with {left} message{'s' if left != 1 else ''} "
                         f"({d.mailbox(name).parent}); allowed: a name without one (move or "
                         "remove that mailbox first)")
-        profile = d.create_profile(usrprf, _password(password) or "", text=text, status=status)
+        profile = d.create_profile(usrprf, _password(password) or "",
+                                   text=_text(text) or "", status=status)
         record = _profile_record(d, profile)
     record["entries"] = ", ".join(record["entries"])
     emit_record(record, PROFILE_LABELS, as_json=False)
@@ -168,18 +208,22 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
 
 @cli.command("chgusrprf")
 @_usrprf_option
-@click.option("--password", help="New password; - reads stdin.")
-@click.option("--status", help="*ENABLED or *DISABLED.")
-@click.option("--text", help="Text description (up to 50 characters).")
+@click.option("--password", help="New password; - reads stdin; *NONE: no sign-on; *SAME.")
+@click.option("--status", help="*ENABLED or *DISABLED, or *SAME.")
+@click.option("--text", help="Text description (up to 50 characters), *BLANK or *SAME.")
 def chgusrprf(usrprf: str, password: str | None, status: str | None, text: str | None) -> None:
     """Change a user profile's password, status or text."""
     if password is None and status is None and text is None:
         nothing_to_change("give at least one of --password, --status, --text")
+    if status is not None and status.strip().upper() == "*SAME":
+        status = None
     if status is not None:
         status = value_of("--status", STATUS, status)
+    password, text = _password(password, change=True), _text(text, change=True)
     with open_directory("the directory", OPTION_OF_FIELD) as d:
-        profile = d.change_profile(usrprf, password=_password(password), status=status, text=text)
-        click.echo(f"User profile {profile.usrprf} changed.")
+        profile = d.change_profile(usrprf, password=password, status=status, text=text)
+        same = password is None and status is None and text is None
+        click.echo(f"User profile {profile.usrprf} {'unchanged (*SAME)' if same else 'changed'}.")
 
 
 OWNOBJOPT = ("*NODLT", "*DLT")
@@ -289,7 +333,7 @@ def wrkusrprf(as_json: bool) -> None:
 @_entry_options
 def adddire(usrid: tuple[str, str], **options: str | None) -> None:
     """Add an entry to the system distribution directory."""
-    fields = _entry_fields(**options)
+    fields = _entry_fields(False, **options)
     if "usrd" not in fields:
         usage_error("--usrd: required; allowed: a description of up to 50 characters")
     with open_directory("the directory", OPTION_OF_FIELD) as d:
@@ -302,14 +346,16 @@ def adddire(usrid: tuple[str, str], **options: str | None) -> None:
 @_entry_options
 def chgdire(usrid: tuple[str, str], **options: str | None) -> None:
     """Change an entry of the system distribution directory."""
-    fields = _entry_fields(**options)
-    if not fields:
+    given = any(v is not None for v in options.values())
+    fields = _entry_fields(True, **options)
+    if not given:
         nothing_to_change(
             "give at least one of --usrd, --user, --msfsrvlvl, --prefadr, --smtpuser, --smtpdomain"
         )
     with open_directory("the directory", OPTION_OF_FIELD) as d:
         entry = d.change_entry(usrid[0], usrid[1], **fields)
-        click.echo(f"Directory entry {entry.userid} {entry.address} changed.")
+        click.echo(f"Directory entry {entry.userid} {entry.address} "
+                   f"{'changed' if fields else 'unchanged (*SAME)'}.")
 
 
 @cli.command("rmvdire")
