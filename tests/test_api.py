@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import poplib
 
 import pytest
@@ -280,3 +281,21 @@ def test_a_saved_message_goes_as_an_attachment(make_appliance, tmp_path):
     with pytest.raises(SendMailError, match="message/"):
         create_send_email(["sam@example.test"], "fwd", "x", [(saved, "message/rfc822")],
                           usrprf="APP", settings=s)
+
+
+def test_alwauth_lclrly_turns_vfymsfmsg_on_as_the_seed_says(make_appliance, tmp_path):
+    """"If you set the parameter to *LCLRLY, the Verify MSF messages
+    (VFYMSFMSG) and Verify from user (VFYFROMUSR) parameters are also
+    enabled": the API took any originator, and DSPSMTPA showed *NO."""
+    a = make_appliance()
+    rc, out, err = a.cli("chgsmtpa", "--alwauth", "*LCLRLY")
+    assert rc == 0 and "VFYFROMUSR and VFYMSFMSG *NO act as *YES" in err, err
+    note = _write(tmp_path / "v.mime", NOTE)
+    with pytest.raises(SendMailError, match="calling user profile must be given"):
+        send_mime_mail(note, "ceo@example.test", ["sam@example.test"], settings=load(a.config))
+    rc, out, err = a.cli("dspsmtpa")
+    assert "*NO (in effect *YES: ALWAUTH *LCLRLY)" in out
+    rc, out, err = a.cli("dspsmtpa", "--json")
+    shown = json.loads(out)
+    assert (shown["vfymsfmsg"], shown["vfymsfmsg_in_effect"]) == ("*NO", "*YES")
+    assert shown["vfyfromusr_in_effect"] == "*YES"

@@ -65,7 +65,7 @@ def send_mime_mail(
     rcpts = _distinct([_recipient(r) for r in recipients])
     if not rcpts:
         raise SendMailError("recipients: at least one recipient is needed")
-    if settings.smtp.vfymsfmsg == "*YES":
+    if settings.smtp.vfymsfmsg_in_effect == "*YES":
         from twistmail.directory import SqliteDirectory
 
         with SqliteDirectory.from_settings(settings) as directory:

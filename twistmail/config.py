@@ -212,6 +212,18 @@ class SmtpSettings:
         if self.nfydlvry is not None and not _is_address(self.nfydlvry):
             raise SettingError("smtp.nfydlvry", self.nfydlvry, '*NONE or an address "user@domain"')
 
+    @property
+    def vfyfromusr_in_effect(self) -> str:
+        """ALWAUTH(*LCLRLY) also turns VFYFROMUSR on, as the seed says."""
+        if self.alwauth == "*LCLRLY" and self.vfyfromusr == "*NO":
+            return "*YES"
+        return self.vfyfromusr
+
+    @property
+    def vfymsfmsg_in_effect(self) -> str:
+        """ALWAUTH(*LCLRLY) also turns VFYMSFMSG on, as the seed says."""
+        return "*YES" if self.alwauth == "*LCLRLY" else self.vfymsfmsg
+
     def idle_values(self) -> list[str]:
         """Values that are allowed but do nothing with the others as they are.
 
@@ -227,6 +239,11 @@ class SmtpSettings:
             out.append("FIREWALL *YES sends nothing to a router while MAILROUTER is *NONE")
         if self.etrnclt == "*YES" and (not self.mailxfrint or self.mailrouter is None):
             out.append("ETRNCLT *YES issues no ETRN without MAILXFRINT above 0 and a MAILROUTER")
+        overridden = [name for name in ("vfyfromusr", "vfymsfmsg")
+                      if getattr(self, name) == "*NO" and self.alwauth == "*LCLRLY"]
+        if overridden:
+            out.append(f"{' and '.join(n.upper() for n in overridden)} *NO act as *YES while "
+                       "ALWAUTH is *LCLRLY, which enables them")
         return out
 
 

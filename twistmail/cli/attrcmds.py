@@ -84,6 +84,12 @@ def _display(section_obj: Any, as_json: bool) -> None:
         vtype = f.metadata["type"]
         record[f.name] = vtype.dump(value) if as_json else vtype.show(value)
         labels.append((f.name, f"{f.name.upper()} ({f.metadata['doc']})"))
+        # VFYFROMUSR and VFYMSFMSG, which ALWAUTH(*LCLRLY) turns on.
+        in_effect = getattr(section_obj, f"{f.name}_in_effect", None)
+        if in_effect is not None and as_json:
+            record[f"{f.name}_in_effect"] = in_effect
+        elif in_effect is not None and in_effect != value:
+            record[f.name] += f" (in effect {in_effect}: ALWAUTH *LCLRLY)"
     emit_record(record, labels, as_json)
 
 

@@ -194,9 +194,7 @@ class Job:
                 alwplainauth=s.smtp.alwplainauth == "*YES",
                 maxerrors=s.limits.maxerrors,
                 on_auth_failure=self.auth_failed,
-                # ALWAUTH(*LCLRLY) also turns on VFYFROMUSR, as the seed says.
-                vfyfromusr="*YES" if s.smtp.alwauth == "*LCLRLY" and s.smtp.vfyfromusr == "*NO"
-                else s.smtp.vfyfromusr,
+                vfyfromusr=s.smtp.vfyfromusr_in_effect,
                 etrnsvr=s.smtp.etrnsvr == "*YES",
                 dsn=s.smtp.nfydlvry is not None,
             )
