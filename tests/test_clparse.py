@@ -519,6 +519,11 @@ def test_deep_parentheses_are_a_mistake_not_a_crash() -> None:
          "dspjrn --output '*OUTFILE' --outfile /tmp/j.csv"),
         ("DSPJRN JRN(QZMF) ENTTYP(JG JP) FROMTIME('2026-11-30' '10:00')",
          "dspjrn --jrn QZMF --code 'JG JP' --from '2026-11-30 10:00'"),
+        # The seed's own command: a database outfile's member and layout mean
+        # nothing to one CSV file; every QZMF entry has entry type LG.
+        ("DSPJRN JRN(QZMF) OUTPUT(*OUTFILE) OUTFILE(jrnlib/zmfstuff) OUTMBR(MAR2) "
+         "ENTDTALEN(512) JRNCDE(U) ENTTYP(LG)",
+         "dspjrn --jrn QZMF --output '*OUTFILE' --outfile jrnlib/zmfstuff --code LG"),
         ("DSPACTPJ SBS(QSYSWRK) PGM(QTCP/QTPOPSRVP) OUTPUT(*)", "dspactpj --pgm QTPOPSRVP"),
         ("WRKACTJOB OUTPUT(*)", "wrkactjob"),
     ],

@@ -74,6 +74,10 @@ SYNONYMS: dict[tuple[str, str], str] = {
 }
 """IBM's keywords for what a twistmail option does under another name."""
 
+IGNORED: dict[str, frozenset[str]] = {"DSPJRN": frozenset({"ENTDTALEN", "OUTMBR", "JRNCDE"})}
+"""IBM keywords taken and ignored: DSPJRN's layout of a database outfile (the
+CSV file has every entry's data whole, in one file) and its journal code."""
+
 SHOWN_ONLY: dict[str, str] = {"DSPACTPJ": "OUTPUT", "WRKACTJOB": "OUTPUT", "DSPSMTPA": "OUTPUT",
                               "DSPPOPA": "OUTPUT", "DSPUSRPRF": "OUTPUT"}
 """Commands whose IBM OUTPUT keyword twistmail takes with ``*`` only: it shows."""
@@ -200,6 +204,8 @@ def to_args(
     for keyword, value in cmd.params:
         if keyword in _SUBSYSTEM_KEYWORDS:
             _check_subsystem(keyword, value)
+            continue
+        if keyword in IGNORED.get(cmd.name, ()):
             continue
         if SHOWN_ONLY.get(cmd.name) == keyword and (command_options is None
                                                     or "output" not in command_options):

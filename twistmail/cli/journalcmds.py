@@ -58,12 +58,18 @@ def _directory() -> Path:
     return journal.journal_directory(app().settings)
 
 
+#: IBM's ENTTYP for every QZMF entry (log entry), and its default: all entries.
+_EVERY_ENTRY = ("LG", "*ALL")
+
+
 def _codes(text: str | None) -> list[str] | None:
     if text is None:
         return None
     try:
         # Commas, or blanks as in a CL list; an empty item between commas is named.
         patterns = [p for part in text.split(",") for p in part.split() or [part]]
+        if patterns and all(p.upper() in _EVERY_ENTRY for p in patterns):
+            return None
         return journal.check_code_patterns(patterns, known=journal.CODES)
     except ValueError as e:
         usage_error(f"--code: {e}")
@@ -128,10 +134,13 @@ def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
 @cli.command("dspjrn")
 @_journal_option
 @click.option("--follow", is_flag=True, help="Keep printing new entries as they are written.")
-@click.option("--code", "code_text", metavar="PATTERNS", help="Entry codes, e.g. 9S,8*,J*.")
+@click.option("--code", "code_text", metavar="PATTERNS",
+              help="Entry codes, e.g. 9S,8*,J* (LG or *ALL: all).")
 @click.option("--msgid", metavar="ID", help="Only the entries of this queue id.")
-@click.option("--from", "from_text", metavar="T", help="From this time (ISO 8601 or -10m, -2h).")
-@click.option("--to", "to_text", metavar="T", help="Up to this time (ISO 8601 or -10m, -2h).")
+@click.option("--from", "from_text", metavar="T",
+              help="From this time (ISO 8601, MMDDYY HHMMSS, or -10m, -2h).")
+@click.option("--to", "to_text", metavar="T",
+              help="Up to this time (ISO 8601, MMDDYY HHMMSS, or -10m, -2h).")
 @click.option("--json", "as_json", is_flag=True, help="JSON (JSON lines with --follow).")
 @click.option("--outfile", metavar="F.csv", help="Write the entries to a CSV file.")
 @click.option("--output", default=None,
