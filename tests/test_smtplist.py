@@ -767,3 +767,13 @@ def test_an_accept_entry_for_every_address_is_warned_of(cfg, capsys):
     rc, out, err = tm(capsys, cfg, "addsmtple", "--type", "*ACCEPT", "--intnetadr",
                       "192.0.2.0", "--subnetmask", "255.255.255.0")
     assert rc == 0 and err == ""
+
+
+def test_bind_and_domain_entries_say_they_are_kept_only(cfg, capsys):
+    """They were added without a word, and changed nothing."""
+    rc, out, err = tm(capsys, cfg, "addsmtple", "--type", "*SVRBIND", "--intnetadr", "127.0.0.5")
+    assert rc == 0 and "added" in out
+    assert "note: *SVRBIND entries are kept but not used" in err and "[listen]" in err
+    rc, out, err = tm(capsys, cfg, "addsmtple", "--type", "*DOMAIN", "--intnetadr", "127.0.0.5",
+                      "--hostname", "example.test")
+    assert rc == 0 and "note: *DOMAIN entries are kept but not used" in err

@@ -124,6 +124,18 @@ def addsmtple(list_type: str, **options: str | None) -> None:
     if entry.type == "*ACCEPT" and _everyone(entry):
         click.echo("Warning: this *ACCEPT entry takes every address: with ALWRLY *LIST or "
                    "*BOTH, anyone on the Internet may relay through this server.", err=True)
+    if entry.type in _KEPT_ONLY:
+        click.echo(f"note: {entry.type} entries are kept but not used: {_KEPT_ONLY[entry.type]}",
+                   err=True)
+
+
+#: List types IBM i has that twistmail records without acting on them.
+_KEPT_ONLY = {
+    "*SVRBIND": "the SMTP server listens on the addresses of [listen] smtp, submission and "
+                'smtps in the settings file (e.g. smtp = "192.0.2.5:25"; a restart applies them)',
+    "*DOMAIN": "every interface greets with [system] hostname and serves all of "
+               "[system] local_domains",
+}
 
 
 def _everyone(entry: ListEntry) -> bool:
