@@ -1074,3 +1074,15 @@ def test_etrn_for_a_queue_name_is_valid_syntax_that_is_not_served():
     s.start()
     s.send(b"ETRN #outbound\r\nETRN #\r\nETRN a b\r\n")
     assert s.codes() == [458, 501, 501]
+
+
+def test_help_names_the_extensions_the_session_offers():
+    s = Session()
+    s.start()
+    s.send(b"HELP\r\n")
+    assert s.replies() == ["214 2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP "
+                           "VRFY"]
+    s = Session(etrnsvr=True)
+    s.start()
+    s.send(b"HELP\r\n")
+    assert s.replies()[-1].endswith("VRFY ETRN")

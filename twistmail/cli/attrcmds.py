@@ -25,7 +25,7 @@ from twistmail.cli.base import (
 )
 from twistmail.cli.output import emit_record
 from twistmail.cli.poolcmds import apply_live
-from twistmail.settingtypes import IntPair, SettingError
+from twistmail.settingtypes import IntPair, SettingError, TextList
 
 
 def _options(cls: type) -> list[click.Option]:
@@ -34,6 +34,8 @@ def _options(cls: type) -> list[click.Option]:
         vtype = f.metadata["type"]
         nargs = 2 if isinstance(vtype, IntPair) else 1
         same = " (each may be *SAME or *DFT)" if nargs == 2 else ", *DFT"
+        if isinstance(vtype, TextList):
+            same += "; the list in one value, blank-separated"
         out.append(click.Option([f"--{f.name}"], nargs=nargs, default=None,
                                 help=f"{f.metadata['doc']}; {vtype.allowed}{same}"))
     return out
@@ -106,7 +108,7 @@ def _make(chg: str, dsp: str, section: str, cls: type, what: str, ibm: str) -> N
 
     cli.add_command(Command(
         dsp, callback=display, help=f"Display {what} (DSP{ibm[3:]}).",
-        params=[click.Option(["--json", "as_json"], is_flag=True)],
+        params=[click.Option(["--json", "as_json"], is_flag=True, help="One JSON object.")],
     ))
 
 

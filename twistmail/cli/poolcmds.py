@@ -79,7 +79,7 @@ ENTRY_KEYS = ("strjobs", "inljobs", "threshold", "adljobs", "maxjobs", "maxuse",
 @cli.command()
 @click.option("--pgm", required=True, help="Prestart program: " + PGM_CHOICES)
 @click.option("--strjobs", help="*YES or *NO")
-@click.option("--inljobs", help="1-9999")
+@click.option("--inljobs", help="1-9999 (QTPOPSRVP: 1-20, its NBRSVR)")
 @click.option("--threshold", help="1-9999")
 @click.option("--adljobs", help="0-999")
 @click.option("--maxjobs", help="1-32000 or *NOMAX")
@@ -140,14 +140,14 @@ DSPACTPJ_LABELS = [
 @cli.command()
 @click.option("--pgm", required=True, help="Prestart program: " + PGM_CHOICES)
 @click.option("--reset", is_flag=True, help="Start the statistics afresh after showing them.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def dspactpj(pgm: str, reset: bool, as_json: bool) -> None:
     """Display active prestart job statistics (DSPACTPJ)."""
     emit_record(call("dspactpj", pgm=_pgm(pgm), reset=reset), DSPACTPJ_LABELS, as_json)
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of jobs.")
 def wrkactjob(as_json: bool) -> None:
     """Work with the appliance's active jobs (WRKACTJOB)."""
     columns = [("job", "Job"), ("pid", "PID"), ("status", "Status"), ("pgm", "Program"),
@@ -231,7 +231,7 @@ def endmsf(option: str, delay: str) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def status(as_json: bool) -> None:
     """Show whether the daemon runs, its servers, listeners and bridge."""
     try:

@@ -113,16 +113,17 @@ def _usrid_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _entry_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = (
-        click.option("--usrd", help="Description of the entry (up to 50 characters)."),
+        click.option("--usrd", help="Description of the entry (up to 50 characters); "
+                     "adddire needs it."),
         click.option("--user", help="User profile of the entry, or *NONE."),
         click.option(
             "--msfsrvlvl",
             help="Mail service level: *SYSMS (POP mailbox) or *USRIDX (SNADS). "
-            "Default for a new entry: *USRIDX.",
+            "adddire's default: *USRIDX.",
         ),
         click.option(
             "--prefadr",
-            help="Preferred address: *SMTP or *USRID. Default for a new entry: *USRID.",
+            help="Preferred address: *SMTP or *USRID. adddire's default: *USRID.",
         ),
         click.option("--smtpuser", help="SMTP user name (the part before @), or *NONE."),
         click.option(

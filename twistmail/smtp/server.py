@@ -1078,7 +1078,13 @@ class SMTPSession(SequentialSession):
         self.session_over()
 
     def smtp_HELP(self, arg: str) -> None:
-        self.reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY")
+        """The commands this session takes now, those of its extensions too."""
+        extra = [word for word, offered in (
+            ("STARTTLS", self._starttls_offered()),
+            ("AUTH", self._auth_offered() and self.user is None),
+            ("ETRN", self.factory.etrnsvr)) if offered]
+        self.reply(214, "2.0.0 Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY"
+                   + "".join(f" {word}" for word in extra))
 
     def smtp_VRFY(self, arg: str) -> None:
         if not arg:
