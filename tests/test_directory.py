@@ -980,3 +980,14 @@ def test_same_in_a_directory_change_keeps_the_value(cfg, capsys):
     rc, out, err = tm(capsys, cfg, "adddire", "--usrid", "ANN", "MAIL", "--usrd", "Ann",
                       "--smtpuser", "*SAME")
     assert rc == 2 and "--smtpuser: '*SAME' is not allowed when adding" in err
+
+
+def test_an_smtp_name_goes_as_a_whole_and_half_a_name_is_named(d):
+    d.create_profile("sam", "pw")
+    d.add_entry(DirectoryEntry("ANN", "MAIL", "Ann", user="sam", smtpuser="ann"))
+    d.change_entry("ANN", "MAIL", smtpuser="*NONE")
+    entry = d.get_entry("ANN", "MAIL")
+    assert (entry.smtpuser, entry.smtpdomain) == (None, None)
+    with pytest.raises(DirectoryError, match="smtpuser: '\\*NONE' is not allowed with SMTP "
+                       "domain 'example.test'; allowed: a user name"):
+        d.change_entry("ANN", "MAIL", smtpdomain="example.test")

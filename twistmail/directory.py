@@ -823,6 +823,9 @@ class SqliteDirectory:
             current = _entry_row(conn, *key)
             if current is None:
                 raise _no_entry(*key)
+            if "smtpuser" in fields and "smtpdomain" not in fields and \
+                    fields["smtpuser"] in (None, NONE):
+                fields = {**fields, "smtpdomain": None}  # the SMTP name goes as a whole
             changed = attrs.evolve(_entry(current), **fields)
             changed = self._checked(conn, _normalized(changed, self.local_domains), new=False)
             conn.execute("DELETE FROM entries WHERE userid = ? AND address = ?", key)
@@ -1242,10 +1245,13 @@ def _check_combination(entry: DirectoryEntry) -> None:
             NONE,
             "is not allowed with *SYSMS; allowed: the user profile that owns the mailbox",
         )
-    if (entry.smtpuser is None) != (entry.smtpdomain is None):
-        raise DirectoryError(
-            "smtpuser", entry.smtpuser or NONE, "needs an SMTP domain too (--smtpdomain)"
-        )
+    if entry.smtpuser is not None and entry.smtpdomain is None:
+        raise DirectoryError("smtpdomain", NONE, f"is not allowed with SMTP user "
+                             f"{entry.smtpuser!r}; allowed: a domain (both, or *NONE for both)")
+    if entry.smtpuser is None and entry.smtpdomain is not None:
+        raise DirectoryError("smtpuser", NONE, f"is not allowed with SMTP domain "
+                             f"{entry.smtpdomain!r}; allowed: a user name (both, or *NONE "
+                             "for both)")
     if entry.prefadr == PREF_SMTP and entry.smtpuser is None:
         raise DirectoryError(
             "smtpuser",
