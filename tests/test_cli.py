@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from appliance import Appliance
 
+from twistmail import config as configmod
+
 TWISTMAIL = str(Path(sys.executable).with_name("twistmail"))
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -229,3 +231,17 @@ def test_values_that_wait_for_another_are_taken_with_a_note(stopped):
     assert rc == 0 and err == ""
     rc, out, err = stopped.cli("chgsmtpa", "--firewall", "*YES", "--etrnclt", "*YES")
     assert rc == 0 and [line.split()[1] for line in err.splitlines()] == ["FIREWALL", "ETRNCLT"]
+
+
+def test_chgpopa_nbrsvr_takes_1_to_20_as_ibm_i_does(stopped):
+    """NBRSVR(1) was refused for the POP entry's THRESHOLD 2, which CHGPOPA
+    does not show; it follows NBRSVR down now."""
+    assert stopped.cli("cl", "CHGPOPA NBRSVR(3)")[0] == 0
+    assert stopped.cli("chgpje", "--pgm", "QTPOPSRVP", "--threshold", "2")[0] == 0
+    rc, out, err = stopped.cli("cl", "CHGPOPA NBRSVR(1)")
+    assert rc == 0 and "note: THRESHOLD of QTPOPSRVP lowered from 2 to NBRSVR 1" in err, err
+    settings = configmod.load(stopped.config)
+    assert (settings.pop.nbrsvr, settings.prestart.QTPOPSRVP.threshold) == (1, 1)
+    rc, out, err = stopped.cli("chgpopa", "--nbrsvr", "4")
+    assert rc == 0 and "THRESHOLD" not in err
+    assert configmod.load(stopped.config).prestart.QTPOPSRVP.threshold == 1

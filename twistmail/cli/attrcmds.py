@@ -66,16 +66,32 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
     if not changes:
         nothing_to_change(f"give at least one attribute to change; see --help for the {what} "
                           "keywords")
+    lowered = _pop_threshold_lowered(changes)
     try:
         configedit.set_values(app().settings.path, changes)
     except SettingError as e:
         refused_change(e, {k: "--" + k.rsplit(".", 1)[-1] for k in changes})
     except OSError as e:
         raise Failure(f"cannot write {app().settings.path}: {e.strerror}") from None
+    if lowered is not None:
+        click.echo(f"note: THRESHOLD of QTPOPSRVP lowered from {lowered} to NBRSVR "
+                   f"{changes['pop.nbrsvr']}", err=True)
     apply_live(what)
     settings = getattr(app().reload(), section)
     for line in getattr(settings, "idle_values", list)():
         click.echo(f"note: {line}", err=True)
+
+
+def _pop_threshold_lowered(changes: dict[str, Any]) -> int | None:
+    """IBM's CHGPOPA NBRSVR is 1-20 whatever else is set: the POP server's
+    THRESHOLD (at most its initial jobs, NBRSVR) follows it down.  Returns
+    the THRESHOLD it had, when lowered."""
+    nbrsvr = changes.get("pop.nbrsvr")
+    threshold = app().settings.prestart.QTPOPSRVP.threshold
+    if nbrsvr is None or nbrsvr >= threshold:
+        return None
+    changes["prestart.QTPOPSRVP.threshold"] = nbrsvr
+    return threshold
 
 
 def _display(section_obj: Any, as_json: bool) -> None:
