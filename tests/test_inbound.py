@@ -107,8 +107,9 @@ def test_a_notice_made_again_is_neither_queued_nor_journaled_twice(settings):
     nid = queue_notice(*args)
     assert queue_notice(*args) == nid and fq.list(QTMSINQ).count(nid) == 1
     processor.journal.flush()
-    entries = list(read_entries(processor.journal.directory, ["7P", "AP"]))
-    assert [e["code"] for e in entries] == ["7P", "AP"]
+    entries = list(read_entries(processor.journal.directory, ["7P", "7G", "AP"]))
+    assert [e["code"] for e in entries] == ["7P", "7G", "AP"]
+    assert entries[1]["notice"] == nid and entries[1]["esd"] == f"7G MSGID {nid}"
 
 
 def _maildir_files(settings, user):
@@ -329,3 +330,20 @@ def test_postmaster_without_an_entry_reaches_the_responsible_person(settings):
     assert outcome.delivered == 1 and outcome.notice is None
     [delivered] = (settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new").iterdir()
     assert b"Delivered-To: Postmaster@example.test" in delivered.read_bytes()
+
+
+def test_resolution_and_forwarding_are_journaled_as_the_seed_tags_them(settings):
+    """P2 carries the seed's tags (POP LclDel, SMTP MsgFwd, SMTP NonDel) in its
+    data, which IBM's queries search; C6 comes with C1 and C2."""
+    from twistmail.journal import read_entries
+
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "sam@example.test", "friend@remote.test", "nobody@example.test")
+    processor.process(qid)
+    processor.journal.flush()
+    entries = list(read_entries(processor.journal.directory, ["P2", "C6", "C1", "C2"], msgid=qid))
+    assert [e["esd"] for e in entries] == [
+        "P2 R sam@example.test POP LclDel", "P2 R friend@remote.test SMTP MsgFwd",
+        "P2 R nobody@example.test SMTP NonDel", f"C6 TOQ {QTMSOUTQ}",
+        "C1 O jane@example.test", "C2 R friend@remote.test"]

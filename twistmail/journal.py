@@ -62,7 +62,7 @@ CODES: dict[str, str] = {
     "71": "bridge: originator of the note inserted into MSF",
     "72": "bridge: recipient of the note inserted into MSF",
     "7R": "bridge: confirmation of delivery (COD) created",
-    "7G": "bridge: COD inserted into MSF, with its MSF message id",
+    "7G": "bridge: message id of the notice just created (COD, DSN or nondelivery)",
     "7P": "bridge: undeliverable (nondelivery) notice being created",
     "7U": "bridge: undeliverable notice deleted, its return address is bad",
     "7X": "bridge: queue recovery removed debris of crashed writers (twistmail)",

@@ -46,6 +46,11 @@ from twistmail.queue import (
     Recipient,
 )
 
+#: How P2's entry-specific data tags a resolved recipient, in the seed's words
+#: ("POP LclDel", "SMTP MsgFwd", "SMTP NonDel", "chg to SNADS"), so that
+#: IBM's queries of the data (JOESD LIKE '%NonDel%') find them.
+P2_TAGS = {"pop": "POP LclDel", "remote": "SMTP MsgFwd", "unknown": "SMTP NonDel",
+           "snads": "chg to SNADS"}
 UNKNOWN = ("5.1.1", "550 5.1.1 user unknown: no entry in the system distribution directory")
 
 
@@ -166,6 +171,9 @@ class InboundProcessor:
             # Deferred recipients go along: the outbound side keeps the retries.
             j.write("C6", f"C6 TOQ {QTMSOUTQ}", queue_id, queue=QTMSOUTQ, recipients=forwarded,
                     deferred=deferred)
+            j.write("C1", f"C1 O {env.originator or '<>'}", queue_id, originator=env.originator)
+            for address in [r.address for r in env.recipients if r.state == PENDING]:
+                j.write("C2", f"C2 R {address}", queue_id, recipient=address)
             j.flush()
             self.queue.move(queue_id, QTMSINQ, QTMSOUTQ, env)
         else:
@@ -235,7 +243,8 @@ class InboundProcessor:
             if stand_in is not None:
                 via = {"via": stand_in}
         kind = res.kind if res is not None else "unknown"
-        j.write("P2", f"P2 R {rcpt.address}", qid, recipient=rcpt.address, resolved=kind, **via)
+        j.write("P2", f"P2 R {rcpt.address} {P2_TAGS.get(kind, kind)}", qid,
+                recipient=rcpt.address, resolved=kind, **via)
         if res is None:
             j.write("A3", f"A3 U {rcpt.address}", qid, recipient=rcpt.address,
                     reason=UNKNOWN[1])

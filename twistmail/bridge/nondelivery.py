@@ -367,6 +367,8 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
             code = "7W" if kind == "delayed" else "7R"
             journal.write(code, f"{code} DSN {kind} {env.originator}", env.id, action=kind,
                           recipients=[f.address for f in failures])
+        # The seed's 7P 7G and 7R 7G: the new notice's message id, with the original's.
+        journal.write("7G", f"7G MSGID {nid}", env.id, notice=nid)
         journal.write("AP", f"AP UNDL {nid}", nid, original=env.id)
         journal.write("A1", "A1 O <>", nid, originator="")
         for r in recipients:
