@@ -44,7 +44,7 @@ def stopped(make_appliance) -> Appliance:
         (["chgpje", "--pgm", "QTMSCCLCP", "--strjobs", "*NO"],
          "--strjobs: '*NO' is not allowed for QTMSCCLCP; allowed: *YES (the SMTP client jobs"),
         (["endpj", "--pgm", "QTMSSRCP", "--delay", "0"], "--delay"),
-        (["strtcpsvr", "--server", "*FTP"], "*SMTP, *POP, *ALL"),
+        (["strtcpsvr", "--server", "*FTP"], "*SMTP, *POP, *ALL, *AUTOSTART"),
         (["dspactpj"], "--pgm"),
         (["nosuchcommand"], "nosuchcommand"),
         (["cl", "CHGPJE PGM(QTCP/QTMSSRCP) MAXJOBS(0)"], "--maxjobs"),

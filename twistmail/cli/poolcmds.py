@@ -31,6 +31,7 @@ PGM_CHOICES = ", ".join(configmod.PROGRAMS)
 NBRMSFJOB_TYPE = Int(1, 99)
 MSGOPT_TYPE = Choice(("*RESUME",))
 SERVER_TYPE = Choice(("*SMTP", "*POP", "*ALL"))
+START_TYPE = Choice(("*SMTP", "*POP", "*ALL", "*AUTOSTART"))
 
 
 def _pgm(value: str) -> str:
@@ -185,9 +186,20 @@ def _servers(servers: tuple[str, ...]) -> list[str]:
 
 
 @cli.command()
-@_server_option
+@click.option("--server", "servers", multiple=True,
+              help="*SMTP, *POP, *ALL (the default), or *AUTOSTART (those whose AUTOSTART is "
+                   "*YES); repeat it for both servers")
 def strtcpsvr(servers: tuple[str, ...]) -> None:
     """Start TCP/IP servers in the running daemon (STRTCPSVR)."""
+    servers = tuple(value_of("--server", START_TYPE, s) for s in servers)
+    if "*AUTOSTART" in servers:
+        settings = app().settings
+        auto = [name for name, on in (("*SMTP", settings.smtp.autostart),
+                                      ("*POP", settings.pop.autostart)) if on == "*YES"]
+        servers = tuple(s for s in servers if s != "*AUTOSTART") + tuple(auto)
+        if not servers:
+            click.echo("no server has AUTOSTART *YES")
+            return
     for server in _servers(servers):
         for line in call("strtcpsvr", server=server):
             click.echo(line)
