@@ -184,7 +184,7 @@ class MsfJobs:
         rows = []
         if self.launcher.pid is not None:
             rows.append({"job": launch.ForkServer.NAME, "pgm": "", "pid": self.launcher.pid,
-                         "status": "SELW", "uses": "", "peer": ""})
+                         "status": "SELW", "uses": None, "peer": ""})
         rows.extend({"job": JOB_NAME, "pgm": "", "pid": job.pid,
                      "status": "RUN" if job.pending else "DEQW", "uses": job.processed,
                      "peer": ""} for job in self.jobs)

@@ -538,12 +538,12 @@ class Controller(service.Service):
             if self.servers[server]:
                 rows.append({
                     "job": configmod.PROGRAMS[pgm]["daemon"], "pgm": "", "pid": self.pid,
-                    "status": "SELW", "uses": "", "peer": "",
+                    "status": "SELW", "uses": None, "peer": "",
                 })
         if self.bridge is not None and self.bridge.pid is not None:
             rows.append({
                 "job": "QTSMTPBRSR", "pgm": "", "pid": self.bridge.pid,
-                "status": self.bridge.status, "uses": "", "peer": "",
+                "status": self.bridge.status, "uses": None, "peer": "",
             })
         for pool in self.pools.values():
             rows.extend(pool.listing())

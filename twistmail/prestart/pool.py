@@ -748,7 +748,7 @@ class Pool:
         if self.launcher.pid is not None:
             # Listed before the jobs it forks; no program, as it serves no request.
             rows.append({"job": launch.ForkServer.NAME, "pgm": "", "pid": self.launcher.pid,
-                         "status": "SELW", "uses": "", "peer": ""})
+                         "status": "SELW", "uses": None, "peer": ""})
         rows.extend(
             {
                 "job": self.job_name,
