@@ -47,7 +47,7 @@ def stopped(make_appliance) -> Appliance:
         (["strtcpsvr", "--server", "*FTP"], "*SMTP, *POP, *ALL, *AUTOSTART"),
         (["dspactpj"], "--pgm"),
         (["nosuchcommand"], "nosuchcommand"),
-        (["cl", "CHGPJE PGM(QTCP/QTMSSRCP) MAXJOBS(0)"], "--maxjobs"),
+        (["cl", "CHGPJE PGM(QTCP/QTMSSRCP) MAXJOBS(0)"], "chgpje: MAXJOBS: '0' is not allowed"),
         (["cl", "CHGPJE SBSD(QSYS/QINTER) PGM(QTCP/QTMSSRCP) MAXJOBS(5)"], "QSYSWRK"),
         # The shape of the arguments: each mistake named with its command.
         (["chgpje", "--pgm", "QTMSSRCP", "--maxjobs", "30", "--maxjobs", "40"],

@@ -596,7 +596,7 @@ def test_cl_positional_type_and_removal(cfg, capsys):
     assert rc == 0, err
     assert "removed" in out
     rc, out, err = tm(capsys, cfg, "cl", "RMVSMTPLE TYPE(*NEAR) HOSTNAME(EXAMPLE.COM)")
-    assert rc == 2 and "--hostname: 'EXAMPLE.COM' is not in the *NEAR list" in err
+    assert rc == 2 and "HOSTNAME: 'EXAMPLE.COM' is not in the *NEAR list" in err
 
 
 def test_wrksmtple_table_and_json_hide_the_password(cfg, capsys):

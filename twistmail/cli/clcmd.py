@@ -9,6 +9,7 @@ learnt from it.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from typing import Any
@@ -105,5 +106,13 @@ def _group_args(group_ctx: click.Context) -> list[str]:
 def _invoke(group_ctx: click.Context, sub: click.Command, args: list[str]) -> Any:
     """Run ``sub`` as the group would: same settings object, same exit status."""
     group_ctx.meta[FROM_CL] = True  # a CL value may be any text, "--text" too
-    with sub.make_context(args[0], args[1:], parent=group_ctx) as sub_ctx:
-        return sub.invoke(sub_ctx)
+    try:
+        with sub.make_context(args[0], args[1:], parent=group_ctx) as sub_ctx:
+            return sub.invoke(sub_ctx)
+    except click.ClickException as e:
+        # Told in the words it was asked in: MAXJOBS, not --maxjobs.
+        e.message = _OPTION.sub(lambda m: m.group(1).upper(), e.message)
+        raise
+
+
+_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*)\b")
