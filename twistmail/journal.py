@@ -240,6 +240,13 @@ def _now_text() -> str:
     return f"{cached[1]}.{us:06d}Z"
 
 
+def time_text(epoch: float | None) -> str | None:
+    """A time a field names (a next try), written as ``ts`` is: UTC ISO 8601, to the second."""
+    if epoch is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
 # --------------------------------------------------------------------------- writer
 
 _forks = 0

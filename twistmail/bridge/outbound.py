@@ -92,6 +92,7 @@ from twisted.python import failure
 from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.bridge.schedule import TransferSchedule
 from twistmail.interfaces import CORRUPT, QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
+from twistmail.journal import time_text
 from twistmail.queue import DELIVERED, FAILED, PENDING, RETRY, Envelope
 
 SCAN_EVERY = 1.0  # seconds
@@ -589,7 +590,8 @@ class OutboundManager:
                 return
             self.queue.update(QTMSOUTQ, env.evolve(next_try=next_at))
         self.journal.write("8W", f"8W WAIT {QTMSOUTQ}", env.id, queue=QTMSOUTQ,
-                           next_try=next_at, mailxfrint=self.settings.smtp.mailxfrint)
+                           next_try=time_text(next_at),
+                           mailxfrint=self.settings.smtp.mailxfrint)
 
     def _dispatch(self, found: _Found, asked: bool = False) -> None:
         work, settle = found.work, found.settle
@@ -1132,7 +1134,7 @@ class OutboundManager:
             self._lower_retry_wake(queue_name, env.next_try if env.next_try is not None else 0.0)
             # The reply or local error of each recipient says why it waits.
             self.journal.write(code, f"{code} TRQ {queue_name}", qid, queue=queue_name,
-                               attempts=attempts, next_try=env.next_try,
+                               attempts=attempts, next_try=time_text(env.next_try),
                                recipients=[r.address for r in pending],
                                errors={r.address: r.last_error for r in pending})
         else:
