@@ -386,6 +386,19 @@ def test_the_systems_own_452_is_not_held_against_the_client():
     assert s.codes() == [250]
 
 
+def test_the_recipient_limit_is_not_held_against_the_client():
+    """452 4.5.3 at MAXRCPT asks for the rest in another transaction (RFC 5321
+    §4.5.3.1.10); counted as an error, a client that did so was slowed down
+    from the third message and cut off at the tenth."""
+    s = Session(maxerrors=5, maxrcpt=2)
+    s.start()
+    for _ in range(12):
+        s.send(b"MAIL FROM:<jane@example.test>\r\nRCPT TO:<sam@example.test>\r\n"
+               b"RCPT TO:<joe@example.test>\r\nRCPT TO:<ann@example.test>\r\nRSET\r\n")
+        assert s.codes() == [250, 250, 250, 452, 250]
+    assert s.proto.errors == 0
+
+
 def test_input_is_bounded_while_a_check_is_pending():
     s = Session()
     s.start()

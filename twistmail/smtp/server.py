@@ -422,8 +422,10 @@ class SMTPSession(SequentialSession):
         out = [f"{code}-{t}\r\n" for t in lines[:-1]] + [f"{code} {lines[-1]}\r\n"]
         write_now(self.transport, "".join(out).encode("utf-8", "replace"))
         # Errors of the client's count towards MAXERRORS; this system's own
-        # state (x.3.x: storage, a local error) is no fault of the client's.
-        if code >= 400 and code != 421 and not text[1:4] == ".3.":
+        # state (x.3.x: storage, a local error) is no fault of the client's,
+        # nor is its recipient limit (4.5.3, RFC 5321 §4.5.3.1.10: the client
+        # sends the rest in another transaction).
+        if code >= 400 and code != 421 and text[1:4] != ".3." and not text.startswith("4.5.3"):
             self.errors += 1
             if self.errors >= self.factory.maxerrors:
                 self.reply(421, f"4.7.0 {self.factory.backend.hostname} Too many errors, "
