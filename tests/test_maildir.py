@@ -25,6 +25,7 @@ from twistmail.interfaces import IMailboxStore
 from twistmail.maildir import (
     EXPUNGE_FILE,
     InvalidName,
+    MailboxGone,
     MailboxInUse,
     MaildirStore,
     MessageVanished,
@@ -314,6 +315,29 @@ def test_second_open_is_refused_until_close(store: MaildirStore) -> None:
         store.open("sam")
     session.close()
     store.open(USER).close()
+
+
+@pytest.mark.parametrize("step", ["_take_lock", "_remove_older", "_move_new"])
+def test_a_mailbox_removed_while_it_opens_is_gone_not_an_error(
+        store: MaildirStore, root: Path, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    """DLTUSRPRF *DLT removes the tree between a POP sign-on's password check
+    and its open: the session is refused, with no traceback and no lock left."""
+    import shutil
+
+    import twistmail.maildir as maildir
+
+    store.ensure(USER)
+    original = getattr(maildir, step)
+
+    def removed_first(*args: object, **kw: object) -> object:
+        shutil.rmtree(root / USER)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(maildir, step, removed_first)
+    with pytest.raises(MailboxGone):
+        store.open(USER)
+    monkeypatch.setattr(maildir, step, original)
+    store.open(USER).close()  # a profile made again under the name opens its mailbox
 
 
 def test_lock_is_released_by_commit(store: MaildirStore) -> None:

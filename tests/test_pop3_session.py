@@ -311,3 +311,21 @@ def test_pieces_deleted_under_one_msgsplit_do_not_hide_pieces_of_another(store, 
     again, session, transport = _listing(store, 32)
     assert again == first[2:]  # the first cut's record still holds for it
     session.dataReceived(b"QUIT\r\n")
+
+
+def test_a_sign_on_whose_mailbox_was_removed_meanwhile_is_told_to_try_again(store):
+    """DLTUSRPRF *DLT between the password check and the mailbox's open gave
+    "-ERR Internal error" and a critical traceback in the log."""
+    from twistmail.maildir import MailboxGone
+
+    class Gone(_Portal):
+        def login(self, creds, mind, iface):
+            return defer.fail(MailboxGone("SAM"))
+
+    _, factory, session, transport = _session(store)
+    factory.portal = Gone(store)
+    transport.clear()
+    session.dataReceived(b"USER sam\r\nPASS secret\r\nNOOP\r\n")
+    replies = transport.value().splitlines()
+    assert replies[1] == b"-ERR [SYS/TEMP] Mailbox not available, try again later", replies
+    assert replies[2].startswith(b"-ERR") and len(replies) == 3  # NOOP: still not signed on

@@ -131,6 +131,10 @@ class MailboxInUse(MaildirError):
     """Another session holds the mailbox (POP: ``-ERR [IN-USE]``)."""
 
 
+class MailboxGone(MaildirError):
+    """The mailbox was removed while a session opened it (DLTUSRPRF *DLT)."""
+
+
 class NoSuchMessage(MaildirError, LookupError):
     """No message with that number in this session, or it is marked deleted."""
 
@@ -306,9 +310,13 @@ class MaildirStore:
     def open(self, user: str) -> MailboxSession:
         """Lock the mailbox and take the snapshot a POP session works on.
 
-        Raises :class:`MailboxInUse` when another session holds it."""
-        maildir = self.ensure(user)
-        lock = _take_lock(maildir, check_user(user))
+        Raises :class:`MailboxInUse` when another session holds it, and
+        :class:`MailboxGone` when its profile's deletion removes it meanwhile."""
+        try:
+            maildir = self.ensure(user)
+            lock = _take_lock(maildir, check_user(user))
+        except FileNotFoundError as e:
+            raise MailboxGone(user) from e
         try:
             _finish_expunge(maildir)
             _remove_older(maildir / "tmp", time.time() - TMP_MAX_AGE)
@@ -317,6 +325,9 @@ class MaildirStore:
             _move_new(maildir)
             entries, redundant = self._scan(maildir / "cur")
             pieces = _read_pieces(maildir)
+        except FileNotFoundError as e:
+            lock.close()
+            raise MailboxGone(user) from e
         except BaseException:
             lock.close()
             raise

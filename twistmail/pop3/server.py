@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistmail.auth import IMailboxAccess
-from twistmail.maildir import MailboxInUse, MaildirError
+from twistmail.maildir import MailboxGone, MailboxInUse, MaildirError
 from twistmail.protocols.peer import client_address
 from twistmail.protocols.sequential import SequentialSession
 from twistmail.protocols.writenow import write_now
@@ -449,6 +449,10 @@ class POP3Session(SequentialSession):
             self.factory.journal.write("QU", f"QU INUSE {self.peer_ip}", ip=self.peer_ip,
                                        user=user)
             self.err("[IN-USE] Mailbox is in use by another POP session")
+            return None
+        if failure.check(MailboxGone):
+            # Its profile was deleted after the password was checked.
+            self.err("[SYS/TEMP] Mailbox not available, try again later")
             return None
         if not failure.check(UnauthorizedLogin):
             return failure
