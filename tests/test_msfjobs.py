@@ -347,3 +347,33 @@ def test_a_reload_switches_the_journals_of_the_bridge_and_its_qmsf_jobs(tmp_path
     assert not any(j.enabled for j in journals)
     assert manager.storage_full() and processor.storage_full()
     assert changed == []  # the client pool's entry is as it was: no JA CHG QTMSCCLCP
+
+
+def test_a_job_whose_bridge_is_gone_ends_without_a_traceback(tmp_path):
+    """ENDMSF *IMMED or a killed bridge closes the channel while a job works:
+    its answer then met a broken pipe, and every such end logged a traceback."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    config = tmp_path / "twistmail.toml"
+    config.write_text(render_toml(base_sections(tmp_path / "var")))
+    settings = configmod.load(config)
+    SqliteDirectory.from_settings(settings).create_profile("SAM", "secret")
+    with FileQueue.for_settings(settings).new_spool(
+            Envelope.new("jane@example.test", ["sam@example.test"])) as spool:
+        spool.write(b"Subject: hi\r\n\r\nhello\r\n")
+        qid = spool.commit(QTMSINQ)
+    ours, theirs = socket.socketpair()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys; from twistmail.bridge import msf\n"
+         f"os.dup2({theirs.fileno()}, msf.CHANNEL_FD)\n"
+         f"sys.exit(msf.main(['--config', {str(config)!r}]))"],
+        pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE, env=env)
+    theirs.close()
+    ours.sendall(qid.encode() + b"\n")
+    ours.close()  # gone before the answer
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 0 and b"Traceback" not in err, err.decode()

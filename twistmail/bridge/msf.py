@@ -115,15 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     settings = configmod.load(args.config)
     processor = build_processor(settings, f"{JOB_NAME}/{os.getpid()}")
     channel = socket.socket(fileno=CHANNEL_FD)
-    with channel.makefile("rb") as lines:
-        for line in lines:
-            queue_id = line.strip().decode("ascii", "replace")
-            if not queue_id:
-                continue
-            if reload_asked:
-                reload_asked.clear()
-                _reload(args.config, processor)
-            channel.sendall(answer(processor, queue_id) + b"\n")
+    try:
+        with channel.makefile("rb") as lines:
+            for line in lines:
+                queue_id = line.strip().decode("ascii", "replace")
+                if not queue_id:
+                    continue
+                if reload_asked:
+                    reload_asked.clear()
+                    _reload(args.config, processor)
+                channel.sendall(answer(processor, queue_id) + b"\n")
+    except (BrokenPipeError, ConnectionResetError):
+        # The bridge is gone (ENDMSF *IMMED, killed): so is this job.  What it
+        # did is in the queue; a message it had not answered for is taken
+        # again by the next bridge, and makes no second copy.
+        pass
     return 0
 
 
