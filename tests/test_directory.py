@@ -955,11 +955,13 @@ def test_password_none_signs_on_nobody_and_same_keeps_what_is_there(cfg, capsys)
     rc, out, err = tm(capsys, cfg, "dspusrprf", "--usrprf", "sam")
     assert "Password is *NONE" in out and "*YES" in out
     for command in (("crtusrprf", "--usrprf", "joe", "--password", "*SAME"),
+                    ("crtusrprf", "--usrprf", "joe", "--password", "pw", "--text", "*SAME"),
                     ("crtusrprf", "--usrprf", "joe", "--password", "*USRPRF"),
                     ("chgusrprf", "--usrprf", "sam", "--password", "*USRPRF")):
         rc, out, err = tm(capsys, cfg, *command)
-        assert rc == 2 and err.startswith("twistmail") and "--password:" in err, err
-        assert "allowed: a password, *NONE" in err and len(err.splitlines()) == 1
+        assert rc == 2 and err.startswith("twistmail") and len(err.splitlines()) == 1, err
+        assert ("--password:" in err and "allowed: a password, *NONE" in err) or \
+            "--text: '*SAME' is not allowed for a new profile" in err, err
 
 
 def test_same_in_a_directory_change_keeps_the_value(cfg, capsys):
@@ -991,3 +993,50 @@ def test_an_smtp_name_goes_as_a_whole_and_half_a_name_is_named(d):
     with pytest.raises(DirectoryError, match="smtpuser: '\\*NONE' is not allowed with SMTP "
                        "domain 'example.test'; allowed: a user name"):
         d.change_entry("ANN", "MAIL", smtpdomain="example.test")
+
+
+def test_special_values_from_stdin_mean_what_they_mean_on_the_command_line(
+        cfg, capsys, monkeypatch):
+    """echo '*none' | crtusrprf --password - made a profile anyone could sign on
+    to with "*none"; echo '*SAME' | chgusrprf set the password "*SAME"."""
+    import io
+
+    from twistmail import config
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("*none\n"))
+    assert tm(capsys, cfg, "crtusrprf", "--usrprf", "mailonly", "--password", "-")[0] == 0
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    monkeypatch.setattr("sys.stdin", io.StringIO("*SAME\n"))
+    rc, out, err = tm(capsys, cfg, "chgusrprf", "--usrprf", "sam", "--password", "-")
+    assert (rc, out) == (0, "User profile SAM unchanged (*SAME).\n"), err
+    with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        assert d.get_profile("mailonly").password_none
+        assert d.authenticate("mailonly", "*none") is None
+        assert d.authenticate("sam", "pw") == "SAM"
+
+
+def test_a_profile_an_older_version_gave_the_password_star_none_cannot_sign_on(d):
+    """Before PASSWORD(*NONE) was understood it was stored as the password
+    "*NONE"; IBM's special values never sign on, whatever is stored."""
+    d.create_profile("OLDNONE", "pw")
+    with d._write() as conn:
+        conn.execute("UPDATE profiles SET pwhash = ? WHERE usrprf = 'OLDNONE'",
+                     (dirmod.hash_password("*NONE"),))
+    for typed in ("*NONE", "*none", " *NONE "):
+        assert d.authenticate("OLDNONE", typed) is None
+    assert dirmod.verify_password("*NONE", d._conn().execute(
+        "SELECT pwhash FROM profiles WHERE usrprf = 'OLDNONE'").fetchone()[0])
+
+
+def test_chgdire_keeps_a_profile_s_own_address_first(d):
+    """A change rewrote the row, which then came after an entry routed to the
+    same mailbox, whose name the profile then sent as."""
+    d.create_profile("SALESTEAM1", "pw")
+    d.create_profile("SALESTEAM2", "pw")  # enrolled as SALESTE1: not its name's first 8
+    d.add_entry(DirectoryEntry("NDCOPY", "MAIL", "copies", user="SALESTEAM2",
+                               msfsrvlvl="*SYSMS", prefadr="*SMTP", smtpuser="nondelivery"))
+    own = d.get_entry("SALESTE1", "MAIL") or d.get_entry("SALESTEA", "MAIL")
+    d.change_entry(own.userid, own.address, usrd="Sales team 2")
+    assert d.smtp_address("SALESTEAM2") == "salesteam2@example.test"
+    d.change_entry("NDCOPY", "MAIL", prefadr="*USRID", smtpuser=" *none ")  # any case
+    assert d.get_entry("NDCOPY", "MAIL").smtpdomain is None

@@ -58,6 +58,7 @@ STATUSES = (ENABLED, DISABLED)
 #: PASSWORD(*NONE): the profile has no password and cannot sign on (mail-only
 #: profiles such as the one NONDELIVERY copies go to).
 NO_PASSWORD = "*NONE"
+SPECIAL_PASSWORDS = frozenset((NO_PASSWORD, "*SAME", "*USRPRF"))
 SYSMS = "*SYSMS"
 USRIDX = "*USRIDX"
 SERVICE_LEVELS = (SYSMS, USRIDX)
@@ -780,8 +781,11 @@ class SqliteDirectory:
                 .execute("SELECT pwhash, status FROM profiles WHERE usrprf = ?", (name,))
                 .fetchone()
             )
-        if row is not None and row["pwhash"] == NO_PASSWORD:
-            row = None  # PASSWORD(*NONE): refused as an unknown name is, at the same cost
+        if row is not None and (row["pwhash"] == NO_PASSWORD or _special(password)):
+            # PASSWORD(*NONE): refused as an unknown name is, at the same cost.
+            # So are IBM's special values typed as a password: an older
+            # twistmail stored PASSWORD(*NONE) as the password "*NONE".
+            row = None
         stored = row["pwhash"] if row is not None else _dummy_hash()
         secret = password if isinstance(password, str) else ""
         nfc = unicodedata.normalize("NFC", secret)
@@ -823,13 +827,19 @@ class SqliteDirectory:
             current = _entry_row(conn, *key)
             if current is None:
                 raise _no_entry(*key)
-            if "smtpuser" in fields and "smtpdomain" not in fields and \
-                    fields["smtpuser"] in (None, NONE):
+            if "smtpuser" in fields and "smtpdomain" not in fields and (
+                    fields["smtpuser"] is None or str(fields["smtpuser"]).strip().upper() == NONE):
                 fields = {**fields, "smtpdomain": None}  # the SMTP name goes as a whole
             changed = attrs.evolve(_entry(current), **fields)
             changed = self._checked(conn, _normalized(changed, self.local_domains), new=False)
-            conn.execute("DELETE FROM entries WHERE userid = ? AND address = ?", key)
-            self._insert_entry(conn, changed)
+            # In place: the row keeps its place among the profile's entries,
+            # which tells its own entry (enrolled first) from later ones.
+            conn.execute(
+                "UPDATE entries SET usrd = ?, usrprf = ?, msfsrvlvl = ?, prefadr = ?,"
+                " smtpuser = ?, smtpdomain = ?, smtpfold = ? WHERE userid = ? AND address = ?",
+                (changed.usrd, changed.user, changed.msfsrvlvl, changed.prefadr,
+                 changed.smtpuser, changed.smtpdomain,
+                 None if changed.smtpuser is None else _fold(changed.smtpuser), *key))
         return changed
 
     def remove_entry(self, userid: str, address: str) -> None:
@@ -1163,10 +1173,20 @@ def _profile(row: sqlite3.Row) -> UserProfile:
                        bool(row["password_none"]))
 
 
+def _special(password: Any) -> bool:
+    """One of IBM's special values of PASSWORD, which is never a password."""
+    return isinstance(password, str) and password.strip().upper() in SPECIAL_PASSWORDS
+
+
 def _password_hash(password: str) -> str:
     """What is stored for a password: its hash, or NO_PASSWORD as it is,
     which no hash check matches."""
-    return NO_PASSWORD if password == NO_PASSWORD else hash_password(_check_password(password))
+    if password.strip().upper() == NO_PASSWORD:
+        return NO_PASSWORD
+    if _special(password):
+        raise DirectoryError("password", password, "is not allowed; allowed: a password, or "
+                             "*NONE (no sign-on)")
+    return hash_password(_check_password(password))
 
 
 def _entry_row(conn: sqlite3.Connection, userid: str, address: str) -> sqlite3.Row | None:

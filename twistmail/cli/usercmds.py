@@ -71,18 +71,18 @@ def _password(raw: str | None, change: bool = False) -> str | None:
     """
     if raw is None:
         return None
-    if raw == "-":
-        return stdin_text("--password")
-    word = raw.strip().upper()
+    text = stdin_text("--password") if raw == "-" else raw  # the same words, either way
+    word = text.strip().upper()
     if word == "*NONE":
         return dirmod.NO_PASSWORD
     if word == "*SAME" and change:
         return None
-    if word in ("*SAME", "*USRPRF"):
-        usage_error(f"--password: {raw!r} is not allowed; allowed: a password, *NONE (no "
+    if word in dirmod.SPECIAL_PASSWORDS:
+        shown = "*USRPRF" if word == "*USRPRF" else repr(text.strip())
+        usage_error(f"--password: {shown} is not allowed; allowed: a password, *NONE (no "
                     f"sign-on){', *SAME' if change else ''}, or - to read it from standard "
                     "input")
-    return raw
+    return text
 
 
 def _text(raw: str | None, change: bool = False) -> str | None:
@@ -92,8 +92,11 @@ def _text(raw: str | None, change: bool = False) -> str | None:
     word = raw.strip().upper()
     if word == "*BLANK":
         return ""
-    if word == "*SAME" and change:
-        return None
+    if word == "*SAME":
+        if change:
+            return None
+        usage_error("--text: '*SAME' is not allowed for a new profile; allowed: a text "
+                    "description, or *BLANK")
     return raw
 
 
