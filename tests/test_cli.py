@@ -48,6 +48,8 @@ def stopped(make_appliance) -> Appliance:
         (["dspactpj"], "--pgm"),
         (["nosuchcommand"], "nosuchcommand"),
         (["cl", "CHGPJE PGM(QTCP/QTMSSRCP) MAXJOBS(0)"], "chgpje: MAXJOBS: '0' is not allowed"),
+        (["cl", "DSPJRN ENTTYP(ZZ)"], "dspjrn: ENTTYP: 'ZZ' matches no journal code"),
+        (["cl", "DSPJRN ENDTALEN(512)"], "ENTDTALEN, JRNCDE, OUTMBR"),
         (["cl", "CHGPJE SBSD(QSYS/QINTER) PGM(QTCP/QTMSSRCP) MAXJOBS(5)"], "QSYSWRK"),
         # The shape of the arguments: each mistake named with its command.
         (["chgpje", "--pgm", "QTMSSRCP", "--maxjobs", "30", "--maxjobs", "40"],

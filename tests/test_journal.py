@@ -291,7 +291,11 @@ def test_parse_time() -> None:
     # IBM's FROMTIME('113026' '070257'): MMDDYY and HHMMSS; one word is ISO's.
     assert parse_time("113026 070257", now) == datetime(2026, 11, 30, 7, 2, 57, tzinfo=UTC)
     assert parse_time("010199 0800", now) == datetime(1999, 1, 1, 8, 0, tzinfo=UTC)
-    assert parse_time("113026", now) == datetime(2024, 5, 1, 11, 30, 26, tzinfo=UTC)
+    assert parse_time("113026", now) == datetime(2026, 11, 30, tzinfo=UTC)  # a date, as IBM's
+    assert parse_time("113026", now, end_of_day=True) == datetime(
+        2026, 11, 30, 23, 59, 59, 999999, tzinfo=UTC)
+    assert parse_time("113026 080434", now, end_of_day=True) == datetime(
+        2026, 11, 30, 8, 4, 34, 999999, tzinfo=UTC)  # TOTIME: that whole second
     for bad in ("yesterday", "", "-10x", "10m", "2024-13-01", "-99999999999h", "-999999d",
                 "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00",
                 "133026 070257"):
@@ -318,7 +322,7 @@ def test_dspjrn_table(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert out[1].split()[3:6] == ["88", "QTSMTPSRVP/7", "Q0"]
     assert out[-1].split()[3:] == ["9S", "QTSMTPSRVP/7", "9S", "192.0.2.7"]
     # IBM's entry type of every QZMF entry, and its default, select them all.
-    for every in ("LG", "*ALL", "lg"):
+    for every in ("LG", "*ALL", "lg", "9S,LG"):
         assert run(["--config", str(config), "dspjrn", "--code", every]) == 0
         assert len(capsys.readouterr().out.splitlines()) == 1 + 91
 

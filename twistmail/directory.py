@@ -316,11 +316,12 @@ LIST_TYPES: dict[str, ListType] = {
         ),
         ListType(
             DOMAIN,
-            "the domain of an interface the SMTP server binds to",
+            "the domain of an interface the SMTP server binds to (kept, not used)",
             ("intnetadr", "hostname"),
             ("intnetadr",),
         ),
-        ListType(SVRBIND, "addresses the SMTP server binds to", ("intnetadr",), ("intnetadr",)),
+        ListType(SVRBIND, "addresses the SMTP server binds to (kept, not used: [listen])",
+                 ("intnetadr",), ("intnetadr",)),
         ListType(CLTBIND, "addresses the SMTP client binds to", ("intnetadr",), ("intnetadr",)),
         ListType(
             ETRNSVR,

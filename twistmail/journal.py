@@ -903,9 +903,8 @@ _RELATIVE_RE = re.compile(r"^-(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 #: IBM's DSPJRN FROMTIME('113026' '070257'): a date as the job's *MDY format
-#: has it, then a time HHMMSS (or HHMM).  Both: one word of six digits is
-#: ISO 8601's time of day.
-_IBM_TIME_RE = re.compile(r"^(\d\d)(\d\d)(\d\d)\s+(\d\d)(\d\d)(\d\d)?$")
+#: has it, then, optionally, a time HHMMSS (or HHMM).
+_IBM_TIME_RE = re.compile(r"^(\d\d)(\d\d)(\d\d)(?:\s+(\d\d)(\d\d)(\d\d)?)?$")
 
 
 def parse_time(text: str, now: datetime | None = None, *, end_of_day: bool = False) -> datetime:
@@ -927,8 +926,13 @@ def parse_time(text: str, now: datetime | None = None, *, end_of_day: bool = Fal
         if ibm:
             month, day, year, hour, minute, second = (int(g or 0) for g in ibm.groups())
             # The century as IBM i reads a two-digit year: 40-99 is 19xx.
-            return datetime(year + (1900 if year >= 40 else 2000), month, day, hour, minute,
-                            second, tzinfo=UTC)
+            t = datetime(year + (1900 if year >= 40 else 2000), month, day, hour, minute,
+                         second, tzinfo=UTC)
+            if end_of_day:  # up to the end of what was given: the day, minute or second
+                unit = ("days" if ibm.group(4) is None else
+                        "minutes" if ibm.group(6) is None else "seconds")
+                t += timedelta(**{unit: 1}, microseconds=-1)
+            return t
         t = _parse_iso(s, now)
         if end_of_day and _DATE_RE.match(s):
             t += timedelta(days=1, microseconds=-1)
@@ -936,7 +940,7 @@ def parse_time(text: str, now: datetime | None = None, *, end_of_day: bool = Fal
     except (ValueError, OverflowError):  # not a time, or none this calendar holds
         raise ValueError(
             f"{text!r} is not a time; allowed: ISO 8601 (2024-05-01, 2024-05-01T10:30, "
-            "with Z or an offset, naive is UTC), IBM's MMDDYY HHMMSS (UTC), or relative "
+            "with Z or an offset, naive is UTC), IBM's MMDDYY [HHMMSS] (UTC), or relative "
             "-30s, -10m, -2h, -1d, -1w, within the years 1-9999"
         ) from None
 

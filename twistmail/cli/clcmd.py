@@ -110,9 +110,13 @@ def _invoke(group_ctx: click.Context, sub: click.Command, args: list[str]) -> An
         with sub.make_context(args[0], args[1:], parent=group_ctx) as sub_ctx:
             return sub.invoke(sub_ctx)
     except click.ClickException as e:
-        # Told in the words it was asked in: MAXJOBS, not --maxjobs.
-        e.message = _OPTION.sub(lambda m: m.group(1).upper(), e.message)
+        # Told in the words it was asked in: MAXJOBS, not --maxjobs; ENTTYP,
+        # not the --code it maps to.
+        typed = {option: keyword for (command, keyword), option in clparse.SYNONYMS.items()
+                 if command == sub.name.upper()}
+        e.message = _OPTION.sub(lambda m: typed.get(m.group(1).upper(), m.group(1).upper()),
+                                e.message)
         raise
 
 
-_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*)\b")
+_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*[a-z0-9])")

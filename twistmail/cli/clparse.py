@@ -437,6 +437,7 @@ def _nargs(name: str, keyword: str, command_options: Mapping[str, int | None] | 
         known += [k for (n, k) in SYNONYMS if n == name]
         if name in SHOWN_ONLY:
             known.append(SHOWN_ONLY[name])
+        known += sorted(IGNORED.get(name, ()))
         raise ClError(f"{name} has no keyword {keyword}; keywords: {', '.join(known)}")
     return command_options[option]
 

@@ -68,8 +68,8 @@ def _codes(text: str | None) -> list[str] | None:
     try:
         # Commas, or blanks as in a CL list; an empty item between commas is named.
         patterns = [p for part in text.split(",") for p in part.split() or [part]]
-        if patterns and all(p.upper() in _EVERY_ENTRY for p in patterns):
-            return None
+        if any(p.upper() in _EVERY_ENTRY for p in patterns):
+            return None  # every entry, whatever else is named with it
         return journal.check_code_patterns(patterns, known=journal.CODES)
     except ValueError as e:
         usage_error(f"--code: {e}")
@@ -138,9 +138,9 @@ def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
               help="Entry codes, e.g. 9S,8*,J* (LG or *ALL: all).")
 @click.option("--msgid", metavar="ID", help="Only the entries of this queue id.")
 @click.option("--from", "from_text", metavar="T",
-              help="From this time (ISO 8601, MMDDYY HHMMSS, or -10m, -2h).")
+              help="From this time (ISO 8601, MMDDYY [HHMMSS], or -10m, -2h).")
 @click.option("--to", "to_text", metavar="T",
-              help="Up to this time (ISO 8601, MMDDYY HHMMSS, or -10m, -2h).")
+              help="Up to this time (ISO 8601, MMDDYY [HHMMSS], or -10m, -2h).")
 @click.option("--json", "as_json", is_flag=True, help="JSON (JSON lines with --follow).")
 @click.option("--outfile", metavar="F.csv", help="Write the entries to a CSV file.")
 @click.option("--output", default=None,
