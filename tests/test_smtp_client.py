@@ -969,3 +969,35 @@ def _other_ca_pem() -> bytes:
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_client_job_s_reload_leaves_no_resolver_behind(tmp_path):
+    """Each settings reload (every CHGPJE or CHGSMTPA) made the client job a
+    new deliverer; the old one's resolver re-read resolv.conf every minute for
+    ever and was never freed: about 4 KB and one timer per reload."""
+    from appliance import base_sections, render_toml
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from twistmail import config as configmod
+    from twistmail.prestart.job import Job
+
+    config = tmp_path / "twistmail.toml"
+    config.write_text(render_toml(base_sections(tmp_path / "var")))
+    clock = Clock()
+    job = Job(clock, "QTMSCCLCP", configmod.load(config), source=str(config))
+    timers = len(clock.getDelayedCalls())
+    for _ in range(5):
+        job.reconfigure()
+    assert len(clock.getDelayedCalls()) == timers
+    # A deliverer in use when a reload replaces it is closed when its task ends.
+    running: defer.Deferred = defer.Deferred()
+    busy = job.deliverer
+    busy.run = lambda payload: running
+    job.done = lambda line: None
+    job.run_task("T1", b"{}")
+    job.reconfigure()
+    assert busy.resolver.resolver._parseCall.active()
+    running.callback(b"OK")
+    assert not busy.resolver.resolver._parseCall.active()
+    assert len(clock.getDelayedCalls()) == timers

@@ -93,6 +93,8 @@ class Job:
         self.stopping = False
         self.channel: JobChannel | None = None
         self.deliverer: Any = None
+        self._retired: list[Any] = []  # deliverers a reload replaced, closed once idle
+        self._tasks = 0
         self.journal: Any = None
         self.factories = self._factories()
 
@@ -110,7 +112,10 @@ class Job:
         if self.pgm == "QTPOPSRVP":
             return self._pop_factories()
         if self.pgm == "QTMSCCLCP":
-            self.deliverer = self._deliverer()
+            old, self.deliverer = self.deliverer, self._deliverer()
+            if old is not None:
+                self._retired.append(old)
+                self._close_retired()
             return {}
         return self._smtp_factories()
 
@@ -124,10 +129,29 @@ class Job:
         return Deliverer(self.reactor, s, FileQueue.for_settings(s),
                          SqliteDirectory.from_settings(s), journal)
 
+    def _close_retired(self) -> None:
+        """A deliverer a reload replaced keeps a resolver that re-reads
+        resolv.conf every minute for ever, and kept SMTP connections: closed
+        once no task uses it (each reload leaked a resolver before)."""
+        if self._tasks:
+            return
+        retired, self._retired = self._retired, []
+        for old in retired:
+            old.resolver.close()
+            old.sessions.close_all()
+
     def run_task(self, token: str, payload: bytes) -> None:
         """An SMTP client job's work: deliver, report RESULT, then FREE."""
         self.sessions += 1
+        self._tasks += 1
         d = self.deliverer.run(payload)
+
+        def finished(result: Any) -> Any:
+            self._tasks -= 1
+            self._close_retired()
+            return result
+
+        d.addBoth(finished)
         d.addCallback(lambda result: self.done(b"RESULT " + token.encode("ascii") + b" " + result))
 
     @staticmethod
