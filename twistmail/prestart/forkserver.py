@@ -39,7 +39,7 @@ import signal
 import socket
 import sys
 
-from twistmail.lifeline import die_with_parent, name_process
+from twistmail.lifeline import die_with_parent, name_process, return_large_blocks
 
 CONTROL_FD = 3
 JOB_CHANNEL_FD = 3
@@ -236,6 +236,7 @@ def fork_launcher(programs: tuple[str, ...],
             os.closerange(CONTROL_FD + 1 if kept is None else KEPT_FD + 1,
                           os.sysconf("SC_OPEN_MAX"))
             die_with_parent()
+            return_large_blocks()  # the jobs forked from here keep it
             name_process(NAME)
             code = _run_launcher()
         except SystemExit as e:  # the bridge died meanwhile
@@ -257,6 +258,7 @@ def _run_launcher() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
+    return_large_blocks()  # the jobs forked from here keep it
     name_process(NAME)
     preload(sys.argv[1:] if argv is None else argv)
     return _run_launcher()

@@ -25,7 +25,12 @@ from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from twistmail import config as configmod
-from twistmail.lifeline import die_with_parent, log_to_stderr, stop_once_on_sigterm
+from twistmail.lifeline import (
+    die_with_parent,
+    log_to_stderr,
+    return_large_blocks,
+    stop_once_on_sigterm,
+)
 from twistmail.prestart import channel
 from twistmail.protocols.writenow import write_now
 
@@ -321,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     die_with_parent()
+    return_large_blocks()
     log_to_stderr()
     settings = configmod.load(args.config)
 
