@@ -49,6 +49,8 @@ def stopped(make_appliance) -> Appliance:
         (["nosuchcommand"], "nosuchcommand"),
         (["cl", "CHGPJE PGM(QTCP/QTMSSRCP) MAXJOBS(0)"], "chgpje: MAXJOBS: '0' is not allowed"),
         (["cl", "DSPJRN ENTTYP(ZZ)"], "dspjrn: ENTTYP: 'ZZ' matches no journal code"),
+        (["cl", "CHGUSRPRF USRPRF(NOSUCH) PASSWORD(*SAME)"], "USRPRF: 'NOSUCH' does not exist"),
+        (["cl", "CHGDIRE USRID(NOSUCH MAIL) USRD(*SAME)"], "USRID: 'NOSUCH MAIL' is not in"),
         (["cl", "DSPJRN ENDTALEN(512)"], "ENTDTALEN, JRNCDE, OUTMBR"),
         (["cl", "CHGPJE SBSD(QSYS/QINTER) PGM(QTCP/QTMSSRCP) MAXJOBS(5)"], "QSYSWRK"),
         # The shape of the arguments: each mistake named with its command.

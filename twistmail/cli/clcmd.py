@@ -114,8 +114,13 @@ def _invoke(group_ctx: click.Context, sub: click.Command, args: list[str]) -> An
         # not the --code it maps to.
         typed = {option: keyword for (command, keyword), option in clparse.SYNONYMS.items()
                  if command == sub.name.upper()}
-        e.message = _OPTION.sub(lambda m: typed.get(m.group(1).upper(), m.group(1).upper()),
-                                e.message)
+        own = command_options(sub)[0]  # not the group's --config, which CL has no word for
+
+        def keyword(m: re.Match[str]) -> str:
+            name = m.group(1)
+            return typed.get(name.upper(), name.upper()) if name in own else m.group(0)
+
+        e.message = _OPTION.sub(keyword, e.message)
         raise
 
 

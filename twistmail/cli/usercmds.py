@@ -218,6 +218,9 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
 def chgusrprf(usrprf: str, password: str | None, status: str | None, text: str | None) -> None:
     """Change a user profile's password, status or text."""
     if password is None and status is None and text is None:
+        with open_directory("the directory", OPTION_OF_FIELD) as d:
+            if d.get_profile(dirmod.profile_name(usrprf)) is None:  # as IBM i checks first
+                raise DirectoryError("usrprf", dirmod.profile_name(usrprf), "does not exist")
         nothing_to_change("give at least one of --password, --status, --text")
     if status is not None and status.strip().upper() == "*SAME":
         status = None
@@ -353,6 +356,10 @@ def chgdire(usrid: tuple[str, str], **options: str | None) -> None:
     given = any(v is not None for v in options.values())
     fields = _entry_fields(True, **options)
     if not given:
+        with open_directory("the directory", OPTION_OF_FIELD) as d:
+            if d.get_entry(*usrid) is None:  # as IBM i checks first
+                raise DirectoryError("usrid", f"{usrid[0]} {usrid[1]}".upper(),
+                                     "is not in the directory")
         nothing_to_change(
             "give at least one of --usrd, --user, --msfsrvlvl, --prefadr, --smtpuser, --smtpdomain"
         )
