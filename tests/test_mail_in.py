@@ -505,7 +505,8 @@ def test_usridx_user_gets_mail_in_the_snads_store(post):
     a.wait_for(lambda: list(store.glob("*")), 15, "SNADS store delivery")
     [path] = list(store.glob("*"))
     assert path.read_bytes().endswith(b"for the distribution store\r\n")
-    entry = [e for e in a.journal("7O")][0]
+    # The step's entries are written as it ends, just after the copy is made.
+    [entry] = a.wait_for(lambda: a.journal("7O"), 10, "the 7O entry")
     assert entry["userid"] == "OVUSER" and entry["address"] == "HQ"
 
 
