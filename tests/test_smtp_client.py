@@ -987,9 +987,12 @@ def test_a_client_job_s_reload_leaves_no_resolver_behind(tmp_path):
     clock = Clock()
     job = Job(clock, "QTMSCCLCP", configmod.load(config), source=str(config))
     timers = len(clock.getDelayedCalls())
+    directory = job.directory()
     for _ in range(5):
         job.reconfigure()
     assert len(clock.getDelayedCalls()) == timers
+    # One directory for the job's life: each holds a connection in every pool thread.
+    assert job.deliverer.directory is directory
     # A deliverer in use when a reload replaces it is closed when its task ends.
     running: defer.Deferred = defer.Deferred()
     busy = job.deliverer

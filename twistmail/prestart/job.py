@@ -101,6 +101,7 @@ class Job:
         self._retired: list[Any] = []  # deliverers a reload replaced, closed once idle
         self._tasks = 0
         self.journal: Any = None
+        self._directory: Any = None
         self.factories = self._factories()
 
     def _journal(self, name: str) -> Any:
@@ -112,6 +113,17 @@ class Job:
         else:
             self.journal.configure(self.settings)
         return self.journal
+
+    def directory(self) -> Any:
+        """The job's one directory, kept across reloads: each has a connection
+        in every pool thread, which a new one per reload left open (two file
+        descriptors and some memory per reload).  Its file and domains are
+        [system] settings, which only a restart changes."""
+        from twistmail.directory import SqliteDirectory
+
+        if self._directory is None:
+            self._directory = SqliteDirectory.from_settings(self.settings)
+        return self._directory
 
     def _factories(self) -> dict[str, Factory]:
         if self.pgm == "QTPOPSRVP":
@@ -125,14 +137,12 @@ class Job:
         return self._smtp_factories()
 
     def _deliverer(self) -> Any:
-        from twistmail.directory import SqliteDirectory
         from twistmail.queue import FileQueue
         from twistmail.smtp.delivery import Deliverer
 
         s = self.settings
         journal = self._journal(f"QTSMTPCLTP/{os.getpid()}")
-        return Deliverer(self.reactor, s, FileQueue.for_settings(s),
-                         SqliteDirectory.from_settings(s), journal)
+        return Deliverer(self.reactor, s, FileQueue.for_settings(s), self.directory(), journal)
 
     def _close_retired(self) -> None:
         """A deliverer a reload replaced keeps a resolver that re-reads
@@ -168,13 +178,12 @@ class Job:
     def _pop_factories(self) -> dict[str, Factory]:
         from twistmail import tlsconfig
         from twistmail.auth import mailbox_portal
-        from twistmail.directory import SqliteDirectory
         from twistmail.maildir import MaildirStore
         from twistmail.pop3.server import POP3Factory
 
         s = self.settings
         journal = self._journal(f"QTPOPSRVP/{os.getpid()}")
-        directory = SqliteDirectory.from_settings(s)
+        directory = self.directory()
         store = MaildirStore(s.datadir / "mailboxes", s.hostname)
         portal = mailbox_portal(self.reactor, directory, store)
         options = tlsconfig.server_options(s)
@@ -193,7 +202,6 @@ class Job:
 
     def _smtp_factories(self) -> dict[str, Factory]:
         from twistmail import tlsconfig
-        from twistmail.directory import SqliteDirectory
         from twistmail.queue import FileQueue
         from twistmail.smtp.backend import QueueBackend
         from twistmail.smtp.server import SMTPFactory
@@ -201,7 +209,7 @@ class Job:
         s = self.settings
         journal = self._journal(f"{configmod.PROGRAMS[self.pgm]['job']}/{os.getpid()}")
         backend = QueueBackend(
-            self.reactor, s, SqliteDirectory.from_settings(s), FileQueue.for_settings(s), journal
+            self.reactor, s, self.directory(), FileQueue.for_settings(s), journal
         )
         options = tlsconfig.server_options(s)
         out: dict[str, Factory] = {}
