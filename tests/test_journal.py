@@ -296,6 +296,16 @@ def test_parse_time() -> None:
         2026, 11, 30, 23, 59, 59, 999999, tzinfo=UTC)
     assert parse_time("113026 080434", now, end_of_day=True) == datetime(
         2026, 11, 30, 8, 4, 34, 999999, tzinfo=UTC)  # TOTIME: that whole second
+    # An ISO --to takes the whole of its last unit too; a fraction is exact.
+    for text, last in (("2026-11-30T08", (8, 59, 59, 999999)),
+                       ("2026-11-30T08:04", (8, 4, 59, 999999)),
+                       ("08:04:34Z", (8, 4, 34, 999999)),
+                       ("2026-11-30T03:04:34-05:00", (8, 4, 34, 999999)),
+                       ("20261130T0804", (8, 4, 59, 999999)),
+                       ("2026-11-30T08:04:34.25", (8, 4, 34, 250000))):
+        today = datetime(2026, 11, 30, tzinfo=UTC)
+        assert parse_time(text, today, end_of_day=True) == today.replace(
+            hour=last[0], minute=last[1], second=last[2], microsecond=last[3]), text
     for bad in ("yesterday", "", "-10x", "10m", "2024-13-01", "-99999999999h", "-999999d",
                 "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00",
                 "133026 070257"):
@@ -325,6 +335,9 @@ def test_dspjrn_table(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for every in ("LG", "*ALL", "lg", "9S,LG"):
         assert run(["--config", str(config), "dspjrn", "--code", every]) == 0
         assert len(capsys.readouterr().out.splitlines()) == 1 + 91
+    # ... but a typo beside it is still named.
+    assert run(["--config", str(config), "dspjrn", "--code", "LG,ZZ"]) == 2
+    assert "'ZZ'" in capsys.readouterr().err
 
 
 def test_dspjrn_json_and_msgid(config: Path, capsys: pytest.CaptureFixture[str]) -> None:

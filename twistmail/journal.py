@@ -911,8 +911,8 @@ def parse_time(text: str, now: datetime | None = None, *, end_of_day: bool = Fal
     """An aware UTC datetime from ISO 8601 or a relative time like ``-10m``.
 
     Naive times are UTC, as the journal is.  A bare time of day means today.
-    With ``end_of_day`` a bare date means its last microsecond, so ``--to
-    2024-05-01`` includes that whole day.
+    With ``end_of_day`` a time means the last microsecond of what it names, so
+    ``--to 2024-05-01`` includes that whole day and ``--to 10:30`` that minute.
     """
     s = text.strip()
     now = now or datetime.now(UTC)
@@ -934,8 +934,9 @@ def parse_time(text: str, now: datetime | None = None, *, end_of_day: bool = Fal
                 t += timedelta(**{unit: 1}, microseconds=-1)
             return t
         t = _parse_iso(s, now)
-        if end_of_day and _DATE_RE.match(s):
-            t += timedelta(days=1, microseconds=-1)
+        unit = _iso_unit(s) if end_of_day else None
+        if unit:
+            t += timedelta(**{unit: 1}, microseconds=-1)
         return t
     except (ValueError, OverflowError):  # not a time, or none this calendar holds
         raise ValueError(
@@ -943,6 +944,18 @@ def parse_time(text: str, now: datetime | None = None, *, end_of_day: bool = Fal
             "with Z or an offset, naive is UTC), IBM's MMDDYY [HHMMSS] (UTC), or relative "
             "-30s, -10m, -2h, -1d, -1w, within the years 1-9999"
         ) from None
+
+
+def _iso_unit(s: str) -> str | None:
+    """The last unit an ISO time names, so that ``--to 10:30`` takes its whole minute.
+
+    A time with a fraction of a second is exact: there is nothing after it to take.
+    """
+    if _DATE_RE.match(s):
+        return "days"
+    clock = re.split(r"[T ]", s, maxsplit=1)[-1]
+    clock = re.split(r"[Zz+-]", clock, maxsplit=1)[0]
+    return {2: "hours", 4: "minutes", 6: "seconds"}.get(len(clock.replace(":", "")))
 
 
 def _parse_iso(s: str, now: datetime) -> datetime:

@@ -68,9 +68,11 @@ def _codes(text: str | None) -> list[str] | None:
     try:
         # Commas, or blanks as in a CL list; an empty item between commas is named.
         patterns = [p for part in text.split(",") for p in part.split() or [part]]
-        if any(p.upper() in _EVERY_ENTRY for p in patterns):
-            return None  # every entry, whatever else is named with it
-        return journal.check_code_patterns(patterns, known=journal.CODES)
+        named = [p for p in patterns if p.upper() not in _EVERY_ENTRY]
+        checked = journal.check_code_patterns(named, known=journal.CODES) if named else []
+        if len(named) < len(patterns):
+            return None  # every entry, whatever else is named with it (once it is valid)
+        return checked
     except ValueError as e:
         usage_error(f"--code: {e}")
 
