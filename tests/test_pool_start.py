@@ -344,3 +344,49 @@ def test_a_job_that_takes_no_handoff_is_killed_and_its_client_served_by_another(
     assert other.process.signals == []  # it took the connection in time
     a.close()
     b.close()
+
+
+def test_a_busy_job_that_gives_no_sign_of_life_is_killed_and_its_task_lost():
+    """A stopped or wedged client job would hold its messages for ever; a slow one answers."""
+    clock = Clock()
+    p = started_pool(clock)
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    sent: list[bytes] = []
+    job.chan.send = sent.append
+    lost: list[poolmod.Request] = []
+    p.task_lost = lost.append
+    token = p.submit_task(b'{"messages": []}', "example.net")
+    assert job.task is not None and job.task.token == token
+    clock.advance(poolmod.PING_AFTER)
+    assert sent == [b"PING"]
+    p._job_alive(job)  # PONG: a slow peer, a live job
+    clock.advance(poolmod.PONG_LIMIT * 3)
+    assert job.process.signals == []
+    clock.advance(poolmod.PING_AFTER)
+    assert sent == [b"PING", b"PING"]
+    clock.advance(poolmod.PONG_LIMIT)
+    assert job.process.signals == ["KILL"] and job.end_reason == "unresponsive"
+    p._channel_closed(job)
+    assert [r.token for r in lost] == [token]  # tried again, as after a crash
+
+
+def test_a_session_job_is_asked_only_once_it_took_the_session_and_never_when_idle():
+    import socket
+
+    clock = Clock()
+    p = started_pool(clock)
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    sent: list[bytes] = []
+    job.chan.send = sent.append
+    clock.advance(poolmod.PING_AFTER * 3)
+    assert sent == []  # idle: nothing to ask
+    a, b = socket.socketpair()
+    p.submit(a, "smtp", "192.0.2.7")
+    p._job_ack(job, next(iter(job.pending)))
+    clock.advance(poolmod.PING_AFTER - 1)
+    p._job_free(job)  # the session ended in time
+    clock.advance(poolmod.PING_AFTER + poolmod.PONG_LIMIT)
+    assert sent == [] and job.process.signals == []
+    b.close()

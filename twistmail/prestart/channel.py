@@ -6,12 +6,15 @@ Controller to job::
     END                                (end when idle; a busy job ends after its session)
     CFG                                (re-read the settings file for new sessions)
     TASK <token> <json>                (SMTP client jobs: deliver one message to one domain)
+    CUT                                (end a session not signed on: MAXAUTHFAIL reached)
+    PING                               (a job busy for a while: is it alive?)
 
 Job to controller::
 
     READY                              (booted, waiting for work)
     ACK <token>                        (took the socket: the controller closes its copy)
     FREE                               (session over, waiting for work)
+    PONG                               (the answer to PING, from the job's reactor)
     AUTHFAIL <ip>                      (a sign-on failed; the controller counts per address)
     RESULT <token> <json>              (a task's outcome, in the same write as its FREE;
                                         a task has no ACK: nothing waits for one)

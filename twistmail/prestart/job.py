@@ -81,6 +81,8 @@ class JobChannel(LineOnlyReceiver):
             self.job.cut_off()
         elif verb == "TASK" and args:
             self.job.run_task(args[0], line.split(b" ", 2)[2])
+        elif verb == "PING":  # the reactor runs: the job is alive
+            self.sendLine(b"PONG")
 
     def connectionLost(self, reason: object = None) -> None:
         self.job.channel_lost()

@@ -43,6 +43,12 @@ START_LIMIT = 30.0  # seconds a job may take to say READY; then it is killed (a 
 #: Seconds an idle job may take to ACK a connection handed to it; then it is
 #: taken for hung (stopped, wedged): killed, and the client goes to another job.
 ACK_LIMIT = 10.0
+#: Seconds a job may be busy with a session or task without a sign of life;
+#: then it is asked for one (PING), and has PONG_LIMIT seconds to answer.
+#: A stopped or wedged job would otherwise hold its slot, and a client job
+#: its messages, for ever.  A slow peer is no such job: its reactor answers.
+PING_AFTER = 60.0
+PONG_LIMIT = 30.0
 #: Why a start fails when the system is short of descriptors, processes or memory.
 SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 #: A request that waited this long for a job is journaled (JW).  Shorter
@@ -115,6 +121,8 @@ class ControllerChannel(LineOnlyReceiver):
             self.pool._job_ack(self.job, int(args[0]))
         elif verb == "FREE":
             self.pool._job_free(self.job)
+        elif verb == "PONG":
+            self.pool._job_alive(self.job)
         elif verb == "AUTHFAIL" and args:
             self.pool.auth_failed(args[0])
         elif verb == "RESULT" and len(args) >= 2:
@@ -350,6 +358,7 @@ class Pool:
         if request.sock is None:  # a task: its RESULT answers it, no ACK
             job.task = request
             job.last_destination = request.peer
+            self._watch(job)
         else:
             job.pending[token] = request
             job.timer = self.reactor.callLater(ACK_LIMIT, self._ack_overdue, job)
@@ -490,8 +499,42 @@ class Pool:
         request = job.pending.pop(token, None)
         if request is not None and request.sock is not None:
             request.sock.close()
+        self._watch(job)
+
+    def _watch(self, job: Job) -> None:
+        """Ask a busy job for a sign of life after PING_AFTER seconds."""
+        if job.state is JobState.BUSY and not job.pending:
+            _cancel(job)
+            job.timer = self.reactor.callLater(PING_AFTER, self._ping, job)
+
+    def _ping(self, job: Job) -> None:
+        job.timer = None
+        if self.jobs.get(job.id) is not job or job.state is not JobState.BUSY:
+            return
+        if job.chan is not None:
+            job.chan.send(b"PING")
+        job.timer = self.reactor.callLater(PONG_LIMIT, self._pong_overdue, job)
+
+    def _job_alive(self, job: Job) -> None:
+        self._watch(job)
+
+    def _pong_overdue(self, job: Job) -> None:
+        """A busy job that does not answer is stopped or wedged: it is killed.
+
+        Its client's connection closes with it (nothing it did not
+        acknowledge is kept); a task it held is lost, and its messages are
+        tried again, as when a job crashes.
+        """
+        job.timer = None
+        if self.jobs.get(job.id) is not job or job.state is not JobState.BUSY:
+            return
+        self.log.error("{name} job {pid} gave no sign of life in {s:.0f}s; ending it",
+                       name=self.job_name, pid=job.pid, s=PING_AFTER + PONG_LIMIT)
+        job.end_reason = "unresponsive"
+        self._signal(job, "KILL")
 
     def _job_free(self, job: Job) -> None:
+        _cancel(job)
         if job.peer is not None:
             self.session_ended(job.peer)
             job.peer = None
