@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -138,6 +139,22 @@ def test_old_receivers_go_as_new_ones_start(tmp_path: Path) -> None:
     assert j.write("7M", "7M QTMSBSSQ TO QTSMTPBRSR") == 201
     assert Journal(tmp_path, "x", keep_receivers=0).new_receiver()  # 0 keeps every one
     assert len(receivers(tmp_path)) == 3
+
+
+def test_a_quiet_writer_keeps_no_deleted_receiver_open(tmp_path: Path) -> None:
+    """An idle job must not hold on to the space of a receiver rotation deleted."""
+    quiet = Journal(tmp_path, "QTPOPSRVP/1", receiver_size=4096, keep_receivers=2)
+    quiet.write("JS", "JS STR QTPOPSRVP/1")
+    busy = Journal(tmp_path, "QTSMTPBRSR/2", receiver_size=4096, keep_receivers=2)
+    for i in range(200):
+        busy.write("7A", "7A QTMSINQ TO QTSMTPBRSR", f"Q{i}")
+    assert receivers(tmp_path)[0][0] > 2  # the quiet writer's receiver is gone
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # listdir's own, closed by now
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert not [link for link in held if str(tmp_path) in link and "(deleted)" in link]
+    assert quiet.write("JE", "JE END QTPOPSRVP/1") == 202
 
 
 def test_disabled_journal_writes_nothing(tmp_path: Path) -> None:

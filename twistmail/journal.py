@@ -473,6 +473,9 @@ class Journal:
             os.pwrite(fd, new_state.pack(), 0)
             return result
         finally:
+            # Not kept open between writes: a quiet process would keep a
+            # receiver that rotation or DLTJRNRCV deleted, and its space.
+            self._release_receiver()
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _lock(self) -> int:
@@ -590,6 +593,13 @@ class Journal:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         self._rfd = os.open(path, flags, 0o640)
         self._rnum = number
+
+    def _release_receiver(self) -> None:
+        if self._rfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._rfd)
+            self._rfd = None
+            self._rnum = 0
 
     def _close(self) -> None:
         for fd in (self._rfd, self._state_fd):
