@@ -6,6 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from appliance import base_sections, render_toml
 from inline_reactor import Inline as _Inline
 from twisted.internet import reactor
@@ -120,6 +121,62 @@ def test_a_job_that_dies_right_after_its_start_is_replaced_after_a_growing_delay
     assert jobs.free() == 0  # twice as long the second time
     clock.advance(0.01)
     assert jobs.free() == 1
+
+
+def test_a_job_that_holds_a_message_without_a_word_is_killed_and_the_message_kept():
+    """A stopped or wedged job would hold its message, and its place, for ever."""
+    from twistmail.bridge.msfjobs import STEP_LIMIT
+
+    clock, jobs, started = make(count=1)
+    lost = []
+    jobs.process("Q1").addErrback(lost.append)
+    [job] = started
+    killed = []
+    job.kill = lambda: killed.append(job.pid)  # type: ignore[method-assign]
+    clock.advance(STEP_LIMIT - 1)
+    job.channel.dataReceived(b"WORK\n")  # a message of many recipients, still going
+    clock.advance(STEP_LIMIT - 1)
+    assert killed == [] and job.pending is not None
+    clock.advance(1)
+    assert killed == [1000]
+    died(job)
+    assert lost[0].check(JobEnded)  # it stays queued, for the next rescan
+    assert jobs.journal.entries == [("JK", "JK CRASH QMSF/1000")]
+
+
+def test_an_answer_in_time_stops_the_watch():
+    from twistmail.bridge.msfjobs import STEP_LIMIT
+
+    clock, jobs, started = make(count=1)
+    jobs.process("Q1")
+    [job] = started
+    job.kill = lambda: pytest.fail("killed")  # type: ignore[method-assign]
+    job.channel.dataReceived(b"DONE Q1\n")
+    clock.advance(STEP_LIMIT * 2)
+    job.channel.dataReceived(b"WORK\n")  # late: nothing to watch
+    clock.advance(STEP_LIMIT * 2)
+
+
+def test_a_qmsf_job_says_work_only_when_a_message_takes_long(monkeypatch):
+    import socket
+
+    from twistmail.bridge import msf
+
+    ours, theirs = socket.socketpair()
+    now = [100.0]
+    monkeypatch.setattr(msf.time, "monotonic", lambda: now[0])
+    progress = msf._Progress(ours)
+    progress.start()
+    progress()
+    now[0] += msf.WORK_EVERY - 1
+    progress()
+    now[0] += 1
+    progress()
+    progress()
+    theirs.setblocking(False)
+    assert theirs.recv(100) == b"WORK\n"
+    ours.close()
+    theirs.close()
 
 
 def test_a_job_that_had_worked_is_replaced_at_once():

@@ -82,6 +82,9 @@ class InboundProcessor:
         self.storage_full = storage_full
         self.ftracn = ftracn
         self.responsible = responsible  # NFYDLVRY: gets a copy of every failure notice
+        #: Called before each recipient's step: a QMSF job tells its bridge it
+        #: is still at work on a message of many recipients.
+        self.progress: Any = lambda: None
 
     def process(self, queue_id: str) -> Outcome:
         with self.journal.batch():  # one journal write for the message's steps
@@ -118,6 +121,7 @@ class InboundProcessor:
             if rcpt.done or rcpt.state == "relayed":
                 recipients.append(rcpt)
                 continue
+            self.progress()
             try:
                 new = self._one(env, index, rcpt, body, boxes)
             except Exception as e:  # this mailbox; the others still get their copy

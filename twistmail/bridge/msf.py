@@ -10,6 +10,7 @@ dispatches.
 
     bridge -> job:  <queue id>
     job -> bridge:  DONE <queue id> | GONE <queue id> | FAIL <queue id> <reason>
+                    WORK   (still at work on the message: it has many recipients)
 
 The job ends when the channel closes (the bridge ends it, ENDMSF *CNTRLD,
 after the message in hand), and at once at SIGTERM, which the kernel sends
@@ -38,6 +39,9 @@ from twistmail.storagefault import storage_fault
 
 CHANNEL_FD = 3
 JOB_NAME = "QMSF"
+#: Seconds between WORK lines while one message takes long: well within the
+#: bridge's limit (msfjobs.STEP_LIMIT), and none at all for most messages.
+WORK_EVERY = 30.0
 NBRMSFJOB = 3  # STRMSF's default: how many QMSF jobs the bridge runs
 
 
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = configmod.load(args.config)
     processor = build_processor(settings, f"{JOB_NAME}/{os.getpid()}")
     channel = socket.socket(fileno=CHANNEL_FD)
+    processor.progress = _Progress(channel)
     try:
         with channel.makefile("rb") as lines:
             for line in lines:
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 if reload_asked:
                     reload_asked.clear()
                     _reload(args.config, processor)
+                processor.progress.start()
                 channel.sendall(answer(processor, queue_id) + b"\n")
     except (BrokenPipeError, ConnectionResetError):
         # The bridge is gone (ENDMSF *IMMED, killed): so is this job.  What it
@@ -131,6 +137,24 @@ def main(argv: list[str] | None = None) -> int:
         # again by the next bridge, and makes no second copy.
         pass
     return 0
+
+
+class _Progress:
+    """WORK to the bridge, at most every WORK_EVERY seconds, so it does not take
+    a job busy with a large delivery for a stopped one."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= WORK_EVERY:
+            self.last = now
+            self.channel.sendall(b"WORK\n")
+
+    def start(self) -> None:
+        self.last = time.monotonic()
 
 
 def _reload(config_path: Any, processor: Any) -> None:

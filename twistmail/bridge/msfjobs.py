@@ -32,6 +32,11 @@ MIN_DELAY = 1.0
 MAX_DELAY = 60.0
 HEALTHY_AFTER = 5.0  # a job that lived this long is replaced without delay
 END_WAIT = 30.0  # ENDMSF *CNTRLD's default delay: then the jobs are killed
+#: Seconds a job may go without a word while it holds a message.  A message's
+#: steps are short (one mailbox copy each), and a job busy with many says
+#: WORK twice as often as this at least; a job silent longer is stopped or
+#: wedged: it is killed, and its message offered again.
+STEP_LIMIT = 300.0
 
 
 class JobEnded(Exception):
@@ -75,16 +80,42 @@ class _Job:
         self.processed = 0
         self.usable = True
         self.closing = False  # its channel is being closed by us: it ends by itself
+        self.silent = False  # killed for holding a message without a word
+        self.timer: Any = None
         self.ended: defer.Deferred = defer.Deferred()
 
     def send(self, queue_id: str) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self.pending = (queue_id, d)
+        self._watch()
         # At once: the channel is connected from the start, even while the job boots.
         write_now(self.channel.transport, queue_id.encode("ascii") + b"\n")
         return d
 
+    def _watch(self) -> None:
+        self._unwatch()
+        self.timer = self.owner.reactor.callLater(STEP_LIMIT, self._silent)
+
+    def _unwatch(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _silent(self) -> None:
+        self.timer = None
+        if self.pending is None:
+            return
+        self.owner.log.error("{job} said nothing for {s:.0f}s about {qid}; ending it",
+                             job=self.name, s=STEP_LIMIT, qid=self.pending[0])
+        self.silent = True
+        self.kill()
+
     def answered(self, line: bytes) -> None:
+        if line == b"WORK":
+            if self.pending is not None:
+                self._watch()
+            return
+        self._unwatch()
         verb, _, rest = line.decode("utf-8", "replace").partition(" ")
         queue_id, _, reason = rest.partition(" ")
         pending, self.pending = self.pending, None
@@ -117,6 +148,7 @@ class _Job:
 
     def exited(self, reason: Any) -> None:
         self.usable = False
+        self._unwatch()
         pending, self.pending = self.pending, None
         if pending is not None:
             pending[1].errback(JobEnded(f"{self.name} ended while processing {pending[0]}"))
@@ -239,7 +271,8 @@ class MsfJobs:
             self._journal("JN", f"JN END {job.name}", pid=job.pid)
             return
         self.restarts += 1
-        self._journal("JK", f"JK CRASH {job.name}", pid=job.pid, exit=str(reason.value))
+        why = {"reason": "unresponsive"} if job.silent else {}
+        self._journal("JK", f"JK CRASH {job.name}", pid=job.pid, exit=str(reason.value), **why)
         self._hold_off(job)
 
     def _hold_off(self, job: _Job) -> None:
