@@ -1040,3 +1040,21 @@ def test_chgdire_keeps_a_profile_s_own_address_first(d):
     assert d.smtp_address("SALESTEAM2") == "salesteam2@example.test"
     d.change_entry("NDCOPY", "MAIL", prefadr="*USRID", smtpuser=" *none ")  # any case
     assert d.get_entry("NDCOPY", "MAIL").smtpdomain is None
+
+
+def test_a_sign_on_that_opens_after_dltusrprf_makes_no_mailbox_for_nobody(tmp_path: Path) -> None:
+    """The password was checked before the deletion; the mailbox opens after it."""
+    from twistmail.auth import MailboxRealm
+    from twistmail.maildir import MailboxGone, MaildirStore
+
+    d = SqliteDirectory(tmp_path / "directory.sqlite", DOMAINS, "MAIL")
+    store = MaildirStore(tmp_path / "mailboxes", "mail.example.test")
+    realm = MailboxRealm(None, store, d)
+    d.create_profile("sam", "pw")
+    realm._open("SAM").close()  # a profile that never had mail: its mailbox is made
+    assert store.path("SAM").is_dir()
+    d.create_profile("bob", "pw")
+    d.delete_profile("bob")
+    with pytest.raises(MailboxGone):
+        realm._open("BOB")
+    assert not (tmp_path / "mailboxes" / "BOB").exists()

@@ -15,6 +15,8 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import threads
 from zope.interface import Interface, implementer
 
+from twistmail.maildir import MailboxGone
+
 
 class IMailboxAccess(Interface):
     """A POP session's view of one locked mailbox (a maildir MailboxSession)."""
@@ -46,21 +48,36 @@ class DirectoryChecker:
 
 @implementer(IRealm)
 class MailboxRealm:
-    def __init__(self, reactor: Any, store: Any) -> None:
+    def __init__(self, reactor: Any, store: Any, directory: Any) -> None:
         self.reactor = reactor
         self.store = store
+        self.directory = directory
 
     def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
         if IMailboxAccess not in interfaces:
             raise NotImplementedError("only mailbox access is offered")
         d = threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), self.store.open, _text(avatar_id)
+            self.reactor, self.reactor.getThreadPool(), self._open, _text(avatar_id)
         )
         return d.addCallback(lambda box: (IMailboxAccess, box, box.close))
 
+    def _open(self, usrprf: str) -> Any:
+        """Open the mailbox, unless DLTUSRPRF deleted the profile since its password.
+
+        Opening makes a mailbox that is not there (a profile that never had
+        mail); after the deletion's own removal it would make one for nobody.
+        """
+        box = self.store.open(usrprf)
+        if self.directory.get_profile(usrprf) is None:
+            box.close()
+            self.store.discard_if_empty(usrprf)
+            raise MailboxGone(usrprf)
+        return box
+
 
 def mailbox_portal(reactor: Any, directory: Any, store: Any) -> Portal:
-    return Portal(MailboxRealm(reactor, store), [DirectoryChecker(reactor, directory)])
+    return Portal(MailboxRealm(reactor, store, directory),
+                  [DirectoryChecker(reactor, directory)])
 
 
 def _text(value: Any) -> str:

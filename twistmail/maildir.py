@@ -66,6 +66,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -260,6 +261,15 @@ class MaildirStore:
         for directory in (maildir.parent, maildir, *(maildir / d for d in ("tmp", "new", "cur"))):
             _make_private_dir(directory)
         return maildir
+
+    def discard_if_empty(self, user: str) -> None:
+        """Remove a mailbox that holds no message (made for a profile now deleted)."""
+        maildir = self.path(user)
+        for sub in ("new", "cur"):
+            with suppress(FileNotFoundError), os.scandir(maildir / sub) as entries:
+                if any(entries):
+                    return
+        shutil.rmtree(maildir.parent, ignore_errors=True)
 
     def message_name(self, delivery_id: str, size: int) -> str:
         """The new/ name of a delivery: sortable by queue id, unique per recipient."""
