@@ -329,3 +329,21 @@ def test_a_sign_on_whose_mailbox_was_removed_meanwhile_is_told_to_try_again(stor
     replies = transport.value().splitlines()
     assert replies[1] == b"-ERR [SYS/TEMP] Mailbox not available, try again later", replies
     assert replies[2].startswith(b"-ERR") and len(replies) == 3  # NOOP: still not signed on
+
+
+def test_a_client_must_sign_on_within_one_inactivity_timeout(store, tmp_path):
+    """USER or CAPA now and then kept a session not signed on, and its job, for ever."""
+    clock, _, session, transport = _session(store)
+    for _ in range(3):
+        clock.advance(INACTTIMO / 3 - 1)
+        session.dataReceived(b"CAPA\r\n")
+    assert not transport.disconnecting
+    clock.advance(3)
+    assert transport.disconnecting  # closed without a reply, as an autologout (RFC 1939)
+    clock, _, session, transport = _session(store)
+    clock.advance(INACTTIMO - 1)
+    _login(session, transport)  # signed on in time: the limit is gone
+    for _ in range(3):
+        clock.advance(INACTTIMO - 1)
+        session.dataReceived(b"NOOP\r\n")
+    assert not transport.disconnecting

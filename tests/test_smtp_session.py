@@ -399,14 +399,49 @@ def test_the_recipient_limit_is_not_held_against_the_client():
     assert s.proto.errors == 0
 
 
+def test_a_message_accepted_starts_the_error_count_afresh():
+    """An MTA keeping its connection for many messages, each with a stale
+    address, was slowed down from the third and cut off at the tenth."""
+    s = Session(maxerrors=3, error_delay=0)
+    s.start()
+    for _ in range(6):
+        s.send(b"MAIL FROM:<list@example.test>\r\nRCPT TO:<sam@example.test>\r\n"
+               b"RCPT TO:<nobody1@example.test>\r\nRCPT TO:<nobody2@example.test>\r\n"
+               b"DATA\r\n")
+        s.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        assert s.codes() == [250, 250, 550, 550, 354, 250]
+    assert s.proto.errors == 0
+    for _ in range(3):  # without a message, they still add up
+        s.send(b"RCPT TO:<nobody@example.test>\r\n")
+    assert s.codes() == [503, 503, 503, 421]
+
+
+def test_a_session_kept_open_with_noop_alone_ends():
+    """NOOP, RSET, VRFY and HELP past JUNK_LIMIT count as errors, until a message goes."""
+    from twistmail.smtp.server import JUNK_LIMIT
+
+    s = Session(maxerrors=3, error_delay=0)
+    s.start()
+    s.send(b"NOOP\r\n" * JUNK_LIMIT)
+    assert s.codes() == [250] * JUNK_LIMIT and s.proto.errors == 0
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n"
+           b"\r\nhi\r\n.\r\n")
+    assert s.codes() == [250, 250, 354, 250]
+    s.send(b"RSET\r\n" * JUNK_LIMIT)  # afresh after the message
+    assert s.codes() == [250] * JUNK_LIMIT
+    s.send(b"VRFY sam\r\nHELP\r\nNOOP\r\n")
+    assert s.codes() == [252, 214, 421] and s.proto.closing
+
+
 def test_input_is_bounded_while_a_check_is_pending():
+    # HELO, not NOOP: a flood of NOOP is junk (JUNK_LIMIT) and would end the session.
     s = Session()
     s.start()
     s.backend.async_rcpt = True
     s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\n")
     s.replies()
     for _ in range(100):
-        s.send(b"NOOP\r\n" * 200)
+        s.send(b"HELO c.example\r\n" * 200)
     assert s.tr.producerState == "paused"
     s.backend.release()
     assert s.tr.producerState == "producing"
@@ -801,12 +836,12 @@ def test_a_client_that_reads_no_replies_is_not_read_either():
     s = Session()
     s.start()
     assert s.tr.producer is s.proto and s.tr.streaming
-    s.send(b"NOOP\r\n" * 3)
+    s.send(b"HELO c.example\r\n" * 3)
     assert s.codes() == [250, 250, 250]
     s.proto.pauseProducing()  # as the transport does once its buffer is full
-    s.send(b"NOOP\r\n" * 1000)
+    s.send(b"HELO c.example\r\n" * 1000)
     assert s.replies() == [] and s.tr.producerState == "producing"
-    s.send(b"NOOP\r\n" * 11_000)  # more than max_pending: reading stops too
+    s.send(b"HELO c.example\r\n" * 11_000)  # more than max_pending: reading stops too
     assert s.replies() == [] and s.tr.producerState == "paused"
     s.proto.resumeProducing()  # the client read: the transport drained
     assert s.tr.producerState == "producing" and s.codes() == [250] * 12_000

@@ -270,7 +270,8 @@ class LimitsSettings:
     maxconnperip: int = setting(Int(0, 100000), 10, "concurrent sessions per client (0: none)")
     maxconnrate: int = setting(Int(0, 1000000), 120, "connections per client per interval")
     maxauthfail: int = setting(Int(0, 100000), 10, "failed sign-ons per client per interval")
-    maxerrors: int = setting(Int(1, 1000), 10, "SMTP errors in one session before it ends")
+    maxerrors: int = setting(
+        Int(1, 1000), 10, "SMTP errors without a message accepted before the session ends")
     interval: int = setting(Int(10, 86400), 60, "seconds over which rates are counted")
 
 

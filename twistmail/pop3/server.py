@@ -210,6 +210,7 @@ class POP3Session(SequentialSession):
         self.failures = 0
         self.peer_ip = "unknown"
         self.sender: _Sender | None = None  # the reply being streamed
+        self.logon_limit: Any = None
 
     # -- connection -------------------------------------------------------
 
@@ -221,11 +222,26 @@ class POP3Session(SequentialSession):
             return
         self.watch_output()
         self.reset_timeout()
+        # Commands reset the idle timer, but a client must sign on within one
+        # INACTTIMO of its greeting: USER or CAPA now and then must not hold
+        # a job for ever.
+        self.logon_limit = self.reactor.callLater(self.inacttimo, self._logon_overdue)
         self.ok(f"{self.factory.hostname} twistmail POP3 server ready")
+
+    def _logon_overdue(self) -> None:
+        self.logon_limit = None
+        if self.state == "AUTHORIZATION" and not self.closing:
+            self.timed_out()
+
+    def _stop_logon_limit(self) -> None:
+        if self.logon_limit is not None and self.logon_limit.active():
+            self.logon_limit.cancel()
+        self.logon_limit = None
 
     def connectionLost(self, reason: object = None) -> None:
         self.closing = True
         self.cancel_timeout()
+        self._stop_logon_limit()
         self._release(commit=False)
         self.factory.on_done()
         self.connection_gone()
@@ -437,6 +453,7 @@ class POP3Session(SequentialSession):
             return None  # the connection is gone, and the mailbox with it
         self.items = items
         self.state = "TRANSACTION"
+        self._stop_logon_limit()
         count, octets = self._stat()
         j = self.factory.journal
         j.write("QL", f"QL LOGIN {self.peer_ip}", ip=self.peer_ip, usrprf=self.usrprf,

@@ -57,6 +57,11 @@ MAX_RECEIVED = 100
 MAX_PENDING = 64 * 1024  # pipelined input held while a command waits, before we stop reading
 MAX_AUTH_FAILURES = 3
 SOFT_ERRORS = 3  # errors after which each command waits a little
+#: NOOP, RSET, VRFY and HELP a client may send without delivering mail; each
+#: one more counts as an error (Postfix's smtpd_junk_command_limit): a session
+#: kept open with them alone ends, within MAXERRORS more.
+JUNK_LIMIT = 100
+JUNK = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP"})
 
 UNIMPLEMENTED = {b"EXPN", b"TURN", b"SAML", b"SEND", b"SOML"}
 
@@ -340,7 +345,8 @@ class SMTPSession(SequentialSession):
         self.dsn_heeded: bool | None = None
         self.auth_failures = 0
         self.cut_pending = False  # MAXAUTHFAIL reached while a step was under way
-        self.errors = 0
+        self.errors = 0  # since the last message accepted, as Postfix counts them
+        self.junk = 0
         self.auth_step: Callable[[str], Any] | None = None
 
     # -- connection ------------------------------------------------------
@@ -426,11 +432,14 @@ class SMTPSession(SequentialSession):
         # nor is its recipient limit (4.5.3, RFC 5321 §4.5.3.1.10: the client
         # sends the rest in another transaction).
         if code >= 400 and code != 421 and text[1:4] != ".3." and not text.startswith("4.5.3"):
-            self.errors += 1
-            if self.errors >= self.factory.maxerrors:
-                self.reply(421, f"4.7.0 {self.factory.backend.hostname} Too many errors, "
-                           "closing connection")
-                self.close()
+            self._count_error()
+
+    def _count_error(self) -> None:
+        self.errors += 1
+        if self.errors >= self.factory.maxerrors:
+            self.reply(421, f"4.7.0 {self.factory.backend.hostname} Too many errors, "
+                       "closing connection")
+            self.close()
 
     # -- input -------------------------------------------------------------
 
@@ -615,6 +624,10 @@ class SMTPSession(SequentialSession):
 
     def _queued(self, queue_id: str) -> None:
         self.reply(250, f"2.0.0 Ok: queued as {queue_id}")
+        # A client that delivers mail starts afresh: an MTA that keeps its
+        # connection open for many messages, each with a stale address or
+        # two, is not cut off for their sum.
+        self.errors = self.junk = 0
 
     def _not_queued(self, failure: Any, spool: Any) -> None:
         log_failure(self.log, "could not queue a message", failure)
@@ -649,6 +662,12 @@ class SMTPSession(SequentialSession):
             return
         verb, _, arg = text.partition(" ")
         verb_b = verb.upper().encode()
+        if verb_b in JUNK:
+            self.junk += 1
+            if self.junk > JUNK_LIMIT:
+                self._count_error()
+                if self.closing:
+                    return
         handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
         if handler is None:
             if verb_b in UNIMPLEMENTED:
