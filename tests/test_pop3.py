@@ -358,6 +358,33 @@ def test_pipelined_commands_answered_in_order(post):
     assert replies[2].startswith(b"+OK 1 ")
 
 
+def test_a_client_that_shuts_down_its_side_after_quit_has_it_all_answered(post):
+    """``nc -N``: the whole session, then a FIN; PASS waits for a thread meanwhile.
+
+    Taken for the connection's end, the FIN dropped PASS, DELE and QUIT: the
+    deletion the client asked for did not happen.  SMTP likewise, RCPT onwards.
+    """
+    a = post
+    send(a, "sam@example.test", b"Subject: p\r\n\r\nx\r\n")
+    a.wait_mailbox("SAM", 1)
+    s = socket.create_connection(a.addr("pop3"), timeout=10)
+    read_reply(s)
+    s.sendall(b"USER sam\r\nPASS secret\r\nSTAT\r\nDELE 1\r\nQUIT\r\n")
+    s.shutdown(socket.SHUT_WR)
+    replies = [read_reply(s) for _ in range(5)]
+    assert [r[:3] for r in replies] == [b"+OK"] * 5 and s.recv(100) == b""
+    a.wait_for(lambda: a.mailbox("SAM") == [], 10, "the deletion QUIT committed")
+    s = socket.create_connection(a.addr("smtp"), timeout=10)
+    s.sendall(b"EHLO c.example\r\nMAIL FROM:<jane@example.test>\r\n"
+              b"RCPT TO:<sam@example.test>\r\nDATA\r\nSubject: n\r\n\r\nhi\r\n.\r\n")
+    s.shutdown(socket.SHUT_WR)  # and no QUIT: the session ends once DATA is answered
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    assert b"250 2.0.0 Ok: queued" in data, data
+    a.wait_mailbox("SAM", 1)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     lines=st.lists(st.sampled_from([b"", b".", b"..", b".x", b"x", b"x.", b" ."]), max_size=20),

@@ -21,13 +21,21 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
+from zope.interface import implementer
 
 #: Seconds a closing session's last reply has to leave before the connection is cut.
 CLOSE_GRACE = 10.0
 
 
+@implementer(IHalfCloseableProtocol)
 class SequentialSession(Protocol):
+    """A client that sends its last command and shuts down its side (``nc -N``,
+    a script's ``shutdown(SHUT_WR)``) still has every command answered; the
+    session ends once none is left to answer, as if the client had gone then.
+    """
+
     max_pending = 64 * 1024
 
     def __init__(self, reactor: Any, inacttimo: float) -> None:
@@ -40,6 +48,7 @@ class SequentialSession(Protocol):
         self.output_full = False  # the client does not read its replies
         self.watching = False  # registered as the transport's producer
         self.closing = False
+        self.input_ended = False  # the client shut down its side: no more input comes
         self.timeout_call: Any = None
         #: Fires when the connection is gone: a job's shutdown waits for it.
         self.gone: defer.Deferred | None = None
@@ -162,6 +171,16 @@ class SequentialSession(Protocol):
             self.processing = False
             if progressed:
                 self.reset_timeout()
+        if self.input_ended and not (self.busy or self.closing or self.output_full):
+            self.close()  # what is left in the buffer can never be a whole command
+
+    def readConnectionLost(self) -> None:
+        self.input_ended = True
+        if not self.processing:
+            self._process()
+
+    def writeConnectionLost(self) -> None:
+        """Never asked for: a session closes both directions at once."""
 
     def wait_for(self, d: defer.Deferred) -> defer.Deferred:
         """Hold further input until ``d`` fires (it may have fired already)."""
