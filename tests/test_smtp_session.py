@@ -1134,3 +1134,27 @@ def test_help_names_the_extensions_the_session_offers():
     s.start()
     s.send(b"HELP\r\n")
     assert s.replies()[-1].endswith("VRFY ETRN")
+
+
+def test_replies_the_rfcs_name_for_utf8_addresses_and_auth_lines():
+    s = Session(maxerrors=50, error_delay=0)
+    s.start()
+    s.send("MAIL FROM:<jäne@example.test>\r\n".encode())
+    assert s.replies() == ["501 5.5.2 Syntax error: non-ASCII characters in the arguments "
+                           "(SMTPUTF8 is not offered)"]
+    s.send("MÄIL FROM:<jane@example.test>\r\n".encode())
+    assert s.codes() == [500]
+    s.proto.tls = True  # AUTH is offered over TLS
+    s.send(b"AUTH LOGIN =\r\n")  # an empty initial response (RFC 4954 section 4)
+    assert s.replies() == ["334 UGFzc3dvcmQ6"]
+    s.send(b"*\r\n")
+    assert s.codes() == [501]
+    s.send(b"AUTH PLAIN\r\n" + b"A" * 13000 + b"\r\n")
+    assert s.replies() == ["334 ", "500 5.5.6 Authentication Exchange line is too long "
+                           "(12288 octets at most)"]
+    s.send(b"AUTH PLAIN\r\n")
+    s.replies()
+    s.send(b"A" * 70000)  # no end of line yet
+    assert s.codes() == [500]
+    s.send(b"\r\nNOOP\r\n")
+    assert s.codes() == [250]

@@ -455,9 +455,12 @@ class SMTPSession(SequentialSession):
                 self.buffer = b""
                 if not self.discarding:
                     self.discarding = True
-                    self.auth_step = None  # the exchange is over, not its next line
-                    self.reply(500, "5.5.2 Line too long: command lines are limited to "
-                               "512 octets (MAIL 1138, RCPT 1012, AUTH 12288)")
+                    if self.auth_step is not None:
+                        self.auth_step = None  # the exchange is over, not its next line
+                        self._auth_too_long()
+                    else:
+                        self.reply(500, "5.5.2 Line too long: command lines are limited to "
+                                   "512 octets (MAIL 1138, RCPT 1012, AUTH 12288)")
             return False
         line, self.buffer = self.buffer[: lf + 1], self.buffer[lf + 1:]
         if self.discarding:  # the tail of an over-long line
@@ -658,7 +661,13 @@ class SMTPSession(SequentialSession):
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
-            self.reply(500, "5.5.2 Syntax error: non-ASCII characters in command")
+            verb = line.split(b" ", 1)[0]
+            if verb.isalpha() and hasattr(self, "smtp_" + verb.decode().upper()):
+                # A command we know, with an address in UTF-8: SMTPUTF8 is not offered.
+                self.reply(501, "5.5.2 Syntax error: non-ASCII characters in the arguments "
+                           "(SMTPUTF8 is not offered)")
+            else:
+                self.reply(500, "5.5.2 Syntax error: non-ASCII characters in command")
             return
         verb, _, arg = text.partition(" ")
         verb_b = verb.upper().encode()
@@ -825,14 +834,16 @@ class SMTPSession(SequentialSession):
                        f"{' '.join(self.factory.mechanisms)}")
             return None
         initial = initial.strip()
+        # "=" is an initial response that is empty (RFC 4954 §4), not none.
+        given, initial = bool(initial), "" if initial == "=" else initial
         if mech == "PLAIN":
-            if initial:
+            if given:
                 return self._auth_plain(initial)
             self.auth_step = self._auth_plain
             self.reply(334, "")
             return None
         # LOGIN: username then password, each base64
-        if initial:
+        if given:
             return self._auth_login_user(initial)
         self.auth_step = self._auth_login_user
         self.reply(334, "VXNlcm5hbWU6")  # "Username:"
@@ -841,7 +852,7 @@ class SMTPSession(SequentialSession):
     def _auth_response(self, raw: bytes) -> None:
         step, self.auth_step = self.auth_step, None
         if len(raw) > MAX_AUTH_LINE:
-            self.reply(500, "5.5.2 Line too long: AUTH responses are limited to 12288 octets")
+            self._auth_too_long()
             return
         text = raw.rstrip(b"\r\n").decode("ascii", "replace")
         if text == "*":
@@ -850,6 +861,9 @@ class SMTPSession(SequentialSession):
         result = step(text)
         if isinstance(result, defer.Deferred):
             self.wait_for(result)
+
+    def _auth_too_long(self) -> None:
+        self.reply(500, "5.5.6 Authentication Exchange line is too long (12288 octets at most)")
 
     def _auth_plain(self, text: str) -> Any:
         try:
