@@ -437,21 +437,25 @@ def test_a_message_that_cannot_be_read_is_set_aside_when_taken(post):
     assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
     a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
     with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
-        for subject in ("damaged", "sound"):
+        for subject in ("damaged", "cut", "sound"):
             s.sendmail("jane@example.test", ["sam@example.test"],
                        f"Subject: {subject}\r\n\r\nbody\r\n".encode())
-    damaged, sound = a.queue_files("QTMSINQ")
+    damaged, cut, sound = a.queue_files("QTMSINQ")
     assert damaged.suffix == ".msg"  # one file, the envelope in an extended attribute
     os.removexattr(damaged, "user.twistmail.envelope")
+    os.truncate(cut, 100)  # it went out as a shorter message, or an empty one
     assert a.cli("strmsf")[0] == 0
     [path] = a.wait_mailbox("SAM", 1)
     assert b"Subject: sound" in path.read_bytes()
-    [entry] = a.wait_for(lambda: a.journal("7Y"), 15, "the 7Y entry")
-    assert entry["msgid"] == damaged.stem and "envelope" in entry["reason"]
-    assert entry["job"].startswith("QMSF/")
+    entries = a.wait_for(lambda: len(a.journal("7Y")) == 2 and a.journal("7Y"), 15,
+                         "the 7Y entries")
+    reasons = {e["msgid"]: e["reason"] for e in entries}
+    assert "envelope" in reasons[damaged.stem]
+    assert reasons[cut.stem].startswith("body of 100 bytes, ")
+    assert all(e["job"].startswith("QMSF/") for e in entries)
     # The sound one is in the mailbox; its job may not have removed it from the queue yet.
     a.wait_for(lambda: a.queue_files("QTMSINQ") == [], 10, "QTMSINQ to empty")
-    assert [p.stem for p in a.queue_files("corrupt")] == [damaged.stem]
+    assert sorted(p.stem for p in a.queue_files("corrupt")) == sorted([damaged.stem, cut.stem])
     rc, out, err = a.cli("wrkq", "--queue", "corrupt")
     assert rc == 0 and damaged.stem in out
 

@@ -207,12 +207,15 @@ def test_a_scan_sets_aside_what_it_cannot_read(manager):
     retry = _queued(fq, Recipient("rcpt@remote.test"))
     fq.move(retry, QTMSOUTQ, QTMSRTQ1)
     fq.envelope_path(QTMSRTQ1, retry).write_bytes(b'{"id": "trunc')
+    cut = _queued(fq, Recipient("rcpt@remote.test"))
+    os.truncate(fq.body_path(cut), 7)
     found = manager._due(False, None, frozenset())
     assert [env.id for env, _ in found.work] == [fine]
-    assert sorted(fq.list(CORRUPT)) == sorted([packed, no_body, retry])
+    assert sorted(fq.list(CORRUPT)) == sorted([packed, no_body, retry, cut])
     reasons = {e["msgid"]: e["reason"]
                for e in read_entries(manager.journal.directory, ["7Y"])}
     assert reasons[no_body] == "body missing"
+    assert reasons[cut].startswith("body of 7 bytes, ")
     assert reasons[packed].startswith("unreadable envelope") and \
         reasons[retry].startswith("unreadable envelope")
 

@@ -973,6 +973,24 @@ def test_a_message_set_aside_is_released_from_corrupt(cfg, cli_queue, capsys, pa
     assert [e["action"] for e in entries] == ["released by the administrator"]
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_message_cut_short_is_released_as_it_is(cfg, cli_queue, capsys, packed):
+    """Set aside for its size; the administrator sends on what is left of it."""
+    qid = enqueue(cli_queue, b"Subject: cut\r\n\r\n" + b"x" * 1000 + b"\r\n")
+    if not packed:
+        cli_queue.move(qid, QTMSINQ, QTMSOUTQ)
+        cli_queue.move(qid, QTMSOUTQ, QTMSINQ)
+    os.truncate(cli_queue.body_path(qid, QTMSINQ), 40)
+    env = cli_queue.load(QTMSINQ, qid)
+    assert cli_queue.body_damage(QTMSINQ, env) == "body of 40 bytes, 1018 when it was received"
+    assert cli_queue.set_aside(QTMSINQ, qid, "body of 40 bytes") is not None
+    assert run(["--config", cfg, "wrkq", "--release", qid]) == 0
+    out = capsys.readouterr().out
+    assert "its body is 40 bytes, 1018 when it was received; released as it is" in out
+    env = cli_queue.load(QTMSINQ, qid)
+    assert env.size == 40 and cli_queue.body_damage(QTMSINQ, env) is None
+
+
 def test_a_damaged_message_stays_in_corrupt_and_can_be_deleted(cfg, cli_queue, capsys):
     qid = enqueue(cli_queue)
     cli_queue.move(qid, QTMSINQ, QTMSOUTQ)

@@ -43,6 +43,10 @@ class IQueue(Interface):
         """Filesystem path of the message's immutable body; ``queue``, where the
         caller last saw the message, is where it is looked for first."""
 
+    def body_damage(queue, envelope):
+        """Why the message's body cannot be sent as it was received (gone, or
+        not the size its envelope records), or None when it is whole."""
+
     def list(queue):
         """Queue ids in ``queue``, oldest first."""
 

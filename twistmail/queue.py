@@ -651,6 +651,18 @@ class FileQueue:
     def envelope_path(self, queue: str, queue_id: str) -> Path:
         return Path(self._envelope(queue, queue_id))
 
+    def body_damage(self, queue: str, envelope: Envelope) -> str | None:
+        """A body cut short (a crash of the disk, a hand in the queue) would go
+        out as a shorter message, or an empty one: its size must be the one
+        its envelope recorded when the message was received."""
+        try:
+            size = os.stat(self.body_path(envelope.id, queue)).st_size
+        except FileNotFoundError:
+            return "body missing"
+        if envelope.size and size != envelope.size:
+            return f"body of {size} bytes, {envelope.size} when it was received"
+        return None
+
     def body_path(self, queue_id: str, queue: str | None = None) -> Path:
         """The body: in data/, or the packed file itself (the body and nothing else).
 

@@ -26,7 +26,6 @@ the original's, so a repeated notice is the same message.
 from __future__ import annotations
 
 import errno
-import os
 import sys
 import time
 from typing import Any
@@ -95,9 +94,10 @@ class InboundProcessor:
             env = self.queue.load(QTMSINQ, queue_id)
         except CorruptEnvelope as e:
             return self._set_aside(queue_id, f"unreadable envelope: {e}")
-        body = self.queue.body_path(queue_id)
-        if not os.path.exists(body):
-            return self._set_aside(queue_id, "body missing")
+        damage = self.queue.body_damage(QTMSINQ, env)
+        if damage is not None:
+            return self._set_aside(queue_id, damage)
+        body = self.queue.body_path(queue_id, QTMSINQ)
         j = self.journal
         j.write("7A", f"7A FIQ {QTMSINQ}", queue_id, queue=QTMSINQ)
         if self.storage_full():

@@ -569,8 +569,9 @@ class OutboundManager:
             except ValueError as e:
                 self._set_aside(queue, qid, f"unreadable envelope: {e}")
                 return None
-            if not self.queue.body_path(qid, queue).exists():
-                self._set_aside(queue, qid, "body missing")
+            damage = self.queue.body_damage(queue, env)
+            if damage is not None:
+                self._set_aside(queue, qid, damage)
                 return None
         seen.setdefault(queue, {})[qid] = (version, env)
         return env
