@@ -12,8 +12,8 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
 
-def die_with_parent(expected: int | None = None) -> None:
-    """Ask the kernel for SIGTERM when the parent dies; exit if it already has.
+def die_with_parent(expected: int | None = None, sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel for ``sig`` when the parent dies; exit if it already has.
 
     ``expected`` is the parent's pid as the parent said it: a parent that
     died before this runs leaves the process with another one, not always
@@ -27,7 +27,7 @@ def die_with_parent(expected: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent or parent == 1 or expected not in (None, parent):

@@ -13,9 +13,10 @@ dispatches.
                     WORK   (still at work on the message: it has many recipients)
 
 The job ends when the channel closes (the bridge ends it, ENDMSF *CNTRLD,
-after the message in hand), and at once at SIGTERM, which the kernel sends
-when the bridge dies: every step can be repeated without a second copy, so
-a message cut short is simply processed again.  SIGHUP reads the settings
+after the message in hand), and at once at SIGKILL, which the kernel sends
+when its parent dies: every step can be repeated without a second copy, so
+a message cut short is simply processed again.  SIGKILL, not SIGTERM: a
+stopped job would keep a SIGTERM pending, and the daemon's lock with it.  SIGHUP reads the settings
 again before the next message (CHGSMTPA FTRACN, NFYDLVRY).
 
 Also runs as ``python -m twistmail.bridge.msf --config PATH``.
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     reload_asked: list[int] = []
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(1))
-    die_with_parent()
+    die_with_parent(sig=signal.SIGKILL)
     name_process(JOB_NAME)
     settings = configmod.load(args.config)
     processor = build_processor(settings, f"{JOB_NAME}/{os.getpid()}")

@@ -44,6 +44,7 @@ class ChildOutput(ProcessProtocol):
         self.pid: int | None = None
         self._partial = {1: b"", 2: b""}
         self._levels: dict[int, LogLevel] = {}
+        self._reported = False
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -73,12 +74,24 @@ class ChildOutput(ProcessProtocol):
         self.log.emit(self._levels.get(fd, LogLevel.info), "{name}/{pid}: {text}",
                       name=self.name, pid=self.pid, text=text)
 
+    def processExited(self, reason: Any) -> None:
+        """The end is reported when the process exits, not once its output
+        pipes close: the jobs a launcher or the bridge forks keep copies of
+        them, and one that is stopped, or outlives its parent, kept its
+        supervisor from seeing the end (a dead bridge was not restarted)."""
+        self._report(reason)
+
     def processEnded(self, reason: Any) -> None:
         for fd, rest in self._partial.items():
             if rest:
                 self._emit(fd, rest)
                 self._partial[fd] = b""
-        self.on_ended(reason)
+        self._report(reason)
+
+    def _report(self, reason: Any) -> None:
+        if not self._reported:
+            self._reported = True
+            self.on_ended(reason)
 
 
 class _Prebuilt(Factory):

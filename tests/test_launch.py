@@ -1,0 +1,52 @@
+"""A child's end is reported when it exits, whoever still holds its output pipes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from twistmail.prestart.launch import ChildOutput
+
+#: The child forks a grandchild that keeps the child's stdout and stderr (as
+#: the jobs a launcher forks do), stops it, and exits.
+CHILD = """
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    os.kill(os.getpid(), signal.SIGSTOP)
+    os._exit(0)
+print(pid, flush=True)
+"""
+
+
+class ChildEndTests(unittest.TestCase):
+    async def test_the_end_is_reported_while_a_stopped_grandchild_holds_the_pipes(self):
+        ended: defer.Deferred = defer.Deferred()
+        out = ChildOutput("QTSMTPBRSR", lambda reason: ended.callback(None))
+        lines: list[str] = []
+        out._emit = lambda fd, line: lines.append(line.decode())  # type: ignore[method-assign]
+        closed: defer.Deferred = defer.Deferred()
+        last = out.processEnded
+        out.processEnded = lambda reason: (last(reason), closed.callback(None))
+        reactor.spawnProcess(out, sys.executable, [sys.executable, "-c", CHILD],
+                             env=dict(os.environ))
+        ended.addTimeout(10, reactor)
+        try:
+            await ended  # it used to wait for the grandchild to go
+        finally:
+            await _until(lambda: lines)
+            os.kill(int(lines[0]), signal.SIGKILL)
+            await closed  # the pipes close with the grandchild
+
+
+async def _until(condition, limit: float = 10.0) -> None:
+    from twisted.internet.task import deferLater
+
+    waited = 0.0
+    while not condition() and waited < limit:
+        await deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
