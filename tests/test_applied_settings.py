@@ -94,3 +94,23 @@ def test_a_bad_state_directory_is_named_not_taken_for_a_stopped_daemon(tmp_path)
         r = subprocess.run([twistmail, "--config", str(cfg), "status"], capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 2 and "system.datadir" in r.stderr, (value, r.stderr)
+
+
+def test_sighup_applies_the_file_as_config_apply_does(make_appliance):
+    """A Unix daemon's reload signal; by default it ended the controller without a word."""
+    a = make_appliance().start()
+    a.user("SAM")
+    pid = a.control("status")["pid"]
+    good = a.config.read_text()
+    a.config.write_text(good.replace("[pop]\n", "[pop]\ninacttimo = 5\n"))
+    os.kill(pid, signal.SIGHUP)
+    a.wait_for(lambda: "configuration not applied: " in a.log_text(), 10, "the refusal logged")
+    a.config.write_text(good + "\n[smtp]\nmaxrcpt = 1\n")
+    os.kill(pid, signal.SIGHUP)
+    a.wait_for(lambda: "configuration applied: " in a.log_text(), 10, "the reload logged")
+    assert a.control("status")["pid"] == pid
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        s.mail("jane@example.test")
+        assert s.rcpt("sam@example.test")[0] == 250
+        assert s.rcpt("sam@example.test")[0] == 452

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import socket
 import stat
 from pathlib import Path
@@ -290,11 +291,22 @@ class Controller(service.Service):
         self._smtp_ended("*SMTP" not in started)  # read by the bridge as it starts
         self.bridge = BridgeSlot(self.reactor, self.applied_path, self.journal, self.lock_fd)
         self.bridge.start()
+        # A Unix daemon's SIGHUP reads its settings again (config --apply); by
+        # default it ended the controller without a word.
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._hung_up))
         self.log.info(
             "twistmail controller {pid} started; listening on {where}",
             pid=self.pid,
             where=", ".join(f"{n}={lst.address}" for n, lst in self.listeners.items()) or "-",
         )
+
+    def _hung_up(self) -> None:
+        if not self.running:
+            return
+        try:
+            self.cmd_reload()
+        except ControlError:
+            pass  # cmd_reload said why in the log
 
     def _journal(self, job: str) -> Journal:
         return Journal.from_settings(self.settings, job)
@@ -404,6 +416,7 @@ class Controller(service.Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no reload while it ends
         delay = float(self.settings.prestart.end_delay)
         waits = []
         for server in list(self.servers):
@@ -559,6 +572,7 @@ class Controller(service.Service):
         try:
             fresh = configmod.load(self.config_path)
         except (configmod.SettingError, OSError) as e:
+            self.log.warn("configuration not applied: {e}", e=e)
             raise ControlError(f"configuration not applied: {e}", usage=True) from None
         old = self.settings
         # Listeners, the state directory and the host's names stay as started
@@ -579,6 +593,7 @@ class Controller(service.Service):
             if pem is not None:  # only once nothing else can refuse the reload
                 tlsconfig.keep_pair(new, pem)
         except OSError as e:
+            self.log.warn("configuration not applied: cannot record it: {e}", e=e)
             raise ControlError(f"configuration not applied: cannot record it: {e}") from None
         self.settings = new
         applied = []
@@ -606,6 +621,9 @@ class Controller(service.Service):
             for j in self._journals():
                 j.configure(new)
             applied.append("journal")
+        self.log.info("configuration applied: {applied}{restart}",
+                      applied=", ".join(applied) or "the settings file as read",
+                      restart=f"; restart needed for [{'], ['.join(restart)}]" if restart else "")
         return {"applied": applied, "restart_needed": restart, "warnings": warnings}
 
     def _check_tls(self, new: configmod.Settings
@@ -634,6 +652,7 @@ class Controller(service.Service):
             state = tlsconfig.pair_state(new)
             pem, warnings = tlsconfig.check_pair(new)
         except (configmod.SettingError, OSError) as e:
+            self.log.warn("configuration not applied: {e}", e=e)
             raise ControlError(f"configuration not applied: {e}", usage=True) from None
         for warning in warnings:
             self.log.warn("TLS: {warning}", warning=warning)
