@@ -120,3 +120,33 @@ def test_a_state_directory_root_made_becomes_the_daemon_users_at_its_first_start
     finally:
         a.kill_all()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_mail_areas_in_roots_hands_are_given_back_at_a_later_start():
+    """A ``chown -R`` mistake in mailboxes/, or SNADS stores an older version's
+    root command made: after the first start these areas were never walked,
+    and their mail was deferred, then returned."""
+    root = Path(tempfile.mkdtemp(prefix="twistmail-later-"))
+    root.chmod(0o755)
+    a = Appliance(root)
+    a.config.chmod(0o644)
+    args = ("--uid", "nobody", "--gid", str(NOBODY.pw_gid))
+    try:
+        a.start(wait_jobs=False, twistd_args=args)
+        a.stop()
+        cur = a.datadir / "mailboxes" / "SAM" / "Maildir" / "cur"
+        cur.mkdir(parents=True)
+        (cur / "1.mail,S=3:2,").write_text("hi\n")
+        store = a.datadir / "snads" / "OVX"
+        store.mkdir(parents=True)
+        (store / "1.note").write_text("note\n")
+        (a.datadir / "snads" / "dstids.json").write_text("{}\n")
+        made = [*(a.datadir / "mailboxes" / "SAM").rglob("*"), a.datadir / "mailboxes" / "SAM",
+                a.datadir / "snads", *(a.datadir / "snads").rglob("*")]
+        assert all(p.lstat().st_uid == 0 for p in made)
+        a.start(wait_jobs=False, twistd_args=args)
+        assert [str(p) for p in made if p.lstat().st_uid != NOBODY.pw_uid] == []
+        assert "Traceback" not in a.log_text()
+    finally:
+        a.kill_all()
+        shutil.rmtree(root, ignore_errors=True)

@@ -728,8 +728,11 @@ class Controller(service.Service):
         return d
 
 
-#: Where the mail itself lies: walked at a first start as ``--uid`` only.
+#: Where the mail itself lies: walked whole at a first start as ``--uid`` only.
 BULK_DIRS = frozenset({"mailboxes", "snads"})
+#: Levels of a mail area looked at on every start (mailboxes/SAM/Maildir/cur):
+#: below them, only a directory found in the wrong hands is walked.
+BULK_DEPTH = 3
 
 
 def _give_tree(d: Path, previous: int, owner: tuple[int, int], whole: bool) -> None:
@@ -745,14 +748,59 @@ def _give_tree(d: Path, previous: int, owner: tuple[int, int], whole: bool) -> N
     root to give away anything outside.
     """
     for top, dirs, files, fd in os.fwalk(os.fspath(d), follow_symlinks=False):
+        bulk: list[str] = []
         if not whole and top == os.fspath(d):
+            bulk = [n for n in dirs if n in BULK_DIRS]
             dirs[:] = [n for n in dirs if n not in BULK_DIRS]
-        for name in (*dirs, *files):
+        for name in (*dirs, *files, *bulk):
             try:
-                _give(fd, name, previous, owner)
+                if name in bulk:
+                    _give_bulk(fd, name, os.path.join(top, name), previous, owner, 0)
+                else:
+                    _give(fd, name, previous, owner)
             except OSError as e:
                 raise SystemExit(f"twistmail: cannot give {os.path.join(top, name)} to the "
                                  f"daemon's user: {e.strerror}") from None
+
+
+def _give_bulk(dir_fd: int, name: str, path: str, previous: int, owner: tuple[int, int],
+               depth: int) -> None:
+    """A mail area after the first start: too large to walk at every start.
+
+    A directory the daemon's user owns is trusted with its messages; the few
+    levels above them are looked at, and a directory found in root's or the
+    previous owner's hands (a root command of an older twistmail, a ``chown
+    -R`` mistake) is given whole: its mail could not be delivered or read.
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        _give(dir_fd, name, previous, owner)
+        return
+    if st.st_uid in (0, previous) and (st.st_uid, st.st_gid) != owner:
+        _give(dir_fd, name, previous, owner)
+        _give_tree(Path(path), previous, owner, whole=True)
+        return
+    if depth >= BULK_DEPTH:
+        return
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):  # made a link since
+            return
+        raise
+    try:
+        with os.scandir(fd) as entries:
+            names = [entry.name for entry in entries]
+        for child in names:
+            _give_bulk(fd, child, os.path.join(path, child), previous, owner, depth + 1)
+    finally:
+        os.close(fd)
 
 
 def _give(dir_fd: int, name: str, previous: int, owner: tuple[int, int]) -> None:
