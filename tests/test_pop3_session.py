@@ -347,3 +347,22 @@ def test_a_client_must_sign_on_within_one_inactivity_timeout(store, tmp_path):
         clock.advance(INACTTIMO - 1)
         session.dataReceived(b"NOOP\r\n")
     assert not transport.disconnecting
+
+
+def test_a_mailbox_the_daemon_may_not_enter_is_named_in_one_log_line(store):
+    """A chown mistake: -ERR [SYS/TEMP], and the path, not a traceback."""
+    from twisted.logger import Logger
+
+    class Refusing(_Portal):
+        def login(self, creds, mind, iface):
+            return defer.fail(PermissionError(13, "Permission denied", "/var/mailboxes/SAM"))
+
+    _, factory, session, transport = _session(store)
+    factory.portal = Refusing(store)
+    events: list[dict] = []
+    session.log = Logger(observer=events.append)
+    session.dataReceived(b"USER sam\r\nPASS secret\r\n")
+    assert transport.value().splitlines()[-1] == \
+        b"-ERR [SYS/TEMP] Mailbox not available, try again later"
+    [event] = events
+    assert "log_failure" not in event and event["where"] == ": /var/mailboxes/SAM"

@@ -471,6 +471,15 @@ class POP3Session(SequentialSession):
             # Its profile was deleted after the password was checked.
             self.err("[SYS/TEMP] Mailbox not available, try again later")
             return None
+        if failure.check(OSError):
+            # A mailbox the daemon's user may not enter (a chown mistake), a
+            # full disk: the administrator's to mend, named in one line.
+            e = failure.value
+            self.log.error("the mailbox of {user} cannot be opened: {why}{where}",
+                           user=user, why=e.strerror or e,
+                           where=f": {e.filename}" if e.filename else "")
+            self.err("[SYS/TEMP] Mailbox not available, try again later")
+            return None
         if not failure.check(UnauthorizedLogin):
             return failure
         self.failures += 1
