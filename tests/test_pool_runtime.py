@@ -518,7 +518,8 @@ def test_shutdown_leaves_no_status_file_of_a_bridge_killed_before_it(appliance):
     a.wait_for(status.exists, 10, "the bridge's status file")
     os.kill(a.control("status")["bridge"]["pid"], signal.SIGKILL)
     a.stop()
-    assert os.listdir(a.datadir / "run") == []
+    # What the jobs load stays for the next start, which need not write it.
+    assert sorted(os.listdir(a.datadir / "run")) == ["settings.json", "tls.pem"]
 
 
 def test_a_reload_while_the_bridge_starts_does_not_end_it(appliance):

@@ -389,3 +389,30 @@ def test_password_checks_in_threads_leave_no_buffers_resident():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) < 24 * 1024, f"{r.stdout.strip()} KB more resident"  # two buffers
+
+
+def test_a_daemon_starts_on_a_full_disk_answers_452_and_lets_pop_users_in(full_disk, tmp_path):
+    """It refused to start ("cannot keep the TLS pair"): a controller killed
+    while the disk was full left the appliance down until a start by hand."""
+    import poplib
+    import smtplib
+
+    from conftest import fill
+
+    a = Appliance(tmp_path, system={"datadir": str(full_disk / "var")})
+    a.datadir = full_disk / "var"
+    try:
+        a.start()
+        a.user("SAM")
+        a.stop()
+        fill(full_disk)
+        a.start()
+        with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+            s.ehlo()
+            assert s.mail("jane@example.test")[0] == 452
+        p = poplib.POP3(*a.addr("pop3"), timeout=30)
+        p.user("sam")
+        assert p.pass_("secret").startswith(b"+OK")
+        p.quit()
+    finally:
+        a.kill_all()

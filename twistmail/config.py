@@ -479,8 +479,14 @@ def write_applied(settings: Settings) -> Path:
             node = node.setdefault(name, {})
         node[leaf] = vtype.dump(value)
     path = applied_path(settings)
+    data = json.dumps({"config": str(settings.path), "settings": tree}).encode()
+    try:
+        if path.read_bytes() == data:
+            return path  # as recorded before: nothing to write, on a full disk too
+    except OSError:
+        pass
     tmp = path.with_name(f".{APPLIED}.{os.getpid()}")
-    tmp.write_text(json.dumps({"config": str(settings.path), "settings": tree}))
+    tmp.write_bytes(data)
     os.replace(tmp, path)  # a job starting now reads the old record or the new
     return path
 

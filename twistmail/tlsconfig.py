@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -258,13 +259,36 @@ def _why(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _holds(path: Path, data: bytes, mode: int, dir_fd: int | None,
+           owner: tuple[int, int] | None) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != mode
+                or st.st_size != len(data) or st.st_nlink != 1
+                or (owner is not None and (st.st_uid, st.st_gid) != owner)):
+            return False
+        with open(fd, "rb", closefd=False) as f:
+            return f.read() == data
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, data: bytes, mode: int, dir_fd: int | None = None,
                   owner: tuple[int, int] | None = None) -> None:
     """``path`` replaced whole by ``data``; relative to ``dir_fd`` when given.
 
     The temporary file is made anew (O_EXCL: never through a link someone
     put in its place), so root can write in a directory the daemon's user owns.
+    A file that holds ``data`` already, as it should be held, is left alone:
+    the daemon starts on a full disk (to answer 452, and let POP users
+    delete mail) with the pair it kept before.
     """
+    if _holds(path, data, mode, dir_fd, owner):
+        return
     tmp = path.with_name(path.name + ".tmp")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp, dir_fd=dir_fd)  # left by a crash, perhaps by another user

@@ -440,10 +440,10 @@ class Controller(service.Service):
         if self.control_port is not None:
             self.control_port.stopListening()
         run = self.settings.control_socket.parent
-        for name in (self.settings.control_socket.name, STATUS_FILE, RESET_FILE,
-                     configmod.APPLIED, tlsconfig.ACCEPTED, SMTP_ENDED):
+        for name in (self.settings.control_socket.name, STATUS_FILE, RESET_FILE, SMTP_ENDED):
             # The bridge's status files too: it may have been killed before
-            # it removed them.
+            # it removed them.  The settings and the TLS pair the jobs load
+            # stay: the next start need not write them, on a full disk either.
             (run / name).unlink(missing_ok=True)
         if self.journal is not None:
             self.journal.write("JH", "JH END twistmail", pid=self.pid)
