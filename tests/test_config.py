@@ -169,7 +169,7 @@ BAD = [
     pytest.param(
         "[prestart.QTMSSRCP]\nmaxjobs = true\n",
         "prestart.QTMSSRCP.maxjobs",
-        "True",
+        "true",  # as the file spells it
         "1-32000, *NOMAX",
         id="bool",
     ),

@@ -416,3 +416,14 @@ def test_a_daemon_starts_on_a_full_disk_answers_452_and_lets_pop_users_in(full_d
         p.quit()
     finally:
         a.kill_all()
+
+
+def test_a_start_with_a_file_that_is_not_toml_names_it_once(tmp_path, capsys):
+    from twistmail.tap import Options
+
+    p = tmp_path / "twistmail.toml"
+    p.write_text("[pop\n")
+    with pytest.raises(SystemExit):
+        Options().parseOptions(["--config", str(p)])
+    err = capsys.readouterr().err
+    assert err.count(str(p)) == 1 and "not valid TOML" in err, err

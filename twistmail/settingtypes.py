@@ -26,7 +26,9 @@ class SettingError(ValueError):
         self.key = key
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{key}: {value!r} is not allowed; allowed: {allowed}")
+        # TOML's spelling of a boolean, not Python's: the file says true.
+        shown = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+        super().__init__(f"{key}: {shown} is not allowed; allowed: {allowed}")
 
 
 class FileError(SettingError):

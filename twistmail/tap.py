@@ -25,6 +25,8 @@ class Options(usage.Options):
             self.settings = configmod.load(self["config"])
         except FileNotFoundError:
             _fatal(f"--config: {self['config']!r} does not exist")
+        except configmod.FileError as e:  # names the file already
+            _fatal(str(e))
         except configmod.SettingError as e:
             _fatal(f"{self['config']}: {e}")
         except OSError as e:  # a directory, unreadable, ...

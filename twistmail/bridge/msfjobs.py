@@ -139,7 +139,7 @@ class _Job:
 
     @property
     def name(self) -> str:
-        return f"{JOB_NAME}/{self.pid}"
+        return f"{JOB_NAME}/{self.pid}" if self.pid is not None else f"{JOB_NAME} (starting)"
 
     def channel_lost(self) -> None:
         self.usable = False
