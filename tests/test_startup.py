@@ -427,3 +427,18 @@ def test_a_start_with_a_file_that_is_not_toml_names_it_once(tmp_path, capsys):
         Options().parseOptions(["--config", str(p)])
     err = capsys.readouterr().err
     assert err.count(str(p)) == 1 and "not valid TOML" in err, err
+
+
+def test_a_state_directory_held_by_an_earlier_daemon_names_the_holders(tmp_path):
+    import fcntl
+
+    from twistmail.controller.datadirlock import DatadirBusy, lock_datadir
+
+    fd = lock_datadir(tmp_path)
+    try:
+        # flock is per open file: another opening of the lock waits for ours.
+        with pytest.raises(DatadirBusy, match=rf"pids {os.getpid()}\)"):
+            lock_datadir(tmp_path, wait=0)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

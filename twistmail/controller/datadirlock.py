@@ -31,6 +31,28 @@ class NoLock(Exception):
     """The state directory cannot be locked here (a file system without flock)."""
 
 
+def holding(path: str | Path) -> list[int]:
+    """The processes with ``path`` open (as far as /proc lets us see them)."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return []
+    found = []
+    with os.scandir("/proc") as processes:
+        pids = [p.name for p in processes if p.name.isdigit()]
+    for pid in pids:
+        try:
+            with os.scandir(f"/proc/{pid}/fd") as fds:
+                for fd in fds:
+                    st = os.stat(fd.path)
+                    if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                        found.append(int(pid))
+                        break
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return sorted(found)
+
+
 def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2) -> int:
     """The locked descriptor (kept open for the daemon's life); DatadirBusy after
     ``wait``; NoLock when the file system takes no lock (the caller goes on)."""
@@ -58,9 +80,10 @@ def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2) -> int:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 os.close(fd)
+                holders = ", ".join(str(pid) for pid in holding(path)) or "unknown"
                 raise DatadirBusy(
                     f"processes of an earlier twistmail daemon still use {datadir} (they hold "
-                    f"{path}); wait for them to end, or end them") from None
+                    f"{path}: pids {holders}); wait for them to end, or end them") from None
             time.sleep(poll)
         except OSError as e:  # ENOLCK (NFS without locks), EOPNOTSUPP, EINVAL
             os.close(fd)
