@@ -621,3 +621,13 @@ def test_a_batch_a_full_disk_cut_short_leaves_no_torn_line(full_disk: Path) -> N
     [receiver] = (full_disk / "journal").glob("QZMF.*.jsonl")
     lines = receiver.read_bytes().splitlines()
     assert [json.loads(line)["seq"] for line in lines] == [1, 2]
+
+
+def test_a_sign_on_an_older_version_wrote_as_9w_reads_as_9z(tmp_path: Path) -> None:
+    """9W became IBM's "rejected by the SMTP server"; a sign-on is 9Z."""
+    j = Journal(tmp_path, "QTSMTPSRVP/7")
+    j.write("9W", "9W AUTH 127.0.0.1 KIM", ip="127.0.0.1", usrprf="KIM")  # as written then
+    j.write("9W", "9W RJT 127.0.0.1 nobody@example.test", ip="127.0.0.1")
+    assert [e["esd"] for e in read_entries(tmp_path, ["9Z"])] == ["9Z AUTH 127.0.0.1 KIM"]
+    assert [e["esd"] for e in read_entries(tmp_path, ["9W"])] == [
+        "9W RJT 127.0.0.1 nobody@example.test"]

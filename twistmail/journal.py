@@ -667,6 +667,10 @@ def _parse(line: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(entry, dict) or not isinstance(entry.get("seq"), int):
         return None
+    if entry.get("code") == "9W" and str(entry.get("esd", "")).startswith("9W AUTH "):
+        # Versions before 2026-11-30 wrote a sign-on as 9W, which is now IBM's
+        # "rejected by the SMTP server": read as what it records, 9Z.
+        entry["code"], entry["esd"] = "9Z", "9Z" + entry["esd"][2:]
     return entry
 
 
