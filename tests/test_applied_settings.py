@@ -114,3 +114,17 @@ def test_sighup_applies_the_file_as_config_apply_does(make_appliance):
         s.mail("jane@example.test")
         assert s.rcpt("sam@example.test")[0] == 250
         assert s.rcpt("sam@example.test")[0] == 452
+
+
+def test_a_file_broken_by_a_hand_edit_still_finds_the_daemon(make_appliance):
+    """A TOML syntax error: status said nothing of the daemon running on, and
+    ENDTCPSVR could not reach it."""
+    a = make_appliance().start()
+    good = a.config.read_text()
+    a.config.write_text(good.replace("[pop]\n", '[pop]\nalwssl = "*YES\n'))
+    rc, out, err = a.cli("config", "--apply")
+    assert rc == 2 and "not valid TOML" in err
+    rc, out, err = a.cli("status")
+    assert rc == 0 and "QTMSSRCP" in out, err
+    rc, out, err = a.cli("endtcpsvr", "--server", "*POP")
+    assert rc == 0, err

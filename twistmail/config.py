@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -444,14 +445,32 @@ def control_socket_of(path: str | os.PathLike[str]) -> Path | None:
     value elsewhere in the file must not hide a running daemon (``status``)."""
     p = Path(path).absolute()
     try:
-        with p.open("rb") as f:
-            data = tomllib.load(f)
+        text = p.read_bytes().decode("utf-8")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:  # a syntax error elsewhere: its own line may do
+            data = {"system": _datadir_line(text)}
         raw = data.get("system", {}).get("datadir", SystemSettings().datadir)
         datadir = parse_value("system.datadir", field_type(SystemSettings, "datadir"), raw)
         settings = Settings(path=p, system=SystemSettings(datadir=datadir))
     except (OSError, ValueError, TypeError, AttributeError):  # SettingError is a ValueError
         return None
     return settings.control_socket
+
+
+def _datadir_line(text: str) -> dict[str, Any]:
+    """``[system] datadir`` from a file TOML cannot read, by its own line."""
+    table = ""
+    for line in text.splitlines():
+        header = re.match(r"\s*\[\s*([^\]]*?)\s*\]\s*(#.*)?$", line)
+        if header:
+            table = header.group(1)
+        elif table == "system" and re.match(r"\s*datadir\s*=", line):
+            try:
+                return tomllib.loads(line)
+            except tomllib.TOMLDecodeError:
+                return {}
+    return {}
 
 
 #: Where the daemon keeps the settings it accepted, in ``<datadir>/run``.
