@@ -8,8 +8,10 @@ with SIGTERM, then SIGKILL after the delay.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import sys
 from typing import Any
 
 from twisted.internet import defer
@@ -90,7 +92,10 @@ class BridgeSlot:
                  "--parent", str(os.getpid())], output, keep_fd=self.lock_fd,
             )
         except OSError as e:
-            self.log.error("cannot start the bridge: {e!r}", e=e)
+            hint = ""
+            if e.errno in (errno.EACCES, errno.EPERM):  # a Python only root may run, say
+                hint = f" (this user must be allowed to run {sys.executable})"
+            self.log.error("cannot start the bridge: {e!r}{hint}", e=e, hint=hint)
             self.process = None
             self._schedule_restart()
             return
