@@ -709,3 +709,14 @@ def test_the_daemon_s_record_of_its_settings_reads_back_as_the_same_settings(
     assert again == settings
     assert again.resolve(again.smtp.hosttable) == etc_copy.parent / "hosts"
     assert not [p for p in record.parent.iterdir() if p != record]  # no temporary left
+
+
+@pytest.mark.parametrize("broken", [
+    b'[system]\ndatadir = "/srv/mail"\n[pop\n',
+    b'["system"]\n"datadir" = "/srv/mail"\n[pop\n',
+    b'[system]\ndatadir = "/srv/mail"\n# caf\xe9\n',
+])
+def test_the_daemon_of_a_file_toml_cannot_read_is_still_found(tmp_path: Path, broken) -> None:
+    p = tmp_path / "twistmail.toml"
+    p.write_bytes(broken)
+    assert config.control_socket_of(p) == Path("/srv/mail/run/control.sock")

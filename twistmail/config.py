@@ -445,11 +445,11 @@ def control_socket_of(path: str | os.PathLike[str]) -> Path | None:
     value elsewhere in the file must not hide a running daemon (``status``)."""
     p = Path(path).absolute()
     try:
-        text = p.read_bytes().decode("utf-8")
+        raw_bytes = p.read_bytes()
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError:  # a syntax error elsewhere: its own line may do
-            data = {"system": _datadir_line(text)}
+            data = tomllib.loads(raw_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError):  # its own line may still do
+            data = {"system": _datadir_line(raw_bytes.decode("utf-8", "replace"))}
         raw = data.get("system", {}).get("datadir", SystemSettings().datadir)
         datadir = parse_value("system.datadir", field_type(SystemSettings, "datadir"), raw)
         settings = Settings(path=p, system=SystemSettings(datadir=datadir))
@@ -464,8 +464,8 @@ def _datadir_line(text: str) -> dict[str, Any]:
     for line in text.splitlines():
         header = re.match(r"\s*\[\s*([^\]]*?)\s*\]\s*(#.*)?$", line)
         if header:
-            table = header.group(1)
-        elif table == "system" and re.match(r"\s*datadir\s*=", line):
+            table = header.group(1).strip("\"'")
+        elif table == "system" and re.match(r"""\s*(datadir|"datadir"|'datadir')\s*=""", line):
             try:
                 return tomllib.loads(line)
             except tomllib.TOMLDecodeError:

@@ -915,7 +915,6 @@ class _Tail:
 
 _RELATIVE_RE = re.compile(r"^-(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 #: IBM's DSPJRN FROMTIME('113026' '070257'): a date as the job's *MDY format
 #: has it, then, optionally, a time HHMMSS (or HHMM).
 _IBM_TIME_RE = re.compile(r"^(\d\d)(\d\d)(\d\d)(?:\s+(\d\d)(\d\d)(\d\d)?)?$")
@@ -960,14 +959,21 @@ def parse_time(text: str, now: datetime | None = None, *, end_of_day: bool = Fal
         ) from None
 
 
+#: The date forms of ISO 8601 that datetime reads: 2024-05-01, 20240501, 2024-W18-3.
+_ISO_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{4}-W\d{2}(?:-\d)?|\d{8}|\d{4}W\d{2}\d?")
+
+
 def _iso_unit(s: str) -> str | None:
     """The last unit an ISO time names, so that ``--to 10:30`` takes its whole minute.
 
     A time with a fraction of a second is exact: there is nothing after it to take.
     """
-    if _DATE_RE.match(s):
-        return "days"
-    clock = re.split(r"[T ]", s, maxsplit=1)[-1]
+    clock = s
+    day = _ISO_DATE_RE.match(s)
+    if day:
+        if day.end() == len(s):
+            return "days"
+        clock = s[day.end() + 1:]  # after the separator, whichever it is
     clock = re.split(r"[Zz+-]", clock, maxsplit=1)[0]
     return {2: "hours", 4: "minutes", 6: "seconds"}.get(len(clock.replace(":", "")))
 
