@@ -340,9 +340,21 @@ def test_a_client_must_sign_on_within_one_inactivity_timeout(store, tmp_path):
     assert not transport.disconnecting
     clock.advance(3)
     assert transport.disconnecting  # closed without a reply, as an autologout (RFC 1939)
-    clock, _, session, transport = _session(store)
+    clock, factory, session, transport = _session(store)
+    checks: list[defer.Deferred] = []
+
+    class Slow(_Portal):  # the password check, in a thread, takes its time
+        def login(self, creds, mind, iface):
+            checks.append(defer.Deferred())
+            return checks[-1].addCallback(lambda _: super(Slow, self).login(creds, mind, iface))
+
+    factory.portal = Slow(store)
     clock.advance(INACTTIMO - 1)
-    _login(session, transport)  # signed on in time: the limit is gone
+    session.dataReceived(b"USER sam\r\nPASS secret\r\n")
+    clock.advance(5)
+    assert not transport.disconnecting  # a PASS that came in time is answered
+    checks[0].callback(None)
+    assert transport.value().splitlines()[-1].startswith(b"+OK SAM has")
     for _ in range(3):
         clock.advance(INACTTIMO - 1)
         session.dataReceived(b"NOOP\r\n")

@@ -230,8 +230,12 @@ class POP3Session(SequentialSession):
 
     def _logon_overdue(self) -> None:
         self.logon_limit = None
-        if self.state == "AUTHORIZATION" and not self.closing:
-            self.timed_out()
+        if self.state != "AUTHORIZATION" or self.closing:
+            return
+        if self.busy:  # a PASS that came in time is being checked: its answer goes first
+            self.logon_limit = self.reactor.callLater(1.0, self._logon_overdue)
+            return
+        self.timed_out()
 
     def _stop_logon_limit(self) -> None:
         if self.logon_limit is not None and self.logon_limit.active():
