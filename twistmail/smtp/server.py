@@ -61,7 +61,7 @@ SOFT_ERRORS = 3  # errors after which each command waits a little
 #: one more counts as an error (Postfix's smtpd_junk_command_limit): a session
 #: kept open with them alone ends, within MAXERRORS more.
 JUNK_LIMIT = 100
-JUNK = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP"})
+JUNK = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP", b"HELO", b"EHLO"})
 
 UNIMPLEMENTED = {b"EXPN", b"TURN", b"SAML", b"SEND", b"SOML"}
 
@@ -346,6 +346,10 @@ class SMTPSession(SequentialSession):
         self.auth_failures = 0
         self.cut_pending = False  # MAXAUTHFAIL reached while a step was under way
         self.errors = 0  # since the last message accepted, as Postfix counts them
+        #: Unknown recipients (5.1.1) not made up for by recipients of messages
+        #: accepted: a message does not wipe them out, or a harvester sending
+        #: one cheap message per few guesses would never be slowed down.
+        self.unknown = 0
         self.junk = 0
         self.auth_step: Callable[[str], Any] | None = None
 
@@ -432,6 +436,8 @@ class SMTPSession(SequentialSession):
         # nor is its recipient limit (4.5.3, RFC 5321 §4.5.3.1.10: the client
         # sends the rest in another transaction).
         if code >= 400 and code != 421 and text[1:4] != ".3." and not text.startswith("4.5.3"):
+            if text.startswith("5.1.1"):
+                self.unknown += 1
             self._count_error()
 
     def _count_error(self) -> None:
@@ -452,10 +458,11 @@ class SMTPSession(SequentialSession):
         lf = self.buffer.find(b"\n")
         if lf < 0:
             if len(self.buffer) > self._line_limit():
+                auth = self.auth_step is not None or _limit_of(self.buffer) == MAX_AUTH_LINE
                 self.buffer = b""
                 if not self.discarding:
                     self.discarding = True
-                    if self.auth_step is not None:
+                    if auth:
                         self.auth_step = None  # the exchange is over, not its next line
                         self._auth_too_long()
                     else:
@@ -622,15 +629,20 @@ class SMTPSession(SequentialSession):
             d.addCallback(lambda r: self.factory.backend.commit(data.spool, r))
         else:
             d = defer.maybeDeferred(self.factory.backend.commit, data.spool, received)
-        d.addCallbacks(self._queued, self._not_queued, errbackArgs=(data.spool,))
+        # Distinct ones: one known address named ten times makes up for no guess.
+        distinct = len({str(route).lower() for route, _ in txn.recipients})
+        d.addCallbacks(self._queued, self._not_queued, callbackArgs=(distinct,),
+                       errbackArgs=(data.spool,))
         d.addBoth(self.resume)
 
-    def _queued(self, queue_id: str) -> None:
+    def _queued(self, queue_id: str, recipients: int) -> None:
         self.reply(250, f"2.0.0 Ok: queued as {queue_id}")
         # A client that delivers mail starts afresh: an MTA that keeps its
         # connection open for many messages, each with a stale address or
-        # two, is not cut off for their sum.
-        self.errors = self.junk = 0
+        # two, is not cut off for their sum.  Unknown recipients count on,
+        # less one for each recipient the message had.
+        self.unknown = max(0, self.unknown - recipients)
+        self.errors, self.junk = self.unknown, 0
 
     def _not_queued(self, failure: Any, spool: Any) -> None:
         log_failure(self.log, "could not queue a message", failure)
@@ -650,8 +662,11 @@ class SMTPSession(SequentialSession):
     def _command(self, raw: bytes) -> None:
         limit = _limit_of(raw)
         if len(raw) > limit:
-            self.reply(500, f"5.5.2 Line too long: this command's lines are limited to "
-                       f"{limit} octets")
+            if limit == MAX_AUTH_LINE:  # AUTH's initial response (RFC 4954 section 4)
+                self._auth_too_long()
+            else:
+                self.reply(500, f"5.5.2 Line too long: this command's lines are limited to "
+                           f"{limit} octets")
             return
         self.last_command_crlf = raw.endswith(b"\r\n")
         line = raw.rstrip(b"\r\n")
