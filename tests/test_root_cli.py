@@ -150,3 +150,30 @@ def test_mail_areas_in_roots_hands_are_given_back_at_a_later_start():
     finally:
         a.kill_all()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_mailbox_in_roots_hands_is_walked_through_no_link_planted_meanwhile(tmp_path):
+    """The daemon's user owns mailboxes/: between root's look at a mailbox and
+    its walk, it could put a link in its place and have root give away the
+    link's target (a walk by path followed it)."""
+    from twistmail.controller.service import _give_bulk
+
+    owner = (NOBODY.pw_uid, NOBODY.pw_gid)
+    var = tmp_path / "var"
+    mailboxes = var / "mailboxes"
+    (mailboxes / "SAM" / "Maildir").mkdir(parents=True)
+    (mailboxes / "SAM" / "Maildir" / "1.mail").write_text("mail\n")  # root's: a chown -R
+    for d in (var, mailboxes):
+        os.chown(d, *owner)
+    victim = tmp_path / "victim"
+    (victim / "SAM").mkdir(parents=True)
+    (victim / "SAM" / "shadow").write_text("root's\n")
+    fd = os.open(mailboxes, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        mailboxes.rename(var / "mailboxes.real")  # what the daemon's user may do meanwhile
+        mailboxes.symlink_to(victim)
+        _give_bulk(fd, "SAM", str(mailboxes / "SAM"), NOBODY.pw_uid, owner, 1)
+    finally:
+        os.close(fd)
+    assert (victim / "SAM" / "shadow").stat().st_uid == 0
+    assert (var / "mailboxes.real" / "SAM" / "Maildir" / "1.mail").stat().st_uid == owner[0]

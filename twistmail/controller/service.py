@@ -735,7 +735,8 @@ BULK_DIRS = frozenset({"mailboxes", "snads"})
 BULK_DEPTH = 3
 
 
-def _give_tree(d: Path, previous: int, owner: tuple[int, int], whole: bool) -> None:
+def _give_tree(d: Path, previous: int, owner: tuple[int, int], whole: bool,
+               dir_fd: int | None = None, shown: str | None = None) -> None:
     """A start as ``--uid``: the state directory becomes that user's.
 
     What root made in it before (``sudo twistmail crtusrprf`` ahead of the
@@ -747,19 +748,21 @@ def _give_tree(d: Path, previous: int, owner: tuple[int, int], whole: bool) -> N
     after its own check: no link, and no file with a second name, can lead
     root to give away anything outside.
     """
-    for top, dirs, files, fd in os.fwalk(os.fspath(d), follow_symlinks=False):
+    start = os.fspath(d)
+    for top, dirs, files, fd in os.fwalk(start, dir_fd=dir_fd, follow_symlinks=False):
+        where = (shown or start) + top[len(start):]
         bulk: list[str] = []
-        if not whole and top == os.fspath(d):
+        if not whole and top == start:
             bulk = [n for n in dirs if n in BULK_DIRS]
             dirs[:] = [n for n in dirs if n not in BULK_DIRS]
         for name in (*dirs, *files, *bulk):
             try:
                 if name in bulk:
-                    _give_bulk(fd, name, os.path.join(top, name), previous, owner, 0)
+                    _give_bulk(fd, name, os.path.join(where, name), previous, owner, 0)
                 else:
                     _give(fd, name, previous, owner)
             except OSError as e:
-                raise SystemExit(f"twistmail: cannot give {os.path.join(top, name)} to the "
+                raise SystemExit(f"twistmail: cannot give {os.path.join(where, name)} to the "
                                  f"daemon's user: {e.strerror}") from None
 
 
@@ -781,7 +784,10 @@ def _give_bulk(dir_fd: int, name: str, path: str, previous: int, owner: tuple[in
         return
     if st.st_uid in (0, previous) and (st.st_uid, st.st_gid) != owner:
         _give(dir_fd, name, previous, owner)
-        _give_tree(Path(path), previous, owner, whole=True)
+        # Through the descriptor of the directory it is in, never by its path:
+        # the directories above are the daemon's user's, who could put a link
+        # in place of one of them meanwhile and have root give away its target.
+        _give_tree(Path(name), previous, owner, whole=True, dir_fd=dir_fd, shown=path)
         return
     if depth >= BULK_DEPTH:
         return
