@@ -1,4 +1,5 @@
-"""A child's end is reported when it exits, whoever still holds its output pipes."""
+"""The bridge's end is reported when it exits, whoever still holds its output pipes;
+a launcher's once its pipes close, when its jobs, which share them, are gone too."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ print(pid, flush=True)
 class ChildEndTests(unittest.TestCase):
     async def test_the_end_is_reported_while_a_stopped_grandchild_holds_the_pipes(self):
         ended: defer.Deferred = defer.Deferred()
-        out = ChildOutput("QTSMTPBRSR", lambda reason: ended.callback(None))
+        out = ChildOutput("QTSMTPBRSR", lambda reason: ended.callback(None), at_exit=True)
         lines: list[str] = []
         out._emit = lambda fd, line: lines.append(line.decode())  # type: ignore[method-assign]
         closed: defer.Deferred = defer.Deferred()
@@ -50,3 +51,24 @@ async def _until(condition, limit: float = 10.0) -> None:
     while not condition() and waited < limit:
         await deferLater(reactor, 0.05, lambda: None)
         waited += 0.05
+
+
+class LauncherEndTests(unittest.TestCase):
+    async def test_a_launchers_end_waits_for_its_jobs_which_its_pool_supervises(self):
+        """Reported at its exit, its jobs were dropped from their pool at once,
+        and a stopped one was never asked for a sign of life again."""
+        ended: list[object] = []
+        out = ChildOutput("QZMFLNCH", ended.append)
+        lines: list[str] = []
+        out._emit = lambda fd, line: lines.append(line.decode())  # type: ignore[method-assign]
+        closed: defer.Deferred = defer.Deferred()
+        last = out.processEnded
+        out.processEnded = lambda reason: (last(reason), closed.callback(None))
+        reactor.spawnProcess(out, sys.executable, [sys.executable, "-c", CHILD],
+                             env=dict(os.environ))
+        await _until(lambda: lines)
+        await _until(lambda: False, 1.0)  # the child has exited by now
+        self.assertEqual(ended, [])  # its job still holds the pipes
+        os.kill(int(lines[0]), signal.SIGKILL)
+        await closed
+        self.assertEqual(len(ended), 1)

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     reload_asked: list[int] = []
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(1))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # born blocked (bridgeslot)
-    die_with_parent(args.parent)
+    # SIGKILL: a bridge stopped when the controller dies must not keep the
+    # state directory's lock; what it had in hand is done again (durable queues).
+    die_with_parent(args.parent, sig=signal.SIGKILL)
     log_to_stderr()
     settings = configmod.load(args.config)
     launcher = _fork_launcher()

@@ -80,7 +80,7 @@ class BridgeSlot:
     def _spawn(self) -> None:
         self._restart_call = None
         self._ended = defer.Deferred()
-        output = launch.ChildOutput(JOB_NAME, self._exited)
+        output = launch.ChildOutput(JOB_NAME, self._exited, at_exit=True)
         self.started_at = self.reactor.seconds()
         # A reload (SIGHUP) before the bridge has its handler would end it:
         # it is born with SIGHUP blocked, and unblocks it once it listens.

@@ -235,7 +235,7 @@ def fork_launcher(programs: tuple[str, ...],
                 os.dup2(kept, KEPT_FD)
             os.closerange(CONTROL_FD + 1 if kept is None else KEPT_FD + 1,
                           os.sysconf("SC_OPEN_MAX"))
-            die_with_parent()
+            die_with_parent(sig=signal.SIGKILL)  # a stopped one must not outlive it
             return_large_blocks()  # the jobs forked from here keep it
             name_process(NAME)
             code = _run_launcher()
@@ -257,7 +257,9 @@ def _run_launcher() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    die_with_parent()
+    # SIGKILL, not SIGTERM: a launcher stopped when its parent dies would keep
+    # a SIGTERM pending, and the state directory's lock (or its pipes) with it.
+    die_with_parent(sig=signal.SIGKILL)
     return_large_blocks()  # the jobs forked from here keep it
     name_process(NAME)
     preload(sys.argv[1:] if argv is None else argv)

@@ -38,9 +38,12 @@ class ChildOutput(ProcessProtocol):
 
     log = Logger()
 
-    def __init__(self, name: str, on_ended: Any) -> None:
+    def __init__(self, name: str, on_ended: Any, at_exit: bool = False) -> None:
         self.name = name
         self.on_ended = on_ended
+        #: Report the end when the process exits, not once its output pipes
+        #: close (which the processes it forks share until they are gone).
+        self.at_exit = at_exit
         self.pid: int | None = None
         self._partial = {1: b"", 2: b""}
         self._levels: dict[int, LogLevel] = {}
@@ -75,11 +78,14 @@ class ChildOutput(ProcessProtocol):
                       name=self.name, pid=self.pid, text=text)
 
     def processExited(self, reason: Any) -> None:
-        """The end is reported when the process exits, not once its output
-        pipes close: the jobs a launcher or the bridge forks keep copies of
-        them, and one that is stopped, or outlives its parent, kept its
-        supervisor from seeing the end (a dead bridge was not restarted)."""
-        self._report(reason)
+        """With ``at_exit`` (the bridge), the end is reported as the process
+        exits: the processes it forks keep copies of its pipes, and a stopped
+        one kept its supervisor from seeing the end (a dead bridge was not
+        restarted).  A launcher's end waits for its pipes: its jobs hold
+        them, and their pool supervises them (and kills a stopped one)
+        until they are gone."""
+        if self.at_exit:
+            self._report(reason)
 
     def processEnded(self, reason: Any) -> None:
         for fd, rest in self._partial.items():
