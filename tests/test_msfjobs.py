@@ -21,12 +21,13 @@ from twistmail import config as configmod
 from twistmail.bridge.manager import (
     FAIL_WAITS,
     MAX_JOB_ENDS,
+    MAX_SILENT_ENDS,
     NO_ROOM_WAIT,
     RECOVER_EVERY,
     RESCAN_EVERY,
     QueueManager,
 )
-from twistmail.bridge.msfjobs import JobEnded, JobFailed, MsfJobs, NoRoom, _Job
+from twistmail.bridge.msfjobs import JobEnded, JobFailed, JobSilent, MsfJobs, NoRoom, _Job
 from twistmail.directory import SqliteDirectory
 from twistmail.interfaces import CORRUPT, QTMSINQ
 from twistmail.queue import Envelope, FileQueue
@@ -140,7 +141,7 @@ def test_a_job_that_holds_a_message_without_a_word_is_killed_and_the_message_kep
     clock.advance(1)
     assert killed == [1000]
     died(job)
-    assert lost[0].check(JobEnded)  # it stays queued, for the next rescan
+    assert lost[0].check(JobSilent)  # it stays queued, for the next rescan
     assert jobs.journal.entries == [("JK", "JK CRASH QMSF/1000")]
 
 
@@ -234,6 +235,10 @@ class DyingJobs:
         d, self.pending = self.pending, None
         d.errback(JobFailed("RecursionError: maximum recursion depth exceeded"))
 
+    def silent(self) -> None:
+        d, self.pending = self.pending, None
+        d.errback(JobSilent("QMSF/1 ended while processing it, giving no sign of life"))
+
     def full(self) -> None:
         d, self.pending = self.pending, None
         d.errback(NoRoom("OSError: [Errno 28] No space left on device"))
@@ -252,6 +257,12 @@ def one_queued(case: unittest.TestCase) -> tuple:
 class PoisonMessageTests(unittest.TestCase):
     async def test_a_message_that_ends_its_job_three_times_is_set_aside(self) -> None:
         await self._set_aside_after(DyingJobs.die, MAX_JOB_ENDS)
+
+    async def test_a_message_on_which_jobs_stop_answering_is_set_aside_only_much_later(
+            self) -> None:
+        """A stalled disk stops every job: three kills for silence (15 minutes)
+        set every message in hand aside, whole and sound."""
+        await self._set_aside_after(DyingJobs.silent, MAX_SILENT_ENDS)
 
     async def test_a_message_its_job_fails_on_is_tried_after_growing_waits_then_set_aside(
             self) -> None:

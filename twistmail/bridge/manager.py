@@ -26,7 +26,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
-from twistmail.bridge.msfjobs import JobEnded, JobFailed, NoRoom
+from twistmail.bridge.msfjobs import JobEnded, JobFailed, JobSilent, NoRoom
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ
 
 RESCAN_EVERY = 5.0  # seconds
@@ -35,6 +35,11 @@ RESCAN_EVERY = 5.0  # seconds
 #: are given nothing new until the busy ones finish (milliseconds).
 RECOVER_EVERY = 60.0  # seconds
 MAX_JOB_ENDS = 3  # a message its QMSF job died on this many times is set aside
+#: Kills of a job silent on the message (STEP_LIMIT each) before it is set
+#: aside: a stalled disk stops every job alike, and must stall half an hour
+#: before the messages in hand go; one message that wedges its job each
+#: time costs a job's CPU for as long.
+MAX_SILENT_ENDS = 6
 #: A message its QMSF job answered FAIL for (the queue's file system full or
 #: gone read-only; a mailbox that cannot take mail only defers its recipient)
 #: waits this long before each new try: the administrator has about an hour
@@ -69,6 +74,7 @@ class QueueManager:
         self.processed = 0
         #: Messages whose QMSF job died while processing them, and how often.
         self.job_ends: collections.Counter[str] = collections.Counter()
+        self.silent_ends: collections.Counter[str] = collections.Counter()
         #: Messages a job failed on: how often, and no new try before when.
         self.fails: dict[str, tuple[int, float]] = {}
         self.no_room: str | None = None  # why the disk refused the last try, until one works
@@ -209,6 +215,13 @@ class QueueManager:
                 return None
             reason = (f"its QMSF job failed on it {count} times over "
                       f"{sum(FAIL_WAITS) / 60:.0f} minutes")
+        elif failure.check(JobSilent):
+            self.silent_ends[qid] += 1
+            if self.silent_ends[qid] < MAX_SILENT_ENDS:
+                self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
+                               why=failure.getErrorMessage())
+                return None
+            reason = f"its QMSF job stopped answering on it {MAX_SILENT_ENDS} times"
         else:
             if failure.check(JobEnded):
                 self.job_ends[qid] += 1
@@ -223,6 +236,7 @@ class QueueManager:
         # taking a job start each time: it goes to corrupt/ for the
         # administrator instead (wrkq --queue corrupt).
         self.job_ends.pop(qid, None)
+        self.silent_ends.pop(qid, None)
         self.fails.pop(qid, None)
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                       self.queue.set_aside, QTMSINQ, qid, reason)
@@ -237,6 +251,7 @@ class QueueManager:
 
     def _done(self, result: Any, qid: str) -> None:
         self.job_ends.pop(qid, None)  # done, or gone: its counts are of no use now
+        self.silent_ends.pop(qid, None)
         self.fails.pop(qid, None)
         if self.no_room is not None:
             self.log.info("delivery goes on: the disk has room again")

@@ -43,6 +43,11 @@ class JobEnded(Exception):
     """The job ended before it answered; the message is still queued."""
 
 
+class JobSilent(JobEnded):
+    """The job was killed for holding the message without a word (stopped,
+    wedged): as likely the disk's doing as the message's."""
+
+
 class NoJobFree(Exception):
     """No job could take the message now; it stays queued."""
 
@@ -151,7 +156,9 @@ class _Job:
         self._unwatch()
         pending, self.pending = self.pending, None
         if pending is not None:
-            pending[1].errback(JobEnded(f"{self.name} ended while processing {pending[0]}"))
+            kind = JobSilent if self.silent else JobEnded
+            pending[1].errback(kind(f"{self.name} ended while processing {pending[0]}"
+                                    + (", giving no sign of life" if self.silent else "")))
         self.owner.job_ended(self, reason)
         self.ended.callback(None)
 
