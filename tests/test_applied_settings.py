@@ -101,6 +101,9 @@ def test_sighup_applies_the_file_as_config_apply_does(make_appliance):
     a = make_appliance().start()
     a.user("SAM")
     pid = a.control("status")["pid"]
+    os.kill(pid, signal.SIGHUP)
+    a.wait_for(lambda: "configuration applied: nothing changed" in a.log_text(), 10,
+               "a reload that changed nothing, said")
     good = a.config.read_text()
     a.config.write_text(good.replace("[pop]\n", "[pop]\ninacttimo = 5\n"))
     os.kill(pid, signal.SIGHUP)

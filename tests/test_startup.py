@@ -414,8 +414,34 @@ def test_a_daemon_starts_on_a_full_disk_answers_452_and_lets_pop_users_in(full_d
         p.user("sam")
         assert p.pass_("secret").startswith(b"+OK")
         p.quit()
+        a.stop()
+        # Changed settings must be written: refused, in one line, and no debris.
+        a.config.write_text(a.config.read_text() + "\n[smtp]\nmaxrcpt = 7\n")
+        a.proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "twistmail", "--config",
+                                   str(a.config)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, cwd=tmp_path)
+        out = a.proc.communicate(timeout=60)[0].decode()
+        assert "cannot record the settings for the jobs" in out and "Traceback" not in out
+        assert sorted(os.listdir(a.datadir / "run")) == ["settings.json", "tls.pem"]
     finally:
         a.kill_all()
+
+
+def test_a_sighup_while_the_daemon_starts_does_not_end_it(tmp_path):
+    import signal
+
+    from twistmail.tap import Options, makeService
+
+    config = tmp_path / "twistmail.toml"
+    config.write_text(f'[system]\ndatadir = "{tmp_path / "var"}"\n')
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        options = Options()
+        options.parseOptions(["--config", str(config)])
+        makeService(options)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_a_start_with_a_file_that_is_not_toml_names_it_once(tmp_path, capsys):

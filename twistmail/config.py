@@ -505,8 +505,12 @@ def write_applied(settings: Settings) -> Path:
     except OSError:
         pass
     tmp = path.with_name(f".{APPLIED}.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # a job starting now reads the old record or the new
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # a job starting now reads the old record or the new
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: no debris, one per refused start
+        raise
     return path
 
 

@@ -46,7 +46,13 @@ def _fatal(message: str) -> None:
 
 
 def makeService(options: Options):  # noqa: ANN201 - twistd's interface
+    import signal
+
     from twistmail.controller.service import Controller
+
+    # Until the controller takes it (a reload), a SIGHUP must not end the
+    # daemon half started, as its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     return Controller(options.settings, owner=run_as(getattr(options, "parent", None)))
 

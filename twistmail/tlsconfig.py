@@ -294,12 +294,17 @@ def _write_atomic(path: Path, data: bytes, mode: int, dir_fd: int | None = None,
         os.unlink(tmp, dir_fd=dir_fd)  # left by a crash, perhaps by another user
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
-        if owner is not None:
-            os.fchown(fd, *owner)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        try:
+            if owner is not None:
+                os.fchown(fd, *owner)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError:
+        with contextlib.suppress(OSError):  # a full disk: no debris
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise

@@ -16,6 +16,7 @@ Run as ``python -m twistmail.bridge.main --config PATH``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -190,6 +191,8 @@ class _StatusFile:
             tmp.write_text(json.dumps(data, default=str))
             os.replace(tmp, self.path)
         except Exception as e:  # the loop must go on: it is the only status there is
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # what a full disk cut short
             if repr(e) != self.failing:  # once, not every second of a full disk
                 self.failing = repr(e)
                 print(f"cannot write {self.path}: {e!r}", file=sys.stderr)

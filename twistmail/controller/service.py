@@ -586,7 +586,8 @@ class Controller(service.Service):
             new = attrs.evolve(new, tls=old.tls)
             tls_state, pem, warnings = self.tls_state, None, []
         if new == old and tls_state == self.tls_state:
-            # "nothing changed"
+            self.log.info("configuration applied: nothing changed{restart}",
+                          restart=_restart_text(restart))
             return {"applied": [], "restart_needed": restart, "warnings": warnings}
         try:
             configmod.write_applied(new)
@@ -623,7 +624,7 @@ class Controller(service.Service):
             applied.append("journal")
         self.log.info("configuration applied: {applied}{restart}",
                       applied=", ".join(applied) or "the settings file as read",
-                      restart=f"; restart needed for [{'], ['.join(restart)}]" if restart else "")
+                      restart=_restart_text(restart))
         return {"applied": applied, "restart_needed": restart, "warnings": warnings}
 
     def _check_tls(self, new: configmod.Settings
@@ -841,6 +842,10 @@ def _open_no_link(directory: Path) -> int:
     except OSError as e:
         raise SystemExit(f"twistmail: {directory}: {e.strerror}; started as root, "
                          "twistmail takes no symbolic link there") from None
+
+
+def _restart_text(sections: list[str]) -> str:
+    return f"; restart needed for [{'], ['.join(sections)}]" if sections else ""
 
 
 def _end_args(option: Any, delay: Any) -> tuple[str, float]:
