@@ -28,13 +28,7 @@ class ChildEndTests(unittest.TestCase):
     async def test_the_end_is_reported_while_a_stopped_grandchild_holds_the_pipes(self):
         ended: defer.Deferred = defer.Deferred()
         out = ChildOutput("QTSMTPBRSR", lambda reason: ended.callback(None), at_exit=True)
-        lines: list[str] = []
-        out._emit = lambda fd, line: lines.append(line.decode())  # type: ignore[method-assign]
-        closed: defer.Deferred = defer.Deferred()
-        last = out.processEnded
-        out.processEnded = lambda reason: (last(reason), closed.callback(None))
-        reactor.spawnProcess(out, sys.executable, [sys.executable, "-c", CHILD],
-                             env=dict(os.environ))
+        lines, closed = _spawn(out)
         ended.addTimeout(10, reactor)
         try:
             await ended  # it used to wait for the grandchild to go
@@ -42,6 +36,18 @@ class ChildEndTests(unittest.TestCase):
             await _until(lambda: lines)
             os.kill(int(lines[0]), signal.SIGKILL)
             await closed  # the pipes close with the grandchild
+
+
+def _spawn(out: ChildOutput) -> tuple[list[str], defer.Deferred]:
+    """Run CHILD under ``out``: the lines it writes, and a Deferred of its pipes' end."""
+    lines: list[str] = []
+    out._emit = lambda fd, line: lines.append(line.decode())  # type: ignore[method-assign]
+    closed: defer.Deferred = defer.Deferred()
+    last = out.processEnded
+    out.processEnded = lambda reason: (last(reason), closed.callback(None))
+    reactor.spawnProcess(out, sys.executable, [sys.executable, "-c", CHILD],
+                         env=dict(os.environ))
+    return lines, closed
 
 
 async def _until(condition, limit: float = 10.0) -> None:
@@ -59,13 +65,7 @@ class LauncherEndTests(unittest.TestCase):
         and a stopped one was never asked for a sign of life again."""
         ended: list[object] = []
         out = ChildOutput("QZMFLNCH", ended.append)
-        lines: list[str] = []
-        out._emit = lambda fd, line: lines.append(line.decode())  # type: ignore[method-assign]
-        closed: defer.Deferred = defer.Deferred()
-        last = out.processEnded
-        out.processEnded = lambda reason: (last(reason), closed.callback(None))
-        reactor.spawnProcess(out, sys.executable, [sys.executable, "-c", CHILD],
-                             env=dict(os.environ))
+        lines, closed = _spawn(out)
         await _until(lambda: lines)
         await _until(lambda: False, 1.0)  # the child has exited by now
         self.assertEqual(ended, [])  # its job still holds the pipes

@@ -215,21 +215,17 @@ class QueueManager:
                 return None
             reason = (f"its QMSF job failed on it {count} times over "
                       f"{sum(FAIL_WAITS) / 60:.0f} minutes")
-        elif failure.check(JobSilent):
-            self.silent_ends[qid] += 1
-            if self.silent_ends[qid] < MAX_SILENT_ENDS:
-                self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
-                               why=failure.getErrorMessage())
-                return None
-            reason = f"its QMSF job stopped answering on it {MAX_SILENT_ENDS} times"
         else:
+            counts, limit, what = self.job_ends, MAX_JOB_ENDS, "ended"
+            if failure.check(JobSilent):
+                counts, limit, what = self.silent_ends, MAX_SILENT_ENDS, "stopped answering"
             if failure.check(JobEnded):
-                self.job_ends[qid] += 1
-            if self.job_ends[qid] < MAX_JOB_ENDS:
+                counts[qid] += 1
+            if counts[qid] < limit:
                 self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
                                why=failure.getErrorMessage())
                 return None
-            reason = f"its QMSF job ended on it {MAX_JOB_ENDS} times"
+            reason = f"its QMSF job {what} on it {limit} times"
         self.log.error("processing {qid} failed; it is set aside: {why}", qid=qid,
                        why=failure.getErrorMessage())
         # A message that kills the job that takes it would do so for ever,
