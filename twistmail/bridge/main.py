@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     reload_asked: list[int] = []
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(1))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # born blocked (bridgeslot)
-    # SIGKILL: a bridge stopped when the controller dies must not keep the
-    # state directory's lock; what it had in hand is done again (durable queues).
-    die_with_parent(args.parent, sig=signal.SIGKILL)
+    # SIGTERM: when the controller dies, the bridge ends in a controlled way
+    # (END_DELAY and more); a new daemon waits for it (the state directory's lock).
+    die_with_parent(args.parent)
     log_to_stderr()
     settings = configmod.load(args.config)
     launcher = _fork_launcher()
