@@ -57,7 +57,7 @@ MAX_RECEIVED = 100
 MAX_PENDING = 64 * 1024  # pipelined input held while a command waits, before we stop reading
 MAX_AUTH_FAILURES = 3
 SOFT_ERRORS = 3  # errors after which each command waits a little
-#: NOOP, RSET, VRFY and HELP a client may send without delivering mail; each
+#: NOOP, RSET, VRFY, HELP, HELO, EHLO a client may send without delivering mail; each
 #: one more counts as an error (Postfix's smtpd_junk_command_limit): a session
 #: kept open with them alone ends, within MAXERRORS more.
 JUNK_LIMIT = 100
@@ -640,7 +640,7 @@ class SMTPSession(SequentialSession):
         # A client that delivers mail starts afresh: an MTA that keeps its
         # connection open for many messages, each with a stale address or
         # two, is not cut off for their sum.  Unknown recipients count on,
-        # less one for each recipient the message had.
+        # less one for each distinct recipient the message had.
         self.unknown = max(0, self.unknown - recipients)
         self.errors, self.junk = self.unknown, 0
 
