@@ -506,7 +506,7 @@ def test_a_second_corrupt_copy_of_an_id_does_not_overwrite_the_first(fq):
     (fq.root / CORRUPT / f"{qid}.json").write_bytes(b"first")
     fq.envelope_path(HOLD, qid).write_bytes(b"second")
     fq.recover()
-    kept = sorted(p.read_bytes() for p in (fq.root / CORRUPT).iterdir())
+    kept = sorted(p.read_bytes() for p in (fq.root / CORRUPT).iterdir() if p.suffix != ".why")
     assert kept == [b"first", b"second"]
     listed = [(e.id, e.error) for e in fq.entries(CORRUPT)]  # wrkq shows both
     assert len(listed) == 2 and {i for i, _ in listed} == {qid}
@@ -983,12 +983,21 @@ def test_a_message_cut_short_is_released_as_it_is(cfg, cli_queue, capsys, packed
     os.truncate(cli_queue.body_path(qid, QTMSINQ), 40)
     env = cli_queue.load(QTMSINQ, qid)
     assert cli_queue.body_damage(QTMSINQ, env) == "body of 40 bytes, 1018 when it was received"
-    assert cli_queue.set_aside(QTMSINQ, qid, "body of 40 bytes") is not None
+    assert cli_queue.set_aside(QTMSINQ, qid, "body of 40 bytes, 1018 when it was received") \
+        is not None
+    assert run(["--config", cfg, "wrkq"]) == 0  # why it is there: not only in its 7Y entry
+    assert f"{qid} set aside: body of 40 bytes, 1018 when it was received" in \
+        capsys.readouterr().out
+    assert run(["--config", cfg, "wrkq", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["error"] == "body of 40 bytes, 1018 when it was received"
+    assert row["originator"] == "jane@example.test"
     assert run(["--config", cfg, "wrkq", "--release", qid]) == 0
     out = capsys.readouterr().out
     assert "its body is 40 bytes, 1018 when it was received; released as it is" in out
     env = cli_queue.load(QTMSINQ, qid)
     assert env.size == 40 and cli_queue.body_damage(QTMSINQ, env) is None
+    assert os.listdir(cli_queue.queue_dir(CORRUPT)) == []  # its reason went with it
 
 
 def test_a_damaged_message_stays_in_corrupt_and_can_be_deleted(cfg, cli_queue, capsys):

@@ -866,6 +866,8 @@ class FileQueue:
         if source in _PACKED_IN:
             _unlink(self._packed(source, queue_id))  # left by an interrupted unpacking
         fsync_dir(self._dirs[source])
+        if source == CORRUPT:
+            _unlink(self._why(queue_id))
 
     def remove(self, queue: str, queue_id: str, durable: bool = True) -> None:
         """Delete envelope then body; the body stays while another queue holds it.
@@ -881,6 +883,8 @@ class FileQueue:
             removed = True  # a packed message is one file, envelope and body
         if not removed:
             raise KeyError(queue_id)
+        if queue == CORRUPT:
+            _unlink(self._why(queue_id))
         if durable:
             fsync_dir(self._dirs[queue])
         body = self._body(queue_id)
@@ -931,9 +935,11 @@ class FileQueue:
             if len(parts) == 3 and is_queue_id(parts[0]) and parts[1].isdigit() and \
                     parts[2] in ("json", "msg"):
                 path = self.root / CORRUPT / name
+                why = self._reason(f"{parts[0]}.{parts[1]}")
                 yield QueueEntry(CORRUPT, parts[0], max(0.0, now - id_time(parts[0])),
                                  _size(path), None, (), 0, None,
-                                 error=f"another copy set aside: {name}")
+                                 error=f"another copy set aside: {name}"
+                                 + (f" ({why})" if why else ""))
 
     def _entry(self, queue: str, queue_id: str, now: float) -> QueueEntry | None:
         try:
@@ -958,6 +964,7 @@ class FileQueue:
             recipients=env.recipients,
             attempts=env.attempts,
             next_try=env.next_try,
+            error=self._reason(queue_id) if queue == CORRUPT else None,
         )
 
     def _body_size(self, queue_id: str) -> int:
@@ -1040,7 +1047,7 @@ class FileQueue:
                 reason = self._damage(queue, queue_id)
                 if reason is None:
                     sound[path] = mtime
-                elif self._to_corrupt(queue, queue_id):
+                elif self._to_corrupt(queue, queue_id, reason):
                     found.append(CorruptItem(queue_id, queue, reason))
         self._sound = sound
         return tuple(found)
@@ -1058,9 +1065,11 @@ class FileQueue:
 
     def set_aside(self, queue: str, queue_id: str, reason: str) -> CorruptItem | None:
         """Move a message found damaged to ``corrupt/``; None if it is gone already."""
-        return CorruptItem(queue_id, queue, reason) if self._to_corrupt(queue, queue_id) else None
+        if not self._to_corrupt(queue, queue_id, reason):
+            return None
+        return CorruptItem(queue_id, queue, reason)
 
-    def _to_corrupt(self, queue: str, queue_id: str) -> bool:
+    def _to_corrupt(self, queue: str, queue_id: str, reason: str) -> bool:
         """Keep the damaged envelope (and its body) for the administrator.
 
         A packed file goes to corrupt/ whole: it is the body."""
@@ -1077,7 +1086,19 @@ class FileQueue:
             return False
         fsync_dir(target.parent)
         fsync_dir(self.queue_dir(queue))
+        with contextlib.suppress(OSError):  # what wrkq shows; the 7Y entry has it too
+            target.with_suffix(".why").write_text(reason + "\n")
         return True
+
+    def _why(self, name: str) -> Path:
+        """Why the message (or copy) ``name`` of corrupt/ was set aside."""
+        return self.root / CORRUPT / f"{name}.why"
+
+    def _reason(self, name: str) -> str | None:
+        try:
+            return self._why(name).read_text().strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def _settle_duplicates(self) -> tuple[DuplicateItem, ...]:
         holders: dict[str, list[str]] = {}
