@@ -316,7 +316,6 @@ class Journal:
         self._forks = _forks
         self._state_fd: int | None = None
         self._rfd: int | None = None
-        self._rnum = 0
 
     @classmethod
     def from_settings(cls, settings: Any, job: str) -> Journal:
@@ -537,16 +536,16 @@ class Journal:
         return receiver_name(state.receiver), state
 
     def _writable(self, state: _State) -> _State:
-        """Open the current receiver and make sure the state matches the file."""
-        if self._rfd is None or self._rnum != state.receiver:
-            self._open_receiver(state.receiver)
+        """Open the current receiver and make sure the state matches the file.
+
+        Opened anew under each lock (none is kept between writes), so it is
+        always the one the state names, and never one deleted meanwhile.
+        """
+        self._open_receiver(state.receiver)
         assert self._rfd is not None
-        st = os.fstat(self._rfd)
-        if st.st_nlink == 0:
-            self._open_receiver(state.receiver)
-            st = os.fstat(self._rfd)
-        if st.st_size != state.end:
-            return self._repair(state, st.st_size)
+        size = os.fstat(self._rfd).st_size
+        if size != state.end:
+            return self._repair(state, size)
         return state
 
     def _repair(self, state: _State, size: int) -> _State:
@@ -592,14 +591,12 @@ class Journal:
         path = self.directory / receiver_name(number)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         self._rfd = os.open(path, flags, 0o640)
-        self._rnum = number
 
     def _release_receiver(self) -> None:
         if self._rfd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._rfd)
             self._rfd = None
-            self._rnum = 0
 
     def _close(self) -> None:
         for fd in (self._rfd, self._state_fd):
@@ -609,7 +606,6 @@ class Journal:
                 except OSError:
                     pass
         self._rfd = self._state_fd = None
-        self._rnum = 0
 
 
 def journal_directory(settings: Any) -> Path:

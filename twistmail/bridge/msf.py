@@ -16,8 +16,9 @@ The job ends when the channel closes (the bridge ends it, ENDMSF *CNTRLD,
 after the message in hand), and at once at SIGKILL, which the kernel sends
 when its parent dies: every step can be repeated without a second copy, so
 a message cut short is simply processed again.  SIGKILL, not SIGTERM: a
-stopped job would keep a SIGTERM pending, and the daemon's lock with it.  SIGHUP reads the settings
-again before the next message (CHGSMTPA FTRACN, NFYDLVRY).
+stopped job would keep a SIGTERM pending, and the daemon's lock with it.
+SIGHUP reads the settings again before the next message (CHGSMTPA FTRACN,
+NFYDLVRY).
 
 Also runs as ``python -m twistmail.bridge.msf --config PATH``.
 """
@@ -146,7 +147,7 @@ class _Progress:
 
     def __init__(self, channel: socket.socket) -> None:
         self.channel = channel
-        self.last = time.monotonic()
+        self.start()
 
     def __call__(self) -> None:
         now = time.monotonic()
