@@ -16,6 +16,7 @@ from email.message import EmailMessage
 
 import pytest
 from appliance import alive, descendants_of, read_reply, wait_gone
+from clients import needs
 
 
 @pytest.fixture
@@ -67,6 +68,7 @@ def test_seed_scenario_jane_to_sam(post):
     assert {"7A", "P2", "B8", "B2"} <= set(codes)
 
 
+@needs("swaks", "curl")
 def test_swaks_and_curl_deliver(post, tmp_path):
     a = post
     host, port = a.addr("smtp")

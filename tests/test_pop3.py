@@ -5,7 +5,6 @@ from __future__ import annotations
 import email
 import email.policy
 import poplib
-import shutil
 import smtplib
 import socket
 import ssl
@@ -14,6 +13,7 @@ import time
 
 import pytest
 from appliance import read_reply
+from clients import needs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,6 +74,7 @@ def test_seed_scenario_send_retrieve_delete(post):
     assert codes.count("QL") == 2 and "QR" in codes and "QD" in codes
 
 
+@needs("curl")
 def test_curl_pop3_and_pop3s(post):
     a = post
     send(a, "sam@example.test", b"Subject: curl\r\n\r\nline\r\n")
@@ -97,7 +98,7 @@ def test_curl_pop3_and_pop3s(post):
     assert b"Subject: curl" in r.stdout
 
 
-@pytest.mark.skipif(shutil.which("fetchmail") is None, reason="fetchmail is not installed")
+@needs("fetchmail")
 def test_fetchmail_retrieves_into_a_file(post, tmp_path):
     a = post
     send(a, "sam@example.test", b"Subject: fetch me\r\n\r\n.dot first\r\nend\r\n", count=3)
@@ -120,6 +121,7 @@ def test_fetchmail_retrieves_into_a_file(post, tmp_path):
     a.wait_for(lambda: a.mailbox("SAM") == [], 10, "the messages fetchmail deleted to go")
 
 
+@needs("openssl")
 def test_openssl_starttls_pop3(post):
     a = post
     host, port = a.addr("pop3")

@@ -20,10 +20,13 @@ from pathlib import Path
 
 import attrs
 import pytest
+from clients import needs
 from test_smtp_client import Sink
 
 from twistmail.api import BCC, CC, TO, SendMailError, create_send_email
 from twistmail.config import load
+
+pytestmark = needs("openssl")
 
 TWISTMAIL = str(Path(sys.executable).with_name("twistmail"))
 PW = "store-secret"

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 from appliance import read_reply
+from clients import needs
 
 
 def ctx() -> ssl.SSLContext:
@@ -111,6 +112,7 @@ def test_submission_requires_auth(post):
         assert s.mail("sam@example.test")[0] == 250
 
 
+@needs("openssl")
 def test_openssl_starttls_smtp(post):
     a = post
     host, port = a.addr("smtp")
