@@ -480,6 +480,45 @@ def test_size_limits():
     assert s.backend.queued == [] and s.backend.spools[0].aborted
 
 
+def test_a_header_block_over_1_mib_is_refused_and_the_session_goes_on():
+    # Past the bound the added fields and the hops could not be decided:
+    # before, a Message-ID and Date went in the middle and the hops went uncounted.
+    s = Session(maxmsgsize=10 * 1024 * 1024)
+    s.start()
+    pad = b"".join(b"X-Pad-%05d: " % i + b"p" * 86 + b"\r\n" for i in range(11000))
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    s.send(b"Subject: x\r\n" + pad + b"Message-ID: <late@x>\r\n\r\nbody\r\n.\r\n")
+    assert s.replies()[-1] == "552 5.3.4 Message header exceeds 1048576 octets"
+    assert s.backend.queued == [] and s.backend.spools[0].aborted
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n"
+           b"Subject: y\r\n\r\nb\r\n.\r\n")
+    assert s.codes()[-4:] == [250, 250, 354, 250]
+
+
+def test_an_empty_message_id_or_date_is_replaced():
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n"
+           b"Message-ID:\r\nDate: \r\n \r\nSubject: empty\r\n\r\nb\r\n.\r\n")
+    assert s.codes()[-1] == 250
+    spool, rec = s.backend.queued[0]
+    head = spool.body.partition(b"\r\n\r\n")[0]
+    assert head.count(b"Message-ID:") == 1 and head.count(b"Date:") == 1
+    assert b"\r\nSubject: empty\r\nMessage-ID: <q1@mail.example.test>\r\nDate: " in head
+    assert rec.message_id == "<q1@mail.example.test>"
+
+
+def test_a_folded_message_id_is_kept_and_named():
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n"
+           b"Message-ID:\r\n <abc@x>\r\nDate: Mon, 1 Jan 2024\r\n 00:00:00 +0000\r\n\r\nb\r\n.\r\n")
+    spool, rec = s.backend.queued[0]
+    assert rec.message_id == "<abc@x>"
+    assert spool.body.endswith(b"\r\nMessage-ID:\r\n <abc@x>\r\nDate: Mon, 1 Jan 2024\r\n"
+                               b" 00:00:00 +0000\r\n\r\nb\r\n")
+
+
 def test_a_message_in_a_mail_loop_is_refused_554_5_4_6():
     s = Session()
     s.start()

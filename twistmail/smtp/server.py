@@ -172,7 +172,8 @@ class _Data:
         self.in_header = True
         self.header: list[bytes] = []
         self.header_bytes = 0
-        self.seen: set[bytes] = set()
+        #: Where each Message-ID and Date field starts in ``header``.
+        self.ids_and_dates: list[tuple[bytes, int]] = []
         self.message_id: str | None = None
         self.last_field: bytes | None = None
         self.hops = 0  # Received: fields already in the header
@@ -220,46 +221,64 @@ class _Data:
             self._end_header()
             self._write(b"\r\n")
             return
-        if line[:1] in (b" ", b"\t") and self.last_field is not None:
-            if self.last_field == b"message-id" and self.message_id is not None:
-                self.message_id += line.decode("latin-1").strip()
-        else:
-            name, colon, value = line.partition(b":")
+        if line[:1] not in (b" ", b"\t") or self.last_field is None:
+            name, colon, _ = line.partition(b":")
             name = name.rstrip(b" \t")  # RFC 5322 §4.5.3: obsolete space before the colon
-            if colon and name and b" " not in name and b"\t" not in name:
-                field = name.lower()
-                self.seen.add(field)
-                self.last_field = field
-                if field == b"message-id":
-                    self.message_id = value.decode("latin-1").strip()
-                elif field == b"received":
-                    self.hops += 1
-                    if self.hops >= MAX_RECEIVED:
-                        self.fail(554, f"5.4.6 Too many hops: {self.hops} Received: header "
-                                  "fields, the message is in a mail loop")
-                        return
-            else:
+            if not (colon and name and b" " not in name and b"\t" not in name):
                 # Not a header field: the header has ended without a blank
                 # line.  One goes in, or the line would join the header
                 # block, after the fields added to it.
                 self._end_header()
                 self._write(b"\r\n" + line + b"\r\n")
                 return
+            field = name.lower()
+            self.last_field = field
+            if field in (b"message-id", b"date"):
+                self.ids_and_dates.append((field, len(self.header)))
+            elif field == b"received":
+                self.hops += 1
+                if self.hops >= MAX_RECEIVED:
+                    self.fail(554, f"5.4.6 Too many hops: {self.hops} Received: header "
+                              "fields, the message is in a mail loop")
+                    return
         self.header.append(line)
         self.header_bytes += len(line) + 2
         if self.header_bytes > MAX_HEADER_BLOCK:
-            self._end_header()
+            # Past this the fields to add and the hops could no longer be
+            # told from the header: refused whole, as Exim's header_maxsize.
+            self.fail(552, f"5.3.4 Message header exceeds {MAX_HEADER_BLOCK} octets")
 
     def _end_header(self) -> None:
+        """Add a Message-ID and a Date where the header has none.
+
+        An empty field (``Message-ID:`` and nothing else) is no msg-id or
+        date (RFC 5322 §3.6.1, §3.6.4): it goes, and ours takes its place,
+        so that the message has one of each and the journal its 99 entry.
+        """
         if not self.in_header:
             return
         self.in_header = False
-        out = [h + b"\r\n" for h in self.header]
+        if self.error is not None:  # refused: nothing more goes to the spool
+            return
+        header = self.header
+        dropped: set[int] = set()
+        found: dict[bytes, str] = {}
+        for field, start in self.ids_and_dates:
+            stop = start + 1  # the field runs on over its continuation lines
+            while stop < len(header) and header[stop][:1] in (b" ", b"\t"):
+                stop += 1
+            value = b"".join(h.strip() for h in header[start:stop]).partition(b":")[2].strip()
+            if value:
+                found.setdefault(field, value.decode("latin-1"))
+            else:
+                dropped.update(range(start, stop))
+        out = [h + b"\r\n" for i, h in enumerate(header) if i not in dropped]
         host = self.session.factory.backend.hostname
-        if b"message-id" not in self.seen:
+        self.message_id = found.get(b"message-id")
+        if self.message_id is None:
             self.message_id = f"<{self.spool.id}@{host}>"
             out.append(f"Message-ID: {self.message_id}\r\n".encode())
-        if b"date" not in self.seen:
+        if b"date" not in found:
             out.append(f"Date: {date_now()}\r\n".encode())
         self._write(b"".join(out))
         self.header = []
