@@ -111,6 +111,19 @@ class PostmasterTests(BackendCase):
                                                      None)
         self.assertEqual((verdict.code, verdict.route), (250, "postmaster@example.test"))
 
+    async def test_postmaster_and_mailer_daemon_of_the_host_name_are_the_postmaster(self) -> None:
+        """Notices come from MAILER-DAEMON@<hostname> and name its postmaster; both
+        were refused as relay when the host name is no local domain."""
+        self.assertEqual(self.backend.hostname, "mail.example.test")
+        for local in ("Postmaster", "MAILER-DAEMON"):
+            verdict = await self.backend.check_recipient(
+                Address(local, "MAIL.example.test"), "192.0.2.7", None)
+            self.assertEqual((verdict.code, verdict.local, verdict.route),
+                             (250, True, "postmaster@example.test"))
+        other = await self.backend.check_recipient(Address("sam", "mail.example.test"),
+                                                   "192.0.2.7", None)
+        self.assertEqual(other.code, 550)
+
 
 class SenderTests(BackendCase):
     smtp = {"vfyfromusr": "*YES"}

@@ -84,7 +84,7 @@ class QueueBackend(Backend):
         *ACCEPT entry removed meanwhile stops relaying a second later at
         most.  Refusals are never remembered.
         """
-        if not address.domain:
+        if not address.domain or self._of_this_host(address):
             # <postmaster>, which RFC 5321 §4.5.1 says must be accepted: the
             # first local domain's, and delivered there (the route).
             address = Address("postmaster", self.local_domains[0])
@@ -102,6 +102,17 @@ class QueueBackend(Backend):
         )
         d.addCallback(self._remember, key, client_ip, user)
         return d
+
+    def _of_this_host(self, address: Address) -> bool:
+        """Postmaster or MAILER-DAEMON at the host name, when that is no local domain.
+
+        Notices come from MAILER-DAEMON@<hostname> and name its postmaster:
+        a reply to one, or mail to the postmaster it names, is for this
+        host's postmaster, not a relay.
+        """
+        return (address.local.lower() in ("postmaster", "mailer-daemon")
+                and address.domain_key == self.hostname.lower().rstrip(".")
+                and address.domain_key not in self.local_domains)
 
     def _remember(self, verdict: Verdict, key: str, client_ip: str,
                   user: str | None) -> Verdict:
