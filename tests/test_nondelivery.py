@@ -80,6 +80,20 @@ def test_a_notice_is_made_whatever_the_original_and_the_remote_reply_hold():
     assert b"hidden@example.test" not in raw and b"other@example.test" not in raw  # no Bcc
 
 
+def test_the_returned_header_is_the_original_s_bytes_also_when_they_are_no_utf_8():
+    headers = b"From: jane@example.test\r\nSubject: caf\xc3\xa9 \xff\r\nX-Long: " + b"y" * 200 + b"\r\n"
+    raw = build_notice(
+        hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
+        originator="jane@example.test", arrival=1_700_000_000.0,
+        failures=[Failure("sam@remote.test", "5.1.1", "550 5.1.1 unknown")],
+        headers=headers, message_id=None)
+    assert raw.isascii() and max(len(line) for line in raw.split(b"\r\n")) < 998
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    original = msg.get_payload()[2]
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert original.get_payload(decode=True) == headers
+
+
 def test_a_long_reply_in_another_script_stays_one_ascii_field():
     """Cut after escaping, so the field stays within its line (no encoded-word)."""
     raw = build_notice(

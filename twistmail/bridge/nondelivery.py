@@ -13,11 +13,11 @@ cannot be used to reflect large payloads.
 from __future__ import annotations
 
 import email
-import email.charset
 import email.errors
 import email.policy
 import email.utils
 import hashlib
+import quopri
 import re
 import time
 from collections.abc import Iterable
@@ -210,21 +210,29 @@ def _fields(pairs: list[tuple[str, str]]) -> Message:
 
 
 _BCC = re.compile(rb"^(?:resent-)?bcc:.*(?:\r?\n[ \t].*)*(?:\r?\n|$)", re.I | re.M)
-_QP_UTF8 = email.charset.Charset("utf-8")
-_QP_UTF8.body_encoding = email.charset.QP
 
 
 def _headers_part(headers: bytes, about: str) -> Message:
-    """The original's header block, without Bcc: copies go to NONDELIVERY and NFYDLVRY."""
+    """The original's header block, without Bcc: copies go to NONDELIVERY and NFYDLVRY.
+
+    8-bit fields (a raw UTF-8 Subject, or bytes of no charset at all) go
+    quoted-printable from the bytes themselves, so that the notice stays
+    7-bit and a reader gets back the very bytes that were sent.
+    """
     part = Message()
-    part["Content-Type"] = "text/rfc822-headers"
     part["Content-Description"] = f"{about} headers"
-    headers = _BCC.sub(b"", headers)
-    text = headers.decode("utf-8", "replace").replace("\r\n", "\n").replace("\n", "\r\n")
-    if text.isascii():
-        part.set_payload(text)
-    else:  # 8-bit header fields (a raw UTF-8 Subject): quoted-printable, 7-bit notice
-        part.set_payload(text, _QP_UTF8)
+    headers = _BCC.sub(b"", headers).replace(b"\r\n", b"\n")
+    if headers.isascii():
+        part["Content-Type"] = "text/rfc822-headers"
+        part.set_payload(headers.decode("ascii"))
+        return part
+    try:
+        headers.decode("utf-8")
+        part["Content-Type"] = 'text/rfc822-headers; charset="utf-8"'
+    except UnicodeDecodeError:
+        part["Content-Type"] = "text/rfc822-headers"
+    part["Content-Transfer-Encoding"] = "quoted-printable"
+    part.set_payload(quopri.encodestring(headers).decode("ascii"))
     return part
 
 
