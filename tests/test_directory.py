@@ -401,14 +401,20 @@ def test_duplicate_entry_refused(d):
         d.add_entry(DirectoryEntry("joe", "mail", "Joe again"))
 
 
-def test_smtp_names_are_unique_with_the_domain_case_insensitive(d):
+def test_smtp_names_are_unique_without_regard_to_case(d):
     d.add_entry(DirectoryEntry("JOE", "MAIL", "Joe", smtpuser="joe", smtpdomain="example.test"))
     with pytest.raises(DirectoryError, match="already the SMTP name of directory entry JOE MAIL"):
         d.add_entry(DirectoryEntry("JOE2", "MAIL", "x", smtpuser="joe", smtpdomain="EXAMPLE.Test"))
     d.add_entry(DirectoryEntry("JOE3", "MAIL", "x", smtpuser="joe", smtpdomain="other.test"))
-    d.add_entry(DirectoryEntry("JOE4", "MAIL", "x", smtpuser="Joe", smtpdomain="example.test"))
-    with pytest.raises(DirectoryError, match="smtpuser: 'joe@example.test'"):
-        d.change_entry("JOE4", "MAIL", smtpuser="joe")
+    # "Joe" beside "joe" made JOE@example.test name neither: mail to it got 550.
+    with pytest.raises(DirectoryError, match="'Joe@example.test' is already the SMTP name of "
+                       "directory entry JOE MAIL"):
+        d.add_entry(DirectoryEntry("JOE4", "MAIL", "x", smtpuser="Joe", smtpdomain="example.test"))
+    d.add_entry(DirectoryEntry("JOE4", "MAIL", "x", smtpuser="joey", smtpdomain="example.test"))
+    with pytest.raises(DirectoryError, match="smtpuser: 'JOE@example.test'"):
+        d.change_entry("JOE4", "MAIL", smtpuser="JOE")
+    d.change_entry("JOE", "MAIL", smtpuser="Joe")  # its own name in another case
+    assert d.resolve("JOE@example.test").usrprf is None and d.get_entry("JOE", "MAIL").smtpuser == "Joe"
 
 
 def test_change_entry(d):
@@ -482,9 +488,10 @@ def populated(d: SqliteDirectory) -> SqliteDirectory:
     d.add_entry(
         DirectoryEntry("CASE1", "MAIL", "a", user="sam", msfsrvlvl="*SYSMS", smtpuser="Twin")
     )
-    d.add_entry(
-        DirectoryEntry("CASE2", "MAIL", "b", user="jane", msfsrvlvl="*SYSMS", smtpuser="TWIN")
-    )
+    with d._write() as conn:  # names that differ in case alone, as earlier releases allowed
+        d._insert_entry(conn, DirectoryEntry("CASE2", "MAIL", "b", user="JANE",
+                                             msfsrvlvl="*SYSMS", smtpuser="TWIN",
+                                             smtpdomain="example.test"))
     d.add_entry(DirectoryEntry("BOB", "ROCHSTR", "SNADS Bob", smtpuser="bob"))
     return d
 

@@ -1283,10 +1283,12 @@ def _check_combination(entry: DirectoryEntry) -> None:
 
 
 def _check_smtp_name_free(conn: sqlite3.Connection, entry: DirectoryEntry) -> None:
+    """Names are told apart without regard to case: with ``sam`` and ``Sam``
+    both taken, ``SAM@`` would name neither, and mail to it is refused."""
     row = conn.execute(
-        "SELECT userid, address FROM entries WHERE smtpdomain = ? AND smtpuser = ?"
+        "SELECT userid, address FROM entries WHERE smtpdomain = ? AND smtpfold = ?"
         " AND NOT (userid = ? AND address = ?)",
-        (entry.smtpdomain, entry.smtpuser, entry.userid, entry.address),
+        (entry.smtpdomain, _fold(entry.smtpuser or ""), entry.userid, entry.address),
     ).fetchone()
     if row is not None:
         raise DirectoryError(
