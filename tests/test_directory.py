@@ -697,6 +697,31 @@ def test_a_new_profile_is_not_handed_mail_left_under_its_name(cfg, capsys):
     assert rc == 2 and "--usrprf: SAM has a mailbox left by an earlier profile" in err
 
 
+def test_a_new_profile_is_not_handed_mail_queued_for_one_deleted(cfg, capsys):
+    """Mail accepted for BOB and still queued (the bridge ended) went to a BOB
+    created after the first was deleted."""
+    from twistmail import config
+    from twistmail.interfaces import QTMSINQ
+    from twistmail.queue import Envelope, FileQueue
+
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "bob", "--password", "pw")
+    fq = FileQueue.for_settings(config.load(cfg))
+    with fq.new_spool(Envelope.new("jane@example.test", ("Bob@example.test",))) as spool:
+        spool.write(b"Subject: for the first bob\r\n\r\nx\r\n")
+        spool.commit(QTMSINQ)
+    rc, out, err = tm(capsys, cfg, "dltusrprf", "--usrprf", "BOB")
+    assert rc == 0 and out == ("User profile BOB deleted.\n1 queued message for its addresses "
+                               "will go back to the senders (wrkq lists them).\n")
+    rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "bob", "--password", "pw")
+    assert rc == 2 and err.strip().endswith(
+        "--usrprf: 1 queued message is for bob@example.test, the address BOB would get, "
+        "accepted before it existed; allowed: a name no queued mail is for (let the bridge "
+        "return it first: strmsf; wrkq lists it)")
+    fq.remove(QTMSINQ, spool.id)
+    rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "bob", "--password", "pw")
+    assert rc == 0, err
+
+
 def test_password_from_stdin(cfg, capsys, monkeypatch):
     import io
 

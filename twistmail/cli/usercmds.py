@@ -31,6 +31,7 @@ from twistmail.cli.base import (
 )
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.directory import DirectoryEntry, DirectoryError, SqliteDirectory
+from twistmail.queue import FileQueue
 from twistmail.settingtypes import Choice
 
 STATUS = Choice(dirmod.STATUSES)
@@ -203,6 +204,13 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
                         f"name, with {left} message{'s' if left != 1 else ''} "
                         f"({d.mailbox(name).parent}); allowed: a name without one (move or "
                         "remove that mailbox first)")
+        waiting = _queued_for(f"{name.lower()}@{d.local_domains[0]}") \
+            if d.get_profile(name) is None and d.local_domains and "@" not in name else 0
+        if waiting:  # accepted for an earlier profile of that name, not yet delivered
+            usage_error(f"--usrprf: {waiting} queued message{'s are' if waiting != 1 else ' is'}"
+                        f" for {name.lower()}@{d.local_domains[0]}, the address {name} would "
+                        "get, accepted before it existed; allowed: a name no queued mail is "
+                        "for (let the bridge return it first: strmsf; wrkq lists it)")
         profile = d.create_profile(usrprf, _password(password) or "",
                                    text=_text(text) or "", status=status)
         record = _profile_record(d, profile)
@@ -262,6 +270,8 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
             usage_error(f"--ownobjopt: {name} owns {' and '.join(o for o, _ in owned)}, so "
                         "it is not deleted with *NODLT; allowed: *DLT, which deletes them "
                         "with the profile")
+        waiting = sum(_queued_for(e.smtp_name) for e in d.entries()
+                      if e.user == name and e.smtp_name)
         d.delete_profile(name)
         home = d.mailbox(name).parent
     for _, path in owned:
@@ -269,6 +279,19 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
     shutil.rmtree(home, ignore_errors=True)  # an empty mailbox goes in any case
     gone = f" with {' and '.join(o for o, _ in owned)}" if owned else ""
     click.echo(f"User profile {name} deleted{gone}.")
+    if waiting:
+        click.echo(f"{waiting} queued message{'s' if waiting != 1 else ''} for its addresses "
+                   "will go back to the senders (wrkq lists them).")
+
+
+def _queued_for(address: str) -> int:
+    """Messages on any queue with a recipient ``address`` not yet done with."""
+    spool = FileQueue.for_settings(app().settings, create=False)
+    if not spool.root.is_dir():
+        return 0
+    address = address.lower()
+    return sum(1 for e in spool.entries()
+               if any(r.address.lower() == address and not r.done for r in e.recipients))
 
 
 def _owned(d: Any, name: str) -> list[tuple[str, Path]]:
