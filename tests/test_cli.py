@@ -63,6 +63,10 @@ def stopped(make_appliance) -> Appliance:
         (["adddire", "--usrid", "ABC", "--usrd", "x"],
          "--usrid: takes 2 values, got the option --usrd instead; allowed: User ID"),
         (["dcm", "list", "--bogus"], "twistmail dcm list: --bogus: no such option"),
+        (["chgsmtpa", "MAXRCPT(5)"], "twistmail chgsmtpa: MAXRCPT(5): not an option; allowed: "
+         "--alwauth,"),
+        (["chgsmtpa", "MAXRCPT(5)"], '(CL keywords go to cl: twistmail cl "CHGSMTPA MAXRCPT(5)")'),
+        (["chgjrn", "extra"], "twistmail chgjrn: extra: not an option; allowed: --jrn, --jrnrcv"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(stopped, args, needle):
@@ -249,3 +253,12 @@ def test_chgpopa_nbrsvr_takes_1_to_20_as_ibm_i_does(stopped):
     rc, out, err = stopped.cli("chgpopa", "--nbrsvr", "4")
     assert rc == 0 and "THRESHOLD" not in err
     assert configmod.load(stopped.config).prestart.QTPOPSRVP.threshold == 1
+
+
+def test_tables_align_wide_characters_by_the_columns_they_take(capsys):
+    from twistmail.cli.output import emit_table
+
+    emit_table([{"d": "山田花子", "s": "hanako"}, {"d": "Sam", "s": "sam"}],
+               [("d", "Description"), ("s", "SMTP name")], as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["Description  SMTP name", "山田花子     hanako", "Sam          sam"]

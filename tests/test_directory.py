@@ -1090,3 +1090,12 @@ def test_a_sign_on_that_opens_after_dltusrprf_makes_no_mailbox_for_nobody(tmp_pa
     with pytest.raises(MailboxGone):
         realm._open("BOB")
     assert not (tmp_path / "mailboxes" / "BOB").exists()
+
+
+def test_crtusrprf_says_why_a_profile_got_no_smtp_address(cfg, capsys):
+    rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "A@B", "--password", "pw")
+    assert rc == 0, err
+    assert out.splitlines()[-1] == (
+        "No SMTP address: '@' is in no SMTP local part, so a@b is none; mail reaches the "
+        "profile once its entry has one: chgdire --usrid A@B MAIL --prefadr '*SMTP' "
+        "--smtpuser NAME")

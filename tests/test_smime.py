@@ -25,6 +25,7 @@ from test_smtp_client import Sink
 
 from twistmail.api import BCC, CC, TO, SendMailError, create_send_email
 from twistmail.config import load
+from twistmail.directory import SqliteDirectory
 
 pytestmark = needs("openssl")
 
@@ -347,7 +348,10 @@ def test_refusals_queue_nothing(make_appliance, certs, tmp_path):
     refuse("no certificate for bob@example.test", [*to_sam, ("bob@example.test", BCC)],
            "s", "b", (), 2)
     refuse("security: 7", to_sam, "s", "b", (), 7)
-    refuse("no directory entry with an SMTP name", to_sam, "s", "b", usrprf="NOBODY")
+    refuse("usrprf: 'NOBODY' does not exist", to_sam, "s", "b", usrprf="NOBODY")
+    with SqliteDirectory.from_settings(settings) as d:
+        d.create_profile("A@B", "pw")  # "@" is in no local part: no SMTP name is given
+    refuse("no directory entry with an SMTP name", to_sam, "s", "b", usrprf="A@B")
     refuse("SAM has no certificate store", ["app@example.test"], "s", "b", (), 1,
            usrprf="SAM")
     # SAM's store holding APP's certificate and key: mail from sam@ signed as app@.

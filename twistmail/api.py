@@ -312,6 +312,8 @@ def _originator(settings: Any, usrprf: str) -> tuple[str, str]:
     except DirectoryError as e:
         raise SendMailError(f"usrprf: {usrprf!r} {e.problem}") from None
     with SqliteDirectory.from_settings(settings) as directory:
+        if directory.get_profile(name) is None:
+            raise SendMailError(f"usrprf: {name!r} does not exist")
         _not_disabled(directory, name)
         address = directory.smtp_address(name)
     if address is None:

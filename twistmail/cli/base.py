@@ -8,6 +8,7 @@ down says so in one line and exits 1.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,9 +26,17 @@ EXIT_FAILED = 1
 
 
 class Failure(click.ClickException):
-    """A command that could not do its work (not a usage mistake): exit 1."""
+    """A command that could not do its work (not a usage mistake): exit 1.
+
+    It is said with the command's name, as usage mistakes are.
+    """
 
     exit_code = EXIT_FAILED
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        ctx = click.get_current_context(silent=True)
+        self.command_path = ctx.command_path if ctx is not None else None
 
 
 class AppContext:
@@ -331,7 +340,8 @@ def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
         click.echo(f"{name}: {_usage_message(e)}", err=True)
         return EXIT_USAGE
     except click.ClickException as e:
-        click.echo(f"{prog_name}: {_one_line(e.format_message())}", err=True)
+        name = getattr(e, "command_path", None) or prog_name
+        click.echo(f"{name}: {_one_line(e.format_message())}", err=True)
         return e.exit_code
     except click.Abort:
         click.echo(f"{prog_name}: aborted", err=True)
@@ -356,7 +366,27 @@ def _usage_message(e: click.UsageError) -> str:
     elif isinstance(e, click.MissingParameter):
         if isinstance(e.param, click.Option) and e.param.help:
             return f"{e.param.opts[0]}: required; allowed: {e.param.help}"
+    extra = _EXTRA_ARGS.fullmatch(e.format_message())
+    if extra is not None:
+        return _extra_arguments(e.ctx, extra.group(1))
     return _one_line(e.format_message())
+
+
+#: click's words for words left over after the options (it has no class for them).
+_EXTRA_ARGS = re.compile(r"Got unexpected extra arguments? \((.*)\)", re.S)
+
+
+def _extra_arguments(ctx: click.Context | None, words: str) -> str:
+    """Say what the command takes; a CL keyword, ``MAXRCPT(5)``, goes to ``cl``."""
+    known = ""
+    if ctx is not None:
+        names = sorted(max(p.opts, key=len) for p in ctx.command.get_params(ctx)
+                       if isinstance(p, click.Option) and "--help" not in p.opts)
+        known = f"; allowed: {', '.join(names)}" if names else "; allowed: no arguments"
+    hint = ""
+    if ctx is not None and re.fullmatch(r"\w+\(.*\)", words.split()[0]):
+        hint = f' (CL keywords go to cl: twistmail cl "{ctx.info_name.upper()} {words}")'
+    return f"{words}: not an option{known}{hint}"
 
 
 def _option(ctx: click.Context | None, name: str) -> click.Option | None:

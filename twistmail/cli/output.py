@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,11 +29,21 @@ def emit_table(
         return
     cells = [[_cell(r.get(k)) for k, _ in columns] for r in rows]
     widths = [
-        max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)
+        max(_width(h), *(_width(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)
     ]
-    click.echo("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True)).rstrip())
+    click.echo("  ".join(_pad(h, w) for (_, h), w in zip(columns, widths, strict=True)).rstrip())
     for c in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
+        click.echo("  ".join(_pad(v, w) for v, w in zip(c, widths, strict=True)).rstrip())
+
+
+def _width(text: str) -> int:
+    """Columns on a terminal: East Asian wide characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(ch) else
+               2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
 
 
 def emit_record(record: dict[str, Any], labels: Sequence[tuple[str, str]], as_json: bool) -> None:

@@ -214,8 +214,15 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
         profile = d.create_profile(usrprf, _password(password) or "",
                                    text=_text(text) or "", status=status)
         record = _profile_record(d, profile)
+        own = next((e for e in d.entries() if e.user == profile.usrprf), None)
     record["entries"] = ", ".join(record["entries"])
     emit_record(record, PROFILE_LABELS, as_json=False)
+    if record["smtp"] is None and own is not None:
+        why = ("no local domain is set ([system] local_domains)" if not d.local_domains
+               else f"'@' is in no SMTP local part, so {profile.usrprf.lower()} is none")
+        click.echo(f"No SMTP address: {why}; mail reaches the profile once its entry has "
+                   f"one: chgdire --usrid {own.userid} {own.address} --prefadr '*SMTP' "
+                   "--smtpuser NAME")
 
 
 @cli.command("chgusrprf")
