@@ -193,6 +193,13 @@ BAD = [
         "1-2 (at most INLJOBS)",
         id="threshold>inljobs",
     ),
+    pytest.param(  # named by the bound that holds: MAXJOBS's 1-7 said 4 would do
+        "[prestart.QTMSSRCP]\ninljobs = 3\nmaxjobs = 7\nthreshold = 8\n",
+        "prestart.QTMSSRCP.threshold",
+        "8",
+        "1-3 (at most INLJOBS)",
+        id="threshold>maxjobs",
+    ),
     pytest.param(
         "[prestart.QTMSCCLCP]\ninljobs = 30\n",
         "prestart.QTMSCCLCP.inljobs",

@@ -81,7 +81,8 @@ def test_a_notice_is_made_whatever_the_original_and_the_remote_reply_hold():
 
 
 def test_the_returned_header_is_the_original_s_bytes_also_when_they_are_no_utf_8():
-    headers = b"From: jane@example.test\r\nSubject: caf\xc3\xa9 \xff\r\nX-Long: " + b"y" * 200 + b"\r\n"
+    headers = (b"From: jane@example.test\r\nSubject: caf\xc3\xa9 \xff\r\nX-Long: "
+               + b"y" * 200 + b"\r\n")
     raw = build_notice(
         hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
         originator="jane@example.test", arrival=1_700_000_000.0,

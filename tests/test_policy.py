@@ -412,10 +412,19 @@ def test_trim_exactly_at_trim_interval() -> None:
 
 
 def test_trim_only_jobs_idle_a_whole_interval() -> None:
-    jobs = pool(idle=8, since=90.0) + pool(idle=2, since=0.0, first_id=9)
+    jobs = pool(idle=8, since=0.0) + pool(idle=2, since=90.0, first_id=9)
     a = run(jobs, now=100.0, last_trim=0.0)
     assert a.trimmed
-    assert reasons(a) == {9: "trim", 10: "trim"}
+    assert reasons(a) == {1: "trim", 2: "trim", 3: "trim"}  # half of 8 idle less THRESHOLD
+
+
+def test_jobs_adljobs_just_started_are_no_surplus() -> None:
+    """Two sessions took two of three idle jobs and ADLJOBS started two more:
+    the trim a moment later ended the one old idle job (3 -> 5 -> 4)."""
+    entry = attrs.evolve(SEED, inljobs=3, threshold=2, adljobs=2, maxjobs=7)
+    jobs = pool(busy=2) + pool(idle=1, first_id=3) + pool(idle=2, since=97.3, first_id=4)
+    a = run(jobs, entry, now=100.0, last_trim=0.0)
+    assert a.trimmed and a.end == () and a.start == 0
 
 
 def test_trim_with_no_job_idle_long_enough() -> None:
@@ -738,9 +747,10 @@ def check_trim(
     # The pool the trim works on: live jobs less those ended for MAXUSE or MAXJOBS.
     before = [j for j in live(view.jobs) if why.get(j.id, "trim") == "trim"]
     eligible = [j for j in before if j.state is IDLE and now - j.since >= limits.trim_interval]
+    # Only jobs idle a whole interval are surplus: ones just started are the spare.
     surplus = min(
         len(before) - entry.inljobs,
-        available(before) - len(view.waiting) - entry.threshold,
+        len(eligible) - len(view.waiting) - entry.threshold,
     )
     quota = max(1, surplus // 2) if surplus > 0 else 0
     assert len(trimmed) == min(quota, len(eligible))

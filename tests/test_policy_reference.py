@@ -58,20 +58,20 @@ def reference_decide(view: EntryView, entry: PrestartEntry, limits: Limits,
     if now >= view.last_trim + limits.trim_interval:
         trimmed = True
         remaining = len(live) - len(ending)
-        available = _available(live, ending) - len(view.waiting)
-        surplus = min(remaining - entry.inljobs, available - entry.threshold)
+        old_idle = sorted(
+            (
+                j
+                for j in live
+                if j.state is JobState.IDLE
+                and j.id not in ending
+                and now >= j.since + limits.trim_interval
+            ),
+            key=lambda j: j.since,
+        )
+        surplus = min(remaining - entry.inljobs,
+                      len(old_idle) - len(view.waiting) - entry.threshold)
         if surplus > 0:
             quota = max(1, surplus // 2)
-            old_idle = sorted(
-                (
-                    j
-                    for j in live
-                    if j.state is JobState.IDLE
-                    and j.id not in ending
-                    and now >= j.since + limits.trim_interval
-                ),
-                key=lambda j: j.since,
-            )
             for j in old_idle[:quota]:
                 ending[j.id] = "trim"
         if len(live) - len(ending) > entry.inljobs:

@@ -357,6 +357,21 @@ def test_endpj_strpj_endtcpsvr_strtcpsvr(appliance):
     p.quit()
 
 
+def test_a_busy_job_endpj_cntrld_ends_shows_as_ending(appliance):
+    a = appliance
+    s = a.connect()
+    assert read_reply(s).startswith(b"220 ")
+    a.wait_for(lambda: a.count("QTMSSRCP", "RUN") == 1, 10, "the session to be served")
+    rc, out, err = a.cli("endpj", "--pgm", "QTMSSRCP", "--option", "*CNTRLD", "--delay", "30")
+    assert rc == 0, err
+    a.wait_for(lambda: a.count("QTMSSRCP") == 1, 10, "the idle jobs to end")
+    assert a.count("QTMSSRCP", "END") == 1  # was RUN: it looked as if it would stay
+    s.sendall(b"QUIT\r\n")
+    assert read_reply(s).startswith(b"221 ")
+    s.close()
+    a.wait_for(lambda: a.count("QTMSSRCP") == 0, 10, "the job to end after its session")
+
+
 def test_bridge_is_supervised(appliance):
     a = appliance
     pid = a.wait_for(lambda: a.control("status")["bridge"]["pid"], 10)

@@ -113,13 +113,9 @@ class PrestartEntry:
         if cap is not None:
             if self.inljobs > cap:
                 raise SettingError(prefix + "inljobs", self.inljobs, f"1-{cap} (at most MAXJOBS)")
-            if self.threshold > cap:
-                raise SettingError(
-                    prefix + "threshold", self.threshold, f"1-{cap} (at most MAXJOBS)"
-                )
             if self.adljobs > cap:
                 raise SettingError(prefix + "adljobs", self.adljobs, f"0-{cap} (at most MAXJOBS)")
-        if self.threshold > self.inljobs:
+        if self.threshold > self.inljobs:  # and so at most MAXJOBS
             raise SettingError(
                 prefix + "threshold", self.threshold, f"1-{self.inljobs} (at most INLJOBS)"
             )

@@ -171,19 +171,22 @@ def decide(view: EntryView, entry: PrestartEntry, limits: Limits, now: float) ->
     if now >= view.last_trim + limits.trim_interval:
         trimmed = True
         remaining = len(live) - len(ending)
-        surplus = min(remaining - entry.inljobs, available() - entry.threshold)
+        old_idle = sorted(
+            (
+                j
+                for j in live
+                if j.state is JobState.IDLE
+                and j.id not in ending
+                and now >= j.since + limits.trim_interval
+            ),
+            key=lambda j: j.since,
+        )
+        # Surplus is what has stayed idle a whole interval beyond THRESHOLD:
+        # jobs ADLJOBS started a moment ago are the spare the rule just asked for.
+        surplus = min(remaining - entry.inljobs,
+                      len(old_idle) - len(view.waiting) - entry.threshold)
         if surplus > 0:
             quota = max(1, surplus // 2)
-            old_idle = sorted(
-                (
-                    j
-                    for j in live
-                    if j.state is JobState.IDLE
-                    and j.id not in ending
-                    and now >= j.since + limits.trim_interval
-                ),
-                key=lambda j: j.since,
-            )
             for j in old_idle[:quota]:
                 ending[j.id] = "trim"
         if len(live) - len(ending) > entry.inljobs:

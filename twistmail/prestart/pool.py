@@ -797,7 +797,8 @@ class Pool:
                 "job": self.job_name,
                 "pgm": self.pgm,
                 "pid": j.pid,
-                "status": status[j.state],
+                # A busy job told to end finishes its session, ending (ENDPJ *CNTRLD).
+                "status": "END" if j.end_reason is not None else status[j.state],
                 "uses": j.uses,
                 "peer": j.peer or "",
             }
