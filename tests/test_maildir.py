@@ -692,12 +692,15 @@ def test_the_size_of_another_program_s_file_is_what_pop_sends(tmp_path: Path) ->
     from twistmail.maildir import wire_size
     from twistmail.pop3.server import DotStuffer
 
-    for data in (b"a\nb\r\nc\rd\n", b"\r\n" * 5 + b"x\n", b"no end", b"x" * 70000 + b"\r\n"):
+    # The last two: LIST said 2 and 1 octets fewer than RETR sent (RFC 1939 §11).
+    for data in (b"a\nb\r\nc\rd\n", b"\r\n" * 5 + b"x\n", b"x" * 70000 + b"\r\n", b"",
+                 b"no end", b"ends in CR\r"):
         path = tmp_path / "m"
         path.write_bytes(data)
         stuffer = DotStuffer()
-        sent = stuffer.feed(data[:65536]) + stuffer.feed(data[65536:])
-        assert wire_size(str(path)) == len(sent.replace(b"\r\n..", b"\r\n."))
+        sent = stuffer.feed(data[:65536]) + stuffer.feed(data[65536:]) + stuffer.end()
+        assert sent.endswith(b".\r\n")
+        assert wire_size(str(path)) == len(sent[:-3].replace(b"\r\n..", b"\r\n.")), data
 
 
 def test_foreign_messages_are_ordered_by_mtime(store: MaildirStore) -> None:
@@ -724,6 +727,28 @@ def test_copies_with_one_base_name_are_listed_once(
     assert len(files(cur)) == 1
     with store.open(USER) as session:
         assert [m.uidl for m in session.messages()] == [f"Q1.R1.{HOST}"]
+
+
+def test_another_program_s_messages_with_one_base_are_two_messages(store: MaildirStore) -> None:
+    """Names no delivery of ours makes, one base: the second was taken for a
+    copy of the first, never listed, and removed at QUIT."""
+    maildir = store.ensure(USER)
+    (maildir / "cur" / "1700000100.M1P1.otherhost:2,S").write_bytes(b"Subject: old\n\nold\n")
+    (maildir / "new" / "1700000100.M1P1.otherhost").write_bytes(b"Subject: new\n\nnew\n")
+    (maildir / "cur" / "dup1:2,S").write_bytes(b"Subject: a\n\na\n")
+    (maildir / "cur" / "dup1,S=40:2,").write_bytes(b"Subject: b\n\nb\n")
+    with store.open(USER) as session:
+        messages = session.messages()
+        bodies = set()
+        for m in messages:
+            with session.read(m.index) as f:
+                bodies.add(f.read().split(b"\n")[0])
+        assert bodies == {b"Subject: old", b"Subject: new", b"Subject: a", b"Subject: b"}
+        assert len({m.uidl for m in messages}) == 4
+        session.commit()  # deletes nothing: nothing was marked
+    assert len(files(maildir / "cur")) == 4
+    with store.open(USER) as session:
+        assert sorted(m.uidl for m in session.messages()) == sorted(m.uidl for m in messages)
 
 
 def test_a_session_whose_mailbox_was_deleted_meanwhile_is_told_so(

@@ -32,9 +32,10 @@ and deleted; the idempotency check probes exactly those three names and the
 Idempotency contract: the delivery id names one (queue id, recipient) pair,
 and the bridge passes the same prefix on every attempt (trace headers are
 built from the envelope, not from the clock), so a retry computes the same
-name.  Should two copies with one base name still exist (a retry with another
-prefix, a copy made by another tool), a POP session lists one of them and
-removes the others at QUIT.
+name.  Should two copies of one delivery still exist (a retry with another
+prefix), a POP session lists one of them and removes the others at QUIT.
+Files of other programs whose names share a base are messages of their
+own: the later is renamed to a base of its own, and nothing is removed.
 
 Durability: :meth:`MaildirStore.deliver` returns only when the message is
 durable: written to ``tmp/``, fsynced, hard-linked into ``new/`` (the link
@@ -193,16 +194,19 @@ def size_field(name: str, pattern: re.Pattern[str] = _SIZE_FIELD) -> int | None:
 
 
 def wire_size(path: str) -> int:
-    """The octets POP sends for a file: a bare LF goes out as CRLF (RFC 1939 sizes)."""
+    """The octets POP sends for a file (RFC 1939 sizes): a bare LF goes out as
+    CRLF, and a last line without its line end gets one before the dot."""
     size = bare = 0
     after_cr = False
+    last = b"\n"
     with open(path, "rb") as f:
         while chunk := f.read(1 << 16):
             size += len(chunk)
             crlf = chunk.count(b"\r\n") + (after_cr and chunk.startswith(b"\n"))
             bare += chunk.count(b"\n") - crlf
             after_cr = chunk.endswith(b"\r")
-    return size + bare
+            last = chunk[-1:]
+    return size + bare + {b"\n": 0, b"\r": 1}.get(last, 2)
 
 
 def uidl_for(base: str) -> str:
@@ -352,7 +356,13 @@ class MaildirStore:
             if found is None:
                 continue
             other = kept.get(found.base)
-            if other is not None:
+            if other is not None and self._delivery_id_of(found.base) is None:
+                # Another program's names: two messages, not two copies of one
+                # delivery.  The later gets a base (and so a UIDL) of its own.
+                found = _own_base(cur, found)
+                if found is not None:
+                    kept[found.base] = found
+            elif other is not None:
                 keep, drop = (other, found) if other.key <= found.key else (found, other)
                 kept[found.base] = keep
                 redundant.append(drop.name)
@@ -807,6 +817,22 @@ def _open_message(path: str | Path) -> int:
         os.close(fd)
         raise MessageVanished(path)
     return fd
+
+
+def _own_base(cur: Path, entry: _Entry) -> _Entry | None:
+    """``entry`` renamed to a base no other file has; None when it cannot be
+    (it is then not listed this session, and not removed either)."""
+    rest = entry.name[len(entry.base):]
+    name = f"{entry.base}.{secrets.token_hex(4)}{rest}"
+    try:
+        if os.path.lexists(cur / name):
+            return None
+        os.rename(cur / entry.name, cur / name)
+        fsync_dir(cur)  # the UIDL a client is shown stays the message's
+    except OSError:
+        return None
+    return attrs.evolve(entry, name=name, base=base_name(name),
+                        key=(*entry.key[:-1], name))
 
 
 def _move_new(maildir: Path) -> None:
