@@ -67,6 +67,8 @@ def stopped(make_appliance) -> Appliance:
          "--alwauth,"),
         (["chgsmtpa", "MAXRCPT(5)"], '(CL keywords go to cl: twistmail cl "CHGSMTPA MAXRCPT(5)")'),
         (["chgjrn", "extra"], "twistmail chgjrn: extra: not an option; allowed: --jrn, --jrnrcv"),
+        (["dspjrn", "--outfile", "/nonexistent/j.csv"],
+         "twistmail dspjrn: --outfile: '/nonexistent/j.csv' cannot be written: No such file"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(stopped, args, needle):

@@ -525,6 +525,10 @@ def test_a_stopping_daemon_refuses_changes_but_still_shows_its_state(make_applia
         assert "smtp" not in a.control("status")["listeners"]
         rc, out, err = a.cli("status")
         assert rc == 0 and out.startswith(f"twistmail daemon stopping, pid {a.proc.pid}\n")
+        # A change is saved and applies at the next start: it said it failed.
+        rc, out, err = a.cli("chgsmtpa", "--maxrcpt", "61")
+        assert (rc, out) == (0, "SMTP attributes saved; the daemon is stopping, it applies at "
+                                "the next start\n"), err
 
 
 def test_shutdown_leaves_no_status_file_of_a_bridge_killed_before_it(appliance):

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 MAX_LINE = 16 * 1024 * 1024
+#: The refusal of a change while the daemon stops: a change saved in the file
+#: then applies at the next start, as when the daemon is not running.
+STOPPING = "the twistmail daemon is stopping; run the command once it has started again"
 
 
 class ControlError(Exception):

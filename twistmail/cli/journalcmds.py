@@ -109,7 +109,13 @@ def _write_csv(path: str, entries: Iterable[dict[str, Any]]) -> int:
     """The OUTFILE: fixed columns, then the structured fields as one JSON column."""
     count = 0
     try:
-        with as_invoker(), open(path, "w", newline="", encoding="utf-8") as f:
+        with as_invoker():
+            f = open(path, "w", newline="", encoding="utf-8")
+    except OSError as e:  # the name given is the mistake: a directory that is not there...
+        usage_error(f"--outfile: {path!r} cannot be written: {e.strerror or e}; allowed: a "
+                    "file the invoking user may write, in a directory that exists")
+    try:
+        with f:
             out = csv.writer(f)
             out.writerow([*CSV_COLUMNS, "fields"])
             for entry in entries:

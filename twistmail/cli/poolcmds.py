@@ -24,7 +24,7 @@ from twistmail.cli.base import (
     value_of,
 )
 from twistmail.cli.output import emit_record, emit_table
-from twistmail.control import ControlError, NotRunning
+from twistmail.control import STOPPING, ControlError, NotRunning
 from twistmail.settingtypes import END_DELAY, END_OPTION, Choice, Int, SettingError
 
 PGM_CHOICES = ", ".join(configmod.PROGRAMS)
@@ -61,6 +61,9 @@ def apply_live(what: str) -> None:
         click.echo(f"{what} saved; the daemon is not running, it applies at the next start")
         return
     except ControlError as e:
+        if str(e) == STOPPING:
+            click.echo(f"{what} saved; the daemon is stopping, it applies at the next start")
+            return
         raise Failure(f"{what} saved, but the daemon did not apply it: {e}") from None
     click.echo(f"{what} changed and applied to the running daemon")
     say_after_reload(result)

@@ -28,7 +28,7 @@ from twistmail import config as configmod
 from twistmail import tlsconfig
 from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.bridge.status import RESET_FILE, SMTP_ENDED, STATUS_FILE
-from twistmail.control import ControlError, socket_in_use
+from twistmail.control import STOPPING, ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
 from twistmail.controller.bridgeslot import BridgeSlot
 from twistmail.controller.controlsocket import ControlFactory
@@ -498,7 +498,7 @@ class Controller(service.Service):
         as crashed.
         """
         if not self.running and command not in self.WHILE_STOPPING:
-            return "the twistmail daemon is stopping; run the command once it has started again"
+            return STOPPING
         return None
 
     def cmd_status(self) -> dict[str, Any]:
