@@ -261,10 +261,13 @@ class HostPort:
         raw = raw.strip()
         if raw.upper() == "*NONE":
             return None
-        host, colon, port = raw.rpartition(":") if raw.count(":") == 1 else (raw, "", "")
-        if colon and not _is_port(port, 1):
-            raise _Invalid
-        if not host or any(c.isspace() or c in "\"'<>,;()\\" for c in raw) or not raw.isprintable():
+        try:  # the form the client jobs read: [v6]:port was let through unchecked
+            host, _ = parse_hostport(raw)
+            if raw.startswith("["):
+                ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid from None
+        if any(c.isspace() or c in "\"'<>,;()\\" for c in raw) or not raw.isprintable():
             raise _Invalid
         return raw
 
@@ -330,6 +333,8 @@ def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
         host, port_text = text, ""
     if not host:
         raise ValueError(f"no host in {text!r}")
+    if text.endswith(":") and not host.endswith(":"):
+        raise ValueError(f"no port after ':' in {text!r}")
     if not port_text:
         return host, default_port
     if not _is_port(port_text, 1):
