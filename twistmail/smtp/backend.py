@@ -11,6 +11,7 @@ Settings honoured: ``[system] local_domains``, ``[storage] threshold``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import time
@@ -84,10 +85,17 @@ class QueueBackend(Backend):
         *ACCEPT entry removed meanwhile stops relaying a second later at
         most.  Refusals are never remembered.
         """
+        here = None
         if not address.domain or self._of_this_host(address):
             # <postmaster>, which RFC 5321 §4.5.1 says must be accepted: the
             # first local domain's, and delivered there (the route).
-            address = Address("postmaster", self.local_domains[0])
+            here = Address("postmaster", self.local_domains[0])
+        elif address.domain.startswith("[") and own_address_literal(address.domain):
+            # RFC 1123 §5.2.17: a literal of one of our own addresses is
+            # recognised; sam@[192.0.2.1] is sam of the first local domain.
+            here = Address(address.local, self.local_domains[0])
+        if here is not None:
+            address = here
             d = defer.maybeDeferred(self.check_recipient, address, client_ip, user)
             return d.addCallback(lambda v: attrs.evolve(v, route=v.route or str(address))
                                  if v.accepted else v)
@@ -348,3 +356,27 @@ class QueueBackend(Backend):
             j.write("97", f"97 TIQ {QTMSINQ}", qid, queue=QTMSINQ)
         else:
             j.write("96", f"96 TOQ {QTMSOUTQ}", qid, queue=QTMSOUTQ)
+
+
+def own_address_literal(domain: str) -> bool:
+    """Whether ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` is an address of this host.
+
+    A socket binds only to an address the host has; the test costs one
+    system call, and is made only for a recipient in brackets.
+    """
+    text = domain[1:-1] if domain.startswith("[") and domain.endswith("]") else ""
+    family = socket.AF_INET
+    if text[:5].lower() == "ipv6:":
+        text, family = text[5:], socket.AF_INET6
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if (ip.version == 6) != (family == socket.AF_INET6) or ip.is_unspecified or ip.is_multicast:
+        return False
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
