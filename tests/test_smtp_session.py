@@ -52,6 +52,7 @@ class FakeBackend:
         self.async_commit = False
         self.full = False
         self.refusals: list[tuple[str, str, int]] = []
+        self.limits: list[tuple[str, str]] = []
 
     def storage_full(self) -> bool:
         return self.full
@@ -59,6 +60,9 @@ class FakeBackend:
     def rejected(self, client_ip, what, address, verdict):
         self.refusals.append((what, address, verdict.code))
         return verdict
+
+    def limit_reached(self, client_ip, setting):
+        self.limits.append((client_ip, setting))
 
     def authenticate(self, user, password, client_ip, authzid=""):
         if authzid.lower() not in ("", "sam", "sam@example.test"):
@@ -866,6 +870,7 @@ def test_errors_slow_the_client_then_end_the_session():
     s.clock.advance(3)
     r = s.replies()
     assert r[0].startswith("500") and r[1].startswith("421 4.7.0") and s.tr.disconnecting
+    assert s.backend.limits == [("192.0.2.7", "maxerrors")]  # journaled JL: it was not
 
 
 def test_the_job_is_free_once_quit_is_answered_and_told_only_once():

@@ -217,3 +217,19 @@ def test_what_the_server_refuses_is_journaled_as_9w(post):
     assert {e["ip"] for e in entries} == {"127.0.0.1"}
     assert rcpt["esd"] == "9W RJT 127.0.0.1 nobody@example.test"
     assert not [e for e in a.journal("9Z")]  # nobody signed on
+
+
+def test_a_session_ended_for_too_many_errors_is_journaled_jl(make_appliance):
+    a = make_appliance(limits={"maxerrors": 3}).start()
+    s = socket.create_connection(a.addr("smtp"), timeout=30)
+    assert read_reply(s).startswith(b"220 ")
+    s.sendall(b"BOGUS\r\nBOGUS\r\nBOGUS\r\n")
+    replies = b""
+    while b"421 " not in replies:
+        chunk = s.recv(4096)
+        assert chunk, replies
+        replies += chunk
+    s.close()
+    [entry] = a.wait_for(lambda: a.journal("JL"), 10, "the JL entry")
+    assert (entry["esd"], entry["setting"]) == ("JL LIMIT limits.maxerrors 127.0.0.1",
+                                                "limits.maxerrors")

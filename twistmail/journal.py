@@ -174,7 +174,8 @@ CODES: dict[str, str] = {
     "JK": "mail server framework (bridge) crashed",
     "JG": "controller started",
     "JH": "controller ended",
-    "JL": "controller: a client address hit an abuse limit ([limits] setting named), refused",
+    "JL": "a client address hit an abuse limit ([limits] setting named): refused by the "
+          "controller, or its SMTP session ended (maxerrors)",
     # Q: POP server jobs (twistmail's own function letter; IBM's table has no Q)
     "QL": "POP server: user signed on (client IP, user profile, messages, octets)",
     "QF": "POP server: sign-on refused (client IP, user name given, failures so far)",

@@ -222,6 +222,10 @@ class QueueBackend(Backend):
                            **{what: address}, reply=f"{verdict.code} {verdict.text}")
         return verdict
 
+    def limit_reached(self, client_ip: str, setting: str) -> None:
+        self.journal.write("JL", f"JL LIMIT limits.{setting} {client_ip}", ip=client_ip,
+                           setting=f"limits.{setting}")
+
     def etrn(self, node: str, client_ip: str) -> Any:
         return threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), self._etrn, node, client_ip)

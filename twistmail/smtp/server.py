@@ -141,6 +141,10 @@ class Backend:
         with a 5xx ``verdict`` (journal 9W); returns the verdict."""
         raise NotImplementedError
 
+    def limit_reached(self, client_ip: str, setting: str) -> None:
+        """The session ends for the ``[limits]`` ``setting`` (journal JL)."""
+        raise NotImplementedError
+
     def new_spool(self) -> Any:
         """A spool with ``id``, ``write(bytes)`` and ``abort()``."""
         raise NotImplementedError
@@ -462,6 +466,7 @@ class SMTPSession(SequentialSession):
     def _count_error(self) -> None:
         self.errors += 1
         if self.errors >= self.factory.maxerrors:
+            self.factory.backend.limit_reached(self.peer_ip, "maxerrors")
             self.reply(421, f"4.7.0 {self.factory.backend.hostname} Too many errors, "
                        "closing connection")
             self.close()
