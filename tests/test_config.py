@@ -238,6 +238,10 @@ BAD = [
         "port 0-65535",
         id="listen-superscript",
     ),
+    pytest.param('[listen]\nsubmission = "[::ffff:127.0.0.1]:2587"\n', "listen.submission",
+                 "'[::ffff:127.0.0.1]:2587'", "no IPv4-mapped", id="listen-v4-mapped"),
+    pytest.param('[listen]\nsmtp = "[::1%lo]:2525"\n', "listen.smtp", "'[::1%lo]:2525'",
+                 "zone %", id="listen-zone"),
     pytest.param(
         '[smtp]\nmailrouter = "relay:\u00b9"\n',
         "smtp.mailrouter",

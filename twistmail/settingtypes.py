@@ -208,7 +208,8 @@ class Listen:
 
     @property
     def allowed(self) -> str:
-        return '"host:port", "[ipv6]:port" (port 0-65535) or "" to disable'
+        return ('"host:port", "[ipv6]:port" (port 0-65535; an address of this host, no '
+                'IPv4-mapped [::ffff:...] or zone %) or "" to disable')
 
     def parse(self, raw: Any) -> Endpoint | None:
         if not isinstance(raw, str):
@@ -225,11 +226,14 @@ class Listen:
             if not sep or ":" in host:
                 raise _Invalid
         try:
-            ipaddress.ip_address(host)
+            ip = ipaddress.ip_address(host)
         except ValueError:
             if host != "localhost":
                 raise _Invalid from None
             host = "127.0.0.1"
+        else:  # forms a listener cannot bind (an IPv6 socket is IPv6-only here)
+            if isinstance(ip, ipaddress.IPv6Address) and (ip.ipv4_mapped or ip.scope_id):
+                raise _Invalid
         if not _is_port(port, 0):
             raise _Invalid
         return Endpoint(host, int(port))
