@@ -366,6 +366,10 @@ class DNSTests(unittest.TestCase):
             with self.assertRaises(TemporaryRouteError) as caught:
                 await r.route_decision(route_for("multi.test", settings))
             self.assertIn("this host's own SMTP listener", str(caught.exception))
+        with self.assertRaises(TemporaryRouteError) as caught:
+            await self.local(endpoints=[("::1", 2525)]).route_decision(
+                route_for("multi.test", Settings(fwdhubsvr="[::1]:2525")))
+        self.assertIn("names [::1]:2525, this host's own", str(caught.exception))
         # A name with several addresses, one of them ours: the others serve.
         hub = await self.local(endpoints=[("192.0.2.3", 587)]).route_decision(
             route_for("any.example", Settings(fwdhubsvr="mx3.multi.test:587")))

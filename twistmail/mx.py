@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names import error as dns_error
 
-from twistmail.settingtypes import nameserver_address, parse_hostport
+from twistmail.settingtypes import Endpoint, nameserver_address, parse_hostport
 from twistmail.smtp.address import literal_address
 
 DEFAULT_PORT = 25
@@ -537,7 +537,7 @@ class MXResolver:
             return attrs.evolve(route, hops=others)
         raise TemporaryRouteError(
             route.domain, f"{SETTING_OF_VIA.get(route.via, route.via)} names "
-            f"{ours[0].address}:{ours[0].port}, this host's own SMTP listener: mail would "
+            f"{Endpoint(ours[0].address, ours[0].port)}, this host's own SMTP listener: mail would "
             "loop back to myself")
 
     async def _route(self, domain: str) -> Route:
