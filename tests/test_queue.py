@@ -888,6 +888,18 @@ def test_wrkq_one_queue_by_any_case(cfg, cli_queue, capsys):
     ]
 
 
+def test_wrkq_says_why_an_unreadable_envelope_is_there_below_the_table(cfg, cli_queue, capsys):
+    """The reason went into the "from" column, and the table out of line."""
+    qid = enqueue(cli_queue, b"Subject: x\r\n\r\ny\r\n")
+    cli_queue.move(qid, QTMSINQ, QTMSOUTQ)  # an envelope file of its own
+    Path(cli_queue.envelope_path(QTMSOUTQ, qid)).write_bytes(b"{not json")
+    assert run(["--config", cfg, "wrkq"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    [row] = [line for line in out if line.startswith(qid) and "set aside" not in line]
+    assert "(unreadable)" in row and "JSON" not in row
+    assert any(line.startswith(f"{qid} set aside: ") for line in out)
+
+
 def test_wrkq_json(cfg, cli_queue, capsys):
     qid = enqueue(cli_queue, b"xyz", QTMSOUTQ, "", ("a@remote.test",), next_try=123.5)
     assert run(["--config", cfg, "wrkq", "--json", "--queue", "qtmsoutq"]) == 0

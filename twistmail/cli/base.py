@@ -275,7 +275,8 @@ def nothing_to_change(message: str) -> NoReturn:
 API_OPTIONS = {"file": "--file", "originator": "--from", "recipient": "--to/--cc/--bcc",
                "recipients": "--to/--cc/--bcc", "recipient type": "--to/--cc/--bcc",
                "usrprf": "--usrprf", "attachment": "--attach", "subject": "--subject",
-               "body": "--body", "security": "--security", "message": "the message"}
+               "body": "--body", "security": "--security", "password": "--password",
+               "message": "the message"}
 
 
 def api_refusal(e: Exception) -> NoReturn:

@@ -100,7 +100,7 @@ def state_of(entry: QueueEntry, now: float, held: bool) -> str:
 
 def table_row(entry: QueueEntry, now: float, held: bool = False) -> dict[str, Any]:
     if entry.error is not None and entry.originator is None:
-        originator = f"(unreadable: {entry.error})"
+        originator = "(unreadable)"  # why: on a line of its own below the table
     else:
         originator = entry.originator or "<>"
     return {
@@ -195,8 +195,8 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
     emit_table((table_row(e, now, held) for e in entries), COLUMNS, as_json=False,
                empty="(no messages)")
     click.echo(totals_line(entries, name))
-    for e in entries:  # readable, and set aside all the same: say why
-        if e.error is not None and e.originator is not None:
+    for e in entries:  # set aside: say why, readable or not
+        if e.error is not None:
             click.echo(f"{e.id} set aside: {e.error}")
 
 
