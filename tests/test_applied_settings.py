@@ -49,7 +49,8 @@ def test_a_refused_hand_edit_never_reaches_a_job_started_later(make_appliance):
         assert s.rcpt("sam@example.test")[0] == 250
         assert s.rcpt("sam@example.test")[0] == 250
     # ... until it is applied.
-    assert a.cli("config", "--apply")[0] == 0
+    rc, out, _ = a.cli("config", "--apply")
+    assert rc == 0 and out.splitlines()[1:] == ["  smtp.maxrcpt 100 -> 1"], out
     with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
         s.ehlo()
         s.mail("jane@example.test")
@@ -110,7 +111,9 @@ def test_sighup_applies_the_file_as_config_apply_does(make_appliance):
     a.wait_for(lambda: "configuration not applied: " in a.log_text(), 10, "the refusal logged")
     a.config.write_text(good + "\n[smtp]\nmaxrcpt = 1\n")
     os.kill(pid, signal.SIGHUP)
-    a.wait_for(lambda: "configuration applied: " in a.log_text(), 10, "the reload logged")
+    # What changed, not only the parts that reloaded ("bridge, jobs").
+    a.wait_for(lambda: "configuration applied: smtp.maxrcpt 100 -> 1 (reloaded: " in
+               a.log_text(), 10, "the reload logged")
     assert a.control("status")["pid"] == pid
     with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
         s.ehlo()

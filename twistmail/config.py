@@ -538,6 +538,12 @@ def iter_settings(obj: Any, defaults: Any = None, prefix: str = "") -> Any:
             yield from iter_settings(value, default, prefix + f.name + ".")
 
 
+def changes(old: Settings, new: Settings) -> list[str]:
+    """``key old -> new`` for each setting a reload changes, in the file's order."""
+    return [f"{key} {vtype.show(was)} -> {vtype.show(value)}"
+            for key, vtype, value, was in iter_settings(new, old) if value != was]
+
+
 def differences(settings: Settings) -> list[tuple[str, str, str]]:
     """(key, value, default) for each setting that differs from its default."""
     out = []

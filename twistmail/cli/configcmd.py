@@ -53,6 +53,8 @@ def _apply() -> None:
     result = call("reload")
     applied = ", ".join(result.get("applied", ())) or "nothing changed"
     click.echo(f"configuration applied to the running daemon: {applied}")
+    for change in result.get("changed", ()):
+        click.echo(f"  {change}")
     say_after_reload(result)
 
 

@@ -585,10 +585,12 @@ class Controller(service.Service):
         else:
             new = attrs.evolve(new, tls=old.tls)
             tls_state, pem, warnings = self.tls_state, None, []
+        changed = configmod.changes(old, new)  # what applies now, not at a restart
         if new == old and tls_state == self.tls_state:
             self.log.info("configuration applied: nothing changed{restart}",
                           restart=_restart_text(restart))
-            return {"applied": [], "restart_needed": restart, "warnings": warnings}
+            return {"applied": [], "changed": changed, "restart_needed": restart,
+                    "warnings": warnings}
         try:
             configmod.write_applied(new)
             if pem is not None:  # only once nothing else can refuse the reload
@@ -622,10 +624,12 @@ class Controller(service.Service):
             for j in self._journals():
                 j.configure(new)
             applied.append("journal")
-        self.log.info("configuration applied: {applied}{restart}",
+        self.log.info("configuration applied: {changed} (reloaded: {applied}){restart}",
+                      changed="; ".join(changed) or "the TLS pair",
                       applied=", ".join(applied) or "the settings file as read",
                       restart=_restart_text(restart))
-        return {"applied": applied, "restart_needed": restart, "warnings": warnings}
+        return {"applied": applied, "changed": changed, "restart_needed": restart,
+                "warnings": warnings}
 
     def _check_tls(self, new: configmod.Settings
                    ) -> tuple[tuple[Any, ...], bytes | None, list[str]]:
