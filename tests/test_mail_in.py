@@ -635,3 +635,16 @@ def test_a_copy_fetched_and_deleted_before_a_crashed_delivery_is_retried_stays_g
     a.wait_for(lambda: not a.queue_files("QTMSINQ"), 30, "the message settled")
     assert a.mailbox("D1") == []
     assert [len(a.mailbox(u)) for u in users[1:]] == [1, 1, 1]
+
+
+def test_mail_to_a_literal_of_the_address_reached_is_delivered_here(post):
+    """RFC 1123 §5.2.17; it was refused as relay."""
+    a = post
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        s.mail("jane@example.test")
+        assert s.rcpt("sam@[127.0.0.1]")[0] == 250
+        assert s.rcpt("sam@[127.0.0.2]")[0] == 550  # not the address it reached
+        assert s.data(b"Subject: literal\r\n\r\nhi\r\n")[0] == 250
+    [msg] = a.wait_mailbox("SAM", 1)
+    assert b"Subject: literal" in msg.read_bytes()

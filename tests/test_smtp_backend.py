@@ -124,24 +124,27 @@ class PostmasterTests(BackendCase):
                                                    "192.0.2.7", None)
         self.assertEqual(other.code, 550)
 
-    async def test_a_literal_of_an_own_address_is_the_first_local_domain(self) -> None:
-        """RFC 1123 §5.2.17: a server recognises a literal of any of its own
-        addresses; these were refused as relay."""
-        for domain in ("[127.0.0.1]", "[IPv6:::1]", "[IPv6:0:0:0:0:0:0:0:1]"):
-            for local, route in (("postmaster", "postmaster@example.test"),
-                                 ("Sam", "Sam@example.test")):
-                verdict = await self.backend.check_recipient(Address(local, domain),
-                                                             "192.0.2.7", None)
-                self.assertEqual((verdict.code, verdict.local, verdict.route),
-                                 (250, True, route), (local, domain))
+    async def test_a_literal_of_the_address_reached_is_the_first_local_domain(self) -> None:
+        """RFC 1123 §5.2.17: a server recognises a literal of its own address;
+        these were refused as relay.  Only the address the client reached
+        counts, so that no client can map the host's other addresses."""
+        for server_ip, domains in (("127.0.0.1", ("[127.0.0.1]",)),
+                                   ("::1", ("[IPv6:::1]", "[IPv6:0:0:0:0:0:0:0:1]"))):
+            for domain in domains:
+                for local, route in (("postmaster", "postmaster@example.test"),
+                                     ("Sam", "Sam@example.test")):
+                    verdict = await self.backend.check_recipient(
+                        Address(local, domain), "192.0.2.7", None, server_ip)
+                    self.assertEqual((verdict.code, verdict.local, verdict.route),
+                                     (250, True, route), (local, domain))
         unknown = await self.backend.check_recipient(Address("nobody", "[127.0.0.1]"),
-                                                     "192.0.2.7", None)
+                                                     "192.0.2.7", None, "127.0.0.1")
         self.assertEqual(unknown.code, 550)
-        for domain in ("[192.0.2.1]", "[IPv6:127.0.0.1]"):  # not ours, or mistagged
+        for domain, server_ip in (("[127.0.0.2]", "127.0.0.1"), ("[255.255.255.255]", "127.0.0.1"),
+                                  ("[IPv6:127.0.0.1]", "127.0.0.1"), ("[127.0.0.1]", None)):
             verdict = await self.backend.check_recipient(Address("sam", domain),
-                                                         "192.0.2.7", None)
+                                                         "192.0.2.7", None, server_ip)
             self.assertEqual((verdict.code, verdict.text[:5]), (550, "5.7.1"), domain)
-
 
 class SenderTests(BackendCase):
     smtp = {"vfyfromusr": "*YES"}

@@ -79,7 +79,7 @@ class FakeBackend:
     def dsn_allowed(self, client_ip):
         return self.dsn_trusted
 
-    def check_recipient(self, address, client_ip, user=None):
+    def check_recipient(self, address, client_ip, user=None, server_ip=None):
         if address.domain_key not in ("example.test", ""):
             v = Verdict(550, "5.7.1 Relaying denied")
         elif address.local.startswith("nobody"):

@@ -24,7 +24,7 @@ from twisted.internet import defer, threads
 from twistmail.interfaces import QTMSINQ, QTMSOUTQ
 from twistmail.protocols.peer import client_address
 from twistmail.queue import Envelope, Recipient
-from twistmail.smtp.address import Address
+from twistmail.smtp.address import Address, literal_address
 from twistmail.smtp.server import Backend, Received, Verdict
 
 STORAGE_CHECK_EVERY = 1.0  # seconds
@@ -72,7 +72,8 @@ class QueueBackend(Backend):
             self._storage_full = storage_used_percent(self.datadir) > self.threshold
         return self._storage_full
 
-    def check_recipient(self, address: Address, client_ip: str, user: str | None) -> Any:
+    def check_recipient(self, address: Address, client_ip: str, user: str | None,
+                        server_ip: str | None = None) -> Any:
         """The verdict on a RCPT; a recipient accepted in the last second is known.
 
         Asking the directory means a trip to a thread, which costs a job as
@@ -90,9 +91,11 @@ class QueueBackend(Backend):
             # <postmaster>, which RFC 5321 §4.5.1 says must be accepted: the
             # first local domain's, and delivered there (the route).
             here = Address("postmaster", self.local_domains[0])
-        elif address.domain.startswith("[") and own_address_literal(address.domain):
-            # RFC 1123 §5.2.17: a literal of one of our own addresses is
-            # recognised; sam@[192.0.2.1] is sam of the first local domain.
+        elif server_ip is not None and _names(address.domain, server_ip):
+            # RFC 1123 §5.2.17: a literal of our own address is recognised;
+            # sam@[192.0.2.1] is sam of the first local domain.  Only the
+            # address the client reached counts: asking about others would
+            # map the host's addresses for anyone.
             here = Address(address.local, self.local_domains[0])
         if here is not None:
             address = here
@@ -362,25 +365,11 @@ class QueueBackend(Backend):
             j.write("96", f"96 TOQ {QTMSOUTQ}", qid, queue=QTMSOUTQ)
 
 
-def own_address_literal(domain: str) -> bool:
-    """Whether ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` is an address of this host.
-
-    A socket binds only to an address the host has; the test costs one
-    system call, and is made only for a recipient in brackets.
-    """
-    text = domain[1:-1] if domain.startswith("[") and domain.endswith("]") else ""
-    family = socket.AF_INET
-    if text[:5].lower() == "ipv6:":
-        text, family = text[5:], socket.AF_INET6
+def _names(domain: str, ip: str) -> bool:
+    """Whether ``domain`` is an address literal of ``ip``."""
+    if not domain.startswith("["):
+        return False
     try:
-        ip = ipaddress.ip_address(text)
+        return ipaddress.ip_address(literal_address(domain)) == ipaddress.ip_address(ip)
     except ValueError:
         return False
-    if (ip.version == 6) != (family == socket.AF_INET6) or ip.is_unspecified or ip.is_multicast:
-        return False
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind((str(ip), 0))
-    except OSError:
-        return False
-    return True

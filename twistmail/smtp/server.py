@@ -116,8 +116,10 @@ class Backend:
     def storage_full(self) -> bool:
         raise NotImplementedError
 
-    def check_recipient(self, address: Address, client_ip: str, user: str | None) -> Any:
-        """A Verdict, or a Deferred firing with one (``user``: the AUTH identity)."""
+    def check_recipient(self, address: Address, client_ip: str, user: str | None,
+                        server_ip: str | None = None) -> Any:
+        """A Verdict, or a Deferred firing with one (``user``: the AUTH identity;
+        ``server_ip``: the address the client reached)."""
         raise NotImplementedError
 
     def authenticate(self, user: str, password: str, client_ip: str) -> Any:
@@ -1083,8 +1085,11 @@ class SMTPSession(SequentialSession):
             return None
         address = cmd.address
         txn = self.txn
+        # The address the client reached, for a recipient at an address literal.
+        server_ip = client_address(getattr(self.transport.getHost(), "host", "")) \
+            if address is not None and address.domain.startswith("[") else None
         d = defer.maybeDeferred(self.factory.backend.check_recipient, address, self.peer_ip,
-                                self.user)
+                                self.user, server_ip)
 
         def decided(verdict: Verdict) -> None:
             if verdict.accepted and self.txn is txn:
