@@ -358,7 +358,10 @@ class MaildirStore:
             other = kept.get(found.base)
             if other is not None and self._delivery_id_of(found.base) is None:
                 # Another program's names: two messages, not two copies of one
-                # delivery.  The later gets a base (and so a UIDL) of its own.
+                # delivery.  The later gets a base (and so a UIDL) of its own:
+                # the earlier keeps the UIDL a client may have seen already.
+                if found.key < other.key:
+                    kept[found.base], found = found, other
                 found = _own_base(cur, found)
                 if found is not None:
                     kept[found.base] = found
