@@ -529,6 +529,14 @@ def test_resolution(populated, address, expected):
     assert populated.resolve(address) == expected
 
 
+def test_entries_whose_names_differ_in_case_alone_can_still_be_changed(populated):
+    """Names an earlier release let differ in case alone: any CHGDIRE of them was refused."""
+    assert populated.change_entry("CASE1", "MAIL", usrd="new text").usrd == "new text"
+    assert populated.change_entry("CASE2", "MAIL", msfsrvlvl="*SYSMS").smtpuser == "TWIN"
+    with pytest.raises(DirectoryError, match="already the SMTP name of directory entry CASE"):
+        populated.change_entry("JSMITH", "MAIL", smtpuser="twin", smtpdomain="example.test")
+
+
 def test_catch_all_takes_unknown_local_users_only(populated):
     populated.add_entry(
         DirectoryEntry("*ANY", "*ANY", "catch-all", user="catch", msfsrvlvl="*SYSMS")

@@ -876,7 +876,10 @@ class SqliteDirectory:
             raise DirectoryError("usrid", " ".join(key), "already exists")
         if entry.user is not None and _profile_row(conn, entry.user) is None:
             raise _no_profile("user", entry.user, "; allowed: *NONE or an existing user profile")
-        if entry.smtpuser is not None:
+        if entry.smtpuser is not None and (new or _smtp_key(_entry_row(conn, *key)) !=
+                                           (entry.smtpdomain, _fold(entry.smtpuser))):
+            # A change that keeps the name is not held against names an
+            # earlier release let differ in case alone.
             _check_smtp_name_free(conn, entry)
         if entry.msfsrvlvl == USRIDX and entry.userid != "*ANY":
             # A SNADS user's store is named by the user ID alone: two *USRIDX
@@ -1296,6 +1299,12 @@ def _check_smtp_name_free(conn: sqlite3.Connection, entry: DirectoryEntry) -> No
             entry.smtp_name,
             f"is already the SMTP name of directory entry {row['userid']} {row['address']}",
         )
+
+
+def _smtp_key(row: sqlite3.Row | None) -> tuple[str, str] | None:
+    if row is None or row["smtpuser"] is None:
+        return None
+    return row["smtpdomain"], _fold(row["smtpuser"])
 
 
 def _free_userid(conn: sqlite3.Connection, userid: str, address: str) -> str:
