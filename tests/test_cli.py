@@ -67,6 +67,7 @@ def stopped(make_appliance) -> Appliance:
          "--alwauth,"),
         (["chgsmtpa", "MAXRCPT(5)"], '(CL keywords go to cl: twistmail cl "CHGSMTPA MAXRCPT(5)")'),
         (["chgjrn", "extra"], "twistmail chgjrn: extra: not an option; allowed: --jrn, --jrnrcv"),
+        (["dspsmtpa", ""], "twistmail dspsmtpa: '': not an option; allowed: --json"),
         (["dspjrn", "--outfile", "/nonexistent/j.csv"],
          "twistmail dspjrn: --outfile: '/nonexistent/j.csv' cannot be written: No such file"),
     ],

@@ -330,6 +330,8 @@ def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
         host, rest = text[1:end], text[end + 1:]
         if rest and not rest.startswith(":"):
             raise ValueError(f"junk after ']' in {text!r}")
+        if rest == ":":
+            raise ValueError(f"no port after ':' in {text!r}")
         port_text = rest[1:] if rest else ""
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
@@ -337,7 +339,7 @@ def parse_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
         host, port_text = text, ""
     if not host:
         raise ValueError(f"no host in {text!r}")
-    if text.endswith(":") and not host.endswith(":"):
+    if text.endswith(":") and not text.startswith("[") and text.count(":") == 1:
         raise ValueError(f"no port after ':' in {text!r}")
     if not port_text:
         return host, default_port

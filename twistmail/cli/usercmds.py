@@ -31,6 +31,7 @@ from twistmail.cli.base import (
 )
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.directory import DirectoryEntry, DirectoryError, SqliteDirectory
+from twistmail.interfaces import HOLD, QTMSBSSQ, QTMSINQ, QTMSRTQ1, QTMSRTQ2, QUARANTINE
 from twistmail.queue import FileQueue
 from twistmail.settingtypes import Choice
 
@@ -204,7 +205,7 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
                         f"name, with {left} message{'s' if left != 1 else ''} "
                         f"({d.mailbox(name).parent}); allowed: a name without one (move or "
                         "remove that mailbox first)")
-        waiting = _queued_for(f"{name.lower()}@{d.local_domains[0]}") \
+        waiting = _queued_for({f"{name.lower()}@{d.local_domains[0]}"}) \
             if d.get_profile(name) is None and d.local_domains and "@" not in name else 0
         if waiting:  # accepted for an earlier profile of that name, not yet delivered
             usage_error(f"--usrprf: {waiting} queued message{'s are' if waiting != 1 else ' is'}"
@@ -277,10 +278,10 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
             usage_error(f"--ownobjopt: {name} owns {' and '.join(o for o, _ in owned)}, so "
                         "it is not deleted with *NODLT; allowed: *DLT, which deletes them "
                         "with the profile")
-        waiting = sum(_queued_for(e.smtp_name) for e in d.entries()
-                      if e.user == name and e.smtp_name)
+        addresses = {e.smtp_name for e in d.entries() if e.user == name and e.smtp_name}
         d.delete_profile(name)
         home = d.mailbox(name).parent
+    waiting = _queued_for(addresses)
     for _, path in owned:
         shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(home, ignore_errors=True)  # an empty mailbox goes in any case
@@ -291,14 +292,18 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
                    "will go back to the senders (wrkq lists them).")
 
 
-def _queued_for(address: str) -> int:
-    """Messages on any queue with a recipient ``address`` not yet done with."""
+#: The queues a local recipient waits on; QTMSOUTQ, often the longest, holds none.
+LOCAL_QUEUES = (QTMSINQ, QTMSBSSQ, QTMSRTQ1, QTMSRTQ2, HOLD, QUARANTINE)
+
+
+def _queued_for(addresses: set[str]) -> int:
+    """Messages waiting with a recipient among ``addresses`` not yet done with."""
     spool = FileQueue.for_settings(app().settings, create=False)
-    if not spool.root.is_dir():
+    wanted = {a.lower() for a in addresses}
+    if not wanted or not spool.root.is_dir():
         return 0
-    address = address.lower()
-    return sum(1 for e in spool.entries()
-               if any(r.address.lower() == address and not r.done for r in e.recipients))
+    return sum(1 for q in LOCAL_QUEUES for e in spool.entries(q)
+               if any(r.address.lower() in wanted and not r.done for r in e.recipients))
 
 
 def _owned(d: Any, name: str) -> list[tuple[str, Path]]:
