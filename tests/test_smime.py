@@ -359,6 +359,9 @@ def test_refusals_queue_nothing(make_appliance, certs, tmp_path):
     ok(a, "dcm", "import", "--usrprf", "SAM", "--file", str(certs.app_p12), "--password", PW)
     refuse("names app@example.test, not sam@example.test, the sender", ["app@example.test"],
            "s", "b", (), 1, usrprf="SAM")
+    # Encrypted, the sender's copy was for APP, whose key then read SAM's mail.
+    refuse("names app@example.test, not sam@example.test, the sender: the sender's copy",
+           ["app@example.test"], "s", "b", (), 2, usrprf="SAM")
     refuse("attachment: .*missing.bin does not exist", to_sam, "s", "b",
            [tmp_path / "missing.bin"])
     refuse("subject: must be one line", to_sam, "s\r\nBcc: x@example.test", "b")

@@ -214,16 +214,21 @@ def secure(content: bytes, level: int, settings: Any, usrprf: str, password: str
     store = CertStore.for_user(settings, usrprf)
     store.check_password(password)
     signer = store.signer(password) if level & SIGN else None
-    if signer is not None and sender:
-        if names := other_names(signer.certificate, sender):
+    own = store.own_certificate() if level & ENCRYPT else None
+
+    def sender_s(certificate: Any, why: str) -> None:
+        if sender and (names := other_names(certificate, sender)):
             raise CertStoreError("usrprf", f"the own certificate of {usrprf} names "
                                  f"{', '.join(names)}, not {sender.lower()}, the sender: "
-                                 "its readers would refuse the signature; import the "
-                                 "sender's own certificate")
+                                 f"{why}; import the sender's own certificate")
+
+    if signer is not None:
+        sender_s(signer.certificate, "its readers would refuse the signature")
+    if own is not None:  # the sender's copy must be for the sender, not another's key
+        sender_s(own, "the sender's copy would be for the holder of that certificate")
     readers = []
-    if level & ENCRYPT:
-        readers = [*store.recipients(list(dict.fromkeys(a.lower() for a in addresses))),
-                   store.own_certificate()]
+    if own is not None:
+        readers = [*store.recipients(list(dict.fromkeys(a.lower() for a in addresses))), own]
     if signer is not None:
         content = smime.sign(content, signer)
     if readers:
