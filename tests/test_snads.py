@@ -159,6 +159,24 @@ def test_internet_mail_to_a_snads_user_is_queried_and_received(post, tmp_path):
     assert rc == 0 and "no distributions" in out
 
 
+def test_a_new_snads_entry_is_not_handed_the_store_of_one_removed(post):
+    """The store is named by the user ID alone: after RMVDIRE, an entry added
+    with that user ID read the distributions of the one removed."""
+    a = post
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["ov.user@example.test"], b"Subject: private\r\n\r\nx\r\n")
+    a.wait_for(lambda: len(a.journal("7O")) == 1, 20, "the 7O entry")
+    rc, out, err = a.cli("rmvdire", "--usrid", "OVUSER", "HQ")
+    assert rc == 0 and "Its SNADS store keeps 1 distribution" in out, err
+    rc, out, err = a.cli("adddire", "--usrid", "OVUSER", "BRANCH", "--usrd", "Other person",
+                         "--msfsrvlvl", "*USRIDX")
+    one_line_error((rc, out, err), "--usrid: OVUSER has a SNADS store left by an earlier entry, "
+                   "with 1 distribution")
+    rc, out, err = a.cli("adddire", "--usrid", "OTHER", "BRANCH", "--usrd", "Other person",
+                         "--msfsrvlvl", "*USRIDX")
+    assert rc == 0, err
+
+
 def test_snddst_to_snads_users_by_smtp_name_and_by_store(post):
     a = post
     sent = send_distribution(load(a.config), usrprf="sam", tousrid=["OVUSER HQ"],

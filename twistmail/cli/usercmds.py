@@ -379,8 +379,24 @@ def adddire(usrid: tuple[str, str], **options: str | None) -> None:
     if "usrd" not in fields:
         usage_error("--usrd: required; allowed: a description of up to 50 characters")
     with open_directory("the directory", OPTION_OF_FIELD) as d:
-        entry = d.add_entry(DirectoryEntry(userid=usrid[0], address=usrid[1], **fields))
+        entry = DirectoryEntry(userid=usrid[0], address=usrid[1], **fields)
+        if str(entry.msfsrvlvl).strip().upper() == dirmod.USRIDX:
+            _no_store_left(entry.userid.strip().upper())
+        entry = d.add_entry(entry)
         click.echo(f"Directory entry {entry.userid} {entry.address} added.")
+
+
+def _no_store_left(userid: str) -> None:
+    """A SNADS store is named by the user ID alone: a new *USRIDX entry must not
+    be handed the distributions of one removed before (RMVDIRE keeps them)."""
+    if userid == "*ANY" or not userid:
+        return
+    store = app().settings.datadir / "snads" / userid / "Maildir"
+    left = _mail_in(store)
+    if left:
+        usage_error(f"--usrid: {userid} has a SNADS store left by an earlier entry, with "
+                    f"{left} distribution{'s' if left != 1 else ''} ({store.parent}); "
+                    "allowed: a user ID without one (move or remove that store first)")
 
 
 @cli.command("chgdire")
@@ -409,8 +425,15 @@ def chgdire(usrid: tuple[str, str], **options: str | None) -> None:
 def rmvdire(usrid: tuple[str, str]) -> None:
     """Remove an entry: no more mail is delivered for it."""
     with open_directory("the directory", OPTION_OF_FIELD) as d:
+        entry = d.get_entry(usrid[0], usrid[1])
         d.remove_entry(usrid[0], usrid[1])
         click.echo(f"Directory entry {usrid[0].upper()} {usrid[1].upper()} removed.")
+    if entry is not None and entry.msfsrvlvl == dirmod.USRIDX and entry.userid != "*ANY":
+        store = app().settings.datadir / "snads" / entry.userid / "Maildir"
+        if left := _mail_in(store):
+            click.echo(f"Its SNADS store keeps {left} distribution{'s' if left != 1 else ''} "
+                       f"({store.parent}); no entry can take user ID {entry.userid} again "
+                       "until it is moved or removed.")
 
 
 @cli.command("wrkdire")
