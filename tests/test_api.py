@@ -52,7 +52,8 @@ def test_send_mime_mail_delivers_and_the_file_goes(post, tmp_path):
         (lambda d: str(d / "missing.mime"), "does not exist"),
         (lambda d: _write(d / "nohead.mime", b"Subject: x\r\nno blank line"),
          "no end of header"),
-        (lambda d: _write(d / "lf.mime", b"Subject: x\n\nbody\n"), "no end of header"),
+        (lambda d: _write(d / "long.mime", b"Subject: x\r\n\r\n" + b"x" * 999 + b"\r\n"),
+         "line 3 of .* has 999 octets; allowed: at most 998"),
     ],
 )
 def test_file_problems_are_clear_errors(make_appliance, tmp_path, make, needle):
@@ -211,6 +212,23 @@ def test_a_unix_file_s_line_ends_become_crlf(make_appliance, tmp_path):
     assert body.endswith(b"From: app@example.test\r\nSubject: unix\r\n\r\n"
                          b"line one\r\nline two\r\nend\r\n")
     assert b"\n" not in body.replace(b"\r\n", b"") and b"\r" not in body.replace(b"\r\n", b"")
+
+
+def test_a_unix_file_and_a_file_of_header_fields_alone_are_sent(make_appliance, tmp_path):
+    """Both were refused for want of a CRLF blank line (RFC 5322 §3.5: the body is optional)."""
+    s = load(make_appliance().config)
+    for name, data, stored in (
+            ("lf.mime", b"Subject: lf\n\nline1\n", b"Subject: lf\r\n\r\nline1\r\n"),
+            ("head.mime", b"Subject: only\r\nX-Note: a\r\n folded",
+             b"Subject: only\r\nX-Note: a\r\n folded\r\n\r\n")):
+        note = tmp_path / name
+        note.write_bytes(data)
+        qid = send_mime_mail(str(note), "app@example.test", ["sam@example.test"], settings=s)
+        assert _queued(s, qid)[1].endswith(stored)
+    note = tmp_path / "text.mime"
+    note.write_bytes(b"Subject: x\r\nthis is body text\r\n")
+    with pytest.raises(SendMailError, match="no end of header"):
+        send_mime_mail(str(note), "app@example.test", ["sam@example.test"], settings=s)
 
 
 def test_an_address_named_twice_gets_the_message_once(make_appliance, tmp_path):

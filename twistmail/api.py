@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -74,8 +75,10 @@ def send_mime_mail(
         st = os.fstat(f.fileno())
         _check_limits(settings, rcpts, st.st_size)
         data = f.read()
+    data = _crlf(data)
+    _check_lines(data, file)
     head, body = _split(data, file)
-    qid = queue_message(settings, sender, rcpts, _crlf(_without_bcc(head) + b"\r\n" + body),
+    qid = queue_message(settings, sender, rcpts, _without_bcc(head) + b"\r\n" + body,
                         program="QTMMSNDM", via="Send MIME Mail API", usrprf=usrprf,
                         origin=str(file))
     try:
@@ -178,13 +181,37 @@ def _check_file(path: str | os.PathLike[str]) -> Path:
 
 
 def _split(data: bytes, file: Path) -> tuple[bytes, bytes]:
-    """Header block (with its last CRLF) and body; the CRLF blank line is required."""
+    """Header block (with its last CRLF) and body, of a message with CRLF line ends.
+
+    The blank line may be left out only when there is no body (RFC 5322
+    §3.5): a file of header fields alone.  Text after the fields with no
+    blank line would be read as more of them.
+    """
     end = data.find(b"\r\n\r\n", 0, MAX_HEADER)
-    if end < 0:
-        raise SendMailError(
-            f"file: {file} has no end of header: put an empty line (CRLF CRLF) between the "
-            "header and the body, as RFC 5322 section 2.1 requires")
-    return data[: end + 2], data[end + 4:]
+    if end >= 0:
+        return data[: end + 2], data[end + 4:]
+    if len(data) <= MAX_HEADER and data and all(
+            _FIELD_LINE.match(line) for line in data.removesuffix(b"\r\n").split(b"\r\n")):
+        return data if data.endswith(b"\r\n") else data + b"\r\n", b""
+    raise SendMailError(
+        f"file: {file} has no end of header: put an empty line between the header and "
+        "the body, as RFC 5322 section 2.1 requires")
+
+
+#: A header field's first line, or a continuation line of one.
+_FIELD_LINE = re.compile(rb"[!-9;-~]+[ \t]*:|[ \t]")
+MAX_LINE = 998  # octets before the CRLF (RFC 5322 §2.1.1, RFC 5321 §4.5.3.1.6)
+
+
+def _check_lines(data: bytes, file: Path) -> None:
+    """What the SMTP server refuses (550 5.6.0) the API refuses too: a line
+    longer than a server must take would be refused, or cut, further on."""
+    for number, line in enumerate(data.split(b"\r\n"), 1):
+        if len(line) > MAX_LINE:
+            raise SendMailError(
+                f"file: line {number} of {file} has {len(line)} octets; allowed: at most "
+                f"{MAX_LINE} before its line end (RFC 5322 section 2.1.1): encode the part "
+                "(quoted-printable or base64)")
 
 
 def _without_bcc(head: bytes) -> bytes:
