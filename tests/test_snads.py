@@ -105,6 +105,8 @@ def test_keeprcp_all_keeps_cc_and_never_bcc(make_appliance):
     rc, out, err = a.cli("chgdsta", "--keeprcp", "*all")
     assert rc == 0 and "*ALL" in out, err
     assert 'keeprcp = "*ALL"' in a.config.read_text()
+    rc, out, err = a.cli("chgdsta", "--keeprcp", "*SAME")  # as in CL: no change, no mistake
+    assert (rc, out) == (0, "Distribution attributes unchanged (*SAME).\n"), err
     rc, out, err = a.cli("dspdsta")
     assert rc == 0 and "*ALL" in out
     rc, out, err = a.cli("snddst", "--type", "*LMSG", "--usrid", "OVUSER", "HQ",

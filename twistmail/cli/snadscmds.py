@@ -218,8 +218,11 @@ def chgdsta(keeprcp: str | None) -> None:
     from twistmail import configedit
     from twistmail.settingtypes import SettingError
 
-    if keeprcp is None or keeprcp.strip().upper() == "*SAME":
+    if keeprcp is None:
         nothing_to_change("--keeprcp: give a value to change; allowed: *BCC, *ALL, *NONE")
+    if keeprcp.strip().upper() == "*SAME":  # as chgusrprf and chgdire take it
+        click.echo("Distribution attributes unchanged (*SAME).")
+        return
     vtype = configmod.field_type(configmod.SnadsSettings, "keeprcp")
     value = value_of("--keeprcp", vtype, keeprcp)
     path = Path(app().settings.path)
