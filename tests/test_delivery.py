@@ -42,7 +42,7 @@ class AnswerTests(unittest.TestCase):
         self.addCleanup(d.sessions.close_all)
         return d
 
-    def task(self, count: int) -> bytes:
+    def task(self, count: int, last: tuple[int, ...] = ()) -> bytes:
         messages = []
         for i in range(count):
             env = Envelope.new("jane@example.test", ()).with_recipients(
@@ -51,19 +51,28 @@ class AnswerTests(unittest.TestCase):
                 spool.write(b"Subject: hi\r\n\r\nhello\r\n")
                 qid = spool.commit(QTMSOUTQ)
             rcpts = [f"r{i}@remote.test"]
-            messages.append({"id": qid, "recipients": rcpts, "send": _sending(env, rcpts)})
+            messages.append({"id": qid, "recipients": rcpts, "send": _sending(env, rcpts),
+                             "last": i in last})
         return json.dumps({"queue": QTMSOUTQ, "domain": "remote.test",
                            "messages": messages}).encode()
 
-    async def answer(self, port: int, count: int = 2) -> dict[str, Any]:
+    async def answer(self, port: int, count: int = 2, last: tuple[int, ...] = ()
+                     ) -> dict[str, Any]:
         d = self.deliverer(port)
-        return json.loads(await d.run(self.task(count)))
+        return json.loads(await d.run(self.task(count, last)))
 
     async def test_a_refused_connection_is_unreachable(self) -> None:
         answer = await self.answer(closed_port())
         self.assertIn("Cannot connect", answer["unreachable"])
         texts = [m["results"][0]["text"] for m in answer["messages"]]
         self.assertIn("not tried", texts[1])
+
+    async def test_a_message_on_its_last_try_is_tried_after_one_that_failed(self) -> None:
+        """It was returned, its retries used up, without a single try."""
+        answer = await self.answer(closed_port(), count=4, last=(2,))
+        texts = [m["results"][0]["text"] for m in answer["messages"]]
+        self.assertEqual(["not tried" in t for t in texts], [False, True, False, True])
+        self.assertIn("Cannot connect", texts[2])
 
     async def test_a_server_that_greets_with_421_is_up(self) -> None:
         sink = Sink(Behaviour(greeting="421 4.7.0 too many connections"))

@@ -750,8 +750,11 @@ class OutboundManager:
 
         False when the pool refused it at once."""
         self.per_domain[domain] += 1
+        # "last": this try would use its retries up, so it is made whatever
+        # befalls the message before it on the connection: none is returned untried.
         line = json.dumps({"queue": QTMSOUTQ, "domain": domain, "messages": [
-            {"id": env.id, "recipients": rcpts, "send": _sending(env, rcpts)}
+            {"id": env.id, "recipients": rcpts, "send": _sending(env, rcpts),
+             "last": self._retry_target(env.attempts + 1) is None}
             for env, rcpts in messages]}).encode()
         token = self.pool.submit_task(line, domain)
         self.tasks[token] = (domain, [env.id for env, _ in messages])

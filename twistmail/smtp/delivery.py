@@ -10,7 +10,8 @@ client on the connection the one before it used, journals 8B, 88 and 82,
 and returns one outcome per recipient for the bridge.  When no server could
 take a message (every hop refused or failed to greet, or the session broke
 or timed out), the messages after it in the task are not tried: the
-destination is in trouble, and each would wait for the same timeouts.  A
+destination is in trouble, and each would wait for the same timeouts; only
+one whose retries this try uses up (``last``) is tried all the same.  A
 server's own 4xx to a recipient (greylisting) stops nothing.  When no
 server of the destination answered at all in the whole task (every hop
 refused the connection or never greeted, or its DNS failed for now), the
@@ -106,7 +107,11 @@ class Deliverer:
         out = []
         answer: dict[str, Any] = {"domain": domain, "messages": out}
         unreachable, answered = None, False
-        for i, message in enumerate(messages):
+        held_back: tuple[int, str] | None = None  # why the rest are not tried, once one failed
+        for message in messages:
+            if held_back is not None and not message.get("last"):
+                out.append(self._message(message, "temporary", *held_back))
+                continue
             self.journal.write("8B", f"8B FOQ {task['queue']}", message["id"], domain=domain)
             self.journal.flush()
             try:
@@ -121,12 +126,9 @@ class Deliverer:
                 unreachable = contact
             if unreachable is not None and not answered:
                 answer["unreachable"] = unreachable
-            if trouble is not None and i + 1 < len(messages):
-                text = (f"4.4.0 not tried: the message before it to {domain} failed"
-                        f" temporarily ({trouble.code} {trouble.text})")
-                out.extend(self._message(m, "temporary", trouble.code, text)
-                           for m in messages[i + 1:])
-                break
+            if trouble is not None and held_back is None:
+                held_back = (trouble.code, f"4.4.0 not tried: the message before it to {domain}"
+                             f" failed temporarily ({trouble.code} {trouble.text})")
         return answer
 
     async def _deliver(self, task: dict[str, Any], message: dict[str, Any], route: list[Any],
