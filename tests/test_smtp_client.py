@@ -901,6 +901,27 @@ class ClientTests(unittest.TestCase):
         self.assertEqual([m.recipients for m in sink.messages], [["a@dest.test"], ["b@d.test"]])
         self.assertTrue(session.lost)
 
+    async def test_a_session_the_server_closes_with_421_is_not_kept(self) -> None:
+        """RFC 5321 §3.8: 421 closes the channel.  After a 421 to the end of the
+        data, the job sent the next message on the same connection."""
+        sink = self.sink(end="421 4.3.2 shutting down")
+        cache = SessionCache(reactor, idle=5.0)
+        self.addCleanup(cache.close_all)
+        result = await self.send([sink.hop()], cache=cache)
+        self.assertEqual([r.status for r in result.recipients], [TEMPORARY])
+        self.assertEqual(cache._kept, {})
+        sink.behaviour.end = "250 2.0.0 queued"
+        result = await self.send([sink.hop()], recipients=("b@d.test",), cache=cache)
+        self.assertEqual([r.status for r in result.recipients], [DELIVERED])
+        self.assertEqual(sink.connections, 2)
+
+    async def test_a_reply_with_two_codes_is_a_protocol_error(self) -> None:
+        """RFC 5321 §4.2.1: "250-ok" then "550 no" was a permanent refusal."""
+        sink = self.sink(mail="250-ok\r\n550 5.0.0 but no")
+        result = await self.send([sink.hop()])
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertIn("reply lines with codes 250 and 550", result.recipients[0].text)
+
     async def kept_session(self, sink: Any) -> tuple[SessionCache, Any]:
         """A cache holding the session of one delivery to ``sink``, and that session."""
         cache = SessionCache(reactor, idle=5.0)

@@ -447,6 +447,8 @@ class _Session(Protocol):
         self.handshake: defer.Deferred[None] | None = None
         self.error: SessionError | None = None
         self.lost = False
+        self.closing = False  # the server said 421: it is closing the channel (RFC 5321 §3.8)
+        self.partial_code = 0
         self.tls = False
         self.closed: defer.Deferred[None] = defer.Deferred()
         self.body: _BodyWriter | None = None
@@ -513,6 +515,13 @@ class _Session(Protocol):
         # RFC 5321 §4.2.1 wants one code on every line of a reply; a server
         # that changes it is taken at its last line, rather than dropped.
         code = int(raw[:3])
+        if not self.partial:
+            self.partial_code = code
+        elif code // 100 != self.partial_code // 100:
+            # RFC 5321 §4.2.1 wants one code on every line.  550 then 551 is
+            # sloppy and taken at its last; 250 then 550 says nothing sure.
+            self._violation(f"reply lines with codes {self.partial_code} and {code}")
+            return
         self.partial.append(raw[4:].decode("utf-8", "replace"))
         if len(self.partial) > MAX_REPLY_LINES:
             self._violation("reply has too many lines")
@@ -521,6 +530,8 @@ class _Session(Protocol):
             return
         reply = Reply(code, tuple(self.partial))
         self.partial = []
+        if code == 421:
+            self.closing = True
         if self.waiter is not None:
             d, self.waiter = self.waiter, None
             d.callback(reply)
@@ -1010,7 +1021,8 @@ class _Conversation(_Opening):
         if any(r is None for r in self.results):
             self.clean = False
             self._settle_open(TEMPORARY, 451, f"4.4.2 No reply from {self.where}", remote=False)
-        if keep and self.clean and not self.session.lost and self.session.error is None:
+        if keep and self.clean and not (self.session.lost or self.session.closing
+                                        or self.session.error is not None):
             self.ext = ext
         else:
             await self._quit()
