@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from appliance import base_sections, render_toml
@@ -73,6 +74,25 @@ class AnswerTests(unittest.TestCase):
         texts = [m["results"][0]["text"] for m in answer["messages"]]
         self.assertEqual(["not tried" in t for t in texts], [False, True, False, True])
         self.assertIn("Cannot connect", texts[2])
+
+    async def test_a_server_found_back_by_a_last_try_clears_the_doubt(self) -> None:
+        """The first message found no server and the one on its last try, tried
+        after it, was delivered: the answer said the destination unreachable,
+        and the bridge held back its other mail as if no server answered."""
+        d = self.deliverer(closed_port())
+        script = iter([("Cannot connect to mx", True), (True, False)])
+
+        async def deliver(task, message, route, lists):
+            contact, failed = next(script)
+            trouble = SimpleNamespace(code=451, text="4.4.1 refused") if failed else None
+            status = "temporary" if failed else "delivered"
+            return d._message(message, status, 451 if failed else 250, "x"), trouble, contact
+
+        d._deliver = deliver
+        answer = json.loads(await d.run(self.task(2, last=(1,))))
+        self.assertNotIn("unreachable", answer)
+        self.assertEqual([m["results"][0]["status"] for m in answer["messages"]],
+                         ["temporary", "delivered"])
 
     async def test_a_server_that_greets_with_421_is_up(self) -> None:
         sink = Sink(Behaviour(greeting="421 4.7.0 too many connections"))

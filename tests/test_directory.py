@@ -709,7 +709,7 @@ def test_a_new_profile_is_not_handed_mail_queued_for_one_deleted(cfg, capsys):
     """Mail accepted for BOB and still queued (the bridge ended) went to a BOB
     created after the first was deleted."""
     from twistmail import config
-    from twistmail.interfaces import QTMSINQ
+    from twistmail.interfaces import QTMSINQ, QTMSOUTQ
     from twistmail.queue import Envelope, FileQueue
 
     tm(capsys, cfg, "crtusrprf", "--usrprf", "bob", "--password", "pw")
@@ -725,7 +725,11 @@ def test_a_new_profile_is_not_handed_mail_queued_for_one_deleted(cfg, capsys):
         "--usrprf: 1 queued message is for bob@example.test, the address BOB would get, "
         "accepted before it existed; allowed: a name no queued mail is for (let the bridge "
         "return it first: strmsf; wrkq lists it)")
-    fq.remove(QTMSINQ, spool.id)
+    # Deferred (a full mailbox), it goes along with its message's remote recipients.
+    fq.move(spool.id, QTMSINQ, QTMSOUTQ)
+    rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "bob", "--password", "pw")
+    assert rc == 2 and "1 queued message is for bob@example.test" in err
+    fq.remove(QTMSOUTQ, spool.id)
     rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "bob", "--password", "pw")
     assert rc == 0, err
 

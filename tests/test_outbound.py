@@ -143,6 +143,20 @@ def test_a_task_carries_at_most_a_batch(manager):
     assert list(manager.backlog) == qids[-5:]  # they wait for a connection (86)
 
 
+def test_a_message_on_its_last_try_goes_alone_and_says_so(manager):
+    """Tried even behind one that failed (the job is told "last"), it goes
+    alone: after the others of a task it would wait out a dead host's timeouts."""
+    qids = _waiting(manager, *["remote.test"] * 10)
+    count = sum(manager.settings.smtp.rtymin[:1]) + manager._second_level()[0]
+    env = manager.backlog[qids[4]][0].evolve(attempts=count)  # one try left
+    manager.backlog[qids[4]] = (env, manager.backlog[qids[4]][1])
+    manager._start_ready(["remote.test"])
+    tasks = [json.loads(t)["messages"] for t in manager.pool.tasks]
+    assert [[m["id"] for m in t] for t in tasks][:2] == [qids[0:3], qids[3:4]]
+    assert [(m["id"], m["last"]) for m in tasks[2]] == [(qids[4], True)]
+    assert not any(m["last"] for t in tasks if t is not tasks[2] for m in t)
+
+
 def test_a_message_for_two_destinations_goes_alone(manager):
     """A batch stops before it; it then takes a connection of each destination."""
     a, two, c, d, e, f = _waiting(manager, "remote.test", "remote.test,other.test",

@@ -702,15 +702,18 @@ class OutboundManager:
         message only when more wait than connections are free.
         """
         free = self._free(domain)
-        size = 1 if env.id in self.alone else min(BATCH, -(-(len(waiting) + 1) // free))
+        size = 1 if env.id in self.alone or self._last_try(env) else \
+            min(BATCH, -(-(len(waiting) + 1) // free))
         batch = [env]
         while len(batch) < size and waiting:
             pending = self._next_waiting(waiting)
             if pending is None:
                 continue
             # A message for several destinations goes alone, when all of them
-            # are free; so does one whose last task ended with its job.
-            if len(pending[1]) > 1 or pending[0].id in self.alone:
+            # are free; so does one whose last task ended with its job, and
+            # one on its last try (tried even after a failure, it would wait
+            # out the timeouts of a dead host after the others of its task).
+            if len(pending[1]) > 1 or pending[0].id in self.alone or self._last_try(pending[0]):
                 waiting.appendleft(pending[0].id)
                 break
             batch.append(pending[0])
@@ -754,7 +757,7 @@ class OutboundManager:
         # befalls the message before it on the connection: none is returned untried.
         line = json.dumps({"queue": QTMSOUTQ, "domain": domain, "messages": [
             {"id": env.id, "recipients": rcpts, "send": _sending(env, rcpts),
-             "last": self._retry_target(env.attempts + 1) is None}
+             "last": self._last_try(env)}
             for env, rcpts in messages]}).encode()
         token = self.pool.submit_task(line, domain)
         self.tasks[token] = (domain, [env.id for env, _ in messages])
@@ -918,7 +921,7 @@ class OutboundManager:
                 self.backlog.pop(qid, None)
                 continue  # started by another destination, or gone
             env, groups = pending
-            if len(groups) > 1 or self._retry_target(env.attempts + 1) is None:
+            if len(groups) > 1 or self._last_try(env):
                 kept.append(qid)
                 continue
             del self.backlog[qid]
@@ -1154,6 +1157,10 @@ class OutboundManager:
         s = self.settings.smtp
         second = max(86400.0 * s.rtyday[1], 3600.0 * s.rtyhour[1])
         return {QTMSRTQ1: 60.0 * s.rtymin[1] + 60.0, QTMSRTQ2: second + 60.0}
+
+    def _last_try(self, env: Envelope) -> bool:
+        """Whether this try would use the message's retries up."""
+        return self._retry_target(env.attempts + 1) is None
 
     def _retry_target(self, attempts: int) -> tuple[str, str, float] | None:
         """Where a message waits after its ``attempts``-th try, or None when used up."""

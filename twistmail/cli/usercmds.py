@@ -31,7 +31,15 @@ from twistmail.cli.base import (
 )
 from twistmail.cli.output import emit_record, emit_table
 from twistmail.directory import DirectoryEntry, DirectoryError, SqliteDirectory
-from twistmail.interfaces import HOLD, QTMSBSSQ, QTMSINQ, QTMSRTQ1, QTMSRTQ2, QUARANTINE
+from twistmail.interfaces import (
+    HOLD,
+    QTMSBSSQ,
+    QTMSINQ,
+    QTMSOUTQ,
+    QTMSRTQ1,
+    QTMSRTQ2,
+    QUARANTINE,
+)
 from twistmail.queue import FileQueue
 from twistmail.settingtypes import Choice
 
@@ -292,8 +300,9 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
                    "will go back to the senders (wrkq lists them).")
 
 
-#: The queues a local recipient waits on; QTMSOUTQ, often the longest, holds none.
-LOCAL_QUEUES = (QTMSINQ, QTMSBSSQ, QTMSRTQ1, QTMSRTQ2, HOLD, QUARANTINE)
+#: The queues a local recipient waits on: QTMSOUTQ too, where one deferred
+#: (a full mailbox) goes along with its message's remote recipients.
+LOCAL_QUEUES = (QTMSINQ, QTMSBSSQ, QTMSRTQ1, QTMSRTQ2, QTMSOUTQ, HOLD, QUARANTINE)
 
 
 def _queued_for(addresses: set[str]) -> int:

@@ -124,11 +124,13 @@ class Deliverer:
                 answered = True
             elif contact:
                 unreachable = contact
-            if unreachable is not None and not answered:
-                answer["unreachable"] = unreachable
             if trouble is not None and held_back is None:
                 held_back = (trouble.code, f"4.4.0 not tried: the message before it to {domain}"
                              f" failed temporarily ({trouble.code} {trouble.text})")
+        # Said once all are done: a message on its last try, tried after one
+        # that found no server, may have found it back.
+        if unreachable is not None and not answered:
+            answer["unreachable"] = unreachable
         return answer
 
     async def _deliver(self, task: dict[str, Any], message: dict[str, Any], route: list[Any],
