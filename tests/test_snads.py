@@ -172,8 +172,14 @@ def test_a_new_snads_entry_is_not_handed_the_store_of_one_removed(post):
     assert rc == 0 and "Its SNADS store keeps 1 distribution" in out, err
     rc, out, err = a.cli("adddire", "--usrid", "OVUSER", "BRANCH", "--usrd", "Other person",
                          "--msfsrvlvl", "*USRIDX")
-    one_line_error((rc, out, err), "--usrid: OVUSER has a SNADS store left by an earlier entry, "
-                   "with 1 distribution")
+    one_line_error((rc, out, err), "--usrid: 'OVUSER BRANCH' is not allowed: user ID OVUSER "
+                   "has a SNADS store left by an earlier entry, with 1 distribution")
+    # Nor by a change: an entry that becomes *USRIDX.
+    rc, out, err = a.cli("adddire", "--usrid", "OVUSER", "BRANCH", "--usrd", "Other person",
+                         "--msfsrvlvl", "*SYSMS", "--user", "SAM")
+    assert rc == 0, err
+    one_line_error(a.cli("chgdire", "--usrid", "OVUSER", "BRANCH", "--msfsrvlvl", "*USRIDX"),
+                   "user ID OVUSER has a SNADS store left by an earlier entry")
     rc, out, err = a.cli("adddire", "--usrid", "OTHER", "BRANCH", "--usrd", "Other person",
                          "--msfsrvlvl", "*USRIDX")
     assert rc == 0, err

@@ -891,6 +891,17 @@ class SqliteDirectory:
                 raise DirectoryError("usrid", " ".join(key), "is not allowed: user ID "
                                      f"{entry.userid} already has a *USRIDX entry at address "
                                      f"{other[0]}, whose SNADS store it would share")
+            before = None if new else _entry_row(conn, *key)
+            if before is None or before["msfsrvlvl"] != USRIDX:
+                # Nor one a removed entry left: RMVDIRE keeps the store.
+                store = self.path.parent / "snads" / entry.userid / "Maildir"
+                left = messages_in(store)
+                if left:
+                    raise DirectoryError(
+                        "usrid", " ".join(key), f"is not allowed: user ID {entry.userid} has "
+                        f"a SNADS store left by an earlier entry, with {left} "
+                        f"distribution{'s' if left != 1 else ''} ({store.parent}); allowed: "
+                        "a user ID without one (move or remove that store first)")
         return entry
 
     def _insert_entry(self, conn: sqlite3.Connection, entry: DirectoryEntry) -> None:
@@ -1299,6 +1310,18 @@ def _check_smtp_name_free(conn: sqlite3.Connection, entry: DirectoryEntry) -> No
             entry.smtp_name,
             f"is already the SMTP name of directory entry {row['userid']} {row['address']}",
         )
+
+
+def messages_in(maildir: Path) -> int:
+    """Messages in a Maildir, one being delivered (tmp/) included: what a
+    mailbox or SNADS store left by a profile or entry removed still holds."""
+    count = 0
+    for sub in ("new", "cur", "tmp"):
+        try:
+            count += sum(1 for n in os.listdir(maildir / sub) if not n.startswith("."))
+        except FileNotFoundError:
+            pass
+    return count
 
 
 def _smtp_key(row: sqlite3.Row | None) -> tuple[str, str] | None:

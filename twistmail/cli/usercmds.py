@@ -11,7 +11,6 @@ option, exit 2; a database that cannot be used is one line, exit 1.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -207,7 +206,7 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
     status = value_of("--status", STATUS, status)
     with open_directory("the directory", OPTION_OF_FIELD) as d:
         name = dirmod.profile_name(usrprf)
-        left = _mail_in(d.mailbox(name)) if d.get_profile(name) is None else 0
+        left = dirmod.messages_in(d.mailbox(name)) if d.get_profile(name) is None else 0
         if left:  # a new SAM must not be handed the mail of one deleted before
             usage_error(f"--usrprf: {name} has a mailbox left by an earlier profile of that "
                         f"name, with {left} message{'s' if left != 1 else ''} "
@@ -320,7 +319,7 @@ def _owned(d: Any, name: str) -> list[tuple[str, Path]]:
     as (what, where)."""
     out = []
     box = d.mailbox(name)
-    mail = _mail_in(box)
+    mail = dirmod.messages_in(box)
     if mail:
         out.append((f"a mailbox with {mail} message{'s' if mail != 1 else ''} ({box.parent})",
                     box.parent))
@@ -328,18 +327,6 @@ def _owned(d: Any, name: str) -> list[tuple[str, Path]]:
     if certs.exists():
         out.append((f"a certificate store ({certs})", certs))
     return out
-
-
-def _mail_in(maildir: Path) -> int:
-    """Messages in a Maildir, counting one being delivered (tmp/)."""
-    return sum(len(_files(maildir / sub)) for sub in ("new", "cur", "tmp"))
-
-
-def _files(folder: Path) -> list[str]:
-    try:
-        return [n for n in os.listdir(folder) if not n.startswith(".")]
-    except FileNotFoundError:
-        return []
 
 
 @cli.command("dspusrprf")
@@ -388,24 +375,8 @@ def adddire(usrid: tuple[str, str], **options: str | None) -> None:
     if "usrd" not in fields:
         usage_error("--usrd: required; allowed: a description of up to 50 characters")
     with open_directory("the directory", OPTION_OF_FIELD) as d:
-        entry = DirectoryEntry(userid=usrid[0], address=usrid[1], **fields)
-        if str(entry.msfsrvlvl).strip().upper() == dirmod.USRIDX:
-            _no_store_left(entry.userid.strip().upper())
-        entry = d.add_entry(entry)
+        entry = d.add_entry(DirectoryEntry(userid=usrid[0], address=usrid[1], **fields))
         click.echo(f"Directory entry {entry.userid} {entry.address} added.")
-
-
-def _no_store_left(userid: str) -> None:
-    """A SNADS store is named by the user ID alone: a new *USRIDX entry must not
-    be handed the distributions of one removed before (RMVDIRE keeps them)."""
-    if userid == "*ANY" or not userid:
-        return
-    store = app().settings.datadir / "snads" / userid / "Maildir"
-    left = _mail_in(store)
-    if left:
-        usage_error(f"--usrid: {userid} has a SNADS store left by an earlier entry, with "
-                    f"{left} distribution{'s' if left != 1 else ''} ({store.parent}); "
-                    "allowed: a user ID without one (move or remove that store first)")
 
 
 @cli.command("chgdire")
@@ -439,7 +410,7 @@ def rmvdire(usrid: tuple[str, str]) -> None:
         click.echo(f"Directory entry {usrid[0].upper()} {usrid[1].upper()} removed.")
     if entry is not None and entry.msfsrvlvl == dirmod.USRIDX and entry.userid != "*ANY":
         store = app().settings.datadir / "snads" / entry.userid / "Maildir"
-        if left := _mail_in(store):
+        if left := dirmod.messages_in(store):
             click.echo(f"Its SNADS store keeps {left} distribution{'s' if left != 1 else ''} "
                        f"({store.parent}); no entry can take user ID {entry.userid} again "
                        "until it is moved or removed.")
