@@ -729,9 +729,17 @@ def test_copies_with_one_base_name_are_listed_once(
         assert [m.uidl for m in session.messages()] == [f"Q1.R1.{HOST}"]
 
 
-def test_another_program_s_messages_with_one_base_are_two_messages(store: MaildirStore) -> None:
+@pytest.mark.parametrize("reverse", [False, True])
+def test_another_program_s_messages_with_one_base_are_two_messages(
+        store: MaildirStore, monkeypatch, reverse: bool) -> None:
     """Names no delivery of ours makes, one base: the second was taken for a
-    copy of the first, never listed, and removed at QUIT."""
+    copy of the first, never listed, and removed at QUIT.  Whichever order
+    the directory lists them in, the earlier keeps its name."""
+    from twistmail import maildir as maildirmod
+
+    real = maildirmod._message_files
+    monkeypatch.setattr(maildirmod, "_message_files", lambda directory: sorted(
+        real(directory), key=lambda e: e.name, reverse=reverse))
     maildir = store.ensure(USER)
     old = time.time() - 3600
     (maildir / "cur" / "1700000100.M1P1.otherhost:2,S").write_bytes(b"Subject: old\n\nold\n")

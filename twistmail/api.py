@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import email.utils
 import os
-import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -76,6 +75,7 @@ def send_mime_mail(
         _check_limits(settings, rcpts, st.st_size)
         data = f.read()
     data = _crlf(data)
+    _check_limits(settings, rcpts, len(data))  # again: LF line ends grew to CRLF
     _check_lines(data, file)
     head, body = _split(data, file)
     qid = queue_message(settings, sender, rcpts, _without_bcc(head) + b"\r\n" + body,
@@ -183,23 +183,17 @@ def _check_file(path: str | os.PathLike[str]) -> Path:
 def _split(data: bytes, file: Path) -> tuple[bytes, bytes]:
     """Header block (with its last CRLF) and body, of a message with CRLF line ends.
 
-    The blank line may be left out only when there is no body (RFC 5322
-    §3.5): a file of header fields alone.  Text after the fields with no
-    blank line would be read as more of them.
+    The blank line is required, also for a message without a body: without
+    it, body text of the shape "Status: failed" would pass for header fields.
     """
     end = data.find(b"\r\n\r\n", 0, MAX_HEADER)
-    if end >= 0:
-        return data[: end + 2], data[end + 4:]
-    if len(data) <= MAX_HEADER and data and all(
-            _FIELD_LINE.match(line) for line in data.removesuffix(b"\r\n").split(b"\r\n")):
-        return data if data.endswith(b"\r\n") else data + b"\r\n", b""
-    raise SendMailError(
-        f"file: {file} has no end of header: put an empty line between the header and "
-        "the body, as RFC 5322 section 2.1 requires")
+    if end < 0:
+        raise SendMailError(
+            f"file: {file} has no end of header: put an empty line between the header and "
+            "the body (also when there is no body), as RFC 5322 section 2.1 requires")
+    return data[: end + 2], data[end + 4:]
 
 
-#: A header field's first line, or a continuation line of one.
-_FIELD_LINE = re.compile(rb"[!-9;-~]+[ \t]*:|[ \t]")
 MAX_LINE = 998  # octets before the CRLF (RFC 5322 §2.1.1, RFC 5321 §4.5.3.1.6)
 
 

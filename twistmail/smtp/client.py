@@ -512,14 +512,13 @@ class _Session(Protocol):
         if len(raw) > MAX_REPLY_LINE or not raw[:3].isdigit() or sep not in (b"", b" ", b"-"):
             self._violation(f"malformed reply line {raw[:60]!r}")
             return
-        # RFC 5321 §4.2.1 wants one code on every line of a reply; a server
-        # that changes it is taken at its last line, rather than dropped.
+        # RFC 5321 §4.2.1 wants one code on every line of a reply.  A server
+        # that changes it within its class (550 then 551) is taken at its
+        # last line; one that changes the class (250 then 550) says nothing sure.
         code = int(raw[:3])
         if not self.partial:
             self.partial_code = code
         elif code // 100 != self.partial_code // 100:
-            # RFC 5321 §4.2.1 wants one code on every line.  550 then 551 is
-            # sloppy and taken at its last; 250 then 550 says nothing sure.
             self._violation(f"reply lines with codes {self.partial_code} and {code}")
             return
         self.partial.append(raw[4:].decode("utf-8", "replace"))
