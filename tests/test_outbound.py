@@ -843,8 +843,9 @@ def test_a_message_for_several_destinations_is_not_held_back(manager):
 
 def test_a_message_on_its_last_try_is_tried_not_held_back(manager):
     """With no retries left it would be returned without ever being tried."""
-    manager.settings = attrs_evolve_smtp(manager.settings, rtymin=(0, 0))
     tasks = _fill_and_fail(manager)
+    # Only it is on its last try (those would each go alone, in tasks of their own).
+    manager.settings = attrs_evolve_smtp(manager.settings, rtymin=(0, 0))
     [last] = _waiting(manager, "dead.test")
     _answer_unreachable(manager, tasks)
     assert last not in manager.queue.list(QTMSRTQ1) and not manager.queue.list(QTMSRTQ1)
