@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -197,15 +198,21 @@ def _split(data: bytes, file: Path) -> tuple[bytes, bytes]:
 MAX_LINE = 998  # octets before the CRLF (RFC 5322 §2.1.1, RFC 5321 §4.5.3.1.6)
 
 
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+
+
 def _check_lines(data: bytes, file: Path) -> None:
     """What the SMTP server refuses (550 5.6.0) the API refuses too: a line
     longer than a server must take would be refused, or cut, further on."""
-    for number, line in enumerate(data.split(b"\r\n"), 1):
-        if len(line) > MAX_LINE:
-            raise SendMailError(
-                f"file: line {number} of {file} has {len(line)} octets; allowed: at most "
-                f"{MAX_LINE} before its line end (RFC 5322 section 2.1.1): encode the part "
-                "(quoted-printable or base64)")
+    long = _LONG_LINE.search(data)
+    if long is not None:
+        start = data.rfind(b"\n", 0, long.start()) + 1
+        end = data.find(b"\r\n", start)
+        number = data.count(b"\n", 0, start) + 1
+        raise SendMailError(
+            f"file: line {number} of {file} has {(end if end >= 0 else len(data)) - start} "
+            f"octets; allowed: at most {MAX_LINE} before its line end (RFC 5322 section "
+            "2.1.1): encode the part (quoted-printable or base64)")
 
 
 def _without_bcc(head: bytes) -> bytes:

@@ -216,16 +216,16 @@ def secure(content: bytes, level: int, settings: Any, usrprf: str, password: str
     signer = store.signer(password) if level & SIGN else None
     own = store.own_certificate() if level & ENCRYPT else None
 
-    def sender_s(certificate: Any, why: str) -> None:
+    def names_the_sender(certificate: Any, why: str) -> None:
         if sender and (names := other_names(certificate, sender)):
             raise CertStoreError("usrprf", f"the own certificate of {usrprf} names "
                                  f"{', '.join(names)}, not {sender.lower()}, the sender: "
                                  f"{why}; import the sender's own certificate")
 
     if signer is not None:
-        sender_s(signer.certificate, "its readers would refuse the signature")
+        names_the_sender(signer.certificate, "its readers would refuse the signature")
     if own is not None:  # the sender's copy must be for the sender, not another's key
-        sender_s(own, "the sender's copy would be for the holder of that certificate")
+        names_the_sender(own, "the sender's copy would be for the holder of that certificate")
     readers = []
     if own is not None:
         readers = [*store.recipients(list(dict.fromkeys(a.lower() for a in addresses))), own]
