@@ -744,6 +744,10 @@ class SqliteDirectory:
             f"entr{'y' if removed == 1 else 'ies'}; its mailbox stays in {self.mailbox(name)}"
         )
 
+    def snads_store(self, userid: str) -> Path:
+        """A *USRIDX user's store (SNADS), named by its user ID alone."""
+        return self.path.parent / "snads" / userid / "Maildir"
+
     def mailbox(self, usrprf: str) -> Path:
         """Where the Maildir of a profile lives (DESIGN.md §2)."""
         return self.path.parent / "mailboxes" / usrprf / "Maildir"
@@ -894,7 +898,7 @@ class SqliteDirectory:
             before = None if new else _entry_row(conn, *key)
             if before is None or before["msfsrvlvl"] != USRIDX:
                 # Nor one a removed entry left: RMVDIRE keeps the store.
-                store = self.path.parent / "snads" / entry.userid / "Maildir"
+                store = self.snads_store(entry.userid)
                 left = messages_in(store)
                 if left:
                     raise DirectoryError(

@@ -387,8 +387,7 @@ def _extra_arguments(ctx: click.Context | None, words: str) -> str:
     hint = ""
     if ctx is not None and re.fullmatch(r"\w+\(.*\)", (words.split() or [""])[0]):
         hint = f' (CL keywords go to cl: twistmail cl "{ctx.info_name.upper()} {words}")'
-    return f"{words!r}: not an option{known}{hint}" if not words.strip() else \
-        f"{words}: not an option{known}{hint}"
+    return f"{words if words.strip() else repr(words)}: not an option{known}{hint}"
 
 
 def _option(ctx: click.Context | None, name: str) -> click.Option | None:

@@ -409,7 +409,7 @@ def rmvdire(usrid: tuple[str, str]) -> None:
         d.remove_entry(usrid[0], usrid[1])
         click.echo(f"Directory entry {usrid[0].upper()} {usrid[1].upper()} removed.")
     if entry is not None and entry.msfsrvlvl == dirmod.USRIDX and entry.userid != "*ANY":
-        store = app().settings.datadir / "snads" / entry.userid / "Maildir"
+        store = d.snads_store(entry.userid)
         if left := dirmod.messages_in(store):
             click.echo(f"Its SNADS store keeps {left} distribution{'s' if left != 1 else ''} "
                        f"({store.parent}); no entry can take user ID {entry.userid} again "
