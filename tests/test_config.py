@@ -280,6 +280,8 @@ BAD = [
                  "host[:port]", id="hub-v6-no-bracket"),
     pytest.param('[smtp]\nfwdhubsvr = "[]:25"\n', "smtp.fwdhubsvr", "'[]:25'",
                  "host[:port]", id="hub-v6-empty"),
+    pytest.param('[system]\ndatadir = "a\\u0000b"\n', "system.datadir", "'a\\x00b'",
+                 "a directory path", id="nul-in-path"),  # a ValueError's traceback
     pytest.param('[smtp]\nfwdhubsvr = "[2001:db8::]:"\n', "smtp.fwdhubsvr",
                  "'[2001:db8::]:'", "host[:port]", id="hub-v6-no-port"),
     pytest.param('[smtp]\nnfydlvry = "notanaddress"\n', "smtp.nfydlvry", "'notanaddress'",
@@ -313,8 +315,9 @@ def test_bad_value_is_one_line(
 
 @pytest.mark.parametrize(
     "content",
-    [b"[smtp\nautostart = 1\n", b"[smtp]\nautostart = \n", b'[smtp]\njournal = "\xff"\n'],
-    ids=["header", "value", "not-utf8"],
+    [b"[smtp\nautostart = 1\n", b"[smtp]\nautostart = \n", b'[smtp]\njournal = "\xff"\n',
+     b"a = " + b"[" * 3000 + b"]" * 3000 + b"\n"],
+    ids=["header", "value", "not-utf8", "nested-3000-deep"],  # the last: a RecursionError
 )
 def test_unreadable_file_is_one_line(tmp_path: Path, content: bytes) -> None:
     p = tmp_path / "twistmail.toml"
@@ -325,6 +328,12 @@ def test_unreadable_file_is_one_line(tmp_path: Path, content: bytes) -> None:
     assert "\n" not in message
     assert message.startswith(f"{p}: not ")
     assert "TOML" in message or "UTF-8" in message
+
+
+def test_a_special_file_is_not_read(tmp_path: Path) -> None:
+    """/dev/zero as the configuration was read for ever, gigabytes into memory."""
+    with pytest.raises(SettingError, match="^/dev/zero: not a regular file$"):
+        config.load("/dev/zero")
 
 
 def test_partial_pop_entry_keeps_its_own_defaults(tmp_path: Path) -> None:

@@ -228,3 +228,21 @@ def test_a_refusal_written_before_the_request_is_still_read(tmp_path):
     finally:
         thread.join(10)
         sock.close()
+
+
+def test_arguments_of_the_wrong_type_are_usage_errors(appliance):
+    """From a script: STRMSF NBRMSFJOB(true) was taken and the bridge then
+    restarted for ever; a number as PGM or SERVER was an internal error."""
+    appliance.cli("endmsf", "--option", "*IMMED")
+    for cmd, args, needle in (("strmsf", {"nbrmsfjob": True}, "--nbrmsfjob: True"),
+                              ("dspactpj", {"pgm": 1}, "--pgm: 1"),
+                              ("strpj", {"pgm": 5}, "--pgm: 5"),
+                              ("endtcpsvr", {"server": ["*ALL"]}, "--server: ['*ALL']")):
+        s = _raw(appliance)
+        s.sendall(json.dumps({"cmd": cmd, "args": args}).encode() + b"\n")
+        reply = json.loads(s.makefile("rb").readline())
+        s.close()
+        assert reply["ok"] is False and reply["usage"] is True, (cmd, reply)
+        assert reply["error"].startswith(needle), reply
+    assert "Traceback" not in appliance.log_text()
+    assert appliance.control("status")["bridge"]["pid"] is None  # not started with True

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -404,7 +405,10 @@ def read_file(path: str | os.PathLike[str]) -> bytes:
     """The bytes of a certificate file, or a clear error."""
     p = Path(path)
     try:
-        if p.stat().st_size > MAX_FILE:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):  # /dev/zero, a pipe: read for ever
+            raise CertStoreError("file", f"{p} is not a regular file")
+        if st.st_size > MAX_FILE:
             raise CertStoreError("file", f"{p} is larger than a certificate file can be")
         return p.read_bytes()
     except FileNotFoundError:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -427,12 +428,16 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
     if p.suffix == ".json":
         return _load_applied(p)
     with p.open("rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/zero, a pipe: read for ever
+            raise FileError(str(p), "a regular file")
         try:
             data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise FileError(str(p), f"valid TOML ({e})") from None
         except UnicodeDecodeError as e:
             raise FileError(str(p), f"UTF-8 text ({e.reason} at byte {e.start})") from None
+        except RecursionError:
+            raise FileError(str(p), "TOML of values nested a few hundred deep at most") from None
     return from_mapping(data, p)
 
 

@@ -150,8 +150,8 @@ class Text:
         return self.what if self.empty_ok else f"{self.what}, not empty"
 
     def parse(self, raw: Any) -> str:
-        if not isinstance(raw, str) or (not self.empty_ok and not raw.strip()):
-            raise _Invalid
+        if not isinstance(raw, str) or (not self.empty_ok and not raw.strip()) or "\0" in raw:
+            raise _Invalid  # a NUL is in no path or name, and a path with one is unusable
         return raw.strip()
 
     def dump(self, value: str) -> str:

@@ -178,6 +178,10 @@ def value_of(option: str, vtype: Any, raw: Any) -> Any:
         raise click.UsageError(str(e)) from None
 
 
+#: The longest line a password read from standard input may be (/dev/zero has none).
+MAX_STDIN_LINE = 4096
+
+
 def stdin_text(option: str, whole: bool = False) -> str:
     """What ``OPTION -`` reads: one line (a password) or everything, as UTF-8."""
     if sys.stdin is None:  # descriptor 0 closed, as under some schedulers
@@ -188,10 +192,13 @@ def stdin_text(option: str, whole: bool = False) -> str:
         if stream is None:  # a text stream put in its place
             text = sys.stdin.read() if whole else sys.stdin.readline()
             return text if whole else text.rstrip("\r\n")
-        data = stream.read() if whole else stream.readline()
+        data = stream.read() if whole else stream.readline(MAX_STDIN_LINE + 1)
     except (OSError, ValueError) as e:  # unreadable, or a closed file object
         usage_error(f"{option}: '-' could not read standard input ({e}); "
                     "allowed: the value itself, or '-' with the value on standard input")
+    if not whole and len(data) > MAX_STDIN_LINE:
+        usage_error(f"{option}: '-' read a line longer than {MAX_STDIN_LINE} bytes; allowed: "
+                    "the value on one line of standard input")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -359,7 +366,7 @@ def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
 def _usage_message(e: click.UsageError) -> str:
     """One line naming the option and what it takes, where click's own line does not."""
     if isinstance(e, click.NoSuchOption):
-        return f"{e.option_name}: no such option{_known_options(e)}"
+        return f"{_shown(e.option_name)}: no such option{_known_options(e)}"
     if isinstance(e, click.BadOptionUsage):
         param = _option(e.ctx, e.option_name)
         if param is not None and param.nargs > 1:
@@ -370,7 +377,21 @@ def _usage_message(e: click.UsageError) -> str:
     extra = _EXTRA_ARGS.fullmatch(e.format_message())
     if extra is not None:
         return _extra_arguments(e.ctx, extra.group(1))
+    command = _NO_COMMAND.fullmatch(e.format_message())
+    if command is not None and isinstance(getattr(e.ctx, "command", None), click.Group):
+        given = command.group(1)
+        what = "a command is needed" if given is None else f"{_shown(given)}: no such command"
+        return f"{what}; allowed: {', '.join(sorted(e.ctx.command.list_commands(e.ctx)))}"
     return _one_line(e.format_message())
+
+
+#: click's words for a command that is not there, or not given.
+_NO_COMMAND = re.compile(r"No such command '(.*)'\.|Missing command\.", re.S)
+
+
+def _shown(text: str) -> str:
+    """What the user typed, quoted when it holds what a terminal would act on."""
+    return text if text.isprintable() and text.strip() else repr(text)
 
 
 #: click's words for words left over after the options (it has no class for them).
@@ -387,7 +408,7 @@ def _extra_arguments(ctx: click.Context | None, words: str) -> str:
     hint = ""
     if ctx is not None and re.fullmatch(r"\w+\(.*\)", (words.split() or [""])[0]):
         hint = f' (CL keywords go to cl: twistmail cl "{ctx.info_name.upper()} {words}")'
-    return f"{words if words.strip() else repr(words)}: not an option{known}{hint}"
+    return f"{_shown(words)}: not an option{known}{hint}"
 
 
 def _option(ctx: click.Context | None, name: str) -> click.Option | None:

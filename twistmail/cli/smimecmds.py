@@ -9,6 +9,8 @@ option, exit 2.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -73,7 +75,11 @@ def crtsndemail(usrprf: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tupl
 def _read_text(option: str, path: str) -> str:
     try:
         with as_invoker():  # the caller's file (see twistmail.identity)
-            return Path(path).read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    usage_error(f"{option}: {path} is not a regular file; allowed: a file of "
+                                "UTF-8 text")  # /dev/zero, a pipe: read for ever
+                return f.read().decode("utf-8")
     except FileNotFoundError:
         usage_error(f"{option}: {path} does not exist")
     except UnicodeDecodeError:

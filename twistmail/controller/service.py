@@ -462,7 +462,7 @@ class Controller(service.Service):
             return None
 
     def _pool(self, pgm: str) -> Pool:
-        pgm = (pgm or "").upper()
+        pgm = _word("--pgm", pgm)
         if pgm not in self.pools:
             if pgm in configmod.PROGRAMS and self.bridge is not None and self.bridge.pid:
                 raise ControlError(f"prestart entry {pgm} belongs to the bridge: ENDMSF ends "
@@ -478,7 +478,7 @@ class Controller(service.Service):
         return self.pools[pgm]
 
     def _servers(self, server: str) -> list[str]:
-        server = (server or "").upper()
+        server = _word("--server", server)
         if server == "*ALL":
             return list(SERVERS)
         if server not in SERVERS:
@@ -526,7 +526,7 @@ class Controller(service.Service):
         return statuses
 
     def cmd_dspactpj(self, pgm: str, reset: bool = False) -> Any:
-        if (pgm or "").upper() == "QTMSCCLCP":
+        if _word("--pgm", pgm) == "QTMSCCLCP":
             status = self._client_pool_status()
             if status is not None:
                 return self._client_pool_reset() if reset else status["report"]
@@ -718,7 +718,7 @@ class Controller(service.Service):
     def cmd_strmsf(self, nbrmsfjob: int = NBRMSFJOB) -> str:
         if self.bridge.wanted:
             raise ControlError("STRMSF: the mail server framework is already active (CPFAFAD)")
-        if not isinstance(nbrmsfjob, int) or not 1 <= nbrmsfjob <= 99:
+        if type(nbrmsfjob) is not int or not 1 <= nbrmsfjob <= 99:  # JSON true is no count
             raise ControlError(f"--nbrmsfjob: {nbrmsfjob!r} is not allowed; allowed: 1-99",
                                usage=True)
         self.bridge.start(nbrmsfjob)
@@ -846,6 +846,16 @@ def _open_no_link(directory: Path) -> int:
     except OSError as e:
         raise SystemExit(f"twistmail: {directory}: {e.strerror}; started as root, "
                          "twistmail takes no symbolic link there") from None
+
+
+def _word(option: str, value: Any) -> str:
+    """A name a control request gives (PGM, SERVER), in upper case; the socket
+    takes requests from scripts too, which may send a number or a list."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ControlError(f"{option}: {value!r} is not allowed; allowed: a name", usage=True)
+    return value.upper()
 
 
 def _restart_text(sections: list[str]) -> str:
