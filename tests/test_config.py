@@ -334,6 +334,10 @@ def test_a_special_file_is_not_read(tmp_path: Path) -> None:
     """/dev/zero as the configuration was read for ever, gigabytes into memory."""
     with pytest.raises(SettingError, match="^/dev/zero: not a regular file$"):
         config.load("/dev/zero")
+    fifo = tmp_path / "twistmail.toml"
+    os.mkfifo(fifo)  # with no writer, its open alone waited for ever
+    with pytest.raises(SettingError, match="not a regular file$"):
+        config.load(fifo)
 
 
 def test_partial_pop_entry_keeps_its_own_defaults(tmp_path: Path) -> None:

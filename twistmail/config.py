@@ -427,7 +427,8 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
     p = Path(path or os.environ.get("TWISTMAIL_CONFIG") or DEFAULT_CONFIG).absolute()
     if p.suffix == ".json":
         return _load_applied(p)
-    with p.open("rb") as f:
+    # O_NONBLOCK: a named pipe with no writer would hold the open itself.
+    with os.fdopen(os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/zero, a pipe: read for ever
             raise FileError(str(p), "a regular file")
         try:

@@ -75,7 +75,8 @@ def crtsndemail(usrprf: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tupl
 def _read_text(option: str, path: str) -> str:
     try:
         with as_invoker():  # the caller's file (see twistmail.identity)
-            with open(path, "rb") as f:
+            # O_NONBLOCK: a named pipe with no writer would hold the open itself.
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
                 if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                     usage_error(f"{option}: {path} is not a regular file; allowed: a file of "
                                 "UTF-8 text")  # /dev/zero, a pipe: read for ever
