@@ -206,14 +206,15 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
     status = value_of("--status", STATUS, status)
     with open_directory("the directory", OPTION_OF_FIELD) as d:
         name = dirmod.profile_name(usrprf)
-        left = dirmod.messages_in(d.mailbox(name)) if d.get_profile(name) is None else 0
+        new = d.get_profile(name) is None  # else create_profile says it exists
+        left = dirmod.messages_in(d.mailbox(name)) if new else 0
         if left:  # a new SAM must not be handed the mail of one deleted before
             usage_error(f"--usrprf: {name} has a mailbox left by an earlier profile of that "
                         f"name, with {left} message{'s' if left != 1 else ''} "
                         f"({d.mailbox(name).parent}); allowed: a name without one (move or "
                         "remove that mailbox first)")
         waiting = _queued_for({f"{name.lower()}@{d.local_domains[0]}"}) \
-            if d.get_profile(name) is None and d.local_domains and "@" not in name else 0
+            if new and d.local_domains and "@" not in name else 0
         if waiting:  # accepted for an earlier profile of that name, not yet delivered
             usage_error(f"--usrprf: {waiting} queued message{'s are' if waiting != 1 else ' is'}"
                         f" for {name.lower()}@{d.local_domains[0]}, the address {name} would "
@@ -222,10 +223,11 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
         profile = d.create_profile(usrprf, _password(password) or "",
                                    text=_text(text) or "", status=status)
         record = _profile_record(d, profile)
-        own = next((e for e in d.entries() if e.user == profile.usrprf), None)
+        own = None if record["smtp"] is not None else next(
+            (e for e in d.entries() if e.user == profile.usrprf), None)
     record["entries"] = ", ".join(record["entries"])
     emit_record(record, PROFILE_LABELS, as_json=False)
-    if record["smtp"] is None and own is not None:
+    if own is not None:  # enrolled, but with no SMTP name: say why
         why = ("no local domain is set ([system] local_domains)" if not d.local_domains
                else f"'@' is in no SMTP local part, so {profile.usrprf.lower()} is none")
         click.echo(f"No SMTP address: {why}; mail reaches the profile once its entry has "
