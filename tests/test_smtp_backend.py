@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from twistmail import config as configmod
-from twistmail.directory import ListEntry, SqliteDirectory
+from twistmail.directory import DirectoryEntry, ListEntry, SqliteDirectory
 from twistmail.queue import FileQueue
 from twistmail.smtp import backend as backendmod
 from twistmail.smtp.address import Address
@@ -22,6 +22,13 @@ from twistmail.smtp.address import Address
 class Journal:
     def write(self, *args: object, **fields: object) -> None:
         pass
+
+
+def enroll_nondelivery(directory: SqliteDirectory) -> None:
+    """The seed's NONDELIVERY user: an entry with that SMTP name, SAM's mailbox."""
+    directory.add_entry(DirectoryEntry("NONDLV", "MAIL", "copies", user="SAM",
+                                       msfsrvlvl="*SYSMS", prefadr="*SMTP",
+                                       smtpuser="NONDELIVERY"))
 
 
 class BackendCase(unittest.TestCase):
@@ -105,6 +112,10 @@ class KnownRecipientTests(BackendCase):
 
 
 class PostmasterTests(BackendCase):
+    def setUp(self) -> None:
+        super().setUp()
+        enroll_nondelivery(self.directory)  # the postmaster's stand-in
+
     async def test_bare_postmaster_is_the_first_local_domain_s_and_delivered_there(self) -> None:
         """RFC 5321 §4.5.1: <postmaster> must be accepted, and must reach someone."""
         verdict = await self.backend.check_recipient(Address("postmaster", ""), "192.0.2.7",
@@ -201,3 +212,32 @@ class SignOnTests(BackendCase):
         self.directory.create_profile("BOB", "other")
         self.assertIsNone(sign_on("sam", "secret", "ip", "bob"))
         self.assertIsNone(sign_on("sam", "secret", "ip", "bob@example.test"))
+
+
+class PostmasterWithoutStandInTests(BackendCase):
+    """No POSTMASTER entry, no NFYDLVRY, no NONDELIVERY user: nobody reads it."""
+
+    async def test_postmaster_mail_nobody_would_read_is_refused_not_bounced(self) -> None:
+        """Taken, it went back to its sender as a notice: anyone could make the
+        server mail 64 KiB of their own headers to any address."""
+        journal = []
+        self.backend.journal.write = lambda *a, **f: journal.append((a, f))
+        for address in (Address("postmaster", ""), Address("postmaster", "example.test")):
+            verdict = await self.backend.check_recipient(address, "192.0.2.7", None)
+            self.assertEqual(verdict.code, 550, address)
+            self.assertIn("5.1.1", verdict.text)
+            self.assertIn("no mailbox is enrolled for the postmaster", verdict.text)
+        self.assertEqual([a[0] for a, _ in journal], ["9W", "9W"])
+        enroll_nondelivery(self.directory)
+        verdict = await self.backend.check_recipient(Address("postmaster", "example.test"),
+                                                     "192.0.2.7", None)
+        self.assertEqual(verdict.code, 250)
+
+
+class PostmasterToTheResponsiblePersonTests(BackendCase):
+    smtp = {"nfydlvry": "sam@example.test"}
+
+    async def test_the_nfydlvry_person_stands_in_for_the_postmaster(self) -> None:
+        verdict = await self.backend.check_recipient(Address("postmaster", "example.test"),
+                                                     "192.0.2.7", None)
+        self.assertEqual(verdict.code, 250)

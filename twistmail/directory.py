@@ -1801,3 +1801,33 @@ class _Wildcard:
                 return False
             pos = found + len(part)
         return pos + 1 <= end
+
+
+#: The seed's generic user that gets a copy of every nondelivery notice.
+NONDELIVERY_USER = "NONDELIVERY"
+
+
+def nondelivery_address(directory: Any) -> str | None:
+    """The seed's generic NONDELIVERY@<local domain> SMTP name, if enrolled."""
+    for domain in directory.local_domains:
+        address = f"{NONDELIVERY_USER}@{domain}"
+        res = directory.resolve(address)
+        if res is not None and res.kind in ("pop", "snads") and not res.catchall:
+            return address
+    return None
+
+
+def postmaster_stand_in(directory: Any, responsible: str | None) -> tuple[Any, str | None]:
+    """Where postmaster mail goes when no entry names it, and who that is.
+
+    RFC 5321 §4.5.1: every domain's postmaster takes mail.  Without a
+    POSTMASTER entry it goes to the NFYDLVRY responsible person, else to the
+    NONDELIVERY user, when one is a mailbox here; (None, None) when neither is.
+    """
+    for stand_in in (responsible, nondelivery_address(directory)):
+        if not stand_in or stand_in.startswith("*"):
+            continue
+        res = directory.resolve(stand_in)
+        if res is not None and res.kind in ("pop", "snads"):
+            return res, stand_in
+    return None, None

@@ -32,7 +32,8 @@ from typing import Any
 
 import attrs
 
-from twistmail.bridge.nondelivery import Failure, nondelivery_address, queue_notice
+from twistmail.bridge.nondelivery import Failure, queue_notice
+from twistmail.directory import postmaster_stand_in
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
 from twistmail.policy.filters import examine
 from twistmail.queue import (
@@ -220,22 +221,6 @@ class InboundProcessor:
             self.queue.remove(QTMSINQ, env.id)
         return Outcome(env.id, filtered=True)
 
-    def _postmaster(self, address: str) -> tuple[Any, str | None]:
-        """Where postmaster mail goes when no entry names it.
-
-        RFC 5321 §4.5.1: every domain's postmaster takes mail, so SMTP accepts
-        it; without a POSTMASTER entry it goes to the NFYDLVRY responsible
-        person, else to the NONDELIVERY user, when one is a mailbox here.
-        Returning it to its sender would tell them the postmaster is unknown.
-        """
-        for stand_in in (self.responsible, nondelivery_address(self.directory)):
-            if not stand_in or stand_in.startswith("*"):
-                continue
-            res = self.directory.resolve(stand_in)
-            if res is not None and res.kind in ("pop", "snads"):
-                return res, stand_in
-        return None, None
-
     def _one(self, env: Envelope, index: int, rcpt: Recipient, body: Any,
              boxes: dict[str, int]) -> Recipient:
         j = self.journal
@@ -243,7 +228,9 @@ class InboundProcessor:
         res = self.directory.resolve(rcpt.address)
         via = {}
         if res is None and rcpt.address.lower().startswith("postmaster@"):
-            res, stand_in = self._postmaster(rcpt.address)
+            # Accepted while a stand-in took it (see QueueBackend); one
+            # removed since gets the notice any unknown recipient gets.
+            res, stand_in = postmaster_stand_in(self.directory, self.responsible)
             if stand_in is not None:
                 via = {"via": stand_in}
         kind = res.kind if res is not None else "unknown"

@@ -28,11 +28,12 @@ from typing import Any
 
 import attrs
 
+from twistmail.directory import nondelivery_address
+
 MAX_HEADERS = 64 * 1024
 #: Report fields are not folded: the email package breaks a long one right
 #: after its name, and some readers of reports do not unfold.  900 + name < 998.
 _WIRE = SMTP.clone(max_line_length=998)
-NONDELIVERY_USER = "NONDELIVERY"
 
 
 @attrs.frozen
@@ -290,16 +291,6 @@ def _address_field(address: str) -> str:
 def _printable(text: str) -> str:
     """Text for the human-readable part: any script, but no control character."""
     return "".join(c if c.isprintable() else " " for c in text)
-
-
-def nondelivery_address(directory: Any) -> str | None:
-    """The seed's generic NONDELIVERY@<local domain> SMTP name, if enrolled."""
-    for domain in directory.local_domains:
-        address = f"{NONDELIVERY_USER}@{domain}"
-        res = directory.resolve(address)
-        if res is not None and res.kind in ("pop", "snads") and not res.catchall:
-            return address
-    return None
 
 
 def wants_notice(env: Any, address: str, keyword: str = "FAILURE") -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 from twisted.internet import defer, threads
 
+from twistmail.directory import postmaster_stand_in
 from twistmail.interfaces import QTMSINQ, QTMSOUTQ
 from twistmail.protocols.peer import client_address
 from twistmail.queue import Envelope, Recipient
@@ -55,6 +56,7 @@ class QueueBackend(Backend):
         self.vfyfromusr = settings.smtp.vfyfromusr
         self.pctrtgchr = settings.smtp.pctrtgchr == "*YES"
         self.popwdw = settings.smtp.popwdw
+        self.nfydlvry = settings.smtp.nfydlvry
         self.datadir = settings.datadir
         self.directory = directory
         self.queue = queue
@@ -148,7 +150,13 @@ class QueueBackend(Backend):
         resolution = self.directory.resolve(str(address))
         if resolution is None:
             if address.local.lower() == "postmaster":
-                return Verdict(250, "2.1.5 Recipient OK")  # not remembered: no entry
+                if postmaster_stand_in(self.directory, self.nfydlvry)[0] is not None:
+                    return Verdict(250, "2.1.5 Recipient OK")  # not remembered: no entry
+                # Taken with nobody to read it, it would go back to its
+                # sender: a notice carrying anyone's text to any address.
+                return self.rejected(client_ip, "recipient", str(address), Verdict(
+                    550, f"5.1.1 <{address}>: Recipient address rejected: no mailbox "
+                    "is enrolled for the postmaster"))
             return self.rejected(client_ip, "recipient", str(address), Verdict(
                 550, f"5.1.1 <{address}>: Recipient address rejected: "
                 "user unknown in the system distribution directory"))
