@@ -169,6 +169,9 @@ def test_percent_routing(make_appliance, sink):
     send(a, ["friend%remote.test@example.test"])
     a.wait_for(lambda: sink.messages, 20, "% routed delivery")
     assert sink.messages[0].recipients == ["friend@remote.test"]
+    send(a, ["sam%example.test@example.test"])  # % to a local domain: local mail
+    a.wait_for(lambda: a.mailbox("SAM"), 20, "% routed local delivery")
+    assert len(sink.messages) == 1
     b = outbound(make_appliance, sink)  # *NO, the default: % is part of a local name
     with smtplib.SMTP(*b.addr("smtp"), timeout=30) as s:
         s.ehlo()

@@ -241,3 +241,35 @@ class PostmasterToTheResponsiblePersonTests(BackendCase):
         verdict = await self.backend.check_recipient(Address("postmaster", "example.test"),
                                                      "192.0.2.7", None)
         self.assertEqual(verdict.code, 250)
+
+
+class PercentRoutingTests(BackendCase):
+    smtp = {"pctrtgchr": "*YES", "alwrly": "*ALL"}
+
+    async def test_a_percent_route_to_a_local_domain_is_local_mail(self) -> None:
+        """PCTRTGCHR forwards user%host@local to user@host; with host local that
+        is local delivery.  It was judged a relay: refused under ALWRLY *NONE,
+        sent to the hub, or returned, by settings unrelated to it."""
+        verdict = await self.backend.check_recipient(
+            Address("sam%example.test", "example.test"), "192.0.2.7", None)
+        self.assertEqual((verdict.code, verdict.local, verdict.route),
+                         (250, True, "sam@example.test"))
+        unknown = await self.backend.check_recipient(
+            Address("nobody%example.test", "example.test"), "192.0.2.7", None)
+        self.assertEqual(unknown.code, 550)
+        twice = await self.backend.check_recipient(
+            Address("x%remote.test%example.test", "example.test"), "192.0.2.7", None)
+        self.assertEqual((twice.code, twice.local, twice.route),
+                         (250, False, "x@remote.test"))
+
+
+class PercentRoutingWithoutRelayTests(BackendCase):
+    smtp = {"pctrtgchr": "*YES", "alwrly": "*NONE"}
+
+    async def test_a_local_percent_route_needs_no_relay_right(self) -> None:
+        verdict = await self.backend.check_recipient(
+            Address("sam%example.test", "example.test"), "192.0.2.7", None)
+        self.assertEqual((verdict.code, verdict.local), (250, True))
+        relay = await self.backend.check_recipient(
+            Address("x%remote.test", "example.test"), "192.0.2.7", None)
+        self.assertEqual(relay.code, 550)

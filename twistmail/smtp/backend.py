@@ -138,6 +138,12 @@ class QueueBackend(Backend):
 
     def _verdict(self, address: Address, client_ip: str, user: str | None) -> Verdict:
         routed = self._percent_route(address)
+        if routed is not None and routed.domain_key in self.local_domains:
+            # user%local@local is user@local: delivered here, never relayed.
+            verdict = self._verdict(routed, client_ip, user)
+            if not verdict.accepted:
+                return verdict
+            return attrs.evolve(verdict, route=verdict.route or str(routed))
         if routed is not None:
             # user%remote@local is mail for user@remote: a relay like any other.
             why = self._relay_refused(routed, client_ip, user)
