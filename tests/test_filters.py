@@ -76,3 +76,41 @@ def test_an_ordinary_message_passes(tmp_path, directory):
     message = (b"Subject: minutes\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
                + _part("minutes.pdf") + b"--b--\r\n")
     assert _examined(tmp_path, directory, message) is None
+
+
+def test_a_second_filename_parameter_is_examined_too(tmp_path, directory):
+    message = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+               b"Content-Type: application/octet-stream\r\nContent-Disposition: attachment;"
+               b" filename=\"ok.txt\"; filename=\"evil.vbs\"\r\n\r\nx\r\n--b--\r\n")
+    assert _examined(tmp_path, directory, message).value == "evil.vbs"
+
+
+def test_a_media_type_with_a_comment_or_spaces_is_the_type(tmp_path, directory):
+    """RFC 2045 §5.1 allows comments and spaces around the slash; readers drop them."""
+    directory.add_list_entry(ListEntry("*FTRTYPE", ftrdata="application/x-msdownload"))
+    for ctype in (b"application/x-msdownload (exe)", b"application / x-msdownload",
+                  b"Application/X-MSDownload; name=a"):
+        message = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+                   b"Content-Type: " + ctype + b"\r\n\r\nx\r\n--b--\r\n")
+        match = _examined(tmp_path, directory, message)
+        assert match is not None and match.value == "application/x-msdownload", ctype
+
+
+def test_conflicting_content_types_are_kept_not_let_through(tmp_path, directory):
+    """Two boundaries: the parser reads the first, a mail reader may read the
+    second, and the attachment behind it was let through."""
+    message = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=a\r\n"
+               b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--a\r\n"
+               b"Content-Type: text/plain\r\n\r\nhello\r\n--a--\r\n"
+               + _part("evil.vbs") + b"--b--\r\n")
+    match = _examined(tmp_path, directory, message)
+    assert match is not None and match.pattern == UNEXAMINED
+
+
+def test_an_originator_with_a_trailing_dot_is_the_same_originator(tmp_path, directory):
+    directory.add_list_entry(ListEntry("*FTRORIGIN", ftrdata="*@spam.test"))
+    path = tmp_path / "m"
+    path.write_bytes(b"Subject: x\r\n\r\nx\r\n")
+    assert examine(path, "x@spam.test.", directory).value == "x@spam.test"
+    path.write_bytes(b"From: Bad <x@spam.test.>\r\nSubject: x\r\n\r\nx\r\n")
+    assert examine(path, "jane@example.test", directory).value == "x@spam.test"

@@ -21,6 +21,7 @@ import email.message
 import email.policy
 import email.utils
 import quopri
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,12 @@ class _Unexaminable(Exception):
 
 
 def _origins(msg: Any, originator: str):
+    # x@spam.test. is x@spam.test to every other part of the server.
     if originator:
-        yield originator
+        yield originator.rstrip(".")
     for _, addr in email.utils.getaddresses(msg.get_all("From", [])):
         if addr:
-            yield addr
+            yield addr.rstrip(".")
 
 
 def _values(msg: Any, lists: dict[str, list[str]], seen: list[int]):
@@ -83,9 +85,15 @@ def _values(msg: Any, lists: dict[str, list[str]], seen: list[int]):
         if lists.get("*FTRSUBJECT"):
             for subject in part.get_all("Subject", []):  # every copy: a first one can hide
                 yield "*FTRSUBJECT", _text(subject)
+        types = part.get_all("Content-Type", [])
+        if len({" ".join(str(t).split()).lower() for t in types}) > 1 and (
+                lists.get("*FTRTYPE") or lists.get("*FTRFILNAME")):
+            # Readers differ on which one counts, and the other's parts
+            # are what a filter would not see.
+            raise _Unexaminable("a MIME part with conflicting Content-Type headers")
         if lists.get("*FTRTYPE"):
-            for ctype in part.get_all("Content-Type", []) or ["text/plain"]:
-                yield "*FTRTYPE", str(ctype).split(";", 1)[0].strip().lower()
+            for ctype in types or ["text/plain"]:
+                yield "*FTRTYPE", _media_type(ctype)
         if lists.get("*FTRFILNAME"):
             for name in _file_names(part):
                 yield "*FTRFILNAME", name
@@ -115,13 +123,32 @@ def _encoded_message(part: Any) -> bytes | None:
         return None
 
 
+def _media_type(value: Any) -> str:
+    """``application / x-msdownload (exe)`` is application/x-msdownload (RFC 2045 §5.1)."""
+    text = str(value).split(";", 1)[0]
+    while True:  # comments nest
+        bare = _COMMENT.sub("", text)
+        if bare == text:
+            break
+        text = bare
+    return "".join(text.split()).lower()
+
+
+_COMMENT = re.compile(r"\([^()]*\)")
+
+
 def _file_names(part: Any):
     for header, param in (("Content-Disposition", "filename"), ("Content-Type", "name")):
         for value in part.get_all(header, []):
             holder = email.message.Message()
             holder[header] = value
-            name = holder.get_param(param, header=header)
-            if name:
+            # Every copy of the parameter: a reader may take the last one.
+            names = [holder.get_param(param, header=header)]
+            names += [v for k, v in holder.get_params([], header=header)[1:]
+                      if k.lower() == param]
+            for name in names:
+                if not name:
+                    continue
                 text = _text(name)
                 yield text
                 if text != text.rstrip(". "):
