@@ -253,6 +253,11 @@ def test_etrn_starts_delivery_of_held_back_mail(make_appliance, sink):
         assert s.docmd("ETRN", "@remote.test")[0] == 250
     a.wait_for(lambda: len(sink.messages) == 2, 20, "ETRN @remote.test")
     assert sink.messages[1].recipients == ["other@branch.remote.test"]
+    assert a.cli("hlddstq", "--dstq", "QSMTPQ")[0] == 0
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo()
+        code, text = s.docmd("ETRN", "remote.test")  # RFC 1985: nothing would go
+        assert (code, b"held" in text) == (458, True), text
 
 
 def test_dsn_notify_ret_and_the_responsible_person(make_appliance, sink):

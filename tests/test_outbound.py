@@ -496,6 +496,29 @@ def test_an_etrn_does_not_use_up_a_retry_of_a_local_recipient_it_did_not_try(man
     assert [r.state for r in env.recipients] == ["retry", "delivered"]
 
 
+def test_an_etrn_try_that_fails_for_now_uses_no_retry_up(manager):
+    """RFC 1985 asks for an early try, not a shorter schedule: three ETRNs
+    in seconds returned the message as undeliverable, before the time its
+    delay notice had promised."""
+    import time
+
+    fq = manager.queue
+    manager.settings = attrs_evolve_smtp(manager.settings, rtymin=(1, 30), rtyhour=(0, 0))
+    qid = _queued(fq, Recipient("rcpt@remote.test"))
+    due = time.time() + 1800
+    fq.move(qid, QTMSOUTQ, QTMSRTQ1, fq.load(QTMSOUTQ, qid).evolve(attempts=1, next_try=due))
+    for _ in range(3):
+        outbound.request_flush(fq.root, "remote.test")
+        found = manager._due(False, None, frozenset())
+        assert [env.id for env, _ in found.work] == [qid]
+        assert not manager._last_try(found.work[0][0])  # not its last: it does not count
+        _relayed(manager, qid, status="temporary")
+        env = fq.load(QTMSRTQ1, qid)
+        assert (env.attempts, env.next_try) == (1, due)
+    manager._due(False, None, frozenset())
+    assert fq.find(qid) == QTMSRTQ1  # not due: the flush is spent
+
+
 def test_a_local_recipient_tried_this_round_counts_its_try(manager):
     """Its counter may lag the message's (an earlier ETRN round counted a try
     for the remote part alone): what tells an untried round is the ETRN's

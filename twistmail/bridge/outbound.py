@@ -522,10 +522,12 @@ class OutboundManager:
             # it lets them go past a MAILXFRINT schedule.
             local_waits = any(r.state == RETRY for r in env.recipients)
             to = QTMSINQ if due and local_waits else QTMSOUTQ
-            # Sent early for an ETRN: its local recipients are not
-            # tried this round, and keep their place in the retries.
-            self.queue.move(qid, source, to, env.note({EARLY: True})
-                            if local_waits and not due else None)
+            # Sent early for an ETRN: the try does not count, and the
+            # message keeps its place in the retries (its local recipients
+            # are not even tried).  Otherwise each ETRN used a retry up,
+            # and a few returned the mail in seconds, before the time a
+            # delay notice had promised.
+            self.queue.move(qid, source, to, None if due else env.note({EARLY: True}))
             if to == QTMSOUTQ:
                 self._outq_changed = True  # read now, not when inotify tells
             self.journal.write(code, f"{code} {'TIQ' if to == QTMSINQ else 'TOQ'} {to}",
@@ -1088,13 +1090,12 @@ class OutboundManager:
                 return
         # Remote recipients that failed for now, and local ones deferred (RETRY).
         pending = [r for r in env.recipients if r.state in (PENDING, RETRY)]
-        # Local ones this round did not try (an ETRN sent the rest before their
-        # retry was due) keep their place in the retries: no try counted.
+        # A try an ETRN asked for before the retry was due is not counted:
+        # what is left keeps its place in the retries.
         early = [h for h in env.history if isinstance(h, dict) and EARLY in h]
         if early:
             env = env.evolve(history=tuple(h for h in env.history if h not in early))
-        untried = bool(early) and bool(pending) and all(r.state == RETRY for r in pending)
-        attempts = env.attempts if untried else env.attempts + 1
+        attempts = env.attempts if early else env.attempts + 1
         target = self._retry_target(attempts) if pending else None
         if pending and target is None:
             # Retries used up: what is left fails now.
@@ -1121,7 +1122,7 @@ class OutboundManager:
             env = env.note({"noticed": [r.address for r in failed_now]})
         if pending:
             queue_name, code, delay = target
-            if not (untried and env.next_try is not None):
+            if not (early and env.next_try is not None):
                 env = env.evolve(attempts=attempts, next_try=time.time() + delay)
             delay_noticed = any(isinstance(h, dict) and h.get("delay_noticed")
                                 for h in env.history)
@@ -1159,7 +1160,9 @@ class OutboundManager:
         return {QTMSRTQ1: 60.0 * s.rtymin[1] + 60.0, QTMSRTQ2: second + 60.0}
 
     def _last_try(self, env: Envelope) -> bool:
-        """Whether this try would use the message's retries up."""
+        """Whether this try would use the message's retries up (an early one does not)."""
+        if any(isinstance(h, dict) and EARLY in h for h in env.history):
+            return False
         return self._retry_target(env.attempts + 1) is None
 
     def _retry_target(self, attempts: int) -> tuple[str, str, float] | None:

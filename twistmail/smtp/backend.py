@@ -247,14 +247,20 @@ class QueueBackend(Backend):
         return threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), self._etrn, node, client_ip)
 
-    def _etrn(self, node: str, client_ip: str) -> bool:
+    def _etrn(self, node: str, client_ip: str) -> str | None:
+        """None when started; why not otherwise ("not allowed", "held")."""
         if not (self.directory.etrn_allowed(client_ip) or self._etrn_host(client_ip)):
-            return False
-        from twistmail.bridge.outbound import request_flush
+            return "not allowed"
+        from twistmail.bridge.outbound import held_parts, request_flush
 
+        if held_parts(self.queue.root):
+            # HLDDSTQ: nothing would go; the mail stays where it waits.
+            self.journal.write("9Y", f"9Y ETRN {node} {client_ip}", ip=client_ip, node=node,
+                               refused="outbound delivery is held (HLDDSTQ)")
+            return "held"
         request_flush(self.queue.root, node)
         self.journal.write("9Y", f"9Y ETRN {node} {client_ip}", ip=client_ip, node=node)
-        return True
+        return None
 
     def _etrn_host(self, client_ip: str) -> bool:
         """Whether an *ETRNSVR entry given by host name has the client's address.

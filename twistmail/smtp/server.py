@@ -131,7 +131,8 @@ class Backend:
         raise NotImplementedError
 
     def etrn(self, node: str, client_ip: str) -> Any:
-        """Start delivery of the mail queued for ``node``; False when not allowed."""
+        """Start delivery of the mail queued for ``node``: None when started, else why
+        not ("not allowed", "held"); may be a Deferred."""
         raise NotImplementedError
 
     def dsn_allowed(self, client_ip: str) -> Any:
@@ -811,9 +812,12 @@ class SMTPSession(SequentialSession):
             return None
         d = defer.maybeDeferred(self.factory.backend.etrn, node, self.peer_ip)
 
-        def answered(allowed: bool) -> None:
-            if allowed:
+        def answered(refused: str | None) -> None:
+            if refused is None:
                 self.reply(250, f"2.0.0 Queuing for node {node} started")
+            elif refused == "held":
+                self.reply(458, f"4.3.2 Unable to queue messages for node {node}: "
+                           "outbound delivery is held")
             else:
                 self.reply(459, f"4.7.1 Node {node} not allowed: this client is not in the "
                            "*ETRNSVR list")
