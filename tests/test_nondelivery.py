@@ -63,7 +63,7 @@ def test_a_notice_is_made_whatever_the_original_and_the_remote_reply_hold():
         originator="jane@example.test", arrival=1_700_000_000.0,
         failures=[Failure("müller@remote.test", "5.1.1",
                           "550 5.1.1 Benutzer unbekannt: Müller\x00\x1b[2J\r\nX-Forged: 1",
-                          orcpt="rfc822;Mueller@remote.test")],
+                          orcpt="rfc822;Mueller@remote.test", mta="mx.remote.test")],
         headers=headers, message_id=None, envid="env-1",
     )
     assert raw.isascii() and max(len(line) for line in raw.split(b"\r\n")) < 998
@@ -150,14 +150,22 @@ def test_diagnostics_that_are_not_smtp_replies_say_so():
     raw = build_notice(
         hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
         originator="jane@example.test", arrival=1_700_000_000.0,
-        failures=[Failure("a@x.test", "5.1.1", "550 5.1.1 user unknown"),
-                  Failure("b@x.test", "4.4.1", "4.4.1 connection refused by x.test")],
+        failures=[Failure("a@x.test", "5.1.1", "550 5.1.1 user unknown", mta="mx.x.test"),
+                  Failure("b@x.test", "4.4.1", "4.4.1 connection refused by x.test"),
+                  # Our words in the shape of a reply: no server sent a 451.
+                  Failure("c@x.test", "4.4.1", "451 4.4.1 Cannot connect to x.test"),
+                  Failure("d@x.test", "4.2.1", "450 4.2.1 mailbox busy (retries exhausted)",
+                          mta="mx.x.test"),
+                  Failure("e@example.test", "5.1.1", "550 5.1.1 unknown local user")],
         headers=b"", message_id=None,
     )
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     blocks = list(msg.iter_parts())[1].get_payload()[1:]
     assert [b["Diagnostic-Code"] for b in blocks] == [
-        "smtp; 550 5.1.1 user unknown", "X-Twistmail; 4.4.1 connection refused by x.test"]
+        "smtp; 550 5.1.1 user unknown", "X-Twistmail; 4.4.1 connection refused by x.test",
+        "X-Twistmail; 451 4.4.1 Cannot connect to x.test",
+        "smtp; 450 4.2.1 mailbox busy",  # as the server sent it
+        "X-Twistmail; 550 5.1.1 unknown local user"]
 
 
 def test_a_reply_from_a_server_names_it_as_remote_mta():

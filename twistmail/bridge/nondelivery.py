@@ -30,6 +30,8 @@ import attrs
 
 from twistmail.directory import nondelivery_address
 
+#: What the retries add to the last reply of a recipient they gave up on.
+EXHAUSTED = " (retries exhausted)"
 MAX_HEADERS = 64 * 1024
 #: Report fields are not folded: the email package breaks a long one right
 #: after its name, and some readers of reports do not unfold.  900 + name < 998.
@@ -189,18 +191,20 @@ def _status_part(hostname: str, queue_id: str, arrival: float,
             ("Status", f.status),
             # RFC 3464 §2.3.5: an attempt to relay over SMTP names the server.
             *([("Remote-MTA", f"dns; {_ascii_line(f.mta)}")] if f.mta else []),
-            ("Diagnostic-Code", _diagnostic(f.diagnostic)),
+            ("Diagnostic-Code", _diagnostic(f.diagnostic, f.mta is not None)),
             *tried,
         ]))
     return part
 
 
-def _diagnostic(text: str) -> str:
-    """An SMTP reply as type ``smtp``; our own words (a refused connection, a local
-    delivery) as ``X-Twistmail``, as Postfix writes ``X-Postfix`` (RFC 3464 §2.3.6)."""
+def _diagnostic(text: str, remote: bool) -> str:
+    """A reply a server sent as type ``smtp``, as it sent it; our own words (a
+    refused connection, a local delivery, retries used up) as ``X-Twistmail``,
+    as Postfix writes ``X-Postfix`` (RFC 3464 §2.3.6)."""
     line = _ascii_line(text)
-    kind = "smtp" if re.match(r"[2-5]\d\d(?:[ -]|$)", line) else "X-Twistmail"
-    return f"{kind}; {line}"
+    if remote and re.match(r"[2-5]\d\d(?:[ -]|$)", line):
+        return f"smtp; {line.removesuffix(EXHAUSTED)}"
+    return f"X-Twistmail; {line}"
 
 
 def _fields(pairs: list[tuple[str, str]]) -> Message:

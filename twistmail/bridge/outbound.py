@@ -89,7 +89,7 @@ from twisted.internet import task, threads
 from twisted.logger import Logger
 from twisted.python import failure
 
-from twistmail.bridge.nondelivery import Failure, queue_notice
+from twistmail.bridge.nondelivery import EXHAUSTED, Failure, queue_notice
 from twistmail.bridge.schedule import TransferSchedule
 from twistmail.interfaces import CORRUPT, QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
 from twistmail.journal import time_text
@@ -1101,7 +1101,7 @@ class OutboundManager:
             # Retries used up: what is left fails now.
             env = env.with_recipients(
                 r.evolve(state=FAILED, last_error=(r.last_error or "4.4.7 retries exhausted")
-                         + " (retries exhausted)") if r.state in (PENDING, RETRY) else r
+                         + EXHAUSTED) if r.state in (PENDING, RETRY) else r
                 for r in env.recipients)
             pending = []
         noticed = {a for h in env.history if isinstance(h, dict) for a in h.get("noticed", ())}
