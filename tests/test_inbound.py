@@ -347,3 +347,18 @@ def test_resolution_and_forwarding_are_journaled_as_the_seed_tags_them(settings)
         "P2 R sam@example.test POP LclDel", "P2 R friend@remote.test SMTP MsgFwd",
         "P2 R nobody@example.test SMTP NonDel", f"C6 TOQ {QTMSOUTQ}",
         "C1 O jane@example.test", "C2 R friend@remote.test"]
+
+
+def test_a_report_of_delivery_is_journaled_as_a_cod_not_as_a_nondelivery(settings):
+    """REFERENCE §5.3: AP/A1/A2 are nondelivery messages; a query for AP
+    counted every success report among the bounces."""
+    from twistmail.journal import read_entries
+    from twistmail.queue import Recipient
+
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, Recipient("sam@example.test", notify=("SUCCESS",)))
+    assert processor.process(qid).delivered == 1
+    processor.journal.flush()
+    codes = [e["code"] for e in read_entries(processor.journal.directory)]
+    assert {"7R", "7G", "BR", "B1"} <= set(codes) and "AP" not in codes and "A2" not in codes

@@ -372,10 +372,15 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
                           recipients=[f.address for f in failures])
         # The seed's 7P 7G and 7R 7G: the new notice's message id, with the original's.
         journal.write("7G", f"7G MSGID {nid}", env.id, notice=nid)
-        journal.write("AP", f"AP UNDL {nid}", nid, original=env.id)
-        journal.write("A1", "A1 O <>", nid, originator="")
+        # A nondelivery message is function A's (AP/A1/A2); a report of
+        # delivery is inserted like the seed's COD (BR/B1/B2), so that a
+        # query for AP counts bounces alone.
+        made, by, to = ("AP", "A1", "A2") if kind == "failed" else ("BR", "B1", "B2")
+        journal.write(made, f"{made} {'UNDL' if kind == 'failed' else 'COD'} {nid}", nid,
+                      original=env.id, action=kind)
+        journal.write(by, f"{by} O <>", nid, originator="")
         for r in recipients:
-            journal.write("A2", f"A2 R {r}", nid, recipient=r)
+            journal.write(to, f"{to} R {r}", nid, recipient=r)
         journal.flush()
 
     with spool:
