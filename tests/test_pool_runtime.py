@@ -454,8 +454,20 @@ def test_second_daemon_refuses_to_start(appliance, make_appliance):
         [TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(a.config)],
         capture_output=True, timeout=30, cwd=a.root,
     )
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert b"another daemon is running" in r.stdout + r.stderr
+    assert b"Traceback" not in r.stdout + r.stderr
+    # Daemonised, twistd's first process waits for word from the daemon: a
+    # refusal that ended the daemon without one left it waiting for ever.
+    log, pidfile = a.root / "second.log", a.root / "second.pid"
+    r = subprocess.run(
+        [TWISTD, "--pidfile", str(pidfile), "--logfile", str(log), "twistmail", "--config",
+         str(a.config)],
+        capture_output=True, timeout=30, cwd=a.root,
+    )
+    assert r.returncode == 1
+    assert b"another daemon is running" in r.stderr
+    assert not pidfile.exists()
     assert a.running()
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from twistmail import StartRefused
 from twistmail import config as configmod
 
 
@@ -53,8 +54,26 @@ def makeService(options: Options):  # noqa: ANN201 - twistd's interface
     # Until the controller takes it (a reload), a SIGHUP must not end the
     # daemon half started, as its default action would.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sys.excepthook = _refusal_in_one_line(sys.excepthook)
 
     return Controller(options.settings, owner=run_as(getattr(options, "parent", None)))
+
+
+def _refusal_in_one_line(previous: Any) -> Any:
+    """twistd lets a start-up exception end the process: a refusal is one line
+    on the terminal (and in the log of a daemon), not a traceback."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not issubclass(kind, StartRefused):
+            previous(kind, value, tb)
+            return
+        try:
+            sys.stderr.write(f"twistmail: {value}\n")  # twistd's log when it took stderr
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    return hook
 
 
 def run_as(twistd: Any) -> tuple[int, int] | None:

@@ -24,8 +24,8 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twistmail import StartRefused, tlsconfig
 from twistmail import config as configmod
-from twistmail import tlsconfig
 from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.bridge.status import RESET_FILE, SMTP_ENDED, STATUS_FILE
 from twistmail.control import STOPPING, ControlError, socket_in_use
@@ -121,7 +121,7 @@ class Controller(service.Service):
             for server in self._autostart():
                 self._bind_server(server)
         except ControlError as e:
-            raise SystemExit(f"twistmail: {e}") from None
+            raise StartRefused(str(e)) from None
         if os.geteuid() == 0 and self.settings.tls.certificate:
             self._keep_pair_as_root()
         super().privilegedStartService()
@@ -133,12 +133,12 @@ class Controller(service.Service):
         try:
             pem, self.tls_warnings = tlsconfig.check_pair(s)
         except configmod.SettingError as e:
-            raise SystemExit(f"twistmail: {e}") from None
+            raise StartRefused(str(e)) from None
         fd = _open_no_link(s.datadir / "run")
         try:
             tlsconfig.keep_pair(s, pem, run_fd=fd, owner=self.owner)
         except OSError as e:
-            raise SystemExit(f"twistmail: cannot keep the TLS pair for the jobs: {e}") from None
+            raise StartRefused(f"cannot keep the TLS pair for the jobs: {e}") from None
         finally:
             os.close(fd)
 
@@ -148,28 +148,28 @@ class Controller(service.Service):
             for sub in ("run", "journal"):
                 (d / sub).mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SystemExit(f"twistmail: cannot make {e.filename}: {e.strerror}") from None
+            raise StartRefused(f"cannot make {e.filename}: {e.strerror}") from None
         root = os.geteuid() == 0
         if root:
             try:
                 self._own_as_root(d)
             except OSError as e:  # a read-only file system, say
-                raise SystemExit(f"twistmail: cannot prepare {e.filename or d} for the "
+                raise StartRefused(f"cannot prepare {e.filename or d} for the "
                                  f"daemon's user: {e.strerror}") from None
         else:
             os.chmod(d / "run", 0o700)
         path = self.settings.control_socket
         if socket_in_use(path):
-            raise SystemExit(f"twistmail: another daemon is running (it answers on {path})")
+            raise StartRefused(f"another daemon is running (it answers on {path})")
         try:
             self.lock_fd = lock_datadir(d)
         except DatadirBusy as e:
-            raise SystemExit(f"twistmail: {e}") from None
+            raise StartRefused(str(e)) from None
         except NoLock as e:
             self.log.warn("the state directory cannot be locked ({e}); make sure no other "
                           "twistmail uses it", e=e)
         if socket_in_use(path):  # one that started while this one waited
-            raise SystemExit(f"twistmail: another daemon is running (it answers on {path})")
+            raise StartRefused(f"another daemon is running (it answers on {path})")
         if not root:
             if path.exists() or path.is_symlink():
                 path.unlink()
@@ -239,7 +239,7 @@ class Controller(service.Service):
         try:
             tlsconfig.ensure_pair(s)
         except OSError as e:  # a state directory another user made, say
-            raise SystemExit(f"twistmail: cannot make the TLS pair: {e}") from None
+            raise StartRefused(f"cannot make the TLS pair: {e}") from None
         # Taken before the files are read: a renewal during the check is seen
         # next time.  As the daemon's user, as every reload takes it.
         self.tls_state = tlsconfig.pair_state(s)
@@ -250,21 +250,21 @@ class Controller(service.Service):
                 pem, warnings = tlsconfig.check_pair(s)
                 tlsconfig.keep_pair(s, pem)
             except configmod.SettingError as e:
-                raise SystemExit(f"twistmail: {e}") from None
+                raise StartRefused(str(e)) from None
             except OSError as e:
-                raise SystemExit(f"twistmail: cannot keep the TLS pair for the jobs: {e}"
+                raise StartRefused(f"cannot keep the TLS pair for the jobs: {e}"
                                  ) from None
         for warning in warnings:
             self.log.warn("TLS: {warning}", warning=warning)
         try:
             configmod.write_applied(s)
         except OSError as e:
-            raise SystemExit(f"twistmail: cannot record the settings for the jobs: {e}") from None
+            raise StartRefused(f"cannot record the settings for the jobs: {e}") from None
         try:
             self.journal = self._journal(f"QSYSWRK/{self.pid}")
             self.journal.write("JG", "JG STR twistmail", pid=self.pid, config=self.config_path)
         except OSError as e:
-            raise SystemExit(f"twistmail: cannot write the journal: {e}") from None
+            raise StartRefused(f"cannot write the journal: {e}") from None
         for pgm in POOL_PROGRAMS:
             daemon = configmod.PROGRAMS[pgm]["daemon"]
             pool = Pool(
@@ -767,7 +767,7 @@ def _give_tree(d: Path, previous: int, owner: tuple[int, int], whole: bool,
                 else:
                     _give(fd, name, previous, owner)
             except OSError as e:
-                raise SystemExit(f"twistmail: cannot give {os.path.join(where, name)} to the "
+                raise StartRefused(f"cannot give {os.path.join(where, name)} to the "
                                  f"daemon's user: {e.strerror}") from None
 
 
@@ -844,7 +844,7 @@ def _open_no_link(directory: Path) -> int:
     try:
         return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        raise SystemExit(f"twistmail: {directory}: {e.strerror}; started as root, "
+        raise StartRefused(f"{directory}: {e.strerror}; started as root, "
                          "twistmail takes no symbolic link there") from None
 
 
