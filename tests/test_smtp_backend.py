@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from appliance import base_sections, render_toml
@@ -22,6 +24,10 @@ from twistmail.smtp.address import Address
 class Journal:
     def write(self, *args: object, **fields: object) -> None:
         pass
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        yield
 
 
 def enroll_nondelivery(directory: SqliteDirectory) -> None:
@@ -273,3 +279,31 @@ class PercentRoutingWithoutRelayTests(BackendCase):
         relay = await self.backend.check_recipient(
             Address("x%remote.test", "example.test"), "192.0.2.7", None)
         self.assertEqual(relay.code, 550)
+
+
+class CommitFailureTests(BackendCase):
+    def test_a_message_journaled_as_queued_that_could_not_be_is_journaled_9w(self) -> None:
+        """The entries were written just before the message shows on its queue;
+        when that last step fails the client gets 451, and the journal said 97."""
+        import errno
+        import os
+
+        from twistmail import queue as queuemod
+        from twistmail.smtp.server import Received
+
+        journal = []
+        self.backend.journal.write = lambda *a, **f: journal.append((a[0], f))
+        spool = self.backend.new_spool()
+        spool.write(b"Subject: x\r\n\r\nx\r\n")
+
+        def refused(*args: object) -> None:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(args[-1]))
+
+        self.patch(queuemod.os, "rename", refused)
+        received = Received(helo="c", client_ip="192.0.2.7", originator="jane@example.test",
+                            recipients=(("sam@example.test", True),), size=0, message_id=None)
+        with self.assertRaises(PermissionError):
+            self.backend._commit(spool, received)
+        codes = [code for code, _ in journal]
+        self.assertEqual(codes[-2:], ["97", "9W"])
+        self.assertEqual(journal[-1][1]["reply"], "451 4.3.0 message not queued")

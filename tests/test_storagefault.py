@@ -1,4 +1,5 @@
-"""A full or read-only disk is told in one line; anything else whole."""
+"""A full or read-only disk, or a permission taken away, is told in one line;
+anything else whole."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def test_a_full_or_read_only_disk_is_one_warning_line():
     for exc in (OSError(errno.ENOSPC, "No space left on device", "/var/q/tmp/x"),
                 OSError(errno.EROFS, "Read-only file system"),
                 OSError(errno.EDQUOT, "Disk quota exceeded"),
+                # The administrator's chmod on a queue directory, too.
+                PermissionError(errno.EACCES, "Permission denied", "/var/q/QTMSINQ/x"),
                 sqlite3.OperationalError("database or disk is full")):
         log = _Log()
         log_failure(log, "could not queue a message", _failure(exc))

@@ -105,7 +105,8 @@ CODES: dict[str, str] = {
     "9V": "SMTP server: relay rejected",
     "9Y": "SMTP server: ETRN accepted, delivery of the node's queued mail started (twistmail)",
     "9W": "SMTP server: rejected by the SMTP server (an originator, recipient or message "
-          "refused with a 5xx reply: the reply, the client IP and the address)",
+          "refused with a 5xx reply, or a message journaled as queued that could not be "
+          "(451): the reply, the client IP and the address)",
     "9Z": "SMTP server: client authenticated (AUTH), with its IP and user profile (twistmail)",
     "9X": "SMTP server: authentication failed, with the client IP (twistmail)",
     # A: MSF nondelivery

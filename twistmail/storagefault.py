@@ -30,9 +30,20 @@ def storage_fault(exc: BaseException | None) -> str | None:
     return None
 
 
+def _permission(exc: BaseException | None) -> str | None:
+    """A file of the state directory the daemon may not touch: the administrator's
+    chmod or chown to mend, said in one line like a full disk."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return None
+
+
 def log_failure(log: Any, what: str, failure: Any) -> None:
-    """``log.failure`` for defects; one warning line for a full or read-only disk."""
-    fault = storage_fault(getattr(failure, "value", None))
+    """``log.failure`` for defects; one warning line for a full or read-only disk,
+    or a permission the administrator took away."""
+    exc = getattr(failure, "value", None)
+    fault = storage_fault(exc) or _permission(exc)
     if fault is None:
         log.failure(what, failure)
     else:

@@ -353,10 +353,23 @@ class QueueBackend(Backend):
             message_id=received.message_id,
         )
         size = spool.size
-        return spool.commit(
-            target, envelope,
-            before_publish=lambda: self._journal_received(spool.id, received, size, target),
-        )
+        journaled = []
+
+        def before_publish() -> None:
+            self._journal_received(spool.id, received, size, target)
+            journaled.append(True)
+
+        try:
+            return spool.commit(target, envelope, before_publish=before_publish)
+        except Exception as e:
+            if journaled:
+                # The entries say it was placed on the queue; the client hears
+                # 451 and sends it again, under a new id.
+                self.journal.write(
+                    "9W", f"9W RJT {received.client_ip} {received.originator or '<>'}",
+                    spool.id, ip=received.client_ip, originator=received.originator,
+                    reply="451 4.3.0 message not queued", reason=f"{type(e).__name__}: {e}")
+            raise
 
     def _filtering(self) -> bool:
         return any(self.directory.filters().values())
