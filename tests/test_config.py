@@ -582,17 +582,23 @@ def test_symlink_is_followed(tmp_path: Path, etc_copy: Path) -> None:
 
 def test_relative_paths_through_a_symlink_are_checked_as_the_daemon_reads_them(
         tmp_path: Path) -> None:
-    """load() takes relative paths from the symlink's directory; the check must too."""
-    real = tmp_path / "real"
-    real.mkdir()
-    (real / "twistmail.toml").write_text('[system]\nlocal_domains = ["example.test"]\n')
-    (real / "hosts").write_text("127.0.0.1 mx.example.test\n")
-    link = tmp_path / "twistmail.toml"
+    """Relative paths are the real file's: with /etc/twistmail.toml a link to
+    /opt/twistmail/etc/twistmail.toml, the shipped "../var" is /opt/twistmail/var
+    (it was /var, next to the link).  The check of a change reads them so too."""
+    real = tmp_path / "opt" / "etc"
+    real.mkdir(parents=True)
+    (real / "twistmail.toml").write_text(
+        '[system]\ndatadir = "../var"\nlocal_domains = ["example.test"]\n')
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "hosts").write_text("127.0.0.1 mx.example.test\n")
+    link = etc / "twistmail.toml"
     link.symlink_to(real / "twistmail.toml")
+    assert config.load(link).datadir == (tmp_path / "opt" / "var").resolve()
     with pytest.raises(SettingError, match="smtp.hosttable"):
-        set_values(link, {"smtp.hosttable": "hosts"})  # no hosts beside the link
+        set_values(link, {"smtp.hosttable": "hosts"})  # beside the link only
     assert "hosttable" not in (real / "twistmail.toml").read_text()
-    (tmp_path / "hosts").write_text("127.0.0.1 mx.example.test\n")
+    (real / "hosts").write_text("127.0.0.1 mx.example.test\n")
     set_values(link, {"smtp.hosttable": "hosts"})
     assert config.load(link).smtp.hosttable == "hosts"
 

@@ -335,9 +335,14 @@ class Settings:
         return self.datadir / "run" / "control.sock"
 
     def resolve(self, p: str) -> Path:
-        """A path from the file, relative to the file's own directory."""
+        """A path from the file, relative to the file's own directory.
+
+        The file's, not a link's to it: with /etc/twistmail.toml a link to
+        /opt/twistmail/etc/twistmail.toml, the shipped "../var" is
+        /opt/twistmail/var, not /var.
+        """
         path = Path(os.path.expanduser(p))
-        return path if path.is_absolute() else (self.path.parent / path).resolve()
+        return path if path.is_absolute() else (self.path.resolve().parent / path).resolve()
 
 
 def field_type(cls: type, name: str) -> Any:
