@@ -178,3 +178,38 @@ def test_a_pause_the_pool_asks_during_a_back_off_holds(listening, monkeypatch):
     assert lst not in reactor.readers
     lst.resume()
     assert lst in reactor.readers
+
+
+def test_accepts_failing_for_want_of_descriptors_are_said_once_and_once_over(listening):
+    """Out of descriptors, the back-off tries ten times a second: it wrote a
+    warning each time, 300 lines in half a minute."""
+    from twisted.logger import Logger, formatEvent
+
+    sock, connect = listening
+    reactor = _Reactor()
+    lst = Listener(reactor, "smtp", sock, lambda conn, name, peer: conn.close())
+    events: list[dict] = []
+    lst.log = Logger(observer=events.append)
+    lst.resume()
+    real = lst.sock
+    short = {"left": 30}
+
+    class Short:
+        def accept(self) -> tuple:
+            if short["left"]:
+                short["left"] -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return real.accept()
+
+        def fileno(self) -> int:
+            return real.fileno()
+
+    lst.sock = Short()
+    connect()
+    for _ in range(31):
+        lst.doRead()
+        reactor.clock.advance(0.1)
+    said = [formatEvent(e) for e in events]
+    assert len(said) == 2, said
+    assert "Too many open files; trying again every 0.1 s" in said[0]
+    assert said[1] == "accept on smtp works again, after 30 failed tries"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from twistmail.config import PrestartEntry
@@ -234,6 +235,8 @@ def test_a_shortage_of_descriptors_or_processes_never_stops_the_entry():
         clock = Clock()
         launcher = Exhausted(clock, error)
         p = started_pool(clock, inljobs=6, launcher=launcher)
+        events: list[dict] = []
+        p.log = Logger(observer=events.append)
         if error is not None:
             assert launcher.asked == 1  # one failure per decision, not six
         for _ in range(20):
@@ -242,6 +245,10 @@ def test_a_shortage_of_descriptors_or_processes_never_stops_the_entry():
         launcher.short = False
         clock.advance(Limits().backoff_max)
         assert len(p.jobs) == 6  # the shortage over, the pool fills up
+        if error is not None:  # in a flood: one line when it starts (before the
+            # observer came), none while it lasts, one when it ends
+            said = [formatEvent(e) for e in events if "start" in e.get("log_format", "")]
+            assert said == ["QTSMTPSRVP jobs start again, after 21 failed starts"], said
 
 
 def test_a_free_that_crosses_its_end_does_not_make_a_job_idle_again():

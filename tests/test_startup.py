@@ -468,3 +468,24 @@ def test_a_state_directory_held_by_an_earlier_daemon_names_the_holders(tmp_path)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def test_the_daemon_lifts_its_soft_descriptor_limit_towards_the_hard_one():
+    """systemd starts services at a soft limit of 1024: a few hundred
+    sessions, and accepts and job starts fail while clients wait."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from twistmail import tap\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "tap._raise_file_limit()\n"
+        "soft, hard2 = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "assert hard2 == hard, (hard, hard2)\n"
+        "want = tap.FILE_LIMIT if hard == resource.RLIM_INFINITY else min(hard, tap.FILE_LIMIT)\n"
+        "assert soft == max(want, 256), (soft, want)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

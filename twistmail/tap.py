@@ -55,8 +55,30 @@ def makeService(options: Options):  # noqa: ANN201 - twistd's interface
     # daemon half started, as its default action would.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sys.excepthook = _refusal_in_one_line(sys.excepthook)
+    _raise_file_limit()
 
     return Controller(options.settings, owner=run_as(getattr(options, "parent", None)))
+
+
+#: The descriptors the daemon asks for, up to the hard limit: every session
+#: holds one in the controller until its job takes it, and every job two.
+FILE_LIMIT = 65536
+
+
+def _raise_file_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE (1024 under systemd) towards the hard one.
+
+    Out of descriptors, accepts and job starts fail while clients wait.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FILE_LIMIT if hard == resource.RLIM_INFINITY else min(hard, FILE_LIMIT)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass  # kept as it is: the limit is the administrator's
 
 
 def _refusal_in_one_line(previous: Any) -> Any:

@@ -63,6 +63,8 @@ class Listener:
         self.on_accept = on_accept
         self.reading = False
         self.wanted = False  # the pool takes connections: read once able to
+        #: Accepts failed in a row (EMFILE...): said once, and once more when over.
+        self.failing = 0
 
     @property
     def address(self) -> str:
@@ -110,12 +112,19 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: back off, keep serving
-                self.log.warn("accept on {name} failed: {e}", name=self.name, e=e)
+                if not self.failing:
+                    self.log.warn("accept on {name} failed: {e}; trying again every 0.1 s",
+                                  name=self.name, e=e)
+                self.failing += 1
                 self._unread()
                 # Reading again after the back-off only if the pool still
                 # takes connections: a pause it asked for meanwhile holds.
                 self.reactor.callLater(0.1, self._read)
                 return
+            if self.failing:
+                self.log.info("accept on {name} works again, after {n} failed tries",
+                              name=self.name, n=self.failing)
+                self.failing = 0
             conn.setblocking(False)
             # Replies are small and end a command; Nagle would hold the last
             # segment (a POP terminator, an SMTP reply) for the peer's delayed ACK.

@@ -187,6 +187,8 @@ class Pool:
         self.waiting: collections.deque[Request] = collections.deque()
         self.boot_failures = 0
         self.last_boot_failure = 0.0
+        #: Starts that failed for want of descriptors or processes, since one worked.
+        self.failed_starts = 0
         self.last_trim = 0.0
         self.stats = PoolStats(started=reactor.seconds())
         self.accepting_changed: list[Callable[[bool], None]] = []
@@ -426,14 +428,23 @@ class Pool:
             hint = ""
             if e.errno in (errno.EACCES, errno.EPERM):  # a Python only root may run, say
                 hint = f" (this user must be allowed to run {sys.executable})"
-            self.log.error("cannot start a {name} job: {e!r}{hint}", name=self.job_name, e=e,
-                           hint=hint)
+            elif e.errno in SHORTAGES:
+                # In a flood this comes many times a second: said once.
+                hint = "; the failures that follow are counted until a job starts"
+            if not (e.errno in SHORTAGES and self.failed_starts):
+                self.log.error("cannot start a {name} job: {e!r}{hint}", name=self.job_name,
+                               e=e, hint=hint)
             if e.errno in SHORTAGES:
+                self.failed_starts += 1
                 self._short_of_resources(now)
             else:
                 self.boot_failures += 1
                 self.last_boot_failure = now
             return False
+        if self.failed_starts:
+            self.log.info("{name} jobs start again, after {n} failed starts",
+                          name=self.job_name, n=self.failed_starts)
+            self.failed_starts = 0
         self.jobs[job.id] = job
         job.timer = self.reactor.callLater(START_LIMIT, self._start_overdue, job)
         return True
