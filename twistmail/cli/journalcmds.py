@@ -146,9 +146,10 @@ def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
               help="Entry codes, e.g. 9S,8*,J* (LG or *ALL: all).")
 @click.option("--msgid", metavar="ID", help="Only the entries of this queue id.")
 @click.option("--from", "from_text", metavar="T",
-              help="From this time (ISO 8601, MMDDYY [HHMMSS], or -10m, -2h).")
+              help="From this time, in UTC as the journal shows it (ISO 8601, with an "
+                   "offset for local time; MMDDYY [HHMMSS]; or -10m, -2h).")
 @click.option("--to", "to_text", metavar="T",
-              help="Up to this time (ISO 8601, MMDDYY [HHMMSS], or -10m, -2h).")
+              help="Up to this time, in UTC (as --from).")
 @click.option("--json", "as_json", is_flag=True, help="JSON (JSON lines with --follow).")
 @click.option("--outfile", metavar="F.csv", help="Write the entries to a CSV file.")
 @click.option("--output", default=None,
