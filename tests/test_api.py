@@ -316,3 +316,23 @@ def test_alwauth_lclrly_turns_vfymsfmsg_on_as_the_seed_says(make_appliance, tmp_
     shown = json.loads(out)
     assert (shown["vfymsfmsg"], shown["vfymsfmsg_in_effect"]) == ("*NO", "*YES")
     assert shown["vfyfromusr_in_effect"] == "*YES"
+
+
+def test_a_note_without_date_or_message_id_gets_them(make_appliance, tmp_path):
+    """RFC 5322 §3.6 requires both; the SMTP server adds them, so the API does
+    (RFC 6409 §8).  One the note has is kept as it is."""
+    import email
+    import email.policy
+
+    s = load(make_appliance().config)
+    note = tmp_path / "bare.mime"
+    note.write_bytes(b"From: app@example.test\r\nSubject: bare\r\nMessage-ID: \r\n\r\nx\r\n")
+    qid = send_mime_mail(str(note), "app@example.test", ["sam@example.test"], settings=s)
+    msg = email.message_from_bytes(_queued(s, qid)[1], policy=email.policy.compat32)
+    assert msg["Date"] and email.utils.parsedate_to_datetime(msg["Date"])
+    assert msg.get_all("Message-ID") == [f"<{qid}@{s.hostname}>"]  # the empty one replaced
+    note.write_bytes(NOTE)
+    qid = send_mime_mail(str(note), "app@example.test", ["sam@example.test"], settings=s)
+    msg = email.message_from_bytes(_queued(s, qid)[1], policy=email.policy.compat32)
+    assert msg.get_all("Message-ID") == ["<report-1@example.test>"]
+    assert msg.get_all("Date") == ["Sat, 28 Nov 2026 09:00:00 +0000"]

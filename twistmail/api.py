@@ -15,6 +15,8 @@ user's own SMTP address) and ``journal``.
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import email.utils
 import os
 import re
@@ -136,6 +138,7 @@ def queue_message(settings: Any, sender: str, rcpts: list[Recipient], message: b
     )
     trace = (f"Received: by {settings.hostname} (twistmail {via}) id {env.id};\r\n"
              f"\t{email.utils.formatdate(time.time(), localtime=True)}\r\n").encode()
+    message = _completed(message, env.id, settings.hostname)
     journal = Journal.from_settings(settings, f"{program}/{os.getpid()}")
     try:
         with queue.new_spool(env) as spool:
@@ -156,6 +159,25 @@ def queue_message(settings: Any, sender: str, rcpts: list[Recipient], message: b
             return spool.commit(QTMSINQ, env, before_publish=record)
     finally:
         journal.close()  # a program sending thousands of notes keeps no descriptor
+
+
+def _completed(message: bytes, qid: str, hostname: str) -> bytes:
+    """The message with a Date and a Message-ID where it lacks one or has it empty.
+
+    RFC 5322 §3.6 requires both, once; as a submission server adds them (RFC
+    6409 §8.2, §8.3), the APIs do, like twistmail's SMTP server.
+    """
+    end = message.find(b"\r\n\r\n")
+    cut = end + 2 if end >= 0 else len(message)
+    head, rest = message[:cut], message[cut:]
+    fields = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    added = ""
+    for name, value in (("Date", email.utils.formatdate(time.time(), localtime=True)),
+                        ("Message-ID", f"<{qid}@{hostname}>")):
+        if not str(fields.get(name, "")).strip():
+            added += f"{name}: {value}\r\n"
+            head = re.sub(rb"(?im)^%s[ \t]*:[ \t]*\r\n" % name.encode(), b"", head)
+    return added.encode() + head + rest
 
 
 def _check_limits(settings: Any, rcpts: list[Recipient], size: int) -> None:
