@@ -445,3 +445,32 @@ def test_a_job_whose_bridge_is_gone_ends_without_a_traceback(tmp_path):
     ours.close()  # gone before the answer
     _, err = child.communicate(timeout=60)
     assert child.returncode == 0 and b"Traceback" not in err, err.decode()
+
+
+class ParkingTests(unittest.TestCase):
+    def test_mail_parked_for_storage_is_said_in_the_log_once_and_once_released(self) -> None:
+        """Only the journal told (a 7L per message): an administrator reading
+        the log for warnings saw nothing while every client got 452."""
+        from twisted.logger import Logger, formatEvent
+
+        from twistmail.interfaces import QTMSBSSQ
+
+        fq = FileQueue(scratch(self) / "queue")
+        for _ in range(2):
+            with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as sp:
+                sp.write(b"Subject: one\r\n\r\nbody\r\n")
+                qid = sp.commit(QTMSINQ)
+            fq.move(qid, QTMSINQ, QTMSBSSQ)
+        full = {"now": True}
+        manager = QueueManager(reactor, fq, DyingJobs(), Recorder(), lambda: full["now"])
+        events: list[dict] = []
+        manager.log = Logger(observer=events.append)
+        for _ in range(3):
+            manager._release_parked()
+        full["now"] = False
+        manager._release_parked()
+        manager._release_parked()
+        said = [formatEvent(e) for e in events]
+        assert len(said) == 2, said
+        assert "over [storage] threshold" in said[0] and "under" in said[1]
+        assert fq.list(QTMSBSSQ) == [] and len(fq.list(QTMSINQ)) == 2

@@ -78,6 +78,8 @@ class QueueManager:
         #: Messages a job failed on: how often, and no new try before when.
         self.fails: dict[str, tuple[int, float]] = {}
         self.no_room: str | None = None  # why the disk refused the last try, until one works
+        #: Whether the log said mail waits on QTMSBSSQ (storage over the threshold).
+        self.parking_said = False
 
     def start(self) -> defer.Deferred:
         """Watch and rescan; the Deferred fires once the first recovery is done.
@@ -154,9 +156,17 @@ class QueueManager:
         parked = self.queue.list(QTMSBSSQ)
         for qid in parked:
             if self.storage_full():
+                if not self.parking_said:  # the journal has a 7L per message
+                    self.parking_said = True
+                    self.log.warn("storage is over [storage] threshold: mail waits on "
+                                  "{q} and the SMTP server answers 452 4.3.1", q=QTMSBSSQ)
                 return
             self.queue.move(qid, QTMSBSSQ, QTMSINQ)
             self.journal.write("7M", f"7M FSSQ {QTMSBSSQ}", qid, queue=QTMSBSSQ)
+        if parked and self.parking_said:
+            self.parking_said = False
+            self.log.info("storage is under [storage] threshold again: the mail on {q} "
+                          "is delivered", q=QTMSBSSQ)
 
     def _scanned(self, ids: list[str]) -> None:
         for qid in set(self.fails).difference(ids):

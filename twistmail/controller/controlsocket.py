@@ -180,6 +180,7 @@ class _Refuse(Protocol):
 
 class ControlFactory(Factory):
     protocol = ControlProtocol
+    noisy = False  # "Starting factory <...>" at every start says nothing to an administrator
 
     def __init__(self, handler: Any) -> None:
         self.handler = handler

@@ -623,6 +623,9 @@ class Pool:
                 launch.LauncherGone) else {}
             self._journal("JC", f"JC CRASH {name}", pid=pid, exit=status, uses=job.uses,
                           pgm=self.pgm, **cause)
+            self.log.warn("{name} crashed ({status}{cause}); a new job replaces it as needed",
+                          name=name, status=status,
+                          cause=f"; {cause['cause']}" if cause else "")
         job.ended.callback(None)
         self.evaluate()
 
