@@ -489,3 +489,26 @@ def test_the_daemon_lifts_its_soft_descriptor_limit_towards_the_hard_one():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_state_left_beside_a_link_to_the_settings_is_not_started_over(tmp_path):
+    """Relative paths are read from the real file now, no longer beside a link
+    to it: a daemon that found an empty state directory there would show no
+    profiles and leave the queued mail where it lies."""
+    real = tmp_path / "opt" / "etc"
+    real.mkdir(parents=True)
+    (real / "twistmail.toml").write_text(
+        '[system]\ndatadir = "../var"\nlocal_domains = ["example.test"]\n'
+        '[listen]\nsmtp = ""\nsubmission = ""\nsmtps = ""\npop3 = ""\npop3s = ""\n')
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    link = etc / "twistmail.toml"
+    link.symlink_to(real / "twistmail.toml")
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "directory.sqlite").write_bytes(b"")  # where the link led
+    r = subprocess.run([TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(link)],
+                       capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert f"the state is in {tmp_path / 'var'}, beside the link" in out
+    assert "Traceback" not in out and not (tmp_path / "opt" / "var").exists()

@@ -144,6 +144,12 @@ class Controller(service.Service):
 
     def _prepare_datadir(self) -> None:
         d = self.settings.datadir
+        beside_link = _state_beside_link(self.settings)
+        if beside_link is not None:
+            raise StartRefused(
+                f"the state directory is {d}, read from where the settings file really is, "
+                f"but the state is in {beside_link}, beside the link to it, where earlier "
+                "versions read it: move it there, or give datadir as an absolute path")
         try:
             for sub in ("run", "journal"):
                 (d / sub).mkdir(parents=True, exist_ok=True)
@@ -837,6 +843,23 @@ def _give(dir_fd: int, name: str, previous: int, owner: tuple[int, int]) -> None
             os.fchown(fd, *owner)
     finally:
         os.close(fd)
+
+
+def _state_beside_link(settings: configmod.Settings) -> Path | None:
+    """A state directory found only where a relative datadir once led: beside
+    the symbolic link to the settings file, not beside the file itself.
+
+    Started on an empty one, the daemon would show no profiles and no mail,
+    and leave the queued mail where it lies.
+    """
+    link = Path(os.path.abspath(settings.path))
+    datadir = Path(os.path.expanduser(settings.system.datadir))
+    if datadir.is_absolute() or not link.is_symlink():
+        return None
+    old = (link.parent / datadir).resolve()
+    if old == settings.datadir or not (old / "directory.sqlite").exists():
+        return None
+    return None if (settings.datadir / "directory.sqlite").exists() else old
 
 
 def _open_no_link(directory: Path) -> int:
