@@ -197,6 +197,14 @@ def test_to_args_upper_cases_object_names_and_checks_libraries() -> None:
         to_args(parse("CHGPJE PGM(QTMSSRCP QTPOPSRVP)"))
 
 
+def test_dspjrn_outmbr_add_is_refused_not_turned_into_a_replace() -> None:
+    """OUTMBR is ignored, so *ADD wrote the outfile anew: what it held was lost."""
+    with pytest.raises(ClError, match=r"OUTMBR\(MAR2 \*ADD\) is not allowed: \*ADD"):
+        to_args(parse("DSPJRN OUTPUT(*OUTFILE) OUTFILE('/tmp/j.csv') OUTMBR(MAR2 *ADD)"))
+    assert to_args(parse("DSPJRN OUTFILE('/tmp/j.csv') OUTMBR(*FIRST *REPLACE)")) == [
+        "dspjrn", "--outfile", "/tmp/j.csv"]
+
+
 def test_to_args_only_subsystem_is_qsyswrk() -> None:
     with pytest.raises(ClError, match=r"SBSD\(QSYS/QINTER\): twistmail has only .* QSYSWRK"):
         to_args(parse("CHGPJE SBSD(QSYS/QINTER) PGM(QTMSSRCP)"))

@@ -205,6 +205,11 @@ def to_args(
         if keyword in _SUBSYSTEM_KEYWORDS:
             _check_subsystem(keyword, value)
             continue
+        if (cmd.name, keyword) == ("DSPJRN", "OUTMBR") and any(
+                isinstance(v, str) and v.upper() == "*ADD" for v in value):
+            # Ignored, *ADD would lose what the file held: it is written anew.
+            raise ClError(f"OUTMBR({_render_items(value)}) is not allowed: *ADD; allowed: "
+                          "*REPLACE (the CSV outfile is written anew)")
         if keyword in IGNORED.get(cmd.name, ()):
             continue
         if SHOWN_ONLY.get(cmd.name) == keyword and (command_options is None
