@@ -355,6 +355,13 @@ def test_endpj_strpj_endtcpsvr_strtcpsvr(appliance):
     p = poplib.POP3(*a.addr("pop3"), timeout=10)
     assert p.getwelcome().startswith(b"+OK")
     p.quit()
+    # REFERENCE 2.2: STRTCPSVR *POP while POP runs starts one more server job.
+    a.wait_for(lambda: a.count("QTPOPSRVP") == a.count("QTPOPSRVP", "PSRW"), 10,
+               "the POP jobs free again")
+    jobs = a.count("QTPOPSRVP")
+    rc, out, err = a.cli("strtcpsvr", "--server", "*POP")
+    assert rc == 0 and "*POP already started; one more server job started" in out, (out, err)
+    a.wait_for(lambda: a.count("QTPOPSRVP", "PSRW") == jobs + 1, 10, "one more POP job")
 
 
 def test_a_busy_job_endpj_cntrld_ends_shows_as_ending(appliance):

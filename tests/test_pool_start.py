@@ -397,3 +397,15 @@ def test_a_session_job_is_asked_only_once_it_took_the_session_and_never_when_idl
     clock.advance(poolmod.PING_AFTER + poolmod.PONG_LIMIT)
     assert sent == [] and job.process.signals == []
     b.close()
+
+
+def test_one_more_job_on_demand_stops_at_maxjobs():
+    """STRTCPSVR *POP with POP running: one more job each time, up to MAXJOBS."""
+    clock = Clock()
+    p = started_pool(clock, inljobs=1)  # maxjobs 3
+    assert p.start_one_more() and p.start_one_more()
+    clock.advance(0)
+    assert len(p.jobs) == 3
+    assert not p.start_one_more()
+    p.active = False
+    assert not p.start_one_more()

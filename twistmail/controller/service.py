@@ -694,7 +694,13 @@ class Controller(service.Service):
         done, failed = [], False
         for srv in self._servers(server):
             if self.servers[srv]:
-                done.append(f"{srv} already started")
+                if srv == "*POP":  # IBM i starts one more server job
+                    more = self.pools[SERVERS[srv]].start_one_more()
+                    done.append(f"{srv} already started; " + (
+                        "one more server job started" if more else
+                        "no more server jobs: the entry is at MAXJOBS"))
+                else:
+                    done.append(f"{srv} already started")
                 continue
             try:
                 self._start_server(srv)

@@ -412,6 +412,19 @@ class Pool:
 
     # -- job events ----------------------------------------------------
 
+    def start_one_more(self) -> bool:
+        """STRTCPSVR *POP with POP running: one more server job, as IBM i starts.
+
+        False when the entry is not active or already at MAXJOBS.  Idle
+        surplus is trimmed later by the usual rule.
+        """
+        cap = self.entry.maxjobs
+        if not self.active or (cap is not None and len(self.jobs) >= cap):
+            return False
+        started = self._start_job()
+        self.evaluate()
+        return started
+
     def _start_job(self) -> bool:
         """Start one job; False when it could not be started (no more this turn)."""
         now = self.reactor.seconds()
