@@ -58,6 +58,9 @@ def stopped(make_appliance) -> Appliance:
         (["cl", "CHGUSRPRF USRPRF(NOSUCH) PASSWORD(*SAME)"], "USRPRF: 'NOSUCH' does not exist"),
         (["cl", "CHGDIRE USRID(NOSUCH MAIL) USRD(*SAME)"], "USRID: 'NOSUCH MAIL' is not in"),
         (["cl", "DSPJRN ENDTALEN(512)"], "ENTDTALEN, JRNCDE, OUTMBR"),
+        # A missing keyword is named as typed, not as the option it maps to.
+        (["cl", "CHGPJE MAXJOBS(20)"], "twistmail chgpje: PGM: required; allowed: Prestart"),
+        (["cl", "CRTUSRPRF PASSWORD(x)"], "crtusrprf: USRPRF: required"),
         (["cl", "CHGPJE SBSD(QSYS/QINTER) PGM(QTCP/QTMSSRCP) MAXJOBS(5)"], "QSYSWRK"),
         # The shape of the arguments: each mistake named with its command.
         (["chgpje", "--pgm", "QTMSSRCP", "--maxjobs", "30", "--maxjobs", "40"],

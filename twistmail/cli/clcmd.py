@@ -120,6 +120,12 @@ def _invoke(group_ctx: click.Context, sub: click.Command, args: list[str]) -> An
             name = m.group(1)
             return typed.get(name.upper(), name.upper()) if name in own else m.group(0)
 
+        if isinstance(e, click.MissingParameter) and isinstance(e.param, click.Option) \
+                and e.param.help:
+            # click words this one only when it is shown, from the option itself.
+            raise click.UsageError(_OPTION.sub(
+                keyword, f"{e.param.opts[0]}: required; allowed: {e.param.help}"),
+                e.ctx) from None
         e.message = _OPTION.sub(keyword, e.message)
         raise
 
