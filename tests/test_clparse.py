@@ -197,6 +197,11 @@ def test_to_args_upper_cases_object_names_and_checks_libraries() -> None:
         to_args(parse("CHGPJE PGM(QTMSSRCP QTPOPSRVP)"))
 
 
+def test_usrid_current_is_ibm_s_default_as_when_left_out() -> None:
+    assert to_args(parse("QRYDST USRID(*CURRENT) USRPRF(SAM)")) == [
+        "qrydst", "--usrprf", "SAM"]
+
+
 def test_dspjrn_outmbr_add_is_refused_not_turned_into_a_replace() -> None:
     """OUTMBR is ignored, so *ADD wrote the outfile anew: what it held was lost."""
     with pytest.raises(ClError, match=r"OUTMBR\(MAR2 \*ADD\) is not allowed: \*ADD"):

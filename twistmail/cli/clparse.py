@@ -220,8 +220,9 @@ def to_args(
             continue
         keyword = SYNONYMS.get((cmd.name, keyword), keyword)
         nargs = _nargs(cmd.name, keyword, command_options)
-        if _is_special(value, "*SAME"):
-            continue
+        if _is_special(value, "*SAME") or (keyword == "USRID" and _is_special(value,
+                                                                            "*CURRENT")):
+            continue  # *CURRENT: IBM's default user ID, as when USRID is left out
         if nargs is not None and nargs > 1 and _is_special(value, "*DFT"):
             value = ("*DFT",) * nargs  # RTYMIN(*DFT): each element its default
         if keyword in QUALIFIED_LIBS:
