@@ -197,6 +197,13 @@ def test_to_args_upper_cases_object_names_and_checks_libraries() -> None:
         to_args(parse("CHGPJE PGM(QTMSSRCP QTPOPSRVP)"))
 
 
+def test_the_manual_s_pop_user_sign_on_keywords_are_taken_and_ignored() -> None:
+    """The manual creates POP users with these; twistmail has no sign-on to limit."""
+    assert to_args(parse("CRTUSRPRF USRPRF(POPUSER) PASSWORD(x) INLMNU(*SIGNOFF) "
+                         "INLPGM(*NONE) LMTCPB(*YES)")) == [
+        "crtusrprf", "--usrprf", "POPUSER", "--password", "x"]
+
+
 def test_usrid_current_is_ibm_s_default_as_when_left_out() -> None:
     assert to_args(parse("QRYDST USRID(*CURRENT) USRPRF(SAM)")) == [
         "qrydst", "--usrprf", "SAM"]

@@ -74,9 +74,13 @@ SYNONYMS: dict[tuple[str, str], str] = {
 }
 """IBM's keywords for what a twistmail option does under another name."""
 
-IGNORED: dict[str, frozenset[str]] = {"DSPJRN": frozenset({"ENTDTALEN", "OUTMBR", "JRNCDE"})}
+_SIGN_ON = frozenset({"INLMNU", "INLPGM", "LMTCPB"})
+IGNORED: dict[str, frozenset[str]] = {"DSPJRN": frozenset({"ENTDTALEN", "OUTMBR", "JRNCDE"}),
+                                      "CRTUSRPRF": _SIGN_ON, "CHGUSRPRF": _SIGN_ON}
 """IBM keywords taken and ignored: DSPJRN's layout of a database outfile (the
-CSV file has every entry's data whole, in one file) and its journal code."""
+CSV file has every entry's data whole, in one file) and its journal code; the
+interactive sign-on of a profile (the manual gives a POP user INLMNU(*SIGNOFF)
+INLPGM(*NONE) LMTCPB(*YES); twistmail has no interactive sign-on at all)."""
 
 SHOWN_ONLY: dict[str, str] = {"DSPACTPJ": "OUTPUT", "WRKACTJOB": "OUTPUT", "DSPSMTPA": "OUTPUT",
                               "DSPPOPA": "OUTPUT", "DSPUSRPRF": "OUTPUT"}
