@@ -760,3 +760,24 @@ def test_the_daemon_of_a_file_toml_cannot_read_is_still_found(tmp_path: Path, br
     p = tmp_path / "twistmail.toml"
     p.write_bytes(broken)
     assert config.control_socket_of(p) == Path("/srv/mail/run/control.sock")
+
+
+def test_a_link_re_pointed_later_moves_no_process_to_another_state_directory(
+        tmp_path: Path) -> None:
+    """The directory relative paths start at is found once, when the file is
+    read, and recorded for the jobs: a job that found it anew after the link
+    to the file was re-pointed would queue mail where the bridge never looks."""
+    for name in ("r1", "r2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "twistmail.toml").write_text(
+            '[system]\ndatadir = "var"\nlocal_domains = ["example.test"]\n')
+    link = tmp_path / "twistmail.toml"
+    link.symlink_to(tmp_path / "r1" / "twistmail.toml")
+    s = config.load(link)
+    (s.datadir / "run").mkdir(parents=True)
+    record = config.write_applied(s)
+    link.unlink()
+    link.symlink_to(tmp_path / "r2" / "twistmail.toml")
+    assert s.datadir == (tmp_path / "r1" / "var").resolve()
+    assert config.load(record).datadir == (tmp_path / "r1" / "var").resolve()
+    assert config.load(link).datadir == (tmp_path / "r2" / "var").resolve()  # a new start

@@ -321,6 +321,11 @@ class Settings:
     limits: LimitsSettings = attrs.field(factory=LimitsSettings)
     journal: JournalSettings = attrs.field(factory=JournalSettings)
     snads: SnadsSettings = attrs.field(factory=SnadsSettings)
+    #: Where relative paths start: the real file's directory, found once when
+    #: the file is read (and recorded for the jobs), so that a link re-pointed
+    #: later moves no running process to another state directory.
+    directory: Path = attrs.field(
+        default=attrs.Factory(lambda s: s.path.resolve().parent, takes_self=True), eq=False)
 
     @property
     def datadir(self) -> Path:
@@ -342,7 +347,7 @@ class Settings:
         /opt/twistmail/var, not /var.
         """
         path = Path(os.path.expanduser(p))
-        return path if path.is_absolute() else (self.path.resolve().parent / path).resolve()
+        return path if path.is_absolute() else (self.directory / path).resolve()
 
 
 def field_type(cls: type, name: str) -> Any:
@@ -378,7 +383,7 @@ def _load_section(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
     return attrs.evolve(base, **values) if base is not None else cls(**values)
 
 
-def from_mapping(data: dict[str, Any], path: Path) -> Settings:
+def from_mapping(data: dict[str, Any], path: Path, directory: Path | None = None) -> Settings:
     """Settings from an already parsed TOML document (checked)."""
     sections: dict[str, Any] = {}
     for name, raw in data.items():
@@ -386,6 +391,8 @@ def from_mapping(data: dict[str, Any], path: Path) -> Settings:
         if cls is None:
             raise SettingError(name, "[" + name + "]", "sections " + ", ".join(SECTIONS))
         sections[name] = _load_section(cls, raw, name + ".")
+    if directory is not None:
+        sections["directory"] = directory
     settings = Settings(path=path, **sections)
     pop_entry = data.get("prestart", {}).get("QTPOPSRVP", {})
     if isinstance(pop_entry, dict) and "inljobs" in pop_entry:
@@ -505,7 +512,8 @@ def write_applied(settings: Settings) -> Path:
             node = node.setdefault(name, {})
         node[leaf] = vtype.dump(value)
     path = applied_path(settings)
-    data = json.dumps({"config": str(settings.path), "settings": tree}).encode()
+    data = json.dumps({"config": str(settings.path), "directory": str(settings.directory),
+                       "settings": tree}).encode()
     try:
         if path.read_bytes() == data:
             return path  # as recorded before: nothing to write, on a full disk too
@@ -525,9 +533,10 @@ def _load_applied(path: Path) -> Settings:
     try:
         record = json.loads(path.read_bytes())
         config, tree = Path(record["config"]), record["settings"]
-    except (ValueError, KeyError, TypeError) as e:
+        directory = Path(record.get("directory") or config.resolve().parent)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FileError(str(path), f"the daemon's settings record ({e})") from None
-    return from_mapping(tree, config)
+    return from_mapping(tree, config, directory)
 
 
 #: Settings whose value comes from another key, and are never written themselves.
@@ -539,7 +548,7 @@ def iter_settings(obj: Any, defaults: Any = None, prefix: str = "") -> Any:
     if defaults is None:
         defaults = Settings(path=Path("."))
     for f in attrs.fields(type(obj)):
-        if f.name == "path":
+        if f.name in ("path", "directory"):
             continue
         value, default = getattr(obj, f.name), getattr(defaults, f.name)
         if "type" in f.metadata:
