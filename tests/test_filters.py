@@ -105,6 +105,24 @@ def test_conflicting_content_types_are_kept_not_let_through(tmp_path, directory)
                + _part("evil.vbs") + b"--b--\r\n")
     match = _examined(tmp_path, directory, message)
     assert match is not None and match.pattern == UNEXAMINED
+    # Boundaries that differ in case or spacing only are still two boundaries.
+    for first, second in ((b"boundary=A", b"boundary=a"),
+                          (b'boundary="x y"', b'boundary="x  y"')):
+        message = (b"Subject: x\r\nContent-Type: multipart/mixed; " + first + b"\r\n"
+                   b"Content-Type: multipart/mixed; " + second + b"\r\n\r\nx\r\n")
+        match = _examined(tmp_path, directory, message)
+        assert match is not None and match.pattern == UNEXAMINED, first
+
+
+def test_copies_of_a_content_type_that_mean_the_same_are_not_a_conflict(tmp_path, directory):
+    """Quoting, spacing, parameter order and a charset's case change nothing:
+    such a message went to quarantine, or with *DISCARD was lost."""
+    for first, second in ((b"text/plain; charset=us-ascii", b'text/plain; charset="US-ASCII"'),
+                          (b"text/plain; charset=utf-8; format=flowed",
+                           b"text/plain;format=flowed;  charset=utf-8")):
+        message = (b"Subject: x\r\nContent-Type: " + first + b"\r\nContent-Type: " + second
+                   + b"\r\n\r\nhello\r\n")
+        assert _examined(tmp_path, directory, message) is None, first
 
 
 def test_an_originator_with_a_trailing_dot_is_the_same_originator(tmp_path, directory):

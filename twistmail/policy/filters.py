@@ -86,7 +86,7 @@ def _values(msg: Any, lists: dict[str, list[str]], seen: list[int]):
             for subject in part.get_all("Subject", []):  # every copy: a first one can hide
                 yield "*FTRSUBJECT", _text(subject)
         types = part.get_all("Content-Type", [])
-        if len({" ".join(str(t).split()).lower() for t in types}) > 1 and (
+        if len({_meaning(t) for t in types}) > 1 and (
                 lists.get("*FTRTYPE") or lists.get("*FTRFILNAME")):
             # Readers differ on which one counts, and the other's parts
             # are what a filter would not see.
@@ -135,6 +135,20 @@ def _media_type(value: Any) -> str:
 
 
 _COMMENT = re.compile(r"\([^()]*\)")
+
+
+def _meaning(value: Any) -> tuple[str, frozenset[tuple[str, str]]]:
+    """What a Content-Type says: quotes, spacing and order aside, a boundary exact.
+
+    Parameter values keep their case (a boundary is case-sensitive, RFC 2046
+    §5.1.1), except the charset's, which is not (RFC 2045 §5.1).
+    """
+    holder = email.message.Message()
+    holder["Content-Type"] = str(value)
+    params = holder.get_params([], header="Content-Type")[1:]
+    return _media_type(value), frozenset(
+        (k.lower(), (v.lower() if k.lower() == "charset" else v) if isinstance(v, str)
+         else repr(v)) for k, v in params)
 
 
 def _file_names(part: Any):
