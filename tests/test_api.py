@@ -336,3 +336,16 @@ def test_a_note_without_date_or_message_id_gets_them(make_appliance, tmp_path):
     msg = email.message_from_bytes(_queued(s, qid)[1], policy=email.policy.compat32)
     assert msg.get_all("Message-ID") == ["<report-1@example.test>"]
     assert msg.get_all("Date") == ["Sat, 28 Nov 2026 09:00:00 +0000"]
+
+
+def test_date_and_message_id_are_there_once_whatever_the_copies():
+    """An empty copy beside a good one made a second Message-ID; an empty one
+    folded over a blank line left that line on the field before it."""
+    from twistmail.api import _completed
+
+    out = _completed(b"Message-ID: \r\nMessage-ID: <x@y>\r\nDate:\r\n  \r\nSubject: s\r\n\r\n"
+                     b"body\r\n", "QID", "mail.example.test")
+    head, body = out.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    assert lines[1:] == [b"Message-ID: <x@y>", b"Subject: s"] and lines[0].startswith(b"Date: ")
+    assert body == b"body\r\n"

@@ -174,9 +174,12 @@ def _completed(message: bytes, qid: str, hostname: str) -> bytes:
     added = ""
     for name, value in (("Date", email.utils.formatdate(time.time(), localtime=True)),
                         ("Message-ID", f"<{qid}@{hostname}>")):
-        if not str(fields.get(name, "")).strip():
+        values = [str(v).strip() for v in fields.get_all(name, [])]
+        if not any(values):
             added += f"{name}: {value}\r\n"
-            head = re.sub(rb"(?im)^%s[ \t]*:[ \t]*\r\n" % name.encode(), b"", head)
+        if "" in values:  # an empty copy, folded over blank continuations too
+            head = re.sub(rb"(?im)^%s[ \t]*:[ \t]*\r\n(?:[ \t]+\r\n)*" % name.encode(),
+                          b"", head)
     return added.encode() + head + rest
 
 
