@@ -474,3 +474,17 @@ class ParkingTests(unittest.TestCase):
         assert len(said) == 2, said
         assert "over [storage] threshold" in said[0] and "under" in said[1]
         assert fq.list(QTMSBSSQ) == [] and len(fq.list(QTMSINQ)) == 2
+        # Parked mail deleted by hand, then room again: the next overload is said too.
+        events.clear()
+        full["now"] = True
+        fq.move(qid, QTMSINQ, QTMSBSSQ)
+        manager._release_parked()
+        fq.remove(QTMSBSSQ, qid)
+        full["now"] = False
+        manager._release_parked()
+        full["now"] = True
+        fq.move(fq.list(QTMSINQ)[0], QTMSINQ, QTMSBSSQ)
+        manager._release_parked()
+        said = [formatEvent(e) for e in events]
+        assert [("over" in x, "under" in x) for x in said] == [
+            (True, False), (False, True), (True, False)], said

@@ -163,7 +163,8 @@ class QueueManager:
                 return
             self.queue.move(qid, QTMSBSSQ, QTMSINQ)
             self.journal.write("7M", f"7M FSSQ {QTMSBSSQ}", qid, queue=QTMSBSSQ)
-        if parked and self.parking_said:
+        # All released, or none left to (deleted by hand) with room again.
+        if self.parking_said and (parked or not self.storage_full()):
             self.parking_said = False
             self.log.info("storage is under [storage] threshold again: the mail on {q} "
                           "is delivered", q=QTMSBSSQ)
