@@ -585,7 +585,8 @@ class Controller(service.Service):
         # until a restart, in this process and in every job it starts.
         restart = [sec for sec in ("listen", "system") if getattr(fresh, sec) != getattr(old, sec)]
         self.restart_needed = restart
-        new = attrs.evolve(fresh, listen=old.listen, system=old.system)
+        new = attrs.evolve(fresh, listen=old.listen, system=old.system,
+                           directory=old.directory)  # a link re-pointed since: at a restart
         if tls:
             tls_state, pem, warnings = self._check_tls(new)
         else:
