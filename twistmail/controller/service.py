@@ -161,7 +161,7 @@ class Controller(service.Service):
                 self._own_as_root(d)
             except OSError as e:  # a read-only file system, say
                 raise StartRefused(f"cannot prepare {e.filename or d} for the "
-                                 f"daemon's user: {e.strerror}") from None
+                                   f"daemon's user: {e.strerror}") from None
         else:
             os.chmod(d / "run", 0o700)
         path = self.settings.control_socket
@@ -258,8 +258,7 @@ class Controller(service.Service):
             except configmod.SettingError as e:
                 raise StartRefused(str(e)) from None
             except OSError as e:
-                raise StartRefused(f"cannot keep the TLS pair for the jobs: {e}"
-                                 ) from None
+                raise StartRefused(f"cannot keep the TLS pair for the jobs: {e}") from None
         for warning in warnings:
             self.log.warn("TLS: {warning}", warning=warning)
         try:
@@ -781,7 +780,7 @@ def _give_tree(d: Path, previous: int, owner: tuple[int, int], whole: bool,
                     _give(fd, name, previous, owner)
             except OSError as e:
                 raise StartRefused(f"cannot give {os.path.join(where, name)} to the "
-                                 f"daemon's user: {e.strerror}") from None
+                                   f"daemon's user: {e.strerror}") from None
 
 
 def _give_bulk(dir_fd: int, name: str, path: str, previous: int, owner: tuple[int, int],
@@ -875,7 +874,7 @@ def _open_no_link(directory: Path) -> int:
         return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         raise StartRefused(f"{directory}: {e.strerror}; started as root, "
-                         "twistmail takes no symbolic link there") from None
+                           "twistmail takes no symbolic link there") from None
 
 
 def _word(option: str, value: Any) -> str:
