@@ -130,6 +130,14 @@ def test_a_refusal_on_995_that_cannot_leave_does_not_hold_the_job(store):
     assert transport.disconnected  # cut: StringTransport's mark of abortConnection
 
 
+def test_stls_with_an_argument_is_refused(store):
+    """RFC 2595 §4: STLS takes no arguments; "STLS foo" began TLS."""
+    _, _, session, transport = _session(store)
+    session.dataReceived(b"STLS foo\r\n")
+    assert transport.value().endswith(b"-ERR STLS takes no arguments\r\n")
+    assert not session.tls
+
+
 def test_capa_offers_no_user_where_a_plaintext_login_is_refused(store):
     _, _, session, transport = _session(store, alwssl="*ONLY")
     session.dataReceived(b"CAPA\r\n")

@@ -375,6 +375,9 @@ class POP3Session(SequentialSession):
                 and self.factory.alwssl != "*NO" and self.state == "AUTHORIZATION")
 
     def pop_STLS(self, arg: str) -> None:
+        if arg:  # RFC 2595 §4: no arguments
+            self.err("STLS takes no arguments")
+            return
         if not self._stls_offered():
             self.err("STLS is not available now")
             return
