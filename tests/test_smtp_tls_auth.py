@@ -233,3 +233,21 @@ def test_a_session_ended_for_too_many_errors_is_journaled_jl(make_appliance):
     [entry] = a.wait_for(lambda: a.journal("JL"), 10, "the JL entry")
     assert (entry["esd"], entry["setting"]) == ("JL LIMIT limits.maxerrors 127.0.0.1",
                                                 "limits.maxerrors")
+
+
+def test_a_failed_tls_handshake_is_one_log_line_naming_the_client(post):
+    """The client sees only a closed connection: the log must say why, as
+    Postfix logs SSL_accept errors."""
+    a = post
+    for service in ("smtps", "pop3s"):
+        with socket.create_connection(a.addr(service), timeout=30) as s:
+            s.sendall(b"EHLO not-a-client-hello\r\n")  # text where a ClientHello belongs
+            s.settimeout(30)
+            try:
+                while s.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+    a.wait_for(lambda: a.log_text().count("TLS with 127.0.0.1 failed: ") >= 2, 10,
+               "the failed handshakes in the log")
+    assert "Traceback" not in a.log_text()

@@ -248,7 +248,7 @@ class POP3Session(SequentialSession):
         self._stop_logon_limit()
         self._release(commit=False)
         self.factory.on_done()
-        self.connection_gone()
+        self.connection_gone(reason)
 
     def _release(self, commit: bool) -> None:
         box, self.box = self.box, None

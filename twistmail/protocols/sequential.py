@@ -29,6 +29,16 @@ from zope.interface import implementer
 CLOSE_GRACE = 10.0
 
 
+def tls_reason(error: Exception) -> str:
+    """OpenSSL's reasons, without the library and function names."""
+    details = error.args[0] if error.args else None
+    if isinstance(details, list):
+        words = [str(d[-1]) for d in details if isinstance(d, tuple) and d and d[-1]]
+        if words:
+            return ", ".join(words)
+    return str(error) or type(error).__name__
+
+
 @implementer(IHalfCloseableProtocol)
 class SequentialSession(Protocol):
     """A client that sends its last command and shuts down its side (``nc -N``,
@@ -64,8 +74,18 @@ class SequentialSession(Protocol):
             self.gone = defer.Deferred()
         return self.gone
 
-    def connection_gone(self) -> None:
-        """For the subclasses' ``connectionLost``."""
+    def connection_gone(self, reason: Any = None) -> None:
+        """For the subclasses' ``connectionLost``.
+
+        A connection the TLS layer ended (a client offering only TLS 1.0,
+        text where a ClientHello belongs, a refused renegotiation) is one
+        log line, as Postfix logs its SSL_accept errors: the client sees
+        only a closed connection, and nothing else would tell.
+        """
+        check = getattr(reason, "check", None)
+        if check is not None and check("OpenSSL.SSL.Error"):
+            self.log.info("TLS with {peer} failed: {why}", peer=getattr(self, "peer_ip", "?"),
+                          why=tls_reason(reason.value))
         gone, self.gone = self.gone, None
         if gone is not None:
             gone.callback(None)

@@ -391,7 +391,7 @@ class SMTPSession(SequentialSession):
     def connectionLost(self, reason: object = None) -> None:
         self.closing = True
         self.cancel_timeout()
-        self.connection_gone()
+        self.connection_gone(reason)
         if self.data is not None:
             self.data.spool.abort()
             self.data = None
