@@ -251,3 +251,7 @@ def test_a_failed_tls_handshake_is_one_log_line_naming_the_client(post):
     a.wait_for(lambda: a.log_text().count("TLS with 127.0.0.1 failed: ") >= 2, 10,
                "the failed handshakes in the log")
     assert "Traceback" not in a.log_text()
+    # Named after the job that wrote it, not only the launcher whose pipes it shares.
+    [line] = [x for x in a.log_text().splitlines()
+              if "TLS with" in x and "SMTPSession" in x]
+    assert "QTSMTPSRVP/" in line, line

@@ -86,12 +86,20 @@ def _with_level(event: dict) -> dict:
     return {**event, "log_system": f"{system}#{level.name if level else 'info'}"}
 
 
-def log_to_stderr() -> None:
-    """Send this child's Twisted log to stderr, which the controller logs with its name."""
+def log_to_stderr(label: str | None = None) -> None:
+    """Send this child's Twisted log to stderr, which the controller logs with its name.
+
+    A job forked from a launcher shares the launcher's pipes, so the
+    controller names its lines after the launcher: ``label`` (the job's
+    name and pid) stands first on each line in place of the time, which the
+    controller's log gives already.
+    """
     from twisted.logger import (
+        FileLogObserver,
         FilteringLogObserver,
         PredicateResult,
         formatEvent,
+        formatEventAsClassicLogText,
         globalLogBeginner,
         textFileLogObserver,
     )
@@ -102,7 +110,11 @@ def log_to_stderr() -> None:
             text = formatEvent(event)
         return PredicateResult.no if _routine_text(text) else PredicateResult.maybe
 
-    text = textFileLogObserver(sys.stderr)
+    if label is None:
+        text = textFileLogObserver(sys.stderr)
+    else:
+        text = FileLogObserver(sys.stderr, lambda event: formatEventAsClassicLogText(
+            event, formatTime=lambda _: label))
     observer = FilteringLogObserver(lambda event: text(_with_level(event)), [routine])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 

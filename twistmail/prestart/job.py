@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     die_with_parent()
     return_large_blocks()
-    log_to_stderr()
+    log_to_stderr(f"{configmod.PROGRAMS[args.pgm]['job']}/{os.getpid()}")
     settings = configmod.load(args.config)
 
     from twisted.internet import reactor
