@@ -192,8 +192,8 @@ def dspjrn(
         count = _write_csv(outfile, entries)
         click.echo(f"{count} entries written to {os.path.abspath(outfile)}")
         return
-    rows = list(entries) if as_json else [_table_row(e) for e in entries]
-    emit_table(rows, COLUMNS, as_json, empty="(no journal entries)")
+    rows = entries if as_json else (_table_row(e) for e in entries)
+    emit_table(rows, COLUMNS, as_json, empty="(no journal entries)", stream=True)
 
 
 @cli.command("chgjrn")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import click
+
+#: Rows a streamed table takes its column widths from.
+STREAM_WIDTHS_FROM = 1000
 
 
 def emit_table(
@@ -15,11 +19,18 @@ def emit_table(
     columns: Sequence[tuple[str, str]],
     as_json: bool,
     empty: str = "(none)",
+    stream: bool = False,
 ) -> None:
     """Print ``rows``: with ``as_json`` a JSON array of the row dicts, else a table.
 
-    ``columns`` pairs a row key with its heading.
+    ``columns`` pairs a row key with its heading.  With ``stream`` the rows
+    are printed as they come, in memory that does not grow with them (a
+    journal of millions of entries): the table's widths are those of its
+    first rows, and the JSON is written element by element.
     """
+    if stream:
+        _emit_stream(iter(rows), columns, as_json, empty)
+        return
     rows = list(rows)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
@@ -36,6 +47,29 @@ def emit_table(
         click.echo("  ".join(_pad(v, w) for v, w in zip(c, widths, strict=True)).rstrip())
 
 
+def _emit_stream(rows: Iterator[dict[str, Any]], columns: Sequence[tuple[str, str]],
+                 as_json: bool, empty: str) -> None:
+    if as_json:  # the same text json.dumps(list(rows), indent=2) gives
+        first = True
+        for r in rows:
+            text = json.dumps(r, indent=2, default=str).replace("\n", "\n  ")
+            click.echo(("[\n  " if first else ",\n  ") + text, nl=False)
+            first = False
+        click.echo("[]" if first else "\n]")
+        return
+    head = list(itertools.islice(rows, STREAM_WIDTHS_FROM))
+    if not head:
+        click.echo(empty)
+        return
+    cells = [[_cell(r.get(k)) for k, _ in columns] for r in head]
+    widths = [
+        max(_width(h), *(_width(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)
+    ]
+    click.echo("  ".join(_pad(h, w) for (_, h), w in zip(columns, widths, strict=True)).rstrip())
+    for c in itertools.chain(cells, ([_cell(r.get(k)) for k, _ in columns] for r in rows)):
+        click.echo("  ".join(_pad(v, w) for v, w in zip(c, widths, strict=True)).rstrip())
+
+
 def _width(text: str) -> int:
     """Columns on a terminal: East Asian wide characters take two, combining marks none."""
     if text.isascii():
@@ -45,7 +79,7 @@ def _width(text: str) -> int:
 
 
 def _pad(text: str, width: int) -> str:
-    return text + " " * (width - _width(text))
+    return text + " " * (width - _width(text))  # none when wider than its column
 
 
 def emit_record(record: dict[str, Any], labels: Sequence[tuple[str, str]], as_json: bool) -> None:
