@@ -635,3 +635,22 @@ def test_a_sign_on_an_older_version_wrote_as_9w_reads_as_9z(tmp_path: Path) -> N
     assert [e["esd"] for e in read_entries(tmp_path, ["9Z"])] == ["9Z AUTH 127.0.0.1 KIM"]
     assert [e["esd"] for e in read_entries(tmp_path, ["9W"])] == [
         "9W RJT 127.0.0.1 nobody@example.test"]
+
+
+def test_a_follower_lists_the_receivers_once_not_at_each_one(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """Listed at every move, thousands of receivers made dspjrn --follow take
+    35 s before it showed a new entry."""
+    j = Journal(tmp_path, "QTSMTPBRSR/1")
+    for i in range(50):
+        j.write("7A", f"7A {i}")
+        j.new_receiver()
+    listings = []
+    real = journal.receivers
+    monkeypatch.setattr(journal, "receivers", lambda d: listings.append(1) or real(d))
+    tail = journal._Tail(tmp_path)
+    seen = []
+    while (lines := tail.read()) is not None:
+        seen.extend(json.loads(line)["esd"] for line in lines)
+    assert seen == [f"7A {i}" for i in range(50)]
+    assert len(listings) <= 3, len(listings)

@@ -25,6 +25,7 @@ lock, so ``dspjrn`` works while the daemon is down or busy.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -860,6 +861,10 @@ class _Tail:
         self.number = 0
         self.file: Any = None
         self.pending = b""
+        #: The receivers as last listed: the directory is listed again only
+        #: when none of them is newer than the current one (with thousands
+        #: of receivers, listing it at each move took minutes).
+        self._known: list[tuple[int, Path]] = []
 
     def read(self) -> list[bytes] | None:
         """New complete lines, or None when there is nothing new anywhere."""
@@ -881,10 +886,13 @@ class _Tail:
         return lines
 
     def _newer(self) -> tuple[int, Path] | None:
-        for number, path in receivers(self.directory):
-            if number > self.number:
-                return number, path
-        return None
+        at = bisect.bisect_right(self._known, self.number, key=lambda r: r[0])
+        if at == len(self._known):
+            self._known = receivers(self.directory)
+            at = bisect.bisect_right(self._known, self.number, key=lambda r: r[0])
+            if at == len(self._known):
+                return None
+        return self._known[at]
 
     def _next(self) -> bool:
         while True:
