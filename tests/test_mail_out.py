@@ -126,9 +126,14 @@ def test_hold_and_release_outbound(make_appliance, sink):
     time.sleep(3)
     assert sink.messages == []
     rc, out, err = a.cli("wrkq", "--queue", "QTMSOUTQ")
-    assert "friend@remote.test" in out
+    assert "friend@remote.test" in out and " held " in out, out
+    # ENDMSF: nothing can send it; it showed as "sending".
+    assert a.cli("endmsf")[0] == 0
     rc, out, err = a.cli("rlsdstq", "--dstq", "QSMTPQ")
     assert rc == 0
+    rc, out, err = a.cli("wrkq", "--queue", "QTMSOUTQ", "--json")
+    assert '"stopped"' in out, out
+    assert a.cli("strmsf")[0] == 0
     a.wait_for(lambda: sink.messages, 20, "delivery after the release")
     rc, out, err = a.cli("hlddstq", "--dstq", "QXYZ")
     assert rc == 2 and "QSMTPQ" in err

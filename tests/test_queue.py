@@ -846,8 +846,16 @@ def test_wrkq_is_registered_on_the_twistmail_command():
     assert "wrkq" in cli.commands
 
 
+def bridge_writing(queue: FileQueue) -> None:
+    """The status a running bridge writes once a second (bridge.status)."""
+    run_dir = queue.root.parent / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "QTMSCCLCP.json").write_text(json.dumps({"at": time.time()}))
+
+
 def test_wrkq_table(cfg, cli_queue, capsys):
     now = time.time()
+    bridge_writing(cli_queue)
     inbound = enqueue(cli_queue, b"a" * 120, recipients=("sam@example.test", "joe@example.test"))
     env = cli_queue.load(QTMSINQ, inbound)
     env = env.with_recipient("sam@example.test", state=DELIVERED)
@@ -902,6 +910,10 @@ def test_wrkq_says_why_an_unreadable_envelope_is_there_below_the_table(cfg, cli_
 
 def test_wrkq_json(cfg, cli_queue, capsys):
     qid = enqueue(cli_queue, b"xyz", QTMSOUTQ, "", ("a@remote.test",), next_try=123.5)
+    assert run(["--config", cfg, "wrkq", "--json", "--queue", "qtmsoutq"]) == 0
+    # No bridge to send it (ENDMSF, the daemon down): it showed as "sending".
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "stopped"
+    bridge_writing(cli_queue)
     assert run(["--config", cfg, "wrkq", "--json", "--queue", "qtmsoutq"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 1

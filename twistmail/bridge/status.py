@@ -39,6 +39,17 @@ def smtp_ended(run_dir: Path) -> bool:
     return (run_dir / SMTP_ENDED).exists()
 
 
+#: Seconds after which a status the bridge wrote (once a second) says it is gone.
+STALE_AFTER = 10.0
+
+
+def bridge_running(run_dir: Path, now: float) -> bool:
+    """Whether a bridge wrote its status lately: none after ENDMSF, a daemon
+    stopped, or a bridge killed and not restarted yet."""
+    at = (read_status(run_dir) or {}).get("at")
+    return isinstance(at, int | float) and now - at < STALE_AFTER
+
+
 def read_status(run_dir: Path) -> dict[str, Any] | None:
     """The pool as the bridge last wrote it, or None when there is none."""
     try:

@@ -83,7 +83,7 @@ def _next_try(when: float | None, now: float) -> str:
     return "due" if when <= now else f"in {human_age(when - now)}"
 
 
-def state_of(entry: QueueEntry, now: float, held: bool) -> str:
+def state_of(entry: QueueEntry, now: float, held: bool, stopped: bool = False) -> str:
     """One word for where a message stands, as mailq's markers say it."""
     queue = entry.queue
     if entry.error is not None or queue == CORRUPT:
@@ -91,6 +91,8 @@ def state_of(entry: QueueEntry, now: float, held: bool) -> str:
     if queue == QTMSOUTQ:
         if held:
             return "held"  # HLDDSTQ
+        if stopped:
+            return "stopped"  # no bridge to send it: ENDMSF, or the daemon down
         if entry.next_try is not None and entry.next_try > now:
             return "waiting"  # for the next mail transfer (MAILXFRINT)
         return "sending"
@@ -98,7 +100,8 @@ def state_of(entry: QueueEntry, now: float, held: bool) -> str:
             QTMSBSSQ: "parked", QUARANTINE: "quarantined", HOLD: "held"}.get(queue, "")
 
 
-def table_row(entry: QueueEntry, now: float, held: bool = False) -> dict[str, Any]:
+def table_row(entry: QueueEntry, now: float, held: bool = False,
+              stopped: bool = False) -> dict[str, Any]:
     if entry.error is not None and entry.originator is None:
         originator = "(unreadable)"  # why: on a line of its own below the table
     else:
@@ -110,7 +113,7 @@ def table_row(entry: QueueEntry, now: float, held: bool = False) -> dict[str, An
         "size": entry.size,
         "originator": originator,
         "recipients": ", ".join(_recipient(r) for r in entry.recipients),
-        "state": state_of(entry, now, held),
+        "state": state_of(entry, now, held, stopped),
         "attempts": entry.attempts,
         "next_try": _next_try(entry.next_try, now),
     }
@@ -179,7 +182,7 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
         _kept_action(release, delete)
         return
     from twistmail.bridge.outbound import held_parts
-    from twistmail.bridge.status import smtp_ended
+    from twistmail.bridge.status import bridge_running, smtp_ended
 
     name = queue_name(queue) if queue is not None else None
     now = time.time()
@@ -188,11 +191,12 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
         entries = list(spool.entries(name, now=now))
         # ENDTCPSVR *SMTP holds outbound mail as HLDDSTQ does.
         held = bool(held_parts(spool.root)) or smtp_ended(spool.root.parent / "run")
+        stopped = not bridge_running(spool.root.parent / "run", time.time())
     if as_json:
-        emit_table(({**e.to_dict(), "state": state_of(e, now, held)} for e in entries),
-                   COLUMNS, as_json=True)
+        emit_table(({**e.to_dict(), "state": state_of(e, now, held, stopped)}
+                    for e in entries), COLUMNS, as_json=True)
         return
-    emit_table((table_row(e, now, held) for e in entries), COLUMNS, as_json=False,
+    emit_table((table_row(e, now, held, stopped) for e in entries), COLUMNS, as_json=False,
                empty="(no messages)")
     click.echo(totals_line(entries, name))
     for e in entries:  # set aside: say why, readable or not
