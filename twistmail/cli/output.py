@@ -28,36 +28,29 @@ def emit_table(
     journal of millions of entries): the table's widths are those of its
     first rows, and the JSON is written element by element.
     """
-    if stream:
-        _emit_stream(iter(rows), columns, as_json, empty)
-        return
-    rows = list(rows)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
-        return
-    if not rows:
-        click.echo(empty)
-        return
-    cells = [[_cell(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [
-        max(_width(h), *(_width(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)
-    ]
-    click.echo("  ".join(_pad(h, w) for (_, h), w in zip(columns, widths, strict=True)).rstrip())
-    for c in cells:
-        click.echo("  ".join(_pad(v, w) for v, w in zip(c, widths, strict=True)).rstrip())
+    rows = iter(rows)
+    if as_json and stream:
+        _json_stream(rows)
+    elif as_json:
+        click.echo(json.dumps(list(rows), indent=2, default=str))
+    else:
+        _table(rows, columns, empty, STREAM_WIDTHS_FROM if stream else None)
 
 
-def _emit_stream(rows: Iterator[dict[str, Any]], columns: Sequence[tuple[str, str]],
-                 as_json: bool, empty: str) -> None:
-    if as_json:  # the same text json.dumps(list(rows), indent=2) gives
-        first = True
-        for r in rows:
-            text = json.dumps(r, indent=2, default=str).replace("\n", "\n  ")
-            click.echo(("[\n  " if first else ",\n  ") + text, nl=False)
-            first = False
-        click.echo("[]" if first else "\n]")
-        return
-    head = list(itertools.islice(rows, STREAM_WIDTHS_FROM))
+def _json_stream(rows: Iterator[dict[str, Any]]) -> None:
+    """The same text ``json.dumps(list(rows), indent=2)`` gives, element by element."""
+    first = True
+    for r in rows:
+        text = json.dumps(r, indent=2, default=str).replace("\n", "\n  ")
+        click.echo(("[\n  " if first else ",\n  ") + text, nl=False)
+        first = False
+    click.echo("[]" if first else "\n]")
+
+
+def _table(rows: Iterator[dict[str, Any]], columns: Sequence[tuple[str, str]], empty: str,
+           widths_from: int | None) -> None:
+    """Aligned to the widest cell of the first ``widths_from`` rows (of all: None)."""
+    head = list(rows if widths_from is None else itertools.islice(rows, widths_from))
     if not head:
         click.echo(empty)
         return
