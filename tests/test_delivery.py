@@ -108,3 +108,17 @@ class AnswerTests(unittest.TestCase):
         answer = await self.answer(sink.port)
         self.assertNotIn("unreachable", answer)
         self.assertEqual(len(sink.messages), 2)
+
+    async def test_each_delivery_journals_whether_it_went_over_tls(self) -> None:
+        """Under *OPPORTUNISTIC a next hop whose STARTTLS fails takes the mail in
+        the clear, and only a log line without the message's id said so."""
+        from twistmail.journal import read_entries
+
+        for offered in (True, False):
+            sink = Sink(Behaviour(tls=offered))
+            self.addCleanup(sink.stop)
+            d = self.deliverer(sink.port)
+            await d.run(self.task(1))
+            d.journal.flush()
+            [entry] = list(read_entries(d.journal.directory, ["88"]))
+            self.assertIs(entry["tls"], offered)

@@ -154,8 +154,10 @@ class Deliverer:
         out = []
         for r in result.recipients:
             if r.status == client.DELIVERED:
+                # Whether it went over TLS: under *OPPORTUNISTIC a next hop
+                # whose STARTTLS failed takes it in the clear.
                 self.journal.write("88", f"88 DLV {result.remote_ip}", qid,
-                                   ip=result.remote_ip, recipient=r.address)
+                                   ip=result.remote_ip, recipient=r.address, tls=result.tls)
                 self.journal.write("82", f"82 R {r.address}", qid, recipient=r.address)
             out.append({"address": r.address, "status": r.status, "code": r.code,
                         "text": r.text})
