@@ -654,3 +654,36 @@ def test_a_follower_lists_the_receivers_once_not_at_each_one(tmp_path: Path,
         seen.extend(json.loads(line)["esd"] for line in lines)
     assert seen == [f"7A {i}" for i in range(50)]
     assert len(listings) <= 3, len(listings)
+
+
+def test_from_skips_the_receivers_that_end_before_it(tmp_path: Path, monkeypatch) -> None:
+    """dspjrn --from -1h read a journal of 1.7 million entries whole, and
+    --follow --from parsed every receiver before its first new line."""
+    j = Journal(tmp_path, "QTSMTPBRSR/1")
+    for i in range(5):
+        j.write("7A", f"7A old {i}")
+        j.new_receiver()
+    time.sleep(0.05)
+    since = datetime.now(UTC)
+    j.write("7A", "7A new")
+    opened = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        if str(path).endswith(".jsonl"):
+            opened.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert [e["esd"] for e in read_entries(tmp_path, since=since)] == ["7A new"]
+    # Each older receiver: its last line only (a seek), none read whole.
+    assert len(opened) == len(receivers(tmp_path)) + 1
+    followed = follow(tmp_path, since=since, poll_interval=0.01)
+    assert next(followed)["esd"] == "7A new"
+    followed.close()
+    opened.clear()
+    followed = follow(tmp_path, since=datetime.now(UTC), poll_interval=0.01,
+                      stop=lambda: len(opened) > 20)
+    j.write("7A", "7A newer")
+    assert next(followed)["esd"] == "7A newer"  # from the attached receiver
+    followed.close()

@@ -633,6 +633,11 @@ def last_seq(directory: Path, upto: int | None = None) -> int:
 
 
 def _last_seq_in(path: Path) -> int | None:
+    entry = _last_entry_in(path)
+    return None if entry is None else int(entry["seq"])
+
+
+def _last_entry_in(path: Path) -> dict[str, Any] | None:
     try:
         with open(path, "rb") as f:
             end = f.seek(0, os.SEEK_END)
@@ -648,7 +653,7 @@ def _last_seq_in(path: Path) -> int | None:
                 for line in reversed(candidates):
                     entry = _parse(line)
                     if entry is not None:
-                        return int(entry["seq"])
+                        return entry
                 if pos == 0:
                     break
     except FileNotFoundError:
@@ -793,7 +798,7 @@ def read_entries(
     that are not journal entries.  ValueError for a malformed code pattern.
     """
     flt = _Filter.build(codes, msgid, since, until)
-    for _, path in receivers(directory):
+    for _, path in _from(receivers(directory), flt.since):
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -801,6 +806,23 @@ def read_entries(
             continue
         complete, _ = _split(data)
         yield from _matching(complete, flt)
+
+
+def _from(found: list[tuple[int, Path]], since: datetime | None) -> list[tuple[int, Path]]:
+    """The receivers from the first whose last entry is at ``since`` or later.
+
+    Entries are written in time order, so an older receiver holds nothing
+    for ``--from`` (unless the clock was set back while it was attached):
+    ``dspjrn --from -1h`` read a journal of 1.7 million entries whole.
+    """
+    if since is None:
+        return found
+    for at, (_, path) in enumerate(found):
+        last = _last_entry_in(path)
+        ts = entry_time(last) if last is not None else None
+        if ts is None or ts >= since:
+            return found[at:]
+    return []
 
 
 def _split(data: bytes) -> tuple[list[bytes], bytes]:
@@ -835,6 +857,12 @@ def follow(
     """
     flt = _Filter.build(codes, msgid, since, until)
     tail = _Tail(Path(directory))
+    present = receivers(Path(directory))
+    # It starts at the first receiver that may match; all older: at the
+    # attached one, where the new entries come.
+    start = (_from(present, flt.since) or present[-1:])[:1]
+    if start:
+        tail.number = start[0][0] - 1
     try:
         while not (stop is not None and stop()):
             lines = tail.read()
