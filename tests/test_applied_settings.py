@@ -134,3 +134,16 @@ def test_a_file_broken_by_a_hand_edit_still_finds_the_daemon(make_appliance):
     assert rc == 0 and "QTMSSRCP" in out, err
     rc, out, err = a.cli("endtcpsvr", "--server", "*POP")
     assert rc == 0, err
+
+
+def test_a_settings_file_moved_elsewhere_behind_a_link_waits_for_a_restart(make_appliance):
+    """Relative paths start at the real file's directory: one re-pointed to a
+    copy elsewhere moves the state directory, which only a restart does."""
+    a = make_appliance().start()
+    elsewhere = a.config.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / a.config.name).write_text(a.config.read_text())
+    a.config.unlink()
+    a.config.symlink_to(elsewhere / a.config.name)
+    rc, out, _ = a.cli("config", "--apply")
+    assert rc == 0 and "restart needed for: system" in out, out

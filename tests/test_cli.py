@@ -299,3 +299,8 @@ def test_a_streamed_listing_prints_as_it_reads(capsys):
     assert json.loads(capsys.readouterr().out) == rows
     emit_table(iter([]), columns, False, empty="(no journal entries)", stream=True)
     assert capsys.readouterr().out == "(no journal entries)\n"
+    # A column that grows past the first rows (the journal's seq) stays aligned.
+    many = ({"seq": n, "code": "7A"} for n in range(STREAM_WIDTHS_FROM + 200))
+    emit_table(many, columns, False, stream=True, least={"seq": 4})
+    lines = capsys.readouterr().out.splitlines()
+    assert {line.index("7A") for line in lines[1:]} == {lines[0].index("code")}

@@ -676,8 +676,8 @@ def test_from_skips_the_receivers_that_end_before_it(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr("builtins.open", counting_open)
     assert [e["esd"] for e in read_entries(tmp_path, since=since)] == ["7A new"]
-    # Each older receiver: its last line only (a seek), none read whole.
-    assert len(opened) == len(receivers(tmp_path)) + 1
+    # Each older receiver: its first and last lines (a read, a seek), none whole.
+    assert len(opened) <= 2 * len(receivers(tmp_path)) + 1
     followed = follow(tmp_path, since=since, poll_interval=0.01)
     assert next(followed)["esd"] == "7A new"
     followed.close()
@@ -687,3 +687,17 @@ def test_from_skips_the_receivers_that_end_before_it(tmp_path: Path, monkeypatch
     j.write("7A", "7A newer")
     assert next(followed)["esd"] == "7A newer"  # from the attached receiver
     followed.close()
+
+
+def test_from_keeps_a_receiver_whose_clock_was_set_back(tmp_path: Path) -> None:
+    """An NTP step back can leave a receiver ending before entries it holds."""
+    def line(seq: int, ts: str) -> str:
+        return json.dumps({"seq": seq, "ts": ts, "code": "7A", "job": "x", "msgid": None,
+                           "esd": f"e{seq}"}) + "\n"
+
+    (tmp_path / receiver_name(1)).write_text(
+        line(1, "2026-11-30T10:00:00+00:00") + line(2, "2026-11-30T11:00:00+00:00")
+        + line(3, "2026-11-30T09:00:00+00:00"))
+    (tmp_path / receiver_name(2)).write_text(line(4, "2026-11-30T09:10:00+00:00"))
+    since = datetime(2026, 11, 30, 9, 30, tzinfo=UTC)
+    assert [e["esd"] for e in read_entries(tmp_path, since=since)] == ["e1", "e2"]

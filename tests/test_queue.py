@@ -1117,3 +1117,23 @@ def test_commit_rate_of_4k_messages(tmp_path):
         f"1 thread {rates[1]:.0f}, 8 threads {rates[8]:.0f}"
     )
     assert all(r > 0 for r in rates.values())
+
+
+def test_a_bridge_is_running_by_its_pid_not_by_the_age_of_its_status(tmp_path):
+    """A bridge that cannot write its status (a full disk) still runs; one
+    killed left a status behind."""
+    import os
+    import subprocess
+    import sys
+
+    from twistmail.bridge.status import bridge_running
+
+    status = tmp_path / "QTMSCCLCP.json"
+    status.write_text(json.dumps({"at": time.time() - 3600, "pid": os.getpid()}))
+    assert bridge_running(tmp_path, time.time())
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    status.write_text(json.dumps({"at": time.time(), "pid": int(gone)}))
+    assert not bridge_running(tmp_path, time.time())
+    status.unlink()
+    assert not bridge_running(tmp_path, time.time())  # ENDMSF removes it

@@ -809,20 +809,31 @@ def read_entries(
 
 
 def _from(found: list[tuple[int, Path]], since: datetime | None) -> list[tuple[int, Path]]:
-    """The receivers from the first whose last entry is at ``since`` or later.
+    """The receivers from the first whose first or last entry is at ``since`` or later.
 
     Entries are written in time order, so an older receiver holds nothing
-    for ``--from`` (unless the clock was set back while it was attached):
-    ``dspjrn --from -1h`` read a journal of 1.7 million entries whole.
+    for ``--from``: ``dspjrn --from -1h`` read a journal of 1.7 million
+    entries whole.  Both ends are looked at because a clock set back (an
+    NTP step) can leave a receiver ending before entries it holds.
     """
     if since is None:
         return found
     for at, (_, path) in enumerate(found):
-        last = _last_entry_in(path)
-        ts = entry_time(last) if last is not None else None
-        if ts is None or ts >= since:
-            return found[at:]
+        for entry in (_first_entry_in(path), _last_entry_in(path)):
+            ts = entry_time(entry) if entry is not None else None
+            if ts is None or ts >= since:
+                return found[at:]
     return []
+
+
+def _first_entry_in(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_TAIL_CHUNK)
+    except FileNotFoundError:
+        return None
+    complete, _ = _split(head)
+    return next((e for e in map(_parse, complete) if e is not None), None)
 
 
 def _split(data: bytes) -> tuple[list[bytes], bytes]:

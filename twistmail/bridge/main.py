@@ -187,7 +187,7 @@ class _StatusFile:
                 self.last_reset = {"token": token, "report": self.pool.report(reset=True)}
             data = {"report": self.pool.report(),
                     "jobs": self.pool.listing() + self.msf.listing(),
-                    "at": time.time(), "reset": self.last_reset}
+                    "at": time.time(), "pid": os.getpid(), "reset": self.last_reset}
             tmp.write_text(json.dumps(data, default=str))
             os.replace(tmp, self.path)
         except Exception as e:  # the loop must go on: it is the only status there is

@@ -44,9 +44,23 @@ STALE_AFTER = 10.0
 
 
 def bridge_running(run_dir: Path, now: float) -> bool:
-    """Whether a bridge wrote its status lately: none after ENDMSF, a daemon
-    stopped, or a bridge killed and not restarted yet."""
-    at = (read_status(run_dir) or {}).get("at")
+    """Whether a bridge runs: none after ENDMSF or with the daemon stopped
+    (the status is removed then), nor when the one that wrote it was killed.
+
+    By the writer's pid: a bridge that cannot write its status (a full
+    disk) still runs.  A status without one is judged by its age.
+    """
+    status = read_status(run_dir) or {}
+    pid = status.get("pid")
+    if isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # another user's process: there is one
+        return True
+    at = status.get("at")
     return isinstance(at, int | float) and now - at < STALE_AFTER
 
 

@@ -193,7 +193,9 @@ def dspjrn(
         click.echo(f"{count} entries written to {os.path.abspath(outfile)}")
         return
     rows = entries if as_json else (_table_row(e) for e in entries)
-    emit_table(rows, COLUMNS, as_json, empty="(no journal entries)", stream=True)
+    # The seq column as wide as the last seq: it grows past the rows the widths come from.
+    emit_table(rows, COLUMNS, as_json, empty="(no journal entries)", stream=True,
+               least={"seq": len(str(journal.last_seq(directory)))})
 
 
 @cli.command("chgjrn")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import click
@@ -20,13 +20,15 @@ def emit_table(
     as_json: bool,
     empty: str = "(none)",
     stream: bool = False,
+    least: Mapping[str, int] | None = None,
 ) -> None:
     """Print ``rows``: with ``as_json`` a JSON array of the row dicts, else a table.
 
     ``columns`` pairs a row key with its heading.  With ``stream`` the rows
     are printed as they come, in memory that does not grow with them (a
     journal of millions of entries): the table's widths are those of its
-    first rows, and the JSON is written element by element.
+    first rows, at least ``least`` (by row key) where a caller knows more
+    (the journal's last seq), and the JSON is written element by element.
     """
     rows = iter(rows)
     if as_json and stream:
@@ -34,7 +36,7 @@ def emit_table(
     elif as_json:
         click.echo(json.dumps(list(rows), indent=2, default=str))
     else:
-        _table(rows, columns, empty, STREAM_WIDTHS_FROM if stream else None)
+        _table(rows, columns, empty, STREAM_WIDTHS_FROM if stream else None, least or {})
 
 
 def _json_stream(rows: Iterator[dict[str, Any]]) -> None:
@@ -48,7 +50,7 @@ def _json_stream(rows: Iterator[dict[str, Any]]) -> None:
 
 
 def _table(rows: Iterator[dict[str, Any]], columns: Sequence[tuple[str, str]], empty: str,
-           widths_from: int | None) -> None:
+           widths_from: int | None, least: Mapping[str, int]) -> None:
     """Aligned to the widest cell of the first ``widths_from`` rows (of all: None)."""
     head = list(rows if widths_from is None else itertools.islice(rows, widths_from))
     if not head:
@@ -56,7 +58,8 @@ def _table(rows: Iterator[dict[str, Any]], columns: Sequence[tuple[str, str]], e
         return
     cells = [[_cell(r.get(k)) for k, _ in columns] for r in head]
     widths = [
-        max(_width(h), *(_width(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)
+        max(_width(h), least.get(k, 0), *(_width(c[i]) for c in cells))
+        for i, (k, h) in enumerate(columns)
     ]
     click.echo("  ".join(_pad(h, w) for (_, h), w in zip(columns, widths, strict=True)).rstrip())
     for c in itertools.chain(cells, ([_cell(r.get(k)) for k, _ in columns] for r in rows)):

@@ -583,6 +583,9 @@ class Controller(service.Service):
         # Listeners, the state directory and the host's names stay as started
         # until a restart, in this process and in every job it starts.
         restart = [sec for sec in ("listen", "system") if getattr(fresh, sec) != getattr(old, sec)]
+        if fresh.directory != old.directory and "system" not in restart:
+            # A link to the file re-pointed: a relative datadir moves with it.
+            restart.append("system")
         self.restart_needed = restart
         new = attrs.evolve(fresh, listen=old.listen, system=old.system,
                            directory=old.directory)  # a link re-pointed since: at a restart
