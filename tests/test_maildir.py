@@ -836,3 +836,36 @@ def test_on_a_full_disk_a_user_can_still_delete_mail(full_disk: Path, tmp_path: 
     assert not (full_disk / "mailboxes" / USER / "Maildir" / EXPUNGE_FILE).exists()
     with store.open(USER) as again:
         assert len(again.messages()) == 1
+
+
+def test_a_login_waits_for_a_quit_removing_many_messages_while_it_goes_on(
+        store: MaildirStore, monkeypatch) -> None:
+    """A QUIT that deleted 50,000 messages on a busy machine took longer than
+    the wait, and the next login got [IN-USE]: the wait now counts from the
+    last file removed, not from the start."""
+    import fcntl
+    import threading
+
+    from twistmail import maildir as maildirmod
+
+    monkeypatch.setattr(maildirmod, "EXPUNGE_WAIT", 0.3)
+    box = store.ensure(USER)
+    for i in range(10):
+        (box / "cur" / f"m{i}").write_bytes(b"x")
+    holder = open(box / maildirmod.LOCK_FILE, "a+b")  # noqa: SIM115
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+    (box / EXPUNGE_FILE).write_bytes(b"")
+
+    def quit_slowly() -> None:  # 1 s in all, a file each 0.1 s
+        for i in range(10):
+            time.sleep(0.1)
+            (box / "cur" / f"m{i}").unlink()
+        (box / EXPUNGE_FILE).unlink()
+        holder.close()
+
+    worker = threading.Thread(target=quit_slowly)
+    worker.start()
+    try:
+        store.open(USER).close()  # waited past EXPUNGE_WAIT, while files went
+    finally:
+        worker.join()

@@ -88,7 +88,8 @@ CUR_INFOS = (SEEN_BY_POP, ":2,S")
 LOCK_FILE = ".twistmail.lock"
 EXPUNGE_FILE = ".twistmail.expunge"
 #: How long an open waits for a session that has answered QUIT and is still
-#: removing its messages (seconds).
+#: removing its messages, counted from the last file it removed (seconds):
+#: 50,000 deleted messages take longer than that on a busy machine.
 EXPUNGE_WAIT = 10.0
 #: How long it waits for any other holder before answering it is in use.
 HOLDER_WAIT = 0.05
@@ -769,6 +770,7 @@ def _take_lock(maildir: Path, user: str) -> BinaryIO:
     fd = os.open(maildir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     lock = os.fdopen(fd, "r+b", buffering=0)
     start = since = time.monotonic()
+    progress = None  # the mtimes of cur/ and gone/: each record and unlink moves one
     try:
         while True:
             try:
@@ -777,7 +779,10 @@ def _take_lock(maildir: Path, user: str) -> BinaryIO:
             except BlockingIOError:
                 now = time.monotonic()
                 if os.path.exists(maildir / EXPUNGE_FILE):
-                    since = now  # a QUIT is unlinking: wait for it, up to a limit
+                    since = now  # a QUIT is unlinking: wait for it while it goes on
+                    seen = _mtimes(maildir / "cur", maildir.parent / GONE_DIR)
+                    if seen != progress:
+                        progress, start = seen, now
                 # A live session is refused after a moment: the holder may be
                 # a QUIT between dropping its log and releasing the lock.
                 if now - since >= HOLDER_WAIT or now - start >= EXPUNGE_WAIT:
@@ -788,6 +793,16 @@ def _take_lock(maildir: Path, user: str) -> BinaryIO:
     except BaseException:
         lock.close()
         raise
+
+
+def _mtimes(*paths: Path) -> tuple[int | None, ...]:
+    out = []
+    for path in paths:
+        try:
+            out.append(os.stat(path).st_mtime_ns)
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 def _message_files(directory: Path) -> list[os.DirEntry]:
