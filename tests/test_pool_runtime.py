@@ -383,11 +383,18 @@ def test_bridge_is_supervised(appliance):
     a = appliance
     pid = a.wait_for(lambda: a.control("status")["bridge"]["pid"], 10)
     a.wait_for(lambda: a.journal("JM"), 10, "bridge start entry")
+    # Its client and QMSF jobs, listed in the status it writes once a second.
+    jobs = a.wait_for(lambda: [j["pid"] for j in a.control("wrkactjob")
+                               if j["job"] in ("QTSMTPCLTP", "QMSF")], 10, "the bridge's jobs")
     os.kill(pid, signal.SIGKILL)
     new = a.wait_for(
         lambda: (a.control("status")["bridge"]["pid"] or pid) != pid
         and a.control("status")["bridge"]["pid"], 15, "bridge restart")
     assert alive(new) and a.journal("JK")
+    # They died with it: each has its end in the journal, as any other job.
+    ended = {e["pid"]: e for e in a.journal("JC")}
+    assert set(jobs) <= set(ended), (jobs, ended)
+    assert all(ended[p]["cause"] == "its bridge (QTSMTPBRSR) ended" for p in jobs)
     rc, out, err = a.cli("endmsf", "--option", "*IMMED")
     assert rc == 0, err
     assert not alive(new) or wait_gone([new], 5) == []

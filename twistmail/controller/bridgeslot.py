@@ -12,12 +12,14 @@ import errno
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistmail.bridge.msf import NBRMSFJOB
+from twistmail.bridge.status import read_status
 from twistmail.prestart import launch
 
 MIN_DELAY = 1.0
@@ -110,6 +112,11 @@ class BridgeSlot:
         if self.wanted:
             self.restarts += 1
             self._journal("JK", f"JK CRASH {JOB_NAME}/{pid}", pid=pid, exit=str(reason.value))
+            for job in _jobs_of(Path(self.config_path).parent, pid):
+                # They die with it (SIGKILL), and it cannot say so any more.
+                self._journal("JC", f"JC CRASH {job['job']}/{job['pid']}", pid=job["pid"],
+                              pgm=job.get("pgm") or None,
+                              cause=f"its bridge ({JOB_NAME}) ended")
             self._schedule_restart()
         else:
             self._journal("JN", f"JN END {JOB_NAME}/{pid}", pid=pid)
@@ -133,3 +140,13 @@ class BridgeSlot:
     def _journal(self, code: str, esd: str, **fields: Any) -> None:
         if self.journal is not None:
             self.journal.write(code, esd, **fields)
+
+
+def _jobs_of(run_dir: Path, pid: int | None) -> list[dict[str, Any]]:
+    """The client and QMSF jobs the bridge ``pid`` listed last (not their launchers)."""
+    status = read_status(run_dir) or {}
+    if pid is None or status.get("pid") != pid:
+        return []  # another bridge's, or none written yet
+    return [j for j in status.get("jobs") or ()
+            if isinstance(j, dict) and isinstance(j.get("pid"), int)
+            and j.get("job") != launch.ForkServer.NAME]
