@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twistmail.bridge.msf import JOB_NAME as MSF_JOB
 from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.bridge.status import read_status
 from twistmail.prestart import launch
@@ -113,8 +114,10 @@ class BridgeSlot:
             self.restarts += 1
             self._journal("JK", f"JK CRASH {JOB_NAME}/{pid}", pid=pid, exit=str(reason.value))
             for job in _jobs_of(Path(self.config_path).parent, pid):
-                # They die with it (SIGKILL), and it cannot say so any more.
-                self._journal("JC", f"JC CRASH {job['job']}/{job['pid']}", pid=job["pid"],
+                # They die with it (SIGKILL), and it cannot say so any more:
+                # JK for a QMSF job as the bridge writes it, JC for a pool's.
+                code = "JK" if job["job"] == MSF_JOB else "JC"
+                self._journal(code, f"{code} CRASH {job['job']}/{job['pid']}", pid=job["pid"],
                               pgm=job.get("pgm") or None,
                               cause=f"its bridge ({JOB_NAME}) ended")
             self._schedule_restart()
