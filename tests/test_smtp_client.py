@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet import ssl as tssl
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from twistmail.mx import Hop
@@ -743,10 +744,18 @@ class ClientTests(unittest.TestCase):
         """Not the next hop, and not never: mail for a domain whose only MX has a
         broken TLS stack still goes, as opportunistic TLS means."""
         sink = self.sink(tls=True, tls_broken=True)
-        result = await self.send([sink.hop()])
+        said: list[str] = []
+        observer = lambda event: said.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        envelope = Envelope("me@here.test", ("a@dest.test",), id="18ece2c5e9680f8d3ee0f7")
+        result = await self.send([sink.hop()], envelope=envelope)
         self.assertEqual(result.recipients[0].status, DELIVERED)
         self.assertFalse(result.tls)
         self.assertEqual((sink.tls_failures, len(sink.messages)), (1, 1))
+        # The log line names the message, as the journal's entries do.
+        [line] = [text for text in said if "without TLS" in text]
+        self.assertTrue(line.startswith("18ece2c5e9680f8d3ee0f7: "), line)
         required = self.sink(tls=True, tls_broken=True)
         result = await self.send([required.hop()], tls_policy=TLS_REQUIRED)
         self.assertEqual(result.recipients[0].status, TEMPORARY)

@@ -184,6 +184,12 @@ class Envelope:
     recipients: tuple[Recipient, ...] = attrs.field(converter=_recipients)
     ret: str | None = None  # FULL or HDRS
     envid: str | None = None
+    #: The queue id, which the log lines about the message start with.
+    id: str | None = None
+
+    @property
+    def named(self) -> str:
+        return f"{self.id}: " if self.id else ""
 
     @classmethod
     def from_any(cls, envelope: Any) -> Envelope:
@@ -193,6 +199,7 @@ class Envelope:
         return cls(
             envelope.originator, envelope.recipients,
             getattr(envelope, "ret", None), getattr(envelope, "envid", None),
+            getattr(envelope, "id", None),
         )
 
 
@@ -1145,9 +1152,9 @@ class _Conversation(_Opening):
                 return None  # 8-bit header fields only
             size = sum(map(len, pieces))
             if limit is not None and size > limit:
-                log.warn("{where} does not offer 8BITMIME, and the message made 7-bit would "
-                         "exceed its SIZE {limit}; sending it as it is", where=self.where,
-                         limit=limit)
+                log.warn("{named}{where} does not offer 8BITMIME, and the message made "
+                         "7-bit would exceed its SIZE {limit}; sending it as it is",
+                         named=job.envelope.named, where=self.where, limit=limit)
                 return None
             # 8-bit header fields, if any, go as they came: body_8bit stays for them.
             eight = not all(p.isascii() for p in pieces)
@@ -1175,8 +1182,9 @@ class _Conversation(_Opening):
         except defer.CancelledError:
             raise
         except Exception as e:
-            log.warn("{where} does not offer 8BITMIME and the message could not be made "
-                     "7-bit ({error}); sending it as it is", where=self.where, error=e)
+            log.warn("{named}{where} does not offer 8BITMIME and the message could not "
+                     "be made 7-bit ({error}); sending it as it is",
+                     named=job.envelope.named, where=self.where, error=e)
             return job
         return job if converted is None else converted
 
@@ -1391,7 +1399,8 @@ async def _deliver(reactor: Any, hops: list[Hop], job: _Job, options: _Options,
             return DeliveryResult(
                 outcome.results, hop, remote_ip, outcome.tls, outcome.dsn, tuple(attempts)
             )
-        log.info("delivery via {where} failed: {error}", where=hop.address, error=outcome.error)
+        log.info("{named}delivery via {where} failed: {error}", named=job.envelope.named,
+                 where=hop.address, error=outcome.error)
         attempts.append(HopAttempt(hop, outcome.error or "failed", outcome.answered))
     text = _none_took_it(attempts)
     results = tuple(
@@ -1433,8 +1442,8 @@ async def _attempt(
                               f"{hop.port}: {_reason(e)}"), hop.address
     outcome, peer = await _converse(session, hop, job, options, cache, key, None)
     if outcome.plain_retry:
-        log.info("{error}; delivering to it without TLS (TLSOUTBOUND *OPPORTUNISTIC)",
-                 error=outcome.error)
+        log.info("{named}{error}; delivering to it without TLS (TLSOUTBOUND "
+                 "*OPPORTUNISTIC)", named=job.envelope.named, error=outcome.error)
         return await _attempt(reactor, hop, job, attrs.evolve(options, tls_policy=_TLS_OFF),
                               cache)
     return outcome, peer

@@ -50,7 +50,7 @@ def _sending(message: dict[str, Any]) -> client.Envelope:
         send["originator"],
         [client.Recipient(address, tuple(notify) if notify else None, orcpt)
          for address, notify, orcpt in send["recipients"]],
-        ret=send["ret"], envid=send["envid"])
+        ret=send["ret"], envid=send["envid"], id=message["id"])
 
 
 class Deliverer:
