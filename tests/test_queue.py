@@ -674,6 +674,23 @@ def test_a_whole_message_left_in_spare_by_a_crash_is_in_no_queue(fq, monkeypatch
     assert fq.body_path(other, QTMSINQ).read_bytes() == b"new\r\n"
 
 
+def test_a_file_with_another_name_is_never_emptied_for_reuse(fq, tmp_path):
+    """An unpacking cut short leaves the packed file linked into data/: the
+    same inode, which another queue's envelope may name."""
+    body = b"Subject: kept\r\n\r\nstill here\r\n"
+    qid = enqueue(fq, body)
+    other = tmp_path / "other-name"
+    os.link(fq.body_path(qid, QTMSINQ), other)
+    fq.remove(QTMSINQ, qid)
+    assert other.read_bytes() == body and spares(fq) == []
+    (fq.root / "spare" / "18ece2c5e9680f8d3ee0f7").write_bytes(body)  # left by a crash
+    os.link(fq.root / "spare" / "18ece2c5e9680f8d3ee0f7", tmp_path / "second")
+    qid = enqueue(FileQueue(fq.root), b"new\r\n")
+    assert (tmp_path / "second").read_bytes() == body
+    assert fq.body_path(qid, QTMSINQ).read_bytes() == b"new\r\n"
+    assert fq.body_path(qid, QTMSINQ).stat().st_ino != (tmp_path / "second").stat().st_ino
+
+
 def test_a_queue_without_spare_directory_still_removes_and_creates(fq):
     """A queue directory made by an earlier version has no spare/ until a restart."""
     (fq.root / "spare").rmdir()

@@ -947,10 +947,15 @@ class FileQueue:
             os.rename(path, spare)
         except OSError:  # gone, or no spare/ (a queue made by an older version)
             return _unlink(path)
-        self._spare_count += 1
-        # Gone already when a new spool took it; its O_TRUNC empties it then.
+        # Gone already when a new spool took it, which empties it then.  A
+        # file with another name (an unpacking cut short links the packed
+        # file into data/) is that name's content: only this name goes.
         with contextlib.suppress(OSError):
+            if os.stat(spare).st_nlink > 1:
+                _unlink(spare)
+                return True
             os.truncate(spare, 0)
+        self._spare_count += 1
         return True
 
     def _open_spare(self, dest: str) -> int | None:
@@ -979,11 +984,18 @@ class FileQueue:
                 continue
             except OSError:
                 return None
+            fd = None
             try:
-                return os.open(dest, os.O_WRONLY | os.O_TRUNC)
+                fd = os.open(dest, os.O_WRONLY)
+                if os.fstat(fd).st_nlink == 1:  # see _retire
+                    os.ftruncate(fd, 0)
+                    return fd
             except OSError:  # a file of another owner (an earlier run as root)
-                _unlink(dest)
-                return None
+                pass
+            if fd is not None:
+                os.close(fd)
+            _unlink(dest)
+            return None
 
     def find(self, queue_id: str) -> str | None:
         """The first queue (in QUEUES order) that holds the message."""
