@@ -781,3 +781,10 @@ def test_a_link_re_pointed_later_moves_no_process_to_another_state_directory(
     assert s.datadir == (tmp_path / "r1" / "var").resolve()
     assert config.load(record).datadir == (tmp_path / "r1" / "var").resolve()
     assert config.load(link).datadir == (tmp_path / "r2" / "var").resolve()  # a new start
+
+
+def test_a_reload_shows_an_empty_value_as_the_file_writes_it() -> None:
+    """``tls.certificate  -> tls/cert.pem`` read as if a word were missing."""
+    new = attrs.evolve(DEFAULTS, tls=attrs.evolve(DEFAULTS.tls, certificate="tls/cert.pem"))
+    assert config.changes(DEFAULTS, new) == ['tls.certificate "" -> tls/cert.pem']
+    assert config.changes(new, DEFAULTS) == ['tls.certificate tls/cert.pem -> ""']

@@ -560,8 +560,13 @@ def iter_settings(obj: Any, defaults: Any = None, prefix: str = "") -> Any:
 
 def changes(old: Settings, new: Settings) -> list[str]:
     """``key old -> new`` for each setting a reload changes, in the file's order."""
-    return [f"{key} {vtype.show(was)} -> {vtype.show(value)}"
+    return [f"{key} {_shown(vtype, was)} -> {_shown(vtype, value)}"
             for key, vtype, value, was in iter_settings(new, old) if value != was]
+
+
+def _shown(vtype: Any, value: Any) -> str:
+    """A value as the file has it; "" for an empty one, which would show as nothing."""
+    return vtype.show(value) or '""'
 
 
 def differences(settings: Settings) -> list[tuple[str, str, str]]:

@@ -298,7 +298,8 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
     click.echo(f"User profile {name} deleted{gone}.")
     if waiting:
         click.echo(f"{waiting} queued message{'s' if waiting != 1 else ''} for its addresses "
-                   "will go back to the senders (wrkq lists them).")
+                   "are no longer its: a catch-all entry (*ANY) takes them, or they go back "
+                   "to their senders (wrkq lists them).")
 
 
 #: The queues a local recipient waits on: QTMSOUTQ too, where one deferred
