@@ -27,6 +27,7 @@ from zope.interface.verify import verifyObject
 
 import twistmail.cli.queuecmds as queuecmds
 import twistmail.queue as queuemod
+import twistmail.spares as spares_mod
 from twistmail.cli.base import run
 from twistmail.interfaces import (
     CORRUPT,
@@ -76,7 +77,7 @@ def enqueue(
 def all_files(fq: FileQueue) -> list[str]:
     """Every file of the queue but the spares, which hold no message."""
     return sorted(str(p.relative_to(fq.root)) for p in fq.root.rglob("*")
-                  if p.is_file() and p.parent.name != "spare")
+                  if p.is_file() and p.parent.name not in ("spare", "retired"))
 
 
 def age_file(path: Path, seconds: float) -> None:
@@ -124,7 +125,8 @@ def test_paths_refuse_anything_but_a_queue_id_and_a_queue_name(fq):
 
 def test_filequeue_provides_iqueue_and_creates_the_layout(fq):
     verifyObject(IQueue, fq)
-    assert sorted(p.name for p in fq.root.iterdir()) == sorted(["tmp", "data", "spare", *QUEUES])
+    assert sorted(p.name for p in fq.root.iterdir()) == sorted(
+        ["tmp", "data", "spare", "retired", *QUEUES])
     assert FileQueue(fq.root.parent / "absent", create=False).list(QTMSINQ) == []
     assert not (fq.root.parent / "absent").exists()
 
@@ -603,6 +605,10 @@ def spares(fq: FileQueue) -> list[Path]:
     return sorted((fq.root / "spare").iterdir())
 
 
+def retired(fq: FileQueue) -> list[Path]:
+    return sorted((fq.root / "retired").iterdir())
+
+
 def test_a_removed_message_leaves_an_empty_spare_that_the_next_message_takes(fq):
     """Every message delivered used to free an inode and every message
     received to allocate one; on ext4 without a journal the allocation scans
@@ -610,9 +616,12 @@ def test_a_removed_message_leaves_an_empty_spare_that_the_next_message_takes(fq)
     gone = enqueue(fq, b"x" * 5000)
     inode = fq.body_path(gone, QTMSINQ).stat().st_ino
     fq.remove(QTMSINQ, gone)
+    assert fq.list(QTMSINQ) == [] and fq.find(gone) is None
+    [kept] = retired(fq)  # whole, until the queue directory it left is synced
+    assert kept.stat().st_size == 5000 and spares(fq) == []
+    fq.spares.flush()
     [spare] = spares(fq)
     assert spare.stat().st_size == 0 and spare.stat().st_ino == inode
-    assert fq.list(QTMSINQ) == [] and fq.find(gone) is None
     body = b"Subject: next\r\n\r\nshort\r\n"
     job = FileQueue(fq.root)  # an SMTP job, which had not looked at spare/ yet
     qid = enqueue(job, body, recipients=("bob@example.test",))
@@ -624,9 +633,35 @@ def test_a_removed_message_leaves_an_empty_spare_that_the_next_message_takes(fq)
     assert all_files(fq) == [f"QTMSINQ/{qid}.msg"]
 
 
+def test_a_file_is_reused_only_once_the_directory_it_left_is_synced(fq, monkeypatch):
+    """The kernel's reason for its scan: after a power cut, a directory entry
+    not yet written back must not name another message's file."""
+    monkeypatch.setattr(spares_mod, "RELEASE_BATCH", 3)
+    events = []
+    sync = spares_mod.fsync_dir
+    monkeypatch.setattr(spares_mod, "fsync_dir",
+                        lambda d: (events.append(("sync", os.path.basename(d))), sync(d)))
+    ids = [enqueue(fq, queue=QTMSOUTQ) for _ in range(3)]
+    for qid in ids[:2]:
+        fq.remove(QTMSOUTQ, qid, durable=False)
+    assert events == [] and len(retired(fq)) == 2 and spares(fq) == []
+    fq.remove(QTMSOUTQ, ids[2], durable=False)
+    assert events == [("sync", QTMSOUTQ)]
+    assert retired(fq) == [] and [p.stat().st_size for p in spares(fq)] == [0, 0, 0]
+
+
+def test_what_a_dead_process_retired_is_released_by_recovery(fq):
+    qid = enqueue(fq)
+    FileQueue(fq.root).remove(QTMSINQ, qid)  # that process is gone, its batch unreleased
+    assert len(retired(fq)) == 1
+    assert fq.recover().clean
+    assert retired(fq) == [] and [p.stat().st_size for p in spares(fq)] == [0]
+
+
 def test_a_spare_body_of_an_envelope_file_message_keeps_no_attribute(fq):
     gone = enqueue(fq)
     fq.remove(QTMSINQ, gone)
+    fq.spares.flush()
     job = FileQueue(fq.root)
     job.packing = False  # as for an envelope too large for an attribute
     qid = enqueue(job, b"body\r\n")
@@ -636,42 +671,74 @@ def test_a_spare_body_of_an_envelope_file_message_keeps_no_attribute(fq):
     assert queuemod.ENVELOPE_ATTR not in os.listxattr(body)
     assert fq.load(QTMSINQ, qid).id == qid
     fq.remove(QTMSINQ, qid)  # an unpacked body is kept too
+    fq.spares.flush()
     assert [p.stat().st_size for p in spares(fq)] == [0]
 
 
 def test_spares_are_kept_up_to_a_limit_then_files_are_removed(fq, monkeypatch):
-    monkeypatch.setattr(queuemod, "SPARE_MAX", 3)
-    ids = [enqueue(fq) for _ in range(5)]
-    for qid in ids:
-        fq.remove(QTMSINQ, qid)
-    assert len(spares(fq)) == 3 and all_files(fq) == []
+    monkeypatch.setattr(spares_mod, "SPARE_MAX", 3)
+    monkeypatch.setattr(spares_mod, "_RECOUNT", 2)
     writer = FileQueue(fq.root)
-    monkeypatch.setattr(writer, "_open_spare", lambda dest: None)
-    late = [enqueue(writer) for _ in range(2)]
-    fresh = FileQueue(fq.root)  # another process: it counts what is there
-    for qid in late:
-        fresh.remove(QTMSINQ, qid)
-    assert len(spares(fq)) == 3 and all_files(fq) == []
+    monkeypatch.setattr(writer.spares, "take", lambda dest: None)
+    ids = [enqueue(writer) for _ in range(60)]
+    removers = [FileQueue(fq.root) for _ in range(3)]  # three processes
+    for n, qid in enumerate(ids):
+        removers[n % 3].remove(QTMSINQ, qid)
+    for r in removers:
+        r.spares.flush()
+    # Each counts what all keep every _RECOUNT retirements of its own.
+    assert len(spares(fq)) <= 3 + 3 * 2 and all_files(fq) == []
 
 
-def test_a_whole_message_left_in_spare_by_a_crash_is_in_no_queue(fq, monkeypatch):
-    """Retiring renames first, empties second: a crash between them leaves
+def test_a_whole_message_left_by_a_crash_before_its_release_is_in_no_queue(fq, monkeypatch):
+    """Retiring renames first, empties later: a crash between them leaves
     the whole file where nothing reads it, never an empty one in a queue."""
     qid = enqueue(fq, b"whole\r\n")
-
-    def crash(*_: object) -> None:
-        raise Crash
-
-    monkeypatch.setattr(os, "truncate", crash)
-    with pytest.raises(Crash):
-        fq.remove(QTMSINQ, qid)
-    monkeypatch.undo()
-    assert [p.read_bytes() for p in spares(fq)] == [b"whole\r\n"]
+    fq.remove(QTMSINQ, qid)
+    assert [p.read_bytes() for p in retired(fq)] == [b"whole\r\n"]
     assert fq.find(qid) is None and fq.list(QTMSINQ) == []
-    assert fq.recover().clean
-    assert [p.name for p in spares(fq)] == [qid]
-    other = enqueue(fq, b"new\r\n")
+    other = enqueue(FileQueue(fq.root), b"new\r\n")
     assert fq.body_path(other, QTMSINQ).read_bytes() == b"new\r\n"
+    assert [p.read_bytes() for p in retired(fq)] == [b"whole\r\n"]
+
+
+def test_a_queue_without_spare_directories_still_removes_and_creates(fq):
+    """A queue directory made by an earlier version has neither until a restart."""
+    (fq.root / "spare").rmdir()
+    (fq.root / "retired").rmdir()
+    qid = enqueue(fq)
+    fq.remove(QTMSINQ, qid)
+    fq.spares.flush()
+    assert all_files(fq) == [] and not (fq.root / "spare").exists()
+    enqueue(fq)
+
+
+def test_an_unreadable_or_odd_spare_directory_only_stops_the_reuse(fq, tmp_path):
+    job = FileQueue(fq.root)
+    (fq.root / "spare").rmdir()
+    (fq.root / "spare").write_bytes(b"not a directory")
+    qid = enqueue(fq)
+    fq.remove(QTMSINQ, qid)
+    fq.spares.flush()
+    assert all_files(fq) == ["spare"] and retired(fq) == []
+    enqueue(job)
+    (fq.root / "spare").unlink()
+    (fq.root / "spare").mkdir()
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"not the queue's")
+    (fq.root / "spare" / "18ece2c5e9680f8d3ee0f7").symlink_to(target)
+    qid = enqueue(FileQueue(fq.root), b"new\r\n")
+    assert target.read_bytes() == b"not the queue's"
+    assert fq.body_path(qid, QTMSINQ).read_bytes() == b"new\r\n"
+
+
+def test_a_missing_tmp_directory_fails_the_spool_and_does_not_spin(fq):
+    fq.remove(QTMSINQ, enqueue(fq))
+    fq.spares.flush()
+    job = FileQueue(fq.root)
+    fq.tmp.rmdir()
+    with pytest.raises(FileNotFoundError):
+        enqueue(job)
 
 
 def test_a_file_with_another_name_is_never_emptied_for_reuse(fq, tmp_path):
@@ -682,22 +749,14 @@ def test_a_file_with_another_name_is_never_emptied_for_reuse(fq, tmp_path):
     other = tmp_path / "other-name"
     os.link(fq.body_path(qid, QTMSINQ), other)
     fq.remove(QTMSINQ, qid)
-    assert other.read_bytes() == body and spares(fq) == []
-    (fq.root / "spare" / "18ece2c5e9680f8d3ee0f7").write_bytes(body)  # left by a crash
+    fq.spares.flush()
+    assert other.read_bytes() == body and spares(fq) == [] and retired(fq) == []
+    (fq.root / "spare" / "18ece2c5e9680f8d3ee0f7").write_bytes(body)  # put there by hand
     os.link(fq.root / "spare" / "18ece2c5e9680f8d3ee0f7", tmp_path / "second")
     qid = enqueue(FileQueue(fq.root), b"new\r\n")
     assert (tmp_path / "second").read_bytes() == body
     assert fq.body_path(qid, QTMSINQ).read_bytes() == b"new\r\n"
     assert fq.body_path(qid, QTMSINQ).stat().st_ino != (tmp_path / "second").stat().st_ino
-
-
-def test_a_queue_without_spare_directory_still_removes_and_creates(fq):
-    """A queue directory made by an earlier version has no spare/ until a restart."""
-    (fq.root / "spare").rmdir()
-    qid = enqueue(fq)
-    fq.remove(QTMSINQ, qid)
-    assert all_files(fq) == [] and not (fq.root / "spare").exists()
-    enqueue(fq)
 
 
 def test_list_is_oldest_first(fq):

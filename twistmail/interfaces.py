@@ -40,8 +40,10 @@ class IQueue(Interface):
         """The envelope of a message in ``queue``; raises KeyError if absent."""
 
     def body_path(queue_id, queue=None):
-        """Filesystem path of the message's immutable body; ``queue``, where the
-        caller last saw the message, is where it is looked for first."""
+        """Filesystem path of the message's body, unchanged until the message
+        is removed (then its file may be emptied and reused for another);
+        ``queue``, where the caller last saw the message, is where it is
+        looked for first."""
 
     def body_damage(queue, envelope):
         """Why the message's body cannot be sent as it was received (gone, or

@@ -18,18 +18,15 @@ Files, all under ``<datadir>/queue/`` (mode 0700 directories, 0600 files):
   SMTP and the API commit mail: the body, with the envelope in the extended
   attribute ``user.twistmail.envelope``.  One file instead of two: the
   commit costs 2 fsyncs and one inode, and removing a delivered message one
-  rename into ``spare/``.  The first new envelope or move unpacks it
+  rename into ``retired/``.  The first new envelope or move unpacks it
   (:meth:`FileQueue.unpack`), so no other queue holds packed files
   (``corrupt/`` aside).  Copies of a queue must keep extended attributes
   (``cp -a``, ``rsync -X``, ``tar --xattrs``); a packed file found without
   its attribute goes to ``corrupt/`` whole.
-- ``spare/<id>``: the emptied file of a message that left the queue, which
-  the next new message takes (:meth:`FileQueue.new_spool`) instead of a new
-  inode; at most :data:`SPARE_MAX`.  On ext4 without a journal, creating a
-  file scans past every inode of its block group freed in the last minutes
-  (one to six); with a file freed for every message delivered, that scan
-  took over a third of the CPU of accepting mail.  Nothing reads a spare:
-  what is in ``spare/`` is in no queue.
+- ``retired/<id>`` and ``spare/<id>``: the file of a message that left the
+  queue, kept for the next new message to take instead of a new inode
+  (:mod:`twistmail.spares`).  Nothing reads them: what is there is in no
+  queue.
 
 Durability contract (DESIGN.md §2, queue rules 1, 2 and 4):
 
@@ -83,7 +80,6 @@ import functools
 import json
 import math
 import os
-import random
 import re
 import secrets
 import threading
@@ -98,6 +94,7 @@ from zope.interface import implementer
 
 from twistmail.durable import fsync_dir
 from twistmail.interfaces import CORRUPT, QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2, QUEUES, IQueue
+from twistmail.spares import Spares
 
 #: Recipient states.  ``pending`` and ``retry`` still need work; the others are final.
 PENDING = "pending"
@@ -125,15 +122,6 @@ CHECKED_BY_READERS = frozenset((QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2))
 #: Where packed files may be: those, and corrupt/ for damaged ones.
 _PACKED_IN = frozenset((*PACKABLE, CORRUPT))
 _NO_ATTRS = frozenset((errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS))
-#: Files kept in spare/ for reuse; beyond that they are unlinked.
-SPARE_MAX = 256
-#: Names of spare/ a writer tries from one listing: writers in other
-#: processes take from the same listing, so a long list goes stale.
-_SPARE_TRIES = 8
-#: New spools made without looking again after spare/ was found empty.
-_SPARE_SKIP = 16
-#: Files removed without counting again after spare/ was found full.
-_SPARE_RECOUNT = 32
 
 TMP_MAX_AGE = 24 * 3600.0
 ORPHAN_MIN_AGE = 3600.0
@@ -493,7 +481,7 @@ class Spool:
         self._committed = False
         self._aborted = False
         #: Whether the body file is a spare, with the attribute of its last message.
-        fd = queue._open_spare(self._body_tmp)
+        fd = queue.spares.take(self._body_tmp)
         self._reused = fd is not None
         if fd is None:
             fd = os.open(self._body_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -640,17 +628,7 @@ class FileQueue:
         self._dirs = {q: str(self.root / q) for q in QUEUES}
         self._data = str(self.data)
         self._tmp = str(self.tmp)
-        self._spare = str(self.root / "spare")
-        #: Names from the last listing of spare/, and the pid that listed
-        #: them: a forked process lists for itself.
-        self._spares: list[str] = []
-        self._spares_pid = 0
-        self._spare_skip = 0
-        #: spare/'s size as last counted, plus what this process put there
-        #: since; None before the first count.
-        self._spare_count: int | None = None
-        #: Files still to remove, spare/ being full, before counting again.
-        self._spare_full = 0
+        self.spares = Spares(str(self.root), lambda: (*self._dirs.values(), self._data))
         #: Whether new messages for PACKABLE queues are packed; off for good once
         #: the file system refuses extended attributes.
         self.packing = True
@@ -668,7 +646,8 @@ class FileQueue:
         """Create the layout; fsync parents once so the first commit cannot vanish."""
         made = not self.root.is_dir()
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for d in (self.tmp, self.data, Path(self._spare), *(self.root / q for q in QUEUES)):
+        spares = (Path(self.spares.spare), Path(self.spares.retired))
+        for d in (self.tmp, self.data, *spares, *(self.root / q for q in QUEUES)):
             if not d.is_dir():
                 d.mkdir(mode=0o700, exist_ok=True)
                 made = True
@@ -914,7 +893,7 @@ class FileQueue:
         recovery removes such orphans.
         """
         removed = _unlink(self._envelope(queue, queue_id))
-        if queue in _PACKED_IN and self._retire(self._packed(queue, queue_id), queue_id):
+        if queue in _PACKED_IN and self.spares.retire(self._packed(queue, queue_id), queue_id):
             removed = True  # a packed message is one file, envelope and body
         if not removed:
             raise KeyError(queue_id)
@@ -925,77 +904,7 @@ class FileQueue:
         body = self._body(queue_id)
         # A packed message has no body in data/: nothing to look for then.
         if os.path.exists(body) and not self._held(queue_id):
-            self._retire(body, queue_id)
-
-    def _retire(self, path: str, queue_id: str) -> bool:
-        """Take the file of a message that is done out of its place, into
-        spare/ (emptied) or, when spare/ is full, away; False if it was gone.
-
-        The rename comes before the truncation: a crash between the two
-        leaves a whole message in spare/, where nothing reads it, never an
-        emptied one in a queue."""
-        if self._spare_full:
-            self._spare_full -= 1
-            return _unlink(path)
-        if self._spare_count is None or self._spare_count >= SPARE_MAX:
-            self._spare_count = len(_listdir(self._spare))
-            if self._spare_count >= SPARE_MAX:
-                self._spare_full = _SPARE_RECOUNT
-                return _unlink(path)
-        spare = f"{self._spare}/{queue_id}"
-        try:
-            os.rename(path, spare)
-        except OSError:  # gone, or no spare/ (a queue made by an older version)
-            return _unlink(path)
-        # Gone already when a new spool took it, which empties it then.  A
-        # file with another name (an unpacking cut short links the packed
-        # file into data/) is that name's content: only this name goes.
-        with contextlib.suppress(OSError):
-            if os.stat(spare).st_nlink > 1:
-                _unlink(spare)
-                return True
-            os.truncate(spare, 0)
-        self._spare_count += 1
-        return True
-
-    def _open_spare(self, dest: str) -> int | None:
-        """A spare renamed to ``dest`` (a new spool's body), open for writing
-        and empty; None if there is none.
-
-        Another process may take the same name first: then the next one."""
-        pid = os.getpid()
-        if self._spares_pid != pid:
-            self._spares, self._spares_pid, self._spare_skip = [], pid, 0
-        while True:
-            if not self._spares:
-                if self._spare_skip:
-                    self._spare_skip -= 1
-                    return None
-                names = _listdir(self._spare)
-                if not names:
-                    self._spare_skip = _SPARE_SKIP
-                    return None
-                # Processes that list together start from different names.
-                self._spares = random.sample(names, min(len(names), _SPARE_TRIES))
-            name = self._spares.pop()
-            try:
-                os.rename(f"{self._spare}/{name}", dest)
-            except FileNotFoundError:
-                continue
-            except OSError:
-                return None
-            fd = None
-            try:
-                fd = os.open(dest, os.O_WRONLY)
-                if os.fstat(fd).st_nlink == 1:  # see _retire
-                    os.ftruncate(fd, 0)
-                    return fd
-            except OSError:  # a file of another owner (an earlier run as root)
-                pass
-            if fd is not None:
-                os.close(fd)
-            _unlink(dest)
-            return None
+            self.spares.retire(body, queue_id)
 
     def find(self, queue_id: str) -> str | None:
         """The first queue (in QUEUES order) that holds the message."""
@@ -1085,6 +994,7 @@ class FileQueue:
         corrupt = self._quarantine_corrupt()
         duplicates = self._settle_duplicates()
         orphans = self._remove_orphans(now)
+        self.spares.adopt()
         return RecoveryReport(tmp_removed, corrupt, duplicates, orphans)
 
     def _clean_tmp(self, now: float) -> tuple[str, ...]:
