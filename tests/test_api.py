@@ -186,6 +186,7 @@ def test_the_file_goes_when_queued_but_never_a_new_file_of_its_name(
 
 
 def test_a_program_sending_many_notes_keeps_no_descriptor(make_appliance, tmp_path):
+    import gc
     import os
 
     s = load(make_appliance().config)
@@ -196,10 +197,13 @@ def test_a_program_sending_many_notes_keeps_no_descriptor(make_appliance, tmp_pa
         send_mime_mail(str(note), "app@example.test", ["sam@example.test"], settings=s)
 
     send()  # the first call may import and open what stays for the process
+    # What earlier tests left to the garbage collector closes now, not in the loop.
+    gc.collect()
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
         send()
-    assert len(os.listdir("/proc/self/fd")) == before
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before
 
 
 def test_a_unix_file_s_line_ends_become_crlf(make_appliance, tmp_path):
