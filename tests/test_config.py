@@ -711,6 +711,16 @@ def test_config_all_defaults(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert run(capsys, "--config", str(p), "config", "-n", "--json") == (0, "[]\n", "")
 
 
+def test_apply_with_a_listing_option_is_refused(capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    """``config -n --apply`` applied and ignored -n: the listing asked for never came."""
+    p = write(tmp_path, "# nothing changed\n")
+    for option in ("-n", "--json"):
+        rc, out, err = run(capsys, "--config", str(p), "config", option, "--apply")
+        assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+        assert "--apply" in err and f"allowed without {option}" in err
+
+
 def test_config_bad_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     p = write(tmp_path, "[pop]\nnbrsvr = 99\n")
     rc, out, err = run(capsys, "--config", str(p), "config", "-n")

@@ -15,7 +15,7 @@ import click
 import tomlkit
 
 from twistmail import config as configmod
-from twistmail.cli.base import app, cli
+from twistmail.cli.base import app, cli, usage_error
 from twistmail.cli.poolcmds import say_after_reload
 
 ALL_DEFAULT = "# every setting has its default value"
@@ -34,6 +34,9 @@ ALL_DEFAULT = "# every setting has its default value"
 def config_command(non_default: bool, as_json: bool, apply: bool) -> None:
     """Show the settings read from the configuration file (or --apply them)."""
     if apply:
+        if non_default or as_json:
+            usage_error(f"--apply: it shows what it applied, not a listing; "
+                        f"allowed without {'-n' if non_default else '--json'}")
         _apply()
         return
     rows = setting_rows(app().settings, non_default)
