@@ -527,7 +527,11 @@ class Controller(service.Service):
         statuses = {p: pool.status for p, pool in self.pools.items()}
         client = self._client_pool_status()  # the bridge's, while it runs
         if client is not None and isinstance(client.get("report"), dict):
-            statuses["QTMSCCLCP"] = client["report"].get("status", "?")
+            status = client["report"].get("status", "?")
+            # ENDTCPSVR *SMTP ends them; the bridge's file says so within a second.
+            if status == "ACTIVE" and not self.servers["*SMTP"]:
+                status = "ENDING"
+            statuses["QTMSCCLCP"] = status
         return statuses
 
     def cmd_dspactpj(self, pgm: str, reset: bool = False) -> Any:
