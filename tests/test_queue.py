@@ -741,6 +741,40 @@ def test_a_missing_tmp_directory_fails_the_spool_and_does_not_spin(fq):
         enqueue(job)
 
 
+def test_odd_entries_in_spare_and_retired_neither_hang_nor_stop_recovery(fq):
+    """Put there by hand: a FIFO would block the open for a reader, a full
+    directory would go into tmp/ where recovery could not remove it."""
+    os.mkfifo(fq.root / "spare" / "fifo")
+    (fq.root / "spare" / "dir").mkdir()
+    (fq.root / "spare" / "dir" / "f").write_bytes(b"x")
+    (fq.root / "retired" / "dir").mkdir()
+    (fq.root / "retired" / "dir" / "f").write_bytes(b"x")
+    for _ in range(3):
+        qid = enqueue(FileQueue(fq.root), b"new\r\n")
+        assert fq.body_path(qid, QTMSINQ).read_bytes() == b"new\r\n"
+    assert os.listdir(fq.tmp) == []
+    assert fq.recover().clean and fq.spares.adopt() == 0
+    assert not (fq.root / "spare" / "fifo").exists()
+
+
+def test_a_packed_file_linked_into_data_goes_by_both_names(fq):
+    """An unpacking cut short: ``X.msg`` and ``data/X`` are one file."""
+    qid = enqueue(fq)
+    os.link(fq.body_path(qid, QTMSINQ), fq.data / qid)
+    fq.remove(QTMSINQ, qid)
+    fq.spares.flush()
+    assert all_files(fq) == [] and not (fq.data / qid).exists()
+    assert [p.stat().st_size for p in spares(fq)] == [0]
+
+
+def test_a_process_that_ends_releases_what_it_retired(fq):
+    qid = enqueue(fq)
+    script = ("import sys\nfrom twistmail.queue import FileQueue\n"
+              "FileQueue(sys.argv[1]).remove('QTMSINQ', sys.argv[2])\n")
+    subprocess.run([sys.executable, "-c", script, str(fq.root), qid], check=True, timeout=60)
+    assert retired(fq) == [] and [p.stat().st_size for p in spares(fq)] == [0]
+
+
 def test_a_file_with_another_name_is_never_emptied_for_reuse(fq, tmp_path):
     """An unpacking cut short leaves the packed file linked into data/: the
     same inode, which another queue's envelope may name."""

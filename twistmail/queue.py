@@ -82,6 +82,7 @@ import math
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -629,6 +630,7 @@ class FileQueue:
         self._data = str(self.data)
         self._tmp = str(self.tmp)
         self.spares = Spares(str(self.root), lambda: (*self._dirs.values(), self._data))
+        self._odd_tmp: set[str] = set()
         #: Whether new messages for PACKABLE queues are packed; off for good once
         #: the file system refuses extended attributes.
         self.packing = True
@@ -1007,8 +1009,15 @@ class FileQueue:
                 continue  # its writer just renamed it into place
             pid = _writer_pid(name)
             abandoned = pid is not None and not _pid_alive(pid)
-            if (abandoned or now - mtime > TMP_MAX_AGE) and _unlink(path):
-                removed.append(name)
+            if not (abandoned or now - mtime > TMP_MAX_AGE):
+                continue
+            try:
+                if _unlink(path):
+                    removed.append(name)
+            except OSError as e:  # not a file (put there by hand): left, said once
+                if name not in self._odd_tmp:
+                    self._odd_tmp.add(name)
+                    print(f"{path}: cannot be removed: {e.strerror}", file=sys.stderr)
         return tuple(removed)
 
     def _finish_unpacking(self) -> None:

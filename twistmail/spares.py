@@ -23,6 +23,7 @@ into ``data/``) is never kept: emptying it would empty that name's message.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
@@ -44,16 +45,38 @@ RELEASE_AGE = 1.0
 _TAKE_TRIES = 8
 #: New files made without looking again after spare/ was found empty.
 _SKIP = 16
-#: Retirements between two counts of what is kept (other processes add and take).
+#: Retirements between two counts of what is kept (other processes add and
+#: take): several processes retiring at once may keep a few more than SPARE_MAX.
 _RECOUNT = 32
 
 
-def _names(path: str) -> list[str]:
-    """A directory's entries; none when it cannot be read (then nothing is reused)."""
+def _listing(path: str) -> list[str] | None:
+    """A directory's entries; None when it cannot be read."""
     try:
         return [n for n in os.listdir(path) if not n.startswith(".")]
     except OSError:
-        return []
+        return None
+
+
+def _names(path: str) -> list[str]:
+    return _listing(path) or []
+
+
+def _is_file(path: str) -> bool:
+    """A plain file with no other name: the only kind kept and reused."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
+def _discard(path: str) -> None:
+    """Remove what is not for reuse, whatever it is; leave what cannot be removed."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 def _unlink(path: str) -> bool:
@@ -85,13 +108,15 @@ class Spares:
         self._names: list[str] = []
         self._names_pid = 0
         self._skip = 0
+        self._at_exit = 0  # the pid that registered flush() to run at its exit
 
     # -- retiring
 
     def retire(self, path: str, name: str) -> bool:
         """Take ``path``, a file of mail that is done, out of its directory:
         kept for reuse while there is room, else unlinked.  False if it was gone."""
-        if not self._room():
+        # A file with another name (see the module docstring) keeps that one.
+        if not (_is_file(path) and self._room()):
             return _unlink(path)
         try:
             os.rename(path, f"{self.retired}/{name}")
@@ -100,6 +125,9 @@ class Spares:
         batch = None
         now = time.monotonic()
         with self._lock:
+            if self._at_exit != os.getpid():  # a process that ends releases its batch
+                self._at_exit = os.getpid()
+                atexit.register(self.flush)
             if not self._pending:
                 self._pending_since = now
             self._pending.append(name)
@@ -124,7 +152,12 @@ class Spares:
 
         Listed before the fsyncs: a file retired after the listing may have
         left a directory whose fsync had already begun."""
-        names = _names(self.retired)
+        names = []
+        for name in _names(self.retired):
+            if _is_file(f"{self.retired}/{name}"):
+                names.append(name)
+            else:
+                _discard(f"{self.retired}/{name}")
         if names:
             self._release(names, self._directories())
         return len(names)
@@ -138,13 +171,11 @@ class Spares:
         for name in names:
             path = f"{self.retired}/{name}"
             with contextlib.suppress(OSError):
-                st = os.lstat(path)
-                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                if _is_file(path):
                     os.truncate(path, 0)
                     os.rename(path, f"{self.spare}/{name}")
                     continue
-            with contextlib.suppress(OSError):  # not for reuse, or no spare/ to go to
-                _unlink(path)
+            _discard(path)  # not for reuse, or no spare/ to go to
 
     def _room(self) -> bool:
         with self._lock:
@@ -152,7 +183,11 @@ class Spares:
                 self._full -= 1
                 return False
             if self._count is None or self._since_count >= _RECOUNT:
-                self._count = len(_names(self.spare)) + len(_names(self.retired))
+                spare = _listing(self.spare)
+                if spare is None:  # what could not be listed could not be taken
+                    self._full = _RECOUNT
+                    return False
+                self._count = len(spare) + len(_names(self.retired))
                 self._since_count = 0
             if self._count >= SPARE_MAX:
                 self._full, self._count = _RECOUNT, None
@@ -181,6 +216,9 @@ class Spares:
                 self._names = random.sample(names, min(len(names), _TAKE_TRIES))
                 continue
             source = f"{self.spare}/{name}"
+            if not _is_file(source):
+                _discard(source)
+                continue
             try:
                 os.rename(source, dest)
             except FileNotFoundError:
@@ -196,7 +234,8 @@ class Spares:
     def _open(path: str) -> int | None:
         fd = None
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+            # O_NONBLOCK: a FIFO with no reader fails instead of waiting for one.
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 os.ftruncate(fd, 0)
@@ -205,8 +244,5 @@ class Spares:
             pass
         if fd is not None:
             os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
+        _discard(path)
         return None
