@@ -44,7 +44,7 @@ RELEASE_AGE = 1.0
 #: together take from the same names, so a long list goes stale.
 _TAKE_TRIES = 8
 #: New files made without looking again after spare/ was found empty.
-_SKIP = 16
+_SKIP = 2
 #: Retirements between two counts of what is kept (other processes add and
 #: take): several processes retiring at once may keep a few more than SPARE_MAX.
 _RECOUNT = 32
