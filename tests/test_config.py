@@ -715,10 +715,10 @@ def test_apply_with_a_listing_option_is_refused(capsys: pytest.CaptureFixture[st
                                                 tmp_path: Path) -> None:
     """``config -n --apply`` applied and ignored -n: the listing asked for never came."""
     p = write(tmp_path, "# nothing changed\n")
-    for option in ("-n", "--json"):
-        rc, out, err = run(capsys, "--config", str(p), "config", option, "--apply")
+    for options in (["-n"], ["--json"], ["-n", "--json"]):
+        rc, out, err = run(capsys, "--config", str(p), "config", *options, "--apply")
         assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
-        assert "--apply" in err and f"allowed without {option}" in err
+        assert "--apply" in err and f"allowed without {' and '.join(options)}" in err
 
 
 def test_config_bad_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -719,8 +719,8 @@ def test_a_new_profile_is_not_handed_mail_queued_for_one_deleted(cfg, capsys):
         spool.commit(QTMSINQ)
     rc, out, err = tm(capsys, cfg, "dltusrprf", "--usrprf", "BOB")
     assert rc == 0 and out == ("User profile BOB deleted.\n1 queued message for its addresses "
-                               "are no longer its: a catch-all entry (*ANY) takes them, or "
-                               "they go back to their senders (wrkq lists them).\n")
+                               "is no longer its: a catch-all entry (*ANY) takes it, or it "
+                               "goes back to its sender (wrkq lists it).\n")
     rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "bob", "--password", "pw")
     assert rc == 2 and err.strip().endswith(
         "--usrprf: 1 queued message is for bob@example.test, the address BOB would get, "

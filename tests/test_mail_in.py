@@ -410,6 +410,8 @@ def test_qmsf_jobs_start_with_mail_take_changes_and_end_with_endmsf(post):
     assert rc == 0, err
     assert wait_gone([bridge, job], 10) == []
     assert [e["pid"] for e in a.journal("JN") if e["esd"].startswith("JN END QMSF")] == [job]
+    # A job ends by os._exit: it releases its last batch of retired files itself.
+    assert os.listdir(a.datadir / "queue" / "retired") == []
 
 
 def test_strmsf_nbrmsfjob_sets_how_many_qmsf_jobs_run(post):

@@ -149,6 +149,7 @@ def test_endtcpsvr_smtp_ends_the_client_jobs_and_keeps_mail_queued(make_applianc
     assert rc == 0, err
     # Not ACTIVE while the bridge has not yet written that they ended.
     assert a.control("status")["pools"]["QTMSCCLCP"] in ("ENDING", "ENDED")
+    assert a.control("dspactpj", pgm="QTMSCCLCP")["status"] in ("ENDING", "ENDED")
     a.wait_for(lambda: a.count("QTMSCCLCP") == 0, 20, "the client jobs to end")
     a.wait_for(lambda: a.control("status")["pools"]["QTMSCCLCP"] == "ENDED", 10, "ENDED")
     assert a.cli("rlsdstq", "--dstq", "QSMTPQ")[0] == 0

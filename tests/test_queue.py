@@ -622,6 +622,7 @@ def test_a_removed_message_leaves_an_empty_spare_that_the_next_message_takes(fq)
     fq.spares.flush()
     [spare] = spares(fq)
     assert spare.stat().st_size == 0 and spare.stat().st_ino == inode
+    assert os.listxattr(spare) == []  # nothing of the old message's envelope either
     body = b"Subject: next\r\n\r\nshort\r\n"
     job = FileQueue(fq.root)  # an SMTP job, which had not looked at spare/ yet
     qid = enqueue(job, body, recipients=("bob@example.test",))
@@ -648,6 +649,18 @@ def test_a_file_is_reused_only_once_the_directory_it_left_is_synced(fq, monkeypa
     fq.remove(QTMSOUTQ, ids[2], durable=False)
     assert events == [("sync", QTMSOUTQ)]
     assert retired(fq) == [] and [p.stat().st_size for p in spares(fq)] == [0, 0, 0]
+
+
+def test_an_envelope_file_removal_is_synced_before_its_body_is_reused(fq, monkeypatch):
+    """Else a power cut could bring back the envelope without its body."""
+    fq.packing = False
+    qid = enqueue(fq, queue=QTMSOUTQ)
+    synced = []
+    sync = spares_mod.fsync_dir
+    monkeypatch.setattr(spares_mod, "fsync_dir", lambda d: (synced.append(d), sync(d)))
+    fq.remove(QTMSOUTQ, qid, durable=False)
+    fq.spares.flush()
+    assert sorted(os.path.basename(d) for d in synced) == [QTMSOUTQ, "data"]
 
 
 def test_what_a_dead_process_retired_is_released_by_recovery(fq):

@@ -629,7 +629,8 @@ class FileQueue:
         self._dirs = {q: str(self.root / q) for q in QUEUES}
         self._data = str(self.data)
         self._tmp = str(self.tmp)
-        self.spares = Spares(str(self.root), lambda: (*self._dirs.values(), self._data))
+        self.spares = Spares(str(self.root), lambda: (*self._dirs.values(), self._data),
+                             (ENVELOPE_ATTR,))
         self._odd_tmp: set[str] = set()
         #: Whether new messages for PACKABLE queues are packed; off for good once
         #: the file system refuses extended attributes.
@@ -906,7 +907,7 @@ class FileQueue:
         body = self._body(queue_id)
         # A packed message has no body in data/: nothing to look for then.
         if os.path.exists(body) and not self._held(queue_id):
-            self.spares.retire(body, queue_id)
+            self.spares.retire(body, queue_id, also=None if durable else self._dirs[queue])
 
     def find(self, queue_id: str) -> str | None:
         """The first queue (in QUEUES order) that holds the message."""

@@ -90,11 +90,14 @@ def _unlink(path: str) -> bool:
 class Spares:
     """The spare files of one queue directory, for one process (and its threads)."""
 
-    def __init__(self, root: str, directories: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, root: str, directories: Callable[[], Iterable[str]],
+                 attributes: tuple[str, ...] = ()) -> None:
         self.spare = f"{root}/spare"
         self.retired = f"{root}/retired"
         #: Every directory a retired file may have left, for :meth:`adopt`.
         self._directories = directories
+        #: Extended attributes of the old message, removed with its bytes.
+        self._attributes = attributes
         self._lock = threading.Lock()
         self._pending: list[str] = []
         self._pending_dirs: set[str] = set()
@@ -112,9 +115,14 @@ class Spares:
 
     # -- retiring
 
-    def retire(self, path: str, name: str) -> bool:
+    def retire(self, path: str, name: str, also: str | None = None) -> bool:
         """Take ``path``, a file of mail that is done, out of its directory:
-        kept for reuse while there is room, else unlinked.  False if it was gone."""
+        kept for reuse while there is room, else unlinked.  False if it was gone.
+
+        ``also``: a directory whose change must be on disk before the file is
+        reused as well, such as the queue that held the message's envelope
+        file (without it, a power cut could bring back the envelope
+        without its body)."""
         # A file with another name (see the module docstring) keeps that one.
         if not (_is_file(path) and self._room()):
             return _unlink(path)
@@ -132,6 +140,8 @@ class Spares:
                 self._pending_since = now
             self._pending.append(name)
             self._pending_dirs.add(os.path.dirname(path))
+            if also is not None:
+                self._pending_dirs.add(also)
             if len(self._pending) >= RELEASE_BATCH or now - self._pending_since >= RELEASE_AGE:
                 batch, dirs = self._pending, self._pending_dirs
                 self._pending, self._pending_dirs = [], set()
@@ -173,6 +183,9 @@ class Spares:
             with contextlib.suppress(OSError):
                 if _is_file(path):
                     os.truncate(path, 0)
+                    for attribute in self._attributes:
+                        with contextlib.suppress(OSError):  # ENODATA: it had none
+                            os.removexattr(path, attribute)
                     os.rename(path, f"{self.spare}/{name}")
                     continue
             _discard(path)  # not for reuse, or no spare/ to go to

@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         # did is in the queue; a message it had not answered for is taken
         # again by the next bridge, and makes no second copy.
         pass
+    finally:
+        # A job ends by os._exit (see forkserver), which runs no atexit.
+        processor.queue.spares.flush()
     return 0
 
 

@@ -35,8 +35,9 @@ def config_command(non_default: bool, as_json: bool, apply: bool) -> None:
     """Show the settings read from the configuration file (or --apply them)."""
     if apply:
         if non_default or as_json:
-            usage_error(f"--apply: it shows what it applied, not a listing; "
-                        f"allowed without {'-n' if non_default else '--json'}")
+            given = " and ".join(o for o, on in (("-n", non_default), ("--json", as_json)) if on)
+            usage_error(f"--apply: it shows what it applied, not a listing; allowed "
+                        f"without {given}")
         _apply()
         return
     rows = setting_rows(app().settings, non_default)

@@ -297,9 +297,13 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
     gone = f" with {' and '.join(o for o, _ in owned)}" if owned else ""
     click.echo(f"User profile {name} deleted{gone}.")
     if waiting:
-        click.echo(f"{waiting} queued message{'s' if waiting != 1 else ''} for its addresses "
-                   "are no longer its: a catch-all entry (*ANY) takes them, or they go back "
-                   "to their senders (wrkq lists them).")
+        if waiting == 1:
+            click.echo("1 queued message for its addresses is no longer its: a catch-all "
+                       "entry (*ANY) takes it, or it goes back to its sender (wrkq lists it).")
+        else:
+            click.echo(f"{waiting} queued messages for its addresses are no longer its: a "
+                       "catch-all entry (*ANY) takes them, or they go back to their senders "
+                       "(wrkq lists them).")
 
 
 #: The queues a local recipient waits on: QTMSOUTQ too, where one deferred

@@ -527,18 +527,23 @@ class Controller(service.Service):
         statuses = {p: pool.status for p, pool in self.pools.items()}
         client = self._client_pool_status()  # the bridge's, while it runs
         if client is not None and isinstance(client.get("report"), dict):
-            status = client["report"].get("status", "?")
-            # ENDTCPSVR *SMTP ends them; the bridge's file says so within a second.
-            if status == "ACTIVE" and not self.servers["*SMTP"]:
-                status = "ENDING"
-            statuses["QTMSCCLCP"] = status
+            statuses["QTMSCCLCP"] = self._client_status(client["report"].get("status", "?"))
         return statuses
+
+    def _client_status(self, status: str) -> str:
+        """ENDTCPSVR *SMTP ends the client jobs; the bridge's file says so within a second."""
+        return "ENDING" if status == "ACTIVE" and not self.servers["*SMTP"] else status
 
     def cmd_dspactpj(self, pgm: str, reset: bool = False) -> Any:
         if _word("--pgm", pgm) == "QTMSCCLCP":
             status = self._client_pool_status()
             if status is not None:
-                return self._client_pool_reset() if reset else status["report"]
+                if reset:
+                    return self._client_pool_reset()
+                report = dict(status["report"])
+                if "status" in report:
+                    report["status"] = self._client_status(report["status"])
+                return report
         return self._pool(pgm).report(reset=reset)
 
     def _client_pool_reset(self) -> defer.Deferred:
