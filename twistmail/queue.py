@@ -481,8 +481,9 @@ class Spool:
         self._env_final: str | None = None
         self._committed = False
         self._aborted = False
-        #: Whether the body file is a spare, with the attribute of its last message.
         fd = queue.spares.take(self._body_tmp)
+        #: Whether the body file is a spare: a crash may have left it the
+        #: envelope attribute of its last message.
         self._reused = fd is not None
         if fd is None:
             fd = os.open(self._body_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
