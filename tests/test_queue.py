@@ -690,17 +690,16 @@ def test_a_spare_body_of_an_envelope_file_message_keeps_no_attribute(fq):
 
 def test_spares_are_kept_up_to_a_limit_then_files_are_removed(fq, monkeypatch):
     monkeypatch.setattr(spares_mod, "SPARE_MAX", 3)
-    monkeypatch.setattr(spares_mod, "_RECOUNT", 2)
+    monkeypatch.setattr(spares_mod, "_RECOUNT", 1)  # count what all keep every time
     writer = FileQueue(fq.root)
     monkeypatch.setattr(writer.spares, "take", lambda dest: None)
     ids = [enqueue(writer) for _ in range(60)]
-    removers = [FileQueue(fq.root) for _ in range(3)]  # three processes
+    removers = [FileQueue(fq.root) for _ in range(6)]  # six processes, one limit
     for n, qid in enumerate(ids):
-        removers[n % 3].remove(QTMSINQ, qid)
+        removers[n % 6].remove(QTMSINQ, qid)
     for r in removers:
         r.spares.flush()
-    # Each counts what all keep every _RECOUNT retirements of its own.
-    assert len(spares(fq)) <= 3 + 3 * 2 and all_files(fq) == []
+    assert len(spares(fq)) == 3 and all_files(fq) == []
 
 
 def test_a_whole_message_left_by_a_crash_before_its_release_is_in_no_queue(fq, monkeypatch):
