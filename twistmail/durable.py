@@ -13,6 +13,15 @@ import os
 from pathlib import Path
 
 
+def unlink(path: Path | str) -> bool:
+    """Remove a file; False when it was already gone (another holder removed it)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def fsync_dir(path: Path | str) -> None:
     """Make the renames, links and unlinks done in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

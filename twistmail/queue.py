@@ -94,6 +94,7 @@ from attrs import validators as v
 from zope.interface import implementer
 
 from twistmail.durable import fsync_dir
+from twistmail.durable import unlink as _unlink
 from twistmail.interfaces import CORRUPT, QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2, QUEUES, IQueue
 from twistmail.spares import Spares
 
@@ -428,14 +429,6 @@ def _write_synced(path: Path | str, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _unlink(path: Path | str) -> bool:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _pid_alive(pid: int) -> bool:

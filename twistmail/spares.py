@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from twistmail.durable import fsync_dir
+from twistmail.durable import unlink as _unlink
 
 #: Files kept in spare/ and retired/ together; beyond that they are unlinked.
 SPARE_MAX = 256
@@ -77,14 +78,6 @@ def _discard(path: str) -> None:
         os.unlink(path)
     with contextlib.suppress(OSError):
         os.rmdir(path)
-
-
-def _unlink(path: str) -> bool:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 class Spares:
