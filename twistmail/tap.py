@@ -39,11 +39,18 @@ class Options(usage.Options):
                 tlsconfig.server_options(self.settings, check=True)
             except configmod.SettingError as e:
                 _fatal(str(e))
+        # Checked again when the service starts; asked here as well because
+        # here, before twistd daemonises, the refusal is still one plain line.
+        from twistmail.control import socket_in_use
+
+        path = self.settings.control_socket
+        if socket_in_use(path):
+            _fatal(f"another daemon is running (it answers on {path})", status=1)
 
 
-def _fatal(message: str) -> None:
+def _fatal(message: str, status: int = 2) -> None:
     sys.stderr.write(f"twistmail: {message}\n")
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 def makeService(options: Options):  # noqa: ANN201 - twistd's interface
