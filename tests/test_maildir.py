@@ -688,6 +688,21 @@ def test_foreign_message_is_listed_and_read(store: MaildirStore, tmp_path: Path)
             "1700000000.M12P34.otherhost", wire)
 
 
+def test_another_program_s_files_named_for_this_host_are_sized_as_sent(
+    store: MaildirStore,
+) -> None:
+    """Dovecot or Postfix on the same host before twistmail: their names end in
+    our host name as ours do, and their S= (or the file's size) counts bare LFs."""
+    text = b"From: a@old\nSubject: x\n\nline1\n.dotline\n..two\n.\nend\n"
+    wire = len(text) + text.count(b"\n")
+    cur, new = store.ensure(USER) / "cur", store.path(USER) / "new"
+    (cur / f"1700000004.M4P4.{HOST},S={len(text)},W={wire}:2,S").write_bytes(text)
+    (new / f"1700000005.V801I1M5.{HOST}").write_bytes(text)
+    with store.open(USER) as session:
+        assert [m.size for m in session.messages()] == [wire, wire]
+        assert session.stat() == (2, 2 * wire)
+
+
 def test_the_size_of_another_program_s_file_is_what_pop_sends(tmp_path: Path) -> None:
     from twistmail.maildir import wire_size
     from twistmail.pop3.server import DotStuffer

@@ -116,6 +116,9 @@ _USER = re.compile(r"[A-Z0-9$#@_]{1,10}")
 _DELIVERY_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 _SIZE_FIELD = re.compile(r"S=([0-9]{1,19})")
 _WIRE_FIELD = re.compile(r"W=([0-9]{1,19})")  # Maildir++: the size with CRLF line ends
+#: How every other Maildir writer begins a name: the time in seconds, then a
+#: dot.  Our delivery ids begin with a 22-character queue id.
+_OTHERS_TIME = re.compile(r"[1-9][0-9]{8,11}\.")
 _HOST_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _HOST_MAX = 100
 _CHUNK = 1 << 20
@@ -407,9 +410,12 @@ class MaildirStore:
     def _delivery_id_of(self, base: str) -> str | None:
         """The delivery id if this store (same host) made the name, else None."""
         suffix = "." + self._host
-        if base.endswith(suffix) and _DELIVERY_ID.fullmatch(base[: -len(suffix)]):
-            return base[: -len(suffix)]
-        return None
+        if not base.endswith(suffix) or _OTHERS_TIME.match(base):
+            # Dovecot's, Postfix's... left by the program this store replaced
+            # on the same host: their S= counts the bare LFs they store.
+            return None
+        found = base[: -len(suffix)]
+        return found if _DELIVERY_ID.fullmatch(found) else None
 
 
 class MailboxSession:
