@@ -282,7 +282,7 @@ def test_an_eight_bit_message_is_offered_whole_not_cut(store, tmp_path):
     _, _, session, transport = _session(store, msgsplit_kb=64)
     session.dataReceived(b"USER sam\r\nPASS secret\r\nLIST\r\n")
     replies = transport.value().splitlines()
-    assert replies[2].startswith(b"+OK SAM has 1 messages")
+    assert replies[2].startswith(b"+OK SAM has 1 message (")
     assert replies[4:] == [b"1 %d" % len(data), b"."]
 
 

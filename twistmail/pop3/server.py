@@ -465,7 +465,7 @@ class POP3Session(SequentialSession):
         j = self.factory.journal
         j.write("QL", f"QL LOGIN {self.peer_ip}", ip=self.peer_ip, usrprf=self.usrprf,
                 messages=count, octets=octets, tls=self.tls)
-        self.ok(f"{self.usrprf} has {count} messages ({octets} octets)")
+        self.ok(f"{self.usrprf} has {_messages(count)} ({octets} octets)")
         return self.factory.record_login(self.peer_ip, self.usrprf)
 
     def _login_failed(self, failure: Any, user: str) -> Any:
@@ -577,7 +577,7 @@ class POP3Session(SequentialSession):
                 self.ok(f"{item.number} {item.size}")
             return
         count, octets = self._stat()
-        self._listing(f"{count} messages ({octets} octets)",
+        self._listing(f"{_messages(count)} ({octets} octets)",
                       (b"%d %d\r\n" % (i.number, i.size) for i in self._live()))
 
     pop_LIST.states = ("TRANSACTION",)  # type: ignore[attr-defined]
@@ -652,7 +652,7 @@ class POP3Session(SequentialSession):
     def pop_RSET(self, arg: str) -> None:
         self.deleted.clear()
         count, octets = self._stat()
-        self.ok(f"{count} messages ({octets} octets)")
+        self.ok(f"{_messages(count)} ({octets} octets)")
 
     pop_RSET.states = ("TRANSACTION",)  # type: ignore[attr-defined]
 
@@ -681,7 +681,7 @@ class POP3Session(SequentialSession):
         def decided(_: Any) -> None:
             self.factory.journal.write("QD", f"QD DEL {self.usrprf} {len(gone)}",
                                        usrprf=self.usrprf, deleted=len(gone), ip=self.peer_ip)
-            self.ok(f"{self.factory.hostname} signing off ({deleted} messages deleted)")
+            self.ok(f"{self.factory.hostname} signing off ({_messages(deleted)} deleted)")
             self.close()
             self.factory.in_thread(box.expunge).addErrback(
                 lambda f: log_failure(
@@ -841,3 +841,7 @@ class POP3Factory(Factory):
         d = self.in_thread(self.directory.record_pop_login, ip, usrprf)
         d.addErrback(lambda f: log_failure(POP3Session.log, "POP-before-SMTP record failed", f))
         return d
+
+
+def _messages(count: int) -> str:
+    return f"{count} message" if count == 1 else f"{count} messages"
