@@ -21,7 +21,7 @@ import click
 
 from twistmail import journal
 from twistmail.cli.base import Failure, app, cli, usage_error, value_of
-from twistmail.cli.output import emit_table
+from twistmail.cli.output import emit_table, printable
 from twistmail.identity import as_invoker
 from twistmail.settingtypes import Choice
 
@@ -99,7 +99,7 @@ def _table_row(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _follow_line(entry: dict[str, Any]) -> str:
-    return (
+    return printable(
         f"{entry.get('seq', ''):>8}  {_short_time(entry)}  {entry.get('code', '')}  "
         f"{entry.get('job', ''):<18}  {entry.get('msgid') or '-':<16}  {entry.get('esd', '')}"
     ).rstrip()

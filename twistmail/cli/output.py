@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -12,6 +13,8 @@ import click
 
 #: Rows a streamed table takes its column widths from.
 STREAM_WIDTHS_FROM = 1000
+#: C0 and C1 controls and DEL: a terminal acts on them (colours, the window title...).
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def emit_table(
@@ -88,11 +91,22 @@ def emit_record(record: dict[str, Any], labels: Sequence[tuple[str, str]], as_js
         click.echo(f"{(label + ' ').ljust(width, '.')} : {_cell(record.get(key))}")
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters shown as ``\\x1b``, not sent to the terminal.
+
+    Listings show what others wrote (a remote server's reply, a client's
+    address): an escape sequence there would be acted on by the terminal of
+    the administrator who lists it."""
+    if text.isprintable():
+        return text
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
         return f"{v:.2f}"
     if isinstance(v, list | tuple):
-        return " ".join(str(x) for x in v)
-    return str(v)
+        return printable(" ".join(str(x) for x in v))
+    return printable(str(v))
