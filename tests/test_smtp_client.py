@@ -931,6 +931,21 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(result.recipients[0].status, TEMPORARY)
         self.assertIn("reply lines with codes 250 and 550", result.recipients[0].text)
 
+    async def test_a_reply_before_the_final_dot_is_no_acceptance(self) -> None:
+        """A 250 sent with the 354, then a 554 to the dot: taken as the reply to
+        the dot, it made the message delivered while the server refused it."""
+        sink = self.sink(data="354 go\r\n250 2.0.0 early ok", end="554 5.7.1 rejected after all")
+        result = await self.send([sink.hop()])
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
+        self.assertIn("a reply before the end of the message", result.recipients[0].text)
+
+    async def test_a_reply_shorter_than_a_code_is_a_protocol_error(self) -> None:
+        for end in ("25", "650 what"):
+            sink = self.sink(end=end)
+            result = await self.send([sink.hop()])
+            self.assertEqual(result.recipients[0].status, TEMPORARY)
+            self.assertIn("malformed reply line", result.recipients[0].text)
+
     async def kept_session(self, sink: Any) -> tuple[SessionCache, Any]:
         """A cache holding the session of one delivery to ``sink``, and that session."""
         cache = SessionCache(reactor, idle=5.0)
@@ -1034,3 +1049,33 @@ def test_a_client_job_s_reload_leaves_no_resolver_behind(tmp_path):
     running.callback(b"OK")
     assert not busy.resolver.resolver._parseCall.active()
     assert len(clock.getDelayedCalls()) == timers
+
+
+def test_replies_nobody_reads_are_bounded_in_bytes() -> None:
+    """A server that sent a thousand replies of 200 long lines each after the
+    end of data grew a client job to 1.1 GB, kept until MAXUSE ended it."""
+    from twisted.internet.testing import StringTransport
+
+    from twistmail.smtp.client import MAX_QUEUED_BYTES, MAX_REPLY_BYTES, _Session
+
+    class Transport(StringTransport):
+        def setTcpNoDelay(self, enabled: bool) -> None:
+            pass
+
+    session = _Session(reactor)
+    session.makeConnection(Transport())
+    reply = b"".join(b"250-" + b"x" * 4000 + b"\r\n" for _ in range(15)) + b"250 z\r\n"
+    for _ in range(200):
+        session.dataReceived(reply)
+        if session.error is not None:
+            break
+    assert session.error is not None and "too many unsolicited replies" in str(session.error)
+    assert session.queued_bytes <= MAX_QUEUED_BYTES
+    assert sum(len(t) for r in session.replies for t in r.text) <= MAX_QUEUED_BYTES
+
+    session = _Session(reactor)
+    session.makeConnection(Transport())
+    session.dataReceived(b"250-" + b"y" * 4000 + b"\r\n")
+    session.dataReceived(b"".join(b"250-" + b"y" * 4000 + b"\r\n" for _ in range(100)))
+    assert session.error is not None and "reply too long" in str(session.error)
+    assert session.partial_bytes <= MAX_REPLY_BYTES + 4100

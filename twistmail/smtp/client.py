@@ -89,7 +89,13 @@ PERMANENT = "permanent"
 CHUNK_SIZE = 64 * 1024  # bytes read from the spool file at a time
 MAX_REPLY_LINE = 4096  # longer reply lines are a protocol violation
 MAX_REPLY_LINES = 200
+#: The text of one reply, all its lines.
+MAX_REPLY_BYTES = 64 * 1024
+#: Replies received before the client reads them: the answers to a pipelined
+#: group (MAIL, up to MAXRCPT RCPTs, DATA) fit many times over.  Beyond, a
+#: server flooding them would hold the job's memory until MAXUSE ends it.
 MAX_QUEUED_REPLIES = 1000
+MAX_QUEUED_BYTES = 256 * 1024
 MAX_PATH = 256
 #: Longest account of the hops that all failed (a recipient's last error).
 MAX_WHY = 900
@@ -449,7 +455,9 @@ class _Session(Protocol):
         self.reactor = reactor
         self.buffer = bytearray()
         self.partial: list[str] = []
+        self.partial_bytes = 0
         self.replies: deque[Reply] = deque()
+        self.queued_bytes = 0  # the text of ``replies``
         self.waiter: defer.Deferred[Reply] | None = None
         self.handshake: defer.Deferred[None] | None = None
         self.error: SessionError | None = None
@@ -516,7 +524,8 @@ class _Session(Protocol):
 
     def _line(self, raw: bytes) -> None:
         sep = raw[3:4]
-        if len(raw) > MAX_REPLY_LINE or not raw[:3].isdigit() or sep not in (b"", b" ", b"-"):
+        if (len(raw) > MAX_REPLY_LINE or len(raw) < 3 or not raw[:3].isdigit()
+                or raw[:1] not in b"2345" or sep not in (b"", b" ", b"-")):
             self._violation(f"malformed reply line {raw[:60]!r}")
             return
         # RFC 5321 §4.2.1 wants one code on every line of a reply.  A server
@@ -529,22 +538,28 @@ class _Session(Protocol):
             self._violation(f"reply lines with codes {self.partial_code} and {code}")
             return
         self.partial.append(raw[4:].decode("utf-8", "replace"))
+        self.partial_bytes += len(raw)
         if len(self.partial) > MAX_REPLY_LINES:
             self._violation("reply has too many lines")
+            return
+        if self.partial_bytes > MAX_REPLY_BYTES:
+            self._violation("reply too long")
             return
         if sep == b"-":
             return
         reply = Reply(code, tuple(self.partial))
-        self.partial = []
+        self.partial, self.partial_bytes = [], 0
         if code == 421:
             self.closing = True
         if self.waiter is not None:
             d, self.waiter = self.waiter, None
             d.callback(reply)
-        elif len(self.replies) >= MAX_QUEUED_REPLIES:
+        elif (len(self.replies) >= MAX_QUEUED_REPLIES
+              or self.queued_bytes + _size(reply) > MAX_QUEUED_BYTES):
             self._violation("too many unsolicited replies")
         else:
             self.replies.append(reply)
+            self.queued_bytes += _size(reply)
 
     def _violation(self, what: str) -> None:
         self.abort(ProtocolViolation(f"4.4.2 Protocol error from the server: {what}"))
@@ -552,7 +567,9 @@ class _Session(Protocol):
     def read(self, stage: str, seconds: float) -> defer.Deferred[Reply]:
         """The next reply, failing with a SessionError on loss or after ``seconds``."""
         if self.replies:
-            return defer.succeed(self.replies.popleft())
+            reply = self.replies.popleft()
+            self.queued_bytes -= _size(reply)
+            return defer.succeed(reply)
         if self.error is not None:
             return defer.fail(self.error)
         d: defer.Deferred[Reply] = defer.Deferred(self._cancel_wait)
@@ -624,6 +641,11 @@ class _OneSession(Factory):
 
     def buildProtocol(self, addr: Any) -> _Session:
         return self.session
+
+
+def _size(reply: Reply) -> int:
+    """What a queued reply counts against MAX_QUEUED_BYTES: its lines as received."""
+    return sum(len(line) + 4 for line in reply.text)
 
 
 def _reason(reason: Any) -> str:
@@ -1132,6 +1154,11 @@ class _Conversation(_Opening):
             return
         writer = _BodyWriter(self.session, self.job, self.options.chunk_size, self.t.data_block)
         await writer.run()
+        if self.session.replies or self.session.partial or self.session.buffer:
+            # Said before the final dot, so not about the message: a 250
+            # there is no acceptance (a 554 may follow the dot).
+            self.session._violation("a reply before the end of the message")
+            raise self.session.error  # type: ignore[misc]
         self._settle(accepted, await self.session.read("end of data", self.t.data_end))
 
     async def _downgraded(self, limit: int | None) -> _Job:
