@@ -98,11 +98,47 @@ def certificate() -> tuple[Path, Path, bytes]:
     return directory / "cert.pem", directory / "key.pem", pem
 
 
-def server_tls_context() -> ssl.SSLContext:
-    cert, key, _ = certificate()
+def server_tls_context(pair: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    cert, key = pair or certificate()[:2]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     return ctx
+
+
+@cache
+def leaf_without_names() -> tuple[Path, Path, bytes]:
+    """A certificate signed by a CA of its own, naming localhost in its CN only
+    (no subjectAltName): (cert file, key file, the CA's PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def build(subject: str, issuer: str, public: Any, signer: Any, ca: bool) -> Any:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(public).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .sign(signer, hashes.SHA256())
+        )
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = build("Names CA", "Names CA", ca_key.public_key(), ca_key, True)
+    leaf = build("localhost", "Names CA", key.public_key(), ca_key, False)
+    directory = Path(_TLS_DIR.name)
+    (directory / "bare.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    (directory / "bare.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    return (directory / "bare.pem", directory / "bare.key",
+            ca.public_bytes(serialization.Encoding.PEM))
 
 
 def trust_root() -> Any:
@@ -135,6 +171,7 @@ class Behaviour:
     extensions: tuple[str, ...] = ("PIPELINING", "SIZE 10000000", "8BITMIME",
                                    "ENHANCEDSTATUSCODES")
     tls: bool = False  # offer STARTTLS before TLS
+    tls_pair: tuple[Path, Path] | None = None  # (cert, key) files; default: certificate()
     tls_extensions: tuple[str, ...] | None = None  # after TLS; default: extensions
     credentials: tuple[str, str] | None = None
     mail: str = "250 2.1.0 ok"
@@ -251,7 +288,7 @@ class Sink:
                     self.tls_failures += 1
                     return
                 try:
-                    sock = server_tls_context().wrap_socket(sock, server_side=True)
+                    sock = server_tls_context(b.tls_pair).wrap_socket(sock, server_side=True)
                 except (ssl.SSLError, OSError):
                     self.tls_failures += 1
                     return
@@ -804,6 +841,21 @@ class ClientTests(unittest.TestCase):
                                  trust_root=tssl.Certificate.loadPEM(_other_ca_pem()))
         self.assertEqual(result.recipients[0].status, TEMPORARY)
         self.assertNotIn("MAIL", sent_commands(sink))
+
+    async def test_verify_refuses_a_trusted_certificate_that_names_no_host(self) -> None:
+        """Twisted's check logs service_identity's CertificateError (no
+        subjectAltName) as a critical error and then goes by OpenSSL's chain
+        verdict alone: a certificate of a trusted CA naming no host in a SAN
+        passed for any host, and the message went to it."""
+        cert, key, ca = leaf_without_names()
+        for host in ("mx.wrong.test", "localhost"):
+            sink = self.sink(tls=True, tls_pair=(cert, key))
+            result = await self.send([sink.hop(host)], tls_policy=TLS_VERIFY,
+                                     trust_root=tssl.Certificate.loadPEM(ca))
+            self.assertEqual(result.recipients[0].status, TEMPORARY)
+            self.assertIn("4.7.5", result.recipients[0].text)
+            self.assertIn("cannot be matched to the host name", result.recipients[0].text)
+            self.assertNotIn("MAIL", sent_commands(sink))
 
     # -- AUTH -----------------------------------------------------------------------------------
 

@@ -28,7 +28,9 @@ avoided here:
 * its TLS policy is verify-or-nothing; here ``*OPPORTUNISTIC`` encrypts
   without checking the certificate (most MX certificates do not verify),
   ``*REQUIRED`` insists on encryption and ``*VERIFY`` checks certificate
-  and host name with service_identity (``optionsForClientTLS``);
+  and host name with service_identity.  Not through Twisted's
+  ``optionsForClientTLS``: it let a trusted certificate with no
+  subjectAltName pass for any host (``_Verified``);
 * it offers no SIZE, 8BITMIME, PIPELINING or DSN and does not classify
   recipients as temporary or permanent.
 
@@ -57,8 +59,11 @@ from typing import Any
 
 import attrs
 from OpenSSL import SSL
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+from service_identity.pyopenssl import extract_patterns
 from twisted.internet import defer, ssl, threads
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -643,6 +648,9 @@ class _OneSession(Factory):
         return self.session
 
 
+_ENHANCED_5 = re.compile(r"^\s*5\.([0-9]{1,3}\.[0-9]{1,3})\b")
+
+
 def _size(reply: Reply) -> int:
     """What a queued reply counts against MAX_QUEUED_BYTES: its lines as received."""
     return sum(len(line) + 4 for line in reply.text)
@@ -652,6 +660,8 @@ def _reason(reason: Any) -> str:
     value = getattr(reason, "value", reason)
     if isinstance(value, VerificationError):
         return "the certificate does not match the host name"
+    if isinstance(value, CertificateError):
+        return f"the certificate cannot be matched to the host name: {value}"
     if isinstance(value, SSL.Error):
         return f"TLS error {value}"
     text = str(value) or type(value).__name__
@@ -780,6 +790,60 @@ class _Unverified:
         return connection
 
 
+class _Verified(_Unverified):
+    """*VERIFY: the chain to the trust root, then the hop's name, both checked here.
+
+    Not Twisted's ``optionsForClientTLS``: its check logs service_identity's
+    CertificateError (a certificate with no subjectAltName) as a critical
+    error and then goes by the chain alone, so a certificate of a trusted CA
+    that named no host in a SAN passed for every host.  Here any error of
+    the name check is a refusal.
+    """
+
+    _platform: SSL.Context | None = None  # with the system's CAs, made once
+
+    def __init__(self, hostname: str, trust_root: Any = None) -> None:
+        super().__init__(hostname)
+        self.trust_root = trust_root
+        if isIPAddress(hostname) or isIPv6Address(hostname):
+            self.identity: Any = IPAddress_ID(hostname)
+        else:
+            self.identity = DNS_ID(hostname)
+
+    def context(self) -> SSL.Context:  # type: ignore[override]
+        if self.trust_root is not None:
+            return _verifying_context(self.trust_root)
+        if _Verified._platform is None:
+            _Verified._platform = _verifying_context(ssl.platformTrust())
+        return _Verified._platform
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        connection = super().clientConnectionForTLS(tls_protocol)
+        self._protocol = tls_protocol  # told why, when the name does not match
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+        return connection
+
+    def _verify(self, connection: Any, certificate: Any, error: int, depth: int,
+                ok: int) -> bool:
+        if not ok:
+            return False  # the chain: OpenSSL's verdict
+        if depth != 0:
+            return True
+        protocol, self._protocol = self._protocol, None
+        try:
+            verify_service_identity(extract_patterns(certificate), [self.identity], [])
+        except Exception as e:  # VerificationError, CertificateError, one it cannot read
+            if protocol is not None:
+                protocol.failVerification(Failure(e))
+            return False
+        return True
+
+
+def _verifying_context(trust_root: Any) -> SSL.Context:
+    return ssl.CertificateOptions(
+        trustRoot=trust_root, raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext()
+
+
 def _sni(hostname: str) -> bytes | None:
     if not hostname or ":" in hostname or re.fullmatch(r"[0-9.]+", hostname):
         return None
@@ -792,7 +856,7 @@ def _sni(hostname: str) -> bytes | None:
 def tls_creator(policy: str, hostname: str, trust_root: Any = None) -> Any:
     """The TLS connection creator for a policy and the hop's host name."""
     if policy == TLS_VERIFY:
-        return ssl.optionsForClientTLS(hostname, trustRoot=trust_root)
+        return _Verified(hostname, trust_root)
     return _Unverified(hostname)
 
 
@@ -1087,8 +1151,10 @@ class _Conversation(_Opening):
                 if reply.positive:
                     accepted.append(i)
                 elif reply.code == 552:
-                    # Too many recipients, in the old code: temporary (RFC 5321 §4.5.3.1.10).
-                    self._settle([i], Reply(452, reply.lines))
+                    # Too many recipients, in the old code: temporary (RFC 5321 §4.5.3.1.10),
+                    # its enhanced code too, so the retry's reason does not say permanent.
+                    self._settle([i], Reply(452, tuple(_ENHANCED_5.sub(r"4.\1", line, count=1)
+                                                       for line in reply.lines)))
                 else:
                     self._settle([i], reply)
         if data_reply is not None and not accepted:
