@@ -180,3 +180,49 @@ def test_a_reply_from_a_server_names_it_as_remote_mta():
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     blocks = list(msg.iter_parts())[1].get_payload()[1:]
     assert [b["Remote-MTA"] for b in blocks] == ["dns; mx1.x.test", None]
+
+
+def _notice(**fields):
+    base = dict(hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
+                originator="jane@example.test", arrival=1_700_000_000.0,
+                failures=[Failure("a@example.test", "5.1.1", "550 5.1.1 user unknown")],
+                headers=b"Subject: x\r\n", message_id="<m1@example.test>")
+    base.update(fields)
+    return build_notice(**base)
+
+
+def test_a_message_id_holding_an_encoded_line_break_adds_nothing_to_the_notice():
+    """Written through the email package, the decoded CR LF of an encoded word
+    came out as it is (CVE-2024-6923, Python before 3.11.10): the sender wrote
+    fields and a body of a notice from MAILER-DAEMON."""
+    injected = ("=?utf-8?q?<x@y>=0D=0ABcc:_spy@evil.test=0D=0AContent-Type:_text/plain"
+                "=0D=0A=0D=0AYour_account_is_suspended.?=")
+    for message_id in (injected, f"<{injected}@x>", "<a b@x>"):
+        raw = _notice(message_id=message_id)
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        assert [n.lower() for n in msg.keys()] == [
+            "to", "from", "subject", "date", "message-id", "auto-submitted", "mime-version",
+            "content-type"]
+        assert msg.get_content_type() == "multipart/report"
+        assert b"suspended" not in raw and b"spy@" not in raw
+    msg = email.message_from_bytes(_notice(), policy=email.policy.default)
+    assert msg["In-Reply-To"] == msg["References"] == "<m1@example.test>"
+
+
+def test_an_originator_holding_an_encoded_line_break_still_gets_its_notice():
+    """The email package decoded the encoded word inside the quoted local part
+    and refused the address: no notice could be made, and the message stayed
+    on its queue, retried for ever."""
+    for originator in ('"=?utf-8?q?a=0D=0ABcc:_spy3@evil.test?="@remote.test',
+                       "=?utf-8?q?a=0D=0A?=@remote.test"):
+        raw = _notice(originator=originator)
+        assert f"To: <{originator}>\r\n".encode() in raw
+        msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+        assert "bcc" not in [n.lower() for n in msg.keys()]
+        assert msg.get_content_type() == "multipart/report"
+
+
+def test_bcc_written_with_a_space_before_the_colon_is_not_returned():
+    headers = b"From: j@x.test\r\nBCC : hidden4@x.test\r\nbcc:h5@x.test\r\nSubject: s\r\n"
+    raw = _notice(headers=headers)
+    assert b"hidden4" not in raw and b"h5@" not in raw and b"Subject: s" in raw

@@ -120,14 +120,21 @@ def build_notice(
     subject, intro, _ = REPORTS[kind]
     msg = EmailMessage()
     msg["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
-    msg["To"] = originator
     msg["Subject"] = subject
     msg["Date"] = email.utils.formatdate(localtime=True)
     msg["Message-ID"] = f"<{nid}.ndn@{hostname}>"
     msg["Auto-Submitted"] = "auto-replied"
-    if message_id:
-        msg["In-Reply-To"] = message_id
-        msg["References"] = message_id
+    # The fields that carry what the sender wrote go in as they are, not
+    # through the email package: it decodes an encoded word (=?utf-8?q?...?=)
+    # even inside a quoted local part or a message id.  A line break there
+    # then either made the notice impossible (ValueError: the message stayed
+    # queued for ever) or, in Python before 3.11.10, was written as it is
+    # (CVE-2024-6923): header fields and a body of the sender's in a notice
+    # from MAILER-DAEMON.
+    own = [f"To: <{_header_text(originator)}>"]
+    if message_id and _MESSAGE_ID.fullmatch(message_id) and "=?" not in message_id:
+        own += [f"In-Reply-To: {message_id}", f"References: {message_id}"]
+    own_fields = "".join(f"{line}\r\n" for line in own).encode("ascii")
     listing = "\n".join(f"  <{_printable(f.address)}>: {_printable(f.diagnostic)}"
                         for f in failures)
     msg.set_content(
@@ -150,7 +157,7 @@ def build_notice(
     msg.attach(_status_part(hostname, queue_id, arrival, failures, envid))
     if full is None:
         msg.attach(_headers_part(headers, ABOUT[kind]))
-        return msg.as_bytes(policy=_WIRE)
+        return own_fields + msg.as_bytes(policy=_WIRE)
     original = _without_bcc(full)
     if not original.endswith(b"\r\n"):
         original += b"\r\n"
@@ -159,7 +166,7 @@ def build_notice(
     if eightbit:  # RFC 2045 §6.4: the multipart that holds an 8-bit part says so too
         msg["Content-Transfer-Encoding"] = "8bit"
     msg.attach(_message_part(marker + b"\r\n\r\n", ABOUT[kind], eightbit=eightbit))
-    data = msg.as_bytes(policy=_WIRE)
+    data = own_fields + msg.as_bytes(policy=_WIRE)
     # The original goes back byte for byte (its signatures still verify),
     # not as the email package would write it again.
     return data.replace(marker + b"\r\n\r\n", original, 1)
@@ -214,7 +221,7 @@ def _fields(pairs: list[tuple[str, str]]) -> Message:
     return block
 
 
-_BCC = re.compile(rb"^(?:resent-)?bcc:.*(?:\r?\n[ \t].*)*(?:\r?\n|$)", re.I | re.M)
+_BCC = re.compile(rb"^(?:resent-)?bcc[ \t]*:.*(?:\r?\n[ \t].*)*(?:\r?\n|$)", re.I | re.M)
 
 
 def _headers_part(headers: bytes, about: str) -> Message:
@@ -283,6 +290,17 @@ def _ascii_line(text: str, limit: int = 900) -> str:
         if start >= 0 and "}" not in line[start:]:
             line = line[:start]  # not an escape cut in two
     return line
+
+
+#: A message id written back in In-Reply-To and References: printable ASCII, no space.
+_MESSAGE_ID = re.compile(r"<[!-~]{1,900}>")
+
+
+def _header_text(text: str) -> str:
+    """An address for a header field as it is, when it is printable ASCII."""
+    if text.isascii() and text.isprintable() and len(text) <= 900:
+        return text
+    return _ascii_line(text)
 
 
 def _address_field(address: str) -> str:
