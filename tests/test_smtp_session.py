@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from twistmail.protocols.sequential import CLOSE_GRACE
+from twistmail.smtp import server
 from twistmail.smtp.server import Received, SMTPFactory, SMTPSession, Verdict
 
 
@@ -456,9 +457,10 @@ def test_a_session_kept_open_with_noop_alone_ends():
     assert s.codes() == [252, 250, 421] and s.proto.closing
 
 
-def test_input_is_bounded_while_a_check_is_pending():
-    # RCPT past MAXRCPT (452 4.5.3, no error), not NOOP: a flood of NOOP is
-    # junk (JUNK_LIMIT) and would end the session.
+def test_input_is_bounded_while_a_check_is_pending(monkeypatch):
+    # RCPT past MAXRCPT (452 4.5.3, no error up to RCPT_OVERSHOOT), not NOOP:
+    # a flood of NOOP is junk (JUNK_LIMIT) and would end the session.
+    monkeypatch.setattr(server, "RCPT_OVERSHOOT", 10**6)
     s = Session()
     s.start()
     s.backend.async_rcpt = True
@@ -497,6 +499,56 @@ def test_a_header_block_over_1_mib_is_refused_and_the_session_goes_on():
     s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n"
            b"Subject: y\r\n\r\nb\r\n.\r\n")
     assert s.codes()[-4:] == [250, 250, 354, 250]
+
+
+@pytest.mark.parametrize("name", [b"mail.example.test", b"my_pc", b"192.0.2.1",
+                                  b"[192.0.2.1]", b"[IPv6:2001:db8::1]", b"localhost."])
+def test_helo_names_of_real_clients_are_taken(name):
+    s = Session()
+    s.replies()
+    s.send(b"EHLO " + name + b"\r\nMAIL FROM:<a@b.test>\r\n")
+    assert s.codes() == [250, 250], name
+
+
+def test_a_return_path_the_client_wrote_does_not_reach_the_mailbox():
+    """RFC 5321 §4.4: the Return-Path delivery writes is the only one; one the
+    client wrote (a forged sender) went on below it."""
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n"
+           b"Return-Path: <forged@bank.test>\r\nSubject: s\r\nreturn-path :\r\n"
+           b" <folded@bank.test>\r\nDelivered-To: sam@example.test\r\n\r\nb\r\n.\r\n")
+    assert s.codes() == [250, 250, 354, 250]
+    body = s.backend.spools[0].body
+    assert b"bank.test" not in body and b"eturn-path" not in body.lower()
+    assert b"\r\nSubject: s\r\nDelivered-To: sam@example.test\r\n" in body
+
+
+def test_recipients_far_past_maxrcpt_count_as_errors():
+    """452 4.5.3 is no fault of the client's (it sends the rest in another
+    transaction), but a session sending RCPT for ever delivered nothing and
+    held its job: past RCPT_OVERSHOOT each one is an error, up to MAXERRORS."""
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<a@b.test>\r\n" + b"RCPT TO:<sam@example.test>\r\n" * 3)
+    assert s.codes() == [250, 250, 250, 250]
+    s.send(b"RCPT TO:<sam@example.test>\r\n" * server.RCPT_OVERSHOOT)
+    assert s.codes() == [452] * server.RCPT_OVERSHOOT and not s.proto.closing
+    for _ in range(100):
+        s.send(b"RCPT TO:<sam@example.test>\r\n")
+        s.clock.advance(60)
+        if s.proto.closing:
+            break
+    replies = s.replies()
+    assert s.proto.closing and replies[-1].startswith("421 4.7.0 ")
+
+
+def test_an_unsupported_parameter_is_named_in_a_reply_of_at_most_512_octets():
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<a@b.test> " + b"X" * 1100 + b"\r\n")
+    [reply] = s.replies()
+    assert reply.startswith("555 5.5.4 Unsupported parameter XXX") and len(reply) + 2 <= 512
 
 
 def test_an_empty_message_id_or_date_is_replaced():
@@ -598,18 +650,41 @@ def test_bytes_that_never_make_a_command_do_not_hold_off_the_timeout():
 
 
 def test_a_slow_message_text_is_activity():
-    s = Session(inacttimo=60)
+    """Slow but steady (600 octets a second): each line keeps the session."""
+    s = Session(inacttimo=60, maxmsgsize=10**6)
     s.start()
     s.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
-    for _ in range(5):
+    for _ in range(8):
         s.clock.advance(50)
-        s.send(b"a line of text\r\n")
+        s.send((b"x" * 998 + b"\r\n") * 30)
     s.send(b".\r\n")
     assert s.codes() == [250, 250, 354, 250] and not s.tr.disconnecting
 
 
+def test_a_trickle_of_message_text_ends_the_session():
+    """A line every 50 s, INACTTIMO 60: it held a job for as long as the client
+    liked, and twenty such clients held every job of the pool."""
+    s = Session(inacttimo=60)
+    s.start()
+    s.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n")
+    for _ in range(10):
+        s.clock.advance(50)
+        if s.tr.disconnecting:
+            break
+        s.send(b"a line of text\r\n")
+    replies = s.replies()
+    assert [int(r[:3]) for r in replies] == [250, 250, 354, 421]
+    assert replies[-1].startswith("421 4.4.2 ")
+    assert s.clock.seconds() <= 2 * 60 + 50  # the grace, then one INACTTIMO at most
+
+
 @pytest.mark.parametrize("name", [b"evil\tby\tmx.trusted.example", b"a\x1b[31m", b"x\x7f",
-                                  b"\x0b", b"a" * 256])
+                                  b"\x0b", b"a" * 256,
+                                  # RFC 5322 reads these in a Received: field: "(" opened a
+                                  # comment over the client's address and the "by" part,
+                                  # ";" ended the tokens before the date.
+                                  b"evil(", b"a;Thu,_1_Jan_1970(", b"<x>", b'"q"', b"a,b",
+                                  b"u@h", b"a\\b", b"[1.2.3.4", b"x]", b"[a]b", b"[a[b]"])
 def test_helo_names_with_blanks_or_controls_are_refused(name):
     """They would go into the Received: field (and the journal) as they came."""
     for verb in (b"HELO", b"EHLO"):
@@ -893,10 +968,11 @@ def test_a_session_that_ends_otherwise_frees_the_job_when_it_is_gone():
     assert s.done == 1
 
 
-def test_a_client_that_reads_no_replies_is_not_read_either():
+def test_a_client_that_reads_no_replies_is_not_read_either(monkeypatch):
     """Replies pile up in the transport only until its buffer is full: then the
     transport pauses the session (its producer), which handles no command and
     reads nothing until the client has read."""
+    monkeypatch.setattr(server, "RCPT_OVERSHOOT", 10**6)
     s = Session()  # RCPT past MAXRCPT: a reply each, and no error (nor junk)
     s.start()
     assert s.tr.producer is s.proto and s.tr.streaming

@@ -62,6 +62,14 @@ SOFT_ERRORS = 3  # errors after which each command waits a little
 #: kept open with them alone ends, within MAXERRORS more.
 JUNK_LIMIT = 100
 JUNK = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP", b"HELO", b"EHLO"})
+#: RCPTs a session may send past MAXRCPT (452 4.5.3, not a fault: the client
+#: sends the rest in another transaction); each one more counts as an error,
+#: as Postfix's smtpd_recipient_overshoot_limit.
+RCPT_OVERSHOOT = 1000
+#: In DATA, the octets a second a client must average once INACTTIMO seconds
+#: have passed for its lines to count as activity (Postfix's
+#: smtpd_min_data_rate): a line every few minutes would hold a job for ever.
+MIN_DATA_RATE = 500
 
 UNIMPLEMENTED = {b"EXPN", b"TURN", b"SAML", b"SEND", b"SOML"}
 
@@ -175,11 +183,12 @@ class _Data:
         self.session = session
         self.spool = spool
         self.size = 0
+        self.started = session.reactor.seconds()
         self.error: tuple[int, str] | None = None
         self.in_header = True
         self.header: list[bytes] = []
         self.header_bytes = 0
-        #: Where each Message-ID and Date field starts in ``header``.
+        #: Where each Message-ID, Date and Return-Path field starts in ``header``.
         self.ids_and_dates: list[tuple[bytes, int]] = []
         self.message_id: str | None = None
         self.last_field: bytes | None = None
@@ -240,7 +249,7 @@ class _Data:
                 return
             field = name.lower()
             self.last_field = field
-            if field in (b"message-id", b"date"):
+            if field in (b"message-id", b"date", b"return-path"):
                 self.ids_and_dates.append((field, len(self.header)))
             elif field == b"received":
                 self.hops += 1
@@ -256,11 +265,13 @@ class _Data:
             self.fail(552, f"5.3.4 Message header exceeds {MAX_HEADER_BLOCK} octets")
 
     def _end_header(self) -> None:
-        """Add a Message-ID and a Date where the header has none.
+        """Add a Message-ID and a Date where the header has none; drop Return-Path.
 
         An empty field (``Message-ID:`` and nothing else) is no msg-id or
         date (RFC 5322 §3.6.1, §3.6.4): it goes, and ours takes its place,
         so that the message has one of each and the journal its 99 entry.
+        A Return-Path the client wrote goes too (RFC 5321 §4.4, as Postfix's
+        cleanup does): the one delivery writes is the only one a reader sees.
         """
         if not self.in_header:
             return
@@ -275,7 +286,7 @@ class _Data:
             while stop < len(header) and header[stop][:1] in (b" ", b"\t"):
                 stop += 1
             value = b"".join(h.strip() for h in header[start:stop]).partition(b":")[2].strip()
-            if value:
+            if value and field != b"return-path":
                 found.setdefault(field, value.decode("latin-1"))
             else:
                 dropped.update(range(start, stop))
@@ -300,8 +311,11 @@ TEXT_LINE_TOO_LONG = "5.6.0 Message has a line longer than 1000 octets (RFC 5321
 #: What HELO/EHLO may name: printable ASCII, no blanks (RFC 5321 §4.1.1.1: a
 #: domain or an address literal).  Names that are not quite domains (a bare
 #: IP, an underscore) are common and harmless; a tab, a control character or
-#: a blank would go into the Received: field and could forge its "by" part.
-_HELO_NAME = re.compile(r"[\x21-\x7e]{1,255}")
+#: a blank would go into the Received: field and could forge its "by" part,
+#: and what RFC 5322 gives a meaning there (a comment's parenthesis, the ";"
+#: before the date, brackets outside a literal) would change how it reads.
+_HELO_NAME = re.compile(r"\[[\x21-\x5a\x5e-\x7e]{1,253}\]"
+                        r"|[^\x00-\x20\x7f-\uffff()<>\[\]\";\\,@]{1,255}")
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
 #: RFC 3461 §4.4 and §4.2: the longest ENVID and ORCPT a server must take.
 MAX_ENVID = 100
@@ -377,6 +391,7 @@ class SMTPSession(SequentialSession):
         #: one cheap message per few guesses would never be slowed down.
         self.unknown = 0
         self.junk = 0
+        self.overshoot = 0  # RCPTs refused for MAXRCPT
         self.auth_step: Callable[[str], Any] | None = None
 
     # -- connection ------------------------------------------------------
@@ -475,6 +490,13 @@ class SMTPSession(SequentialSession):
             self.close()
 
     # -- input -------------------------------------------------------------
+
+    def reset_timeout(self) -> None:
+        data = self.data
+        if data is not None and data.size < MIN_DATA_RATE * (
+                self.reactor.seconds() - data.started - self.inacttimo):
+            return  # a trickle: the wait runs on from the last time the pace was kept
+        super().reset_timeout()
 
     def step(self) -> bool:
         if self.data is not None:
@@ -1034,7 +1056,7 @@ class SMTPSession(SequentialSession):
             elif key == "AUTH" and value is not None and self._auth_offered():
                 pass  # RFC 4954 §5: who submitted it, by the client's word; not trusted here
             else:
-                self.reply(555, f"5.5.4 Unsupported parameter {key}")
+                self.reply(555, f"5.5.4 Unsupported parameter {key[:100]}")
                 return None
         if self.factory.backend.storage_full():
             self.reply(452, "4.3.1 Insufficient system storage, try again later")
@@ -1082,10 +1104,13 @@ class SMTPSession(SequentialSession):
                                f"{MAX_ORCPT} printable ASCII characters")
                     return None
             else:
-                self.reply(555, f"5.5.4 Unsupported parameter {key}")
+                self.reply(555, f"5.5.4 Unsupported parameter {key[:100]}")
                 return None
         if len(self.txn.recipients) >= self.factory.maxrcpt:
             self.reply(452, "4.5.3 Too many recipients")
+            self.overshoot += 1
+            if self.overshoot > RCPT_OVERSHOOT:
+                self._count_error()
             return None
         address = cmd.address
         txn = self.txn
