@@ -1180,6 +1180,15 @@ def test_address_literals_name_real_addresses(literal):
     assert codes[:2] == [250, 501] and codes[2] != 501
 
 
+def test_the_ipv6_tag_of_a_literal_is_taken_in_any_case():
+    """RFC 5234: a quoted string of the ABNF ("IPv6:") matches in any case."""
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<jane@[ipv6:2001:db8::1]>\r\nRCPT TO:<a@[IPV6:2001:db8::2]>\r\n")
+    codes = s.codes()
+    assert codes[0] == 250 and codes[1] != 501
+
+
 def test_a_quoted_local_part_that_needs_no_quotes_is_the_same_mailbox():
     s = Session()
     s.start()

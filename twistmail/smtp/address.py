@@ -21,7 +21,7 @@ _DOT_STRING = rf"{_ATOM}(?:\.{_ATOM})*"
 _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
-_LITERAL = r"\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]"
+_LITERAL = r"\[(?:[Ii][Pp][Vv]6:[0-9A-Fa-f:.]+|[0-9.]+)\]"  # RFC 5234: "IPv6:" in any case
 _MAILBOX = re.compile(rf"^(?P<local>{_DOT_STRING}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})$")
 _ROUTE = re.compile(rf"^@{_DOMAIN}(?:,@{_DOMAIN})*:")
 _PARAM = re.compile(r"^(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?$")
