@@ -147,3 +147,55 @@ def test_a_settings_file_moved_elsewhere_behind_a_link_waits_for_a_restart(make_
     a.config.symlink_to(elsewhere / a.config.name)
     rc, out, _ = a.cli("config", "--apply")
     assert rc == 0 and "restart needed for: system" in out, out
+
+
+def test_a_change_saved_while_the_daemon_starts_is_applied_by_it(make_appliance):
+    """The daemon had read its file; a CHGSMTPA before its socket answered
+    said "it applies at the next start" and was never applied, by this start
+    or any reload."""
+    import json
+    import subprocess
+    import time
+
+    from appliance import TWISTD
+
+    a = make_appliance()
+    a.proc = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(a.config)],
+        stdout=a.log.open("ab"), stderr=subprocess.STDOUT, cwd=a.root)
+    deadline = time.monotonic() + 30
+    while not (a.datadir / "run").is_dir():  # made once the file is read
+        assert time.monotonic() < deadline and a.proc.poll() is None, a.log_text()
+        time.sleep(0.001)
+    # Most often before its socket answers (the TLS pair is made meanwhile);
+    # after it, the reload answers: the change must hold either way.
+    rc, out, err = a.cli("chgsmtpa", "--maxrcpt", "55")
+    assert rc == 0, err
+    a.wait_for(a.running, 20, "control socket")
+    applied = a.datadir / "run" / "settings.json"
+    a.wait_for(lambda: json.loads(applied.read_text())["settings"]["smtp"]["maxrcpt"] == 55, 10,
+               "the change applied")
+
+
+def test_a_change_to_another_file_with_the_same_state_is_not_said_applied(make_appliance):
+    a = make_appliance().start(wait_jobs=False)
+    other = a.root / "other.toml"
+    other.write_text(a.config.read_text())
+    import contextlib
+    import io
+
+    from twistmail.cli import main as climain
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = climain.base.run(["--config", str(other), "chgsmtpa", "--maxrcpt", "5"])
+    assert rc == 1, (out.getvalue(), err.getvalue())
+    assert f"runs with {a.config}, not {other}" in err.getvalue()
+    assert "applied to the running daemon" not in out.getvalue()
+    link = a.root / "link.toml"
+    link.symlink_to(a.config)
+    rc, out, err = a.cli("config", "--apply")
+    assert rc == 0, err
+    with contextlib.redirect_stdout(io.StringIO()) as o:
+        assert climain.base.run(["--config", str(link), "chgsmtpa", "--maxrcpt", "7"]) == 0
+    assert "applied to the running daemon" in o.getvalue()

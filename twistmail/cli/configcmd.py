@@ -54,7 +54,7 @@ def _apply() -> None:
     from twistmail.cli.poolcmds import call
 
     app().reload()  # a file the daemon would refuse is told first, in one line (exit 2)
-    result = call("reload")
+    result = call("reload", config=str(app().config_path.absolute()))
     applied = ", ".join(result.get("applied", ())) or "nothing changed"
     click.echo(f"configuration applied to the running daemon: {applied}")
     for change in result.get("changed", ()):

@@ -56,7 +56,8 @@ def call(cmd: str, **args: Any) -> Any:
 def apply_live(what: str) -> None:
     """Ask a running daemon to re-read the file; say what happened."""
     try:
-        result = app().control().call("reload", tls=False)
+        result = app().control().call("reload", tls=False,
+                                      config=str(app().config_path.absolute()))
     except NotRunning:
         click.echo(f"{what} saved; the daemon is not running, it applies at the next start")
         return

@@ -304,6 +304,25 @@ class Controller(service.Service):
             pid=self.pid,
             where=", ".join(f"{n}={lst.address}" for n, lst in self.listeners.items()) or "-",
         )
+        self._reread_if_changed()
+
+    def _reread_if_changed(self) -> None:
+        """Apply what a command saved while this daemon started.
+
+        The file was read before the control socket answered: a CHGPJE or
+        CHGSMTPA run meanwhile found no daemon, saved its change and said it
+        applies at the next start, which is this one.  A command that comes
+        once the socket listens is answered, and reloads, after this.
+        """
+        try:
+            fresh = configmod.load(self.config_path)
+        except (configmod.SettingError, OSError):
+            return  # an edit the next reload will refuse, with its reason
+        if fresh != self.settings:
+            try:
+                self.cmd_reload(tls=False)
+            except ControlError:
+                pass  # logged by the reload
 
     def _hung_up(self) -> None:
         if not self.running:
@@ -579,10 +598,17 @@ class Controller(service.Service):
             rows.extend(status["jobs"])
         return rows
 
-    def cmd_reload(self, tls: bool = True) -> dict[str, Any]:
+    def cmd_reload(self, tls: bool = True, config: str | None = None) -> dict[str, Any]:
         """Apply the file.  ``tls`` False (a command that changed another section,
         CHGPJE, CHGSMTPA...) leaves the TLS pair as it is: a renewal half done on
-        disk meanwhile must not refuse that change; ``config --apply`` takes it."""
+        disk meanwhile must not refuse that change; ``config --apply`` takes it.
+
+        ``config``: the file the command changed.  Another file naming the same
+        state directory is not this daemon's: reloading its own would apply
+        nothing of the change, and the command would say it was applied."""
+        if config is not None and not _same_file(config, self.config_path):
+            raise ControlError(f"this daemon runs with {self.config_path}, not {config}: "
+                               "the change is only in the file given")
         try:
             fresh = configmod.load(self.config_path)
         except (configmod.SettingError, OSError) as e:
@@ -911,3 +937,10 @@ def _end_args(option: Any, delay: Any) -> tuple[str, float]:
                 float(parse_value("--delay", END_DELAY, delay)))
     except configmod.SettingError as e:
         raise ControlError(str(e), usage=True) from None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
