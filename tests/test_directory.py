@@ -243,6 +243,8 @@ def test_duplicate_profile_refused_case_insensitively(d):
     [
         ({"password": ""}, "password: '(0 characters)'"),
         ({"password": "x" * 129}, "1-128 characters"),
+        ({"password": "a\nb"}, "no control characters"),
+        ({"password": "tab\there"}, "no control characters"),
         ({"password": "pw", "status": "*LOCKED"}, "status: '*LOCKED' is not allowed"),
         ({"password": "pw", "text": "x" * 51}, "text: "),
     ],

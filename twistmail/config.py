@@ -181,7 +181,8 @@ class SmtpSettings:
     etrnclt: str = setting(YESNO, "*NO", "issue ETRN when connecting")
     mailxfrint: int = setting(Int(0, 65535), 0, "scheduled delivery interval, minutes")
     nfydlvry: str | None = setting(
-        HostPort('an address "user@domain"'), None, "DSN responsible person (*NONE: off)"
+        HostPort('an address "user@domain"', hosts=False), None,
+        "DSN responsible person (*NONE: off)"
     )
     alwbarelf: str = setting(YESNO, "*NO", "accept a bare LF as a line end in DATA")
     mime8bit: str = setting(YESNO, "*YES", "offer 8BITMIME")

@@ -382,13 +382,16 @@ def system_address_from_hostname(hostname: str) -> str:
 
 def _check_password(password: Any) -> str:
     """1-128 characters that fit a POP PASS line (255 octets) in UTF-8 too: a
-    password of 128 two-octet letters signed on by SMTP and never by POP."""
+    password of 128 two-octet letters signed on by SMTP and never by POP.
+    No control character: a line break or a NUL cannot be sent in PASS, so
+    such a password was taken and could never sign on to POP."""
     if not isinstance(password, str) or not 1 <= len(password) <= MAX_PASSWORD or \
-            len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_OCTETS:
+            len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_OCTETS or \
+            any(c < " " or c == "\x7f" for c in password):
         shown = f"({len(password)} characters)" if isinstance(password, str) else password
         raise DirectoryError(
             "password", shown, f"is not allowed; allowed: 1-{MAX_PASSWORD} characters, "
-            f"at most {MAX_PASSWORD_OCTETS} octets in UTF-8"
+            f"at most {MAX_PASSWORD_OCTETS} octets in UTF-8, no control characters"
         )
     return password
 

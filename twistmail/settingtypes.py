@@ -254,6 +254,9 @@ class HostPort:
     """
 
     what: str = '"host[:port]"'
+    #: The host must be a domain name or an IP address: "*NO" for FWDHUBSVR,
+    #: an easy slip, sent every non-local message to a host of that name.
+    hosts: bool = True
 
     @property
     def allowed(self) -> str:
@@ -269,6 +272,8 @@ class HostPort:
             host, _ = parse_hostport(raw)
             if raw.startswith("["):
                 ipaddress.IPv6Address(host)
+            elif self.hosts and not is_domain(host):
+                ipaddress.ip_address(host)
         except ValueError:
             raise _Invalid from None
         if any(c.isspace() or c in "\"'<>,;()\\" for c in raw) or not raw.isprintable():
