@@ -305,6 +305,8 @@ BAD = [
                  "'/nonexistent.pem'", "an existing file", id="certificate"),
     pytest.param('[smtp]\nhosttable = "no/such/hosts"\n', "smtp.hosttable",
                  "'no/such/hosts'", "an existing file", id="hosttable"),
+    pytest.param(f'[smtp]\nhosttable = "/{"h" * 300}"\n', "smtp.hosttable",
+                 f"'/{'h' * 300}'", "an existing file", id="hosttable-name-too-long"),
     pytest.param("pop = 3\n", "pop", "3", "a table of settings", id="not-a-table"),
 ]
 

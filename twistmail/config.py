@@ -413,7 +413,7 @@ def from_mapping(data: dict[str, Any], path: Path, directory: Path | None = None
     for key, value in (("smtp.hosttable", settings.smtp.hosttable),
                        ("tls.certificate", settings.tls.certificate),
                        ("tls.key", settings.tls.key)):
-        if value and not settings.resolve(value).is_file():
+        if value and not _is_file(settings.resolve(value)):
             raise SettingError(key, value, "an existing file (relative paths start at "
                                "the configuration file's directory)")
     if settings.tls.key and not settings.tls.certificate:
@@ -430,6 +430,14 @@ def from_mapping(data: dict[str, Any], path: Path, directory: Path | None = None
 
 #: The longest path a UNIX socket can be bound at on Linux (108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
+
+
+def _is_file(path: Path) -> bool:
+    """``Path.is_file`` without its OSError for a name too long (Python 3.11)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
