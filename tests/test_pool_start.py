@@ -409,3 +409,85 @@ def test_one_more_job_on_demand_stops_at_maxjobs():
     assert not p.start_one_more()
     p.active = False
     assert not p.start_one_more()
+
+
+def _ready(p: poolmod.Pool, clock: Clock) -> list[poolmod.Job]:
+    from twisted.internet.testing import StringTransport
+
+    jobs = list(p.jobs.values())
+    for job in jobs:
+        job.chan.makeConnection(StringTransport())
+        job.chan.lineReceived(b"READY")
+    clock.advance(0)
+    return jobs
+
+
+def test_jobs_that_fail_together_count_as_one_boot_failure():
+    """Six jobs started at once, dead before READY in one bad moment, stopped
+    the entry at once (five failures) with no back-off tried."""
+    clock = Clock()
+    p = started_pool(clock, inljobs=6)
+    for started in list(p.launcher.started):
+        started.on_ended(Failure(ProcessTerminated(70, None, None)))
+    assert p.boot_failures == 1 and p.status == "ACTIVE"
+    clock.advance(Limits().backoff(1) + 0.1)
+    assert len(p.launcher.started) > 6  # tried again after the back-off
+    # One started after that failure was seen counts again.
+    newest = p.launcher.started[-1]
+    newest.on_ended(Failure(ProcessTerminated(70, None, None)))
+    assert p.boot_failures == 2
+
+
+def test_an_entry_stopped_by_boot_failures_ends_the_jobs_it_has():
+    """They sat idle, refused every connection, and kept STRPJ refused."""
+    clock = Clock()
+    p = started_pool(clock, inljobs=2)
+    ready = _ready(p, clock)
+    p.reconfigure(attrs.evolve(p.entry, inljobs=3), p.limits)
+    clock.advance(0)
+    p.boot_failures = Limits().boot_failure_limit - 1
+    [new] = [s for s in p.launcher.started if s.pid not in {j.pid for j in ready}]
+    new.on_ended(Failure(ProcessTerminated(70, None, None)))
+    clock.advance(0)
+    assert p.status == "FAILED"
+    assert [(j.state, j.end_reason) for j in ready] == [
+        (poolmod.JobState.ENDING, "failed")] * 2
+    assert all(j.chan.transport.value().endswith(b"END\n") for j in ready)
+
+
+def test_a_job_told_to_end_that_does_not_exit_is_killed():
+    clock = Clock()
+    p = started_pool(clock, inljobs=1)
+    [job] = _ready(p, clock)
+    p._end_job(job, "trim")
+    [process] = p.launcher.started
+    clock.advance(poolmod.END_LIMIT - 1)
+    assert process.signals == []  # stopped, say: it never reads its END
+    clock.advance(1)
+    assert process.signals == ["KILL"] and job.id not in p.jobs
+
+
+def test_a_job_that_frees_over_a_lowered_maxjobs_ends_instead_of_taking_a_waiting_request():
+    """While requests waited, every freed job took the next one: MAXJOBS
+    lowered under load was never reached while the load lasted."""
+    clock = Clock()
+    p = started_pool(clock, inljobs=2)
+    jobs = _ready(p, clock)
+    p.reconfigure(attrs.evolve(p.entry, maxjobs=2), p.limits)
+    for n in range(4):  # two busy, two waiting
+        p.submit_task(b"{}", f"d{n}.test")
+    clock.advance(0)
+    assert [j.state for j in jobs] == [poolmod.JobState.BUSY] * 2 and len(p.waiting) == 2
+    p.reconfigure(attrs.evolve(p.entry, inljobs=1, threshold=1, maxjobs=1), p.limits)
+    clock.advance(0)
+    first = jobs[0]
+    first.chan.lineReceived(b"RESULT %d {}" % 1)
+    first.chan.lineReceived(b"FREE")
+    clock.advance(0)
+    assert first.state is poolmod.JobState.ENDING and first.end_reason == "maxjobs"
+    assert len(p.waiting) == 2  # the other job takes the next one when it frees
+    second = jobs[1]
+    second.chan.lineReceived(b"RESULT %d {}" % 2)
+    second.chan.lineReceived(b"FREE")
+    clock.advance(0)
+    assert second.state is poolmod.JobState.BUSY and len(p.waiting) == 1

@@ -39,6 +39,9 @@ from twistmail.prestart.stats import PoolStats
 from twistmail.protocols.writenow import send_descriptor_now, write_now
 
 KILL_AFTER = 5.0  # seconds between SIGTERM and SIGKILL
+#: Seconds a job told to end, and free, has to exit before it is killed: a
+#: stopped or wedged one would stay outside MAXJOBS' count for ever.
+END_LIMIT = 30.0
 START_LIMIT = 30.0  # seconds a job may take to say READY; then it is killed (a boot failure)
 #: Seconds an idle job may take to ACK a connection handed to it; then it is
 #: taken for hung (stopped, wedged): killed, and the client goes to another job.
@@ -187,6 +190,9 @@ class Pool:
         self.waiting: collections.deque[Request] = collections.deque()
         self.boot_failures = 0
         self.last_boot_failure = 0.0
+        #: When a job last died before READY (None: never): jobs started
+        #: before it that die too are counted with it, once.
+        self._boot_failure_seen: float | None = None
         #: Starts that failed for want of descriptors or processes, since one worked.
         self.failed_starts = 0
         self.last_trim = 0.0
@@ -495,6 +501,7 @@ class Pool:
         if job.end_reason is not None:
             job.state = JobState.ENDING
             job.chan.send_end()
+            self._await_end(job)
         self._dispatch()
         self.evaluate()
 
@@ -566,12 +573,37 @@ class Pool:
             # Told to end while busy (its FREE may have crossed the END): it
             # ends now, and must not be handed another connection.
             job.state = JobState.ENDING
+            self._await_end(job)
             return
         if job.state is JobState.ENDING:
             return
         self._now_idle(job)
+        if self._over_maxjobs():
+            # MAXJOBS lowered while every job was busy: a job that frees ends
+            # instead of taking the next waiting request, or the pool would
+            # stay above the limit for as long as requests wait.
+            self._end_job(job, "maxjobs")
+            self.evaluate()
+            return
         self._dispatch()
         self.evaluate()
+
+    def _over_maxjobs(self) -> bool:
+        cap = self.entry.maxjobs
+        return cap is not None and sum(
+            1 for j in self.jobs.values() if j.state is not JobState.ENDING) > cap
+
+    def _await_end(self, job: Job) -> None:
+        """A free job told to end: killed if it has not exited in END_LIMIT."""
+        _cancel(job)
+        job.timer = self.reactor.callLater(END_LIMIT, self._end_overdue, job)
+
+    def _end_overdue(self, job: Job) -> None:
+        job.timer = None
+        if self.jobs.get(job.id) is job:
+            self.log.error("{name} job {pid} told to end {s:.0f}s ago is still there; "
+                           "killing it", name=self.job_name, pid=job.pid, s=END_LIMIT)
+            self._signal(job, "KILL")
 
     def _channel_lost(self, job: Job) -> None:
         for request in job.pending.values():
@@ -626,8 +658,12 @@ class Pool:
         elif not job.ready and reason.check(launch.ForkFailed):
             self._short_of_resources(now)
         elif not job.ready and not reason.check(launch.LauncherGone):
-            self.boot_failures += 1
-            self.last_boot_failure = now
+            seen = self._boot_failure_seen
+            if seen is None or job.started_at > seen:
+                # Jobs started before the last failure was seen failed with
+                # it (one bad moment): they count once, so the back-off runs.
+                self.boot_failures += 1
+            self.last_boot_failure = self._boot_failure_seen = now
             self._journal("JB", f"JB BOOT {name}", pid=pid, exit=status, pgm=self.pgm,
                           failures=self.boot_failures)
         else:
@@ -696,6 +732,11 @@ class Pool:
             )
             self.log.error("prestart entry {pgm} stopped after {n} boot failures",
                            pgm=self.pgm, n=self.boot_failures)
+            # As IBM i ends an entry's jobs when it stops it: the jobs that
+            # did start would sit idle, refused work, and keep STRPJ refused.
+            # Busy ones finish their session first.
+            for job in list(self.jobs.values()):
+                self._end_job(job, "failed")
             return
         for job_id, why in zip(actions.end, actions.end_reasons, strict=True):
             job = self.jobs.get(job_id)
@@ -717,6 +758,7 @@ class Pool:
             return  # told at its READY
         if job.state is not JobState.BUSY:
             job.state = JobState.ENDING
+            self._await_end(job)
         # A busy job finishes its session first: it is never killed by a rule.
         if job.chan is not None:
             job.chan.send_end()
