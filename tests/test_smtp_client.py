@@ -989,7 +989,21 @@ class ClientTests(unittest.TestCase):
         sink = self.sink(data="354 go\r\n250 2.0.0 early ok", end="554 5.7.1 rejected after all")
         result = await self.send([sink.hop()])
         self.assertEqual(result.recipients[0].status, TEMPORARY)
-        self.assertIn("a reply before the end of the message", result.recipients[0].text)
+        self.assertIn("a positive reply before the end of the message", result.recipients[0].text)
+
+    async def test_a_refusal_before_the_final_dot_is_the_reply_to_the_message(self) -> None:
+        """552 sent as soon as the server saw the message was too big: the
+        server's word on it, not a protocol error to retry with the whole body."""
+        sink = self.sink(data="354 go\r\n552 5.3.4 too big", end="250 2.0.0 queued anyway")
+        result = await self.send([sink.hop()])
+        self.assertEqual((result.recipients[0].status, result.recipients[0].code),
+                         (PERMANENT, 552))
+
+    async def test_a_trailing_dot_of_the_host_is_no_mismatch_under_verify(self) -> None:
+        sink = self.sink(tls=True)
+        result = await self.send([sink.hop("localhost.")], tls_policy=TLS_VERIFY,
+                                 trust_root=trust_root())
+        self.assertEqual(result.recipients[0].status, DELIVERED)
 
     async def test_a_reply_shorter_than_a_code_is_a_protocol_error(self) -> None:
         for end in ("25", "650 what"):

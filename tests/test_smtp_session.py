@@ -502,6 +502,7 @@ def test_a_header_block_over_1_mib_is_refused_and_the_session_goes_on():
 
 
 @pytest.mark.parametrize("name", [b"mail.example.test", b"my_pc", b"192.0.2.1",
+                                  b"scanner@corp.example",  # some devices send an address
                                   b"[192.0.2.1]", b"[IPv6:2001:db8::1]", b"localhost."])
 def test_helo_names_of_real_clients_are_taken(name):
     s = Session()
@@ -661,6 +662,22 @@ def test_a_slow_message_text_is_activity():
     assert s.codes() == [250, 250, 354, 250] and not s.tr.disconnecting
 
 
+def test_a_fast_client_whose_message_was_refused_early_still_gets_the_refusal():
+    """The pace was judged on the octets kept: once a message failed (a bare
+    LF, a long line, too big) none were, and a client sending at full speed
+    got 421 4.4.2 instead of its 5xx, and sent the whole message again."""
+    s = Session(inacttimo=60, maxmsgsize=10**6)
+    s.start()
+    s.send(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<sam@example.test>\r\nDATA\r\n"
+           b"Subject: bare\nLF\r\n")
+    for _ in range(40):
+        s.clock.advance(10)
+        s.send((b"x" * 998 + b"\r\n") * 20)  # 2000 octets a second
+        assert not s.tr.disconnecting
+    s.send(b".\r\n")
+    assert s.codes() == [250, 250, 354, 550]
+
+
 def test_a_trickle_of_message_text_ends_the_session():
     """A line every 50 s, INACTTIMO 60: it held a job for as long as the client
     liked, and twenty such clients held every job of the pool."""
@@ -684,7 +701,7 @@ def test_a_trickle_of_message_text_ends_the_session():
                                   # comment over the client's address and the "by" part,
                                   # ";" ended the tokens before the date.
                                   b"evil(", b"a;Thu,_1_Jan_1970(", b"<x>", b'"q"', b"a,b",
-                                  b"u@h", b"a\\b", b"[1.2.3.4", b"x]", b"[a]b", b"[a[b]"])
+                                  b"a\\b", b"[1.2.3.4", b"x]", b"[a]b", b"[a[b]"])
 def test_helo_names_with_blanks_or_controls_are_refused(name):
     """They would go into the Received: field (and the journal) as they came."""
     for verb in (b"HELO", b"EHLO"):

@@ -190,8 +190,7 @@ class Pool:
         self.waiting: collections.deque[Request] = collections.deque()
         self.boot_failures = 0
         self.last_boot_failure = 0.0
-        #: When a job last died before READY (None: never): jobs started
-        #: before it that die too are counted with it, once.
+        #: When the last boot failure that counted was (None: none yet).
         self._boot_failure_seen: float | None = None
         #: Starts that failed for want of descriptors or processes, since one worked.
         self.failed_starts = 0
@@ -659,11 +658,13 @@ class Pool:
             self._short_of_resources(now)
         elif not job.ready and not reason.check(launch.LauncherGone):
             seen = self._boot_failure_seen
-            if seen is None or job.started_at > seen:
-                # Jobs started before the last failure was seen failed with
-                # it (one bad moment): they count once, so the back-off runs.
+            if seen is None or now >= seen + self.limits.backoff(self.boot_failures):
+                # Failures within the back-off of the last one counted came
+                # with it (jobs started together, one bad moment): they count
+                # once, so the back-off is tried before the entry stops.
                 self.boot_failures += 1
-            self.last_boot_failure = self._boot_failure_seen = now
+                self._boot_failure_seen = now
+            self.last_boot_failure = now
             self._journal("JB", f"JB BOOT {name}", pid=pid, exit=status, pgm=self.pgm,
                           failures=self.boot_failures)
         else:

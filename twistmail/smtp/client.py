@@ -803,6 +803,7 @@ class _Verified(_Unverified):
     _platform: SSL.Context | None = None  # with the system's CAs, made once
 
     def __init__(self, hostname: str, trust_root: Any = None) -> None:
+        hostname = hostname.rstrip(".")  # an absolute name is the same name
         super().__init__(hostname)
         self.trust_root = trust_root
         if isIPAddress(hostname) or isIPv6Address(hostname):
@@ -1220,12 +1221,23 @@ class _Conversation(_Opening):
             return
         writer = _BodyWriter(self.session, self.job, self.options.chunk_size, self.t.data_block)
         await writer.run()
-        if self.session.replies or self.session.partial or self.session.buffer:
+        if self._early_acceptance():
             # Said before the final dot, so not about the message: a 250
             # there is no acceptance (a 554 may follow the dot).
-            self.session._violation("a reply before the end of the message")
+            self.session._violation("a positive reply before the end of the message")
             raise self.session.error  # type: ignore[misc]
+        # An early refusal (552 too big, 421 closing) is the server's word on
+        # the message, as any client reads it.
         self._settle(accepted, await self.session.read("end of data", self.t.data_end))
+
+    def _early_acceptance(self) -> bool:
+        """A 2xx reply, or the start of one, arrived before the final dot was sent."""
+        session = self.session
+        if session.replies:
+            return session.replies[0].positive
+        if session.partial:
+            return 200 <= session.partial_code < 300
+        return session.buffer[:1] == b"2"
 
     async def _downgraded(self, limit: int | None) -> _Job:
         """The job with its body made 7-bit; as it was, should that fail.

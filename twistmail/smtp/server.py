@@ -68,7 +68,8 @@ JUNK = frozenset({b"NOOP", b"RSET", b"VRFY", b"HELP", b"HELO", b"EHLO"})
 RCPT_OVERSHOOT = 1000
 #: In DATA, the octets a second a client must average once INACTTIMO seconds
 #: have passed for its lines to count as activity (Postfix's
-#: smtpd_min_data_rate): a line every few minutes would hold a job for ever.
+#: smtpd_min_data_rate, which Postfix applies under stress only; here always):
+#: a line every few minutes would hold a job for ever.
 MIN_DATA_RATE = 500
 
 UNIMPLEMENTED = {b"EXPN", b"TURN", b"SAML", b"SEND", b"SOML"}
@@ -183,6 +184,9 @@ class _Data:
         self.session = session
         self.spool = spool
         self.size = 0
+        #: Octets the client sent, also those not kept (a message already
+        #: refused is read to its end): what its pace is judged on.
+        self.received = 0
         self.started = session.reactor.seconds()
         self.error: tuple[int, str] | None = None
         self.in_header = True
@@ -315,7 +319,7 @@ TEXT_LINE_TOO_LONG = "5.6.0 Message has a line longer than 1000 octets (RFC 5321
 #: and what RFC 5322 gives a meaning there (a comment's parenthesis, the ";"
 #: before the date, brackets outside a literal) would change how it reads.
 _HELO_NAME = re.compile(r"\[[\x21-\x5a\x5e-\x7e]{1,253}\]"
-                        r"|[^\x00-\x20\x7f-\uffff()<>\[\]\";\\,@]{1,255}")
+                        r"|[^\x00-\x20\x7f-\uffff()<>\[\]\";\\,]{1,255}")
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*")
 #: RFC 3461 §4.4 and §4.2: the longest ENVID and ORCPT a server must take.
 MAX_ENVID = 100
@@ -493,7 +497,7 @@ class SMTPSession(SequentialSession):
 
     def reset_timeout(self) -> None:
         data = self.data
-        if data is not None and data.size < MIN_DATA_RATE * (
+        if data is not None and data.received < MIN_DATA_RATE * (
                 self.reactor.seconds() - data.started - self.inacttimo):
             return  # a trickle: the wait runs on from the last time the pace was kept
         super().reset_timeout()
@@ -551,6 +555,7 @@ class SMTPSession(SequentialSession):
     def _data_chunk(self) -> bool:
         """Consume the complete message lines in the buffer; False when none is left."""
         buf = self.buffer
+        data = self.data
         pos = 0
         progressed = False
         blocks = True  # until a block is refused in the body: then lines, for this buffer
@@ -588,6 +593,8 @@ class SMTPSession(SequentialSession):
             rest = rest[-1:] if rest.endswith(b"\r") else b""
             progressed = True
         self.buffer = rest
+        if data is not None:
+            data.received += len(buf) - len(rest)
         return progressed  # the loop asks again, and learns the rest is not a line yet
 
     def _body_lines(self, buf: bytes, pos: int) -> int:
