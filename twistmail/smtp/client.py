@@ -846,6 +846,7 @@ def _verifying_context(trust_root: Any) -> SSL.Context:
 
 
 def _sni(hostname: str) -> bytes | None:
+    hostname = hostname.rstrip(".")  # RFC 6066 §3: the name without its trailing dot
     if not hostname or ":" in hostname or re.fullmatch(r"[0-9.]+", hostname):
         return None
     try:
