@@ -821,10 +821,11 @@ class ClientTests(unittest.TestCase):
         self.assertTrue(result.tls)
 
     async def test_verify_with_right_name(self) -> None:
-        sink = self.sink(tls=True)
-        result = await self.send([sink.hop("localhost")], tls_policy=TLS_VERIFY,
-                                 trust_root=trust_root())
-        self.assertEqual(result.recipients[0].status, DELIVERED)
+        for host in ("localhost", "localhost."):  # a trailing dot is the same name
+            sink = self.sink(tls=True)
+            result = await self.send([sink.hop(host)], tls_policy=TLS_VERIFY,
+                                     trust_root=trust_root())
+            self.assertEqual(result.recipients[0].status, DELIVERED)
 
     async def test_verify_with_wrong_name_is_temporary(self) -> None:
         sink = self.sink(tls=True)
@@ -998,12 +999,6 @@ class ClientTests(unittest.TestCase):
         result = await self.send([sink.hop()])
         self.assertEqual((result.recipients[0].status, result.recipients[0].code),
                          (PERMANENT, 552))
-
-    async def test_a_trailing_dot_of_the_host_is_no_mismatch_under_verify(self) -> None:
-        sink = self.sink(tls=True)
-        result = await self.send([sink.hop("localhost.")], tls_policy=TLS_VERIFY,
-                                 trust_root=trust_root())
-        self.assertEqual(result.recipients[0].status, DELIVERED)
 
     async def test_a_reply_shorter_than_a_code_is_a_protocol_error(self) -> None:
         for end in ("25", "650 what"):
