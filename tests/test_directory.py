@@ -674,6 +674,22 @@ def test_chgusrprf_and_dltusrprf(cfg, capsys):
     assert rc == 2 and "--usrprf: 'SAM' does not exist" in err
 
 
+def test_dltusrprf_names_the_entries_that_routed_others_mail_to_the_profile(cfg, capsys):
+    """The catch-all and a postmaster entry went silently with the profile:
+    routing for the whole system changed without a word."""
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    for args in (("--usrid", "*ANY", "*ANY", "--usrd", "catch"),
+                 ("--usrid", "pm", "sysa", "--usrd", "Postmaster", "--smtpuser", "postmaster")):
+        rc, out, err = tm(capsys, cfg, "adddire", *args, "--user", "sam",
+                          "--msfsrvlvl", "*SYSMS")
+        assert rc == 0, err
+    rc, out, err = tm(capsys, cfg, "dltusrprf", "--usrprf", "SAM")
+    assert rc == 0, err
+    assert out.splitlines()[1] == (
+        "Removed with it, so they route no more mail: *ANY *ANY, "
+        "PM SYSA (postmaster@example.test).")
+
+
 def test_a_profile_that_owns_mail_is_deleted_only_with_its_mail(cfg, capsys):
     """DLTUSRPRF OWNOBJOPT(*NODLT), IBM's default: a profile that owns objects stays.
     Kept mail went to whoever was created next under the same name."""

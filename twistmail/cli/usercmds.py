@@ -287,7 +287,8 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
             usage_error(f"--ownobjopt: {name} owns {' and '.join(o for o, _ in owned)}, so "
                         "it is not deleted with *NODLT; allowed: *DLT, which deletes them "
                         "with the profile")
-        addresses = {e.smtp_name for e in d.entries() if e.user == name and e.smtp_name}
+        entries = [e for e in d.entries() if e.user == name]
+        addresses = {e.smtp_name for e in entries if e.smtp_name}
         d.delete_profile(name)
         home = d.mailbox(name).parent
     waiting = _queued_for(addresses)
@@ -296,6 +297,13 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
     shutil.rmtree(home, ignore_errors=True)  # an empty mailbox goes in any case
     gone = f" with {' and '.join(o for o, _ in owned)}" if owned else ""
     click.echo(f"User profile {name} deleted{gone}.")
+    routing = [e for e in entries if _routes_for_others(e)]
+    if routing:
+        # They go with it (their USER was it), and mail that other addresses
+        # relied on them for is no longer routed: said, not found out later.
+        click.echo("Removed with it, so they route no more mail: " + ", ".join(
+            f"{e.userid} {e.address}" + (f" ({e.smtp_name})" if e.smtp_name else "")
+            for e in routing) + ".")
     if waiting:
         if waiting == 1:
             click.echo("1 queued message for its addresses is no longer its: a catch-all "
@@ -304,6 +312,13 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
             click.echo(f"{waiting} queued messages for its addresses are no longer its: a "
                        "catch-all entry (*ANY) takes them, or they go back to their senders "
                        "(wrkq lists them).")
+
+
+def _routes_for_others(entry: Any) -> bool:
+    """The catch-all, or the postmaster's or NONDELIVERY's address: an entry
+    that takes mail meant for others than the profile itself."""
+    local = (entry.smtp_name or "").partition("@")[0].lower()
+    return entry.userid == "*ANY" or local in ("postmaster", "nondelivery")
 
 
 #: The queues a local recipient waits on: QTMSOUTQ too, where one deferred
