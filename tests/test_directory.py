@@ -1130,3 +1130,18 @@ def test_crtusrprf_says_why_a_profile_got_no_smtp_address(cfg, capsys):
         "No SMTP address: '@' is in no SMTP local part, so a@b is none; mail reaches the "
         "profile once its entry has one: chgdire --usrid A@B MAIL --prefadr '*SMTP' "
         "--smtpuser NAME")
+
+
+def test_listings_make_no_state_directory(cfg, capsys, tmp_path):
+    """A datadir mistyped in the settings was made by wrkdire, with a fresh
+    directory in it, and listed empty as if it were the appliance's."""
+    rc, out, err = tm(capsys, cfg, "wrkdire")
+    assert (rc, out) == (0, "(no directory entries)\n"), err
+    rc, out, err = tm(capsys, cfg, "wrkusrprf", "--json")
+    assert (rc, out) == (0, "[]\n"), err
+    rc, out, err = tm(capsys, cfg, "dspusrprf", "--usrprf", "sam")
+    assert rc == 2 and "--usrprf: 'SAM' does not exist" in err
+    assert not (tmp_path / "var").exists()
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")  # a change makes it
+    rc, out, err = tm(capsys, cfg, "wrkusrprf")
+    assert rc == 0 and "SAM" in out

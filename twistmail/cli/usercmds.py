@@ -356,6 +356,9 @@ def _owned(d: Any, name: str) -> list[tuple[str, Path]]:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def dspusrprf(usrprf: str, as_json: bool) -> None:
     """Display a user profile with its directory entries and SMTP address."""
+    if _nothing_enrolled():
+        usage_error(DirectoryError("usrprf", dirmod.profile_name(usrprf),
+                                   "does not exist").said("--usrprf"))
     with open_directory("the directory", OPTION_OF_FIELD) as d:
         name = dirmod.profile_name(usrprf)
         profile = d.get_profile(name)
@@ -365,6 +368,13 @@ def dspusrprf(usrprf: str, as_json: bool) -> None:
     if not as_json:
         record["entries"] = ", ".join(record["entries"])
     emit_record(record, PROFILE_LABELS, as_json)
+
+
+def _nothing_enrolled() -> bool:
+    """No directory yet: a listing says so without making one, or a datadir
+    mistyped in the settings would be made, and listed empty, without a word
+    that it is not the appliance's."""
+    return not (app().settings.datadir / dirmod.FILENAME).exists()
 
 
 USRPRF_COLUMNS = (
@@ -379,9 +389,12 @@ USRPRF_COLUMNS = (
 @click.option("--json", "as_json", is_flag=True, help="A JSON array of profiles.")
 def wrkusrprf(as_json: bool) -> None:
     """List the user profiles, with their status and SMTP address (WRKUSRPRF)."""
-    with open_directory("the directory", OPTION_OF_FIELD) as d:
-        rows = [{"usrprf": p.usrprf, "status": p.status, "smtp": d.smtp_address(p.usrprf) or "",
-                 "text": p.text, "created": p.created} for p in d.profiles()]
+    rows = []
+    if not _nothing_enrolled():
+        with open_directory("the directory", OPTION_OF_FIELD) as d:
+            rows = [{"usrprf": p.usrprf, "status": p.status,
+                     "smtp": d.smtp_address(p.usrprf) or "", "text": p.text,
+                     "created": p.created} for p in d.profiles()]
     emit_table(rows, USRPRF_COLUMNS, as_json, empty="(no user profiles)")
 
 
@@ -442,6 +455,8 @@ def rmvdire(usrid: tuple[str, str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON array of entries.")
 def wrkdire(as_json: bool) -> None:
     """List the system distribution directory."""
-    with open_directory("the directory", OPTION_OF_FIELD) as d:
-        rows = [_entry_row(e) for e in d.entries()]
+    rows = []
+    if not _nothing_enrolled():
+        with open_directory("the directory", OPTION_OF_FIELD) as d:
+            rows = [_entry_row(e) for e in d.entries()]
     emit_table(rows, DIRE_COLUMNS, as_json, empty="(no directory entries)")
