@@ -74,3 +74,27 @@ def test_an_attachment_must_be_a_regular_file():
 
     with pytest.raises(SendMailError, match="not a regular file"):
         attachment_parts(["/dev/zero"])
+
+
+@pytest.mark.parametrize("ctype", ["application/pdf;name=evil.exe", "text/plain; charset=utf-7",
+                                   "/", "text/", "/pdf", "a/b/c", "text /plain"])
+def test_an_attachment_type_is_a_bare_type_and_subtype(ctype, tmp_path):
+    """A parameter gave the part a second file name beside its
+    Content-Disposition's, which readers show differently."""
+    from twistmail.mimebuild import attachment_parts
+
+    (tmp_path / "rep.pdf").write_bytes(b"%PDF")
+    with pytest.raises(SendMailError, match="no parameters"):
+        attachment_parts([(tmp_path / "rep.pdf", ctype)])
+    assert attachment_parts([(tmp_path / "rep.pdf", "application/PDF")])[0].content_type == \
+        "application/pdf"
+
+
+def test_a_body_or_a_file_name_that_cannot_be_sent_is_refused_for_its_reason():
+    for body in ("a\udcffb", "nul\x00here"):
+        with pytest.raises(SendMailError, match="body: a NUL or an unpaired surrogate"):
+            content_entity(body, [])
+    with pytest.raises(SendMailError, match="is not UTF-8"):
+        content_entity("b", [Attachment("n\udcff.pdf", b"x", "application/pdf")])
+    with pytest.raises(SendMailError, match="subject: must be one line of text"):
+        header_block("app@example.test", [], "a\x00b", "mail.example.test")

@@ -19,6 +19,7 @@ import email.policy
 import email.utils
 import mimetypes
 import os
+import re
 import stat
 from collections.abc import Iterable, Sequence
 from email.message import EmailMessage, MIMEPart
@@ -53,6 +54,10 @@ def attachment_size(item: str | os.PathLike[str] | tuple[str | os.PathLike[str],
     return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
+#: RFC 2045 §5.1: type "/" subtype, each a token; no parameters.
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def attachment_parts(
     attachments: Iterable[str | os.PathLike[str] | tuple[str | os.PathLike[str], str]],
 ) -> list[Attachment]:
@@ -67,11 +72,13 @@ def attachment_parts(
             # message (.eml) too: base64 is not allowed for message/* (RFC 2046 5.2.1)
             ctype = (guessed if guessed and not wrapper and not guessed.startswith("message/")
                      else "application/octet-stream")
-        if ctype.count("/") != 1 or ctype.lower().startswith(("multipart/", "message/")) or any(
-                c.isspace() for c in ctype):
+        if not _MEDIA_TYPE.fullmatch(ctype) or ctype.lower().startswith(
+                ("multipart/", "message/")):
+            # Parameters too: "application/pdf;name=evil.exe" gave the part a
+            # second file name beside its Content-Disposition's.
             raise SendMailError(f"attachment: content type {ctype!r} of {file} is not allowed; "
-                                "allowed: type/subtype such as application/pdf, not multipart/ "
-                                "or message/")
+                                "allowed: type/subtype such as application/pdf (no parameters), "
+                                "not multipart/ or message/")
         try:
             with as_invoker():  # the caller's file (see twistmail.identity)
                 data = _read_attachment(file)
@@ -128,6 +135,9 @@ def content_entity(body: str, attachments: Sequence[Attachment]) -> bytes:
     """The text body, with attachments a multipart/mixed entity; CRLF, 7-bit."""
     if not isinstance(body, str):
         raise SendMailError(f"body: must be text (str), not {type(body).__name__}")
+    if "\x00" in body or any("\ud800" <= c <= "\udfff" for c in body):
+        raise SendMailError("body: a NUL or an unpaired surrogate (undecodable bytes) is not "
+                            "allowed; allowed: text")
     part = MIMEPart(policy=POLICY)
     part.set_content(body, subtype="plain")
     for a in attachments:
@@ -135,6 +145,9 @@ def content_entity(body: str, attachments: Sequence[Attachment]) -> bytes:
         try:
             part.add_attachment(a.data, maintype=maintype, subtype=subtype, cte="base64",
                                 filename=a.filename)
+        except UnicodeError:
+            raise SendMailError(f"attachment: the file name {a.filename!r} is not allowed: "
+                                "it is not UTF-8") from None
         except ValueError:
             raise SendMailError(f"attachment: the file name {a.filename!r} is not allowed: "
                                 "it holds a line break") from None
@@ -149,8 +162,8 @@ def header_block(sender: str, rcpts: Sequence[Recipient], subject: str, hostname
     a quoted local part (which RFC 2047 section 5 forbids there) or drop a
     quoting backslash, naming another address than the one mail goes to.
     """
-    if not isinstance(subject, str) or "\r" in subject or "\n" in subject:
-        raise SendMailError("subject: must be one line of text")
+    if not isinstance(subject, str) or any(c < " " and c != "\t" for c in subject):
+        raise SendMailError("subject: must be one line of text, without control characters")
     fields, names = [_address_field("From", [sender])], ["from"]
     for kind, field in ((TO, "To"), (CC, "Cc")):
         addresses = [r.address for r in rcpts if r.kind == kind]
