@@ -1345,3 +1345,19 @@ def test_a_bridge_is_running_by_its_pid_not_by_the_age_of_its_status(tmp_path):
     assert not bridge_running(tmp_path, time.time())
     status.unlink()
     assert not bridge_running(tmp_path, time.time())  # ENDMSF removes it
+
+
+def test_an_envelope_write_that_fails_leaves_no_file(tmp_path, monkeypatch):
+    """A full disk: the empty file stayed in tmp/ for a day while its writer lived."""
+    import errno
+
+    from twistmail import queue as queuemod
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(queuemod.os, "write", full)
+    path = tmp_path / "x.json"
+    with pytest.raises(OSError):
+        queuemod._write_synced(path, b"{}")
+    assert not path.exists()

@@ -421,14 +421,23 @@ class RecoveryReport:
 
 
 def _write_synced(path: Path | str, data: bytes) -> None:
+    """Write and fsync a new file; on failure it is removed, not left.
+
+    A full disk fails the write: the empty file it left in tmp/ stayed
+    until its writer died or a day passed, thousands of them in a backlog
+    retried through a full disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
