@@ -588,8 +588,9 @@ class Pool:
         self.evaluate()
 
     def _over_maxjobs(self) -> bool:
+        """Asked at every FREE: the jobs are walked only when they may be over."""
         cap = self.entry.maxjobs
-        return cap is not None and sum(
+        return cap is not None and len(self.jobs) > cap and sum(
             1 for j in self.jobs.values() if j.state is not JobState.ENDING) > cap
 
     def _await_end(self, job: Job) -> None:

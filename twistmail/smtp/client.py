@@ -653,7 +653,7 @@ _ENHANCED_5 = re.compile(r"^\s*5\.([0-9]{1,3}\.[0-9]{1,3})\b")
 
 def _size(reply: Reply) -> int:
     """What a queued reply counts against MAX_QUEUED_BYTES: its lines as received."""
-    return sum(len(line) + 4 for line in reply.text)
+    return sum(len(line) + 4 for line in reply.lines)
 
 
 def _reason(reason: Any) -> str:
