@@ -92,3 +92,33 @@ def test_a_childs_lines_are_logged_at_the_level_it_logged_them():
                              b"journal /var (QMSF/1): entries are being lost\n")
     assert [e["log_level"] for e in events] == [LogLevel.error, LogLevel.error, LogLevel.info,
                                                 LogLevel.warn]
+
+
+def test_settings_are_read_once_per_version_of_the_file(tmp_path):
+    """Jobs take the settings the launcher read; a reload writes a new file
+    (a rename), which the next job started reads, and a file that cannot be
+    read is left to the job to report."""
+    from twistmail.prestart.forkserver import Launcher
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    launcher = Launcher(theirs)
+    path = tmp_path / "t.toml"
+
+    def write(text: str) -> None:
+        tmp = tmp_path / "new.toml"
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    try:
+        write('[system]\nhostname = "one.example.test"\n')
+        first = launcher.settings(str(path))
+        assert first.hostname == "one.example.test"
+        assert launcher.settings(str(path)) is first
+        write('[system]\nhostname = "two.example.test"\n')
+        assert launcher.settings(str(path)).hostname == "two.example.test"
+        write('[system]\nhostname = "bad name!"\n')
+        assert launcher.settings(str(path)) is None
+        assert launcher.settings(str(tmp_path / "missing.toml")) is None
+    finally:
+        ours.close()
+        theirs.close()

@@ -219,3 +219,31 @@ def test_what_the_start_accepts_every_job_loads_too(tmp_path, form):
         return  # refused at start: no job would be started with it
     job = tlsconfig.server_options(settings)
     assert len(job.extraCertChain) == len(checked.extraCertChain) == 1
+
+
+def test_jobs_load_the_pair_at_the_first_tls_session_and_serve_without_it(make_appliance):
+    """A job loads the pair when a client first asks for TLS, not when it starts
+    (every start paid for it, and most sessions never use it).  Jobs started
+    while the pair cannot be read serve mail in the clear and refuse STARTTLS
+    with 454; before, each of them died at start, until the entry stopped."""
+    import poplib
+    import smtplib
+
+    a = make_appliance().start()
+    for path in (a.datadir / "run" / "tls.pem", a.datadir / "tls" / "cert.pem",
+                 a.datadir / "tls" / "key.pem"):
+        path.unlink()
+    for pgm in ("QTMSSRCP", "QTPOPSRVP"):
+        assert a.cli("endpj", "--pgm", pgm, "--option", "*IMMED")[0] == 0
+        a.wait_for(lambda pgm=pgm: a.count(pgm) == 0, 10, f"the {pgm} jobs to end")
+        assert a.cli("strpj", "--pgm", pgm)[0] == 0
+        a.wait_for(lambda pgm=pgm: a.count(pgm, "PSRW") == a.inljobs(pgm), 10, "new jobs")
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.ehlo("client.example.test")
+        assert s.docmd("STARTTLS") == (454, b"4.7.0 TLS not available")
+        assert s.noop()[0] == 250  # the session goes on in the clear
+    pop = poplib.POP3(*a.addr("pop3"), timeout=30)
+    with pytest.raises(poplib.error_proto, match=r"TLS is not available"):
+        pop._shortcmd("STLS")
+    assert pop.quit().startswith(b"+OK")
+    assert "TLS not available" in a.log_text()

@@ -109,7 +109,8 @@ def answer(processor: Any, queue_id: str) -> bytes:
     return f"DONE {queue_id}".encode()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, settings: configmod.Settings | None = None) -> int:
+    """``settings``: those at ``--config``, already read by the launcher."""
     parser = argparse.ArgumentParser(prog="twistmail-msf")
     parser.add_argument("--config", required=True)
     parser.add_argument("--pgm", choices=[JOB_NAME], default=JOB_NAME)  # as a launcher asks
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(1))
     die_with_parent(sig=signal.SIGKILL)
     name_process(JOB_NAME)
-    settings = configmod.load(args.config)
+    if settings is None:
+        settings = configmod.load(args.config)
     processor = build_processor(settings, f"{JOB_NAME}/{os.getpid()}")
     channel = socket.socket(fileno=CHANNEL_FD)
     processor.progress = _Progress(channel)

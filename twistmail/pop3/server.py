@@ -381,6 +381,11 @@ class POP3Session(SequentialSession):
         if not self._stls_offered():
             self.err("STLS is not available now")
             return
+        from twistmail.tlsconfig import usable  # loaded by the jobs; not by the bridge
+
+        if not usable(self.factory.tls_options):
+            self.err("[SYS/TEMP] TLS is not available")
+            return
         self.ok("Begin TLS negotiation")
         # Anything the client sent after STLS was sent in the clear: drop it.
         self.buffer = b""

@@ -127,16 +127,18 @@ class Job:
             self._directory = SqliteDirectory.from_settings(self.settings)
         return self._directory
 
-    def _factories(self) -> dict[str, Factory]:
+    def _factories(self, reload: bool = False) -> dict[str, Factory]:
+        """The listeners' factories.  At a reload the TLS pair is loaded at
+        once, so one that cannot serve keeps the old settings (SettingError)."""
         if self.pgm == "QTPOPSRVP":
-            return self._pop_factories()
+            return self._pop_factories(reload)
         if self.pgm == "QTMSCCLCP":
             old, self.deliverer = self.deliverer, self._deliverer()
             if old is not None:
                 self._retired.append(old)
                 self._close_retired()
             return {}
-        return self._smtp_factories()
+        return self._smtp_factories(reload)
 
     def _deliverer(self) -> Any:
         from twistmail.queue import FileQueue
@@ -177,8 +179,16 @@ class Job:
 
         return TLSMemoryBIOFactory(options, False, inner)
 
-    def _pop_factories(self) -> dict[str, Factory]:
+    @staticmethod
+    def _tls_options(settings: configmod.Settings, reload: bool) -> Any:
         from twistmail import tlsconfig
+
+        options = tlsconfig.JobOptions(settings)
+        if reload:
+            options.load()
+        return options
+
+    def _pop_factories(self, reload: bool) -> dict[str, Factory]:
         from twistmail.auth import mailbox_portal
         from twistmail.maildir import MaildirStore
         from twistmail.pop3.server import POP3Factory
@@ -188,7 +198,7 @@ class Job:
         directory = self.directory()
         store = MaildirStore(s.datadir / "mailboxes", s.hostname)
         portal = mailbox_portal(self.reactor, directory, store)
-        options = tlsconfig.server_options(s)
+        options = self._tls_options(s, reload)
         out: dict[str, Factory] = {}
         for name in ("pop3", "pop3s"):
             factory = POP3Factory(
@@ -202,8 +212,7 @@ class Job:
             out[name] = self._tls(factory, options) if name in IMPLICIT_TLS else factory
         return out
 
-    def _smtp_factories(self) -> dict[str, Factory]:
-        from twistmail import tlsconfig
+    def _smtp_factories(self, reload: bool) -> dict[str, Factory]:
         from twistmail.queue import FileQueue
         from twistmail.smtp.backend import QueueBackend
         from twistmail.smtp.server import SMTPFactory
@@ -213,7 +222,7 @@ class Job:
         backend = QueueBackend(
             self.reactor, s, self.directory(), FileQueue.for_settings(s), journal
         )
-        options = tlsconfig.server_options(s)
+        options = self._tls_options(s, reload)
         out: dict[str, Factory] = {}
         for name in ("smtp", "submission", "smtps"):
             factory = SMTPFactory(
@@ -254,7 +263,7 @@ class Job:
             return
         old, self.settings = self.settings, settings
         try:
-            self.factories = self._factories()
+            self.factories = self._factories(reload=True)
         except configmod.SettingError as e:  # a TLS pair changed on disk and unusable
             self.settings = old
             print(f"settings not reloaded, keeping the old ones: {e}", file=sys.stderr)
@@ -330,7 +339,8 @@ class Job:
         return d.addErrback(lambda _: None)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, settings: configmod.Settings | None = None) -> int:
+    """``settings``: those at ``--config``, already read by the launcher."""
     parser = argparse.ArgumentParser(prog="twistmail-job")
     parser.add_argument("--pgm", required=True, choices=sorted(configmod.PROGRAMS))
     parser.add_argument("--config", required=True)
@@ -338,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     return_large_blocks()
     log_to_stderr(f"{configmod.PROGRAMS[args.pgm]['job']}/{os.getpid()}")
-    settings = configmod.load(args.config)
+    if settings is None:
+        settings = configmod.load(args.config)
 
     from twisted.internet import reactor
 

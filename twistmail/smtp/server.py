@@ -871,7 +871,9 @@ class SMTPSession(SequentialSession):
         if self.tls:
             self.reply(503, "5.5.1 Error: TLS is already active")
             return
-        if self.factory.tls_options is None:
+        from twistmail.tlsconfig import usable  # loaded by the jobs; not by the bridge
+
+        if not usable(self.factory.tls_options):
             self.reply(454, "4.7.0 TLS not available")
             return
         self.reply(220, "2.0.0 Ready to start TLS")
