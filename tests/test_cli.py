@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -222,6 +223,26 @@ def test_the_mail_commands_name_their_options_in_a_refusal(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("twistmail sndmail: --file: 'rel.mime'")
 
 
+def test_a_same_element_is_made_under_the_writers_lock(tmp_path):
+    """Two commands at once, each changing one element of RTYMIN, must both
+    stay.  The element kept with *SAME came from the file as the command read
+    it at its start, which undid the other command's change."""
+    from twistmail import configedit
+    from twistmail.cli import attrcmds
+
+    path = tmp_path / "t.toml"
+    path.write_text("[smtp]\nrtymin = [4, 40]\n")
+    stale = configmod.load(path)
+    configedit.set_values(path, {"smtp.rtymin": (20, 50)})  # another command, meanwhile
+    vtype = configmod.field_type(configmod.SmtpSettings, "rtymin")
+    make = functools.partial(attrcmds._pair, "smtp", "rtymin", ("11", "*SAME"),
+                             ["11", "*SAME"], (3, 30), vtype)
+    assert make(stale) == (11, 40)
+    before = configedit.set_values(path, {"smtp.rtymin": configedit.FromFile(make)})
+    assert before.smtp.rtymin == (20, 50)
+    assert configmod.load(path).smtp.rtymin == (11, 50)
+
+
 def test_same_and_dft_as_ibm_i_takes_them(stopped):
     """*SAME keeps a value (or one element of a pair), *DFT restores the shipped one."""
     def rtymin() -> str:
@@ -321,3 +342,18 @@ def test_a_streamed_listing_prints_as_it_reads(capsys):
     emit_table(many, columns, False, stream=True, least={"seq": 4})
     lines = capsys.readouterr().out.splitlines()
     assert {line.index("7A") for line in lines[1:]} == {lines[0].index("code")}
+
+
+def test_a_change_command_sets_right_the_bad_value_it_changes(stopped):
+    """A value mistyped by hand used to stop the very command that changes it."""
+    from twistmail import configedit
+
+    configedit.set_values(stopped.config, {"smtp.maxmsgsize": 1234})
+    text = stopped.config.read_text()
+    assert "maxmsgsize = 1234" in text
+    stopped.config.write_text(text.replace("maxmsgsize = 1234", 'maxmsgsize = "big"'))
+    rc, out, err = stopped.cli("chgsmtpa", "--maxrcpt", "50")
+    assert rc == 2 and "smtp.maxmsgsize" in err and len(err.strip().splitlines()) == 1, err
+    rc, out, err = stopped.cli("chgsmtpa", "--maxmsgsize", "5000")
+    assert rc == 0, err
+    assert configmod.load(stopped.config).smtp.maxmsgsize == 5000

@@ -621,6 +621,26 @@ def test_crlf_lines_stay_crlf(tmp_path: Path) -> None:
     assert p.read_bytes() == b'[smtp]\r\nmaxrcpt = 7\r\njournal = "*YES"\r\n'
 
 
+def test_lines_added_to_a_crlf_file_end_in_crlf(tmp_path: Path) -> None:
+    """A key or a table the file lacked was added with bare LFs, mixing line ends."""
+    p = tmp_path / "twistmail.toml"
+    p.write_bytes(b'[smtp]\r\nmaxrcpt = 100\r\n')
+    set_values(p, {"smtp.inacttimo": 60, "snads.keeprcp": "*ALL"})
+    data = p.read_bytes()
+    assert data.count(b"\n") == data.count(b"\r\n") and b"inacttimo = 60\r\n" in data
+    assert config.load(p).snads.keeprcp == "*ALL"
+
+
+def test_a_byte_order_mark_is_read_and_kept(tmp_path: Path) -> None:
+    """A file saved by an editor that starts it with a BOM was 'not valid TOML'."""
+    p = tmp_path / "twistmail.toml"
+    p.write_bytes(b'\xef\xbb\xbf[smtp]\nmaxrcpt = 100\n')
+    assert config.load(p).smtp.maxrcpt == 100
+    assert config.control_socket_of(p) == config.load(p).control_socket
+    set_values(p, {"smtp.maxrcpt": 7})
+    assert p.read_bytes() == b'\xef\xbb\xbf[smtp]\nmaxrcpt = 7\n'
+
+
 INT_KEYS = [key for key, vtype, _, _ in ALL if isinstance(vtype, Int)]
 
 

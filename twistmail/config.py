@@ -453,7 +453,8 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/zero, a pipe: read for ever
             raise FileError(str(p), "a regular file")
         try:
-            data = tomllib.load(f)
+            # A byte order mark, as some Windows editors write, is no mistake.
+            data = tomllib.loads(f.read().decode("utf-8-sig"))
         except tomllib.TOMLDecodeError as e:
             raise FileError(str(p), f"valid TOML ({e})") from None
         except UnicodeDecodeError as e:
@@ -470,7 +471,7 @@ def control_socket_of(path: str | os.PathLike[str]) -> Path | None:
     try:
         raw_bytes = p.read_bytes()
         try:
-            data = tomllib.loads(raw_bytes.decode("utf-8"))
+            data = tomllib.loads(raw_bytes.decode("utf-8-sig"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError):  # its own line may still do
             data = {"system": _datadir_line(raw_bytes.decode("utf-8", "replace"))}
         raw = data.get("system", {}).get("datadir", SystemSettings().datadir)

@@ -9,17 +9,20 @@ be left with a configuration it refuses at its next start.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fcntl
 import functools
 import os
+import re
 import stat
 import tempfile
 import tomllib
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import tomlkit
 import tomlkit.exceptions
 from tomlkit.items import AoT, Table
@@ -29,7 +32,25 @@ from twistmail.durable import fsync_dir
 from twistmail.identity import as_invoker
 from twistmail.settingtypes import FileError, SettingError, parse_value
 
-__all__ = ["SettingError", "UnknownSetting", "set_values", "setting_type"]
+__all__ = ["UNCHANGED", "FromFile", "SettingError", "UnknownSetting", "set_values",
+           "setting_type"]
+
+
+@attrs.frozen
+class FromFile:
+    """A value made from the settings the file holds when it is rewritten.
+
+    RTYMIN's count given with ``*SAME`` minutes must keep the minutes the file
+    has then, under the writers' lock: taken from the file as it was when the
+    command started, it undid another command's change made meanwhile.
+    ``make`` may return UNCHANGED to leave the key alone.
+    """
+
+    make: Callable[[config.Settings], Any]
+
+
+#: What a FromFile gives for a key it leaves as it is.
+UNCHANGED = object()
 
 
 class UnknownSetting(SettingError, KeyError):
@@ -72,27 +93,49 @@ def _keys_near(dotted_key: str) -> str:
     return "a setting in one of the sections " + ", ".join(config.SECTIONS)
 
 
-def set_values(path: Path | str, changes: Mapping[str, Any]) -> None:
+def set_values(path: Path | str, changes: Mapping[str, Any]) -> config.Settings | None:
     """Write parsed values (``None`` for *NOMAX, tuples for pairs) into the file.
 
     All changes are checked together, against the whole file, before
     anything is written; on SettingError the file is untouched.  Writers are
     serialised so two commands changing different keys both persist.
+    A FromFile value is made under that lock; then the settings it was made
+    from are returned.
     """
     if not changes:
-        return
+        return None
     given = Path(path).absolute()  # relative paths in it start here, as load() reads it
     target = given.resolve()  # a symlink is kept: its target is what is rewritten
-    dumped = {key: _dumped(key, value) for key, value in changes.items()}
+    dumped = {key: _dumped(key, value) for key, value in changes.items()
+              if not isinstance(value, FromFile)}
+    before = None
     with as_invoker(), _locked(target.parent):  # the file is root's, where root runs us
-        text = target.read_bytes().decode("utf-8")
+        raw = target.read_bytes()
+        text = raw.decode("utf-8-sig")
         doc = _parse(text, target)
+        for key, value in changes.items():
+            if isinstance(value, FromFile):
+                if before is None:
+                    before = _loaded(text, given)
+                made = value.make(before)
+                if made is not UNCHANGED:
+                    dumped[key] = _dumped(key, made)
         for key, value in dumped.items():
             _assign(doc, key, value)
-        new_text = doc.as_string()
+        new_text = _same_line_ends(doc.as_string(), text)
         _validate(new_text, given)
         if new_text != text:
-            _write_atomically(target, new_text)
+            bom = codecs.BOM_UTF8 if raw.startswith(codecs.BOM_UTF8) else b""
+            _write_atomically(target, bom + new_text.encode("utf-8"))
+    return before
+
+
+def _same_line_ends(new: str, old: str) -> str:
+    """Lines added to a file written with CRLF end in CRLF too, not LF."""
+    crlf = old.count("\r\n")
+    if crlf == 0 or crlf != old.count("\n"):
+        return new
+    return re.sub(r"(?<!\r)\n", "\r\n", new)
 
 
 def _dumped(key: str, value: Any) -> Any:
@@ -162,11 +205,15 @@ def _add_key(table: Any, key: str, value: Any) -> None:
 
 def _validate(text: str, path: Path) -> None:
     """Refuse a document the loader would refuse; this is what the daemon reads."""
+    _loaded(text, path)
+
+
+def _loaded(text: str, path: Path) -> config.Settings:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FileError(str(path), f"valid TOML ({e})") from None
-    config.from_mapping(data, path)
+    return config.from_mapping(data, path)
 
 
 @contextlib.contextmanager
@@ -184,7 +231,7 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_atomically(target: Path, text: str) -> None:
+def _write_atomically(target: Path, data: bytes) -> None:
     """Replace ``target`` so a reader sees the old file or the new, never half.
 
     The temporary file lives in the same directory so the rename stays on one
@@ -194,7 +241,7 @@ def _write_atomically(target: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8"))
+            f.write(data)
             f.flush()
             os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
             _copy_owner(f.fileno(), st)

@@ -8,6 +8,7 @@ daemon re-reads the file and tells its jobs to, so new sessions see it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import attrs
@@ -55,43 +56,52 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
         if all(w == "*DFT" for w in words):
             changes[f"{section}.{name}"] = default
             continue
-        if isinstance(raw, tuple) and {"*SAME", "*DFT"} & set(words):
-            # An element of a pair (RTYMIN's count or minutes) kept or reset alone.
-            current = getattr(getattr(app().settings, section), name)
-            raw = tuple(str(current[i]) if w == "*SAME" else str(default[i]) if w == "*DFT"
-                        else raw[i] for i, w in enumerate(words))
-        text = " ".join(raw) if isinstance(raw, tuple) else raw
         vtype = configmod.field_type(cls, name)
+        if isinstance(raw, tuple) and {"*SAME", "*DFT"} & set(words):
+            # An element of a pair (RTYMIN's count or minutes) kept or reset
+            # alone: checked now, and made again from the file as it is written.
+            make = functools.partial(_pair, section, name, raw, words, default, vtype)
+            make(app().settings)
+            changes[f"{section}.{name}"] = configedit.FromFile(make)
+            continue
+        text = " ".join(raw) if isinstance(raw, tuple) else raw
         changes[f"{section}.{name}"] = value_of(f"--{name}", vtype, text)
     if not changes:
         nothing_to_change(f"give at least one attribute to change; see --help for the {what} "
                           "keywords")
-    lowered = _pop_threshold_lowered(changes)
+    options = {k: "--" + k.rsplit(".", 1)[-1] for k in changes}
+    nbrsvr = changes.get("pop.nbrsvr")
+    if nbrsvr is not None:
+        # IBM's CHGPOPA NBRSVR is 1-20 whatever else is set: the POP server's
+        # THRESHOLD (at most its initial jobs, NBRSVR) follows it down.
+        changes["prestart.QTPOPSRVP.threshold"] = configedit.FromFile(
+            lambda s: nbrsvr if s.prestart.QTPOPSRVP.threshold > nbrsvr
+            else configedit.UNCHANGED)
+    path = app().editable_path()
     try:
-        configedit.set_values(app().settings.path, changes)
+        before = configedit.set_values(path, changes)
     except SettingError as e:
-        refused_change(e, {k: "--" + k.rsplit(".", 1)[-1] for k in changes})
+        refused_change(e, options)
     except OSError as e:
-        raise Failure(f"cannot write {app().settings.path}: {e.strerror}") from None
-    if lowered is not None:
-        click.echo(f"note: THRESHOLD of QTPOPSRVP lowered from {lowered} to NBRSVR "
-                   f"{changes['pop.nbrsvr']}", err=True)
+        raise Failure(f"cannot write {path}: {e.strerror}") from None
+    if nbrsvr is not None and before is not None:
+        old = before.prestart.QTPOPSRVP.threshold
+        if old > nbrsvr:
+            click.echo(f"note: THRESHOLD of QTPOPSRVP lowered from {old} to NBRSVR {nbrsvr}",
+                       err=True)
     apply_live(what)
     settings = getattr(app().reload(), section)
     for line in getattr(settings, "idle_values", list)():
         click.echo(f"note: {line}", err=True)
 
 
-def _pop_threshold_lowered(changes: dict[str, Any]) -> int | None:
-    """IBM's CHGPOPA NBRSVR is 1-20 whatever else is set: the POP server's
-    THRESHOLD (at most its initial jobs, NBRSVR) follows it down.  Returns
-    the THRESHOLD it had, when lowered."""
-    nbrsvr = changes.get("pop.nbrsvr")
-    threshold = app().settings.prestart.QTPOPSRVP.threshold
-    if nbrsvr is None or nbrsvr >= threshold:
-        return None
-    changes["prestart.QTPOPSRVP.threshold"] = nbrsvr
-    return threshold
+def _pair(section: str, name: str, raw: tuple[str, ...], words: list[str], default: Any,
+          vtype: Any, settings: configmod.Settings) -> Any:
+    """A pair with its *SAME elements taken from ``settings``, its *DFT from the default."""
+    current = getattr(getattr(settings, section), name)
+    text = " ".join(str(current[i]) if w == "*SAME" else str(default[i]) if w == "*DFT"
+                    else raw[i] for i, w in enumerate(words))
+    return value_of(f"--{name}", vtype, text)
 
 
 def _display(section_obj: Any, as_json: bool) -> None:

@@ -45,6 +45,8 @@ class AppContext:
     def __init__(self, config_path: str) -> None:
         self.config_path = Path(config_path)
         self._settings: configmod.Settings | None = None
+        #: A bad value in the file that a change command went on with.
+        self.bad_value: SettingError | None = None
 
     @property
     def settings(self) -> configmod.Settings:
@@ -69,6 +71,24 @@ class AppContext:
             # Files made in the state directory must be the daemon's user's.
             act_as_owner(self._settings.datadir)
         return self._settings
+
+    def editable_path(self) -> Path:
+        """The file a change command writes.  A bad value in it stops no such
+        command: it may be the one that sets it right, and the file is
+        checked whole as it would be written (``configedit.set_values``)."""
+        try:
+            return self.settings.path
+        except click.UsageError as bad:
+            try:
+                with as_invoker():
+                    configmod.load(self.config_path)
+            except SettingError as e:
+                if not isinstance(e, FileError):  # a value, not the file as a whole
+                    self.bad_value = e
+                    return self.config_path.absolute()
+            except Exception:  # missing, unreadable: the usage error says it
+                pass
+            raise bad from None
 
     def reload(self) -> configmod.Settings:
         self._settings = None
@@ -300,6 +320,9 @@ def refused_change(e: SettingError, options: dict[str, str]) -> NoReturn:
     names the options given and the setting they conflict with.
     """
     option = options.get(e.key)
+    bad = app().bad_value
+    if option is None and bad is not None and bad.key == e.key:
+        usage_error(f"{app().config_path}: {bad}")  # as any command says it
     if option is not None:
         usage_error(f"{option}: {e.value!r} is not allowed; allowed: {e.allowed}")
     name = e.key.rsplit(".", 1)[-1]

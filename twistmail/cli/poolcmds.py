@@ -114,9 +114,8 @@ def chgpje(pgm: str, **values: str | None) -> None:
                         "SMTP client jobs start with the bridge, STRMSF, and end with it, ENDMSF)")
     if not changes:
         nothing_to_change("give at least one of " + ", ".join("--" + k for k in ENTRY_KEYS))
-    settings = app().settings
     try:
-        configedit.set_values(settings.path, changes)
+        configedit.set_values(app().editable_path(), changes)
     except SettingError as e:
         refused_change(e, {k: "--inljobs" if k == "pop.nbrsvr" else "--" + k.rsplit(".", 1)[-1]
                            for k in changes})

@@ -14,7 +14,6 @@ import os
 import sqlite3
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -225,7 +224,7 @@ def chgdsta(keeprcp: str | None) -> None:
         return
     vtype = configmod.field_type(configmod.SnadsSettings, "keeprcp")
     value = value_of("--keeprcp", vtype, keeprcp)
-    path = Path(app().settings.path)
+    path = app().editable_path()
     try:
         configedit.set_values(path, {"snads.keeprcp": value})
     except SettingError as e:
