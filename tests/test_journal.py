@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import multiprocessing
 import os
@@ -327,9 +328,15 @@ def test_parse_time() -> None:
         today = datetime(2026, 11, 30, tzinfo=UTC)
         assert parse_time(text, today, end_of_day=True) == today.replace(
             hour=last[0], minute=last[1], second=last[2], microsecond=last[3]), text
+    # A bare time of day: the date is today's where its offset is; "T22" is
+    # the whole hour, as "22" is; a year or a month alone is no time of day.
+    late = datetime(2026, 11, 30, 22, 33, tzinfo=UTC)
+    assert parse_time("01:00+03:00", late) == datetime(2026, 11, 30, 22, 0, tzinfo=UTC)
+    assert parse_time("T22", late, end_of_day=True) == parse_time("22", late, end_of_day=True)
+    assert parse_time("T0815Z", late) == datetime(2026, 11, 30, 8, 15, tzinfo=UTC)
     for bad in ("yesterday", "", "-10x", "10m", "2024-13-01", "-99999999999h", "-999999d",
                 "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00",
-                "133026 070257"):
+                "133026 070257", "2026", "2026-11", "0815"):
         with pytest.raises(ValueError, match="not a time"):
             parse_time(bad, now)
 
@@ -701,3 +708,26 @@ def test_from_keeps_a_receiver_whose_clock_was_set_back(tmp_path: Path) -> None:
     (tmp_path / receiver_name(2)).write_text(line(4, "2026-11-30T09:10:00+00:00"))
     since = datetime(2026, 11, 30, 9, 30, tzinfo=UTC)
     assert [e["esd"] for e in read_entries(tmp_path, since=since)] == ["e1", "e2"]
+
+
+def test_a_rotation_that_fails_loses_no_entry_written(tmp_path: Path, capsys) -> None:
+    """Entries written before the next receiver could not be made (an immutable
+    directory, no inode left) were counted as lost, and the state was left
+    behind the file; they are in the receiver, which grows until rotation works."""
+    j = Journal(tmp_path, "QTSMTPBRSR/1", receiver_size=256)
+    real = j._rotate
+
+    def refused(state):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    j._rotate = refused
+    seqs = [j.write("7A", "7A MSF", msgid=f"m{i}") for i in range(10)]
+    assert seqs == list(range(1, 11)) and j.failures == 0
+    err = capsys.readouterr().err
+    assert err.count("cannot start a new receiver") == 1 and "lost" not in err
+    j._rotate = real
+    assert j.write("7A", "7A MSF", msgid="m10") == 11
+    assert "a new receiver is started again" in capsys.readouterr().err
+    entries = list(read_entries(tmp_path))
+    assert [e["seq"] for e in entries] == list(range(1, 12))
+    assert len(receivers(tmp_path)) == 2

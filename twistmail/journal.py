@@ -314,6 +314,7 @@ class Journal:
         self.failures = 0
         self.last_error: OSError | None = None
         self._told = 0  # failures when the log was last told of them; 0: writing works
+        self._rotation_failing = False  # told once, until a rotation works again
         self._mutex = threading.Lock()
         self._batches = threading.local()
         self._forks = _forks
@@ -524,7 +525,19 @@ class Journal:
             raise
         state = _State(seq, state.receiver, state.end + len(data))
         if state.end >= self.receiver_size:
-            state = self._rotate(state)
+            try:
+                state = self._rotate(state)
+            except OSError as e:
+                # The entries are written: only the next receiver could not be
+                # made, and this one grows past its size until it can.
+                if not self._rotation_failing:
+                    self._tell(f"cannot start a new receiver, {receiver_name(state.receiver)} "
+                               f"grows meanwhile: {e.strerror or e}")
+                self._rotation_failing = True
+            else:
+                if self._rotation_failing:
+                    self._tell(f"a new receiver is started again: {receiver_name(state.receiver)}")
+                self._rotation_failing = False
         return seq, state
 
     def _attach(self, state: _State) -> tuple[str, _State]:
@@ -999,7 +1012,8 @@ def parse_time(text: str, now: datetime | None = None, *, end_of_day: bool = Fal
     except (ValueError, OverflowError):  # not a time, or none this calendar holds
         raise ValueError(
             f"{text!r} is not a time; allowed: ISO 8601 (2024-05-01, 2024-05-01T10:30, "
-            "with Z or an offset, naive is UTC), IBM's MMDDYY [HHMMSS] (UTC), or relative "
+            "10:30 for today, with Z or an offset, naive is UTC), IBM's MMDDYY [HHMMSS] "
+            "(UTC), or relative "
             "-30s, -10m, -2h, -1d, -1w, within the years 1-9999"
         ) from None
 
@@ -1019,7 +1033,7 @@ def _iso_unit(s: str) -> str | None:
         if day.end() == len(s):
             return "days"
         clock = s[day.end() + 1:]  # after the separator, whichever it is
-    clock = re.split(r"[Zz+-]", clock, maxsplit=1)[0]
+    clock = re.split(r"[Zz+-]", clock, maxsplit=1)[0].removeprefix("T")
     return {2: "hours", 4: "minutes", 6: "seconds"}.get(len(clock.replace(":", "")))
 
 
@@ -1029,6 +1043,15 @@ def _parse_iso(s: str, now: datetime) -> datetime:
     try:
         t = datetime.fromisoformat(s)
     except ValueError:
+        if not _TIME_OF_DAY_RE.match(s):
+            # "2026" read as 20:26 and "2026-11" as 20:26 at -11:00: a time of
+            # day needs its colon, a leading T, or to be an hour alone.
+            raise
         tod = dtime.fromisoformat(s)
-        t = datetime.combine(now.astimezone(UTC).date(), tod)
+        # Today where the offset given is, so 01:00+03:00 is not a day early.
+        t = datetime.combine(now.astimezone(tod.tzinfo or UTC).date(), tod)
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+#: A time of day alone: 08, 08:15, 08:15:30.5, T0815, each with Z or an offset.
+_TIME_OF_DAY_RE = re.compile(r"^(?:T.+|\d\d(?:[Zz]|[+-].*)?|\d\d:.*)$")
