@@ -251,6 +251,8 @@ def test_same_and_dft_as_ibm_i_takes_them(stopped):
 
     assert stopped.cli("cl", "CHGSMTPA RTYMIN(5 10)")[0] == 0 and rtymin() == [5, 10]
     assert stopped.cli("cl", "CHGSMTPA RTYMIN(*SAME 25)")[0] == 0 and rtymin() == [5, 25]
+    assert stopped.cli("cl", "CHGSMTPA RTYMIN(6)")[0] == 0 and rtymin() == [6, 25]
+    assert stopped.cli("cl", "CHGSMTPA RTYMIN(5)")[0] == 0 and rtymin() == [5, 25]
     assert stopped.cli("chgsmtpa", "--rtymin", "7", "*DFT")[0] == 0 and rtymin() == [7, 30]
     assert stopped.cli("cl", "CHGSMTPA RTYMIN(*DFT)")[0] == 0 and rtymin() == [3, 30]
     assert json.loads(stopped.cli("dsppopa", "--json")[1])["nbrsvr"] == 1

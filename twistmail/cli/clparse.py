@@ -465,7 +465,8 @@ def _object_name(keyword: str, value: Value) -> str:
 def _check_subsystem(keyword: str, value: Value) -> None:
     if _object_name(keyword, value) != SUBSYSTEM:
         raise ClError(
-            f"{keyword}({_render_items(value)}): twistmail has only the subsystem {SUBSYSTEM}"
+            f"{keyword}({_render_items(value)}) is not allowed; allowed: {SUBSYSTEM} or "
+            f"QSYS/{SUBSYSTEM}, the only subsystem twistmail has"
         )
 
 
@@ -481,6 +482,9 @@ def _option_args(
         strings = _strings(keyword, group)
         if joined and nargs == 1 and len(strings) > 1:
             strings = [" ".join(strings)]
+        if nargs is not None and 0 < len(strings) < nargs:
+            # RTYMIN(4): the elements left out are *SAME, as in IBM's CHG commands.
+            strings += ["*SAME"] * (nargs - len(strings))
         if nargs is not None and len(strings) != nargs:
             raise ClError(
                 f"{keyword} takes {_count(nargs)}, got {len(strings)}: ({_render_items(group)})"
