@@ -884,3 +884,27 @@ def test_a_login_waits_for_a_quit_removing_many_messages_while_it_goes_on(
         store.open(USER).close()  # waited past EXPUNGE_WAIT, while files went
     finally:
         worker.join()
+
+
+def test_the_bridge_sweeps_what_killed_deliveries_left_in_every_tmp(make_appliance):
+    """A delivery killed midway leaves its file in tmp/.  Only a POP sign-on
+    removed it (36 hours on), so SNADS stores and the mailboxes of profiles
+    that never sign on kept it for ever; the bridge sweeps them all at start
+    (and every hour)."""
+    a = make_appliance()
+    old = time.time() - 37 * 3600
+    left = []
+    for root, owner in (("snads", "OVUSER"), ("mailboxes", "MAILONLY")):
+        tmp = a.datadir / root / owner / "Maildir" / "tmp"
+        tmp.mkdir(parents=True)
+        for name, when in (("old.R0.host,S=10.1.ab", old), ("young.R0.host,S=10.2.cd", None)):
+            (tmp / name).write_bytes(b"x" * 10)
+            if when is not None:
+                os.utime(tmp / name, (when, when))
+        left.append(tmp)
+    (a.datadir / "snads" / "stray-file").write_bytes(b"")  # not a store: left alone
+    a.start()
+    a.wait_for(lambda: all(not (t / "old.R0.host,S=10.1.ab").exists() for t in left), 20,
+               "the old files swept")
+    assert all((t / "young.R0.host,S=10.2.cd").exists() for t in left)
+    assert "removed 2 files in mailboxes' tmp/" in a.log_text()

@@ -817,12 +817,37 @@ def _message_files(directory: Path) -> list[os.DirEntry]:
         return [e for e in it if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
 
 
-def _remove_older(directory: Path, older_than: float) -> None:
+def sweep_tmp(roots: Iterable[Path], now: float | None = None) -> int:
+    """Remove what deliveries ended midway (a killed job) left in each
+    mailbox's ``tmp/`` under ``roots``, once 36 hours old; returns how many.
+
+    A POP sign-on does this for its own mailbox.  SNADS stores and the
+    mailboxes of profiles that never sign on have no such moment: without a
+    sweep, what killed deliveries left there stayed for ever.
+    """
+    older_than = (time.time() if now is None else now) - TMP_MAX_AGE
+    removed = 0
+    for root in roots:
+        try:
+            with os.scandir(root) as it:
+                owners = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            continue
+        for owner in owners:
+            with suppress(FileNotFoundError, NotADirectoryError):
+                removed += _remove_older(Path(owner) / "Maildir" / "tmp", older_than)
+    return removed
+
+
+def _remove_older(directory: Path, older_than: float) -> int:
     """Remove the files of ``directory`` last changed before ``older_than``."""
+    removed = 0
     for entry in _message_files(directory):
         with suppress(FileNotFoundError):
             if entry.stat(follow_symlinks=False).st_mtime < older_than:
                 os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def _open_message(path: str | Path) -> int:

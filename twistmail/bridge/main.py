@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from twistmail import config as configmod
 from twistmail.bridge.msf import JOB_NAME, NBRMSFJOB
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                                                reason="shutdown"))
     status = _StatusFile(reactor, settings.datadir / "run" / "QTMSCCLCP.json", pool, jobs)
     reactor.callWhenRunning(status.start)
+    from twisted.internet import task
+
+    sweep = task.LoopingCall(_sweep_mailboxes, settings.datadir)
+    reactor.callWhenRunning(sweep.start, SWEEP_EVERY)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(
         _reload, args.config, pool, outbound, jobs, manager))
     if reload_asked:
@@ -84,6 +89,29 @@ def main(argv: list[str] | None = None) -> int:
     stop_once_on_sigterm(reactor)
     reactor.run()
     return 0
+
+
+#: Seconds between sweeps of the mailboxes' tmp/ directories (the first at start).
+SWEEP_EVERY = 3600.0
+
+
+def _sweep_mailboxes(datadir: Path):  # noqa: ANN202
+    """What killed deliveries left in tmp/ of POP mailboxes and SNADS stores,
+    swept in a thread (a directory per profile)."""
+    from twisted.internet import threads
+
+    from twistmail.maildir import sweep_tmp
+
+    def told(removed: int) -> None:
+        if removed:
+            print(f"removed {removed} files in mailboxes' tmp/ that deliveries ended "
+                  "midway left there 36 hours ago or more", file=sys.stderr)
+
+    def failed(f: Any) -> None:
+        print(f"sweeping the mailboxes' tmp/ failed: {f.getErrorMessage()}", file=sys.stderr)
+
+    d = threads.deferToThread(sweep_tmp, [datadir / "mailboxes", datadir / "snads"])
+    return d.addCallbacks(told, failed)
 
 
 def _lock_fd() -> int | None:
