@@ -218,7 +218,8 @@ def test_dspjrn_outmbr_add_is_refused_not_turned_into_a_replace() -> None:
 
 
 def test_to_args_only_subsystem_is_qsyswrk() -> None:
-    with pytest.raises(ClError, match=r"SBSD\(QSYS/QINTER\) is not allowed; allowed: QSYSWRK or QSYS/QSYSWRK"):
+    with pytest.raises(ClError, match=r"SBSD\(QSYS/QINTER\) is not allowed; "
+                       r"allowed: QSYSWRK or QSYS/QSYSWRK"):
         to_args(parse("CHGPJE SBSD(QSYS/QINTER) PGM(QTMSSRCP)"))
     with pytest.raises(ClError, match=r"SBS\(QBATCH\)"):
         to_args(parse("STRPJ QBATCH QTMSSRCP"))
@@ -281,11 +282,14 @@ def test_to_args_subsystem_needs_no_option() -> None:
 def test_to_args_checks_value_counts() -> None:
     with pytest.raises(ClError, match=r"MAXJOBS takes 1 value, got 2: \(20 30\)"):
         to_args(parse("CHGPJE MAXJOBS(20 30)"), CHGPJE_OPTIONS)
-    with pytest.raises(ClError, match="RTYMIN takes 2 values, got 3"):
-        to_args(parse("CHGPJE RTYMIN(3 4 5)"), CHGPJE_OPTIONS)
-    # Elements left out are *SAME, as IBM's CHG commands take them.
-    assert to_args(parse("CHGPJE RTYMIN(3)"), CHGPJE_OPTIONS) == [
-        "chgpje", "--rtymin", "3", "*SAME"]
+    with pytest.raises(ClError, match="RTYMIN takes 2 values, got 1"):
+        to_args(parse("CHGPJE RTYMIN(3)"), CHGPJE_OPTIONS)
+    # CHGSMTPA's and CHGPOPA's elements left out are *SAME, as IBM's take them;
+    # an identifier's are not (half a USRID means nothing).
+    assert to_args(parse("CHGSMTPA RTYMIN(3)"), {"rtymin": 2}) == [
+        "chgsmtpa", "--rtymin", "3", "*SAME"]
+    with pytest.raises(ClError, match="USRID takes 2 values, got 1"):
+        to_args(parse("RMVDIRE USRID(CLG)"), {"usrid": 2})
     assert to_args(parse("CHGPJE OPT(A B C)"), CHGPJE_OPTIONS) == ["chgpje", "--opt", "A", "B", "C"]
 
 

@@ -233,8 +233,22 @@ def to_args(
             value = (_object_name(keyword, value),)
         option = keyword.lower()
         joined = keyword in JOINED or (cmd.name, keyword) in JOINED
+        if nargs is not None and nargs > 1 and cmd.name in ELEMENTS_KEPT:
+            # RTYMIN(4): the elements left out are *SAME, as IBM's CHG commands take them.
+            value = _padded(value, nargs)
         args += _option_args(keyword, option, value, nargs, option in repeatable, joined)
     return args
+
+
+#: Commands whose multi-element parameters (RTYMIN) keep the elements left out.
+#: Not CHGDIRE: its USRID is an identifier, of which half means nothing.
+ELEMENTS_KEPT = {"CHGSMTPA", "CHGPOPA"}
+
+
+def _padded(value: Value, nargs: int) -> Value:
+    if any(isinstance(e, tuple) for e in value) or not 0 < len(value) < nargs:
+        return value
+    return (*value, *("*SAME",) * (nargs - len(value)))
 
 
 class _Scanner:
@@ -482,9 +496,6 @@ def _option_args(
         strings = _strings(keyword, group)
         if joined and nargs == 1 and len(strings) > 1:
             strings = [" ".join(strings)]
-        if nargs is not None and 0 < len(strings) < nargs:
-            # RTYMIN(4): the elements left out are *SAME, as in IBM's CHG commands.
-            strings += ["*SAME"] * (nargs - len(strings))
         if nargs is not None and len(strings) != nargs:
             raise ClError(
                 f"{keyword} takes {_count(nargs)}, got {len(strings)}: ({_render_items(group)})"
