@@ -70,8 +70,8 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -291,6 +291,13 @@ class MaildirStore:
         if not isinstance(prefix, bytes):
             raise TypeError("prefix must be bytes")
         check_delivery_id(delivery_id)
+        with owner_lock(self._root, user) as lock:
+            if deleted(lock):  # since the caller resolved it: nothing is made for it
+                raise MailboxGone(user)
+            return self._deliver(user, maildir, delivery_id, body_path, prefix)
+
+    def _deliver(self, user: str, maildir: str, delivery_id: str, body_path: Path | str,
+                 prefix: bytes) -> Path:
         with open(body_path, "rb") as body:
             body_size = os.fstat(body.fileno()).st_size
             name = self.message_name(delivery_id, len(prefix) + body_size)
@@ -764,6 +771,48 @@ def _link_new(maildir: str, tmp: str, name: str, ensure: Callable[[], Any]) -> P
             os.unlink(tmp)
     fsync_dir(f"{maildir}/new")
     return Path(target)
+
+
+#: Beside the mailboxes: one lock file per profile name, which outlives the
+#: mailbox it guards (``owner_lock``).
+OWNERS_DIR = ".owners"
+#: What the lock file of a profile deleted since holds.
+DELETED = b"deleted\n"
+
+
+@contextmanager
+def owner_lock(root: Path | str, user: str, exclusive: bool = False) -> Iterator[int]:
+    """The lock between deliveries into ``user``'s mailbox (shared) and the
+    deletion of its profile (exclusive); yields its descriptor.
+
+    A delivery resolved its recipient a moment before it writes: DLTUSRPRF
+    removing the mailbox meanwhile destroyed mail just delivered there, or
+    had the delivery make the mailbox again for a profile that is no more.
+    The deletion writes DELETED into the file under the exclusive lock, so a
+    delivery that gets its turn afterwards sees it (:func:`deleted`);
+    CRTUSRPRF empties it again.
+    """
+    directory = os.path.join(root, OWNERS_DIR)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(directory, check_user(user)),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def deleted(lock_fd: int) -> bool:
+    """Whether the profile of an :func:`owner_lock` was deleted (and not made again)."""
+    return os.fstat(lock_fd).st_size > 0
+
+
+def mark_deleted(lock_fd: int, gone: bool = True) -> None:
+    """Under the exclusive :func:`owner_lock`: the profile is deleted, or made again."""
+    os.ftruncate(lock_fd, 0)
+    if gone:
+        os.pwrite(lock_fd, DELETED, 0)
 
 
 def _take_lock(maildir: Path, user: str) -> BinaryIO:

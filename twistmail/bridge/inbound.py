@@ -35,6 +35,7 @@ import attrs
 from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.directory import postmaster_stand_in
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
+from twistmail.maildir import MailboxGone
 from twistmail.policy.filters import examine
 from twistmail.queue import (
     DELIVERED,
@@ -263,10 +264,16 @@ class InboundProcessor:
                 self.snads.deliver(res.userid, delivery_id, body, prefix)
                 j.write("7O", f"7O TSDS {res.userid} {res.sysaddress}", qid,
                         recipient=rcpt.address, userid=res.userid, address=res.sysaddress)
-        except OSError as e:  # this mailbox, for now: tried again with the retries
-            error = f"{_deferral_status(e)} mailbox cannot take mail now: {e.strerror or e}"
+        except (OSError, MailboxGone) as e:  # this mailbox, for now: tried again later
+            if isinstance(e, MailboxGone):
+                # DLTUSRPRF since it was resolved: the retry finds where it goes now.
+                error, filename = "4.2.0 mailbox cannot take mail now: its user profile " \
+                    "was deleted", None
+            else:
+                error = f"{_deferral_status(e)} mailbox cannot take mail now: {e.strerror or e}"
+                filename = e.filename
             j.write("BD", f"BD DFR {rcpt.address}", qid, recipient=rcpt.address, mailbox=box,
-                    reason=error, file=e.filename)
+                    reason=error, file=filename)
             return rcpt.evolve(state=RETRY, resolved=box, last_error=error,
                                attempts=rcpt.attempts + 1)
         boxes[box] = index

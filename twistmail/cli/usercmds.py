@@ -11,6 +11,7 @@ option, exit 2; a database that cannot be used is one line, exit 1.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,7 @@ from twistmail.interfaces import (
     QTMSRTQ2,
     QUARANTINE,
 )
+from twistmail.maildir import mark_deleted, owner_lock
 from twistmail.queue import FileQueue
 from twistmail.settingtypes import Choice
 
@@ -222,6 +224,8 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
                         "for (let the bridge return it first: strmsf; wrkq lists it)")
         profile = d.create_profile(usrprf, _password(password) or "",
                                    text=_text(text) or "", status=status)
+        with owner_lock(d.mailbox(name).parent.parent, name, exclusive=True) as lock:
+            mark_deleted(lock, gone=False)  # mail for the name is delivered again
         record = _profile_record(d, profile)
         own = None if record["smtp"] is not None else next(
             (e for e in d.entries() if e.user == profile.usrprf), None)
@@ -282,19 +286,32 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
         name = dirmod.profile_name(usrprf)
         if d.get_profile(name) is None:
             raise DirectoryError("usrprf", name, "does not exist")
-        owned = _owned(d, name)
-        if owned and option == "*NODLT":
-            usage_error(f"--ownobjopt: {name} owns {' and '.join(o for o, _ in owned)}, so "
-                        "it is not deleted with *NODLT; allowed: *DLT, which deletes them "
-                        "with the profile")
-        entries = [e for e in d.entries() if e.user == name]
-        addresses = {e.smtp_name for e in entries if e.smtp_name}
-        d.delete_profile(name)
         home = d.mailbox(name).parent
+        # Deliveries into its mailbox finish first, and none starts until the
+        # profile and its mailbox are gone: what is owned is what is deleted.
+        with owner_lock(home.parent, name, exclusive=True) as lock:
+            owned = _owned(d, name)
+            if owned and option == "*NODLT":
+                usage_error(f"--ownobjopt: {name} owns {' and '.join(o for o, _ in owned)}, "
+                            "so it is not deleted with *NODLT; allowed: *DLT, which deletes "
+                            "them with the profile")
+            entries = [e for e in d.entries() if e.user == name]
+            addresses = {e.smtp_name for e in entries if e.smtp_name}
+            d.delete_profile(name)
+            mark_deleted(lock)
+            # Out of the way at once (an empty mailbox goes in any case), and
+            # removed once deliveries may go on: a big one takes a while.
+            tomb = home.with_name(f".deleted-{name}-{os.getpid()}")
+            try:
+                home.rename(tomb)
+            except FileNotFoundError:
+                tomb = None
     waiting = _queued_for(addresses)
     for _, path in owned:
-        shutil.rmtree(path, ignore_errors=True)
-    shutil.rmtree(home, ignore_errors=True)  # an empty mailbox goes in any case
+        if path != home:
+            shutil.rmtree(path, ignore_errors=True)
+    if tomb is not None:
+        shutil.rmtree(tomb, ignore_errors=True)
     gone = f" with {' and '.join(o for o, _ in owned)}" if owned else ""
     click.echo(f"User profile {name} deleted{gone}.")
     routing = [e for e in entries if _routes_for_others(e)]
