@@ -365,3 +365,33 @@ def test_a_received_distribution_delivered_again_after_a_crash_stays_received(tm
         pass
     maildirs.deliver("BOB", "Q1.R0", body, b"")  # the retried delivery
     assert store.query("BOB").distributions == ()
+
+
+def test_a_profile_sends_through_its_own_entry_not_one_that_routes_others_mail(stopped):
+    """The README's NONDLV entry for SAM (--smtpuser NONDELIVERY) sorts before
+    SAM's own: SNDDST --usrprf SAM went out From NONDELIVERY, as DSTID
+    MAIL NONDLV, while DSPUSRPRF said sam@."""
+    from twistmail.directory import SqliteDirectory
+    from twistmail.snads import sender_entry
+
+    a = stopped
+    rc, out, err = a.cli("adddire", "--usrid", "NONDLV", "MAIL", "--usrd", "Nondelivery copies",
+                         "--user", "SAM", "--msfsrvlvl", "*SYSMS", "--prefadr", "*SMTP",
+                         "--smtpuser", "NONDELIVERY")
+    assert rc == 0, err
+    with SqliteDirectory.from_settings(load(a.config)) as d:
+        entry = sender_entry(d, None, "sam")
+    assert (entry.userid, entry.smtp_name) == ("SAM", "sam@example.test")
+
+
+def test_chgdire_keeps_a_snads_user_while_its_store_holds_mail(post):
+    """*USRIDX to *SYSMS left the distributions where no command reached them,
+    and the change back was refused as 'a store left by an earlier entry'."""
+    a = post
+    rc, out, err = a.cli("snddst", "--type", "*MSG", "--usrprf", "SAM",
+                         "--tousrid", "BOB HQ", "--dstd", "Kept", "--msg", "for bob")
+    assert rc == 0, err
+    one_line_error(a.cli("chgdire", "--usrid", "BOB", "HQ", "--msfsrvlvl", "*SYSMS",
+                         "--user", "JANE"),
+                   "--msfsrvlvl", "SNADS store of BOB holds 1 distribution", "allowed: *USRIDX")
+    assert [d["description"] for d in qrydst(a, "--usrid", "BOB", "HQ")] == ["Kept"]

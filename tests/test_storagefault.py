@@ -35,7 +35,9 @@ def test_a_full_or_read_only_disk_is_one_warning_line():
                 OSError(errno.EDQUOT, "Disk quota exceeded"),
                 # The administrator's chmod on a queue directory, too.
                 PermissionError(errno.EACCES, "Permission denied", "/var/q/QTMSINQ/x"),
-                sqlite3.OperationalError("database or disk is full")):
+                sqlite3.OperationalError("database or disk is full"),
+                # A tool's long transaction on the directory, past the busy timeout.
+                sqlite3.OperationalError("database is locked")):
         log = _Log()
         log_failure(log, "could not queue a message", _failure(exc))
         [(kind, line)] = log.lines

@@ -909,6 +909,19 @@ class SqliteDirectory:
                         f"a SNADS store left by an earlier entry, with {left} "
                         f"distribution{'s' if left != 1 else ''} ({store.parent}); allowed: "
                         "a user ID without one (move or remove that store first)")
+        elif not new and entry.userid != "*ANY":
+            before = _entry_row(conn, *key)
+            if before is not None and before["msfsrvlvl"] == USRIDX:
+                # Its distributions would stay where no command reaches them,
+                # and the entry could not be changed back.
+                store = self.snads_store(entry.userid)
+                left = messages_in(store)
+                if left:
+                    raise DirectoryError(
+                        "msfsrvlvl", entry.msfsrvlvl, f"is not allowed while the SNADS store "
+                        f"of {entry.userid} holds {left} distribution{'s' if left != 1 else ''}"
+                        f" ({store.parent}); allowed: *USRIDX, or another once the store is "
+                        "empty (qrydst, rcvdst)")
         return entry
 
     def _insert_entry(self, conn: sqlite3.Connection, entry: DirectoryEntry) -> None:

@@ -186,7 +186,12 @@ def sender_entry(directory: Any, usrid: Sequence[str] | None,
     if not mine:
         raise DistributionError("--usrprf", name, "has no entry in the system distribution "
                                 "directory; the user must be enrolled (adddire --user)")
-    mine.sort(key=lambda e: e.msfsrvlvl != dirmod.USRIDX)
+    # Its *USRIDX entry first; else the entry whose SMTP name the user's mail
+    # carries (DSPUSRPRF's): one added only to route others' mail to its
+    # mailbox (NONDELIVERY, postmaster) must not change who sends.
+    own = (directory.smtp_address(name) or "").lower()
+    mine.sort(key=lambda e: (e.msfsrvlvl != dirmod.USRIDX,
+                             (e.smtp_name or "").lower() != own, e.userid != name[:8]))
     return mine[0]
 
 

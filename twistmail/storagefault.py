@@ -41,10 +41,18 @@ def _permission(exc: BaseException | None) -> str | None:
 
 def log_failure(log: Any, what: str, failure: Any) -> None:
     """``log.failure`` for defects; one warning line for a full or read-only disk,
-    or a permission the administrator took away."""
+    a permission the administrator took away, or a database another writer holds."""
     exc = getattr(failure, "value", None)
-    fault = storage_fault(exc) or _permission(exc)
+    fault = storage_fault(exc) or _permission(exc) or _locked(exc)
     if fault is None:
         log.failure(what, failure)
     else:
         log.warn("{what}: {fault}", what=what, fault=fault)
+
+
+def _locked(exc: BaseException | None) -> str | None:
+    """The directory database held by another writer past the busy timeout
+    (a long transaction of a tool): a condition, said in one line."""
+    if isinstance(exc, sqlite3.OperationalError) and "database is locked" in str(exc):
+        return "the directory database is locked by another writer"
+    return None
