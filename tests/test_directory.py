@@ -742,8 +742,8 @@ def test_a_new_profile_is_not_handed_mail_queued_for_one_deleted(cfg, capsys):
     rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "bob", "--password", "pw")
     assert rc == 2 and err.strip().endswith(
         "--usrprf: 1 queued message is for bob@example.test, the address BOB would get, "
-        "accepted before it existed; allowed: a name no queued mail is for (let the bridge "
-        "return it first: strmsf; wrkq lists it)")
+        "accepted before it existed; allowed: a name no queued mail is for (it goes back to "
+        "its sender at its next try, which wrkq shows; the bridge must be running: strmsf)")
     # Deferred (a full mailbox), it goes along with its message's remote recipients.
     fq.move(spool.id, QTMSINQ, QTMSOUTQ)
     rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "bob", "--password", "pw")

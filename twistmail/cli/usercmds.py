@@ -221,7 +221,8 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
             usage_error(f"--usrprf: {waiting} queued message{'s are' if waiting != 1 else ' is'}"
                         f" for {name.lower()}@{d.local_domains[0]}, the address {name} would "
                         "get, accepted before it existed; allowed: a name no queued mail is "
-                        "for (let the bridge return it first: strmsf; wrkq lists it)")
+                        "for (it goes back to its sender at its next try, which wrkq shows; "
+                        "the bridge must be running: strmsf)")
         profile = d.create_profile(usrprf, _password(password) or "",
                                    text=_text(text) or "", status=status)
         with owner_lock(d.mailbox(name).parent.parent, name, exclusive=True) as lock:
