@@ -359,3 +359,10 @@ def test_a_change_command_sets_right_the_bad_value_it_changes(stopped):
     rc, out, err = stopped.cli("chgsmtpa", "--maxmsgsize", "5000")
     assert rc == 0, err
     assert configmod.load(stopped.config).smtp.maxmsgsize == 5000
+
+
+def test_config_after_the_command_says_where_it_goes(stopped):
+    rc, out, err = stopped.cli("status", "--config", "x.toml")
+    assert rc == 2 and err.strip() == (
+        "twistmail status: --config: goes before the command; allowed: "
+        "twistmail --config FILE status ...")

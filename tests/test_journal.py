@@ -731,3 +731,20 @@ def test_a_rotation_that_fails_loses_no_entry_written(tmp_path: Path, capsys) ->
     entries = list(read_entries(tmp_path))
     assert [e["seq"] for e in entries] == list(range(1, 12))
     assert len(receivers(tmp_path)) == 2
+
+
+def test_follow_starts_with_the_last_entries_as_tail_does(tmp_path: Path) -> None:
+    """dspjrn --follow printed the whole journal (a gigabyte of receivers)
+    before following; without --from it shows the last few, then new ones."""
+    _filled(tmp_path)
+    newest = receivers(tmp_path)[-1][1]
+    in_newest = [json.loads(line)["seq"] for line in newest.read_text().splitlines()]
+    got: list[int] = []
+    for entry in follow(tmp_path, last=3, poll_interval=0.01, stop=lambda: len(got) >= 4):
+        got.append(entry["seq"])
+        if len(got) == 3:
+            Journal(tmp_path, "QTSMTPSRVP/8").write("JE", "JE maxuse")
+    assert got == [*in_newest[-3:], 92]
+    # --from still reads from that time on, every receiver.
+    since = datetime(2000, 1, 1, tzinfo=UTC)
+    assert next(follow(tmp_path, since=since, last=3))["seq"] == 1

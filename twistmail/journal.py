@@ -26,6 +26,7 @@ lock, so ``dspjrn`` works while the daemon is down or busy.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import errno
 import fcntl
@@ -872,9 +873,12 @@ def follow(
     until: datetime | None = None,
     poll_interval: float = 0.2,
     stop: Callable[[], bool] | None = None,
+    last: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The matching entries already written, then new ones as they arrive.
 
+    With ``last`` and no ``since``, only the last ``last`` matching entries
+    of the attached receiver come first, as ``tail -f`` shows a file.
     Moves to a newer receiver only once one exists and the current one has been
     read to its end, so rotation loses nothing.  Ends when ``stop()`` is true or,
     with ``until``, at the first entry after it.
@@ -885,12 +889,18 @@ def follow(
     # It starts at the first receiver that may match; all older: at the
     # attached one, where the new entries come.
     start = (_from(present, flt.since) or present[-1:])[:1]
+    if last is not None and since is None:
+        start = present[-1:]
     if start:
         tail.number = start[0][0] - 1
+    backlog = collections.deque(maxlen=last) if last is not None and since is None else None
     try:
         while not (stop is not None and stop()):
             lines = tail.read()
             if lines is None:
+                if backlog is not None:  # caught up: what was last comes first
+                    yield from backlog
+                    backlog = None
                 time.sleep(poll_interval)
                 continue
             for line in lines:
@@ -898,9 +908,14 @@ def follow(
                 if entry is None:
                     continue
                 if flt.past(entry):  # any entry past ``until`` ends it, wanted or not
+                    if backlog is not None:
+                        yield from backlog
                     return
                 if flt.wants_line(line) and flt.wants(entry):
-                    yield entry
+                    if backlog is not None:
+                        backlog.append(entry)
+                    else:
+                        yield entry
     finally:
         tail.close()
 

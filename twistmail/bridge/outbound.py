@@ -165,7 +165,7 @@ def request_flush(queue_root: Path, node: str) -> None:
     a plain name is that node alone.
     """
     d = queue_root / "etrn"
-    d.mkdir(exist_ok=True)
+    d.mkdir(mode=0o700, exist_ok=True)  # as private as the queues beside it
     at = "@" if node.startswith("@") else ""
     (d / (at + node.lstrip("@").lower().strip(".").replace("/", "_"))).touch()
 
@@ -293,7 +293,7 @@ class OutboundManager:
                        callbacks=[self._changed])
         notifier.watch(FilePath(str(root)), callbacks=[self._changed],
                        mask=inotify.IN_DELETE | inotify.IN_CREATE | inotify.IN_ATTRIB)
-        (root / "etrn").mkdir(exist_ok=True)
+        (root / "etrn").mkdir(mode=0o700, exist_ok=True)
         notifier.watch(FilePath(str(root / "etrn")), mask=inotify.IN_CREATE | inotify.IN_ATTRIB,
                        callbacks=[self._changed])
         self.notifier = notifier

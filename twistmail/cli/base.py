@@ -177,7 +177,8 @@ def _check_shape(params: list[click.Parameter], args: list[str],
     envvar="TWISTMAIL_CONFIG",
     default=configmod.DEFAULT_CONFIG,
     show_default=True,
-    help="The appliance's TOML configuration file.",
+    help="The appliance's TOML configuration file (or $TWISTMAIL_CONFIG); it goes "
+         "before the command.",
 )
 @click.pass_context
 def cli(ctx: click.Context, config_path: str) -> None:
@@ -389,6 +390,9 @@ def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
 def _usage_message(e: click.UsageError) -> str:
     """One line naming the option and what it takes, where click's own line does not."""
     if isinstance(e, click.NoSuchOption):
+        if e.option_name == "--config" and e.ctx is not None and e.ctx.parent is not None:
+            return ("--config: goes before the command; allowed: twistmail --config FILE "
+                    f"{e.ctx.info_name} ...")
         return f"{_shown(e.option_name)}: no such option{_known_options(e)}"
     if isinstance(e, click.BadOptionUsage):
         param = _option(e.ctx, e.option_name)

@@ -128,6 +128,10 @@ def _write_csv(path: str, entries: Iterable[dict[str, Any]]) -> int:
     return count
 
 
+#: Entries ``dspjrn --follow`` shows from before it started, without --from.
+FOLLOW_LAST = 10
+
+
 def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
     try:
         for entry in entries:
@@ -141,7 +145,9 @@ def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
 
 @cli.command("dspjrn")
 @_journal_option
-@click.option("--follow", is_flag=True, help="Keep printing new entries as they are written.")
+@click.option("--follow", is_flag=True,
+              help="Keep printing new entries as they are written; without --from, "
+                   f"the last {FOLLOW_LAST} before them first, as tail -f.")
 @click.option("--code", "code_text", metavar="PATTERNS",
               help="Entry codes, e.g. 9S,8*,J* (LG or *ALL: all).")
 @click.option("--msgid", metavar="ID", help="Only the entries of this queue id.")
@@ -185,7 +191,7 @@ def dspjrn(
     selection = {"codes": codes, "msgid": msgid, "since": since, "until": until}
     directory = _directory()
     if follow:
-        _follow(journal.follow(directory, **selection), as_json)
+        _follow(journal.follow(directory, **selection, last=FOLLOW_LAST), as_json)
         return
     entries = journal.read_entries(directory, **selection)
     if outfile is not None:
