@@ -366,3 +366,17 @@ def test_config_after_the_command_says_where_it_goes(stopped):
     assert rc == 2 and err.strip() == (
         "twistmail status: --config: goes before the command; allowed: "
         "twistmail --config FILE status ...")
+
+
+def test_chgpopa_sets_right_a_bad_nbrsvr_and_blames_only_the_file(stopped):
+    from twistmail import configedit
+
+    configedit.set_values(stopped.config, {"pop.nbrsvr": 2})
+    text = stopped.config.read_text()
+    stopped.config.write_text(text.replace("nbrsvr = 2", 'nbrsvr = "abc"'))
+    rc, out, err = stopped.cli("chgpopa", "--nbrsvr", "3")
+    assert rc == 0, err
+    assert configmod.load(stopped.config).pop.nbrsvr == 3
+    stopped.config.write_text(text.replace("nbrsvr = 2", 'nbrsvr = "abc"'))
+    rc, out, err = stopped.cli("chgpopa", "--msgsplit", "128")
+    assert rc == 2 and "pop.nbrsvr: 'abc' is not allowed" in err and "--nbrsvr" not in err

@@ -1155,27 +1155,29 @@ def test_dltusrprf_waits_for_a_delivery_and_keeps_the_mail_it_made(cfg, capsys):
     import threading
 
     from twistmail import config
+    from twistmail.bridge.inbound import deliver_to_profile
     from twistmail.maildir import MailboxGone, MaildirStore, owner_lock
 
     tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
     settings = config.load(cfg)
     store = MaildirStore(settings.datadir / "mailboxes", "mail.example.test")
+    directory = SqliteDirectory.from_settings(settings)
     body = settings.datadir / "body"
     body.write_bytes(b"Subject: hi\r\n\r\nfor sam\r\n")
     result = {}
-    with owner_lock(store.root, "SAM") as _:  # a delivery under way
+    with owner_lock(store.root, "SAM"):  # a delivery under way
         t = threading.Thread(target=lambda: result.update(
             rc=tm(capsys, cfg, "dltusrprf", "--usrprf", "SAM")[0]))
         t.start()
         t.join(1.0)
         assert t.is_alive()  # waits for the delivery
-        store._deliver("SAM", store._maildir("SAM"), "q1.R0", body, b"")
+        store.deliver("SAM", "q1.R0", body, b"")
     t.join(10)
     assert result["rc"] == 2 and store.path("SAM").exists()  # *NODLT: kept, with its mail
     assert tm(capsys, cfg, "dltusrprf", "--usrprf", "SAM", "--ownobjopt", "*DLT")[0] == 0
-    with pytest.raises(MailboxGone):
-        store.deliver("SAM", "q2.R0", body, b"")
+    with pytest.raises(MailboxGone):  # resolved before the deletion, delivered after
+        deliver_to_profile(store, directory, "SAM", "q2.R0", body, b"")
     assert not store.path("SAM").parent.exists()  # not made again for nobody
     assert not [p for p in store.root.iterdir() if p.name.startswith(".deleted-")]
     tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
-    assert store.deliver("SAM", "q3.R0", body, b"").exists()  # the new SAM's mail
+    assert deliver_to_profile(store, directory, "SAM", "q3.R0", body, b"").exists()

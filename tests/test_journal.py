@@ -748,3 +748,26 @@ def test_follow_starts_with_the_last_entries_as_tail_does(tmp_path: Path) -> Non
     # --from still reads from that time on, every receiver.
     since = datetime(2000, 1, 1, tzinfo=UTC)
     assert next(follow(tmp_path, since=since, last=3))["seq"] == 1
+
+
+def test_an_old_receiver_that_cannot_go_stops_neither_rotation_nor_pruning(
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    """One receiver that could not be deleted was told as 'cannot start a new
+    receiver' (though rotation went on) and kept every receiver after it."""
+    j = Journal(tmp_path, "QTSMTPBRSR/1", receiver_size=256, keep_receivers=2)
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == receiver_name(1):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    for i in range(40):
+        j.write("7A", "7A MSF", msgid=f"m{i}")
+    err = capsys.readouterr().err
+    assert "cannot start a new receiver" not in err
+    assert err.count("old receivers cannot all be deleted") == 1
+    left = [n for n, _ in receivers(tmp_path)]
+    assert left[0] == 1 and len(left) == 3  # the one that cannot go, and the two kept
+    assert [e["seq"] for e in read_entries(tmp_path)][-1] == 40

@@ -903,8 +903,37 @@ def test_the_bridge_sweeps_what_killed_deliveries_left_in_every_tmp(make_applian
                 os.utime(tmp / name, (when, when))
         left.append(tmp)
     (a.datadir / "snads" / "stray-file").write_bytes(b"")  # not a store: left alone
+    # A mailbox a killed DLTUSRPRF moved aside goes; one that a live one is
+    # removing stays.
+    dead = a.datadir / "mailboxes" / ".deleted-GONE-999999999-ab12"
+    live = a.datadir / "mailboxes" / f".deleted-BUSY-{os.getpid()}-cd34"
+    for moved in (dead, live):
+        (moved / "Maildir" / "new").mkdir(parents=True)
     a.start()
     a.wait_for(lambda: all(not (t / "old.R0.host,S=10.1.ab").exists() for t in left), 20,
                "the old files swept")
     assert all((t / "young.R0.host,S=10.2.cd").exists() for t in left)
     assert "removed 2 files in mailboxes' tmp/" in a.log_text()
+    assert not dead.exists() and live.exists()
+
+
+def test_the_sweep_passes_over_a_mailbox_it_cannot_look_into(tmp_path, monkeypatch):
+    """One mailbox in the wrong hands stopped the sweep of every one after it."""
+    import twistmail.maildir as md
+
+    old = time.time() - 37 * 3600
+    for owner in ("AAA", "BBB"):
+        tmp = tmp_path / owner / "Maildir" / "tmp"
+        tmp.mkdir(parents=True)
+        (tmp / "x.R0.h,S=1.1.ab").write_bytes(b"x")
+        os.utime(tmp / "x.R0.h,S=1.1.ab", (old, old))
+    real = md._remove_older
+
+    def refused(directory, older_than):
+        if "AAA" in str(directory):
+            raise PermissionError(13, "Permission denied")
+        return real(directory, older_than)
+
+    monkeypatch.setattr(md, "_remove_older", refused)
+    removed, problems = md.sweep_tmp([tmp_path])
+    assert removed == 1 and len(problems) == 1 and "AAA" in problems[0]

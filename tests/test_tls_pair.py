@@ -246,4 +246,32 @@ def test_jobs_load_the_pair_at_the_first_tls_session_and_serve_without_it(make_a
     with pytest.raises(poplib.error_proto, match=r"TLS is not available"):
         pop._shortcmd("STLS")
     assert pop.quit().startswith(b"+OK")
-    assert "TLS not available" in a.log_text()
+    for name in ("smtps", "pop3s"):  # closed at once, and no traceback in the log
+        with socket.create_connection(a.addr(name), timeout=30) as s:
+            s.sendall(b"\x16\x03\x01\x00\x05hello")
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:  # closed with the hello unread
+                pass
+        a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == a.inljobs("QTMSSRCP"), 10, "free")
+    log = a.log_text()
+    assert "TLS not available" in log and "Unhandled Error" not in log and "Traceback" not in log
+
+
+def test_a_pair_that_failed_to_load_is_tried_again_later(tmp_path, monkeypatch):
+    """A failed load was kept for the job's life: mending the file changed
+    nothing until MAXUSE replaced the job."""
+    from twistmail import tlsconfig
+
+    _, chain, key = make_chain(tmp_path)
+    settings = _settings_for(tmp_path, chain, key)
+    good = key.read_bytes()
+    key.write_bytes(b"broken")
+    options = tlsconfig.JobOptions(settings)
+    clock = [1000.0]
+    monkeypatch.setattr(tlsconfig.time, "monotonic", lambda: clock[0])
+    assert not options.available()
+    key.write_bytes(good)
+    assert not options.available()  # not read again at once
+    clock[0] += tlsconfig.JobOptions.RETRY_AFTER
+    assert options.available() and options.getContext() is not None

@@ -116,7 +116,7 @@ def set_values(path: Path | str, changes: Mapping[str, Any]) -> config.Settings 
         for key, value in changes.items():
             if isinstance(value, FromFile):
                 if before is None:
-                    before = _loaded(text, given)
+                    before = _current(text, dumped, given)
                 made = value.make(before)
                 if made is not UNCHANGED:
                     dumped[key] = _dumped(key, made)
@@ -206,6 +206,20 @@ def _add_key(table: Any, key: str, value: Any) -> None:
 def _validate(text: str, path: Path) -> None:
     """Refuse a document the loader would refuse; this is what the daemon reads."""
     _loaded(text, path)
+
+
+def _current(text: str, dumped: Mapping[str, Any], path: Path) -> config.Settings:
+    """The settings a FromFile is made from: the file's, or, when a value this
+    change replaces is what the file cannot be read for, the file with it replaced."""
+    try:
+        return _loaded(text, path)
+    except SettingError as e:
+        if e.key not in dumped:
+            raise
+    trial = _parse(text, path)
+    for key, value in dumped.items():
+        _assign(trial, key, value)
+    return _loaded(trial.as_string(), path)
 
 
 def _loaded(text: str, path: Path) -> config.Settings:

@@ -220,6 +220,7 @@ def delete_receivers(directory: Path, below: int) -> list[str]:
     reading one keeps reading it (its descriptor stays valid) and moves on.
     """
     gone = []
+    refused: OSError | None = None
     for number, path in receivers(directory):
         if number >= below:
             break
@@ -227,7 +228,12 @@ def delete_receivers(directory: Path, below: int) -> list[str]:
             path.unlink()
         except FileNotFoundError:
             continue
+        except OSError as e:  # one that cannot go keeps none of the others
+            refused = refused or e
+            continue
         gone.append(path.name)
+    if refused is not None:
+        raise refused
     return gone
 
 
@@ -316,6 +322,7 @@ class Journal:
         self.last_error: OSError | None = None
         self._told = 0  # failures when the log was last told of them; 0: writing works
         self._rotation_failing = False  # told once, until a rotation works again
+        self._pruning_failing = False  # the same for deleting old receivers
         self._mutex = threading.Lock()
         self._batches = threading.local()
         self._forks = _forks
@@ -589,7 +596,15 @@ class Journal:
         if self.keep_receivers:
             # The newest detached one always stays: it holds the last seq, which
             # a lost state file is rebuilt from (the new receiver is empty).
-            delete_receivers(self.directory, below=number - max(self.keep_receivers, 2) + 1)
+            try:
+                delete_receivers(self.directory, below=number - max(self.keep_receivers, 2) + 1)
+            except OSError as e:  # the rotation itself is done
+                if not self._pruning_failing:
+                    self._tell(f"old receivers cannot all be deleted: {e.strerror or e}"
+                               + (f": {e.filename}" if e.filename else ""))
+                self._pruning_failing = True
+            else:
+                self._pruning_failing = False
         return _State(state.seq, number, os.fstat(self._rfd).st_size)
 
     def _recover(self) -> _State:

@@ -291,13 +291,6 @@ class MaildirStore:
         if not isinstance(prefix, bytes):
             raise TypeError("prefix must be bytes")
         check_delivery_id(delivery_id)
-        with owner_lock(self._root, user) as lock:
-            if deleted(lock):  # since the caller resolved it: nothing is made for it
-                raise MailboxGone(user)
-            return self._deliver(user, maildir, delivery_id, body_path, prefix)
-
-    def _deliver(self, user: str, maildir: str, delivery_id: str, body_path: Path | str,
-                 prefix: bytes) -> Path:
         with open(body_path, "rb") as body:
             body_size = os.fstat(body.fileno()).st_size
             name = self.message_name(delivery_id, len(prefix) + body_size)
@@ -776,8 +769,6 @@ def _link_new(maildir: str, tmp: str, name: str, ensure: Callable[[], Any]) -> P
 #: Beside the mailboxes: one lock file per profile name, which outlives the
 #: mailbox it guards (``owner_lock``).
 OWNERS_DIR = ".owners"
-#: What the lock file of a profile deleted since holds.
-DELETED = b"deleted\n"
 
 
 @contextmanager
@@ -788,9 +779,10 @@ def owner_lock(root: Path | str, user: str, exclusive: bool = False) -> Iterator
     A delivery resolved its recipient a moment before it writes: DLTUSRPRF
     removing the mailbox meanwhile destroyed mail just delivered there, or
     had the delivery make the mailbox again for a profile that is no more.
-    The deletion writes DELETED into the file under the exclusive lock, so a
-    delivery that gets its turn afterwards sees it (:func:`deleted`);
-    CRTUSRPRF empties it again.
+    Under this lock a delivery asks the directory whether the profile is
+    still there, and the deletion looks for mail, deletes the profile and
+    moves its mailbox away: the directory stays the one truth, so a command
+    killed midway leaves nothing to mend.
     """
     directory = os.path.join(root, OWNERS_DIR)
     os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -801,18 +793,6 @@ def owner_lock(root: Path | str, user: str, exclusive: bool = False) -> Iterator
         yield fd
     finally:
         os.close(fd)
-
-
-def deleted(lock_fd: int) -> bool:
-    """Whether the profile of an :func:`owner_lock` was deleted (and not made again)."""
-    return os.fstat(lock_fd).st_size > 0
-
-
-def mark_deleted(lock_fd: int, gone: bool = True) -> None:
-    """Under the exclusive :func:`owner_lock`: the profile is deleted, or made again."""
-    os.ftruncate(lock_fd, 0)
-    if gone:
-        os.pwrite(lock_fd, DELETED, 0)
 
 
 def _take_lock(maildir: Path, user: str) -> BinaryIO:
@@ -866,26 +846,54 @@ def _message_files(directory: Path) -> list[os.DirEntry]:
         return [e for e in it if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
 
 
-def sweep_tmp(roots: Iterable[Path], now: float | None = None) -> int:
+#: A mailbox DLTUSRPRF moved aside to remove: ``.deleted-<NAME>-<pid>-<hex>``.
+DELETED_PREFIX = ".deleted-"
+
+
+def sweep_tmp(roots: Iterable[Path], now: float | None = None) -> tuple[int, list[str]]:
     """Remove what deliveries ended midway (a killed job) left in each
-    mailbox's ``tmp/`` under ``roots``, once 36 hours old; returns how many.
+    mailbox's ``tmp/`` under ``roots``, once 36 hours old, and the mailboxes
+    a killed DLTUSRPRF left moved aside; returns how many files went, and
+    what could not be looked at.
 
     A POP sign-on does this for its own mailbox.  SNADS stores and the
     mailboxes of profiles that never sign on have no such moment: without a
     sweep, what killed deliveries left there stayed for ever.
     """
     older_than = (time.time() if now is None else now) - TMP_MAX_AGE
-    removed = 0
+    removed, problems = 0, []
     for root in roots:
         try:
             with os.scandir(root) as it:
-                owners = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+                owners = [e for e in it if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             continue
+        except OSError as e:
+            problems.append(f"{root}: {e.strerror}")
+            continue
         for owner in owners:
-            with suppress(FileNotFoundError, NotADirectoryError):
-                removed += _remove_older(Path(owner) / "Maildir" / "tmp", older_than)
-    return removed
+            try:
+                if owner.name.startswith(DELETED_PREFIX):
+                    if not _alive(owner.name):
+                        shutil.rmtree(owner.path)
+                    continue
+                removed += _remove_older(Path(owner.path) / "Maildir" / "tmp", older_than)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as e:  # one mailbox in the wrong hands stops no other
+                problems.append(f"{owner.path}: {e.strerror}")
+    return removed, problems
+
+
+def _alive(moved_aside: str) -> bool:
+    """Whether the DLTUSRPRF that moved a mailbox aside may still be removing it."""
+    try:
+        os.kill(int(moved_aside.split("-")[2]), 0)
+    except (IndexError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _remove_older(directory: Path, older_than: float) -> int:

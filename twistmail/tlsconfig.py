@@ -17,6 +17,7 @@ import os
 import re
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,30 +165,36 @@ class JobOptions:
     told TLS is not available, and the reason is logged once.
     """
 
+    #: Seconds a failed load is not tried again: the file may be mended meanwhile.
+    RETRY_AFTER = 30.0
+
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._options: ssl.CertificateOptions | None = None
         self._error: SettingError | None = None
+        self._failed_at = 0.0
+        self._told = ""
 
     def load(self) -> ssl.CertificateOptions:
         """The options; raises SettingError for a pair that cannot serve."""
         if self._options is None:
-            if self._error is not None:
+            if self._error is not None and time.monotonic() < self._failed_at + self.RETRY_AFTER:
                 raise self._error
             try:
                 self._options = server_options(self._settings)
             except SettingError as e:
-                self._error = e
+                self._error, self._failed_at = e, time.monotonic()
                 raise
+            self._error = None
         return self._options
 
     def available(self) -> bool:
-        """Whether the pair loads; the first failure is logged, once."""
-        told = self._error is not None
+        """Whether the pair loads; each new reason it does not is logged once."""
         try:
             self.load()
         except SettingError as e:
-            if not told:
+            if str(e) != self._told:
+                self._told = str(e)
                 print(f"TLS not available: {e}", file=sys.stderr)
             return False
         return True

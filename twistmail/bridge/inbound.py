@@ -35,7 +35,7 @@ import attrs
 from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.directory import postmaster_stand_in
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
-from twistmail.maildir import MailboxGone
+from twistmail.maildir import MailboxGone, owner_lock
 from twistmail.policy.filters import examine
 from twistmail.queue import (
     DELIVERED,
@@ -256,7 +256,8 @@ class InboundProcessor:
         delivery_id = f"{qid}.R{index}"
         try:
             if res.kind == "pop":
-                path = self.mailboxes.deliver(res.usrprf, delivery_id, body, prefix)
+                path = deliver_to_profile(self.mailboxes, self.directory, res.usrprf,
+                                          delivery_id, body, prefix)
                 j.write("B8", f"B8 DLV {path.parent.parent}", qid, recipient=rcpt.address,
                         usrprf=res.usrprf, mailbox=str(path.parent.parent))
                 j.write("B2", f"B2 R {rcpt.address}", qid, recipient=rcpt.address)
@@ -283,6 +284,19 @@ class InboundProcessor:
     def _notice(self, env: Envelope, failures: list[Failure], body: Any) -> str | None:
         return queue_notice(self.queue, self.directory, self.journal, self.hostname, env,
                             failures, body, responsible=self.responsible)
+
+
+def deliver_to_profile(store: Any, directory: Any, usrprf: str, delivery_id: str, body: Any,
+                       prefix: bytes) -> Any:
+    """Deliver into the mailbox of ``usrprf`` while the profile is still there.
+
+    It was resolved a moment ago; DLTUSRPRF since then raises MailboxGone,
+    and the retry finds where the mail goes now (see ``owner_lock``).
+    """
+    with owner_lock(store.root, usrprf):
+        if directory.get_profile(usrprf) is None:
+            raise MailboxGone(usrprf)
+        return store.deliver(usrprf, delivery_id, body, prefix)
 
 
 def _deferral_status(error: OSError) -> str:

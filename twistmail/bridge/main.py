@@ -102,10 +102,14 @@ def _sweep_mailboxes(datadir: Path):  # noqa: ANN202
 
     from twistmail.maildir import sweep_tmp
 
-    def told(removed: int) -> None:
+    def told(result: tuple[int, list[str]]) -> None:
+        removed, problems = result
         if removed:
             print(f"removed {removed} files in mailboxes' tmp/ that deliveries ended "
                   "midway left there 36 hours ago or more", file=sys.stderr)
+        if problems:
+            print(f"sweeping the mailboxes' tmp/ passed over {len(problems)} it cannot look "
+                  f"into: {'; '.join(problems[:3])}", file=sys.stderr)
 
     def failed(f: Any) -> None:
         print(f"sweeping the mailboxes' tmp/ failed: {f.getErrorMessage()}", file=sys.stderr)

@@ -322,8 +322,8 @@ def refused_change(e: SettingError, options: dict[str, str]) -> NoReturn:
     """
     option = options.get(e.key)
     bad = app().bad_value
-    if option is None and bad is not None and bad.key == e.key:
-        usage_error(f"{app().config_path}: {bad}")  # as any command says it
+    if bad is not None and bad.key == e.key and (option is None or e.value == bad.value):
+        usage_error(f"{app().config_path}: {bad}")  # the file's, as any command says it
     if option is not None:
         usage_error(f"{option}: {e.value!r} is not allowed; allowed: {e.allowed}")
     name = e.key.rsplit(".", 1)[-1]

@@ -12,6 +12,7 @@ option, exit 2; a database that cannot be used is one line, exit 1.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,7 @@ from twistmail.interfaces import (
     QTMSRTQ2,
     QUARANTINE,
 )
-from twistmail.maildir import mark_deleted, owner_lock
+from twistmail.maildir import DELETED_PREFIX, owner_lock
 from twistmail.queue import FileQueue
 from twistmail.settingtypes import Choice
 
@@ -225,8 +226,6 @@ def crtusrprf(usrprf: str, password: str, text: str, status: str) -> None:
                         "the bridge must be running: strmsf)")
         profile = d.create_profile(usrprf, _password(password) or "",
                                    text=_text(text) or "", status=status)
-        with owner_lock(d.mailbox(name).parent.parent, name, exclusive=True) as lock:
-            mark_deleted(lock, gone=False)  # mail for the name is delivered again
         record = _profile_record(d, profile)
         own = None if record["smtp"] is not None else next(
             (e for e in d.entries() if e.user == profile.usrprf), None)
@@ -290,7 +289,7 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
         home = d.mailbox(name).parent
         # Deliveries into its mailbox finish first, and none starts until the
         # profile and its mailbox are gone: what is owned is what is deleted.
-        with owner_lock(home.parent, name, exclusive=True) as lock:
+        with owner_lock(home.parent, name, exclusive=True):
             owned = _owned(d, name)
             if owned and option == "*NODLT":
                 usage_error(f"--ownobjopt: {name} owns {' and '.join(o for o, _ in owned)}, "
@@ -299,14 +298,18 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
             entries = [e for e in d.entries() if e.user == name]
             addresses = {e.smtp_name for e in entries if e.smtp_name}
             d.delete_profile(name)
-            mark_deleted(lock)
             # Out of the way at once (an empty mailbox goes in any case), and
-            # removed once deliveries may go on: a big one takes a while.
-            tomb = home.with_name(f".deleted-{name}-{os.getpid()}")
+            # removed once deliveries may go on: a big one takes a while.  What
+            # a kill leaves of it, the bridge's sweep removes (DELETED_PREFIX).
+            tomb = home.with_name(f"{DELETED_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(4)}")
             try:
                 home.rename(tomb)
             except FileNotFoundError:
                 tomb = None
+            except OSError as e:  # a mount point, say: the profile is gone, its mail stays
+                tomb = None
+                click.echo(f"note: its mailbox {home} could not be removed: {e.strerror}",
+                           err=True)
     waiting = _queued_for(addresses)
     for _, path in owned:
         if path != home:

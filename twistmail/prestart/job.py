@@ -104,6 +104,7 @@ class Job:
         self._tasks = 0
         self.journal: Any = None
         self._directory: Any = None
+        self.tls_options: Any = None
         self.factories = self._factories()
 
     def _journal(self, name: str) -> Any:
@@ -179,13 +180,13 @@ class Job:
 
         return TLSMemoryBIOFactory(options, False, inner)
 
-    @staticmethod
-    def _tls_options(settings: configmod.Settings, reload: bool) -> Any:
+    def _tls_options(self, settings: configmod.Settings, reload: bool) -> Any:
         from twistmail import tlsconfig
 
         options = tlsconfig.JobOptions(settings)
         if reload:
             options.load()
+        self.tls_options = options
         return options
 
     def _pop_factories(self, reload: bool) -> dict[str, Factory]:
@@ -270,7 +271,12 @@ class Job:
 
     def serve(self, fd: int, listener: str, family: int) -> bool:
         """Adopt the passed socket; False when it could not be served."""
+        from twistmail.tlsconfig import usable
+
         self.sessions += 1
+        if listener in IMPLICIT_TLS and not usable(self.tls_options):
+            os.close(fd)  # said once in the log; the client sees the connection close
+            return False
         try:
             os.set_blocking(fd, False)
             self.reactor.adoptStreamConnection(fd, family, self.factories[listener])
