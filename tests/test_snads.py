@@ -395,3 +395,28 @@ def test_chgdire_keeps_a_snads_user_while_its_store_holds_mail(post):
                          "--user", "JANE"),
                    "--msfsrvlvl", "SNADS store of BOB holds 1 distribution", "allowed: *USRIDX")
     assert [d["description"] for d in qrydst(a, "--usrid", "BOB", "HQ")] == ["Kept"]
+
+
+def test_a_store_on_a_full_disk_lists_what_it_numbered_and_can_be_emptied(tmp_path,
+                                                                        monkeypatch):
+    """On a full disk QRYDST and RCVDST failed outright (the index of DSTIDs
+    could not be written), so a SNADS user could not make room."""
+    import errno
+
+    from twistmail.dststore import DistributionStore
+
+    store, new = _store_with(tmp_path, 2)
+    first = store.query("BOB")
+    (new / "3000.M9.host").write_bytes(b"From: late@remote.test\r\nSubject: late\r\n\r\nx\r\n")
+
+    def full(self, userid, index):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DistributionStore, "_save", full)
+    listing = store.query("BOB")
+    assert [d.dstid for d in listing.distributions] == [d.dstid for d in first.distributions]
+    assert listing.waiting == 1 and listing.no_room
+    with store.receive("BOB", first.distributions[0].dstid):
+        pass
+    monkeypatch.undo()
+    assert [d.description for d in store.query("BOB").distributions] == ["note 1", "late"]

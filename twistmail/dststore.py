@@ -47,7 +47,7 @@ from typing import Any
 import attrs
 
 from twistmail.durable import fsync_dir
-from twistmail.maildir import base_name, check_user, record_removed
+from twistmail.maildir import NO_ROOM, base_name, check_user, record_removed
 
 INDEX = "dstids.json"
 LOCK = ".dstids.lock"
@@ -85,6 +85,9 @@ class Listing:
 
     distributions: tuple[Distribution, ...]
     waiting: int
+    #: The waiting ones wait for room on the disk to keep their DSTIDs, not
+    #: for a free sequence number.
+    no_room: bool = False
 
 
 def normalize_dstid(raw: str) -> str:
@@ -159,7 +162,11 @@ class DistributionStore:
                 found.path.unlink(missing_ok=True)
                 fsync_dir(found.path.parent)
                 index["ids"] = {b: i for b, i in index["ids"].items() if i != wanted}
-                self._save(userid, index)
+                try:
+                    self._save(userid, index)
+                except OSError as e:  # received all the same: the next listing forgets it
+                    if e.errno not in NO_ROOM:
+                        raise
 
     # -- inside the lock ---------------------------------------------------------
 
@@ -209,6 +216,7 @@ class DistributionStore:
         """
         files = _message_files(self._maildir(userid))
         ids: dict[str, str] = index["ids"]
+        kept = set(ids.values())
         present = {base for base, _ in files}
         changed = any(base not in present for base in ids)
         ids = {b: i for b, i in ids.items() if b in present}
@@ -227,7 +235,16 @@ class DistributionStore:
             out.append(_distribution(ids[base], sender, head, path))
         index["ids"] = ids
         if changed:
-            self._save(userid, index)
+            try:
+                self._save(userid, index)
+            except OSError as e:
+                if e.errno not in NO_ROOM:
+                    raise
+                # A full disk: DSTIDs given now could not be kept, and the next
+                # listing could give them to others.  Those kept are listed, so
+                # the user can receive them and make room; the new ones wait.
+                listed = tuple(d for d in out if d.dstid in kept)
+                return Listing(listed, waiting + len(out) - len(listed), no_room=True)
         return Listing(tuple(out), waiting)
 
     def _new_id(self, index: dict[str, Any], used: set[str], sender: str) -> str:

@@ -140,9 +140,12 @@ def qrydst(usrid: tuple[str, str] | None, usrprf: str | None, option: str,
                empty=f"(no distributions for {entry.userid} {entry.address})")
     if listing.waiting:
         n = listing.waiting
+        why = ("the disk is full, so none can be kept; receive some (rcvdst) to make room"
+               if listing.no_room else
+               f"all {MAX_SEQUENCE} are in use; receive some (rcvdst) to list "
+               f"{'them' if n > 1 else 'it'}")
         click.echo(f"{n} newer distribution{'s wait' if n > 1 else ' waits'} for an "
-                   f"identifier: all {MAX_SEQUENCE} are in use; receive some (rcvdst) to list "
-                   f"{'them' if n > 1 else 'it'}", err=True)
+                   f"identifier: {why}", err=True)
 
 
 @cli.command("rcvdst")
