@@ -380,3 +380,17 @@ def test_chgpopa_sets_right_a_bad_nbrsvr_and_blames_only_the_file(stopped):
     stopped.config.write_text(text.replace("nbrsvr = 2", 'nbrsvr = "abc"'))
     rc, out, err = stopped.cli("chgpopa", "--msgsplit", "128")
     assert rc == 2 and "pop.nbrsvr: 'abc' is not allowed" in err and "--nbrsvr" not in err
+
+
+def test_a_pair_kept_in_part_sets_right_a_bad_value_elsewhere(stopped):
+    """chgsmtpa --maxrcpt 10 --rtymin *SAME 7 checked the pair against the
+    whole file first, so the file's bad maxrcpt stopped the command fixing it."""
+    from twistmail import configedit
+
+    configedit.set_values(stopped.config, {"smtp.maxrcpt": 77})
+    text = stopped.config.read_text()
+    stopped.config.write_text(text.replace("maxrcpt = 77", 'maxrcpt = "xyz"'))
+    rc, out, err = stopped.cli("chgsmtpa", "--maxrcpt", "10", "--rtymin", "*SAME", "7")
+    assert rc == 0, err
+    settings = configmod.load(stopped.config)
+    assert settings.smtp.maxrcpt == 10 and settings.smtp.rtymin[1] == 7

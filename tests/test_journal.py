@@ -771,3 +771,16 @@ def test_an_old_receiver_that_cannot_go_stops_neither_rotation_nor_pruning(
     left = [n for n, _ in receivers(tmp_path)]
     assert left[0] == 1 and len(left) == 3  # the one that cannot go, and the two kept
     assert [e["seq"] for e in read_entries(tmp_path)][-1] == 40
+
+
+def test_follow_up_to_a_past_time_ends_at_once(tmp_path: Path) -> None:
+    """With --to in the past it waited for the next entry to be written."""
+    j = Journal(tmp_path, "QTSMTPBRSR/1", receiver_size=256)
+    for i in range(10):
+        j.write("7A", "7A MSF", msgid=f"m{i}")
+    j.new_receiver()  # the attached one is empty
+    until = datetime(2000, 1, 1, tzinfo=UTC)
+    deadline = time.monotonic() + 5
+    assert list(follow(tmp_path, until=until, last=10, poll_interval=0.01,
+                       stop=lambda: time.monotonic() > deadline)) == []
+    assert time.monotonic() < deadline  # ended by itself

@@ -61,7 +61,12 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
             # An element of a pair (RTYMIN's count or minutes) kept or reset
             # alone: checked now, and made again from the file as it is written.
             make = functools.partial(_pair, section, name, raw, words, default, vtype)
-            make(app().settings)
+            try:
+                current = app().settings
+            except click.UsageError:  # a bad value elsewhere: checked as the file is written
+                current = None
+            if current is not None:
+                make(current)
             changes[f"{section}.{name}"] = configedit.FromFile(make)
             continue
         text = " ".join(raw) if isinstance(raw, tuple) else raw

@@ -146,8 +146,9 @@ def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
 @cli.command("dspjrn")
 @_journal_option
 @click.option("--follow", is_flag=True,
-              help="Keep printing new entries as they are written; without --from, "
-                   f"the last {FOLLOW_LAST} before them first, as tail -f.")
+              help="Keep printing new entries as they are written; without --from or "
+                   f"--to, the last {FOLLOW_LAST} of the receiver being written first, as "
+                   "tail -f.")
 @click.option("--code", "code_text", metavar="PATTERNS",
               help="Entry codes, e.g. 9S,8*,J* (LG or *ALL: all).")
 @click.option("--msgid", metavar="ID", help="Only the entries of this queue id.")
