@@ -560,3 +560,9 @@ def test_ibm_forms_of_the_commands(capsys: pytest.CaptureFixture[str], text: str
     """Positional values, CL lists and keywords as IBM i documents them."""
     assert base.run(["cl", "--show", text]) == 0
     assert capsys.readouterr().out == f"twistmail {shown}\n"
+
+
+def test_two_names_of_one_parameter_are_refused_not_one_dropped() -> None:
+    """CODE(9T) ENTTYP(EH) ran with ENTTYP's value alone, and exit 0."""
+    with pytest.raises(ClError, match="keywords CODE and ENTTYP given together"):
+        to_args(parse("DSPJRN CODE(9T) ENTTYP(EH)"))

@@ -829,3 +829,32 @@ def test_a_reload_shows_an_empty_value_as_the_file_writes_it() -> None:
     new = attrs.evolve(DEFAULTS, tls=attrs.evolve(DEFAULTS.tls, certificate="tls/cert.pem"))
     assert config.changes(DEFAULTS, new) == ['tls.certificate "" -> tls/cert.pem']
     assert config.changes(new, DEFAULTS) == ['tls.certificate tls/cert.pem -> ""']
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "deep", "json-list", "json-deep", "big"])
+def test_every_way_to_a_settings_file_refuses_what_is_none_in_one_line(tmp_path, kind) -> None:
+    """status and the daemon commands read a refused file again, leniently,
+    without load()'s guards: /dev/zero ate memory, a FIFO hung, deep nesting
+    and a .json record of the wrong shape ended in tracebacks."""
+    import subprocess
+    import sys
+
+    p = tmp_path / ("x.json" if kind.startswith("json") else "x.toml")
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "zero":
+        p.symlink_to("/dev/zero")
+    elif kind == "deep":
+        p.write_text("a = " + "[" * 2000 + "]" * 2000 + "\n")
+    elif kind == "json-list":
+        p.write_text('{"config": "/x.toml", "settings": []}')
+    elif kind == "json-deep":
+        p.write_text("[" * 100000 + "]" * 100000)
+    else:
+        p.write_bytes(b"# " + b"x" * (5 << 20) + b"\n")
+    exe = str(Path(sys.executable).with_name("twistmail"))
+    for command in ("status", "wrkusrprf"):
+        r = subprocess.run([exe, "--config", str(p), command], capture_output=True,
+                           text=True, timeout=30)
+        assert "Traceback" not in r.stderr and r.returncode in (1, 2, 3), (command, r)
+        assert len(r.stderr.strip().splitlines()) <= 1, r.stderr

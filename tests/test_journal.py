@@ -784,3 +784,13 @@ def test_follow_up_to_a_past_time_ends_at_once(tmp_path: Path) -> None:
     assert list(follow(tmp_path, until=until, last=10, poll_interval=0.01,
                        stop=lambda: time.monotonic() > deadline)) == []
     assert time.monotonic() < deadline  # ended by itself
+
+
+def test_dspjrn_outfile_that_is_no_file_is_refused_at_once(config: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    """A FIFO as --outfile held dspjrn for ever, waiting for a reader."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert run(["--config", str(config), "dspjrn", "--outfile", str(fifo)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--outfile" in err

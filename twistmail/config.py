@@ -448,20 +448,33 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
     p = Path(path or os.environ.get("TWISTMAIL_CONFIG") or DEFAULT_CONFIG).absolute()
     if p.suffix == ".json":
         return _load_applied(p)
+    raw = _read_file(p)
+    try:
+        # A byte order mark, as some Windows editors write, is no mistake.
+        data = tomllib.loads(raw.decode("utf-8-sig"))
+    except tomllib.TOMLDecodeError as e:
+        raise FileError(str(p), f"valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise FileError(str(p), f"UTF-8 text ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise FileError(str(p), "TOML of values nested a few hundred deep at most") from None
+    return from_mapping(data, p)
+
+
+#: The largest settings file read: the shipped one, comments and all, is 40 KB.
+MAX_FILE = 4 << 20
+
+
+def _read_file(p: Path) -> bytes:
+    """A settings file's bytes; raises FileError for what is none, OSError."""
     # O_NONBLOCK: a named pipe with no writer would hold the open itself.
     with os.fdopen(os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/zero, a pipe: read for ever
             raise FileError(str(p), "a regular file")
-        try:
-            # A byte order mark, as some Windows editors write, is no mistake.
-            data = tomllib.loads(f.read().decode("utf-8-sig"))
-        except tomllib.TOMLDecodeError as e:
-            raise FileError(str(p), f"valid TOML ({e})") from None
-        except UnicodeDecodeError as e:
-            raise FileError(str(p), f"UTF-8 text ({e.reason} at byte {e.start})") from None
-        except RecursionError:
-            raise FileError(str(p), "TOML of values nested a few hundred deep at most") from None
-    return from_mapping(data, p)
+        data = f.read(MAX_FILE + 1)
+    if len(data) > MAX_FILE:
+        raise FileError(str(p), f"a settings file of {MAX_FILE >> 20} MiB at most")
+    return data
 
 
 def control_socket_of(path: str | os.PathLike[str]) -> Path | None:
@@ -469,10 +482,13 @@ def control_socket_of(path: str | os.PathLike[str]) -> Path | None:
     value elsewhere in the file must not hide a running daemon (``status``)."""
     p = Path(path).absolute()
     try:
-        raw_bytes = p.read_bytes()
+        if p.suffix == ".json":
+            return _load_applied(p).control_socket
+        raw_bytes = _read_file(p)
         try:
             data = tomllib.loads(raw_bytes.decode("utf-8-sig"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError):  # its own line may still do
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+            # Its own line may still do.
             data = {"system": _datadir_line(raw_bytes.decode("utf-8", "replace"))}
         raw = data.get("system", {}).get("datadir", SystemSettings().datadir)
         datadir = parse_value("system.datadir", field_type(SystemSettings, "datadir"), raw)
@@ -541,10 +557,14 @@ def write_applied(settings: Settings) -> Path:
 
 def _load_applied(path: Path) -> Settings:
     try:
-        record = json.loads(path.read_bytes())
+        record = json.loads(_read_file(path))
         config, tree = Path(record["config"]), record["settings"]
         directory = Path(record.get("directory") or config.resolve().parent)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        if not isinstance(tree, dict):
+            raise TypeError("its settings are not a table")
+    except FileError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise FileError(str(path), f"the daemon's settings record ({e})") from None
     return from_mapping(tree, config, directory)
 

@@ -205,6 +205,14 @@ def to_args(
     """
     args = [cmd.name.lower()]
     repeatable = {m.lower() for m in multiple}
+    given: dict[str, str] = {}
+    for keyword, _ in cmd.params:
+        # CODE(9T) ENTTYP(EH): two names of one parameter; the later dropped the other.
+        meant = SYNONYMS.get((cmd.name, keyword), keyword)
+        if meant in given:
+            raise ClError(f"keywords {given[meant]} and {keyword} given together; allowed: "
+                          "one of them, they name the same parameter")
+        given[meant] = keyword
     for keyword, value in cmd.params:
         if keyword in _SUBSYSTEM_KEYWORDS:
             _check_subsystem(keyword, value)

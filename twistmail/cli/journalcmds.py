@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -110,10 +111,19 @@ def _write_csv(path: str, entries: Iterable[dict[str, Any]]) -> int:
     count = 0
     try:
         with as_invoker():
-            f = open(path, "w", newline="", encoding="utf-8")
+            # Not truncated before it is known to be a file: a FIFO would hold
+            # the open until a reader came, /dev/zero take nothing.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as e:  # the name given is the mistake: a directory that is not there...
         usage_error(f"--outfile: {path!r} cannot be written: {e.strerror or e}; allowed: a "
                     "file the invoking user may write, in a directory that exists")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        usage_error(f"--outfile: {path!r} is not a regular file; allowed: a file the invoking "
+                    "user may write, in a directory that exists")
+    os.set_blocking(fd, True)
+    os.ftruncate(fd, 0)
+    f = open(fd, "w", newline="", encoding="utf-8")
     try:
         with f:
             out = csv.writer(f)
