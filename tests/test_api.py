@@ -353,3 +353,20 @@ def test_date_and_message_id_are_there_once_whatever_the_copies():
     lines = head.split(b"\r\n")
     assert lines[1:] == [b"Message-ID: <x@y>", b"Subject: s"] and lines[0].startswith(b"Date: ")
     assert body == b"body\r\n"
+
+
+def test_the_calling_profile_must_be_a_profile_name(tmp_path):
+    """Any text, control characters too, went into the journal's EH entry
+    and the envelope as the calling user profile."""
+    from twistmail.api import SendMailError, send_mime_mail
+
+    f = tmp_path / "m.mime"
+    f.write_bytes(b"From: a@example.test\r\nTo: b@example.test\r\nSubject: x\r\n\r\nbody\r\n")
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'[system]\ndatadir = "{tmp_path}/var"\n')
+    from twistmail import config
+
+    with pytest.raises(SendMailError, match="usrprf: 'evil\\\\n"):
+        send_mime_mail(f, "a@example.test", ["b@example.test"],
+                       settings=config.load(cfg), usrprf="evil\n\x1b[31mX")
+    assert f.exists()

@@ -394,3 +394,9 @@ def test_a_pair_kept_in_part_sets_right_a_bad_value_elsewhere(stopped):
     assert rc == 0, err
     settings = configmod.load(stopped.config)
     assert settings.smtp.maxrcpt == 10 and settings.smtp.rtymin[1] == 7
+
+
+def test_an_option_without_its_value_names_what_it_takes(stopped):
+    rc, out, err = stopped.cli("chgpje", "--pgm")
+    assert rc == 2 and err.strip() == ("twistmail chgpje: --pgm: a value is needed; allowed: "
+                                       "Prestart program: QTMSSRCP, QTPOPSRVP, QTMSCCLCP")

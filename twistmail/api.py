@@ -62,6 +62,13 @@ def send_mime_mail(
     caller's next message, not this one).
     """
     settings = settings or configmod.load()
+    if usrprf is not None:  # it goes into the journal and the envelope: a name, or nothing
+        from twistmail.directory import DirectoryError, profile_name
+
+        try:
+            usrprf = profile_name(usrprf)
+        except DirectoryError as e:
+            raise SendMailError(str(e)) from None
     with as_invoker():  # the caller's file, also when root's command acts as the daemon's user
         file = _check_file(path)
     sender = _check_address("originator", originator)

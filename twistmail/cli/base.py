@@ -398,6 +398,8 @@ def _usage_message(e: click.UsageError) -> str:
         param = _option(e.ctx, e.option_name)
         if param is not None and param.nargs > 1:
             return f"{e.option_name}: takes {param.nargs} values; allowed: {param.help}"
+        if param is not None and param.help and "requires an argument" in e.format_message():
+            return f"{e.option_name}: a value is needed; allowed: {param.help}"
     elif isinstance(e, click.MissingParameter):
         if isinstance(e.param, click.Option) and e.param.help:
             return f"{e.param.opts[0]}: required; allowed: {e.param.help}"
