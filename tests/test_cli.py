@@ -400,3 +400,15 @@ def test_an_option_without_its_value_names_what_it_takes(stopped):
     rc, out, err = stopped.cli("chgpje", "--pgm")
     assert rc == 2 and err.strip() == ("twistmail chgpje: --pgm: a value is needed; allowed: "
                                        "Prestart program: QTMSSRCP, QTPOPSRVP, QTMSCCLCP")
+
+
+def test_a_pair_reset_in_part_sets_right_its_own_bad_value(stopped):
+    """RTYMIN(4 *DFT) needs nothing from the file, yet a bad rtymin there stopped it."""
+    from twistmail import configedit
+
+    configedit.set_values(stopped.config, {"smtp.rtymin": (9, 9)})
+    text = stopped.config.read_text()
+    stopped.config.write_text(text.replace("rtymin = [9, 9]", 'rtymin = "junk"'))
+    rc, out, err = stopped.cli("chgsmtpa", "--rtymin", "4", "*DFT")
+    assert rc == 0, err
+    assert configmod.load(stopped.config).smtp.rtymin == (4, 30)

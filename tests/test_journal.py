@@ -793,4 +793,16 @@ def test_dspjrn_outfile_that_is_no_file_is_refused_at_once(config: Path, tmp_pat
     os.mkfifo(fifo)
     assert run(["--config", str(config), "dspjrn", "--outfile", str(fifo)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "--outfile" in err
+    assert len(err.strip().splitlines()) == 1 and "a named pipe that nothing reads" in err
+    # What is not a file but takes what is written still does.
+    assert run(["--config", str(config), "dspjrn", "--outfile", "/dev/null"]) == 0
+
+
+def test_follow_up_to_a_later_time_starts_as_tail_does(tmp_path: Path) -> None:
+    _filled(tmp_path)
+    until = datetime.now(UTC) + timedelta(hours=1)
+    got: list[int] = []
+    for entry in follow(tmp_path, until=until, last=3, poll_interval=0.01,
+                        stop=lambda: len(got) >= 3):
+        got.append(entry["seq"])
+    assert got == [89, 90, 91]

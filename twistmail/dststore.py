@@ -201,11 +201,15 @@ class DistributionStore:
         home = self.root / check_user(userid)
         tmp = home / f".{INDEX}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(index, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, home / INDEX)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, home / INDEX)
+        except BaseException:  # a full disk: no file left per listing tried
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(home)
 
     def _scan(self, userid: str, index: dict[str, Any]) -> Listing:

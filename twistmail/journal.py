@@ -892,9 +892,9 @@ def follow(
 ) -> Iterator[dict[str, Any]]:
     """The matching entries already written, then new ones as they arrive.
 
-    With ``last`` and neither ``since`` nor ``until``, only the last ``last``
-    matching entries of the attached receiver (the one being written) come
-    first, as ``tail -f`` shows a file.
+    With ``last``, no ``since`` and no ``until`` already past, only the last
+    ``last`` matching entries of the attached receiver (the one being
+    written) come first, as ``tail -f`` shows a file.
     Moves to a newer receiver only once one exists and the current one has been
     read to its end, so rotation loses nothing.  Ends when ``stop()`` is true or,
     with ``until``, at the first entry after it.
@@ -905,8 +905,9 @@ def follow(
     # It starts at the first receiver that may match; all older: at the
     # attached one, where the new entries come.
     start = (_from(present, flt.since) or present[-1:])[:1]
-    if last is not None and (since is not None or until is not None):
-        last = None  # a time given: every entry from it, or up to it
+    if last is not None and (since is not None
+                             or (until is not None and until <= datetime.now(UTC))):
+        last = None  # every entry from the time given, or up to one past
     if last is not None:
         start = present[-1:]
     if start:

@@ -57,7 +57,13 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
             changes[f"{section}.{name}"] = default
             continue
         vtype = configmod.field_type(cls, name)
-        if isinstance(raw, tuple) and {"*SAME", "*DFT"} & set(words):
+        if isinstance(raw, tuple) and "*DFT" in words and "*SAME" not in words:
+            # RTYMIN(4 *DFT): nothing from the file, so not stopped by a bad value there.
+            text = " ".join(str(default[i]) if w == "*DFT" else raw[i]
+                            for i, w in enumerate(words))
+            changes[f"{section}.{name}"] = value_of(f"--{name}", vtype, text)
+            continue
+        if isinstance(raw, tuple) and "*SAME" in words:
             # An element of a pair (RTYMIN's count or minutes) kept or reset
             # alone: checked now, and made again from the file as it is written.
             make = functools.partial(_pair, section, name, raw, words, default, vtype)

@@ -9,6 +9,7 @@ database file: one row per entry, ready for a spreadsheet or SQL.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
@@ -111,18 +112,17 @@ def _write_csv(path: str, entries: Iterable[dict[str, Any]]) -> int:
     count = 0
     try:
         with as_invoker():
-            # Not truncated before it is known to be a file: a FIFO would hold
-            # the open until a reader came, /dev/zero take nothing.
+            # O_NONBLOCK: a named pipe with no reader is refused (ENXIO) rather
+            # than waited on; one being read, /dev/null, a terminal are written.
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as e:  # the name given is the mistake: a directory that is not there...
-        usage_error(f"--outfile: {path!r} cannot be written: {e.strerror or e}; allowed: a "
-                    "file the invoking user may write, in a directory that exists")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        usage_error(f"--outfile: {path!r} is not a regular file; allowed: a file the invoking "
-                    "user may write, in a directory that exists")
+        why = ("is a named pipe that nothing reads" if e.errno == errno.ENXIO
+               else f"cannot be written: {e.strerror or e}")
+        usage_error(f"--outfile: {path!r} {why}; allowed: a file the invoking user may "
+                    "write, in a directory that exists")
     os.set_blocking(fd, True)
-    os.ftruncate(fd, 0)
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.ftruncate(fd, 0)  # written anew, as OUTMBR(*REPLACE)
     f = open(fd, "w", newline="", encoding="utf-8")
     try:
         with f:
@@ -156,9 +156,8 @@ def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
 @cli.command("dspjrn")
 @_journal_option
 @click.option("--follow", is_flag=True,
-              help="Keep printing new entries as they are written; without --from or "
-                   f"--to, the last {FOLLOW_LAST} of the receiver being written first, as "
-                   "tail -f.")
+              help="Keep printing new entries as they are written; without --from, "
+                   f"the last {FOLLOW_LAST} of the receiver being written first, as tail -f.")
 @click.option("--code", "code_text", metavar="PATTERNS",
               help="Entry codes, e.g. 9S,8*,J* (LG or *ALL: all).")
 @click.option("--msgid", metavar="ID", help="Only the entries of this queue id.")
