@@ -7,7 +7,8 @@ queue's recovery (abandoned spool files, orphan bodies, unreadable
 envelopes).  Messages are processed oldest first by the QMSF jobs (IBM's
 NBRMSFJOB, :mod:`twistmail.bridge.msfjobs`), each message by one job at a
 time; one a job could not finish stays queued for the next rescan, and one
-on which its job died MAX_JOB_ENDS times is set aside in corrupt/ (7Y).  One
+on which its job died MAX_JOB_ENDS times (END_WAITS apart) is set aside in
+corrupt/ (7Y).  One
 a job answered FAIL for is tried again after growing waits (FAIL_WAITS), and
 set aside only once they are used up.
 Mail parked on QTMSBSSQ goes back to QTMSINQ, oldest first, once storage
@@ -35,6 +36,11 @@ RESCAN_EVERY = 5.0  # seconds
 #: are given nothing new until the busy ones finish (milliseconds).
 RECOVER_EVERY = 60.0  # seconds
 MAX_JOB_ENDS = 3  # a message its QMSF job died on this many times is set aside
+#: Seconds before a message its QMSF job died on is tried again, after the
+#: first death and the second.  A job killed from outside (an administrator,
+#: the OOM killer) seldom holds the same message three times when the tries
+#: are apart, and a message that kills every job still goes after 70 s.
+END_WAITS = (10.0, 60.0)
 #: Kills of a job silent on the message (STEP_LIMIT each) before it is set
 #: aside: a stalled disk stops every job alike, and must stall half an hour
 #: before the messages in hand go; one message that wedges its job each
@@ -233,7 +239,13 @@ class QueueManager:
             if failure.check(JobEnded):
                 counts[qid] += 1
             if counts[qid] < limit:
-                self.log.error("processing {qid} failed; it stays queued: {why}", qid=qid,
+                wait = 0.0
+                if what == "ended":
+                    wait = END_WAITS[min(counts[qid], len(END_WAITS)) - 1]
+                    count = self.fails.get(qid, (0, 0.0))[0]
+                    self.fails[qid] = (count, self.reactor.seconds() + wait)
+                self.log.error("processing {qid} failed; it stays queued, next try in "
+                               "{wait:.0f}s: {why}", qid=qid, wait=wait,
                                why=failure.getErrorMessage())
                 return None
             reason = f"its QMSF job {what} on it {limit} times"
