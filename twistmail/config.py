@@ -448,7 +448,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
     p = Path(path or os.environ.get("TWISTMAIL_CONFIG") or DEFAULT_CONFIG).absolute()
     if p.suffix == ".json":
         return _load_applied(p)
-    raw = _read_file(p)
+    raw = read_file(p)
     try:
         # A byte order mark, as some Windows editors write, is no mistake.
         data = tomllib.loads(raw.decode("utf-8-sig"))
@@ -465,8 +465,9 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
 MAX_FILE = 4 << 20
 
 
-def _read_file(p: Path) -> bytes:
-    """A settings file's bytes; raises FileError for what is none, OSError."""
+def read_file(p: str | os.PathLike[str]) -> bytes:
+    """A settings file's bytes; raises FileError for what is none (a FIFO,
+    /dev/zero, a file over MAX_FILE), OSError."""
     # O_NONBLOCK: a named pipe with no writer would hold the open itself.
     with os.fdopen(os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/zero, a pipe: read for ever
@@ -484,7 +485,7 @@ def control_socket_of(path: str | os.PathLike[str]) -> Path | None:
     try:
         if p.suffix == ".json":
             return _load_applied(p).control_socket
-        raw_bytes = _read_file(p)
+        raw_bytes = read_file(p)
         try:
             data = tomllib.loads(raw_bytes.decode("utf-8-sig"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
@@ -557,7 +558,7 @@ def write_applied(settings: Settings) -> Path:
 
 def _load_applied(path: Path) -> Settings:
     try:
-        record = json.loads(_read_file(path))
+        record = json.loads(read_file(path))
         config, tree = Path(record["config"]), record["settings"]
         directory = Path(record.get("directory") or config.resolve().parent)
         if not isinstance(tree, dict):

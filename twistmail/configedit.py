@@ -123,7 +123,7 @@ def set_values(path: Path | str, changes: Mapping[str, Any]) -> config.Settings 
         for key, value in dumped.items():
             _assign(doc, key, value)
         new_text = _same_line_ends(doc.as_string(), text)
-        _validate(new_text, given)
+        _loaded(new_text, given)  # refused as the daemon would refuse it
         if new_text != text:
             bom = codecs.BOM_UTF8 if raw.startswith(codecs.BOM_UTF8) else b""
             _write_atomically(target, bom + new_text.encode("utf-8"))
@@ -201,11 +201,6 @@ def _add_key(table: Any, key: str, value: Any) -> None:
         table[key] = value
     else:
         insert_after(last.key, key, value)
-
-
-def _validate(text: str, path: Path) -> None:
-    """Refuse a document the loader would refuse; this is what the daemon reads."""
-    _loaded(text, path)
 
 
 def _current(text: str, dumped: Mapping[str, Any], path: Path) -> config.Settings:

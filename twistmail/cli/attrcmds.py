@@ -59,9 +59,7 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
         vtype = configmod.field_type(cls, name)
         if isinstance(raw, tuple) and "*DFT" in words and "*SAME" not in words:
             # RTYMIN(4 *DFT): nothing from the file, so not stopped by a bad value there.
-            text = " ".join(str(default[i]) if w == "*DFT" else raw[i]
-                            for i, w in enumerate(words))
-            changes[f"{section}.{name}"] = value_of(f"--{name}", vtype, text)
+            changes[f"{section}.{name}"] = _pair(section, name, raw, words, default, vtype)
             continue
         if isinstance(raw, tuple) and "*SAME" in words:
             # An element of a pair (RTYMIN's count or minutes) kept or reset
@@ -107,9 +105,9 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
 
 
 def _pair(section: str, name: str, raw: tuple[str, ...], words: list[str], default: Any,
-          vtype: Any, settings: configmod.Settings) -> Any:
+          vtype: Any, settings: configmod.Settings | None = None) -> Any:
     """A pair with its *SAME elements taken from ``settings``, its *DFT from the default."""
-    current = getattr(getattr(settings, section), name)
+    current = getattr(getattr(settings, section), name) if settings is not None else None
     text = " ".join(str(current[i]) if w == "*SAME" else str(default[i]) if w == "*DFT"
                     else raw[i] for i, w in enumerate(words))
     return value_of(f"--{name}", vtype, text)

@@ -37,7 +37,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import sys
 
 from twistmail.lifeline import die_with_parent, name_process, return_large_blocks
@@ -179,11 +178,7 @@ class Launcher:
         from twistmail import config as configmod
 
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never a FIFO's wait
-            with open(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return None
-                key = f.read(1 << 20)
+            key = configmod.read_file(path)
             if self._settings is None or self._settings[0] != key:
                 self._settings = (key, configmod.load(path))
         except Exception:  # whatever it is, the launcher goes on

@@ -25,6 +25,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from twistmail import config as configmod
+from twistmail import tlsconfig
 from twistmail.lifeline import (
     die_with_parent,
     log_to_stderr,
@@ -181,8 +182,6 @@ class Job:
         return TLSMemoryBIOFactory(options, False, inner)
 
     def _tls_options(self, settings: configmod.Settings, reload: bool) -> Any:
-        from twistmail import tlsconfig
-
         options = tlsconfig.JobOptions(settings)
         if reload:
             options.load()
@@ -271,10 +270,8 @@ class Job:
 
     def serve(self, fd: int, listener: str, family: int) -> bool:
         """Adopt the passed socket; False when it could not be served."""
-        from twistmail.tlsconfig import usable
-
         self.sessions += 1
-        if listener in IMPLICIT_TLS and not usable(self.tls_options):
+        if listener in IMPLICIT_TLS and not tlsconfig.usable(self.tls_options):
             os.close(fd)  # said once in the log; the client sees the connection close
             return False
         try:
