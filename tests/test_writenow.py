@@ -1,4 +1,5 @@
-"""write_now sends at once on an idle plain connection, keeps order, and never bypasses TLS.
+"""write_now sends at once on an idle plain connection, keeps order, and never bypasses TLS;
+close_now closes only a connection with nothing left to send.
 
 Real TCP connections on loopback, in this process's reactor.
 """
@@ -17,7 +18,7 @@ from twisted.trial import unittest
 
 from twistmail import config as configmod
 from twistmail import tlsconfig
-from twistmail.protocols.writenow import send_descriptor_now, write_now
+from twistmail.protocols.writenow import close_now, send_descriptor_now, write_now
 
 
 class Collect(protocol.Protocol):
@@ -48,6 +49,53 @@ class Speaker(protocol.Protocol):
         write_now(self.transport, b"three ")  # the buffer is not empty: it queues behind
         write_now(self.transport, b"x" * 300_000)  # more than the socket takes at once
         self.transport.loseConnection()
+
+
+class Closer(protocol.Protocol):
+    """Writes ``reply`` and closes with close_now, noting what happened in that call."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.closed_now: bool | None = None
+        self.lost_inside = False
+        self.inside = False
+
+    def connectionMade(self) -> None:
+        write_now(self.transport, self.reply)
+        self.inside = True
+        self.closed_now = close_now(reactor, self.transport)
+        self.inside = False
+        if not self.closed_now:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost_inside = self.inside
+
+
+class CloseNowTests(unittest.TestCase):
+    timeout = 20
+
+    async def exchange(self, closer: Closer) -> bytes:
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: closer),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        collect = Collect()
+        await protocol.ClientCreator(reactor, lambda: collect).connectTCP(
+            "127.0.0.1", port.getHost().port)
+        return await collect.done
+
+    async def test_an_idle_connection_closes_at_once_after_its_last_reply(self) -> None:
+        closer = Closer(b"221 bye\r\n")
+        self.assertEqual(await self.exchange(closer), b"221 bye\r\n")
+        self.assertTrue(closer.closed_now)
+        self.assertTrue(closer.lost_inside)  # the protocol was told within the call
+        self.assertFalse(reactor.getReaders().count(closer.transport))
+
+    async def test_a_connection_with_bytes_queued_is_left_to_loseconnection(self) -> None:
+        closer = Closer(b"x" * 3_000_000)  # more than the socket takes at once
+        self.assertEqual(await self.exchange(closer), b"x" * 3_000_000)  # nothing cut off
+        self.assertFalse(closer.closed_now)
+        self.assertFalse(closer.lost_inside)
 
 
 class WriteNowTests(unittest.TestCase):

@@ -25,6 +25,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from twistmail.protocols.writenow import close_now
+
 #: Seconds a closing session's last reply has to leave before the connection is cut.
 CLOSE_GRACE = 10.0
 
@@ -228,6 +230,8 @@ class SequentialSession(Protocol):
         if self.transport is not None:
             self.lend_output()  # a paused producer would keep the connection open for ever
             self.cancel_timeout()
+            if close_now(self.reactor, self.transport):
+                return  # every reply had left: connectionLost has run
             self.timeout_call = self.reactor.callLater(
                 min(CLOSE_GRACE, self.inacttimo), self.transport.abortConnection)
             self.transport.loseConnection()
