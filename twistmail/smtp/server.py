@@ -1188,11 +1188,11 @@ class SMTPSession(SequentialSession):
 
     def smtp_QUIT(self, arg: str) -> None:
         self.reply(221, f"2.0.0 {self.factory.backend.hostname} closing connection")
-        self.close()
-        # The session is over now, not when the close has gone through: the
+        # The job is free before the client sees the connection end: the
         # client may connect again at once, and its new connection should
         # find this job free rather than wait (or make the pool grow).
         self.session_over()
+        self.close()
 
     def smtp_HELP(self, arg: str) -> None:
         """The commands this session takes now, those of its extensions too."""
