@@ -13,6 +13,7 @@ Run as ``python -m twistmail.prestart.job --pgm QTMSSRCP --config PATH``.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import socket
 import sys
@@ -40,6 +41,8 @@ CHANNEL_FD = 3
 #: being queued gets its 250 before the 421); below the controller's KILL_AFTER.
 SHUTDOWN_WAIT = 4.0
 IMPLICIT_TLS = {"smtps", "pop3s"}
+#: Why adopting a socket fails when its client has gone already.
+CLIENT_GONE = {errno.ENOTCONN, errno.ECONNRESET}
 
 
 @implementer(IFileDescriptorReceiver)
@@ -278,7 +281,11 @@ class Job:
             os.set_blocking(fd, False)
             self.reactor.adoptStreamConnection(fd, family, self.factories[listener])
         except Exception as e:
-            print(f"cannot adopt connection: {e!r}", file=sys.stderr)
+            # A client that reset its connection before its session began is
+            # gone, and nothing is to be looked at: it must not fill the log
+            # with warnings at its will.
+            if getattr(e, "errno", None) not in CLIENT_GONE:
+                print(f"cannot adopt connection: {e!r}", file=sys.stderr)
             return False
         finally:
             os.close(fd)
