@@ -386,3 +386,12 @@ def test_a_mailbox_the_daemon_may_not_enter_is_named_in_one_log_line(store):
         b"-ERR [SYS/TEMP] Mailbox not available, try again later"
     [event] = events
     assert "log_failure" not in event and event["where"] == ": /var/mailboxes/SAM"
+
+
+def test_a_command_with_a_stray_cr_before_its_line_end_is_not_taken(store, tmp_path):
+    """Exactly one line end goes: ``NOOP\\r\\r\\n`` is not NOOP, as ``NO\\rOP`` is not."""
+    _deliver(store, tmp_path, b"Subject: hi\r\n\r\nbody\r\n")
+    _, _, session, transport = _session(store)
+    _login(session, transport)
+    session.dataReceived(b"NOOP\r\r\nDELE 1\r\r\nNOOP\r\n")
+    assert [r[:4] for r in transport.value().splitlines()] == [b"-ERR", b"-ERR", b"+OK"]

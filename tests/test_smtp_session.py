@@ -711,6 +711,16 @@ def test_helo_names_with_blanks_or_controls_are_refused(name):
         assert s.codes() == [501, 503], (verb, name)
 
 
+@pytest.mark.parametrize("line", [b"NOOP\r\r\n", b"MAIL FROM:<a@b.test>\r\r\n",
+                                  b"EHLO x\r\r\r\n", b"NO\rOP\r\n"])
+def test_a_stray_cr_in_a_command_is_refused_wherever_it_is(line):
+    """Exactly one line end goes; a CR more is a control character in the command."""
+    s = Session()
+    s.replies()
+    s.send(line + b"NOOP\r\n")
+    assert s.codes() == [500, 250], line
+
+
 def test_a_job_ended_while_serving_says_421_first():
     s = Session()
     s.start()

@@ -331,7 +331,10 @@ class POP3Session(SequentialSession):
         if len(raw) > MAX_LINE:
             self.err("Line too long: commands are limited to 255 octets")
             return
-        line = raw.rstrip(b"\r\n")
+        line = raw.removesuffix(b"\n").removesuffix(b"\r")  # one line end, no more
+        if b"\r" in line:
+            self.err("Syntax error: control characters in command")
+            return
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:

@@ -725,7 +725,8 @@ class SMTPSession(SequentialSession):
                            f"{limit} octets")
             return
         self.last_command_crlf = raw.endswith(b"\r\n")
-        line = raw.rstrip(b"\r\n")
+        # One line end goes; a CR more (``NOOP\r\r\n``) is a stray control character.
+        line = raw.removesuffix(b"\n").removesuffix(b"\r")
         if b"\r" in line or b"\x00" in line:
             self.reply(500, "5.5.2 Syntax error: control characters in command")
             return
