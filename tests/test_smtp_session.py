@@ -975,6 +975,17 @@ def test_errors_slow_the_client_then_end_the_session():
     assert s.backend.limits == [("192.0.2.7", "maxerrors")]  # journaled JL: it was not
 
 
+def test_a_client_that_erred_and_leaves_is_let_go_at_once():
+    """The delay slows a client that keeps erring; a QUIT waiting behind it
+    only held the job (up to 10 s) for a client that wanted to go."""
+    s = Session(maxerrors=50)
+    s.start()
+    s.send(b"BOGUS\r\n" * 3)
+    assert s.codes() == [500] * 3
+    s.send(b"quit\r\n")
+    assert s.codes() == [221] and s.done == 1
+
+
 def test_the_job_is_free_once_quit_is_answered_and_told_only_once():
     """The client may connect again as soon as it has the 221: its next
     connection should find the job free, not wait for the close to go through."""

@@ -366,6 +366,10 @@ def _b64(text: str) -> bytes:
         raise ValueError("not base64") from None
 
 
+
+def _is_quit(line: bytes) -> bool:
+    return line[:4].upper() == b"QUIT" and line[4:5] in (b"\r", b"\n", b" ")
+
 class SMTPSession(SequentialSession):
     log = Logger()
     max_pending = MAX_PENDING
@@ -529,8 +533,9 @@ class SMTPSession(SequentialSession):
         if self.auth_step is not None:
             self._auth_response(line)
             return True
-        if self.errors >= SOFT_ERRORS:
-            # A client that keeps erring waits a little longer each time.
+        if self.errors >= SOFT_ERRORS and not _is_quit(line):
+            # A client that keeps erring waits a little longer each time;
+            # one that leaves is let go at once: waiting would only hold its job.
             self.busy = True
             delay = min(self.errors - SOFT_ERRORS + 1, 10) * self.factory.error_delay
             self.factory.reactor.callLater(delay, self._delayed, line)
