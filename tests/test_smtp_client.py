@@ -184,6 +184,7 @@ class Behaviour:
     tls_broken: bool = False  # the TLS hello answered with plain bytes, then closed
     rset: str = "250 2.0.0 ok"
     etrn: str = "250 2.0.0 queuing started"  # the reply to ETRN (offer it in extensions)
+    max_rcpts: int | None = None  # recipients taken per transaction; more get 452 4.5.3
 
 
 class _Reader:
@@ -302,7 +303,10 @@ class Sink:
                 reply(b.mail)
             elif verb == "RCPT":
                 address = re.search(r"<([^>]*)>", command).group(1)
-                answer = b.rcpt(address)
+                if b.max_rcpts is not None and len(state["rcpts"]) >= b.max_rcpts:
+                    answer = "452 4.5.3 Too many recipients"
+                else:
+                    answer = b.rcpt(address)
                 if answer.startswith("2"):
                     state["rcpts"].append(address)
                 reply(answer)
@@ -709,6 +713,28 @@ class ClientTests(unittest.TestCase):
         sink = self.sink(rcpt=lambda a: "552 5.5.3 too many" if a.startswith("b") else "250 ok")
         result = await self.send([sink.hop()], recipients=("a@d.test", "b@d.test"))
         self.assertEqual([r.status for r in result.recipients], [DELIVERED, TEMPORARY])
+
+    async def test_recipients_past_a_server_s_limit_go_in_more_transactions_at_once(
+            self) -> None:
+        """They waited a retry interval per chunk, and bounced past RTYMIN's count."""
+        sink = self.sink(max_rcpts=3)
+        recipients = tuple(f"m{n}@d.test" for n in range(1, 9))
+        result = await self.send([sink.hop()], recipients=recipients)
+        self.assertEqual({r.status for r in result.recipients}, {DELIVERED})
+        self.assertEqual([m.recipients for m in sink.messages],
+                         [list(recipients[0:3]), list(recipients[3:6]), list(recipients[6:])])
+        self.assertEqual(sink.connections, 1)
+        self.assertEqual(sent_commands(sink).count("QUIT"), 1)
+
+    async def test_a_transaction_that_delivers_to_none_ends_the_round(self) -> None:
+        sink = self.sink(max_rcpts=2, end="451 4.3.0 try later")
+        result = await self.send([sink.hop()], recipients=("a@d.test", "b@d.test", "c@d.test"))
+        self.assertEqual({r.status for r in result.recipients}, {TEMPORARY})
+        self.assertEqual(sent_commands(sink).count("MAIL"), 1)
+        refusing = self.sink(max_rcpts=0)
+        result = await self.send([refusing.hop()], recipients=("a@d.test", "b@d.test"))
+        self.assertEqual([r.code for r in result.recipients], [452, 452])
+        self.assertEqual(sent_commands(refusing).count("MAIL"), 1)
 
     async def test_silent_server_times_out(self) -> None:
         silent = self.sink(greeting=None)

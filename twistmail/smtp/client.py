@@ -651,6 +651,15 @@ class _OneSession(Factory):
 _ENHANCED_5 = re.compile(r"^\s*5\.([0-9]{1,3}\.[0-9]{1,3})\b")
 
 
+def _too_many(reply: Reply) -> bool:
+    """A RCPT refused for the transaction's number of recipients, not for itself:
+    452 (RFC 5321 §4.5.3.1.10), or 552 in older servers, with X.5.3 or its words."""
+    if reply.code not in (452, 552):
+        return False
+    text = reply.text.lower()
+    return text.startswith(("4.5.3", "5.5.3")) or "too many recipients" in text
+
+
 def _size(reply: Reply) -> int:
     """What a queued reply counts against MAX_QUEUED_BYTES: its lines as received."""
     return sum(len(line) + 4 for line in reply.lines)
@@ -1081,6 +1090,10 @@ class _Conversation(_Opening):
         self.results: list[RecipientResult | None] = list(job.presettled)
         self.dsn = False
         self.rset = False  # a kept session: RSET goes first, and must succeed
+        #: Recipients the last transaction's server refused only for their
+        #: number, and whether that transaction delivered to any.
+        self.overflow: list[int] = []
+        self.progress = False
         self.clean = True  # the session is in step with the server for another message
         #: The extensions of a session left open for the next message (``run``, ``keep``);
         #: None also when the session never opened.
@@ -1109,6 +1122,8 @@ class _Conversation(_Opening):
                                 answered=self.greeted)
         try:
             await self._transaction(ext)
+            while self._more_transactions():
+                await self._transaction(ext)
         except SessionError as e:
             self.clean = False
             self._settle_open(TEMPORARY, e.code, f"{e} ({self.where})", remote=False)
@@ -1152,7 +1167,10 @@ class _Conversation(_Opening):
             for i, reply in zip(wanted, rcpt_replies, strict=True):
                 if reply.positive:
                     accepted.append(i)
-                elif reply.code == 552:
+                    continue
+                if _too_many(reply):
+                    self.overflow.append(i)
+                if reply.code == 552:
                     # Too many recipients, in the old code: temporary (RFC 5321 §4.5.3.1.10),
                     # its enhanced code too, so the retry's reason does not say permanent.
                     self._settle([i], Reply(452, tuple(_ENHANCED_5.sub(r"4.\1", line, count=1)
@@ -1170,6 +1188,24 @@ class _Conversation(_Opening):
             return
         if accepted:
             await self._data(accepted, data_reply)
+            self.progress = any(self.results[i].status == DELIVERED  # type: ignore[union-attr]
+                                for i in accepted)
+
+    def _more_transactions(self) -> bool:
+        """Whether the recipients refused only for their number go now, in another
+        transaction on this connection (RFC 5321 §4.5.3.1.10): as long as each
+        transaction delivers to some.  Left to a retry, a server's limit cost a
+        retry interval per chunk of recipients, and bounced those past RTYMIN's
+        count of chunks."""
+        overflow, self.overflow = self.overflow, []
+        progress, self.progress = self.progress, False
+        if not (overflow and progress and self.clean) or self.session.lost \
+                or self.session.closing or self.session.error is not None:
+            return False
+        for i in overflow:
+            self.results[i] = None
+        self.rset = False  # the transaction just ended: the next MAIL begins another
+        return True
 
     async def _envelope(
         self, mail: str, rcpts: list[str], utf8: bool, pipelined: bool
