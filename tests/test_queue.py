@@ -1361,3 +1361,13 @@ def test_an_envelope_write_that_fails_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         queuemod._write_synced(path, b"{}")
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.2, "1s"), (5, "5s"), (59.6, "1m"), (89, "1m"), (91, "2m"), (3500, "58m"),
+     (3590, "1h"), (86397, "1d"), (50000, "14h"), (10 * 86400, "10d")],
+)  # fmt: skip
+def test_a_time_to_come_reads_to_the_nearest_unit(seconds, text):
+    """A retry due in 86,397 s showed as "in 23h"."""
+    assert queuecmds._human_wait(seconds) == text

@@ -67,6 +67,15 @@ def human_age(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def _human_wait(seconds: float) -> str:
+    """A time to come, to the nearest of its largest unit: a retry due in 86,397 s
+    is "in 1d", not "in 23h" (as an age would read)."""
+    for unit, size, within in (("d", 86400, 60), ("h", 3600, 60), ("m", 60, 0.5)):
+        if seconds >= size - within:
+            return f"{round(seconds / size)}{unit}"
+    return f"{max(1, round(seconds))}s"
+
+
 def _recipient(r: Recipient) -> str:
     """The address, with why it waits (mailq's "(reason)") or how it ended."""
     if r.state != PENDING:
@@ -80,7 +89,7 @@ def _recipient(r: Recipient) -> str:
 def _next_try(when: float | None, now: float) -> str:
     if when is None:
         return ""
-    return "due" if when <= now else f"in {human_age(when - now)}"
+    return "due" if when <= now else f"in {_human_wait(when - now)}"
 
 
 def state_of(entry: QueueEntry, now: float, held: bool, stopped: bool = False) -> str:
