@@ -892,6 +892,17 @@ def test_auth_plain_and_login():
     assert u.codes() == [504]
 
 
+def test_an_auth_response_with_a_stray_cr_is_refused_as_a_command_would_be():
+    s = Session(alwplainauth=True)
+    s.start()
+    s.send(b"AUTH PLAIN\r\n")
+    assert s.codes() == [334]
+    s.send(_b64(b"\0sam\0secret") + b"\r\r\nAUTH PLAIN\r\n")
+    assert s.codes() == [501, 334]
+    s.send(_b64(b"\0sam\0secret") + b"\r\n")
+    assert s.codes() == [235]
+
+
 def test_auth_plain_acting_for_another_identity_is_refused():
     """RFC 4616: an authorization identity other than the one signing on needs a
     right to act for it, which nobody has here."""

@@ -936,7 +936,11 @@ class SMTPSession(SequentialSession):
         if len(raw) > MAX_AUTH_LINE:
             self._auth_too_long()
             return
-        text = raw.rstrip(b"\r\n").decode("ascii", "replace")
+        line = raw.removesuffix(b"\n").removesuffix(b"\r")  # one line end, as for commands
+        if b"\r" in line:
+            self.reply(501, "5.5.2 Cannot decode the AUTH response: control characters")
+            return
+        text = line.decode("ascii", "replace")
         if text == "*":
             self.reply(501, "5.0.0 Authentication cancelled")
             return
