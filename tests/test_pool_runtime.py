@@ -451,6 +451,26 @@ def test_the_shutdown_notice_reaches_tls_clients_too(make_appliance):
     print(f"daemon gone after {time.monotonic() - t0:.2f} s")
 
 
+@pytest.mark.parametrize("listener", ["smtps", "smtp"])
+def test_a_tls_client_quitting_while_its_job_ends_gets_its_221(make_appliance, listener):
+    """QUIT freed the job, which was to end with its last session: the reactor
+    stopped before the TLS layer had sent the 221, and the client saw EOF."""
+    a = make_appliance().start()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if listener == "smtps":
+        smtp = smtplib.SMTP_SSL(*a.addr("smtps"), timeout=10, context=ctx)
+    else:
+        smtp = smtplib.SMTP(*a.addr("smtp"), timeout=10)
+        smtp.starttls(context=ctx)
+    assert smtp.ehlo()[0] == 250
+    code, _, err = a.cli("endpj", "--pgm", "QTMSSRCP", "--delay", "20")
+    assert code == 0, err
+    assert smtp.docmd("QUIT")[0] == 221
+    smtp.close()
+
+
 def test_jobs_exit_when_controller_dies(appliance):
     a = appliance
     children = a.children()

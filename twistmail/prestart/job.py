@@ -291,11 +291,14 @@ class Job:
             os.close(fd)
         return True
 
-    def _session(self) -> Any:
-        """The session being served (a job serves one at a time), or None."""
+    def _session(self, closing: bool = False) -> Any:
+        """The session being served (a job serves one at a time), or None; with
+        ``closing``, one that is closing and whose connection is not gone yet."""
         for factory in self.factories.values():
             session = getattr(getattr(factory, "wrappedFactory", factory), "current", None)
-            if session is not None and session.transport is not None and not session.closing:
+            if session is None or session.transport is None:
+                continue
+            if (session.closing and not session.lost) if closing else not session.closing:
                 return session
         return None
 
@@ -339,10 +342,14 @@ class Job:
         """Tell the client; the reactor's shutdown waits (a while) for a reply due first."""
         self.stopping = True
         session = self._session()
-        if session is None:
-            return None
-        # Ended while serving (ENDPJ's delay is over, a shutdown).
-        d = session.shutdown_notice()
+        if session is not None:  # ended while serving (ENDPJ's delay is over, a shutdown)
+            d = session.shutdown_notice()
+        else:
+            # A session that closed a moment ago (QUIT that freed the job, which
+            # was to end with it) may still have its last reply in the TLS
+            # layer: the reactor's shutdown would drop it.
+            session = self._session(closing=True)
+            d = session.wait_gone() if session is not None else None
         if d is None:
             return None
         d.addTimeout(SHUTDOWN_WAIT, self.reactor)

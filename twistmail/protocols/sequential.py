@@ -61,6 +61,7 @@ class SequentialSession(Protocol):
         self.watching = False  # registered as the transport's producer
         self.closing = False
         self.input_ended = False  # the client shut down its side: no more input comes
+        self.lost = False  # the connection is gone (connectionLost has run)
         self.timeout_call: Any = None
         #: Fires when the connection is gone: a job's shutdown waits for it.
         self.gone: defer.Deferred | None = None
@@ -88,6 +89,7 @@ class SequentialSession(Protocol):
         if check is not None and check("OpenSSL.SSL.Error"):
             self.log.info("TLS with {peer} failed: {why}", peer=getattr(self, "peer_ip", "?"),
                           why=tls_reason(reason.value))
+        self.lost = True
         gone, self.gone = self.gone, None
         if gone is not None:
             gone.callback(None)
