@@ -187,6 +187,23 @@ class StallsOnce(Sink):
         return super().receive_data(reader, sock)
 
 
+class StallsOn(StallsOnce):
+    """Reads the DATA of a message holding ``mark``, then gives no reply until
+    ``release``, and drops the connection: that message was not taken."""
+
+    def __init__(self, mark: bytes) -> None:
+        super().__init__()
+        self.mark = mark
+
+    def receive_data(self, reader: Any, sock: socket.socket) -> bytes | None:
+        got = Sink.receive_data(self, reader, sock)
+        if got is not None and self.mark in got and not self.stalled.is_set():
+            self.stalled.set()
+            self.release.wait(60)
+            return None
+        return got
+
+
 @pytest.fixture
 def sinks() -> Iterator[list[Sink]]:
     made: list[Sink] = []
@@ -469,3 +486,32 @@ def test_sigkill_of_a_client_job_mid_delivery_retries(make_appliance, sinks):
     assert a.mailbox("SAM") == []
 
 
+
+
+def test_a_client_job_killed_mid_task_sends_again_only_what_it_had_not_sent(
+        make_appliance, sinks):
+    """The messages of a task it had delivered were all sent a second time."""
+    sink = StallsOn(b"part-2@")
+    sinks.append(sink)
+    a = relay_to(make_appliance, sink.port)
+    assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10, "the bridge to end")
+    sent = []
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        # One domain, more messages than its connections: tasks of three.
+        for i in range(12):
+            s.sendmail("sam@example.test", ["friend@remote.test"], note(f"part-{i}@example.test"))
+            sent.append(f"<part-{i}@example.test>")
+    assert a.cli("strmsf")[0] == 0
+    a.wait_for(sink.stalled.is_set, 30, "the stalled message's DATA")
+    [busy] = a.wait_for(lambda: client_job_pids(a, "RUN") if len(sink.messages) >= 9 else [],
+                        30, "the other tasks done, the stalled one's job busy")
+    before = [message_id(m.content) for m in sink.messages]
+    os.kill(busy, signal.SIGKILL)
+    sink.release.set()
+    a.wait_for(lambda: {message_id(m.content) for m in sink.messages} == set(sent), 60,
+               "every message at the sink")
+    a.wait_for(lambda: settled(a), 20, "the outbound queues to empty")
+    ids = [message_id(m.content) for m in sink.messages]
+    assert sorted(ids) == sorted(sent), f"sent twice: {sorted(set(ids))} after {before}"
+    assert len(a.journal("82")) == len(sent)

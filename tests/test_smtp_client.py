@@ -1128,7 +1128,7 @@ def test_a_client_job_s_reload_leaves_no_resolver_behind(tmp_path):
     # A deliverer in use when a reload replaces it is closed when its task ends.
     running: defer.Deferred = defer.Deferred()
     busy = job.deliverer
-    busy.run = lambda payload: running
+    busy.run = lambda payload, part=None: running
     job.done = lambda line: None
     job.run_task("T1", b"{}")
     job.reconfigure()

@@ -196,7 +196,10 @@ class OutboundManager:
         pool.task_done = self._result
         pool.task_refused = self._refused
         pool.task_lost = self._lost
+        pool.task_part = self._part
         self.tasks: dict[int, tuple[str, list[str]]] = {}  # token -> (domain, queue ids)
+        #: Outcomes of messages of a running task, told before its RESULT (PART).
+        self.parts: dict[int, dict[str, Any]] = {}
         self.open: dict[str, set[str]] = {}  # queue id -> domains still running
         #: The envelope a one-destination message was started with: its result
         #: is written from it, without reading the file again.
@@ -829,9 +832,10 @@ class OutboundManager:
     def _lost(self, request: Any) -> None:
         """The client job ended in the middle of the task (it crashed, it was killed).
 
-        Whether the next hop took the message is unknown, so every recipient
-        of the task counts as a temporary failure and is tried again later:
-        at least once, never lost.  Each message of the task goes alone next
+        The messages the job said were done (PART) keep their outcomes.  For
+        the others, whether the next hop took them is unknown, so each of
+        their recipients counts as a temporary failure and is tried again
+        later: at least once, never lost.  Each of them goes alone next
         time: should one of them be what ends the jobs, it takes no other
         message with it again (to be sent twice, and bounced once its
         retries are used up).
@@ -842,13 +846,33 @@ class OutboundManager:
             self._etrn_refused(task.get("nodes", []))
             return
         text = "4.3.0 the SMTP client job ended during delivery"
-        self.alone.update(m["id"] for m in task.get("messages", ()))
-        messages = [{"id": m["id"], "results": [
-            {"address": a, "status": "temporary", "code": 451, "text": text}
-            for a in m["recipients"]]} for m in task.get("messages", [])]
+        told = self.parts.get(request.token, {})
+        messages = []
+        for m in task.get("messages", ()):
+            if m["id"] in told:  # done before the job ended: kept as the job told it
+                messages.append(told[m["id"]])
+                continue
+            self.alone.add(m["id"])
+            messages.append({"id": m["id"], "results": [
+                {"address": a, "status": "temporary", "code": 451, "text": text}
+                for a in m["recipients"]]})
         self._result(request.token, json.dumps({"messages": messages}).encode())
 
+    def _part(self, token: int, line: bytes) -> None:
+        """One message of a running task is done; kept until the task's end."""
+        if token not in self.tasks:
+            return
+        try:
+            outcome = json.loads(line)
+            qid = outcome["id"]
+        except (ValueError, KeyError, TypeError):
+            self.log.warn("a client job's PART line could not be read: {line!r}",
+                          line=line[:200])
+            return
+        self.parts.setdefault(token, {})[qid] = outcome
+
     def _forget(self, token: int) -> tuple[str, list[str]] | None:
+        self.parts.pop(token, None)
         entry = self.tasks.pop(token, None)
         if entry is None:
             return None

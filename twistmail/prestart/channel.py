@@ -16,6 +16,8 @@ Job to controller::
     FREE                               (session over, waiting for work)
     PONG                               (the answer to PING, from the job's reactor)
     AUTHFAIL <ip>                      (a sign-on failed; the controller counts per address)
+    PART <token> <json>                (one message of a task done, as soon as it is: if
+                                        the job dies, the bridge does not send it again)
     RESULT <token> <json>              (a task's outcome, in the same write as its FREE;
                                         a task has no ACK: nothing waits for one)
 
@@ -37,7 +39,7 @@ def fd_line(token: int, listener: str, family: int) -> bytes:
 def parse(line: bytes) -> tuple[str, list[str]]:
     """Split a channel line into its verb and (at most three) arguments.
 
-    The JSON of a TASK or RESULT line is left alone: its reader takes it
+    The JSON of a TASK, PART or RESULT line is left alone: its reader takes it
     from the line, and decoding and splitting it here was wasted.
     """
     parts = [p.decode("ascii", "replace") for p in line.split(None, 4)[:4]]

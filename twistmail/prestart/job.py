@@ -168,7 +168,13 @@ class Job:
         """An SMTP client job's work: deliver, report RESULT, then FREE."""
         self.sessions += 1
         self._tasks += 1
-        d = self.deliverer.run(payload)
+        prefix = b"PART " + token.encode("ascii") + b" "
+
+        def part(outcome: bytes) -> None:
+            if self.channel is not None:
+                self.channel.sendLine(prefix + outcome)
+
+        d = self.deliverer.run(payload, part)
 
         def finished(result: Any) -> Any:
             self._tasks -= 1

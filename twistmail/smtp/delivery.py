@@ -33,6 +33,7 @@ smtp``, and the *NEAR, *HOSTAUTH and *CLTBIND list entries.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -69,19 +70,26 @@ class Deliverer:
         self.sessions = client.SessionCache(reactor)
         self._lists_read: tuple[float, dict[str, Any]] | None = None
 
-    def run(self, payload: bytes) -> defer.Deferred:
-        """Deliver one task; fires with the JSON result line (never fails)."""
+    def run(self, payload: bytes,
+            part: Callable[[bytes], None] = lambda outcome: None) -> defer.Deferred:
+        """Deliver one task; fires with the JSON result line (never fails).
+
+        ``part`` is given each message's outcome (JSON) once its journal
+        entries are written: should the job die before the task ends, the
+        messages already sent are not sent again.
+        """
         task = json.loads(payload)
         if task.get("kind") == "etrn":
             d = defer.Deferred.fromCoroutine(self._etrn(task))
             d.addErrback(lambda f: {"kind": "etrn", "error": f.getErrorMessage()})
             return d.addCallback(lambda result: json.dumps(result).encode())
-        d = defer.Deferred.fromCoroutine(self._run(task))
+        d = defer.Deferred.fromCoroutine(self._run(task, part))
         d.addErrback(lambda f: self._all(task, task["messages"], "temporary", 451,
                                          f"4.3.0 local error: {f.getErrorMessage()}"))
         return d.addCallback(lambda result: json.dumps(result).encode())
 
-    async def _run(self, task: dict[str, Any]) -> dict[str, Any]:
+    async def _run(self, task: dict[str, Any],
+                   part: Callable[[bytes], None]) -> dict[str, Any]:
         domain, messages = task["domain"], task["messages"]
         lists = await self._lists()
         decision = mx.route_for(domain, self.settings.smtp, near_domains=lists["near"])
@@ -99,10 +107,10 @@ class Deliverer:
                 result["unreachable"] = str(e)
             return result
         with self.journal.batch():  # a message's 88 and 82 go with the next one's 8B
-            return await self._each(task, route, lists)
+            return await self._each(task, route, lists, part)
 
-    async def _each(self, task: dict[str, Any], route: list[Any],
-                    lists: dict[str, Any]) -> dict[str, Any]:
+    async def _each(self, task: dict[str, Any], route: list[Any], lists: dict[str, Any],
+                    part: Callable[[bytes], None]) -> dict[str, Any]:
         domain, messages = task["domain"], task["messages"]
         out = []
         answer: dict[str, Any] = {"domain": domain, "messages": out}
@@ -120,6 +128,9 @@ class Deliverer:
                 out.append(self._message(message, "temporary", 451, f"4.3.0 local error: {e}"))
                 continue
             out.append(result)
+            if len(messages) > 1:  # a task of one message has its RESULT at once
+                self.journal.flush()  # its 88 entries before the bridge hears of it
+                part(json.dumps(result).encode())
             if contact is True:
                 answered = True
             elif contact:
