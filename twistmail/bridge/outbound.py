@@ -198,8 +198,9 @@ class OutboundManager:
         pool.task_lost = self._lost
         pool.task_part = self._part
         self.tasks: dict[int, tuple[str, list[str]]] = {}  # token -> (domain, queue ids)
-        #: Outcomes of messages of a running task, told before its RESULT (PART).
-        self.parts: dict[int, dict[str, Any]] = {}
+        #: Outcomes (JSON, read only if the task is lost) of messages of a running
+        #: task, told before its RESULT (PART).
+        self.parts: dict[int, dict[str, bytes]] = {}
         self.open: dict[str, set[str]] = {}  # queue id -> domains still running
         #: The envelope a one-destination message was started with: its result
         #: is written from it, without reading the file again.
@@ -849,8 +850,9 @@ class OutboundManager:
         told = self.parts.get(request.token, {})
         messages = []
         for m in task.get("messages", ()):
-            if m["id"] in told:  # done before the job ended: kept as the job told it
-                messages.append(told[m["id"]])
+            outcome = _told(told.get(m["id"]), m["id"])
+            if outcome is not None:  # done before the job ended: kept as the job told it
+                messages.append(outcome)
                 continue
             self.alone.add(m["id"])
             messages.append({"id": m["id"], "results": [
@@ -858,18 +860,10 @@ class OutboundManager:
                 for a in m["recipients"]]})
         self._result(request.token, json.dumps({"messages": messages}).encode())
 
-    def _part(self, token: int, line: bytes) -> None:
+    def _part(self, token: int, qid: str, outcome: bytes) -> None:
         """One message of a running task is done; kept until the task's end."""
-        if token not in self.tasks:
-            return
-        try:
-            outcome = json.loads(line)
-            qid = outcome["id"]
-        except (ValueError, KeyError, TypeError):
-            self.log.warn("a client job's PART line could not be read: {line!r}",
-                          line=line[:200])
-            return
-        self.parts.setdefault(token, {})[qid] = outcome
+        if token in self.tasks:
+            self.parts.setdefault(token, {})[qid] = outcome
 
     def _forget(self, token: int) -> tuple[str, list[str]] | None:
         self.parts.pop(token, None)
@@ -1217,6 +1211,17 @@ def _mta(outcome: dict[str, Any]) -> str | None:
     """The server a recipient's outcome came from; None when it is our own words."""
     mta = outcome.get("mta")
     return mta if isinstance(mta, str) and mta else None
+
+
+def _told(outcome: bytes | None, qid: str) -> dict[str, Any] | None:
+    """A message's outcome as its job told it (PART), if it can be read as one."""
+    if outcome is None:
+        return None
+    try:
+        told = json.loads(outcome)
+    except ValueError:
+        return None
+    return told if isinstance(told, dict) and told.get("id") == qid else None
 
 
 def _answer(line: bytes) -> dict[str, Any]:

@@ -131,8 +131,8 @@ class ControllerChannel(LineOnlyReceiver):
         elif verb == "RESULT" and len(args) >= 2:
             self.job.task = None
             self.pool.task_done(int(args[0]), line.split(b" ", 2)[2])
-        elif verb == "PART" and len(args) >= 2:
-            self.pool.task_part(int(args[0]), line.split(b" ", 2)[2])
+        elif verb == "PART" and len(args) >= 3:
+            self.pool.task_part(int(args[0]), args[1], line.split(b" ", 3)[3])
 
     def sendLine(self, line: bytes) -> None:
         """At once when the channel is idle (a TASK line, END, CFG)."""
@@ -205,8 +205,9 @@ class Pool:
         self.auth_failed: Callable[[str], None] = lambda ip: None
         #: Called with a task's token and the job's result line (client jobs).
         self.task_done: Callable[[int, bytes], None] = lambda token, result: None
-        #: Called with a task's token and the outcome of one of its messages (PART).
-        self.task_part: Callable[[int, bytes], None] = lambda token, part: None
+        #: Called with a task's token, and the queue id and outcome (JSON) of one of
+        #: its messages (PART).
+        self.task_part: Callable[[int, str, bytes], None] = lambda token, qid, part: None
         #: Called with a task that no job will run (the entry ended, the wait ran out).
         self.task_refused: Callable[[Request], None] = lambda request: None
         #: Called with a task whose job ended before it gave a result.

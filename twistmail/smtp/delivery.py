@@ -74,9 +74,10 @@ class Deliverer:
             part: Callable[[bytes], None] = lambda outcome: None) -> defer.Deferred:
         """Deliver one task; fires with the JSON result line (never fails).
 
-        ``part`` is given each message's outcome (JSON) once its journal
-        entries are written: should the job die before the task ends, the
-        messages already sent are not sent again.
+        ``part`` is given each message's queue id and outcome (JSON) once its
+        journal entries are written (the next message's 8B writes them):
+        should the job die before the task ends, the messages already sent
+        are not sent again.
         """
         task = json.loads(payload)
         if task.get("kind") == "etrn":
@@ -116,21 +117,23 @@ class Deliverer:
         answer: dict[str, Any] = {"domain": domain, "messages": out}
         unreachable, answered = None, False
         held_back: tuple[int, str] | None = None  # why the rest are not tried, once one failed
+        done: dict[str, Any] | None = None  # sent, its outcome not yet told (PART)
         for message in messages:
             if held_back is not None and not message.get("last"):
                 out.append(self._message(message, "temporary", *held_back))
                 continue
             self.journal.write("8B", f"8B FOQ {task['queue']}", message["id"], domain=domain)
-            self.journal.flush()
+            self.journal.flush()  # with the 88 and 82 of the message before
+            if done is not None:  # told once its entries are written
+                part(done["id"].encode("ascii") + b" " + json.dumps(done).encode())
             try:
                 result, trouble, contact = await self._deliver(task, message, route, lists)
             except Exception as e:
                 out.append(self._message(message, "temporary", 451, f"4.3.0 local error: {e}"))
+                done = None
                 continue
             out.append(result)
-            if len(messages) > 1:  # a task of one message has its RESULT at once
-                self.journal.flush()  # its 88 entries before the bridge hears of it
-                part(json.dumps(result).encode())
+            done = result  # the last one's outcome goes with the RESULT
             if contact is True:
                 answered = True
             elif contact:
