@@ -168,11 +168,13 @@ def test_maxuse_replaces_used_up_job(make_appliance):
     a = make_appliance(prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 1,
                                            "maxjobs": 4, "maxuse": 2}).start()
     first = a.jobs("QTMSSRCP")[0]["pid"]
-    for _ in range(2):
-        quit_all(hold(a, 1))
+    quit_all(hold(a, 1))
+    # While the only job was busy, THRESHOLD 1 started another.  Which of the
+    # two takes a next session depends on which was freed last (the job's
+    # FREE or the new one's READY): two sessions at once give each one.
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 10, "the second job idle too")
+    quit_all(hold(a, 2))
     a.wait_for(lambda: not alive(first), 10, "used-up job to end")
-    # While the only job was busy, THRESHOLD 1 started another; either way a
-    # fresh job now waits for work and the used-up one is gone.
     a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") >= 1, 10, "replacement")
     assert first not in [r["pid"] for r in a.jobs("QTMSSRCP")]
     ends = [e for e in a.journal("JE") if e["pid"] == first]
