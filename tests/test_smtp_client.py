@@ -579,6 +579,27 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(plain.messages[0].content, data)
         self.assertEqual(plain.commands[1], f"MAIL FROM:<me@here.test> SIZE={len(data)}")
 
+    async def test_a_message_is_converted_once_for_all_its_transactions(self) -> None:
+        """Recipients past the server's limit go in more transactions; one with
+        8-bit header fields only was converted again for each."""
+        from twistmail.smtp import client, downgrade
+
+        calls = []
+        real = downgrade.to_7bit_pieces
+        data = "Subject: déjà vu\r\n\r\nplain text\r\n".encode()
+
+        def counting(body: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(bytes(body) == data)  # the whole message, not one of its parts
+            return real(body, *args, **kwargs)
+
+        self.patch(client.downgrade, "to_7bit_pieces", counting)
+        plain = self.sink(extensions=("PIPELINING", "SIZE 10000000"), max_rcpts=1)
+        result = await self.send([plain.hop()], data=data,
+                                 recipients=("a@d.test", "b@d.test", "c@d.test"))
+        self.assertEqual({r.status for r in result.recipients}, {DELIVERED})
+        self.assertEqual([m.content for m in plain.messages], [data] * 3)
+        self.assertEqual(calls.count(True), 1)
+
     async def test_a_large_eightbit_body_is_converted_into_a_file_of_its_own(self) -> None:
         """Larger than a chunk, the 7-bit copy is sent from a file that leaves nothing behind."""
         from twistmail.smtp.downgrade import to_7bit

@@ -1094,6 +1094,7 @@ class _Conversation(_Opening):
         #: number, and whether that transaction delivered to any.
         self.overflow: list[int] = []
         self.progress = False
+        self.downgrade_tried = False
         self.clean = True  # the session is in step with the server for another message
         #: The extensions of a session left open for the next message (``run``, ``keep``);
         #: None also when the session never opened.
@@ -1152,7 +1153,8 @@ class _Conversation(_Opening):
         wanted = [i for i, r in enumerate(self.results) if r is None]
         if not wanted:
             return
-        if self.job.body_8bit and not ext.has("8BITMIME"):
+        if self.job.body_8bit and not ext.has("8BITMIME") and not self.downgrade_tried:
+            self.downgrade_tried = True  # once: further transactions send what it made
             self.job = await self._downgraded(limit)
         self.dsn = ext.has("DSN")
         mail = self._mail_command(ext, utf8)
