@@ -473,33 +473,6 @@ def test_a_tls_client_quitting_while_its_job_ends_gets_its_221(make_appliance, l
     smtp.close()
 
 
-@pytest.mark.parametrize("listener", ["pop3s", "smtps"])
-def test_a_tls_client_that_keeps_its_socket_after_quit_does_not_hold_its_job(
-        make_appliance, listener):
-    """The TLS close waited for the client's close_notify: a client that kept its
-    socket open held the job for the close's grace (10 s), then got a reset."""
-    a = make_appliance().start()
-    a.user("SAM")
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    raw = socket.create_connection(a.addr(listener), timeout=10)
-    tls = ctx.wrap_socket(raw, server_hostname="mail.example.test")
-    lines = tls.makefile("rb")
-    assert lines.readline()[:1] in (b"+", b"2")
-    commands = [b"USER sam\r\n", b"PASS secret\r\n"] if listener == "pop3s" else []
-    for command in [*commands, b"QUIT\r\n"]:
-        tls.sendall(command)
-        assert lines.readline()[:1] in (b"+", b"2")
-    pgm = "QTPOPSRVP" if listener == "pop3s" else "QTMSSRCP"
-    started = time.monotonic()
-    a.wait_for(lambda: a.count(pgm, "RUN") == 0, 5, "the job free")
-    assert time.monotonic() - started < 3
-    assert tls.recv(10) == b""  # our close_notify; no reset
-    lines.close()
-    tls.close()
-
-
 def test_jobs_exit_when_controller_dies(appliance):
     a = appliance
     children = a.children()

@@ -19,9 +19,7 @@ import array
 import socket
 from typing import Any
 
-from OpenSSL import SSL
 from twisted.internet import error, tcp
-from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 
@@ -92,24 +90,3 @@ def close_now(reactor: Any, transport: Any) -> bool:
     reactor.removeWriter(transport)
     transport.connectionLost(Failure(error.ConnectionDone()))
     return True
-
-
-def end_tls_now(transport: Any) -> None:
-    """After ``loseConnection`` of a TLS connection: end it once our close_notify
-    is out, without waiting for the client's.
-
-    Twisted's TLS layer closes the connection only when the client answers
-    our close_notify with its own; a client that keeps its socket open held
-    the job until the close's grace ran out, and then got a reset.  RFC 8446
-    section 6.1 lets the side that closes stop there.  Nothing is done while
-    application data still waits in the TLS layer (a handshake not done, a
-    producer): the close then goes the ordinary way.
-    """
-    tls = transport if isinstance(transport, TLSMemoryBIOProtocol) else (
-        getattr(transport, "protocol", None) if getattr(transport, "TLS", False) else None)
-    if not isinstance(tls, TLSMemoryBIOProtocol) or tls._tlsConnection is None:
-        return
-    if not (tls.disconnecting and not tls._appSendBuffer and tls._producer is None):
-        return
-    if tls._tlsConnection.get_shutdown() & SSL.SENT_SHUTDOWN:
-        tls.transport.loseConnection()  # TCP: after what it holds (the alert too) is sent
