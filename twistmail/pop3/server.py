@@ -39,7 +39,7 @@ from zope.interface import implementer
 from twistmail.auth import IMailboxAccess
 from twistmail.maildir import MailboxGone, MailboxInUse, MaildirError
 from twistmail.protocols.peer import client_address
-from twistmail.protocols.sequential import SequentialSession
+from twistmail.protocols.sequential import SequentialSession, without_line_end
 from twistmail.protocols.writenow import write_now
 from twistmail.storagefault import log_failure
 
@@ -331,7 +331,7 @@ class POP3Session(SequentialSession):
         if len(raw) > MAX_LINE:
             self.err("Line too long: commands are limited to 255 octets")
             return
-        line = raw.removesuffix(b"\n").removesuffix(b"\r")  # one line end, no more
+        line = without_line_end(raw)
         if b"\r" in line:
             self.err("Syntax error: control characters in command")
             return

@@ -16,8 +16,8 @@ Job to controller::
     FREE                               (session over, waiting for work)
     PONG                               (the answer to PING, from the job's reactor)
     AUTHFAIL <ip>                      (a sign-on failed; the controller counts per address)
-    PART <token> <id> <json>           (one message of a task done, as soon as it is: if
-                                        the job dies, the bridge does not send it again)
+    PART <token> <id> <json>           (one message of a task done, told as the next one
+                                        begins: if the job dies, it is not sent again)
     RESULT <token> <json>              (a task's outcome, in the same write as its FREE;
                                         a task has no ACK: nothing waits for one)
 

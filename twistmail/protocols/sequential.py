@@ -31,6 +31,13 @@ from twistmail.protocols.writenow import close_now
 CLOSE_GRACE = 10.0
 
 
+def without_line_end(raw: bytes) -> bytes:
+    """A command line without its one line end (LF, or CR LF).  Only one goes:
+    a CR more (``NOOP<CR><CR><LF>``) stays, for the caller to refuse as it
+    refuses one inside the line."""
+    return raw.removesuffix(b"\n").removesuffix(b"\r")
+
+
 def tls_reason(error: Exception) -> str:
     """OpenSSL's reasons, without the library and function names."""
     details = error.args[0] if error.args else None

@@ -37,7 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistmail.protocols.peer import client_address
-from twistmail.protocols.sequential import SequentialSession
+from twistmail.protocols.sequential import SequentialSession, without_line_end
 from twistmail.protocols.writenow import write_now
 from twistmail.smtp.address import Address, AddressError, Command, PathError, parse_command
 from twistmail.storagefault import log_failure
@@ -730,8 +730,7 @@ class SMTPSession(SequentialSession):
                            f"{limit} octets")
             return
         self.last_command_crlf = raw.endswith(b"\r\n")
-        # One line end goes; a CR more (``NOOP\r\r\n``) is a stray control character.
-        line = raw.removesuffix(b"\n").removesuffix(b"\r")
+        line = without_line_end(raw)
         if b"\r" in line or b"\x00" in line:
             self.reply(500, "5.5.2 Syntax error: control characters in command")
             return
@@ -936,7 +935,7 @@ class SMTPSession(SequentialSession):
         if len(raw) > MAX_AUTH_LINE:
             self._auth_too_long()
             return
-        line = raw.removesuffix(b"\n").removesuffix(b"\r")  # one line end, as for commands
+        line = without_line_end(raw)
         if b"\r" in line:
             self.reply(501, "5.5.2 Cannot decode the AUTH response: control characters")
             return
