@@ -213,3 +213,32 @@ def test_accepts_failing_for_want_of_descriptors_are_said_once_and_once_over(lis
     assert len(said) == 2, said
     assert "Too many open files; trying again every 0.1 s" in said[0]
     assert said[1] == "accept on smtp works again, after 30 failed tries"
+
+
+def test_a_wakeup_takes_only_as_many_connections_as_jobs_are_idle(listening):
+    """The rest wait in the kernel backlog: under load the listener is often
+    read before the channels whose FREE lines free the jobs, and queueing the
+    connections made the pool grow for demand it did not have."""
+    sock, connect = listening
+    reactor = _Reactor()
+    taken: list[socket.socket] = []
+    room = {"n": 1}
+    lst = Listener(reactor, "smtp", sock, lambda conn, name, peer: taken.append(conn),
+                   room=lambda: room["n"])
+    lst.resume()
+    for _ in range(3):
+        connect()
+    lst.doRead()
+    assert len(taken) == 1
+    room["n"] = 0  # no job idle: one connection, once the turn is over
+    lst.doRead()
+    lst.doRead()
+    assert len(taken) == 1
+    reactor.clock.advance(0)
+    assert len(taken) == 2
+    lst.doRead()
+    lst.pause()  # the pool takes no more: the late accept is off too
+    reactor.clock.advance(0)
+    assert len(taken) == 2
+    for conn in taken:
+        conn.close()

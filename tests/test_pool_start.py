@@ -491,3 +491,40 @@ def test_a_job_that_frees_over_a_lowered_maxjobs_ends_instead_of_taking_a_waitin
     second.chan.lineReceived(b"FREE")
     clock.advance(0)
     assert second.state is poolmod.JobState.BUSY and len(p.waiting) == 1
+
+
+def test_growth_past_inljobs_is_decided_again_once_the_channels_were_read():
+    """Under load the controller reads the channels a batch behind its jobs:
+    a job it counts busy may have said FREE already, and growing on that
+    count took a pool serving 16 clients to MAXJOBS."""
+    clock = Clock()
+    p = started_pool(clock, inljobs=2)
+    p.task_done = lambda token, line: None
+    first, second = p.jobs.values()
+    for job in (first, second):
+        p._job_ready(job)
+    clock.advance(0)
+    tokens = [p.submit_task(b"{}", "a.test"), p.submit_task(b"{}", "b.test")]
+    clock.advance(0)
+    assert len(p.launcher.started) == 2  # none idle, below THRESHOLD: not yet
+    busy = first if first.task is not None and first.task.token == tokens[0] else second
+    busy.chan.lineReceived(b"RESULT %d {}" % tokens[0])
+    busy.chan.lineReceived(b"FREE")
+    clock.advance(poolmod.GROWTH_RECHECK)
+    assert len(p.launcher.started) == 2  # the FREE was read meanwhile: no growth
+    p.submit_task(b"{}", "a.test")
+    clock.advance(0)
+    assert len(p.launcher.started) == 2
+    clock.advance(poolmod.GROWTH_RECHECK)
+    assert len(p.launcher.started) == 3  # still short once read again: ADLJOBS more
+
+
+def test_replacing_jobs_below_inljobs_is_never_put_off():
+    clock = Clock()
+    p = started_pool(clock, inljobs=2)
+    for job in list(p.jobs.values()):
+        p._job_ready(job)
+    clock.advance(0)
+    p._job_ended(next(iter(p.jobs.values())), Failure(ProcessTerminated(None, 9, None)))
+    clock.advance(0)
+    assert len(p.launcher.started) == 3

@@ -5,6 +5,14 @@ The controller never lets Twisted read or shut down a client socket: it calls
 in the socket for the job, and closing the controller's copy never tears down
 the session the job now owns (TWISTED.md §1.4).  While its pool can take no
 more, the listener stops reading and new clients wait in the kernel backlog.
+
+A wakeup takes only as many connections as there are idle jobs.  Under load
+the listener is often ready before the channels whose FREE lines free those
+jobs, and the clients of those very sessions have already connected again:
+accepting them all at once queued them behind jobs that were in fact free,
+and the pool grew for demand it did not have (to MAXJOBS for 16 clients).
+With no idle job, the listener waits for the rest of the reactor turn, and
+takes one connection then, so that real demand still shows.
 """
 
 from __future__ import annotations
@@ -56,11 +64,15 @@ class Listener:
         name: str,
         sock: socket.socket,
         on_accept: Callable[[socket.socket, str, str], None],
+        room: Callable[[], int] | None = None,
     ) -> None:
         self.reactor = reactor
         self.name = name
         self.sock = sock
         self.on_accept = on_accept
+        #: How many connections the pool takes at once now (idle jobs).
+        self.room = room or (lambda: ACCEPTS_PER_WAKEUP)
+        self._late: Any = None  # the accept deferred to the end of the turn
         self.reading = False
         self.wanted = False  # the pool takes connections: read once able to
         #: Accepts failed in a row (EMFILE...): said once, and once more when over.
@@ -85,6 +97,9 @@ class Listener:
             self.reactor.addReader(self)
 
     def _unread(self) -> None:
+        if self._late is not None:
+            self._late.cancel()
+            self._late = None
         if self.reading:
             self.reading = False
             self.reactor.removeReader(self)
@@ -104,7 +119,20 @@ class Listener:
         self.reading = False
 
     def doRead(self) -> None:
-        for _ in range(ACCEPTS_PER_WAKEUP):
+        self._accept(0)
+
+    def _accept_late(self) -> None:
+        self._late = None
+        if self.reading:
+            self._accept(1)
+
+    def _accept(self, at_least: int) -> None:
+        want = min(max(self.room(), at_least), ACCEPTS_PER_WAKEUP)
+        if want <= 0:
+            if self._late is None:
+                self._late = self.reactor.callLater(0, self._accept_late)
+            return
+        for _ in range(want):
             if not self.reading:
                 return
             try:

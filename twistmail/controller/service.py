@@ -345,7 +345,7 @@ class Controller(service.Service):
             sock = self.sockets.get(name)
             if sock is None or name in self.listeners:
                 continue
-            lst = listenermod.Listener(self.reactor, name, sock, self._accepted)
+            lst = listenermod.Listener(self.reactor, name, sock, self._accepted, pool.room)
             self.listeners[name] = lst
             if pool.is_accepting:
                 lst.resume()

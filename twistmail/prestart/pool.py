@@ -58,6 +58,9 @@ SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 #: waits are the common case under load (the next connection arrives while
 #: the last session's job is still saying FREE): DSPACTPJ counts them.
 WAIT_NOTED = 1.0
+#: Seconds after which growth past INLJOBS is decided again, to confirm it:
+#: any wait lets the reactor poll the channels first.
+GROWTH_RECHECK = 0.001
 
 
 @attrs.define(eq=False)
@@ -218,6 +221,8 @@ class Pool:
         self._timer: Any = None
         self._evaluating = False
         self._evaluation_due = False
+        #: Growth the rules asked for in the last decision, not yet started.
+        self._growth_seen = False
         #: Jobs in the order they became idle, the most recent last.  Entries
         #: of jobs that are no longer idle are dropped when met.
         self._idle: dict[int, Job] = {}
@@ -328,6 +333,14 @@ class Pool:
             reason = "ended" if not self.active else "wait"
             self._reject(request, reason)
         self.evaluate()
+
+    def room(self) -> int:
+        """How many connections the listeners may take at once: one per idle
+        job less the requests already waiting; all they can when the entry
+        refuses anyway (ended)."""
+        if not self.active:
+            return 1 << 16
+        return len(self._idle) - len(self.waiting)
 
     def _pick_idle(self, destination: str | None = None) -> Job | None:
         """The most recently freed job: it is warm, and the others stay idle
@@ -750,7 +763,23 @@ class Pool:
             if job is not None:
                 self._end_job(job, why)
         wake_at = actions.wake_at
-        for _ in range(actions.start):
+        start = actions.start
+        if start and not self.waiting and self.entry.inljobs <= sum(
+                1 for j in self.jobs.values() if j.state is not JobState.ENDING):
+            # Growth past INLJOBS with no request waiting is confirmed by a
+            # decision after the channels were read once more.  Under load the
+            # controller reads them a batch behind the jobs: many a job it
+            # counts busy has said FREE already, and growing on that count
+            # took 16 clients' pool to MAXJOBS (64).
+            if not self._growth_seen:
+                self._growth_seen = True
+                start = 0
+                self.reactor.callLater(GROWTH_RECHECK, self.evaluate)
+        else:
+            self._growth_seen = False
+        if start:
+            self._growth_seen = False
+        for _ in range(start):
             if not self._start_job():
                 # One failure per decision: the next start waits for the back-off.
                 retry = self.last_boot_failure + self.limits.backoff(self.boot_failures)
