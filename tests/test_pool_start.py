@@ -493,30 +493,53 @@ def test_a_job_that_frees_over_a_lowered_maxjobs_ends_instead_of_taking_a_waitin
     assert second.state is poolmod.JobState.BUSY and len(p.waiting) == 1
 
 
-def test_growth_past_inljobs_is_decided_again_once_the_channels_were_read():
+def _busy_pair(clock: Clock) -> tuple[poolmod.Pool, list]:
+    """INLJOBS 2, THRESHOLD 1, both jobs given a task: the rules want one more."""
+    p = started_pool(clock, inljobs=2)
+    p.monotonic = clock.seconds
+    p.task_done = lambda token, line: None
+    for job in list(p.jobs.values()):
+        p._job_ready(job)
+    clock.advance(1)
+    tokens = [p.submit_task(b"{}", "a.test"), p.submit_task(b"{}", "b.test")]
+    return p, [(j, t) for t in tokens for j in p.jobs.values() if j.task and j.task.token == t]
+
+
+def _free(job, token: int, at: float) -> None:
+    job.chan.lineReceived(b"RESULT %d {}" % token)
+    job.chan.lineReceived(b"FREE %.6f" % at)
+
+
+def test_growth_past_inljobs_counts_the_jobs_as_they_were_when_it_was_decided():
     """Under load the controller reads the channels a batch behind its jobs:
     a job it counts busy may have said FREE already, and growing on that
     count took a pool serving 16 clients to MAXJOBS."""
     clock = Clock()
-    p = started_pool(clock, inljobs=2)
-    p.task_done = lambda token, line: None
-    first, second = p.jobs.values()
-    for job in (first, second):
-        p._job_ready(job)
-    clock.advance(0)
-    tokens = [p.submit_task(b"{}", "a.test"), p.submit_task(b"{}", "b.test")]
-    clock.advance(0)
-    assert len(p.launcher.started) == 2  # none idle, below THRESHOLD: not yet
-    busy = first if first.task is not None and first.task.token == tokens[0] else second
-    busy.chan.lineReceived(b"RESULT %d {}" % tokens[0])
-    busy.chan.lineReceived(b"FREE")
+    p, [(job, token), _] = _busy_pair(clock)
+    decided = clock.seconds()
+    clock.advance(0)  # the rules: none idle, below THRESHOLD
+    assert len(p.launcher.started) == 2  # not before the channels are read
+    _free(job, token, decided - 0.0005)  # said FREE before that: one was idle
     clock.advance(poolmod.GROWTH_RECHECK)
-    assert len(p.launcher.started) == 2  # the FREE was read meanwhile: no growth
-    p.submit_task(b"{}", "a.test")
+    assert len(p.launcher.started) == 2
+
+
+def test_growth_past_inljobs_is_not_lost_when_a_session_ends_right_after():
+    clock = Clock()
+    p, [(job, token), _] = _busy_pair(clock)
+    clock.advance(0)
+    _free(job, token, clock.seconds() + 0.0005)  # busy when the rules counted
+    clock.advance(poolmod.GROWTH_RECHECK)
+    assert len(p.launcher.started) == 3  # ADLJOBS more, as THRESHOLD says
+
+
+def test_growth_past_inljobs_starts_at_the_next_turn():
+    clock = Clock()
+    p, _ = _busy_pair(clock)
     clock.advance(0)
     assert len(p.launcher.started) == 2
     clock.advance(poolmod.GROWTH_RECHECK)
-    assert len(p.launcher.started) == 3  # still short once read again: ADLJOBS more
+    assert len(p.launcher.started) == 3
 
 
 def test_replacing_jobs_below_inljobs_is_never_put_off():

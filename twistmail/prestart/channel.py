@@ -13,7 +13,8 @@ Job to controller::
 
     READY                              (booted, waiting for work)
     ACK <token>                        (took the socket: the controller closes its copy)
-    FREE                               (session over, waiting for work)
+    FREE <seconds>                     (session over, waiting for work; when, on
+                                        CLOCK_MONOTONIC, which every process shares)
     PONG                               (the answer to PING, from the job's reactor)
     AUTHFAIL <ip>                      (a sign-on failed; the controller counts per address)
     PART <token> <id> <json>           (one message of a task done, told as the next one
@@ -28,12 +29,18 @@ Twisted drop the channel).
 
 from __future__ import annotations
 
+import time
+
 DELIMITER = b"\n"
 MAX_LINE = 4 * 1024 * 1024  # task and result lines carry recipient lists
 
 
 def fd_line(token: int, listener: str, family: int) -> bytes:
     return b"FD %d %s %d" % (token, listener.encode("ascii"), family)
+
+
+def free_line() -> bytes:
+    return b"FREE %.6f" % time.monotonic()
 
 
 def parse(line: bytes) -> tuple[str, list[str]]:

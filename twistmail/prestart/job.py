@@ -320,7 +320,7 @@ class Job:
         lines = [] if result is None else [result]
         last = self.ending and self.sessions <= 0
         if not last:
-            lines.append(b"FREE")
+            lines.append(channel.free_line())
         if lines and self.channel is not None:
             self.channel.sendLines(lines)
         if last:

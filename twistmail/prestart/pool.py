@@ -14,6 +14,7 @@ import collections
 import errno
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,17 @@ WAIT_NOTED = 1.0
 #: Seconds after which growth past INLJOBS is decided again, to confirm it:
 #: any wait lets the reactor poll the channels first.
 GROWTH_RECHECK = 0.001
+
+
+@attrs.define(eq=False)
+class GrowthCheck:
+    """A decision to grow past INLJOBS, waiting for the FREE lines said before it."""
+
+    at: float  # monotonic, as the jobs' FREE lines
+    now: float  # the reactor's time of the decision
+    view: EntryView
+    busy: dict[int, int]  # the jobs counted busy: id -> uses
+    stale: set[int] = attrs.field(factory=set)  # of those, free already
 
 
 @attrs.define(eq=False)
@@ -126,7 +138,7 @@ class ControllerChannel(LineOnlyReceiver):
         elif verb == "ACK" and args:
             self.pool._job_ack(self.job, int(args[0]))
         elif verb == "FREE":
-            self.pool._job_free(self.job)
+            self.pool._job_free(self.job, _seconds(args))
         elif verb == "PONG":
             self.pool._job_alive(self.job)
         elif verb == "AUTHFAIL" and args:
@@ -221,8 +233,9 @@ class Pool:
         self._timer: Any = None
         self._evaluating = False
         self._evaluation_due = False
-        #: Growth the rules asked for in the last decision, not yet started.
-        self._growth_seen = False
+        #: Growth past INLJOBS the rules asked for, checked once the channels were read.
+        self._growth_check: GrowthCheck | None = None
+        self.monotonic = time.monotonic  # the clock of the jobs' FREE lines
         #: Jobs in the order they became idle, the most recent last.  Entries
         #: of jobs that are no longer idle are dropped when met.
         self._idle: dict[int, Job] = {}
@@ -581,8 +594,13 @@ class Pool:
         job.end_reason = "unresponsive"
         self._signal(job, "KILL")
 
-    def _job_free(self, job: Job) -> None:
+    def _job_free(self, job: Job, at: float | None = None) -> None:
+        """``at``: when the job said FREE (its monotonic clock), None if it did not say."""
         _cancel(job)
+        check = self._growth_check
+        if check is not None and at is not None and at < check.at \
+                and check.busy.get(job.id) == job.uses:
+            check.stale.add(job.id)  # free already when the rules counted it busy
         if job.peer is not None:
             self.session_ended(job.peer)
             job.peer = None
@@ -736,7 +754,8 @@ class Pool:
 
     def _evaluate(self) -> None:
         now = self.reactor.seconds()
-        actions = decide(self._view(), self.entry, self.limits, now)
+        view = self._view()
+        actions = decide(view, self.entry, self.limits, now)
         if actions.trimmed:
             self.last_trim = now
         why = "wait" if self.entry.wait == "*NO" else "waitlimit"
@@ -763,22 +782,7 @@ class Pool:
             if job is not None:
                 self._end_job(job, why)
         wake_at = actions.wake_at
-        start = actions.start
-        if start and not self.waiting and self.entry.inljobs <= sum(
-                1 for j in self.jobs.values() if j.state is not JobState.ENDING):
-            # Growth past INLJOBS with no request waiting is confirmed by a
-            # decision after the channels were read once more.  Under load the
-            # controller reads them a batch behind the jobs: many a job it
-            # counts busy has said FREE already, and growing on that count
-            # took 16 clients' pool to MAXJOBS (64).
-            if not self._growth_seen:
-                self._growth_seen = True
-                start = 0
-                self.reactor.callLater(GROWTH_RECHECK, self.evaluate)
-        else:
-            self._growth_seen = False
-        if start:
-            self._growth_seen = False
+        start = self._confirmed_growth(view, actions.start, now)
         for _ in range(start):
             if not self._start_job():
                 # One failure per decision: the next start waits for the back-off.
@@ -786,6 +790,41 @@ class Pool:
                 wake_at = retry if wake_at is None else min(wake_at, retry)
                 break
         self._schedule(wake_at, now)
+
+    def _confirmed_growth(self, view: EntryView, start: int, now: float) -> int:
+        """How many jobs to start now, growth past INLJOBS checked first.
+
+        Under load the controller reads the channels a batch behind its jobs:
+        a job it counts busy may have said FREE already, and growing on that
+        count took the pool of 16 clients to MAXJOBS (64).  So growth past
+        INLJOBS with no request waiting is decided again at the next turn,
+        when every FREE said before the first decision has been read: the
+        rule then applies to the jobs as they were at that moment.
+        """
+        check, self._growth_check = self._growth_check, None
+        if start and (self.waiting or self.entry.inljobs > sum(
+                1 for j in self.jobs.values() if j.state is not JobState.ENDING)):
+            return start  # requests wait, or jobs are replaced: nothing to check
+        grow = 0
+        if check is not None:
+            then = check.view
+            if check.stale:
+                then = attrs.evolve(then, jobs=tuple(
+                    attrs.evolve(j, state=JobState.IDLE) if j.id in check.stale else j
+                    for j in then.jobs))
+            grow = decide(then, self.entry, self.limits, check.now).start
+        if grow:
+            jobs = [j for j in self.jobs.values() if j.state is not JobState.ENDING]
+            room = self.limits.max_starting - sum(
+                1 for j in jobs if j.state is JobState.STARTING)
+            if self.entry.maxjobs is not None:
+                room = min(room, self.entry.maxjobs - len(jobs))
+            grow = max(0, min(grow, room))
+        elif start:  # short by the count of this moment: checked in its turn
+            busy = {j.id: j.uses for j in self.jobs.values() if j.state is JobState.BUSY}
+            self._growth_check = GrowthCheck(self.monotonic(), now, view, busy)
+            self.reactor.callLater(GROWTH_RECHECK, self.evaluate)
+        return grow
 
     def _end_job(self, job: Job, reason: str) -> None:
         if job.end_reason is None:
@@ -914,6 +953,13 @@ class Pool:
     def _journal(self, code: str, esd: str, **fields: Any) -> None:
         if self.journal is not None:
             self.journal.write(code, esd, **fields)
+
+
+def _seconds(args: list[str]) -> float | None:
+    try:
+        return float(args[0])
+    except (IndexError, ValueError):
+        return None
 
 
 def hung_up(sock: socket.socket) -> bool:
