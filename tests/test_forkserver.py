@@ -67,6 +67,9 @@ def test_its_jobs_die_with_it(tmp_path):
     pid = int(read_line(sock).split()[1])
     kept.settimeout(30)
     assert kept.recv(100).startswith(b"READY")  # a real job, forked and ready
+    # Woken by its dispatcher, it waits for a CPU rather than preempt it.
+    assert os.sched_getscheduler(pid) == os.SCHED_BATCH
+    assert os.sched_getscheduler(proc.pid) == os.SCHED_OTHER
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     deadline = time.monotonic() + 10

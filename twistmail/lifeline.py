@@ -62,6 +62,23 @@ def name_process(name: str) -> None:
         pass
 
 
+def yield_on_wakeup() -> None:
+    """Let this worker wait for its CPU when it is woken, rather than take it.
+
+    A job is woken by its dispatcher (the controller handing a connection, the
+    bridge a message), and a woken normal process may preempt the one that
+    woke it: under load the controller lost its CPU at about every second
+    handoff, in the middle of a batch of them, and fell a batch behind its
+    jobs.  SCHED_BATCH changes only that (a batch process is preempted and
+    runs by the same fair shares and nice values); on an idle CPU a woken job
+    runs at once as before.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or refused: a normal process
+        pass
+
+
 def _routine_text(text: str) -> bool:
     """What every new DNS resolver says (twisted.names reads /etc/resolv.conf),
     every DNS query's UDP port as it opens and closes, and every job's reactor

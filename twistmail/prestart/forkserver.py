@@ -39,7 +39,12 @@ import signal
 import socket
 import sys
 
-from twistmail.lifeline import die_with_parent, name_process, return_large_blocks
+from twistmail.lifeline import (
+    die_with_parent,
+    name_process,
+    return_large_blocks,
+    yield_on_wakeup,
+)
 
 CONTROL_FD = 3
 JOB_CHANNEL_FD = 3
@@ -200,6 +205,7 @@ class Launcher:
             os.dup2(fd, JOB_CHANNEL_FD)  # takes the place of the control socket
             os.close(fd)
             name_process(pgm)
+            yield_on_wakeup()
             entry = importlib.import_module(ENTRY.get(pgm, "twistmail.prestart.job"))
             code = entry.main(["--pgm", pgm, "--config", config_path], settings)
         except SystemExit as e:
