@@ -284,7 +284,7 @@ class Job:
             os.close(fd)  # said once in the log; the client sees the connection close
             return False
         try:
-            os.set_blocking(fd, False)
+            # Twisted makes its copy non-blocking, which is the same flag.
             self.reactor.adoptStreamConnection(fd, family, self.factories[listener])
         except Exception as e:
             # A client that reset its connection before its session began is
