@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -10,6 +11,12 @@ from typing import Any
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """One handle for the process: a job forked from its launcher inherits it."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def die_with_parent(expected: int | None = None, sig: int = signal.SIGTERM) -> None:
@@ -26,7 +33,7 @@ def die_with_parent(expected: int | None = None, sig: int = signal.SIGTERM) -> N
     # ignored SIGINT alone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         libc.prctl(PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
         pass
@@ -47,7 +54,7 @@ def return_large_blocks() -> None:
     Fixing the threshold (glibc's own initial value) stops the rise.
     """
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)
     except (OSError, AttributeError):  # not glibc
         pass
@@ -56,7 +63,7 @@ def return_large_blocks() -> None:
 def name_process(name: str) -> None:
     """Show ``name`` in ps and top: a forked job would otherwise look like its launcher."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         libc.prctl(PR_SET_NAME, name.encode("ascii", "replace")[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass

@@ -109,18 +109,22 @@ def answer(processor: Any, queue_id: str) -> bytes:
     return f"DONE {queue_id}".encode()
 
 
-def main(argv: list[str] | None = None, settings: configmod.Settings | None = None) -> int:
-    """``settings``: those at ``--config``, already read by the launcher."""
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twistmail-msf")
     parser.add_argument("--config", required=True)
-    parser.add_argument("--pgm", choices=[JOB_NAME], default=JOB_NAME)  # as a launcher asks
     args = parser.parse_args(argv)
+    return run(JOB_NAME, args.config)
+
+
+def run(pgm: str, config: str, settings: configmod.Settings | None = None) -> int:
+    """What a launcher runs in the forked job; ``settings``: those at ``config``,
+    already read by the launcher."""
     reload_asked: list[int] = []
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(1))
     die_with_parent(sig=signal.SIGKILL)
     name_process(JOB_NAME)
     if settings is None:
-        settings = configmod.load(args.config)
+        settings = configmod.load(config)
     processor = build_processor(settings, f"{JOB_NAME}/{os.getpid()}")
     channel = socket.socket(fileno=CHANNEL_FD)
     processor.progress = _Progress(channel)
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None, settings: configmod.Settings | None = No
                     continue
                 if reload_asked:
                     reload_asked.clear()
-                    _reload(args.config, processor)
+                    _reload(config, processor)
                 processor.progress.start()
                 channel.sendall(answer(processor, queue_id) + b"\n")
     except (BrokenPipeError, ConnectionResetError):

@@ -207,7 +207,7 @@ class Launcher:
             name_process(pgm)
             yield_on_wakeup()
             entry = importlib.import_module(ENTRY.get(pgm, "twistmail.prestart.job"))
-            code = entry.main(["--pgm", pgm, "--config", config_path], settings)
+            code = entry.run(pgm, config_path, settings)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:

@@ -362,21 +362,26 @@ class Job:
         return d.addErrback(lambda _: None)
 
 
-def main(argv: list[str] | None = None, settings: configmod.Settings | None = None) -> int:
-    """``settings``: those at ``--config``, already read by the launcher."""
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twistmail-job")
     parser.add_argument("--pgm", required=True, choices=sorted(configmod.PROGRAMS))
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
+    return run(args.pgm, args.config)
+
+
+def run(pgm: str, config: str, settings: configmod.Settings | None = None) -> int:
+    """What a launcher runs in the forked job (a parser there cost each job a
+    millisecond); ``settings``: those at ``config``, already read by it."""
     die_with_parent()
     return_large_blocks()
-    log_to_stderr(f"{configmod.PROGRAMS[args.pgm]['job']}/{os.getpid()}")
+    log_to_stderr(f"{configmod.PROGRAMS[pgm]['job']}/{os.getpid()}")
     if settings is None:
-        settings = configmod.load(args.config)
+        settings = configmod.load(config)
 
     from twisted.internet import reactor
 
-    job = Job(reactor, args.pgm, settings, args.config)
+    job = Job(reactor, pgm, settings, config)
     reactor.addSystemEventTrigger("before", "shutdown", job.shutting_down)
     stop_once_on_sigterm(reactor)
     chan = JobChannel(job)
