@@ -12,6 +12,7 @@ import json
 import sys
 
 from twisted.internet import defer, reactor, stdio
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Protocol
 from twisted.names import common, dns, error, server
 
@@ -55,9 +56,17 @@ class _Stdin(Protocol):
 def main() -> None:
     zone = json.loads(open(sys.argv[1]).read())
     factory = server.DNSServerFactory(clients=[ZoneResolver(zone)])
-    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-    port = udp.getHost().port
-    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    # One port number for both: the kernel picks a free UDP port, whose TCP
+    # twin another process (a client's ephemeral port) may hold; then again.
+    for _ in range(50):
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        port = udp.getHost().port
+        try:
+            reactor.listenTCP(port, factory, interface="127.0.0.1")
+        except CannotListenError:
+            udp.stopListening()
+            continue
+        break
     print(port, flush=True)
     stdio.StandardIO(_Stdin())
     reactor.run()
