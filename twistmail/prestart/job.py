@@ -308,15 +308,6 @@ class Job:
                 return session
         return None
 
-    def _connected(self) -> bool:
-        """Whether a session's connection is still there (a session that just
-        said FREE may still have its last reply to send)."""
-        for factory in self.factories.values():
-            session = getattr(getattr(factory, "wrappedFactory", factory), "current", None)
-            if session is not None and session.transport is not None and not session.lost:
-                return True
-        return False
-
     def cut_off(self) -> None:
         """The controller says the client's address used up MAXAUTHFAIL."""
         session = self._session()
@@ -350,14 +341,6 @@ class Job:
             if self.deliverer is not None:  # kept SMTP connections get their QUIT
                 d = self.deliverer.sessions.close_all()
                 d.addBoth(lambda _: self.reactor.stop())
-            elif self.sessions <= 0 and not self._connected():
-                # Idle, with nothing left to say to anyone (a job used up at
-                # MAXUSE, trimmed, ended idle): the reactor's shutdown would
-                # only tidy what the exit frees anyway, a millisecond of CPU
-                # at every job replaced.
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(0)
             else:
                 self.reactor.stop()
 
