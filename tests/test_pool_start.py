@@ -551,3 +551,15 @@ def test_replacing_jobs_below_inljobs_is_never_put_off():
     p._job_ended(next(iter(p.jobs.values())), Failure(ProcessTerminated(None, 9, None)))
     clock.advance(0)
     assert len(p.launcher.started) == 3
+
+
+def test_growth_put_off_is_dropped_when_the_entry_ends_meanwhile():
+    """ENDPJ (or the daemon's shutdown) within the turn of the check: no job
+    may start on the ended entry; each would die with its launcher as a crash."""
+    clock = Clock()
+    p, _ = _busy_pair(clock)
+    clock.advance(0)
+    assert p._growth_check is not None
+    p.end("*CNTRLD", 30)
+    clock.advance(poolmod.GROWTH_RECHECK)
+    assert len(p.launcher.started) == 2

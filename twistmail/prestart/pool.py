@@ -262,6 +262,7 @@ class Pool:
         if self.status == "ACTIVE":
             self.status = "ENDED"
         self._cancel_timer()
+        self._growth_check = None
         while self.waiting:
             self._reject(self.waiting.popleft(), "ended")
         if was_active:
@@ -802,6 +803,8 @@ class Pool:
         rule then applies to the jobs as they were at that moment.
         """
         check, self._growth_check = self._growth_check, None
+        if not self.active:
+            return 0
         if start and (self.waiting or self.entry.inljobs > sum(
                 1 for j in self.jobs.values() if j.state is not JobState.ENDING)):
             return start  # requests wait, or jobs are replaced: nothing to check
