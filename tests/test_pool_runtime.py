@@ -683,3 +683,25 @@ def test_endpj_checks_its_option_and_delay_before_ending_anything(appliance):
         appliance.control("endmsf", option="*IMMED", delay="soon")
     assert appliance.control("dspactpj", pgm="QTPOPSRVP")["status"] == "ACTIVE"
     assert appliance.control("status")["bridge"]["pid"]
+
+
+def test_a_session_begun_before_a_reload_still_gets_the_shutdown_notice(make_appliance):
+    """A reload (CHGSMTPA, CHGPOPA) gives the jobs new listeners' factories; a
+    session under way kept the old one, and the job no longer found it: at
+    the end it got no notice, and a CUT or the wait for its last reply missed it."""
+    a = make_appliance(prestart={"end_delay": 1}).start()
+    smtp = smtplib.SMTP(*a.addr("smtp"), timeout=10)
+    assert smtp.ehlo()[0] == 250
+    pop = poplib.POP3(*a.addr("pop3"), timeout=10)
+    rc, out, err = a.cli("chgsmtpa", "--maxrcpt", "99")
+    assert rc == 0, err
+    rc, out, err = a.cli("chgpopa", "--inacttimo", "500")
+    assert rc == 0, err
+    assert smtp.noop()[0] == 250  # the job has read its CFG before this reply
+    assert pop.capa()  # likewise
+    a.proc.send_signal(signal.SIGTERM)
+    assert smtp.getreply()[0] == 421
+    assert pop._getline()[0] == b"-ERR [SYS/TEMP] Server shutting down, try again later"
+    smtp.close()
+    pop.close()
+    assert a.proc.wait(30) in (0, -signal.SIGTERM)

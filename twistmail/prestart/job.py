@@ -109,6 +109,7 @@ class Job:
         self.journal: Any = None
         self._directory: Any = None
         self.tls_options: Any = None
+        self._earlier: list[Factory] = []  # replaced at a reload while serving a session
         self.factories = self._factories()
 
     def _journal(self, name: str) -> Any:
@@ -271,11 +272,18 @@ class Job:
             print(f"settings not reloaded, keeping the old ones: {e}", file=sys.stderr)
             return
         old, self.settings = self.settings, settings
+        previous = self.factories
         try:
             self.factories = self._factories(reload=True)
         except configmod.SettingError as e:  # a TLS pair changed on disk and unusable
             self.settings = old
             print(f"settings not reloaded, keeping the old ones: {e}", file=sys.stderr)
+            return
+        # A session under way keeps the settings it began with, and its
+        # factory: a shutdown notice, a CUT or the wait for its last reply
+        # must still find it.
+        self._earlier = [f for f in (*previous.values(), *self._earlier)
+                         if _live(_current(f))]
 
     def serve(self, fd: int, listener: str, family: int) -> bool:
         """Adopt the passed socket; False when it could not be served."""
@@ -300,8 +308,8 @@ class Job:
     def _session(self, closing: bool = False) -> Any:
         """The session being served (a job serves one at a time), or None; with
         ``closing``, one that is closing and whose connection is not gone yet."""
-        for factory in self.factories.values():
-            session = getattr(getattr(factory, "wrappedFactory", factory), "current", None)
+        for factory in (*self.factories.values(), *self._earlier):
+            session = _current(factory)
             if session is None or session.transport is None:
                 continue
             if (session.closing and not session.lost) if closing else not session.closing:
@@ -390,6 +398,15 @@ def run(pgm: str, config: str, settings: configmod.Settings | None = None) -> in
     os.close(CHANNEL_FD)
     reactor.run()
     return 0
+
+
+def _current(factory: Factory) -> Any:
+    """The session a listener's factory built last (TLS: its wrapped factory's)."""
+    return getattr(getattr(factory, "wrappedFactory", factory), "current", None)
+
+
+def _live(session: Any) -> bool:
+    return session is not None and session.transport is not None and not session.lost
 
 
 class _OneProtocol(Factory):
