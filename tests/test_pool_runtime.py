@@ -705,3 +705,22 @@ def test_a_session_begun_before_a_reload_still_gets_the_shutdown_notice(make_app
     smtp.close()
     pop.close()
     assert a.proc.wait(30) in (0, -signal.SIGTERM)
+
+
+def test_clients_waiting_when_the_launcher_dies_are_all_served(make_appliance):
+    """Its jobs end by SIGTERM, telling their clients 421.  They used to say
+    FREE as they did, and were handed waiting clients they never served:
+    those got the end of their connection without a word."""
+    a = make_appliance(prestart__QTMSSRCP={"inljobs": 2, "threshold": 1, "adljobs": 1,
+                                           "maxjobs": 2, "wait": "*YES"}).start()
+    busy = hold(a, 2)
+    waiters = [a.connect() for _ in range(4)]
+    a.wait_for(lambda: a.control("dspactpj", pgm="QTMSSRCP")["waiting_current"] == 4, 5)
+    [launcher] = [p for p in launchers(a) if p == _parent_of(a.jobs("QTMSSRCP")[0]["pid"])]
+    os.kill(launcher, signal.SIGKILL)
+    for s in busy:
+        assert read_reply(s, 10).startswith(b"421 ")
+        s.close()
+    for s in waiters:  # served one after another by the new jobs
+        assert read_reply(s, 20).startswith(b"220 ")
+        quit_all([s])

@@ -327,7 +327,9 @@ class Job:
         self.sessions -= 1
         lines = [] if result is None else [result]
         last = self.ending and self.sessions <= 0
-        if not last:
+        # A job on its way out (SIGTERM, its launcher gone) takes nothing more:
+        # a FREE would have the controller hand it clients it never serves.
+        if not last and not self.stopping:
             lines.append(channel.free_line())
         if lines and self.channel is not None:
             self.channel.sendLines(lines)
