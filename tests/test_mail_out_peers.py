@@ -204,6 +204,18 @@ class StallsOn(StallsOnce):
         return got
 
 
+class AnswersLateOn(StallsOn):
+    """Takes the message holding ``mark``, and answers its DATA only once
+    ``release`` is set."""
+
+    def receive_data(self, reader: Any, sock: socket.socket) -> bytes | None:
+        got = Sink.receive_data(self, reader, sock)
+        if got is not None and self.mark in got and not self.stalled.is_set():
+            self.stalled.set()
+            self.release.wait(60)
+        return got
+
+
 @pytest.fixture
 def sinks() -> Iterator[list[Sink]]:
     made: list[Sink] = []
@@ -515,3 +527,31 @@ def test_a_client_job_killed_mid_task_sends_again_only_what_it_had_not_sent(
     ids = [message_id(m.content) for m in sink.messages]
     assert sorted(ids) == sorted(sent), f"sent twice: {sorted(set(ids))} after {before}"
     assert len(a.journal("82")) == len(sent)
+
+
+def test_a_client_job_ended_mid_task_finishes_the_message_under_way(make_appliance, sinks):
+    """ENDTCPSVR's end delay over, the job was cut off while the next hop had
+    taken a message and not yet said so: that message was sent again."""
+    sink = AnswersLateOn(b"late-2@")
+    sinks.append(sink)
+    a = relay_to(make_appliance, sink.port)
+    assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10, "the bridge to end")
+    sent = []
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        for i in range(12):  # one domain, more messages than its connections: tasks of three
+            s.sendmail("sam@example.test", ["friend@remote.test"], note(f"late-{i}@example.test"))
+            sent.append(f"<late-{i}@example.test>")
+    assert a.cli("strmsf")[0] == 0
+    a.wait_for(sink.stalled.is_set, 30, "the message answered late")
+    rc, out, err = a.cli("endtcpsvr", "--server", "*SMTP")  # end delay 3 s, then SIGTERM
+    assert rc == 0, err
+    time.sleep(4)  # the delay is over: the job is ending, its message under way
+    sink.release.set()
+    a.wait_for(lambda: not client_job_pids(a), 15, "the client jobs to end")
+    assert a.cli("strtcpsvr", "--server", "*SMTP")[0] == 0
+    a.wait_for(lambda: {message_id(m.content) for m in sink.messages} == set(sent), 90,
+               "every message at the sink")
+    a.wait_for(lambda: settled(a), 20, "the outbound queues to empty")
+    ids = [message_id(m.content) for m in sink.messages]
+    assert sorted(ids) == sorted(sent), f"sent twice: {sorted(i for i in ids if ids.count(i) > 1)}"

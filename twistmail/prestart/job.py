@@ -106,6 +106,7 @@ class Job:
         self.deliverer: Any = None
         self._retired: list[Any] = []  # deliverers a reload replaced, closed once idle
         self._tasks = 0
+        self._told: set[defer.Deferred] = set()  # fired as each running task's RESULT goes
         self.journal: Any = None
         self._directory: Any = None
         self.tls_options: Any = None
@@ -176,14 +177,22 @@ class Job:
                 self.channel.sendLine(prefix + outcome)
 
         d = self.deliverer.run(payload, part)
+        told = defer.Deferred()  # once its RESULT is out: a shutdown waits for it
+        self._told.add(told)
 
         def finished(result: Any) -> Any:
             self._tasks -= 1
             self._close_retired()
             return result
 
+        def reported(result: Any) -> Any:
+            self._told.discard(told)
+            told.callback(None)
+            return result
+
         d.addBoth(finished)
         d.addCallback(lambda result: self.done(b"RESULT " + token.encode("ascii") + b" " + result))
+        d.addBoth(reported)
 
     @staticmethod
     def _tls(inner: Factory, options: Any) -> Factory:
@@ -357,6 +366,15 @@ class Job:
     def shutting_down(self) -> defer.Deferred | None:
         """Tell the client; the reactor's shutdown waits (a while) for a reply due first."""
         self.stopping = True
+        if self._told:
+            # A client job: the message under way finishes (its reply is due;
+            # cut off, it would be sent again although the next hop has it),
+            # the others of its task are left to the bridge.
+            for deliverer in (self.deliverer, *self._retired):
+                deliverer.winding_down = True
+            d = defer.DeferredList(list(self._told))
+            d.addTimeout(SHUTDOWN_WAIT, self.reactor)
+            return d.addErrback(lambda _: None)
         session = self._session()
         if session is not None:  # ended while serving (ENDPJ's delay is over, a shutdown)
             d = session.shutdown_notice()

@@ -68,6 +68,8 @@ class Deliverer:
                                       hosttable=hosttable, local=local_host(settings))
         #: The connection of the last delivery, kept for the next to the same hop.
         self.sessions = client.SessionCache(reactor)
+        #: The job is ending: a task's messages not begun are left to the bridge.
+        self.winding_down = False
         self._lists_read: tuple[float, dict[str, Any]] | None = None
 
     def run(self, payload: bytes,
@@ -119,6 +121,11 @@ class Deliverer:
         held_back: tuple[int, str] | None = None  # why the rest are not tried, once one failed
         done: dict[str, Any] | None = None  # sent, its outcome not yet told (PART)
         for message in messages:
+            if self.winding_down:
+                # Those not begun go without an outcome: the bridge tries them
+                # again.  The one under way was let finish, so nothing the
+                # next hop took is sent a second time.
+                break
             if held_back is not None and not message.get("last"):
                 out.append(self._message(message, "temporary", *held_back))
                 continue
