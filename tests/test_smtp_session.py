@@ -1296,7 +1296,8 @@ def test_the_job_shutdown_waits_for_the_reply_due_first_but_not_for_ever():
 
     s = queueing()
     clock = Clock()
-    j = types.SimpleNamespace(stopping=False, reactor=clock, _session=lambda: s.proto)
+    j = types.SimpleNamespace(stopping=False, reactor=clock, _session=lambda: s.proto,
+                              _told=set())  # a server job: no task running
     waiting = jobmod.Job.shutting_down(j)
     assert waiting is not None and not waiting.called
     clock.advance(jobmod.SHUTDOWN_WAIT)
