@@ -500,21 +500,28 @@ def test_sigkill_of_a_client_job_mid_delivery_retries(make_appliance, sinks):
 
 
 
-def test_a_client_job_killed_mid_task_sends_again_only_what_it_had_not_sent(
-        make_appliance, sinks):
-    """The messages of a task it had delivered were all sent a second time."""
-    sink = StallsOn(b"part-2@")
-    sinks.append(sink)
+def tasks_of_three(make_appliance: Callable[..., Appliance], sink: Sink,
+                   tag: str) -> tuple[Appliance, list[str]]:
+    """12 messages to one domain, queued while the bridge is ended, then sent:
+    more messages than the domain's connections, so tasks of three."""
     a = relay_to(make_appliance, sink.port)
     assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
     a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10, "the bridge to end")
     sent = []
     with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
-        # One domain, more messages than its connections: tasks of three.
         for i in range(12):
-            s.sendmail("sam@example.test", ["friend@remote.test"], note(f"part-{i}@example.test"))
-            sent.append(f"<part-{i}@example.test>")
+            s.sendmail("sam@example.test", ["friend@remote.test"], note(f"{tag}-{i}@example.test"))
+            sent.append(f"<{tag}-{i}@example.test>")
     assert a.cli("strmsf")[0] == 0
+    return a, sent
+
+
+def test_a_client_job_killed_mid_task_sends_again_only_what_it_had_not_sent(
+        make_appliance, sinks):
+    """The messages of a task it had delivered were all sent a second time."""
+    sink = StallsOn(b"part-2@")
+    sinks.append(sink)
+    a, sent = tasks_of_three(make_appliance, sink, "part")
     a.wait_for(sink.stalled.is_set, 30, "the stalled message's DATA")
     [busy] = a.wait_for(lambda: client_job_pids(a, "RUN") if len(sink.messages) >= 9 else [],
                         30, "the other tasks done, the stalled one's job busy")
@@ -534,15 +541,7 @@ def test_a_client_job_ended_mid_task_finishes_the_message_under_way(make_applian
     taken a message and not yet said so: that message was sent again."""
     sink = AnswersLateOn(b"late-2@")
     sinks.append(sink)
-    a = relay_to(make_appliance, sink.port)
-    assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
-    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10, "the bridge to end")
-    sent = []
-    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
-        for i in range(12):  # one domain, more messages than its connections: tasks of three
-            s.sendmail("sam@example.test", ["friend@remote.test"], note(f"late-{i}@example.test"))
-            sent.append(f"<late-{i}@example.test>")
-    assert a.cli("strmsf")[0] == 0
+    a, sent = tasks_of_three(make_appliance, sink, "late")
     a.wait_for(sink.stalled.is_set, 30, "the message answered late")
     rc, out, err = a.cli("endtcpsvr", "--server", "*SMTP")  # end delay 3 s, then SIGTERM
     assert rc == 0, err
