@@ -539,7 +539,7 @@ def test_a_client_job_killed_mid_task_sends_again_only_what_it_had_not_sent(
 def test_a_client_job_ended_mid_task_finishes_the_message_under_way(make_appliance, sinks):
     """ENDTCPSVR's end delay over, the job was cut off while the next hop had
     taken a message and not yet said so: that message was sent again."""
-    sink = AnswersLateOn(b"late-2@")
+    sink = AnswersLateOn(b"late-0@")  # the first of a task: the task's others not begun
     sinks.append(sink)
     a, sent = tasks_of_three(make_appliance, sink, "late")
     a.wait_for(sink.stalled.is_set, 30, "the message answered late")
@@ -554,3 +554,5 @@ def test_a_client_job_ended_mid_task_finishes_the_message_under_way(make_applian
     a.wait_for(lambda: settled(a), 20, "the outbound queues to empty")
     ids = [message_id(m.content) for m in sink.messages]
     assert sorted(ids) == sorted(sent), f"sent twice: {sorted(i for i in ids if ids.count(i) > 1)}"
+    # Those its job did not begin waited on QTMSOUTQ: no try counted, no retry queue.
+    assert not {"8C", "8D", "8E"} & set(codes(a))

@@ -820,15 +820,20 @@ class OutboundManager:
         """
         entry = self._forget(token)
         if entry is not None:
-            self._outq_changed = True  # its messages are work for the next scan again
+            self._outq_changed = True
             self._judged(entry[0])
             for qid in entry[1]:
-                if qid in self.open:
-                    self.untried.add(qid)  # its other destinations' outcomes do not settle it
-                else:
-                    self.started.pop(qid, None)
-                    if self.schedule.active:
-                        self.released.add(qid)
+                self._not_begun(qid)
+
+    def _not_begun(self, qid: str) -> None:
+        """A message a task did not begin waits on QTMSOUTQ, no try counted."""
+        self._outq_changed = True  # it is work for the next scan again
+        if qid in self.open:
+            self.untried.add(qid)  # its other destinations' outcomes do not settle it
+        else:
+            self.started.pop(qid, None)
+            if self.schedule.active:
+                self.released.add(qid)
 
     def _lost(self, request: Any) -> None:
         """The client job ended in the middle of the task (it crashed, it was killed).
@@ -910,6 +915,9 @@ class OutboundManager:
         by_id = _outcomes(answer)  # a message without one is tried again
         items = []
         for qid in qids:
+            if by_id.get(qid, {}).get("not_begun") is True:  # its job was ending
+                self._not_begun(qid)
+                continue
             last = qid not in self.open and not self.recording[qid] and qid not in self.untried
             known = self.started.pop(qid, None) if last else None  # one task: always its last
             items.append((qid, by_id.get(qid, {}), last, known))

@@ -372,7 +372,7 @@ class Job:
             # the others of its task are left to the bridge.
             for deliverer in (self.deliverer, *self._retired):
                 deliverer.winding_down = True
-            d = defer.DeferredList(list(self._told))
+            d = defer.DeferredList(list(self._told), consumeErrors=True)
             d.addTimeout(SHUTDOWN_WAIT, self.reactor)
             return d.addErrback(lambda _: None)
         session = self._session()

@@ -122,10 +122,11 @@ class Deliverer:
         done: dict[str, Any] | None = None  # sent, its outcome not yet told (PART)
         for message in messages:
             if self.winding_down:
-                # Those not begun go without an outcome: the bridge tries them
-                # again.  The one under way was let finish, so nothing the
-                # next hop took is sent a second time.
-                break
+                # The one under way was let finish, so nothing the next hop
+                # took is sent a second time; those not begun wait on
+                # QTMSOUTQ, no try counted.
+                out.append({"id": message["id"], "not_begun": True})
+                continue
             if held_back is not None and not message.get("last"):
                 out.append(self._message(message, "temporary", *held_back))
                 continue
