@@ -105,8 +105,8 @@ class Job:
         self.channel: JobChannel | None = None
         self.deliverer: Any = None
         self._retired: list[Any] = []  # deliverers a reload replaced, closed once idle
-        self._tasks = 0
-        self._told: set[defer.Deferred] = set()  # fired as each running task's RESULT goes
+        #: One per task being delivered, fired once its RESULT is out.
+        self._told: set[defer.Deferred] = set()
         self.journal: Any = None
         self._directory: Any = None
         self.tls_options: Any = None
@@ -159,7 +159,7 @@ class Job:
         """A deliverer a reload replaced keeps a resolver that re-reads
         resolv.conf every minute for ever, and kept SMTP connections: closed
         once no task uses it (each reload leaked a resolver before)."""
-        if self._tasks:
+        if self._told:
             return
         retired, self._retired = self._retired, []
         for old in retired:
@@ -169,7 +169,6 @@ class Job:
     def run_task(self, token: str, payload: bytes) -> None:
         """An SMTP client job's work: deliver, report RESULT, then FREE."""
         self.sessions += 1
-        self._tasks += 1
         prefix = b"PART " + token.encode("ascii") + b" "
 
         def part(outcome: bytes) -> None:
@@ -181,12 +180,11 @@ class Job:
         self._told.add(told)
 
         def finished(result: Any) -> Any:
-            self._tasks -= 1
+            self._told.discard(told)
             self._close_retired()
             return result
 
         def reported(result: Any) -> Any:
-            self._told.discard(told)
             told.callback(None)
             return result
 
