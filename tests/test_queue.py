@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 from fsyncs import record_fsyncs
 from hypothesis import given
@@ -162,6 +163,22 @@ def test_an_id_in_use_cannot_be_spooled_again(fq):
     qid = enqueue(fq)
     with pytest.raises(ValueError, match="already in use"):
         fq.new_spool(fq.load(QTMSINQ, qid))
+
+
+def test_a_spool_without_an_envelope_has_a_fresh_id_and_takes_its_envelope_at_commit(fq):
+    ids = set()
+    for _ in range(3):
+        with fq.new_spool() as spool:
+            spool.write(b"Subject: x\r\n\r\nbody\r\n")
+            with pytest.raises(ValueError, match="no envelope"):
+                spool.commit(QTMSINQ)
+            assert spool.active  # nothing was published; the abort cleans up
+            env = attrs.evolve(Envelope.new("jane@example.test", ["sam@example.test"]),
+                               id=spool.id)
+            assert spool.commit(QTMSINQ, env) == spool.id
+        ids.add(spool.id)
+        assert fq.load(QTMSINQ, spool.id).originator == "jane@example.test"
+    assert len(ids) == 3 and sorted(ids) == fq.list(QTMSINQ)
 
 
 def test_a_concurrent_reader_never_sees_an_envelope_without_its_body(fq):

@@ -31,10 +31,12 @@ class IQueue(Interface):
     directories).  A move between queues is one rename of the envelope.
     """
 
-    def new_spool(envelope):
+    def new_spool(envelope=None):
         """Return a writable spool for a new message's body (``write``, ``commit``,
         ``abort``).  ``commit(queue)`` makes body and envelope durable in
-        ``queue`` and returns the queue id; ``abort()`` leaves no debris."""
+        ``queue`` and returns the queue id; ``abort()`` leaves no debris.
+        Without ``envelope`` the spool has a fresh id (``id``) and
+        ``commit(queue, envelope)`` must name the envelope, with that id."""
 
     def load(queue, queue_id):
         """The envelope of a message in ``queue``; raises KeyError if absent."""
@@ -45,9 +47,10 @@ class IQueue(Interface):
         ``queue``, where the caller last saw the message, is where it is
         looked for first."""
 
-    def body_damage(queue, envelope):
+    def body_damage(queue, envelope, body=None):
         """Why the message's body cannot be sent as it was received (gone, or
-        not the size its envelope records), or None when it is whole."""
+        not the size its envelope records), or None when it is whole.
+        ``body``: the path ``body_path`` gave, saving a second look."""
 
     def list(queue):
         """Queue ids in ``queue``, oldest first."""

@@ -291,7 +291,7 @@ class MaildirStore:
         if not isinstance(prefix, bytes):
             raise TypeError("prefix must be bytes")
         check_delivery_id(delivery_id)
-        with open(body_path, "rb") as body:
+        with open(body_path, "rb", buffering=1 << 16) as body:  # sized: no isatty probe
             body_size = os.fstat(body.fileno()).st_size
             name = self.message_name(delivery_id, len(prefix) + body_size)
             delivered = _find_delivered(maildir, name)
@@ -785,9 +785,13 @@ def owner_lock(root: Path | str, user: str, exclusive: bool = False) -> Iterator
     killed midway leaves nothing to mend.
     """
     directory = os.path.join(root, OWNERS_DIR)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(directory, check_user(user)),
-                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = os.path.join(directory, check_user(user))
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:  # the first delivery, or a hand removed it
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(path, flags, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield fd

@@ -471,10 +471,12 @@ class Spool:
     Use as a context manager so that any exception before ``commit`` aborts.
     """
 
-    def __init__(self, queue: FileQueue, envelope: Envelope) -> None:
+    def __init__(self, queue: FileQueue, envelope: Envelope | None,
+                 queue_id: str | None = None) -> None:
         self._queue = queue
+        #: None: the envelope comes with ``commit``.
         self.envelope = envelope
-        self.id = envelope.id
+        self.id = envelope.id if envelope is not None else _check_id(queue_id)
         self.size = 0
         pid = os.getpid()
         self._body_tmp = f"{queue._tmp}/{self.id}.{pid}.body"
@@ -525,7 +527,11 @@ class Spool:
         """
         if not self.active:
             raise ValueError(f"spool {self.id} is closed")
-        env = attrs.evolve(envelope or self.envelope, size=self.size)
+        if envelope is None and self.envelope is None:
+            raise ValueError(f"spool {self.id} has no envelope to commit")
+        env = envelope or self.envelope
+        if env.size != self.size:
+            env = attrs.evolve(env, size=self.size)
         if env.id != self.id:
             raise ValueError(f"envelope id {env.id} is not the spool's id {self.id}")
         target = self._queue._envelope(queue, self.id)
@@ -671,12 +677,14 @@ class FileQueue:
     def envelope_path(self, queue: str, queue_id: str) -> Path:
         return Path(self._envelope(queue, queue_id))
 
-    def body_damage(self, queue: str, envelope: Envelope) -> str | None:
+    def body_damage(self, queue: str, envelope: Envelope,
+                    body: Path | str | None = None) -> str | None:
         """A body cut short (a crash of the disk, a hand in the queue) would go
         out as a shorter message, or an empty one: its size must be the one
-        its envelope recorded when the message was received."""
+        its envelope recorded when the message was received.  ``body``: its
+        path, when the caller has looked it up already."""
         try:
-            size = os.stat(self.body_path(envelope.id, queue)).st_size
+            size = os.stat(body or self.body_path(envelope.id, queue)).st_size
         except FileNotFoundError:
             return "body missing"
         if envelope.size and size != envelope.size:
@@ -779,7 +787,12 @@ class FileQueue:
 
     # IQueue
 
-    def new_spool(self, envelope: Envelope) -> Spool:
+    def new_spool(self, envelope: Envelope | None = None) -> Spool:
+        if envelope is None:
+            # A fresh id: its time part increases within this process and its
+            # random part keeps processes apart, so no file has it yet.  The
+            # SMTP server takes one per message and pays no lookups for it.
+            return Spool(self, None, new_queue_id())
         if os.path.exists(self._body(envelope.id)) or any(
                 os.path.exists(self._packed(q, envelope.id)) for q in PACKABLE):
             raise ValueError(f"queue id {envelope.id} is already in use")

@@ -96,10 +96,10 @@ class InboundProcessor:
             env = self.queue.load(QTMSINQ, queue_id)
         except CorruptEnvelope as e:
             return self._set_aside(queue_id, f"unreadable envelope: {e}")
-        damage = self.queue.body_damage(QTMSINQ, env)
+        body = self.queue.body_path(queue_id, QTMSINQ)
+        damage = self.queue.body_damage(QTMSINQ, env, body)
         if damage is not None:
             return self._set_aside(queue_id, damage)
-        body = self.queue.body_path(queue_id, QTMSINQ)
         j = self.journal
         j.write("7A", f"7A FIQ {QTMSINQ}", queue_id, queue=QTMSINQ)
         if self.storage_full():
@@ -258,8 +258,9 @@ class InboundProcessor:
             if res.kind == "pop":
                 path = deliver_to_profile(self.mailboxes, self.directory, res.usrprf,
                                           delivery_id, body, prefix)
-                j.write("B8", f"B8 DLV {path.parent.parent}", qid, recipient=rcpt.address,
-                        usrprf=res.usrprf, mailbox=str(path.parent.parent))
+                mailbox = str(path.parent.parent)
+                j.write("B8", f"B8 DLV {mailbox}", qid, recipient=rcpt.address,
+                        usrprf=res.usrprf, mailbox=mailbox)
                 j.write("B2", f"B2 R {rcpt.address}", qid, recipient=rcpt.address)
             else:
                 self.snads.deliver(res.userid, delivery_id, body, prefix)

@@ -325,7 +325,7 @@ class QueueBackend(Backend):
             self.reactor, self.reactor.getThreadPool(), self.directory.signs_on, usrprf)
 
     def new_spool(self) -> Any:
-        return self.queue.new_spool(Envelope.new("", ()))
+        return self.queue.new_spool()
 
     def commit(self, spool: Any, received: Received) -> Any:
         return threads.deferToThreadPool(
@@ -351,6 +351,7 @@ class QueueBackend(Backend):
             client_ip=received.client_ip,
             helo=received.helo,
             message_id=received.message_id,
+            size=spool.size,
         )
         size = spool.size
         journaled = []
