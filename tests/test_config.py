@@ -367,6 +367,17 @@ def test_special_values_as_ibm_writes_them(tmp_path: Path) -> None:
     assert loaded.smtp.firewall == "*YES"
 
 
+def test_a_name_given_twice_in_a_list_counts_once(tmp_path: Path) -> None:
+    text = ('[system]\nlocal_domains = ["example.test", "other.test", "EXAMPLE.test"]\n'
+            '[smtp]\nauthmech = ["*PLAIN", "*PLAIN", "*LOGIN"]\n'
+            'rblsvr = ["bl.example", "bl.example"]\n')
+    loaded = config.load(write(tmp_path, text))
+    assert loaded.system.local_domains == ("example.test", "other.test")
+    assert loaded.smtp.authmech == ("*PLAIN", "*LOGIN")
+    assert loaded.smtp.rblsvr == ("bl.example",)
+    assert setting_type("smtp.authmech").parse("*PLAIN *plain, *LOGIN") == ("*PLAIN", "*LOGIN")
+
+
 # --- configedit ---------------------------------------------------------------
 
 

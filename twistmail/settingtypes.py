@@ -178,7 +178,14 @@ class TextList:
             raw = raw.replace(",", " ").split()
         if not isinstance(raw, list | tuple) or not all(isinstance(x, str) for x in raw):
             raise _Invalid
-        return tuple(x.strip() for x in raw if x.strip())
+        # A name given twice is meant once: EHLO offered "AUTH PLAIN PLAIN".
+        seen: set[str] = set()
+        out = []
+        for x in (x.strip() for x in raw):
+            if x and x.lower() not in seen:
+                seen.add(x.lower())
+                out.append(x)
+        return tuple(out)
 
     def dump(self, value: tuple[str, ...]) -> list[str]:
         return list(value)
