@@ -411,6 +411,8 @@ def test_dspjrn_outfile(config: Path, tmp_path: Path, capsys: pytest.CaptureFixt
         (["--jrn", "QAUDJRN"], "--jrn"),
         (["--output", "*", "--outfile", "j.csv"], "--outfile"),  # shown or written, not both
         (["--output", "*OUTFILE"], "--output"),
+        (["--msgid", ""], "--msgid"),
+        (["--msgid", "  "], "--msgid"),
     ],
 )
 def test_dspjrn_usage_errors(

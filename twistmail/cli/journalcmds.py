@@ -191,6 +191,9 @@ def dspjrn(
     if output == "*" and outfile is not None:
         usage_error("--outfile: only with --output *OUTFILE; allowed: --output * without "
                     "--outfile, or --outfile with --output *OUTFILE (or no --output)")
+    if msgid is not None and not msgid.strip():
+        usage_error(f"--msgid: {msgid!r} names no message; allowed: a queue id as wrkq "
+                    "and the journal show it (22 characters 0-9, a-f)")
     codes = _codes(code_text)
     since = _time("--from", from_text)
     until = _time("--to", to_text, end_of_day=True)
