@@ -80,6 +80,11 @@ def stopped(make_appliance) -> Appliance:
         (["dspsmtpa", ""], "twistmail dspsmtpa: '': not an option; allowed: --json"),
         (["dspjrn", "--outfile", "/nonexistent/j.csv"],
          "twistmail dspjrn: --outfile: '/nonexistent/j.csv' cannot be written: No such file"),
+        # A long value is shown by its start and its length.
+        (["crtusrprf", "--usrprf", "A" * 5000, "--password", "x"],
+         f"--usrprf: '{'A' * 60}...' (5000 characters) is not allowed; allowed: 1-10"),
+        (["cl", f"CHGSMTPA MAILROUTER('{'x' * 300}')"],
+         f"MAILROUTER: '{'x' * 60}...' (300 characters) is not allowed"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(stopped, args, needle):

@@ -369,11 +369,11 @@ def run(args: list[str] | None = None, prog_name: str = "twistmail") -> int:
         return EXIT_USAGE
     except click.UsageError as e:
         name = e.ctx.command_path if e.ctx is not None else prog_name
-        click.echo(f"{name}: {_usage_message(e)}", err=True)
+        click.echo(f"{name}: {_bounded(_usage_message(e))}", err=True)
         return EXIT_USAGE
     except click.ClickException as e:
         name = getattr(e, "command_path", None) or prog_name
-        click.echo(f"{name}: {_one_line(e.format_message())}", err=True)
+        click.echo(f"{name}: {_bounded(_one_line(e.format_message()))}", err=True)
         return e.exit_code
     except click.Abort:
         click.echo(f"{prog_name}: aborted", err=True)
@@ -461,6 +461,21 @@ def _known_options(e: click.NoSuchOption) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+#: A quoted value in a message (as repr writes it) longer than this is cut.
+SHOWN_MAX = 60
+_LONG_QUOTED = re.compile((r"'(?:[^'\\]|\\.){%d,}'" + r'|"(?:[^"\\]|\\.){%d,}"')
+                          % (SHOWN_MAX + 20, SHOWN_MAX + 20))
+
+
+def _bounded(message: str) -> str:
+    """The message with each long value it quotes cut: a 100,000-character
+    name made a line of 100,000 characters, where its start says enough."""
+    def cut(m: re.Match[str]) -> str:
+        quoted = m.group(0)
+        return f"{quoted[:SHOWN_MAX + 1]}...{quoted[0]} ({len(quoted) - 2} characters)"
+    return _LONG_QUOTED.sub(cut, message)
 
 
 def main() -> None:
