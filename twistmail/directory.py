@@ -1248,8 +1248,9 @@ def _entry_key(userid: str, address: str) -> tuple[str, str]:
     key = (_check_dir_name("usrid", userid), _check_dir_name("usrid", address))
     if (key[0] == ANY) != (key[1] == ANY):
         raise DirectoryError(
-            "usrid", f"{key[0]} {key[1]}", "is not allowed; *ANY is only allowed as *ANY *ANY"
-        )
+            "usrid", f"{key[0]} {key[1]}", "is not allowed; *ANY is only allowed as *ANY *ANY, "
+            "the catch-all (mail is found by SMTP name: an entry for any user of one "
+            "address would never be used)")
     return key
 
 
