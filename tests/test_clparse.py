@@ -142,7 +142,7 @@ def test_get_absent_keyword() -> None:
         ("WRKACTJOB QSYSWRK", "unknown positional parameter 1 for WRKACTJOB"),
         ("CHGPJE MAXJOBS(20) MAXJOBS(30)", "keyword MAXJOBS given twice"),
         ("CHGPJE QTMSSRCP SBSD(QSYSWRK)", "keyword SBSD given twice"),
-        ("CHGPJE PGM(QTMSSRCP) QSYSWRK", "positional value 'QSYSWRK' after keyword PGM"),
+        ("CHGPJE PGM(QTMSSRCP) QSYSWRK", "positional value QSYSWRK after keyword PGM"),
         ("X TEXT('It''s", "unterminated quoted string in TEXT"),
         ("X TEXT('a'b)", "missing blank after 'a' in TEXT"),
         ("X TOUSRID(SAM(X))", "missing blank after 'SAM' in TOUSRID"),

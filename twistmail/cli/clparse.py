@@ -426,8 +426,9 @@ def _parameter(
         return keyword, scanner.items(keyword), True
     scanner.pos = start
     if last_keyword is not None:
+        value = _render_element(scanner.element(f"the value after {last_keyword}"))
         raise ClError(
-            f"positional value {scanner.rest()!r} after keyword {last_keyword}; "
+            f"positional value {value} after keyword {last_keyword}; "
             "positional values come first"
         )
     keyword = _positional_keyword(name, count)
