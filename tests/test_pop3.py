@@ -263,7 +263,7 @@ def test_alwssl_only_and_no(make_appliance):
     a = make_appliance(pop={"alwssl": "*ONLY", "nbrsvr": 1}).start()
     a.user("SAM")
     p = poplib.POP3(*a.addr("pop3"), timeout=30)
-    with pytest.raises(poplib.error_proto, match="use STLS first, or port 995"):
+    with pytest.raises(poplib.error_proto, match="use STLS first, or the POP3S port"):
         p.user("sam")
     p.stls(tls_context())
     p.user("sam")

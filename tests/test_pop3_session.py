@@ -395,3 +395,22 @@ def test_a_command_with_a_stray_cr_before_its_line_end_is_not_taken(store, tmp_p
     _login(session, transport)
     session.dataReceived(b"NOOP\r\r\nDELE 1\r\r\nNOOP\r\n")
     assert [r[:4] for r in transport.value().splitlines()] == [b"-ERR", b"-ERR", b"+OK"]
+
+
+@pytest.mark.parametrize("line", [b"NOOP\x00", b"NO\x00OP", b"NOOP\x1b", b"LIST\x7f"])
+def test_control_characters_in_a_command_get_the_same_error(store, tmp_path, line):
+    _, _, session, transport = _session(store)
+    _login(session, transport)
+    session.dataReceived(line + b"\r\nNOOP\r\n")
+    assert transport.value().splitlines() == [
+        b"-ERR Syntax error: control characters in command", b"+OK"]
+
+
+@pytest.mark.parametrize("line", [b"LIST \xc2\xa0", b"UIDL \xe2\x80\x83", b"LIST 1\xc2\xa0"])
+def test_only_a_space_separates_an_argument(store, tmp_path, line):
+    """RFC 1939: one SP between keyword and argument; a no-break space is no blank."""
+    _deliver(store, tmp_path, b"Subject: hi\r\n\r\nbody\r\n")
+    _, _, session, transport = _session(store)
+    _login(session, transport)
+    session.dataReceived(line + b"\r\n")
+    assert transport.value().splitlines() == [b"-ERR Syntax: a message number is required"]

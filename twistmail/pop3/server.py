@@ -25,6 +25,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import ipaddress
+import re
 from collections.abc import Iterable
 from typing import Any, BinaryIO
 
@@ -44,6 +45,8 @@ from twistmail.protocols.writenow import write_now
 from twistmail.storagefault import log_failure
 
 MAX_LINE = 255  # RFC 2449: commands up to 255 octets with CRLF
+#: What no command line holds (a tab may be in a password): CR, NUL, DEL, ...
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 MAX_PENDING = 16 * 1024
 CHUNK = 64 * 1024
 MAX_FAILURES = 3
@@ -217,7 +220,8 @@ class POP3Session(SequentialSession):
     def connectionMade(self) -> None:
         self.peer_ip = client_address(getattr(self.transport.getPeer(), "host", "unknown"))
         if self.tls and self.factory.alwssl == "*NO":
-            self.err("[SYS/PERM] TLS is disabled on this server (ALWSSL *NO); use port 110")
+            self.err("[SYS/PERM] TLS is disabled on this server (ALWSSL *NO); use the plain POP3 "
+                     "port")
             self.close()
             return
         self.watch_output()
@@ -332,7 +336,7 @@ class POP3Session(SequentialSession):
             self.err("Line too long: commands are limited to 255 octets")
             return
         line = without_line_end(raw)
-        if b"\r" in line:
+        if _CONTROL.search(line):
             self.err("Syntax error: control characters in command")
             return
         try:
@@ -417,17 +421,18 @@ class POP3Session(SequentialSession):
 
     def _plaintext_refused(self) -> bool:
         if not self._plaintext_allowed():
-            self.err("[AUTH] Plaintext login is not allowed here: use STLS first, or port 995")
+            self.err("[AUTH] Plaintext login is not allowed here: use STLS first, or the POP3S "
+                     "port")
             return True
         return False
 
     def pop_USER(self, arg: str) -> None:
         if self._plaintext_refused():
             return
-        if not arg or " " in arg.strip():
+        if not arg or " " in arg.strip(" "):
             self.err("Syntax: USER name")
             return
-        self.user = arg.strip()
+        self.user = arg.strip(" ")
         self.ok("Send your password")
 
     pop_USER.states = ("AUTHORIZATION",)  # type: ignore[attr-defined]
@@ -555,7 +560,7 @@ class POP3Session(SequentialSession):
         return out
 
     def _item(self, arg: str) -> Item | None:
-        arg = arg.strip()
+        arg = arg.strip(" ")
         if not _number(arg):
             self.err("Syntax: a message number is required")
             return None
@@ -579,7 +584,7 @@ class POP3Session(SequentialSession):
     pop_STAT.states = ("TRANSACTION",)  # type: ignore[attr-defined]
 
     def pop_LIST(self, arg: str) -> None:
-        if arg.strip():
+        if arg.strip(" "):
             item = self._item(arg)
             if item is not None:
                 self.ok(f"{item.number} {item.size}")
@@ -591,7 +596,7 @@ class POP3Session(SequentialSession):
     pop_LIST.states = ("TRANSACTION",)  # type: ignore[attr-defined]
 
     def pop_UIDL(self, arg: str) -> None:
-        if arg.strip():
+        if arg.strip(" "):
             item = self._item(arg)
             if item is not None:
                 self.ok(f"{item.number} {item.uidl}")
