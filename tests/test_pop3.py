@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import os
 import poplib
 import smtplib
 import socket
@@ -131,6 +132,45 @@ def test_openssl_starttls_pop3(post):
         timeout=60)
     out = r.stdout
     assert b"+OK SAM has 0 messages" in out and b"+OK 0 0" in out, out + r.stderr
+
+
+def test_a_tls_session_ends_without_waiting_for_the_clients_close_notify(make_appliance):
+    """RFC 8446 §6.1: the side that closes need not wait for the other's close_notify.
+
+    A client that keeps its socket after QUIT used to hold its job for the
+    10-second grace; one that never began its handshake held it for the idle
+    time and the grace.
+    """
+    a = make_appliance(pop={"nbrsvr": 2, "inacttimo": 10},
+                       prestart__QTPOPSRVP={"threshold": 1}).start()
+    a.user("SAM")
+    silent = socket.create_connection(a.addr("pop3s"), timeout=30)  # not even a ClientHello
+    began = time.monotonic()
+    raw = socket.create_connection(a.addr("pop3s"), timeout=10)
+    tls = tls_context().wrap_socket(raw, server_hostname="mail.example.test")
+    assert read_reply(tls).startswith(b"+OK")
+    tls.sendall(b"USER sam\r\nPASS secret\r\nQUIT\r\n")
+    replies = b""
+    while replies.count(b"\r\n") < 3:
+        replies += tls.recv(4096)
+    assert replies.splitlines()[-1].startswith(b"+OK"), replies
+    # No close_notify from us, and the socket stays open: the TCP connection
+    # still ends, once the reply and the server's close_notify have come.
+    under = socket.socket(fileno=os.dup(tls.fileno()))
+    under.settimeout(5)
+    try:
+        while under.recv(4096):
+            pass
+    finally:
+        under.close()
+        tls.close()
+    # The silent one is cut at INACTTIMO, not INACTTIMO + 10 s.
+    try:
+        assert silent.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - began < 16
+    silent.close()
 
 
 def test_stls_discards_pipelined_plaintext(post):

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from twistmail.protocols.writenow import close_now
+from twistmail.protocols.writenow import close_now, close_tls_now
 
 #: Seconds a closing session's last reply has to leave before the connection is cut.
 CLOSE_GRACE = 10.0
@@ -244,3 +244,4 @@ class SequentialSession(Protocol):
             self.timeout_call = self.reactor.callLater(
                 min(CLOSE_GRACE, self.inacttimo), self.transport.abortConnection)
             self.transport.loseConnection()
+            close_tls_now(self.transport)

@@ -20,6 +20,7 @@ import socket
 from typing import Any
 
 from twisted.internet import error, tcp
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 
@@ -90,3 +91,35 @@ def close_now(reactor: Any, transport: Any) -> bool:
     reactor.removeWriter(transport)
     transport.connectionLost(Failure(error.ConnectionDone()))
     return True
+
+
+def _tls_layer(transport: Any) -> TLSMemoryBIOProtocol | None:
+    """The TLS layer of a connection: the transport itself (implicit TLS), or
+    the protocol STARTTLS put under it; None for a plain connection."""
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        return transport
+    inner = getattr(transport, "protocol", None)
+    if getattr(transport, "TLS", False) and isinstance(inner, TLSMemoryBIOProtocol):
+        return inner
+    return None
+
+
+def close_tls_now(transport: Any) -> None:
+    """After ``loseConnection`` of a TLS connection: end it without the client's close_notify.
+
+    Twisted keeps the connection until the client answers our close_notify
+    with its own, and a client that does not (it keeps its socket open after
+    QUIT) held the job for the whole grace period.  RFC 8446 §6.1 lets the
+    side that closes go at once, as Dovecot and Postfix do: once our last
+    reply and the close_notify are in the TCP connection's buffer, it closes
+    when they have left.  A handshake that never finished has nothing the
+    client could read: the connection is cut (an implicit-TLS client that
+    says nothing held its job for the idle time and the grace period).
+    """
+    tls = _tls_layer(transport)
+    if tls is None or tls.transport is None or not tls.disconnecting or tls._aborted:
+        return
+    if not tls._handshakeDone:
+        tls.abortConnection()
+    elif not tls._appSendBuffer and tls._producer is None:
+        tls.transport.loseConnection()  # what is queued leaves first
