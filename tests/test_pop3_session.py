@@ -406,11 +406,16 @@ def test_control_characters_in_a_command_get_the_same_error(store, tmp_path, lin
         b"-ERR Syntax error: control characters in command", b"+OK"]
 
 
-@pytest.mark.parametrize("line", [b"LIST \xc2\xa0", b"UIDL \xe2\x80\x83", b"LIST 1\xc2\xa0"])
-def test_only_a_space_separates_an_argument(store, tmp_path, line):
+@pytest.mark.parametrize(("line", "reply"), [
+    (b"LIST \xc2\xa0", b"-ERR Syntax: a message number is required"),
+    (b"UIDL \xe2\x80\x83", b"-ERR Syntax: a message number is required"),
+    (b"LIST 1\xc2\xa0", b"-ERR Syntax: a message number is required"),
+    (b"TOP 1\xc2\xa00", b"-ERR Syntax: TOP message lines"),
+])
+def test_only_a_space_separates_an_argument(store, tmp_path, line, reply):
     """RFC 1939: one SP between keyword and argument; a no-break space is no blank."""
     _deliver(store, tmp_path, b"Subject: hi\r\n\r\nbody\r\n")
     _, _, session, transport = _session(store)
     _login(session, transport)
     session.dataReceived(line + b"\r\n")
-    assert transport.value().splitlines() == [b"-ERR Syntax: a message number is required"]
+    assert transport.value().splitlines() == [reply]

@@ -615,7 +615,7 @@ class POP3Session(SequentialSession):
     pop_RETR.states = ("TRANSACTION",)  # type: ignore[attr-defined]
 
     def pop_TOP(self, arg: str) -> Any:
-        parts = arg.split()
+        parts = [p for p in arg.split(" ") if p]
         if len(parts) != 2 or not _number(parts[1]):
             self.err("Syntax: TOP message lines")
             return None
