@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import os
 import poplib
 import smtplib
 import socket
@@ -134,43 +133,59 @@ def test_openssl_starttls_pop3(post):
     assert b"+OK SAM has 0 messages" in out and b"+OK 0 0" in out, out + r.stderr
 
 
-def test_a_tls_session_ends_without_waiting_for_the_clients_close_notify(make_appliance):
-    """RFC 8446 §6.1: the side that closes need not wait for the other's close_notify.
-
-    A client that keeps its socket after QUIT used to hold its job for the
-    10-second grace; one that never began its handshake held it for the idle
-    time and the grace.
-    """
+def test_a_pop3s_client_that_never_begins_its_handshake_is_cut_at_the_idle_time(
+        make_appliance):
+    """Its greeting waits for a handshake that never comes: it used to hold
+    the job for the idle time and then the 10-second grace."""
     a = make_appliance(pop={"nbrsvr": 2, "inacttimo": 10},
                        prestart__QTPOPSRVP={"threshold": 1}).start()
-    a.user("SAM")
     silent = socket.create_connection(a.addr("pop3s"), timeout=30)  # not even a ClientHello
     began = time.monotonic()
-    raw = socket.create_connection(a.addr("pop3s"), timeout=10)
-    tls = tls_context().wrap_socket(raw, server_hostname="mail.example.test")
-    assert read_reply(tls).startswith(b"+OK")
-    tls.sendall(b"USER sam\r\nPASS secret\r\nQUIT\r\n")
-    replies = b""
-    while replies.count(b"\r\n") < 3:
-        replies += tls.recv(4096)
-    assert replies.splitlines()[-1].startswith(b"+OK"), replies
-    # No close_notify from us, and the socket stays open: the TCP connection
-    # still ends, once the reply and the server's close_notify have come.
-    under = socket.socket(fileno=os.dup(tls.fileno()))
-    under.settimeout(5)
-    try:
-        while under.recv(4096):
-            pass
-    finally:
-        under.close()
-        tls.close()
-    # The silent one is cut at INACTTIMO, not INACTTIMO + 10 s.
     try:
         assert silent.recv(1) == b""
     except ConnectionResetError:
         pass
     assert time.monotonic() - began < 16
     silent.close()
+    a.wait_for(lambda: a.count("QTPOPSRVP", "PSRW") == 2, 10, "the job to be free again")
+
+
+def test_what_a_tls_client_sends_after_quit_does_not_cut_its_last_replies(post):
+    """The client reads a large RETR slowly and sends more (a NOOP, or its
+    close_notify) after QUIT: a socket closed under it would answer with a
+    reset, and the client would lose the rest of the message and the DELE's
+    message with it."""
+    a = post
+    body = b"Subject: big\r\n\r\n" + b"".join(b"%07d " % i + b"x" * 70 + b"\r\n"
+                                           for i in range(80000))  # about 6 MB
+    send(a, "sam@example.test", body)
+    [path] = a.wait_mailbox("SAM", 1)
+    stored = path.read_bytes()
+    raw = socket.create_connection(a.addr("pop3s"), timeout=30)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    tls = tls_context().wrap_socket(raw, server_hostname="mail.example.test")
+    assert read_reply(tls).startswith(b"+OK")
+    tls.sendall(b"USER sam\r\nPASS secret\r\n")
+    assert read_reply(tls).startswith(b"+OK") and read_reply(tls).startswith(b"+OK")
+    tls.sendall(b"RETR 1\r\nDELE 1\r\nQUIT\r\n")
+    got = b""
+    slow_until = time.monotonic() + 2.5  # the server gets to QUIT, megabytes still queued
+    while time.monotonic() < slow_until:
+        got += tls.recv(16384)
+        time.sleep(0.01)
+    tls.sendall(b"NOOP\r\n")
+    while not got.endswith(b"signing off (1 message deleted)\r\n") and len(got) < 10 ** 8:
+        chunk = tls.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    tls.close()
+    head, _, rest = got.partition(b"\r\n")
+    assert head.startswith(b"+OK")
+    message, _, after = rest.partition(b"\r\n.\r\n")
+    assert message.replace(b"\r\n..", b"\r\n.") + b"\r\n" == stored
+    assert after.startswith(b"+OK Message 1 marked for deletion\r\n+OK ")
+    assert after.endswith(b"signing off (1 message deleted)\r\n"), after[-200:]
 
 
 def test_stls_discards_pipelined_plaintext(post):

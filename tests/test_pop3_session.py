@@ -419,3 +419,13 @@ def test_only_a_space_separates_an_argument(store, tmp_path, line, reply):
     _login(session, transport)
     session.dataReceived(line + b"\r\n")
     assert transport.value().splitlines() == [reply]
+
+
+def test_a_close_after_the_connection_is_gone_leaves_no_timer(store):
+    """A TLS client's close_notify ends the connection under a session still
+    at work; its close afterwards armed a timer that aborted a transport gone
+    10 s before (a critical traceback in the log)."""
+    clock, _, session, transport = _session(store)
+    session.connectionLost(None)
+    session.close()
+    assert clock.getDelayedCalls() == []

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from twistmail.protocols.writenow import close_now, close_tls_now
+from twistmail.protocols.writenow import close_now, cut_unfinished_tls
 
 #: Seconds a closing session's last reply has to leave before the connection is cut.
 CLOSE_GRACE = 10.0
@@ -236,7 +236,7 @@ class SequentialSession(Protocol):
     def close(self) -> None:
         self.closing = True
         self.buffer = b""
-        if self.transport is not None:
+        if self.transport is not None and not self.lost:
             self.lend_output()  # a paused producer would keep the connection open for ever
             self.cancel_timeout()
             if close_now(self.reactor, self.transport):
@@ -244,4 +244,4 @@ class SequentialSession(Protocol):
             self.timeout_call = self.reactor.callLater(
                 min(CLOSE_GRACE, self.inacttimo), self.transport.abortConnection)
             self.transport.loseConnection()
-            close_tls_now(self.transport)
+            cut_unfinished_tls(self.transport)

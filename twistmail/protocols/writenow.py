@@ -104,22 +104,18 @@ def _tls_layer(transport: Any) -> TLSMemoryBIOProtocol | None:
     return None
 
 
-def close_tls_now(transport: Any) -> None:
-    """After ``loseConnection`` of a TLS connection: end it without the client's close_notify.
+def cut_unfinished_tls(transport: Any) -> None:
+    """After ``loseConnection``: a TLS handshake that never finished is cut at once.
 
-    Twisted keeps the connection until the client answers our close_notify
-    with its own, and a client that does not (it keeps its socket open after
-    QUIT) held the job for the whole grace period.  RFC 8446 §6.1 lets the
-    side that closes go at once, as Dovecot and Postfix do: once our last
-    reply and the close_notify are in the TCP connection's buffer, it closes
-    when they have left.  A handshake that never finished has nothing the
-    client could read: the connection is cut (an implicit-TLS client that
-    says nothing held its job for the idle time and the grace period).
+    Twisted waits for such a handshake to finish when it holds a reply (an
+    implicit-TLS greeting), so a client that connected and said nothing
+    held its job for the idle time and then the whole grace period.  The
+    client can read nothing before its handshake, so nothing is lost.  A
+    finished handshake keeps Twisted's way: it reads on until the client's
+    close_notify, and what the client still sends never meets a closed
+    socket (whose reset would cut the last reply short in the client).
     """
     tls = _tls_layer(transport)
-    if tls is None or tls.transport is None or not tls.disconnecting or tls._aborted:
-        return
-    if not tls._handshakeDone:
+    if (tls is not None and tls.transport is not None and tls.disconnecting
+            and not tls._aborted and not tls._handshakeDone):
         tls.abortConnection()
-    elif not tls._appSendBuffer and tls._producer is None:
-        tls.transport.loseConnection()  # what is queued leaves first
