@@ -714,9 +714,10 @@ def test_spares_are_kept_up_to_a_limit_then_files_are_removed(fq, monkeypatch):
     removers = [FileQueue(fq.root) for _ in range(6)]  # six processes, one limit
     for n, qid in enumerate(ids):
         removers[n % 6].remove(QTMSINQ, qid)
+        assert fq.find(qid) is None  # out of its queue at once, kept or not
     for r in removers:
-        r.spares.flush()
-    assert len(spares(fq)) == 3 and all_files(fq) == []
+        r.spares.flush()  # also unlinks what the discarding threads have not yet
+    assert len(spares(fq)) == 3 and all_files(fq) == [] and retired(fq) == []
 
 
 def test_a_whole_message_left_by_a_crash_before_its_release_is_in_no_queue(fq, monkeypatch):

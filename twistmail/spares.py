@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import queue
 import random
 import stat
 import threading
@@ -35,7 +36,8 @@ from collections.abc import Callable, Iterable
 from twistmail.durable import fsync_dir
 from twistmail.durable import unlink as _unlink
 
-#: Files kept in spare/ and retired/ together; beyond that they are unlinked.
+#: Files kept in spare/ and retired/ together; beyond that they are unlinked
+#: (by a thread of the process: see Spares._discard_later).
 SPARE_MAX = 256
 #: Retired files released together, after one fsync of each directory they left.
 RELEASE_BATCH = 32
@@ -61,6 +63,13 @@ def _listing(path: str) -> list[str] | None:
 
 def _names(path: str) -> list[str]:
     return _listing(path) or []
+
+
+def _discarding(paths: queue.SimpleQueue[str]) -> None:
+    while True:
+        path = paths.get()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _is_file(path: str) -> bool:
@@ -105,6 +114,9 @@ class Spares:
         self._names_pid = 0
         self._skip = 0
         self._at_exit = 0  # the pid that registered flush() to run at its exit
+        #: Files for the discarding thread of process ``_discards_pid``.
+        self._discards: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._discards_pid = 0
 
     # -- retiring
 
@@ -117,12 +129,16 @@ class Spares:
         file (without it, a power cut could bring back the envelope
         without its body)."""
         # A file with another name (see the module docstring) keeps that one.
-        if not (_is_file(path) and self._room()):
+        if not _is_file(path):
             return _unlink(path)
+        kept = self._room()
         try:
             os.rename(path, f"{self.retired}/{name}")
         except OSError:  # gone, or no retired/ (a queue made by an older version)
             return _unlink(path)
+        if not kept:
+            self._discard_later(f"{self.retired}/{name}")
+            return True
         batch = None
         now = time.monotonic()
         with self._lock:
@@ -142,13 +158,39 @@ class Spares:
             self._release(batch, dirs)
         return True
 
+    def _discard_later(self, path: str) -> None:
+        """Unlink ``path`` in this process's discarding thread.
+
+        Unlinking a file of mail frees its blocks, and the kernel waits for
+        its bitmaps: 80-170 microseconds in which a QMSF job delivered
+        nothing.  The file is out of its queue already (in retired/); one
+        that a process ending leaves there is released by adopt()."""
+        with self._lock:
+            if self._discards_pid != os.getpid():  # none yet, or forked: start one
+                self._discards = queue.SimpleQueue()
+                self._discards_pid = os.getpid()
+                threading.Thread(target=_discarding, args=(self._discards,), daemon=True,
+                                 name="spare-discard").start()
+            self._discards.put(path)
+            if self._at_exit != os.getpid():  # a process that ends discards what waits
+                self._at_exit = os.getpid()
+                atexit.register(self.flush)
+
     def flush(self) -> None:
-        """Release this process's retired files now."""
+        """Release this process's retired files now, and discard those it may not keep."""
         with self._lock:
             batch, dirs = self._pending, self._pending_dirs
             self._pending, self._pending_dirs = [], set()
+            discards = self._discards if self._discards_pid == os.getpid() else None
         if batch:
             self._release(batch, dirs)
+        while discards is not None:  # beside the thread: each path goes to one of them
+            try:
+                path = discards.get_nowait()
+            except queue.Empty:
+                break
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def adopt(self) -> int:
         """Release every retired file, also those a dead process left; how many.
