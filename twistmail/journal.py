@@ -620,9 +620,8 @@ class Journal:
         if self._rfd is not None:
             os.close(self._rfd)
             self._rfd = None
-        path = self.directory / receiver_name(number)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        self._rfd = os.open(path, flags, 0o640)
+        self._rfd = os.open(self._receiver_path(number), flags, 0o640)
 
     def _release_receiver(self) -> None:
         if self._rfd is not None:
