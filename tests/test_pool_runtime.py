@@ -168,10 +168,15 @@ def test_maxuse_replaces_used_up_job(make_appliance):
     a = make_appliance(prestart__QTMSSRCP={"inljobs": 1, "threshold": 1, "adljobs": 1,
                                            "maxjobs": 4, "maxuse": 2}).start()
     first = a.jobs("QTMSSRCP")[0]["pid"]
-    quit_all(hold(a, 1))
-    # While the only job was busy, THRESHOLD 1 started another.  Which of the
-    # two takes a next session depends on which was freed last (the job's
-    # FREE or the new one's READY): two sessions at once give each one.
+    held = hold(a, 1)
+    # While the only job is busy, THRESHOLD 1 starts another.  (Held until
+    # then: a session over before the controller looked, its FREE said
+    # before, grows nothing, and a loaded machine can make it look late.)
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 1 and a.count("QTMSSRCP") == 2, 10,
+               "a second job")
+    quit_all(held)
+    # Which of the two takes a next session depends on which was freed last
+    # (the job's FREE or the new one's READY): two sessions at once give each one.
     a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 10, "the second job idle too")
     quit_all(hold(a, 2))
     a.wait_for(lambda: not alive(first), 10, "used-up job to end")
