@@ -8,6 +8,7 @@ import poplib
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 import time
 
@@ -186,6 +187,60 @@ def test_what_a_tls_client_sends_after_quit_does_not_cut_its_last_replies(post):
     assert message.replace(b"\r\n..", b"\r\n.") + b"\r\n" == stored
     assert after.startswith(b"+OK Message 1 marked for deletion\r\n+OK ")
     assert after.endswith(b"signing off (1 message deleted)\r\n"), after[-200:]
+
+
+def test_a_client_that_ends_tls_mid_retr_loses_no_message_it_did_not_get_whole(post):
+    """TLS 1.3 lets a client send its close_notify and read on.  Twisted
+    drops every reply from then on, and the pipelined DELE and QUIT behind a
+    large RETR used to run all the same: the message was deleted, the client
+    holding a part of it."""
+    from OpenSSL import SSL
+
+    a = post
+    body = b"Subject: big\r\n\r\n" + b"".join(b"%07d " % i + b"x" * 70 + b"\r\n"
+                                           for i in range(80000))  # about 6 MB
+    send(a, "sam@example.test", body)
+    a.wait_mailbox("SAM", 1)
+    raw = socket.create_connection(a.addr("pop3s"), timeout=30)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    raw.settimeout(None)  # blocking, as OpenSSL wants it; the kernel's timeout instead:
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 30, 0))
+    conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), raw)
+    conn.set_connect_state()
+    conn.do_handshake()
+    got = b""
+    while got.count(b"\r\n") < 3:
+        if got.count(b"\r\n") == 1 and b"USER" not in got:
+            conn.sendall(b"USER sam\r\nPASS secret\r\n")
+            got += b"USER"
+        got += conn.recv(4096)
+    conn.sendall(b"RETR 1\r\nDELE 1\r\nQUIT\r\n")
+    got = b""
+    while len(got) < 1_000_000:  # a slow reader: the RETR is far from sent
+        got += conn.recv(16384)
+        time.sleep(0.005)
+    conn.shutdown()  # close_notify; the client reads on
+    while True:
+        try:
+            chunk = conn.recv(65536)
+        except (SSL.ZeroReturnError, SSL.SysCallError):
+            break
+        if not chunk:
+            break
+        got += chunk
+    raw.close()
+    whole = got.endswith(b"signing off (1 message deleted)\r\n")
+
+    def left() -> int | None:
+        try:
+            p = pop(a)
+        except poplib.error_proto:  # the ended session still holds the mailbox
+            return None
+        count = p.stat()[0]
+        p.quit()
+        return count + 1  # a count of 0 must not read as "not yet"
+
+    assert a.wait_for(left, 15, "a sign-on") == (1 if whole else 2)
 
 
 def test_stls_discards_pipelined_plaintext(post):

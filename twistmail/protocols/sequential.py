@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from twistmail.protocols.writenow import close_now, cut_unfinished_tls
+from twistmail.protocols.writenow import close_now, cut_unfinished_tls, tls_lost
 
 #: Seconds a closing session's last reply has to leave before the connection is cut.
 CLOSE_GRACE = 10.0
@@ -195,6 +195,11 @@ class SequentialSession(Protocol):
         progressed = False
         try:
             while not (self.busy or self.closing or self.output_full):
+                if tls_lost(self.transport):
+                    # The client ended TLS: what it sent before is not to
+                    # be carried out without its replies (see tls_lost).
+                    self.buffer = b""
+                    break
                 if not self.step():
                     break
                 progressed = True

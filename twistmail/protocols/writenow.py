@@ -119,3 +119,16 @@ def cut_unfinished_tls(transport: Any) -> None:
     if (tls is not None and tls.transport is not None and tls.disconnecting
             and not tls._aborted and not tls._handshakeDone):
         tls.abortConnection()
+
+
+def tls_lost(transport: Any) -> bool:
+    """Whether the connection's TLS layer has ended: the client sent its
+    close_notify (or TLS failed), and Twisted drops every write from then on.
+
+    The TCP connection lingers until what was queued has left, and the
+    session hears of it only then.  Meanwhile no reply can reach the client,
+    so no further command may be carried out: a QUIT run then committed the
+    deletions of a client that never saw the messages it had fetched.
+    """
+    tls = _tls_layer(transport)
+    return tls is not None and tls._lostTLSConnection
