@@ -67,9 +67,7 @@ def _names(path: str) -> list[str]:
 
 def _discarding(paths: queue.SimpleQueue[str]) -> None:
     while True:
-        path = paths.get()
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        _discard(paths.get())
 
 
 def _is_file(path: str) -> bool:
@@ -142,9 +140,7 @@ class Spares:
         batch = None
         now = time.monotonic()
         with self._lock:
-            if self._at_exit != os.getpid():  # a process that ends releases its batch
-                self._at_exit = os.getpid()
-                atexit.register(self.flush)
+            self._flush_at_exit()
             if not self._pending:
                 self._pending_since = now
             self._pending.append(name)
@@ -172,9 +168,14 @@ class Spares:
                 threading.Thread(target=_discarding, args=(self._discards,), daemon=True,
                                  name="spare-discard").start()
             self._discards.put(path)
-            if self._at_exit != os.getpid():  # a process that ends discards what waits
-                self._at_exit = os.getpid()
-                atexit.register(self.flush)
+            self._flush_at_exit()
+
+    def _flush_at_exit(self) -> None:
+        """Under the lock: a process that ends releases its batch and
+        discards what waits (one that ends by os._exit calls flush itself)."""
+        if self._at_exit != os.getpid():
+            self._at_exit = os.getpid()
+            atexit.register(self.flush)
 
     def flush(self) -> None:
         """Release this process's retired files now, and discard those it may not keep."""
@@ -189,8 +190,7 @@ class Spares:
                 path = discards.get_nowait()
             except queue.Empty:
                 break
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            _discard(path)
 
     def adopt(self) -> int:
         """Release every retired file, also those a dead process left; how many.
