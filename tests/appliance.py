@@ -262,15 +262,19 @@ def read_reply(sock: socket.socket, timeout: float = 10) -> bytes:
 
 
 def break_maildir(datadir: Path, user: str) -> Callable[[], None]:
-    """A user's Maildir that cannot take mail (its tmp/ is a file); the repair to call later."""
+    """A user's Maildir that cannot take mail (its tmp/ and new/ are files: a
+    queued file is linked into new/ without tmp/); the repair to call later."""
     from twistmail.maildir import MaildirStore
 
-    tmp = MaildirStore(datadir / "mailboxes", "mail.example.test").ensure(user) / "tmp"
-    tmp.rmdir()
-    tmp.write_text("not a directory")
+    maildir = MaildirStore(datadir / "mailboxes", "mail.example.test").ensure(user)
+    broken = [maildir / "tmp", maildir / "new"]
+    for path in broken:
+        path.rmdir()
+        path.write_text("not a directory")
 
     def repair() -> None:
-        tmp.unlink()
-        tmp.mkdir()
+        for path in broken:
+            path.unlink()
+            path.mkdir()
 
     return repair

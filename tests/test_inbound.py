@@ -14,7 +14,7 @@ from twistmail.bridge.msf import build_processor
 from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.directory import SqliteDirectory
 from twistmail.interfaces import QTMSINQ, QTMSOUTQ
-from twistmail.maildir import MaildirStore
+from twistmail.maildir import MaildirStore, trace_prefix
 from twistmail.queue import FAILED, Envelope, FileQueue
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
@@ -52,6 +52,55 @@ def test_mail_only_for_mailboxes_leaves_the_queue_without_a_flush(settings, monk
     assert fq.list(QTMSINQ) == []
     maildir = settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new"
     assert len(os.listdir(maildir)) == 1
+
+
+def _traced(fq: FileQueue, recipient: str, **fields) -> str:
+    """A message as the SMTP server queues one for a single local recipient:
+    its file begins with the trace fields of that recipient's mailbox copy."""
+    with fq.new_spool(Envelope.new("jane@example.test", (recipient,), **fields)) as spool:
+        spool.write_trace(trace_prefix("jane@example.test", recipient))
+        spool.write(b"Subject: hi\r\n\r\nhello\r\n")
+        return spool.commit(QTMSINQ)
+
+
+def test_a_queued_file_that_begins_with_its_trace_becomes_the_mailbox_copy(
+        settings, monkeypatch):
+    """No second copy is written or synced: the queued file, durable since its
+    250, is linked into new/, and a crash that brings the queue's name back
+    makes no second copy."""
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _traced(fq, "sam@example.test")
+    [entry] = (fq.root / QTMSINQ).iterdir()
+    kept = entry.with_name("kept")
+    os.link(entry, kept)  # the queue's name, as a crash could bring it back
+    processor.mailboxes.ensure("SAM")
+    synced = record_fsyncs(monkeypatch)
+    assert processor.process(qid).delivered == 1
+    maildir = settings.datadir / "mailboxes" / "SAM" / "Maildir"
+    assert synced == [str(maildir / "new")] and fq.list(QTMSINQ) == []
+    [copy] = (maildir / "new").iterdir()
+    assert copy.read_bytes() == (trace_prefix("jane@example.test", "sam@example.test")
+                                 + b"Subject: hi\r\n\r\nhello\r\n")
+    assert os.path.samefile(copy, kept) and os.listdir(maildir / "tmp") == []
+    os.rename(kept, entry)
+    assert processor.process(qid).delivered == 1
+    assert fq.list(QTMSINQ) == [] and list((maildir / "new").iterdir()) == [copy]
+    assert copy.stat().st_nlink == 1
+
+
+def test_the_trace_stays_out_of_the_notice(settings):
+    """The trace fields are for the mailbox copy only: a notice quotes the
+    message from its first real header field, whole with RET=FULL."""
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    for ret in (None, "FULL"):
+        qid = _traced(fq, "nobody@example.test", ret=ret)
+        notice = processor.process(qid).notice
+        text = fq.body_path(notice, QTMSINQ).read_bytes()
+        assert b"Subject: hi" in text and (b"hello" in text) == (ret == "FULL")
+        assert b"Delivered-To: nobody" not in text and b"Return-Path: <jane" not in text
+        fq.remove(QTMSINQ, notice)
 
 
 def test_a_removal_after_a_notice_is_flushed(settings, monkeypatch):

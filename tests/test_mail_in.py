@@ -18,6 +18,8 @@ import pytest
 from appliance import alive, descendants_of, read_reply, wait_gone
 from clients import needs
 
+from twistmail.maildir import trace_prefix
+
 
 @pytest.fixture
 def post(make_appliance):
@@ -158,6 +160,32 @@ def test_nondelivery_notice_to_originator_with_copy(post):
     # A notice that cannot be delivered makes no notice of its own.
     time.sleep(1)
     assert len(a.mailbox("JANE")) == 1
+
+
+def test_a_message_for_one_local_user_is_delivered_as_the_file_it_was_queued_in(post):
+    """The SMTP server writes the trace fields of the one mailbox copy first
+    (the queue's ``trace``), so delivery links the queued file into the
+    Maildir; a notice about such a message quotes no trace field."""
+    a = post
+    a.user("TEMP")
+    assert a.cli("endmsf", "--option", "*IMMED")[0] == 0
+    a.wait_for(lambda: a.control("status")["bridge"]["pid"] is None, 10)
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["sam@example.test"], b"Subject: one\r\n\r\nhi\r\n")
+        [queued] = a.queue_files("QTMSINQ")
+        s.sendmail("jane@example.test", ["temp@example.test"],
+                   b"Subject: to a leaver\r\n\r\nhi\r\n")
+    inode = queued.stat().st_ino
+    assert queued.read_bytes().startswith(b"Return-Path: <jane@example.test>\r\n"
+                                          b"Delivered-To: sam@example.test\r\nReceived: ")
+    assert a.cli("dltusrprf", "--usrprf", "TEMP")[0] == 0
+    assert a.cli("strmsf")[0] == 0
+    [copy] = a.wait_mailbox("SAM", 1)
+    [ndn] = a.wait_mailbox("JANE", 1)
+    assert copy.stat().st_ino == inode and copy.read_bytes().count(b"Return-Path:") == 1
+    notice = ndn.read_bytes()
+    assert b"Subject: to a leaver" in notice and b"Delivered-To: temp" not in notice
+    assert notice.count(b"Return-Path:") == 1  # the notice's own, <>
 
 
 def test_bare_lf_rejected_and_nothing_stored(post):
@@ -455,7 +483,9 @@ def test_a_message_that_cannot_be_read_is_set_aside_when_taken(post):
                          "the 7Y entries")
     reasons = {e["msgid"]: e["reason"] for e in entries}
     assert "envelope" in reasons[damaged.stem]
-    assert reasons[cut.stem].startswith("body of 100 bytes, ")
+    # Its size is the message's: the trace fields in front do not count.
+    trace = trace_prefix("jane@example.test", "sam@example.test")
+    assert reasons[cut.stem].startswith(f"body of {100 - len(trace)} bytes, ")
     assert all(e["job"].startswith("QMSF/") for e in entries)
     # The sound one is in the mailbox; its job may not have removed it from the queue yet.
     a.wait_for(lambda: a.queue_files("QTMSINQ") == [], 10, "QTMSINQ to empty")

@@ -27,6 +27,7 @@ from twistmail.maildir import (
     InvalidName,
     MailboxGone,
     MailboxInUse,
+    MaildirError,
     MaildirStore,
     MessageVanished,
     NoSuchMessage,
@@ -176,6 +177,63 @@ def test_a_repeated_delivery_flushes_the_folder_it_finds_the_copy_in(
     synced = record_fsyncs(monkeypatch)
     assert store.deliver(USER, "Q1.R1", body, PREFIX) == first
     assert synced == [str(store.path(USER) / "new")]
+
+
+def test_a_queued_file_that_is_the_copy_is_linked_in_and_only_new_is_synced(
+        store: MaildirStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that begins with the delivery's trace fields (the queue's
+    ``trace``) is the mailbox copy already, durable since its 250: linked,
+    not written again."""
+    queued = tmp_path / "queued"
+    queued.write_bytes(PREFIX + BODY)
+    store.ensure(USER)
+    synced = record_fsyncs(monkeypatch)
+    delivered = store.deliver(USER, "Q1.R0", queued, PREFIX, trace=len(PREFIX))
+    assert os.path.samefile(delivered, queued) and delivered.parent.name == "new"
+    assert delivered.name == f"Q1.R0.{HOST},S={len(PREFIX + BODY)}"
+    assert synced == [str(store.path(USER) / "new")]
+    os.unlink(queued)  # the queue lets go of its name: the mailbox keeps the message
+    assert delivered.read_bytes() == PREFIX + BODY
+    assert store.deliver(USER, "Q1.R0", delivered, PREFIX, trace=len(PREFIX)) == delivered
+    assert files(store.path(USER) / "tmp") == []
+
+
+@pytest.mark.parametrize("trace", [
+    b"Return-Path: <other@example.test>\r\nDelivered-To: sam@example.test\r\n",  # same length
+    b"Return-Path: <>\r\n",
+])
+def test_a_queued_file_with_other_trace_fields_gives_a_copy_without_them(
+        store: MaildirStore, tmp_path: Path, trace: bytes) -> None:
+    queued = tmp_path / "queued"
+    queued.write_bytes(trace + BODY)
+    delivered = store.deliver(USER, "Q1.R0", queued, PREFIX, trace=len(trace))
+    assert not os.path.samefile(delivered, queued)
+    assert delivered.read_bytes() == PREFIX + BODY
+    assert delivered.name == f"Q1.R0.{HOST},S={len(PREFIX + BODY)}"
+
+
+def test_a_queued_file_on_another_file_system_is_copied(
+        store: MaildirStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    queued = tmp_path / "queued"
+    queued.write_bytes(PREFIX + BODY)
+    real = os.link
+
+    def cross_device(src: object, dst: object, **kw: object) -> None:
+        if str(src) == str(queued):
+            raise OSError(18, "Invalid cross-device link")
+        real(src, dst, **kw)
+
+    monkeypatch.setattr(os, "link", cross_device)
+    delivered = store.deliver(USER, "Q1.R0", queued, PREFIX, trace=len(PREFIX))
+    assert not os.path.samefile(delivered, queued)
+    assert delivered.read_bytes() == PREFIX + BODY
+
+
+def test_a_body_shorter_than_its_trace_is_refused(store: MaildirStore, tmp_path: Path) -> None:
+    queued = tmp_path / "queued"
+    queued.write_bytes(PREFIX[:10])
+    with pytest.raises(MaildirError):
+        store.deliver(USER, "Q1.R0", queued, PREFIX, trace=len(PREFIX))
 
 
 def test_recipients_of_one_message_get_one_copy_each(store: MaildirStore, body: Path) -> None:

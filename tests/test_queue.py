@@ -1389,3 +1389,26 @@ def test_an_envelope_write_that_fails_leaves_no_file(tmp_path, monkeypatch):
 def test_a_time_to_come_reads_to_the_nearest_unit(seconds, text):
     """A retry due in 86,397 s showed as "in 23h"."""
     assert queuecmds._human_wait(seconds) == text
+
+
+def test_trace_fields_are_counted_apart_from_the_message(tmp_path):
+    """The size a message is judged and listed by is its own, not its trace's."""
+    fq = FileQueue(tmp_path / "q")
+    trace = b"Return-Path: <a@x.test>\r\nDelivered-To: b@y.test\r\n"
+    with fq.new_spool() as spool:
+        spool.write_trace(trace)
+        spool.write(b"Subject: s\r\n\r\nbody\r\n")
+        with pytest.raises(ValueError):
+            spool.write_trace(trace)  # only first
+        qid = spool.commit(QTMSINQ, Envelope(spool.id, "a@x.test", (Recipient("b@y.test"),),
+                                             time.time()))
+    env = fq.load(QTMSINQ, qid)
+    assert (env.trace, env.size) == (len(trace), len(b"Subject: s\r\n\r\nbody\r\n"))
+    assert fq.body_damage(QTMSINQ, env) is None
+    [entry] = [e for e in fq.entries(QTMSINQ)]
+    assert entry.size == env.size
+    body = fq.body_path(qid, QTMSINQ)
+    os.truncate(body, len(trace) + 3)
+    assert fq.body_damage(QTMSINQ, env) == f"body of 3 bytes, {env.size} when it was received"
+    os.truncate(body, 5)
+    assert "shorter than its" in fq.body_damage(QTMSINQ, env)

@@ -600,6 +600,33 @@ class ClientTests(unittest.TestCase):
         self.assertEqual([m.content for m in plain.messages], [data] * 3)
         self.assertEqual(calls.count(True), 1)
 
+    async def test_the_trace_fields_before_the_message_are_never_sent(self) -> None:
+        """A queued file may begin with the Return-Path and Delivered-To fields
+        local delivery keeps (the envelope's ``trace``): the message after them
+        is what goes, also for its SIZE, its 8-bit scan and its conversion."""
+        from twistmail.smtp.downgrade import to_7bit
+
+        trace = b"Return-Path: <me@here.test>\r\nDelivered-To: a@d.test\r\n"
+        small = "Subject: é\r\n\r\nçà\r\n".encode()
+        large = b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n") * 2000
+        eight = (b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                 b"Content-Transfer-Encoding: 8bit\r\n\r\n" + "é\r\n".encode() * 40000)
+        sink = self.sink(extensions=("PIPELINING", "SIZE 10000000", "8BITMIME"))
+        plain = self.sink(extensions=("PIPELINING", "SIZE 10000000"))
+        for data, server, sent in ((small, sink, small), (large, sink, large),
+                                   (eight, plain, to_7bit(eight))):
+            result = await deliver(reactor, [server.hop()], Envelope("me@here.test", ("a@d.test",)),
+                                   self.body(trace + data), "client.test", timeout_scale=0.02,
+                                   body_offset=len(trace))
+            self.assertEqual(result.recipients[0].status, DELIVERED)
+            # DATA ends the base64 of the conversion with a line end.
+            ended = sent if sent.endswith(b"\r\n") else sent + b"\r\n"
+            self.assertEqual(server.messages[-1].content, ended)
+            mail = [c for c in server.commands if c.startswith("MAIL")][-1]
+            self.assertIn(f"SIZE={len(sent)}", mail)
+        self.assertIn("BODY=8BITMIME", [c for c in sink.commands if c.startswith("MAIL")][0])
+        self.assertNotIn("BODY=8BITMIME", [c for c in sink.commands if c.startswith("MAIL")][1])
+
     async def test_a_large_eightbit_body_is_converted_into_a_file_of_its_own(self) -> None:
         """Larger than a chunk, the 7-bit copy is sent from a file that leaves nothing behind."""
         from twistmail.smtp.downgrade import to_7bit

@@ -93,7 +93,7 @@ class FakeBackend:
             return d
         return v
 
-    def new_spool(self):
+    def new_spool(self, originator="", recipients=()):
         s = FakeSpool(f"q{len(self.spools) + 1}")
         self.spools.append(s)
         return s
@@ -1105,7 +1105,7 @@ def test_a_disk_that_refuses_gets_a_reply_and_the_session_goes_on():
     s = Session()
     s.start()
 
-    def full() -> None:
+    def full(*_: object) -> None:
         raise OSError(24, "Too many open files")
 
     s.backend.new_spool = full
@@ -1127,7 +1127,7 @@ def test_a_spool_that_fills_up_fails_the_message_with_452():
     s = Session()
     s.start()
     spool = _FillingSpool("q1")
-    s.backend.new_spool = lambda: spool
+    s.backend.new_spool = lambda *_: spool
     s.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
     assert s.codes() == [250, 250, 354]
     spool.full = True

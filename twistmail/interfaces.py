@@ -35,6 +35,9 @@ class IQueue(Interface):
         """Return a writable spool for a new message's body (``write``, ``commit``,
         ``abort``).  ``commit(queue)`` makes body and envelope durable in
         ``queue`` and returns the queue id; ``abort()`` leaves no debris.
+        ``write_trace(fields)``, before any ``write``, begins the file with
+        the trace fields local delivery adds (the envelope's ``trace``
+        counts them).
         Without ``envelope`` the spool has a fresh id (``id``) and
         ``commit(queue, envelope)`` must name the envelope, with that id."""
 
@@ -45,7 +48,8 @@ class IQueue(Interface):
         """Filesystem path of the message's body, unchanged until the message
         is removed (then its file may be emptied and reused for another);
         ``queue``, where the caller last saw the message, is where it is
-        looked for first."""
+        looked for first.  The message starts after the envelope's ``trace``
+        octets of the file."""
 
     def body_damage(queue, envelope, body=None):
         """Why the message's body cannot be sent as it was received (gone, or
@@ -86,9 +90,11 @@ class IQueue(Interface):
 class IMailboxStore(Interface):
     """Local mailboxes (Maildir)."""
 
-    def deliver(user, delivery_id, body_path, prefix):
+    def deliver(user, delivery_id, body_path, prefix, trace=0):
         """Deliver ``prefix`` (bytes: added headers) + the body to ``user``'s mailbox.
 
+        The body starts after the first ``trace`` octets of the file; when
+        those are ``prefix`` itself the store may take the file as it is.
         ``delivery_id`` names the delivery (queue id and recipient); delivering
         the same id twice leaves one copy.  Returns the path of the message."""
 

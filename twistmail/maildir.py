@@ -39,7 +39,14 @@ own: the later is renamed to a base of its own, and nothing is removed.
 
 Durability: :meth:`MaildirStore.deliver` returns only when the message is
 durable: written to ``tmp/``, fsynced, hard-linked into ``new/`` (the link
-fails rather than replace an existing delivery), ``new/`` fsynced.  A crash
+fails rather than replace an existing delivery), ``new/`` fsynced.  A queued
+file that already begins with the delivery's trace fields (the SMTP server
+writes them for a message with one local recipient: ``Spool.write_trace``)
+is the copy itself, durable since the 250: it is hard-linked into ``new/``
+straight from the queue, and only ``new/`` is fsynced.  That file keeps the
+queue's envelope attribute, which names this message and its one
+recipient; when the queue lets go of its name the mailbox holds the only
+one, and the queue never reuses a file with a second name.  A crash
 leaves at most a file in ``tmp/``, removed by a POP session after 36 hours
 (the Maildir rule).  QUIT is all-or-nothing across crashes: the names to
 remove are written to ``.twistmail.expunge`` (fsynced, renamed into place)
@@ -283,16 +290,21 @@ class MaildirStore:
         """The new/ name of a delivery: sortable by queue id, unique per recipient."""
         return f"{check_delivery_id(delivery_id)}.{self._host},S={size}"
 
-    def deliver(self, user: str, delivery_id: str, body_path: Path | str, prefix: bytes) -> Path:
+    def deliver(self, user: str, delivery_id: str, body_path: Path | str, prefix: bytes,
+                trace: int = 0) -> Path:
         """Store ``prefix`` + body durably; a repeated delivery writes nothing.
 
+        The body is the file after its first ``trace`` octets; when those are
+        ``prefix``, the file is linked in as it is (see the module docstring).
         Returns the message's path (in new/, or in cur/ if a session saw it)."""
         maildir = self._maildir(user)
         if not isinstance(prefix, bytes):
             raise TypeError("prefix must be bytes")
         check_delivery_id(delivery_id)
         with open(body_path, "rb", buffering=1 << 16) as body:  # sized: no isatty probe
-            body_size = os.fstat(body.fileno()).st_size
+            body_size = os.fstat(body.fileno()).st_size - trace
+            if body_size < 0:
+                raise MaildirError("the body file is shorter than its trace fields")
             name = self.message_name(delivery_id, len(prefix) + body_size)
             delivered = _find_delivered(maildir, name)
             if delivered is not None:
@@ -300,11 +312,16 @@ class MaildirStore:
                 # new/: the caller is about to drop its queue copy.
                 fsync_dir(os.path.dirname(delivered))
                 return delivered
-            tmp = self._write_tmp(user, maildir, name, prefix, body, body_size)
+            if trace and trace == len(prefix) and os.pread(body.fileno(), trace, 0) == prefix:
+                linked = _link_queued(maildir, body_path, name, lambda: self.ensure(user))
+                if linked is not None:
+                    return linked
+            tmp = self._write_tmp(user, maildir, name, prefix, body, body_size, trace)
         return _link_new(maildir, tmp, name, lambda: self.ensure(user))
 
     def _write_tmp(
-        self, user: str, maildir: str, name: str, prefix: bytes, body: BinaryIO, size: int
+        self, user: str, maildir: str, name: str, prefix: bytes, body: BinaryIO, size: int,
+        start: int = 0,
     ) -> str:
         """Write and fsync the message under a name no other delivery uses."""
         tmp = f"{maildir}/tmp/{name}.{os.getpid()}.{secrets.token_hex(6)}"
@@ -315,7 +332,7 @@ class MaildirStore:
             fd = _create(tmp)
         try:
             _write_all(fd, prefix)
-            _copy_body(body, fd, size)
+            _copy_body(body, fd, size, start)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -672,26 +689,27 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _copy_body(body: BinaryIO, out_fd: int, size: int) -> None:
-    """Copy ``size`` bytes in the kernel (sendfile), in 1 MiB chunks where it cannot."""
+def _copy_body(body: BinaryIO, out_fd: int, size: int, start: int = 0) -> None:
+    """Copy ``size`` bytes from ``start`` in the kernel (sendfile), in 1 MiB
+    chunks where it cannot."""
     in_fd = body.fileno()
-    offset = 0
+    offset, end = start, start + size
     try:
-        while offset < size:
-            sent = os.sendfile(out_fd, in_fd, offset, size - offset)
+        while offset < end:
+            sent = os.sendfile(out_fd, in_fd, offset, end - offset)
             if sent == 0:
                 raise MaildirError("the body file is shorter than it was")
             offset += sent
     except OSError as e:
         if e.errno not in _NO_SENDFILE:
             raise
-        _copy_chunks(body, out_fd, offset, size)
+        _copy_chunks(body, out_fd, offset, end)
 
 
-def _copy_chunks(body: BinaryIO, out_fd: int, offset: int, size: int) -> None:
+def _copy_chunks(body: BinaryIO, out_fd: int, offset: int, end: int) -> None:
     body.seek(offset)
-    while offset < size:
-        chunk = body.read(min(_CHUNK, size - offset))
+    while offset < end:
+        chunk = body.read(min(_CHUNK, end - offset))
         if not chunk:
             raise MaildirError("the body file is shorter than it was")
         _write_all(out_fd, chunk)
@@ -762,6 +780,27 @@ def _link_new(maildir: str, tmp: str, name: str, ensure: Callable[[], Any]) -> P
         # error here would call a delivery that is in new/ a failure.
         with suppress(OSError):
             os.unlink(tmp)
+    fsync_dir(f"{maildir}/new")
+    return Path(target)
+
+
+def _link_queued(maildir: str, queued: Path | str, name: str,
+                 ensure: Callable[[], Any]) -> Path | None:
+    """Publish a queued file that is the message as it is; None when it cannot be
+    linked (another file system, a link limit), and a copy must be written.
+
+    It is durable already; the queue drops its own name only after this returns."""
+    target = f"{maildir}/new/{name}"
+    try:
+        try:
+            os.link(queued, target)
+        except FileNotFoundError:
+            ensure()
+            os.link(queued, target)
+    except FileExistsError:
+        pass  # an earlier attempt's copy: delivered
+    except OSError:
+        return None
     fsync_dir(f"{maildir}/new")
     return Path(target)
 
@@ -1068,3 +1107,9 @@ def _finish_expunge(maildir: Path) -> None:
     _unlink_all(maildir / "cur", names)
     os.unlink(log)
     fsync_dir(maildir)
+
+
+def trace_prefix(originator: str, recipient: str) -> bytes:
+    """Headers local delivery adds (RFC 5321 §4.4 Return-Path; Delivered-To)."""
+    return (f"Return-Path: <{originator}>\r\nDelivered-To: {recipient}\r\n").encode(
+        "utf-8", "replace")

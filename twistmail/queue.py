@@ -23,6 +23,12 @@ Files, all under ``<datadir>/queue/`` (mode 0700 directories, 0600 files):
   (``corrupt/`` aside).  Copies of a queue must keep extended attributes
   (``cp -a``, ``rsync -X``, ``tar --xattrs``); a packed file found without
   its attribute goes to ``corrupt/`` whole.
+- The body file of a message for one local recipient begins with the trace
+  fields its mailbox copy gets (Return-Path, Delivered-To), counted by the
+  envelope's ``trace``: the message itself starts after them, and every
+  reader of the body skips them.  Local delivery then links the file into
+  the Maildir as it is instead of writing a copy (:mod:`twistmail.maildir`);
+  the file, with a second name, is never emptied for reuse.
 - ``retired/<id>`` and ``spare/<id>``: the file of a message that left the
   queue, kept for the next new message to take instead of a new inode
   (:mod:`twistmail.spares`).  Nothing reads them: what is there is in no
@@ -260,6 +266,10 @@ class Envelope:
     client_ip: str | None = attrs.field(default=None, validator=_opt_str)
     helo: str | None = attrs.field(default=None, validator=_opt_str)
     size: int = attrs.field(default=0, validator=_count)
+    #: Octets at the start of the body file that are not the message: the
+    #: trace fields local delivery adds (see :meth:`Spool.write_trace`).
+    #: Every reader of the body starts after them.
+    trace: int = attrs.field(default=0, validator=_count)
     source: str = attrs.field(default="smtp", validator=_str)
     attempts: int = attrs.field(default=0, validator=_count)
     next_try: float | None = attrs.field(default=None, converter=_optional_number)
@@ -478,6 +488,7 @@ class Spool:
         self.envelope = envelope
         self.id = envelope.id if envelope is not None else _check_id(queue_id)
         self.size = 0
+        self.trace = 0
         pid = os.getpid()
         self._body_tmp = f"{queue._tmp}/{self.id}.{pid}.body"
         self._env_tmp = f"{queue._tmp}/{self.id}.{pid}.json"
@@ -510,6 +521,20 @@ class Spool:
         self._file.write(data)
         self.size += len(data)
 
+    def write_trace(self, trace: bytes) -> None:
+        """Begin the body file with the trace fields local delivery would add
+        (:func:`twistmail.maildir.trace_prefix`), before the message itself.
+
+        A message for one local recipient is then, byte for byte, the copy its
+        mailbox gets, and delivery hard-links the queued file into the Maildir
+        instead of writing and syncing a copy.  The envelope's ``trace`` says
+        how many octets to skip; ``size`` counts only the message.
+        """
+        if self.size:
+            raise ValueError(f"spool {self.id}: the trace must come first")
+        self.write(trace)
+        self.trace = len(trace)
+
     def commit(
         self,
         queue: str,
@@ -518,7 +543,8 @@ class Spool:
     ) -> str:
         """Make body and envelope durable in ``queue``; return the queue id.
 
-        The envelope's ``size`` is set to the bytes written.  If anything
+        The envelope's ``size`` is set to the bytes written (less the
+        trace, which sets its ``trace``).  If anything
         fails, everything written is removed again and the error raised: the
         client must then get a temporary failure and retry.
         ``before_publish`` runs once everything is durable except the rename
@@ -530,8 +556,8 @@ class Spool:
         if envelope is None and self.envelope is None:
             raise ValueError(f"spool {self.id} has no envelope to commit")
         env = envelope or self.envelope
-        if env.size != self.size:
-            env = attrs.evolve(env, size=self.size)
+        if env.size != self.size - self.trace or env.trace != self.trace:
+            env = attrs.evolve(env, size=self.size - self.trace, trace=self.trace)
         if env.id != self.id:
             raise ValueError(f"envelope id {env.id} is not the spool's id {self.id}")
         target = self._queue._envelope(queue, self.id)
@@ -687,6 +713,9 @@ class FileQueue:
             size = os.stat(body or self.body_path(envelope.id, queue)).st_size
         except FileNotFoundError:
             return "body missing"
+        if size < envelope.trace:
+            return f"body of {size} bytes, shorter than its {envelope.trace} bytes of trace"
+        size -= envelope.trace
         if envelope.size and size != envelope.size:
             return f"body of {size} bytes, {envelope.size} when it was received"
         return None

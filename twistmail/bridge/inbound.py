@@ -35,7 +35,7 @@ import attrs
 from twistmail.bridge.nondelivery import Failure, queue_notice
 from twistmail.directory import postmaster_stand_in
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
-from twistmail.maildir import MailboxGone, owner_lock
+from twistmail.maildir import MailboxGone, owner_lock, trace_prefix
 from twistmail.policy.filters import examine
 from twistmail.queue import (
     DELIVERED,
@@ -108,7 +108,7 @@ class InboundProcessor:
             self.queue.move(queue_id, QTMSINQ, QTMSBSSQ)
             return Outcome(queue_id, parked=True)
         if env.attempts == 0 and not released(env):  # a retry was filtered the first time
-            match = examine(body, env.originator, self.directory)
+            match = examine(body, env.originator, self.directory, env.trace)
             if match is not None:
                 return self._filtered(env, match)
         recipients: list[Recipient] = []
@@ -257,13 +257,13 @@ class InboundProcessor:
         try:
             if res.kind == "pop":
                 path = deliver_to_profile(self.mailboxes, self.directory, res.usrprf,
-                                          delivery_id, body, prefix)
+                                          delivery_id, body, prefix, env.trace)
                 mailbox = str(path.parent.parent)
                 j.write("B8", f"B8 DLV {mailbox}", qid, recipient=rcpt.address,
                         usrprf=res.usrprf, mailbox=mailbox)
                 j.write("B2", f"B2 R {rcpt.address}", qid, recipient=rcpt.address)
             else:
-                self.snads.deliver(res.userid, delivery_id, body, prefix)
+                self.snads.deliver(res.userid, delivery_id, body, prefix, env.trace)
                 j.write("7O", f"7O TSDS {res.userid} {res.sysaddress}", qid,
                         recipient=rcpt.address, userid=res.userid, address=res.sysaddress)
         except (OSError, MailboxGone) as e:  # this mailbox, for now: tried again later
@@ -288,7 +288,7 @@ class InboundProcessor:
 
 
 def deliver_to_profile(store: Any, directory: Any, usrprf: str, delivery_id: str, body: Any,
-                       prefix: bytes) -> Any:
+                       prefix: bytes, trace: int = 0) -> Any:
     """Deliver into the mailbox of ``usrprf`` while the profile is still there.
 
     It was resolved a moment ago; DLTUSRPRF since then raises MailboxGone,
@@ -297,7 +297,7 @@ def deliver_to_profile(store: Any, directory: Any, usrprf: str, delivery_id: str
     with owner_lock(store.root, usrprf):
         if directory.get_profile(usrprf) is None:
             raise MailboxGone(usrprf)
-        return store.deliver(usrprf, delivery_id, body, prefix)
+        return store.deliver(usrprf, delivery_id, body, prefix, trace)
 
 
 def _deferral_status(error: OSError) -> str:
@@ -312,9 +312,3 @@ def _deferral_status(error: OSError) -> str:
 def released(env: Envelope) -> bool:
     """Whether an administrator released this message from quarantine."""
     return any(isinstance(h, dict) and "released" in h for h in env.history)
-
-
-def trace_prefix(originator: str, recipient: str) -> bytes:
-    """Headers local delivery adds (RFC 5321 §4.4 Return-Path; Delivered-To)."""
-    return (f"Return-Path: <{originator}>\r\nDelivered-To: {recipient}\r\n").encode(
-        "utf-8", "replace")

@@ -86,10 +86,12 @@ def notice_id(queue_id: str, kind: str = "failed", addresses: Iterable[str] = ()
     return queue_id[:16] + digest[:6]
 
 
-def original_headers(body_path: Path) -> bytes:
-    """The header block of the queued message (bounded)."""
+def original_headers(body_path: Path, trace: int = 0) -> bytes:
+    """The header block of the queued message (bounded); it starts ``trace``
+    octets into the file (the envelope's ``trace``)."""
     out = bytearray()
     with open(body_path, "rb") as f:
+        f.seek(trace)
         for line in f:
             if line in (b"\r\n", b"\n") or len(out) + len(line) > MAX_HEADERS:
                 break
@@ -273,10 +275,12 @@ def _without_bcc(full: bytes) -> bytes:
 MAX_RETURNED = 10 * 1024 * 1024
 
 
-def _full_original(body: Path) -> bytes | None:
-    if body.stat().st_size > MAX_RETURNED:
+def _full_original(body: Path, trace: int) -> bytes | None:
+    if body.stat().st_size - trace > MAX_RETURNED:
         return None  # too big to send back: the headers will do
-    return body.read_bytes()
+    with open(body, "rb") as f:
+        f.seek(trace)
+        return f.read()
 
 
 def _ascii_line(text: str, limit: int = 900) -> str:
@@ -365,8 +369,8 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
     # success and delay reports carry headers.
     wanted = env.ret == "FULL" and kind == "failed"
     try:
-        full = _full_original(body) if wanted else None
-        data = build_notice(headers=original_headers(body), full=full,
+        full = _full_original(body, env.trace) if wanted else None
+        data = build_notice(headers=original_headers(body, env.trace), full=full,
                             withheld=wanted and full is None, **fields)
     except (ValueError, TypeError, LookupError, email.errors.MessageError):
         # Whatever of the original the email package cannot carry, the notice

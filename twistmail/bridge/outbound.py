@@ -1269,7 +1269,7 @@ def _sending(env: Envelope, rcpts: list[str]) -> dict[str, Any]:
     wanted = set(rcpts)
     return {"originator": env.originator, "ret": env.ret, "envid": env.envid,
             "recipients": [[r.address, r.notify, r.orcpt] for r in env.recipients
-                           if r.address in wanted]}
+                           if r.address in wanted], "trace": env.trace}
 
 
 def _in_node(address: str, nodes: set[str]) -> bool:

@@ -270,9 +270,11 @@ def _act_on_kept(spool: FileQueue, queue: str, qid: str, option: str, release: b
         # Cut short: what is left goes, as the administrator asks; the
         # envelope takes its size so that the bridge does not set it aside again.
         size = os.stat(spool.body_path(qid, queue)).st_size
+        trace = env.trace if size >= env.trace else 0  # cut inside the trace: all of it goes
+        size -= trace
         click.echo(f"message {qid}: its body is {size} bytes, {env.size} when it was "
                    "received; released as it is")
-        env = env.evolve(size=size)
+        env = env.evolve(size=size, trace=trace)
     held_by = spool.find(qid)  # the first queue that holds it: QUEUES has these two last
     if held_by != queue:
         raise Failure(f"{option}: message {qid} cannot be released, {held_by} holds a "

@@ -37,13 +37,15 @@ class Match:
     value: str
 
 
-def examine(body_path: Path, originator: str, directory: Any) -> Match | None:
-    """The first filter the message matches, or None."""
+def examine(body_path: Path, originator: str, directory: Any, trace: int = 0) -> Match | None:
+    """The first filter the message matches, or None; the message starts
+    ``trace`` octets into the file (the envelope's ``trace``)."""
     lists = directory.filters()
     if not any(lists.values()):
         return None
     try:
         with open(body_path, "rb") as f:
+            f.seek(trace)
             msg = email.message_from_binary_file(f, policy=email.policy.compat32)
         if lists.get("*FTRORIGIN"):
             for value in _origins(msg, originator):

@@ -23,6 +23,7 @@ from twisted.internet import defer, threads
 
 from twistmail.directory import postmaster_stand_in
 from twistmail.interfaces import QTMSINQ, QTMSOUTQ
+from twistmail.maildir import trace_prefix
 from twistmail.protocols.peer import client_address
 from twistmail.queue import Envelope, Recipient
 from twistmail.smtp.address import Address, literal_address
@@ -324,8 +325,17 @@ class QueueBackend(Backend):
         return threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), self.directory.signs_on, usrprf)
 
-    def new_spool(self) -> Any:
-        return self.queue.new_spool()
+    def new_spool(self, originator: str = "", recipients: Any = ()) -> Any:
+        spool = self.queue.new_spool()
+        if len(recipients) == 1 and recipients[0][1]:
+            # One local recipient: the file begins as its mailbox copy will,
+            # and delivery links it instead of copying (Spool.write_trace).
+            try:
+                spool.write_trace(trace_prefix(originator, recipients[0][0]))
+            except BaseException:
+                spool.abort()
+                raise
+        return spool
 
     def commit(self, spool: Any, received: Received) -> Any:
         return threads.deferToThreadPool(
@@ -351,9 +361,10 @@ class QueueBackend(Backend):
             client_ip=received.client_ip,
             helo=received.helo,
             message_id=received.message_id,
-            size=spool.size,
+            size=spool.size - spool.trace,
+            trace=spool.trace,
         )
-        size = spool.size
+        size = envelope.size
         journaled = []
 
         def before_publish() -> None:

@@ -399,9 +399,11 @@ def _bad_address(address: str) -> str | None:
     return None
 
 
-def is_8bit(path: Path | str, chunk_size: int = CHUNK_SIZE) -> bool:
-    """Whether the file holds any byte above 127 (read in chunks, never whole)."""
+def is_8bit(path: Path | str, chunk_size: int = CHUNK_SIZE, start: int = 0) -> bool:
+    """Whether the file holds any byte above 127 from ``start`` on (read in
+    chunks, never whole)."""
     with open(path, "rb") as f:
+        f.seek(start)
         while chunk := f.read(chunk_size):
             if not chunk.isascii():
                 return True
@@ -905,6 +907,9 @@ class _Job:
     #: A larger body made 7-bit, in a file of its own with no name (it goes
     #: with the job); None while ``body_path`` (or ``body``) is what is sent.
     converted: Any = attrs.field(default=None, eq=False)
+    #: Where the message starts in ``body_path``: after the trace fields the
+    #: queue keeps for local delivery (the envelope's ``trace``).
+    offset: int = 0
 
     def open_body(self) -> Any:
         """The body to send, from its start, in a file object of its own."""
@@ -914,27 +919,33 @@ class _Job:
             f = os.fdopen(os.dup(self.converted.fileno()), "rb")
             f.seek(0)
             return f
-        return open(self.body_path, "rb")
+        f = open(self.body_path, "rb")
+        if self.offset:
+            f.seek(self.offset)
+        return f
 
     def read_body(self) -> bytes:
         with self.open_body() as f:
             return f.read()
 
     @classmethod
-    def build(cls, envelope: Any, path: Path, size: int | None, body_8bit: bool | None) -> _Job:
+    def build(cls, envelope: Any, path: Path, size: int | None, body_8bit: bool | None,
+              offset: int = 0) -> _Job:
         env = Envelope.from_any(envelope)
         body = None
         if size is None or body_8bit is None:
             with open(path, "rb", buffering=0) as f:
-                actual = os.fstat(f.fileno()).st_size
+                actual = os.fstat(f.fileno()).st_size - offset
                 if actual <= CHUNK_SIZE:
+                    f.seek(offset)
                     body = f.readall()
                     actual = len(body)
             if size is None:
                 size = actual
             if body_8bit is None:
-                body_8bit = not body.isascii() if body is not None else is_8bit(path)
-        return cls(env, path, size, body_8bit, _presettle(env), body)
+                body_8bit = (not body.isascii() if body is not None
+                             else is_8bit(path, start=offset))
+        return cls(env, path, size, body_8bit, _presettle(env), body, offset=offset)
 
 
 def _presettle(env: Envelope) -> tuple[RecipientResult | None, ...]:
@@ -1505,13 +1516,16 @@ def deliver(
     auth_requires_tls: bool = True,
     chunk_size: int = CHUNK_SIZE,
     cache: SessionCache | None = None,
+    body_offset: int = 0,
 ) -> defer.Deferred[DeliveryResult]:
     """Deliver one message to one destination; fires with a DeliveryResult.
 
     ``envelope``: anything with ``originator`` and ``recipients`` (see
     ``Envelope.from_any``).  ``auth``: one Credentials for every hop or a
     mapping from host name (or address) to Credentials (*HOSTAUTH).
-    ``size`` defaults to the file size, ``body_8bit`` to a scan of the file.
+    ``size`` defaults to the file size, ``body_8bit`` to a scan of the file;
+    the message starts ``body_offset`` octets into the file (the envelope's
+    ``trace``).
     ``trust_root`` replaces the platform's CA store for ``*VERIFY``.  The
     Deferred fails only on local errors (an unreadable body file, a bad
     policy name); every network outcome is in the result.  With ``cache``,
@@ -1526,7 +1540,7 @@ def deliver(
     async def run() -> DeliveryResult:
         if tls_policy not in TLS_POLICIES:
             raise ValueError(f"tls_policy must be one of {', '.join(TLS_POLICIES)}")
-        job = _Job.build(envelope, Path(body_path), size, body_8bit)
+        job = _Job.build(envelope, Path(body_path), size, body_8bit, body_offset)
         return await _deliver(reactor, list(hops), job, options, cache)
 
     return defer.Deferred.fromCoroutine(run())

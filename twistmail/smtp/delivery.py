@@ -172,7 +172,7 @@ class Deliverer:
             self.reactor, route, _sending(message), self.queue.body_path(qid, task["queue"]),
             helo_name=self.settings.hostname, tls_policy=self.settings.smtp.tlsoutbound,
             auth=lists["auth"] or None, bind_address=lists["bind"], timeouts=self._timeouts(),
-            cache=self.sessions)
+            cache=self.sessions, body_offset=message["send"].get("trace", 0))
         out = []
         for r in result.recipients:
             if r.status == client.DELIVERED:

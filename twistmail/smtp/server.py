@@ -157,8 +157,9 @@ class Backend:
         """The session ends for the ``[limits]`` ``setting`` (journal JL)."""
         raise NotImplementedError
 
-    def new_spool(self) -> Any:
-        """A spool with ``id``, ``write(bytes)`` and ``abort()``."""
+    def new_spool(self, originator: str, recipients: Any) -> Any:
+        """A spool with ``id``, ``write(bytes)`` and ``abort()``, for a message
+        from ``originator`` to ``recipients`` ((address, is_local) pairs)."""
         raise NotImplementedError
 
     def commit(self, spool: Any, received: Received) -> Any:
@@ -1160,7 +1161,9 @@ class SMTPSession(SequentialSession):
         if not self.txn.recipients:
             self.reply(554, "5.5.1 Error: no valid recipients")
             return
-        spool = self.factory.backend.new_spool()
+        txn = self.txn
+        spool = self.factory.backend.new_spool(
+            str(txn.originator) if txn.originator else "", tuple(txn.recipients))
         try:
             spool.write(self._received_header(spool.id))
         except BaseException:
