@@ -89,6 +89,28 @@ def test_a_queued_file_that_begins_with_its_trace_becomes_the_mailbox_copy(
     assert copy.stat().st_nlink == 1
 
 
+def test_a_linked_file_the_user_deleted_first_is_not_kept_for_reuse(settings):
+    """The user's deletion may be on disk only later than the queue's
+    directories: the file must not become another message meanwhile."""
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _traced(fq, "sam@example.test")
+    [entry] = (fq.root / QTMSINQ).iterdir()
+    kept = entry.with_name("kept")
+    os.link(entry, kept)  # the queue's name, as a crash could bring it back
+    assert processor.process(qid).delivered == 1
+    new = settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new"
+    [copy] = new.iterdir()
+    session = processor.mailboxes.open("SAM")  # fetched and deleted at once
+    session.mark_deleted(1)
+    session.commit()
+    os.rename(kept, entry)
+    assert processor.process(qid).delivered == 1  # its gone/ record: no copy again
+    processor.queue.spares.flush()
+    assert fq.recover().clean  # which releases what any process retired
+    assert list((fq.root / "spare").iterdir()) == [] and list(new.iterdir()) == []
+
+
 def test_the_trace_stays_out_of_the_notice(settings):
     """The trace fields are for the mailbox copy only: a notice quotes the
     message from its first real header field, whole with RET=FULL."""

@@ -192,6 +192,7 @@ def test_a_queued_file_that_is_the_copy_is_linked_in_and_only_new_is_synced(
     assert os.path.samefile(delivered, queued) and delivered.parent.name == "new"
     assert delivered.name == f"Q1.R0.{HOST},S={len(PREFIX + BODY)}"
     assert synced == [str(store.path(USER) / "new")]
+    assert delivered.stat().st_mode & 0o777 == 0o400  # so the queue never reuses it
     os.unlink(queued)  # the queue lets go of its name: the mailbox keeps the message
     assert delivered.read_bytes() == PREFIX + BODY
     assert store.deliver(USER, "Q1.R0", delivered, PREFIX, trace=len(PREFIX)) == delivered

@@ -315,6 +315,10 @@ class MaildirStore:
             if trace and trace == len(prefix) and os.pread(body.fileno(), trace, 0) == prefix:
                 linked = _link_queued(maildir, body_path, name, lambda: self.ensure(user))
                 if linked is not None:
+                    # Read-only, the file is never kept for reuse when the
+                    # queue drops its name (see twistmail.spares): the user
+                    # may have deleted it here by then, on disk perhaps not yet.
+                    os.fchmod(body.fileno(), 0o400)
                     return linked
             tmp = self._write_tmp(user, maildir, name, prefix, body, body_size, trace)
         return _link_new(maildir, tmp, name, lambda: self.ensure(user))

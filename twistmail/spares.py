@@ -19,6 +19,10 @@ queue's recovery calls.
 
 A file with a second name (an unpacking cut short links the packed file
 into ``data/``) is never kept: emptying it would empty that name's message.
+Nor is a file without its owner's write permission: a queued file linked
+into a mailbox is made read-only (``twistmail.maildir``), and once the
+mailbox's user has deleted it there, that name may be gone only in memory,
+which no fsync of the queue's directories settles.
 """
 
 from __future__ import annotations
@@ -71,12 +75,16 @@ def _discarding(paths: queue.SimpleQueue[str]) -> None:
 
 
 def _is_file(path: str) -> bool:
-    """A plain file with no other name: the only kind kept and reused."""
+    """A plain, writable file with no other name: the only kind kept and reused."""
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+    return _reusable(st)
+
+
+def _reusable(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and bool(st.st_mode & stat.S_IWUSR)
 
 
 def _discard(path: str) -> None:
@@ -285,7 +293,7 @@ class Spares:
             # O_NONBLOCK: a FIFO with no reader fails instead of waiting for one.
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            if _reusable(st):
                 os.ftruncate(fd, 0)
                 return fd
         except OSError:  # a link, a directory, a file of another owner
