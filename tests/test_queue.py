@@ -1250,6 +1250,26 @@ def test_a_message_cut_short_is_released_as_it_is(cfg, cli_queue, capsys, packed
     assert os.listdir(cli_queue.queue_dir(CORRUPT)) == []  # its reason went with it
 
 
+@pytest.mark.parametrize("left", [20, 70])
+def test_a_message_cut_short_keeps_its_trace_apart_when_released(cfg, cli_queue, capsys, left):
+    """Cut inside its trace fields, none of the message is left: what is left
+    of them stays trace, never sent or stored as the message."""
+    trace = b"Return-Path: <jane@example.test>\r\nDelivered-To: sam@example.test\r\n"
+    with cli_queue.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
+        spool.write_trace(trace)
+        spool.write(b"Subject: cut\r\n\r\n" + b"x" * 100 + b"\r\n")
+        qid = spool.commit(QTMSINQ)
+    os.truncate(cli_queue.body_path(qid, QTMSINQ), left)
+    env = cli_queue.load(QTMSINQ, qid)
+    assert cli_queue.set_aside(QTMSINQ, qid, cli_queue.body_damage(QTMSINQ, env)) is not None
+    assert run(["--config", cfg, "wrkq", "--release", qid]) == 0
+    size = max(0, left - len(trace))
+    assert f"its body is {size} bytes, 118 when it was received" in capsys.readouterr().out
+    env = cli_queue.load(QTMSINQ, qid)
+    assert (env.size, env.trace) == (size, min(left, len(trace)))
+    assert cli_queue.body_damage(QTMSINQ, env) is None
+
+
 def test_a_damaged_message_stays_in_corrupt_and_can_be_deleted(cfg, cli_queue, capsys):
     qid = enqueue(cli_queue)
     cli_queue.move(qid, QTMSINQ, QTMSOUTQ)

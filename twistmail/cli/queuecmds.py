@@ -269,9 +269,9 @@ def _act_on_kept(spool: FileQueue, queue: str, qid: str, option: str, release: b
     if spool.body_damage(queue, env) is not None:
         # Cut short: what is left goes, as the administrator asks; the
         # envelope takes its size so that the bridge does not set it aside again.
-        size = os.stat(spool.body_path(qid, queue)).st_size
-        trace = env.trace if size >= env.trace else 0  # cut inside the trace: all of it goes
-        size -= trace
+        left = os.stat(spool.body_path(qid, queue)).st_size
+        trace = min(env.trace, left)  # cut inside its trace fields: none of the message is left
+        size = left - trace
         click.echo(f"message {qid}: its body is {size} bytes, {env.size} when it was "
                    "received; released as it is")
         env = env.evolve(size=size, trace=trace)
