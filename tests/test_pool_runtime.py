@@ -392,9 +392,14 @@ def test_bridge_is_supervised(appliance):
     a = appliance
     pid = a.wait_for(lambda: a.control("status")["bridge"]["pid"], 10)
     a.wait_for(lambda: a.journal("JM"), 10, "bridge start entry")
-    # Its client and QMSF jobs, listed in the status it writes once a second.
-    jobs = a.wait_for(lambda: {j["pid"]: j["job"] for j in a.control("wrkactjob")
-                               if j["job"] in ("QTSMTPCLTP", "QMSF")}, 10, "the bridge's jobs")
+    # Its client and QMSF jobs, listed in the status it writes once a second
+    # (a job still starting has no pid there yet).
+    def started() -> dict | None:
+        jobs = {j["pid"]: j["job"] for j in a.control("wrkactjob")
+                if j["job"] in ("QTSMTPCLTP", "QMSF")}
+        return jobs if jobs and None not in jobs else None
+
+    jobs = a.wait_for(started, 10, "the bridge's jobs")
     os.kill(pid, signal.SIGKILL)
     new = a.wait_for(
         lambda: (a.control("status")["bridge"]["pid"] or pid) != pid
