@@ -63,17 +63,24 @@ def _traced(fq: FileQueue, recipient: str, **fields) -> str:
         return spool.commit(QTMSINQ)
 
 
-def test_a_queued_file_that_begins_with_its_trace_becomes_the_mailbox_copy(
-        settings, monkeypatch):
-    """No second copy is written or synced: the queued file, durable since its
-    250, is linked into new/, and a crash that brings the queue's name back
-    makes no second copy."""
+def _traced_for_sam(settings):
+    """A traced message for Sam, its queue entry and a second name of it:
+    the queue's name as a crash could bring it back."""
     fq = FileQueue.for_settings(settings)
     processor = build_processor(settings, "QMSF/1")
     qid = _traced(fq, "sam@example.test")
     [entry] = (fq.root / QTMSINQ).iterdir()
     kept = entry.with_name("kept")
-    os.link(entry, kept)  # the queue's name, as a crash could bring it back
+    os.link(entry, kept)
+    return fq, processor, qid, entry, kept
+
+
+def test_a_queued_file_that_begins_with_its_trace_becomes_the_mailbox_copy(
+        settings, monkeypatch):
+    """No second copy is written or synced: the queued file, durable since its
+    250, is linked into new/, and a crash that brings the queue's name back
+    makes no second copy."""
+    fq, processor, qid, entry, kept = _traced_for_sam(settings)
     processor.mailboxes.ensure("SAM")
     synced = record_fsyncs(monkeypatch)
     assert processor.process(qid).delivered == 1
@@ -92,12 +99,7 @@ def test_a_queued_file_that_begins_with_its_trace_becomes_the_mailbox_copy(
 def test_a_linked_file_the_user_deleted_first_is_not_kept_for_reuse(settings):
     """The user's deletion may be on disk only later than the queue's
     directories: the file must not become another message meanwhile."""
-    fq = FileQueue.for_settings(settings)
-    processor = build_processor(settings, "QMSF/1")
-    qid = _traced(fq, "sam@example.test")
-    [entry] = (fq.root / QTMSINQ).iterdir()
-    kept = entry.with_name("kept")
-    os.link(entry, kept)  # the queue's name, as a crash could bring it back
+    fq, processor, qid, entry, kept = _traced_for_sam(settings)
     assert processor.process(qid).delivered == 1
     new = settings.datadir / "mailboxes" / "SAM" / "Maildir" / "new"
     [copy] = new.iterdir()

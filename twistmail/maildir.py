@@ -766,19 +766,10 @@ def _prune_gone(gone: Path, now: float) -> None:
 
 
 def _link_new(maildir: str, tmp: str, name: str, ensure: Callable[[], Any]) -> Path:
-    """Publish a written message; an existing name means it is already delivered.
-
-    A new/ that is gone (removed by hand, or never made by another tool) is
-    made again, as tmp/ is: otherwise no delivery would ever succeed."""
+    """Publish a written message; an existing name means it is already delivered."""
     target = f"{maildir}/new/{name}"
     try:
-        try:
-            os.link(tmp, target)
-        except FileNotFoundError:
-            ensure()
-            os.link(tmp, target)
-    except FileExistsError:
-        pass
+        _link_in(tmp, target, ensure)
     finally:
         # A tmp/ file left behind is removed by a session after 36 hours; an
         # error here would call a delivery that is in new/ a failure.
@@ -796,17 +787,26 @@ def _link_queued(maildir: str, queued: Path | str, name: str,
     It is durable already; the queue drops its own name only after this returns."""
     target = f"{maildir}/new/{name}"
     try:
-        try:
-            os.link(queued, target)
-        except FileNotFoundError:
-            ensure()
-            os.link(queued, target)
-    except FileExistsError:
-        pass  # an earlier attempt's copy: delivered
+        _link_in(queued, target, ensure)
     except OSError:
         return None
     fsync_dir(f"{maildir}/new")
     return Path(target)
+
+
+def _link_in(source: Path | str, target: str, ensure: Callable[[], Any]) -> None:
+    """Link ``source`` as ``target``; an existing target is an earlier attempt's copy.
+
+    A new/ that is gone (removed by hand, or never made by another tool) is
+    made again, as tmp/ is: otherwise no delivery would ever succeed."""
+    try:
+        try:
+            os.link(source, target)
+        except FileNotFoundError:
+            ensure()
+            os.link(source, target)
+    except FileExistsError:
+        pass
 
 
 #: Beside the mailboxes: one lock file per profile name, which outlives the
