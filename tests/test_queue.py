@@ -338,6 +338,21 @@ def test_abort_leaves_nothing(fq):
         spool.write(b"more")
 
 
+def test_an_aborted_spool_leaves_its_file_for_the_next_message(fq):
+    """A client whose messages are refused at their end (too big, a bare LF)
+    took a file each time and freed it: 200 such sessions emptied spare/."""
+    spool = fq.new_spool(Envelope.new("a@example.test", ["b@example.test"]))
+    spool.write(b"refused at its end")
+    inode = os.stat(spool._body_tmp).st_ino
+    spool.abort()
+    assert all_files(fq) == [] and os.listdir(fq.tmp) == []
+    fq.spares.flush()
+    [spare] = spares(fq)
+    assert spare.stat().st_ino == inode and spare.stat().st_size == 0
+    qid = enqueue(FileQueue(fq.root), b"next\r\n")
+    assert fq.body_path(qid, QTMSINQ).stat().st_ino == inode and spares(fq) == []
+
+
 def test_abort_on_a_full_disk_still_removes_the_partial_body(fq):
     """The close cannot flush on ENOSPC: abort raised there, and the body stayed
     in tmp/ for a day (its writer, a prestart job, lives on)."""

@@ -640,9 +640,13 @@ class Spool:
             with contextlib.suppress(OSError):
                 if _unlink(self._env_final):
                     fsync_dir(os.path.dirname(self._env_final))
-        for path in (self._env_tmp, self._body_tmp, self._body):
+        for path in (self._env_tmp, self._body):
             with contextlib.suppress(OSError):
                 _unlink(path)
+        # Kept for the next message like the file of one delivered: a client
+        # whose messages are refused at their end must not use the spares up.
+        with contextlib.suppress(OSError):
+            self._queue.spares.retire(self._body_tmp, self.id)
 
 
 # -- the queue -------------------------------------------------------------------
