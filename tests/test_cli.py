@@ -85,6 +85,14 @@ def stopped(make_appliance) -> Appliance:
          f"--usrprf: '{'A' * 60}...' (5000 characters) is not allowed; allowed: 1-10"),
         (["cl", f"CHGSMTPA MAILROUTER('{'x' * 300}')"],
          f"MAILROUTER: '{'x' * 60}...' (300 characters) is not allowed"),
+        # ...and only a value: an apostrophe in the text around it is no quote.
+        (["chgsmtpa", "--hosttable", "/nonexistent"],
+         "--hosttable: '/nonexistent' is not allowed; allowed: an existing file (relative "
+         "paths start at the configuration file's directory)"),
+        (["dspjrn", "--from", "yesterday"],
+         "naive is UTC), IBM's MMDDYY [HHMMSS] (UTC), or relative"),
+        (["chgsmtpa", "--authmech", "*PLAIN *CRAM"],
+         "--authmech: '*CRAM' is not allowed; allowed: *PLAIN, *LOGIN"),
     ],
 )
 def test_mistakes_are_one_line_and_exit_2(stopped, args, needle):

@@ -204,7 +204,7 @@ class SmtpSettings:
             )
         for mech in self.authmech:
             if mech not in ("*PLAIN", "*LOGIN"):
-                raise SettingError("smtp.authmech", list(self.authmech), "*PLAIN, *LOGIN")
+                raise SettingError("smtp.authmech", mech, "*PLAIN, *LOGIN")
         if not self.authmech and self.alwauth != "*NONE":
             raise SettingError("smtp.authmech", [], "*PLAIN, *LOGIN or both while alwauth "
                                f"is {self.alwauth} (*NONE offers no AUTH)")

@@ -465,8 +465,12 @@ def _one_line(text: str) -> str:
 
 #: A quoted value in a message (as repr writes it) longer than this is cut.
 SHOWN_MAX = 60
-_LONG_QUOTED = re.compile((r"'(?:[^'\\]|\\.){%d,}'" + r'|"(?:[^"\\]|\\.){%d,}"')
-                          % (SHOWN_MAX + 20, SHOWN_MAX + 20))
+#: A quote that opens a value follows no letter and one that closes it is
+#: followed by none: the apostrophe of "file's" in the text around a value
+#: neither opens nor closes one.
+_LONG_QUOTED = re.compile(
+    (r"(?<![\w'\"])'(?:[^'\\]|\\.){%d,}'(?!\w)" + r'|(?<![\w\'"])"(?:[^"\\]|\\.){%d,}"(?!\w)')
+    % (SHOWN_MAX + 20, SHOWN_MAX + 20))
 
 
 def _bounded(message: str) -> str:
