@@ -23,8 +23,10 @@ install: $(STAMP)
 
 # No pid file: the appliance locks its state directory itself, and a pid file
 # left by a killed daemon, whose pid another process has since, blocks a start.
+# twistd ends by the signal it stopped on (SIGTERM, SIGINT): a controlled stop.
 run: $(STAMP)
-	$(VENV)/bin/twistd -n --pidfile= twistmail --config $(CONFIG)
+	$(VENV)/bin/twistd -n --pidfile= twistmail --config $(CONFIG) || \
+	  { rc=$$?; [ $$rc -eq 143 ] || [ $$rc -eq 130 ] || exit $$rc; }
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
