@@ -389,6 +389,28 @@ def test_dspjrn_follow_json(config: Path, capsys: pytest.CaptureFixture[str]) ->
     assert [json.loads(line)["code"] for line in lines] == ["9S"]
 
 
+def test_dspjrn_follow_prints_the_table_s_columns(config: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """With or without a queue id, each entry's esd is under the header's."""
+    until = (datetime.now(UTC) + timedelta(milliseconds=1)).isoformat()
+    time.sleep(0.005)
+    Journal(config.parent / "var" / "journal", "QTSMTPSRVP/8").write("JE", "JE maxuse")  # past it
+    args = ["--config", str(config), "dspjrn", "--follow", "--msgid", "Q3", "--to", until]
+    assert run(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["seq", "time", "(UTC)", "code", "job", "msgid", "esd"]
+    at = lines[0].index("esd")
+    assert [line[at - 24:at].strip() for line in lines[1:]] == ["Q3", "Q3", "Q3"]
+    assert run(["--config", str(config), "dspjrn", "--msgid", "Q3"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line[at:] for line in lines[1:]] == [
+        line[table[0].index("esd"):] for line in table[1:]]
+    assert run(["--config", str(config), "dspjrn", "--follow", "--code", "9S", "--to", until]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines[0].index("esd")
+    assert lines[-1][at - 24:at].strip() == "" and lines[-1][at:].startswith("9S ")
+
+
 def test_dspjrn_outfile(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "out.csv"
     assert run(["--config", str(config), "dspjrn", "--code", "88", "--outfile", str(target)]) == 0

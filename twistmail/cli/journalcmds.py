@@ -100,11 +100,18 @@ def _table_row(entry: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _follow_line(entry: dict[str, Any]) -> str:
-    return printable(
-        f"{entry.get('seq', ''):>8}  {_short_time(entry)}  {entry.get('code', '')}  "
-        f"{entry.get('job', ''):<18}  {entry.get('msgid') or '-':<16}  {entry.get('esd', '')}"
-    ).rstrip()
+#: The columns of ``dspjrn --follow``, which cannot size them from rows it
+#: has yet to see: wide enough for a job name (QTSMTPSRVP/4194304) and a
+#: queue id, as the table that ``dspjrn`` prints sizes them.
+FOLLOW_WIDTHS = {"time": 23, "code": 4, "job": 18, "msgid": 22}
+
+
+def _follow_row(cells: dict[str, Any], seq_width: int) -> str:
+    widths = {**FOLLOW_WIDTHS, "seq": seq_width}
+    return printable("  ".join(
+        str(cells.get(k) or "").ljust(widths[k]) if k in widths else str(cells.get(k) or "")
+        for k, _ in COLUMNS
+    )).rstrip()
 
 
 def _write_csv(path: str, entries: Iterable[dict[str, Any]]) -> int:
@@ -142,13 +149,16 @@ def _write_csv(path: str, entries: Iterable[dict[str, Any]]) -> int:
 FOLLOW_LAST = 10
 
 
-def _follow(entries: Iterator[dict[str, Any]], as_json: bool) -> None:
+def _follow(entries: Iterator[dict[str, Any]], as_json: bool, seq_width: int) -> None:
+    """The entries as they come: JSON lines, or the rows of ``dspjrn``'s table."""
     try:
+        if not as_json:
+            click.echo(_follow_row(dict(COLUMNS), seq_width))
         for entry in entries:
             if as_json:
                 click.echo(json.dumps(entry, ensure_ascii=False))
             else:
-                click.echo(_follow_line(entry))
+                click.echo(_follow_row(_table_row(entry), seq_width))
     except KeyboardInterrupt:
         pass
 
@@ -203,8 +213,10 @@ def dspjrn(
         usage_error(f"--to: {to_text!r} is before --from; allowed: a time after --from")
     selection = {"codes": codes, "msgid": msgid, "since": since, "until": until}
     directory = _directory()
+    # The seq column as wide as the last seq: it grows past the rows the widths come from.
+    seq_width = max(len("seq"), len(str(journal.last_seq(directory))))
     if follow:
-        _follow(journal.follow(directory, **selection, last=FOLLOW_LAST), as_json)
+        _follow(journal.follow(directory, **selection, last=FOLLOW_LAST), as_json, seq_width + 2)
         return
     entries = journal.read_entries(directory, **selection)
     if outfile is not None:
@@ -212,9 +224,8 @@ def dspjrn(
         click.echo(f"{count} entries written to {os.path.abspath(outfile)}")
         return
     rows = entries if as_json else (_table_row(e) for e in entries)
-    # The seq column as wide as the last seq: it grows past the rows the widths come from.
     emit_table(rows, COLUMNS, as_json, empty="(no journal entries)", stream=True,
-               least={"seq": len(str(journal.last_seq(directory)))})
+               least={"seq": seq_width})
 
 
 @cli.command("chgjrn")
