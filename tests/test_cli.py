@@ -316,14 +316,15 @@ def test_listings_show_control_characters_instead_of_sending_them_to_the_termina
     """A remote server's reply (wrkq's last error) or a client's address is
     shown as text: its escape sequences must not colour the terminal or set
     its title."""
-    from twistmail.cli.journalcmds import _follow_line
+    from twistmail.cli.journalcmds import _follow_row, _table_row
     from twistmail.cli.output import emit_record, emit_table
 
     hostile = "451 4.7.1 \x1b[31mRED\x1b[0m \x1b]0;title\x07 \x9b2J later, café"
     emit_table([{"e": hostile, "r": ["a\x1b@b.test"]}], [("e", "Error"), ("r", "To")],
                as_json=False)
     emit_record({"e": hostile}, [("e", "Error")], as_json=False)
-    out = capsys.readouterr().out + _follow_line({"seq": 1, "code": "8C", "esd": hostile})
+    row = _table_row({"seq": 1, "code": "8C", "esd": hostile})
+    out = capsys.readouterr().out + _follow_row(row, 3)
     assert not any(c in out for c in "\x1b\x07\x9b")
     assert "\\x1b[31mRED\\x1b[0m \\x1b]0;title\\x07 \\x9b2J later, café" in out
     assert "a\\x1b@b.test" in out
