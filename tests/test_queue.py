@@ -703,6 +703,19 @@ def test_what_a_dead_process_retired_is_released_by_recovery(fq):
     assert retired(fq) == [] and [p.stat().st_size for p in spares(fq)] == [0]
 
 
+def test_an_aborted_spool_s_file_a_dead_process_retired_waits_for_tmp_to_be_synced(
+        fq, monkeypatch):
+    spool = FileQueue(fq.root).new_spool()  # that process is gone, its batch unreleased
+    spool.write(b"refused")
+    spool.abort()
+    assert len(retired(fq)) == 1
+    synced = []
+    sync = spares_mod.fsync_dir
+    monkeypatch.setattr(spares_mod, "fsync_dir", lambda d: (synced.append(d), sync(d)))
+    assert fq.recover().clean
+    assert str(fq.tmp) in synced and [p.stat().st_size for p in spares(fq)] == [0]
+
+
 def test_a_spare_body_of_an_envelope_file_message_keeps_no_attribute(fq):
     gone = enqueue(fq)
     fq.remove(QTMSINQ, gone)

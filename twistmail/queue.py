@@ -668,7 +668,9 @@ class FileQueue:
         self._dirs = {q: str(self.root / q) for q in QUEUES}
         self._data = str(self.data)
         self._tmp = str(self.tmp)
-        self.spares = Spares(str(self.root), lambda: (*self._dirs.values(), self._data),
+        # tmp/: an aborted spool's file is retired from there.
+        self.spares = Spares(str(self.root),
+                             lambda: (*self._dirs.values(), self._data, self._tmp),
                              (ENVELOPE_ATTR,))
         self._odd_tmp: set[str] = set()
         #: Whether new messages for PACKABLE queues are packed; off for good once
