@@ -23,7 +23,7 @@ import click
 
 from twistmail import journal
 from twistmail.cli.base import Failure, app, cli, usage_error, value_of
-from twistmail.cli.output import emit_table, printable
+from twistmail.cli.output import emit_table, table_row
 from twistmail.identity import as_invoker
 from twistmail.settingtypes import Choice
 
@@ -107,11 +107,12 @@ FOLLOW_WIDTHS = {"time": 23, "code": 4, "job": 18, "msgid": 22}
 
 
 def _follow_row(cells: dict[str, Any], seq_width: int) -> str:
-    widths = {**FOLLOW_WIDTHS, "seq": seq_width}
-    return printable("  ".join(
-        str(cells.get(k) or "").ljust(widths[k]) if k in widths else str(cells.get(k) or "")
-        for k, _ in COLUMNS
-    )).rstrip()
+    return table_row(cells, COLUMNS, {**FOLLOW_WIDTHS, "seq": seq_width})
+
+
+def _seq_width(directory: Path) -> int:
+    """The seq column as wide as the last seq: it grows past the rows the widths come from."""
+    return max(len("seq"), len(str(journal.last_seq(directory))))
 
 
 def _write_csv(path: str, entries: Iterable[dict[str, Any]]) -> int:
@@ -213,10 +214,9 @@ def dspjrn(
         usage_error(f"--to: {to_text!r} is before --from; allowed: a time after --from")
     selection = {"codes": codes, "msgid": msgid, "since": since, "until": until}
     directory = _directory()
-    # The seq column as wide as the last seq: it grows past the rows the widths come from.
-    seq_width = max(len("seq"), len(str(journal.last_seq(directory))))
     if follow:
-        _follow(journal.follow(directory, **selection, last=FOLLOW_LAST), as_json, seq_width + 2)
+        _follow(journal.follow(directory, **selection, last=FOLLOW_LAST), as_json,
+                _seq_width(directory) + 2)
         return
     entries = journal.read_entries(directory, **selection)
     if outfile is not None:
@@ -225,7 +225,7 @@ def dspjrn(
         return
     rows = entries if as_json else (_table_row(e) for e in entries)
     emit_table(rows, COLUMNS, as_json, empty="(no journal entries)", stream=True,
-               least={"seq": seq_width})
+               least={"seq": _seq_width(directory)})
 
 
 @cli.command("chgjrn")

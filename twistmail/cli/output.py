@@ -64,9 +64,21 @@ def _table(rows: Iterator[dict[str, Any]], columns: Sequence[tuple[str, str]], e
         max(_width(h), least.get(k, 0), *(_width(c[i]) for c in cells))
         for i, (k, h) in enumerate(columns)
     ]
-    click.echo("  ".join(_pad(h, w) for (_, h), w in zip(columns, widths, strict=True)).rstrip())
+    click.echo(_line([h for _, h in columns], widths))
     for c in itertools.chain(cells, ([_cell(r.get(k)) for k, _ in columns] for r in rows)):
-        click.echo("  ".join(_pad(v, w) for v, w in zip(c, widths, strict=True)).rstrip())
+        click.echo(_line(c, widths))
+
+
+def table_row(row: dict[str, Any], columns: Sequence[tuple[str, str]],
+              widths: Mapping[str, int]) -> str:
+    """One line of a table whose widths are known before its rows (a listing
+    that follows new entries): ``row`` by key, or the headings with
+    ``dict(columns)``; a column not in ``widths`` is not padded."""
+    return _line([_cell(row.get(k)) for k, _ in columns], [widths.get(k, 0) for k, _ in columns])
+
+
+def _line(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(_pad(v, w) for v, w in zip(cells, widths, strict=True)).rstrip()
 
 
 def _width(text: str) -> int:
