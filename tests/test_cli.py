@@ -60,8 +60,10 @@ def stopped(make_appliance) -> Appliance:
         (["cl", "CHGDIRE USRID(NOSUCH MAIL) USRD(*SAME)"], "USRID: 'NOSUCH MAIL' is not in"),
         (["cl", "DSPJRN ENDTALEN(512)"], "ENTDTALEN, JRNCDE, OUTMBR"),
         # A missing keyword is named as typed, not as the option it maps to.
-        (["cl", "CHGPJE MAXJOBS(20)"], "twistmail chgpje: PGM: required; allowed: Prestart"),
-        (["cl", "CRTUSRPRF PASSWORD(x)"], "crtusrprf: USRPRF: required"),
+        (["cl", "CHGPJE MAXJOBS(20)"],
+         "twistmail chgpje: PGM: required (Prestart program: QTMSSRCP"),
+        (["cl", "CRTUSRPRF PASSWORD(x)"],
+         "crtusrprf: USRPRF: required (User profile name, 1-10 characters)"),
         (["cl", "CHGPJE SBSD(QSYS/QINTER) PGM(QTCP/QTMSSRCP) MAXJOBS(5)"], "QSYSWRK"),
         # The shape of the arguments: each mistake named with its command.
         (["chgpje", "--pgm", "QTMSSRCP", "--maxjobs", "30", "--maxjobs", "40"],
@@ -225,7 +227,8 @@ def test_a_missing_option_is_named_with_what_it_takes(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     [line] = r.stderr.strip().splitlines()
-    assert line.startswith("twistmail dspactpj: --pgm: required; allowed:") and "QTMSSRCP" in line
+    assert line == ("twistmail dspactpj: --pgm: required "
+                    "(Prestart program: QTMSSRCP, QTPOPSRVP, QTMSCCLCP)")
 
 
 def test_the_mail_commands_name_their_options_in_a_refusal(tmp_path):

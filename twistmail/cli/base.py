@@ -402,7 +402,7 @@ def _usage_message(e: click.UsageError) -> str:
             return f"{e.option_name}: a value is needed; allowed: {param.help}"
     elif isinstance(e, click.MissingParameter):
         if isinstance(e.param, click.Option) and e.param.help:
-            return f"{e.param.opts[0]}: required; allowed: {e.param.help}"
+            return missing_option(e.param)
     extra = _EXTRA_ARGS.fullmatch(e.format_message())
     if extra is not None:
         return _extra_arguments(e.ctx, extra.group(1))
@@ -412,6 +412,12 @@ def _usage_message(e: click.UsageError) -> str:
         what = "a command is needed" if given is None else f"{_shown(given)}: no such command"
         return f"{what}; allowed: {', '.join(sorted(e.ctx.command.list_commands(e.ctx)))}"
     return _one_line(e.format_message())
+
+
+def missing_option(param: click.Option) -> str:
+    """An option left out, with what it takes: its help is that line (a
+    description, and the values where there are few)."""
+    return f"{param.opts[0]}: required ({param.help.rstrip('.')})"
 
 
 #: click's words for a command that is not there, or not given.

@@ -18,7 +18,7 @@ import click
 from click.core import ParameterSource
 
 from twistmail.cli import clparse
-from twistmail.cli.base import FROM_CL, cli
+from twistmail.cli.base import FROM_CL, cli, missing_option
 
 
 @cli.command("cl")
@@ -123,9 +123,8 @@ def _invoke(group_ctx: click.Context, sub: click.Command, args: list[str]) -> An
         if isinstance(e, click.MissingParameter) and isinstance(e.param, click.Option) \
                 and e.param.help:
             # click words this one only when it is shown, from the option itself.
-            raise click.UsageError(_OPTION.sub(
-                keyword, f"{e.param.opts[0]}: required; allowed: {e.param.help}"),
-                e.ctx) from None
+            raise click.UsageError(_OPTION.sub(keyword, missing_option(e.param)),
+                                   e.ctx) from None
         e.message = _OPTION.sub(keyword, e.message)
         raise
 

@@ -77,9 +77,9 @@ def snddst(type_: str | None, tousrid: tuple[str, ...], tointnet: tuple[str, ...
     from twistmail.snads import TYPES, DistributionError, send_distribution
 
     if type_ is None:
-        usage_error(f"--type: required; allowed: {', '.join(TYPES)}")
+        usage_error(f"--type: required ({', '.join(TYPES)})")
     if dstd is None:
-        usage_error("--dstd: required; allowed: a description of 1-44 characters")
+        usage_error("--dstd: required (a description of 1-44 characters)")
     settings = app().settings
     try:
         sent = send_distribution(
@@ -161,7 +161,7 @@ def rcvdst(dstid: str | None, usrid: tuple[str, str] | None, usrprf: str | None,
     from twistmail.dststore import UnknownDistribution, normalize_dstid
 
     if dstid is None:
-        usage_error("--dstid: required; allowed: a distribution ID as qrydst lists it")
+        usage_error("--dstid: required (a distribution ID as qrydst lists it)")
     keep_it = keep.strip().upper()
     if keep_it not in ("*NO", "*YES"):
         usage_error(f"--keep: {keep!r} is not allowed; allowed: *NO, *YES")

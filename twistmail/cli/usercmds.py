@@ -113,7 +113,7 @@ def _text(raw: str | None, change: bool = False) -> str | None:
 
 
 def _usrprf_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--usrprf", required=True, help="User profile name (1-10 characters).")(f)
+    return click.option("--usrprf", required=True, help="User profile name, 1-10 characters.")(f)
 
 
 def _usrid_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -429,7 +429,7 @@ def adddire(usrid: tuple[str, str], **options: str | None) -> None:
     """Add an entry to the system distribution directory."""
     fields = _entry_fields(False, **options)
     if "usrd" not in fields:
-        usage_error("--usrd: required; allowed: a description of up to 50 characters")
+        usage_error("--usrd: required (a description of up to 50 characters)")
     with open_directory("the directory", OPTION_OF_FIELD) as d:
         entry = d.add_entry(DirectoryEntry(userid=usrid[0], address=usrid[1], **fields))
         click.echo(f"Directory entry {entry.userid} {entry.address} added.")
