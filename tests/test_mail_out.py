@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
+import json
 import smtplib
 import threading
 import time
@@ -554,3 +555,75 @@ def test_a_hold_of_outbound_mail_does_not_hold_local_retries(make_appliance, sin
     assert sink.messages == []  # the remote message is still held
     assert a.cli("rlsdstq")[0] == 0
     a.wait_for(lambda: sink.messages, 20, "the remote message, once released")
+
+
+def _queued_id(a, queue):
+    [f] = a.wait_for(lambda: a.queue_files(queue), 30, f"the message on {queue}")
+    return f.stem
+
+
+def _bridge_running(a):
+    from twistmail.bridge.status import bridge_running
+
+    a.wait_for(lambda: bridge_running(a.datadir / "run", time.time()), 20, "the bridge")
+
+
+def test_wrkq_delete_takes_a_message_off_the_retry_queue(make_appliance, sink):
+    sink.behaviour = Behaviour(rcpt=lambda addr: "451 4.2.0 try later")
+    a = outbound(make_appliance, sink, rtymin=[3, 30])
+    send(a, ["never@remote.test", "nor@remote.test"])
+    qid = _queued_id(a, "QTMSRTQ1")
+    _bridge_running(a)
+    rc, out, err = a.cli("wrkq", "--delete", qid)
+    assert (rc, out, err) == (0, f"message {qid} deleted\n", "")
+    assert not any(a.queue_files(q) for q in ("QTMSOUTQ", "QTMSRTQ1", "QTMSRTQ2"))
+    [entry] = a.journal("8Z")
+    assert entry["msgid"] == qid and entry["queue"] == "QTMSRTQ1"
+    assert sorted(entry["recipients"]) == ["never@remote.test", "nor@remote.test"]
+    assert a.mailbox("SAM") == []  # deleted without a notice
+    rc, out, err = a.cli("wrkq", "--delete", qid)
+    assert rc == 1 and err.strip().endswith(f"--delete: message {qid} is in no queue; "
+                                            "allowed: a message in QTMSOUTQ, QTMSRTQ1, "
+                                            "QTMSRTQ2, QTMSBSSQ, quarantine or corrupt/"), err
+
+
+def test_wrkq_delete_of_held_mail_and_while_the_bridge_is_ended(make_appliance, sink):
+    a = outbound(make_appliance, sink)
+    _bridge_running(a)
+    assert a.cli("hlddstq")[0] == 0
+    send(a, ["friend@remote.test"])
+    held = _queued_id(a, "QTMSOUTQ")
+    assert a.cli("wrkq", "--delete", held)[1] == f"message {held} deleted\n"
+    send(a, ["friend@remote.test"])
+    later = _queued_id(a, "QTMSOUTQ")
+    assert a.cli("endmsf")[0] == 0
+    rc, out, err = a.cli("wrkq", "--delete", later)
+    assert rc == 0 and "the bridge is not running" in out and "strmsf" in out, (out, err)
+    rc, out, err = a.cli("wrkq", "--json")
+    assert [e["state"] for e in json.loads(out)] == ["deleting"], out
+    assert [f.stem for f in a.queue_files("QTMSOUTQ")] == [later]
+    assert a.cli("strmsf")[0] == 0
+    a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 20, "the deletion asked for before")
+    assert [e["msgid"] for e in a.journal("8Z")] == [held, later]
+    assert a.cli("rlsdstq")[0] == 0
+    time.sleep(2)
+    assert sink.messages == []
+
+
+@pytest.mark.parametrize("end", ["451 4.3.0 later", "250 2.0.0 queued"])
+def test_wrkq_delete_of_a_message_being_sent_waits_for_its_attempt(make_appliance, sink, end):
+    sink.behaviour = Behaviour(end_delay=3, end=end)
+    a = outbound(make_appliance, sink, rtymin=[3, 30])
+    send(a, ["friend@remote.test"])
+    a.wait_for(lambda: a.journal("8B"), 20, "the message taken for delivery")
+    _bridge_running(a)
+    [qid] = [e["msgid"] for e in a.journal("8B")]
+    rc, out, err = a.cli("wrkq", "--delete", qid)
+    if end.startswith("451"):  # the attempt failed for now: deleted from QTMSRTQ1
+        assert (rc, out) == (0, f"message {qid} deleted\n"), err
+        assert [e["queue"] for e in a.journal("8Z")] == ["QTMSRTQ1"]
+    else:  # delivered: it left before it could be deleted, and the command says so
+        assert rc == 1 and "was not deleted: it left QTMSOUTQ meanwhile" in err, (out, err)
+        assert a.journal("8Z") == [] and a.journal("88")
+    assert not any(a.queue_files(q) for q in ("QTMSOUTQ", "QTMSRTQ1", "QTMSRTQ2"))
+    assert not list((a.datadir / "queue" / "delete").iterdir())

@@ -493,3 +493,23 @@ class ParkingTests(unittest.TestCase):
         said = [formatEvent(e) for e in events]
         assert [("over" in x, "under" in x) for x in said] == [
             (True, False), (False, True), (True, False)], said
+
+    def test_parked_mail_the_administrator_deletes_goes_while_storage_is_short(self) -> None:
+        """wrkq --delete frees the disk the parked mail waits for."""
+        from twistmail.bridge import deletes
+        from twistmail.interfaces import QTMSBSSQ
+
+        fq = FileQueue(scratch(self) / "queue")
+        parked = []
+        for _ in range(2):
+            with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as sp:
+                sp.write(b"Subject: big\r\n\r\nbody\r\n")
+                parked.append(sp.commit(QTMSINQ))
+            fq.move(parked[-1], QTMSINQ, QTMSBSSQ)
+        journal = Recorder()
+        manager = QueueManager(reactor, fq, DyingJobs(), journal, lambda: True)
+        deletes.request(fq.root, parked[0])
+        manager._release_parked()
+        assert fq.list(QTMSBSSQ) == [parked[1]] and fq.list(QTMSINQ) == []
+        assert deletes.outcome(fq.root, parked[0]) == "done"
+        assert journal.entries == [("7N", "7N DLT QTMSBSSQ")]

@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 
 from twistmail import config as configmod
 from twistmail import queue as queuemod
-from twistmail.bridge import outbound
+from twistmail.bridge import deletes, outbound
 from twistmail.bridge.outbound import OutboundManager, _sending
 from twistmail.directory import SqliteDirectory
 from twistmail.interfaces import CORRUPT, QTMSOUTQ, QTMSRTQ1
@@ -919,3 +919,84 @@ def test_a_delay_notice_keeps_the_reply_status_in_class_4():
     assert _delayed_status("452 4.5.3 Too many recipients") == "4.5.3"
     assert _delayed_status("550 5.5.0 odd") == "4.5.0"  # a permanent code never delays
     assert _delayed_status("4.4.1 connection refused") == "4.4.1"
+
+
+# -- wrkq --delete: the bridge deletes what the administrator asks for -----------
+
+
+def _scan_now(manager):
+    manager.reactor = _Inline()
+    manager._dispatch(manager._due(False, None, frozenset()))
+
+
+def test_a_message_on_a_retry_queue_is_deleted_at_the_next_scan(manager):
+    fq = manager.queue
+    qid = _queued(fq, Recipient("bob@remote.test"), Recipient("ann@remote.test"))
+    _temporary(manager, qid)
+    assert fq.find(qid) == QTMSRTQ1
+    deletes.request(fq.root, qid)
+    _scan_now(manager)
+    assert fq.find(qid) is None and not os.listdir(fq.root / "data")
+    assert deletes.outcome(fq.root, qid) == "done"
+    [entry] = read_entries(manager.journal.directory, ["8Z"])
+    assert entry["msgid"] == qid and entry["queue"] == QTMSRTQ1
+    assert entry["recipients"] == ["bob@remote.test", "ann@remote.test"]
+    assert entry["originator"] == "jane@example.test"
+    assert manager.pool.tasks == []
+
+
+def test_a_message_waiting_on_qtmsoutq_is_deleted_and_not_sent(manager):
+    fq = manager.queue
+    kept = _queued(fq, Recipient("rcpt@remote.test"))
+    qid = _queued(fq, Recipient("rcpt@remote.test"))
+    deletes.request(fq.root, qid)
+    _scan_now(manager)
+    assert fq.list(QTMSOUTQ) == [kept] and deletes.outcome(fq.root, qid) == "done"
+    assert [_task_ids(t) for t in manager.pool.tasks] == [[kept]]
+    assert qid not in manager.busy and qid not in manager.backlog
+
+
+@pytest.mark.parametrize("result", ["temporary", "delivered"])
+def test_a_message_being_sent_is_deleted_when_its_attempt_ends(manager, result):
+    """What the attempt delivered stays delivered; what it did not is not tried again."""
+    fq = manager.queue
+    [qid] = _waiting(manager, "remote.test")
+    manager._start_ready(["remote.test"])
+    deletes.request(fq.root, qid)
+    _scan_now(manager)
+    assert fq.find(qid) == QTMSOUTQ and deletes.outcome(fq.root, qid) == "asked"
+    manager._result(1, json.dumps({"messages": [{"id": qid, "results": [
+        {"address": "rcpt@remote.test", "status": result, "code": 250, "text": "ok"}]}]}
+    ).encode())
+    _scan_now(manager)
+    assert fq.find(qid) is None
+    if result == "temporary":  # waited on QTMSRTQ1 for a moment
+        assert deletes.outcome(fq.root, qid) == "done"
+        assert [e["queue"] for e in read_entries(manager.journal.directory, ["8Z"])] == \
+            [QTMSRTQ1]
+    else:  # left before it could be deleted: told apart, and nothing journaled as deleted
+        assert deletes.outcome(fq.root, qid) == "gone"
+        assert deletes.outcome(fq.root, qid) == "done"  # the answer is read once
+        assert list(read_entries(manager.journal.directory, ["8Z"])) == []
+    assert len(manager.pool.tasks) == 1
+
+
+def test_a_request_that_is_not_a_queue_id_is_left_alone(manager):
+    fq = manager.queue
+    qid = _queued(fq, Recipient("rcpt@remote.test"))
+    (fq.root / deletes.DIRECTORY).mkdir(exist_ok=True)
+    (fq.root / deletes.DIRECTORY / "notes.txt").touch()
+    _scan_now(manager)
+    assert fq.find(qid) == QTMSOUTQ and [_task_ids(t) for t in manager.pool.tasks] == [[qid]]
+    assert (fq.root / deletes.DIRECTORY / "notes.txt").exists()
+
+
+def test_a_message_set_aside_meanwhile_is_not_deleted(manager):
+    """Set aside (or quarantined), it is the administrator's to act on alone:
+    a request made before must not delete it after a release."""
+    fq = manager.queue
+    qid = _queued(fq, Recipient("rcpt@remote.test"))
+    deletes.request(fq.root, qid)
+    fq.move(qid, QTMSOUTQ, CORRUPT)
+    _scan_now(manager)
+    assert fq.find(qid) == CORRUPT and deletes.outcome(fq.root, qid) == "gone"

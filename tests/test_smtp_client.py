@@ -180,6 +180,7 @@ class Behaviour:
     end: str = "250 2.0.0 queued"
     drop_after: int | None = None  # close after this many DATA bytes
     stall_data: float | None = None  # stop reading after 354 for this long
+    end_delay: float | None = None  # wait this long before the reply to the message
     starttls_reply: str = "220 2.0.0 go ahead"
     tls_broken: bool = False  # the TLS hello answered with plain bytes, then closed
     rset: str = "250 2.0.0 ok"
@@ -321,6 +322,8 @@ class Sink:
                 if raw_data is None:
                     return
                 originator = re.search(r"<([^>]*)>", state["mail"]).group(1)
+                if b.end_delay is not None:
+                    time.sleep(b.end_delay)
                 self.messages.append(Message(originator, list(state["rcpts"]), raw_data))
                 reply(b.end)
             elif verb == "QUIT":

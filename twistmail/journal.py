@@ -69,6 +69,8 @@ CODES: dict[str, str] = {
     "7U": "bridge: undeliverable notice deleted, its return address is bad",
     "7X": "bridge: queue recovery removed debris of crashed writers (twistmail)",
     "7Y": "bridge: unreadable envelope moved to the corrupt/ queue (twistmail)",
+    "7N": "bridge: parked message deleted from QTMSBSSQ by the administrator (wrkq --delete), "
+    "with the recipients it had (twistmail)",
     "7Z": "bridge: message in corrupt/ released to QTMSINQ or deleted by the administrator "
           "(wrkq; twistmail)",
     "7W": "bridge: DSN delay notice created (twistmail)",
@@ -94,6 +96,8 @@ CODES: dict[str, str] = {
     "with the number of messages sent (twistmail)",
     "8Y": "SMTP client: ETRN issued to the mail router for a local domain (ETRNCLT), with "
     "the reply, or why it was not issued (twistmail)",
+    "8Z": "SMTP client: deleted from QTMSOUTQ, QTMSRTQ1 or QTMSRTQ2 by the administrator "
+    "(wrkq --delete), with the recipients it still had (twistmail)",
     # 9: SMTP server (QTSMTPSRVP)
     "94": "SMTP server: received for local delivery (LIN), with the sender's IP address",
     "95": "SMTP server: received for relay (RIN), with the sender's IP address",

@@ -27,6 +27,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
+from twistmail.bridge import deletes
 from twistmail.bridge.msfjobs import JobEnded, JobFailed, JobSilent, NoRoom
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ
 
@@ -158,7 +159,18 @@ class QueueManager:
         self._release_parked()
         return self.queue.list(QTMSINQ)
 
+    def _delete_parked(self) -> None:
+        """``wrkq --delete`` of parked mail (see ``deletes``): this thread alone
+        moves it out of QTMSBSSQ."""
+        for qid in deletes.asked(self.queue.root):
+            try:
+                if self.queue.find(qid) == QTMSBSSQ:
+                    deletes.delete(self.queue, self.journal, qid, QTMSBSSQ, "7N")
+            except Exception:  # asked for again at the next rescan; the others go on
+                self.log.failure("deleting message {qid} failed", qid=qid)
+
     def _release_parked(self) -> None:
+        self._delete_parked()
         parked = self.queue.list(QTMSBSSQ)
         for qid in parked:
             if self.storage_full():

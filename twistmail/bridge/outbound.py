@@ -89,9 +89,10 @@ from twisted.internet import task, threads
 from twisted.logger import Logger
 from twisted.python import failure
 
+from twistmail.bridge import deletes
 from twistmail.bridge.nondelivery import EXHAUSTED, Failure, queue_notice
 from twistmail.bridge.schedule import TransferSchedule
-from twistmail.interfaces import CORRUPT, QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
+from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
 from twistmail.journal import time_text
 from twistmail.queue import DELIVERED, FAILED, PENDING, RETRY, Envelope
 
@@ -156,6 +157,7 @@ class _Found:
     transfer: bool = False  # a mail transfer (MAILXFRINT) happened in this scan
     held: bool = False  # HLDDSTQ held the queue: nothing was looked at
     unchanged: bool = False  # nothing changed since the last scan: the backlog stands
+    delete: tuple[str, ...] = ()  # messages on QTMSOUTQ wrkq --delete asked for
 
 
 def request_flush(queue_root: Path, node: str) -> None:
@@ -300,6 +302,9 @@ class OutboundManager:
         (root / "etrn").mkdir(mode=0o700, exist_ok=True)
         notifier.watch(FilePath(str(root / "etrn")), mask=inotify.IN_CREATE | inotify.IN_ATTRIB,
                        callbacks=[self._changed])
+        (root / deletes.DIRECTORY).mkdir(mode=0o700, exist_ok=True)
+        notifier.watch(FilePath(str(root / deletes.DIRECTORY)), mask=inotify.IN_CREATE,
+                       callbacks=[self._changed])
         self.notifier = notifier
 
     def _changed(self, _watch: Any, path: Any, mask: int) -> None:
@@ -395,6 +400,75 @@ class OutboundManager:
 
     def _due(self, transfer: bool, next_at: float | None,
              released: frozenset[str]) -> _Found:
+        """The scan's work in its thread: deletions asked for first, then ``_due_work``."""
+        outq = self._deletes()
+        found = self._due_work(transfer, next_at, released)
+        return attrs.evolve(found, delete=tuple(outq)) if outq else found
+
+    def _deletes(self) -> list[str]:
+        """Act on ``wrkq --delete`` (see ``deletes``); return the ids on QTMSOUTQ.
+
+        A message on a retry queue goes now: only a scan moves it from there,
+        and this one has not begun to.  One on QTMSOUTQ is left to
+        ``_dispatch``, in the reactor's thread, which knows whether it is
+        being sent.  One on its way through QTMSINQ (a retry due for its
+        local recipients) is asked for again at the next scan, and so is
+        one parked on QTMSBSSQ, which the queue manager deletes.  One that
+        went where the administrator acts on it alone (set aside, quarantined)
+        is not deleted: it is answered as gone.
+        """
+        outq = []
+        for qid in deletes.asked(self.queue.root):
+            try:
+                with self._lock(qid):
+                    where = self.queue.find(qid)
+                    if where == QTMSOUTQ:
+                        outq.append(qid)
+                    elif where not in (QTMSINQ, QTMSBSSQ):
+                        self._delete(qid, where)
+            except Exception:  # asked for again at the next scan; the others go on
+                self.log.failure("deleting message {qid} failed", qid=qid)
+        return outq
+
+    def _delete_unless_sending(self, qid: str) -> None:
+        """Delete a message on QTMSOUTQ that no task holds; one that a task
+        holds, or whose outcome is being written, is asked for again at the
+        next scan, after its attempt: what that delivered stays delivered."""
+        if qid in self.open or qid in self.busy or self.recording[qid] or \
+                qid in self.record_retries:
+            return
+        self.busy.add(qid)  # no task, settling or scan takes it meanwhile
+        self.touched.add(qid)
+        self.backlog.pop(qid, None)
+
+        def deleted(_: Any) -> None:
+            self.busy.discard(qid)
+            self.released.discard(qid)
+            self.alone.discard(qid)
+            self.untried.discard(qid)
+            self.full_noted.pop(qid, None)
+            self.started.pop(qid, None)
+
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                      self._delete_locked, qid)
+        d.addErrback(lambda f: self.log.failure("deleting message {qid} failed", f, qid=qid))
+        d.addBoth(deleted)
+
+    def _delete_locked(self, qid: str) -> None:
+        with self._lock(qid):
+            self._delete(qid, self.queue.find(qid))
+
+    def _delete(self, qid: str, where: str | None) -> None:
+        """Delete ``qid`` (its lock held), or say it left the queues it can be deleted from."""
+        if where is None:
+            where = self.queue.find(qid)  # or it was moving back meanwhile (QTMSBSSQ)
+        if where in deletes.OUTBOUND:
+            deletes.delete(self.queue, self.journal, qid, where, "8Z")
+        elif where not in (QTMSINQ, QTMSBSSQ):  # delivered, returned or set aside meanwhile
+            deletes.answer(self.queue.root, qid, deleted=False)
+
+    def _due_work(self, transfer: bool, next_at: float | None,
+                  released: frozenset[str]) -> _Found:
         """Return due retries to QTMSOUTQ; the work waiting there, by domain.
 
         Also the messages on QTMSOUTQ with nothing left to send (a crash
@@ -602,6 +676,8 @@ class OutboundManager:
 
     def _dispatch(self, found: _Found, asked: bool = False) -> None:
         work, settle = found.work, found.settle
+        for qid in found.delete:
+            self._delete_unless_sending(qid)
         if asked and found.held:
             self.transfer_due = True  # held since the scan began: the transfer waits
         if found.transfer:

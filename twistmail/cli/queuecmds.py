@@ -3,8 +3,8 @@
 Works on the files under ``<datadir>/queue`` (setting ``system.datadir``)
 and never talks to the daemon, so an administrator can look at the queues,
 and hold them, while the appliance is down or busy.  Listing writes
-nothing; the bridge picks up a hold, a release or a released message
-within a second.
+nothing; the bridge picks up a hold, a release, a released message or a
+message to delete within a second.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from twistmail.bridge import deletes
 from twistmail.cli.base import Failure, app, cli, usage_error
 from twistmail.cli.output import emit_table
 from twistmail.durable import fsync_dir
@@ -92,11 +93,14 @@ def _next_try(when: float | None, now: float) -> str:
     return "due" if when <= now else f"in {_human_wait(when - now)}"
 
 
-def state_of(entry: QueueEntry, now: float, held: bool, stopped: bool = False) -> str:
+def state_of(entry: QueueEntry, now: float, held: bool, stopped: bool = False,
+             deleting: bool = False) -> str:
     """One word for where a message stands, as mailq's markers say it."""
     queue = entry.queue
     if entry.error is not None or queue == CORRUPT:
         return "damaged"  # set aside for the administrator
+    if deleting and queue in deletes.DELETABLE:
+        return "deleting"  # wrkq --delete asked; the bridge has yet to act on it
     if queue == QTMSOUTQ:
         if held:
             return "held"  # HLDDSTQ
@@ -110,7 +114,7 @@ def state_of(entry: QueueEntry, now: float, held: bool, stopped: bool = False) -
 
 
 def table_row(entry: QueueEntry, now: float, held: bool = False,
-              stopped: bool = False) -> dict[str, Any]:
+              stopped: bool = False, deleting: bool = False) -> dict[str, Any]:
     if entry.error is not None and entry.originator is None:
         originator = "(unreadable)"  # why: on a line of its own below the table
     else:
@@ -122,7 +126,7 @@ def table_row(entry: QueueEntry, now: float, held: bool = False,
         "size": entry.size,
         "originator": originator,
         "recipients": ", ".join(_recipient(r) for r in entry.recipients),
-        "state": state_of(entry, now, held, stopped),
+        "state": state_of(entry, now, held, stopped, deleting),
         "attempts": entry.attempts,
         "next_try": _next_try(entry.next_try, now),
     }
@@ -178,7 +182,9 @@ def _spool(listing: bool = False) -> FileQueue:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--release", metavar="ID",
               help="Release a message in quarantine or corrupt/ for delivery.")
-@click.option("--delete", metavar="ID", help="Delete a message in quarantine or corrupt/.")
+@click.option("--delete", metavar="ID",
+              help="Delete a message on QTMSOUTQ, QTMSRTQ1, QTMSRTQ2, QTMSBSSQ, in "
+              "quarantine or in corrupt/.")
 def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | None) -> None:
     """List queued messages: id, queue, age, size, originator, recipients, attempts, next try.
 
@@ -186,6 +192,11 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
     in quarantine (kept there by a content filter with FTRACN *KEEP; released,
     it skips the filters) or in corrupt/ (set aside by the bridge; released,
     it goes back to QTMSINQ once its envelope and body can be read).
+
+    --delete also takes a message waiting to be sent (QTMSOUTQ, QTMSRTQ1,
+    QTMSRTQ2) or parked (QTMSBSSQ): the bridge deletes it, without a notice,
+    within seconds; one being sent at that moment, when that attempt ends
+    (what it delivered stays delivered).
     """
     if release is not None or delete is not None:
         _kept_action(release, delete)
@@ -201,12 +212,13 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
         # ENDTCPSVR *SMTP holds outbound mail as HLDDSTQ does.
         held = bool(held_parts(spool.root)) or smtp_ended(spool.root.parent / "run")
         stopped = not bridge_running(spool.root.parent / "run", time.time())
+        deleting = deletes.pending(spool.root)
     if as_json:
-        emit_table(({**e.to_dict(), "state": state_of(e, now, held, stopped)}
+        emit_table(({**e.to_dict(), "state": state_of(e, now, held, stopped, e.id in deleting)}
                     for e in entries), COLUMNS, as_json=True)
         return
-    emit_table((table_row(e, now, held, stopped) for e in entries), COLUMNS, as_json=False,
-               empty="(no messages)")
+    emit_table((table_row(e, now, held, stopped, e.id in deleting) for e in entries), COLUMNS,
+               as_json=False, empty="(no messages)")
     click.echo(totals_line(entries, name))
     for e in entries:  # set aside: say why, readable or not
         if e.error is not None:
@@ -229,7 +241,49 @@ def _kept_action(release: str | None, delete: str | None) -> None:
                 if qid in spool.list(queue):
                     _act_on_kept(spool, queue, qid, option, release is not None)
                     return
-        raise Failure(f"{option}: message {qid} is neither in quarantine nor in corrupt/")
+        where = spool.find(qid)
+        if delete is not None and where in deletes.DELETABLE:
+            _delete_outbound(spool, qid, where)
+            return
+    allowed = "quarantine or corrupt/" if release is not None else \
+        f"{', '.join(deletes.DELETABLE)}, quarantine or corrupt/"
+    if where is None:
+        raise Failure(f"{option}: message {qid} is in no queue; allowed: a message in {allowed}")
+    raise Failure(f"{option}: message {qid} is on {where}; allowed: a message in {allowed}")
+
+
+#: How long wrkq --delete waits for the bridge to answer.
+DELETE_WAIT = 10.0
+
+
+def _delete_outbound(spool: FileQueue, qid: str, where: str) -> None:
+    """Ask the bridge, which alone moves these messages, and wait for its answer."""
+    from twistmail.bridge.status import bridge_running
+
+    deletes.request(spool.root, qid)
+    run = spool.root.parent / "run"
+    if not bridge_running(run, time.time()):
+        click.echo(f"message {qid} on {where}: the bridge is not running; it deletes the "
+                   "message when it starts (strmsf)")
+        return
+    deadline = time.monotonic() + DELETE_WAIT
+    while True:
+        state = deletes.outcome(spool.root, qid)
+        if state == "done":
+            click.echo(f"message {qid} deleted")
+            return
+        if state == "gone":
+            raise Failure(f"--delete: message {qid} was not deleted: it left {where} "
+                          "meanwhile (delivered, returned or set aside); dspjrn tells which")
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if where == QTMSBSSQ:
+        click.echo(f"message {qid} on {where}: the bridge deletes it at its next look at "
+                   f"{where}")
+        return
+    click.echo(f"message {qid} is being sent now; the bridge deletes it when this attempt "
+               "ends (what it delivers meanwhile stays delivered)")
 
 
 @contextmanager
