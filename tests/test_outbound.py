@@ -1000,3 +1000,89 @@ def test_a_message_set_aside_meanwhile_is_not_deleted(manager):
     fq.move(qid, QTMSOUTQ, CORRUPT)
     _scan_now(manager)
     assert fq.find(qid) == CORRUPT and deletes.outcome(fq.root, qid) == "gone"
+
+
+class _Killed(BaseException):
+    """A SIGKILL at that point: nothing after it runs."""
+
+
+def test_a_deletion_killed_half_way_is_finished_and_journaled_at_the_next_start(
+        manager, monkeypatch):
+    fq = manager.queue
+    qid = _queued(fq, Recipient("bob@remote.test"))
+    _temporary(manager, qid)
+    deletes.request(fq.root, qid)
+    write = manager.journal.write
+
+    def killed(code, *args, **fields):
+        if code == "8Z":
+            raise _Killed  # after the removal, before the journal and the answer
+        return write(code, *args, **fields)
+
+    monkeypatch.setattr(manager.journal, "write", killed)
+    with pytest.raises(_Killed):
+        _scan_now(manager)
+    monkeypatch.setattr(manager.journal, "write", write)
+    assert fq.find(qid) is None and deletes.outcome(fq.root, qid) == "asked"
+    again = OutboundManager(Clock(), manager.settings, fq, manager.directory, manager.journal,
+                            Pool())
+    _scan_now(again)
+    assert deletes.outcome(fq.root, qid) == "done"
+    [entry] = read_entries(manager.journal.directory, ["8Z"])
+    assert entry["msgid"] == qid and entry["queue"] == QTMSRTQ1
+
+
+def test_parked_mail_deleted_while_a_scan_reads_the_requests_is_answered_deleted(manager):
+    """The queue manager deletes parked mail; the outbound scan, in its own
+    thread, must not take the request of a message it finds gone for one
+    that left the queues (the command said "not deleted" after a 7N)."""
+    from test_msfjobs import DyingJobs
+
+    from twistmail.bridge.manager import QueueManager
+    from twistmail.interfaces import QTMSBSSQ, QTMSINQ
+
+    fq = manager.queue
+    with fq.new_spool(Envelope.new("jane@example.test", ("sam@example.test",))) as spool:
+        spool.write(b"Subject: big\r\n\r\nbody\r\n")
+        qid = spool.commit(QTMSINQ)
+    fq.move(qid, QTMSINQ, QTMSBSSQ)
+
+    class ScanMeanwhile:
+        def write(self, code, *args, **fields):
+            manager._deletes()  # between the removal and the answer
+            return manager.journal.write(code, *args, **fields)
+
+    parked = QueueManager(manager.reactor, fq, DyingJobs(), ScanMeanwhile(), lambda: True)
+    deletes.request(fq.root, qid)
+    parked._release_parked()
+    assert fq.find(qid) is None and deletes.outcome(fq.root, qid) == "done"
+
+
+def test_a_message_deleted_from_a_retry_queue_is_forgotten(manager):
+    """One whose client job died goes alone next time; deleted, nothing of it is kept."""
+    from types import SimpleNamespace
+
+    fq = manager.queue
+    [qid] = _waiting(manager, "remote.test")
+    manager.reactor = _Inline()
+    manager._start_ready(["remote.test"])
+    manager._lost(SimpleNamespace(token=1, task=manager.pool.tasks[0]))
+    assert fq.find(qid) == QTMSRTQ1 and qid in manager.alone
+    deletes.request(fq.root, qid)
+    _scan_now(manager)
+    assert fq.find(qid) is None and deletes.outcome(fq.root, qid) == "done"
+    assert qid not in manager.alone
+
+
+def test_a_deletion_killed_after_its_claim_deletes_the_message_at_the_next_start(manager):
+    fq = manager.queue
+    qid = _queued(fq, Recipient("bob@remote.test"))
+    _temporary(manager, qid)
+    deletes.request(fq.root, qid)
+    os.replace(fq.root / deletes.DIRECTORY / qid,
+               fq.root / deletes.DIRECTORY / f"{qid}.{QTMSRTQ1}{deletes.CLAIMED}")
+    assert deletes.outcome(fq.root, qid) == "asked"
+    _scan_now(manager)  # the first scan of this bridge
+    assert fq.find(qid) is None and deletes.outcome(fq.root, qid) == "done"
+    [entry] = read_entries(manager.journal.directory, ["8Z"])
+    assert entry["recipients"] == ["bob@remote.test"]

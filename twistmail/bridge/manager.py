@@ -87,6 +87,7 @@ class QueueManager:
         self.no_room: str | None = None  # why the disk refused the last try, until one works
         #: Whether the log said mail waits on QTMSBSSQ (storage over the threshold).
         self.parking_said = False
+        self.claims_resumed = False  # see _delete_parked
 
     def start(self) -> defer.Deferred:
         """Watch and rescan; the Deferred fires once the first recovery is done.
@@ -161,7 +162,13 @@ class QueueManager:
 
     def _delete_parked(self) -> None:
         """``wrkq --delete`` of parked mail (see ``deletes``): this thread alone
-        moves it out of QTMSBSSQ."""
+        moves it out of QTMSBSSQ; the first time, a killed bridge's half-done
+        deletions are finished first."""
+        if not self.claims_resumed:
+            self.claims_resumed = True
+            for qid, where in deletes.claims(self.queue.root):
+                if where == QTMSBSSQ:
+                    deletes.resume(self.queue, self.journal, qid, where, "7N")
         for qid in deletes.asked(self.queue.root):
             try:
                 if self.queue.find(qid) == QTMSBSSQ:

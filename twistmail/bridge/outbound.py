@@ -158,6 +158,7 @@ class _Found:
     held: bool = False  # HLDDSTQ held the queue: nothing was looked at
     unchanged: bool = False  # nothing changed since the last scan: the backlog stands
     delete: tuple[str, ...] = ()  # messages on QTMSOUTQ wrkq --delete asked for
+    deleted: tuple[str, ...] = ()  # messages the scan deleted from the retry queues
 
 
 def request_flush(queue_root: Path, node: str) -> None:
@@ -261,6 +262,7 @@ class OutboundManager:
         self._outq_changed = True
         self._outq_read_at = -math.inf
         self.smtp_ended = False  # ENDTCPSVR *SMTP: nothing leaves, the client jobs end
+        self._claims_resumed = False  # deletions a killed bridge left: finished at the first scan
 
     def start(self) -> None:
         self._drop_stale_request()
@@ -401,12 +403,15 @@ class OutboundManager:
     def _due(self, transfer: bool, next_at: float | None,
              released: frozenset[str]) -> _Found:
         """The scan's work in its thread: deletions asked for first, then ``_due_work``."""
-        outq = self._deletes()
+        outq, deleted = self._deletes()
         found = self._due_work(transfer, next_at, released)
-        return attrs.evolve(found, delete=tuple(outq)) if outq else found
+        if outq or deleted:
+            found = attrs.evolve(found, delete=tuple(outq), deleted=tuple(deleted))
+        return found
 
-    def _deletes(self) -> list[str]:
-        """Act on ``wrkq --delete`` (see ``deletes``); return the ids on QTMSOUTQ.
+    def _deletes(self) -> tuple[list[str], list[str]]:
+        """Act on ``wrkq --delete`` (see ``deletes``): return the ids on
+        QTMSOUTQ, and those deleted from the retry queues.
 
         A message on a retry queue goes now: only a scan moves it from there,
         and this one has not begun to.  One on QTMSOUTQ is left to
@@ -415,20 +420,30 @@ class OutboundManager:
         local recipients) is asked for again at the next scan, and so is
         one parked on QTMSBSSQ, which the queue manager deletes.  One that
         went where the administrator acts on it alone (set aside, quarantined)
-        is not deleted: it is answered as gone.
+        is not deleted: it is answered as gone.  The first scan finishes the
+        deletions a killed bridge left half done, before anything moves.
         """
-        outq = []
-        for qid in deletes.asked(self.queue.root):
+        outq: list[str] = []
+        deleted: list[str] = []
+        root = self.queue.root
+        if not self._claims_resumed:
+            self._claims_resumed = True
+            for qid, where in deletes.claims(root):
+                if where in deletes.OUTBOUND:
+                    with self._lock(qid):
+                        deletes.resume(self.queue, self.journal, qid, where, "8Z")
+                    deleted.append(qid)
+        for qid in deletes.asked(root):
             try:
                 with self._lock(qid):
                     where = self.queue.find(qid)
                     if where == QTMSOUTQ:
                         outq.append(qid)
-                    elif where not in (QTMSINQ, QTMSBSSQ):
-                        self._delete(qid, where)
+                    elif self._delete(qid, where):
+                        deleted.append(qid)
             except Exception:  # asked for again at the next scan; the others go on
                 self.log.failure("deleting message {qid} failed", qid=qid)
-        return outq
+        return outq, deleted
 
     def _delete_unless_sending(self, qid: str) -> None:
         """Delete a message on QTMSOUTQ that no task holds; one that a task
@@ -441,31 +456,38 @@ class OutboundManager:
         self.touched.add(qid)
         self.backlog.pop(qid, None)
 
-        def deleted(_: Any) -> None:
+        def over(_: Any) -> None:
             self.busy.discard(qid)
-            self.released.discard(qid)
-            self.alone.discard(qid)
-            self.untried.discard(qid)
-            self.full_noted.pop(qid, None)
-            self.started.pop(qid, None)
+            self._forget_deleted(qid)
 
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                       self._delete_locked, qid)
         d.addErrback(lambda f: self.log.failure("deleting message {qid} failed", f, qid=qid))
-        d.addBoth(deleted)
+        d.addBoth(over)
+
+    def _forget_deleted(self, qid: str) -> None:
+        """What the bridge kept about a message: nothing of it is left to send."""
+        self.released.discard(qid)
+        self.alone.discard(qid)
+        self.untried.discard(qid)
+        self.full_noted.pop(qid, None)
+        self.started.pop(qid, None)
 
     def _delete_locked(self, qid: str) -> None:
         with self._lock(qid):
             self._delete(qid, self.queue.find(qid))
 
-    def _delete(self, qid: str, where: str | None) -> None:
-        """Delete ``qid`` (its lock held), or say it left the queues it can be deleted from."""
+    def _delete(self, qid: str, where: str | None) -> bool:
+        """Delete ``qid`` (its lock held), or say it left the queues it can be
+        deleted from; True when it was deleted here."""
         if where is None:
             where = self.queue.find(qid)  # or it was moving back meanwhile (QTMSBSSQ)
         if where in deletes.OUTBOUND:
             deletes.delete(self.queue, self.journal, qid, where, "8Z")
-        elif where not in (QTMSINQ, QTMSBSSQ):  # delivered, returned or set aside meanwhile
-            deletes.answer(self.queue.root, qid, deleted=False)
+            return True
+        if where not in (QTMSINQ, QTMSBSSQ):  # delivered, returned or set aside meanwhile
+            deletes.answer_gone(self.queue.root, qid)
+        return False
 
     def _due_work(self, transfer: bool, next_at: float | None,
                   released: frozenset[str]) -> _Found:
@@ -676,6 +698,8 @@ class OutboundManager:
 
     def _dispatch(self, found: _Found, asked: bool = False) -> None:
         work, settle = found.work, found.settle
+        for qid in found.deleted:
+            self._forget_deleted(qid)
         for qid in found.delete:
             self._delete_unless_sending(qid)
         if asked and found.held:
