@@ -627,3 +627,28 @@ def test_wrkq_delete_of_a_message_being_sent_waits_for_its_attempt(make_applianc
         assert a.journal("8Z") == [] and a.journal("88")
     assert not any(a.queue_files(q) for q in ("QTMSOUTQ", "QTMSRTQ1", "QTMSRTQ2"))
     assert not list((a.datadir / "queue" / "delete").iterdir())
+
+
+def test_wrkq_delete_all_of_a_queue_and_several_ids(make_appliance, sink):
+    a = outbound(make_appliance, sink)
+    _bridge_running(a)
+    assert a.cli("hlddstq")[0] == 0
+    for _ in range(5):
+        send(a, ["friend@remote.test"])
+    ids = [f.stem for f in a.wait_for(lambda: len(a.queue_files("QTMSOUTQ")) == 5
+                                      and a.queue_files("QTMSOUTQ"), 20, "five held")]
+    rc, out, err = a.cli("wrkq", "--delete", "ALL")
+    assert rc == 2 and "--queue is needed" in err, err
+    rc, out, err = a.cli("wrkq", "--delete", "all", "--queue", "qtmsinq")
+    assert rc == 2 and "QTMSINQ cannot be emptied" in err, err
+    rc, out, err = a.cli("wrkq", "--delete", ids[0], "--delete", ids[1])
+    assert (rc, out) == (0, "2 messages deleted\n"), err
+    gone = ids[0]
+    rc, out, err = a.cli("wrkq", "--delete", ids[2], "--delete", gone)
+    assert rc == 1 and out == "1 message deleted\n", (out, err)
+    assert err.strip().endswith(f"1 of 2 messages not deleted: message {gone} is in no queue")
+    rc, out, err = a.cli("wrkq", "--delete", "ALL", "--queue", "QTMSOUTQ")
+    assert (rc, out) == (0, "2 messages deleted\n"), err
+    assert a.cli("wrkq", "--delete", "ALL", "--queue", "QTMSOUTQ")[1] == \
+        "no messages on QTMSOUTQ\n"
+    assert sorted(e["msgid"] for e in a.journal("8Z")) == sorted(ids)

@@ -182,10 +182,11 @@ def _spool(listing: bool = False) -> FileQueue:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--release", metavar="ID",
               help="Release a message in quarantine or corrupt/ for delivery.")
-@click.option("--delete", metavar="ID",
+@click.option("--delete", metavar="ID", multiple=True,
               help="Delete a message on QTMSOUTQ, QTMSRTQ1, QTMSRTQ2, QTMSBSSQ, in "
-              "quarantine or in corrupt/.")
-def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | None) -> None:
+              "quarantine or in corrupt/ (repeatable); ALL with --queue: all of that queue.")
+def wrkq(queue: str | None, as_json: bool, release: str | None,
+         delete: tuple[str, ...]) -> None:
     """List queued messages: id, queue, age, size, originator, recipients, attempts, next try.
 
     With --release or --delete, act on one message kept for the administrator:
@@ -196,10 +197,16 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
     --delete also takes a message waiting to be sent (QTMSOUTQ, QTMSRTQ1,
     QTMSRTQ2) or parked (QTMSBSSQ): the bridge deletes it, without a notice,
     within seconds; one being sent at that moment, when that attempt ends
-    (what it delivered stays delivered).
+    (what it delivered stays delivered).  --delete ALL --queue QTMSRTQ2
+    deletes everything waiting there, as postsuper -d ALL deferred does.
     """
-    if release is not None or delete is not None:
-        _kept_action(release, delete)
+    if release is not None and delete:
+        usage_error("--release and --delete: give one of them")
+    if release is not None:
+        _release(release)
+        return
+    if delete:
+        _delete(list(delete), queue)
         return
     from twistmail.bridge.outbound import held_parts
     from twistmail.bridge.status import bridge_running, smtp_ended
@@ -225,65 +232,138 @@ def wrkq(queue: str | None, as_json: bool, release: str | None, delete: str | No
             click.echo(f"{e.id} set aside: {e.error}")
 
 
-def _kept_action(release: str | None, delete: str | None) -> None:
+def _checked_id(option: str, qid: str) -> str:
     from twistmail.queue import is_queue_id
 
-    if release is not None and delete is not None:
-        usage_error("--release and --delete: give one of them")
-    qid = release if release is not None else delete
-    option = "--release" if release is not None else "--delete"
     if not is_queue_id(qid):
         usage_error(f"{option}: {qid!r} is not a queue id; allowed: the id wrkq shows")
-    with _readable(f"{option} {qid}"):
+    return qid
+
+
+def _release(qid: str) -> None:
+    _checked_id("--release", qid)
+    with _readable(f"--release {qid}"):
         spool = _spool()
-        for queue in (QUARANTINE, CORRUPT):
-            with _locked(spool.queue_dir(queue)):
-                if qid in spool.list(queue):
-                    _act_on_kept(spool, queue, qid, option, release is not None)
-                    return
-        where = spool.find(qid)
-        if delete is not None and where in deletes.DELETABLE:
-            _delete_outbound(spool, qid, where)
+        if _kept(spool, qid, release=True):
             return
-    allowed = "quarantine or corrupt/" if release is not None else \
-        f"{', '.join(deletes.DELETABLE)}, quarantine or corrupt/"
+        where = spool.find(qid)
     if where is None:
-        raise Failure(f"{option}: message {qid} is in no queue; allowed: a message in {allowed}")
-    raise Failure(f"{option}: message {qid} is on {where}; allowed: a message in {allowed}")
+        raise Failure(f"--release: message {qid} is in no queue; allowed: a message in "
+                      "quarantine or corrupt/")
+    raise Failure(f"--release: message {qid} is on {where}; allowed: a message in "
+                  "quarantine or corrupt/")
 
 
-#: How long wrkq --delete waits for the bridge to answer.
+def _kept(spool: FileQueue, qid: str, release: bool) -> bool:
+    """Act on ``qid`` if quarantine or corrupt/ holds it; False if neither does."""
+    for queue in (QUARANTINE, CORRUPT):
+        with _locked(spool.queue_dir(queue)):
+            if qid in spool.list(queue):
+                _act_on_kept(spool, queue, qid, "--release" if release else "--delete",
+                             release)
+                return True
+    return False
+
+
+#: The queues --delete takes a message from.
+DELETE_FROM = (*deletes.DELETABLE, QUARANTINE, CORRUPT)
+
+
+def _delete(given: list[str], queue: str | None) -> None:
+    """Delete messages: those kept for the administrator here, the bridge's by the bridge."""
+    if any(g.strip().upper() == "ALL" for g in given):
+        if len(given) > 1:
+            usage_error("--delete: ALL goes alone; allowed: ALL with --queue, or message ids")
+        if queue is None:
+            usage_error(f"--delete ALL: --queue is needed; allowed: {', '.join(DELETE_FROM)}")
+        name = queue_name(queue)
+        if name not in DELETE_FROM:
+            usage_error(f"--queue: {name} cannot be emptied with --delete ALL; allowed: "
+                        f"{', '.join(DELETE_FROM)}")
+        with _readable(f"--delete ALL --queue {name}"):
+            ids = _spool().list(name)
+        if not ids:
+            click.echo(f"no messages on {name}")
+            return
+    else:
+        ids = list(dict.fromkeys(_checked_id("--delete", g) for g in given))
+    problems: list[str] = []
+    by_bridge: list[tuple[str, str]] = []
+    with _readable("--delete"):
+        spool = _spool()
+        for qid in ids:
+            if _kept(spool, qid, release=False):
+                continue
+            where = spool.find(qid)
+            if where in deletes.DELETABLE:
+                by_bridge.append((qid, where))
+            elif where is None:
+                problems.append(f"message {qid} is in no queue")
+            else:
+                problems.append(f"message {qid} is on {where}")
+        if by_bridge:
+            problems += _delete_by_bridge(spool, by_bridge, one=len(ids) == 1)
+    if not problems:
+        return
+    if len(ids) == 1:
+        [problem] = problems
+        allowed = "" if "was not deleted" in problem else \
+            f"; allowed: a message in {', '.join(deletes.DELETABLE)}, quarantine or corrupt/"
+        raise Failure(f"--delete: {problem}{allowed}")
+    shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
+    raise Failure(f"--delete: {len(problems)} of {len(ids)} messages not deleted: {shown}")
+
+
+#: How long wrkq --delete waits for the bridge's next answer.
 DELETE_WAIT = 10.0
 
 
-def _delete_outbound(spool: FileQueue, qid: str, where: str) -> None:
-    """Ask the bridge, which alone moves these messages, and wait for its answer."""
+def _delete_by_bridge(spool: FileQueue, items: list[tuple[str, str]], one: bool) -> list[str]:
+    """Ask the bridge, which alone moves these messages, and wait for its answers;
+    return what was not deleted."""
     from twistmail.bridge.status import bridge_running
 
-    deletes.request(spool.root, qid)
-    run = spool.root.parent / "run"
-    if not bridge_running(run, time.time()):
-        click.echo(f"message {qid} on {where}: the bridge is not running; it deletes the "
-                   "message when it starts (strmsf)")
-        return
-    deadline = time.monotonic() + DELETE_WAIT
-    while True:
-        state = deletes.outcome(spool.root, qid)
-        if state == "done":
-            click.echo(f"message {qid} deleted")
-            return
-        if state == "gone":
-            raise Failure(f"--delete: message {qid} was not deleted: it left {where} "
-                          "meanwhile (delivered, returned or set aside); dspjrn tells which")
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.1)
-    if where == QTMSBSSQ:
-        click.echo(f"message {qid} on {where}: the bridge deletes it at its next look at "
-                   f"{where}")
-        return
-    click.echo(f"message {qid} is being sent now; the bridge deletes it when this attempt "
-               "ends (what it delivers meanwhile stays delivered)")
+    for qid, _ in items:
+        deletes.request(spool.root, qid)
+    if not bridge_running(spool.root.parent / "run", time.time()):
+        if one:
+            qid, where = items[0]
+            click.echo(f"message {qid} on {where}: the bridge is not running; it deletes the "
+                       "message when it starts (strmsf)")
+        else:
+            click.echo(f"{len(items)} messages: the bridge is not running; it deletes them "
+                       "when it starts (strmsf)")
+        return []
+    waiting = dict(items)
+    deleted = 0
+    problems = []
+    heard = time.monotonic()
+    while waiting and time.monotonic() - heard < DELETE_WAIT:
+        for qid, where in list(waiting.items()):
+            state = deletes.outcome(spool.root, qid)
+            if state == "asked":
+                continue
+            heard = time.monotonic()
+            del waiting[qid]
+            if state == "done":
+                deleted += 1
+                if one:
+                    click.echo(f"message {qid} deleted")
+            else:
+                problems.append(f"message {qid} was not deleted: it left {where} meanwhile "
+                                "(delivered, returned or set aside); dspjrn tells which")
+        if waiting:
+            time.sleep(0.1)
+    if deleted and not one:
+        click.echo(f"{deleted} message{'s' if deleted > 1 else ''} deleted")
+    for qid, where in waiting.items():
+        if where == QTMSBSSQ:
+            click.echo(f"message {qid} on {where}: the bridge deletes it at its next look at "
+                       f"{where}")
+        else:
+            click.echo(f"message {qid} is being sent now; the bridge deletes it when this "
+                       "attempt ends (what it delivers meanwhile stays delivered)")
+    return problems
 
 
 @contextmanager
