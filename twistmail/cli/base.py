@@ -158,8 +158,8 @@ def _check_shape(params: list[click.Parameter], args: list[str],
             for value in args[at: at + param.nargs]:
                 if value in options:
                     many = f"{param.nargs} values" if param.nargs > 1 else "a value"
-                    usage_error(f"{name}: takes {many}, got the option {value} instead; "
-                                f"allowed: {param.help or param.name}")
+                    usage_error(f"{name}: takes {many}, got the option {value} instead "
+                                f"({_what_it_takes(param)})")
             at += param.nargs
         if param.multiple or param.count:
             continue
@@ -397,9 +397,9 @@ def _usage_message(e: click.UsageError) -> str:
     if isinstance(e, click.BadOptionUsage):
         param = _option(e.ctx, e.option_name)
         if param is not None and param.nargs > 1:
-            return f"{e.option_name}: takes {param.nargs} values; allowed: {param.help}"
+            return f"{e.option_name}: takes {param.nargs} values ({_what_it_takes(param)})"
         if param is not None and param.help and "requires an argument" in e.format_message():
-            return f"{e.option_name}: a value is needed; allowed: {param.help}"
+            return f"{e.option_name}: a value is needed ({_what_it_takes(param)})"
     elif isinstance(e, click.MissingParameter):
         if isinstance(e.param, click.Option) and e.param.help:
             return missing_option(e.param)
@@ -417,7 +417,12 @@ def _usage_message(e: click.UsageError) -> str:
 def missing_option(param: click.Option) -> str:
     """An option left out, with what it takes: its help is that line (a
     description, and the values where there are few)."""
-    return f"{param.opts[0]}: required ({param.help.rstrip('.')})"
+    return f"{param.opts[0]}: required ({_what_it_takes(param)})"
+
+
+def _what_it_takes(param: click.Parameter) -> str:
+    """An option's help, which says what it takes (and the values, where there are few)."""
+    return (getattr(param, "help", None) or param.name or "").rstrip(".")
 
 
 #: click's words for a command that is not there, or not given.
