@@ -652,3 +652,24 @@ def test_wrkq_delete_all_of_a_queue_and_several_ids(make_appliance, sink):
     assert a.cli("wrkq", "--delete", "ALL", "--queue", "QTMSOUTQ")[1] == \
         "no messages on QTMSOUTQ\n"
     assert sorted(e["msgid"] for e in a.journal("8Z")) == sorted(ids)
+
+
+def test_wrkq_retry_tries_the_retry_queues_now(make_appliance, sink):
+    tries = {"n": 0}
+
+    def rcpt(addr: str) -> str:
+        tries["n"] += 1
+        return "451 4.2.0 try later" if tries["n"] == 1 else "250 2.1.5 ok"
+
+    sink.behaviour = Behaviour(rcpt=rcpt)
+    a = outbound(make_appliance, sink, rtymin=[3, 30])
+    _bridge_running(a)
+    assert a.cli("wrkq", "--retry")[1] == "no messages on QTMSRTQ1 or QTMSRTQ2\n"
+    send(a, ["friend@remote.test"])
+    _queued_id(a, "QTMSRTQ1")
+    rc, out, err = a.cli("wrkq", "--retry")
+    assert (rc, out) == (0, "1 message on the retry queues: it is tried now\n"), err
+    a.wait_for(lambda: sink.messages, 20, "delivery after --retry")
+    a.wait_for(lambda: not a.queue_files("QTMSRTQ1") and not a.queue_files("QTMSOUTQ"), 10)
+    assert [e["code"] for e in a.journal() if e["code"] in ("8C", "8E", "88")] == \
+        ["8C", "8E", "88"]

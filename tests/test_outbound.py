@@ -18,7 +18,7 @@ from twistmail import queue as queuemod
 from twistmail.bridge import deletes, outbound
 from twistmail.bridge.outbound import OutboundManager, _sending
 from twistmail.directory import SqliteDirectory
-from twistmail.interfaces import CORRUPT, QTMSOUTQ, QTMSRTQ1
+from twistmail.interfaces import CORRUPT, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
 from twistmail.journal import Journal, read_entries
 from twistmail.queue import Envelope, FileQueue, Recipient
 from twistmail.smtp import delivery
@@ -1086,3 +1086,25 @@ def test_a_deletion_killed_after_its_claim_deletes_the_message_at_the_next_start
     assert fq.find(qid) is None and deletes.outcome(fq.root, qid) == "done"
     [entry] = read_entries(manager.journal.directory, ["8Z"])
     assert entry["recipients"] == ["bob@remote.test"]
+
+
+def test_wrkq_retry_makes_every_retry_due_and_the_try_counts(manager):
+    """The administrator mended the destination: the mail goes now, not in hours."""
+    import time
+
+    fq = manager.queue
+    manager.settings = attrs_evolve_smtp(manager.settings, rtyhour=(3, 1))
+    first = _queued(fq, Recipient("bob@remote.test"))
+    _temporary(manager, first)  # RTYMIN: 30 minutes
+    second = _queued(fq, Recipient("ann@other.test"))
+    fq.move(second, QTMSOUTQ, QTMSRTQ2,
+            fq.load(QTMSOUTQ, second).evolve(attempts=4, next_try=time.time() + 1200))
+    assert manager._due(False, None, frozenset()).work == []
+    outbound.request_retry(fq.root)
+    found = manager._due(False, None, frozenset())
+    assert sorted(env.id for env, _ in found.work) == sorted([first, second])
+    assert not (fq.root / outbound.RETRY_REQUEST).exists()  # asked once, done once
+    codes = [e["code"] for e in read_entries(manager.journal.directory, ["8E", "8F"])]
+    assert sorted(codes) == ["8E", "8F"]
+    _temporary(manager, first)
+    assert fq.load(QTMSRTQ1, first).attempts == 2  # it counted, as a timed retry does

@@ -122,8 +122,9 @@ EARLY = "early_for_etrn"
 #: and releasing one must not send what the other still holds.
 HOLD_FLAGS = {"*NORMAL": "QSMTPQ.held", "*HIGH": "QSMTPQ.held-high"}
 TRANSFER_REQUEST = "QSMTPQ.transfer"
+RETRY_REQUEST = "QSMTPQ.retry"  # wrkq --retry: what waits on the retry queues is due now
 TRANSFER_STATE = "QSMTPQ.lastxfr"  # when the last MAILXFRINT transfer was
-_SIGNAL_FILES = (*HOLD_FLAGS.values(), TRANSFER_REQUEST)
+_SIGNAL_FILES = (*HOLD_FLAGS.values(), TRANSFER_REQUEST, RETRY_REQUEST)
 
 
 def hold_flag(queue_root: Path, pty: str = "*NORMAL") -> Path:
@@ -141,8 +142,18 @@ def request_transfer(queue_root: Path) -> None:
 
 
 def _transfer_requested(queue_root: Path) -> bool:
+    return _taken(queue_root / TRANSFER_REQUEST)
+
+
+def request_retry(queue_root: Path) -> None:
+    """``wrkq --retry``: ask the bridge to try the mail on the retry queues now,
+    as if each message's next try had come (the administrator fixed what failed)."""
+    (queue_root / RETRY_REQUEST).touch()
+
+
+def _taken(request: Path) -> bool:
     try:
-        (queue_root / TRANSFER_REQUEST).unlink()
+        request.unlink()
     except FileNotFoundError:
         return False
     return True
@@ -501,9 +512,11 @@ class OutboundManager:
         """
         now = time.time()
         flush = _flush_requests(self.queue.root)
+        # wrkq --retry: every retry is due, as when its time comes (the try counts).
+        due_at = math.inf if _taken(self.queue.root / RETRY_REQUEST) else now
         seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]] = {}
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
-            if not flush and not self._retry_read_due(source, now):
+            if not flush and not self._retry_read_due(source, due_at):
                 seen[source] = self._seen.get(source, {})
                 continue
             with self._retry_lock:  # what moves in from now on lowers the floor again
@@ -512,7 +525,8 @@ class OutboundManager:
             try:
                 # Read after the reset: new settings (``configure``) lower the floor again.
                 longest = self._longest_waits()[source]
-                self._retry_wake[source] = self._move_due(source, code, now, longest, flush, seen)
+                self._retry_wake[source] = self._move_due(source, code, due_at, longest, flush,
+                                                          seen)
             except BaseException:
                 self._lower_retry_wake(source, 0.0)  # read again at the next scan
                 raise

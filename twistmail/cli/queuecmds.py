@@ -185,8 +185,10 @@ def _spool(listing: bool = False) -> FileQueue:
 @click.option("--delete", metavar="ID", multiple=True,
               help="Delete a message on QTMSOUTQ, QTMSRTQ1, QTMSRTQ2, QTMSBSSQ, in "
               "quarantine or in corrupt/ (repeatable); ALL with --queue: all of that queue.")
+@click.option("--retry", is_flag=True,
+              help="Try the mail on QTMSRTQ1 and QTMSRTQ2 now, as if its next try had come.")
 def wrkq(queue: str | None, as_json: bool, release: str | None,
-         delete: tuple[str, ...]) -> None:
+         delete: tuple[str, ...], retry: bool) -> None:
     """List queued messages: id, queue, age, size, originator, recipients, attempts, next try.
 
     With --release or --delete, act on one message kept for the administrator:
@@ -199,9 +201,16 @@ def wrkq(queue: str | None, as_json: bool, release: str | None,
     within seconds; one being sent at that moment, when that attempt ends
     (what it delivered stays delivered).  --delete ALL --queue QTMSRTQ2
     deletes everything waiting there, as postsuper -d ALL deferred does.
+
+    --retry, once what made the mail fail is mended, tries everything on the
+    retry queues now, as postqueue -f does; each try counts, as a timed
+    retry's does.
     """
-    if release is not None and delete:
-        usage_error("--release and --delete: give one of them")
+    if sum((release is not None, bool(delete), retry)) > 1:
+        usage_error("--release, --delete and --retry: give one of them")
+    if retry:
+        _retry_now()
+        return
     if release is not None:
         _release(release)
         return
@@ -263,6 +272,33 @@ def _kept(spool: FileQueue, qid: str, release: bool) -> bool:
                              release)
                 return True
     return False
+
+
+def _retry_now() -> None:
+    from twistmail.bridge.outbound import held_parts, request_retry
+    from twistmail.bridge.status import bridge_running, smtp_ended
+
+    with _readable("--retry"):
+        spool = _spool()
+        waiting = len(spool.list(QTMSRTQ1)) + len(spool.list(QTMSRTQ2))
+        if not waiting:
+            click.echo(f"no messages on {QTMSRTQ1} or {QTMSRTQ2}")
+            return
+        request_retry(spool.root)
+        run = spool.root.parent / "run"
+        held = held_parts(spool.root) or smtp_ended(run)
+        running = bridge_running(run, time.time())
+    many = waiting > 1
+    what = f"{waiting} message{'s' if many else ''} on the retry queues"
+    they, are = ("they", "are") if many else ("it", "is")
+    if not running:
+        click.echo(f"{what}: the bridge is not running; {they} {are} tried when it starts "
+                   "(strmsf)")
+    elif held:
+        click.echo(f"{what}: {they} {are} put back on {QTMSOUTQ}, where outbound delivery is "
+                   "held (hlddstq, or endtcpsvr *SMTP) until it is released")
+    else:
+        click.echo(f"{what}: {they} {are} tried now")
 
 
 #: The queues --delete takes a message from.
