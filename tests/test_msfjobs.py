@@ -28,9 +28,18 @@ from twistmail.bridge.manager import (
     RESCAN_EVERY,
     QueueManager,
 )
-from twistmail.bridge.msfjobs import JobEnded, JobFailed, JobSilent, MsfJobs, NoRoom, _Job
+from twistmail.bridge.msfjobs import (
+    JobEnded,
+    JobFailed,
+    JobLost,
+    JobSilent,
+    MsfJobs,
+    NoRoom,
+    _Job,
+)
 from twistmail.directory import SqliteDirectory
 from twistmail.interfaces import CORRUPT, QTMSINQ
+from twistmail.prestart.launch import LauncherGone
 from twistmail.queue import Envelope, FileQueue
 
 
@@ -243,6 +252,10 @@ class DyingJobs:
     def full(self) -> None:
         d, self.pending = self.pending, None
         d.errback(NoRoom("OSError: [Errno 28] No space left on device"))
+
+    def lost(self) -> None:
+        d, self.pending = self.pending, None
+        d.errback(JobLost("QMSF/1 ended while processing it"))
 
 
 def one_queued(case: unittest.TestCase) -> tuple:
@@ -513,3 +526,25 @@ class ParkingTests(unittest.TestCase):
         assert fq.list(QTMSBSSQ) == [parked[1]] and fq.list(QTMSINQ) == []
         assert deletes.outcome(fq.root, parked[0]) == "done"
         assert journal.entries == [("7N", "7N DLT QTMSBSSQ")]
+
+
+class LauncherDeathTests(unittest.TestCase):
+    def test_a_job_that_ends_with_its_launcher_loses_its_message_as_lost(self) -> None:
+        _clock, jobs, started = make(1)
+        lost: list = []
+        jobs.process("Q1").addErrback(lost.append)
+        started[0].exited(Failure(LauncherGone()))
+        assert lost[0].check(JobLost)
+
+    def test_its_message_goes_to_the_next_job_at_once_and_counts_nothing(self) -> None:
+        """Killing the launcher stalled the messages in hand for END_WAITS."""
+        fq, qid, jobs, journal, manager = one_queued(self)
+        manager._add(qid)
+        manager._pump()
+        for _ in range(MAX_JOB_ENDS + 1):  # never set aside for it
+            first = jobs.pending
+            jobs.lost()
+            assert jobs.pending is not None and jobs.pending is not first  # taken again
+            assert (dict(manager.job_ends), manager.fails) == ({}, {})
+        jobs.pending.callback(True)
+        assert manager.running == 0 and fq.list(QTMSINQ) == [qid] and journal.entries == []

@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
 from twistmail.bridge import deletes
-from twistmail.bridge.msfjobs import JobEnded, JobFailed, JobSilent, NoRoom
+from twistmail.bridge.msfjobs import JobEnded, JobFailed, JobLost, JobSilent, NoRoom
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ
 
 RESCAN_EVERY = 5.0  # seconds
@@ -88,6 +88,7 @@ class QueueManager:
         #: Whether the log said mail waits on QTMSBSSQ (storage over the threshold).
         self.parking_said = False
         self.claims_resumed = False  # see _delete_parked
+        self.again: set[str] = set()  # messages whose job died with its launcher: next at once
 
     def start(self) -> defer.Deferred:
         """Watch and rescan; the Deferred fires once the first recovery is done.
@@ -229,6 +230,11 @@ class QueueManager:
             d.addBoth(self._finished, qid)
 
     def _failed(self, failure: Any, qid: str) -> Any:
+        if failure.check(JobLost):
+            # Its job died with the launcher (logged there): nothing to hold
+            # against the message, which goes to the next job at once.
+            self.again.add(qid)
+            return None
         if failure.check(NoRoom):
             # The disk, not the message: it waits for room, however long,
             # and is never set aside for it.  Said once, not per message.
@@ -298,6 +304,9 @@ class QueueManager:
     def _finished(self, result: Any, qid: str) -> None:
         self.running -= 1
         self.known.discard(qid)
+        if qid in self.again:
+            self.again.discard(qid)
+            self._add(qid)
         self.processed += 1
         if self.recovery_due and not self.running:
             self.rescan()

@@ -48,6 +48,11 @@ class JobSilent(JobEnded):
     wedged): as likely the disk's doing as the message's."""
 
 
+class JobLost(JobEnded):
+    """The job ended with its launcher, which forks every QMSF job: not the
+    message's doing, so it is tried again at once and its count is kept."""
+
+
 class NoJobFree(Exception):
     """No job could take the message now; it stays queued."""
 
@@ -156,7 +161,8 @@ class _Job:
         self._unwatch()
         pending, self.pending = self.pending, None
         if pending is not None:
-            kind = JobSilent if self.silent else JobEnded
+            kind = JobSilent if self.silent else \
+                JobLost if _launcher_gone(reason) else JobEnded
             pending[1].errback(kind(f"{self.name} ended while processing {pending[0]}"
                                     + (", giving no sign of life" if self.silent else "")))
         self.owner.job_ended(self, reason)
@@ -180,6 +186,11 @@ class _Job:
 
     def signal(self, sig: str) -> None:
         launch.send_signal(self.process, sig)
+
+
+def _launcher_gone(reason: Any) -> bool:
+    check = getattr(reason, "check", None)
+    return check is not None and check(launch.LauncherGone) is not None
 
 
 class MsfJobs:
