@@ -533,8 +533,26 @@ class LauncherDeathTests(unittest.TestCase):
         _clock, jobs, started = make(1)
         lost: list = []
         jobs.process("Q1").addErrback(lost.append)
+        started[0].pid = 1000
         started[0].exited(Failure(LauncherGone()))
         assert lost[0].check(JobLost)
+
+    def test_a_job_that_never_started_loses_its_message_as_lost(self) -> None:
+        """A fork that failed: three of them set a sound message aside."""
+        _clock, jobs, started = make(1)
+        lost: list = []
+        jobs.process("Q1").addErrback(lost.append)
+        started[0].pid = None
+        started[0].exited(Failure(ProcessTerminated(70)))
+        assert lost[0].check(JobLost)
+
+    def test_a_started_job_that_dies_counts_against_its_message(self) -> None:
+        _clock, jobs, started = make(1)
+        lost: list = []
+        jobs.process("Q1").addErrback(lost.append)
+        started[0].pid = 1000
+        started[0].exited(Failure(ProcessTerminated(signal=9)))
+        assert lost[0].check(JobEnded) and not lost[0].check(JobLost)
 
     def test_its_message_goes_to_the_next_job_at_once_and_counts_nothing(self) -> None:
         """Killing the launcher stalled the messages in hand for END_WAITS."""

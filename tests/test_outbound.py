@@ -1088,23 +1088,49 @@ def test_a_deletion_killed_after_its_claim_deletes_the_message_at_the_next_start
     assert entry["recipients"] == ["bob@remote.test"]
 
 
-def test_wrkq_retry_makes_every_retry_due_and_the_try_counts(manager):
-    """The administrator mended the destination: the mail goes now, not in hours."""
+def test_wrkq_retry_sends_every_remote_retry_now_and_the_try_does_not_count(manager):
+    """The administrator mended the destination: the mail goes now, not in hours.
+    A try that fails again uses no retry up: run while the host is still down,
+    --retry returned mail before the time its delay notice had promised."""
     import time
 
     fq = manager.queue
     manager.settings = attrs_evolve_smtp(manager.settings, rtyhour=(3, 1))
     first = _queued(fq, Recipient("bob@remote.test"))
     _temporary(manager, first)  # RTYMIN: 30 minutes
+    due = fq.load(QTMSRTQ1, first).next_try
     second = _queued(fq, Recipient("ann@other.test"))
     fq.move(second, QTMSOUTQ, QTMSRTQ2,
             fq.load(QTMSOUTQ, second).evolve(attempts=4, next_try=time.time() + 1200))
+    local = _queued(fq, Recipient("jane@example.test", state=queuemod.RETRY,
+                                  resolved="pop:JANE", attempts=1, last_error="4.2.0 full"))
+    fq.move(local, QTMSOUTQ, QTMSRTQ1,
+            fq.load(QTMSOUTQ, local).evolve(attempts=1, next_try=time.time() + 600))
     assert manager._due(False, None, frozenset()).work == []
     outbound.request_retry(fq.root)
-    found = manager._due(False, None, frozenset())
+    # A MAILXFRINT schedule does not hold them back either.
+    found = manager._due(False, time.time() + 3600, frozenset())
     assert sorted(env.id for env, _ in found.work) == sorted([first, second])
+    assert fq.find(local) == QTMSRTQ1  # its mailbox keeps its own timed retries
     assert not (fq.root / outbound.RETRY_REQUEST).exists()  # asked once, done once
     codes = [e["code"] for e in read_entries(manager.journal.directory, ["8E", "8F"])]
     assert sorted(codes) == ["8E", "8F"]
     _temporary(manager, first)
-    assert fq.load(QTMSRTQ1, first).attempts == 2  # it counted, as a timed retry does
+    env = fq.load(QTMSRTQ1, first)
+    assert (env.attempts, env.next_try) == (1, due)
+
+
+def test_a_retry_request_whose_scan_fails_is_kept(manager, monkeypatch):
+    fq = manager.queue
+    qid = _queued(fq, Recipient("bob@remote.test"))
+    _temporary(manager, qid)
+    outbound.request_retry(fq.root)
+
+    def broken(*args):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(manager.queue, "versions", broken)
+    with pytest.raises(OSError):
+        manager._due(False, None, frozenset())
+    monkeypatch.undo()
+    assert [env.id for env, _ in manager._due(False, None, frozenset()).work] == [qid]

@@ -1461,3 +1461,24 @@ def test_trace_fields_are_counted_apart_from_the_message(tmp_path):
     assert fq.body_damage(QTMSINQ, env) == f"body of 3 bytes, {env.size} when it was received"
     os.truncate(body, 5)
     assert "shorter than its" in fq.body_damage(QTMSINQ, env)
+
+
+def test_wrkq_delete_of_many_kept_messages_says_how_many(cfg, cli_queue, capsys):
+    """One total, not a line per message, and every kept message counted."""
+    quarantined = [enqueue(cli_queue, queue=QUARANTINE) for _ in range(3)]
+    damaged = enqueue(cli_queue, queue=CORRUPT)
+    assert run(["--config", cfg, "wrkq", "--delete", quarantined[0], "--delete", damaged]) == 0
+    assert capsys.readouterr().out == "2 messages deleted\n"
+    assert run(["--config", cfg, "wrkq", "--delete", "ALL", "--queue", "quarantine"]) == 0
+    assert capsys.readouterr().out == "2 messages deleted\n"
+    assert cli_queue.list(QUARANTINE) == [] and cli_queue.list(CORRUPT) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["--delete", "18ed4d68f53b50905b1834", "--queue", "QTMSRTQ2"],
+    ["--retry", "--queue", "nosuch"],
+    ["--release", "18ed4d68f53b50905b1834", "--queue", "quarantine"],
+])
+def test_wrkq_queue_goes_only_with_a_listing_or_delete_all(cfg, cli_queue, capsys, args):
+    assert run(["--config", cfg, "wrkq", *args]) == 2
+    assert "--queue: only to list one queue, or with --delete ALL" in capsys.readouterr().err

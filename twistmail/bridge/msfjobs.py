@@ -49,8 +49,9 @@ class JobSilent(JobEnded):
 
 
 class JobLost(JobEnded):
-    """The job ended with its launcher, which forks every QMSF job: not the
-    message's doing, so it is tried again at once and its count is kept."""
+    """The job ended with its launcher, which forks every QMSF job, or never
+    started: not the message's doing, so it is tried again at once and
+    nothing is counted against it."""
 
 
 class NoJobFree(Exception):
@@ -161,8 +162,10 @@ class _Job:
         self._unwatch()
         pending, self.pending = self.pending, None
         if pending is not None:
+            # One that never started (the launcher failed to fork it, or died
+            # first) never had the message either.
             kind = JobSilent if self.silent else \
-                JobLost if _launcher_gone(reason) else JobEnded
+                JobLost if self.pid is None or _launcher_gone(reason) else JobEnded
             pending[1].errback(kind(f"{self.name} ended while processing {pending[0]}"
                                     + (", giving no sign of life" if self.silent else "")))
         self.owner.job_ended(self, reason)

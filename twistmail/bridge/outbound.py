@@ -122,7 +122,7 @@ EARLY = "early_for_etrn"
 #: and releasing one must not send what the other still holds.
 HOLD_FLAGS = {"*NORMAL": "QSMTPQ.held", "*HIGH": "QSMTPQ.held-high"}
 TRANSFER_REQUEST = "QSMTPQ.transfer"
-RETRY_REQUEST = "QSMTPQ.retry"  # wrkq --retry: what waits on the retry queues is due now
+RETRY_REQUEST = "QSMTPQ.retry"  # wrkq --retry: what waits on the retry queues goes now
 TRANSFER_STATE = "QSMTPQ.lastxfr"  # when the last MAILXFRINT transfer was
 _SIGNAL_FILES = (*HOLD_FLAGS.values(), TRANSFER_REQUEST, RETRY_REQUEST)
 
@@ -146,8 +146,8 @@ def _transfer_requested(queue_root: Path) -> bool:
 
 
 def request_retry(queue_root: Path) -> None:
-    """``wrkq --retry``: ask the bridge to try the mail on the retry queues now,
-    as if each message's next try had come (the administrator fixed what failed)."""
+    """``wrkq --retry``: ask the bridge to try the remote recipients waiting on the
+    retry queues now, as an ETRN for every destination would (the try does not count)."""
     (queue_root / RETRY_REQUEST).touch()
 
 
@@ -512,11 +512,12 @@ class OutboundManager:
         """
         now = time.time()
         flush = _flush_requests(self.queue.root)
-        # wrkq --retry: every retry is due, as when its time comes (the try counts).
-        due_at = math.inf if _taken(self.queue.root / RETRY_REQUEST) else now
+        # wrkq --retry: an ETRN for every destination, from the administrator.
+        retry_all = _taken(self.queue.root / RETRY_REQUEST)
+        early: set[str] = set()  # what it sent early, let past a MAILXFRINT schedule
         seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]] = {}
         for source, code in ((QTMSRTQ1, "8E"), (QTMSRTQ2, "8F")):
-            if not flush and not self._retry_read_due(source, due_at):
+            if not flush and not retry_all and not self._retry_read_due(source, now):
                 seen[source] = self._seen.get(source, {})
                 continue
             with self._retry_lock:  # what moves in from now on lowers the floor again
@@ -525,10 +526,12 @@ class OutboundManager:
             try:
                 # Read after the reset: new settings (``configure``) lower the floor again.
                 longest = self._longest_waits()[source]
-                self._retry_wake[source] = self._move_due(source, code, due_at, longest, flush,
-                                                          seen)
+                self._retry_wake[source] = self._move_due(source, code, now, longest, flush,
+                                                          seen, early if retry_all else None)
             except BaseException:
                 self._lower_retry_wake(source, 0.0)  # read again at the next scan
+                if retry_all:
+                    request_retry(self.queue.root)  # asked for again: nothing was lost
                 raise
         if self.held:
             # Nothing goes, but the envelopes are read now, while there is
@@ -563,7 +566,7 @@ class OutboundManager:
         self._outq_changed = False  # what changes from now on is read next time
         self._outq_read_at = time.monotonic()
         with self._outq_read():
-            found = self._read_outq(transfer, next_at, released, flush, seen)
+            found = self._read_outq(transfer, next_at, released | early, flush, seen)
         self._seen = seen
         return found
 
@@ -616,8 +619,12 @@ class OutboundManager:
 
     def _move_due(self, source: str, code: str, now: float, longest: float,
                   flush: set[str], seen: dict[str, dict[str, tuple[tuple[int, ...], Envelope]]],
-                  ) -> float:
-        """Move what is due on a retry queue on; return the earliest next try left there."""
+                  early: set[str] | None = None) -> float:
+        """Move what is due on a retry queue on; return the earliest next try left there.
+
+        ``early`` (``wrkq --retry``): every message with a remote recipient goes
+        now, as for an ETRN that names its destination; its id is added there.
+        """
         wake = math.inf
         for qid, version in self.queue.versions(source):
             env = self._load(source, qid, version, seen)
@@ -626,10 +633,13 @@ class OutboundManager:
             # A wait longer than its queue ever gives (the clock was set
             # back, or RTYMIN lowered) ends now, not after the difference.
             due = env.next_try is None or env.next_try <= now or env.next_try - now > longest
-            if not due and not (flush and any(r.state == PENDING and _in_node(r.address, flush)
-                                              for r in env.recipients)):
+            asked = early is not None and any(r.state == PENDING for r in env.recipients)
+            if not due and not asked and not (flush and any(
+                    r.state == PENDING and _in_node(r.address, flush) for r in env.recipients)):
                 wake = min(wake, env.next_try)
                 continue
+            if asked and early is not None:
+                early.add(qid)
             # A deferred local recipient is the bridge's to deliver:
             # through QTMSINQ, which forwards the remote ones again.
             # An ETRN sends the remote ones now, from QTMSOUTQ, where

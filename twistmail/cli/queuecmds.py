@@ -186,7 +186,8 @@ def _spool(listing: bool = False) -> FileQueue:
               help="Delete a message on QTMSOUTQ, QTMSRTQ1, QTMSRTQ2, QTMSBSSQ, in "
               "quarantine or in corrupt/ (repeatable); ALL with --queue: all of that queue.")
 @click.option("--retry", is_flag=True,
-              help="Try the mail on QTMSRTQ1 and QTMSRTQ2 now, as if its next try had come.")
+              help="Try the remote mail on QTMSRTQ1 and QTMSRTQ2 now (the try does not "
+              "count).")
 def wrkq(queue: str | None, as_json: bool, release: str | None,
          delete: tuple[str, ...], retry: bool) -> None:
     """List queued messages: id, queue, age, size, originator, recipients, attempts, next try.
@@ -202,12 +203,16 @@ def wrkq(queue: str | None, as_json: bool, release: str | None,
     (what it delivered stays delivered).  --delete ALL --queue QTMSRTQ2
     deletes everything waiting there, as postsuper -d ALL deferred does.
 
-    --retry, once what made the mail fail is mended, tries everything on the
-    retry queues now, as postqueue -f does; each try counts, as a timed
-    retry's does.
+    --retry, once what made the mail fail is mended, tries the remote mail on
+    the retry queues now, as postqueue -f does, and as an ETRN would: a try
+    that fails again uses no retry up.
     """
     if sum((release is not None, bool(delete), retry)) > 1:
         usage_error("--release, --delete and --retry: give one of them")
+    if queue is not None and (release is not None or retry or (
+            delete and not any(d.strip().upper() == "ALL" for d in delete))):
+        usage_error("--queue: only to list one queue, or with --delete ALL; allowed: "
+                    "wrkq --queue Q, wrkq --delete ALL --queue Q")
     if retry:
         _retry_now()
         return
@@ -323,13 +328,28 @@ def _delete(given: list[str], queue: str | None) -> None:
             return
     else:
         ids = list(dict.fromkeys(_checked_id("--delete", g) for g in given))
+    one = len(ids) == 1
     problems: list[str] = []
     by_bridge: list[tuple[str, str]] = []
+    deleted = 0
     with _readable("--delete"):
         spool = _spool()
-        for qid in ids:
-            if _kept(spool, qid, release=False):
-                continue
+        from twistmail.journal import Journal
+
+        journal = Journal.from_settings(app().settings, f"WRKQ/{os.getpid()}")
+        # Each kept queue is listed once, under its lock: a spam run leaves
+        # tens of thousands there, and a listing per message took minutes.
+        with _locked(spool.queue_dir(QUARANTINE)), _locked(spool.queue_dir(CORRUPT)):
+            kept = {q: set(spool.list(q)) for q in (QUARANTINE, CORRUPT)}
+            others = []
+            for qid in ids:
+                queue_of = next((q for q in kept if qid in kept[q]), None)
+                if queue_of is None:
+                    others.append(qid)
+                    continue
+                _act_on_kept(spool, queue_of, qid, "--delete", False, journal, quiet=not one)
+                deleted += 1
+        for qid in others:
             where = spool.find(qid)
             if where in deletes.DELETABLE:
                 by_bridge.append((qid, where))
@@ -338,7 +358,11 @@ def _delete(given: list[str], queue: str | None) -> None:
             else:
                 problems.append(f"message {qid} is on {where}")
         if by_bridge:
-            problems += _delete_by_bridge(spool, by_bridge, one=len(ids) == 1)
+            by_it, not_deleted = _delete_by_bridge(spool, by_bridge, one)
+            deleted += by_it
+            problems += not_deleted
+    if deleted and not one:
+        click.echo(f"{deleted} message{'s' if deleted > 1 else ''} deleted")
     if not problems:
         return
     if len(ids) == 1:
@@ -354,9 +378,10 @@ def _delete(given: list[str], queue: str | None) -> None:
 DELETE_WAIT = 10.0
 
 
-def _delete_by_bridge(spool: FileQueue, items: list[tuple[str, str]], one: bool) -> list[str]:
+def _delete_by_bridge(spool: FileQueue, items: list[tuple[str, str]],
+                      one: bool) -> tuple[int, list[str]]:
     """Ask the bridge, which alone moves these messages, and wait for its answers;
-    return what was not deleted."""
+    return how many it deleted, and what it did not."""
     from twistmail.bridge.status import bridge_running
 
     for qid, _ in items:
@@ -369,7 +394,7 @@ def _delete_by_bridge(spool: FileQueue, items: list[tuple[str, str]], one: bool)
         else:
             click.echo(f"{len(items)} messages: the bridge is not running; it deletes them "
                        "when it starts (strmsf)")
-        return []
+        return 0, []
     waiting = dict(items)
     deleted = 0
     problems = []
@@ -390,8 +415,6 @@ def _delete_by_bridge(spool: FileQueue, items: list[tuple[str, str]], one: bool)
                                 "(delivered, returned or set aside); dspjrn tells which")
         if waiting:
             time.sleep(0.1)
-    if deleted and not one:
-        click.echo(f"{deleted} message{'s' if deleted > 1 else ''} deleted")
     for qid, where in waiting.items():
         if where == QTMSBSSQ:
             click.echo(f"message {qid} on {where}: the bridge deletes it at its next look at "
@@ -399,7 +422,7 @@ def _delete_by_bridge(spool: FileQueue, items: list[tuple[str, str]], one: bool)
         else:
             click.echo(f"message {qid} is being sent now; the bridge deletes it when this "
                        "attempt ends (what it delivers meanwhile stays delivered)")
-    return problems
+    return deleted, problems
 
 
 @contextmanager
@@ -418,15 +441,18 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _act_on_kept(spool: FileQueue, queue: str, qid: str, option: str, release: bool) -> None:
+def _act_on_kept(spool: FileQueue, queue: str, qid: str, option: str, release: bool,
+                 journal: Any = None, quiet: bool = False) -> None:
     from twistmail.journal import Journal
 
-    journal = Journal.from_settings(app().settings, f"WRKQ/{os.getpid()}")
+    if journal is None:
+        journal = Journal.from_settings(app().settings, f"WRKQ/{os.getpid()}")
     code, where = ("OW", "quarantine") if queue == QUARANTINE else ("7Z", "corrupt/")
     if not release:
         spool.remove(queue, qid)
         journal.write(code, f"{code} DLT {qid}", qid, action="deleted by the administrator")
-        click.echo(f"message {qid} deleted from {where}")
+        if not quiet:
+            click.echo(f"message {qid} deleted from {where}")
         return
     try:
         env = spool.load(queue, qid)
