@@ -673,3 +673,22 @@ def test_wrkq_retry_tries_the_retry_queues_now(make_appliance, sink):
     a.wait_for(lambda: not a.queue_files("QTMSRTQ1") and not a.queue_files("QTMSOUTQ"), 10)
     assert [e["code"] for e in a.journal() if e["code"] in ("8C", "8E", "88")] == \
         ["8C", "8E", "88"]
+
+
+def test_wrkq_delete_of_several_messages_being_sent_says_so_once(make_appliance, sink,
+                                                                 monkeypatch):
+    from twistmail.cli import queuecmds
+
+    monkeypatch.setattr(queuecmds, "DELETE_WAIT", 1.0)
+    sink.behaviour = Behaviour(end_delay=4, end="451 4.3.0 later")
+    a = outbound(make_appliance, sink, rtymin=[3, 30])
+    _bridge_running(a)
+    send(a, ["friend@remote.test"])
+    send(a, ["pal@remote.test"])
+    a.wait_for(lambda: len(a.journal("8B")) == 2, 20, "both taken for delivery")
+    ids = [e["msgid"] for e in a.journal("8B")]
+    rc, out, err = a.cli("wrkq", "--delete", ids[0], "--delete", ids[1])
+    assert (rc, out) == (0, "2 more being sent now: the bridge deletes each when its attempt "
+                            "ends (what it delivers meanwhile stays delivered)\n"), err
+    a.wait_for(lambda: len(a.journal("8Z")) == 2, 30, "both deleted after their attempts")
+    assert not any(a.queue_files(q) for q in ("QTMSOUTQ", "QTMSRTQ1"))

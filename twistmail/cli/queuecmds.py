@@ -332,6 +332,7 @@ def _delete(given: list[str], queue: str | None) -> None:
     problems: list[str] = []
     by_bridge: list[tuple[str, str]] = []
     deleted = 0
+    later: list[str] = []
     with _readable("--delete"):
         spool = _spool()
         from twistmail.journal import Journal
@@ -358,11 +359,13 @@ def _delete(given: list[str], queue: str | None) -> None:
             else:
                 problems.append(f"message {qid} is on {where}")
         if by_bridge:
-            by_it, not_deleted = _delete_by_bridge(spool, by_bridge, one)
+            by_it, not_deleted, later = _delete_by_bridge(spool, by_bridge, one)
             deleted += by_it
             problems += not_deleted
     if deleted and not one:
         click.echo(f"{deleted} message{'s' if deleted > 1 else ''} deleted")
+    for line in later:
+        click.echo(line)
     if not problems:
         return
     if len(ids) == 1:
@@ -379,9 +382,9 @@ DELETE_WAIT = 10.0
 
 
 def _delete_by_bridge(spool: FileQueue, items: list[tuple[str, str]],
-                      one: bool) -> tuple[int, list[str]]:
+                      one: bool) -> tuple[int, list[str], list[str]]:
     """Ask the bridge, which alone moves these messages, and wait for its answers;
-    return how many it deleted, and what it did not."""
+    return how many it deleted, what it did not, and what it deletes later."""
     from twistmail.bridge.status import bridge_running
 
     for qid, _ in items:
@@ -394,7 +397,7 @@ def _delete_by_bridge(spool: FileQueue, items: list[tuple[str, str]],
         else:
             click.echo(f"{len(items)} messages: the bridge is not running; it deletes them "
                        "when it starts (strmsf)")
-        return 0, []
+        return 0, [], []
     waiting = dict(items)
     deleted = 0
     problems = []
@@ -415,14 +418,25 @@ def _delete_by_bridge(spool: FileQueue, items: list[tuple[str, str]],
                                 "(delivered, returned or set aside); dspjrn tells which")
         if waiting:
             time.sleep(0.1)
-    for qid, where in waiting.items():
-        if where == QTMSBSSQ:
+    parked = sum(1 for where in waiting.values() if where == QTMSBSSQ)
+    sending = len(waiting) - parked
+    if one and waiting:
+        [(qid, where)] = waiting.items()
+        if parked:
             click.echo(f"message {qid} on {where}: the bridge deletes it at its next look at "
                        f"{where}")
         else:
             click.echo(f"message {qid} is being sent now; the bridge deletes it when this "
                        "attempt ends (what it delivers meanwhile stays delivered)")
-    return deleted, problems
+        return deleted, problems, []
+    later = []
+    if sending:
+        later.append(f"{sending} more being sent now: the bridge deletes each when its "
+                     "attempt ends (what it delivers meanwhile stays delivered)")
+    if parked:
+        later.append(f"{parked} more on {QTMSBSSQ}: the bridge deletes them at its next look "
+                     f"at {QTMSBSSQ}")
+    return deleted, problems, later
 
 
 @contextmanager
