@@ -986,6 +986,7 @@ def test_a_request_that_is_not_a_queue_id_is_left_alone(manager):
     qid = _queued(fq, Recipient("rcpt@remote.test"))
     (fq.root / deletes.DIRECTORY).mkdir(exist_ok=True)
     (fq.root / deletes.DIRECTORY / "notes.txt").touch()
+    assert deletes.asked(fq.root) == []
     _scan_now(manager)
     assert fq.find(qid) == QTMSOUTQ and [_task_ids(t) for t in manager.pool.tasks] == [[qid]]
     assert (fq.root / deletes.DIRECTORY / "notes.txt").exists()

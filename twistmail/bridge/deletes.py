@@ -113,9 +113,7 @@ def delete(queue: Any, journal: Any, qid: str, where: str, code: str,
             return  # answered meanwhile
     try:
         env: Envelope | None = queue.load(where, qid)
-    except KeyError:
-        env = None
-    except ValueError:  # unreadable: deleted all the same, as asked
+    except (KeyError, ValueError):  # unreadable: deleted all the same, as asked
         env = None
     try:
         queue.remove(where, qid)

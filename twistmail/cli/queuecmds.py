@@ -258,25 +258,17 @@ def _release(qid: str) -> None:
     _checked_id("--release", qid)
     with _readable(f"--release {qid}"):
         spool = _spool()
-        if _kept(spool, qid, release=True):
-            return
+        for queue in (QUARANTINE, CORRUPT):
+            with _locked(spool.queue_dir(queue)):
+                if qid in spool.list(queue):
+                    _act_on_kept(spool, queue, qid, "--release", True)
+                    return
         where = spool.find(qid)
     if where is None:
         raise Failure(f"--release: message {qid} is in no queue; allowed: a message in "
                       "quarantine or corrupt/")
     raise Failure(f"--release: message {qid} is on {where}; allowed: a message in "
                   "quarantine or corrupt/")
-
-
-def _kept(spool: FileQueue, qid: str, release: bool) -> bool:
-    """Act on ``qid`` if quarantine or corrupt/ holds it; False if neither does."""
-    for queue in (QUARANTINE, CORRUPT):
-        with _locked(spool.queue_dir(queue)):
-            if qid in spool.list(queue):
-                _act_on_kept(spool, queue, qid, "--release" if release else "--delete",
-                             release)
-                return True
-    return False
 
 
 def _retry_now() -> None:
@@ -333,10 +325,10 @@ def _delete(given: list[str], queue: str | None) -> None:
     by_bridge: list[tuple[str, str]] = []
     deleted = 0
     later: list[str] = []
+    from twistmail.journal import Journal
+
     with _readable("--delete"):
         spool = _spool()
-        from twistmail.journal import Journal
-
         journal = Journal.from_settings(app().settings, f"WRKQ/{os.getpid()}")
         # Each kept queue is listed once, under its lock: a spam run leaves
         # tens of thousands there, and a listing per message took minutes.
