@@ -6,6 +6,8 @@ import email
 import email.policy
 import email.utils
 import json
+import os
+import signal
 import smtplib
 import threading
 import time
@@ -162,6 +164,30 @@ def test_endtcpsvr_smtp_ends_the_client_jobs_and_keeps_mail_queued(make_applianc
     assert rc == 0, err
     a.wait_for(lambda: sink.messages, 30, "delivery once SMTP is started again")
     a.wait_for(lambda: a.count("QTMSCCLCP") > 0, 10, "client jobs listed again")
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_client_jobs_are_forks_of_a_launcher_the_bridge_forked(make_appliance, sink):
+    """No interpreter starts for it; after its death an exec'd one takes over."""
+    a = outbound(make_appliance, sink)
+    a.wait_for(lambda: a.count("QTMSCCLCP", "PSRW") > 0, 20, "a client job")
+    bridge = a.control("status")["bridge"]["pid"]
+    [job] = [r["pid"] for r in a.jobs("QTMSCCLCP")]
+    launcher = _parent_of(job)
+    assert open(f"/proc/{launcher}/comm").read().strip() == "QZMFLNCH"
+    assert _parent_of(launcher) == bridge
+    assert "twistmail.bridge.main" in open(f"/proc/{launcher}/cmdline").read()
+    os.kill(launcher, signal.SIGKILL)  # its job dies with it
+    a.wait_for(lambda: [r for r in a.jobs("QTMSCCLCP")
+                        if r["status"] == "PSRW" and r["pid"] != job], 20, "a new client job")
+    [fresh] = [r["pid"] for r in a.jobs("QTMSCCLCP")]
+    assert _parent_of(_parent_of(fresh)) == bridge
+    send(a, ["friend@remote.test"])
+    a.wait_for(lambda: sink.messages, 20, "delivery by the new job")
 
 
 def test_chgpje_of_the_client_pool_applies_live(make_appliance, sink):

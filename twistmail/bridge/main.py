@@ -47,14 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(args.parent)
     log_to_stderr()
     settings = configmod.load(args.config)
-    launcher = _fork_launcher()
+    # The QMSF jobs hold the state directory's lock too (our fd 3): while one
+    # still works, no new daemon starts on the same queues.
+    launcher = _fork_launcher((JOB_NAME,), keep_fd=_lock_fd())
+    client_launcher = _fork_launcher(("QTMSCCLCP",))
 
     from twisted.internet import reactor
 
     from twistmail.bridge.manager import QueueManager
     from twistmail.bridge.msf import storage_probe
     from twistmail.bridge.msfjobs import MsfJobs
-    from twistmail.bridge.status import smtp_ended
     from twistmail.directory import SqliteDirectory
     from twistmail.journal import Journal
     from twistmail.queue import FileQueue
@@ -66,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     manager = QueueManager(reactor, queue, jobs, journal, storage_probe(settings))
     pool, outbound = _outbound(reactor, settings, args.config, queue,
                                SqliteDirectory.from_settings(settings))
+    if client_launcher is not None:
+        pool.launcher.adopt(*client_launcher)
     run_dir = settings.datadir / "run"
-    reactor.callWhenRunning(lambda: outbound.smtp_server(not smtp_ended(run_dir)))
+    reactor.callWhenRunning(_client_jobs, outbound, pool, run_dir)
     # The outbound side moves queued mail too: it starts after the first recovery.
     reactor.callWhenRunning(lambda: manager.start().addBoth(lambda _: outbound.start()))
     reactor.addSystemEventTrigger("before", "shutdown", manager.stop)
@@ -127,17 +131,32 @@ def _lock_fd() -> int | None:
     return 3
 
 
-def _fork_launcher() -> tuple[int, socket.socket] | None:
-    """The QMSF jobs' launcher, forked now: no reactor and no thread exist yet."""
+def _fork_launcher(programs: tuple[str, ...],
+                  keep_fd: int | None = None) -> tuple[int, socket.socket] | None:
+    """A jobs' launcher, forked now: no reactor and no thread exist yet.
+
+    The QMSF jobs' launcher is forked first, so it does not carry what only
+    the client jobs import.  Both cost no interpreter start of their own:
+    exec'd, a launcher takes a quarter of a second of CPU for its imports,
+    which the bridge has done anyway.  A launcher that dies later is
+    replaced by an exec'd one, as usual.
+    """
     from twistmail.prestart.forkserver import fork_launcher
 
     try:
-        # The QMSF jobs hold the state directory's lock too (our fd 3): while
-        # one still works, no new daemon starts on the same queues.
-        return fork_launcher((JOB_NAME,), keep_fd=_lock_fd())
+        return fork_launcher(programs, keep_fd=keep_fd)
     except OSError as e:  # the jobs' launcher will be started the usual way
-        print(f"cannot fork the QMSF jobs' launcher: {e}", file=sys.stderr)
+        print(f"cannot fork the {'/'.join(programs)} jobs' launcher: {e}", file=sys.stderr)
         return None
+
+
+def _client_jobs(outbound, pool, run_dir: Path) -> None:  # noqa: ANN001
+    """The client jobs start with the bridge unless ENDTCPSVR *SMTP holds them."""
+    from twistmail.bridge.status import smtp_ended
+
+    outbound.smtp_server(not smtp_ended(run_dir))
+    if not pool.active:  # the launcher forked for them would wait for nothing
+        pool.launcher.stop()
 
 
 def _fork_server(reactor, launcher):  # noqa: ANN001, ANN202

@@ -20,10 +20,11 @@ Protocol on fd 3 (a UNIX socket to the controller), one line each way:
 When the controller goes, the launcher goes, and its jobs with it
 (PR_SET_PDEATHSIG on both).
 
-The bridge's QMSF jobs come from a launcher too.  That one is a fork of the
-bridge itself, made before its reactor exists (:func:`fork_launcher`): the
-bridge has imported what the jobs run, so the launcher costs no imports at
-all and the first job starts at once after STRMSF.
+The bridge's QMSF jobs and its client jobs come from launchers too.  Those
+are forks of the bridge itself, made before its reactor exists
+(:func:`fork_launcher`): the bridge has imported what the jobs run, so a
+launcher costs no interpreter start of its own and the first job starts at
+once after STRMSF.  One that dies is replaced by an exec'd one.
 
 Run as ``python -m twistmail.prestart.forkserver PGM...`` (the programs to preload).
 """
