@@ -753,9 +753,22 @@ class Profiler:
         return summary
 
 
-def _role(cmdline: str) -> str:
-    # Jobs are forks of their pool's launcher and keep its command line
-    # (``-m twistmail.prestart.forkserver PGM``); older ones were exec'd with --pgm.
+#: Process names (comm) of jobs, which keep their launcher's command line.
+_JOB_ROLES = {"QTMSSRCP": "smtp-jobs", "QTPOPSRVP": "pop-jobs", "QTMSCCLCP": "client-jobs",
+              "QMSF": "qmsf-jobs"}
+
+
+def _role(pid: int, cmdline: str) -> str:
+    # Jobs are forks of a launcher and keep its command line, which names
+    # both server programs for the controller's, and the bridge for the
+    # bridge's: a job is known by its name while it runs.
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            role = _JOB_ROLES.get(f.read().strip())
+        if role is not None:
+            return role
+    except OSError:
+        pass  # ended: its command line is all there is
     if "--pgm QTMSSRCP" in cmdline or "forkserver QTMSSRCP" in cmdline:
         return "smtp-jobs"
     if "--pgm QTPOPSRVP" in cmdline or "forkserver QTPOPSRVP" in cmdline:
@@ -784,6 +797,7 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
     idle: collections.Counter = collections.Counter()
     incl: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     self_: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    roles_of: dict[str, str] = {}  # process frame -> role
     with open(path, errors="replace") as f:
         for line in f:
             stack, _, n = line.rstrip("\n").rpartition(" ")
@@ -792,7 +806,12 @@ def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
             count = int(n)
             frames = stack.split(";")
             procs = [fr for fr in frames if fr.startswith("process ")]
-            role = _role(procs[-1]) if procs else "other"
+            role = "other"
+            if procs:
+                if procs[-1] not in roles_of:
+                    pid = re.match(r"process (\d+)", procs[-1])
+                    roles_of[procs[-1]] = _role(int(pid.group(1)) if pid else 0, procs[-1])
+                role = roles_of[procs[-1]]
             frames = [re.sub(r":\d+\)$", ")", fr) for fr in frames
                       if not fr.startswith(("process ", "thread "))]
             leaf = frames[-1] if frames else "<native>"

@@ -10,7 +10,7 @@ import sys
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from twistmail.prestart.launch import ChildOutput
+from twistmail.prestart.launch import ChildOutput, ForkServer
 
 #: The child forks a grandchild that keeps the child's stdout and stderr (as
 #: the jobs a launcher forks do), stops it, and exits.
@@ -72,3 +72,48 @@ class LauncherEndTests(unittest.TestCase):
         os.kill(int(lines[0]), signal.SIGKILL)
         await closed
         self.assertEqual(len(ended), 1)
+
+
+class _Server(ForkServer):
+    """A ForkServer that starts nothing: what the shares ask of it is noted."""
+
+    def __init__(self) -> None:
+        super().__init__(reactor, ("QTMSSRCP", "QTPOPSRVP"))
+        self.stops = 0
+        self.spawned: list[str] = []
+
+    @property
+    def pid(self) -> int | None:
+        return 1234
+
+    def spawn_job(self, pgm, config_path, channel, on_started, on_ended):  # noqa: ANN001
+        self.spawned.append(pgm)
+
+    def stop(self) -> defer.Deferred:
+        self.stops += 1
+        return defer.succeed(None)
+
+
+class LauncherShareTests(unittest.TestCase):
+    def test_the_launcher_ends_with_the_last_pool_that_used_it(self):
+        server = _Server()
+        smtp, pop = server.share(), server.share()
+        smtp.spawn_job("QTMSSRCP", "cfg", None, None, None)
+        pop.spawn_job("QTPOPSRVP", "cfg", None, None, None)
+        self.assertEqual(server.spawned, ["QTMSSRCP", "QTPOPSRVP"])
+        smtp.stop()  # ENDPJ of SMTP: POP still uses it
+        self.assertEqual(server.stops, 0)
+        pop.stop()
+        self.assertEqual(server.stops, 1)
+        pop.spawn_job("QTPOPSRVP", "cfg", None, None, None)  # STRPJ: in use again
+        smtp.stop()
+        self.assertEqual(server.stops, 1)
+
+    def test_wrkactjob_lists_it_once(self):
+        server = _Server()
+        smtp, pop = server.share(), server.share()
+        self.assertEqual((smtp.pid, pop.pid), (None, None))  # nothing started yet
+        pop.spawn_job("QTPOPSRVP", "cfg", None, None, None)
+        self.assertEqual((smtp.pid, pop.pid), (None, 1234))
+        smtp.spawn_job("QTMSSRCP", "cfg", None, None, None)
+        self.assertEqual((smtp.pid, pop.pid), (1234, None))

@@ -232,11 +232,15 @@ def test_jobs_are_forked_by_a_launcher_that_is_replaced_when_it_dies(appliance):
     with open(f"/proc/{launcher}/comm") as f:
         assert f.read().strip() == "QZMFLNCH"
     assert _parent_of(launcher) == a.proc.pid
+    pop_jobs = [r["pid"] for r in a.jobs("QTPOPSRVP")]
+    assert {_parent_of(p) for p in pop_jobs} == {launcher}  # one launcher for both entries
     a.control("dspactpj", pgm="QTMSSRCP", reset=True)
     os.kill(launcher, signal.SIGKILL)
-    # Its jobs die with it; the pool starts a new launcher and new jobs.
-    assert wait_gone(jobs, 10) == []
+    # Its jobs die with it; the pools start a new launcher and new jobs.
+    assert wait_gone(jobs + pop_jobs, 10) == []
     a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 15, "replacement jobs")
+    a.wait_for(lambda: a.count("QTPOPSRVP", "PSRW") == 1, 15, "a replacement POP job")
+    assert len(launchers(a)) == 1
     # The dead and their replacements are never counted together.
     assert a.control("dspactpj", pgm="QTMSSRCP")["jobs_peak"] == 2
     crashes = [e for e in a.journal("JC") if e["pid"] in jobs]
@@ -342,8 +346,9 @@ def test_endpj_strpj_endtcpsvr_strtcpsvr(appliance):
     rc, out, err = a.cli("endpj", "--pgm", "QTMSSRCP", "--option", "*IMMED")
     assert rc == 0, err
     a.wait_for(lambda: a.count("QTMSSRCP") == 0, 10)
-    # The entry's launcher ends with its jobs; the POP entry's stays.
-    a.wait_for(lambda: len(launchers(a)) == 1, 10, "the SMTP launcher to end")
+    # The two entries share one launcher: it stays while POP uses it.
+    [launcher] = launchers(a)
+    assert _parent_of(a.jobs("QTPOPSRVP")[0]["pid"]) == launcher
     s = a.connect()
     assert read_reply(s).startswith(b"421 ")
     rc, out, err = a.cli("strpj", "--pgm", "QTMSSRCP")
@@ -357,9 +362,15 @@ def test_endpj_strpj_endtcpsvr_strtcpsvr(appliance):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(a.addr("pop3"), timeout=5)
     a.wait_for(lambda: a.count("QTPOPSRVP") == 0, 10)
+    assert launchers(a) == [launcher]  # the SMTP jobs it forks since STRPJ
+    rc, out, err = a.cli("endtcpsvr", "--server", "*SMTP")
+    assert rc == 0, err
+    a.wait_for(lambda: launchers(a) == [], 10, "the launcher to end with the last jobs")
     rc, out, err = a.cli("strtcpsvr", "--server", "*AUTOSTART")  # IBM's default: both here
-    assert rc == 0 and "*SMTP already started" in out and "*POP started" in out, (out, err)
+    assert rc == 0 and "*SMTP started" in out and "*POP started" in out, (out, err)
     a.wait_for(lambda: a.count("QTPOPSRVP", "PSRW") == 1, 10)
+    a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == 2, 10)
+    assert len(launchers(a)) == 1 and launchers(a) != [launcher]
     a.listeners = a.control("status")["listeners"]  # port 0: the kernel picked a new one
     p = poplib.POP3(*a.addr("pop3"), timeout=10)
     assert p.getwelcome().startswith(b"+OK")

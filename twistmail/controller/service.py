@@ -270,11 +270,13 @@ class Controller(service.Service):
             self.journal.write("JG", "JG STR twistmail", pid=self.pid, config=self.config_path)
         except OSError as e:
             raise StartRefused(f"cannot write the journal: {e}") from None
+        launcher = launch.ForkServer(self.reactor, POOL_PROGRAMS)
         for pgm in POOL_PROGRAMS:
             daemon = configmod.PROGRAMS[pgm]["daemon"]
             pool = Pool(
                 self.reactor, pgm, s.prestart.entry(pgm), limits_of(s), self.applied_path,
                 self._journal(f"{daemon}/{self.pid}"), _reject_reply(pgm, s.hostname),
+                launcher.share(),
             )
             pool.accepting_changed.append(lambda on, pgm=pgm: self._pool_accepting(pgm, on))
             self.pools[pgm] = pool

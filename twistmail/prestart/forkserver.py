@@ -65,7 +65,9 @@ COMMON = (
     "twistmail.queue",
 )
 #: What each program's jobs import.  Only what a launcher's jobs use is
-#: preloaded: every preloaded page is in each job's resident set.
+#: preloaded: every preloaded page is in each job's resident set.  The
+#: controller's one launcher preloads both server programs, whose own
+#: modules are small beside what they have in common.
 PRELOAD = {
     "QTMSSRCP": (*COMMON, "twistmail.smtp.server", "twistmail.smtp.backend"),
     "QTPOPSRVP": (*COMMON, "twistmail.pop3.server", "twistmail.auth", "twistmail.maildir"),

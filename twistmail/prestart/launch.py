@@ -397,6 +397,19 @@ class ForkServer:
         self.reactor = reactor
         self.programs = programs
         self._current: _Launcher | None = None
+        self._shares: list[LauncherShare] = []
+
+    def share(self) -> LauncherShare:
+        """A pool's handle on this launcher, which other pools use as well."""
+        share = LauncherShare(self)
+        self._shares.append(share)
+        return share
+
+    def _release(self) -> defer.Deferred:
+        """Stop the launcher once none of the pools sharing it uses it."""
+        if any(share.in_use for share in self._shares):
+            return defer.succeed(None)
+        return self.stop()
 
     def adopt(self, pid: int, channel: socket.socket) -> None:
         """Use a launcher forked by this process until it ends; then start them as usual."""
@@ -434,3 +447,40 @@ class ForkServer:
     def _gone(self, launcher: _Launcher) -> None:
         if self._current is launcher:
             self._current = None
+
+
+class LauncherShare:
+    """One pool's use of a launcher that several pools share.
+
+    The controller's pools share one: what their jobs import (Twisted,
+    OpenSSL, our modules) is nearly all the same, and each launcher started
+    cost a third of a second of CPU.  It ends when the last pool using it
+    has ended (ENDPJ, ENDTCPSVR); its death ends the jobs of every pool,
+    and each pool replaces its own.
+    """
+
+    def __init__(self, server: ForkServer) -> None:
+        self.server = server
+        #: Jobs were asked for since the pool last let the launcher go.
+        self.in_use = False
+
+    @property
+    def pid(self) -> int | None:
+        """The launcher's pid, for the first pool using it: WRKACTJOB lists it once."""
+        users = [share for share in self.server._shares if share.in_use]
+        return self.server.pid if users and users[0] is self else None
+
+    def spawn_job(self, pgm: str, config_path: str, channel: Protocol,
+                  on_started: Callable[[int], None],
+                  on_ended: Callable[[Failure], None]) -> ForkedProcess:
+        self.in_use = True
+        return self.server.spawn_job(pgm, config_path, channel, on_started, on_ended)
+
+    def stop(self) -> defer.Deferred:
+        """This pool's jobs are gone: the launcher ends if no other pool uses it."""
+        self.in_use = False
+        return self.server._release()
+
+    def kill(self) -> None:
+        """A launcher that stopped answering serves no pool: KILL it for all."""
+        self.server.kill()

@@ -190,10 +190,12 @@ class Pool:
         config_path: str,
         journal: Any,
         reject_reply: bytes,
+        launcher: Any = None,
     ) -> None:
         self.reactor = reactor
-        #: Starts the jobs, preloaded with this program's modules only.
-        self.launcher = launch.ForkServer(reactor, (pgm,))
+        #: Starts the jobs: preloaded with this program's modules only, unless
+        #: a launcher other pools share is given.
+        self.launcher = launcher or launch.ForkServer(reactor, (pgm,))
         self.pgm = pgm
         self.entry = entry
         self.limits = limits
