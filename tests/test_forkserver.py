@@ -125,3 +125,30 @@ def test_settings_are_read_once_per_version_of_the_file(tmp_path):
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_program_that_cannot_be_imported_fails_alone(monkeypatch):
+    """The controller's launcher serves two programs: one broken stops one entry."""
+    import gc
+
+    from twistmail.prestart import forkserver
+
+    monkeypatch.setitem(forkserver.PRELOAD, "BROKEN", ("twistmail.no_such_module",))
+    monkeypatch.setitem(forkserver.PRELOAD, "FINE", ("twistmail.journal",))
+    try:
+        broken = forkserver.preload(("BROKEN", "FINE"))
+    finally:
+        gc.unfreeze()
+    assert list(broken) == ["BROKEN"] and "twistmail.no_such_module" in broken["BROKEN"]
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    spare, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        launcher = forkserver.Launcher(ours, broken)
+        launcher.fds.append(os.dup(spare.fileno()))
+        launcher.request(b"SPAWN BROKEN /nonexistent.toml")
+        theirs.settimeout(5)
+        assert read_line(theirs).startswith(b"FAIL cannot import twistmail.no_such_module")
+        assert launcher.fds == []  # the job's channel is closed, not kept
+    finally:
+        for s in (ours, theirs, spare, other):
+            s.close()

@@ -117,3 +117,33 @@ class LauncherShareTests(unittest.TestCase):
         self.assertEqual((smtp.pid, pop.pid), (None, 1234))
         smtp.spawn_job("QTMSSRCP", "cfg", None, None, None)
         self.assertEqual((smtp.pid, pop.pid), (1234, None))
+
+    def test_an_entry_is_told_whether_another_started_one_uses_it(self):
+        server = _Server()
+        smtp, pop = server.share(), server.share()
+        self.assertFalse(smtp.serves_others())
+        pop.serving = lambda: True
+        self.assertTrue(smtp.serves_others())
+        self.assertFalse(pop.serves_others())
+        self.assertFalse(ForkServer(reactor, ("QTMSCCLCP",)).serves_others())
+
+
+class LauncherFailTests(unittest.TestCase):
+    def test_a_program_that_cannot_start_is_a_boot_failure_and_a_full_table_is_not(self):
+        import socket
+
+        from twisted.internet.error import ProcessTerminated
+
+        from twistmail.prestart.launch import ForkedProcess, ForkFailed, _Launcher
+
+        launcher = _Launcher(reactor)
+        ended: list = []
+        for _ in range(2):
+            a, b = socket.socketpair()
+            b.close()
+            launcher.pending.append((ForkedProcess(lambda pid: None, ended.append), a))
+        launcher.lineReceived(b"FAIL cannot import twistmail.pop3.server: ImportError()")
+        launcher.lineReceived(b"FAIL fork: Resource temporarily unavailable")
+        self.assertFalse(ended[0].check(ForkFailed))
+        self.assertTrue(ended[0].check(ProcessTerminated))
+        self.assertTrue(ended[1].check(ForkFailed))

@@ -81,11 +81,23 @@ ENTRY = {"QMSF": "twistmail.bridge.msf"}
 NAME = "QZMFLNCH"
 
 
-def preload(programs: list[str] | tuple[str, ...]) -> None:
-    """Import what the jobs need; the reactor itself is chosen after the fork."""
-    for name in dict.fromkeys(m for p in programs for m in PRELOAD.get(p, ())):
-        importlib.import_module(name)
-    if {"QTMSSRCP", "QTPOPSRVP"} & set(programs):
+def preload(programs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Import what the jobs need; the reactor itself is chosen after the fork.
+
+    Returns why each program that cannot run failed to import: a launcher
+    serving two programs answers only the broken one's requests FAIL, and
+    the other entry goes on.
+    """
+    broken: dict[str, str] = {}
+    for program in programs:
+        for name in PRELOAD.get(program, ()):
+            try:
+                importlib.import_module(name)
+            except Exception as e:
+                broken[program] = f"cannot import {name}: {e!r}"
+                print(f"{program} jobs cannot start: {broken[program]}", file=sys.stderr)
+                break
+    if {"QTMSSRCP", "QTPOPSRVP"} & (set(programs) - set(broken)):
         from twistmail.directory import prepare_sign_on
 
         prepare_sign_on()
@@ -94,6 +106,7 @@ def preload(programs: list[str] | tuple[str, ...]) -> None:
     gc.collect()
     gc.freeze()
     _trim_heap()
+    return broken
 
 
 def _trim_heap() -> None:
@@ -107,8 +120,10 @@ def _trim_heap() -> None:
 
 
 class Launcher:
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, broken: dict[str, str] | None = None) -> None:
         self.control = control
+        #: Programs whose modules failed to import, and why: their requests FAIL.
+        self.broken = broken or {}
         self.buffer = b""
         self.fds: list[int] = []
         self.wake_r, self.wake_w = os.pipe()
@@ -163,6 +178,10 @@ class Launcher:
             self.send(f"FAIL bad request {line[:200]!r}")
             return
         fd = self.fds.pop(0)
+        if parts[1] in self.broken:
+            os.close(fd)
+            self.send(f"FAIL {self.broken[parts[1]]}")
+            return
         settings = self.settings(parts[2])
         try:
             pid = os.fork()
@@ -234,7 +253,7 @@ class Launcher:
 
     def send(self, line: str) -> None:
         try:
-            self.control.sendall(line.encode("ascii") + b"\n")
+            self.control.sendall(line.encode("ascii", "replace") + b"\n")
         except OSError:
             pass
 
@@ -250,7 +269,7 @@ def fork_launcher(programs: tuple[str, ...],
     """
     if "twisted.internet.reactor" in sys.modules:
         raise RuntimeError("a launcher is forked before the reactor exists")
-    preload(programs)
+    broken = preload(programs)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
@@ -268,7 +287,7 @@ def fork_launcher(programs: tuple[str, ...],
             die_with_parent(sig=signal.SIGKILL)  # a stopped one must not outlive it
             return_large_blocks()  # the jobs forked from here keep it
             name_process(NAME)
-            code = _run_launcher()
+            code = _run_launcher(broken)
         except SystemExit as e:  # the bridge died meanwhile
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:
@@ -281,8 +300,8 @@ def fork_launcher(programs: tuple[str, ...],
     return pid, ours
 
 
-def _run_launcher() -> int:
-    Launcher(socket.socket(fileno=CONTROL_FD)).run()
+def _run_launcher(broken: dict[str, str] | None = None) -> int:
+    Launcher(socket.socket(fileno=CONTROL_FD), broken).run()
     return 0
 
 
@@ -292,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(sig=signal.SIGKILL)
     return_large_blocks()  # the jobs forked from here keep it
     name_process(NAME)
-    preload(sys.argv[1:] if argv is None else argv)
-    return _run_launcher()
+    broken = preload(sys.argv[1:] if argv is None else argv)
+    return _run_launcher(broken)
 
 
 if __name__ == "__main__":

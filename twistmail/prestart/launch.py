@@ -324,9 +324,12 @@ class _Launcher(LineOnlyReceiver):
         elif parts[:1] == [b"FAIL"] and self.pending:
             job, child_end = self.pending.popleft()
             child_end.close()
-            self.log.error("the job launcher could not start a job: {why}",
-                           why=line[5:].decode("utf-8", "replace"))
-            job.exited(Failure(ForkFailed(70, None, None)))
+            why = line[5:].decode("utf-8", "replace")
+            self.log.error("the job launcher could not start a job: {why}", why=why)
+            # Out of processes or memory is for now; a program that cannot
+            # be imported is a boot failure, which stops the entry in the end.
+            failed = ForkFailed if why.startswith("fork:") else ProcessTerminated
+            job.exited(Failure(failed(70, None, None)))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         """The launcher has gone (or is going): no PID will answer what is pending.
@@ -414,6 +417,8 @@ class ForkServer:
     def adopt(self, pid: int, channel: socket.socket) -> None:
         """Use a launcher forked by this process until it ends; then start them as usual."""
         launcher = _Launcher.adopted(self.reactor, pid, channel)
+        if launcher.closed:  # dead already, and reaped: the first job starts a new one
+            return
         launcher.on_closed = lambda: self._gone(launcher)
         self._current = launcher
 
@@ -444,6 +449,10 @@ class ForkServer:
         if self._current is not None:
             self._current._kill()
 
+    def serves_others(self) -> bool:
+        """Another pool's jobs run through this launcher now (never: it has one pool)."""
+        return False
+
     def _gone(self, launcher: _Launcher) -> None:
         if self._current is launcher:
             self._current = None
@@ -463,6 +472,8 @@ class LauncherShare:
         self.server = server
         #: Jobs were asked for since the pool last let the launcher go.
         self.in_use = False
+        #: Whether the pool using this share is started (its pool sets it).
+        self.serving: Callable[[], bool] = lambda: False
 
     @property
     def pid(self) -> int | None:
@@ -484,3 +495,7 @@ class LauncherShare:
     def kill(self) -> None:
         """A launcher that stopped answering serves no pool: KILL it for all."""
         self.server.kill()
+
+    def serves_others(self) -> bool:
+        """Another pool sharing the launcher is started: its jobs would die with it."""
+        return any(share.serving() for share in self.server._shares if share is not self)
