@@ -7,6 +7,7 @@ recorder (what the real launcher does is tested in test_forkserver.py).
 from __future__ import annotations
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
@@ -39,6 +40,9 @@ class Recorder:
         self.started.append(job)
         on_started(job.pid)
         return job
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)
 
 
 def started_pool(clock: Clock, inljobs: int = 1, launcher: Recorder | None = None
@@ -134,6 +138,9 @@ class Silent(Recorder):
 
     def kill(self) -> None:
         self.killed += 1
+
+    def serves_others(self) -> bool:
+        return False
 
 
 def test_a_start_the_launcher_never_answered_kills_the_launcher():
@@ -306,6 +313,28 @@ def test_a_launcher_forking_the_jobs_of_an_strpj_since_is_spared():
     assert p.launcher.killed == 0
 
 
+class SharedHung(Hung):
+    """The same, shared with another entry that is started."""
+
+    def serves_others(self) -> bool:
+        return True
+
+
+def test_a_launcher_another_started_entry_uses_is_spared():
+    """A job stuck in the kernel is not ended by the kill either: the
+    other entry's sessions must not be cut for it."""
+    clock = Clock()
+    p = started_pool(clock, launcher=SharedHung())
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    p.end("*CNTRLD", 1)
+    clock.advance(1)
+    clock.advance(poolmod.KILL_AFTER)
+    assert p.launcher.started[0].signals == ["TERM", "KILL"]
+    clock.advance(poolmod.KILL_AFTER)
+    assert p.launcher.killed == 0
+
+
 def test_connections_waiting_from_an_address_at_maxauthfail_are_refused():
     """Each would have had one more try once a job took it."""
     import socket
@@ -453,6 +482,11 @@ def test_an_entry_stopped_by_boot_failures_ends_the_jobs_it_has():
     assert [(j.state, j.end_reason) for j in ready] == [
         (poolmod.JobState.ENDING, "failed")] * 2
     assert all(j.chan.transport.value().endswith(b"END\n") for j in ready)
+    stops = []
+    p.launcher.stop = lambda: stops.append(1)
+    for j in ready:  # they exit: the launcher goes with the last (unless another entry uses it)
+        j.process.on_ended(Failure(ProcessTerminated(0, None, None)))
+    assert stops == [1]
 
 
 def test_a_job_told_to_end_that_does_not_exit_is_killed():

@@ -196,6 +196,8 @@ class Pool:
         #: Starts the jobs: preloaded with this program's modules only, unless
         #: a launcher other pools share is given.
         self.launcher = launcher or launch.ForkServer(reactor, (pgm,))
+        if isinstance(self.launcher, launch.LauncherShare):
+            self.launcher.serving = lambda: self.active
         self.pgm = pgm
         self.entry = entry
         self.limits = limits
@@ -280,7 +282,8 @@ class Pool:
             done = defer.DeferredList(ends)
             done.addBoth(lambda r: call.cancel() if call.active() else None)
         self._update_accepting()
-        # With its jobs gone the launcher goes too; STRPJ starts a new one.
+        # With its jobs gone the launcher goes too, unless another entry uses
+        # it; STRPJ starts a new one.
         done = defer.DeferredList(ends)
         done.addCallback(lambda _: None if self.active else self.launcher.stop())
         return done
@@ -777,8 +780,12 @@ class Pool:
             # As IBM i ends an entry's jobs when it stops it: the jobs that
             # did start would sit idle, refused work, and keep STRPJ refused.
             # Busy ones finish their session first.
-            for job in list(self.jobs.values()):
+            jobs = list(self.jobs.values())
+            for job in jobs:
                 self._end_job(job, "failed")
+            # Then the launcher goes, as after ENDPJ (another entry may keep it).
+            gone = defer.DeferredList([job.ended for job in jobs])
+            gone.addCallback(lambda _: None if self.active else self.launcher.stop())
             return
         for job_id, why in zip(actions.end, actions.end_reasons, strict=True):
             job = self.jobs.get(job_id)
@@ -909,10 +916,18 @@ class Pool:
         """
         if self.active:
             return  # STRPJ since: the launcher now forks the new jobs too; spare them
-        if any(self.jobs.get(j.id) is j for j in targets):
+        if not any(self.jobs.get(j.id) is j for j in targets):
+            return
+        if self.launcher.serves_others():
+            # A job stuck in the kernel (a hung disk) is not ended by killing
+            # its launcher either: the other entry's sessions are not cut for it.
             self.log.error("{name} jobs killed {s:.0f}s ago are not reported ended; "
-                           "killing their launcher", name=self.job_name, s=KILL_AFTER)
-            self.launcher.kill()
+                           "their launcher serves another entry and is spared",
+                           name=self.job_name, s=KILL_AFTER)
+            return
+        self.log.error("{name} jobs killed {s:.0f}s ago are not reported ended; "
+                       "killing their launcher", name=self.job_name, s=KILL_AFTER)
+        self.launcher.kill()
 
     def _signal(self, job: Job, sig: str) -> None:
         if job.end_reason is None:
