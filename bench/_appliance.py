@@ -753,9 +753,10 @@ class Profiler:
         return summary
 
 
-#: Process names (comm) of jobs, which keep their launcher's command line.
+#: Process names (comm) of jobs, which keep their launcher's command line,
+#: and of launchers, which several programs' jobs may share.
 _JOB_ROLES = {"QTMSSRCP": "smtp-jobs", "QTPOPSRVP": "pop-jobs", "QTMSCCLCP": "client-jobs",
-              "QMSF": "qmsf-jobs"}
+              "QMSF": "qmsf-jobs", "QZMFLNCH": "launchers"}
 
 
 def _role(pid: int, cmdline: str) -> str:
@@ -769,6 +770,8 @@ def _role(pid: int, cmdline: str) -> str:
             return role
     except OSError:
         pass  # ended: its command line is all there is
+    if "forkserver QTMSSRCP QTPOPSRVP" in cmdline:
+        return "smtp-or-pop-jobs"  # the controller's one launcher forks both
     if "--pgm QTMSSRCP" in cmdline or "forkserver QTMSSRCP" in cmdline:
         return "smtp-jobs"
     if "--pgm QTPOPSRVP" in cmdline or "forkserver QTPOPSRVP" in cmdline:
