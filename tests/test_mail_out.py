@@ -188,6 +188,7 @@ def test_client_jobs_are_forks_of_a_launcher_the_bridge_forked(make_appliance, s
     assert _parent_of(_parent_of(fresh)) == bridge
     send(a, ["friend@remote.test"])
     a.wait_for(lambda: sink.messages, 20, "delivery by the new job")
+    assert "selected twice" not in a.log_text()  # each job sets up its own log, once
 
 
 def test_chgpje_of_the_client_pool_applies_live(make_appliance, sink):

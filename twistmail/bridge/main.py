@@ -45,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM: when the controller dies, the bridge ends in a controlled way
     # (END_DELAY and more); a new daemon waits for it (the state directory's lock).
     die_with_parent(args.parent)
-    log_to_stderr()
-    settings = configmod.load(args.config)
     # The QMSF jobs hold the state directory's lock too (our fd 3): while one
-    # still works, no new daemon starts on the same queues.
+    # still works, no new daemon starts on the same queues.  Forked before our
+    # log is set up: a client job sets up its own.
     launcher = _fork_launcher((JOB_NAME,), keep_fd=_lock_fd())
     client_launcher = _fork_launcher(("QTMSCCLCP",))
+    log_to_stderr()
+    settings = configmod.load(args.config)
 
     from twisted.internet import reactor
 
