@@ -7,6 +7,7 @@ recorder (what the real launcher does is tested in test_forkserver.py).
 from __future__ import annotations
 
 import attrs
+import pytest
 from twisted.internet import defer
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
@@ -287,10 +288,22 @@ class Hung(Silent):
         return job
 
 
-def test_an_end_whose_jobs_are_never_reported_gone_kills_their_launcher():
-    """A stopped launcher kept ENDPJ, and the daemon's shutdown, waiting for ever."""
+class SharedHung(Hung):
+    """The same, shared with another entry that is started."""
+
+    def serves_others(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("launcher", "kills"), [(Hung, 1), (SharedHung, 0)])
+def test_an_end_whose_jobs_are_never_reported_gone_kills_their_launcher(launcher, kills):
+    """A stopped launcher kept ENDPJ, and the daemon's shutdown, waiting for ever.
+
+    One that another started entry shares is spared: a job stuck in the
+    kernel is not ended by the kill either, and the other entry's sessions
+    must not be cut for it."""
     clock = Clock()
-    p = started_pool(clock, launcher=Hung())
+    p = started_pool(clock, launcher=launcher())
     [job] = p.jobs.values()
     p._job_ready(job)
     p.end("*CNTRLD", 1)
@@ -299,7 +312,7 @@ def test_an_end_whose_jobs_are_never_reported_gone_kills_their_launcher():
     clock.advance(poolmod.KILL_AFTER)
     assert p.launcher.started[0].signals == ["TERM", "KILL"] and p.launcher.killed == 0
     clock.advance(poolmod.KILL_AFTER)
-    assert p.launcher.killed == 1
+    assert p.launcher.killed == kills
 
 
 def test_a_launcher_forking_the_jobs_of_an_strpj_since_is_spared():
@@ -310,28 +323,6 @@ def test_a_launcher_forking_the_jobs_of_an_strpj_since_is_spared():
     p.end("*CNTRLD", 1)
     p.start()  # STRPJ: the same launcher forks the new jobs
     clock.advance(1 + 2 * poolmod.KILL_AFTER)
-    assert p.launcher.killed == 0
-
-
-class SharedHung(Hung):
-    """The same, shared with another entry that is started."""
-
-    def serves_others(self) -> bool:
-        return True
-
-
-def test_a_launcher_another_started_entry_uses_is_spared():
-    """A job stuck in the kernel is not ended by the kill either: the
-    other entry's sessions must not be cut for it."""
-    clock = Clock()
-    p = started_pool(clock, launcher=SharedHung())
-    [job] = p.jobs.values()
-    p._job_ready(job)
-    p.end("*CNTRLD", 1)
-    clock.advance(1)
-    clock.advance(poolmod.KILL_AFTER)
-    assert p.launcher.started[0].signals == ["TERM", "KILL"]
-    clock.advance(poolmod.KILL_AFTER)
     assert p.launcher.killed == 0
 
 
