@@ -79,6 +79,9 @@ PRELOAD = {
 #: The module whose ``main`` a job of the program runs; prestart jobs by default.
 ENTRY = {"QMSF": "twistmail.bridge.msf"}
 NAME = "QZMFLNCH"
+#: How a FAIL line begins when the system is short of processes or memory:
+#: the pool then does not count a boot failure, as it does for other FAILs.
+SHORTAGE = "fork:"
 
 
 def preload(programs: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -187,7 +190,7 @@ class Launcher:
             pid = os.fork()
         except OSError as e:  # out of processes or memory: this job fails, we go on
             os.close(fd)
-            self.send(f"FAIL fork: {e.strerror}")
+            self.send(f"FAIL {SHORTAGE} {e.strerror}")
             return
         if pid == 0:
             self.become_job(fd, parts[1], parts[2], settings)

@@ -28,6 +28,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from twistmail.prestart import forkserver
+
 CHILD_CHANNEL_FD = 3
 #: The level in a line of a child's Twisted log: ``<time> [<namespace>#<level>] ...``.
 _CHILD_LEVEL = re.compile(r"\S+ \[[^\]\s]*#(debug|info|warn|error|critical)\] ")
@@ -328,7 +330,7 @@ class _Launcher(LineOnlyReceiver):
             self.log.error("the job launcher could not start a job: {why}", why=why)
             # Out of processes or memory is for now; a program that cannot
             # be imported is a boot failure, which stops the entry in the end.
-            failed = ForkFailed if why.startswith("fork:") else ProcessTerminated
+            failed = ForkFailed if why.startswith(forkserver.SHORTAGE) else ProcessTerminated
             job.exited(Failure(failed(70, None, None)))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

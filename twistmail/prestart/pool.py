@@ -282,8 +282,11 @@ class Pool:
             done = defer.DeferredList(ends)
             done.addBoth(lambda r: call.cancel() if call.active() else None)
         self._update_accepting()
-        # With its jobs gone the launcher goes too, unless another entry uses
-        # it; STRPJ starts a new one.
+        return self._release_launcher_after(ends)
+
+    def _release_launcher_after(self, ends: list[defer.Deferred]) -> defer.Deferred:
+        """With its jobs gone the launcher goes too, unless another entry uses
+        it or STRPJ came meanwhile; STRPJ starts a new one."""
         done = defer.DeferredList(ends)
         done.addCallback(lambda _: None if self.active else self.launcher.stop())
         return done
@@ -783,9 +786,7 @@ class Pool:
             jobs = list(self.jobs.values())
             for job in jobs:
                 self._end_job(job, "failed")
-            # Then the launcher goes, as after ENDPJ (another entry may keep it).
-            gone = defer.DeferredList([job.ended for job in jobs])
-            gone.addCallback(lambda _: None if self.active else self.launcher.stop())
+            self._release_launcher_after([job.ended for job in jobs])
             return
         for job_id, why in zip(actions.end, actions.end_reasons, strict=True):
             job = self.jobs.get(job_id)
