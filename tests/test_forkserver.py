@@ -149,6 +149,17 @@ def test_a_program_that_cannot_be_imported_fails_alone(monkeypatch):
         theirs.settimeout(5)
         assert read_line(theirs).startswith(b"FAIL cannot import twistmail.no_such_module")
         assert launcher.fds == []  # the job's channel is closed, not kept
+        # Mended (and STRPJ): the next start imports it again and goes on to fork.
+        monkeypatch.setitem(forkserver.PRELOAD, "BROKEN", ("twistmail.journal",))
+
+        def no_fork() -> int:
+            raise OSError(11, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(forkserver.os, "fork", no_fork)
+        launcher.fds.append(os.dup(spare.fileno()))
+        launcher.request(b"SPAWN BROKEN /nonexistent.toml")
+        assert read_line(theirs) == b"FAIL fork: Resource temporarily unavailable"
+        assert launcher.broken == {}
     finally:
         for s in (ours, theirs, spare, other):
             s.close()

@@ -93,23 +93,30 @@ def preload(programs: list[str] | tuple[str, ...]) -> dict[str, str]:
     """
     broken: dict[str, str] = {}
     for program in programs:
-        for name in PRELOAD.get(program, ()):
-            try:
-                importlib.import_module(name)
-            except Exception as e:
-                broken[program] = f"cannot import {name}: {e!r}"
-                print(f"{program} jobs cannot start: {broken[program]}", file=sys.stderr)
-                break
-    if {"QTMSSRCP", "QTPOPSRVP"} & (set(programs) - set(broken)):
-        from twistmail.directory import prepare_sign_on
-
-        prepare_sign_on()
+        why = _imports(program)
+        if why is not None:
+            broken[program] = why
+            print(f"{program} jobs cannot start: {why}", file=sys.stderr)
     # Keep the collector away from the shared objects, so the jobs' pages
     # stay shared (copy-on-write) instead of being copied by a GC pass.
     gc.collect()
     gc.freeze()
     _trim_heap()
     return broken
+
+
+def _imports(program: str) -> str | None:
+    """Import one program's modules; why they cannot be, or None."""
+    for name in PRELOAD.get(program, ()):
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            return f"cannot import {name}: {e!r}"
+    if program in ("QTMSSRCP", "QTPOPSRVP"):
+        from twistmail.directory import prepare_sign_on
+
+        prepare_sign_on()
+    return None
 
 
 def _trim_heap() -> None:
@@ -182,9 +189,14 @@ class Launcher:
             return
         fd = self.fds.pop(0)
         if parts[1] in self.broken:
-            os.close(fd)
-            self.send(f"FAIL {self.broken[parts[1]]}")
-            return
+            # Tried again: the entry went FAILED, its cause was mended and
+            # STRPJ came, while the other entry kept this launcher running.
+            why = _imports(parts[1])
+            if why is not None:
+                os.close(fd)
+                self.send(f"FAIL {why}")
+                return
+            del self.broken[parts[1]]
         settings = self.settings(parts[2])
         try:
             pid = os.fork()
