@@ -588,3 +588,24 @@ def test_growth_put_off_is_dropped_when_the_entry_ends_meanwhile():
     p.end("*CNTRLD", 30)
     clock.advance(poolmod.GROWTH_RECHECK)
     assert len(p.launcher.started) == 2
+
+
+def test_an_earlier_end_does_not_stop_the_launcher_under_jobs_started_since():
+    """ENDPJ, STRPJ, ENDPJ: the first end's jobs gone, the newer ones still
+    finish their sessions through the launcher."""
+    clock = Clock()
+    p = started_pool(clock, inljobs=1)
+    [old] = _ready(p, clock)
+    stops = []
+    p.launcher.stop = lambda: stops.append(1)
+    p.end("*CNTRLD", 30)
+    p.start()
+    clock.advance(0)
+    newer = [j for j in p.jobs.values() if j is not old]
+    assert newer
+    p.end("*CNTRLD", 30)
+    old.process.on_ended(Failure(ProcessTerminated(0, None, None)))
+    assert stops == []
+    for job in newer:
+        job.process.on_ended(Failure(ProcessTerminated(0, None, None)))
+    assert stops == [1]

@@ -286,9 +286,12 @@ class Pool:
 
     def _release_launcher_after(self, ends: list[defer.Deferred]) -> defer.Deferred:
         """With its jobs gone the launcher goes too, unless another entry uses
-        it or STRPJ came meanwhile; STRPJ starts a new one."""
+        it or STRPJ came meanwhile; STRPJ starts a new one.  Jobs that STRPJ
+        started, still finishing after a later ENDPJ, keep it: their own end
+        lets it go."""
         done = defer.DeferredList(ends)
-        done.addCallback(lambda _: None if self.active else self.launcher.stop())
+        done.addCallback(
+            lambda _: None if self.active or self.jobs else self.launcher.stop())
         return done
 
     def reconfigure(self, entry: PrestartEntry, limits: Limits) -> None:
