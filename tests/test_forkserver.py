@@ -163,3 +163,24 @@ def test_a_program_that_cannot_be_imported_fails_alone(monkeypatch):
     finally:
         for s in (ours, theirs, spare, other):
             s.close()
+
+
+def test_a_descriptor_the_kernel_could_not_pass_fails_its_own_request(monkeypatch):
+    """Out of descriptors, the request whose channel was dropped must not
+    take the channel of the next one (another entry's job, maybe)."""
+    from twistmail.prestart import forkserver
+
+    monkeypatch.setattr(forkserver, "MAX_FDS", 0)  # no room: the kernel drops it
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    spare, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        launcher = forkserver.Launcher(ours)
+        socket.send_fds(theirs, [b"SPAWN QTMSSRCP /nonexistent.toml\n"], [spare.fileno()])
+        assert launcher.receive()
+        theirs.settimeout(5)
+        assert read_line(theirs) == (b"FAIL fork: the job's channel was lost "
+                                     b"(out of descriptors)")
+        assert launcher.fds == []
+    finally:
+        for s in (ours, theirs, spare, other):
+            s.close()

@@ -82,6 +82,8 @@ NAME = "QZMFLNCH"
 #: How a FAIL line begins when the system is short of processes or memory:
 #: the pool then does not count a boot failure, as it does for other FAILs.
 SHORTAGE = "fork:"
+#: In place of a descriptor the kernel could not pass (MSG_CTRUNC).
+LOST = -1
 
 
 def preload(programs: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -162,7 +164,7 @@ class Launcher:
     def receive(self) -> bool:
         """Read requests; False when the controller has gone."""
         try:
-            data, ancdata, _, _ = self.control.recvmsg(
+            data, ancdata, flags, _ = self.control.recvmsg(
                 65536, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize))
         except (BlockingIOError, InterruptedError):
             return True
@@ -173,6 +175,10 @@ class Launcher:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC and not ancdata:
+            # The kernel dropped the descriptor these bytes carried (we are
+            # out of descriptors): its request must not take the next one's.
+            self.fds.append(LOST)
         if not data:
             return False
         self.buffer += data
@@ -188,6 +194,9 @@ class Launcher:
             self.send(f"FAIL bad request {line[:200]!r}")
             return
         fd = self.fds.pop(0)
+        if fd == LOST:
+            self.send(f"FAIL {SHORTAGE} the job's channel was lost (out of descriptors)")
+            return
         if parts[1] in self.broken:
             # Tried again: the entry went FAILED, its cause was mended and
             # STRPJ came, while the other entry kept this launcher running.
@@ -237,7 +246,8 @@ class Launcher:
             os.close(self.wake_r)
             os.close(self.wake_w)
             for other in self.fds:
-                os.close(other)
+                if other != LOST:
+                    os.close(other)
             self.control.detach()
             os.dup2(fd, JOB_CHANNEL_FD)  # takes the place of the control socket
             os.close(fd)
