@@ -147,3 +147,25 @@ class LauncherFailTests(unittest.TestCase):
         self.assertFalse(ended[0].check(ForkFailed))
         self.assertTrue(ended[0].check(ProcessTerminated))
         self.assertTrue(ended[1].check(ForkFailed))
+
+
+class AdoptTests(unittest.TestCase):
+    def test_a_launcher_dead_before_it_is_adopted_is_passed_over(self):
+        """Its pool waited on its closed channel until the bridge restarted."""
+        import socket
+        import time
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        theirs.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # a zombie: exited, not reaped yet
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        server = ForkServer(reactor, ("QTMSCCLCP",))
+        server.adopt(pid, ours)
+        self.assertIsNone(server._current)  # the first start spawns a new one
