@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from twistmail import config
 from twistmail.cli import base, configcmd
 from twistmail.configedit import UnknownSetting, set_values, setting_type
-from twistmail.settingtypes import Choice, Endpoint, Int, IntPair, SettingError
+from twistmail.settingtypes import Choice, Endpoint, Int, IntPair, SettingError, parse_value
 
 ROOT = Path(__file__).resolve().parent.parent
 ETC = ROOT / "etc" / "twistmail.toml"
@@ -376,6 +376,15 @@ def test_a_name_given_twice_in_a_list_counts_once(tmp_path: Path) -> None:
     assert loaded.smtp.authmech == ("*PLAIN", "*LOGIN")
     assert loaded.smtp.rblsvr == ("bl.example",)
     assert setting_type("smtp.authmech").parse("*PLAIN *plain, *LOGIN") == ("*PLAIN", "*LOGIN")
+
+
+def test_special_values_in_a_list_take_any_case(tmp_path: Path) -> None:
+    """As every other special value: CL upper-cases AUTHMECH(*login) anyway."""
+    loaded = config.load(write(tmp_path, '[smtp]\nauthmech = ["*login", "*Plain"]\n'))
+    assert loaded.smtp.authmech == ("*LOGIN", "*PLAIN")
+    with pytest.raises(SettingError) as e:
+        parse_value("smtp.authmech", setting_type("smtp.authmech"), "*login *cram")
+    assert "'*cram'" in str(e.value)
 
 
 # --- configedit ---------------------------------------------------------------

@@ -22,6 +22,7 @@ import attrs
 
 from twistmail.settingtypes import (
     Choice,
+    ChoiceList,
     DomainList,
     FileError,
     HostPort,
@@ -31,7 +32,6 @@ from twistmail.settingtypes import (
     NameServers,
     SettingError,
     Text,
-    TextList,
     is_domain,
     parse_value,
     setting,
@@ -170,7 +170,7 @@ class SmtpSettings:
     alwauth: str = setting(Choice(("*NONE", "*LCLRLY", "*RELAY")), "*RELAY",
                            "AUTH: not offered, required, or offered for relay")
     authmech: tuple[str, ...] = setting(
-        TextList("*PLAIN, *LOGIN"), ("*PLAIN", "*LOGIN"), "AUTH mechanisms offered"
+        ChoiceList(values=("*PLAIN", "*LOGIN")), ("*PLAIN", "*LOGIN"), "AUTH mechanisms offered"
     )
     alwplainauth: str = setting(YESNO, "*NO", "offer AUTH before STARTTLS")
     vfyfromusr: str = setting(Choice(("*NO", "*YES", "*NOTACCEPT")), "*NO", "check MAIL FROM")
@@ -202,9 +202,6 @@ class SmtpSettings:
             raise SettingError(
                 "smtp.rtyhour", list(self.rtyhour), "[0, 0] while rtyday is set (only one of them)"
             )
-        for mech in self.authmech:
-            if mech not in ("*PLAIN", "*LOGIN"):
-                raise SettingError("smtp.authmech", mech, "*PLAIN, *LOGIN")
         if not self.authmech and self.alwauth != "*NONE":
             raise SettingError("smtp.authmech", [], "*PLAIN, *LOGIN or both while alwauth "
                                f"is {self.alwauth} (*NONE offers no AUTH)")

@@ -41,7 +41,11 @@ class FileError(SettingError):
 
 
 class _Invalid(Exception):
-    """Raised by a type's ``parse``; turned into SettingError with the key."""
+    """Raised by a type's ``parse``; turned into SettingError with the key.
+
+    Its argument, when given, is the part of the value at fault (one word of
+    a list): the error names it rather than the whole value.
+    """
 
 
 @attrs.frozen
@@ -323,6 +327,28 @@ class DomainList(TextList):
         return domains
 
 
+@attrs.frozen
+class ChoiceList(TextList):
+    """Some of a fixed set of special values, compared case-insensitively as
+    Choice is (CL upper-cases ``AUTHMECH(*login)``)."""
+
+    values: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> str:
+        return ", ".join(self.values)
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        choice = Choice(self.values)
+        out = []
+        for word in super().parse(raw):
+            try:
+                out.append(choice.parse(word))
+            except _Invalid:
+                raise _Invalid(word) from None
+        return tuple(dict.fromkeys(out))
+
+
 def is_domain(text: str) -> bool:
     labels = text.rstrip(".").split(".")
     return text.isascii() and len(text) <= 253 and all(
@@ -379,8 +405,8 @@ def parse_value(key: str, vtype: Any, raw: Any) -> Any:
     """Parse ``raw`` for setting ``key``, raising SettingError with the key."""
     try:
         return vtype.parse(raw)
-    except _Invalid:
-        raise SettingError(key, raw, vtype.allowed) from None
+    except _Invalid as e:
+        raise SettingError(key, e.args[0] if e.args else raw, vtype.allowed) from None
 
 
 def setting(vtype: Any, default: Any, doc: str) -> Any:
