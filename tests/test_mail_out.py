@@ -609,7 +609,7 @@ def test_wrkq_delete_takes_a_message_off_the_retry_queue(make_appliance, sink):
     assert sorted(entry["recipients"]) == ["never@remote.test", "nor@remote.test"]
     assert a.mailbox("SAM") == []  # deleted without a notice
     rc, out, err = a.cli("wrkq", "--delete", qid)
-    assert rc == 1 and err.strip().endswith(f"--delete: message {qid} is in no queue; "
+    assert rc == 2 and err.strip().endswith(f"--delete: message {qid} is in no queue; "
                                             "allowed: a message in QTMSOUTQ, QTMSRTQ1, "
                                             "QTMSRTQ2, QTMSBSSQ, quarantine or corrupt/"), err
 
@@ -672,7 +672,7 @@ def test_wrkq_delete_all_of_a_queue_and_several_ids(make_appliance, sink):
     assert (rc, out) == (0, "2 messages deleted\n"), err
     gone = ids[0]
     rc, out, err = a.cli("wrkq", "--delete", ids[2], "--delete", gone)
-    assert rc == 1 and out == "1 message deleted\n", (out, err)
+    assert rc == 2 and out == "1 message deleted\n", (out, err)
     assert err.strip().endswith(f"1 of 2 messages not deleted: message {gone} is in no queue")
     rc, out, err = a.cli("wrkq", "--delete", "ALL", "--queue", "QTMSOUTQ")
     assert (rc, out) == (0, "2 messages deleted\n"), err

@@ -1226,7 +1226,7 @@ def test_quarantine_actions_on_one_message_take_turns(cfg, cli_queue, capsys):
     cli_queue.remove(QUARANTINE, qid)  # what the other command did meanwhile
     os.close(lock)
     t.join(10)
-    assert result == [1]
+    assert result == [2]
     assert "is in no queue; allowed: a message in quarantine or corrupt/" in \
         capsys.readouterr().err
     assert cli_queue.find(qid) is None  # no envelope brought back without its body

@@ -264,11 +264,13 @@ def _release(qid: str) -> None:
                     _act_on_kept(spool, queue, qid, "--release", True)
                     return
         where = spool.find(qid)
+    # An id that names nothing --release can take is a bad value, as
+    # DLTUSRPF's of a profile that does not exist.
     if where is None:
-        raise Failure(f"--release: message {qid} is in no queue; allowed: a message in "
-                      "quarantine or corrupt/")
-    raise Failure(f"--release: message {qid} is on {where}; allowed: a message in "
-                  "quarantine or corrupt/")
+        usage_error(f"--release: message {qid} is in no queue; allowed: a message in "
+                    "quarantine or corrupt/")
+    usage_error(f"--release: message {qid} is on {where}; allowed: a message in "
+                "quarantine or corrupt/")
 
 
 def _retry_now() -> None:
@@ -360,13 +362,16 @@ def _delete(given: list[str], queue: str | None) -> None:
         click.echo(line)
     if not problems:
         return
+    # Ids that name nothing --delete can take are bad values (exit 2); a
+    # deletion the bridge could not make is a failure (exit 1).
+    fail = Failure if any("was not deleted" in p for p in problems) else click.UsageError
     if len(ids) == 1:
         [problem] = problems
         allowed = "" if "was not deleted" in problem else \
             f"; allowed: a message in {', '.join(deletes.DELETABLE)}, quarantine or corrupt/"
-        raise Failure(f"--delete: {problem}{allowed}")
+        raise fail(f"--delete: {problem}{allowed}")
     shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
-    raise Failure(f"--delete: {len(problems)} of {len(ids)} messages not deleted: {shown}")
+    raise fail(f"--delete: {len(problems)} of {len(ids)} messages not deleted: {shown}")
 
 
 #: How long wrkq --delete waits for the bridge's next answer.
