@@ -281,6 +281,12 @@ def test_same_and_dft_as_ibm_i_takes_them(stopped):
                  "CHGSMTPA RTYMIN(*SAME)", "CHGDSTA KEEPRCP(*SAME)"):
         rc, out, err = stopped.cli("cl", text)
         assert (rc, out, err) == (0, "nothing changed: every value is *SAME\n", ""), text
+    # So is one typed in the shell: the same command, the same outcome.
+    for args in (["chgpje", "--pgm", "QTMSSRCP", "--maxjobs", "*same"],
+                 ["chgsmtpa", "--maxrcpt", "*SAME"], ["chgpopa", "--nbrsvr", "*SAME"],
+                 ["chgsmtpa", "--rtymin", "*SAME", "*SAME"]):
+        rc, out, err = stopped.cli(*args)
+        assert (rc, out, err) == (0, "nothing changed: every value is *SAME\n", ""), args
     assert stopped.config.read_text() == before
 
 

@@ -77,7 +77,7 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
         changes[f"{section}.{name}"] = value_of(f"--{name}", vtype, text)
     if not changes:
         nothing_to_change(f"give at least one attribute to change; see --help for the {what} "
-                          "keywords")
+                          "keywords", same_given=any(v is not None for v in values.values()))
     options = {k: "--" + k.rsplit(".", 1)[-1] for k in changes}
     nbrsvr = changes.get("pop.nbrsvr")
     if nbrsvr is not None:

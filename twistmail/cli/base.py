@@ -286,14 +286,16 @@ def usage_error(message: str) -> NoReturn:
     raise click.UsageError(message)
 
 
-def nothing_to_change(message: str) -> NoReturn:
+def nothing_to_change(message: str, same_given: bool = False) -> NoReturn:
     """A change command given no value to change.
 
-    From the shell, a mistake (``message``).  In CL, where every keyword
-    defaults to *SAME, the command is complete and does nothing, as on IBM i.
+    From the shell with no value at all, a mistake (``message``).  In CL,
+    where every keyword defaults to *SAME, or with values that are all
+    *SAME (``same_given``), the command is complete and does nothing, as on
+    IBM i.
     """
     ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.meta.get(FROM_CL):
+    if same_given or (ctx is not None and ctx.meta.get(FROM_CL)):
         click.echo("nothing changed: every value is *SAME")
         raise click.exceptions.Exit(0)
     usage_error(message)

@@ -113,7 +113,8 @@ def chgpje(pgm: str, **values: str | None) -> None:
             usage_error(f"--strjobs: {raw!r} is not allowed for QTMSCCLCP; allowed: *YES (the "
                         "SMTP client jobs start with the bridge, STRMSF, and end with it, ENDMSF)")
     if not changes:
-        nothing_to_change("give at least one of " + ", ".join("--" + k for k in ENTRY_KEYS))
+        nothing_to_change("give at least one of " + ", ".join("--" + k for k in ENTRY_KEYS),
+                          same_given=any(values.get(k) is not None for k in ENTRY_KEYS))
     try:
         configedit.set_values(app().editable_path(), changes)
     except SettingError as e:
