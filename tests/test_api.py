@@ -89,6 +89,12 @@ def test_sndmail_cli(post, tmp_path):
     rc, out, err = a.cli("sndmail", "--file", "rel.mime", "--from", "app@example.test",
                          "--to", "sam@example.test")
     assert rc == 2 and "absolute path" in err and len(err.strip().splitlines()) == 1
+    # The profile named goes into the envelope and the journal: it must be one.
+    note = _write(tmp_path / "who.mime", NOTE)
+    rc, out, err = a.cli("sndmail", "--file", note, "--from", "app@example.test",
+                         "--to", "sam@example.test", "--usrprf", "nosuch")
+    assert (rc, out) == (2, "") and err.strip().endswith("--usrprf: 'NOSUCH' does not exist")
+    assert (tmp_path / "who.mime").exists()  # not taken
 
 
 def test_vfymsfmsg_requires_the_callers_own_address(make_appliance, tmp_path):

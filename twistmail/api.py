@@ -75,11 +75,15 @@ def send_mime_mail(
     rcpts = _distinct([_recipient(r) for r in recipients])
     if not rcpts:
         raise SendMailError("recipients: at least one recipient is needed")
-    if settings.smtp.vfymsfmsg_in_effect == "*YES":
+    verify = settings.smtp.vfymsfmsg_in_effect == "*YES"
+    if verify or usrprf is not None:
         from twistmail.directory import SqliteDirectory
 
         with SqliteDirectory.from_settings(settings) as directory:
-            _verify_originator(directory, sender, usrprf)
+            if usrprf is not None:  # named in the envelope and the journal: it must be one
+                _caller(directory, usrprf)
+            if verify:
+                _verify_originator(directory, sender, usrprf)
     with as_invoker(), file.open("rb") as f:
         st = os.fstat(f.fileno())
         _check_limits(settings, rcpts, st.st_size)
@@ -289,11 +293,17 @@ def _verify_originator(directory: Any, sender: str, usrprf: str | None) -> None:
     if usrprf is None:
         raise SendMailError("usrprf: VFYMSFMSG is *YES, so the calling user profile must be "
                             "given; its SMTP address must be the originator")
-    _not_disabled(directory, usrprf)
     own = directory.smtp_address(usrprf)
     if own is None or own.lower() != sender.lower():
         raise SendMailError(f"originator: {sender} is not the SMTP address of user profile "
                             f"{usrprf.upper()} ({own or 'none'}), and VFYMSFMSG is *YES")
+
+
+def _caller(directory: Any, usrprf: str) -> None:
+    """The calling profile exists and may run a job."""
+    if directory.get_profile(usrprf) is None:
+        raise SendMailError(f"usrprf: {usrprf!r} does not exist")
+    _not_disabled(directory, usrprf)
 
 
 def _not_disabled(directory: Any, usrprf: str) -> None:
@@ -372,9 +382,7 @@ def _originator(settings: Any, usrprf: str) -> tuple[str, str]:
     except DirectoryError as e:
         raise SendMailError(f"usrprf: {usrprf!r} {e.problem}") from None
     with SqliteDirectory.from_settings(settings) as directory:
-        if directory.get_profile(name) is None:
-            raise SendMailError(f"usrprf: {name!r} does not exist")
-        _not_disabled(directory, name)
+        _caller(directory, name)
         address = directory.smtp_address(name)
     if address is None:
         raise SendMailError(
