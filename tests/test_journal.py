@@ -206,12 +206,17 @@ def test_write_speed(tmp_path: Path) -> None:
     assert sum(1 for _ in read_entries(tmp_path)) == n
 
 
+def qid(i: int) -> str:
+    """A queue id, as dspjrn --msgid takes them."""
+    return f"18ed{i:018x}"
+
+
 def _filled(directory: Path) -> None:
     j = Journal(directory, "QTSMTPSRVP/7", receiver_size=4096)
     for i in range(30):
-        j.write("94", "94 LIN 10.0.0.1", f"Q{i}")
-        j.write("92", "92 R sam@example.test", f"Q{i}", recipient="sam@example.test")
-        j.write("88", "88 DLV 10.0.0.2", f"Q{i}", ip="10.0.0.2")
+        j.write("94", "94 LIN 10.0.0.1", qid(i))
+        j.write("92", "92 R sam@example.test", qid(i), recipient="sam@example.test")
+        j.write("88", "88 DLV 10.0.0.2", qid(i), ip="10.0.0.2")
     j.write("9S", "9S 192.0.2.7", ip="192.0.2.7")
 
 
@@ -222,7 +227,7 @@ def test_read_filters(tmp_path: Path) -> None:
     assert {e["code"] for e in read_entries(tmp_path, codes=["9*"])} == {"94", "92", "9S"}
     assert [e["code"] for e in read_entries(tmp_path, codes=["9S", "8*"])].count("88") == 30
     assert [e["code"] for e in read_entries(tmp_path, codes=["*S"])] == ["9S"]
-    assert [e["code"] for e in read_entries(tmp_path, msgid="Q7")] == ["94", "92", "88"]
+    assert [e["code"] for e in read_entries(tmp_path, msgid=qid(7))] == ["94", "92", "88"]
     all_entries = list(read_entries(tmp_path))
     t10 = datetime.fromisoformat(all_entries[9]["ts"])
     t20 = datetime.fromisoformat(all_entries[19]["ts"])
@@ -357,7 +362,7 @@ def test_dspjrn_table(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["seq", "time", "(UTC)", "code", "job", "msgid", "esd"]
     assert len(out) == 1 + 31
-    assert out[1].split()[3:6] == ["88", "QTSMTPSRVP/7", "Q0"]
+    assert out[1].split()[3:6] == ["88", "QTSMTPSRVP/7", qid(0)]
     assert out[-1].split()[3:] == ["9S", "QTSMTPSRVP/7", "9S", "192.0.2.7"]
     # IBM's entry type of every QZMF entry, and its default, select them all.
     for every in ("LG", "*ALL", "lg", "9S,LG"):
@@ -369,7 +374,7 @@ def test_dspjrn_table(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_dspjrn_json_and_msgid(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(["--config", str(config), "dspjrn", "--msgid", "Q3", "--json"]) == 0
+    assert run(["--config", str(config), "dspjrn", "--msgid", qid(3), "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)
     assert [e["code"] for e in entries] == ["94", "92", "88"]
     assert entries[1]["recipient"] == "sam@example.test"
@@ -395,13 +400,14 @@ def test_dspjrn_follow_prints_the_table_s_columns(config: Path,
     until = (datetime.now(UTC) + timedelta(milliseconds=1)).isoformat()
     time.sleep(0.005)
     Journal(config.parent / "var" / "journal", "QTSMTPSRVP/8").write("JE", "JE maxuse")  # past it
-    args = ["--config", str(config), "dspjrn", "--follow", "--msgid", "Q3", "--to", until]
+    args = ["--config", str(config), "dspjrn", "--follow", "--msgid", qid(3), "--to", until]
     assert run(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["seq", "time", "(UTC)", "code", "job", "msgid", "esd"]
     at = lines[0].index("esd")
-    assert [line[at - 24:at].strip() for line in lines[1:]] == ["Q3", "Q3", "Q3"]
-    assert run(["--config", str(config), "dspjrn", "--msgid", "Q3"]) == 0
+    assert [line[at - 24:at].strip() for line in lines[1:]] == [qid(3)] * 3
+    # An id copied in capitals is the same id.
+    assert run(["--config", str(config), "dspjrn", "--msgid", qid(3).upper()]) == 0
     table = capsys.readouterr().out.splitlines()
     assert [line[at:] for line in lines[1:]] == [
         line[table[0].index("esd"):] for line in table[1:]]
@@ -435,6 +441,8 @@ def test_dspjrn_outfile(config: Path, tmp_path: Path, capsys: pytest.CaptureFixt
         (["--output", "*OUTFILE"], "--output"),
         (["--msgid", ""], "--msgid"),
         (["--msgid", "  "], "--msgid"),
+        (["--msgid", "Q3"], "--msgid"),  # matched nothing, silently
+        (["--msgid", qid(3) + "0"], "--msgid"),
     ],
 )
 def test_dspjrn_usage_errors(

@@ -202,9 +202,15 @@ def dspjrn(
     if output == "*" and outfile is not None:
         usage_error("--outfile: only with --output *OUTFILE; allowed: --output * without "
                     "--outfile, or --outfile with --output *OUTFILE (or no --output)")
-    if msgid is not None and not msgid.strip():
-        usage_error(f"--msgid: {msgid!r} names no message; allowed: a queue id as wrkq "
-                    "and the journal show it (22 characters 0-9, a-f)")
+    if msgid is not None:
+        from twistmail.queue import is_queue_id
+
+        # An id copied in capitals is the same id; anything else matched
+        # nothing, silently, as if the message had no entries.
+        if not is_queue_id(msgid.strip().lower()):
+            usage_error(f"--msgid: {msgid!r} is not a queue id; allowed: a queue id as wrkq "
+                        "and the journal show it (22 characters 0-9, a-f)")
+        msgid = msgid.strip().lower()
     codes = _codes(code_text)
     since = _time("--from", from_text)
     until = _time("--to", to_text, end_of_day=True)
