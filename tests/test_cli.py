@@ -33,8 +33,9 @@ def stopped(make_appliance) -> Appliance:
         (["chgpje", "--pgm", "QTMSSRCP", "--threshold", "5"], "at most INLJOBS"),
         (["chgpje", "--pgm", "QTMSSRCP", "--wait", "maybe"], "*YES, *NO"),
         (["chgpje", "--pgm", "QTMSSRCP", "--maxjobs", "1"],
-         "--maxjobs: then INLJOBS 2 is not allowed; allowed for INLJOBS: 1-1"),
-        (["chgpopa", "--nbrsvr", "20"], "--nbrsvr: then INLJOBS 20 is not allowed; allowed for"),
+         "--maxjobs: INLJOBS 2 would then be out of range; allowed for INLJOBS: 1-1"),
+        (["chgpopa", "--nbrsvr", "20"],
+         "--nbrsvr: INLJOBS 20 would then be out of range; allowed for"),
         (["chgsmtpa", "--nameservers", "not a host"], "--nameservers: 'not a host'"),
         (["chgsmtpa", "--popwdw", "*NONE"], "--popwdw: '*NONE' is not allowed; allowed: 0 or "
          "15-65535"),

@@ -328,9 +328,10 @@ def refused_change(e: SettingError, options: dict[str, str]) -> NoReturn:
         usage_error(f"{app().config_path}: {bad}")  # the file's, as any command says it
     if option is not None:
         usage_error(f"{option}: {e.value!r} is not allowed; allowed: {e.allowed}")
-    name = e.key.rsplit(".", 1)[-1]
-    usage_error(f"{', '.join(options.values())}: then {name.upper()} {e.value!r} is not "
-                f"allowed; allowed for {name.upper()}: {e.allowed}")
+    name = e.key.rsplit(".", 1)[-1].upper()
+    given = ", ".join(options.values())
+    usage_error(f"{given}: {name} {e.value!r} would then be out of range; allowed for "
+                f"{name}: {e.allowed}")
 
 
 @contextmanager
