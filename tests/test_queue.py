@@ -1205,6 +1205,16 @@ def test_wrkq_says_in_one_line_that_it_cannot_read_the_queues(cfg, cli_queue, ca
     assert len(err) == 1 and "the queues cannot be read: Not a directory" in err[0]
 
 
+def test_json_goes_with_the_listing_only(cfg, cli_queue, capsys):
+    """An action's outcome is a sentence: --json beside it would be ignored."""
+    qid = enqueue(cli_queue, queue=QUARANTINE)
+    for action in (["--retry"], ["--release", qid], ["--delete", qid]):
+        assert run(["--config", cfg, "wrkq", "--json", *action]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--json: only for the listing" in err[0]
+    assert cli_queue.list(QUARANTINE) == [qid]
+
+
 def test_an_empty_id_is_a_usage_error_not_a_listing(cfg, cli_queue, capsys):
     for option in ("--delete", "--release"):
         assert run(["--config", cfg, "wrkq", option, ""]) == 2

@@ -213,6 +213,9 @@ def wrkq(queue: str | None, as_json: bool, release: str | None,
             delete and not any(d.strip().upper() == "ALL" for d in delete))):
         usage_error("--queue: only to list one queue, or with --delete ALL; allowed: "
                     "wrkq --queue Q, wrkq --delete ALL --queue Q")
+    if as_json and (release is not None or delete or retry):
+        # What an action says is a sentence, not a listing: --json would be ignored.
+        usage_error("--json: only for the listing; allowed: wrkq [--queue Q] --json")
     if retry:
         _retry_now()
         return
