@@ -483,6 +483,14 @@ def test_trailing_comment_and_spacing_kept(tmp_path: Path) -> None:
     assert p.read_text() == text.replace("100   #", "250   #")
 
 
+def test_comments_inside_an_array_kept(tmp_path: Path) -> None:
+    text = "[smtp]\nrtymin = [\n  3,   # count\n  30,  # minutes\n]\n"
+    p = write(tmp_path, text)
+    set_values(p, {"smtp.rtymin": (4, 30)})
+    assert p.read_text() == text.replace("3,   #", "4,   #")
+    assert config.load(p).smtp.rtymin == (4, 30)
+
+
 def test_missing_tables_and_keys_are_created(tmp_path: Path) -> None:
     text = '# notes\n[system]\ndatadir = "state"  # beside this file\n'
     p = write(tmp_path, text)

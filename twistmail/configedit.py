@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 import tomlkit
 import tomlkit.exceptions
-from tomlkit.items import AoT, Table
+from tomlkit.items import AoT, Array, Table
 
 from twistmail import config
 from twistmail.durable import fsync_dir
@@ -165,10 +165,18 @@ def _assign(doc: tomlkit.TOMLDocument, key: str, value: Any) -> None:
     for depth, name in enumerate(tables):
         where = ".".join(tables[: depth + 1])
         node = _child_table(node, name, where, is_last=depth == len(tables) - 1)
-    if leaf in node:
-        node[leaf] = value
-    else:
+    if leaf not in node:
         _add_key(node, leaf, value)
+        return
+    old = node[leaf]
+    if isinstance(old, Array) and isinstance(value, list) and len(old) == len(value):
+        # Element by element: an array written over several lines keeps the
+        # comments beside its elements (RTYMIN's "count" and "minutes").
+        for i, element in enumerate(value):
+            if old[i] != element:
+                old[i] = element
+    else:
+        node[leaf] = value
 
 
 def _child_table(node: Any, name: str, where: str, is_last: bool) -> Any:
