@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from zope.interface.verify import verifyObject
 from twistmail.interfaces import IMailboxStore
 from twistmail.maildir import (
     EXPUNGE_FILE,
+    DeletionFailed,
     InvalidName,
     MailboxGone,
     MailboxInUse,
@@ -657,6 +659,42 @@ def test_commit_is_all_or_nothing_across_a_crash(
         assert [m.uidl for m in session.messages()] == [f"0003.R1.{HOST}"]
     assert len(files(maildir / "cur")) == 1
     assert not (maildir / EXPUNGE_FILE).exists()
+
+
+def test_a_deleted_message_that_cannot_be_removed_never_comes_back(
+    store: MaildirStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its file stays (read-only file system, a disk error) over several
+    sessions; the log names it until it goes, and no session offers it."""
+    deliver_ids(store, tmp_path, "0001.R1", "0002.R1", "0003.R1")
+    maildir = store.path(USER)
+    real_unlink = os.unlink
+    stuck = {"on": True}
+
+    def unlink(path, *args, **kwargs):
+        if stuck["on"] and "0002.R1" in str(path) and "/cur/" in str(path):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    session = store.open(USER)
+    session.mark_deleted(1)
+    session.mark_deleted(2)
+    with pytest.raises(DeletionFailed):
+        session.commit()
+    for _ in range(2):  # opened again while the file still cannot go: not offered
+        with store.open(USER) as again:
+            assert [m.uidl for m in again.messages()] == [f"0003.R1.{HOST}"]
+        assert (maildir / EXPUNGE_FILE).exists()
+    with store.open(USER) as again:  # a session whose QUIT retries it, and fails again
+        again.mark_deleted(1)
+        with pytest.raises(DeletionFailed):
+            again.commit()
+    assert [m for m in files(maildir / "cur") if "0002.R1" in m] != []
+    stuck["on"] = False  # mended
+    with store.open(USER) as again:
+        assert again.messages() == []
+    assert files(maildir / "cur") == [] and not (maildir / EXPUNGE_FILE).exists()
 
 
 def test_read_of_a_vanished_message_is_a_clear_error(store: MaildirStore, tmp_path: Path) -> None:

@@ -357,12 +357,19 @@ class MaildirStore:
         except FileNotFoundError as e:
             raise MailboxGone(user) from e
         try:
-            _finish_expunge(maildir)
+            unremoved = _finish_expunge(maildir)
             _remove_older(maildir / "tmp", time.time() - TMP_MAX_AGE)
             with suppress(OSError):  # a full disk must not keep its user from emptying it
                 _prune_gone(maildir.parent / GONE_DIR, time.time())
             _move_new(maildir)
             entries, redundant = self._scan(maildir / "cur")
+            if unremoved:
+                # Deleted at an earlier QUIT and still there (a file that
+                # cannot be unlinked): never offered again, tried again at
+                # this session's end, and the log stays until they are gone.
+                doomed = set(unremoved)
+                entries = [e for e in entries if e.name not in doomed]
+                redundant = [n for n in redundant if n not in doomed] + unremoved
             pieces = _read_pieces(maildir)
         except FileNotFoundError as e:
             lock.close()
@@ -1092,15 +1099,20 @@ def _unlink_all(cur: Path, names: Iterable[str]) -> list[str]:
     return failed
 
 
-def _finish_expunge(maildir: Path) -> None:
-    """Complete the QUIT of a session that died while removing its messages."""
+def _finish_expunge(maildir: Path) -> list[str]:
+    """Complete the QUIT of a session that died, or failed, while removing its
+    messages; returns the names that still cannot be removed.
+
+    Those stay in the log: they were deleted, and must not come back when
+    whatever kept them (a read-only file, a disk error) is mended.
+    """
     log = maildir / EXPUNGE_FILE
     with suppress(FileNotFoundError):
         os.unlink(maildir / (EXPUNGE_FILE + ".tmp"))
     try:
         raw = log.read_bytes()
     except FileNotFoundError:
-        return
+        return []
     names = [os.fsdecode(n) for n in raw.split(b"\0") if n and b"/" not in n]
     names = [n for n in names if not n.startswith(".")]
     if names:
@@ -1108,9 +1120,15 @@ def _finish_expunge(maildir: Path) -> None:
         # would free it, from going on: the record is the lesser loss.
         with suppress(OSError):
             record_removed(maildir, names)
-    _unlink_all(maildir / "cur", names)
+    failed = _unlink_all(maildir / "cur", names)
+    if failed:
+        if len(failed) < len(names):
+            with suppress(OSError):  # the whole log says the same, at more length
+                _write_intent(maildir, failed)
+        return failed
     os.unlink(log)
     fsync_dir(maildir)
+    return []
 
 
 def trace_prefix(originator: str, recipient: str) -> bytes:
