@@ -429,3 +429,22 @@ def test_a_close_after_the_connection_is_gone_leaves_no_timer(store):
     session.connectionLost(None)
     session.close()
     assert clock.getDelayedCalls() == []
+
+
+def test_a_user_name_of_blanks_is_a_syntax_error(store):
+    _, _, session, transport = _session(store)
+    transport.clear()
+    session.dataReceived(b"USER  \r\nUSER \r\nUSER\r\n")
+    assert transport.value().splitlines() == [b"-ERR Syntax: USER name"] * 3
+
+
+def test_a_message_another_reader_removed_is_gone_for_good(store, tmp_path):
+    """SYS/TEMP would have the client try again, for ever (RFC 3206 §4)."""
+    _deliver(store, tmp_path, b"Subject: hi\r\n\r\nbody\r\n")
+    _, _, session, transport = _session(store)
+    _login(session, transport)
+    [path] = (store.path("SAM") / "cur").iterdir()
+    path.unlink()
+    session.dataReceived(b"RETR 1\r\nTOP 1 0\r\n")
+    replies = transport.value().splitlines()
+    assert [r.split(b" ", 2)[:2] for r in replies] == [[b"-ERR", b"[SYS/PERM]"]] * 2

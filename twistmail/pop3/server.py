@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistmail.auth import IMailboxAccess
-from twistmail.maildir import MailboxGone, MailboxInUse, MaildirError
+from twistmail.maildir import MailboxGone, MailboxInUse, MaildirError, MessageVanished
 from twistmail.protocols.peer import client_address
 from twistmail.protocols.sequential import SequentialSession, without_line_end
 from twistmail.protocols.writenow import write_now
@@ -429,10 +429,11 @@ class POP3Session(SequentialSession):
     def pop_USER(self, arg: str) -> None:
         if self._plaintext_refused():
             return
-        if not arg or " " in arg.strip(" "):
+        name = arg.strip(" ")
+        if not name or " " in name:
             self.err("Syntax: USER name")
             return
-        self.user = arg.strip(" ")
+        self.user = name
         self.ok("Send your password")
 
     pop_USER.states = ("AUTHORIZATION",)  # type: ignore[attr-defined]
@@ -634,7 +635,10 @@ class POP3Session(SequentialSession):
                 item.index, item.start, item.end, CHUNK)
             f = self.box.read(item.index) if small is None else None
         except MaildirError as e:
-            self.err(f"[SYS/TEMP] Message {item.number} is no longer available: {e}")
+            # Removed by another Maildir reader: gone for good, and a client
+            # told SYS/TEMP would try again (RFC 3206 §4).  A disk error may pass.
+            code = "SYS/PERM" if isinstance(e, MessageVanished) else "SYS/TEMP"
+            self.err(f"[{code}] Message {item.number} is no longer available: {e}")
             return None
         if small is not None:
             stuffer = DotStuffer()
