@@ -8,6 +8,7 @@ reading, which a real socket cannot show in reasonable time.
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 from twisted.internet import defer
@@ -160,14 +161,19 @@ def test_a_connection_lost_during_quit_keeps_the_mailbox_locked_until_done(store
         assert box.messages() == []
 
 
-@pytest.mark.parametrize("data", [b"", b"a" * 2500, b"line\n" * 1000, b"x" * 999 + b"\n" +
-                                  b"y" * 3000, b"ab\r\n" * 700])
+@pytest.mark.parametrize("data", [b"", b"a" * 1000, b"line\n" * 1000, b"x" * 999 + b"\n" +
+                                  b"y" * 1000, b"ab\r\n" * 700])
 def test_pieces_are_cut_at_line_ends_reading_a_piece_at_a_time(data):
     cuts = _cut(io.BytesIO(data), 1024)
     assert b"".join(data[a:b] for a, b, *_ in cuts) == data
     assert all(0 < b - a <= 1024 for a, b, *_ in cuts)
-    for a, b, *_ in cuts[:-1]:  # a cut falls after a line end where the piece has one
-        assert data[b - 1:b] == b"\n" or b"\n" not in data[a:b]
+    assert all(data[b - 1:b] == b"\n" for _, b, *_ in cuts[:-1])  # after a line end
+
+
+@pytest.mark.parametrize("data", [b"a" * 2500, b"x" * 999 + b"\n" + b"y" * 3000])
+def test_a_line_longer_than_a_piece_is_not_cut(data):
+    """Cut in two, it would come back with a line end more (RFC 2046 §5.2.2)."""
+    assert _cut(io.BytesIO(data), 1024)[-1][2] == -1
 
 
 def test_a_piece_is_listed_at_the_octets_retr_sends(store, tmp_path):
@@ -284,6 +290,30 @@ def test_an_eight_bit_message_is_offered_whole_not_cut(store, tmp_path):
     replies = transport.value().splitlines()
     assert replies[2].startswith(b"+OK SAM has 1 message (")
     assert replies[4:] == [b"1 %d" % len(data), b"."]
+
+
+def test_a_message_with_a_line_longer_than_a_piece_is_offered_whole(store, tmp_path):
+    data = b"Subject: big\r\n\r\n" + b"A" * 100000 + b"\r\n"
+    _deliver(store, tmp_path, data)
+    _, _, session, transport = _session(store, msgsplit_kb=32)
+    session.dataReceived(b"USER sam\r\nPASS secret\r\nLIST\r\n")
+    assert transport.value().splitlines()[4:] == [b"1 %d" % len(data), b"."]
+
+
+def test_pieces_of_a_message_without_a_date_keep_theirs(store, tmp_path):
+    """Each fetch of a piece is the same bytes: its Date is not made anew."""
+    _deliver(store, tmp_path, b"Subject: big\r\n\r\n" + (b"z" * 60 + b"\r\n") * 3000)
+    heads = []
+    for _ in range(2):
+        clock, _, session, transport = _session(store, msgsplit_kb=64)
+        _login(session, transport)
+        session.dataReceived(b"TOP 1 0\r\n")
+        while session.sender is not None:
+            session.sender.resumeProducing()
+        heads.append(transport.value())
+        session.connectionLost(None)
+        time.sleep(1.1)  # a Date made at each fetch would differ
+    assert b"\r\nDate: " in heads[0] and heads[0] == heads[1]
 
 
 def test_an_idle_session_is_closed_without_a_response(store, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import ipaddress
+import os
 import re
 from collections.abc import Iterable
 from typing import Any, BinaryIO
@@ -537,9 +538,13 @@ class POP3Session(SequentialSession):
         with box.read(m.index) as f:
             headers = _header_fields(f.read(MAX_HEADER_BYTES))
             cuts = _cut(f, size)
+            # A piece's Date, where the message has none: the same at every fetch.
+            arrived = os.fstat(f.fileno()).st_mtime
         if cuts and cuts[-1][2] < 0:
-            # RFC 2046 §5.2.2: a message/partial piece is 7bit, always; an
-            # 8-bit message cannot be cut, so it is offered whole.
+            # RFC 2046 §5.2.2: a message/partial piece is 7bit, always, and
+            # the pieces joined are the message: an 8-bit message, or one
+            # with a line longer than a piece, cannot be cut, so it is
+            # offered whole.
             return [Item(before + 1, m.index, m.size, m.uidl)]
         total = len(cuts)
         # Another MSGSPLIT cuts elsewhere, often into as many pieces: the size
@@ -554,7 +559,7 @@ class POP3Session(SequentialSession):
         for n, (start, end, octets) in enumerate(cuts, 1):
             if n in taken:
                 continue
-            head = _partial_header(headers, pid, n, total, self.factory.hostname)
+            head = _partial_header(headers, pid, n, total, self.factory.hostname, arrived)
             uidl = _piece_uidl(m.uidl, n, total, cut)
             out.append(Item(before + len(out) + 1, m.index, len(head) + octets, uidl,
                             start, end, n, total, head, cut))
@@ -771,7 +776,9 @@ def _cut(f: BinaryIO, size: int) -> list[tuple[int, int, int]]:
     """Byte ranges of at most ``size``, each ending with a line where one ends in it,
     with the octets each is sent as (a bare LF goes out as CRLF, as in wire_size).
 
-    The reading stops at the first 8-bit octet, whose range then has -1 octets."""
+    The reading stops at the first 8-bit octet, or at a line longer than
+    ``size`` (cut in two, it would come back with a line end more): that
+    range then has -1 octets."""
     cuts = []
     start = 0
     while True:
@@ -784,20 +791,23 @@ def _cut(f: BinaryIO, size: int) -> list[tuple[int, int, int]]:
             return cuts
         if len(data) > size:
             nl = data.rfind(b"\n", 0, size)
-            data = data[:nl + 1 if nl >= 0 else size]
+            if nl < 0:
+                cuts.append((start, start + size, -1))
+                return cuts
+            data = data[:nl + 1]
         end = start + len(data)
         cuts.append((start, end, len(data) + data.count(b"\n") - data.count(b"\r\n")))
         start = end
 
 
 def _partial_header(fields: dict[bytes, bytes], pid: str, n: int, total: int,
-                    hostname: str) -> bytes:
+                    hostname: str, arrived: float) -> bytes:
     lines = []
     for name in (b"from", b"to", b"date"):
         if name in fields:
             lines.append(name.capitalize() + b": " + fields[name])
     if b"date" not in fields:
-        lines.append(b"Date: " + email.utils.formatdate(localtime=True).encode())
+        lines.append(b"Date: " + email.utils.formatdate(arrived, localtime=True).encode())
     subject = fields.get(b"subject", b"(no subject)")
     lines.append(b"Subject: " + subject + b" (part %d of %d)" % (n, total))
     digest = hashlib.sha1(pid.encode()).hexdigest()[:16]
