@@ -1362,3 +1362,14 @@ def test_replies_the_rfcs_name_for_utf8_addresses_and_auth_lines():
     assert s.codes() == [500]
     s.send(b"\r\nNOOP\r\n")
     assert s.codes() == [250]
+
+
+@pytest.mark.parametrize(("path", "reply"), [
+    (b'<a"b@example.test>', "501 5.5.4 Unmatched quote in the address"),
+    (b"<a@example.test", "501 5.5.4 Missing closing angle bracket"),
+])
+def test_an_unclosed_path_names_what_is_unclosed(path, reply):
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:" + path + b"\r\n")
+    assert s.replies()[0].startswith(reply)

@@ -134,7 +134,9 @@ def _closing_bracket(text: str) -> int:
             quoted = not quoted
         elif ch == ">" and not quoted:
             return i
-    raise PathError("Missing closing angle bracket")
+    # Within an unclosed quoted string a ">" is text, not the end of the path.
+    raise PathError("Unmatched quote in the address" if quoted else
+                    "Missing closing angle bracket")
 
 
 def _params(words: list[str]) -> tuple[tuple[str, str | None], ...]:
