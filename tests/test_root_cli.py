@@ -107,10 +107,10 @@ def test_a_state_directory_root_made_becomes_the_daemon_users_at_its_first_start
         assert any(p.name == "directory.sqlite" for p in before)
         outside = root / "outside"
         outside.write_text("root's")
-        os.link(outside, a.datadir / "linked")  # a second name: left alone
+        (a.datadir / "journal").mkdir(exist_ok=True)
+        os.link(outside, a.datadir / "journal" / "linked")  # a second name: left alone
         elsewhere = root / "elsewhere"
         elsewhere.write_text("root's too")
-        (a.datadir / "journal").mkdir(exist_ok=True)
         (a.datadir / "journal" / "pointer").symlink_to(elsewhere)  # a link: not followed
         a.start(wait_jobs=False, twistd_args=("--uid", "nobody", "--gid", str(NOBODY.pw_gid)))
         for p in before:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -470,6 +471,11 @@ def test_a_state_directory_held_by_an_earlier_daemon_names_the_holders(tmp_path)
         # flock is per open file: another opening of the lock waits for ours.
         with pytest.raises(DatadirBusy, match=rf"pids {os.getpid()}\)"):
             lock_datadir(tmp_path, wait=0)
+        # A daemon started a moment before, which now answers, is told at once.
+        started = time.monotonic()
+        with pytest.raises(DatadirBusy, match="^another daemon is running$"):
+            lock_datadir(tmp_path, running=lambda: "another daemon is running")
+        assert time.monotonic() - started < 5
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -517,3 +523,32 @@ def test_state_left_beside_a_link_to_the_settings_is_not_started_over(tmp_path):
     assert r.returncode == 1, out
     assert f"the state is in {tmp_path / 'var'}, beside the link" in out
     assert "Traceback" not in out and not (tmp_path / "opt" / "var").exists()
+
+
+@pytest.mark.parametrize("as_nobody", [False, True])
+def test_a_state_directory_holding_other_files_is_refused_untouched(tmp_path, as_nobody):
+    """A copy of the shipped settings in /etc says datadir = "../var": /var.
+    A start as root with --uid gave the system's files to the mail user."""
+    if as_nobody and os.geteuid() != 0:
+        pytest.skip("only a start as root gives files away")
+    system = tmp_path / "var"
+    (system / "lib" / "dpkg").mkdir(parents=True)
+    (system / "lib" / "dpkg" / "status").write_text("root's")
+    (system / "run").mkdir(mode=0o755)
+    (system / "run").chmod(0o755)
+    if as_nobody:
+        proc = _start_as_nobody(tmp_path, system)
+    else:
+        config = tmp_path / "etc" / "twistmail.toml"
+        config.parent.mkdir()
+        config.write_text('[system]\ndatadir = "../var"\n[listen]\nsmtp = ""\nsubmission = ""\n'
+                          'smtps = ""\npop3 = ""\npop3s = ""\n')
+        proc = subprocess.run([TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert f"the state directory {system} holds files twistmail did not make (lib)" in out
+    assert "Traceback" not in out
+    assert sorted(os.listdir(system)) == ["lib", "run"]  # nothing made, nothing given
+    assert (system / "lib" / "dpkg" / "status").stat().st_uid == os.geteuid()
+    assert (system / "run").stat().st_mode & 0o777 == 0o755

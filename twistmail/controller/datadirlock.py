@@ -16,6 +16,7 @@ import fcntl
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 LOCK_FILE = "twistmail.lock"
@@ -53,9 +54,14 @@ def holding(path: str | Path) -> list[int]:
     return sorted(found)
 
 
-def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2) -> int:
+def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2,
+                 running: Callable[[], str | None] | None = None) -> int:
     """The locked descriptor (kept open for the daemon's life); DatadirBusy after
-    ``wait``; NoLock when the file system takes no lock (the caller goes on)."""
+    ``wait``; NoLock when the file system takes no lock (the caller goes on).
+
+    ``running``, asked while it waits, tells (in a sentence) of a daemon
+    that has come up meanwhile: the lock is then not an earlier daemon's,
+    still ending, but a live one's, and the wait ends at once."""
     path = datadir / LOCK_FILE
     try:
         # Never through a link: a daemon started as root would open (and
@@ -78,6 +84,10 @@ def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
         except BlockingIOError:
+            live = running() if running is not None else None
+            if live is not None:
+                os.close(fd)
+                raise DatadirBusy(live) from None
             if time.monotonic() >= deadline:
                 os.close(fd)
                 holders = ", ".join(str(pid) for pid in holding(path)) or "unknown"

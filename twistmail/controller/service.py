@@ -30,6 +30,7 @@ from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.bridge.status import RESET_FILE, SMTP_ENDED, STATUS_FILE
 from twistmail.control import STOPPING, ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
+from twistmail.controller import statedir
 from twistmail.controller.bridgeslot import BridgeSlot
 from twistmail.controller.controlsocket import ControlFactory
 from twistmail.controller.datadirlock import DatadirBusy, NoLock, lock_datadir
@@ -144,6 +145,9 @@ class Controller(service.Service):
 
     def _prepare_datadir(self) -> None:
         d = self.settings.datadir
+        why = statedir.refusal(d)
+        if why is not None:  # before anything in it is made, changed or given away
+            raise StartRefused(why)
         beside_link = _state_beside_link(self.settings)
         if beside_link is not None:
             raise StartRefused(
@@ -165,17 +169,21 @@ class Controller(service.Service):
         else:
             os.chmod(d / "run", 0o700)
         path = self.settings.control_socket
+        running = f"another daemon is running (it answers on {path})"
         if socket_in_use(path):
-            raise StartRefused(f"another daemon is running (it answers on {path})")
+            raise StartRefused(running)
         try:
-            self.lock_fd = lock_datadir(d)
+            # One started a moment before this one holds the lock and answers
+            # soon: said then, not after the wait for a daemon still ending.
+            self.lock_fd = lock_datadir(d, running=lambda: running if socket_in_use(path)
+                                        else None)
         except DatadirBusy as e:
             raise StartRefused(str(e)) from None
         except NoLock as e:
             self.log.warn("the state directory cannot be locked ({e}); make sure no other "
                           "twistmail uses it", e=e)
         if socket_in_use(path):  # one that started while this one waited
-            raise StartRefused(f"another daemon is running (it answers on {path})")
+            raise StartRefused(running)
         if not root:
             if path.exists() or path.is_symlink():
                 path.unlink()
@@ -302,8 +310,8 @@ class Controller(service.Service):
         # default it ended the controller without a word.
         signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self._hung_up))
         self.log.info(
-            "twistmail controller {pid} started; listening on {where}",
-            pid=self.pid,
+            "twistmail controller {pid} started; state in {datadir}; listening on {where}",
+            pid=self.pid, datadir=s.datadir,
             where=", ".join(f"{n}={lst.address}" for n, lst in self.listeners.items()) or "-",
         )
         self._reread_if_changed()
