@@ -214,6 +214,14 @@ def test_a_group_alone_shows_its_help(tmp_path):
         assert "Commands:" in r.stdout and len(r.stdout.splitlines()) > 5 and not r.stderr
 
 
+def test_version(tmp_path):
+    from importlib.metadata import version
+
+    r = subprocess.run([TWISTMAIL, "--version"], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"twistmail {version('twistmail')}\n", "")
+
+
 def test_a_file_that_is_not_toml_is_named_once_with_the_place(tmp_path):
     cfg = tmp_path / "twistmail.toml"
     cfg.write_text('[smtp]\nmaxrcpt = "unclosed\n')

@@ -180,6 +180,7 @@ def _check_shape(params: list[click.Parameter], args: list[str],
     help="The appliance's TOML configuration file (or $TWISTMAIL_CONFIG); it goes "
          "before the command.",
 )
+@click.version_option(package_name="twistmail", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str) -> None:
     """Administer the twistmail appliance with IBM i CL command names."""
