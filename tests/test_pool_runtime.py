@@ -416,6 +416,7 @@ def test_bridge_is_supervised(appliance):
         lambda: (a.control("status")["bridge"]["pid"] or pid) != pid
         and a.control("status")["bridge"]["pid"], 15, "bridge restart")
     assert alive(new) and a.journal("JK")
+    assert "bridge ended (signal 9); restarting in" in a.log_text()
     # They died with it: each has its end in the journal, as any other job.
     ended = {e["pid"]: e for e in a.journal("JC") + a.journal("JK")}
     assert set(jobs) <= set(ended), (jobs, ended)

@@ -100,7 +100,7 @@ class BridgeSlot:
                 hint = f" (this user must be allowed to run {sys.executable})"
             self.log.error("cannot start the bridge: {e!r}{hint}", e=e, hint=hint)
             self.process = None
-            self._schedule_restart()
+            self._schedule_restart("not started")
             return
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -120,13 +120,13 @@ class BridgeSlot:
                 self._journal(code, f"{code} CRASH {job['job']}/{job['pid']}", pid=job["pid"],
                               pgm=job.get("pgm") or None,
                               cause=f"its bridge ({JOB_NAME}) ended")
-            self._schedule_restart()
+            self._schedule_restart(launch.exit_text(reason))
         else:
             self._journal("JN", f"JN END {JOB_NAME}/{pid}", pid=pid)
         if ended is not None:
             ended.callback(None)
 
-    def _schedule_restart(self) -> None:
+    def _schedule_restart(self, how: str) -> None:
         lived = self.reactor.seconds() - self.started_at
         if lived >= HEALTHY_AFTER:
             self.delay = MIN_DELAY
@@ -134,7 +134,7 @@ class BridgeSlot:
         else:
             wait = self.delay
             self.delay = min(MAX_DELAY, self.delay * 2)
-        self.log.warn("bridge ended; restarting in {wait:.1f}s", wait=wait)
+        self.log.warn("bridge ended ({how}); restarting in {wait:.1f}s", how=how, wait=wait)
         self._restart_call = self.reactor.callLater(wait, self._spawn)
 
     def _signal(self, sig: str) -> None:

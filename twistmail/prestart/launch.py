@@ -501,3 +501,14 @@ class LauncherShare:
     def serves_others(self) -> bool:
         """Another pool sharing the launcher is started: its jobs would die with it."""
         return any(share.serving() for share in self.server._shares if share is not self)
+
+
+def exit_text(reason: Any) -> str:
+    """How a process ended, for a log line: ``exit 1``, ``signal 9``."""
+    value = getattr(reason, "value", None)
+    if isinstance(value, ProcessDone):
+        return "exit 0"
+    sig = getattr(value, "signal", None)
+    if sig:
+        return f"signal {sig}"
+    return f"exit {getattr(value, 'exitCode', '?')}"

@@ -20,7 +20,6 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.error import ProcessDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -693,7 +692,7 @@ class Pool:
         self._channel_lost(job)
         now = self.reactor.seconds()
         pid = job.pid
-        status = _exit_text(reason)
+        status = launch.exit_text(reason)
         name = f"{self.job_name}/{pid}"
         if pid is None and reason.check(launch.LauncherGone):
             # Its launcher went before it said which process it was: if one
@@ -1006,11 +1005,3 @@ def _cancel(job: Job) -> None:
     job.timer = None
 
 
-def _exit_text(reason: Any) -> str:
-    value = getattr(reason, "value", None)
-    if isinstance(value, ProcessDone):
-        return "exit 0"
-    sig = getattr(value, "signal", None)
-    if sig:
-        return f"signal {sig}"
-    return f"exit {getattr(value, 'exitCode', '?')}"
