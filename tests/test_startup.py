@@ -552,3 +552,41 @@ def test_a_state_directory_holding_other_files_is_refused_untouched(tmp_path, as
     assert sorted(os.listdir(system)) == ["lib", "run"]  # nothing made, nothing given
     assert (system / "lib" / "dpkg" / "status").stat().st_uid == os.geteuid()
     assert (system / "run").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can take another user's view")
+def test_a_daemon_user_who_may_not_run_the_python_is_told():
+    """A virtualenv under /root and --uid mail: the daemon came up, answered
+    every client 421 and restarted its bridge for ever."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="twistmail-python-"))  # pytest's are private
+    top.chmod(0o755)
+    public, private = top / "public", top / "private"
+    public.mkdir(mode=0o755)
+    private.mkdir(mode=0o700)
+    for d in (public, private):
+        (d / "python").write_text("")
+        (d / "python").chmod(0o755)
+    # Imported first: this test's Python itself may be one nobody cannot read.
+    code = ("import os, sys\n"
+            "from twistmail.controller.preflight import unrunnable\n"
+            f"os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid})\n"
+            f"sys.executable = {str(public / 'python')!r}\n"
+            "print(unrunnable())\n"
+            f"sys.executable = {str(private / 'python')!r}\n"
+            "print(unrunnable())\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60, cwd="/")
+    finally:
+        shutil.rmtree(top)
+    assert r.returncode == 0, r.stderr
+    fine, refused = r.stdout.splitlines()
+    assert fine == "None"
+    assert refused == (f"this daemon's user (nobody) may not run {private / 'python'}, which "
+                       "every job and the bridge need: install twistmail where that user can")

@@ -30,7 +30,7 @@ from twistmail.bridge.msf import NBRMSFJOB
 from twistmail.bridge.status import RESET_FILE, SMTP_ENDED, STATUS_FILE
 from twistmail.control import STOPPING, ControlError, socket_in_use
 from twistmail.controller import listener as listenermod
-from twistmail.controller import statedir
+from twistmail.controller import preflight, statedir
 from twistmail.controller.bridgeslot import BridgeSlot
 from twistmail.controller.controlsocket import ControlFactory
 from twistmail.controller.datadirlock import DatadirBusy, NoLock, lock_datadir
@@ -245,6 +245,11 @@ class Controller(service.Service):
     def startService(self) -> None:
         super().startService()
         s = self.settings
+        why = preflight.unrunnable()  # as the daemon's user: after --uid
+        if why is not None:
+            # Said first, and once: each job's and the bridge's failure to
+            # start, which follow, name only their exit.
+            self.log.error("{why}", why=why)
         if "." not in s.hostname.strip(".") or s.hostname.lower().startswith("localhost"):
             self.log.warn("this host's name is {name!r}: set [system] hostname to its fully "
                           "qualified name; the greeting, Received: fields, notices and the "
