@@ -277,3 +277,33 @@ def test_a_pair_that_failed_to_load_is_tried_again_later(tmp_path, monkeypatch):
     assert not options.available()  # not read again at once
     clock[0] += tlsconfig.JobOptions.RETRY_AFTER
     assert options.available() and options.getContext() is not None
+
+
+def test_the_self_signed_pair_follows_a_new_host_name(tmp_path):
+    """Made for the host name of the first start, it was kept after [system]
+    hostname changed: clients that check the name refused TLS for ten years."""
+    from twistmail import tlsconfig
+
+    def settings(hostname: str) -> configmod.Settings:
+        config = tmp_path / "twistmail.toml"
+        config.write_text(f'[system]\ndatadir = "var"\nhostname = "{hostname}"\n')
+        return configmod.load(config)
+
+    def names(cert: Path) -> list[str]:
+        c = x509.load_pem_x509_certificate(cert.read_bytes())
+        return c.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+
+    cert, key = tlsconfig.ensure_pair(settings(HOST))
+    assert names(cert)[0] == HOST
+    first = cert.read_bytes()
+    assert tlsconfig.ensure_pair(settings(HOST.upper()))[0].read_bytes() == first  # kept
+    tlsconfig.ensure_pair(settings("mx.example.test"))
+    assert names(cert)[0] == "mx.example.test"
+    tlsconfig.check_pair(settings("mx.example.test"))  # key and certificate made together
+    # One a CA issued, put there by hand, is the administrator's: left alone.
+    _, chain, server_key = make_chain(tmp_path)
+    cert.write_bytes(chain.read_bytes())
+    key.write_bytes(server_key.read_bytes())
+    tlsconfig.ensure_pair(settings("other.example.test"))
+    assert cert.read_bytes() == chain.read_bytes()

@@ -54,7 +54,8 @@ def pair_state(settings: Settings) -> tuple[Any, ...]:
 def ensure_pair(settings: Settings) -> tuple[Path, Path]:
     """The certificate and key paths, making a self-signed pair when none is set."""
     cert, key = pair_paths(settings)
-    if settings.tls.certificate or (cert.exists() and key.exists()):
+    if settings.tls.certificate or (cert.exists() and key.exists()
+                                    and not _made_for_another_name(cert, settings.hostname)):
         return cert, key
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -94,6 +95,26 @@ def ensure_pair(settings: Settings) -> tuple[Path, Path]:
     _write_atomic(key, key_pem, 0o600)
     _write_atomic(cert, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert, key
+
+
+def _made_for_another_name(cert: Path, hostname: str) -> bool:
+    """A self-signed certificate of ours (issuer and subject alike) that does
+    not name ``hostname``: made before [system] hostname was changed.
+
+    Made again, or clients that check the name would refuse TLS for as long
+    as it lasts (ten years).  A certificate a CA issued, put there by hand,
+    is left alone.
+    """
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+        names = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return False
+    return certificate.issuer == certificate.subject and \
+        hostname.lower() not in {n.lower() for n in names}
 
 
 #: The pair the daemon accepted, key and certificates in one file (one rename
