@@ -1349,6 +1349,8 @@ def test_hlddstq_holds_until_every_held_priority_is_released(cfg, cli_queue, cap
     assert run(["--config", cfg, "rlsdstq"]) == 0
     assert "outbound delivery resumes" in capsys.readouterr().out
     assert held_parts(root) == []
+    assert run(["--config", cfg, "rlsdstq"]) == 0  # again: nothing was held
+    assert capsys.readouterr().out == "QSMTPQ *NORMAL was not held: outbound delivery goes on\n"
 
 
 @pytest.mark.parametrize("command", ["hlddstq", "rlsdstq"])

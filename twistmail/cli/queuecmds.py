@@ -543,7 +543,9 @@ def rlsdstq(dstq: str, pty: str) -> None:
 
     root, part = _dstq(dstq, pty)
     with _readable(f"QSMTPQ {part} not released"):
-        hold_flag(root, part).unlink(missing_ok=True)
+        flag = hold_flag(root, part)
+        was_held = flag.exists()
+        flag.unlink(missing_ok=True)
         fsync_dir(root)
         still = held_parts(root)
         if still:
@@ -558,5 +560,7 @@ def rlsdstq(dstq: str, pty: str) -> None:
             request_transfer(root)
             click.echo("QSMTPQ released: a mail transfer starts now, or as soon as the "
                        "appliance runs")
-        else:
+        elif was_held:
             click.echo("QSMTPQ released: outbound delivery resumes")
+        else:
+            click.echo(f"QSMTPQ {part} was not held: outbound delivery goes on")
