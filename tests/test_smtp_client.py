@@ -186,6 +186,7 @@ class Behaviour:
     rset: str = "250 2.0.0 ok"
     etrn: str = "250 2.0.0 queuing started"  # the reply to ETRN (offer it in extensions)
     max_rcpts: int | None = None  # recipients taken per transaction; more get 452 4.5.3
+    hang_up_on_refusal: bool = False  # close right after a 4xx/5xx to MAIL or RCPT (Exim's drop)
 
 
 class _Reader:
@@ -302,6 +303,8 @@ class Sink:
             elif verb == "MAIL":
                 state["mail"], state["rcpts"] = command, []
                 reply(b.mail)
+                if b.hang_up_on_refusal and b.mail[:1] in "45":
+                    return
             elif verb == "RCPT":
                 address = re.search(r"<([^>]*)>", command).group(1)
                 if b.max_rcpts is not None and len(state["rcpts"]) >= b.max_rcpts:
@@ -311,6 +314,8 @@ class Sink:
                 if answer.startswith("2"):
                     state["rcpts"].append(address)
                 reply(answer)
+                if b.hang_up_on_refusal and answer[:1] in "45":
+                    return
             elif verb == "DATA":
                 reply(b.data)
                 if not b.data.startswith("354"):
@@ -517,6 +522,31 @@ class ClientTests(unittest.TestCase):
         # This sink answers DATA with 354 even then: it gets no text, and no
         # message is made (the connection is dropped).
         self.assertEqual(sent_commands(sink)[-1], "DATA")
+
+    async def test_replies_given_before_the_server_hangs_up_stand(self) -> None:
+        """A server that drops the client after a refusal (Exim's "drop"): the
+        refusal was taken for a lost connection, retried for days, and the
+        notice at the end said 4.4.2 instead of the server's reason."""
+        sink = self.sink(mail="554 5.7.1 sender blocked by policy", hang_up_on_refusal=True)
+        result = await self.send([sink.hop()], recipients=("x@d.test", "y@d.test"))
+        self.assertEqual({(r.status, r.code) for r in result.recipients}, {(PERMANENT, 554)})
+        self.assertIn("sender blocked by policy", result.recipients[0].text)
+        sink = self.sink(mail="421 4.7.0 too many connections", hang_up_on_refusal=True)
+        result = await self.send([sink.hop()])
+        self.assertEqual((result.recipients[0].status, result.recipients[0].code),
+                         (TEMPORARY, 421))
+        answers = {"ok@d.test": "250 2.1.5 ok", "gone@d.test": "550 5.1.1 no such user",
+                   "after@d.test": "250 2.1.5 ok"}
+        sink = self.sink(rcpt=lambda a: answers[a], hang_up_on_refusal=True)
+        result = await self.send([sink.hop()], recipients=tuple(answers))
+        statuses = {r.address: (r.status, r.code) for r in result.recipients}
+        self.assertEqual(statuses["gone@d.test"], (PERMANENT, 550))
+        # Accepted, or never answered, then cut off: not delivered, tried again.
+        self.assertEqual(statuses["ok@d.test"][0], TEMPORARY)
+        self.assertEqual(statuses["after@d.test"][0], TEMPORARY)
+        self.assertIn("Connection lost", next(r.text for r in result.recipients
+                                              if r.address == "after@d.test"))
+        self.assertEqual(sink.messages, [])
 
     async def test_end_of_data_temporary_failure(self) -> None:
         sink = self.sink(end="451 4.3.0 try later")

@@ -1178,6 +1178,8 @@ class _Conversation(_Opening):
             self._settle(wanted, mail_reply)
         else:
             for i, reply in zip(wanted, rcpt_replies, strict=True):
+                if reply is None:
+                    continue  # not answered: the connection ended first
                 if reply.positive:
                     accepted.append(i)
                     continue
@@ -1190,6 +1192,8 @@ class _Conversation(_Opening):
                                                        for line in reply.lines)))
                 else:
                     self._settle([i], reply)
+        if self.session.error is not None and any(self.results[i] is None for i in wanted):
+            raise self.session.error  # those accepted or unanswered: the loss decides
         if data_reply is not None and not accepted:
             # DATA went with the group and nobody is left to take it.  A
             # server that should have refused it but waits for the text
@@ -1222,7 +1226,7 @@ class _Conversation(_Opening):
 
     async def _envelope(
         self, mail: str, rcpts: list[str], utf8: bool, pipelined: bool
-    ) -> tuple[Reply, list[Reply], Reply | None]:
+    ) -> tuple[Reply, list[Reply | None], Reply | None]:
         """[RSET], MAIL, RCPTs and DATA: one write with PIPELINING (RFC 2920), replies in order.
 
         Without PIPELINING each command waits for its reply, and DATA is
@@ -1233,8 +1237,16 @@ class _Conversation(_Opening):
             self.session.send(*group, mail, *rcpts, "DATA", utf8=utf8)
             await self._rset_reply()
             mail_reply = await self.session.read("MAIL", self.t.mail)
-            replies = [await self.session.read("RCPT", self.t.rcpt) for _ in rcpts]
-            return mail_reply, replies, await self.session.read("DATA", self.t.data_init)
+            replies: list[Reply | None] = []
+            try:
+                for _ in rcpts:
+                    replies.append(await self.session.read("RCPT", self.t.rcpt))
+                return mail_reply, replies, await self.session.read("DATA", self.t.data_init)
+            except SessionError:
+                # Answered, then cut off (a server that drops the client after
+                # a refusal, as Exim's "drop" does): each reply given stands for
+                # its command (RFC 2920 §3.1); those not answered stay open.
+                return mail_reply, replies + [None] * (len(rcpts) - len(replies)), None
         if self.rset:
             self.session.send("RSET")
             await self._rset_reply()
