@@ -633,6 +633,20 @@ class ClientTests(unittest.TestCase):
         self.assertEqual([m.content for m in plain.messages], [data] * 3)
         self.assertEqual(calls.count(True), 1)
 
+    async def test_eight_bit_header_fields_sent_as_they_are_are_logged(self) -> None:
+        """Header fields are never changed: where they go 8-bit to a server that
+        did not offer 8BITMIME, the log says so, as README promises."""
+        said: list[str] = []
+        observer = lambda event: said.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        plain = self.sink(extensions=("PIPELINING", "SIZE 10000000"))
+        for data in ("Subject: Grüße\r\n\r\nplain\r\n", "Subject: Grüße\r\n\r\nçà\r\n",
+                     "Subject: hi\r\n\r\nçà\r\n"):
+            result = await self.send([plain.hop()], data=data.encode())
+            self.assertEqual(result.recipients[0].status, DELIVERED)
+        self.assertEqual(len([t for t in said if "8-bit header fields" in t]), 2)
+
     async def test_the_trace_fields_before_the_message_are_never_sent(self) -> None:
         """A queued file may begin with the Return-Path and Delivered-To fields
         local delivery keeps (the envelope's ``trace``): the message after them

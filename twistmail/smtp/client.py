@@ -1315,6 +1315,11 @@ class _Conversation(_Opening):
 
         def convert() -> _Job | None:
             pieces = downgrade.to_7bit_pieces(job.read_body())
+            if pieces is None or not all(p.isascii() for p in pieces):
+                # Header fields are never changed (downgrade.py): those go as they came.
+                log.warn("{named}{where} does not offer 8BITMIME, and the message has 8-bit "
+                         "header fields; sending them as they are",
+                         named=job.envelope.named, where=self.where)
             if pieces is None:
                 return None  # 8-bit header fields only
             size = sum(map(len, pieces))
