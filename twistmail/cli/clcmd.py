@@ -21,7 +21,7 @@ from twistmail.cli import clparse
 from twistmail.cli.base import FROM_CL, cli, missing_option
 
 
-@cli.command("cl")
+@cli.command("cl", short_help="Run a command written in IBM i CL syntax.")
 @click.argument("text", nargs=-1, required=True, metavar="'CL COMMAND'")
 @click.option(
     "--show", is_flag=True, help="Print the twistmail command line instead of running it."
