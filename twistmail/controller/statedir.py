@@ -26,11 +26,11 @@ OURS = frozenset({
 
 def foreign_entries(datadir: Path) -> list[str]:
     """The names in ``datadir`` that are not twistmail's, sorted; none when it
-    does not exist.  Hidden names and a file system's lost+found (a state
+    cannot be listed.  Hidden names and a file system's lost+found (a state
     directory of its own mount) are left alone."""
     try:
         names = os.listdir(datadir)
-    except FileNotFoundError:
+    except OSError:  # none yet; or not a directory, unreadable: the start says so next
         return []
     return sorted(n for n in names
                   if n not in OURS and not n.startswith(".") and n != "lost+found")
