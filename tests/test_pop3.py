@@ -73,6 +73,8 @@ def test_seed_scenario_send_retrieve_delete(post):
     p.quit()
     codes = [e["code"] for e in a.journal() if e["code"].startswith("Q")]
     assert codes.count("QL") == 2 and "QR" in codes and "QD" in codes
+    # Who signed on, in the table too (QR and QD name the profile as well).
+    assert {e["esd"] for e in a.journal("QL")} == {"QL LOGIN SAM 127.0.0.1"}
 
 
 @needs("curl")

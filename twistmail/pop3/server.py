@@ -478,7 +478,7 @@ class POP3Session(SequentialSession):
         self._stop_logon_limit()
         count, octets = self._stat()
         j = self.factory.journal
-        j.write("QL", f"QL LOGIN {self.peer_ip}", ip=self.peer_ip, usrprf=self.usrprf,
+        j.write("QL", f"QL LOGIN {self.usrprf} {self.peer_ip}", ip=self.peer_ip, usrprf=self.usrprf,
                 messages=count, octets=octets, tls=self.tls)
         self.ok(f"{self.usrprf} has {_messages(count)} ({octets} octets)")
         return self.factory.record_login(self.peer_ip, self.usrprf)
