@@ -529,8 +529,13 @@ def test_state_left_beside_a_link_to_the_settings_is_not_started_over(tmp_path):
 def test_a_state_directory_holding_other_files_is_refused_untouched(tmp_path, as_nobody):
     """A copy of the shipped settings in /etc says datadir = "../var": /var.
     A start as root with --uid gave the system's files to the mail user."""
+    from twistmail.controller import statedir
+
     if as_nobody and os.geteuid() != 0:
         pytest.skip("only a start as root gives files away")
+    home = tmp_path / "home"  # hidden names only: a home directory
+    (home / ".ssh").mkdir(parents=True)
+    assert "holds files twistmail did not make (.ssh)" in statedir.refusal(home)
     system = tmp_path / "var"
     (system / "lib" / "dpkg").mkdir(parents=True)
     (system / "lib" / "dpkg" / "status").write_text("root's")

@@ -26,14 +26,14 @@ OURS = frozenset({
 
 def foreign_entries(datadir: Path) -> list[str]:
     """The names in ``datadir`` that are not twistmail's, sorted; none when it
-    cannot be listed.  Hidden names and a file system's lost+found (a state
-    directory of its own mount) are left alone."""
+    cannot be listed.  A file system's lost+found (a state directory of its
+    own mount) is left alone; hidden names are not: a home directory holds
+    nothing else, and its .ssh would be given to the daemon's user."""
     try:
         names = os.listdir(datadir)
     except OSError:  # none yet; or not a directory, unreadable: the start says so next
         return []
-    return sorted(n for n in names
-                  if n not in OURS and not n.startswith(".") and n != "lost+found")
+    return sorted(n for n in names if n not in OURS and n != "lost+found")
 
 
 def refusal(datadir: Path) -> str | None:
