@@ -301,9 +301,15 @@ def test_the_self_signed_pair_follows_a_new_host_name(tmp_path):
     tlsconfig.ensure_pair(settings("mx.example.test"))
     assert names(cert)[0] == "mx.example.test"
     tlsconfig.check_pair(settings("mx.example.test"))  # key and certificate made together
-    # One a CA issued, put there by hand, is the administrator's: left alone.
+    # One a CA issued, or a self-signed one of the administrator's, put there
+    # by hand, is left alone.
     _, chain, server_key = make_chain(tmp_path)
-    cert.write_bytes(chain.read_bytes())
-    key.write_bytes(server_key.read_bytes())
-    tlsconfig.ensure_pair(settings("other.example.test"))
-    assert cert.read_bytes() == chain.read_bytes()
+    own_key = ec.generate_private_key(ec.SECP256R1())
+    own = _pem(_cert("*.example.test", own_key, "*.example.test", own_key, ca=False,
+                     san="*.example.test"))
+    for pem, key_pem in ((chain.read_bytes(), server_key.read_bytes()),
+                         (own, _key_pem(own_key))):
+        cert.write_bytes(pem)
+        key.write_bytes(key_pem)
+        tlsconfig.ensure_pair(settings("other.example.test"))
+        assert cert.read_bytes() == pem

@@ -98,23 +98,30 @@ def ensure_pair(settings: Settings) -> tuple[Path, Path]:
 
 
 def _made_for_another_name(cert: Path, hostname: str) -> bool:
-    """A self-signed certificate of ours (issuer and subject alike) that does
-    not name ``hostname``: made before [system] hostname was changed.
+    """A certificate ensure_pair made (self-signed; its names the host's,
+    then localhost, 127.0.0.1 and ::1) for another host name: made before
+    [system] hostname was changed.
 
     Made again, or clients that check the name would refuse TLS for as long
-    as it lasts (ten years).  A certificate a CA issued, put there by hand,
-    is left alone.
+    as it lasts (ten years).  Any other certificate there, self-signed or
+    not, is an administrator's and is left alone.
     """
     from cryptography import x509
+    from cryptography.x509.oid import NameOID
 
     try:
         certificate = x509.load_pem_x509_certificate(cert.read_bytes())
-        names = certificate.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        alt = certificate.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+        [cn] = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     except (OSError, ValueError, x509.ExtensionNotFound):
         return False
-    return certificate.issuer == certificate.subject and \
-        hostname.lower() not in {n.lower() for n in names}
+    names = alt.get_values_for_type(x509.DNSName)
+    addresses = {str(a) for a in alt.get_values_for_type(x509.IPAddress)}
+    ours = (certificate.issuer == certificate.subject and len(names) == 2
+            and names[1] == "localhost" and cn.value == names[0][:64]
+            and addresses == {"127.0.0.1", "::1"})
+    return ours and names[0].lower() != hostname.lower()
 
 
 #: The pair the daemon accepted, key and certificates in one file (one rename
