@@ -1254,9 +1254,12 @@ class _Conversation(_Opening):
         mail_reply = await self.session.read("MAIL", self.t.mail)
         replies = []
         if mail_reply.positive:
-            for rcpt in rcpts:
-                self.session.send(rcpt, utf8=utf8)
-                replies.append(await self.session.read("RCPT", self.t.rcpt))
+            try:
+                for rcpt in rcpts:
+                    self.session.send(rcpt, utf8=utf8)
+                    replies.append(await self.session.read("RCPT", self.t.rcpt))
+            except SessionError:  # as above: the replies given stand
+                replies += [None] * (len(rcpts) - len(replies))
         return mail_reply, replies, None
 
     async def _rset_reply(self) -> None:
@@ -1316,9 +1319,11 @@ class _Conversation(_Opening):
         def convert() -> _Job | None:
             pieces = downgrade.to_7bit_pieces(job.read_body())
             if pieces is None or not all(p.isascii() for p in pieces):
-                # Header fields are never changed (downgrade.py): those go as they came.
-                log.warn("{named}{where} does not offer 8BITMIME, and the message has 8-bit "
-                         "header fields; sending them as they are",
+                # Header fields are never changed, nor message/partial and
+                # message/external-body parts re-encoded (downgrade.py).
+                log.warn("{named}{where} does not offer 8BITMIME, and parts of the message "
+                         "cannot be made 7-bit (header fields, or parts that may not be "
+                         "re-encoded); sending them as they are",
                          named=job.envelope.named, where=self.where)
             if pieces is None:
                 return None  # 8-bit header fields only
