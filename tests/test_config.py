@@ -489,6 +489,10 @@ def test_comments_inside_an_array_kept(tmp_path: Path) -> None:
     set_values(p, {"smtp.rtymin": (4, 30)})
     assert p.read_text() == text.replace("3,   #", "4,   #")
     assert config.load(p).smtp.rtymin == (4, 30)
+    # An element of another type that compares equal is written anew.
+    p.write_text(text.replace("30,", "30.0,"))
+    set_values(p, {"smtp.rtymin": (4, 30)})
+    assert config.load(p).smtp.rtymin == (4, 30) and "30.0" not in p.read_text()
 
 
 def test_missing_tables_and_keys_are_created(tmp_path: Path) -> None:

@@ -173,7 +173,8 @@ def _assign(doc: tomlkit.TOMLDocument, key: str, value: Any) -> None:
         # Element by element: an array written over several lines keeps the
         # comments beside its elements (RTYMIN's "count" and "minutes").
         for i, element in enumerate(value):
-            if old[i] != element:
+            kept = old[i].unwrap() if hasattr(old[i], "unwrap") else old[i]
+            if type(kept) is not type(element) or kept != element:  # 30.0 is no 30
                 old[i] = element
     else:
         node[leaf] = value
