@@ -25,6 +25,7 @@ from zope.interface.verify import verifyObject
 from twistmail.interfaces import IMailboxStore
 from twistmail.maildir import (
     EXPUNGE_FILE,
+    STUCK_FILE,
     DeletionFailed,
     InvalidName,
     MailboxGone,
@@ -665,7 +666,7 @@ def test_a_deleted_message_that_cannot_be_removed_never_comes_back(
     store: MaildirStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its file stays (read-only file system, a disk error) over several
-    sessions; the log names it until it goes, and no session offers it."""
+    sessions; no session offers it, and it goes once it can."""
     deliver_ids(store, tmp_path, "0001.R1", "0002.R1", "0003.R1")
     maildir = store.path(USER)
     real_unlink = os.unlink
@@ -685,16 +686,25 @@ def test_a_deleted_message_that_cannot_be_removed_never_comes_back(
     for _ in range(2):  # opened again while the file still cannot go: not offered
         with store.open(USER) as again:
             assert [m.uidl for m in again.messages()] == [f"0003.R1.{HOST}"]
-        assert (maildir / EXPUNGE_FILE).exists()
-    with store.open(USER) as again:  # a session whose QUIT retries it, and fails again
-        again.mark_deleted(1)
-        with pytest.raises(DeletionFailed):
-            again.commit()
+        # Recorded apart from the QUIT log: a login meeting a session that
+        # holds the box is told at once, not made to wait for a QUIT's end.
+        assert not (maildir / EXPUNGE_FILE).exists() and (maildir / STUCK_FILE).exists()
+    with store.open(USER) as holder:
+        started = time.monotonic()
+        with pytest.raises(MailboxInUse):
+            store.open(USER)
+        assert time.monotonic() - started < 2
+        # Its own deletions go as ever: the stuck file is none of its doing.
+        holder.mark_deleted(1)
+        holder.commit()
     assert [m for m in files(maildir / "cur") if "0002.R1" in m] != []
+    with store.open(USER) as again:  # a session with nothing to delete writes nothing
+        assert again.messages() == []
+        assert again.decide() == 0
     stuck["on"] = False  # mended
     with store.open(USER) as again:
         assert again.messages() == []
-    assert files(maildir / "cur") == [] and not (maildir / EXPUNGE_FILE).exists()
+    assert files(maildir / "cur") == [] and not (maildir / STUCK_FILE).exists()
 
 
 def test_read_of_a_vanished_message_is_a_clear_error(store: MaildirStore, tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ Files, under the store root (``<datadir>/mailboxes``):
 - ``<USRPRF>/Maildir/{tmp,new,cur}/`` the messages (directories 0700, files 0600);
 - ``<USRPRF>/Maildir/.twistmail.lock`` the POP session lock (``flock``);
 - ``<USRPRF>/Maildir/.twistmail.expunge`` the deletions of a QUIT in progress;
+- ``<USRPRF>/Maildir/.twistmail.stuck`` messages QUITs deleted whose files could
+  not be removed (tried again at each open, never listed);
 - ``<USRPRF>/gone/<base name>`` what QUITs removed in the last 30 days.
 
 Messages are kept in wire form: CRLF line ends, the received bytes plus the
@@ -94,6 +96,7 @@ SEEN_BY_POP = ":2,"
 CUR_INFOS = (SEEN_BY_POP, ":2,S")
 LOCK_FILE = ".twistmail.lock"
 EXPUNGE_FILE = ".twistmail.expunge"
+STUCK_FILE = ".twistmail.stuck"
 #: How long an open waits for a session that has answered QUIT and is still
 #: removing its messages, counted from the last file it removed (seconds):
 #: 50,000 deleted messages take longer than that on a busy machine.
@@ -357,19 +360,14 @@ class MaildirStore:
         except FileNotFoundError as e:
             raise MailboxGone(user) from e
         try:
-            unremoved = _finish_expunge(maildir)
+            # Deleted at an earlier QUIT and still there (a file that cannot
+            # be unlinked): never offered again, nor renamed.
+            deleted = set(_finish_expunge(maildir)) | set(_retry_stuck(maildir))
             _remove_older(maildir / "tmp", time.time() - TMP_MAX_AGE)
             with suppress(OSError):  # a full disk must not keep its user from emptying it
                 _prune_gone(maildir.parent / GONE_DIR, time.time())
             _move_new(maildir)
-            entries, redundant = self._scan(maildir / "cur")
-            if unremoved:
-                # Deleted at an earlier QUIT and still there (a file that
-                # cannot be unlinked): never offered again, tried again at
-                # this session's end, and the log stays until they are gone.
-                doomed = set(unremoved)
-                entries = [e for e in entries if e.name not in doomed]
-                redundant = [n for n in redundant if n not in doomed] + unremoved
+            entries, redundant = self._scan(maildir / "cur", deleted)
             pieces = _read_pieces(maildir)
         except FileNotFoundError as e:
             lock.close()
@@ -379,11 +377,14 @@ class MaildirStore:
             raise
         return MailboxSession(maildir, lock, entries, redundant, pieces)
 
-    def _scan(self, cur: Path) -> tuple[list[_Entry], list[str]]:
-        """The listing in arrival order, one entry per base name, and the extra copies."""
+    def _scan(self, cur: Path, deleted: set[str]) -> tuple[list[_Entry], list[str]]:
+        """The listing in arrival order, one entry per base name, and the extra
+        copies; the ``deleted`` names (files that outlived their deletion) left out."""
         kept: dict[str, _Entry] = {}
         redundant: list[str] = []
         for entry in _message_files(cur):
+            if entry.name in deleted:
+                continue
             found = self._entry(entry)
             if found is None:
                 continue
@@ -1103,8 +1104,9 @@ def _finish_expunge(maildir: Path) -> list[str]:
     """Complete the QUIT of a session that died, or failed, while removing its
     messages; returns the names that still cannot be removed.
 
-    Those stay in the log: they were deleted, and must not come back when
-    whatever kept them (a read-only file, a disk error) is mended.
+    They were deleted, and must not come back when whatever kept them (a
+    read-only file, a disk error) is mended: they go to the stuck record,
+    or, where that cannot be written, stay in the log.
     """
     log = maildir / EXPUNGE_FILE
     with suppress(FileNotFoundError):
@@ -1122,13 +1124,45 @@ def _finish_expunge(maildir: Path) -> list[str]:
             record_removed(maildir, names)
     failed = _unlink_all(maildir / "cur", names)
     if failed:
-        if len(failed) < len(names):
-            with suppress(OSError):  # the whole log says the same, at more length
-                _write_intent(maildir, failed)
-        return failed
+        try:
+            _write_names(maildir, STUCK_FILE, sorted({*_read_names(maildir, STUCK_FILE),
+                                                      *failed}))
+        except OSError:  # a full disk: the log keeps them meanwhile
+            return failed
     os.unlink(log)
     fsync_dir(maildir)
-    return []
+    return failed
+
+
+def _retry_stuck(maildir: Path) -> list[str]:
+    """Remove the files of the stuck record that can go now; the others' names."""
+    with suppress(FileNotFoundError):
+        os.unlink(maildir / (STUCK_FILE + ".tmp"))
+    names = _read_names(maildir, STUCK_FILE)
+    if not names:
+        return []
+    left = _unlink_all(maildir / "cur", names)
+    if left != names:
+        with suppress(OSError):  # kept whole, it names files already gone: no harm
+            if left:
+                _write_names(maildir, STUCK_FILE, left)
+            else:
+                os.unlink(maildir / STUCK_FILE)
+                fsync_dir(maildir)
+    return left
+
+
+def _read_names(maildir: Path, name: str) -> list[str]:
+    try:
+        raw = (maildir / name).read_bytes()
+    except FileNotFoundError:
+        return []
+    names = [os.fsdecode(n) for n in raw.split(b"\0") if n and b"/" not in n]
+    return [n for n in names if not n.startswith(".")]
+
+
+def _write_names(maildir: Path, name: str, names: list[str]) -> None:
+    _replace(maildir, name, b"\0".join(os.fsencode(n) for n in names))
 
 
 def trace_prefix(originator: str, recipient: str) -> bytes:
