@@ -1111,12 +1111,9 @@ def _finish_expunge(maildir: Path) -> list[str]:
     log = maildir / EXPUNGE_FILE
     with suppress(FileNotFoundError):
         os.unlink(maildir / (EXPUNGE_FILE + ".tmp"))
-    try:
-        raw = log.read_bytes()
-    except FileNotFoundError:
+    if not log.exists():  # the common case; only the lock's holder writes it
         return []
-    names = [os.fsdecode(n) for n in raw.split(b"\0") if n and b"/" not in n]
-    names = [n for n in names if not n.startswith(".")]
+    names = _read_names(maildir, EXPUNGE_FILE)
     if names:
         # A full disk must not keep every login, and the deletions that
         # would free it, from going on: the record is the lesser loss.
@@ -1153,6 +1150,7 @@ def _retry_stuck(maildir: Path) -> list[str]:
 
 
 def _read_names(maildir: Path, name: str) -> list[str]:
+    """A record of cur/ names; never a path, nor one of the Maildir's own files."""
     try:
         raw = (maildir / name).read_bytes()
     except FileNotFoundError:
