@@ -698,7 +698,7 @@ def test_a_deleted_message_that_cannot_be_removed_never_comes_back(
         holder.mark_deleted(1)
         holder.commit()
     assert [m for m in files(maildir / "cur") if "0002.R1" in m] != []
-    with store.open(USER) as again:  # a session with nothing to delete writes nothing
+    with store.open(USER) as again:  # the stuck file is no deletion of a later session
         assert again.messages() == []
         assert again.decide() == 0
     stuck["on"] = False  # mended

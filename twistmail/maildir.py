@@ -362,7 +362,8 @@ class MaildirStore:
         try:
             # Deleted at an earlier QUIT and still there (a file that cannot
             # be unlinked): never offered again, nor renamed.
-            deleted = set(_finish_expunge(maildir)) | set(_retry_stuck(maildir))
+            # The stuck record first: what a QUIT log adds to it was tried just now.
+            deleted = set(_retry_stuck(maildir)) | set(_finish_expunge(maildir))
             _remove_older(maildir / "tmp", time.time() - TMP_MAX_AGE)
             with suppress(OSError):  # a full disk must not keep its user from emptying it
                 _prune_gone(maildir.parent / GONE_DIR, time.time())
@@ -582,7 +583,7 @@ class MailboxSession:
             count = len(names)
             if names:
                 try:
-                    _write_intent(self.maildir, names)
+                    _write_names(self.maildir, EXPUNGE_FILE, names)
                 except OSError as e:
                     if e.errno not in NO_ROOM:
                         raise
@@ -1068,10 +1069,6 @@ def _write_pieces(maildir: Path, pieces: dict[str, frozenset[int]]) -> None:
         return
     _replace(maildir, PIECES_FILE,
              json.dumps({k: sorted(v) for k, v in sorted(pieces.items())}).encode())
-
-
-def _write_intent(maildir: Path, names: list[str]) -> None:
-    _replace(maildir, EXPUNGE_FILE, b"\0".join(os.fsencode(n) for n in names))
 
 
 def _replace(maildir: Path, name: str, data: bytes) -> None:

@@ -773,8 +773,9 @@ def _header_fields(data: bytes) -> dict[bytes, bytes]:
 
 
 def _cut(f: BinaryIO, size: int) -> list[tuple[int, int, int]]:
-    """Byte ranges of at most ``size``, each ending with a line where one ends in it,
-    with the octets each is sent as (a bare LF goes out as CRLF, as in wire_size).
+    """Byte ranges of at most ``size``, each ending with a line (the last: where the
+    file ends), with the octets each is sent as (a bare LF goes out as CRLF, as in
+    wire_size).
 
     The reading stops at the first 8-bit octet, or at a line longer than
     ``size`` (cut in two, it would come back with a line end more): that

@@ -1318,7 +1318,9 @@ class _Conversation(_Opening):
 
         def convert() -> _Job | None:
             pieces = downgrade.to_7bit_pieces(job.read_body())
-            if pieces is None or not all(p.isascii() for p in pieces):
+            # 8-bit header fields, if any, go as they came: body_8bit stays for them.
+            eight = pieces is None or not all(p.isascii() for p in pieces)
+            if eight:
                 # Header fields are never changed, nor message/partial and
                 # message/external-body parts re-encoded (downgrade.py).
                 log.warn("{named}{where} does not offer 8BITMIME, and parts of the message "
@@ -1333,8 +1335,6 @@ class _Conversation(_Opening):
                          "7-bit would exceed its SIZE {limit}; sending it as it is",
                          named=job.envelope.named, where=self.where, limit=limit)
                 return None
-            # 8-bit header fields, if any, go as they came: body_8bit stays for them.
-            eight = not all(p.isascii() for p in pieces)
             if size <= CHUNK_SIZE:
                 return attrs.evolve(job, body=b"".join(pieces), converted=None, size=size,
                                     body_8bit=eight)
