@@ -405,6 +405,36 @@ def test_postmaster_without_an_entry_reaches_the_responsible_person(settings):
     assert b"Delivered-To: Postmaster@example.test" in delivered.read_bytes()
 
 
+def test_postmaster_mail_goes_to_its_stand_in_rather_than_the_catch_all(settings):
+    """README: postmaster mail without an entry of its own goes to the NFYDLVRY
+    person or else the NONDELIVERY user.  With a *ANY *ANY entry it went to
+    the catch-all, where abuse reports would be lost among the spam."""
+    from twistmail.directory import DirectoryEntry
+    from twistmail.journal import read_entries
+
+    directory = SqliteDirectory.from_settings(settings)
+    directory.create_profile("JANE", "secret")
+    directory.add_entry(DirectoryEntry("NONDLV", "MAIL", "copies", user="SAM",
+                                       msfsrvlvl="*SYSMS", prefadr="*SMTP",
+                                       smtpuser="NONDELIVERY"))
+    directory.add_entry(DirectoryEntry("*ANY", "*ANY", "catch-all", user="JANE",
+                                       msfsrvlvl="*SYSMS"))
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "postmaster@example.test", "stranger@example.test")
+    assert processor.process(qid).delivered == 2
+    boxes = settings.datadir / "mailboxes"
+    [to_postmaster] = (boxes / "SAM" / "Maildir" / "new").iterdir()
+    assert b"Delivered-To: postmaster@example.test" in to_postmaster.read_bytes()
+    [to_stranger] = (boxes / "JANE" / "Maildir" / "new").iterdir()
+    assert b"Delivered-To: stranger@example.test" in to_stranger.read_bytes()
+    processor.journal.flush()
+    vias = {e["recipient"]: e.get("via")
+            for e in read_entries(processor.journal.directory, ["P2"], msgid=qid)}
+    assert vias == {"postmaster@example.test": "NONDELIVERY@example.test",
+                    "stranger@example.test": None}
+
+
 def test_resolution_and_forwarding_are_journaled_as_the_seed_tags_them(settings):
     """P2 carries the seed's tags (POP LclDel, SMTP MsgFwd, SMTP NonDel) in its
     data, which IBM's queries search; C6 comes with C1 and C2."""

@@ -41,6 +41,7 @@ class BackendCase(unittest.TestCase):
     """A backend on a real directory with profile SAM, and these [smtp] settings."""
 
     smtp: dict[str, str] = {}
+    local_domains = ["example.test"]
 
     def setUp(self) -> None:
         root = Path(tempfile.mkdtemp(prefix="twistmail-test-"))
@@ -48,6 +49,7 @@ class BackendCase(unittest.TestCase):
         config = root / "twistmail.toml"
         sections = base_sections(root / "var")
         sections["smtp"] = dict(self.smtp)
+        sections["system"]["local_domains"] = self.local_domains
         config.write_text(render_toml(sections))
         settings = configmod.load(config)
         self.directory = SqliteDirectory.from_settings(settings)
@@ -238,6 +240,26 @@ class PostmasterWithoutStandInTests(BackendCase):
         verdict = await self.backend.check_recipient(Address("postmaster", "example.test"),
                                                      "192.0.2.7", None)
         self.assertEqual(verdict.code, 250)
+
+
+class PostmasterOfEveryLocalDomainTests(BackendCase):
+    local_domains = ["example.test", "Second.Test"]
+
+    async def test_the_first_domain_s_postmaster_takes_the_others_mail(self) -> None:
+        """RFC 5321 §4.5.1: each domain served has a postmaster.  With one entry
+        for postmaster@example.test, postmaster@second.test was refused 5.1.1
+        "no mailbox is enrolled for the postmaster"."""
+        for address in (Address("postmaster", "second.test"),
+                        Address("PostMaster", "SECOND.test")):
+            verdict = await self.backend.check_recipient(address, "192.0.2.7", None)
+            self.assertEqual(verdict.code, 550, address)
+        self.directory.add_entry(DirectoryEntry("POSTMSTR", "MAIL", "Postmaster", user="SAM",
+                                                msfsrvlvl="*SYSMS", prefadr="*SMTP",
+                                                smtpuser="postmaster"))
+        for address in (Address("postmaster", "second.test"),
+                        Address("PostMaster", "SECOND.test")):
+            verdict = await self.backend.check_recipient(address, "192.0.2.7", None)
+            self.assertEqual(verdict.code, 250, address)
 
 
 class PostmasterToTheResponsiblePersonTests(BackendCase):

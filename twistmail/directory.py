@@ -1837,14 +1837,37 @@ def nondelivery_address(directory: Any) -> str | None:
 def postmaster_stand_in(directory: Any, responsible: str | None) -> tuple[Any, str | None]:
     """Where postmaster mail goes when no entry names it, and who that is.
 
-    RFC 5321 §4.5.1: every domain's postmaster takes mail.  Without a
-    POSTMASTER entry it goes to the NFYDLVRY responsible person, else to the
-    NONDELIVERY user, when one is a mailbox here; (None, None) when neither is.
+    RFC 5321 §4.5.1: every domain's postmaster takes mail.  Without an entry
+    of its own it goes to the first local domain's postmaster, else to the
+    NFYDLVRY responsible person, else to the NONDELIVERY user, whichever is
+    a mailbox here; (None, None) when none is.  The ``*ANY *ANY`` entry is
+    no stand-in: what it collects is seldom read, and abuse reports sent
+    to the postmaster would be lost in it.
     """
-    for stand_in in (responsible, nondelivery_address(directory)):
+    first = f"postmaster@{directory.local_domains[0]}" if directory.local_domains else None
+    for stand_in in (first, responsible, nondelivery_address(directory)):
         if not stand_in or stand_in.startswith("*"):
             continue
         res = directory.resolve(stand_in)
-        if res is not None and res.kind in ("pop", "snads"):
+        if res is not None and res.kind in ("pop", "snads") and not res.catchall:
             return res, stand_in
     return None, None
+
+
+def resolve_recipient(directory: Any, address: str,
+                      responsible: str | None) -> tuple[Any, str | None]:
+    """``directory.resolve`` with the postmaster's stand-in, and who stood in.
+
+    A postmaster address that no entry of its own takes (unknown, or only
+    caught by ``*ANY *ANY``) goes to :func:`postmaster_stand_in`'s choice;
+    the catch-all keeps it only when there is no stand-in.
+    """
+    res = directory.resolve(address)
+    if not address.lower().startswith("postmaster@"):
+        return res, None
+    if res is not None and (res.kind == "remote" or not res.catchall):
+        return res, None
+    stand, stand_in = postmaster_stand_in(directory, responsible)
+    if stand is None:
+        return res, None
+    return stand, stand_in

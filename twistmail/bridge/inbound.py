@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 
 from twistmail.bridge.nondelivery import Failure, queue_notice
-from twistmail.directory import postmaster_stand_in
+from twistmail.directory import resolve_recipient
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QUARANTINE
 from twistmail.maildir import MailboxGone, owner_lock, trace_prefix
 from twistmail.policy.filters import examine
@@ -226,14 +226,11 @@ class InboundProcessor:
              boxes: dict[str, int]) -> Recipient:
         j = self.journal
         qid = env.id
-        res = self.directory.resolve(rcpt.address)
-        via = {}
-        if res is None and rcpt.address.lower().startswith("postmaster@"):
-            # Accepted while a stand-in took it (see QueueBackend); one
-            # removed since gets the notice any unknown recipient gets.
-            res, stand_in = postmaster_stand_in(self.directory, self.responsible)
-            if stand_in is not None:
-                via = {"via": stand_in}
+        # Postmaster mail was accepted while a stand-in took it (see
+        # QueueBackend); one removed since gets the notice any unknown
+        # recipient gets.
+        res, stand_in = resolve_recipient(self.directory, rcpt.address, self.responsible)
+        via = {"via": stand_in} if stand_in is not None else {}
         kind = res.kind if res is not None else "unknown"
         j.write("P2", f"P2 R {rcpt.address} {P2_TAGS.get(kind, kind)}", qid,
                 recipient=rcpt.address, resolved=kind, **via)

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 from twisted.internet import defer, threads
 
-from twistmail.directory import postmaster_stand_in
+from twistmail.directory import resolve_recipient
 from twistmail.interfaces import QTMSINQ, QTMSOUTQ
 from twistmail.maildir import trace_prefix
 from twistmail.protocols.peer import client_address
@@ -154,11 +154,11 @@ class QueueBackend(Backend):
             self.journal.write("9V", f"9V RLY {client_ip}", ip=client_ip,
                                recipient=str(address), alwrly=self.alwrly, reason=why)
             return Verdict(550, f"5.7.1 <{address}>: Relay access denied")
-        resolution = self.directory.resolve(str(address))
+        resolution, stand_in = resolve_recipient(self.directory, str(address), self.nfydlvry)
+        if stand_in is not None:
+            return Verdict(250, "2.1.5 Recipient OK")  # not remembered: no entry
         if resolution is None:
             if address.local.lower() == "postmaster":
-                if postmaster_stand_in(self.directory, self.nfydlvry)[0] is not None:
-                    return Verdict(250, "2.1.5 Recipient OK")  # not remembered: no entry
                 # Taken with nobody to read it, it would go back to its
                 # sender: a notice carrying anyone's text to any address.
                 return self.rejected(client_ip, "recipient", str(address), Verdict(
