@@ -384,6 +384,22 @@ def test_endpj_strpj_endtcpsvr_strtcpsvr(appliance):
     a.wait_for(lambda: a.count("QTPOPSRVP", "PSRW") == jobs + 1, 10, "one more POP job")
 
 
+def test_strtcpsvr_of_a_started_server_whose_jobs_were_ended_starts_them(appliance):
+    """It said "*SMTP already started" and left every client a 421; for POP it
+    blamed MAXJOBS."""
+    a = appliance
+    for server, pgm in (("*SMTP", "QTMSSRCP"), ("*POP", "QTPOPSRVP")):
+        rc, out, err = a.cli("endpj", "--pgm", pgm, "--option", "*IMMED")
+        assert rc == 0, err
+        a.wait_for(lambda pgm=pgm: a.count(pgm) == 0, 10)
+        rc, out, err = a.cli("strtcpsvr", "--server", server)
+        assert rc == 0 and "were ended and are started again" in out, (out, err)
+        a.wait_for(lambda pgm=pgm: a.count(pgm, "PSRW") == a.inljobs(pgm), 10)
+    s = a.connect()
+    assert read_reply(s).startswith(b"220 ")
+    s.close()
+
+
 def test_a_busy_job_endpj_cntrld_ends_shows_as_ending(appliance):
     a = appliance
     s = a.connect()
@@ -442,6 +458,7 @@ def test_sigterm_lets_sessions_finish_then_leaves_nothing(make_appliance):
     a.proc.send_signal(signal.SIGTERM)
     # The session may go on during the delay...
     time.sleep(0.5)
+    a.proc.send_signal(signal.SIGTERM)  # impatient: said, not a traceback
     sock.sendall(b"NOOP\r\n")
     assert read_reply(sock).startswith(b"250")
     # ...then it is ended, with the 421 of a server shutting down (RFC 5321 §3.8).
@@ -450,7 +467,10 @@ def test_sigterm_lets_sessions_finish_then_leaves_nothing(make_appliance):
     assert sock.recv(100) == b""
     # twistd re-raises the signal it stopped on, so its parent sees SIGTERM.
     assert a.proc.wait(30) in (0, -signal.SIGTERM)
-    assert "Server Shut Down" in a.log_text()
+    log = a.log_text()
+    assert "Server Shut Down" in log
+    assert "SIGTERM received: already ending" in log and "ReactorNotRunning" not in log
+    assert {e["reason"] for e in a.journal("JE")} == {"shutdown"}
     assert time.monotonic() - t0 < 15
     assert wait_gone(children, 10) == []
     assert not a.control_socket.exists()
@@ -553,12 +573,18 @@ def test_a_new_daemon_waits_for_the_bridge_of_a_killed_one(appliance):
     os.kill(bridge, signal.SIGSTOP)  # a bridge still busy ending
     a.proc.kill()
     a.proc.wait()
+    log = (a.root / "second.log").open("wb")
     second = subprocess.Popen([TWISTD, "-n", "--pidfile=", "twistmail", "--config",
-                               str(a.config)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, cwd=a.root)
+                               str(a.config)], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=a.root)
+    log.close()
     try:
         time.sleep(2)
         assert second.poll() is None and alive(bridge)
+        # said at once, not after 30 s of silence
+        said = (a.root / "second.log").read_text()
+        assert "waiting up to 30 s for processes of an earlier twistmail daemon" in said
+        assert str(bridge) in said
         # still waiting for the state directory: nothing answers
         assert not ControlClient(a.control_socket).running()
         os.kill(bridge, signal.SIGKILL)

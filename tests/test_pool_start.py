@@ -609,3 +609,49 @@ def test_an_earlier_end_does_not_stop_the_launcher_under_jobs_started_since():
     for job in newer:
         job.process.on_ended(Failure(ProcessTerminated(0, None, None)))
     assert stops == [1]
+
+
+def test_requests_waiting_when_the_entry_ends_are_told_it_ends_not_that_none_is_free():
+    import socket
+
+    clock = Clock()
+    p = started_pool(clock)
+    p.end_reply = b"421 4.3.2 shutting down\r\n"
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    pairs = [socket.socketpair() for _ in range(2)]
+    for _ours, theirs in pairs:
+        p.submit(theirs, "smtp", "192.0.2.7")
+    assert len(p.waiting) == 1  # the first went to the job
+    p.end("*IMMED", 0)
+    waiter = pairs[1][0]
+    waiter.settimeout(5)
+    assert waiter.recv(100) == b"421 4.3.2 shutting down\r\n"
+    for pair in pairs:
+        for s in pair:
+            s.close()
+
+
+def test_a_change_of_other_settings_journals_no_change_of_the_entry():
+    """config --apply of [prestart] wait_limit wrote JA CHG for every entry."""
+    clock = Clock()
+    p = started_pool(clock)
+    written = []
+    p._journal = lambda code, esd, **fields: written.append(code)
+    p.reconfigure(p.entry, attrs.evolve(p.limits, wait_limit=5.0))
+    assert written == []
+    p.reconfigure(attrs.evolve(p.entry, maxjobs=p.entry.maxjobs + 1), p.limits)
+    assert written == ["JA"]
+
+
+def test_a_job_gone_before_its_pid_was_known_is_journaled_without_one():
+    """JB BOOT QTSMTPSRVP/None: the launcher died before it said the pid."""
+    clock = Clock()
+    launcher = Recorder()
+    launcher.spawn_job = lambda pgm, config_path, channel, on_started, on_ended: (
+        launcher.started.append(Started(0, on_ended)) or launcher.started[-1])
+    p = started_pool(clock, launcher=launcher)
+    written = []
+    p._journal = lambda code, esd, **fields: written.append(esd)
+    launcher.started[0].on_ended(Failure(ProcessTerminated(None, 9, None)))
+    assert written and all("None" not in esd for esd in written), written

@@ -55,13 +55,15 @@ def holding(path: str | Path) -> list[int]:
 
 
 def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2,
-                 running: Callable[[], str | None] | None = None) -> int:
+                 running: Callable[[], str | None] | None = None,
+                 waiting: Callable[[str], None] | None = None) -> int:
     """The locked descriptor (kept open for the daemon's life); DatadirBusy after
     ``wait``; NoLock when the file system takes no lock (the caller goes on).
 
     ``running``, asked while it waits, tells (in a sentence) of a daemon
     that has come up meanwhile: the lock is then not an earlier daemon's,
-    still ending, but a live one's, and the wait ends at once."""
+    still ending, but a live one's, and the wait ends at once.  ``waiting``
+    is told once, when the wait begins, so that a start does not look hung."""
     path = datadir / LOCK_FILE
     try:
         # Never through a link: a daemon started as root would open (and
@@ -79,6 +81,7 @@ def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2,
         raise DatadirBusy(f"{path} is not a file of its own (it has {st.st_nlink} names); "
                           "twistmail takes no link there: remove it")
     deadline = time.monotonic() + wait
+    told = waiting is None
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,6 +91,11 @@ def lock_datadir(datadir: Path, wait: float = WAIT, poll: float = 0.2,
             if live is not None:
                 os.close(fd)
                 raise DatadirBusy(live) from None
+            if not told:
+                told = True
+                holders = ", ".join(str(pid) for pid in holding(path)) or "unknown"
+                waiting(f"waiting up to {wait:g} s for processes of an earlier twistmail daemon "
+                        f"to end (pids {holders} hold {path})")
             if time.monotonic() >= deadline:
                 os.close(fd)
                 holders = ", ".join(str(pid) for pid in holding(path)) or "unknown"

@@ -55,9 +55,14 @@ def limits_of(settings: configmod.Settings) -> Limits:
     return Limits(trim_interval=float(p.trim_interval), wait_limit=float(p.wait_limit))
 
 
-def _reject_reply(pgm: str, hostname: str) -> bytes:
+def _reject_reply(pgm: str, hostname: str, ending: bool = False) -> bytes:
+    """What a connection no job takes is told: none is free, or the server ends."""
     if pgm == "QTPOPSRVP":
+        if ending:
+            return b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n"
         return b"-ERR [SYS/TEMP] no POP server job is free; try again later\r\n"
+    if ending:
+        return f"421 4.3.2 {hostname} Service shutting down, try again later\r\n".encode()
     return (
         f"421 4.3.2 {hostname} Service not available: no SMTP server job is free; "
         "try again later\r\n"
@@ -176,7 +181,8 @@ class Controller(service.Service):
             # One started a moment before this one holds the lock and answers
             # soon: said then, not after the wait for a daemon still ending.
             self.lock_fd = lock_datadir(d, running=lambda: running if socket_in_use(path)
-                                        else None)
+                                        else None,
+                                        waiting=lambda text: self.log.info("{text}", text=text))
         except DatadirBusy as e:
             raise StartRefused(str(e)) from None
         except NoLock as e:
@@ -289,7 +295,7 @@ class Controller(service.Service):
             pool = Pool(
                 self.reactor, pgm, s.prestart.entry(pgm), limits_of(s), self.applied_path,
                 self._journal(f"{daemon}/{self.pid}"), _reject_reply(pgm, s.hostname),
-                launcher.share(),
+                launcher.share(), end_reply=_reject_reply(pgm, s.hostname, ending=True),
             )
             pool.accepting_changed.append(lambda on, pgm=pgm: self._pool_accepting(pgm, on))
             self.pools[pgm] = pool
@@ -384,14 +390,15 @@ class Controller(service.Service):
         if self.bridge is not None and self.bridge.process is not None:
             launch.send_signal(self.bridge.process, "HUP")
 
-    def _stop_server(self, server: str, option: str, delay: float) -> Any:
+    def _stop_server(self, server: str, option: str, delay: float,
+                     reason: str = "endtcpsvr") -> Any:
         for name in SERVER_LISTENERS[server]:
             lst = self.listeners.pop(name, None)
             if lst is not None:
                 lst.close()
             self.sockets.pop(name, None)
         self.servers[server] = False
-        return self.pools[SERVERS[server]].end(option, delay, reason="endtcpsvr")
+        return self.pools[SERVERS[server]].end(option, delay, reason=reason)
 
     def _auth_failed(self, ip: str) -> None:
         """A job's failed sign-on; at MAXAUTHFAIL the address's other sessions
@@ -457,10 +464,17 @@ class Controller(service.Service):
         super().stopService()
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no reload while it ends
         delay = float(self.settings.prestart.end_delay)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            # Twisted's handler would stop the stopped reactor again: a
+            # critical traceback for each Ctrl-C pressed while it ends.
+            signal.signal(signum, lambda n, _, delay=delay: self.reactor.callFromThread(
+                self.log.info, "{name} received: already ending (sessions get up to "
+                "{delay:g} s, [prestart] end_delay)", name=signal.Signals(n).name,
+                delay=delay))
         waits = []
         for server in list(self.servers):
             if self.servers[server]:
-                waits.append(self._stop_server(server, "*CNTRLD", delay))
+                waits.append(self._stop_server(server, "*CNTRLD", delay, reason="shutdown"))
         for pool in self.pools.values():
             if pool.jobs:
                 waits.append(pool.end("*CNTRLD", delay, reason="shutdown"))
@@ -746,6 +760,18 @@ class Controller(service.Service):
     def cmd_strtcpsvr(self, server: str) -> list[str]:
         done, failed = [], False
         for srv in self._servers(server):
+            pool = self.pools[SERVERS[srv]]
+            if self.servers[srv] and not pool.active:
+                # Listening, with its entry ended by ENDPJ or stopped after
+                # boot failures: starting the server again starts its jobs.
+                if pool.jobs:
+                    done.append(f"{srv} already started; its prestart jobs ({pool.pgm}) are "
+                                f"still ending: strpj --pgm {pool.pgm} once they have")
+                else:
+                    pool.start()
+                    done.append(f"{srv} already started; its prestart jobs ({pool.pgm}) "
+                                "were ended and are started again")
+                continue
             if self.servers[srv]:
                 if srv == "*POP":  # IBM i starts one more server job
                     more = self.pools[SERVERS[srv]].start_one_more()

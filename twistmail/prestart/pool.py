@@ -190,6 +190,7 @@ class Pool:
         journal: Any,
         reject_reply: bytes,
         launcher: Any = None,
+        end_reply: bytes | None = None,
     ) -> None:
         self.reactor = reactor
         #: Starts the jobs: preloaded with this program's modules only, unless
@@ -203,6 +204,8 @@ class Pool:
         self.config_path = config_path
         self.journal = journal
         self.reject_reply = reject_reply
+        #: For requests still waiting when the entry ends.
+        self.end_reply = end_reply or reject_reply
         self.job_name = PROGRAMS[pgm]["job"]
         self.active = False
         self.status = "ENDED"  # ACTIVE, ENDED, FAILED
@@ -295,9 +298,10 @@ class Pool:
 
     def reconfigure(self, entry: PrestartEntry, limits: Limits) -> None:
         """CHGPJE on a running entry: new values apply at once."""
+        changed = entry != self.entry
         self.entry = entry
         self.limits = limits
-        if self.active:
+        if self.active and changed:
             self._journal("JA", f"JA CHG {self.pgm}", pgm=self.pgm, **attrs.asdict(entry))
         self.evaluate()
 
@@ -421,7 +425,7 @@ class Pool:
         if request.sock is None:
             self.task_refused(request)
             return
-        self._refuse(request, self.reject_reply)
+        self._refuse(request, self.end_reply if reason == "ended" else self.reject_reply)
         self._journal(
             "JR", f"JR REJ {request.peer}", ip=request.peer, pgm=self.pgm, reason=reason
         )
@@ -693,7 +697,7 @@ class Pool:
         now = self.reactor.seconds()
         pid = job.pid
         status = launch.exit_text(reason)
-        name = f"{self.job_name}/{pid}"
+        name = self.job_name if pid is None else f"{self.job_name}/{pid}"
         if pid is None and reason.check(launch.LauncherGone):
             # Its launcher went before it said which process it was: if one
             # was forked, the closed channel tells it to exit.
