@@ -712,6 +712,24 @@ def test_a_profile_that_owns_mail_is_deleted_only_with_its_mail(cfg, capsys):
     assert not box.parent.exists()
 
 
+def test_a_mailbox_that_will_not_all_go_is_said_to_be_left(cfg, capsys, monkeypatch):
+    """A file that could not be removed (immutable, say) left the mail on the
+    disk after "deleted with a mailbox with 1 message"."""
+    from twistmail import config
+    from twistmail.cli import usercmds
+
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        box = d.mailbox("SAM")
+    (box / "new").mkdir(parents=True)
+    (box / "new" / "1.M1.host").write_bytes(b"Subject: private\r\n\r\nfor sam\r\n")
+    monkeypatch.setattr(usercmds.shutil, "rmtree", lambda path, ignore_errors=False: None)
+    rc, out, err = tm(capsys, cfg, "dltusrprf", "--usrprf", "SAM", "--ownobjopt", "*DLT")
+    assert rc == 0 and "deleted with a mailbox with 1 message" in out
+    assert err.startswith("note: its mailbox could not all be removed (") and \
+        "the bridge tries again every hour" in err
+
+
 def test_a_new_profile_is_not_handed_mail_left_under_its_name(cfg, capsys):
     from twistmail import config
 
@@ -751,6 +769,57 @@ def test_a_new_profile_is_not_handed_mail_queued_for_one_deleted(cfg, capsys):
     fq.remove(QTMSOUTQ, spool.id)
     rc, out, err = tm(capsys, cfg, "crtusrprf", "--usrprf", "bob", "--password", "pw")
     assert rc == 0, err
+
+
+def test_directory_changes_say_what_they_do_to_queued_mail(cfg, capsys):
+    """Queued mail is resolved again at delivery: rmvdire then adddire of the
+    same SMTP name handed ZED's waiting mail to another mailbox, and a renamed
+    entry's waiting mail went back to its sender, without a word."""
+    from twistmail import config
+    from twistmail.interfaces import QTMSINQ
+    from twistmail.queue import Envelope, FileQueue
+
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "zed", "--password", "pw")
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    fq = FileQueue.for_settings(config.load(cfg))
+    with fq.new_spool(Envelope.new("jane@example.test", ("zed@example.test",))) as spool:
+        spool.write(b"Subject: for zed\r\n\r\nx\r\n")
+        spool.commit(QTMSINQ)
+    rc, out, err = tm(capsys, cfg, "chgdire", "--usrid", "ZED", "MAIL", "--smtpuser", "zedd")
+    assert rc == 0 and out.splitlines()[1] == (
+        "1 queued message for zed@example.test no longer reaches ZED MAIL: another entry or "
+        "a catch-all (*ANY) takes it, or it goes back to its sender (wrkq lists it).")
+    rc, out, err = tm(capsys, cfg, "adddire", "--usrid", "OTHER", "MAIL", "--usrd", "reuse",
+                      "--user", "SAM", "--msfsrvlvl", "*SYSMS", "--prefadr", "*SMTP",
+                      "--smtpuser", "zed")
+    assert rc == 0 and out.splitlines()[1] == (
+        "1 queued message for zed@example.test, accepted before OTHER MAIL had that name, "
+        "is delivered to it (wrkq lists it).")
+    rc, out, err = tm(capsys, cfg, "rmvdire", "--usrid", "OTHER", "MAIL")
+    assert rc == 0 and "1 queued message for zed@example.test no longer reaches OTHER MAIL" \
+        in out
+    rc, out, err = tm(capsys, cfg, "chgdire", "--usrid", "ZED", "MAIL", "--usrd", "Zed")
+    assert rc == 0 and out == "Directory entry ZED MAIL changed.\n"  # its name stays
+
+
+def test_an_smtp_name_in_no_local_domain_is_taken_with_a_note(cfg, capsys):
+    rc, out, err = tm(capsys, cfg, "adddire", "--usrid", "X1", "HQ", "--usrd", "x",
+                      "--smtpuser", "x1", "--smtpdomain", "remote.test")
+    assert rc == 0 and out.splitlines()[1] == (
+        "note: x1@remote.test is in no local domain ([system] local_domains: example.test, "
+        "other.test), so mail to it is not delivered to this entry")
+
+
+def test_the_catch_all_is_a_mailbox_entry_by_default(cfg, capsys):
+    """adddire's default level, *USRIDX, is one the catch-all cannot have: an
+    administrator who never typed it was told it is not allowed."""
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    rc, out, err = tm(capsys, cfg, "adddire", "--usrid", "*ANY", "*ANY", "--usrd", "catch",
+                      "--user", "SAM")
+    assert rc == 0, err
+    rc, out, err = tm(capsys, cfg, "wrkdire", "--json")
+    [catch] = [e for e in json.loads(out) if e["userid"] == "*ANY"]
+    assert catch["msfsrvlvl"] == "*SYSMS"
 
 
 def test_password_from_stdin(cfg, capsys, monkeypatch):

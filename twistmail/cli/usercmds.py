@@ -134,7 +134,7 @@ def _entry_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--msfsrvlvl",
             help="Mail service level: *SYSMS (POP mailbox) or *USRIDX (SNADS). "
-            "adddire's default: *USRIDX.",
+            "adddire's default: *USRIDX (*SYSMS for *ANY *ANY, which takes no other).",
         ),
         click.option(
             "--prefadr",
@@ -316,6 +316,9 @@ def dltusrprf(usrprf: str, ownobjopt: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
     if tomb is not None:
         shutil.rmtree(tomb, ignore_errors=True)
+        if tomb.exists():  # a file that will not go: nobody's mail, but on the disk
+            click.echo(f"note: its mailbox could not all be removed ({tomb}); the bridge "
+                       "tries again every hour, or remove it by hand", err=True)
     gone = f" with {' and '.join(o for o, _ in owned)}" if owned else ""
     click.echo(f"User profile {name} deleted{gone}.")
     routing = [e for e in entries if _routes_for_others(e)]
@@ -430,9 +433,13 @@ def adddire(usrid: tuple[str, str], **options: str | None) -> None:
     fields = _entry_fields(False, **options)
     if "usrd" not in fields:
         usage_error("--usrd: required (a description of up to 50 characters)")
+    if usrid[0].strip().upper() == usrid[1].strip().upper() == "*ANY":
+        fields.setdefault("msfsrvlvl", dirmod.SYSMS)  # the only level a catch-all takes
     with open_directory("the directory", OPTION_OF_FIELD) as d:
         entry = d.add_entry(DirectoryEntry(userid=usrid[0], address=usrid[1], **fields))
         click.echo(f"Directory entry {entry.userid} {entry.address} added.")
+        _say_not_local(d, entry)
+    _say_queued(None, entry)
 
 
 @cli.command("chgdire")
@@ -451,9 +458,13 @@ def chgdire(usrid: tuple[str, str], **options: str | None) -> None:
             "give at least one of --usrd, --user, --msfsrvlvl, --prefadr, --smtpuser, --smtpdomain"
         )
     with open_directory("the directory", OPTION_OF_FIELD) as d:
+        before = d.get_entry(usrid[0], usrid[1])
         entry = d.change_entry(usrid[0], usrid[1], **fields)
         click.echo(f"Directory entry {entry.userid} {entry.address} "
                    f"{'changed' if fields else 'unchanged (*SAME)'}.")
+        if before is not None and before.smtp_name != entry.smtp_name:
+            _say_not_local(d, entry)
+    _say_queued(before, entry)
 
 
 @cli.command("rmvdire")
@@ -464,12 +475,48 @@ def rmvdire(usrid: tuple[str, str]) -> None:
         entry = d.get_entry(usrid[0], usrid[1])
         d.remove_entry(usrid[0], usrid[1])
         click.echo(f"Directory entry {usrid[0].upper()} {usrid[1].upper()} removed.")
+    _say_queued(entry, None)
     if entry is not None and entry.msfsrvlvl == dirmod.USRIDX and entry.userid != "*ANY":
         store = d.snads_store(entry.userid)
         if left := dirmod.messages_in(store):
             click.echo(f"Its SNADS store keeps {left} distribution{'s' if left != 1 else ''} "
                        f"({store.parent}); no entry can take user ID {entry.userid} again "
                        "until it is moved or removed.")
+
+
+def _say_not_local(d: Any, entry: DirectoryEntry) -> None:
+    """An SMTP name outside the local domains is allowed (IBM i keeps such
+    names), but no mail for it is delivered here: said, not found out later."""
+    name = entry.smtp_name
+    if name and name.rpartition("@")[2].lower() not in d.local_domains:
+        click.echo(f"note: {name} is in no local domain ([system] local_domains: "
+                   f"{', '.join(d.local_domains) or 'none'}), so mail to it is not "
+                   "delivered to this entry")
+
+
+def _say_queued(before: DirectoryEntry | None, after: DirectoryEntry | None) -> None:
+    """Queued mail is resolved again when it is delivered: an SMTP name an
+    entry gains takes the mail already waiting for it, and one it loses no
+    longer reaches it.  Said, as dltusrprf and crtusrprf say it."""
+    lost = before.smtp_name if before is not None else None
+    gained = after.smtp_name if after is not None else None
+    if lost == gained:
+        return
+    entry = before or after
+    assert entry is not None
+    name = f"{entry.userid} {entry.address}"
+    if lost and (waiting := _queued_for({lost})):
+        one = waiting == 1
+        click.echo(f"{waiting} queued message{'' if one else 's'} for {lost} "
+                   f"{'no longer reaches' if one else 'no longer reach'} {name}: another "
+                   f"entry or a catch-all (*ANY) takes {'it' if one else 'them'}, or "
+                   f"{'it goes back to its sender' if one else 'they go back to their senders'}"
+                   f" (wrkq lists {'it' if one else 'them'}).")
+    if gained and (waiting := _queued_for({gained})):
+        one = waiting == 1
+        click.echo(f"{waiting} queued message{'' if one else 's'} for {gained}, accepted "
+                   f"before {name} had that name, {'is' if one else 'are'} delivered to it "
+                   f"(wrkq lists {'it' if one else 'them'}).")
 
 
 @cli.command("wrkdire")
