@@ -205,6 +205,24 @@ def test_sigkilled_job_is_replaced(appliance):
     assert a.count("QTMSSRCP") == 2
 
 
+def test_clients_arriving_as_the_idle_jobs_die_are_served_by_their_replacements(appliance):
+    """A job killed a moment before, its end not yet read, was still picked:
+    the handoff failed and the client was closed without a word."""
+    a = appliance
+    for _ in range(3):
+        a.wait_for(lambda: a.count("QTMSSRCP", "PSRW") == a.count("QTMSSRCP") >= 2, 10,
+                   "every job idle")
+        for job in a.jobs("QTMSSRCP"):
+            os.kill(job["pid"], signal.SIGKILL)
+        clients = [a.connect() for _ in range(2)]
+        for s in clients:
+            got = read_reply(s)
+            assert got.startswith(b"220 "), got
+            s.sendall(b"QUIT\r\n")
+            assert read_reply(s).startswith(b"221 ")
+            s.close()
+
+
 def launchers(a) -> list[int]:
     """The controller's launchers (the bridge has its own, for QMSF and client jobs)."""
     out = []

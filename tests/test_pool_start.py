@@ -655,3 +655,27 @@ def test_a_job_gone_before_its_pid_was_known_is_journaled_without_one():
     p._journal = lambda code, esd, **fields: written.append(esd)
     launcher.started[0].on_ended(Failure(ProcessTerminated(None, 9, None)))
     assert written and all("None" not in esd for esd in written), written
+
+
+def test_a_connection_whose_job_died_before_acknowledging_it_goes_to_another():
+    """A job acknowledges before it says anything to the client: one whose
+    channel closed unacknowledged never began the session.  Its client was
+    closed unanswered; it is handed on, and counted once."""
+    import socket
+
+    clock = Clock()
+    p = started_pool(clock, inljobs=2)
+    for job in list(p.jobs.values()):
+        p._job_ready(job)
+    ended = []
+    p.session_ended = ended.append
+    a, b = socket.socketpair()
+    p.submit(a, "smtp", "192.0.2.7")
+    [dead] = [j for j in p.jobs.values() if j.pending]
+    dead.chan.connectionLost(None)  # killed: its channel ends first
+    [other] = [j for j in p.jobs.values() if j.pending]
+    assert other is not dead and [r.sock for r in other.pending.values()] == [a]
+    dead.process.on_ended(Failure(ProcessTerminated(None, 9, None)))
+    assert ended == []  # the client's session goes on, with the other job
+    p._job_ack(other, next(iter(other.pending)))
+    b.close()

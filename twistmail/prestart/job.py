@@ -73,8 +73,11 @@ class JobChannel(LineOnlyReceiver):
         verb, args = channel.parse(line)
         if verb == "FD" and self.fds:
             token, listener, family = args[0], args[1], int(args[2])
-            served = self.job.serve(self.fds.pop(0), listener, family)
+            # Acknowledged before anything is said to the client: a job that
+            # dies unacknowledged has not begun its session, which the
+            # controller then hands to another job.
             self.sendLine(b"ACK " + token.encode("ascii"))
+            served = self.job.serve(self.fds.pop(0), listener, family)
             if not served:
                 self.job.done()
         elif verb == "END":

@@ -657,10 +657,18 @@ class Pool:
             self._signal(job, "KILL")
 
     def _channel_lost(self, job: Job) -> None:
-        for request in job.pending.values():
-            if request.sock is not None:
-                request.sock.close()
+        """Connections handed to the job and not acknowledged were never
+        served (a job acknowledges before it answers): another job takes
+        them, or they wait for one.  A job killed an instant before its
+        handoff, its end not yet read, left its client closed unanswered."""
+        taken = list(job.pending.values())
         job.pending.clear()
+        if not taken:
+            return
+        _cancel(job)
+        job.peer = None  # the client's count goes with it to the next job
+        for request in taken:
+            self.submit_request(request)
 
     def _channel_closed(self, job: Job) -> None:
         """The job can take nothing more; it must not be picked while its end is awaited.
@@ -690,10 +698,10 @@ class Pool:
         _cancel(job)
         self.jobs.pop(job.id, None)
         self._idle.pop(job.id, None)
+        self._channel_lost(job)
         if job.peer is not None:  # it died or ended during a session
             self.session_ended(job.peer)
             job.peer = None
-        self._channel_lost(job)
         now = self.reactor.seconds()
         pid = job.pid
         status = launch.exit_text(reason)
