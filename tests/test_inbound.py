@@ -465,3 +465,26 @@ def test_a_report_of_delivery_is_journaled_as_a_cod_not_as_a_nondelivery(setting
     processor.journal.flush()
     codes = [e["code"] for e in read_entries(processor.journal.directory)]
     assert {"7R", "7G", "BR", "B1"} <= set(codes) and "AP" not in codes and "A2" not in codes
+
+
+def test_mail_is_journaled_parked_only_once_it_is(settings):
+    """On a full disk the move to QTMSBSSQ may fail: 7L was written all the
+    same, for a message that stayed on QTMSINQ."""
+    import errno
+
+    from twistmail.journal import read_entries
+
+    fq = FileQueue.for_settings(settings)
+    processor = build_processor(settings, "QMSF/1")
+    qid = _queued(fq, "sam@example.test")
+    processor.storage_full = lambda: True
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    processor.queue.move = full
+    with pytest.raises(OSError):
+        processor.process(qid)
+    processor.journal.flush()
+    assert [e["code"] for e in read_entries(processor.journal.directory, msgid=qid)] == ["7A"]
+    assert qid in {e.id for e in fq.entries(QTMSINQ)}

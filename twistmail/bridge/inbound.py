@@ -103,9 +103,11 @@ class InboundProcessor:
         j = self.journal
         j.write("7A", f"7A FIQ {QTMSINQ}", queue_id, queue=QTMSINQ)
         if self.storage_full():
+            # Journaled once done: on a full disk the move itself may fail,
+            # and the message then stays on QTMSINQ, not parked.
+            self.queue.move(queue_id, QTMSINQ, QTMSBSSQ)
             j.write("7L", f"7L TSSQ {QTMSBSSQ}", queue_id, queue=QTMSBSSQ)
             j.flush()
-            self.queue.move(queue_id, QTMSINQ, QTMSBSSQ)
             return Outcome(queue_id, parked=True)
         if env.attempts == 0 and not released(env):  # a retry was filtered the first time
             match = examine(body, env.originator, self.directory, env.trace)
