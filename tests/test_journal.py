@@ -598,7 +598,8 @@ def test_dltjrnrcv_deletes_detached_receivers_only(
     err = capsys.readouterr().err
     assert f"is not a receiver here; allowed: a receiver's name or number ({second} to " in err
     assert run(["--config", str(config), "dltjrnrcv", "--jrnrcv", "qzmf*"]) == 0
-    assert [p.name for _, p in receivers(directory)] == [attached]
+    # The newest with entries stays while the attached one is empty.
+    assert [p.name for _, p in receivers(directory)] == [names[-3], attached]
 
 
 def test_a_follower_skips_a_receiver_deleted_before_it_got_there(tmp_path: Path,
@@ -628,6 +629,31 @@ def test_retention_keeps_the_receiver_that_holds_the_last_seq(tmp_path: Path) ->
     j.new_receiver()
     (tmp_path / journal.STATE_FILE).unlink()
     assert Journal(tmp_path, "y").write("7A", "7A after") == 101
+
+
+def test_empty_receivers_attached_in_a_row_never_take_the_last_seq_with_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CHGJRN three times on a quiet system, or DLTJRNRCV QZMF* with an empty
+    receiver attached, deleted every entry; a lost state file then started
+    seq again at 1."""
+    config = tmp_path / "twistmail.toml"
+    config.write_text('[system]\ndatadir = "var"\n')
+    directory = tmp_path / "var" / "journal"
+    j = Journal(directory, "x", keep_receivers=2)
+    for i in range(5):
+        j.write("7A", "7A QTMSINQ", f"Q{i}")
+    for _ in range(3):
+        j.new_receiver()
+    assert [e["seq"] for e in read_entries(directory)] == [1, 2, 3, 4, 5]
+    holder = receivers(directory)[0][1].name
+    assert run(["--config", str(config), "dltjrnrcv", "--jrnrcv", "qzmf*"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith(f"; kept {holder}: it holds the last sequence number\n"), out
+    assert run(["--config", str(config), "dltjrnrcv", "--jrnrcv", holder]) == 1
+    assert "holds the last sequence number" in capsys.readouterr().err
+    (directory / journal.STATE_FILE).unlink()
+    assert Journal(directory, "y").write("7A", "7A after") == 6
+    assert run(["--config", str(config), "dltjrnrcv", "--jrnrcv", holder]) == 0  # now it may go
 
 
 def test_a_journal_that_cannot_be_written_says_so_in_the_log(tmp_path: Path, capsys) -> None:

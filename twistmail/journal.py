@@ -217,8 +217,28 @@ def receivers(directory: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def delete_receivers(directory: Path, below: int) -> list[str]:
-    """Delete the receivers numbered below ``below`` (DLTJRNRCV); their names.
+def seq_keeper(directory: Path, attached: int) -> int | None:
+    """The detached receiver that must stay: the newest holding entries, while
+    the attached one holds none.  It has the last seq, which a lost state
+    file is rebuilt from; without it seq would start again at 1."""
+    try:
+        if os.stat(Path(directory) / receiver_name(attached)).st_size > 0:
+            return None
+    except FileNotFoundError:
+        pass
+    for number, path in reversed(receivers(directory)):
+        if number >= attached:
+            continue
+        try:
+            if path.stat().st_size > 0:
+                return number
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def delete_receivers(directory: Path, below: int, keep: int | None = None) -> list[str]:
+    """Delete the receivers numbered below ``below``, except ``keep``; their names.
 
     Never the attached one: callers pass at most its number.  A follower
     reading one keeps reading it (its descriptor stays valid) and moves on.
@@ -228,6 +248,8 @@ def delete_receivers(directory: Path, below: int) -> list[str]:
     for number, path in receivers(directory):
         if number >= below:
             break
+        if number == keep:
+            continue
         try:
             path.unlink()
         except FileNotFoundError:
@@ -442,24 +464,32 @@ class Journal:
         """Into the daemon's log: a journal that stops must not stop in silence."""
         print(f"journal {self.directory} ({self.job}): {what}", file=sys.stderr, flush=True)
 
-    def delete_detached(self, numbers: Iterable[int] | None = None) -> tuple[list[str], str]:
+    def delete_detached(self, numbers: Iterable[int] | None = None
+                        ) -> tuple[list[str], str, str | None]:
         """DLTJRNRCV: delete detached receivers (``numbers``, or all of them).
 
         Under the journal's lock, so a rotation cannot attach one meanwhile.
-        Returns the names deleted and the name of the attached receiver.
+        Returns the names deleted, the name of the attached receiver, and the
+        name of one kept (see :func:`seq_keeper`) among those asked for.
         """
-        def action(state: _State) -> tuple[tuple[list[str], str], _State]:
+        def action(state: _State) -> tuple[tuple[list[str], str, str | None], _State]:
             wanted = None if numbers is None else set(numbers)
+            keep = seq_keeper(self.directory, state.receiver)
+            kept = None
+            if keep is not None and (wanted is None or keep in wanted):
+                kept = receiver_name(keep)
             gone = []
             for number, path in receivers(self.directory):
                 if number >= state.receiver or (wanted is not None and number not in wanted):
+                    continue
+                if number == keep:
                     continue
                 try:
                     path.unlink()
                 except FileNotFoundError:
                     continue
                 gone.append(path.name)
-            return (gone, receiver_name(state.receiver)), state
+            return (gone, receiver_name(state.receiver), kept), state
 
         with self._mutex:
             return self._locked(action)
@@ -598,10 +628,12 @@ class Journal:
         self._open_receiver(number)
         assert self._rfd is not None
         if self.keep_receivers:
-            # The newest detached one always stays: it holds the last seq, which
-            # a lost state file is rebuilt from (the new receiver is empty).
+            # The newest detached one holding entries always stays: it has the
+            # last seq, which a lost state file is rebuilt from (the new
+            # receiver is empty, and so may the ones CHGJRN attached be).
             try:
-                delete_receivers(self.directory, below=number - max(self.keep_receivers, 2) + 1)
+                delete_receivers(self.directory, below=number - max(self.keep_receivers, 2) + 1,
+                                 keep=seq_keeper(self.directory, number))
             except OSError as e:  # the rotation itself is done
                 if not self._pruning_failing:
                     self._tell(f"old receivers cannot all be deleted: {e.strerror or e}"

@@ -270,16 +270,20 @@ def dltjrnrcv(jrnrcv: str) -> None:
     wanted = _receiver_numbers(jrnrcv.strip(), present)
     jr = journal.Journal(directory, f"DLTJRNRCV/{os.getpid()}")
     try:
-        gone, attached = jr.delete_detached(wanted)
+        gone, attached, kept = jr.delete_detached(wanted)
     except OSError as e:
         raise Failure(f"cannot delete receivers in {directory}: {e.strerror or e}") from None
     finally:
         jr.close()
+    if kept is not None and not gone:
+        raise Failure(f"{kept} is kept: it holds the last sequence number, and the attached "
+                      f"receiver {attached} holds no entry yet")
     if wanted is not None and not gone:
         usage_error(f"--jrnrcv: {jrnrcv!r} is the attached receiver; allowed: a detached one "
                     "(chgjrn attaches a new receiver)")
     click.echo(f"Deleted {len(gone)} receiver{'s' if len(gone) != 1 else ''}"
-               + (f": {', '.join(gone)}" if gone else "") + f"; attached: {attached}")
+               + (f": {', '.join(gone)}" if gone else "") + f"; attached: {attached}"
+               + (f"; kept {kept}: it holds the last sequence number" if kept else ""))
 
 
 def _receiver_numbers(text: str, present: dict[int, str]) -> list[int] | None:
