@@ -602,6 +602,25 @@ def test_dltjrnrcv_deletes_detached_receivers_only(
     assert [p.name for _, p in receivers(directory)] == [names[-3], attached]
 
 
+def test_a_follower_says_which_receivers_went_between_two_it_read(tmp_path: Path) -> None:
+    j = Journal(tmp_path, "QTSMTPBRSR/1")
+    j.write("7A", "7A one")
+    told: list[str] = []
+    tail = journal._Tail(tmp_path, told.append)
+    assert [json.loads(line)["esd"] for line in tail.read()] == ["7A one"]
+    for n in ("two", "three", "four"):
+        j.new_receiver()
+        j.write("7A", f"7A {n}")
+    for _, path in receivers(tmp_path)[1:3]:
+        path.unlink()
+    seen = []
+    for _ in range(4):
+        seen.extend(json.loads(line)["esd"] for line in tail.read() or [])
+    assert seen == ["7A four"]
+    assert told == ["QZMF.000002.jsonl to QZMF.000003.jsonl deleted before they could be "
+                    "read; entries in them are not shown"]
+
+
 def test_a_follower_skips_a_receiver_deleted_before_it_got_there(tmp_path: Path,
                                                                  monkeypatch) -> None:
     """keep_receivers may delete the receiver a follower is about to open."""
@@ -614,11 +633,15 @@ def test_a_follower_skips_a_receiver_deleted_before_it_got_there(tmp_path: Path,
     listed = receivers(tmp_path)
     listed[1][1].unlink()  # gone, though a listing made just before still names it
     monkeypatch.setattr(journal, "receivers", lambda d: listed)
-    tail = journal._Tail(tmp_path)
+    told = []
+    tail = journal._Tail(tmp_path, told.append)
     seen = []
     for _ in range(4):
         seen.extend(json.loads(line)["esd"] for line in tail.read() or [])
     assert seen == ["7A one", "7A three"]
+    # said, not skipped in silence
+    assert told == [f"{listed[1][1].name} deleted before it could be read; "
+                    "entries in them are not shown"]
 
 
 def test_retention_keeps_the_receiver_that_holds_the_last_seq(tmp_path: Path) -> None:

@@ -924,8 +924,12 @@ def follow(
     poll_interval: float = 0.2,
     stop: Callable[[], bool] | None = None,
     last: int | None = None,
+    gone: Callable[[str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The matching entries already written, then new ones as they arrive.
+
+    ``gone`` is told of receivers deleted (by keep_receivers, say) before
+    the reader got to them: their entries are lost to it, which it says.
 
     With ``last``, no ``since`` and no ``until`` already past, only the last
     ``last`` matching entries of the attached receiver (the one being
@@ -935,7 +939,7 @@ def follow(
     with ``until``, at the first entry after it.
     """
     flt = _Filter.build(codes, msgid, since, until)
-    tail = _Tail(Path(directory))
+    tail = _Tail(Path(directory), gone)
     present = receivers(Path(directory))
     # It starts at the first receiver that may match; all older: at the
     # attached one, where the new entries come.
@@ -977,8 +981,10 @@ def follow(
 class _Tail:
     """Reads the receivers in order, one complete line at a time, across rotation."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, gone: Callable[[str], None] | None = None) -> None:
         self.directory = directory
+        self.gone = gone
+        self.opened = False  # numbers skipped before the first are no loss
         self.number = 0
         self.file: Any = None
         self.pending = b""
@@ -1002,7 +1008,6 @@ class _Tail:
         data = self.file.read()
         lines, _ = _split(self.pending + data)
         self.close()
-        self.number = newer[0] - 1
         self._next()  # it may be gone already (keep_receivers): the one after it
         return lines
 
@@ -1020,17 +1025,29 @@ class _Tail:
             newer = self._newer()
             if newer is None:
                 return False
+            if self.opened and newer[0] > self.number + 1:
+                self._lost(self.number + 1, newer[0] - 1)
             try:
                 self._open(*newer)
                 return True
             except FileNotFoundError:
+                if self.opened:
+                    self._lost(newer[0], newer[0])
                 self.number = newer[0]
+
+    def _lost(self, first: int, last: int) -> None:
+        if self.gone is not None:
+            names = receiver_name(first) + ("" if last == first else
+                                            f" to {receiver_name(last)}")
+            self.gone(f"{names} deleted before {'it' if last == first else 'they'} could be "
+                      "read; entries in them are not shown")
 
     def _open(self, number: int, path: Path) -> None:
         self.close()
         self.number = number
         self.pending = b""
         self.file = open(path, "rb")
+        self.opened = True
 
     def close(self) -> None:
         if self.file is not None:

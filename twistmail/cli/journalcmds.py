@@ -221,8 +221,9 @@ def dspjrn(
     selection = {"codes": codes, "msgid": msgid, "since": since, "until": until}
     directory = _directory()
     if follow:
-        _follow(journal.follow(directory, **selection, last=FOLLOW_LAST), as_json,
-                _seq_width(directory) + 2)
+        _follow(journal.follow(directory, **selection, last=FOLLOW_LAST,
+                               gone=lambda text: click.echo(f"dspjrn: {text}", err=True)),
+                as_json, _seq_width(directory) + 2)
         return
     entries = journal.read_entries(directory, **selection)
     if outfile is not None:
