@@ -1373,3 +1373,21 @@ def test_an_unclosed_path_names_what_is_unclosed(path, reply):
     s.start()
     s.send(b"MAIL FROM:" + path + b"\r\n")
     assert s.replies()[0].startswith(reply)
+
+
+def test_syntax_refusals_of_a_path_or_parameter_are_journaled_like_any_other():
+    """README: 9W records each originator or recipient refused with a 5xx.
+    A path too long, a bad address or parameter wrote none."""
+    s = Session()
+    s.start()
+    s.send(b"MAIL FROM:<" + b"a" * 300 + b"@example.test>\r\n")
+    s.send(b"MAIL FROM:<jane@example.test> BODY=FOO\r\n")
+    s.send(b"MAIL FROM:<jane@example.test>\r\n")
+    s.send(b"RCPT TO:<no spaces@example.test>\r\n")
+    s.send(b"RCPT TO:<sam@example.test> FOO=BAR\r\n")
+    s.clock.advance(60)  # errors past the first few are answered slowly
+    assert s.codes() == [501, 501, 250, 501, 555]
+    assert [(what, code) for what, _, code in s.backend.refusals] == [
+        ("originator", 501), ("originator", 501), ("recipient", 501), ("recipient", 555)]
+    assert s.backend.refusals[1][1] == "jane@example.test"
+    assert s.backend.refusals[3][1] == "sam@example.test"

@@ -1022,6 +1022,13 @@ class SMTPSession(SequentialSession):
             self.user = None
         return self._mail(arg)
 
+    def _refused(self, what: str, address: str, code: int, text: str) -> None:
+        """A 5xx to MAIL or RCPT, journaled 9W as every refused originator and
+        recipient is (README): a syntax error is what a sender's
+        administrator asks about as often as an unknown user."""
+        self.factory.backend.rejected(self.peer_ip, what, address, Verdict(code, text))
+        self.reply(code, text)
+
     def _mail(self, arg: str) -> Any:
         if self.user is None and (self.factory.submission or self.factory.alwauth == "*LCLRLY"):
             self.reply(530, "5.7.0 Authentication required")
@@ -1032,15 +1039,17 @@ class SMTPSession(SequentialSession):
         try:
             cmd = parse_command(arg, "FROM", allow_null=True)
         except PathError as e:
-            self.reply(501, f"{'5.1.7' if isinstance(e, AddressError) else '5.5.4'} {e}")
+            self._refused("originator", arg,
+                          501, f"{'5.1.7' if isinstance(e, AddressError) else '5.5.4'} {e}")
             return None
+        refuse = functools.partial(self._refused, "originator", str(cmd.address or ""))
         size_hint: int | None = None
         body_8bit = False
         ret: str | None = None
         envid: str | None = None
         for key, value in cmd.params:
             if key == "SIZE" and not (value is not None and value.isascii() and value.isdigit()):
-                self.reply(501, "5.5.4 Syntax: SIZE=<octets>")
+                refuse(501, "5.5.4 Syntax: SIZE=<octets>")
                 return None
             if key == "SIZE" and value is not None:
                 size_hint = int(value)
@@ -1052,30 +1061,30 @@ class SMTPSession(SequentialSession):
                     return None
             elif key == "BODY":
                 if value is not None and value.upper() == "BINARYMIME":  # RFC 3030: not offered
-                    self.reply(555, "5.5.4 BODY=BINARYMIME is not offered")
+                    refuse(555, "5.5.4 BODY=BINARYMIME is not offered")
                     return None
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    self.reply(501, "5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME")
+                    refuse(501, "5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME")
                     return None
                 body_8bit = value.upper() == "8BITMIME"
                 if body_8bit and not self.factory.mime8bit:
-                    self.reply(555, "5.5.4 BODY=8BITMIME is not offered (MIME8BIT is *NO)")
+                    refuse(555, "5.5.4 BODY=8BITMIME is not offered (MIME8BIT is *NO)")
                     return None
             elif key == "RET" and self.factory.dsn:
                 if value is None or value.upper() not in ("FULL", "HDRS"):
-                    self.reply(501, "5.5.4 Syntax: RET=FULL or RET=HDRS")
+                    refuse(501, "5.5.4 Syntax: RET=FULL or RET=HDRS")
                     return None
                 ret = value.upper()
             elif key == "ENVID" and self.factory.dsn and value is not None:
                 envid = _xtext_decode(value, MAX_ENVID)
                 if envid is None:
-                    self.reply(501, f"5.5.4 Syntax: ENVID=xtext, at most {MAX_ENVID} "
+                    refuse(501, f"5.5.4 Syntax: ENVID=xtext, at most {MAX_ENVID} "
                                "printable ASCII characters")
                     return None
             elif key == "AUTH" and value is not None and self._auth_offered():
                 pass  # RFC 4954 §5: who submitted it, by the client's word; not trusted here
             else:
-                self.reply(555, f"5.5.4 Unsupported parameter {key[:100]}")
+                refuse(555, f"5.5.4 Unsupported parameter {key[:100]}")
                 return None
         if self.factory.backend.storage_full():
             self.reply(452, "4.3.1 Insufficient system storage, try again later")
@@ -1104,8 +1113,10 @@ class SMTPSession(SequentialSession):
         try:
             cmd: Command = parse_command(arg, "TO", allow_null=False)
         except PathError as e:
-            self.reply(501, f"{'5.1.3' if isinstance(e, AddressError) else '5.5.4'} {e}")
+            self._refused("recipient", arg,
+                          501, f"{'5.1.3' if isinstance(e, AddressError) else '5.5.4'} {e}")
             return None
+        refuse = functools.partial(self._refused, "recipient", str(cmd.address))
         notify: tuple[str, ...] | None = None
         orcpt: str | None = None
         for key, value in cmd.params:
@@ -1113,17 +1124,17 @@ class SMTPSession(SequentialSession):
                 words = tuple(w.upper() for w in (value or "").split(","))
                 if not set(words) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
                         "NEVER" in words and len(words) > 1):
-                    self.reply(501, "5.5.4 NOTIFY takes NEVER, or SUCCESS, FAILURE, DELAY")
+                    refuse(501, "5.5.4 NOTIFY takes NEVER, or SUCCESS, FAILURE, DELAY")
                     return None
                 notify = words
             elif key == "ORCPT" and self.factory.dsn:
                 orcpt = _orcpt(value)
                 if orcpt is None:
-                    self.reply(501, "5.5.4 Syntax: ORCPT=addr-type;xtext, at most "
+                    refuse(501, "5.5.4 Syntax: ORCPT=addr-type;xtext, at most "
                                f"{MAX_ORCPT} printable ASCII characters")
                     return None
             else:
-                self.reply(555, f"5.5.4 Unsupported parameter {key[:100]}")
+                refuse(555, f"5.5.4 Unsupported parameter {key[:100]}")
                 return None
         if len(self.txn.recipients) >= self.factory.maxrcpt:
             self.reply(452, "4.5.3 Too many recipients")
