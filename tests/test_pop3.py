@@ -75,6 +75,10 @@ def test_seed_scenario_send_retrieve_delete(post):
     assert codes.count("QL") == 2 and "QR" in codes and "QD" in codes
     # Who signed on, in the table too (QR and QD name the profile as well).
     assert {e["esd"] for e in a.journal("QL")} == {"QL LOGIN SAM 127.0.0.1"}
+    # dspjrn --msgid follows the message to its reading.
+    [accepted] = a.journal("97")
+    [read] = a.journal("QR")
+    assert read["msgid"] == accepted["msgid"] is not None
 
 
 @needs("curl")

@@ -43,6 +43,7 @@ from twistmail.maildir import MailboxGone, MailboxInUse, MaildirError, MessageVa
 from twistmail.protocols.peer import client_address
 from twistmail.protocols.sequential import SequentialSession, without_line_end
 from twistmail.protocols.writenow import write_now
+from twistmail.queue import is_queue_id
 from twistmail.storagefault import log_failure
 
 MAX_LINE = 255  # RFC 2449: commands up to 255 octets with CRLF
@@ -659,8 +660,8 @@ class POP3Session(SequentialSession):
         if journal:
             # After the reply: the client's next command is on its way meanwhile.
             self.factory.journal.write("QR", f"QR RETR {self.usrprf} {item.uidl}",
-                                       usrprf=self.usrprf, uidl=item.uidl, size=item.size,
-                                       ip=self.peer_ip)
+                                       _queue_id_of(item.uidl), usrprf=self.usrprf,
+                                       uidl=item.uidl, size=item.size, ip=self.peer_ip)
         return None
 
     def pop_DELE(self, arg: str) -> None:
@@ -873,3 +874,11 @@ class POP3Factory(Factory):
 
 def _messages(count: int) -> str:
     return f"{count} message" if count == 1 else f"{count} messages"
+
+
+def _queue_id_of(uidl: str) -> str | None:
+    """The queue id a delivery's name begins with (``<id>.R<n>.<host>``), so that
+    ``dspjrn --msgid`` follows a message to its reading; None for mail put
+    in the mailbox otherwise."""
+    head, _, rest = uidl.partition(".")
+    return head if is_queue_id(head) and rest.startswith("R") else None
