@@ -287,6 +287,10 @@ def test_sigkill_of_smtp_job_mid_data_leaves_nothing(post):
     assert a.mailbox("SAM") == []
     for q in ("QTMSINQ", "QTMSOUTQ"):
         assert a.queue_files(q) == []
+    # The journal's last word on the message says it was never queued (a
+    # writer killed after its 97 and before the rename left that 97 alone).
+    unfinished = [e for e in a.journal("7X") if e["msgid"] is not None]
+    assert [e["esd"] for e in unfinished] == [f"7X RCV {unfinished[0]['msgid']} never queued"]
 
 
 def test_sigkill_right_after_250_still_delivers_once(post):

@@ -67,7 +67,8 @@ CODES: dict[str, str] = {
     "7G": "bridge: message id of the notice just created (COD, DSN or nondelivery)",
     "7P": "bridge: undeliverable (nondelivery) notice being created",
     "7U": "bridge: undeliverable notice deleted, its return address is bad",
-    "7X": "bridge: queue recovery removed debris of crashed writers (twistmail)",
+    "7X": "bridge: queue recovery removed debris of crashed writers, or a message never "
+          "queued (twistmail)",
     "7Y": "bridge: unreadable envelope moved to the corrupt/ queue (twistmail)",
     "7N": "bridge: parked message deleted from QTMSBSSQ by the administrator (wrkq --delete), "
     "with the recipients it had (twistmail)",

@@ -414,6 +414,11 @@ class RecoveryReport:
     def clean(self) -> bool:
         return not (self.tmp_removed or self.corrupt or self.duplicates or self.orphans_removed)
 
+    def unfinished(self) -> list[str]:
+        """The ids of new messages whose writer died before queueing them."""
+        return [name.split(".")[0] for name in self.tmp_removed
+                if name.endswith(".body") and is_queue_id(name.split(".")[0])]
+
     def counts(self) -> dict[str, int]:
         """How many of each kind, for a one-line journal entry."""
         return {

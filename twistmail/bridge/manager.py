@@ -155,6 +155,12 @@ class QueueManager:
         report = self.queue.recover() if recover else None
         if report is not None and not report.clean:
             self.journal.write("7X", "7X RCV queue recovery", **report.counts())
+            for queue_id in report.unfinished():
+                if self.queue.find(queue_id) is None:
+                    # Its writer died before the message was queued (its 97,
+                    # if written, came before the rename): the last word on it.
+                    self.journal.write("7X", f"7X RCV {queue_id} never queued", queue_id,
+                                       removed="unfinished message")
             for item in report.corrupt:
                 self.journal.write("7Y", f"7Y CRP {item.id}", item.id, queue=CORRUPT,
                                    reason=item.reason)
