@@ -1250,3 +1250,14 @@ def test_dltusrprf_waits_for_a_delivery_and_keeps_the_mail_it_made(cfg, capsys):
     assert not [p for p in store.root.iterdir() if p.name.startswith(".deleted-")]
     tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
     assert deliver_to_profile(store, directory, "SAM", "q3.R0", body, b"").exists()
+
+
+def test_a_responsible_person_with_no_mailbox_here_is_taken_with_a_note(cfg, capsys):
+    """CHGSMTPA NFYDLVRY: copies of failure notices to an address no entry
+    takes were dropped (7U), said only in the journal, when one failed."""
+    tm(capsys, cfg, "crtusrprf", "--usrprf", "sam", "--password", "pw")
+    rc, out, err = tm(capsys, cfg, "chgsmtpa", "--nfydlvry", "nosuch@example.test")
+    assert rc == 0 and "note: nosuch@example.test is no mailbox here" in err, (out, err)
+    for fine in ("sam@example.test", "admin@remote.test"):
+        rc, out, err = tm(capsys, cfg, "chgsmtpa", "--nfydlvry", fine)
+        assert rc == 0 and "no mailbox here" not in err, (fine, err)

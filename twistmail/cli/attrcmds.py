@@ -102,6 +102,23 @@ def _change(section: str, cls: type, what: str, values: dict[str, Any]) -> None:
     settings = getattr(app().reload(), section)
     for line in getattr(settings, "idle_values", list)():
         click.echo(f"note: {line}", err=True)
+    if changes.get("smtp.nfydlvry"):
+        _say_unreached(changes["smtp.nfydlvry"])
+
+
+def _say_unreached(address: str) -> None:
+    """NFYDLVRY names a person; one in a local domain with no mailbox here
+    would have every copy of a failure notice dropped (7U), said only then."""
+    from twistmail import directory as dirmod
+
+    settings = app().settings
+    if not (settings.datadir / dirmod.FILENAME).exists():
+        return
+    with dirmod.SqliteDirectory.from_settings(settings) as d:
+        res = d.resolve(address)
+    if res is None:
+        click.echo(f"note: {address} is no mailbox here (no directory entry takes it): copies "
+                   "of failure notices for it are dropped until one does", err=True)
 
 
 def _pair(section: str, name: str, raw: tuple[str, ...], words: list[str], default: Any,
