@@ -800,6 +800,12 @@ def test_directory_changes_say_what_they_do_to_queued_mail(cfg, capsys):
         in out
     rc, out, err = tm(capsys, cfg, "chgdire", "--usrid", "ZED", "MAIL", "--usrd", "Zed")
     assert rc == 0 and out == "Directory entry ZED MAIL changed.\n"  # its name stays
+    rc, out, err = tm(capsys, cfg, "chgdire", "--usrid", "ZED", "MAIL", "--smtpuser", "zed")
+    rc, out, err = tm(capsys, cfg, "chgdire", "--usrid", "ZED", "MAIL", "--smtpuser", "Zed")
+    assert rc == 0 and out == "Directory entry ZED MAIL changed.\n"  # case: the same name
+    rc, out, err = tm(capsys, cfg, "chgdire", "--usrid", "ZED", "MAIL", "--user", "SAM")
+    assert rc == 0 and out.splitlines()[1] == (
+        "1 queued message for zed@example.test goes to SAM's mailbox now (wrkq lists it).")
 
 
 def test_an_smtp_name_in_no_local_domain_is_taken_with_a_note(cfg, capsys):

@@ -411,7 +411,7 @@ def test_strtcpsvr_of_a_started_server_whose_jobs_were_ended_starts_them(applian
         assert rc == 0, err
         a.wait_for(lambda pgm=pgm: a.count(pgm) == 0, 10)
         rc, out, err = a.cli("strtcpsvr", "--server", server)
-        assert rc == 0 and "were ended and are started again" in out, (out, err)
+        assert rc == 0 and "were not running and are started" in out, (out, err)
         a.wait_for(lambda pgm=pgm: a.count(pgm, "PSRW") == a.inljobs(pgm), 10)
     s = a.connect()
     assert read_reply(s).startswith(b"220 ")

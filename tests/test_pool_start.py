@@ -657,13 +657,9 @@ def test_a_job_gone_before_its_pid_was_known_is_journaled_without_one():
     assert written and all("None" not in esd for esd in written), written
 
 
-def test_a_connection_whose_job_died_before_acknowledging_it_goes_to_another():
-    """A job acknowledges before it says anything to the client: one whose
-    channel closed unacknowledged never began the session.  Its client was
-    closed unanswered; it is handed on, and counted once."""
+def _two_ready_jobs_one_handed_a_connection(clock):
     import socket
 
-    clock = Clock()
     p = started_pool(clock, inljobs=2)
     for job in list(p.jobs.values()):
         p._job_ready(job)
@@ -671,11 +667,73 @@ def test_a_connection_whose_job_died_before_acknowledging_it_goes_to_another():
     p.session_ended = ended.append
     a, b = socket.socketpair()
     p.submit(a, "smtp", "192.0.2.7")
-    [dead] = [j for j in p.jobs.values() if j.pending]
-    dead.chan.connectionLost(None)  # killed: its channel ends first
+    [job] = [j for j in p.jobs.values() if j.pending]
+    return p, job, ended, (a, b)
+
+
+def _closed_by_the_job(job) -> None:
+    from twisted.internet.error import ConnectionDone
+
+    job.chan.connectionLost(Failure(ConnectionDone()))
+
+
+def test_a_connection_whose_job_died_before_acknowledging_it_goes_to_another():
+    """A job acknowledges before it says anything to the client: one whose
+    channel ended, read to its end, with no ACK never began the session.
+    Its client was closed unanswered; it is handed on, and counted once."""
+    clock = Clock()
+    p, dead, ended, (a, b) = _two_ready_jobs_one_handed_a_connection(clock)
+    _closed_by_the_job(dead)  # killed: its channel ends first
     [other] = [j for j in p.jobs.values() if j.pending]
     assert other is not dead and [r.sock for r in other.pending.values()] == [a]
     dead.process.on_ended(Failure(ProcessTerminated(None, 9, None)))
     assert ended == []  # the client's session goes on, with the other job
     p._job_ack(other, next(iter(other.pending)))
     b.close()
+
+
+@pytest.mark.parametrize("acked", [True, False])
+def test_an_end_reported_before_the_channel_s_lines_leaves_them_the_last_word(acked):
+    """The launcher's EXIT travels on another socket: read first, it took the
+    connection for unserved while the job's ACK (and its greeting) were out,
+    and a second job greeted the same client."""
+    clock = Clock()
+    p, dead, ended, (a, b) = _two_ready_jobs_one_handed_a_connection(clock)
+    dead.process.on_ended(Failure(ProcessTerminated(None, 9, None)))
+    assert not any(j.pending for j in p.jobs.values())  # nothing decided yet
+    if acked:
+        dead.chan.lineReceived(b"ACK %d" % next(iter(dead.pending)))
+    _closed_by_the_job(dead)
+    handed = [j for j in p.jobs.values() if j.pending]
+    if acked:  # served by the dead job: its client's count ends with it
+        assert handed == [] and ended == ["192.0.2.7"]
+    else:
+        assert len(handed) == 1 and ended == []
+    b.close()
+
+
+def test_a_channel_dropped_from_this_end_hands_nothing_on():
+    """Lines the job wrote may be left unread (an ACK among them)."""
+    clock = Clock()
+    from twisted.internet.testing import StringTransport
+
+    p, job, ended, (a, b) = _two_ready_jobs_one_handed_a_connection(clock)
+    job.chan.transport = StringTransport()
+    job.chan.lineLengthExceeded(b"x")
+    job.chan.connectionLost(Failure(ProcessTerminated(None, 9, None)))
+    assert not any(j.pending for j in p.jobs.values())
+    b.close()
+
+
+def test_a_connection_to_an_entry_already_ended_is_not_told_the_server_shuts_down():
+    import socket
+
+    clock = Clock()
+    p = started_pool(clock)
+    p.end_reply = b"421 4.3.2 shutting down\r\n"
+    p.end("*IMMED", 0)
+    ours, theirs = socket.socketpair()
+    p.submit(theirs, "smtp", "192.0.2.7")
+    ours.settimeout(5)
+    assert ours.recv(100) == b"421\r\n"  # the entry's refusal, as before
+    ours.close()

@@ -307,7 +307,7 @@ def test_fsyncs_per_operation(fq, monkeypatch):
     assert calls == [
         f"{root}/tmp/{qid}.{os.getpid()}.body",
         f"{root}/data",
-        f"{root}/tmp/{qid}.{os.getpid()}.json",
+        f"{root}/tmp/{qid}.{os.getpid()}.new",
         f"{root}/{QTMSINQ}",
     ]
     calls.clear()
@@ -448,6 +448,17 @@ def test_a_writer_killed_mid_body_leaves_a_tmp_file_that_recover_removes(fq):
     }
     assert all_files(fq) == []
     assert fq.find(qid) is None
+
+
+def test_recovery_names_new_messages_never_queued_but_not_updates(fq):
+    """A writer of two files (an envelope too big to pack) killed after its 97
+    leaves only its envelope in tmp/: a new message's, told from an update's
+    by its name."""
+    new, updated = new_queue_id(), new_queue_id()
+    dead = 999999999
+    for name in (f"{new}.{dead}.new", f"{updated}.{dead}.json"):
+        (fq.tmp / name).write_bytes(b"{}")
+    assert fq.recover().unfinished() == [new]
 
 
 def test_tmp_files_older_than_a_day_go_even_if_the_pid_is_alive(fq):

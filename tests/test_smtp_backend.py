@@ -329,3 +329,17 @@ class CommitFailureTests(BackendCase):
         codes = [code for code, _ in journal]
         self.assertEqual(codes[-2:], ["97", "9W"])
         self.assertEqual(journal[-1][1]["reply"], "451 4.3.0 message not queued")
+
+
+class SyntaxRefusalTests(BackendCase):
+    def test_a_command_refused_for_its_syntax_is_journaled_as_sent_not_as_an_address(self):
+        """Its text went into the originator field: an empty MAIL read as <>,
+        a refused null sender."""
+        journal = []
+        self.backend.journal.write = lambda *a, **f: journal.append((a, f))
+        self.backend.rejected("192.0.2.7", "originator", "",
+                              backendmod.Verdict(501, "5.5.4 Syntax"), argument="FROM:")
+        [(args, fields)] = journal
+        assert args == ("9W", "9W RJT 192.0.2.7 (syntax)")
+        assert fields["argument"] == "FROM:" and "originator" not in fields
+        assert fields["refused"] == "originator"

@@ -58,8 +58,8 @@ class FakeBackend:
     def storage_full(self) -> bool:
         return self.full
 
-    def rejected(self, client_ip, what, address, verdict):
-        self.refusals.append((what, address, verdict.code))
+    def rejected(self, client_ip, what, address, verdict, argument=None):
+        self.refusals.append((what, address if argument is None else argument, verdict.code))
         return verdict
 
     def limit_reached(self, client_ip, setting):

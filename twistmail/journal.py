@@ -952,6 +952,7 @@ def follow(
         start = present[-1:]
     if start:
         tail.number = start[0][0] - 1
+        tail.opened = True  # receivers gone from here on held entries it wanted
     backlog = collections.deque(maxlen=last) if last is not None else None
     try:
         while not (stop is not None and stop()):
@@ -1022,26 +1023,33 @@ class _Tail:
         return self._known[at]
 
     def _next(self) -> bool:
+        expected = self.number + 1  # the one that comes next, unless some went
+        reporting = self.opened
+        found = False
         while True:
             newer = self._newer()
             if newer is None:
-                return False
-            if self.opened and newer[0] > self.number + 1:
-                self._lost(self.number + 1, newer[0] - 1)
+                break
             try:
                 self._open(*newer)
-                return True
+                found = True
+                break
             except FileNotFoundError:
-                if self.opened:
-                    self._lost(newer[0], newer[0])
+                # The listing is stale (pruned meanwhile): list again.
                 self.number = newer[0]
+                self._known = receivers(self.directory)
+        last_gone = self.number - 1 if found else self.number
+        if reporting and last_gone >= expected:
+            self._lost(expected, last_gone)
+        return found
 
     def _lost(self, first: int, last: int) -> None:
-        if self.gone is not None:
+        if self.gone is not None and last >= first:
             names = receiver_name(first) + ("" if last == first else
                                             f" to {receiver_name(last)}")
-            self.gone(f"{names} deleted before {'it' if last == first else 'they'} could be "
-                      "read; entries in them are not shown")
+            self.gone(f"{names} {'was' if last == first else 'were'} deleted before "
+                      f"{'it' if last == first else 'they'} could be read (any entries "
+                      f"{'it' if last == first else 'they'} held are not shown)")
 
     def _open(self, number: int, path: Path) -> None:
         self.close()

@@ -416,8 +416,9 @@ class RecoveryReport:
 
     def unfinished(self) -> list[str]:
         """The ids of new messages whose writer died before queueing them."""
-        return [name.split(".")[0] for name in self.tmp_removed
-                if name.endswith(".body") and is_queue_id(name.split(".")[0])]
+        return list(dict.fromkeys(
+            name.split(".")[0] for name in self.tmp_removed
+            if name.endswith((".body", ".new")) and is_queue_id(name.split(".")[0])))
 
     def counts(self) -> dict[str, int]:
         """How many of each kind, for a one-line journal entry."""
@@ -496,7 +497,8 @@ class Spool:
         self.trace = 0
         pid = os.getpid()
         self._body_tmp = f"{queue._tmp}/{self.id}.{pid}.body"
-        self._env_tmp = f"{queue._tmp}/{self.id}.{pid}.json"
+        # ".new": a new message's, which recovery tells from an update's.
+        self._env_tmp = f"{queue._tmp}/{self.id}.{pid}.new"
         self._body = queue._body(self.id)
         self._env_final: str | None = None
         self._committed = False

@@ -276,7 +276,7 @@ def dltjrnrcv(jrnrcv: str) -> None:
         raise Failure(f"cannot delete receivers in {directory}: {e.strerror or e}") from None
     finally:
         jr.close()
-    if kept is not None and not gone:
+    if kept is not None and not gone and wanted is not None:  # named, and kept
         raise Failure(f"{kept} is kept: it holds the last sequence number, and the attached "
                       f"receiver {attached} holds no entry yet")
     if wanted is not None and not gone:

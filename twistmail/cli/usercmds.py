@@ -439,7 +439,7 @@ def adddire(usrid: tuple[str, str], **options: str | None) -> None:
         entry = d.add_entry(DirectoryEntry(userid=usrid[0], address=usrid[1], **fields))
         click.echo(f"Directory entry {entry.userid} {entry.address} added.")
         _say_not_local(d, entry)
-    _say_queued(None, entry)
+    _say_queued(d, None, entry)
 
 
 @cli.command("chgdire")
@@ -464,7 +464,7 @@ def chgdire(usrid: tuple[str, str], **options: str | None) -> None:
                    f"{'changed' if fields else 'unchanged (*SAME)'}.")
         if before is not None and before.smtp_name != entry.smtp_name:
             _say_not_local(d, entry)
-    _say_queued(before, entry)
+    _say_queued(d, before, entry)
 
 
 @cli.command("rmvdire")
@@ -475,7 +475,7 @@ def rmvdire(usrid: tuple[str, str]) -> None:
         entry = d.get_entry(usrid[0], usrid[1])
         d.remove_entry(usrid[0], usrid[1])
         click.echo(f"Directory entry {usrid[0].upper()} {usrid[1].upper()} removed.")
-    _say_queued(entry, None)
+    _say_queued(d, entry, None)
     if entry is not None and entry.msfsrvlvl == dirmod.USRIDX and entry.userid != "*ANY":
         store = d.snads_store(entry.userid)
         if left := dirmod.messages_in(store):
@@ -494,26 +494,47 @@ def _say_not_local(d: Any, entry: DirectoryEntry) -> None:
                    "delivered to this entry")
 
 
-def _say_queued(before: DirectoryEntry | None, after: DirectoryEntry | None) -> None:
+def _say_queued(d: Any, before: DirectoryEntry | None, after: DirectoryEntry | None) -> None:
     """Queued mail is resolved again when it is delivered: an SMTP name an
-    entry gains takes the mail already waiting for it, and one it loses no
-    longer reaches it.  Said, as dltusrprf and crtusrprf say it."""
-    lost = before.smtp_name if before is not None else None
-    gained = after.smtp_name if after is not None else None
-    if lost == gained:
-        return
+    entry gains takes the mail already waiting for it, one it loses no longer
+    reaches it, and one whose entry now names another mailbox goes there.
+    Said, as dltusrprf and crtusrprf say it.  Only local names count: mail
+    for others is relayed, whatever the directory says."""
+    def local(entry: DirectoryEntry | None) -> str | None:
+        name = entry.smtp_name if entry is not None else None
+        if name and name.rpartition("@")[2].lower() in d.local_domains:
+            return name.lower()
+        return None
+
+    lost, gained = local(before), local(after)
     entry = before or after
     assert entry is not None
     name = f"{entry.userid} {entry.address}"
-    if lost and (waiting := _queued_for({lost})):
-        one = waiting == 1
+
+    def some(address: str) -> tuple[int, bool]:
+        waiting = _queued_for({address})
+        return waiting, waiting == 1
+
+    if lost == gained:
+        assert before is not None and after is not None or lost is None
+        if lost and (before.user, before.msfsrvlvl) != (after.user, after.msfsrvlvl):
+            waiting, one = some(lost)
+            if waiting:
+                where = (f"{after.user}'s mailbox" if after.msfsrvlvl == dirmod.SYSMS
+                         and after.user else f"the SNADS store of {after.userid}")
+                click.echo(f"{waiting} queued message{'' if one else 's'} for {lost} "
+                           f"{'goes' if one else 'go'} to {where} now (wrkq lists "
+                           f"{'it' if one else 'them'}).")
+        return
+    if lost and (found := some(lost))[0]:
+        waiting, one = found
         click.echo(f"{waiting} queued message{'' if one else 's'} for {lost} "
                    f"{'no longer reaches' if one else 'no longer reach'} {name}: another "
                    f"entry or a catch-all (*ANY) takes {'it' if one else 'them'}, or "
                    f"{'it goes back to its sender' if one else 'they go back to their senders'}"
                    f" (wrkq lists {'it' if one else 'them'}).")
-    if gained and (waiting := _queued_for({gained})):
-        one = waiting == 1
+    if gained and (found := some(gained))[0]:
+        waiting, one = found
         click.echo(f"{waiting} queued message{'' if one else 's'} for {gained}, accepted "
                    f"before {name} had that name, {'is' if one else 'are'} delivered to it "
                    f"(wrkq lists {'it' if one else 'them'}).")

@@ -767,10 +767,11 @@ class Controller(service.Service):
                 if pool.jobs:
                     done.append(f"{srv} already started; its prestart jobs ({pool.pgm}) are "
                                 f"still ending: strpj --pgm {pool.pgm} once they have")
+                    failed = True
                 else:
                     pool.start()
                     done.append(f"{srv} already started; its prestart jobs ({pool.pgm}) "
-                                "were ended and are started again")
+                                "were not running and are started")
                 continue
             if self.servers[srv]:
                 if srv == "*POP":  # IBM i starts one more server job

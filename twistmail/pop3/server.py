@@ -660,7 +660,8 @@ class POP3Session(SequentialSession):
         if journal:
             # After the reply: the client's next command is on its way meanwhile.
             self.factory.journal.write("QR", f"QR RETR {self.usrprf} {item.uidl}",
-                                       _queue_id_of(item.uidl), usrprf=self.usrprf,
+                                       _queue_id_of(self.box.message(item.index).path.name),
+                                       usrprf=self.usrprf,
                                        uidl=item.uidl, size=item.size, ip=self.peer_ip)
         return None
 
@@ -876,9 +877,10 @@ def _messages(count: int) -> str:
     return f"{count} message" if count == 1 else f"{count} messages"
 
 
-def _queue_id_of(uidl: str) -> str | None:
-    """The queue id a delivery's name begins with (``<id>.R<n>.<host>``), so that
-    ``dspjrn --msgid`` follows a message to its reading; None for mail put
-    in the mailbox otherwise."""
-    head, _, rest = uidl.partition(".")
+def _queue_id_of(name: str) -> str | None:
+    """The queue id a delivery's file name begins with (``<id>.R<n>.<host>...``),
+    so that ``dspjrn --msgid`` follows a message to its reading; None for
+    mail put in the mailbox otherwise.  (Not from the UIDL: a long host name
+    makes that a digest.)"""
+    head, _, rest = name.partition(".")
     return head if is_queue_id(head) and rest.startswith("R") else None

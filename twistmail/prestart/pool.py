@@ -169,10 +169,24 @@ class ControllerChannel(LineOnlyReceiver):
             self.sendLine(b"END")
 
     lost = False
+    #: Closed from this end: lines the job wrote may be left unread.
+    dropped = False
 
-    def connectionLost(self, reason: object = None) -> None:
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.dropped = True
+        super().lineLengthExceeded(line)
+
+    def drop(self) -> None:
+        if self.transport is not None:
+            self.dropped = True
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
-        self.pool._channel_closed(self.job)
+        # Ended by the job (EOF, or ECONNRESET when it died with our lines
+        # unread): the kernel hands over what it wrote before either, and
+        # the reactor reads before it writes, so no line of it went unread.
+        self.pool._channel_closed(self.job, not self.dropped)
 
 
 class Pool:
@@ -204,7 +218,8 @@ class Pool:
         self.config_path = config_path
         self.journal = journal
         self.reject_reply = reject_reply
-        #: For requests still waiting when the entry ends.
+        #: For requests still waiting when the entry ends (not for those that
+        #: come to an entry ended: ENDPJ is no shutdown).
         self.end_reply = end_reply or reject_reply
         self.job_name = PROGRAMS[pgm]["job"]
         self.active = False
@@ -270,7 +285,7 @@ class Pool:
         self._cancel_timer()
         self._growth_check = None
         while self.waiting:
-            self._reject(self.waiting.popleft(), "ended")
+            self._reject(self.waiting.popleft(), "ended", self.end_reply)
         if was_active:
             self._journal("JQ", f"JQ END {self.pgm} {option}", pgm=self.pgm, option=option)
         targets = list(self.jobs.values())
@@ -420,12 +435,12 @@ class Pool:
         except Exception as e:  # the channel is gone; the job's end cleans up
             self.log.warn("handoff to job {pid} failed: {e!r}", pid=job.pid, e=e)
 
-    def _reject(self, request: Request, reason: str) -> None:
+    def _reject(self, request: Request, reason: str, reply: bytes | None = None) -> None:
         self.stats.record_reject()
         if request.sock is None:
             self.task_refused(request)
             return
-        self._refuse(request, self.end_reply if reason == "ended" else self.reject_reply)
+        self._refuse(request, reply or self.reject_reply)
         self._journal(
             "JR", f"JR REJ {request.peer}", ip=request.peer, pgm=self.pgm, reason=reason
         )
@@ -656,32 +671,50 @@ class Pool:
                            "killing it", name=self.job_name, pid=job.pid, s=END_LIMIT)
             self._signal(job, "KILL")
 
-    def _channel_lost(self, job: Job) -> None:
-        """Connections handed to the job and not acknowledged were never
-        served (a job acknowledges before it answers): another job takes
-        them, or they wait for one.  A job killed an instant before its
-        handoff, its end not yet read, left its client closed unanswered."""
+    def _channel_lost(self, job: Job, whole: bool) -> None:
+        """What becomes of the connections handed to the job and not acknowledged.
+
+        With its channel read to its end (``whole``) they were never served:
+        a job acknowledges before it answers.  Another job takes them, or
+        they wait for one; a job killed an instant before its handoff left
+        its client closed unanswered.  Otherwise an acknowledgement may have
+        been lost with the channel, and they are closed, as a session the
+        job served is.
+        """
         taken = list(job.pending.values())
         job.pending.clear()
         if not taken:
+            return
+        if not whole:
+            for request in taken:
+                if request.sock is not None:
+                    request.sock.close()
             return
         _cancel(job)
         job.peer = None  # the client's count goes with it to the next job
         for request in taken:
             self.submit_request(request)
 
-    def _channel_closed(self, job: Job) -> None:
+    def _channel_closed(self, job: Job, whole: bool = False) -> None:
         """The job can take nothing more; it must not be picked while its end is awaited.
 
         The process's end may be reported much later (a dead launcher reports
         its jobs only when all of them are gone), and a request handed to a
-        closed channel would be lost without a word.
+        closed channel would be lost without a word.  Reported first, its end
+        left what it was handed to be decided here.
         """
-        self._channel_lost(job)
+        self._channel_lost(job, whole)
         self._task_unanswered(job)
-        if job.state is JobState.IDLE:
+        if self.jobs.get(job.id) is not job:  # its end came first
+            self._session_over(job)
+        elif job.state is JobState.IDLE:
             job.state = JobState.ENDING
             self.evaluate()
+
+    def _session_over(self, job: Job) -> None:
+        if job.peer is not None:  # it died or ended during a session
+            self.session_ended(job.peer)
+            job.peer = None
 
     def _task_unanswered(self, job: Job) -> None:
         """The job's channel is closed with a task and no RESULT: the task is lost.
@@ -698,10 +731,11 @@ class Pool:
         _cancel(job)
         self.jobs.pop(job.id, None)
         self._idle.pop(job.id, None)
-        self._channel_lost(job)
-        if job.peer is not None:  # it died or ended during a session
-            self.session_ended(job.peer)
-            job.peer = None
+        if not (job.pending and job.chan is not None and not job.chan.lost):
+            self._channel_lost(job, whole=False)
+            self._session_over(job)
+        # else the launcher's EXIT came before the channel's end, which may
+        # still hold an ACK: the channel's close decides (_channel_closed).
         now = self.reactor.seconds()
         pid = job.pid
         status = launch.exit_text(reason)
@@ -709,8 +743,8 @@ class Pool:
         if pid is None and reason.check(launch.LauncherGone):
             # Its launcher went before it said which process it was: if one
             # was forked, the closed channel tells it to exit.
-            if job.chan is not None and job.chan.transport is not None:
-                job.chan.transport.loseConnection()
+            if job.chan is not None:
+                job.chan.drop()
         elif job.end_reason is not None:
             self._journal("JE", f"JE END {name}", pid=pid, reason=job.end_reason, uses=job.uses,
                           pgm=self.pgm)

@@ -232,10 +232,17 @@ class QueueBackend(Backend):
                 f"another user than {user} (VFYFROMUSR)"))
         return None
 
-    def rejected(self, client_ip: str, what: str, address: str, verdict: Verdict) -> Verdict:
+    def rejected(self, client_ip: str, what: str, address: str, verdict: Verdict,
+                 argument: str | None = None) -> Verdict:
         """9W, "rejected by the SMTP server": the refusals an administrator
         looks for when a sender says its mail did not arrive.  Relay (9V) and
-        connection (9S) refusals have their own codes."""
+        connection (9S) refusals have their own codes.  ``argument``, for a
+        command refused for its syntax, is what the client sent: no address."""
+        if argument is not None:
+            self.journal.write("9W", f"9W RJT {client_ip} (syntax)", ip=client_ip,
+                               argument=argument, refused=what,
+                               reply=f"{verdict.code} {verdict.text}")
+            return verdict
         self.journal.write("9W", f"9W RJT {client_ip} {address or '<>'}", ip=client_ip,
                            **{what: address}, reply=f"{verdict.code} {verdict.text}")
         return verdict

@@ -148,9 +148,11 @@ class Backend:
         """Whether an unauthenticated client's DSN requests are honoured (may be a Deferred)."""
         raise NotImplementedError
 
-    def rejected(self, client_ip: str, what: str, address: str, verdict: Verdict) -> Verdict:
+    def rejected(self, client_ip: str, what: str, address: str, verdict: Verdict,
+                 argument: str | None = None) -> Verdict:
         """Record that the server refused ``what`` ("originator", "recipient")
-        with a 5xx ``verdict`` (journal 9W); returns the verdict."""
+        with a 5xx ``verdict`` (journal 9W); returns the verdict.  ``argument``
+        is the command's text when it was refused for its syntax."""
         raise NotImplementedError
 
     def limit_reached(self, client_ip: str, setting: str) -> None:
@@ -1022,11 +1024,13 @@ class SMTPSession(SequentialSession):
             self.user = None
         return self._mail(arg)
 
-    def _refused(self, what: str, address: str, code: int, text: str) -> None:
+    def _refused(self, what: str, address: str | None, code: int, text: str,
+                 argument: str | None = None) -> None:
         """A 5xx to MAIL or RCPT, journaled 9W as every refused originator and
         recipient is (README): a syntax error is what a sender's
         administrator asks about as often as an unknown user."""
-        self.factory.backend.rejected(self.peer_ip, what, address, Verdict(code, text))
+        self.factory.backend.rejected(self.peer_ip, what, address or "", Verdict(code, text),
+                                      argument=argument)
         self.reply(code, text)
 
     def _mail(self, arg: str) -> Any:
@@ -1039,8 +1043,9 @@ class SMTPSession(SequentialSession):
         try:
             cmd = parse_command(arg, "FROM", allow_null=True)
         except PathError as e:
-            self._refused("originator", arg,
-                          501, f"{'5.1.7' if isinstance(e, AddressError) else '5.5.4'} {e}")
+            self._refused("originator", None,
+                          501, f"{'5.1.7' if isinstance(e, AddressError) else '5.5.4'} {e}",
+                          argument=arg)
             return None
         refuse = functools.partial(self._refused, "originator", str(cmd.address or ""))
         size_hint: int | None = None
@@ -1113,8 +1118,9 @@ class SMTPSession(SequentialSession):
         try:
             cmd: Command = parse_command(arg, "TO", allow_null=False)
         except PathError as e:
-            self._refused("recipient", arg,
-                          501, f"{'5.1.3' if isinstance(e, AddressError) else '5.5.4'} {e}")
+            self._refused("recipient", None,
+                          501, f"{'5.1.3' if isinstance(e, AddressError) else '5.5.4'} {e}",
+                          argument=arg)
             return None
         refuse = functools.partial(self._refused, "recipient", str(cmd.address))
         notify: tuple[str, ...] | None = None
