@@ -890,3 +890,28 @@ def test_every_way_to_a_settings_file_refuses_what_is_none_in_one_line(tmp_path,
                            text=True, timeout=30)
         assert "Traceback" not in r.stderr and r.returncode in (1, 2, 3), (command, r)
         assert len(r.stderr.strip().splitlines()) <= 1, r.stderr
+
+
+def test_a_number_longer_than_python_reads_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """Past 4300 digits Python's int() and tomllib raise an error of their own:
+    a traceback from every command, and at start-up."""
+    from twistmail import config as configmod
+    from twistmail.settingtypes import parse_value
+
+    p = write(tmp_path, "[smtp]\nmaxrcpt = " + "9" * 5000 + "\n")
+    with pytest.raises(SettingError, match="integers of at most 4300 digits"):
+        configmod.load(p)
+    vtype = configmod.field_type(configmod.SmtpSettings, "maxrcpt")
+    with pytest.raises(SettingError):
+        parse_value("smtp.maxrcpt", vtype, "9" * 5000)
+
+
+def test_a_responsible_person_may_have_an_apostrophe_in_the_name() -> None:
+    from twistmail import config as configmod
+    from twistmail.settingtypes import parse_value
+
+    vtype = configmod.field_type(configmod.SmtpSettings, "nfydlvry")
+    assert parse_value("smtp.nfydlvry", vtype, "o'brien@example.test") == "o'brien@example.test"
+    vtype = configmod.field_type(configmod.SmtpSettings, "mailrouter")
+    with pytest.raises(SettingError):
+        parse_value("smtp.mailrouter", vtype, "o'brien.example.test")

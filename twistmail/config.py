@@ -238,8 +238,10 @@ class SmtpSettings:
         overridden = [name for name in ("vfyfromusr", "vfymsfmsg")
                       if getattr(self, name) == "*NO" and self.alwauth == "*LCLRLY"]
         if overridden:
-            out.append(f"{' and '.join(n.upper() for n in overridden)} *NO act as *YES while "
-                       "ALWAUTH is *LCLRLY, which enables them")
+            one = len(overridden) == 1
+            out.append(f"{' and '.join(n.upper() for n in overridden)} *NO "
+                       f"{'acts' if one else 'act'} as *YES while ALWAUTH is *LCLRLY, which "
+                       f"enables {'it' if one else 'them'}")
         return out
 
 
@@ -455,6 +457,8 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
         raise FileError(str(p), f"UTF-8 text ({e.reason} at byte {e.start})") from None
     except RecursionError:
         raise FileError(str(p), "TOML of values nested a few hundred deep at most") from None
+    except ValueError:  # Python's own limit on the digits of an integer
+        raise FileError(str(p), "TOML with integers of at most 4300 digits") from None
     return from_mapping(data, p)
 
 

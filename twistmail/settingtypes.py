@@ -98,7 +98,9 @@ class Int:
             for word, value in self.specials:
                 if raw.strip().upper() == word:
                     return value
-            if not _DIGITS.fullmatch(raw.strip()):  # int() also takes "３０" and "1_000"
+            if not _DIGITS.fullmatch(raw.strip()) or len(raw.strip()) > 30:
+                # int() also takes "３０" and "1_000", and refuses 4301 digits
+                # with an error of its own.
                 raise _Invalid
             raw = int(raw.strip(), 10)
         if isinstance(raw, bool) or not isinstance(raw, int):
@@ -287,7 +289,9 @@ class HostPort:
                 ipaddress.ip_address(host)
         except ValueError:
             raise _Invalid from None
-        if any(c.isspace() or c in "\"'<>,;()\\" for c in raw) or not raw.isprintable():
+        # An apostrophe is in no host name, but in many a local part (o'brien@).
+        forbidden = "\"'<>,;()\\" if self.hosts else "\"<>,;()\\"
+        if any(c.isspace() or c in forbidden for c in raw) or not raw.isprintable():
             raise _Invalid
         return raw
 
