@@ -420,3 +420,39 @@ def test_a_store_on_a_full_disk_lists_what_it_numbered_and_can_be_emptied(tmp_pa
         pass
     monkeypatch.undo()
     assert [d.description for d in store.query("BOB").distributions] == ["note 1", "late"]
+
+
+def test_a_distribution_whose_reader_stops_early_stays_in_the_store(tmp_path):
+    """rcvdst | head: write() returned short when the reader went away, the
+    rest was never tried, and the distribution was removed with exit 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "twistmail.toml"
+    config.write_text('[system]\ndatadir = "var"\nlocal_domains = ["example.test"]\n')
+    cli = [str(Path(sys.executable).with_name("twistmail")), "--config", str(config)]
+    subprocess.run([*cli, "adddire", "--usrid", "OVUSER", "HQ", "--usrd", "Office user"],
+                   check=True, capture_output=True)
+    new = tmp_path / "var" / "snads" / "OVUSER" / "Maildir" / "new"
+    new.mkdir(parents=True)
+    body = b"From: friend@remote.test\r\nSubject: big\r\n\r\n" + (b"z" * 70 + b"\r\n") * 4000
+    (new / f"18ed6c50306eba44711e0a.R0.mail.example.test,S={len(body)}").write_bytes(body)
+    receiver = subprocess.Popen([*cli, "rcvdst", "--usrid", "OVUSER", "HQ", "--dstid",
+                                 "REMOTE FRIEND 1"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    receiver.stdout.read(100)
+    receiver.stdout.close()
+    err = receiver.stderr.read().decode()
+    receiver.stderr.close()
+    assert receiver.wait(30) == 1 and "distribution not received" in err
+    listed = subprocess.run([*cli, "qrydst", "--usrid", "OVUSER", "HQ", "--json"],
+                            check=True, capture_output=True, text=True).stdout
+    assert [d["dstid"] for d in json.loads(listed)] == ["REMOTE  FRIEND  0001"]
+    closed = subprocess.run([*cli, "rcvdst", "--usrid", "OVUSER", "HQ", "--dstid",
+                             "REMOTE FRIEND 1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: os.close(1))  # started with 1 closed
+    assert closed.returncode == 1 and closed.stderr.strip().endswith(
+        "standard output is closed; use --outfile")

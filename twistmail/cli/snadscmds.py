@@ -10,6 +10,7 @@ the signed-on user (USRID *CURRENT); here ``--usrid USERID ADDRESS`` or
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import sys
@@ -202,14 +203,24 @@ def _deliver(data: bytes, outfile: str | None) -> None:
             fsync_dir(os.path.dirname(os.path.abspath(outfile)))
         return
     out = sys.stdout
+    if out is None:  # descriptor 1 closed: kept, and said
+        raise OSError(errno.EBADF, "standard output is closed; use --outfile")
     binary = getattr(out, "buffer", None)
     out.flush()
-    if binary is not None:
-        binary.write(data)
-        binary.flush()
-    else:
+    if binary is None:
         out.write(data.decode("utf-8", "replace"))
         out.flush()
+        return
+    # A reader that goes away mid-way can make write() return short, not
+    # raise: the rest is written until it raises (EPIPE), so that the
+    # distribution is removed only once all of it was handed on.
+    view = memoryview(data)
+    while view:
+        written = binary.write(view)
+        if not written:
+            raise OSError(errno.EPIPE, "standard output took no more")
+        view = view[written:]
+    binary.flush()
 
 
 @cli.command("chgdsta")
