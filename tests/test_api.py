@@ -54,6 +54,13 @@ def test_send_mime_mail_delivers_and_the_file_goes(post, tmp_path):
          "no end of header"),
         (lambda d: _write(d / "long.mime", b"Subject: x\r\n\r\n" + b"x" * 999 + b"\r\n"),
          "line 3 of .* has 999 octets; allowed: at most 998"),
+        # folded onto nothing: it folded into the Message-ID added before it
+        (lambda d: _write(d / "fold.mime", b" continued\r\nSubject: x\r\n\r\nbody\r\n"),
+         "line 1 of .* is not a header field"),
+        (lambda d: _write(d / "text.mime", b"just some text, not mime\r\n\r\nbody\r\n"),
+         "line 1 of .* is not a header field"),
+        (lambda d: _write(d / "second.mime", b"Subject: x\r\n: no name\r\n\r\nbody\r\n"),
+         "line 2 of .* is not a header field"),
     ],
 )
 def test_file_problems_are_clear_errors(make_appliance, tmp_path, make, needle):

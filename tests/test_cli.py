@@ -53,6 +53,8 @@ def stopped(make_appliance) -> Appliance:
         (["dspsmtpa", "a\nb"], "twistmail dspsmtpa: 'a\\nb': not an option"),
         (["crtsndemail", "--usrprf", "SAM", "--to", "jane@example.test", "--subject", "s",
           "--body-file", "/dev/zero"], "--body-file: /dev/zero is not a regular file"),
+        (["crtsndemail", "--usrprf", "SAM", "--to", "jane@example.test", "--subject", "s",
+          "--body-file", "/proc/self/cmdline"], "--body-file: /proc/self/cmdline holds a NUL"),
         (["dcm", "import", "--usrprf", "SAM", "--file", "/dev/zero", "--label", "a@b.test"],
          "/dev/zero is not a regular file"),
         (["cl", "CHGPJE PGM(QTCP/QTMSSRCP) MAXJOBS(0)"], "chgpje: MAXJOBS: '0' is not allowed"),

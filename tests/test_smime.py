@@ -138,6 +138,11 @@ def test_certificate_store_from_the_cli(make_appliance, certs):
     out = ok(a, "dcm", "import", "--usrprf", "APP", "--file", str(certs.other_p12),
              "--password", PW, "--file-password", "file-only")
     assert "own certificate and key app@example.test" in out
+    # The own key cannot be had again: it was replaced without a word.
+    assert "would replace the own certificate app@example.test of APP and its private key" \
+        in refused(a, "dcm", "import", "--usrprf", "APP", "--file", str(certs.app_p12),
+                   "--password", PW)
+    ok(a, "dcm", "remove", "--usrprf", "APP", "--label", "app@example.test")
     ok(a, "dcm", "import", "--usrprf", "APP", "--file", str(certs.app_p12), "--password", PW)
     assert "--label" in refused(a, "dcm", "import", "--usrprf", "APP", "--file",
                                 str(certs.sam_cer))

@@ -456,3 +456,12 @@ def test_a_distribution_whose_reader_stops_early_stays_in_the_store(tmp_path):
                             preexec_fn=lambda: os.close(1))  # started with 1 closed
     assert closed.returncode == 1 and closed.stderr.strip().endswith(
         "standard output is closed; use --outfile")
+
+
+def test_an_empty_note_text_is_refused_as_an_omitted_one_is(stopped):
+    """LONGMSG('') sent an empty note; left out, it was refused 'allowed: 1-5000'."""
+    for kind, text in (("*LMSG", {"longmsg": ""}), ("*MSG", {"msg": "  "})):
+        with pytest.raises(DistributionError, match="allowed: 1-"):
+            send_distribution(load(stopped.config), usrid=("OVUSER", "HQ"),
+                              tousrid=["SAM MAIL"], dstd="x", type=kind, **text)
+    assert stopped.queue_files("QTMSINQ") == []

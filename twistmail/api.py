@@ -92,6 +92,7 @@ def send_mime_mail(
     _check_limits(settings, rcpts, len(data))  # again: LF line ends grew to CRLF
     _check_lines(data, file)
     head, body = _split(data, file)
+    _check_fields(head, file)
     qid = queue_message(settings, sender, rcpts, _without_bcc(head) + b"\r\n" + body,
                         program="QTMMSNDM", via="Send MIME Mail API", usrprf=usrprf,
                         origin=str(file))
@@ -230,6 +231,27 @@ def _split(data: bytes, file: Path) -> tuple[bytes, bytes]:
             "the body (also when there is no body), as RFC 5322 section 2.1 requires")
     return data[: end + 2], data[end + 4:]
 
+
+def _check_fields(head: bytes, file: Path) -> None:
+    """Each line of the header is a field (``name:``) or folds the one before.
+
+    Otherwise the file is no message: a first line folded onto nothing would
+    fold into the fields added before it (Message-ID, Received), and text
+    with no field at all would be sent as a body with only those fields.
+    """
+    for number, line in enumerate(head.split(b"\r\n")[:-1], 1):
+        if line[:1] in (b" ", b"\t") and number > 1:
+            continue
+        if _FIELD.match(line) is None:
+            shown = line[:60].decode("ascii", "replace")
+            raise SendMailError(
+                f"file: line {number} of {file} ({shown!r}) is not a header field "
+                "(name: value) nor the continuation of one (RFC 5322 section 2.2); the "
+                "file must be a whole message, its header first")
+
+
+#: A field's name: printable US-ASCII but the colon (RFC 5322 §3.6.8), then ":".
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 MAX_LINE = 998  # octets before the CRLF (RFC 5322 §2.1.1, RFC 5321 §4.5.3.1.6)
 

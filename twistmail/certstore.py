@@ -218,6 +218,12 @@ class CertStore:
             raise CertStoreError("file", "holds a private key that does not belong to its "
                                  "certificate")
         name = self._own_label(cert, label)
+        held = self._meta().get("own")
+        if held and (self.root / OWN_KEY).exists():
+            # Its private key cannot be had again: replaced only when asked.
+            raise CertStoreError("file", f"would replace the own certificate {held} of "
+                                 f"{self.usrprf} and its private key; remove it first "
+                                 f"(dcm remove --label {held}) to replace it")
         check_valid(cert, "file", "its certificate")
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
         key_pem = key.private_bytes(serialization.Encoding.PEM,

@@ -228,7 +228,7 @@ def _body(kind: str, msg: str | None, longmsg: str | None) -> str:
     if longmsg is not None and longmsg.strip().upper() == "*NONE":
         longmsg = None
     if msg is not None:
-        msg = _text("--msg", msg, MAX_MSG)
+        msg = _text("--msg", msg, MAX_MSG, required=kind == "*MSG")
     if kind == "*MSG":
         if longmsg is not None:
             raise DistributionError("--longmsg", longmsg[:40], "is for --type *LMSG; with "
@@ -240,7 +240,7 @@ def _body(kind: str, msg: str | None, longmsg: str | None) -> str:
     if longmsg is None:
         raise DistributionError("--longmsg", "*NONE", "is not allowed with --type *LMSG; "
                                 f"allowed: 1-{MAX_LONGMSG} characters")
-    longmsg = _text("--longmsg", longmsg, MAX_LONGMSG)
+    longmsg = _text("--longmsg", longmsg, MAX_LONGMSG, required=True)
     return longmsg if msg is None else f"{msg}\n\n{longmsg}"
 
 

@@ -62,6 +62,9 @@ def crtsndemail(usrprf: str, to: tuple[str, ...], cc: tuple[str, ...], bcc: tupl
         usage_error("give exactly one of --body TEXT, --body-file FILE")
     if body_file is not None:
         body = _read_text("--body-file", body_file)
+        if "\0" in body:  # refused as the text of a note; named as the file it came from
+            usage_error(f"--body-file: {body_file} holds a NUL; allowed: a file of UTF-8 text "
+                        "without NUL")
     recipients = [(a, TO) for a in to] + [(a, CC) for a in cc] + [(a, BCC) for a in bcc]
     try:
         qid = create_send_email(recipients, subject, body or "", attach, security,

@@ -152,7 +152,7 @@ def qrydst(usrid: tuple[str, str] | None, usrprf: str | None, option: str,
 @cli.command("rcvdst")
 @click.option("--dstid", help="Distribution ID, as qrydst lists it.")
 @_user_options
-@click.option("--outfile", type=click.Path(dir_okay=False),
+@click.option("--outfile", type=click.Path(),
               help="Write the message to this new file instead of standard output.")
 @click.option("--keep", default="*NO", show_default=True,
               help="*NO removes the distribution once received; *YES keeps it.")
