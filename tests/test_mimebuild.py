@@ -98,3 +98,18 @@ def test_a_body_or_a_file_name_that_cannot_be_sent_is_refused_for_its_reason():
         content_entity("b", [Attachment("n\udcff.pdf", b"x", "application/pdf")])
     with pytest.raises(SendMailError, match="subject: must be one line of text"):
         header_block("app@example.test", [], "a\x00b", "mail.example.test")
+
+
+def test_a_utf8_text_attachment_says_its_charset():
+    """Without charset= text/* is US-ASCII: a reader showed "é" as two letters."""
+    entity = content_entity("see attached", [
+        Attachment("notes.txt", "café\n".encode(), "text/plain"),
+        Attachment("plain.txt", b"ascii only\n", "text/plain"),
+        Attachment("latin.txt", "café\n".encode("latin-1"), "text/plain"),
+        Attachment("image.png", "é".encode(), "image/png")])
+    msg = email.message_from_bytes(entity, policy=email.policy.default)
+    parts = {p.get_filename(): p for p in msg.iter_attachments()}
+    assert parts["notes.txt"].get_content_charset() == "utf-8"
+    assert parts["notes.txt"].get_content() == "café\n"
+    for name in ("plain.txt", "latin.txt", "image.png"):
+        assert parts[name].get_param("charset") is None, name

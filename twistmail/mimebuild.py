@@ -131,6 +131,19 @@ def _generated(built: EmailMessage, what: str) -> bytes:
     return same_fields(built, data, what)
 
 
+def _charset(a: Attachment) -> dict[str, str]:
+    """UTF-8 text says so: without charset, text/* is US-ASCII (RFC 2045 §5.2),
+    and a reader shows its accented letters as two wrong ones each.  Text in
+    another charset cannot be told from its bytes, and keeps none."""
+    if not a.content_type.startswith("text/") or a.data.isascii():
+        return {}
+    try:
+        a.data.decode("utf-8")
+    except UnicodeDecodeError:
+        return {}
+    return {"charset": "utf-8"}
+
+
 def content_entity(body: str, attachments: Sequence[Attachment]) -> bytes:
     """The text body, with attachments a multipart/mixed entity; CRLF, 7-bit."""
     if not isinstance(body, str):
@@ -148,7 +161,7 @@ def content_entity(body: str, attachments: Sequence[Attachment]) -> bytes:
         maintype, subtype = a.content_type.split("/")
         try:
             part.add_attachment(a.data, maintype=maintype, subtype=subtype, cte="base64",
-                                filename=a.filename)
+                                filename=a.filename, params=_charset(a))
         except UnicodeError:
             raise SendMailError(f"attachment: the file name {a.filename!r} is not allowed: "
                                 "it is not UTF-8") from None
