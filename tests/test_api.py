@@ -383,3 +383,12 @@ def test_the_calling_profile_must_be_a_profile_name(tmp_path):
         send_mime_mail(f, "a@example.test", ["b@example.test"],
                        settings=config.load(cfg), usrprf="evil\n\x1b[31mX")
     assert f.exists()
+
+
+@pytest.mark.parametrize("body", [None, b"bytes"])
+def test_a_body_that_is_not_text_is_the_api_s_own_refusal(body):
+    """None raised a TypeError from len(), not the SendMailError callers catch."""
+    from twistmail.api import create_send_email
+
+    with pytest.raises(SendMailError, match="body: must be text"):
+        create_send_email(["sam@example.test"], "s", body, usrprf="APP")

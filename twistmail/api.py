@@ -364,6 +364,8 @@ def create_send_email(
     """
     from twistmail import mimebuild
 
+    if not isinstance(body, str):  # said before len() raises TypeError
+        raise SendMailError(f"body: must be text (str), not {type(body).__name__}")
     settings = settings or configmod.load()
     level = _security(security)
     rcpts = _distinct([_recipient(r) for r in recipients])
