@@ -631,6 +631,8 @@ def test_wrkq_delete_of_held_mail_and_while_the_bridge_is_ended(make_appliance, 
     assert [f.stem for f in a.queue_files("QTMSOUTQ")] == [later]
     assert a.cli("strmsf")[0] == 0
     a.wait_for(lambda: not a.queue_files("QTMSOUTQ"), 20, "the deletion asked for before")
+    # journaled a moment after the file goes
+    a.wait_for(lambda: len(a.journal("8Z")) == 2, 10, "its 8Z entry")
     assert [e["msgid"] for e in a.journal("8Z")] == [held, later]
     assert a.cli("rlsdstq")[0] == 0
     time.sleep(2)
