@@ -657,15 +657,23 @@ def test_a_job_gone_before_its_pid_was_known_is_journaled_without_one():
     assert written and all("None" not in esd for esd in written), written
 
 
-def _two_ready_jobs_one_handed_a_connection(clock):
+def _tcp_pair():
+    """A TCP connection's two ends: (the server's, the client's)."""
     import socket
 
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return server, client
+
+
+def _two_ready_jobs_one_handed_a_connection(clock):
     p = started_pool(clock, inljobs=2)
     for job in list(p.jobs.values()):
         p._job_ready(job)
     ended = []
     p.session_ended = ended.append
-    a, b = socket.socketpair()
+    a, b = _tcp_pair()
     p.submit(a, "smtp", "192.0.2.7")
     [job] = [j for j in p.jobs.values() if j.pending]
     return p, job, ended, (a, b)
@@ -709,6 +717,21 @@ def test_an_end_reported_before_the_channel_s_lines_leaves_them_the_last_word(ac
         assert handed == [] and ended == ["192.0.2.7"]
     else:
         assert len(handed) == 1 and ended == []
+    b.close()
+
+
+def test_a_client_the_dead_job_had_greeted_is_not_greeted_again():
+    """The greeting goes out before the ACK: a job killed between the two had
+    begun the session, which another job's greeting would garble."""
+    clock = Clock()
+    p, dead, ended, (a, b) = _two_ready_jobs_one_handed_a_connection(clock)
+    a.send(b"220 mail.example.test ESMTP\r\n")
+    _closed_by_the_job(dead)
+    assert not any(j.pending for j in p.jobs.values())
+    dead.process.on_ended(Failure(ProcessTerminated(None, 9, None)))
+    assert ended == ["192.0.2.7"]
+    b.settimeout(5)
+    assert b.recv(100).startswith(b"220 ") and b.recv(100) == b""  # closed, as a crash is
     b.close()
 
 

@@ -73,11 +73,13 @@ class JobChannel(LineOnlyReceiver):
         verb, args = channel.parse(line)
         if verb == "FD" and self.fds:
             token, listener, family = args[0], args[1], int(args[2])
-            # Acknowledged before anything is said to the client: a job that
-            # dies unacknowledged has not begun its session, which the
-            # controller then hands to another job.
-            self.sendLine(b"ACK " + token.encode("ascii"))
+            # The greeting first: acknowledged first, the controller woke and
+            # took the CPU before it (a fifth of the sessions/s one at a time).
+            # Nothing is read from the client before the ACK is out, so one
+            # whose job dies unacknowledged with nothing sent to it is handed
+            # on untouched (see Pool._channel_lost).
             served = self.job.serve(self.fds.pop(0), listener, family)
+            self.sendLine(b"ACK " + token.encode("ascii"))
             if not served:
                 self.job.done()
         elif verb == "END":

@@ -10,10 +10,14 @@ starts, ends, crashes and rejections (function letter J).
 
 from __future__ import annotations
 
+import array
 import collections
 import errno
+import fcntl
 import socket
+import struct
 import sys
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -674,25 +678,27 @@ class Pool:
     def _channel_lost(self, job: Job, whole: bool) -> None:
         """What becomes of the connections handed to the job and not acknowledged.
 
-        With its channel read to its end (``whole``) they were never served:
-        a job acknowledges before it answers.  Another job takes them, or
-        they wait for one; a job killed an instant before its handoff left
-        its client closed unanswered.  Otherwise an acknowledgement may have
-        been lost with the channel, and they are closed, as a session the
-        job served is.
+        With its channel read to its end (``whole``: no ACK went unread)
+        and nothing sent to the client, the job never began the session:
+        it reads nothing from the client before its ACK, and the greeting,
+        written before it, would show.  Another job takes such a connection,
+        or it waits for one; a job killed an instant before its handoff left
+        its client closed unanswered.  The others are closed, as a session
+        the job served is.
         """
         taken = list(job.pending.values())
         job.pending.clear()
         if not taken:
             return
-        if not whole:
-            for request in taken:
-                if request.sock is not None:
-                    request.sock.close()
+        again = [r for r in taken if whole and r.sock is not None and _untouched(r.sock)]
+        for request in taken:
+            if request not in again and request.sock is not None:
+                request.sock.close()
+        if not again:
             return
         _cancel(job)
         job.peer = None  # the client's count goes with it to the next job
-        for request in taken:
+        for request in again:
             self.submit_request(request)
 
     def _channel_closed(self, job: Job, whole: bool = False) -> None:
@@ -1043,6 +1049,29 @@ def hung_up(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def _untouched(sock: socket.socket) -> bool:
+    """Nothing was ever sent on the TCP connection ``sock``, nor waits to be.
+
+    Linux's TCP_INFO counts the data segments sent (tcpi_data_segs_out,
+    since 4.6); SIOCOUTQ the bytes not yet acknowledged.  Unknown (another
+    kernel, not TCP) counts as touched.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+        queued = array.array("i", [0])
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, queued)  # SIOCOUTQ
+    except (OSError, AttributeError):
+        return False
+    if len(info) < 160:
+        return False
+    data_segs_out = struct.unpack_from("I", info, _DATA_SEGS_OUT)[0]
+    return data_segs_out == 0 and queued[0] == 0
+
+
+#: Where struct tcp_info holds tcpi_data_segs_out (linux/tcp.h).
+_DATA_SEGS_OUT = 156
 
 
 def _cancel(job: Job) -> None:
