@@ -760,3 +760,23 @@ def test_a_connection_to_an_entry_already_ended_is_not_told_the_server_shuts_dow
     ours.settimeout(5)
     assert ours.recv(100) == b"421\r\n"  # the entry's refusal, as before
     ours.close()
+
+
+def test_dspactpj_counts_no_client_that_left_while_waiting():
+    """They were counted waiting until a job freed, however long that took."""
+    clock = Clock()
+    p = started_pool(clock)
+    p.reconfigure(attrs.evolve(p.entry, maxjobs=1), p.limits)
+    [job] = p.jobs.values()
+    p._job_ready(job)
+    ended = []
+    p.session_ended = ended.append
+    served, left, staying = _tcp_pair(), _tcp_pair(), _tcp_pair()
+    for server, _ in (served, left, staying):
+        p.submit(server, "smtp", "192.0.2.7")
+    clock.advance(0)
+    assert p.report()["waiting_current"] == 2
+    left[1].close()
+    assert p.report()["waiting_current"] == 1 and ended == ["192.0.2.7"]
+    for pair in (served, staying):
+        pair[1].close()

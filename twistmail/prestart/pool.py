@@ -468,9 +468,7 @@ class Pool:
                 return
             request = self.waiting.popleft()
             if request.sock is not None and hung_up(request.sock):
-                # The client gave up waiting: no job for it, and no count.
-                self.session_ended(request.peer)
-                request.sock.close()
+                self._gave_up(request)
                 continue
             now = self.reactor.seconds()
             waited = now - (request.queued_at or now)
@@ -991,7 +989,22 @@ class Pool:
 
     # -- reports -------------------------------------------------------
 
+    def _gave_up(self, request: Request) -> None:
+        """The client gave up waiting: no job for it, and no count."""
+        assert request.sock is not None
+        self.session_ended(request.peer)
+        request.sock.close()
+
     def report(self, reset: bool = False) -> dict[str, Any]:
+        # Clients that left while waiting are dropped now, as a job freeing
+        # would drop them: DSPACTPJ counts those still waiting.
+        gone = [r for r in self.waiting if r.sock is not None and hung_up(r.sock)]
+        for request in gone:
+            self.waiting.remove(request)
+            self._gave_up(request)
+        if gone:
+            self._observe()
+            self._update_accepting()
         now = self.reactor.seconds()
         out: dict[str, Any] = {"pgm": self.pgm, "status": self.status}
         out.update(self.stats.report(now))
