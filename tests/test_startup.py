@@ -461,6 +461,19 @@ def test_a_start_with_a_file_that_is_not_toml_names_it_once(tmp_path, capsys):
     assert err.count(str(p)) == 1 and "not valid TOML" in err, err
 
 
+def test_the_daemon_reads_twistmail_config_as_the_commands_do(tmp_path, capsys, monkeypatch):
+    """twistd twistmail ran etc/twistmail.toml while every command used the file
+    TWISTMAIL_CONFIG named."""
+    from twistmail.tap import Options
+
+    p = tmp_path / "local.toml"
+    p.write_text("[pop\n")
+    monkeypatch.setenv("TWISTMAIL_CONFIG", str(p))
+    with pytest.raises(SystemExit):
+        Options().parseOptions([])
+    assert str(p) in capsys.readouterr().err
+
+
 def test_a_state_directory_held_by_an_earlier_daemon_names_the_holders(tmp_path):
     import fcntl
 

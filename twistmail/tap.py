@@ -6,6 +6,7 @@ and what is allowed, and exit status 2: no traceback for a typo.
 
 from __future__ import annotations
 
+import os
 import pwd
 import sys
 from typing import Any
@@ -18,10 +19,14 @@ from twistmail import config as configmod
 
 class Options(usage.Options):
     optParameters = [
-        ["config", "c", configmod.DEFAULT_CONFIG, "The appliance's TOML configuration file."],
+        ["config", "c", None, "The appliance's TOML configuration file (default: "
+         f"$TWISTMAIL_CONFIG, else {configmod.DEFAULT_CONFIG})."],
     ]
 
     def postOptions(self) -> None:
+        # As the commands read it: a daemon and its commands on one file.
+        self["config"] = (self["config"] or os.environ.get("TWISTMAIL_CONFIG")
+                          or configmod.DEFAULT_CONFIG)
         try:
             self.settings = configmod.load(self["config"])
         except FileNotFoundError:
