@@ -484,12 +484,19 @@ def rmvdire(usrid: tuple[str, str]) -> None:
                        "until it is moved or removed.")
 
 
+def _local_name(d: Any, entry: DirectoryEntry | None) -> str | None:
+    """The entry's SMTP name, lower-cased, when it is in a local domain."""
+    name = entry.smtp_name if entry is not None else None
+    if name and name.rpartition("@")[2].lower() in d.local_domains:
+        return name.lower()
+    return None
+
+
 def _say_not_local(d: Any, entry: DirectoryEntry) -> None:
     """An SMTP name outside the local domains is allowed (IBM i keeps such
     names), but no mail for it is delivered here: said, not found out later."""
-    name = entry.smtp_name
-    if name and name.rpartition("@")[2].lower() not in d.local_domains:
-        click.echo(f"note: {name} is in no local domain ([system] local_domains: "
+    if entry.smtp_name and _local_name(d, entry) is None:
+        click.echo(f"note: {entry.smtp_name} is in no local domain ([system] local_domains: "
                    f"{', '.join(d.local_domains) or 'none'}), so mail to it is not "
                    "delivered to this entry")
 
@@ -500,25 +507,15 @@ def _say_queued(d: Any, before: DirectoryEntry | None, after: DirectoryEntry | N
     reaches it, and one whose entry now names another mailbox goes there.
     Said, as dltusrprf and crtusrprf say it.  Only local names count: mail
     for others is relayed, whatever the directory says."""
-    def local(entry: DirectoryEntry | None) -> str | None:
-        name = entry.smtp_name if entry is not None else None
-        if name and name.rpartition("@")[2].lower() in d.local_domains:
-            return name.lower()
-        return None
-
-    lost, gained = local(before), local(after)
+    lost, gained = _local_name(d, before), _local_name(d, after)
     entry = before or after
     assert entry is not None
     name = f"{entry.userid} {entry.address}"
-
-    def some(address: str) -> tuple[int, bool]:
-        waiting = _queued_for({address})
-        return waiting, waiting == 1
-
     if lost == gained:
-        assert before is not None and after is not None or lost is None
-        if lost and (before.user, before.msfsrvlvl) != (after.user, after.msfsrvlvl):
-            waiting, one = some(lost)
+        if (lost and before is not None and after is not None
+                and (before.user, before.msfsrvlvl) != (after.user, after.msfsrvlvl)):
+            waiting = _queued_for({lost})
+            one = waiting == 1
             if waiting:
                 where = (f"{after.user}'s mailbox" if after.msfsrvlvl == dirmod.SYSMS
                          and after.user else f"the SNADS store of {after.userid}")
@@ -526,15 +523,15 @@ def _say_queued(d: Any, before: DirectoryEntry | None, after: DirectoryEntry | N
                            f"{'goes' if one else 'go'} to {where} now (wrkq lists "
                            f"{'it' if one else 'them'}).")
         return
-    if lost and (found := some(lost))[0]:
-        waiting, one = found
+    if lost and (waiting := _queued_for({lost})):
+        one = waiting == 1
         click.echo(f"{waiting} queued message{'' if one else 's'} for {lost} "
                    f"{'no longer reaches' if one else 'no longer reach'} {name}: another "
                    f"entry or a catch-all (*ANY) takes {'it' if one else 'them'}, or "
                    f"{'it goes back to its sender' if one else 'they go back to their senders'}"
                    f" (wrkq lists {'it' if one else 'them'}).")
-    if gained and (found := some(gained))[0]:
-        waiting, one = found
+    if gained and (waiting := _queued_for({gained})):
+        one = waiting == 1
         click.echo(f"{waiting} queued message{'' if one else 's'} for {gained}, accepted "
                    f"before {name} had that name, {'is' if one else 'are'} delivered to it "
                    f"(wrkq lists {'it' if one else 'them'}).")

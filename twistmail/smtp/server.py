@@ -1024,13 +1024,14 @@ class SMTPSession(SequentialSession):
             self.user = None
         return self._mail(arg)
 
-    def _refused(self, what: str, address: str | None, code: int, text: str,
+    def _refused(self, what: str, address: Any, code: int, text: str,
                  argument: str | None = None) -> None:
         """A 5xx to MAIL or RCPT, journaled 9W as every refused originator and
         recipient is (README): a syntax error is what a sender's
-        administrator asks about as often as an unknown user."""
-        self.factory.backend.rejected(self.peer_ip, what, address or "", Verdict(code, text),
-                                      argument=argument)
+        administrator asks about as often as an unknown user.  ``address``
+        is made text here, on a refusal only: MAIL and RCPT are a hot path."""
+        self.factory.backend.rejected(self.peer_ip, what, str(address or ""),
+                                      Verdict(code, text), argument=argument)
         self.reply(code, text)
 
     def _mail(self, arg: str) -> Any:
@@ -1047,49 +1048,53 @@ class SMTPSession(SequentialSession):
                           501, f"{'5.1.7' if isinstance(e, AddressError) else '5.5.4'} {e}",
                           argument=arg)
             return None
-        refuse = functools.partial(self._refused, "originator", str(cmd.address or ""))
         size_hint: int | None = None
         body_8bit = False
         ret: str | None = None
         envid: str | None = None
         for key, value in cmd.params:
             if key == "SIZE" and not (value is not None and value.isascii() and value.isdigit()):
-                refuse(501, "5.5.4 Syntax: SIZE=<octets>")
+                self._refused("originator", cmd.address,
+                              501, "5.5.4 Syntax: SIZE=<octets>")
                 return None
             if key == "SIZE" and value is not None:
                 size_hint = int(value)
                 if size_hint > self.factory.maxmsgsize:
-                    v = self.factory.backend.rejected(
-                        self.peer_ip, "originator", str(cmd.address or ""),
-                        Verdict(552, "5.3.4 Message size exceeds fixed maximum message size"))
-                    self.reply(v.code, v.text)
+                    self._refused("originator", cmd.address,
+                                  552, "5.3.4 Message size exceeds fixed maximum message size")
                     return None
             elif key == "BODY":
                 if value is not None and value.upper() == "BINARYMIME":  # RFC 3030: not offered
-                    refuse(555, "5.5.4 BODY=BINARYMIME is not offered")
+                    self._refused("originator", cmd.address,
+                                  555, "5.5.4 BODY=BINARYMIME is not offered")
                     return None
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    refuse(501, "5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME")
+                    self._refused("originator", cmd.address,
+                                  501, "5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME")
                     return None
                 body_8bit = value.upper() == "8BITMIME"
                 if body_8bit and not self.factory.mime8bit:
-                    refuse(555, "5.5.4 BODY=8BITMIME is not offered (MIME8BIT is *NO)")
+                    self._refused("originator", cmd.address,
+                                  555, "5.5.4 BODY=8BITMIME is not offered (MIME8BIT is *NO)")
                     return None
             elif key == "RET" and self.factory.dsn:
                 if value is None or value.upper() not in ("FULL", "HDRS"):
-                    refuse(501, "5.5.4 Syntax: RET=FULL or RET=HDRS")
+                    self._refused("originator", cmd.address,
+                                  501, "5.5.4 Syntax: RET=FULL or RET=HDRS")
                     return None
                 ret = value.upper()
             elif key == "ENVID" and self.factory.dsn and value is not None:
                 envid = _xtext_decode(value, MAX_ENVID)
                 if envid is None:
-                    refuse(501, f"5.5.4 Syntax: ENVID=xtext, at most {MAX_ENVID} "
-                               "printable ASCII characters")
+                    self._refused("originator", cmd.address,
+                                  501, f"5.5.4 Syntax: ENVID=xtext, at most {MAX_ENVID} "
+                                       "printable ASCII characters")
                     return None
             elif key == "AUTH" and value is not None and self._auth_offered():
                 pass  # RFC 4954 §5: who submitted it, by the client's word; not trusted here
             else:
-                refuse(555, f"5.5.4 Unsupported parameter {key[:100]}")
+                self._refused("originator", cmd.address,
+                              555, f"5.5.4 Unsupported parameter {key[:100]}")
                 return None
         if self.factory.backend.storage_full():
             self.reply(452, "4.3.1 Insufficient system storage, try again later")
@@ -1122,7 +1127,6 @@ class SMTPSession(SequentialSession):
                           501, f"{'5.1.3' if isinstance(e, AddressError) else '5.5.4'} {e}",
                           argument=arg)
             return None
-        refuse = functools.partial(self._refused, "recipient", str(cmd.address))
         notify: tuple[str, ...] | None = None
         orcpt: str | None = None
         for key, value in cmd.params:
@@ -1130,17 +1134,20 @@ class SMTPSession(SequentialSession):
                 words = tuple(w.upper() for w in (value or "").split(","))
                 if not set(words) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
                         "NEVER" in words and len(words) > 1):
-                    refuse(501, "5.5.4 NOTIFY takes NEVER, or SUCCESS, FAILURE, DELAY")
+                    self._refused("recipient", cmd.address,
+                                  501, "5.5.4 NOTIFY takes NEVER, or SUCCESS, FAILURE, DELAY")
                     return None
                 notify = words
             elif key == "ORCPT" and self.factory.dsn:
                 orcpt = _orcpt(value)
                 if orcpt is None:
-                    refuse(501, "5.5.4 Syntax: ORCPT=addr-type;xtext, at most "
-                               f"{MAX_ORCPT} printable ASCII characters")
+                    self._refused("recipient", cmd.address,
+                                  501, "5.5.4 Syntax: ORCPT=addr-type;xtext, at most "
+                                       f"{MAX_ORCPT} printable ASCII characters")
                     return None
             else:
-                refuse(555, f"5.5.4 Unsupported parameter {key[:100]}")
+                self._refused("recipient", cmd.address,
+                              555, f"5.5.4 Unsupported parameter {key[:100]}")
                 return None
         if len(self.txn.recipients) >= self.factory.maxrcpt:
             self.reply(452, "4.5.3 Too many recipients")
