@@ -75,6 +75,27 @@ class AnswerTests(unittest.TestCase):
         self.assertEqual(["not tried" in t for t in texts], [False, True, False, True])
         self.assertIn("Cannot connect", texts[2])
 
+    async def test_every_outcome_is_told_before_the_next_message_begins(self) -> None:
+        """The bridge reads from the parts told which message a killed job had
+        under way: the one after the last told.  Those held back behind a
+        failure are told too, before the one on its last try begins."""
+        d = self.deliverer(closed_port())
+        task = self.task(4, last=(3,))
+        ids = [m["id"] for m in json.loads(task)["messages"]]
+        told: list[str] = []
+        begun: list[tuple[str, list[str]]] = []
+        real = d._deliver
+
+        async def deliver(task, message, route, lists):
+            begun.append((message["id"], list(told)))
+            return await real(task, message, route, lists)
+
+        d._deliver = deliver
+        answer = json.loads(await d.run(task, lambda line: told.append(line.split()[0].decode())))
+        self.assertEqual(begun, [(ids[0], []), (ids[3], ids[:3])])
+        self.assertEqual(told, ids[:3])  # the last one's outcome goes with the answer
+        self.assertEqual(len(answer["messages"]), 4)
+
     async def test_a_server_found_back_by_a_last_try_clears_the_doubt(self) -> None:
         """The first message found no server and the one on its last try, tried
         after it, was delivered: the answer said the destination unreachable,

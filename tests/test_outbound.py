@@ -293,8 +293,10 @@ def test_an_outcome_that_cannot_be_written_is_kept_and_written_later(manager, mo
     assert states == {"ok@remote.test": queuemod.DELIVERED, "slow@remote.test": queuemod.PENDING}
 
 
-def test_the_messages_of_a_task_whose_job_ended_go_alone_next_time(manager):
-    """Should one of them be what ends the jobs, it takes no other with it again."""
+def test_the_message_under_way_when_its_job_ended_goes_alone_next_time(manager):
+    """Should it be what ends the jobs, it takes no other with it again.  The one
+    after it was not begun (the job tells each before it begins the next): it
+    goes again with no try counted."""
     from types import SimpleNamespace
 
     qids = _waiting(manager, *["remote.test"] * 8)
@@ -304,13 +306,15 @@ def test_the_messages_of_a_task_whose_job_ended_go_alone_next_time(manager):
     assert len(first) == 2
     manager.reactor = _Inline()
     manager._lost(SimpleNamespace(token=1, task=lost))
-    assert sorted(manager.queue.list(QTMSRTQ1)) == sorted(first)  # tried again later
-    assert manager.alone == set(first)
-    # Due again, they wait with others for the connections of their destination.
-    for qid in first:
-        env = manager.queue.load(QTMSRTQ1, qid)
-        manager.queue.move(qid, QTMSRTQ1, QTMSOUTQ)
-        manager.backlog[qid] = (env, {"remote.test": ["rcpt@remote.test"]})
+    assert manager.queue.list(QTMSRTQ1) == first[:1]  # tried again later
+    assert manager.queue.find(first[1]) == QTMSOUTQ
+    assert manager.queue.load(QTMSOUTQ, first[1]).recipients[0].attempts == 0
+    assert manager.alone == {first[0]}
+    # Due again, it waits with others for the connections of their destination.
+    env = manager.queue.load(QTMSRTQ1, first[0])
+    manager.queue.move(first[0], QTMSRTQ1, QTMSOUTQ)
+    manager.backlog[first[0]] = (env, {"remote.test": ["rcpt@remote.test"]})
+    first = first[:1]
     later = _waiting(manager, *["remote.test"] * 4)
     manager.by_domain["remote.test"] = collections.deque(first + later)
     for token in (2, 3, 4):
@@ -319,6 +323,26 @@ def test_the_messages_of_a_task_whose_job_ended_go_alone_next_time(manager):
     assert [[q] for q in first] == [t for t in after if set(t) & set(first)]
     assert sorted(q for t in after for q in t) == sorted(first + later)
     assert not manager.alone and len(qids) == 8
+
+
+def test_a_job_killed_after_it_told_some_outcomes_charges_only_the_next(manager):
+    """Ten waiting: a task of three.  The job told the first done (PART), so
+    the second was under way; the third was not begun and waits untouched."""
+    from types import SimpleNamespace
+
+    _waiting(manager, *["remote.test"] * 10)
+    manager._start_ready(["remote.test"])
+    lost = manager.pool.tasks[0]
+    done, under_way, untouched = _task_ids(lost)
+    manager.reactor = _Inline()
+    [told] = json.loads(_delivered(done))["messages"]
+    manager._part(1, done, json.dumps(told).encode())
+    manager._lost(SimpleNamespace(token=1, task=lost))
+    fq = manager.queue
+    assert fq.find(done) is None  # delivered, as told
+    assert fq.find(under_way) == QTMSRTQ1 and manager.alone == {under_way}
+    assert fq.find(untouched) == QTMSOUTQ
+    assert fq.load(QTMSOUTQ, untouched).recipients[0].attempts == 0
 
 
 def test_a_task_no_job_ran_stays_let_go_by_its_transfer(manager):

@@ -962,13 +962,14 @@ class OutboundManager:
     def _lost(self, request: Any) -> None:
         """The client job ended in the middle of the task (it crashed, it was killed).
 
-        The messages the job said were done (PART) keep their outcomes.  For
-        the others, whether the next hop took them is unknown, so each of
-        their recipients counts as a temporary failure and is tried again
-        later: at least once, never lost.  Each of them goes alone next
-        time: should one of them be what ends the jobs, it takes no other
-        message with it again (to be sent twice, and bounced once its
-        retries are used up).
+        The messages the job said were done (PART) keep their outcomes.  The
+        job tells those before it begins the next, so only the one after the
+        last told may have been under way: whether the next hop took it is
+        unknown, so each of its recipients counts as a temporary failure and
+        is tried again later: at least once, never lost.  It goes alone next
+        time: should it be what ends the jobs, it takes no other message with
+        it again (to be sent twice, and bounced once its retries are used
+        up).  Those after it were not begun: they go again, no try counted.
         """
         task = json.loads(request.task)
         if request.token in self.etrn_tasks:
@@ -977,11 +978,16 @@ class OutboundManager:
             return
         text = "4.3.0 the SMTP client job ended during delivery"
         told = self.parts.get(request.token, {})
+        sent = task.get("messages", ())
+        under_way = 1 + max((i for i, m in enumerate(sent) if m["id"] in told), default=-1)
         messages = []
-        for m in task.get("messages", ()):
+        for i, m in enumerate(sent):
             outcome = _told(told.get(m["id"]), m["id"])
             if outcome is not None:  # done before the job ended: kept as the job told it
                 messages.append(outcome)
+                continue
+            if i > under_way:
+                messages.append({"id": m["id"], "not_begun": True})
                 continue
             self.alone.add(m["id"])
             messages.append({"id": m["id"], "results": [

@@ -119,7 +119,10 @@ class Deliverer:
         answer: dict[str, Any] = {"domain": domain, "messages": out}
         unreachable, answered = None, False
         held_back: tuple[int, str] | None = None  # why the rest are not tried, once one failed
-        done: dict[str, Any] | None = None  # sent, its outcome not yet told (PART)
+        # Done, their outcomes not yet told (PART).  All are told before the
+        # next message begins, so should the job die, the bridge knows that
+        # only the message after the last one told may have been under way.
+        untold: list[dict[str, Any]] = []
         for message in messages:
             if self.winding_down:
                 # The one under way was let finish, so nothing the next hop
@@ -129,19 +132,20 @@ class Deliverer:
                 continue
             if held_back is not None and not message.get("last"):
                 out.append(self._message(message, "temporary", *held_back))
+                untold.append(out[-1])
                 continue
             self.journal.write("8B", f"8B FOQ {task['queue']}", message["id"], domain=domain)
             self.journal.flush()  # with the 88 and 82 of the message before
-            if done is not None:  # told once its entries are written
+            for done in untold:  # told once their entries are written
                 part(done["id"].encode("ascii") + b" " + json.dumps(done).encode())
+            untold = []
             try:
                 result, trouble, contact = await self._deliver(task, message, route, lists)
             except Exception as e:
-                out.append(self._message(message, "temporary", 451, f"4.3.0 local error: {e}"))
-                done = None
-                continue
+                result = self._message(message, "temporary", 451, f"4.3.0 local error: {e}")
+                trouble, contact = None, False
             out.append(result)
-            done = result  # the last one's outcome goes with the RESULT
+            untold.append(result)  # the last ones' outcomes go with the RESULT
             if contact is True:
                 answered = True
             elif contact:
