@@ -168,6 +168,7 @@ class Message:
 class Behaviour:
     greeting: str | None = "220 sink.test ESMTP"
     ehlo: str | None = None  # a failure reply to EHLO, e.g. "502 5.5.1 no"
+    helo: str = "250 sink.test"
     extensions: tuple[str, ...] = ("PIPELINING", "SIZE 10000000", "8BITMIME",
                                    "ENHANCEDSTATUSCODES")
     tls: bool = False  # offer STARTTLS before TLS
@@ -279,7 +280,7 @@ class Sink:
                 lines = ["sink.test", *extensions]
                 reply("".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}")
             elif verb == "HELO":
-                reply("250 sink.test")
+                reply(b.helo)
             elif verb == "STARTTLS":
                 reply(b.starttls_reply)
                 if not b.starttls_reply.startswith("220 "):
@@ -567,6 +568,30 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(result.recipients[0].status, DELIVERED)
         self.assertEqual(sent_commands(sink)[:3], ["EHLO", "HELO", "MAIL"])
         self.assertEqual(sink.commands[2], "MAIL FROM:<me@here.test>")
+
+    async def test_a_last_hop_that_refuses_ehlo_and_helo_for_good_returns_the_mail(
+            self) -> None:
+        """A 5xx to both is permanent where the last hop says it (Postfix bounces at
+        its final server); it had the mail retried for days and returned as 4.4.1."""
+        refusing = self.sink(ehlo="550 5.7.1 not you", helo="550 5.7.1 not you either")
+        result = await self.send([refusing.hop()])
+        [r] = result.recipients
+        self.assertEqual((r.status, r.code), (PERMANENT, 550))
+        self.assertTrue(r.text.startswith("5.7.1 "), r.text)
+        self.assertIn("not you either", r.text)
+        self.assertEqual(sent_commands(refusing), ["EHLO", "HELO", "QUIT"])
+
+    async def test_a_hop_that_refuses_helo_for_good_moves_to_the_next(self) -> None:
+        refusing = self.sink(ehlo="550 no", helo="554 no")
+        good = self.sink()
+        result = await self.send([refusing.hop(), good.hop()])
+        self.assertEqual(result.recipients[0].status, DELIVERED)
+        refusing2 = self.sink(ehlo="550 no", helo="554 no")
+        busy = self.sink(ehlo="421 4.3.2 busy")
+        result = await self.send([refusing2.hop(), busy.hop()])
+        [r] = result.recipients
+        self.assertEqual(r.status, TEMPORARY, "the last hop's word decides")
+        self.assertIn("5.0.0", r.text)  # the first hop's refusal is said too
 
     async def test_size_refused_before_mail(self) -> None:
         sink = self.sink(extensions=("PIPELINING", "SIZE 1000"))

@@ -261,6 +261,7 @@ class HopAttempt:
     hop: Hop
     error: str
     answered: bool = False
+    code: int = 451  # 5xx: the hop refused the message for good (see ``_HopFailed``)
 
 
 @attrs.frozen
@@ -444,7 +445,15 @@ class _Stale(Exception):
 
 
 class _HopFailed(Exception):
-    """The hop gave no definitive answer before MAIL: try the next one."""
+    """The hop gave no definitive answer before MAIL: try the next one.
+
+    ``code`` 5xx: the hop refused permanently, which decides the outcome
+    when it is the last one tried (as Postfix bounces at its final server).
+    """
+
+    def __init__(self, text: str, code: int = 451) -> None:
+        super().__init__(text)
+        self.code = code
 
 
 class _TLSFailed(_HopFailed):
@@ -977,6 +986,7 @@ class _Outcome:
     dsn: bool = False
     plain_retry: bool = False  # TLS failed where it was only opportunistic
     answered: bool = False  # the server greeted (see ``HopAttempt``)
+    code: int = 451  # of the hop's failure (see ``_HopFailed``)
 
 
 class _Opening:
@@ -1015,6 +1025,10 @@ class _Opening:
             reply = await self.session.read("HELO", self.t.ehlo)
             if reply.positive:
                 return Extensions(esmtp=False)
+        if 500 <= reply.code < 600:  # the server will not talk to us, now or later
+            found = _ENHANCED_5.match(reply.lines[0]) if reply.lines else None
+            status = f"5.{found.group(1)}" if found else "5.0.0"
+            raise _HopFailed(f"{status} {self.where} refused EHLO/HELO: {reply}", reply.code)
         raise _HopFailed(f"4.4.1 {self.where} refused EHLO/HELO: {reply}")
 
     async def _secure(self, ext: Extensions) -> Extensions:
@@ -1128,7 +1142,8 @@ class _Conversation(_Opening):
             except _HopFailed as e:
                 await self._quit()
                 return _Outcome(error=str(e), tls=self.session.tls,
-                                plain_retry=isinstance(e, _TLSFailed), answered=self.greeted)
+                                plain_retry=isinstance(e, _TLSFailed), answered=self.greeted,
+                                code=e.code)
             except SessionError as e:
                 return _Outcome(error=f"{e} ({self.where})", tls=self.session.tls,
                                 answered=self.greeted)
@@ -1581,10 +1596,14 @@ async def _deliver(reactor: Any, hops: list[Hop], job: _Job, options: _Options,
             )
         log.info("{named}delivery via {where} failed: {error}", named=job.envelope.named,
                  where=hop.address, error=outcome.error)
-        attempts.append(HopAttempt(hop, outcome.error or "failed", outcome.answered))
+        attempts.append(HopAttempt(hop, outcome.error or "failed", outcome.answered,
+                                   outcome.code))
     text = _none_took_it(attempts)
+    # The last hop's refusal decides, as the last hop's reply would have.
+    code = attempts[-1].code if attempts else 451
+    status = PERMANENT if 500 <= code < 600 else TEMPORARY
     results = tuple(
-        done or RecipientResult(r.address, TEMPORARY, 451, text, remote=False)
+        done or RecipientResult(r.address, status, code, text, remote=False)
         for r, done in zip(job.envelope.recipients, job.presettled, strict=True)
     )
     last = attempts[-1].hop if attempts else None
