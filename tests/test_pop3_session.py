@@ -162,11 +162,16 @@ def test_a_connection_lost_during_quit_keeps_the_mailbox_locked_until_done(store
 
 
 @pytest.mark.parametrize("data", [b"", b"a" * 1000, b"line\n" * 1000, b"x" * 999 + b"\n" +
-                                  b"y" * 1000, b"ab\r\n" * 700])
+                                  b"y" * 1000, b"ab\r\n" * 700, b"ab\n" * 700,
+                                  b"ab\n" * 300, b"x" * 700 + b"\n" + b"ab\r\nc\n" * 90])
 def test_pieces_are_cut_at_line_ends_reading_a_piece_at_a_time(data):
+    """At most a piece's size as sent: a file with bare LF line ends (another
+    program's) grows by an octet a line, and 900 octets of it are not one piece."""
     cuts = _cut(io.BytesIO(data), 1024)
     assert b"".join(data[a:b] for a, b, *_ in cuts) == data
-    assert all(0 < b - a <= 1024 for a, b, *_ in cuts)
+    assert all(0 < b - a and 0 < octets <= 1024 for a, b, octets in cuts)
+    assert all(octets == len(data[a:b].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+               for a, b, octets in cuts)
     assert all(data[b - 1:b] == b"\n" for _, b, *_ in cuts[:-1])  # after a line end
 
 

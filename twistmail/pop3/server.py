@@ -792,15 +792,41 @@ def _cut(f: BinaryIO, size: int) -> list[tuple[int, int, int]]:
         if not data.isascii():
             cuts.append((start, start + len(data), -1))
             return cuts
-        if len(data) > size:
-            nl = data.rfind(b"\n", 0, size)
-            if nl < 0:
+        octets = _wire(data)
+        if len(data) > size or octets > size:
+            data = _lines_within(data, size)
+            if not data:
                 cuts.append((start, start + size, -1))
                 return cuts
-            data = data[:nl + 1]
+            octets = _wire(data)
         end = start + len(data)
-        cuts.append((start, end, len(data) + data.count(b"\n") - data.count(b"\r\n")))
+        cuts.append((start, end, octets))
         start = end
+
+
+def _wire(data: bytes) -> int:
+    """Octets as sent: a bare LF goes out as CRLF."""
+    return len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
+def _lines_within(data: bytes, size: int) -> bytes:
+    """The whole lines at the start of ``data`` that are at most ``size`` octets as
+    sent (a file with bare LF line ends grows on the way); empty if the first is
+    longer."""
+    nl = data.rfind(b"\n", 0, size)
+    if nl < 0:
+        return b""
+    data = data[:nl + 1]
+    if _wire(data) <= size:
+        return data
+    end = octets = 0
+    for line in data.split(b"\n")[:-1]:
+        grown = len(line) + (1 if line.endswith(b"\r") else 2)
+        if octets + grown > size:
+            break
+        octets += grown
+        end += len(line) + 1
+    return data[:end]
 
 
 def _partial_header(fields: dict[bytes, bytes], pid: str, n: int, total: int,
