@@ -392,3 +392,13 @@ def test_a_body_that_is_not_text_is_the_api_s_own_refusal(body):
 
     with pytest.raises(SendMailError, match="body: must be text"):
         create_send_email(["sam@example.test"], "s", body, usrprf="APP")
+
+
+def test_fields_after_one_with_a_space_before_its_colon_are_seen():
+    """``X-Mailer : 1.0`` (RFC 5322 §4.5.3) stopped the email package's parser:
+    the Date and Message-ID after it were added a second time."""
+    from twistmail.api import _completed
+
+    head = (b"From: jane@example.test\r\nX-Mailer : Acme 1.0\r\nDate : Wed, 02 Dec 2026 "
+            b"15:00:00 +0000\r\nMessage-ID:\r\n <orig@x.test>\r\n\r\nbody\r\n")
+    assert _completed(head, "QID", "mail.example.test") == head

@@ -15,8 +15,6 @@ user's own SMTP address) and ``journal``.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import email.utils
 import os
 import re
@@ -182,14 +180,14 @@ def _completed(message: bytes, qid: str, hostname: str) -> bytes:
     end = message.find(b"\r\n\r\n")
     cut = end + 2 if end >= 0 else len(message)
     head, rest = message[:cut], message[cut:]
-    fields = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    fields = _fields(head)
     added = ""
     for name, value in (("Date", email.utils.formatdate(time.time(), localtime=True)),
                         ("Message-ID", f"<{qid}@{hostname}>")):
-        values = [str(v).strip() for v in fields.get_all(name, [])]
+        values = [v for n, v in fields if n == name.lower().encode()]
         if not any(values):
             added += f"{name}: {value}\r\n"
-        if "" in values:  # an empty copy, folded over blank continuations too
+        if b"" in values:  # an empty copy, folded over blank continuations too
             head = re.sub(rb"(?im)^%s[ \t]*:[ \t]*\r\n(?:[ \t]+\r\n)*" % name.encode(),
                           b"", head)
     return added.encode() + head + rest
@@ -271,6 +269,23 @@ def _check_lines(data: bytes, file: Path) -> None:
             f"file: line {number} of {file} has {(end if end >= 0 else len(data)) - start} "
             f"octets; allowed: at most {MAX_LINE} before its line end (RFC 5322 section "
             "2.1.1): encode the part (quoted-printable or base64)")
+
+
+def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """Each field's name (lower case) and value, unfolded.  A name may have spaces
+    before its colon (RFC 5322 §4.5.3, as ``_check_fields`` and our SMTP server
+    accept): the email package's parser stopped at such a line, and every field
+    after it was taken as missing."""
+    out: list[tuple[bytes, bytes]] = []
+    for line in head.splitlines():
+        if line[:1] in (b" ", b"\t"):
+            if out:
+                out[-1] = (out[-1][0], (out[-1][1] + b" " + line.strip()).strip())
+            continue
+        name, colon, value = line.partition(b":")
+        if colon:
+            out.append((name.strip().lower(), value.strip()))
+    return out
 
 
 def _without_bcc(head: bytes) -> bytes:
