@@ -113,3 +113,12 @@ def test_a_utf8_text_attachment_says_its_charset():
     assert parts["notes.txt"].get_content() == "café\n"
     for name in ("plain.txt", "latin.txt", "image.png"):
         assert parts[name].get_param("charset") is None, name
+
+
+@pytest.mark.parametrize("name", ["=?utf-8?q?=41?=.txt",
+                                  "=?utf-8?q?a=22=3B_name=3Devil.exe=3B_x=3D?=.txt"])
+def test_a_file_name_a_reader_would_decode_is_refused_not_renamed(name):
+    """The email package decodes an encoded-word as it builds the field: the
+    file went as A.txt, or as a name with a quote and a semicolon in it."""
+    with pytest.raises(SendMailError, match="would reach its reader as"):
+        content_entity("hi", [Attachment(name, b"data", "application/octet-stream")])

@@ -298,6 +298,21 @@ def test_a_description_cannot_add_a_field_nor_end_the_header(stopped):
     assert stopped.queue_files("QTMSINQ") == []
 
 
+def test_text_that_looks_like_an_encoded_word_is_refused_not_decoded(stopped):
+    """The email package decoded it as it wrote the field: a USRD of
+    ``=?utf-8?q?Boss?= <ceo@example.test>`` sent the note from "Boss <ceo@...>"."""
+    with pytest.raises(DistributionError, match="--dstd.*decoded"):
+        send_distribution(load(stopped.config), usrid=("OVUSER", "HQ"), tousrid=["SAM MAIL"],
+                          dstd="=?utf-8?q?Boss?=", longmsg="y")
+    rc, out, err = stopped.cli("chgdire", "--usrid", "OVUSER", "HQ", "--usrd",
+                               "=?utf-8?q?Boss?= <ceo@example.test>")
+    assert rc == 0, err
+    with pytest.raises(DistributionError, match="USRD.*decoded"):
+        send_distribution(load(stopped.config), usrid=("OVUSER", "HQ"), tousrid=["SAM MAIL"],
+                          dstd="a=?b?=c is fine", longmsg="y")
+    assert stopped.queue_files("QTMSINQ") == []
+
+
 # -- the store itself ---------------------------------------------------------------
 
 

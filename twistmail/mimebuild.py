@@ -168,7 +168,23 @@ def content_entity(body: str, attachments: Sequence[Attachment]) -> bytes:
         except ValueError:
             raise SendMailError(f"attachment: the file name {a.filename!r} is not allowed: "
                                 "it holds a line break") from None
-    return _generated(part, "attachment")
+    data = _generated(part, "attachment")
+    _same_names(data, attachments)
+    return data
+
+
+def _same_names(data: bytes, attachments: Sequence[Attachment]) -> None:
+    """Each attachment reaches its reader under its own name.  Readers decode an
+    RFC 2047 encoded-word in a file name (and so does the email package, as it
+    builds the field): ``=?utf-8?q?=41?=.txt`` would arrive as ``A.txt``."""
+    back = email.message_from_bytes(data, policy=POLICY)
+    names = [part.get_filename() for part in back.walk()
+             if part.get_content_disposition() == "attachment"]
+    for a, name in zip(attachments, names, strict=True):
+        if name != a.filename.strip():  # spaces around a name are lost, and harmless
+            raise SendMailError(f"attachment: the file name {a.filename!r} is not allowed: it "
+                                f"would reach its reader as {name!r} (an encoded-word, "
+                                "=?...?=, in it is decoded); rename the file")
 
 
 def header_block(sender: str, rcpts: Sequence[Recipient], subject: str, hostname: str) -> bytes:

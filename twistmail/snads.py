@@ -338,11 +338,30 @@ def _note(sender: dirmod.DirectoryEntry, originator: str, targets: list[Target],
         note["Sensitivity"] = SENSITIVITY[sensitiv]
     note.set_content(body, charset="utf-8")
     try:
-        return same_fields(note, note.as_bytes(), "--dstd")
+        data = same_fields(note, note.as_bytes(), "--dstd")
     except ValueError:  # the folder refused a line break, or same_fields did
         raise DistributionError("--dstd", description, "is not allowed: a line break, also "
                                 "an encoded one (=?...?=), in it or in a directory "
                                 "entry's description (USRD)") from None
+    _said_as_typed(note, data, description)
+    return data
+
+
+def _said_as_typed(note: EmailMessage, data: bytes, description: str) -> None:
+    """The email package decodes text that looks like an encoded-word as it
+    writes a field: a USRD of ``=?utf-8?q?Boss?= <ceo@example.test>`` made
+    the sender "Boss <ceo@example.test>".  Refused, not sent as another text."""
+    back = email.message_from_bytes(data, policy=email.policy.default)
+
+    def names(message: Any) -> list[str]:
+        return [a.display_name for field in ("From", "To", "Cc")
+                if message[field] is not None for a in message[field].addresses]
+
+    if ("=?" in description and str(back["Subject"]) != description) \
+            or names(back) != names(note):
+        raise DistributionError("--dstd", description, "is not allowed: text that looks like "
+                                "an encoded-word (=?...?=), in it or in a directory entry's "
+                                "description (USRD), would reach its reader decoded")
 
 
 def _send(settings: Any, sender: dirmod.DirectoryEntry, originator: str,
