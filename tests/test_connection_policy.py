@@ -337,3 +337,27 @@ def test_a_waiting_client_that_hung_up_gives_up_its_place(tmp_path):
     assert got.count(None) == 1  # the live one has the slot
     assert [v for v in got if isinstance(v, tuple)] and all(
         isinstance(v[1], Verdict) for v in got if isinstance(v, tuple))
+
+
+def test_a_reject_list_that_cannot_be_read_is_said_once_not_a_traceback_a_second(tmp_path):
+    """A directory locked by another program logged a critical traceback every
+    few seconds; now one warning, and one line when it is read again."""
+    import sqlite3
+
+    from twisted.internet.task import Clock
+    from twisted.logger import LogLevel, capturedLogs
+    from twisted.python.failure import Failure
+
+    from twistmail import config as configmod
+    from twistmail.policy.connection import ConnectionPolicy
+
+    path = tmp_path / "twistmail.toml"
+    path.write_text(f'[system]\ndatadir = "{tmp_path}"\n')
+    policy = ConnectionPolicy(Clock(), configmod.load(path), None, None)
+    with capturedLogs() as events:
+        for _ in range(3):
+            policy._not_read(Failure(sqlite3.OperationalError("database is locked")))
+        policy._set_rejects([])
+        policy._set_rejects([])
+    said = [(e["log_level"], e.get("why")) for e in events]
+    assert said == [(LogLevel.warn, "database is locked"), (LogLevel.info, None)]

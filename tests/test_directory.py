@@ -734,6 +734,7 @@ def test_a_new_profile_is_not_handed_mail_left_under_its_name(cfg, capsys):
     from twistmail import config
 
     with SqliteDirectory.from_settings(config.load(cfg)) as d:
+        assert d.profiles() == []  # the directory is there, the profile is not
         box = d.mailbox("SAM")
     (box / "cur").mkdir(parents=True)
     (box / "cur" / "1.M1.host:2,S").write_bytes(b"Subject: old\r\n\r\nx\r\n")

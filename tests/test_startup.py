@@ -408,6 +408,9 @@ def test_a_daemon_starts_on_a_full_disk_answers_452_and_lets_pop_users_in(full_d
         a.stop()
         fill(full_disk)
         a.start()
+        # Its look at the directory lets SQLite fold the log the last daemon
+        # left into the file and remove it: space again, taken up once more.
+        fill(full_disk)
         with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
             s.ehlo()
             assert s.mail("jane@example.test")[0] == 452
@@ -418,6 +421,7 @@ def test_a_daemon_starts_on_a_full_disk_answers_452_and_lets_pop_users_in(full_d
         a.stop()
         # Changed settings must be written: refused, in one line, and no debris.
         a.config.write_text(a.config.read_text() + "\n[smtp]\nmaxrcpt = 7\n")
+        fill(full_disk)  # what the stop freed (the directory's log folded in)
         a.proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", "twistmail", "--config",
                                    str(a.config)], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, cwd=tmp_path)
@@ -608,3 +612,36 @@ def test_a_daemon_user_who_may_not_run_the_python_is_told():
     assert fine == "None"
     assert refused == (f"this daemon's user (nobody) may not run {private / 'python'}, which "
                        "every job and the bridge need: install twistmail where that user can")
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "not a database"])
+def test_a_directory_lost_or_damaged_beside_mailboxes_refuses_the_start(make_appliance, damage):
+    """A restore that missed the file started with no profiles at all: every
+    message queued for the users was returned as to unknown users.  A damaged
+    one started, and answered 451 to every message with a traceback a second."""
+    a = make_appliance()
+    rc, out, err = a.cli("crtusrprf", "--usrprf", "SAM", "--password", "secret")
+    assert rc == 0, err
+    (a.datadir / "mailboxes" / "SAM" / "Maildir" / "new").mkdir(parents=True, exist_ok=True)
+    path = a.datadir / "directory.sqlite"
+    for extra in ("-wal", "-shm"):
+        path.with_name(path.name + extra).unlink(missing_ok=True)
+    if damage == "missing":
+        path.unlink()
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        with path.open("r+b") as f:
+            f.write(b"\0" * 32)
+    r = subprocess.run([TWISTD, "-n", "--pidfile=", "twistmail", "--config", str(a.config)],
+                       capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert f"the directory {path}" in out and "Traceback" not in out
+    if damage == "not a database":
+        assert "restore it from the backup" in out
+    else:
+        assert f"is {damage}, but {a.datadir / 'mailboxes'} holds 1 mailbox" in out
+        assert path.exists() == (damage == "empty")  # not made anew
+    rc, out, err = a.cli("wrkusrprf")
+    assert rc != 0 and "Traceback" not in err

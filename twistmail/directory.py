@@ -185,6 +185,33 @@ class DirectoryError(ValueError):
             f"{name}: {self.value!r} {self.problem}"
 
 
+class DirectoryLost(sqlite3.DatabaseError):
+    """The directory file is gone or empty while mailboxes remain: a restore that
+    missed it, or a mistake.  A new empty one made every user unknown and
+    returned every message queued for them; mail waits instead (4xx) until it
+    is back, as for any directory that cannot be read."""
+
+
+def lost(path: Path) -> str | None:
+    """Why ``path`` must not be made anew, or None."""
+    try:
+        if path.stat().st_size > 0:
+            return None
+        state = "empty"
+    except FileNotFoundError:
+        state = "missing"
+    boxes = path.parent / "mailboxes"
+    try:
+        held = sum(1 for e in os.scandir(boxes) if e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not held:
+        return None
+    return (f"the directory {path} is {state}, but {boxes} holds {held} mailbox"
+            f"{'es' if held > 1 else ''}: restore it from the backup; to begin again with no "
+            f"user profiles, move {boxes} away first")
+
+
 @attrs.frozen
 class UserProfile:
     usrprf: str
@@ -614,6 +641,9 @@ class SqliteDirectory:
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        why = lost(self.path)
+        if why is not None:
+            raise DirectoryLost(why)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -624,6 +654,13 @@ class SqliteDirectory:
         conn.execute("PRAGMA synchronous = FULL")
         _migrate(conn)
         return conn
+
+    def check(self) -> None:
+        """Open the file and look it over (the daemon's start): sqlite3.DatabaseError
+        when it cannot serve, rather than a 451 to every message from then on."""
+        row = self._conn().execute("PRAGMA quick_check(1)").fetchone()
+        if row is None or row[0] != "ok":
+            raise sqlite3.DatabaseError(f"it is damaged: {row[0] if row else 'no answer'}")
 
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""

@@ -397,8 +397,9 @@ def dspusrprf(usrprf: str, as_json: bool) -> None:
 def _nothing_enrolled() -> bool:
     """No directory yet: a listing says so without making one, or a datadir
     mistyped in the settings would be made, and listed empty, without a word
-    that it is not the appliance's."""
-    return not (app().settings.datadir / dirmod.FILENAME).exists()
+    that it is not the appliance's.  One lost beside mailboxes is said to be."""
+    path = app().settings.datadir / dirmod.FILENAME
+    return not path.exists() and dirmod.lost(path) is None
 
 
 USRPRF_COLUMNS = (

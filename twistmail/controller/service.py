@@ -302,6 +302,7 @@ class Controller(service.Service):
         from twistmail.directory import SqliteDirectory
         from twistmail.policy.connection import ConnectionPolicy
 
+        self._check_directory()
         self.policy = ConnectionPolicy(self.reactor, s, SqliteDirectory.from_settings(s),
                                        self.journal)
         self.policy.start()
@@ -326,6 +327,29 @@ class Controller(service.Service):
             where=", ".join(f"{n}={lst.address}" for n, lst in self.listeners.items()) or "-",
         )
         self._reread_if_changed()
+
+    def _check_directory(self) -> None:
+        """A directory that cannot serve refuses the start, in one line: the
+        daemon ran, answered 451 to every message, and logged a traceback a
+        second.  One locked by another program is waited for by every lookup."""
+        import sqlite3
+
+        from twistmail.directory import DirectoryLost, SqliteDirectory
+
+        path = self.settings.datadir / "directory.sqlite"
+        try:
+            with SqliteDirectory.from_settings(self.settings) as d:
+                d.check()
+        except DirectoryLost as e:
+            raise StartRefused(str(e)) from None
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e):
+                raise StartRefused(f"the directory {path} cannot be used ({e})") from None
+            self.log.warn("the directory {path} is locked by another program; mail waits "
+                          "(4xx) while it stays so", path=path)
+        except sqlite3.DatabaseError as e:
+            raise StartRefused(f"the directory {path} cannot be used ({e}): restore it from "
+                               "the backup") from None
 
     def _reread_if_changed(self) -> None:
         """Apply what a command saved while this daemon started.

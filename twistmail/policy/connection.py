@@ -112,6 +112,7 @@ class ConnectionPolicy:
         self.directory = directory
         self.journal = journal
         self.rejects: list[Any] = []
+        self.unread = False  # the last read of the *REJECT list failed
         self.resolver = resolver
         #: The name servers the resolver was made for; None for one given.
         self._made_for: tuple[str, ...] | None = None
@@ -151,10 +152,16 @@ class ConnectionPolicy:
     def refresh(self) -> Any:
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                       self._read_rejects)
-        d.addCallback(self._set_rejects)
-        d.addErrback(lambda f: self.log.failure("reading the *REJECT list failed", f))
+        d.addCallbacks(self._set_rejects, self._not_read)
         self.anvil.sweep()
         return d
+
+    def _not_read(self, failure: Any) -> None:
+        """Said once until it is read again (it is tried every few seconds)."""
+        if not self.unread:
+            self.unread = True
+            self.log.warn("the *REJECT list cannot be read from the directory ({why}); the "
+                          "one read before stays in force", why=failure.getErrorMessage())
 
     def _read_rejects(self) -> list[Any]:
         nets = []
@@ -167,6 +174,9 @@ class ConnectionPolicy:
 
     def _set_rejects(self, nets: list[Any]) -> None:
         self.rejects = nets
+        if self.unread:
+            self.unread = False
+            self.log.info("the *REJECT list is read from the directory again")
 
     # -- the check -----------------------------------------------------------
 
