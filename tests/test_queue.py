@@ -1505,3 +1505,16 @@ def test_wrkq_delete_of_many_kept_messages_says_how_many(cfg, cli_queue, capsys)
 def test_wrkq_queue_goes_only_with_a_listing_or_delete_all(cfg, cli_queue, capsys, args):
     assert run(["--config", cfg, "wrkq", *args]) == 2
     assert "--queue: only to list one queue, or with --delete ALL" in capsys.readouterr().err
+
+
+def test_a_fifo_named_as_an_envelope_is_damaged_not_waited_on(fq):
+    """Opened as a file, it held the bridge's reading thread and every wrkq for ever."""
+    qid = new_queue_id()
+    fq.queue_dir(QTMSRTQ1).mkdir(parents=True, exist_ok=True)
+    os.mkfifo(fq.queue_dir(QTMSRTQ1) / f"{qid}.json")
+    with pytest.raises(CorruptEnvelope, match="not a regular file"):
+        fq.load(QTMSRTQ1, qid)
+    [entry] = fq.entries(QTMSRTQ1)
+    assert entry.id == qid and entry.error is not None
+    item = fq.set_aside(QTMSRTQ1, qid, "not a regular file")
+    assert item.id == qid and fq.list(QTMSRTQ1) == []

@@ -88,6 +88,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -434,6 +435,23 @@ class RecoveryReport:
 
 
 # -- file helpers ----------------------------------------------------------------
+
+
+def _read_envelope_file(path: Path | str) -> bytes:
+    """The bytes of an envelope file; CorruptEnvelope when it is no regular file.
+
+    A FIFO with an envelope's name (put there by hand, or by a tool gone
+    wrong) held the bridge's reading thread, and every wrkq, for ever:
+    opened without waiting, and refused.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptEnvelope(f"{Path(path).name} is not a regular file")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def _write_synced(path: Path | str, data: bytes) -> None:
@@ -843,8 +861,7 @@ class FileQueue:
     def load(self, queue: str, queue_id: str) -> Envelope:
         path = self._envelope(queue, queue_id)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = _read_envelope_file(path)
         except FileNotFoundError:
             data = self._packed_envelope(queue, queue_id)
         env = Envelope.from_json(data)
@@ -980,8 +997,7 @@ class FileQueue:
             if str(path).endswith(".msg"):
                 data = json.loads(os.getxattr(path, ENVELOPE_ATTR))
             else:
-                with open(path, "rb") as f:
-                    data = json.loads(f.read())
+                data = json.loads(_read_envelope_file(path))
         except FileNotFoundError:
             raise KeyError(Path(path).stem) from None
         except (ValueError, OSError):
