@@ -621,6 +621,23 @@ def test_a_follower_says_which_receivers_went_between_two_it_read(tmp_path: Path
                     "be read (any entries they held are not shown)"]
 
 
+def test_a_follower_says_nothing_of_receivers_deleted_before_it_began(tmp_path: Path) -> None:
+    """DLTJRNRCV of an empty receiver, then dspjrn --follow: it warned that the
+    gap's entries were not shown, though there were none, and it came late."""
+    j = Journal(tmp_path, "QTSMTPBRSR/1")
+    j.write("7A", "7A one")
+    for n in ("two", "three"):
+        j.new_receiver()
+        j.write("7A", f"7A {n}")
+    receivers(tmp_path)[1][1].unlink()
+    told: list[str] = []
+    tail = journal._Tail(tmp_path, told.append)
+    seen = []
+    for _ in range(4):
+        seen.extend(json.loads(line)["esd"] for line in tail.read() or [])
+    assert seen == ["7A one", "7A three"] and told == []
+
+
 def test_a_follower_far_behind_a_mass_deletion_says_so_once(tmp_path: Path,
                                                             monkeypatch) -> None:
     """Each receiver of a stale listing that was gone made a line of its own."""

@@ -994,6 +994,15 @@ class _Tail:
         #: when none of them is newer than the current one (with thousands
         #: of receivers, listing it at each move took minutes).
         self._known: list[tuple[int, Path]] = []
+        #: The receivers of the first listing: a gap between them was made
+        #: before this reader began (DLTJRNRCV), and hides nothing from it.
+        self._first: tuple[set[int], int] | None = None
+
+    def _list(self) -> None:
+        self._known = receivers(self.directory)
+        if self._first is None:
+            numbers = {n for n, _ in self._known}
+            self._first = (numbers, max(numbers, default=0))
 
     def read(self) -> list[bytes] | None:
         """New complete lines, or None when there is nothing new anywhere."""
@@ -1016,7 +1025,7 @@ class _Tail:
     def _newer(self) -> tuple[int, Path] | None:
         at = bisect.bisect_right(self._known, self.number, key=lambda r: r[0])
         if at == len(self._known):
-            self._known = receivers(self.directory)
+            self._list()
             at = bisect.bisect_right(self._known, self.number, key=lambda r: r[0])
             if at == len(self._known):
                 return None
@@ -1037,13 +1046,19 @@ class _Tail:
             except FileNotFoundError:
                 # The listing is stale (pruned meanwhile): list again.
                 self.number = newer[0]
-                self._known = receivers(self.directory)
+                self._list()
         last_gone = self.number - 1 if found else self.number
         if reporting and last_gone >= expected:
             self._lost(expected, last_gone)
         return found
 
     def _lost(self, first: int, last: int) -> None:
+        if self._first is not None:
+            listed, highest = self._first
+            missed = [n for n in range(first, last + 1) if n in listed or n > highest]
+            if not missed:
+                return
+            first, last = missed[0], missed[-1]
         if self.gone is not None and last >= first:
             names = receiver_name(first) + ("" if last == first else
                                             f" to {receiver_name(last)}")
