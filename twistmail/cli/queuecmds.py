@@ -523,9 +523,12 @@ def hlddstq(dstq: str, pty: str) -> None:
     root, part = _dstq(dstq, pty)
     flag = hold_flag(root, part)
     with _readable(f"QSMTPQ {part} not held"):
-        if not flag.exists():
-            flag.touch()
-            fsync_dir(root)  # a hold that a power loss undoes would send mail
+        if flag.exists():
+            click.echo(f"QSMTPQ {part} was held already: outbound mail stays queued until "
+                       "rlsdstq")
+            return
+        flag.touch()
+        fsync_dir(root)  # a hold that a power loss undoes would send mail
     click.echo(f"QSMTPQ {part} held: outbound mail stays queued until rlsdstq")
 
 
