@@ -999,6 +999,8 @@ def test_the_bridge_sweeps_what_killed_deliveries_left_in_every_tmp(make_applian
     that never sign on kept it for ever; the bridge sweeps them all at start
     (and every hour)."""
     a = make_appliance()
+    rc, _, err = a.cli("crtusrprf", "--usrprf", "MAILONLY", "--password", "*NONE")
+    assert rc == 0, err
     old = time.time() - 37 * 3600
     left = []
     for root, owner in (("snads", "OVUSER"), ("mailboxes", "MAILONLY")):

@@ -226,3 +226,19 @@ def test_bcc_written_with_a_space_before_the_colon_is_not_returned():
     headers = b"From: j@x.test\r\nBCC : hidden4@x.test\r\nbcc:h5@x.test\r\nSubject: s\r\n"
     raw = _notice(headers=headers)
     assert b"hidden4" not in raw and b"h5@" not in raw and b"Subject: s" in raw
+
+
+def test_a_utf8_original_recipient_is_written_as_the_client_gave_it():
+    """RFC 6533's utf-8-addr-xtext is escaped already: its backslashes were
+    escaped again, and the reader saw \\x{5C}x{E9} where é was meant."""
+    raw = build_notice(
+        hostname="mail.example.test", queue_id="18ec2f06c368ee480e6dfc",
+        originator="jane@example.test", arrival=1_700_000_000.0,
+        failures=[Failure("jerome@example.test", "5.1.1", "550 5.1.1 unknown",
+                          orcpt="utf-8;j\\x{E9}r\\x{F4}me@example.test\x1b")],
+        headers=b"Subject: s\r\n", message_id=None, envid=None,
+    )
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    _, status, _ = msg.iter_parts()
+    _, block = status.get_payload()
+    assert block["Original-Recipient"] == "utf-8;j\\x{E9}r\\x{F4}me@example.test\\x{1B}"

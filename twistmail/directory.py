@@ -202,7 +202,8 @@ def lost(path: Path) -> str | None:
         state = "missing"
     boxes = path.parent / "mailboxes"
     try:
-        held = sum(1 for e in os.scandir(boxes) if e.is_dir(follow_symlinks=False))
+        held = sum(1 for e in os.scandir(boxes)  # not one DLTUSRPRF set aside
+                   if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
     except (FileNotFoundError, NotADirectoryError):
         return None
     if not held:

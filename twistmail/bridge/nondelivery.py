@@ -188,7 +188,8 @@ def _status_part(hostname: str, queue_id: str, arrival: float,
     part.attach(per_message)
     now = email.utils.formatdate(localtime=True)
     for f in failures:
-        original = [("Original-Recipient", _ascii_line(f.orcpt))] if f.orcpt else []
+        original = ([("Original-Recipient", _ascii_line(f.orcpt, escaped=True))]
+                    if f.orcpt else [])
         tried = [("Last-Attempt-Date", now)] if f.action in ("failed", "delayed") else []
         if f.retry_until is not None:  # RFC 3464 §2.3.8
             tried.append(("Will-Retry-Until", email.utils.formatdate(f.retry_until,
@@ -283,10 +284,12 @@ def _full_original(body: Path, trace: int) -> bytes | None:
         return f.read()
 
 
-def _ascii_line(text: str, limit: int = 900) -> str:
+def _ascii_line(text: str, limit: int = 900, escaped: bool = False) -> str:
     """One line of printable ASCII for a report field: what is not is written
-    \\x{HEX} (RFC 6533), so a remote reply cannot add a field or a control."""
-    line = "".join(c if " " <= c <= "~" and c != "\\" else f"\\x{{{ord(c):X}}}"
+    \\x{HEX} (RFC 6533), so a remote reply cannot add a field or a control.
+    ``escaped``: the text is in that form already (an ORCPT of type utf-8, as
+    the client gave it): its backslashes stay as they are."""
+    line = "".join(c if " " <= c <= "~" and (escaped or c != "\\") else f"\\x{{{ord(c):X}}}"
                    for c in " ".join(text.split()))
     if len(line) > limit:  # cut after escaping: an escape is up to ten characters
         line = line[:limit]
