@@ -381,6 +381,21 @@ def test_no_relayed_notice_is_made_when_nothing_was_relayed(manager):
     assert list(read_entries(manager.journal.directory, ["7U"])) == []
 
 
+def test_a_failure_of_a_notice_journals_no_notice_put_on_qtmsinq(manager):
+    """87 said a notice went to QTMSINQ where none was made (a null sender)."""
+    env = Envelope.new("", ()).with_recipients([Recipient("rcpt@remote.test")])
+    with manager.queue.new_spool(env) as spool:
+        spool.write(b"Subject: a notice\r\n\r\nhello\r\n")
+        qid = spool.commit(QTMSOUTQ)
+    _relayed(manager, qid, status="permanent")
+    codes = [e["code"] for e in read_entries(manager.journal.directory, ["83", "87", "7U"])]
+    assert codes == ["83", "7U"]
+    qid = _queued(manager.queue, Recipient("rcpt@remote.test"))
+    _relayed(manager, qid, status="permanent")
+    codes = [e["code"] for e in read_entries(manager.journal.directory, ["87", "7P", "AP"])]
+    assert codes == ["87", "7P", "AP"]
+
+
 def test_a_destination_no_job_ran_leaves_its_message_for_the_next_scan(manager):
     """Not in a retry queue, with an attempt counted, for its other destination's outcome."""
     from types import SimpleNamespace

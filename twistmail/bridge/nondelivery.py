@@ -20,7 +20,7 @@ import hashlib
 import quopri
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from email.message import EmailMessage, Message
 from email.policy import SMTP
 from pathlib import Path
@@ -332,8 +332,12 @@ def wants_notice(env: Any, address: str, keyword: str = "FAILURE") -> bool:
 
 def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: Any,
                  failures: list[Failure], body: Path,
-                 responsible: str | None = None) -> str | None:
+                 responsible: str | None = None,
+                 announce: Callable[[], None] | None = None) -> str | None:
     """Queue one notice about ``failures`` in QTMSINQ; its queue id, or None.
+
+    ``announce`` writes the caller's own journal entries for the notice
+    first, and only when one is made (the bridge's 87).
 
     None when the message had a null reverse-path: a notice about a notice
     is never sent (7U).  The notice's id derives from the original's, so a
@@ -389,6 +393,8 @@ def queue_notice(queue: Any, directory: Any, journal: Any, hostname: str, env: A
 
     def record() -> None:
         """Before the notice shows on QTMSINQ: its entries precede its delivery's."""
+        if announce is not None:
+            announce()
         if kind == "failed":
             journal.write("7P", f"7P UNDL {env.originator}", env.id, originator=env.originator)
         else:

@@ -1269,12 +1269,12 @@ class OutboundManager:
                 code = "83" if r.resolved in (None, "remote") else "A3"
                 self.journal.write(code, f"{code} U {r.address}", qid, recipient=r.address,
                                    reason=r.last_error)
-            self.journal.write("87", f"87 TIQ notice {qid}", qid)
             failures = [Failure(r.address, _status(r.last_error), r.last_error or "failed")
                         for r in failed_now]
             queue_notice(self.queue, self.directory, self.journal, self.settings.hostname,
                          env, failures, self.queue.body_path(qid),
-                         responsible=self.settings.smtp.nfydlvry)
+                         responsible=self.settings.smtp.nfydlvry,
+                         announce=lambda: self.journal.write("87", f"87 TIQ notice {qid}", qid))
             env = env.note({"noticed": [r.address for r in failed_now]})
         if pending:
             queue_name, code, delay = target
