@@ -81,7 +81,9 @@ class FakeBackend:
         return self.dsn_trusted
 
     def check_recipient(self, address, client_ip, user=None, server_ip=None):
-        if address.domain_key not in ("example.test", ""):
+        if address.domain_key == "remote.test":
+            v = Verdict(250, "2.1.5 Ok, relayed", local=False)
+        elif address.domain_key not in ("example.test", ""):
             v = Verdict(550, "5.7.1 Relaying denied")
         elif address.local.startswith("nobody"):
             v = Verdict(550, "5.1.1 Mailbox unknown")
@@ -187,6 +189,23 @@ def test_whole_transaction_adds_trace_and_missing_headers():
     assert rec.originator == "jane@example.test"
     assert rec.recipients == (("sam@example.test", True),)
     assert rec.message_id == "<q1@mail.example.test>"
+
+
+def test_a_remote_mailbox_given_twice_is_sent_once_without_the_root_s_dot():
+    """Each spelling went to the next hop, one of them with a trailing dot,
+    which RFC 5321 does not allow and a next hop may refuse."""
+    s = Session(maxrcpt=10, dsn=True)
+    s.start()
+    s.send(b"MAIL FROM:<jane@example.test>\r\n")
+    for rcpt in (b"dup@remote.test", b"dup@REMOTE.TEST", b"dup@remote.test.", b"Dup@remote.test",
+                 b"sam@example.test.", b"sam@example.test"):
+        s.send(b"RCPT TO:<" + rcpt + b"> NOTIFY=NEVER\r\n")
+    s.send(b"DATA\r\nSubject: hi\r\n\r\nHello\r\n.\r\n")
+    assert s.codes() == [250] * 7 + [354, 250]
+    _, rec = s.backend.queued[0]
+    assert rec.recipients == (("dup@remote.test", False), ("Dup@remote.test", False),
+                              ("sam@example.test", True), ("sam@example.test", True))
+    assert [to for to, _, _ in rec.dsn] == [to for to, _ in rec.recipients]
 
 
 def test_existing_message_id_and_date_are_kept():

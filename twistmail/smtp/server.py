@@ -87,6 +87,12 @@ def _date_of_second(second: int) -> str:
     return email.utils.formatdate(second, localtime=True)
 
 
+def _mailbox_key(address: str) -> str:
+    """Two spellings of one remote mailbox: the domain's case does not count."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}"
+
+
 @attrs.frozen
 class Verdict:
     """Whether a recipient is accepted, and how: the SMTP reply and the route."""
@@ -178,6 +184,8 @@ class Transaction:
     ret: str | None = None
     envid: str | None = None
     dsn: list[tuple[str, tuple[str, ...] | None, str | None]] = attrs.field(factory=list)
+    #: The remote mailboxes among the recipients (see ``_mailbox_key``).
+    remote: set[str] = attrs.field(factory=set)
 
 
 class _Data:
@@ -1165,9 +1173,17 @@ class SMTPSession(SequentialSession):
 
         def decided(verdict: Verdict) -> None:
             if verdict.accepted and self.txn is txn:
-                txn.recipients.append((verdict.route or str(address), verdict.local))
-                if notify is not None or orcpt is not None:
-                    txn.dsn.append((verdict.route or str(address), notify, orcpt))
+                # The root's dot goes (RFC 5321 has no such domain: the next
+                # hop may refuse it), and a remote address given twice is
+                # sent once, as the local ones are delivered once.
+                to = verdict.route or str(attrs.evolve(address, domain=address.domain[:-1])
+                                          if address.domain.endswith(".") else address)
+                if verdict.local or _mailbox_key(to) not in txn.remote:
+                    if not verdict.local:
+                        txn.remote.add(_mailbox_key(to))
+                    txn.recipients.append((to, verdict.local))
+                    if notify is not None or orcpt is not None:
+                        txn.dsn.append((to, notify, orcpt))
             self.reply(verdict.code, verdict.text)
 
         d.addCallback(decided)
