@@ -146,6 +146,7 @@ def test_get_absent_keyword() -> None:
         ("X TEXT('It''s", "unterminated quoted string in TEXT"),
         ("X TEXT('a'b)", "missing blank after 'a' in TEXT"),
         ("X TOUSRID(SAM(X))", "missing blank after 'SAM' in TOUSRID"),
+        ("X PGM(QTCP/QTMSSRCP MAXJOBS(5)", "or a ')' missing after the value of PGM"),
         ("X MAXJOBS()", "empty parentheses in MAXJOBS"),
         ("X QTCP/PGM(Y)", "bad keyword 'QTCP/PGM'"),
         ("", "empty command"),

@@ -345,7 +345,11 @@ class _Scanner:
         """CL needs a blank between values; ``)`` and the end are checked by the caller."""
         c = self.peek()
         if c and not c.isspace() and c != ")":
-            raise ClError(f"missing blank after {after!r} in {where} before {self.rest()!r}")
+            # PGM(QTCP/QTMSSRCP MAXJOBS(5): a keyword inside another's value
+            hint = (f" (or a ')' missing after the value of {where}?)"
+                    if c == "(" and after[:1].isalpha() and after.isalnum() else "")
+            raise ClError(f"missing blank after {after!r} in {where} before "
+                          f"{self.rest()!r}{hint}")
 
 
 def _join_continuations(text: str) -> str:
