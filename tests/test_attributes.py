@@ -24,6 +24,9 @@ def test_chgsmtpa_applies_to_new_sessions(appliance):
     rc, out, err = a.cli("dspsmtpa", "--json")
     shown = json.loads(out)
     assert shown["maxrcpt"] == 1 and shown["rtymin"] == [3, 30]
+    # The same values again: said so, not "changed".
+    rc, out, err = a.cli("chgsmtpa", "--maxrcpt", "1")
+    assert rc == 0 and "has these values already" in out and "changed" not in out, err
 
 
 def test_chgpopa_applies_live_and_nbrsvr_is_the_pop_entry(appliance):

@@ -66,7 +66,10 @@ def apply_live(what: str) -> None:
             click.echo(f"{what} saved; the daemon is stopping, it applies at the next start")
             return
         raise Failure(f"{what} saved, but the daemon did not apply it: {e}") from None
-    click.echo(f"{what} changed and applied to the running daemon")
+    if result.get("applied") == [] and not result.get("changed"):
+        click.echo(f"{what}: the running daemon has these values already")
+    else:
+        click.echo(f"{what} changed and applied to the running daemon")
     say_after_reload(result)
 
 
