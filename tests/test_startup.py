@@ -645,3 +645,21 @@ def test_a_directory_lost_or_damaged_beside_mailboxes_refuses_the_start(make_app
         assert path.exists() == (damage == "empty")  # not made anew
     rc, out, err = a.cli("wrkusrprf")
     assert rc != 0 and "Traceback" not in err
+
+
+def test_a_stopped_daemon_leaves_the_directory_whole_in_its_file(make_appliance):
+    """The jobs end without closing their connections: the profiles stayed in
+    directory.sqlite-wal, and a copy of the file without it had none."""
+    import contextlib
+    import sqlite3
+
+    a = make_appliance().start()
+    a.user("SAM")
+    a.stop()
+    path = a.datadir / "directory.sqlite"
+    wal = path.with_name(path.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+    copy = a.root / "copy.sqlite"
+    copy.write_bytes(path.read_bytes())
+    with contextlib.closing(sqlite3.connect(copy)) as conn:
+        assert conn.execute("SELECT usrprf FROM profiles").fetchall() == [("SAM",)]

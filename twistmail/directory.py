@@ -663,6 +663,14 @@ class SqliteDirectory:
         if row is None or row[0] != "ok":
             raise sqlite3.DatabaseError(f"it is damaged: {row[0] if row else 'no answer'}")
 
+    def fold_log(self) -> None:
+        """Write the write-ahead log into the file itself (the daemon's stop): the
+        jobs end without closing their connections, which left the profiles
+        in ``directory.sqlite-wal`` alone, lost to a copy of the file without it."""
+        conn = self._conn()
+        conn.execute("PRAGMA busy_timeout = 200")  # not held up by another program
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+
     def close(self) -> None:
         """Close this thread's connection (others close when their threads end)."""
         conn = getattr(self._local, "conn", None)

@@ -522,8 +522,21 @@ class Controller(service.Service):
             # it removed them.  The settings and the TLS pair the jobs load
             # stay: the next start need not write them, on a full disk either.
             (run / name).unlink(missing_ok=True)
+        self._fold_directory_log()
         if self.journal is not None:
             self.journal.write("JH", "JH END twistmail", pid=self.pid)
+
+    def _fold_directory_log(self) -> None:
+        """Every job is gone: the directory file is left whole by itself."""
+        import sqlite3
+
+        from twistmail.directory import SqliteDirectory
+
+        try:
+            with SqliteDirectory.from_settings(self.settings) as d:
+                d.fold_log()
+        except (sqlite3.Error, OSError) as e:  # kept in its log, as SQLite reads it
+            self.log.info("the directory's log is kept beside it ({e})", e=e)
 
     # -- control commands ---------------------------------------------
 
