@@ -169,8 +169,10 @@ def test_pieces_are_cut_at_line_ends_reading_a_piece_at_a_time(data):
     program's) grows by an octet a line, and 900 octets of it are not one piece."""
     cuts = _cut(io.BytesIO(data), 1024)
     assert b"".join(data[a:b] for a, b, *_ in cuts) == data
-    assert all(0 < b - a and 0 < octets <= 1024 for a, b, octets in cuts)
+    assert all(0 < b - a and 0 < octets <= 1024 + 2 for a, b, octets in cuts)
+    # The file's end without a line end is sent with one (as RETR sends it).
     assert all(octets == len(data[a:b].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+               + (2 if b == len(data) and not data.endswith(b"\n") else 0)
                for a, b, octets in cuts)
     assert all(data[b - 1:b] == b"\n" for _, b, *_ in cuts[:-1])  # after a line end
 
@@ -181,10 +183,13 @@ def test_a_line_longer_than_a_piece_is_not_cut(data):
     assert _cut(io.BytesIO(data), 1024)[-1][2] == -1
 
 
-def test_a_piece_is_listed_at_the_octets_retr_sends(store, tmp_path):
-    """Another program's file with LF line ends: each bare LF goes out as CRLF."""
+@pytest.mark.parametrize("end", [b"\n", b""])
+def test_a_piece_is_listed_at_the_octets_retr_sends(store, tmp_path, end):
+    """Another program's file with LF line ends: each bare LF goes out as CRLF;
+    one that ends without a line end is sent with one."""
     cur = store.ensure("SAM") / "cur"
-    (cur / "imported:2,S").write_bytes(b"Subject: big\n\n" + (b"z" * 60 + b"\n") * 3000)
+    (cur / "imported:2,S").write_bytes(b"Subject: big\n\n" + (b"z" * 60 + b"\n") * 2999
+                                       + b"z" * 60 + end)
     _, _, session, transport = _session(store, msgsplit_kb=64)
     _login(session, transport)
     session.dataReceived(b"LIST\r\n")
@@ -282,8 +287,29 @@ def test_a_piece_carries_folded_header_fields_whole(store, tmp_path):
     while session.sender is not None:
         session.sender.resumeProducing()
     head = transport.value()
-    assert b"Subject: a long subject line (part 1 of 3)\r\n" in head
-    assert b"To: a@example.test, b@example.test\r\n" in head
+    assert b"Subject: a long\r\n subject line (part 1 of 3)\r\n" in head
+    assert b"To: a@example.test,\r\n b@example.test\r\n" in head
+
+
+def test_a_piece_with_a_long_subject_is_no_larger_than_msgsplit(store, tmp_path):
+    """The subject, unfolded into one line of 2462 octets (over RFC 5322's 998),
+    came on top of every piece, which all went over MSGSPLIT."""
+    subject = b"\r\n ".join([b"word" * 15] * 40)
+    _deliver(store, tmp_path, b"From: a@x.test\r\nSubject: " + subject + b"\r\n\r\n"
+             + b"".join(b"line %05d abcdefghij\r\n" % n for n in range(4000)))
+    _, _, session, transport = _session(store, msgsplit_kb=32)
+    _login(session, transport)
+    transport.clear()
+    session.dataReceived(b"LIST\r\n")
+    listed = [int(line.split()[1]) for line in transport.value().splitlines()[1:-1]]
+    assert len(listed) > 1 and max(listed) <= 32 * 1024
+    for n, size in enumerate(listed, 1):
+        transport.clear()
+        session.dataReceived(b"RETR %d\r\n" % n)
+        while session.sender is not None:
+            session.sender.resumeProducing()
+        sent = transport.value().split(b"\r\n", 1)[1][:-3].replace(b"\r\n..", b"\r\n.")
+        assert len(sent) == size and max(len(line) for line in sent.split(b"\r\n")) <= 998
 
 
 def test_an_eight_bit_message_is_offered_whole_not_cut(store, tmp_path):

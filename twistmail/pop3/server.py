@@ -535,9 +535,14 @@ class POP3Session(SequentialSession):
 
     def _pieces(self, box: Any, m: Any, limit: int, before: int) -> list[Item]:
         """RFC 2046 §5.2.2 pieces of one message, cut at line ends (read a piece at a time)."""
-        size = max(1024, limit - 1024)
         with box.read(m.index) as f:
             headers = _header_fields(f.read(MAX_HEADER_BYTES))
+            # Room for a piece's own header: 1024 octets, or what a long one
+            # (a Subject folded over many lines) takes, so no piece is larger
+            # than MSGSPLIT.  The size names the cut (see below).
+            longest = len(_partial_header(headers, f"{m.uidl}.999999@{self.factory.hostname}",
+                                          99999, 99999, self.factory.hostname, 0.0))
+            size = max(1024, limit - (1024 if longest <= 1000 else longest + 24))
             cuts = _cut(f, size)
             # A piece's Date, where the message has none: the same at every fetch.
             arrived = os.fstat(f.fileno()).st_mtime
@@ -763,8 +768,8 @@ def _header_fields(data: bytes) -> dict[bytes, bytes]:
     last: bytes | None = None  # the field a continuation line belongs to, if it is kept
     for line in head.splitlines():
         if line[:1] in (b" ", b"\t"):
-            if last is not None:  # folded (RFC 5322 2.2.3): unfolded into one line
-                out[last] += b" " + line.strip()
+            if last is not None:  # folded (RFC 5322 2.2.3): it stays so, each line short
+                out[last] += b"\r\n " + line.strip()
             continue
         name, colon, value = line.partition(b":")
         key = name.strip().lower()
@@ -799,6 +804,8 @@ def _cut(f: BinaryIO, size: int) -> list[tuple[int, int, int]]:
                 cuts.append((start, start + size, -1))
                 return cuts
             octets = _wire(data)
+        elif not data.endswith(b"\n"):
+            octets += 2  # the file ends without a line end: one is sent, as for a whole one
         end = start + len(data)
         cuts.append((start, end, octets))
         start = end
