@@ -613,6 +613,8 @@ class Controller(service.Service):
         client = self._client_pool_status()  # the bridge's, while it runs
         if client is not None and isinstance(client.get("report"), dict):
             statuses["QTMSCCLCP"] = self._client_status(client["report"].get("status", "?"))
+        elif self.bridge is not None and not self.bridge.wanted:
+            statuses["QTMSCCLCP"] = "ENDED"  # the bridge runs them: ENDMSF ended them too
         return statuses
 
     def _client_status(self, status: str) -> str:
