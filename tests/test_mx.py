@@ -75,6 +75,7 @@ def zone() -> dict[str, dict[int, Any]]:
         "deadmx.test": {MX: [(10, "nx.deadmx.test"), (20, "ok.deadmx.test")]},
         "ok.deadmx.test": {A: ["192.0.2.80"]},
         "allnx.test": {MX: [(10, "nx.allnx.test")]},
+        "mxservfail.test": {MX: [(10, "servfail.test")]},
         "hang.test": {MX: [(10, "slow.hang.test")]},
         "pinned.test": {MX: [(10, "mx.pinned.test")]},
         "loop.test": {MX: [(10, "self.example.test"), (20, "backup.loop.test")]},
@@ -185,6 +186,41 @@ class DNSTests(unittest.TestCase):
             orders.add(tuple(middle))
         self.assertGreater(len(orders), 1)
 
+    async def test_an_answer_truncated_over_tcp_too_is_a_server_failure(self) -> None:
+        """Twisted asked again over TCP for every truncated answer, also one that
+        came over TCP: tens of thousands of queries a second, and no answer ever."""
+
+        class AlwaysTruncated(server.DNSServerFactory):
+            tcp_queries = 0
+
+            def handleQuery(self, message, protocol, address):  # noqa: N802
+                if address is None:  # over TCP
+                    AlwaysTruncated.tcp_queries += 1
+                return super().handleQuery(message, protocol, address)
+
+            def sendReply(self, protocol, message, address):  # noqa: N802
+                message.trunc = True
+                return super().sendReply(protocol, message, address)
+
+        factory = AlwaysTruncated(authorities=[self.authority])
+        for _ in range(20):  # a UDP port whose TCP twin is free too
+            udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+            try:
+                tcp = reactor.listenTCP(udp.getHost().port, factory, interface="127.0.0.1")
+            except OSError:
+                udp.stopListening()
+                continue
+            break
+        self.addCleanup(udp.stopListening)
+        self.addCleanup(tcp.stopListening)
+        started = time.monotonic()
+        with self.assertRaises(TemporaryRouteError) as caught:
+            await self.resolver(nameservers=[f"127.0.0.1:{udp.getHost().port}"]).route(
+                "multi.test")
+        self.assertIn("SERVFAIL", str(caught.exception))
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertLessEqual(AlwaysTruncated.tcp_queries, 2)
+
     async def test_null_mx_is_permanent(self) -> None:
         with self.assertRaises(NullMX) as caught:
             await self.resolver().route("null.test")
@@ -203,6 +239,12 @@ class DNSTests(unittest.TestCase):
             await self.resolver().route("servfail.test")
         self.assertEqual(caught.exception.status, "4.4.3")
         self.assertIn("SERVFAIL", str(caught.exception))
+        self.flushLoggedErrors(ServFail)
+
+    async def test_an_mx_host_that_cannot_be_resolved_is_named_once(self) -> None:
+        with self.assertRaises(TemporaryRouteError) as caught:
+            await self.resolver().route("mxservfail.test")
+        self.assertEqual(str(caught.exception).count(" servfail.test:"), 1, str(caught.exception))
         self.flushLoggedErrors(ServFail)
 
     async def test_unanswering_server_is_temporary_within_the_timeout(self) -> None:

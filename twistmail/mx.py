@@ -19,6 +19,9 @@ Twisted defects avoided (TWISTED.md §2.5, §2.6):
 * ``client.Resolver`` retries for up to a minute by default; every resolver
   built here gets a short timeout tuple.
 * Answers may carry CNAME records; answers are filtered by record type.
+* ``client.Resolver`` asks again over TCP for every truncated answer, also
+  one that came over TCP: a server that sets TC there had it ask tens of
+  thousands of times a second, for ever.  ``Resolver`` asks over TCP once.
 """
 
 from __future__ import annotations
@@ -438,12 +441,7 @@ class MXResolver:
         self._address_routes: dict[tuple[str, int, str], Route] = {}
 
     def _make_resolver(self, nameservers: Sequence[str] | None) -> client.Resolver:
-        if nameservers:
-            servers = [nameserver_address(s) for s in nameservers]
-            return client.Resolver(servers=servers, timeout=self.timeout, reactor=self.reactor)
-        return client.Resolver(
-            resolv=SYSTEM_RESOLV_CONF, timeout=self.timeout, reactor=self.reactor
-        )
+        return make_resolver(self.reactor, nameservers, self.timeout)
 
     def close(self) -> None:
         """Stop the resolv.conf re-read timer and any TCP query connection."""
@@ -653,7 +651,7 @@ class MXResolver:
                 failures = [r for ok, r in results if not ok]
                 transient = [f for f in failures if not f.check(dns_error.DNSNameError)]
                 if transient:
-                    return _HostAnswer(temporary=f"{host}: {_describe(transient[0].value)}")
+                    return _HostAnswer(temporary=_describe(transient[0].value))
         ordered = _order_addresses(v4, v6, self.prefer_ipv6)
         return _HostAnswer(tuple(ordered[: self.max_addresses_per_host]))
 
@@ -671,6 +669,29 @@ def _addresses(result: Any, rtype: int) -> list[str]:
         if address not in out:
             out.append(address)
     return out
+
+
+class Resolver(client.Resolver):
+    """Twisted's resolver, asking over TCP once for a truncated answer."""
+
+    def filterAnswers(self, message: dns.Message) -> Any:  # noqa: N802 (Twisted's name)
+        if message.trunc:
+            return self.queryTCP(message.queries).addCallback(self._over_tcp)
+        return super().filterAnswers(message)
+
+    def _over_tcp(self, message: dns.Message) -> Any:
+        if message.trunc:  # truncated over TCP too: nothing better comes by asking again
+            raise dns_error.DNSServerError(message)
+        return super().filterAnswers(message)
+
+
+def make_resolver(reactor: Any, nameservers: Sequence[str] | None,
+                  timeout: Sequence[int]) -> Resolver:
+    """A resolver of these name servers, or of the system's (resolv.conf)."""
+    if nameservers:
+        servers = [nameserver_address(s) for s in nameservers]
+        return Resolver(servers=servers, timeout=timeout, reactor=reactor)
+    return Resolver(resolv=SYSTEM_RESOLV_CONF, timeout=timeout, reactor=reactor)
 
 
 def _describe(error: BaseException) -> str:

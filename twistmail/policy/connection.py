@@ -28,7 +28,6 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from twistmail.policy.anvil import AUTHFAIL_TEXT, Anvil, LimitSettings, Refusal, client_key
-from twistmail.settingtypes import nameserver_address
 
 REFRESH_EVERY = 1.0  # seconds between reads of the reject list (README: within a second)
 DNS_TIMEOUT = (1, 2)  # seconds per try: a slow block list must not stall mail
@@ -93,14 +92,9 @@ def listed_answer(addresses: list[str]) -> bool:
 
 
 def make_resolver(reactor: Any, nameservers: tuple[str, ...]) -> Any:
-    from twisted.names import client
+    from twistmail import mx
 
-    if not nameservers:  # the system's servers (createResolver takes no reactor)
-        from twistmail.mx import SYSTEM_RESOLV_CONF
-
-        return client.Resolver(resolv=SYSTEM_RESOLV_CONF, reactor=reactor, timeout=DNS_TIMEOUT)
-    servers = [nameserver_address(ns) for ns in nameservers]
-    return client.Resolver(servers=servers, reactor=reactor, timeout=DNS_TIMEOUT)
+    return mx.make_resolver(reactor, nameservers, DNS_TIMEOUT)
 
 
 class ConnectionPolicy:
