@@ -663,3 +663,47 @@ def test_a_stopped_daemon_leaves_the_directory_whole_in_its_file(make_appliance)
     copy.write_bytes(path.read_bytes())
     with contextlib.closing(sqlite3.connect(copy)) as conn:
         assert conn.execute("SELECT usrprf FROM profiles").fetchall() == [("SAM",)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs another user to read the settings as")
+def test_a_pair_in_a_directory_only_root_may_enter_does_not_stop_the_jobs(tmp_path):
+    """/etc/letsencrypt/live is 0700: the jobs and the bridge, reading the
+    settings as the daemon's user, refused them ("not an existing file") and
+    none could start, though they load the copy of the pair the daemon keeps."""
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    tmp_path = Path(tempfile.mkdtemp(prefix="twistmail-live-"))  # pytest's are private
+    request_cleanup = shutil.rmtree
+    tmp_path.chmod(0o755)
+    live = tmp_path / "live"
+    live.mkdir(mode=0o700)
+    for name in ("cert.pem", "key.pem"):
+        (live / name).write_text("")
+    (tmp_path / "var").mkdir()
+    config = tmp_path / "twistmail.toml"
+    config.write_text('[system]\ndatadir = "var"\nlocal_domains = ["example.test"]\n'
+                      '[tls]\ncertificate = "live/cert.pem"\nkey = "live/key.pem"\n')
+    config.chmod(0o644)
+    # Loaded once as root first: the modules it takes from this Python's
+    # library, which nobody may not read where it lies (/root).
+    code = ("import os\n"
+            "from twistmail import config\n"
+            f"config.load({str(config)!r})\n"
+            "try:\n    config.load('/nonexistent.toml')\nexcept OSError:\n    pass\n"
+            f"os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid})\n"
+            f"print(config.load({str(config)!r}).tls.certificate)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert r.returncode == 0 and r.stdout.strip() == "live/cert.pem", r.stderr
+    # Where it may look, a file that is not there is still refused.
+    live.chmod(0o755)
+    (live / "key.pem").unlink()
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60, cwd="/")
+    finally:
+        request_cleanup(tmp_path)
+    assert r.returncode != 0 and "tls.key: 'live/key.pem' is not allowed" in r.stderr

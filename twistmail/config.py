@@ -412,7 +412,13 @@ def from_mapping(data: dict[str, Any], path: Path, directory: Path | None = None
     for key, value in (("smtp.hosttable", settings.smtp.hosttable),
                        ("tls.certificate", settings.tls.certificate),
                        ("tls.key", settings.tls.key)):
-        if value and not _is_file(settings.resolve(value)):
+        found = _is_file(settings.resolve(value)) if value else True
+        # A pair in a directory only root may enter (/etc/letsencrypt/live):
+        # the daemon reads it as root before it gives up root, and the jobs,
+        # which read these settings as its user, load the copy it keeps.
+        if found is None and key.startswith("tls."):
+            continue
+        if not found:
             raise SettingError(key, value, "an existing file (relative paths start at "
                                "the configuration file's directory)")
     if settings.tls.key and not settings.tls.certificate:
@@ -431,10 +437,13 @@ def from_mapping(data: dict[str, Any], path: Path, directory: Path | None = None
 MAX_SOCKET_PATH = 107
 
 
-def _is_file(path: Path) -> bool:
-    """``Path.is_file`` without its OSError for a name too long (Python 3.11)."""
+def _is_file(path: Path) -> bool | None:
+    """``Path.is_file`` without its OSError for a name too long (Python 3.11);
+    None when this user may not look (a directory on the way it may not enter)."""
     try:
         return path.is_file()
+    except PermissionError:
+        return None
     except OSError:
         return False
 
