@@ -707,3 +707,22 @@ def test_a_pair_in_a_directory_only_root_may_enter_does_not_stop_the_jobs(tmp_pa
     finally:
         request_cleanup(tmp_path)
     assert r.returncode != 0 and "tls.key: 'live/key.pem' is not allowed" in r.stderr
+
+
+def test_a_state_directory_made_under_the_shell_s_umask_is_private(make_appliance):
+    """twistd -n keeps the shell's umask (022): the state directory and the
+    mailboxes' were 0755, and every local user could list the profile names."""
+    a = make_appliance()
+    old = os.umask(0o022)
+    try:
+        a.start()
+    finally:
+        os.umask(old)
+    a.user("SAM")
+    import smtplib
+
+    with smtplib.SMTP(*a.addr("smtp"), timeout=30) as s:
+        s.sendmail("jane@example.test", ["sam@example.test"], b"Subject: hi\r\n\r\nhi\r\n")
+    a.wait_for(lambda: a.mailbox("SAM"), 30, "the delivery")
+    for d in (a.datadir, a.datadir / "mailboxes", a.datadir / "journal", a.datadir / "run"):
+        assert d.stat().st_mode & 0o077 == 0, (d, oct(d.stat().st_mode))

@@ -641,7 +641,7 @@ class SqliteDirectory:
         return conn
 
     def _open(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         why = lost(self.path)
         if why is not None:
             raise DirectoryLost(why)

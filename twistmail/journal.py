@@ -532,7 +532,7 @@ class Journal:
             self._forks = _forks
         while True:
             if self._state_fd is None:
-                self.directory.mkdir(parents=True, exist_ok=True)
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self._state_fd = os.open(
                     self.directory / STATE_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640
                 )

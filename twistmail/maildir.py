@@ -275,7 +275,7 @@ class MaildirStore:
     def ensure(self, user: str) -> Path:
         """Create the mailbox if needed, private to the appliance's user."""
         maildir = self.path(user)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # its names are the users'
         for directory in (maildir.parent, maildir, *(maildir / d for d in ("tmp", "new", "cur"))):
             _make_private_dir(directory)
         return maildir
@@ -842,6 +842,7 @@ def owner_lock(root: Path | str, user: str, exclusive: bool = False) -> Iterator
     try:
         fd = os.open(path, flags, 0o600)
     except FileNotFoundError:  # the first delivery, or a hand removed it
+        os.makedirs(root, mode=0o700, exist_ok=True)  # its names are the users'
         os.makedirs(directory, mode=0o700, exist_ok=True)
         fd = os.open(path, flags, 0o600)
     try:

@@ -411,7 +411,7 @@ def _store(settings: Any, journal: Any, dst_id: str, originator: str, stored: li
              f"\t{email.utils.formatdate(time.time(), localtime=True)}\r\n").encode()
     failed: dict[str, str] = {}
     try:
-        store.root.mkdir(parents=True, exist_ok=True)
+        store.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = tempfile.NamedTemporaryFile(dir=store.root, prefix=".snddst.")
     except OSError as e:
         return {t.label: str(e) for t in stored}

@@ -160,8 +160,11 @@ class Controller(service.Service):
                 f"but the state is in {beside_link}, beside the link to it, where earlier "
                 "versions read it: move it there, or give datadir as an absolute path")
         try:
+            # Its own: with twistd -n the umask is the shell's, and a 0755 state
+            # directory let every local user list the mailboxes, by profile name.
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
             for sub in ("run", "journal"):
-                (d / sub).mkdir(parents=True, exist_ok=True)
+                (d / sub).mkdir(mode=0o700, exist_ok=True)
         except OSError as e:
             raise StartRefused(f"cannot make {e.filename}: {e.strerror}") from None
         root = os.geteuid() == 0
