@@ -76,6 +76,7 @@ def zone() -> dict[str, dict[int, Any]]:
         "ok.deadmx.test": {A: ["192.0.2.80"]},
         "allnx.test": {MX: [(10, "nx.allnx.test")]},
         "mxservfail.test": {MX: [(10, "servfail.test")]},
+        "mxaddress.test": {MX: [(10, "192.0.2.9")]},
         "hang.test": {MX: [(10, "slow.hang.test")]},
         "pinned.test": {MX: [(10, "mx.pinned.test")]},
         "loop.test": {MX: [(10, "self.example.test"), (20, "backup.loop.test")]},
@@ -246,6 +247,12 @@ class DNSTests(unittest.TestCase):
             await self.resolver().route("mxservfail.test")
         self.assertEqual(str(caught.exception).count(" servfail.test:"), 1, str(caught.exception))
         self.flushLoggedErrors(ServFail)
+
+    async def test_an_mx_written_as_an_address_is_refused_saying_so(self) -> None:
+        """RFC 5321 §5.1: an MX names a host; its address is not looked up as one."""
+        with self.assertRaises(PermanentRouteError) as caught:
+            await self.resolver().route("mxaddress.test")
+        self.assertIn("the MX 192.0.2.9 is an address", str(caught.exception))
 
     async def test_unanswering_server_is_temporary_within_the_timeout(self) -> None:
         r = self.resolver(nameservers=[self.black_hole()], timeout=(0.2, 0.3))
