@@ -312,6 +312,18 @@ def test_a_piece_with_a_long_subject_is_no_larger_than_msgsplit(store, tmp_path)
         assert len(sent) == size and max(len(line) for line in sent.split(b"\r\n")) <= 998
 
 
+def test_a_message_whose_header_leaves_no_room_for_a_piece_is_offered_whole(store, tmp_path):
+    """A Subject folded to 35 KB, MSGSPLIT 32: fifty pieces of 36 KB each, every
+    one carrying the header, all over MSGSPLIT."""
+    subject = b"\r\n ".join([b"word" * 15] * 580)
+    data = b"Subject: " + subject + b"\r\n\r\n" + b"body line\r\n" * 1400
+    _deliver(store, tmp_path, data)
+    _, _, session, transport = _session(store, msgsplit_kb=32)
+    session.dataReceived(b"USER sam\r\nPASS secret\r\nLIST\r\n")
+    replies = transport.value().splitlines()
+    assert replies[4:] == [b"1 %d" % len(data), b"."]
+
+
 def test_an_eight_bit_message_is_offered_whole_not_cut(store, tmp_path):
     """RFC 2046 §5.2.2: message/partial is 7bit always; 8-bit pieces are not allowed."""
     data = b"Subject: big\r\n\r\n" + (b"z" * 60 + b"\r\n") * 3000 + "caf\u00e9\r\n".encode()

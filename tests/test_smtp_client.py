@@ -169,6 +169,7 @@ class Behaviour:
     greeting: str | None = "220 sink.test ESMTP"
     ehlo: str | None = None  # a failure reply to EHLO, e.g. "502 5.5.1 no"
     helo: str = "250 sink.test"
+    ehlo_after_tls: str | None = None  # a failure reply to EHLO once TLS is on
     extensions: tuple[str, ...] = ("PIPELINING", "SIZE 10000000", "8BITMIME",
                                    "ENHANCEDSTATUSCODES")
     tls: bool = False  # offer STARTTLS before TLS
@@ -269,8 +270,8 @@ class Sink:
             self.commands.append(command)
             self.batches.append((verb, reader.reads))
             if verb == "EHLO":
-                if b.ehlo:
-                    reply(b.ehlo)
+                if b.ehlo or (state["tls"] and b.ehlo_after_tls):
+                    reply(b.ehlo_after_tls if state["tls"] and b.ehlo_after_tls else b.ehlo)
                     continue
                 extensions = list(b.extensions)
                 if state["tls"] and b.tls_extensions is not None:
@@ -900,6 +901,13 @@ class ClientTests(unittest.TestCase):
         self.assertTrue(result.tls)
         self.assertEqual(sink.tls_sessions, 1)
         self.assertEqual(sent_commands(sink)[:3], ["EHLO", "STARTTLS", "EHLO"])
+
+    async def test_a_5xx_to_ehlo_and_helo_after_starttls_is_temporary(self) -> None:
+        """A server whose TLS set-up is broken: mended, it takes the mail.  It must
+        not be returned as a refusal, as a 5xx before TLS is at the last hop."""
+        sink = self.sink(tls=True, ehlo_after_tls="550 5.7.1 no", helo="550 5.7.1 no")
+        result = await self.send([sink.hop()])
+        self.assertEqual(result.recipients[0].status, TEMPORARY)
 
     async def test_opportunistic_without_starttls_goes_plain(self) -> None:
         sink = self.sink()

@@ -713,6 +713,8 @@ def test_a_state_directory_made_under_the_shell_s_umask_is_private(make_applianc
     """twistd -n keeps the shell's umask (022): the state directory and the
     mailboxes' were 0755, and every local user could list the profile names."""
     a = make_appliance()
+    (a.datadir / "mailboxes").mkdir(parents=True, mode=0o755)  # an earlier version's
+    a.datadir.chmod(0o755)
     old = os.umask(0o022)
     try:
         a.start()

@@ -438,13 +438,14 @@ MAX_SOCKET_PATH = 107
 
 
 def _is_file(path: Path) -> bool | None:
-    """``Path.is_file`` without its OSError for a name too long (Python 3.11);
-    None when this user may not look (a directory on the way it may not enter)."""
+    """Whether ``path`` is a regular file; None when this user may not look (a
+    directory on the way it may not enter).  ``os.stat`` itself: from Python
+    3.14 ``Path.is_file`` answers False for that too."""
     try:
-        return path.is_file()
+        return stat.S_ISREG(os.stat(path).st_mode)
     except PermissionError:
         return None
-    except OSError:
+    except (OSError, ValueError):  # gone, a name too long, a NUL
         return False
 
 

@@ -167,6 +167,7 @@ class Controller(service.Service):
                 (d / sub).mkdir(mode=0o700, exist_ok=True)
         except OSError as e:
             raise StartRefused(f"cannot make {e.filename}: {e.strerror}") from None
+        _private(d, d / "mailboxes", d / "snads")  # made so by an earlier version
         root = os.geteuid() == 0
         if root:
             try:
@@ -988,6 +989,24 @@ def _state_beside_link(settings: configmod.Settings) -> Path | None:
     if old == settings.datadir or not (old / "directory.sqlite").exists():
         return None
     return None if (settings.datadir / "directory.sqlite").exists() else old
+
+
+def _private(*directories: Path) -> None:
+    """Those that exist lose their group and other bits; never through a link
+    (as root), and quietly where this user may not change them (not its own)."""
+    for directory in directories:
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # not there yet, or a link: the checks after this one say so
+        try:
+            mode = os.fstat(fd).st_mode
+            if mode & 0o077:
+                os.fchmod(fd, mode & 0o700)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _open_no_link(directory: Path) -> int:

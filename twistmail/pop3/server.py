@@ -542,8 +542,10 @@ class POP3Session(SequentialSession):
             # than MSGSPLIT.  The size names the cut (see below).
             longest = len(_partial_header(headers, f"{m.uidl}.999999@{self.factory.hostname}",
                                           99999, 99999, self.factory.hostname, 0.0))
-            size = max(1024, limit - (1024 if longest <= 1000 else longest + 24))
-            cuts = _cut(f, size)
+            size = limit - (1024 if longest <= 1000 else longest + 24)
+            # A header that leaves no room for a piece of 1024: offered whole,
+            # as a message that cannot be cut is (each piece would carry it).
+            cuts = _cut(f, size) if size >= 1024 else [(0, 0, -1)]
             # A piece's Date, where the message has none: the same at every fetch.
             arrived = os.fstat(f.fileno()).st_mtime
         if cuts and cuts[-1][2] < 0:

@@ -1025,7 +1025,9 @@ class _Opening:
             reply = await self.session.read("HELO", self.t.ehlo)
             if reply.positive:
                 return Extensions(esmtp=False)
-        if 500 <= reply.code < 600:  # the server will not talk to us, now or later
+        if 500 <= reply.code < 600 and not self.session.tls:
+            # The server will not talk to us, now or later.  After STARTTLS it
+            # is rather its TLS set-up that is broken: mended, it takes the mail.
             found = _ENHANCED_5.match(reply.lines[0]) if reply.lines else None
             status = f"5.{found.group(1)}" if found else "5.0.0"
             raise _HopFailed(f"{status} {self.where} refused EHLO/HELO: {reply}", reply.code)
