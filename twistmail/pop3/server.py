@@ -807,7 +807,8 @@ def _cut(f: BinaryIO, size: int) -> list[tuple[int, int, int]]:
                 return cuts
             octets = _wire(data)
         elif not data.endswith(b"\n"):
-            octets += 2  # the file ends without a line end: one is sent, as for a whole one
+            # The file ends without a line end: it is completed, as a whole one is.
+            octets += 1 if data.endswith(b"\r") else 2
         end = start + len(data)
         cuts.append((start, end, octets))
         start = end
