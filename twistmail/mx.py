@@ -613,7 +613,7 @@ class MXResolver:
             return tuple(hops)
         if temporary:
             raise TemporaryRouteError(name, "no MX host could be resolved: " + "; ".join(temporary))
-        written = [host for _, host in exchanges if _is_address(host)]
+        written = [host for _, host in exchanges if _is_ip(host.rstrip("."))]
         if written:  # RFC 5321 §5.1: an MX names a host, never an address
             raise PermanentRouteError(name, f"no MX host has an address (the MX {written[0]} "
                                             "is an address where a host name belongs)")
@@ -696,14 +696,6 @@ def make_resolver(reactor: Any, nameservers: Sequence[str] | None,
         servers = [nameserver_address(s) for s in nameservers]
         return Resolver(servers=servers, timeout=timeout, reactor=reactor)
     return Resolver(resolv=SYSTEM_RESOLV_CONF, timeout=timeout, reactor=reactor)
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.rstrip("."))
-    except ValueError:
-        return False
-    return True
 
 
 def _describe(error: BaseException) -> str:

@@ -340,9 +340,10 @@ class Controller(service.Service):
 
         from twistmail.directory import DirectoryLost, SqliteDirectory
 
-        path = self.settings.datadir / "directory.sqlite"
+        directory = SqliteDirectory.from_settings(self.settings)
+        path = directory.path
         try:
-            with SqliteDirectory.from_settings(self.settings) as d:
+            with directory as d:
                 d.check()
         except DirectoryLost as e:
             raise StartRefused(str(e)) from None

@@ -1178,9 +1178,10 @@ class SMTPSession(SequentialSession):
                 # sent once, as the local ones are delivered once.
                 to = verdict.route or str(attrs.evolve(address, domain=address.domain[:-1])
                                           if address.domain.endswith(".") else address)
-                if verdict.local or _mailbox_key(to) not in txn.remote:
-                    if not verdict.local:
-                        txn.remote.add(_mailbox_key(to))
+                key = None if verdict.local else _mailbox_key(to)
+                if key not in txn.remote:
+                    if key is not None:
+                        txn.remote.add(key)
                     txn.recipients.append((to, verdict.local))
                     if notify is not None or orcpt is not None:
                         txn.dsn.append((to, notify, orcpt))
