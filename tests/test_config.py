@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from twistmail import config
 from twistmail.cli import base, configcmd
 from twistmail.configedit import UnknownSetting, set_values, setting_type
-from twistmail.settingtypes import Choice, Endpoint, Int, IntPair, SettingError, parse_value
+from twistmail.settingtypes import Choice, Endpoint, Int, IntPair, Listen, SettingError, parse_value
 
 ROOT = Path(__file__).resolve().parent.parent
 ETC = ROOT / "etc" / "twistmail.toml"
@@ -242,6 +242,17 @@ BAD = [
                  "'[::ffff:127.0.0.1]:2587'", "no IPv4-mapped", id="listen-v4-mapped"),
     pytest.param('[listen]\nsmtp = "[::1%lo]:2525"\n', "listen.smtp", "'[::1%lo]:2525'",
                  "zone %", id="listen-zone"),
+    # Two services on one port: the second bind failed "Address already in
+    # use", naming neither setting.
+    pytest.param('[listen]\nsmtp = "[::1]:2600"\nsubmission = "[::1]:2600"\n',
+                 "listen.submission", "'[::1]:2600'", "listen.smtp is [::1]:2600",
+                 id="listen-same"),
+    pytest.param('[listen]\nsmtp = "[::]:2600"\npop3 = "127.0.0.1:2600"\n',
+                 "listen.pop3", "'127.0.0.1:2600'", "listen.smtp is [::]:2600",
+                 id="listen-dual-stack"),
+    pytest.param('[listen]\nsmtp = "0.0.0.0:2600"\nsmtps = "localhost:2600"\n',
+                 "listen.smtps", "'127.0.0.1:2600'", "listen.smtp is 0.0.0.0:2600",
+                 id="listen-any-v4"),
     pytest.param(
         '[smtp]\nmailrouter = "relay:\u00b9"\n',
         "smtp.mailrouter",
@@ -915,3 +926,15 @@ def test_a_responsible_person_may_have_an_apostrophe_in_the_name() -> None:
     vtype = configmod.field_type(configmod.SmtpSettings, "mailrouter")
     with pytest.raises(SettingError):
         parse_value("smtp.mailrouter", vtype, "o'brien.example.test")
+
+
+@pytest.mark.parametrize(("written", "read"), [
+    ("[0:0:0:0:0:0:0:0]:2600", Endpoint("::", 2600)),  # serves IPv4 too, as "::" does
+    ("[::0]:2600", Endpoint("::", 2600)),
+    ("[0:0:0:0:0:0:0:1]:2600", Endpoint("::1", 2600)),
+    ("[2001:DB8::1]:2600", Endpoint("2001:db8::1", 2600)),
+])
+def test_a_listener_address_is_read_in_one_spelling(written: str, read: Endpoint) -> None:
+    """The listener and the "MX is this host" check compared strings: written
+    out in full, the every-address "::" was bound IPv6-only."""
+    assert Listen().parse(written) == read

@@ -24,6 +24,7 @@ from twistmail.settingtypes import (
     Choice,
     ChoiceList,
     DomainList,
+    Endpoint,
     FileError,
     HostPort,
     Int,
@@ -87,6 +88,22 @@ class ListenSettings:
     smtps: Any = setting(Listen(), Listen().parse("127.0.0.1:2465"), "SMTP, implicit TLS (465)")
     pop3: Any = setting(Listen(), Listen().parse("127.0.0.1:2110"), "POP3 (110)")
     pop3s: Any = setting(Listen(), Listen().parse("127.0.0.1:2995"), "POP3, implicit TLS (995)")
+
+    def check(self) -> None:
+        """Two services on one address and port: the second bind failed as
+        "Address already in use", naming neither the setting nor the other."""
+        seen: list[tuple[str, Endpoint]] = []
+        for field in attrs.fields(ListenSettings):
+            endpoint = getattr(self, field.name)
+            if endpoint is None:
+                continue
+            for name, other in seen:
+                if endpoint.overlaps(other):
+                    raise SettingError(
+                        f"listen.{field.name}", str(endpoint),
+                        f"an address and port no other service has (listen.{name} "
+                        f"is {other})")
+            seen.append((field.name, endpoint))
 
 
 @attrs.frozen
@@ -409,6 +426,7 @@ def from_mapping(data: dict[str, Any], path: Path, directory: Path | None = None
         settings.prestart.entry(pgm).check(pgm)
     settings.smtp.check()
     settings.system.check()
+    settings.listen.check()
     for key, value in (("smtp.hosttable", settings.smtp.hosttable),
                        ("tls.certificate", settings.tls.certificate),
                        ("tls.key", settings.tls.key)):

@@ -211,6 +211,15 @@ class Endpoint:
     def family(self) -> str:
         return "inet6" if ":" in self.host else "inet"
 
+    def overlaps(self, other: Endpoint) -> bool:
+        """Whether both cannot be bound at once: one port, and one address or
+        an every-address one that takes it in too ("::" serves IPv4 as well)."""
+        if self.port != other.port or not self.port:
+            return False  # port 0: the kernel picks a free port for each
+        if self.host == other.host or "::" in (self.host, other.host):
+            return True
+        return "0.0.0.0" in (self.host, other.host) and self.family == other.family
+
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
@@ -247,6 +256,9 @@ class Listen:
         else:  # forms a listener cannot bind (an IPv6 socket is IPv6-only here)
             if isinstance(ip, ipaddress.IPv6Address) and (ip.ipv4_mapped or ip.scope_id):
                 raise _Invalid
+            # One spelling per address: "[0:0:0:0:0:0:0:0]" is "::", the
+            # address that serves IPv4 too, and the checks compare strings.
+            host = str(ip)
         if not _is_port(port, 0):
             raise _Invalid
         return Endpoint(host, int(port))
