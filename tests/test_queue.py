@@ -1518,3 +1518,27 @@ def test_a_fifo_named_as_an_envelope_is_damaged_not_waited_on(fq):
     assert entry.id == qid and entry.error is not None
     item = fq.set_aside(QTMSRTQ1, qid, "not a regular file")
     assert item.id == qid and fq.list(QTMSRTQ1) == []
+
+
+@pytest.mark.parametrize(("start", "to", "first"), [
+    (QTMSINQ, QTMSOUTQ, False),  # moved on: met in both directories
+    (QTMSRTQ1, QTMSOUTQ, True),  # moved back (a retry): met in neither
+])
+def test_a_listing_of_every_queue_shows_a_message_moved_meanwhile_once(
+        fq, monkeypatch, start, to, first):
+    """wrkq read the queues one after another while the bridge moved mail
+    between them: a message was listed twice, or not at all."""
+    qid = enqueue(fq, queue=start)
+    other = enqueue(fq, queue=QTMSINQ)
+    read = FileQueue.list
+
+    def read_while_moving(self, queue):
+        """The move comes just before (or after) ``to`` is read."""
+        ids = read(self, queue) if first else None
+        if queue == to and qid in read(self, start):
+            fq.move(qid, start, to)
+        return read(self, queue) if ids is None else ids
+
+    monkeypatch.setattr(FileQueue, "list", read_while_moving)
+    listed = [(e.queue, e.id) for e in fq.entries()]
+    assert sorted(listed) == sorted([(QTMSINQ, other), (to, qid)])

@@ -1010,13 +1010,43 @@ class FileQueue:
     def entries(self, queue: str | None = None, now: float | None = None) -> Iterator[QueueEntry]:
         """The messages of one queue or of all, oldest first within each queue."""
         now = time.time() if now is None else now
-        for q in QUEUES if queue is None else (queue,):
-            for queue_id in self.list(q):
-                entry = self._entry(q, queue_id, now)
+        if queue is not None:
+            for queue_id in self.list(queue):
+                entry = self._entry(queue, queue_id, now)
                 if entry is not None:
                     yield entry
-            if q == CORRUPT:
-                yield from self._more_copies(now)
+        else:
+            listed = self._everywhere(now)
+            listed.sort(key=lambda e: (QUEUES.index(e.queue), e.id))
+            yield from listed
+        if queue in (None, CORRUPT):
+            yield from self._more_copies(now)
+
+    def _everywhere(self, now: float) -> list[QueueEntry]:
+        """Every message once, in the queue that holds it when its envelope is read.
+
+        The queues are read one after another while the bridge moves mail
+        between them: a message moved on between the reads of two queues was
+        met in both, one moved back (a retry, to QTMSOUTQ) in neither.  A
+        second read finds the latter; each message is then read where it was
+        met, and looked for again if it has moved since.
+        """
+        found: dict[str, list[str]] = {}
+        for _ in range(2):
+            for q in QUEUES:
+                for queue_id in self.list(q):
+                    where = found.setdefault(queue_id, [])
+                    if q not in where:
+                        where.append(q)
+        listed: list[QueueEntry] = []
+        for queue_id, where in found.items():
+            read = [e for q in where if (e := self._entry(q, queue_id, now)) is not None]
+            if not read:  # moved (or gone) since it was met
+                q = self.find(queue_id)
+                entry = None if q is None else self._entry(q, queue_id, now)
+                read = [] if entry is None else [entry]
+            listed.extend(read)  # two only if two copies are really there
+        return listed
 
     def _more_copies(self, now: float) -> Iterator[QueueEntry]:
         """Copies set aside after a first one of the same id (``<id>.<ns>.json``):
