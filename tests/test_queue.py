@@ -1542,3 +1542,17 @@ def test_a_listing_of_every_queue_shows_a_message_moved_meanwhile_once(
     monkeypatch.setattr(FileQueue, "list", read_while_moving)
     listed = [(e.queue, e.id) for e in fq.entries()]
     assert sorted(listed) == sorted([(QTMSINQ, other), (to, qid)])
+
+
+def test_a_message_sent_before_its_retry_is_due_is_listed_as_sending(fq):
+    """wrkq --retry sends mail at once and the message keeps its next try:
+    wrkq said "waiting ... in 50s" for mail under way."""
+    from twistmail.cli.queuecmds import state_of
+    from twistmail.queue import EARLY
+
+    now = time.time()
+    kept = enqueue(fq, queue=QTMSOUTQ, next_try=now + 50)
+    early = enqueue(fq, queue=QTMSOUTQ, next_try=now + 50, history=({EARLY: True},))
+    states = {e.id: state_of(e, now, held=False) for e in fq.entries(QTMSOUTQ)}
+    assert states == {kept: "waiting", early: "sending"}
+    assert "early" not in next(fq.entries(QTMSOUTQ)).to_dict()  # wrkq --json as it was

@@ -114,6 +114,11 @@ RELAYED = "relayed"
 STATES = (PENDING, DELIVERED, FAILED, RETRY, RELAYED)
 FINAL_STATES = frozenset((DELIVERED, FAILED, RELAYED))
 
+#: The envelope note of a message an ETRN or ``wrkq --retry`` took from the
+#: retry queues before its retry was due: the try does not count, and the
+#: message keeps its next try (see the bridge's outbound ``_settle_locked``).
+EARLY = "early_for_etrn"
+
 #: Version of the envelope JSON; readers ignore keys they do not know.
 FORMAT = 1
 
@@ -383,9 +388,12 @@ class QueueEntry:
     attempts: int
     next_try: float | None
     error: str | None = None
+    #: Sent before its retry was due (wrkq --retry, ETRN): its next try is
+    #: the retry it keeps, not a wait.
+    early: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        return attrs.asdict(self, filter=lambda a, _: a.name != "early")
 
 
 @attrs.frozen
@@ -1086,6 +1094,7 @@ class FileQueue:
             attempts=env.attempts,
             next_try=env.next_try,
             error=self._reason(queue_id) if queue == CORRUPT else None,
+            early=any(isinstance(h, dict) and EARLY in h for h in env.history),
         )
 
     def _body_size(self, queue_id: str) -> int:

@@ -94,7 +94,7 @@ from twistmail.bridge.nondelivery import EXHAUSTED, Failure, queue_notice
 from twistmail.bridge.schedule import TransferSchedule
 from twistmail.interfaces import CORRUPT, QTMSBSSQ, QTMSINQ, QTMSOUTQ, QTMSRTQ1, QTMSRTQ2
 from twistmail.journal import time_text
-from twistmail.queue import DELIVERED, FAILED, PENDING, RETRY, Envelope
+from twistmail.queue import DELIVERED, EARLY, FAILED, PENDING, RETRY, Envelope
 
 SCAN_EVERY = 1.0  # seconds
 KICK_DELAY = 0.05  # seconds from a change inotify reports to the scan it asks for
@@ -114,9 +114,6 @@ RECORD_RETRY_MAX = 300.0
 #: Seconds after which a queue the scans leave alone is read all the same:
 #: the retry queues, QTMSOUTQ while held (see the module docstring).
 REREAD = 60.0
-#: The envelope note of a message an ETRN took from the retry queues before
-#: its retry was due (see ``_settle_locked``).
-EARLY = "early_for_etrn"
 #: HLDDSTQ's flag file for each priority part of QSMTPQ.  SMTP mail carries no
 #: SNADS priority, so a hold of either part holds it all: the seed holds both,
 #: and releasing one must not send what the other still holds.

@@ -106,7 +106,7 @@ def state_of(entry: QueueEntry, now: float, held: bool, stopped: bool = False,
             return "held"  # HLDDSTQ
         if stopped:
             return "stopped"  # no bridge to send it: ENDMSF, or the daemon down
-        if entry.next_try is not None and entry.next_try > now:
+        if entry.next_try is not None and entry.next_try > now and not entry.early:
             return "waiting"  # for the next mail transfer (MAILXFRINT)
         return "sending"
     return {QTMSINQ: "arrived", QTMSRTQ1: "retry", QTMSRTQ2: "retry",
