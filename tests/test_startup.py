@@ -16,6 +16,7 @@ import twisted.plugins
 from twistmail.control import ControlClient
 
 ROOT = Path(__file__).resolve().parent.parent
+TWISTMAIL = str(Path(TWISTD).with_name("twistmail"))
 
 
 def test_twistd_lists_the_plugin_without_rewriting_its_cache():
@@ -728,3 +729,23 @@ def test_a_state_directory_made_under_the_shell_s_umask_is_private(make_applianc
     a.wait_for(lambda: a.mailbox("SAM"), 30, "the delivery")
     for d in (a.datadir, a.datadir / "mailboxes", a.datadir / "journal", a.datadir / "run"):
         assert d.stat().st_mode & 0o077 == 0, (d, oct(d.stat().st_mode))
+
+
+def test_commands_refuse_state_left_beside_a_link_as_the_daemon_does(tmp_path):
+    """wrkusrprf said "(no user profiles)", and wrksmtple made a directory
+    database beside the real file, after which the daemon started on it."""
+    real = tmp_path / "opt" / "etc"
+    real.mkdir(parents=True)
+    (real / "twistmail.toml").write_text('[system]\ndatadir = "../var"\n')
+    (tmp_path / "etc").mkdir()
+    link = tmp_path / "etc" / "twistmail.toml"
+    link.symlink_to(real / "twistmail.toml")
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "directory.sqlite").write_bytes(b"")
+    for command in (["wrkusrprf"], ["wrksmtple"], ["wrkq"]):
+        r = subprocess.run([TWISTMAIL, "--config", str(link), *command],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert f"the state is in {tmp_path / 'var'}, beside the link" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not r.stdout
+    assert not (tmp_path / "opt" / "var").exists()

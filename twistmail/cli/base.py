@@ -68,6 +68,13 @@ class AppContext:
                     f"--config: {str(self.config_path)!r} cannot be read ({e.strerror}); "
                     "allowed: the path of a readable twistmail TOML file"
                 ) from None
+            from twistmail.controller import statedir
+
+            with as_invoker():
+                beside_link = statedir.left_beside_link(self._settings)
+            if beside_link is not None:
+                self._settings = None
+                raise click.UsageError(f"{self.config_path}: {beside_link}")
             # Files made in the state directory must be the daemon's user's.
             act_as_owner(self._settings.datadir)
         return self._settings

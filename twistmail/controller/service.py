@@ -153,12 +153,9 @@ class Controller(service.Service):
         why = statedir.refusal(d)
         if why is not None:  # before anything in it is made, changed or given away
             raise StartRefused(why)
-        beside_link = _state_beside_link(self.settings)
-        if beside_link is not None:
-            raise StartRefused(
-                f"the state directory is {d}, read from where the settings file really is, "
-                f"but the state is in {beside_link}, beside the link to it, where earlier "
-                "versions read it: move it there, or give datadir as an absolute path")
+        why = statedir.left_beside_link(self.settings)
+        if why is not None:
+            raise StartRefused(why)
         try:
             # Its own: with twistd -n the umask is the shell's, and a 0755 state
             # directory let every local user list the mailboxes, by profile name.
@@ -973,23 +970,6 @@ def _give(dir_fd: int, name: str, previous: int, owner: tuple[int, int]) -> None
             os.fchown(fd, *owner)
     finally:
         os.close(fd)
-
-
-def _state_beside_link(settings: configmod.Settings) -> Path | None:
-    """A state directory found only where a relative datadir once led: beside
-    the symbolic link to the settings file, not beside the file itself.
-
-    Started on an empty one, the daemon would show no profiles and no mail,
-    and leave the queued mail where it lies.
-    """
-    link = Path(os.path.abspath(settings.path))
-    datadir = Path(os.path.expanduser(settings.system.datadir))
-    if datadir.is_absolute() or not link.is_symlink():
-        return None
-    old = (link.parent / datadir).resolve()
-    if old == settings.datadir or not (old / "directory.sqlite").exists():
-        return None
-    return None if (settings.datadir / "directory.sqlite").exists() else old
 
 
 def _private(*directories: Path) -> None:

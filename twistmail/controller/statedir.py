@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twistmail.controller.datadirlock import LOCK_FILE
 from twistmail.directory import FILENAME as DIRECTORY_FILE
+
+if TYPE_CHECKING:
+    from twistmail.config import Settings
 
 #: The names twistmail makes at the top of its state directory.
 OURS = frozenset({
@@ -45,3 +49,27 @@ def refusal(datadir: Path) -> str | None:
     return (f"the state directory {datadir} holds files twistmail did not make ({shown}); "
             "the daemon makes it its own, so [system] datadir must name a directory of "
             "twistmail's alone (e.g. /var/lib/twistmail): set it, or move those files")
+
+
+def left_beside_link(settings: Settings) -> str | None:
+    """Why the state directory is refused when the state was found only where
+    a relative datadir once led: beside the symbolic link to the settings
+    file, not beside the file itself (earlier versions read it so).
+
+    The daemon started on an empty one would show no profiles and no mail
+    and leave the queued mail where it lies; a command (wrkusrprf) would say
+    there are none, and one that makes the directory database there would
+    take the refusal away.
+    """
+    link = Path(os.path.abspath(settings.path))
+    datadir = Path(os.path.expanduser(settings.system.datadir))
+    if datadir.is_absolute() or not link.is_symlink():
+        return None
+    old = (link.parent / datadir).resolve()
+    if old == settings.datadir or not (old / DIRECTORY_FILE).exists():
+        return None
+    if (settings.datadir / DIRECTORY_FILE).exists():
+        return None
+    return (f"the state directory is {settings.datadir}, read from where the settings file "
+            f"really is, but the state is in {old}, beside the link to it, where earlier "
+            "versions read it: move it there, or give datadir as an absolute path")
