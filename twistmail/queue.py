@@ -1053,7 +1053,9 @@ class FileQueue:
                 q = self.find(queue_id)
                 entry = None if q is None else self._entry(q, queue_id, now)
                 read = [] if entry is None else [entry]
-            listed.extend(read)  # two only if two copies are really there
+            if len(read) > 1:  # moved on between two reads, or two copies really there
+                read = [e for e in read if self._entry_file(e.queue, queue_id)] or read[-1:]
+            listed.extend(read)
         return listed
 
     def _more_copies(self, now: float) -> Iterator[QueueEntry]:
