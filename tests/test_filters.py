@@ -132,3 +132,26 @@ def test_an_originator_with_a_trailing_dot_is_the_same_originator(tmp_path, dire
     assert examine(path, "x@spam.test.", directory).value == "x@spam.test"
     path.write_bytes(b"From: Bad <x@spam.test.>\r\nSubject: x\r\n\r\nx\r\n")
     assert examine(path, "jane@example.test", directory).value == "x@spam.test"
+
+
+@pytest.mark.parametrize("subject", [
+    b"=?utf-8*en?b?SUxPVkVZT1U=?=",  # RFC 2231 section 5: charset*language
+    b"=?x-unknown?q?ILOVEYOU?=",  # a charset Python does not know
+    b"=?us-ascii?q?I?= =?us-ascii?q?LOVEYOU?=",
+])
+def test_every_spelling_of_an_encoded_subject_is_examined_decoded(tmp_path, directory, subject):
+    """Left encoded when Python could not decode it, it slipped past the filter."""
+    match = _examined(tmp_path, directory, b"Subject: " + subject + b"\r\n\r\nx\r\n")
+    assert match is not None and match.type == "*FTRSUBJECT"
+
+
+def test_an_encoded_attachment_name_with_a_language_is_examined_decoded(tmp_path, directory):
+    message = (b"Subject: x\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+               + _part("=?utf-8*en?q?evil.vbs?=") + b"--b--\r\n")
+    assert _examined(tmp_path, directory, message).value == "evil.vbs"
+
+
+def test_a_byte_an_encoded_word_s_charset_does_not_allow_is_shown_as_a_reader_does():
+    from twistmail.policy.filters import _text
+
+    assert _text("Re: =?utf-8?q?ILOVE=FFYOU?=") == "Re: ILOVE\ufffdYOU"  # was left encoded

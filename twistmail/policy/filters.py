@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import email
+import email.charset
 import email.errors
 import email.header
 import email.message
@@ -172,11 +174,33 @@ def _file_names(part: Any):
 
 
 def _text(value: Any) -> str:
-    """Decoded header text (RFC 2047 / RFC 2231), whitespace folded."""
+    """Decoded header text (RFC 2047 / RFC 2231), whitespace folded.
+
+    Decoded as a mail reader shows it, so that no spelling of a word slips
+    past a filter: a charset with a language (RFC 2231 §5, ``utf-8*en``),
+    one Python does not know and bytes its charset does not allow were each
+    left encoded, and ``=?utf-8*en?b?SUxPVkVZT1U=?=`` did not match ILOVEYOU.
+    """
     if isinstance(value, tuple):  # RFC 2231 parameter: (charset, language, text)
         value = email.utils.collapse_rfc2231_value(value)
     try:
-        decoded = str(email.header.make_header(email.header.decode_header(str(value))))
-    except (ValueError, LookupError, email.errors.HeaderParseError):
-        decoded = str(value)
-    return " ".join(decoded.split())
+        parts = email.header.decode_header(str(value))
+    except (ValueError, email.errors.HeaderParseError):
+        return " ".join(str(value).split())
+    header = email.header.Header()
+    for data, charset in parts:
+        header.append(data, _charset(charset), errors="replace")
+    return " ".join(str(header).split())
+
+
+def _charset(name: str | None) -> str | None:
+    """The charset to decode an encoded-word by: an unknown one as Latin-1,
+    which shows its ASCII letters as they are."""
+    if name is None:
+        return None
+    name = name.partition("*")[0]  # RFC 2231 §5: charset*language
+    try:
+        codecs.lookup(email.charset.Charset(name).input_codec or "us-ascii")
+    except (LookupError, UnicodeError, ValueError):
+        return "latin-1"
+    return name
