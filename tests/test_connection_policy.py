@@ -92,6 +92,25 @@ def test_block_list_lookup(make_appliance, dns):
         s.close()
 
 
+def test_a_block_list_that_does_not_answer_is_said_once_in_the_log(make_appliance):
+    """It let every client in with no word anywhere: the administrator could
+    not tell that the block list no longer checked anyone."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # reads nothing, answers nothing
+    silent.bind(("127.0.0.1", 0))
+    try:
+        a = make_appliance(smtp={"rblsvr": ["bl.test"],
+                                 "nameservers": [f"127.0.0.1:{silent.getsockname()[1]}"]}
+                           ).start()
+        for _ in range(2):
+            s = connect_from(a, "127.0.0.2")
+            s.settimeout(20)
+            assert read_reply(s).startswith(b"220 ")  # let in, as other MTAs do
+            s.close()
+    finally:
+        silent.close()
+    assert a.log_text().count("block list bl.test does not answer (no answer)") == 1
+
+
 def test_flood_from_one_address_leaves_others_served(make_appliance):
     a = make_appliance(limits={"maxconnperip": 4},  # below MAXJOBS, as the default
                        prestart__QTMSSRCP={"inljobs": 2, "threshold": 1, "adljobs": 2,

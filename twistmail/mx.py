@@ -561,7 +561,7 @@ class MXResolver:
         except dns_error.DNSNameError:
             raise PermanentRouteError(name, "no such domain (NXDOMAIN)") from None
         except Exception as e:  # timeouts, SERVFAIL, REFUSED, socket errors
-            raise TemporaryRouteError(name, f"MX lookup failed: {_describe(e)}") from None
+            raise TemporaryRouteError(name, f"MX lookup failed: {describe_dns_error(e)}") from None
         records = [
             (rr.payload.preference, rr.payload.name.name.decode("ascii", "replace"))
             for rr in answers
@@ -655,7 +655,7 @@ class MXResolver:
                 failures = [r for ok, r in results if not ok]
                 transient = [f for f in failures if not f.check(dns_error.DNSNameError)]
                 if transient:
-                    return _HostAnswer(temporary=_describe(transient[0].value))
+                    return _HostAnswer(temporary=describe_dns_error(transient[0].value))
         ordered = _order_addresses(v4, v6, self.prefer_ipv6)
         return _HostAnswer(tuple(ordered[: self.max_addresses_per_host]))
 
@@ -698,7 +698,7 @@ def make_resolver(reactor: Any, nameservers: Sequence[str] | None,
     return Resolver(resolv=SYSTEM_RESOLV_CONF, timeout=timeout, reactor=reactor)
 
 
-def _describe(error: BaseException) -> str:
+def describe_dns_error(error: BaseException) -> str:
     if isinstance(error, defer.TimeoutError | dns_error.DNSQueryTimeoutError):
         return "DNS timeout"
     if isinstance(error, dns_error.DNSServerError):

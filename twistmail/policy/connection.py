@@ -111,6 +111,9 @@ class ConnectionPolicy:
         #: The name servers the resolver was made for; None for one given.
         self._made_for: tuple[str, ...] | None = None
         self.checking = 0  # connections waiting for block list answers
+        #: Block lists whose last lookup failed (no answer, SERVFAIL): said
+        #: once in the log, and again when they answer.
+        self.unanswered: set[str] = set()
         self.loop: task.LoopingCall | None = None
         # Elapsed time, not the wall clock: a clock set back an hour would
         # keep a MAXAUTHFAIL lockout (or a rate window) for that hour more.
@@ -314,7 +317,8 @@ class ConnectionPolicy:
             # long it takes, the answer is "not listed", and in time.
             d = defer.maybeDeferred(self.resolver.lookupAddress, name)
             d.addTimeout(RBL_LIMIT, self.reactor)
-            d.addCallbacks(self._answers, lambda f: [])
+            d.addCallbacks(lambda r, zone=zone: self._answered(zone, r),
+                           lambda f, zone=zone: self._unanswered(zone, f))
             d.addCallback(lambda listed, zone=zone: zone if listed else None)
             lookups.append(d)
         done = defer.gatherResults(lookups)
@@ -334,6 +338,25 @@ class ConnectionPolicy:
 
         return done.addCallback(decide).addBoth(checked)
 
+    def _answered(self, zone: str, result: Any) -> bool:
+        if zone in self.unanswered:
+            self.unanswered.discard(zone)
+            self.log.info("block list {zone} answers again", zone=zone)
+        return self._answers(result)
+
+    def _unanswered(self, zone: str, failure: Any) -> bool:
+        """Not listed: a block list that fails lets clients in, as other MTAs
+        do, but the administrator learns that it no longer checks them."""
+        from twisted.names import error
+
+        if failure.check(error.DNSNameError):  # NXDOMAIN: the answer "not listed"
+            return self._answered(zone, ())
+        if zone not in self.unanswered:
+            self.unanswered.add(zone)
+            self.log.warn("block list {zone} does not answer ({why}); clients are let in "
+                          "unchecked by it until it does", zone=zone, why=_why(failure))
+        return False
+
     @staticmethod
     def _answers(result: Any) -> bool:
         from twisted.names import dns
@@ -341,3 +364,11 @@ class ConnectionPolicy:
         answers = result[0] if isinstance(result, tuple) else []
         addresses = [rr.payload.dottedQuad() for rr in answers if rr.type == dns.A]
         return listed_answer(addresses)
+
+
+def _why(failure: Any) -> str:
+    from twistmail import mx
+
+    if failure.check(defer.TimeoutError, defer.CancelledError):
+        return "no answer"
+    return mx.describe_dns_error(failure.value)
