@@ -161,6 +161,34 @@ def test_a_connection_lost_during_quit_keeps_the_mailbox_locked_until_done(store
         assert box.messages() == []
 
 
+@pytest.mark.parametrize("ended_by", ["shutdown", "maxauthfail"])
+def test_a_session_at_quit_is_told_plus_ok_not_cut_off(store, tmp_path, ended_by):
+    """A shutdown or the MAXAUTHFAIL cut-off during QUIT answered -ERR while
+    the deletions it was deciding went through (RFC 1939 §6: -ERR only when
+    nothing was removed)."""
+    _deliver(store, tmp_path, b"Subject: hi\r\n\r\nbody\r\n")
+    _, factory, session, transport = _session(store)
+    _login(session, transport)
+    factory.hold = []
+    session.dataReceived(b"DELE 1\r\nQUIT\r\n")
+    transport.clear()
+    gone = session.shutdown_notice() if ended_by == "shutdown" else session.cut_off()
+    assert transport.value() == b"" and not transport.disconnecting
+    d, f, args = factory.hold.pop(0)
+    d.callback(f(*args))  # decide
+    assert transport.value().startswith(b"+OK mail.example.test signing off (1 message")
+    if ended_by == "shutdown":
+        fired = []
+        gone.addCallback(fired.append)
+        session.connectionLost(None)
+        assert fired  # the shutdown waited for it
+    while factory.hold:
+        d, f, args = factory.hold.pop(0)
+        d.callback(f(*args))
+    with store.open("SAM") as box:
+        assert box.messages() == []
+
+
 @pytest.mark.parametrize("data", [b"", b"a" * 1000, b"line\n" * 1000, b"x" * 999 + b"\n" +
                                   b"y" * 1000, b"ab\r\n" * 700, b"ab\n" * 700,
                                   b"ab\n" * 300, b"x" * 700 + b"\n" + b"ab\r\nc\n" * 90])

@@ -280,7 +280,14 @@ class POP3Session(SequentialSession):
         self.close()
 
     def shutdown_notice(self) -> defer.Deferred | None:
-        if self.closing or self.transport is None or self.sender is not None:
+        if self.closing or self.transport is None:
+            return None
+        if self.state == "UPDATE":
+            # QUIT is deciding the deletions: they go through whatever this
+            # says, so the client is owed its +OK (RFC 1939 §6: -ERR only
+            # when nothing was removed).  The shutdown waits for it.
+            return self.wait_gone()
+        if self.sender is not None:
             return None  # a reply streaming: an -ERR would land inside the message
         gone = self.wait_gone()  # its -ERR flushed (over TLS too) before the reactor ends
         self.err("[SYS/TEMP] Server shutting down, try again later")
@@ -291,7 +298,9 @@ class POP3Session(SequentialSession):
         return self.box is not None
 
     def cut_off(self) -> None:
-        if self.closing or self.signed_on() or self.sender is not None:
+        """MAXAUTHFAIL reached from this address: sessions not signed on end
+        (one at QUIT is signed on, its mailbox with QUIT's work)."""
+        if self.closing or self.signed_on() or self.state == "UPDATE" or self.sender is not None:
             return
         self.err("[SYS/TEMP] Too many failed sign-ons from your address")
         self.close()
